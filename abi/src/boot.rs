@@ -1,0 +1,54 @@
+//! The boot information block at [`crate::layout::BOOT_INFO_ADDR`].
+//!
+//! Our shim writes it before the first instruction runs; under PVH (QEMU,
+//! Firecracker) the kernel's ring-0 entry fills it from `hvm_start_info`.
+//! The shim may rewrite it while the guest is paused (e.g. after a migration).
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// `"LIBCLOUD"` in little-endian byte order.
+pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"LIBCLOUD");
+
+/// Which monitor started the guest, and so how it talks to the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Platform {
+    /// Our host shim: hypercalls through the MMIO doorbell page.
+    Shim = 1,
+    /// Any PVH monitor (QEMU microvm, Firecracker): 16550 serial and
+    /// `isa-debug-exit`, reached through the ring-0 `int 0x80` gate.
+    Pvh = 2,
+}
+
+impl Platform {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::Shim),
+            2 => Some(Self::Pvh),
+            _ => None,
+        }
+    }
+}
+
+/// The boot information block. All addresses are guest-physical.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct BootInfo {
+    /// [`BOOT_MAGIC`].
+    pub magic: u64,
+    /// [`crate::ABI_VERSION`] of the writer.
+    pub abi_version: u32,
+    /// A [`Platform`] value.
+    pub platform: u32,
+    /// Bytes of guest RAM, starting at address 0.
+    pub mem_size: u64,
+    /// The command line (not including its NUL).
+    pub cmdline_addr: u64,
+    pub cmdline_len: u64,
+    /// kvmclock page of vCPU 0, or 0 when there is no kvmclock.
+    pub pvclock_addr: u64,
+    /// TSC frequency in kHz, for a clock without kvmclock (0 = unknown).
+    pub tsc_khz: u64,
+    /// The hypercall doorbell page, or 0 when there is none.
+    pub doorbell_addr: u64,
+}

@@ -1,0 +1,20 @@
+//! The contract between the guest kernel and the host shim.
+//!
+//! Both sides compile this crate (`no_std`), so the memory layout, the boot
+//! information block, the hypercall numbers and argument blocks, and the exact
+//! bytes of the CPU tables (GDT, TSS, IDT, page tables) cannot drift apart.
+//!
+//! Bump [`ABI_VERSION`] whenever anything here changes meaning: the shim
+//! refuses an image whose note carries another version, and snapshots and
+//! migration streams carry it too.
+#![no_std]
+
+pub mod boot;
+pub mod exit;
+pub mod hypercall;
+pub mod layout;
+pub mod note;
+pub mod x86;
+
+/// Version of this contract. Carried by every image (see [`note`]).
+pub const ABI_VERSION: u32 = 1;
