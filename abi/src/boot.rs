@@ -16,7 +16,7 @@ pub enum Platform {
     /// Our host shim: hypercalls through the MMIO doorbell page.
     Shim = 1,
     /// Any PVH monitor (QEMU microvm, Firecracker): 16550 serial and
-    /// `isa-debug-exit`, reached through the ring-0 `int 0x80` gate.
+    /// `isa-debug-exit`, served by the ring-0 trap handler (abi::hypercall).
     Pvh = 2,
 }
 

@@ -5,9 +5,13 @@
 //! or the guest-physical address of an argument block below. One write = one
 //! VM exit (~40-50 µs on PVM hosts), so every call passes a whole buffer.
 //!
-//! Under PVH monitors the guest issues the same numbers through `int 0x80`
-//! (`rax` = number, `rdi` = value) and its ring-0 handler serves them with
-//! port I/O (16550 serial, `isa-debug-exit`).
+//! Under PVH monitors the guest issues the same numbers by executing a `ud2`
+//! at one known address (`rax` = number, `rdi` = value): its ring-0 #UD
+//! handler recognises the address, serves the call with port I/O (16550
+//! serial, `isa-debug-exit`) and resumes after the `ud2`. A CPU exception is
+//! the one ring 3 -> ring 0 path that works on every host: PVM hosts (nested
+//! KVM without VT-x) turn `int n` into #UD and mishandle `syscall`, and they
+//! fault on port I/O from ring 3 even with IOPL 3.
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 

@@ -9,7 +9,10 @@
 //! migration streams carry it too.
 #![no_std]
 
+extern crate alloc;
+
 pub mod boot;
+pub mod cmdline;
 pub mod exit;
 pub mod hypercall;
 pub mod layout;

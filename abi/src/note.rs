@@ -24,8 +24,6 @@ pub struct ImageNote {
     pub user_entry: u64,
     /// First of 32 exception stubs, `TRAP_STUB_STRIDE` bytes apart (vectors 0..31).
     pub trap_stubs: u64,
-    /// The `int 0x80` gate used by PVH platforms.
-    pub syscall_stub: u64,
 }
 
 /// Distance between two exception stubs.

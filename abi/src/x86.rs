@@ -97,18 +97,13 @@ pub const fn idt_gate(handler: u64, dpl: u64, ist: u64) -> (u64, u64) {
     (low, handler >> 32)
 }
 
-/// The vector of the PVH platform's hypercall gate (callable from ring 3).
-pub const SYSCALL_VECTOR: u64 = 0x80;
-
-/// The IDT: vectors 0..31 go to the image's exception stubs, `int 0x80` to
-/// its syscall stub (DPL 3); all other gates are not present.
-pub fn idt(trap_stubs: u64, syscall_stub: u64, mut write: impl FnMut(u64, u64)) {
+/// The IDT: vectors 0..31 go to the image's exception stubs; all other
+/// gates are not present (the guest takes no interrupts).
+pub fn idt(trap_stubs: u64, mut write: impl FnMut(u64, u64)) {
     for vector in 0..256u64 {
         let (low, high) = if vector < 32 {
             let ist = if uses_fault_stack(vector) { 1 } else { 0 };
             idt_gate(trap_stubs + vector * TRAP_STUB_STRIDE, 0, ist)
-        } else if vector == SYSCALL_VECTOR {
-            idt_gate(syscall_stub, 3, 0)
         } else {
             (0, 0)
         };
@@ -210,7 +205,11 @@ mod tests {
     #[test]
     fn null_page_and_stack_guard_are_unmapped() {
         let writes = collect(|w| page_tables(64 << 20, true, |a, v| w(a, v)));
-        let mapped = |addr: u64| writes.iter().any(|&(a, v)| a >= PT0_ADDR && v & !0xfff == addr && v != 0);
+        let mapped = |addr: u64| {
+            writes
+                .iter()
+                .any(|&(a, v)| a >= PT0_ADDR && v & !0xfff == addr && v != 0)
+        };
         assert!(!mapped(0));
         assert!(!mapped(STACK_GUARD_ADDR));
         assert!(mapped(PAGE_SIZE));
@@ -220,8 +219,14 @@ mod tests {
     #[test]
     fn ram_is_mapped_exactly() {
         let writes = collect(|w| page_tables(64 << 20, false, |a, v| w(a, v)));
-        let huge: usize = writes.iter().filter(|&&(a, v)| a >= PD_ADDR && a < PT0_ADDR && v & pte::HUGE != 0).count();
-        assert_eq!(huge, 31, "64 MiB = 32 large pages, the first one split into 4 KiB pages");
+        let huge: usize = writes
+            .iter()
+            .filter(|&&(a, v)| a >= PD_ADDR && a < PT0_ADDR && v & pte::HUGE != 0)
+            .count();
+        assert_eq!(
+            huge, 31,
+            "64 MiB = 32 large pages, the first one split into 4 KiB pages"
+        );
     }
 
     #[test]

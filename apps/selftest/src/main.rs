@@ -1,0 +1,74 @@
+//! selftest: the test suite's probe. Its first argument picks what to do:
+//!
+//! - `ring`          print the CPU privilege level (`ring=3`)
+//! - `args`          print each argument on its own line
+//! - `env KEY..`     print `KEY=value` (or `KEY unset`) for each key
+//! - `host`          print the host name and region
+//! - `sleep MS`      sleep, then print how long the clock says it took
+//! - `exit CODE`     exit with that status
+//! - `panic`         panic with a known message
+//! - `fault`         dereference a null pointer (a page fault)
+//! - `spin`          loop forever without exiting (for `--timeout`)
+//! - `alloc MIB`     allocate and touch that many MiB of heap
+#![no_std]
+#![no_main]
+
+use core::time::Duration;
+use libcloud::prelude::*;
+use libcloud::time::Instant;
+
+#[libcloud::main]
+fn main() -> Result<(), String> {
+    let args = libcloud::args();
+    let rest = args.get(1..).unwrap_or(&[]);
+    let number = |i: usize| -> Result<u64, String> {
+        rest.get(i)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("expected a number at position {}", i + 1))
+    };
+    match args.first().map(String::as_str) {
+        Some("ring") => println!("ring={}", libcloud::current_ring()),
+        Some("args") => rest.iter().for_each(|a| println!("arg={a}")),
+        Some("env") => {
+            for key in rest {
+                match libcloud::env(key) {
+                    Some(v) => println!("{key}={v}"),
+                    None => println!("{key} unset"),
+                }
+            }
+        }
+        Some("host") => {
+            let h = libcloud::host();
+            println!("host={} region={}", h.name, h.region);
+        }
+        Some("sleep") => {
+            let ms = number(0)?;
+            let start = Instant::now();
+            libcloud::time::sleep(Duration::from_millis(ms));
+            println!("slept_us={}", start.elapsed().as_micros());
+        }
+        Some("exit") => libcloud::exit(number(0)? as i32),
+        Some("panic") => panic!("selftest panic: {}", 42),
+        Some("fault") => {
+            let null = core::hint::black_box(0usize) as *const u64;
+            // SAFETY: none; this deliberately faults to test exception reporting.
+            let v = unsafe { core::ptr::read_volatile(null) };
+            println!("read {v} from address 0 without a fault");
+        }
+        Some("spin") => loop {
+            core::hint::spin_loop();
+        },
+        Some("alloc") => {
+            let mib = number(0)? as usize;
+            let mut v: Vec<u8> = Vec::with_capacity(mib << 20);
+            v.resize(mib << 20, 0xa5);
+            println!(
+                "allocated {} MiB, sum {}",
+                mib,
+                v.iter().map(|&b| b as u64).sum::<u64>()
+            );
+        }
+        other => return Err(format!("unknown selftest mode {other:?}")),
+    }
+    Ok(())
+}

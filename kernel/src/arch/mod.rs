@@ -1,0 +1,2 @@
+//! Architecture-specific code (x86-64 only).
+pub mod x86_64;

@@ -1,0 +1,78 @@
+//! Monotonic time: kvmclock where the monitor offers it (our shim always
+//! does), else the TSC at the frequency the PVH entry calibrated.
+//!
+//! Never raw TSC ticks across hosts: the frequency differs between hosts
+//! and kvmclock hides that (DESIGN.md §3, Time).
+
+use abi::boot::BootInfo;
+use core::sync::atomic::{compiler_fence, Ordering};
+
+use crate::arch::x86_64::{cpu::rdtsc, mmio};
+
+/// `struct pvclock_vcpu_time_info` (Linux's asm/pvclock-abi.h).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PvclockTimeInfo {
+    version: u32,
+    pad0: u32,
+    tsc_timestamp: u64,
+    system_time: u64,
+    tsc_to_system_mul: u32,
+    tsc_shift: i8,
+    flags: u8,
+    pad: [u8; 2],
+}
+
+enum Source {
+    Kvmclock { page: u64 },
+    Tsc { khz: u64, start: u64 },
+}
+
+static SOURCE: spin::Once<Source> = spin::Once::new();
+
+pub(crate) fn init(info: &BootInfo) {
+    SOURCE.call_once(|| {
+        if info.pvclock_addr != 0 {
+            Source::Kvmclock {
+                page: info.pvclock_addr,
+            }
+        } else {
+            Source::Tsc {
+                khz: info.tsc_khz.max(1),
+                start: rdtsc(),
+            }
+        }
+    });
+}
+
+fn kvmclock_ns(page: u64) -> u64 {
+    loop {
+        let version: u32 = mmio::read(page);
+        compiler_fence(Ordering::Acquire);
+        let t: PvclockTimeInfo = mmio::read(page);
+        let tsc = rdtsc();
+        compiler_fence(Ordering::Acquire);
+        if version & 1 != 0 || version != mmio::read::<u32>(page) {
+            continue; // the host is updating the page
+        }
+        let mut delta = tsc.wrapping_sub(t.tsc_timestamp);
+        if t.tsc_shift >= 0 {
+            delta <<= t.tsc_shift;
+        } else {
+            delta >>= -t.tsc_shift;
+        }
+        return t.system_time + ((delta as u128 * t.tsc_to_system_mul as u128) >> 32) as u64;
+    }
+}
+
+/// Nanoseconds since the clock's epoch: VM creation with kvmclock, kernel
+/// start otherwise. Monotonic.
+pub fn now_ns() -> u64 {
+    match SOURCE.get() {
+        Some(Source::Kvmclock { page }) => kvmclock_ns(*page),
+        Some(Source::Tsc { khz, start }) => {
+            ((rdtsc().wrapping_sub(*start)) as u128 * 1_000_000 / *khz as u128) as u64
+        }
+        None => 0,
+    }
+}
