@@ -181,13 +181,11 @@ pub const INITIAL_RFLAGS: u64 = 0x2 | (3 << 12);
 mod tests {
     use super::*;
 
-    fn collect(f: impl FnOnce(&mut dyn FnMut(u64, u64))) -> [(u64, u64); 1024] {
-        let mut out = [(0, 0); 1024];
-        let mut n = 0;
-        f(&mut |a, v| {
-            out[n] = (a, v);
-            n += 1;
-        });
+    use alloc::vec::Vec;
+
+    fn page_table_writes(mem: u64, devices: bool) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        page_tables(mem, devices, |a, v| out.push((a, v)));
         out
     }
 
@@ -204,7 +202,7 @@ mod tests {
 
     #[test]
     fn null_page_and_stack_guard_are_unmapped() {
-        let writes = collect(|w| page_tables(64 << 20, true, |a, v| w(a, v)));
+        let writes = page_table_writes(64 << 20, true);
         let mapped = |addr: u64| {
             writes
                 .iter()
@@ -218,10 +216,10 @@ mod tests {
 
     #[test]
     fn ram_is_mapped_exactly() {
-        let writes = collect(|w| page_tables(64 << 20, false, |a, v| w(a, v)));
+        let writes = page_table_writes(64 << 20, false);
         let huge: usize = writes
             .iter()
-            .filter(|&&(a, v)| a >= PD_ADDR && a < PT0_ADDR && v & pte::HUGE != 0)
+            .filter(|&&(a, v)| (PD_ADDR..PT0_ADDR).contains(&a) && v & pte::HUGE != 0)
             .count();
         assert_eq!(
             huge, 31,

@@ -1,1 +1,208 @@
-fn main(){}
+//! `cargo xtask`: the project's build, run, test, lint and benchmark commands.
+//!
+//! Guest apps (`apps/<name>`) build only for `x86_64-unknown-none`; their linked ELF *is* the
+//! bootable image, copied to `<target>/images/<app>.img`. The host shim (`host-shim`) boots
+//! images under KVM. See `cargo xtask <command> --help`.
+
+mod bench;
+mod image;
+mod test;
+mod workspace;
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use image::Profile;
+use workspace::Workspace;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, run, test and benchmark unikernel images"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build an app's bootable image into target/images/<app>.img.
+    ///
+    /// Prints `<app>: <size>` and then the image path alone on the last line.
+    BuildImage(BuildImageArgs),
+    /// Build an app's image and the release host shim, then boot the image.
+    ///
+    /// Runs `target/release/host-shim run target/images/<app>.img -- ARGS` and exits with the
+    /// shim's status.
+    Run(RunArgs),
+    /// Lint, build all images (release) and run the host crates' tests against them.
+    ///
+    /// The tests find the images through LIBCLOUD_IMAGES. Tests that boot images need /dev/kvm.
+    Test(TestArgs),
+    /// Check formatting and run clippy (warnings denied) on host and guest crates.
+    Lint,
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Args)]
+struct BuildImageArgs {
+    /// App to build (a package under apps/).
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    app: Option<String>,
+    /// Build every app.
+    #[arg(long)]
+    all: bool,
+    /// Use the debug profile instead of release.
+    #[arg(long)]
+    debug: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// App to run (a package under apps/).
+    app: String,
+    /// Build the image with the debug profile instead of release.
+    #[arg(long)]
+    debug: bool,
+    /// Guest memory size, passed to the shim as `--mem` (e.g. 64M).
+    #[arg(long, value_name = "SIZE")]
+    mem: Option<String>,
+    /// Network backend, passed to the shim as `--backend`.
+    #[arg(long, value_name = "BACKEND")]
+    backend: Option<String>,
+    /// Time limit, passed to the shim as `--timeout`.
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<String>,
+    /// Arguments for the app (after `--`).
+    #[arg(last = true, value_name = "ARGS")]
+    args: Vec<OsString>,
+}
+
+#[derive(Args)]
+struct TestArgs {
+    /// Skip `cargo xtask lint`.
+    #[arg(long)]
+    no_lint: bool,
+    /// Extra arguments for `cargo test` (after `--`), e.g. `-- -p host-shim boot`.
+    #[arg(last = true, value_name = "CARGO_TEST_ARGS")]
+    cargo_args: Vec<OsString>,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Boot time and peak RSS of the hello image: host-shim vs QEMU microvm (KVM and TCG).
+    ///
+    /// Prints a markdown table (medians with min–max), the ratio of our first-console-line
+    /// time to the fastest QEMU configuration's, the image size and the guest's own `bench:`
+    /// lines from `host-shim run hello.img -- --bench`.
+    Boot {
+        /// Runs per configuration.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Time limit per run, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        timeout: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match Workspace::load().and_then(|ws| dispatch(&ws, cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // The cause chain, without the backtrace anyhow adds when RUST_BACKTRACE is set.
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(ws: &Workspace, command: Cmd) -> Result<()> {
+    match command {
+        Cmd::BuildImage(args) => {
+            let apps = match &args.app {
+                Some(name) => vec![ws.app(name)?],
+                None => ws.apps.iter().collect(),
+            };
+            let images = image::build_images(ws, &apps, Profile::from_debug_flag(args.debug))?;
+            image::print_images(&images);
+            Ok(())
+        }
+        Cmd::Run(args) => run(ws, args),
+        Cmd::Test(args) => test::test(ws, args.no_lint, &args.cargo_args),
+        Cmd::Lint => test::lint(ws),
+        Cmd::Bench(BenchCmd::Boot { runs, timeout }) => bench::boot(
+            ws,
+            &bench::BootOptions {
+                runs,
+                timeout: Duration::from_secs(timeout),
+            },
+        ),
+    }
+}
+
+/// `cargo xtask run`: replaces this process with the shim, so its exit status is ours.
+fn run(ws: &Workspace, args: RunArgs) -> Result<()> {
+    let app = ws.app(&args.app)?;
+    let image = image::build_image(ws, app, Profile::from_debug_flag(args.debug))?;
+    let shim = image::build_shim(ws)?;
+
+    let mut cmd = std::process::Command::new(&shim);
+    cmd.arg("run");
+    for (flag, value) in [
+        ("--mem", &args.mem),
+        ("--backend", &args.backend),
+        ("--timeout", &args.timeout),
+    ] {
+        if let Some(value) = value {
+            cmd.args([flag, value]);
+        }
+    }
+    cmd.arg(&image.path);
+    if !args.args.is_empty() {
+        cmd.arg("--").args(&args.args);
+    }
+    eprintln!("$ {}", workspace::display(&cmd));
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("could not start {}", shim.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_passes_args_after_double_dash() {
+        let cli = Cli::try_parse_from(["xtask", "run", "hello", "--mem", "64M", "--", "-x", "y"])
+            .unwrap();
+        let Cmd::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.mem.as_deref(), Some("64M"));
+        assert_eq!(args.args, ["-x", "y"]);
+    }
+
+    #[test]
+    fn build_image_needs_app_or_all() {
+        assert!(Cli::try_parse_from(["xtask", "build-image"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "build-image", "hello", "--all"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "build-image", "--all"]).is_ok());
+    }
+}
