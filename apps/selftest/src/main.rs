@@ -10,6 +10,13 @@
 //! - `fault`         dereference a null pointer (a page fault)
 //! - `spin`          loop forever without exiting (for `--timeout`)
 //! - `alloc MIB`     allocate and touch that many MiB of heap
+//!
+//! and, to prove the shim survives a misbehaving guest:
+//!
+//! - `badcall`       console writes pointing outside RAM and an unknown
+//!   hypercall number; then prints `survived`
+//! - `mmio`          read and write an unclaimed MMIO address; prints the read
+//! - `triple`        wipe the IDT, then fault: the CPU triple-faults
 #![no_std]
 #![no_main]
 
@@ -67,6 +74,34 @@ fn main() -> Result<(), String> {
                 mib,
                 v.iter().map(|&b| b as u64).sum::<u64>()
             );
+        }
+        Some("badcall") => {
+            use abi::hypercall::{ConsoleWrite, HC_CONSOLE_WRITE};
+            let outside = ConsoleWrite { buf: 0xffff_0000_0000, len: 64 };
+            kernel::platform::hypercall(HC_CONSOLE_WRITE, &outside as *const _ as u64);
+            kernel::platform::hypercall(HC_CONSOLE_WRITE, 0x7fff_ffff_ffff);
+            let huge = ConsoleWrite { buf: 0x10_0000, len: u64::MAX };
+            kernel::platform::hypercall(HC_CONSOLE_WRITE, &huge as *const _ as u64);
+            kernel::platform::hypercall(4242, 0);
+            println!("survived");
+        }
+        Some("mmio") => {
+            let addr = (abi::layout::DEVICE_WINDOW + 0x10_0000) as *mut u32;
+            // SAFETY: the device window is mapped; nothing claims this address.
+            let v = unsafe {
+                core::ptr::write_volatile(addr, 0x1234_5678);
+                core::ptr::read_volatile(addr)
+            };
+            println!("mmio read {v:#x}");
+        }
+        Some("triple") => {
+            let idt = abi::layout::IDT_ADDR as *mut u8;
+            // SAFETY: none; this deliberately destroys the IDT (mapped user-writable).
+            unsafe { core::ptr::write_bytes(idt, 0, 4096) };
+            let null = core::hint::black_box(0usize) as *const u64;
+            // SAFETY: none; this faults with no IDT left: a triple fault.
+            let v = unsafe { core::ptr::read_volatile(null) };
+            println!("read {v} without a fault");
         }
         other => return Err(format!("unknown selftest mode {other:?}")),
     }

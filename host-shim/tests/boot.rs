@@ -1,0 +1,134 @@
+//! Booting real images under real KVM: output, exit statuses, args and env,
+//! the clock, panics and CPU exceptions reported by the guest, and the same
+//! image under QEMU.
+
+mod common;
+
+use common::{boot, image, require_kvm, shim};
+use std::time::Duration;
+
+#[test]
+fn hello_greets_and_exits_zero() {
+    let run = boot("hello", &["--host-name", "test-host", "--region", "test-region"], &["--name", "world"]);
+    assert_eq!(run.status, Some(0), "{run:?}");
+    let lines = run.lines();
+    assert_eq!(lines.len(), 4, "{run:?}");
+    assert_eq!(lines[0], "Hello, world!");
+    assert_eq!(lines[1], r#"args: ["--name", "world"]"#);
+    let uptime = lines[2]
+        .strip_prefix("uptime: ")
+        .and_then(|s| s.strip_suffix(" ms"))
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("bad uptime line {:?}", lines[2]));
+    assert!(uptime > 0.0 && uptime < 5000.0, "uptime {uptime} ms");
+    assert_eq!(lines[3], "host: test-host (region test-region)");
+}
+
+#[test]
+fn app_code_runs_in_ring_3() {
+    let run = boot("selftest", &[], &["ring"]);
+    assert_eq!(run.status, Some(0), "{run:?}");
+    assert_eq!(run.stdout, "ring=3\n");
+}
+
+#[test]
+fn args_and_env_reach_the_app_unchanged() {
+    let awkward = ["plain", "with space", "quote\"d", "back\\slash", "", "--", "K=V"];
+    let run = boot("selftest", &[], &[&["args"][..], &awkward[..]].concat());
+    assert_eq!(run.status, Some(0), "{run:?}");
+    let expected: String = awkward.iter().map(|a| format!("arg={a}\n")).collect();
+    assert_eq!(run.stdout, expected);
+
+    let run = boot(
+        "selftest",
+        &["--env", "GREETING=hello there", "--env", "EMPTY="],
+        &["env", "GREETING", "EMPTY", "MISSING"],
+    );
+    assert_eq!(run.status, Some(0), "{run:?}");
+    assert_eq!(run.stdout, "GREETING=hello there\nEMPTY=\nMISSING unset\n");
+}
+
+#[test]
+fn exit_status_is_passed_through() {
+    let run = boot("selftest", &[], &["exit", "7"]);
+    assert_eq!(run.status, Some(7), "{run:?}");
+}
+
+#[test]
+fn panic_reports_message_and_location() {
+    let run = boot("selftest", &[], &["panic"]);
+    assert_eq!(run.status, Some(101), "{run:?}");
+    let source = include_str!("../../apps/selftest/src/main.rs");
+    let line = source.lines().position(|l| l.contains("panic!(\"selftest panic")).unwrap() + 1;
+    let expected = format!("guest panicked at apps/selftest/src/main.rs:{line}:");
+    assert!(run.stderr.contains(&expected), "want {expected:?}\n{run:?}");
+    assert!(run.stderr.contains("selftest panic: 42"), "{run:?}");
+}
+
+#[test]
+fn null_dereference_is_reported_as_a_page_fault() {
+    let run = boot("selftest", &[], &["fault"]);
+    assert_eq!(run.status, Some(102), "{run:?}");
+    assert!(run.stderr.contains("page fault"), "{run:?}");
+    assert!(run.stderr.contains("address 0x0"), "{run:?}");
+    assert!(run.stderr.contains("rip 0x"), "{run:?}");
+}
+
+#[test]
+fn sleeping_50_ms_takes_50_ms_by_both_clocks() {
+    let run = boot("selftest", &[], &["sleep", "50"]);
+    assert_eq!(run.status, Some(0), "{run:?}");
+    let slept_us: u64 = run
+        .stdout
+        .trim()
+        .strip_prefix("slept_us=")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{run:?}"));
+    // The guest's clock: at least the request, and not wildly more.
+    assert!((50_000..80_000).contains(&slept_us), "guest measured {slept_us} µs for 50 ms");
+    // The host's clock agrees that at least 50 ms passed (a fast guest clock
+    // would return early).
+    assert!(run.elapsed >= Duration::from_millis(50), "{run:?}");
+}
+
+#[test]
+fn the_heap_spans_guest_memory() {
+    let run = boot("selftest", &["--mem", "64M"], &["alloc", "32"]);
+    assert_eq!(run.status, Some(0), "{run:?}");
+    assert!(run.stdout.starts_with("allocated 32 MiB"), "{run:?}");
+    let run = boot("selftest", &["--mem", "16M"], &["alloc", "32"]);
+    assert_eq!(run.status, Some(101), "32 MiB cannot fit in 16 MiB: {run:?}");
+    assert!(run.stderr.contains("guest panicked"), "{run:?}");
+}
+
+#[test]
+fn hello_boots_under_qemu_with_the_same_output() {
+    let kvm = boot("hello", &["--host-name", "h", "--region", "r"], &["--name", "qemu"]);
+    let img = image("hello");
+    let qemu = shim([
+        "run".as_ref(),
+        img.as_os_str(),
+        "--backend".as_ref(),
+        "qemu".as_ref(),
+        "--timeout".as_ref(),
+        "60".as_ref(),
+        "--host-name".as_ref(),
+        "h".as_ref(),
+        "--region".as_ref(),
+        "r".as_ref(),
+        "--".as_ref(),
+        "--name".as_ref(),
+        "qemu".as_ref(),
+    ] as [&std::ffi::OsStr; 13]);
+    assert_eq!(qemu.status, Some(0), "{qemu:?}");
+    let without_uptime = |s: &str| -> Vec<String> {
+        s.lines().filter(|l| !l.starts_with("uptime:")).map(String::from).collect()
+    };
+    assert_eq!(without_uptime(&qemu.stdout), without_uptime(&kvm.stdout), "{qemu:?}\n{kvm:?}");
+    assert_eq!(qemu.lines().len(), 4, "{qemu:?}");
+}
+
+#[test]
+fn kvm_is_required_for_these_tests() {
+    require_kvm();
+}
