@@ -7,7 +7,8 @@
 //!
 //! Tokens are separated by spaces; a token holding spaces, tabs, newlines or
 //! `"` is written in double quotes with `\"` and `\\` escapes. Before `--`,
-//! `lc.*` keys are the shim's, `virtio_mmio.device=` entries are devices
+//! `lc.*` keys are the shim's (host, region, and parameters such as the
+//! network's `lc.ip=ADDR/PREFIX` and `lc.gw=ADDR`), `virtio_mmio.device=` entries are devices
 //! (Linux's syntax, also appended by QEMU microvm, even after `--`), and any
 //! other `KEY=VALUE` is the app's environment. Words after `--` are the
 //! app's arguments.
@@ -19,6 +20,12 @@ use alloc::vec::Vec;
 pub const HOST_KEY: &str = "lc.host";
 /// Key of the host's region.
 pub const REGION_KEY: &str = "lc.region";
+/// Prefix of the shim's own keys.
+pub const PARAM_PREFIX: &str = "lc.";
+/// The guest's IPv4 address and prefix length (`10.0.2.15/24`).
+pub const IP_KEY: &str = "lc.ip";
+/// The guest's IPv4 gateway.
+pub const GATEWAY_KEY: &str = "lc.gw";
 /// Key prefix of a virtio-mmio device (`SIZE@BASE:IRQ`).
 pub const VIRTIO_MMIO_KEY: &str = "virtio_mmio.device";
 
@@ -27,6 +34,8 @@ pub const VIRTIO_MMIO_KEY: &str = "virtio_mmio.device";
 pub struct Cmdline {
     pub host: Option<String>,
     pub region: Option<String>,
+    /// Other `lc.*` keys, with their full names.
+    pub params: Vec<(String, String)>,
     pub env: Vec<(String, String)>,
     pub virtio_mmio: Vec<String>,
     pub args: Vec<String>,
@@ -45,6 +54,7 @@ impl Cmdline {
                 None if token == "--" => in_args = true,
                 Some((HOST_KEY, v)) => out.host = Some(v.into()),
                 Some((REGION_KEY, v)) => out.region = Some(v.into()),
+                Some((k, v)) if k.starts_with(PARAM_PREFIX) => out.params.push((k.into(), v.into())),
                 Some((k, v)) if !k.is_empty() => out.env.push((k.into(), v.into())),
                 _ => {}
             }
@@ -62,7 +72,7 @@ impl Cmdline {
         if let Some(r) = &self.region {
             kv(REGION_KEY, r);
         }
-        for (k, v) in &self.env {
+        for (k, v) in self.params.iter().chain(&self.env) {
             kv(k, v);
         }
         for d in &self.virtio_mmio {
@@ -71,6 +81,11 @@ impl Cmdline {
         words.push("--".into());
         words.extend(self.args.iter().map(|a| quote(a)));
         words.join(" ")
+    }
+
+    /// The value of shim parameter `key` (e.g. [`IP_KEY`]).
+    pub fn param(&self, key: &str) -> Option<&str> {
+        self.params.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
     /// The value of environment variable `key`.
@@ -147,6 +162,7 @@ mod tests {
         let c = Cmdline {
             host: Some("us-east".into()),
             region: Some("us east 1".into()),
+            params: vec![(IP_KEY.into(), "10.0.2.15/24".into())],
             env: vec![
                 ("GREETING".into(), "hi \"there\"".into()),
                 ("EMPTY".into(), "".into()),

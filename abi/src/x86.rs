@@ -127,13 +127,17 @@ pub mod pte {
     pub const HUGE: u64 = 1 << 7;
 }
 
-/// Identity page tables for RAM `[0, mem_size)` and the device window, every
-/// page user-accessible. The null page and the stack guard stay unmapped.
-/// `mem_size` must be a multiple of 2 MiB and at most [`MAX_MEM_SIZE`].
+/// Identity page tables for RAM `[0, mem_size)` and the MMIO range `mmio`
+/// (uncached; 2 MiB-aligned, below 4 GiB), every page user-accessible. The
+/// null page and the stack guard stay unmapped. `mem_size` must be a
+/// multiple of 2 MiB and at most [`MAX_MEM_SIZE`].
+///
+/// Our shim maps its device window; PVH monitors place devices anywhere in
+/// the last GiB below 4 GiB, so the PVH entry maps [`PVH_MMIO`].
 ///
 /// Only non-zero entries are written: the caller zeroes
 /// `[PAGE_TABLES_START, PAGE_TABLES_END)` first if the memory may hold junk.
-pub fn page_tables(mem_size: u64, map_devices: bool, mut write: impl FnMut(u64, u64)) {
+pub fn page_tables(mem_size: u64, mmio: core::ops::Range<u64>, mut write: impl FnMut(u64, u64)) {
     use pte::*;
     let table = PRESENT | WRITABLE | USER;
     write(PML4_ADDR, PDPT_ADDR | table);
@@ -152,14 +156,20 @@ pub fn page_tables(mem_size: u64, map_devices: bool, mut write: impl FnMut(u64, 
             write(PT0_ADDR + i * 8, addr | table);
         }
     }
-    if map_devices {
-        let i = DEVICE_WINDOW / LARGE_PAGE_SIZE;
-        write(
-            PD_ADDR + i * 8,
-            DEVICE_WINDOW | table | HUGE | NO_CACHE | WRITE_THROUGH,
-        );
+    let mut addr = mmio.start & !(LARGE_PAGE_SIZE - 1);
+    while addr < mmio.end.min(1 << 32) {
+        let i = addr / LARGE_PAGE_SIZE;
+        write(PD_ADDR + i * 8, addr | table | HUGE | NO_CACHE | WRITE_THROUGH);
+        addr += LARGE_PAGE_SIZE;
     }
 }
+
+/// The MMIO range the PVH entry maps: everything from the end of the
+/// largest possible RAM up to 4 GiB.
+pub const PVH_MMIO: core::ops::Range<u64> = MAX_MEM_SIZE..(1 << 32);
+
+/// The MMIO range our shim maps: its device window.
+pub const SHIM_MMIO: core::ops::Range<u64> = DEVICE_WINDOW..DEVICE_WINDOW + DEVICE_WINDOW_SIZE;
 
 /// Control register values of a running guest (long mode, paging, ring 3).
 pub mod cr {
@@ -183,9 +193,9 @@ mod tests {
 
     use alloc::vec::Vec;
 
-    fn page_table_writes(mem: u64, devices: bool) -> Vec<(u64, u64)> {
+    fn page_table_writes(mem: u64, mmio: core::ops::Range<u64>) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
-        page_tables(mem, devices, |a, v| out.push((a, v)));
+        page_tables(mem, mmio, |a, v| out.push((a, v)));
         out
     }
 
@@ -202,7 +212,7 @@ mod tests {
 
     #[test]
     fn null_page_and_stack_guard_are_unmapped() {
-        let writes = page_table_writes(64 << 20, true);
+        let writes = page_table_writes(64 << 20, SHIM_MMIO);
         let mapped = |addr: u64| {
             writes
                 .iter()
@@ -216,7 +226,7 @@ mod tests {
 
     #[test]
     fn ram_is_mapped_exactly() {
-        let writes = page_table_writes(64 << 20, false);
+        let writes = page_table_writes(64 << 20, 0..0);
         let huge: usize = writes
             .iter()
             .filter(|&&(a, v)| (PD_ADDR..PT0_ADDR).contains(&a) && v & pte::HUGE != 0)

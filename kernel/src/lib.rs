@@ -18,6 +18,7 @@ pub mod heap;
 mod panic;
 pub mod platform;
 mod start;
+pub mod task;
 pub mod time;
 
 pub use arch::x86_64::cpu::current_ring;

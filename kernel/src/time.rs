@@ -76,3 +76,61 @@ pub fn now_ns() -> u64 {
         None => 0,
     }
 }
+
+/// Timers: `(deadline in ns, waker)`, for embassy-time and the executor.
+static TIMERS: spin::Mutex<alloc::vec::Vec<(u64, core::task::Waker)>> = spin::Mutex::new(alloc::vec::Vec::new());
+
+/// Wakes `waker` at `deadline_ns` (or at once if that has passed).
+pub fn wake_at(deadline_ns: u64, waker: &core::task::Waker) {
+    let mut timers = TIMERS.lock();
+    match timers.iter_mut().find(|(_, w)| w.will_wake(waker)) {
+        Some(entry) => entry.0 = entry.0.min(deadline_ns),
+        None => timers.push((deadline_ns, waker.clone())),
+    }
+}
+
+/// The earliest timer deadline, in ns.
+pub(crate) fn next_timer_deadline() -> Option<u64> {
+    TIMERS.lock().iter().map(|(at, _)| *at).min()
+}
+
+/// Wakes every timer whose deadline has passed.
+pub(crate) fn wake_expired_timers() {
+    let now = now_ns();
+    let mut expired = alloc::vec::Vec::new();
+    TIMERS.lock().retain(|(at, w)| {
+        if *at <= now {
+            expired.push(w.clone());
+        }
+        *at > now
+    });
+    expired.into_iter().for_each(core::task::Waker::wake);
+}
+
+/// embassy-time's clock (1 MHz ticks) on top of ours.
+struct EmbassyDriver;
+
+impl embassy_time_driver::Driver for EmbassyDriver {
+    fn now(&self) -> u64 {
+        now_ns() / 1000
+    }
+
+    fn schedule_wake(&self, at: u64, waker: &core::task::Waker) {
+        wake_at(at.saturating_mul(1000), waker);
+    }
+}
+
+embassy_time_driver::time_driver_impl!(static EMBASSY_DRIVER: EmbassyDriver = EmbassyDriver);
+
+/// Critical sections (used by embassy's primitives) need no masking: one
+/// vCPU and no interrupts, so nothing can preempt the running code.
+struct SingleVcpu;
+
+critical_section::set_impl!(SingleVcpu);
+
+// SAFETY: with one vCPU and interrupts never enabled, code between acquire
+// and release cannot be interrupted or run concurrently.
+unsafe impl critical_section::Impl for SingleVcpu {
+    unsafe fn acquire() -> critical_section::RawRestoreState {}
+    unsafe fn release(_: critical_section::RawRestoreState) {}
+}

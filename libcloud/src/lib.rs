@@ -20,7 +20,13 @@
 
 extern crate alloc;
 
+pub mod net;
 pub mod time;
+
+/// Async tasks: `spawn` runs a future in the background of `main`.
+pub mod task {
+    pub use kernel::task::{block_on, spawn};
+}
 
 pub use libcloud_macros::main;
 pub use log;
@@ -98,6 +104,12 @@ pub trait Termination {
 impl Termination for () {
     fn report(self) -> i32 {
         0
+    }
+}
+
+impl Termination for core::convert::Infallible {
+    fn report(self) -> i32 {
+        match self {}
     }
 }
 

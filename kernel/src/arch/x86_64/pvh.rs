@@ -104,7 +104,7 @@ pub extern "C" fn pvh_main(start_info: u64) -> ! {
     x86::gdt(mmio::write_u64);
     x86::tss(mmio::write_u64);
     x86::idt(trap_stubs_addr(), mmio::write_u64);
-    x86::page_tables(mem_size, false, mmio::write_u64);
+    x86::page_tables(mem_size, x86::PVH_MMIO, mmio::write_u64);
     mmio::write_bytes(CMDLINE_ADDR, &cmdline[..cmdline_len + 1]);
     let boot = BootInfo {
         magic: BOOT_MAGIC,

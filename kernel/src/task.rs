@@ -1,0 +1,140 @@
+//! The executor: runs the app's `async` tasks on the one vCPU and idles in
+//! the host when nothing can run.
+//!
+//! One loop iteration polls every woken task, then makes exactly one
+//! `HC_YIELD` hypercall: with timeout 0 if tasks are still runnable (the
+//! exit also lets the shim flush queued TX frames and fill RX buffers), else
+//! until the next timer deadline or I/O. After the host returns, tasks that
+//! wait for I/O ([`wake_on_io`]) are woken to look at their devices. No
+//! interrupts are involved, so nothing here needs interrupt masking.
+
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
+use alloc::sync::Arc;
+use alloc::task::Wake;
+use alloc::vec::Vec;
+use core::future::Future;
+use core::pin::Pin;
+use core::sync::atomic::{AtomicBool, Ordering};
+use core::task::{Context, Poll, Waker};
+use spin::Mutex;
+
+type Task = Pin<Box<dyn Future<Output = ()>>>;
+
+struct TaskWaker {
+    id: usize,
+    queued: AtomicBool,
+}
+
+impl Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.queued.swap(true, Ordering::AcqRel) {
+            READY.lock().push_back(self.id);
+        }
+    }
+}
+
+/// A lock for data that is not `Send` (tasks hold sockets and `Rc`s).
+struct VcpuLocal<T>(Mutex<T>);
+
+// SAFETY: the guest has exactly one vCPU and takes no interrupts, so the
+// data is only ever touched from one thread of execution.
+unsafe impl<T> Sync for VcpuLocal<T> {}
+
+impl<T> core::ops::Deref for VcpuLocal<T> {
+    type Target = Mutex<T>;
+    fn deref(&self) -> &Mutex<T> {
+        &self.0
+    }
+}
+
+/// Tasks by id; a slot is `None` while its task is being polled or after it finished.
+static TASKS: VcpuLocal<Vec<Option<(Task, Arc<TaskWaker>)>>> = VcpuLocal(Mutex::new(Vec::new()));
+/// Spawned tasks not yet in `TASKS` (spawning while `TASKS` is locked).
+static SPAWNED: VcpuLocal<Vec<Task>> = VcpuLocal(Mutex::new(Vec::new()));
+static READY: Mutex<VecDeque<usize>> = Mutex::new(VecDeque::new());
+static IO_WAITERS: Mutex<Vec<Waker>> = Mutex::new(Vec::new());
+
+/// Runs `future` as a background task of the executor.
+pub fn spawn(future: impl Future<Output = ()> + 'static) {
+    SPAWNED.lock().push(Box::pin(future));
+}
+
+/// Wakes `waker` after the next return from the host (new I/O may be there).
+pub fn wake_on_io(waker: &Waker) {
+    let mut waiters = IO_WAITERS.lock();
+    if !waiters.iter().any(|w| w.will_wake(waker)) {
+        waiters.push(waker.clone());
+    }
+}
+
+fn admit_spawned() {
+    let new: Vec<Task> = core::mem::take(&mut *SPAWNED.lock());
+    if new.is_empty() {
+        return;
+    }
+    let mut tasks = TASKS.lock();
+    for task in new {
+        let id = tasks.len();
+        let waker = Arc::new(TaskWaker { id, queued: AtomicBool::new(false) });
+        waker.wake_by_ref();
+        tasks.push(Some((task, waker)));
+    }
+}
+
+fn poll_task(id: usize) {
+    let Some((mut task, waker)) = TASKS.lock().get_mut(id).and_then(Option::take) else {
+        return;
+    };
+    // Clear the queued flag first: a wake during the poll queues it again.
+    waker.queued.store(false, Ordering::Release);
+    let cx_waker = Waker::from(waker.clone());
+    if task.as_mut().poll(&mut Context::from_waker(&cx_waker)).is_pending() {
+        TASKS.lock()[id] = Some((task, waker));
+    }
+}
+
+/// Runs `main` to completion, together with every spawned task.
+pub fn block_on<T>(main: impl Future<Output = T>) -> T {
+    let main_woken = Arc::new(MainWaker(AtomicBool::new(true)));
+    let main_waker = Waker::from(main_woken.clone());
+    let mut main = core::pin::pin!(main);
+    loop {
+        crate::time::wake_expired_timers();
+        if main_woken.0.swap(false, Ordering::AcqRel) {
+            if let Poll::Ready(v) = main.as_mut().poll(&mut Context::from_waker(&main_waker)) {
+                return v;
+            }
+        }
+        admit_spawned();
+        let ready: Vec<usize> = READY.lock().drain(..).collect();
+        for id in ready {
+            poll_task(id);
+        }
+        admit_spawned();
+        let runnable = main_woken.0.load(Ordering::Acquire) || !READY.lock().is_empty();
+        let timeout = if runnable {
+            0
+        } else {
+            crate::time::next_timer_deadline()
+                .map(|at| at.saturating_sub(crate::time::now_ns()))
+                .unwrap_or(u64::MAX)
+        };
+        crate::platform::yield_for(timeout);
+        for waker in core::mem::take(&mut *IO_WAITERS.lock()) {
+            waker.wake();
+        }
+    }
+}
+
+struct MainWaker(AtomicBool);
+
+impl Wake for MainWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, Ordering::Release);
+    }
+}

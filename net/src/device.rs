@@ -1,0 +1,234 @@
+//! The virtio-net device as an `embassy-net-driver`.
+//!
+//! No interrupts: RX buffers are posted up front and the used ring is
+//! polled whenever the stack asks for a frame; with nothing there the
+//! caller's waker is woken after the next return from the host
+//! (`kernel::task::wake_on_io`). TX frames are queued without a per-frame
+//! notification when the device suppresses notifications (our shim does
+//! and drains the queue on the executor's next `HC_YIELD`), so a burst of
+//! frames costs one VM exit.
+
+use alloc::boxed::Box;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cell::RefCell;
+use core::ptr::NonNull;
+use core::task::Context;
+use embassy_net_driver::{Capabilities, HardwareAddress, LinkState};
+use virtio_drivers::device::net::VirtIONetRaw;
+use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
+use virtio_drivers::transport::{DeviceType, Transport};
+
+use crate::hal::UnikernelHal;
+use crate::Error;
+
+/// Descriptors per queue (RX buffers posted, TX frames in flight).
+pub const QUEUE_SIZE: usize = 128;
+/// Bytes per buffer: a 1514-byte frame plus the 12-byte virtio-net header.
+const BUF_LEN: usize = 2048;
+/// Largest Ethernet frame (without FCS).
+const MTU: usize = 1514;
+
+type Raw = VirtIONetRaw<UnikernelHal, MmioTransport<'static>, QUEUE_SIZE>;
+
+struct Inner {
+    raw: Raw,
+    /// RX buffers the device owns, by token.
+    rx_posted: Vec<Option<Box<[u8]>>>,
+    /// TX buffers the device owns, by token, with the length handed over.
+    tx_inflight: Vec<Option<(Box<[u8]>, usize)>>,
+    tx_free: Vec<Box<[u8]>>,
+}
+
+/// A virtio-net device driven by polling.
+pub struct VirtioNet {
+    inner: RefCell<Inner>,
+    mac: [u8; 6],
+}
+
+/// Parses Linux's `SIZE@BASE:IRQ` (`0x200@0xfeb00e00:12`, `4K@0xc0001000:5`).
+pub fn parse_spec(spec: &str) -> Option<(u64, u64)> {
+    fn number(s: &str) -> Option<u64> {
+        let (digits, scale) = match s.as_bytes().last()? {
+            b'K' | b'k' => (&s[..s.len() - 1], 1 << 10),
+            b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
+            _ => (s, 1),
+        };
+        let v = match digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
+            Some(hex) => u64::from_str_radix(hex, 16).ok()?,
+            None => digits.parse().ok()?,
+        };
+        v.checked_mul(scale)
+    }
+    let (size, rest) = spec.split_once('@')?;
+    let base = rest.split(':').next()?;
+    Some((number(size)?, number(base)?))
+}
+
+impl VirtioNet {
+    /// Finds the first virtio-mmio network device on the command line.
+    pub fn probe() -> Result<Self, Error> {
+        for spec in &kernel::cmdline::get().virtio_mmio {
+            let (size, base) = parse_spec(spec).ok_or_else(|| Error::BadDeviceSpec(spec.clone()))?;
+            let header = NonNull::new(base as *mut VirtIOHeader).ok_or_else(|| Error::BadDeviceSpec(spec.clone()))?;
+            // SAFETY: the monitor named this MMIO window on the command line;
+            // the page tables map it (abi::x86), and nothing else uses it.
+            let transport = match unsafe { MmioTransport::new(header, size as usize) } {
+                Ok(t) => t,
+                Err(e) => {
+                    log::warn!("virtio-mmio window {spec}: {e}");
+                    continue;
+                }
+            };
+            if transport.device_type() == DeviceType::Network {
+                return Self::new(transport);
+            }
+        }
+        Err(Error::NoDevice)
+    }
+
+    fn new(transport: MmioTransport<'static>) -> Result<Self, Error> {
+        let mut raw = Raw::new(transport).map_err(Error::Virtio)?;
+        let mac = raw.mac_address();
+        let mut rx_posted: Vec<Option<Box<[u8]>>> = (0..QUEUE_SIZE).map(|_| None).collect();
+        for _ in 0..QUEUE_SIZE {
+            let mut buf = vec![0u8; BUF_LEN].into_boxed_slice();
+            // SAFETY: the buffer is kept in `rx_posted` untouched until the
+            // device returns it (receive_complete).
+            let token = unsafe { raw.receive_begin(&mut buf) }.map_err(Error::Virtio)?;
+            rx_posted[token as usize] = Some(buf);
+        }
+        let tx_free = (0..QUEUE_SIZE).map(|_| vec![0u8; BUF_LEN].into_boxed_slice()).collect();
+        let tx_inflight = (0..QUEUE_SIZE).map(|_| None).collect();
+        log::info!("virtio-net {:02x?}: {QUEUE_SIZE} RX buffers posted", mac);
+        Ok(Self { inner: RefCell::new(Inner { raw, rx_posted, tx_inflight, tx_free }), mac })
+    }
+}
+
+impl Inner {
+    /// Takes back TX buffers the device is done with.
+    fn reclaim_tx(&mut self) {
+        while let Some(token) = self.raw.poll_transmit() {
+            let Some((buf, len)) = self.tx_inflight.get_mut(token as usize).and_then(Option::take) else {
+                log::error!("virtio-net: device completed unknown TX token {token}");
+                return;
+            };
+            // SAFETY: `buf[..len]` is exactly what transmit_begin got for this token.
+            if let Err(e) = unsafe { self.raw.transmit_complete(token, &buf[..len]) } {
+                log::warn!("virtio-net: TX completion: {e}");
+            }
+            self.tx_free.push(buf);
+        }
+    }
+
+    /// Hands an RX buffer back to the device.
+    fn repost(&mut self, mut buf: Box<[u8]>) {
+        // SAFETY: as in `VirtioNet::new`.
+        match unsafe { self.raw.receive_begin(&mut buf) } {
+            Ok(token) => self.rx_posted[token as usize] = Some(buf),
+            Err(e) => log::error!("virtio-net: cannot repost RX buffer: {e}"),
+        }
+    }
+
+    /// The next received frame: `(buffer, offset, length)`.
+    fn next_rx(&mut self) -> Option<(Box<[u8]>, usize, usize)> {
+        loop {
+            let token = self.raw.poll_receive()?;
+            let mut buf = self.rx_posted.get_mut(token as usize).and_then(Option::take)?;
+            // SAFETY: `buf` is the buffer posted with this token.
+            match unsafe { self.raw.receive_complete(token, &mut buf) } {
+                Ok((hdr, len)) if hdr + len <= buf.len() => return Some((buf, hdr, len)),
+                other => {
+                    log::warn!("virtio-net: dropping bad RX completion {other:?}");
+                    self.repost(buf);
+                }
+            }
+        }
+    }
+}
+
+/// A received frame, lent to the stack.
+pub struct RxToken<'a> {
+    buf: Box<[u8]>,
+    offset: usize,
+    len: usize,
+    inner: &'a RefCell<Inner>,
+}
+
+/// Room for one frame to send.
+pub struct TxToken<'a> {
+    inner: &'a RefCell<Inner>,
+}
+
+impl embassy_net_driver::RxToken for RxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(mut self, f: F) -> R {
+        let r = f(&mut self.buf[self.offset..self.offset + self.len]);
+        self.inner.borrow_mut().repost(self.buf);
+        r
+    }
+}
+
+impl embassy_net_driver::TxToken for TxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut inner = self.inner.borrow_mut();
+        let mut buf = inner.tx_free.pop().expect("TxToken is only made with a free buffer");
+        let hdr = inner.raw.fill_buffer_header(&mut buf).expect("TX buffer holds a header");
+        let total = (hdr + len).min(buf.len());
+        let r = f(&mut buf[hdr..total]);
+        // SAFETY: the buffer stays in `tx_inflight` untouched until the
+        // device completes it (reclaim_tx).
+        match unsafe { inner.raw.transmit_begin(&buf[..total]) } {
+            Ok(token) => inner.tx_inflight[token as usize] = Some((buf, total)),
+            Err(e) => {
+                log::warn!("virtio-net: TX dropped: {e}");
+                inner.tx_free.push(buf);
+            }
+        }
+        r
+    }
+}
+
+impl embassy_net_driver::Driver for VirtioNet {
+    type RxToken<'a> = RxToken<'a>;
+    type TxToken<'a> = TxToken<'a>;
+
+    fn receive(&mut self, cx: &mut Context) -> Option<(RxToken<'_>, TxToken<'_>)> {
+        let mut inner = self.inner.borrow_mut();
+        inner.reclaim_tx();
+        if inner.tx_free.is_empty() {
+            kernel::task::wake_on_io(cx.waker());
+            return None;
+        }
+        let Some((buf, offset, len)) = inner.next_rx() else {
+            kernel::task::wake_on_io(cx.waker());
+            return None;
+        };
+        drop(inner);
+        Some((RxToken { buf, offset, len, inner: &self.inner }, TxToken { inner: &self.inner }))
+    }
+
+    fn transmit(&mut self, cx: &mut Context) -> Option<TxToken<'_>> {
+        let mut inner = self.inner.borrow_mut();
+        inner.reclaim_tx();
+        if inner.tx_free.is_empty() {
+            kernel::task::wake_on_io(cx.waker());
+            return None;
+        }
+        Some(TxToken { inner: &self.inner })
+    }
+
+    fn link_state(&mut self, _cx: &mut Context) -> LinkState {
+        LinkState::Up
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = Capabilities::default();
+        caps.max_transmission_unit = MTU;
+        caps.max_burst_size = Some(QUEUE_SIZE);
+        caps
+    }
+
+    fn hardware_address(&self) -> HardwareAddress {
+        HardwareAddress::Ethernet(self.mac)
+    }
+}
