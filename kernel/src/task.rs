@@ -20,6 +20,8 @@ use core::task::{Context, Poll, Waker};
 use spin::Mutex;
 
 type Task = Pin<Box<dyn Future<Output = ()>>>;
+/// A task slot: `None` while its task is being polled or after it finished.
+type Slot = Option<(Task, Arc<TaskWaker>)>;
 
 struct TaskWaker {
     id: usize,
@@ -52,8 +54,8 @@ impl<T> core::ops::Deref for VcpuLocal<T> {
     }
 }
 
-/// Tasks by id; a slot is `None` while its task is being polled or after it finished.
-static TASKS: VcpuLocal<Vec<Option<(Task, Arc<TaskWaker>)>>> = VcpuLocal(Mutex::new(Vec::new()));
+/// Tasks by id.
+static TASKS: VcpuLocal<Vec<Slot>> = VcpuLocal(Mutex::new(Vec::new()));
 /// Spawned tasks not yet in `TASKS` (spawning while `TASKS` is locked).
 static SPAWNED: VcpuLocal<Vec<Task>> = VcpuLocal(Mutex::new(Vec::new()));
 static READY: Mutex<VecDeque<usize>> = Mutex::new(VecDeque::new());
