@@ -48,7 +48,8 @@ pub fn uptime() -> Duration {
     Duration::from_nanos(kernel::time::now_ns())
 }
 
-/// Sleeps for `d`, giving the CPU back to the host meanwhile.
+/// Sleeps for `d`, giving the CPU back to the host meanwhile. Blocks every
+/// task: in `async` code use [`sleep_async`].
 pub fn sleep(d: Duration) {
     sleep_until(Instant::now() + d);
 }
@@ -62,4 +63,22 @@ pub fn sleep_until(deadline: Instant) {
         }
         kernel::platform::yield_for((deadline - now).as_nanos() as u64);
     }
+}
+
+/// Waits for `d` without blocking other tasks (use this in `async` code).
+pub async fn sleep_async(d: Duration) {
+    sleep_until_async(Instant::now() + d).await
+}
+
+/// Waits until `deadline` without blocking other tasks.
+pub async fn sleep_until_async(deadline: Instant) {
+    core::future::poll_fn(|cx| {
+        if Instant::now() >= deadline {
+            core::task::Poll::Ready(())
+        } else {
+            kernel::time::wake_at(deadline.0, cx.waker());
+            core::task::Poll::Pending
+        }
+    })
+    .await
 }
