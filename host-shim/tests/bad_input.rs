@@ -18,7 +18,12 @@ fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
 }
 
 fn run_image(path: &std::path::Path, extra: &[&str]) -> common::Run {
-    let mut args = vec!["run".to_string(), path.display().to_string(), "--timeout".into(), "30".into()];
+    let mut args = vec![
+        "run".to_string(),
+        path.display().to_string(),
+        "--timeout".into(),
+        "30".into(),
+    ];
     args.extend(extra.iter().map(|s| s.to_string()));
     shim(args)
 }
@@ -40,7 +45,10 @@ fn a_missing_image_is_refused() {
 
 #[test]
 fn a_file_that_is_not_an_elf_is_refused() {
-    let path = temp_file("garbage.img", b"this is not an ELF image at all, just text\n");
+    let path = temp_file(
+        "garbage.img",
+        b"this is not an ELF image at all, just text\n",
+    );
     assert_refused(&run_image(&path, &[]), "not an ELF");
 }
 
@@ -63,7 +71,10 @@ fn a_truncated_image_is_refused() {
 /// Offset of the `LibCloud` note's descriptor in an image.
 fn libcloud_note_desc(bytes: &[u8]) -> usize {
     let name = b"LibCloud\0";
-    let at = bytes.windows(name.len()).position(|w| w == name).expect("image has a LibCloud note");
+    let at = bytes
+        .windows(name.len())
+        .position(|w| w == name)
+        .expect("image has a LibCloud note");
     (at + name.len() + 3) & !3
 }
 
@@ -84,7 +95,9 @@ fn an_image_larger_than_guest_memory_is_refused() {
     let phnum = u16::from_le_bytes(bytes[56..58].try_into().unwrap()) as usize;
     let writable = (0..phnum)
         .map(|i| phoff + i * 56)
-        .find(|&ph| u32::from_le_bytes(bytes[ph..ph + 4].try_into().unwrap()) == 1 && bytes[ph + 4] & 2 != 0)
+        .find(|&ph| {
+            u32::from_le_bytes(bytes[ph..ph + 4].try_into().unwrap()) == 1 && bytes[ph + 4] & 2 != 0
+        })
         .expect("a writable PT_LOAD");
     bytes[writable + 40..writable + 48].copy_from_slice(&(100u64 << 20).to_le_bytes());
     let path = temp_file("too-big.img", &bytes);
@@ -105,7 +118,12 @@ fn a_bad_memory_size_is_refused() {
 #[test]
 fn a_missing_kvm_device_says_how_to_fix_it() {
     let img = image("hello");
-    let run = shim(["run".as_ref(), img.as_os_str(), "--kvm-device".as_ref(), "/nonexistent/kvm".as_ref()] as [&std::ffi::OsStr; 4]);
+    let run = shim([
+        "run".as_ref(),
+        img.as_os_str(),
+        "--kvm-device".as_ref(),
+        "/nonexistent/kvm".as_ref(),
+    ] as [&std::ffi::OsStr; 4]);
     assert_refused(&run, "/nonexistent/kvm");
 }
 
@@ -114,7 +132,10 @@ fn bogus_hypercalls_are_refused_and_the_guest_goes_on() {
     let run = boot("selftest", &[], &["badcall"]);
     assert_eq!(run.status, Some(0), "{run:?}");
     assert_eq!(run.stdout, "survived\n", "{run:?}");
-    assert!(run.stderr.contains("WARN"), "the shim should log what it refused: {run:?}");
+    assert!(
+        run.stderr.contains("WARN"),
+        "the shim should log what it refused: {run:?}"
+    );
 }
 
 #[test]
@@ -137,7 +158,14 @@ fn a_triple_fault_is_reported_with_registers() {
 fn a_guest_that_outlives_its_timeout_is_stopped() {
     require_kvm();
     let img = image("selftest");
-    let run = shim(["run".as_ref(), img.as_os_str(), "--timeout".as_ref(), "1".as_ref(), "--".as_ref(), "spin".as_ref()] as [&std::ffi::OsStr; 6]);
+    let run = shim([
+        "run".as_ref(),
+        img.as_os_str(),
+        "--timeout".as_ref(),
+        "1".as_ref(),
+        "--".as_ref(),
+        "spin".as_ref(),
+    ] as [&std::ffi::OsStr; 6]);
     assert_eq!(run.status, Some(124), "{run:?}");
     assert!(run.stderr.contains("timeout"), "{run:?}");
     assert!(run.elapsed < Duration::from_secs(10), "{run:?}");

@@ -9,7 +9,11 @@ use std::time::Duration;
 
 #[test]
 fn hello_greets_and_exits_zero() {
-    let run = boot("hello", &["--host-name", "test-host", "--region", "test-region"], &["--name", "world"]);
+    let run = boot(
+        "hello",
+        &["--host-name", "test-host", "--region", "test-region"],
+        &["--name", "world"],
+    );
     assert_eq!(run.status, Some(0), "{run:?}");
     let lines = run.lines();
     assert_eq!(lines.len(), 4, "{run:?}");
@@ -33,7 +37,15 @@ fn app_code_runs_in_ring_3() {
 
 #[test]
 fn args_and_env_reach_the_app_unchanged() {
-    let awkward = ["plain", "with space", "quote\"d", "back\\slash", "", "--", "K=V"];
+    let awkward = [
+        "plain",
+        "with space",
+        "quote\"d",
+        "back\\slash",
+        "",
+        "--",
+        "K=V",
+    ];
     let run = boot("selftest", &[], &[&["args"][..], &awkward[..]].concat());
     assert_eq!(run.status, Some(0), "{run:?}");
     let expected: String = awkward.iter().map(|a| format!("arg={a}\n")).collect();
@@ -59,7 +71,11 @@ fn panic_reports_message_and_location() {
     let run = boot("selftest", &[], &["panic"]);
     assert_eq!(run.status, Some(101), "{run:?}");
     let source = include_str!("../../apps/selftest/src/main.rs");
-    let line = source.lines().position(|l| l.contains("panic!(\"selftest panic")).unwrap() + 1;
+    let line = source
+        .lines()
+        .position(|l| l.contains("panic!(\"selftest panic"))
+        .unwrap()
+        + 1;
     let expected = format!("guest panicked at apps/selftest/src/main.rs:{line}:");
     assert!(run.stderr.contains(&expected), "want {expected:?}\n{run:?}");
     assert!(run.stderr.contains("selftest panic: 42"), "{run:?}");
@@ -85,7 +101,10 @@ fn sleeping_50_ms_takes_50_ms_by_both_clocks() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("{run:?}"));
     // The guest's clock: at least the request, and not wildly more.
-    assert!((50_000..80_000).contains(&slept_us), "guest measured {slept_us} µs for 50 ms");
+    assert!(
+        (50_000..80_000).contains(&slept_us),
+        "guest measured {slept_us} µs for 50 ms"
+    );
     // The host's clock agrees that at least 50 ms passed (a fast guest clock
     // would return early).
     assert!(run.elapsed >= Duration::from_millis(50), "{run:?}");
@@ -97,13 +116,21 @@ fn the_heap_spans_guest_memory() {
     assert_eq!(run.status, Some(0), "{run:?}");
     assert!(run.stdout.starts_with("allocated 32 MiB"), "{run:?}");
     let run = boot("selftest", &["--mem", "16M"], &["alloc", "32"]);
-    assert_eq!(run.status, Some(101), "32 MiB cannot fit in 16 MiB: {run:?}");
+    assert_eq!(
+        run.status,
+        Some(101),
+        "32 MiB cannot fit in 16 MiB: {run:?}"
+    );
     assert!(run.stderr.contains("guest panicked"), "{run:?}");
 }
 
 #[test]
 fn hello_boots_under_qemu_with_the_same_output() {
-    let kvm = boot("hello", &["--host-name", "h", "--region", "r"], &["--name", "qemu"]);
+    let kvm = boot(
+        "hello",
+        &["--host-name", "h", "--region", "r"],
+        &["--name", "qemu"],
+    );
     let img = image("hello");
     let qemu = shim([
         "run".as_ref(),
@@ -122,9 +149,16 @@ fn hello_boots_under_qemu_with_the_same_output() {
     ] as [&std::ffi::OsStr; 13]);
     assert_eq!(qemu.status, Some(0), "{qemu:?}");
     let without_uptime = |s: &str| -> Vec<String> {
-        s.lines().filter(|l| !l.starts_with("uptime:")).map(String::from).collect()
+        s.lines()
+            .filter(|l| !l.starts_with("uptime:"))
+            .map(String::from)
+            .collect()
     };
-    assert_eq!(without_uptime(&qemu.stdout), without_uptime(&kvm.stdout), "{qemu:?}\n{kvm:?}");
+    assert_eq!(
+        without_uptime(&qemu.stdout),
+        without_uptime(&kvm.stdout),
+        "{qemu:?}\n{kvm:?}"
+    );
     assert_eq!(qemu.lines().len(), 4, "{qemu:?}");
 }
 

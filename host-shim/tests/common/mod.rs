@@ -29,7 +29,11 @@ pub fn image(app: &str) -> PathBuf {
 
 /// Fails the test unless `/dev/kvm` can be opened.
 pub fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         panic!("this test boots a real guest and needs /dev/kvm, which cannot be opened: {e}");
     }
 }
@@ -65,7 +69,11 @@ where
     S: AsRef<std::ffi::OsStr>,
 {
     let start = Instant::now();
-    let Output { status, stdout, stderr } = Command::new(env!("CARGO_BIN_EXE_host-shim"))
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = Command::new(env!("CARGO_BIN_EXE_host-shim"))
         .args(args)
         .env("RUST_LOG", "warn")
         .output()
@@ -82,9 +90,14 @@ where
 pub fn boot(app: &str, shim_args: &[&str], app_args: &[&str]) -> Run {
     require_kvm();
     let img = image(app);
-    let mut args: Vec<&std::ffi::OsStr> = vec!["run".as_ref(), img.as_os_str(), "--timeout".as_ref(), "30".as_ref()];
-    args.extend(shim_args.iter().map(|a| a.as_ref()));
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "run".as_ref(),
+        img.as_os_str(),
+        "--timeout".as_ref(),
+        "30".as_ref(),
+    ];
+    args.extend(shim_args.iter().map(|a| -> &std::ffi::OsStr { a.as_ref() }));
     args.push("--".as_ref());
-    args.extend(app_args.iter().map(|a| a.as_ref()));
+    args.extend(app_args.iter().map(|a| -> &std::ffi::OsStr { a.as_ref() }));
     shim(args)
 }

@@ -1,0 +1,427 @@
+//! The KVM backend: validates the image, builds the VM (RAM, image, boot
+//! tables, vCPU 0 in 64-bit ring 3), runs the vCPU on its own thread and
+//! enforces `--timeout` by stopping that thread.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use vmm_sys_util::signal::Killable;
+
+use crate::boot::layout::{self, BootSetup};
+use crate::boot::{cpu, loader};
+use crate::config::RunConfig;
+use crate::devices::doorbell::Doorbell;
+use crate::devices::io_wait::IoWait;
+use crate::error::{Error, VmError};
+use crate::outcome::GuestExit;
+use crate::vstate::vcpu::{install_kick_handler, kick_signal, RunContext, Vcpu};
+use crate::vstate::vm::{open_kvm, Vm};
+
+/// How often a stopping vCPU thread is kicked until it answers.
+const KICK_INTERVAL: Duration = Duration::from_millis(5);
+/// How long to wait for a kicked vCPU thread before giving up on it.
+const KICK_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Boots `config.image` under KVM and runs it to the end, writing guest
+/// console output to `console`.
+pub fn run<W: Write + Send + 'static>(config: &RunConfig, console: W) -> Result<GuestExit, Error> {
+    let info = loader::inspect(&config.image, config.mem_size)?;
+    let kvm = open_kvm(&config.kvm_device)?;
+    let vm = Vm::new(&kvm, config.mem_size)?;
+    loader::load(vm.memory(), &config.image)?;
+
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(VmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    let kvmclock = cpu::kvmclock_supported(&cpuid);
+    if !kvmclock {
+        tracing::warn!("KVM offers no kvmclock: the guest gets no pvclock page");
+    }
+    layout::write_boot_memory(
+        vm.memory(),
+        &BootSetup {
+            mem_size: config.mem_size,
+            note: &info.note,
+            cmdline: &config.cmdline,
+            kvmclock,
+        },
+    )?;
+    let vcpu = Vcpu::new(&vm, 0)?;
+    vcpu.configure(&cpuid, info.note.user_entry, kvmclock)?;
+    tracing::info!(
+        mem_mib = config.mem_size >> 20,
+        entry = format_args!("{:#x}", info.note.user_entry),
+        kvmclock,
+        "starting vCPU 0 in ring 3"
+    );
+    run_vcpu(vm, vcpu, console, config.timeout)
+}
+
+/// Runs `vcpu` on its own thread until the guest is done or `timeout`.
+fn run_vcpu<W: Write + Send + 'static>(
+    vm: Vm,
+    mut vcpu: Vcpu,
+    console: W,
+    timeout: Option<Duration>,
+) -> Result<GuestExit, Error> {
+    install_kick_handler()?;
+    let io_wait = IoWait::new().map_err(|e| VmError::Setup(format!("epoll: {e}")))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let (tx, rx) = mpsc::channel();
+    let thread_stop = Arc::clone(&stop);
+    let handle = thread::Builder::new()
+        .name("vcpu0".into())
+        .spawn(move || {
+            let mut ctx = RunContext {
+                mem: vm.memory(),
+                doorbell: Doorbell::new(console),
+                io_wait,
+                stop: &thread_stop,
+                deadline,
+            };
+            let exit = vcpu.run(&mut ctx);
+            // The receiver may be gone if the controller gave up on us.
+            let _ = tx.send(exit);
+        })
+        .map_err(|e| VmError::Setup(e.to_string()))?;
+
+    let (Some(limit), Some(deadline)) = (timeout, deadline) else {
+        return Ok(finish(handle, rx.recv(), Duration::ZERO));
+    };
+    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        Ok(exit) => return Ok(finish(handle, Ok(exit), limit)),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            return Ok(finish(handle, Err(mpsc::RecvError), limit))
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => {}
+    }
+    // Time is up: stop the vCPU. A kick that lands just before KVM_RUN
+    // starts is lost, so kick until the thread answers.
+    stop.store(true, Ordering::Release);
+    let give_up = Instant::now() + KICK_PATIENCE;
+    while Instant::now() < give_up {
+        if let Err(e) = handle.kill(kick_signal()) {
+            tracing::warn!("cannot signal the vCPU thread: {e}");
+            break;
+        }
+        match rx.recv_timeout(KICK_INTERVAL) {
+            // A guest that exited on its own just as time ran out keeps
+            // its own ending.
+            Ok(exit) => return Ok(finish(handle, Ok(exit), limit)),
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Ok(finish(handle, Err(mpsc::RecvError), limit))
+            }
+        }
+    }
+    tracing::warn!("the vCPU thread did not stop; leaving it behind");
+    Ok(GuestExit::TimedOut(limit))
+}
+
+/// Joins the vCPU thread after it answered (or died). `None` from the
+/// thread means it saw the stop flag, i.e. the `timeout` expired.
+fn finish(
+    handle: thread::JoinHandle<()>,
+    answer: Result<Option<GuestExit>, mpsc::RecvError>,
+    timeout: Duration,
+) -> GuestExit {
+    let panicked = handle.join().is_err();
+    match answer {
+        Ok(Some(exit)) => exit,
+        Ok(None) => GuestExit::TimedOut(timeout),
+        Err(_) if panicked => GuestExit::Died("the vCPU thread panicked".into()),
+        Err(_) => GuestExit::Died("the vCPU thread ended without an answer".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Backend, QemuAccel};
+    use crate::testutil::{require_kvm, Asm, TestImage};
+    use crate::vstate::vm::KVM_DEVICE;
+    use abi::hypercall::{
+        ConsoleWrite, FaultReport, PanicReport, HC_CONSOLE_WRITE, HC_FAULT, HC_PANIC, HC_YIELD,
+    };
+    use abi::layout::{CMDLINE_ADDR, IDT_ADDR, PVCLOCK_ADDR};
+    use std::path::Path;
+    use std::sync::Mutex;
+    use zerocopy::IntoBytes;
+
+    /// A console that tests can read back.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn config(image: &TestImage, name: &str, timeout: Option<f64>) -> RunConfig {
+        RunConfig {
+            image: image.write(name),
+            mem_size: 16 << 20,
+            backend: Backend::Kvm,
+            timeout: timeout.map(Duration::from_secs_f64),
+            cmdline: "lc.host=test lc.region=local --".into(),
+            qemu_accel: QemuAccel::Tcg,
+            kvm_device: KVM_DEVICE.into(),
+        }
+    }
+
+    /// Boots `image` and returns how it ended and its console output.
+    fn boot(image: &TestImage, name: &str, timeout: Option<f64>) -> (GuestExit, String) {
+        require_kvm();
+        let console = Captured::default();
+        let exit = run(&config(image, name, timeout), console.clone())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let out = String::from_utf8_lossy(&console.0.lock().unwrap()).into_owned();
+        (exit, out)
+    }
+
+    fn status(image: &TestImage, name: &str) -> u8 {
+        let (exit, _) = boot(image, name, Some(20.0));
+        match exit {
+            GuestExit::Exited(code) => code,
+            other => panic!("{name}: {other}"),
+        }
+    }
+
+    #[test]
+    fn a_hand_made_guest_exits_with_its_code() {
+        let start = Instant::now();
+        assert_eq!(status(&TestImage::exit(7), "exit7"), 7);
+        eprintln!(
+            "exit(7) guest: {:?} from image file to exit",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn the_guest_runs_in_ring_3() {
+        let code = Asm::new().cpl_to_eax().exit_rax().spin();
+        assert_eq!(status(&TestImage::new(code), "cpl"), 3);
+    }
+
+    #[test]
+    fn rdi_points_at_the_boot_info() {
+        // mov rax, [rdi]; mov rcx, BOOT_MAGIC; cmp rax, rcx; sete al; movzx eax, al
+        let code = Asm::new()
+            .raw(&[0x48, 0x8b, 0x07, 0x48, 0xb9])
+            .raw(&abi::boot::BOOT_MAGIC.to_le_bytes())
+            .raw(&[0x48, 0x39, 0xc8, 0x0f, 0x94, 0xc0, 0x0f, 0xb6, 0xc0])
+            .exit_rax()
+            .spin();
+        assert_eq!(status(&TestImage::new(code), "bootinfo"), 1);
+        // mov eax, [rdi + 12]: the platform.
+        let code = Asm::new().raw(&[0x8b, 0x47, 0x0c]).exit_rax().spin();
+        assert_eq!(
+            status(&TestImage::new(code), "platform"),
+            abi::boot::Platform::Shim as u8
+        );
+    }
+
+    #[test]
+    fn the_command_line_is_in_guest_memory() {
+        // movzx eax, byte [CMDLINE_ADDR]
+        let code = Asm::new()
+            .raw(&[0x0f, 0xb6, 0x04, 0x25])
+            .raw(&(CMDLINE_ADDR as u32).to_le_bytes())
+            .exit_rax()
+            .spin();
+        assert_eq!(status(&TestImage::new(code), "cmdline"), b'l');
+    }
+
+    #[test]
+    fn console_writes_reach_the_console() {
+        let request = ConsoleWrite {
+            buf: TestImage::DATA + 0x100,
+            len: 12,
+        };
+        let code = Asm::new()
+            .mov_eax(TestImage::DATA as u32)
+            .hypercall(HC_CONSOLE_WRITE)
+            .hypercall(HC_CONSOLE_WRITE)
+            .exit(0)
+            .spin();
+        let image = TestImage::new(code)
+            .data(0, request.as_bytes())
+            .data(0x100, b"hello guest\n");
+        let (exit, out) = boot(&image, "console", Some(20.0));
+        assert!(matches!(exit, GuestExit::Exited(0)), "{exit}");
+        assert_eq!(out, "hello guest\nhello guest\n");
+    }
+
+    #[test]
+    fn exceptions_reach_the_ring0_stubs() {
+        // The test image's stubs exit with the vector number.
+        let ud = Asm::new().ud2();
+        assert_eq!(status(&TestImage::new(ud), "ud2"), 6);
+        // The null page is unmapped: reading it is a page fault.
+        let null = Asm::new().load_eax_abs(0).spin();
+        assert_eq!(status(&TestImage::new(null), "null"), 14);
+        // So is the stack guard.
+        let guard = Asm::new()
+            .load_eax_abs(abi::layout::STACK_GUARD_ADDR as u32)
+            .spin();
+        assert_eq!(status(&TestImage::new(guard), "guard"), 14);
+    }
+
+    #[test]
+    fn a_guest_without_idt_triple_faults() {
+        // mov edi, IDT_ADDR; mov ecx, 512; xor eax, eax; rep stosq; ud2
+        let code = Asm::new()
+            .raw(&[0xbf])
+            .raw(&(IDT_ADDR as u32).to_le_bytes())
+            .raw(&[0xb9, 0x00, 0x02, 0x00, 0x00, 0x31, 0xc0, 0xf3, 0x48, 0xab])
+            .ud2();
+        let (exit, _) = boot(&TestImage::new(code), "triple", Some(20.0));
+        assert!(matches!(exit, GuestExit::TripleFault(_)), "{exit}");
+        assert_eq!(exit.status(), 125);
+        assert!(exit.to_string().starts_with("guest triple-faulted"));
+    }
+
+    #[test]
+    fn panic_and_fault_reports() {
+        let report = PanicReport {
+            msg: TestImage::DATA + 0x100,
+            msg_len: 4,
+            file: TestImage::DATA + 0x200,
+            file_len: 7,
+            line: 42,
+            column: 9,
+        };
+        let code = Asm::new()
+            .mov_eax(TestImage::DATA as u32)
+            .hypercall(HC_PANIC)
+            .spin();
+        let image = TestImage::new(code)
+            .data(0, report.as_bytes())
+            .data(0x100, b"boom")
+            .data(0x200, b"main.rs");
+        let (exit, _) = boot(&image, "panic", Some(20.0));
+        assert_eq!(exit.to_string(), "guest panicked at main.rs:42:9: boom");
+        assert_eq!(exit.status(), 101);
+
+        let fault = FaultReport {
+            vector: 14,
+            error_code: 4,
+            rip: 0x10_0042,
+            cs: 0x23,
+            rsp: 0x7_fff8,
+            cr2: 0xdead_0000,
+            ..Default::default()
+        };
+        let code = Asm::new()
+            .mov_eax(TestImage::DATA as u32)
+            .hypercall(HC_FAULT)
+            .spin();
+        let (exit, _) = boot(
+            &TestImage::new(code).data(0, fault.as_bytes()),
+            "fault",
+            Some(20.0),
+        );
+        assert_eq!(exit.status(), 102);
+        assert!(exit.to_string().ends_with("address 0xdead0000"), "{exit}");
+    }
+
+    #[test]
+    fn unhandled_mmio_and_unknown_hypercalls_do_not_stop_the_guest() {
+        let code = Asm::new()
+            .mov_ebx(0xc000_2000) // a virtio window, no device behind it yet
+            .store_rax_at_rbx()
+            .hypercall(77)
+            .mov_ebx(0xc000_2000)
+            .load_rax_from_rbx() // all ones
+            .raw(&[0x25, 0xff, 0x00, 0x00, 0x00]) // and eax, 0xff
+            .exit_rax()
+            .spin();
+        assert_eq!(status(&TestImage::new(code), "mmio"), 0xff);
+    }
+
+    #[test]
+    fn kvmclock_is_programmed_when_offered() {
+        require_kvm();
+        let kvm = open_kvm(Path::new(KVM_DEVICE)).unwrap();
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let expected = u8::from(cpu::kvmclock_supported(&cpuid));
+        // tsc_to_system_mul (offset 24 of pvclock_vcpu_time_info) != 0
+        let code = Asm::new()
+            .load_eax_abs(PVCLOCK_ADDR as u32 + 24)
+            .eax_nonzero()
+            .exit_rax()
+            .spin();
+        assert_eq!(status(&TestImage::new(code), "kvmclock"), expected);
+    }
+
+    #[test]
+    fn a_spinning_guest_is_stopped_by_the_timeout() {
+        let start = Instant::now();
+        let (exit, _) = boot(&TestImage::new(Asm::new().spin()), "spin", Some(0.3));
+        let took = start.elapsed();
+        assert!(matches!(exit, GuestExit::TimedOut(_)), "{exit}");
+        assert_eq!(exit.status(), 124);
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+    }
+
+    #[test]
+    fn yield_sleeps_and_is_cut_short_by_the_timeout() {
+        let code = Asm::new()
+            .mov_eax(50_000_000) // 50 ms
+            .hypercall(HC_YIELD)
+            .exit(3)
+            .spin();
+        let start = Instant::now();
+        assert_eq!(status(&TestImage::new(code), "yield"), 3);
+        assert!(start.elapsed() >= Duration::from_millis(50));
+
+        let forever = Asm::new().mov_rax(u64::MAX).hypercall(HC_YIELD).spin();
+        let start = Instant::now();
+        let (exit, _) = boot(&TestImage::new(forever), "yield-forever", Some(0.2));
+        assert!(matches!(exit, GuestExit::TimedOut(_)), "{exit}");
+        assert!(start.elapsed() < Duration::from_secs(3));
+    }
+
+    #[test]
+    fn image_errors_come_before_kvm() {
+        let dir = crate::testutil::temp_dir("kvm-errors");
+        let path = dir.join("junk.img");
+        std::fs::write(&path, b"junk").unwrap();
+        let mut config = config(&TestImage::exit(0), "unused", None);
+        config.image = path;
+        let e = run(&config, Vec::new()).unwrap_err();
+        assert!(e.to_string().ends_with("is not an ELF file"), "{e}");
+
+        let mut config = config.clone();
+        config.image = TestImage::exit(0).bss(20 << 20).write("too-big");
+        let e = run(&config, Vec::new()).unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("needs 22 MiB of guest memory but --mem is 16 MiB"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_missing_kvm_device_is_named() {
+        let mut config = config(&TestImage::exit(0), "no-kvm", None);
+        config.kvm_device = "/nonexistent/kvm".into();
+        let e = run(&config, Vec::new()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/nonexistent/kvm not found: this host has no KVM \
+             (enable virtualization, or load kvm_intel/kvm_amd)"
+        );
+    }
+}

@@ -1,0 +1,31 @@
+//! The host shim: a small KVM monitor for libcloud unikernel images.
+//!
+//! `run` takes a [`RunConfig`] (image, memory, backend, timeout, guest
+//! command line) and returns how the guest ended ([`GuestExit`]), whose
+//! [`GuestExit::status`] is the shim's exit status. Layout follows
+//! Firecracker: `vstate` (KVM VM, memory, vCPU), `boot` (image loading and
+//! boot-time state), `devices` (what the guest talks to), `backend` (KVM or
+//! QEMU).
+
+pub mod backend;
+pub mod boot;
+pub mod config;
+pub mod devices;
+pub mod error;
+pub mod outcome;
+pub mod vstate;
+
+#[cfg(test)]
+mod testutil;
+
+pub use config::{Backend, QemuAccel, RunConfig};
+pub use error::Error;
+pub use outcome::GuestExit;
+
+/// Runs the guest described by `config` with its console on our stdout.
+pub fn run(config: &RunConfig) -> Result<GuestExit, Error> {
+    match config.backend {
+        Backend::Kvm => backend::kvm::run(config, std::io::stdout()),
+        Backend::Qemu => backend::qemu::run(config),
+    }
+}
