@@ -15,6 +15,7 @@
 use alloc::vec;
 
 pub use ::net::embassy_net::{
+    icmp,
     tcp::{self, TcpSocket},
     udp::{self, PacketMetadata, UdpSocket},
     IpAddress, IpEndpoint, Ipv4Address, Stack,
