@@ -75,11 +75,11 @@ struct RunArgs {
     /// Guest memory size, passed to the shim as `--mem` (e.g. 64M).
     #[arg(long, value_name = "SIZE")]
     mem: Option<String>,
-    /// Network backend, passed to the shim as `--backend`.
+    /// Monitor, passed to the shim as `--backend` (`kvm`: our own; `qemu`: QEMU microvm).
     #[arg(long, value_name = "BACKEND")]
     backend: Option<String>,
-    /// Time limit, passed to the shim as `--timeout`.
-    #[arg(long, value_name = "DURATION")]
+    /// Stop the guest after SECS seconds, passed to the shim as `--timeout`.
+    #[arg(long, value_name = "SECS")]
     timeout: Option<String>,
     /// Arguments for the app (after `--`).
     #[arg(last = true, value_name = "ARGS")]

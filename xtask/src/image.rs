@@ -1,0 +1,138 @@
+//! Builds: guest images (an app's linked ELF, copied to `<target>/images/<app>.img`) and the
+//! release host shim that boots them.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::workspace::{self, App, Workspace, GUEST_TARGET, SHIM_PACKAGE};
+
+/// Cargo profile for guest builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    Release,
+    Debug,
+}
+
+impl Profile {
+    pub fn from_debug_flag(debug: bool) -> Self {
+        if debug {
+            Self::Debug
+        } else {
+            Self::Release
+        }
+    }
+
+    /// Name of the profile's output directory under `<target>/<triple>/`.
+    fn dir(self) -> &'static str {
+        match self {
+            Self::Release => "release",
+            Self::Debug => "debug",
+        }
+    }
+}
+
+/// A built image.
+#[derive(Debug)]
+pub struct Image {
+    pub app: String,
+    pub path: PathBuf,
+    pub size: u64,
+}
+
+/// Builds the given apps for the guest target in one cargo invocation and copies each linked
+/// ELF to its image path.
+pub fn build_images(ws: &Workspace, apps: &[&App], profile: Profile) -> Result<Vec<Image>> {
+    if apps.is_empty() {
+        bail!("no apps to build (no packages under apps/)");
+    }
+    check_guest_target(ws)?;
+
+    let mut cmd = ws.cargo();
+    cmd.args(["build", "--target", GUEST_TARGET]);
+    for app in apps {
+        cmd.args(["-p", &app.package]);
+    }
+    if profile == Profile::Release {
+        cmd.arg("--release");
+    }
+    workspace::run(&mut cmd).context("building guest image(s)")?;
+
+    let out_dir = ws.target_dir.join(GUEST_TARGET).join(profile.dir());
+    let images_dir = ws.images_dir();
+    fs::create_dir_all(&images_dir)
+        .with_context(|| format!("creating {}", images_dir.display()))?;
+    apps.iter()
+        .map(|app| {
+            let path = ws.image_path(app);
+            let size = install(&out_dir.join(&app.bin), &path)?;
+            Ok(Image {
+                app: app.package.clone(),
+                path,
+                size,
+            })
+        })
+        .collect()
+}
+
+/// Builds one app's image.
+pub fn build_image(ws: &Workspace, app: &App, profile: Profile) -> Result<Image> {
+    let mut images = build_images(ws, &[app], profile)?;
+    Ok(images.remove(0))
+}
+
+/// Prints `<app>: <size>` for each image, then the image paths, one per line, so the last line
+/// of output is a path (`$(cargo xtask build-image hello | tail -n1)`).
+pub fn print_images(images: &[Image]) {
+    for image in images {
+        println!("{}: {}", image.app, kib(image.size));
+    }
+    for image in images {
+        println!("{}", image.path.display());
+    }
+}
+
+/// Builds the release host shim and returns the path of its binary.
+pub fn build_shim(ws: &Workspace) -> Result<PathBuf> {
+    workspace::run(ws.cargo().args(["build", "--release", "-p", SHIM_PACKAGE]))
+        .context("building the host shim")?;
+    Ok(ws.shim_path())
+}
+
+/// `1234` bytes -> `"1.2 KiB"`.
+pub fn kib(bytes: u64) -> String {
+    format!("{:.1} KiB", bytes as f64 / 1024.0)
+}
+
+/// Copies `src` to `dst` through a temporary file and a rename, so that a shim reading `dst`
+/// never sees a half-written image. Returns the size in bytes.
+fn install(src: &Path, dst: &Path) -> Result<u64> {
+    let tmp = dst.with_extension("img.tmp");
+    fs::copy(src, &tmp)
+        .with_context(|| format!("copying {} to {}", src.display(), tmp.display()))?;
+    fs::rename(&tmp, dst).with_context(|| format!("renaming to {}", dst.display()))?;
+    Ok(fs::metadata(dst)?.len())
+}
+
+/// Fails early, with the fix, when the guest target's standard library is not installed.
+fn check_guest_target(ws: &Workspace) -> Result<()> {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let Ok(out) = Command::new(rustc)
+        .args(["--print", "sysroot"])
+        .current_dir(&ws.root)
+        .output()
+    else {
+        return Ok(()); // let cargo report whatever is wrong with rustc
+    };
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if out.status.success() && !sysroot.join("lib/rustlib").join(GUEST_TARGET).is_dir() {
+        bail!(
+            "the Rust target {GUEST_TARGET} is not installed (no {}): \
+             run `rustup target add {GUEST_TARGET}`",
+            sysroot.join("lib/rustlib").join(GUEST_TARGET).display()
+        );
+    }
+    Ok(())
+}
