@@ -116,7 +116,8 @@ fn install(src: &Path, dst: &Path) -> Result<u64> {
     Ok(fs::metadata(dst)?.len())
 }
 
-/// Fails early, with the fix, when the guest target's standard library is not installed.
+/// Makes sure the guest target's standard library is installed: adds it with rustup when
+/// rustup is there (the first build on a fresh machine), else fails with the fix.
 fn check_guest_target(ws: &Workspace) -> Result<()> {
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let Ok(out) = Command::new(rustc)
@@ -127,12 +128,21 @@ fn check_guest_target(ws: &Workspace) -> Result<()> {
         return Ok(()); // let cargo report whatever is wrong with rustc
     };
     let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    if out.status.success() && !sysroot.join("lib/rustlib").join(GUEST_TARGET).is_dir() {
-        bail!(
-            "the Rust target {GUEST_TARGET} is not installed (no {}): \
-             run `rustup target add {GUEST_TARGET}`",
-            sysroot.join("lib/rustlib").join(GUEST_TARGET).display()
-        );
+    let target_dir = sysroot.join("lib/rustlib").join(GUEST_TARGET);
+    if !out.status.success() || target_dir.is_dir() {
+        return Ok(());
     }
-    Ok(())
+    eprintln!("xtask: the Rust target {GUEST_TARGET} is missing; installing it with rustup");
+    let added = Command::new("rustup")
+        .args(["target", "add", GUEST_TARGET])
+        .current_dir(&ws.root)
+        .status();
+    match added {
+        Ok(status) if status.success() => Ok(()),
+        _ => bail!(
+            "the Rust target {GUEST_TARGET} is not installed (no {}) and rustup could not add \
+             it: run `rustup target add {GUEST_TARGET}`",
+            target_dir.display()
+        ),
+    }
 }
