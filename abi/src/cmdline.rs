@@ -54,7 +54,9 @@ impl Cmdline {
                 None if token == "--" => in_args = true,
                 Some((HOST_KEY, v)) => out.host = Some(v.into()),
                 Some((REGION_KEY, v)) => out.region = Some(v.into()),
-                Some((k, v)) if k.starts_with(PARAM_PREFIX) => out.params.push((k.into(), v.into())),
+                Some((k, v)) if k.starts_with(PARAM_PREFIX) => {
+                    out.params.push((k.into(), v.into()))
+                }
                 Some((k, v)) if !k.is_empty() => out.env.push((k.into(), v.into())),
                 _ => {}
             }
@@ -85,7 +87,10 @@ impl Cmdline {
 
     /// The value of shim parameter `key` (e.g. [`IP_KEY`]).
     pub fn param(&self, key: &str) -> Option<&str> {
-        self.params.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The value of environment variable `key`.

@@ -159,7 +159,10 @@ pub fn page_tables(mem_size: u64, mmio: core::ops::Range<u64>, mut write: impl F
     let mut addr = mmio.start & !(LARGE_PAGE_SIZE - 1);
     while addr < mmio.end.min(1 << 32) {
         let i = addr / LARGE_PAGE_SIZE;
-        write(PD_ADDR + i * 8, addr | table | HUGE | NO_CACHE | WRITE_THROUGH);
+        write(
+            PD_ADDR + i * 8,
+            addr | table | HUGE | NO_CACHE | WRITE_THROUGH,
+        );
         addr += LARGE_PAGE_SIZE;
     }
 }

@@ -127,6 +127,29 @@ fn stderr_hint(stderr: &str) -> String {
     }
 }
 
+/// Errors setting up the guest network.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(
+        "cannot publish {addr}/{proto}: the address is already in use (another program \
+         listens there: pick another host port)"
+    )]
+    PortInUse {
+        addr: std::net::SocketAddr,
+        proto: crate::net::Proto,
+    },
+    #[error("cannot publish {addr}/{proto}: {err}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        proto: crate::net::Proto,
+        err: io::Error,
+    },
+    #[error("TAP device {name}: {detail}")]
+    Tap { name: String, detail: String },
+    #[error("cannot set up the network: {0}")]
+    Setup(String),
+}
+
 /// Any error that stops the shim before or while running a guest (exit
 /// status 1). Guest failures are not errors: see [`crate::GuestExit`].
 #[derive(Debug, thiserror::Error)]
@@ -139,4 +162,8 @@ pub enum Error {
     Cmdline(#[from] CmdlineError),
     #[error(transparent)]
     Qemu(#[from] QemuError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("{0}")]
+    Config(String),
 }

@@ -4,15 +4,19 @@
 //! command line) and returns how the guest ended ([`GuestExit`]), whose
 //! [`GuestExit::status`] is the shim's exit status. Layout follows
 //! Firecracker: `vstate` (KVM VM, memory, vCPU), `boot` (image loading and
-//! boot-time state), `devices` (what the guest talks to), `backend` (KVM or
-//! QEMU).
+//! boot-time state), `devices` (what the guest talks to: the hypercall
+//! doorbell, virtio-mmio devices), `net` (the virtual switch, user-mode
+//! gateway and TAP backend behind virtio-net), `backend` (KVM or QEMU).
 
 pub mod backend;
 pub mod boot;
 pub mod config;
+pub mod console;
 pub mod devices;
 pub mod error;
+pub mod net;
 pub mod outcome;
+mod sys;
 pub mod vstate;
 
 #[cfg(test)]

@@ -82,7 +82,10 @@ fn admit_spawned() {
     let mut tasks = TASKS.lock();
     for task in new {
         let id = tasks.len();
-        let waker = Arc::new(TaskWaker { id, queued: AtomicBool::new(false) });
+        let waker = Arc::new(TaskWaker {
+            id,
+            queued: AtomicBool::new(false),
+        });
         waker.wake_by_ref();
         tasks.push(Some((task, waker)));
     }
@@ -95,7 +98,11 @@ fn poll_task(id: usize) {
     // Clear the queued flag first: a wake during the poll queues it again.
     waker.queued.store(false, Ordering::Release);
     let cx_waker = Waker::from(waker.clone());
-    if task.as_mut().poll(&mut Context::from_waker(&cx_waker)).is_pending() {
+    if task
+        .as_mut()
+        .poll(&mut Context::from_waker(&cx_waker))
+        .is_pending()
+    {
         TASKS.lock()[id] = Some((task, waker));
     }
 }

@@ -78,7 +78,8 @@ pub fn now_ns() -> u64 {
 }
 
 /// Timers: `(deadline in ns, waker)`, for embassy-time and the executor.
-static TIMERS: spin::Mutex<alloc::vec::Vec<(u64, core::task::Waker)>> = spin::Mutex::new(alloc::vec::Vec::new());
+static TIMERS: spin::Mutex<alloc::vec::Vec<(u64, core::task::Waker)>> =
+    spin::Mutex::new(alloc::vec::Vec::new());
 
 /// Wakes `waker` at `deadline_ns` (or at once if that has passed).
 pub fn wake_at(deadline_ns: u64, waker: &core::task::Waker) {

@@ -13,8 +13,14 @@ pub fn from_cmdline() -> Result<Config, Error> {
         return Ok(Config::dhcpv4(Default::default()));
     };
     let (addr, prefix) = ip.split_once('/').unwrap_or((ip, "24"));
-    let address: Ipv4Address = addr.parse().map_err(|_| Error::BadConfig("lc.ip address"))?;
-    let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32).ok_or(Error::BadConfig("lc.ip prefix"))?;
+    let address: Ipv4Address = addr
+        .parse()
+        .map_err(|_| Error::BadConfig("lc.ip address"))?;
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| *p <= 32)
+        .ok_or(Error::BadConfig("lc.ip prefix"))?;
     let gateway = match cmdline.param(GATEWAY_KEY) {
         Some(gw) => Some(gw.parse().map_err(|_| Error::BadConfig("lc.gw address"))?),
         None => None,

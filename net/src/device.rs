@@ -54,7 +54,10 @@ pub fn parse_spec(spec: &str) -> Option<(u64, u64)> {
             b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
             _ => (s, 1),
         };
-        let v = match digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
+        let v = match digits
+            .strip_prefix("0x")
+            .or_else(|| digits.strip_prefix("0X"))
+        {
             Some(hex) => u64::from_str_radix(hex, 16).ok()?,
             None => digits.parse().ok()?,
         };
@@ -69,8 +72,10 @@ impl VirtioNet {
     /// Finds the first virtio-mmio network device on the command line.
     pub fn probe() -> Result<Self, Error> {
         for spec in &kernel::cmdline::get().virtio_mmio {
-            let (size, base) = parse_spec(spec).ok_or_else(|| Error::BadDeviceSpec(spec.clone()))?;
-            let header = NonNull::new(base as *mut VirtIOHeader).ok_or_else(|| Error::BadDeviceSpec(spec.clone()))?;
+            let (size, base) =
+                parse_spec(spec).ok_or_else(|| Error::BadDeviceSpec(spec.clone()))?;
+            let header = NonNull::new(base as *mut VirtIOHeader)
+                .ok_or_else(|| Error::BadDeviceSpec(spec.clone()))?;
             // SAFETY: the monitor named this MMIO window on the command line;
             // the page tables map it (abi::x86), and nothing else uses it.
             let transport = match unsafe { MmioTransport::new(header, size as usize) } {
@@ -98,10 +103,20 @@ impl VirtioNet {
             let token = unsafe { raw.receive_begin(&mut buf) }.map_err(Error::Virtio)?;
             rx_posted[token as usize] = Some(buf);
         }
-        let tx_free = (0..QUEUE_SIZE).map(|_| vec![0u8; BUF_LEN].into_boxed_slice()).collect();
+        let tx_free = (0..QUEUE_SIZE)
+            .map(|_| vec![0u8; BUF_LEN].into_boxed_slice())
+            .collect();
         let tx_inflight = (0..QUEUE_SIZE).map(|_| None).collect();
         log::info!("virtio-net {:02x?}: {QUEUE_SIZE} RX buffers posted", mac);
-        Ok(Self { inner: RefCell::new(Inner { raw, rx_posted, tx_inflight, tx_free }), mac })
+        Ok(Self {
+            inner: RefCell::new(Inner {
+                raw,
+                rx_posted,
+                tx_inflight,
+                tx_free,
+            }),
+            mac,
+        })
     }
 }
 
@@ -109,7 +124,11 @@ impl Inner {
     /// Takes back TX buffers the device is done with.
     fn reclaim_tx(&mut self) {
         while let Some(token) = self.raw.poll_transmit() {
-            let Some((buf, len)) = self.tx_inflight.get_mut(token as usize).and_then(Option::take) else {
+            let Some((buf, len)) = self
+                .tx_inflight
+                .get_mut(token as usize)
+                .and_then(Option::take)
+            else {
                 log::error!("virtio-net: device completed unknown TX token {token}");
                 return;
             };
@@ -134,7 +153,10 @@ impl Inner {
     fn next_rx(&mut self) -> Option<(Box<[u8]>, usize, usize)> {
         loop {
             let token = self.raw.poll_receive()?;
-            let mut buf = self.rx_posted.get_mut(token as usize).and_then(Option::take)?;
+            let mut buf = self
+                .rx_posted
+                .get_mut(token as usize)
+                .and_then(Option::take)?;
             // SAFETY: `buf` is the buffer posted with this token.
             match unsafe { self.raw.receive_complete(token, &mut buf) } {
                 Ok((hdr, len)) if hdr + len <= buf.len() => return Some((buf, hdr, len)),
@@ -171,8 +193,14 @@ impl embassy_net_driver::RxToken for RxToken<'_> {
 impl embassy_net_driver::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut inner = self.inner.borrow_mut();
-        let mut buf = inner.tx_free.pop().expect("TxToken is only made with a free buffer");
-        let hdr = inner.raw.fill_buffer_header(&mut buf).expect("TX buffer holds a header");
+        let mut buf = inner
+            .tx_free
+            .pop()
+            .expect("TxToken is only made with a free buffer");
+        let hdr = inner
+            .raw
+            .fill_buffer_header(&mut buf)
+            .expect("TX buffer holds a header");
         let total = (hdr + len).min(buf.len());
         let r = f(&mut buf[hdr..total]);
         // SAFETY: the buffer stays in `tx_inflight` untouched until the
@@ -204,7 +232,15 @@ impl embassy_net_driver::Driver for VirtioNet {
             return None;
         };
         drop(inner);
-        Some((RxToken { buf, offset, len, inner: &self.inner }, TxToken { inner: &self.inner }))
+        Some((
+            RxToken {
+                buf,
+                offset,
+                len,
+                inner: &self.inner,
+            },
+            TxToken { inner: &self.inner },
+        ))
     }
 
     fn transmit(&mut self, cx: &mut Context) -> Option<TxToken<'_>> {

@@ -18,7 +18,9 @@ const MAX_HEAD: usize = 8 * 1024;
 
 #[libcloud::main]
 async fn main() -> Result<(), libcloud::net::Error> {
-    let port: u16 = libcloud::env("PORT").and_then(|p| p.parse().ok()).unwrap_or(80);
+    let port: u16 = libcloud::env("PORT")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(80);
     let stack = libcloud::net::start().await?;
     libcloud::net::serve_tcp(stack, port, WORKERS, async |socket| serve(socket).await);
     println!("http: listening on port {port}");
@@ -34,7 +36,10 @@ struct Request<'a> {
 
 impl Request<'_> {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| *v)
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
     }
 
     fn keep_alive(&self) -> bool {
@@ -57,7 +62,12 @@ fn parse(head: &str) -> Option<Request<'_>> {
         .filter(|l| !l.is_empty())
         .map(|l| l.split_once(':').map(|(k, v)| (k.trim(), v.trim())))
         .collect::<Option<Vec<_>>>()?;
-    Some(Request { method, path, version, headers })
+    Some(Request {
+        method,
+        path,
+        version,
+        headers,
+    })
 }
 
 fn find_head_end(buf: &[u8]) -> Option<usize> {
@@ -88,7 +98,10 @@ async fn serve(socket: &mut TcpSocket<'_>) {
             return;
         };
         let keep_alive = request.keep_alive();
-        let body_len: usize = request.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let body_len: usize = request
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         let (status, body) = route(&request);
         if respond(socket, status, &body, keep_alive).await.is_err() || !keep_alive {
             return;
@@ -104,7 +117,13 @@ fn route(req: &Request) -> (u16, String) {
     match (req.method, req.path) {
         ("GET" | "HEAD", "/") => {
             let host = libcloud::host();
-            (200, format!("Hello from a libcloud unikernel on {} (region {})\n", host.name, host.region))
+            (
+                200,
+                format!(
+                    "Hello from a libcloud unikernel on {} (region {})\n",
+                    host.name, host.region
+                ),
+            )
         }
         ("GET" | "HEAD", "/healthz") => (200, "ok\n".into()),
         _ => {
@@ -117,7 +136,12 @@ fn route(req: &Request) -> (u16, String) {
     }
 }
 
-async fn respond(socket: &mut TcpSocket<'_>, status: u16, body: &str, keep_alive: bool) -> Result<(), ()> {
+async fn respond(
+    socket: &mut TcpSocket<'_>,
+    status: u16,
+    body: &str,
+    keep_alive: bool,
+) -> Result<(), ()> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",

@@ -18,7 +18,11 @@ use libcloud::time::Instant;
 #[libcloud::main]
 async fn main() -> Result<(), String> {
     let args = libcloud::args();
-    let arg = |i: usize| args.get(i).map(String::as_str).ok_or_else(|| format!("missing argument {i}"));
+    let arg = |i: usize| {
+        args.get(i)
+            .map(String::as_str)
+            .ok_or_else(|| format!("missing argument {i}"))
+    };
     let stack = libcloud::net::start().await.map_err(|e| format!("{e}"))?;
     match arg(0)? {
         "ping" => {
@@ -58,7 +62,10 @@ async fn ping(stack: Stack<'static>, ip: Ipv4Addr, count: u16) -> Result<(), Str
     let mut params = PingParams::new(ip);
     params.set_payload(b"libcloud netcheck");
     for _ in 0..count {
-        let rtt = pinger.ping(&params).await.map_err(|e| format!("ping {ip}: {e:?}"))?;
+        let rtt = pinger
+            .ping(&params)
+            .await
+            .map_err(|e| format!("ping {ip}: {e:?}"))?;
         println!("ping {ip}: rtt {} us", rtt.as_micros());
     }
     println!("ping ok");
@@ -79,11 +86,22 @@ async fn echo(socket: &mut TcpSocket<'_>) {
     }
 }
 
-async fn connect(stack: Stack<'static>, ip: Ipv4Addr, port: u16, message: &str) -> Result<(), String> {
+async fn connect(
+    stack: Stack<'static>,
+    ip: Ipv4Addr,
+    port: u16,
+    message: &str,
+) -> Result<(), String> {
     let (mut rx, mut tx) = (vec![0u8; 4096], vec![0u8; 4096]);
     let mut socket = TcpSocket::new(stack, &mut rx, &mut tx);
-    socket.connect((ip, port)).await.map_err(|e| format!("connect {ip}:{port}: {e:?}"))?;
-    socket.write_all(message.as_bytes()).await.map_err(|e| format!("write: {e:?}"))?;
+    socket
+        .connect((ip, port))
+        .await
+        .map_err(|e| format!("connect {ip}:{port}: {e:?}"))?;
+    socket
+        .write_all(message.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e:?}"))?;
     let mut got = Vec::new();
     let mut buf = [0u8; 1024];
     while got.len() < message.len() {
@@ -110,6 +128,10 @@ async fn sink(socket: &mut TcpSocket<'_>) {
         }
     }
     let secs = start.elapsed().as_secs_f64().max(1e-9);
-    println!("sink: received {total} bytes in {:.1} ms ({:.1} MB/s)", secs * 1e3, total as f64 / secs / 1e6);
+    println!(
+        "sink: received {total} bytes in {:.1} ms ({:.1} MB/s)",
+        secs * 1e3,
+        total as f64 / secs / 1e6
+    );
     let _ = socket.write_all(format!("{total}\n").as_bytes()).await;
 }

@@ -77,10 +77,16 @@ fn main() -> Result<(), String> {
         }
         Some("badcall") => {
             use abi::hypercall::{ConsoleWrite, HC_CONSOLE_WRITE};
-            let outside = ConsoleWrite { buf: 0xffff_0000_0000, len: 64 };
+            let outside = ConsoleWrite {
+                buf: 0xffff_0000_0000,
+                len: 64,
+            };
             kernel::platform::hypercall(HC_CONSOLE_WRITE, &outside as *const _ as u64);
             kernel::platform::hypercall(HC_CONSOLE_WRITE, 0x7fff_ffff_ffff);
-            let huge = ConsoleWrite { buf: 0x10_0000, len: u64::MAX };
+            let huge = ConsoleWrite {
+                buf: 0x10_0000,
+                len: u64::MAX,
+            };
             kernel::platform::hypercall(HC_CONSOLE_WRITE, &huge as *const _ as u64);
             kernel::platform::hypercall(4242, 0);
             println!("survived");

@@ -1,22 +1,35 @@
-//! The KVM backend: validates the image, builds the VM (RAM, image, boot
-//! tables, vCPU 0 in 64-bit ring 3), runs the vCPU on its own thread and
-//! enforces `--timeout` by stopping that thread.
+//! The KVM backend: validates the images, builds each VM (RAM, image, boot
+//! tables, vCPU 0 in 64-bit ring 3, a virtio-net device when the run has
+//! a network), runs each vCPU on its own thread and enforces `--timeout` by
+//! stopping those threads.
+//!
+//! The first guest is the main one: its console is the given writer and
+//! its ending is the run's. Further guests (`--also`) print their console
+//! lines with a `[name] ` prefix; they are stopped when the main guest ends.
 
 use std::io::Write;
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use abi::note::ImageNote;
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::Kvm;
 use vmm_sys_util::signal::Killable;
 
 use crate::boot::layout::{self, BootSetup};
 use crate::boot::{cpu, loader};
 use crate::config::RunConfig;
+use crate::console::PrefixedConsole;
 use crate::devices::doorbell::Doorbell;
 use crate::devices::io_wait::IoWait;
+use crate::devices::virtio::{self, net::Net, MmioTransport};
 use crate::error::{Error, VmError};
+use crate::net::port::GuestPort;
+use crate::net::Network;
 use crate::outcome::GuestExit;
 use crate::vstate::vcpu::{install_kick_handler, kick_signal, RunContext, Vcpu};
 use crate::vstate::vm::{open_kvm, Vm};
@@ -26,14 +39,16 @@ const KICK_INTERVAL: Duration = Duration::from_millis(5);
 /// How long to wait for a kicked vCPU thread before giving up on it.
 const KICK_PATIENCE: Duration = Duration::from_secs(2);
 
-/// Boots `config.image` under KVM and runs it to the end, writing guest
-/// console output to `console`.
+/// Boots `config.image` (and `config.also`) under KVM and runs it to the
+/// end, writing the main guest's console output to `console`.
 pub fn run<W: Write + Send + 'static>(config: &RunConfig, console: W) -> Result<GuestExit, Error> {
     let info = loader::inspect(&config.image, config.mem_size)?;
+    let also_info = config
+        .also
+        .iter()
+        .map(|g| loader::inspect(&g.image, config.mem_size))
+        .collect::<Result<Vec<_>, _>>()?;
     let kvm = open_kvm(&config.kvm_device)?;
-    let vm = Vm::new(&kvm, config.mem_size)?;
-    loader::load(vm.memory(), &config.image)?;
-
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(VmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
@@ -41,101 +56,242 @@ pub fn run<W: Write + Send + 'static>(config: &RunConfig, console: W) -> Result<
     if !kvmclock {
         tracing::warn!("KVM offers no kvmclock: the guest gets no pvclock page");
     }
-    layout::write_boot_memory(
-        vm.memory(),
-        &BootSetup {
-            mem_size: config.mem_size,
-            note: &info.note,
-            cmdline: &config.cmdline,
-            kvmclock,
-        },
-    )?;
-    let vcpu = Vcpu::new(&vm, 0)?;
-    vcpu.configure(&cpuid, info.note.user_entry, kvmclock)?;
-    tracing::info!(
-        mem_mib = config.mem_size >> 20,
-        entry = format_args!("{:#x}", info.note.user_entry),
+    // Published ports are bound (and may fail) before any guest boots.
+    let network = config.network.as_ref().map(Network::start).transpose()?;
+    let port = |index: usize| network.as_ref().and_then(|n| n.port(index));
+    let machine = Machine {
+        kvm: &kvm,
+        cpuid: &cpuid,
         kvmclock,
-        "starting vCPU 0 in ring 3"
-    );
-    run_vcpu(vm, vcpu, console, config.timeout)
+        mem_size: config.mem_size,
+    };
+    let mut guests = vec![machine.build(
+        &config.image,
+        &info.note,
+        &config.cmdline,
+        port(0),
+        "main".into(),
+    )?];
+    for (index, (spec, info)) in config.also.iter().zip(&also_info).enumerate() {
+        guests.push(machine.build(
+            &spec.image,
+            &info.note,
+            &spec.cmdline,
+            port(index + 1),
+            spec.name.clone(),
+        )?);
+    }
+    let exit = run_guests(guests, console, config.timeout);
+    drop(network);
+    exit
 }
 
-/// Runs `vcpu` on its own thread until the guest is done or `timeout`.
-fn run_vcpu<W: Write + Send + 'static>(
+/// What every VM of a run shares.
+struct Machine<'a> {
+    kvm: &'a Kvm,
+    cpuid: &'a CpuId,
+    kvmclock: bool,
+    mem_size: u64,
+}
+
+/// A guest ready to run.
+struct Guest {
     vm: Vm,
-    mut vcpu: Vcpu,
+    vcpu: Vcpu,
+    devices: Vec<MmioTransport>,
+    name: String,
+}
+
+impl Machine<'_> {
+    fn build(
+        &self,
+        image: &Path,
+        note: &ImageNote,
+        cmdline: &str,
+        port: Option<Arc<GuestPort>>,
+        name: String,
+    ) -> Result<Guest, Error> {
+        let vm = Vm::new(self.kvm, self.mem_size)?;
+        loader::load(vm.memory(), image)?;
+        layout::write_boot_memory(
+            vm.memory(),
+            &BootSetup {
+                mem_size: self.mem_size,
+                note,
+                cmdline,
+                kvmclock: self.kvmclock,
+            },
+        )?;
+        let vcpu = Vcpu::new(&vm, 0)?;
+        vcpu.configure(self.cpuid, note.user_entry, self.kvmclock)?;
+        let devices: Vec<MmioTransport> = port
+            .into_iter()
+            .map(|port| {
+                MmioTransport::new(
+                    virtio::window_base(0),
+                    abi::layout::VIRTIO_MMIO_SIZE,
+                    Box::new(Net::new(port)),
+                )
+            })
+            .collect();
+        tracing::info!(
+            guest = %name,
+            mem_mib = self.mem_size >> 20,
+            entry = format_args!("{:#x}", note.user_entry),
+            kvmclock = self.kvmclock,
+            virtio_net = !devices.is_empty(),
+            "starting vCPU 0 in ring 3"
+        );
+        Ok(Guest {
+            vm,
+            vcpu,
+            devices,
+            name,
+        })
+    }
+}
+
+/// A running guest's thread.
+struct Running {
+    name: String,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+/// Runs every guest on its own thread until the main one (the first) is
+/// done or `timeout`; then stops the others.
+fn run_guests<W: Write + Send + 'static>(
+    guests: Vec<Guest>,
     console: W,
     timeout: Option<Duration>,
 ) -> Result<GuestExit, Error> {
     install_kick_handler()?;
-    let io_wait = IoWait::new().map_err(|e| VmError::Setup(format!("epoll: {e}")))?;
     let stop = Arc::new(AtomicBool::new(false));
     let deadline = timeout.map(|t| Instant::now() + t);
-    let (tx, rx) = mpsc::channel();
-    let thread_stop = Arc::clone(&stop);
-    let handle = thread::Builder::new()
-        .name("vcpu0".into())
-        .spawn(move || {
-            let mut ctx = RunContext {
-                mem: vm.memory(),
-                doorbell: Doorbell::new(console),
-                io_wait,
-                stop: &thread_stop,
-                deadline,
-            };
-            let exit = vcpu.run(&mut ctx);
-            // The receiver may be gone if the controller gave up on us.
-            let _ = tx.send(exit);
-        })
-        .map_err(|e| VmError::Setup(e.to_string()))?;
-
-    let (Some(limit), Some(deadline)) = (timeout, deadline) else {
-        return Ok(finish(handle, rx.recv(), Duration::ZERO));
-    };
-    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        Ok(exit) => return Ok(finish(handle, Ok(exit), limit)),
-        Err(mpsc::RecvTimeoutError::Disconnected) => {
-            return Ok(finish(handle, Err(mpsc::RecvError), limit))
+    let (tx, rx) = mpsc::channel::<(usize, Option<GuestExit>)>();
+    let mut console = Some(console);
+    let mut running = Vec::new();
+    for (index, guest) in guests.into_iter().enumerate() {
+        let io_wait = IoWait::new().map_err(|e| VmError::Setup(format!("epoll: {e}")))?;
+        for fd in guest.devices.iter().filter_map(MmioTransport::wait_fd) {
+            io_wait
+                .add(fd)
+                .map_err(|e| VmError::Setup(format!("epoll: {e}")))?;
         }
-        Err(mpsc::RecvTimeoutError::Timeout) => {}
+        let console: Box<dyn Write + Send> = match console.take() {
+            Some(main) => Box::new(main),
+            None => Box::new(PrefixedConsole::new(
+                format!("[{}] ", guest.name),
+                std::io::stdout(),
+            )),
+        };
+        let thread_stop = Arc::clone(&stop);
+        let tx = tx.clone();
+        let name = guest.name.clone();
+        let Guest {
+            vm,
+            mut vcpu,
+            devices,
+            ..
+        } = guest;
+        let handle = thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                let mut ctx = RunContext {
+                    mem: vm.memory(),
+                    doorbell: Doorbell::new(console),
+                    devices,
+                    io_wait,
+                    stop: &thread_stop,
+                    deadline,
+                };
+                let exit = std::panic::catch_unwind(AssertUnwindSafe(|| vcpu.run(&mut ctx)))
+                    .unwrap_or_else(|_| Some(GuestExit::Died("the vCPU thread panicked".into())));
+                // The receiver may be gone if the controller gave up on us.
+                let _ = tx.send((index, exit));
+            })
+            .map_err(|e| VmError::Setup(e.to_string()))?;
+        running.push(Running {
+            name,
+            handle: Some(handle),
+        });
     }
-    // Time is up: stop the vCPU. A kick that lands just before KVM_RUN
-    // starts is lost, so kick until the thread answers.
-    stop.store(true, Ordering::Release);
-    let give_up = Instant::now() + KICK_PATIENCE;
-    while Instant::now() < give_up {
-        if let Err(e) = handle.kill(kick_signal()) {
-            tracing::warn!("cannot signal the vCPU thread: {e}");
-            break;
-        }
-        match rx.recv_timeout(KICK_INTERVAL) {
-            // A guest that exited on its own just as time ran out keeps
-            // its own ending.
-            Ok(exit) => return Ok(finish(handle, Ok(exit), limit)),
-            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+    drop(tx);
+    let limit = timeout.unwrap_or_default();
+
+    // Wait for the main guest; report the others as they end.
+    let main_exit = loop {
+        let answer = match deadline {
+            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
+            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+        };
+        match answer {
+            Ok((index, exit)) => {
+                join(&mut running[index]);
+                if index == 0 {
+                    break Some(exit.unwrap_or(GuestExit::TimedOut(limit)));
+                }
+                report_other(&running[index].name, exit);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => break None,
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Ok(finish(handle, Err(mpsc::RecvError), limit))
+                break Some(GuestExit::Died(
+                    "the vCPU thread ended without an answer".into(),
+                ))
             }
         }
+    };
+
+    // Stop whatever still runs. A kick that lands just before KVM_RUN
+    // starts is lost, so kick until each thread answers.
+    stop.store(true, Ordering::Release);
+    let mut main_exit = main_exit;
+    let give_up = Instant::now() + KICK_PATIENCE;
+    while running.iter().any(|r| r.handle.is_some()) && Instant::now() < give_up {
+        for r in running.iter().filter(|r| r.handle.is_some()) {
+            if let Some(Err(e)) = r.handle.as_ref().map(|h| h.kill(kick_signal())) {
+                tracing::warn!("cannot signal the vCPU thread of {}: {e}", r.name);
+            }
+        }
+        match rx.recv_timeout(KICK_INTERVAL) {
+            Ok((index, exit)) => {
+                join(&mut running[index]);
+                if index == 0 {
+                    // A guest that exited on its own just as time ran out
+                    // keeps its own ending.
+                    main_exit = Some(exit.unwrap_or(GuestExit::TimedOut(limit)));
+                } else if exit.is_some() {
+                    report_other(&running[index].name, exit);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
     }
-    tracing::warn!("the vCPU thread did not stop; leaving it behind");
-    Ok(GuestExit::TimedOut(limit))
+    for r in running.iter().filter(|r| r.handle.is_some()) {
+        tracing::warn!(
+            "the vCPU thread of {} did not stop; leaving it behind",
+            r.name
+        );
+    }
+    Ok(main_exit.unwrap_or(GuestExit::TimedOut(limit)))
 }
 
-/// Joins the vCPU thread after it answered (or died). `None` from the
-/// thread means it saw the stop flag, i.e. the `timeout` expired.
-fn finish(
-    handle: thread::JoinHandle<()>,
-    answer: Result<Option<GuestExit>, mpsc::RecvError>,
-    timeout: Duration,
-) -> GuestExit {
-    let panicked = handle.join().is_err();
-    match answer {
-        Ok(Some(exit)) => exit,
-        Ok(None) => GuestExit::TimedOut(timeout),
-        Err(_) if panicked => GuestExit::Died("the vCPU thread panicked".into()),
-        Err(_) => GuestExit::Died("the vCPU thread ended without an answer".into()),
+fn join(r: &mut Running) {
+    if let Some(handle) = r.handle.take() {
+        if handle.join().is_err() {
+            tracing::error!("the vCPU thread of {} panicked", r.name);
+        }
+    }
+}
+
+/// Says on stderr how an `--also` guest ended (if it ended on its own).
+fn report_other(name: &str, exit: Option<GuestExit>) {
+    match exit {
+        None => {}
+        Some(GuestExit::Exited(code)) => {
+            tracing::info!("[{name}] guest exited with status {code}")
+        }
+        Some(exit) => eprintln!("[{name}] {exit}"),
     }
 }
 
@@ -176,6 +332,8 @@ mod tests {
             cmdline: "lc.host=test lc.region=local --".into(),
             qemu_accel: QemuAccel::Tcg,
             kvm_device: KVM_DEVICE.into(),
+            network: None,
+            also: Vec::new(),
         }
     }
 

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use crate::boot::loader;
 use crate::config::{QemuAccel, RunConfig};
 use crate::error::{Error, QemuError};
+use crate::net::{NetMode, NetworkConfig};
 use crate::outcome::GuestExit;
 
 /// The QEMU binary, looked up in `PATH`.
@@ -49,6 +50,9 @@ pub fn qemu_args(config: &RunConfig) -> Vec<OsString> {
     args.push(config.cmdline.clone().into());
     args.push("-device".into());
     args.push(format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=4").into());
+    if let Some(net) = &config.network {
+        args.extend(network_args(net).into_iter().map(OsString::from));
+    }
     let (accel, cpu) = match config.qemu_accel {
         QemuAccel::Tcg => ("tcg", "max"),
         // Without `-arch-capabilities` QEMU 7.2 aborts on nested-KVM (PVM)
@@ -58,6 +62,45 @@ pub fn qemu_args(config: &RunConfig) -> Vec<OsString> {
     };
     args.extend(["-accel", accel, "-cpu", cpu].map(OsString::from));
     args
+}
+
+/// QEMU's flags for the guest network: its own user-mode network (slirp,
+/// the same 10.0.2.0/24 layout) with `hostfwd` for published ports, or a
+/// TAP device; a modern (v2) virtio-mmio network card with our MAC.
+fn network_args(net: &NetworkConfig) -> Vec<String> {
+    let netdev = match &net.mode {
+        NetMode::Tap(name) => format!("tap,id=net0,ifname={name},script=no,downscript=no"),
+        _ => {
+            let mut user = String::from("user,id=net0,net=10.0.2.0/24,host=10.0.2.2");
+            for p in &net.publish {
+                let host = match p.host {
+                    std::net::SocketAddr::V4(a) => a.ip().to_string(),
+                    std::net::SocketAddr::V6(a) => format!("[{}]", a.ip()),
+                };
+                let guest = p.guest_addr.map(|a| a.to_string()).unwrap_or_default();
+                user.push_str(&format!(
+                    ",hostfwd={}:{host}:{}-{guest}:{}",
+                    p.proto,
+                    p.host.port(),
+                    p.guest_port
+                ));
+            }
+            user
+        }
+    };
+    let mac = net
+        .nics
+        .first()
+        .map(|n| format!(",mac={}", crate::devices::virtio::net::fmt_mac(&n.mac)))
+        .unwrap_or_default();
+    vec![
+        "-global".into(),
+        "virtio-mmio.force-legacy=false".into(),
+        "-netdev".into(),
+        netdev,
+        "-device".into(),
+        format!("virtio-net-device,netdev=net0{mac}"),
+    ]
 }
 
 /// Boots `config.image` under QEMU and waits for it to end.
@@ -178,7 +221,39 @@ mod tests {
             cmdline: "lc.host=h lc.region=local -- \"a b\"".into(),
             qemu_accel: accel,
             kvm_device: "/dev/kvm".into(),
+            network: None,
+            also: Vec::new(),
         }
+    }
+
+    #[test]
+    fn network_flags() {
+        use crate::config::{parse_publish, plan_network, NetOptions};
+        let mut c = config("img".into(), QemuAccel::Tcg);
+        let opts = NetOptions {
+            publish: vec![
+                parse_publish("8080:80").unwrap(),
+                parse_publish("0.0.0.0:5353:10.0.2.16:53/udp").unwrap(),
+            ],
+            ..Default::default()
+        };
+        c.network = plan_network(&opts, 1).unwrap();
+        let args: Vec<String> = qemu_args(&c)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let line = args.join(" ");
+        assert!(
+            line.contains(
+                "-netdev user,id=net0,net=10.0.2.0/24,host=10.0.2.2,\
+                 hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=udp:0.0.0.0:5353-10.0.2.16:53"
+            ),
+            "{line}"
+        );
+        assert!(
+            line.contains("-device virtio-net-device,netdev=net0,mac=02:4c:0a:00:02:0f"),
+            "{line}"
+        );
     }
 
     #[test]

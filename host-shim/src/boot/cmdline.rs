@@ -1,4 +1,5 @@
-//! The guest command line: `lc.host=NAME lc.region=REGION KEY=VALUE ... -- ARG ...`.
+//! The guest command line: `lc.host=NAME lc.region=REGION [lc.ip=.. lc.gw=..]
+//! KEY=VALUE ... [virtio_mmio.device=SIZE@BASE:IRQ ...] -- ARG ...`.
 //!
 //! Both backends pass the same string (ours writes it at
 //! `abi::layout::CMDLINE_ADDR`, QEMU passes it with `-append`). Rendering
@@ -19,8 +20,12 @@ pub struct GuestArgs {
     pub host_name: String,
     /// `lc.region`: the region of that host.
     pub region: String,
+    /// The shim's own `lc.*` parameters (network addresses), in order.
+    pub params: Vec<(String, String)>,
     /// Environment entries, in order.
     pub env: Vec<(String, String)>,
+    /// virtio-mmio devices (`SIZE@BASE:IRQ`).
+    pub devices: Vec<String>,
     /// Arguments of the app, after `--`.
     pub args: Vec<String>,
 }
@@ -32,6 +37,7 @@ pub const MAX_LEN: usize = CMDLINE_MAX as usize - 1;
 pub fn build(guest: &GuestArgs) -> Result<String, CmdlineError> {
     let words = [&guest.host_name, &guest.region]
         .into_iter()
+        .chain(guest.params.iter().flat_map(|(k, v)| [k, v]))
         .chain(guest.env.iter().flat_map(|(k, v)| [k, v]))
         .chain(&guest.args);
     for word in words {
@@ -44,9 +50,10 @@ pub fn build(guest: &GuestArgs) -> Result<String, CmdlineError> {
     let line = Cmdline {
         host: Some(guest.host_name.clone()),
         region: Some(guest.region.clone()),
+        params: guest.params.clone(),
         env: guest.env.clone(),
+        virtio_mmio: guest.devices.clone(),
         args: guest.args.clone(),
-        ..Cmdline::default()
     }
     .render();
     if line.len() > MAX_LEN {
@@ -72,6 +79,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             args: args.iter().map(|a| a.to_string()).collect(),
+            ..GuestArgs::default()
         }
     }
 
@@ -82,6 +90,26 @@ mod tests {
             line,
             "lc.host=h1 lc.region=local A=1 B=x -- serve --port=80"
         );
+    }
+
+    #[test]
+    fn network_parameters_and_devices() {
+        let mut g = guest(&[("A", "1")], &["x"]);
+        g.params = vec![
+            ("lc.ip".into(), "10.0.2.15/24".into()),
+            ("lc.gw".into(), "10.0.2.2".into()),
+        ];
+        g.devices = vec!["0x200@0xc0001000:5".into()];
+        let line = build(&g).unwrap();
+        assert_eq!(
+            line,
+            "lc.host=h1 lc.region=local lc.ip=10.0.2.15/24 lc.gw=10.0.2.2 A=1 \
+             virtio_mmio.device=0x200@0xc0001000:5 -- x"
+        );
+        let parsed = Cmdline::parse(&line);
+        assert_eq!(parsed.param("lc.ip"), Some("10.0.2.15/24"));
+        assert_eq!(parsed.virtio_mmio, ["0x200@0xc0001000:5"]);
+        assert_eq!(parsed.env, [("A".to_owned(), "1".to_owned())]);
     }
 
     #[test]
@@ -144,6 +172,7 @@ mod tests {
             ]
             .map(String::from)
             .to_vec(),
+            ..GuestArgs::default()
         };
         let parsed = Cmdline::parse(&build(&g).unwrap());
         assert_eq!(parsed.host.as_deref(), Some("my host"));

@@ -1,6 +1,7 @@
-//! Devices the guest talks to: the hypercall doorbell (`doorbell`) and the
-//! epoll set an idle guest waits on (`io_wait`). virtio-mmio devices will
-//! join them.
+//! Devices the guest talks to: the hypercall doorbell (`doorbell`), the
+//! epoll set an idle guest waits on (`io_wait`) and virtio-mmio devices
+//! (`virtio`: the transport and the network card).
 
 pub mod doorbell;
 pub mod io_wait;
+pub mod virtio;

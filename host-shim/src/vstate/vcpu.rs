@@ -11,7 +11,7 @@
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{CpuId, Msrs, KVM_EXIT_INTERNAL_ERROR};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -21,6 +21,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use crate::boot::cpu;
 use crate::devices::doorbell::{Action, Doorbell};
 use crate::devices::io_wait::IoWait;
+use crate::devices::virtio::MmioTransport;
 use crate::error::VmError;
 use crate::outcome::{GuestExit, RegisterDump};
 use crate::vstate::vm::{GuestMemoryMmap, Vm};
@@ -49,6 +50,8 @@ pub fn install_kick_handler() -> Result<(), VmError> {
 pub struct RunContext<'a, W: Write> {
     pub mem: &'a GuestMemoryMmap,
     pub doorbell: Doorbell<W>,
+    /// The virtio-mmio devices; their backends' descriptors are in `io_wait`.
+    pub devices: Vec<MmioTransport>,
     pub io_wait: IoWait,
     /// Set by the controlling thread to stop the guest.
     pub stop: &'a AtomicBool,
@@ -116,14 +119,23 @@ impl Vcpu {
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     if Doorbell::<W>::contains(addr) {
                         ctx.doorbell.write(ctx.mem, addr, data)
+                    } else if let Some(dev) = ctx.devices.iter_mut().find(|d| d.contains(addr)) {
+                        match dev.write(ctx.mem, addr, data) {
+                            Ok(()) => Action::Continue,
+                            Err(why) => Action::Stop(GuestExit::Died(why)),
+                        }
                     } else {
                         tracing::warn!("unhandled MMIO write at {addr:#x} (len {})", data.len());
                         Action::Continue
                     }
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
-                    tracing::warn!("unhandled MMIO read at {addr:#x} (len {})", data.len());
-                    data.fill(0xff);
+                    if let Some(dev) = ctx.devices.iter_mut().find(|d| d.contains(addr)) {
+                        dev.read(addr, data);
+                    } else {
+                        tracing::warn!("unhandled MMIO read at {addr:#x} (len {})", data.len());
+                        data.fill(0xff);
+                    }
                     Action::Continue
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
@@ -160,7 +172,11 @@ impl Vcpu {
             };
             match action {
                 Action::Continue => {}
-                Action::Yield(timeout) => idle(ctx, timeout),
+                Action::Yield(timeout) => {
+                    if let Some(exit) = idle(ctx, timeout) {
+                        return Some(exit);
+                    }
+                }
                 Action::Stop(exit) => return Some(exit),
             }
         }
@@ -206,8 +222,26 @@ impl Vcpu {
     }
 }
 
-/// Serves `HC_YIELD`: waits for I/O or `timeout`, never past the deadline.
-fn idle<W: Write>(ctx: &RunContext<W>, timeout: Option<std::time::Duration>) {
+/// Serves `HC_YIELD`: moves the devices' data (frames the guest queued go
+/// out, frames waiting for it come in); if that gave the guest something
+/// to do, or it asked not to sleep (timeout 0), returns at once; otherwise
+/// waits for I/O or `timeout`, never past the deadline, and moves the data
+/// that woke it. `Some` if the guest must be stopped (it kept breaking a
+/// device).
+fn idle<W: Write>(ctx: &mut RunContext<W>, timeout: Option<Duration>) -> Option<GuestExit> {
+    if timeout == Some(Duration::ZERO) {
+        return process_devices(ctx).err();
+    }
+    // Consume the backends' wake-ups first, then look: a frame arriving in
+    // between signals again, so the wait below cannot miss it.
+    for dev in &mut ctx.devices {
+        dev.prepare_wait();
+    }
+    match process_devices(ctx) {
+        Err(exit) => return Some(exit),
+        Ok(true) => return None,
+        Ok(false) => {}
+    }
     let left = ctx
         .deadline
         .map(|d| d.saturating_duration_since(Instant::now()));
@@ -218,4 +252,18 @@ fn idle<W: Write>(ctx: &RunContext<W>, timeout: Option<std::time::Duration>) {
     if let Err(e) = ctx.io_wait.wait(timeout) {
         tracing::warn!("idle wait failed: {e}");
     }
+    process_devices(ctx).err()
+}
+
+/// Runs every device once; `Ok(true)` if the guest has something new to
+/// look at.
+fn process_devices<W: Write>(ctx: &mut RunContext<W>) -> Result<bool, GuestExit> {
+    let mut should_run = false;
+    for dev in &mut ctx.devices {
+        match dev.process(ctx.mem) {
+            Ok(progress) => should_run |= progress.guest_should_run,
+            Err(why) => return Err(GuestExit::Died(why)),
+        }
+    }
+    Ok(should_run)
 }

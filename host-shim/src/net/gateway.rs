@@ -1,0 +1,692 @@
+//! The user-mode network's gateway (10.0.2.2): a smoltcp interface on a
+//! port of the virtual switch, like QEMU's slirp with `hostfwd`.
+//!
+//! It answers ARP and ICMP echo for its address, and proxies published
+//! ports (`--publish`): each connection accepted on a host TCP listener
+//! becomes a smoltcp TCP socket that connects from the gateway to the
+//! guest's port, and bytes flow both ways without intermediate buffers
+//! (host socket -> smoltcp send buffer, smoltcp receive buffer -> host
+//! socket). A FIN from either side is passed on as a FIN (half-close), a
+//! reset as a reset. Host sockets are non-blocking and registered in the
+//! network thread's epoll set only while the proxy wants to read or write
+//! them, so a stalled peer costs no CPU. Published UDP ports map each host
+//! peer to a gateway UDP port, for [`UDP_FLOW_IDLE`].
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::phy::{self, DeviceCapabilities, Medium};
+use smoltcp::socket::{tcp, udp};
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::port::Frame;
+use super::{token, Proto};
+
+/// Bytes buffered per direction of a proxied TCP connection.
+const TCP_BUFFER: usize = 64 * 1024;
+/// A connection to a guest that does not answer is given up after this.
+const TCP_TIMEOUT: Duration = Duration::from_secs(30);
+/// A UDP flow (host peer <-> guest port) is forgotten after this long idle.
+pub const UDP_FLOW_IDLE: Duration = Duration::from_secs(120);
+/// Datagrams buffered per UDP flow and direction.
+const UDP_PACKETS: usize = 64;
+/// Gateway ports for proxied connections.
+const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
+/// Connections accepted per listener per wake-up (the rest wait in the backlog).
+const ACCEPT_BATCH: usize = 64;
+
+/// A published port, listening on the host.
+pub struct Published {
+    pub host: SocketAddr,
+    pub guest: (Ipv4Addr, u16),
+    pub proto: Proto,
+}
+
+enum HostSocket {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
+struct Listener {
+    socket: HostSocket,
+    guest: IpEndpoint,
+    host: SocketAddr,
+    /// UDP: flows by host peer.
+    flows: HashMap<SocketAddr, UdpFlow>,
+}
+
+struct UdpFlow {
+    handle: SocketHandle,
+    port: u16,
+    last_used: Instant,
+}
+
+/// One proxied TCP connection.
+struct Conn {
+    /// `None` once both directions are done on the host side.
+    stream: Option<TcpStream>,
+    handle: SocketHandle,
+    port: u16,
+    peer: SocketAddr,
+    /// epoll said the host socket may have data (or EOF, or an error).
+    readable: bool,
+    /// Writing to the host socket would not block.
+    writable: bool,
+    /// The host sent FIN: the guest was sent FIN after the data.
+    host_eof: bool,
+    /// The guest sent FIN: the host socket's write side is shut down.
+    guest_eof: bool,
+    last_state: tcp::State,
+    /// What the host socket is registered for (empty: not registered).
+    interest: EventSet,
+}
+
+/// What became of a connection after moving its data.
+enum Fate {
+    Open,
+    Done,
+}
+
+/// The gateway: its interface, sockets and published ports.
+pub struct Gateway {
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    /// Frames switched to the gateway.
+    pub inbox: VecDeque<Frame>,
+    /// Frames the gateway sends into the switch.
+    pub outbox: Vec<Frame>,
+    listeners: Vec<Listener>,
+    conns: HashMap<u64, Conn>,
+    next_conn: u64,
+    ports_in_use: HashSet<u16>,
+    next_port: u16,
+    /// Sockets to remove after the next poll (so their RST goes out first).
+    graveyard: Vec<(SocketHandle, u16)>,
+    last_sweep: Instant,
+}
+
+/// The gateway's end of smoltcp's `phy::Device`: frames from the inbox,
+/// into the outbox.
+struct Phy<'a> {
+    inbox: &'a mut VecDeque<Frame>,
+    outbox: &'a mut Vec<Frame>,
+}
+
+struct RxToken(Frame);
+struct TxToken<'a>(&'a mut Vec<Frame>);
+
+impl phy::RxToken for RxToken {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl phy::TxToken for TxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut frame = vec![0u8; len];
+        let r = f(&mut frame);
+        self.0.push(frame);
+        r
+    }
+}
+
+impl phy::Device for Phy<'_> {
+    type RxToken<'a>
+        = RxToken
+    where
+        Self: 'a;
+    type TxToken<'a>
+        = TxToken<'a>
+    where
+        Self: 'a;
+
+    fn receive(&mut self, _: Instant) -> Option<(RxToken, TxToken<'_>)> {
+        let frame = self.inbox.pop_front()?;
+        Some((RxToken(frame), TxToken(self.outbox)))
+    }
+
+    fn transmit(&mut self, _: Instant) -> Option<TxToken<'_>> {
+        Some(TxToken(self.outbox))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = 1514;
+        caps
+    }
+}
+
+impl Gateway {
+    /// A gateway with `mac` and `ip`/`prefix`, serving `published` (whose
+    /// host sockets are already bound; they are registered in `epoll`).
+    pub fn new(
+        mac: [u8; 6],
+        ip: Ipv4Addr,
+        prefix: u8,
+        published: Vec<(Published, HostSocketKind)>,
+        epoll: &Epoll,
+    ) -> io::Result<Self> {
+        let now = Instant::now();
+        let mut inbox = VecDeque::new();
+        let mut outbox = Vec::new();
+        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+        config.random_seed = seed();
+        let mut iface = Interface::new(
+            config,
+            &mut Phy {
+                inbox: &mut inbox,
+                outbox: &mut outbox,
+            },
+            now,
+        );
+        iface.update_ip_addrs(|addrs| {
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(ip), prefix));
+        });
+        let mut listeners = Vec::new();
+        for (index, (p, socket)) in published.into_iter().enumerate() {
+            let fd = match &socket {
+                HostSocketKind::Tcp(l) => l.as_raw_fd(),
+                HostSocketKind::Udp(s) => s.as_raw_fd(),
+            };
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token::listener(index)),
+            )?;
+            listeners.push(Listener {
+                socket: match socket {
+                    HostSocketKind::Tcp(l) => HostSocket::Tcp(l),
+                    HostSocketKind::Udp(s) => HostSocket::Udp(s),
+                },
+                guest: IpEndpoint::new(IpAddress::Ipv4(p.guest.0), p.guest.1),
+                host: p.host,
+                flows: HashMap::new(),
+            });
+        }
+        Ok(Self {
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            inbox,
+            outbox,
+            listeners,
+            conns: HashMap::new(),
+            next_conn: 0,
+            ports_in_use: HashSet::new(),
+            next_port: *EPHEMERAL.start(),
+            graveyard: Vec::new(),
+            last_sweep: now,
+        })
+    }
+
+    /// How long the network thread may sleep before the gateway needs to
+    /// run again (retransmissions, delayed ACKs, UDP flow expiry).
+    pub fn poll_delay(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        let tcp = self
+            .iface
+            .poll_delay(now, &self.sockets)
+            .map(|d| Duration::from_micros(d.total_micros()));
+        let has_flows = self.listeners.iter().any(|l| !l.flows.is_empty());
+        let sweep = has_flows.then_some(Duration::from_secs(1));
+        match (tcp, sweep) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// An epoll event for a listener or a connection of the gateway.
+    pub fn on_event(&mut self, token: u64, events: EventSet, epoll: &Epoll) {
+        match token::kind(token) {
+            token::LISTENER => self.on_listener(token::index(token), epoll),
+            token::CONN => {
+                if let Some(conn) = self.conns.get_mut(&token::index(token)) {
+                    let hangup = events.intersects(EventSet::HANG_UP | EventSet::ERROR);
+                    if hangup || events.contains(EventSet::IN) {
+                        conn.readable = true;
+                    }
+                    if hangup || events.contains(EventSet::OUT) {
+                        conn.writable = true;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_listener(&mut self, index: u64, epoll: &Epoll) {
+        let Some(listener) = self.listeners.get_mut(index as usize) else {
+            return;
+        };
+        match &listener.socket {
+            HostSocket::Tcp(l) => {
+                let mut accepted = Vec::new();
+                for _ in 0..ACCEPT_BATCH {
+                    match l.accept() {
+                        Ok((stream, peer)) => accepted.push((stream, peer)),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            // ECONNABORTED, EMFILE...: the next wake-up retries.
+                            tracing::warn!("accept on {}: {e}", listener.host);
+                            break;
+                        }
+                    }
+                }
+                let guest = listener.guest;
+                for (stream, peer) in accepted {
+                    self.open_conn(stream, peer, guest, epoll);
+                }
+            }
+            HostSocket::Udp(_) => self.udp_from_host(index as usize),
+        }
+    }
+
+    fn alloc_port(&mut self) -> Option<u16> {
+        let span = EPHEMERAL.end() - EPHEMERAL.start() + 1;
+        for _ in 0..span {
+            let port = self.next_port;
+            self.next_port = if port == *EPHEMERAL.end() {
+                *EPHEMERAL.start()
+            } else {
+                port + 1
+            };
+            if self.ports_in_use.insert(port) {
+                return Some(port);
+            }
+        }
+        None
+    }
+
+    fn open_conn(&mut self, stream: TcpStream, peer: SocketAddr, guest: IpEndpoint, epoll: &Epoll) {
+        let setup = stream
+            .set_nonblocking(true)
+            .and_then(|()| stream.set_nodelay(true));
+        if let Err(e) = setup {
+            tracing::warn!("connection from {peer}: {e}");
+            return;
+        }
+        let Some(port) = self.alloc_port() else {
+            tracing::warn!("connection from {peer} refused: no free gateway port");
+            return;
+        };
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+        );
+        socket.set_nagle_enabled(false);
+        socket.set_timeout(Some(smoltcp::time::Duration::from_secs(
+            TCP_TIMEOUT.as_secs(),
+        )));
+        if let Err(e) = socket.connect(self.iface.context(), guest, port) {
+            tracing::warn!("connection from {peer} to guest {guest}: {e}");
+            self.ports_in_use.remove(&port);
+            return;
+        }
+        let handle = self.sockets.add(socket);
+        let id = self.next_conn;
+        self.next_conn += 1;
+        tracing::debug!("connection {id} from {peer} -> guest {guest} (gateway port {port})");
+        let mut conn = Conn {
+            stream: Some(stream),
+            handle,
+            port,
+            peer,
+            readable: false,
+            writable: true,
+            host_eof: false,
+            guest_eof: false,
+            last_state: tcp::State::SynSent,
+            interest: EventSet::empty(),
+        };
+        // Nothing to read or write until the guest answers; HUP/ERR from a
+        // client that gives up are noticed once we read.
+        conn.update_interest(id, epoll, &self.sockets);
+        self.conns.insert(id, conn);
+    }
+
+    /// Runs the gateway once: host data into sockets, frames in and out,
+    /// socket data to the host. Returns whether anything moved.
+    pub fn step(&mut self, epoll: &Epoll) -> bool {
+        let now = Instant::now();
+        let mut moved = self.pump_conns(epoll);
+        let result = self.iface.poll(
+            now,
+            &mut Phy {
+                inbox: &mut self.inbox,
+                outbox: &mut self.outbox,
+            },
+            &mut self.sockets,
+        );
+        for (handle, port) in self.graveyard.drain(..) {
+            self.sockets.remove(handle);
+            self.ports_in_use.remove(&port);
+        }
+        if result == PollResult::SocketStateChanged {
+            moved |= self.pump_conns(epoll);
+            self.udp_to_host();
+        }
+        if now - self.last_sweep >= smoltcp::time::Duration::from_secs(1) {
+            self.last_sweep = now;
+            self.expire_flows(now);
+        }
+        moved || !self.outbox.is_empty()
+    }
+
+    /// Moves data of every connection; returns whether any bytes moved or
+    /// a connection changed.
+    fn pump_conns(&mut self, epoll: &Epoll) -> bool {
+        let mut moved = false;
+        let mut done = Vec::new();
+        for (&id, conn) in &mut self.conns {
+            let socket = self.sockets.get_mut::<tcp::Socket>(conn.handle);
+            let (fate, m) = conn.pump(socket);
+            moved |= m;
+            match fate {
+                Fate::Open => conn.update_interest(id, epoll, &self.sockets),
+                Fate::Done => done.push(id),
+            }
+        }
+        for id in done {
+            if let Some(mut conn) = self.conns.remove(&id) {
+                conn.deregister(epoll);
+                tracing::debug!("connection {id} from {} closed", conn.peer);
+                // Removed after the next poll, so a RST (abort) still goes out.
+                self.graveyard.push((conn.handle, conn.port));
+                moved = true;
+            }
+        }
+        moved
+    }
+
+    fn udp_from_host(&mut self, index: usize) {
+        let now = Instant::now();
+        let mut buf = vec![0u8; 65536];
+        for _ in 0..ACCEPT_BATCH {
+            let listener = &mut self.listeners[index];
+            let HostSocket::Udp(host) = &listener.socket else {
+                return;
+            };
+            let (n, peer) = match host.recv_from(&mut buf) {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!("udp {}: {e}", listener.host);
+                    return;
+                }
+            };
+            let guest = listener.guest;
+            let handle = match listener.flows.get_mut(&peer) {
+                Some(flow) => {
+                    flow.last_used = now;
+                    flow.handle
+                }
+                None => {
+                    let Some(port) = self.alloc_port() else {
+                        tracing::warn!("udp from {peer} dropped: no free gateway port");
+                        continue;
+                    };
+                    let mut socket = udp::Socket::new(
+                        udp::PacketBuffer::new(
+                            vec![udp::PacketMetadata::EMPTY; UDP_PACKETS],
+                            vec![0; 64 * 1024],
+                        ),
+                        udp::PacketBuffer::new(
+                            vec![udp::PacketMetadata::EMPTY; UDP_PACKETS],
+                            vec![0; 64 * 1024],
+                        ),
+                    );
+                    if socket.bind(port).is_err() {
+                        self.ports_in_use.remove(&port);
+                        continue;
+                    }
+                    let handle = self.sockets.add(socket);
+                    self.listeners[index].flows.insert(
+                        peer,
+                        UdpFlow {
+                            handle,
+                            port,
+                            last_used: now,
+                        },
+                    );
+                    handle
+                }
+            };
+            let socket = self.sockets.get_mut::<udp::Socket>(handle);
+            if let Err(e) = socket.send_slice(&buf[..n], guest) {
+                tracing::debug!("udp from {peer} to guest {guest} dropped: {e}");
+            }
+        }
+    }
+
+    fn udp_to_host(&mut self) {
+        for listener in &mut self.listeners {
+            let HostSocket::Udp(host) = &listener.socket else {
+                continue;
+            };
+            for (peer, flow) in &mut listener.flows {
+                let socket = self.sockets.get_mut::<udp::Socket>(flow.handle);
+                while let Ok((data, meta)) = socket.recv() {
+                    if meta.endpoint != listener.guest {
+                        continue;
+                    }
+                    flow.last_used = Instant::now();
+                    if let Err(e) = host.send_to(data, peer) {
+                        tracing::debug!("udp to {peer}: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn expire_flows(&mut self, now: Instant) {
+        let idle = smoltcp::time::Duration::from_secs(UDP_FLOW_IDLE.as_secs());
+        for listener in &mut self.listeners {
+            listener.flows.retain(|_, flow| {
+                let keep = now - flow.last_used < idle;
+                if !keep {
+                    self.sockets.remove(flow.handle);
+                    self.ports_in_use.remove(&flow.port);
+                }
+                keep
+            });
+        }
+    }
+
+    /// Open proxied TCP connections.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+}
+
+/// A bound host socket of a published port.
+pub enum HostSocketKind {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
+impl Conn {
+    /// Moves what can move; returns the connection's fate and whether
+    /// anything moved.
+    fn pump(&mut self, socket: &mut tcp::Socket) -> (Fate, bool) {
+        let mut moved = false;
+        let state = socket.state();
+        if state != self.last_state {
+            moved = true;
+        }
+        // A connection the guest refused or reset, or that timed out.
+        if state == tcp::State::Closed
+            && !matches!(
+                self.last_state,
+                tcp::State::LastAck | tcp::State::TimeWait | tcp::State::Closed
+            )
+            && !(self.host_eof && self.guest_eof)
+        {
+            tracing::debug!(
+                "connection from {}: the guest reset it (was {})",
+                self.peer,
+                self.last_state
+            );
+            self.reset_host();
+            return (Fate::Done, true);
+        }
+        let Some(stream) = self.stream.as_mut() else {
+            self.last_state = state;
+            return match state {
+                tcp::State::Closed | tcp::State::TimeWait => (Fate::Done, true),
+                _ => (Fate::Open, moved),
+            };
+        };
+
+        // Guest -> host.
+        while self.writable && socket.can_recv() {
+            let result = socket.recv(|buf| match stream.write(buf) {
+                Ok(n) => (n, Ok(n)),
+                Err(e) => (0, Err(e)),
+            });
+            match result {
+                Ok(Ok(_)) => moved = true,
+                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) => {
+                    tracing::debug!("connection from {}: write: {e}", self.peer);
+                    socket.abort();
+                    self.stream = None;
+                    return (Fate::Done, true);
+                }
+                Err(_) => break,
+            }
+        }
+        if !self.guest_eof
+            && !socket.can_recv()
+            && matches!(
+                state,
+                tcp::State::CloseWait
+                    | tcp::State::LastAck
+                    | tcp::State::Closing
+                    | tcp::State::TimeWait
+                    | tcp::State::Closed
+            )
+        {
+            self.guest_eof = true;
+            let _ = stream.shutdown(Shutdown::Write);
+            moved = true;
+        }
+
+        // Host -> guest.
+        while self.readable && !self.host_eof && socket.may_send() && socket.can_send() {
+            let result = socket.send(|buf| match stream.read(buf) {
+                Ok(n) => (n, Ok(n)),
+                Err(e) => (0, Err(e)),
+            });
+            match result {
+                Ok(Ok(0)) => {
+                    self.host_eof = true;
+                    socket.close();
+                    moved = true;
+                }
+                Ok(Ok(_)) => moved = true,
+                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => self.readable = false,
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) => {
+                    tracing::debug!("connection from {}: read: {e}", self.peer);
+                    socket.abort();
+                    self.stream = None;
+                    return (Fate::Done, true);
+                }
+                Err(_) => break,
+            }
+        }
+        // Both directions done on the host side: the host socket can go.
+        if self.host_eof && self.guest_eof {
+            self.stream = None;
+            moved = true;
+        }
+        self.last_state = socket.state();
+        (Fate::Open, moved)
+    }
+
+    /// Closes the host socket with a RST (SO_LINGER 0).
+    fn reset_host(&mut self) {
+        if let Some(stream) = self.stream.take() {
+            if let Err(e) = linger_zero(&stream) {
+                tracing::debug!("SO_LINGER: {e}");
+            }
+        }
+    }
+
+    fn wanted(&self, socket: &tcp::Socket) -> EventSet {
+        let mut want = EventSet::empty();
+        if self.stream.is_none() {
+            return want;
+        }
+        if !self.host_eof && socket.may_send() && socket.send_queue() < socket.send_capacity() {
+            want |= EventSet::IN;
+        }
+        if !self.writable && socket.can_recv() {
+            want |= EventSet::OUT;
+        }
+        want
+    }
+
+    fn update_interest(&mut self, id: u64, epoll: &Epoll, sockets: &SocketSet) {
+        let socket = sockets.get::<tcp::Socket>(self.handle);
+        let want = self.wanted(socket);
+        if want == self.interest {
+            return;
+        }
+        let Some(stream) = &self.stream else {
+            self.interest = EventSet::empty();
+            return;
+        };
+        let fd = stream.as_raw_fd();
+        let event = EpollEvent::new(want, token::conn(id));
+        let result = if self.interest.is_empty() {
+            epoll.ctl(ControlOperation::Add, fd, event)
+        } else if want.is_empty() {
+            // Unregistered, HUP and ERR cannot spin the loop while we do
+            // not want to read or write.
+            epoll.ctl(ControlOperation::Delete, fd, event)
+        } else {
+            epoll.ctl(ControlOperation::Modify, fd, event)
+        };
+        match result {
+            Ok(()) => self.interest = want,
+            Err(e) => tracing::warn!("epoll for the connection from {}: {e}", self.peer),
+        }
+    }
+
+    fn deregister(&mut self, epoll: &Epoll) {
+        if let (Some(stream), false) = (&self.stream, self.interest.is_empty()) {
+            let _ = epoll.ctl(
+                ControlOperation::Delete,
+                stream.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+        self.interest = EventSet::empty();
+    }
+}
+
+/// Sets SO_LINGER {on, 0} so that closing `stream` sends a RST.
+fn linger_zero(stream: &TcpStream) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    crate::sys::setsockopt(stream, libc::SOL_SOCKET, libc::SO_LINGER, &linger)
+}
+
+fn seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id().into());
+    h.finish()
+}

@@ -1,0 +1,704 @@
+//! Guest networking: a virtual switch on its own thread, with the guests'
+//! virtio-net devices, the user-mode gateway and a TAP device as ports.
+//!
+//! ```text
+//!  vCPU thread (guest 0) --GuestPort--+
+//!  vCPU thread (guest 1) --GuestPort--+-- switch --+-- gateway (smoltcp, 10.0.2.2) -- published host ports
+//!                                     |            +-- TAP device (--net tap=NAME)
+//! ```
+//!
+//! - **User mode** (`--net user`, implied by `--publish`; no root needed):
+//!   subnet 10.0.2.0/24, gateway 10.0.2.2 ([`gateway`]), guests from
+//!   10.0.2.15 up. Published host ports are proxied into the guests.
+//! - **TAP** (`--net tap=NAME`): the switch's uplink is a TAP device of the
+//!   host ([`tap`]); the host configures its side.
+//!
+//! The network thread waits in epoll on an eventfd the guests' vCPU
+//! threads signal when they hand over frames, on the listeners and proxied
+//! connections, and on the TAP device, with smoltcp's next deadline as the
+//! timeout. Frames cross threads in batches (see [`port`]).
+
+pub mod gateway;
+pub mod port;
+pub mod switch;
+pub mod tap;
+
+use std::fmt;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::thread;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::devices::io_wait::wait_events;
+use crate::error::NetError;
+use gateway::{Gateway, HostSocketKind, Published};
+use port::{Frame, GuestPort};
+use switch::{PortId, Route, Switch};
+use tap::Tap;
+
+/// The user-mode network's subnet, prefix length, gateway and first guest.
+pub const USER_SUBNET: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 0);
+pub const USER_PREFIX: u8 = 24;
+pub const USER_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+pub const USER_FIRST_GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+
+/// Largest frame the switch forwards (no FCS, no VLAN tag).
+const MAX_FRAME: usize = 1514;
+/// Frames read from the TAP device per round.
+const TAP_BATCH: usize = 256;
+/// Rounds of switching per wake-up before epoll is asked again.
+const MAX_ROUNDS: usize = 64;
+
+/// A transport protocol of a published port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// `--publish [HOST_ADDR:]HOST_PORT:[GUEST_ADDR:]GUEST_PORT[/tcp|/udp]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishSpec {
+    pub host: SocketAddr,
+    /// `None`: the main guest.
+    pub guest_addr: Option<Ipv4Addr>,
+    pub guest_port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for PublishSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{} -> ", self.host, self.proto)?;
+        match self.guest_addr {
+            Some(a) => write!(f, "{a}:{}", self.guest_port),
+            None => write!(f, "guest port {}", self.guest_port),
+        }
+    }
+}
+
+/// Which network the guests get.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetMode {
+    /// No network device (the default without network flags).
+    None,
+    /// The user-mode network with its gateway.
+    User,
+    /// A TAP device of the host as the uplink.
+    Tap(String),
+}
+
+/// One guest's network card and addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nic {
+    pub mac: [u8; 6],
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<Ipv4Addr>,
+}
+
+impl Nic {
+    /// The `lc.ip` / `lc.gw` parameters of the guest command line.
+    pub fn cmdline_params(&self) -> Vec<(String, String)> {
+        let mut params = vec![(
+            abi::cmdline::IP_KEY.to_owned(),
+            format!("{}/{}", self.ip, self.prefix),
+        )];
+        if let Some(gw) = self.gateway {
+            params.push((abi::cmdline::GATEWAY_KEY.to_owned(), gw.to_string()));
+        }
+        params
+    }
+}
+
+/// The MAC the shim gives an address: locally administered, unicast,
+/// `02:4c:` + the four bytes of the IPv4 address (unique per address).
+pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x4c, o[0], o[1], o[2], o[3]]
+}
+
+/// Whether `ip` lies in `net`/`prefix`.
+pub fn in_subnet(ip: Ipv4Addr, net: Ipv4Addr, prefix: u8) -> bool {
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    u32::from(ip) & mask == u32::from(net) & mask
+}
+
+/// The network of a run: what to attach and what to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkConfig {
+    /// [`NetMode::User`] or [`NetMode::Tap`].
+    pub mode: NetMode,
+    /// Published ports (user mode only).
+    pub publish: Vec<PublishSpec>,
+    /// The guests' cards: the main guest first, then each `--also`.
+    pub nics: Vec<Nic>,
+}
+
+/// epoll tokens of the network thread: a kind in the top byte, an index
+/// below.
+pub(crate) mod token {
+    pub const WAKE: u64 = 0;
+    pub const STOP: u64 = 1;
+    pub const TAP: u64 = 2;
+    pub const LISTENER: u64 = 3;
+    pub const CONN: u64 = 4;
+
+    pub fn listener(index: usize) -> u64 {
+        (LISTENER << 56) | index as u64
+    }
+    pub fn conn(id: u64) -> u64 {
+        (CONN << 56) | (id & ((1 << 56) - 1))
+    }
+    pub fn kind(token: u64) -> u64 {
+        token >> 56
+    }
+    pub fn index(token: u64) -> u64 {
+        token & ((1 << 56) - 1)
+    }
+}
+
+/// The running network: the switch thread and the guests' ports.
+pub struct Network {
+    ports: Vec<Arc<GuestPort>>,
+    stop: Arc<EventFd>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Network {
+    /// Binds the published ports, opens the TAP device and starts the
+    /// network thread. Errors (a port in use, no TAP permission) come
+    /// before any guest boots.
+    pub fn start(config: &NetworkConfig) -> Result<Self, NetError> {
+        let setup = |what: &str| {
+            let what = what.to_owned();
+            move |e: io::Error| NetError::Setup(format!("{what}: {e}"))
+        };
+        let epoll = Epoll::new().map_err(setup("epoll"))?;
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(setup("eventfd"))?);
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(setup("eventfd"))?);
+        for (fd, tok) in [
+            (wake.as_raw_fd(), token::WAKE),
+            (stop.as_raw_fd(), token::STOP),
+        ] {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, tok),
+                )
+                .map_err(setup("epoll"))?;
+        }
+        let ports = config
+            .nics
+            .iter()
+            .map(|nic| GuestPort::new(nic.mac, Arc::clone(&wake)).map(Arc::new))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(setup("eventfd"))?;
+
+        let gateway = match &config.mode {
+            NetMode::User => {
+                let main_ip = config.nics.first().map_or(USER_FIRST_GUEST, |n| n.ip);
+                let published = bind_published(&config.publish, main_ip)?;
+                let gw = Gateway::new(
+                    mac_for(USER_GATEWAY),
+                    USER_GATEWAY,
+                    USER_PREFIX,
+                    published,
+                    &epoll,
+                )
+                .map_err(setup("the gateway"))?;
+                Some(gw)
+            }
+            _ => None,
+        };
+        let tap = match &config.mode {
+            NetMode::Tap(name) => {
+                let tap = Tap::open(name)?;
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        tap.as_raw_fd(),
+                        EpollEvent::new(EventSet::IN, token::TAP),
+                    )
+                    .map_err(setup("epoll"))?;
+                tracing::info!("guest network on TAP device {}", tap.name());
+                Some(tap)
+            }
+            _ => None,
+        };
+        let mut engine = Engine::new(epoll, Arc::clone(&wake), ports.clone(), gateway, tap);
+        let thread = thread::Builder::new()
+            .name("net".into())
+            .spawn(move || engine.run())
+            .map_err(setup("cannot start the network thread"))?;
+        Ok(Self {
+            ports,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The port of guest `index` (0 = the main guest).
+    pub fn port(&self, index: usize) -> Option<Arc<GuestPort>> {
+        self.ports.get(index).cloned()
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the network thread panicked");
+            }
+        }
+    }
+}
+
+/// Binds the host side of every published port.
+fn bind_published(
+    specs: &[PublishSpec],
+    main_ip: Ipv4Addr,
+) -> Result<Vec<(Published, HostSocketKind)>, NetError> {
+    let mut out = Vec::new();
+    for spec in specs {
+        let bind_err = |err: io::Error| {
+            if err.kind() == io::ErrorKind::AddrInUse {
+                NetError::PortInUse {
+                    addr: spec.host,
+                    proto: spec.proto,
+                }
+            } else {
+                NetError::Bind {
+                    addr: spec.host,
+                    proto: spec.proto,
+                    err,
+                }
+            }
+        };
+        let socket = match spec.proto {
+            Proto::Tcp => {
+                let l = TcpListener::bind(spec.host).map_err(bind_err)?;
+                l.set_nonblocking(true).map_err(bind_err)?;
+                HostSocketKind::Tcp(l)
+            }
+            Proto::Udp => {
+                let s = UdpSocket::bind(spec.host).map_err(bind_err)?;
+                s.set_nonblocking(true).map_err(bind_err)?;
+                HostSocketKind::Udp(s)
+            }
+        };
+        let guest = (spec.guest_addr.unwrap_or(main_ip), spec.guest_port);
+        tracing::info!(
+            "publishing {}/{} -> {}:{}",
+            spec.host,
+            spec.proto,
+            guest.0,
+            guest.1
+        );
+        out.push((
+            Published {
+                host: spec.host,
+                guest,
+                proto: spec.proto,
+            },
+            socket,
+        ));
+    }
+    Ok(out)
+}
+
+/// The network thread's state.
+struct Engine {
+    epoll: Epoll,
+    wake: Arc<EventFd>,
+    switch: Switch,
+    guests: Vec<Arc<GuestPort>>,
+    gateway: Option<Gateway>,
+    tap: Option<Tap>,
+    tap_readable: bool,
+    /// Frames switched to each port, not yet handed over.
+    outboxes: Vec<Vec<Frame>>,
+    /// Scratch for frames coming in.
+    incoming: Vec<Frame>,
+}
+
+impl Engine {
+    fn new(
+        epoll: Epoll,
+        wake: Arc<EventFd>,
+        guests: Vec<Arc<GuestPort>>,
+        gateway: Option<Gateway>,
+        tap: Option<Tap>,
+    ) -> Self {
+        let ports = guests.len() + usize::from(gateway.is_some()) + usize::from(tap.is_some());
+        Self {
+            epoll,
+            wake,
+            switch: Switch::new(),
+            guests,
+            gateway,
+            tap,
+            tap_readable: false,
+            outboxes: vec![Vec::new(); ports],
+            incoming: Vec::new(),
+        }
+    }
+
+    fn gateway_port(&self) -> Option<PortId> {
+        self.gateway.as_ref().map(|_| self.guests.len())
+    }
+
+    fn tap_port(&self) -> Option<PortId> {
+        self.tap
+            .as_ref()
+            .map(|_| self.guests.len() + usize::from(self.gateway.is_some()))
+    }
+
+    fn run(&mut self) {
+        let mut events = vec![EpollEvent::default(); 64];
+        loop {
+            let timeout = if self.tap_readable {
+                Some(std::time::Duration::ZERO)
+            } else {
+                self.gateway.as_mut().and_then(Gateway::poll_delay)
+            };
+            let n = match wait_events(&self.epoll, timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                Err(e) => {
+                    tracing::error!("the network thread stops: epoll: {e}");
+                    return;
+                }
+            };
+            for event in &events[..n] {
+                let tok = event.data();
+                match tok {
+                    token::WAKE => {
+                        let _ = self.wake.read();
+                    }
+                    token::STOP => return,
+                    token::TAP => self.tap_readable = true,
+                    _ => {
+                        if let Some(gw) = self.gateway.as_mut() {
+                            gw.on_event(tok, event.event_set(), &self.epoll);
+                        }
+                    }
+                }
+            }
+            self.pump();
+        }
+    }
+
+    /// Switches frames until nothing moves (or [`MAX_ROUNDS`]).
+    fn pump(&mut self) {
+        for _ in 0..MAX_ROUNDS {
+            let mut moved = false;
+            for index in 0..self.guests.len() {
+                self.guests[index].take_sent(&mut self.incoming);
+                moved |= self.forward_incoming(index);
+            }
+            if let (Some(tap), true) = (self.tap.as_mut(), self.tap_readable) {
+                match tap.read_frames(&mut self.incoming, TAP_BATCH) {
+                    Ok(drained) => self.tap_readable = !drained,
+                    Err(e) => {
+                        tracing::warn!("tap {}: {e}", tap.name());
+                        self.tap_readable = false;
+                    }
+                }
+                if let Some(port) = self.tap_port() {
+                    moved |= self.forward_incoming(port);
+                }
+            }
+            if let Some(port) = self.gateway_port() {
+                let gw = self
+                    .gateway
+                    .as_mut()
+                    .expect("gateway port implies a gateway");
+                gw.inbox.extend(self.outboxes[port].drain(..));
+                moved |= gw.step(&self.epoll);
+                self.incoming.append(&mut gw.outbox);
+                moved |= self.forward_incoming(port);
+            }
+            for (index, guest) in self.guests.iter().enumerate() {
+                let dropped = guest.deliver(&mut self.outboxes[index]);
+                if dropped > 0 {
+                    tracing::debug!("guest {index}: {dropped} frames dropped (backlog full)");
+                }
+            }
+            if let Some(port) = self.tap_port() {
+                if let Some(tap) = self.tap.as_mut() {
+                    tap.write_frames(&mut self.outboxes[port]);
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    /// Switches the frames in `incoming`, which came from `from`.
+    fn forward_incoming(&mut self, from: PortId) -> bool {
+        if self.incoming.is_empty() {
+            return false;
+        }
+        for frame in self.incoming.drain(..) {
+            if frame.len() > MAX_FRAME {
+                tracing::debug!("port {from}: frame of {} bytes dropped", frame.len());
+                continue;
+            }
+            match self.switch.route(from, &frame) {
+                Route::Port(to) => self.outboxes[to].push(frame),
+                Route::Flood => {
+                    let ports = self.outboxes.len();
+                    for to in (0..ports).filter(|&p| p != from) {
+                        self.outboxes[to].push(frame.clone());
+                    }
+                }
+                Route::Drop => {}
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_and_subnets() {
+        assert_eq!(
+            mac_for(Ipv4Addr::new(10, 0, 2, 15)),
+            [0x02, 0x4c, 10, 0, 2, 15]
+        );
+        assert!(in_subnet(Ipv4Addr::new(10, 0, 2, 200), USER_SUBNET, 24));
+        assert!(!in_subnet(Ipv4Addr::new(10, 0, 3, 1), USER_SUBNET, 24));
+        assert!(in_subnet(Ipv4Addr::new(1, 2, 3, 4), USER_SUBNET, 0));
+        assert!(in_subnet(USER_GATEWAY, USER_GATEWAY, 32));
+        let nic = Nic {
+            mac: mac_for(USER_FIRST_GUEST),
+            ip: USER_FIRST_GUEST,
+            prefix: 24,
+            gateway: Some(USER_GATEWAY),
+        };
+        assert_eq!(
+            nic.cmdline_params(),
+            [
+                ("lc.ip".to_owned(), "10.0.2.15/24".to_owned()),
+                ("lc.gw".to_owned(), "10.0.2.2".to_owned())
+            ]
+        );
+    }
+}
+
+/// The whole network on real host sockets, with a fake guest: a smoltcp
+/// interface of the test's own on guest port 0, serving TCP and UDP echo.
+#[cfg(test)]
+mod gateway_tests {
+    use super::*;
+    use smoltcp::iface::{Config, Interface, SocketSet};
+    use smoltcp::phy::{self, DeviceCapabilities, Medium};
+    use smoltcp::socket::{tcp, udp};
+    use smoltcp::time::Instant as SmolInstant;
+    use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+    use std::io::{Read, Write};
+    use std::net::{TcpStream, UdpSocket};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    struct PortPhy(Arc<GuestPort>, Vec<Frame>);
+    struct Rx(Frame);
+    struct Tx<'a>(&'a mut Vec<Frame>);
+
+    impl phy::RxToken for Rx {
+        fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+            f(&self.0)
+        }
+    }
+    impl phy::TxToken for Tx<'_> {
+        fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+            let mut frame = vec![0; len];
+            let r = f(&mut frame);
+            self.0.push(frame);
+            r
+        }
+    }
+    impl phy::Device for PortPhy {
+        type RxToken<'a> = Rx;
+        type TxToken<'a> = Tx<'a>;
+        fn receive(&mut self, _: SmolInstant) -> Option<(Rx, Tx<'_>)> {
+            let frame = self.0.received().pop_front()?;
+            Some((Rx(frame), Tx(&mut self.1)))
+        }
+        fn transmit(&mut self, _: SmolInstant) -> Option<Tx<'_>> {
+            Some(Tx(&mut self.1))
+        }
+        fn capabilities(&self) -> DeviceCapabilities {
+            let mut caps = DeviceCapabilities::default();
+            caps.medium = Medium::Ethernet;
+            caps.max_transmission_unit = 1514;
+            caps
+        }
+    }
+
+    /// Runs the fake guest until `stop`: TCP echo on 7 (closes after the
+    /// peer's FIN), UDP echo on 7; TCP port 9 is closed (RST).
+    fn fake_guest(port: Arc<GuestPort>, stop: Arc<AtomicBool>) {
+        let mut phy = PortPhy(Arc::clone(&port), Vec::new());
+        let mut iface = Interface::new(
+            Config::new(HardwareAddress::Ethernet(EthernetAddress(port.mac()))),
+            &mut phy,
+            SmolInstant::now(),
+        );
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(IpAddress::v4(10, 0, 2, 15), 24));
+        });
+        let mut sockets = SocketSet::new(Vec::new());
+        let mut tcp_sock = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 8192]),
+            tcp::SocketBuffer::new(vec![0; 8192]),
+        );
+        tcp_sock.listen(7).unwrap();
+        let tcp_h = sockets.add(tcp_sock);
+        let mut udp_sock = udp::Socket::new(
+            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 8], vec![0; 8192]),
+            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 8], vec![0; 8192]),
+        );
+        udp_sock.bind(7).unwrap();
+        let udp_h = sockets.add(udp_sock);
+        while !stop.load(Ordering::Relaxed) {
+            iface.poll(SmolInstant::now(), &mut phy, &mut sockets);
+            let s = sockets.get_mut::<tcp::Socket>(tcp_h);
+            let room = s.send_capacity() - s.send_queue();
+            if s.can_recv() {
+                // Echo what fits in the send buffer; the rest waits.
+                if room > 0 {
+                    let data = s
+                        .recv(|b| {
+                            let n = b.len().min(room);
+                            (n, b[..n].to_vec())
+                        })
+                        .unwrap();
+                    assert_eq!(s.send_slice(&data).unwrap(), data.len());
+                }
+            } else if s.state() == tcp::State::CloseWait {
+                s.close();
+            } else if matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait) {
+                s.abort();
+                s.listen(7).unwrap();
+            }
+            let u = sockets.get_mut::<udp::Socket>(udp_h);
+            while let Ok((data, meta)) = u.recv() {
+                let (data, endpoint) = (data.to_vec(), meta.endpoint);
+                u.send_slice(&data, endpoint).unwrap();
+            }
+            iface.poll(SmolInstant::now(), &mut phy, &mut sockets);
+            port.send(&mut phy.1);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn published_tcp_and_udp_ports_reach_the_guest() {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (tcp_port, closed_port) = (free(), free());
+        let udp_port = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let spec = |s: String| crate::config::parse_publish(&s).unwrap();
+        let config = NetworkConfig {
+            mode: NetMode::User,
+            publish: vec![
+                spec(format!("{tcp_port}:7")),
+                spec(format!("{closed_port}:9")),
+                spec(format!("{udp_port}:7/udp")),
+            ],
+            nics: vec![Nic {
+                mac: mac_for(USER_FIRST_GUEST),
+                ip: USER_FIRST_GUEST,
+                prefix: 24,
+                gateway: Some(USER_GATEWAY),
+            }],
+        };
+        let network = Network::start(&config).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let guest = {
+            let (port, stop) = (network.port(0).unwrap(), Arc::clone(&stop));
+            thread::spawn(move || fake_guest(port, stop))
+        };
+
+        // TCP: bytes both ways, then a half-close answered by the guest's FIN.
+        let mut conn = TcpStream::connect(("127.0.0.1", tcp_port)).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let writer = {
+            let mut w = conn.try_clone().unwrap();
+            let big = big.clone();
+            thread::spawn(move || {
+                w.write_all(&big).unwrap();
+                w.shutdown(std::net::Shutdown::Write).unwrap();
+            })
+        };
+        let mut echoed = Vec::new();
+        conn.read_to_end(&mut echoed).unwrap();
+        writer.join().unwrap();
+        assert_eq!(echoed.len(), big.len());
+        assert!(echoed == big, "the echo differs");
+
+        // A closed guest port: the host client sees a reset.
+        let mut refused = TcpStream::connect(("127.0.0.1", closed_port)).unwrap();
+        refused
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = [0u8; 8];
+        let r = refused.read(&mut buf);
+        assert!(
+            matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+                || matches!(r, Ok(0)),
+            "{r:?}"
+        );
+
+        // UDP: a datagram and its echo.
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        udp.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut got = None;
+        for _ in 0..20 {
+            udp.send_to(b"ping over udp", ("127.0.0.1", udp_port))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            if let Ok((n, _)) = udp.recv_from(&mut buf) {
+                got = Some(buf[..n].to_vec());
+                break;
+            }
+        }
+        assert_eq!(got.as_deref(), Some(&b"ping over udp"[..]));
+
+        stop.store(true, Ordering::Relaxed);
+        guest.join().unwrap();
+        drop(network);
+    }
+}

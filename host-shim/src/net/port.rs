@@ -1,0 +1,151 @@
+//! A guest's port on the virtual switch: two frame queues between the
+//! guest's vCPU thread (which owns its virtio-net device) and the network
+//! thread (which owns the switch), each with an eventfd.
+//!
+//! Both sides batch: the vCPU thread hands over every frame the guest
+//! queued since its last exit under one lock and with one eventfd write, and
+//! the network thread does the same with the frames it switched to the
+//! guest. The vCPU thread waits on [`GuestPort::wait_fd`] while its guest
+//! idles.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Frames kept for a guest that does not take them (more are dropped, as a
+/// switch port with a full buffer would).
+pub const RX_BACKLOG: usize = 1024;
+
+/// One Ethernet frame, without FCS.
+pub type Frame = Vec<u8>;
+
+/// A guest's port.
+pub struct GuestPort {
+    mac: [u8; 6],
+    /// Frames from the guest, for the switch.
+    to_switch: Mutex<Vec<Frame>>,
+    /// Signals the network thread.
+    switch_wake: Arc<EventFd>,
+    /// Frames from the switch, for the guest.
+    to_guest: Mutex<VecDeque<Frame>>,
+    /// Signals the vCPU thread.
+    guest_wake: EventFd,
+}
+
+impl GuestPort {
+    /// A port for the guest with `mac`; frames it sends are announced on
+    /// `switch_wake`.
+    pub fn new(mac: [u8; 6], switch_wake: Arc<EventFd>) -> io::Result<Self> {
+        Ok(Self {
+            mac,
+            to_switch: Mutex::new(Vec::new()),
+            switch_wake,
+            to_guest: Mutex::new(VecDeque::new()),
+            guest_wake: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// The guest's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    // --- the vCPU side ---
+
+    /// Hands `frames` (emptied) to the switch, with one wake-up.
+    pub fn send(&self, frames: &mut Vec<Frame>) {
+        if frames.is_empty() {
+            return;
+        }
+        lock(&self.to_switch).append(frames);
+        if let Err(e) = self.switch_wake.write(1) {
+            tracing::warn!("cannot wake the network thread: {e}");
+        }
+    }
+
+    /// The frames waiting for the guest (take from the front).
+    pub fn received(&self) -> MutexGuard<'_, VecDeque<Frame>> {
+        lock(&self.to_guest)
+    }
+
+    /// Readable when frames arrived since [`Self::clear_wake`].
+    pub fn wait_fd(&self) -> RawFd {
+        self.guest_wake.as_raw_fd()
+    }
+
+    /// Consumes the wake-up, before checking the queue and going to sleep.
+    pub fn clear_wake(&self) {
+        // EAGAIN: nothing was signalled.
+        let _ = self.guest_wake.read();
+    }
+
+    // --- the network thread's side ---
+
+    /// Moves the frames the guest sent into `out`.
+    pub fn take_sent(&self, out: &mut Vec<Frame>) {
+        let mut queue = lock(&self.to_switch);
+        if out.is_empty() {
+            std::mem::swap(&mut *queue, out);
+        } else {
+            out.append(&mut queue);
+        }
+    }
+
+    /// Queues `frames` (emptied) for the guest, with one wake-up; returns
+    /// how many were dropped because the guest's backlog is full.
+    pub fn deliver(&self, frames: &mut Vec<Frame>) -> usize {
+        if frames.is_empty() {
+            return 0;
+        }
+        let mut dropped = 0;
+        {
+            let mut queue = lock(&self.to_guest);
+            for frame in frames.drain(..) {
+                if queue.len() >= RX_BACKLOG {
+                    dropped += 1;
+                } else {
+                    queue.push_back(frame);
+                }
+            }
+        }
+        if let Err(e) = self.guest_wake.write(1) {
+            tracing::warn!("cannot wake a vCPU thread: {e}");
+        }
+        dropped
+    }
+}
+
+/// Locks `m`, ignoring poisoning: a queue of frames is valid whatever the
+/// thread that panicked was doing.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_cross_in_batches_with_one_wake_up_each() {
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let port = GuestPort::new([2, 0, 0, 0, 0, 1], wake.clone()).unwrap();
+        port.send(&mut vec![vec![1], vec![2]]);
+        port.send(&mut vec![vec![3]]);
+        port.send(&mut Vec::new());
+        assert_eq!(wake.read().unwrap(), 2, "one write per non-empty batch");
+        let mut out = Vec::new();
+        port.take_sent(&mut out);
+        assert_eq!(out, [vec![1], vec![2], vec![3]]);
+
+        assert_eq!(port.deliver(&mut vec![vec![9]; 3]), 0);
+        port.clear_wake();
+        port.clear_wake(); // nothing left to consume: no error, no block
+        assert_eq!(port.received().len(), 3);
+        let mut many = vec![vec![0]; RX_BACKLOG];
+        assert_eq!(port.deliver(&mut many), 3);
+        assert_eq!(port.received().len(), RX_BACKLOG);
+    }
+}

@@ -1,0 +1,98 @@
+//! Thin wrappers over the Linux calls no crate offers us: `epoll_pwait2`
+//! (epoll with a nanosecond timeout) and `TUNSETIFF` (attach to a TAP
+//! device). With `vstate`, the only `unsafe` code of the shim; each block
+//! has its `SAFETY:` argument.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+use vmm_sys_util::epoll::EpollEvent;
+
+/// `epoll_pwait2(epfd, events, timeout, NULL)`: the raw return value (-1
+/// with errno set on failure).
+pub fn epoll_pwait2(epfd: RawFd, events: &mut [EpollEvent], timeout: Option<Duration>) -> i32 {
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(t.subsec_nanos()),
+    });
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    let max = i32::try_from(events.len()).unwrap_or(i32::MAX);
+    // SAFETY: `events` is a writable array of `max` epoll_event structs
+    // (EpollEvent is repr(transparent) over libc::epoll_event), `ts_ptr` is
+    // null or points at a timespec that outlives the call, and the sigmask
+    // is null (no mask change).
+    unsafe {
+        libc::epoll_pwait2(
+            epfd,
+            events.as_mut_ptr().cast::<libc::epoll_event>(),
+            max,
+            ts_ptr,
+            std::ptr::null(),
+        )
+    }
+}
+
+/// Attaches the open `/dev/net/tun` file `tun` to the TAP device `name`
+/// (created if missing), without packet information or vnet headers.
+/// Returns the kernel's name for the device.
+pub fn tun_set_iff(tun: &impl AsRawFd, name: &str) -> io::Result<String> {
+    // SAFETY: ifreq is plain data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= req.ifr_name.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "'{name}' is not a valid interface name (1 to {} bytes, no NUL)",
+                req.ifr_name.len() - 1
+            ),
+        ));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `req` is
+    // and which lives across the call; the fd is an open file.
+    let ret = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = req
+        .ifr_name
+        .iter()
+        .position(|&c| c == 0)
+        .unwrap_or(req.ifr_name.len());
+    Ok(req.ifr_name[..len]
+        .iter()
+        .map(|&c| c as u8 as char)
+        .collect())
+}
+
+/// `setsockopt(fd, level, name, value)` for a plain-data option value.
+pub fn setsockopt<T: Copy>(
+    socket: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    // SAFETY: `value` points at a live `T` of the size passed; the kernel
+    // only reads it. The fd is an open socket.
+    let ret = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (value as *const T).cast::<libc::c_void>(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}

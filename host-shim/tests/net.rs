@@ -1,0 +1,404 @@
+//! Guest networking through the real binary: `curl` through a published
+//! port, port-in-use and syntax errors, an idle networked guest's CPU use,
+//! two guests on one switch, and (as root) a TAP device in a network
+//! namespace of the test's own.
+
+mod common;
+
+use common::{image, require_kvm, shim};
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free port on 127.0.0.1 (free when this returns; the shim binds it soon after).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `host-shim run`, killed when dropped.
+struct Shim {
+    child: Child,
+}
+
+impl Shim {
+    fn start(args: &[&str]) -> Self {
+        Self::start_with(Command::new(env!("CARGO_BIN_EXE_host-shim")), args)
+    }
+
+    fn start_with(mut command: Command, args: &[&str]) -> Self {
+        require_kvm();
+        let child = command
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn host-shim");
+        Self { child }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the shim and returns its stdout and stderr.
+    fn stop(mut self) -> (String, String) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut out = String::new();
+        let mut err = String::new();
+        if let Some(mut s) = self.child.stdout.take() {
+            let _ = s.read_to_string(&mut out);
+        }
+        if let Some(mut s) = self.child.stderr.take() {
+            let _ = s.read_to_string(&mut err);
+        }
+        (out, err)
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `curl -sS URL` (a real client): `Ok(body)` or `Err(curl's stderr)`.
+fn curl(url: &str) -> Result<String, String> {
+    let out = Command::new("curl")
+        .args(["-sS", "-m", "5", url])
+        .output()
+        .expect("curl is installed (apt-get install curl)");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Retries `curl URL` until it answers (the guest is booting).
+fn curl_when_up(shim: &mut Shim, url: &str) -> String {
+    let give_up = Instant::now() + Duration::from_secs(20);
+    loop {
+        match curl(url) {
+            Ok(body) => return body,
+            Err(e) => {
+                if let Ok(Some(status)) = shim.child.try_wait() {
+                    let (mut out, mut err) = (String::new(), String::new());
+                    if let Some(mut s) = shim.child.stdout.take() {
+                        let _ = s.read_to_string(&mut out);
+                    }
+                    if let Some(mut s) = shim.child.stderr.take() {
+                        let _ = s.read_to_string(&mut err);
+                    }
+                    panic!("the shim exited ({status}) before {url} answered\n{out}\n{err}");
+                }
+                assert!(Instant::now() < give_up, "{url} never answered: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+fn http_img() -> String {
+    image("http").to_string_lossy().into_owned()
+}
+
+#[test]
+fn curl_gets_pages_through_a_published_port() {
+    let port = free_port();
+    let publish = format!("127.0.0.1:{port}:80");
+    let img = http_img();
+    let mut shim = Shim::start(&[
+        "run",
+        &img,
+        "--timeout",
+        "60",
+        "--host-name",
+        "net-test",
+        "--publish",
+        &publish,
+    ]);
+    let base = format!("http://127.0.0.1:{port}");
+    let body = curl_when_up(&mut shim, &format!("{base}/healthz"));
+    assert_eq!(body, "ok\n");
+    let body = curl(&format!("{base}/")).unwrap();
+    assert!(
+        body.starts_with("Hello from a libcloud unikernel on net-test"),
+        "{body}"
+    );
+    // Many short connections in a row: each is a new proxied TCP session.
+    for i in 0..30 {
+        assert_eq!(
+            curl(&format!("{base}/healthz")),
+            Ok("ok\n".into()),
+            "request {i}"
+        );
+    }
+    let body = curl(&format!("{base}/no/such/page")).unwrap();
+    assert!(body.starts_with("no route for GET /no/such/page"), "{body}");
+    let (out, _) = shim.stop();
+    assert!(out.contains("http: listening on port 80"), "{out}");
+}
+
+#[test]
+fn a_published_port_in_use_is_a_clear_error() {
+    require_kvm();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let img = image("http");
+    let run = shim([
+        "run".as_ref(),
+        img.as_os_str(),
+        "--timeout".as_ref(),
+        "20".as_ref(),
+        "--publish".as_ref(),
+        format!("{port}:80").as_ref(),
+    ]);
+    assert_eq!(run.status, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains(&format!(
+            "cannot publish 127.0.0.1:{port}/tcp: the address is already in use"
+        )),
+        "{run:?}"
+    );
+    assert!(run.stdout.is_empty(), "the guest never booted: {run:?}");
+    assert!(run.elapsed < Duration::from_secs(5), "{run:?}");
+}
+
+#[test]
+fn bad_network_flags_are_refused() {
+    let img = image("http");
+    for (flags, expected) in [
+        (&["--publish", "8080"][..], "is not a port mapping"),
+        (
+            &["--publish", "8080:80/sctp"][..],
+            "unknown protocol 'sctp'",
+        ),
+        (&["--publish", "x:8080:80"][..], "is not a port mapping"),
+        (&["--ip", "10.0.2.20"][..], "--ip needs a network"),
+        (
+            &["--net", "user", "--ip", "192.168.0.2/24"][..],
+            "10.0.2.0/24",
+        ),
+        (&["--net", "bridge"][..], "unknown network 'bridge'"),
+        (
+            &["--mac", "01:00:00:00:00:01", "--net", "user"][..],
+            "multicast",
+        ),
+    ] {
+        let mut args = vec!["run".as_ref(), img.as_os_str()];
+        args.extend(flags.iter().map(|f| -> &std::ffi::OsStr { f.as_ref() }));
+        let run = shim(args);
+        assert_eq!(run.status, Some(1), "{flags:?}: {run:?}");
+        assert!(run.stderr.contains(expected), "{flags:?}: {run:?}");
+    }
+}
+
+/// CPU time (user + system) of process `pid` so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after ")".
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+fn clock_ticks_per_second() -> u64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(100)
+}
+
+#[test]
+fn an_idle_networked_guest_uses_almost_no_cpu() {
+    let port = free_port();
+    let publish = format!("{port}:80");
+    let img = http_img();
+    let mut shim = Shim::start(&["run", &img, "--timeout", "60", "--publish", &publish]);
+    curl_when_up(&mut shim, &format!("http://127.0.0.1:{port}/healthz"));
+    // An open, idle keep-alive connection must not cost CPU either.
+    let idle_conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let window = Duration::from_millis(2500);
+    let before = cpu_ticks(shim.pid());
+    std::thread::sleep(window);
+    let used = cpu_ticks(shim.pid()) - before;
+    let hz = clock_ticks_per_second();
+    let share = used as f64 / (hz as f64 * window.as_secs_f64());
+    eprintln!(
+        "idle networked guest: {used} ticks in {window:?} ({:.1}% of a CPU)",
+        share * 100.0
+    );
+    assert!(share < 0.03, "{:.1}% of a CPU while idle", share * 100.0);
+    drop(idle_conn);
+}
+
+#[test]
+fn two_guests_share_the_switch() {
+    let (p1, p2) = (free_port(), free_port());
+    let img = http_img();
+    let also = format!("{img} --");
+    let publish1 = format!("{p1}:80");
+    let publish2 = format!("{p2}:10.0.2.16:80");
+    let mut shim = Shim::start(&[
+        "run",
+        &img,
+        "--timeout",
+        "60",
+        "--env",
+        "PORT=80",
+        "--publish",
+        &publish1,
+        "--publish",
+        &publish2,
+        "--also",
+        &also,
+    ]);
+    assert_eq!(
+        curl_when_up(&mut shim, &format!("http://127.0.0.1:{p1}/healthz")),
+        "ok\n"
+    );
+    assert_eq!(
+        curl_when_up(&mut shim, &format!("http://127.0.0.1:{p2}/healthz")),
+        "ok\n"
+    );
+    let (out, err) = shim.stop();
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines.contains(&"http: listening on port 80"),
+        "{out}\n{err}"
+    );
+    assert!(
+        lines.contains(&"[http] http: listening on port 80"),
+        "{out}\n{err}"
+    );
+}
+
+#[test]
+fn the_guest_exit_status_is_the_main_guests_and_others_are_stopped() {
+    require_kvm();
+    let hello = image("hello");
+    let http = http_img();
+    let also = format!("{http} --");
+    let run = shim([
+        "run".as_ref(),
+        hello.as_os_str(),
+        "--timeout".as_ref(),
+        "30".as_ref(),
+        "--net".as_ref(),
+        "user".as_ref(),
+        "--also".as_ref(),
+        also.as_ref(),
+        "--".as_ref(),
+        "--name".as_ref(),
+        "main".as_ref(),
+    ]);
+    assert_eq!(run.status, Some(0), "{run:?}");
+    assert!(run.stdout.contains("Hello, main!"), "{run:?}");
+    // The http guest never exits by itself: it was stopped with the main one.
+    assert!(run.elapsed < Duration::from_secs(20), "{run:?}");
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace of this test's own, deleted on drop.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+#[test]
+fn a_tap_device_connects_the_guest_to_the_host() {
+    if !is_root() || !Path::new("/dev/net/tun").exists() {
+        eprintln!("skipped: TAP devices and network namespaces need root and /dev/net/tun");
+        return;
+    }
+    let ns = Netns(format!("lc-tap-{}", std::process::id()));
+    ip(&["netns", "add", &ns.0]);
+    let img = http_img();
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_host-shim")]);
+    let mut shim = Shim::start_with(
+        command,
+        &[
+            "run",
+            &img,
+            "--timeout",
+            "60",
+            "--net",
+            "tap=lctap0",
+            "--ip",
+            "10.0.2.15/24",
+        ],
+    );
+    // The shim creates the device; give the host side its address.
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while Command::new("ip")
+        .args(["netns", "exec", &ns.0, "ip", "link", "show", "lctap0"])
+        .output()
+        .is_ok_and(|o| !o.status.success())
+    {
+        assert!(Instant::now() < give_up, "the shim did not create lctap0");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ip(&["-n", &ns.0, "addr", "add", "10.0.2.2/24", "dev", "lctap0"]);
+    ip(&["-n", &ns.0, "link", "set", "lctap0", "up"]);
+    let give_up = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.0, "curl", "-sS", "-m", "2"])
+            .arg("http://10.0.2.15/healthz")
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(
+            Instant::now() < give_up,
+            "no answer over the TAP device: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if let Ok(Some(status)) = shim.child.try_wait() {
+            panic!("the shim exited: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(body, "ok\n");
+    shim.stop();
+}
