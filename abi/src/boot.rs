@@ -31,7 +31,7 @@ impl Platform {
 }
 
 /// The boot information block. All addresses are guest-physical.
-#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct BootInfo {
     /// [`BOOT_MAGIC`].
@@ -51,4 +51,57 @@ pub struct BootInfo {
     pub tsc_khz: u64,
     /// The hypercall doorbell page, or 0 when there is none.
     pub doorbell_addr: u64,
+    /// Bumped by the shim each time the guest resumes on another host (live
+    /// migration, restore). The guest compares it after every hypercall that
+    /// returns and then runs its `on_migrated` hooks.
+    pub generation: u64,
+    /// Where the guest runs now, NUL-padded UTF-8; empty until the guest first
+    /// moves (the command line's `lc.host`/`lc.region` hold the boot-time values).
+    pub host: [u8; LOCATION_LEN],
+    pub region: [u8; LOCATION_LEN],
+}
+
+/// Bytes of [`BootInfo::host`] and [`BootInfo::region`].
+pub const LOCATION_LEN: usize = 64;
+
+/// Encodes a host or region name for [`BootInfo`] (truncated at a char boundary).
+pub fn encode_location(name: &str) -> [u8; LOCATION_LEN] {
+    let mut out = [0u8; LOCATION_LEN];
+    let mut n = name.len().min(LOCATION_LEN);
+    while !name.is_char_boundary(n) {
+        n -= 1;
+    }
+    out[..n].copy_from_slice(&name.as_bytes()[..n]);
+    out
+}
+
+/// Decodes a [`BootInfo`] location field; `None` when it is empty.
+pub fn decode_location(field: &[u8; LOCATION_LEN]) -> Option<&str> {
+    let len = field.iter().position(|&b| b == 0).unwrap_or(LOCATION_LEN);
+    core::str::from_utf8(&field[..len])
+        .ok()
+        .filter(|s| !s.is_empty())
+}
+
+impl Default for BootInfo {
+    fn default() -> Self {
+        zerocopy::FromZeros::new_zeroed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_round_trip_and_truncate_on_char_boundaries() {
+        assert_eq!(
+            decode_location(&encode_location("eu-west")),
+            Some("eu-west")
+        );
+        assert_eq!(decode_location(&encode_location("")), None);
+        let long = "é".repeat(40); // 80 bytes
+        let encoded = encode_location(&long);
+        assert_eq!(decode_location(&encoded), Some("é".repeat(32).as_str()));
+    }
 }

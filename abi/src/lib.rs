@@ -20,4 +20,4 @@ pub mod note;
 pub mod x86;
 
 /// Version of this contract. Carried by every image (see [`note`]).
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;

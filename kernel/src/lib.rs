@@ -15,6 +15,7 @@ pub mod arch;
 pub mod cmdline;
 pub mod console;
 pub mod heap;
+pub mod migration;
 mod panic;
 pub mod platform;
 mod start;

@@ -55,6 +55,8 @@ pub fn exit(code: i32) -> ! {
 
 /// Gives the host the CPU for at most `timeout_ns`, or until I/O is ready.
 /// On platforms without that hypercall it returns at once (the caller polls).
+/// The guest may come back on another host: this is where it notices.
 pub fn yield_for(timeout_ns: u64) {
     hypercall(HC_YIELD, timeout_ns);
+    crate::migration::check();
 }

@@ -63,21 +63,30 @@ pub fn vars() -> impl Iterator<Item = (&'static str, &'static str)> {
 }
 
 /// Where the app runs now.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Host {
     /// The host's name, as its shim was told (`--host-name`).
-    pub name: &'static str,
+    pub name: alloc::string::String,
     /// The host's region (`--region`).
-    pub region: &'static str,
+    pub region: alloc::string::String,
 }
 
-/// The host the app runs on.
+/// The host the app runs on now (it changes when the app is migrated).
 pub fn host() -> Host {
-    let c = kernel::cmdline::get();
-    Host {
-        name: c.host.as_deref().unwrap_or("unknown"),
-        region: c.region.as_deref().unwrap_or("unknown"),
-    }
+    let (name, region) = kernel::migration::location();
+    Host { name, region }
+}
+
+/// Runs `hook` every time the app has been moved to another host (live
+/// migration or restore), before other work resumes. [`host`] already
+/// names the new host then.
+pub fn on_migrated(hook: fn()) {
+    kernel::migration::on_migrated(hook);
+}
+
+/// How many times the app has moved since it booted.
+pub fn migrations() -> u64 {
+    kernel::migration::generation()
 }
 
 /// Stops the app with exit status `code` (0..=255; the shim exits with it).

@@ -33,6 +33,7 @@ pub async fn start() -> Result<Stack<'static>, Error> {
     stack.wait_config_up().await;
     if let Some(config) = stack.config_v4() {
         log::info!("network up: {}", config.address);
+        ::net::device::set_address(config.address.address().octets());
     }
     Ok(stack)
 }

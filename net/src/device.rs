@@ -13,6 +13,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use core::task::Context;
 use embassy_net_driver::{Capabilities, HardwareAddress, LinkState};
 use virtio_drivers::device::net::VirtIONetRaw;
@@ -31,6 +32,38 @@ const MTU: usize = 1514;
 
 type Raw = VirtIONetRaw<UnikernelHal, MmioTransport<'static>, QUEUE_SIZE>;
 
+/// The interface's IPv4 address (for gratuitous ARP), 0 until configured.
+static ADDRESS: AtomicU32 = AtomicU32::new(0);
+/// Set after a move to another host: announce `ADDRESS` on the next poll.
+static ANNOUNCE: AtomicBool = AtomicBool::new(false);
+
+/// Records the interface's address, announced after every migration.
+pub fn set_address(ip: [u8; 4]) {
+    ADDRESS.store(u32::from_be_bytes(ip), Ordering::Relaxed);
+}
+
+/// Asks the driver to announce the address (gratuitous ARP) on its next poll.
+pub fn request_announce() {
+    ANNOUNCE.store(true, Ordering::Relaxed);
+}
+
+/// A gratuitous ARP request: "who has IP? tell IP", from `mac`, broadcast.
+fn gratuitous_arp(mac: [u8; 6], ip: [u8; 4]) -> [u8; 42] {
+    let mut f = [0u8; 42];
+    f[0..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&0x0806u16.to_be_bytes()); // ARP
+    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    f[18] = 6;
+    f[19] = 4;
+    f[20..22].copy_from_slice(&1u16.to_be_bytes()); // request
+    f[22..28].copy_from_slice(&mac);
+    f[28..32].copy_from_slice(&ip);
+    f[38..42].copy_from_slice(&ip);
+    f
+}
+
 struct Inner {
     raw: Raw,
     /// RX buffers the device owns, by token.
@@ -38,6 +71,7 @@ struct Inner {
     /// TX buffers the device owns, by token, with the length handed over.
     tx_inflight: Vec<Option<(Box<[u8]>, usize)>>,
     tx_free: Vec<Box<[u8]>>,
+    mac: [u8; 6],
 }
 
 /// A virtio-net device driven by polling.
@@ -108,12 +142,14 @@ impl VirtioNet {
             .collect();
         let tx_inflight = (0..QUEUE_SIZE).map(|_| None).collect();
         log::info!("virtio-net {:02x?}: {QUEUE_SIZE} RX buffers posted", mac);
+        kernel::migration::on_migrated(request_announce);
         Ok(Self {
             inner: RefCell::new(Inner {
                 raw,
                 rx_posted,
                 tx_inflight,
                 tx_free,
+                mac,
             }),
             mac,
         })
@@ -138,6 +174,29 @@ impl Inner {
             }
             self.tx_free.push(buf);
         }
+    }
+
+    /// Sends a gratuitous ARP if a move asked for one, so switches and peers
+    /// learn where the address lives now.
+    fn announce_if_moved(&mut self) {
+        let ip = ADDRESS.load(Ordering::Relaxed);
+        if ip == 0 || self.tx_free.is_empty() || !ANNOUNCE.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let frame = gratuitous_arp(self.mac, ip.to_be_bytes());
+        let mut buf = self.tx_free.pop().expect("checked above");
+        let Ok(hdr) = self.raw.fill_buffer_header(&mut buf) else {
+            self.tx_free.push(buf);
+            return;
+        };
+        buf[hdr..hdr + frame.len()].copy_from_slice(&frame);
+        let total = hdr + frame.len();
+        // SAFETY: as in `TxToken::consume`.
+        match unsafe { self.raw.transmit_begin(&buf[..total]) } {
+            Ok(token) => self.tx_inflight[token as usize] = Some((buf, total)),
+            Err(_) => self.tx_free.push(buf),
+        }
+        log::info!("announced {:?} after a move", ip.to_be_bytes());
     }
 
     /// Hands an RX buffer back to the device.
@@ -223,6 +282,7 @@ impl embassy_net_driver::Driver for VirtioNet {
     fn receive(&mut self, cx: &mut Context) -> Option<(RxToken<'_>, TxToken<'_>)> {
         let mut inner = self.inner.borrow_mut();
         inner.reclaim_tx();
+        inner.announce_if_moved();
         if inner.tx_free.is_empty() {
             kernel::task::wake_on_io(cx.waker());
             return None;

@@ -46,6 +46,7 @@ pub fn boot_info(setup: &BootSetup) -> BootInfo {
         pvclock_addr: if setup.kvmclock { PVCLOCK_ADDR } else { 0 },
         tsc_khz: 0,
         doorbell_addr: DOORBELL_ADDR,
+        ..BootInfo::default()
     }
 }
 

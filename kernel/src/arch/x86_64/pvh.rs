@@ -116,6 +116,7 @@ pub extern "C" fn pvh_main(start_info: u64) -> ! {
         pvclock_addr,
         tsc_khz,
         doorbell_addr: 0,
+        ..BootInfo::default()
     };
     mmio::write_bytes(BOOT_INFO_ADDR, boot.as_bytes());
 
