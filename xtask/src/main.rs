@@ -111,6 +111,25 @@ enum BenchCmd {
         #[arg(long, value_name = "SECS", default_value_t = 60)]
         timeout: u64,
     },
+    /// Network: redis-benchmark against the kv unikernel vs native redis-server, bulk TCP.
+    ///
+    /// Needs redis-tools and redis-server. Prints a markdown table: requests/s for SET and
+    /// GET (medians over rounds that alternate between the two servers) and their ratio,
+    /// the kv image size, and host -> guest bulk TCP throughput through a published port.
+    Net {
+        /// Requests per redis-benchmark run (-n).
+        #[arg(long, default_value_t = 100_000)]
+        requests: u64,
+        /// Concurrent clients (-c).
+        #[arg(long, default_value_t = 50)]
+        clients: u32,
+        /// Rounds per server.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// MiB to push in the bulk TCP test.
+        #[arg(long, default_value_t = 256)]
+        bulk_mib: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -142,11 +161,25 @@ fn dispatch(ws: &Workspace, command: Cmd) -> Result<()> {
         Cmd::Run(args) => run(ws, args),
         Cmd::Test(args) => test::test(ws, args.no_lint, &args.cargo_args),
         Cmd::Lint => test::lint(ws),
-        Cmd::Bench(BenchCmd::Boot { runs, timeout }) => bench::boot(
+        Cmd::Bench(BenchCmd::Boot { runs, timeout }) => bench::boot::boot(
             ws,
-            &bench::BootOptions {
+            &bench::boot::BootOptions {
                 runs,
                 timeout: Duration::from_secs(timeout),
+            },
+        ),
+        Cmd::Bench(BenchCmd::Net {
+            requests,
+            clients,
+            rounds,
+            bulk_mib,
+        }) => bench::net::run(
+            ws,
+            &bench::net::NetOptions {
+                requests,
+                clients,
+                rounds,
+                bulk_mib,
             },
         ),
     }

@@ -1,0 +1,7 @@
+//! `cargo xtask bench ...`: benchmarks that print markdown tables for the README.
+//!
+//! - [`boot`]: boot time and memory, our shim vs QEMU microvm.
+//! - [`net`]: redis-benchmark against the kv unikernel vs native redis-server, and bulk TCP.
+
+pub mod boot;
+pub mod net;
