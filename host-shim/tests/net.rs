@@ -5,71 +5,11 @@
 
 mod common;
 
-use common::{image, require_kvm, shim};
-use std::io::Read;
+use common::{free_port, image, require_kvm, shim, Shim};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// A free port on 127.0.0.1 (free when this returns; the shim binds it soon after).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A running `host-shim run`, killed when dropped.
-struct Shim {
-    child: Child,
-}
-
-impl Shim {
-    fn start(args: &[&str]) -> Self {
-        Self::start_with(Command::new(env!("CARGO_BIN_EXE_host-shim")), args)
-    }
-
-    fn start_with(mut command: Command, args: &[&str]) -> Self {
-        require_kvm();
-        let child = command
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn host-shim");
-        Self { child }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Stops the shim and returns its stdout and stderr.
-    fn stop(mut self) -> (String, String) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let mut out = String::new();
-        let mut err = String::new();
-        if let Some(mut s) = self.child.stdout.take() {
-            let _ = s.read_to_string(&mut out);
-        }
-        if let Some(mut s) = self.child.stderr.take() {
-            let _ = s.read_to_string(&mut err);
-        }
-        (out, err)
-    }
-}
-
-impl Drop for Shim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// `curl -sS URL` (a real client): `Ok(body)` or `Err(curl's stderr)`.
 fn curl(url: &str) -> Result<String, String> {
@@ -91,16 +31,7 @@ fn curl_when_up(shim: &mut Shim, url: &str) -> String {
         match curl(url) {
             Ok(body) => return body,
             Err(e) => {
-                if let Ok(Some(status)) = shim.child.try_wait() {
-                    let (mut out, mut err) = (String::new(), String::new());
-                    if let Some(mut s) = shim.child.stdout.take() {
-                        let _ = s.read_to_string(&mut out);
-                    }
-                    if let Some(mut s) = shim.child.stderr.take() {
-                        let _ = s.read_to_string(&mut err);
-                    }
-                    panic!("the shim exited ({status}) before {url} answered\n{out}\n{err}");
-                }
+                shim.assert_running(url);
                 assert!(Instant::now() < give_up, "{url} never answered: {e}");
                 std::thread::sleep(Duration::from_millis(100));
             }

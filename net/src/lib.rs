@@ -41,7 +41,10 @@ pub enum Error {
 impl core::fmt::Display for Error {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            Error::NoDevice => write!(f, "no virtio-net device (run the shim with a network)"),
+            Error::NoDevice => write!(
+                f,
+                "no virtio-net device: give the shim a network (--net user, --publish or --net tap=NAME)"
+            ),
             Error::BadDeviceSpec(s) => write!(f, "bad virtio_mmio.device entry {s:?}"),
             Error::Virtio(e) => write!(f, "virtio-net: {e}"),
             Error::BadConfig(what) => write!(f, "bad network configuration: {what}"),

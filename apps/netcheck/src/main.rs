@@ -51,6 +51,9 @@ async fn main() -> Result<(), String> {
     }
 }
 
+/// How long `ping` and `connect` retry while the peer is not up yet.
+const RETRY_FOR: Duration = Duration::from_secs(10);
+
 fn parse_port(s: &str) -> Result<u16, String> {
     s.parse().map_err(|_| format!("bad port {s:?}"))
 }
@@ -61,12 +64,20 @@ async fn ping(stack: Stack<'static>, ip: Ipv4Addr, count: u16) -> Result<(), Str
     let mut pinger = PingManager::new(stack, &mut rx_meta, &mut rx, &mut tx_meta, &mut tx);
     let mut params = PingParams::new(ip);
     params.set_payload(b"libcloud netcheck");
-    for _ in 0..count {
-        let rtt = pinger
-            .ping(&params)
-            .await
-            .map_err(|e| format!("ping {ip}: {e:?}"))?;
-        println!("ping {ip}: rtt {} us", rtt.as_micros());
+    let give_up = Instant::now() + RETRY_FOR;
+    let mut answered = 0;
+    while answered < count {
+        match pinger.ping(&params).await {
+            Ok(rtt) => {
+                println!("ping {ip}: rtt {} us", rtt.as_micros());
+                answered += 1;
+            }
+            // The peer may still be booting: retry for a while.
+            Err(e) if Instant::now() < give_up => {
+                libcloud::log::info!("ping {ip}: {e:?}, retrying")
+            }
+            Err(e) => return Err(format!("ping {ip}: {e:?}")),
+        }
     }
     println!("ping ok");
     Ok(())
@@ -93,11 +104,20 @@ async fn connect(
     message: &str,
 ) -> Result<(), String> {
     let (mut rx, mut tx) = (vec![0u8; 4096], vec![0u8; 4096]);
-    let mut socket = TcpSocket::new(stack, &mut rx, &mut tx);
-    socket
-        .connect((ip, port))
-        .await
-        .map_err(|e| format!("connect {ip}:{port}: {e:?}"))?;
+    let give_up = Instant::now() + RETRY_FOR;
+    let mut socket = loop {
+        let mut socket = TcpSocket::new(stack, &mut rx, &mut tx);
+        match socket.connect((ip, port)).await {
+            Ok(()) => break socket,
+            // The peer may still be booting: retry for a while.
+            Err(e) if Instant::now() < give_up => {
+                libcloud::log::info!("connect {ip}:{port}: {e:?}, retrying");
+                drop(socket);
+                libcloud::time::sleep_async(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(format!("connect {ip}:{port}: {e:?}")),
+        }
+    };
     socket
         .write_all(message.as_bytes())
         .await

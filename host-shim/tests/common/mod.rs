@@ -3,8 +3,10 @@
 //! runner for the real `host-shim` binary.
 #![allow(dead_code)]
 
+use std::io::Read;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The directory `cargo xtask build-image` writes images to.
@@ -100,4 +102,79 @@ pub fn boot(app: &str, shim_args: &[&str], app_args: &[&str]) -> Run {
     args.push("--".as_ref());
     args.extend(app_args.iter().map(|a| -> &std::ffi::OsStr { a.as_ref() }));
     shim(args)
+}
+
+/// A free port on 127.0.0.1 (free when this returns; the shim binds it soon after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `host-shim run`, killed when dropped.
+pub struct Shim {
+    pub child: Child,
+}
+
+impl Shim {
+    pub fn start(args: &[&str]) -> Self {
+        Self::start_with(Command::new(env!("CARGO_BIN_EXE_host-shim")), args)
+    }
+
+    pub fn start_with(mut command: Command, args: &[&str]) -> Self {
+        require_kvm();
+        let child = command
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn host-shim");
+        Self { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the shim and returns its stdout and stderr.
+    pub fn stop(mut self) -> (String, String) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut out = String::new();
+        let mut err = String::new();
+        if let Some(mut s) = self.child.stdout.take() {
+            let _ = s.read_to_string(&mut out);
+        }
+        if let Some(mut s) = self.child.stderr.take() {
+            let _ = s.read_to_string(&mut err);
+        }
+        (out, err)
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Shim {
+    /// Panics with the shim's output if it has exited (`waiting_for` says what for).
+    pub fn assert_running(&mut self, waiting_for: &str) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            let (mut out, mut err) = (String::new(), String::new());
+            if let Some(mut s) = self.child.stdout.take() {
+                let _ = s.read_to_string(&mut out);
+            }
+            if let Some(mut s) = self.child.stderr.take() {
+                let _ = s.read_to_string(&mut err);
+            }
+            panic!("the shim exited ({status}) while waiting for {waiting_for}\n{out}\n{err}");
+        }
+    }
 }

@@ -1,0 +1,211 @@
+//! kv: a Redis-protocol (RESP2) key-value server, for `redis-cli`,
+//! `redis-benchmark` and Redis client libraries.
+//!
+//! - strings with optional expiry: GET, SET [EX|PX|NX|XX|GET|KEEPTTL], MGET,
+//!   MSET, INCR/DECR[BY], APPEND, STRLEN, GETSET, GETDEL, SETNX, SETEX, ...
+//! - keys: DEL, EXISTS, KEYS pattern, TYPE, EXPIRE/PEXPIRE, TTL/PTTL,
+//!   PERSIST, DBSIZE, FLUSHALL/FLUSHDB
+//! - connection and server: PING, ECHO, SELECT 0, QUIT, CLIENT, HELLO 2,
+//!   INFO, COMMAND, CONFIG GET
+//!
+//! Listens on port 6379 (or `PORT`), up to 128 clients at once. `MAXMEMORY`
+//! (bytes, or with a `kb`/`mb`/`gb` suffix) refuses writes with `-OOM` once
+//! the heap holds that much; writes are also refused when the heap runs low.
+//! Data lives in memory only: nothing is saved.
+//!
+//! Module map: [`resp`] parses requests and encodes replies, [`commands`]
+//! runs them against the shared [`commands::Server`], whose keyspace is a
+//! [`store::Store`]; this file moves bytes between sockets and those.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod commands;
+mod glob;
+mod resp;
+mod store;
+
+use alloc::rc::Rc;
+use core::cell::RefCell;
+use libcloud::net::{TcpSocket, Write};
+use libcloud::prelude::*;
+
+use commands::{Flow, Server};
+use resp::{Parser, ProtocolError};
+
+/// Clients served at once (one worker task each).
+const MAX_CLIENTS: usize = 128;
+/// A connection's input buffer to start with (it grows for big arguments).
+const READ_BUFFER: usize = 16 * 1024;
+/// Replies are sent once a read's worth of commands has run, or earlier
+/// when this much has piled up (large values, long pipelines).
+const FLUSH_AT: usize = 64 * 1024;
+/// The background expiry task's period, and its work per run.
+const EXPIRE_PERIOD_MS: u64 = 100;
+const EXPIRE_BATCH: usize = 1000;
+
+#[libcloud::main]
+async fn main() -> Result<(), libcloud::net::Error> {
+    let port: u16 = libcloud::env("PORT")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(6379);
+    let maxmemory = match libcloud::env("MAXMEMORY").map(parse_bytes) {
+        Some(Some(n)) => n,
+        Some(None) => {
+            println!("kv: ignoring MAXMEMORY: not a size (e.g. 64mb)");
+            0
+        }
+        None => 0,
+    };
+    let stack = libcloud::net::start().await?;
+    let server = Rc::new(RefCell::new(Server::new(port, MAX_CLIENTS, maxmemory)));
+    libcloud::task::spawn(expire_task(server.clone()));
+    libcloud::net::serve_tcp(stack, port, MAX_CLIENTS, async move |socket| {
+        serve(socket, &server).await;
+    });
+    println!("kv: listening on port {port}");
+    core::future::pending().await
+}
+
+/// `123`, `64kb`, `100mb`, `1gb` (also `k`, `m`, `g`; any case) in bytes.
+fn parse_bytes(s: &str) -> Option<usize> {
+    let s = s.trim().to_ascii_lowercase();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(digits);
+    let scale = match unit {
+        "" | "b" => 1,
+        "k" | "kb" => 1 << 10,
+        "m" | "mb" => 1 << 20,
+        "g" | "gb" => 1 << 30,
+        _ => return None,
+    };
+    n.parse::<usize>().ok()?.checked_mul(scale)
+}
+
+/// Removes expired keys a batch at a time: every [`EXPIRE_PERIOD_MS`], or
+/// at once again while batches come back full.
+async fn expire_task(server: Rc<RefCell<Server>>) {
+    loop {
+        let removed = commands::expire_cycle(&mut server.borrow_mut(), EXPIRE_BATCH);
+        let pause = if removed == EXPIRE_BATCH {
+            1
+        } else {
+            EXPIRE_PERIOD_MS
+        };
+        libcloud::time::sleep_async(Duration::from_millis(pause)).await;
+    }
+}
+
+/// A client's entry in [`Server::clients`], removed when the connection
+/// ends however it ends.
+struct Registration<'a> {
+    server: &'a RefCell<Server>,
+    id: u64,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut server) = self.server.try_borrow_mut() {
+            server.disconnect(self.id);
+        }
+    }
+}
+
+/// Serves one connection: reads, runs every complete command read, and
+/// sends their replies in one write per read.
+async fn serve(socket: &mut TcpSocket<'_>, server: &RefCell<Server>) {
+    // Replies go out as soon as they are written (Redis sets TCP_NODELAY).
+    socket.set_nagle_enabled(false);
+    let addr = socket
+        .remote_endpoint()
+        .map(|e| format!("{e}"))
+        .unwrap_or_default();
+    let id = server.borrow_mut().connect(addr);
+    let _registration = Registration { server, id };
+
+    let mut buf = vec![0u8; READ_BUFFER];
+    // Unparsed input is `buf[start..end]`.
+    let (mut start, mut end) = (0, 0);
+    let mut parser = Parser::new();
+    let mut out = Vec::with_capacity(READ_BUFFER);
+    loop {
+        if end == buf.len() && !make_room(&mut buf, &mut start, &mut end, &parser) {
+            ProtocolError::OutOfMemory.encode(&mut out);
+            let _ = socket.write_all(&out).await;
+            return;
+        }
+        match socket.read(&mut buf[end..]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => end += n,
+        }
+        let mut close = false;
+        loop {
+            let parsed = match parser.parse(&buf[start..end]) {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    e.encode(&mut out);
+                    close = true;
+                    break;
+                }
+            };
+            start += parsed.consumed;
+            match parsed.command {
+                Some(command) => {
+                    // The borrow ends with the statement, before any await.
+                    let flow = commands::execute(&mut server.borrow_mut(), id, command, &mut out);
+                    if flow == Flow::Close {
+                        close = true;
+                        break;
+                    }
+                    if out.len() >= FLUSH_AT {
+                        if socket.write_all(&out).await.is_err() {
+                            return;
+                        }
+                        out.clear();
+                    }
+                }
+                None if parsed.consumed == 0 => break, // needs more input
+                None => {}
+            }
+        }
+        if !out.is_empty() {
+            if socket.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+            if out.capacity() > 2 * FLUSH_AT {
+                out = Vec::with_capacity(READ_BUFFER);
+            }
+        }
+        if close {
+            return; // `serve_tcp` closes the socket after the data sent
+        }
+        if start == end {
+            (start, end) = (0, 0);
+            if buf.len() > READ_BUFFER {
+                buf = vec![0u8; READ_BUFFER]; // after a big argument
+            }
+        }
+    }
+}
+
+/// Frees space at the end of a full input buffer: moves the unparsed bytes
+/// to the front, or grows the buffer if they fill it (an argument larger
+/// than the buffer). The parser bounds what it waits for (`resp::MAX_BULK`,
+/// `resp::MAX_INLINE`), so growth is bounded too. False if out of memory.
+fn make_room(buf: &mut Vec<u8>, start: &mut usize, end: &mut usize, parser: &Parser) -> bool {
+    if *start > 0 {
+        buf.copy_within(*start..*end, 0);
+        *end -= *start;
+        *start = 0;
+        return true;
+    }
+    let len = buf.len();
+    let new_len = parser.wants().filter(|&w| w > len).unwrap_or(2 * len);
+    if buf.try_reserve_exact(new_len - len).is_err() {
+        return false;
+    }
+    buf.resize(new_len, 0);
+    true
+}

@@ -1,0 +1,450 @@
+//! RESP2, the Redis wire protocol: an incremental request parser and the
+//! reply encoders.
+//!
+//! Requests come in two forms, as in Redis:
+//!
+//! - multibulk: `*<n>\r\n` then `n` bulk strings `$<len>\r\n<bytes>\r\n`
+//!   (what every client library and `redis-benchmark` sends);
+//! - inline: one line of space-separated words, `"double"` or `'single'`
+//!   quoted as `redis-cli`/`sdssplitargs` does (what `telnet` users type).
+//!
+//! [`Parser`] keeps its place between reads, so a large command that trickles
+//! in over many reads is scanned once, not once per read. Everything here is
+//! pure (no I/O, no clock), so the logic is the same in tests and on the guest.
+
+use alloc::vec::Vec;
+
+/// Most arguments one multibulk command may declare (Redis: 1024 * 1024 for
+/// unauthenticated clients).
+pub const MAX_ARGS: usize = 1024 * 1024;
+/// Largest bulk string (one argument, and so one stored value) accepted.
+/// Redis allows 512 MiB; a small unikernel caps it at 1 MiB.
+pub const MAX_BULK: usize = 1024 * 1024;
+/// Longest inline command or `*`/`$` header line (Redis: 64 KiB).
+pub const MAX_INLINE: usize = 64 * 1024;
+/// Most bytes one command may take in memory, arguments plus
+/// [`ARG_OVERHEAD`] each: bounds what one client can make the server hold.
+pub const MAX_COMMAND: usize = 16 * 1024 * 1024;
+/// What one argument costs besides its bytes (its `Vec` and allocator slack).
+const ARG_OVERHEAD: usize = 32;
+
+/// One command: its name followed by its arguments, binary-safe.
+pub type Command = Vec<Vec<u8>>;
+
+/// A request the server cannot make sense of. Replied to with
+/// `-ERR Protocol error: ...`, after which the connection is closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// `*` header that is not a number, or more than [`MAX_ARGS`].
+    InvalidMultibulkLength,
+    /// `$` header that is not a number, negative, or more than [`MAX_BULK`].
+    InvalidBulkLength,
+    /// Something other than `$` where a bulk string must start.
+    ExpectedDollar(u8),
+    /// A `*` header line longer than [`MAX_INLINE`].
+    TooBigMbulkCount,
+    /// A `$` header line longer than [`MAX_INLINE`].
+    TooBigBulkCount,
+    /// A bulk string not followed by `\r\n`.
+    ExpectedCrlf,
+    /// An inline command with an unterminated quote.
+    UnbalancedQuotes,
+    /// An inline command longer than [`MAX_INLINE`].
+    TooBigInline,
+    /// A command larger than [`MAX_COMMAND`].
+    TooBigCommand,
+    /// The server has no memory left to hold the command.
+    OutOfMemory,
+}
+
+impl ProtocolError {
+    /// Appends the error reply for `self` to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"-ERR Protocol error: ");
+        match self {
+            Self::InvalidMultibulkLength => out.extend_from_slice(b"invalid multibulk length"),
+            Self::InvalidBulkLength => out.extend_from_slice(b"invalid bulk length"),
+            Self::ExpectedDollar(got) => {
+                out.extend_from_slice(b"expected '$', got '");
+                push_sanitized(out, &[*got]);
+                out.push(b'\'');
+            }
+            Self::TooBigMbulkCount => out.extend_from_slice(b"too big mbulk count string"),
+            Self::TooBigBulkCount => out.extend_from_slice(b"too big bulk count string"),
+            Self::ExpectedCrlf => out.extend_from_slice(b"expected '\\r\\n' after bulk string"),
+            Self::UnbalancedQuotes => out.extend_from_slice(b"unbalanced quotes in request"),
+            Self::TooBigInline => out.extend_from_slice(b"too big inline request"),
+            Self::TooBigCommand => out.extend_from_slice(b"command too large"),
+            Self::OutOfMemory => out.extend_from_slice(b"out of memory for request"),
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// What one [`Parser::parse`] call found.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Parsed {
+    /// Bytes of the input used up; the caller drops them before the next call.
+    pub consumed: usize,
+    /// A complete command, if one ended within those bytes.
+    pub command: Option<Command>,
+}
+
+/// An incremental RESP2 request parser for one connection.
+///
+/// Call [`parse`](Self::parse) with the unconsumed input until it returns
+/// `consumed == 0` and no command: then it needs more bytes.
+#[derive(Debug, Default)]
+pub struct Parser {
+    /// Arguments of the multibulk command being read.
+    args: Vec<Vec<u8>>,
+    /// Arguments still to come; 0 between commands.
+    remaining: usize,
+    /// Length of the bulk string whose `$` header has been read.
+    bulk_len: Option<usize>,
+    /// Memory the current command takes so far (see [`MAX_COMMAND`]).
+    size: usize,
+}
+
+impl Parser {
+    /// A parser at the start of a stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many unconsumed bytes the parser needs in one piece to make
+    /// progress, when it knows (the bulk string it waits for, plus `\r\n`).
+    pub fn wants(&self) -> Option<usize> {
+        self.bulk_len.map(|len| len + 2)
+    }
+
+    /// Parses the start of `buf`: a whole inline command, or as much of a
+    /// multibulk command as is there. See [`Parsed`].
+    pub fn parse(&mut self, buf: &[u8]) -> Result<Parsed, ProtocolError> {
+        let mut consumed = 0;
+        if self.remaining == 0 {
+            let Some(&first) = buf.first() else {
+                return Ok(Parsed {
+                    consumed: 0,
+                    command: None,
+                });
+            };
+            if first != b'*' {
+                return parse_inline(buf);
+            }
+            let Some(end) = find_crlf(buf) else {
+                return if buf.len() > MAX_INLINE {
+                    Err(ProtocolError::TooBigMbulkCount)
+                } else {
+                    Ok(Parsed {
+                        consumed: 0,
+                        command: None,
+                    })
+                };
+            };
+            let count = parse_i64(&buf[1..end]).ok_or(ProtocolError::InvalidMultibulkLength)?;
+            if count > MAX_ARGS as i64 {
+                return Err(ProtocolError::InvalidMultibulkLength);
+            }
+            consumed = end + 2;
+            if count <= 0 {
+                // `*0` and `*-1` are no commands at all (Redis skips them).
+                return Ok(Parsed {
+                    consumed,
+                    command: None,
+                });
+            }
+            self.remaining = count as usize;
+            // Trust the declared count only so far: memory follows the data.
+            self.args = Vec::with_capacity(self.remaining.min(64));
+            self.size = 0;
+        }
+        while self.remaining > 0 {
+            let len = match self.bulk_len {
+                Some(len) => len,
+                None => {
+                    let rest = &buf[consumed..];
+                    let Some(&first) = rest.first() else { break };
+                    if first != b'$' {
+                        return Err(ProtocolError::ExpectedDollar(first));
+                    }
+                    let Some(end) = find_crlf(rest) else {
+                        if rest.len() > MAX_INLINE {
+                            return Err(ProtocolError::TooBigBulkCount);
+                        }
+                        break;
+                    };
+                    let len = parse_i64(&rest[1..end])
+                        .filter(|&n| (0..=MAX_BULK as i64).contains(&n))
+                        .ok_or(ProtocolError::InvalidBulkLength)?
+                        as usize;
+                    self.size += len + ARG_OVERHEAD;
+                    if self.size > MAX_COMMAND {
+                        return Err(ProtocolError::TooBigCommand);
+                    }
+                    consumed += end + 2;
+                    self.bulk_len = Some(len);
+                    len
+                }
+            };
+            let rest = &buf[consumed..];
+            if rest.len() < len + 2 {
+                break;
+            }
+            if &rest[len..len + 2] != b"\r\n" {
+                return Err(ProtocolError::ExpectedCrlf);
+            }
+            let mut arg = Vec::new();
+            arg.try_reserve_exact(len)
+                .map_err(|_| ProtocolError::OutOfMemory)?;
+            arg.extend_from_slice(&rest[..len]);
+            self.args
+                .try_reserve(1)
+                .map_err(|_| ProtocolError::OutOfMemory)?;
+            self.args.push(arg);
+            consumed += len + 2;
+            self.bulk_len = None;
+            self.remaining -= 1;
+        }
+        let command = (self.remaining == 0).then(|| core::mem::take(&mut self.args));
+        Ok(Parsed { consumed, command })
+    }
+}
+
+/// Index of the first `\r\n` in `buf`.
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = buf[from..].iter().position(|&b| b == b'\r') {
+        let at = from + i;
+        match buf.get(at + 1) {
+            Some(b'\n') => return Some(at),
+            Some(_) => from = at + 1,
+            None => return None,
+        }
+    }
+    None
+}
+
+/// An inline command: one `\n`-terminated line (`\r\n` also accepted).
+fn parse_inline(buf: &[u8]) -> Result<Parsed, ProtocolError> {
+    let Some(newline) = buf.iter().position(|&b| b == b'\n') else {
+        return if buf.len() > MAX_INLINE {
+            Err(ProtocolError::TooBigInline)
+        } else {
+            Ok(Parsed {
+                consumed: 0,
+                command: None,
+            })
+        };
+    };
+    if newline > MAX_INLINE {
+        return Err(ProtocolError::TooBigInline);
+    }
+    let line = &buf[..newline];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let args = split_args(line).ok_or(ProtocolError::UnbalancedQuotes)?;
+    Ok(Parsed {
+        consumed: newline + 1,
+        command: (!args.is_empty()).then_some(args),
+    })
+}
+
+/// Splits an inline command into words like Redis's `sdssplitargs`: blanks
+/// separate words; `"..."` understands `\n \r \t \b \a \\ \"` and `\xHH`;
+/// `'...'` understands only `\'`. A closing quote must end its word.
+/// `None` for unbalanced quotes.
+pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let mut args = Vec::new();
+    let mut i = 0;
+    loop {
+        while i < line.len() && line[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i == line.len() {
+            return Some(args);
+        }
+        let mut word = Vec::new();
+        let mut in_double = false;
+        let mut in_single = false;
+        loop {
+            if in_double {
+                let c = *line.get(i)?;
+                if c == b'\\' && i + 3 < line.len() && line[i + 1] == b'x' {
+                    if let (Some(h), Some(l)) = (hex(line[i + 2]), hex(line[i + 3])) {
+                        word.push(h << 4 | l);
+                        i += 4;
+                        continue;
+                    }
+                }
+                if c == b'\\' && i + 1 < line.len() {
+                    word.push(match line[i + 1] {
+                        b'n' => b'\n',
+                        b'r' => b'\r',
+                        b't' => b'\t',
+                        b'b' => 0x08,
+                        b'a' => 0x07,
+                        other => other,
+                    });
+                    i += 2;
+                } else if c == b'"' {
+                    // The closing quote must be followed by a blank or the end.
+                    if line.get(i + 1).is_some_and(|b| !b.is_ascii_whitespace()) {
+                        return None;
+                    }
+                    i += 1;
+                    break;
+                } else {
+                    word.push(c);
+                    i += 1;
+                }
+            } else if in_single {
+                let c = *line.get(i)?;
+                if c == b'\\' && line.get(i + 1) == Some(&b'\'') {
+                    word.push(b'\'');
+                    i += 2;
+                } else if c == b'\'' {
+                    if line.get(i + 1).is_some_and(|b| !b.is_ascii_whitespace()) {
+                        return None;
+                    }
+                    i += 1;
+                    break;
+                } else {
+                    word.push(c);
+                    i += 1;
+                }
+            } else {
+                match line.get(i) {
+                    None => break,
+                    Some(c) if c.is_ascii_whitespace() => break,
+                    Some(b'"') => in_double = true,
+                    Some(b'\'') => in_single = true,
+                    Some(&c) => word.push(c),
+                }
+                i += 1;
+            }
+        }
+        args.push(word);
+    }
+}
+
+fn hex(c: u8) -> Option<u8> {
+    (c as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Parses a decimal `i64` the way Redis's `string2ll` does: optional `-`,
+/// digits, no `+`, no blanks, no leading zeros, no overflow.
+pub fn parse_i64(s: &[u8]) -> Option<i64> {
+    let (negative, digits) = match s.split_first()? {
+        (b'-', rest) => (true, rest),
+        _ => (false, s),
+    };
+    if digits.is_empty()
+        || digits.len() > 19
+        || (digits[0] == b'0' && (digits.len() > 1 || negative))
+    {
+        return None;
+    }
+    // Accumulate negatively so that i64::MIN fits.
+    let mut n: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_sub((d - b'0') as i64)?;
+    }
+    if negative {
+        Some(n)
+    } else {
+        n.checked_neg()
+    }
+}
+
+/// Appends the decimal form of `n` to `out`.
+pub fn push_i64(out: &mut Vec<u8>, n: i64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n.unsigned_abs();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        out.push(b'-');
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// Appends `bytes` with `\r` and `\n` turned into spaces, so that it fits on
+/// one line of a simple string or error reply.
+pub fn push_sanitized(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend(
+        bytes
+            .iter()
+            .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+    );
+}
+
+/// `+s\r\n`. `s` must not contain `\r` or `\n`.
+pub fn simple(out: &mut Vec<u8>, s: &str) {
+    out.push(b'+');
+    out.extend_from_slice(s.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `+OK\r\n`.
+pub fn ok(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"+OK\r\n");
+}
+
+/// `-msg\r\n`, with line breaks in `msg` made spaces. `msg` starts with the
+/// error code (`ERR ...`, `OOM ...`).
+pub fn error(out: &mut Vec<u8>, msg: &[u8]) {
+    out.push(b'-');
+    push_sanitized(out, msg);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `:n\r\n`.
+pub fn integer(out: &mut Vec<u8>, n: i64) {
+    out.push(b':');
+    push_i64(out, n);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `$len\r\nbytes\r\n`.
+pub fn bulk(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.push(b'$');
+    push_i64(out, bytes.len() as i64);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(bytes);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The null bulk string, `$-1\r\n` (a missing value).
+pub fn nil(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"$-1\r\n");
+}
+
+/// A bulk string or the null bulk string.
+pub fn bulk_or_nil(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
+    match bytes {
+        Some(b) => bulk(out, b),
+        None => nil(out),
+    }
+}
+
+/// `*n\r\n`: an array header, followed by `n` replies.
+pub fn array(out: &mut Vec<u8>, n: usize) {
+    out.push(b'*');
+    push_i64(out, n as i64);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Bytes [`bulk`] appends for a string of `len` bytes.
+pub fn bulk_size(len: usize) -> usize {
+    len + 25
+}

@@ -1,0 +1,209 @@
+//! The keyspace: binary-safe keys to string values, with optional expiry.
+//!
+//! Keys live in a `BTreeMap` rather than a hash map:
+//!
+//! - no hash seed to choose: a fixed-seed hash would let any client pick
+//!   keys that all collide (hash flooding) and stall the single vCPU, and a
+//!   unikernel has no good entropy source at boot to seed one with;
+//! - O(log n) worst case for every operation, no rehash pauses as the map
+//!   grows, and no extra dependency;
+//! - ordered keys make `KEYS prefix*` a range scan.
+//!
+//! Expiry is exact and cheap: besides each entry's deadline, the store keeps
+//! an index of `(deadline, key)` for the keys that have one. Keys are expired
+//! lazily when a command touches them, and actively by
+//! [`expire_due`](Store::expire_due), which pops due keys off the front of
+//! the index (called a little on every command and from a background task).
+
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::vec::Vec;
+use libcloud::time::Instant;
+
+use crate::glob;
+
+/// A stored value and when it expires.
+#[derive(Debug)]
+pub struct Entry {
+    pub value: Vec<u8>,
+    pub expires_at: Option<Instant>,
+}
+
+impl Entry {
+    fn is_expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+}
+
+/// The keyspace (one database, `db0`).
+#[derive(Debug, Default)]
+pub struct Store {
+    map: BTreeMap<Vec<u8>, Entry>,
+    /// `(deadline, key)` for every key in `map` with a deadline.
+    expiries: BTreeSet<(Instant, Vec<u8>)>,
+    /// Keys removed because they expired, since start (`INFO stats`).
+    pub expired_keys: u64,
+}
+
+impl Store {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Keys stored, including expired ones not yet removed.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Keys with a deadline, including expired ones not yet removed.
+    pub fn volatile_len(&self) -> usize {
+        self.expiries.len()
+    }
+
+    /// Removes `key` if its deadline has passed.
+    fn expire_if_due(&mut self, key: &[u8], now: Instant) {
+        if self.expiries.is_empty() {
+            return; // the common case, one lookup fewer
+        }
+        if self.map.get(key).is_some_and(|e| e.is_expired(now)) {
+            self.remove_entry(key);
+            self.expired_keys += 1;
+        }
+    }
+
+    /// The live entry for `key`.
+    pub fn get(&mut self, key: &[u8], now: Instant) -> Option<&Entry> {
+        self.expire_if_due(key, now);
+        self.map.get(key)
+    }
+
+    /// The live value of `key`, to change in place (its deadline stays).
+    pub fn value_mut(&mut self, key: &[u8], now: Instant) -> Option<&mut Vec<u8>> {
+        self.expire_if_due(key, now);
+        self.map.get_mut(key).map(|e| &mut e.value)
+    }
+
+    /// Whether `key` is there (and not expired).
+    pub fn contains(&mut self, key: &[u8], now: Instant) -> bool {
+        self.get(key, now).is_some()
+    }
+
+    /// Sets `key` to `value` with deadline `expires_at`; returns the old
+    /// entry, if there was one (expired or not).
+    pub fn set(
+        &mut self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        expires_at: Option<Instant>,
+    ) -> Option<Entry> {
+        match self.map.get_mut(&key) {
+            Some(entry) => {
+                let old = core::mem::replace(entry, Entry { value, expires_at });
+                if old.expires_at != expires_at {
+                    if let Some(at) = old.expires_at {
+                        self.expiries.remove(&(at, key.clone()));
+                    }
+                    if let Some(at) = expires_at {
+                        self.expiries.insert((at, key));
+                    }
+                }
+                Some(old)
+            }
+            None => {
+                if let Some(at) = expires_at {
+                    self.expiries.insert((at, key.clone()));
+                }
+                self.map.insert(key, Entry { value, expires_at });
+                None
+            }
+        }
+    }
+
+    /// Sets `key` to `value`, keeping the deadline it has (if live).
+    pub fn set_keep_ttl(&mut self, key: Vec<u8>, value: Vec<u8>, now: Instant) {
+        self.expire_if_due(&key, now);
+        match self.map.get_mut(&key) {
+            Some(entry) => entry.value = value,
+            None => {
+                self.map.insert(
+                    key,
+                    Entry {
+                        value,
+                        expires_at: None,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Changes the deadline of live `key`; false if there is no such key.
+    pub fn set_expiry(&mut self, key: &[u8], expires_at: Option<Instant>, now: Instant) -> bool {
+        self.expire_if_due(key, now);
+        let Some(entry) = self.map.get_mut(key) else {
+            return false;
+        };
+        let old = core::mem::replace(&mut entry.expires_at, expires_at);
+        if old != expires_at {
+            if let Some(at) = old {
+                self.expiries.remove(&(at, key.to_vec()));
+            }
+            if let Some(at) = expires_at {
+                self.expiries.insert((at, key.to_vec()));
+            }
+        }
+        true
+    }
+
+    /// Removes live `key`, returning its entry.
+    pub fn remove(&mut self, key: &[u8], now: Instant) -> Option<Entry> {
+        self.expire_if_due(key, now);
+        self.remove_entry(key)
+    }
+
+    fn remove_entry(&mut self, key: &[u8]) -> Option<Entry> {
+        let (key, entry) = self.map.remove_entry(key)?;
+        if let Some(at) = entry.expires_at {
+            self.expiries.remove(&(at, key));
+        }
+        Some(entry)
+    }
+
+    /// Removes every key.
+    pub fn clear(&mut self) {
+        self.map.clear();
+        self.expiries.clear();
+    }
+
+    /// Removes up to `limit` keys whose deadline has passed (all of them if
+    /// `limit` is `usize::MAX`); returns how many it removed.
+    pub fn expire_due(&mut self, now: Instant, limit: usize) -> usize {
+        let mut removed = 0;
+        while removed < limit {
+            match self.expiries.first() {
+                Some((at, _)) if *at <= now => {}
+                _ => break,
+            }
+            let Some((_, key)) = self.expiries.pop_first() else {
+                break;
+            };
+            self.map.remove(&key);
+            removed += 1;
+        }
+        self.expired_keys += removed as u64;
+        removed
+    }
+
+    /// Live keys matching glob `pattern`, in order. Expired keys must have
+    /// been removed first ([`expire_due`](Self::expire_due)) or are listed.
+    pub fn keys<'a>(&'a self, pattern: &'a [u8]) -> impl Iterator<Item = &'a Vec<u8>> + 'a {
+        let prefix = glob::literal_prefix(pattern);
+        let literal = glob::is_literal(pattern);
+        let range = self.map.range::<[u8], _>((
+            core::ops::Bound::Included(&prefix[..]),
+            core::ops::Bound::Unbounded,
+        ));
+        range
+            .map(|(k, _)| k)
+            .take_while(move |k| k.starts_with(&prefix) && (!literal || k.len() == prefix.len()))
+            .filter(move |k| literal || glob::matches(pattern, k, false))
+    }
+}

@@ -1,0 +1,197 @@
+//! The kv unikernel with the real Redis clients from Debian's redis-tools,
+//! through a published port of the shim's user-mode network: round trips,
+//! a pipelined batch, 50 concurrent clients, a malformed request; and two
+//! guests on one shim pinging and talking TCP to each other (netcheck).
+
+mod common;
+
+use common::{free_port, image, Shim};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A kv guest serving on a fresh published port.
+struct Kv {
+    shim: Shim,
+    port: u16,
+}
+
+impl Kv {
+    fn start() -> Self {
+        let port = free_port();
+        let img = image("kv").to_string_lossy().into_owned();
+        let publish = format!("127.0.0.1:{port}:6379");
+        let mut shim = Shim::start(&["run", &img, "--timeout", "120", "--publish", &publish]);
+        let give_up = Instant::now() + Duration::from_secs(20);
+        while redis_cli(port, &["PING"]).0 != "PONG\n" {
+            shim.assert_running("kv to answer PING");
+            assert!(Instant::now() < give_up, "kv never answered PING");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { shim, port }
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let (out, status) = redis_cli(self.port, args);
+        assert!(status, "redis-cli {args:?} failed: {out}");
+        out
+    }
+}
+
+/// `redis-cli -p PORT ARGS...`: (stdout, success).
+fn redis_cli(port: u16, args: &[&str]) -> (String, bool) {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli is installed (apt-get install redis-tools)");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.status.success(),
+    )
+}
+
+#[test]
+fn redis_cli_round_trips() {
+    let kv = Kv::start();
+    assert_eq!(kv.cli(&["SET", "greeting", "hello world"]), "OK\n");
+    assert_eq!(kv.cli(&["GET", "greeting"]), "hello world\n");
+    assert_eq!(kv.cli(&["INCR", "counter"]), "1\n");
+    assert_eq!(kv.cli(&["INCRBY", "counter", "41"]), "42\n");
+    assert_eq!(kv.cli(&["DECR", "counter"]), "41\n");
+    assert_eq!(kv.cli(&["MSET", "a", "1", "b", "2"]), "OK\n");
+    assert_eq!(kv.cli(&["MGET", "a", "b", "missing"]), "1\n2\n\n");
+    assert_eq!(kv.cli(&["EXISTS", "a", "b", "missing"]), "2\n");
+    assert_eq!(kv.cli(&["DEL", "a", "missing"]), "1\n");
+    assert_eq!(kv.cli(&["DBSIZE"]), "3\n");
+    assert_eq!(kv.cli(&["SET", "ttl", "x", "PX", "100"]), "OK\n");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(kv.cli(&["GET", "ttl"]), "\n", "the key expired");
+    assert!(kv.cli(&["INCR", "greeting"]).contains("not an integer"));
+    assert!(kv.cli(&["INFO"]).contains("redis_version"));
+    let (out, _) = kv.shim.stop();
+    assert!(out.contains("kv: listening on port 6379"), "{out}");
+}
+
+#[test]
+fn a_pipelined_batch_and_fifty_concurrent_clients() {
+    let kv = Kv::start();
+    // redis-cli --pipe sends the whole batch without waiting for replies.
+    let batch: String = (0..10_000)
+        .map(|i| {
+            format!(
+                "*3\r\n$3\r\nSET\r\n${}\r\nkey:{i}\r\n${}\r\nval:{i}\r\n",
+                4 + i.to_string().len(),
+                4 + i.to_string().len()
+            )
+        })
+        .collect();
+    let mut pipe = Command::new("redis-cli")
+        .args(["-p", &kv.port.to_string(), "--pipe"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("redis-cli");
+    pipe.stdin
+        .take()
+        .unwrap()
+        .write_all(batch.as_bytes())
+        .unwrap();
+    let out = pipe.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("errors: 0, replies: 10000"), "{report}");
+    assert_eq!(kv.cli(&["DBSIZE"]), "10000\n");
+    assert_eq!(kv.cli(&["GET", "key:9999"]), "val:9999\n");
+
+    let bench = Command::new("redis-benchmark")
+        .args([
+            "-p",
+            &kv.port.to_string(),
+            "-t",
+            "set,get",
+            "-n",
+            "20000",
+            "-c",
+            "50",
+            "--csv",
+        ])
+        .output()
+        .expect("redis-benchmark is installed (apt-get install redis-tools)");
+    let csv = String::from_utf8_lossy(&bench.stdout);
+    assert!(bench.status.success(), "{csv}");
+    for test in ["\"SET\"", "\"GET\""] {
+        let rps: f64 = csv
+            .lines()
+            .find(|l| l.starts_with(test))
+            .and_then(|l| l.split(',').nth(1))
+            .and_then(|v| v.trim_matches('"').parse().ok())
+            .unwrap_or_else(|| panic!("no {test} result in {csv}"));
+        assert!(rps > 1000.0, "{test}: {rps} requests/s with 50 clients");
+    }
+    assert_eq!(
+        kv.cli(&["GET", "key:1234"]),
+        "val:1234\n",
+        "the benchmark's keys are its own"
+    );
+}
+
+#[test]
+fn a_malformed_request_gets_an_error_and_the_server_stays_up() {
+    let kv = Kv::start();
+    let mut conn = TcpStream::connect(("127.0.0.1", kv.port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    conn.write_all(b"*1\r\n$x\r\n").unwrap();
+    let mut reply = String::new();
+    let _ = conn.read_to_string(&mut reply);
+    assert!(reply.starts_with("-ERR Protocol error"), "{reply:?}");
+    assert_eq!(kv.cli(&["PING"]), "PONG\n");
+    assert_eq!(kv.cli(&["SET", "still", "here"]), "OK\n");
+}
+
+#[test]
+fn two_guests_on_one_shim_ping_and_talk_tcp() {
+    let img = image("netcheck").to_string_lossy().into_owned();
+    let server = format!("{img} echo 7");
+    let mut shim = Shim::start(&[
+        "run",
+        &img,
+        "--timeout",
+        "60",
+        "--net",
+        "user",
+        "--also",
+        &server,
+        "--",
+        "ping",
+        "10.0.2.16",
+        "3",
+    ]);
+    let status = shim.child.wait().unwrap();
+    let (out, err) = shim.stop();
+    assert!(status.success(), "{out}\n{err}");
+    assert!(out.contains("ping ok"), "{out}\n{err}");
+
+    let mut shim = Shim::start(&[
+        "run",
+        &img,
+        "--timeout",
+        "60",
+        "--net",
+        "user",
+        "--also",
+        &server,
+        "--",
+        "connect",
+        "10.0.2.16",
+        "7",
+        "hello across the switch",
+    ]);
+    let status = shim.child.wait().unwrap();
+    let (out, err) = shim.stop();
+    assert!(status.success(), "{out}\n{err}");
+    assert!(
+        out.contains("echoed: hello across the switch"),
+        "{out}\n{err}"
+    );
+}
