@@ -2,6 +2,8 @@
 //! (`stringmatchlen`): `*` any run of bytes, `?` any one byte, `[abc]`,
 //! `[^abc]`, `[a-z]` one byte of (or not of) a set, and `\x` the byte `x`
 //! itself. Bytes, not characters; case-sensitive unless asked otherwise.
+//! One deliberate difference: `*` also matches the empty string (Redis's
+//! matcher says no, though its `KEYS *` lists the empty key all the same).
 //!
 //! The matcher backtracks only to the last `*`, so it runs in
 //! O(pattern × subject) time even for patterns like `*a*a*a*a*b`: a client
@@ -71,7 +73,8 @@ fn match_one(pattern: &[u8], p: usize, c: u8, nocase: bool) -> Option<usize> {
             // An unterminated set ends with the pattern (as in Redis).
             while i < pattern.len() && pattern[i] != b']' {
                 if pattern[i] == b'\\' && i + 1 < pattern.len() {
-                    hit |= eq(pattern[i + 1], c);
+                    // Case-sensitive even with `nocase`, as in Redis.
+                    hit |= pattern[i + 1] == c;
                     i += 2;
                 } else if i + 2 < pattern.len() && pattern[i + 1] == b'-' {
                     let (mut lo, mut hi) = (pattern[i], pattern[i + 2]);
