@@ -164,6 +164,43 @@ pub enum Error {
     Qemu(#[from] QemuError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     #[error("{0}")]
     Config(String),
+}
+
+/// Why a snapshot could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("not a host-shim snapshot (wrong magic bytes)")]
+    NotASnapshot,
+    #[error(
+        "snapshot format version {found} is not supported (this shim reads version {supported})"
+    )]
+    FormatVersion { found: u32, supported: u32 },
+    #[error(
+        "the snapshot was taken with guest ABI v{found}, this shim speaks ABI v{shim}: \
+         restore it with a matching shim"
+    )]
+    AbiVersion { found: u32, shim: u32 },
+    #[error("the snapshot is truncated (the file ends early)")]
+    Truncated,
+    #[error("the snapshot is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the snapshot is corrupt: checksum {computed:#010x} does not match the stored {stored:#010x}")]
+    Checksum { stored: u32, computed: u32 },
+    #[error("cannot read the snapshot: {0}")]
+    Read(io::Error),
+    #[error("cannot write the snapshot: {0}")]
+    Write(io::Error),
+    #[error("cannot encode the snapshot: {0}")]
+    Encode(String),
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error("{}: {err}", path.display())]
+    File {
+        path: PathBuf,
+        err: Box<SnapshotError>,
+    },
 }

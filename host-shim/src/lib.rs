@@ -12,10 +12,14 @@ pub mod backend;
 pub mod boot;
 pub mod config;
 pub mod console;
+pub mod daemon;
 pub mod devices;
 pub mod error;
+pub mod machine;
+pub mod migration;
 pub mod net;
 pub mod outcome;
+pub mod snapshot;
 mod sys;
 pub mod vstate;
 

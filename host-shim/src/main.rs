@@ -1,5 +1,9 @@
 //! `host-shim`: the command line. Parses flags, sets up logging to stderr
 //! and turns how the guest ended into the process exit status.
+//!
+//! `run` and `restore` run a guest in this process; with `--shim ADDR` they
+//! (and `list`, `stop`, `logs`, `snapshot`, `migrate`) talk to a daemon
+//! started with `serve` (see `host_shim::daemon`).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -10,15 +14,44 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use host_shim::boot::cmdline::{self, GuestArgs};
 use host_shim::config::{self, Backend, GuestSpec, NetOptions, QemuAccel, RunConfig};
+use host_shim::daemon::api::{
+    Client, InstanceInfo, MigrateRequest, RestoreRequest, RunRequest, SnapshotInfo, SnapshotRequest,
+};
+use host_shim::daemon::DaemonConfig;
 use host_shim::devices::virtio;
 use host_shim::net::{NetMode, Nic, PublishSpec};
 use host_shim::outcome::STATUS_SHIM_ERROR;
 use tracing_subscriber::EnvFilter;
 
+const ABOUT: &str = "\
+A small KVM monitor that boots libcloud unikernel images, and a daemon that
+hosts several of them, snapshots them and moves them between hosts.
+
+In this process:
+    host-shim run IMAGE [--publish 8080:80] [-- ARGS]     boot an image
+    host-shim restore FILE [--publish 8080:80]            run a snapshot
+
+A daemon (one per host), driven from other processes:
+    host-shim serve --listen 127.0.0.1:7000 --name us-east [--shim-id 1]
+    host-shim --shim 127.0.0.1:7000 run IMAGE --name kv --publish 6379:6379
+    host-shim --shim 127.0.0.1:7000 list
+    host-shim --shim 127.0.0.1:7000 logs kv
+    host-shim --shim 127.0.0.1:7000 snapshot kv --out /tmp/kv.snap
+    host-shim --shim 127.0.0.1:7000 restore /tmp/kv.snap --name kv2
+    host-shim --shim 127.0.0.1:7000 migrate kv --to 127.0.0.1:7100
+    host-shim --shim 127.0.0.1:7000 stop kv
+(--shim defaults to $HOST_SHIM; list/logs/stop/snapshot/migrate default to
+127.0.0.1:7000.)";
+
 /// A small KVM monitor that boots libcloud unikernel images.
 #[derive(Parser)]
-#[command(name = "host-shim", version, propagate_version = true)]
+#[command(name = "host-shim", version, propagate_version = true, long_about = ABOUT)]
 struct Cli {
+    /// The daemon to talk to (`host-shim serve --listen ADDR`): makes `run`
+    /// and `restore` run the guest there instead of in this process.
+    #[arg(long, global = true, value_name = "ADDR", env = "HOST_SHIM")]
+    shim: Option<String>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -26,6 +59,139 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Run(RunArgs),
+    Restore(RestoreArgs),
+    Serve(ServeArgs),
+    List,
+    Stop(NameArg),
+    Logs(NameArg),
+    Snapshot(SnapshotArgs),
+    Migrate(MigrateArgs),
+}
+
+/// Run a guest from a snapshot file (in this process, or with --shim in a
+/// daemon, which reads the file).
+#[derive(Args)]
+struct RestoreArgs {
+    /// The snapshot file (`host-shim snapshot NAME --out FILE`).
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+
+    /// With --shim: the instance name [default: the saved one].
+    #[arg(long)]
+    name: Option<String>,
+
+    /// Forward a host port to the guest:
+    /// [HOST_ADDR:]HOST_PORT:[GUEST_ADDR:]GUEST_PORT[/tcp|/udp]; may be repeated.
+    #[arg(long, value_name = "MAPPING", value_parser = config::parse_publish)]
+    publish: Vec<PublishSpec>,
+
+    /// The host name the guest is told it now runs on [default: this machine's].
+    #[arg(long, value_name = "NAME")]
+    host_name: Option<String>,
+
+    /// The region the guest is told it now runs in.
+    #[arg(long, value_name = "REGION", default_value = "local")]
+    region: String,
+
+    /// Stop the guest after this many seconds (exit status 124).
+    #[arg(long, value_name = "SECS", value_parser = config::parse_timeout)]
+    timeout: Option<Duration>,
+
+    /// The KVM device to open.
+    #[arg(long, value_name = "PATH", default_value = host_shim::vstate::vm::KVM_DEVICE)]
+    kvm_device: PathBuf,
+}
+
+const SERVE_ABOUT: &str = "\
+Run a shim daemon until killed: it hosts named instances (each guest on its
+own vCPU thread, all on the shim's virtual switch) and is driven over an
+HTTP/1.1 JSON API on --listen (endpoints: see the host_shim::daemon docs;
+the subcommands list, run, stop, logs, snapshot, restore, migrate use it).
+
+Addresses: shim N (--shim-id N, 1..14) has gateway 10.0.2.(N+1) and gives
+its guests 10.0.2.(16N) to 10.0.2.(16N+15), so shims with distinct ids can
+share one overlay and guests keep their address when they move. Give every
+shim of a fleet its own id.
+
+Overlay: shims exchange guest frames over UDP with a VXLAN header
+(RFC 7348) at the --overlay address (default: the --listen address, UDP).
+Peers are learnt from migrations (both sides tell each other their overlay
+address) or given with --peer. After a guest moves, its old shim forwards
+frames for it (and its published ports keep working) over the overlay.";
+
+/// Run a shim daemon that hosts instances and moves them between shims.
+#[derive(Args)]
+#[command(long_about = SERVE_ABOUT)]
+struct ServeArgs {
+    /// The API address (HTTP/1.1 JSON).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7000")]
+    listen: std::net::SocketAddr,
+
+    /// This shim's name: guests are told they run on it.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+
+    /// The region guests are told they run in.
+    #[arg(long, value_name = "REGION", default_value = "local")]
+    region: String,
+
+    /// This shim's number in its fleet (1..14): picks its gateway and guest addresses.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    shim_id: u8,
+
+    /// Shim-level published port, to a guest address:
+    /// [HOST_ADDR:]HOST_PORT:[GUEST_ADDR:]GUEST_PORT (the guest defaults to
+    /// the first address of this shim). Usually ports belong to instances:
+    /// `run --publish`.
+    #[arg(long, value_name = "MAPPING", value_parser = config::parse_publish)]
+    publish: Vec<PublishSpec>,
+
+    /// The overlay's UDP address [default: the --listen address].
+    #[arg(long, value_name = "ADDR")]
+    overlay: Option<std::net::SocketAddr>,
+
+    /// Another shim's overlay address; may be repeated.
+    #[arg(long, value_name = "ADDR")]
+    peer: Vec<std::net::SocketAddr>,
+
+    /// The VXLAN network identifier of the fleet.
+    #[arg(long, value_name = "VNI", default_value_t = 4242)]
+    vni: u32,
+
+    /// No overlay (guests cannot be reached after they move away).
+    #[arg(long)]
+    no_overlay: bool,
+
+    /// The KVM device to open.
+    #[arg(long, value_name = "PATH", default_value = host_shim::vstate::vm::KVM_DEVICE)]
+    kvm_device: PathBuf,
+}
+
+/// An instance of a daemon.
+#[derive(Args)]
+struct NameArg {
+    /// The instance's name.
+    name: String,
+}
+
+/// Write a snapshot of a daemon's instance (it is paused meanwhile).
+#[derive(Args)]
+struct SnapshotArgs {
+    /// The instance's name.
+    name: String,
+    /// The file to write (by the daemon).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+}
+
+/// Move a running instance to another daemon, live.
+#[derive(Args)]
+struct MigrateArgs {
+    /// The instance's name.
+    name: String,
+    /// The destination daemon's API address.
+    #[arg(long, value_name = "ADDR")]
+    to: String,
 }
 
 const RUN_ABOUT: &str = "\
@@ -147,6 +313,10 @@ struct RunArgs {
     #[arg(long, value_name = "'IMAGE ARG...'")]
     also: Vec<String>,
 
+    /// With --shim: the instance's name [default: the image's file stem].
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+
     /// Arguments for the app, after `--`.
     #[arg(last = true, value_name = "ARGS")]
     args: Vec<String>,
@@ -167,7 +337,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    match execute(cli.command) {
+    match execute(cli.command, cli.shim) {
         Ok(status) => ExitCode::from(status),
         Err(e) => {
             eprintln!("Error: {e:#}");
@@ -186,10 +356,217 @@ fn init_logging() {
         .init();
 }
 
-fn execute(command: Command) -> anyhow::Result<u8> {
+/// The daemon address for subcommands that need one.
+fn shim_addr(shim: Option<String>) -> String {
+    shim.unwrap_or_else(|| "127.0.0.1:7000".to_owned())
+}
+
+fn execute(command: Command, shim: Option<String>) -> anyhow::Result<u8> {
     match command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => match shim {
+            Some(addr) => remote_run(&addr, args),
+            None => run(args),
+        },
+        Command::Restore(args) => match shim {
+            Some(addr) => remote_restore(&addr, args),
+            None => restore(args),
+        },
+        Command::Serve(args) => serve(args),
+        Command::List => list(&shim_addr(shim)),
+        Command::Stop(n) => {
+            let client = Client::new(&shim_addr(shim));
+            let info: InstanceInfo =
+                client.json::<(), _>("POST", &format!("/v1/instances/{}/stop", n.name), None)?;
+            println!("stopped {}", info.name);
+            Ok(0)
+        }
+        Command::Logs(n) => {
+            let client = Client::new(&shim_addr(shim));
+            let answer = client.call("GET", &format!("/v1/instances/{}/logs", n.name), None)?;
+            use std::io::Write;
+            std::io::stdout().write_all(&answer.body)?;
+            Ok(0)
+        }
+        Command::Snapshot(a) => {
+            let client = Client::new(&shim_addr(shim));
+            let out = absolute(&a.out)?;
+            let info: SnapshotInfo = client.json(
+                "POST",
+                &format!("/v1/instances/{}/snapshot", a.name),
+                Some(&SnapshotRequest {
+                    out: out.display().to_string(),
+                }),
+            )?;
+            println!(
+                "snapshot of {} written to {}: {} pages, {} bytes, guest paused {:.1} ms",
+                a.name, info.file, info.pages, info.bytes, info.paused_ms
+            );
+            Ok(0)
+        }
+        Command::Migrate(a) => {
+            let client = Client::new(&shim_addr(shim));
+            let last = client.stream_lines(
+                &format!("/v1/instances/{}/migrate", a.name),
+                &MigrateRequest { to: a.to.clone() },
+                |line| println!("{line}"),
+            )?;
+            if last.starts_with("ok") {
+                Ok(0)
+            } else {
+                anyhow::bail!(
+                    "migration of {} to {} did not complete{}",
+                    a.name,
+                    a.to,
+                    if last.is_empty() {
+                        " (the shim closed the connection)".to_owned()
+                    } else {
+                        String::new()
+                    }
+                )
+            }
+        }
     }
+}
+
+fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
+    if path.is_absolute() {
+        Ok(path.to_owned())
+    } else {
+        Ok(std::env::current_dir()?.join(path))
+    }
+}
+
+fn list(addr: &str) -> anyhow::Result<u8> {
+    let client = Client::new(addr);
+    let list: Vec<InstanceInfo> = client.json::<(), _>("GET", "/v1/instances", None)?;
+    println!(
+        "{:<16} {:<24} {:<18} {:>8} {:>10} {:>4}  IMAGE",
+        "NAME", "STATE", "IP", "MEM", "UPTIME", "GEN"
+    );
+    for i in list {
+        println!(
+            "{:<16} {:<24} {:<18} {:>7}M {:>9.1}s {:>4}  {}",
+            i.name,
+            i.state,
+            i.ip.unwrap_or_else(|| "-".into()),
+            i.mem >> 20,
+            i.uptime_s,
+            i.generation,
+            i.image
+        );
+    }
+    Ok(0)
+}
+
+fn remote_run(addr: &str, args: RunArgs) -> anyhow::Result<u8> {
+    if args.backend != Backend::Kvm || !args.also.is_empty() || args.timeout.is_some() {
+        anyhow::bail!(
+            "with --shim, run takes IMAGE, --name, --mem, --env, --publish, --ip and ARGS only"
+        );
+    }
+    if args.net.is_some() || args.mac.is_some() || args.gateway.is_some() {
+        anyhow::bail!(
+            "with --shim, the daemon picks the network: --net, --mac and --gateway do not apply"
+        );
+    }
+    let image = absolute(&args.image)?;
+    let name = args.name.clone().unwrap_or_else(|| {
+        args.image
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "guest".into())
+    });
+    let req = RunRequest {
+        name,
+        image: image.display().to_string(),
+        mem: args.mem,
+        env: args.env,
+        args: args.args,
+        publish: args.publish.iter().map(publish_syntax).collect(),
+        ip: args.ip.map(|(ip, _)| ip.to_string()),
+    };
+    let info: InstanceInfo = Client::new(addr).json("POST", "/v1/instances", Some(&req))?;
+    println!(
+        "{} running on {addr}: {} ({})",
+        info.name,
+        info.ip.unwrap_or_default(),
+        info.publish.join(", ")
+    );
+    Ok(0)
+}
+
+/// A publish mapping back in `--publish` syntax.
+fn publish_syntax(p: &PublishSpec) -> String {
+    let host = match p.host {
+        std::net::SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+        std::net::SocketAddr::V4(a) => a.to_string(),
+    };
+    let guest = match p.guest_addr {
+        Some(a) => format!("{a}:{}", p.guest_port),
+        None => p.guest_port.to_string(),
+    };
+    format!("{host}:{guest}/{}", p.proto)
+}
+
+fn remote_restore(addr: &str, args: RestoreArgs) -> anyhow::Result<u8> {
+    let file = absolute(&args.file)?;
+    let req = RestoreRequest {
+        file: file.display().to_string(),
+        name: args.name,
+        publish: args.publish.iter().map(publish_syntax).collect(),
+    };
+    let info: InstanceInfo = Client::new(addr).json("POST", "/v1/restore", Some(&req))?;
+    println!(
+        "{} restored on {addr}: {} (move #{})",
+        info.name,
+        info.ip.unwrap_or_default(),
+        info.generation
+    );
+    Ok(0)
+}
+
+fn restore(args: RestoreArgs) -> anyhow::Result<u8> {
+    let network = if args.publish.is_empty() {
+        None
+    } else {
+        Some(host_shim::net::NetworkConfig {
+            mode: NetMode::User,
+            publish: args.publish,
+            nics: Vec::new(),
+        })
+    };
+    let host_name = args.host_name.unwrap_or_else(config::default_host_name);
+    let exit = host_shim::backend::kvm::restore(
+        &args.file,
+        &args.kvm_device,
+        network,
+        &host_name,
+        &args.region,
+        args.timeout,
+        std::io::stdout(),
+    )?;
+    if let Some(report) = exit.report() {
+        eprintln!("{report}");
+    }
+    Ok(exit.status())
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<u8> {
+    let overlay = (!args.no_overlay).then(|| host_shim::net::overlay::OverlayConfig {
+        listen: args.overlay.unwrap_or(args.listen),
+        peers: args.peer.clone(),
+        vni: args.vni,
+    });
+    host_shim::daemon::serve(DaemonConfig {
+        listen: args.listen,
+        name: args.name.unwrap_or_else(config::default_host_name),
+        region: args.region,
+        shim_id: args.shim_id,
+        publish: args.publish,
+        kvm_device: args.kvm_device,
+        overlay,
+    })?;
+    Ok(0)
 }
 
 fn run(args: RunArgs) -> anyhow::Result<u8> {

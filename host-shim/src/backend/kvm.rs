@@ -1,219 +1,146 @@
 //! The KVM backend: validates the images, builds each VM (RAM, image, boot
 //! tables, vCPU 0 in 64-bit ring 3, a virtio-net device when the run has
 //! a network), runs each vCPU on its own thread and enforces `--timeout` by
-//! stopping those threads.
+//! stopping those threads. [`restore`] does the same for a guest saved in
+//! a snapshot file.
 //!
 //! The first guest is the main one: its console is the given writer and
 //! its ending is the run's. Further guests (`--also`) print their console
 //! lines with a `[name] ` prefix; they are stopped when the main guest ends.
 
 use std::io::Write;
-use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
-use std::thread;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use abi::note::ImageNote;
-use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::Kvm;
-use vmm_sys_util::signal::Killable;
-
-use crate::boot::layout::{self, BootSetup};
-use crate::boot::{cpu, loader};
+use crate::boot::loader;
 use crate::config::RunConfig;
 use crate::console::PrefixedConsole;
-use crate::devices::doorbell::Doorbell;
-use crate::devices::io_wait::IoWait;
-use crate::devices::virtio::{self, net::Net, MmioTransport};
-use crate::error::{Error, VmError};
-use crate::net::port::GuestPort;
-use crate::net::Network;
+use crate::error::Error;
+use crate::machine::{self, BootRequest, Console, Hypervisor, Machine, MachineHandle};
+use crate::net::{Network, NetworkConfig};
 use crate::outcome::GuestExit;
-use crate::vstate::vcpu::{install_kick_handler, kick_signal, RunContext, Vcpu};
-use crate::vstate::vm::{open_kvm, Vm};
-
-/// How often a stopping vCPU thread is kicked until it answers.
-const KICK_INTERVAL: Duration = Duration::from_millis(5);
-/// How long to wait for a kicked vCPU thread before giving up on it.
-const KICK_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Boots `config.image` (and `config.also`) under KVM and runs it to the
 /// end, writing the main guest's console output to `console`.
 pub fn run<W: Write + Send + 'static>(config: &RunConfig, console: W) -> Result<GuestExit, Error> {
-    let info = loader::inspect(&config.image, config.mem_size)?;
-    let also_info = config
-        .also
-        .iter()
-        .map(|g| loader::inspect(&g.image, config.mem_size))
-        .collect::<Result<Vec<_>, _>>()?;
-    let kvm = open_kvm(&config.kvm_device)?;
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(VmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
-    let kvmclock = cpu::kvmclock_supported(&cpuid);
-    if !kvmclock {
-        tracing::warn!("KVM offers no kvmclock: the guest gets no pvclock page");
+    // Images are checked before KVM is opened, so their errors come first.
+    loader::inspect(&config.image, config.mem_size)?;
+    for g in &config.also {
+        loader::inspect(&g.image, config.mem_size)?;
     }
+    let hv = Hypervisor::open(&config.kvm_device)?;
     // Published ports are bound (and may fail) before any guest boots.
     let network = config.network.as_ref().map(Network::start).transpose()?;
     let port = |index: usize| network.as_ref().and_then(|n| n.port(index));
-    let machine = Machine {
-        kvm: &kvm,
-        cpuid: &cpuid,
-        kvmclock,
-        mem_size: config.mem_size,
+    let nic = |index: usize| {
+        config
+            .network
+            .as_ref()
+            .and_then(|n: &NetworkConfig| n.nics.get(index).copied())
     };
-    let mut guests = vec![machine.build(
-        &config.image,
-        &info.note,
-        &config.cmdline,
-        port(0),
-        "main".into(),
-    )?];
-    for (index, (spec, info)) in config.also.iter().zip(&also_info).enumerate() {
-        guests.push(machine.build(
-            &spec.image,
-            &info.note,
-            &spec.cmdline,
-            port(index + 1),
+    let name = config
+        .image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "main".into());
+    let mut guests = vec![(
+        Machine::boot(
+            &hv,
+            BootRequest {
+                name,
+                image: &config.image,
+                cmdline: config.cmdline.clone(),
+                mem_size: config.mem_size,
+                nic: nic(0),
+                port: port(0),
+                env: Vec::new(),
+                args: Vec::new(),
+            },
+            Box::new(console),
+        )?,
+        "main".to_owned(),
+    )];
+    for (index, spec) in config.also.iter().enumerate() {
+        let console: Console = Box::new(PrefixedConsole::new(
+            format!("[{}] ", spec.name),
+            std::io::stdout(),
+        ));
+        guests.push((
+            Machine::boot(
+                &hv,
+                BootRequest {
+                    name: spec.name.clone(),
+                    image: &spec.image,
+                    cmdline: spec.cmdline.clone(),
+                    mem_size: config.mem_size,
+                    nic: nic(index + 1),
+                    port: port(index + 1),
+                    env: Vec::new(),
+                    args: Vec::new(),
+                },
+                console,
+            )?,
             spec.name.clone(),
-        )?);
+        ));
     }
-    let exit = run_guests(guests, console, config.timeout);
+    let exit = run_guests(guests, config.timeout);
     drop(network);
     exit
 }
 
-/// What every VM of a run shares.
-struct Machine<'a> {
-    kvm: &'a Kvm,
-    cpuid: &'a CpuId,
-    kvmclock: bool,
-    mem_size: u64,
-}
-
-/// A guest ready to run.
-struct Guest {
-    vm: Vm,
-    vcpu: Vcpu,
-    devices: Vec<MmioTransport>,
-    name: String,
-}
-
-impl Machine<'_> {
-    fn build(
-        &self,
-        image: &Path,
-        note: &ImageNote,
-        cmdline: &str,
-        port: Option<Arc<GuestPort>>,
-        name: String,
-    ) -> Result<Guest, Error> {
-        let vm = Vm::new(self.kvm, self.mem_size)?;
-        loader::load(vm.memory(), image)?;
-        layout::write_boot_memory(
-            vm.memory(),
-            &BootSetup {
-                mem_size: self.mem_size,
-                note,
-                cmdline,
-                kvmclock: self.kvmclock,
-            },
-        )?;
-        let vcpu = Vcpu::new(&vm, 0)?;
-        vcpu.configure(self.cpuid, note.user_entry, self.kvmclock)?;
-        let devices: Vec<MmioTransport> = port
-            .into_iter()
-            .map(|port| {
-                MmioTransport::new(
-                    virtio::window_base(0),
-                    abi::layout::VIRTIO_MMIO_SIZE,
-                    Box::new(Net::new(port)),
-                )
-            })
-            .collect();
-        tracing::info!(
-            guest = %name,
-            mem_mib = self.mem_size >> 20,
-            entry = format_args!("{:#x}", note.user_entry),
-            kvmclock = self.kvmclock,
-            virtio_net = !devices.is_empty(),
-            "starting vCPU 0 in ring 3"
-        );
-        Ok(Guest {
-            vm,
-            vcpu,
-            devices,
-            name,
-        })
-    }
-}
-
-/// A running guest's thread.
-struct Running {
-    name: String,
-    handle: Option<thread::JoinHandle<()>>,
+/// Runs the guest saved in the snapshot file `path` (see
+/// [`crate::snapshot`]) until it ends or `timeout`, on a network of its
+/// own made from `network` (its card keeps its MAC and IP), telling it
+/// that it now runs on `host_name` in `region`.
+pub fn restore<W: Write + Send + 'static>(
+    path: &Path,
+    kvm_device: &Path,
+    network: Option<NetworkConfig>,
+    host_name: &str,
+    region: &str,
+    timeout: Option<Duration>,
+    console: W,
+) -> Result<GuestExit, Error> {
+    let hv = Hypervisor::open(kvm_device)?;
+    let (state, vm) = crate::snapshot::load(&hv, path)?;
+    let network = match (network, state.spec.nic) {
+        (Some(mut config), Some(nic)) => {
+            config.nics = vec![nic.into()];
+            Some(config)
+        }
+        (None, Some(nic)) => Some(crate::net::NetworkConfig {
+            mode: crate::net::NetMode::User,
+            publish: Vec::new(),
+            nics: vec![nic.into()],
+        }),
+        (Some(_), None) => {
+            return Err(Error::Config(
+                "the saved guest has no network card: --publish and --net do not apply".into(),
+            ))
+        }
+        (None, None) => None,
+    };
+    let network = network.as_ref().map(Network::start).transpose()?;
+    let port = network.as_ref().and_then(|n| n.port(0));
+    let mut machine = Machine::restore(vm, state, port, Box::new(console))?;
+    machine.set_location(host_name, region)?;
+    let exit = run_guests(vec![(machine, "main".to_owned())], timeout);
+    drop(network);
+    exit
 }
 
 /// Runs every guest on its own thread until the main one (the first) is
 /// done or `timeout`; then stops the others.
-fn run_guests<W: Write + Send + 'static>(
-    guests: Vec<Guest>,
-    console: W,
+fn run_guests(
+    guests: Vec<(Machine, String)>,
     timeout: Option<Duration>,
 ) -> Result<GuestExit, Error> {
-    install_kick_handler()?;
-    let stop = Arc::new(AtomicBool::new(false));
     let deadline = timeout.map(|t| Instant::now() + t);
-    let (tx, rx) = mpsc::channel::<(usize, Option<GuestExit>)>();
-    let mut console = Some(console);
-    let mut running = Vec::new();
-    for (index, guest) in guests.into_iter().enumerate() {
-        let io_wait = IoWait::new().map_err(|e| VmError::Setup(format!("epoll: {e}")))?;
-        for fd in guest.devices.iter().filter_map(MmioTransport::wait_fd) {
-            io_wait
-                .add(fd)
-                .map_err(|e| VmError::Setup(format!("epoll: {e}")))?;
-        }
-        let console: Box<dyn Write + Send> = match console.take() {
-            Some(main) => Box::new(main),
-            None => Box::new(PrefixedConsole::new(
-                format!("[{}] ", guest.name),
-                std::io::stdout(),
-            )),
-        };
-        let thread_stop = Arc::clone(&stop);
-        let tx = tx.clone();
-        let name = guest.name.clone();
-        let Guest {
-            vm,
-            mut vcpu,
-            devices,
-            ..
-        } = guest;
-        let handle = thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || {
-                let mut ctx = RunContext {
-                    mem: vm.memory(),
-                    doorbell: Doorbell::new(console),
-                    devices,
-                    io_wait,
-                    stop: &thread_stop,
-                    deadline,
-                };
-                let exit = std::panic::catch_unwind(AssertUnwindSafe(|| vcpu.run(&mut ctx)))
-                    .unwrap_or_else(|_| Some(GuestExit::Died("the vCPU thread panicked".into())));
-                // The receiver may be gone if the controller gave up on us.
-                let _ = tx.send((index, exit));
-            })
-            .map_err(|e| VmError::Setup(e.to_string()))?;
-        running.push(Running {
-            name,
-            handle: Some(handle),
-        });
+    let (tx, rx) = mpsc::channel::<machine::Ended>();
+    let mut running: Vec<(MachineHandle, String)> = Vec::new();
+    for (index, (m, name)) in guests.into_iter().enumerate() {
+        running.push((machine::spawn(m, index, tx.clone(), deadline)?, name));
     }
     drop(tx);
     let limit = timeout.unwrap_or_default();
@@ -226,11 +153,11 @@ fn run_guests<W: Write + Send + 'static>(
         };
         match answer {
             Ok((index, exit)) => {
-                join(&mut running[index]);
+                running[index].0.join();
                 if index == 0 {
                     break Some(exit.unwrap_or(GuestExit::TimedOut(limit)));
                 }
-                report_other(&running[index].name, exit);
+                report_other(&running[index].1, exit);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => break None,
             Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -241,47 +168,26 @@ fn run_guests<W: Write + Send + 'static>(
         }
     };
 
-    // Stop whatever still runs. A kick that lands just before KVM_RUN
-    // starts is lost, so kick until each thread answers.
-    stop.store(true, Ordering::Release);
+    // Stop whatever still runs.
     let mut main_exit = main_exit;
-    let give_up = Instant::now() + KICK_PATIENCE;
-    while running.iter().any(|r| r.handle.is_some()) && Instant::now() < give_up {
-        for r in running.iter().filter(|r| r.handle.is_some()) {
-            if let Some(Err(e)) = r.handle.as_ref().map(|h| h.kill(kick_signal())) {
-                tracing::warn!("cannot signal the vCPU thread of {}: {e}", r.name);
-            }
-        }
-        match rx.recv_timeout(KICK_INTERVAL) {
-            Ok((index, exit)) => {
-                join(&mut running[index]);
-                if index == 0 {
-                    // A guest that exited on its own just as time ran out
-                    // keeps its own ending.
-                    main_exit = Some(exit.unwrap_or(GuestExit::TimedOut(limit)));
-                } else if exit.is_some() {
-                    report_other(&running[index].name, exit);
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+    for (h, _) in &running {
+        h.request_stop();
+    }
+    for (h, name) in &running {
+        if !h.stop() {
+            tracing::warn!("the vCPU thread of {name} did not stop; leaving it behind");
         }
     }
-    for r in running.iter().filter(|r| r.handle.is_some()) {
-        tracing::warn!(
-            "the vCPU thread of {} did not stop; leaving it behind",
-            r.name
-        );
+    while let Ok((index, exit)) = rx.try_recv() {
+        if index == 0 && main_exit.is_none() {
+            // A guest that exited on its own just as time ran out keeps
+            // its own ending.
+            main_exit = exit.map(Some).unwrap_or(None);
+        } else if index != 0 && exit.is_some() {
+            report_other(&running[index].1, exit);
+        }
     }
     Ok(main_exit.unwrap_or(GuestExit::TimedOut(limit)))
-}
-
-fn join(r: &mut Running) {
-    if let Some(handle) = r.handle.take() {
-        if handle.join().is_err() {
-            tracing::error!("the vCPU thread of {} panicked", r.name);
-        }
-    }
 }
 
 /// Says on stderr how an `--also` guest ended (if it ended on its own).
@@ -298,14 +204,17 @@ fn report_other(name: &str, exit: Option<GuestExit>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::boot::cpu;
     use crate::config::{Backend, QemuAccel};
     use crate::testutil::{require_kvm, Asm, TestImage};
-    use crate::vstate::vm::KVM_DEVICE;
+    use crate::vstate::vm::{open_kvm, KVM_DEVICE};
     use abi::hypercall::{
         ConsoleWrite, FaultReport, PanicReport, HC_CONSOLE_WRITE, HC_FAULT, HC_PANIC, HC_YIELD,
     };
     use abi::layout::{CMDLINE_ADDR, IDT_ADDR, PVCLOCK_ADDR};
+    use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
     use std::path::Path;
+    use std::sync::Arc;
     use std::sync::Mutex;
     use zerocopy::IntoBytes;
 

@@ -101,7 +101,8 @@ pub struct Gateway {
     pub inbox: VecDeque<Frame>,
     /// Frames the gateway sends into the switch.
     pub outbox: Vec<Frame>,
-    listeners: Vec<Listener>,
+    /// Published ports by listener index (`None`: unpublished since).
+    listeners: Vec<Option<Listener>>,
     conns: HashMap<u64, Conn>,
     next_conn: u64,
     ports_in_use: HashSet<u16>,
@@ -189,40 +190,81 @@ impl Gateway {
         iface.update_ip_addrs(|addrs| {
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(ip), prefix));
         });
-        let mut listeners = Vec::new();
-        for (index, (p, socket)) in published.into_iter().enumerate() {
-            let fd = match &socket {
-                HostSocketKind::Tcp(l) => l.as_raw_fd(),
-                HostSocketKind::Udp(s) => s.as_raw_fd(),
-            };
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token::listener(index)),
-            )?;
-            listeners.push(Listener {
-                socket: match socket {
-                    HostSocketKind::Tcp(l) => HostSocket::Tcp(l),
-                    HostSocketKind::Udp(s) => HostSocket::Udp(s),
-                },
-                guest: IpEndpoint::new(IpAddress::Ipv4(p.guest.0), p.guest.1),
-                host: p.host,
-                flows: HashMap::new(),
-            });
-        }
-        Ok(Self {
+        let mut gw = Self {
             iface,
             sockets: SocketSet::new(Vec::new()),
             inbox,
             outbox,
-            listeners,
+            listeners: Vec::new(),
             conns: HashMap::new(),
             next_conn: 0,
             ports_in_use: HashSet::new(),
             next_port: *EPHEMERAL.start(),
             graveyard: Vec::new(),
             last_sweep: now,
-        })
+        };
+        for (p, socket) in published {
+            gw.publish(p, socket, epoll)?;
+        }
+        Ok(gw)
+    }
+
+    /// Starts forwarding a published port (its host socket is bound).
+    pub fn publish(
+        &mut self,
+        p: Published,
+        socket: HostSocketKind,
+        epoll: &Epoll,
+    ) -> io::Result<()> {
+        let index = self.listeners.len();
+        let fd = match &socket {
+            HostSocketKind::Tcp(l) => l.as_raw_fd(),
+            HostSocketKind::Udp(s) => s.as_raw_fd(),
+        };
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token::listener(index)),
+        )?;
+        self.listeners.push(Some(Listener {
+            socket: match socket {
+                HostSocketKind::Tcp(l) => HostSocket::Tcp(l),
+                HostSocketKind::Udp(s) => HostSocket::Udp(s),
+            },
+            guest: IpEndpoint::new(IpAddress::Ipv4(p.guest.0), p.guest.1),
+            host: p.host,
+            flows: HashMap::new(),
+        }));
+        Ok(())
+    }
+
+    /// Stops forwarding the published port at `host` (`proto`): its host
+    /// socket is closed; connections already proxied go on.
+    pub fn unpublish(&mut self, host: SocketAddr, proto: Proto, epoll: &Epoll) -> bool {
+        for slot in &mut self.listeners {
+            let matches = slot.as_ref().is_some_and(|l| {
+                l.host == host
+                    && matches!(
+                        (&l.socket, proto),
+                        (HostSocket::Tcp(_), Proto::Tcp) | (HostSocket::Udp(_), Proto::Udp)
+                    )
+            });
+            if matches {
+                if let Some(l) = slot.take() {
+                    let fd = match &l.socket {
+                        HostSocket::Tcp(s) => s.as_raw_fd(),
+                        HostSocket::Udp(s) => s.as_raw_fd(),
+                    };
+                    let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                    for flow in l.flows.values() {
+                        self.sockets.remove(flow.handle);
+                        self.ports_in_use.remove(&flow.port);
+                    }
+                }
+                return true;
+            }
+        }
+        false
     }
 
     /// How long the network thread may sleep before the gateway needs to
@@ -233,7 +275,7 @@ impl Gateway {
             .iface
             .poll_delay(now, &self.sockets)
             .map(|d| Duration::from_micros(d.total_micros()));
-        let has_flows = self.listeners.iter().any(|l| !l.flows.is_empty());
+        let has_flows = self.listeners.iter().flatten().any(|l| !l.flows.is_empty());
         let sweep = has_flows.then_some(Duration::from_secs(1));
         match (tcp, sweep) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -261,7 +303,7 @@ impl Gateway {
     }
 
     fn on_listener(&mut self, index: u64, epoll: &Epoll) {
-        let Some(listener) = self.listeners.get_mut(index as usize) else {
+        let Some(Some(listener)) = self.listeners.get_mut(index as usize) else {
             return;
         };
         match &listener.socket {
@@ -409,7 +451,9 @@ impl Gateway {
         let now = Instant::now();
         let mut buf = vec![0u8; 65536];
         for _ in 0..ACCEPT_BATCH {
-            let listener = &mut self.listeners[index];
+            let Some(listener) = self.listeners[index].as_mut() else {
+                return;
+            };
             let HostSocket::Udp(host) = &listener.socket else {
                 return;
             };
@@ -448,7 +492,10 @@ impl Gateway {
                         continue;
                     }
                     let handle = self.sockets.add(socket);
-                    self.listeners[index].flows.insert(
+                    let Some(listener) = self.listeners[index].as_mut() else {
+                        return;
+                    };
+                    listener.flows.insert(
                         peer,
                         UdpFlow {
                             handle,
@@ -467,7 +514,7 @@ impl Gateway {
     }
 
     fn udp_to_host(&mut self) {
-        for listener in &mut self.listeners {
+        for listener in self.listeners.iter_mut().flatten() {
             let HostSocket::Udp(host) = &listener.socket else {
                 continue;
             };
@@ -488,7 +535,7 @@ impl Gateway {
 
     fn expire_flows(&mut self, now: Instant) {
         let idle = smoltcp::time::Duration::from_secs(UDP_FLOW_IDLE.as_secs());
-        for listener in &mut self.listeners {
+        for listener in self.listeners.iter_mut().flatten() {
             listener.flows.retain(|_, flow| {
                 let keep = now - flow.last_used < idle;
                 if !keep {

@@ -19,6 +19,7 @@
 //! timeout. Frames cross threads in batches (see [`port`]).
 
 pub mod gateway;
+pub mod overlay;
 pub mod port;
 pub mod switch;
 pub mod tap;
@@ -27,7 +28,7 @@ use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -173,8 +174,30 @@ pub(crate) mod token {
 /// The running network: the switch thread and the guests' ports.
 pub struct Network {
     ports: Vec<Arc<GuestPort>>,
+    wake: Arc<EventFd>,
     stop: Arc<EventFd>,
+    commands: Arc<Mutex<Vec<Command>>>,
     thread: Option<thread::JoinHandle<()>>,
+}
+
+/// Changes to a running network, carried out by its thread.
+enum Command {
+    Attach(Arc<GuestPort>),
+    Detach(Arc<GuestPort>),
+    Publish(Published, HostSocketKind),
+    Unpublish(SocketAddr, Proto),
+}
+
+/// How a shared network (the daemon's) is set up.
+#[derive(Clone, Debug)]
+pub struct SharedNetConfig {
+    /// The gateway's address (its MAC is [`mac_for`] it) and prefix.
+    pub gateway: Ipv4Addr,
+    pub prefix: u8,
+    /// The overlay to other shims, if any.
+    pub overlay: Option<overlay::OverlayConfig>,
+    /// This shim's name (for messages).
+    pub shim_name: String,
 }
 
 impl Network {
@@ -182,10 +205,30 @@ impl Network {
     /// network thread. Errors (a port in use, no TAP permission) come
     /// before any guest boots.
     pub fn start(config: &NetworkConfig) -> Result<Self, NetError> {
-        let setup = |what: &str| {
-            let what = what.to_owned();
-            move |e: io::Error| NetError::Setup(format!("{what}: {e}"))
+        let main_ip = config.nics.first().map_or(USER_FIRST_GUEST, |n| n.ip);
+        let published = match config.mode {
+            NetMode::User => bind_published(&config.publish, main_ip)?,
+            _ => Vec::new(),
         };
+        let mut net = Self::launch(&config.mode, USER_GATEWAY, USER_PREFIX, published)?;
+        for nic in &config.nics {
+            net.ports.push(net.attach(nic.mac)?);
+        }
+        Ok(net)
+    }
+
+    /// A user-mode network with a gateway and no guests yet: guests attach
+    /// and publish ports while it runs ([`Self::attach`], [`Self::publish`]).
+    pub fn start_shared(config: &SharedNetConfig) -> Result<Self, NetError> {
+        Self::launch(&NetMode::User, config.gateway, config.prefix, Vec::new())
+    }
+
+    fn launch(
+        mode: &NetMode,
+        gateway_ip: Ipv4Addr,
+        prefix: u8,
+        published: Vec<(Published, HostSocketKind)>,
+    ) -> Result<Self, NetError> {
         let epoll = Epoll::new().map_err(setup("epoll"))?;
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(setup("eventfd"))?);
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(setup("eventfd"))?);
@@ -201,30 +244,14 @@ impl Network {
                 )
                 .map_err(setup("epoll"))?;
         }
-        let ports = config
-            .nics
-            .iter()
-            .map(|nic| GuestPort::new(nic.mac, Arc::clone(&wake)).map(Arc::new))
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(setup("eventfd"))?;
-
-        let gateway = match &config.mode {
-            NetMode::User => {
-                let main_ip = config.nics.first().map_or(USER_FIRST_GUEST, |n| n.ip);
-                let published = bind_published(&config.publish, main_ip)?;
-                let gw = Gateway::new(
-                    mac_for(USER_GATEWAY),
-                    USER_GATEWAY,
-                    USER_PREFIX,
-                    published,
-                    &epoll,
-                )
-                .map_err(setup("the gateway"))?;
-                Some(gw)
-            }
+        let gateway = match mode {
+            NetMode::User => Some(
+                Gateway::new(mac_for(gateway_ip), gateway_ip, prefix, published, &epoll)
+                    .map_err(setup("the gateway"))?,
+            ),
             _ => None,
         };
-        let tap = match &config.mode {
+        let tap = match mode {
             NetMode::Tap(name) => {
                 let tap = Tap::open(name)?;
                 epoll
@@ -239,22 +266,89 @@ impl Network {
             }
             _ => None,
         };
-        let mut engine = Engine::new(epoll, Arc::clone(&wake), ports.clone(), gateway, tap);
+        let commands = Arc::new(Mutex::new(Vec::new()));
+        let mut engine = Engine::new(
+            epoll,
+            Arc::clone(&wake),
+            Arc::clone(&commands),
+            gateway,
+            tap,
+        );
         let thread = thread::Builder::new()
             .name("net".into())
             .spawn(move || engine.run())
             .map_err(setup("cannot start the network thread"))?;
         Ok(Self {
-            ports,
+            ports: Vec::new(),
+            wake,
             stop,
+            commands,
             thread: Some(thread),
         })
     }
 
-    /// The port of guest `index` (0 = the main guest).
+    fn command(&self, command: Command) {
+        lock(&self.commands).push(command);
+        if let Err(e) = self.wake.write(1) {
+            tracing::warn!("cannot wake the network thread: {e}");
+        }
+    }
+
+    /// The overlay's local UDP address, if this network has one.
+    pub fn overlay_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+
+    /// Adds another shim's overlay address to the peers.
+    pub fn add_peer(&self, _peer: SocketAddr) {}
+
+    /// A guest left this shim for the shim at overlay address `peer`: its
+    /// port leaves the switch, and frames for its MAC (including those that
+    /// were waiting for it) go to `peer`.
+    pub fn moved(&self, port: &Arc<GuestPort>, _peer: Option<SocketAddr>) {
+        self.detach(port);
+    }
+
+    /// The port of guest `index` of the configuration (0 = the main guest).
     pub fn port(&self, index: usize) -> Option<Arc<GuestPort>> {
         self.ports.get(index).cloned()
     }
+
+    /// A new port on the switch for a guest card with `mac`.
+    pub fn attach(&self, mac: [u8; 6]) -> Result<Arc<GuestPort>, NetError> {
+        let port = Arc::new(GuestPort::new(mac, Arc::clone(&self.wake)).map_err(setup("eventfd"))?);
+        self.command(Command::Attach(Arc::clone(&port)));
+        Ok(port)
+    }
+
+    /// Takes `port` off the switch (its guest left or ended).
+    pub fn detach(&self, port: &Arc<GuestPort>) {
+        self.command(Command::Detach(Arc::clone(port)));
+    }
+
+    /// Binds `spec` on the host and forwards it to `guest_ip` (the guest
+    /// named in `spec` wins).
+    pub fn publish(&self, spec: &PublishSpec, guest_ip: Ipv4Addr) -> Result<(), NetError> {
+        let mut bound = bind_published(std::slice::from_ref(spec), guest_ip)?;
+        if let Some((p, socket)) = bound.pop() {
+            self.command(Command::Publish(p, socket));
+        }
+        Ok(())
+    }
+
+    /// Stops forwarding `spec`'s host port.
+    pub fn unpublish(&self, spec: &PublishSpec) {
+        self.command(Command::Unpublish(spec.host, spec.proto));
+    }
+}
+
+fn setup(what: &str) -> impl Fn(io::Error) -> NetError {
+    let what = what.to_owned();
+    move |e: io::Error| NetError::Setup(format!("{what}: {e}"))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Drop for Network {
@@ -321,12 +415,21 @@ fn bind_published(
     Ok(out)
 }
 
+/// What is plugged into a switch port.
+enum Slot {
+    Free,
+    Guest(Arc<GuestPort>),
+    Gateway,
+    Tap,
+}
+
 /// The network thread's state.
 struct Engine {
     epoll: Epoll,
     wake: Arc<EventFd>,
+    commands: Arc<Mutex<Vec<Command>>>,
     switch: Switch,
-    guests: Vec<Arc<GuestPort>>,
+    slots: Vec<Slot>,
     gateway: Option<Gateway>,
     tap: Option<Tap>,
     tap_readable: bool,
@@ -340,37 +443,92 @@ impl Engine {
     fn new(
         epoll: Epoll,
         wake: Arc<EventFd>,
-        guests: Vec<Arc<GuestPort>>,
+        commands: Arc<Mutex<Vec<Command>>>,
         gateway: Option<Gateway>,
         tap: Option<Tap>,
     ) -> Self {
-        let ports = guests.len() + usize::from(gateway.is_some()) + usize::from(tap.is_some());
+        let mut slots = Vec::new();
+        if gateway.is_some() {
+            slots.push(Slot::Gateway);
+        }
+        if tap.is_some() {
+            slots.push(Slot::Tap);
+        }
+        let outboxes = slots.iter().map(|_| Vec::new()).collect();
         Self {
             epoll,
             wake,
+            commands,
             switch: Switch::new(),
-            guests,
+            slots,
             gateway,
             tap,
             tap_readable: false,
-            outboxes: vec![Vec::new(); ports],
+            outboxes,
             incoming: Vec::new(),
         }
     }
 
-    fn gateway_port(&self) -> Option<PortId> {
-        self.gateway.as_ref().map(|_| self.guests.len())
+    fn slot_of(&self, want: fn(&Slot) -> bool) -> Option<PortId> {
+        self.slots.iter().position(want)
     }
 
-    fn tap_port(&self) -> Option<PortId> {
-        self.tap
-            .as_ref()
-            .map(|_| self.guests.len() + usize::from(self.gateway.is_some()))
+    fn add_slot(&mut self, slot: Slot) -> PortId {
+        match self.slots.iter().position(|s| matches!(s, Slot::Free)) {
+            Some(i) => {
+                self.slots[i] = slot;
+                self.outboxes[i].clear();
+                i
+            }
+            None => {
+                self.slots.push(slot);
+                self.outboxes.push(Vec::new());
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn run_commands(&mut self) {
+        let commands = std::mem::take(&mut *lock(&self.commands));
+        for command in commands {
+            match command {
+                Command::Attach(port) => {
+                    let id = self.add_slot(Slot::Guest(port));
+                    tracing::debug!("switch port {id}: a guest attached");
+                }
+                Command::Detach(port) => {
+                    let found = self
+                        .slots
+                        .iter()
+                        .position(|s| matches!(s, Slot::Guest(p) if Arc::ptr_eq(p, &port)));
+                    if let Some(id) = found {
+                        self.slots[id] = Slot::Free;
+                        self.outboxes[id].clear();
+                        self.switch.forget_port(id);
+                        tracing::debug!("switch port {id}: the guest detached");
+                    }
+                }
+                Command::Publish(p, socket) => {
+                    if let Some(gw) = self.gateway.as_mut() {
+                        let what = p.host;
+                        if let Err(e) = gw.publish(p, socket, &self.epoll) {
+                            tracing::warn!("cannot publish {what}: {e}");
+                        }
+                    }
+                }
+                Command::Unpublish(host, proto) => {
+                    if let Some(gw) = self.gateway.as_mut() {
+                        gw.unpublish(host, proto, &self.epoll);
+                    }
+                }
+            }
+        }
     }
 
     fn run(&mut self) {
         let mut events = vec![EpollEvent::default(); 64];
         loop {
+            self.run_commands();
             let timeout = if self.tap_readable {
                 Some(std::time::Duration::ZERO)
             } else {
@@ -399,6 +557,7 @@ impl Engine {
                     }
                 }
             }
+            self.run_commands();
             self.pump();
         }
     }
@@ -407,10 +566,13 @@ impl Engine {
     fn pump(&mut self) {
         for _ in 0..MAX_ROUNDS {
             let mut moved = false;
-            for index in 0..self.guests.len() {
-                self.guests[index].take_sent(&mut self.incoming);
-                moved |= self.forward_incoming(index);
+            for index in 0..self.slots.len() {
+                if let Slot::Guest(port) = &self.slots[index] {
+                    port.take_sent(&mut self.incoming);
+                    moved |= self.forward_incoming(index);
+                }
             }
+            let tap_port = self.slot_of(|s| matches!(s, Slot::Tap));
             if let (Some(tap), true) = (self.tap.as_mut(), self.tap_readable) {
                 match tap.read_frames(&mut self.incoming, TAP_BATCH) {
                     Ok(drained) => self.tap_readable = !drained,
@@ -419,11 +581,11 @@ impl Engine {
                         self.tap_readable = false;
                     }
                 }
-                if let Some(port) = self.tap_port() {
+                if let Some(port) = tap_port {
                     moved |= self.forward_incoming(port);
                 }
             }
-            if let Some(port) = self.gateway_port() {
+            if let Some(port) = self.slot_of(|s| matches!(s, Slot::Gateway)) {
                 let gw = self
                     .gateway
                     .as_mut()
@@ -433,16 +595,16 @@ impl Engine {
                 self.incoming.append(&mut gw.outbox);
                 moved |= self.forward_incoming(port);
             }
-            for (index, guest) in self.guests.iter().enumerate() {
-                let dropped = guest.deliver(&mut self.outboxes[index]);
-                if dropped > 0 {
-                    tracing::debug!("guest {index}: {dropped} frames dropped (backlog full)");
+            for (index, slot) in self.slots.iter().enumerate() {
+                if let Slot::Guest(guest) = slot {
+                    let dropped = guest.deliver(&mut self.outboxes[index]);
+                    if dropped > 0 {
+                        tracing::debug!("port {index}: {dropped} frames dropped (backlog full)");
+                    }
                 }
             }
-            if let Some(port) = self.tap_port() {
-                if let Some(tap) = self.tap.as_mut() {
-                    tap.write_frames(&mut self.outboxes[port]);
-                }
+            if let (Some(port), Some(tap)) = (tap_port, self.tap.as_mut()) {
+                tap.write_frames(&mut self.outboxes[port]);
             }
             if !moved {
                 break;
@@ -463,9 +625,10 @@ impl Engine {
             match self.switch.route(from, &frame) {
                 Route::Port(to) => self.outboxes[to].push(frame),
                 Route::Flood => {
-                    let ports = self.outboxes.len();
-                    for to in (0..ports).filter(|&p| p != from) {
-                        self.outboxes[to].push(frame.clone());
+                    for (to, slot) in self.slots.iter().enumerate() {
+                        if to != from && !matches!(slot, Slot::Free) {
+                            self.outboxes[to].push(frame.clone());
+                        }
                     }
                 }
                 Route::Drop => {}

@@ -3,17 +3,22 @@
 //!
 //! Guest RAM is a `GuestMemoryMmap<AtomicBitmap>`: the bitmap records every
 //! write the shim itself makes to guest memory, which KVM's dirty log does
-//! not see and live migration will need.
+//! not see. The memory slot is registered with `KVM_MEM_LOG_DIRTY_PAGES`
+//! from creation, so [`Vm::take_dirty`] (KVM's log OR'ed with that bitmap)
+//! can tell live migration which pages changed since the previous call —
+//! the first call: since the VM was created.
 
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{kvm_clock_data, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::snapshot::state::ClockState;
 
 use crate::error::VmError;
 
@@ -79,7 +84,7 @@ impl Vm {
                 })?;
             let desc = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host_addr as u64,
@@ -104,6 +109,56 @@ impl Vm {
     /// Bytes of guest RAM.
     pub fn mem_size(&self) -> u64 {
         self.mem_size
+    }
+
+    /// The VM clock (`KVM_GET_CLOCK`).
+    pub fn clock(&self) -> Result<ClockState, VmError> {
+        let clock = self.fd.get_clock().map_err(VmError::kvm("KVM_GET_CLOCK"))?;
+        Ok(ClockState { clock })
+    }
+
+    /// Sets the VM clock to `state` with flags 0: the guest's time goes on
+    /// from the saved value, so the time the guest was not running (the
+    /// gap between pause and resume) does not exist for it. Guest time is
+    /// monotonic across hosts whatever their clocks say.
+    pub fn set_clock(&self, state: &ClockState) -> Result<(), VmError> {
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            flags: 0,
+            ..Default::default()
+        };
+        self.fd
+            .set_clock(&clock)
+            .map_err(VmError::kvm("KVM_SET_CLOCK"))
+    }
+
+    /// Pages written since the previous call (the first call: since the VM
+    /// was created), by the guest (KVM's dirty log) or by the shim
+    /// (vm-memory's bitmap), and clears both. One bit per 4 KiB page, bit
+    /// `i % 64` of word `i / 64`.
+    pub fn take_dirty(&self) -> Result<Vec<u64>, VmError> {
+        let pages = (self.mem_size / abi::layout::PAGE_SIZE) as usize;
+        let mut out = vec![0u64; pages.div_ceil(64)];
+        for (slot, region) in self.memory.iter().enumerate() {
+            let first = (region.start_addr().0 / abi::layout::PAGE_SIZE) as usize;
+            let kvm = self
+                .fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(VmError::kvm("KVM_GET_DIRTY_LOG"))?;
+            let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
+            let vmm = mapping.bitmap().get_and_reset();
+            let n = (region.len() / abi::layout::PAGE_SIZE) as usize;
+            for page in 0..n {
+                let (w, b) = (page / 64, page % 64);
+                let set = kvm.get(w).is_some_and(|x| x & (1 << b) != 0)
+                    || vmm.get(w).is_some_and(|x| x & (1 << b) != 0);
+                if set {
+                    let at = first + page;
+                    out[at / 64] |= 1 << (at % 64);
+                }
+            }
+        }
+        Ok(out)
     }
 }
 

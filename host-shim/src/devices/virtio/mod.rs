@@ -17,6 +17,7 @@ use std::os::fd::RawFd;
 
 use virtio_queue::Queue;
 
+use crate::snapshot::state::DeviceState;
 use crate::vstate::vm::GuestMemoryMmap;
 
 pub use mmio::MmioTransport;
@@ -107,4 +108,13 @@ pub trait VirtioDevice: Send {
     fn prepare_wait(&mut self) {}
     /// A short name for messages ("virtio-net").
     fn name(&self) -> &'static str;
+    /// The switch port behind a network device.
+    fn port(&self) -> Option<std::sync::Arc<crate::net::port::GuestPort>> {
+        None
+    }
+    /// The device's own state for a snapshot (the guest is paused).
+    fn save_state(&self) -> DeviceState;
+    /// Takes the state of a snapshot (into a fresh device). An error says
+    /// why it does not fit this device.
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), String>;
 }

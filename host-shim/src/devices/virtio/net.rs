@@ -30,6 +30,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use super::{Progress, QueueError, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::net::port::{Frame, GuestPort};
+use crate::snapshot::state::{DeviceState, NetState};
 use crate::vstate::vm::GuestMemoryMmap;
 
 /// virtio device id of a network card.
@@ -432,6 +433,36 @@ impl VirtioDevice for Net {
 
     fn name(&self) -> &'static str {
         "virtio-net"
+    }
+
+    fn port(&self) -> Option<Arc<GuestPort>> {
+        Some(Arc::clone(&self.port))
+    }
+
+    fn save_state(&self) -> DeviceState {
+        // Frames queued for the guest go with it (copied: if a migration
+        // fails, the guest resumes here and still gets them).
+        let pending_rx = self.port.received().iter().cloned().collect();
+        DeviceState::Net(NetState {
+            mac: self.mac,
+            halted: self.halted,
+            pending_rx,
+        })
+    }
+
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
+        let DeviceState::Net(state) = state;
+        if state.mac != self.mac {
+            return Err(format!(
+                "the saved card has MAC {}, this one {}",
+                fmt_mac(&state.mac),
+                fmt_mac(&self.mac)
+            ));
+        }
+        self.halted = state.halted;
+        let mut frames = state.pending_rx.clone();
+        self.port.deliver(&mut frames);
+        Ok(())
     }
 }
 
