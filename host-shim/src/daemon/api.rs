@@ -1,0 +1,314 @@
+//! The daemon's HTTP/1.1 JSON API: the request and answer bodies, and a
+//! small blocking client for them (used by the `host-shim` subcommands and
+//! by one daemon talking to another).
+//!
+//! Every answer is JSON, except `logs` (plain text) and `migrate` (plain
+//! text progress lines, streamed as they happen, ending with a line that
+//! starts with `ok` or `error:`). Errors are `{"error": "..."}` with a 4xx
+//! or 5xx status. See [`super`] for the endpoints.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The upgrade protocol of streamed answers.
+const PROGRESS: &str = "host-shim-progress";
+
+/// `POST /v1/instances`: boot an image as a named instance.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RunRequest {
+    pub name: String,
+    /// A path the daemon can read.
+    pub image: String,
+    /// Bytes of guest RAM.
+    pub mem: u64,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// `--publish` mappings, in their command-line syntax.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// The guest's address (else the daemon picks one of its own range).
+    #[serde(default)]
+    pub ip: Option<String>,
+}
+
+/// `POST /v1/restore`: run a snapshot file (a path the daemon can read).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RestoreRequest {
+    pub file: String,
+    /// The instance name (default: the one saved in the snapshot).
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub publish: Vec<String>,
+}
+
+/// `POST /v1/instances/NAME/snapshot`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SnapshotRequest {
+    /// Where the daemon writes the file.
+    pub out: String,
+}
+
+/// What a snapshot cost.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub file: String,
+    pub pages: u64,
+    pub bytes: u64,
+    /// How long the guest was paused.
+    pub paused_ms: f64,
+}
+
+/// `POST /v1/instances/NAME/migrate`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// The destination daemon's API address.
+    pub to: String,
+}
+
+/// One instance, as `list` shows it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct InstanceInfo {
+    pub name: String,
+    /// `running`, `paused`, `exited (N)`, `failed: ...`, `moved to ADDR`.
+    pub state: String,
+    pub image: String,
+    pub ip: Option<String>,
+    pub mac: Option<String>,
+    pub mem: u64,
+    pub uptime_s: f64,
+    /// Moves so far (`BootInfo::generation`).
+    pub generation: u64,
+    pub publish: Vec<String>,
+}
+
+/// `GET /v1/info`: who this daemon is.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ShimInfo {
+    pub name: String,
+    pub region: String,
+    pub version: String,
+    pub gateway: String,
+    pub overlay: Option<String>,
+    pub instances: usize,
+}
+
+/// An error answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// A failed API call, with the daemon's message.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the shim at {addr}: {err} (is `host-shim serve` running there?)")]
+    Connect { addr: String, err: std::io::Error },
+    #[error("the shim at {addr}: {err}")]
+    Io { addr: String, err: std::io::Error },
+    #[error("{0}")]
+    Api(String),
+    #[error("the shim at {addr} answered something that is not valid: {detail}")]
+    Protocol { addr: String, detail: String },
+}
+
+/// A client of one daemon.
+#[derive(Clone, Debug)]
+pub struct Client {
+    pub addr: String,
+}
+
+/// An answer: status and body.
+pub struct Answer {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Client {
+    pub fn new(addr: &str) -> Self {
+        Self {
+            addr: addr.to_owned(),
+        }
+    }
+
+    fn connect(&self) -> Result<TcpStream, ClientError> {
+        let addrs: Vec<SocketAddr> = self
+            .addr
+            .to_socket_addrs()
+            .map_err(|err| ClientError::Connect {
+                addr: self.addr.clone(),
+                err,
+            })?
+            .collect();
+        let mut last = None;
+        for a in addrs {
+            match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    return Ok(s);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(ClientError::Connect {
+            addr: self.addr.clone(),
+            err: last.unwrap_or_else(|| std::io::ErrorKind::NotFound.into()),
+        })
+    }
+
+    fn io(&self) -> impl Fn(std::io::Error) -> ClientError + '_ {
+        move |err| ClientError::Io {
+            addr: self.addr.clone(),
+            err,
+        }
+    }
+
+    /// Sends a request (HTTP/1.0: the answer's body ends when the
+    /// connection closes) and returns the stream, positioned at the body,
+    /// with the status.
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<(u16, BufReader<TcpStream>), ClientError> {
+        let mut stream = self.connect()?;
+        let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {}\r\n", self.addr);
+        if let Some(b) = body {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            ));
+        }
+        req.push_str("\r\n");
+        let mut bytes = req.into_bytes();
+        if let Some(b) = body {
+            bytes.extend_from_slice(b);
+        }
+        stream.write_all(&bytes).map_err(self.io())?;
+        let mut reader = BufReader::new(stream);
+        let (status, _) = read_head(&mut reader).map_err(|detail| ClientError::Protocol {
+            addr: self.addr.clone(),
+            detail,
+        })?;
+        Ok((status, reader))
+    }
+
+    /// A whole request and answer.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Answer, ClientError> {
+        let (status, mut reader) = self.send(method, path, body)?;
+        let mut body = Vec::new();
+        reader.read_to_end(&mut body).map_err(self.io())?;
+        if status >= 400 {
+            let msg = serde_json::from_slice::<ErrorBody>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).trim().to_owned());
+            return Err(ClientError::Api(msg));
+        }
+        Ok(Answer { status, body })
+    }
+
+    /// A JSON request with a JSON answer.
+    pub fn json<Req: Serialize, Resp: for<'de> Deserialize<'de>>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Req>,
+    ) -> Result<Resp, ClientError> {
+        let bytes = body.map(|b| serde_json::to_vec(b).expect("serializable"));
+        let answer = self.call(method, path, bytes.as_deref())?;
+        serde_json::from_slice(&answer.body).map_err(|e| ClientError::Protocol {
+            addr: self.addr.clone(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// A request whose answer is text lines as they come (over an
+    /// upgraded connection); `on_line` sees each one. Returns the last line.
+    pub fn stream_lines<Req: Serialize>(
+        &self,
+        path: &str,
+        body: &Req,
+        mut on_line: impl FnMut(&str),
+    ) -> Result<String, ClientError> {
+        let bytes = serde_json::to_vec(body).expect("serializable");
+        let reader = self.upgrade(path, PROGRESS, &bytes)?;
+        let mut last = String::new();
+        for line in reader.lines() {
+            let line = line.map_err(self.io())?;
+            on_line(&line);
+            last = line;
+        }
+        Ok(last)
+    }
+
+    /// Opens a raw two-way stream to the daemon by upgrading
+    /// `POST path` (the migration stream).
+    pub fn upgrade(
+        &self,
+        path: &str,
+        protocol: &str,
+        body: &[u8],
+    ) -> Result<BufReader<TcpStream>, ClientError> {
+        let mut stream = self.connect()?;
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            self.addr,
+            body.len()
+        );
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body);
+        stream.write_all(&bytes).map_err(self.io())?;
+        let mut reader = BufReader::new(stream);
+        let (status, length) = read_head(&mut reader).map_err(|detail| ClientError::Protocol {
+            addr: self.addr.clone(),
+            detail,
+        })?;
+        if status != 101 {
+            let mut body = vec![0u8; length.unwrap_or(0).min(1 << 20)];
+            let _ = reader.read_exact(&mut body);
+            let msg = serde_json::from_slice::<ErrorBody>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| format!("status {status}"));
+            return Err(ClientError::Api(msg));
+        }
+        Ok(reader)
+    }
+}
+
+/// Reads a status line and headers; returns the status and the
+/// Content-Length, if any.
+fn read_head<R: BufRead>(r: &mut R) -> Result<(u16, Option<usize>), String> {
+    let mut line = String::new();
+    r.read_line(&mut line).map_err(|e| e.to_string())?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line {:?}", line.trim()))?;
+    let mut length = None;
+    loop {
+        line.clear();
+        let n = r.read_line(&mut line).map_err(|e| e.to_string())?;
+        if n == 0 || line == "\r\n" || line == "\n" {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.trim().eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().ok();
+            }
+        }
+    }
+    Ok((status, length))
+}

@@ -1,0 +1,146 @@
+//! One instance of the daemon: a named guest with its vCPU thread, its port
+//! on the shim's switch, its published ports and its console log.
+//!
+//! Console output goes to a ring buffer (`logs NAME` reads it) and to the
+//! daemon's stdout, each line prefixed with `[name] `.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::console::PrefixedConsole;
+use crate::machine::MachineHandle;
+use crate::net::port::GuestPort;
+use crate::net::PublishSpec;
+use crate::snapshot::state::GuestSpec;
+
+use super::api::InstanceInfo;
+
+/// Bytes of console output kept per instance.
+pub const LOG_RING: usize = 256 * 1024;
+
+/// The last [`LOG_RING`] bytes of an instance's console.
+#[derive(Default)]
+pub struct LogRing {
+    buf: VecDeque<u8>,
+}
+
+impl LogRing {
+    pub fn push(&mut self, bytes: &[u8]) {
+        let bytes = &bytes[bytes.len().saturating_sub(LOG_RING)..];
+        let overflow = (self.buf.len() + bytes.len()).saturating_sub(LOG_RING);
+        self.buf.drain(..overflow);
+        self.buf.extend(bytes);
+    }
+
+    pub fn contents(&self) -> Vec<u8> {
+        self.buf.iter().copied().collect()
+    }
+}
+
+/// An instance's console: the ring and the prefixed stdout.
+pub struct InstanceConsole {
+    ring: Arc<Mutex<LogRing>>,
+    stdout: PrefixedConsole<io::Stdout>,
+}
+
+impl InstanceConsole {
+    pub fn new(name: &str, ring: Arc<Mutex<LogRing>>) -> Self {
+        Self {
+            ring,
+            stdout: PrefixedConsole::new(format!("[{name}] "), io::stdout()),
+        }
+    }
+}
+
+impl Write for InstanceConsole {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.ring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(buf);
+        // A closed stdout must not break the guest's console.
+        let _ = self.stdout.write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let _ = self.stdout.flush();
+        Ok(())
+    }
+}
+
+/// Where an instance is in its life.
+#[derive(Clone, Debug, PartialEq)]
+pub enum State {
+    Running,
+    /// Paused for a snapshot or a migration.
+    Busy(&'static str),
+    /// The guest ended on its own.
+    Exited(String),
+    /// It was migrated to the daemon at this address; its published ports
+    /// stay here and forward to it over the overlay.
+    Moved(String),
+}
+
+/// A named guest.
+pub struct Instance {
+    pub name: String,
+    pub spec: GuestSpec,
+    pub state: State,
+    pub handle: Option<Arc<MachineHandle>>,
+    pub port: Option<Arc<GuestPort>>,
+    pub publish: Vec<PublishSpec>,
+    pub log: Arc<Mutex<LogRing>>,
+    pub started: Instant,
+}
+
+impl Instance {
+    pub fn info(&self) -> InstanceInfo {
+        let state = match &self.state {
+            State::Running => "running".to_owned(),
+            State::Busy(what) => (*what).to_owned(),
+            State::Exited(how) => format!("exited: {how}"),
+            State::Moved(to) => format!("moved to {to}"),
+        };
+        InstanceInfo {
+            name: self.name.clone(),
+            state,
+            image: self.spec.image.path.clone(),
+            ip: self.spec.nic.map(|n| format!("{}/{}", n.ip, n.prefix)),
+            mac: self
+                .spec
+                .nic
+                .map(|n| crate::devices::virtio::net::fmt_mac(&n.mac)),
+            mem: self.spec.mem_size,
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            generation: self.spec.generation,
+            publish: self.publish.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    /// Whether the guest is (still) here and alive.
+    pub fn is_live(&self) -> bool {
+        matches!(self.state, State::Running | State::Busy(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ring_keeps_the_last_bytes() {
+        let mut r = LogRing::default();
+        r.push(b"hello ");
+        r.push(b"world");
+        assert_eq!(r.contents(), b"hello world");
+        r.push(&vec![b'x'; LOG_RING]);
+        assert_eq!(r.contents().len(), LOG_RING);
+        assert!(r.contents().iter().all(|&b| b == b'x'));
+        r.push(b"end");
+        assert!(r.contents().ends_with(b"xend"));
+        assert_eq!(r.contents().len(), LOG_RING);
+    }
+}

@@ -1,0 +1,847 @@
+//! `host-shim serve`: a long-running shim that hosts several named
+//! instances (each guest on its own vCPU thread, all on the shim's switch)
+//! and is driven from other processes over a local HTTP/1.1 JSON API.
+//!
+//! # Endpoints (all under the `--listen` address)
+//!
+//! | method and path | body | answer |
+//! |---|---|---|
+//! | `GET /v1/info` | | [`api::ShimInfo`] |
+//! | `GET /v1/instances` | | `[`[`api::InstanceInfo`]`]` |
+//! | `POST /v1/instances` | [`api::RunRequest`] | [`api::InstanceInfo`] (201) |
+//! | `GET /v1/instances/NAME/logs` | | the console ring buffer, text |
+//! | `POST /v1/instances/NAME/stop` | | [`api::InstanceInfo`] (the instance is removed) |
+//! | `POST /v1/instances/NAME/snapshot` | [`api::SnapshotRequest`] | [`api::SnapshotInfo`] |
+//! | `POST /v1/restore` | [`api::RestoreRequest`] | [`api::InstanceInfo`] (201) |
+//! | `POST /v1/instances/NAME/migrate` | [`api::MigrateRequest`], upgrade to `host-shim-progress` | progress lines, text, streamed |
+//! | `POST /v1/migration` | upgrade to `host-shim-migration` | the incoming migration stream ([`crate::migration`]) |
+//!
+//! Errors answer `{"error": "..."}` with 400 (bad request), 404 (no such
+//! instance), 409 (conflict: name taken, instance busy) or 500.
+//!
+//! # Addresses
+//!
+//! Each shim has an id N (`--shim-id`, 1..=14): its gateway is 10.0.2.(N+1)
+//! with MAC 02:4c:0a:00:02:(N+1), and the guests it boots get 10.0.2.(16N)
+//! to 10.0.2.(16N+15) (unless `run --ip` says otherwise). Distinct ids give
+//! distinct guest addresses and distinct gateways, so shims can share one
+//! L2 overlay: a guest that moves keeps its address, and keeps reaching the
+//! gateway of the shim it came from (whose proxied connections it serves)
+//! over the overlay, while a guest booted here talks to this shim's gateway.
+
+pub mod api;
+pub mod instance;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::Instant;
+
+use tiny_http::{Header, Method, Request, Response, Server, StatusCode};
+
+use crate::boot::cmdline::{self, GuestArgs};
+use crate::devices::virtio;
+use crate::error::Error;
+use crate::machine::{self, BootRequest, Ended, Hypervisor, Machine, MachineHandle};
+use crate::net::{mac_for, Network, Nic, PublishSpec, SharedNetConfig};
+use api::{InstanceInfo, RestoreRequest, RunRequest, ShimInfo, SnapshotInfo, SnapshotRequest};
+use instance::{Instance, InstanceConsole, LogRing, State};
+
+/// The protocol name of a streamed answer (progress lines).
+pub const PROGRESS_PROTOCOL: &str = "host-shim-progress";
+/// The protocol name of the migration stream's HTTP upgrade.
+pub const MIGRATION_PROTOCOL: &str = "host-shim-migration";
+/// Highest `--shim-id`.
+pub const MAX_SHIM_ID: u8 = 14;
+
+/// How a daemon is set up.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// The API address (TCP).
+    pub listen: SocketAddr,
+    /// This shim's name: guests are told it as their host.
+    pub name: String,
+    pub region: String,
+    /// 1..=[`MAX_SHIM_ID`]: picks the gateway and the guests' addresses.
+    pub shim_id: u8,
+    /// Shim-level published ports (to a guest address; default: the first
+    /// address of this shim's range).
+    pub publish: Vec<PublishSpec>,
+    pub kvm_device: PathBuf,
+    /// The overlay's UDP address (default: the listen address) and peers.
+    pub overlay: Option<crate::net::overlay::OverlayConfig>,
+}
+
+impl DaemonConfig {
+    /// The gateway's address.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 2, self.shim_id + 1)
+    }
+
+    /// The addresses this shim hands out.
+    pub fn guest_range(&self) -> impl Iterator<Item = Ipv4Addr> {
+        let first = u16::from(self.shim_id) * 16;
+        (first..first + 16).map(|n| Ipv4Addr::new(10, 0, 2, n as u8))
+    }
+}
+
+/// A name reserved for an incoming instance, with the tombstone it
+/// replaced (if any).
+#[derive(Clone)]
+pub struct Incoming(Arc<Mutex<Option<Instance>>>);
+
+/// What an API handler answers.
+pub enum Reply {
+    Json(u16, String),
+    Text(u16, String),
+    /// Lines produced by a worker as it goes.
+    Stream(Receiver<String>),
+}
+
+/// An API error: status and message.
+pub struct ApiError(pub u16, pub String);
+
+impl<E: std::fmt::Display> From<E> for ApiError {
+    fn from(e: E) -> Self {
+        ApiError(500, format!("{e:#}"))
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(400, msg.into())
+}
+
+/// The daemon.
+pub struct Daemon {
+    pub config: DaemonConfig,
+    pub hv: Hypervisor,
+    pub net: Network,
+    instances: Mutex<BTreeMap<String, Instance>>,
+    next_id: AtomicUsize,
+    ended: Mutex<Sender<Ended>>,
+}
+
+impl Daemon {
+    /// Opens KVM, starts the network and binds the shim-level ports.
+    pub fn new(config: DaemonConfig) -> Result<(Arc<Self>, Receiver<Ended>), Error> {
+        if !(1..=MAX_SHIM_ID).contains(&config.shim_id) {
+            return Err(Error::Config(format!(
+                "--shim-id {} is out of range: 1 to {MAX_SHIM_ID}",
+                config.shim_id
+            )));
+        }
+        let hv = Hypervisor::open(&config.kvm_device)?;
+        // Probed now, so that no snapshot or migration pays for it.
+        hv.msrs()?;
+        let net = Network::start_shared(&SharedNetConfig {
+            gateway: config.gateway(),
+            prefix: crate::net::USER_PREFIX,
+            overlay: config.overlay.clone(),
+            shim_name: config.name.clone(),
+        })?;
+        let first = config.guest_range().next().expect("16 addresses");
+        for spec in &config.publish {
+            net.publish(spec, first)?;
+        }
+        let (tx, rx) = mpsc::channel();
+        Ok((
+            Arc::new(Self {
+                config,
+                hv,
+                net,
+                instances: Mutex::new(BTreeMap::new()),
+                next_id: AtomicUsize::new(1),
+                ended: Mutex::new(tx),
+            }),
+            rx,
+        ))
+    }
+
+    pub fn instances(&self) -> MutexGuard<'_, BTreeMap<String, Instance>> {
+        self.instances.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn ended_sender(&self) -> Sender<Ended> {
+        self.ended.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Runs `machine` as instance `name` (already reserved as Busy).
+    pub fn start_instance(&self, machine: Machine) -> Result<Arc<MachineHandle>, Error> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let handle = Arc::new(machine::spawn(machine, id, self.ended_sender(), None)?);
+        Ok(handle)
+    }
+
+    /// Notes guests that ended on their own (runs on its own thread).
+    fn watch(self: Arc<Self>, ended: Receiver<Ended>) {
+        for (id, exit) in ended {
+            let mut instances = self.instances();
+            let Some(inst) = instances
+                .values_mut()
+                .find(|i| i.handle.as_ref().is_some_and(|h| h.id() == id))
+            else {
+                continue;
+            };
+            let Some(exit) = exit else { continue };
+            let how = match &exit {
+                crate::GuestExit::Exited(code) => format!("status {code}"),
+                other => other.to_string(),
+            };
+            eprintln!("[{}] guest ended: {exit}", inst.name);
+            inst.state = State::Exited(how);
+            if let Some(h) = inst.handle.take() {
+                h.join();
+            }
+            if let Some(port) = inst.port.take() {
+                self.net.detach(&port);
+            }
+        }
+    }
+
+    /// A free address of this shim's range.
+    fn pick_ip(&self, instances: &BTreeMap<String, Instance>) -> Option<Ipv4Addr> {
+        let used: Vec<Ipv4Addr> = instances
+            .values()
+            .filter_map(|i| i.spec.nic.map(|n| n.ip))
+            .collect();
+        self.config.guest_range().find(|ip| !used.contains(ip))
+    }
+
+    /// Reserves `name` with a placeholder; fails if it is taken.
+    fn reserve(&self, name: &str, spec: crate::snapshot::state::GuestSpec) -> Result<(), ApiError> {
+        let mut instances = self.instances();
+        if let Some(old) = instances.get(name) {
+            return Err(ApiError(
+                409,
+                format!(
+                    "an instance named '{name}' exists ({}): stop it first",
+                    old.info().state
+                ),
+            ));
+        }
+        if let Some(nic) = spec.nic {
+            if let Some(other) = instances
+                .values()
+                .find(|i| i.spec.nic.is_some_and(|n| n.ip == nic.ip) && i.is_live())
+            {
+                return Err(ApiError(
+                    409,
+                    format!("instance '{}' already has address {}", other.name, nic.ip),
+                ));
+            }
+        }
+        instances.insert(
+            name.to_owned(),
+            Instance {
+                name: name.to_owned(),
+                spec,
+                state: State::Busy("starting"),
+                handle: None,
+                port: None,
+                publish: Vec::new(),
+                log: Arc::new(Mutex::new(LogRing::default())),
+                started: Instant::now(),
+            },
+        );
+        Ok(())
+    }
+
+    fn unreserve(&self, name: &str) {
+        self.instances().remove(name);
+    }
+
+    fn run(&self, req: RunRequest) -> Result<InstanceInfo, ApiError> {
+        if req.name.is_empty() || req.name.contains(['/', ' ']) {
+            return Err(bad(format!(
+                "'{}' is not an instance name (non-empty, no '/' or spaces)",
+                req.name
+            )));
+        }
+        crate::config::check_mem_size(req.mem).map_err(bad)?;
+        let publish = req
+            .publish
+            .iter()
+            .map(|p| crate::config::parse_publish(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bad)?;
+        let ip = match &req.ip {
+            Some(ip) => Some(crate::config::parse_ipv4(ip).map_err(bad)?),
+            None => None,
+        };
+        let image = PathBuf::from(&req.image);
+        // Placeholder spec for the reservation; the real one comes from boot.
+        let ip = match ip {
+            Some(ip) => ip,
+            None => self.pick_ip(&self.instances()).ok_or_else(|| {
+                ApiError(409, "all 16 guest addresses of this shim are in use".into())
+            })?,
+        };
+        let nic = Nic {
+            mac: mac_for(ip),
+            ip,
+            prefix: crate::net::USER_PREFIX,
+            gateway: Some(self.config.gateway()),
+        };
+        let mut placeholder = placeholder_spec(&req.name, req.mem);
+        placeholder.nic = Some(nic.into());
+        placeholder.image.path = req.image.clone();
+        self.reserve(&req.name, placeholder)?;
+        match self.boot(&req, &image, nic, publish) {
+            Ok(info) => Ok(info),
+            Err(e) => {
+                self.unreserve(&req.name);
+                Err(e)
+            }
+        }
+    }
+
+    fn boot(
+        &self,
+        req: &RunRequest,
+        image: &Path,
+        nic: Nic,
+        publish: Vec<PublishSpec>,
+    ) -> Result<InstanceInfo, ApiError> {
+        let guest = GuestArgs {
+            host_name: self.config.name.clone(),
+            region: self.config.region.clone(),
+            params: nic.cmdline_params(),
+            env: req.env.clone(),
+            devices: vec![virtio::cmdline_entry(0)],
+            args: req.args.clone(),
+        };
+        let cmdline = cmdline::build(&guest).map_err(|e| bad(e.to_string()))?;
+        let log = Arc::new(Mutex::new(LogRing::default()));
+        let port = self.net.attach(nic.mac)?;
+        let machine = Machine::boot(
+            &self.hv,
+            BootRequest {
+                name: req.name.clone(),
+                image,
+                cmdline,
+                mem_size: req.mem,
+                nic: Some(nic),
+                port: Some(Arc::clone(&port)),
+                env: req.env.clone(),
+                args: req.args.clone(),
+            },
+            Box::new(InstanceConsole::new(&req.name, Arc::clone(&log))),
+        );
+        let machine = match machine {
+            Ok(m) => m,
+            Err(e) => {
+                self.net.detach(&port);
+                return Err(bad(e.to_string()));
+            }
+        };
+        self.launch(&req.name, machine, port, log, publish)
+    }
+
+    /// Publishes, spawns and records a machine under the reserved `name`.
+    pub fn launch(
+        &self,
+        name: &str,
+        machine: Machine,
+        port: Arc<crate::net::port::GuestPort>,
+        log: Arc<Mutex<LogRing>>,
+        publish: Vec<PublishSpec>,
+    ) -> Result<InstanceInfo, ApiError> {
+        let ip = machine.spec.nic.map(|n| n.ip);
+        let mut done = Vec::new();
+        for spec in &publish {
+            let target = spec
+                .guest_addr
+                .or(ip)
+                .ok_or_else(|| bad("--publish needs a guest with a network card"));
+            let result = target.and_then(|t| {
+                self.net
+                    .publish(spec, t)
+                    .map_err(|e| ApiError(409, e.to_string()))
+            });
+            if let Err(e) = result {
+                for s in &done {
+                    self.net.unpublish(s);
+                }
+                self.net.detach(&port);
+                return Err(e);
+            }
+            done.push(spec.clone());
+        }
+        let spec = machine.spec.clone();
+        let handle = match self.start_instance(machine) {
+            Ok(h) => h,
+            Err(e) => {
+                for s in &done {
+                    self.net.unpublish(s);
+                }
+                self.net.detach(&port);
+                return Err(e.into());
+            }
+        };
+        let mut instances = self.instances();
+        let inst = instances
+            .entry(name.to_owned())
+            .or_insert_with(|| Instance {
+                name: name.to_owned(),
+                spec: spec.clone(),
+                state: State::Running,
+                handle: None,
+                port: None,
+                publish: Vec::new(),
+                log: Arc::clone(&log),
+                started: Instant::now(),
+            });
+        inst.spec = spec;
+        inst.state = State::Running;
+        inst.handle = Some(handle);
+        inst.port = Some(port);
+        inst.publish.extend(done);
+        inst.log = log;
+        inst.started = Instant::now();
+        Ok(inst.info())
+    }
+
+    fn stop(&self, name: &str) -> Result<InstanceInfo, ApiError> {
+        let inst = {
+            let mut instances = self.instances();
+            match instances.get(name) {
+                None => return Err(not_found(name)),
+                Some(i) if matches!(i.state, State::Busy(_)) => {
+                    return Err(ApiError(
+                        409,
+                        format!("instance '{name}' is busy ({}): try again", i.info().state),
+                    ))
+                }
+                Some(_) => {}
+            }
+            instances.remove(name).expect("present")
+        };
+        if let Some(h) = &inst.handle {
+            if !h.stop() {
+                tracing::warn!("the vCPU thread of {name} did not stop; leaving it behind");
+            }
+        }
+        if let Some(port) = &inst.port {
+            self.net.detach(port);
+        }
+        for spec in &inst.publish {
+            self.net.unpublish(spec);
+        }
+        let mut info = inst.info();
+        info.state = "stopped".into();
+        Ok(info)
+    }
+
+    /// Marks a live instance busy and returns its handle; `release` undoes it.
+    pub fn acquire(&self, name: &str, what: &'static str) -> Result<Arc<MachineHandle>, ApiError> {
+        let mut instances = self.instances();
+        let inst = instances.get_mut(name).ok_or_else(|| not_found(name))?;
+        match (&inst.state, &inst.handle) {
+            (State::Running, Some(h)) => {
+                let h = Arc::clone(h);
+                inst.state = State::Busy(what);
+                Ok(h)
+            }
+            (State::Busy(other), _) => Err(ApiError(
+                409,
+                format!("instance '{name}' is busy ({other})"),
+            )),
+            _ => Err(ApiError(
+                409,
+                format!("instance '{name}' is not running ({})", inst.info().state),
+            )),
+        }
+    }
+
+    /// Back to running after [`Self::acquire`].
+    pub fn release(&self, name: &str) {
+        if let Some(inst) = self.instances().get_mut(name) {
+            if matches!(inst.state, State::Busy(_)) {
+                inst.state = State::Running;
+            }
+        }
+    }
+
+    fn snapshot(&self, name: &str, req: SnapshotRequest) -> Result<SnapshotInfo, ApiError> {
+        if req.out.is_empty() {
+            return Err(bad("snapshot needs an output file"));
+        }
+        let handle = self.acquire(name, "snapshotting")?;
+        let result = (|| {
+            let start = Instant::now();
+            let machine = handle
+                .pause()
+                .map_err(|e| ApiError(409, format!("cannot pause '{name}': {e}")))?;
+            let saved =
+                crate::snapshot::save(&self.hv, &machine, &self.config.name, Path::new(&req.out));
+            handle.resume(machine);
+            let paused_ms = start.elapsed().as_secs_f64() * 1e3;
+            let stats = saved?;
+            Ok(SnapshotInfo {
+                file: req.out.clone(),
+                pages: stats.pages,
+                bytes: stats.bytes,
+                paused_ms,
+            })
+        })();
+        self.release(name);
+        result
+    }
+
+    fn restore(&self, req: RestoreRequest) -> Result<InstanceInfo, ApiError> {
+        let publish = req
+            .publish
+            .iter()
+            .map(|p| crate::config::parse_publish(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bad)?;
+        let (state, vm) = crate::snapshot::load(&self.hv, Path::new(&req.file))
+            .map_err(|e| bad(e.to_string()))?;
+        let name = req.name.clone().unwrap_or_else(|| state.spec.name.clone());
+        self.reserve(&name, state.spec.clone())?;
+        let result = (|| {
+            let log = Arc::new(Mutex::new(LogRing::default()));
+            let port = match state.spec.nic {
+                Some(nic) => Some(self.net.attach(nic.mac)?),
+                None => None,
+            };
+            let mut state = state;
+            state.spec.name = name.clone();
+            let console = Box::new(InstanceConsole::new(&name, Arc::clone(&log)));
+            let mut machine = Machine::restore(vm, state, port.clone(), console).map_err(|e| {
+                if let Some(p) = &port {
+                    self.net.detach(p);
+                }
+                bad(e.to_string())
+            })?;
+            machine.set_location(&self.config.name, &self.config.region)?;
+            let port = port.ok_or_else(|| {
+                bad("snapshots of guests without a network card cannot run in the daemon")
+            })?;
+            self.launch(&name, machine, port, log, publish)
+        })();
+        if result.is_err() {
+            self.unreserve(&name);
+        }
+        result
+    }
+
+    /// Reserves the name of an incoming instance. A tombstone of the same
+    /// name (it lived here before and moved away) is set aside: its
+    /// published ports are still bound here and go back to it.
+    pub fn reserve_incoming(
+        &self,
+        hello: &crate::migration::protocol::Hello,
+    ) -> Result<Incoming, String> {
+        let mut instances = self.instances();
+        let mut tombstone = None;
+        if let Some(old) = instances.get(&hello.name) {
+            if !matches!(old.state, State::Moved(_)) {
+                return Err(format!(
+                    "an instance named '{}' already exists here ({})",
+                    hello.name,
+                    old.info().state
+                ));
+            }
+            tombstone = instances.remove(&hello.name);
+        }
+        if let Some(nic) = hello.nic {
+            if let Some(other) = instances.values().find(|i| {
+                i.is_live()
+                    && i.spec
+                        .nic
+                        .is_some_and(|n| n.ip == nic.ip || n.mac == nic.mac)
+            }) {
+                let other = other.name.clone();
+                if let Some(t) = tombstone {
+                    instances.insert(hello.name.clone(), t);
+                }
+                return Err(format!(
+                    "instance '{other}' here already has address {} or its MAC",
+                    nic.ip
+                ));
+            }
+        }
+        let mut spec = placeholder_spec(&hello.name, hello.mem_size);
+        spec.nic = hello.nic;
+        spec.image = hello.image.clone();
+        instances.insert(
+            hello.name.clone(),
+            Instance {
+                name: hello.name.clone(),
+                spec,
+                state: State::Busy("incoming"),
+                handle: None,
+                port: None,
+                publish: Vec::new(),
+                log: Arc::new(Mutex::new(LogRing::default())),
+                started: Instant::now(),
+            },
+        );
+        Ok(Incoming(Arc::new(Mutex::new(tombstone))))
+    }
+
+    /// Undoes [`Self::reserve_incoming`] after a failed migration.
+    pub fn cancel_incoming(&self, name: &str, incoming: Incoming) {
+        let mut instances = self.instances();
+        instances.remove(name);
+        if let Some(t) = incoming.0.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            instances.insert(name.to_owned(), t);
+        }
+    }
+
+    /// Gives an instance that came back the published ports it left here.
+    pub fn adopt_publishes(&self, name: &str, incoming: &Incoming) {
+        let tombstone = incoming.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let (Some(t), Some(inst)) = (tombstone, self.instances().get_mut(name)) {
+            inst.publish.extend(t.publish);
+        }
+    }
+
+    /// Whether `name` is a running instance here.
+    pub fn is_running(&self, name: &str) -> bool {
+        self.instances()
+            .get(name)
+            .is_some_and(|i| i.state == State::Running)
+    }
+
+    /// After a successful migration: stops the (paused, released) vCPU
+    /// thread, takes the guest's port off the switch (frames for it now go
+    /// over the overlay to `peer`) and leaves a tombstone that keeps the
+    /// published ports.
+    pub fn moved_away(
+        &self,
+        name: &str,
+        to: &str,
+        peer: Option<SocketAddr>,
+        port: Option<Arc<crate::net::port::GuestPort>>,
+    ) {
+        let handle = {
+            let mut instances = self.instances();
+            let Some(inst) = instances.get_mut(name) else {
+                return;
+            };
+            inst.state = State::Moved(to.to_owned());
+            inst.port = None;
+            inst.handle.take()
+        };
+        if let Some(h) = handle {
+            h.stop();
+        }
+        if let Some(port) = port {
+            self.net.moved(&port, peer);
+        }
+    }
+
+    fn info(&self) -> ShimInfo {
+        ShimInfo {
+            name: self.config.name.clone(),
+            region: self.config.region.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            gateway: self.config.gateway().to_string(),
+            overlay: self.net.overlay_addr().map(|a| a.to_string()),
+            instances: self.instances().len(),
+        }
+    }
+
+    /// Answers one API request.
+    fn handle(
+        self: &Arc<Self>,
+        method: &Method,
+        path: &str,
+        body: &[u8],
+    ) -> Result<Reply, ApiError> {
+        let json = |status: u16, v: &dyn erased::Json| Ok(Reply::Json(status, v.to_json()));
+        let parse = |what: &str| -> Result<serde_json::Value, ApiError> {
+            serde_json::from_slice(body).map_err(|e| bad(format!("bad {what} request: {e}")))
+        };
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (method, segments.as_slice()) {
+            (Method::Get, ["v1", "info"]) => json(200, &self.info()),
+            (Method::Get, ["v1", "instances"]) => {
+                let list: Vec<InstanceInfo> =
+                    self.instances().values().map(Instance::info).collect();
+                json(200, &list)
+            }
+            (Method::Post, ["v1", "instances"]) => {
+                let req: RunRequest =
+                    serde_json::from_value(parse("run")?).map_err(|e| bad(e.to_string()))?;
+                json(201, &self.run(req)?)
+            }
+            (Method::Get, ["v1", "instances", name, "logs"]) => {
+                let instances = self.instances();
+                let inst = instances.get(*name).ok_or_else(|| not_found(name))?;
+                let text = String::from_utf8_lossy(
+                    &inst
+                        .log
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .contents(),
+                )
+                .into_owned();
+                Ok(Reply::Text(200, text))
+            }
+            (Method::Post, ["v1", "instances", name, "stop"]) => json(200, &self.stop(name)?),
+            (Method::Post, ["v1", "instances", name, "snapshot"]) => {
+                let req: SnapshotRequest =
+                    serde_json::from_value(parse("snapshot")?).map_err(|e| bad(e.to_string()))?;
+                json(200, &self.snapshot(name, req)?)
+            }
+            (Method::Post, ["v1", "restore"]) => {
+                let req: RestoreRequest =
+                    serde_json::from_value(parse("restore")?).map_err(|e| bad(e.to_string()))?;
+                json(201, &self.restore(req)?)
+            }
+            (Method::Post, ["v1", "instances", name, "migrate"]) => {
+                let req: api::MigrateRequest =
+                    serde_json::from_value(parse("migrate")?).map_err(|e| bad(e.to_string()))?;
+                let (tx, rx) = mpsc::channel();
+                let daemon = Arc::clone(self);
+                let name = (*name).to_owned();
+                thread::Builder::new()
+                    .name(format!("migrate-{name}"))
+                    .spawn(move || crate::migration::source::migrate(&daemon, &name, &req.to, &tx))
+                    .map_err(|e| ApiError(500, e.to_string()))?;
+                Ok(Reply::Stream(rx))
+            }
+            _ => Err(ApiError(404, format!("no such endpoint: {method} {path}"))),
+        }
+    }
+}
+
+fn not_found(name: &str) -> ApiError {
+    ApiError(404, format!("no instance named '{name}'"))
+}
+
+/// A spec for a reservation, before the guest exists.
+fn placeholder_spec(name: &str, mem: u64) -> crate::snapshot::state::GuestSpec {
+    crate::snapshot::state::GuestSpec {
+        name: name.to_owned(),
+        image: crate::snapshot::state::ImageId {
+            path: String::new(),
+            size: 0,
+            sha256: String::new(),
+        },
+        cmdline: String::new(),
+        mem_size: mem,
+        kvmclock: false,
+        nic: None,
+        cpuid: Vec::new(),
+        env: Vec::new(),
+        args: Vec::new(),
+        generation: 0,
+    }
+}
+
+/// Serializing answers of different types through one closure.
+mod erased {
+    pub trait Json {
+        fn to_json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> String {
+            serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        }
+    }
+}
+
+/// Runs the daemon until the process is killed.
+pub fn serve(config: DaemonConfig) -> Result<(), Error> {
+    let server = Server::http(config.listen)
+        .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.listen)))?;
+    let (daemon, ended) = Daemon::new(config)?;
+    {
+        let d = Arc::clone(&daemon);
+        thread::Builder::new()
+            .name("watch".into())
+            .spawn(move || d.watch(ended))
+            .map_err(|e| Error::Config(e.to_string()))?;
+    }
+    eprintln!(
+        "host-shim serve: shim '{}' (region {}) listening on {}; gateway {}, guests {}..{}{}",
+        daemon.config.name,
+        daemon.config.region,
+        daemon.config.listen,
+        daemon.config.gateway(),
+        daemon.config.guest_range().next().expect("range"),
+        daemon.config.guest_range().last().expect("range"),
+        daemon
+            .net
+            .overlay_addr()
+            .map(|a| format!("; overlay udp {a}"))
+            .unwrap_or_default()
+    );
+    for request in server.incoming_requests() {
+        let d = Arc::clone(&daemon);
+        let spawned = thread::Builder::new()
+            .name("api".into())
+            .spawn(move || serve_one(&d, request));
+        if let Err(e) = spawned {
+            tracing::error!("cannot start an API thread: {e}");
+        }
+    }
+    Ok(())
+}
+
+fn serve_one(daemon: &Arc<Daemon>, mut request: Request) {
+    let method = request.method().clone();
+    let path = request.url().split('?').next().unwrap_or("").to_owned();
+    if method == Method::Post && path.trim_end_matches('/') == "/v1/migration" {
+        crate::migration::dest::accept(daemon, request);
+        return;
+    }
+    let mut body = Vec::new();
+    if let Err(e) = request.as_reader().take(16 << 20).read_to_end(&mut body) {
+        let _ = request.respond(Response::from_string(e.to_string()).with_status_code(400));
+        return;
+    }
+    let reply = daemon.handle(&method, &path, &body);
+    let json_header =
+        Header::from_bytes("Content-Type", "application/json").expect("static header");
+    let text_header =
+        Header::from_bytes("Content-Type", "text/plain; charset=utf-8").expect("static header");
+    let result = match reply {
+        Ok(Reply::Json(status, body)) => request.respond(
+            Response::from_string(body)
+                .with_status_code(status)
+                .with_header(json_header),
+        ),
+        Ok(Reply::Text(status, body)) => request.respond(
+            Response::from_string(body)
+                .with_status_code(status)
+                .with_header(text_header),
+        ),
+        Ok(Reply::Stream(rx)) => {
+            // Streamed over an upgraded connection: tiny_http would buffer
+            // a plain response body.
+            let mut stream = request.upgrade(PROGRESS_PROTOCOL, Response::empty(StatusCode(101)));
+            for line in rx {
+                let sent = stream
+                    .write_all(line.as_bytes())
+                    .and_then(|()| stream.write_all(b"\n"))
+                    .and_then(|()| stream.flush());
+                if sent.is_err() {
+                    tracing::debug!("the client of {method} {path} went away");
+                    break;
+                }
+            }
+            Ok(())
+        }
+        Err(ApiError(status, msg)) => {
+            let body = serde_json::to_string(&api::ErrorBody { error: msg }).unwrap_or_default();
+            request.respond(
+                Response::from_string(body)
+                    .with_status_code(status)
+                    .with_header(json_header),
+            )
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!("API answer to {method} {path} not delivered: {e}");
+    }
+}

@@ -1,0 +1,383 @@
+//! The sending side: moves a running instance of this daemon to another.
+//!
+//! 1. Handshake: [`Hello`] out, `Accept` (or `Refuse`, which ends it) back.
+//! 2. Round 0 sends the pages written since the VM was created (KVM's dirty
+//!    log OR'ed with the shim's own writes; all-zero pages are skipped: the
+//!    destination's memory starts zeroed). Pre-copy rounds then send what
+//!    was dirtied meanwhile, while the guest keeps running, until the dirty
+//!    set is small ([`CONVERGED_PAGES`]), stops shrinking, or
+//!    [`MAX_ROUNDS`] is reached.
+//! 3. Stop-and-copy: the guest is paused (vCPU quiesced, devices idle), the
+//!    last dirty pages and the vCPU, clock and device state are sent.
+//! 4. The destination restores, resumes and acknowledges. Only then is the
+//!    instance dropped here; its published ports stay and reach it over the
+//!    overlay.
+//!
+//! Any failure before the acknowledgement (refusal, connection lost,
+//! destination error or death, timeout) resumes the guest where it was and
+//! says why. Progress lines go to the caller as they happen.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::net::TcpStream;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::protocol::{
+    encode_pages, read_msg, write_msg, write_value, Accept, Ack, Hello, Kind, ProtocolError,
+    PAGES_PER_MESSAGE, PROTOCOL_VERSION,
+};
+use crate::daemon::api::Client;
+use crate::daemon::{Daemon, MIGRATION_PROTOCOL};
+use crate::machine::Machine;
+use crate::snapshot::format::{is_zero, FORMAT_VERSION, PAGE};
+use crate::vstate::vm::Vm;
+
+/// Pre-copy stops when a round leaves at most this many dirty pages.
+pub const CONVERGED_PAGES: usize = 64;
+/// Pre-copy rounds at most (round 0 included).
+pub const MAX_ROUNDS: usize = 8;
+/// How long the destination may take to restore and acknowledge.
+const ACK_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What a migration did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    pub rounds: usize,
+    pub pages: u64,
+    pub bytes: u64,
+    pub downtime: Duration,
+    pub total: Duration,
+}
+
+struct Sent {
+    pages: u64,
+    bytes: u64,
+}
+
+/// Moves instance `name` to the daemon at `to`, writing progress lines to
+/// `out`; the last line starts with `ok` or `error:`.
+pub fn migrate(daemon: &Arc<Daemon>, name: &str, to: &str, out: &Sender<String>) {
+    let say = |line: String| {
+        let _ = out.send(line);
+    };
+    match run(daemon, name, to, &say) {
+        Ok(s) => {
+            let mem = daemon.instances().get(name).map_or(0, |i| i.spec.mem_size);
+            say(format!(
+                "ok: {name} moved to {to}; downtime {:.2} ms, total {:.1} ms, {} sent \
+                 ({} pages) for {} of guest memory ({:.1}%), {} rounds",
+                s.downtime.as_secs_f64() * 1e3,
+                s.total.as_secs_f64() * 1e3,
+                human(s.bytes),
+                s.pages,
+                human(mem),
+                s.bytes as f64 * 100.0 / mem.max(1) as f64,
+                s.rounds
+            ));
+        }
+        Err(why) => say(format!("error: {why}")),
+    }
+}
+
+/// The migration itself; an error has already resumed the guest.
+pub fn run(
+    daemon: &Arc<Daemon>,
+    name: &str,
+    to: &str,
+    say: &dyn Fn(String),
+) -> Result<Stats, String> {
+    let start = Instant::now();
+    let handle = daemon.acquire(name, "migrating").map_err(|e| e.1)?;
+    let (spec, port) = {
+        let instances = daemon.instances();
+        let inst = instances.get(name).ok_or("the instance vanished")?;
+        (inst.spec.clone(), inst.port.clone())
+    };
+    let fail = |why: String| {
+        daemon.release(name);
+        why
+    };
+
+    // 1. Handshake.
+    let client = Client::new(to);
+    let reader = client
+        .upgrade("/v1/migration", MIGRATION_PROTOCOL, b"")
+        .map_err(|e| fail(format!("{e}; {name} keeps running here")))?;
+    let mut conn = Conn::new(reader).map_err(|e| fail(e.to_string()))?;
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        format_version: FORMAT_VERSION,
+        abi_version: abi::ABI_VERSION,
+        name: name.to_owned(),
+        mem_size: spec.mem_size,
+        cpuid: spec.cpuid.clone(),
+        nic: spec.nic,
+        image: spec.image.clone(),
+        source: daemon.config.name.clone(),
+        source_overlay: daemon.net.overlay_addr(),
+    };
+    let accept: Accept = (|| {
+        write_value(&mut conn.w, Kind::Hello, &hello)?;
+        conn.w.flush()?;
+        let m = read_msg(&mut conn.r)?;
+        match m.kind {
+            Kind::Accept => m.value::<Accept>(),
+            Kind::Refuse => Err(ProtocolError::Malformed(format!("refused: {}", m.text()))),
+            other => Err(ProtocolError::Unexpected(other)),
+        }
+    })()
+    .map_err(|e| {
+        fail(format!(
+            "the destination {to} did not take {name}: {}; {name} keeps running here",
+            refusal(e)
+        ))
+    })?;
+    if let Some(peer) = accept.overlay {
+        daemon.net.add_peer(peer);
+    }
+    say(format!(
+        "migrating {name} ({} MiB) from {} to {} ({to}, region {})",
+        spec.mem_size >> 20,
+        daemon.config.name,
+        accept.name,
+        accept.region
+    ));
+
+    // 2. Pre-copy while the guest runs.
+    let vm = Arc::clone(handle.vm());
+    let mut stats = Stats::default();
+    let mut last_dirty = usize::MAX;
+    for round in 0..MAX_ROUNDS {
+        let dirty = match vm.take_dirty() {
+            Ok(d) => pages_of(&d),
+            Err(e) => return Err(fail(format!("dirty log: {e}; {name} keeps running here"))),
+        };
+        let count = dirty.len();
+        let sent = send_pages(&mut conn, &vm, &dirty, round == 0).map_err(|e| {
+            fail(format!(
+                "sending memory to {to} failed in round {round}: {e}; {name} keeps running here"
+            ))
+        })?;
+        stats.rounds = round + 1;
+        stats.pages += sent.pages;
+        stats.bytes += sent.bytes;
+        say(format!(
+            "round {round}: {count} dirty pages, {} pages sent ({}){}",
+            sent.pages,
+            human(sent.bytes),
+            if round == 0 {
+                ", all written since boot"
+            } else {
+                ""
+            }
+        ));
+        let converged = round > 0 && (count <= CONVERGED_PAGES || count >= last_dirty);
+        last_dirty = count;
+        if converged {
+            break;
+        }
+    }
+
+    // 3. Stop and copy.
+    let machine = handle.pause().map_err(|e| {
+        fail(format!(
+            "cannot pause {name}: {e}; {name} keeps running here"
+        ))
+    })?;
+    let paused_at = SystemTime::now();
+    let paused = Instant::now();
+    let resume = |machine: Box<Machine>, why: String| {
+        handle.resume(machine);
+        daemon.release(name);
+        format!("{why}; {name} resumed on {}", daemon.config.name)
+    };
+    let final_round = (|| -> Result<(Sent, usize), String> {
+        let dirty = pages_of(&vm.take_dirty().map_err(|e| e.to_string())?);
+        let sent = send_pages(&mut conn, &vm, &dirty, false).map_err(|e| e.to_string())?;
+        let state = machine.capture(&daemon.hv).map_err(|e| e.to_string())?;
+        let bytes = postcard::to_stdvec(&state).map_err(|e| e.to_string())?;
+        write_msg(&mut conn.w, Kind::State, &bytes).map_err(|e| e.to_string())?;
+        conn.w.flush().map_err(|e| e.to_string())?;
+        Ok((
+            Sent {
+                pages: sent.pages,
+                bytes: sent.bytes + bytes.len() as u64 + 5,
+            },
+            dirty.len(),
+        ))
+    })();
+    let (sent, final_dirty) = match final_round {
+        Ok(x) => x,
+        Err(e) => {
+            return Err(resume(
+                machine,
+                format!("sending the final state to {to} failed: {e}"),
+            ))
+        }
+    };
+    stats.pages += sent.pages;
+    stats.bytes += sent.bytes;
+    say(format!(
+        "paused: {final_dirty} dirty pages and the vCPU/device state sent ({})",
+        human(sent.bytes)
+    ));
+
+    // 4. Wait for the destination to run it.
+    let _ = conn.stream.set_read_timeout(Some(ACK_TIMEOUT));
+    let ack = match read_msg(&mut conn.r) {
+        Ok(m) if m.kind == Kind::Ack => m.value::<Ack>(),
+        Ok(m) if m.kind == Kind::Failed => {
+            return Err(resume(
+                machine,
+                format!(
+                    "the destination {to} could not restore {name}: {}",
+                    m.text()
+                ),
+            ))
+        }
+        Ok(m) => Err(ProtocolError::Unexpected(m.kind)),
+        Err(e) => Err(e),
+    };
+    let ack = match ack {
+        Ok(a) => a,
+        Err(e) => {
+            return Err(resume(
+                machine,
+                format!("no acknowledgement from {to}: {e}"),
+            ))
+        }
+    };
+    let resumed = UNIX_EPOCH + Duration::from_nanos(ack.resumed_unix_ns);
+    stats.downtime = resumed
+        .duration_since(paused_at)
+        .unwrap_or_else(|_| paused.elapsed());
+    stats.total = start.elapsed();
+    // The guest runs there now: let it go here.
+    drop(machine);
+    daemon.moved_away(name, to, accept.overlay, port);
+    say(format!(
+        "{name} runs on {} since {:.2} ms after the pause (restore took {:.2} ms there)",
+        accept.name,
+        stats.downtime.as_secs_f64() * 1e3,
+        ack.restore_us as f64 / 1e3
+    ));
+    Ok(stats)
+}
+
+/// The reason in a refusal or protocol error.
+fn refusal(e: ProtocolError) -> String {
+    match e {
+        ProtocolError::Malformed(m) if m.starts_with("refused: ") => {
+            m.trim_start_matches("refused: ").to_owned()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Both halves of the connection.
+struct Conn {
+    stream: TcpStream,
+    r: BufReader<TcpStream>,
+    w: BufWriter<TcpStream>,
+}
+
+impl Conn {
+    fn new(reader: BufReader<TcpStream>) -> std::io::Result<Self> {
+        let stream = reader.get_ref().try_clone()?;
+        let w = BufWriter::with_capacity(1 << 20, stream.try_clone()?);
+        Ok(Self {
+            stream,
+            r: reader,
+            w,
+        })
+    }
+}
+
+/// The page numbers set in a dirty bitmap.
+pub fn pages_of(bitmap: &[u64]) -> Vec<u32> {
+    let mut out = Vec::new();
+    for (w, &word) in bitmap.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let b = bits.trailing_zeros();
+            out.push((w * 64) as u32 + b);
+            bits &= bits - 1;
+        }
+    }
+    out
+}
+
+/// Sends `pages` of `vm`: non-zero ones with their data, zero ones as a
+/// list (or not at all in round 0, when the destination is all zero).
+fn send_pages(conn: &mut Conn, vm: &Vm, pages: &[u32], first: bool) -> std::io::Result<Sent> {
+    let mem = vm.memory();
+    let mut data = Vec::with_capacity(PAGES_PER_MESSAGE * PAGE);
+    let mut indices = Vec::with_capacity(PAGES_PER_MESSAGE);
+    let mut zeroes = Vec::new();
+    let mut sent = Sent { pages: 0, bytes: 0 };
+    let mut page = vec![0u8; PAGE];
+    let flush = |conn: &mut Conn, indices: &mut Vec<u32>, data: &mut Vec<u8>, sent: &mut Sent| {
+        if indices.is_empty() {
+            return Ok(());
+        }
+        let msg = encode_pages(indices, data);
+        write_msg(&mut conn.w, Kind::Pages, &msg)?;
+        sent.pages += indices.len() as u64;
+        sent.bytes += msg.len() as u64 + 5;
+        indices.clear();
+        data.clear();
+        Ok::<(), std::io::Error>(())
+    };
+    for &index in pages {
+        mem.read_slice(&mut page, GuestAddress(u64::from(index) * PAGE as u64))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        if is_zero(&page) {
+            if !first {
+                zeroes.push(index);
+            }
+            continue;
+        }
+        indices.push(index);
+        data.extend_from_slice(&page);
+        if indices.len() == PAGES_PER_MESSAGE {
+            flush(conn, &mut indices, &mut data, &mut sent)?;
+        }
+    }
+    flush(conn, &mut indices, &mut data, &mut sent)?;
+    for chunk in zeroes.chunks(4096) {
+        let msg = encode_pages(chunk, &[]);
+        write_msg(&mut conn.w, Kind::Zeroes, &msg)?;
+        sent.pages += chunk.len() as u64;
+        sent.bytes += msg.len() as u64 + 5;
+    }
+    conn.w.flush()?;
+    Ok(sent)
+}
+
+/// `1.5 MiB`.
+pub fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= (1 << 20) as f64 {
+        format!("{:.1} MiB", b / (1 << 20) as f64)
+    } else if b >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_bitmaps_to_pages() {
+        assert_eq!(pages_of(&[0b1011, 0, 1 << 63]), [0, 1, 3, 191]);
+        assert!(pages_of(&[0; 4]).is_empty());
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(3 << 20), "3.0 MiB");
+    }
+}
