@@ -149,11 +149,12 @@ fn a_malformed_request_gets_an_error_and_the_server_stays_up() {
     assert_eq!(kv.cli(&["SET", "still", "here"]), "OK\n");
 }
 
-#[test]
-fn two_guests_on_one_shim_ping_and_talk_tcp() {
+/// Runs netcheck with `args` next to a netcheck echo server (10.0.2.16) on
+/// one shim; returns the main guest's console after checking it exited 0.
+fn netcheck_beside_echo_server(args: &[&str]) -> String {
     let img = image("netcheck").to_string_lossy().into_owned();
     let server = format!("{img} echo 7");
-    let mut shim = Shim::start(&[
+    let mut shim_args = vec![
         "run",
         &img,
         "--timeout",
@@ -163,35 +164,20 @@ fn two_guests_on_one_shim_ping_and_talk_tcp() {
         "--also",
         &server,
         "--",
-        "ping",
-        "10.0.2.16",
-        "3",
-    ]);
+    ];
+    shim_args.extend_from_slice(args);
+    let mut shim = Shim::start(&shim_args);
     let status = shim.child.wait().unwrap();
     let (out, err) = shim.stop();
     assert!(status.success(), "{out}\n{err}");
-    assert!(out.contains("ping ok"), "{out}\n{err}");
+    out
+}
 
-    let mut shim = Shim::start(&[
-        "run",
-        &img,
-        "--timeout",
-        "60",
-        "--net",
-        "user",
-        "--also",
-        &server,
-        "--",
-        "connect",
-        "10.0.2.16",
-        "7",
-        "hello across the switch",
-    ]);
-    let status = shim.child.wait().unwrap();
-    let (out, err) = shim.stop();
-    assert!(status.success(), "{out}\n{err}");
-    assert!(
-        out.contains("echoed: hello across the switch"),
-        "{out}\n{err}"
-    );
+#[test]
+fn two_guests_on_one_shim_ping_and_talk_tcp() {
+    let out = netcheck_beside_echo_server(&["ping", "10.0.2.16", "3"]);
+    assert!(out.contains("ping ok"), "{out}");
+    let out =
+        netcheck_beside_echo_server(&["connect", "10.0.2.16", "7", "hello across the switch"]);
+    assert!(out.contains("echoed: hello across the switch"), "{out}");
 }
