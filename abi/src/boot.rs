@@ -59,6 +59,13 @@ pub struct BootInfo {
     /// moves (the command line's `lc.host`/`lc.region` hold the boot-time values).
     pub host: [u8; LOCATION_LEN],
     pub region: [u8; LOCATION_LEN],
+    /// An app checkpoint to restore (abi::checkpoint), placed in guest RAM
+    /// by the monitor; 0/0 when there is none. The heap leaves it alone.
+    pub restore_addr: u64,
+    pub restore_len: u64,
+    /// Bumped by the host to ask the app for a checkpoint now (the guest
+    /// compares it after each return from the host, like `generation`).
+    pub checkpoint_requests: u64,
 }
 
 /// Bytes of [`BootInfo::host`] and [`BootInfo::region`].

@@ -26,6 +26,8 @@ pub const PARAM_PREFIX: &str = "lc.";
 pub const IP_KEY: &str = "lc.ip";
 /// The guest's IPv4 gateway.
 pub const GATEWAY_KEY: &str = "lc.gw";
+/// Take an app checkpoint every this many milliseconds (abi::checkpoint).
+pub const CHECKPOINT_EVERY_KEY: &str = "lc.checkpoint_every";
 /// Key prefix of a virtio-mmio device (`SIZE@BASE:IRQ`).
 pub const VIRTIO_MMIO_KEY: &str = "virtio_mmio.device";
 

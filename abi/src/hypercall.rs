@@ -27,8 +27,12 @@ pub const HC_PANIC: u64 = 3;
 /// Report a CPU exception and stop: value = address of a [`FaultReport`].
 /// Never returns.
 pub const HC_FAULT: u64 = 4;
+/// Store an app checkpoint (abi::checkpoint): value = address of a
+/// [`ConsoleWrite`] naming the blob. Returns once the host has stored it
+/// (so an app may acknowledge writes only after their checkpoint is safe).
+pub const HC_CHECKPOINT: u64 = 5;
 /// Number of defined hypercalls.
-pub const HC_COUNT: u64 = 5;
+pub const HC_COUNT: u64 = 6;
 
 /// Address of hypercall `nr` on a doorbell page at `doorbell`.
 pub const fn doorbell_slot(doorbell: u64, nr: u64) -> u64 {

@@ -12,6 +12,7 @@
 extern crate alloc;
 
 pub mod boot;
+pub mod checkpoint;
 pub mod cmdline;
 pub mod exit;
 pub mod hypercall;
@@ -20,4 +21,4 @@ pub mod note;
 pub mod x86;
 
 /// Version of this contract. Carried by every image (see [`note`]).
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;

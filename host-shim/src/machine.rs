@@ -547,3 +547,115 @@ impl Drop for MachineHandle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{require_kvm, Asm, TestImage};
+
+    /// A guest that stores rax at `addr`, then exits with 0.
+    fn writer(addr: u32) -> TestImage {
+        TestImage::new(
+            Asm::new()
+                .mov_rax(0x1234_5678)
+                .mov_ebx(addr)
+                .store_rax_at_rbx()
+                .exit(0)
+                .spin(),
+        )
+    }
+
+    fn boot(hv: &Hypervisor, image: &TestImage, tag: &str) -> Machine {
+        let path = image.write(tag);
+        Machine::boot(
+            hv,
+            BootRequest {
+                name: tag.into(),
+                image: &path,
+                cmdline: "lc.host=t lc.region=r --".into(),
+                mem_size: 16 << 20,
+                nic: None,
+                port: None,
+                env: Vec::new(),
+                args: Vec::new(),
+            },
+            Box::new(Vec::new()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_dirty_log_sees_guest_writes_and_shim_writes() {
+        require_kvm();
+        let hv = Hypervisor::open(Path::new(crate::vstate::vm::KVM_DEVICE)).unwrap();
+        let m = boot(&hv, &writer(0x40_0000), "dirty");
+        let vm = Arc::clone(&m.vm);
+        // Since creation: the shim's boot writes (tables, image).
+        let pages = crate::migration::source::pages_of(&vm.take_dirty().unwrap());
+        assert!(
+            pages.contains(&3),
+            "BootInfo page written by the shim: {pages:?}"
+        );
+        assert!(pages.contains(&0x100), "image page: {pages:?}");
+        assert!(!pages.contains(&0x400));
+        // Now the guest writes page 0x400.
+        let (tx, rx) = mpsc::channel();
+        let h = spawn(m, 0, tx, None).unwrap();
+        let (_, exit) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert!(matches!(exit, Some(GuestExit::Exited(0))), "{exit:?}");
+        h.join();
+        let pages = crate::migration::source::pages_of(&vm.take_dirty().unwrap());
+        assert!(pages.contains(&0x400), "the guest's write: {pages:?}");
+        // And the log was cleared.
+        let pages = crate::migration::source::pages_of(&vm.take_dirty().unwrap());
+        assert!(!pages.contains(&0x400), "{pages:?}");
+    }
+
+    #[test]
+    fn pause_capture_and_restore_into_a_fresh_vm() {
+        require_kvm();
+        let hv = Hypervisor::open(Path::new(crate::vstate::vm::KVM_DEVICE)).unwrap();
+        // Spins forever after writing: we pause it mid-spin.
+        let image = TestImage::new(
+            Asm::new()
+                .mov_rax(0xfeed)
+                .mov_ebx(0x40_0000)
+                .store_rax_at_rbx()
+                .spin(),
+        );
+        let m = boot(&hv, &image, "pause");
+        let (tx, _rx) = mpsc::channel();
+        let h = spawn(m, 0, tx, None).unwrap();
+        thread::sleep(Duration::from_millis(50));
+        let paused = h.pause().unwrap();
+        let state = paused.capture(&hv).unwrap();
+        assert!(state
+            .vcpu
+            .msrs
+            .iter()
+            .any(|e| e.index == cpu::MSR_KVM_SYSTEM_TIME_NEW));
+        let rip = state.vcpu.regs.rip;
+        let vm = Machine::create_vm(&hv, &state.spec).unwrap();
+        let mut page = vec![0u8; 4096];
+        paused
+            .vm
+            .memory()
+            .read_slice(&mut page, GuestAddress(0x40_0000))
+            .unwrap();
+        vm.memory()
+            .write_slice(&page, GuestAddress(0x40_0000))
+            .unwrap();
+        h.resume(paused);
+        assert!(h.stop());
+        let mut restored = Machine::restore(vm, state, None, Box::new(Vec::new())).unwrap();
+        assert_eq!(restored.vcpu.fd().get_regs().unwrap().rip, rip);
+        restored.set_location("elsewhere", "r2").unwrap();
+        assert_eq!(restored.spec.generation, 1);
+        let v: u64 = restored
+            .vm
+            .memory()
+            .read_obj(GuestAddress(0x40_0000))
+            .unwrap();
+        assert_eq!(v, 0xfeed);
+    }
+}

@@ -61,8 +61,11 @@ enum Command {
     Run(RunArgs),
     Restore(RestoreArgs),
     Serve(ServeArgs),
+    /// List a daemon's instances (name, state, address, memory, uptime, moves, image).
     List,
+    /// Stop a daemon's instance and remove it (with its published ports).
     Stop(NameArg),
+    /// Print a daemon's instance's console (the last 256 KiB).
     Logs(NameArg),
     Snapshot(SnapshotArgs),
     Migrate(MigrateArgs),
@@ -167,7 +170,6 @@ struct ServeArgs {
     kvm_device: PathBuf,
 }
 
-/// An instance of a daemon.
 #[derive(Args)]
 struct NameArg {
     /// The instance's name.

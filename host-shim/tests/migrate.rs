@@ -54,6 +54,16 @@ struct Daemon {
 
 impl Daemon {
     fn start(name: &str, shim_id: u8, extra: &[&str], dir: &TempDir) -> Self {
+        Self::start_env(name, shim_id, extra, &[], dir)
+    }
+
+    fn start_env(
+        name: &str,
+        shim_id: u8,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        dir: &TempDir,
+    ) -> Self {
         require_kvm();
         let addr = format!("127.0.0.1:{}", free_port());
         let log = dir.path(&format!("{name}.log"));
@@ -65,6 +75,7 @@ impl Daemon {
             .args(["--shim-id", &shim_id.to_string()])
             .args(extra)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -322,4 +333,177 @@ fn corrupt_truncated_and_foreign_snapshots_are_refused() {
     let out = a.try_cli(&["restore", bad.to_str().unwrap(), "--name", "x"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("corrupt"));
+}
+
+/// `migrate NAME --to ADDR` on `from`; returns its output (panics on failure).
+fn migrate(from: &Daemon, name: &str, to: &Daemon) -> String {
+    let out = from.cli(&["migrate", name, "--to", &to.addr]);
+    eprintln!("{out}");
+    assert!(out.lines().last().unwrap_or("").starts_with("ok"), "{out}");
+    out
+}
+
+/// A client that keeps writing and reading keys on its own connection
+/// until told to stop; returns (requests acknowledged, longest gap between
+/// two replies, first error).
+fn load(
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(usize, Duration, Option<String>)> {
+    std::thread::spawn(move || {
+        let mut c = Redis::connect(port).unwrap();
+        let mut acked = 0;
+        let mut gap = Duration::ZERO;
+        let mut last = Instant::now();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let (k, v) = (format!("load:{acked}"), format!("v{acked}"));
+            let set = c.cmd(&["SET", &k, &v]);
+            let get = c.cmd(&["GET", &k]);
+            match (set, get) {
+                (Ok(s), Ok(g)) if s == "OK" && g == v => acked += 1,
+                other => return (acked, gap, Some(format!("{k}: {other:?}"))),
+            }
+            gap = gap.max(last.elapsed());
+            last = Instant::now();
+        }
+        (acked, gap, None)
+    })
+}
+
+#[test]
+fn migration_there_and_back_keeps_connections_data_and_published_ports() {
+    let dir = TempDir::new("mig");
+    let a = Daemon::start("mig-a", 3, &[], &dir);
+    let b = Daemon::start("mig-b", 4, &[], &dir);
+    let port = free_port();
+    let img = kv_img();
+    a.cli(&[
+        "run",
+        &img,
+        "--name",
+        "kv",
+        "--publish",
+        &format!("{port}:6379"),
+    ]);
+    let mut c = Redis::when_up(port);
+    c.fill(10_000);
+    assert_eq!(c.host(), "mig-a");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loader = load(port, std::sync::Arc::clone(&stop));
+    std::thread::sleep(Duration::from_millis(200));
+
+    let out = migrate(&a, "kv", &b);
+    assert!(out.contains("downtime"), "{out}");
+    // The same connection, through A's published port, now reaches B.
+    assert_eq!(c.cmd(&["GET", "key:42"]).unwrap(), "value-42");
+    assert_eq!(c.host(), "mig-b");
+    assert!(a.cli(&["list"]).contains("moved to"));
+    assert!(b.cli(&["list"]).contains("running"));
+    // New connections through A's port too.
+    let mut fresh = Redis::connect(port).unwrap();
+    assert_eq!(fresh.cmd(&["GET", "key:7"]).unwrap(), "value-7");
+    assert_eq!(fresh.cmd(&["SET", "on", "b"]).unwrap(), "OK");
+    std::thread::sleep(Duration::from_millis(200));
+
+    // And back to A.
+    migrate(&b, "kv", &a);
+    assert_eq!(c.host(), "mig-a");
+    assert_eq!(fresh.cmd(&["GET", "on"]).unwrap(), "b");
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, gap, error) = loader.join().unwrap();
+    assert_eq!(error, None, "the client under load saw an error");
+    assert!(acked > 10, "only {acked} requests under load");
+    eprintln!("client under load: {acked} requests, longest gap {gap:?}");
+    // A lost frame would show as a TCP retransmission timeout (1 s or more).
+    assert!(gap < Duration::from_secs(2), "the client waited {gap:?}");
+    // Nothing lost: the preloaded keys and every acknowledged write.
+    c.check(10_000);
+    for i in (0..acked).step_by(7) {
+        assert_eq!(
+            c.cmd(&["GET", &format!("load:{i}")]).unwrap(),
+            format!("v{i}")
+        );
+    }
+    assert!(a.cli(&["list"]).contains("running"));
+}
+
+#[test]
+fn a_destination_that_dies_mid_transfer_leaves_the_guest_running_at_the_source() {
+    let dir = TempDir::new("die");
+    let a = Daemon::start("die-a", 5, &["--no-overlay"], &dir);
+    // The destination exits abruptly after 100 pages (test hook).
+    let b = Daemon::start_env(
+        "die-b",
+        6,
+        &["--no-overlay"],
+        &[("HOST_SHIM_TEST_DIE_AFTER_PAGES", "100")],
+        &dir,
+    );
+    let port = free_port();
+    let img = kv_img();
+    a.cli(&[
+        "run",
+        &img,
+        "--name",
+        "kv",
+        "--publish",
+        &format!("{port}:6379"),
+    ]);
+    let mut c = Redis::when_up(port);
+    c.fill(2_000);
+    let out = a.try_cli(&["migrate", "kv", "--to", &b.addr]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("resumed on die-a") || text.contains("keeps running here"),
+        "{text}"
+    );
+    // The same connection goes on.
+    c.check(2_000);
+    assert_eq!(c.cmd(&["SET", "still", "here"]).unwrap(), "OK");
+    assert!(a.cli(&["list"]).contains("running"));
+    // And a destination that is not there at all.
+    let out = a.try_cli(&["migrate", "kv", "--to", "127.0.0.1:1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("keeps running here"));
+    assert_eq!(c.cmd(&["GET", "still"]).unwrap(), "here");
+}
+
+#[test]
+fn a_stream_of_another_version_is_refused() {
+    use host_shim::migration::protocol::{read_msg, write_value, Hello, Kind};
+    let dir = TempDir::new("ver");
+    let b = Daemon::start("ver-b", 7, &["--no-overlay"], &dir);
+    let hello = |abi_version: u32, protocol_version: u32| Hello {
+        protocol_version,
+        format_version: host_shim::snapshot::format::FORMAT_VERSION,
+        abi_version,
+        name: "kv".into(),
+        mem_size: 64 << 20,
+        cpuid: Vec::new(),
+        nic: None,
+        image: host_shim::snapshot::state::ImageId {
+            path: "kv.img".into(),
+            size: 1,
+            sha256: String::new(),
+        },
+        source: "test".into(),
+        source_overlay: None,
+    };
+    for (h, want) in [
+        (hello(abi::ABI_VERSION + 1, 1), "ABI"),
+        (hello(abi::ABI_VERSION, 99), "protocol version 99"),
+    ] {
+        let client = host_shim::daemon::api::Client::new(&b.addr);
+        let mut r = client
+            .upgrade("/v1/migration", "host-shim-migration", b"")
+            .unwrap();
+        let mut w = r.get_ref().try_clone().unwrap();
+        write_value(&mut w, Kind::Hello, &h).unwrap();
+        let m = read_msg(&mut r).unwrap();
+        assert_eq!(m.kind, Kind::Refuse);
+        assert!(m.text().contains(want), "{}", m.text());
+    }
+    assert!(b.output().contains("refused"), "{}", b.output());
 }

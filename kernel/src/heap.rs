@@ -11,16 +11,22 @@ extern "C" {
 }
 
 /// Hands `[end of image, mem_size)` to the allocator.
-pub(crate) fn init(mem_size: u64) {
-    let start = core::ptr::addr_of!(__image_end) as u64;
-    if mem_size > start {
+/// Hands `[end of image, end)` to the allocator, where `end` is the end of
+/// RAM or the start of a checkpoint blob the monitor placed after the image.
+pub(crate) fn init(info: &abi::boot::BootInfo) {
+    let start = image_end();
+    let end = crate::checkpoint::restore_range(info, start).map_or(info.mem_size, |(blob, _)| blob);
+    if end > start {
         // SAFETY: the range is RAM that nothing else uses (abi::layout: the
-        // heap follows the image), and `init` runs once, before any allocation.
-        unsafe {
-            HEAP.lock()
-                .init(start as *mut u8, (mem_size - start) as usize)
-        };
+        // heap follows the image; a restore blob lies above `end`), and
+        // `init` runs once, before any allocation.
+        unsafe { HEAP.lock().init(start as *mut u8, (end - start) as usize) };
     }
+}
+
+/// The first byte after the loaded image.
+pub(crate) fn image_end() -> u64 {
+    core::ptr::addr_of!(__image_end) as u64
 }
 
 /// `(used, free)` bytes of the heap.

@@ -12,6 +12,7 @@
 extern crate alloc;
 
 pub mod arch;
+pub mod checkpoint;
 pub mod cmdline;
 pub mod console;
 pub mod heap;

@@ -22,7 +22,8 @@ pub(crate) extern "C" fn kernel_main(boot_info: u64) -> ! {
         crate::platform::set_doorbell(info.doorbell_addr);
     }
     crate::time::init(&info);
-    crate::heap::init(info.mem_size);
+    crate::heap::init(&info);
+    crate::checkpoint::init(&info, crate::heap::image_end());
     crate::cmdline::init(&info);
     crate::migration::init();
     crate::console::init_logger(crate::cmdline::get().env("RUST_LOG"));

@@ -21,6 +21,7 @@
 extern crate alloc;
 
 pub mod net;
+pub mod state;
 pub mod time;
 
 /// Async tasks: `spawn` runs a future in the background of `main`.
@@ -30,6 +31,9 @@ pub mod task {
 
 pub use libcloud_macros::main;
 pub use log;
+/// serde, for checkpoint state types: `#[derive(Serialize, Deserialize)]` with
+/// `#[serde(crate = "libcloud::serde")]`.
+pub use serde;
 
 /// What apps usually import: the print macros, `String`, `Vec`, `Box`,
 /// `format!`, `vec!`, and `Duration`.

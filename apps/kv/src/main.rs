@@ -11,7 +11,9 @@
 //! Listens on port 6379 (or `PORT`), up to 128 clients at once. `MAXMEMORY`
 //! (bytes, or with a `kb`/`mb`/`gb` suffix) refuses writes with `-OOM` once
 //! the heap holds that much; writes are also refused when the heap runs low.
-//! Data lives in memory only: nothing is saved.
+//! Data lives in memory; its checkpoints (libcloud::state: every live key,
+//! value and remaining TTL) are taken when the host asks, and restored at
+//! start when the host hands one over (exit status 3 if it cannot be).
 //!
 //! Module map: [`resp`] parses requests and encodes replies, [`commands`]
 //! runs them against the shared [`commands::Server`], whose keyspace is a
@@ -21,6 +23,7 @@
 
 extern crate alloc;
 
+mod checkpoint;
 mod commands;
 mod glob;
 mod resp;
@@ -31,9 +34,14 @@ use core::cell::RefCell;
 use libcloud::net::{TcpSocket, Write};
 use libcloud::prelude::*;
 
+use checkpoint::KvState;
 use commands::{Flow, Server};
+use libcloud::time::Instant;
 use resp::{Parser, ProtocolError};
 
+/// Exit status when the checkpoint handed over cannot be restored (another
+/// app's, another schema version, damaged).
+const EXIT_BAD_CHECKPOINT: i32 = 3;
 /// Clients served at once (one worker task each).
 const MAX_CLIENTS: usize = 128;
 /// A connection's input buffer to start with (it grows for big arguments).
@@ -60,6 +68,22 @@ async fn main() -> Result<(), libcloud::net::Error> {
     };
     let stack = libcloud::net::start().await?;
     let server = Rc::new(RefCell::new(Server::new(port, MAX_CLIENTS, maxmemory)));
+    match libcloud::state::restore::<KvState>() {
+        Ok(Some(state)) => {
+            let keys = state.keys.len();
+            state.load_into(&mut server.borrow_mut().store, Instant::now());
+            println!("kv: restored {keys} keys from a checkpoint");
+        }
+        Ok(None) => {}
+        Err(e) => {
+            println!("kv: cannot restore the checkpoint: {e}");
+            libcloud::exit(EXIT_BAD_CHECKPOINT);
+        }
+    }
+    let snapshot_of = server.clone();
+    libcloud::state::checkpoint_on_request(move || {
+        KvState::capture(&snapshot_of.borrow().store, Instant::now())
+    });
     libcloud::task::spawn(expire_task(server.clone()));
     libcloud::net::serve_tcp(stack, port, MAX_CLIENTS, async move |socket| {
         serve(socket, &server).await;

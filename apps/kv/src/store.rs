@@ -49,6 +49,11 @@ impl Store {
         Self::default()
     }
 
+    /// Every entry that has not expired by `now`, in key order.
+    pub fn live_entries(&self, now: Instant) -> impl Iterator<Item = (&Vec<u8>, &Entry)> {
+        self.map.iter().filter(move |(_, e)| !e.is_expired(now))
+    }
+
     /// Keys stored, including expired ones not yet removed.
     pub fn len(&self) -> usize {
         self.map.len()

@@ -620,6 +620,7 @@ impl Daemon {
         to: &str,
         peer: Option<SocketAddr>,
         port: Option<Arc<crate::net::port::GuestPort>>,
+        skip_frames: usize,
     ) {
         let handle = {
             let mut instances = self.instances();
@@ -634,7 +635,7 @@ impl Daemon {
             h.stop();
         }
         if let Some(port) = port {
-            self.net.moved(&port, peer);
+            self.net.moved(&port, peer, skip_frames);
         }
     }
 
@@ -795,8 +796,26 @@ fn serve_one(daemon: &Arc<Daemon>, mut request: Request) {
         crate::migration::dest::accept(daemon, request);
         return;
     }
+    // An upgrade request's reader is the whole connection: read exactly
+    // Content-Length bytes of it.
+    let length = request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("Content-Length"))
+        .and_then(|h| h.value.as_str().trim().parse::<usize>().ok());
     let mut body = Vec::new();
-    if let Err(e) = request.as_reader().take(16 << 20).read_to_end(&mut body) {
+    let read = match length {
+        Some(n) if n <= 16 << 20 => {
+            body.resize(n, 0);
+            request.as_reader().read_exact(&mut body)
+        }
+        _ => request
+            .as_reader()
+            .take(16 << 20)
+            .read_to_end(&mut body)
+            .map(|_| ()),
+    };
+    if let Err(e) = read {
         let _ = request.respond(Response::from_string(e.to_string()).with_status_code(400));
         return;
     }

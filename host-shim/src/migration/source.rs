@@ -194,10 +194,18 @@ pub fn run(
         daemon.release(name);
         format!("{why}; {name} resumed on {}", daemon.config.name)
     };
-    let final_round = (|| -> Result<(Sent, usize), String> {
+    let final_round = (|| -> Result<(Sent, usize, usize), String> {
         let dirty = pages_of(&vm.take_dirty().map_err(|e| e.to_string())?);
         let sent = send_pages(&mut conn, &vm, &dirty, false).map_err(|e| e.to_string())?;
         let state = machine.capture(&daemon.hv).map_err(|e| e.to_string())?;
+        // Frames that were waiting for the guest go with its state.
+        let carried = state
+            .devices
+            .iter()
+            .map(|d| match &d.device {
+                crate::snapshot::state::DeviceState::Net(n) => n.pending_rx.len(),
+            })
+            .sum::<usize>();
         let bytes = postcard::to_stdvec(&state).map_err(|e| e.to_string())?;
         write_msg(&mut conn.w, Kind::State, &bytes).map_err(|e| e.to_string())?;
         conn.w.flush().map_err(|e| e.to_string())?;
@@ -207,9 +215,10 @@ pub fn run(
                 bytes: sent.bytes + bytes.len() as u64 + 5,
             },
             dirty.len(),
+            carried,
         ))
     })();
-    let (sent, final_dirty) = match final_round {
+    let (sent, final_dirty, carried) = match final_round {
         Ok(x) => x,
         Err(e) => {
             return Err(resume(
@@ -257,7 +266,7 @@ pub fn run(
     stats.total = start.elapsed();
     // The guest runs there now: let it go here.
     drop(machine);
-    daemon.moved_away(name, to, accept.overlay, port);
+    daemon.moved_away(name, to, accept.overlay, port, carried);
     say(format!(
         "{name} runs on {} since {:.2} ms after the pause (restore took {:.2} ms there)",
         accept.name,

@@ -156,6 +156,7 @@ pub(crate) mod token {
     pub const TAP: u64 = 2;
     pub const LISTENER: u64 = 3;
     pub const CONN: u64 = 4;
+    pub const OVERLAY: u64 = 5;
 
     pub fn listener(index: usize) -> u64 {
         (LISTENER << 56) | index as u64
@@ -174,6 +175,7 @@ pub(crate) mod token {
 /// The running network: the switch thread and the guests' ports.
 pub struct Network {
     ports: Vec<Arc<GuestPort>>,
+    overlay_addr: Option<SocketAddr>,
     wake: Arc<EventFd>,
     stop: Arc<EventFd>,
     commands: Arc<Mutex<Vec<Command>>>,
@@ -186,6 +188,15 @@ enum Command {
     Detach(Arc<GuestPort>),
     Publish(Published, HostSocketKind),
     Unpublish(SocketAddr, Proto),
+    AddPeer(SocketAddr),
+    /// The guest of this port moved to the shim at `peer`: detach it and
+    /// send its MAC's frames (and those still waiting in the port, after
+    /// the first `skip`, which went with the guest's state) there.
+    Moved {
+        port: Arc<GuestPort>,
+        peer: Option<SocketAddr>,
+        skip: usize,
+    },
 }
 
 /// How a shared network (the daemon's) is set up.
@@ -210,7 +221,7 @@ impl Network {
             NetMode::User => bind_published(&config.publish, main_ip)?,
             _ => Vec::new(),
         };
-        let mut net = Self::launch(&config.mode, USER_GATEWAY, USER_PREFIX, published)?;
+        let mut net = Self::launch(&config.mode, USER_GATEWAY, USER_PREFIX, published, None)?;
         for nic in &config.nics {
             net.ports.push(net.attach(nic.mac)?);
         }
@@ -220,7 +231,13 @@ impl Network {
     /// A user-mode network with a gateway and no guests yet: guests attach
     /// and publish ports while it runs ([`Self::attach`], [`Self::publish`]).
     pub fn start_shared(config: &SharedNetConfig) -> Result<Self, NetError> {
-        Self::launch(&NetMode::User, config.gateway, config.prefix, Vec::new())
+        Self::launch(
+            &NetMode::User,
+            config.gateway,
+            config.prefix,
+            Vec::new(),
+            config.overlay.as_ref(),
+        )
     }
 
     fn launch(
@@ -228,6 +245,7 @@ impl Network {
         gateway_ip: Ipv4Addr,
         prefix: u8,
         published: Vec<(Published, HostSocketKind)>,
+        overlay: Option<&overlay::OverlayConfig>,
     ) -> Result<Self, NetError> {
         let epoll = Epoll::new().map_err(setup("epoll"))?;
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(setup("eventfd"))?);
@@ -266,7 +284,29 @@ impl Network {
             }
             _ => None,
         };
-        let commands = Arc::new(Mutex::new(Vec::new()));
+        let (overlay, peers) = match overlay {
+            Some(config) => {
+                let o = overlay::Overlay::bind(config).map_err(|e| {
+                    NetError::Setup(format!(
+                        "cannot bind the overlay at udp {}: {e}",
+                        config.listen
+                    ))
+                })?;
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        o.socket().as_raw_fd(),
+                        EpollEvent::new(EventSet::IN, token::OVERLAY),
+                    )
+                    .map_err(setup("epoll"))?;
+                (Some(o), config.peers.clone())
+            }
+            None => (None, Vec::new()),
+        };
+        let overlay_addr = overlay.as_ref().map(overlay::Overlay::local_addr);
+        let commands = Arc::new(Mutex::new(
+            peers.into_iter().map(Command::AddPeer).collect::<Vec<_>>(),
+        ));
         let mut engine = Engine::new(
             epoll,
             Arc::clone(&wake),
@@ -274,12 +314,14 @@ impl Network {
             gateway,
             tap,
         );
+        engine.overlay = overlay;
         let thread = thread::Builder::new()
             .name("net".into())
             .spawn(move || engine.run())
             .map_err(setup("cannot start the network thread"))?;
         Ok(Self {
             ports: Vec::new(),
+            overlay_addr,
             wake,
             stop,
             commands,
@@ -296,17 +338,25 @@ impl Network {
 
     /// The overlay's local UDP address, if this network has one.
     pub fn overlay_addr(&self) -> Option<SocketAddr> {
-        None
+        self.overlay_addr
     }
 
     /// Adds another shim's overlay address to the peers.
-    pub fn add_peer(&self, _peer: SocketAddr) {}
+    pub fn add_peer(&self, peer: SocketAddr) {
+        if self.overlay_addr.is_some() && Some(peer) != self.overlay_addr {
+            self.command(Command::AddPeer(peer));
+        }
+    }
 
     /// A guest left this shim for the shim at overlay address `peer`: its
     /// port leaves the switch, and frames for its MAC (including those that
     /// were waiting for it) go to `peer`.
-    pub fn moved(&self, port: &Arc<GuestPort>, _peer: Option<SocketAddr>) {
-        self.detach(port);
+    pub fn moved(&self, port: &Arc<GuestPort>, peer: Option<SocketAddr>, skip: usize) {
+        self.command(Command::Moved {
+            port: Arc::clone(port),
+            peer: peer.filter(|_| self.overlay_addr.is_some()),
+            skip,
+        });
     }
 
     /// The port of guest `index` of the configuration (0 = the main guest).
@@ -421,6 +471,8 @@ enum Slot {
     Guest(Arc<GuestPort>),
     Gateway,
     Tap,
+    /// Another shim, over the overlay.
+    Peer(SocketAddr),
 }
 
 /// The network thread's state.
@@ -433,6 +485,8 @@ struct Engine {
     gateway: Option<Gateway>,
     tap: Option<Tap>,
     tap_readable: bool,
+    overlay: Option<overlay::Overlay>,
+    overlay_readable: bool,
     /// Frames switched to each port, not yet handed over.
     outboxes: Vec<Vec<Frame>>,
     /// Scratch for frames coming in.
@@ -464,6 +518,8 @@ impl Engine {
             gateway,
             tap,
             tap_readable: false,
+            overlay: None,
+            overlay_readable: false,
             outboxes,
             incoming: Vec::new(),
         }
@@ -493,8 +549,40 @@ impl Engine {
         for command in commands {
             match command {
                 Command::Attach(port) => {
+                    let mac = port.mac();
                     let id = self.add_slot(Slot::Guest(port));
+                    // A guest that comes back must not be looked for
+                    // where it was.
+                    self.switch.learn(mac, id);
                     tracing::debug!("switch port {id}: a guest attached");
+                }
+                Command::AddPeer(peer) => {
+                    self.peer_slot(peer);
+                }
+                Command::Moved { port, peer, skip } => {
+                    let found = self
+                        .slots
+                        .iter()
+                        .position(|s| matches!(s, Slot::Guest(p) if Arc::ptr_eq(p, &port)));
+                    if let Some(id) = found {
+                        self.slots[id] = Slot::Free;
+                        self.outboxes[id].clear();
+                        self.switch.forget_port(id);
+                    }
+                    let left: Vec<Frame> = port.received().drain(..).skip(skip).collect();
+                    match peer.map(|p| self.peer_slot(p)) {
+                        Some(to) => {
+                            self.switch.learn(port.mac(), to);
+                            tracing::debug!(
+                                "guest {:02x?} moved to peer {peer:?}: {} waiting frames follow it",
+                                port.mac(),
+                                left.len()
+                            );
+                            self.outboxes[to].extend(left);
+                            self.flush_peers();
+                        }
+                        None => self.switch.forget_mac(port.mac()),
+                    }
                 }
                 Command::Detach(port) => {
                     let found = self
@@ -529,7 +617,7 @@ impl Engine {
         let mut events = vec![EpollEvent::default(); 64];
         loop {
             self.run_commands();
-            let timeout = if self.tap_readable {
+            let timeout = if self.tap_readable || self.overlay_readable {
                 Some(std::time::Duration::ZERO)
             } else {
                 self.gateway.as_mut().and_then(Gateway::poll_delay)
@@ -550,6 +638,7 @@ impl Engine {
                     }
                     token::STOP => return,
                     token::TAP => self.tap_readable = true,
+                    token::OVERLAY => self.overlay_readable = true,
                     _ => {
                         if let Some(gw) = self.gateway.as_mut() {
                             gw.on_event(tok, event.event_set(), &self.epoll);
@@ -571,6 +660,9 @@ impl Engine {
                     port.take_sent(&mut self.incoming);
                     moved |= self.forward_incoming(index);
                 }
+            }
+            if self.overlay_readable {
+                moved |= self.read_overlay();
             }
             let tap_port = self.slot_of(|s| matches!(s, Slot::Tap));
             if let (Some(tap), true) = (self.tap.as_mut(), self.tap_readable) {
@@ -606,8 +698,54 @@ impl Engine {
             if let (Some(port), Some(tap)) = (tap_port, self.tap.as_mut()) {
                 tap.write_frames(&mut self.outboxes[port]);
             }
+            self.flush_peers();
             if !moved {
                 break;
+            }
+        }
+    }
+
+    /// The switch port of overlay peer `peer` (made if new).
+    fn peer_slot(&mut self, peer: SocketAddr) -> PortId {
+        if let Some(id) = self
+            .slots
+            .iter()
+            .position(|s| matches!(s, Slot::Peer(p) if *p == peer))
+        {
+            return id;
+        }
+        let id = self.add_slot(Slot::Peer(peer));
+        tracing::info!("overlay: peer {peer} on switch port {id}");
+        id
+    }
+
+    /// Reads overlay datagrams into the switch; whether any came.
+    fn read_overlay(&mut self) -> bool {
+        let Some(overlay) = self.overlay.as_ref() else {
+            self.overlay_readable = false;
+            return false;
+        };
+        let mut got = Vec::new();
+        self.overlay_readable = !overlay.receive(&mut got, TAP_BATCH);
+        let any = !got.is_empty();
+        for (from, frame) in got {
+            let slot = self.peer_slot(from);
+            self.incoming.push(frame);
+            self.forward_incoming(slot);
+        }
+        any
+    }
+
+    /// Sends what was switched to each peer.
+    fn flush_peers(&mut self) {
+        let Some(overlay) = self.overlay.as_ref() else {
+            return;
+        };
+        for (index, slot) in self.slots.iter().enumerate() {
+            if let Slot::Peer(peer) = slot {
+                if !self.outboxes[index].is_empty() {
+                    overlay.send(*peer, &mut self.outboxes[index]);
+                }
             }
         }
     }
@@ -622,11 +760,33 @@ impl Engine {
                 tracing::debug!("port {from}: frame of {} bytes dropped", frame.len());
                 continue;
             }
-            match self.switch.route(from, &frame) {
-                Route::Port(to) => self.outboxes[to].push(frame),
+            // Split horizon: what came from a peer never goes to a peer.
+            let from_peer = matches!(self.slots[from], Slot::Peer(_));
+            // A frame relayed by another shim never takes a station that
+            // is on a local port (a moved guest's leftover frames carry
+            // this shim's gateway as their source).
+            let slots = &self.slots;
+            let route = if from_peer {
+                self.switch.route_with(from, &frame, |now| {
+                    matches!(
+                        slots.get(now),
+                        Some(Slot::Peer(_)) | Some(Slot::Free) | None
+                    )
+                })
+            } else {
+                self.switch.route(from, &frame)
+            };
+            match route {
+                Route::Port(to) => {
+                    if !(from_peer && matches!(self.slots[to], Slot::Peer(_))) {
+                        self.outboxes[to].push(frame)
+                    }
+                }
                 Route::Flood => {
                     for (to, slot) in self.slots.iter().enumerate() {
-                        if to != from && !matches!(slot, Slot::Free) {
+                        let skip = matches!(slot, Slot::Free)
+                            || (from_peer && matches!(slot, Slot::Peer(_)));
+                        if to != from && !skip {
                             self.outboxes[to].push(frame.clone());
                         }
                     }

@@ -34,6 +34,19 @@ impl Switch {
 
     /// Learns from `frame`, which came in on `from`, and says where it goes.
     pub fn route(&mut self, from: PortId, frame: &[u8]) -> Route {
+        self.route_with(from, frame, |_| true)
+    }
+
+    /// Like [`Self::route`], but the source address is learnt only if
+    /// `may_move(port it is known on now)` allows it (the overlay uses
+    /// this so a frame relayed from another shim cannot move a station
+    /// that is here).
+    pub fn route_with(
+        &mut self,
+        from: PortId,
+        frame: &[u8],
+        may_move: impl Fn(PortId) -> bool,
+    ) -> Route {
         let (Some(dst), Some(src)) = (mac_at(frame, 0), mac_at(frame, 6)) else {
             return Route::Drop;
         };
@@ -41,7 +54,12 @@ impl Switch {
             return Route::Drop;
         }
         if src != [0; 6] {
-            self.table.insert(src, from);
+            match self.table.get(&src) {
+                Some(&now) if now != from && !may_move(now) => {}
+                _ => {
+                    self.table.insert(src, from);
+                }
+            }
         }
         if is_multicast(&dst) {
             return Route::Flood;
@@ -51,6 +69,16 @@ impl Switch {
             Some(&port) => Route::Port(port),
             None => Route::Flood,
         }
+    }
+
+    /// Records that `mac` is behind `port` (a guest attached or moved).
+    pub fn learn(&mut self, mac: [u8; 6], port: PortId) {
+        self.table.insert(mac, port);
+    }
+
+    /// Forgets where `mac` is.
+    pub fn forget_mac(&mut self, mac: [u8; 6]) {
+        self.table.remove(&mac);
     }
 
     /// Forgets the stations learnt on `port` (it went away).
@@ -98,6 +126,15 @@ mod tests {
         // A station that moves is learnt again.
         assert_eq!(s.route(3, &frame(BCAST, A)), Route::Flood);
         assert_eq!(s.route(1, &frame(A, B)), Route::Port(3));
+    }
+
+    #[test]
+    fn pinned_stations_are_not_moved() {
+        let mut s = Switch::new();
+        s.route(0, &frame(BCAST, A));
+        // Port 5 may not take stations from port 0.
+        assert_eq!(s.route_with(5, &frame(B, A), |p| p != 0), Route::Flood);
+        assert_eq!(s.route(1, &frame(A, B)), Route::Port(0));
     }
 
     #[test]

@@ -44,6 +44,16 @@ struct HvmMemmapEntry {
     reserved: u32,
 }
 
+/// `struct hvm_modlist_entry`: a boot module (QEMU's `-initrd`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct HvmModlistEntry {
+    paddr: u64,
+    size: u64,
+    cmdline_paddr: u64,
+    reserved: u64,
+}
+
 extern "C" {
     fn _user_entry() -> !;
 }
@@ -96,6 +106,14 @@ pub extern "C" fn pvh_main(start_info: u64) -> ! {
         (0, port::calibrate_tsc_khz().unwrap_or(1_000_000))
     };
 
+    // The first boot module, if any, is an app checkpoint to restore.
+    let (restore_addr, restore_len) = if info.nr_modules > 0 && info.modlist_paddr != 0 {
+        let m: HvmModlistEntry = mmio::read(info.modlist_paddr);
+        (m.paddr, m.size)
+    } else {
+        (0, 0)
+    };
+
     let mut zero = PAGE_TABLES_START;
     while zero < PAGE_TABLES_END {
         mmio::write_u64(zero, 0);
@@ -116,6 +134,8 @@ pub extern "C" fn pvh_main(start_info: u64) -> ! {
         pvclock_addr,
         tsc_khz,
         doorbell_addr: 0,
+        restore_addr,
+        restore_len,
         ..BootInfo::default()
     };
     mmio::write_bytes(BOOT_INFO_ADDR, boot.as_bytes());
@@ -189,6 +209,13 @@ pub fn serve(nr: u64, value: u64) {
             port::serial_write(mmio::slice(w.buf, w.len.min(CONSOLE_WRITE_MAX) as usize));
         }
         HC_YIELD => {} // no timer interrupts here: the caller polls
+        HC_CHECKPOINT => {
+            // Checkpoints go to COM2, e.g. QEMU's
+            // `-chardev file,id=ck,path=F -device isa-serial,chardev=ck,iobase=0x2f8`.
+            let w: ConsoleWrite = mmio::read(value);
+            let len = w.len.min(abi::checkpoint::MAX_CHECKPOINT) as usize;
+            port::serial_write_to(port::COM2, mmio::slice(w.buf, len));
+        }
         HC_PANIC => {
             let p: PanicReport = mmio::read(value);
             let msg = mmio::slice(p.msg, p.msg_len.min(PANIC_STR_MAX) as usize);
