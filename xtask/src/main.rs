@@ -130,6 +130,17 @@ enum BenchCmd {
         #[arg(long, default_value_t = 256)]
         bulk_mib: u64,
     },
+    /// Live migration of the kv app (64 MiB, 10,000 keys) between two shim daemons on
+    /// loopback, under a steady SET/GET load through a published port.
+    ///
+    /// Needs redis-tools and /dev/kvm. Migrates A -> B -> A ... and prints a markdown table:
+    /// downtime, total time, bytes sent (vs configured and non-zero memory), rounds and the
+    /// longest gap between two client replies (medians with min–max), against the targets.
+    Migrate {
+        /// Migrations (alternating between the two daemons).
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -182,6 +193,9 @@ fn dispatch(ws: &Workspace, command: Cmd) -> Result<()> {
                 bulk_mib,
             },
         ),
+        Cmd::Bench(BenchCmd::Migrate { runs }) => {
+            bench::migrate::run(ws, &bench::migrate::MigrateOptions { runs })
+        }
     }
 }
 

@@ -2,6 +2,8 @@
 //!
 //! - [`boot`]: boot time and memory, our shim vs QEMU microvm.
 //! - [`net`]: redis-benchmark against the kv unikernel vs native redis-server, and bulk TCP.
+//! - [`migrate`]: live migration of the kv app between two shim daemons, under load.
 
 pub mod boot;
+pub mod migrate;
 pub mod net;
