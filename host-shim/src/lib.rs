@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod boot;
+pub mod checkpoint;
 pub mod config;
 pub mod console;
 pub mod daemon;

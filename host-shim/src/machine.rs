@@ -273,32 +273,88 @@ impl Machine {
     /// its `BootInfo` and bumps the generation, which the guest checks
     /// after its next `HC_YIELD`.
     pub fn set_location(&mut self, host: &str, region: &str) -> Result<(), VmError> {
+        let mut generation = 0;
+        update_boot_info(self.vm.memory(), |info| {
+            info.host = encode_location(host);
+            info.region = encode_location(region);
+            info.generation = info.generation.wrapping_add(1);
+            generation = info.generation;
+        })?;
+        self.spec.generation = generation;
+        Ok(())
+    }
+
+    /// Hands the app checkpoint `blob` to a guest that has not started yet:
+    /// copies it to the top of RAM (page-aligned, above the image that
+    /// ends at `image_end`) and names it in `BootInfo::restore_addr/len`.
+    pub fn place_checkpoint(&mut self, blob: &[u8], image_end: u64) -> Result<(), Error> {
+        let len = blob.len() as u64;
+        let addr = crate::checkpoint::restore_addr(self.spec.mem_size, image_end, len).ok_or_else(
+            || {
+                Error::Config(format!(
+                    "the checkpoint ({len} bytes) does not fit in the guest's {} MiB of RAM \
+                     above its image: give it more --mem",
+                    self.spec.mem_size >> 20
+                ))
+            },
+        )?;
         let mem = self.vm.memory();
-        let addr = GuestAddress(BOOT_INFO_ADDR);
-        let mut raw = [0u8; std::mem::size_of::<BootInfo>()];
+        mem.write_slice(blob, GuestAddress(addr))
+            .map_err(|e| VmError::GuestWrite {
+                what: "the checkpoint",
+                addr,
+                detail: e.to_string(),
+            })?;
+        update_boot_info(mem, |info| {
+            info.restore_addr = addr;
+            info.restore_len = len;
+        })?;
+        Ok(())
+    }
+
+    /// Asks the guest's app for a checkpoint now: bumps
+    /// `BootInfo::checkpoint_requests` (the guest notices after its next
+    /// `HC_YIELD`).
+    pub fn request_checkpoint(vm: &Vm) -> Result<(), VmError> {
+        // Only this field: the guest runs meanwhile.
+        let addr = BOOT_INFO_ADDR + std::mem::offset_of!(BootInfo, checkpoint_requests) as u64;
         let err = |e: vm_memory::GuestMemoryError| VmError::GuestWrite {
-            what: "the BootInfo",
-            addr: BOOT_INFO_ADDR,
+            what: "BootInfo::checkpoint_requests",
+            addr,
             detail: e.to_string(),
         };
-        mem.read_slice(&mut raw, addr).map_err(err)?;
-        let mut info = BootInfo::read_from_bytes(&raw).map_err(|_| VmError::GuestWrite {
-            what: "the BootInfo",
-            addr: BOOT_INFO_ADDR,
-            detail: "size".into(),
-        })?;
-        info.host = encode_location(host);
-        info.region = encode_location(region);
-        info.generation = info.generation.wrapping_add(1);
-        mem.write_slice(info.as_bytes(), addr).map_err(err)?;
-        self.spec.generation = info.generation;
-        Ok(())
+        let n: u64 = vm.memory().read_obj(GuestAddress(addr)).map_err(err)?;
+        vm.memory()
+            .write_obj(n.wrapping_add(1), GuestAddress(addr))
+            .map_err(err)
     }
 
     /// The guest's network port, if it has a card.
     pub fn port(&self) -> Option<Arc<GuestPort>> {
         self.devices.first().and_then(|d| d.port())
     }
+}
+
+/// Reads the guest's `BootInfo`, lets `change` edit it and writes it back.
+fn update_boot_info(
+    mem: &crate::vstate::vm::GuestMemoryMmap,
+    change: impl FnOnce(&mut BootInfo),
+) -> Result<(), VmError> {
+    let addr = GuestAddress(BOOT_INFO_ADDR);
+    let mut raw = [0u8; std::mem::size_of::<BootInfo>()];
+    let err = |e: vm_memory::GuestMemoryError| VmError::GuestWrite {
+        what: "the BootInfo",
+        addr: BOOT_INFO_ADDR,
+        detail: e.to_string(),
+    };
+    mem.read_slice(&mut raw, addr).map_err(err)?;
+    let mut info = BootInfo::read_from_bytes(&raw).map_err(|_| VmError::GuestWrite {
+        what: "the BootInfo",
+        addr: BOOT_INFO_ADDR,
+        detail: "size".into(),
+    })?;
+    change(&mut info);
+    mem.write_slice(info.as_bytes(), addr).map_err(err)
 }
 
 fn net_device(port: Option<Arc<GuestPort>>) -> Vec<MmioTransport> {
@@ -459,6 +515,21 @@ impl MachineHandle {
         if let Some(t) = lock(&self.thread).as_ref() {
             let _ = t.kill(kick_signal());
         }
+    }
+
+    /// Asks the guest's app for a checkpoint now (see
+    /// [`Machine::request_checkpoint`]) and wakes an idle guest so it
+    /// notices. A wake can be lost just before the guest waits: call
+    /// [`Self::wake`] again while waiting for the checkpoint.
+    pub fn request_checkpoint(&self) -> Result<(), VmError> {
+        Machine::request_checkpoint(&self.vm)?;
+        self.wake();
+        Ok(())
+    }
+
+    /// Cuts an idle guest's wait short (a spurious wake is harmless).
+    pub fn wake(&self) {
+        self.kick();
     }
 
     /// Pauses the guest and takes its machine (quiesced). Give it back with

@@ -15,7 +15,8 @@ use clap::{Args, Parser, Subcommand};
 use host_shim::boot::cmdline::{self, GuestArgs};
 use host_shim::config::{self, Backend, GuestSpec, NetOptions, QemuAccel, RunConfig};
 use host_shim::daemon::api::{
-    Client, InstanceInfo, MigrateRequest, RestoreRequest, RunRequest, SnapshotInfo, SnapshotRequest,
+    CheckpointInfo, CheckpointRequest, Client, InstanceInfo, MigrateRequest, RestoreRequest,
+    RunRequest, SnapshotInfo, SnapshotRequest,
 };
 use host_shim::daemon::DaemonConfig;
 use host_shim::devices::virtio;
@@ -37,10 +38,11 @@ A daemon (one per host), driven from other processes:
     host-shim --shim 127.0.0.1:7000 list
     host-shim --shim 127.0.0.1:7000 logs kv
     host-shim --shim 127.0.0.1:7000 snapshot kv --out /tmp/kv.snap
+    host-shim --shim 127.0.0.1:7000 checkpoint kv --out /tmp/kv.ckpt
     host-shim --shim 127.0.0.1:7000 restore /tmp/kv.snap --name kv2
     host-shim --shim 127.0.0.1:7000 migrate kv --to 127.0.0.1:7100
     host-shim --shim 127.0.0.1:7000 stop kv
-(--shim defaults to $HOST_SHIM; list/logs/stop/snapshot/migrate default to
+(--shim defaults to $HOST_SHIM; list/logs/stop/snapshot/checkpoint/migrate default to
 127.0.0.1:7000.)";
 
 /// A small KVM monitor that boots libcloud unikernel images.
@@ -68,6 +70,7 @@ enum Command {
     /// Print a daemon's instance's console (the last 256 KiB).
     Logs(NameArg),
     Snapshot(SnapshotArgs),
+    Checkpoint(CheckpointArgs),
     Migrate(MigrateArgs),
 }
 
@@ -186,6 +189,20 @@ struct SnapshotArgs {
     out: PathBuf,
 }
 
+/// Ask a daemon's instance's app for a checkpoint of its state (an app
+/// checkpoint: small, restorable by `run --restore FILE` on any monitor).
+#[derive(Args)]
+struct CheckpointArgs {
+    /// The instance's name.
+    name: String,
+    /// The file to write (by the daemon).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// How long to wait for the app's checkpoint.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = config::parse_duration)]
+    wait: Duration,
+}
+
 /// Move a running instance to another daemon, live.
 #[derive(Args)]
 struct MigrateArgs {
@@ -231,6 +248,20 @@ Several guests:
            its arguments. Its console lines are prefixed with [IMAGE-STEM].
            Repeatable. The shim exits with the main guest's status and stops
            the others then.
+
+App checkpoints (apps using libcloud::state, e.g. kv):
+    --restore FILE     hand the app a checkpoint to restore before its main
+           runs (under QEMU: as -initrd). A corrupt, truncated or non-
+           checkpoint file is refused here; the app refuses (exit 3) one of
+           another app or schema version. A file of several checkpoints
+           (QEMU's COM2 stream) restores its latest complete one.
+    --checkpoint-every DURATION --checkpoint-to DIR
+           the app checkpoints itself every DURATION; each checkpoint is
+           stored durably as DIR/latest.ckpt (temp file, fsync, rename)
+           before the app goes on. Under QEMU the checkpoints go to COM2,
+           DIR/com2-checkpoints.bin, and the latest is copied to
+           DIR/latest.ckpt. A crash loses at most DURATION of writes.
+    host-shim --shim ADDR checkpoint NAME --out FILE   one checkpoint now
 
 Exit status:
     0-255  the guest's own exit code (101: the guest panicked,
@@ -319,6 +350,22 @@ struct RunArgs {
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
 
+    /// Hand the app this checkpoint (`abi::checkpoint`, e.g. DIR/latest.ckpt
+    /// or `checkpoint NAME --out FILE`) to restore its state from before its
+    /// main runs. Works with both backends (QEMU: as its -initrd).
+    #[arg(long, value_name = "FILE")]
+    restore: Option<PathBuf>,
+
+    /// Have the app checkpoint itself this often (e.g. 5s, 500ms); needs
+    /// --checkpoint-to.
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_duration, requires = "checkpoint_to")]
+    checkpoint_every: Option<Duration>,
+
+    /// Store the app's checkpoints as DIR/latest.ckpt (atomically, each one
+    /// durable before the app goes on).
+    #[arg(long, value_name = "DIR")]
+    checkpoint_to: Option<PathBuf>,
+
     /// Arguments for the app, after `--`.
     #[arg(last = true, value_name = "ARGS")]
     args: Vec<String>,
@@ -405,6 +452,23 @@ fn execute(command: Command, shim: Option<String>) -> anyhow::Result<u8> {
             );
             Ok(0)
         }
+        Command::Checkpoint(a) => {
+            let client = Client::new(&shim_addr(shim));
+            let out = absolute(&a.out)?;
+            let info: CheckpointInfo = client.json(
+                "POST",
+                &format!("/v1/instances/{}/checkpoint", a.name),
+                Some(&CheckpointRequest {
+                    out: out.display().to_string(),
+                    timeout_ms: Some(a.wait.as_millis() as u64),
+                }),
+            )?;
+            println!(
+                "checkpoint of {} written to {}: {} bytes ({}), {:.1} ms",
+                a.name, info.file, info.bytes, info.describe, info.ms
+            );
+            Ok(0)
+        }
         Command::Migrate(a) => {
             let client = Client::new(&shim_addr(shim));
             let last = client.stream_lines(
@@ -463,7 +527,8 @@ fn list(addr: &str) -> anyhow::Result<u8> {
 fn remote_run(addr: &str, args: RunArgs) -> anyhow::Result<u8> {
     if args.backend != Backend::Kvm || !args.also.is_empty() || args.timeout.is_some() {
         anyhow::bail!(
-            "with --shim, run takes IMAGE, --name, --mem, --env, --publish, --ip and ARGS only"
+            "with --shim, run takes IMAGE, --name, --mem, --env, --publish, --ip, --restore, \
+             --checkpoint-every, --checkpoint-to and ARGS only"
         );
     }
     if args.net.is_some() || args.mac.is_some() || args.gateway.is_some() {
@@ -486,6 +551,19 @@ fn remote_run(addr: &str, args: RunArgs) -> anyhow::Result<u8> {
         args: args.args,
         publish: args.publish.iter().map(publish_syntax).collect(),
         ip: args.ip.map(|(ip, _)| ip.to_string()),
+        restore: args
+            .restore
+            .as_deref()
+            .map(absolute)
+            .transpose()?
+            .map(|p| p.display().to_string()),
+        checkpoint_every_ms: args.checkpoint_every.map(|d| d.as_millis() as u64),
+        checkpoint_to: args
+            .checkpoint_to
+            .as_deref()
+            .map(absolute)
+            .transpose()?
+            .map(|p| p.display().to_string()),
     };
     let info: InstanceInfo = Client::new(addr).json("POST", "/v1/instances", Some(&req))?;
     println!(
@@ -589,7 +667,9 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
     };
     let network = config::plan_network(&net_options, 1 + also.len()).map_err(anyhow::Error::msg)?;
     let host_name = args.host_name.unwrap_or_else(config::default_host_name);
-    let cmdline_for = |nic: Option<&Nic>, app_args: Vec<String>| {
+    let checkpoint_every = args.checkpoint_every;
+    // Only the main guest checkpoints.
+    let cmdline_for = |nic: Option<&Nic>, app_args: Vec<String>, main: bool| {
         let mut guest = GuestArgs {
             host_name: host_name.clone(),
             region: args.region.clone(),
@@ -604,6 +684,12 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
                 guest.devices.push(virtio::cmdline_entry(0));
             }
         }
+        if let Some(every) = checkpoint_every.filter(|_| main) {
+            guest.params.push((
+                abi::cmdline::CHECKPOINT_EVERY_KEY.to_owned(),
+                every.as_millis().max(1).to_string(),
+            ));
+        }
         cmdline::build(&guest).context("cannot build the guest command line")
     };
     let nic = |index: usize| network.as_ref().and_then(|n| n.nics.get(index));
@@ -614,12 +700,12 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| format!("guest{}", index + 1)),
-            cmdline: cmdline_for(nic(index + 1), app_args)?,
+            cmdline: cmdline_for(nic(index + 1), app_args, false)?,
             image,
         });
     }
     let config = RunConfig {
-        cmdline: cmdline_for(nic(0), args.args)?,
+        cmdline: cmdline_for(nic(0), args.args, true)?,
         image: args.image,
         mem_size: args.mem,
         backend: args.backend,
@@ -628,6 +714,8 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         kvm_device: args.kvm_device,
         network,
         also: also_specs,
+        restore: args.restore,
+        checkpoint_to: args.checkpoint_to,
     };
     let exit = host_shim::run(&config)?;
     if let Some(report) = exit.report() {

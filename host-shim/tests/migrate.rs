@@ -98,6 +98,18 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (up to 5 s) until the daemon's log mentions `needle`; returns the log.
+    fn output_once_it_says(&self, needle: &str) -> String {
+        let give_up = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = self.output();
+            if out.contains(needle) || std::time::Instant::now() > give_up {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// `host-shim --shim ADDR ARGS`; panics unless it succeeds.
     fn cli(&self, args: &[&str]) -> String {
         let out = self.try_cli(args);
@@ -505,5 +517,6 @@ fn a_stream_of_another_version_is_refused() {
         assert_eq!(m.kind, Kind::Refuse);
         assert!(m.text().contains(want), "{}", m.text());
     }
-    assert!(b.output().contains("refused"), "{}", b.output());
+    let log = b.output_once_it_says("refused");
+    assert!(log.contains("refused"), "{log}");
 }

@@ -141,6 +141,14 @@ enum BenchCmd {
         #[arg(long, default_value_t = 10)]
         runs: usize,
     },
+    /// App checkpoints of the kv unikernel (10k and 100k keys): size vs raw key+value
+    /// bytes, checkpoint time, and restore time (process start to first PING reply) under
+    /// our shim and QEMU (TCG) vs a plain boot. Needs redis-tools, QEMU and /dev/kvm.
+    Checkpoint {
+        /// Runs per boot/restore measurement.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -195,6 +203,9 @@ fn dispatch(ws: &Workspace, command: Cmd) -> Result<()> {
         ),
         Cmd::Bench(BenchCmd::Migrate { runs }) => {
             bench::migrate::run(ws, &bench::migrate::MigrateOptions { runs })
+        }
+        Cmd::Bench(BenchCmd::Checkpoint { runs }) => {
+            bench::checkpoint::run(ws, &bench::checkpoint::CheckpointOptions { runs })
         }
     }
 }

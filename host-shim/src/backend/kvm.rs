@@ -24,8 +24,18 @@ use crate::outcome::GuestExit;
 /// Boots `config.image` (and `config.also`) under KVM and runs it to the
 /// end, writing the main guest's console output to `console`.
 pub fn run<W: Write + Send + 'static>(config: &RunConfig, console: W) -> Result<GuestExit, Error> {
-    // Images are checked before KVM is opened, so their errors come first.
-    loader::inspect(&config.image, config.mem_size)?;
+    // Images and checkpoints are checked before KVM is opened, so their
+    // errors come first.
+    let image = loader::inspect(&config.image, config.mem_size)?;
+    let checkpoint = config
+        .restore
+        .as_deref()
+        .map(crate::checkpoint::read_file)
+        .transpose()?;
+    if let Some(dir) = &config.checkpoint_to {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Config(format!("cannot create {}: {e}", dir.display())))?;
+    }
     for g in &config.also {
         loader::inspect(&g.image, config.mem_size)?;
     }
@@ -61,6 +71,13 @@ pub fn run<W: Write + Send + 'static>(config: &RunConfig, console: W) -> Result<
         )?,
         "main".to_owned(),
     )];
+    if let Some(blob) = &checkpoint {
+        guests[0].0.place_checkpoint(blob, image.load_end)?;
+    }
+    guests[0]
+        .0
+        .doorbell
+        .set_checkpoint_dir(config.checkpoint_to.clone());
     for (index, spec) in config.also.iter().enumerate() {
         let console: Console = Box::new(PrefixedConsole::new(
             format!("[{}] ", spec.name),
@@ -243,6 +260,8 @@ mod tests {
             kvm_device: KVM_DEVICE.into(),
             network: None,
             also: Vec::new(),
+            restore: None,
+            checkpoint_to: None,
         }
     }
 

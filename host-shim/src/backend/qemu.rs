@@ -9,6 +9,7 @@
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -25,6 +26,8 @@ pub const QEMU: &str = "qemu-system-x86_64";
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 /// How often a running QEMU is checked for exit and timeout.
 const POLL: Duration = Duration::from_millis(2);
+/// How often QEMU's checkpoint stream is looked at while it runs.
+const COPY_INTERVAL: Duration = Duration::from_millis(100);
 
 /// QEMU's command-line arguments for `config`.
 pub fn qemu_args(config: &RunConfig) -> Vec<OsString> {
@@ -53,6 +56,26 @@ pub fn qemu_args(config: &RunConfig) -> Vec<OsString> {
     if let Some(net) = &config.network {
         args.extend(network_args(net).into_iter().map(OsString::from));
     }
+    // App checkpoints: the one to restore is the first boot module; the
+    // guest writes its checkpoints raw to COM2, which QEMU appends to a file.
+    if let Some(file) = &config.restore {
+        args.push("-initrd".into());
+        args.push(file.clone().into_os_string());
+    }
+    if let Some(dir) = &config.checkpoint_to {
+        // QEMU option values escape commas by doubling them.
+        let path = checkpoint_stream(dir)
+            .display()
+            .to_string()
+            .replace(',', ",,");
+        let chardev = OsString::from(format!("file,id=ck,path={path}"));
+        args.extend([
+            "-chardev".into(),
+            chardev,
+            "-device".into(),
+            "isa-serial,chardev=ck,iobase=0x2f8,irq=3".into(),
+        ]);
+    }
     let (accel, cpu) = match config.qemu_accel {
         QemuAccel::Tcg => ("tcg", "max"),
         // Without `-arch-capabilities` QEMU 7.2 aborts on nested-KVM (PVM)
@@ -62,6 +85,46 @@ pub fn qemu_args(config: &RunConfig) -> Vec<OsString> {
     };
     args.extend(["-accel", accel, "-cpu", cpu].map(OsString::from));
     args
+}
+
+/// The file QEMU's COM2 (the guest's checkpoints, one after another)
+/// goes to, in a `--checkpoint-to` directory.
+pub fn checkpoint_stream(dir: &Path) -> PathBuf {
+    dir.join("com2-checkpoints.bin")
+}
+
+/// Copies the latest complete checkpoint of QEMU's COM2 file to
+/// `DIR/latest.ckpt` when it changed.
+struct CheckpointCopier {
+    dir: PathBuf,
+    seen_len: u64,
+    stored: usize,
+}
+
+impl CheckpointCopier {
+    fn poll(&mut self) {
+        let stream = checkpoint_stream(&self.dir);
+        let len = std::fs::metadata(&stream).map(|m| m.len()).unwrap_or(0);
+        if len == self.seen_len {
+            return;
+        }
+        let Ok(bytes) = std::fs::read(&stream) else {
+            return;
+        };
+        self.seen_len = bytes.len() as u64;
+        let Some(latest) = crate::checkpoint::latest_in_stream(&bytes) else {
+            return;
+        };
+        // The stream only grows: a new end is a new checkpoint.
+        let end = latest.as_ptr() as usize - bytes.as_ptr() as usize + latest.len();
+        if end == self.stored {
+            return;
+        }
+        match crate::checkpoint::store(&self.dir, latest) {
+            Ok(_) => self.stored = end,
+            Err(e) => tracing::warn!("cannot store the checkpoint in {}: {e}", self.dir.display()),
+        }
+    }
 }
 
 /// QEMU's flags for the guest network: its own user-mode network (slirp,
@@ -106,9 +169,60 @@ fn network_args(net: &NetworkConfig) -> Vec<String> {
 /// Boots `config.image` under QEMU and waits for it to end.
 pub fn run(config: &RunConfig) -> Result<GuestExit, Error> {
     loader::inspect(&config.image, config.mem_size)?;
+    // The guest restores from the start of its boot module: a stream of
+    // checkpoints is cut down to its latest one first.
+    let mut extracted = None;
+    if let Some(file) = &config.restore {
+        let blob = crate::checkpoint::read_file(file)?;
+        let len = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        if len != blob.len() as u64 {
+            let tmp =
+                std::env::temp_dir().join(format!("host-shim-restore-{}.ckpt", std::process::id()));
+            std::fs::write(&tmp, &blob)
+                .map_err(|e| Error::Config(format!("cannot write {}: {e}", tmp.display())))?;
+            extracted = Some(tmp);
+        }
+    }
+    let result = run_qemu(&RunConfig {
+        restore: extracted.clone().or_else(|| config.restore.clone()),
+        ..config.clone()
+    });
+    if let Some(tmp) = extracted {
+        let _ = std::fs::remove_file(tmp);
+    }
+    result
+}
+
+fn run_qemu(config: &RunConfig) -> Result<GuestExit, Error> {
+    let mut copier = match &config.checkpoint_to {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::Config(format!("cannot create {}: {e}", dir.display())))?;
+            // A stale stream from an earlier run would look like new checkpoints.
+            let _ = std::fs::remove_file(checkpoint_stream(dir));
+            Some(CheckpointCopier {
+                dir: dir.clone(),
+                seen_len: 0,
+                stored: 0,
+            })
+        }
+        None => None,
+    };
     let args = qemu_args(config);
     tracing::info!("running {QEMU} {args:?}");
-    let mut child = Command::new(QEMU)
+    let mut command = Command::new(QEMU);
+    // QEMU dies with us (also on kill -9): a dead shim is a dead host.
+    // SAFETY: prctl is async-signal-safe and touches no memory.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::inherit())
@@ -122,18 +236,29 @@ pub fn run(config: &RunConfig) -> Result<GuestExit, Error> {
     let forwarder = thread::spawn(move || stderr.map(forward_stderr).unwrap_or_default());
 
     let deadline = config.timeout.map(|t| Instant::now() + t);
+    let mut next_copy = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().map_err(QemuError::Wait)? {
             break status;
+        }
+        if let Some(c) = copier.as_mut().filter(|_| Instant::now() >= next_copy) {
+            c.poll();
+            next_copy = Instant::now() + COPY_INTERVAL;
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             let _ = child.kill();
             let _ = child.wait();
             let _ = forwarder.join();
+            if let Some(c) = copier.as_mut() {
+                c.poll();
+            }
             return Ok(GuestExit::TimedOut(config.timeout.unwrap_or_default()));
         }
         thread::sleep(POLL);
     };
+    if let Some(c) = copier.as_mut() {
+        c.poll();
+    }
     let errors = forwarder.join().unwrap_or_default();
     Ok(guest_exit(status, &errors)?)
 }
@@ -223,7 +348,30 @@ mod tests {
             kvm_device: "/dev/kvm".into(),
             network: None,
             also: Vec::new(),
+            restore: None,
+            checkpoint_to: None,
         }
+    }
+
+    #[test]
+    fn checkpoint_flags() {
+        let mut c = config("img".into(), QemuAccel::Tcg);
+        c.restore = Some("/tmp/kv.ckpt".into());
+        c.checkpoint_to = Some("/tmp/a,b".into());
+        let args: Vec<String> = qemu_args(&c)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let after = |flag: &str| {
+            let i = args.iter().position(|a| a == flag).unwrap();
+            args[i + 1].clone()
+        };
+        assert_eq!(after("-initrd"), "/tmp/kv.ckpt");
+        assert_eq!(
+            after("-chardev"),
+            "file,id=ck,path=/tmp/a,,b/com2-checkpoints.bin"
+        );
+        assert!(args.contains(&"isa-serial,chardev=ck,iobase=0x2f8,irq=3".to_owned()));
     }
 
     #[test]

@@ -34,6 +34,15 @@ pub struct RunRequest {
     /// The guest's address (else the daemon picks one of its own range).
     #[serde(default)]
     pub ip: Option<String>,
+    /// An app checkpoint file (a path the daemon can read) to hand over.
+    #[serde(default)]
+    pub restore: Option<String>,
+    /// Have the app checkpoint itself every this many milliseconds.
+    #[serde(default)]
+    pub checkpoint_every_ms: Option<u64>,
+    /// The directory (the daemon's) its checkpoints go to, as `latest.ckpt`.
+    #[serde(default)]
+    pub checkpoint_to: Option<String>,
 }
 
 /// `POST /v1/restore`: run a snapshot file (a path the daemon can read).
@@ -52,6 +61,27 @@ pub struct RestoreRequest {
 pub struct SnapshotRequest {
     /// Where the daemon writes the file.
     pub out: String,
+}
+
+/// `POST /v1/instances/NAME/checkpoint`: ask the app for a checkpoint now.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CheckpointRequest {
+    /// Where the daemon writes the checkpoint.
+    pub out: String,
+    /// How long to wait for the app [default: 10 s].
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// A checkpoint written by `POST /v1/instances/NAME/checkpoint`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    pub file: String,
+    pub bytes: u64,
+    /// `app schema vN, N bytes of state`.
+    pub describe: String,
+    /// From the request to the checkpoint's arrival.
+    pub ms: f64,
 }
 
 /// What a snapshot cost.

@@ -94,6 +94,8 @@ pub struct Instance {
     pub publish: Vec<PublishSpec>,
     pub log: Arc<Mutex<LogRing>>,
     pub started: Instant,
+    /// The app checkpoints the guest hands over (`checkpoint NAME`).
+    pub checkpoints: Arc<crate::checkpoint::Latest>,
 }
 
 impl Instance {

@@ -12,6 +12,7 @@
 //! | `GET /v1/instances/NAME/logs` | | the console ring buffer, text |
 //! | `POST /v1/instances/NAME/stop` | | [`api::InstanceInfo`] (the instance is removed) |
 //! | `POST /v1/instances/NAME/snapshot` | [`api::SnapshotRequest`] | [`api::SnapshotInfo`] |
+//! | `POST /v1/instances/NAME/checkpoint` | [`api::CheckpointRequest`] | [`api::CheckpointInfo`] (504: no checkpoint in time) |
 //! | `POST /v1/restore` | [`api::RestoreRequest`] | [`api::InstanceInfo`] (201) |
 //! | `POST /v1/instances/NAME/migrate` | [`api::MigrateRequest`], upgrade to `host-shim-progress` | progress lines, text, streamed |
 //! | `POST /v1/migration` | upgrade to `host-shim-migration` | the incoming migration stream ([`crate::migration`]) |
@@ -49,7 +50,10 @@ use crate::devices::virtio;
 use crate::error::Error;
 use crate::machine::{self, BootRequest, Ended, Hypervisor, Machine, MachineHandle};
 use crate::net::{mac_for, Network, Nic, PublishSpec, SharedNetConfig};
-use api::{InstanceInfo, RestoreRequest, RunRequest, ShimInfo, SnapshotInfo, SnapshotRequest};
+use api::{
+    CheckpointInfo, CheckpointRequest, InstanceInfo, RestoreRequest, RunRequest, ShimInfo,
+    SnapshotInfo, SnapshotRequest,
+};
 use instance::{Instance, InstanceConsole, LogRing, State};
 
 /// The protocol name of a streamed answer (progress lines).
@@ -246,6 +250,7 @@ impl Daemon {
                 publish: Vec::new(),
                 log: Arc::new(Mutex::new(LogRing::default())),
                 started: Instant::now(),
+                checkpoints: Arc::default(),
             },
         );
         Ok(())
@@ -307,10 +312,29 @@ impl Daemon {
         nic: Nic,
         publish: Vec<PublishSpec>,
     ) -> Result<InstanceInfo, ApiError> {
+        let mut params = nic.cmdline_params();
+        if let Some(ms) = req.checkpoint_every_ms {
+            if req.checkpoint_to.is_none() {
+                return Err(bad("--checkpoint-every needs --checkpoint-to"));
+            }
+            params.push((
+                abi::cmdline::CHECKPOINT_EVERY_KEY.to_owned(),
+                ms.max(1).to_string(),
+            ));
+        }
+        let checkpoint = match &req.restore {
+            Some(file) => Some((
+                crate::checkpoint::read_file(Path::new(file)).map_err(|e| bad(e.to_string()))?,
+                crate::boot::loader::inspect(image, req.mem)
+                    .map_err(|e| bad(e.to_string()))?
+                    .load_end,
+            )),
+            None => None,
+        };
         let guest = GuestArgs {
             host_name: self.config.name.clone(),
             region: self.config.region.clone(),
-            params: nic.cmdline_params(),
+            params,
             env: req.env.clone(),
             devices: vec![virtio::cmdline_entry(0)],
             args: req.args.clone(),
@@ -332,6 +356,14 @@ impl Daemon {
             },
             Box::new(InstanceConsole::new(&req.name, Arc::clone(&log))),
         );
+        let machine = machine.and_then(|mut m| {
+            if let Some((blob, image_end)) = &checkpoint {
+                m.place_checkpoint(blob, *image_end)?;
+            }
+            m.doorbell
+                .set_checkpoint_dir(req.checkpoint_to.as_ref().map(PathBuf::from));
+            Ok(m)
+        });
         let machine = match machine {
             Ok(m) => m,
             Err(e) => {
@@ -346,7 +378,7 @@ impl Daemon {
     pub fn launch(
         &self,
         name: &str,
-        machine: Machine,
+        mut machine: Machine,
         port: Arc<crate::net::port::GuestPort>,
         log: Arc<Mutex<LogRing>>,
         publish: Vec<PublishSpec>,
@@ -373,6 +405,10 @@ impl Daemon {
             done.push(spec.clone());
         }
         let spec = machine.spec.clone();
+        let checkpoints = Arc::new(crate::checkpoint::Latest::default());
+        machine
+            .doorbell
+            .set_checkpoint_latest(Some(Arc::clone(&checkpoints)));
         let handle = match self.start_instance(machine) {
             Ok(h) => h,
             Err(e) => {
@@ -395,6 +431,7 @@ impl Daemon {
                 publish: Vec::new(),
                 log: Arc::clone(&log),
                 started: Instant::now(),
+                checkpoints: Arc::clone(&checkpoints),
             });
         inst.spec = spec;
         inst.state = State::Running;
@@ -403,6 +440,7 @@ impl Daemon {
         inst.publish.extend(done);
         inst.log = log;
         inst.started = Instant::now();
+        inst.checkpoints = checkpoints;
         Ok(inst.info())
     }
 
@@ -493,6 +531,64 @@ impl Daemon {
         result
     }
 
+    /// Asks `name`'s app for a checkpoint and writes it to `req.out` when
+    /// it arrives (the guest keeps running).
+    fn checkpoint(&self, name: &str, req: CheckpointRequest) -> Result<CheckpointInfo, ApiError> {
+        if req.out.is_empty() {
+            return Err(bad("checkpoint needs an output file"));
+        }
+        let (handle, latest) = {
+            let instances = self.instances();
+            let inst = instances.get(name).ok_or_else(|| not_found(name))?;
+            match (&inst.state, &inst.handle) {
+                (State::Running, Some(h)) => (Arc::clone(h), Arc::clone(&inst.checkpoints)),
+                _ => {
+                    return Err(ApiError(
+                        409,
+                        format!("instance '{name}' is not running ({})", inst.info().state),
+                    ))
+                }
+            }
+        };
+        let start = Instant::now();
+        let seen = latest.count();
+        handle
+            .request_checkpoint()
+            .map_err(|e| ApiError(500, e.to_string()))?;
+        let timeout = std::time::Duration::from_millis(req.timeout_ms.unwrap_or(10_000));
+        let blob = loop {
+            if let Some(blob) = latest.wait_after(seen, machine::KICK_INTERVAL * 4) {
+                break Some(blob);
+            }
+            if start.elapsed() >= timeout {
+                break None;
+            }
+            handle.wake();
+        };
+        let blob = blob.ok_or_else(|| {
+            ApiError(
+                504,
+                format!(
+                    "instance '{name}' handed over no checkpoint within {:.1} s: its app may \
+                     not support checkpoints (libcloud::state) or be busy",
+                    timeout.as_secs_f64()
+                ),
+            )
+        })?;
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        let describe = abi::checkpoint::decode(&blob)
+            .map(|(c, _)| abi::checkpoint::describe(&c))
+            .unwrap_or_default();
+        crate::checkpoint::write_atomic(Path::new(&req.out), &blob)
+            .map_err(|e| ApiError(500, format!("cannot write {}: {e}", req.out)))?;
+        Ok(CheckpointInfo {
+            file: req.out,
+            bytes: blob.len() as u64,
+            describe,
+            ms,
+        })
+    }
+
     fn restore(&self, req: RestoreRequest) -> Result<InstanceInfo, ApiError> {
         let publish = req
             .publish
@@ -581,6 +677,7 @@ impl Daemon {
                 publish: Vec::new(),
                 log: Arc::new(Mutex::new(LogRing::default())),
                 started: Instant::now(),
+                checkpoints: Arc::default(),
             },
         );
         Ok(Incoming(Arc::new(Mutex::new(tombstone))))
@@ -692,6 +789,11 @@ impl Daemon {
                 let req: SnapshotRequest =
                     serde_json::from_value(parse("snapshot")?).map_err(|e| bad(e.to_string()))?;
                 json(200, &self.snapshot(name, req)?)
+            }
+            (Method::Post, ["v1", "instances", name, "checkpoint"]) => {
+                let req: CheckpointRequest =
+                    serde_json::from_value(parse("checkpoint")?).map_err(|e| bad(e.to_string()))?;
+                json(200, &self.checkpoint(name, req)?)
             }
             (Method::Post, ["v1", "restore"]) => {
                 let req: RestoreRequest =

@@ -7,11 +7,13 @@
 //! guest, for the calls that never return), never a panic of the shim.
 
 use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use abi::hypercall::{
-    ConsoleWrite, FaultReport, PanicReport, CONSOLE_WRITE_MAX, HC_CONSOLE_WRITE, HC_EXIT, HC_FAULT,
-    HC_PANIC, HC_YIELD, PANIC_STR_MAX,
+    ConsoleWrite, FaultReport, PanicReport, CONSOLE_WRITE_MAX, HC_CHECKPOINT, HC_CONSOLE_WRITE,
+    HC_EXIT, HC_FAULT, HC_PANIC, HC_YIELD, PANIC_STR_MAX,
 };
 use abi::layout::{DOORBELL_ADDR, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress};
@@ -35,6 +37,10 @@ pub enum Action {
 pub struct Doorbell<W: Write> {
     console: W,
     console_broken: bool,
+    /// Where the guest's app checkpoints are stored (`DIR/latest.ckpt`).
+    checkpoint_to: Option<PathBuf>,
+    /// Who else wants the guest's checkpoints (e.g. a daemon's `checkpoint`).
+    checkpoint_latest: Option<Arc<crate::checkpoint::Latest>>,
 }
 
 impl<W: Write> Doorbell<W> {
@@ -42,7 +48,20 @@ impl<W: Write> Doorbell<W> {
         Self {
             console,
             console_broken: false,
+            checkpoint_to: None,
+            checkpoint_latest: None,
         }
+    }
+
+    /// Stores the guest's checkpoints as `dir/latest.ckpt` (durably, before
+    /// the hypercall returns).
+    pub fn set_checkpoint_dir(&mut self, dir: Option<PathBuf>) {
+        self.checkpoint_to = dir;
+    }
+
+    /// Also records each valid checkpoint in `latest`.
+    pub fn set_checkpoint_latest(&mut self, latest: Option<Arc<crate::checkpoint::Latest>>) {
+        self.checkpoint_latest = latest;
     }
 
     /// Whether `addr` lies in the doorbell page.
@@ -80,6 +99,10 @@ impl<W: Write> Doorbell<W> {
                 u64::MAX => None,
                 ns => Some(Duration::from_nanos(ns)),
             }),
+            HC_CHECKPOINT => {
+                self.checkpoint(mem, value);
+                Action::Continue
+            }
             HC_PANIC => Action::Stop(panic_report(mem, value)),
             HC_FAULT => Action::Stop(match read_obj::<FaultReport>(mem, value) {
                 Some(report) => GuestExit::Faulted(report),
@@ -122,6 +145,51 @@ impl<W: Write> Doorbell<W> {
         {
             tracing::warn!("guest console output is lost from now on: {e}");
             self.console_broken = true;
+        }
+    }
+}
+
+impl<W: Write> Doorbell<W> {
+    /// `HC_CHECKPOINT`: reads, validates and stores the guest's checkpoint.
+    fn checkpoint(&mut self, mem: &GuestMemoryMmap, value: u64) {
+        let Some(req) = read_obj::<ConsoleWrite>(mem, value) else {
+            tracing::warn!("checkpoint: request at {value:#x} is outside guest memory");
+            return;
+        };
+        if req.len > abi::checkpoint::MAX_CHECKPOINT {
+            tracing::warn!(
+                "checkpoint of {} bytes ignored: the limit is {}",
+                req.len,
+                abi::checkpoint::MAX_CHECKPOINT
+            );
+            return;
+        }
+        let Some(mut blob) = read_bytes(mem, req.buf, req.len) else {
+            tracing::warn!(
+                "checkpoint: buffer {:#x}+{:#x} is outside guest memory",
+                req.buf,
+                req.len
+            );
+            return;
+        };
+        let len = match abi::checkpoint::decode(&blob) {
+            Ok((ckpt, len)) => {
+                tracing::debug!("checkpoint: {}", abi::checkpoint::describe(&ckpt));
+                len
+            }
+            Err(e) => {
+                tracing::warn!("the guest's checkpoint is ignored: {e}");
+                return;
+            }
+        };
+        blob.truncate(len);
+        if let Some(dir) = &self.checkpoint_to {
+            if let Err(e) = crate::checkpoint::store(dir, &blob) {
+                tracing::warn!("cannot store the checkpoint in {}: {e}", dir.display());
+            }
+        }
+        if let Some(latest) = &self.checkpoint_latest {
+            latest.put(blob);
         }
     }
 }
@@ -274,6 +342,64 @@ mod tests {
         ));
         assert!(matches!(ring(&mut d, &mem, 99, 0), Action::Continue));
         assert!(matches!(ring(&mut d, &mem, 511, 0), Action::Continue));
+    }
+
+    #[test]
+    fn checkpoints_are_validated_and_stored() {
+        let (mem, mut d) = setup();
+        let dir = std::env::temp_dir().join(format!("doorbell-ckpt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        d.set_checkpoint_dir(Some(dir.clone()));
+        let latest = Arc::new(crate::checkpoint::Latest::default());
+        d.set_checkpoint_latest(Some(Arc::clone(&latest)));
+        let blob = abi::checkpoint::encode("kv", 1, b"some state");
+        mem.write_slice(&blob, GuestAddress(0x20_0000)).unwrap();
+        // Garbage first: ignored.
+        put(
+            &mem,
+            0x10_0000,
+            &ConsoleWrite {
+                buf: 0x20_0001,
+                len: blob.len() as u64,
+            },
+        );
+        assert!(matches!(
+            ring(&mut d, &mem, HC_CHECKPOINT, 0x10_0000),
+            Action::Continue
+        ));
+        put(
+            &mem,
+            0x10_0000,
+            &ConsoleWrite {
+                buf: RAM - 4,
+                len: 64,
+            },
+        );
+        assert!(matches!(
+            ring(&mut d, &mem, HC_CHECKPOINT, 0x10_0000),
+            Action::Continue
+        ));
+        assert!(!dir.join(crate::checkpoint::LATEST).exists());
+        assert_eq!(latest.count(), 0);
+        put(
+            &mem,
+            0x10_0000,
+            &ConsoleWrite {
+                buf: 0x20_0000,
+                len: blob.len() as u64,
+            },
+        );
+        assert!(matches!(
+            ring(&mut d, &mem, HC_CHECKPOINT, 0x10_0000),
+            Action::Continue
+        ));
+        assert_eq!(
+            std::fs::read(dir.join(crate::checkpoint::LATEST)).unwrap(),
+            blob
+        );
+        assert_eq!(latest.count(), 1);
+        assert_eq!(latest.wait_after(0, Duration::ZERO).as_deref(), Some(&blob));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1,0 +1,458 @@
+//! App checkpoints (`abi::checkpoint`) end to end with the kv app: moved
+//! from our shim to QEMU and back, recovered after `kill -9` of its shim,
+//! and refused when corrupt, foreign or of another schema version.
+//!
+//! Needs /dev/kvm, `qemu-system-x86_64` and `redis-cli` (fails, never
+//! skips, without them).
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{free_port, image, require_kvm, shim, Shim};
+
+fn require_tool(name: &str, package: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "this test needs `{name}` in PATH (apt-get install {package})"
+    );
+}
+
+fn tmp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ckpt-it-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `redis-cli -p PORT ARGS...`: its stdout, trimmed, or `None` on failure.
+fn cli(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli is installed (apt-get install redis-tools)");
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (out.status.success() && !text.starts_with("Could not connect") && !text.is_empty())
+        .then_some(text)
+}
+
+/// Waits until the kv behind `port` answers PING.
+fn wait_ready(shim: &mut Shim, port: u16, what: &str) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        shim.assert_running(what);
+        if cli(port, &["PING"]).as_deref() == Some("PONG") {
+            return start.elapsed();
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what}: kv did not answer PING on port {port} within 30 s");
+}
+
+fn value(i: usize) -> String {
+    format!("value-{i}-{}", "x".repeat(i % 17))
+}
+
+/// SETs `key:FROM..key:TO` with `redis-cli --pipe` (waits for every reply).
+fn load(port: u16, keys: std::ops::Range<usize>) {
+    let mut batch = String::new();
+    for i in keys.clone() {
+        let (k, v) = (format!("key:{i}"), value(i));
+        batch.push_str(&format!(
+            "*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n{v}\r\n",
+            k.len(),
+            v.len()
+        ));
+    }
+    let mut pipe = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "--pipe"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("redis-cli");
+    pipe.stdin
+        .take()
+        .unwrap()
+        .write_all(batch.as_bytes())
+        .unwrap();
+    let out = pipe.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(&format!("replies: {}", keys.len())),
+        "redis-cli --pipe: {text}"
+    );
+}
+
+/// Checks DBSIZE and a sample of the keys `0..n`.
+fn check_keys(port: u16, n: usize, dbsize: usize) {
+    assert_eq!(
+        cli(port, &["DBSIZE"]).as_deref(),
+        Some(dbsize.to_string().as_str())
+    );
+    for i in (0..n).step_by(n / 25).chain([n - 1]) {
+        assert_eq!(
+            cli(port, &["GET", &format!("key:{i}")]).as_deref(),
+            Some(value(i).as_str()),
+            "key:{i}"
+        );
+    }
+}
+
+/// Waits until `dir/latest.ckpt` is (re)written after this call, i.e. holds
+/// a checkpoint taken after everything the guest acknowledged so far, and
+/// returns its bytes.
+fn fresh_checkpoint(shim: &mut Shim, dir: &Path) -> Vec<u8> {
+    let latest = dir.join("latest.ckpt");
+    let _ = std::fs::remove_file(&latest);
+    let start = Instant::now();
+    loop {
+        shim.assert_running("a checkpoint");
+        if let Ok(bytes) = std::fs::read(&latest) {
+            return bytes;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no checkpoint in {} within 20 s",
+            dir.display()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn kv_args<'a>(img: &'a Path, port: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
+        "run",
+        img.to_str().unwrap(),
+        "--timeout",
+        "60",
+        "--publish",
+        port,
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
+#[test]
+fn ten_thousand_keys_move_from_our_shim_to_qemu_and_back() {
+    require_kvm();
+    require_tool("redis-cli", "redis-tools");
+    require_tool("qemu-system-x86_64", "qemu-system-x86");
+    let img = image("kv");
+    let (d1, d2) = (tmp_dir("kvm"), tmp_dir("qemu"));
+    const N: usize = 10_000;
+
+    // 1. Under our shim: load, checkpoint.
+    let p = free_port();
+    let pub1 = format!("{p}:6379");
+    let mut a = Shim::start(&kv_args(
+        &img,
+        &pub1,
+        &[
+            "--checkpoint-every",
+            "200ms",
+            "--checkpoint-to",
+            d1.to_str().unwrap(),
+        ],
+    ));
+    wait_ready(&mut a, p, "kv under our shim");
+    load(p, 0..N);
+    let ckpt = fresh_checkpoint(&mut a, &d1);
+    let (c, _) = abi::checkpoint::decode(&ckpt).expect("a valid checkpoint");
+    assert_eq!(c.app, "kv");
+    a.stop();
+
+    // 2. Under QEMU (TCG): restore, change, checkpoint (periodically, COM2).
+    let p = free_port();
+    let pub2 = format!("{p}:6379");
+    let ck1 = d1.join("latest.ckpt");
+    let mut q = Shim::start(&kv_args(
+        &img,
+        &pub2,
+        &[
+            "--backend",
+            "qemu",
+            "--restore",
+            ck1.to_str().unwrap(),
+            "--checkpoint-every",
+            "300ms",
+            "--checkpoint-to",
+            d2.to_str().unwrap(),
+        ],
+    ));
+    wait_ready(&mut q, p, "kv restored under QEMU");
+    check_keys(p, N, N);
+    assert_eq!(cli(p, &["SET", "moved", "to-qemu"]).as_deref(), Some("OK"));
+    fresh_checkpoint(&mut q, &d2);
+    // The copier may have stored an older blob of the stream just now:
+    // let the next periodic checkpoint land too.
+    thread::sleep(Duration::from_millis(1500));
+    let (out, _) = q.stop();
+    assert!(out.contains(&format!("kv: restored {N} keys")), "{out}");
+
+    // 3. Back under our shim.
+    let p = free_port();
+    let pub3 = format!("{p}:6379");
+    let ck2 = d2.join("latest.ckpt");
+    let mut b = Shim::start(&kv_args(&img, &pub3, &["--restore", ck2.to_str().unwrap()]));
+    wait_ready(&mut b, p, "kv restored under our shim");
+    check_keys(p, N, N + 1);
+    assert_eq!(cli(p, &["GET", "moved"]).as_deref(), Some("to-qemu"));
+    let (out, _) = b.stop();
+    assert!(
+        out.contains(&format!("kv: restored {} keys", N + 1)),
+        "{out}"
+    );
+    let _ = std::fs::remove_dir_all(&d1);
+    let _ = std::fs::remove_dir_all(&d2);
+}
+
+#[test]
+fn after_kill_9_of_its_shim_kv_comes_back_from_its_last_checkpoint() {
+    require_kvm();
+    require_tool("redis-cli", "redis-tools");
+    let img = image("kv");
+    let dir = tmp_dir("crash");
+    let p = free_port();
+    let pub1 = format!("{p}:6379");
+    let mut a = Shim::start(&kv_args(
+        &img,
+        &pub1,
+        &[
+            "--checkpoint-every",
+            "1s",
+            "--checkpoint-to",
+            dir.to_str().unwrap(),
+        ],
+    ));
+    wait_ready(&mut a, p, "kv with periodic checkpoints");
+    load(p, 0..2000);
+    assert_eq!(
+        cli(p, &["SET", "session", "s1", "EX", "600"]).as_deref(),
+        Some("OK")
+    );
+    fresh_checkpoint(&mut a, &dir);
+    // Written after the last checkpoint: may be lost (at most 1 s of writes).
+    load(p, 2000..2100);
+    // The host dies.
+    Command::new("kill")
+        .args(["-9", &a.pid().to_string()])
+        .status()
+        .unwrap();
+    let _ = a.child.wait();
+
+    // Another shim (another process) takes over from the directory.
+    let p = free_port();
+    let pub2 = format!("{p}:6379");
+    let ck = dir.join("latest.ckpt");
+    let mut b = Shim::start(&kv_args(&img, &pub2, &["--restore", ck.to_str().unwrap()]));
+    wait_ready(&mut b, p, "kv restored after the crash");
+    let n: usize = cli(p, &["DBSIZE"]).unwrap().parse().unwrap();
+    assert!((2001..=2101).contains(&n), "DBSIZE {n}");
+    check_keys(p, 2000, n);
+    assert_eq!(cli(p, &["GET", "session"]).as_deref(), Some("s1"));
+    let ttl: i64 = cli(p, &["TTL", "session"]).unwrap().parse().unwrap();
+    assert!((590..=600).contains(&ttl), "TTL {ttl}");
+    b.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn corrupt_foreign_and_wrong_version_checkpoints_are_refused() {
+    require_kvm();
+    let img = image("kv");
+    let dir = tmp_dir("bad");
+    let good = abi::checkpoint::encode("kv", 1, &[0]); // an empty store
+    let img_s = img.to_str().unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+
+    // Corrupt and truncated: the shim refuses them, before booting.
+    let mut corrupt = good.clone();
+    corrupt[14] ^= 0x40;
+    let corrupt = write("corrupt.ckpt", &corrupt);
+    let truncated = write("truncated.ckpt", &good[..good.len() - 2]);
+    let garbage = write("garbage.ckpt", b"hello, world");
+    for (file, what) in [
+        (&corrupt, "corrupt"),
+        (&truncated, "truncated"),
+        (&garbage, "not a libcloud checkpoint"),
+    ] {
+        for backend in ["kvm", "qemu"] {
+            let r = shim(["run", img_s, "--backend", backend, "--restore", file]);
+            assert_eq!(r.status, Some(1), "{backend} {what}: {r:?}");
+            assert!(r.stderr.contains(what), "{backend} {what}: {r:?}");
+            assert!(r.stdout.is_empty(), "{r:?}");
+        }
+    }
+
+    // Foreign app and another schema: the guest knows, and exits 3.
+    let foreign = write("foreign.ckpt", &abi::checkpoint::encode("other", 1, &[0]));
+    let future = write("v99.ckpt", &abi::checkpoint::encode("kv", 99, &[0]));
+    for (file, message) in [
+        (&foreign, "checkpoint belongs to app \"other\", not \"kv\""),
+        (
+            &future,
+            "checkpoint has schema version 99, this app reads version 1",
+        ),
+    ] {
+        // (kv wants a network card before it looks at its checkpoint.)
+        let r = shim([
+            "run",
+            img_s,
+            "--timeout",
+            "20",
+            "--net",
+            "user",
+            "--restore",
+            file,
+        ]);
+        assert_eq!(r.status, Some(3), "{r:?}");
+        assert!(
+            r.stdout.contains("kv: cannot restore the checkpoint"),
+            "{r:?}"
+        );
+        assert!(r.stdout.contains(message), "{r:?}");
+    }
+    // The valid empty one boots.
+    let empty = write("empty.ckpt", &good);
+    let p = free_port();
+    let pubs = format!("{p}:6379");
+    let mut s = Shim::start(&kv_args(&img, &pubs, &["--restore", &empty]));
+    if Command::new("sh")
+        .args(["-c", "command -v redis-cli"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        wait_ready(&mut s, p, "kv from an empty checkpoint");
+        assert_eq!(cli(p, &["DBSIZE"]).as_deref(), Some("0"));
+    }
+    let (out, _) = s.stop();
+    assert!(
+        out.contains("kv: restored 0 keys") || out.is_empty(),
+        "{out}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_daemon_instance_checkpoints_on_request() {
+    require_kvm();
+    require_tool("redis-cli", "redis-tools");
+    let img = image("kv");
+    let dir = tmp_dir("daemon");
+    let api = format!("127.0.0.1:{}", free_port());
+    let mut daemon = Shim::start(&["serve", "--listen", &api, "--no-overlay"]);
+    let start = Instant::now();
+    while shim(["--shim", &api, "list"]).status != Some(0) {
+        daemon.assert_running("the daemon's API");
+        assert!(start.elapsed() < Duration::from_secs(10), "no daemon API");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let p = free_port();
+    let pub1 = format!("{p}:6379");
+    let r = shim([
+        "--shim",
+        &api,
+        "run",
+        img.to_str().unwrap(),
+        "--name",
+        "kv",
+        "--publish",
+        &pub1,
+    ]);
+    assert_eq!(r.status, Some(0), "{r:?}");
+    wait_ready(&mut daemon, p, "kv in the daemon");
+    load(p, 0..500);
+    let out = dir.join("kv.ckpt");
+    let r = shim([
+        "--shim",
+        &api,
+        "checkpoint",
+        "kv",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.status, Some(0), "{r:?}");
+    assert!(r.stdout.contains("kv schema v1"), "{r:?}");
+    // An unknown instance: a clear error.
+    let r = shim(["--shim", &api, "checkpoint", "nope", "--out", "/tmp/x"]);
+    assert_eq!(r.status, Some(1), "{r:?}");
+    assert!(r.stderr.contains("no instance named 'nope'"), "{r:?}");
+
+    // Restored by another daemon instance, from the daemon's file.
+    let p2 = free_port();
+    let pub2 = format!("{p2}:6379");
+    let r = shim([
+        "--shim",
+        &api,
+        "run",
+        img.to_str().unwrap(),
+        "--name",
+        "kv2",
+        "--publish",
+        &pub2,
+        "--restore",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.status, Some(0), "{r:?}");
+    wait_ready(&mut daemon, p2, "kv2 in the daemon");
+    check_keys(p2, 500, 500);
+    daemon.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn after_kill_9_of_a_qemu_shim_its_checkpoint_stream_restores_under_ours() {
+    require_kvm();
+    require_tool("redis-cli", "redis-tools");
+    require_tool("qemu-system-x86_64", "qemu-system-x86");
+    let img = image("kv");
+    let dir = tmp_dir("qemu-crash");
+    let p = free_port();
+    let pub1 = format!("{p}:6379");
+    let mut q = Shim::start(&kv_args(
+        &img,
+        &pub1,
+        &[
+            "--backend",
+            "qemu",
+            "--checkpoint-every",
+            "300ms",
+            "--checkpoint-to",
+            dir.to_str().unwrap(),
+        ],
+    ));
+    wait_ready(&mut q, p, "kv under QEMU");
+    load(p, 0..1000);
+    fresh_checkpoint(&mut q, &dir);
+    thread::sleep(Duration::from_millis(1000));
+    Command::new("kill")
+        .args(["-9", &q.pid().to_string()])
+        .status()
+        .unwrap();
+    let _ = q.child.wait();
+
+    // Both the extracted latest.ckpt and the raw COM2 stream restore.
+    for file in ["latest.ckpt", "com2-checkpoints.bin"] {
+        let p = free_port();
+        let pubs = format!("{p}:6379");
+        let ck = dir.join(file);
+        let mut b = Shim::start(&kv_args(&img, &pubs, &["--restore", ck.to_str().unwrap()]));
+        wait_ready(&mut b, p, "kv restored from QEMU's checkpoints");
+        check_keys(p, 1000, 1000);
+        b.stop();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,307 @@
+//! `cargo xtask bench checkpoint`: app checkpoints of the kv unikernel.
+//!
+//! For 10k and 100k keys: the checkpoint's size (vs the raw key + value
+//! bytes) and how long the app takes to hand it over (`host-shim checkpoint`
+//! against a daemon); then the restore time, from process start to the
+//! first PING reply, under our shim and under QEMU (TCG), each against a
+//! plain boot of the same image under the same monitor.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::image::{self, Profile};
+use crate::workspace::Workspace;
+
+/// Options of `bench checkpoint`.
+#[derive(Debug)]
+pub struct CheckpointOptions {
+    /// Runs per restore/boot measurement.
+    pub runs: usize,
+}
+
+/// Guest memory for every run (100k keys need room; the same for all).
+const MEM: &str = "256M";
+
+/// A child process killed when dropped.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn require(tool: &str, package: &str) -> Result<()> {
+    if Command::new(tool).arg("--version").output().is_err() {
+        bail!("{tool} is required: apt-get install {package}");
+    }
+    Ok(())
+}
+
+/// One PING over a fresh connection: whether PONG came back.
+fn ping(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut buf = [0u8; 16];
+    s.write_all(b"PING\r\n").is_ok()
+        && matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+}
+
+/// Waits for the first PING reply of `child`; returns the time since `start`.
+fn until_pong(port: u16, child: &mut Guard, start: Instant, what: &str) -> Result<Duration> {
+    while start.elapsed() < Duration::from_secs(60) {
+        if let Some(status) = child.0.try_wait()? {
+            bail!("{what} exited with {status} before answering");
+        }
+        if ping(port) {
+            return Ok(start.elapsed());
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    bail!("{what} did not answer PING on port {port} within 60 s")
+}
+
+fn value(i: usize) -> String {
+    format!("value-{i}-{}", "x".repeat(i % 17))
+}
+
+/// SETs `n` keys with `redis-cli --pipe`; returns the raw key + value bytes.
+fn load(port: u16, n: usize) -> Result<u64> {
+    let mut batch = String::new();
+    let mut raw = 0u64;
+    for i in 0..n {
+        let (k, v) = (format!("key:{i}"), value(i));
+        raw += (k.len() + v.len()) as u64;
+        batch.push_str(&format!(
+            "*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n{v}\r\n",
+            k.len(),
+            v.len()
+        ));
+    }
+    let mut pipe = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "--pipe"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("redis-cli --pipe")?;
+    pipe.stdin.take().unwrap().write_all(batch.as_bytes())?;
+    let out = pipe.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !text.contains(&format!("replies: {n}")) || !text.contains("errors: 0") {
+        bail!("loading {n} keys failed: {text}");
+    }
+    Ok(raw)
+}
+
+fn dbsize(port: u16) -> Result<usize> {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "DBSIZE"])
+        .output()?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .context("DBSIZE")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// What one key count measured.
+struct Row {
+    keys: usize,
+    raw: u64,
+    bytes: u64,
+    checkpoint_ms: f64,
+    /// (backend, plain boot ms, restore ms)
+    restore: Vec<(&'static str, f64, f64)>,
+}
+
+/// Takes a checkpoint of kv with `n` keys through a daemon; writes it to `out`.
+fn checkpoint(shim: &Path, image: &Path, n: usize, out: &Path) -> Result<(u64, u64, f64)> {
+    let api = format!("127.0.0.1:{}", free_port()?);
+    let mut daemon = Guard(
+        Command::new(shim)
+            .args(["serve", "--listen", &api, "--no-overlay"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting host-shim serve")?,
+    );
+    let start = Instant::now();
+    loop {
+        let ok = Command::new(shim)
+            .args(["--shim", &api, "list"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?
+            .success();
+        if ok {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("the daemon's API did not come up");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let port = free_port()?;
+    let status = Command::new(shim)
+        .args(["--shim", &api, "run"])
+        .arg(image)
+        .args(["--name", "kv", "--mem", MEM, "--publish"])
+        .arg(format!("127.0.0.1:{port}:6379"))
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("cannot run kv in the daemon");
+    }
+    until_pong(port, &mut daemon, Instant::now(), "kv in the daemon")?;
+    let raw = load(port, n)?;
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let out_s = Command::new(shim)
+            .args(["--shim", &api, "checkpoint", "kv", "--out"])
+            .arg(out)
+            .args(["--wait", "60s"])
+            .output()?;
+        let text = String::from_utf8_lossy(&out_s.stdout).into_owned();
+        if !out_s.status.success() {
+            bail!(
+                "checkpoint failed: {text}{}",
+                String::from_utf8_lossy(&out_s.stderr)
+            );
+        }
+        // "... N bytes (...), X ms"
+        let ms: f64 = text
+            .trim()
+            .rsplit(", ")
+            .next()
+            .and_then(|t| t.strip_suffix(" ms"))
+            .and_then(|t| t.parse().ok())
+            .with_context(|| format!("no time in `{text}`"))?;
+        times.push(ms);
+    }
+    let bytes = std::fs::metadata(out)?.len();
+    Ok((raw, bytes, median(times)))
+}
+
+/// Median time from process start to the first PING reply of `host-shim
+/// run kv.img EXTRA...`, checking DBSIZE is `keys` afterwards.
+fn boot_time(shim: &Path, image: &Path, extra: &[&str], keys: usize, runs: usize) -> Result<f64> {
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let port = free_port()?;
+        let start = Instant::now();
+        let mut child = Guard(
+            Command::new(shim)
+                .arg("run")
+                .arg(image)
+                .args(["--mem", MEM, "--publish"])
+                .arg(format!("127.0.0.1:{port}:6379"))
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("starting host-shim")?,
+        );
+        let t = until_pong(port, &mut child, start, "kv")?;
+        let n = dbsize(port)?;
+        if n != keys {
+            bail!("kv {extra:?} came up with {n} keys, not {keys}");
+        }
+        times.push(t.as_secs_f64() * 1e3);
+    }
+    Ok(median(times))
+}
+
+pub fn run(ws: &Workspace, opts: &CheckpointOptions) -> Result<()> {
+    require("redis-cli", "redis-tools")?;
+    require("qemu-system-x86_64", "qemu-system-x86")?;
+    let images = image::build_images(ws, &[ws.app("kv")?], Profile::Release)?;
+    let shim = image::build_shim(ws)?;
+    let kv = &images[0].path;
+    let dir: PathBuf = std::env::temp_dir().join(format!("bench-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let runs = opts.runs.max(1);
+
+    let mut rows = Vec::new();
+    for n in [10_000usize, 100_000] {
+        eprintln!("bench checkpoint: kv with {n} keys");
+        let file = dir.join(format!("kv-{n}.ckpt"));
+        let (raw, bytes, checkpoint_ms) = checkpoint(&shim, kv, n, &file)?;
+        let f = file.to_str().context("temp path")?;
+        let mut restore = Vec::new();
+        for backend in ["kvm", "qemu"] {
+            let plain = boot_time(&shim, kv, &["--backend", backend], 0, runs)?;
+            let restored = boot_time(&shim, kv, &["--backend", backend, "--restore", f], n, runs)?;
+            restore.push((backend, plain, restored));
+        }
+        rows.push(Row {
+            keys: n,
+            raw,
+            bytes,
+            checkpoint_ms,
+            restore,
+        });
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!("### App checkpoints (kv, {MEM} guest, medians of {runs} runs)\n");
+    println!("| keys | raw key+value bytes | checkpoint bytes | ratio (target ≤ 1.2×) | checkpoint time |");
+    println!("|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {:.2}× {} | {:.1} ms |",
+            r.keys,
+            r.raw,
+            r.bytes,
+            r.bytes as f64 / r.raw as f64,
+            if r.bytes as f64 <= 1.2 * r.raw as f64 {
+                "✅"
+            } else {
+                "❌"
+            },
+            r.checkpoint_ms
+        );
+    }
+    println!();
+    println!(
+        "| keys | monitor | plain boot → first PING | restore → first PING | ratio (target ≤ 2×) |"
+    );
+    println!("|---:|---|---:|---:|---:|");
+    for r in &rows {
+        for (backend, plain, restored) in &r.restore {
+            let name = if *backend == "kvm" {
+                "host-shim (KVM)"
+            } else {
+                "QEMU microvm (TCG)"
+            };
+            println!(
+                "| {} | {name} | {plain:.1} ms | {restored:.1} ms | {:.2}× {} |",
+                r.keys,
+                restored / plain,
+                if *restored <= 2.0 * plain {
+                    "✅"
+                } else {
+                    "❌"
+                }
+            );
+        }
+    }
+    println!("\nCheckpoint time: from `host-shim checkpoint` asking the app (BootInfo::checkpoint_requests) to the blob arriving at the shim (HC_CHECKPOINT), serialisation included.");
+    Ok(())
+}
