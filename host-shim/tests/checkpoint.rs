@@ -266,6 +266,49 @@ fn after_kill_9_of_its_shim_kv_comes_back_from_its_last_checkpoint() {
 }
 
 #[test]
+fn with_ack_after_checkpoint_a_crash_loses_no_acknowledged_write() {
+    require_kvm();
+    require_tool("redis-cli", "redis-tools");
+    let img = image("kv");
+    let dir = tmp_dir("ack");
+    let p = free_port();
+    let pub1 = format!("{p}:6379");
+    let mut a = Shim::start(&kv_args(
+        &img,
+        &pub1,
+        &[
+            "--env",
+            "ACK_AFTER_CHECKPOINT=1",
+            "--checkpoint-to",
+            dir.to_str().unwrap(),
+        ],
+    ));
+    wait_ready(&mut a, p, "kv acknowledging after checkpoints");
+    load(p, 0..500);
+    // Every reply above came after its write was checkpointed: kill at once.
+    assert_eq!(
+        cli(p, &["SET", "last", "acknowledged"]).as_deref(),
+        Some("OK")
+    );
+    Command::new("kill")
+        .args(["-9", &a.pid().to_string()])
+        .status()
+        .unwrap();
+    let _ = a.child.wait();
+
+    let p = free_port();
+    let pub2 = format!("{p}:6379");
+    let ck = dir.join("latest.ckpt");
+    let mut b = Shim::start(&kv_args(&img, &pub2, &["--restore", ck.to_str().unwrap()]));
+    wait_ready(&mut b, p, "kv restored after the crash");
+    assert_eq!(cli(p, &["DBSIZE"]).as_deref(), Some("501"));
+    check_keys(p, 500, 501);
+    assert_eq!(cli(p, &["GET", "last"]).as_deref(), Some("acknowledged"));
+    b.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn corrupt_foreign_and_wrong_version_checkpoints_are_refused() {
     require_kvm();
     let img = image("kv");

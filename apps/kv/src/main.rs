@@ -30,7 +30,7 @@ mod resp;
 mod store;
 
 use alloc::rc::Rc;
-use core::cell::RefCell;
+use core::cell::{Cell, RefCell};
 use libcloud::net::{TcpSocket, Write};
 use libcloud::prelude::*;
 
@@ -42,6 +42,34 @@ use resp::{Parser, ProtocolError};
 /// Exit status when the checkpoint handed over cannot be restored (another
 /// app's, another schema version, damaged).
 const EXIT_BAD_CHECKPOINT: i32 = 3;
+/// With `ACK_AFTER_CHECKPOINT=1` a reply that follows a write leaves only
+/// after a checkpoint holding that write is stored by the host (on our shim,
+/// HC_CHECKPOINT returns once the checkpoint is on disk): a crash loses no
+/// acknowledged write.
+struct AckAfterCheckpoint {
+    enabled: bool,
+    /// `Store::changes` at the last checkpoint.
+    checkpointed: Cell<u64>,
+}
+
+impl AckAfterCheckpoint {
+    /// Checkpoints first if the store changed since the last checkpoint.
+    fn before_reply(&self, server: &RefCell<Server>) {
+        if !self.enabled {
+            return;
+        }
+        let server = server.borrow();
+        if server.store.changes == self.checkpointed.get() {
+            return;
+        }
+        let state = KvState::capture(&server.store, Instant::now());
+        match libcloud::state::checkpoint(&state) {
+            Ok(_) => self.checkpointed.set(server.store.changes),
+            Err(e) => println!("kv: checkpoint failed: {e}"),
+        }
+    }
+}
+
 /// Clients served at once (one worker task each).
 const MAX_CLIENTS: usize = 128;
 /// A connection's input buffer to start with (it grows for big arguments).
@@ -80,13 +108,20 @@ async fn main() -> Result<(), libcloud::net::Error> {
             libcloud::exit(EXIT_BAD_CHECKPOINT);
         }
     }
+    let ack = Rc::new(AckAfterCheckpoint {
+        enabled: libcloud::env("ACK_AFTER_CHECKPOINT") == Some("1"),
+        checkpointed: Cell::new(server.borrow().store.changes),
+    });
+    if ack.enabled {
+        println!("kv: writes are acknowledged after their checkpoint is stored");
+    }
     let snapshot_of = server.clone();
     libcloud::state::checkpoint_on_request(move || {
         KvState::capture(&snapshot_of.borrow().store, Instant::now())
     });
     libcloud::task::spawn(expire_task(server.clone()));
     libcloud::net::serve_tcp(stack, port, MAX_CLIENTS, async move |socket| {
-        serve(socket, &server).await;
+        serve(socket, &server, &ack).await;
     });
     println!("kv: listening on port {port}");
     core::future::pending().await
@@ -138,7 +173,7 @@ impl Drop for Registration<'_> {
 
 /// Serves one connection: reads, runs every complete command read, and
 /// sends their replies in one write per read.
-async fn serve(socket: &mut TcpSocket<'_>, server: &RefCell<Server>) {
+async fn serve(socket: &mut TcpSocket<'_>, server: &RefCell<Server>, ack: &AckAfterCheckpoint) {
     // Replies go out as soon as they are written (Redis sets TCP_NODELAY).
     socket.set_nagle_enabled(false);
     let addr = socket
@@ -183,6 +218,7 @@ async fn serve(socket: &mut TcpSocket<'_>, server: &RefCell<Server>) {
                         break;
                     }
                     if out.len() >= FLUSH_AT {
+                        ack.before_reply(server);
                         if socket.write_all(&out).await.is_err() {
                             return;
                         }
@@ -194,6 +230,7 @@ async fn serve(socket: &mut TcpSocket<'_>, server: &RefCell<Server>) {
             }
         }
         if !out.is_empty() {
+            ack.before_reply(server);
             if socket.write_all(&out).await.is_err() {
                 return;
             }

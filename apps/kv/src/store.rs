@@ -42,6 +42,9 @@ pub struct Store {
     expiries: BTreeSet<(Instant, Vec<u8>)>,
     /// Keys removed because they expired, since start (`INFO stats`).
     pub expired_keys: u64,
+    /// Writes by commands since start: a checkpoint taken at `changes == n`
+    /// holds every write acknowledged before it.
+    pub changes: u64,
 }
 
 impl Store {
@@ -84,6 +87,7 @@ impl Store {
     /// The live value of `key`, to change in place (its deadline stays).
     pub fn value_mut(&mut self, key: &[u8], now: Instant) -> Option<&mut Vec<u8>> {
         self.expire_if_due(key, now);
+        self.changes += 1;
         self.map.get_mut(key).map(|e| &mut e.value)
     }
 
@@ -100,6 +104,7 @@ impl Store {
         value: Vec<u8>,
         expires_at: Option<Instant>,
     ) -> Option<Entry> {
+        self.changes += 1;
         match self.map.get_mut(&key) {
             Some(entry) => {
                 let old = core::mem::replace(entry, Entry { value, expires_at });
@@ -125,6 +130,7 @@ impl Store {
 
     /// Sets `key` to `value`, keeping the deadline it has (if live).
     pub fn set_keep_ttl(&mut self, key: Vec<u8>, value: Vec<u8>, now: Instant) {
+        self.changes += 1;
         self.expire_if_due(&key, now);
         match self.map.get_mut(&key) {
             Some(entry) => entry.value = value,
@@ -146,6 +152,7 @@ impl Store {
         let Some(entry) = self.map.get_mut(key) else {
             return false;
         };
+        self.changes += 1;
         let old = core::mem::replace(&mut entry.expires_at, expires_at);
         if old != expires_at {
             if let Some(at) = old {
@@ -161,6 +168,7 @@ impl Store {
     /// Removes live `key`, returning its entry.
     pub fn remove(&mut self, key: &[u8], now: Instant) -> Option<Entry> {
         self.expire_if_due(key, now);
+        self.changes += 1;
         self.remove_entry(key)
     }
 
@@ -174,6 +182,7 @@ impl Store {
 
     /// Removes every key.
     pub fn clear(&mut self) {
+        self.changes += 1;
         self.map.clear();
         self.expiries.clear();
     }
