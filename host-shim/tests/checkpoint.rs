@@ -7,13 +7,12 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{free_port, image, require_kvm, shim, Shim};
+use common::{free_port, image, redis_pipe_set, require_kvm, shim, Shim};
 
 fn require_tool(name: &str, package: &str) {
     let found = Command::new("sh")
@@ -64,32 +63,7 @@ fn value(i: usize) -> String {
 
 /// SETs `key:FROM..key:TO` with `redis-cli --pipe` (waits for every reply).
 fn load(port: u16, keys: std::ops::Range<usize>) {
-    let mut batch = String::new();
-    for i in keys.clone() {
-        let (k, v) = (format!("key:{i}"), value(i));
-        batch.push_str(&format!(
-            "*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n{v}\r\n",
-            k.len(),
-            v.len()
-        ));
-    }
-    let mut pipe = Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "--pipe"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("redis-cli");
-    pipe.stdin
-        .take()
-        .unwrap()
-        .write_all(batch.as_bytes())
-        .unwrap();
-    let out = pipe.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains(&format!("replies: {}", keys.len())),
-        "redis-cli --pipe: {text}"
-    );
+    redis_pipe_set(port, keys.map(|i| (format!("key:{i}"), value(i))));
 }
 
 /// Checks DBSIZE and a sample of the keys `0..n`.

@@ -5,10 +5,10 @@
 
 mod common;
 
-use common::{free_port, image, Shim};
+use common::{free_port, image, redis_pipe_set, Shim};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// A kv guest serving on a fresh published port.
@@ -78,29 +78,10 @@ fn redis_cli_round_trips() {
 fn a_pipelined_batch_and_fifty_concurrent_clients() {
     let kv = Kv::start();
     // redis-cli --pipe sends the whole batch without waiting for replies.
-    let batch: String = (0..10_000)
-        .map(|i| {
-            format!(
-                "*3\r\n$3\r\nSET\r\n${}\r\nkey:{i}\r\n${}\r\nval:{i}\r\n",
-                4 + i.to_string().len(),
-                4 + i.to_string().len()
-            )
-        })
-        .collect();
-    let mut pipe = Command::new("redis-cli")
-        .args(["-p", &kv.port.to_string(), "--pipe"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("redis-cli");
-    pipe.stdin
-        .take()
-        .unwrap()
-        .write_all(batch.as_bytes())
-        .unwrap();
-    let out = pipe.wait_with_output().unwrap();
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(report.contains("errors: 0, replies: 10000"), "{report}");
+    redis_pipe_set(
+        kv.port,
+        (0..10_000).map(|i| (format!("key:{i}"), format!("val:{i}"))),
+    );
     assert_eq!(kv.cli(&["DBSIZE"]), "10000\n");
     assert_eq!(kv.cli(&["GET", "key:9999"]), "val:9999\n");
 

@@ -178,3 +178,38 @@ impl Shim {
         }
     }
 }
+
+/// SETs every `(key, value)` with `redis-cli --pipe` (the whole batch is sent
+/// before any reply is read) and returns redis-cli's report after checking
+/// it saw one reply per key and no error.
+pub fn redis_pipe_set(port: u16, pairs: impl IntoIterator<Item = (String, String)>) -> String {
+    use std::io::Write;
+    let mut batch = String::new();
+    let mut count = 0;
+    for (k, v) in pairs {
+        batch.push_str(&format!(
+            "*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n{v}\r\n",
+            k.len(),
+            v.len()
+        ));
+        count += 1;
+    }
+    let mut pipe = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "--pipe"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("redis-cli is installed (apt-get install redis-tools)");
+    pipe.stdin
+        .take()
+        .unwrap()
+        .write_all(batch.as_bytes())
+        .unwrap();
+    let out = pipe.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && report.contains(&format!("errors: 0, replies: {count}")),
+        "redis-cli --pipe: {report}"
+    );
+    report
+}
