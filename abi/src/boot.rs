@@ -66,6 +66,26 @@ pub struct BootInfo {
     /// Bumped by the host to ask the app for a checkpoint now (the guest
     /// compares it after each return from the host, like `generation`).
     pub checkpoint_requests: u64,
+    /// Free-page hints, written by the guest once its heap is up (0 when it
+    /// publishes none): the heap covers `heap_pages` 4 KiB pages from
+    /// `heap_start`, and `page_use_addr` is a `[u16; heap_pages]` of live
+    /// bytes per page. A migration may skip heap page `i` when `i >= 1` and
+    /// pages `i` and `i - 1` both hold 0 live bytes (the allocator keeps its
+    /// free-list headers right after live blocks, so those pages must go).
+    pub heap_start: u64,
+    pub heap_pages: u64,
+    pub page_use_addr: u64,
+    /// Odd while the allocator changes the heap (its free list and the usage
+    /// array are updated at different instants). A reader takes it before
+    /// and after reading the array and trusts the array only when both reads
+    /// are equal and even (a seqlock).
+    pub page_use_seq: u64,
+}
+
+/// Whether heap page `i` may be left behind by a migration, given the
+/// guest's per-page live bytes (see [`BootInfo::page_use_addr`]).
+pub fn heap_page_is_free(page_use: &[u16], i: usize) -> bool {
+    i >= 1 && i < page_use.len() && page_use[i] == 0 && page_use[i - 1] == 0
 }
 
 /// Bytes of [`BootInfo::host`] and [`BootInfo::region`].
@@ -99,6 +119,15 @@ impl Default for BootInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_pages_need_a_free_neighbour_before_them() {
+        let usage = [0u16, 0, 0, 12, 0, 0, 4096, 0];
+        let free: alloc::vec::Vec<usize> = (0..usage.len())
+            .filter(|&i| heap_page_is_free(&usage, i))
+            .collect();
+        assert_eq!(free, [1, 2, 5]);
+    }
 
     #[test]
     fn locations_round_trip_and_truncate_on_char_boundaries() {

@@ -166,3 +166,29 @@ fn hello_boots_under_qemu_with_the_same_output() {
 fn kvm_is_required_for_these_tests() {
     require_kvm();
 }
+
+#[test]
+fn the_heap_publishes_which_pages_hold_no_live_data() {
+    let run = boot("selftest", &["--mem", "64M"], &["hints"]);
+    assert_eq!(run.status, Some(0), "{run:?}");
+    let field = |name: &str| -> usize {
+        run.stdout
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {run:?}"))
+    };
+    let (before, during, after) = (field("before"), field("during"), field("after"));
+    assert!(
+        before > 10_000,
+        "a 64 MiB guest has mostly free heap pages: {before}"
+    );
+    assert!(
+        before - during >= 1024,
+        "holding 4 MiB uses 1024 pages: {before} -> {during}"
+    );
+    assert!(
+        after + 8 >= before,
+        "freeing it gives them back: {before} -> {after}"
+    );
+}

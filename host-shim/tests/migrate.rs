@@ -520,3 +520,50 @@ fn a_stream_of_another_version_is_refused() {
     let log = b.output_once_it_says("refused");
     assert!(log.contains("refused"), "{log}");
 }
+
+#[test]
+fn free_heap_pages_stay_behind_and_the_heap_stays_sound() {
+    let dir = TempDir::new("hints");
+    let a = Daemon::start("hints-a", 11, &["--no-overlay"], &dir);
+    let b = Daemon::start("hints-b", 12, &["--no-overlay"], &dir);
+    let img = image("selftest").to_string_lossy().into_owned();
+    a.cli(&["run", &img, "--name", "churn", "--", "churn"]);
+    let logs_say = |d: &Daemon, needle: &str| {
+        let give_up = Instant::now() + Duration::from_secs(20);
+        loop {
+            let logs = d.cli(&["logs", "churn"]);
+            if logs.contains(needle) {
+                return logs;
+            }
+            assert!(Instant::now() < give_up, "no {needle:?} in:\n{logs}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    logs_say(&a, "churn ok 10 ");
+    let out = migrate(&a, "churn", &b);
+    let skipped: u64 = out
+        .lines()
+        .find(|l| l.starts_with("ok: "))
+        .and_then(|l| l.rsplit(", ").next())
+        .and_then(|l| l.strip_suffix(" free pages skipped"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no skipped-page count in:\n{out}"));
+    assert!(
+        skipped >= 1500,
+        "the 8 MiB the guest freed should stay behind: {skipped}\n{out}"
+    );
+    // The guest keeps allocating, checking and freeing on the destination.
+    let logs = logs_say(&b, "on hints-b");
+    assert!(
+        !logs.contains("corrupted") && !logs.contains("panicked"),
+        "{logs}"
+    );
+    let later = logs.lines().filter(|l| l.contains("on hints-b")).count();
+    std::thread::sleep(Duration::from_millis(500));
+    let logs = b.cli(&["logs", "churn"]);
+    assert!(
+        logs.lines().filter(|l| l.contains("on hints-b")).count() > later,
+        "{logs}"
+    );
+    assert!(b.cli(&["list"]).contains("running"), "{}", b.cli(&["list"]));
+}

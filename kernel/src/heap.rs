@@ -1,36 +1,153 @@
-//! The heap: all RAM from the end of the image to the end of guest memory,
-//! managed by `linked_list_allocator` behind a spin lock.
+//! The heap: all RAM from the end of the image to the end of guest memory
+//! (or to a checkpoint blob the monitor placed there), managed by
+//! `linked_list_allocator` behind a spin lock.
+//!
+//! It also keeps free-page hints for live migration: live bytes per heap
+//! page, published through `BootInfo::page_use_addr` so the host can leave
+//! pages that hold no live data behind (abi::boot::heap_page_is_free).
 
+use abi::boot::BootInfo;
+use abi::layout::{BOOT_INFO_ADDR, PAGE_SIZE};
+use core::alloc::{GlobalAlloc, Layout};
+use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use linked_list_allocator::LockedHeap;
 
+use crate::arch::x86_64::mmio;
+
+/// The allocator, with per-page accounting around it.
+struct Heap {
+    inner: LockedHeap,
+    /// `[u16; pages]`: live bytes per heap page; null until published.
+    page_use: AtomicPtr<u16>,
+    start: AtomicU64,
+    pages: AtomicU64,
+    /// Mirror of `BootInfo::page_use_seq`.
+    seq: AtomicU64,
+}
+
 #[global_allocator]
-static HEAP: LockedHeap = LockedHeap::empty();
+static HEAP: Heap = Heap {
+    inner: LockedHeap::empty(),
+    page_use: AtomicPtr::new(core::ptr::null_mut()),
+    start: AtomicU64::new(0),
+    pages: AtomicU64::new(0),
+    seq: AtomicU64::new(0),
+};
+
+impl Heap {
+    /// Bumps `BootInfo::page_use_seq`: odd before the allocator touches the
+    /// heap, even again once the usage array agrees with it.
+    fn bump_seq(&self) {
+        if self.page_use.load(Ordering::Relaxed).is_null() {
+            return;
+        }
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let field = BOOT_INFO_ADDR + core::mem::offset_of!(BootInfo, page_use_seq) as u64;
+        mmio::write_u64(field, seq);
+    }
+
+    /// Adds `delta` (+/-) live bytes to every page `[addr, addr + len)` touches.
+    fn account(&self, addr: u64, len: u64, add: bool) {
+        let table = self.page_use.load(Ordering::Relaxed);
+        if table.is_null() || len == 0 {
+            return;
+        }
+        let (start, pages) = (
+            self.start.load(Ordering::Relaxed),
+            self.pages.load(Ordering::Relaxed),
+        );
+        let end = addr + len;
+        let mut page_addr = addr & !(PAGE_SIZE - 1);
+        while page_addr < end {
+            let overlap = end.min(page_addr + PAGE_SIZE) - addr.max(page_addr);
+            if let Some(i) = page_addr
+                .checked_sub(start)
+                .map(|o| o / PAGE_SIZE)
+                .filter(|&i| i < pages)
+            {
+                // SAFETY: `table` has `pages` entries (published by `init`),
+                // `i < pages`, and with one vCPU nothing writes it concurrently.
+                unsafe {
+                    let slot = table.add(i as usize);
+                    *slot = if add {
+                        (*slot).wrapping_add(overlap as u16)
+                    } else {
+                        (*slot).wrapping_sub(overlap as u16)
+                    };
+                }
+            }
+            page_addr += PAGE_SIZE;
+        }
+    }
+}
+
+// SAFETY: allocation is `LockedHeap`'s; this layer only counts bytes.
+unsafe impl GlobalAlloc for Heap {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        self.bump_seq();
+        // SAFETY: forwarded with the caller's guarantees.
+        let ptr = unsafe { self.inner.alloc(layout) };
+        if !ptr.is_null() {
+            self.account(ptr as u64, layout.size() as u64, true);
+        }
+        self.bump_seq();
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        self.bump_seq();
+        self.account(ptr as u64, layout.size() as u64, false);
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { self.inner.dealloc(ptr, layout) };
+        self.bump_seq();
+    }
+}
 
 extern "C" {
     static __image_end: u8;
 }
 
-/// Hands `[end of image, mem_size)` to the allocator.
 /// Hands `[end of image, end)` to the allocator, where `end` is the end of
-/// RAM or the start of a checkpoint blob the monitor placed after the image.
-pub(crate) fn init(info: &abi::boot::BootInfo) {
+/// RAM or the start of a checkpoint blob the monitor placed after the image,
+/// then publishes the free-page hints.
+pub(crate) fn init(info: &BootInfo) {
     let start = image_end();
     let end = crate::checkpoint::restore_range(info, start).map_or(info.mem_size, |(blob, _)| blob);
-    if end > start {
-        // SAFETY: the range is RAM that nothing else uses (abi::layout: the
-        // heap follows the image; a restore blob lies above `end`), and
-        // `init` runs once, before any allocation.
-        unsafe { HEAP.lock().init(start as *mut u8, (end - start) as usize) };
+    if end <= start {
+        return;
     }
+    // SAFETY: the range is RAM that nothing else uses (abi::layout: the
+    // heap follows the image; a restore blob lies above `end`), and `init`
+    // runs once, before any allocation.
+    unsafe {
+        HEAP.inner
+            .lock()
+            .init(start as *mut u8, (end - start) as usize)
+    };
+
+    let pages = (end - start) / PAGE_SIZE;
+    let table: &'static mut [u16] = alloc::vec![0u16; pages as usize].leak();
+    HEAP.start.store(start, Ordering::Relaxed);
+    HEAP.pages.store(pages, Ordering::Relaxed);
+    HEAP.page_use.store(table.as_mut_ptr(), Ordering::Release);
+    // The table itself is live data (it was allocated before counting began).
+    HEAP.account(table.as_ptr() as u64, (table.len() * 2) as u64, true);
+    let field = |offset: usize| BOOT_INFO_ADDR + offset as u64;
+    mmio::write_u64(field(core::mem::offset_of!(BootInfo, heap_start)), start);
+    mmio::write_u64(field(core::mem::offset_of!(BootInfo, heap_pages)), pages);
+    mmio::write_u64(
+        field(core::mem::offset_of!(BootInfo, page_use_addr)),
+        table.as_ptr() as u64,
+    );
 }
 
-/// The first byte after the loaded image.
+/// The first byte after the loaded image (page-aligned by the linker script).
 pub(crate) fn image_end() -> u64 {
     core::ptr::addr_of!(__image_end) as u64
 }
 
 /// `(used, free)` bytes of the heap.
 pub fn usage() -> (usize, usize) {
-    let heap = HEAP.lock();
+    let heap = HEAP.inner.lock();
     (heap.used(), heap.free())
 }

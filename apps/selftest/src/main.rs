@@ -10,6 +10,11 @@
 //! - `fault`         dereference a null pointer (a page fault)
 //! - `spin`          loop forever without exiting (for `--timeout`)
 //! - `alloc MIB`     allocate and touch that many MiB of heap
+//! - `hints`         free heap pages (migration hints) before, while and
+//!   after holding 4 MiB
+//! - `churn`         free 8 MiB it wrote, then allocate, check and free
+//!   blocks forever, printing `churn ok N on HOST` (a live-migration probe:
+//!   freed pages may stay behind, the heap must stay sound)
 //!
 //! and, to prove the shim survives a misbehaving guest:
 //!
@@ -109,7 +114,47 @@ fn main() -> Result<(), String> {
             let v = unsafe { core::ptr::read_volatile(null) };
             println!("read {v} without a fault");
         }
+        Some("churn") => {
+            drop(core::hint::black_box(vec![0xabu8; 8 << 20]));
+            for i in 0u64.. {
+                let blocks: Vec<Vec<u8>> = (0..64)
+                    .map(|j| vec![(i + j) as u8; 1 + (j as usize * 4099) % 40_000])
+                    .collect();
+                for (j, b) in blocks.iter().enumerate() {
+                    if b.iter().any(|&x| x != (i + j as u64) as u8) {
+                        return Err(format!("heap corrupted at iteration {i}, block {j}"));
+                    }
+                }
+                drop(blocks);
+                if i % 10 == 0 {
+                    println!("churn ok {i} on {}", libcloud::host().name);
+                }
+                libcloud::time::sleep(Duration::from_millis(10));
+            }
+        }
+        Some("hints") => {
+            let before = free_heap_pages();
+            let held: Vec<u8> = vec![1u8; 4 << 20];
+            let during = free_heap_pages();
+            drop(core::hint::black_box(held));
+            println!(
+                "free_pages before={before} during={during} after={}",
+                free_heap_pages()
+            );
+        }
         other => return Err(format!("unknown selftest mode {other:?}")),
     }
     Ok(())
+}
+
+/// Heap pages a migration could leave behind, per the published hints.
+fn free_heap_pages() -> usize {
+    use kernel::arch::x86_64::mmio;
+    let info: abi::boot::BootInfo = mmio::read(abi::layout::BOOT_INFO_ADDR);
+    let usage: Vec<u16> = (0..info.heap_pages)
+        .map(|i| mmio::read(info.page_use_addr + i * 2))
+        .collect();
+    (0..usage.len())
+        .filter(|&i| abi::boot::heap_page_is_free(&usage, i))
+        .count()
 }

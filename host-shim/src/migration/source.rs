@@ -13,6 +13,11 @@
 //!    instance dropped here; its published ports stay and reach it over the
 //!    overlay.
 //!
+//! Free-page hints (on unless [`FREE_PAGE_HINTS`] is `0` in the daemon's
+//! environment, see [`HeapHints`]): a guest that publishes per-page
+//! usage of its heap in its `BootInfo` has the heap pages that hold no live
+//! data dropped from each round's send set.
+//!
 //! Any failure before the acknowledgement (refusal, connection lost,
 //! destination error or death, timeout) resumes the guest where it was and
 //! says why. Progress lines go to the caller as they happen.
@@ -23,7 +28,10 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use abi::boot::{heap_page_is_free, BootInfo};
+use abi::layout::BOOT_INFO_ADDR;
 use vm_memory::{Bytes, GuestAddress};
+use zerocopy::FromBytes;
 
 use super::protocol::{
     encode_pages, read_msg, write_msg, write_value, Accept, Ack, Hello, Kind, ProtocolError,
@@ -41,6 +49,10 @@ pub const CONVERGED_PAGES: usize = 64;
 pub const MAX_ROUNDS: usize = 8;
 /// How long the destination may take to restore and acknowledge.
 const ACK_TIMEOUT: Duration = Duration::from_secs(15);
+/// The source leaves behind heap pages the guest says are free
+/// ([`HeapHints`]) unless `HOST_SHIM_FREE_PAGE_HINTS=0` is in the daemon's
+/// environment.
+pub const FREE_PAGE_HINTS: &str = "HOST_SHIM_FREE_PAGE_HINTS";
 
 /// What a migration did.
 #[derive(Clone, Copy, Debug, Default)]
@@ -50,6 +62,9 @@ pub struct Stats {
     pub bytes: u64,
     pub downtime: Duration,
     pub total: Duration,
+    /// Dirty heap pages left behind because the guest said they were free;
+    /// `None` when no hints were used.
+    pub skipped: Option<u64>,
 }
 
 struct Sent {
@@ -68,14 +83,15 @@ pub fn migrate(daemon: &Arc<Daemon>, name: &str, to: &str, out: &Sender<String>)
             let mem = daemon.instances().get(name).map_or(0, |i| i.spec.mem_size);
             say(format!(
                 "ok: {name} moved to {to}; downtime {:.2} ms, total {:.1} ms, {} sent \
-                 ({} pages) for {} of guest memory ({:.1}%), {} rounds",
+                 ({} pages) for {} of guest memory ({:.1}%), {} rounds{}",
                 s.downtime.as_secs_f64() * 1e3,
                 s.total.as_secs_f64() * 1e3,
                 human(s.bytes),
                 s.pages,
                 human(mem),
                 s.bytes as f64 * 100.0 / mem.max(1) as f64,
-                s.rounds
+                s.rounds,
+                skipped_note(s.skipped)
             ));
         }
         Err(why) => say(format!("error: {why}")),
@@ -150,12 +166,23 @@ pub fn run(
     let vm = Arc::clone(handle.vm());
     let mut stats = Stats::default();
     let mut last_dirty = usize::MAX;
+    let hints = if std::env::var(FREE_PAGE_HINTS).map_or(true, |v| v != "0") {
+        HeapHints::of(&vm)
+    } else {
+        None
+    };
+    if hints.is_some() {
+        stats.skipped = Some(0);
+    }
     for round in 0..MAX_ROUNDS {
-        let dirty = match vm.take_dirty() {
+        let mut dirty = match vm.take_dirty() {
             Ok(d) => pages_of(&d),
             Err(e) => return Err(fail(format!("dirty log: {e}; {name} keeps running here"))),
         };
         let count = dirty.len();
+        // After take_dirty, never before: see HeapHints.
+        let skipped = hints.as_ref().map(|h| h.drop_free(&vm, &mut dirty));
+        add_skipped(&mut stats.skipped, skipped);
         let sent = send_pages(&mut conn, &vm, &dirty, round == 0).map_err(|e| {
             fail(format!(
                 "sending memory to {to} failed in round {round}: {e}; {name} keeps running here"
@@ -164,15 +191,17 @@ pub fn run(
         stats.rounds = round + 1;
         stats.pages += sent.pages;
         stats.bytes += sent.bytes;
+        // xtask's migration bench reads "dirty pages, <K> pages sent" of round 0.
         say(format!(
-            "round {round}: {count} dirty pages, {} pages sent ({}){}",
+            "round {round}: {count} dirty pages, {} pages sent ({}){}{}",
             sent.pages,
             human(sent.bytes),
             if round == 0 {
                 ", all written since boot"
             } else {
                 ""
-            }
+            },
+            skipped_note(skipped)
         ));
         let converged = round > 0 && (count <= CONVERGED_PAGES || count >= last_dirty);
         last_dirty = count;
@@ -194,8 +223,10 @@ pub fn run(
         daemon.release(name);
         format!("{why}; {name} resumed on {}", daemon.config.name)
     };
-    let final_round = (|| -> Result<(Sent, usize, usize), String> {
-        let dirty = pages_of(&vm.take_dirty().map_err(|e| e.to_string())?);
+    let final_round = (|| -> Result<(Sent, usize, usize, Option<u64>), String> {
+        let mut dirty = pages_of(&vm.take_dirty().map_err(|e| e.to_string())?);
+        let count = dirty.len();
+        let skipped = hints.as_ref().map(|h| h.drop_free(&vm, &mut dirty));
         let sent = send_pages(&mut conn, &vm, &dirty, false).map_err(|e| e.to_string())?;
         let state = machine.capture(&daemon.hv).map_err(|e| e.to_string())?;
         // Frames that were waiting for the guest go with its state.
@@ -214,11 +245,12 @@ pub fn run(
                 pages: sent.pages,
                 bytes: sent.bytes + bytes.len() as u64 + 5,
             },
-            dirty.len(),
+            count,
             carried,
+            skipped,
         ))
     })();
-    let (sent, final_dirty, carried) = match final_round {
+    let (sent, final_dirty, carried, skipped) = match final_round {
         Ok(x) => x,
         Err(e) => {
             return Err(resume(
@@ -229,9 +261,11 @@ pub fn run(
     };
     stats.pages += sent.pages;
     stats.bytes += sent.bytes;
+    add_skipped(&mut stats.skipped, skipped);
     say(format!(
-        "paused: {final_dirty} dirty pages and the vCPU/device state sent ({})",
-        human(sent.bytes)
+        "paused: {final_dirty} dirty pages and the vCPU/device state sent ({}){}",
+        human(sent.bytes),
+        skipped_note(skipped)
     ));
 
     // 4. Wait for the destination to run it.
@@ -274,6 +308,156 @@ pub fn run(
         ack.restore_us as f64 / 1e3
     ));
     Ok(stats)
+}
+
+/// `, N free pages skipped`, or nothing without hints.
+fn skipped_note(skipped: Option<u64>) -> String {
+    skipped.map_or_else(String::new, |n| format!(", {n} free pages skipped"))
+}
+
+fn add_skipped(total: &mut Option<u64>, round: Option<u64>) {
+    if let (Some(t), Some(n)) = (total.as_mut(), round) {
+        *t += n;
+    }
+}
+
+/// Where the guest's heap and its per-page usage are (`BootInfo::heap_start`,
+/// `heap_pages`, `page_use_addr`), checked against guest memory.
+///
+/// Heap page `i` is left out of a round when `abi::boot::heap_page_is_free`
+/// says so (`i >= 1` and pages `i - 1` and `i` hold no live bytes: the
+/// allocator's free-list header after a live block lies in the block's last
+/// page or the next one). Only pages inside the heap are ever dropped, and
+/// never those holding the usage array itself.
+///
+/// Why leaving them behind is meant to be safe: the array is read after
+/// each round's dirty log was taken, so a page skipped while free that the
+/// guest later allocates and writes is dirty again and goes in a later
+/// round; the final round reads the array with the vCPU paused; a page freed
+/// after it was sent leaves harmless stale bytes on the destination.
+///
+/// That argument needs the array to agree with the allocator's free list
+/// whenever the host trusts it, and the guest (kernel/src/heap.rs) updates
+/// the two at different instants (a free-list header is written when a
+/// block is carved, its bytes are counted just after). So the guest keeps a
+/// seqlock, `BootInfo::page_use_seq`, odd while it allocates or frees; the
+/// host reads it before and after the array and drops nothing in a round in
+/// which it was odd or moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeapHints {
+    /// Page number of the heap's first page.
+    first: u64,
+    pages: u64,
+    use_addr: u64,
+}
+
+impl HeapHints {
+    /// The guest's hints, or `None` when it publishes none or they make no
+    /// sense (then with a warning).
+    fn of(vm: &Vm) -> Option<Self> {
+        let mut raw = [0u8; std::mem::size_of::<BootInfo>()];
+        if let Err(e) = vm
+            .memory()
+            .read_slice(&mut raw, GuestAddress(BOOT_INFO_ADDR))
+        {
+            tracing::warn!("free-page hints unused: cannot read the BootInfo: {e}");
+            return None;
+        }
+        let info = BootInfo::read_from_bytes(&raw).ok()?;
+        match Self::check(&info, vm.mem_size()) {
+            Ok(hints) => hints,
+            Err(why) => {
+                tracing::warn!("free-page hints unused: {why}");
+                None
+            }
+        }
+    }
+
+    /// Validates the three fields against `mem_size` bytes of guest RAM.
+    fn check(info: &BootInfo, mem_size: u64) -> Result<Option<Self>, String> {
+        let (start, pages, use_addr) = (info.heap_start, info.heap_pages, info.page_use_addr);
+        if start == 0 && pages == 0 && use_addr == 0 {
+            return Ok(None);
+        }
+        let page = PAGE as u64;
+        let heap_end = pages
+            .checked_mul(page)
+            .and_then(|len| start.checked_add(len))
+            .filter(|&end| end <= mem_size);
+        let use_end = pages
+            .checked_mul(2)
+            .and_then(|len| use_addr.checked_add(len))
+            .filter(|&end| end <= mem_size);
+        if start % page != 0 || pages == 0 || heap_end.is_none() || use_end.is_none() {
+            return Err(format!(
+                "heap_start {start:#x}, heap_pages {pages}, page_use_addr {use_addr:#x} \
+                 do not fit {mem_size:#x} bytes of guest memory"
+            ));
+        }
+        Ok(Some(Self {
+            first: start / page,
+            pages,
+            use_addr,
+        }))
+    }
+
+    /// Reads the usage array now and removes the pages it allows from
+    /// `dirty`; returns how many. Any read error keeps every page.
+    fn drop_free(&self, vm: &Vm, dirty: &mut Vec<u32>) -> u64 {
+        // A seqlock: the array is only trusted if the allocator was not in
+        // the middle of a change (odd) and made none while it was read. A
+        // running guest finishes its change within microseconds, so retry a
+        // little; a guest paused mid-change keeps every page this round.
+        const TRIES: usize = 50;
+        let seq_addr =
+            GuestAddress(BOOT_INFO_ADDR + std::mem::offset_of!(BootInfo, page_use_seq) as u64);
+        let seq = || vm.memory().read_obj::<u64>(seq_addr).ok();
+        let mut raw = vec![0u8; self.pages as usize * 2];
+        let mut consistent = false;
+        for _ in 0..TRIES {
+            let before = seq();
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+            if let Err(e) = vm
+                .memory()
+                .read_slice(&mut raw, GuestAddress(self.use_addr))
+            {
+                tracing::warn!("free-page hints unused this round: {e}");
+                return 0;
+            }
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+            if matches!((before, seq()), (Some(a), Some(b)) if a == b && a % 2 == 0) {
+                consistent = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        if !consistent {
+            tracing::info!("free-page hints unused this round: the guest was changing its heap");
+            return 0;
+        }
+        let usage: Vec<u16> = raw
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        self.retain(&usage, dirty)
+    }
+
+    /// Keeps the pages of `dirty` that must go, given per-page `usage`.
+    fn retain(&self, usage: &[u16], dirty: &mut Vec<u32>) -> u64 {
+        let page = PAGE as u64;
+        // The pages holding the array itself always go.
+        let table_first = self.use_addr / page;
+        let table_last = (self.use_addr + self.pages * 2 - 1) / page;
+        let before = dirty.len();
+        dirty.retain(|&p| {
+            let p = u64::from(p);
+            let Some(i) = p.checked_sub(self.first).filter(|&i| i < self.pages) else {
+                return true;
+            };
+            (table_first..=table_last).contains(&p) || !heap_page_is_free(usage, i as usize)
+        });
+        (before - dirty.len()) as u64
+    }
 }
 
 /// The reason in a refusal or protocol error.
@@ -388,5 +572,56 @@ mod tests {
         assert!(pages_of(&[0; 4]).is_empty());
         assert_eq!(human(512), "512 B");
         assert_eq!(human(3 << 20), "3.0 MiB");
+    }
+
+    fn info(start: u64, pages: u64, use_addr: u64) -> BootInfo {
+        BootInfo {
+            heap_start: start,
+            heap_pages: pages,
+            page_use_addr: use_addr,
+            ..BootInfo::default()
+        }
+    }
+
+    #[test]
+    fn free_heap_pages_are_dropped_by_the_rule() {
+        // Heap = pages 16..24; the array lies in page 30 (outside the heap).
+        let hints = HeapHints::check(&info(16 * 4096, 8, 30 * 4096), 64 * 4096)
+            .unwrap()
+            .unwrap();
+        let usage = [0u16, 0, 0, 12, 0, 0, 4096, 0];
+        let mut dirty: Vec<u32> = (0..40).collect();
+        assert_eq!(hints.retain(&usage, &mut dirty), 3);
+        // Heap pages 1, 2 and 5 go; page 0 (i = 0), 4 and 7 (after used
+        // pages) and everything outside the heap stay.
+        let dropped: Vec<u32> = (0..40).filter(|p| !dirty.contains(p)).collect();
+        assert_eq!(dropped, [17, 18, 21]);
+
+        // The array's own pages are never dropped, whatever it says.
+        let hints = HeapHints::check(&info(16 * 4096, 8, 18 * 4096 + 4094), 64 * 4096)
+            .unwrap()
+            .unwrap();
+        let mut dirty: Vec<u32> = (0..40).collect();
+        assert_eq!(hints.retain(&[0; 8], &mut dirty), 5);
+        let dropped: Vec<u32> = (0..40).filter(|p| !dirty.contains(p)).collect();
+        assert_eq!(dropped, [17, 20, 21, 22, 23]);
+    }
+
+    #[test]
+    fn heap_hints_are_validated() {
+        let mem = 64 * 4096;
+        assert_eq!(HeapHints::check(&info(0, 0, 0), mem), Ok(None));
+        assert!(HeapHints::check(&info(16 * 4096, 48, 0), mem).is_ok());
+        for bad in [
+            info(16 * 4096 + 8, 8, 0),        // unaligned
+            info(16 * 4096, 0, 0),            // empty
+            info(16 * 4096, 49, 0),           // past the end of RAM
+            info(16 * 4096, u64::MAX / 2, 0), // overflows
+            info(16 * 4096, 8, mem - 15),     // array past the end
+            info(!4095, 2, 0),                // overflows
+            info(16 * 4096, 8, u64::MAX - 4), // overflows
+        ] {
+            assert!(HeapHints::check(&bad, mem).is_err(), "{bad:?}");
+        }
     }
 }
