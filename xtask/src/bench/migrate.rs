@@ -535,9 +535,8 @@ pub fn run(ws: &Workspace, opts: &MigrateOptions) -> Result<()> {
     println!(
         "\n- client: one keep-alive RESP connection through A's published port, {} SET+GET \
          pairs acknowledged, no error; all {KEYS} keys intact afterwards\n\
-         - the shim does not report the guest's live memory (no free-page hints in its output); \
-         the estimate is round 0's non-zero pages (all pages written since the VM was created \
-         that are not all zero)",
+         - live memory is estimated as round 0's non-zero pages (written since the VM was \
+         created, not all zero); heap pages the guest reports free are not sent at all",
         seen.acked
     );
     Ok(())
