@@ -102,6 +102,25 @@ fn fresh_checkpoint(shim: &mut Shim, dir: &Path) -> Vec<u8> {
     }
 }
 
+/// Boots kv in a new shim process with `extra` options on a fresh
+/// published port, and waits until it answers PING.
+fn boot_kv(img: &Path, extra: &[&str], what: &str) -> (Shim, u16) {
+    let port = free_port();
+    let publish = format!("{port}:6379");
+    let mut shim = Shim::start(&kv_args(img, &publish, extra));
+    wait_ready(&mut shim, port, what);
+    (shim, port)
+}
+
+/// The host dies: `kill -9` of the shim process.
+fn kill_9(mut shim: Shim) {
+    Command::new("kill")
+        .args(["-9", &shim.pid().to_string()])
+        .status()
+        .unwrap();
+    let _ = shim.child.wait();
+}
+
 fn kv_args<'a>(img: &'a Path, port: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut a = vec![
         "run",
@@ -125,19 +144,16 @@ fn ten_thousand_keys_move_from_our_shim_to_qemu_and_back() {
     const N: usize = 10_000;
 
     // 1. Under our shim: load, checkpoint.
-    let p = free_port();
-    let pub1 = format!("{p}:6379");
-    let mut a = Shim::start(&kv_args(
+    let (mut a, p) = boot_kv(
         &img,
-        &pub1,
         &[
             "--checkpoint-every",
             "200ms",
             "--checkpoint-to",
             d1.to_str().unwrap(),
         ],
-    ));
-    wait_ready(&mut a, p, "kv under our shim");
+        "kv under our shim",
+    );
     load(p, 0..N);
     let ckpt = fresh_checkpoint(&mut a, &d1);
     let (c, _) = abi::checkpoint::decode(&ckpt).expect("a valid checkpoint");
@@ -195,19 +211,16 @@ fn after_kill_9_of_its_shim_kv_comes_back_from_its_last_checkpoint() {
     require_tool("redis-cli", "redis-tools");
     let img = image("kv");
     let dir = tmp_dir("crash");
-    let p = free_port();
-    let pub1 = format!("{p}:6379");
-    let mut a = Shim::start(&kv_args(
+    let (mut a, p) = boot_kv(
         &img,
-        &pub1,
         &[
             "--checkpoint-every",
             "1s",
             "--checkpoint-to",
             dir.to_str().unwrap(),
         ],
-    ));
-    wait_ready(&mut a, p, "kv with periodic checkpoints");
+        "kv with periodic checkpoints",
+    );
     load(p, 0..2000);
     assert_eq!(
         cli(p, &["SET", "session", "s1", "EX", "600"]).as_deref(),
@@ -217,11 +230,7 @@ fn after_kill_9_of_its_shim_kv_comes_back_from_its_last_checkpoint() {
     // Written after the last checkpoint: may be lost (at most 1 s of writes).
     load(p, 2000..2100);
     // The host dies.
-    Command::new("kill")
-        .args(["-9", &a.pid().to_string()])
-        .status()
-        .unwrap();
-    let _ = a.child.wait();
+    kill_9(a);
 
     // Another shim (another process) takes over from the directory.
     let p = free_port();
@@ -245,30 +254,23 @@ fn with_ack_after_checkpoint_a_crash_loses_no_acknowledged_write() {
     require_tool("redis-cli", "redis-tools");
     let img = image("kv");
     let dir = tmp_dir("ack");
-    let p = free_port();
-    let pub1 = format!("{p}:6379");
-    let mut a = Shim::start(&kv_args(
+    let (a, p) = boot_kv(
         &img,
-        &pub1,
         &[
             "--env",
             "ACK_AFTER_CHECKPOINT=1",
             "--checkpoint-to",
             dir.to_str().unwrap(),
         ],
-    ));
-    wait_ready(&mut a, p, "kv acknowledging after checkpoints");
+        "kv acknowledging after checkpoints",
+    );
     load(p, 0..500);
     // Every reply above came after its write was checkpointed: kill at once.
     assert_eq!(
         cli(p, &["SET", "last", "acknowledged"]).as_deref(),
         Some("OK")
     );
-    Command::new("kill")
-        .args(["-9", &a.pid().to_string()])
-        .status()
-        .unwrap();
-    let _ = a.child.wait();
+    kill_9(a);
 
     let p = free_port();
     let pub2 = format!("{p}:6379");
@@ -437,11 +439,8 @@ fn after_kill_9_of_a_qemu_shim_its_checkpoint_stream_restores_under_ours() {
     require_tool("qemu-system-x86_64", "qemu-system-x86");
     let img = image("kv");
     let dir = tmp_dir("qemu-crash");
-    let p = free_port();
-    let pub1 = format!("{p}:6379");
-    let mut q = Shim::start(&kv_args(
+    let (mut q, p) = boot_kv(
         &img,
-        &pub1,
         &[
             "--backend",
             "qemu",
@@ -450,16 +449,12 @@ fn after_kill_9_of_a_qemu_shim_its_checkpoint_stream_restores_under_ours() {
             "--checkpoint-to",
             dir.to_str().unwrap(),
         ],
-    ));
-    wait_ready(&mut q, p, "kv under QEMU");
+        "kv under QEMU",
+    );
     load(p, 0..1000);
     fresh_checkpoint(&mut q, &dir);
     thread::sleep(Duration::from_millis(1000));
-    Command::new("kill")
-        .args(["-9", &q.pid().to_string()])
-        .status()
-        .unwrap();
-    let _ = q.child.wait();
+    kill_9(q);
 
     // Both the extracted latest.ckpt and the raw COM2 stream restore.
     for file in ["latest.ckpt", "com2-checkpoints.bin"] {
