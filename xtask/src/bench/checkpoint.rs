@@ -7,9 +7,9 @@
 //! plain boot of the same image under the same monitor.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,8 @@ use anyhow::{bail, Context, Result};
 
 use crate::image::{self, Profile};
 use crate::workspace::Workspace;
+
+use super::{free_port, median, require, Guard};
 
 /// Options of `bench checkpoint`.
 #[derive(Debug)]
@@ -27,27 +29,6 @@ pub struct CheckpointOptions {
 
 /// Guest memory for every run (100k keys need room; the same for all).
 const MEM: &str = "256M";
-
-/// A child process killed when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn require(tool: &str, package: &str) -> Result<()> {
-    if Command::new(tool).arg("--version").output().is_err() {
-        bail!("{tool} is required: apt-get install {package}");
-    }
-    Ok(())
-}
 
 /// One PING over a fresh connection: whether PONG came back.
 fn ping(port: u16) -> bool {
@@ -114,11 +95,6 @@ fn dbsize(port: u16) -> Result<usize> {
         .trim()
         .parse()
         .context("DBSIZE")
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// What one key count measured.

@@ -11,7 +11,7 @@
 //! timestamps. At the end the keys must be intact and the client must have seen no error.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +23,8 @@ use anyhow::{bail, Context, Result};
 
 use crate::image::{self, Profile};
 use crate::workspace::Workspace;
+
+use super::{free_port, require};
 
 /// Keys loaded before the migrations.
 const KEYS: usize = 10_000;
@@ -126,17 +128,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn require(tool: &str, package: &str) -> Result<()> {
-    if Command::new(tool).arg("--version").output().is_err() {
-        bail!("{tool} is required: apt-get install {package}");
-    }
-    Ok(())
 }
 
 /// Waits until `redis-cli -p port PING` answers PONG.

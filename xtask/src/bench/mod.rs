@@ -9,3 +9,37 @@ pub mod boot;
 pub mod checkpoint;
 pub mod migrate;
 pub mod net;
+
+use std::net::TcpListener;
+use std::process::{Child, Command};
+
+use anyhow::{bail, Result};
+
+/// A child process killed when dropped.
+pub(crate) struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (free when this returns).
+pub(crate) fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Fails with the install hint unless `tool` runs.
+pub(crate) fn require(tool: &str, package: &str) -> Result<()> {
+    if Command::new(tool).arg("--version").output().is_err() {
+        bail!("{tool} is required: apt-get install {package}");
+    }
+    Ok(())
+}
+
+/// The median of `v` (the upper one for an even count).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}

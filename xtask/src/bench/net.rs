@@ -7,9 +7,9 @@
 //! - Bulk TCP host -> guest: bytes pushed through a published port into `netcheck sink`.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,8 @@ use anyhow::{bail, Context, Result};
 use crate::image::{self, Profile};
 use crate::workspace::Workspace;
 
+use super::{free_port, median, require, Guard};
+
 /// Options of `bench net`.
 #[derive(Debug)]
 pub struct NetOptions {
@@ -25,27 +27,6 @@ pub struct NetOptions {
     pub clients: u32,
     pub rounds: usize,
     pub bulk_mib: u64,
-}
-
-/// A child process killed when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn require(tool: &str, package: &str) -> Result<()> {
-    if Command::new(tool).arg("--version").output().is_err() {
-        bail!("{tool} is required: apt-get install {package}");
-    }
-    Ok(())
 }
 
 /// Waits until `redis-cli -p port PING` answers PONG.
@@ -93,11 +74,6 @@ fn redis_benchmark(port: u16, opts: &NetOptions) -> Result<(f64, f64)> {
             .with_context(|| format!("no {name} figure in redis-benchmark output:\n{text}"))
     };
     Ok((rps("SET")?, rps("GET")?))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn spawn_shim(shim: &Path, image: &Path, publish: &str, args: &[&str]) -> Result<Guard> {
