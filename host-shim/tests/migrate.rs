@@ -247,21 +247,21 @@ fn kv_img() -> String {
     image("kv").to_string_lossy().into_owned()
 }
 
+/// Runs kv as instance `kv` of `daemon` on a fresh published port; returns
+/// the port and a client connected once it answers.
+fn run_kv(daemon: &Daemon) -> (u16, Redis) {
+    let port = free_port();
+    let img = kv_img();
+    let publish = format!("{port}:6379");
+    daemon.cli(&["run", &img, "--name", "kv", "--publish", &publish]);
+    (port, Redis::when_up(port))
+}
+
 #[test]
 fn snapshot_and_restore_in_a_new_process_keep_the_data() {
     let dir = TempDir::new("snap");
     let a = Daemon::start("snap-a", 1, &["--no-overlay"], &dir);
-    let port = free_port();
-    let img = kv_img();
-    a.cli(&[
-        "run",
-        &img,
-        "--name",
-        "kv",
-        "--publish",
-        &format!("{port}:6379"),
-    ]);
-    let mut c = Redis::when_up(port);
+    let (_, mut c) = run_kv(&a);
     c.fill(10_000);
     let snap = dir.path("kv.snap");
     let out = a.cli(&["snapshot", "kv", "--out", snap.to_str().unwrap()]);
@@ -387,17 +387,7 @@ fn migration_there_and_back_keeps_connections_data_and_published_ports() {
     let dir = TempDir::new("mig");
     let a = Daemon::start("mig-a", 3, &[], &dir);
     let b = Daemon::start("mig-b", 4, &[], &dir);
-    let port = free_port();
-    let img = kv_img();
-    a.cli(&[
-        "run",
-        &img,
-        "--name",
-        "kv",
-        "--publish",
-        &format!("{port}:6379"),
-    ]);
-    let mut c = Redis::when_up(port);
+    let (port, mut c) = run_kv(&a);
     c.fill(10_000);
     assert_eq!(c.host(), "mig-a");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -452,17 +442,7 @@ fn a_destination_that_dies_mid_transfer_leaves_the_guest_running_at_the_source()
         &[("HOST_SHIM_TEST_DIE_AFTER_PAGES", "100")],
         &dir,
     );
-    let port = free_port();
-    let img = kv_img();
-    a.cli(&[
-        "run",
-        &img,
-        "--name",
-        "kv",
-        "--publish",
-        &format!("{port}:6379"),
-    ]);
-    let mut c = Redis::when_up(port);
+    let (_, mut c) = run_kv(&a);
     c.fill(2_000);
     let out = a.try_cli(&["migrate", "kv", "--to", &b.addr]);
     let text = String::from_utf8_lossy(&out.stdout);

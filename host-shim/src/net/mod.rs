@@ -560,15 +560,7 @@ impl Engine {
                     self.peer_slot(peer);
                 }
                 Command::Moved { port, peer, skip } => {
-                    let found = self
-                        .slots
-                        .iter()
-                        .position(|s| matches!(s, Slot::Guest(p) if Arc::ptr_eq(p, &port)));
-                    if let Some(id) = found {
-                        self.slots[id] = Slot::Free;
-                        self.outboxes[id].clear();
-                        self.switch.forget_port(id);
-                    }
+                    self.free_slot_of(&port);
                     let left: Vec<Frame> = port.received().drain(..).skip(skip).collect();
                     match peer.map(|p| self.peer_slot(p)) {
                         Some(to) => {
@@ -585,14 +577,7 @@ impl Engine {
                     }
                 }
                 Command::Detach(port) => {
-                    let found = self
-                        .slots
-                        .iter()
-                        .position(|s| matches!(s, Slot::Guest(p) if Arc::ptr_eq(p, &port)));
-                    if let Some(id) = found {
-                        self.slots[id] = Slot::Free;
-                        self.outboxes[id].clear();
-                        self.switch.forget_port(id);
+                    if let Some(id) = self.free_slot_of(&port) {
                         tracing::debug!("switch port {id}: the guest detached");
                     }
                 }
@@ -703,6 +688,19 @@ impl Engine {
                 break;
             }
         }
+    }
+
+    /// Takes `port`'s guest off the switch (its slot, queued frames and
+    /// learnt addresses); returns the switch port it had.
+    fn free_slot_of(&mut self, port: &Arc<GuestPort>) -> Option<PortId> {
+        let id = self
+            .slots
+            .iter()
+            .position(|s| matches!(s, Slot::Guest(p) if Arc::ptr_eq(p, port)))?;
+        self.slots[id] = Slot::Free;
+        self.outboxes[id].clear();
+        self.switch.forget_port(id);
+        Some(id)
     }
 
     /// The switch port of overlay peer `peer` (made if new).
