@@ -13,6 +13,22 @@
 //! with postcard. Both sides parse it: the guest before restoring, the host
 //! to check and describe a checkpoint file without booting anything.
 //!
+//! **Incremental checkpoints.** A *delta* carries only what changed since
+//! the previous blob of its chain:
+//!
+//! ```text
+//! magic "LCDELT01" | format u32 | app name | schema version u32 | base id u32
+//! | sequence u64 | payload length u64 | payload | CRC-32, u32
+//! ```
+//!
+//! The base id is the CRC of the full checkpoint the chain starts from
+//! ([`Checkpoint::id`]); sequence numbers count 1, 2, 3... from it. A
+//! checkpoint *file* (or QEMU's COM2 stream) is blobs one after another;
+//! what it holds is its last full checkpoint followed by the deltas that
+//! continue that chain ([`latest_chain`]). Anything after the first blob
+//! that does not decode or does not continue the chain (a delta torn by a
+//! crash mid-write) is ignored, never applied.
+//!
 //! Delivery: the guest hands a checkpoint to the host with
 //! [`crate::hypercall::HC_CHECKPOINT`] (on PVH monitors: written to the
 //! second 16550 UART, COM2, where QEMU's `-serial file:...` stores it). A
@@ -23,8 +39,10 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-/// Leading bytes of every checkpoint.
+/// Leading bytes of every full checkpoint.
 pub const MAGIC: &[u8; 8] = b"LCCKPT01";
+/// Leading bytes of every delta.
+pub const DELTA_MAGIC: &[u8; 8] = b"LCDELT01";
 /// Version of the container format described above.
 pub const FORMAT_VERSION: u32 = 1;
 /// Largest checkpoint the host accepts and the guest writes.
@@ -36,6 +54,36 @@ pub struct Checkpoint<'a> {
     pub app: &'a str,
     pub schema_version: u32,
     pub payload: &'a [u8],
+    /// The blob's CRC: the id its deltas name as their base.
+    pub id: u32,
+}
+
+/// A parsed delta: the changes since blob `seq - 1` of the chain that
+/// starts at the full checkpoint `base`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta<'a> {
+    pub app: &'a str,
+    pub schema_version: u32,
+    pub base: u32,
+    pub seq: u64,
+    pub payload: &'a [u8],
+}
+
+/// One blob of a checkpoint stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Blob<'a> {
+    Full(Checkpoint<'a>),
+    Delta(Delta<'a>),
+}
+
+/// A full checkpoint and the deltas that continue it, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain<'a> {
+    pub base: Checkpoint<'a>,
+    pub deltas: alloc::vec::Vec<Delta<'a>>,
+    /// The bytes of the base and its deltas, one after another (a
+    /// checkpoint file that holds exactly this chain).
+    pub bytes: &'a [u8],
 }
 
 /// Why bytes are not a usable checkpoint.
@@ -51,6 +99,8 @@ pub enum CheckpointError {
     UnsupportedFormat(u32),
     /// The app name is not UTF-8.
     BadAppName,
+    /// A delta without the full checkpoint it continues.
+    OnlyADelta,
 }
 
 impl core::fmt::Display for CheckpointError {
@@ -67,19 +117,49 @@ impl core::fmt::Display for CheckpointError {
                 "checkpoint format v{v} is not supported (this build reads v{FORMAT_VERSION})"
             ),
             Self::BadAppName => write!(f, "checkpoint app name is not UTF-8"),
+            Self::OnlyADelta => write!(
+                f,
+                "this is an incremental checkpoint (a delta) without the full checkpoint it continues"
+            ),
         }
     }
 }
 
 /// Encodes a checkpoint of `app` (schema `schema_version`) around `payload`.
 pub fn encode(app: &str, schema_version: u32, payload: &[u8]) -> Vec<u8> {
+    encode_blob(MAGIC, app, schema_version, None, payload)
+}
+
+/// Encodes delta `seq` (1, 2, ...) of the chain from full checkpoint `base`
+/// ([`Checkpoint::id`]) around `payload`.
+pub fn encode_delta(
+    app: &str,
+    schema_version: u32,
+    base: u32,
+    seq: u64,
+    payload: &[u8],
+) -> Vec<u8> {
+    encode_blob(DELTA_MAGIC, app, schema_version, Some((base, seq)), payload)
+}
+
+fn encode_blob(
+    magic: &[u8; 8],
+    app: &str,
+    schema_version: u32,
+    chain: Option<(u32, u64)>,
+    payload: &[u8],
+) -> Vec<u8> {
     let name = &app.as_bytes()[..app.len().min(u16::MAX as usize)];
-    let mut out = Vec::with_capacity(payload.len() + name.len() + 32);
-    out.extend_from_slice(MAGIC);
+    let mut out = Vec::with_capacity(payload.len() + name.len() + 44);
+    out.extend_from_slice(magic);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&(name.len() as u16).to_le_bytes());
     out.extend_from_slice(name);
     out.extend_from_slice(&schema_version.to_le_bytes());
+    if let Some((base, seq)) = chain {
+        out.extend_from_slice(&base.to_le_bytes());
+        out.extend_from_slice(&seq.to_le_bytes());
+    }
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(payload);
     let crc = crc32fast::hash(&out);
@@ -87,13 +167,25 @@ pub fn encode(app: &str, schema_version: u32, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Parses and verifies a checkpoint; returns it and its total length in
-/// `bytes` (trailing bytes are left for the caller, e.g. the next blob).
+/// Parses and verifies a full checkpoint; returns it and its total length
+/// in `bytes` (trailing bytes are left for the caller, e.g. the next blob).
 pub fn decode(bytes: &[u8]) -> Result<(Checkpoint<'_>, usize), CheckpointError> {
-    let mut r = Reader { bytes, at: 0 };
-    if r.take(8).map_err(|_| CheckpointError::NotACheckpoint)? != MAGIC {
-        return Err(CheckpointError::NotACheckpoint);
+    match decode_blob(bytes)? {
+        (Blob::Full(c), len) => Ok((c, len)),
+        (Blob::Delta(_), _) => Err(CheckpointError::OnlyADelta),
     }
+}
+
+/// Parses and verifies one blob (a full checkpoint or a delta); returns it
+/// and its total length in `bytes`.
+pub fn decode_blob(bytes: &[u8]) -> Result<(Blob<'_>, usize), CheckpointError> {
+    let mut r = Reader { bytes, at: 0 };
+    let magic = r.take(8).map_err(|_| CheckpointError::NotACheckpoint)?;
+    let delta = match magic {
+        m if m == MAGIC => false,
+        m if m == DELTA_MAGIC => true,
+        _ => return Err(CheckpointError::NotACheckpoint),
+    };
     let format = r.u32()?;
     if format != FORMAT_VERSION {
         return Err(CheckpointError::UnsupportedFormat(format));
@@ -101,6 +193,11 @@ pub fn decode(bytes: &[u8]) -> Result<(Checkpoint<'_>, usize), CheckpointError> 
     let name_len = u16::from_le_bytes(r.take(2)?.try_into().unwrap()) as usize;
     let app = r.take(name_len)?;
     let schema_version = r.u32()?;
+    let chain = if delta {
+        Some((r.u32()?, u64::from_le_bytes(r.take(8)?.try_into().unwrap())))
+    } else {
+        None
+    };
     let payload_len = u64::from_le_bytes(r.take(8)?.try_into().unwrap());
     let payload = r.take(usize::try_from(payload_len).map_err(|_| CheckpointError::Truncated)?)?;
     let body_end = r.at;
@@ -110,14 +207,74 @@ pub fn decode(bytes: &[u8]) -> Result<(Checkpoint<'_>, usize), CheckpointError> 
         return Err(CheckpointError::Corrupt { expected, found });
     }
     let app = core::str::from_utf8(app).map_err(|_| CheckpointError::BadAppName)?;
-    Ok((
-        Checkpoint {
+    let blob = match chain {
+        None => Blob::Full(Checkpoint {
             app,
             schema_version,
             payload,
-        },
-        r.at,
-    ))
+            id: found,
+        }),
+        Some((base, seq)) => Blob::Delta(Delta {
+            app,
+            schema_version,
+            base,
+            seq,
+            payload,
+        }),
+    };
+    Ok((blob, r.at))
+}
+
+/// The chain a checkpoint file or stream holds: its last full checkpoint
+/// and the deltas after it that continue it (same app and schema, the
+/// base's id, sequence numbers 1, 2, ...). Stops at the first blob that
+/// does not decode or does not continue: a torn or damaged tail is
+/// ignored. The error is the first blob's, when not even that decodes.
+pub fn latest_chain(stream: &[u8]) -> Result<Chain<'_>, CheckpointError> {
+    let mut at = 0;
+    let mut chain: Option<(Chain, usize)> = None;
+    while at < stream.len() {
+        let (blob, len) = match decode_blob(&stream[at..]) {
+            Ok(b) => b,
+            Err(e) if chain.is_none() => return Err(e),
+            Err(_) => break,
+        };
+        match (blob, chain.as_mut()) {
+            (Blob::Full(base), _) => {
+                chain = Some((
+                    Chain {
+                        base,
+                        deltas: Vec::new(),
+                        bytes: &stream[at..at + len],
+                    },
+                    at,
+                ))
+            }
+            (Blob::Delta(d), Some((c, start))) if c.continued_by(&d) => {
+                c.deltas.push(d);
+                c.bytes = &stream[*start..at + len];
+            }
+            (Blob::Delta(_), None) => return Err(CheckpointError::OnlyADelta),
+            (Blob::Delta(_), Some(_)) => break,
+        }
+        at += len;
+    }
+    chain.map(|(c, _)| c).ok_or(CheckpointError::NotACheckpoint)
+}
+
+impl Chain<'_> {
+    /// Whether `d` is the next delta of this chain.
+    pub fn continued_by(&self, d: &Delta) -> bool {
+        d.base == self.base.id
+            && d.seq == self.deltas.len() as u64 + 1
+            && d.app == self.base.app
+            && d.schema_version == self.base.schema_version
+    }
+
+    /// Bytes of state in the deltas.
+    pub fn delta_bytes(&self) -> usize {
+        self.deltas.iter().map(|d| d.payload.len()).sum()
+    }
 }
 
 /// Bounds-checked little-endian reading.
@@ -153,6 +310,21 @@ pub fn describe(c: &Checkpoint) -> String {
     )
 }
 
+/// A human description of a chain: `kv schema v1, 1234 bytes of state
+/// + 3 deltas (456 bytes)`.
+pub fn describe_chain(c: &Chain) -> String {
+    let mut s = describe(&c.base);
+    if !c.deltas.is_empty() {
+        s.push_str(&alloc::format!(
+            " + {} delta{} ({} bytes)",
+            c.deltas.len(),
+            if c.deltas.len() == 1 { "" } else { "s" },
+            c.delta_bytes()
+        ));
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,9 +339,62 @@ mod tests {
             Checkpoint {
                 app: "kv",
                 schema_version: 3,
-                payload: b"state bytes"
+                payload: b"state bytes",
+                id: u32::from_le_bytes(blob[blob.len() - 4..].try_into().unwrap()),
             }
         );
+    }
+
+    #[test]
+    fn chains_of_deltas() {
+        let base = encode("kv", 1, b"base");
+        let id = decode(&base).unwrap().0.id;
+        let d1 = encode_delta("kv", 1, id, 1, b"one");
+        let d2 = encode_delta("kv", 1, id, 2, b"two");
+        let mut s = base.clone();
+        s.extend_from_slice(&d1);
+        s.extend_from_slice(&d2);
+        let c = latest_chain(&s).unwrap();
+        assert_eq!(c.base.payload, b"base");
+        assert_eq!(c.deltas.len(), 2);
+        assert_eq!(c.deltas[1].payload, b"two");
+        assert_eq!(c.bytes, &s[..]);
+        assert_eq!(
+            describe_chain(&c),
+            "kv schema v1, 4 bytes of state + 2 deltas (6 bytes)"
+        );
+        // A torn last delta is ignored.
+        let mut torn = s.clone();
+        torn.extend_from_slice(&encode_delta("kv", 1, id, 3, b"three")[..10]);
+        assert_eq!(latest_chain(&torn).unwrap().deltas.len(), 2);
+        // A gap, another base or another app ends the chain.
+        for bad in [
+            encode_delta("kv", 1, id, 4, b"gap"),
+            encode_delta("kv", 1, id ^ 1, 3, b"other base"),
+            encode_delta("other", 1, id, 3, b"other app"),
+        ] {
+            let mut t = s.clone();
+            t.extend_from_slice(&bad);
+            t.extend_from_slice(&encode_delta("kv", 1, id, 3, b"after"));
+            assert_eq!(latest_chain(&t).unwrap().deltas.len(), 2);
+        }
+        // A new full checkpoint starts a new chain.
+        let newer = encode("kv", 1, b"newer");
+        let mut t = s.clone();
+        t.extend_from_slice(&newer);
+        let c = latest_chain(&t).unwrap();
+        assert_eq!((c.base.payload, c.deltas.len()), (&b"newer"[..], 0));
+        assert_eq!(c.bytes, &newer[..]);
+        // Deltas alone are not a checkpoint.
+        assert_eq!(latest_chain(&d1), Err(CheckpointError::OnlyADelta));
+        assert_eq!(decode(&d1), Err(CheckpointError::OnlyADelta));
+        assert_eq!(latest_chain(b"junk"), Err(CheckpointError::NotACheckpoint));
+        let mut flipped = d2.clone();
+        flipped[30] ^= 1;
+        assert!(matches!(
+            decode_blob(&flipped),
+            Err(CheckpointError::Corrupt { .. })
+        ));
     }
 
     #[test]

@@ -27,9 +27,10 @@ pub const HC_PANIC: u64 = 3;
 /// Report a CPU exception and stop: value = address of a [`FaultReport`].
 /// Never returns.
 pub const HC_FAULT: u64 = 4;
-/// Store an app checkpoint (abi::checkpoint): value = address of a
-/// [`ConsoleWrite`] naming the blob. Returns once the host has stored it
-/// (so an app may acknowledge writes only after their checkpoint is safe).
+/// Store an app checkpoint or delta (abi::checkpoint): value = address of a
+/// [`CheckpointWrite`] naming the blob. Returns once the host has stored it
+/// (so an app may acknowledge writes only after their checkpoint is safe),
+/// with the outcome in its `status`.
 pub const HC_CHECKPOINT: u64 = 5;
 /// Number of defined hypercalls.
 pub const HC_COUNT: u64 = 6;
@@ -46,6 +47,26 @@ pub struct ConsoleWrite {
     pub buf: u64,
     pub len: u64,
 }
+
+/// Argument of [`HC_CHECKPOINT`]; the host writes `status` before it returns.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct CheckpointWrite {
+    pub buf: u64,
+    pub len: u64,
+    /// [`CHECKPOINT_PENDING`] from the guest; one of the others from the host.
+    pub status: u64,
+}
+
+/// [`CheckpointWrite::status`] as the guest sets it.
+pub const CHECKPOINT_PENDING: u64 = 0;
+/// Stored everywhere it goes (durably, where it goes to disk or a peer).
+pub const CHECKPOINT_STORED: u64 = 1;
+/// Not stored: invalid, a delta that does not continue the host's chain
+/// (e.g. after a restore), or storage failed. Send a full checkpoint.
+pub const CHECKPOINT_REFUSED: u64 = 2;
+/// Handed to a stream whose storage the guest cannot see (PVH: COM2).
+pub const CHECKPOINT_SENT: u64 = 3;
 
 /// Argument of [`HC_PANIC`]. Strings are UTF-8, not NUL-terminated.
 #[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]

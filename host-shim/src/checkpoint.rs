@@ -1,8 +1,12 @@
 //! App checkpoints on the host side (see `abi::checkpoint`): validating a
-//! checkpoint file before it is handed to a guest, storing the checkpoints
-//! a guest hands over durably (temp file + fsync + rename), and finding
-//! the latest complete checkpoint in a stream of them (QEMU's COM2 file).
+//! checkpoint file before it is handed to a guest, following the chain of
+//! full checkpoints and deltas a guest hands over ([`Chain`]) and storing
+//! it durably ([`Sink`]s: a directory, where a full checkpoint replaces
+//! `latest.ckpt` (temp file + fsync + rename) and a delta is appended to it
+//! and synced; the daemon's [`Latest`]; a standby peer), and finding the
+//! latest complete chain in a stream of blobs (QEMU's COM2 file).
 
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -17,9 +21,9 @@ pub const LATEST: &str = "latest.ckpt";
 
 /// Reads and verifies the checkpoint file `path` (a clear error for a
 /// missing, truncated, corrupt or non-checkpoint file). Foreign apps and
-/// other schema versions are left to the guest, which knows its own. A
-/// file of several checkpoints one after another (QEMU's COM2 stream)
-/// gives its latest complete one.
+/// other schema versions are left to the guest, which knows its own. Gives
+/// the file's latest chain: its last full checkpoint and the deltas that
+/// continue it (a torn last delta is left out), as one blob.
 pub fn read_file(path: &Path) -> Result<Vec<u8>, Error> {
     let bytes = std::fs::read(path)
         .map_err(|e| Error::Config(format!("cannot read checkpoint {}: {e}", path.display())))?;
@@ -31,18 +35,14 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>, Error> {
             abi::checkpoint::MAX_CHECKPOINT
         )));
     }
-    abi::checkpoint::decode(&bytes)
+    let chain = abi::checkpoint::latest_chain(&bytes)
         .map_err(|e| Error::Config(format!("cannot restore from {}: {e}", path.display())))?;
-    // A stream of checkpoints (QEMU's COM2 file): its latest complete one.
-    let latest = latest_in_stream(&bytes).expect("the first one decodes");
-    if let Ok((ckpt, _)) = abi::checkpoint::decode(latest) {
-        tracing::info!(
-            "restoring from {}: {}",
-            path.display(),
-            abi::checkpoint::describe(&ckpt)
-        );
-    }
-    Ok(latest.to_vec())
+    tracing::info!(
+        "restoring from {}: {}",
+        path.display(),
+        abi::checkpoint::describe_chain(&chain)
+    );
+    Ok(chain.bytes.to_vec())
 }
 
 /// Where a checkpoint of `len` bytes goes in guest RAM of `mem_size` bytes:
@@ -62,8 +62,107 @@ pub fn store(dir: &Path, blob: &[u8]) -> std::io::Result<PathBuf> {
     Ok(path)
 }
 
-/// The latest checkpoint a running guest handed over, for whoever waits
-/// for the next one (the daemon's `checkpoint NAME`).
+/// Where the checkpoints a guest hands over go. `store` returns once the
+/// blob is safe there (the guest may acknowledge writes after that).
+pub trait Sink: Send {
+    /// Stores `blob`: a full checkpoint that starts a new chain (`full`), or
+    /// a delta that continues the last blob stored.
+    fn store(&mut self, blob: &[u8], full: bool) -> Result<(), String>;
+}
+
+/// The chain of blobs a guest is handing over: which delta may come next.
+#[derive(Debug, Default)]
+pub struct Chain {
+    /// Id of the last full checkpoint, and the last delta's number.
+    head: Option<(u32, u64)>,
+    app: String,
+    schema_version: u32,
+}
+
+impl Chain {
+    /// Checks `blob` (a whole, decoded blob) and makes it the chain's head;
+    /// `Ok(true)` for a full checkpoint, `Ok(false)` for the next delta.
+    pub fn accept(&mut self, blob: &abi::checkpoint::Blob) -> Result<bool, String> {
+        use abi::checkpoint::Blob;
+        match blob {
+            Blob::Full(c) => {
+                self.head = Some((c.id, 0));
+                self.app = c.app.to_owned();
+                self.schema_version = c.schema_version;
+                Ok(true)
+            }
+            Blob::Delta(d) => match self.head {
+                Some((base, seq))
+                    if d.base == base
+                        && d.seq == seq + 1
+                        && d.app == self.app
+                        && d.schema_version == self.schema_version =>
+                {
+                    self.head = Some((base, d.seq));
+                    Ok(false)
+                }
+                Some((base, seq)) => Err(format!(
+                    "delta {} of {:#010x} does not continue the chain (at delta {seq} of {base:#010x})",
+                    d.seq, d.base
+                )),
+                None => Err("a delta before any full checkpoint".into()),
+            },
+        }
+    }
+
+    /// Forgets the chain: the next blob must be a full checkpoint.
+    pub fn reset(&mut self) {
+        self.head = None;
+    }
+}
+
+/// A `--checkpoint-to` directory: a full checkpoint replaces `latest.ckpt`
+/// atomically; a delta is appended to it and synced (`fdatasync`).
+pub struct DirSink {
+    dir: PathBuf,
+    /// `latest.ckpt`, open for appending, once a full checkpoint is in.
+    file: Option<File>,
+}
+
+impl DirSink {
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir, file: None }
+    }
+}
+
+impl Sink for DirSink {
+    fn store(&mut self, blob: &[u8], full: bool) -> Result<(), String> {
+        let what = |e: std::io::Error| {
+            format!("cannot store the checkpoint in {}: {e}", self.dir.display())
+        };
+        if full {
+            self.file = None;
+            let path = store(&self.dir, blob).map_err(what)?;
+            self.file = Some(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(path)
+                    .map_err(what)?,
+            );
+            return Ok(());
+        }
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| "no full checkpoint stored yet for this delta".to_string())?;
+        let result = file.write_all(blob).and_then(|()| file.sync_data());
+        if let Err(e) = result {
+            // A partial append is a torn tail readers ignore; start afresh.
+            self.file = None;
+            return Err(what(e));
+        }
+        Ok(())
+    }
+}
+
+/// The latest chain (full checkpoint and deltas, as one file's bytes) a
+/// running guest handed over, for whoever waits for the next one (the
+/// daemon's `checkpoint NAME`).
 #[derive(Default)]
 pub struct Latest {
     slot: Mutex<(u64, Option<Arc<Vec<u8>>>)>,
@@ -71,11 +170,16 @@ pub struct Latest {
 }
 
 impl Latest {
-    /// Records a new checkpoint and wakes the waiters.
-    pub fn put(&self, blob: Vec<u8>) {
+    /// Records a new blob (a full checkpoint starts a new chain, a delta
+    /// extends it) and wakes the waiters.
+    pub fn put(&self, blob: &[u8], full: bool) {
         let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        match (&mut slot.1, full) {
+            (Some(chain), false) => Arc::make_mut(chain).extend_from_slice(blob),
+            (_, true) => slot.1 = Some(Arc::new(blob.to_vec())),
+            (None, false) => return,
+        }
         slot.0 += 1;
-        slot.1 = Some(Arc::new(blob));
         self.changed.notify_all();
     }
 
@@ -117,21 +221,17 @@ pub fn write_atomic(path: &Path, blob: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(&dir)?.sync_all()
 }
 
-/// The last complete checkpoint in `stream` (checkpoints written one after
-/// another; a torn or damaged tail is ignored).
-pub fn latest_in_stream(stream: &[u8]) -> Option<&[u8]> {
-    let mut at = 0;
-    let mut latest = None;
-    while at < stream.len() {
-        match abi::checkpoint::decode(&stream[at..]) {
-            Ok((_, len)) => {
-                latest = Some(&stream[at..at + len]);
-                at += len;
-            }
-            Err(_) => break,
-        }
+impl Sink for Arc<Latest> {
+    fn store(&mut self, blob: &[u8], full: bool) -> Result<(), String> {
+        self.put(blob, full);
+        Ok(())
     }
-    latest
+}
+
+/// The last complete chain in `stream` (blobs written one after another;
+/// a torn or damaged tail is ignored), as the bytes of a checkpoint file.
+pub fn latest_in_stream(stream: &[u8]) -> Option<&[u8]> {
+    abi::checkpoint::latest_chain(stream).ok().map(|c| c.bytes)
 }
 
 #[cfg(test)]
@@ -151,17 +251,64 @@ mod tests {
         assert_eq!(latest_in_stream(&[]), None);
     }
 
+    fn blob(b: &[u8]) -> abi::checkpoint::Blob<'_> {
+        abi::checkpoint::decode_blob(b).unwrap().0
+    }
+
+    #[test]
+    fn a_directory_gets_full_checkpoints_and_appended_deltas() {
+        let dir = std::env::temp_dir().join(format!("ckpt-sink-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut sink = DirSink::new(dir.clone());
+        let mut chain = Chain::default();
+        let base = abi::checkpoint::encode("kv", 1, b"base");
+        let id = abi::checkpoint::decode(&base).unwrap().0.id;
+        let d1 = abi::checkpoint::encode_delta("kv", 1, id, 1, b"one");
+        let d2 = abi::checkpoint::encode_delta("kv", 1, id, 2, b"two");
+        // A delta first: refused by the chain, and by the sink.
+        assert!(chain.accept(&blob(&d1)).is_err());
+        assert!(sink.store(&d1, false).is_err());
+        assert_eq!(chain.accept(&blob(&base)), Ok(true));
+        sink.store(&base, true).unwrap();
+        assert_eq!(chain.accept(&blob(&d1)), Ok(false));
+        sink.store(&d1, false).unwrap();
+        // Out of order: refused.
+        assert!(chain.accept(&blob(&d1)).is_err());
+        assert_eq!(chain.accept(&blob(&d2)), Ok(false));
+        sink.store(&d2, false).unwrap();
+        let path = dir.join(LATEST);
+        let file = std::fs::read(&path).unwrap();
+        assert_eq!(file, [&base[..], &d1, &d2].concat());
+        assert_eq!(read_file(&path).unwrap(), file);
+        // A torn last delta (a crash mid-append) is left out.
+        let d3 = abi::checkpoint::encode_delta("kv", 1, id, 3, b"three");
+        std::fs::write(&path, [&file[..], &d3[..d3.len() - 1]].concat()).unwrap();
+        assert_eq!(read_file(&path).unwrap(), file);
+        // A new full checkpoint replaces the file.
+        let newer = abi::checkpoint::encode("kv", 1, b"newer");
+        sink.store(&newer, true).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), newer);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn waiting_for_the_next_checkpoint() {
         let latest = Arc::new(Latest::default());
         assert!(latest.wait_after(0, Duration::from_millis(10)).is_none());
-        latest.put(vec![1]);
+        latest.put(&[9], false); // a delta without its base: dropped
+        assert_eq!(latest.count(), 0);
+        latest.put(&[1], true);
         let seen = latest.count();
         let l = Arc::clone(&latest);
         let t = std::thread::spawn(move || l.wait_after(seen, Duration::from_secs(10)));
         std::thread::sleep(Duration::from_millis(20));
-        latest.put(vec![2]);
+        latest.put(&[2], true);
         assert_eq!(t.join().unwrap().as_deref(), Some(&vec![2]));
+        latest.put(&[3], false);
+        assert_eq!(
+            latest.wait_after(2, Duration::ZERO).as_deref(),
+            Some(&vec![2, 3])
+        );
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! the host's requests for one.
 
 use abi::boot::BootInfo;
-use abi::hypercall::{ConsoleWrite, HC_CHECKPOINT};
+use abi::hypercall::{
+    CheckpointWrite, CHECKPOINT_PENDING, CHECKPOINT_REFUSED, CHECKPOINT_SENT, CHECKPOINT_STORED,
+    HC_CHECKPOINT,
+};
 use abi::layout::BOOT_INFO_ADDR;
 use core::future::poll_fn;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -38,13 +41,36 @@ pub fn restore_blob() -> Option<&'static [u8]> {
     RESTORE.get().copied().flatten()
 }
 
-/// Hands a checkpoint to the host; returns once the host has stored it.
-pub fn save(blob: &[u8]) {
-    let req = ConsoleWrite {
+/// What the host did with a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    /// Stored (durably, where it goes to disk or a peer).
+    Stored,
+    /// Written to a stream whose storage the guest cannot see (PVH monitors).
+    Sent,
+    /// Not stored (e.g. a delta the host has no base for): send a full one.
+    Refused,
+}
+
+/// Hands a checkpoint (or delta) to the host; returns once the host has
+/// stored it, with what it did.
+pub fn save(blob: &[u8]) -> Saved {
+    let req = CheckpointWrite {
         buf: blob.as_ptr() as u64,
         len: blob.len() as u64,
+        status: CHECKPOINT_PENDING,
     };
-    crate::platform::hypercall(HC_CHECKPOINT, &req as *const ConsoleWrite as u64);
+    let addr = &req as *const CheckpointWrite as u64;
+    crate::platform::hypercall(HC_CHECKPOINT, addr);
+    // The host wrote the status behind the compiler's back: read it back
+    // the way the host's writes are read.
+    let status: u64 = mmio::read(addr + core::mem::offset_of!(CheckpointWrite, status) as u64);
+    match status {
+        CHECKPOINT_STORED => Saved::Stored,
+        CHECKPOINT_SENT => Saved::Sent,
+        CHECKPOINT_REFUSED => Saved::Refused,
+        _ => Saved::Refused,
+    }
 }
 
 /// The period of automatic checkpoints the monitor asked for on the command
@@ -58,17 +84,17 @@ pub fn period_ns() -> Option<u64> {
 }
 
 /// Waits until the host asks for a checkpoint (it bumps a counter in the
-/// boot information; checked after every return from the host) or until
-/// `deadline_ns` on the kernel clock, whichever comes first.
-pub async fn requested_or(deadline_ns: Option<u64>) {
+/// boot information; checked after every return from the host: `true`) or
+/// until `deadline_ns` on the kernel clock (`false`), whichever comes first.
+pub async fn requested_or(deadline_ns: Option<u64>) -> bool {
     poll_fn(|cx| {
         let now = boot_info().checkpoint_requests;
         if SEEN_REQUESTS.swap(now, Ordering::Relaxed) != now {
-            return Poll::Ready(());
+            return Poll::Ready(true);
         }
         if let Some(deadline) = deadline_ns {
             if crate::time::now_ns() >= deadline {
-                return Poll::Ready(());
+                return Poll::Ready(false);
             }
             crate::time::wake_at(deadline, cx.waker());
         }

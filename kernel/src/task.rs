@@ -74,6 +74,21 @@ pub fn wake_on_io(waker: &Waker) {
     }
 }
 
+/// Lets every other runnable task run (and the host serve one `HC_YIELD`,
+/// which delivers new I/O) before the caller continues.
+pub async fn yield_now() {
+    let mut yielded = false;
+    core::future::poll_fn(|cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
+}
+
 fn admit_spawned() {
     let new: Vec<Task> = core::mem::take(&mut *SPAWNED.lock());
     if new.is_empty() {

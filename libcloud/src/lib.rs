@@ -26,7 +26,7 @@ pub mod time;
 
 /// Async tasks: `spawn` runs a future in the background of `main`.
 pub mod task {
-    pub use kernel::task::{block_on, spawn};
+    pub use kernel::task::{block_on, spawn, yield_now};
 }
 
 pub use libcloud_macros::main;

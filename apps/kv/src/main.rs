@@ -34,9 +34,8 @@ use core::cell::{Cell, RefCell};
 use libcloud::net::{TcpSocket, Write};
 use libcloud::prelude::*;
 
-use checkpoint::KvState;
+use checkpoint::KvCheckpoints;
 use commands::{Flow, Server};
-use libcloud::time::Instant;
 use resp::{Parser, ProtocolError};
 
 /// Exit status when the checkpoint handed over cannot be restored (another
@@ -44,28 +43,44 @@ use resp::{Parser, ProtocolError};
 const EXIT_BAD_CHECKPOINT: i32 = 3;
 /// With `ACK_AFTER_CHECKPOINT=1` a reply that follows a write leaves only
 /// after a checkpoint holding that write is stored by the host (on our shim,
-/// HC_CHECKPOINT returns once the checkpoint is on disk): a crash loses no
-/// acknowledged write.
+/// HC_CHECKPOINT returns once the checkpoint is on disk, or at the standby
+/// peer): a crash loses no acknowledged write. The checkpoints are deltas
+/// of the keys changed, and one covers the writes of every connection that
+/// has one waiting (group commit): a connection with a write to acknowledge
+/// first lets the others run theirs.
 struct AckAfterCheckpoint {
     enabled: bool,
     /// `Store::changes` at the last checkpoint.
     checkpointed: Cell<u64>,
+    checkpoints: KvCheckpoints,
 }
 
 impl AckAfterCheckpoint {
-    /// Checkpoints first if the store changed since the last checkpoint.
-    fn before_reply(&self, server: &RefCell<Server>) {
+    /// Checkpoints first if the store changed since the last checkpoint;
+    /// false if that failed (the reply must not go out).
+    async fn before_reply(&self, server: &RefCell<Server>) -> bool {
         if !self.enabled {
-            return;
+            return true;
         }
-        let server = server.borrow();
-        if server.store.changes == self.checkpointed.get() {
-            return;
+        let target = server.borrow().store.changes;
+        if target <= self.checkpointed.get() {
+            return true;
         }
-        let state = KvState::capture(&server.store, Instant::now());
-        match libcloud::state::checkpoint(&state) {
-            Ok(_) => self.checkpointed.set(server.store.changes),
-            Err(e) => println!("kv: checkpoint failed: {e}"),
+        // Let the other connections' writes join this checkpoint.
+        libcloud::task::yield_now().await;
+        if target <= self.checkpointed.get() {
+            return true; // another connection's checkpoint covered it
+        }
+        let changes = server.borrow().store.changes;
+        match libcloud::state::checkpoint_incremental(&mut self.checkpoints.clone()) {
+            Ok(_) => {
+                self.checkpointed.set(changes);
+                true
+            }
+            Err(e) => {
+                println!("kv: checkpoint failed, not acknowledging: {e}");
+                false
+            }
         }
     }
 }
@@ -96,11 +111,11 @@ async fn main() -> Result<(), libcloud::net::Error> {
     };
     let stack = libcloud::net::start().await?;
     let server = Rc::new(RefCell::new(Server::new(port, MAX_CLIENTS, maxmemory)));
-    match libcloud::state::restore::<KvState>() {
-        Ok(Some(state)) => {
-            let keys = state.keys.len();
-            state.load_into(&mut server.borrow_mut().store, Instant::now());
-            println!("kv: restored {keys} keys from a checkpoint");
+    let restored = checkpoint::restore(&mut server.borrow_mut().store);
+    match restored {
+        Ok(Some(deltas)) => {
+            let keys = server.borrow().store.len();
+            println!("kv: restored {keys} keys from a checkpoint (+{deltas} deltas)");
         }
         Ok(None) => {}
         Err(e) => {
@@ -108,17 +123,22 @@ async fn main() -> Result<(), libcloud::net::Error> {
             libcloud::exit(EXIT_BAD_CHECKPOINT);
         }
     }
+    let enabled = libcloud::env("ACK_AFTER_CHECKPOINT") == Some("1");
+    let checkpoints = KvCheckpoints::new(server.clone());
+    let changes = server.borrow().store.changes;
     let ack = Rc::new(AckAfterCheckpoint {
-        enabled: libcloud::env("ACK_AFTER_CHECKPOINT") == Some("1"),
-        checkpointed: Cell::new(server.borrow().store.changes),
+        enabled,
+        checkpointed: Cell::new(changes),
+        checkpoints,
     });
-    if ack.enabled {
+    if enabled {
         println!("kv: writes are acknowledged after their checkpoint is stored");
     }
-    let snapshot_of = server.clone();
-    libcloud::state::checkpoint_on_request(move || {
-        KvState::capture(&snapshot_of.borrow().store, Instant::now())
-    });
+    // Changes are tracked (for deltas) only when checkpoints come often.
+    if !enabled && !libcloud::state::periodic() {
+        server.borrow_mut().store.stop_tracking();
+    }
+    libcloud::state::checkpoint_on_request_incremental(ack.checkpoints.clone());
     libcloud::task::spawn(expire_task(server.clone()));
     libcloud::net::serve_tcp(stack, port, MAX_CLIENTS, async move |socket| {
         serve(socket, &server, &ack).await;
@@ -218,7 +238,9 @@ async fn serve(socket: &mut TcpSocket<'_>, server: &RefCell<Server>, ack: &AckAf
                         break;
                     }
                     if out.len() >= FLUSH_AT {
-                        ack.before_reply(server);
+                        if !ack.before_reply(server).await {
+                            return;
+                        }
                         if socket.write_all(&out).await.is_err() {
                             return;
                         }
@@ -230,7 +252,9 @@ async fn serve(socket: &mut TcpSocket<'_>, server: &RefCell<Server>, ack: &AckAf
             }
         }
         if !out.is_empty() {
-            ack.before_reply(server);
+            if !ack.before_reply(server).await {
+                return;
+            }
             if socket.write_all(&out).await.is_err() {
                 return;
             }

@@ -34,6 +34,15 @@ impl Entry {
     }
 }
 
+/// Keys changed since the last checkpoint (for incremental checkpoints).
+#[derive(Debug, Default)]
+pub struct Dirty {
+    /// Keys set, changed, deleted or expired since.
+    pub keys: BTreeSet<Vec<u8>>,
+    /// The keyspace was emptied (FLUSHALL) since; `keys` changed after.
+    pub cleared: bool,
+}
+
 /// The keyspace (one database, `db0`).
 #[derive(Debug, Default)]
 pub struct Store {
@@ -45,11 +54,47 @@ pub struct Store {
     /// Writes by commands since start: a checkpoint taken at `changes == n`
     /// holds every write acknowledged before it.
     pub changes: u64,
+    /// Changed keys, when tracked ([`Self::track_changes`]).
+    dirty: Option<Dirty>,
 }
 
 impl Store {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Tracks changed keys from now on (incremental checkpoints).
+    pub fn track_changes(&mut self) {
+        self.dirty.get_or_insert_with(Dirty::default);
+    }
+
+    /// Stops tracking changed keys.
+    pub fn stop_tracking(&mut self) {
+        self.dirty = None;
+    }
+
+    /// The changes tracked since the last call (or since tracking started),
+    /// which starts afresh; `None` if nothing changed or nothing is tracked.
+    pub fn take_dirty(&mut self) -> Option<Dirty> {
+        let d = self.dirty.as_mut()?;
+        if d.keys.is_empty() && !d.cleared {
+            return None;
+        }
+        Some(core::mem::take(d))
+    }
+
+    /// Notes a change of `key`.
+    fn touch(&mut self, key: &[u8]) {
+        if let Some(d) = &mut self.dirty {
+            if !d.keys.contains(key) {
+                d.keys.insert(key.to_vec());
+            }
+        }
+    }
+
+    /// The entry of `key`, expired or not (for checkpoints).
+    pub fn entry(&self, key: &[u8]) -> Option<&Entry> {
+        self.map.get(key)
     }
 
     /// Every entry that has not expired by `now`, in key order.
@@ -88,6 +133,9 @@ impl Store {
     pub fn value_mut(&mut self, key: &[u8], now: Instant) -> Option<&mut Vec<u8>> {
         self.expire_if_due(key, now);
         self.changes += 1;
+        if self.map.contains_key(key) {
+            self.touch(key);
+        }
         self.map.get_mut(key).map(|e| &mut e.value)
     }
 
@@ -105,6 +153,7 @@ impl Store {
         expires_at: Option<Instant>,
     ) -> Option<Entry> {
         self.changes += 1;
+        self.touch(&key);
         match self.map.get_mut(&key) {
             Some(entry) => {
                 let old = core::mem::replace(entry, Entry { value, expires_at });
@@ -132,6 +181,7 @@ impl Store {
     pub fn set_keep_ttl(&mut self, key: Vec<u8>, value: Vec<u8>, now: Instant) {
         self.changes += 1;
         self.expire_if_due(&key, now);
+        self.touch(&key);
         match self.map.get_mut(&key) {
             Some(entry) => entry.value = value,
             None => {
@@ -149,6 +199,10 @@ impl Store {
     /// Changes the deadline of live `key`; false if there is no such key.
     pub fn set_expiry(&mut self, key: &[u8], expires_at: Option<Instant>, now: Instant) -> bool {
         self.expire_if_due(key, now);
+        if !self.map.contains_key(key) {
+            return false;
+        }
+        self.touch(key);
         let Some(entry) = self.map.get_mut(key) else {
             return false;
         };
@@ -174,6 +228,7 @@ impl Store {
 
     fn remove_entry(&mut self, key: &[u8]) -> Option<Entry> {
         let (key, entry) = self.map.remove_entry(key)?;
+        self.touch(&key);
         if let Some(at) = entry.expires_at {
             self.expiries.remove(&(at, key));
         }
@@ -185,6 +240,10 @@ impl Store {
         self.changes += 1;
         self.map.clear();
         self.expiries.clear();
+        if let Some(d) = &mut self.dirty {
+            d.keys.clear();
+            d.cleared = true;
+        }
     }
 
     /// Removes up to `limit` keys whose deadline has passed (all of them if
@@ -200,6 +259,7 @@ impl Store {
                 break;
             };
             self.map.remove(&key);
+            self.touch(&key);
             removed += 1;
         }
         self.expired_keys += removed as u64;

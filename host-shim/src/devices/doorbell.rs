@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use abi::hypercall::{
-    ConsoleWrite, FaultReport, PanicReport, CONSOLE_WRITE_MAX, HC_CHECKPOINT, HC_CONSOLE_WRITE,
-    HC_EXIT, HC_FAULT, HC_PANIC, HC_YIELD, PANIC_STR_MAX,
+    CheckpointWrite, ConsoleWrite, FaultReport, PanicReport, CHECKPOINT_REFUSED, CHECKPOINT_STORED,
+    CONSOLE_WRITE_MAX, HC_CHECKPOINT, HC_CONSOLE_WRITE, HC_EXIT, HC_FAULT, HC_PANIC, HC_YIELD,
+    PANIC_STR_MAX,
 };
 use abi::layout::{DOORBELL_ADDR, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress};
@@ -37,10 +38,13 @@ pub enum Action {
 pub struct Doorbell<W: Write> {
     console: W,
     console_broken: bool,
-    /// Where the guest's app checkpoints are stored (`DIR/latest.ckpt`).
-    checkpoint_to: Option<PathBuf>,
-    /// Who else wants the guest's checkpoints (e.g. a daemon's `checkpoint`).
+    /// The chain of app checkpoints the guest hands over.
+    chain: crate::checkpoint::Chain,
+    /// Where they go: a `--checkpoint-to` directory (`DIR/latest.ckpt`),
+    /// a daemon's `checkpoint NAME`, a standby peer.
+    checkpoint_dir: Option<crate::checkpoint::DirSink>,
     checkpoint_latest: Option<Arc<crate::checkpoint::Latest>>,
+    checkpoint_sinks: Vec<Box<dyn crate::checkpoint::Sink>>,
 }
 
 impl<W: Write> Doorbell<W> {
@@ -48,15 +52,22 @@ impl<W: Write> Doorbell<W> {
         Self {
             console,
             console_broken: false,
-            checkpoint_to: None,
+            chain: Default::default(),
+            checkpoint_dir: None,
             checkpoint_latest: None,
+            checkpoint_sinks: Vec::new(),
         }
     }
 
     /// Stores the guest's checkpoints as `dir/latest.ckpt` (durably, before
     /// the hypercall returns).
     pub fn set_checkpoint_dir(&mut self, dir: Option<PathBuf>) {
-        self.checkpoint_to = dir;
+        self.checkpoint_dir = dir.map(crate::checkpoint::DirSink::new);
+    }
+
+    /// Also hands each checkpoint to `sink` (before the hypercall returns).
+    pub fn add_checkpoint_sink(&mut self, sink: Box<dyn crate::checkpoint::Sink>) {
+        self.checkpoint_sinks.push(sink);
     }
 
     /// Also records each valid checkpoint in `latest`.
@@ -150,47 +161,68 @@ impl<W: Write> Doorbell<W> {
 }
 
 impl<W: Write> Doorbell<W> {
-    /// `HC_CHECKPOINT`: reads, validates and stores the guest's checkpoint.
+    /// `HC_CHECKPOINT`: reads, validates and stores the guest's checkpoint
+    /// or delta, and tells the guest whether it was stored.
     fn checkpoint(&mut self, mem: &GuestMemoryMmap, value: u64) {
-        let Some(req) = read_obj::<ConsoleWrite>(mem, value) else {
+        let Some(req) = read_obj::<CheckpointWrite>(mem, value) else {
             tracing::warn!("checkpoint: request at {value:#x} is outside guest memory");
             return;
         };
+        let status = match self.store_checkpoint(mem, &req) {
+            Ok(()) => CHECKPOINT_STORED,
+            Err(e) => {
+                tracing::warn!("the guest's checkpoint is not stored: {e}");
+                CHECKPOINT_REFUSED
+            }
+        };
+        let at = value + std::mem::offset_of!(CheckpointWrite, status) as u64;
+        if mem.write_obj(status, GuestAddress(at)).is_err() {
+            tracing::warn!("checkpoint: cannot write the status at {at:#x}");
+        }
+    }
+
+    fn store_checkpoint(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        req: &CheckpointWrite,
+    ) -> Result<(), String> {
         if req.len > abi::checkpoint::MAX_CHECKPOINT {
-            tracing::warn!(
-                "checkpoint of {} bytes ignored: the limit is {}",
+            return Err(format!(
+                "{} bytes, more than the limit of {}",
                 req.len,
                 abi::checkpoint::MAX_CHECKPOINT
-            );
-            return;
+            ));
         }
-        let Some(mut blob) = read_bytes(mem, req.buf, req.len) else {
-            tracing::warn!(
-                "checkpoint: buffer {:#x}+{:#x} is outside guest memory",
-                req.buf,
-                req.len
-            );
-            return;
-        };
-        let len = match abi::checkpoint::decode(&blob) {
-            Ok((ckpt, len)) => {
-                tracing::debug!("checkpoint: {}", abi::checkpoint::describe(&ckpt));
-                len
-            }
-            Err(e) => {
-                tracing::warn!("the guest's checkpoint is ignored: {e}");
-                return;
-            }
-        };
+        let mut blob = read_bytes(mem, req.buf, req.len).ok_or_else(|| {
+            format!(
+                "buffer {:#x}+{:#x} is outside guest memory",
+                req.buf, req.len
+            )
+        })?;
+        let (parsed, len) = abi::checkpoint::decode_blob(&blob).map_err(|e| e.to_string())?;
+        let full = self.chain.accept(&parsed)?;
+        if let abi::checkpoint::Blob::Full(c) = &parsed {
+            tracing::debug!("checkpoint: {}", abi::checkpoint::describe(c));
+        }
         blob.truncate(len);
-        if let Some(dir) = &self.checkpoint_to {
-            if let Err(e) = crate::checkpoint::store(dir, &blob) {
-                tracing::warn!("cannot store the checkpoint in {}: {e}", dir.display());
+        let sinks = self
+            .checkpoint_dir
+            .iter_mut()
+            .map(|s| s as &mut dyn crate::checkpoint::Sink)
+            .chain(self.checkpoint_sinks.iter_mut().map(|s| &mut **s));
+        let mut result = Ok(());
+        for sink in sinks {
+            if let Err(e) = sink.store(&blob, full) {
+                result = Err(e);
             }
         }
-        if let Some(latest) = &self.checkpoint_latest {
-            latest.put(blob);
+        if result.is_err() {
+            // Some sink misses this blob: only a full checkpoint mends that.
+            self.chain.reset();
+        } else if let Some(latest) = &self.checkpoint_latest {
+            latest.put(&blob, full);
         }
+        result
     }
 }
 
@@ -344,6 +376,10 @@ mod tests {
         assert!(matches!(ring(&mut d, &mem, 511, 0), Action::Continue));
     }
 
+    fn status(mem: &GuestMemoryMmap) -> u64 {
+        mem.read_obj(GuestAddress(0x10_0000 + 16)).unwrap()
+    }
+
     #[test]
     fn checkpoints_are_validated_and_stored() {
         let (mem, mut d) = setup();
@@ -358,9 +394,10 @@ mod tests {
         put(
             &mem,
             0x10_0000,
-            &ConsoleWrite {
+            &CheckpointWrite {
                 buf: 0x20_0001,
                 len: blob.len() as u64,
+                status: 0,
             },
         );
         assert!(matches!(
@@ -370,9 +407,10 @@ mod tests {
         put(
             &mem,
             0x10_0000,
-            &ConsoleWrite {
+            &CheckpointWrite {
                 buf: RAM - 4,
                 len: 64,
+                status: 0,
             },
         );
         assert!(matches!(
@@ -384,21 +422,46 @@ mod tests {
         put(
             &mem,
             0x10_0000,
-            &ConsoleWrite {
+            &CheckpointWrite {
                 buf: 0x20_0000,
                 len: blob.len() as u64,
+                status: 0,
             },
         );
         assert!(matches!(
             ring(&mut d, &mem, HC_CHECKPOINT, 0x10_0000),
             Action::Continue
         ));
+        assert_eq!(status(&mem), CHECKPOINT_STORED);
         assert_eq!(
             std::fs::read(dir.join(crate::checkpoint::LATEST)).unwrap(),
             blob
         );
         assert_eq!(latest.count(), 1);
         assert_eq!(latest.wait_after(0, Duration::ZERO).as_deref(), Some(&blob));
+        // A delta that continues it is appended; one that does not is refused.
+        let id = abi::checkpoint::decode(&blob).unwrap().0.id;
+        for (seq, want) in [(1, CHECKPOINT_STORED), (3, CHECKPOINT_REFUSED)] {
+            let delta = abi::checkpoint::encode_delta("kv", 1, id, seq, b"changes");
+            mem.write_slice(&delta, GuestAddress(0x30_0000)).unwrap();
+            put(
+                &mem,
+                0x10_0000,
+                &CheckpointWrite {
+                    buf: 0x30_0000,
+                    len: delta.len() as u64,
+                    status: 0,
+                },
+            );
+            ring(&mut d, &mem, HC_CHECKPOINT, 0x10_0000);
+            assert_eq!(status(&mem), want, "delta {seq}");
+        }
+        let file = std::fs::read(dir.join(crate::checkpoint::LATEST)).unwrap();
+        assert_eq!(
+            abi::checkpoint::latest_chain(&file).unwrap().deltas.len(),
+            1
+        );
+        assert_eq!(latest.count(), 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

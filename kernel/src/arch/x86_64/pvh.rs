@@ -212,9 +212,13 @@ pub fn serve(nr: u64, value: u64) {
         HC_CHECKPOINT => {
             // Checkpoints go to COM2, e.g. QEMU's
             // `-chardev file,id=ck,path=F -device isa-serial,chardev=ck,iobase=0x2f8`.
-            let w: ConsoleWrite = mmio::read(value);
+            let w: CheckpointWrite = mmio::read(value);
             let len = w.len.min(abi::checkpoint::MAX_CHECKPOINT) as usize;
             port::serial_write_to(port::COM2, mmio::slice(w.buf, len));
+            mmio::write_u64(
+                value + core::mem::offset_of!(CheckpointWrite, status) as u64,
+                abi::hypercall::CHECKPOINT_SENT,
+            );
         }
         HC_PANIC => {
             let p: PanicReport = mmio::read(value);
