@@ -261,6 +261,19 @@ App checkpoints (apps using libcloud::state, e.g. kv):
            before the app goes on. Under QEMU the checkpoints go to COM2,
            DIR/com2-checkpoints.bin, and the latest is copied to
            DIR/latest.ckpt. A crash loses at most DURATION of writes.
+           Checkpoints are incremental where the app supports it (kv
+           does): a delta of what changed is appended to DIR/latest.ckpt
+           and synced; a full one replaces the file when the deltas
+           outgrow it. A torn last delta (a crash mid-write) is ignored.
+    --standby ADDR [--standby-grace DURATION]   (with --shim)
+           crash recovery on another shim: the daemon at ADDR (host-shim
+           serve) receives every checkpoint, durably, before the app goes
+           on, and probes this daemon; when it has been unreachable for
+           DURATION (default 2s) it restarts the app from the latest
+           checkpoint with the same image (same path and SHA-256 there),
+           args, env, memory and published ports. kv with
+           --env ACK_AFTER_CHECKPOINT=1 acknowledges a write only once the
+           standby has it: a crash loses no acknowledged write.
     host-shim --shim ADDR checkpoint NAME --out FILE   one checkpoint now
 
 Exit status:
@@ -275,6 +288,7 @@ Exit status:
 /// Boot a libcloud image and run it until it exits.
 #[derive(Args)]
 #[command(long_about = RUN_ABOUT)]
+#[command(group(clap::ArgGroup::new("checkpoint_dest").multiple(true)))]
 struct RunArgs {
     /// The image to boot: an ELF built by `cargo xtask build-image`.
     #[arg(value_name = "IMAGE")]
@@ -358,13 +372,25 @@ struct RunArgs {
 
     /// Have the app checkpoint itself this often (e.g. 5s, 500ms); needs
     /// --checkpoint-to.
-    #[arg(long, value_name = "DURATION", value_parser = config::parse_duration, requires = "checkpoint_to")]
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_duration, requires = "checkpoint_dest")]
     checkpoint_every: Option<Duration>,
 
     /// Store the app's checkpoints as DIR/latest.ckpt (atomically, each one
     /// durable before the app goes on).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", group = "checkpoint_dest")]
     checkpoint_to: Option<PathBuf>,
+
+    /// With --shim: ship every checkpoint to the standby daemon at ADDR,
+    /// which restarts the app from the latest one (same image, args, env,
+    /// memory, published ports) when this daemon has been unreachable for
+    /// --standby-grace.
+    #[arg(long, value_name = "ADDR", group = "checkpoint_dest")]
+    standby: Option<String>,
+
+    /// With --standby: how long the daemon may be unreachable before the
+    /// standby takes over (e.g. 2s, 500ms).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = config::parse_duration)]
+    standby_grace: Duration,
 
     /// Arguments for the app, after `--`.
     #[arg(last = true, value_name = "ARGS")]
@@ -528,7 +554,7 @@ fn remote_run(addr: &str, args: RunArgs) -> anyhow::Result<u8> {
     if args.backend != Backend::Kvm || !args.also.is_empty() || args.timeout.is_some() {
         anyhow::bail!(
             "with --shim, run takes IMAGE, --name, --mem, --env, --publish, --ip, --restore, \
-             --checkpoint-every, --checkpoint-to and ARGS only"
+             --checkpoint-every, --checkpoint-to, --standby and ARGS only"
         );
     }
     if args.net.is_some() || args.mac.is_some() || args.gateway.is_some() {
@@ -564,6 +590,8 @@ fn remote_run(addr: &str, args: RunArgs) -> anyhow::Result<u8> {
             .map(absolute)
             .transpose()?
             .map(|p| p.display().to_string()),
+        standby: args.standby,
+        standby_grace_ms: Some(args.standby_grace.as_millis() as u64),
     };
     let info: InstanceInfo = Client::new(addr).json("POST", "/v1/instances", Some(&req))?;
     println!(
@@ -650,6 +678,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<u8> {
+    if args.standby.is_some() {
+        anyhow::bail!("--standby needs --shim: a daemon ships the checkpoints to its standby");
+    }
     let also = args
         .also
         .iter()

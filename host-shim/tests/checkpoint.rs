@@ -81,17 +81,26 @@ fn check_keys(port: u16, n: usize, dbsize: usize) {
     }
 }
 
-/// Waits until `dir/latest.ckpt` is (re)written after this call, i.e. holds
-/// a checkpoint taken after everything the guest acknowledged so far, and
-/// returns its bytes.
+/// Waits until `dir/latest.ckpt` changes after this call (a full
+/// checkpoint replaced it or a delta was appended), i.e. holds a checkpoint
+/// taken after everything the guest acknowledged so far, and returns its
+/// bytes.
 fn fresh_checkpoint(shim: &mut Shim, dir: &Path) -> Vec<u8> {
     let latest = dir.join("latest.ckpt");
-    let _ = std::fs::remove_file(&latest);
+    let stamp = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.len(), m.modified().ok()))
+    };
+    let before = stamp(&latest);
     let start = Instant::now();
     loop {
         shim.assert_running("a checkpoint");
-        if let Ok(bytes) = std::fs::read(&latest) {
-            return bytes;
+        if stamp(&latest) != before {
+            thread::sleep(Duration::from_millis(20)); // a write in progress
+            if let Ok(bytes) = std::fs::read(&latest) {
+                return bytes;
+            }
         }
         assert!(
             start.elapsed() < Duration::from_secs(20),
@@ -215,7 +224,7 @@ fn after_kill_9_of_its_shim_kv_comes_back_from_its_last_checkpoint() {
         &img,
         &[
             "--checkpoint-every",
-            "1s",
+            "300ms",
             "--checkpoint-to",
             dir.to_str().unwrap(),
         ],
@@ -227,10 +236,29 @@ fn after_kill_9_of_its_shim_kv_comes_back_from_its_last_checkpoint() {
         Some("OK")
     );
     fresh_checkpoint(&mut a, &dir);
-    // Written after the last checkpoint: may be lost (at most 1 s of writes).
-    load(p, 2000..2100);
-    // The host dies.
+    // Changes after it go out as deltas appended to the file.
+    load(p, 2000..2500);
+    assert_eq!(cli(p, &["DEL", "key:0"]).as_deref(), Some("1"));
+    let file = fresh_checkpoint(&mut a, &dir);
+    let chain = abi::checkpoint::latest_chain(&file).expect("a valid checkpoint file");
+    assert!(
+        !chain.deltas.is_empty(),
+        "no delta after the full checkpoint"
+    );
+    assert_eq!(chain.bytes.len(), file.len());
+    // Written after the last checkpoint: may be lost (at most 300 ms of writes).
+    load(p, 2500..2600);
+    // The host dies, in the middle of appending a delta.
     kill_9(a);
+    let file = std::fs::read(dir.join("latest.ckpt")).unwrap();
+    let chain = abi::checkpoint::latest_chain(&file).unwrap();
+    let next = chain.deltas.len() as u64 + 1;
+    let torn = abi::checkpoint::encode_delta("kv", 1, chain.base.id, next, &[7; 64]);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("latest.ckpt"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, &torn[..40]).unwrap();
 
     // Another shim (another process) takes over from the directory.
     let p = free_port();
@@ -239,12 +267,20 @@ fn after_kill_9_of_its_shim_kv_comes_back_from_its_last_checkpoint() {
     let mut b = Shim::start(&kv_args(&img, &pub2, &["--restore", ck.to_str().unwrap()]));
     wait_ready(&mut b, p, "kv restored after the crash");
     let n: usize = cli(p, &["DBSIZE"]).unwrap().parse().unwrap();
-    assert!((2001..=2101).contains(&n), "DBSIZE {n}");
-    check_keys(p, 2000, n);
+    assert!((2500..=2600).contains(&n), "DBSIZE {n}");
+    assert_eq!(cli(p, &["EXISTS", "key:0"]).as_deref(), Some("0"));
+    for i in (1..2500).step_by(97).chain([2499]) {
+        assert_eq!(
+            cli(p, &["GET", &format!("key:{i}")]).as_deref(),
+            Some(value(i).as_str()),
+            "key:{i}"
+        );
+    }
     assert_eq!(cli(p, &["GET", "session"]).as_deref(), Some("s1"));
     let ttl: i64 = cli(p, &["TTL", "session"]).unwrap().parse().unwrap();
     assert!((590..=600).contains(&ttl), "TTL {ttl}");
-    b.stop();
+    let (out, _) = b.stop();
+    assert!(out.contains("deltas)"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -467,4 +503,88 @@ fn after_kill_9_of_a_qemu_shim_its_checkpoint_stream_restores_under_ours() {
         b.stop();
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts `host-shim serve` on a free port and waits for its API.
+fn daemon(name: &str) -> (Shim, String) {
+    let api = format!("127.0.0.1:{}", free_port());
+    let mut d = Shim::start(&["serve", "--listen", &api, "--name", name, "--no-overlay"]);
+    let start = Instant::now();
+    while shim(["--shim", &api, "list"]).status != Some(0) {
+        d.assert_running("the daemon's API");
+        assert!(start.elapsed() < Duration::from_secs(10), "no daemon API");
+        thread::sleep(Duration::from_millis(20));
+    }
+    (d, api)
+}
+
+/// Blobs the standby daemon at `api` has received for `name`.
+fn standby_blobs(api: &str, name: &str) -> u64 {
+    let list: Vec<host_shim::daemon::standby::StandbyInfo> =
+        host_shim::daemon::api::Client::new(api)
+            .json::<(), _>("GET", "/v1/standby", None)
+            .expect("GET /v1/standby");
+    list.iter().find(|s| s.name == name).map_or(0, |s| s.blobs)
+}
+
+#[test]
+fn after_kill_9_of_its_daemon_kv_restarts_on_the_standby() {
+    require_kvm();
+    require_tool("redis-cli", "redis-tools");
+    let img = image("kv");
+    let img_s = img.to_str().unwrap();
+    let (mut b, b_api) = daemon("standby-b");
+    let (mut a, a_api) = daemon("origin-a");
+    let (p1, p2) = (free_port(), free_port());
+    let (pub1, pub2) = (format!("{p1}:6379"), format!("{p2}:6379"));
+    let run = |name: &str, publish: &str, extra: &[&str]| {
+        let mut args = vec!["--shim", &a_api, "run", img_s, "--name", name];
+        args.extend(["--publish", publish, "--standby", &b_api]);
+        args.extend(["--standby-grace", "1s"]);
+        args.extend_from_slice(extra);
+        let r = shim(args);
+        assert_eq!(r.status, Some(0), "{r:?}");
+    };
+    // kv1 checkpoints every 300 ms; kv2 acknowledges writes after theirs.
+    run("kv1", &pub1, &["--checkpoint-every", "300ms"]);
+    run("kv2", &pub2, &["--env", "ACK_AFTER_CHECKPOINT=1"]);
+    wait_ready(&mut a, p1, "kv1 on A");
+    wait_ready(&mut a, p2, "kv2 on A");
+    load(p1, 0..1000);
+    load(p2, 0..500);
+    assert_eq!(
+        cli(p2, &["SET", "last", "acknowledged"]).as_deref(),
+        Some("OK")
+    );
+    // A checkpoint of kv1 taken after the load reaches B.
+    let seen = standby_blobs(&b_api, "kv1");
+    let start = Instant::now();
+    while standby_blobs(&b_api, "kv1") <= seen {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no checkpoint of kv1 at B"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    // Written after it: may be lost (at most 300 ms of writes).
+    load(p1, 1000..1100);
+    kill_9(a);
+
+    // B takes over after the grace period, on the same published ports.
+    let down = Instant::now();
+    wait_ready(&mut b, p1, "kv1 restarted on B");
+    wait_ready(&mut b, p2, "kv2 restarted on B");
+    let took = down.elapsed();
+    assert!(took < Duration::from_secs(15), "took over after {took:?}");
+    let n: usize = cli(p1, &["DBSIZE"]).unwrap().parse().unwrap();
+    assert!((1000..=1100).contains(&n), "kv1 DBSIZE {n}");
+    check_keys(p1, 1000, n);
+    check_keys(p2, 500, 501);
+    assert_eq!(cli(p2, &["GET", "last"]).as_deref(), Some("acknowledged"));
+    let list = shim(["--shim", &b_api, "list"]);
+    assert!(
+        list.stdout.contains("kv1") && list.stdout.contains("kv2"),
+        "{list:?}"
+    );
+    b.stop();
 }

@@ -43,6 +43,14 @@ pub struct RunRequest {
     /// The directory (the daemon's) its checkpoints go to, as `latest.ckpt`.
     #[serde(default)]
     pub checkpoint_to: Option<String>,
+    /// A standby daemon's API address: it receives every checkpoint and
+    /// restarts the app if this daemon dies (see `daemon::standby`).
+    #[serde(default)]
+    pub standby: Option<String>,
+    /// How long this daemon may be unreachable before the standby takes
+    /// over, in ms [default: 2000].
+    #[serde(default)]
+    pub standby_grace_ms: Option<u64>,
 }
 
 /// `POST /v1/restore`: run a snapshot file (a path the daemon can read).

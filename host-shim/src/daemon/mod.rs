@@ -16,6 +16,9 @@
 //! | `POST /v1/restore` | [`api::RestoreRequest`] | [`api::InstanceInfo`] (201) |
 //! | `POST /v1/instances/NAME/migrate` | [`api::MigrateRequest`], upgrade to `host-shim-progress` | progress lines, text, streamed |
 //! | `POST /v1/migration` | upgrade to `host-shim-migration` | the incoming migration stream ([`crate::migration`]) |
+//! | `POST /v1/standby` | [`standby::StandbyRequest`] | [`standby::StandbyInfo`] (201) |
+//! | `GET /v1/standby` | | `[`[`standby::StandbyInfo`]`]` |
+//! | `POST /v1/standby/NAME/checkpoint` | a checkpoint blob (bytes) | [`standby::StandbyInfo`], once stored |
 //!
 //! Errors answer `{"error": "..."}` with 400 (bad request), 404 (no such
 //! instance), 409 (conflict: name taken, instance busy) or 500.
@@ -32,6 +35,7 @@
 
 pub mod api;
 pub mod instance;
+pub mod standby;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -128,6 +132,8 @@ pub struct Daemon {
     instances: Mutex<BTreeMap<String, Instance>>,
     next_id: AtomicUsize,
     ended: Mutex<Sender<Ended>>,
+    /// The instances of other daemons this one stands by for.
+    standbys: standby::Standbys,
 }
 
 impl Daemon {
@@ -161,6 +167,7 @@ impl Daemon {
                 instances: Mutex::new(BTreeMap::new()),
                 next_id: AtomicUsize::new(1),
                 ended: Mutex::new(tx),
+                standbys: Default::default(),
             }),
             rx,
         ))
@@ -314,8 +321,8 @@ impl Daemon {
     ) -> Result<InstanceInfo, ApiError> {
         let mut params = nic.cmdline_params();
         if let Some(ms) = req.checkpoint_every_ms {
-            if req.checkpoint_to.is_none() {
-                return Err(bad("--checkpoint-every needs --checkpoint-to"));
+            if req.checkpoint_to.is_none() && req.standby.is_none() {
+                return Err(bad("--checkpoint-every needs --checkpoint-to or --standby"));
             }
             params.push((
                 abi::cmdline::CHECKPOINT_EVERY_KEY.to_owned(),
@@ -340,6 +347,7 @@ impl Daemon {
             args: req.args.clone(),
         };
         let cmdline = cmdline::build(&guest).map_err(|e| bad(e.to_string()))?;
+        let standby = standby::register(self, req)?;
         let log = Arc::new(Mutex::new(LogRing::default()));
         let port = self.net.attach(nic.mac)?;
         let machine = Machine::boot(
@@ -362,6 +370,9 @@ impl Daemon {
             }
             m.doorbell
                 .set_checkpoint_dir(req.checkpoint_to.as_ref().map(PathBuf::from));
+            if let Some(sink) = standby {
+                m.doorbell.add_checkpoint_sink(Box::new(sink));
+            }
             Ok(m)
         });
         let machine = match machine {
@@ -759,6 +770,9 @@ impl Daemon {
             serde_json::from_slice(body).map_err(|e| bad(format!("bad {what} request: {e}")))
         };
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        if let Some(reply) = standby::route(self, method, &segments, body) {
+            return reply;
+        }
         match (method, segments.as_slice()) {
             (Method::Get, ["v1", "info"]) => json(200, &self.info()),
             (Method::Get, ["v1", "instances"]) => {

@@ -4,7 +4,11 @@
 //! bytes) and how long the app takes to hand it over (`host-shim checkpoint`
 //! against a daemon); then the restore time, from process start to the
 //! first PING reply, under our shim and under QEMU (TCG), each against a
-//! plain boot of the same image under the same monitor.
+//! plain boot of the same image under the same monitor. Then the cost of
+//! `ACK_AFTER_CHECKPOINT=1` (every write acknowledged only once a
+//! checkpoint holding it is on disk; incremental: deltas of the changed
+//! keys, appended and fsynced): `redis-benchmark -t set -c 50` with a tiny
+//! keyspace and with 10k random keys, against the same kv without it.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -204,8 +208,50 @@ fn boot_time(shim: &Path, image: &Path, extra: &[&str], keys: usize, runs: usize
     Ok(median(times))
 }
 
+/// SET requests/s of `redis-benchmark -c 50` (keyspace `keys`, 0: one key)
+/// against kv started with `extra`.
+fn set_rps(shim: &Path, image: &Path, extra: &[&str], keys: usize) -> Result<f64> {
+    let port = free_port()?;
+    let mut child = Guard(
+        Command::new(shim)
+            .arg("run")
+            .arg(image)
+            .args(["--mem", MEM, "--publish"])
+            .arg(format!("127.0.0.1:{port}:6379"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting host-shim")?,
+    );
+    until_pong(port, &mut child, Instant::now(), "kv")?;
+    let mut cmd = Command::new("redis-benchmark");
+    cmd.args([
+        "-p",
+        &port.to_string(),
+        "-t",
+        "set",
+        "-n",
+        "20000",
+        "-c",
+        "50",
+        "--csv",
+    ]);
+    if keys > 0 {
+        cmd.args(["-r", &keys.to_string()]);
+    }
+    let out = cmd.output().context("running redis-benchmark")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.starts_with("\"SET"))
+        .and_then(|l| l.split(',').nth(1))
+        .and_then(|v| v.trim_matches('"').parse().ok())
+        .with_context(|| format!("no SET figure in redis-benchmark output:\n{text}"))
+}
+
 pub fn run(ws: &Workspace, opts: &CheckpointOptions) -> Result<()> {
     require("redis-cli", "redis-tools")?;
+    require("redis-benchmark", "redis-tools")?;
     require("qemu-system-x86_64", "qemu-system-x86")?;
     let images = image::build_images(ws, &[ws.app("kv")?], Profile::Release)?;
     let shim = image::build_shim(ws)?;
@@ -233,6 +279,24 @@ pub fn run(ws: &Workspace, opts: &CheckpointOptions) -> Result<()> {
             checkpoint_ms,
             restore,
         });
+    }
+    eprintln!("bench checkpoint: ACK_AFTER_CHECKPOINT=1 write throughput");
+    let ack_dir = dir.join("ack");
+    let ack_dir = ack_dir.to_str().context("temp path")?;
+    let ack_args = [
+        "--env",
+        "ACK_AFTER_CHECKPOINT=1",
+        "--checkpoint-to",
+        ack_dir,
+    ];
+    let mut ack_rows = Vec::new();
+    for keys in [0usize, 10_000] {
+        let (mut plain, mut acked) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            plain.push(set_rps(&shim, kv, &[], keys)?);
+            acked.push(set_rps(&shim, kv, &ack_args, keys)?);
+        }
+        ack_rows.push((keys, median(plain), median(acked)));
     }
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -277,6 +341,20 @@ pub fn run(ws: &Workspace, opts: &CheckpointOptions) -> Result<()> {
                 }
             );
         }
+    }
+    println!();
+    println!("| redis-benchmark SET -c 50 | kv | kv, ACK_AFTER_CHECKPOINT=1 | ratio |");
+    println!("|---|---:|---:|---:|");
+    for (keys, plain, acked) in &ack_rows {
+        let keyspace = if *keys == 0 {
+            "one key".to_string()
+        } else {
+            format!("{keys} random keys")
+        };
+        println!(
+            "| {keyspace} | {plain:.0} req/s | {acked:.0} req/s | {:.2}× |",
+            acked / plain
+        );
     }
     println!("\nCheckpoint time: from `host-shim checkpoint` asking the app (BootInfo::checkpoint_requests) to the blob arriving at the shim (HC_CHECKPOINT), serialisation included.");
     Ok(())

@@ -1,0 +1,433 @@
+//! Crash recovery on another shim: an instance run with `--standby PEER`
+//! ships every app checkpoint it takes (full ones and deltas) to a standby
+//! daemon, which watches the origin and, once the origin has been
+//! unreachable for a grace period, restarts the app from its latest
+//! checkpoint with the same image, arguments, environment, memory and
+//! published ports.
+//!
+//! The origin side ([`register`], [`PeerSink`]): before the guest boots,
+//! `POST /v1/standby` registers the instance with the peer (which checks
+//! it has the same image: path and SHA-256); then each checkpoint goes to
+//! `POST /v1/standby/NAME/checkpoint` from inside the guest's
+//! `HC_CHECKPOINT`, which returns only once the peer stored it durably, so
+//! kv's `ACK_AFTER_CHECKPOINT=1` acknowledges a write only when the peer
+//! has it. If the peer cannot store a blob the guest is told, and sends a
+//! full checkpoint next time.
+//!
+//! The standby side ([`Standbys`]): the blobs are checked as a chain and
+//! stored as `DIR/NAME/latest.ckpt` (full checkpoints replace it, deltas
+//! are appended and synced); a watcher thread probes the origin's
+//! `GET /v1/instances` every [`probe_interval`]. The origin answering
+//! without the instance running (stopped, ended, moved away) releases the
+//! standby; the origin not answering for the grace period (default
+//! [`DEFAULT_GRACE`]) restarts the app here. A crash therefore loses the
+//! writes after the last checkpoint that reached the peer: at most the
+//! checkpoint interval, none with ack-after-checkpoint.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::api::{Client, InstanceInfo, RunRequest};
+use super::{bad, ApiError, Daemon, Reply};
+use crate::checkpoint::{Chain, DirSink, Sink};
+use crate::snapshot::state::ImageId;
+
+/// How long the origin may be unreachable before the standby takes over.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(2);
+/// A registration whose instance never ran at the origin is dropped after this.
+const NEVER_STARTED: Duration = Duration::from_secs(30);
+/// Largest blob shipped (the API's request body limit).
+const MAX_BLOB: usize = 16 << 20;
+
+/// `POST /v1/standby`: what a standby needs to run the app again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StandbyRequest {
+    /// The origin daemon's API address (probed).
+    pub origin: String,
+    /// The instance as the origin ran it; `restore`/`standby` are ignored.
+    pub run: RunRequest,
+    /// The image the origin runs; the standby must have the same file.
+    pub image: ImageId,
+    /// Milliseconds the origin may be unreachable before the takeover.
+    pub grace_ms: u64,
+}
+
+/// `GET /v1/standby`: one watched instance.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StandbyInfo {
+    pub name: String,
+    pub origin: String,
+    /// `waiting`, `watching`, `took over`, `released: ...`, `failed: ...`.
+    pub state: String,
+    /// The checkpoint file (full checkpoint + deltas) and its size.
+    pub file: String,
+    pub bytes: u64,
+    /// Blobs received (full checkpoints and deltas).
+    pub blobs: u64,
+}
+
+/// One instance this daemon stands by for.
+struct Entry {
+    req: StandbyRequest,
+    dir: PathBuf,
+    store: Mutex<Store>,
+    state: Mutex<String>,
+    /// Replaced by a newer registration of the same name.
+    superseded: AtomicBool,
+}
+
+struct Store {
+    chain: Chain,
+    sink: DirSink,
+    bytes: u64,
+    blobs: u64,
+    /// A full checkpoint is stored (a takeover is possible).
+    has_full: bool,
+}
+
+/// The instances this daemon stands by for.
+#[derive(Default)]
+pub struct Standbys {
+    entries: Mutex<BTreeMap<String, Arc<Entry>>>,
+}
+
+impl Standbys {
+    fn get(&self, name: &str) -> Option<Arc<Entry>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+}
+
+/// Where a standby daemon keeps its checkpoints.
+fn standby_dir(daemon: &Daemon) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "host-shim-standby-{}-{}",
+        daemon.config.name,
+        daemon.config.listen.port()
+    ))
+}
+
+/// How often the origin is probed for a grace period of `grace`.
+pub fn probe_interval(grace: Duration) -> Duration {
+    (grace / 8).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// The standby endpoints, if `segments` names one.
+pub fn route(
+    daemon: &Arc<Daemon>,
+    method: &tiny_http::Method,
+    segments: &[&str],
+    body: &[u8],
+) -> Option<Result<Reply, ApiError>> {
+    use tiny_http::Method;
+    let json = |status: u16, v: &dyn super::erased::Json| Ok(Reply::Json(status, v.to_json()));
+    Some(match (method, segments) {
+        (Method::Post, ["v1", "standby"]) => serde_json::from_slice(body)
+            .map_err(|e| bad(format!("bad standby request: {e}")))
+            .and_then(|req| accept(daemon, req))
+            .and_then(|info| json(201, &info)),
+        (Method::Get, ["v1", "standby"]) => json(200, &list(daemon)),
+        (Method::Post, ["v1", "standby", name, "checkpoint"]) => {
+            receive(daemon, name, body).and_then(|info| json(200, &info))
+        }
+        _ => return None,
+    })
+}
+
+/// Registers a standby for an instance (replacing an older one of the
+/// same name) and starts watching its origin.
+fn accept(daemon: &Arc<Daemon>, req: StandbyRequest) -> Result<StandbyInfo, ApiError> {
+    let name = req.run.name.clone();
+    if name.is_empty() || name.contains(['/', ' ']) {
+        return Err(bad(format!("'{name}' is not an instance name")));
+    }
+    let here = crate::machine::image_id(std::path::Path::new(&req.run.image)).map_err(|e| {
+        ApiError(
+            409,
+            format!(
+                "standby '{}' cannot read the image: {e}",
+                daemon.config.name
+            ),
+        )
+    })?;
+    if here.sha256 != req.image.sha256 {
+        return Err(ApiError(
+            409,
+            format!(
+                "standby '{}' has another image at {} (sha256 {}, the origin runs {})",
+                daemon.config.name, req.run.image, here.sha256, req.image.sha256
+            ),
+        ));
+    }
+    let dir = standby_dir(daemon).join(&name);
+    let entry = Arc::new(Entry {
+        store: Mutex::new(Store {
+            chain: Chain::default(),
+            sink: DirSink::new(dir.clone()),
+            bytes: 0,
+            blobs: 0,
+            has_full: false,
+        }),
+        dir,
+        req,
+        state: Mutex::new("waiting".into()),
+        superseded: AtomicBool::new(false),
+    });
+    if let Some(old) = daemon
+        .standbys
+        .entries
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name.clone(), Arc::clone(&entry))
+    {
+        old.superseded.store(true, Ordering::Relaxed);
+    }
+    eprintln!(
+        "[{name}] standing by for {} (grace {:.1} s)",
+        entry.req.origin,
+        entry.req.grace_ms as f64 / 1e3
+    );
+    let (d, e) = (Arc::clone(daemon), Arc::clone(&entry));
+    thread::Builder::new()
+        .name(format!("standby-{name}"))
+        .spawn(move || watch(&d, &e))
+        .map_err(|e| ApiError(500, e.to_string()))?;
+    Ok(entry.info())
+}
+
+fn list(daemon: &Daemon) -> Vec<StandbyInfo> {
+    let entries = daemon
+        .standbys
+        .entries
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    entries.values().map(|e| e.info()).collect()
+}
+
+/// Stores one blob the origin shipped; answers once it is durable.
+fn receive(daemon: &Daemon, name: &str, body: &[u8]) -> Result<StandbyInfo, ApiError> {
+    let entry = daemon.standbys.get(name).ok_or_else(|| {
+        ApiError(
+            404,
+            format!("no standby for '{name}' here: register it first"),
+        )
+    })?;
+    let (blob, len) = abi::checkpoint::decode_blob(body).map_err(|e| bad(e.to_string()))?;
+    let mut store = entry.store.lock().unwrap_or_else(|e| e.into_inner());
+    let full = store.chain.accept(&blob).map_err(|e| ApiError(409, e))?;
+    if let Err(e) = store.sink.store(&body[..len], full) {
+        store.chain.reset();
+        return Err(ApiError(500, e));
+    }
+    store.bytes = if full { 0 } else { store.bytes } + len as u64;
+    store.blobs += 1;
+    store.has_full = true;
+    drop(store);
+    Ok(entry.info())
+}
+
+impl Entry {
+    fn set_state(&self, s: impl Into<String>) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s.into();
+    }
+
+    fn info(&self) -> StandbyInfo {
+        let store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+        StandbyInfo {
+            name: self.req.run.name.clone(),
+            origin: self.req.origin.clone(),
+            state: self.state.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            file: self
+                .dir
+                .join(crate::checkpoint::LATEST)
+                .display()
+                .to_string(),
+            bytes: store.bytes,
+            blobs: store.blobs,
+        }
+    }
+}
+
+/// What a probe of the origin found.
+enum Probe {
+    /// The instance runs there.
+    Running,
+    /// The origin answers, and the instance is not running (`state`).
+    Gone(String),
+    Unreachable,
+}
+
+fn probe(origin: &Client, name: &str) -> Probe {
+    match origin.json::<(), Vec<InstanceInfo>>("GET", "/v1/instances", None) {
+        Ok(list) => match list.into_iter().find(|i| i.name == name) {
+            Some(i) if i.state.starts_with("exited") || i.state.starts_with("moved") => {
+                Probe::Gone(i.state)
+            }
+            Some(_) => Probe::Running,
+            None => Probe::Gone("no longer there".into()),
+        },
+        Err(_) => Probe::Unreachable,
+    }
+}
+
+/// Watches the origin until the instance ends there, or the origin dies
+/// and the app is restarted here.
+fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
+    let name = entry.req.run.name.clone();
+    let origin = Client::new(&entry.req.origin);
+    let grace = Duration::from_millis(entry.req.grace_ms);
+    let started = Instant::now();
+    let mut last_ok = started;
+    let mut seen = false;
+    loop {
+        thread::sleep(probe_interval(grace));
+        if entry.superseded.load(Ordering::Relaxed) {
+            return;
+        }
+        match probe(&origin, &name) {
+            Probe::Running => {
+                if !seen {
+                    entry.set_state("watching");
+                }
+                seen = true;
+                last_ok = Instant::now();
+            }
+            Probe::Gone(state) if seen => {
+                eprintln!("[{name}] released: {state} on {}", entry.req.origin);
+                entry.set_state(format!("released: {state} on the origin"));
+                return;
+            }
+            // Never booted there (its boot failed after registering).
+            Probe::Gone(state) if started.elapsed() > NEVER_STARTED => {
+                entry.set_state(format!("released: {state} on the origin"));
+                return;
+            }
+            // Not booted there yet.
+            Probe::Gone(_) => last_ok = Instant::now(),
+            Probe::Unreachable if last_ok.elapsed() < grace => {}
+            Probe::Unreachable => break,
+        }
+    }
+    let down = last_ok.elapsed();
+    if !entry
+        .store
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .has_full
+    {
+        eprintln!(
+            "[{name}] origin {} unreachable for {:.1} s, and no checkpoint arrived: cannot take over",
+            entry.req.origin,
+            down.as_secs_f64()
+        );
+        entry.set_state("failed: no checkpoint to restore from");
+        return;
+    }
+    let file = entry.dir.join(crate::checkpoint::LATEST);
+    let run = RunRequest {
+        restore: Some(file.display().to_string()),
+        checkpoint_to: Some(entry.dir.display().to_string()),
+        standby: None,
+        standby_grace_ms: None,
+        ip: None,
+        ..entry.req.run.clone()
+    };
+    let start = Instant::now();
+    match daemon.run(run) {
+        Ok(info) => {
+            eprintln!(
+                "[{name}] origin {} unreachable for {:.1} s: restarted here from {} in {:.0} ms ({})",
+                entry.req.origin,
+                down.as_secs_f64(),
+                file.display(),
+                start.elapsed().as_secs_f64() * 1e3,
+                info.publish.join(", ")
+            );
+            entry.set_state("took over");
+        }
+        Err(ApiError(_, e)) => {
+            eprintln!("[{name}] taking over from {} failed: {e}", entry.req.origin);
+            entry.set_state(format!("failed: {e}"));
+        }
+    }
+}
+
+/// Ships a running instance's checkpoints to its standby.
+pub struct PeerSink {
+    peer: Client,
+    path: String,
+}
+
+impl Sink for PeerSink {
+    fn store(&mut self, blob: &[u8], _full: bool) -> Result<(), String> {
+        if blob.len() > MAX_BLOB {
+            return Err(format!(
+                "a checkpoint of {} bytes is more than the standby takes ({MAX_BLOB})",
+                blob.len()
+            ));
+        }
+        self.peer
+            .call("POST", &self.path, Some(blob))
+            .map(|_| ())
+            .map_err(|e| format!("standby {}: {e}", self.peer.addr))
+    }
+}
+
+/// Registers the instance `req` is about to boot with its standby
+/// `req.standby`; returns the sink its checkpoints go to.
+pub fn register(daemon: &Daemon, req: &RunRequest) -> Result<Option<PeerSink>, ApiError> {
+    let Some(peer) = &req.standby else {
+        return Ok(None);
+    };
+    let image = crate::machine::image_id(std::path::Path::new(&req.image))
+        .map_err(|e| bad(e.to_string()))?;
+    let body = StandbyRequest {
+        origin: daemon.config.listen.to_string(),
+        run: RunRequest {
+            restore: None,
+            standby: None,
+            ..req.clone()
+        },
+        image,
+        grace_ms: req
+            .standby_grace_ms
+            .unwrap_or(DEFAULT_GRACE.as_millis() as u64),
+    };
+    let peer = Client::new(peer);
+    peer.json::<_, StandbyInfo>("POST", "/v1/standby", Some(&body))
+        .map_err(|e| ApiError(409, format!("standby {}: {e}", peer.addr)))?;
+    Ok(Some(PeerSink {
+        path: format!("/v1/standby/{}/checkpoint", req.name),
+        peer,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_are_a_fraction_of_the_grace_period() {
+        assert_eq!(
+            probe_interval(Duration::from_secs(2)),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            probe_interval(Duration::from_millis(100)),
+            Duration::from_millis(50)
+        );
+        assert_eq!(
+            probe_interval(Duration::from_secs(60)),
+            Duration::from_secs(1)
+        );
+    }
+}
