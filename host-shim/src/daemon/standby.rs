@@ -42,6 +42,10 @@ use crate::snapshot::state::ImageId;
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(2);
 /// A registration whose instance never ran at the origin is dropped after this.
 const NEVER_STARTED: Duration = Duration::from_secs(30);
+/// Restarting the app is tried this often, this far apart (e.g. while the
+/// dead origin's ports are still being released).
+const TAKEOVER_ATTEMPTS: u32 = 5;
+const TAKEOVER_RETRY: Duration = Duration::from_millis(500);
 /// Largest blob shipped (the API's request body limit).
 const MAX_BLOB: usize = 16 << 20;
 
@@ -95,6 +99,9 @@ struct Store {
 #[derive(Default)]
 pub struct Standbys {
     entries: Mutex<BTreeMap<String, Arc<Entry>>>,
+    /// Held while an app is restarted: the daemon picks an address and
+    /// then reserves it, so two takeovers at once would pick the same one.
+    takeover: Mutex<()>,
 }
 
 impl Standbys {
@@ -342,7 +349,27 @@ fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
         ..entry.req.run.clone()
     };
     let start = Instant::now();
-    match daemon.run(run) {
+    let mut result = Err(ApiError(500, "not tried".into()));
+    for attempt in 0..TAKEOVER_ATTEMPTS {
+        if attempt > 0 {
+            thread::sleep(TAKEOVER_RETRY);
+        }
+        let _one_at_a_time = daemon
+            .standbys
+            .takeover
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        result = daemon.run(run.clone());
+        match &result {
+            Ok(_) => break,
+            Err(ApiError(_, e)) => eprintln!(
+                "[{name}] taking over from {} failed (attempt {} of {TAKEOVER_ATTEMPTS}): {e}",
+                entry.req.origin,
+                attempt + 1
+            ),
+        }
+    }
+    match result {
         Ok(info) => {
             eprintln!(
                 "[{name}] origin {} unreachable for {:.1} s: restarted here from {} in {:.0} ms ({})",
@@ -354,10 +381,7 @@ fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
             );
             entry.set_state("took over");
         }
-        Err(ApiError(_, e)) => {
-            eprintln!("[{name}] taking over from {} failed: {e}", entry.req.origin);
-            entry.set_state(format!("failed: {e}"));
-        }
+        Err(ApiError(_, e)) => entry.set_state(format!("failed: {e}")),
     }
 }
 
