@@ -16,15 +16,94 @@ use libcloud::time::Instant;
 use crate::commands::Server;
 use crate::store::{Entry, Store};
 
-/// One key: `(key, value, milliseconds left to live)`.
-type Key = (Vec<u8>, Vec<u8>, Option<u64>);
+/// One key: `(key, value, milliseconds left to live)`. Keys and values
+/// are byte strings to serde (postcard: a length and the bytes, the same
+/// encoding as a `Vec<u8>` sequence, decoded in one copy, not byte by byte).
+#[derive(Serialize, Deserialize)]
+#[serde(crate = "libcloud::serde")]
+pub struct Key(
+    #[serde(with = "bytes")] Vec<u8>,
+    #[serde(with = "bytes")] Vec<u8>,
+    Option<u64>,
+);
+
+/// `Vec<u8>` as a serde byte string.
+mod bytes {
+    use alloc::vec::Vec;
+    use libcloud::serde::de::{Error, SeqAccess, Visitor};
+    use libcloud::serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Bytes;
+        impl<'de> Visitor<'de> for Bytes {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut v = Vec::new();
+                while let Some(b) = seq.next_element()? {
+                    v.push(b);
+                }
+                Ok(v)
+            }
+        }
+        d.deserialize_byte_buf(Bytes)
+    }
+}
 
 /// What a kv checkpoint holds.
 #[derive(Serialize, Deserialize, Default)]
 #[serde(crate = "libcloud::serde")]
 pub struct KvState {
+    #[serde(deserialize_with = "presized")]
     pub keys: Vec<Key>,
 }
+
+/// Decodes a sequence into a vector allocated once at its final size
+/// (postcard gives the length up front; serde's own `Vec` caps its first
+/// allocation at 1 MiB and then doubles, copying and touching twice the
+/// memory for 100k keys).
+fn presized<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: libcloud::serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    use libcloud::serde::de::{SeqAccess, Visitor};
+    struct Presized<T>(core::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for Presized<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
+            f.write_str("a sequence")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            // Bounded by what the payload can hold (at least a byte each).
+            let len = seq.size_hint().unwrap_or(0).min(MAX_PRESIZE);
+            let mut v = Vec::new();
+            if v.try_reserve_exact(len).is_err() {
+                return Err(libcloud::serde::de::Error::custom("out of memory"));
+            }
+            while let Some(x) = seq.next_element()? {
+                v.push(x);
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_seq(Presized(core::marker::PhantomData))
+}
+
+/// The most elements [`presized`] reserves room for up front.
+const MAX_PRESIZE: usize = 1 << 20;
 
 impl libcloud::state::State for KvState {
     const APP: &'static str = "kv";
@@ -47,7 +126,7 @@ pub struct KvDelta {
 
 fn key_of(key: &[u8], e: &Entry, now: Instant) -> Key {
     let ttl = e.expires_at.map(|at| (at - now).as_millis().max(1) as u64);
-    (key.to_vec(), e.value.clone(), ttl)
+    Key(key.to_vec(), e.value.clone(), ttl)
 }
 
 /// A deadline `ttl` ms after the blob taken `age` ms before `now`; `None`
@@ -73,11 +152,11 @@ impl KvState {
     /// Loads the keys into `store`, deadlines counted from `now` less the
     /// checkpoint's `age` in ms.
     pub fn load_into(self, store: &mut Store, now: Instant, age: u64) {
-        for (key, value, ttl) in self.keys {
-            if let Some(expires_at) = deadline(ttl, age, now) {
-                store.set(key, value, expires_at);
-            }
-        }
+        store.extend_sorted(
+            self.keys
+                .into_iter()
+                .filter_map(|Key(key, value, ttl)| Some((key, value, deadline(ttl, age, now)?))),
+        );
     }
 }
 
@@ -90,7 +169,7 @@ impl KvDelta {
         for key in self.dels {
             store.remove(&key, now);
         }
-        for (key, value, ttl) in self.sets {
+        for Key(key, value, ttl) in self.sets {
             match deadline(ttl, age, now) {
                 Some(expires_at) => {
                     store.set(key, value, expires_at);

@@ -111,11 +111,13 @@ async fn main() -> Result<(), libcloud::net::Error> {
     };
     let stack = libcloud::net::start().await?;
     let server = Rc::new(RefCell::new(Server::new(port, MAX_CLIENTS, maxmemory)));
+    let start = libcloud::time::Instant::now();
     let restored = checkpoint::restore(&mut server.borrow_mut().store);
     match restored {
         Ok(Some(deltas)) => {
             let keys = server.borrow().store.len();
-            println!("kv: restored {keys} keys from a checkpoint (+{deltas} deltas)");
+            let ms = (libcloud::time::Instant::now() - start).as_secs_f64() * 1e3;
+            println!("kv: restored {keys} keys from a checkpoint (+{deltas} deltas) in {ms:.1} ms");
         }
         Ok(None) => {}
         Err(e) => {

@@ -177,6 +177,35 @@ impl Store {
         }
     }
 
+    /// Sets every `(key, value, deadline)` of `entries`, which come in key
+    /// order (a checkpoint): into an empty store, the map is built in one
+    /// pass (no search per key, full nodes) rather than key by key.
+    pub fn extend_sorted(
+        &mut self,
+        entries: impl Iterator<Item = (Vec<u8>, Vec<u8>, Option<Instant>)>,
+    ) {
+        if !self.map.is_empty() {
+            for (key, value, expires_at) in entries {
+                self.set(key, value, expires_at);
+            }
+            return;
+        }
+        let mut expiries = Vec::new();
+        self.map = entries
+            .map(|(key, value, expires_at)| {
+                if let Some(at) = expires_at {
+                    expiries.push((at, key.clone()));
+                }
+                (key, Entry { value, expires_at })
+            })
+            .collect();
+        self.expiries = expiries.into_iter().collect();
+        self.changes += self.map.len() as u64;
+        if let Some(d) = &mut self.dirty {
+            d.keys.extend(self.map.keys().cloned());
+        }
+    }
+
     /// Sets `key` to `value`, keeping the deadline it has (if live).
     pub fn set_keep_ttl(&mut self, key: Vec<u8>, value: Vec<u8>, now: Instant) {
         self.changes += 1;
