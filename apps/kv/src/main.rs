@@ -14,6 +14,9 @@
 //! Data lives in memory; its checkpoints (libcloud::state: every live key,
 //! value and remaining TTL) are taken when the host asks, and restored at
 //! start when the host hands one over (exit status 3 if it cannot be).
+//! Periodic and ack-after-checkpoint checkpoints are incremental: deltas of
+//! the keys changed since the last one, compacted into a full checkpoint
+//! when they outgrow it.
 //!
 //! Module map: [`resp`] parses requests and encodes replies, [`commands`]
 //! runs them against the shared [`commands::Server`], whose keyspace is a
