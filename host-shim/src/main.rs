@@ -42,6 +42,8 @@ A daemon (one per host), driven from other processes:
     host-shim --shim 127.0.0.1:7000 restore /tmp/kv.snap --name kv2
     host-shim --shim 127.0.0.1:7000 migrate kv --to 127.0.0.1:7100
     host-shim --shim 127.0.0.1:7000 stop kv
+    host-shim --shim 127.0.0.1:7000 run IMAGE --name kv --checkpoint-every 1s --standby 127.0.0.1:7100
+    host-shim --shim 127.0.0.1:7100 standbys         (restarts kv if 7000 dies)
 (--shim defaults to $HOST_SHIM; list/logs/stop/snapshot/checkpoint/migrate default to
 127.0.0.1:7000.)";
 
@@ -72,6 +74,9 @@ enum Command {
     Snapshot(SnapshotArgs),
     Checkpoint(CheckpointArgs),
     Migrate(MigrateArgs),
+    /// List the instances a daemon stands by for (`run --standby`): origin,
+    /// state, checkpoint file and size.
+    Standbys,
 }
 
 /// Run a guest from a snapshot file (in this process, or with --shim in a
@@ -448,6 +453,7 @@ fn execute(command: Command, shim: Option<String>) -> anyhow::Result<u8> {
         },
         Command::Serve(args) => serve(args),
         Command::List => list(&shim_addr(shim)),
+        Command::Standbys => standbys(&shim_addr(shim)),
         Command::Stop(n) => {
             let client = Client::new(&shim_addr(shim));
             let info: InstanceInfo =
@@ -545,6 +551,22 @@ fn list(addr: &str) -> anyhow::Result<u8> {
             i.uptime_s,
             i.generation,
             i.image
+        );
+    }
+    Ok(0)
+}
+
+fn standbys(addr: &str) -> anyhow::Result<u8> {
+    let list: Vec<host_shim::daemon::standby::StandbyInfo> =
+        Client::new(addr).json::<(), _>("GET", "/v1/standby", None)?;
+    println!(
+        "{:<16} {:<22} {:<24} {:>10} {:>6}  FILE",
+        "NAME", "ORIGIN", "STATE", "BYTES", "BLOBS"
+    );
+    for s in list {
+        println!(
+            "{:<16} {:<22} {:<24} {:>10} {:>6}  {}",
+            s.name, s.origin, s.state, s.bytes, s.blobs, s.file
         );
     }
     Ok(0)

@@ -545,6 +545,21 @@ fn after_kill_9_of_its_daemon_kv_restarts_on_the_standby() {
         let r = shim(args);
         assert_eq!(r.status, Some(0), "{r:?}");
     };
+    // A standby that is not there: a clear error, nothing runs.
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let r = shim([
+        "--shim",
+        &a_api,
+        "run",
+        img_s,
+        "--name",
+        "kv0",
+        "--standby",
+        &nobody,
+    ]);
+    assert_eq!(r.status, Some(1), "{r:?}");
+    assert!(r.stderr.contains(&format!("standby {nobody}")), "{r:?}");
+    assert!(!shim(["--shim", &a_api, "list"]).stdout.contains("kv0"));
     // kv1 checkpoints every 300 ms; kv2 acknowledges writes after theirs.
     run("kv1", &pub1, &["--checkpoint-every", "300ms"]);
     run("kv2", &pub2, &["--env", "ACK_AFTER_CHECKPOINT=1"]);
