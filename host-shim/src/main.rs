@@ -160,6 +160,12 @@ struct ServeArgs {
     #[arg(long, value_name = "ADDR")]
     peer: Vec<std::net::SocketAddr>,
 
+    /// Reach the peer at overlay address REAL through the relay at VIA
+    /// (e.g. a `wan-relay udp` emulating a WAN link), and take datagrams from
+    /// VIA as REAL's; may be repeated.
+    #[arg(long, value_name = "REAL=VIA", value_parser = parse_peer_via)]
+    peer_via: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
+
     /// The VXLAN network identifier of the fleet.
     #[arg(long, value_name = "VNI", default_value_t = 4242)]
     vni: u32,
@@ -632,14 +638,18 @@ fn restore(args: RestoreArgs) -> anyhow::Result<u8> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<u8> {
+    let name = args.name.unwrap_or_else(config::default_host_name);
     let overlay = (!args.no_overlay).then(|| host_shim::net::overlay::OverlayConfig {
         listen: args.overlay.unwrap_or(args.listen),
         peers: args.peer.clone(),
         vni: args.vni,
+        via: args.peer_via.clone(),
+        name: name.clone(),
+        region: args.region.clone(),
     });
     host_shim::daemon::serve(DaemonConfig {
         listen: args.listen,
-        name: args.name.unwrap_or_else(config::default_host_name),
+        name,
         region: args.region,
         shim_id: args.shim_id,
         publish: args.publish,
@@ -647,6 +657,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         overlay,
     })?;
     Ok(0)
+}
+
+/// `REAL=VIA`: two socket addresses.
+fn parse_peer_via(s: &str) -> Result<(std::net::SocketAddr, std::net::SocketAddr), String> {
+    let (real, via) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not REAL=VIA (two ADDR:PORT)"))?;
+    let addr = |a: &str| {
+        a.trim()
+            .parse()
+            .map_err(|e| format!("'{a}' in '{s}' is not an ADDR:PORT: {e}"))
+    };
+    Ok((addr(real)?, addr(via)?))
 }
 
 fn run(args: RunArgs) -> anyhow::Result<u8> {
