@@ -56,7 +56,13 @@ struct Cli {
     /// The daemon to talk to (`host-shim serve --listen ADDR`): makes `run`
     /// and `restore` run the guest there instead of in this process.
     /// `schedule` takes several (repeated, or comma-separated).
-    #[arg(long, global = true, value_name = "ADDR", env = "HOST_SHIM", value_delimiter = ',')]
+    #[arg(
+        long,
+        global = true,
+        value_name = "ADDR",
+        env = "HOST_SHIM",
+        value_delimiter = ','
+    )]
     shim: Vec<String>,
 
     #[command(subcommand)]
@@ -137,6 +143,10 @@ struct ScheduleArgs {
     /// Stop after this many rounds [default: run until killed].
     #[arg(long, value_name = "N")]
     rounds: Option<u64>,
+    /// follow-the-sun: below this many requests in a round, no move (too
+    /// little evidence).
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    min_requests: u64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -183,6 +193,7 @@ fn schedule(args: ScheduleArgs, shims: Vec<String>) -> anyhow::Result<u8> {
         notices: args.notices,
         events: args.events,
         rounds: args.rounds,
+        min_requests: args.min_requests,
     })?;
     Ok(0)
 }

@@ -54,8 +54,8 @@ fn main() -> anyhow::Result<()> {
             cli.to,
             cli.delay,
         )
-            .with_context(|| format!("listening on {}", cli.listen))?
-            .local_addr(),
+        .with_context(|| format!("listening on {}", cli.listen))?
+        .local_addr(),
     };
     eprintln!(
         "wan-relay: {local} -> {} with {:?} each way",

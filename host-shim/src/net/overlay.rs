@@ -394,7 +394,11 @@ mod tests {
         let rtts = a.rtts().list();
         assert_eq!(rtts.len(), 1, "{rtts:?}");
         let p = &rtts[0];
-        assert_eq!(p.addr, b.local_addr().to_string(), "known by its real address");
+        assert_eq!(
+            p.addr,
+            b.local_addr().to_string(),
+            "known by its real address"
+        );
         assert_eq!((p.name.as_str(), p.region.as_str()), ("b", "b-region"));
         assert!(p.srtt_ms >= 40.0 && p.srtt_ms < 200.0, "{p:?}");
         assert!(decode_probe(b"LCRPX").is_none());

@@ -161,6 +161,9 @@ mod tests {
         assert_eq!(port.received().len(), RX_BACKLOG);
         let t = port.traffic();
         assert_eq!((t.tx_packets, t.tx_bytes), (3, 3));
-        assert_eq!(t.rx_packets as usize, RX_BACKLOG, "dropped frames are not counted");
+        assert_eq!(
+            t.rx_packets as usize, RX_BACKLOG,
+            "dropped frames are not counted"
+        );
     }
 }

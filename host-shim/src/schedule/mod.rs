@@ -13,6 +13,9 @@
 //! 2. ask the scheduler; print every decision (move or stay) with its
 //!    reason and the scores before and after, and append it as a JSON line
 //!    to `--events`;
+//!    With fewer than `--min-requests` requests in the round, follow the
+//!    sun keeps the app where it is (a few requests at night are no
+//!    evidence); evacuations are never held back.
 //! 3. carry out a move through the source daemon's API (`migrate`), one at
 //!    a time: a move never starts while another runs, nor while the app is
 //!    busy on its shim (someone else's snapshot or migration). A failed
@@ -68,6 +71,9 @@ pub struct ScheduleConfig {
     pub events: Option<PathBuf>,
     /// Stop after this many rounds (`None`: run until killed).
     pub rounds: Option<u64>,
+    /// Fewer requests than this in a round are too little evidence for a
+    /// move on latency grounds (evacuations still happen).
+    pub min_requests: u64,
 }
 
 /// A setup error of the controller.
@@ -86,9 +92,7 @@ pub enum ScheduleError {
 #[serde(tag = "event", rename_all = "snake_case")]
 enum Event<'a> {
     /// The fleet as the controller found it.
-    Fleet {
-        regions: Vec<(&'a str, &'a str)>,
-    },
+    Fleet { regions: Vec<(&'a str, &'a str)> },
     /// One round's decision, with what it was based on.
     Decision {
         decision: &'a Decision,
@@ -202,6 +206,17 @@ fn step(
         .flat_map(|w| w.clients())
         .map(|c| (fleet.region_name(c.region), c.requests))
         .collect();
+    let total: u64 = requests.iter().map(|r| r.1).sum();
+    let forced = observed.inputs.notice(current).is_some();
+    if total < config.min_requests && !forced && config.policy == PolicyKind::FollowTheSun {
+        println!(
+            "[{t:7.1}s] {}: stay in {} (too little traffic to decide: {total} requests < {})",
+            config.app,
+            fleet.region_name(current),
+            config.min_requests
+        );
+        return Ok(());
+    }
     let decisions = sched.decide(now, &observed.inputs);
     for d in &decisions {
         println!("{d}");

@@ -72,14 +72,7 @@ impl Fleet {
     pub fn describe(&self) -> String {
         self.shims
             .iter()
-            .map(|s| {
-                format!(
-                    "{} ({}) at {}",
-                    s.name,
-                    self.regions.name(s.region),
-                    s.addr
-                )
-            })
+            .map(|s| format!("{} ({}) at {}", s.name, self.regions.name(s.region), s.addr))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -141,7 +134,9 @@ impl Fleet {
                     continue;
                 }
                 // A counter that went backwards: the shim restarted.
-                let (r0, b0) = before.filter(|b| b.0 <= now.0 && b.1 <= now.1).unwrap_or(now);
+                let (r0, b0) = before
+                    .filter(|b| b.0 <= now.0 && b.1 <= now.1)
+                    .unwrap_or(now);
                 workload.add(region, now.0 - r0, now.1 - b0);
             }
             for peer in &stats.peers {

@@ -147,9 +147,10 @@ impl Fleet {
             for b in a + 1..n {
                 let delay = Duration::from_secs_f64(one_way_ms(a, b) / 1e3);
                 let back = free_udp()?;
-                let relay =
-                    wan::udp::UdpRelay::start_from(free_udp()?, back, overlays[b], delay)
-                        .with_context(|| format!("relay {} -> {}", regions[a].name, regions[b].name))?;
+                let relay = wan::udp::UdpRelay::start_from(free_udp()?, back, overlays[b], delay)
+                    .with_context(|| {
+                    format!("relay {} -> {}", regions[a].name, regions[b].name)
+                })?;
                 peer_args[a].extend([
                     "--peer".into(),
                     overlays[b].to_string(),
@@ -171,7 +172,9 @@ impl Fleet {
             let log = dir.join(format!("{}.log", r.name));
             let out = std::fs::File::create(&log)?;
             let child = Command::new(host_shim)
-                .args(["serve", "--listen", &api, "--name", r.name, "--region", r.name])
+                .args([
+                    "serve", "--listen", &api, "--name", r.name, "--region", r.name,
+                ])
                 .args(["--shim-id", &(i + 1).to_string()])
                 .args(["--overlay", &overlays[i].to_string()])
                 .args(&peer_args[i])
@@ -219,7 +222,13 @@ impl Fleet {
         self.shims[at]
             .client()
             .json::<_, InstanceInfo>("POST", "/v1/instances", Some(&req))
-            .with_context(|| format!("booting kv on {}:\n{}", self.shims[at].region, self.shims[at].output()))?;
+            .with_context(|| {
+                format!(
+                    "booting kv on {}:\n{}",
+                    self.shims[at].region,
+                    self.shims[at].output()
+                )
+            })?;
         Ok(())
     }
 
@@ -256,7 +265,9 @@ impl Fleet {
             let complete = self.shims.iter().all(|s| {
                 s.client()
                     .json::<(), host_shim::daemon::stats::ShimStats>("GET", "/v1/stats", None)
-                    .is_ok_and(|st| st.peers.iter().filter(|p| p.samples > 0).count() + 1 >= self.shims.len())
+                    .is_ok_and(|st| {
+                        st.peers.iter().filter(|p| p.samples > 0).count() + 1 >= self.shims.len()
+                    })
             });
             if complete {
                 return Ok(());

@@ -183,7 +183,11 @@ impl Client {
                     *next_n += 1;
                     let (cmd, set, want) = if n % 4 == 0 {
                         let key = format!("w:{name}:{n}");
-                        (resp(&["SET", &key, &n.to_string()]), Some(n), "OK".to_owned())
+                        (
+                            resp(&["SET", &key, &n.to_string()]),
+                            Some(n),
+                            "OK".to_owned(),
+                        )
                     } else {
                         let i = (n as usize * 7919) % KEYS;
                         (

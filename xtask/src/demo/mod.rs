@@ -196,7 +196,11 @@ pub fn follow_the_sun(ws: &Workspace, opts: &DemoOptions) -> Result<()> {
     let dash = Dashboard::start(opts.dashboard, &regions)?;
     say(&format!("dashboard: http://{}/", dash.addr()));
 
-    say(&format!("booting kv on {} and loading {} keys", regions[0].name, load::KEYS));
+    say(&format!(
+        "booting kv on {} and loading {} keys",
+        regions[0].name,
+        load::KEYS
+    ));
     fleet.boot_app(&kv, 0)?;
     let mut clients = connect_clients(&fleet)?;
     clients[0].load_keys()?;
@@ -296,7 +300,11 @@ pub fn follow_the_sun(ws: &Workspace, opts: &DemoOptions) -> Result<()> {
         "target: follow the sun >= {:.0}% under {BOUND_MS} ms: {:.1}% ({})",
         TARGET * 100.0,
         fts.share(None) * 100.0,
-        if fts.share(None) >= TARGET { "met" } else { "missed" }
+        if fts.share(None) >= TARGET {
+            "met"
+        } else {
+            "missed"
+        }
     );
     if opts.short && fts.migrations < 2 {
         bail!(
@@ -357,7 +365,8 @@ fn start_scheduler(
     let out = child.stdout.take().context("the scheduler's stdout")?;
     let printer = thread::spawn(move || {
         for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if line.contains(": move ") || line.contains("migration of") || line.contains("warning") {
+            if line.contains(": move ") || line.contains("migration of") || line.contains("warning")
+            {
                 println!("  [schedule] {line}");
             }
         }
