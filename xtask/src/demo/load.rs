@@ -181,7 +181,7 @@ impl Client {
                     thread::sleep(wait);
                     let n = *next_n;
                     *next_n += 1;
-                    let (cmd, set, want) = if n % 4 == 0 {
+                    let (cmd, set, want) = if n.is_multiple_of(4) {
                         let key = format!("w:{name}:{n}");
                         (
                             resp(&["SET", &key, &n.to_string()]),

@@ -149,7 +149,7 @@ fn static_best(day: &SyntheticDay, n: usize) -> usize {
 
 /// Runs the demo.
 pub fn follow_the_sun(ws: &Workspace, opts: &DemoOptions) -> Result<()> {
-    if !(opts.day_secs >= 5.0) {
+    if opts.day_secs.is_nan() || opts.day_secs < 5.0 {
         bail!("--day-secs must be at least 5");
     }
     if let Err(e) = std::fs::OpenOptions::new()
