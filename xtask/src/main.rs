@@ -71,9 +71,9 @@ enum DemoCmd {
 
 #[derive(Args)]
 struct DemoArgs {
-    /// Seconds per emulated day.
-    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
-    day_secs: f64,
+    /// Seconds per emulated day [default: 60, or 20 with --short].
+    #[arg(long, value_name = "SECS")]
+    day_secs: Option<f64>,
     /// Only the follow-the-sun run, on a 20 s day unless --day-secs says otherwise
     /// (the end-to-end test); fails unless the app moved at least twice.
     #[arg(long)]
@@ -253,11 +253,7 @@ fn dispatch(ws: &Workspace, command: Cmd) -> Result<()> {
         Cmd::Demo(DemoCmd::FollowTheSun(a)) => demo::follow_the_sun(
             ws,
             &demo::DemoOptions {
-                day_secs: if a.short && a.day_secs == 60.0 {
-                    20.0
-                } else {
-                    a.day_secs
-                },
+                day_secs: a.day_secs.unwrap_or(if a.short { 20.0 } else { 60.0 }),
                 short: a.short,
                 peak_rps: a.peak_rps,
                 interval: Duration::from_millis(a.interval_ms.max(50)),

@@ -352,7 +352,7 @@ fn start_scheduler(
 ) -> Result<(std::process::Child, Option<thread::JoinHandle<()>>)> {
     let mut child = Command::new(host_shim)
         .args(["schedule", fleet::APP, "--policy", "follow-the-sun"])
-        .args(["--threshold", "5ms"])
+        .args(["--threshold", "5ms", "--min-requests", "3"])
         .args(["--interval", &format!("{}ms", interval.as_millis())])
         .arg("--events")
         .arg(events)
