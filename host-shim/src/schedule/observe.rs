@@ -103,20 +103,28 @@ impl Fleet {
 
     /// Reads every shim's stats for `app`.
     pub fn observe(&mut self, app: &str) -> Round {
+        let mut all = Vec::new();
+        let mut warnings = Vec::new();
+        for (i, shim) in self.shims.iter().enumerate() {
+            match Client::new(&shim.addr).json::<(), ShimStats>("GET", "/v1/stats", None) {
+                Ok(stats) => all.push((i, stats)),
+                Err(e) => warnings.push(format!("{} left out: {e}", shim.name)),
+            }
+        }
+        let mut round = self.absorb(app, &all);
+        round.warnings = warnings;
+        round
+    }
+
+    /// Turns the stats of the shims that answered (by index) into a round.
+    fn absorb(&mut self, app: &str, all: &[(usize, ShimStats)]) -> Round {
         let mut round = Round {
             inputs: Inputs::new(self.regions.clone()),
             busy: false,
             warnings: Vec::new(),
         };
-        let mut all = Vec::new();
-        for (i, shim) in self.shims.iter().enumerate() {
-            match Client::new(&shim.addr).json::<(), ShimStats>("GET", "/v1/stats", None) {
-                Ok(stats) => all.push((i, stats)),
-                Err(e) => round.warnings.push(format!("{} left out: {e}", shim.name)),
-            }
-        }
         let mut app_ip = None;
-        for (i, stats) in &all {
+        for (i, stats) in all {
             if let Some(inst) = stats.instances.iter().find(|x| x.name == app) {
                 round.inputs.placement.set(app, self.shims[*i].region);
                 round.busy |= inst.state != "running";
@@ -124,7 +132,7 @@ impl Fleet {
             }
         }
         let mut workload = Workload::new();
-        for (i, stats) in &all {
+        for (i, stats) in all {
             let region = self.shims[*i].region;
             for port in &stats.ports {
                 let to_app = app_ip.is_some_and(|ip| port.guest.split(':').next() == Some(ip));
@@ -150,5 +158,143 @@ impl Fleet {
         }
         round.inputs.workloads.insert(app.into(), workload);
         round
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::stats::InstanceStats;
+    use crate::net::overlay::PeerRtt;
+    use crate::net::traffic::PortStats;
+
+    fn fleet() -> Fleet {
+        let regions = Regions::new(["us", "eu"]);
+        Fleet {
+            shims: vec![
+                Shim {
+                    addr: "a:1".into(),
+                    name: "a".into(),
+                    region: RegionId(0),
+                },
+                Shim {
+                    addr: "b:1".into(),
+                    name: "b".into(),
+                    region: RegionId(1),
+                },
+            ],
+            regions,
+            last: HashMap::new(),
+        }
+    }
+
+    fn port(host: &str, guest: &str, requests: u64) -> PortStats {
+        PortStats {
+            host: host.into(),
+            guest: guest.into(),
+            requests,
+            bytes_in: requests * 10,
+            bytes_out: requests * 20,
+            ..PortStats::default()
+        }
+    }
+
+    fn stats(
+        app_state: Option<&str>,
+        ports: Vec<PortStats>,
+        peer: Option<(&str, f64, f64)>,
+    ) -> ShimStats {
+        ShimStats {
+            instances: app_state
+                .map(|state| InstanceStats {
+                    name: "kv".into(),
+                    state: state.into(),
+                    ip: Some("10.0.2.16/24".into()),
+                    ..InstanceStats::default()
+                })
+                .into_iter()
+                .collect(),
+            ports,
+            peers: peer
+                .map(|(region, srtt_ms, age_s)| PeerRtt {
+                    region: region.into(),
+                    srtt_ms,
+                    age_s,
+                    samples: 3,
+                    ..PeerRtt::default()
+                })
+                .into_iter()
+                .collect(),
+            ..ShimStats::default()
+        }
+    }
+
+    #[test]
+    fn counters_become_per_round_traffic_by_the_shims_region() {
+        let mut f = fleet();
+        let round = |f: &mut Fleet, a: u64, b: u64, other: u64| {
+            f.absorb(
+                "kv",
+                &[
+                    (
+                        0,
+                        stats(
+                            Some("running"),
+                            vec![port("127.0.0.1:1/tcp", "10.0.2.16:6379", a)],
+                            Some(("eu", 80.0, 0.5)),
+                        ),
+                    ),
+                    (
+                        1,
+                        stats(
+                            None,
+                            vec![
+                                port("127.0.0.1:2/tcp", "10.0.2.16:6379", b),
+                                // Another app's port: not kv's traffic.
+                                port("127.0.0.1:3/tcp", "10.0.2.17:80", other),
+                            ],
+                            Some(("us", 82.0, 60.0)),
+                        ),
+                    ),
+                ],
+            )
+        };
+        // The first reading is the baseline.
+        let r = round(&mut f, 100, 50, 7);
+        assert_eq!(r.inputs.workloads[&"kv".into()].total_requests(), 0);
+        assert_eq!(r.inputs.placement.get(&"kv".into()), Some(RegionId(0)));
+        assert!(!r.busy);
+        let r = round(&mut f, 130, 60, 1000);
+        let w = &r.inputs.workloads[&"kv".into()];
+        let by = |id| {
+            w.clients()
+                .iter()
+                .find(|c| c.region == RegionId(id))
+                .map(|c| (c.requests, c.bytes))
+        };
+        assert_eq!(by(0), Some((30, 900)));
+        assert_eq!(by(1), Some((10, 300)));
+        // a's fresh RTT to eu is used; b's stale one is not (the reverse falls back to it).
+        assert_eq!(r.inputs.rtt.measured(RegionId(0), RegionId(1)), Some(80.0));
+        assert_eq!(r.inputs.rtt.measured(RegionId(1), RegionId(0)), None);
+        // A counter that went backwards (a restarted shim) counts as a new baseline.
+        let r = round(&mut f, 5, 70, 1000);
+        let w = &r.inputs.workloads[&"kv".into()];
+        assert_eq!(w.total_requests(), 10);
+    }
+
+    #[test]
+    fn an_app_in_migration_is_busy() {
+        let mut f = fleet();
+        let r = f.absorb(
+            "kv",
+            &[
+                (0, stats(Some("migrating"), Vec::new(), None)),
+                (1, stats(Some("incoming"), Vec::new(), None)),
+            ],
+        );
+        assert!(r.busy);
+        let r = f.absorb("kv", &[(1, stats(None, Vec::new(), None))]);
+        assert_eq!(r.inputs.placement.get(&"kv".into()), None);
     }
 }
