@@ -143,6 +143,10 @@ struct ScheduleArgs {
     /// Stop after this many rounds [default: run until killed].
     #[arg(long, value_name = "N")]
     rounds: Option<u64>,
+    /// Clients in network CIDR are in REGION (e.g. 10.1.0.0/16=eu-west);
+    /// may be repeated [default: a request's region is its shim's].
+    #[arg(long, value_name = "CIDR=REGION", value_parser = host_shim::schedule::observe::ClientNet::parse)]
+    client_region: Vec<host_shim::schedule::observe::ClientNet>,
     /// follow-the-sun: below this many requests in a round, no move (too
     /// little evidence).
     #[arg(long, value_name = "N", default_value_t = 10)]
@@ -194,6 +198,7 @@ fn schedule(args: ScheduleArgs, shims: Vec<String>) -> anyhow::Result<u8> {
         events: args.events,
         rounds: args.rounds,
         min_requests: args.min_requests,
+        client_regions: args.client_region,
     })?;
     Ok(0)
 }

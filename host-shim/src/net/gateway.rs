@@ -493,8 +493,8 @@ impl Gateway {
                 }
             };
             let guest = listener.guest;
-            listener.traffic.request();
-            listener.traffic.inbound(n);
+            listener.traffic.request(peer.ip());
+            listener.traffic.inbound(peer.ip(), n);
             let handle = match listener.flows.get_mut(&peer) {
                 Some(flow) => {
                     flow.last_used = now;
@@ -677,9 +677,9 @@ impl Conn {
                 Ok(Ok(n)) => {
                     if !self.in_request {
                         self.in_request = true;
-                        self.traffic.request();
+                        self.traffic.request(self.peer.ip());
                     }
-                    self.traffic.inbound(n);
+                    self.traffic.inbound(self.peer.ip(), n);
                     moved = true;
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {

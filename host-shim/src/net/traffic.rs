@@ -15,11 +15,21 @@
 //!
 //! The shim that received a request tells where its client is: in a fleet,
 //! clients connect to the published port of the shim of their own region.
-//! Counters only grow; the reader takes differences between two readings.
+//! Requests and bytes are also counted per client address (the first
+//! [`MAX_CLIENTS`] addresses), so that a controller can map client networks
+//! to regions (`host-shim schedule --client-region CIDR=REGION`). Counters
+//! only grow; the reader takes differences between two readings.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
+
+/// Client addresses counted separately per port; later ones only count
+/// in the port's totals.
+pub const MAX_CLIENTS: usize = 1024;
 
 /// The counters of one published port, shared by its listener and its
 /// proxied connections.
@@ -30,17 +40,36 @@ pub struct PortTraffic {
     bytes_out: AtomicU64,
     connections: AtomicU64,
     closed: AtomicU64,
+    /// (requests, bytes from it) per client address.
+    clients: Mutex<BTreeMap<IpAddr, (u64, u64)>>,
 }
 
 impl PortTraffic {
-    /// A request: a new burst of bytes from a client.
-    pub fn request(&self) {
+    /// A request from `client`: a new burst of bytes.
+    pub fn request(&self, client: IpAddr) {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        self.per_client(client, 1, 0);
     }
 
-    /// Bytes from clients to the app.
-    pub fn inbound(&self, bytes: usize) {
+    /// Bytes from `client` to the app.
+    pub fn inbound(&self, client: IpAddr, bytes: usize) {
         self.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.per_client(client, 0, bytes as u64);
+    }
+
+    fn per_client(&self, client: IpAddr, requests: u64, bytes: u64) {
+        let mut map = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let full = map.len() >= MAX_CLIENTS;
+        match map.get_mut(&client) {
+            Some(c) => {
+                c.0 += requests;
+                c.1 += bytes;
+            }
+            None if !full => {
+                map.insert(client, (requests, bytes));
+            }
+            None => {}
+        }
     }
 
     /// Bytes from the app to clients.
@@ -61,6 +90,17 @@ impl PortTraffic {
     /// The counters now, for `host`/`proto` forwarding to `guest`.
     pub fn snapshot(&self, host: String, guest: String) -> PortStats {
         let connections = self.connections.load(Ordering::Relaxed);
+        let clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(addr, &(requests, bytes_in))| ClientStats {
+                addr: addr.to_string(),
+                requests,
+                bytes_in,
+            })
+            .collect();
         PortStats {
             host,
             guest,
@@ -69,8 +109,18 @@ impl PortTraffic {
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             connections,
             open_connections: connections.saturating_sub(self.closed.load(Ordering::Relaxed)),
+            clients,
         }
     }
+}
+
+/// One client address's share of a port's traffic.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientStats {
+    pub addr: String,
+    pub requests: u64,
+    /// Bytes from it to the app.
+    pub bytes_in: u64,
 }
 
 /// One published port's counters, as `GET /v1/stats` reports them.
@@ -90,6 +140,9 @@ pub struct PortStats {
     pub connections: u64,
     /// Client connections open now.
     pub open_connections: u64,
+    /// Per client address (the first [`MAX_CLIENTS`]).
+    #[serde(default)]
+    pub clients: Vec<ClientStats>,
 }
 
 /// Frame counters of a guest's network card, seen from the switch.
@@ -148,11 +201,12 @@ mod tests {
     #[test]
     fn counters_add_up() {
         let t = PortTraffic::default();
+        let client: IpAddr = "192.0.2.7".parse().unwrap();
         t.opened();
         t.opened();
         t.closed();
-        t.request();
-        t.inbound(10);
+        t.request(client);
+        t.inbound(client, 10);
         t.outbound(30);
         let s = t.snapshot("127.0.0.1:1/tcp".into(), "10.0.2.16:6379".into());
         assert_eq!(
@@ -160,6 +214,14 @@ mod tests {
             (1, 10, 30, 2)
         );
         assert_eq!(s.open_connections, 1);
+        assert_eq!(
+            s.clients,
+            [ClientStats {
+                addr: "192.0.2.7".into(),
+                requests: 1,
+                bytes_in: 10
+            }]
+        );
         let n = NicTraffic::default();
         n.sent(&[vec![0u8; 60], vec![0u8; 100]]);
         n.received(&[vec![0u8; 42]]);

@@ -71,6 +71,9 @@ pub struct ScheduleConfig {
     pub events: Option<PathBuf>,
     /// Stop after this many rounds (`None`: run until killed).
     pub rounds: Option<u64>,
+    /// Client networks and their regions (else a request's region is its
+    /// shim's).
+    pub client_regions: Vec<observe::ClientNet>,
     /// Fewer requests than this in a round are too little evidence for a
     /// move on latency grounds (evacuations still happen).
     pub min_requests: u64,
@@ -131,7 +134,7 @@ pub fn run(config: &ScheduleConfig) -> Result<(), ScheduleError> {
             "--policy cost needs --prices FILE (region,price lines)".into(),
         ));
     }
-    let mut fleet = Fleet::discover(&config.shims)?;
+    let mut fleet = Fleet::discover(&config.shims, &config.client_regions)?;
     let policy: Arc<dyn Policy> = match config.policy {
         PolicyKind::FollowTheSun => Arc::new(FollowTheSun::new()),
         PolicyKind::Cost => Arc::new(Cost::new()),

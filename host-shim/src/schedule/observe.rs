@@ -7,11 +7,15 @@
 //! - **Workload**: per shim, the published ports that forward to the app's
 //!   address; the difference of their request and byte counters since the
 //!   last round is that shim's region's traffic (clients use the shim of
-//!   their own region).
+//!   their own region). With `--client-region CIDR=REGION`, the per-client
+//!   counters of those ports are attributed by client address instead
+//!   (requests and the clients' bytes to the app); addresses in no listed
+//!   network stay with the shim's region.
 //! - **RTTs**: each shim's smoothed round trip to each peer (by the peer's
 //!   region), if its last answer is recent.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use scheduler::{Inputs, RegionId, Regions, Workload};
@@ -28,12 +32,66 @@ struct Shim {
     region: RegionId,
 }
 
+/// `--client-region CIDR=REGION`: clients in a network belong to a region.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientNet {
+    pub net: IpAddr,
+    pub prefix: u8,
+    pub region: String,
+}
+
+impl ClientNet {
+    /// `10.1.0.0/16=eu-west`, `2001:db8::/32=us-east`, `192.0.2.7=ap` (a host).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = || format!("'{s}' is not CIDR=REGION (e.g. 10.1.0.0/16=eu-west)");
+        let (cidr, region) = s.split_once('=').ok_or_else(bad)?;
+        let (addr, prefix) = match cidr.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (cidr, None),
+        };
+        let net: IpAddr = addr.trim().parse().map_err(|_| bad())?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&p| p <= max)
+                .ok_or_else(bad)?,
+            None => max,
+        };
+        if region.trim().is_empty() {
+            return Err(bad());
+        }
+        Ok(Self {
+            net,
+            prefix,
+            region: region.trim().to_owned(),
+        })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let bits = |ip: IpAddr| match ip {
+            IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
+            IpAddr::V6(a) => (u128::from(a), 128),
+        };
+        let ((net, width), (ip, w2)) = (bits(self.net), bits(ip));
+        if width != w2 {
+            return false;
+        }
+        let shift = width - u32::from(self.prefix);
+        shift >= width || (net >> shift) == (ip >> shift)
+    }
+}
+
 /// The shims the controller watches, and its memory of their counters.
 pub struct Fleet {
     shims: Vec<Shim>,
     regions: Regions,
-    /// (shim index, published host port) -> (requests, bytes) last seen.
-    last: HashMap<(usize, String), (u64, u64)>,
+    /// Client networks and their regions (`--client-region`).
+    nets: Vec<(ClientNet, RegionId)>,
+    /// (shim index, published host port, client or "") -> (requests, bytes) last seen.
+    last: HashMap<(usize, String, String), (u64, u64)>,
 }
 
 /// One round's observations.
@@ -46,8 +104,9 @@ pub struct Round {
 }
 
 impl Fleet {
-    /// Asks every shim who it is.
-    pub fn discover(addrs: &[String]) -> Result<Self, ClientError> {
+    /// Asks every shim who it is; clients in `nets` belong to the given
+    /// regions (each must have a shim).
+    pub fn discover(addrs: &[String], nets: &[ClientNet]) -> Result<Self, ClientError> {
         let mut regions = Regions::default();
         let mut shims = Vec::new();
         for addr in addrs {
@@ -61,11 +120,37 @@ impl Fleet {
                 region,
             });
         }
+        let nets = nets
+            .iter()
+            .map(|n| {
+                regions
+                    .id(&n.region)
+                    .map(|id| (n.clone(), id))
+                    .ok_or_else(|| {
+                        ClientError::Api(format!(
+                            "--client-region {}/{}={}: no shim is in region '{}'",
+                            n.net, n.prefix, n.region, n.region
+                        ))
+                    })
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             shims,
             regions,
+            nets,
             last: HashMap::new(),
         })
+    }
+
+    /// The difference of `now` and what `key` was last, and remembers it
+    /// (0 at first sight and after a counter went backwards: a restarted
+    /// shim).
+    fn delta(&mut self, key: (usize, String, String), now: (u64, u64)) -> (u64, u64) {
+        let before = self.last.insert(key, now);
+        let (r0, b0) = before
+            .filter(|b| b.0 <= now.0 && b.1 <= now.1)
+            .unwrap_or(now);
+        (now.0 - r0, now.1 - b0)
     }
 
     /// `name (region) at ADDR, ...`.
@@ -136,16 +221,35 @@ impl Fleet {
             let region = self.shims[*i].region;
             for port in &stats.ports {
                 let to_app = app_ip.is_some_and(|ip| port.guest.split(':').next() == Some(ip));
-                let now = (port.requests, port.bytes_in + port.bytes_out);
-                let before = self.last.insert((*i, port.host.clone()), now);
+                // Mapped by client: the clients' bytes to the app only (all
+                // the per-client counters have).
+                let total = if self.nets.is_empty() {
+                    (port.requests, port.bytes_in + port.bytes_out)
+                } else {
+                    (port.requests, port.bytes_in)
+                };
+                let (requests, bytes) = self.delta((*i, port.host.clone(), String::new()), total);
                 if !to_app {
                     continue;
                 }
-                // A counter that went backwards: the shim restarted.
-                let (r0, b0) = before
-                    .filter(|b| b.0 <= now.0 && b.1 <= now.1)
-                    .unwrap_or(now);
-                workload.add(region, now.0 - r0, now.1 - b0);
+                // By client address; what no listed network claims stays here.
+                let (mut rest_r, mut rest_b) = (requests, bytes);
+                let mapped = !self.nets.is_empty();
+                for c in port.clients.iter().filter(|_| mapped) {
+                    let key = (*i, port.host.clone(), c.addr.clone());
+                    let (r, b) = self.delta(key, (c.requests, c.bytes_in));
+                    let ip = c.addr.parse().ok();
+                    let net = self
+                        .nets
+                        .iter()
+                        .find(|(n, _)| ip.is_some_and(|ip| n.contains(ip)));
+                    if let Some(&(_, to)) = net {
+                        workload.add(to, r, b);
+                        rest_r = rest_r.saturating_sub(r);
+                        rest_b = rest_b.saturating_sub(b);
+                    }
+                }
+                workload.add(region, rest_r, rest_b);
             }
             for peer in &stats.peers {
                 let Some(to) = self.regions.id(&peer.region) else {
@@ -184,6 +288,7 @@ mod tests {
                 },
             ],
             regions,
+            nets: Vec::new(),
             last: HashMap::new(),
         }
     }
@@ -296,5 +401,57 @@ mod tests {
         assert!(r.busy);
         let r = f.absorb("kv", &[(1, stats(None, Vec::new(), None))]);
         assert_eq!(r.inputs.placement.get(&"kv".into()), None);
+    }
+
+    #[test]
+    fn client_networks_map_requests_to_regions() {
+        let n = ClientNet::parse("10.1.0.0/16=eu").unwrap();
+        assert!(n.contains("10.1.200.3".parse().unwrap()));
+        assert!(!n.contains("10.2.0.1".parse().unwrap()));
+        assert!(!n.contains("::1".parse().unwrap()));
+        assert!(ClientNet::parse("0.0.0.0/0=x")
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
+        assert!(ClientNet::parse("192.0.2.7=x")
+            .unwrap()
+            .contains("192.0.2.7".parse().unwrap()));
+        for bad in ["10.0.0.0/33=x", "10.0.0.0/8", "nonsense=x", "10.0.0.0/8="] {
+            assert!(ClientNet::parse(bad).is_err(), "{bad}");
+        }
+
+        let mut f = fleet();
+        f.nets = vec![(n, RegionId(1))];
+        let with_clients = |eu: u64, local: u64| {
+            let mut p = port("127.0.0.1:1/tcp", "10.0.2.16:6379", eu + local);
+            p.bytes_in = (eu + local) * 10;
+            p.clients = vec![
+                crate::net::traffic::ClientStats {
+                    addr: "10.1.0.9".into(),
+                    requests: eu,
+                    bytes_in: eu * 10,
+                },
+                crate::net::traffic::ClientStats {
+                    addr: "127.0.0.1".into(),
+                    requests: local,
+                    bytes_in: local * 10,
+                },
+            ];
+            vec![(0, stats(Some("running"), vec![p], None))]
+        };
+        f.absorb("kv", &with_clients(5, 5));
+        let r = f.absorb("kv", &with_clients(25, 8));
+        let w = &r.inputs.workloads[&"kv".into()];
+        let by = |id| {
+            w.clients()
+                .iter()
+                .find(|c| c.region == RegionId(id))
+                .map(|c| (c.requests, c.bytes))
+        };
+        assert_eq!(by(1), Some((20, 200)), "10.1.0.9 is in eu");
+        assert_eq!(
+            by(0),
+            Some((3, 30)),
+            "the rest stays with the shim's region"
+        );
     }
 }
