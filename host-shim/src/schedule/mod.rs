@@ -162,14 +162,17 @@ pub fn run(config: &ScheduleConfig) -> Result<(), ScheduleError> {
     let start = Instant::now();
     let mut round = 0u64;
     let mut next = Instant::now();
+    // A shim gets this long to answer each round.
+    let patience = config.interval.max(Duration::from_secs(1));
     // The first reading only sets the counters' baseline.
-    fleet.observe(&config.app);
+    fleet.observe(&config.app, patience);
     loop {
-        next += config.interval;
+        // A round that overran does not make the next ones hurry.
+        next = (next + config.interval).max(Instant::now());
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
         round += 1;
         let now = start.elapsed();
-        let mut observed = fleet.observe(&config.app);
+        let mut observed = fleet.observe(&config.app, patience);
         for warning in observed.warnings.drain(..) {
             println!("[{:7.1}s] warning: {warning}", now.as_secs_f64());
         }

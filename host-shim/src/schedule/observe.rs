@@ -186,14 +186,40 @@ impl Fleet {
             .map_or("", |s| s.addr.as_str())
     }
 
-    /// Reads every shim's stats for `app`.
-    pub fn observe(&mut self, app: &str) -> Round {
+    /// Reads every shim's stats for `app`, all at once; a shim that has
+    /// not answered within `timeout` is left out of the round.
+    pub fn observe(&mut self, app: &str, timeout: Duration) -> Round {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (i, shim) in self.shims.iter().enumerate() {
+            let (tx, addr) = (tx.clone(), shim.addr.clone());
+            // A hung shim keeps its thread, not the controller.
+            std::thread::spawn(move || {
+                let _ = tx.send((
+                    i,
+                    Client::new(&addr).json::<(), ShimStats>("GET", "/v1/stats", None),
+                ));
+            });
+        }
+        drop(tx);
+        let deadline = std::time::Instant::now() + timeout;
+        let mut answers: Vec<Option<Result<ShimStats, ClientError>>> =
+            self.shims.iter().map(|_| None).collect();
+        while let Ok((i, answer)) =
+            rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+        {
+            answers[i] = Some(answer);
+        }
         let mut all = Vec::new();
         let mut warnings = Vec::new();
-        for (i, shim) in self.shims.iter().enumerate() {
-            match Client::new(&shim.addr).json::<(), ShimStats>("GET", "/v1/stats", None) {
-                Ok(stats) => all.push((i, stats)),
-                Err(e) => warnings.push(format!("{} left out: {e}", shim.name)),
+        for (i, answer) in answers.into_iter().enumerate() {
+            let name = &self.shims[i].name;
+            match answer {
+                Some(Ok(stats)) => all.push((i, stats)),
+                Some(Err(e)) => warnings.push(format!("{name} left out: {e}")),
+                None => warnings.push(format!(
+                    "{name} left out: no stats within {:.1} s",
+                    timeout.as_secs_f64()
+                )),
             }
         }
         let mut round = self.absorb(app, &all);

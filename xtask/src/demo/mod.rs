@@ -307,9 +307,23 @@ pub fn follow_the_sun(ws: &Workspace, opts: &DemoOptions) -> Result<()> {
         }
     );
     if opts.short && fts.migrations < 2 {
+        let logs: Vec<String> = fleet
+            .shims
+            .iter()
+            .map(|s| {
+                let out = s.output();
+                let tail: Vec<&str> = out.lines().rev().take(20).collect();
+                format!(
+                    "--- {} (last lines):\n{}",
+                    s.region,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect();
         bail!(
-            "the app moved {} times in the day (at least 2 expected)",
-            fts.migrations
+            "the app moved {} times in the day (at least 2 expected)\n{}",
+            fts.migrations,
+            logs.join("\n")
         );
     }
     Ok(())
@@ -412,12 +426,16 @@ fn run_day(
             while start.elapsed() < day.period {
                 thread::sleep(Duration::from_millis(250));
                 let t = start.elapsed();
-                let all = samples.lock().unwrap();
-                dash.record(t, day.utc_hour(t), &all[seen..]);
-                seen = all.len();
+                // The clients wait for this lock: copy and let go.
+                let (fresh, under, total) = {
+                    let all = samples.lock().unwrap();
+                    let under = all.iter().filter(|s| s.latency_ms <= BOUND_MS).count();
+                    (all[seen..].to_vec(), under, all.len())
+                };
+                seen = total;
+                dash.record(t, day.utc_hour(t), &fresh);
                 if t >= next_line {
                     next_line += day.period / 8;
-                    let under = all.iter().filter(|s| s.latency_ms <= BOUND_MS).count();
                     let rates: Vec<String> = regions
                         .iter()
                         .enumerate()
@@ -428,8 +446,8 @@ fn run_day(
                         day.utc_hour(t),
                         rates.join(", "),
                         dash.app_name().unwrap_or_else(|| "?".into()),
-                        if all.is_empty() { 0.0 } else { under as f64 * 100.0 / all.len() as f64 },
-                        all.len()
+                        if total == 0 { 0.0 } else { under as f64 * 100.0 / total as f64 },
+                        total
                     );
                 }
             }
