@@ -6,7 +6,8 @@
 //! queued since its last exit under one lock and with one eventfd write, and
 //! the network thread does the same with the frames it switched to the
 //! guest. The vCPU thread waits on [`GuestPort::wait_fd`] while its guest
-//! idles.
+//! idles. The port counts the frames and bytes crossing it each way
+//! ([`GuestPort::traffic`], for `GET /v1/stats`).
 
 use std::collections::VecDeque;
 use std::io;
