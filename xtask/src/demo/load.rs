@@ -20,6 +20,8 @@ use scheduler::{ClientRegion, SyntheticDay};
 
 /// Keys loaded before the runs.
 pub const KEYS: usize = 2000;
+/// A reply later than this breaks the client.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// One answered request.
 #[derive(Clone, Copy, Debug)]
@@ -55,7 +57,7 @@ impl Client {
         let s = TcpStream::connect(("127.0.0.1", port))
             .with_context(|| format!("connecting to {name}'s shim on port {port}"))?;
         s.set_nodelay(true)?;
-        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        s.set_read_timeout(Some(REPLY_TIMEOUT))?;
         Ok(Self {
             region,
             name: name.to_owned(),
@@ -70,7 +72,14 @@ impl Client {
     /// One reply: simple strings, integers and bulk strings as text, nil as `(nil)`.
     fn reply(r: &mut BufReader<TcpStream>) -> Result<String> {
         let mut line = String::new();
-        if r.read_line(&mut line)? == 0 {
+        let timed_out = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => anyhow::anyhow!(
+                "no reply within {} s (the app or this host stalled)",
+                REPLY_TIMEOUT.as_secs()
+            ),
+            _ => e.into(),
+        };
+        if r.read_line(&mut line).map_err(timed_out)? == 0 {
             bail!("the server closed the connection");
         }
         let line = line.trim_end();
@@ -83,7 +92,7 @@ impl Client {
                     return Ok("(nil)".into());
                 }
                 let mut buf = vec![0u8; n as usize + 2];
-                r.read_exact(&mut buf)?;
+                r.read_exact(&mut buf).map_err(timed_out)?;
                 Ok(String::from_utf8_lossy(&buf[..n as usize]).into_owned())
             }
             _ => bail!("unexpected reply {line:?}"),
