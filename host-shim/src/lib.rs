@@ -20,6 +20,7 @@ pub mod machine;
 pub mod migration;
 pub mod net;
 pub mod outcome;
+pub mod schedule;
 pub mod snapshot;
 mod sys;
 pub mod vstate;

@@ -597,6 +597,13 @@ impl MachineHandle {
         true
     }
 
+    /// The CPU time the vCPU thread has used (`None` once it ended).
+    pub fn cpu_time(&self) -> Option<Duration> {
+        use std::os::unix::thread::JoinHandleExt;
+        let thread = lock(&self.thread);
+        crate::sys::thread_cpu_time(thread.as_ref()?.as_pthread_t()).ok()
+    }
+
     /// Joins a thread that has ended.
     pub fn join(&self) {
         if let Some(t) = lock(&self.thread).take() {

@@ -44,6 +44,10 @@ A daemon (one per host), driven from other processes:
     host-shim --shim 127.0.0.1:7000 stop kv
     host-shim --shim 127.0.0.1:7000 run IMAGE --name kv --checkpoint-every 1s --standby 127.0.0.1:7100
     host-shim --shim 127.0.0.1:7100 standbys         (restarts kv if 7000 dies)
+
+Placement over a fleet of daemons:
+    host-shim schedule kv --policy follow-the-sun --threshold 5ms --interval 10s \\
+        --shim 127.0.0.1:7001 --shim 127.0.0.1:7002 --shim 127.0.0.1:7003
 (--shim defaults to $HOST_SHIM; list/logs/stop/snapshot/checkpoint/migrate default to
 127.0.0.1:7000.)";
 
@@ -53,8 +57,15 @@ A daemon (one per host), driven from other processes:
 struct Cli {
     /// The daemon to talk to (`host-shim serve --listen ADDR`): makes `run`
     /// and `restore` run the guest there instead of in this process.
-    #[arg(long, global = true, value_name = "ADDR", env = "HOST_SHIM")]
-    shim: Option<String>,
+    /// `schedule` takes several (repeated, or comma-separated).
+    #[arg(
+        long,
+        global = true,
+        value_name = "ADDR",
+        env = "HOST_SHIM",
+        value_delimiter = ','
+    )]
+    shim: Vec<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -77,6 +88,124 @@ enum Command {
     /// List the instances a daemon stands by for (`run --standby`): origin,
     /// state, checkpoint file and size.
     Standbys,
+    Schedule(ScheduleArgs),
+}
+
+const SCHEDULE_ABOUT: &str = "\
+Move an app between the shims of a fleet (one or more per region) as a
+placement policy decides, until killed (or --rounds).
+
+Every --interval it reads each shim's GET /v1/stats: the requests and bytes
+the shim's published ports for the app received (clients connect to the
+shim of their region) and the round trips the shims measure between each
+other over the overlay. It moves the app to the best region only when that
+beats the current one by more than --threshold, one migration at a time,
+and prints every decision with its reason and scores.
+
+Policies:
+    follow-the-sun   score = request-weighted mean RTT from the clients'
+                     regions (ms); --threshold in ms (e.g. 5ms)
+    cost             score = the region's price per hour from --prices
+                     (`region,price` CSV, re-read every round); --threshold
+                     in price per hour
+
+Termination notices (--notices FILE, re-read every round): lines
+`region,DEADLINE` (Unix time, seconds); the app leaves a noticed region
+before its deadline, whatever the threshold and cooldown.
+
+Example:
+    host-shim schedule kv --policy follow-the-sun --threshold 5ms \\
+        --interval 10s --shim 127.0.0.1:7001 --shim 127.0.0.1:7002 --shim 127.0.0.1:7003";
+
+/// Move an app between shims to follow its users (or the cheapest price).
+#[derive(Args)]
+#[command(long_about = SCHEDULE_ABOUT)]
+struct ScheduleArgs {
+    /// The instance to place (its name on the shims).
+    app: String,
+    /// The placement policy.
+    #[arg(long, value_enum, default_value_t = SchedulePolicy::FollowTheSun)]
+    policy: SchedulePolicy,
+    /// The gain a move must exceed, in the policy's unit: ms (`5ms` or `5`)
+    /// for follow-the-sun, price per hour for cost.
+    #[arg(long, value_name = "GAIN", default_value = "5ms", value_parser = parse_threshold)]
+    threshold: f64,
+    /// How often to read the shims and decide.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = config::parse_duration)]
+    interval: Duration,
+    /// After a migration, no other (non-forced) move for this long.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_cooldown)]
+    cooldown: Duration,
+    /// The price feed: `region,price` lines (re-read every round).
+    #[arg(long, value_name = "FILE")]
+    prices: Option<PathBuf>,
+    /// Termination notices: `region,DEADLINE` lines, Unix seconds (re-read every round).
+    #[arg(long, value_name = "FILE")]
+    notices: Option<PathBuf>,
+    /// Append every decision and migration to FILE as JSON lines.
+    #[arg(long, value_name = "FILE")]
+    events: Option<PathBuf>,
+    /// Stop after this many rounds [default: run until killed].
+    #[arg(long, value_name = "N")]
+    rounds: Option<u64>,
+    /// Clients in network CIDR are in REGION (e.g. 10.1.0.0/16=eu-west);
+    /// may be repeated [default: a request's region is its shim's].
+    #[arg(long, value_name = "CIDR=REGION", value_parser = host_shim::schedule::observe::ClientNet::parse)]
+    client_region: Vec<host_shim::schedule::observe::ClientNet>,
+    /// follow-the-sun: below this many requests in a round, no move (too
+    /// little evidence).
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    min_requests: u64,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SchedulePolicy {
+    FollowTheSun,
+    Cost,
+}
+
+/// `5ms`, `5` or `0.01`: a non-negative number (an optional `ms` suffix).
+fn parse_threshold(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .trim_end_matches("ms")
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a threshold (e.g. 5ms, 0.01)"))?;
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(format!("the threshold must be >= 0, not {s}"));
+    }
+    Ok(v)
+}
+
+/// A duration that may be zero.
+fn parse_cooldown(s: &str) -> Result<Duration, String> {
+    if s.trim().trim_end_matches('s').trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    config::parse_duration(s)
+}
+
+fn schedule(args: ScheduleArgs, shims: Vec<String>) -> anyhow::Result<u8> {
+    use host_shim::schedule::{PolicyKind, ScheduleConfig};
+    host_shim::schedule::run(&ScheduleConfig {
+        app: args.app,
+        shims,
+        policy: match args.policy {
+            SchedulePolicy::FollowTheSun => PolicyKind::FollowTheSun,
+            SchedulePolicy::Cost => PolicyKind::Cost,
+        },
+        threshold: args.threshold,
+        interval: args.interval,
+        cooldown: args.cooldown,
+        prices: args.prices,
+        notices: args.notices,
+        events: args.events,
+        rounds: args.rounds,
+        min_requests: args.min_requests,
+        client_regions: args.client_region,
+    })?;
+    Ok(0)
 }
 
 /// Run a guest from a snapshot file (in this process, or with --shim in a
@@ -164,6 +293,12 @@ struct ServeArgs {
     /// Another shim's overlay address; may be repeated.
     #[arg(long, value_name = "ADDR")]
     peer: Vec<std::net::SocketAddr>,
+
+    /// Reach the peer at overlay address REAL through the relay at VIA
+    /// (e.g. a `wan-relay udp` emulating a WAN link), and take datagrams from
+    /// VIA as REAL's; may be repeated.
+    #[arg(long, value_name = "REAL=VIA", value_parser = parse_peer_via)]
+    peer_via: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
 
     /// The VXLAN network identifier of the fleet.
     #[arg(long, value_name = "VNI", default_value_t = 4242)]
@@ -441,8 +576,13 @@ fn shim_addr(shim: Option<String>) -> String {
     shim.unwrap_or_else(|| "127.0.0.1:7000".to_owned())
 }
 
-fn execute(command: Command, shim: Option<String>) -> anyhow::Result<u8> {
+fn execute(command: Command, shims: Vec<String>) -> anyhow::Result<u8> {
+    if shims.len() > 1 && !matches!(command, Command::Schedule(_)) {
+        anyhow::bail!("several --shim addresses: only `schedule` takes more than one");
+    }
+    let shim = shims.first().cloned();
     match command {
+        Command::Schedule(args) => schedule(args, shims),
         Command::Run(args) => match shim {
             Some(addr) => remote_run(&addr, args),
             None => run(args),
@@ -682,14 +822,18 @@ fn restore(args: RestoreArgs) -> anyhow::Result<u8> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<u8> {
+    let name = args.name.unwrap_or_else(config::default_host_name);
     let overlay = (!args.no_overlay).then(|| host_shim::net::overlay::OverlayConfig {
         listen: args.overlay.unwrap_or(args.listen),
         peers: args.peer.clone(),
         vni: args.vni,
+        via: args.peer_via.clone(),
+        name: name.clone(),
+        region: args.region.clone(),
     });
     host_shim::daemon::serve(DaemonConfig {
         listen: args.listen,
-        name: args.name.unwrap_or_else(config::default_host_name),
+        name,
         region: args.region,
         shim_id: args.shim_id,
         publish: args.publish,
@@ -697,6 +841,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         overlay,
     })?;
     Ok(0)
+}
+
+/// `REAL=VIA`: two socket addresses.
+fn parse_peer_via(s: &str) -> Result<(std::net::SocketAddr, std::net::SocketAddr), String> {
+    let (real, via) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not REAL=VIA (two ADDR:PORT)"))?;
+    let addr = |a: &str| {
+        a.trim()
+            .parse()
+            .map_err(|e| format!("'{a}' in '{s}' is not an ADDR:PORT: {e}"))
+    };
+    Ok((addr(real)?, addr(via)?))
 }
 
 fn run(args: RunArgs) -> anyhow::Result<u8> {

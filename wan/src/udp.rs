@@ -18,10 +18,23 @@ pub struct UdpRelay {
 impl UdpRelay {
     /// Relays datagrams between senders to `listen` and `target`.
     pub fn start(listen: SocketAddr, target: SocketAddr, delay: Duration) -> io::Result<Self> {
+        Self::start_from(listen, SocketAddr::new(listen.ip(), 0), target, delay)
+    }
+
+    /// Like [`Self::start`], talking to `target` from the address `from`
+    /// (port 0: any), so that the target knows in advance where the relayed
+    /// datagrams come from (an overlay peer configured with
+    /// `--peer-via`, for instance).
+    pub fn start_from(
+        listen: SocketAddr,
+        from: SocketAddr,
+        target: SocketAddr,
+        delay: Duration,
+    ) -> io::Result<Self> {
         let front = UdpSocket::bind(listen)?;
         let local = front.local_addr()?;
         // The back socket talks to the target from an address of its own.
-        let back = UdpSocket::bind(SocketAddr::new(listen.ip(), 0))?;
+        let back = UdpSocket::bind(from)?;
         back.connect(target)?;
         let peer: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
 

@@ -5,6 +5,7 @@
 //! images under KVM. See `cargo xtask <command> --help`.
 
 mod bench;
+mod demo;
 mod image;
 mod test;
 mod workspace;
@@ -50,6 +51,48 @@ enum Cmd {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Demos.
+    #[command(subcommand)]
+    Demo(DemoCmd),
+}
+
+#[derive(Subcommand)]
+enum DemoCmd {
+    /// Three emulated regions, the kv app and clients whose load follows the sun; the app
+    /// runs all in one region, at the best static placement, then under
+    /// `host-shim schedule --policy follow-the-sun`, one compressed day each.
+    ///
+    /// Needs /dev/kvm. Prints progress, then the share of requests answered under 15 ms per
+    /// region and overall for the three runs, the migrations and their total downtime, and
+    /// checks that every key and write survived on the clients' original connections.
+    /// A live dashboard (world map, moves, latency) is served while it runs.
+    FollowTheSun(DemoArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Seconds per emulated day [default: 60, or 20 with --short].
+    #[arg(long, value_name = "SECS")]
+    day_secs: Option<f64>,
+    /// Only the follow-the-sun run, on a 20 s day unless --day-secs says otherwise
+    /// (the end-to-end test); fails unless the app moved at least twice.
+    #[arg(long)]
+    short: bool,
+    /// Peak requests per second of us-east's clients (eu-west x1.25, ap-southeast x0.8).
+    #[arg(long, value_name = "RPS", default_value_t = 40.0)]
+    peak_rps: f64,
+    /// The scheduler's interval, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    interval_ms: u64,
+    /// Serve the dashboard on this address [default: a free port on 127.0.0.1].
+    #[arg(long, value_name = "ADDR")]
+    dashboard: Option<std::net::SocketAddr>,
+    /// Use this host-shim binary instead of building the release one.
+    #[arg(long, value_name = "PATH")]
+    host_shim: Option<std::path::PathBuf>,
+    /// Use this kv image instead of building it.
+    #[arg(long, value_name = "PATH")]
+    kv_image: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -207,6 +250,18 @@ fn dispatch(ws: &Workspace, command: Cmd) -> Result<()> {
         Cmd::Bench(BenchCmd::Checkpoint { runs }) => {
             bench::checkpoint::run(ws, &bench::checkpoint::CheckpointOptions { runs })
         }
+        Cmd::Demo(DemoCmd::FollowTheSun(a)) => demo::follow_the_sun(
+            ws,
+            &demo::DemoOptions {
+                day_secs: a.day_secs.unwrap_or(if a.short { 20.0 } else { 60.0 }),
+                short: a.short,
+                peak_rps: a.peak_rps,
+                interval: Duration::from_millis(a.interval_ms.max(50)),
+                dashboard: a.dashboard,
+                host_shim: a.host_shim,
+                kv_image: a.kv_image,
+            },
+        ),
     }
 }
 

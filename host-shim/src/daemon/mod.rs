@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | `GET /v1/info` | | [`api::ShimInfo`] |
 //! | `GET /v1/instances` | | `[`[`api::InstanceInfo`]`]` |
+//! | `GET /v1/stats` | | [`stats::ShimStats`]: CPU, memory, traffic, peer RTTs |
 //! | `POST /v1/instances` | [`api::RunRequest`] | [`api::InstanceInfo`] (201) |
 //! | `GET /v1/instances/NAME/logs` | | the console ring buffer, text |
 //! | `POST /v1/instances/NAME/stop` | | [`api::InstanceInfo`] (the instance is removed) |
@@ -36,6 +37,7 @@
 pub mod api;
 pub mod instance;
 pub mod standby;
+pub mod stats;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -775,6 +777,7 @@ impl Daemon {
         }
         match (method, segments.as_slice()) {
             (Method::Get, ["v1", "info"]) => json(200, &self.info()),
+            (Method::Get, ["v1", "stats"]) => json(200, &self.stats()),
             (Method::Get, ["v1", "instances"]) => {
                 let list: Vec<InstanceInfo> =
                     self.instances().values().map(Instance::info).collect();

@@ -10,12 +10,14 @@
 //! reset as a reset. Host sockets are non-blocking and registered in the
 //! network thread's epoll set only while the proxy wants to read or write
 //! them, so a stalled peer costs no CPU. Published UDP ports map each host
-//! peer to a gateway UDP port, for [`UDP_FLOW_IDLE`].
+//! peer to a gateway UDP port, for [`UDP_FLOW_IDLE`]. Every published port
+//! counts its requests, bytes and connections ([`super::traffic`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
@@ -26,6 +28,7 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpo
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::port::Frame;
+use super::traffic::PortTraffic;
 use super::{token, Proto};
 
 /// Bytes buffered per direction of a proxied TCP connection.
@@ -46,6 +49,8 @@ pub struct Published {
     pub host: SocketAddr,
     pub guest: (Ipv4Addr, u16),
     pub proto: Proto,
+    /// Its counters (see [`super::traffic`]).
+    pub traffic: Arc<PortTraffic>,
 }
 
 enum HostSocket {
@@ -59,6 +64,7 @@ struct Listener {
     host: SocketAddr,
     /// UDP: flows by host peer.
     flows: HashMap<SocketAddr, UdpFlow>,
+    traffic: Arc<PortTraffic>,
 }
 
 struct UdpFlow {
@@ -85,6 +91,15 @@ struct Conn {
     last_state: tcp::State,
     /// What the host socket is registered for (empty: not registered).
     interest: EventSet,
+    /// The client's bytes being read belong to a request already counted.
+    in_request: bool,
+    traffic: Arc<PortTraffic>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.traffic.closed();
+    }
 }
 
 /// What became of a connection after moving its data.
@@ -234,6 +249,7 @@ impl Gateway {
             guest: IpEndpoint::new(IpAddress::Ipv4(p.guest.0), p.guest.1),
             host: p.host,
             flows: HashMap::new(),
+            traffic: p.traffic,
         }));
         Ok(())
     }
@@ -321,9 +337,9 @@ impl Gateway {
                         }
                     }
                 }
-                let guest = listener.guest;
+                let (guest, traffic) = (listener.guest, Arc::clone(&listener.traffic));
                 for (stream, peer) in accepted {
-                    self.open_conn(stream, peer, guest, epoll);
+                    self.open_conn(stream, peer, guest, &traffic, epoll);
                 }
             }
             HostSocket::Udp(_) => self.udp_from_host(index as usize),
@@ -346,7 +362,14 @@ impl Gateway {
         None
     }
 
-    fn open_conn(&mut self, stream: TcpStream, peer: SocketAddr, guest: IpEndpoint, epoll: &Epoll) {
+    fn open_conn(
+        &mut self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        guest: IpEndpoint,
+        traffic: &Arc<PortTraffic>,
+        epoll: &Epoll,
+    ) {
         let setup = stream
             .set_nonblocking(true)
             .and_then(|()| stream.set_nodelay(true));
@@ -386,7 +409,10 @@ impl Gateway {
             guest_eof: false,
             last_state: tcp::State::SynSent,
             interest: EventSet::empty(),
+            in_request: false,
+            traffic: Arc::clone(traffic),
         };
+        conn.traffic.opened();
         // Nothing to read or write until the guest answers; HUP/ERR from a
         // client that gives up are noticed once we read.
         conn.update_interest(id, epoll, &self.sockets);
@@ -467,6 +493,8 @@ impl Gateway {
                 }
             };
             let guest = listener.guest;
+            listener.traffic.request(peer.ip());
+            listener.traffic.inbound(peer.ip(), n);
             let handle = match listener.flows.get_mut(&peer) {
                 Some(flow) => {
                     flow.last_used = now;
@@ -495,6 +523,7 @@ impl Gateway {
                     let Some(listener) = self.listeners[index].as_mut() else {
                         return;
                     };
+                    listener.traffic.opened();
                     listener.flows.insert(
                         peer,
                         UdpFlow {
@@ -525,8 +554,9 @@ impl Gateway {
                         continue;
                     }
                     flow.last_used = Instant::now();
-                    if let Err(e) = host.send_to(data, peer) {
-                        tracing::debug!("udp to {peer}: {e}");
+                    match host.send_to(data, peer) {
+                        Ok(n) => listener.traffic.outbound(n),
+                        Err(e) => tracing::debug!("udp to {peer}: {e}"),
                     }
                 }
             }
@@ -539,6 +569,7 @@ impl Gateway {
             listener.flows.retain(|_, flow| {
                 let keep = now - flow.last_used < idle;
                 if !keep {
+                    listener.traffic.closed();
                     self.sockets.remove(flow.handle);
                     self.ports_in_use.remove(&flow.port);
                 }
@@ -599,7 +630,11 @@ impl Conn {
                 Err(e) => (0, Err(e)),
             });
             match result {
-                Ok(Ok(_)) => moved = true,
+                Ok(Ok(n)) => {
+                    self.traffic.outbound(n);
+                    self.in_request = false;
+                    moved = true;
+                }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(Err(e)) => {
@@ -639,8 +674,18 @@ impl Conn {
                     socket.close();
                     moved = true;
                 }
-                Ok(Ok(_)) => moved = true,
-                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => self.readable = false,
+                Ok(Ok(n)) => {
+                    if !self.in_request {
+                        self.in_request = true;
+                        self.traffic.request(self.peer.ip());
+                    }
+                    self.traffic.inbound(self.peer.ip(), n);
+                    moved = true;
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable = false;
+                    self.in_request = false;
+                }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(Err(e)) => {
                     tracing::debug!("connection from {}: read: {e}", self.peer);

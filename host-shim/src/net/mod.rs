@@ -23,6 +23,7 @@ pub mod overlay;
 pub mod port;
 pub mod switch;
 pub mod tap;
+pub mod traffic;
 
 use std::fmt;
 use std::io;
@@ -180,6 +181,10 @@ pub struct Network {
     stop: Arc<EventFd>,
     commands: Arc<Mutex<Vec<Command>>>,
     thread: Option<thread::JoinHandle<()>>,
+    /// The published ports' counters, in publishing order.
+    traffic: Mutex<Vec<(PublishSpec, Ipv4Addr, Arc<traffic::PortTraffic>)>>,
+    /// Round trips to the other shims of the overlay.
+    rtts: overlay::Rtts,
 }
 
 /// Changes to a running network, carried out by its thread.
@@ -221,7 +226,9 @@ impl Network {
             NetMode::User => bind_published(&config.publish, main_ip)?,
             _ => Vec::new(),
         };
+        let traffic = record(&config.publish, &published);
         let mut net = Self::launch(&config.mode, USER_GATEWAY, USER_PREFIX, published, None)?;
+        *lock(&net.traffic) = traffic;
         for nic in &config.nics {
             net.ports.push(net.attach(nic.mac)?);
         }
@@ -304,6 +311,7 @@ impl Network {
             None => (None, Vec::new()),
         };
         let overlay_addr = overlay.as_ref().map(overlay::Overlay::local_addr);
+        let rtts = overlay.as_ref().map(|o| o.rtts()).unwrap_or_default();
         let commands = Arc::new(Mutex::new(
             peers.into_iter().map(Command::AddPeer).collect::<Vec<_>>(),
         ));
@@ -326,6 +334,8 @@ impl Network {
             stop,
             commands,
             thread: Some(thread),
+            traffic: Mutex::default(),
+            rtts,
         })
     }
 
@@ -380,6 +390,7 @@ impl Network {
     /// named in `spec` wins).
     pub fn publish(&self, spec: &PublishSpec, guest_ip: Ipv4Addr) -> Result<(), NetError> {
         let mut bound = bind_published(std::slice::from_ref(spec), guest_ip)?;
+        lock(&self.traffic).extend(record(std::slice::from_ref(spec), &bound));
         if let Some((p, socket)) = bound.pop() {
             self.command(Command::Publish(p, socket));
         }
@@ -388,8 +399,39 @@ impl Network {
 
     /// Stops forwarding `spec`'s host port.
     pub fn unpublish(&self, spec: &PublishSpec) {
+        lock(&self.traffic).retain(|(s, _, _)| !(s.host == spec.host && s.proto == spec.proto));
         self.command(Command::Unpublish(spec.host, spec.proto));
     }
+
+    /// The published ports' counters now.
+    pub fn port_stats(&self) -> Vec<traffic::PortStats> {
+        lock(&self.traffic)
+            .iter()
+            .map(|(spec, guest, t)| {
+                t.snapshot(
+                    format!("{}/{}", spec.host, spec.proto),
+                    format!("{guest}:{}", spec.guest_port),
+                )
+            })
+            .collect()
+    }
+
+    /// The smoothed round trips to the other shims of the overlay.
+    pub fn peer_rtts(&self) -> Vec<overlay::PeerRtt> {
+        self.rtts.list()
+    }
+}
+
+/// The counters of freshly bound ports, for [`Network::port_stats`].
+fn record(
+    specs: &[PublishSpec],
+    bound: &[(Published, HostSocketKind)],
+) -> Vec<(PublishSpec, Ipv4Addr, Arc<traffic::PortTraffic>)> {
+    specs
+        .iter()
+        .zip(bound)
+        .map(|(s, (p, _))| (s.clone(), p.guest.0, Arc::clone(&p.traffic)))
+        .collect()
 }
 
 fn setup(what: &str) -> impl Fn(io::Error) -> NetError {
@@ -458,6 +500,7 @@ fn bind_published(
                 host: spec.host,
                 guest,
                 proto: spec.proto,
+                traffic: Arc::default(),
             },
             socket,
         ));
@@ -487,6 +530,8 @@ struct Engine {
     tap_readable: bool,
     overlay: Option<overlay::Overlay>,
     overlay_readable: bool,
+    /// When the overlay's peers are probed next.
+    next_probe: std::time::Instant,
     /// Frames switched to each port, not yet handed over.
     outboxes: Vec<Vec<Frame>>,
     /// Scratch for frames coming in.
@@ -520,6 +565,7 @@ impl Engine {
             tap_readable: false,
             overlay: None,
             overlay_readable: false,
+            next_probe: std::time::Instant::now(),
             outboxes,
             incoming: Vec::new(),
         }
@@ -607,6 +653,10 @@ impl Engine {
             } else {
                 self.gateway.as_mut().and_then(Gateway::poll_delay)
             };
+            let timeout = match (timeout, self.probe_due()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let n = match wait_events(&self.epoll, timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
@@ -633,6 +683,29 @@ impl Engine {
             }
             self.run_commands();
             self.pump();
+            if self.probe_due() == Some(std::time::Duration::ZERO) {
+                self.probe_peers();
+            }
+        }
+    }
+
+    /// How long until the peers are probed next (`None`: no overlay).
+    fn probe_due(&self) -> Option<std::time::Duration> {
+        self.overlay.as_ref()?;
+        Some(
+            self.next_probe
+                .saturating_duration_since(std::time::Instant::now()),
+        )
+    }
+
+    /// Probes every overlay peer (round trips for `GET /v1/stats`).
+    fn probe_peers(&mut self) {
+        self.next_probe = std::time::Instant::now() + overlay::PROBE_INTERVAL;
+        if let Some(overlay) = self.overlay.as_ref() {
+            overlay.probe(self.slots.iter().filter_map(|s| match s {
+                Slot::Peer(p) => Some(*p),
+                _ => None,
+            }));
         }
     }
 

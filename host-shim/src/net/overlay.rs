@@ -17,13 +17,43 @@
 //! (split horizon: the overlay is a full mesh, so this cannot lose frames
 //! and cannot loop them).
 //!
+//! # Probes
+//!
+//! Besides frames, shims exchange probes on the same socket, told apart by
+//! their first bytes (a VXLAN header starts with its flags byte, 0x08; a
+//! probe with `LCRP`):
+//!
+//! ```text
+//!  "LCRP" | kind: b'Q' (probe) or b'A' (answer) | sent: u64 BE (the prober's clock, ns)
+//!  | name length u8 | name | region length u8 | region
+//! ```
+//!
+//! Every [`PROBE_INTERVAL`] each shim probes its peers; a peer answers with
+//! the prober's timestamp and its own name and region. The round trip is
+//! smoothed like TCP's SRTT (`srtt += (sample − srtt) / 8`) per peer
+//! ([`Rtts`], `GET /v1/stats`). Through emulated WAN links the RTT is the
+//! emulated one.
+//!
+//! # Relayed peers
+//!
+//! `--peer-via REAL=VIA` makes the shim reach the peer whose overlay
+//! address is REAL at VIA (a relay, e.g. `wan-relay udp`), and treat
+//! datagrams from VIA as from REAL. Peers are known by their real
+//! addresses everywhere else (migrations, the switch), so traffic to them
+//! always takes the relay.
+//!
 //! Gateways: each shim's gateway has its own address and MAC (see the
 //! daemon's `--shim-id`), so several gateways on one overlay never answer
 //! for the same address; a guest that moved keeps using the gateway it
 //! knew, over the overlay.
 
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
 
 use super::port::Frame;
 
@@ -43,6 +73,102 @@ pub struct OverlayConfig {
     pub peers: Vec<SocketAddr>,
     /// The VXLAN network identifier of the fleet.
     pub vni: u32,
+    /// Peers reached through a relay: (real address, relay address).
+    pub via: Vec<(SocketAddr, SocketAddr)>,
+    /// This shim's name and region, in probe answers.
+    pub name: String,
+    pub region: String,
+}
+
+/// How often a shim probes its peers.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// The first bytes of a probe datagram.
+const PROBE_MAGIC: &[u8; 4] = b"LCRP";
+
+/// One peer's round trip, as `GET /v1/stats` reports it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeerRtt {
+    /// Its overlay address.
+    pub addr: String,
+    pub name: String,
+    pub region: String,
+    /// Smoothed round trip, ms.
+    pub srtt_ms: f64,
+    /// The last sample, ms.
+    pub last_ms: f64,
+    pub samples: u64,
+    /// Seconds since its last answer.
+    pub age_s: f64,
+}
+
+/// The round trips to each peer, shared with the daemon.
+#[derive(Clone, Default)]
+pub struct Rtts(Arc<Mutex<BTreeMap<SocketAddr, (PeerRtt, Instant)>>>);
+
+impl Rtts {
+    fn sample(&self, addr: SocketAddr, name: &str, region: &str, rtt: Duration) {
+        let ms = rtt.as_secs_f64() * 1e3;
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (entry, at) = map.entry(addr).or_insert_with(|| {
+            (
+                PeerRtt {
+                    addr: addr.to_string(),
+                    srtt_ms: ms,
+                    ..PeerRtt::default()
+                },
+                Instant::now(),
+            )
+        });
+        entry.name = name.to_owned();
+        entry.region = region.to_owned();
+        entry.srtt_ms += (ms - entry.srtt_ms) / 8.0;
+        entry.last_ms = ms;
+        entry.samples += 1;
+        *at = Instant::now();
+    }
+
+    /// Every peer that answered a probe.
+    pub fn list(&self) -> Vec<PeerRtt> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.values()
+            .map(|(p, at)| PeerRtt {
+                age_s: at.elapsed().as_secs_f64(),
+                ..p.clone()
+            })
+            .collect()
+    }
+}
+
+/// A probe or an answer: (is an answer, timestamp, name, region).
+fn encode_probe(answer: bool, sent: u64, name: &str, region: &str) -> Vec<u8> {
+    let mut out = PROBE_MAGIC.to_vec();
+    out.push(if answer { b'A' } else { b'Q' });
+    out.extend_from_slice(&sent.to_be_bytes());
+    for field in [name, region] {
+        let bytes = &field.as_bytes()[..field.len().min(255)];
+        out.push(bytes.len() as u8);
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
+fn decode_probe(d: &[u8]) -> Option<(bool, u64, String, String)> {
+    let rest = d.strip_prefix(PROBE_MAGIC)?;
+    let (&kind, rest) = rest.split_first()?;
+    let sent = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+    let mut rest = &rest[8..];
+    let mut field = || {
+        let (&n, tail) = rest.split_first()?;
+        let s = String::from_utf8_lossy(tail.get(..n as usize)?).into_owned();
+        rest = &tail[n as usize..];
+        Some(s)
+    };
+    let (name, region) = (field()?, field()?);
+    match kind {
+        b'Q' => Some((false, sent, name, region)),
+        b'A' => Some((true, sent, name, region)),
+        _ => None,
+    }
 }
 
 /// Prepends the VXLAN header for `vni` to `frame`.
@@ -74,6 +200,14 @@ pub struct Overlay {
     socket: UdpSocket,
     vni: u32,
     addr: SocketAddr,
+    /// Real peer address -> relay, and back.
+    to_via: HashMap<SocketAddr, SocketAddr>,
+    from_via: HashMap<SocketAddr, SocketAddr>,
+    name: String,
+    region: String,
+    /// The clock of probe timestamps.
+    epoch: Instant,
+    rtts: Rtts,
 }
 
 impl Overlay {
@@ -85,7 +219,55 @@ impl Overlay {
             socket,
             vni: config.vni,
             addr,
+            to_via: config.via.iter().copied().collect(),
+            from_via: config.via.iter().map(|&(real, via)| (via, real)).collect(),
+            name: config.name.clone(),
+            region: config.region.clone(),
+            epoch: Instant::now(),
+            rtts: Rtts::default(),
         })
+    }
+
+    /// The round trips this overlay measures.
+    pub fn rtts(&self) -> Rtts {
+        self.rtts.clone()
+    }
+
+    /// Sends one datagram to `peer` (through its relay, if it has one).
+    fn send_datagram(&self, peer: SocketAddr, datagram: &[u8]) -> io::Result<usize> {
+        let to = self.to_via.get(&peer).copied().unwrap_or(peer);
+        self.socket.send_to(datagram, to)
+    }
+
+    /// Sends a probe to each of `peers`.
+    pub fn probe(&self, peers: impl IntoIterator<Item = SocketAddr>) {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let probe = encode_probe(false, now, &self.name, &self.region);
+        for peer in peers {
+            if let Err(e) = self.send_datagram(peer, &probe) {
+                tracing::debug!("overlay: probe to {peer}: {e}");
+            }
+        }
+    }
+
+    /// Answers a probe, or records the round trip of an answer.
+    fn on_probe(&self, from: SocketAddr, datagram: &[u8]) {
+        match decode_probe(datagram) {
+            Some((false, sent, _, _)) => {
+                let answer = encode_probe(true, sent, &self.name, &self.region);
+                if let Err(e) = self.send_datagram(from, &answer) {
+                    tracing::debug!("overlay: probe answer to {from}: {e}");
+                }
+            }
+            Some((true, sent, name, region)) => {
+                let now = self.epoch.elapsed().as_nanos() as u64;
+                if let Some(rtt) = now.checked_sub(sent) {
+                    self.rtts
+                        .sample(from, &name, &region, Duration::from_nanos(rtt));
+                }
+            }
+            None => tracing::debug!("overlay: bad probe from {from}"),
+        }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -102,10 +284,20 @@ impl Overlay {
         let mut buf = [0u8; 65536];
         for _ in 0..max {
             match self.socket.recv_from(&mut buf) {
-                Ok((n, from)) => match decapsulate(self.vni, &buf[..n]) {
-                    Ok(frame) => out.push((from, frame.to_vec())),
-                    Err(why) => tracing::debug!("overlay datagram from {from} dropped: {why}"),
-                },
+                Ok((n, from)) => {
+                    let from = self.from_via.get(&from).copied().unwrap_or(from);
+                    let datagram = &buf[..n];
+                    if datagram.starts_with(PROBE_MAGIC) {
+                        self.on_probe(from, datagram);
+                        continue;
+                    }
+                    match decapsulate(self.vni, datagram) {
+                        Ok(frame) => out.push((from, frame.to_vec())),
+                        Err(why) => {
+                            tracing::debug!("overlay datagram from {from} dropped: {why}")
+                        }
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -122,7 +314,7 @@ impl Overlay {
     /// Sends `frames` (emptied) to `peer`.
     pub fn send(&self, peer: SocketAddr, frames: &mut Vec<Frame>) {
         for frame in frames.drain(..) {
-            if let Err(e) = self.socket.send_to(&encapsulate(self.vni, &frame), peer) {
+            if let Err(e) = self.send_datagram(peer, &encapsulate(self.vni, &frame)) {
                 tracing::debug!("overlay: frame to {peer} dropped: {e}");
             }
         }
@@ -152,6 +344,9 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             peers: Vec::new(),
             vni,
+            via: Vec::new(),
+            name: "test".into(),
+            region: "here".into(),
         };
         let a = Overlay::bind(&cfg(5)).unwrap();
         let b = Overlay::bind(&cfg(5)).unwrap();
@@ -164,5 +359,49 @@ mod tests {
         assert_eq!(got.len(), 2);
         assert_eq!(got[0], (a.local_addr(), vec![1u8; 60]));
         assert_eq!(got[1].1.len(), 1514);
+    }
+
+    #[test]
+    fn probes_measure_the_round_trip_through_a_relay() {
+        let cfg = |name: &str, via| OverlayConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            peers: Vec::new(),
+            vni: 5,
+            via,
+            name: name.into(),
+            region: format!("{name}-region"),
+        };
+        let b = Overlay::bind(&cfg("b", Vec::new())).unwrap();
+        // A delaying relay in front of b: 20 ms each way.
+        let relay = wan::udp::UdpRelay::start(
+            "127.0.0.1:0".parse().unwrap(),
+            b.local_addr(),
+            Duration::from_millis(20),
+        )
+        .unwrap();
+        let a = Overlay::bind(&cfg("a", vec![(b.local_addr(), relay.local_addr())])).unwrap();
+        let give_up = Instant::now() + Duration::from_secs(5);
+        let mut got = Vec::new();
+        while a.rtts().list().first().map_or(0, |p| p.samples) < 2 && Instant::now() < give_up {
+            a.probe([b.local_addr()]);
+            for _ in 0..50 {
+                b.receive(&mut got, 16);
+                a.receive(&mut got, 16);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        assert!(got.is_empty(), "probes are not frames");
+        let rtts = a.rtts().list();
+        assert_eq!(rtts.len(), 1, "{rtts:?}");
+        let p = &rtts[0];
+        assert_eq!(
+            p.addr,
+            b.local_addr().to_string(),
+            "known by its real address"
+        );
+        assert_eq!((p.name.as_str(), p.region.as_str()), ("b", "b-region"));
+        assert!(p.srtt_ms >= 40.0 && p.srtt_ms < 200.0, "{p:?}");
+        assert!(decode_probe(b"LCRPX").is_none());
+        assert!(decode_probe(&encode_probe(true, 7, "n", "r")).is_some());
     }
 }

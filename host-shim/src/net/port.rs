@@ -6,7 +6,8 @@
 //! queued since its last exit under one lock and with one eventfd write, and
 //! the network thread does the same with the frames it switched to the
 //! guest. The vCPU thread waits on [`GuestPort::wait_fd`] while its guest
-//! idles.
+//! idles. The port counts the frames and bytes crossing it each way
+//! ([`GuestPort::traffic`], for `GET /v1/stats`).
 
 use std::collections::VecDeque;
 use std::io;
@@ -14,6 +15,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::traffic::{NicStats, NicTraffic};
 
 /// Frames kept for a guest that does not take them (more are dropped, as a
 /// switch port with a full buffer would).
@@ -33,6 +36,8 @@ pub struct GuestPort {
     to_guest: Mutex<VecDeque<Frame>>,
     /// Signals the vCPU thread.
     guest_wake: EventFd,
+    /// Frames and bytes through this port (`GET /v1/stats`).
+    traffic: NicTraffic,
 }
 
 impl GuestPort {
@@ -45,12 +50,18 @@ impl GuestPort {
             switch_wake,
             to_guest: Mutex::new(VecDeque::new()),
             guest_wake: EventFd::new(EFD_NONBLOCK)?,
+            traffic: NicTraffic::default(),
         })
     }
 
     /// The guest's MAC address.
     pub fn mac(&self) -> [u8; 6] {
         self.mac
+    }
+
+    /// What the guest sent and received through this port.
+    pub fn traffic(&self) -> NicStats {
+        self.traffic.snapshot()
     }
 
     // --- the vCPU side ---
@@ -60,6 +71,7 @@ impl GuestPort {
         if frames.is_empty() {
             return;
         }
+        self.traffic.sent(frames.iter());
         lock(&self.to_switch).append(frames);
         if let Err(e) = self.switch_wake.write(1) {
             tracing::warn!("cannot wake the network thread: {e}");
@@ -107,6 +119,7 @@ impl GuestPort {
                 if queue.len() >= RX_BACKLOG {
                     dropped += 1;
                 } else {
+                    self.traffic.received([&frame]);
                     queue.push_back(frame);
                 }
             }
@@ -147,5 +160,11 @@ mod tests {
         let mut many = vec![vec![0]; RX_BACKLOG];
         assert_eq!(port.deliver(&mut many), 3);
         assert_eq!(port.received().len(), RX_BACKLOG);
+        let t = port.traffic();
+        assert_eq!((t.tx_packets, t.tx_bytes), (3, 3));
+        assert_eq!(
+            t.rx_packets as usize, RX_BACKLOG,
+            "dropped frames are not counted"
+        );
     }
 }

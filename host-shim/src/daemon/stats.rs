@@ -1,0 +1,85 @@
+//! `GET /v1/stats`: what the placement scheduler (`host-shim schedule`)
+//! and dashboards read from a shim.
+//!
+//! - per instance: its vCPU thread's CPU time, its memory and its network
+//!   card's frame and byte counters (since it arrived on this shim);
+//! - per published port: requests, bytes and connections of the clients
+//!   that came through this shim (see [`crate::net::traffic`] for what a
+//!   request is);
+//! - per overlay peer: the smoothed round trip this shim measures to it
+//!   (see [`crate::net::overlay`]).
+//!
+//! Counters only grow while the process lives; readers take differences.
+
+use serde::{Deserialize, Serialize};
+
+use crate::net::overlay::PeerRtt;
+use crate::net::traffic::{NicStats, PortStats};
+
+use super::instance::State;
+use super::Daemon;
+
+/// One instance's figures.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct InstanceStats {
+    pub name: String,
+    /// As in `list`.
+    pub state: String,
+    pub ip: Option<String>,
+    /// CPU time of its vCPU thread on this shim, seconds.
+    pub cpu_s: f64,
+    /// Guest memory, bytes.
+    pub mem: u64,
+    /// Its network card, since it arrived on this shim.
+    pub net: NicStats,
+    /// Moves so far.
+    pub generation: u64,
+}
+
+/// The answer of `GET /v1/stats`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShimStats {
+    pub name: String,
+    pub region: String,
+    /// The overlay address (how peers know this shim).
+    pub overlay: Option<String>,
+    /// Instances running (or busy) here; moved-away tombstones are left out.
+    pub instances: Vec<InstanceStats>,
+    pub ports: Vec<PortStats>,
+    pub peers: Vec<PeerRtt>,
+}
+
+impl Daemon {
+    /// The figures of this shim now.
+    pub fn stats(&self) -> ShimStats {
+        let instances = self
+            .instances()
+            .values()
+            .filter(|i| matches!(i.state, State::Running | State::Busy(_)))
+            .map(|i| {
+                let info = i.info();
+                InstanceStats {
+                    name: info.name,
+                    state: info.state,
+                    ip: info.ip,
+                    cpu_s: i
+                        .handle
+                        .as_ref()
+                        .and_then(|h| h.cpu_time())
+                        .map_or(0.0, |d| d.as_secs_f64()),
+                    mem: info.mem,
+                    net: i.port.as_ref().map(|p| p.traffic()).unwrap_or_default(),
+                    generation: info.generation,
+                }
+            })
+            .collect();
+        ShimStats {
+            name: self.config.name.clone(),
+            region: self.config.region.clone(),
+            overlay: self.net.overlay_addr().map(|a| a.to_string()),
+            instances,
+            ports: self.net.port_stats(),
+            peers: self.net.peer_rtts(),
+        }
+    }
+}

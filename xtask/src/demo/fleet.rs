@@ -1,0 +1,297 @@
+//! The demo's three regions on this machine: one `host-shim serve` daemon
+//! per region (distinct `--shim-id`s), an overlay between them whose links
+//! go through delaying UDP relays ([`wan::udp::UdpRelay`]), and on every
+//! shim a published port to the kv app's address, for that region's
+//! clients.
+//!
+//! ```text
+//!  clients us-east --> shim us-east :P1 --+-- relay 40 ms --- shim eu-west :P2 <-- clients eu-west
+//!                                         +-- relay 90 ms --- shim ap-southeast :P3 <-- clients ap
+//!                     shim eu-west ---------- relay 110 ms -- shim ap-southeast
+//! ```
+//!
+//! One relay per pair of shims (a < b): shim a reaches b at the relay's
+//! listen address, shim b reaches a at the relay's fixed back address
+//! (`--peer-via`), so every overlay datagram, probes included, takes the
+//! delayed path in both directions. A client's request therefore sees its
+//! own region's shim (loopback) plus, if the app runs elsewhere, the round
+//! trip between the two regions.
+
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use host_shim::daemon::api::{Client, InstanceInfo};
+
+/// The kv app's address: the first of shim 1's range.
+pub const APP_IP: &str = "10.0.2.16";
+/// The instance name.
+pub const APP: &str = "kv";
+
+/// A region of the demo.
+#[derive(Clone, Debug)]
+pub struct RegionSpec {
+    pub name: &'static str,
+    /// Hours from UTC of its clients' day.
+    pub utc_offset_h: f64,
+    /// Where the dashboard draws it.
+    pub lon: f64,
+    pub lat: f64,
+    /// Peak requests per second of its clients.
+    pub peak_rps: f64,
+}
+
+/// The demo's regions.
+pub fn regions(peak_rps: f64) -> Vec<RegionSpec> {
+    vec![
+        RegionSpec {
+            name: "us-east",
+            utc_offset_h: -5.0,
+            lon: -77.5,
+            lat: 39.0,
+            peak_rps,
+        },
+        RegionSpec {
+            name: "eu-west",
+            utc_offset_h: 1.0,
+            lon: -6.3,
+            lat: 53.3,
+            peak_rps: peak_rps * 1.25,
+        },
+        RegionSpec {
+            name: "ap-southeast",
+            utc_offset_h: 8.0,
+            lon: 103.8,
+            lat: 1.35,
+            peak_rps: peak_rps * 0.8,
+        },
+    ]
+}
+
+/// One-way delay between regions `a` and `b` (indices into [`regions`]).
+pub fn one_way_ms(a: usize, b: usize) -> f64 {
+    match (a.min(b), a.max(b)) {
+        (x, y) if x == y => 0.0,
+        (0, 1) => 40.0,
+        (0, 2) => 90.0,
+        _ => 110.0,
+    }
+}
+
+/// A `host-shim serve` process, killed when dropped.
+pub struct Shim {
+    child: Child,
+    pub region: String,
+    /// The API address.
+    pub api: String,
+    /// The published kv port for this region's clients.
+    pub port: u16,
+    log: PathBuf,
+}
+
+impl Shim {
+    /// The daemon's output so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.api)
+    }
+
+    /// Whether the app runs here.
+    pub fn has_app(&self) -> bool {
+        api_has_app(&self.api)
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether the app runs on the shim at API address `api`.
+pub fn api_has_app(api: &str) -> bool {
+    Client::new(api)
+        .json::<(), Vec<InstanceInfo>>("GET", "/v1/instances", None)
+        .map(|l| l.iter().any(|i| i.name == APP && i.state == "running"))
+        .unwrap_or(false)
+}
+
+fn free_tcp() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn free_udp() -> Result<SocketAddr> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// The three shims and the relays between them (the relays' threads live
+/// as long as the process).
+pub struct Fleet {
+    pub shims: Vec<Shim>,
+}
+
+impl Fleet {
+    /// Starts the relays and the daemons, and waits until each answers.
+    pub fn start(host_shim: &Path, regions: &[RegionSpec], dir: &Path) -> Result<Self> {
+        let n = regions.len();
+        let overlays: Vec<SocketAddr> = (0..n).map(|_| free_udp()).collect::<Result<_>>()?;
+        let mut peer_args: Vec<Vec<String>> = vec![Vec::new(); n];
+        for a in 0..n {
+            for b in a + 1..n {
+                let delay = Duration::from_secs_f64(one_way_ms(a, b) / 1e3);
+                let back = free_udp()?;
+                let relay = wan::udp::UdpRelay::start_from(free_udp()?, back, overlays[b], delay)
+                    .with_context(|| {
+                    format!("relay {} -> {}", regions[a].name, regions[b].name)
+                })?;
+                peer_args[a].extend([
+                    "--peer".into(),
+                    overlays[b].to_string(),
+                    "--peer-via".into(),
+                    format!("{}={}", overlays[b], relay.local_addr()),
+                ]);
+                peer_args[b].extend([
+                    "--peer".into(),
+                    overlays[a].to_string(),
+                    "--peer-via".into(),
+                    format!("{}={back}", overlays[a]),
+                ]);
+            }
+        }
+        let mut shims = Vec::new();
+        for (i, r) in regions.iter().enumerate() {
+            let api = format!("127.0.0.1:{}", free_tcp()?);
+            let port = free_tcp()?;
+            let log = dir.join(format!("{}.log", r.name));
+            let out = std::fs::File::create(&log)?;
+            let child = Command::new(host_shim)
+                .args([
+                    "serve", "--listen", &api, "--name", r.name, "--region", r.name,
+                ])
+                .args(["--shim-id", &(i + 1).to_string()])
+                .args(["--overlay", &overlays[i].to_string()])
+                .args(&peer_args[i])
+                .args(["--publish", &format!("127.0.0.1:{port}:{APP_IP}:6379")])
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(out.try_clone()?)
+                .stderr(out)
+                .spawn()
+                .context("starting host-shim serve")?;
+            shims.push(Shim {
+                child,
+                region: r.name.to_owned(),
+                api,
+                port,
+                log,
+            });
+        }
+        let fleet = Self { shims };
+        for shim in &fleet.shims {
+            wait_listening(shim)?;
+        }
+        Ok(fleet)
+    }
+
+    /// The index of the region the app runs in now.
+    pub fn app_region(&self) -> Option<usize> {
+        self.shims.iter().position(Shim::has_app)
+    }
+
+    /// The shims' API addresses.
+    pub fn apis(&self) -> Vec<String> {
+        self.shims.iter().map(|s| s.api.clone()).collect()
+    }
+
+    /// Boots the kv image on region `at`'s shim (address [`APP_IP`]).
+    pub fn boot_app(&self, image: &Path, at: usize) -> Result<()> {
+        let req = host_shim::daemon::api::RunRequest {
+            name: APP.into(),
+            image: image.display().to_string(),
+            mem: 64 << 20,
+            ip: Some(APP_IP.into()),
+            ..Default::default()
+        };
+        self.shims[at]
+            .client()
+            .json::<_, InstanceInfo>("POST", "/v1/instances", Some(&req))
+            .with_context(|| {
+                format!(
+                    "booting kv on {}:\n{}",
+                    self.shims[at].region,
+                    self.shims[at].output()
+                )
+            })?;
+        Ok(())
+    }
+
+    /// Moves the app to region `to` (if it is not there) and returns the
+    /// daemon's last line.
+    pub fn move_app(&self, to: usize) -> Result<Option<String>> {
+        let from = self.app_region().context("the app runs nowhere")?;
+        if from == to {
+            return Ok(None);
+        }
+        let last = self.shims[from].client().stream_lines(
+            &format!("/v1/instances/{APP}/migrate"),
+            &host_shim::daemon::api::MigrateRequest {
+                to: self.shims[to].api.clone(),
+            },
+            |_| {},
+        )?;
+        if !last.starts_with("ok") {
+            bail!(
+                "moving kv {} -> {} failed: {last}\n--- {} log:\n{}",
+                self.shims[from].region,
+                self.shims[to].region,
+                self.shims[from].region,
+                self.shims[from].output()
+            );
+        }
+        Ok(Some(last))
+    }
+
+    /// Waits until every shim measured a round trip to each other one.
+    pub fn wait_for_rtts(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let complete = self.shims.iter().all(|s| {
+                s.client()
+                    .json::<(), host_shim::daemon::stats::ShimStats>("GET", "/v1/stats", None)
+                    .is_ok_and(|st| {
+                        st.peers.iter().filter(|p| p.samples > 0).count() + 1 >= self.shims.len()
+                    })
+            });
+            if complete {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the shims measured no round trips to each other within 20 s");
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn wait_listening(shim: &Shim) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect(&shim.api).is_err() {
+        if Instant::now() > deadline {
+            bail!(
+                "shim {} did not listen on {} within 15 s:\n{}",
+                shim.region,
+                shim.api,
+                shim.output()
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
