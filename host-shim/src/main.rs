@@ -18,6 +18,7 @@ use host_shim::daemon::api::{
     CheckpointInfo, CheckpointRequest, Client, InstanceInfo, MigrateRequest, RestoreRequest,
     RunRequest, SnapshotInfo, SnapshotRequest,
 };
+use host_shim::daemon::persist::Restart;
 use host_shim::daemon::DaemonConfig;
 use host_shim::devices::virtio;
 use host_shim::net::{NetMode, Nic, PublishSpec};
@@ -171,6 +172,17 @@ struct ServeArgs {
     /// The KVM device to open.
     #[arg(long, value_name = "PATH", default_value = host_shim::vstate::vm::KVM_DEVICE)]
     kvm_device: PathBuf,
+
+    /// Keep uploaded images (DIR/images, by SHA-256) and the instances run
+    /// with `--restart always` (DIR/instances): after a restart of the
+    /// daemon they boot again, from their app's latest checkpoint if any.
+    /// Without it, images cannot be uploaded and nothing is kept.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// The largest image upload accepted (K/M suffixes; at most 16M).
+    #[arg(long, value_name = "SIZE", default_value = "8M", value_parser = config::parse_byte_size)]
+    max_image_size: u64,
 }
 
 #[derive(Args)]
@@ -366,6 +378,11 @@ struct RunArgs {
     #[arg(long, value_name = "DIR")]
     checkpoint_to: Option<PathBuf>,
 
+    /// With --shim: whether the instance comes back when its daemon
+    /// restarts (`always` needs `serve --state-dir`).
+    #[arg(long, value_name = "POLICY", default_value_t = Restart::Never)]
+    restart: Restart,
+
     /// Arguments for the app, after `--`.
     #[arg(last = true, value_name = "ARGS")]
     args: Vec<String>,
@@ -549,7 +566,11 @@ fn remote_run(addr: &str, args: RunArgs) -> anyhow::Result<u8> {
         mem: args.mem,
         env: args.env,
         args: args.args,
-        publish: args.publish.iter().map(publish_syntax).collect(),
+        publish: args
+            .publish
+            .iter()
+            .map(host_shim::daemon::persist::publish_arg)
+            .collect(),
         ip: args.ip.map(|(ip, _)| ip.to_string()),
         restore: args
             .restore
@@ -564,6 +585,7 @@ fn remote_run(addr: &str, args: RunArgs) -> anyhow::Result<u8> {
             .map(absolute)
             .transpose()?
             .map(|p| p.display().to_string()),
+        restart: args.restart,
     };
     let info: InstanceInfo = Client::new(addr).json("POST", "/v1/instances", Some(&req))?;
     println!(
@@ -575,25 +597,16 @@ fn remote_run(addr: &str, args: RunArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// A publish mapping back in `--publish` syntax.
-fn publish_syntax(p: &PublishSpec) -> String {
-    let host = match p.host {
-        std::net::SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
-        std::net::SocketAddr::V4(a) => a.to_string(),
-    };
-    let guest = match p.guest_addr {
-        Some(a) => format!("{a}:{}", p.guest_port),
-        None => p.guest_port.to_string(),
-    };
-    format!("{host}:{guest}/{}", p.proto)
-}
-
 fn remote_restore(addr: &str, args: RestoreArgs) -> anyhow::Result<u8> {
     let file = absolute(&args.file)?;
     let req = RestoreRequest {
         file: file.display().to_string(),
         name: args.name,
-        publish: args.publish.iter().map(publish_syntax).collect(),
+        publish: args
+            .publish
+            .iter()
+            .map(host_shim::daemon::persist::publish_arg)
+            .collect(),
     };
     let info: InstanceInfo = Client::new(addr).json("POST", "/v1/restore", Some(&req))?;
     println!(
@@ -645,6 +658,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         publish: args.publish,
         kvm_device: args.kvm_device,
         overlay,
+        state_dir: args.state_dir,
+        max_image_bytes: args.max_image_size,
     })?;
     Ok(0)
 }
