@@ -19,11 +19,11 @@ use host_shim::daemon::api::{
     RunRequest, SnapshotInfo, SnapshotRequest,
 };
 use host_shim::daemon::persist::{publish_arg, Restart};
+use host_shim::daemon::DaemonConfig;
+use host_shim::devices::virtio;
 use host_shim::fleet::commands::{self, DeployOptions};
 use host_shim::fleet::store::FileStore;
 use host_shim::fleet::{Fleet, FleetError, Host};
-use host_shim::daemon::DaemonConfig;
-use host_shim::devices::virtio;
 use host_shim::net::{NetMode, Nic, PublishSpec};
 use host_shim::outcome::STATUS_SHIM_ERROR;
 use tracing_subscriber::EnvFilter;
@@ -621,7 +621,12 @@ fn execute(command: Command, shim: Option<String>, fleet_file: &Path) -> anyhow:
         }
         Command::Logs(a) if a.follow => {
             let addr = shim_addr(shim);
-            fleet_status(commands::follow_logs(Client::new(&addr), &addr, &a.name, None))
+            fleet_status(commands::follow_logs(
+                Client::new(&addr),
+                &addr,
+                &a.name,
+                None,
+            ))
         }
         Command::Run(args) => match shim {
             Some(addr) => remote_run(&addr, args),
@@ -763,11 +768,7 @@ fn remote_run(addr: &str, args: RunArgs) -> anyhow::Result<u8> {
         mem: args.mem,
         env: args.env,
         args: args.args,
-        publish: args
-            .publish
-            .iter()
-            .map(publish_arg)
-            .collect(),
+        publish: args.publish.iter().map(publish_arg).collect(),
         ip: args.ip.map(|(ip, _)| ip.to_string()),
         restore: args
             .restore
@@ -799,11 +800,7 @@ fn remote_restore(addr: &str, args: RestoreArgs) -> anyhow::Result<u8> {
     let req = RestoreRequest {
         file: file.display().to_string(),
         name: args.name,
-        publish: args
-            .publish
-            .iter()
-            .map(publish_arg)
-            .collect(),
+        publish: args.publish.iter().map(publish_arg).collect(),
     };
     let info: InstanceInfo = Client::new(addr).json("POST", "/v1/restore", Some(&req))?;
     println!(

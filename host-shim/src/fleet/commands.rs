@@ -24,11 +24,10 @@ use crate::daemon::persist::Restart;
 /// Most hops from a shim an app left to the shim it runs on.
 const MAX_HOPS: usize = 16;
 
+/// Prints `value` as JSON on stdout (a closed pipe is not an error).
 fn print_json(value: &impl Serialize) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).expect("serializable")
-    );
+    let text = serde_json::to_string_pretty(value).expect("serializable");
+    let _ = writeln!(std::io::stdout(), "{text}");
 }
 
 /// A progress bar on stderr (hidden when stderr is no terminal or for `--json`).
@@ -208,10 +207,9 @@ fn ensure_image(
     let answer = client.upload(&path, bytes, |sent| bar.set_position(sent));
     bar.finish_and_clear();
     answer.map_err(|e| match e {
-        ClientError::Api { message, .. } => FleetError::Failed(format!(
-            "host {} refused the image: {message}",
-            host.name
-        )),
+        ClientError::Api { message, .. } => {
+            FleetError::Failed(format!("host {} refused the image: {message}", host.name))
+        }
         e => e.into(),
     })?;
     Ok(true)
@@ -262,15 +260,16 @@ pub fn deploy(fleet: &Fleet, o: DeployOptions<'_>, json: bool) -> Result<u8, Fle
         restart: o.restart,
         ..RunRequest::default()
     };
-    let inst: InstanceInfo = client
-        .json("POST", "/v1/instances", Some(&req))
-        .map_err(|e| match e {
-            ClientError::Api { message, .. } => FleetError::Failed(format!(
-                "host {} refused to run {}: {message}",
-                host.name, o.name
-            )),
-            e => e.into(),
-        })?;
+    let inst: InstanceInfo =
+        client
+            .json("POST", "/v1/instances", Some(&req))
+            .map_err(|e| match e {
+                ClientError::Api { message, .. } => FleetError::Failed(format!(
+                    "host {} refused to run {}: {message}",
+                    host.name, o.name
+                )),
+                e => e.into(),
+            })?;
     let ms = start.elapsed().as_secs_f64() * 1e3;
     fleet.put_app(
         &App {
@@ -407,11 +406,7 @@ pub fn ps(fleet: &Fleet, all: bool, json: bool) -> Result<u8, FleetError> {
             .iter()
             .find(|r| r.name == app.name && r.state == "running");
         if let Some(row) = here.filter(|r| r.host != app.host) {
-            if let Some(v) = fleet.app(&app.name)? {
-                let mut moved = v.value;
-                moved.host = row.host.clone();
-                let _ = fleet.put_app(&moved, Expect::Version(v.version));
-            }
+            record_move(fleet, &app.name, &row.host)?;
         }
     }
     if json {
@@ -517,6 +512,29 @@ fn locate(fleet: &Fleet, name: &str) -> Result<Located, FleetError> {
     )))
 }
 
+/// Records that app `name` runs on `host` now (what a shim said, so it
+/// wins): compare-and-swap on the app's record, again if another CLI
+/// wrote it meanwhile; nothing if the app is not in the fleet.
+fn record_move(fleet: &Fleet, name: &str, host: &str) -> Result<(), FleetError> {
+    for _ in 0..8 {
+        let Some(v) = fleet.app(name)? else {
+            return Ok(());
+        };
+        if v.value.host == host {
+            return Ok(());
+        }
+        let mut app = v.value;
+        app.host = host.to_owned();
+        match fleet.put_app(&app, Expect::Version(v.version)) {
+            Err(FleetError::Store(super::store::StoreError::Conflict { .. })) => continue,
+            other => return other.map(|_| ()),
+        }
+    }
+    Err(FleetError::Failed(format!(
+        "the fleet record of {name} keeps changing: run the command again"
+    )))
+}
+
 // ---- logs ----
 
 /// `logs NAME` (fleet): the console where the app runs now.
@@ -568,13 +586,12 @@ pub fn follow_logs(
         match (moved, ended) {
             (Some(addr), _) => {
                 let next = hop_to(fleet, &addr)?;
-                eprintln!("-- {name} moved from {label} to {}; following it there", next.label);
+                eprintln!(
+                    "-- {name} moved from {label} to {}; following it there",
+                    next.label
+                );
                 if let (Some(f), Some(h)) = (fleet, &next.host) {
-                    if let Some(v) = f.app(name)? {
-                        let mut app = v.value;
-                        app.host = h.name.clone();
-                        let _ = f.put_app(&app, Expect::Version(v.version));
-                    }
+                    record_move(f, name, &h.name)?;
                 }
                 client = next.client;
                 label = next.label;
@@ -612,9 +629,7 @@ pub fn migrate(fleet: &Fleet, name: &str, to: &str, json: bool) -> Result<u8, Fl
     let loc = locate(fleet, name)?;
     let dest = fleet.need_host(to)?;
     if loc.live.host.as_ref().is_some_and(|h| h.name == dest.name) {
-        return Err(FleetError::Failed(format!(
-            "{name} runs on {to} already"
-        )));
+        return Err(FleetError::Failed(format!("{name} runs on {to} already")));
     }
     let dest_client = client_for(&dest)?;
     let keep_restart = loc.info.restart == Restart::Always;
@@ -673,9 +688,7 @@ pub fn migrate(fleet: &Fleet, name: &str, to: &str, json: bool) -> Result<u8, Fl
             eprintln!("warning: {name} will not restart with {to}'s shim: {e}");
         }
     }
-    let mut app = loc.app.value.clone();
-    app.host = dest.name.clone();
-    fleet.put_app(&app, Expect::Version(loc.app.version))?;
+    record_move(fleet, name, &dest.name)?;
     let downtime_ms = last
         .split("downtime ")
         .nth(1)
@@ -700,7 +713,7 @@ pub fn migrate(fleet: &Fleet, name: &str, to: &str, json: bool) -> Result<u8, Fl
 // ---- stop ----
 
 /// `stop NAME`: stops the app where it runs, drops what it left on the
-/// shims it moved away from (their published ports), and forgets it.
+/// shims it moved away from (its published ports there), and forgets it.
 pub fn stop(fleet: &Fleet, name: &str, json: bool) -> Result<u8, FleetError> {
     let loc = match locate(fleet, name) {
         Ok(loc) => loc,
@@ -714,9 +727,33 @@ pub fn stop(fleet: &Fleet, name: &str, json: bool) -> Result<u8, FleetError> {
     };
     let path = format!("/v1/instances/{name}/stop");
     let info: InstanceInfo = loc.live.client.json::<(), _>("POST", &path, None)?;
-    for hop in &loc.left {
-        if let Err(e) = hop.client.json::<(), InstanceInfo>("POST", &path, None) {
-            eprintln!("warning: {name}'s ports on {}: {e}", hop.label);
+    // What it left on the shims it moved away from: found on the way, or
+    // on any other fleet host (the file only knows where it runs now).
+    let mut left: Vec<(String, Client)> =
+        loc.left.into_iter().map(|h| (h.label, h.client)).collect();
+    for host in fleet.hosts()? {
+        if left.iter().any(|(l, _)| *l == host.name) || host.name == loc.live.label {
+            continue;
+        }
+        let client = client_for(&host)?;
+        match client.json::<(), Vec<InstanceInfo>>("GET", "/v1/instances", None) {
+            Ok(list) => {
+                if list
+                    .iter()
+                    .any(|i| i.name == name && i.state.starts_with("moved to"))
+                {
+                    left.push((host.name, client));
+                }
+            }
+            Err(e) => eprintln!(
+                "warning: cannot look for {name}'s ports on {}: {e}",
+                host.name
+            ),
+        }
+    }
+    for (label, client) in &left {
+        if let Err(e) = client.json::<(), InstanceInfo>("POST", &path, None) {
+            eprintln!("warning: {name}'s ports on {label}: {e}");
         }
     }
     fleet.remove_app(name, Expect::Any)?;

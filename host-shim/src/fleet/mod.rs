@@ -154,10 +154,7 @@ impl Fleet {
         &self,
         key: &str,
     ) -> Result<Option<Versioned<T>>, FleetError> {
-        self.store
-            .get(key)?
-            .map(|v| decode(key, v))
-            .transpose()
+        self.store.get(key)?.map(|v| decode(key, v)).transpose()
     }
 
     fn list<T: for<'de> Deserialize<'de>>(

@@ -238,7 +238,8 @@ mod tests {
     use serde_json::json;
 
     fn store(tag: &str) -> (FileStore, PathBuf) {
-        let dir = std::env::temp_dir().join(format!("host-shim-fleet-{tag}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("host-shim-fleet-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         (FileStore::new(&dir.join("sub/fleet.json")), dir)
     }
@@ -247,12 +248,16 @@ mod tests {
     fn compare_and_swap() {
         let (s, dir) = store("cas");
         assert!(s.get("hosts/a").unwrap().is_none());
-        let v1 = s.put("hosts/a", json!({"url": "x"}), Expect::Absent).unwrap();
+        let v1 = s
+            .put("hosts/a", json!({"url": "x"}), Expect::Absent)
+            .unwrap();
         assert!(matches!(
             s.put("hosts/a", json!({}), Expect::Absent),
             Err(StoreError::Conflict { .. })
         ));
-        let v2 = s.put("hosts/a", json!({"url": "y"}), Expect::Version(v1)).unwrap();
+        let v2 = s
+            .put("hosts/a", json!({"url": "y"}), Expect::Version(v1))
+            .unwrap();
         assert!(v2 > v1);
         assert!(matches!(
             s.put("hosts/a", json!({}), Expect::Version(v1)),
