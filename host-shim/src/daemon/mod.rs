@@ -42,6 +42,7 @@ pub mod api;
 pub mod images;
 pub mod instance;
 pub mod logs;
+pub mod openapi;
 pub mod persist;
 
 use std::collections::BTreeMap;
@@ -830,7 +831,9 @@ impl Daemon {
                     serde_json::from_value(parse("push")?).map_err(|e| bad(e.to_string()))?;
                 json(200, &self.push_image(hash, &req.to)?)
             }
-            (Method::Get, ["v1", "openapi.yaml"]) => Ok(Reply::Text(200, OPENAPI.to_owned())),
+            (Method::Get, ["v1", "openapi.yaml"]) => {
+                Ok(Reply::Text(200, openapi::OPENAPI.to_owned()))
+            }
             (Method::Get, ["v1", "instances", name, "logs"]) => {
                 let instances = self.instances();
                 let inst = instances.get(*name).ok_or_else(|| not_found(name))?;
@@ -880,9 +883,6 @@ impl Daemon {
         }
     }
 }
-
-/// The API's description (`GET /v1/openapi.yaml`).
-pub const OPENAPI: &str = include_str!("../../api/openapi.yaml");
 
 fn not_found(name: &str) -> ApiError {
     ApiError(404, format!("no instance named '{name}'"))
