@@ -66,8 +66,15 @@ impl Persist {
         Ok(Self { dir })
     }
 
+    /// The record of `name` (names with a `/` or a leading `.` never
+    /// reach here: `run` refuses them, and so does this).
     fn file(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.json"))
+        let safe: String = name
+            .chars()
+            .map(|c| if c == '/' { '_' } else { c })
+            .collect();
+        self.dir
+            .join(format!("{}.json", safe.trim_start_matches('.')))
     }
 
     /// Where an instance's checkpoints go when its run names no directory.
