@@ -38,10 +38,8 @@ pub struct ImageInfo {
 pub enum ImageError {
     #[error("'{0}' is not a SHA-256 (64 lowercase hex digits)")]
     BadHash(String),
-    #[error(
-        "the image is {size} bytes, over this shim's limit of {max} bytes (serve --max-image-size)"
-    )]
-    TooLarge { size: u64, max: u64 },
+    #[error("the image is {size}, over this shim's limit of {max} bytes (serve --max-image-size)")]
+    TooLarge { size: String, max: u64 },
     #[error(
         "the image's SHA-256 is {actual}, not {expected}: refused (tampered or truncated upload)"
     )]
@@ -129,10 +127,14 @@ impl ImageStore {
     pub fn put(&self, hash: &str, body: &[u8]) -> Result<ImageInfo, ImageError> {
         check_hash(hash)?;
         let size = body.len() as u64;
-        // A body cut at the transport's limit was larger than any limit.
         if size > self.max_bytes || size >= TRANSPORT_MAX_BYTES {
             return Err(ImageError::TooLarge {
-                size,
+                // A body cut at the transport's limit was larger still.
+                size: if size >= TRANSPORT_MAX_BYTES {
+                    format!("{size} bytes or more")
+                } else {
+                    format!("{size} bytes")
+                },
                 max: self.max_bytes,
             });
         }

@@ -648,20 +648,22 @@ pub fn migrate(fleet: &Fleet, name: &str, to: &str, json: bool) -> Result<u8, Fl
             );
         }
     }
-    let bar = bar(None, "{spinner} migrating {msg}", json);
-    bar.set_message(format!("{name} from {} to {to}", loc.live.label));
-    let mut log = Vec::new();
+    let bar = bar(None, "{spinner} {elapsed_precise} {wide_msg}", json);
+    bar.set_message(format!("migrating {name} from {} to {to}", loc.live.label));
     let last = loc.live.client.stream_lines(
         &format!("/v1/instances/{name}/migrate"),
         &MigrateRequest {
             to: dest.addr().to_owned(),
         },
         |line| {
-            bar.set_message(format!("{name}: {line}"));
-            if bar.is_hidden() && !json {
-                println!("{line}");
+            // Phases above the spinner (stderr); the outcome on stdout.
+            if bar.is_hidden() {
+                if !json {
+                    println!("{line}");
+                }
+            } else if !line.starts_with("ok") && !line.starts_with("error:") {
+                bar.println(line);
             }
-            log.push(line.to_owned());
         },
     );
     bar.finish_and_clear();
