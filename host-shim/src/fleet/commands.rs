@@ -66,6 +66,30 @@ fn uptime(secs: f64) -> String {
 
 // ---- fleet add / ls / rm ----
 
+/// A host as `fleet add/ls` show it: the token is never printed.
+#[derive(Serialize)]
+struct HostView<'a> {
+    name: &'a str,
+    url: &'a str,
+    region: &'a str,
+    fingerprint: Option<&'a str>,
+    token: bool,
+    apps: usize,
+}
+
+impl<'a> HostView<'a> {
+    fn new(h: &'a Host, apps: &[App]) -> Self {
+        Self {
+            name: &h.name,
+            url: &h.url,
+            region: &h.region,
+            fingerprint: h.fingerprint.as_deref(),
+            token: h.token.is_some(),
+            apps: apps.iter().filter(|a| a.host == h.name).count(),
+        }
+    }
+}
+
 /// `fleet add NAME URL`: checks that the host answers, notes its region.
 pub fn fleet_add(fleet: &Fleet, mut host: Host, json: bool) -> Result<u8, FleetError> {
     if host.name.is_empty() || host.name.contains(['/', ' ']) {
@@ -87,7 +111,7 @@ pub fn fleet_add(fleet: &Fleet, mut host: Host, json: bool) -> Result<u8, FleetE
     host.region = info.region.clone();
     fleet.put_host(&host, Expect::Absent)?;
     if json {
-        print_json(&host);
+        print_json(&HostView::new(&host, &[]));
     } else {
         println!(
             "added {} ({}): shim '{}' in region {}, {} instance(s){}",
@@ -109,24 +133,24 @@ pub fn fleet_add(fleet: &Fleet, mut host: Host, json: bool) -> Result<u8, FleetE
 pub fn fleet_ls(fleet: &Fleet, json: bool) -> Result<u8, FleetError> {
     let hosts = fleet.hosts()?;
     let apps = fleet.apps()?;
+    let views: Vec<HostView> = hosts.iter().map(|h| HostView::new(h, &apps)).collect();
     if json {
-        print_json(&hosts);
+        print_json(&views);
         return Ok(exit::OK);
     }
     println!(
         "{:<14} {:<30} {:<12} {:<5} {:<5} {:>4}",
         "NAME", "URL", "REGION", "PIN", "TOKEN", "APPS"
     );
-    for h in hosts {
-        let count = apps.iter().filter(|a| a.host == h.name).count();
+    for h in views {
         println!(
             "{:<14} {:<30} {:<12} {:<5} {:<5} {:>4}",
             h.name,
             h.url,
             h.region,
             if h.fingerprint.is_some() { "yes" } else { "-" },
-            if h.token.is_some() { "yes" } else { "-" },
-            count
+            if h.token { "yes" } else { "-" },
+            h.apps
         );
     }
     Ok(exit::OK)

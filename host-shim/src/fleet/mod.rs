@@ -228,3 +228,44 @@ impl Fleet {
         Ok(self.hosts()?.into_iter().find(|h| h.addr() == addr))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_addresses_and_clients() {
+        let mut h = Host {
+            name: "a".into(),
+            url: "http://127.0.0.1:7000/".into(),
+            ..Host::default()
+        };
+        assert_eq!(h.addr(), "127.0.0.1:7000");
+        assert_eq!(client_for(&h).unwrap().addr, "127.0.0.1:7000");
+        h.url = "127.0.0.1:7001".into();
+        assert_eq!(h.addr(), "127.0.0.1:7001");
+        h.url = "ftp://x:1".into();
+        assert!(matches!(client_for(&h), Err(FleetError::Failed(_))));
+    }
+
+    #[test]
+    fn errors_map_to_exit_statuses() {
+        let api = |status| ClientError::Api {
+            status,
+            message: "m".into(),
+        };
+        assert_eq!(FleetError::from(api(404)).exit_code(), exit::NOT_FOUND);
+        assert_eq!(FleetError::from(api(409)).exit_code(), exit::FAILED);
+        let refused = ClientError::Connect {
+            addr: "x".into(),
+            err: std::io::ErrorKind::ConnectionRefused.into(),
+        };
+        assert_eq!(FleetError::from(refused).exit_code(), exit::UNREACHABLE);
+        let conflict = StoreError::Conflict {
+            key: "apps/kv".into(),
+            expected: Expect::Absent,
+            found: Some(1),
+        };
+        assert_eq!(FleetError::from(conflict).exit_code(), exit::CONFLICT);
+    }
+}

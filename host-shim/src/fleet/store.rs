@@ -36,7 +36,8 @@
 //! on `FILE.lock` (so two CLIs never interleave read-modify-write), reads
 //! the file, checks the expectation, and replaces the file atomically
 //! (temp file, fsync, rename): a crash leaves the old state or the new one,
-//! never half of each. Reads need no lock.
+//! never half of each. Reads need no lock. The file is readable by its
+//! owner only (mode 0600): it holds the hosts' tokens.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -160,10 +161,33 @@ impl FileStore {
         let mut state = self.read()?;
         let out = change(&mut state)?;
         let json = serde_json::to_vec_pretty(&state).expect("serializable");
-        crate::checkpoint::write_atomic(&self.path, &json).map_err(self.io())?;
+        write_private(&self.path, &json).map_err(self.io())?;
         // The lock goes with `lock`.
         Ok(out)
     }
+}
+
+/// Replaces `path` by `bytes` atomically (temp file, fsync, rename), readable by
+/// its owner only: the file holds the users' tokens.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = File::options()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn check(key: &str, found: Option<u64>, expect: Expect) -> Result<(), StoreError> {
@@ -272,6 +296,9 @@ mod tests {
         s.delete("hosts/a", Expect::Any).unwrap();
         assert!(s.get("hosts/a").unwrap().is_none());
         assert!(s.get("apps/kv").unwrap().is_some());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "tokens stay private");
         std::fs::write(s.path(), b"{ not json").unwrap();
         assert!(matches!(s.list(""), Err(StoreError::Corrupt { .. })));
         let _ = std::fs::remove_dir_all(dir);
