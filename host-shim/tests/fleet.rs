@@ -248,6 +248,7 @@ fn an_app_deployed_to_a_fleet_moves_around_three_shims_with_its_client_and_logs(
         assert_eq!(moved["to"], *to, "{moved}");
         assert!(moved["downtime_ms"].as_f64().is_some(), "{moved}");
         ok(&fleet, &["migrate", "churn", "--to", to]);
+        wait_for_log(&fleet, "churn", &format!(" on {to}\n"));
         assert_eq!(client.cmd(&["GET", &key]).unwrap(), *to, "round {round}");
         let row = ps_row(&fleet, "kv").expect("kv in ps");
         assert_eq!(
@@ -256,7 +257,6 @@ fn an_app_deployed_to_a_fleet_moves_around_three_shims_with_its_client_and_logs(
         );
         assert_eq!(row["region"], format!("region-{to}"));
         assert_eq!(client.host(), *to, "the app knows where it runs");
-        std::thread::sleep(Duration::from_millis(300));
     }
     client.check(2000);
     let out = Command::new("redis-cli")
@@ -441,8 +441,21 @@ fn instances_come_back_after_their_daemon_restarts() {
     );
     let mut client = Redis::when_up(port);
     client.fill(500);
-    // Let a checkpoint holding the keys reach the disk.
-    std::thread::sleep(Duration::from_millis(600));
+    // Wait for a checkpoint taken after the keys to reach the disk.
+    let filled = std::time::SystemTime::now();
+    let latest = dir.0.join("r/instances/kv.checkpoints/latest.ckpt");
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&latest)
+        .and_then(|m| m.modified())
+        .map_or(true, |t| t <= filled + Duration::from_millis(150))
+    {
+        assert!(
+            Instant::now() < give_up,
+            "no checkpoint in {}",
+            latest.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     shim.restart();
     let row =
@@ -466,6 +479,22 @@ fn instances_come_back_after_their_daemon_restarts() {
         ps_row(&fleet, "kv").is_none(),
         "a stopped app stays stopped"
     );
+}
+
+/// Waits (up to 10 s) until `logs NAME` shows `needle`.
+fn wait_for_log(fleet: &Path, name: &str, needle: &str) {
+    let give_up = Instant::now() + Duration::from_secs(10);
+    loop {
+        let logs = ok(fleet, &["logs", name]);
+        if logs.contains(needle) {
+            return;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "{name} never logged {needle:?}:\n{logs}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn sha256(bytes: &[u8]) -> String {
