@@ -296,12 +296,7 @@ impl Daemon {
     }
 
     fn run(&self, req: RunRequest) -> Result<InstanceInfo, ApiError> {
-        if req.name.is_empty() || req.name.contains(['/', ' ']) {
-            return Err(bad(format!(
-                "'{}' is not an instance name (non-empty, no '/' or spaces)",
-                req.name
-            )));
-        }
+        check_name(&req.name)?;
         crate::config::check_mem_size(req.mem).map_err(bad)?;
         let publish = req
             .publish
@@ -882,6 +877,16 @@ impl Daemon {
             _ => Err(ApiError(404, format!("no such endpoint: {method} {path}"))),
         }
     }
+}
+
+/// Refuses names that are not one path component (they name files).
+fn check_name(name: &str) -> Result<(), ApiError> {
+    if name.is_empty() || name.contains(['/', ' ']) || name.starts_with('.') {
+        return Err(bad(format!(
+            "'{name}' is not an instance name (non-empty, no '/', spaces or leading '.')"
+        )));
+    }
+    Ok(())
 }
 
 fn not_found(name: &str) -> ApiError {

@@ -66,15 +66,10 @@ impl Persist {
         Ok(Self { dir })
     }
 
-    /// The record of `name` (names with a `/` or a leading `.` never
-    /// reach here: `run` refuses them, and so does this).
+    /// The record of `name` (one path component: `run` refuses names
+    /// with a `/` or a leading `.`; a `/` from elsewhere is replaced here).
     fn file(&self, name: &str) -> PathBuf {
-        let safe: String = name
-            .chars()
-            .map(|c| if c == '/' { '_' } else { c })
-            .collect();
-        self.dir
-            .join(format!("{}.json", safe.trim_start_matches('.')))
+        self.dir.join(format!("{}.json", name.replace('/', "_")))
     }
 
     /// Where an instance's checkpoints go when its run names no directory.
@@ -160,6 +155,7 @@ impl Daemon {
     /// `POST /v1/instances`: boots `req` (an image by path or by
     /// `sha256:HEX`) and records it when its policy says so.
     pub(super) fn run_recorded(&self, mut req: RunRequest) -> Result<InstanceInfo, ApiError> {
+        super::check_name(&req.name)?;
         if let (Some(p), Some(_), None) =
             (&self.persist, req.checkpoint_every_ms, &req.checkpoint_to)
         {
@@ -239,6 +235,7 @@ impl Daemon {
         name: &str,
         restart: Restart,
     ) -> Result<InstanceInfo, ApiError> {
+        super::check_name(name)?;
         let persist = self.persist.as_ref().ok_or_else(|| {
             bad("this shim has no --state-dir: its instances cannot survive a restart")
         })?;
