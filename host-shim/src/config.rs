@@ -75,6 +75,14 @@ pub struct GuestSpec {
 /// `1G`, `33554432`. The result is a multiple of 2 MiB within
 /// [`MIN_MEM_SIZE`, `MAX_MEM_SIZE`].
 pub fn parse_mem_size(s: &str) -> Result<u64, String> {
+    let bytes = parse_byte_size(s)?;
+    check_mem_size(bytes)?;
+    Ok(bytes)
+}
+
+/// Parses a byte count with an optional binary suffix (`K`, `M`, `G`,
+/// optionally followed by `iB` or `B`, any case), e.g. `8M`, `512K`.
+pub fn parse_byte_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, suffix) = s.split_at(digits_end);
@@ -91,11 +99,9 @@ pub fn parse_mem_size(s: &str) -> Result<u64, String> {
         other => return Err(format!("unknown size suffix '{other}': use K, M or G")),
     };
     let value: u64 = digits.parse().map_err(|_| format!("'{s}' is too large"))?;
-    let bytes = value
+    value
         .checked_mul(1 << shift)
-        .ok_or_else(|| format!("'{s}' is too large"))?;
-    check_mem_size(bytes)?;
-    Ok(bytes)
+        .ok_or_else(|| format!("'{s}' is too large"))
 }
 
 /// Checks that `bytes` is a guest memory size the layout allows.

@@ -16,6 +16,7 @@ pub mod console;
 pub mod daemon;
 pub mod devices;
 pub mod error;
+pub mod fleet;
 pub mod machine;
 pub mod migration;
 pub mod net;

@@ -6,7 +6,7 @@
 //! started with `serve` (see `host_shim::daemon`).
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -18,8 +18,12 @@ use host_shim::daemon::api::{
     CheckpointInfo, CheckpointRequest, Client, InstanceInfo, MigrateRequest, RestoreRequest,
     RunRequest, SnapshotInfo, SnapshotRequest,
 };
+use host_shim::daemon::persist::{publish_arg, Restart};
 use host_shim::daemon::DaemonConfig;
 use host_shim::devices::virtio;
+use host_shim::fleet::commands::{self, DeployOptions};
+use host_shim::fleet::store::FileStore;
+use host_shim::fleet::{Fleet, FleetError, Host};
 use host_shim::net::{NetMode, Nic, PublishSpec};
 use host_shim::outcome::STATUS_SHIM_ERROR;
 use tracing_subscriber::EnvFilter;
@@ -48,8 +52,30 @@ A daemon (one per host), driven from other processes:
 Placement over a fleet of daemons:
     host-shim schedule kv --policy follow-the-sun --threshold 5ms --interval 10s \\
         --shim 127.0.0.1:7001 --shim 127.0.0.1:7002 --shim 127.0.0.1:7003
-(--shim defaults to $HOST_SHIM; list/logs/stop/snapshot/checkpoint/migrate default to
-127.0.0.1:7000.)";
+(--shim defaults to $HOST_SHIM; list/snapshot/checkpoint default to 127.0.0.1:7000;
+logs/stop/migrate without --shim act on the fleet, below.)
+
+A fleet (the hosts you own, each running `host-shim serve --state-dir DIR`),
+from your machine; the state is in --fleet FILE ($HOST_SHIM_FLEET, default
+~/.config/host-shim/fleet.json):
+    host-shim fleet add us-east http://127.0.0.1:7000     check it answers, note its region
+    host-shim fleet ls | host-shim fleet rm us-east
+    host-shim deploy target/images/kv.img --on us-east --name kv --publish 6379:6379
+    host-shim ps                       every instance on every host (name, host, region,
+                                       state, uptime, memory, address, ports)
+    host-shim logs kv [--follow]       the console, wherever kv runs; --follow keeps
+                                       streaming it and follows kv when it moves
+    host-shim migrate kv --to eu-west  live, with a progress bar
+    host-shim stop kv
+(fleet ls, deploy, ps, migrate, stop take --json for scripts.)
+
+Exit status of the fleet commands (fleet, deploy, ps, and logs/migrate/stop
+without --shim):
+    0  done
+    1  failed: the shim refused, bad flags, unreadable image or state file
+    3  not found: no such host or app in the fleet, or not on its host
+    4  unreachable: a host did not answer (ps lists the others first)
+    5  conflict: the fleet state changed meanwhile (another CLI); run it again";
 
 /// A small KVM monitor that boots libcloud unikernel images.
 #[derive(Parser)]
@@ -67,6 +93,10 @@ struct Cli {
     )]
     shim: Vec<String>,
 
+    /// The fleet state file [default: ~/.config/host-shim/fleet.json].
+    #[arg(long, global = true, value_name = "FILE", env = "HOST_SHIM_FLEET")]
+    fleet: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -78,10 +108,12 @@ enum Command {
     Serve(ServeArgs),
     /// List a daemon's instances (name, state, address, memory, uptime, moves, image).
     List,
-    /// Stop a daemon's instance and remove it (with its published ports).
-    Stop(NameArg),
-    /// Print a daemon's instance's console (the last 256 KiB).
-    Logs(NameArg),
+    /// Stop an app wherever it runs in the fleet and forget it (with
+    /// --shim: a daemon's instance); its published ports go with it.
+    Stop(StopArgs),
+    /// Print an app's console (the last 256 KiB), wherever it runs in the
+    /// fleet (with --shim: on that daemon); --follow streams it.
+    Logs(LogsArgs),
     Snapshot(SnapshotArgs),
     Checkpoint(CheckpointArgs),
     Migrate(MigrateArgs),
@@ -89,6 +121,13 @@ enum Command {
     /// state, checkpoint file and size.
     Standbys,
     Schedule(ScheduleArgs),
+    /// The fleet's hosts: add, list, remove.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
+    Deploy(DeployArgs),
+    /// Every instance on every fleet host: name, host, region, state,
+    /// uptime, memory, address, ports (exit status 4 if a host did not answer).
+    Ps(PsArgs),
 }
 
 const SCHEDULE_ABOUT: &str = "\
@@ -208,6 +247,104 @@ fn schedule(args: ScheduleArgs, shims: Vec<String>) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Add a host (a `host-shim serve`): checks that it answers and notes its region.
+    Add(FleetAddArgs),
+    /// List the fleet's hosts.
+    Ls(JsonArg),
+    /// Remove a host from the fleet (its instances keep running).
+    Rm(NameArg),
+}
+
+#[derive(Args)]
+struct FleetAddArgs {
+    /// The host's name in the fleet (e.g. us-east).
+    name: String,
+    /// Its API: http://ADDR:PORT (the shim's --listen address).
+    url: String,
+    /// Its pinned certificate fingerprint (SHA256:...), for TLS.
+    #[arg(long, value_name = "SHA256:...")]
+    fingerprint: Option<String>,
+    /// Your bearer token on that host.
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
+    #[command(flatten)]
+    json: JsonArg,
+}
+
+#[derive(Args)]
+struct JsonArg {
+    /// Print JSON (for scripts) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PsArgs {
+    /// Also show what apps left behind on shims they moved away from.
+    #[arg(long)]
+    all: bool,
+    #[command(flatten)]
+    json: JsonArg,
+}
+
+#[derive(Args)]
+struct StopArgs {
+    /// The app's (instance's) name.
+    name: String,
+    #[command(flatten)]
+    json: JsonArg,
+}
+
+#[derive(Args)]
+struct LogsArgs {
+    /// The app's (instance's) name.
+    name: String,
+    /// Keep streaming new output; when the app moves to another shim, go
+    /// on from there. Ends when the app ends.
+    #[arg(long, short)]
+    follow: bool,
+}
+
+/// Upload an image to a fleet host (content-addressed: skipped when the
+/// host has it) and run it there.
+#[derive(Args)]
+struct DeployArgs {
+    /// The image: an ELF built by `cargo xtask build-image`.
+    #[arg(value_name = "IMAGE")]
+    image: PathBuf,
+    /// The fleet host to run it on.
+    #[arg(long, value_name = "HOST")]
+    on: String,
+    /// The app's name [default: the image's file stem].
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Forward a port of the host to the app:
+    /// [HOST_ADDR:]HOST_PORT:[GUEST_ADDR:]GUEST_PORT[/tcp|/udp]; may be repeated.
+    #[arg(long, value_name = "MAPPING", value_parser = config::parse_publish)]
+    publish: Vec<PublishSpec>,
+    /// Pass KEY=VALUE to the app's environment; may be repeated.
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = config::parse_env)]
+    env: Vec<(String, String)>,
+    /// Guest memory (K/M/G suffix).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = config::parse_mem_size)]
+    mem: u64,
+    /// `always`: the app comes back when its shim restarts (booted again,
+    /// from its latest checkpoint if it has one); `never`: it does not.
+    #[arg(long, value_name = "POLICY", default_value_t = Restart::Always)]
+    restart: Restart,
+    /// Have the app checkpoint itself this often (kept in the shim's
+    /// --state-dir; a restart resumes from the latest).
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
+    checkpoint_every: Option<Duration>,
+    #[command(flatten)]
+    json: JsonArg,
+    /// Arguments for the app, after `--`.
+    #[arg(last = true, value_name = "ARGS")]
+    args: Vec<String>,
+}
+
 /// Run a guest from a snapshot file (in this process, or with --shim in a
 /// daemon, which reads the file).
 #[derive(Args)]
@@ -311,6 +448,17 @@ struct ServeArgs {
     /// The KVM device to open.
     #[arg(long, value_name = "PATH", default_value = host_shim::vstate::vm::KVM_DEVICE)]
     kvm_device: PathBuf,
+
+    /// Keep uploaded images (DIR/images, by SHA-256) and the instances run
+    /// with `--restart always` (DIR/instances): after a restart of the
+    /// daemon they boot again, from their app's latest checkpoint if any.
+    /// Without it, images cannot be uploaded and nothing is kept.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// The largest image upload accepted (K/M suffixes; at most 16M).
+    #[arg(long, value_name = "SIZE", default_value = "8M", value_parser = config::parse_byte_size)]
+    max_image_size: u64,
 }
 
 #[derive(Args)]
@@ -343,14 +491,17 @@ struct CheckpointArgs {
     wait: Duration,
 }
 
-/// Move a running instance to another daemon, live.
+/// Move a running app to another fleet host (with --shim: an instance to
+/// another daemon), live: memory, CPU, devices and open connections.
 #[derive(Args)]
 struct MigrateArgs {
-    /// The instance's name.
+    /// The app's (instance's) name.
     name: String,
-    /// The destination daemon's API address.
-    #[arg(long, value_name = "ADDR")]
+    /// The destination: a fleet host (with --shim: a daemon's API address).
+    #[arg(long, value_name = "HOST")]
     to: String,
+    #[command(flatten)]
+    json: JsonArg,
 }
 
 const RUN_ABOUT: &str = "\
@@ -531,6 +682,10 @@ struct RunArgs {
     /// standby takes over (e.g. 2s, 500ms).
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = config::parse_duration)]
     standby_grace: Duration,
+    /// With --shim: whether the instance comes back when its daemon
+    /// restarts (`always` needs `serve --state-dir`).
+    #[arg(long, value_name = "POLICY", default_value_t = Restart::Never)]
+    restart: Restart,
 
     /// Arguments for the app, after `--`.
     #[arg(last = true, value_name = "ARGS")]
@@ -552,7 +707,8 @@ fn main() -> ExitCode {
             };
         }
     };
-    match execute(cli.command, cli.shim) {
+    let fleet = cli.fleet.unwrap_or_else(host_shim::fleet::default_path);
+    match execute(cli.command, cli.shim, &fleet) {
         Ok(status) => ExitCode::from(status),
         Err(e) => {
             eprintln!("Error: {e:#}");
@@ -576,13 +732,72 @@ fn shim_addr(shim: Option<String>) -> String {
     shim.unwrap_or_else(|| "127.0.0.1:7000".to_owned())
 }
 
-fn execute(command: Command, shims: Vec<String>) -> anyhow::Result<u8> {
+/// The fleet commands' outcome: their status, after printing why they failed.
+fn fleet_status(result: Result<u8, FleetError>) -> anyhow::Result<u8> {
+    Ok(result.unwrap_or_else(|e| {
+        eprintln!("Error: {e}");
+        e.exit_code()
+    }))
+}
+
+fn execute(command: Command, shims: Vec<String>, fleet_file: &Path) -> anyhow::Result<u8> {
     if shims.len() > 1 && !matches!(command, Command::Schedule(_)) {
         anyhow::bail!("several --shim addresses: only `schedule` takes more than one");
     }
     let shim = shims.first().cloned();
+    let fleet = || Fleet::new(Box::new(FileStore::new(fleet_file)));
     match command {
         Command::Schedule(args) => schedule(args, shims),
+        Command::Fleet(FleetCommand::Add(a)) => fleet_status(commands::fleet_add(
+            &fleet(),
+            Host {
+                name: a.name,
+                url: a.url,
+                region: String::new(),
+                fingerprint: a.fingerprint,
+                token: a.token,
+            },
+            a.json.json,
+        )),
+        Command::Fleet(FleetCommand::Ls(a)) => fleet_status(commands::fleet_ls(&fleet(), a.json)),
+        Command::Fleet(FleetCommand::Rm(a)) => fleet_status(commands::fleet_rm(&fleet(), &a.name)),
+        Command::Deploy(a) => {
+            let name = a.name.clone().unwrap_or_else(|| stem(&a.image));
+            fleet_status(commands::deploy(
+                &fleet(),
+                DeployOptions {
+                    image: &a.image,
+                    on: &a.on,
+                    name: &name,
+                    mem: a.mem,
+                    env: a.env,
+                    args: a.args,
+                    publish: a.publish.iter().map(publish_arg).collect(),
+                    restart: a.restart,
+                    checkpoint_every_ms: a.checkpoint_every.map(|d| d.as_millis() as u64),
+                },
+                a.json.json,
+            ))
+        }
+        Command::Ps(a) => fleet_status(commands::ps(&fleet(), a.all, a.json.json)),
+        Command::Stop(a) if shim.is_none() => {
+            fleet_status(commands::stop(&fleet(), &a.name, a.json.json))
+        }
+        Command::Logs(a) if shim.is_none() => {
+            fleet_status(commands::logs(&fleet(), &a.name, a.follow))
+        }
+        Command::Migrate(a) if shim.is_none() => {
+            fleet_status(commands::migrate(&fleet(), &a.name, &a.to, a.json.json))
+        }
+        Command::Logs(a) if a.follow => {
+            let addr = shim_addr(shim);
+            fleet_status(commands::follow_logs(
+                Client::new(&addr),
+                &addr,
+                &a.name,
+                None,
+            ))
+        }
         Command::Run(args) => match shim {
             Some(addr) => remote_run(&addr, args),
             None => run(args),
@@ -666,6 +881,14 @@ fn execute(command: Command, shims: Vec<String>) -> anyhow::Result<u8> {
     }
 }
 
+/// An image's file stem (the default instance name).
+fn stem(image: &Path) -> String {
+    image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "guest".into())
+}
+
 fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
     if path.is_absolute() {
         Ok(path.to_owned())
@@ -725,19 +948,14 @@ fn remote_run(addr: &str, args: RunArgs) -> anyhow::Result<u8> {
         );
     }
     let image = absolute(&args.image)?;
-    let name = args.name.clone().unwrap_or_else(|| {
-        args.image
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "guest".into())
-    });
+    let name = args.name.clone().unwrap_or_else(|| stem(&args.image));
     let req = RunRequest {
         name,
         image: image.display().to_string(),
         mem: args.mem,
         env: args.env,
         args: args.args,
-        publish: args.publish.iter().map(publish_syntax).collect(),
+        publish: args.publish.iter().map(publish_arg).collect(),
         ip: args.ip.map(|(ip, _)| ip.to_string()),
         restore: args
             .restore
@@ -754,6 +972,7 @@ fn remote_run(addr: &str, args: RunArgs) -> anyhow::Result<u8> {
             .map(|p| p.display().to_string()),
         standby: args.standby,
         standby_grace_ms: Some(args.standby_grace.as_millis() as u64),
+        restart: args.restart,
     };
     let info: InstanceInfo = Client::new(addr).json("POST", "/v1/instances", Some(&req))?;
     println!(
@@ -765,25 +984,12 @@ fn remote_run(addr: &str, args: RunArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// A publish mapping back in `--publish` syntax.
-fn publish_syntax(p: &PublishSpec) -> String {
-    let host = match p.host {
-        std::net::SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
-        std::net::SocketAddr::V4(a) => a.to_string(),
-    };
-    let guest = match p.guest_addr {
-        Some(a) => format!("{a}:{}", p.guest_port),
-        None => p.guest_port.to_string(),
-    };
-    format!("{host}:{guest}/{}", p.proto)
-}
-
 fn remote_restore(addr: &str, args: RestoreArgs) -> anyhow::Result<u8> {
     let file = absolute(&args.file)?;
     let req = RestoreRequest {
         file: file.display().to_string(),
         name: args.name,
-        publish: args.publish.iter().map(publish_syntax).collect(),
+        publish: args.publish.iter().map(publish_arg).collect(),
     };
     let info: InstanceInfo = Client::new(addr).json("POST", "/v1/restore", Some(&req))?;
     println!(
@@ -839,6 +1045,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         publish: args.publish,
         kvm_device: args.kvm_device,
         overlay,
+        state_dir: args.state_dir,
+        max_image_bytes: args.max_image_size,
     })?;
     Ok(0)
 }

@@ -192,6 +192,14 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Deploy-to-first-reply time of the kv app on a remote shim: `host-shim deploy` (image
+    /// upload by SHA-256, or none when the shim has it) until kv answers PING through its
+    /// published port. Needs /dev/kvm. Prints a markdown table (medians with min–max).
+    Deploy {
+        /// Deploys per case (image new to the shim, image already there).
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -262,6 +270,9 @@ fn dispatch(ws: &Workspace, command: Cmd) -> Result<()> {
                 kv_image: a.kv_image,
             },
         ),
+        Cmd::Bench(BenchCmd::Deploy { runs }) => {
+            bench::deploy::run(ws, &bench::deploy::DeployOptions { runs })
+        }
     }
 }
 

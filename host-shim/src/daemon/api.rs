@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::persist::Restart;
+
 /// The upgrade protocol of streamed answers.
 const PROGRESS: &str = "host-shim-progress";
 
@@ -20,7 +22,8 @@ const PROGRESS: &str = "host-shim-progress";
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RunRequest {
     pub name: String,
-    /// A path the daemon can read.
+    /// A path the daemon can read, or `sha256:HEX` for an image uploaded
+    /// with `PUT /v1/images/HEX`.
     pub image: String,
     /// Bytes of guest RAM.
     pub mem: u64,
@@ -51,6 +54,22 @@ pub struct RunRequest {
     /// over, in ms [default: 2000].
     #[serde(default)]
     pub standby_grace_ms: Option<u64>,
+    /// Whether it comes back after a daemon restart (needs `--state-dir`).
+    #[serde(default)]
+    pub restart: Restart,
+}
+
+/// `PUT /v1/instances/NAME/restart`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RestartRequest {
+    pub restart: Restart,
+}
+
+/// `POST /v1/images/HEX/push`: copy a stored image to another daemon.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PushRequest {
+    /// The other daemon's API address.
+    pub to: String,
 }
 
 /// `POST /v1/restore`: run a snapshot file (a path the daemon can read).
@@ -123,6 +142,9 @@ pub struct InstanceInfo {
     /// Moves so far (`BootInfo::generation`).
     pub generation: u64,
     pub publish: Vec<String>,
+    /// Its restart policy (`always`: recorded in the daemon's `--state-dir`).
+    #[serde(default)]
+    pub restart: Restart,
 }
 
 /// `GET /v1/info`: who this daemon is.
@@ -134,6 +156,10 @@ pub struct ShimInfo {
     pub gateway: String,
     pub overlay: Option<String>,
     pub instances: usize,
+    /// The largest image `PUT /v1/images/HEX` accepts; none: this shim
+    /// keeps no images (no `--state-dir`).
+    #[serde(default)]
+    pub max_image_bytes: Option<u64>,
 }
 
 /// An error answer.
@@ -149,8 +175,9 @@ pub enum ClientError {
     Connect { addr: String, err: std::io::Error },
     #[error("the shim at {addr}: {err}")]
     Io { addr: String, err: std::io::Error },
-    #[error("{0}")]
-    Api(String),
+    /// The daemon answered with an error status and this message.
+    #[error("{message}")]
+    Api { status: u16, message: String },
     #[error("the shim at {addr} answered something that is not valid: {detail}")]
     Protocol { addr: String, detail: String },
 }
@@ -248,12 +275,52 @@ impl Client {
         let mut body = Vec::new();
         reader.read_to_end(&mut body).map_err(self.io())?;
         if status >= 400 {
-            let msg = serde_json::from_slice::<ErrorBody>(&body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).trim().to_owned());
-            return Err(ClientError::Api(msg));
+            return Err(api_error(status, &body));
         }
         Ok(Answer { status, body })
+    }
+
+    /// `PUT path` with a binary body written in chunks, `progress` seeing
+    /// the bytes sent so far; returns the answer like [`Self::call`].
+    pub fn upload(
+        &self,
+        path: &str,
+        body: &[u8],
+        mut progress: impl FnMut(u64),
+    ) -> Result<Answer, ClientError> {
+        let mut stream = self.connect()?;
+        let head = format!(
+            "PUT {path} HTTP/1.0\r\nHost: {}\r\nContent-Type: application/octet-stream\r\n\
+             Content-Length: {}\r\n\r\n",
+            self.addr,
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).map_err(self.io())?;
+        let mut sent = 0u64;
+        for chunk in body.chunks(64 << 10) {
+            if let Err(err) = stream.write_all(chunk) {
+                // The daemon may refuse (and close) before the whole body:
+                // its answer says why.
+                tracing::debug!("upload to {} cut short: {err}", self.addr);
+                break;
+            }
+            sent += chunk.len() as u64;
+            progress(sent);
+        }
+        let mut reader = BufReader::new(stream);
+        let (status, _) = read_head(&mut reader).map_err(|detail| ClientError::Protocol {
+            addr: self.addr.clone(),
+            detail,
+        })?;
+        let mut answer = Vec::new();
+        reader.read_to_end(&mut answer).map_err(self.io())?;
+        if status >= 400 {
+            return Err(api_error(status, &answer));
+        }
+        Ok(Answer {
+            status,
+            body: answer,
+        })
     }
 
     /// A JSON request with a JSON answer.
@@ -319,10 +386,21 @@ impl Client {
             let msg = serde_json::from_slice::<ErrorBody>(&body)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| format!("status {status}"));
-            return Err(ClientError::Api(msg));
+            return Err(ClientError::Api {
+                status,
+                message: msg,
+            });
         }
         Ok(reader)
     }
+}
+
+/// The error of an answer with a 4xx/5xx status: its `{"error": ...}` message.
+fn api_error(status: u16, body: &[u8]) -> ClientError {
+    let message = serde_json::from_slice::<ErrorBody>(body)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).trim().to_owned());
+    ClientError::Api { status, message }
 }
 
 /// Reads a status line and headers; returns the status and the

@@ -24,14 +24,28 @@ pub const LOG_RING: usize = 256 * 1024;
 #[derive(Default)]
 pub struct LogRing {
     buf: VecDeque<u8>,
+    /// Bytes pushed since the ring was made (the offset of its end).
+    total: u64,
 }
 
 impl LogRing {
     pub fn push(&mut self, bytes: &[u8]) {
+        self.total += bytes.len() as u64;
         let bytes = &bytes[bytes.len().saturating_sub(LOG_RING)..];
         let overflow = (self.buf.len() + bytes.len()).saturating_sub(LOG_RING);
         self.buf.drain(..overflow);
         self.buf.extend(bytes);
+    }
+
+    /// The bytes after offset `from` that are still in the ring, and the
+    /// offset of the end (for the next call).
+    pub fn since(&self, from: u64) -> (Vec<u8>, u64) {
+        let start = self.total - self.buf.len() as u64;
+        let skip = from.clamp(start, self.total) - start;
+        (
+            self.buf.iter().skip(skip as usize).copied().collect(),
+            self.total,
+        )
     }
 
     pub fn contents(&self) -> Vec<u8> {
@@ -119,6 +133,7 @@ impl Instance {
             uptime_s: self.started.elapsed().as_secs_f64(),
             generation: self.spec.generation,
             publish: self.publish.iter().map(ToString::to_string).collect(),
+            restart: super::persist::Restart::Never,
         }
     }
 
@@ -144,5 +159,20 @@ mod tests {
         r.push(b"end");
         assert!(r.contents().ends_with(b"xend"));
         assert_eq!(r.contents().len(), LOG_RING);
+    }
+
+    #[test]
+    fn since_returns_what_came_after_an_offset() {
+        let mut r = LogRing::default();
+        r.push(b"abc");
+        let (all, end) = r.since(0);
+        assert_eq!((all.as_slice(), end), (&b"abc"[..], 3));
+        r.push(b"de");
+        assert_eq!(r.since(end), (b"de".to_vec(), 5));
+        assert_eq!(r.since(5), (Vec::new(), 5));
+        r.push(&vec![b'x'; LOG_RING]);
+        let (tail, end) = r.since(2);
+        assert_eq!(tail.len(), LOG_RING, "what fell out of the ring is skipped");
+        assert_eq!(end, 5 + LOG_RING as u64);
     }
 }

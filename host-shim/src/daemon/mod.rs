@@ -20,6 +20,14 @@
 //! | `POST /v1/standby` | [`standby::StandbyRequest`] | [`standby::StandbyInfo`] (201) |
 //! | `GET /v1/standby` | | `[`[`standby::StandbyInfo`]`]` |
 //! | `POST /v1/standby/NAME/checkpoint` | a checkpoint blob (bytes) | [`standby::StandbyInfo`], once stored |
+//! | `POST /v1/instances/NAME/logs/follow` | upgrade to `host-shim-progress` | console lines as JSON, streamed ([`logs`]) |
+//! | `PUT /v1/instances/NAME/restart` | [`api::RestartRequest`] | [`api::InstanceInfo`] (recorded in `--state-dir`) |
+//! | `GET`/`HEAD /v1/images/SHA256` | | [`images::ImageInfo`] (404: not here) |
+//! | `PUT /v1/images/SHA256` | the image bytes | [`images::ImageInfo`] (201 stored, 200 already here; 413 too large, 422 hash mismatch) |
+//! | `POST /v1/images/SHA256/push` | [`api::PushRequest`] | [`images::ImageInfo`] of the copy on the other shim |
+//! | `GET /v1/openapi.yaml` | | this API as OpenAPI 3 (`host-shim/api/openapi.yaml`) |
+//!
+//! `POST /v1/instances` takes `"image": "sha256:HEX"` for an uploaded image.
 //!
 //! Errors answer `{"error": "..."}` with 400 (bad request), 404 (no such
 //! instance), 409 (conflict: name taken, instance busy) or 500.
@@ -35,7 +43,11 @@
 //! over the overlay, while a guest booted here talks to this shim's gateway.
 
 pub mod api;
+pub mod images;
 pub mod instance;
+pub mod logs;
+pub mod openapi;
+pub mod persist;
 pub mod standby;
 pub mod stats;
 
@@ -85,6 +97,11 @@ pub struct DaemonConfig {
     pub kvm_device: PathBuf,
     /// The overlay's UDP address (default: the listen address) and peers.
     pub overlay: Option<crate::net::overlay::OverlayConfig>,
+    /// Where uploaded images and instance records live (`--state-dir`);
+    /// none: no image uploads, nothing survives a restart.
+    pub state_dir: Option<PathBuf>,
+    /// The largest image upload accepted.
+    pub max_image_bytes: u64,
 }
 
 impl DaemonConfig {
@@ -136,6 +153,8 @@ pub struct Daemon {
     ended: Mutex<Sender<Ended>>,
     /// The instances of other daemons this one stands by for.
     standbys: standby::Standbys,
+    images: Option<images::ImageStore>,
+    persist: Option<persist::Persist>,
 }
 
 impl Daemon {
@@ -160,19 +179,35 @@ impl Daemon {
         for spec in &config.publish {
             net.publish(spec, first)?;
         }
+        let (images, persist) = match &config.state_dir {
+            Some(dir) => {
+                let state = |e: std::io::Error| {
+                    Error::Config(format!("state directory {}: {e}", dir.display()))
+                };
+                (
+                    Some(
+                        images::ImageStore::open(&dir.join("images"), config.max_image_bytes)
+                            .map_err(state)?,
+                    ),
+                    Some(persist::Persist::open(dir).map_err(state)?),
+                )
+            }
+            None => (None, None),
+        };
         let (tx, rx) = mpsc::channel();
-        Ok((
-            Arc::new(Self {
-                config,
-                hv,
-                net,
-                instances: Mutex::new(BTreeMap::new()),
-                next_id: AtomicUsize::new(1),
-                ended: Mutex::new(tx),
-                standbys: Default::default(),
-            }),
-            rx,
-        ))
+        let daemon = Arc::new(Self {
+            config,
+            hv,
+            net,
+            instances: Mutex::new(BTreeMap::new()),
+            next_id: AtomicUsize::new(1),
+            ended: Mutex::new(tx),
+            images,
+            persist,
+            standbys: Default::default(),
+        });
+        daemon.bring_back();
+        Ok((daemon, rx))
     }
 
     pub fn instances(&self) -> MutexGuard<'_, BTreeMap<String, Instance>> {
@@ -270,12 +305,7 @@ impl Daemon {
     }
 
     fn run(&self, req: RunRequest) -> Result<InstanceInfo, ApiError> {
-        if req.name.is_empty() || req.name.contains(['/', ' ']) {
-            return Err(bad(format!(
-                "'{}' is not an instance name (non-empty, no '/' or spaces)",
-                req.name
-            )));
-        }
+        check_name(&req.name)?;
         crate::config::check_mem_size(req.mem).map_err(bad)?;
         let publish = req
             .publish
@@ -741,6 +771,7 @@ impl Daemon {
             inst.port = None;
             inst.handle.take()
         };
+        self.forget(name);
         if let Some(h) = handle {
             h.stop();
         }
@@ -757,6 +788,7 @@ impl Daemon {
             gateway: self.config.gateway().to_string(),
             overlay: self.net.overlay_addr().map(|a| a.to_string()),
             instances: self.instances().len(),
+            max_image_bytes: self.images.as_ref().map(|i| i.max_bytes()),
         }
     }
 
@@ -779,14 +811,40 @@ impl Daemon {
             (Method::Get, ["v1", "info"]) => json(200, &self.info()),
             (Method::Get, ["v1", "stats"]) => json(200, &self.stats()),
             (Method::Get, ["v1", "instances"]) => {
-                let list: Vec<InstanceInfo> =
-                    self.instances().values().map(Instance::info).collect();
+                let list: Vec<InstanceInfo> = self
+                    .instances()
+                    .values()
+                    .map(|i| self.with_restart(i.info()))
+                    .collect();
                 json(200, &list)
             }
             (Method::Post, ["v1", "instances"]) => {
                 let req: RunRequest =
                     serde_json::from_value(parse("run")?).map_err(|e| bad(e.to_string()))?;
-                json(201, &self.run(req)?)
+                json(201, &self.run_recorded(req)?)
+            }
+            (Method::Put, ["v1", "instances", name, "restart"]) => {
+                let req: api::RestartRequest =
+                    serde_json::from_value(parse("restart")?).map_err(|e| bad(e.to_string()))?;
+                json(200, &self.set_restart(name, req.restart)?)
+            }
+            (Method::Post, ["v1", "instances", name, "logs", "follow"]) => {
+                Ok(Reply::Stream(logs::follow(self, name)?))
+            }
+            (Method::Get | Method::Head, ["v1", "images", hash]) => {
+                json(200, &self.image_info(hash)?)
+            }
+            (Method::Put, ["v1", "images", hash]) => {
+                let info = self.store_image(hash, body)?;
+                json(if info.stored { 201 } else { 200 }, &info)
+            }
+            (Method::Post, ["v1", "images", hash, "push"]) => {
+                let req: api::PushRequest =
+                    serde_json::from_value(parse("push")?).map_err(|e| bad(e.to_string()))?;
+                json(200, &self.push_image(hash, &req.to)?)
+            }
+            (Method::Get, ["v1", "openapi.yaml"]) => {
+                Ok(Reply::Text(200, openapi::OPENAPI.to_owned()))
             }
             (Method::Get, ["v1", "instances", name, "logs"]) => {
                 let instances = self.instances();
@@ -801,7 +859,11 @@ impl Daemon {
                 .into_owned();
                 Ok(Reply::Text(200, text))
             }
-            (Method::Post, ["v1", "instances", name, "stop"]) => json(200, &self.stop(name)?),
+            (Method::Post, ["v1", "instances", name, "stop"]) => {
+                let info = self.stop(name)?;
+                self.forget(name);
+                json(200, &info)
+            }
             (Method::Post, ["v1", "instances", name, "snapshot"]) => {
                 let req: SnapshotRequest =
                     serde_json::from_value(parse("snapshot")?).map_err(|e| bad(e.to_string()))?;
@@ -832,6 +894,16 @@ impl Daemon {
             _ => Err(ApiError(404, format!("no such endpoint: {method} {path}"))),
         }
     }
+}
+
+/// Refuses names that are not one path component (they name files).
+fn check_name(name: &str) -> Result<(), ApiError> {
+    if name.is_empty() || name.contains(['/', ' ']) || name.starts_with('.') {
+        return Err(bad(format!(
+            "'{name}' is not an instance name (non-empty, no '/', spaces or leading '.')"
+        )));
+    }
+    Ok(())
 }
 
 fn not_found(name: &str) -> ApiError {

@@ -126,11 +126,12 @@ impl Fleet {
                 regions
                     .id(&n.region)
                     .map(|id| (n.clone(), id))
-                    .ok_or_else(|| {
-                        ClientError::Api(format!(
+                    .ok_or_else(|| ClientError::Api {
+                        status: 400,
+                        message: format!(
                             "--client-region {}/{}={}: no shim is in region '{}'",
                             n.net, n.prefix, n.region, n.region
-                        ))
+                        ),
                     })
             })
             .collect::<Result<_, _>>()?;

@@ -3,8 +3,9 @@
 //! runner for the real `host-shim` binary.
 #![allow(dead_code)]
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -212,4 +213,107 @@ pub fn redis_pipe_set(port: u16, pairs: impl IntoIterator<Item = (String, String
         "redis-cli --pipe: {report}"
     );
     report
+}
+
+/// A minimal Redis-protocol client.
+pub struct Redis {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl Redis {
+    pub fn connect(port: u16) -> std::io::Result<Self> {
+        let s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.set_nodelay(true)?;
+        Ok(Self {
+            r: BufReader::new(s.try_clone()?),
+            w: s,
+        })
+    }
+
+    /// Connects once the app answers PING (it may be booting).
+    pub fn when_up(port: u16) -> Self {
+        let give_up = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut c) = Redis::connect(port) {
+                if c.cmd(&["PING"]).ok().as_deref() == Some("PONG") {
+                    return c;
+                }
+            }
+            assert!(Instant::now() < give_up, "kv on port {port} never answered");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn send(&mut self, args: &[&str]) -> std::io::Result<()> {
+        let mut b = format!("*{}\r\n", args.len());
+        for a in args {
+            b.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        self.w.write_all(b.as_bytes())
+    }
+
+    /// One reply: simple strings, integers and bulk strings as text; nil as "(nil)".
+    pub fn reply(&mut self) -> std::io::Result<String> {
+        let mut line = String::new();
+        if self.r.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let line = line.trim_end().to_owned();
+        match line.as_bytes().first() {
+            Some(b'+') | Some(b':') => Ok(line[1..].to_owned()),
+            Some(b'-') => Ok(format!("ERR {}", &line[1..])),
+            Some(b'$') => {
+                let n: i64 = line[1..].parse().unwrap();
+                if n < 0 {
+                    return Ok("(nil)".into());
+                }
+                let mut buf = vec![0u8; n as usize + 2];
+                self.r.read_exact(&mut buf)?;
+                Ok(String::from_utf8_lossy(&buf[..n as usize]).into_owned())
+            }
+            _ => Ok(line),
+        }
+    }
+
+    pub fn cmd(&mut self, args: &[&str]) -> std::io::Result<String> {
+        self.send(args)?;
+        self.reply()
+    }
+
+    /// SETs `n` keys in pipelined batches.
+    pub fn fill(&mut self, n: usize) {
+        for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+            for i in chunk {
+                self.send(&["SET", &format!("key:{i}"), &format!("value-{i}")])
+                    .unwrap();
+            }
+            for _ in chunk {
+                assert_eq!(self.reply().unwrap(), "OK");
+            }
+        }
+    }
+
+    /// Checks that all `n` keys hold their values (pipelined).
+    pub fn check(&mut self, n: usize) {
+        for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+            for i in chunk {
+                self.send(&["GET", &format!("key:{i}")]).unwrap();
+            }
+            for i in chunk {
+                assert_eq!(self.reply().unwrap(), format!("value-{i}"), "key:{i}");
+            }
+        }
+    }
+
+    /// The `host` field of INFO.
+    pub fn host(&mut self) -> String {
+        let info = self.cmd(&["INFO", "server"]).unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("host:"))
+            .unwrap_or("?")
+            .trim()
+            .to_owned()
+    }
 }

@@ -44,7 +44,7 @@ pub struct MigrateOptions {
 }
 
 /// A `host-shim serve` process, killed when dropped.
-struct Daemon {
+pub(super) struct Daemon {
     child: Child,
     shim: PathBuf,
     name: String,
@@ -54,12 +54,24 @@ struct Daemon {
 
 impl Daemon {
     fn start(shim: &Path, name: &str, shim_id: u8, dir: &Path) -> Result<Self> {
+        Self::start_with(shim, name, shim_id, dir, &[])
+    }
+
+    /// [`Self::start`] with more `serve` flags.
+    pub(super) fn start_with(
+        shim: &Path,
+        name: &str,
+        shim_id: u8,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
         let addr = format!("127.0.0.1:{}", free_port()?);
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log)?;
         let child = Command::new(shim)
             .args(["serve", "--listen", &addr, "--name", name])
             .args(["--region", "bench", "--shim-id", &shim_id.to_string()])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -86,8 +98,12 @@ impl Daemon {
         Ok(daemon)
     }
 
-    fn output(&self) -> String {
+    pub(super) fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub(super) fn addr(&self) -> &str {
+        &self.addr
     }
 
     /// `host-shim --shim ADDR ARGS`: its stdout, or an error with everything it and the
@@ -122,7 +138,7 @@ impl Drop for Daemon {
 }
 
 /// A scratch directory for the daemons' logs, removed when dropped.
-struct TempDir(PathBuf);
+pub(super) struct TempDir(pub(super) PathBuf);
 
 impl Drop for TempDir {
     fn drop(&mut self) {

@@ -4,9 +4,11 @@
 //! - [`net`]: redis-benchmark against the kv unikernel vs native redis-server, and bulk TCP.
 //! - [`checkpoint`]: app checkpoints of the kv unikernel: size, time, restore vs plain boot.
 //! - [`migrate`]: live migration of the kv app between two shim daemons, under load.
+//! - [`deploy`]: deploy-to-first-reply time of the kv app on a remote shim.
 
 pub mod boot;
 pub mod checkpoint;
+pub mod deploy;
 pub mod migrate;
 pub mod net;
 

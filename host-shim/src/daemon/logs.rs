@@ -1,0 +1,145 @@
+//! `POST /v1/instances/NAME/logs/follow`: an instance's console, streamed.
+//!
+//! The answer is an upgraded connection (protocol `host-shim-progress`)
+//! carrying one JSON [`LogEvent`] per line: first the console lines still
+//! in the instance's ring buffer, then each new line as the guest writes
+//! it. The stream ends with `{"moved_to": ADDR}` when the instance migrates
+//! away (its console now is on the daemon at ADDR: follow it there), or
+//! `{"end": WHY}` when it exits or is stopped. An empty `{}` is sent when
+//! nothing else was for [`HEARTBEAT`], so a client can tell a quiet app
+//! from a dead link, and the daemon notices clients that left.
+
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::instance::{LogRing, State};
+use super::{not_found, ApiError, Daemon};
+
+/// How often the follower looks for new output.
+const POLL: Duration = Duration::from_millis(25);
+/// The longest silence on a followed stream.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// One line of a followed log.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LogEvent {
+    /// A console line (without its newline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<String>,
+    /// The instance moved to the daemon at this API address; the stream ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<String>,
+    /// The instance ended (exited, stopped); the stream ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<String>,
+}
+
+impl LogEvent {
+    fn send(&self, tx: &Sender<String>) -> bool {
+        tx.send(serde_json::to_string(self).expect("serializable"))
+            .is_ok()
+    }
+}
+
+/// Starts following `name`'s console; the lines come out of the receiver.
+pub fn follow(daemon: &Arc<Daemon>, name: &str) -> Result<Receiver<String>, ApiError> {
+    if !daemon.instances().contains_key(name) {
+        return Err(not_found(name));
+    }
+    let (tx, rx) = mpsc::channel();
+    let daemon = Arc::clone(daemon);
+    let name = name.to_owned();
+    thread::Builder::new()
+        .name(format!("logs-{name}"))
+        .spawn(move || run(&daemon, &name, &tx))
+        .map_err(|e| ApiError(500, e.to_string()))?;
+    Ok(rx)
+}
+
+fn run(daemon: &Daemon, name: &str, tx: &Sender<String>) {
+    let mut ring: Option<Arc<Mutex<LogRing>>> = None;
+    let mut offset = 0;
+    let mut partial = Vec::new();
+    let mut last_sent = Instant::now();
+    loop {
+        let Some((log, state)) = daemon
+            .instances()
+            .get(name)
+            .map(|i| (Arc::clone(&i.log), i.state.clone()))
+        else {
+            flush(&mut partial, tx);
+            end(tx, "stopped");
+            return;
+        };
+        // A new console (the instance was replaced): read it from its start.
+        if !ring.as_ref().is_some_and(|r| Arc::ptr_eq(r, &log)) {
+            offset = 0;
+            ring = Some(Arc::clone(&log));
+        }
+        let (bytes, end_offset) = log.lock().unwrap_or_else(|e| e.into_inner()).since(offset);
+        offset = end_offset;
+        partial.extend_from_slice(&bytes);
+        while let Some(nl) = partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = partial.drain(..=nl).collect();
+            let text = String::from_utf8_lossy(&line[..nl])
+                .trim_end_matches('\r')
+                .to_owned();
+            let event = LogEvent {
+                line: Some(text),
+                ..LogEvent::default()
+            };
+            if !event.send(tx) {
+                return;
+            }
+            last_sent = Instant::now();
+        }
+        match state {
+            State::Moved(to) => {
+                flush(&mut partial, tx);
+                LogEvent {
+                    moved_to: Some(to),
+                    ..LogEvent::default()
+                }
+                .send(tx);
+                return;
+            }
+            State::Exited(how) => {
+                flush(&mut partial, tx);
+                end(tx, &format!("exited: {how}"));
+                return;
+            }
+            State::Running | State::Busy(_) => {}
+        }
+        if last_sent.elapsed() >= HEARTBEAT {
+            if !LogEvent::default().send(tx) {
+                return;
+            }
+            last_sent = Instant::now();
+        }
+        thread::sleep(POLL);
+    }
+}
+
+fn flush(partial: &mut Vec<u8>, tx: &Sender<String>) {
+    if !partial.is_empty() {
+        let text = String::from_utf8_lossy(partial).into_owned();
+        partial.clear();
+        LogEvent {
+            line: Some(text),
+            ..LogEvent::default()
+        }
+        .send(tx);
+    }
+}
+
+fn end(tx: &Sender<String>, why: &str) {
+    LogEvent {
+        end: Some(why.to_owned()),
+        ..LogEvent::default()
+    }
+    .send(tx);
+}

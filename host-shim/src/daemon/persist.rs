@@ -1,0 +1,319 @@
+//! What a daemon started with `--state-dir DIR` remembers across its own
+//! restarts: one file per instance, `DIR/instances/NAME.json`, holding the
+//! [`RunRequest`] that brings it back (image by hash or path, memory,
+//! environment, arguments, published ports, address, restart policy,
+//! checkpoint settings).
+//!
+//! The guest's VM dies with the daemon's process, so bringing an instance
+//! back means booting its image again, with the same address and ports,
+//! and handing the app its latest checkpoint if it wrote one
+//! (`CHECKPOINT_DIR/latest.ckpt`). Only instances whose policy is
+//! [`Restart::Always`] are recorded; `stop` and a migration away forget
+//! them. Records are written atomically (temp file, fsync, rename).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::api::{InstanceInfo, RunRequest};
+use super::{bad, not_found, ApiError, Daemon};
+use crate::net::PublishSpec;
+
+/// What happens to an instance when its daemon restarts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Restart {
+    /// It is gone (the behaviour without `--state-dir`).
+    #[default]
+    Never,
+    /// It is booted again, from its app's latest checkpoint if it has one.
+    Always,
+}
+
+impl std::fmt::Display for Restart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Restart::Never => "never",
+            Restart::Always => "always",
+        })
+    }
+}
+
+impl std::str::FromStr for Restart {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "never" => Ok(Restart::Never),
+            "always" => Ok(Restart::Always),
+            other => Err(format!(
+                "'{other}' is not a restart policy: always or never"
+            )),
+        }
+    }
+}
+
+/// The instance records of one state directory.
+#[derive(Debug)]
+pub struct Persist {
+    dir: PathBuf,
+}
+
+impl Persist {
+    /// Opens (creating) `state_dir/instances`.
+    pub fn open(state_dir: &Path) -> std::io::Result<Self> {
+        let dir = state_dir.join("instances");
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self { dir })
+    }
+
+    /// The record of `name` (one path component: `run` refuses names
+    /// with a `/` or a leading `.`; a `/` from elsewhere is replaced here).
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{}.json", name.replace('/', "_")))
+    }
+
+    /// Where an instance's checkpoints go when its run names no directory.
+    pub fn checkpoint_dir(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.checkpoints"))
+    }
+
+    /// Records `req` (the instance runs now); a `never` instance is forgotten.
+    pub fn save(&self, req: &RunRequest) -> std::io::Result<()> {
+        if req.restart != Restart::Always {
+            return self.forget(&req.name);
+        }
+        let mut req = req.clone();
+        // Restoring is what a restart decides, from the latest checkpoint.
+        req.restore = None;
+        let json = serde_json::to_vec_pretty(&req).map_err(std::io::Error::other)?;
+        crate::checkpoint::write_atomic(&self.file(&req.name), &json)
+    }
+
+    /// Forgets instance `name` (stopped, or moved away).
+    pub fn forget(&self, name: &str) -> std::io::Result<()> {
+        match std::fs::remove_file(self.file(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// The recorded instances, each with the checkpoint to restore from
+    /// (its app's latest, if there is one). Unreadable records are
+    /// reported and skipped, never deleted.
+    pub fn load(&self) -> Vec<RunRequest> {
+        let mut out = Vec::new();
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!("cannot read {}: {e}", self.dir.display());
+                return out;
+            }
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let parsed = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<RunRequest>(&b).map_err(|e| e.to_string()));
+            match parsed {
+                Ok(mut req) => {
+                    req.restore = req
+                        .checkpoint_to
+                        .as_deref()
+                        .map(|d| Path::new(d).join("latest.ckpt"))
+                        .filter(|f| f.is_file())
+                        .map(|f| f.display().to_string());
+                    out.push(req);
+                }
+                Err(e) => eprintln!(
+                    "host-shim serve: skipping instance record {}: {e}",
+                    path.display()
+                ),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+}
+
+/// A published port in `--publish` syntax (what [`crate::config::parse_publish`] reads).
+pub fn publish_arg(p: &PublishSpec) -> String {
+    let host = match p.host {
+        std::net::SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+        std::net::SocketAddr::V4(a) => a.to_string(),
+    };
+    let guest = match p.guest_addr {
+        Some(a) => format!("{a}:{}", p.guest_port),
+        None => p.guest_port.to_string(),
+    };
+    format!("{host}:{guest}/{}", p.proto)
+}
+
+impl Daemon {
+    /// `POST /v1/instances`: boots `req` (an image by path or by
+    /// `sha256:HEX`) and records it when its policy says so.
+    pub(super) fn run_recorded(&self, mut req: RunRequest) -> Result<InstanceInfo, ApiError> {
+        super::check_name(&req.name)?;
+        if let (Some(p), Some(_), None) =
+            (&self.persist, req.checkpoint_every_ms, &req.checkpoint_to)
+        {
+            let dir = p.checkpoint_dir(&req.name);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| ApiError(500, format!("{}: {e}", dir.display())))?;
+            req.checkpoint_to = Some(dir.display().to_string());
+        }
+        if req.restart == Restart::Always && self.persist.is_none() {
+            return Err(bad(
+                "--restart always needs a shim started with --state-dir (it keeps nothing otherwise)",
+            ));
+        }
+        let mut boot = req.clone();
+        boot.image = self.image_file(&req.image)?;
+        let mut info = self.run(boot)?;
+        if let Some(p) = &self.persist {
+            req.ip = info
+                .ip
+                .as_deref()
+                .map(|ip| ip.split('/').next().unwrap_or(ip).to_owned());
+            if let Err(e) = p.save(&req) {
+                tracing::error!("cannot record instance {}: {e}", req.name);
+            }
+        }
+        info.restart = req.restart;
+        Ok(info)
+    }
+
+    /// Boots the instances recorded in the state directory again.
+    pub(super) fn bring_back(&self) {
+        let Some(p) = &self.persist else { return };
+        for req in p.load() {
+            let from = match &req.restore {
+                Some(f) => format!(" from its checkpoint {f}"),
+                None => String::new(),
+            };
+            let mut boot = req.clone();
+            let result = self.image_file(&req.image).and_then(|image| {
+                boot.image = image;
+                self.run(boot)
+            });
+            match result {
+                Ok(info) => eprintln!(
+                    "host-shim serve: brought back {} ({}){from}",
+                    info.name,
+                    info.ip.unwrap_or_default()
+                ),
+                Err(ApiError(_, why)) => {
+                    eprintln!("host-shim serve: cannot bring back {}: {why}", req.name)
+                }
+            }
+        }
+    }
+
+    /// Forgets `name`'s record (it was stopped or moved away).
+    pub(super) fn forget(&self, name: &str) {
+        if let Some(Err(e)) = self.persist.as_ref().map(|p| p.forget(name)) {
+            tracing::error!("cannot forget instance {name}: {e}");
+        }
+    }
+
+    /// Fills in an instance's restart policy from its record.
+    pub(super) fn with_restart(&self, mut info: InstanceInfo) -> InstanceInfo {
+        if let Some(p) = &self.persist {
+            if p.file(&info.name).is_file() {
+                info.restart = Restart::Always;
+            }
+        }
+        info
+    }
+
+    /// `PUT /v1/instances/NAME/restart`: sets a running instance's policy
+    /// (for one that migrated in, whose image must be in this shim's store).
+    pub(super) fn set_restart(
+        &self,
+        name: &str,
+        restart: Restart,
+    ) -> Result<InstanceInfo, ApiError> {
+        super::check_name(name)?;
+        let persist = self.persist.as_ref().ok_or_else(|| {
+            bad("this shim has no --state-dir: its instances cannot survive a restart")
+        })?;
+        let (info, req) = {
+            let instances = self.instances();
+            let inst = instances.get(name).ok_or_else(|| not_found(name))?;
+            if !inst.is_live() {
+                return Err(ApiError(
+                    409,
+                    format!("instance '{name}' is not running ({})", inst.info().state),
+                ));
+            }
+            let spec = &inst.spec;
+            let req = RunRequest {
+                name: name.to_owned(),
+                image: format!("{}{}", super::images::HASH_PREFIX, spec.image.sha256),
+                mem: spec.mem_size,
+                env: spec.env.clone(),
+                args: spec.args.clone(),
+                publish: inst.publish.iter().map(publish_arg).collect(),
+                ip: spec.nic.map(|n| n.ip.to_string()),
+                restart,
+                ..RunRequest::default()
+            };
+            (inst.info(), req)
+        };
+        if restart == Restart::Always {
+            // A restart boots the image: it must be here.
+            self.image_file(&req.image)?;
+        }
+        persist
+            .save(&req)
+            .map_err(|e| ApiError(500, format!("cannot record instance {name}: {e}")))?;
+        Ok(self.with_restart(info))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_always_instances_only_and_finds_their_checkpoint() {
+        let dir = std::env::temp_dir().join(format!("host-shim-persist-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let p = Persist::open(&dir).unwrap();
+        let ckpt = p.checkpoint_dir("kv");
+        let mut req = RunRequest {
+            name: "kv".into(),
+            image: "sha256:00".into(),
+            mem: 64 << 20,
+            publish: vec!["127.0.0.1:6379:6379/tcp".into()],
+            ip: Some("10.0.2.16".into()),
+            restart: Restart::Always,
+            checkpoint_every_ms: Some(100),
+            checkpoint_to: Some(ckpt.display().to_string()),
+            ..RunRequest::default()
+        };
+        p.save(&req).unwrap();
+        let mut never = req.clone();
+        never.name = "tmp".into();
+        never.restart = Restart::Never;
+        p.save(&never).unwrap();
+        let loaded = p.load();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].publish, req.publish);
+        assert_eq!(loaded[0].restore, None);
+
+        std::fs::create_dir_all(&ckpt).unwrap();
+        std::fs::write(ckpt.join("latest.ckpt"), b"x").unwrap();
+        req.restore = p.load()[0].restore.clone();
+        assert!(req.restore.unwrap().ends_with("latest.ckpt"));
+
+        std::fs::write(dir.join("instances/bad.json"), b"{").unwrap();
+        assert_eq!(p.load().len(), 1, "a bad record is skipped");
+        p.forget("kv").unwrap();
+        p.forget("kv").unwrap();
+        assert!(p.load().is_empty());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

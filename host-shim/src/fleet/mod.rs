@@ -1,0 +1,271 @@
+//! The fleet, from the user's machine: the hosts they own (each running
+//! `host-shim serve`) and where each of their apps runs, kept in a
+//! [`store::FleetStore`] (a local file by default, etcd later), and the
+//! commands that drive them (`fleet add/ls/rm`, `deploy`, `ps`, `logs`,
+//! `migrate`, `stop`: [`commands`]).
+//!
+//! Every API client of a fleet host is made by [`client_for`], the one
+//! place that turns a host's URL, pinned fingerprint and token into a
+//! connection.
+
+pub mod commands;
+pub mod store;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::daemon::api::{Client, ClientError};
+use store::{Expect, FleetStore, StoreError, Versioned};
+
+/// Exit statuses of the fleet commands (also in `--help` and the README).
+pub mod exit {
+    /// Done.
+    pub const OK: u8 = 0;
+    /// The operation failed (the shim refused, bad flags, a broken state file).
+    pub const FAILED: u8 = 1;
+    /// No such host or app (in the fleet file, or on the host).
+    pub const NOT_FOUND: u8 = 3;
+    /// A host did not answer (`ps`: after listing the others).
+    pub const UNREACHABLE: u8 = 4;
+    /// The fleet state changed under this command (another CLI): run it again.
+    pub const CONFLICT: u8 = 5;
+}
+
+/// One host of the fleet.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Host {
+    pub name: String,
+    /// `http://ADDR:PORT` (or `https://` once the shims speak TLS).
+    pub url: String,
+    /// Its region, as it said when added (`GET /v1/info`).
+    #[serde(default)]
+    pub region: String,
+    /// The pinned certificate fingerprint, `SHA256:...` (for TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// The bearer token of this user on that host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+impl Host {
+    /// `ADDR:PORT` of its API (the URL without scheme and path).
+    pub fn addr(&self) -> &str {
+        let rest = self
+            .url
+            .split_once("://")
+            .map_or(self.url.as_str(), |(_, r)| r);
+        rest.split('/').next().unwrap_or(rest)
+    }
+}
+
+/// Where an app runs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct App {
+    pub name: String,
+    /// The fleet host it runs on.
+    pub host: String,
+    /// `sha256:HEX` of its image.
+    pub image: String,
+}
+
+/// Why a fleet command failed; [`FleetError::exit_code`] is its status.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unreachable(ClientError),
+    #[error("{0}")]
+    Client(ClientError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<ClientError> for FleetError {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Connect { .. } => FleetError::Unreachable(e),
+            ClientError::Api { status: 404, .. } => FleetError::NotFound(e.to_string()),
+            e => FleetError::Client(e),
+        }
+    }
+}
+
+impl FleetError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            FleetError::NotFound(_) => exit::NOT_FOUND,
+            FleetError::Unreachable(_) => exit::UNREACHABLE,
+            FleetError::Store(StoreError::Conflict { .. }) => exit::CONFLICT,
+            _ => exit::FAILED,
+        }
+    }
+}
+
+/// The API client of `host`: the one place clients of fleet hosts are made.
+pub fn client_for(host: &Host) -> Result<Client, FleetError> {
+    match host.url.split_once("://") {
+        None | Some(("http", _)) => Ok(Client::new(host.addr())),
+        Some((scheme, _)) => Err(FleetError::Failed(format!(
+            "host {}: this host-shim speaks http:// to shims, not {scheme}://",
+            host.name
+        ))),
+    }
+}
+
+/// The fleet file: `$HOST_SHIM_FLEET`, else `$XDG_CONFIG_HOME/host-shim/fleet.json`,
+/// else `~/.config/host-shim/fleet.json`.
+pub fn default_path() -> PathBuf {
+    let config = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    config.join("host-shim").join("fleet.json")
+}
+
+/// Typed access to the fleet state.
+pub struct Fleet {
+    store: Box<dyn FleetStore>,
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(
+    key: &str,
+    v: Versioned<serde_json::Value>,
+) -> Result<Versioned<T>, FleetError> {
+    let value = serde_json::from_value(v.value)
+        .map_err(|e| FleetError::Failed(format!("fleet state: {key} is not valid: {e}")))?;
+    Ok(Versioned {
+        version: v.version,
+        value,
+    })
+}
+
+impl Fleet {
+    pub fn new(store: Box<dyn FleetStore>) -> Self {
+        Self { store }
+    }
+
+    fn get<T: for<'de> Deserialize<'de>>(
+        &self,
+        key: &str,
+    ) -> Result<Option<Versioned<T>>, FleetError> {
+        self.store.get(key)?.map(|v| decode(key, v)).transpose()
+    }
+
+    fn list<T: for<'de> Deserialize<'de>>(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<Versioned<T>>, FleetError> {
+        self.store
+            .list(prefix)?
+            .into_iter()
+            .map(|(k, v)| decode(&k, v))
+            .collect()
+    }
+
+    pub fn host(&self, name: &str) -> Result<Option<Versioned<Host>>, FleetError> {
+        self.get(&format!("hosts/{name}"))
+    }
+
+    /// Host `name`, or a not-found error naming `fleet add`.
+    pub fn need_host(&self, name: &str) -> Result<Host, FleetError> {
+        self.host(name)?.map(|v| v.value).ok_or_else(|| {
+            FleetError::NotFound(format!(
+                "no host '{name}' in the fleet: add it with `host-shim fleet add {name} URL`"
+            ))
+        })
+    }
+
+    pub fn hosts(&self) -> Result<Vec<Host>, FleetError> {
+        Ok(self
+            .list::<Host>("hosts/")?
+            .into_iter()
+            .map(|v| v.value)
+            .collect())
+    }
+
+    pub fn put_host(&self, host: &Host, expect: Expect) -> Result<u64, FleetError> {
+        let value = serde_json::to_value(host).expect("serializable");
+        Ok(self
+            .store
+            .put(&format!("hosts/{}", host.name), value, expect)?)
+    }
+
+    pub fn remove_host(&self, name: &str) -> Result<(), FleetError> {
+        Ok(self.store.delete(&format!("hosts/{name}"), Expect::Any)?)
+    }
+
+    pub fn app(&self, name: &str) -> Result<Option<Versioned<App>>, FleetError> {
+        self.get(&format!("apps/{name}"))
+    }
+
+    pub fn apps(&self) -> Result<Vec<App>, FleetError> {
+        Ok(self
+            .list::<App>("apps/")?
+            .into_iter()
+            .map(|v| v.value)
+            .collect())
+    }
+
+    pub fn put_app(&self, app: &App, expect: Expect) -> Result<u64, FleetError> {
+        let value = serde_json::to_value(app).expect("serializable");
+        Ok(self
+            .store
+            .put(&format!("apps/{}", app.name), value, expect)?)
+    }
+
+    pub fn remove_app(&self, name: &str, expect: Expect) -> Result<(), FleetError> {
+        Ok(self.store.delete(&format!("apps/{name}"), expect)?)
+    }
+
+    /// The fleet host whose API address is `addr` (as a migration names it).
+    pub fn host_by_addr(&self, addr: &str) -> Result<Option<Host>, FleetError> {
+        Ok(self.hosts()?.into_iter().find(|h| h.addr() == addr))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_addresses_and_clients() {
+        let mut h = Host {
+            name: "a".into(),
+            url: "http://127.0.0.1:7000/".into(),
+            ..Host::default()
+        };
+        assert_eq!(h.addr(), "127.0.0.1:7000");
+        assert_eq!(client_for(&h).unwrap().addr, "127.0.0.1:7000");
+        h.url = "127.0.0.1:7001".into();
+        assert_eq!(h.addr(), "127.0.0.1:7001");
+        h.url = "ftp://x:1".into();
+        assert!(matches!(client_for(&h), Err(FleetError::Failed(_))));
+    }
+
+    #[test]
+    fn errors_map_to_exit_statuses() {
+        let api = |status| ClientError::Api {
+            status,
+            message: "m".into(),
+        };
+        assert_eq!(FleetError::from(api(404)).exit_code(), exit::NOT_FOUND);
+        assert_eq!(FleetError::from(api(409)).exit_code(), exit::FAILED);
+        let refused = ClientError::Connect {
+            addr: "x".into(),
+            err: std::io::ErrorKind::ConnectionRefused.into(),
+        };
+        assert_eq!(FleetError::from(refused).exit_code(), exit::UNREACHABLE);
+        let conflict = StoreError::Conflict {
+            key: "apps/kv".into(),
+            expected: Expect::Absent,
+            found: Some(1),
+        };
+        assert_eq!(FleetError::from(conflict).exit_code(), exit::CONFLICT);
+    }
+}

@@ -1,0 +1,327 @@
+//! Where the fleet state lives: the [`FleetStore`] trait (versioned keys
+//! with compare-and-swap writes) and its file implementation.
+//!
+//! # Keys and versions
+//!
+//! The state is a set of keys (`hosts/NAME`, `apps/NAME`), each holding a
+//! JSON value and a version: the store's revision when the key was last
+//! written (revisions only grow). A write names what it expects to find
+//! ([`Expect`]): nothing, a given version, or anything; a write whose
+//! expectation fails is refused with [`StoreError::Conflict`] and changes
+//! nothing. Two CLIs that read the same app record and both try to move it
+//! therefore cannot both win: the second re-reads and sees the move.
+//!
+//! # etcd
+//!
+//! The trait maps one-to-one on etcd's v3 KV API, so a fleet that outgrows
+//! a file on one laptop can keep its state in an etcd cluster behind the
+//! same commands:
+//!
+//! - a key is the etcd key `PREFIX/KEY` (e.g. `/host-shim/fleet/apps/kv`),
+//!   its value the JSON bytes;
+//! - a version is the key's `mod_revision` (etcd's revision also only grows);
+//! - [`FleetStore::get`] is a `Range` on the key, [`FleetStore::list`] a
+//!   `Range` over the prefix (`range_end` = prefix + 1);
+//! - [`FleetStore::put`] with [`Expect::Version`]`(v)` is a `Txn` with
+//!   `compare: mod_revision(key) == v`, `success: Put`; with
+//!   [`Expect::Absent`] the compare is `create_revision(key) == 0`; a
+//!   failed compare is [`StoreError::Conflict`]; the new version is the
+//!   `Txn` response header's revision;
+//! - [`FleetStore::delete`] is the same `Txn` with a `DeleteRange`.
+//!
+//! # The file
+//!
+//! [`FileStore`] keeps everything in one JSON file (default
+//! `~/.config/host-shim/fleet.json`). Every change takes an exclusive lock
+//! on `FILE.lock` (so two CLIs never interleave read-modify-write), reads
+//! the file, checks the expectation, and replaces the file atomically
+//! (temp file, fsync, rename): a crash leaves the old state or the new one,
+//! never half of each. Reads need no lock. The file is readable by its
+//! owner only (mode 0600): it holds the hosts' tokens.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// What a write expects to find at its key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// The key does not exist.
+    Absent,
+    /// The key exists with this version.
+    Version(u64),
+    /// Anything (unconditional).
+    Any,
+}
+
+/// A value with the version it was read at.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Versioned<T> {
+    pub version: u64,
+    pub value: T,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{key} changed meanwhile (expected {expected:?}, found version {found:?}): try again")]
+    Conflict {
+        key: String,
+        expected: Expect,
+        found: Option<u64>,
+    },
+    #[error("fleet state {path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("fleet state {path} is not valid: {detail} (fix or remove it)")]
+    Corrupt { path: PathBuf, detail: String },
+}
+
+/// A versioned key-value store for the fleet state (see the module docs).
+pub trait FleetStore {
+    /// The value of `key` and its version, if it exists.
+    fn get(&self, key: &str) -> Result<Option<Versioned<Value>>, StoreError>;
+    /// Every key starting with `prefix`, in key order.
+    fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned<Value>)>, StoreError>;
+    /// Writes `value` at `key` if `expect` holds; returns the new version.
+    fn put(&self, key: &str, value: Value, expect: Expect) -> Result<u64, StoreError>;
+    /// Removes `key` if `expect` holds (removing a missing key with
+    /// [`Expect::Any`] is not an error).
+    fn delete(&self, key: &str, expect: Expect) -> Result<(), StoreError>;
+}
+
+/// The file's layout.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct FileState {
+    /// Bumped by every write; the version of the keys it wrote.
+    revision: u64,
+    entries: BTreeMap<String, Entry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Entry {
+    version: u64,
+    value: Value,
+}
+
+/// The fleet state in one JSON file.
+#[derive(Clone, Debug)]
+pub struct FileStore {
+    path: PathBuf,
+}
+
+impl FileStore {
+    pub fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_owned(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io(&self) -> impl Fn(std::io::Error) -> StoreError + '_ {
+        |err| StoreError::Io {
+            path: self.path.clone(),
+            err,
+        }
+    }
+
+    fn read(&self) -> Result<FileState, StoreError> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                detail: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FileState::default()),
+            Err(e) => Err(self.io()(e)),
+        }
+    }
+
+    /// Runs `change` on the state under the lock and writes the result.
+    fn update<T>(
+        &self,
+        change: impl FnOnce(&mut FileState) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(self.io())?;
+        }
+        let mut lock_path = self.path.clone().into_os_string();
+        lock_path.push(".lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(self.io())?;
+        lock.lock().map_err(self.io())?;
+        let mut state = self.read()?;
+        let out = change(&mut state)?;
+        let json = serde_json::to_vec_pretty(&state).expect("serializable");
+        write_private(&self.path, &json).map_err(self.io())?;
+        // The lock goes with `lock`.
+        Ok(out)
+    }
+}
+
+/// Replaces `path` by `bytes` atomically (temp file, fsync, rename), readable by
+/// its owner only: the file holds the users' tokens.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = File::options()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn check(key: &str, found: Option<u64>, expect: Expect) -> Result<(), StoreError> {
+    let ok = match expect {
+        Expect::Any => true,
+        Expect::Absent => found.is_none(),
+        Expect::Version(v) => found == Some(v),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Conflict {
+            key: key.to_owned(),
+            expected: expect,
+            found,
+        })
+    }
+}
+
+impl FleetStore for FileStore {
+    fn get(&self, key: &str) -> Result<Option<Versioned<Value>>, StoreError> {
+        Ok(self.read()?.entries.remove(key).map(|e| Versioned {
+            version: e.version,
+            value: e.value,
+        }))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned<Value>)>, StoreError> {
+        Ok(self
+            .read()?
+            .entries
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, e)| {
+                (
+                    k,
+                    Versioned {
+                        version: e.version,
+                        value: e.value,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    fn put(&self, key: &str, value: Value, expect: Expect) -> Result<u64, StoreError> {
+        self.update(|state| {
+            check(key, state.entries.get(key).map(|e| e.version), expect)?;
+            state.revision += 1;
+            let version = state.revision;
+            state
+                .entries
+                .insert(key.to_owned(), Entry { version, value });
+            Ok(version)
+        })
+    }
+
+    fn delete(&self, key: &str, expect: Expect) -> Result<(), StoreError> {
+        self.update(|state| {
+            check(key, state.entries.get(key).map(|e| e.version), expect)?;
+            if state.entries.remove(key).is_some() {
+                state.revision += 1;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn store(tag: &str) -> (FileStore, PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("host-shim-fleet-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        (FileStore::new(&dir.join("sub/fleet.json")), dir)
+    }
+
+    #[test]
+    fn compare_and_swap() {
+        let (s, dir) = store("cas");
+        assert!(s.get("hosts/a").unwrap().is_none());
+        let v1 = s
+            .put("hosts/a", json!({"url": "x"}), Expect::Absent)
+            .unwrap();
+        assert!(matches!(
+            s.put("hosts/a", json!({}), Expect::Absent),
+            Err(StoreError::Conflict { .. })
+        ));
+        let v2 = s
+            .put("hosts/a", json!({"url": "y"}), Expect::Version(v1))
+            .unwrap();
+        assert!(v2 > v1);
+        assert!(matches!(
+            s.put("hosts/a", json!({}), Expect::Version(v1)),
+            Err(StoreError::Conflict { found: Some(v), .. }) if v == v2
+        ));
+        s.put("apps/kv", json!({"host": "a"}), Expect::Any).unwrap();
+        let hosts = s.list("hosts/").unwrap();
+        assert_eq!(hosts.len(), 1);
+        assert_eq!(hosts[0].1.value, json!({"url": "y"}));
+        assert!(s.delete("hosts/a", Expect::Version(v1)).is_err());
+        s.delete("hosts/a", Expect::Version(v2)).unwrap();
+        s.delete("hosts/a", Expect::Any).unwrap();
+        assert!(s.get("hosts/a").unwrap().is_none());
+        assert!(s.get("apps/kv").unwrap().is_some());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "tokens stay private");
+        std::fs::write(s.path(), b"{ not json").unwrap();
+        assert!(matches!(s.list(""), Err(StoreError::Corrupt { .. })));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn concurrent_writers_lose_nothing() {
+        let (s, dir) = store("lock");
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..10 {
+                        s.put(&format!("apps/{t}-{i}"), json!(i), Expect::Absent)
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(s.list("apps/").unwrap().len(), 40);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,502 @@
+//! The fleet commands through the real binary: three `host-shim serve`
+//! processes on loopback (distinct --shim-id, one overlay), a fleet file,
+//! real guests under KVM and real clients (redis-cli, curl).
+//!
+//! Needs /dev/kvm, redis-tools, curl and the images (`cargo xtask build-image --all`).
+
+mod common;
+
+use common::{free_port, image, redis_pipe_set, require_kvm, Redis};
+use std::io::Read;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_host-shim");
+
+/// A scratch directory (state dirs, the fleet file, logs), removed at the end.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("host-shim-fleet-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `host-shim serve` with a state directory, killed when dropped.
+struct Shim {
+    child: Child,
+    name: String,
+    addr: String,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl Shim {
+    fn start(dir: &Path, name: &str, addr: &str, shim_id: u8, extra: &[&str]) -> Self {
+        require_kvm();
+        let mut args: Vec<String> = ["serve", "--listen", addr, "--name", name]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(["--region".into(), format!("region-{name}")]);
+        args.extend(["--shim-id".into(), shim_id.to_string()]);
+        args.extend(["--state-dir".into(), dir.join(name).display().to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = dir.join(format!("{name}.log"));
+        let child = Self::spawn(&args, &log);
+        let shim = Self {
+            child,
+            name: name.into(),
+            addr: addr.into(),
+            args,
+            log,
+        };
+        shim.wait_listening();
+        shim
+    }
+
+    fn spawn(args: &[String], log: &Path) -> Child {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn host-shim serve")
+    }
+
+    fn wait_listening(&self) {
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(&self.addr).is_err() {
+            assert!(
+                Instant::now() < give_up,
+                "{} never listened:\n{}",
+                self.name,
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the daemon (SIGKILL: its guests die with it) and starts it
+    /// again on the same state directory.
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.args, &self.log);
+        self.wait_listening();
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `host-shim ARGS` against the fleet file `fleet`.
+fn cli(fleet: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("HOST_SHIM_FLEET", fleet)
+        .env_remove("HOST_SHIM")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("spawn host-shim")
+}
+
+/// `host-shim ARGS`, which must succeed; its stdout.
+fn ok(fleet: &Path, args: &[&str]) -> String {
+    let out = cli(fleet, args);
+    assert!(
+        out.status.success(),
+        "host-shim {args:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json(fleet: &Path, args: &[&str]) -> serde_json::Value {
+    let text = ok(fleet, args);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}):\n{text}"))
+}
+
+/// The `ps --json` row of `name`.
+fn ps_row(fleet: &Path, name: &str) -> Option<serde_json::Value> {
+    json(fleet, &["ps", "--json"])["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == name)
+        .cloned()
+}
+
+#[test]
+fn an_app_deployed_to_a_fleet_moves_around_three_shims_with_its_client_and_logs() {
+    let dir = TempDir::new("tour");
+    let fleet = dir.0.join("fleet.json");
+    let addrs: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let shims: Vec<Shim> = ["a", "b", "c"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut extra = Vec::new();
+            for (j, peer) in addrs.iter().enumerate() {
+                if j != i {
+                    extra.extend(["--peer", peer.as_str()]);
+                }
+            }
+            Shim::start(&dir.0, name, &addrs[i], i as u8 + 1, &extra)
+        })
+        .collect();
+    for s in &shims {
+        let added = json(&fleet, &["fleet", "add", &s.name, &s.url(), "--json"]);
+        assert_eq!(added["region"], format!("region-{}", s.name), "{added}");
+    }
+    assert_eq!(
+        json(&fleet, &["fleet", "ls", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    // Deploy: the image is uploaded once; a second app of it is not.
+    let port = free_port();
+    let kv = image("kv").display().to_string();
+    let publish = format!("127.0.0.1:{port}:6379");
+    let deployed = json(
+        &fleet,
+        &[
+            "deploy",
+            &kv,
+            "--on",
+            "a",
+            "--name",
+            "kv",
+            "--publish",
+            &publish,
+            "--json",
+        ],
+    );
+    assert_eq!(deployed["uploaded"], true, "{deployed}");
+    assert_eq!(deployed["host"], "a");
+    let again = json(
+        &fleet,
+        &["deploy", &kv, "--on", "a", "--name", "kv2", "--json"],
+    );
+    assert_eq!(again["uploaded"], false, "deduplicated: {again}");
+    ok(&fleet, &["stop", "kv2"]);
+    let churn = image("selftest").display().to_string();
+    ok(
+        &fleet,
+        &[
+            "deploy", &churn, "--on", "a", "--name", "churn", "--", "churn",
+        ],
+    );
+
+    // Keys, and a client that stays connected through every move.
+    let mut client = Redis::when_up(port);
+    redis_pipe_set(
+        port,
+        (0..2000).map(|i| (format!("key:{i}"), format!("value-{i}"))),
+    );
+    let mut follow = Command::new(BIN)
+        .args(["logs", "churn", "--follow"])
+        .env("HOST_SHIM_FLEET", &fleet)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    for (round, to) in ["b", "c", "a", "c"].iter().enumerate() {
+        let key = format!("moving:{round}");
+        assert_eq!(client.cmd(&["SET", &key, to]).unwrap(), "OK");
+        let moved = json(&fleet, &["migrate", "kv", "--to", to, "--json"]);
+        assert_eq!(moved["to"], *to, "{moved}");
+        assert!(moved["downtime_ms"].as_f64().is_some(), "{moved}");
+        ok(&fleet, &["migrate", "churn", "--to", to]);
+        wait_for_log(&fleet, "churn", &format!(" on {to}\n"));
+        assert_eq!(client.cmd(&["GET", &key]).unwrap(), *to, "round {round}");
+        let row = ps_row(&fleet, "kv").expect("kv in ps");
+        assert_eq!(
+            (row["host"].as_str(), row["state"].as_str()),
+            (Some(*to), Some("running"))
+        );
+        assert_eq!(row["region"], format!("region-{to}"));
+        assert_eq!(client.host(), *to, "the app knows where it runs");
+    }
+    client.check(2000);
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "DBSIZE"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2004");
+
+    // The logs followed churn everywhere, and end when it is stopped.
+    ok(&fleet, &["stop", "churn"]);
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while follow.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < give_up,
+            "logs --follow did not end with the app"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut logs = String::new();
+    let mut notes = String::new();
+    follow
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    follow
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut notes)
+        .unwrap();
+    assert!(follow.wait().unwrap().success(), "{notes}");
+    for host in ["a", "b", "c"] {
+        assert!(
+            logs.contains(&format!(" on {host}\n")),
+            "no line from {host}:\n{logs}\n{notes}"
+        );
+    }
+    for hop in ["from a to b", "from b to c", "from c to a", "from a to c"] {
+        assert!(notes.contains(hop), "no '{hop}' note:\n{notes}");
+    }
+    assert!(notes.contains("churn on c: stopped"), "{notes}");
+
+    // Stop: gone everywhere, its published port with it.
+    ok(&fleet, &["stop", "kv"]);
+    let ps = json(&fleet, &["ps", "--all", "--json"]);
+    assert!(ps["instances"].as_array().unwrap().is_empty(), "{ps}");
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "port {port} still open"
+    );
+    let missing = cli(&fleet, &["logs", "kv"]);
+    assert_eq!(missing.status.code(), Some(3), "not found: {missing:?}");
+    drop(shims);
+}
+
+#[test]
+fn tampered_and_oversize_images_are_refused_and_unreachable_hosts_reported() {
+    let dir = TempDir::new("refuse");
+    let fleet = dir.0.join("fleet.json");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let shim = Shim::start(&dir.0, "small", &addr, 1, &["--max-image-size", "300K"]);
+    ok(&fleet, &["fleet", "add", "small", &shim.url()]);
+
+    // kv (~450 KiB) is over the limit: refused by the CLI up front...
+    let kv = image("kv");
+    let out = cli(&fleet, &["deploy", kv.to_str().unwrap(), "--on", "small"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("over host small's limit"),
+        "{out:?}"
+    );
+    // ... and by the shim itself (curl, bypassing the CLI).
+    let bytes = std::fs::read(&kv).unwrap();
+    let put = |body: &[u8], hash: &str| -> (String, String) {
+        let file = dir.0.join("body");
+        std::fs::write(&file, body).unwrap();
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                "-X",
+                "PUT",
+                "--data-binary",
+            ])
+            .arg(format!("@{}", file.display()))
+            .arg(format!("http://{addr}/v1/images/{hash}"))
+            .output()
+            .expect("curl is installed");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.to_owned(), body.to_owned())
+    };
+    let (code, body) = put(&bytes, &sha256(&bytes));
+    assert_eq!(code, "413", "{body}");
+
+    // A tampered image: the hash of the real one, one byte changed.
+    let small = std::fs::read(image("selftest")).unwrap();
+    let hash = sha256(&small);
+    let mut tampered = small.clone();
+    tampered[4000] ^= 1;
+    let (code, body) = put(&tampered, &hash);
+    assert_eq!(code, "422", "{body}");
+    assert!(body.contains("not") && body.contains(&hash), "{body}");
+    let listed = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://{addr}/v1/images/{hash}"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout),
+        "404",
+        "nothing kept"
+    );
+    // The real one is accepted.
+    let (code, body) = put(&small, &hash);
+    assert_eq!(code, "201", "{body}");
+
+    // A host that does not answer: ps reports it with status 4.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let refused = cli(&fleet, &["fleet", "add", "dead", &dead]);
+    assert_eq!(refused.status.code(), Some(4), "{refused:?}");
+    let text = std::fs::read_to_string(&fleet).unwrap();
+    let mut state: serde_json::Value = serde_json::from_str(&text).unwrap();
+    state["entries"]["hosts/dead"] = serde_json::json!({
+        "version": 99, "value": {"name": "dead", "url": dead}
+    });
+    std::fs::write(&fleet, state.to_string()).unwrap();
+    let ps = cli(&fleet, &["ps", "--json"]);
+    assert_eq!(ps.status.code(), Some(4));
+    let ps: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();
+    assert_eq!(ps["unreachable"][0]["host"], "dead", "{ps}");
+    drop(shim);
+}
+
+#[test]
+fn instances_come_back_after_their_daemon_restarts() {
+    let dir = TempDir::new("restart");
+    let fleet = dir.0.join("fleet.json");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut shim = Shim::start(&dir.0, "r", &addr, 1, &[]);
+    ok(&fleet, &["fleet", "add", "r", &shim.url()]);
+    let port = free_port();
+    let kv = image("kv").display().to_string();
+    let publish = format!("127.0.0.1:{port}:6379");
+    ok(
+        &fleet,
+        &[
+            "deploy",
+            &kv,
+            "--on",
+            "r",
+            "--name",
+            "kv",
+            "--publish",
+            &publish,
+            "--checkpoint-every",
+            "100ms",
+        ],
+    );
+    let http_port = free_port();
+    let http_publish = format!("127.0.0.1:{http_port}:80");
+    let http = image("http").display().to_string();
+    ok(
+        &fleet,
+        &[
+            "deploy",
+            &http,
+            "--on",
+            "r",
+            "--name",
+            "web",
+            "--publish",
+            &http_publish,
+            "--restart",
+            "never",
+        ],
+    );
+    let mut client = Redis::when_up(port);
+    client.fill(500);
+    // Wait for a checkpoint taken after the keys to reach the disk.
+    let filled = std::time::SystemTime::now();
+    let latest = dir.0.join("r/instances/kv.checkpoints/latest.ckpt");
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&latest)
+        .and_then(|m| m.modified())
+        .map_or(true, |t| t <= filled + Duration::from_millis(150))
+    {
+        assert!(
+            Instant::now() < give_up,
+            "no checkpoint in {}",
+            latest.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    shim.restart();
+    let row =
+        ps_row(&fleet, "kv").unwrap_or_else(|| panic!("kv did not come back:\n{}", shim.output()));
+    assert_eq!(row["state"], "running");
+    assert_eq!(row["restart"], "always");
+    assert!(
+        ps_row(&fleet, "web").is_none(),
+        "--restart never stays down"
+    );
+    let mut client = Redis::when_up(port);
+    client.check(500);
+    assert!(
+        shim.output().contains("brought back kv"),
+        "{}",
+        shim.output()
+    );
+    ok(&fleet, &["stop", "kv"]);
+    shim.restart();
+    assert!(
+        ps_row(&fleet, "kv").is_none(),
+        "a stopped app stays stopped"
+    );
+}
+
+/// Waits (up to 10 s) until `logs NAME` shows `needle`.
+fn wait_for_log(fleet: &Path, name: &str, needle: &str) {
+    let give_up = Instant::now() + Duration::from_secs(10);
+    loop {
+        let logs = ok(fleet, &["logs", name]);
+        if logs.contains(needle) {
+            return;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "{name} never logged {needle:?}:\n{logs}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    host_shim::daemon::images::sha256_hex(bytes)
+}
