@@ -9,11 +9,16 @@
 //!  inner Ethernet frame ...
 //! ```
 //!
+//! With a fleet key (daemons with an identity, see [`crate::security`]),
+//! every datagram is sealed and opened at the socket by
+//! [`crate::security::seal`]: unauthenticated or replayed datagrams are
+//! dropped and counted before anything else looks at them.
+//!
 //! Every other shim is a port of the local switch ([`super::switch`]), so
 //! MAC learning tells which shim a guest is behind. Peers come from
 //! `--peer`, from migrations (both sides exchange their overlay address in
-//! the handshake) and from any datagram with our VNI (a shim that sends to
-//! us is a peer). Frames from one peer are never forwarded to another
+//! the handshake) and from any (authenticated, with a fleet key) datagram
+//! with our VNI (a shim that sends to us is a peer). Frames from one peer are never forwarded to another
 //! (split horizon: the overlay is a full mesh, so this cannot lose frames
 //! and cannot loop them).
 //!
@@ -24,8 +29,11 @@
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 use super::port::Frame;
+use crate::security::seal::Sealer;
 
 /// Bytes of the VXLAN header.
 pub const HEADER_LEN: usize = 8;
@@ -43,11 +51,13 @@ pub struct OverlayConfig {
     pub peers: Vec<SocketAddr>,
     /// The VXLAN network identifier of the fleet.
     pub vni: u32,
+    /// The fleet's key: seal and authenticate every datagram.
+    pub key: Option<[u8; 32]>,
 }
 
 /// Prepends the VXLAN header for `vni` to `frame`.
 pub fn encapsulate(vni: u32, frame: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + frame.len());
+    let mut out = Vec::with_capacity(HEADER_LEN + frame.len() + crate::security::seal::TRAILER_LEN);
     out.extend_from_slice(&[FLAG_I, 0, 0, 0]);
     out.extend_from_slice(&((vni & MAX_VNI) << 8).to_be_bytes());
     out.extend_from_slice(frame);
@@ -74,6 +84,7 @@ pub struct Overlay {
     socket: UdpSocket,
     vni: u32,
     addr: SocketAddr,
+    sealer: Option<Sealer>,
 }
 
 impl Overlay {
@@ -85,6 +96,7 @@ impl Overlay {
             socket,
             vni: config.vni,
             addr,
+            sealer: config.key.map(Sealer::new),
         })
     }
 
@@ -96,16 +108,30 @@ impl Overlay {
         &self.socket
     }
 
+    /// How many datagrams failed authentication (with a fleet key).
+    pub fn rejected(&self) -> Option<Arc<AtomicU64>> {
+        self.sealer.as_ref().map(Sealer::rejected)
+    }
+
     /// Reads up to `max` datagrams of our VNI: (sender, inner frame).
     /// Returns whether it stopped because none were left.
     pub fn receive(&self, out: &mut Vec<(SocketAddr, Frame)>, max: usize) -> bool {
         let mut buf = [0u8; 65536];
         for _ in 0..max {
             match self.socket.recv_from(&mut buf) {
-                Ok((n, from)) => match decapsulate(self.vni, &buf[..n]) {
-                    Ok(frame) => out.push((from, frame.to_vec())),
-                    Err(why) => tracing::debug!("overlay datagram from {from} dropped: {why}"),
-                },
+                Ok((n, from)) => {
+                    let datagram = match &self.sealer {
+                        Some(sealer) => match sealer.open_or_count(from, &buf[..n]) {
+                            Some(d) => d,
+                            None => continue,
+                        },
+                        None => &buf[..n],
+                    };
+                    match decapsulate(self.vni, datagram) {
+                        Ok(frame) => out.push((from, frame.to_vec())),
+                        Err(why) => tracing::debug!("overlay datagram from {from} dropped: {why}"),
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -122,7 +148,11 @@ impl Overlay {
     /// Sends `frames` (emptied) to `peer`.
     pub fn send(&self, peer: SocketAddr, frames: &mut Vec<Frame>) {
         for frame in frames.drain(..) {
-            if let Err(e) = self.socket.send_to(&encapsulate(self.vni, &frame), peer) {
+            let mut datagram = encapsulate(self.vni, &frame);
+            if let Some(sealer) = &self.sealer {
+                sealer.seal(&mut datagram);
+            }
+            if let Err(e) = self.socket.send_to(&datagram, peer) {
                 tracing::debug!("overlay: frame to {peer} dropped: {e}");
             }
         }
@@ -152,6 +182,7 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             peers: Vec::new(),
             vni,
+            key: None,
         };
         let a = Overlay::bind(&cfg(5)).unwrap();
         let b = Overlay::bind(&cfg(5)).unwrap();
@@ -164,5 +195,32 @@ mod tests {
         assert_eq!(got.len(), 2);
         assert_eq!(got[0], (a.local_addr(), vec![1u8; 60]));
         assert_eq!(got[1].1.len(), 1514);
+    }
+
+    #[test]
+    fn with_a_fleet_key_only_sealed_datagrams_get_in() {
+        let cfg = |key| OverlayConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            peers: Vec::new(),
+            vni: 5,
+            key,
+        };
+        let a = Overlay::bind(&cfg(Some([9; 32]))).unwrap();
+        let b = Overlay::bind(&cfg(Some([9; 32]))).unwrap();
+        let stranger = Overlay::bind(&cfg(None)).unwrap();
+        let other_fleet = Overlay::bind(&cfg(Some([8; 32]))).unwrap();
+        stranger.send(b.local_addr(), &mut vec![vec![3u8; 60]]);
+        other_fleet.send(b.local_addr(), &mut vec![vec![4u8; 60]]);
+        a.send(b.local_addr(), &mut vec![vec![1u8; 60]]);
+        let mut got = Vec::new();
+        let rejected = b.rejected().unwrap();
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while (got.is_empty() || rejected.load(std::sync::atomic::Ordering::Relaxed) < 2)
+            && std::time::Instant::now() < give_up
+        {
+            b.receive(&mut got, 16);
+        }
+        assert_eq!(got, [(a.local_addr(), vec![1u8; 60])]);
+        assert_eq!(rejected.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 }
