@@ -428,6 +428,9 @@ fn tls_reason(e: &std::io::Error) -> String {
 fn read_head<R: BufRead>(r: &mut R) -> Result<(u16, Option<usize>), String> {
     let mut line = String::new();
     r.read_line(&mut line).map_err(|e| e.to_string())?;
+    if line.starts_with(['\x15', '\x16']) {
+        return Err("it speaks TLS: use https://HOST:PORT with its fingerprint".into());
+    }
     let status = line
         .split_whitespace()
         .nth(1)

@@ -120,6 +120,11 @@ fn serve_conn(daemon: &Arc<Daemon>, tcp: TcpStream, security: Option<&HostSecuri
     let stream = match security {
         Some(sec) => match Stream::accept(tcp, &sec.server) {
             Ok(s) => s,
+            // A bare TCP connect and close (a port probe) is not worth a warning.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                tracing::debug!("{from} closed the connection before the TLS handshake: {e}");
+                return;
+            }
             Err(e) => {
                 tracing::warn!("refused a connection from {from}: TLS handshake failed: {e}");
                 return;

@@ -130,6 +130,13 @@ pub fn destination(daemon: &Daemon, req: &MigrateRequest) -> Result<Client, Stri
             let fp = peer.fingerprint.parse::<Fingerprint>()?;
             let addr = match peer.addr {
                 Some(a) if peer.name == req.to => a,
+                None if peer.name == req.to => {
+                    return Err(format!(
+                        "peer '{}' has no address here: migrate --to https://HOST:PORT, or \
+                         pin it with one (host-shim peer add {} {} --addr https://HOST:PORT)",
+                        peer.name, peer.name, peer.fingerprint
+                    ))
+                }
                 _ => req.to.clone(),
             };
             (addr, fp)

@@ -28,7 +28,8 @@ use super::{decode_hex, encode_hex, random, Fingerprint};
 
 /// Environment variable naming the state directory.
 pub const DIR_ENV: &str = "HOST_SHIM_DIR";
-const CONFIG: &str = "host.json";
+/// The config file in the state directory.
+pub const CONFIG: &str = "host.json";
 const CERT: &str = "cert.pem";
 const KEY: &str = "key.pem";
 const TOKEN: &str = "token";

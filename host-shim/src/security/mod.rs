@@ -26,12 +26,13 @@ use sha2::{Digest, Sha256};
 use identity::{Identity, Peer};
 
 /// A daemon's security set-up: its identity, its TLS server config and its
-/// pinned peers (re-read from `DIR/host.json` when an unknown fingerprint
-/// or name comes up, so `host-shim peer add` needs no restart).
+/// pinned peers (re-read from `DIR/host.json` whenever it changed, so
+/// `host-shim peer add` and `peer remove` need no restart).
 pub struct HostSecurity {
     pub identity: Identity,
     pub server: Arc<rustls::ServerConfig>,
-    peers: RwLock<Vec<Peer>>,
+    /// The peers and when `host.json` was last modified.
+    peers: RwLock<(Option<std::time::SystemTime>, Vec<Peer>)>,
 }
 
 impl fmt::Debug for HostSecurity {
@@ -49,26 +50,28 @@ impl HostSecurity {
     pub fn new(identity: Identity) -> Result<Self, tls::TlsError> {
         Ok(Self {
             server: tls::server_config(&identity)?,
-            peers: RwLock::new(identity.config.peers.clone()),
+            peers: RwLock::new((None, identity.config.peers.clone())),
             identity,
         })
     }
 
-    /// The first pinned peer that `matches`, re-reading the config once if
-    /// none does.
+    /// The first pinned peer that `matches`, as `host.json` says now (it
+    /// is re-read when it changed: a pin removed is a pin revoked).
     fn find_peer(&self, matches: impl Fn(&Peer) -> bool) -> Option<Peer> {
-        let cached = || {
-            let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
-            peers.iter().find(|p| matches(p)).cloned()
-        };
-        if let Some(p) = cached() {
-            return Some(p);
+        let modified = std::fs::metadata(self.identity.dir.join(identity::CONFIG))
+            .and_then(|m| m.modified())
+            .ok();
+        let stale = self.peers.read().unwrap_or_else(|e| e.into_inner()).0 != modified;
+        if stale {
+            match identity::load_config(&self.identity.dir) {
+                Ok(c) => {
+                    *self.peers.write().unwrap_or_else(|e| e.into_inner()) = (modified, c.peers)
+                }
+                Err(e) => tracing::warn!("cannot re-read the peers: {e}"),
+            }
         }
-        match identity::load_config(&self.identity.dir) {
-            Ok(c) => *self.peers.write().unwrap_or_else(|e| e.into_inner()) = c.peers,
-            Err(e) => tracing::warn!("cannot re-read the peers: {e}"),
-        }
-        cached()
+        let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
+        peers.1.iter().find(|p| matches(p)).cloned()
     }
 
     /// The pinned peer with this certificate.
