@@ -4,9 +4,11 @@
 //! - [`net`]: redis-benchmark against the kv unikernel vs native redis-server, and bulk TCP.
 //! - [`checkpoint`]: app checkpoints of the kv unikernel: size, time, restore vs plain boot.
 //! - [`migrate`]: live migration of the kv app between two shim daemons, under load.
+//! - [`fleet`]: the fleet's costs: migration downtime with TLS vs the plain stream.
 
 pub mod boot;
 pub mod checkpoint;
+pub mod fleet;
 pub mod migrate;
 pub mod net;
 
