@@ -218,7 +218,7 @@ fn a_destination_that_dies_mid_transfer_leaves_the_guest_running_at_the_source()
 
 #[test]
 fn a_stream_of_another_version_is_refused() {
-    use host_shim::migration::protocol::{read_msg, write_value, Hello, Kind};
+    use host_shim::migration::protocol::{read_msg, write_value, Hello, Kind, PROTOCOL_VERSION};
     let dir = TempDir::new("ver");
     let b = Daemon::start("ver-b", 7, &["--no-overlay"], &dir);
     let hello = |abi_version: u32, protocol_version: u32| Hello {
@@ -238,7 +238,7 @@ fn a_stream_of_another_version_is_refused() {
         source_overlay: None,
     };
     for (h, want) in [
-        (hello(abi::ABI_VERSION + 1, 1), "ABI"),
+        (hello(abi::ABI_VERSION + 1, PROTOCOL_VERSION), "ABI"),
         (hello(abi::ABI_VERSION, 99), "protocol version 99"),
     ] {
         let client = host_shim::daemon::api::Client::new(&b.addr);

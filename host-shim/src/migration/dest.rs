@@ -125,6 +125,10 @@ fn receive<R: Read, W: Write>(daemon: &Arc<Daemon>, r: &mut R, w: &mut W) -> Res
                         std::process::exit(137);
                     }
                 }
+                Kind::Sync => {
+                    write_msg(w, Kind::Synced, &[]).map_err(|e| e.to_string())?;
+                    w.flush().map_err(|e| e.to_string())?;
+                }
                 Kind::State => break m.value().map_err(|e| e.to_string())?,
                 Kind::Abort => return Err(format!("the source gave up: {}", m.text())),
                 other => return Err(format!("unexpected {other:?}")),

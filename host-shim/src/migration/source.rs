@@ -7,6 +7,8 @@
 //!    was dirtied meanwhile, while the guest keeps running, until the dirty
 //!    set is small ([`CONVERGED_PAGES`]), stops shrinking, or
 //!    [`MAX_ROUNDS`] is reached.
+//!    Then `Sync`: the destination answers `Synced` once it has taken in
+//!    everything sent so far, so the pause does not wait for its backlog.
 //! 3. Stop-and-copy: the guest is paused (vCPU quiesced, devices idle), the
 //!    last dirty pages and the vCPU, clock and device state are sent.
 //! 4. The destination restores, resumes and acknowledges. Only then is the
@@ -256,6 +258,22 @@ pub fn run(
         if converged {
             break;
         }
+    }
+
+    // The destination has taken in everything sent so far (over TLS it may
+    // lag behind, decrypting): else the pause would wait for it.
+    let synced = (|| {
+        write_msg(&mut conn.w, Kind::Sync, &[])?;
+        conn.w.flush()?;
+        match read_msg(&mut conn.r)? {
+            m if m.kind == Kind::Synced => Ok(()),
+            m => Err(ProtocolError::Unexpected(m.kind)),
+        }
+    })();
+    if let Err(e) = synced {
+        return Err(fail(format!(
+            "the destination {to} did not keep up: {e}; {name} keeps running here"
+        )));
     }
 
     // 3. Stop and copy.
