@@ -38,6 +38,7 @@ A daemon (one per host), TLS with authenticated callers:
     host-shim serve                    prints its address and fingerprint
     host-shim peer add eu-west SHA256:... --addr https://203.0.113.7:7443
     host-shim list                     the local daemon (address, pin, token from --dir)
+    host-shim --shim https://127.0.0.1:7443 run IMAGE --name kv   (pin, token from --dir)
     host-shim --shim https://HOST:7443 --fingerprint SHA256:... --token-file T list
 
 A plain-HTTP daemon without identity or authentication (trusted networks):

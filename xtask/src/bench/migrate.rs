@@ -28,6 +28,9 @@ use super::{free_port, require};
 
 /// Keys loaded before the migrations.
 pub(crate) const KEYS: usize = 10_000;
+/// Keys the load client cycles through (`load:0` ...): a long run must not fill the
+/// guest's memory (kv answers OOM past its maxmemory).
+const LOAD_KEYS: usize = 50_000;
 /// Guest page size, for the page counts in the shim's output.
 const PAGE: f64 = 4096.0;
 /// Load time before the first migration and between two migrations.
@@ -330,7 +333,7 @@ struct LoadResult {
     error: Option<String>,
 }
 
-/// SET `load:n` then GET it, in a loop on one connection, until `stop`.
+/// SET `load:(n mod LOAD_KEYS)` to `vN` then GET it, in a loop on one connection, until `stop`.
 fn load(port: u16, stop: Arc<AtomicBool>) -> thread::JoinHandle<LoadResult> {
     thread::spawn(move || {
         let mut result = LoadResult {
@@ -347,7 +350,7 @@ fn load(port: u16, stop: Arc<AtomicBool>) -> thread::JoinHandle<LoadResult> {
         };
         while !stop.load(Ordering::Relaxed) {
             let n = result.acked;
-            let (k, v) = (format!("load:{n}"), format!("v{n}"));
+            let (k, v) = (format!("load:{}", n % LOAD_KEYS), format!("v{n}"));
             let set = c.cmd(&["SET", &k, &v]);
             result.replies.push(Instant::now());
             let get = c.cmd(&["GET", &k]);
@@ -511,10 +514,11 @@ impl Loaded {
         }
         let mut c = Redis::connect(self.port)?;
         c.check_keys()?;
-        for n in (0..seen.acked).step_by(97) {
-            let got = c.cmd(&["GET", &format!("load:{n}")])?;
+        for n in (seen.acked.saturating_sub(LOAD_KEYS)..seen.acked).step_by(97) {
+            let k = format!("load:{}", n % LOAD_KEYS);
+            let got = c.cmd(&["GET", &k])?;
             if got != format!("v{n}") {
-                bail!("load:{n} holds {got:?} after the migrations");
+                bail!("{k} holds {got:?} after the migrations, not v{n}");
             }
         }
         Ok(seen.acked)
