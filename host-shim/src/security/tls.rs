@@ -407,3 +407,73 @@ impl Write for Shared {
         self.lock().get_mut().flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::security::identity::{self, InitRequest};
+    use std::net::TcpListener;
+
+    fn identity(tag: &str) -> Identity {
+        let dir = std::env::temp_dir().join(format!("host-shim-tls-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let id = identity::init(
+            &dir,
+            &InitRequest {
+                name: tag.into(),
+                region: "r".into(),
+                listen: "127.0.0.1:0".parse().unwrap(),
+                shim_id: 1,
+                fleet_key: None,
+                token: None,
+            },
+        )
+        .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        id
+    }
+
+    /// Serves one connection: echoes a line back with the client's fingerprint.
+    fn server(id: &Identity) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = server_config(id).unwrap();
+        let t = std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            if let Ok(mut s) = Stream::accept(tcp, &config) {
+                let mut b = [0u8; 5];
+                if s.read_exact(&mut b).is_ok() {
+                    let fp = s
+                        .peer_fingerprint()
+                        .map(|f| f.to_string())
+                        .unwrap_or_default();
+                    let _ = s.write_all(fp.as_bytes());
+                }
+            }
+        });
+        (addr, t)
+    }
+
+    #[test]
+    fn clients_pin_the_server_and_servers_see_client_certificates() {
+        let (host, peer) = (identity("host"), identity("peer"));
+        let (addr, t) = server(&host);
+        let config = client_config(host.fingerprint, Some(&peer)).unwrap();
+        let mut s = Stream::connect(TcpStream::connect(addr).unwrap(), &config).unwrap();
+        assert_eq!(s.peer_fingerprint(), Some(host.fingerprint));
+        s.write_all(b"hello").unwrap();
+        let mut got = String::new();
+        s.read_to_string(&mut got).unwrap();
+        assert_eq!(got, peer.fingerprint.to_string());
+        t.join().unwrap();
+
+        // Pinned to another certificate: the handshake fails, saying why.
+        let (addr, t) = server(&host);
+        let config = client_config(peer.fingerprint, None).unwrap();
+        let err = Stream::connect(TcpStream::connect(addr).unwrap(), &config)
+            .err()
+            .unwrap();
+        assert!(format!("{err:?}").contains("PinMismatch"), "{err:?}");
+        t.join().unwrap();
+    }
+}
