@@ -6,7 +6,8 @@
 //! Firecracker: `vstate` (KVM VM, memory, vCPU), `boot` (image loading and
 //! boot-time state), `devices` (what the guest talks to: the hypercall
 //! doorbell, virtio-mmio devices), `net` (the virtual switch, user-mode
-//! gateway and TAP backend behind virtio-net), `backend` (KVM or QEMU).
+//! gateway and TAP backend behind virtio-net), `backend` (KVM or QEMU),
+//! `security` (host identities, TLS, overlay sealing).
 
 pub mod backend;
 pub mod boot;
@@ -22,6 +23,7 @@ pub mod migration;
 pub mod net;
 pub mod outcome;
 pub mod schedule;
+pub mod security;
 pub mod snapshot;
 mod sys;
 pub mod vstate;

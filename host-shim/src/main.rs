@@ -26,6 +26,7 @@ use host_shim::fleet::store::FileStore;
 use host_shim::fleet::{Fleet, FleetError, Host};
 use host_shim::net::{NetMode, Nic, PublishSpec};
 use host_shim::outcome::STATUS_SHIM_ERROR;
+use host_shim::security::identity::{self, Identity};
 use tracing_subscriber::EnvFilter;
 
 const ABOUT: &str = "\
@@ -36,7 +37,15 @@ In this process:
     host-shim run IMAGE [--publish 8080:80] [-- ARGS]     boot an image
     host-shim restore FILE [--publish 8080:80]            run a snapshot
 
-A daemon (one per host), driven from other processes:
+A daemon (one per host), TLS with authenticated callers:
+    host-shim init --name us-east --region us-east [--listen 0.0.0.0:7443]   once
+    host-shim serve                    prints its address and fingerprint
+    host-shim peer add eu-west SHA256:... --addr https://203.0.113.7:7443
+    host-shim list                     the local daemon (address, pin, token from --dir)
+    host-shim --shim https://127.0.0.1:7443 run IMAGE --name kv   (pin, token from --dir)
+    host-shim --shim https://HOST:7443 --fingerprint SHA256:... --token-file T list
+
+A plain-HTTP daemon without identity or authentication (trusted networks):
     host-shim serve --listen 127.0.0.1:7000 --name us-east [--shim-id 1]
     host-shim --shim 127.0.0.1:7000 run IMAGE --name kv --publish 6379:6379
     host-shim --shim 127.0.0.1:7000 list
@@ -52,7 +61,8 @@ A daemon (one per host), driven from other processes:
 Placement over a fleet of daemons:
     host-shim schedule kv --policy follow-the-sun --threshold 5ms --interval 10s \\
         --shim 127.0.0.1:7001 --shim 127.0.0.1:7002 --shim 127.0.0.1:7003
-(--shim defaults to $HOST_SHIM; list/snapshot/checkpoint default to 127.0.0.1:7000;
+(--shim defaults to $HOST_SHIM, else the daemon of the identity in --dir (default
+/var/lib/host-shim for root, else ~/.local/share/host-shim), else 127.0.0.1:7000;
 logs/stop/migrate without --shim act on the fleet, below.)
 
 A fleet (the hosts you own, each running `host-shim serve --state-dir DIR`),
@@ -83,6 +93,8 @@ without --shim):
 struct Cli {
     /// The daemon to talk to (`host-shim serve --listen ADDR`): makes `run`
     /// and `restore` run the guest there instead of in this process.
+    /// `https://HOST:PORT` for a daemon with an identity (needs its
+    /// fingerprint and a token), `HOST:PORT` for a plain one.
     /// `schedule` takes several (repeated, or comma-separated).
     #[arg(
         long,
@@ -97,6 +109,26 @@ struct Cli {
     #[arg(long, global = true, value_name = "FILE", env = "HOST_SHIM_FLEET")]
     fleet: Option<PathBuf>,
 
+    /// The host's state directory (identity, config, token, peers)
+    /// [default: /var/lib/host-shim for root, else ~/.local/share/host-shim].
+    #[arg(long, global = true, value_name = "DIR", env = "HOST_SHIM_DIR")]
+    dir: Option<PathBuf>,
+
+    /// The certificate fingerprint the --shim daemon must have [default: the
+    /// one in --dir].
+    #[arg(
+        long,
+        global = true,
+        value_name = "SHA256:HEX",
+        env = "HOST_SHIM_FINGERPRINT"
+    )]
+    fingerprint: Option<String>,
+
+    /// A file holding the user token for the --shim daemon [default:
+    /// $HOST_SHIM_TOKEN, else DIR/token].
+    #[arg(long, global = true, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -105,7 +137,10 @@ struct Cli {
 enum Command {
     Run(RunArgs),
     Restore(RestoreArgs),
+    Init(InitArgs),
     Serve(ServeArgs),
+    #[command(subcommand)]
+    Peer(PeerCmd),
     /// List a daemon's instances (name, state, address, memory, uptime, moves, image).
     List,
     /// Stop an app wherever it runs in the fleet and forget it (with
@@ -390,31 +425,101 @@ its guests 10.0.2.(16N) to 10.0.2.(16N+15), so shims with distinct ids can
 share one overlay and guests keep their address when they move. Give every
 shim of a fleet its own id.
 
+Security: with an identity (`host-shim init`; found in --dir, or in the
+default directory when --listen is not given) the API and the migration
+streams are TLS 1.3; users call with the token (401 otherwise), peer hosts
+with their pinned certificates (`host-shim peer add`; a migration stream
+from any other host is refused with 403), and overlay datagrams carry a MAC
+with the fleet key (others are dropped, counted and logged).
+
 Overlay: shims exchange guest frames over UDP with a VXLAN header
 (RFC 7348) at the --overlay address (default: the --listen address, UDP).
 Peers are learnt from migrations (both sides tell each other their overlay
 address) or given with --peer. After a guest moves, its old shim forwards
 frames for it (and its published ports keep working) over the overlay.";
 
-/// Run a shim daemon that hosts instances and moves them between shims.
-#[derive(Args)]
-#[command(long_about = SERVE_ABOUT)]
-struct ServeArgs {
-    /// The API address (HTTP/1.1 JSON).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7000")]
-    listen: std::net::SocketAddr,
+const INIT_ABOUT: &str = "\
+Create this host's identity once, in the state directory (--dir): a key and
+a self-signed certificate (its SHA-256 fingerprint identifies the host), the
+host's config (name, region, API address, shim id), a user token for the API
+(printed once, kept in DIR/token, readable only by you) and the fleet's
+overlay key (DIR/fleet.key; give every host of a fleet the same one with
+--fleet-key-file). Then `host-shim serve` runs the daemon with TLS.";
 
-    /// This shim's name: guests are told they run on it.
+/// Create this host's identity (key, certificate, token, fleet key) and config.
+#[derive(Args)]
+#[command(long_about = INIT_ABOUT)]
+struct InitArgs {
+    /// This host's name: guests are told they run on it.
     #[arg(long, value_name = "NAME")]
-    name: Option<String>,
+    name: String,
 
     /// The region guests are told they run in.
-    #[arg(long, value_name = "REGION", default_value = "local")]
+    #[arg(long, value_name = "REGION")]
     region: String,
+
+    /// The API address (HTTPS; the overlay uses the same port, UDP).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:7443")]
+    listen: std::net::SocketAddr,
 
     /// This shim's number in its fleet (1..14): picks its gateway and guest addresses.
     #[arg(long, value_name = "N", default_value_t = 1)]
     shim_id: u8,
+
+    /// The fleet's overlay key, from another host (its DIR/fleet.key)
+    /// [default: a new key, for the first host of a fleet].
+    #[arg(long, value_name = "FILE")]
+    fleet_key_file: Option<PathBuf>,
+
+    /// Use the user token in this file (e.g. another host's DIR/token)
+    /// instead of a new one.
+    #[arg(long = "user-token-file", value_name = "FILE")]
+    user_token_file: Option<PathBuf>,
+}
+
+/// Pin other hosts of the fleet by certificate fingerprint: only pinned
+/// peers may send this host a migration stream.
+#[derive(Subcommand)]
+enum PeerCmd {
+    /// Pin a host (or replace the pin of that name).
+    Add {
+        name: String,
+        /// Its fingerprint, as its `init` or `serve` printed it.
+        #[arg(value_name = "SHA256:HEX")]
+        fingerprint: String,
+        /// Its API address: lets `migrate --to NAME` find it.
+        #[arg(long, value_name = "https://HOST:PORT")]
+        addr: Option<String>,
+    },
+    /// Unpin a host.
+    Remove { name: String },
+    /// This host's fingerprint and its pinned peers.
+    List,
+}
+
+/// Run a shim daemon that hosts instances and moves them between shims.
+#[derive(Args)]
+#[command(long_about = SERVE_ABOUT)]
+struct ServeArgs {
+    /// The API address [default: the identity's]. Without an identity
+    /// (no `init`, no --dir) this starts a plain-HTTP daemon without
+    /// authentication, for trusted networks and tests.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+
+    /// This shim's name: guests are told they run on it [default: the
+    /// identity's, else this machine's host name].
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+
+    /// The region guests are told they run in [default: the identity's, else local].
+    #[arg(long, value_name = "REGION")]
+    region: Option<String>,
+
+    /// This shim's number in its fleet (1..14): picks its gateway and guest
+    /// addresses [default: the identity's, else 1].
+    #[arg(long, value_name = "N")]
+    shim_id: Option<u8>,
 
     /// Shim-level published port, to a guest address:
     /// [HOST_ADDR:]HOST_PORT:[GUEST_ADDR:]GUEST_PORT (the guest defaults to
@@ -437,9 +542,9 @@ struct ServeArgs {
     #[arg(long, value_name = "REAL=VIA", value_parser = parse_peer_via)]
     peer_via: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
 
-    /// The VXLAN network identifier of the fleet.
-    #[arg(long, value_name = "VNI", default_value_t = 4242)]
-    vni: u32,
+    /// The VXLAN network identifier of the fleet [default: the identity's, else 4242].
+    #[arg(long, value_name = "VNI")]
+    vni: Option<u32>,
 
     /// No overlay (guests cannot be reached after they move away).
     #[arg(long)]
@@ -502,6 +607,10 @@ struct MigrateArgs {
     to: String,
     #[command(flatten)]
     json: JsonArg,
+    /// The destination's certificate fingerprint, if it is not a pinned
+    /// peer of the source (with --shim).
+    #[arg(long, value_name = "SHA256:HEX")]
+    to_fingerprint: Option<String>,
 }
 
 const RUN_ABOUT: &str = "\
@@ -707,8 +816,19 @@ fn main() -> ExitCode {
             };
         }
     };
-    let fleet = cli.fleet.unwrap_or_else(host_shim::fleet::default_path);
-    match execute(cli.command, cli.shim, &fleet) {
+    let fleet = cli
+        .fleet
+        .clone()
+        .unwrap_or_else(host_shim::fleet::default_path);
+    let target = Target {
+        shim: cli.shim.first().cloned(),
+        shims: cli.shim,
+        fleet,
+        dir: cli.dir,
+        fingerprint: cli.fingerprint,
+        token_file: cli.token_file,
+    };
+    match execute(cli.command, &target) {
         Ok(status) => ExitCode::from(status),
         Err(e) => {
             eprintln!("Error: {e:#}");
@@ -727,9 +847,70 @@ fn init_logging() {
         .init();
 }
 
-/// The daemon address for subcommands that need one.
-fn shim_addr(shim: Option<String>) -> String {
-    shim.unwrap_or_else(|| "127.0.0.1:7000".to_owned())
+/// Which daemon the client subcommands talk to, and how.
+struct Target {
+    /// `--shim` (the first).
+    shim: Option<String>,
+    /// Every `--shim` (`schedule` takes several).
+    shims: Vec<String>,
+    /// The fleet state file.
+    fleet: PathBuf,
+    dir: Option<PathBuf>,
+    fingerprint: Option<String>,
+    token_file: Option<PathBuf>,
+}
+
+impl Target {
+    fn dir(&self) -> PathBuf {
+        self.dir.clone().unwrap_or_else(identity::default_dir)
+    }
+
+    /// The local identity, if there is one.
+    fn local(&self) -> anyhow::Result<Option<Identity>> {
+        let dir = self.dir();
+        if !identity::exists(&dir) {
+            return Ok(None);
+        }
+        Ok(Some(identity::load(&dir)?))
+    }
+
+    /// A client: `--shim https://...` with a pinned fingerprint and a
+    /// token, `--shim HOST:PORT` plain, or the local daemon of --dir.
+    fn client(&self) -> anyhow::Result<Client> {
+        let addr = match &self.shim {
+            Some(addr) if !addr.starts_with("https://") => return Ok(Client::new(addr)),
+            Some(addr) => addr.clone(),
+            None => match self.local()? {
+                Some(id) => {
+                    let mut listen = id.config.listen;
+                    if listen.ip().is_unspecified() {
+                        listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                    }
+                    format!("https://{listen}")
+                }
+                None => return Ok(Client::new("127.0.0.1:7000")),
+            },
+        };
+        let local = self.local()?;
+        let pin = match (&self.fingerprint, &local) {
+            (Some(fp), _) => fp.parse().map_err(anyhow::Error::msg)?,
+            (None, Some(id)) => id.fingerprint,
+            (None, None) => anyhow::bail!(
+                "{addr} needs the daemon's certificate fingerprint: --fingerprint SHA256:... \
+                 (as its `init` or `serve` printed it)"
+            ),
+        };
+        let token = match (&self.token_file, std::env::var("HOST_SHIM_TOKEN"), &local) {
+            (Some(file), _, _) => identity::read_token(file)?,
+            (None, Ok(t), _) if !t.is_empty() => t,
+            (None, _, Some(id)) => id.token.clone(),
+            (None, _, None) => anyhow::bail!(
+                "{addr} needs a user token: --token-file FILE or HOST_SHIM_TOKEN \
+                 (the token the daemon's `init` printed)"
+            ),
+        };
+        Ok(Client::secure(&addr, pin, Some(token), None)?)
+    }
 }
 
 /// The fleet commands' outcome: their status, after printing why they failed.
@@ -740,14 +921,17 @@ fn fleet_status(result: Result<u8, FleetError>) -> anyhow::Result<u8> {
     }))
 }
 
-fn execute(command: Command, shims: Vec<String>, fleet_file: &Path) -> anyhow::Result<u8> {
-    if shims.len() > 1 && !matches!(command, Command::Schedule(_)) {
+fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
+    if target.shims.len() > 1 && !matches!(command, Command::Schedule(_)) {
         anyhow::bail!("several --shim addresses: only `schedule` takes more than one");
     }
-    let shim = shims.first().cloned();
-    let fleet = || Fleet::new(Box::new(FileStore::new(fleet_file)));
+    let shim = target.shim.clone();
+    // logs/stop/migrate act on one daemon when one is named (--shim, or
+    // --dir: the local secure daemon), else on the fleet.
+    let on_daemon = shim.is_some() || target.dir.is_some();
+    let fleet = || Fleet::new(Box::new(FileStore::new(&target.fleet)));
     match command {
-        Command::Schedule(args) => schedule(args, shims),
+        Command::Schedule(args) => schedule(args, target.shims.clone()),
         Command::Fleet(FleetCommand::Add(a)) => fleet_status(commands::fleet_add(
             &fleet(),
             Host {
@@ -780,51 +964,47 @@ fn execute(command: Command, shims: Vec<String>, fleet_file: &Path) -> anyhow::R
             ))
         }
         Command::Ps(a) => fleet_status(commands::ps(&fleet(), a.all, a.json.json)),
-        Command::Stop(a) if shim.is_none() => {
+        Command::Stop(a) if !on_daemon => {
             fleet_status(commands::stop(&fleet(), &a.name, a.json.json))
         }
-        Command::Logs(a) if shim.is_none() => {
-            fleet_status(commands::logs(&fleet(), &a.name, a.follow))
-        }
-        Command::Migrate(a) if shim.is_none() => {
+        Command::Logs(a) if !on_daemon => fleet_status(commands::logs(&fleet(), &a.name, a.follow)),
+        Command::Migrate(a) if !on_daemon => {
             fleet_status(commands::migrate(&fleet(), &a.name, &a.to, a.json.json))
         }
         Command::Logs(a) if a.follow => {
-            let addr = shim_addr(shim);
-            fleet_status(commands::follow_logs(
-                Client::new(&addr),
-                &addr,
-                &a.name,
-                None,
-            ))
+            let client = target.client()?;
+            let addr = client.addr.clone();
+            fleet_status(commands::follow_logs(client, &addr, &a.name, None))
         }
         Command::Run(args) => match shim {
-            Some(addr) => remote_run(&addr, args),
+            Some(_) => remote_run(&target.client()?, args),
             None => run(args),
         },
         Command::Restore(args) => match shim {
-            Some(addr) => remote_restore(&addr, args),
+            Some(_) => remote_restore(&target.client()?, args),
             None => restore(args),
         },
-        Command::Serve(args) => serve(args),
-        Command::List => list(&shim_addr(shim)),
-        Command::Standbys => standbys(&shim_addr(shim)),
+        Command::Init(args) => init(&target.dir(), args),
+        Command::Serve(args) => serve(args, target),
+        Command::Peer(cmd) => peer(&target.dir(), cmd),
+        Command::List => list(&target.client()?),
+        Command::Standbys => standbys(&target.client()?),
         Command::Stop(n) => {
-            let client = Client::new(&shim_addr(shim));
+            let client = target.client()?;
             let info: InstanceInfo =
                 client.json::<(), _>("POST", &format!("/v1/instances/{}/stop", n.name), None)?;
             println!("stopped {}", info.name);
             Ok(0)
         }
         Command::Logs(n) => {
-            let client = Client::new(&shim_addr(shim));
+            let client = target.client()?;
             let answer = client.call("GET", &format!("/v1/instances/{}/logs", n.name), None)?;
             use std::io::Write;
             std::io::stdout().write_all(&answer.body)?;
             Ok(0)
         }
         Command::Snapshot(a) => {
-            let client = Client::new(&shim_addr(shim));
+            let client = target.client()?;
             let out = absolute(&a.out)?;
             let info: SnapshotInfo = client.json(
                 "POST",
@@ -840,7 +1020,7 @@ fn execute(command: Command, shims: Vec<String>, fleet_file: &Path) -> anyhow::R
             Ok(0)
         }
         Command::Checkpoint(a) => {
-            let client = Client::new(&shim_addr(shim));
+            let client = target.client()?;
             let out = absolute(&a.out)?;
             let info: CheckpointInfo = client.json(
                 "POST",
@@ -857,10 +1037,13 @@ fn execute(command: Command, shims: Vec<String>, fleet_file: &Path) -> anyhow::R
             Ok(0)
         }
         Command::Migrate(a) => {
-            let client = Client::new(&shim_addr(shim));
+            let client = target.client()?;
             let last = client.stream_lines(
                 &format!("/v1/instances/{}/migrate", a.name),
-                &MigrateRequest { to: a.to.clone() },
+                &MigrateRequest {
+                    to: a.to.clone(),
+                    fingerprint: a.to_fingerprint.clone(),
+                },
                 |line| println!("{line}"),
             )?;
             if last.starts_with("ok") {
@@ -897,8 +1080,7 @@ fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
     }
 }
 
-fn list(addr: &str) -> anyhow::Result<u8> {
-    let client = Client::new(addr);
+fn list(client: &Client) -> anyhow::Result<u8> {
     let list: Vec<InstanceInfo> = client.json::<(), _>("GET", "/v1/instances", None)?;
     println!(
         "{:<16} {:<24} {:<18} {:>8} {:>10} {:>4}  IMAGE",
@@ -919,9 +1101,9 @@ fn list(addr: &str) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-fn standbys(addr: &str) -> anyhow::Result<u8> {
+fn standbys(client: &Client) -> anyhow::Result<u8> {
     let list: Vec<host_shim::daemon::standby::StandbyInfo> =
-        Client::new(addr).json::<(), _>("GET", "/v1/standby", None)?;
+        client.json::<(), _>("GET", "/v1/standby", None)?;
     println!(
         "{:<16} {:<22} {:<24} {:>10} {:>6}  FILE",
         "NAME", "ORIGIN", "STATE", "BYTES", "BLOBS"
@@ -935,7 +1117,8 @@ fn standbys(addr: &str) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-fn remote_run(addr: &str, args: RunArgs) -> anyhow::Result<u8> {
+fn remote_run(client: &Client, args: RunArgs) -> anyhow::Result<u8> {
+    let addr = &client.addr;
     if args.backend != Backend::Kvm || !args.also.is_empty() || args.timeout.is_some() {
         anyhow::bail!(
             "with --shim, run takes IMAGE, --name, --mem, --env, --publish, --ip, --restore, \
@@ -974,7 +1157,7 @@ fn remote_run(addr: &str, args: RunArgs) -> anyhow::Result<u8> {
         standby_grace_ms: Some(args.standby_grace.as_millis() as u64),
         restart: args.restart,
     };
-    let info: InstanceInfo = Client::new(addr).json("POST", "/v1/instances", Some(&req))?;
+    let info: InstanceInfo = client.json("POST", "/v1/instances", Some(&req))?;
     println!(
         "{} running on {addr}: {} ({})",
         info.name,
@@ -984,14 +1167,15 @@ fn remote_run(addr: &str, args: RunArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-fn remote_restore(addr: &str, args: RestoreArgs) -> anyhow::Result<u8> {
+fn remote_restore(client: &Client, args: RestoreArgs) -> anyhow::Result<u8> {
+    let addr = &client.addr;
     let file = absolute(&args.file)?;
     let req = RestoreRequest {
         file: file.display().to_string(),
         name: args.name,
         publish: args.publish.iter().map(publish_arg).collect(),
     };
-    let info: InstanceInfo = Client::new(addr).json("POST", "/v1/restore", Some(&req))?;
+    let info: InstanceInfo = client.json("POST", "/v1/restore", Some(&req))?;
     println!(
         "{} restored on {addr}: {} (move #{})",
         info.name,
@@ -1027,24 +1211,156 @@ fn restore(args: RestoreArgs) -> anyhow::Result<u8> {
     Ok(exit.status())
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<u8> {
-    let name = args.name.unwrap_or_else(config::default_host_name);
+fn init(dir: &std::path::Path, args: InitArgs) -> anyhow::Result<u8> {
+    let fleet_key = args
+        .fleet_key_file
+        .as_deref()
+        .map(identity::read_fleet_key)
+        .transpose()?;
+    let token = args
+        .user_token_file
+        .as_deref()
+        .map(identity::read_token)
+        .transpose()?;
+    let id = identity::init(
+        dir,
+        &identity::InitRequest {
+            name: args.name,
+            region: args.region,
+            listen: args.listen,
+            shim_id: args.shim_id,
+            fleet_key,
+            token: token.clone(),
+        },
+    )?;
+    let d = dir.display();
+    println!(
+        "host '{}' (region {}, shim id {}) initialised in {d}",
+        id.config.name, id.config.region, id.config.shim_id
+    );
+    println!(
+        "  API:         https://{} (overlay: the same port, UDP)",
+        id.config.listen
+    );
+    println!("  fingerprint: {}", id.fingerprint);
+    match token {
+        Some(_) => println!("  user token:  the one from --user-token-file (in {d}/token)"),
+        None => println!(
+            "  user token:  {}\n               (shown once; kept in {d}/token, readable only by you)",
+            id.token
+        ),
+    }
+    println!(
+        "  fleet key:   {d}/fleet.key{}",
+        if args.fleet_key_file.is_some() {
+            " (from --fleet-key-file)"
+        } else {
+            " (new: give it to the fleet's other hosts, `init --fleet-key-file`)"
+        }
+    );
+    println!(
+        "next: host-shim serve; on the other hosts: host-shim peer add {} {} --addr https://HOST:{}",
+        id.config.name,
+        id.fingerprint,
+        id.config.listen.port()
+    );
+    Ok(0)
+}
+
+fn peer(dir: &std::path::Path, cmd: PeerCmd) -> anyhow::Result<u8> {
+    match cmd {
+        PeerCmd::Add {
+            name,
+            fingerprint,
+            addr,
+        } => {
+            identity::add_peer(
+                dir,
+                identity::Peer {
+                    name: name.clone(),
+                    fingerprint: fingerprint.clone(),
+                    addr,
+                },
+            )?;
+            println!("pinned {name} as {fingerprint}");
+        }
+        PeerCmd::Remove { name } => {
+            if !identity::remove_peer(dir, &name)? {
+                anyhow::bail!("no peer named '{name}' in {}", dir.display());
+            }
+            println!("unpinned {name}");
+        }
+        PeerCmd::List => {
+            let id = identity::load(dir)?;
+            println!(
+                "this host: {} {} https://{}",
+                id.config.name, id.fingerprint, id.config.listen
+            );
+            for p in id.config.peers {
+                println!(
+                    "peer:      {} {} {}",
+                    p.name,
+                    p.fingerprint,
+                    p.addr.as_deref().unwrap_or("-")
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
+    // Secure with an identity: the one in --dir, or in the default
+    // directory unless a plain daemon was asked for with --listen.
+    let identity = match (&target.dir, args.listen) {
+        (Some(dir), _) => Some(identity::load(dir)?),
+        (None, None) => Some(identity::load(&identity::default_dir()).map_err(|e| {
+            anyhow::anyhow!(
+                "{e}\n(or start a plain-HTTP daemon without authentication: serve --listen ADDR)"
+            )
+        })?),
+        (None, Some(_)) => None,
+    };
+    let host = identity.as_ref().map(|i| i.config.clone());
+    let listen = args
+        .listen
+        .or(host.as_ref().map(|h| h.listen))
+        .expect("a plain daemon has --listen");
+    let name = args
+        .name
+        .or(host.as_ref().map(|h| h.name.clone()))
+        .unwrap_or_else(config::default_host_name);
+    let region = args
+        .region
+        .or(host.as_ref().map(|h| h.region.clone()))
+        .unwrap_or_else(|| "local".into());
     let overlay = (!args.no_overlay).then(|| host_shim::net::overlay::OverlayConfig {
-        listen: args.overlay.unwrap_or(args.listen),
+        listen: args
+            .overlay
+            .or(host.as_ref().and_then(|h| h.overlay))
+            .unwrap_or(listen),
         peers: args.peer.clone(),
-        vni: args.vni,
+        vni: args.vni.or(host.as_ref().map(|h| h.vni)).unwrap_or(4242),
+        key: identity.as_ref().map(|i| i.fleet_key),
         via: args.peer_via.clone(),
         name: name.clone(),
-        region: args.region.clone(),
+        region: region.clone(),
     });
+    let security = identity
+        .map(|i| host_shim::security::HostSecurity::new(i).map(std::sync::Arc::new))
+        .transpose()?;
     host_shim::daemon::serve(DaemonConfig {
-        listen: args.listen,
+        listen,
         name,
-        region: args.region,
-        shim_id: args.shim_id,
+        region,
+        shim_id: args
+            .shim_id
+            .or(host.as_ref().map(|h| h.shim_id))
+            .unwrap_or(1),
         publish: args.publish,
         kvm_device: args.kvm_device,
         overlay,
+        security,
         state_dir: args.state_dir,
         max_image_bytes: args.max_image_size,
     })?;

@@ -6,152 +6,10 @@
 
 mod common;
 
-use common::{image, require_kvm, Redis};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use common::daemon::{run_kv, Daemon, Redis, TempDir, BIN};
+use common::{free_port, image};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_host-shim");
-
-/// A free TCP port on 127.0.0.1 (and, in practice, UDP too).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A scratch directory of this test, removed at the end.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("host-shim-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A `host-shim serve` process, killed when dropped.
-struct Daemon {
-    child: Child,
-    addr: String,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(name: &str, shim_id: u8, extra: &[&str], dir: &TempDir) -> Self {
-        Self::start_env(name, shim_id, extra, &[], dir)
-    }
-
-    fn start_env(
-        name: &str,
-        shim_id: u8,
-        extra: &[&str],
-        env: &[(&str, &str)],
-        dir: &TempDir,
-    ) -> Self {
-        require_kvm();
-        let addr = format!("127.0.0.1:{}", free_port());
-        let log = dir.path(&format!("{name}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(BIN)
-            .args([
-                "serve", "--listen", &addr, "--name", name, "--region", "test",
-            ])
-            .args(["--shim-id", &shim_id.to_string()])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn host-shim serve");
-        let d = Self { child, addr, log };
-        let give_up = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(&d.addr).is_err() {
-            assert!(
-                Instant::now() < give_up,
-                "the daemon never listened:\n{}",
-                d.output()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits (up to 5 s) until the daemon's log mentions `needle`; returns the log.
-    fn output_once_it_says(&self, needle: &str) -> String {
-        let give_up = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let out = self.output();
-            if out.contains(needle) || std::time::Instant::now() > give_up {
-                return out;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// `host-shim --shim ADDR ARGS`; panics unless it succeeds.
-    fn cli(&self, args: &[&str]) -> String {
-        let out = self.try_cli(args);
-        assert!(
-            out.status.success(),
-            "host-shim {args:?} failed:\n{}{}\n--- daemon:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.output()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn try_cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(["--shim", &self.addr])
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .output()
-            .expect("spawn host-shim")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn kv_img() -> String {
-    image("kv").to_string_lossy().into_owned()
-}
-
-/// Runs kv as instance `kv` of `daemon` on a fresh published port; returns
-/// the port and a client connected once it answers.
-fn run_kv(daemon: &Daemon) -> (u16, Redis) {
-    let port = free_port();
-    let img = kv_img();
-    let publish = format!("{port}:6379");
-    daemon.cli(&["run", &img, "--name", "kv", "--publish", &publish]);
-    (port, Redis::when_up(port))
-}
 
 #[test]
 fn snapshot_and_restore_in_a_new_process_keep_the_data() {
@@ -360,7 +218,7 @@ fn a_destination_that_dies_mid_transfer_leaves_the_guest_running_at_the_source()
 
 #[test]
 fn a_stream_of_another_version_is_refused() {
-    use host_shim::migration::protocol::{read_msg, write_value, Hello, Kind};
+    use host_shim::migration::protocol::{read_msg, write_value, Hello, Kind, PROTOCOL_VERSION};
     let dir = TempDir::new("ver");
     let b = Daemon::start("ver-b", 7, &["--no-overlay"], &dir);
     let hello = |abi_version: u32, protocol_version: u32| Hello {
@@ -380,14 +238,16 @@ fn a_stream_of_another_version_is_refused() {
         source_overlay: None,
     };
     for (h, want) in [
-        (hello(abi::ABI_VERSION + 1, 1), "ABI"),
+        (hello(abi::ABI_VERSION + 1, PROTOCOL_VERSION), "ABI"),
         (hello(abi::ABI_VERSION, 99), "protocol version 99"),
     ] {
         let client = host_shim::daemon::api::Client::new(&b.addr);
-        let mut r = client
-            .upgrade("/v1/migration", "host-shim-migration", b"")
-            .unwrap();
-        let mut w = r.get_ref().try_clone().unwrap();
+        let mut r = host_shim::security::tls::Shared::new(
+            client
+                .upgrade("/v1/migration", "host-shim-migration", b"")
+                .unwrap(),
+        );
+        let mut w = r.clone();
         write_value(&mut w, Kind::Hello, &h).unwrap();
         let m = read_msg(&mut r).unwrap();
         assert_eq!(m.kind, Kind::Refuse);

@@ -184,6 +184,17 @@ enum BenchCmd {
         #[arg(long, default_value_t = 10)]
         runs: usize,
     },
+    /// The fleet: live migration downtime of the kv app with TLS (mutual authentication,
+    /// sealed overlay, `host-shim init` identities) vs the plain stream, side by side.
+    ///
+    /// Needs redis-tools and /dev/kvm. Two daemon pairs, one plain and one secure, each
+    /// with kv under load; migrations alternate between them. Prints a markdown table of
+    /// medians and the TLS/plain downtime ratio against the target (<= 1.10).
+    Fleet {
+        /// Migrations per pair (alternating directions).
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
     /// App checkpoints of the kv unikernel (10k and 100k keys): size vs raw key+value
     /// bytes, checkpoint time, and restore time (process start to first PING reply) under
     /// our shim and QEMU (TCG) vs a plain boot. Needs redis-tools, QEMU and /dev/kvm.
@@ -254,6 +265,9 @@ fn dispatch(ws: &Workspace, command: Cmd) -> Result<()> {
         ),
         Cmd::Bench(BenchCmd::Migrate { runs }) => {
             bench::migrate::run(ws, &bench::migrate::MigrateOptions { runs })
+        }
+        Cmd::Bench(BenchCmd::Fleet { runs }) => {
+            bench::fleet::run(ws, &bench::fleet::FleetOptions { runs })
         }
         Cmd::Bench(BenchCmd::Checkpoint { runs }) => {
             bench::checkpoint::run(ws, &bench::checkpoint::CheckpointOptions { runs })

@@ -2,6 +2,10 @@
 //! small blocking client for them (used by the `host-shim` subcommands and
 //! by one daemon talking to another).
 //!
+//! A [`Client`] talks plain HTTP ([`Client::new`]) or TLS to a pinned
+//! server certificate with a bearer token ([`Client::secure`]); a daemon
+//! migrating to a peer also presents its own certificate.
+//!
 //! Every answer is JSON, except `logs` (plain text) and `migrate` (plain
 //! text progress lines, streamed as they happen, ending with a line that
 //! starts with `ok` or `error:`). Errors are `{"error": "..."}` with a 4xx
@@ -9,11 +13,15 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 pub use super::persist::Restart;
+use crate::security::identity::Identity;
+use crate::security::tls::Stream;
+use crate::security::Fingerprint;
 
 /// The upgrade protocol of streamed answers.
 const PROGRESS: &str = "host-shim-progress";
@@ -124,8 +132,13 @@ pub struct SnapshotInfo {
 /// `POST /v1/instances/NAME/migrate`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct MigrateRequest {
-    /// The destination daemon's API address.
+    /// The destination daemon's API address, or (secure daemons) the name
+    /// or address of a pinned peer.
     pub to: String,
+    /// The destination's certificate fingerprint (`SHA256:...`), when it
+    /// is not a pinned peer of the source known by `to`.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
 }
 
 /// One instance, as `list` shows it.
@@ -160,6 +173,12 @@ pub struct ShimInfo {
     /// keeps no images (no `--state-dir`).
     #[serde(default)]
     pub max_image_bytes: Option<u64>,
+    /// The certificate fingerprint (secure daemons).
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+    /// Overlay datagrams dropped for failing authentication.
+    #[serde(default)]
+    pub overlay_rejected: u64,
 }
 
 /// An error answer.
@@ -173,6 +192,8 @@ pub struct ErrorBody {
 pub enum ClientError {
     #[error("cannot reach the shim at {addr}: {err} (is `host-shim serve` running there?)")]
     Connect { addr: String, err: std::io::Error },
+    #[error("no secure connection to the shim at {addr}: {err}")]
+    Tls { addr: String, err: String },
     #[error("the shim at {addr}: {err}")]
     Io { addr: String, err: std::io::Error },
     /// The daemon answered with an error status and this message.
@@ -183,9 +204,19 @@ pub enum ClientError {
 }
 
 /// A client of one daemon.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Client {
+    /// `HOST:PORT`.
     pub addr: String,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        write!(f, "Client({scheme}://{})", self.addr)
+    }
 }
 
 /// An answer: status and body.
@@ -194,14 +225,65 @@ pub struct Answer {
     pub body: Vec<u8>,
 }
 
+/// `HOST:PORT` of `http://HOST:PORT/`, `https://HOST:PORT` or `HOST:PORT`.
+fn bare(addr: &str) -> &str {
+    addr.trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+}
+
 impl Client {
+    /// A plain-HTTP client (a daemon started without an identity).
     pub fn new(addr: &str) -> Self {
         Self {
-            addr: addr.to_owned(),
+            addr: bare(addr).to_owned(),
+            tls: None,
+            token: None,
         }
     }
 
-    fn connect(&self) -> Result<TcpStream, ClientError> {
+    /// A TLS client that accepts only the server certificate `pin`, sends
+    /// `token` as its bearer token and presents `id`'s certificate, if given.
+    pub fn secure(
+        addr: &str,
+        pin: Fingerprint,
+        token: Option<String>,
+        id: Option<&Identity>,
+    ) -> Result<Self, ClientError> {
+        let config =
+            crate::security::tls::client_config(pin, id).map_err(|e| ClientError::Tls {
+                addr: addr.to_owned(),
+                err: e.to_string(),
+            })?;
+        Ok(Self {
+            addr: bare(addr).to_owned(),
+            tls: Some(config),
+            token,
+        })
+    }
+
+    /// Whether the client speaks TLS.
+    pub fn is_secure(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    fn connect(&self) -> Result<Stream, ClientError> {
+        let tcp = self.connect_tcp()?;
+        match &self.tls {
+            None => Ok(Stream::Plain(tcp)),
+            Some(config) => {
+                let _ = tcp.set_read_timeout(Some(Duration::from_secs(30)));
+                let stream = Stream::connect(tcp, config).map_err(|e| ClientError::Tls {
+                    addr: self.addr.clone(),
+                    err: tls_reason(&e),
+                })?;
+                let _ = stream.tcp().set_read_timeout(None);
+                Ok(stream)
+            }
+        }
+    }
+
+    fn connect_tcp(&self) -> Result<TcpStream, ClientError> {
         let addrs: Vec<SocketAddr> = self
             .addr
             .to_socket_addrs()
@@ -226,6 +308,13 @@ impl Client {
         })
     }
 
+    fn auth_header(&self) -> String {
+        self.token
+            .as_ref()
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default()
+    }
+
     fn io(&self) -> impl Fn(std::io::Error) -> ClientError + '_ {
         move |err| ClientError::Io {
             addr: self.addr.clone(),
@@ -241,9 +330,13 @@ impl Client {
         method: &str,
         path: &str,
         body: Option<&[u8]>,
-    ) -> Result<(u16, BufReader<TcpStream>), ClientError> {
+    ) -> Result<(u16, BufReader<Stream>), ClientError> {
         let mut stream = self.connect()?;
-        let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {}\r\n", self.addr);
+        let mut req = format!(
+            "{method} {path} HTTP/1.0\r\nHost: {}\r\n{}",
+            self.addr,
+            self.auth_header()
+        );
         if let Some(b) = body {
             req.push_str(&format!(
                 "Content-Type: application/json\r\nContent-Length: {}\r\n",
@@ -290,9 +383,10 @@ impl Client {
     ) -> Result<Answer, ClientError> {
         let mut stream = self.connect()?;
         let head = format!(
-            "PUT {path} HTTP/1.0\r\nHost: {}\r\nContent-Type: application/octet-stream\r\n\
+            "PUT {path} HTTP/1.0\r\nHost: {}\r\n{}Content-Type: application/octet-stream\r\n\
              Content-Length: {}\r\n\r\n",
             self.addr,
+            self.auth_header(),
             body.len()
         );
         stream.write_all(head.as_bytes()).map_err(self.io())?;
@@ -364,12 +458,13 @@ impl Client {
         path: &str,
         protocol: &str,
         body: &[u8],
-    ) -> Result<BufReader<TcpStream>, ClientError> {
+    ) -> Result<BufReader<Stream>, ClientError> {
         let mut stream = self.connect()?;
         let req = format!(
             "POST {path} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+             {}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             self.addr,
+            self.auth_header(),
             body.len()
         );
         let mut bytes = req.into_bytes();
@@ -403,11 +498,25 @@ fn api_error(status: u16, body: &[u8]) -> ClientError {
     ClientError::Api { status, message }
 }
 
+/// The rustls reason inside a handshake error, readable.
+fn tls_reason(e: &std::io::Error) -> String {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o))) => {
+            o.0.to_string()
+        }
+        Some(other) => other.to_string(),
+        None => e.to_string(),
+    }
+}
+
 /// Reads a status line and headers; returns the status and the
 /// Content-Length, if any.
 fn read_head<R: BufRead>(r: &mut R) -> Result<(u16, Option<usize>), String> {
     let mut line = String::new();
     r.read_line(&mut line).map_err(|e| e.to_string())?;
+    if line.starts_with(['\x15', '\x16']) {
+        return Err("it speaks TLS: use https://HOST:PORT with its fingerprint".into());
+    }
     let status = line
         .split_whitespace()
         .nth(1)

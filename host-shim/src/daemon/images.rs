@@ -200,7 +200,9 @@ impl super::Daemon {
     /// `to` unless it has it already.
     pub(super) fn push_image(&self, hash: &str, to: &str) -> Result<ImageInfo, super::ApiError> {
         let bytes = self.store()?.read(hash).map_err(api)?;
-        let peer = super::api::Client::new(to);
+        let peer = self
+            .peer_client(to)
+            .map_err(|why| super::ApiError(502, why))?;
         let path = format!("/v1/images/{hash}");
         if let Ok(info) = peer.json::<(), ImageInfo>("GET", &path, None) {
             return Ok(info);

@@ -1,6 +1,8 @@
 //! `host-shim serve`: a long-running shim that hosts several named
 //! instances (each guest on its own vCPU thread, all on the shim's switch)
-//! and is driven from other processes over a local HTTP/1.1 JSON API.
+//! and is driven from other processes over an HTTP/1.1 JSON API, over TLS
+//! with authenticated callers when the host has an identity ([`http`],
+//! [`crate::security`]).
 //!
 //! # Endpoints (all under the `--listen` address)
 //!
@@ -29,8 +31,10 @@
 //!
 //! `POST /v1/instances` takes `"image": "sha256:HEX"` for an uploaded image.
 //!
-//! Errors answer `{"error": "..."}` with 400 (bad request), 404 (no such
-//! instance), 409 (conflict: name taken, instance busy) or 500.
+//! Errors answer `{"error": "..."}` with 400 (bad request), 401 (no or
+//! wrong token), 403 (a migration stream from a host that is not a pinned
+//! peer), 404 (no such instance), 409 (conflict: name taken, instance busy)
+//! or 500.
 //!
 //! # Addresses
 //!
@@ -43,6 +47,7 @@
 //! over the overlay, while a guest booted here talks to this shim's gateway.
 
 pub mod api;
+pub mod http;
 pub mod images;
 pub mod instance;
 pub mod logs;
@@ -52,8 +57,7 @@ pub mod standby;
 pub mod stats;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -61,7 +65,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::Instant;
 
-use tiny_http::{Header, Method, Request, Response, Server, StatusCode};
+pub use http::Method;
 
 use crate::boot::cmdline::{self, GuestArgs};
 use crate::devices::virtio;
@@ -102,6 +106,9 @@ pub struct DaemonConfig {
     pub state_dir: Option<PathBuf>,
     /// The largest image upload accepted.
     pub max_image_bytes: u64,
+    /// TLS, tokens and pinned peers (`host-shim init`); `None`: plain HTTP,
+    /// nobody checked.
+    pub security: Option<Arc<crate::security::HostSecurity>>,
 }
 
 impl DaemonConfig {
@@ -789,7 +796,26 @@ impl Daemon {
             overlay: self.net.overlay_addr().map(|a| a.to_string()),
             instances: self.instances().len(),
             max_image_bytes: self.images.as_ref().map(|i| i.max_bytes()),
+            fingerprint: self
+                .config
+                .security
+                .as_ref()
+                .map(|s| s.identity.fingerprint.to_string()),
+            overlay_rejected: self.net.overlay_rejected(),
         }
+    }
+
+    /// A client of another daemon, `to` (an address or a pinned peer's
+    /// name): plain HTTP when this daemon has no identity, else TLS to the
+    /// peer's pinned certificate, presenting this host's own.
+    pub fn peer_client(&self, to: &str) -> Result<api::Client, String> {
+        crate::migration::source::destination(
+            self,
+            &api::MigrateRequest {
+                to: to.to_owned(),
+                fingerprint: None,
+            },
+        )
     }
 
     /// Answers one API request.
@@ -887,7 +913,7 @@ impl Daemon {
                 let name = (*name).to_owned();
                 thread::Builder::new()
                     .name(format!("migrate-{name}"))
-                    .spawn(move || crate::migration::source::migrate(&daemon, &name, &req.to, &tx))
+                    .spawn(move || crate::migration::source::migrate(&daemon, &name, &req, &tx))
                     .map_err(|e| ApiError(500, e.to_string()))?;
                 Ok(Reply::Stream(rx))
             }
@@ -944,7 +970,7 @@ mod erased {
 
 /// Runs the daemon until the process is killed.
 pub fn serve(config: DaemonConfig) -> Result<(), Error> {
-    let server = Server::http(config.listen)
+    let listener = TcpListener::bind(config.listen)
         .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.listen)))?;
     let (daemon, ended) = Daemon::new(config)?;
     {
@@ -954,104 +980,35 @@ pub fn serve(config: DaemonConfig) -> Result<(), Error> {
             .spawn(move || d.watch(ended))
             .map_err(|e| Error::Config(e.to_string()))?;
     }
+    let security = daemon.config.security.clone();
     eprintln!(
-        "host-shim serve: shim '{}' (region {}) listening on {}; gateway {}, guests {}..{}{}",
+        "host-shim serve: shim '{}' (region {}) listening on {}{}; gateway {}, guests {}..{}{}",
         daemon.config.name,
         daemon.config.region,
-        daemon.config.listen,
+        match &security {
+            Some(_) => format!("https://{}", daemon.config.listen),
+            None => format!("{} (plain HTTP, no authentication)", daemon.config.listen),
+        },
+        security
+            .as_ref()
+            .map(|s| format!(", fingerprint {}", s.identity.fingerprint))
+            .unwrap_or_default(),
         daemon.config.gateway(),
         daemon.config.guest_range().next().expect("range"),
         daemon.config.guest_range().last().expect("range"),
         daemon
             .net
             .overlay_addr()
-            .map(|a| format!("; overlay udp {a}"))
+            .map(|a| format!(
+                "; overlay udp {a}{}",
+                if security.is_some() {
+                    " (sealed with the fleet key)"
+                } else {
+                    ""
+                }
+            ))
             .unwrap_or_default()
     );
-    for request in server.incoming_requests() {
-        let d = Arc::clone(&daemon);
-        let spawned = thread::Builder::new()
-            .name("api".into())
-            .spawn(move || serve_one(&d, request));
-        if let Err(e) = spawned {
-            tracing::error!("cannot start an API thread: {e}");
-        }
-    }
+    http::serve(&daemon, listener, security);
     Ok(())
-}
-
-fn serve_one(daemon: &Arc<Daemon>, mut request: Request) {
-    let method = request.method().clone();
-    let path = request.url().split('?').next().unwrap_or("").to_owned();
-    if method == Method::Post && path.trim_end_matches('/') == "/v1/migration" {
-        crate::migration::dest::accept(daemon, request);
-        return;
-    }
-    // An upgrade request's reader is the whole connection: read exactly
-    // Content-Length bytes of it.
-    let length = request
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("Content-Length"))
-        .and_then(|h| h.value.as_str().trim().parse::<usize>().ok());
-    let mut body = Vec::new();
-    let read = match length {
-        Some(n) if n <= 16 << 20 => {
-            body.resize(n, 0);
-            request.as_reader().read_exact(&mut body)
-        }
-        _ => request
-            .as_reader()
-            .take(16 << 20)
-            .read_to_end(&mut body)
-            .map(|_| ()),
-    };
-    if let Err(e) = read {
-        let _ = request.respond(Response::from_string(e.to_string()).with_status_code(400));
-        return;
-    }
-    let reply = daemon.handle(&method, &path, &body);
-    let json_header =
-        Header::from_bytes("Content-Type", "application/json").expect("static header");
-    let text_header =
-        Header::from_bytes("Content-Type", "text/plain; charset=utf-8").expect("static header");
-    let result = match reply {
-        Ok(Reply::Json(status, body)) => request.respond(
-            Response::from_string(body)
-                .with_status_code(status)
-                .with_header(json_header),
-        ),
-        Ok(Reply::Text(status, body)) => request.respond(
-            Response::from_string(body)
-                .with_status_code(status)
-                .with_header(text_header),
-        ),
-        Ok(Reply::Stream(rx)) => {
-            // Streamed over an upgraded connection: tiny_http would buffer
-            // a plain response body.
-            let mut stream = request.upgrade(PROGRESS_PROTOCOL, Response::empty(StatusCode(101)));
-            for line in rx {
-                let sent = stream
-                    .write_all(line.as_bytes())
-                    .and_then(|()| stream.write_all(b"\n"))
-                    .and_then(|()| stream.flush());
-                if sent.is_err() {
-                    tracing::debug!("the client of {method} {path} went away");
-                    break;
-                }
-            }
-            Ok(())
-        }
-        Err(ApiError(status, msg)) => {
-            let body = serde_json::to_string(&api::ErrorBody { error: msg }).unwrap_or_default();
-            request.respond(
-                Response::from_string(body)
-                    .with_status_code(status)
-                    .with_header(json_header),
-            )
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!("API answer to {method} {path} not delivered: {e}");
-    }
 }

@@ -131,11 +131,11 @@ pub fn probe_interval(grace: Duration) -> Duration {
 /// The standby endpoints, if `segments` names one.
 pub fn route(
     daemon: &Arc<Daemon>,
-    method: &tiny_http::Method,
+    method: &super::http::Method,
     segments: &[&str],
     body: &[u8],
 ) -> Option<Result<Reply, ApiError>> {
-    use tiny_http::Method;
+    use super::http::Method;
     let json = |status: u16, v: &dyn super::erased::Json| Ok(Reply::Json(status, v.to_json()));
     Some(match (method, segments) {
         (Method::Post, ["v1", "standby"]) => serde_json::from_slice(body)
@@ -290,7 +290,14 @@ fn probe(origin: &Client, name: &str) -> Probe {
 /// and the app is restarted here.
 fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
     let name = entry.req.run.name.clone();
-    let origin = Client::new(&entry.req.origin);
+    let origin = match daemon.peer_client(&entry.req.origin) {
+        Ok(c) => c,
+        Err(why) => {
+            tracing::warn!("standby for {name}: cannot reach its origin: {why}");
+            entry.set_state(format!("failed: {why}"));
+            return;
+        }
+    };
     let grace = Duration::from_millis(entry.req.grace_ms);
     let started = Instant::now();
     let mut last_ok = started;
@@ -426,7 +433,9 @@ pub fn register(daemon: &Daemon, req: &RunRequest) -> Result<Option<PeerSink>, A
             .standby_grace_ms
             .unwrap_or(DEFAULT_GRACE.as_millis() as u64),
     };
-    let peer = Client::new(peer);
+    let peer = daemon
+        .peer_client(peer)
+        .map_err(|why| ApiError(409, format!("standby {peer}: {why}")))?;
     peer.json::<_, StandbyInfo>("POST", "/v1/standby", Some(&body))
         .map_err(|e| ApiError(409, format!("standby {}: {e}", peer.addr)))?;
     Ok(Some(PeerSink {

@@ -678,6 +678,7 @@ pub fn migrate(fleet: &Fleet, name: &str, to: &str, json: bool) -> Result<u8, Fl
         &format!("/v1/instances/{name}/migrate"),
         &MigrateRequest {
             to: dest.addr().to_owned(),
+            fingerprint: dest.fingerprint.clone(),
         },
         |line| {
             // Phases above the spinner (stderr); the outcome on stdout.

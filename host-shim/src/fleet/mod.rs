@@ -110,6 +110,20 @@ impl FleetError {
 pub fn client_for(host: &Host) -> Result<Client, FleetError> {
     match host.url.split_once("://") {
         None | Some(("http", _)) => Ok(Client::new(host.addr())),
+        Some(("https", _)) => {
+            let pin = host.fingerprint.as_deref().ok_or_else(|| {
+                FleetError::Failed(format!(
+                    "host {} speaks https:// and needs its certificate fingerprint: \
+                     host-shim fleet add {} {} --fingerprint SHA256:...",
+                    host.name, host.name, host.url
+                ))
+            })?;
+            let pin = pin
+                .parse()
+                .map_err(|e| FleetError::Failed(format!("host {}: {e}", host.name)))?;
+            Client::secure(&host.url, pin, host.token.clone(), None)
+                .map_err(|e| FleetError::Failed(format!("host {}: {e}", host.name)))
+        }
         Some((scheme, _)) => Err(FleetError::Failed(format!(
             "host {}: this host-shim speaks http:// to shims, not {scheme}://",
             host.name

@@ -16,15 +16,15 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use tiny_http::{Request, Response, StatusCode};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::protocol::{
     read_msg, write_msg, write_value, Accept, Ack, Hello, Kind, ProtocolError, PROTOCOL_VERSION,
 };
 use crate::daemon::instance::{InstanceConsole, LogRing};
-use crate::daemon::{Daemon, MIGRATION_PROTOCOL};
+use crate::daemon::Daemon;
 use crate::machine::Machine;
+use crate::security::tls::{Shared, Stream};
 use crate::snapshot::format::{FORMAT_VERSION, PAGE};
 use crate::snapshot::state::MachineState;
 use crate::vstate::vm::Vm;
@@ -32,41 +32,17 @@ use crate::vstate::vm::Vm;
 /// Environment variable of the test hook (see the module docs).
 pub const DIE_AFTER_PAGES: &str = "HOST_SHIM_TEST_DIE_AFTER_PAGES";
 
-/// Serves `POST /v1/migration`: upgrades the connection and receives.
-pub fn accept(daemon: &Arc<Daemon>, request: Request) {
-    let stream = request.upgrade(MIGRATION_PROTOCOL, Response::empty(StatusCode(101)));
-    let (r, w) = split(stream);
-    let mut r = BufReader::with_capacity(1 << 20, r);
-    let mut w = BufWriter::new(w);
+/// Serves `POST /v1/migration` on a connection already switched to the
+/// migration protocol; `from` names the sending host (its pinned peer name
+/// in secure mode).
+pub fn accept(daemon: &Arc<Daemon>, conn: BufReader<Stream>, from: &str) {
+    let shared = Shared::new(conn);
+    let mut r = BufReader::with_capacity(1 << 20, shared.clone());
+    let mut w = BufWriter::with_capacity(1 << 20, shared);
     if let Err(e) = receive(daemon, &mut r, &mut w) {
-        tracing::warn!("incoming migration failed: {e}");
-        eprintln!("incoming migration failed: {e}");
+        tracing::warn!("incoming migration from {from} failed: {e}");
+        eprintln!("incoming migration from {from} failed: {e}");
     }
-}
-
-/// A boxed stream shared by a reader and a writer half.
-type Stream = Box<dyn tiny_http::ReadWrite + Send>;
-
-struct Half(Arc<std::sync::Mutex<Stream>>);
-
-impl Read for Half {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).read(buf)
-    }
-}
-
-impl Write for Half {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
-    }
-}
-
-fn split(stream: Stream) -> (Half, Half) {
-    let s = Arc::new(std::sync::Mutex::new(stream));
-    (Half(Arc::clone(&s)), Half(s))
 }
 
 /// Why a `Hello` cannot be honoured here, if it cannot.
@@ -148,6 +124,10 @@ fn receive<R: Read, W: Write>(daemon: &Arc<Daemon>, r: &mut R, w: &mut W) -> Res
                         eprintln!("{DIE_AFTER_PAGES}: dying after {pages} pages");
                         std::process::exit(137);
                     }
+                }
+                Kind::Sync => {
+                    write_msg(w, Kind::Synced, &[]).map_err(|e| e.to_string())?;
+                    w.flush().map_err(|e| e.to_string())?;
                 }
                 Kind::State => break m.value().map_err(|e| e.to_string())?,
                 Kind::Abort => return Err(format!("the source gave up: {}", m.text())),

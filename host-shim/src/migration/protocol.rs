@@ -7,11 +7,13 @@
 //!   Hello     postcard(Hello): versions, memory size, CPUID, who is coming
 //!   Pages     u32 LE n, n × u32 LE page index, n × 4096 bytes
 //!   Zeroes    u32 LE n, n × u32 LE page index (pages that became zero)
+//!   Sync      (empty) answer Synced once everything before it is taken in
 //!   State     postcard(MachineState): vCPU, clock, devices (guest paused)
 //!   Abort     UTF-8 reason
 //! destination -> source
 //!   Accept    postcard(Accept): the destination's name, region, overlay
 //!   Refuse    UTF-8 reason (version, CPUID, memory, name or address)
+//!   Synced    (empty) everything up to the Sync is written into guest memory
 //!   Ack       postcard(Ack): the guest runs here since `resumed_unix_ns`
 //!   Failed    UTF-8 reason (the destination could not restore)
 //! ```
@@ -30,8 +32,8 @@ use serde::{Deserialize, Serialize};
 use crate::snapshot::format::PAGE;
 use crate::snapshot::state::{ImageId, NicSpec};
 
-/// Version of this message layout.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of this message layout (2: `Sync`/`Synced` before the pause).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Pages per `Pages` message.
 pub const PAGES_PER_MESSAGE: usize = 256;
 /// Largest payload accepted (a corrupt length must not allocate gigabytes).
@@ -46,10 +48,12 @@ pub enum Kind {
     Zeroes = 3,
     State = 4,
     Abort = 5,
+    Sync = 6,
     Accept = 16,
     Refuse = 17,
     Ack = 18,
     Failed = 19,
+    Synced = 20,
 }
 
 impl Kind {
@@ -60,10 +64,12 @@ impl Kind {
             3 => Kind::Zeroes,
             4 => Kind::State,
             5 => Kind::Abort,
+            6 => Kind::Sync,
             16 => Kind::Accept,
             17 => Kind::Refuse,
             18 => Kind::Ack,
             19 => Kind::Failed,
+            20 => Kind::Synced,
             _ => return None,
         })
     }

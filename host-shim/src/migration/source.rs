@@ -7,6 +7,8 @@
 //!    was dirtied meanwhile, while the guest keeps running, until the dirty
 //!    set is small ([`CONVERGED_PAGES`]), stops shrinking, or
 //!    [`MAX_ROUNDS`] is reached.
+//!    Then `Sync`: the destination answers `Synced` once it has taken in
+//!    everything sent so far, so the pause does not wait for its backlog.
 //! 3. Stop-and-copy: the guest is paused (vCPU quiesced, devices idle), the
 //!    last dirty pages and the vCPU, clock and device state are sent.
 //! 4. The destination restores, resumes and acknowledges. Only then is the
@@ -23,7 +25,6 @@
 //! says why. Progress lines go to the caller as they happen.
 
 use std::io::{BufReader, BufWriter, Write};
-use std::net::TcpStream;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -37,9 +38,11 @@ use super::protocol::{
     encode_pages, read_msg, write_msg, write_value, Accept, Ack, Hello, Kind, ProtocolError,
     PAGES_PER_MESSAGE, PROTOCOL_VERSION,
 };
-use crate::daemon::api::Client;
+use crate::daemon::api::{Client, MigrateRequest};
 use crate::daemon::{Daemon, MIGRATION_PROTOCOL};
 use crate::machine::Machine;
+use crate::security::tls::Shared;
+use crate::security::Fingerprint;
 use crate::snapshot::format::{is_zero, FORMAT_VERSION, PAGE};
 use crate::vstate::vm::Vm;
 
@@ -72,13 +75,17 @@ struct Sent {
     bytes: u64,
 }
 
-/// Moves instance `name` to the daemon at `to`, writing progress lines to
+/// Moves instance `name` to the daemon `req.to`, writing progress lines to
 /// `out`; the last line starts with `ok` or `error:`.
-pub fn migrate(daemon: &Arc<Daemon>, name: &str, to: &str, out: &Sender<String>) {
+pub fn migrate(daemon: &Arc<Daemon>, name: &str, req: &MigrateRequest, out: &Sender<String>) {
     let say = |line: String| {
         let _ = out.send(line);
     };
-    match run(daemon, name, to, &say) {
+    let to = req.to.as_str();
+    let result = destination(daemon, req)
+        .map_err(|e| format!("{e}; {name} keeps running here"))
+        .and_then(|client| run(daemon, name, &client, &say));
+    match result {
         Ok(s) => {
             let mem = daemon.instances().get(name).map_or(0, |i| i.spec.mem_size);
             say(format!(
@@ -98,14 +105,58 @@ pub fn migrate(daemon: &Arc<Daemon>, name: &str, to: &str, out: &Sender<String>)
     }
 }
 
-/// The migration itself; an error has already resumed the guest.
+/// The client of the destination. A daemon with an identity sends only
+/// over TLS, to a pinned certificate (the request's fingerprint, or that
+/// of the peer named, or at the address, `req.to`), presenting its own.
+pub fn destination(daemon: &Daemon, req: &MigrateRequest) -> Result<Client, String> {
+    let Some(sec) = &daemon.config.security else {
+        if req.to.starts_with("https://") {
+            return Err(format!(
+                "this shim has no identity and cannot migrate over TLS to {}: \
+                 start it with `host-shim init` and `host-shim serve`",
+                req.to
+            ));
+        }
+        return Ok(Client::new(&req.to));
+    };
+    let (addr, pin) = match &req.fingerprint {
+        Some(fp) => (req.to.clone(), fp.parse::<Fingerprint>()?),
+        None => {
+            let peer = sec.peer_by_name_or_addr(&req.to).ok_or_else(|| {
+                format!(
+                    "'{}' is not a pinned peer of this shim: give its fingerprint, or pin it \
+                     here with `host-shim peer add NAME SHA256:... --addr https://HOST:PORT`",
+                    req.to
+                )
+            })?;
+            let fp = peer.fingerprint.parse::<Fingerprint>()?;
+            let addr = match peer.addr {
+                Some(a) if peer.name == req.to => a,
+                None if peer.name == req.to => {
+                    return Err(format!(
+                        "peer '{}' has no address here: migrate --to https://HOST:PORT, or \
+                         pin it with one (host-shim peer add {} {} --addr https://HOST:PORT)",
+                        peer.name, peer.name, peer.fingerprint
+                    ))
+                }
+                _ => req.to.clone(),
+            };
+            (addr, fp)
+        }
+    };
+    Client::secure(&addr, pin, None, Some(&sec.identity)).map_err(|e| e.to_string())
+}
+
+/// The migration itself (to `client`'s daemon); an error has already
+/// resumed the guest.
 pub fn run(
     daemon: &Arc<Daemon>,
     name: &str,
-    to: &str,
+    client: &Client,
     say: &dyn Fn(String),
 ) -> Result<Stats, String> {
     let start = Instant::now();
+    let to = client.addr.as_str();
     let handle = daemon.acquire(name, "migrating").map_err(|e| e.1)?;
     let (spec, port) = {
         let instances = daemon.instances();
@@ -118,11 +169,10 @@ pub fn run(
     };
 
     // 1. Handshake.
-    let client = Client::new(to);
     let reader = client
         .upgrade("/v1/migration", MIGRATION_PROTOCOL, b"")
         .map_err(|e| fail(format!("{e}; {name} keeps running here")))?;
-    let mut conn = Conn::new(reader).map_err(|e| fail(e.to_string()))?;
+    let mut conn = Conn::new(reader);
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         format_version: FORMAT_VERSION,
@@ -208,6 +258,22 @@ pub fn run(
         if converged {
             break;
         }
+    }
+
+    // The destination has taken in everything sent so far (over TLS it may
+    // lag behind, decrypting): else the pause would wait for it.
+    let synced = (|| {
+        write_msg(&mut conn.w, Kind::Sync, &[])?;
+        conn.w.flush()?;
+        match read_msg(&mut conn.r)? {
+            m if m.kind == Kind::Synced => Ok(()),
+            m => Err(ProtocolError::Unexpected(m.kind)),
+        }
+    })();
+    if let Err(e) = synced {
+        return Err(fail(format!(
+            "the destination {to} did not keep up: {e}; {name} keeps running here"
+        )));
     }
 
     // 3. Stop and copy.
@@ -470,22 +536,21 @@ fn refusal(e: ProtocolError) -> String {
     }
 }
 
-/// Both halves of the connection.
+/// Both halves of the connection (plain or TLS).
 struct Conn {
-    stream: TcpStream,
-    r: BufReader<TcpStream>,
-    w: BufWriter<TcpStream>,
+    stream: Shared,
+    r: BufReader<Shared>,
+    w: BufWriter<Shared>,
 }
 
 impl Conn {
-    fn new(reader: BufReader<TcpStream>) -> std::io::Result<Self> {
-        let stream = reader.get_ref().try_clone()?;
-        let w = BufWriter::with_capacity(1 << 20, stream.try_clone()?);
-        Ok(Self {
+    fn new(reader: BufReader<crate::security::tls::Stream>) -> Self {
+        let stream = Shared::new(reader);
+        Self {
+            r: BufReader::with_capacity(1 << 20, stream.clone()),
+            w: BufWriter::with_capacity(1 << 20, stream.clone()),
             stream,
-            r: reader,
-            w,
-        })
+        }
     }
 }
 

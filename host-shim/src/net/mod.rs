@@ -177,6 +177,7 @@ pub(crate) mod token {
 pub struct Network {
     ports: Vec<Arc<GuestPort>>,
     overlay_addr: Option<SocketAddr>,
+    overlay_rejected: Option<Arc<std::sync::atomic::AtomicU64>>,
     wake: Arc<EventFd>,
     stop: Arc<EventFd>,
     commands: Arc<Mutex<Vec<Command>>>,
@@ -312,6 +313,7 @@ impl Network {
         };
         let overlay_addr = overlay.as_ref().map(overlay::Overlay::local_addr);
         let rtts = overlay.as_ref().map(|o| o.rtts()).unwrap_or_default();
+        let overlay_rejected = overlay.as_ref().and_then(overlay::Overlay::rejected);
         let commands = Arc::new(Mutex::new(
             peers.into_iter().map(Command::AddPeer).collect::<Vec<_>>(),
         ));
@@ -330,6 +332,7 @@ impl Network {
         Ok(Self {
             ports: Vec::new(),
             overlay_addr,
+            overlay_rejected,
             wake,
             stop,
             commands,
@@ -349,6 +352,13 @@ impl Network {
     /// The overlay's local UDP address, if this network has one.
     pub fn overlay_addr(&self) -> Option<SocketAddr> {
         self.overlay_addr
+    }
+
+    /// Overlay datagrams dropped for failing authentication (fleet key).
+    pub fn overlay_rejected(&self) -> u64 {
+        self.overlay_rejected
+            .as_ref()
+            .map_or(0, |n| n.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Adds another shim's overlay address to the peers.

@@ -9,11 +9,16 @@
 //!  inner Ethernet frame ...
 //! ```
 //!
+//! With a fleet key (daemons with an identity, see [`crate::security`]),
+//! every datagram is sealed and opened at the socket by
+//! [`crate::security::seal`]: unauthenticated or replayed datagrams are
+//! dropped and counted before anything else looks at them.
+//!
 //! Every other shim is a port of the local switch ([`super::switch`]), so
 //! MAC learning tells which shim a guest is behind. Peers come from
 //! `--peer`, from migrations (both sides exchange their overlay address in
-//! the handshake) and from any datagram with our VNI (a shim that sends to
-//! us is a peer). Frames from one peer are never forwarded to another
+//! the handshake) and from any (authenticated, with a fleet key) datagram
+//! with our VNI (a shim that sends to us is a peer). Frames from one peer are never forwarded to another
 //! (split horizon: the overlay is a full mesh, so this cannot lose frames
 //! and cannot loop them).
 //!
@@ -50,12 +55,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use super::port::Frame;
+use crate::security::seal::Sealer;
 
 /// Bytes of the VXLAN header.
 pub const HEADER_LEN: usize = 8;
@@ -78,6 +85,8 @@ pub struct OverlayConfig {
     /// This shim's name and region, in probe answers.
     pub name: String,
     pub region: String,
+    /// The fleet's key: seal and authenticate every datagram.
+    pub key: Option<[u8; 32]>,
 }
 
 /// How often a shim probes its peers.
@@ -173,7 +182,7 @@ fn decode_probe(d: &[u8]) -> Option<(bool, u64, String, String)> {
 
 /// Prepends the VXLAN header for `vni` to `frame`.
 pub fn encapsulate(vni: u32, frame: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + frame.len());
+    let mut out = Vec::with_capacity(HEADER_LEN + frame.len() + crate::security::seal::TRAILER_LEN);
     out.extend_from_slice(&[FLAG_I, 0, 0, 0]);
     out.extend_from_slice(&((vni & MAX_VNI) << 8).to_be_bytes());
     out.extend_from_slice(frame);
@@ -208,6 +217,7 @@ pub struct Overlay {
     /// The clock of probe timestamps.
     epoch: Instant,
     rtts: Rtts,
+    sealer: Option<Sealer>,
 }
 
 impl Overlay {
@@ -225,6 +235,7 @@ impl Overlay {
             region: config.region.clone(),
             epoch: Instant::now(),
             rtts: Rtts::default(),
+            sealer: config.key.map(Sealer::new),
         })
     }
 
@@ -234,9 +245,14 @@ impl Overlay {
     }
 
     /// Sends one datagram to `peer` (through its relay, if it has one).
-    fn send_datagram(&self, peer: SocketAddr, datagram: &[u8]) -> io::Result<usize> {
+    /// Sends one datagram to `peer` (through its relay, if any), sealed
+    /// with the fleet key when there is one.
+    fn send_datagram(&self, peer: SocketAddr, mut datagram: Vec<u8>) -> io::Result<usize> {
         let to = self.to_via.get(&peer).copied().unwrap_or(peer);
-        self.socket.send_to(datagram, to)
+        if let Some(sealer) = &self.sealer {
+            sealer.seal(&mut datagram);
+        }
+        self.socket.send_to(&datagram, to)
     }
 
     /// Sends a probe to each of `peers`.
@@ -244,7 +260,7 @@ impl Overlay {
         let now = self.epoch.elapsed().as_nanos() as u64;
         let probe = encode_probe(false, now, &self.name, &self.region);
         for peer in peers {
-            if let Err(e) = self.send_datagram(peer, &probe) {
+            if let Err(e) = self.send_datagram(peer, probe.clone()) {
                 tracing::debug!("overlay: probe to {peer}: {e}");
             }
         }
@@ -255,7 +271,7 @@ impl Overlay {
         match decode_probe(datagram) {
             Some((false, sent, _, _)) => {
                 let answer = encode_probe(true, sent, &self.name, &self.region);
-                if let Err(e) = self.send_datagram(from, &answer) {
+                if let Err(e) = self.send_datagram(from, answer) {
                     tracing::debug!("overlay: probe answer to {from}: {e}");
                 }
             }
@@ -278,6 +294,11 @@ impl Overlay {
         &self.socket
     }
 
+    /// How many datagrams failed authentication (with a fleet key).
+    pub fn rejected(&self) -> Option<Arc<AtomicU64>> {
+        self.sealer.as_ref().map(Sealer::rejected)
+    }
+
     /// Reads up to `max` datagrams of our VNI: (sender, inner frame).
     /// Returns whether it stopped because none were left.
     pub fn receive(&self, out: &mut Vec<(SocketAddr, Frame)>, max: usize) -> bool {
@@ -286,7 +307,13 @@ impl Overlay {
             match self.socket.recv_from(&mut buf) {
                 Ok((n, from)) => {
                     let from = self.from_via.get(&from).copied().unwrap_or(from);
-                    let datagram = &buf[..n];
+                    let datagram = match &self.sealer {
+                        Some(sealer) => match sealer.open_or_count(from, &buf[..n]) {
+                            Some(d) => d,
+                            None => continue,
+                        },
+                        None => &buf[..n],
+                    };
                     if datagram.starts_with(PROBE_MAGIC) {
                         self.on_probe(from, datagram);
                         continue;
@@ -314,7 +341,7 @@ impl Overlay {
     /// Sends `frames` (emptied) to `peer`.
     pub fn send(&self, peer: SocketAddr, frames: &mut Vec<Frame>) {
         for frame in frames.drain(..) {
-            if let Err(e) = self.send_datagram(peer, &encapsulate(self.vni, &frame)) {
+            if let Err(e) = self.send_datagram(peer, encapsulate(self.vni, &frame)) {
                 tracing::debug!("overlay: frame to {peer} dropped: {e}");
             }
         }
@@ -347,6 +374,7 @@ mod tests {
             via: Vec::new(),
             name: "test".into(),
             region: "here".into(),
+            key: None,
         };
         let a = Overlay::bind(&cfg(5)).unwrap();
         let b = Overlay::bind(&cfg(5)).unwrap();
@@ -370,6 +398,7 @@ mod tests {
             via,
             name: name.into(),
             region: format!("{name}-region"),
+            key: None,
         };
         let b = Overlay::bind(&cfg("b", Vec::new())).unwrap();
         // A delaying relay in front of b: 20 ms each way.
@@ -403,5 +432,35 @@ mod tests {
         assert!(p.srtt_ms >= 40.0 && p.srtt_ms < 200.0, "{p:?}");
         assert!(decode_probe(b"LCRPX").is_none());
         assert!(decode_probe(&encode_probe(true, 7, "n", "r")).is_some());
+    }
+
+    #[test]
+    fn with_a_fleet_key_only_sealed_datagrams_get_in() {
+        let cfg = |key| OverlayConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            peers: Vec::new(),
+            vni: 5,
+            key,
+            via: Vec::new(),
+            name: "test".into(),
+            region: "here".into(),
+        };
+        let a = Overlay::bind(&cfg(Some([9; 32]))).unwrap();
+        let b = Overlay::bind(&cfg(Some([9; 32]))).unwrap();
+        let stranger = Overlay::bind(&cfg(None)).unwrap();
+        let other_fleet = Overlay::bind(&cfg(Some([8; 32]))).unwrap();
+        stranger.send(b.local_addr(), &mut vec![vec![3u8; 60]]);
+        other_fleet.send(b.local_addr(), &mut vec![vec![4u8; 60]]);
+        a.send(b.local_addr(), &mut vec![vec![1u8; 60]]);
+        let mut got = Vec::new();
+        let rejected = b.rejected().unwrap();
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while (got.is_empty() || rejected.load(std::sync::atomic::Ordering::Relaxed) < 2)
+            && std::time::Instant::now() < give_up
+        {
+            b.receive(&mut got, 16);
+        }
+        assert_eq!(got, [(a.local_addr(), vec![1u8; 60])]);
+        assert_eq!(rejected.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 }

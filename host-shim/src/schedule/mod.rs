@@ -271,7 +271,10 @@ fn migrate(
     let (src, dst) = (fleet.shim_of(from), fleet.shim_of(to));
     let result = Client::new(src).stream_lines(
         &format!("/v1/instances/{app}/migrate"),
-        &MigrateRequest { to: dst.to_owned() },
+        &MigrateRequest {
+            to: dst.to_owned(),
+            fingerprint: None,
+        },
         |line| tracing::debug!("migrate: {line}"),
     );
     match result {

@@ -3,6 +3,8 @@
 //! runner for the real `host-shim` binary.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::net::TcpStream;

@@ -27,11 +27,14 @@ use crate::workspace::Workspace;
 use super::{free_port, require};
 
 /// Keys loaded before the migrations.
-const KEYS: usize = 10_000;
+pub(crate) const KEYS: usize = 10_000;
+/// Keys the load client cycles through (`load:0` ...): a long run must not fill the
+/// guest's memory (kv answers OOM past its maxmemory).
+const LOAD_KEYS: usize = 50_000;
 /// Guest page size, for the page counts in the shim's output.
 const PAGE: f64 = 4096.0;
 /// Load time before the first migration and between two migrations.
-const SETTLE: Duration = Duration::from_millis(300);
+pub(crate) const SETTLE: Duration = Duration::from_millis(300);
 /// Targets from issue 4.
 const TARGET_DOWNTIME_MS: f64 = 5.0;
 const TARGET_TOTAL_MS: f64 = 100.0;
@@ -44,21 +47,24 @@ pub struct MigrateOptions {
 }
 
 /// A `host-shim serve` process, killed when dropped.
-pub(super) struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
     shim: PathBuf,
-    name: String,
-    addr: String,
+    pub(crate) name: String,
+    pub(crate) addr: String,
     log: PathBuf,
+    /// The state directory of a daemon with an identity (TLS).
+    state: Option<PathBuf>,
 }
 
 impl Daemon {
-    fn start(shim: &Path, name: &str, shim_id: u8, dir: &Path) -> Result<Self> {
+    /// A plain-HTTP daemon (no identity).
+    pub(crate) fn start(shim: &Path, name: &str, shim_id: u8, dir: &Path) -> Result<Self> {
         Self::start_with(shim, name, shim_id, dir, &[])
     }
 
     /// [`Self::start`] with more `serve` flags.
-    pub(super) fn start_with(
+    pub(crate) fn start_with(
         shim: &Path,
         name: &str,
         shim_id: u8,
@@ -66,12 +72,59 @@ impl Daemon {
         extra: &[&str],
     ) -> Result<Self> {
         let addr = format!("127.0.0.1:{}", free_port()?);
+        let id = shim_id.to_string();
+        let args = ["serve", "--listen", &addr, "--name", name];
+        let args = [&args[..], &["--region", "bench", "--shim-id", &id], extra].concat();
+        Self::spawn(shim, name, addr.clone(), &args, dir, None)
+    }
+
+    /// `host-shim init` in `dir/NAME.state` (`init_extra` added), then a
+    /// daemon with that identity: TLS, tokens, a sealed overlay.
+    pub(crate) fn secure(
+        shim: &Path,
+        name: &str,
+        shim_id: u8,
+        dir: &Path,
+        init_extra: &[&str],
+    ) -> Result<Self> {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let state = dir.join(format!("{name}.state"));
+        let state_arg = state.to_string_lossy().into_owned();
+        let out = Command::new(shim)
+            .args([
+                "--dir", &state_arg, "init", "--name", name, "--region", "bench",
+            ])
+            .args(["--listen", &addr, "--shim-id", &shim_id.to_string()])
+            .args(init_extra)
+            .output()
+            .context("running host-shim init")?;
+        if !out.status.success() {
+            bail!(
+                "host-shim init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let args = ["--dir", &state_arg, "serve"];
+        Self::spawn(shim, name, addr, &args, dir, Some(state))
+    }
+
+    /// The state directory of a secure daemon.
+    pub(crate) fn state(&self) -> Option<&Path> {
+        self.state.as_deref()
+    }
+
+    fn spawn(
+        shim: &Path,
+        name: &str,
+        addr: String,
+        args: &[&str],
+        dir: &Path,
+        state: Option<PathBuf>,
+    ) -> Result<Self> {
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log)?;
         let child = Command::new(shim)
-            .args(["serve", "--listen", &addr, "--name", name])
-            .args(["--region", "bench", "--shim-id", &shim_id.to_string()])
-            .args(extra)
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -84,6 +137,7 @@ impl Daemon {
             name: name.to_owned(),
             addr,
             log,
+            state,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(&daemon.addr).is_err() {
@@ -102,15 +156,21 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub(super) fn addr(&self) -> &str {
+    pub(crate) fn addr(&self) -> &str {
         &self.addr
     }
 
-    /// `host-shim --shim ADDR ARGS`: its stdout, or an error with everything it and the
-    /// daemon said.
-    fn cli(&self, args: &[&str]) -> Result<String> {
+    /// `host-shim --shim ADDR ARGS` (with `--dir STATE` and `https://` for a secure
+    /// daemon): its stdout, or an error with everything it and the daemon said.
+    pub(crate) fn cli(&self, args: &[&str]) -> Result<String> {
+        let mut target = Vec::new();
+        if let Some(state) = &self.state {
+            target.extend(["--dir".to_owned(), state.to_string_lossy().into_owned()]);
+        }
+        let scheme = if self.state.is_some() { "https://" } else { "" };
+        target.extend(["--shim".to_owned(), format!("{scheme}{}", self.addr)]);
         let out = Command::new(&self.shim)
-            .args(["--shim", &self.addr])
+            .args(target)
             .args(args)
             .env("RUST_LOG", "warn")
             .output()
@@ -138,7 +198,17 @@ impl Drop for Daemon {
 }
 
 /// A scratch directory for the daemons' logs, removed when dropped.
-pub(super) struct TempDir(pub(super) PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
+
+impl TempDir {
+    /// A fresh `$TMPDIR/xtask-bench-TAG-PID`.
+    pub(crate) fn new(tag: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("xtask-bench-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+}
 
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -278,7 +348,7 @@ struct LoadResult {
     error: Option<String>,
 }
 
-/// SET `load:n` then GET it, in a loop on one connection, until `stop`.
+/// SET `load:(n mod LOAD_KEYS)` to `vN` then GET it, in a loop on one connection, until `stop`.
 fn load(port: u16, stop: Arc<AtomicBool>) -> thread::JoinHandle<LoadResult> {
     thread::spawn(move || {
         let mut result = LoadResult {
@@ -295,7 +365,7 @@ fn load(port: u16, stop: Arc<AtomicBool>) -> thread::JoinHandle<LoadResult> {
         };
         while !stop.load(Ordering::Relaxed) {
             let n = result.acked;
-            let (k, v) = (format!("load:{n}"), format!("v{n}"));
+            let (k, v) = (format!("load:{}", n % LOAD_KEYS), format!("v{n}"));
             let set = c.cmd(&["SET", &k, &v]);
             result.replies.push(Instant::now());
             let get = c.cmd(&["GET", &k]);
@@ -314,9 +384,9 @@ fn load(port: u16, stop: Arc<AtomicBool>) -> thread::JoinHandle<LoadResult> {
 
 /// One migration's figures, from `host-shim migrate`'s output and the client's replies.
 #[derive(Debug, Default, Clone)]
-struct Sample {
-    downtime_ms: f64,
-    total_ms: f64,
+pub(crate) struct Sample {
+    pub(crate) downtime_ms: f64,
+    pub(crate) total_ms: f64,
     bytes: f64,
     pages: f64,
     mem: f64,
@@ -325,7 +395,7 @@ struct Sample {
     /// the closest figure to the guest's live memory that the output gives.
     round0_pages: f64,
     /// Longest gap between two replies around this migration, in ms.
-    gap_ms: f64,
+    pub(crate) gap_ms: f64,
     window: Option<(Instant, Instant)>,
 }
 
@@ -390,7 +460,7 @@ fn longest_gap(replies: &[Instant], from: Instant, to: Instant) -> Option<Durati
 }
 
 /// `median (min–max)` of `f(sample)`, with `digits` decimals.
-fn stat(samples: &[Sample], digits: usize, f: impl Fn(&Sample) -> f64) -> (f64, String) {
+pub(crate) fn stat(samples: &[Sample], digits: usize, f: impl Fn(&Sample) -> f64) -> (f64, String) {
     let mut v: Vec<f64> = samples.iter().map(f).collect();
     v.sort_by(f64::total_cmp);
     let median = v[v.len() / 2];
@@ -401,12 +471,83 @@ fn stat(samples: &[Sample], digits: usize, f: impl Fn(&Sample) -> f64) -> (f64, 
     )
 }
 
-fn verdict(ok: bool) -> &'static str {
+pub(crate) fn verdict(ok: bool) -> &'static str {
     if ok {
         "met"
     } else {
         "**missed**"
     }
+}
+
+/// The kv app (with [`KEYS`] keys) running on a daemon behind a fresh published port,
+/// with a client under steady load on it.
+pub(crate) struct Loaded {
+    pub(crate) port: u16,
+    stop: Arc<AtomicBool>,
+    client: thread::JoinHandle<LoadResult>,
+}
+
+impl Loaded {
+    /// Runs kv on `daemon`, loads the keys and starts the load client.
+    pub(crate) fn start(daemon: &Daemon, kv: &str) -> Result<Self> {
+        let port = free_port()?;
+        let publish = format!("127.0.0.1:{port}:6379");
+        daemon.cli(&["run", kv, "--name", "kv", "--publish", &publish])?;
+        wait_for_redis(port, daemon)?;
+        eprintln!("bench: loading {KEYS} keys into kv on {}", daemon.name);
+        load_keys(port)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let client = load(port, Arc::clone(&stop));
+        thread::sleep(SETTLE);
+        Ok(Self { port, stop, client })
+    }
+
+    /// Stops the load (returning `failure` if there was one), fills in each sample's
+    /// longest client gap, and checks the keys and (a sample of) the client's
+    /// acknowledged writes; returns how many SET+GET pairs were acknowledged.
+    pub(crate) fn finish(
+        self,
+        samples: &mut [Sample],
+        failure: Option<anyhow::Error>,
+    ) -> Result<usize> {
+        self.stop.store(true, Ordering::Relaxed);
+        let seen = self
+            .client
+            .join()
+            .map_err(|_| anyhow::anyhow!("the load client panicked"))?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if let Some(e) = &seen.error {
+            bail!("the client under load saw an error: {e}");
+        }
+        for s in samples.iter_mut() {
+            let (from, to) = s.window.expect("set by migrate_once");
+            let gap = longest_gap(&seen.replies, from, to)
+                .context("the client got no reply around a migration")?;
+            s.gap_ms = gap.as_secs_f64() * 1e3;
+        }
+        let mut c = Redis::connect(self.port)?;
+        c.check_keys()?;
+        for n in (seen.acked.saturating_sub(LOAD_KEYS)..seen.acked).step_by(97) {
+            let k = format!("load:{}", n % LOAD_KEYS);
+            let got = c.cmd(&["GET", &k])?;
+            if got != format!("v{n}") {
+                bail!("{k} holds {got:?} after the migrations, not v{n}");
+            }
+        }
+        Ok(seen.acked)
+    }
+}
+
+/// `host-shim migrate kv --to TO` on `from`, timed and parsed.
+pub(crate) fn migrate_once(from: &Daemon, to: &str) -> Result<Sample> {
+    let start = Instant::now();
+    let out = from.cli(&["migrate", "kv", "--to", to])?;
+    let end = Instant::now();
+    let mut s = parse_output(&out)?;
+    s.window = Some((start, end));
+    Ok(s)
 }
 
 /// Runs the benchmark and prints a markdown report.
@@ -419,28 +560,10 @@ pub fn run(ws: &Workspace, opts: &MigrateOptions) -> Result<()> {
     let shim = image::build_shim(ws)?;
     let kv = images[0].path.to_string_lossy().into_owned();
 
-    let dir =
-        TempDir(std::env::temp_dir().join(format!("xtask-bench-migrate-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&dir.0);
-    std::fs::create_dir_all(&dir.0)?;
+    let dir = TempDir::new("migrate")?;
     let a = Daemon::start(&shim, "bench-a", 1, &dir.0)?;
     let b = Daemon::start(&shim, "bench-b", 2, &dir.0)?;
-    let port = free_port()?;
-    a.cli(&[
-        "run",
-        &kv,
-        "--name",
-        "kv",
-        "--publish",
-        &format!("127.0.0.1:{port}:6379"),
-    ])?;
-    wait_for_redis(port, &a)?;
-    eprintln!("bench migrate: loading {KEYS} keys");
-    load_keys(port)?;
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let client = load(port, Arc::clone(&stop));
-    thread::sleep(SETTLE);
+    let loaded = Loaded::start(&a, &kv)?;
     let mut samples = Vec::new();
     let mut failure = None;
     for i in 0..opts.runs {
@@ -452,14 +575,8 @@ pub fn run(ws: &Workspace, opts: &MigrateOptions) -> Result<()> {
             from.name,
             to.name
         );
-        let start = Instant::now();
-        let out = from.cli(&["migrate", "kv", "--to", &to.addr]);
-        let end = Instant::now();
-        match out.and_then(|out| parse_output(&out)) {
-            Ok(mut s) => {
-                s.window = Some((start, end));
-                samples.push(s);
-            }
+        match migrate_once(from, &to.addr) {
+            Ok(s) => samples.push(s),
             Err(e) => {
                 failure = Some(e);
                 break;
@@ -467,32 +584,7 @@ pub fn run(ws: &Workspace, opts: &MigrateOptions) -> Result<()> {
         }
         thread::sleep(SETTLE);
     }
-    stop.store(true, Ordering::Relaxed);
-    let seen = client
-        .join()
-        .map_err(|_| anyhow::anyhow!("the load client panicked"))?;
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    if let Some(e) = &seen.error {
-        bail!("the client under load saw an error: {e}");
-    }
-    for s in &mut samples {
-        let (from, to) = s.window.expect("set above");
-        let gap = longest_gap(&seen.replies, from, to)
-            .context("the client got no reply around a migration")?;
-        s.gap_ms = gap.as_secs_f64() * 1e3;
-    }
-    // The keys are intact, and so are the client's acknowledged writes (a sample of them).
-    let mut c = Redis::connect(port)?;
-    c.check_keys()?;
-    for n in (0..seen.acked).step_by(97) {
-        let got = c.cmd(&["GET", &format!("load:{n}")])?;
-        if got != format!("v{n}") {
-            bail!("load:{n} holds {got:?} after the migrations");
-        }
-    }
-    drop(c);
+    let acked = loaded.finish(&mut samples, failure)?;
     drop(a);
     drop(b);
 
@@ -544,7 +636,7 @@ pub fn run(ws: &Workspace, opts: &MigrateOptions) -> Result<()> {
          pairs acknowledged, no error; all {KEYS} keys intact afterwards\n\
          - live memory is estimated as round 0's non-zero pages (written since the VM was \
          created, not all zero); heap pages the guest reports free are not sent at all",
-        seen.acked
+        acked
     );
     Ok(())
 }

@@ -5,10 +5,12 @@
 //! - [`checkpoint`]: app checkpoints of the kv unikernel: size, time, restore vs plain boot.
 //! - [`migrate`]: live migration of the kv app between two shim daemons, under load.
 //! - [`deploy`]: deploy-to-first-reply time of the kv app on a remote shim.
+//! - [`fleet`]: the fleet's costs: migration downtime with TLS vs the plain stream.
 
 pub mod boot;
 pub mod checkpoint;
 pub mod deploy;
+pub mod fleet;
 pub mod migrate;
 pub mod net;
 

@@ -243,6 +243,7 @@ impl Fleet {
             &format!("/v1/instances/{APP}/migrate"),
             &host_shim::daemon::api::MigrateRequest {
                 to: self.shims[to].api.clone(),
+                fingerprint: None,
             },
             |_| {},
         )?;

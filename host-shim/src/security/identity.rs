@@ -1,0 +1,349 @@
+//! A host's identity and config in its state directory, made once by
+//! `host-shim init` and read by `host-shim serve` and the local CLI.
+//!
+//! ```text
+//! DIR/                  mode 0700; default /var/lib/host-shim (root) or
+//!                       ~/.local/share/host-shim; --dir or HOST_SHIM_DIR
+//!   host.json           name, region, API address, shim id, overlay, peers
+//!   cert.pem            the self-signed certificate (its SHA-256 is the
+//!                       host's fingerprint)
+//!   key.pem             its private key (ECDSA P-256), mode 0600
+//!   token               the user token for the API, mode 0600
+//!   fleet.key           the fleet's overlay key (64 hex digits), mode 0600
+//! ```
+//!
+//! Peers are other hosts of the fleet, pinned by certificate fingerprint
+//! (`host-shim peer add NAME SHA256:... [--addr https://HOST:PORT]`): only
+//! they may send this host a migration stream, and this host migrates to
+//! them only if their certificate matches.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{decode_hex, encode_hex, random, Fingerprint};
+
+/// Environment variable naming the state directory.
+pub const DIR_ENV: &str = "HOST_SHIM_DIR";
+/// The config file in the state directory.
+pub const CONFIG: &str = "host.json";
+const CERT: &str = "cert.pem";
+const KEY: &str = "key.pem";
+const TOKEN: &str = "token";
+const FLEET_KEY: &str = "fleet.key";
+
+/// Errors of the identity store.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
+    move |err| IdentityError::Io {
+        path: path.to_owned(),
+        err,
+    }
+}
+
+/// Another host of the fleet.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Peer {
+    pub name: String,
+    /// `SHA256:...` of its certificate.
+    pub fingerprint: String,
+    /// Its API address, `https://HOST:PORT`, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+}
+
+/// `DIR/host.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostConfig {
+    pub name: String,
+    pub region: String,
+    /// The API address (TLS).
+    pub listen: SocketAddr,
+    pub shim_id: u8,
+    /// The overlay's UDP address (default: the API address).
+    #[serde(default)]
+    pub overlay: Option<SocketAddr>,
+    #[serde(default = "default_vni")]
+    pub vni: u32,
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+}
+
+fn default_vni() -> u32 {
+    4242
+}
+
+/// What `host-shim init` is asked for.
+#[derive(Clone, Debug)]
+pub struct InitRequest {
+    pub name: String,
+    pub region: String,
+    pub listen: SocketAddr,
+    pub shim_id: u8,
+    /// Use this fleet key (64 hex digits) instead of a new one.
+    pub fleet_key: Option<[u8; 32]>,
+    /// Use this user token instead of a new one.
+    pub token: Option<String>,
+}
+
+/// A host's identity, loaded.
+#[derive(Clone)]
+pub struct Identity {
+    pub dir: PathBuf,
+    pub config: HostConfig,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub fingerprint: Fingerprint,
+    pub token: String,
+    pub fleet_key: [u8; 32],
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Identity({} {})", self.config.name, self.fingerprint)
+    }
+}
+
+/// The default state directory: `$HOST_SHIM_DIR`, else
+/// /var/lib/host-shim for root, else `$XDG_DATA_HOME/host-shim` or
+/// ~/.local/share/host-shim.
+pub fn default_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os(DIR_ENV).filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/host-shim");
+    }
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("host-shim");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+    PathBuf::from(home).join(".local/share/host-shim")
+}
+
+/// Whether `dir` holds an identity.
+pub fn exists(dir: &Path) -> bool {
+    dir.join(CONFIG).is_file()
+}
+
+/// Writes `contents` to `path`, readable only by its owner when `secret`.
+fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), IdentityError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(contents)
+        .and_then(|()| f.sync_all())
+        .map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+fn read(path: &Path) -> Result<String, IdentityError> {
+    std::fs::read_to_string(path).map_err(io(path))
+}
+
+/// Creates the identity in `dir`; refuses if one exists there.
+pub fn init(dir: &Path, req: &InitRequest) -> Result<Identity, IdentityError> {
+    if exists(dir) {
+        return Err(IdentityError::Invalid(format!(
+            "{} already holds a host identity (host.json): a host's identity is made once; \
+             remove the directory to start over",
+            dir.display()
+        )));
+    }
+    let max = crate::daemon::MAX_SHIM_ID;
+    if !(1..=max).contains(&req.shim_id) {
+        return Err(IdentityError::Invalid(format!(
+            "--shim-id {} is out of range: 1 to {max}",
+            req.shim_id
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+    let key = rcgen::KeyPair::generate().map_err(|e| IdentityError::Invalid(e.to_string()))?;
+    let mut params =
+        rcgen::CertificateParams::new(vec![super::tls::SERVER_NAME.to_owned(), req.name.clone()])
+            .map_err(|e| IdentityError::Invalid(format!("name '{}': {e}", req.name)))?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("host-shim {}", req.name));
+    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2124, 1, 1);
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| IdentityError::Invalid(e.to_string()))?;
+    let token = req
+        .token
+        .clone()
+        .unwrap_or_else(|| encode_hex(&random::<24>()));
+    let fleet_key = req.fleet_key.unwrap_or_else(random::<32>);
+    let config = HostConfig {
+        name: req.name.clone(),
+        region: req.region.clone(),
+        listen: req.listen,
+        shim_id: req.shim_id,
+        overlay: None,
+        vni: default_vni(),
+        peers: Vec::new(),
+    };
+    write_file(&dir.join(KEY), key.serialize_pem().as_bytes(), true)?;
+    write_file(&dir.join(CERT), cert.pem().as_bytes(), false)?;
+    write_file(&dir.join(TOKEN), format!("{token}\n").as_bytes(), true)?;
+    write_file(
+        &dir.join(FLEET_KEY),
+        format!("{}\n", encode_hex(&fleet_key)).as_bytes(),
+        true,
+    )?;
+    save_config(dir, &config)?;
+    load(dir)
+}
+
+/// Reads a fleet key file (64 hex digits).
+pub fn read_fleet_key(path: &Path) -> Result<[u8; 32], IdentityError> {
+    decode_hex(read(path)?.trim()).ok_or_else(|| {
+        IdentityError::Invalid(format!(
+            "{}: not a fleet key (64 hex digits, like DIR/fleet.key of another host)",
+            path.display()
+        ))
+    })
+}
+
+/// Reads a token file (its first line).
+pub fn read_token(path: &Path) -> Result<String, IdentityError> {
+    let token = read(path)?.lines().next().unwrap_or("").trim().to_owned();
+    if token.is_empty() {
+        return Err(IdentityError::Invalid(format!(
+            "{}: the token file is empty",
+            path.display()
+        )));
+    }
+    Ok(token)
+}
+
+/// Loads the identity in `dir`.
+pub fn load(dir: &Path) -> Result<Identity, IdentityError> {
+    if !exists(dir) {
+        return Err(IdentityError::Invalid(format!(
+            "no host identity in {}: run `host-shim init --name NAME --region REGION` \
+             (with --dir {0} or HOST_SHIM_DIR={0} if that is where it should go)",
+            dir.display()
+        )));
+    }
+    let config = load_config(dir)?;
+    let cert_pem = read(&dir.join(CERT))?;
+    let key_pem = read(&dir.join(KEY))?;
+    let der = super::tls::cert_der(&cert_pem)
+        .map_err(|e| IdentityError::Invalid(format!("{}: {e}", dir.join(CERT).display())))?;
+    Ok(Identity {
+        dir: dir.to_owned(),
+        config,
+        fingerprint: Fingerprint::of(&der),
+        cert_pem,
+        key_pem,
+        token: read_token(&dir.join(TOKEN))?,
+        fleet_key: read_fleet_key(&dir.join(FLEET_KEY))?,
+    })
+}
+
+/// Reads `DIR/host.json`.
+pub fn load_config(dir: &Path) -> Result<HostConfig, IdentityError> {
+    let path = dir.join(CONFIG);
+    serde_json::from_str(&read(&path)?)
+        .map_err(|e| IdentityError::Invalid(format!("{}: {e}", path.display())))
+}
+
+/// Writes `DIR/host.json`.
+pub fn save_config(dir: &Path, config: &HostConfig) -> Result<(), IdentityError> {
+    let text = serde_json::to_string_pretty(config).expect("serializable");
+    write_file(&dir.join(CONFIG), format!("{text}\n").as_bytes(), false)
+}
+
+/// Adds (or replaces, by name) a pinned peer.
+pub fn add_peer(dir: &Path, peer: Peer) -> Result<(), IdentityError> {
+    peer.fingerprint
+        .parse::<Fingerprint>()
+        .map_err(IdentityError::Invalid)?;
+    let mut config = load_config(dir)?;
+    config.peers.retain(|p| p.name != peer.name);
+    config.peers.push(peer);
+    save_config(dir, &config)
+}
+
+/// Removes a pinned peer; whether it was there.
+pub fn remove_peer(dir: &Path, name: &str) -> Result<bool, IdentityError> {
+    let mut config = load_config(dir)?;
+    let before = config.peers.len();
+    config.peers.retain(|p| p.name != name);
+    save_config(dir, &config)?;
+    Ok(config.peers.len() != before)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_load_and_peers() {
+        let dir = std::env::temp_dir().join(format!("host-shim-identity-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let req = InitRequest {
+            name: "us-east".into(),
+            region: "us".into(),
+            listen: "127.0.0.1:7443".parse().unwrap(),
+            shim_id: 1,
+            fleet_key: None,
+            token: None,
+        };
+        let id = init(&dir, &req).unwrap();
+        assert_eq!(id.config.name, "us-east");
+        assert_eq!(id.token.len(), 48);
+        let mode = |f: &str| std::fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(KEY), 0o600);
+        assert_eq!(mode(TOKEN), 0o600);
+        assert_eq!(mode(FLEET_KEY), 0o600);
+        assert!(init(&dir, &req)
+            .unwrap_err()
+            .to_string()
+            .contains("already"));
+        let again = load(&dir).unwrap();
+        assert_eq!(again.fingerprint, id.fingerprint);
+        assert_eq!(again.fleet_key, id.fleet_key);
+        add_peer(
+            &dir,
+            Peer {
+                name: "eu".into(),
+                fingerprint: id.fingerprint.to_string(),
+                addr: None,
+            },
+        )
+        .unwrap();
+        assert!(add_peer(
+            &dir,
+            Peer {
+                name: "x".into(),
+                fingerprint: "SHA256:00".into(),
+                addr: None
+            }
+        )
+        .is_err());
+        assert_eq!(load_config(&dir).unwrap().peers.len(), 1);
+        assert!(remove_peer(&dir, "eu").unwrap());
+        assert!(!remove_peer(&dir, "eu").unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,196 @@
+//! `host-shim serve` daemons as child processes, their scratch directories,
+//! and a minimal Redis-protocol client for the kv app.
+
+use super::{free_port, image, require_kvm};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_host-shim");
+
+/// A scratch directory of this test, removed at the end.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("host-shim-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `host-shim serve` process, killed when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub addr: String,
+    pub log: PathBuf,
+    /// The state directory of a daemon with an identity (then `cli` talks
+    /// TLS to it with the identity's pin and token).
+    pub state: Option<PathBuf>,
+}
+
+impl Daemon {
+    pub fn start(name: &str, shim_id: u8, extra: &[&str], dir: &TempDir) -> Self {
+        Self::start_env(name, shim_id, extra, &[], dir)
+    }
+
+    pub fn start_env(
+        name: &str,
+        shim_id: u8,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        dir: &TempDir,
+    ) -> Self {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut args = vec![
+            "serve", "--listen", &addr, "--name", name, "--region", "test",
+        ];
+        let id = shim_id.to_string();
+        args.extend(["--shim-id", &id]);
+        args.extend(extra);
+        Self::spawn(name, addr.clone(), &args, env, dir, None)
+    }
+
+    /// `host-shim init` (with `init_extra`) in `dir/NAME.state`, then
+    /// `host-shim --dir STATE serve`: a daemon with TLS, a token and a
+    /// fleet key.
+    pub fn secure(name: &str, shim_id: u8, init_extra: &[&str], dir: &TempDir) -> Self {
+        let state = dir.path(&format!("{name}.state"));
+        let addr = format!("127.0.0.1:{}", free_port());
+        let out = Command::new(BIN)
+            .args(["--dir", state.to_str().unwrap(), "init", "--name", name])
+            .args(["--region", "test", "--listen", &addr])
+            .args(["--shim-id", &shim_id.to_string()])
+            .args(init_extra)
+            .output()
+            .expect("spawn host-shim init");
+        assert!(out.status.success(), "init: {out:?}");
+        let state_arg = state.to_str().unwrap().to_owned();
+        Self::spawn(
+            name,
+            addr,
+            &["--dir", &state_arg, "serve"],
+            &[],
+            dir,
+            Some(state),
+        )
+    }
+
+    fn spawn(
+        name: &str,
+        addr: String,
+        args: &[&str],
+        env: &[(&str, &str)],
+        dir: &TempDir,
+        state: Option<PathBuf>,
+    ) -> Self {
+        require_kvm();
+        let log = dir.path(&format!("{name}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn host-shim serve");
+        let d = Self {
+            child,
+            addr,
+            log,
+            state,
+        };
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(&d.addr).is_err() {
+            assert!(
+                Instant::now() < give_up,
+                "the daemon never listened:\n{}",
+                d.output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (up to 5 s) until the daemon's log mentions `needle`; returns the log.
+    pub fn output_once_it_says(&self, needle: &str) -> String {
+        let give_up = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = self.output();
+            if out.contains(needle) || std::time::Instant::now() > give_up {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `host-shim --shim ADDR ARGS` (`--dir STATE --shim https://ADDR ARGS`
+    /// for a secure daemon: pin and token from its state); panics unless it
+    /// succeeds.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = self.try_cli(args);
+        assert!(
+            out.status.success(),
+            "host-shim {args:?} failed:\n{}{}\n--- daemon:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.output()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn try_cli(&self, args: &[&str]) -> Output {
+        let mut target = vec![];
+        if let Some(state) = &self.state {
+            target.extend(["--dir".to_owned(), state.to_str().unwrap().to_owned()]);
+        }
+        let scheme = if self.state.is_some() { "https://" } else { "" };
+        target.extend(["--shim".to_owned(), format!("{scheme}{}", self.addr)]);
+        Command::new(BIN)
+            .args(target)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("spawn host-shim")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub use super::Redis;
+
+pub fn kv_img() -> String {
+    image("kv").to_string_lossy().into_owned()
+}
+
+/// Runs kv as instance `kv` of `daemon` on a fresh published port; returns
+/// the port and a client connected once it answers.
+pub fn run_kv(daemon: &Daemon) -> (u16, Redis) {
+    let port = free_port();
+    let img = kv_img();
+    let publish = format!("{port}:6379");
+    daemon.cli(&["run", &img, "--name", "kv", "--publish", &publish]);
+    (port, Redis::when_up(port))
+}
