@@ -19,8 +19,8 @@ use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::mmio::MmioTransport;
 use virtio_drivers::transport::DeviceType;
 
-use kernel::virtio::UnikernelHal;
 use crate::Error;
+use kernel::virtio::UnikernelHal;
 
 /// Descriptors per queue (RX buffers posted, TX frames in flight).
 pub const QUEUE_SIZE: usize = 128;

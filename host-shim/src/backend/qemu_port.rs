@@ -112,11 +112,7 @@ fn accept(listener: &UnixListener, stop: &AtomicBool) -> Option<UnixStream> {
 
 /// Sends `restore`, then stores and acknowledges blobs until QEMU closes
 /// its end.
-fn serve(
-    mut stream: impl Read + Write,
-    restore: &[u8],
-    mut sinks: Vec<DirSink>,
-) -> io::Result<()> {
+fn serve(mut stream: impl Read + Write, restore: &[u8], mut sinks: Vec<DirSink>) -> io::Result<()> {
     stream.write_all(&(restore.len() as u64).to_le_bytes())?;
     stream.write_all(restore)?;
     stream.flush()?;
