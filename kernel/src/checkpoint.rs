@@ -69,8 +69,9 @@ fn open_port() -> Option<&'static [u8]> {
     let mut port = match Port::new(transport) {
         Ok(p) => p,
         Err(e) => {
-            log::warn!("checkpoint port: {e}");
-            return None;
+            // The host may be waiting to hand over a checkpoint to restore.
+            log::error!("checkpoint port: {e}");
+            crate::exit(abi::exit::EXIT_FAILURE.into())
         }
     };
     let restore = read_restore(&mut port);
@@ -79,8 +80,9 @@ fn open_port() -> Option<&'static [u8]> {
         Ok(None) => None,
         Ok(Some(blob)) => Some(blob.leak()),
         Err(e) => {
-            log::warn!("checkpoint port: cannot read the checkpoint to restore: {e}");
-            None
+            // Going on without it would start the app empty: stop instead.
+            log::error!("checkpoint port: cannot read the checkpoint to restore: {e}");
+            crate::exit(abi::exit::EXIT_FAILURE.into())
         }
     }
 }
@@ -95,10 +97,15 @@ fn read_restore(port: &mut Port) -> Result<Option<Vec<u8>>, virtio_drivers::Erro
         return Ok(None);
     }
     if len > abi::checkpoint::MAX_CHECKPOINT {
-        log::warn!("checkpoint port: a {len}-byte checkpoint is over the limit");
+        log::error!("checkpoint port: a {len}-byte checkpoint is over the limit");
         return Err(virtio_drivers::Error::InvalidParam);
     }
-    let mut blob = alloc::vec![0u8; len as usize];
+    let mut blob = Vec::new();
+    if blob.try_reserve_exact(len as usize).is_err() {
+        log::error!("checkpoint port: a {len}-byte checkpoint does not fit in guest memory");
+        return Err(virtio_drivers::Error::InvalidParam);
+    }
+    blob.resize(len as usize, 0);
     read_exact(port, &mut blob)?;
     Ok(Some(blob))
 }
