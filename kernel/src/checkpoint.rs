@@ -74,7 +74,12 @@ fn open_port() -> Option<&'static [u8]> {
             crate::exit(abi::exit::EXIT_FAILURE.into())
         }
     };
+    let start = crate::time::now_ns();
     let restore = read_restore(&mut port);
+    if let Ok(Some(blob)) = &restore {
+        let us = (crate::time::now_ns() - start) / 1000;
+        log::debug!("checkpoint port: read {} bytes to restore in {us} µs", blob.len());
+    }
     *PORT.lock() = Some(port);
     match restore {
         Ok(None) => None,
