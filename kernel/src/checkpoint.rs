@@ -78,7 +78,10 @@ fn open_port() -> Option<&'static [u8]> {
     let restore = read_restore(&mut port);
     if let Ok(Some(blob)) = &restore {
         let us = (crate::time::now_ns() - start) / 1000;
-        log::debug!("checkpoint port: read {} bytes to restore in {us} µs", blob.len());
+        log::debug!(
+            "checkpoint port: read {} bytes to restore in {us} µs",
+            blob.len()
+        );
     }
     *PORT.lock() = Some(port);
     match restore {
