@@ -23,21 +23,31 @@
 //!
 //! The base id is the CRC of the full checkpoint the chain starts from
 //! ([`Checkpoint::id`]); sequence numbers count 1, 2, 3... from it. A
-//! checkpoint *file* (or QEMU's COM2 stream) is blobs one after another;
+//! checkpoint *file* is blobs one after another;
 //! what it holds is its last full checkpoint followed by the deltas that
 //! continue that chain ([`latest_chain`]). Anything after the first blob
 //! that does not decode or does not continue the chain (a delta torn by a
 //! crash mid-write) is ignored, never applied.
 //!
-//! Delivery: the guest hands a checkpoint to the host with
-//! [`crate::hypercall::HC_CHECKPOINT`] (on PVH monitors: written to the
-//! second 16550 UART, COM2, where QEMU's `-serial file:...` stores it). A
-//! checkpoint to restore is placed in guest RAM by the monitor and named by
-//! `BootInfo::restore_addr/restore_len` (on PVH: the first boot module, e.g.
-//! QEMU's `-initrd`).
+//! Delivery on our shim: the guest hands a checkpoint to the host with
+//! [`crate::hypercall::HC_CHECKPOINT`]; a checkpoint to restore is placed in
+//! guest RAM by the monitor and named by `BootInfo::restore_addr/restore_len`.
+//!
+//! Delivery on PVH monitors (QEMU): the *checkpoint port*, port 0 of a
+//! virtio console (`virtio-serial-device` + `virtconsole`) whose other end
+//! the host owns. At boot the host writes the chain to restore: its length
+//! (u64, 0 for none) and its bytes. Then the guest writes each blob (framed
+//! by its own header) and waits for one byte back: [`PORT_STORED`] once
+//! the host has stored it durably, else [`PORT_REFUSED`] — the same meaning
+//! as the hypercall's `CHECKPOINT_STORED` / `CHECKPOINT_REFUSED`.
 
 use alloc::string::String;
 use alloc::vec::Vec;
+
+/// Checkpoint port: the host stored the blob (durably, where it goes to disk).
+pub const PORT_STORED: u8 = b'+';
+/// Checkpoint port: the host did not store the blob (see `CHECKPOINT_REFUSED`).
+pub const PORT_REFUSED: u8 = b'-';
 
 /// Leading bytes of every full checkpoint.
 pub const MAGIC: &[u8; 8] = b"LCCKPT01";

@@ -65,8 +65,6 @@ pub const CHECKPOINT_STORED: u64 = 1;
 /// Not stored: invalid, a delta that does not continue the host's chain
 /// (e.g. after a restore), or storage failed. Send a full checkpoint.
 pub const CHECKPOINT_REFUSED: u64 = 2;
-/// Handed to a stream whose storage the guest cannot see (PVH: COM2).
-pub const CHECKPOINT_SENT: u64 = 3;
 
 /// Argument of [`HC_PANIC`]. Strings are UTF-8, not NUL-terminated.
 #[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]

@@ -21,4 +21,4 @@ pub mod note;
 pub mod x86;
 
 /// Version of this contract. Carried by every image (see [`note`]).
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;

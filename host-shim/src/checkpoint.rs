@@ -3,8 +3,8 @@
 //! full checkpoints and deltas a guest hands over ([`Chain`]) and storing
 //! it durably ([`Sink`]s: a directory, where a full checkpoint replaces
 //! `latest.ckpt` (temp file + fsync + rename) and a delta is appended to it
-//! and synced; the daemon's [`Latest`]; a standby peer), and finding the
-//! latest complete chain in a stream of blobs (QEMU's COM2 file).
+//! and synced; the daemon's [`Latest`]; a standby peer), whichever way the
+//! blobs come in ([`hand_over`]: our doorbell, QEMU's checkpoint port).
 
 use std::fs::File;
 use std::io::Write;
@@ -114,6 +114,32 @@ impl Chain {
     pub fn reset(&mut self) {
         self.head = None;
     }
+}
+
+/// Takes the blob at the start of `bytes` (one a guest handed over): checks
+/// it and that it continues `chain`, and stores it in every sink. Gives its
+/// length and whether it is a full checkpoint once every sink has it. When a
+/// sink misses it, the chain restarts: only a full checkpoint mends that.
+pub fn hand_over<'a, S: Sink + ?Sized + 'a>(
+    chain: &mut Chain,
+    bytes: &[u8],
+    sinks: impl IntoIterator<Item = &'a mut S>,
+) -> Result<(usize, bool), String> {
+    let (parsed, len) = abi::checkpoint::decode_blob(bytes).map_err(|e| e.to_string())?;
+    let full = chain.accept(&parsed)?;
+    if let abi::checkpoint::Blob::Full(c) = &parsed {
+        tracing::debug!("checkpoint: {}", abi::checkpoint::describe(c));
+    }
+    let mut result = Ok((len, full));
+    for sink in sinks {
+        if let Err(e) = sink.store(&bytes[..len], full) {
+            result = Err(e);
+        }
+    }
+    if result.is_err() {
+        chain.reset();
+    }
+    result
 }
 
 /// A `--checkpoint-to` directory: a full checkpoint replaces `latest.ckpt`
@@ -228,28 +254,9 @@ impl Sink for Arc<Latest> {
     }
 }
 
-/// The last complete chain in `stream` (blobs written one after another;
-/// a torn or damaged tail is ignored), as the bytes of a checkpoint file.
-pub fn latest_in_stream(stream: &[u8]) -> Option<&[u8]> {
-    abi::checkpoint::latest_chain(stream).ok().map(|c| c.bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_latest_complete_blob_of_a_stream() {
-        let a = abi::checkpoint::encode("kv", 1, b"one");
-        let b = abi::checkpoint::encode("kv", 1, b"two two");
-        let mut s = a.clone();
-        s.extend_from_slice(&b);
-        assert_eq!(latest_in_stream(&s), Some(&b[..]));
-        s.extend_from_slice(&a[..a.len() - 3]); // torn
-        assert_eq!(latest_in_stream(&s), Some(&b[..]));
-        assert_eq!(latest_in_stream(&a[..5]), None);
-        assert_eq!(latest_in_stream(&[]), None);
-    }
 
     fn blob(b: &[u8]) -> abi::checkpoint::Blob<'_> {
         abi::checkpoint::decode_blob(b).unwrap().0

@@ -651,16 +651,16 @@ Several guests:
 
 App checkpoints (apps using libcloud::state, e.g. kv):
     --restore FILE     hand the app a checkpoint to restore before its main
-           runs (under QEMU: as -initrd). A corrupt, truncated or non-
-           checkpoint file is refused here; the app refuses (exit 3) one of
-           another app or schema version. A file of several checkpoints
-           (QEMU's COM2 stream) restores its latest complete one.
+           runs (under QEMU: over a virtio console, the checkpoint port). A
+           corrupt, truncated or non-checkpoint file is refused here; the
+           app refuses (exit 3) one of another app or schema version. A file
+           of several checkpoints restores its latest complete chain.
     --checkpoint-every DURATION --checkpoint-to DIR
            the app checkpoints itself every DURATION; each checkpoint is
            stored durably as DIR/latest.ckpt (temp file, fsync, rename)
-           before the app goes on. Under QEMU the checkpoints go to COM2,
-           DIR/com2-checkpoints.bin, and the latest is copied to
-           DIR/latest.ckpt. A crash loses at most DURATION of writes.
+           before the app goes on (under QEMU too: they come over the
+           checkpoint port and are answered once stored). A crash loses at
+           most DURATION of writes.
            Checkpoints are incremental where the app supports it (kv
            does): a delta of what changed is appended to DIR/latest.ckpt
            and synced; a full one replaces the file when the deltas
@@ -766,7 +766,7 @@ struct RunArgs {
 
     /// Hand the app this checkpoint (`abi::checkpoint`, e.g. DIR/latest.ckpt
     /// or `checkpoint NAME --out FILE`) to restore its state from before its
-    /// main runs. Works with both backends (QEMU: as its -initrd).
+    /// main runs. Works with both backends (QEMU: over a virtio console).
     #[arg(long, value_name = "FILE")]
     restore: Option<PathBuf>,
 

@@ -22,6 +22,7 @@ pub mod platform;
 mod start;
 pub mod task;
 pub mod time;
+pub mod virtio;
 
 pub use arch::x86_64::cpu::current_ring;
 pub use platform::exit;

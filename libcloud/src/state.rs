@@ -182,7 +182,7 @@ pub struct Taken {
 
 fn stored(saved: Saved) -> Result<(), Error> {
     match saved {
-        Saved::Stored | Saved::Sent => Ok(()),
+        Saved::Stored => Ok(()),
         Saved::Refused => Err(Error::NotStored),
     }
 }

@@ -12,16 +12,15 @@ use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
-use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use core::task::Context;
 use embassy_net_driver::{Capabilities, HardwareAddress, LinkState};
 use virtio_drivers::device::net::VirtIONetRaw;
-use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
-use virtio_drivers::transport::{DeviceType, Transport};
+use virtio_drivers::transport::mmio::MmioTransport;
+use virtio_drivers::transport::DeviceType;
 
-use crate::hal::UnikernelHal;
 use crate::Error;
+use kernel::virtio::UnikernelHal;
 
 /// Descriptors per queue (RX buffers posted, TX frames in flight).
 pub const QUEUE_SIZE: usize = 128;
@@ -80,50 +79,13 @@ pub struct VirtioNet {
     mac: [u8; 6],
 }
 
-/// Parses Linux's `SIZE@BASE:IRQ` (`0x200@0xfeb00e00:12`, `4K@0xc0001000:5`).
-pub fn parse_spec(spec: &str) -> Option<(u64, u64)> {
-    fn number(s: &str) -> Option<u64> {
-        let (digits, scale) = match s.as_bytes().last()? {
-            b'K' | b'k' => (&s[..s.len() - 1], 1 << 10),
-            b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
-            _ => (s, 1),
-        };
-        let v = match digits
-            .strip_prefix("0x")
-            .or_else(|| digits.strip_prefix("0X"))
-        {
-            Some(hex) => u64::from_str_radix(hex, 16).ok()?,
-            None => digits.parse().ok()?,
-        };
-        v.checked_mul(scale)
-    }
-    let (size, rest) = spec.split_once('@')?;
-    let base = rest.split(':').next()?;
-    Some((number(size)?, number(base)?))
-}
-
 impl VirtioNet {
     /// Finds the first virtio-mmio network device on the command line.
     pub fn probe() -> Result<Self, Error> {
-        for spec in &kernel::cmdline::get().virtio_mmio {
-            let (size, base) =
-                parse_spec(spec).ok_or_else(|| Error::BadDeviceSpec(spec.clone()))?;
-            let header = NonNull::new(base as *mut VirtIOHeader)
-                .ok_or_else(|| Error::BadDeviceSpec(spec.clone()))?;
-            // SAFETY: the monitor named this MMIO window on the command line;
-            // the page tables map it (abi::x86), and nothing else uses it.
-            let transport = match unsafe { MmioTransport::new(header, size as usize) } {
-                Ok(t) => t,
-                Err(e) => {
-                    log::warn!("virtio-mmio window {spec}: {e}");
-                    continue;
-                }
-            };
-            if transport.device_type() == DeviceType::Network {
-                return Self::new(transport);
-            }
-        }
-        Err(Error::NoDevice)
+        let transport = kernel::virtio::probe(DeviceType::Network)
+            .map_err(|e| Error::BadDeviceSpec(e.0))?
+            .ok_or(Error::NoDevice)?;
+        Self::new(transport)
     }
 
     fn new(transport: MmioTransport<'static>) -> Result<Self, Error> {

@@ -2,8 +2,7 @@
 //! command line (`virtio_mmio.device=`), driven by `virtio-drivers` without
 //! interrupts, under `embassy-net` (async sockets over smoltcp).
 //!
-//! - [`hal`]: DMA for virtio-drivers (identity-mapped guest memory).
-//! - [`device`]: the virtio-net device as an `embassy-net-driver`, with
+//! - [`device`]: the virtio-net device (found and DMA-mapped by `kernel::virtio`) as an `embassy-net-driver`, with
 //!   batched TX and pre-posted RX buffers (one VM exit per batch, not per frame).
 //! - [`config`]: addresses from the shim (`lc.ip`, `lc.gw`), else DHCP.
 //!
@@ -15,7 +14,6 @@ extern crate alloc;
 
 pub mod config;
 pub mod device;
-pub mod hal;
 
 use alloc::boxed::Box;
 use embassy_net::{Stack, StackResources};

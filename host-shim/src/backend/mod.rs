@@ -3,3 +3,4 @@
 
 pub mod kvm;
 pub mod qemu;
+pub mod qemu_port;

@@ -1,6 +1,8 @@
 //! The QEMU backend: boots the same image through its PVH entry under
 //! `qemu-system-x86_64 -M microvm`, with the guest's serial port on our
-//! stdout and `isa-debug-exit` carrying its exit code.
+//! stdout and `isa-debug-exit` carrying its exit code. App checkpoints
+//! (`--restore`, `--checkpoint-to`) travel over a virtio console whose
+//! other end is ours (`qemu_port`).
 //!
 //! `isa-debug-exit` turns guest code `c` into QEMU exit status
 //! `(c << 1) | 1`; QEMU's own errors exit with 1 too, so a status of 1 with
@@ -9,11 +11,12 @@
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::qemu_port::CheckpointPort;
 use crate::boot::loader;
 use crate::config::{QemuAccel, RunConfig};
 use crate::error::{Error, QemuError};
@@ -26,11 +29,10 @@ pub const QEMU: &str = "qemu-system-x86_64";
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 /// How often a running QEMU is checked for exit and timeout.
 const POLL: Duration = Duration::from_millis(2);
-/// How often QEMU's checkpoint stream is looked at while it runs.
-const COPY_INTERVAL: Duration = Duration::from_millis(100);
 
-/// QEMU's command-line arguments for `config`.
-pub fn qemu_args(config: &RunConfig) -> Vec<OsString> {
+/// QEMU's command-line arguments for `config`, with the checkpoint port
+/// connected to the socket `checkpoint_port` if given.
+pub fn qemu_args(config: &RunConfig, checkpoint_port: Option<&Path>) -> Vec<OsString> {
     let mut args: Vec<OsString> = [
         "-M",
         "microvm,acpi=off",
@@ -53,27 +55,23 @@ pub fn qemu_args(config: &RunConfig) -> Vec<OsString> {
     args.push(config.cmdline.clone().into());
     args.push("-device".into());
     args.push(format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=4").into());
+    if config.network.is_some() || checkpoint_port.is_some() {
+        // Modern (v2) virtio-mmio devices.
+        args.extend(["-global", "virtio-mmio.force-legacy=false"].map(OsString::from));
+    }
     if let Some(net) = &config.network {
         args.extend(network_args(net).into_iter().map(OsString::from));
     }
-    // App checkpoints: the one to restore is the first boot module; the
-    // guest writes its checkpoints raw to COM2, which QEMU appends to a file.
-    if let Some(file) = &config.restore {
-        args.push("-initrd".into());
-        args.push(file.clone().into_os_string());
-    }
-    if let Some(dir) = &config.checkpoint_to {
+    if let Some(socket) = checkpoint_port {
         // QEMU option values escape commas by doubling them.
-        let path = checkpoint_stream(dir)
-            .display()
-            .to_string()
-            .replace(',', ",,");
-        let chardev = OsString::from(format!("file,id=ck,path={path}"));
+        let path = socket.display().to_string().replace(',', ",,");
         args.extend([
             "-chardev".into(),
-            chardev,
+            format!("socket,id=ckpt,path={path}").into(),
             "-device".into(),
-            "isa-serial,chardev=ck,iobase=0x2f8,irq=3".into(),
+            "virtio-serial-device,max_ports=1".into(),
+            "-device".into(),
+            "virtconsole,chardev=ckpt".into(),
         ]);
     }
     let (accel, cpu) = match config.qemu_accel {
@@ -87,49 +85,9 @@ pub fn qemu_args(config: &RunConfig) -> Vec<OsString> {
     args
 }
 
-/// The file QEMU's COM2 (the guest's checkpoints, one after another)
-/// goes to, in a `--checkpoint-to` directory.
-pub fn checkpoint_stream(dir: &Path) -> PathBuf {
-    dir.join("com2-checkpoints.bin")
-}
-
-/// Copies the latest complete checkpoint of QEMU's COM2 file to
-/// `DIR/latest.ckpt` when it changed.
-struct CheckpointCopier {
-    dir: PathBuf,
-    seen_len: u64,
-    stored: usize,
-}
-
-impl CheckpointCopier {
-    fn poll(&mut self) {
-        let stream = checkpoint_stream(&self.dir);
-        let len = std::fs::metadata(&stream).map(|m| m.len()).unwrap_or(0);
-        if len == self.seen_len {
-            return;
-        }
-        let Ok(bytes) = std::fs::read(&stream) else {
-            return;
-        };
-        self.seen_len = bytes.len() as u64;
-        let Some(latest) = crate::checkpoint::latest_in_stream(&bytes) else {
-            return;
-        };
-        // The stream only grows: a new end is a new checkpoint.
-        let end = latest.as_ptr() as usize - bytes.as_ptr() as usize + latest.len();
-        if end == self.stored {
-            return;
-        }
-        match crate::checkpoint::store(&self.dir, latest) {
-            Ok(_) => self.stored = end,
-            Err(e) => tracing::warn!("cannot store the checkpoint in {}: {e}", self.dir.display()),
-        }
-    }
-}
-
 /// QEMU's flags for the guest network: its own user-mode network (slirp,
 /// the same 10.0.2.0/24 layout) with `hostfwd` for published ports, or a
-/// TAP device; a modern (v2) virtio-mmio network card with our MAC.
+/// TAP device; a virtio-mmio network card with our MAC.
 fn network_args(net: &NetworkConfig) -> Vec<String> {
     let netdev = match &net.mode {
         NetMode::Tap(name) => format!("tap,id=net0,ifname={name},script=no,downscript=no"),
@@ -157,8 +115,6 @@ fn network_args(net: &NetworkConfig) -> Vec<String> {
         .map(|n| format!(",mac={}", crate::devices::virtio::net::fmt_mac(&n.mac)))
         .unwrap_or_default();
     vec![
-        "-global".into(),
-        "virtio-mmio.force-legacy=false".into(),
         "-netdev".into(),
         netdev,
         "-device".into(),
@@ -169,46 +125,29 @@ fn network_args(net: &NetworkConfig) -> Vec<String> {
 /// Boots `config.image` under QEMU and waits for it to end.
 pub fn run(config: &RunConfig) -> Result<GuestExit, Error> {
     loader::inspect(&config.image, config.mem_size)?;
-    // The guest restores from the start of its boot module: a stream of
-    // checkpoints is cut down to its latest one first.
-    let mut extracted = None;
-    if let Some(file) = &config.restore {
-        let blob = crate::checkpoint::read_file(file)?;
-        let len = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
-        if len != blob.len() as u64 {
-            let tmp =
-                std::env::temp_dir().join(format!("host-shim-restore-{}.ckpt", std::process::id()));
-            std::fs::write(&tmp, &blob)
-                .map_err(|e| Error::Config(format!("cannot write {}: {e}", tmp.display())))?;
-            extracted = Some(tmp);
-        }
-    }
-    let result = run_qemu(&RunConfig {
-        restore: extracted.clone().or_else(|| config.restore.clone()),
-        ..config.clone()
-    });
-    if let Some(tmp) = extracted {
-        let _ = std::fs::remove_file(tmp);
-    }
-    result
-}
-
-fn run_qemu(config: &RunConfig) -> Result<GuestExit, Error> {
-    let mut copier = match &config.checkpoint_to {
-        Some(dir) => {
+    // Checkpoints in and out: the port is ours before QEMU connects to it.
+    let port = if config.restore.is_some() || config.checkpoint_to.is_some() {
+        let restore = match &config.restore {
+            Some(file) => crate::checkpoint::read_file(file)?,
+            None => Vec::new(),
+        };
+        if let Some(dir) = &config.checkpoint_to {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::Config(format!("cannot create {}: {e}", dir.display())))?;
-            // A stale stream from an earlier run would look like new checkpoints.
-            let _ = std::fs::remove_file(checkpoint_stream(dir));
-            Some(CheckpointCopier {
-                dir: dir.clone(),
-                seen_len: 0,
-                stored: 0,
-            })
         }
-        None => None,
+        Some(CheckpointPort::listen(
+            restore,
+            config.checkpoint_to.clone(),
+        )?)
+    } else {
+        None
     };
-    let args = qemu_args(config);
+    // The port's thread ends once QEMU has closed its end.
+    run_qemu(config, port.as_ref().map(CheckpointPort::path))
+}
+
+fn run_qemu(config: &RunConfig, checkpoint_port: Option<&Path>) -> Result<GuestExit, Error> {
+    let args = qemu_args(config, checkpoint_port);
     tracing::info!("running {QEMU} {args:?}");
     let mut command = Command::new(QEMU);
     // QEMU dies with us (also on kill -9): a dead shim is a dead host.
@@ -236,29 +175,18 @@ fn run_qemu(config: &RunConfig) -> Result<GuestExit, Error> {
     let forwarder = thread::spawn(move || stderr.map(forward_stderr).unwrap_or_default());
 
     let deadline = config.timeout.map(|t| Instant::now() + t);
-    let mut next_copy = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().map_err(QemuError::Wait)? {
             break status;
-        }
-        if let Some(c) = copier.as_mut().filter(|_| Instant::now() >= next_copy) {
-            c.poll();
-            next_copy = Instant::now() + COPY_INTERVAL;
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             let _ = child.kill();
             let _ = child.wait();
             let _ = forwarder.join();
-            if let Some(c) = copier.as_mut() {
-                c.poll();
-            }
             return Ok(GuestExit::TimedOut(config.timeout.unwrap_or_default()));
         }
         thread::sleep(POLL);
     };
-    if let Some(c) = copier.as_mut() {
-        c.poll();
-    }
     let errors = forwarder.join().unwrap_or_default();
     Ok(guest_exit(status, &errors)?)
 }
@@ -354,24 +282,23 @@ mod tests {
     }
 
     #[test]
-    fn checkpoint_flags() {
-        let mut c = config("img".into(), QemuAccel::Tcg);
-        c.restore = Some("/tmp/kv.ckpt".into());
-        c.checkpoint_to = Some("/tmp/a,b".into());
-        let args: Vec<String> = qemu_args(&c)
+    fn checkpoint_port_flags() {
+        let c = config("img".into(), QemuAccel::Tcg);
+        let args: Vec<String> = qemu_args(&c, Some(Path::new("/tmp/a,b.sock")))
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        let after = |flag: &str| {
-            let i = args.iter().position(|a| a == flag).unwrap();
-            args[i + 1].clone()
-        };
-        assert_eq!(after("-initrd"), "/tmp/kv.ckpt");
-        assert_eq!(
-            after("-chardev"),
-            "file,id=ck,path=/tmp/a,,b/com2-checkpoints.bin"
+        let line = args.join(" ");
+        assert!(
+            line.contains(
+                "-global virtio-mmio.force-legacy=false \
+                 -chardev socket,id=ckpt,path=/tmp/a,,b.sock \
+                 -device virtio-serial-device,max_ports=1 \
+                 -device virtconsole,chardev=ckpt"
+            ),
+            "{line}"
         );
-        assert!(args.contains(&"isa-serial,chardev=ck,iobase=0x2f8,irq=3".to_owned()));
+        assert!(!line.contains("-initrd"), "{line}");
     }
 
     #[test]
@@ -386,7 +313,7 @@ mod tests {
             ..Default::default()
         };
         c.network = plan_network(&opts, 1).unwrap();
-        let args: Vec<String> = qemu_args(&c)
+        let args: Vec<String> = qemu_args(&c, None)
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect();
@@ -406,7 +333,7 @@ mod tests {
 
     #[test]
     fn command_line() {
-        let args = qemu_args(&config("/img/hello".into(), QemuAccel::Tcg));
+        let args = qemu_args(&config("/img/hello".into(), QemuAccel::Tcg), None);
         let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
         assert_eq!(
             args,
@@ -434,7 +361,7 @@ mod tests {
                 "max"
             ]
         );
-        let args = qemu_args(&config("/img/hello".into(), QemuAccel::Kvm));
+        let args = qemu_args(&config("/img/hello".into(), QemuAccel::Kvm), None);
         assert_eq!(
             args[args.len() - 3..],
             ["kvm", "-cpu", "host,-arch-capabilities"]

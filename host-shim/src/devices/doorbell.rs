@@ -193,36 +193,22 @@ impl<W: Write> Doorbell<W> {
                 abi::checkpoint::MAX_CHECKPOINT
             ));
         }
-        let mut blob = read_bytes(mem, req.buf, req.len).ok_or_else(|| {
+        let blob = read_bytes(mem, req.buf, req.len).ok_or_else(|| {
             format!(
                 "buffer {:#x}+{:#x} is outside guest memory",
                 req.buf, req.len
             )
         })?;
-        let (parsed, len) = abi::checkpoint::decode_blob(&blob).map_err(|e| e.to_string())?;
-        let full = self.chain.accept(&parsed)?;
-        if let abi::checkpoint::Blob::Full(c) = &parsed {
-            tracing::debug!("checkpoint: {}", abi::checkpoint::describe(c));
-        }
-        blob.truncate(len);
         let sinks = self
             .checkpoint_dir
             .iter_mut()
             .map(|s| s as &mut dyn crate::checkpoint::Sink)
             .chain(self.checkpoint_sinks.iter_mut().map(|s| &mut **s));
-        let mut result = Ok(());
-        for sink in sinks {
-            if let Err(e) = sink.store(&blob, full) {
-                result = Err(e);
-            }
+        let (len, full) = crate::checkpoint::hand_over(&mut self.chain, &blob, sinks)?;
+        if let Some(latest) = &self.checkpoint_latest {
+            latest.put(&blob[..len], full);
         }
-        if result.is_err() {
-            // Some sink misses this blob: only a full checkpoint mends that.
-            self.chain.reset();
-        } else if let Some(latest) = &self.checkpoint_latest {
-            latest.put(&blob, full);
-        }
-        result
+        Ok(())
     }
 }
 

@@ -6,8 +6,6 @@ use core::arch::asm;
 
 /// The console UART.
 pub const COM1: u16 = 0x3f8;
-/// The checkpoint UART (abi::checkpoint).
-pub const COM2: u16 = 0x2f8;
 const LSR_THR_EMPTY: u8 = 0x20;
 /// `isa-debug-exit,iobase=0xf4`: QEMU exits with status `(value << 1) | 1`.
 const DEBUG_EXIT: u16 = 0xf4;
@@ -37,17 +35,12 @@ fn inb(port: u16) -> u8 {
 
 /// Writes bytes to the serial console.
 pub fn serial_write(bytes: &[u8]) {
-    serial_write_to(COM1, bytes);
-}
-
-/// Writes bytes to the 16550 UART at `port`.
-pub fn serial_write_to(port: u16, bytes: &[u8]) {
     for &b in bytes {
         let mut spins = 0u32;
-        while inb(port + 5) & LSR_THR_EMPTY == 0 && spins < 100_000 {
+        while inb(COM1 + 5) & LSR_THR_EMPTY == 0 && spins < 100_000 {
             spins += 1;
         }
-        outb(port, b);
+        outb(COM1, b);
     }
 }
 

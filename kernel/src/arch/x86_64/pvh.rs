@@ -5,6 +5,8 @@
 //! the boot information exactly as our shim would (abi::x86), starts
 //! kvmclock or calibrates the TSC, and drops to ring 3 at `_user_entry`.
 //! [`serve`] then answers the guest's hypercalls (abi::hypercall) with port I/O.
+//! App checkpoints do not pass through here: they travel over a virtio
+//! console driven from ring 3 (kernel::checkpoint).
 
 use abi::boot::{BootInfo, Platform, BOOT_MAGIC};
 use abi::hypercall::*;
@@ -42,16 +44,6 @@ struct HvmMemmapEntry {
     size: u64,
     kind: u32,
     reserved: u32,
-}
-
-/// `struct hvm_modlist_entry`: a boot module (QEMU's `-initrd`).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct HvmModlistEntry {
-    paddr: u64,
-    size: u64,
-    cmdline_paddr: u64,
-    reserved: u64,
 }
 
 extern "C" {
@@ -106,14 +98,6 @@ pub extern "C" fn pvh_main(start_info: u64) -> ! {
         (0, port::calibrate_tsc_khz().unwrap_or(1_000_000))
     };
 
-    // The first boot module, if any, is an app checkpoint to restore.
-    let (restore_addr, restore_len) = if info.nr_modules > 0 && info.modlist_paddr != 0 {
-        let m: HvmModlistEntry = mmio::read(info.modlist_paddr);
-        (m.paddr, m.size)
-    } else {
-        (0, 0)
-    };
-
     let mut zero = PAGE_TABLES_START;
     while zero < PAGE_TABLES_END {
         mmio::write_u64(zero, 0);
@@ -134,8 +118,6 @@ pub extern "C" fn pvh_main(start_info: u64) -> ! {
         pvclock_addr,
         tsc_khz,
         doorbell_addr: 0,
-        restore_addr,
-        restore_len,
         ..BootInfo::default()
     };
     mmio::write_bytes(BOOT_INFO_ADDR, boot.as_bytes());
@@ -209,17 +191,8 @@ pub fn serve(nr: u64, value: u64) {
             port::serial_write(mmio::slice(w.buf, w.len.min(CONSOLE_WRITE_MAX) as usize));
         }
         HC_YIELD => {} // no timer interrupts here: the caller polls
-        HC_CHECKPOINT => {
-            // Checkpoints go to COM2, e.g. QEMU's
-            // `-chardev file,id=ck,path=F -device isa-serial,chardev=ck,iobase=0x2f8`.
-            let w: CheckpointWrite = mmio::read(value);
-            let len = w.len.min(abi::checkpoint::MAX_CHECKPOINT) as usize;
-            port::serial_write_to(port::COM2, mmio::slice(w.buf, len));
-            mmio::write_u64(
-                value + core::mem::offset_of!(CheckpointWrite, status) as u64,
-                abi::hypercall::CHECKPOINT_SENT,
-            );
-        }
+        // (checkpoints travel over the virtio checkpoint port instead:
+        // kernel::checkpoint)
         HC_PANIC => {
             let p: PanicReport = mmio::read(value);
             let msg = mmio::slice(p.msg, p.msg_len.min(PANIC_STR_MAX) as usize);

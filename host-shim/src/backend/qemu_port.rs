@@ -1,0 +1,241 @@
+//! The host end of the checkpoint port under QEMU (abi::checkpoint): a
+//! unix socket this shim listens on, which QEMU's `virtconsole` (port 0 of
+//! a `virtio-serial-device` on the microvm's virtio-mmio bus) connects to.
+//!
+//! At boot the shim writes the chain to restore (its length, then its
+//! bytes); the guest reads it before its main runs. Then it reads every
+//! blob the guest writes (framed by the blob's own header), checks and
+//! stores it like our doorbell does (`checkpoint::hand_over`: a full
+//! checkpoint replaces `DIR/latest.ckpt`, a delta is appended and
+//! `fdatasync`ed) and only then answers `PORT_STORED`, so a guest's
+//! "stored" means the same under QEMU as under our shim.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use abi::checkpoint::{CheckpointError, PORT_REFUSED, PORT_STORED};
+
+use crate::checkpoint::{Chain, DirSink};
+use crate::error::Error;
+
+/// How often a port nobody connected to yet looks again.
+const ACCEPT_POLL: Duration = Duration::from_millis(5);
+
+/// A listening checkpoint port and the thread serving it.
+pub struct CheckpointPort {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CheckpointPort {
+    /// Listens on a fresh socket; the first connection gets `restore` (the
+    /// chain to restore, empty for none) and hands its checkpoints to `dir`
+    /// (`None`: they are acknowledged and dropped, as by our shim without
+    /// `--checkpoint-to`).
+    pub fn listen(restore: Vec<u8>, dir: Option<PathBuf>) -> Result<Self, Error> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "host-shim-{}-{}.ckpt.sock",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|e| {
+                Error::Config(format!(
+                    "cannot listen on the checkpoint port {}: {e}",
+                    path.display()
+                ))
+            })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = thread::Builder::new()
+            .name("checkpoint-port".into())
+            .spawn(move || {
+                let Some(stream) = accept(&listener, &flag) else {
+                    return;
+                };
+                let sinks = dir.map(DirSink::new).into_iter().collect();
+                if let Err(e) = serve(stream, &restore, sinks) {
+                    tracing::warn!("checkpoint port: {e}");
+                }
+            })
+            .map_err(|e| Error::Config(format!("cannot start the checkpoint port: {e}")))?;
+        Ok(Self {
+            path,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The socket QEMU connects to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for CheckpointPort {
+    /// Waits for the port's thread (QEMU is gone: its end is closed).
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept(listener: &UnixListener, stop: &AtomicBool) -> Option<UnixStream> {
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => return stream.set_nonblocking(false).ok().map(|()| stream),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if stop.load(Ordering::Relaxed) {
+                    return None;
+                }
+                thread::sleep(ACCEPT_POLL);
+            }
+            Err(e) => {
+                tracing::warn!("checkpoint port: {e}");
+                return None;
+            }
+        }
+    }
+}
+
+/// Sends `restore`, then stores and acknowledges blobs until QEMU closes
+/// its end.
+fn serve(mut stream: impl Read + Write, restore: &[u8], mut sinks: Vec<DirSink>) -> io::Result<()> {
+    stream.write_all(&(restore.len() as u64).to_le_bytes())?;
+    stream.write_all(restore)?;
+    stream.flush()?;
+    let mut chain = Chain::default();
+    let mut pending = Vec::new();
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        pending.extend_from_slice(&buf[..n]);
+        while let Some(answer) = next_blob(&mut pending, &mut chain, &mut sinks) {
+            stream.write_all(&[answer])?;
+        }
+    }
+}
+
+/// Takes the first whole blob out of `pending`, stores it and gives the
+/// answer for the guest; `None` while the blob is still incomplete.
+fn next_blob(pending: &mut Vec<u8>, chain: &mut Chain, sinks: &mut [DirSink]) -> Option<u8> {
+    let magic = abi::checkpoint::MAGIC.len();
+    let framed = match abi::checkpoint::decode_blob(pending) {
+        Err(CheckpointError::Truncated) => None,
+        Err(CheckpointError::NotACheckpoint) if pending.len() < magic => None,
+        Ok((_, len)) => Some(Ok(len)),
+        Err(e) => Some(Err(e.to_string())),
+    };
+    let stored = match framed {
+        None if pending.len() as u64 <= abi::checkpoint::MAX_CHECKPOINT => return None,
+        Some(Ok(len)) => {
+            let r = crate::checkpoint::hand_over(chain, &pending[..len], sinks.iter_mut());
+            pending.drain(..len);
+            r.map(|_| ())
+        }
+        // A blob that cannot be framed takes what is buffered with it: the
+        // guest writes its next one only after this answer.
+        None => {
+            pending.clear();
+            Err(format!(
+                "more than the limit of {} bytes",
+                abi::checkpoint::MAX_CHECKPOINT
+            ))
+        }
+        Some(Err(e)) => {
+            pending.clear();
+            Err(e)
+        }
+    };
+    Some(match stored {
+        Ok(()) => PORT_STORED,
+        Err(e) => {
+            tracing::warn!("the guest's checkpoint is not stored: {e}");
+            PORT_REFUSED
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest's end of the port: what it writes, then what it got back.
+    struct Guest {
+        input: io::Cursor<Vec<u8>>,
+        output: Vec<u8>,
+    }
+
+    impl Read for Guest {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            // A few bytes at a time, as a socket may deliver them.
+            let n = buf.len().min(7);
+            self.input.read(&mut buf[..n])
+        }
+    }
+
+    impl Write for Guest {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.output.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn restore_first_then_every_blob_is_stored_before_its_answer() {
+        let dir = std::env::temp_dir().join(format!("ckpt-port-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let base = abi::checkpoint::encode("kv", 1, b"base");
+        let id = abi::checkpoint::decode(&base).unwrap().0.id;
+        let d1 = abi::checkpoint::encode_delta("kv", 1, id, 1, b"one");
+        let d3 = abi::checkpoint::encode_delta("kv", 1, id, 3, b"three");
+        let mut guest = Guest {
+            input: io::Cursor::new([&base[..], &d1, &d3].concat()),
+            output: Vec::new(),
+        };
+        serve(&mut guest, b"RESTORE", vec![DirSink::new(dir.clone())]).unwrap();
+        let out = guest.output;
+        assert_eq!(out[..8], 7u64.to_le_bytes());
+        assert_eq!(&out[8..15], b"RESTORE");
+        // Stored, stored, refused (a gap in the chain).
+        assert_eq!(&out[15..], [PORT_STORED, PORT_STORED, PORT_REFUSED]);
+        let file = std::fs::read(dir.join(crate::checkpoint::LATEST)).unwrap();
+        assert_eq!(file, [&base[..], &d1].concat());
+
+        // Garbage is refused and dropped; the next blob is taken again.
+        let mut chain = Chain::default();
+        let mut sinks = vec![DirSink::new(dir.clone())];
+        let mut pending = b"not a checkpoint".to_vec();
+        assert_eq!(
+            next_blob(&mut pending, &mut chain, &mut sinks),
+            Some(PORT_REFUSED)
+        );
+        assert!(pending.is_empty());
+        pending.extend_from_slice(&base[..5]);
+        assert_eq!(next_blob(&mut pending, &mut chain, &mut sinks), None);
+        pending.extend_from_slice(&base[5..]);
+        assert_eq!(
+            next_blob(&mut pending, &mut chain, &mut sinks),
+            Some(PORT_STORED)
+        );
+        assert!(pending.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
