@@ -118,9 +118,9 @@ async fn main() -> Result<(), libcloud::net::Error> {
     let restored = checkpoint::restore(&mut server.borrow_mut().store);
     match restored {
         Ok(Some(deltas)) => {
-            let keys = server.borrow().store.len();
             let ms = (libcloud::time::Instant::now() - start).as_secs_f64() * 1e3;
-            println!("kv: restored {keys} keys from a checkpoint (+{deltas} deltas) in {ms:.1} ms");
+            println!("kv: checkpoint (+{deltas} deltas) checked in {ms:.1} ms, loading it while serving");
+            libcloud::task::spawn(load_task(server.clone(), start));
         }
         Ok(None) => {}
         Err(e) => {
@@ -150,6 +150,21 @@ async fn main() -> Result<(), libcloud::net::Error> {
     });
     println!("kv: listening on port {port}");
     core::future::pending().await
+}
+
+/// Checkpoint entries moved into the map per slice: a few ms of work, the
+/// longest a command waits for the background loading.
+const LOAD_BATCH: usize = 4096;
+
+/// Moves the restored checkpoint's entries into the store a slice at a
+/// time, letting commands run in between.
+async fn load_task(server: Rc<RefCell<Server>>, start: libcloud::time::Instant) {
+    while !server.borrow_mut().store.load_some(LOAD_BATCH) {
+        libcloud::task::yield_now().await;
+    }
+    let keys = server.borrow().store.len();
+    let ms = (libcloud::time::Instant::now() - start).as_secs_f64() * 1e3;
+    println!("kv: restored {keys} keys from a checkpoint in {ms:.1} ms");
 }
 
 /// `123`, `64kb`, `100mb`, `1gb` (also `k`, `m`, `g`; any case) in bytes.

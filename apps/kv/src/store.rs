@@ -14,7 +14,20 @@
 //! lazily when a command touches them, and actively by
 //! [`expire_due`](Store::expire_due), which pops due keys off the front of
 //! the index (called a little on every command and from a background task).
+//!
+//! **Serving while loading.** A restored checkpoint is not copied into the
+//! map up front: the store serves as soon as it is handed the checkpoint's
+//! entries ([`Store::load_lazily`], any [`Unloaded`] source, sorted by key),
+//! and moves them into the map in bounded slices ([`Store::load_some`],
+//! from a background task). Every command that touches a key first loads
+//! that key ([`Store::load_key`]: a binary search of the entries not moved
+//! yet), and remembers it (`shadowed`) so that the background never moves
+//! it again: a key deleted or rewritten while loading stays so. Commands
+//! on the whole keyspace (DBSIZE, KEYS, INFO keyspace, checkpoints) finish
+//! the loading first ([`Store::load_all`]); FLUSHALL drops what is left.
+//! Every reply is thus the one a fully loaded store would give.
 
+use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 use libcloud::time::Instant;
@@ -31,6 +44,47 @@ pub struct Entry {
 impl Entry {
     fn is_expired(&self, now: Instant) -> bool {
         self.expires_at.is_some_and(|at| at <= now)
+    }
+}
+
+/// Entries not in the map yet (a checkpoint being restored), in strictly
+/// increasing key order.
+pub trait Unloaded {
+    /// How many entries there are.
+    fn len(&self) -> usize;
+    /// The key of entry `i`.
+    fn key(&self, i: usize) -> &[u8];
+    /// Entry `i`, or `None` if it had expired already.
+    fn entry(&self, i: usize) -> Option<(Vec<u8>, Entry)>;
+}
+
+/// A restore in progress: entries `next..` of `source` are not in the map
+/// yet, except those in `shadowed`, which were loaded on demand.
+struct Loading {
+    source: Box<dyn Unloaded>,
+    next: usize,
+    shadowed: BTreeSet<Vec<u8>>,
+}
+
+impl core::fmt::Debug for Loading {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Loading({}/{})", self.next, self.source.len())
+    }
+}
+
+impl Loading {
+    /// The index of `key` among the entries not moved yet.
+    fn find(&self, key: &[u8]) -> Option<usize> {
+        let (mut lo, mut hi) = (self.next, self.source.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.source.key(mid).cmp(key) {
+                core::cmp::Ordering::Less => lo = mid + 1,
+                core::cmp::Ordering::Greater => hi = mid,
+                core::cmp::Ordering::Equal => return Some(mid),
+            }
+        }
+        None
     }
 }
 
@@ -56,6 +110,8 @@ pub struct Store {
     pub changes: u64,
     /// Changed keys, when tracked ([`Self::track_changes`]).
     dirty: Option<Dirty>,
+    /// The checkpoint entries still to load, while restoring.
+    loading: Option<Loading>,
 }
 
 impl Store {
@@ -93,16 +149,19 @@ impl Store {
     }
 
     /// The entry of `key`, expired or not (for checkpoints).
-    pub fn entry(&self, key: &[u8]) -> Option<&Entry> {
+    pub fn entry(&mut self, key: &[u8]) -> Option<&Entry> {
+        self.load_key(key);
         self.map.get(key)
     }
 
     /// Every entry that has not expired by `now`, in key order.
-    pub fn live_entries(&self, now: Instant) -> impl Iterator<Item = (&Vec<u8>, &Entry)> {
+    pub fn live_entries(&mut self, now: Instant) -> impl Iterator<Item = (&Vec<u8>, &Entry)> {
+        self.load_all();
         self.map.iter().filter(move |(_, e)| !e.is_expired(now))
     }
 
-    /// Keys stored, including expired ones not yet removed.
+    /// Keys stored, including expired ones not yet removed, and not
+    /// counting checkpoint entries not loaded yet ([`Self::load_all`]).
     pub fn len(&self) -> usize {
         self.map.len()
     }
@@ -125,12 +184,14 @@ impl Store {
 
     /// The live entry for `key`.
     pub fn get(&mut self, key: &[u8], now: Instant) -> Option<&Entry> {
+        self.load_key(key);
         self.expire_if_due(key, now);
         self.map.get(key)
     }
 
     /// The live value of `key`, to change in place (its deadline stays).
     pub fn value_mut(&mut self, key: &[u8], now: Instant) -> Option<&mut Vec<u8>> {
+        self.load_key(key);
         self.expire_if_due(key, now);
         self.changes += 1;
         if self.map.contains_key(key) {
@@ -152,6 +213,7 @@ impl Store {
         value: Vec<u8>,
         expires_at: Option<Instant>,
     ) -> Option<Entry> {
+        self.load_key(&key);
         self.changes += 1;
         self.touch(&key);
         match self.map.get_mut(&key) {
@@ -177,37 +239,88 @@ impl Store {
         }
     }
 
-    /// Sets every `(key, value, deadline)` of `entries`, which come in key
-    /// order (a checkpoint): into an empty store, the map is built in one
-    /// pass (no search per key, full nodes) rather than key by key.
-    pub fn extend_sorted(
-        &mut self,
-        entries: impl Iterator<Item = (Vec<u8>, Vec<u8>, Option<Instant>)>,
-    ) {
-        if !self.map.is_empty() {
-            for (key, value, expires_at) in entries {
-                self.set(key, value, expires_at);
-            }
+    /// Serves the entries of `source` (a checkpoint) from now on, loading
+    /// them on demand and with [`load_some`](Self::load_some); into an
+    /// empty store.
+    pub fn load_lazily(&mut self, source: Box<dyn Unloaded>) {
+        debug_assert!(self.map.is_empty() && self.loading.is_none());
+        self.changes += source.len() as u64;
+        self.loading = Some(Loading {
+            source,
+            next: 0,
+            shadowed: BTreeSet::new(),
+        });
+    }
+
+    /// Whether checkpoint entries are still being loaded.
+    pub fn is_loading(&self) -> bool {
+        self.loading.is_some()
+    }
+
+    /// Makes the map hold `key`'s entry if the checkpoint being loaded has
+    /// it and it was not loaded yet; every command on a key calls this
+    /// first.
+    fn load_key(&mut self, key: &[u8]) {
+        let Some(loading) = &mut self.loading else {
+            return;
+        };
+        if loading.shadowed.contains(key) {
             return;
         }
-        let mut expiries = Vec::new();
-        self.map = entries
-            .map(|(key, value, expires_at)| {
-                if let Some(at) = expires_at {
-                    expiries.push((at, key.clone()));
-                }
-                (key, Entry { value, expires_at })
-            })
-            .collect();
-        self.expiries = expiries.into_iter().collect();
-        self.changes += self.map.len() as u64;
-        if let Some(d) = &mut self.dirty {
-            d.keys.extend(self.map.keys().cloned());
+        if let Some(i) = loading.find(key) {
+            loading.shadowed.insert(key.to_vec());
+            if let Some((key, entry)) = loading.source.entry(i) {
+                self.insert_loaded(key, entry);
+            }
         }
+    }
+
+    /// Puts a checkpoint entry into the map (not a change).
+    fn insert_loaded(&mut self, key: Vec<u8>, entry: Entry) {
+        if let Some(at) = entry.expires_at {
+            self.expiries.insert((at, key.clone()));
+        }
+        self.map.insert(key, entry);
+    }
+
+    /// Moves up to `limit` more checkpoint entries into the map; returns
+    /// whether loading is complete.
+    pub fn load_some(&mut self, limit: usize) -> bool {
+        let Some(mut loading) = self.loading.take() else {
+            return true;
+        };
+        let end = loading.source.len().min(loading.next.saturating_add(limit));
+        for i in loading.next..end {
+            if loading.shadowed.remove(loading.source.key(i)) {
+                continue; // loaded on demand already
+            }
+            if let Some((key, entry)) = loading.source.entry(i) {
+                self.insert_loaded(key, entry);
+            }
+        }
+        loading.next = end;
+        if end < loading.source.len() {
+            self.loading = Some(loading);
+            return false;
+        }
+        true
+    }
+
+    /// Finishes loading the checkpoint.
+    pub fn load_all(&mut self) {
+        self.load_some(usize::MAX);
+    }
+
+    /// Finishes loading and removes every expired key: before a command on
+    /// the whole keyspace.
+    pub fn settle(&mut self, now: Instant) {
+        self.load_all();
+        self.expire_due(now, usize::MAX);
     }
 
     /// Sets `key` to `value`, keeping the deadline it has (if live).
     pub fn set_keep_ttl(&mut self, key: Vec<u8>, value: Vec<u8>, now: Instant) {
+        self.load_key(&key);
         self.changes += 1;
         self.expire_if_due(&key, now);
         self.touch(&key);
@@ -227,6 +340,7 @@ impl Store {
 
     /// Changes the deadline of live `key`; false if there is no such key.
     pub fn set_expiry(&mut self, key: &[u8], expires_at: Option<Instant>, now: Instant) -> bool {
+        self.load_key(key);
         self.expire_if_due(key, now);
         if !self.map.contains_key(key) {
             return false;
@@ -250,6 +364,7 @@ impl Store {
 
     /// Removes live `key`, returning its entry.
     pub fn remove(&mut self, key: &[u8], now: Instant) -> Option<Entry> {
+        self.load_key(key);
         self.expire_if_due(key, now);
         self.changes += 1;
         self.remove_entry(key)
@@ -267,6 +382,7 @@ impl Store {
     /// Removes every key.
     pub fn clear(&mut self) {
         self.changes += 1;
+        self.loading = None;
         self.map.clear();
         self.expiries.clear();
         if let Some(d) = &mut self.dirty {
