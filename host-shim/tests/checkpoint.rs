@@ -603,3 +603,175 @@ fn after_kill_9_of_its_daemon_kv_restarts_on_the_standby() {
     );
     b.stop();
 }
+
+/// `redis-cli -p PORT` running the commands of `script` (one a line) over
+/// one connection, retried until kv accepts connections: its output lines.
+fn cli_script(shim: &mut Shim, port: u16, script: &str) -> Vec<String> {
+    use std::io::Write;
+    let start = Instant::now();
+    loop {
+        shim.assert_running("kv restoring");
+        let mut child = Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-cli is installed (apt-get install redis-tools)");
+        let _ = child.stdin.take().unwrap().write_all(script.as_bytes());
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && !text.contains("Could not connect") && !text.is_empty() {
+            return text.lines().map(str::to_owned).collect();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "kv did not accept connections on port {port} within 30 s"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A kv checkpoint file written here: `n` keys `key:0000000`.. with values
+/// `v0`.. (every 10th with 600 s to live, `key:{n-10}` = "41"), and one
+/// delta taken 1 s later that deletes the last key and sets the one before.
+fn big_checkpoint(n: usize) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct State(Vec<(String, String, Option<u64>)>);
+    #[derive(serde::Serialize)]
+    struct Delta {
+        at_ms: u64,
+        cleared: bool,
+        sets: Vec<(String, String, Option<u64>)>,
+        dels: Vec<String>,
+    }
+    let key = |i: usize| format!("key:{i:07}");
+    let keys = (0..n)
+        .map(|i| {
+            let value = if i == n - 10 {
+                "41".into()
+            } else {
+                format!("v{i}")
+            };
+            (key(i), value, (i % 10 == 0).then_some(600_000))
+        })
+        .collect();
+    let base = abi::checkpoint::encode("kv", 1, &postcard::to_allocvec(&State(keys)).unwrap());
+    let (c, _) = abi::checkpoint::decode(&base).unwrap();
+    let delta = Delta {
+        at_ms: 1000,
+        cleared: false,
+        sets: vec![(key(n - 2), "from-delta".into(), None)],
+        dels: vec![key(n - 1)],
+    };
+    let delta = postcard::to_allocvec(&delta).unwrap();
+    let mut file = base.clone();
+    file.extend(abi::checkpoint::encode_delta("kv", 1, c.id, 1, &delta));
+    file
+}
+
+#[test]
+fn kv_answers_while_it_loads_a_big_checkpoint_as_if_fully_loaded() {
+    require_kvm();
+    require_tool("redis-cli", "redis-tools");
+    let img = image("kv");
+    let dir = tmp_dir("lazy");
+    const N: usize = 200_000;
+    let file = dir.join("big.ckpt");
+    std::fs::write(&file, big_checkpoint(N)).unwrap();
+    let p = free_port();
+    let publish = format!("{p}:6379");
+    let mut shim = Shim::start(&kv_args(
+        &img,
+        &publish,
+        &["--mem", "256M", "--restore", file.to_str().unwrap()],
+    ));
+    let k = |i: usize| format!("key:{i:07}");
+    // The first connection: keys near the end are not loaded yet.
+    let script = [
+        "INFO persistence".to_owned(),
+        format!("GET {}", k(N - 1)),
+        format!("GET {}", k(N - 2)),
+        format!("DEL {}", k(N - 3)),
+        format!("GET {}", k(N - 3)),
+        format!("DEL {}", k(N - 3)),
+        format!("APPEND {} -more", k(N - 4)),
+        format!("INCR {}", k(N - 10)),
+        format!("TTL {}", k(N - 20)),
+        format!("PERSIST {}", k(N - 20)),
+        format!("EXPIRE {} 1000", k(N - 19)),
+        format!("SET {} x NX", k(N - 5)),
+        format!("EXISTS {} {} nokey", k(N - 6), k(N - 3)),
+        format!("GET {}", k(N / 2)),
+    ]
+    .join("\n");
+    let out = cli_script(&mut shim, p, &script);
+    let info = out.iter().position(|l| l.starts_with("loading:"));
+    assert_eq!(
+        info.map(|i| out[i].as_str()),
+        Some("loading:1"),
+        "not loading any more when first asked: {out:?}"
+    );
+    let replies: Vec<&str> = out[out
+        .iter()
+        .position(|l| l.starts_with("aof_enabled"))
+        .unwrap()
+        + 1..]
+        .iter()
+        .map(String::as_str)
+        .collect();
+    let ttl: u64 = replies[7].parse().unwrap();
+    assert!(
+        (597..=599).contains(&ttl),
+        "TTL {ttl} of a key with 599 s left"
+    );
+    let expected = [
+        "",           // deleted by the delta
+        "from-delta", // set by the delta
+        "1",          // DEL of a key not loaded yet
+        "",           // gone
+        "0",          // and stays gone
+        "12",         // "v199996-more"
+        "42",         // INCR of "41"
+        replies[7],   // TTL, checked above
+        "1",          // PERSIST
+        "1",          // EXPIRE
+        "",           // SET NX of an existing key
+        "1",          // EXISTS
+        &format!("v{}", N / 2),
+    ];
+    assert_eq!(replies, expected);
+
+    // Once loaded in the background, nothing deleted came back and every
+    // change stuck.
+    let start = Instant::now();
+    while cli(p, &["INFO", "persistence"]).is_none_or(|i| !i.contains("loading:0")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "still loading after 30 s"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(cli(p, &["DBSIZE"]).as_deref(), Some(&*(N - 2).to_string()));
+    assert_eq!(
+        cli(p, &["EXISTS", &k(N - 1), &k(N - 3)]).as_deref(),
+        Some("0")
+    );
+    assert_eq!(cli(p, &["GET", &k(N - 4)]).as_deref(), Some("v199996-more"));
+    assert_eq!(cli(p, &["GET", &k(N - 10)]).as_deref(), Some("42"));
+    assert_eq!(cli(p, &["TTL", &k(N - 20)]).as_deref(), Some("-1"));
+    let ttl: u64 = cli(p, &["TTL", &k(N - 19)]).unwrap().parse().unwrap();
+    assert!((995..=1000).contains(&ttl), "TTL {ttl}");
+    assert_eq!(cli(p, &["GET", &k(N - 5)]).as_deref(), Some("v199995"));
+    assert_eq!(
+        cli(p, &["TTL", &k(10)]).as_deref().map(|t| t.len()),
+        Some(3)
+    );
+    assert_eq!(cli(p, &["GET", &k(7)]).as_deref(), Some("v7"));
+    let (out, _) = shim.stop();
+    assert!(
+        out.contains(&format!("kv: restored {} keys", N - 2)),
+        "{out}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
