@@ -152,14 +152,24 @@ async fn main() -> Result<(), libcloud::net::Error> {
     core::future::pending().await
 }
 
-/// Checkpoint entries moved into the map per slice: a few ms of work, the
-/// longest a command waits for the background loading.
-const LOAD_BATCH: usize = 4096;
+/// How long the background loading runs before it lets commands and I/O
+/// in: the longest a command waits for it.
+const LOAD_SLICE: Duration = Duration::from_micros(500);
+/// Entries moved between two looks at the clock.
+const LOAD_STEP: usize = 64;
 
-/// Moves the restored checkpoint's entries into the store a slice at a
-/// time, letting commands run in between.
+/// Moves the restored checkpoint's entries into the store a slice of
+/// [`LOAD_SLICE`] at a time, letting commands run in between.
 async fn load_task(server: Rc<RefCell<Server>>, start: libcloud::time::Instant) {
-    while !server.borrow_mut().store.load_some(LOAD_BATCH) {
+    loop {
+        let until = libcloud::time::Instant::now() + LOAD_SLICE;
+        let mut done = false;
+        while !done && libcloud::time::Instant::now() < until {
+            done = server.borrow_mut().store.load_some(LOAD_STEP);
+        }
+        if done {
+            break;
+        }
         libcloud::task::yield_now().await;
     }
     let keys = server.borrow().store.len();
