@@ -119,8 +119,8 @@ async fn main() -> Result<(), libcloud::net::Error> {
     match restored {
         Ok(Some(deltas)) => {
             let ms = (libcloud::time::Instant::now() - start).as_secs_f64() * 1e3;
-            println!("kv: checkpoint (+{deltas} deltas) checked in {ms:.1} ms, loading it while serving");
-            libcloud::task::spawn(load_task(server.clone(), start));
+            let keys = server.borrow().store.len();
+            println!("kv: restored {keys} keys from a checkpoint (+{deltas} deltas) in {ms:.1} ms");
         }
         Ok(None) => {}
         Err(e) => {
@@ -150,31 +150,6 @@ async fn main() -> Result<(), libcloud::net::Error> {
     });
     println!("kv: listening on port {port}");
     core::future::pending().await
-}
-
-/// How long the background loading runs before it lets commands and I/O
-/// in: the longest a command waits for it.
-const LOAD_SLICE: Duration = Duration::from_micros(500);
-/// Entries moved between two looks at the clock.
-const LOAD_STEP: usize = 64;
-
-/// Moves the restored checkpoint's entries into the store a slice of
-/// [`LOAD_SLICE`] at a time, letting commands run in between.
-async fn load_task(server: Rc<RefCell<Server>>, start: libcloud::time::Instant) {
-    loop {
-        let until = libcloud::time::Instant::now() + LOAD_SLICE;
-        let mut done = false;
-        while !done && libcloud::time::Instant::now() < until {
-            done = server.borrow_mut().store.load_some(LOAD_STEP);
-        }
-        if done {
-            break;
-        }
-        libcloud::task::yield_now().await;
-    }
-    let keys = server.borrow().store.len();
-    let ms = (libcloud::time::Instant::now() - start).as_secs_f64() * 1e3;
-    println!("kv: restored {keys} keys from a checkpoint in {ms:.1} ms");
 }
 
 /// `123`, `64kb`, `100mb`, `1gb` (also `k`, `m`, `g`; any case) in bytes.

@@ -15,17 +15,17 @@
 //! [`expire_due`](Store::expire_due), which pops due keys off the front of
 //! the index (called a little on every command and from a background task).
 //!
-//! **Serving while loading.** A restored checkpoint is not copied into the
-//! map up front: the store serves as soon as it is handed the checkpoint's
-//! entries ([`Store::load_lazily`], any [`Unloaded`] source, sorted by key),
-//! and moves them into the map in bounded slices ([`Store::load_some`],
-//! from a background task). Every command that touches a key first loads
-//! that key ([`Store::load_key`]: a binary search of the entries not moved
-//! yet), and remembers it (`shadowed`) so that the background never moves
-//! it again: a key deleted or rewritten while loading stays so. Commands
-//! on the whole keyspace (DBSIZE, KEYS, INFO keyspace, checkpoints) finish
-//! the loading first ([`Store::load_all`]); FLUSHALL drops what is left.
-//! Every reply is thus the one a fully loaded store would give.
+//! **A restored checkpoint stays where it is.** Its entries are not copied
+//! into the map: the checkpoint, already in guest memory for good and
+//! sorted by key, is the store's read-only *base* ([`Checkpointed`]: an
+//! index of where each entry starts, 4 bytes a key), and the map holds
+//! only what changed since. A key is looked up in the map, then in the base
+//! (a binary search). Before a command changes a key of the base, the key
+//! is copied into the map and *shadowed* in the base, so that the base
+//! never answers for it again: a key deleted or rewritten stays so. Whole
+//! keyspace commands (DBSIZE, KEYS, checkpoints) merge the two in key
+//! order; FLUSHALL drops the base. kv thus serves a restored checkpoint as
+//! soon as it has checked and indexed it, at the heap cost of the index.
 
 use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet};
@@ -41,51 +41,98 @@ pub struct Entry {
     pub expires_at: Option<Instant>,
 }
 
-impl Entry {
+/// What a command reads of an entry, in the map or in the base.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryRef<'a> {
+    pub value: &'a [u8],
+    pub expires_at: Option<Instant>,
+}
+
+impl EntryRef<'_> {
     fn is_expired(&self, now: Instant) -> bool {
         self.expires_at.is_some_and(|at| at <= now)
     }
 }
 
-/// Entries not in the map yet (a checkpoint being restored), in strictly
-/// increasing key order.
-pub trait Unloaded {
+impl Entry {
+    fn as_ref(&self) -> EntryRef<'_> {
+        EntryRef {
+            value: &self.value,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+/// The entries of a restored checkpoint, in strictly increasing key order
+/// (none expired when it was restored).
+pub trait Checkpointed {
     /// How many entries there are.
     fn len(&self) -> usize;
     /// The key of entry `i`.
     fn key(&self, i: usize) -> &[u8];
-    /// Entry `i`, or `None` if it had expired already.
-    fn entry(&self, i: usize) -> Option<(Vec<u8>, Entry)>;
+    /// Entry `i`.
+    fn get(&self, i: usize) -> (&[u8], EntryRef<'_>);
 }
 
-/// A restore in progress: entries `next..` of `source` are not in the map
-/// yet, except those in `shadowed`, which were loaded on demand.
-struct Loading {
-    source: Box<dyn Unloaded>,
-    next: usize,
+/// The base: a restored checkpoint, less its `shadowed` keys (changed
+/// since, their entries in the map if they still exist).
+struct Base {
+    source: Box<dyn Checkpointed>,
     shadowed: BTreeSet<Vec<u8>>,
 }
 
-impl core::fmt::Debug for Loading {
+impl core::fmt::Debug for Base {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "Loading({}/{})", self.next, self.source.len())
+        write!(f, "Base({} keys, {} shadowed)", self.source.len(), self.shadowed.len())
     }
 }
 
-impl Loading {
-    /// The index of `key` among the entries not moved yet.
-    fn find(&self, key: &[u8]) -> Option<usize> {
-        let (mut lo, mut hi) = (self.next, self.source.len());
+impl Base {
+    /// The index of the first entry whose key is not less than `key`, and
+    /// whether it is `key`.
+    fn seek(&self, key: &[u8]) -> (usize, bool) {
+        let (mut lo, mut hi) = (0, self.source.len());
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             match self.source.key(mid).cmp(key) {
                 core::cmp::Ordering::Less => lo = mid + 1,
                 core::cmp::Ordering::Greater => hi = mid,
-                core::cmp::Ordering::Equal => return Some(mid),
+                core::cmp::Ordering::Equal => return (mid, true),
             }
         }
-        None
+        (lo, false)
     }
+
+    /// The entry of `key`, unless shadowed.
+    fn get(&self, key: &[u8]) -> Option<EntryRef<'_>> {
+        match self.seek(key) {
+            (i, true) if !self.shadowed.contains(key) => Some(self.source.get(i).1),
+            _ => None,
+        }
+    }
+
+    /// The entries not shadowed from the first key not less than `from`.
+    fn iter_from<'s>(
+        &'s self,
+        from: &[u8],
+    ) -> impl Iterator<Item = (&'s [u8], EntryRef<'s>)> + use<'s> {
+        (self.seek(from).0..self.source.len())
+            .map(|i| self.source.get(i))
+            .filter(|(k, _)| !self.shadowed.contains(*k))
+    }
+}
+
+/// Two iterators of distinct keys, each in key order, merged in key order.
+fn merge<'a, T>(
+    a: impl Iterator<Item = (&'a [u8], T)>,
+    b: impl Iterator<Item = (&'a [u8], T)>,
+) -> impl Iterator<Item = (&'a [u8], T)> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    core::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (Some(x), Some(y)) if y.0 < x.0 => b.next(),
+        (Some(_), _) => a.next(),
+        (None, _) => b.next(),
+    })
 }
 
 /// Keys changed since the last checkpoint (for incremental checkpoints).
@@ -110,8 +157,8 @@ pub struct Store {
     pub changes: u64,
     /// Changed keys, when tracked ([`Self::track_changes`]).
     dirty: Option<Dirty>,
-    /// The checkpoint entries still to load, while restoring.
-    loading: Option<Loading>,
+    /// The restored checkpoint, less what changed since.
+    base: Option<Base>,
 }
 
 impl Store {
@@ -149,21 +196,27 @@ impl Store {
     }
 
     /// The entry of `key`, expired or not (for checkpoints).
-    pub fn entry(&mut self, key: &[u8]) -> Option<&Entry> {
-        self.load_key(key);
-        self.map.get(key)
+    pub fn entry(&self, key: &[u8]) -> Option<EntryRef<'_>> {
+        match self.map.get(key) {
+            Some(e) => Some(e.as_ref()),
+            None => self.base.as_ref()?.get(key),
+        }
     }
 
     /// Every entry that has not expired by `now`, in key order.
-    pub fn live_entries(&mut self, now: Instant) -> impl Iterator<Item = (&Vec<u8>, &Entry)> {
-        self.load_all();
-        self.map.iter().filter(move |(_, e)| !e.is_expired(now))
+    pub fn live_entries(&self, now: Instant) -> impl Iterator<Item = (&[u8], EntryRef<'_>)> {
+        let map = self.map.iter().map(|(k, e)| (&k[..], e.as_ref()));
+        let base = self.base.iter().flat_map(|b| b.iter_from(&[]));
+        merge(map, base).filter(move |(_, e)| !e.is_expired(now))
     }
 
-    /// Keys stored, including expired ones not yet removed, and not
-    /// counting checkpoint entries not loaded yet ([`Self::load_all`]).
+    /// Keys stored, including expired ones not yet removed.
     pub fn len(&self) -> usize {
         self.map.len()
+            + self
+                .base
+                .as_ref()
+                .map_or(0, |b| b.source.len() - b.shadowed.len())
     }
 
     /// Keys with a deadline, including expired ones not yet removed.
@@ -176,22 +229,22 @@ impl Store {
         if self.expiries.is_empty() {
             return; // the common case, one lookup fewer
         }
-        if self.map.get(key).is_some_and(|e| e.is_expired(now)) {
+        if self.entry(key).is_some_and(|e| e.is_expired(now)) {
+            self.own(key);
             self.remove_entry(key);
             self.expired_keys += 1;
         }
     }
 
     /// The live entry for `key`.
-    pub fn get(&mut self, key: &[u8], now: Instant) -> Option<&Entry> {
-        self.load_key(key);
+    pub fn get(&mut self, key: &[u8], now: Instant) -> Option<EntryRef<'_>> {
         self.expire_if_due(key, now);
-        self.map.get(key)
+        self.entry(key)
     }
 
     /// The live value of `key`, to change in place (its deadline stays).
     pub fn value_mut(&mut self, key: &[u8], now: Instant) -> Option<&mut Vec<u8>> {
-        self.load_key(key);
+        self.own(key);
         self.expire_if_due(key, now);
         self.changes += 1;
         if self.map.contains_key(key) {
@@ -213,7 +266,7 @@ impl Store {
         value: Vec<u8>,
         expires_at: Option<Instant>,
     ) -> Option<Entry> {
-        self.load_key(&key);
+        self.own(&key);
         self.changes += 1;
         self.touch(&key);
         match self.map.get_mut(&key) {
@@ -239,88 +292,46 @@ impl Store {
         }
     }
 
-    /// Serves the entries of `source` (a checkpoint) from now on, loading
-    /// them on demand and with [`load_some`](Self::load_some); into an
-    /// empty store.
-    pub fn load_lazily(&mut self, source: Box<dyn Unloaded>) {
-        debug_assert!(self.map.is_empty() && self.loading.is_none());
+    /// Serves the entries of `source` (a restored checkpoint) from now
+    /// on, as the base of an empty store; `volatile` are its keys with a
+    /// deadline.
+    pub fn restore(
+        &mut self,
+        source: Box<dyn Checkpointed>,
+        volatile: impl Iterator<Item = (Instant, Vec<u8>)>,
+    ) {
+        debug_assert!(self.map.is_empty() && self.base.is_none());
         self.changes += source.len() as u64;
-        self.loading = Some(Loading {
+        self.expiries.extend(volatile);
+        self.base = Some(Base {
             source,
-            next: 0,
             shadowed: BTreeSet::new(),
         });
     }
 
-    /// Whether checkpoint entries are still being loaded.
-    pub fn is_loading(&self) -> bool {
-        self.loading.is_some()
-    }
-
-    /// Makes the map hold `key`'s entry if the checkpoint being loaded has
-    /// it and it was not loaded yet; every command on a key calls this
-    /// first.
-    fn load_key(&mut self, key: &[u8]) {
-        let Some(loading) = &mut self.loading else {
+    /// Makes the map hold `key`'s entry if the base has it (and shadows it
+    /// there): every command that changes a key calls this first.
+    fn own(&mut self, key: &[u8]) {
+        let Some(base) = &mut self.base else {
             return;
         };
-        if loading.shadowed.contains(key) {
+        if self.map.contains_key(key) || base.shadowed.contains(key) {
             return;
         }
-        if let Some(i) = loading.find(key) {
-            loading.shadowed.insert(key.to_vec());
-            if let Some((key, entry)) = loading.source.entry(i) {
-                self.insert_loaded(key, entry);
-            }
+        if let (i, true) = base.seek(key) {
+            let (_, e) = base.source.get(i);
+            let entry = Entry {
+                value: e.value.to_vec(),
+                expires_at: e.expires_at,
+            };
+            base.shadowed.insert(key.to_vec());
+            self.map.insert(key.to_vec(), entry);
         }
-    }
-
-    /// Puts a checkpoint entry into the map (not a change).
-    fn insert_loaded(&mut self, key: Vec<u8>, entry: Entry) {
-        if let Some(at) = entry.expires_at {
-            self.expiries.insert((at, key.clone()));
-        }
-        self.map.insert(key, entry);
-    }
-
-    /// Moves up to `limit` more checkpoint entries into the map; returns
-    /// whether loading is complete.
-    pub fn load_some(&mut self, limit: usize) -> bool {
-        let Some(mut loading) = self.loading.take() else {
-            return true;
-        };
-        let end = loading.source.len().min(loading.next.saturating_add(limit));
-        for i in loading.next..end {
-            if loading.shadowed.remove(loading.source.key(i)) {
-                continue; // loaded on demand already
-            }
-            if let Some((key, entry)) = loading.source.entry(i) {
-                self.insert_loaded(key, entry);
-            }
-        }
-        loading.next = end;
-        if end < loading.source.len() {
-            self.loading = Some(loading);
-            return false;
-        }
-        true
-    }
-
-    /// Finishes loading the checkpoint.
-    pub fn load_all(&mut self) {
-        self.load_some(usize::MAX);
-    }
-
-    /// Finishes loading and removes every expired key: before a command on
-    /// the whole keyspace.
-    pub fn settle(&mut self, now: Instant) {
-        self.load_all();
-        self.expire_due(now, usize::MAX);
     }
 
     /// Sets `key` to `value`, keeping the deadline it has (if live).
     pub fn set_keep_ttl(&mut self, key: Vec<u8>, value: Vec<u8>, now: Instant) {
-        self.load_key(&key);
+        self.own(&key);
         self.changes += 1;
         self.expire_if_due(&key, now);
         self.touch(&key);
@@ -340,7 +351,7 @@ impl Store {
 
     /// Changes the deadline of live `key`; false if there is no such key.
     pub fn set_expiry(&mut self, key: &[u8], expires_at: Option<Instant>, now: Instant) -> bool {
-        self.load_key(key);
+        self.own(key);
         self.expire_if_due(key, now);
         if !self.map.contains_key(key) {
             return false;
@@ -364,7 +375,7 @@ impl Store {
 
     /// Removes live `key`, returning its entry.
     pub fn remove(&mut self, key: &[u8], now: Instant) -> Option<Entry> {
-        self.load_key(key);
+        self.own(key);
         self.expire_if_due(key, now);
         self.changes += 1;
         self.remove_entry(key)
@@ -382,7 +393,7 @@ impl Store {
     /// Removes every key.
     pub fn clear(&mut self) {
         self.changes += 1;
-        self.loading = None;
+        self.base = None;
         self.map.clear();
         self.expiries.clear();
         if let Some(d) = &mut self.dirty {
@@ -403,6 +414,7 @@ impl Store {
             let Some((_, key)) = self.expiries.pop_first() else {
                 break;
             };
+            self.own(&key);
             self.map.remove(&key);
             self.touch(&key);
             removed += 1;
@@ -413,15 +425,23 @@ impl Store {
 
     /// Live keys matching glob `pattern`, in order. Expired keys must have
     /// been removed first ([`expire_due`](Self::expire_due)) or are listed.
-    pub fn keys<'a>(&'a self, pattern: &'a [u8]) -> impl Iterator<Item = &'a Vec<u8>> + 'a {
+    pub fn keys<'a>(&'a self, pattern: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
         let prefix = glob::literal_prefix(pattern);
         let literal = glob::is_literal(pattern);
-        let range = self.map.range::<[u8], _>((
-            core::ops::Bound::Included(&prefix[..]),
-            core::ops::Bound::Unbounded,
-        ));
-        range
-            .map(|(k, _)| k)
+        let map = self
+            .map
+            .range::<[u8], _>((
+                core::ops::Bound::Included(&prefix[..]),
+                core::ops::Bound::Unbounded,
+            ))
+            .map(|(k, _)| (&k[..], ()));
+        let base = self
+            .base
+            .iter()
+            .flat_map(move |b| b.iter_from(&prefix).map(|(k, _)| (k, ())));
+        let prefix = glob::literal_prefix(pattern);
+        merge(map, base)
+            .map(|(k, ())| k)
             .take_while(move |k| k.starts_with(&prefix) && (!literal || k.len() == prefix.len()))
             .filter(move |k| literal || glob::matches(pattern, k, false))
     }
