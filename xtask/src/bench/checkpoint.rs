@@ -3,10 +3,10 @@
 //! For 10k and 100k keys: the checkpoint's size (vs the raw key + value
 //! bytes) and how long the app takes to hand it over (`host-shim checkpoint`
 //! against a daemon); then the restore time, from process start to the
-//! first PING reply (kv serves while it loads the checkpoint) and to the
-//! checkpoint fully loaded (`INFO persistence` says `loading:0`), under our
-//! shim and under QEMU (TCG), each against a plain boot of the same image
-//! under the same monitor. Then the cost of
+//! first PING reply and to the store fully loaded (`INFO persistence` says
+//! `loading:0`; kv serves the checkpoint in place, so that is at once),
+//! under our shim and under QEMU (TCG), each against a plain boot of the
+//! same image under the same monitor. Then the cost of
 //! `ACK_AFTER_CHECKPOINT=1` (every write acknowledged only once a
 //! checkpoint holding it is on disk; incremental: deltas of the changed
 //! keys, appended and fsynced): `redis-benchmark -t set -c 50` with a tiny
@@ -408,7 +408,7 @@ pub fn run(ws: &Workspace, opts: &CheckpointOptions) -> Result<()> {
             acked / plain
         );
     }
-    println!("\nRestore: kv answers as soon as it has checked the checkpoint (container, checksum, app, version, every entry) and indexed it; it loads the entries in the background (and any key a command touches at once). Fully loaded: until `INFO persistence` says `loading:0`.");
+    println!("\nRestore: kv checks the checkpoint (container, checksum, app, version, every entry in key order), indexes its entries (4 bytes each) and serves them where they lie in guest memory; a key moves into the heap only when a command changes it. Fully loaded: until `INFO persistence` says `loading:0` (a first reply after which every key is there).");
     println!("\nCheckpoint time: from `host-shim checkpoint` asking the app (BootInfo::checkpoint_requests) to the blob arriving at the shim (HC_CHECKPOINT), serialisation included.");
     Ok(())
 }
