@@ -122,12 +122,15 @@ pub fn decode_chain<T: State, D: DeserializeOwned>(blob: &[u8]) -> Result<(T, Ve
     Ok((base, deltas))
 }
 
+/// A full checkpoint's payload, still encoded, and its deltas, decoded.
+pub type EncodedChain<'a, D> = (&'a [u8], Vec<D>);
+
 /// Like [`decode_chain`], but leaves the full state encoded: its postcard
 /// payload (container, checksum, app and version checked), for an app that
 /// decodes it piece by piece (e.g. to serve while it loads).
 pub fn decode_chain_payload<T: State, D: DeserializeOwned>(
     blob: &[u8],
-) -> Result<(&[u8], Vec<D>), Error> {
+) -> Result<EncodedChain<'_, D>, Error> {
     let chain = abi::checkpoint::latest_chain(blob).map_err(Error::Format)?;
     check::<T>(chain.base.app, chain.base.schema_version)?;
     let deltas = chain
@@ -171,7 +174,7 @@ pub fn restore_chain<T: State, D: DeserializeOwned>() -> Result<Option<(T, Vec<D
 /// Like [`restore_chain`], with the full state left encoded
 /// ([`decode_chain_payload`]); the payload stays in guest memory for good.
 pub fn restore_chain_payload<T: State, D: DeserializeOwned>(
-) -> Result<Option<(&'static [u8], Vec<D>)>, Error> {
+) -> Result<Option<EncodedChain<'static, D>>, Error> {
     kernel::checkpoint::restore_blob()
         .map(decode_chain_payload::<T, D>)
         .transpose()

@@ -160,7 +160,6 @@ impl KvState {
             .collect();
         Self { keys }
     }
-
 }
 
 /// The entries of a full checkpoint, still encoded: the payload of a

@@ -83,7 +83,12 @@ struct Base {
 
 impl core::fmt::Debug for Base {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "Base({} keys, {} shadowed)", self.source.len(), self.shadowed.len())
+        write!(
+            f,
+            "Base({} keys, {} shadowed)",
+            self.source.len(),
+            self.shadowed.len()
+        )
     }
 }
 
