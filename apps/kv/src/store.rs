@@ -331,6 +331,9 @@ impl Store {
             };
             base.shadowed.insert(key.to_vec());
             self.map.insert(key.to_vec(), entry);
+            if base.shadowed.len() == base.source.len() {
+                self.base = None; // every key changed since: nothing left
+            }
         }
     }
 
