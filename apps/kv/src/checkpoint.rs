@@ -154,10 +154,11 @@ fn deadline(ttl: Option<u64>, age: u64, now: Instant) -> Option<Option<Instant>>
 impl KvState {
     /// The live keys of `store` at `now`.
     pub fn capture(store: &Store, now: Instant) -> Self {
-        let keys = store
-            .live_entries(now)
-            .map(|(k, e)| key_of(k, e, now))
-            .collect();
+        // Sized once (not doubled as it fills): best effort, it only saves
+        // copies.
+        let mut keys = Vec::new();
+        let _ = keys.try_reserve_exact(store.len());
+        keys.extend(store.live_entries(now).map(|(k, e)| key_of(k, e, now)));
         Self { keys }
     }
 }
