@@ -573,8 +573,10 @@ fn after_kill_9_of_its_daemon_kv_restarts_on_the_standby() {
         cli(p2, &["SET", "last", "acknowledged"]).as_deref(),
         Some("OK")
     );
-    // A checkpoint of kv1 taken after the load reaches B.
+    // A checkpoint of kv1 taken after the load reaches B (one more write
+    // makes sure there is one to come).
     let seen = standby_blobs(&b_api, "kv1");
+    assert_eq!(cli(p1, &["SET", "marker", "1"]).as_deref(), Some("OK"));
     let start = Instant::now();
     while standby_blobs(&b_api, "kv1") <= seen {
         assert!(
@@ -594,7 +596,7 @@ fn after_kill_9_of_its_daemon_kv_restarts_on_the_standby() {
     let took = down.elapsed();
     assert!(took < Duration::from_secs(15), "took over after {took:?}");
     let n: usize = cli(p1, &["DBSIZE"]).unwrap().parse().unwrap();
-    assert!((1000..=1100).contains(&n), "kv1 DBSIZE {n}");
+    assert!((1001..=1101).contains(&n), "kv1 DBSIZE {n}");
     check_keys(p1, 1000, n);
     check_keys(p2, 500, 501);
     assert_eq!(cli(p2, &["GET", "last"]).as_deref(), Some("acknowledged"));
@@ -604,4 +606,177 @@ fn after_kill_9_of_its_daemon_kv_restarts_on_the_standby() {
         "{list:?}"
     );
     b.stop();
+}
+
+/// `redis-cli -p PORT` running the commands of `script` (one a line) over
+/// one connection, retried until kv accepts connections: its output lines.
+fn cli_script(shim: &mut Shim, port: u16, script: &str) -> Vec<String> {
+    use std::io::Write;
+    let start = Instant::now();
+    loop {
+        shim.assert_running("kv restoring");
+        let mut child = Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-cli is installed (apt-get install redis-tools)");
+        let _ = child.stdin.take().unwrap().write_all(script.as_bytes());
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && !text.contains("Could not connect") && !text.is_empty() {
+            return text.lines().map(str::to_owned).collect();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "kv did not accept connections on port {port} within 30 s"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A kv checkpoint file written here: `n` keys `key:0000000`.. with values
+/// `v0`.. (every 10th with 600 s to live, `key:{n-10}` = "41"), and one
+/// delta taken 1 s later that deletes the last key and sets the one before.
+fn big_checkpoint(n: usize) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct State(Vec<(String, String, Option<u64>)>);
+    #[derive(serde::Serialize)]
+    struct Delta {
+        at_ms: u64,
+        cleared: bool,
+        sets: Vec<(String, String, Option<u64>)>,
+        dels: Vec<String>,
+    }
+    let key = |i: usize| format!("key:{i:07}");
+    let keys = (0..n)
+        .map(|i| {
+            let value = if i == n - 10 {
+                "41".into()
+            } else {
+                format!("v{i}")
+            };
+            (key(i), value, (i % 10 == 0).then_some(600_000))
+        })
+        .collect();
+    let base = abi::checkpoint::encode("kv", 1, &postcard::to_allocvec(&State(keys)).unwrap());
+    let (c, _) = abi::checkpoint::decode(&base).unwrap();
+    let delta = Delta {
+        at_ms: 1000,
+        cleared: false,
+        sets: vec![(key(n - 2), "from-delta".into(), None)],
+        dels: vec![key(n - 1)],
+    };
+    let delta = postcard::to_allocvec(&delta).unwrap();
+    let mut file = base.clone();
+    file.extend(abi::checkpoint::encode_delta("kv", 1, c.id, 1, &delta));
+    file
+}
+
+#[test]
+fn kv_serves_a_big_checkpoint_in_place_exactly_as_if_loaded() {
+    require_kvm();
+    require_tool("redis-cli", "redis-tools");
+    let img = image("kv");
+    let dir = tmp_dir("inplace");
+    const N: usize = 200_000;
+    let file = dir.join("big.ckpt");
+    std::fs::write(&file, big_checkpoint(N)).unwrap();
+    let p = free_port();
+    let publish = format!("{p}:6379");
+    let mut shim = Shim::start(&kv_args(
+        &img,
+        &publish,
+        &["--mem", "256M", "--restore", file.to_str().unwrap()],
+    ));
+    let k = |i: usize| format!("key:{i:07}");
+    // Reads and changes of keys of the checkpoint, of the delta, new ones.
+    let script = [
+        format!("GET {}", k(N - 1)),
+        format!("GET {}", k(N - 2)),
+        format!("DEL {}", k(N - 3)),
+        format!("GET {}", k(N - 3)),
+        format!("DEL {}", k(N - 3)),
+        format!("APPEND {} -more", k(N - 4)),
+        format!("INCR {}", k(N - 10)),
+        format!("TTL {}", k(N - 20)),
+        format!("PERSIST {}", k(N - 20)),
+        format!("EXPIRE {} 1000", k(N - 19)),
+        format!("SET {} x NX", k(N - 5)),
+        format!("SET {}a new", k(N - 5)),
+        format!("EXISTS {} {} nokey", k(N - 6), k(N - 3)),
+        format!("GET {}", k(N / 2)),
+        "DBSIZE".to_owned(),
+        "INFO memory".to_owned(),
+    ]
+    .join("\n");
+    let out = cli_script(&mut shim, p, &script);
+    let replies: Vec<&str> = out.iter().map(String::as_str).collect();
+    let ttl: u64 = replies[7].parse().unwrap();
+    assert!(
+        (597..=599).contains(&ttl),
+        "TTL {ttl} of a key with 599 s left"
+    );
+    let dbsize = (N - 1).to_string();
+    let expected = [
+        "",           // deleted by the delta
+        "from-delta", // set by the delta
+        "1",          // DEL of a key of the checkpoint
+        "",           // gone
+        "0",          // and stays gone
+        "12",         // "v199996-more"
+        "42",         // INCR of "41"
+        replies[7],   // TTL, checked above
+        "1",          // PERSIST
+        "1",          // EXPIRE
+        "",           // SET NX of an existing key
+        "OK",         // a new key
+        "1",          // EXISTS
+        &format!("v{}", N / 2),
+        &dbsize, // N, less 2 deleted, plus 1 new
+    ];
+    assert_eq!(replies[..expected.len()], expected, "{out:?}");
+    // The checkpoint is served where it lies: a few bytes of heap a key.
+    let used: usize = out
+        .iter()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.parse().ok())
+        .expect("used_memory in INFO memory");
+    assert!(used < 12 << 20, "{used} bytes of heap for {N} keys");
+
+    // Nothing deleted comes back, every change sticks, the whole-keyspace
+    // commands see the checkpoint and the changes merged in key order.
+    assert_eq!(
+        cli(p, &["EXISTS", &k(N - 1), &k(N - 3)]).as_deref(),
+        Some("0")
+    );
+    assert_eq!(cli(p, &["GET", &k(N - 4)]).as_deref(), Some("v199996-more"));
+    assert_eq!(cli(p, &["GET", &k(N - 10)]).as_deref(), Some("42"));
+    assert_eq!(cli(p, &["TTL", &k(N - 20)]).as_deref(), Some("-1"));
+    let ttl: u64 = cli(p, &["TTL", &k(N - 19)]).unwrap().parse().unwrap();
+    assert!((995..=1000).contains(&ttl), "TTL {ttl}");
+    assert_eq!(cli(p, &["GET", &k(N - 5)]).as_deref(), Some("v199995"));
+    assert_eq!(
+        cli(p, &["TTL", &k(10)]).as_deref().map(|t| t.len()),
+        Some(3)
+    );
+    assert_eq!(cli(p, &["GET", &k(7)]).as_deref(), Some("v7"));
+    let keys = cli(p, &["KEYS", "key:019999*"]).unwrap();
+    // `key:0199997` and `key:0199999` deleted, `key:0199995a` new.
+    let expected: Vec<String> = (990..=995)
+        .map(|i| format!("key:0199{i}"))
+        .chain(["key:0199995a".into(), "key:0199996".into()])
+        .chain(["key:0199998".into()])
+        .collect();
+    assert_eq!(keys.lines().collect::<Vec<_>>(), expected);
+    assert_eq!(cli(p, &["FLUSHALL"]).as_deref(), Some("OK"));
+    assert_eq!(cli(p, &["DBSIZE"]).as_deref(), Some("0"));
+    assert_eq!(cli(p, &["GET", &k(7)]).as_deref(), None);
+    let (out, _) = shim.stop();
+    assert!(
+        out.contains(&format!("kv: restored {} keys", N - 1)),
+        "{out}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

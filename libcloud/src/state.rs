@@ -117,15 +117,28 @@ fn check<T: State>(app: &str, version: u32) -> Result<(), Error> {
 /// Decodes a checkpoint (a full one and the deltas that continue it) as
 /// `T` and the deltas as `D`, checking app and version.
 pub fn decode_chain<T: State, D: DeserializeOwned>(blob: &[u8]) -> Result<(T, Vec<D>), Error> {
+    let (payload, deltas) = decode_chain_payload::<T, D>(blob)?;
+    let base = postcard::from_bytes(payload).map_err(Error::Decode)?;
+    Ok((base, deltas))
+}
+
+/// A full checkpoint's payload, still encoded, and its deltas, decoded.
+pub type EncodedChain<'a, D> = (&'a [u8], Vec<D>);
+
+/// Like [`decode_chain`], but leaves the full state encoded: its postcard
+/// payload (container, checksum, app and version checked), for an app that
+/// decodes it piece by piece (e.g. to serve while it loads).
+pub fn decode_chain_payload<T: State, D: DeserializeOwned>(
+    blob: &[u8],
+) -> Result<EncodedChain<'_, D>, Error> {
     let chain = abi::checkpoint::latest_chain(blob).map_err(Error::Format)?;
     check::<T>(chain.base.app, chain.base.schema_version)?;
-    let base = postcard::from_bytes(chain.base.payload).map_err(Error::Decode)?;
     let deltas = chain
         .deltas
         .iter()
         .map(|d| postcard::from_bytes(d.payload).map_err(Error::Decode))
         .collect::<Result<_, _>>()?;
-    Ok((base, deltas))
+    Ok((chain.base.payload, deltas))
 }
 
 /// Decodes a full checkpoint blob as `T`, checking app and version.
@@ -155,6 +168,15 @@ pub fn restore<T: State>() -> Result<Option<T>, Error> {
 pub fn restore_chain<T: State, D: DeserializeOwned>() -> Result<Option<(T, Vec<D>)>, Error> {
     kernel::checkpoint::restore_blob()
         .map(decode_chain)
+        .transpose()
+}
+
+/// Like [`restore_chain`], with the full state left encoded
+/// ([`decode_chain_payload`]); the payload stays in guest memory for good.
+pub fn restore_chain_payload<T: State, D: DeserializeOwned>(
+) -> Result<Option<EncodedChain<'static, D>>, Error> {
+    kernel::checkpoint::restore_blob()
+        .map(decode_chain_payload::<T, D>)
         .transpose()
 }
 

@@ -5,16 +5,23 @@
 //! a restored guest's clock starts afresh; each delta records how long
 //! after its base it was taken, so that a restore counts every deadline
 //! from the last blob it replays.
+//!
+//! A restore does not decode the full checkpoint into the map: it checks it
+//! (container, checksum, app, version, every entry well formed and in key
+//! order) and indexes where each live entry starts ([`Encoded`]); the store
+//! serves it from there as its base ([`crate::store::Checkpointed`]).
 
+use alloc::boxed::Box;
 use alloc::rc::Rc;
 use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
 use core::time::Duration;
 use libcloud::serde::{Deserialize, Serialize};
+use libcloud::state::Error;
 use libcloud::time::Instant;
 
 use crate::commands::Server;
-use crate::store::{Entry, Store};
+use crate::store::{Checkpointed, EntryRef, Store};
 
 /// One key: `(key, value, milliseconds left to live)`. Keys and values
 /// are byte strings to serde (postcard: a length and the bytes, the same
@@ -26,6 +33,11 @@ pub struct Key(
     #[serde(with = "bytes")] Vec<u8>,
     Option<u64>,
 );
+
+/// A [`Key`] read in place from the encoded checkpoint.
+#[derive(Deserialize)]
+#[serde(crate = "libcloud::serde")]
+struct KeyRef<'a>(&'a [u8], &'a [u8], Option<u64>);
 
 /// `Vec<u8>` as a serde byte string.
 mod bytes {
@@ -124,9 +136,9 @@ pub struct KvDelta {
     pub dels: Vec<Vec<u8>>,
 }
 
-fn key_of(key: &[u8], e: &Entry, now: Instant) -> Key {
+fn key_of(key: &[u8], e: EntryRef, now: Instant) -> Key {
     let ttl = e.expires_at.map(|at| (at - now).as_millis().max(1) as u64);
-    Key(key.to_vec(), e.value.clone(), ttl)
+    Key(key.to_vec(), e.value.to_vec(), ttl)
 }
 
 /// A deadline `ttl` ms after the blob taken `age` ms before `now`; `None`
@@ -142,21 +154,100 @@ fn deadline(ttl: Option<u64>, age: u64, now: Instant) -> Option<Option<Instant>>
 impl KvState {
     /// The live keys of `store` at `now`.
     pub fn capture(store: &Store, now: Instant) -> Self {
-        let keys = store
-            .live_entries(now)
-            .map(|(k, e)| key_of(k, e, now))
-            .collect();
+        // Sized once (not doubled as it fills): best effort, it only saves
+        // copies.
+        let mut keys = Vec::new();
+        let _ = keys.try_reserve_exact(store.len());
+        keys.extend(store.live_entries(now).map(|(k, e)| key_of(k, e, now)));
         Self { keys }
     }
+}
 
-    /// Loads the keys into `store`, deadlines counted from `now` less the
-    /// checkpoint's `age` in ms.
-    pub fn load_into(self, store: &mut Store, now: Instant, age: u64) {
-        store.extend_sorted(
-            self.keys
-                .into_iter()
-                .filter_map(|Key(key, value, ttl)| Some((key, value, deadline(ttl, age, now)?))),
-        );
+/// The entries of a full checkpoint, still encoded: the payload of a
+/// [`KvState`] in guest memory and where each live [`Key`] starts in it.
+pub struct Encoded {
+    payload: &'static [u8],
+    starts: Vec<u32>,
+    /// Deadlines count from `now` less `age` ms.
+    now: Instant,
+    age: u64,
+}
+
+/// Keys with a deadline, and when (for the store's expiry index).
+pub type Volatile = Vec<(Instant, Vec<u8>)>;
+
+impl Encoded {
+    /// Checks and indexes an encoded [`KvState`] whose deadlines count
+    /// from `age` ms before `now`: every entry must decode and the keys must
+    /// come in strictly increasing order. Entries expired already are left
+    /// out; the others with a deadline are returned too.
+    pub fn index(
+        payload: &'static [u8],
+        now: Instant,
+        age: u64,
+    ) -> Result<(Self, Volatile), Error> {
+        let (n, mut rest) = postcard::take_from_bytes::<usize>(payload).map_err(Error::Decode)?;
+        if payload.len() > u32::MAX as usize {
+            return Err(Error::Decode(postcard::Error::DeserializeBadEncoding));
+        }
+        // At least 3 bytes an entry: bounds the reservation.
+        let mut starts = Vec::new();
+        starts
+            .try_reserve_exact(n.min(payload.len() / 3))
+            .map_err(|_| Error::Decode(postcard::Error::SerdeDeCustom))?;
+        let mut volatile = Vec::new();
+        let mut last: Option<&[u8]> = None;
+        for _ in 0..n {
+            let start = (payload.len() - rest.len()) as u32;
+            let (KeyRef(key, _, ttl), tail) =
+                postcard::take_from_bytes::<KeyRef>(rest).map_err(Error::Decode)?;
+            if last.is_some_and(|l| l >= key) {
+                return Err(Error::Decode(postcard::Error::DeserializeBadEncoding));
+            }
+            last = Some(key);
+            rest = tail;
+            match deadline(ttl, age, now) {
+                None => {} // expired
+                Some(at) => {
+                    starts.push(start);
+                    if let Some(at) = at {
+                        volatile.push((at, key.to_vec()));
+                    }
+                }
+            }
+        }
+        let encoded = Self {
+            payload,
+            starts,
+            now,
+            age,
+        };
+        Ok((encoded, volatile))
+    }
+
+    fn entry(&self, i: usize) -> KeyRef<'static> {
+        let at = self.starts[i] as usize;
+        // Checked by `index`.
+        postcard::take_from_bytes::<KeyRef>(&self.payload[at..])
+            .map(|(k, _)| k)
+            .unwrap_or(KeyRef(&[], &[], Some(0)))
+    }
+}
+
+impl Checkpointed for Encoded {
+    fn len(&self) -> usize {
+        self.starts.len()
+    }
+
+    fn key(&self, i: usize) -> &[u8] {
+        self.entry(i).0
+    }
+
+    fn get(&self, i: usize) -> (&[u8], EntryRef<'_>) {
+        let KeyRef(key, value, ttl) = self.entry(i);
+        // Live when indexed.
+        let expires_at = deadline(ttl, self.age, self.now).flatten();
+        (key, EntryRef { value, expires_at })
     }
 }
 
@@ -183,15 +274,17 @@ impl KvDelta {
 }
 
 /// Restores a checkpoint (a full one and its deltas) into `store`; returns
-/// how many deltas were replayed.
-pub fn restore(store: &mut Store) -> Result<Option<usize>, libcloud::state::Error> {
-    let Some((base, deltas)) = libcloud::state::restore_chain::<KvState, KvDelta>()? else {
+/// how many deltas were replayed. The full checkpoint's entries are loaded
+/// in place ([`Store::restore`]), the deltas into the map.
+pub fn restore(store: &mut Store) -> Result<Option<usize>, Error> {
+    let Some((base, deltas)) = libcloud::state::restore_chain_payload::<KvState, KvDelta>()? else {
         return Ok(None);
     };
     let now = Instant::now();
     let last = deltas.last().map_or(0, |d| d.at_ms);
     let n = deltas.len();
-    base.load_into(store, now, last);
+    let (base, volatile) = Encoded::index(base, now, last)?;
+    store.restore(Box::new(base), volatile.into_iter());
     for d in deltas {
         let age = last.saturating_sub(d.at_ms);
         d.apply(store, now, age);

@@ -306,7 +306,7 @@ fn eq(arg: &[u8], word: &str) -> bool {
 fn get(ctx: &mut Ctx, args: &mut [Vec<u8>]) {
     match ctx.srv.store.get(&args[1], ctx.now) {
         Some(entry) => {
-            resp::bulk(ctx.out, &entry.value);
+            resp::bulk(ctx.out, entry.value);
             ctx.srv.stats.keyspace_hits += 1;
         }
         None => {
@@ -374,7 +374,7 @@ fn set(ctx: &mut Ctx, args: &mut [Vec<u8>]) {
     let old = store.get(&key, now);
     let exists = old.is_some();
     let old_value = if want_old {
-        old.map(|e| e.value.clone())
+        old.map(|e| e.value.to_vec())
     } else {
         None
     };
@@ -464,7 +464,7 @@ fn mget(ctx: &mut Ctx, args: &mut [Vec<u8>]) {
     for key in keys {
         match ctx.srv.store.get(key, now) {
             Some(e) => {
-                resp::bulk(ctx.out, &e.value);
+                resp::bulk(ctx.out, e.value);
                 ctx.srv.stats.keyspace_hits += 1;
             }
             None => {
@@ -542,7 +542,7 @@ fn strlen(ctx: &mut Ctx, args: &mut [Vec<u8>]) {
 fn incr_by(ctx: &mut Ctx, key: &mut Vec<u8>, delta: i64) {
     let now = ctx.now;
     let current = match ctx.srv.store.get(key, now) {
-        Some(e) => match parse_i64(&e.value) {
+        Some(e) => match parse_i64(e.value) {
             Some(n) => Some(n),
             None => {
                 ctx.err(ERR_NOT_INTEGER);

@@ -118,8 +118,8 @@ async fn main() -> Result<(), libcloud::net::Error> {
     let restored = checkpoint::restore(&mut server.borrow_mut().store);
     match restored {
         Ok(Some(deltas)) => {
-            let keys = server.borrow().store.len();
             let ms = (libcloud::time::Instant::now() - start).as_secs_f64() * 1e3;
+            let keys = server.borrow().store.len();
             println!("kv: restored {keys} keys from a checkpoint (+{deltas} deltas) in {ms:.1} ms");
         }
         Ok(None) => {}

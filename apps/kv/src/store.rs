@@ -14,7 +14,20 @@
 //! lazily when a command touches them, and actively by
 //! [`expire_due`](Store::expire_due), which pops due keys off the front of
 //! the index (called a little on every command and from a background task).
+//!
+//! **A restored checkpoint stays where it is.** Its entries are not copied
+//! into the map: the checkpoint, already in guest memory for good and
+//! sorted by key, is the store's read-only *base* ([`Checkpointed`]: an
+//! index of where each entry starts, 4 bytes a key), and the map holds
+//! only what changed since. A key is looked up in the map, then in the base
+//! (a binary search). Before a command changes a key of the base, the key
+//! is copied into the map and *shadowed* in the base, so that the base
+//! never answers for it again: a key deleted or rewritten stays so. Whole
+//! keyspace commands (DBSIZE, KEYS, checkpoints) merge the two in key
+//! order; FLUSHALL drops the base. kv thus serves a restored checkpoint as
+//! soon as it has checked and indexed it, at the heap cost of the index.
 
+use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 use libcloud::time::Instant;
@@ -28,10 +41,103 @@ pub struct Entry {
     pub expires_at: Option<Instant>,
 }
 
-impl Entry {
+/// What a command reads of an entry, in the map or in the base.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryRef<'a> {
+    pub value: &'a [u8],
+    pub expires_at: Option<Instant>,
+}
+
+impl EntryRef<'_> {
     fn is_expired(&self, now: Instant) -> bool {
         self.expires_at.is_some_and(|at| at <= now)
     }
+}
+
+impl Entry {
+    fn as_ref(&self) -> EntryRef<'_> {
+        EntryRef {
+            value: &self.value,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+/// The entries of a restored checkpoint, in strictly increasing key order
+/// (none expired when it was restored).
+pub trait Checkpointed {
+    /// How many entries there are.
+    fn len(&self) -> usize;
+    /// The key of entry `i`.
+    fn key(&self, i: usize) -> &[u8];
+    /// Entry `i`.
+    fn get(&self, i: usize) -> (&[u8], EntryRef<'_>);
+}
+
+/// The base: a restored checkpoint, less its `shadowed` keys (changed
+/// since, their entries in the map if they still exist).
+struct Base {
+    source: Box<dyn Checkpointed>,
+    shadowed: BTreeSet<Vec<u8>>,
+}
+
+impl core::fmt::Debug for Base {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "Base({} keys, {} shadowed)",
+            self.source.len(),
+            self.shadowed.len()
+        )
+    }
+}
+
+impl Base {
+    /// The index of the first entry whose key is not less than `key`, and
+    /// whether it is `key`.
+    fn seek(&self, key: &[u8]) -> (usize, bool) {
+        let (mut lo, mut hi) = (0, self.source.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.source.key(mid).cmp(key) {
+                core::cmp::Ordering::Less => lo = mid + 1,
+                core::cmp::Ordering::Greater => hi = mid,
+                core::cmp::Ordering::Equal => return (mid, true),
+            }
+        }
+        (lo, false)
+    }
+
+    /// The entry of `key`, unless shadowed.
+    fn get(&self, key: &[u8]) -> Option<EntryRef<'_>> {
+        match self.seek(key) {
+            (i, true) if !self.shadowed.contains(key) => Some(self.source.get(i).1),
+            _ => None,
+        }
+    }
+
+    /// The entries not shadowed from the first key not less than `from`.
+    fn iter_from<'s>(
+        &'s self,
+        from: &[u8],
+    ) -> impl Iterator<Item = (&'s [u8], EntryRef<'s>)> + use<'s> {
+        (self.seek(from).0..self.source.len())
+            .map(|i| self.source.get(i))
+            .filter(|(k, _)| !self.shadowed.contains(*k))
+    }
+}
+
+/// Two iterators of distinct keys, each in key order, merged in key order.
+fn merge<'a, T>(
+    a: impl Iterator<Item = (&'a [u8], T)>,
+    b: impl Iterator<Item = (&'a [u8], T)>,
+) -> impl Iterator<Item = (&'a [u8], T)> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    core::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (Some(x), Some(y)) if y.0 < x.0 => b.next(),
+        (Some(_), _) => a.next(),
+        (None, _) => b.next(),
+    })
 }
 
 /// Keys changed since the last checkpoint (for incremental checkpoints).
@@ -56,6 +162,8 @@ pub struct Store {
     pub changes: u64,
     /// Changed keys, when tracked ([`Self::track_changes`]).
     dirty: Option<Dirty>,
+    /// The restored checkpoint, less what changed since.
+    base: Option<Base>,
 }
 
 impl Store {
@@ -93,18 +201,27 @@ impl Store {
     }
 
     /// The entry of `key`, expired or not (for checkpoints).
-    pub fn entry(&self, key: &[u8]) -> Option<&Entry> {
-        self.map.get(key)
+    pub fn entry(&self, key: &[u8]) -> Option<EntryRef<'_>> {
+        match self.map.get(key) {
+            Some(e) => Some(e.as_ref()),
+            None => self.base.as_ref()?.get(key),
+        }
     }
 
     /// Every entry that has not expired by `now`, in key order.
-    pub fn live_entries(&self, now: Instant) -> impl Iterator<Item = (&Vec<u8>, &Entry)> {
-        self.map.iter().filter(move |(_, e)| !e.is_expired(now))
+    pub fn live_entries(&self, now: Instant) -> impl Iterator<Item = (&[u8], EntryRef<'_>)> {
+        let map = self.map.iter().map(|(k, e)| (&k[..], e.as_ref()));
+        let base = self.base.iter().flat_map(|b| b.iter_from(&[]));
+        merge(map, base).filter(move |(_, e)| !e.is_expired(now))
     }
 
     /// Keys stored, including expired ones not yet removed.
     pub fn len(&self) -> usize {
         self.map.len()
+            + self
+                .base
+                .as_ref()
+                .map_or(0, |b| b.source.len() - b.shadowed.len())
     }
 
     /// Keys with a deadline, including expired ones not yet removed.
@@ -117,20 +234,22 @@ impl Store {
         if self.expiries.is_empty() {
             return; // the common case, one lookup fewer
         }
-        if self.map.get(key).is_some_and(|e| e.is_expired(now)) {
+        if self.entry(key).is_some_and(|e| e.is_expired(now)) {
+            self.own(key);
             self.remove_entry(key);
             self.expired_keys += 1;
         }
     }
 
     /// The live entry for `key`.
-    pub fn get(&mut self, key: &[u8], now: Instant) -> Option<&Entry> {
+    pub fn get(&mut self, key: &[u8], now: Instant) -> Option<EntryRef<'_>> {
         self.expire_if_due(key, now);
-        self.map.get(key)
+        self.entry(key)
     }
 
     /// The live value of `key`, to change in place (its deadline stays).
     pub fn value_mut(&mut self, key: &[u8], now: Instant) -> Option<&mut Vec<u8>> {
+        self.own(key);
         self.expire_if_due(key, now);
         self.changes += 1;
         if self.map.contains_key(key) {
@@ -152,6 +271,7 @@ impl Store {
         value: Vec<u8>,
         expires_at: Option<Instant>,
     ) -> Option<Entry> {
+        self.own(&key);
         self.changes += 1;
         self.touch(&key);
         match self.map.get_mut(&key) {
@@ -177,37 +297,49 @@ impl Store {
         }
     }
 
-    /// Sets every `(key, value, deadline)` of `entries`, which come in key
-    /// order (a checkpoint): into an empty store, the map is built in one
-    /// pass (no search per key, full nodes) rather than key by key.
-    pub fn extend_sorted(
+    /// Serves the entries of `source` (a restored checkpoint) from now
+    /// on, as the base of an empty store; `volatile` are its keys with a
+    /// deadline.
+    pub fn restore(
         &mut self,
-        entries: impl Iterator<Item = (Vec<u8>, Vec<u8>, Option<Instant>)>,
+        source: Box<dyn Checkpointed>,
+        volatile: impl Iterator<Item = (Instant, Vec<u8>)>,
     ) {
-        if !self.map.is_empty() {
-            for (key, value, expires_at) in entries {
-                self.set(key, value, expires_at);
-            }
+        debug_assert!(self.map.is_empty() && self.base.is_none());
+        self.changes += source.len() as u64;
+        self.expiries.extend(volatile);
+        self.base = Some(Base {
+            source,
+            shadowed: BTreeSet::new(),
+        });
+    }
+
+    /// Makes the map hold `key`'s entry if the base has it (and shadows it
+    /// there): every command that changes a key calls this first.
+    fn own(&mut self, key: &[u8]) {
+        let Some(base) = &mut self.base else {
+            return;
+        };
+        if self.map.contains_key(key) || base.shadowed.contains(key) {
             return;
         }
-        let mut expiries = Vec::new();
-        self.map = entries
-            .map(|(key, value, expires_at)| {
-                if let Some(at) = expires_at {
-                    expiries.push((at, key.clone()));
-                }
-                (key, Entry { value, expires_at })
-            })
-            .collect();
-        self.expiries = expiries.into_iter().collect();
-        self.changes += self.map.len() as u64;
-        if let Some(d) = &mut self.dirty {
-            d.keys.extend(self.map.keys().cloned());
+        if let (i, true) = base.seek(key) {
+            let (_, e) = base.source.get(i);
+            let entry = Entry {
+                value: e.value.to_vec(),
+                expires_at: e.expires_at,
+            };
+            base.shadowed.insert(key.to_vec());
+            self.map.insert(key.to_vec(), entry);
+            if base.shadowed.len() == base.source.len() {
+                self.base = None; // every key changed since: nothing left
+            }
         }
     }
 
     /// Sets `key` to `value`, keeping the deadline it has (if live).
     pub fn set_keep_ttl(&mut self, key: Vec<u8>, value: Vec<u8>, now: Instant) {
+        self.own(&key);
         self.changes += 1;
         self.expire_if_due(&key, now);
         self.touch(&key);
@@ -227,6 +359,7 @@ impl Store {
 
     /// Changes the deadline of live `key`; false if there is no such key.
     pub fn set_expiry(&mut self, key: &[u8], expires_at: Option<Instant>, now: Instant) -> bool {
+        self.own(key);
         self.expire_if_due(key, now);
         if !self.map.contains_key(key) {
             return false;
@@ -250,6 +383,7 @@ impl Store {
 
     /// Removes live `key`, returning its entry.
     pub fn remove(&mut self, key: &[u8], now: Instant) -> Option<Entry> {
+        self.own(key);
         self.expire_if_due(key, now);
         self.changes += 1;
         self.remove_entry(key)
@@ -267,6 +401,7 @@ impl Store {
     /// Removes every key.
     pub fn clear(&mut self) {
         self.changes += 1;
+        self.base = None;
         self.map.clear();
         self.expiries.clear();
         if let Some(d) = &mut self.dirty {
@@ -287,6 +422,7 @@ impl Store {
             let Some((_, key)) = self.expiries.pop_first() else {
                 break;
             };
+            self.own(&key);
             self.map.remove(&key);
             self.touch(&key);
             removed += 1;
@@ -297,15 +433,23 @@ impl Store {
 
     /// Live keys matching glob `pattern`, in order. Expired keys must have
     /// been removed first ([`expire_due`](Self::expire_due)) or are listed.
-    pub fn keys<'a>(&'a self, pattern: &'a [u8]) -> impl Iterator<Item = &'a Vec<u8>> + 'a {
+    pub fn keys<'a>(&'a self, pattern: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
         let prefix = glob::literal_prefix(pattern);
         let literal = glob::is_literal(pattern);
-        let range = self.map.range::<[u8], _>((
-            core::ops::Bound::Included(&prefix[..]),
-            core::ops::Bound::Unbounded,
-        ));
-        range
-            .map(|(k, _)| k)
+        let map = self
+            .map
+            .range::<[u8], _>((
+                core::ops::Bound::Included(&prefix[..]),
+                core::ops::Bound::Unbounded,
+            ))
+            .map(|(k, _)| (&k[..], ()));
+        let base = self
+            .base
+            .iter()
+            .flat_map(move |b| b.iter_from(&prefix).map(|(k, _)| (k, ())));
+        let prefix = glob::literal_prefix(pattern);
+        merge(map, base)
+            .map(|(k, ())| k)
             .take_while(move |k| k.starts_with(&prefix) && (!literal || k.len() == prefix.len()))
             .filter(move |k| literal || glob::matches(pattern, k, false))
     }
