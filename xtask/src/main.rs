@@ -79,10 +79,10 @@ struct DemoArgs {
     #[arg(long)]
     short: bool,
     /// Peak requests per second of us-east's clients (eu-west x1.25, ap-southeast x0.8).
-    #[arg(long, value_name = "RPS", default_value_t = 40.0)]
+    #[arg(long, value_name = "RPS", default_value_t = 100.0)]
     peak_rps: f64,
     /// The scheduler's interval, in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = 500)]
+    #[arg(long, value_name = "MS", default_value_t = 250)]
     interval_ms: u64,
     /// Serve the dashboard on this address [default: a free port on 127.0.0.1].
     #[arg(long, value_name = "ADDR")]
