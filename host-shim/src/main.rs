@@ -557,7 +557,8 @@ struct ServeArgs {
     /// Keep uploaded images (DIR/images, by SHA-256) and the instances run
     /// with `--restart always` (DIR/instances): after a restart of the
     /// daemon they boot again, from their app's latest checkpoint if any.
-    /// Without it, images cannot be uploaded and nothing is kept.
+    /// [default: the identity's directory (--dir), for a host with an
+    /// identity]. Without it, images cannot be uploaded and nothing is kept.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
 
@@ -1322,6 +1323,11 @@ fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
         (None, Some(_)) => None,
     };
     let host = identity.as_ref().map(|i| i.config.clone());
+    // A host with an identity keeps its images and instances next to it:
+    // `init` + `serve` is all a fleet host needs for `deploy`.
+    let state_dir = args
+        .state_dir
+        .or_else(|| identity.as_ref().map(|i| i.dir.clone()));
     let listen = args
         .listen
         .or(host.as_ref().map(|h| h.listen))
@@ -1361,7 +1367,7 @@ fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
         kvm_device: args.kvm_device,
         overlay,
         security,
-        state_dir: args.state_dir,
+        state_dir,
         max_image_bytes: args.max_image_size,
     })?;
     Ok(0)
