@@ -162,6 +162,7 @@ pub struct Daemon {
     standbys: standby::Standbys,
     images: Option<images::ImageStore>,
     persist: Option<persist::Persist>,
+    started: Instant,
 }
 
 impl Daemon {
@@ -212,6 +213,7 @@ impl Daemon {
             images,
             persist,
             standbys: Default::default(),
+            started: Instant::now(),
         });
         daemon.bring_back();
         Ok((daemon, rx))
@@ -848,6 +850,14 @@ impl Daemon {
             return reply;
         }
         match (method, segments.as_slice()) {
+            (Method::Get, ["v1", "health"]) => json(
+                200,
+                &api::Health {
+                    ok: true,
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    uptime_s: self.started.elapsed().as_secs_f64(),
+                },
+            ),
             (Method::Get, ["v1", "info"]) => json(200, &self.info()),
             (Method::Get, ["v1", "stats"]) => json(200, &self.stats()),
             (Method::Get, ["v1", "instances"]) => {
