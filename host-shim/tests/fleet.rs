@@ -11,7 +11,7 @@ use common::{free_port, image, redis_pipe_set, require_kvm, Redis};
 use std::io::Read;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A `host-shim serve` with a state directory, killed when dropped.
