@@ -65,10 +65,12 @@ Placement over a fleet of daemons:
 /var/lib/host-shim for root, else ~/.local/share/host-shim), else 127.0.0.1:7000;
 logs/stop/migrate without --shim act on the fleet, below.)
 
-A fleet (the hosts you own, each running `host-shim serve --state-dir DIR`),
-from your machine; the state is in --fleet FILE ($HOST_SHIM_FLEET, default
-~/.config/host-shim/fleet.json):
-    host-shim fleet add us-east http://127.0.0.1:7000     check it answers, note its region
+A fleet (the hosts you own, each running `host-shim init` once, `peer add` for
+the others, then `host-shim serve`), from your machine; the state is in
+--fleet FILE ($HOST_SHIM_FLEET, default ~/.config/host-shim/fleet.json):
+    host-shim fleet add us-east https://203.0.113.5:7443 --fingerprint SHA256:... --token TOKEN
+                                       check it answers (TLS, pinned), note its region
+    host-shim fleet add lab http://127.0.0.1:7000      a plain daemon (trusted networks)
     host-shim fleet ls | host-shim fleet rm us-east
     host-shim deploy target/images/kv.img --on us-east --name kv --publish 6379:6379
     host-shim ps                       every instance on every host (name, host, region,
@@ -82,7 +84,8 @@ from your machine; the state is in --fleet FILE ($HOST_SHIM_FLEET, default
 Exit status of the fleet commands (fleet, deploy, ps, and logs/migrate/stop
 without --shim):
     0  done
-    1  failed: the shim refused, bad flags, unreadable image or state file
+    1  failed: the shim refused (also a wrong token, or a certificate that is not
+       the pinned one), bad flags, unreadable image or state file
     3  not found: no such host or app in the fleet, or not on its host
     4  unreachable: a host did not answer (ps lists the others first)
     5  conflict: the fleet state changed meanwhile (another CLI); run it again";
@@ -296,12 +299,14 @@ enum FleetCommand {
 struct FleetAddArgs {
     /// The host's name in the fleet (e.g. us-east).
     name: String,
-    /// Its API: http://ADDR:PORT (the shim's --listen address).
+    /// Its API: https://ADDR:PORT for a host with an identity (then
+    /// --fingerprint and --token), http://ADDR:PORT for a plain daemon.
     url: String,
-    /// Its pinned certificate fingerprint (SHA256:...), for TLS.
+    /// Its certificate fingerprint (SHA256:..., as its `init` and `serve`
+    /// printed it): the host must present that certificate.
     #[arg(long, value_name = "SHA256:...")]
     fingerprint: Option<String>,
-    /// Your bearer token on that host.
+    /// Your user token on that host (its `init` printed it; in its DIR/token).
     #[arg(long, value_name = "TOKEN")]
     token: Option<String>,
     #[command(flatten)]
@@ -557,7 +562,8 @@ struct ServeArgs {
     /// Keep uploaded images (DIR/images, by SHA-256) and the instances run
     /// with `--restart always` (DIR/instances): after a restart of the
     /// daemon they boot again, from their app's latest checkpoint if any.
-    /// Without it, images cannot be uploaded and nothing is kept.
+    /// [default: the identity's directory (--dir), for a host with an
+    /// identity]. Without it, images cannot be uploaded and nothing is kept.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
 
@@ -1322,6 +1328,11 @@ fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
         (None, Some(_)) => None,
     };
     let host = identity.as_ref().map(|i| i.config.clone());
+    // A host with an identity keeps its images and instances next to it:
+    // `init` + `serve` is all a fleet host needs for `deploy`.
+    let state_dir = args
+        .state_dir
+        .or_else(|| identity.as_ref().map(|i| i.dir.clone()));
     let listen = args
         .listen
         .or(host.as_ref().map(|h| h.listen))
@@ -1361,7 +1372,7 @@ fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
         kvm_device: args.kvm_device,
         overlay,
         security,
-        state_dir: args.state_dir,
+        state_dir,
         max_image_bytes: args.max_image_size,
     })?;
     Ok(0)

@@ -6,33 +6,13 @@
 
 mod common;
 
+use common::daemon::{FleetCli, TempDir, BIN};
 use common::{free_port, image, redis_pipe_set, require_kvm, Redis};
 use std::io::Read;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_host-shim");
-
-/// A scratch directory (state dirs, the fleet file, logs), removed at the end.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("host-shim-fleet-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A `host-shim serve` with a state directory, killed when dropped.
 struct Shim {
@@ -121,49 +101,10 @@ impl Drop for Shim {
     }
 }
 
-/// `host-shim ARGS` against the fleet file `fleet`.
-fn cli(fleet: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("HOST_SHIM_FLEET", fleet)
-        .env_remove("HOST_SHIM")
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("spawn host-shim")
-}
-
-/// `host-shim ARGS`, which must succeed; its stdout.
-fn ok(fleet: &Path, args: &[&str]) -> String {
-    let out = cli(fleet, args);
-    assert!(
-        out.status.success(),
-        "host-shim {args:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn json(fleet: &Path, args: &[&str]) -> serde_json::Value {
-    let text = ok(fleet, args);
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}):\n{text}"))
-}
-
-/// The `ps --json` row of `name`.
-fn ps_row(fleet: &Path, name: &str) -> Option<serde_json::Value> {
-    json(fleet, &["ps", "--json"])["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == name)
-        .cloned()
-}
-
 #[test]
 fn an_app_deployed_to_a_fleet_moves_around_three_shims_with_its_client_and_logs() {
-    let dir = TempDir::new("tour");
-    let fleet = dir.0.join("fleet.json");
+    let dir = TempDir::new("fleet-tour");
+    let fleet = FleetCli::new(&dir);
     let addrs: Vec<String> = (0..3)
         .map(|_| format!("127.0.0.1:{}", free_port()))
         .collect();
@@ -181,11 +122,12 @@ fn an_app_deployed_to_a_fleet_moves_around_three_shims_with_its_client_and_logs(
         })
         .collect();
     for s in &shims {
-        let added = json(&fleet, &["fleet", "add", &s.name, &s.url(), "--json"]);
+        let added = fleet.json(&["fleet", "add", &s.name, &s.url(), "--json"]);
         assert_eq!(added["region"], format!("region-{}", s.name), "{added}");
     }
     assert_eq!(
-        json(&fleet, &["fleet", "ls", "--json"])
+        fleet
+            .json(&["fleet", "ls", "--json"])
             .as_array()
             .unwrap()
             .len(),
@@ -196,35 +138,26 @@ fn an_app_deployed_to_a_fleet_moves_around_three_shims_with_its_client_and_logs(
     let port = free_port();
     let kv = image("kv").display().to_string();
     let publish = format!("127.0.0.1:{port}:6379");
-    let deployed = json(
-        &fleet,
-        &[
-            "deploy",
-            &kv,
-            "--on",
-            "a",
-            "--name",
-            "kv",
-            "--publish",
-            &publish,
-            "--json",
-        ],
-    );
+    let deployed = fleet.json(&[
+        "deploy",
+        &kv,
+        "--on",
+        "a",
+        "--name",
+        "kv",
+        "--publish",
+        &publish,
+        "--json",
+    ]);
     assert_eq!(deployed["uploaded"], true, "{deployed}");
     assert_eq!(deployed["host"], "a");
-    let again = json(
-        &fleet,
-        &["deploy", &kv, "--on", "a", "--name", "kv2", "--json"],
-    );
+    let again = fleet.json(&["deploy", &kv, "--on", "a", "--name", "kv2", "--json"]);
     assert_eq!(again["uploaded"], false, "deduplicated: {again}");
-    ok(&fleet, &["stop", "kv2"]);
+    fleet.ok(&["stop", "kv2"]);
     let churn = image("selftest").display().to_string();
-    ok(
-        &fleet,
-        &[
-            "deploy", &churn, "--on", "a", "--name", "churn", "--", "churn",
-        ],
-    );
+    fleet.ok(&[
+        "deploy", &churn, "--on", "a", "--name", "churn", "--", "churn",
+    ]);
 
     // Keys, and a client that stays connected through every move.
     let mut client = Redis::when_up(port);
@@ -232,10 +165,8 @@ fn an_app_deployed_to_a_fleet_moves_around_three_shims_with_its_client_and_logs(
         port,
         (0..2000).map(|i| (format!("key:{i}"), format!("value-{i}"))),
     );
-    let mut follow = Command::new(BIN)
-        .args(["logs", "churn", "--follow"])
-        .env("HOST_SHIM_FLEET", &fleet)
-        .env("RUST_LOG", "warn")
+    let mut follow = fleet
+        .command(&["logs", "churn", "--follow"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -244,13 +175,13 @@ fn an_app_deployed_to_a_fleet_moves_around_three_shims_with_its_client_and_logs(
     for (round, to) in ["b", "c", "a", "c"].iter().enumerate() {
         let key = format!("moving:{round}");
         assert_eq!(client.cmd(&["SET", &key, to]).unwrap(), "OK");
-        let moved = json(&fleet, &["migrate", "kv", "--to", to, "--json"]);
+        let moved = fleet.json(&["migrate", "kv", "--to", to, "--json"]);
         assert_eq!(moved["to"], *to, "{moved}");
         assert!(moved["downtime_ms"].as_f64().is_some(), "{moved}");
-        ok(&fleet, &["migrate", "churn", "--to", to]);
+        fleet.ok(&["migrate", "churn", "--to", to]);
         wait_for_log(&fleet, "churn", &format!(" on {to}\n"));
         assert_eq!(client.cmd(&["GET", &key]).unwrap(), *to, "round {round}");
-        let row = ps_row(&fleet, "kv").expect("kv in ps");
+        let row = fleet.ps_row("kv").expect("kv in ps");
         assert_eq!(
             (row["host"].as_str(), row["state"].as_str()),
             (Some(*to), Some("running"))
@@ -266,7 +197,7 @@ fn an_app_deployed_to_a_fleet_moves_around_three_shims_with_its_client_and_logs(
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2004");
 
     // The logs followed churn everywhere, and end when it is stopped.
-    ok(&fleet, &["stop", "churn"]);
+    fleet.ok(&["stop", "churn"]);
     let give_up = Instant::now() + Duration::from_secs(10);
     while follow.try_wait().unwrap().is_none() {
         assert!(
@@ -302,29 +233,29 @@ fn an_app_deployed_to_a_fleet_moves_around_three_shims_with_its_client_and_logs(
     assert!(notes.contains("churn on c: stopped"), "{notes}");
 
     // Stop: gone everywhere, its published port with it.
-    ok(&fleet, &["stop", "kv"]);
-    let ps = json(&fleet, &["ps", "--all", "--json"]);
+    fleet.ok(&["stop", "kv"]);
+    let ps = fleet.json(&["ps", "--all", "--json"]);
     assert!(ps["instances"].as_array().unwrap().is_empty(), "{ps}");
     assert!(
         TcpStream::connect(("127.0.0.1", port)).is_err(),
         "port {port} still open"
     );
-    let missing = cli(&fleet, &["logs", "kv"]);
+    let missing = fleet.run(&["logs", "kv"]);
     assert_eq!(missing.status.code(), Some(3), "not found: {missing:?}");
     drop(shims);
 }
 
 #[test]
 fn tampered_and_oversize_images_are_refused_and_unreachable_hosts_reported() {
-    let dir = TempDir::new("refuse");
-    let fleet = dir.0.join("fleet.json");
+    let dir = TempDir::new("fleet-refuse");
+    let fleet = FleetCli::new(&dir);
     let addr = format!("127.0.0.1:{}", free_port());
     let shim = Shim::start(&dir.0, "small", &addr, 1, &["--max-image-size", "300K"]);
-    ok(&fleet, &["fleet", "add", "small", &shim.url()]);
+    fleet.ok(&["fleet", "add", "small", &shim.url()]);
 
     // kv (~450 KiB) is over the limit: refused by the CLI up front...
     let kv = image("kv");
-    let out = cli(&fleet, &["deploy", kv.to_str().unwrap(), "--on", "small"]);
+    let out = fleet.run(&["deploy", kv.to_str().unwrap(), "--on", "small"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("over host small's limit"),
@@ -381,15 +312,15 @@ fn tampered_and_oversize_images_are_refused_and_unreachable_hosts_reported() {
 
     // A host that does not answer: ps reports it with status 4.
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let refused = cli(&fleet, &["fleet", "add", "dead", &dead]);
+    let refused = fleet.run(&["fleet", "add", "dead", &dead]);
     assert_eq!(refused.status.code(), Some(4), "{refused:?}");
-    let text = std::fs::read_to_string(&fleet).unwrap();
+    let text = std::fs::read_to_string(&fleet.file).unwrap();
     let mut state: serde_json::Value = serde_json::from_str(&text).unwrap();
     state["entries"]["hosts/dead"] = serde_json::json!({
         "version": 99, "value": {"name": "dead", "url": dead}
     });
-    std::fs::write(&fleet, state.to_string()).unwrap();
-    let ps = cli(&fleet, &["ps", "--json"]);
+    std::fs::write(&fleet.file, state.to_string()).unwrap();
+    let ps = fleet.run(&["ps", "--json"]);
     assert_eq!(ps.status.code(), Some(4));
     let ps: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();
     assert_eq!(ps["unreachable"][0]["host"], "dead", "{ps}");
@@ -398,47 +329,41 @@ fn tampered_and_oversize_images_are_refused_and_unreachable_hosts_reported() {
 
 #[test]
 fn instances_come_back_after_their_daemon_restarts() {
-    let dir = TempDir::new("restart");
-    let fleet = dir.0.join("fleet.json");
+    let dir = TempDir::new("fleet-restart");
+    let fleet = FleetCli::new(&dir);
     let addr = format!("127.0.0.1:{}", free_port());
     let mut shim = Shim::start(&dir.0, "r", &addr, 1, &[]);
-    ok(&fleet, &["fleet", "add", "r", &shim.url()]);
+    fleet.ok(&["fleet", "add", "r", &shim.url()]);
     let port = free_port();
     let kv = image("kv").display().to_string();
     let publish = format!("127.0.0.1:{port}:6379");
-    ok(
-        &fleet,
-        &[
-            "deploy",
-            &kv,
-            "--on",
-            "r",
-            "--name",
-            "kv",
-            "--publish",
-            &publish,
-            "--checkpoint-every",
-            "100ms",
-        ],
-    );
+    fleet.ok(&[
+        "deploy",
+        &kv,
+        "--on",
+        "r",
+        "--name",
+        "kv",
+        "--publish",
+        &publish,
+        "--checkpoint-every",
+        "100ms",
+    ]);
     let http_port = free_port();
     let http_publish = format!("127.0.0.1:{http_port}:80");
     let http = image("http").display().to_string();
-    ok(
-        &fleet,
-        &[
-            "deploy",
-            &http,
-            "--on",
-            "r",
-            "--name",
-            "web",
-            "--publish",
-            &http_publish,
-            "--restart",
-            "never",
-        ],
-    );
+    fleet.ok(&[
+        "deploy",
+        &http,
+        "--on",
+        "r",
+        "--name",
+        "web",
+        "--publish",
+        &http_publish,
+        "--restart",
+        "never",
+    ]);
     let mut client = Redis::when_up(port);
     client.fill(500);
     // Wait for a checkpoint taken after the keys to reach the disk: the
@@ -462,14 +387,12 @@ fn instances_come_back_after_their_daemon_restarts() {
     }
 
     shim.restart();
-    let row =
-        ps_row(&fleet, "kv").unwrap_or_else(|| panic!("kv did not come back:\n{}", shim.output()));
+    let row = fleet
+        .ps_row("kv")
+        .unwrap_or_else(|| panic!("kv did not come back:\n{}", shim.output()));
     assert_eq!(row["state"], "running");
     assert_eq!(row["restart"], "always");
-    assert!(
-        ps_row(&fleet, "web").is_none(),
-        "--restart never stays down"
-    );
+    assert!(fleet.ps_row("web").is_none(), "--restart never stays down");
     let mut client = Redis::when_up(port);
     client.check(500);
     assert!(
@@ -477,19 +400,16 @@ fn instances_come_back_after_their_daemon_restarts() {
         "{}",
         shim.output()
     );
-    ok(&fleet, &["stop", "kv"]);
+    fleet.ok(&["stop", "kv"]);
     shim.restart();
-    assert!(
-        ps_row(&fleet, "kv").is_none(),
-        "a stopped app stays stopped"
-    );
+    assert!(fleet.ps_row("kv").is_none(), "a stopped app stays stopped");
 }
 
 /// Waits (up to 10 s) until `logs NAME` shows `needle`.
-fn wait_for_log(fleet: &Path, name: &str, needle: &str) {
+fn wait_for_log(fleet: &FleetCli, name: &str, needle: &str) {
     let give_up = Instant::now() + Duration::from_secs(10);
     loop {
-        let logs = ok(fleet, &["logs", name]);
+        let logs = fleet.ok(&["logs", name]);
         if logs.contains(needle) {
             return;
         }

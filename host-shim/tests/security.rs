@@ -12,20 +12,8 @@ use host_shim::daemon::api::{Client, ShimInfo};
 use host_shim::security::Fingerprint;
 use std::process::Command;
 
-/// The daemon's fingerprint and user token, from its state directory.
-fn pin_and_token(d: &Daemon) -> (String, String) {
-    let list = d.cli(&["peer", "list"]);
-    let fp = list
-        .split_whitespace()
-        .find(|w| w.starts_with("SHA256:"))
-        .unwrap_or_else(|| panic!("no fingerprint in {list}"))
-        .to_owned();
-    let token = std::fs::read_to_string(d.state.as_ref().unwrap().join("token")).unwrap();
-    (fp, token.trim().to_owned())
-}
-
 fn info(d: &Daemon) -> ShimInfo {
-    let (fp, token) = pin_and_token(d);
+    let (fp, token) = d.pin_and_token();
     Client::secure(&d.addr, fp.parse().unwrap(), Some(token), None)
         .unwrap()
         .json::<(), _>("GET", "/v1/info", None)
@@ -47,7 +35,7 @@ fn curl_status(d: &Daemon, path: &str, auth: &[&str]) -> String {
 fn calls_without_the_token_or_to_the_wrong_certificate_are_refused() {
     let dir = TempDir::new("sec-auth");
     let a = Daemon::secure("auth-a", 13, &[], &dir);
-    let (fp, token) = pin_and_token(&a);
+    let (fp, token) = a.pin_and_token();
     assert!(a
         .output_once_it_says(&fp)
         .contains(&format!("https://{}", a.addr)));
@@ -125,8 +113,8 @@ fn migration_over_mutual_tls_and_refusal_of_an_unpinned_peer() {
         &["--fleet-key-file", fleet_key.to_str().unwrap()],
         &dir,
     );
-    let (fpa, _) = pin_and_token(&a);
-    let (fpb, _) = pin_and_token(&b);
+    let (fpa, _) = a.pin_and_token();
+    let (fpb, _) = b.pin_and_token();
     let b_https = format!("https://{}", b.addr);
     a.cli(&["peer", "add", "sec-b", &fpb, "--addr", &b_https]);
     b.cli(&["peer", "add", "sec-a", &fpa]);

@@ -185,11 +185,13 @@ enum BenchCmd {
         runs: usize,
     },
     /// The fleet: live migration downtime of the kv app with TLS (mutual authentication,
-    /// sealed overlay, `host-shim init` identities) vs the plain stream, side by side.
+    /// sealed overlay, `host-shim init` identities) vs the plain stream, side by side; and
+    /// deploy-to-first-reply time (`host-shim deploy`, image uploaded or deduplicated)
+    /// to a secure and a plain host.
     ///
     /// Needs redis-tools and /dev/kvm. Two daemon pairs, one plain and one secure, each
-    /// with kv under load; migrations alternate between them. Prints a markdown table of
-    /// medians and the TLS/plain downtime ratio against the target (<= 1.10).
+    /// with kv under load; migrations and deploys alternate between them. Prints markdown
+    /// tables of medians and the TLS/plain ratios (downtime target <= 1.10).
     Fleet {
         /// Migrations per pair (alternating directions).
         #[arg(long, default_value_t = 10)]
@@ -201,14 +203,6 @@ enum BenchCmd {
     Checkpoint {
         /// Runs per boot/restore measurement.
         #[arg(long, default_value_t = 3)]
-        runs: usize,
-    },
-    /// Deploy-to-first-reply time of the kv app on a remote shim: `host-shim deploy` (image
-    /// upload by SHA-256, or none when the shim has it) until kv answers PING through its
-    /// published port. Needs /dev/kvm. Prints a markdown table (medians with min–max).
-    Deploy {
-        /// Deploys per case (image new to the shim, image already there).
-        #[arg(long, default_value_t = 10)]
         runs: usize,
     },
 }
@@ -284,9 +278,6 @@ fn dispatch(ws: &Workspace, command: Cmd) -> Result<()> {
                 kv_image: a.kv_image,
             },
         ),
-        Cmd::Bench(BenchCmd::Deploy { runs }) => {
-            bench::deploy::run(ws, &bench::deploy::DeployOptions { runs })
-        }
     }
 }
 

@@ -160,6 +160,15 @@ pub struct InstanceInfo {
     pub restart: Restart,
 }
 
+/// `GET /v1/health`: a cheap liveness answer (no token needed).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Health {
+    pub ok: bool,
+    pub version: String,
+    /// Seconds since the daemon started.
+    pub uptime_s: f64,
+}
+
 /// `GET /v1/info`: who this daemon is.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ShimInfo {

@@ -215,8 +215,8 @@ fn serve_conn(daemon: &Arc<Daemon>, tcp: TcpStream, security: Option<&HostSecuri
 }
 
 /// Who the caller is, or why they may not call. A migration stream must
-/// come from a pinned peer; other calls from a user with the token or a
-/// pinned peer.
+/// come from a pinned peer; `GET /v1/health` from anyone; other calls from
+/// a user with the token or a pinned peer.
 fn authenticate(
     head: &Head,
     stream: &Stream,
@@ -226,6 +226,10 @@ fn authenticate(
     let Some(sec) = security else {
         return Ok(Caller::Anyone);
     };
+    // Liveness probes (monitors, load balancers) need no token.
+    if head.method == Method::Get && head.path.trim_end_matches('/') == "/v1/health" {
+        return Ok(Caller::Anyone);
+    }
     let fp = stream.peer_fingerprint();
     if let Some(peer) = fp.and_then(|fp| sec.peer_by_fingerprint(&fp)) {
         return Ok(Caller::Peer(peer.name));

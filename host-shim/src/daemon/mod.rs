@@ -63,7 +63,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub use http::Method;
 
@@ -162,6 +162,7 @@ pub struct Daemon {
     standbys: standby::Standbys,
     images: Option<images::ImageStore>,
     persist: Option<persist::Persist>,
+    started: Instant,
 }
 
 impl Daemon {
@@ -212,6 +213,7 @@ impl Daemon {
             images,
             persist,
             standbys: Default::default(),
+            started: Instant::now(),
         });
         daemon.bring_back();
         Ok((daemon, rx))
@@ -805,6 +807,20 @@ impl Daemon {
         }
     }
 
+    /// Puts every pinned peer with an address on the overlay (at that
+    /// address, UDP: a shim's overlay listens on its API address unless
+    /// told otherwise), so a fleet of secure hosts is a full mesh without
+    /// `--peer`: a guest that moved twice still reaches the gateway it
+    /// knew, and its clients reach it. Also done when a guest arrives, so
+    /// that its first frames reach every host.
+    pub fn join_pinned_peers(&self) {
+        if let Some(sec) = &self.config.security {
+            for addr in sec.peers().iter().filter_map(|p| p.overlay_addr()) {
+                self.net.add_peer(addr);
+            }
+        }
+    }
+
     /// A client of another daemon, `to` (an address or a pinned peer's
     /// name): plain HTTP when this daemon has no identity, else TLS to the
     /// peer's pinned certificate, presenting this host's own.
@@ -834,6 +850,14 @@ impl Daemon {
             return reply;
         }
         match (method, segments.as_slice()) {
+            (Method::Get, ["v1", "health"]) => json(
+                200,
+                &api::Health {
+                    ok: true,
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    uptime_s: self.started.elapsed().as_secs_f64(),
+                },
+            ),
             (Method::Get, ["v1", "info"]) => json(200, &self.info()),
             (Method::Get, ["v1", "stats"]) => json(200, &self.stats()),
             (Method::Get, ["v1", "instances"]) => {
@@ -968,6 +992,15 @@ mod erased {
     }
 }
 
+/// Keeps the pinned peers on the overlay ([`Daemon::join_pinned_peers`]):
+/// pins added later join within a second.
+fn overlay_to_pinned_peers(daemon: &Daemon) {
+    loop {
+        daemon.join_pinned_peers();
+        thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// Runs the daemon until the process is killed.
 pub fn serve(config: DaemonConfig) -> Result<(), Error> {
     let listener = TcpListener::bind(config.listen)
@@ -981,6 +1014,13 @@ pub fn serve(config: DaemonConfig) -> Result<(), Error> {
             .map_err(|e| Error::Config(e.to_string()))?;
     }
     let security = daemon.config.security.clone();
+    if security.is_some() && daemon.net.overlay_addr().is_some() {
+        let d = Arc::clone(&daemon);
+        thread::Builder::new()
+            .name("pinned-peers".into())
+            .spawn(move || overlay_to_pinned_peers(&d))
+            .map_err(|e| Error::Config(e.to_string()))?;
+    }
     eprintln!(
         "host-shim serve: shim '{}' (region {}) listening on {}{}; gateway {}, guests {}..{}{}",
         daemon.config.name,

@@ -107,7 +107,9 @@ pub fn fleet_add(fleet: &Fleet, mut host: Host, json: bool) -> Result<u8, FleetE
     if !host.url.contains("://") {
         host.url = format!("http://{}", host.url);
     }
-    let info: ShimInfo = client_for(&host)?.json::<(), _>("GET", "/v1/info", None)?;
+    let info: ShimInfo = client_for(&host)?
+        .json::<(), _>("GET", "/v1/info", None)
+        .map_err(|e| refused_add(&host, e))?;
     host.region = info.region.clone();
     fleet.put_host(&host, Expect::Absent)?;
     if json {
@@ -127,6 +129,26 @@ pub fn fleet_add(fleet: &Fleet, mut host: Host, json: bool) -> Result<u8, FleetE
         );
     }
     Ok(exit::OK)
+}
+
+/// Why `fleet add` failed, with what to check when the host refused the
+/// token or showed another certificate than the one given.
+fn refused_add(host: &Host, e: ClientError) -> FleetError {
+    let hint = match &e {
+        ClientError::Api { status: 401, .. } => {
+            "--token must be your user token on that host: its `host-shim init` printed it \
+             (it is in the host's DIR/token)"
+        }
+        ClientError::Tls { .. } if host.fingerprint.is_some() => {
+            "--fingerprint must be the host's: its `init` and `serve` print it, and \
+             `host-shim peer list` on the host shows it"
+        }
+        _ => return e.into(),
+    };
+    FleetError::Failed(format!(
+        "host {} ({}) was not added: {e}\n{hint}",
+        host.name, host.url
+    ))
 }
 
 /// `fleet ls`.

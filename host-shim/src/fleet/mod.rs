@@ -22,7 +22,8 @@ use store::{Expect, FleetStore, StoreError, Versioned};
 pub mod exit {
     /// Done.
     pub const OK: u8 = 0;
-    /// The operation failed (the shim refused, bad flags, a broken state file).
+    /// The operation failed (the shim refused, also for a wrong token or a
+    /// certificate that is not the pinned one; bad flags, a broken state file).
     pub const FAILED: u8 = 1;
     /// No such host or app (in the fleet file, or on the host).
     pub const NOT_FOUND: u8 = 3;
@@ -36,7 +37,8 @@ pub mod exit {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Host {
     pub name: String,
-    /// `http://ADDR:PORT` (or `https://` once the shims speak TLS).
+    /// `https://ADDR:PORT` (a host with an identity: TLS, pinned) or
+    /// `http://ADDR:PORT` (a plain daemon).
     pub url: String,
     /// Its region, as it said when added (`GET /v1/info`).
     #[serde(default)]

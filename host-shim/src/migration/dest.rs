@@ -106,6 +106,7 @@ fn receive<R: Read, W: Write>(daemon: &Arc<Daemon>, r: &mut R, w: &mut W) -> Res
         if let Some(peer) = hello.source_overlay {
             daemon.net.add_peer(peer);
         }
+        daemon.join_pinned_peers();
         let die_after: Option<u64> = std::env::var(DIE_AFTER_PAGES)
             .ok()
             .and_then(|v| v.parse().ok());

@@ -16,7 +16,8 @@
 //!
 //! Every other shim is a port of the local switch ([`super::switch`]), so
 //! MAC learning tells which shim a guest is behind. Peers come from
-//! `--peer`, from migrations (both sides exchange their overlay address in
+//! `--peer`, from the pinned peers of a host with an identity (at their API
+//! address), from migrations (both sides exchange their overlay address in
 //! the handshake) and from any (authenticated, with a fleet key) datagram
 //! with our VNI (a shim that sends to us is a peer). Frames from one peer are never forwarded to another
 //! (split horizon: the overlay is a full mesh, so this cannot lose frames

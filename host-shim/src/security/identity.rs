@@ -62,6 +62,17 @@ pub struct Peer {
     pub addr: Option<String>,
 }
 
+impl Peer {
+    /// Its overlay address: a shim's overlay listens on its API address
+    /// (UDP) unless told otherwise, so that of `addr`, if it has one.
+    pub fn overlay_addr(&self) -> Option<std::net::SocketAddr> {
+        use std::net::ToSocketAddrs;
+        let addr = self.addr.as_deref()?;
+        let bare = addr.trim_start_matches("https://").trim_end_matches('/');
+        bare.to_socket_addrs().ok()?.next()
+    }
+}
+
 /// `DIR/host.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HostConfig {

@@ -58,6 +58,11 @@ impl HostSecurity {
     /// The first pinned peer that `matches`, as `host.json` says now (it
     /// is re-read when it changed: a pin removed is a pin revoked).
     fn find_peer(&self, matches: impl Fn(&Peer) -> bool) -> Option<Peer> {
+        self.peers().into_iter().find(|p| matches(p))
+    }
+
+    /// The pinned peers, as `host.json` says now.
+    pub fn peers(&self) -> Vec<Peer> {
         let modified = std::fs::metadata(self.identity.dir.join(identity::CONFIG))
             .and_then(|m| m.modified())
             .ok();
@@ -71,7 +76,7 @@ impl HostSecurity {
             }
         }
         let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
-        peers.1.iter().find(|p| matches(p)).cloned()
+        peers.1.clone()
     }
 
     /// The pinned peer with this certificate.

@@ -125,6 +125,20 @@ impl Daemon {
         d
     }
 
+    /// A secure daemon's fingerprint (from `peer list`) and user token
+    /// (from its state directory).
+    pub fn pin_and_token(&self) -> (String, String) {
+        let list = self.cli(&["peer", "list"]);
+        let fp = list
+            .split_whitespace()
+            .find(|w| w.starts_with("SHA256:"))
+            .unwrap_or_else(|| panic!("no fingerprint in {list}"))
+            .to_owned();
+        let state = self.state.as_ref().expect("a secure daemon");
+        let token = std::fs::read_to_string(state.join("token")).unwrap();
+        (fp, token.trim().to_owned())
+    }
+
     pub fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -193,4 +207,61 @@ pub fn run_kv(daemon: &Daemon) -> (u16, Redis) {
     let publish = format!("{port}:6379");
     daemon.cli(&["run", &img, "--name", "kv", "--publish", &publish]);
     (port, Redis::when_up(port))
+}
+
+/// The user's fleet CLI: `host-shim ARGS` with the fleet file `file`
+/// (and no --shim / $HOST_SHIM).
+pub struct FleetCli {
+    pub file: PathBuf,
+}
+
+impl FleetCli {
+    pub fn new(dir: &TempDir) -> Self {
+        Self {
+            file: dir.path("fleet.json"),
+        }
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("spawn host-shim")
+    }
+
+    /// The command, to spawn it (e.g. `logs --follow`).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .env("HOST_SHIM_FLEET", &self.file)
+            .env_remove("HOST_SHIM")
+            .env("RUST_LOG", "warn");
+        c
+    }
+
+    /// `host-shim ARGS`, which must succeed; its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "host-shim {args:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `host-shim ARGS --json`'s document.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let text = self.ok(args);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}):\n{text}"))
+    }
+
+    /// The `ps --json` row of `name`.
+    pub fn ps_row(&self, name: &str) -> Option<serde_json::Value> {
+        self.json(&["ps", "--json"])["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .cloned()
+    }
 }

@@ -9,13 +9,16 @@
 //! both are measured side by side under the same machine load; the report gives the
 //! medians and the TLS/plain ratio of the downtime against the target (≤ 1.10).
 //!
-//! The fleet's deploy-to-first-reply time (the fleet CLI's `bench/deploy.rs`) belongs in
-//! this report too: see the marked spot in [`run`].
+//! Then deploy-to-first-reply ([`super::deploy`]): the user's fleet file holds the secure
+//! host (`fleet add tls https://... --fingerprint --token`) and the plain one, and
+//! `host-shim deploy kv.img` alternates between them, image new to the host (uploaded) or
+//! already there; the report gives medians and the TLS/plain ratio of the first reply.
 
 use std::thread;
 
 use anyhow::{bail, Result};
 
+use super::deploy::{DeployTimes, FleetCli};
 use super::migrate::{migrate_once, stat, verdict, Daemon, Loaded, Sample, TempDir, KEYS, SETTLE};
 use super::require;
 use crate::image::{self, Profile};
@@ -63,8 +66,16 @@ pub fn run(ws: &Workspace, opts: &FleetOptions) -> Result<()> {
     let kv = images[0].path.to_string_lossy().into_owned();
     let dir = TempDir::new("fleet")?;
 
+    let plain_state = dir.0.join("plain-a.state");
+    let plain_state_arg = plain_state.to_string_lossy().into_owned();
     let (a, b) = (
-        Daemon::start(&shim, "plain-a", 1, &dir.0)?,
+        Daemon::start_with(
+            &shim,
+            "plain-a",
+            1,
+            &dir.0,
+            &["--state-dir", &plain_state_arg],
+        )?,
         Daemon::start(&shim, "plain-b", 2, &dir.0)?,
     );
     let loaded = Loaded::start(&a, &kv)?;
@@ -142,6 +153,42 @@ pub fn run(ws: &Workspace, opts: &FleetOptions) -> Result<()> {
     let plain_acked = plain.loaded.finish(&mut ps, None);
     let tls_acked = tls.loaded.finish(&mut ts, failure);
     let (plain_acked, tls_acked) = (plain_acked?, tls_acked?);
+
+    // Deploys, as a user with a fleet file: the secure host and the plain one.
+    let file = dir.0.join("fleet.json");
+    let fleet = FleetCli {
+        shim: &shim,
+        file: &file,
+    };
+    let tls_state = tls.a.state().expect("secure").to_owned();
+    let token = std::fs::read_to_string(tls_state.join("token"))?;
+    let tls_url = format!("https://{}", tls.a.addr);
+    fleet.ok(&["fleet", "add", "plain", &format!("http://{}", plain.a.addr)])?;
+    fleet.ok(&[
+        "fleet",
+        "add",
+        "tls",
+        &tls_url,
+        "--fingerprint",
+        &fingerprint(&tls.a)?,
+        "--token",
+        token.trim(),
+    ])?;
+    let hosts = [
+        ("tls", &tls.a, tls_state.join("images")),
+        ("plain", &plain.a, plain_state.join("images")),
+    ];
+    let mut deploys = [DeployTimes::default(), DeployTimes::default()];
+    for i in 0..opts.runs {
+        for ((host, daemon, images), times) in hosts.iter().zip(deploys.iter_mut()) {
+            for upload in [true, false] {
+                let name = format!("kv-{i}-{}", if upload { "new" } else { "dedup" });
+                times.measure(&fleet, (host, daemon, images), &kv, &name, upload)?;
+            }
+        }
+        eprintln!("bench fleet: deploys {}/{}", i + 1, opts.runs);
+    }
+    let kv_kib = std::fs::metadata(&kv)?.len() / 1024;
     drop((plain.a, plain.b, tls.a, tls.b));
 
     let (plain_down, plain_row) = stat(&ps, 2, |s| s.downtime_ms);
@@ -175,6 +222,19 @@ pub fn run(ws: &Workspace, opts: &FleetOptions) -> Result<()> {
         "- clients: {plain_acked} (plain) and {tls_acked} (TLS) SET+GET pairs acknowledged, \
          no error; all {KEYS} keys intact on both"
     );
-    // Deploy-to-first-reply (the fleet CLI's bench/deploy.rs) is reported here, once wired in.
+    println!(
+        "\n### Deploy to first reply (`host-shim deploy kv.img --on HOST --publish ...` from \
+         the fleet CLI until kv answers PING through the published port; {kv_kib} KiB image, \
+         {} deploys per case, alternating hosts)\n",
+        opts.runs
+    );
+    println!("| host | image on the host | deploy command returns, ms | first PING reply, ms |");
+    println!("|---|---|---:|---:|");
+    println!("{}", deploys[0].rows("TLS 1.3, token (`https://`, pinned)"));
+    println!("{}", deploys[1].rows("plain HTTP"));
+    println!(
+        "\n- TLS / plain first reply with an upload: {:.2}×",
+        deploys[0].first_reply_new() / deploys[1].first_reply_new()
+    );
     Ok(())
 }

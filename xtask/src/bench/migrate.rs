@@ -156,10 +156,6 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub(crate) fn addr(&self) -> &str {
-        &self.addr
-    }
-
     /// `host-shim --shim ADDR ARGS` (with `--dir STATE` and `https://` for a secure
     /// daemon): its stdout, or an error with everything it and the daemon said.
     pub(crate) fn cli(&self, args: &[&str]) -> Result<String> {

@@ -4,8 +4,8 @@
 //! - [`net`]: redis-benchmark against the kv unikernel vs native redis-server, and bulk TCP.
 //! - [`checkpoint`]: app checkpoints of the kv unikernel: size, time, restore vs plain boot.
 //! - [`migrate`]: live migration of the kv app between two shim daemons, under load.
-//! - [`deploy`]: deploy-to-first-reply time of the kv app on a remote shim.
-//! - [`fleet`]: the fleet's costs: migration downtime with TLS vs the plain stream.
+//! - [`fleet`]: the fleet's costs: migration downtime with TLS vs the plain stream, and
+//!   deploy-to-first-reply time on a secure and a plain host ([`deploy`]).
 
 pub mod boot;
 pub mod checkpoint;
