@@ -1,6 +1,7 @@
 //! Thin wrappers over the Linux calls no crate offers us: `epoll_pwait2`
 //! (epoll with a nanosecond timeout) and `TUNSETIFF` (attach to a TAP
-//! device) and a thread's CPU clock. With `vstate`, the only `unsafe` code of the shim; each block
+//! device), a thread's CPU clock, the effective user and a child's death
+//! with its parent. With `vstate`, the only `unsafe` code of the shim; each block
 //! has its `SAFETY:` argument.
 
 use std::io;
@@ -116,4 +117,26 @@ pub fn thread_cpu_time(thread: libc::pthread_t) -> io::Result<Duration> {
         return Err(io::Error::last_os_error());
     }
     Ok(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
+/// Whether this process runs as root (effective user id 0).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Has the kernel SIGKILL `command`'s process when this one dies (also on
+/// `kill -9`).
+pub fn kill_with_parent(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec; prctl is
+    // async-signal-safe and touches no memory of ours.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }

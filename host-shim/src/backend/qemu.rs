@@ -151,16 +151,7 @@ fn run_qemu(config: &RunConfig, checkpoint_port: Option<&Path>) -> Result<GuestE
     tracing::info!("running {QEMU} {args:?}");
     let mut command = Command::new(QEMU);
     // QEMU dies with us (also on kill -9): a dead shim is a dead host.
-    // SAFETY: prctl is async-signal-safe and touches no memory.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    crate::sys::kill_with_parent(&mut command);
     let mut child = command
         .args(&args)
         .stdin(Stdio::null())
