@@ -192,7 +192,13 @@ before its deadline, whatever the threshold and cooldown.
 
 Example:
     host-shim schedule kv --policy follow-the-sun --threshold 5ms \\
-        --interval 10s --shim 127.0.0.1:7001 --shim 127.0.0.1:7002 --shim 127.0.0.1:7003";
+        --interval 10s --shim 127.0.0.1:7001 --shim 127.0.0.1:7002 --shim 127.0.0.1:7003
+    host-shim schedule kv --policy follow-the-sun     every host of the fleet file
+
+The shims are --shim ADDR or fleet host names, repeated (default: every host
+of the fleet file); fleet hosts are reached as `fleet add` recorded them
+(https with their pinned fingerprint and token), other addresses over plain
+HTTP.";
 
 /// Move an app between shims to follow its users (or the cheapest price).
 #[derive(Args)]
@@ -263,11 +269,42 @@ fn parse_cooldown(s: &str) -> Result<Duration, String> {
     config::parse_duration(s)
 }
 
-fn schedule(args: ScheduleArgs, shims: Vec<String>) -> anyhow::Result<u8> {
+/// `schedule`: the daemons are `--shim` addresses or fleet host names
+/// (default: every host of the fleet file); fleet hosts are reached with
+/// their pinned fingerprint and token, other addresses over plain HTTP.
+fn schedule(args: ScheduleArgs, shims: Vec<String>, fleet: &Fleet) -> anyhow::Result<u8> {
     use host_shim::schedule::{PolicyKind, ScheduleConfig};
+    let hosts = fleet.hosts()?;
+    let clients = if shims.is_empty() {
+        if hosts.is_empty() {
+            anyhow::bail!(
+                "no shims to schedule over: give --shim ADDR|HOST (several), or add hosts to \
+                 the fleet (host-shim fleet add)"
+            );
+        }
+        hosts
+            .iter()
+            .map(host_shim::fleet::client_for)
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        let bare = |a: &str| {
+            a.trim_start_matches("https://")
+                .trim_start_matches("http://")
+                .to_owned()
+        };
+        shims
+            .iter()
+            .map(
+                |s| match hosts.iter().find(|h| h.name == *s || h.addr() == bare(s)) {
+                    Some(h) => host_shim::fleet::client_for(h),
+                    None => Ok(Client::new(s)),
+                },
+            )
+            .collect::<Result<Vec<_>, _>>()?
+    };
     host_shim::schedule::run(&ScheduleConfig {
         app: args.app,
-        shims,
+        shims: clients,
         policy: match args.policy {
             SchedulePolicy::FollowTheSun => PolicyKind::FollowTheSun,
             SchedulePolicy::Cost => PolicyKind::Cost,
@@ -937,7 +974,7 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
     let on_daemon = shim.is_some() || target.dir.is_some();
     let fleet = || Fleet::new(Box::new(FileStore::new(&target.fleet)));
     match command {
-        Command::Schedule(args) => schedule(args, target.shims.clone()),
+        Command::Schedule(args) => schedule(args, target.shims.clone(), &fleet()),
         Command::Fleet(FleetCommand::Add(a)) => fleet_status(commands::fleet_add(
             &fleet(),
             Host {

@@ -145,6 +145,18 @@ fn a_secure_fleet_deploys_moves_follows_and_stops_an_app_over_tls() {
         assert_eq!(row["restart"], "always", "{row}");
     }
     client.check(2000);
+    // The scheduler reads the fleet file too: stats of every host over TLS.
+    let out = fleet.ok(&[
+        "schedule",
+        "kv",
+        "--policy",
+        "follow-the-sun",
+        "--interval",
+        "100ms",
+        "--rounds",
+        "2",
+    ]);
+    assert!(out.contains("kv: stay"), "{out}");
     let dbsize = std::process::Command::new("redis-cli")
         .args(["-p", &port.to_string(), "DBSIZE"])
         .output()

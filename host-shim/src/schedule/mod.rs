@@ -54,8 +54,8 @@ pub enum PolicyKind {
 #[derive(Clone, Debug)]
 pub struct ScheduleConfig {
     pub app: String,
-    /// The daemons' API addresses (one per region at least).
-    pub shims: Vec<String>,
+    /// Clients of the daemons (one per region at least).
+    pub shims: Vec<Client>,
     pub policy: PolicyKind,
     /// In the policy's unit (ms, or price per hour).
     pub threshold: f64,
@@ -120,7 +120,7 @@ enum Event<'a> {
 pub fn run(config: &ScheduleConfig) -> Result<(), ScheduleError> {
     if config.shims.len() < 2 {
         return Err(ScheduleError::Config(
-            "schedule needs at least two shims (--shim ADDR, repeated)".into(),
+            "schedule needs at least two shims (--shim ADDR|HOST, repeated, or a fleet file with two hosts)".into(),
         ));
     }
     if !(config.threshold.is_finite() && config.threshold >= 0.0) {
@@ -268,8 +268,10 @@ fn migrate(
     from: RegionId,
     to: RegionId,
 ) -> (bool, String, Option<f64>, Option<f64>) {
-    let (src, dst) = (fleet.shim_of(from), fleet.shim_of(to));
-    let result = Client::new(src).stream_lines(
+    let (Some((_, src)), Some((dst, _))) = (fleet.shim_of(from), fleet.shim_of(to)) else {
+        return (false, "no shim in one of the regions".into(), None, None);
+    };
+    let result = src.stream_lines(
         &format!("/v1/instances/{app}/migrate"),
         &MigrateRequest {
             to: dst.to_owned(),

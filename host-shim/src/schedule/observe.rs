@@ -28,6 +28,9 @@ const RTT_MAX_AGE: Duration = Duration::from_secs(10);
 
 struct Shim {
     addr: String,
+    /// Its API client (plain, or TLS with the pin and token of the user's
+    /// fleet file).
+    client: Client,
     name: String,
     region: RegionId,
 }
@@ -106,16 +109,17 @@ pub struct Round {
 impl Fleet {
     /// Asks every shim who it is; clients in `nets` belong to the given
     /// regions (each must have a shim).
-    pub fn discover(addrs: &[String], nets: &[ClientNet]) -> Result<Self, ClientError> {
+    pub fn discover(clients: &[Client], nets: &[ClientNet]) -> Result<Self, ClientError> {
         let mut regions = Regions::default();
         let mut shims = Vec::new();
-        for addr in addrs {
-            let info: ShimInfo = Client::new(addr).json::<(), _>("GET", "/v1/info", None)?;
+        for client in clients {
+            let info: ShimInfo = client.json::<(), _>("GET", "/v1/info", None)?;
             let region = regions
                 .id(&info.region)
                 .unwrap_or_else(|| regions.add(info.region.clone()));
             shims.push(Shim {
-                addr: addr.clone(),
+                addr: client.addr.clone(),
+                client: client.clone(),
                 name: info.name,
                 region,
             });
@@ -179,12 +183,12 @@ impl Fleet {
         self.regions.id(name)
     }
 
-    /// The API address of the shim apps move to in `region`.
-    pub fn shim_of(&self, region: RegionId) -> &str {
+    /// The shim apps move to in `region`: its API address and client.
+    pub fn shim_of(&self, region: RegionId) -> Option<(&str, &Client)> {
         self.shims
             .iter()
             .find(|s| s.region == region)
-            .map_or("", |s| s.addr.as_str())
+            .map(|s| (s.addr.as_str(), &s.client))
     }
 
     /// Reads every shim's stats for `app`, all at once; a shim that has
@@ -192,13 +196,10 @@ impl Fleet {
     pub fn observe(&mut self, app: &str, timeout: Duration) -> Round {
         let (tx, rx) = std::sync::mpsc::channel();
         for (i, shim) in self.shims.iter().enumerate() {
-            let (tx, addr) = (tx.clone(), shim.addr.clone());
+            let (tx, client) = (tx.clone(), shim.client.clone());
             // A hung shim keeps its thread, not the controller.
             std::thread::spawn(move || {
-                let _ = tx.send((
-                    i,
-                    Client::new(&addr).json::<(), ShimStats>("GET", "/v1/stats", None),
-                ));
+                let _ = tx.send((i, client.json::<(), ShimStats>("GET", "/v1/stats", None)));
             });
         }
         drop(tx);
@@ -305,11 +306,13 @@ mod tests {
             shims: vec![
                 Shim {
                     addr: "a:1".into(),
+                    client: Client::new("a:1"),
                     name: "a".into(),
                     region: RegionId(0),
                 },
                 Shim {
                     addr: "b:1".into(),
+                    client: Client::new("b:1"),
                     name: "b".into(),
                     region: RegionId(1),
                 },
