@@ -105,6 +105,16 @@ pub fn migrate(daemon: &Arc<Daemon>, name: &str, req: &MigrateRequest, out: &Sen
     }
 }
 
+/// Waits until the destination has taken in everything sent so far.
+fn sync(conn: &mut Conn) -> Result<(), ProtocolError> {
+    write_msg(&mut conn.w, Kind::Sync, &[])?;
+    conn.w.flush()?;
+    match read_msg(&mut conn.r)? {
+        m if m.kind == Kind::Synced => Ok(()),
+        m => Err(ProtocolError::Unexpected(m.kind)),
+    }
+}
+
 /// The client of the destination. A daemon with an identity sends only
 /// over TLS, to a pinned certificate (the request's fingerprint, or that
 /// of the peer named, or at the address, `req.to`), presenting its own.
@@ -224,7 +234,16 @@ pub fn run(
     if hints.is_some() {
         stats.skipped = Some(0);
     }
-    for round in 0..MAX_ROUNDS {
+    // Pre-copy rounds until the dirty set is small or stops shrinking;
+    // then the destination must have taken in everything sent (`Sync`:
+    // over TLS it may lag behind, decrypting), else the pause would wait
+    // for it. What the guest dirtied during that wait goes in one more
+    // round, synced again, so the paused round holds only what the guest
+    // wrote since: over TLS, where the first wait is longest, this is
+    // most of the stop-and-copy's pages.
+    let mut round = 0;
+    let mut catch_up = false;
+    loop {
         let mut dirty = match vm.take_dirty() {
             Ok(d) => pages_of(&d),
             Err(e) => return Err(fail(format!("dirty log: {e}; {name} keeps running here"))),
@@ -248,6 +267,8 @@ pub fn run(
             human(sent.bytes),
             if round == 0 {
                 ", all written since boot"
+            } else if catch_up {
+                ", written while the destination caught up"
             } else {
                 ""
             },
@@ -255,25 +276,18 @@ pub fn run(
         ));
         let converged = round > 0 && (count <= CONVERGED_PAGES || count >= last_dirty);
         last_dirty = count;
-        if converged {
-            break;
+        round += 1;
+        if catch_up || converged || round == MAX_ROUNDS {
+            sync(&mut conn).map_err(|e| {
+                fail(format!(
+                    "the destination {to} did not keep up: {e}; {name} keeps running here"
+                ))
+            })?;
+            if catch_up {
+                break;
+            }
+            catch_up = true;
         }
-    }
-
-    // The destination has taken in everything sent so far (over TLS it may
-    // lag behind, decrypting): else the pause would wait for it.
-    let synced = (|| {
-        write_msg(&mut conn.w, Kind::Sync, &[])?;
-        conn.w.flush()?;
-        match read_msg(&mut conn.r)? {
-            m if m.kind == Kind::Synced => Ok(()),
-            m => Err(ProtocolError::Unexpected(m.kind)),
-        }
-    })();
-    if let Err(e) = synced {
-        return Err(fail(format!(
-            "the destination {to} did not keep up: {e}; {name} keeps running here"
-        )));
     }
 
     // 3. Stop and copy.
