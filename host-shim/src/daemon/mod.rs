@@ -842,9 +842,6 @@ impl Daemon {
         body: &[u8],
     ) -> Result<Reply, ApiError> {
         let json = |status: u16, v: &dyn erased::Json| Ok(Reply::Json(status, v.to_json()));
-        let parse = |what: &str| -> Result<serde_json::Value, ApiError> {
-            serde_json::from_slice(body).map_err(|e| bad(format!("bad {what} request: {e}")))
-        };
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         if let Some(reply) = standby::route(self, method, &segments, body) {
             return reply;
@@ -869,13 +866,11 @@ impl Daemon {
                 json(200, &list)
             }
             (Method::Post, ["v1", "instances"]) => {
-                let req: RunRequest =
-                    serde_json::from_value(parse("run")?).map_err(|e| bad(e.to_string()))?;
+                let req: RunRequest = request(body, "run")?;
                 json(201, &self.run_recorded(req)?)
             }
             (Method::Put, ["v1", "instances", name, "restart"]) => {
-                let req: api::RestartRequest =
-                    serde_json::from_value(parse("restart")?).map_err(|e| bad(e.to_string()))?;
+                let req: api::RestartRequest = request(body, "restart")?;
                 json(200, &self.set_restart(name, req.restart)?)
             }
             (Method::Post, ["v1", "instances", name, "logs", "follow"]) => {
@@ -889,8 +884,7 @@ impl Daemon {
                 json(if info.stored { 201 } else { 200 }, &info)
             }
             (Method::Post, ["v1", "images", hash, "push"]) => {
-                let req: api::PushRequest =
-                    serde_json::from_value(parse("push")?).map_err(|e| bad(e.to_string()))?;
+                let req: api::PushRequest = request(body, "push")?;
                 json(200, &self.push_image(hash, &req.to)?)
             }
             (Method::Get, ["v1", "openapi.yaml"]) => {
@@ -915,23 +909,19 @@ impl Daemon {
                 json(200, &info)
             }
             (Method::Post, ["v1", "instances", name, "snapshot"]) => {
-                let req: SnapshotRequest =
-                    serde_json::from_value(parse("snapshot")?).map_err(|e| bad(e.to_string()))?;
+                let req: SnapshotRequest = request(body, "snapshot")?;
                 json(200, &self.snapshot(name, req)?)
             }
             (Method::Post, ["v1", "instances", name, "checkpoint"]) => {
-                let req: CheckpointRequest =
-                    serde_json::from_value(parse("checkpoint")?).map_err(|e| bad(e.to_string()))?;
+                let req: CheckpointRequest = request(body, "checkpoint")?;
                 json(200, &self.checkpoint(name, req)?)
             }
             (Method::Post, ["v1", "restore"]) => {
-                let req: RestoreRequest =
-                    serde_json::from_value(parse("restore")?).map_err(|e| bad(e.to_string()))?;
+                let req: RestoreRequest = request(body, "restore")?;
                 json(201, &self.restore(req)?)
             }
             (Method::Post, ["v1", "instances", name, "migrate"]) => {
-                let req: api::MigrateRequest =
-                    serde_json::from_value(parse("migrate")?).map_err(|e| bad(e.to_string()))?;
+                let req: api::MigrateRequest = request(body, "migrate")?;
                 let (tx, rx) = mpsc::channel();
                 let daemon = Arc::clone(self);
                 let name = (*name).to_owned();
@@ -954,6 +944,11 @@ fn check_name(name: &str) -> Result<(), ApiError> {
         )));
     }
     Ok(())
+}
+
+/// A JSON request body of type `T` (`what` names it in the error).
+fn request<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| bad(format!("bad {what} request: {e}")))
 }
 
 fn not_found(name: &str) -> ApiError {

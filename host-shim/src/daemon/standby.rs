@@ -138,8 +138,7 @@ pub fn route(
     use super::http::Method;
     let json = |status: u16, v: &dyn super::erased::Json| Ok(Reply::Json(status, v.to_json()));
     Some(match (method, segments) {
-        (Method::Post, ["v1", "standby"]) => serde_json::from_slice(body)
-            .map_err(|e| bad(format!("bad standby request: {e}")))
+        (Method::Post, ["v1", "standby"]) => super::request(body, "standby")
             .and_then(|req| accept(daemon, req))
             .and_then(|info| json(201, &info)),
         (Method::Get, ["v1", "standby"]) => json(200, &list(daemon)),
