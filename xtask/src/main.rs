@@ -7,6 +7,7 @@
 mod bench;
 mod demo;
 mod image;
+mod resp;
 mod test;
 mod workspace;
 

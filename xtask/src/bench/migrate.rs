@@ -10,7 +10,7 @@
 //! the longest gap between two replies the client saw around it is computed from the reply
 //! timestamps. At the end the keys must be intact and the client must have seen no error.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -231,20 +231,11 @@ fn wait_for_redis(port: u16, daemon: &Daemon) -> Result<()> {
     )
 }
 
-fn resp(args: &[&str]) -> String {
-    let mut b = format!("*{}\r\n", args.len());
-    for a in args {
-        b.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    b
-}
-
 /// Loads `key:i` = `value-i` for i < [`KEYS`] with `redis-cli --pipe`.
 fn load_keys(port: u16) -> Result<()> {
-    let mut input = String::new();
-    for i in 0..KEYS {
-        input.push_str(&resp(&["SET", &format!("key:{i}"), &format!("value-{i}")]));
-    }
+    let input: Vec<u8> = (0..KEYS)
+        .flat_map(|i| crate::resp::encode(&["SET", &format!("key:{i}"), &format!("value-{i}")]))
+        .collect();
     let mut child = Command::new("redis-cli")
         .args(["-p", &port.to_string(), "--pipe"])
         .stdin(Stdio::piped())
@@ -256,7 +247,7 @@ fn load_keys(port: u16) -> Result<()> {
         .stdin
         .take()
         .context("redis-cli stdin")?
-        .write_all(input.as_bytes())?;
+        .write_all(&input)?;
     let out = child.wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() || !text.contains(&format!("errors: 0, replies: {KEYS}")) {
@@ -287,31 +278,11 @@ impl Redis {
     }
 
     fn send(&mut self, args: &[&str]) -> Result<()> {
-        Ok(self.w.write_all(resp(args).as_bytes())?)
+        Ok(self.w.write_all(&crate::resp::encode(args))?)
     }
 
-    /// One reply: simple strings, integers and bulk strings as text, nil as `(nil)`, errors
-    /// as errors.
     fn reply(&mut self) -> Result<String> {
-        let mut line = String::new();
-        if self.r.read_line(&mut line)? == 0 {
-            bail!("the server closed the connection");
-        }
-        let line = line.trim_end();
-        match line.as_bytes().first() {
-            Some(b'+' | b':') => Ok(line[1..].to_owned()),
-            Some(b'-') => bail!("error reply: {}", &line[1..]),
-            Some(b'$') => {
-                let n: i64 = line[1..].parse().context("bad bulk length")?;
-                if n < 0 {
-                    return Ok("(nil)".into());
-                }
-                let mut buf = vec![0u8; n as usize + 2];
-                self.r.read_exact(&mut buf)?;
-                Ok(String::from_utf8_lossy(&buf[..n as usize]).into_owned())
-            }
-            _ => bail!("unexpected reply {line:?}"),
-        }
+        crate::resp::reply(&mut self.r)
     }
 
     fn cmd(&mut self, args: &[&str]) -> Result<String> {

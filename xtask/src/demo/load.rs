@@ -8,7 +8,7 @@
 //! (the reply must be its value); one in four is `SET w:REGION:N N`, which
 //! must survive every later move ([`Client::check_written`]).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::TcpStream;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -28,15 +28,6 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Sample {
     pub region: usize,
     pub latency_ms: f64,
-}
-
-/// The RESP encoding of a command.
-pub fn resp(args: &[&str]) -> Vec<u8> {
-    let mut b = format!("*{}\r\n", args.len());
-    for a in args {
-        b.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    b.into_bytes()
 }
 
 /// A region's connection.
@@ -69,34 +60,10 @@ impl Client {
         })
     }
 
-    /// One reply: simple strings, integers and bulk strings as text, nil as `(nil)`.
+    /// One reply (a reply later than [`REPLY_TIMEOUT`] is an error).
     fn reply(r: &mut BufReader<TcpStream>) -> Result<String> {
-        let mut line = String::new();
-        let timed_out = |e: std::io::Error| match e.kind() {
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => anyhow::anyhow!(
-                "no reply within {} s (the app or this host stalled)",
-                REPLY_TIMEOUT.as_secs()
-            ),
-            _ => e.into(),
-        };
-        if r.read_line(&mut line).map_err(timed_out)? == 0 {
-            bail!("the server closed the connection");
-        }
-        let line = line.trim_end();
-        match line.as_bytes().first() {
-            Some(b'+' | b':') => Ok(line[1..].to_owned()),
-            Some(b'-') => bail!("error reply: {}", &line[1..]),
-            Some(b'$') => {
-                let n: i64 = line[1..].parse().context("bad bulk length")?;
-                if n < 0 {
-                    return Ok("(nil)".into());
-                }
-                let mut buf = vec![0u8; n as usize + 2];
-                r.read_exact(&mut buf).map_err(timed_out)?;
-                Ok(String::from_utf8_lossy(&buf[..n as usize]).into_owned())
-            }
-            _ => bail!("unexpected reply {line:?}"),
-        }
+        crate::resp::reply(r)
+            .with_context(|| format!("waiting up to {} s", REPLY_TIMEOUT.as_secs()))
     }
 
     /// Sends `cmds` pipelined and checks each reply.
@@ -119,7 +86,7 @@ impl Client {
         let cmds: Vec<_> = (0..KEYS)
             .map(|i| {
                 (
-                    resp(&["SET", &format!("key:{i}"), &format!("value-{i}")]),
+                    crate::resp::encode(&["SET", &format!("key:{i}"), &format!("value-{i}")]),
                     "OK".to_owned(),
                 )
             })
@@ -130,11 +97,16 @@ impl Client {
     /// Checks the loaded keys and every SET this client had acknowledged.
     pub fn check_keys(&mut self) -> Result<usize> {
         let mut cmds: Vec<_> = (0..KEYS)
-            .map(|i| (resp(&["GET", &format!("key:{i}")]), format!("value-{i}")))
+            .map(|i| {
+                (
+                    crate::resp::encode(&["GET", &format!("key:{i}")]),
+                    format!("value-{i}"),
+                )
+            })
             .collect();
         for n in &self.written {
             cmds.push((
-                resp(&["GET", &format!("w:{}:{n}", self.name)]),
+                crate::resp::encode(&["GET", &format!("w:{}:{n}", self.name)]),
                 n.to_string(),
             ));
         }
@@ -193,14 +165,14 @@ impl Client {
                     let (cmd, set, want) = if n.is_multiple_of(4) {
                         let key = format!("w:{name}:{n}");
                         (
-                            resp(&["SET", &key, &n.to_string()]),
+                            crate::resp::encode(&["SET", &key, &n.to_string()]),
                             Some(n),
                             "OK".to_owned(),
                         )
                     } else {
                         let i = (n as usize * 7919) % KEYS;
                         (
-                            resp(&["GET", &format!("key:{i}")]),
+                            crate::resp::encode(&["GET", &format!("key:{i}")]),
                             None,
                             format!("value-{i}"),
                         )
