@@ -227,6 +227,22 @@ struct Times {
     loaded: f64,
 }
 
+/// `host-shim run kv.img EXTRA...` with its port 6379 published on `port`.
+fn run_kv(shim: &Path, image: &Path, extra: &[&str], port: u16) -> Result<Guard> {
+    Ok(Guard(
+        Command::new(shim)
+            .arg("run")
+            .arg(image)
+            .args(["--mem", MEM, "--publish"])
+            .arg(format!("127.0.0.1:{port}:6379"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting host-shim")?,
+    ))
+}
+
 /// Median times from process start to the first PING reply of `host-shim
 /// run kv.img EXTRA...`, and to its checkpoint fully loaded, checking
 /// DBSIZE is `keys` afterwards.
@@ -235,18 +251,7 @@ fn boot_time(shim: &Path, image: &Path, extra: &[&str], keys: usize, runs: usize
     for _ in 0..runs {
         let port = free_port()?;
         let start = Instant::now();
-        let mut child = Guard(
-            Command::new(shim)
-                .arg("run")
-                .arg(image)
-                .args(["--mem", MEM, "--publish"])
-                .arg(format!("127.0.0.1:{port}:6379"))
-                .args(extra)
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .context("starting host-shim")?,
-        );
+        let mut child = run_kv(shim, image, extra, port)?;
         let t = until_pong(port, &mut child, start, "kv")?;
         let l = until_loaded(port, start)?;
         let n = dbsize(port)?;
@@ -266,18 +271,7 @@ fn boot_time(shim: &Path, image: &Path, extra: &[&str], keys: usize, runs: usize
 /// against kv started with `extra`.
 fn set_rps(shim: &Path, image: &Path, extra: &[&str], keys: usize) -> Result<f64> {
     let port = free_port()?;
-    let mut child = Guard(
-        Command::new(shim)
-            .arg("run")
-            .arg(image)
-            .args(["--mem", MEM, "--publish"])
-            .arg(format!("127.0.0.1:{port}:6379"))
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting host-shim")?,
-    );
+    let mut child = run_kv(shim, image, extra, port)?;
     until_pong(port, &mut child, Instant::now(), "kv")?;
     let mut cmd = Command::new("redis-benchmark");
     cmd.args([
