@@ -201,7 +201,7 @@ impl super::Daemon {
     pub(super) fn push_image(&self, hash: &str, to: &str) -> Result<ImageInfo, super::ApiError> {
         let bytes = self.store()?.read(hash).map_err(api)?;
         let peer = self
-            .peer_client(to)
+            .peer_client(to, None)
             .map_err(|why| super::ApiError(502, why))?;
         let path = format!("/v1/images/{hash}");
         if let Ok(info) = peer.json::<(), ImageInfo>("GET", &path, None) {

@@ -822,16 +822,45 @@ impl Daemon {
     }
 
     /// A client of another daemon, `to` (an address or a pinned peer's
-    /// name): plain HTTP when this daemon has no identity, else TLS to the
-    /// peer's pinned certificate, presenting this host's own.
-    pub fn peer_client(&self, to: &str) -> Result<api::Client, String> {
-        crate::migration::source::destination(
-            self,
-            &api::MigrateRequest {
-                to: to.to_owned(),
-                fingerprint: None,
-            },
-        )
+    /// name): plain HTTP when this daemon has no identity, else TLS only,
+    /// to a pinned certificate (`fingerprint`, or that of the peer named,
+    /// or at the address, `to`), presenting this host's own.
+    pub fn peer_client(&self, to: &str, fingerprint: Option<&str>) -> Result<api::Client, String> {
+        let Some(sec) = &self.config.security else {
+            if to.starts_with("https://") {
+                return Err(format!(
+                    "this shim has no identity and cannot speak TLS to {to}: \
+                     start it with `host-shim init` and `host-shim serve`"
+                ));
+            }
+            return Ok(api::Client::new(to));
+        };
+        let (addr, pin) = match fingerprint {
+            Some(fp) => (to.to_owned(), fp.parse::<crate::security::Fingerprint>()?),
+            None => {
+                let peer = sec.peer_by_name_or_addr(to).ok_or_else(|| {
+                    format!(
+                        "'{}' is not a pinned peer of this shim: give its fingerprint, or pin it \
+                     here with `host-shim peer add NAME SHA256:... --addr https://HOST:PORT`",
+                        to
+                    )
+                })?;
+                let fp = peer.fingerprint.parse::<crate::security::Fingerprint>()?;
+                let addr = match peer.addr {
+                    Some(a) if peer.name == to => a,
+                    None if peer.name == to => {
+                        return Err(format!(
+                            "peer '{}' has no address here: migrate --to https://HOST:PORT, or \
+                         pin it with one (host-shim peer add {} {} --addr https://HOST:PORT)",
+                            peer.name, peer.name, peer.fingerprint
+                        ))
+                    }
+                    _ => to.to_owned(),
+                };
+                (addr, fp)
+            }
+        };
+        api::Client::secure(&addr, pin, None, Some(&sec.identity)).map_err(|e| e.to_string())
     }
 
     /// Answers one API request.

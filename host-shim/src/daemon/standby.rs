@@ -289,7 +289,7 @@ fn probe(origin: &Client, name: &str) -> Probe {
 /// and the app is restarted here.
 fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
     let name = entry.req.run.name.clone();
-    let origin = match daemon.peer_client(&entry.req.origin) {
+    let origin = match daemon.peer_client(&entry.req.origin, None) {
         Ok(c) => c,
         Err(why) => {
             tracing::warn!("standby for {name}: cannot reach its origin: {why}");
@@ -433,7 +433,7 @@ pub fn register(daemon: &Daemon, req: &RunRequest) -> Result<Option<PeerSink>, A
             .unwrap_or(DEFAULT_GRACE.as_millis() as u64),
     };
     let peer = daemon
-        .peer_client(peer)
+        .peer_client(peer, None)
         .map_err(|why| ApiError(409, format!("standby {peer}: {why}")))?;
     peer.json::<_, StandbyInfo>("POST", "/v1/standby", Some(&body))
         .map_err(|e| ApiError(409, format!("standby {}: {e}", peer.addr)))?;

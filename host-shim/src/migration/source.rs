@@ -42,7 +42,6 @@ use crate::daemon::api::{Client, MigrateRequest};
 use crate::daemon::{Daemon, MIGRATION_PROTOCOL};
 use crate::machine::Machine;
 use crate::security::tls::Shared;
-use crate::security::Fingerprint;
 use crate::snapshot::format::{is_zero, FORMAT_VERSION, PAGE};
 use crate::vstate::vm::Vm;
 
@@ -82,7 +81,8 @@ pub fn migrate(daemon: &Arc<Daemon>, name: &str, req: &MigrateRequest, out: &Sen
         let _ = out.send(line);
     };
     let to = req.to.as_str();
-    let result = destination(daemon, req)
+    let result = daemon
+        .peer_client(&req.to, req.fingerprint.as_deref())
         .map_err(|e| format!("{e}; {name} keeps running here"))
         .and_then(|client| run(daemon, name, &client, &say));
     match result {
@@ -113,48 +113,6 @@ fn sync(conn: &mut Conn) -> Result<(), ProtocolError> {
         m if m.kind == Kind::Synced => Ok(()),
         m => Err(ProtocolError::Unexpected(m.kind)),
     }
-}
-
-/// The client of the destination. A daemon with an identity sends only
-/// over TLS, to a pinned certificate (the request's fingerprint, or that
-/// of the peer named, or at the address, `req.to`), presenting its own.
-pub fn destination(daemon: &Daemon, req: &MigrateRequest) -> Result<Client, String> {
-    let Some(sec) = &daemon.config.security else {
-        if req.to.starts_with("https://") {
-            return Err(format!(
-                "this shim has no identity and cannot migrate over TLS to {}: \
-                 start it with `host-shim init` and `host-shim serve`",
-                req.to
-            ));
-        }
-        return Ok(Client::new(&req.to));
-    };
-    let (addr, pin) = match &req.fingerprint {
-        Some(fp) => (req.to.clone(), fp.parse::<Fingerprint>()?),
-        None => {
-            let peer = sec.peer_by_name_or_addr(&req.to).ok_or_else(|| {
-                format!(
-                    "'{}' is not a pinned peer of this shim: give its fingerprint, or pin it \
-                     here with `host-shim peer add NAME SHA256:... --addr https://HOST:PORT`",
-                    req.to
-                )
-            })?;
-            let fp = peer.fingerprint.parse::<Fingerprint>()?;
-            let addr = match peer.addr {
-                Some(a) if peer.name == req.to => a,
-                None if peer.name == req.to => {
-                    return Err(format!(
-                        "peer '{}' has no address here: migrate --to https://HOST:PORT, or \
-                         pin it with one (host-shim peer add {} {} --addr https://HOST:PORT)",
-                        peer.name, peer.name, peer.fingerprint
-                    ))
-                }
-                _ => req.to.clone(),
-            };
-            (addr, fp)
-        }
-    };
-    Client::secure(&addr, pin, None, Some(&sec.identity)).map_err(|e| e.to_string())
 }
 
 /// The migration itself (to `client`'s daemon); an error has already
