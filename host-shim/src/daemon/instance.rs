@@ -113,6 +113,21 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// An instance with no guest yet (reserved, or about to be filled in).
+    pub fn new(name: &str, spec: GuestSpec, state: State) -> Self {
+        Self {
+            name: name.to_owned(),
+            spec,
+            state,
+            handle: None,
+            port: None,
+            publish: Vec::new(),
+            log: Arc::default(),
+            started: Instant::now(),
+            checkpoints: Arc::default(),
+        }
+    }
+
     pub fn info(&self) -> InstanceInfo {
         let state = match &self.state {
             State::Running => "running".to_owned(),

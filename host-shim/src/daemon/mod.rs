@@ -294,17 +294,7 @@ impl Daemon {
         }
         instances.insert(
             name.to_owned(),
-            Instance {
-                name: name.to_owned(),
-                spec,
-                state: State::Busy("starting"),
-                handle: None,
-                port: None,
-                publish: Vec::new(),
-                log: Arc::new(Mutex::new(LogRing::default())),
-                started: Instant::now(),
-                checkpoints: Arc::default(),
-            },
+            Instance::new(name, spec, State::Busy("starting")),
         );
         Ok(())
     }
@@ -474,17 +464,7 @@ impl Daemon {
         let mut instances = self.instances();
         let inst = instances
             .entry(name.to_owned())
-            .or_insert_with(|| Instance {
-                name: name.to_owned(),
-                spec: spec.clone(),
-                state: State::Running,
-                handle: None,
-                port: None,
-                publish: Vec::new(),
-                log: Arc::clone(&log),
-                started: Instant::now(),
-                checkpoints: Arc::clone(&checkpoints),
-            });
+            .or_insert_with(|| Instance::new(name, spec.clone(), State::Running));
         inst.spec = spec;
         inst.state = State::Running;
         inst.handle = Some(handle);
@@ -720,17 +700,7 @@ impl Daemon {
         spec.image = hello.image.clone();
         instances.insert(
             hello.name.clone(),
-            Instance {
-                name: hello.name.clone(),
-                spec,
-                state: State::Busy("incoming"),
-                handle: None,
-                port: None,
-                publish: Vec::new(),
-                log: Arc::new(Mutex::new(LogRing::default())),
-                started: Instant::now(),
-                checkpoints: Arc::default(),
-            },
+            Instance::new(&hello.name, spec, State::Busy("incoming")),
         );
         Ok(Incoming(Arc::new(Mutex::new(tombstone))))
     }
