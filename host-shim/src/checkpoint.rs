@@ -226,26 +226,7 @@ impl Latest {
     }
 }
 
-/// Writes `blob` to `path` atomically and durably (temp file in the same
-/// directory, fsync, rename).
-pub fn write_atomic(path: &Path, blob: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "checkpoint".into());
-    let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(blob)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(&dir)?.sync_all()
-}
+pub use crate::files::write_atomic;
 
 impl Sink for Arc<Latest> {
     fn store(&mut self, blob: &[u8], full: bool) -> Result<(), String> {

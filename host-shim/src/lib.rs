@@ -17,6 +17,7 @@ pub mod console;
 pub mod daemon;
 pub mod devices;
 pub mod error;
+pub mod files;
 pub mod fleet;
 pub mod machine;
 pub mod migration;
