@@ -8,6 +8,7 @@ mod bench;
 mod demo;
 mod image;
 mod resp;
+mod setup;
 mod test;
 mod workspace;
 
@@ -43,8 +44,11 @@ enum Cmd {
     /// Runs `target/release/host-shim run target/images/<app>.img -- ARGS` and exits with the
     /// shim's status.
     Run(RunArgs),
-    /// Lint, build all images (release) and run the host crates' tests against them.
+    /// Set up, lint, build all images (release) and run the host crates' tests against them.
     ///
+    /// First checks for the programs the tests use (QEMU, redis-tools, curl, iproute2, procps,
+    /// Chromium) and the clippy/rustfmt components: as root on Debian/Ubuntu it installs what
+    /// is missing (one apt-get line), otherwise it stops with the exact command to run.
     /// The tests find the images through LIBCLOUD_IMAGES. Tests that boot images need /dev/kvm.
     Test(TestArgs),
     /// Check formatting and run clippy (warnings denied) on host and guest crates.

@@ -11,6 +11,7 @@ use std::io::ErrorKind;
 use anyhow::{Context, Result};
 
 use crate::image::{self, Profile};
+use crate::setup;
 use crate::workspace::{self, Workspace, GUEST_TARGET};
 
 /// Environment variable telling the integration tests where the images are.
@@ -34,9 +35,11 @@ pub fn lint(ws: &Workspace) -> Result<()> {
     Ok(())
 }
 
-/// Lint (unless `no_lint`), build every image in release, then `cargo test` over the host
-/// crates with `LIBCLOUD_IMAGES` set. `cargo_args` go to `cargo test` as they are.
+/// Set up the machine ([`setup::ensure`]), lint (unless `no_lint`), build every image in
+/// release, then `cargo test` over the host crates with `LIBCLOUD_IMAGES` set. `cargo_args`
+/// go to `cargo test` as they are.
 pub fn test(ws: &Workspace, no_lint: bool, cargo_args: &[OsString]) -> Result<()> {
+    setup::ensure(setup::TEST_TOOLS)?;
     if !no_lint {
         lint(ws)?;
     }
