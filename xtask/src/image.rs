@@ -118,7 +118,7 @@ fn install(src: &Path, dst: &Path) -> Result<u64> {
 
 /// Makes sure the guest target's standard library is installed: adds it with rustup when
 /// rustup is there (the first build on a fresh machine), else fails with the fix.
-fn check_guest_target(ws: &Workspace) -> Result<()> {
+pub fn check_guest_target(ws: &Workspace) -> Result<()> {
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let Ok(out) = Command::new(rustc)
         .args(["--print", "sysroot"])

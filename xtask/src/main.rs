@@ -240,7 +240,7 @@ fn dispatch(ws: &Workspace, command: Cmd) -> Result<()> {
         }
         Cmd::Run(args) => run(ws, args),
         Cmd::Test(args) => test::test(ws, args.no_lint, &args.cargo_args),
-        Cmd::Lint => test::lint(ws),
+        Cmd::Lint => image::check_guest_target(ws).and_then(|()| test::lint(ws)),
         Cmd::Bench(BenchCmd::Boot { runs, timeout }) => bench::boot::boot(
             ws,
             &bench::boot::BootOptions {

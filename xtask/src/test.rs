@@ -40,6 +40,7 @@ pub fn lint(ws: &Workspace) -> Result<()> {
 /// go to `cargo test` as they are.
 pub fn test(ws: &Workspace, no_lint: bool, cargo_args: &[OsString]) -> Result<()> {
     setup::ensure(setup::TEST_TOOLS)?;
+    image::check_guest_target(ws)?;
     if !no_lint {
         lint(ws)?;
     }
