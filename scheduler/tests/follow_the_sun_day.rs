@@ -27,7 +27,10 @@ fn the_app_follows_the_sun_through_a_day() {
     let mut now = Duration::ZERO;
     while now + TICK < DAY {
         now += TICK;
+        // `w` is the traffic of the tick that just ended; the placement that served it is
+        // the one decided before it (no hindsight: the decision below only helps next tick).
         let w = day.workload(now, TICK);
+        let held = inputs.placement.get(&app("kv")).unwrap();
         inputs.workloads.insert(app("kv"), w.clone());
         let ds = sched.decide(now, &inputs);
         apply_moves(&mut sched, &mut inputs, &ds, now);
@@ -52,7 +55,7 @@ fn the_app_follows_the_sun_through_a_day() {
         let total = w.total_requests();
         served += total;
         let share = |r| policy.share_under(&w, r, &inputs, 15.0).unwrap_or(0.0);
-        under += share(here) * total as f64;
+        under += share(held) * total as f64;
         for r in [US, EU, AP] {
             static_under[r.index()] += share(r) * total as f64;
         }

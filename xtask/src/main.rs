@@ -9,6 +9,7 @@ mod demo;
 mod image;
 mod resp;
 mod setup;
+mod soak;
 mod test;
 mod workspace;
 
@@ -59,6 +60,25 @@ enum Cmd {
     /// Demos.
     #[command(subcommand)]
     Demo(DemoCmd),
+    /// Live-migrate kv between two daemons every second for minutes under redis-benchmark
+    /// load; fails on any client error, lost key or write, failed migration, or daemon
+    /// memory growth, and prints the daemons' RSS at the start and the end.
+    ///
+    /// Needs redis-tools and /dev/kvm.
+    Soak(SoakArgs),
+}
+
+#[derive(Args)]
+struct SoakArgs {
+    /// How long to run.
+    #[arg(long, default_value_t = 10.0)]
+    minutes: f64,
+    /// Time between the starts of two migrations, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    interval_ms: u64,
+    /// redis-benchmark connections.
+    #[arg(long, default_value_t = 20)]
+    clients: u32,
 }
 
 #[derive(Subcommand)]
@@ -271,6 +291,14 @@ fn dispatch(ws: &Workspace, command: Cmd) -> Result<()> {
         Cmd::Bench(BenchCmd::Checkpoint { runs }) => {
             bench::checkpoint::run(ws, &bench::checkpoint::CheckpointOptions { runs })
         }
+        Cmd::Soak(a) => soak::run(
+            ws,
+            &soak::SoakOptions {
+                minutes: a.minutes,
+                interval: Duration::from_millis(a.interval_ms),
+                clients: a.clients,
+            },
+        ),
         Cmd::Demo(DemoCmd::FollowTheSun(a)) => demo::follow_the_sun(
             ws,
             &demo::DemoOptions {

@@ -108,6 +108,11 @@ impl Daemon {
         Self::spawn(shim, name, addr, &args, dir, Some(state))
     }
 
+    /// The daemon's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The state directory of a secure daemon.
     pub(crate) fn state(&self) -> Option<&Path> {
         self.state.as_deref()
