@@ -435,7 +435,7 @@ fn longest_gap(replies: &[Instant], from: Instant, to: Instant) -> Option<Durati
 pub(crate) fn stat(samples: &[Sample], digits: usize, f: impl Fn(&Sample) -> f64) -> (f64, String) {
     let mut v: Vec<f64> = samples.iter().map(f).collect();
     v.sort_by(f64::total_cmp);
-    let median = v[v.len() / 2];
+    let median = super::median(v.clone());
     let (min, max) = (v[0], v[v.len() - 1]);
     (
         median,

@@ -42,8 +42,22 @@ pub(crate) fn require(tool: &str, package: &str) -> Result<()> {
     Ok(())
 }
 
-/// The median of `v` (the upper one for an even count).
+/// The median of `v` (the mean of the two middle values for an even count); NaN when empty.
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn medians_are_true_medians() {
+        assert_eq!(super::median(vec![10.0, 1.0, 2.0]), 2.0);
+        assert_eq!(super::median(vec![10.0, 1.0, 4.0, 2.0]), 3.0);
+        assert!(super::median(vec![]).is_nan());
+    }
 }
