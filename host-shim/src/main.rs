@@ -228,7 +228,8 @@ struct ScheduleArgs {
     /// Append every decision and migration to FILE as JSON lines.
     #[arg(long, value_name = "FILE")]
     events: Option<PathBuf>,
-    /// Stop after this many rounds [default: run until killed].
+    /// Stop after this many rounds [default: run until killed]. A bounded run exits with
+    /// status 1 if any round went without some shim's stats.
     #[arg(long, value_name = "N")]
     rounds: Option<u64>,
     /// Clients in network CIDR are in REGION (e.g. 10.1.0.0/16=eu-west);

@@ -178,6 +178,38 @@ fn cost_policy_stays_in_the_cheap_region_and_evacuates_it_before_a_notice_deadli
     let (ok, out) = schedule("2");
     assert!(ok, "{out}");
     assert!(!out.contains("move"), "{out}");
+
+    // A shim that stops answering during a bounded run: its rounds are reported and the
+    // run does not end with success.
+    let mut run = Command::new(BIN)
+        .args(["schedule", "kv", "--policy", "cost", "--threshold", "0.01"])
+        .args(["--interval", "300ms", "--rounds", "6", "--shim", &shims])
+        .args(["--prices", prices.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run host-shim schedule");
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(run.stdout.as_mut().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert!(first.starts_with("scheduling kv"), "{first}");
+    drop(_spot);
+    let out = run.wait_with_output().unwrap();
+    let text = format!(
+        "{first}{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("spot left out"), "{text}");
+    assert!(
+        text.contains("rounds went without every shim's stats"),
+        "{text}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

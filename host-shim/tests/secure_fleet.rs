@@ -156,6 +156,8 @@ fn a_secure_fleet_deploys_moves_follows_and_stops_an_app_over_tls() {
         "--rounds",
         "2",
     ]);
+    // `fleet.ok` requires status 0: every host's stats reached the scheduler in both rounds.
+    assert!(!out.contains("warning"), "{out}");
     assert!(out.contains("kv: stay"), "{out}");
     let dbsize = std::process::Command::new("redis-cli")
         .args(["-p", &port.to_string(), "DBSIZE"])

@@ -76,7 +76,11 @@ pub fn run(ws: &Workspace, opts: &SoakOptions) -> Result<()> {
     let mut failure = None;
     let mut i = 0usize;
     while Instant::now() < deadline {
-        let (from, to) = if i.is_multiple_of(2) { (&a, &b) } else { (&b, &a) };
+        let (from, to) = if i.is_multiple_of(2) {
+            (&a, &b)
+        } else {
+            (&b, &a)
+        };
         let next = Instant::now() + opts.interval;
         match migrate_once(from, &to.addr) {
             Ok(s) => samples.push(s),

@@ -23,7 +23,9 @@
 //!    controller notes it and goes on.
 //!
 //! A shim that does not answer is left out of that round (its region gets
-//! no traffic and no RTTs, so the app is not moved there).
+//! no traffic and no RTTs, so the app is not moved there) with a warning; a
+//! bounded run (`--rounds N`) in which that happened ends with an error
+//! ([`ScheduleError::HostsLeftOut`]), so scripts can tell a clean run.
 
 pub mod observe;
 
@@ -88,6 +90,14 @@ pub enum ScheduleError {
     Shim(#[from] crate::daemon::api::ClientError),
     #[error("cannot write the events file {path}: {err}")]
     Events { path: PathBuf, err: std::io::Error },
+    /// A bounded run (`--rounds`) in which some shims did not answer: its decisions were
+    /// made without them, so it does not count as a clean run.
+    #[error("{incomplete} of {rounds} rounds went without every shim's stats: {last}")]
+    HostsLeftOut {
+        incomplete: u64,
+        rounds: u64,
+        last: String,
+    },
 }
 
 /// One line of the `--events` file.
@@ -161,6 +171,8 @@ pub fn run(config: &ScheduleConfig) -> Result<(), ScheduleError> {
     })?;
     let start = Instant::now();
     let mut round = 0u64;
+    // Rounds in which some shim did not answer, and what the last one said.
+    let (mut incomplete, mut last_left_out) = (0u64, String::new());
     let mut next = Instant::now();
     // A shim gets this long to answer each round.
     let patience = config.interval.max(Duration::from_secs(1));
@@ -173,12 +185,23 @@ pub fn run(config: &ScheduleConfig) -> Result<(), ScheduleError> {
         round += 1;
         let now = start.elapsed();
         let mut observed = fleet.observe(&config.app, patience);
+        if !observed.warnings.is_empty() {
+            incomplete += 1;
+            last_left_out = observed.warnings.join("; ");
+        }
         for warning in observed.warnings.drain(..) {
             println!("[{:7.1}s] warning: {warning}", now.as_secs_f64());
         }
         load_feeds(config, &fleet, &mut observed, now);
         step(config, &mut fleet, &mut sched, &observed, now, &mut events)?;
         if config.rounds.is_some_and(|n| round >= n) {
+            if incomplete > 0 {
+                return Err(ScheduleError::HostsLeftOut {
+                    incomplete,
+                    rounds: round,
+                    last: last_left_out,
+                });
+            }
             return Ok(());
         }
     }
