@@ -274,19 +274,70 @@ impl Drop for Netns {
     }
 }
 
+/// Set when the TAP test re-runs itself inside a user + network namespace.
+const IN_USERNS: &str = "HOST_SHIM_TEST_IN_USERNS";
+
 #[test]
 fn a_tap_device_connects_the_guest_to_the_host() {
-    if !is_root() || !Path::new("/dev/net/tun").exists() {
-        eprintln!("skipped: TAP devices and network namespaces need root and /dev/net/tun");
-        return;
+    assert!(
+        Path::new("/dev/net/tun").exists(),
+        "this test needs /dev/net/tun (TUN/TAP support in the kernel)"
+    );
+    if std::env::var_os(IN_USERNS).is_some() {
+        // Already in a fresh network namespace of our own (see below).
+        return tap_connects(None);
     }
-    let ns = Netns(format!("lc-tap-{}", std::process::id()));
-    ip(&["netns", "add", &ns.0]);
+    if is_root() {
+        let ns = Netns(format!("lc-tap-{}", std::process::id()));
+        ip(&["netns", "add", &ns.0]);
+        return tap_connects(Some(&ns.0));
+    }
+    // Not root: a new user namespace that maps us to root and owns a new network namespace
+    // gives CAP_NET_ADMIN there, enough to create the TAP device. Run this test again inside.
+    let test = "a_tap_device_connects_the_guest_to_the_host";
+    let out = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--net", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+        .env(IN_USERNS, "1")
+        .output()
+        .expect("running the test without root needs unshare (util-linux)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "the TAP test in a user + network namespace (unshare --user --map-root-user --net) \
+         failed; if unprivileged user namespaces are disabled on this host, run the tests as \
+         root:\n{text}"
+    );
+}
+
+/// Boots http on a TAP device in network namespace `ns` (or the current one) and fetches
+/// /healthz over it with curl.
+fn tap_connects(ns: Option<&str>) {
+    let in_ns = |program: &str| {
+        let mut c = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+            None => Command::new(program),
+        };
+        c.env("RUST_LOG", "warn");
+        c
+    };
+    let ip_in_ns = |args: &[&str]| {
+        let mut all = ns.map_or(vec![], |ns| vec!["-n", ns]);
+        all.extend_from_slice(args);
+        ip(&all);
+    };
     let img = http_img();
-    let mut command = Command::new("ip");
-    command.args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_host-shim")]);
     let mut shim = Shim::start_with(
-        command,
+        in_ns(env!("CARGO_BIN_EXE_host-shim")),
         &[
             "run",
             &img,
@@ -300,23 +351,23 @@ fn a_tap_device_connects_the_guest_to_the_host() {
     );
     // The shim creates the device; give the host side its address.
     let give_up = Instant::now() + Duration::from_secs(10);
-    while Command::new("ip")
-        .args(["netns", "exec", &ns.0, "ip", "link", "show", "lctap0"])
+    while in_ns("ip")
+        .args(["link", "show", "lctap0"])
         .output()
         .is_ok_and(|o| !o.status.success())
     {
         assert!(Instant::now() < give_up, "the shim did not create lctap0");
+        shim.assert_running("lctap0 to appear");
         std::thread::sleep(Duration::from_millis(50));
     }
-    ip(&["-n", &ns.0, "addr", "add", "10.0.2.2/24", "dev", "lctap0"]);
-    ip(&["-n", &ns.0, "link", "set", "lctap0", "up"]);
+    ip_in_ns(&["addr", "add", "10.0.2.2/24", "dev", "lctap0"]);
+    ip_in_ns(&["link", "set", "lctap0", "up"]);
     let give_up = Instant::now() + Duration::from_secs(20);
     let body = loop {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &ns.0, "curl", "-sS", "-m", "2"])
-            .arg("http://10.0.2.15/healthz")
+        let out = in_ns("curl")
+            .args(["-sS", "-m", "2", "http://10.0.2.15/healthz"])
             .output()
-            .unwrap();
+            .expect("curl is needed: apt-get install curl");
         if out.status.success() {
             break String::from_utf8_lossy(&out.stdout).into_owned();
         }
@@ -325,9 +376,7 @@ fn a_tap_device_connects_the_guest_to_the_host() {
             "no answer over the TAP device: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        if let Ok(Some(status)) = shim.child.try_wait() {
-            panic!("the shim exited: {status}");
-        }
+        shim.assert_running("an answer over lctap0");
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(body, "ok\n");
