@@ -19,7 +19,7 @@ use host_shim::daemon::api::{
     RunRequest, SnapshotInfo, SnapshotRequest,
 };
 use host_shim::daemon::persist::{publish_arg, Restart};
-use host_shim::daemon::DaemonConfig;
+use host_shim::daemon::{limits, DaemonConfig};
 use host_shim::devices::virtio;
 use host_shim::fleet::commands::{self, DeployOptions};
 use host_shim::fleet::store::FileStore;
@@ -607,6 +607,77 @@ struct ServeArgs {
     /// The largest image upload accepted (K/M suffixes; at most 16M).
     #[arg(long, value_name = "SIZE", default_value = "8M", value_parser = config::parse_byte_size)]
     max_image_size: u64,
+
+    /// API connections served at once; beyond, the oldest one still
+    /// sending its request is cut to make room, else the new one gets 503.
+    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+
+    /// Request bodies held in memory at once, in bytes (K/M/G); beyond, 503.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = config::parse_byte_size)]
+    max_request_memory: u64,
+
+    /// How long a client has for a request's head and body, whole.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = config::parse_duration)]
+    request_timeout: Duration,
+
+    /// How long a client has for a TLS handshake, whole.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = config::parse_duration)]
+    handshake_timeout: Duration,
+
+    /// Instances at once (running or starting) [default: host memory / 64
+    /// MiB, 1 to 256].
+    #[arg(long, value_name = "N")]
+    max_instances: Option<usize>,
+
+    /// Guest memory of all instances at once (K/M/G) [default: the host's
+    /// memory (MemTotal) times --memory-overcommit].
+    #[arg(long, value_name = "SIZE", value_parser = config::parse_byte_size)]
+    max_guest_memory: Option<u64>,
+
+    /// Guest memory allowed per byte of host memory, when
+    /// --max-guest-memory is not given.
+    #[arg(long, value_name = "RATIO", default_value_t = limits::DEFAULT_OVERCOMMIT)]
+    memory_overcommit: f64,
+
+    /// Published ports per instance.
+    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_MAX_PUBLISH)]
+    max_publish: usize,
+
+    /// Let instances publish host ports below 1024 (refused otherwise).
+    #[arg(long)]
+    allow_privileged_ports: bool,
+}
+
+impl ServeArgs {
+    /// The daemon's limits from these flags and the host's memory.
+    fn limits(&self) -> anyhow::Result<limits::Limits> {
+        if !(self.memory_overcommit > 0.0 && self.memory_overcommit.is_finite()) {
+            anyhow::bail!(
+                "--memory-overcommit {} must be a positive number",
+                self.memory_overcommit
+            );
+        }
+        if self.max_connections == 0 {
+            anyhow::bail!("--max-connections must be at least 1");
+        }
+        let defaults = limits::Limits::default();
+        let host = limits::host_memory();
+        Ok(limits::Limits {
+            max_connections: self.max_connections,
+            max_request_memory: self.max_request_memory,
+            request_timeout_ms: self.request_timeout.as_millis() as u64,
+            handshake_timeout_ms: self.handshake_timeout.as_millis() as u64,
+            max_instances: self.max_instances.unwrap_or(defaults.max_instances),
+            max_guest_memory: self.max_guest_memory.unwrap_or_else(|| {
+                host.map_or(defaults.max_guest_memory, |h| {
+                    limits::guest_memory_for(h, self.memory_overcommit)
+                })
+            }),
+            max_publish: self.max_publish,
+            allow_privileged_ports: self.allow_privileged_ports,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -620,7 +691,9 @@ struct NameArg {
 struct SnapshotArgs {
     /// The instance's name.
     name: String,
-    /// The file to write (by the daemon).
+    /// The file to write (by the daemon). A daemon with a state directory
+    /// writes only there (STATE/snapshots or STATE/checkpoints): give a
+    /// file name; other paths are refused (403).
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
 }
@@ -631,7 +704,9 @@ struct SnapshotArgs {
 struct CheckpointArgs {
     /// The instance's name.
     name: String,
-    /// The file to write (by the daemon).
+    /// The file to write (by the daemon). A daemon with a state directory
+    /// writes only there (STATE/snapshots or STATE/checkpoints): give a
+    /// file name; other paths are refused (403).
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
     /// How long to wait for the app's checkpoint.
@@ -1048,7 +1123,7 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
         }
         Command::Snapshot(a) => {
             let client = target.client()?;
-            let out = absolute(&a.out)?;
+            let out = output_arg(&a.out)?;
             let info: SnapshotInfo = client.json(
                 "POST",
                 &format!("/v1/instances/{}/snapshot", a.name),
@@ -1064,7 +1139,7 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
         }
         Command::Checkpoint(a) => {
             let client = target.client()?;
-            let out = absolute(&a.out)?;
+            let out = output_arg(&a.out)?;
             let info: CheckpointInfo = client.json(
                 "POST",
                 &format!("/v1/instances/{}/checkpoint", a.name),
@@ -1113,6 +1188,16 @@ fn stem(image: &Path) -> String {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "guest".into())
+}
+
+/// `--out` of snapshot and checkpoint as sent to the daemon: a bare file
+/// name as is (a daemon with a state directory writes it there), any other
+/// path made absolute.
+fn output_arg(path: &std::path::Path) -> anyhow::Result<PathBuf> {
+    if path.components().count() == 1 && path.file_name().is_some() {
+        return Ok(path.to_owned());
+    }
+    absolute(path)
 }
 
 fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
@@ -1353,6 +1438,7 @@ fn peer(dir: &std::path::Path, cmd: PeerCmd) -> anyhow::Result<u8> {
 }
 
 fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
+    let limits = args.limits()?;
     // Secure with an identity: the one in --dir, or in the default
     // directory unless a plain daemon was asked for with --listen.
     let identity = match (&target.dir, args.listen) {
@@ -1411,6 +1497,7 @@ fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
         security,
         state_dir,
         max_image_bytes: args.max_image_size,
+        limits,
     })?;
     Ok(0)
 }
