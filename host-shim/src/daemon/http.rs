@@ -30,9 +30,9 @@
 //! ([`Reply::Stream`]) and the migration stream switch protocols (101) and
 //! then own the connection.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::collections::BTreeMap;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
@@ -676,7 +676,10 @@ fn peer_may_call(method: &Method, path: &str) -> bool {
         (Method::Post, ["v1", "migration"])
             | (Method::Post | Method::Get, ["v1", "standby"])
             | (Method::Post, ["v1", "standby", _, "checkpoint"])
-            | (Method::Get | Method::Head | Method::Put, ["v1", "images", _])
+            | (
+                Method::Get | Method::Head | Method::Put,
+                ["v1", "images", _]
+            )
             | (Method::Get, ["v1", "health" | "info" | "instances"])
     )
 }
@@ -751,7 +754,10 @@ mod tests {
         assert_eq!(h.content_length, Some(2));
         assert_eq!(h.bearer.as_deref(), Some("s3cret"));
         let slots = Slots::new(&Limits::default());
-        assert_eq!(read_body(&mut r, &h, &slots).ok().map(|b| b.bytes), Some(b"{}".to_vec()));
+        assert_eq!(
+            read_body(&mut r, &h, &slots).ok().map(|b| b.bytes),
+            Some(b"{}".to_vec())
+        );
 
         let mut r = &b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n"[..];
         assert!(read_head(&mut r).unwrap_err().contains("Content-Length"));
@@ -768,13 +774,19 @@ mod tests {
             chunked: false,
             bearer: None,
         };
-        assert_eq!(read_body(&mut &b""[..], &h, &slots).err().map(|e| e.0), Some(413));
+        assert_eq!(
+            read_body(&mut &b""[..], &h, &slots).err().map(|e| e.0),
+            Some(413)
+        );
         let mut h = h;
         h.content_length = Some(MAX_BODY);
         let budget = Slots::new(&Limits {
             max_request_memory: 10,
             ..Limits::default()
         });
-        assert_eq!(read_body(&mut &b""[..], &h, &budget).err().map(|e| e.0), Some(503));
+        assert_eq!(
+            read_body(&mut &b""[..], &h, &budget).err().map(|e| e.0),
+            Some(503)
+        );
     }
 }

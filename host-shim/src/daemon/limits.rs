@@ -240,7 +240,11 @@ mod tests {
             ..Limits::default()
         };
         assert!(l.admit(1, 512 << 20, 512 << 20).is_ok());
-        assert!(l.admit(2, 0, 2 << 20).unwrap_err().1.contains("--max-instances"));
+        assert!(l
+            .admit(2, 0, 2 << 20)
+            .unwrap_err()
+            .1
+            .contains("--max-instances"));
         assert!(l
             .admit(1, 768 << 20, 512 << 20)
             .unwrap_err()
@@ -249,7 +253,11 @@ mod tests {
         let p = |s| crate::config::parse_publish(s).unwrap();
         assert!(l.check_publish(&[p("8080:80")]).is_ok());
         let two = [p("8080:80"), p("8081:81")];
-        assert!(l.check_publish(&two).unwrap_err().1.contains("--max-publish"));
+        assert!(l
+            .check_publish(&two)
+            .unwrap_err()
+            .1
+            .contains("--max-publish"));
         let err = l.check_publish(&[p("80:80")]).unwrap_err();
         assert_eq!(err.0, 403);
         assert!(err.1.contains("--allow-privileged-ports"));

@@ -681,8 +681,7 @@ impl Daemon {
         if let Some(name) = &req.name {
             check_name(name)?;
         }
-        let opened =
-            crate::snapshot::open(Path::new(&req.file)).map_err(|e| bad(e.to_string()))?;
+        let opened = crate::snapshot::open(Path::new(&req.file)).map_err(|e| bad(e.to_string()))?;
         let name = req
             .name
             .clone()
