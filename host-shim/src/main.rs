@@ -127,8 +127,8 @@ struct Cli {
     )]
     fingerprint: Option<String>,
 
-    /// A file holding the user token for the --shim daemon [default:
-    /// $HOST_SHIM_TOKEN, else DIR/token].
+    /// A file holding the user token for the --shim daemon, `-` for
+    /// standard input [default: $HOST_SHIM_TOKEN, else DIR/token].
     #[arg(long, global = true, value_name = "FILE")]
     token_file: Option<PathBuf>,
 
@@ -343,8 +343,10 @@ struct FleetAddArgs {
     /// printed it): the host must present that certificate.
     #[arg(long, value_name = "SHA256:...")]
     fingerprint: Option<String>,
-    /// Your user token on that host (its `init` printed it; in its DIR/token).
-    #[arg(long, value_name = "TOKEN")]
+    /// Your user token on that host (its `init` printed it; in its
+    /// DIR/token). Other local users see command lines (`ps`): prefer
+    /// --token-file FILE (`-`: standard input).
+    #[arg(long, value_name = "TOKEN", conflicts_with = "token_file")]
     token: Option<String>,
     #[command(flatten)]
     json: JsonArg,
@@ -513,8 +515,8 @@ struct InitArgs {
     #[arg(long, value_name = "FILE")]
     fleet_key_file: Option<PathBuf>,
 
-    /// Use the user token in this file (e.g. another host's DIR/token)
-    /// instead of a new one.
+    /// Use the user token in this file (e.g. another host's DIR/token; `-`
+    /// for standard input) instead of a new one.
     #[arg(long = "user-token-file", value_name = "FILE")]
     user_token_file: Option<PathBuf>,
 }
@@ -1057,7 +1059,11 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
                 url: a.url,
                 region: String::new(),
                 fingerprint: a.fingerprint,
-                token: a.token,
+                token: match (a.token, &target.token_file) {
+                    (Some(t), _) => Some(t),
+                    (None, Some(file)) => Some(identity::read_token(file)?),
+                    (None, None) => None,
+                },
             },
             a.json.json,
         )),

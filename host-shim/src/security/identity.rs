@@ -220,9 +220,27 @@ pub fn read_fleet_key(path: &Path) -> Result<[u8; 32], IdentityError> {
     })
 }
 
-/// Reads a token file (its first line).
+/// Largest token file read.
+const MAX_TOKEN_FILE: u64 = 64 << 10;
+
+/// Reads a token file (its first line); `-` reads standard input, so a
+/// token need not appear on a command line (where `ps` shows it).
 pub fn read_token(path: &Path) -> Result<String, IdentityError> {
-    let token = read(path)?.lines().next().unwrap_or("").trim().to_owned();
+    let text = if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(std::io::stdin().lock(), MAX_TOKEN_FILE),
+            &mut text,
+        )
+            .map_err(io(path))?;
+        text
+    } else {
+        let bytes = crate::files::read_capped(path, MAX_TOKEN_FILE)
+            .map_err(|e| IdentityError::Invalid(e.to_string()))?;
+        String::from_utf8(bytes)
+            .map_err(|_| IdentityError::Invalid(format!("{}: not text", path.display())))?
+    };
+    let token = text.lines().next().unwrap_or("").trim().to_owned();
     if token.is_empty() {
         return Err(IdentityError::Invalid(format!(
             "{}: the token file is empty",
