@@ -232,7 +232,7 @@ pub fn read_token(path: &Path) -> Result<String, IdentityError> {
             &mut std::io::Read::take(std::io::stdin().lock(), MAX_TOKEN_FILE),
             &mut text,
         )
-            .map_err(io(path))?;
+        .map_err(io(path))?;
         text
     } else {
         let bytes = crate::files::read_capped(path, MAX_TOKEN_FILE)
