@@ -686,10 +686,13 @@ impl Daemon {
             .name
             .clone()
             .unwrap_or_else(|| opened.state.spec.name.clone());
-        // Reserved (name, limits) before the snapshot's memory is allocated.
-        self.reserve(&name, opened.state.spec.clone())?;
+        // The name and the limits are checked before the snapshot's memory
+        // is allocated, and again (atomically) when the name is reserved.
+        check_name(&name)?;
+        self.admit(&self.instances(), opened.state.spec.mem_size)?;
+        let (state, vm) = opened.into_vm(&self.hv).map_err(|e| bad(e.to_string()))?;
+        self.reserve(&name, state.spec.clone())?;
         let result = (|| {
-            let (state, vm) = opened.into_vm(&self.hv).map_err(|e| bad(e.to_string()))?;
             let log = Arc::new(Mutex::new(LogRing::default()));
             let port = match state.spec.nic {
                 Some(nic) => Some(self.net.attach(nic.mac)?),
