@@ -31,10 +31,12 @@
 //!
 //! `POST /v1/instances` takes `"image": "sha256:HEX"` for an uploaded image.
 //!
-//! Errors answer `{"error": "..."}` with 400 (bad request), 401 (no or
-//! wrong token), 403 (a migration stream from a host that is not a pinned
-//! peer), 404 (no such instance), 409 (conflict: name taken, instance busy)
-//! or 500.
+//! Errors answer `{"error": "..."}` with 400 (bad request, bad name), 401
+//! (no or wrong token), 403 (a migration stream from a host that is not a
+//! pinned peer, a peer calling a user route, an output path outside the
+//! state directory, a privileged port), 404 (no such instance), 409
+//! (conflict: name taken, instance busy, a limit reached), 503 (busy: try
+//! again) or 500. Limits: [`limits`].
 //!
 //! # Addresses
 //!
