@@ -587,3 +587,56 @@ fn a_token_can_come_from_standard_input_instead_of_the_command_line() {
     assert!(text.contains("\"token\":true"), "{text}");
     assert!(!text.contains(&token), "fleet ls shows the token: {text}");
 }
+
+/// CPU time (user + system) of a process so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name (which may hold spaces), from "state".
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn out_of_file_descriptors_the_accept_loop_backs_off() {
+    let dir = TempDir::new("hostile-fds");
+    let d = Daemon::start("fds", 12, &[], &dir);
+    let pid = d.child.id();
+    let set_limit = |n: usize| {
+        let ok = Command::new("prlimit")
+            .args(["--pid", &pid.to_string(), &format!("--nofile={n}:")])
+            .status()
+            .expect("this test needs prlimit (util-linux)");
+        assert!(ok.success());
+    };
+    // No new descriptor (0, 1 and 2 are taken; new ones must be below 3).
+    set_limit(3);
+    let held: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(&d.addr).unwrap())
+        .collect();
+    // Connections wait in the backlog while `accept` fails for lack of
+    // descriptors: the daemon must not spin or flood its log meanwhile.
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_ticks(pid) - before;
+    assert!(
+        used < 60,
+        "the daemon used {used} ticks of CPU in 3 s while out of file descriptors"
+    );
+    let log = d.output();
+    let warnings = log.matches("accept failed").count();
+    assert!(
+        (1..=3).contains(&warnings),
+        "{warnings} accept warnings in 3.5 s (rate-limited: at most one per 10 s):\n{}",
+        &log[..log.len().min(2000)]
+    );
+    // Once there are descriptors again, it serves again.
+    set_limit(1024);
+    drop(held);
+    let addr = d.addr.clone();
+    within(Duration::from_secs(20), "GET /v1/info", move || {
+        Client::new(&addr).json::<(), ShimInfo>("GET", "/v1/info", None)
+    })
+    .expect("the daemon serves again once descriptors are free");
+}

@@ -138,6 +138,14 @@ struct Slots {
     bodies: Mutex<u64>,
 }
 
+/// Why a connection got no slot.
+enum Refused {
+    /// Every slot serves a connection past its request.
+    Busy,
+    /// The process is out of something (file descriptors).
+    NoResources(io::Error),
+}
+
 /// One connection's slot, given back when dropped.
 struct Slot {
     slots: Arc<Slots>,
@@ -169,8 +177,8 @@ impl Slots {
     /// are taken, the oldest connection still sending is cut to make room
     /// (idle and slow connections cannot starve quick ones); `None` when
     /// every connection is past that stage.
-    fn acquire(self: &Arc<Self>, tcp: &TcpStream, deadline: Instant) -> Option<Slot> {
-        let watch = tcp.try_clone().ok()?;
+    fn acquire(self: &Arc<Self>, tcp: &TcpStream, deadline: Instant) -> Result<Slot, Refused> {
+        let watch = tcp.try_clone().map_err(Refused::NoResources)?;
         let mut t = self.table();
         if t.active >= self.max {
             let oldest = t.pending.keys().next().copied();
@@ -183,7 +191,7 @@ impl Slots {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
             if t.active >= self.max {
-                return None;
+                return Err(Refused::Busy);
             }
         }
         let id = t.next;
@@ -196,7 +204,7 @@ impl Slots {
                 deadline,
             },
         );
-        Some(Slot {
+        Ok(Slot {
             slots: Arc::clone(self),
             id,
         })
@@ -316,16 +324,27 @@ pub fn serve(daemon: &Arc<Daemon>, listener: TcpListener, security: Option<Arc<H
         } else {
             server.request_timeout
         };
-        let Some(slot) = server.slots.acquire(&tcp, now + first) else {
-            if let Some(held) = refused.allow() {
-                tracing::warn!(
-                    max_connections = server.slots.max,
-                    held_back = held,
-                    "refused a connection: all API connections are busy (serve --max-connections)"
-                );
+        let slot = match server.slots.acquire(&tcp, now + first) {
+            Ok(slot) => slot,
+            Err(why) => {
+                if let Some(held) = refused.allow() {
+                    match &why {
+                        Refused::Busy => tracing::warn!(
+                            max_connections = server.slots.max,
+                            held_back = held,
+                            "refused a connection: all API connections are busy \
+                             (serve --max-connections)"
+                        ),
+                        Refused::NoResources(e) => tracing::warn!(
+                            error = %e,
+                            held_back = held,
+                            "refused a connection: out of resources"
+                        ),
+                    }
+                }
+                refuse(tcp, &why, server.slots.max);
+                continue;
             }
-            refuse_busy(tcp, server.slots.max);
-            continue;
         };
         let s = Arc::clone(&server);
         let spawned = thread::Builder::new()
@@ -360,17 +379,17 @@ fn reap(slots: &Slots, timeout: Duration) {
 }
 
 /// A 503 to a connection there is no room for, without waiting on it.
-fn refuse_busy(tcp: TcpStream, max: usize) {
+fn refuse(tcp: TcpStream, why: &Refused, max: usize) {
     let _ = tcp.set_nonblocking(true);
     let mut tcp = tcp;
-    let _ = respond_error(
-        &mut tcp,
-        503,
-        &format!(
+    let msg = match why {
+        Refused::Busy => format!(
             "this shim serves {max} API connections at once (serve --max-connections): \
              try again"
         ),
-    );
+        Refused::NoResources(_) => "this shim is out of resources: try again".to_owned(),
+    };
+    let _ = respond_error(&mut tcp, 503, &msg);
 }
 
 fn serve_conn(server: &Server, tcp: TcpStream, slot: &Slot, accepted: Instant) {
