@@ -647,7 +647,9 @@ fn read_body<'a, R: Read>(r: &mut R, head: &Head, slots: &'a Slots) -> Result<Bo
             ),
         )
     })?;
-    let mut body = Vec::new();
+    // Exactly the announced size (reserved from the budget above); pages
+    // are touched only as bytes arrive.
+    let mut body = Vec::with_capacity(n);
     r.take(n as u64)
         .read_to_end(&mut body)
         .map_err(|e| ApiError(400, format!("reading the request body: {e}")))?;
