@@ -640,3 +640,67 @@ fn out_of_file_descriptors_the_accept_loop_backs_off() {
     })
     .expect("the daemon serves again once descriptors are free");
 }
+
+/// The answer of a daemon to a migration stream introducing `hello`:
+/// whether it accepted, and its refusal's reason.
+fn offer_migration(addr: &str, hello: &host_shim::migration::protocol::Hello) -> (bool, String) {
+    use host_shim::migration::protocol::{read_msg, write_value, Kind};
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(
+        b"POST /v1/migration HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: host-shim-migration\r\n\
+          Content-Length: 0\r\n\r\n",
+    )
+    .unwrap();
+    // The 101 head, byte by byte up to its blank line.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        c.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    write_value(&mut c, Kind::Hello, hello).unwrap();
+    let answer = read_msg(&mut c).unwrap();
+    (answer.kind == Kind::Accept, answer.text())
+}
+
+#[test]
+fn incoming_migrations_get_the_name_and_memory_checks() {
+    use host_shim::migration::protocol::{Hello, PROTOCOL_VERSION};
+    let dir = TempDir::new("hostile-incoming");
+    let d = Daemon::start("incoming", 13, &["--max-guest-memory", "1G"], &dir);
+    let hello = |name: &str, mem: u64| Hello {
+        protocol_version: PROTOCOL_VERSION,
+        format_version: host_shim::snapshot::format::FORMAT_VERSION,
+        abi_version: abi::ABI_VERSION,
+        name: name.into(),
+        mem_size: mem,
+        cpuid: Vec::new(),
+        nic: None,
+        image: ImageId {
+            path: String::new(),
+            size: 0,
+            sha256: String::new(),
+        },
+        source: "hostile".into(),
+        source_overlay: None,
+    };
+    for bad in ["a/b", "../x", "a\0b"] {
+        let (accepted, why) = offer_migration(&d.addr, &hello(bad, 64 << 20));
+        assert!(!accepted, "a migration named {bad:?} was accepted");
+        assert!(why.contains("not an instance name"), "{bad:?}: {why}");
+    }
+    let (accepted, why) = offer_migration(&d.addr, &hello("huge", 2 << 30));
+    assert!(!accepted, "2 GiB accepted under --max-guest-memory 1G");
+    assert!(why.contains("--max-guest-memory"), "{why}");
+    // Nothing was reserved by the refusals.
+    let list: Vec<InstanceInfo> = Client::new(&d.addr)
+        .json::<(), _>("GET", "/v1/instances", None)
+        .unwrap();
+    assert!(list.is_empty(), "{list:?}");
+}
