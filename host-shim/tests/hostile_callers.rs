@@ -94,6 +94,23 @@ fn run_request(name: &str, image: &str, mem: u64) -> RunRequest {
     }
 }
 
+/// Waits until the plain daemon `d` answers API calls (it listens before
+/// it has started all its threads).
+fn serving(d: &Daemon) {
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while Client::new(&d.addr)
+        .json::<(), ShimInfo>("GET", "/v1/info", None)
+        .is_err()
+    {
+        assert!(
+            Instant::now() < give_up,
+            "the daemon never answered:\n{}",
+            d.output()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn mkfifo(path: &Path) {
     let ok = Command::new("mkfifo")
         .arg(path)
@@ -115,6 +132,7 @@ fn idle_and_half_sent_connections_do_not_take_a_thread_each() {
     let dir = TempDir::new("hostile-conns");
     let d = Daemon::start("conns", 2, &["--max-connections", "16"], &dir);
     let pid = d.child.id();
+    serving(&d);
     let base = proc_status(pid, "Threads");
     let mut held = Vec::new();
     for i in 0..300 {
@@ -602,6 +620,7 @@ fn out_of_file_descriptors_the_accept_loop_backs_off() {
     let dir = TempDir::new("hostile-fds");
     let d = Daemon::start("fds", 12, &[], &dir);
     let pid = d.child.id();
+    serving(&d);
     let set_limit = |n: usize| {
         let ok = Command::new("prlimit")
             .args(["--pid", &pid.to_string(), &format!("--nofile={n}:")])
