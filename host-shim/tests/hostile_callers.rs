@@ -723,3 +723,41 @@ fn incoming_migrations_get_the_name_and_memory_checks() {
         .unwrap();
     assert!(list.is_empty(), "{list:?}");
 }
+
+#[test]
+fn with_every_connection_in_use_a_new_one_gets_a_clear_503() {
+    let dir = TempDir::new("hostile-busy");
+    let d = Daemon::start("busy", 14, &["--max-connections", "2"], &dir);
+    serving(&d);
+    call_json::<_, InstanceInfo>(
+        &d.addr,
+        "POST",
+        "/v1/instances",
+        run_request("kv", &kv_img(), 64 << 20),
+    )
+    .unwrap();
+    // Two console followers hold both connections past their requests.
+    let client = Client::new(&d.addr);
+    let follow = || {
+        client
+            .upgrade("/v1/instances/kv/logs/follow", "host-shim-progress", b"")
+            .unwrap()
+    };
+    let first = follow();
+    let _second = follow();
+    let (status, msg) = refusal(client.json::<(), ShimInfo>("GET", "/v1/info", None));
+    assert_eq!(status, 503, "{msg}");
+    assert!(msg.contains("--max-connections"), "{msg}");
+    let log = d.output_once_it_says("all API connections are busy");
+    assert!(log.contains("all API connections are busy"), "{log}");
+    // A connection given back is a connection for the next caller.
+    drop(first);
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while client
+        .json::<(), ShimInfo>("GET", "/v1/info", None)
+        .is_err()
+    {
+        assert!(Instant::now() < give_up, "no connection came free");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

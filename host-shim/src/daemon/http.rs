@@ -30,7 +30,7 @@
 //! ([`Reply::Stream`]) and the migration stream switch protocols (101) and
 //! then own the connection.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -110,6 +110,10 @@ const EVICT_WAIT: Duration = Duration::from_millis(500);
 const REAP_EVERY: Duration = Duration::from_millis(100);
 /// Back-off after a failed `accept` (e.g. no file descriptors left).
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+/// Refused connections kept open (reading and dropping what they send) so
+/// that the 503 reaches them rather than a reset: at most this many, this long.
+const MAX_LINGERING: usize = 64;
+const LINGER: Duration = Duration::from_secs(1);
 /// Repeated warnings (refused connections, accept errors) at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -136,6 +140,8 @@ struct Slots {
     freed: Condvar,
     body_budget: u64,
     bodies: Mutex<u64>,
+    /// Refused connections, answered, closing ([`MAX_LINGERING`]).
+    lingering: Mutex<VecDeque<(TcpStream, Instant)>>,
 }
 
 /// Why a connection got no slot.
@@ -166,6 +172,7 @@ impl Slots {
             freed: Condvar::new(),
             body_budget: limits.max_request_memory,
             bodies: Mutex::new(0),
+            lingering: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -175,16 +182,17 @@ impl Slots {
 
     /// A slot for `tcp`, which must finish sending by `deadline`. When all
     /// are taken, the oldest connection still sending is cut to make room
-    /// (idle and slow connections cannot starve quick ones); `None` when
-    /// every connection is past that stage.
+    /// (idle and slow connections cannot starve quick ones); refused at
+    /// once when every connection is past that stage.
     fn acquire(self: &Arc<Self>, tcp: &TcpStream, deadline: Instant) -> Result<Slot, Refused> {
         let watch = tcp.try_clone().map_err(Refused::NoResources)?;
         let mut t = self.table();
         if t.active >= self.max {
             let oldest = t.pending.keys().next().copied();
-            if let Some(p) = oldest.and_then(|id| t.pending.remove(&id)) {
-                let _ = p.tcp.shutdown(Shutdown::Both);
-            }
+            let Some(p) = oldest.and_then(|id| t.pending.remove(&id)) else {
+                return Err(Refused::Busy);
+            };
+            let _ = p.tcp.shutdown(Shutdown::Both);
             t = self
                 .freed
                 .wait_timeout_while(t, EVICT_WAIT, |t| t.active >= self.max)
@@ -210,9 +218,23 @@ impl Slots {
         })
     }
 
-    /// Cuts the connections past their deadline; returns how many.
+    /// Keeps a refused (answered, half-closed) connection a moment.
+    fn linger(&self, tcp: TcpStream) {
+        let mut l = self.lingering.lock().unwrap_or_else(|e| e.into_inner());
+        if l.len() >= MAX_LINGERING {
+            l.pop_front();
+        }
+        l.push_back((tcp, Instant::now() + LINGER));
+    }
+
+    /// Cuts the connections past their deadline (returns how many) and
+    /// closes the refused ones that are done.
     fn reap(&self) -> usize {
         let now = Instant::now();
+        self.lingering
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain_mut(|(tcp, until)| *until > now && !drained(tcp));
         let mut t = self.table();
         let late: Vec<u64> = t
             .pending
@@ -342,7 +364,7 @@ pub fn serve(daemon: &Arc<Daemon>, listener: TcpListener, security: Option<Arc<H
                         ),
                     }
                 }
-                refuse(tcp, &why, server.slots.max);
+                refuse(&server.slots, tcp, &why, server.slots.max);
                 continue;
             }
         };
@@ -378,8 +400,23 @@ fn reap(slots: &Slots, timeout: Duration) {
     }
 }
 
-/// A 503 to a connection there is no room for, without waiting on it.
-fn refuse(tcp: TcpStream, why: &Refused, max: usize) {
+/// Reads and drops what a (non-blocking) connection sent; whether it is
+/// closed (or broken).
+fn drained(tcp: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match tcp.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// A 503 to a connection there is no room for, without waiting on it (it
+/// lingers a moment, so that the answer is not lost to a reset).
+fn refuse(slots: &Slots, tcp: TcpStream, why: &Refused, max: usize) {
     let _ = tcp.set_nonblocking(true);
     let mut tcp = tcp;
     let msg = match why {
@@ -389,7 +426,9 @@ fn refuse(tcp: TcpStream, why: &Refused, max: usize) {
         ),
         Refused::NoResources(_) => "this shim is out of resources: try again".to_owned(),
     };
-    let _ = respond_error(&mut tcp, 503, &msg);
+    if respond_error(&mut tcp, 503, &msg).is_ok() && tcp.shutdown(Shutdown::Write).is_ok() {
+        slots.linger(tcp);
+    }
 }
 
 fn serve_conn(server: &Server, tcp: TcpStream, slot: &Slot, accepted: Instant) {
