@@ -896,7 +896,9 @@ struct RunArgs {
     checkpoint_every: Option<Duration>,
 
     /// Store the app's checkpoints as DIR/latest.ckpt (atomically, each one
-    /// durable before the app goes on).
+    /// durable before the app goes on). With --shim, a daemon with a state
+    /// directory keeps them only there: give a directory name (it goes to
+    /// STATE/checkpoints).
     #[arg(long, value_name = "DIR", group = "checkpoint_dest")]
     checkpoint_to: Option<PathBuf>,
 
@@ -1196,9 +1198,9 @@ fn stem(image: &Path) -> String {
         .unwrap_or_else(|| "guest".into())
 }
 
-/// `--out` of snapshot and checkpoint as sent to the daemon: a bare file
-/// name as is (a daemon with a state directory writes it there), any other
-/// path made absolute.
+/// `--out` of snapshot and checkpoint (and `--checkpoint-to`) as sent to
+/// the daemon: a bare name as is (a daemon with a state directory writes
+/// it there), any other path made absolute.
 fn output_arg(path: &std::path::Path) -> anyhow::Result<PathBuf> {
     if path.components().count() == 1 && path.file_name().is_some() {
         return Ok(path.to_owned());
@@ -1284,7 +1286,7 @@ fn remote_run(client: &Client, args: RunArgs) -> anyhow::Result<u8> {
         checkpoint_to: args
             .checkpoint_to
             .as_deref()
-            .map(absolute)
+            .map(output_arg)
             .transpose()?
             .map(|p| p.display().to_string()),
         standby: args.standby,

@@ -423,6 +423,26 @@ fn outputs_stay_in_the_state_directory_and_state_files_are_private() {
     )
     .unwrap();
 
+    // An app checkpoint goes to STATE/checkpoints, private too.
+    let ckpt: serde_json::Value = call_json(
+        &d.addr,
+        "POST",
+        "/v1/instances/kv/checkpoint",
+        serde_json::json!({"out": "kv.ckpt"}),
+    )
+    .unwrap();
+    let ckpt_file = state.join("checkpoints/kv.ckpt");
+    assert_eq!(ckpt["file"].as_str(), ckpt_file.to_str());
+    assert_eq!(mode(&ckpt_file), 0o600);
+    assert_eq!(mode(&state.join("checkpoints")), 0o700);
+    // So does a checkpoint directory named by `run`.
+    let mut elsewhere = run_request("kv2", &kv_img(), 64 << 20);
+    elsewhere.checkpoint_every_ms = Some(1000);
+    elsewhere.checkpoint_to = Some("/tmp/hostile-checkpoints".into());
+    let (status, msg) = refused(&d.addr, "POST", "/v1/instances", elsewhere);
+    assert_eq!(status, 403, "{msg}");
+    assert!(!Path::new("/tmp/hostile-checkpoints").exists());
+
     assert_eq!(mode(&state), 0o700);
     assert_eq!(mode(&snaps), 0o700);
     assert_eq!(mode(&snap), 0o600);
