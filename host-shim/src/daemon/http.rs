@@ -849,4 +849,91 @@ mod tests {
             Some(503)
         );
     }
+
+    /// A connection thread: holds its slot until its connection ends.
+    fn serve_until_closed(slot: Slot, mut tcp: TcpStream) -> thread::JoinHandle<()> {
+        thread::spawn(move || {
+            let _ = tcp.read(&mut [0u8; 1]);
+            drop(slot);
+        })
+    }
+
+    #[test]
+    fn a_full_table_cuts_its_oldest_sender_or_refuses() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let pair = || {
+            let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            (c, l.accept().unwrap().0)
+        };
+        let slots = Slots::new(&Limits {
+            max_connections: 2,
+            ..Limits::default()
+        });
+        let later = Instant::now() + Duration::from_secs(60);
+        let (mut idle, s1) = pair();
+        let first = slots.acquire(&s1, later).ok().unwrap();
+        let t1 = serve_until_closed(first, s1);
+        let (_busy, s2) = pair();
+        let second = slots.acquire(&s2, later).ok().unwrap();
+        second.admitted();
+        // Full: the idle sender is cut for the newcomer.
+        let (_new, s3) = pair();
+        let third = slots.acquire(&s3, later).ok().expect("room made");
+        t1.join().unwrap();
+        assert_eq!(
+            idle.read(&mut [0u8; 1]).unwrap_or(0),
+            0,
+            "the idle one is closed"
+        );
+        // Full of requests past their sending: refused at once.
+        third.admitted();
+        let (_late, s4) = pair();
+        let t = Instant::now();
+        assert!(matches!(slots.acquire(&s4, later), Err(Refused::Busy)));
+        assert!(t.elapsed() < EVICT_WAIT);
+        drop(third);
+        assert!(
+            slots.acquire(&s4, later).is_ok(),
+            "a slot given back is free"
+        );
+    }
+
+    #[test]
+    fn senders_past_their_deadline_are_cut() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let s = l.accept().unwrap().0;
+        let slots = Slots::new(&Limits::default());
+        let slot = slots
+            .acquire(&s, Instant::now() + Duration::from_secs(60))
+            .ok()
+            .unwrap();
+        assert_eq!(slots.reap(), 0);
+        slot.set_deadline(Instant::now());
+        assert_eq!(slots.reap(), 1);
+        assert_eq!(c.read(&mut [0u8; 1]).unwrap_or(0), 0, "cut");
+    }
+
+    #[test]
+    fn peers_may_migrate_stand_by_and_move_images_only() {
+        for (m, p) in [
+            (Method::Post, "/v1/migration"),
+            (Method::Post, "/v1/standby"),
+            (Method::Post, "/v1/standby/kv/checkpoint"),
+            (Method::Put, "/v1/images/abc"),
+            (Method::Get, "/v1/instances"),
+        ] {
+            assert!(peer_may_call(&m, p), "{m} {p}");
+        }
+        for (m, p) in [
+            (Method::Post, "/v1/instances"),
+            (Method::Post, "/v1/instances/kv/snapshot"),
+            (Method::Post, "/v1/instances/kv/stop"),
+            (Method::Post, "/v1/restore"),
+            (Method::Post, "/v1/images/abc/push"),
+            (Method::Get, "/v1/instances/kv/logs"),
+        ] {
+            assert!(!peer_may_call(&m, p), "{m} {p}");
+        }
+    }
 }
