@@ -25,8 +25,8 @@ pub const LATEST: &str = "latest.ckpt";
 /// the file's latest chain: its last full checkpoint and the deltas that
 /// continue it (a torn last delta is left out), as one blob.
 pub fn read_file(path: &Path) -> Result<Vec<u8>, Error> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| Error::Config(format!("cannot read checkpoint {}: {e}", path.display())))?;
+    let bytes = crate::files::read_capped(path, abi::checkpoint::MAX_CHECKPOINT)
+        .map_err(|e| Error::Config(format!("cannot read checkpoint: {e}")))?;
     if bytes.len() as u64 > abi::checkpoint::MAX_CHECKPOINT {
         return Err(Error::Config(format!(
             "checkpoint {} is {} bytes, more than the limit of {}",

@@ -369,9 +369,17 @@ fn net_device(port: Option<Arc<GuestPort>>) -> Vec<MmioTransport> {
         .collect()
 }
 
-/// The identity of an image file: its path, size and SHA-256.
+/// Largest image file read (unikernel images are hundreds of KiB).
+pub const MAX_IMAGE_FILE: u64 = 64 << 20;
+
+/// The identity of an image file: its path, size and SHA-256 (a regular
+/// file of at most [`MAX_IMAGE_FILE`] bytes: a device or FIFO is refused).
 pub fn image_id(path: &Path) -> Result<ImageId, Error> {
-    let bytes = std::fs::read(path).map_err(|e| {
+    let bytes = crate::files::read_capped(path, MAX_IMAGE_FILE).map_err(|e| {
+        let e = match e {
+            crate::files::ReadError::Io { source, .. } => source,
+            other => std::io::Error::new(std::io::ErrorKind::InvalidInput, other.to_string()),
+        };
         Error::Image(crate::error::ImageFileError {
             path: path.to_owned(),
             kind: crate::error::ImageError::Io(e),

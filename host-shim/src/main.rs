@@ -19,7 +19,7 @@ use host_shim::daemon::api::{
     RunRequest, SnapshotInfo, SnapshotRequest,
 };
 use host_shim::daemon::persist::{publish_arg, Restart};
-use host_shim::daemon::DaemonConfig;
+use host_shim::daemon::{limits, DaemonConfig};
 use host_shim::devices::virtio;
 use host_shim::fleet::commands::{self, DeployOptions};
 use host_shim::fleet::store::FileStore;
@@ -127,8 +127,8 @@ struct Cli {
     )]
     fingerprint: Option<String>,
 
-    /// A file holding the user token for the --shim daemon [default:
-    /// $HOST_SHIM_TOKEN, else DIR/token].
+    /// A file holding the user token for the --shim daemon, `-` for
+    /// standard input [default: $HOST_SHIM_TOKEN, else DIR/token].
     #[arg(long, global = true, value_name = "FILE")]
     token_file: Option<PathBuf>,
 
@@ -344,8 +344,10 @@ struct FleetAddArgs {
     /// printed it): the host must present that certificate.
     #[arg(long, value_name = "SHA256:...")]
     fingerprint: Option<String>,
-    /// Your user token on that host (its `init` printed it; in its DIR/token).
-    #[arg(long, value_name = "TOKEN")]
+    /// Your user token on that host (its `init` printed it; in its
+    /// DIR/token). Other local users see command lines (`ps`): prefer
+    /// --token-file FILE (`-`: standard input).
+    #[arg(long, value_name = "TOKEN", conflicts_with = "token_file")]
     token: Option<String>,
     #[command(flatten)]
     json: JsonArg,
@@ -514,8 +516,8 @@ struct InitArgs {
     #[arg(long, value_name = "FILE")]
     fleet_key_file: Option<PathBuf>,
 
-    /// Use the user token in this file (e.g. another host's DIR/token)
-    /// instead of a new one.
+    /// Use the user token in this file (e.g. another host's DIR/token; `-`
+    /// for standard input) instead of a new one.
     #[arg(long = "user-token-file", value_name = "FILE")]
     user_token_file: Option<PathBuf>,
 }
@@ -608,6 +610,77 @@ struct ServeArgs {
     /// The largest image upload accepted (K/M suffixes; at most 16M).
     #[arg(long, value_name = "SIZE", default_value = "8M", value_parser = config::parse_byte_size)]
     max_image_size: u64,
+
+    /// API connections served at once; beyond, the oldest one still
+    /// sending its request is cut to make room, else the new one gets 503.
+    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+
+    /// Request bodies held in memory at once, in bytes (K/M/G); beyond, 503.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = config::parse_byte_size)]
+    max_request_memory: u64,
+
+    /// How long a client has for a request's head and body, whole.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = config::parse_duration)]
+    request_timeout: Duration,
+
+    /// How long a client has for a TLS handshake, whole.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = config::parse_duration)]
+    handshake_timeout: Duration,
+
+    /// Instances at once (running or starting) [default: host memory / 64
+    /// MiB, 1 to 256].
+    #[arg(long, value_name = "N")]
+    max_instances: Option<usize>,
+
+    /// Guest memory of all instances at once (K/M/G) [default: the host's
+    /// memory (MemTotal) times --memory-overcommit].
+    #[arg(long, value_name = "SIZE", value_parser = config::parse_byte_size)]
+    max_guest_memory: Option<u64>,
+
+    /// Guest memory allowed per byte of host memory, when
+    /// --max-guest-memory is not given.
+    #[arg(long, value_name = "RATIO", default_value_t = limits::DEFAULT_OVERCOMMIT)]
+    memory_overcommit: f64,
+
+    /// Published ports per instance.
+    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_MAX_PUBLISH)]
+    max_publish: usize,
+
+    /// Let instances publish host ports below 1024 (refused otherwise).
+    #[arg(long)]
+    allow_privileged_ports: bool,
+}
+
+impl ServeArgs {
+    /// The daemon's limits from these flags and the host's memory.
+    fn limits(&self) -> anyhow::Result<limits::Limits> {
+        if !(self.memory_overcommit > 0.0 && self.memory_overcommit.is_finite()) {
+            anyhow::bail!(
+                "--memory-overcommit {} must be a positive number",
+                self.memory_overcommit
+            );
+        }
+        if self.max_connections == 0 {
+            anyhow::bail!("--max-connections must be at least 1");
+        }
+        let defaults = limits::Limits::default();
+        let host = limits::host_memory();
+        Ok(limits::Limits {
+            max_connections: self.max_connections,
+            max_request_memory: self.max_request_memory,
+            request_timeout_ms: self.request_timeout.as_millis() as u64,
+            handshake_timeout_ms: self.handshake_timeout.as_millis() as u64,
+            max_instances: self.max_instances.unwrap_or(defaults.max_instances),
+            max_guest_memory: self.max_guest_memory.unwrap_or_else(|| {
+                host.map_or(defaults.max_guest_memory, |h| {
+                    limits::guest_memory_for(h, self.memory_overcommit)
+                })
+            }),
+            max_publish: self.max_publish,
+            allow_privileged_ports: self.allow_privileged_ports,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -621,7 +694,9 @@ struct NameArg {
 struct SnapshotArgs {
     /// The instance's name.
     name: String,
-    /// The file to write (by the daemon).
+    /// The file to write (by the daemon). A daemon with a state directory
+    /// writes only there (STATE/snapshots or STATE/checkpoints): give a
+    /// file name; other paths are refused (403).
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
 }
@@ -632,7 +707,9 @@ struct SnapshotArgs {
 struct CheckpointArgs {
     /// The instance's name.
     name: String,
-    /// The file to write (by the daemon).
+    /// The file to write (by the daemon). A daemon with a state directory
+    /// writes only there (STATE/snapshots or STATE/checkpoints): give a
+    /// file name; other paths are refused (403).
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
     /// How long to wait for the app's checkpoint.
@@ -820,7 +897,9 @@ struct RunArgs {
     checkpoint_every: Option<Duration>,
 
     /// Store the app's checkpoints as DIR/latest.ckpt (atomically, each one
-    /// durable before the app goes on).
+    /// durable before the app goes on). With --shim, a daemon with a state
+    /// directory keeps them only there: give a directory name (it goes to
+    /// STATE/checkpoints).
     #[arg(long, value_name = "DIR", group = "checkpoint_dest")]
     checkpoint_to: Option<PathBuf>,
 
@@ -983,7 +1062,11 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
                 url: a.url,
                 region: String::new(),
                 fingerprint: a.fingerprint,
-                token: a.token,
+                token: match (a.token, &target.token_file) {
+                    (Some(t), _) => Some(t),
+                    (None, Some(file)) => Some(identity::read_token(file)?),
+                    (None, None) => None,
+                },
             },
             a.json.json,
         )),
@@ -1049,7 +1132,7 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
         }
         Command::Snapshot(a) => {
             let client = target.client()?;
-            let out = absolute(&a.out)?;
+            let out = output_arg(&a.out)?;
             let info: SnapshotInfo = client.json(
                 "POST",
                 &format!("/v1/instances/{}/snapshot", a.name),
@@ -1065,7 +1148,7 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
         }
         Command::Checkpoint(a) => {
             let client = target.client()?;
-            let out = absolute(&a.out)?;
+            let out = output_arg(&a.out)?;
             let info: CheckpointInfo = client.json(
                 "POST",
                 &format!("/v1/instances/{}/checkpoint", a.name),
@@ -1114,6 +1197,16 @@ fn stem(image: &Path) -> String {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "guest".into())
+}
+
+/// `--out` of snapshot and checkpoint (and `--checkpoint-to`) as sent to
+/// the daemon: a bare name as is (a daemon with a state directory writes
+/// it there), any other path made absolute.
+fn output_arg(path: &std::path::Path) -> anyhow::Result<PathBuf> {
+    if path.components().count() == 1 && path.file_name().is_some() {
+        return Ok(path.to_owned());
+    }
+    absolute(path)
 }
 
 fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
@@ -1194,7 +1287,7 @@ fn remote_run(client: &Client, args: RunArgs) -> anyhow::Result<u8> {
         checkpoint_to: args
             .checkpoint_to
             .as_deref()
-            .map(absolute)
+            .map(output_arg)
             .transpose()?
             .map(|p| p.display().to_string()),
         standby: args.standby,
@@ -1354,6 +1447,7 @@ fn peer(dir: &std::path::Path, cmd: PeerCmd) -> anyhow::Result<u8> {
 }
 
 fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
+    let limits = args.limits()?;
     // Secure with an identity: the one in --dir, or in the default
     // directory unless a plain daemon was asked for with --listen.
     let identity = match (&target.dir, args.listen) {
@@ -1412,6 +1506,7 @@ fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
         security,
         state_dir,
         max_image_bytes: args.max_image_size,
+        limits,
     })?;
     Ok(0)
 }

@@ -59,6 +59,16 @@ impl ImageSource for [u8] {
     }
 }
 
+/// Opens an image for reading; `O_NONBLOCK` so that a FIFO named as an
+/// image does not wait for a writer (and then fails as not a regular file).
+fn open_nonblocking(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+}
+
 /// An image file and its size at the time it was opened.
 pub struct FileSource {
     file: File,
@@ -67,7 +77,7 @@ pub struct FileSource {
 
 impl FileSource {
     pub fn open(path: &Path) -> io::Result<Self> {
-        let file = File::open(path)?;
+        let file = open_nonblocking(path)?;
         let meta = file.metadata()?;
         if !meta.is_file() {
             return Err(io::Error::new(
@@ -135,7 +145,7 @@ pub fn inspect(path: &Path, mem_size: u64) -> Result<ImageInfo, ImageFileError> 
 /// Copies the image's `PT_LOAD` segments into guest memory at their
 /// physical addresses. Call [`inspect`] first.
 pub fn load(mem: &GuestMemoryMmap, path: &Path) -> Result<(), crate::error::Error> {
-    let mut file = File::open(path).map_err(|e| ImageFileError {
+    let mut file = open_nonblocking(path).map_err(|e| ImageFileError {
         path: path.to_owned(),
         kind: ImageError::Io(e),
     })?;

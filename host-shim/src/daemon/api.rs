@@ -188,6 +188,9 @@ pub struct ShimInfo {
     /// Overlay datagrams dropped for failing authentication.
     #[serde(default)]
     pub overlay_rejected: u64,
+    /// What callers may take (`serve --max-*` flags).
+    #[serde(default)]
+    pub limits: Option<super::limits::Limits>,
 }
 
 /// An error answer.

@@ -7,10 +7,21 @@
 //!   but does not require one;
 //! - API calls need `Authorization: Bearer TOKEN` with the user token, or a
 //!   client certificate pinned as a peer; anything else gets 401 and a log
-//!   line;
+//!   line. A caller known only by its peer certificate may migrate, stand
+//!   by, push images and read health, info and the instance list
+//!   ([`peer_may_call`]); anything else gets 403 and a log line;
 //! - `POST /v1/migration` (the migration stream) needs a client certificate
 //!   pinned as a peer; anything else gets 403 and a log line, and the
 //!   sender's instance keeps running where it is.
+//!
+//! Hostile callers: at most `--max-connections` connections are served at
+//! once (beyond, the oldest one still sending its request is cut to make
+//! room, else the new one gets 503); a TLS handshake must end within
+//! `--handshake-timeout` and a request's head and body within
+//! `--request-timeout`, whole (a byte now and then does not extend it);
+//! request bodies held at once are capped at `--max-request-memory` bytes
+//! (503 beyond); a failing `accept` (no file descriptors left) backs off
+//! exponentially. Repeated warnings are rate-limited.
 //!
 //! Plain mode (`serve --listen` without an identity): plain TCP, no checks,
 //! for tests, benchmarks and trusted networks.
@@ -19,13 +30,15 @@
 //! ([`Reply::Stream`]) and the migration stream switch protocols (101) and
 //! then own the connection.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use super::limits::{Limits, RateLimited};
 use super::{api, ApiError, Daemon, Reply, MIGRATION_PROTOCOL, PROGRESS_PROTOCOL};
 use crate::security::tls::Stream;
 use crate::security::HostSecurity;
@@ -34,8 +47,6 @@ use crate::security::HostSecurity;
 pub const MAX_BODY: usize = 16 << 20;
 /// Largest request head.
 const MAX_HEAD: usize = 64 << 10;
-/// How long a client may take for the handshake, head and body.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A request method.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,33 +104,343 @@ enum Caller {
     Peer(String),
 }
 
-/// Accepts connections until the listener fails.
+/// How long a new connection waits for the slot of an evicted one.
+const EVICT_WAIT: Duration = Duration::from_millis(500);
+/// How often connections past their deadline are looked for.
+const REAP_EVERY: Duration = Duration::from_millis(100);
+/// Back-off after a failed `accept` (e.g. no file descriptors left).
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+/// Refused connections kept open (reading and dropping what they send) so
+/// that the 503 reaches them rather than a reset: at most this many, this long.
+const MAX_LINGERING: usize = 64;
+const LINGER: Duration = Duration::from_secs(1);
+/// Repeated warnings (refused connections, accept errors) at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// A connection still sending its TLS handshake or request: it can be cut
+/// when its deadline passes, or to make room for a new one.
+struct Pending {
+    tcp: TcpStream,
+    deadline: Instant,
+}
+
+#[derive(Default)]
+struct Table {
+    /// Connections served now (pending or not).
+    active: usize,
+    /// Those still sending, oldest first.
+    pending: BTreeMap<u64, Pending>,
+    next: u64,
+}
+
+/// The connection slots and the request-body budget of one server.
+struct Slots {
+    max: usize,
+    table: Mutex<Table>,
+    freed: Condvar,
+    body_budget: u64,
+    bodies: Mutex<u64>,
+    /// Refused connections, answered, closing ([`MAX_LINGERING`]).
+    lingering: Mutex<VecDeque<(TcpStream, Instant)>>,
+}
+
+/// Why a connection got no slot.
+enum Refused {
+    /// Every slot serves a connection past its request.
+    Busy,
+    /// The process is out of something (file descriptors).
+    NoResources(io::Error),
+}
+
+/// One connection's slot, given back when dropped.
+struct Slot {
+    slots: Arc<Slots>,
+    id: u64,
+}
+
+/// Bytes of the body budget held by one request.
+struct BodyBytes<'a> {
+    slots: &'a Slots,
+    n: u64,
+}
+
+impl Slots {
+    fn new(limits: &Limits) -> Arc<Self> {
+        Arc::new(Self {
+            max: limits.max_connections.max(1),
+            table: Mutex::new(Table::default()),
+            freed: Condvar::new(),
+            body_budget: limits.max_request_memory,
+            bodies: Mutex::new(0),
+            lingering: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot for `tcp`, which must finish sending by `deadline`. When all
+    /// are taken, the oldest connection still sending is cut to make room
+    /// (idle and slow connections cannot starve quick ones); refused at
+    /// once when every connection is past that stage.
+    fn acquire(self: &Arc<Self>, tcp: &TcpStream, deadline: Instant) -> Result<Slot, Refused> {
+        let watch = tcp.try_clone().map_err(Refused::NoResources)?;
+        let mut t = self.table();
+        if t.active >= self.max {
+            let oldest = t.pending.keys().next().copied();
+            let Some(p) = oldest.and_then(|id| t.pending.remove(&id)) else {
+                return Err(Refused::Busy);
+            };
+            let _ = p.tcp.shutdown(Shutdown::Both);
+            t = self
+                .freed
+                .wait_timeout_while(t, EVICT_WAIT, |t| t.active >= self.max)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            if t.active >= self.max {
+                return Err(Refused::Busy);
+            }
+        }
+        let id = t.next;
+        t.next += 1;
+        t.active += 1;
+        t.pending.insert(
+            id,
+            Pending {
+                tcp: watch,
+                deadline,
+            },
+        );
+        Ok(Slot {
+            slots: Arc::clone(self),
+            id,
+        })
+    }
+
+    /// Keeps a refused (answered, half-closed) connection a moment.
+    fn linger(&self, tcp: TcpStream) {
+        let mut l = self.lingering.lock().unwrap_or_else(|e| e.into_inner());
+        if l.len() >= MAX_LINGERING {
+            l.pop_front();
+        }
+        l.push_back((tcp, Instant::now() + LINGER));
+    }
+
+    /// Cuts the connections past their deadline (returns how many) and
+    /// closes the refused ones that are done.
+    fn reap(&self) -> usize {
+        let now = Instant::now();
+        self.lingering
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain_mut(|(tcp, until)| *until > now && !drained(tcp));
+        let mut t = self.table();
+        let late: Vec<u64> = t
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &late {
+            if let Some(p) = t.pending.remove(id) {
+                let _ = p.tcp.shutdown(Shutdown::Both);
+            }
+        }
+        late.len()
+    }
+
+    /// `n` bytes of the request-body budget, if that many are free.
+    fn body_bytes(&self, n: u64) -> Option<BodyBytes<'_>> {
+        let mut used = self.bodies.lock().unwrap_or_else(|e| e.into_inner());
+        if used.saturating_add(n) > self.body_budget {
+            return None;
+        }
+        *used += n;
+        Some(BodyBytes { slots: self, n })
+    }
+}
+
+impl Slot {
+    /// The connection must finish sending by `deadline` now.
+    fn set_deadline(&self, deadline: Instant) {
+        if let Some(p) = self.slots.table().pending.get_mut(&self.id) {
+            p.deadline = deadline;
+        }
+    }
+
+    /// The request is in: no deadline, no eviction from now on.
+    fn admitted(&self) {
+        self.slots.table().pending.remove(&self.id);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut t = self.slots.table();
+        t.pending.remove(&self.id);
+        t.active -= 1;
+        self.slots.freed.notify_all();
+    }
+}
+
+impl Drop for BodyBytes<'_> {
+    fn drop(&mut self) {
+        *self.slots.bodies.lock().unwrap_or_else(|e| e.into_inner()) -= self.n;
+    }
+}
+
+/// What every connection of one server shares.
+struct Server {
+    daemon: Arc<Daemon>,
+    security: Option<Arc<HostSecurity>>,
+    slots: Arc<Slots>,
+    request_timeout: Duration,
+    handshake_timeout: Duration,
+}
+
+/// Accepts connections until the process ends: at most
+/// `--max-connections` at once (a clear 503 beyond), each with whole
+/// deadlines for its TLS handshake and its request, backing off when
+/// `accept` fails (e.g. no file descriptors left).
 pub fn serve(daemon: &Arc<Daemon>, listener: TcpListener, security: Option<Arc<HostSecurity>>) {
-    for conn in listener.incoming() {
-        let tcp = match conn {
-            Ok(t) => t,
+    let limits = &daemon.config.limits;
+    let server = Arc::new(Server {
+        daemon: Arc::clone(daemon),
+        security,
+        slots: Slots::new(limits),
+        request_timeout: limits.request_timeout(),
+        handshake_timeout: limits.handshake_timeout(),
+    });
+    {
+        let slots = Arc::clone(&server.slots);
+        let timeout = server.request_timeout;
+        let reaper = thread::Builder::new()
+            .name("api-deadlines".into())
+            .spawn(move || reap(&slots, timeout));
+        if let Err(e) = reaper {
+            tracing::error!(error = %e, "cannot start the API deadline thread: no request deadlines");
+        }
+    }
+    let refused = RateLimited::new(WARN_EVERY);
+    let failed = RateLimited::new(WARN_EVERY);
+    let mut backoff = ACCEPT_BACKOFF.0;
+    loop {
+        let tcp = match listener.accept() {
+            Ok((tcp, _)) => {
+                backoff = ACCEPT_BACKOFF.0;
+                tcp
+            }
             Err(e) => {
-                tracing::warn!("accept: {e}");
+                if let Some(held) = failed.allow() {
+                    tracing::warn!(error = %e, held_back = held, "accept failed; backing off");
+                }
+                thread::sleep(backoff);
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
                 continue;
             }
         };
-        let d = Arc::clone(daemon);
-        let sec = security.clone();
+        let now = Instant::now();
+        let first = if server.security.is_some() {
+            server.handshake_timeout
+        } else {
+            server.request_timeout
+        };
+        let slot = match server.slots.acquire(&tcp, now + first) {
+            Ok(slot) => slot,
+            Err(why) => {
+                if let Some(held) = refused.allow() {
+                    match &why {
+                        Refused::Busy => tracing::warn!(
+                            max_connections = server.slots.max,
+                            held_back = held,
+                            "refused a connection: all API connections are busy \
+                             (serve --max-connections)"
+                        ),
+                        Refused::NoResources(e) => tracing::warn!(
+                            error = %e,
+                            held_back = held,
+                            "refused a connection: out of resources"
+                        ),
+                    }
+                }
+                refuse(&server.slots, tcp, &why, server.slots.max);
+                continue;
+            }
+        };
+        let s = Arc::clone(&server);
         let spawned = thread::Builder::new()
             .name("api".into())
-            .spawn(move || serve_conn(&d, tcp, sec.as_deref()));
+            .spawn(move || serve_conn(&s, tcp, &slot, now));
         if let Err(e) = spawned {
-            tracing::error!("cannot start an API thread: {e}");
+            if let Some(held) = failed.allow() {
+                tracing::error!(error = %e, held_back = held, "cannot start an API thread");
+            }
         }
     }
 }
 
-fn serve_conn(daemon: &Arc<Daemon>, tcp: TcpStream, security: Option<&HostSecurity>) {
+/// Cuts connections past their deadline, forever.
+fn reap(slots: &Slots, timeout: Duration) {
+    let cut = RateLimited::new(WARN_EVERY);
+    loop {
+        thread::sleep(REAP_EVERY);
+        let n = slots.reap();
+        if n > 0 {
+            if let Some(held) = cut.allow() {
+                tracing::warn!(
+                    connections = n,
+                    held_back = held,
+                    timeout_s = timeout.as_secs_f64(),
+                    "cut API connections that did not send their handshake or request in time \
+                     (serve --handshake-timeout, --request-timeout)"
+                );
+            }
+        }
+    }
+}
+
+/// Reads and drops what a (non-blocking) connection sent; whether it is
+/// closed (or broken).
+fn drained(tcp: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match tcp.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// A 503 to a connection there is no room for, without waiting on it (it
+/// lingers a moment, so that the answer is not lost to a reset).
+fn refuse(slots: &Slots, tcp: TcpStream, why: &Refused, max: usize) {
+    let _ = tcp.set_nonblocking(true);
+    let mut tcp = tcp;
+    let msg = match why {
+        Refused::Busy => format!(
+            "this shim serves {max} API connections at once (serve --max-connections): \
+             try again"
+        ),
+        Refused::NoResources(_) => "this shim is out of resources: try again".to_owned(),
+    };
+    if respond_error(&mut tcp, 503, &msg).is_ok() && tcp.shutdown(Shutdown::Write).is_ok() {
+        slots.linger(tcp);
+    }
+}
+
+fn serve_conn(server: &Server, tcp: TcpStream, slot: &Slot, accepted: Instant) {
+    let daemon = &server.daemon;
+    let security = server.security.as_deref();
     let from = tcp
         .peer_addr()
         .map_or_else(|_| "?".to_owned(), |a: SocketAddr| a.to_string());
     let _ = tcp.set_nodelay(true);
-    let _ = tcp.set_read_timeout(Some(REQUEST_TIMEOUT));
+    // A backstop per read; the whole deadlines are the slot's.
+    let _ = tcp.set_read_timeout(Some(server.request_timeout));
+    let _ = tcp.set_write_timeout(Some(server.request_timeout));
     let stream = match security {
         Some(sec) => match Stream::accept(tcp, &sec.server) {
             Ok(s) => s,
@@ -135,6 +456,7 @@ fn serve_conn(daemon: &Arc<Daemon>, tcp: TcpStream, security: Option<&HostSecuri
         },
         None => Stream::Plain(tcp),
     };
+    slot.set_deadline(accepted + server.request_timeout);
     let mut conn = BufReader::new(stream);
     let head = match read_head(&mut conn) {
         Ok(h) => h,
@@ -154,27 +476,48 @@ fn serve_conn(daemon: &Arc<Daemon>, tcp: TcpStream, security: Option<&HostSecuri
             return;
         }
     };
+    if let Caller::Peer(peer) = &caller {
+        if !peer_may_call(&method, &path) {
+            tracing::warn!(
+                %method, %path, %from, %peer,
+                "refused a call from a peer host: peers may only migrate, stand by and push images"
+            );
+            let _ = respond_error(
+                conn.get_mut(),
+                403,
+                &format!(
+                    "{method} {path} needs the user token: a peer host's certificate \
+                     ({peer}) may only migrate, stand by and push images"
+                ),
+            );
+            return;
+        }
+    }
     if migration {
         let peer = match caller {
             Caller::Peer(name) => name,
             _ => from,
         };
+        slot.admitted();
         let _ = conn.get_ref().tcp().set_read_timeout(None);
+        let _ = conn.get_ref().tcp().set_write_timeout(None);
         if switch_protocols(conn.get_mut(), MIGRATION_PROTOCOL).is_ok() {
             crate::migration::dest::accept(daemon, conn, &peer);
         }
         return;
     }
-    let body = match read_body(&mut conn, &head) {
+    let body = match read_body(&mut conn, &head, &server.slots) {
         Ok(b) => b,
         Err(ApiError(status, why)) => {
             let _ = respond_error(conn.get_mut(), status, &why);
             return;
         }
     };
+    slot.admitted();
     let _ = conn.get_ref().tcp().set_read_timeout(None);
     let mut stream = conn.into_inner();
-    let reply = daemon.handle(&method, &path, &body);
+    let reply = daemon.handle(&method, &path, &body.bytes);
+    drop(body);
     // HEAD: the status and headers of the GET answer, no body.
     let reply = match reply {
         Ok(Reply::Json(status, _)) if method == Method::Head => {
@@ -231,27 +574,30 @@ fn authenticate(
         return Ok(Caller::Anyone);
     }
     let fp = stream.peer_fingerprint();
-    if let Some(peer) = fp.and_then(|fp| sec.peer_by_fingerprint(&fp)) {
-        return Ok(Caller::Peer(peer.name));
-    }
+    let peer = fp.and_then(|fp| sec.peer_by_fingerprint(&fp));
     if migration {
-        return Err(ApiError(
-            403,
-            match fp {
-                Some(fp) => format!(
+        return match (peer, fp) {
+            (Some(peer), _) => Ok(Caller::Peer(peer.name)),
+            (None, Some(fp)) => Err(ApiError(
+                403,
+                format!(
                     "migration refused: the sending host's certificate {fp} is not pinned here \
                      (to trust it, on this host: host-shim peer add NAME {fp})"
                 ),
-                None => "migration refused: a migration stream needs the client certificate \
-                         of a pinned peer"
+            )),
+            (None, None) => Err(ApiError(
+                403,
+                "migration refused: a migration stream needs the client certificate of a \
+                 pinned peer"
                     .to_owned(),
-            },
-        ));
+            )),
+        };
     }
-    match &head.bearer {
-        Some(t) if sec.is_user_token(t) => Ok(Caller::User),
-        Some(_) => Err(ApiError(401, "wrong token".into())),
-        None => Err(ApiError(
+    match (&head.bearer, peer) {
+        (Some(t), _) if sec.is_user_token(t) => Ok(Caller::User),
+        (Some(_), _) => Err(ApiError(401, "wrong token".into())),
+        (None, Some(peer)) => Ok(Caller::Peer(peer.name)),
+        (None, None) => Err(ApiError(
             401,
             "no token: this shim needs `Authorization: Bearer TOKEN` (the token `host-shim \
              init` printed, in DIR/token) or a pinned peer's certificate"
@@ -315,7 +661,54 @@ fn read_head<R: BufRead>(r: &mut R) -> Result<Head, String> {
     })
 }
 
-fn read_body<R: Read>(r: &mut R, head: &Head) -> Result<Vec<u8>, ApiError> {
+/// A request body and the budget bytes it holds.
+struct Body<'a> {
+    bytes: Vec<u8>,
+    _held: Option<BodyBytes<'a>>,
+}
+
+/// Reads the body the head announces, if the budget of bodies held at
+/// once (`--max-request-memory`) has room for it (503 otherwise).
+fn read_body<'a, R: Read>(r: &mut R, head: &Head, slots: &'a Slots) -> Result<Body<'a>, ApiError> {
+    let n = check_body(head)?;
+    if n == 0 {
+        return Ok(Body {
+            bytes: Vec::new(),
+            _held: None,
+        });
+    }
+    let held = slots.body_bytes(n as u64).ok_or_else(|| {
+        ApiError(
+            503,
+            format!(
+                "this shim holds {} bytes of request bodies at most (serve                  --max-request-memory) and is busy: try again",
+                slots.body_budget
+            ),
+        )
+    })?;
+    // Exactly the announced size (reserved from the budget above); pages
+    // are touched only as bytes arrive.
+    let mut body = Vec::with_capacity(n);
+    r.take(n as u64)
+        .read_to_end(&mut body)
+        .map_err(|e| ApiError(400, format!("reading the request body: {e}")))?;
+    if body.len() != n {
+        return Err(ApiError(
+            400,
+            format!(
+                "the connection closed after {} of the {n} bytes of the request body",
+                body.len()
+            ),
+        ));
+    }
+    Ok(Body {
+        bytes: body,
+        _held: Some(held),
+    })
+}
+
+/// The body length a head announces, if it is acceptable.
+fn check_body(head: &Head) -> Result<usize, ApiError> {
     if head.chunked {
         return Err(ApiError(
             411,
@@ -329,10 +722,26 @@ fn read_body<R: Read>(r: &mut R, head: &Head) -> Result<Vec<u8>, ApiError> {
             format!("the request body of {n} bytes is larger than {MAX_BODY}"),
         ));
     }
-    let mut body = vec![0u8; n];
-    r.read_exact(&mut body)
-        .map_err(|e| ApiError(400, format!("reading the request body: {e}")))?;
-    Ok(body)
+    Ok(n)
+}
+
+/// Whether a caller known only by a pinned peer certificate may make this
+/// call: migration streams, standby registrations and checkpoints, image
+/// pushes, and the read-only calls a standby or a migration makes (health,
+/// info, the instance list).
+fn peer_may_call(method: &Method, path: &str) -> bool {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    matches!(
+        (method, segments.as_slice()),
+        (Method::Post, ["v1", "migration"])
+            | (Method::Post | Method::Get, ["v1", "standby"])
+            | (Method::Post, ["v1", "standby", _, "checkpoint"])
+            | (
+                Method::Get | Method::Head | Method::Put,
+                ["v1", "images", _]
+            )
+            | (Method::Get, ["v1", "health" | "info" | "instances"])
+    )
 }
 
 fn reason(status: u16) -> &'static str {
@@ -346,9 +755,11 @@ fn reason(status: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         409 => "Conflict",
+        429 => "Too Many Requests",
         411 => "Length Required",
         413 => "Payload Too Large",
         500 => "Internal Server Error",
+        503 => "Service Unavailable",
         504 => "Gateway Timeout",
         _ => "",
     }
@@ -402,7 +813,11 @@ mod tests {
         );
         assert_eq!(h.content_length, Some(2));
         assert_eq!(h.bearer.as_deref(), Some("s3cret"));
-        assert_eq!(read_body(&mut r, &h).ok(), Some(b"{}".to_vec()));
+        let slots = Slots::new(&Limits::default());
+        assert_eq!(
+            read_body(&mut r, &h, &slots).ok().map(|b| b.bytes),
+            Some(b"{}".to_vec())
+        );
 
         let mut r = &b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n"[..];
         assert!(read_head(&mut r).unwrap_err().contains("Content-Length"));
@@ -419,6 +834,106 @@ mod tests {
             chunked: false,
             bearer: None,
         };
-        assert_eq!(read_body(&mut &b""[..], &h).err().map(|e| e.0), Some(413));
+        assert_eq!(
+            read_body(&mut &b""[..], &h, &slots).err().map(|e| e.0),
+            Some(413)
+        );
+        let mut h = h;
+        h.content_length = Some(MAX_BODY);
+        let budget = Slots::new(&Limits {
+            max_request_memory: 10,
+            ..Limits::default()
+        });
+        assert_eq!(
+            read_body(&mut &b""[..], &h, &budget).err().map(|e| e.0),
+            Some(503)
+        );
+    }
+
+    /// A connection thread: holds its slot until its connection ends.
+    fn serve_until_closed(slot: Slot, mut tcp: TcpStream) -> thread::JoinHandle<()> {
+        thread::spawn(move || {
+            let _ = tcp.read(&mut [0u8; 1]);
+            drop(slot);
+        })
+    }
+
+    #[test]
+    fn a_full_table_cuts_its_oldest_sender_or_refuses() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let pair = || {
+            let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            (c, l.accept().unwrap().0)
+        };
+        let slots = Slots::new(&Limits {
+            max_connections: 2,
+            ..Limits::default()
+        });
+        let later = Instant::now() + Duration::from_secs(60);
+        let (mut idle, s1) = pair();
+        let first = slots.acquire(&s1, later).ok().unwrap();
+        let t1 = serve_until_closed(first, s1);
+        let (_busy, s2) = pair();
+        let second = slots.acquire(&s2, later).ok().unwrap();
+        second.admitted();
+        // Full: the idle sender is cut for the newcomer.
+        let (_new, s3) = pair();
+        let third = slots.acquire(&s3, later).ok().expect("room made");
+        t1.join().unwrap();
+        assert_eq!(
+            idle.read(&mut [0u8; 1]).unwrap_or(0),
+            0,
+            "the idle one is closed"
+        );
+        // Full of requests past their sending: refused at once.
+        third.admitted();
+        let (_late, s4) = pair();
+        let t = Instant::now();
+        assert!(matches!(slots.acquire(&s4, later), Err(Refused::Busy)));
+        assert!(t.elapsed() < EVICT_WAIT);
+        drop(third);
+        assert!(
+            slots.acquire(&s4, later).is_ok(),
+            "a slot given back is free"
+        );
+    }
+
+    #[test]
+    fn senders_past_their_deadline_are_cut() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let s = l.accept().unwrap().0;
+        let slots = Slots::new(&Limits::default());
+        let slot = slots
+            .acquire(&s, Instant::now() + Duration::from_secs(60))
+            .ok()
+            .unwrap();
+        assert_eq!(slots.reap(), 0);
+        slot.set_deadline(Instant::now());
+        assert_eq!(slots.reap(), 1);
+        assert_eq!(c.read(&mut [0u8; 1]).unwrap_or(0), 0, "cut");
+    }
+
+    #[test]
+    fn peers_may_migrate_stand_by_and_move_images_only() {
+        for (m, p) in [
+            (Method::Post, "/v1/migration"),
+            (Method::Post, "/v1/standby"),
+            (Method::Post, "/v1/standby/kv/checkpoint"),
+            (Method::Put, "/v1/images/abc"),
+            (Method::Get, "/v1/instances"),
+        ] {
+            assert!(peer_may_call(&m, p), "{m} {p}");
+        }
+        for (m, p) in [
+            (Method::Post, "/v1/instances"),
+            (Method::Post, "/v1/instances/kv/snapshot"),
+            (Method::Post, "/v1/instances/kv/stop"),
+            (Method::Post, "/v1/restore"),
+            (Method::Post, "/v1/images/abc/push"),
+            (Method::Get, "/v1/instances/kv/logs"),
+        ] {
+            assert!(!peer_may_call(&m, p), "{m} {p}");
+        }
     }
 }

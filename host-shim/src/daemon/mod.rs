@@ -31,10 +31,12 @@
 //!
 //! `POST /v1/instances` takes `"image": "sha256:HEX"` for an uploaded image.
 //!
-//! Errors answer `{"error": "..."}` with 400 (bad request), 401 (no or
-//! wrong token), 403 (a migration stream from a host that is not a pinned
-//! peer), 404 (no such instance), 409 (conflict: name taken, instance busy)
-//! or 500.
+//! Errors answer `{"error": "..."}` with 400 (bad request, bad name), 401
+//! (no or wrong token), 403 (a migration stream from a host that is not a
+//! pinned peer, a peer calling a user route, an output path outside the
+//! state directory, a privileged port), 404 (no such instance), 409
+//! (conflict: name taken, instance busy, a limit reached), 503 (busy: try
+//! again) or 500. Limits: [`limits`].
 //!
 //! # Addresses
 //!
@@ -50,6 +52,7 @@ pub mod api;
 pub mod http;
 pub mod images;
 pub mod instance;
+pub mod limits;
 pub mod logs;
 pub mod openapi;
 pub mod persist;
@@ -66,6 +69,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub use http::Method;
+pub use limits::check_name;
 
 use crate::boot::cmdline::{self, GuestArgs};
 use crate::devices::virtio;
@@ -109,6 +113,8 @@ pub struct DaemonConfig {
     /// TLS, tokens and pinned peers (`host-shim init`); `None`: plain HTTP,
     /// nobody checked.
     pub security: Option<Arc<crate::security::HostSecurity>>,
+    /// What callers may take (connections, deadlines, instances, memory, ports).
+    pub limits: limits::Limits,
 }
 
 impl DaemonConfig {
@@ -269,9 +275,22 @@ impl Daemon {
         self.config.guest_range().find(|ip| !used.contains(ip))
     }
 
-    /// Reserves `name` with a placeholder; fails if it is taken.
+    /// Refuses an instance of `mem` bytes beyond the instance and memory
+    /// limits, counting the live (running and starting) `instances`.
+    fn admit(&self, instances: &BTreeMap<String, Instance>, mem: u64) -> Result<(), ApiError> {
+        let live = instances.values().filter(|i| i.is_live());
+        let (count, used) = live.fold((0, 0u64), |(n, m), i| {
+            (n + 1, m.saturating_add(i.spec.mem_size))
+        });
+        self.config.limits.admit(count, used, mem)
+    }
+
+    /// Reserves `name` with a placeholder; fails if it is taken or the
+    /// limits have no room for it.
     fn reserve(&self, name: &str, spec: crate::snapshot::state::GuestSpec) -> Result<(), ApiError> {
+        check_name(name)?;
         let mut instances = self.instances();
+        self.admit(&instances, spec.mem_size)?;
         if let Some(old) = instances.get(name) {
             return Err(ApiError(
                 409,
@@ -306,12 +325,7 @@ impl Daemon {
     fn run(&self, req: RunRequest) -> Result<InstanceInfo, ApiError> {
         check_name(&req.name)?;
         crate::config::check_mem_size(req.mem).map_err(bad)?;
-        let publish = req
-            .publish
-            .iter()
-            .map(|p| crate::config::parse_publish(p))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(bad)?;
+        let publish = self.publishes(&req.publish)?;
         let ip = match &req.ip {
             Some(ip) => Some(crate::config::parse_ipv4(ip).map_err(bad)?),
             None => None,
@@ -537,23 +551,57 @@ impl Daemon {
         }
     }
 
-    fn snapshot(&self, name: &str, req: SnapshotRequest) -> Result<SnapshotInfo, ApiError> {
-        if req.out.is_empty() {
-            return Err(bad("snapshot needs an output file"));
+    /// Where a file the API asked for (`--out` of a snapshot or
+    /// checkpoint, `--checkpoint-to`) goes. A daemon with a state directory
+    /// writes only in its `STATE/KIND` directory (0700): `out` is a file
+    /// name there, or a path of one (as an earlier answer gave it);
+    /// anything else, `/etc/x` or `../x`, gets 403. A daemon without one
+    /// (a plain daemon for tests and trusted networks) writes where told.
+    fn output_path(&self, kind: &str, out: &str) -> Result<PathBuf, ApiError> {
+        if out.is_empty() {
+            return Err(bad(format!("{kind}: no output file given")));
         }
+        let Some(state) = &self.config.state_dir else {
+            return Ok(PathBuf::from(out));
+        };
+        let dir = state.join(kind);
+        let path = Path::new(out);
+        let file = match path.parent() {
+            Some(p) if p.as_os_str().is_empty() || p == dir => path.file_name(),
+            _ => None,
+        };
+        let file = file
+            .and_then(|f| f.to_str())
+            .filter(|f| check_name(f).is_ok())
+            .ok_or_else(|| {
+                ApiError(
+                    403,
+                    format!(
+                        "this shim writes {kind} only to {}: give a file name (letters, digits, \
+                         '-', '_', '.'), not {out:?}",
+                        dir.display()
+                    ),
+                )
+            })?;
+        crate::files::private_dir(&dir)
+            .map_err(|e| ApiError(500, format!("{}: {e}", dir.display())))?;
+        Ok(dir.join(file))
+    }
+
+    fn snapshot(&self, name: &str, req: SnapshotRequest) -> Result<SnapshotInfo, ApiError> {
+        let out = self.output_path("snapshots", &req.out)?;
         let handle = self.acquire(name, "snapshotting")?;
         let result = (|| {
             let start = Instant::now();
             let machine = handle
                 .pause()
                 .map_err(|e| ApiError(409, format!("cannot pause '{name}': {e}")))?;
-            let saved =
-                crate::snapshot::save(&self.hv, &machine, &self.config.name, Path::new(&req.out));
+            let saved = crate::snapshot::save(&self.hv, &machine, &self.config.name, &out);
             handle.resume(machine);
             let paused_ms = start.elapsed().as_secs_f64() * 1e3;
             let stats = saved?;
             Ok(SnapshotInfo {
-                file: req.out.clone(),
+                file: out.display().to_string(),
                 pages: stats.pages,
                 bytes: stats.bytes,
                 paused_ms,
@@ -566,9 +614,7 @@ impl Daemon {
     /// Asks `name`'s app for a checkpoint and writes it to `req.out` when
     /// it arrives (the guest keeps running).
     fn checkpoint(&self, name: &str, req: CheckpointRequest) -> Result<CheckpointInfo, ApiError> {
-        if req.out.is_empty() {
-            return Err(bad("checkpoint needs an output file"));
-        }
+        let out = self.output_path("checkpoints", &req.out)?;
         let (handle, latest) = {
             let instances = self.instances();
             let inst = instances.get(name).ok_or_else(|| not_found(name))?;
@@ -611,26 +657,42 @@ impl Daemon {
         let describe = abi::checkpoint::decode(&blob)
             .map(|(c, _)| abi::checkpoint::describe(&c))
             .unwrap_or_default();
-        crate::checkpoint::write_atomic(Path::new(&req.out), &blob)
-            .map_err(|e| ApiError(500, format!("cannot write {}: {e}", req.out)))?;
+        crate::files::write_atomic(&out, &blob)
+            .map_err(|e| ApiError(500, format!("cannot write {}: {e}", out.display())))?;
         Ok(CheckpointInfo {
-            file: req.out,
+            file: out.display().to_string(),
             bytes: blob.len() as u64,
             describe,
             ms,
         })
     }
 
-    fn restore(&self, req: RestoreRequest) -> Result<InstanceInfo, ApiError> {
-        let publish = req
-            .publish
+    /// Parses `--publish` mappings and checks them against the limits.
+    fn publishes(&self, publish: &[String]) -> Result<Vec<PublishSpec>, ApiError> {
+        let publish = publish
             .iter()
             .map(|p| crate::config::parse_publish(p))
             .collect::<Result<Vec<_>, _>>()
             .map_err(bad)?;
-        let (state, vm) = crate::snapshot::load(&self.hv, Path::new(&req.file))
-            .map_err(|e| bad(e.to_string()))?;
-        let name = req.name.clone().unwrap_or_else(|| state.spec.name.clone());
+        self.config.limits.check_publish(&publish)?;
+        Ok(publish)
+    }
+
+    fn restore(&self, req: RestoreRequest) -> Result<InstanceInfo, ApiError> {
+        let publish = self.publishes(&req.publish)?;
+        if let Some(name) = &req.name {
+            check_name(name)?;
+        }
+        let opened = crate::snapshot::open(Path::new(&req.file)).map_err(|e| bad(e.to_string()))?;
+        let name = req
+            .name
+            .clone()
+            .unwrap_or_else(|| opened.state.spec.name.clone());
+        // The name and the limits are checked before the snapshot's memory
+        // is allocated, and again (atomically) when the name is reserved.
+        check_name(&name)?;
+        self.admit(&self.instances(), opened.state.spec.mem_size)?;
+        let (state, vm) = opened.into_vm(&self.hv).map_err(|e| bad(e.to_string()))?;
         self.reserve(&name, state.spec.clone())?;
         let result = (|| {
             let log = Arc::new(Mutex::new(LogRing::default()));
@@ -666,7 +728,10 @@ impl Daemon {
         &self,
         hello: &crate::migration::protocol::Hello,
     ) -> Result<Incoming, String> {
+        check_name(&hello.name).map_err(|ApiError(_, why)| why)?;
         let mut instances = self.instances();
+        self.admit(&instances, hello.mem_size)
+            .map_err(|ApiError(_, why)| why)?;
         let mut tombstone = None;
         if let Some(old) = instances.get(&hello.name) {
             if !matches!(old.state, State::Moved(_)) {
@@ -774,6 +839,7 @@ impl Daemon {
                 .as_ref()
                 .map(|s| s.identity.fingerprint.to_string()),
             overlay_rejected: self.net.overlay_rejected(),
+            limits: Some(self.config.limits.clone()),
         }
     }
 
@@ -933,16 +999,6 @@ impl Daemon {
             _ => Err(ApiError(404, format!("no such endpoint: {method} {path}"))),
         }
     }
-}
-
-/// Refuses names that are not one path component (they name files).
-fn check_name(name: &str) -> Result<(), ApiError> {
-    if name.is_empty() || name.contains(['/', ' ']) || name.starts_with('.') {
-        return Err(bad(format!(
-            "'{name}' is not an instance name (non-empty, no '/', spaces or leading '.')"
-        )));
-    }
-    Ok(())
 }
 
 /// A JSON request body of type `T` (`what` names it in the error).

@@ -9,7 +9,8 @@
 //! and handing the app its latest checkpoint if it wrote one
 //! (`CHECKPOINT_DIR/latest.ckpt`). Only instances whose policy is
 //! [`Restart::Always`] are recorded; `stop` and a migration away forget
-//! them. Records are written atomically (temp file, fsync, rename).
+//! them. Records are written atomically (temp file, fsync, rename), mode
+//! 0600 in a 0700 directory ([`crate::files`]).
 
 use std::path::{Path, PathBuf};
 
@@ -52,6 +53,9 @@ impl std::str::FromStr for Restart {
     }
 }
 
+/// Largest instance record read back.
+const MAX_RECORD: u64 = 1 << 20;
+
 /// The instance records of one state directory.
 #[derive(Debug)]
 pub struct Persist {
@@ -59,10 +63,12 @@ pub struct Persist {
 }
 
 impl Persist {
-    /// Opens (creating) `state_dir/instances`.
+    /// Opens (creating) `state_dir/instances`; both are made private
+    /// (0700, ours): records hold environments, e.g. passwords.
     pub fn open(state_dir: &Path) -> std::io::Result<Self> {
         let dir = state_dir.join("instances");
-        std::fs::create_dir_all(&dir)?;
+        crate::files::private_dir(state_dir)?;
+        crate::files::private_dir(&dir)?;
         Ok(Self { dir })
     }
 
@@ -86,7 +92,7 @@ impl Persist {
         // Restoring is what a restart decides, from the latest checkpoint.
         req.restore = None;
         let json = serde_json::to_vec_pretty(&req).map_err(std::io::Error::other)?;
-        crate::checkpoint::write_atomic(&self.file(&req.name), &json)
+        crate::files::write_atomic(&self.file(&req.name), &json)
     }
 
     /// Forgets instance `name` (stopped, or moved away).
@@ -114,7 +120,7 @@ impl Persist {
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
-            let parsed = std::fs::read(&path)
+            let parsed = crate::files::read_capped(&path, MAX_RECORD)
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice::<RunRequest>(&b).map_err(|e| e.to_string()));
             match parsed {
@@ -156,11 +162,17 @@ impl Daemon {
     /// `sha256:HEX`) and records it when its policy says so.
     pub(super) fn run_recorded(&self, mut req: RunRequest) -> Result<InstanceInfo, ApiError> {
         super::check_name(&req.name)?;
+        if let Some(dir) = &req.checkpoint_to {
+            let dir = self.output_path("checkpoints", dir)?;
+            crate::files::private_dir(&dir)
+                .map_err(|e| ApiError(500, format!("{}: {e}", dir.display())))?;
+            req.checkpoint_to = Some(dir.display().to_string());
+        }
         if let (Some(p), Some(_), None) =
             (&self.persist, req.checkpoint_every_ms, &req.checkpoint_to)
         {
             let dir = p.checkpoint_dir(&req.name);
-            std::fs::create_dir_all(&dir)
+            crate::files::private_dir(&dir)
                 .map_err(|e| ApiError(500, format!("{}: {e}", dir.display())))?;
             req.checkpoint_to = Some(dir.display().to_string());
         }

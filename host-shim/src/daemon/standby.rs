@@ -153,9 +153,7 @@ pub fn route(
 /// same name) and starts watching its origin.
 fn accept(daemon: &Arc<Daemon>, req: StandbyRequest) -> Result<StandbyInfo, ApiError> {
     let name = req.run.name.clone();
-    if name.is_empty() || name.contains(['/', ' ']) {
-        return Err(bad(format!("'{name}' is not an instance name")));
-    }
+    super::check_name(&name)?;
     let here = crate::machine::image_id(std::path::Path::new(&req.run.image)).map_err(|e| {
         ApiError(
             409,
@@ -169,8 +167,8 @@ fn accept(daemon: &Arc<Daemon>, req: StandbyRequest) -> Result<StandbyInfo, ApiE
         return Err(ApiError(
             409,
             format!(
-                "standby '{}' has another image at {} (sha256 {}, the origin runs {})",
-                daemon.config.name, req.run.image, here.sha256, req.image.sha256
+                "standby '{}' has another image at {} (the origin runs sha256 {})",
+                daemon.config.name, req.run.image, req.image.sha256
             ),
         ));
     }

@@ -170,24 +170,7 @@ impl FileStore {
 /// Replaces `path` by `bytes` atomically (temp file, fsync, rename), readable by
 /// its owner only: the file holds the users' tokens.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = File::options()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    crate::files::write_atomic(path, bytes)
 }
 
 fn check(key: &str, found: Option<u64>, expect: Expect) -> Result<(), StoreError> {

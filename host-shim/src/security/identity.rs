@@ -17,9 +17,7 @@
 //! they may send this host a migration stream, and this host migrates to
 //! them only if their certificate matches.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -147,20 +145,11 @@ pub fn exists(dir: &Path) -> bool {
     dir.join(CONFIG).is_file()
 }
 
-/// Writes `contents` to `path`, readable only by its owner when `secret`.
-fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), IdentityError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(if secret { 0o600 } else { 0o644 })
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(contents)
-        .and_then(|()| f.sync_all())
-        .map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+/// Writes `contents` to `path` atomically, readable only by its owner
+/// (secrets or not: the directory is its owner's alone anyway), through a
+/// new temporary file that no planted link can redirect.
+fn write_file(path: &Path, contents: &[u8]) -> Result<(), IdentityError> {
+    crate::files::write_atomic(path, contents).map_err(io(path))
 }
 
 fn read(path: &Path) -> Result<String, IdentityError> {
@@ -183,8 +172,7 @@ pub fn init(dir: &Path, req: &InitRequest) -> Result<Identity, IdentityError> {
             req.shim_id
         )));
     }
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+    crate::files::private_dir(dir).map_err(io(dir))?;
     let key = rcgen::KeyPair::generate().map_err(|e| IdentityError::Invalid(e.to_string()))?;
     let mut params =
         rcgen::CertificateParams::new(vec![super::tls::SERVER_NAME.to_owned(), req.name.clone()])
@@ -211,13 +199,12 @@ pub fn init(dir: &Path, req: &InitRequest) -> Result<Identity, IdentityError> {
         vni: default_vni(),
         peers: Vec::new(),
     };
-    write_file(&dir.join(KEY), key.serialize_pem().as_bytes(), true)?;
-    write_file(&dir.join(CERT), cert.pem().as_bytes(), false)?;
-    write_file(&dir.join(TOKEN), format!("{token}\n").as_bytes(), true)?;
+    write_file(&dir.join(KEY), key.serialize_pem().as_bytes())?;
+    write_file(&dir.join(CERT), cert.pem().as_bytes())?;
+    write_file(&dir.join(TOKEN), format!("{token}\n").as_bytes())?;
     write_file(
         &dir.join(FLEET_KEY),
         format!("{}\n", encode_hex(&fleet_key)).as_bytes(),
-        true,
     )?;
     save_config(dir, &config)?;
     load(dir)
@@ -233,9 +220,27 @@ pub fn read_fleet_key(path: &Path) -> Result<[u8; 32], IdentityError> {
     })
 }
 
-/// Reads a token file (its first line).
+/// Largest token file read.
+const MAX_TOKEN_FILE: u64 = 64 << 10;
+
+/// Reads a token file (its first line); `-` reads standard input, so a
+/// token need not appear on a command line (where `ps` shows it).
 pub fn read_token(path: &Path) -> Result<String, IdentityError> {
-    let token = read(path)?.lines().next().unwrap_or("").trim().to_owned();
+    let text = if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(std::io::stdin().lock(), MAX_TOKEN_FILE),
+            &mut text,
+        )
+        .map_err(io(path))?;
+        text
+    } else {
+        let bytes = crate::files::read_capped(path, MAX_TOKEN_FILE)
+            .map_err(|e| IdentityError::Invalid(e.to_string()))?;
+        String::from_utf8(bytes)
+            .map_err(|_| IdentityError::Invalid(format!("{}: not text", path.display())))?
+    };
+    let token = text.lines().next().unwrap_or("").trim().to_owned();
     if token.is_empty() {
         return Err(IdentityError::Invalid(format!(
             "{}: the token file is empty",
@@ -280,7 +285,7 @@ pub fn load_config(dir: &Path) -> Result<HostConfig, IdentityError> {
 /// Writes `DIR/host.json`.
 pub fn save_config(dir: &Path, config: &HostConfig) -> Result<(), IdentityError> {
     let text = serde_json::to_string_pretty(config).expect("serializable");
-    write_file(&dir.join(CONFIG), format!("{text}\n").as_bytes(), false)
+    write_file(&dir.join(CONFIG), format!("{text}\n").as_bytes())
 }
 
 /// Adds (or replaces, by name) a pinned peer.
@@ -322,6 +327,7 @@ mod tests {
         let id = init(&dir, &req).unwrap();
         assert_eq!(id.config.name, "us-east");
         assert_eq!(id.token.len(), 48);
+        use std::os::unix::fs::PermissionsExt;
         let mode = |f: &str| std::fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(KEY), 0o600);
         assert_eq!(mode(TOKEN), 0o600);

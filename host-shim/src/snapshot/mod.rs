@@ -17,7 +17,8 @@ pub mod state;
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
-use std::path::Path;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, SnapshotError};
 use crate::machine::{Hypervisor, Machine};
@@ -25,8 +26,9 @@ use crate::vstate::vm::Vm;
 pub use format::WriteStats;
 use state::MachineState;
 
-/// Writes a snapshot of the paused `machine` to `path` (through a
-/// temporary file next to it, renamed when complete).
+/// Writes a snapshot of the paused `machine` to `path` (through a new
+/// temporary file next to it, mode 0600, `O_EXCL|O_NOFOLLOW` with an
+/// unpredictable name, renamed when complete).
 pub fn save(
     hv: &Hypervisor,
     machine: &Machine,
@@ -38,8 +40,18 @@ pub fn save(
         path: path.to_owned(),
         err: Box::new(err),
     };
-    let tmp = path.with_extension("partial");
-    let file = File::create(&tmp).map_err(|e| file_err(SnapshotError::Write(e)))?;
+    let mut suffix = [0u8; 8];
+    getrandom::getrandom(&mut suffix)
+        .map_err(|e| file_err(SnapshotError::Write(std::io::Error::other(e.to_string()))))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(
+        ".{name}.{:016x}.partial",
+        u64::from_le_bytes(suffix)
+    ));
+    let file = crate::files::create_new(&tmp).map_err(|e| file_err(SnapshotError::Write(e)))?;
     let result = format::write_snapshot(
         BufWriter::with_capacity(1 << 20, file),
         host,
@@ -58,20 +70,67 @@ pub fn save(
     }
 }
 
-/// Reads the snapshot at `path` into a fresh VM: returns the saved state
-/// and the VM with its memory filled and the checksum verified.
-pub fn load(hv: &Hypervisor, path: &Path) -> Result<(MachineState, Vm), Error> {
+/// A snapshot file opened and its state decoded, its memory not read yet
+/// (so a caller can check the state, e.g. its memory size, first).
+pub struct Opened {
+    path: PathBuf,
+    reader: format::SnapshotReader<BufReader<File>>,
+    pub state: MachineState,
+}
+
+/// Opens the snapshot at `path`: a regular file only (a FIFO or a device
+/// is refused at once, without waiting or reading it), its header and
+/// state decoded.
+pub fn open(path: &Path) -> Result<Opened, Error> {
     let file_err = |err: SnapshotError| SnapshotError::File {
         path: path.to_owned(),
         err: Box::new(err),
     };
-    let file = File::open(path).map_err(|e| file_err(SnapshotError::Read(e)))?;
-    let (mut reader, state) =
+    let file = open_regular(path).map_err(|e| file_err(SnapshotError::Read(e)))?;
+    let (reader, state) =
         format::SnapshotReader::open(BufReader::with_capacity(1 << 20, file)).map_err(file_err)?;
-    let vm = Machine::create_vm(hv, &state.spec)?;
-    reader.read_memory(vm.memory()).map_err(file_err)?;
-    reader.finish().map_err(file_err)?;
-    Ok((state, vm))
+    Ok(Opened {
+        path: path.to_owned(),
+        reader,
+        state,
+    })
+}
+
+impl Opened {
+    /// A fresh VM with the snapshot's memory, the checksum verified.
+    pub fn into_vm(mut self, hv: &Hypervisor) -> Result<(MachineState, Vm), Error> {
+        let path = self.path;
+        let file_err = |err: SnapshotError| SnapshotError::File {
+            path: path.clone(),
+            err: Box::new(err),
+        };
+        let vm = Machine::create_vm(hv, &self.state.spec)?;
+        self.reader.read_memory(vm.memory()).map_err(file_err)?;
+        self.reader.finish().map_err(file_err)?;
+        Ok((self.state, vm))
+    }
+}
+
+/// Reads the snapshot at `path` into a fresh VM: returns the saved state
+/// and the VM with its memory filled and the checksum verified.
+pub fn load(hv: &Hypervisor, path: &Path) -> Result<(MachineState, Vm), Error> {
+    open(path)?.into_vm(hv)
+}
+
+/// Opens `path` for reading if it is a regular file (checked on the
+/// opened file; `O_NONBLOCK` so that opening a FIFO does not wait).
+fn open_regular(path: &Path) -> std::io::Result<File> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
 }
 
 /// Checks a snapshot file without KVM: versions, decoding and checksum.
@@ -81,7 +140,7 @@ pub fn verify(path: &Path) -> Result<(format::Header, MachineState), Error> {
         path: path.to_owned(),
         err: Box::new(err),
     };
-    let file = File::open(path).map_err(|e| file_err(SnapshotError::Read(e)))?;
+    let file = open_regular(path).map_err(|e| file_err(SnapshotError::Read(e)))?;
     let (mut reader, state) =
         format::SnapshotReader::open(BufReader::new(file)).map_err(file_err)?;
     let mem = crate::vstate::vm::allocate(reader.header.mem_size)?;
