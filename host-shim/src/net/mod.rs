@@ -29,6 +29,7 @@ use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
@@ -54,6 +55,12 @@ const MAX_FRAME: usize = 1514;
 const TAP_BATCH: usize = 256;
 /// Rounds of switching per wake-up before epoll is asked again.
 const MAX_ROUNDS: usize = 64;
+/// Frames the switch holds for one port (a guest, a peer, the TAP device)
+/// before handing them over; more are dropped and counted, as a switch
+/// with a full port buffer does.
+pub const OUTBOX_MAX: usize = 1024;
+/// Frames waiting for the gateway's TCP/IP stack; more are dropped.
+pub const GATEWAY_INBOX_MAX: usize = 1024;
 
 /// A transport protocol of a published port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,6 +193,9 @@ pub struct Network {
     traffic: Mutex<Vec<(PublishSpec, Ipv4Addr, Arc<traffic::PortTraffic>)>>,
     /// Round trips to the other shims of the overlay.
     rtts: overlay::Rtts,
+    /// Frames the switch dropped: a port's outbox or the gateway's inbox
+    /// was full.
+    dropped: Arc<AtomicU64>,
 }
 
 /// Changes to a running network, carried out by its thread.
@@ -325,6 +335,7 @@ impl Network {
             tap,
         );
         engine.overlay = overlay;
+        let dropped = Arc::clone(&engine.dropped);
         let thread = thread::Builder::new()
             .name("net".into())
             .spawn(move || engine.run())
@@ -339,6 +350,7 @@ impl Network {
             thread: Some(thread),
             traffic: Mutex::default(),
             rtts,
+            dropped,
         })
     }
 
@@ -352,6 +364,11 @@ impl Network {
     /// The overlay's local UDP address, if this network has one.
     pub fn overlay_addr(&self) -> Option<SocketAddr> {
         self.overlay_addr
+    }
+
+    /// Frames the switch dropped because a port's queue was full.
+    pub fn switch_dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// Overlay datagrams dropped for failing authentication (fleet key).
@@ -546,6 +563,10 @@ struct Engine {
     outboxes: Vec<Vec<Frame>>,
     /// Scratch for frames coming in.
     incoming: Vec<Frame>,
+    /// Frames dropped for a full outbox or gateway inbox.
+    dropped: Arc<AtomicU64>,
+    /// The rate limit of warnings about them.
+    warnings: crate::limit::Warnings,
 }
 
 impl Engine {
@@ -578,6 +599,8 @@ impl Engine {
             next_probe: std::time::Instant::now(),
             outboxes,
             incoming: Vec::new(),
+            dropped: Arc::default(),
+            warnings: Default::default(),
         }
     }
 
@@ -626,7 +649,8 @@ impl Engine {
                                 port.mac(),
                                 left.len()
                             );
-                            self.outboxes[to].extend(left);
+                            let room = OUTBOX_MAX.saturating_sub(self.outboxes[to].len());
+                            self.outboxes[to].extend(left.into_iter().take(room));
                             self.flush_peers();
                         }
                         None => self.switch.forget_mac(port.mac()),
@@ -750,13 +774,19 @@ impl Engine {
                     .gateway
                     .as_mut()
                     .expect("gateway port implies a gateway");
-                gw.inbox.extend(self.outboxes[port].drain(..));
+                let room = GATEWAY_INBOX_MAX.saturating_sub(gw.inbox.len());
+                let frames = &mut self.outboxes[port];
+                let over = frames.len().saturating_sub(room);
+                gw.inbox.extend(frames.drain(..frames.len() - over));
+                frames.clear();
                 moved |= gw.step(&self.epoll);
                 self.incoming.append(&mut gw.outbox);
+                self.note_dropped(over, "the gateway's inbox is full");
                 moved |= self.forward_incoming(port);
             }
             for (index, slot) in self.slots.iter().enumerate() {
                 if let Slot::Guest(guest) = slot {
+                    // Counted in the guest's port (`rx_dropped`).
                     let dropped = guest.deliver(&mut self.outboxes[index]);
                     if dropped > 0 {
                         tracing::debug!("port {index}: {dropped} frames dropped (backlog full)");
@@ -836,6 +866,7 @@ impl Engine {
         if self.incoming.is_empty() {
             return false;
         }
+        let mut dropped = 0;
         for frame in self.incoming.drain(..) {
             if frame.len() > MAX_FRAME {
                 tracing::debug!("port {from}: frame of {} bytes dropped", frame.len());
@@ -860,7 +891,7 @@ impl Engine {
             match route {
                 Route::Port(to) => {
                     if !(from_peer && matches!(self.slots[to], Slot::Peer(_))) {
-                        self.outboxes[to].push(frame)
+                        dropped += push_bounded(&mut self.outboxes[to], frame);
                     }
                 }
                 Route::Flood => {
@@ -868,20 +899,53 @@ impl Engine {
                         let skip = matches!(slot, Slot::Free)
                             || (from_peer && matches!(slot, Slot::Peer(_)));
                         if to != from && !skip {
-                            self.outboxes[to].push(frame.clone());
+                            dropped += push_bounded(&mut self.outboxes[to], frame.clone());
                         }
                     }
                 }
                 Route::Drop => {}
             }
         }
+        self.note_dropped(dropped, "a port's queue is full");
         true
     }
+
+    /// Counts `n` frames dropped (and warns, rate-limited).
+    fn note_dropped(&self, n: usize, why: &str) {
+        if n == 0 {
+            return;
+        }
+        let total = self.dropped.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        crate::guest_warn!(
+            self.warnings,
+            "switch: {n} frames dropped, {why} ({total} so far)"
+        );
+    }
+}
+
+/// Queues `frame` in `outbox` unless it holds [`OUTBOX_MAX`] frames;
+/// returns how many were dropped (0 or 1).
+fn push_bounded(outbox: &mut Vec<Frame>, frame: Frame) -> usize {
+    if outbox.len() >= OUTBOX_MAX {
+        return 1;
+    }
+    outbox.push(frame);
+    0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outbox_holds_at_most_its_bound() {
+        let mut outbox = Vec::new();
+        let dropped: usize = (0..OUTBOX_MAX + 7)
+            .map(|i| push_bounded(&mut outbox, vec![i as u8]))
+            .sum();
+        assert_eq!((outbox.len(), dropped), (OUTBOX_MAX, 7));
+        assert_eq!(outbox.last(), Some(&vec![(OUTBOX_MAX - 1) as u8]));
+    }
 
     #[test]
     fn macs_and_subnets() {
