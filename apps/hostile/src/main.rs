@@ -9,8 +9,9 @@
 //! - `broadcast-flood`  UDP datagrams to 255.255.255.255 in a tight loop
 //! - `warn-flood`       hypercalls the host warns about (unknown numbers,
 //!   console writes outside RAM) in a loop
-//! - `disk-fill [KIB]`  full checkpoints of KIB (default 4096) KiB as fast as
-//!   possible, each followed by deltas of the same size
+//! - `disk-fill [KIB]`  the same with KIB (default 4096) KiB blobs, run with
+//!   `--checkpoint-to DIR`: full checkpoints as fast as possible, each
+//!   continued by deltas (appended to the file) until the host refuses one
 //!
 //! Every so often each mode prints one progress line (`MODE: N ...`).
 #![no_std]
@@ -31,8 +32,8 @@ async fn main() -> Result<(), String> {
         |default: usize| -> usize { args.get(1).and_then(|s| s.parse().ok()).unwrap_or(default) };
     match args.first().map(String::as_str) {
         Some("console-flood") => console_flood(),
-        Some("delta-flood") => delta_flood(kib(512) << 10, 0),
-        Some("disk-fill") => delta_flood(kib(4096) << 10, 4),
+        Some("delta-flood") => delta_flood(kib(512) << 10),
+        Some("disk-fill") => delta_flood(kib(4096) << 10),
         Some("warn-flood") => warn_flood(),
         Some("broadcast-flood") => broadcast_flood().await,
         other => Err(format!("unknown hostile mode {other:?}")),
@@ -49,19 +50,18 @@ fn console_flood() -> Result<(), String> {
 }
 
 /// Checkpoints of `size` bytes: a full one, then deltas until the host
-/// refuses one (then a full one again). With `fulls_per_round` > 0, a new
-/// full checkpoint follows every that many deltas.
-fn delta_flood(size: usize, fulls_per_round: u64) -> Result<(), String> {
+/// refuses one (then a full one again).
+fn delta_flood(size: usize) -> Result<(), String> {
     let payload = vec![0x5au8; size];
     let (mut stored, mut refused) = (0u64, 0u64);
     let mut chain: Option<(u32, u64)> = None;
     for round in 0u64.. {
         let (blob, full) = match chain {
-            Some((base, seq)) if fulls_per_round == 0 || seq < fulls_per_round => (
+            Some((base, seq)) => (
                 abi::checkpoint::encode_delta(APP, 1, base, seq + 1, &payload),
                 false,
             ),
-            _ => (abi::checkpoint::encode(APP, 1, &payload), true),
+            None => (abi::checkpoint::encode(APP, 1, &payload), true),
         };
         match save(&blob) {
             Saved::Stored => {
@@ -95,9 +95,11 @@ fn warn_flood() -> Result<(), String> {
         len: 64,
     };
     for round in 0u64.. {
+        // Inside the doorbell page, and outside it (unclaimed MMIO).
+        kernel::platform::hypercall(99, round);
         kernel::platform::hypercall(4242, round);
         kernel::platform::hypercall(HC_CONSOLE_WRITE, &outside as *const _ as u64);
-        if round % 100_000 == 0 {
+        if round % 10_000 == 0 {
             println!("warn-flood: {round} rounds");
         }
     }
