@@ -2,7 +2,8 @@
 //! daemon stays bounded. Its first argument picks the attack; each runs
 //! until the instance is stopped:
 //!
-//! - `console-flood`    console output without a newline, megabytes of it
+//! - `console-flood`    console output without a newline, in the longest
+//!   writes the host takes: megabytes a second
 //! - `delta-flood [KIB]` a full checkpoint, then incremental deltas of KIB
 //!   (default 512) KiB in a loop; a refused delta is answered with a new
 //!   full checkpoint, as `libcloud::state` does
@@ -17,7 +18,7 @@
 #![no_std]
 #![no_main]
 
-use abi::hypercall::{ConsoleWrite, HC_CONSOLE_WRITE};
+use abi::hypercall::{ConsoleWrite, CONSOLE_WRITE_MAX, HC_CONSOLE_WRITE};
 use kernel::checkpoint::{save, Saved};
 use libcloud::net::{IpAddress, IpEndpoint, PacketMetadata, UdpSocket};
 use libcloud::prelude::*;
@@ -40,13 +41,16 @@ async fn main() -> Result<(), String> {
     }
 }
 
+/// The longest console writes the host takes, none with a newline.
 fn console_flood() -> Result<(), String> {
-    let chunk = [b'x'; 4000];
-    let chunk = core::str::from_utf8(&chunk).expect("ASCII");
-    for _ in 0u64.. {
-        print!("{chunk}");
+    let chunk = vec![b'x'; CONSOLE_WRITE_MAX as usize];
+    let req = ConsoleWrite {
+        buf: chunk.as_ptr() as u64,
+        len: chunk.len() as u64,
+    };
+    loop {
+        kernel::platform::hypercall(HC_CONSOLE_WRITE, &req as *const _ as u64);
     }
-    Ok(())
 }
 
 /// Checkpoints of `size` bytes: a full one, then deltas until the host
