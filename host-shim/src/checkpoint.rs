@@ -347,6 +347,16 @@ mod tests {
         let d3 = abi::checkpoint::encode_delta("kv", 1, id, 3, b"three");
         std::fs::write(&path, [&file[..], &d3[..d3.len() - 1]].concat()).unwrap();
         assert_eq!(read_file(&path).unwrap(), file);
+        // A damaged delta with sound ones after it: the restore fails,
+        // saying how many it would drop.
+        let mut damaged = [&file[..], &d3[..]].concat();
+        damaged[base.len() + 20] ^= 0xff;
+        std::fs::write(&path, &damaged).unwrap();
+        let e = read_file(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("damaged after delta 0") && e.contains("2 sound blobs"),
+            "{e}"
+        );
         // A new full checkpoint replaces the file.
         let newer = abi::checkpoint::encode("kv", 1, b"newer");
         sink.store(&newer, true).unwrap();

@@ -265,7 +265,7 @@ fn a_disk_fill_stays_under_the_instance_cap() {
     );
     assert!(s["checkpoints_refused"].as_u64().unwrap() > 0, "{s}");
     assert!(
-        seen.rss_growth_kib < 4 * cap >> 10,
+        seen.rss_growth_kib < (4 * cap) >> 10,
         "RSS +{} KiB",
         seen.rss_growth_kib
     );
