@@ -30,6 +30,8 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::limit::TokenBucket;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
@@ -61,6 +63,11 @@ const MAX_ROUNDS: usize = 64;
 pub const OUTBOX_MAX: usize = 1024;
 /// Frames waiting for the gateway's TCP/IP stack; more are dropped.
 pub const GATEWAY_INBOX_MAX: usize = 1024;
+/// Frames a guest may have flooded (broadcast, multicast, unknown unicast:
+/// copied to every port, the gateway and every overlay peer) per second...
+pub const FLOOD_RATE: u64 = 500;
+/// ... after a burst of this many; more are dropped and counted.
+pub const FLOOD_BURST: u64 = 100;
 
 /// A transport protocol of a published port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -559,8 +566,11 @@ struct Engine {
     overlay_readable: bool,
     /// When the overlay's peers are probed next.
     next_probe: std::time::Instant,
-    /// Frames switched to each port, not yet handed over.
+    /// Frames switched to each port, not yet handed over (at most
+    /// [`OUTBOX_MAX`] each).
     outboxes: Vec<Vec<Frame>>,
+    /// Each port's budget of flooded frames (enforced on guests').
+    floods: Vec<TokenBucket>,
     /// Scratch for frames coming in.
     incoming: Vec<Frame>,
     /// Frames dropped for a full outbox or gateway inbox.
@@ -585,6 +595,7 @@ impl Engine {
             slots.push(Slot::Tap);
         }
         let outboxes = slots.iter().map(|_| Vec::new()).collect();
+        let floods = slots.iter().map(|_| flood_budget()).collect();
         Self {
             epoll,
             wake,
@@ -598,6 +609,7 @@ impl Engine {
             overlay_readable: false,
             next_probe: std::time::Instant::now(),
             outboxes,
+            floods,
             incoming: Vec::new(),
             dropped: Arc::default(),
             warnings: Default::default(),
@@ -613,11 +625,13 @@ impl Engine {
             Some(i) => {
                 self.slots[i] = slot;
                 self.outboxes[i].clear();
+                self.floods[i] = flood_budget();
                 i
             }
             None => {
                 self.slots.push(slot);
                 self.outboxes.push(Vec::new());
+                self.floods.push(flood_budget());
                 self.slots.len() - 1
             }
         }
@@ -895,6 +909,12 @@ impl Engine {
                     }
                 }
                 Route::Flood => {
+                    if let Slot::Guest(port) = &self.slots[from] {
+                        if !self.floods[from].take(1) {
+                            port.flood_dropped();
+                            continue;
+                        }
+                    }
                     for (to, slot) in self.slots.iter().enumerate() {
                         let skip = matches!(slot, Slot::Free)
                             || (from_peer && matches!(slot, Slot::Peer(_)));
@@ -923,6 +943,10 @@ impl Engine {
     }
 }
 
+fn flood_budget() -> TokenBucket {
+    TokenBucket::new(FLOOD_RATE, FLOOD_BURST)
+}
+
 /// Queues `frame` in `outbox` unless it holds [`OUTBOX_MAX`] frames;
 /// returns how many were dropped (0 or 1).
 fn push_bounded(outbox: &mut Vec<Frame>, frame: Frame) -> usize {
@@ -936,6 +960,46 @@ fn push_bounded(outbox: &mut Vec<Frame>, frame: Frame) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_a_guest_floods_is_rate_limited_and_counted() {
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let mut engine = Engine::new(
+            Epoll::new().unwrap(),
+            Arc::clone(&wake),
+            Arc::default(),
+            None,
+            None,
+        );
+        let a = Arc::new(GuestPort::new([2, 0, 0, 0, 0, 0xa], Arc::clone(&wake)).unwrap());
+        let b = Arc::new(GuestPort::new([2, 0, 0, 0, 0, 0xb], Arc::clone(&wake)).unwrap());
+        let from = engine.add_slot(Slot::Guest(Arc::clone(&a)));
+        let to = engine.add_slot(Slot::Guest(Arc::clone(&b)));
+        engine.switch.learn(b.mac(), to);
+        let frame = |dst: [u8; 6]| [&dst[..], &a.mac()[..], &[0u8; 50]].concat();
+        // Broadcast, multicast and unknown unicast: the burst passes.
+        for dst in [[0xff; 6], [1, 0, 0x5e, 0, 0, 1], [2, 9, 9, 9, 9, 9]] {
+            engine.incoming.extend(vec![frame(dst); 400]);
+            engine.forward_incoming(from);
+        }
+        let flooded = engine.outboxes[to].len() as u64;
+        assert!(
+            (FLOOD_BURST..FLOOD_BURST + 10).contains(&flooded),
+            "{flooded}"
+        );
+        assert_eq!(a.traffic().flood_dropped, 1200 - flooded);
+        // Unicast to a known station is not limited.
+        engine.outboxes[to].clear();
+        engine.incoming.extend(vec![frame(b.mac()); 500]);
+        engine.forward_incoming(from);
+        assert_eq!(engine.outboxes[to].len(), 500);
+        assert_eq!(a.traffic().flood_dropped, 1200 - flooded);
+        // A full outbox drops (and counts) the rest.
+        engine.incoming.extend(vec![frame(b.mac()); OUTBOX_MAX]);
+        engine.forward_incoming(from);
+        assert_eq!(engine.outboxes[to].len(), OUTBOX_MAX);
+        assert_eq!(engine.dropped.load(Ordering::Relaxed), 500);
+    }
 
     #[test]
     fn an_outbox_holds_at_most_its_bound() {

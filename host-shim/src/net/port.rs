@@ -11,10 +11,7 @@
 //!
 //! Both queues are bounded, as a switch port's buffers are: past
 //! [`TX_BACKLOG`] / [`RX_BACKLOG`] frames, more are dropped and counted.
-//! Broadcast and multicast frames from the guest pass a token bucket
-//! ([`BROADCAST_RATE`] a second after a [`BROADCAST_BURST`]): the rest are
-//! dropped and counted, so that one guest cannot flood every port, the
-//! gateway and every overlay peer.
+//! (The switch rate-limits what a guest floods: see `net::FLOOD_RATE`.)
 
 use std::collections::VecDeque;
 use std::io;
@@ -23,19 +20,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::switch::is_multicast;
 use super::traffic::{NicStats, NicTraffic};
-use crate::limit::TokenBucket;
 
 /// Frames kept for a guest that does not take them (more are dropped, as a
 /// switch port with a full buffer would).
 pub const RX_BACKLOG: usize = 1024;
 /// Frames from a guest waiting for the network thread (more are dropped).
 pub const TX_BACKLOG: usize = 1024;
-/// Broadcast and multicast frames a guest may send per second...
-pub const BROADCAST_RATE: u64 = 500;
-/// ... after a burst of this many.
-pub const BROADCAST_BURST: u64 = 100;
 
 /// One Ethernet frame, without FCS.
 pub type Frame = Vec<u8>;
@@ -43,9 +34,8 @@ pub type Frame = Vec<u8>;
 /// A guest's port.
 pub struct GuestPort {
     mac: [u8; 6],
-    /// Frames from the guest, for the switch (at most [`TX_BACKLOG`]), and
-    /// the guest's broadcast budget.
-    to_switch: Mutex<(Vec<Frame>, TokenBucket)>,
+    /// Frames from the guest, for the switch (at most [`TX_BACKLOG`]).
+    to_switch: Mutex<Vec<Frame>>,
     /// Signals the network thread.
     switch_wake: Arc<EventFd>,
     /// Frames from the switch, for the guest.
@@ -62,10 +52,7 @@ impl GuestPort {
     pub fn new(mac: [u8; 6], switch_wake: Arc<EventFd>) -> io::Result<Self> {
         Ok(Self {
             mac,
-            to_switch: Mutex::new((
-                Vec::new(),
-                TokenBucket::new(BROADCAST_RATE, BROADCAST_BURST),
-            )),
+            to_switch: Mutex::new(Vec::new()),
             switch_wake,
             to_guest: Mutex::new(VecDeque::new()),
             guest_wake: EventFd::new(EFD_NONBLOCK)?,
@@ -86,28 +73,21 @@ impl GuestPort {
     // --- the vCPU side ---
 
     /// Hands `frames` (emptied) to the switch, with one wake-up; drops
-    /// (and counts) those past the backlog or the broadcast budget.
+    /// (and counts) those past the backlog.
     pub fn send(&self, frames: &mut Vec<Frame>) {
         if frames.is_empty() {
             return;
         }
         self.traffic.sent(frames.iter());
         {
-            let mut guard = lock(&self.to_switch);
-            let (queue, broadcast) = &mut *guard;
-            for frame in frames.drain(..) {
-                let group = frame
-                    .get(..6)
-                    .and_then(|d| d.try_into().ok())
-                    .is_some_and(|d| is_multicast(&d));
-                if group && !broadcast.take(1) {
-                    self.traffic.dropped_broadcast();
-                } else if queue.len() >= TX_BACKLOG {
-                    self.traffic.dropped_tx();
-                } else {
-                    queue.push(frame);
-                }
+            let mut queue = lock(&self.to_switch);
+            let room = TX_BACKLOG.saturating_sub(queue.len());
+            for _ in room..frames.len() {
+                self.traffic.dropped_tx();
             }
+            frames.truncate(room);
+            queue.append(frames);
+            frames.clear();
         }
         if let Err(e) = self.switch_wake.write(1) {
             tracing::warn!("cannot wake the network thread: {e}");
@@ -132,13 +112,19 @@ impl GuestPort {
 
     // --- the network thread's side ---
 
+    /// A frame the guest flooded (broadcast, multicast, unknown unicast)
+    /// was dropped: over its rate.
+    pub fn flood_dropped(&self) {
+        self.traffic.dropped_flood();
+    }
+
     /// Moves the frames the guest sent into `out`.
     pub fn take_sent(&self, out: &mut Vec<Frame>) {
-        let mut guard = lock(&self.to_switch);
+        let mut queue = lock(&self.to_switch);
         if out.is_empty() {
-            std::mem::swap(&mut guard.0, out);
+            std::mem::swap(&mut *queue, out);
         } else {
-            out.append(&mut guard.0);
+            out.append(&mut queue);
         }
     }
 
@@ -207,29 +193,18 @@ mod tests {
     }
 
     #[test]
-    fn a_flooding_guest_is_bounded_and_counted() {
+    fn a_guest_queue_to_the_switch_is_bounded_and_counted() {
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
         let port = GuestPort::new([2, 0, 0, 0, 0, 1], wake).unwrap();
-        let frame = |dst: [u8; 6]| [&dst[..], &[2, 0, 0, 0, 0, 1], &[0u8; 50]].concat();
-        // Unicast: the backlog fills, the rest is dropped.
-        port.send(&mut vec![frame([2, 0, 0, 0, 0, 2]); TX_BACKLOG + 10]);
+        port.send(&mut vec![vec![1]; TX_BACKLOG + 10]);
+        port.send(&mut vec![vec![2]; 5]);
         let t = port.traffic();
-        assert_eq!((t.tx_dropped, t.broadcast_dropped), (10, 0));
+        assert_eq!((t.tx_packets, t.tx_dropped), (TX_BACKLOG as u64 + 15, 15));
         let mut out = Vec::new();
         port.take_sent(&mut out);
         assert_eq!(out.len(), TX_BACKLOG);
-        // Broadcast: the burst passes, the rest is dropped.
-        port.send(&mut vec![frame([0xff; 6]); 1000]);
-        let t = port.traffic();
-        assert!(t.broadcast_dropped >= 1000 - BROADCAST_BURST - 10, "{t:?}");
-        out.clear();
+        port.send(&mut vec![vec![3]; 5]);
         port.take_sent(&mut out);
-        assert_eq!(out.len() as u64, 1000 - t.broadcast_dropped);
-        // Multicast counts as broadcast; unicast still flows.
-        port.send(&mut vec![frame([1, 0, 0x5e, 0, 0, 1]); 50]);
-        port.send(&mut vec![frame([2, 0, 0, 0, 0, 2]); 5]);
-        out.clear();
-        port.take_sent(&mut out);
-        assert!(out.iter().filter(|f| f[0] == 2).count() == 5);
+        assert_eq!(out.len(), TX_BACKLOG + 5, "room again once taken");
     }
 }

@@ -154,7 +154,7 @@ pub struct NicTraffic {
     rx_bytes: AtomicU64,
     tx_dropped: AtomicU64,
     rx_dropped: AtomicU64,
-    broadcast_dropped: AtomicU64,
+    flood_dropped: AtomicU64,
 }
 
 impl NicTraffic {
@@ -168,9 +168,10 @@ impl NicTraffic {
         self.rx_dropped.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A broadcast or multicast frame from the guest was dropped: over its rate.
-    pub fn dropped_broadcast(&self) {
-        self.broadcast_dropped.fetch_add(1, Ordering::Relaxed);
+    /// A frame the guest flooded (broadcast, multicast, unknown unicast)
+    /// was dropped: over its rate.
+    pub fn dropped_flood(&self) {
+        self.flood_dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The guest sent `frames`.
@@ -195,7 +196,7 @@ impl NicTraffic {
             rx_bytes: self.rx_bytes.load(Ordering::Relaxed),
             tx_dropped: self.tx_dropped.load(Ordering::Relaxed),
             rx_dropped: self.rx_dropped.load(Ordering::Relaxed),
-            broadcast_dropped: self.broadcast_dropped.load(Ordering::Relaxed),
+            flood_dropped: self.flood_dropped.load(Ordering::Relaxed),
         }
     }
 }
@@ -219,9 +220,10 @@ pub struct NicStats {
     /// Frames for the guest dropped: its backlog was full.
     #[serde(default)]
     pub rx_dropped: u64,
-    /// Broadcast and multicast frames from the guest dropped: over its rate.
+    /// Frames the guest flooded (broadcast, multicast, unknown unicast)
+    /// dropped: over its rate.
     #[serde(default)]
-    pub broadcast_dropped: u64,
+    pub flood_dropped: u64,
 }
 
 #[cfg(test)]
