@@ -17,6 +17,13 @@
 //! threads signal when they hand over frames, on the listeners and proxied
 //! connections, and on the TAP device, with smoltcp's next deadline as the
 //! timeout. Frames cross threads in batches (see [`port`]).
+//!
+//! Every queue between a guest and anything else is bounded, as a real
+//! switch's buffers are: the port's queues ([`port`]), each port's outbox
+//! ([`OUTBOX_MAX`]) and the gateway's inbox ([`GATEWAY_INBOX_MAX`]); what a
+//! guest floods (broadcast, multicast, unknown unicast) is rate-limited per
+//! port ([`FLOOD_RATE`]). What does not fit is dropped and counted
+//! (`GET /v1/stats`).
 
 pub mod gateway;
 pub mod overlay;
@@ -30,8 +37,6 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-
-use crate::limit::TokenBucket;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
@@ -40,6 +45,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::devices::io_wait::wait_events;
 use crate::error::NetError;
+use crate::limit::TokenBucket;
 use gateway::{Gateway, HostSocketKind, Published};
 use port::{Frame, GuestPort};
 use switch::{PortId, Route, Switch};
