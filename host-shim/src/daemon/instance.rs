@@ -73,11 +73,15 @@ impl InstanceConsole {
 
 impl Write for InstanceConsole {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-        ring.push(buf);
-        // A closed stdout must not break the guest's console.
+        self.ring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(buf);
+        // A closed stdout must not break the guest's console (nor a slow
+        // one hold the ring's lock).
         let _ = self.stdout.write_all(buf);
-        ring.dropped = self.stdout.dropped();
+        let dropped = self.stdout.dropped();
+        self.ring.lock().unwrap_or_else(|e| e.into_inner()).dropped = dropped;
         Ok(buf.len())
     }
 
