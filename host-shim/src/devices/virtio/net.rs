@@ -394,7 +394,10 @@ impl VirtioDevice for Net {
                 .map_err(|e| format!("queue {index}: cannot write its used ring: {e}"))?;
         }
         self.halted = [false; 2];
-        tracing::info!("virtio-net {}: up", fmt_mac(&self.mac));
+        // A guest may reset and activate its card in a loop: rate-limited.
+        if self.warnings.allow().is_some() {
+            tracing::info!("virtio-net {}: up", fmt_mac(&self.mac));
+        }
         Ok(())
     }
 
