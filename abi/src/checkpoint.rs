@@ -25,9 +25,11 @@
 //! ([`Checkpoint::id`]); sequence numbers count 1, 2, 3... from it. A
 //! checkpoint *file* is blobs one after another;
 //! what it holds is its last full checkpoint followed by the deltas that
-//! continue that chain ([`latest_chain`]). Anything after the first blob
-//! that does not decode or does not continue the chain (a delta torn by a
-//! crash mid-write) is ignored, never applied.
+//! continue that chain ([`latest_chain`]). A torn tail (a delta cut short
+//! by a crash mid-write) or a blob that does not continue the chain ends
+//! it, and is never applied; damage *followed by* sound blobs is an error
+//! ([`CheckpointError::DamagedInside`]): restoring would silently drop the
+//! state those blobs hold.
 //!
 //! Delivery on our shim: the guest hands a checkpoint to the host with
 //! [`crate::hypercall::HC_CHECKPOINT`]; a checkpoint to restore is placed in
@@ -111,6 +113,9 @@ pub enum CheckpointError {
     BadAppName,
     /// A delta without the full checkpoint it continues.
     OnlyADelta,
+    /// The blob after delta `after` of the chain is damaged, and `dropped`
+    /// sound blobs follow it: restoring would lose their state.
+    DamagedInside { after: usize, dropped: usize },
 }
 
 impl core::fmt::Display for CheckpointError {
@@ -130,6 +135,14 @@ impl core::fmt::Display for CheckpointError {
             Self::OnlyADelta => write!(
                 f,
                 "this is an incremental checkpoint (a delta) without the full checkpoint it continues"
+            ),
+            Self::DamagedInside { after, dropped } => write!(
+                f,
+                "checkpoint is damaged after delta {after} of its chain, and {dropped} sound \
+                 blob{} follow{} the damage: restoring would drop their state (cut the file \
+                 at the damage to restore without them)",
+                if *dropped == 1 { "" } else { "s" },
+                if *dropped == 1 { "s" } else { "" }
             ),
         }
     }
@@ -186,6 +199,17 @@ pub fn decode(bytes: &[u8]) -> Result<(Checkpoint<'_>, usize), CheckpointError> 
     }
 }
 
+impl Blob<'_> {
+    /// Its length encoded (what [`decode_blob`] returns with it).
+    pub fn encoded_len(&self) -> usize {
+        let (app, payload, chain) = match self {
+            Blob::Full(c) => (c.app, c.payload, 0),
+            Blob::Delta(d) => (d.app, d.payload, 12),
+        };
+        8 + 4 + 2 + app.len() + 4 + chain + 8 + payload.len() + 4
+    }
+}
+
 /// Parses and verifies one blob (a full checkpoint or a delta); returns it
 /// and its total length in `bytes`.
 pub fn decode_blob(bytes: &[u8]) -> Result<(Blob<'_>, usize), CheckpointError> {
@@ -238,8 +262,9 @@ pub fn decode_blob(bytes: &[u8]) -> Result<(Blob<'_>, usize), CheckpointError> {
 /// The chain a checkpoint file or stream holds: its last full checkpoint
 /// and the deltas after it that continue it (same app and schema, the
 /// base's id, sequence numbers 1, 2, ...). Stops at the first blob that
-/// does not decode or does not continue: a torn or damaged tail is
-/// ignored. The error is the first blob's, when not even that decodes.
+/// does not decode or does not continue: a torn tail is ignored. The error
+/// is the first blob's, when not even that decodes, and
+/// [`CheckpointError::DamagedInside`] when sound blobs follow a damaged one.
 pub fn latest_chain(stream: &[u8]) -> Result<Chain<'_>, CheckpointError> {
     let mut at = 0;
     let mut chain: Option<(Chain, usize)> = None;
@@ -247,7 +272,14 @@ pub fn latest_chain(stream: &[u8]) -> Result<Chain<'_>, CheckpointError> {
         let (blob, len) = match decode_blob(&stream[at..]) {
             Ok(b) => b,
             Err(e) if chain.is_none() => return Err(e),
-            Err(_) => break,
+            Err(_) => {
+                let dropped = sound_blobs_after(&stream[at + 1..]);
+                if dropped > 0 {
+                    let after = chain.as_ref().map_or(0, |(c, _)| c.deltas.len());
+                    return Err(CheckpointError::DamagedInside { after, dropped });
+                }
+                break;
+            }
         };
         match (blob, chain.as_mut()) {
             (Blob::Full(base), _) => {
@@ -270,6 +302,25 @@ pub fn latest_chain(stream: &[u8]) -> Result<Chain<'_>, CheckpointError> {
         at += len;
     }
     chain.map(|(c, _)| c).ok_or(CheckpointError::NotACheckpoint)
+}
+
+/// How many sound blobs (of any chain) `bytes` holds, looking for their
+/// magic at every offset (damage before them hides where they start).
+fn sound_blobs_after(bytes: &[u8]) -> usize {
+    let mut count = 0;
+    let mut at = 0;
+    while at + MAGIC.len() <= bytes.len() {
+        let here = &bytes[at..];
+        if here.starts_with(MAGIC) || here.starts_with(DELTA_MAGIC) {
+            if let Ok((_, len)) = decode_blob(here) {
+                count += 1;
+                at += len;
+                continue;
+            }
+        }
+        at += 1;
+    }
+    count
 }
 
 impl Chain<'_> {
@@ -405,6 +456,54 @@ mod tests {
             decode_blob(&flipped),
             Err(CheckpointError::Corrupt { .. })
         ));
+        for b in [&base, &d1] {
+            assert_eq!(decode_blob(b).unwrap().0.encoded_len(), b.len());
+        }
+    }
+
+    #[test]
+    fn damage_inside_a_chain_is_an_error_naming_what_would_be_lost() {
+        let base = encode("kv", 1, b"base");
+        let id = decode(&base).unwrap().0.id;
+        let deltas: Vec<Vec<u8>> = (1..=5)
+            .map(|i| encode_delta("kv", 1, id, i, &[i as u8; 40]))
+            .collect();
+        let mut s = base.clone();
+        deltas.iter().for_each(|d| s.extend_from_slice(d));
+        assert_eq!(latest_chain(&s).unwrap().deltas.len(), 5);
+        // Delta 2 damaged: deltas 3, 4 and 5 are sound but unreachable.
+        let at = base.len() + deltas[0].len() + 30;
+        let mut bad = s.clone();
+        bad[at] ^= 0xff;
+        let e = latest_chain(&bad).unwrap_err();
+        assert_eq!(
+            e,
+            CheckpointError::DamagedInside {
+                after: 1,
+                dropped: 3
+            }
+        );
+        let text = alloc::string::ToString::to_string(&e);
+        assert!(
+            text.contains("after delta 1") && text.contains("3 sound blobs"),
+            "{text}"
+        );
+        // Its length field damaged (the next blob's start is lost too).
+        let mut bad = s.clone();
+        let len_at = base.len() + deltas[0].len() + 8 + 4 + 2 + 2 + 4 + 4 + 8;
+        bad[len_at] ^= 0x01;
+        assert_eq!(
+            latest_chain(&bad),
+            Err(CheckpointError::DamagedInside {
+                after: 1,
+                dropped: 3
+            })
+        );
+        // Damage in the last delta is a torn tail: the chain before it.
+        let mut bad = s.clone();
+        let last = bad.len() - 10;
+        bad[last] ^= 0xff;
+        assert_eq!(latest_chain(&bad).unwrap().deltas.len(), 4);
     }
 
     #[test]

@@ -5,6 +5,12 @@
 //! `latest.ckpt` (temp file + fsync + rename) and a delta is appended to it
 //! and synced; the daemon's [`Latest`]; a standby peer), whichever way the
 //! blobs come in ([`hand_over`]: our doorbell, QEMU's checkpoint port).
+//!
+//! A chain is bounded ([`Chain::limit`], at most
+//! [`abi::checkpoint::MAX_CHECKPOINT`], what a restore accepts): a blob
+//! that would grow it past its limit is refused, so the guest sends a full
+//! checkpoint instead, and no sink (the file on disk, [`Latest`] in memory,
+//! a standby peer) ever holds more than the limit for one instance.
 
 use std::fs::File;
 use std::io::Write;
@@ -27,14 +33,6 @@ pub const LATEST: &str = "latest.ckpt";
 pub fn read_file(path: &Path) -> Result<Vec<u8>, Error> {
     let bytes = crate::files::read_capped(path, abi::checkpoint::MAX_CHECKPOINT)
         .map_err(|e| Error::Config(format!("cannot read checkpoint: {e}")))?;
-    if bytes.len() as u64 > abi::checkpoint::MAX_CHECKPOINT {
-        return Err(Error::Config(format!(
-            "checkpoint {} is {} bytes, more than the limit of {}",
-            path.display(),
-            bytes.len(),
-            abi::checkpoint::MAX_CHECKPOINT
-        )));
-    }
     let chain = abi::checkpoint::latest_chain(&bytes)
         .map_err(|e| Error::Config(format!("cannot restore from {}: {e}", path.display())))?;
     tracing::info!(
@@ -56,7 +54,7 @@ pub fn restore_addr(mem_size: u64, image_end: u64, len: u64) -> Option<u64> {
 /// Stores `blob` as `dir/latest.ckpt`, atomically and durably: written to
 /// a temporary file, synced, renamed over the old one, directory synced.
 pub fn store(dir: &Path, blob: &[u8]) -> std::io::Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
+    crate::files::private_dir(dir)?;
     let path = dir.join(LATEST);
     write_atomic(&path, blob)?;
     Ok(path)
@@ -70,26 +68,81 @@ pub trait Sink: Send {
     fn store(&mut self, blob: &[u8], full: bool) -> Result<(), String>;
 }
 
-/// The chain of blobs a guest is handing over: which delta may come next.
-#[derive(Debug, Default)]
+/// The chain of blobs a guest is handing over: which delta may come next,
+/// and whether it still fits.
+#[derive(Debug)]
 pub struct Chain {
     /// Id of the last full checkpoint, and the last delta's number.
     head: Option<(u32, u64)>,
     app: String,
     schema_version: u32,
+    /// Bytes of the chain so far (its full checkpoint and deltas).
+    bytes: u64,
+    /// The most bytes the chain may hold.
+    limit: u64,
+}
+
+impl Default for Chain {
+    fn default() -> Self {
+        Self::with_limit(abi::checkpoint::MAX_CHECKPOINT)
+    }
+}
+
+/// An instance's checkpoints may hold this many times its memory (on disk,
+/// and in the daemon's memory), and never more than a restore accepts.
+pub const LIMIT_PER_MEM: u64 = 2;
+
+/// The chain limit of a guest with `mem_size` bytes of RAM.
+pub fn limit_for(mem_size: u64) -> u64 {
+    mem_size
+        .saturating_mul(LIMIT_PER_MEM)
+        .min(abi::checkpoint::MAX_CHECKPOINT)
 }
 
 impl Chain {
+    /// A chain that may hold at most `limit` bytes (capped at
+    /// [`abi::checkpoint::MAX_CHECKPOINT`]).
+    pub fn with_limit(limit: u64) -> Self {
+        Self {
+            head: None,
+            app: String::new(),
+            schema_version: 0,
+            bytes: 0,
+            limit: limit.min(abi::checkpoint::MAX_CHECKPOINT),
+        }
+    }
+
+    /// The most bytes the chain may hold.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
     /// Checks `blob` (a whole, decoded blob) and makes it the chain's head;
     /// `Ok(true)` for a full checkpoint, `Ok(false)` for the next delta.
+    /// A blob that would take the chain past its limit is refused (the
+    /// chain stays as it was: a full checkpoint restarts it).
     pub fn accept(&mut self, blob: &abi::checkpoint::Blob) -> Result<bool, String> {
         use abi::checkpoint::Blob;
+        let len = blob.encoded_len() as u64;
         match blob {
+            _ if len > self.limit => Err(format!(
+                "a blob of {len} bytes, more than this instance's checkpoint limit of {}",
+                self.limit
+            )),
             Blob::Full(c) => {
                 self.head = Some((c.id, 0));
                 self.app = c.app.to_owned();
                 self.schema_version = c.schema_version;
+                self.bytes = len;
                 Ok(true)
+            }
+            Blob::Delta(_) if self.head.is_some() && self.bytes + len > self.limit => {
+                Err(format!(
+                    "the chain would grow to {} bytes, more than this instance's checkpoint \
+                     limit of {}: send a full checkpoint",
+                    self.bytes + len,
+                    self.limit
+                ))
             }
             Blob::Delta(d) => match self.head {
                 Some((base, seq))
@@ -99,6 +152,7 @@ impl Chain {
                         && d.schema_version == self.schema_version =>
                 {
                     self.head = Some((base, d.seq));
+                    self.bytes += len;
                     Ok(false)
                 }
                 Some((base, seq)) => Err(format!(
@@ -164,12 +218,7 @@ impl Sink for DirSink {
         if full {
             self.file = None;
             let path = store(&self.dir, blob).map_err(what)?;
-            self.file = Some(
-                std::fs::OpenOptions::new()
-                    .append(true)
-                    .open(path)
-                    .map_err(what)?,
-            );
+            self.file = Some(crate::files::open_append(&path).map_err(what)?);
             return Ok(());
         }
         let file = self
@@ -189,24 +238,47 @@ impl Sink for DirSink {
 /// The latest chain (full checkpoint and deltas, as one file's bytes) a
 /// running guest handed over, for whoever waits for the next one (the
 /// daemon's `checkpoint NAME`).
+///
+/// Bounded like every sink (its blobs come through a [`Chain`]); on its own
+/// it also drops a delta that would take it past
+/// [`abi::checkpoint::MAX_CHECKPOINT`]. It counts the blobs the guest's
+/// chain refused ([`Latest::refused`], `GET /v1/stats`).
 #[derive(Default)]
 pub struct Latest {
     slot: Mutex<(u64, Option<Arc<Vec<u8>>>)>,
     changed: Condvar,
+    refused: std::sync::atomic::AtomicU64,
 }
 
 impl Latest {
     /// Records a new blob (a full checkpoint starts a new chain, a delta
-    /// extends it) and wakes the waiters.
-    pub fn put(&self, blob: &[u8], full: bool) {
+    /// extends it) and wakes the waiters. A delta without its base, or
+    /// past the limit, is dropped (`false`).
+    pub fn put(&self, blob: &[u8], full: bool) -> bool {
         let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
         match (&mut slot.1, full) {
-            (Some(chain), false) => Arc::make_mut(chain).extend_from_slice(blob),
+            (Some(chain), false)
+                if (chain.len() + blob.len()) as u64 <= abi::checkpoint::MAX_CHECKPOINT =>
+            {
+                Arc::make_mut(chain).extend_from_slice(blob)
+            }
             (_, true) => slot.1 = Some(Arc::new(blob.to_vec())),
-            (None, false) => return,
+            (_, false) => return false,
         }
         slot.0 += 1;
         self.changed.notify_all();
+        true
+    }
+
+    /// Counts a blob the guest handed over that was refused.
+    pub fn note_refused(&self) {
+        self.refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many blobs were refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many checkpoints were recorded so far.
@@ -230,8 +302,11 @@ pub use crate::files::write_atomic;
 
 impl Sink for Arc<Latest> {
     fn store(&mut self, blob: &[u8], full: bool) -> Result<(), String> {
-        self.put(blob, full);
-        Ok(())
+        if self.put(blob, full) {
+            Ok(())
+        } else {
+            Err("a delta without its base, or past the limit".into())
+        }
     }
 }
 
@@ -272,6 +347,16 @@ mod tests {
         let d3 = abi::checkpoint::encode_delta("kv", 1, id, 3, b"three");
         std::fs::write(&path, [&file[..], &d3[..d3.len() - 1]].concat()).unwrap();
         assert_eq!(read_file(&path).unwrap(), file);
+        // A damaged delta with sound ones after it: the restore fails,
+        // saying how many it would drop.
+        let mut damaged = [&file[..], &d3[..]].concat();
+        damaged[base.len() + 20] ^= 0xff;
+        std::fs::write(&path, &damaged).unwrap();
+        let e = read_file(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("damaged after delta 0") && e.contains("2 sound blobs"),
+            "{e}"
+        );
         // A new full checkpoint replaces the file.
         let newer = abi::checkpoint::encode("kv", 1, b"newer");
         sink.store(&newer, true).unwrap();
@@ -280,10 +365,43 @@ mod tests {
     }
 
     #[test]
+    fn a_chain_past_its_limit_is_refused_until_a_full_checkpoint() {
+        let base = abi::checkpoint::encode("kv", 1, &[1; 1000]);
+        let id = abi::checkpoint::decode(&base).unwrap().0.id;
+        let delta = |seq| abi::checkpoint::encode_delta("kv", 1, id, seq, &[2; 1000]);
+        let limit = base.len() as u64 + 2 * delta(1).len() as u64;
+        let mut chain = Chain::with_limit(limit);
+        let latest = Arc::new(Latest::default());
+        let mut sinks = [Arc::clone(&latest)];
+        let mut hand = |b: &[u8]| hand_over(&mut chain, b, sinks.iter_mut());
+        assert_eq!(hand(&base), Ok((base.len(), true)));
+        assert_eq!(hand(&delta(1)), Ok((delta(1).len(), false)));
+        assert_eq!(hand(&delta(2)), Ok((delta(2).len(), false)));
+        let e = hand(&delta(3)).unwrap_err();
+        assert!(e.contains("send a full checkpoint"), "{e}");
+        assert!(hand(&delta(3)).is_err(), "still refused");
+        // What the sinks hold stayed within the limit.
+        let held = latest.wait_after(0, Duration::ZERO).unwrap();
+        assert_eq!(held.len() as u64, limit);
+        // A full checkpoint restarts the chain.
+        assert!(hand(&base).is_ok());
+        assert!(hand(&delta(1)).is_ok());
+        // A full checkpoint bigger than the limit is refused outright.
+        let mut small = Chain::with_limit(100);
+        let e = small.accept(&blob(&base)).unwrap_err();
+        assert!(e.contains("limit of 100"), "{e}");
+        assert_eq!(limit_for(64 << 20), 128 << 20);
+        assert_eq!(limit_for(1 << 30), abi::checkpoint::MAX_CHECKPOINT);
+    }
+
+    #[test]
     fn waiting_for_the_next_checkpoint() {
         let latest = Arc::new(Latest::default());
         assert!(latest.wait_after(0, Duration::from_millis(10)).is_none());
-        latest.put(&[9], false); // a delta without its base: dropped
+        assert!(
+            !latest.put(&[9], false),
+            "a delta without its base: dropped"
+        );
         assert_eq!(latest.count(), 0);
         latest.put(&[1], true);
         let seen = latest.count();

@@ -19,6 +19,7 @@ pub mod devices;
 pub mod error;
 pub mod files;
 pub mod fleet;
+pub mod limit;
 pub mod machine;
 pub mod migration;
 pub mod net;

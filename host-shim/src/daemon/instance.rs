@@ -1,15 +1,16 @@
 //! One instance of the daemon: a named guest with its vCPU thread, its port
 //! on the shim's switch, its published ports and its console log.
 //!
-//! Console output goes to a ring buffer (`logs NAME` reads it) and to the
-//! daemon's stdout, each line prefixed with `[name] `.
+//! Console output goes to a ring buffer of [`LOG_RING`] bytes (`logs NAME`
+//! reads it) and to the daemon's stdout, each line prefixed with `[name] `,
+//! in bounded lines and at a bounded rate (see [`crate::console`]).
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::console::PrefixedConsole;
+use crate::console::{Dropped, PrefixedConsole};
 use crate::machine::MachineHandle;
 use crate::net::port::GuestPort;
 use crate::net::PublishSpec;
@@ -26,6 +27,8 @@ pub struct LogRing {
     buf: VecDeque<u8>,
     /// Bytes pushed since the ring was made (the offset of its end).
     total: u64,
+    /// What the daemon's stdout left out of this console.
+    pub dropped: Dropped,
 }
 
 impl LogRing {
@@ -74,8 +77,11 @@ impl Write for InstanceConsole {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(buf);
-        // A closed stdout must not break the guest's console.
+        // A closed stdout must not break the guest's console (nor a slow
+        // one hold the ring's lock).
         let _ = self.stdout.write_all(buf);
+        let dropped = self.stdout.dropped();
+        self.ring.lock().unwrap_or_else(|e| e.into_inner()).dropped = dropped;
         Ok(buf.len())
     }
 

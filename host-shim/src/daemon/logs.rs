@@ -8,8 +8,13 @@
 //! `{"end": WHY}` when it exits or is stopped. An empty `{}` is sent when
 //! nothing else was for [`HEARTBEAT`], so a client can tell a quiet app
 //! from a dead link, and the daemon notices clients that left.
+//!
+//! Bounded whatever the guest writes: a line without its end is sent in
+//! pieces of at most [`crate::console::MAX_LINE`] bytes, and at most
+//! [`FOLLOW_BACKLOG`] lines wait for a slow client (the follower then waits
+//! too, and what the ring dropped meanwhile is skipped).
 
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -23,6 +28,8 @@ use super::{not_found, ApiError, Daemon};
 const POLL: Duration = Duration::from_millis(25);
 /// The longest silence on a followed stream.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Lines waiting for a follower's client.
+pub const FOLLOW_BACKLOG: usize = 256;
 
 /// One line of a followed log.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -39,7 +46,7 @@ pub struct LogEvent {
 }
 
 impl LogEvent {
-    fn send(&self, tx: &Sender<String>) -> bool {
+    fn send(&self, tx: &SyncSender<String>) -> bool {
         tx.send(serde_json::to_string(self).expect("serializable"))
             .is_ok()
     }
@@ -50,7 +57,7 @@ pub fn follow(daemon: &Arc<Daemon>, name: &str) -> Result<Receiver<String>, ApiE
     if !daemon.instances().contains_key(name) {
         return Err(not_found(name));
     }
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::sync_channel(FOLLOW_BACKLOG);
     let daemon = Arc::clone(daemon);
     let name = name.to_owned();
     thread::Builder::new()
@@ -60,7 +67,7 @@ pub fn follow(daemon: &Arc<Daemon>, name: &str) -> Result<Receiver<String>, ApiE
     Ok(rx)
 }
 
-fn run(daemon: &Daemon, name: &str, tx: &Sender<String>) {
+fn run(daemon: &Daemon, name: &str, tx: &SyncSender<String>) {
     let mut ring: Option<Arc<Mutex<LogRing>>> = None;
     let mut offset = 0;
     let mut partial = Vec::new();
@@ -83,11 +90,7 @@ fn run(daemon: &Daemon, name: &str, tx: &Sender<String>) {
         let (bytes, end_offset) = log.lock().unwrap_or_else(|e| e.into_inner()).since(offset);
         offset = end_offset;
         partial.extend_from_slice(&bytes);
-        while let Some(nl) = partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = partial.drain(..=nl).collect();
-            let text = String::from_utf8_lossy(&line[..nl])
-                .trim_end_matches('\r')
-                .to_owned();
+        for text in take_lines(&mut partial) {
             let event = LogEvent {
                 line: Some(text),
                 ..LogEvent::default()
@@ -124,7 +127,32 @@ fn run(daemon: &Daemon, name: &str, tx: &Sender<String>) {
     }
 }
 
-fn flush(partial: &mut Vec<u8>, tx: &Sender<String>) {
+/// Takes the whole lines out of `partial` (without their ends), and pieces
+/// of [`crate::console::MAX_LINE`] bytes of a longer line; what is left is
+/// shorter than that.
+fn take_lines(partial: &mut Vec<u8>) -> Vec<String> {
+    let max = crate::console::MAX_LINE;
+    let mut lines = Vec::new();
+    let mut at = 0;
+    while at < partial.len() {
+        let rest = &partial[at..];
+        let (line, next) = match rest.iter().take(max).position(|&b| b == b'\n') {
+            Some(nl) => (&rest[..nl], at + nl + 1),
+            None if rest.len() >= max => (&rest[..max], at + max),
+            None => break,
+        };
+        lines.push(
+            String::from_utf8_lossy(line)
+                .trim_end_matches('\r')
+                .to_owned(),
+        );
+        at = next;
+    }
+    partial.drain(..at);
+    lines
+}
+
+fn flush(partial: &mut Vec<u8>, tx: &SyncSender<String>) {
     if !partial.is_empty() {
         let text = String::from_utf8_lossy(partial).into_owned();
         partial.clear();
@@ -136,10 +164,31 @@ fn flush(partial: &mut Vec<u8>, tx: &Sender<String>) {
     }
 }
 
-fn end(tx: &Sender<String>, why: &str) {
+fn end(tx: &SyncSender<String>, why: &str) {
     LogEvent {
         end: Some(why.to_owned()),
         ..LogEvent::default()
     }
     .send(tx);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::console::MAX_LINE;
+
+    #[test]
+    fn lines_and_bounded_pieces_of_an_endless_one() {
+        let mut partial = b"one\r\ntwo\nthr".to_vec();
+        assert_eq!(take_lines(&mut partial), ["one", "two"]);
+        assert_eq!(partial, b"thr");
+        partial.extend_from_slice(&vec![b'x'; 3 * MAX_LINE]);
+        let lines = take_lines(&mut partial);
+        assert_eq!(lines.len(), 3);
+        assert!(lines.iter().all(|l| l.len() == MAX_LINE));
+        assert_eq!(partial.len(), 3, "the rest waits for more");
+        partial.extend_from_slice(b"\n");
+        assert_eq!(take_lines(&mut partial), ["xxx"]);
+        assert!(partial.is_empty());
+    }
 }

@@ -1,8 +1,10 @@
 //! `GET /v1/stats`: what the placement scheduler (`host-shim schedule`)
 //! and dashboards read from a shim.
 //!
-//! - per instance: its vCPU thread's CPU time, its memory and its network
-//!   card's frame and byte counters (since it arrived on this shim);
+//! - per instance: its vCPU thread's CPU time, its memory, its network
+//!   card's frame and byte counters (since it arrived on this shim), and
+//!   what the shim's bounds refused it (frames dropped, console lines
+//!   dropped or split, checkpoints refused);
 //! - per published port: requests, bytes and connections of the clients
 //!   that came through this shim (see [`crate::net::traffic`] for what a
 //!   request is);
@@ -34,6 +36,16 @@ pub struct InstanceStats {
     pub net: NicStats,
     /// Moves so far.
     pub generation: u64,
+    /// Console lines left out of the daemon's log (over the rate limit).
+    #[serde(default)]
+    pub console_lines_dropped: u64,
+    /// Console lines longer than the limit, written in pieces.
+    #[serde(default)]
+    pub console_lines_split: u64,
+    /// Checkpoints and deltas refused (over the instance's limit, or
+    /// malformed): the guest sends a full checkpoint instead.
+    #[serde(default)]
+    pub checkpoints_refused: u64,
 }
 
 /// The answer of `GET /v1/stats`.
@@ -47,6 +59,9 @@ pub struct ShimStats {
     pub instances: Vec<InstanceStats>,
     pub ports: Vec<PortStats>,
     pub peers: Vec<PeerRtt>,
+    /// Frames the switch dropped because a port's queue was full.
+    #[serde(default)]
+    pub switch_dropped: u64,
 }
 
 impl Daemon {
@@ -58,6 +73,7 @@ impl Daemon {
             .filter(|i| matches!(i.state, State::Running | State::Busy(_)))
             .map(|i| {
                 let info = i.info();
+                let console = i.log.lock().unwrap_or_else(|e| e.into_inner()).dropped;
                 InstanceStats {
                     name: info.name,
                     state: info.state,
@@ -70,6 +86,9 @@ impl Daemon {
                     mem: info.mem,
                     net: i.port.as_ref().map(|p| p.traffic()).unwrap_or_default(),
                     generation: info.generation,
+                    console_lines_dropped: console.lines,
+                    console_lines_split: console.split,
+                    checkpoints_refused: i.checkpoints.refused(),
                 }
             })
             .collect();
@@ -80,6 +99,7 @@ impl Daemon {
             instances,
             ports: self.net.port_stats(),
             peers: self.net.peer_rtts(),
+            switch_dropped: self.net.switch_dropped(),
         }
     }
 }

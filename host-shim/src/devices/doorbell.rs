@@ -3,8 +3,10 @@
 //! An 8-byte write to `DOORBELL_ADDR + nr * 8` is hypercall `nr` with the
 //! written value as its argument (see `abi::hypercall`). This module decodes
 //! and serves them; guest memory is read only through bounds-checked
-//! accessors, so a malformed request is logged and ignored (or ends the
-//! guest, for the calls that never return), never a panic of the shim.
+//! accessors, so a malformed request is logged (rate-limited: see
+//! [`crate::limit::Warnings`]) and ignored (or ends the guest, for the calls
+//! that never return), never a panic of the shim. The guest's checkpoints
+//! are bounded per instance ([`crate::checkpoint::limit_for`] its memory).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -17,9 +19,11 @@ use abi::hypercall::{
     PANIC_STR_MAX,
 };
 use abi::layout::{DOORBELL_ADDR, PAGE_SIZE};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use zerocopy::{FromBytes, IntoBytes};
 
+use crate::guest_warn;
+use crate::limit::Warnings;
 use crate::outcome::GuestExit;
 use crate::vstate::vm::GuestMemoryMmap;
 
@@ -45,6 +49,8 @@ pub struct Doorbell<W: Write> {
     checkpoint_dir: Option<crate::checkpoint::DirSink>,
     checkpoint_latest: Option<Arc<crate::checkpoint::Latest>>,
     checkpoint_sinks: Vec<Box<dyn crate::checkpoint::Sink>>,
+    /// The rate limit of the warnings this guest triggers.
+    warnings: Warnings,
 }
 
 impl<W: Write> Doorbell<W> {
@@ -56,6 +62,7 @@ impl<W: Write> Doorbell<W> {
             checkpoint_dir: None,
             checkpoint_latest: None,
             checkpoint_sinks: Vec::new(),
+            warnings: Warnings::default(),
         }
     }
 
@@ -84,14 +91,18 @@ impl<W: Write> Doorbell<W> {
     pub fn write(&mut self, mem: &GuestMemoryMmap, addr: u64, data: &[u8]) -> Action {
         let offset = addr - DOORBELL_ADDR;
         let Ok(bytes) = <[u8; 8]>::try_from(data) else {
-            tracing::warn!(
+            guest_warn!(
+                self.warnings,
                 "doorbell write of {} bytes at {addr:#x} ignored: hypercalls are 8-byte writes",
                 data.len()
             );
             return Action::Continue;
         };
         if !offset.is_multiple_of(8) {
-            tracing::warn!("unaligned doorbell write at {addr:#x} ignored");
+            guest_warn!(
+                self.warnings,
+                "unaligned doorbell write at {addr:#x} ignored"
+            );
             return Action::Continue;
         }
         let value = u64::from_le_bytes(bytes);
@@ -120,7 +131,10 @@ impl<W: Write> Doorbell<W> {
                 None => GuestExit::FaultUnreadable(value),
             }),
             _ => {
-                tracing::warn!("unknown hypercall {nr} (value {value:#x}) ignored");
+                guest_warn!(
+                    self.warnings,
+                    "unknown hypercall {nr} (value {value:#x}) ignored"
+                );
                 Action::Continue
             }
         }
@@ -128,18 +142,23 @@ impl<W: Write> Doorbell<W> {
 
     fn console_write(&mut self, mem: &GuestMemoryMmap, value: u64) {
         let Some(req) = read_obj::<ConsoleWrite>(mem, value) else {
-            tracing::warn!("console write: request at {value:#x} is outside guest memory");
+            guest_warn!(
+                self.warnings,
+                "console write: request at {value:#x} is outside guest memory"
+            );
             return;
         };
         if req.len > CONSOLE_WRITE_MAX {
-            tracing::warn!(
+            guest_warn!(
+                self.warnings,
                 "console write of {} bytes ignored: the limit is {CONSOLE_WRITE_MAX}",
                 req.len
             );
             return;
         }
         let Some(bytes) = read_bytes(mem, req.buf, req.len) else {
-            tracing::warn!(
+            guest_warn!(
+                self.warnings,
                 "console write: buffer {:#x}+{:#x} is outside guest memory",
                 req.buf,
                 req.len
@@ -165,19 +184,28 @@ impl<W: Write> Doorbell<W> {
     /// or delta, and tells the guest whether it was stored.
     fn checkpoint(&mut self, mem: &GuestMemoryMmap, value: u64) {
         let Some(req) = read_obj::<CheckpointWrite>(mem, value) else {
-            tracing::warn!("checkpoint: request at {value:#x} is outside guest memory");
+            guest_warn!(
+                self.warnings,
+                "checkpoint: request at {value:#x} is outside guest memory"
+            );
             return;
         };
         let status = match self.store_checkpoint(mem, &req) {
             Ok(()) => CHECKPOINT_STORED,
             Err(e) => {
-                tracing::warn!("the guest's checkpoint is not stored: {e}");
+                if let Some(latest) = &self.checkpoint_latest {
+                    latest.note_refused();
+                }
+                guest_warn!(self.warnings, "the guest's checkpoint is not stored: {e}");
                 CHECKPOINT_REFUSED
             }
         };
         let at = value + std::mem::offset_of!(CheckpointWrite, status) as u64;
         if mem.write_obj(status, GuestAddress(at)).is_err() {
-            tracing::warn!("checkpoint: cannot write the status at {at:#x}");
+            guest_warn!(
+                self.warnings,
+                "checkpoint: cannot write the status at {at:#x}"
+            );
         }
     }
 
@@ -186,11 +214,14 @@ impl<W: Write> Doorbell<W> {
         mem: &GuestMemoryMmap,
         req: &CheckpointWrite,
     ) -> Result<(), String> {
-        if req.len > abi::checkpoint::MAX_CHECKPOINT {
+        let limit = crate::checkpoint::limit_for(mem.last_addr().raw_value().saturating_add(1));
+        if self.chain.limit() != limit {
+            self.chain = crate::checkpoint::Chain::with_limit(limit);
+        }
+        if req.len > limit {
             return Err(format!(
-                "{} bytes, more than the limit of {}",
-                req.len,
-                abi::checkpoint::MAX_CHECKPOINT
+                "{} bytes, more than this instance's checkpoint limit of {limit}",
+                req.len
             ));
         }
         let blob = read_bytes(mem, req.buf, req.len).ok_or_else(|| {
@@ -206,6 +237,7 @@ impl<W: Write> Doorbell<W> {
             .chain(self.checkpoint_sinks.iter_mut().map(|s| &mut **s));
         let (len, full) = crate::checkpoint::hand_over(&mut self.chain, &blob, sinks)?;
         if let Some(latest) = &self.checkpoint_latest {
+            // Bounded by the chain's limit, like every sink.
             latest.put(&blob[..len], full);
         }
         Ok(())

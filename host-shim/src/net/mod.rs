@@ -17,6 +17,13 @@
 //! threads signal when they hand over frames, on the listeners and proxied
 //! connections, and on the TAP device, with smoltcp's next deadline as the
 //! timeout. Frames cross threads in batches (see [`port`]).
+//!
+//! Every queue between a guest and anything else is bounded, as a real
+//! switch's buffers are: the port's queues ([`port`]), each port's outbox
+//! ([`OUTBOX_MAX`]) and the gateway's inbox ([`GATEWAY_INBOX_MAX`]); what a
+//! guest floods (broadcast, multicast, unknown unicast) is rate-limited per
+//! port ([`FLOOD_RATE`]). What does not fit is dropped and counted
+//! (`GET /v1/stats`).
 
 pub mod gateway;
 pub mod overlay;
@@ -29,6 +36,7 @@ use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
@@ -37,6 +45,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::devices::io_wait::wait_events;
 use crate::error::NetError;
+use crate::limit::TokenBucket;
 use gateway::{Gateway, HostSocketKind, Published};
 use port::{Frame, GuestPort};
 use switch::{PortId, Route, Switch};
@@ -54,6 +63,17 @@ const MAX_FRAME: usize = 1514;
 const TAP_BATCH: usize = 256;
 /// Rounds of switching per wake-up before epoll is asked again.
 const MAX_ROUNDS: usize = 64;
+/// Frames the switch holds for one port (a guest, a peer, the TAP device)
+/// before handing them over; more are dropped and counted, as a switch
+/// with a full port buffer does.
+pub const OUTBOX_MAX: usize = 1024;
+/// Frames waiting for the gateway's TCP/IP stack; more are dropped.
+pub const GATEWAY_INBOX_MAX: usize = 1024;
+/// Frames a guest may have flooded (broadcast, multicast, unknown unicast:
+/// copied to every port, the gateway and every overlay peer) per second...
+pub const FLOOD_RATE: u64 = 500;
+/// ... after a burst of this many; more are dropped and counted.
+pub const FLOOD_BURST: u64 = 100;
 
 /// A transport protocol of a published port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,6 +206,9 @@ pub struct Network {
     traffic: Mutex<Vec<(PublishSpec, Ipv4Addr, Arc<traffic::PortTraffic>)>>,
     /// Round trips to the other shims of the overlay.
     rtts: overlay::Rtts,
+    /// Frames the switch dropped: a port's outbox or the gateway's inbox
+    /// was full.
+    dropped: Arc<AtomicU64>,
 }
 
 /// Changes to a running network, carried out by its thread.
@@ -325,6 +348,7 @@ impl Network {
             tap,
         );
         engine.overlay = overlay;
+        let dropped = Arc::clone(&engine.dropped);
         let thread = thread::Builder::new()
             .name("net".into())
             .spawn(move || engine.run())
@@ -339,6 +363,7 @@ impl Network {
             thread: Some(thread),
             traffic: Mutex::default(),
             rtts,
+            dropped,
         })
     }
 
@@ -352,6 +377,11 @@ impl Network {
     /// The overlay's local UDP address, if this network has one.
     pub fn overlay_addr(&self) -> Option<SocketAddr> {
         self.overlay_addr
+    }
+
+    /// Frames the switch dropped because a port's queue was full.
+    pub fn switch_dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// Overlay datagrams dropped for failing authentication (fleet key).
@@ -542,10 +572,17 @@ struct Engine {
     overlay_readable: bool,
     /// When the overlay's peers are probed next.
     next_probe: std::time::Instant,
-    /// Frames switched to each port, not yet handed over.
+    /// Frames switched to each port, not yet handed over (at most
+    /// [`OUTBOX_MAX`] each).
     outboxes: Vec<Vec<Frame>>,
+    /// Each port's budget of flooded frames (enforced on guests').
+    floods: Vec<TokenBucket>,
     /// Scratch for frames coming in.
     incoming: Vec<Frame>,
+    /// Frames dropped for a full outbox or gateway inbox.
+    dropped: Arc<AtomicU64>,
+    /// The rate limit of warnings about them.
+    warnings: crate::limit::Warnings,
 }
 
 impl Engine {
@@ -564,6 +601,7 @@ impl Engine {
             slots.push(Slot::Tap);
         }
         let outboxes = slots.iter().map(|_| Vec::new()).collect();
+        let floods = slots.iter().map(|_| flood_budget()).collect();
         Self {
             epoll,
             wake,
@@ -577,7 +615,10 @@ impl Engine {
             overlay_readable: false,
             next_probe: std::time::Instant::now(),
             outboxes,
+            floods,
             incoming: Vec::new(),
+            dropped: Arc::default(),
+            warnings: Default::default(),
         }
     }
 
@@ -590,11 +631,13 @@ impl Engine {
             Some(i) => {
                 self.slots[i] = slot;
                 self.outboxes[i].clear();
+                self.floods[i] = flood_budget();
                 i
             }
             None => {
                 self.slots.push(slot);
                 self.outboxes.push(Vec::new());
+                self.floods.push(flood_budget());
                 self.slots.len() - 1
             }
         }
@@ -626,7 +669,8 @@ impl Engine {
                                 port.mac(),
                                 left.len()
                             );
-                            self.outboxes[to].extend(left);
+                            let room = OUTBOX_MAX.saturating_sub(self.outboxes[to].len());
+                            self.outboxes[to].extend(left.into_iter().take(room));
                             self.flush_peers();
                         }
                         None => self.switch.forget_mac(port.mac()),
@@ -750,13 +794,19 @@ impl Engine {
                     .gateway
                     .as_mut()
                     .expect("gateway port implies a gateway");
-                gw.inbox.extend(self.outboxes[port].drain(..));
+                let room = GATEWAY_INBOX_MAX.saturating_sub(gw.inbox.len());
+                let frames = &mut self.outboxes[port];
+                let over = frames.len().saturating_sub(room);
+                gw.inbox.extend(frames.drain(..frames.len() - over));
+                frames.clear();
                 moved |= gw.step(&self.epoll);
                 self.incoming.append(&mut gw.outbox);
+                self.note_dropped(over, "the gateway's inbox is full");
                 moved |= self.forward_incoming(port);
             }
             for (index, slot) in self.slots.iter().enumerate() {
                 if let Slot::Guest(guest) = slot {
+                    // Counted in the guest's port (`rx_dropped`).
                     let dropped = guest.deliver(&mut self.outboxes[index]);
                     if dropped > 0 {
                         tracing::debug!("port {index}: {dropped} frames dropped (backlog full)");
@@ -836,6 +886,7 @@ impl Engine {
         if self.incoming.is_empty() {
             return false;
         }
+        let mut dropped = 0;
         for frame in self.incoming.drain(..) {
             if frame.len() > MAX_FRAME {
                 tracing::debug!("port {from}: frame of {} bytes dropped", frame.len());
@@ -860,28 +911,111 @@ impl Engine {
             match route {
                 Route::Port(to) => {
                     if !(from_peer && matches!(self.slots[to], Slot::Peer(_))) {
-                        self.outboxes[to].push(frame)
+                        dropped += push_bounded(&mut self.outboxes[to], frame);
                     }
                 }
                 Route::Flood => {
+                    if let Slot::Guest(port) = &self.slots[from] {
+                        if !self.floods[from].take(1) {
+                            port.flood_dropped();
+                            continue;
+                        }
+                    }
                     for (to, slot) in self.slots.iter().enumerate() {
                         let skip = matches!(slot, Slot::Free)
                             || (from_peer && matches!(slot, Slot::Peer(_)));
                         if to != from && !skip {
-                            self.outboxes[to].push(frame.clone());
+                            dropped += push_bounded(&mut self.outboxes[to], frame.clone());
                         }
                     }
                 }
                 Route::Drop => {}
             }
         }
+        self.note_dropped(dropped, "a port's queue is full");
         true
     }
+
+    /// Counts `n` frames dropped (and warns, rate-limited).
+    fn note_dropped(&self, n: usize, why: &str) {
+        if n == 0 {
+            return;
+        }
+        let total = self.dropped.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        crate::guest_warn!(
+            self.warnings,
+            "switch: {n} frames dropped, {why} ({total} so far)"
+        );
+    }
+}
+
+fn flood_budget() -> TokenBucket {
+    TokenBucket::new(FLOOD_RATE, FLOOD_BURST)
+}
+
+/// Queues `frame` in `outbox` unless it holds [`OUTBOX_MAX`] frames;
+/// returns how many were dropped (0 or 1).
+fn push_bounded(outbox: &mut Vec<Frame>, frame: Frame) -> usize {
+    if outbox.len() >= OUTBOX_MAX {
+        return 1;
+    }
+    outbox.push(frame);
+    0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_a_guest_floods_is_rate_limited_and_counted() {
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let mut engine = Engine::new(
+            Epoll::new().unwrap(),
+            Arc::clone(&wake),
+            Arc::default(),
+            None,
+            None,
+        );
+        let a = Arc::new(GuestPort::new([2, 0, 0, 0, 0, 0xa], Arc::clone(&wake)).unwrap());
+        let b = Arc::new(GuestPort::new([2, 0, 0, 0, 0, 0xb], Arc::clone(&wake)).unwrap());
+        let from = engine.add_slot(Slot::Guest(Arc::clone(&a)));
+        let to = engine.add_slot(Slot::Guest(Arc::clone(&b)));
+        engine.switch.learn(b.mac(), to);
+        let frame = |dst: [u8; 6]| [&dst[..], &a.mac()[..], &[0u8; 50]].concat();
+        // Broadcast, multicast and unknown unicast: the burst passes.
+        for dst in [[0xff; 6], [1, 0, 0x5e, 0, 0, 1], [2, 9, 9, 9, 9, 9]] {
+            engine.incoming.extend(vec![frame(dst); 400]);
+            engine.forward_incoming(from);
+        }
+        let flooded = engine.outboxes[to].len() as u64;
+        assert!(
+            (FLOOD_BURST..FLOOD_BURST + 10).contains(&flooded),
+            "{flooded}"
+        );
+        assert_eq!(a.traffic().flood_dropped, 1200 - flooded);
+        // Unicast to a known station is not limited.
+        engine.outboxes[to].clear();
+        engine.incoming.extend(vec![frame(b.mac()); 500]);
+        engine.forward_incoming(from);
+        assert_eq!(engine.outboxes[to].len(), 500);
+        assert_eq!(a.traffic().flood_dropped, 1200 - flooded);
+        // A full outbox drops (and counts) the rest.
+        engine.incoming.extend(vec![frame(b.mac()); OUTBOX_MAX]);
+        engine.forward_incoming(from);
+        assert_eq!(engine.outboxes[to].len(), OUTBOX_MAX);
+        assert_eq!(engine.dropped.load(Ordering::Relaxed), 500);
+    }
+
+    #[test]
+    fn an_outbox_holds_at_most_its_bound() {
+        let mut outbox = Vec::new();
+        let dropped: usize = (0..OUTBOX_MAX + 7)
+            .map(|i| push_bounded(&mut outbox, vec![i as u8]))
+            .sum();
+        assert_eq!((outbox.len(), dropped), (OUTBOX_MAX, 7));
+        assert_eq!(outbox.last(), Some(&vec![(OUTBOX_MAX - 1) as u8]));
+    }
 
     #[test]
     fn macs_and_subnets() {

@@ -8,6 +8,10 @@
 //! guest. The vCPU thread waits on [`GuestPort::wait_fd`] while its guest
 //! idles. The port counts the frames and bytes crossing it each way
 //! ([`GuestPort::traffic`], for `GET /v1/stats`).
+//!
+//! Both queues are bounded, as a switch port's buffers are: past
+//! [`TX_BACKLOG`] / [`RX_BACKLOG`] frames, more are dropped and counted.
+//! (The switch rate-limits what a guest floods: see `net::FLOOD_RATE`.)
 
 use std::collections::VecDeque;
 use std::io;
@@ -21,6 +25,8 @@ use super::traffic::{NicStats, NicTraffic};
 /// Frames kept for a guest that does not take them (more are dropped, as a
 /// switch port with a full buffer would).
 pub const RX_BACKLOG: usize = 1024;
+/// Frames from a guest waiting for the network thread (more are dropped).
+pub const TX_BACKLOG: usize = 1024;
 
 /// One Ethernet frame, without FCS.
 pub type Frame = Vec<u8>;
@@ -28,7 +34,7 @@ pub type Frame = Vec<u8>;
 /// A guest's port.
 pub struct GuestPort {
     mac: [u8; 6],
-    /// Frames from the guest, for the switch.
+    /// Frames from the guest, for the switch (at most [`TX_BACKLOG`]).
     to_switch: Mutex<Vec<Frame>>,
     /// Signals the network thread.
     switch_wake: Arc<EventFd>,
@@ -66,13 +72,23 @@ impl GuestPort {
 
     // --- the vCPU side ---
 
-    /// Hands `frames` (emptied) to the switch, with one wake-up.
+    /// Hands `frames` (emptied) to the switch, with one wake-up; drops
+    /// (and counts) those past the backlog.
     pub fn send(&self, frames: &mut Vec<Frame>) {
         if frames.is_empty() {
             return;
         }
         self.traffic.sent(frames.iter());
-        lock(&self.to_switch).append(frames);
+        {
+            let mut queue = lock(&self.to_switch);
+            let room = TX_BACKLOG.saturating_sub(queue.len());
+            for _ in room..frames.len() {
+                self.traffic.dropped_tx();
+            }
+            frames.truncate(room);
+            queue.append(frames);
+            frames.clear();
+        }
         if let Err(e) = self.switch_wake.write(1) {
             tracing::warn!("cannot wake the network thread: {e}");
         }
@@ -96,6 +112,12 @@ impl GuestPort {
 
     // --- the network thread's side ---
 
+    /// A frame the guest flooded (broadcast, multicast, unknown unicast)
+    /// was dropped: over its rate.
+    pub fn flood_dropped(&self) {
+        self.traffic.dropped_flood();
+    }
+
     /// Moves the frames the guest sent into `out`.
     pub fn take_sent(&self, out: &mut Vec<Frame>) {
         let mut queue = lock(&self.to_switch);
@@ -118,6 +140,7 @@ impl GuestPort {
             for frame in frames.drain(..) {
                 if queue.len() >= RX_BACKLOG {
                     dropped += 1;
+                    self.traffic.dropped_rx();
                 } else {
                     self.traffic.received([&frame]);
                     queue.push_back(frame);
@@ -164,7 +187,24 @@ mod tests {
         assert_eq!((t.tx_packets, t.tx_bytes), (3, 3));
         assert_eq!(
             t.rx_packets as usize, RX_BACKLOG,
-            "dropped frames are not counted"
+            "dropped frames are not counted as received"
         );
+        assert_eq!(t.rx_dropped, 3);
+    }
+
+    #[test]
+    fn a_guest_queue_to_the_switch_is_bounded_and_counted() {
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let port = GuestPort::new([2, 0, 0, 0, 0, 1], wake).unwrap();
+        port.send(&mut vec![vec![1]; TX_BACKLOG + 10]);
+        port.send(&mut vec![vec![2]; 5]);
+        let t = port.traffic();
+        assert_eq!((t.tx_packets, t.tx_dropped), (TX_BACKLOG as u64 + 15, 15));
+        let mut out = Vec::new();
+        port.take_sent(&mut out);
+        assert_eq!(out.len(), TX_BACKLOG);
+        port.send(&mut vec![vec![3]; 5]);
+        port.take_sent(&mut out);
+        assert_eq!(out.len(), TX_BACKLOG + 5, "room again once taken");
     }
 }

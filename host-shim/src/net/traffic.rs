@@ -152,9 +152,28 @@ pub struct NicTraffic {
     tx_bytes: AtomicU64,
     rx_packets: AtomicU64,
     rx_bytes: AtomicU64,
+    tx_dropped: AtomicU64,
+    rx_dropped: AtomicU64,
+    flood_dropped: AtomicU64,
 }
 
 impl NicTraffic {
+    /// A frame from the guest was dropped: its queue to the switch is full.
+    pub fn dropped_tx(&self) {
+        self.tx_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A frame for the guest was dropped: its backlog is full.
+    pub fn dropped_rx(&self) {
+        self.rx_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A frame the guest flooded (broadcast, multicast, unknown unicast)
+    /// was dropped: over its rate.
+    pub fn dropped_flood(&self) {
+        self.flood_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The guest sent `frames`.
     pub fn sent<'a>(&self, frames: impl IntoIterator<Item = &'a Vec<u8>>) {
         let (n, bytes) = count(frames);
@@ -175,6 +194,9 @@ impl NicTraffic {
             tx_bytes: self.tx_bytes.load(Ordering::Relaxed),
             rx_packets: self.rx_packets.load(Ordering::Relaxed),
             rx_bytes: self.rx_bytes.load(Ordering::Relaxed),
+            tx_dropped: self.tx_dropped.load(Ordering::Relaxed),
+            rx_dropped: self.rx_dropped.load(Ordering::Relaxed),
+            flood_dropped: self.flood_dropped.load(Ordering::Relaxed),
         }
     }
 }
@@ -192,6 +214,16 @@ pub struct NicStats {
     pub tx_bytes: u64,
     pub rx_packets: u64,
     pub rx_bytes: u64,
+    /// Frames from the guest dropped: its queue to the switch was full.
+    #[serde(default)]
+    pub tx_dropped: u64,
+    /// Frames for the guest dropped: its backlog was full.
+    #[serde(default)]
+    pub rx_dropped: u64,
+    /// Frames the guest flooded (broadcast, multicast, unknown unicast)
+    /// dropped: over its rate.
+    #[serde(default)]
+    pub flood_dropped: u64,
 }
 
 #[cfg(test)]
@@ -231,7 +263,8 @@ mod tests {
                 tx_packets: 2,
                 tx_bytes: 160,
                 rx_packets: 1,
-                rx_bytes: 42
+                rx_bytes: 42,
+                ..NicStats::default()
             }
         );
     }

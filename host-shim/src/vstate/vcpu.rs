@@ -301,6 +301,8 @@ impl Vcpu {
     /// Runs the guest until it is done or `ctx.stop` or `ctx.pause` is set
     /// (then returns `None`).
     pub fn run<W: Write>(&mut self, ctx: &mut RunContext<W>) -> Option<GuestExit> {
+        // What the guest triggers is logged through a rate limit.
+        let warnings = crate::limit::Warnings::default();
         loop {
             if ctx.stop.load(Ordering::Acquire) || ctx.pause.load(Ordering::Acquire) {
                 return None;
@@ -315,7 +317,11 @@ impl Vcpu {
                             Err(why) => Action::Stop(GuestExit::Died(why)),
                         }
                     } else {
-                        tracing::warn!("unhandled MMIO write at {addr:#x} (len {})", data.len());
+                        crate::guest_warn!(
+                            warnings,
+                            "unhandled MMIO write at {addr:#x} (len {})",
+                            data.len()
+                        );
                         Action::Continue
                     }
                 }
@@ -323,18 +329,30 @@ impl Vcpu {
                     if let Some(dev) = ctx.devices.iter_mut().find(|d| d.contains(addr)) {
                         dev.read(addr, data);
                     } else {
-                        tracing::warn!("unhandled MMIO read at {addr:#x} (len {})", data.len());
+                        crate::guest_warn!(
+                            warnings,
+                            "unhandled MMIO read at {addr:#x} (len {})",
+                            data.len()
+                        );
                         data.fill(0xff);
                     }
                     Action::Continue
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
-                    tracing::warn!("unhandled port I/O: in from {port:#x} (len {})", data.len());
+                    crate::guest_warn!(
+                        warnings,
+                        "unhandled port I/O: in from {port:#x} (len {})",
+                        data.len()
+                    );
                     data.fill(0xff);
                     Action::Continue
                 }
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    tracing::warn!("unhandled port I/O: out to {port:#x} (len {})", data.len());
+                    crate::guest_warn!(
+                        warnings,
+                        "unhandled port I/O: out to {port:#x} (len {})",
+                        data.len()
+                    );
                     Action::Continue
                 }
                 Ok(VcpuExit::Intr) => Action::Continue,

@@ -86,6 +86,8 @@ pub struct MmioTransport {
     config_generation: u32,
     active: bool,
     errors: u32,
+    /// The rate limit of the warnings the driver triggers.
+    warnings: crate::limit::Warnings,
 }
 
 /// Which queue address register pair.
@@ -126,6 +128,7 @@ impl MmioTransport {
             config_generation: 0,
             active: false,
             errors: 0,
+            warnings: Default::default(),
         }
     }
 
@@ -255,7 +258,8 @@ impl MmioTransport {
         }
         data.fill(0);
         if data.len() != 4 || !offset.is_multiple_of(4) {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 "{}: {}-byte read at register offset {offset:#x} ignored: registers are 32-bit",
                 self.device.name(),
                 data.len()
@@ -288,7 +292,8 @@ impl MmioTransport {
             reg::QUEUE_USED_LOW | reg::QUEUE_USED_HIGH => self.addr_half(Ring::Used, offset),
             reg::CONFIG_GENERATION => self.config_generation,
             _ => {
-                tracing::warn!(
+                crate::guest_warn!(
+                    self.warnings,
                     "{}: read of write-only or unknown register {offset:#x}",
                     self.device.name()
                 );
@@ -318,7 +323,8 @@ impl MmioTransport {
             return Ok(());
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 "{}: {}-byte write at register offset {offset:#x} ignored: registers are 32-bit",
                 self.device.name(),
                 data.len()
@@ -326,7 +332,8 @@ impl MmioTransport {
             return Ok(());
         };
         if !offset.is_multiple_of(4) {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 "{}: unaligned register write at {offset:#x} ignored",
                 self.device.name()
             );
@@ -360,7 +367,8 @@ impl MmioTransport {
             reg::QUEUE_NOTIFY => return self.notify(mem, value),
             reg::INTERRUPT_ACK => self.interrupt_status &= !value,
             reg::STATUS => self.write_status(mem, value),
-            _ => tracing::warn!(
+            _ => crate::guest_warn!(
+                self.warnings,
                 "{}: write of {value:#x} to read-only or unknown register {offset:#x} ignored",
                 self.device.name()
             ),
@@ -370,7 +378,8 @@ impl MmioTransport {
 
     fn write_driver_features(&mut self, value: u32) {
         if self.status & status::FEATURES_OK != 0 {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 "{}: driver features written after FEATURES_OK: ignored",
                 self.device.name()
             );
@@ -382,7 +391,8 @@ impl MmioTransport {
                 self.driver_features =
                     (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
             }
-            sel if value != 0 => tracing::warn!(
+            sel if value != 0 => crate::guest_warn!(
+                self.warnings,
                 "{}: driver features {value:#x} in word {sel}, which offers none",
                 self.device.name()
             ),
@@ -394,14 +404,16 @@ impl MmioTransport {
     fn configurable_queue(&mut self, what: &str) -> Option<usize> {
         let index = self.queue_sel as usize;
         if index >= self.queues.len() {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 "{}: {what} of queue {index}, which does not exist: ignored",
                 self.device.name()
             );
             return None;
         }
         if self.active {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 "{}: {what} of queue {index} after DRIVER_OK: ignored",
                 self.device.name()
             );
@@ -470,7 +482,11 @@ impl MmioTransport {
         let mut new = value | (self.status & status::DEVICE_NEEDS_RESET);
         if added & status::FEATURES_OK != 0 {
             if let Err(why) = self.check_features() {
-                tracing::warn!("{}: FEATURES_OK refused: {why}", self.device.name());
+                crate::guest_warn!(
+                    self.warnings,
+                    "{}: FEATURES_OK refused: {why}",
+                    self.device.name()
+                );
                 new &= !status::FEATURES_OK;
             }
         }
@@ -506,7 +522,8 @@ impl MmioTransport {
             return;
         }
         if self.status & status::DEVICE_NEEDS_RESET != 0 {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 "{}: DRIVER_OK while the device needs a reset: not activated",
                 self.device.name()
             );
@@ -556,7 +573,8 @@ impl MmioTransport {
     }
 
     fn needs_reset(&mut self, why: String) {
-        tracing::warn!(
+        crate::guest_warn!(
+            self.warnings,
             "{} at {:#x}: {why}; the device needs a reset",
             self.device.name(),
             self.base
@@ -568,7 +586,8 @@ impl MmioTransport {
     fn notify(&mut self, mem: &GuestMemoryMmap, value: u32) -> Result<(), String> {
         let index = value & 0xffff;
         if index as usize >= self.queues.len() {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 "{}: notify of queue {index}, which does not exist: ignored",
                 self.device.name()
             );

@@ -77,6 +77,8 @@ pub struct Net {
     buffers: Vec<(GuestAddress, usize)>,
     /// Header and frame being received, reused.
     staging: Vec<u8>,
+    /// The rate limit of the warnings the guest triggers.
+    warnings: crate::limit::Warnings,
 }
 
 impl Net {
@@ -89,6 +91,7 @@ impl Net {
             outgoing: Vec::new(),
             buffers: Vec::new(),
             staging: Vec::with_capacity(NET_HDR_LEN + MAX_FRAME),
+            warnings: Default::default(),
         }
     }
 
@@ -156,8 +159,9 @@ impl Net {
         let len = frame.len().saturating_sub(NET_HDR_LEN);
         if !(ETH_HDR_LEN..=MAX_FRAME).contains(&len) {
             self.stats.tx_dropped += 1;
-            if worth_a_warning(self.stats.tx_dropped) {
-                tracing::warn!(
+            {
+                crate::guest_warn!(
+                    self.warnings,
                     "virtio-net {}: transmitted frame of {len} bytes dropped (frames are \
                      {ETH_HDR_LEN} to {MAX_FRAME} bytes after the {NET_HDR_LEN}-byte header; \
                      {} dropped so far)",
@@ -200,8 +204,9 @@ impl Net {
                         }
                         Ok(None) => {
                             self.stats.rx_dropped += 1;
-                            if worth_a_warning(self.stats.rx_dropped) {
-                                tracing::warn!(
+                            {
+                                crate::guest_warn!(
+                                    self.warnings,
                                     "virtio-net {}: received frame of {} bytes dropped: the \
                                      guest's buffer is too small ({} dropped so far)",
                                     fmt_mac(&self.mac),
@@ -288,12 +293,6 @@ impl Net {
     }
 }
 
-/// Whether the `count`th occurrence of a guest's mistake is logged: the
-/// first ten, then at powers of two (a guest cannot flood the log).
-fn worth_a_warning(count: u64) -> bool {
-    count <= 10 || count.is_power_of_two()
-}
-
 fn broken_chain() -> String {
     "the chain does not end: it loops, is longer than the queue, or names a \
      descriptor outside the table"
@@ -371,7 +370,8 @@ impl VirtioDevice for Net {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        tracing::warn!(
+        crate::guest_warn!(
+            self.warnings,
             "virtio-net {}: write of {} bytes to config offset {offset:#x} ignored",
             fmt_mac(&self.mac),
             data.len()
@@ -394,7 +394,10 @@ impl VirtioDevice for Net {
                 .map_err(|e| format!("queue {index}: cannot write its used ring: {e}"))?;
         }
         self.halted = [false; 2];
-        tracing::info!("virtio-net {}: up", fmt_mac(&self.mac));
+        // A guest may reset and activate its card in a loop: rate-limited.
+        if self.warnings.allow().is_some() {
+            tracing::info!("virtio-net {}: up", fmt_mac(&self.mac));
+        }
         Ok(())
     }
 
