@@ -2,7 +2,9 @@
 //! (broadcast frames per port, console bytes per instance) and, built on
 //! it, [`Warnings`], the one way a log line a guest can trigger is written
 //! ([`guest_warn!`]): a burst, then a steady trickle, each line saying how
-//! many were suppressed since the last one.
+//! many were suppressed since the last one. [`RateLimited`] is the host's
+//! own kind: at most one line per interval (refused API connections,
+//! accept errors), with the count held back.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -116,6 +118,39 @@ macro_rules! guest_warn {
     };
 }
 
+/// A warning that is logged at most once per interval, with the count of
+/// those it held back.
+pub struct RateLimited {
+    every: Duration,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RateLimited {
+    pub const fn new(every: Duration) -> Self {
+        Self {
+            every,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(held back since the last one)` if this one may be logged.
+    pub fn allow(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        match s.0 {
+            Some(last) if now.duration_since(last) < self.every => {
+                s.1 += 1;
+                None
+            }
+            _ => {
+                let held = s.1;
+                *s = (Some(now), 0);
+                Some(held)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +199,13 @@ mod tests {
         assert_eq!(w.allow_at(start + Duration::from_secs(1)), Some(990));
         assert_eq!(w.allow_at(start + Duration::from_secs(1)), None);
         assert_eq!(w.allow_at(start + Duration::from_secs(2)), Some(1));
+    }
+
+    #[test]
+    fn rate_limited_logs_once_per_interval() {
+        let r = RateLimited::new(Duration::from_secs(60));
+        assert_eq!(r.allow(), Some(0));
+        assert_eq!(r.allow(), None);
+        assert_eq!(r.allow(), None);
     }
 }

@@ -38,8 +38,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::limits::{Limits, RateLimited};
+use super::limits::Limits;
 use super::{api, ApiError, Daemon, Reply, MIGRATION_PROTOCOL, PROGRESS_PROTOCOL};
+use crate::limit::RateLimited;
 use crate::security::tls::Stream;
 use crate::security::HostSecurity;
 

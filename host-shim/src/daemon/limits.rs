@@ -4,8 +4,7 @@
 //! `serve --help`), reported in `GET /v1/info`; every refusal names the
 //! limit and the flag that sets it.
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -183,39 +182,6 @@ pub fn check_name(name: &str) -> Result<(), ApiError> {
     ))
 }
 
-/// A warning that is logged at most once per interval, with the count of
-/// those it held back.
-pub struct RateLimited {
-    every: Duration,
-    state: Mutex<(Option<Instant>, u64)>,
-}
-
-impl RateLimited {
-    pub const fn new(every: Duration) -> Self {
-        Self {
-            every,
-            state: Mutex::new((None, 0)),
-        }
-    }
-
-    /// `Some(held back since the last one)` if this one may be logged.
-    pub fn allow(&self) -> Option<u64> {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        match s.0 {
-            Some(last) if now.duration_since(last) < self.every => {
-                s.1 += 1;
-                None
-            }
-            _ => {
-                let held = s.1;
-                *s = (Some(now), 0);
-                Some(held)
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,13 +227,5 @@ mod tests {
         let err = l.check_publish(&[p("80:80")]).unwrap_err();
         assert_eq!(err.0, 403);
         assert!(err.1.contains("--allow-privileged-ports"));
-    }
-
-    #[test]
-    fn rate_limited_logs_once_per_interval() {
-        let r = RateLimited::new(Duration::from_secs(60));
-        assert_eq!(r.allow(), Some(0));
-        assert_eq!(r.allow(), None);
-        assert_eq!(r.allow(), None);
     }
 }
