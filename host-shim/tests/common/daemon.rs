@@ -66,6 +66,17 @@ impl Daemon {
     /// `host-shim --dir STATE serve`: a daemon with TLS, a token and a
     /// fleet key.
     pub fn secure(name: &str, shim_id: u8, init_extra: &[&str], dir: &TempDir) -> Self {
+        Self::secure_with(name, shim_id, init_extra, &[], dir)
+    }
+
+    /// [`Self::secure`], with `serve_extra` after `serve`.
+    pub fn secure_with(
+        name: &str,
+        shim_id: u8,
+        init_extra: &[&str],
+        serve_extra: &[&str],
+        dir: &TempDir,
+    ) -> Self {
         let state = dir.path(&format!("{name}.state"));
         let addr = format!("127.0.0.1:{}", free_port());
         let out = Command::new(BIN)
@@ -77,14 +88,9 @@ impl Daemon {
             .expect("spawn host-shim init");
         assert!(out.status.success(), "init: {out:?}");
         let state_arg = state.to_str().unwrap().to_owned();
-        Self::spawn(
-            name,
-            addr,
-            &["--dir", &state_arg, "serve"],
-            &[],
-            dir,
-            Some(state),
-        )
+        let mut args = vec!["--dir", &state_arg, "serve"];
+        args.extend(serve_extra);
+        Self::spawn(name, addr, &args, &[], dir, Some(state))
     }
 
     fn spawn(
@@ -137,6 +143,15 @@ impl Daemon {
         let state = self.state.as_ref().expect("a secure daemon");
         let token = std::fs::read_to_string(state.join("token")).unwrap();
         (fp, token.trim().to_owned())
+    }
+
+    /// A secure daemon's `GET /v1/info`.
+    pub fn info(&self) -> host_shim::daemon::api::ShimInfo {
+        let (fp, token) = self.pin_and_token();
+        host_shim::daemon::api::Client::secure(&self.addr, fp.parse().unwrap(), Some(token), None)
+            .unwrap()
+            .json::<(), _>("GET", "/v1/info", None)
+            .unwrap()
     }
 
     pub fn output(&self) -> String {
