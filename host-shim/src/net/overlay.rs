@@ -27,7 +27,7 @@
 //! peer, as before. Either way there are at most [`MAX_PEERS`] peers;
 //! beyond that a new one is refused and logged. A peer whose address
 //! changes is re-pinned at its new address (`host-shim peer add`), which
-//! makes that address a peer within a second. Frames from one peer are
+//! makes that address a peer within 100 ms. Frames from one peer are
 //! never forwarded to another (split horizon: the overlay is a full mesh,
 //! so this cannot lose frames and cannot loop them).
 //!
@@ -468,15 +468,7 @@ mod tests {
 
     #[test]
     fn frames_cross_between_two_sockets() {
-        let cfg = |vni| OverlayConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            peers: Vec::new(),
-            vni,
-            via: Vec::new(),
-            name: "test".into(),
-            region: "here".into(),
-            key: None,
-        };
+        let cfg = |vni| OverlayConfig { vni, ..cfg_plain() };
         let a = Overlay::bind(&cfg(5)).unwrap();
         let b = Overlay::bind(&cfg(5)).unwrap();
         a.send(b.local_addr(), &mut vec![vec![1u8; 60], vec![2u8; 1514]]);
@@ -493,13 +485,10 @@ mod tests {
     #[test]
     fn probes_measure_the_round_trip_through_a_relay() {
         let cfg = |name: &str, via| OverlayConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            peers: Vec::new(),
-            vni: 5,
             via,
             name: name.into(),
             region: format!("{name}-region"),
-            key: None,
+            ..cfg_plain()
         };
         let b = Overlay::bind(&cfg("b", Vec::new())).unwrap();
         // A delaying relay in front of b: 20 ms each way.
@@ -537,16 +526,11 @@ mod tests {
 
     fn secure(fleet: u8, host: u8) -> Overlay {
         Overlay::bind(&OverlayConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            peers: Vec::new(),
-            vni: 5,
             key: Some(OverlayKey {
                 fleet: [fleet; 32],
                 host: HostId([host; 8]),
             }),
-            via: Vec::new(),
-            name: "test".into(),
-            region: "here".into(),
+            ..cfg_plain()
         })
         .unwrap()
     }
@@ -569,11 +553,7 @@ mod tests {
     fn with_a_fleet_key_only_peers_sealed_datagrams_get_in_and_frames_are_encrypted() {
         let (a, b) = (secure(9, 1), secure(9, 2));
         let other_fleet = secure(8, 3);
-        let stranger = Overlay::bind(&OverlayConfig {
-            key: None,
-            ..cfg_plain()
-        })
-        .unwrap();
+        let stranger = Overlay::bind(&cfg_plain()).unwrap();
         for o in [&a, &other_fleet] {
             assert!(b.add_peer(o.local_addr()));
         }

@@ -622,19 +622,21 @@ mod tests {
         assert_eq!(b.senders().len(), MAX_SENDERS);
     }
 
-    /// Per-datagram cost of seal + open (a 1514-byte frame), printed.
+    /// Per-datagram cost of seal + open (a full frame, a small one), printed.
     #[test]
     fn seal_and_open_cost() {
         let (a, b) = (host(1, 7), host(2, 7));
-        let frame = vec![0x5a; 1514];
-        let n = 20_000;
-        let start = Instant::now();
-        for _ in 0..n {
-            let mut d = a.seal(addr(2), &frame);
-            assert_eq!(b.open(addr(1), &mut d).map(<[u8]>::len), Ok(1514));
+        for len in [1514, 90] {
+            let frame = vec![0x5a; len];
+            let n = 20_000;
+            let start = Instant::now();
+            for _ in 0..n {
+                let mut d = a.seal(addr(2), &frame);
+                assert_eq!(b.open(addr(1), &mut d).map(<[u8]>::len), Ok(len));
+            }
+            let per = start.elapsed() / n;
+            println!("overlay seal+open of a {len}-byte frame: {per:?} per datagram");
+            assert!(per < Duration::from_millis(1), "{per:?}");
         }
-        let per = start.elapsed() / n;
-        println!("overlay seal+open of a 1514-byte frame: {per:?} per datagram");
-        assert!(per < Duration::from_millis(1), "{per:?}");
     }
 }
