@@ -29,7 +29,9 @@
 //! the receiver's clock, decrypts under the sender's key, and is new: per
 //! sender identity (not per address, and across its sessions, since the
 //! counters are its clock) the highest counter and a bitmap of the
-//! [`WINDOW`] counters below it are kept.
+//! [`WINDOW`] counters below it are kept. (So a sender whose clock stepped
+//! back across a restart is refused as replayed until its clock passes the
+//! last counter it sent before.)
 //!
 //! A sender identity speaks from one address: a datagram from another
 //! address in the same session is refused ([`OpenError::Moved`]) until the
