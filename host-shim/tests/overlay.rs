@@ -2,8 +2,8 @@
 //! the frames of a kv instance that moved from one to the other cross a UDP
 //! relay the test controls, which keeps every datagram. The client's data is
 //! not readable in them, and a captured datagram resent (from a stranger's
-//! address, or again from the relay) gets nowhere and is counted, while the
-//! client's connection carries on.
+//! address, or again from the relay) gets nowhere and is counted, as does an
+//! old-format datagram, while the client's connection carries on.
 //!
 //! Needs /dev/kvm and the images (`cargo xtask build-image --all`).
 
@@ -177,7 +177,14 @@ fn overlay_frames_are_unreadable_and_captured_datagrams_cannot_be_replayed() {
         stranger.send_to(d, b_overlay).unwrap();
         relay.back.send_to(d, b_overlay).unwrap();
     }
-    let want = before + 2 * during.len() as u64;
+    // And a datagram in the old format (plain VXLAN, an HMAC trailer) from
+    // a's address: refused too.
+    let mut old = vec![0x08, 0, 0, 0, 0x00, 0x10, 0x92, 0x00];
+    old.extend_from_slice(&[0xff; 6]);
+    old.extend_from_slice(&[0x02, 0x66, 0, 0, 0, 1, 0x08, 0x06]);
+    old.extend_from_slice(&[0u8; 46 + 24]);
+    relay.back.send_to(&old, b_overlay).unwrap();
+    let want = before + 2 * during.len() as u64 + 1;
     assert_eq!(rejected_reaches(&b, want), want);
     // b probes its peers every second; a stranger would be probed too.
     stranger
