@@ -108,7 +108,7 @@ fn overlay_frames_are_unreadable_and_captured_datagrams_cannot_be_replayed() {
     // relay as a's (b pins a at the relay's address).
     let relay = Relay::start(b_overlay);
     let via = format!("{b_overlay}={}", relay.front);
-    let a = Daemon::secure_with(
+    let a = Daemon::secure_serving(
         "ov-a",
         1,
         &["--fleet-key-file", key.to_str().unwrap()],

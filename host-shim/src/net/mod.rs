@@ -354,7 +354,7 @@ impl Network {
         self.overlay_addr
     }
 
-    /// Overlay datagrams dropped (not from a peer, or failing to open).
+    /// Overlay datagrams dropped for failing authentication (fleet key).
     pub fn overlay_rejected(&self) -> u64 {
         self.overlay_rejected
             .as_ref()

@@ -66,11 +66,11 @@ impl Daemon {
     /// `host-shim --dir STATE serve`: a daemon with TLS, a token and a
     /// fleet key.
     pub fn secure(name: &str, shim_id: u8, init_extra: &[&str], dir: &TempDir) -> Self {
-        Self::secure_with(name, shim_id, init_extra, &[], dir)
+        Self::secure_serving(name, shim_id, init_extra, &[], dir)
     }
 
-    /// [`Self::secure`], with `serve_extra` after `serve`.
-    pub fn secure_with(
+    /// [`Self::secure`] with `serve_extra` flags for `serve`.
+    pub fn secure_serving(
         name: &str,
         shim_id: u8,
         init_extra: &[&str],
