@@ -474,8 +474,9 @@ Security: with an identity (`host-shim init`; found in --dir, or in the
 default directory when --listen is not given) the API and the migration
 streams are TLS 1.3; users call with the token (401 otherwise), peer hosts
 with their pinned certificates (`host-shim peer add`; a migration stream
-from any other host is refused with 403), and overlay datagrams carry a MAC
-with the fleet key (others are dropped, counted and logged).
+from any other host is refused with 403), and overlay datagrams are
+encrypted with keys derived from the fleet key and taken only from the
+pinned peers' addresses (others are dropped, counted and logged).
 
 Overlay: shims exchange guest frames over UDP with a VXLAN header
 (RFC 7348) at the --overlay address (default: the --listen address, UDP).
@@ -1484,7 +1485,9 @@ fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
             .unwrap_or(listen),
         peers: args.peer.clone(),
         vni: args.vni.or(host.as_ref().map(|h| h.vni)).unwrap_or(4242),
-        key: identity.as_ref().map(|i| i.fleet_key),
+        key: identity.as_ref().map(|i| {
+            host_shim::security::overlay_crypto::OverlayKey::new(i.fleet_key, &i.fingerprint)
+        }),
         via: args.peer_via.clone(),
         name: name.clone(),
         region: region.clone(),

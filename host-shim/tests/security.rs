@@ -8,17 +8,9 @@
 mod common;
 
 use common::daemon::{run_kv, Daemon, TempDir};
-use host_shim::daemon::api::{Client, ShimInfo};
+use host_shim::daemon::api::Client;
 use host_shim::security::Fingerprint;
 use std::process::Command;
-
-fn info(d: &Daemon) -> ShimInfo {
-    let (fp, token) = d.pin_and_token();
-    Client::secure(&d.addr, fp.parse().unwrap(), Some(token), None)
-        .unwrap()
-        .json::<(), _>("GET", "/v1/info", None)
-        .unwrap()
-}
 
 /// `curl`'s HTTP status for GET `path` with `auth` headers.
 fn curl_status(d: &Daemon, path: &str, auth: &[&str]) -> String {
@@ -132,7 +124,7 @@ fn migration_over_mutual_tls_and_refusal_of_an_unpinned_peer() {
     assert_eq!(c.host(), "sec-b");
     assert!(b.cli(&["list"]).contains("running"));
     assert_eq!(
-        info(&a).overlay_rejected,
+        a.info().overlay_rejected,
         0,
         "the fleet's own datagrams pass"
     );
@@ -168,7 +160,7 @@ fn migration_over_mutual_tls_and_refusal_of_an_unpinned_peer() {
     // A stranger's overlay datagrams (VXLAN with our VNI, no MAC; and
     // garbage) are dropped, counted and logged; kv is unaffected.
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let overlay = info(&a).overlay.unwrap();
+    let overlay = a.info().overlay.unwrap();
     let mut frame = vec![0x08, 0, 0, 0, 0x00, 0x10, 0x92, 0x00];
     frame.extend_from_slice(&[0xff; 6]); // broadcast
     frame.extend_from_slice(&[0x02, 0x66, 0, 0, 0, 1, 0x08, 0x06]);
@@ -176,10 +168,10 @@ fn migration_over_mutual_tls_and_refusal_of_an_unpinned_peer() {
     udp.send_to(&frame, &overlay).unwrap();
     udp.send_to(b"garbage", &overlay).unwrap();
     let give_up = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while info(&a).overlay_rejected < 2 && std::time::Instant::now() < give_up {
+    while a.info().overlay_rejected < 2 && std::time::Instant::now() < give_up {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert_eq!(info(&a).overlay_rejected, 2);
+    assert_eq!(a.info().overlay_rejected, 2);
     let log = a.output_once_it_says("overlay: dropped");
     assert!(log.contains("unauthenticated or replayed"), "{log}");
     c.check(2000);

@@ -1043,11 +1043,23 @@ mod erased {
 }
 
 /// Keeps the pinned peers on the overlay ([`Daemon::join_pinned_peers`]):
-/// pins added later join within a second.
+/// pins added later join within 100 ms (the overlay takes datagrams only
+/// from its peers' addresses), and every second anyway (names re-resolved).
 fn overlay_to_pinned_peers(daemon: &Daemon) {
+    let Some(security) = &daemon.config.security else {
+        return;
+    };
+    let mut joined: Option<(Vec<crate::security::identity::Peer>, Instant)> = None;
     loop {
-        daemon.join_pinned_peers();
-        thread::sleep(Duration::from_secs(1));
+        let pins = security.peers();
+        if joined
+            .as_ref()
+            .is_none_or(|(p, at)| *p != pins || at.elapsed() >= Duration::from_secs(1))
+        {
+            daemon.join_pinned_peers();
+            joined = Some((pins, Instant::now()));
+        }
+        thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -1092,7 +1104,7 @@ pub fn serve(config: DaemonConfig) -> Result<(), Error> {
             .map(|a| format!(
                 "; overlay udp {a}{}",
                 if security.is_some() {
-                    " (sealed with the fleet key)"
+                    " (encrypted with the fleet key)"
                 } else {
                     ""
                 }

@@ -336,7 +336,7 @@ impl Network {
         };
         let overlay_addr = overlay.as_ref().map(overlay::Overlay::local_addr);
         let rtts = overlay.as_ref().map(|o| o.rtts()).unwrap_or_default();
-        let overlay_rejected = overlay.as_ref().and_then(overlay::Overlay::rejected);
+        let overlay_rejected = overlay.as_ref().map(overlay::Overlay::rejected);
         let commands = Arc::new(Mutex::new(
             peers.into_iter().map(Command::AddPeer).collect::<Vec<_>>(),
         ));
@@ -656,7 +656,9 @@ impl Engine {
                     tracing::debug!("switch port {id}: a guest attached");
                 }
                 Command::AddPeer(peer) => {
-                    self.peer_slot(peer);
+                    if self.overlay.as_ref().is_some_and(|o| o.add_peer(peer)) {
+                        self.peer_slot(peer);
+                    }
                 }
                 Command::Moved { port, peer, skip } => {
                     self.free_slot_of(&port);

@@ -10,18 +10,26 @@
 //! ```
 //!
 //! With a fleet key (daemons with an identity, see [`crate::security`]),
-//! every datagram is sealed and opened at the socket by
-//! [`crate::security::seal`]: unauthenticated or replayed datagrams are
+//! every datagram (frames and probes) is encrypted and authenticated at the
+//! socket by [`crate::security::overlay_crypto`]: datagrams that do not
+//! decrypt, are replayed, or are in the plain (or an older) format are
 //! dropped and counted before anything else looks at them.
 //!
 //! Every other shim is a port of the local switch ([`super::switch`]), so
 //! MAC learning tells which shim a guest is behind. Peers come from
 //! `--peer`, from the pinned peers of a host with an identity (at their API
-//! address), from migrations (both sides exchange their overlay address in
-//! the handshake) and from any (authenticated, with a fleet key) datagram
-//! with our VNI (a shim that sends to us is a peer). Frames from one peer are never forwarded to another
-//! (split horizon: the overlay is a full mesh, so this cannot lose frames
-//! and cannot loop them).
+//! address) and from migrations (both sides exchange their overlay address
+//! in the handshake, over the authenticated API). With a fleet key only
+//! those addresses are peers: a datagram from any other address is dropped
+//! and counted, however well sealed (a captured datagram resent from
+//! elsewhere gets nowhere, and its sender learns nothing). Without one
+//! (plain daemons on a trusted network) a shim that sends to us becomes a
+//! peer, as before. Either way there are at most [`MAX_PEERS`] peers;
+//! beyond that a new one is refused and logged. A peer whose address
+//! changes is re-pinned at its new address (`host-shim peer add`), which
+//! makes that address a peer within 100 ms. Frames from one peer are
+//! never forwarded to another (split horizon: the overlay is a full mesh,
+//! so this cannot lose frames and cannot loop them).
 //!
 //! # Probes
 //!
@@ -53,22 +61,23 @@
 //! for the same address; a guest that moved keeps using the gateway it
 //! knew, over the overlay.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use super::port::Frame;
-use crate::security::seal::Sealer;
+use crate::security::overlay_crypto::{OverlayCrypto, OverlayKey, MAX_SENDERS};
 
 /// Bytes of the VXLAN header.
 pub const HEADER_LEN: usize = 8;
-/// The "VNI valid" flag.
-const FLAG_I: u8 = 0x08;
+/// The "VNI valid" flag (the first byte of a VXLAN datagram).
+pub const FLAG_I: u8 = 0x08;
 /// Largest VNI (24 bits).
 pub const MAX_VNI: u32 = (1 << 24) - 1;
 
@@ -86,14 +95,20 @@ pub struct OverlayConfig {
     /// This shim's name and region, in probe answers.
     pub name: String,
     pub region: String,
-    /// The fleet's key: seal and authenticate every datagram.
-    pub key: Option<[u8; 32]>,
+    /// The fleet's key and this host's identity: encrypt and authenticate
+    /// every datagram, take them only from the peers' addresses.
+    pub key: Option<OverlayKey>,
 }
+
+/// Most peers a shim has (as many as sender identities it tracks).
+pub const MAX_PEERS: usize = MAX_SENDERS;
+/// At most one log line of each kind per this long.
+pub const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// How often a shim probes its peers.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// The first bytes of a probe datagram.
-const PROBE_MAGIC: &[u8; 4] = b"LCRP";
+pub const PROBE_MAGIC: &[u8; 4] = b"LCRP";
 
 /// One peer's round trip, as `GET /v1/stats` reports it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -183,7 +198,7 @@ fn decode_probe(d: &[u8]) -> Option<(bool, u64, String, String)> {
 
 /// Prepends the VXLAN header for `vni` to `frame`.
 pub fn encapsulate(vni: u32, frame: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + frame.len() + crate::security::seal::TRAILER_LEN);
+    let mut out = Vec::with_capacity(HEADER_LEN + frame.len());
     out.extend_from_slice(&[FLAG_I, 0, 0, 0]);
     out.extend_from_slice(&((vni & MAX_VNI) << 8).to_be_bytes());
     out.extend_from_slice(frame);
@@ -218,7 +233,31 @@ pub struct Overlay {
     /// The clock of probe timestamps.
     epoch: Instant,
     rtts: Rtts,
-    sealer: Option<Sealer>,
+    crypto: Option<OverlayCrypto>,
+    /// The addresses datagrams are taken from (real addresses, not relays).
+    peers: Mutex<HashSet<SocketAddr>>,
+    rejected: Arc<AtomicU64>,
+    drops_log: Throttle,
+    full_log: Throttle,
+}
+
+/// Rate-limits a kind of log line; counts what it held back.
+#[derive(Default)]
+struct Throttle(Mutex<(Option<Instant>, u64)>);
+
+impl Throttle {
+    /// Whether to log now, and how many events (this one included) since
+    /// the last line.
+    fn due(&self) -> Option<u64> {
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        t.1 += 1;
+        if t.0.is_some_and(|at| at.elapsed() < LOG_EVERY) {
+            return None;
+        }
+        let n = t.1;
+        *t = (Some(Instant::now()), 0);
+        Some(n)
+    }
 }
 
 impl Overlay {
@@ -236,8 +275,60 @@ impl Overlay {
             region: config.region.clone(),
             epoch: Instant::now(),
             rtts: Rtts::default(),
-            sealer: config.key.map(Sealer::new),
+            crypto: config.key.as_ref().map(OverlayCrypto::new),
+            peers: Mutex::new(config.peers.iter().copied().collect()),
+            rejected: Arc::default(),
+            drops_log: Throttle::default(),
+            full_log: Throttle::default(),
         })
+    }
+
+    /// Takes datagrams from `peer` from now on (whether it is a peer; not
+    /// when [`MAX_PEERS`] are already, or it is this shim).
+    pub fn add_peer(&self, peer: SocketAddr) -> bool {
+        if peer == self.addr {
+            return false;
+        }
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if peers.contains(&peer) {
+            return true;
+        }
+        if peers.len() >= MAX_PEERS {
+            if let Some(n) = self.full_log.due() {
+                tracing::warn!(
+                    peer = %peer,
+                    refused = n,
+                    "overlay: {MAX_PEERS} peers already, {peer} is not added"
+                );
+            }
+            return false;
+        }
+        peers.insert(peer);
+        true
+    }
+
+    /// Whether a datagram from `from` may be looked at: it is a peer's, or
+    /// (plain overlay only) its sender can become one.
+    fn accepts(&self, from: SocketAddr) -> bool {
+        if self.crypto.is_some() {
+            let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+            peers.contains(&from)
+        } else {
+            self.add_peer(from)
+        }
+    }
+
+    /// Counts (and, rate-limited, logs) a dropped datagram.
+    fn reject(&self, from: SocketAddr, why: impl fmt::Display) {
+        let total = self.rejected.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(n) = self.drops_log.due() {
+            tracing::warn!(
+                from = %from,
+                total,
+                "overlay: dropped {n} unauthenticated or replayed datagram(s) (total {total}); \
+                 the last from {from}: {why}"
+            );
+        }
     }
 
     /// The round trips this overlay measures.
@@ -245,14 +336,14 @@ impl Overlay {
         self.rtts.clone()
     }
 
-    /// Sends one datagram to `peer` (through its relay, if it has one).
-    /// Sends one datagram to `peer` (through its relay, if any), sealed
-    /// with the fleet key when there is one.
-    fn send_datagram(&self, peer: SocketAddr, mut datagram: Vec<u8>) -> io::Result<usize> {
+    /// Sends one datagram to `peer` (through its relay, if any),
+    /// encrypted when there is a fleet key.
+    fn send_datagram(&self, peer: SocketAddr, datagram: Vec<u8>) -> io::Result<usize> {
         let to = self.to_via.get(&peer).copied().unwrap_or(peer);
-        if let Some(sealer) = &self.sealer {
-            sealer.seal(&mut datagram);
-        }
+        let datagram = match &self.crypto {
+            Some(crypto) => crypto.seal(peer, &datagram),
+            None => datagram,
+        };
         self.socket.send_to(&datagram, to)
     }
 
@@ -295,9 +386,10 @@ impl Overlay {
         &self.socket
     }
 
-    /// How many datagrams failed authentication (with a fleet key).
-    pub fn rejected(&self) -> Option<Arc<AtomicU64>> {
-        self.sealer.as_ref().map(Sealer::rejected)
+    /// How many datagrams were dropped: from an address that is not a
+    /// peer's, or (with a fleet key) that failed to open.
+    pub fn rejected(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.rejected)
     }
 
     /// Reads up to `max` datagrams of our VNI: (sender, inner frame).
@@ -308,10 +400,17 @@ impl Overlay {
             match self.socket.recv_from(&mut buf) {
                 Ok((n, from)) => {
                     let from = self.from_via.get(&from).copied().unwrap_or(from);
-                    let datagram = match &self.sealer {
-                        Some(sealer) => match sealer.open_or_count(from, &buf[..n]) {
-                            Some(d) => d,
-                            None => continue,
+                    if !self.accepts(from) {
+                        self.reject(from, "not a peer's address");
+                        continue;
+                    }
+                    let datagram = match &self.crypto {
+                        Some(crypto) => match crypto.open(from, &mut buf[..n]) {
+                            Ok(d) => d,
+                            Err(why) => {
+                                self.reject(from, why);
+                                continue;
+                            }
                         },
                         None => &buf[..n],
                     };
@@ -352,6 +451,7 @@ impl Overlay {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::security::overlay_crypto::HostId;
 
     #[test]
     fn vxlan_headers() {
@@ -368,15 +468,7 @@ mod tests {
 
     #[test]
     fn frames_cross_between_two_sockets() {
-        let cfg = |vni| OverlayConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            peers: Vec::new(),
-            vni,
-            via: Vec::new(),
-            name: "test".into(),
-            region: "here".into(),
-            key: None,
-        };
+        let cfg = |vni| OverlayConfig { vni, ..cfg_plain() };
         let a = Overlay::bind(&cfg(5)).unwrap();
         let b = Overlay::bind(&cfg(5)).unwrap();
         a.send(b.local_addr(), &mut vec![vec![1u8; 60], vec![2u8; 1514]]);
@@ -393,13 +485,10 @@ mod tests {
     #[test]
     fn probes_measure_the_round_trip_through_a_relay() {
         let cfg = |name: &str, via| OverlayConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            peers: Vec::new(),
-            vni: 5,
             via,
             name: name.into(),
             region: format!("{name}-region"),
-            key: None,
+            ..cfg_plain()
         };
         let b = Overlay::bind(&cfg("b", Vec::new())).unwrap();
         // A delaying relay in front of b: 20 ms each way.
@@ -435,33 +524,96 @@ mod tests {
         assert!(decode_probe(&encode_probe(true, 7, "n", "r")).is_some());
     }
 
+    fn secure(fleet: u8, host: u8) -> Overlay {
+        Overlay::bind(&OverlayConfig {
+            key: Some(OverlayKey {
+                fleet: [fleet; 32],
+                host: HostId([host; 8]),
+            }),
+            ..cfg_plain()
+        })
+        .unwrap()
+    }
+
+    /// Receives on `o` until `done(frames, rejected)` or 5 s.
+    fn receive_until(
+        o: &Overlay,
+        done: impl Fn(&[(SocketAddr, Frame)], u64) -> bool,
+    ) -> Vec<(SocketAddr, Frame)> {
+        let mut got = Vec::new();
+        let give_up = Instant::now() + Duration::from_secs(5);
+        while !done(&got, o.rejected().load(Ordering::Relaxed)) && Instant::now() < give_up {
+            o.receive(&mut got, 16);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        got
+    }
+
     #[test]
-    fn with_a_fleet_key_only_sealed_datagrams_get_in() {
-        let cfg = |key| OverlayConfig {
+    fn with_a_fleet_key_only_peers_sealed_datagrams_get_in_and_frames_are_encrypted() {
+        let (a, b) = (secure(9, 1), secure(9, 2));
+        let other_fleet = secure(8, 3);
+        let stranger = Overlay::bind(&cfg_plain()).unwrap();
+        for o in [&a, &other_fleet] {
+            assert!(b.add_peer(o.local_addr()));
+        }
+        assert!(b.add_peer(stranger.local_addr()));
+        assert!(!b.add_peer(b.local_addr()), "not its own peer");
+        stranger.send(b.local_addr(), &mut vec![vec![3u8; 60]]);
+        other_fleet.send(b.local_addr(), &mut vec![vec![4u8; 60]]);
+        a.send(b.local_addr(), &mut vec![b"a frame with a secret".to_vec()]);
+        let got = receive_until(&b, |got, rejected| !got.is_empty() && rejected >= 2);
+        assert_eq!(got, [(a.local_addr(), b"a frame with a secret".to_vec())]);
+        assert_eq!(b.rejected().load(Ordering::Relaxed), 2);
+
+        // What a sends, captured on the wire: encrypted; resent from an
+        // address that is not a peer's, dropped; resent from a's, a replay.
+        let spy = UdpSocket::bind("127.0.0.1:0").unwrap();
+        spy.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        a.send(
+            spy.local_addr().unwrap(),
+            &mut vec![b"a frame with a secret".to_vec()],
+        );
+        let mut buf = [0u8; 2048];
+        let (n, _) = spy.recv_from(&mut buf).unwrap();
+        let captured = buf[..n].to_vec();
+        assert!(!captured.windows(6).any(|w| w == b"secret"));
+        spy.send_to(&captured, b.local_addr()).unwrap();
+        let got = receive_until(&b, |_, rejected| rejected >= 3);
+        assert!(got.is_empty());
+        assert_eq!(b.rejected().load(Ordering::Relaxed), 3);
+        assert!(!b.peers.lock().unwrap().contains(&spy.local_addr().unwrap()));
+    }
+
+    #[test]
+    fn the_peer_list_is_bounded() {
+        let plain = Overlay::bind(&cfg_plain()).unwrap();
+        let secure = secure(1, 1);
+        for o in [&plain, &secure] {
+            for port in 0..MAX_PEERS as u16 {
+                assert!(o.add_peer(SocketAddr::from(([10, 0, 0, 1], 1000 + port))));
+            }
+            assert!(!o.add_peer("10.0.0.2:1".parse().unwrap()));
+            assert!(o.add_peer("10.0.0.1:1000".parse().unwrap()), "known");
+            assert_eq!(o.peers.lock().unwrap().len(), MAX_PEERS);
+        }
+        // A plain overlay learns peers from datagrams, within the bound.
+        let sender = Overlay::bind(&cfg_plain()).unwrap();
+        sender.send(plain.local_addr(), &mut vec![vec![1u8; 60]]);
+        let got = receive_until(&plain, |_, rejected| rejected >= 1);
+        assert!(got.is_empty());
+        assert_eq!(plain.rejected().load(Ordering::Relaxed), 1);
+    }
+
+    fn cfg_plain() -> OverlayConfig {
+        OverlayConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             peers: Vec::new(),
             vni: 5,
-            key,
+            key: None,
             via: Vec::new(),
             name: "test".into(),
             region: "here".into(),
-        };
-        let a = Overlay::bind(&cfg(Some([9; 32]))).unwrap();
-        let b = Overlay::bind(&cfg(Some([9; 32]))).unwrap();
-        let stranger = Overlay::bind(&cfg(None)).unwrap();
-        let other_fleet = Overlay::bind(&cfg(Some([8; 32]))).unwrap();
-        stranger.send(b.local_addr(), &mut vec![vec![3u8; 60]]);
-        other_fleet.send(b.local_addr(), &mut vec![vec![4u8; 60]]);
-        a.send(b.local_addr(), &mut vec![vec![1u8; 60]]);
-        let mut got = Vec::new();
-        let rejected = b.rejected().unwrap();
-        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while (got.is_empty() || rejected.load(std::sync::atomic::Ordering::Relaxed) < 2)
-            && std::time::Instant::now() < give_up
-        {
-            b.receive(&mut got, 16);
         }
-        assert_eq!(got, [(a.local_addr(), vec![1u8; 60])]);
-        assert_eq!(rejected.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 }

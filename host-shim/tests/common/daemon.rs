@@ -145,6 +145,15 @@ impl Daemon {
         (fp, token.trim().to_owned())
     }
 
+    /// A secure daemon's `GET /v1/info`.
+    pub fn info(&self) -> host_shim::daemon::api::ShimInfo {
+        let (fp, token) = self.pin_and_token();
+        host_shim::daemon::api::Client::secure(&self.addr, fp.parse().unwrap(), Some(token), None)
+            .unwrap()
+            .json::<(), _>("GET", "/v1/info", None)
+            .unwrap()
+    }
+
     pub fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
