@@ -72,6 +72,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::port::Frame;
+use crate::limit::RateLimited;
 use crate::security::overlay_crypto::{OverlayCrypto, OverlayKey, MAX_SENDERS};
 
 /// Bytes of the VXLAN header.
@@ -237,27 +238,8 @@ pub struct Overlay {
     /// The addresses datagrams are taken from (real addresses, not relays).
     peers: Mutex<HashSet<SocketAddr>>,
     rejected: Arc<AtomicU64>,
-    drops_log: Throttle,
-    full_log: Throttle,
-}
-
-/// Rate-limits a kind of log line; counts what it held back.
-#[derive(Default)]
-struct Throttle(Mutex<(Option<Instant>, u64)>);
-
-impl Throttle {
-    /// Whether to log now, and how many events (this one included) since
-    /// the last line.
-    fn due(&self) -> Option<u64> {
-        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        t.1 += 1;
-        if t.0.is_some_and(|at| at.elapsed() < LOG_EVERY) {
-            return None;
-        }
-        let n = t.1;
-        *t = (Some(Instant::now()), 0);
-        Some(n)
-    }
+    drops_log: RateLimited,
+    full_log: RateLimited,
 }
 
 impl Overlay {
@@ -278,8 +260,8 @@ impl Overlay {
             crypto: config.key.as_ref().map(OverlayCrypto::new),
             peers: Mutex::new(config.peers.iter().copied().collect()),
             rejected: Arc::default(),
-            drops_log: Throttle::default(),
-            full_log: Throttle::default(),
+            drops_log: RateLimited::new(LOG_EVERY),
+            full_log: RateLimited::new(LOG_EVERY),
         })
     }
 
@@ -294,10 +276,10 @@ impl Overlay {
             return true;
         }
         if peers.len() >= MAX_PEERS {
-            if let Some(n) = self.full_log.due() {
+            if let Some(held) = self.full_log.allow() {
                 tracing::warn!(
                     peer = %peer,
-                    refused = n,
+                    refused = held + 1,
                     "overlay: {MAX_PEERS} peers already, {peer} is not added"
                 );
             }
@@ -321,7 +303,8 @@ impl Overlay {
     /// Counts (and, rate-limited, logs) a dropped datagram.
     fn reject(&self, from: SocketAddr, why: impl fmt::Display) {
         let total = self.rejected.fetch_add(1, Ordering::Relaxed) + 1;
-        if let Some(n) = self.drops_log.due() {
+        if let Some(held) = self.drops_log.allow() {
+            let n = held + 1;
             tracing::warn!(
                 from = %from,
                 total,
