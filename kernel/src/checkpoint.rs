@@ -18,11 +18,10 @@ use core::future::poll_fn;
 use core::sync::atomic::{AtomicU64, Ordering};
 use core::task::Poll;
 use virtio_drivers::device::console::VirtIOConsole;
-use virtio_drivers::transport::mmio::MmioTransport;
 use virtio_drivers::transport::DeviceType;
 
 use crate::arch::x86_64::mmio;
-use crate::virtio::UnikernelHal;
+use crate::virtio::{GuestTransport, UnikernelHal};
 
 static RESTORE: spin::Once<Option<&'static [u8]>> = spin::Once::new();
 static SEEN_REQUESTS: AtomicU64 = AtomicU64::new(0);
@@ -31,7 +30,7 @@ static PORT: spin::Mutex<Option<Port>> = spin::Mutex::new(None);
 /// Bytes per write to the checkpoint port.
 const PORT_CHUNK: usize = 64 << 10;
 
-type Port = VirtIOConsole<UnikernelHal, MmioTransport<'static>>;
+type Port = VirtIOConsole<UnikernelHal, GuestTransport>;
 
 fn boot_info() -> BootInfo {
     mmio::read(BOOT_INFO_ADDR)
@@ -58,7 +57,7 @@ pub(crate) fn init(info: &BootInfo, image_end: u64) {
 /// Opens the checkpoint port, if the monitor gave one, and reads the chain
 /// to restore from it.
 fn open_port() -> Option<&'static [u8]> {
-    let transport = match crate::virtio::probe(DeviceType::Console) {
+    let (transport, check) = match crate::virtio::probe(DeviceType::Console) {
         Ok(Some(t)) => t,
         Ok(None) => return None,
         Err(e) => {
@@ -66,7 +65,13 @@ fn open_port() -> Option<&'static [u8]> {
             return None;
         }
     };
-    let mut port = match Port::new(transport) {
+    let port = Port::new(transport).map_err(|e| alloc::format!("{e}"));
+    let mut port = match port.and_then(|p| {
+        check
+            .result()
+            .map(|()| p)
+            .map_err(|e| alloc::format!("{e}"))
+    }) {
         Ok(p) => p,
         Err(e) => {
             // The host may be waiting to hand over a checkpoint to restore.

@@ -4,7 +4,11 @@
 //! entries ([`probe`]) and DMA ([`UnikernelHal`]: guest memory is
 //! identity-mapped, so a buffer's address is what the device sees; DMA pages
 //! come from the heap). The drivers' MMIO works from ring 3 (DESIGN §5).
+//! Every transport is wrapped in [`abi::virtio::SpecTransport`], so devices
+//! are initialised in the order the virtio spec sets (strict monitors such as
+//! Firecracker refuse virtio-drivers' own order).
 
+use abi::virtio::{InitCheck, SpecTransport};
 use alloc::alloc::{alloc_zeroed, dealloc, Layout};
 use alloc::string::String;
 use core::ptr::NonNull;
@@ -38,9 +42,13 @@ pub fn parse_spec(spec: &str) -> Option<(u64, u64)> {
     Some((number(size)?, number(base)?))
 }
 
+/// The transport every driver of the guest uses.
+pub type GuestTransport = SpecTransport<MmioTransport<'static>>;
+
 /// The transport of the first virtio-mmio device of type `ty` named on the
-/// command line, if any (windows that hold no valid device are skipped).
-pub fn probe(ty: DeviceType) -> Result<Option<MmioTransport<'static>>, BadDeviceSpec> {
+/// command line, if any (windows that hold no valid device are skipped),
+/// with the check to make once a driver has initialised it.
+pub fn probe(ty: DeviceType) -> Result<Option<(GuestTransport, InitCheck)>, BadDeviceSpec> {
     for spec in &crate::cmdline::get().virtio_mmio {
         let bad = || BadDeviceSpec(spec.clone());
         let (size, base) = parse_spec(spec).ok_or_else(bad)?;
@@ -56,7 +64,7 @@ pub fn probe(ty: DeviceType) -> Result<Option<MmioTransport<'static>>, BadDevice
             }
         };
         if transport.device_type() == ty {
-            return Ok(Some(transport));
+            return Ok(Some(SpecTransport::new(transport)));
         }
     }
     Ok(None)

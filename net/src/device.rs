@@ -16,11 +16,10 @@ use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use core::task::Context;
 use embassy_net_driver::{Capabilities, HardwareAddress, LinkState};
 use virtio_drivers::device::net::VirtIONetRaw;
-use virtio_drivers::transport::mmio::MmioTransport;
 use virtio_drivers::transport::DeviceType;
 
 use crate::Error;
-use kernel::virtio::UnikernelHal;
+use kernel::virtio::{GuestTransport, UnikernelHal};
 
 /// Descriptors per queue (RX buffers posted, TX frames in flight).
 pub const QUEUE_SIZE: usize = 128;
@@ -29,7 +28,7 @@ const BUF_LEN: usize = 2048;
 /// Largest Ethernet frame (without FCS).
 const MTU: usize = 1514;
 
-type Raw = VirtIONetRaw<UnikernelHal, MmioTransport<'static>, QUEUE_SIZE>;
+type Raw = VirtIONetRaw<UnikernelHal, GuestTransport, QUEUE_SIZE>;
 
 /// The interface's IPv4 address (for gratuitous ARP), 0 until configured.
 static ADDRESS: AtomicU32 = AtomicU32::new(0);
@@ -82,14 +81,15 @@ pub struct VirtioNet {
 impl VirtioNet {
     /// Finds the first virtio-mmio network device on the command line.
     pub fn probe() -> Result<Self, Error> {
-        let transport = kernel::virtio::probe(DeviceType::Network)
+        let (transport, check) = kernel::virtio::probe(DeviceType::Network)
             .map_err(|e| Error::BadDeviceSpec(e.0))?
             .ok_or(Error::NoDevice)?;
-        Self::new(transport)
+        let raw = Raw::new(transport).map_err(Error::Virtio)?;
+        check.result().map_err(Error::Features)?;
+        Self::new(raw)
     }
 
-    fn new(transport: MmioTransport<'static>) -> Result<Self, Error> {
-        let mut raw = Raw::new(transport).map_err(Error::Virtio)?;
+    fn new(mut raw: Raw) -> Result<Self, Error> {
         let mac = raw.mac_address();
         let mut rx_posted: Vec<Option<Box<[u8]>>> = (0..QUEUE_SIZE).map(|_| None).collect();
         for _ in 0..QUEUE_SIZE {
