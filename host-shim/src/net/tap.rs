@@ -65,6 +65,24 @@ impl Tap {
         Ok(Self { file, name })
     }
 
+    /// The host side of the TAP device `name`, whose device side another
+    /// monitor holds (Firecracker): the interface is set up and a packet
+    /// socket on it carries the frames of that monitor's guest, so the TAP
+    /// is one more leg of the switch.
+    pub fn host_side(name: &str) -> Result<Self, NetError> {
+        let fail = |what: &str, e: io::Error| NetError::Tap {
+            name: name.to_owned(),
+            detail: format!("{what}: {e}"),
+        };
+        crate::sys::set_link_up(name).map_err(|e| fail("cannot set the link up", e))?;
+        let socket = crate::sys::packet_socket(name)
+            .map_err(|e| fail("cannot open a packet socket on it (needs CAP_NET_RAW)", e))?;
+        Ok(Self {
+            file: File::from(socket),
+            name: name.to_owned(),
+        })
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

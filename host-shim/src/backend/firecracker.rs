@@ -1,0 +1,423 @@
+//! The Firecracker backend: boots the same image through its PVH entry under
+//! Firecracker (`--no-api --config-file`), with the guest's serial console
+//! on our stdout. This module owns Firecracker's configuration, its TAP
+//! device and the mapping of how it ended back to the app's exit status.
+//!
+//! Firecracker has no `isa-debug-exit`: the guest writes its status as the
+//! last serial line (`abi::exit::SERIAL_EXIT_PREFIX`) and resets through the
+//! i8042, which makes Firecracker exit 0. That line is not shown.
+//!
+//! Its network card needs a TAP device. With `--net tap=NAME` Firecracker
+//! uses that device and the host configures its side. With the user-mode
+//! network (`--net user`, `--publish`) the shim creates a TAP device for the
+//! run and makes its host side one more leg of its own switch
+//! ([`Tap::host_side`]), so the gateway, DHCP and published ports work as
+//! with the other backends.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::boot::loader;
+use crate::config::RunConfig;
+use crate::error::Error;
+use crate::net::tap::Tap;
+use crate::net::{NetMode, Network, NetworkConfig};
+use crate::outcome::GuestExit;
+
+/// The environment variable naming the Firecracker binary (when
+/// `--firecracker` is not given).
+pub const FIRECRACKER_ENV: &str = "FIRECRACKER";
+/// How often a running Firecracker is checked for exit and timeout.
+const POLL: Duration = Duration::from_millis(2);
+/// Longest console line kept whole; longer ones are passed on in pieces.
+const MAX_LINE: u64 = 64 << 10;
+/// Bytes of Firecracker's log quoted in an error.
+const LOG_TAIL: u64 = 4 << 10;
+
+/// Why Firecracker could not run the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum FirecrackerError {
+    #[error(
+        "no Firecracker binary: pass --firecracker PATH or set ${FIRECRACKER_ENV} \
+         (Firecracker is not in the package registries; see its releases)"
+    )]
+    NotConfigured,
+    #[error("the Firecracker binary {path} cannot be used: {err}")]
+    Missing { path: PathBuf, err: io::Error },
+    #[error("cannot start Firecracker ({path}): {err}")]
+    Spawn { path: PathBuf, err: io::Error },
+    #[error("cannot wait for Firecracker: {0}")]
+    Wait(io::Error),
+    #[error("cannot write Firecracker's files in {dir}: {err}")]
+    Files { dir: PathBuf, err: io::Error },
+    #[error("Firecracker failed (exit status {status}){log}")]
+    Failed { status: i32, log: String },
+    #[error("{0} is not supported with --backend firecracker")]
+    Unsupported(&'static str),
+}
+
+/// The Firecracker binary: `explicit` (`--firecracker`), else
+/// `$FIRECRACKER`; it must be an executable file.
+pub fn binary(explicit: Option<&Path>) -> Result<PathBuf, FirecrackerError> {
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => match std::env::var_os(FIRECRACKER_ENV) {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => return Err(FirecrackerError::NotConfigured),
+        },
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let missing = |err| FirecrackerError::Missing {
+        path: path.clone(),
+        err,
+    };
+    let meta = std::fs::metadata(&path).map_err(missing)?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(missing(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not an executable file",
+        )));
+    }
+    Ok(path)
+}
+
+/// Firecracker's configuration file for `config`, its guest on the TAP
+/// device `tap` if it has a network, logging to `log`.
+pub fn config_json(config: &RunConfig, tap: Option<&str>, log: &Path) -> serde_json::Value {
+    let mut json = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": config.image,
+            "boot_args": config.cmdline,
+        },
+        "drives": [],
+        "machine-config": {
+            "vcpu_count": 1,
+            "mem_size_mib": config.mem_size >> 20,
+        },
+        "logger": { "log_path": log, "level": "Warning" },
+    });
+    if let (Some(tap), Some(net)) = (tap, &config.network) {
+        let mut iface = serde_json::json!({ "iface_id": "net0", "host_dev_name": tap });
+        if let Some(nic) = net.nics.first() {
+            iface["guest_mac"] = crate::devices::virtio::net::fmt_mac(&nic.mac).into();
+        }
+        json["network-interfaces"] = serde_json::json!([iface]);
+    }
+    json
+}
+
+/// A TAP device made for one run; deleted when dropped.
+struct RunTap {
+    name: String,
+}
+
+impl RunTap {
+    fn create() -> Result<Self, Error> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "lcfc{}.{}",
+            std::process::id() % 10_000_000,
+            NEXT.fetch_add(1, Ordering::Relaxed) % 100
+        );
+        let tap = Tap::open(&name)?;
+        // Kept while no one holds it, until Firecracker attaches.
+        crate::sys::tun_set_persist(&tap, true).map_err(|e| crate::error::NetError::Tap {
+            name: name.clone(),
+            detail: format!("cannot make it persistent: {e}"),
+        })?;
+        drop(tap);
+        let tap = Self { name };
+        // No host addresses on it: the host stays out of the guest's frames.
+        let ipv6 = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tap.name);
+        if let Err(e) = std::fs::write(&ipv6, "1") {
+            tracing::debug!(tap = %tap.name, "cannot disable IPv6: {e}");
+        }
+        Ok(tap)
+    }
+}
+
+impl Drop for RunTap {
+    fn drop(&mut self) {
+        let deleted = Tap::open(&self.name)
+            .map_err(|e| e.to_string())
+            .and_then(|tap| crate::sys::tun_set_persist(&tap, false).map_err(|e| e.to_string()));
+        if let Err(e) = deleted {
+            tracing::warn!(tap = %self.name, "cannot delete the TAP device: {e}");
+        }
+    }
+}
+
+/// A private directory for one run's files; removed when dropped.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn create() -> Result<Self, FirecrackerError> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "host-shim-firecracker-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        crate::files::private_dir(&dir).map_err(|err| FirecrackerError::Files {
+            dir: dir.clone(),
+            err,
+        })?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Boots `config.image` under Firecracker and waits for it to end.
+pub fn run(config: &RunConfig) -> Result<GuestExit, Error> {
+    loader::inspect(&config.image, config.mem_size)?;
+    if config.restore.is_some() || config.checkpoint_to.is_some() {
+        return Err(FirecrackerError::Unsupported("--restore/--checkpoint-to").into());
+    }
+    let firecracker = binary(config.firecracker.as_deref())?;
+    let dir = RunDir::create()?;
+    let files = |err| FirecrackerError::Files {
+        dir: dir.0.clone(),
+        err,
+    };
+    // The network first: its errors (a port in use) come before the guest boots.
+    let (tap_name, _tap, _network) = match config.network.as_ref().map(|n| (&n.mode, n)) {
+        Some((NetMode::Tap(name), _)) => (Some(name.clone()), None, None),
+        Some((_, net)) => {
+            let (tap, network) = user_network(net)?;
+            (Some(tap.name.clone()), Some(tap), Some(network))
+        }
+        None => (None, None, None),
+    };
+    let log = dir.0.join("firecracker.log");
+    File::create(&log).map_err(files)?;
+    let cfg = dir.0.join("config.json");
+    let json = config_json(config, tap_name.as_deref(), &log);
+    std::fs::write(&cfg, json.to_string()).map_err(files)?;
+    let args: Vec<OsString> = vec!["--no-api".into(), "--config-file".into(), cfg.into()];
+    tracing::info!("running {} {args:?}", firecracker.display());
+    run_firecracker(&firecracker, &args, config.timeout, &log)
+}
+
+/// The user-mode network with a fresh TAP device as the guest's leg.
+fn user_network(net: &NetworkConfig) -> Result<(RunTap, Network), Error> {
+    let tap = RunTap::create()?;
+    let leg = Tap::host_side(&tap.name)?;
+    let network = Network::start_with_leg(net, leg)?;
+    Ok((tap, network))
+}
+
+fn run_firecracker(
+    firecracker: &Path,
+    args: &[OsString],
+    timeout: Option<Duration>,
+    log: &Path,
+) -> Result<GuestExit, Error> {
+    let mut command = Command::new(firecracker);
+    // Firecracker dies with us (also on kill -9): a dead shim is a dead host.
+    crate::sys::kill_with_parent(&mut command);
+    let mut child = command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|err| FirecrackerError::Spawn {
+            path: firecracker.to_path_buf(),
+            err,
+        })?;
+    let stdout = child.stdout.take();
+    let console = thread::spawn(move || stdout.map(forward_console).unwrap_or_default());
+    let stderr = child.stderr.take();
+    let errors = thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(s) = stderr {
+            let _ = s.take(LOG_TAIL).read_to_string(&mut text);
+        }
+        text
+    });
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(FirecrackerError::Wait)? {
+            break status;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = console.join();
+            let _ = errors.join();
+            return Ok(GuestExit::TimedOut(timeout.unwrap_or_default()));
+        }
+        thread::sleep(POLL);
+    };
+    let exit_line = console.join().unwrap_or_default();
+    let stderr = errors.join().unwrap_or_default();
+    match (status.code(), exit_line) {
+        (Some(0), Some(code)) => Ok(GuestExit::Exited(code)),
+        (Some(0), None) => Ok(GuestExit::PoweredOff),
+        (Some(s), _) => Err(FirecrackerError::Failed {
+            status: s,
+            log: log_tail(log, &stderr),
+        }
+        .into()),
+        (None, _) => Ok(GuestExit::Died(format!(
+            "Firecracker was killed by signal {}",
+            status.signal().unwrap_or(0)
+        ))),
+    }
+}
+
+/// Firecracker's error lines (stderr, then the end of its log), for an error.
+fn log_tail(log: &Path, stderr: &str) -> String {
+    let mut text = stderr.trim().to_owned();
+    if let Ok(mut f) = File::open(log) {
+        use std::io::{Seek, SeekFrom};
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL)));
+        let mut tail = String::new();
+        let _ = f.take(LOG_TAIL).read_to_string(&mut tail);
+        let tail = tail.trim();
+        if !tail.is_empty() {
+            text.push('\n');
+            text.push_str(tail);
+        }
+    }
+    if text.trim().is_empty() {
+        String::new()
+    } else {
+        format!(": {}", text.trim())
+    }
+}
+
+/// Copies the guest's console to our stdout, line by line, and returns the
+/// status of its exit line if it wrote one (that line is not copied).
+/// Firecracker's own start-up line (before its logger is set up) goes to
+/// the log at debug level.
+fn forward_console(stdout: impl Read) -> Option<u8> {
+    let mut reader = BufReader::new(stdout);
+    let mut out = io::stdout();
+    let mut exit = None;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.by_ref().take(MAX_LINE).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return exit,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line);
+        let body = text.trim_end_matches(['\n', '\r']);
+        if is_firecracker_log(body) {
+            tracing::debug!(line = body, "firecracker");
+            continue;
+        }
+        match abi::exit::parse_serial_exit(body) {
+            Some((before, code)) => {
+                exit = Some(code);
+                if !before.is_empty() {
+                    let _ = writeln!(out, "{before}");
+                }
+            }
+            None => {
+                exit = None; // the exit line is the last one
+                let _ = out.write_all(&line);
+            }
+        }
+        let _ = out.flush();
+    }
+}
+
+/// Whether `line` is one of Firecracker's log lines
+/// (`2026-12-07T01:40:47.535650024 [anonymous-instance:main] ...`).
+fn is_firecracker_log(line: &str) -> bool {
+    let b = line.as_bytes();
+    b.len() > 30
+        && b[..4].iter().all(u8::is_ascii_digit)
+        && b[4] == b'-'
+        && b[10] == b'T'
+        && line.contains(" [anonymous-instance:")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Backend, QemuAccel};
+
+    fn config() -> RunConfig {
+        RunConfig {
+            image: "/img/kv.img".into(),
+            mem_size: 64 << 20,
+            backend: Backend::Firecracker,
+            timeout: None,
+            cmdline: "lc.host=h lc.region=r -- a".into(),
+            qemu_accel: QemuAccel::Tcg,
+            kvm_device: "/dev/kvm".into(),
+            firecracker: None,
+            network: None,
+            also: Vec::new(),
+            restore: None,
+            checkpoint_to: None,
+        }
+    }
+
+    #[test]
+    fn configuration_file() {
+        use crate::config::{parse_publish, plan_network, NetOptions};
+        let mut c = config();
+        let json = config_json(&c, None, Path::new("/run/fc.log"));
+        assert_eq!(json["boot-source"]["kernel_image_path"], "/img/kv.img");
+        assert_eq!(
+            json["boot-source"]["boot_args"],
+            "lc.host=h lc.region=r -- a"
+        );
+        assert_eq!(json["machine-config"]["mem_size_mib"], 64);
+        assert_eq!(json["logger"]["log_path"], "/run/fc.log");
+        assert!(json.get("network-interfaces").is_none());
+        let opts = NetOptions {
+            publish: vec![parse_publish("6379:6379").unwrap()],
+            ..Default::default()
+        };
+        c.network = plan_network(&opts, 1).unwrap();
+        let json = config_json(&c, Some("lcfc1.0"), Path::new("/run/fc.log"));
+        assert_eq!(
+            json["network-interfaces"],
+            serde_json::json!([{
+                "iface_id": "net0",
+                "host_dev_name": "lcfc1.0",
+                "guest_mac": "02:4c:0a:00:02:0f"
+            }])
+        );
+    }
+
+    #[test]
+    fn binary_errors_name_the_fix() {
+        let e = binary(Some(Path::new("/nonexistent/firecracker"))).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/firecracker"), "{e}");
+        let e = binary(Some(Path::new("/"))).unwrap_err();
+        assert!(e.to_string().contains("not an executable file"), "{e}");
+    }
+
+    #[test]
+    fn console_lines_and_the_exit_line() {
+        let console =
+            "2026-12-07T01:40:47.535650024 [anonymous-instance:main] Running Firecracker v1.16.1\n\
+                       Hello\nlibcloud-exit: 101\n";
+        assert_eq!(forward_console(console.as_bytes()), Some(101));
+        assert_eq!(forward_console(&b"Hello\n"[..]), None);
+        assert_eq!(forward_console(&b"libcloud-exit: 3\nmore\n"[..]), None);
+        assert_eq!(
+            forward_console(&b"no newlinelibcloud-exit: 0\n"[..]),
+            Some(0)
+        );
+    }
+}
