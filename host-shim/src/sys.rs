@@ -1,7 +1,6 @@
 //! Thin wrappers over the Linux calls no crate offers us: `epoll_pwait2`
-//! (epoll with a nanosecond timeout), `TUNSETIFF` / `TUNSETPERSIST` (attach
-//! to a TAP device, keep it without us), an interface's host side (link up,
-//! a packet socket on it), a thread's CPU clock, the effective user and a child's death
+//! (epoll with a nanosecond timeout), `TUNSETIFF` (attach to a TAP device),
+//! an interface's host side (link up, a packet socket on it), a thread's CPU clock, the effective user and a child's death
 //! with its parent. With `vstate`, the only `unsafe` code of the shim; each block
 //! has its `SAFETY:` argument.
 
@@ -72,23 +71,6 @@ pub fn tun_set_iff(tun: &impl AsRawFd, name: &str) -> io::Result<String> {
         .iter()
         .map(|&c| c as u8 as char)
         .collect())
-}
-
-/// Keeps the TAP device `tun` is attached to after its last fd closes
-/// (`persist`), or lets it go with it.
-pub fn tun_set_persist(tun: &impl AsRawFd, persist: bool) -> io::Result<()> {
-    // SAFETY: TUNSETPERSIST takes an int by value; the fd is an attached TAP.
-    let ret = unsafe {
-        libc::ioctl(
-            tun.as_raw_fd(),
-            libc::TUNSETPERSIST,
-            persist as libc::c_ulong,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {

@@ -1,6 +1,6 @@
 //! The Firecracker backend: boots the same image through its PVH entry under
-//! Firecracker (`--no-api --config-file`), with the guest's serial console
-//! on our stdout. This module owns Firecracker's configuration, its TAP
+//! Firecracker (`--no-api`, its configuration on its stdin, its log on its
+//! stderr), with the guest's serial console on our stdout. This module owns Firecracker's configuration, its TAP
 //! device and the mapping of how it ended back to the app's exit status.
 //!
 //! Firecracker has no `isa-debug-exit`: the guest writes its status as the
@@ -9,13 +9,13 @@
 //!
 //! Its network card needs a TAP device. With `--net tap=NAME` Firecracker
 //! uses that device and the host configures its side. With the user-mode
-//! network (`--net user`, `--publish`) the shim creates a TAP device for the
-//! run and makes its host side one more leg of its own switch
+//! network (`--net user`, `--publish`) Firecracker creates a TAP device for
+//! the run (gone with it) and the shim makes its host side one more leg of
+//! its own switch
 //! ([`Tap::host_side`]), so the gateway, DHCP and published ports work as
 //! with the other backends.
 
 use std::ffi::OsString;
-use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -55,8 +55,6 @@ pub enum FirecrackerError {
     Spawn { path: PathBuf, err: io::Error },
     #[error("cannot wait for Firecracker: {0}")]
     Wait(io::Error),
-    #[error("cannot write Firecracker's files in {dir}: {err}")]
-    Files { dir: PathBuf, err: io::Error },
     #[error("Firecracker failed (exit status {status}){log}")]
     Failed { status: i32, log: String },
     #[error("{0} is not supported with --backend firecracker")]
@@ -94,7 +92,7 @@ pub fn config_json(config: &RunConfig, tap: Option<&str>, log: &Path) -> serde_j
     let mut json = serde_json::json!({
         "boot-source": {
             "kernel_image_path": config.image,
-            "boot_args": config.cmdline,
+            "boot_args": boot_args(&config.cmdline),
         },
         "drives": [],
         "machine-config": {
@@ -113,70 +111,26 @@ pub fn config_json(config: &RunConfig, tap: Option<&str>, log: &Path) -> serde_j
     json
 }
 
-/// A TAP device made for one run; deleted when dropped.
-struct RunTap {
-    name: String,
-}
-
-impl RunTap {
-    fn create() -> Result<Self, Error> {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "lcfc{}.{}",
-            std::process::id() % 10_000_000,
-            NEXT.fetch_add(1, Ordering::Relaxed) % 100
-        );
-        let tap = Tap::open(&name)?;
-        // Kept while no one holds it, until Firecracker attaches.
-        crate::sys::tun_set_persist(&tap, true).map_err(|e| crate::error::NetError::Tap {
-            name: name.clone(),
-            detail: format!("cannot make it persistent: {e}"),
-        })?;
-        drop(tap);
-        let tap = Self { name };
-        // No host addresses on it: the host stays out of the guest's frames.
-        let ipv6 = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tap.name);
-        if let Err(e) = std::fs::write(&ipv6, "1") {
-            tracing::debug!(tap = %tap.name, "cannot disable IPv6: {e}");
-        }
-        Ok(tap)
+/// The guest command line as Firecracker's boot arguments: Firecracker
+/// adds its own parameters before ` -- `, or at the end if the line has no
+/// ` -- ` (a trailing `--` with no arguments after it), where they would be
+/// taken for the app's arguments; the trailing `--` is dropped.
+fn boot_args(cmdline: &str) -> &str {
+    match cmdline.strip_suffix(" --") {
+        Some(line) if !cmdline.contains(" -- ") => line,
+        _ => cmdline,
     }
 }
 
-impl Drop for RunTap {
-    fn drop(&mut self) {
-        let deleted = Tap::open(&self.name)
-            .map_err(|e| e.to_string())
-            .and_then(|tap| crate::sys::tun_set_persist(&tap, false).map_err(|e| e.to_string()));
-        if let Err(e) = deleted {
-            tracing::warn!(tap = %self.name, "cannot delete the TAP device: {e}");
-        }
-    }
-}
-
-/// A private directory for one run's files; removed when dropped.
-struct RunDir(PathBuf);
-
-impl RunDir {
-    fn create() -> Result<Self, FirecrackerError> {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "host-shim-firecracker-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        crate::files::private_dir(&dir).map_err(|err| FirecrackerError::Files {
-            dir: dir.clone(),
-            err,
-        })?;
-        Ok(Self(dir))
-    }
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh TAP device name for one run (Firecracker creates the device and
+/// it goes when Firecracker does, also if we are killed).
+fn run_tap_name() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "lcfc{}.{}",
+        std::process::id() % 10_000_000,
+        NEXT.fetch_add(1, Ordering::Relaxed) % 100
+    )
 }
 
 /// Boots `config.image` under Firecracker and waits for it to end.
@@ -186,67 +140,106 @@ pub fn run(config: &RunConfig) -> Result<GuestExit, Error> {
         return Err(FirecrackerError::Unsupported("--restore/--checkpoint-to").into());
     }
     let firecracker = binary(config.firecracker.as_deref())?;
-    let dir = RunDir::create()?;
-    let files = |err| FirecrackerError::Files {
-        dir: dir.0.clone(),
-        err,
+    let (tap, user_net) = match &config.network {
+        Some(net) => match &net.mode {
+            NetMode::Tap(name) => (Some(name.clone()), None),
+            _ => (Some(run_tap_name()), Some(net)),
+        },
+        None => (None, None),
     };
-    // The network first: its errors (a port in use) come before the guest boots.
-    let (tap_name, _tap, _network) = match config.network.as_ref().map(|n| (&n.mode, n)) {
-        Some((NetMode::Tap(name), _)) => (Some(name.clone()), None, None),
-        Some((_, net)) => {
-            let (tap, network) = user_network(net)?;
-            (Some(tap.name.clone()), Some(tap), Some(network))
-        }
-        None => (None, None, None),
-    };
-    let log = dir.0.join("firecracker.log");
-    File::create(&log).map_err(files)?;
-    let cfg = dir.0.join("config.json");
-    let json = config_json(config, tap_name.as_deref(), &log);
-    std::fs::write(&cfg, json.to_string()).map_err(files)?;
-    let args: Vec<OsString> = vec!["--no-api".into(), "--config-file".into(), cfg.into()];
+    // The configuration arrives on Firecracker's stdin and its log goes to
+    // its stderr: no files to leave behind.
+    let json = config_json(config, tap.as_deref(), Path::new("/proc/self/fd/2"));
+    let args: Vec<OsString> = ["--no-api", "--config-file", "/proc/self/fd/0"]
+        .map(OsString::from)
+        .into();
     tracing::info!("running {} {args:?}", firecracker.display());
-    run_firecracker(&firecracker, &args, config.timeout, &log)
-}
-
-/// The user-mode network with a fresh TAP device as the guest's leg.
-fn user_network(net: &NetworkConfig) -> Result<(RunTap, Network), Error> {
-    let tap = RunTap::create()?;
-    let leg = Tap::host_side(&tap.name)?;
-    let network = Network::start_with_leg(net, leg)?;
-    Ok((tap, network))
-}
-
-fn run_firecracker(
-    firecracker: &Path,
-    args: &[OsString],
-    timeout: Option<Duration>,
-    log: &Path,
-) -> Result<GuestExit, Error> {
-    let mut command = Command::new(firecracker);
+    let mut command = Command::new(&firecracker);
     // Firecracker dies with us (also on kill -9): a dead shim is a dead host.
     crate::sys::kill_with_parent(&mut command);
-    let mut child = command
-        .args(args)
-        .stdin(Stdio::null())
+    let child = command
+        .args(&args)
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|err| FirecrackerError::Spawn {
-            path: firecracker.to_path_buf(),
+            path: firecracker.clone(),
             err,
         })?;
+    let mut guard = KillOnDrop(Some(child));
+    let child = guard.0.as_mut().expect("just set");
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(json.to_string().as_bytes())
+            .map_err(|err| FirecrackerError::Spawn {
+                path: firecracker.clone(),
+                err,
+            })?;
+    }
     let stdout = child.stdout.take();
     let console = thread::spawn(move || stdout.map(forward_console).unwrap_or_default());
     let stderr = child.stderr.take();
-    let errors = thread::spawn(move || {
-        let mut text = String::new();
-        if let Some(s) = stderr {
-            let _ = s.take(LOG_TAIL).read_to_string(&mut text);
+    let errors = thread::spawn(move || stderr.map(keep_log).unwrap_or_default());
+    let _network = match (user_net, &tap) {
+        (Some(net), Some(tap)) => Some(user_network(child, net, tap)?),
+        _ => None,
+    };
+    let child = guard.0.take().expect("still ours");
+    wait(child, config.timeout, console, errors)
+}
+
+/// Kills Firecracker if we leave early (an error while wiring its network).
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        text
-    });
+    }
+}
+
+/// How long Firecracker may take to create its TAP device.
+const TAP_WAIT: Duration = Duration::from_secs(10);
+
+/// Once Firecracker has made the TAP device `tap`, the user-mode network
+/// with the device's host side as the guest's leg.
+fn user_network(
+    child: &mut std::process::Child,
+    net: &NetworkConfig,
+    tap: &str,
+) -> Result<Network, Error> {
+    let sysfs = Path::new("/sys/class/net").join(tap);
+    let give_up = Instant::now() + TAP_WAIT;
+    while !sysfs.exists() {
+        if child.try_wait().map_err(FirecrackerError::Wait)?.is_some() || Instant::now() >= give_up
+        {
+            return Err(crate::error::NetError::Tap {
+                name: tap.to_owned(),
+                detail: "Firecracker did not create it (see its log above)".into(),
+            }
+            .into());
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    // No host addresses on it: the host stays out of the guest's frames.
+    let ipv6 = format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6");
+    if let Err(e) = std::fs::write(&ipv6, "1") {
+        tracing::debug!(tap, "cannot disable IPv6: {e}");
+    }
+    let leg = Tap::host_side(tap)?;
+    Ok(Network::start_with_leg(net, leg)?)
+}
+
+/// Waits for Firecracker to end (or the timeout) and maps how it ended.
+fn wait(
+    mut child: std::process::Child,
+    timeout: Option<Duration>,
+    console: thread::JoinHandle<Option<u8>>,
+    errors: thread::JoinHandle<String>,
+) -> Result<GuestExit, Error> {
     let deadline = timeout.map(|t| Instant::now() + t);
     let status = loop {
         if let Some(status) = child.try_wait().map_err(FirecrackerError::Wait)? {
@@ -262,13 +255,17 @@ fn run_firecracker(
         thread::sleep(POLL);
     };
     let exit_line = console.join().unwrap_or_default();
-    let stderr = errors.join().unwrap_or_default();
+    let log = errors.join().unwrap_or_default();
     match (status.code(), exit_line) {
         (Some(0), Some(code)) => Ok(GuestExit::Exited(code)),
         (Some(0), None) => Ok(GuestExit::PoweredOff),
         (Some(s), _) => Err(FirecrackerError::Failed {
             status: s,
-            log: log_tail(log, &stderr),
+            log: if log.trim().is_empty() {
+                String::new()
+            } else {
+                format!(": {}", log.trim())
+            },
         }
         .into()),
         (None, _) => Ok(GuestExit::Died(format!(
@@ -278,26 +275,26 @@ fn run_firecracker(
     }
 }
 
-/// Firecracker's error lines (stderr, then the end of its log), for an error.
-fn log_tail(log: &Path, stderr: &str) -> String {
-    let mut text = stderr.trim().to_owned();
-    if let Ok(mut f) = File::open(log) {
-        use std::io::{Seek, SeekFrom};
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let _ = f.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL)));
-        let mut tail = String::new();
-        let _ = f.take(LOG_TAIL).read_to_string(&mut tail);
-        let tail = tail.trim();
-        if !tail.is_empty() {
-            text.push('\n');
-            text.push_str(tail);
+/// Reads Firecracker's log to its end, keeping the last [`LOG_TAIL`] bytes
+/// (for an error) and passing each line to our log at debug level.
+fn keep_log(stderr: impl Read) -> String {
+    let mut reader = BufReader::new(stderr);
+    let mut tail = std::collections::VecDeque::new();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.by_ref().take(MAX_LINE).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+        tracing::debug!(line = %text, "firecracker");
+        tail.push_back(text);
+        while tail.iter().map(String::len).sum::<usize>() > LOG_TAIL as usize {
+            tail.pop_front();
         }
     }
-    if text.trim().is_empty() {
-        String::new()
-    } else {
-        format!(": {}", text.trim())
-    }
+    Vec::from(tail).join("\n")
 }
 
 /// Copies the guest's console to our stdout, line by line, and returns the
@@ -397,6 +394,14 @@ mod tests {
                 "guest_mac": "02:4c:0a:00:02:0f"
             }])
         );
+    }
+
+    #[test]
+    fn firecracker_parameters_stay_out_of_the_app_args() {
+        assert_eq!(boot_args("lc.host=h --"), "lc.host=h");
+        assert_eq!(boot_args("lc.host=h -- a"), "lc.host=h -- a");
+        // One argument, `--`: Firecracker splits at the first ` -- `.
+        assert_eq!(boot_args("lc.host=h -- --"), "lc.host=h -- --");
     }
 
     #[test]
