@@ -57,7 +57,9 @@ pub(crate) fn init(info: &BootInfo, image_end: u64) {
 /// Opens the checkpoint port, if the monitor gave one, and reads the chain
 /// to restore from it.
 fn open_port() -> Option<&'static [u8]> {
-    let (transport, check) = match crate::virtio::probe(DeviceType::Console) {
+    let crate::virtio::Probed {
+        transport, check, ..
+    } = match crate::virtio::probe(DeviceType::Console) {
         Ok(Some(t)) => t,
         Ok(None) => return None,
         Err(e) => {

@@ -45,10 +45,23 @@ pub fn parse_spec(spec: &str) -> Option<(u64, u64)> {
 /// The transport every driver of the guest uses.
 pub type GuestTransport = SpecTransport<MmioTransport<'static>>;
 
+/// The interrupt line of a `SIZE@BASE:IRQ` spec, if it names one.
+pub fn parse_irq(spec: &str) -> Option<u32> {
+    spec.rsplit_once(':')?.1.parse().ok()
+}
+
+/// A device found by [`probe`].
+pub struct Probed {
+    pub transport: GuestTransport,
+    /// To check once a driver has initialised the device.
+    pub check: InitCheck,
+    /// Its interrupt line, if the command line names one.
+    pub irq: Option<u32>,
+}
+
 /// The transport of the first virtio-mmio device of type `ty` named on the
-/// command line, if any (windows that hold no valid device are skipped),
-/// with the check to make once a driver has initialised it.
-pub fn probe(ty: DeviceType) -> Result<Option<(GuestTransport, InitCheck)>, BadDeviceSpec> {
+/// command line, if any (windows that hold no valid device are skipped).
+pub fn probe(ty: DeviceType) -> Result<Option<Probed>, BadDeviceSpec> {
     for spec in &crate::cmdline::get().virtio_mmio {
         let bad = || BadDeviceSpec(spec.clone());
         let (size, base) = parse_spec(spec).ok_or_else(bad)?;
@@ -64,7 +77,12 @@ pub fn probe(ty: DeviceType) -> Result<Option<(GuestTransport, InitCheck)>, BadD
             }
         };
         if transport.device_type() == ty {
-            return Ok(Some(SpecTransport::new(transport)));
+            let (transport, check) = SpecTransport::new(transport);
+            return Ok(Some(Probed {
+                transport,
+                check,
+                irq: parse_irq(spec),
+            }));
         }
     }
     Ok(None)
