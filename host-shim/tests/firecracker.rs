@@ -116,11 +116,8 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-#[test]
-fn kv_answers_redis_cli_over_publish() {
-    if firecracker().is_none() {
-        return;
-    }
+/// kv under Firecracker on a fresh published port, once it answers PING.
+fn start_kv() -> (Shim, u16) {
     let port = free_port();
     let img = image("kv");
     let mut kv = Shim::start(&[
@@ -137,8 +134,38 @@ fn kv_answers_redis_cli_over_publish() {
         assert!(Instant::now() < give_up, "kv never answered PING");
         std::thread::sleep(Duration::from_millis(100));
     }
+    (kv, port)
+}
+
+#[test]
+fn kv_answers_redis_cli_over_publish() {
+    if firecracker().is_none() {
+        return;
+    }
+    let (kv, port) = start_kv();
     assert_eq!(redis_cli(port, &["SET", "monitor", "firecracker"]), "OK");
     assert_eq!(redis_cli(port, &["GET", "monitor"]), "firecracker");
     let (out, _) = kv.stop();
     assert!(out.contains("kv: listening on port 6379"), "{out}");
+}
+
+#[test]
+fn an_idle_kv_uses_at_most_one_percent_of_a_core_and_still_answers() {
+    if firecracker().is_none() {
+        return;
+    }
+    let (kv, port) = start_kv();
+    let share = common::monitor_cpu_share(kv.pid(), Duration::from_secs(5));
+    eprintln!(
+        "idle kv under Firecracker: {:.2} % of a core",
+        share * 100.0
+    );
+    assert!(
+        share <= 0.01,
+        "an idle kv used {:.1} % of a core",
+        share * 100.0
+    );
+    // Its network card's interrupt still wakes it.
+    assert_eq!(redis_cli(port, &["SET", "after", "idle"]), "OK");
+    assert_eq!(redis_cli(port, &["GET", "after"]), "idle");
 }
