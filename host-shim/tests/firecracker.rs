@@ -1,6 +1,8 @@
 //! The same images under Firecracker (`host-shim run --backend firecracker`):
 //! exit statuses, panics and faults mapped back as under our shim, and kv
-//! reached over `--publish` with redis-cli.
+//! reached over `--publish` with redis-cli, an idle guest that leaves the
+//! CPU alone. (Checkpoints moving between our shim and Firecracker:
+//! tests/checkpoint.rs.)
 //!
 //! These tests need the Firecracker binary in `$FIRECRACKER` (`.ci/run`
 //! sets it when `../shared/bin/firecracker` exists). Without the variable
@@ -8,31 +10,10 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{boot, free_port, image, require_kvm, shim, Run, Shim};
-
-/// The Firecracker binary, or `None` (after saying so) when `$FIRECRACKER`
-/// is unset. A set variable that names no file fails the test.
-fn firecracker() -> Option<PathBuf> {
-    let Some(path) = std::env::var_os("FIRECRACKER") else {
-        eprintln!(
-            "skipped: FIRECRACKER is not set (point it to a Firecracker binary, \
-             e.g. ../shared/bin/firecracker, to run this test)"
-        );
-        return None;
-    };
-    let path = PathBuf::from(path);
-    assert!(
-        path.is_file(),
-        "FIRECRACKER={} does not name a file",
-        path.display()
-    );
-    require_kvm();
-    Some(path)
-}
+use common::{boot, firecracker, free_port, image, require_kvm, shim, Run, Shim};
 
 /// Runs `app` under Firecracker to completion with `shim_args`, passing
 /// `app_args` after `--`.

@@ -14,6 +14,11 @@
 //! its own switch
 //! ([`Tap::host_side`]), so the gateway, DHCP and published ports work as
 //! with the other backends.
+//!
+//! App checkpoints (`--restore`, `--checkpoint-to`) travel over a vsock
+//! connection the guest opens to host port `abi::checkpoint::VSOCK_PORT`;
+//! Firecracker hands it to the shim's checkpoint port (`qemu_port`), with
+//! the same protocol and "stored before acknowledged" meaning as under QEMU.
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -24,6 +29,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::qemu_port::CheckpointPort;
 use crate::boot::loader;
 use crate::config::RunConfig;
 use crate::error::Error;
@@ -34,6 +40,8 @@ use crate::outcome::GuestExit;
 /// The environment variable naming the Firecracker binary (when
 /// `--firecracker` is not given).
 pub const FIRECRACKER_ENV: &str = "FIRECRACKER";
+/// The guest's vsock address (2 is the host).
+const GUEST_CID: u32 = 3;
 /// How often a running Firecracker is checked for exit and timeout.
 const POLL: Duration = Duration::from_millis(2);
 /// Longest console line kept whole; longer ones are passed on in pieces.
@@ -57,8 +65,6 @@ pub enum FirecrackerError {
     Wait(io::Error),
     #[error("Firecracker failed (exit status {status}){log}")]
     Failed { status: i32, log: String },
-    #[error("{0} is not supported with --backend firecracker")]
-    Unsupported(&'static str),
 }
 
 /// The Firecracker binary: `explicit` (`--firecracker`), else
@@ -87,8 +93,14 @@ pub fn binary(explicit: Option<&Path>) -> Result<PathBuf, FirecrackerError> {
 }
 
 /// Firecracker's configuration file for `config`, its guest on the TAP
-/// device `tap` if it has a network, logging to `log`.
-pub fn config_json(config: &RunConfig, tap: Option<&str>, log: &Path) -> serde_json::Value {
+/// device `tap` if it has a network, with a vsock device on the unix
+/// socket `vsock` if given, logging to `log`.
+pub fn config_json(
+    config: &RunConfig,
+    tap: Option<&str>,
+    vsock: Option<&Path>,
+    log: &Path,
+) -> serde_json::Value {
     let mut json = serde_json::json!({
         "boot-source": {
             "kernel_image_path": config.image,
@@ -107,6 +119,9 @@ pub fn config_json(config: &RunConfig, tap: Option<&str>, log: &Path) -> serde_j
             iface["guest_mac"] = crate::devices::virtio::net::fmt_mac(&nic.mac).into();
         }
         json["network-interfaces"] = serde_json::json!([iface]);
+    }
+    if let Some(uds) = vsock {
+        json["vsock"] = serde_json::json!({ "guest_cid": GUEST_CID, "uds_path": uds });
     }
     json
 }
@@ -136,10 +151,13 @@ fn run_tap_name() -> String {
 /// Boots `config.image` under Firecracker and waits for it to end.
 pub fn run(config: &RunConfig) -> Result<GuestExit, Error> {
     loader::inspect(&config.image, config.mem_size)?;
-    if config.restore.is_some() || config.checkpoint_to.is_some() {
-        return Err(FirecrackerError::Unsupported("--restore/--checkpoint-to").into());
-    }
     let firecracker = binary(config.firecracker.as_deref())?;
+    // Checkpoints in and out: the port listens before the guest connects.
+    let checkpoints = match config.restore.is_some() || config.checkpoint_to.is_some() {
+        true => Some(checkpoint_port(config)?),
+        false => None,
+    };
+    let vsock = checkpoints.as_ref().map(|(dir, _)| dir.0.join("vsock"));
     let (tap, user_net) = match &config.network {
         Some(net) => match &net.mode {
             NetMode::Tap(name) => (Some(name.clone()), None),
@@ -149,7 +167,12 @@ pub fn run(config: &RunConfig) -> Result<GuestExit, Error> {
     };
     // The configuration arrives on Firecracker's stdin and its log goes to
     // its stderr: no files to leave behind.
-    let json = config_json(config, tap.as_deref(), Path::new("/proc/self/fd/2"));
+    let json = config_json(
+        config,
+        tap.as_deref(),
+        vsock.as_deref(),
+        Path::new("/proc/self/fd/2"),
+    );
     let args: Vec<OsString> = ["--no-api", "--config-file", "/proc/self/fd/0"]
         .map(OsString::from)
         .into();
@@ -186,7 +209,51 @@ pub fn run(config: &RunConfig) -> Result<GuestExit, Error> {
         _ => None,
     };
     let child = guard.0.take().expect("still ours");
-    wait(child, config.timeout, console, errors)
+    let exit = wait(child, config.timeout, console, errors);
+    // The port's thread ends once Firecracker has closed its end.
+    drop(checkpoints);
+    exit
+}
+
+/// A private directory for Firecracker's vsock sockets and the checkpoint
+/// port listening in it at `vsock_PORT` (where Firecracker connects the
+/// guest's connection to host port `PORT`).
+fn checkpoint_port(config: &RunConfig) -> Result<(RunDir, CheckpointPort), Error> {
+    let restore = match &config.restore {
+        Some(file) => crate::checkpoint::read_file(file)?,
+        None => Vec::new(),
+    };
+    if let Some(dir) = &config.checkpoint_to {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Config(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let dir = RunDir::create()?;
+    let path = dir.0.join(format!("vsock_{}", abi::checkpoint::VSOCK_PORT));
+    let port = CheckpointPort::listen_at(path, restore, config.checkpoint_to.clone())?;
+    Ok((dir, port))
+}
+
+/// A private directory for one run's sockets; removed when dropped.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn create() -> Result<Self, Error> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "host-shim-firecracker-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        crate::files::private_dir(&dir)
+            .map_err(|e| Error::Config(format!("cannot create {}: {e}", dir.display())))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Kills Firecracker if we leave early (an error while wiring its network).
@@ -371,7 +438,7 @@ mod tests {
     fn configuration_file() {
         use crate::config::{parse_publish, plan_network, NetOptions};
         let mut c = config();
-        let json = config_json(&c, None, Path::new("/run/fc.log"));
+        let json = config_json(&c, None, None, Path::new("/run/fc.log"));
         assert_eq!(json["boot-source"]["kernel_image_path"], "/img/kv.img");
         assert_eq!(
             json["boot-source"]["boot_args"],
@@ -385,7 +452,12 @@ mod tests {
             ..Default::default()
         };
         c.network = plan_network(&opts, 1).unwrap();
-        let json = config_json(&c, Some("lcfc1.0"), Path::new("/run/fc.log"));
+        let json = config_json(
+            &c,
+            Some("lcfc1.0"),
+            Some(Path::new("/run/v.sock")),
+            Path::new("/run/fc.log"),
+        );
         assert_eq!(
             json["network-interfaces"],
             serde_json::json!([{
@@ -393,6 +465,10 @@ mod tests {
                 "host_dev_name": "lcfc1.0",
                 "guest_mac": "02:4c:0a:00:02:0f"
             }])
+        );
+        assert_eq!(
+            json["vsock"],
+            serde_json::json!({ "guest_cid": 3, "uds_path": "/run/v.sock" })
         );
     }
 

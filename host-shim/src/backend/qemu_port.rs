@@ -1,6 +1,8 @@
-//! The host end of the checkpoint port under QEMU (abi::checkpoint): a
-//! unix socket this shim listens on, which QEMU's `virtconsole` (port 0 of
-//! a `virtio-serial-device` on the microvm's virtio-mmio bus) connects to.
+//! The host end of the checkpoint port under QEMU and Firecracker
+//! (abi::checkpoint): a unix socket this shim listens on, which QEMU's
+//! `virtconsole` (port 0 of a `virtio-serial-device` on the microvm's
+//! virtio-mmio bus) connects to, or Firecracker's vsock device when the
+//! guest connects to host port `abi::checkpoint::VSOCK_PORT`.
 //!
 //! At boot the shim writes the chain to restore (its length, then its
 //! bytes); the guest reads it before its main runs. Then it reads every
@@ -46,6 +48,12 @@ impl CheckpointPort {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_file(&path);
+        Self::listen_at(path, restore, dir)
+    }
+
+    /// As [`Self::listen`], on the socket `path` (Firecracker connects to
+    /// `UDS_PATH_PORT` when the guest connects to vsock port `PORT`).
+    pub fn listen_at(path: PathBuf, restore: Vec<u8>, dir: Option<PathBuf>) -> Result<Self, Error> {
         let listener = UnixListener::bind(&path)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|e| {

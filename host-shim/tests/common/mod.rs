@@ -344,3 +344,24 @@ pub fn monitor_cpu_share(shim_pid: u32, period: Duration) -> f64 {
     let used = ticks() - before;
     used as f64 / 100.0 / start.elapsed().as_secs_f64()
 }
+
+/// The Firecracker binary named by `$FIRECRACKER`, or `None` (after saying
+/// the test was skipped and why) when the variable is unset. A set variable
+/// that names no file fails the test.
+pub fn firecracker() -> Option<PathBuf> {
+    let Some(path) = std::env::var_os("FIRECRACKER") else {
+        eprintln!(
+            "skipped: FIRECRACKER is not set (point it to a Firecracker binary, \
+             e.g. ../shared/bin/firecracker, to run this test)"
+        );
+        return None;
+    };
+    let path = PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "FIRECRACKER={} does not name a file",
+        path.display()
+    );
+    require_kvm();
+    Some(path)
+}
