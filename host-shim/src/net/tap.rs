@@ -96,6 +96,11 @@ impl Tap {
                 Ok(n) => out.push(buf[..n].to_vec()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // The host side of a TAP whose monitor exited (`host_side`).
+                Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => {
+                    tracing::debug!(tap = %self.name, "the device went away: {e}");
+                    return Ok(true);
+                }
                 Err(e) => return Err(e),
             }
         }
