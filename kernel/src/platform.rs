@@ -54,8 +54,8 @@ pub fn exit(code: i32) -> ! {
 }
 
 /// Longest single idle wait on PVH monitors (a device interrupt that never
-/// came costs at most this much).
-const PVH_IDLE_MAX_NS: u64 = 1_000_000_000;
+/// came costs at most this much); fits the LAPIC's 32-bit count of ns.
+const PVH_IDLE_MAX_NS: u64 = 4_000_000_000;
 
 /// Gives the host the CPU for at most `timeout_ns`, or until I/O is ready.
 /// On our shim that is `HC_YIELD`; on PVH monitors a ring-0 wait for an
