@@ -209,9 +209,20 @@ pub fn run(config: &RunConfig) -> Result<GuestExit, Error> {
         _ => None,
     };
     let child = guard.0.take().expect("still ours");
-    let exit = wait(child, config.timeout, console, errors);
+    let (mut dir, port) = match checkpoints {
+        Some((dir, port)) => (Some(dir), Some(port)),
+        None => (None, None),
+    };
+    // Once the guest is connected the sockets' directory can go: nothing
+    // is left behind even if we are killed.
+    let mut tidy = || {
+        if port.as_ref().is_some_and(CheckpointPort::connected) {
+            dir.take();
+        }
+    };
+    let exit = wait(child, config.timeout, console, errors, &mut tidy);
     // The port's thread ends once Firecracker has closed its end.
-    drop(checkpoints);
+    drop(port);
     exit
 }
 
@@ -306,9 +317,11 @@ fn wait(
     timeout: Option<Duration>,
     console: thread::JoinHandle<Option<u8>>,
     errors: thread::JoinHandle<String>,
+    tick: &mut dyn FnMut(),
 ) -> Result<GuestExit, Error> {
     let deadline = timeout.map(|t| Instant::now() + t);
     let status = loop {
+        tick();
         if let Some(status) = child.try_wait().map_err(FirecrackerError::Wait)? {
             break status;
         }

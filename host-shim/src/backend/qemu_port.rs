@@ -32,6 +32,8 @@ const ACCEPT_POLL: Duration = Duration::from_millis(5);
 pub struct CheckpointPort {
     path: PathBuf,
     stop: Arc<AtomicBool>,
+    /// Set once the monitor connected (the socket file is gone then).
+    connected: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -64,12 +66,17 @@ impl CheckpointPort {
             })?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
+        let connected = Arc::new(AtomicBool::new(false));
+        let (now_connected, socket) = (Arc::clone(&connected), path.clone());
         let thread = thread::Builder::new()
             .name("checkpoint-port".into())
             .spawn(move || {
                 let Some(stream) = accept(&listener, &flag) else {
                     return;
                 };
+                // One connection only: nothing more to find at the path.
+                let _ = std::fs::remove_file(&socket);
+                now_connected.store(true, Ordering::Release);
                 let sinks = dir.map(DirSink::new).into_iter().collect();
                 if let Err(e) = serve(stream, &restore, sinks) {
                     tracing::warn!("checkpoint port: {e}");
@@ -79,8 +86,14 @@ impl CheckpointPort {
         Ok(Self {
             path,
             stop,
+            connected,
             thread: Some(thread),
         })
+    }
+
+    /// Whether the monitor has connected.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
     }
 
     /// The socket QEMU connects to.
