@@ -35,9 +35,10 @@
 //! [`crate::hypercall::HC_CHECKPOINT`]; a checkpoint to restore is placed in
 //! guest RAM by the monitor and named by `BootInfo::restore_addr/restore_len`.
 //!
-//! Delivery on PVH monitors (QEMU): the *checkpoint port*, port 0 of a
-//! virtio console (`virtio-serial-device` + `virtconsole`) whose other end
-//! the host owns. At boot the host writes the chain to restore: its length
+//! Delivery on PVH monitors: the *checkpoint port*, a byte stream whose
+//! other end the host owns: under QEMU port 0 of a virtio console
+//! (`virtio-serial-device` + `virtconsole`), under Firecracker a virtio-vsock
+//! connection the guest opens to the host (CID 2) at [`VSOCK_PORT`]. At boot the host writes the chain to restore: its length
 //! (u64, 0 for none) and its bytes. Then the guest writes each blob (framed
 //! by its own header) and waits for one byte back: [`PORT_STORED`] once
 //! the host has stored it durably, else [`PORT_REFUSED`] — the same meaning
@@ -45,6 +46,9 @@
 
 use alloc::string::String;
 use alloc::vec::Vec;
+
+/// The vsock port of the checkpoint port on the host (Firecracker).
+pub const VSOCK_PORT: u32 = 5200;
 
 /// Checkpoint port: the host stored the blob (durably, where it goes to disk).
 pub const PORT_STORED: u8 = b'+';

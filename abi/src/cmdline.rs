@@ -10,8 +10,9 @@
 //! `lc.*` keys are the shim's (host, region, and parameters such as the
 //! network's `lc.ip=ADDR/PREFIX` and `lc.gw=ADDR`), `virtio_mmio.device=` entries are devices
 //! (Linux's syntax, also appended by QEMU microvm, even after `--`), and any
-//! other `KEY=VALUE` is the app's environment. Words after `--` are the
-//! app's arguments.
+//! other `KEY=VALUE` is the app's environment, except [`MONITOR_PARAMS`]
+//! (kernel parameters a monitor adds). Words after `--` are the app's
+//! arguments.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -30,6 +31,10 @@ pub const GATEWAY_KEY: &str = "lc.gw";
 pub const CHECKPOINT_EVERY_KEY: &str = "lc.checkpoint_every";
 /// Key prefix of a virtio-mmio device (`SIZE@BASE:IRQ`).
 pub const VIRTIO_MMIO_KEY: &str = "virtio_mmio.device";
+
+/// Kernel parameters monitors add before `--` (Firecracker: `pci=off`);
+/// they are not the app's environment.
+pub const MONITOR_PARAMS: &[&str] = &["pci=off"];
 
 /// A parsed command line.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -54,6 +59,7 @@ impl Cmdline {
                 Some((VIRTIO_MMIO_KEY, v)) => out.virtio_mmio.push(v.into()),
                 _ if in_args => out.args.push(token),
                 None if token == "--" => in_args = true,
+                _ if MONITOR_PARAMS.contains(&token.as_str()) => {}
                 Some((HOST_KEY, v)) => out.host = Some(v.into()),
                 Some((REGION_KEY, v)) => out.region = Some(v.into()),
                 Some((k, v)) if k.starts_with(PARAM_PREFIX) => {
@@ -191,6 +197,16 @@ mod tests {
         let c = Cmdline::parse("-- hello virtio_mmio.device=512@0xfeb00e00:12");
         assert_eq!(c.args, vec!["hello"]);
         assert_eq!(c.virtio_mmio, vec!["512@0xfeb00e00:12"]);
+    }
+
+    #[test]
+    fn what_firecracker_adds_is_neither_env_nor_args() {
+        // Firecracker inserts its parameters before ` -- `.
+        let c =
+            Cmdline::parse("lc.host=a K=V pci=off virtio_mmio.device=4K@0xc0001000:5 -- pci=off");
+        assert_eq!(c.env, vec![("K".into(), "V".into())]);
+        assert_eq!(c.args, vec!["pci=off"]);
+        assert_eq!(c.virtio_mmio, vec!["4K@0xc0001000:5"]);
     }
 
     #[test]

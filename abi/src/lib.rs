@@ -18,6 +18,8 @@ pub mod exit;
 pub mod hypercall;
 pub mod layout;
 pub mod note;
+#[cfg(any(test, feature = "virtio"))]
+pub mod virtio;
 pub mod x86;
 
 /// Version of this contract. Carried by every image (see [`note`]).

@@ -24,6 +24,9 @@ pub enum Backend {
     Kvm,
     /// QEMU microvm, booting the image's PVH entry.
     Qemu,
+    /// Firecracker, booting the image's PVH entry (`--firecracker PATH` or
+    /// `$FIRECRACKER`).
+    Firecracker,
 }
 
 /// QEMU's accelerator.
@@ -49,6 +52,8 @@ pub struct RunConfig {
     pub qemu_accel: QemuAccel,
     /// The KVM device node (`/dev/kvm`).
     pub kvm_device: PathBuf,
+    /// The Firecracker binary (`--firecracker`); `None`: `$FIRECRACKER`.
+    pub firecracker: Option<PathBuf>,
     /// The guests' network; `None`: no network device.
     pub network: Option<NetworkConfig>,
     /// More guests in the same process and on the same switch (`--also`),

@@ -163,6 +163,8 @@ pub enum Error {
     #[error(transparent)]
     Qemu(#[from] QemuError),
     #[error(transparent)]
+    Firecracker(#[from] crate::backend::firecracker::FirecrackerError),
+    #[error(transparent)]
     Net(#[from] NetError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),

@@ -6,7 +6,8 @@
 //! Firecracker: `vstate` (KVM VM, memory, vCPU), `boot` (image loading and
 //! boot-time state), `devices` (what the guest talks to: the hypercall
 //! doorbell, virtio-mmio devices), `net` (the virtual switch, user-mode
-//! gateway and TAP backend behind virtio-net), `backend` (KVM or QEMU),
+//! gateway and TAP backend behind virtio-net), `backend` (KVM, QEMU or
+//! Firecracker),
 //! `security` (host identities, TLS, overlay sealing).
 
 pub mod backend;
@@ -42,5 +43,6 @@ pub fn run(config: &RunConfig) -> Result<GuestExit, Error> {
     match config.backend {
         Backend::Kvm => backend::kvm::run(config, std::io::stdout()),
         Backend::Qemu => backend::qemu::run(config),
+        Backend::Firecracker => backend::firecracker::run(config),
     }
 }

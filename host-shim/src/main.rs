@@ -821,10 +821,15 @@ struct RunArgs {
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = config::parse_mem_size)]
     mem: u64,
 
-    /// The monitor: `kvm` (our own, the guest starts directly in ring 3) or
-    /// `qemu` (qemu-system-x86_64 -M microvm, booting the PVH entry).
+    /// The monitor: `kvm` (our own, the guest starts directly in ring 3),
+    /// `qemu` (qemu-system-x86_64 -M microvm, booting the PVH entry) or
+    /// `firecracker` (booting the PVH entry).
     #[arg(long, value_enum, default_value_t = Backend::Kvm)]
     backend: Backend,
+
+    /// The Firecracker binary for --backend firecracker [default: $FIRECRACKER].
+    #[arg(long, value_name = "PATH")]
+    firecracker: Option<PathBuf>,
 
     /// Stop the guest after this many seconds (fractions allowed) and exit
     /// with status 124.
@@ -1536,8 +1541,8 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         .iter()
         .map(|s| parse_also(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    if !also.is_empty() && args.backend == Backend::Qemu {
-        anyhow::bail!("--also needs --backend kvm: QEMU runs one guest per process");
+    if !also.is_empty() && args.backend != Backend::Kvm {
+        anyhow::bail!("--also needs --backend kvm: QEMU and Firecracker run one guest per process");
     }
     let net_options = NetOptions {
         net: args.net,
@@ -1593,6 +1598,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         timeout: args.timeout,
         qemu_accel: args.qemu_accel,
         kvm_device: args.kvm_device,
+        firecracker: args.firecracker,
         network,
         also: also_specs,
         restore: args.restore,

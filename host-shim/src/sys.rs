@@ -1,6 +1,6 @@
 //! Thin wrappers over the Linux calls no crate offers us: `epoll_pwait2`
-//! (epoll with a nanosecond timeout) and `TUNSETIFF` (attach to a TAP
-//! device), a thread's CPU clock, the effective user and a child's death
+//! (epoll with a nanosecond timeout), `TUNSETIFF` (attach to a TAP device),
+//! an interface's host side (link up, a packet socket on it), a thread's CPU clock, the effective user and a child's death
 //! with its parent. With `vstate`, the only `unsafe` code of the shim; each block
 //! has its `SAFETY:` argument.
 
@@ -71,6 +71,105 @@ pub fn tun_set_iff(tun: &impl AsRawFd, name: &str) -> io::Result<String> {
         .iter()
         .map(|&c| c as u8 as char)
         .collect())
+}
+
+fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
+    // SAFETY: ifreq is plain data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= req.ifr_name.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("'{name}' is not a valid interface name"),
+        ));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    Ok(req)
+}
+
+fn datagram_socket() -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: socket(2) has no memory arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sets the host side of interface `name` administratively up.
+pub fn set_link_up(name: &str) -> io::Result<()> {
+    let socket = datagram_socket()?;
+    let mut req = ifreq_for(name)?;
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write one `struct ifreq`,
+    // which `req` is and which lives across the calls.
+    unsafe {
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// `PACKET_IGNORE_OUTGOING` (Linux 4.20), not in the libc crate.
+const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+
+/// A non-blocking raw packet socket on interface `name`: it reads the
+/// frames that arrive on the host side (from the device side of a TAP) and
+/// sends frames out of it, never its own frames back.
+pub fn packet_socket(name: &str) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let c_name = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in interface name"))?;
+    // SAFETY: `c_name` is a NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let protocol = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: socket(2) has no memory arguments.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            protocol as libc::c_int,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = protocol;
+    addr.sll_ifindex = index as i32;
+    // SAFETY: `addr` is a live sockaddr_ll of the size passed.
+    let ret = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast::<libc::sockaddr>(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    setsockopt(
+        &socket,
+        libc::SOL_PACKET,
+        PACKET_IGNORE_OUTGOING,
+        &1 as &libc::c_int,
+    )?;
+    Ok(socket)
 }
 
 /// `setsockopt(fd, level, name, value)` for a plain-data option value.

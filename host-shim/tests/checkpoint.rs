@@ -771,3 +771,65 @@ fn kv_serves_a_big_checkpoint_in_place_exactly_as_if_loaded() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn keys_move_from_our_shim_to_firecracker_and_back() {
+    if common::firecracker().is_none() {
+        return;
+    }
+    require_tool("redis-cli", "redis-tools");
+    let img = image("kv");
+    let (d1, d2) = (tmp_dir("fc-kvm"), tmp_dir("fc"));
+    const N: usize = 2_000;
+
+    // 1. Under our shim: load, checkpoint.
+    let (mut a, p) = boot_kv(
+        &img,
+        &[
+            "--checkpoint-every",
+            "200ms",
+            "--checkpoint-to",
+            d1.to_str().unwrap(),
+        ],
+        "kv under our shim",
+    );
+    load(p, 0..N);
+    fresh_checkpoint(&mut a, &d1);
+    a.stop();
+
+    // 2. Under Firecracker: restore over vsock, change, checkpoint (stored
+    //    before the guest goes on).
+    let ck1 = d1.join("latest.ckpt");
+    let extra = [
+        "--backend",
+        "firecracker",
+        "--restore",
+        ck1.to_str().unwrap(),
+        "--checkpoint-every",
+        "300ms",
+        "--checkpoint-to",
+        d2.to_str().unwrap(),
+    ];
+    let (mut f, p) = boot_kv(&img, &extra, "kv restored under Firecracker");
+    check_keys(p, N, N);
+    assert_eq!(
+        cli(p, &["SET", "moved", "to-firecracker"]).as_deref(),
+        Some("OK")
+    );
+    fresh_checkpoint(&mut f, &d2);
+    let (out, _) = f.stop();
+    assert!(out.contains(&format!("kv: restored {N} keys")), "{out}");
+
+    // 3. Back under our shim.
+    let ck2 = d2.join("latest.ckpt");
+    let (b, p) = boot_kv(
+        &img,
+        &["--restore", ck2.to_str().unwrap()],
+        "kv back under our shim",
+    );
+    check_keys(p, N, N + 1);
+    assert_eq!(cli(p, &["GET", "moved"]).as_deref(), Some("to-firecracker"));
+    b.stop();
+    let _ = std::fs::remove_dir_all(&d1);
+    let _ = std::fs::remove_dir_all(&d2);
+}

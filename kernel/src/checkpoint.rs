@@ -3,8 +3,9 @@
 //! the host's requests for one.
 //!
 //! On our shim both go through guest RAM and `HC_CHECKPOINT`. On PVH
-//! monitors (QEMU) they go through the *checkpoint port*, a virtio console
-//! (virtio-drivers, found by `crate::virtio`): the chain to restore is read
+//! monitors they go through the *checkpoint port*: a virtio console under
+//! QEMU, a virtio-vsock connection to the host under Firecracker (both
+//! virtio-drivers, found by `crate::virtio`). The chain to restore is read
 //! from it into the heap before the app's main runs, and every checkpoint
 //! is written to it and acknowledged by the host once stored.
 
@@ -18,11 +19,13 @@ use core::future::poll_fn;
 use core::sync::atomic::{AtomicU64, Ordering};
 use core::task::Poll;
 use virtio_drivers::device::console::VirtIOConsole;
-use virtio_drivers::transport::mmio::MmioTransport;
+use virtio_drivers::device::socket::{
+    SocketError, VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEventType, VMADDR_CID_HOST,
+};
 use virtio_drivers::transport::DeviceType;
 
 use crate::arch::x86_64::mmio;
-use crate::virtio::UnikernelHal;
+use crate::virtio::{GuestTransport, UnikernelHal};
 
 static RESTORE: spin::Once<Option<&'static [u8]>> = spin::Once::new();
 static SEEN_REQUESTS: AtomicU64 = AtomicU64::new(0);
@@ -30,8 +33,109 @@ static SEEN_REQUESTS: AtomicU64 = AtomicU64::new(0);
 static PORT: spin::Mutex<Option<Port>> = spin::Mutex::new(None);
 /// Bytes per write to the checkpoint port.
 const PORT_CHUNK: usize = 64 << 10;
+/// Bytes per vsock packet (Firecracker takes up to 64 KiB).
+const VSOCK_CHUNK: usize = 32 << 10;
+/// Receive buffer of the vsock connection (the host's credit).
+const VSOCK_BUFFER: u32 = 256 << 10;
+/// The guest's end of the vsock connection.
+const VSOCK_LOCAL_PORT: u32 = 1024;
+/// How long the host may take to accept the vsock connection.
+const VSOCK_CONNECT_NS: u64 = 10_000_000_000;
 
-type Port = VirtIOConsole<UnikernelHal, MmioTransport<'static>>;
+type Vsock = VsockConnectionManager<UnikernelHal, GuestTransport>;
+
+/// The checkpoint port: a byte stream to the host.
+enum Port {
+    Console(alloc::boxed::Box<VirtIOConsole<UnikernelHal, GuestTransport>>),
+    Vsock(alloc::boxed::Box<Vsock>),
+}
+
+const HOST: VsockAddr = VsockAddr {
+    cid: VMADDR_CID_HOST,
+    port: abi::checkpoint::VSOCK_PORT,
+};
+
+impl Port {
+    fn send_all(&mut self, bytes: &[u8]) -> Result<(), virtio_drivers::Error> {
+        match self {
+            Port::Console(c) => bytes.chunks(PORT_CHUNK).try_for_each(|b| c.send_bytes(b)),
+            Port::Vsock(v) => {
+                for chunk in bytes.chunks(VSOCK_CHUNK) {
+                    loop {
+                        match v.send(HOST, VSOCK_LOCAL_PORT, chunk) {
+                            Ok(()) => break,
+                            // Wait for the host's credit update.
+                            Err(virtio_drivers::Error::SocketDeviceError(
+                                SocketError::InsufficientBufferSpaceInPeer,
+                            )) => vsock_event(v)?,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Fills `buf`, polling.
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), virtio_drivers::Error> {
+        match self {
+            Port::Console(c) => {
+                for b in buf {
+                    *b = loop {
+                        match c.recv(true)? {
+                            Some(byte) => break byte,
+                            None => core::hint::spin_loop(),
+                        }
+                    };
+                }
+            }
+            Port::Vsock(v) => {
+                let mut filled = 0;
+                while filled < buf.len() {
+                    let n = v.recv(HOST, VSOCK_LOCAL_PORT, &mut buf[filled..])?;
+                    if n > 0 {
+                        filled += n;
+                        v.update_credit(HOST, VSOCK_LOCAL_PORT)?;
+                    } else {
+                        vsock_event(v)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Handles the next vsock event (spinning until there is one); a closed
+/// connection is an error.
+fn vsock_event(v: &mut Vsock) -> Result<(), virtio_drivers::Error> {
+    loop {
+        match v.poll()? {
+            Some(e) if matches!(e.event_type, VsockEventType::Disconnected { .. }) => {
+                return Err(SocketError::NotConnected.into())
+            }
+            Some(_) => return Ok(()),
+            None => core::hint::spin_loop(),
+        }
+    }
+}
+
+/// Opens the vsock connection to the host's checkpoint port.
+fn connect_vsock(mut v: Vsock) -> Result<Vsock, virtio_drivers::Error> {
+    v.connect(HOST, VSOCK_LOCAL_PORT)?;
+    let give_up = crate::time::now_ns().saturating_add(VSOCK_CONNECT_NS);
+    loop {
+        match v.poll()?.map(|e| e.event_type) {
+            Some(VsockEventType::Connected) => return Ok(v),
+            Some(VsockEventType::Disconnected { .. }) => {
+                return Err(SocketError::NotConnected.into())
+            }
+            _ if crate::time::now_ns() > give_up => return Err(SocketError::NotConnected.into()),
+            _ => core::hint::spin_loop(),
+        }
+    }
+}
 
 fn boot_info() -> BootInfo {
     mmio::read(BOOT_INFO_ADDR)
@@ -58,22 +162,16 @@ pub(crate) fn init(info: &BootInfo, image_end: u64) {
 /// Opens the checkpoint port, if the monitor gave one, and reads the chain
 /// to restore from it.
 fn open_port() -> Option<&'static [u8]> {
-    let transport = match crate::virtio::probe(DeviceType::Console) {
-        Ok(Some(t)) => t,
+    let port = match open_device() {
+        Ok(Some(p)) => p,
         Ok(None) => return None,
-        Err(e) => {
-            log::warn!("checkpoint port: bad virtio_mmio.device entry {:?}", e.0);
-            return None;
-        }
-    };
-    let mut port = match Port::new(transport) {
-        Ok(p) => p,
         Err(e) => {
             // The host may be waiting to hand over a checkpoint to restore.
             log::error!("checkpoint port: {e}");
             crate::exit(abi::exit::EXIT_FAILURE.into())
         }
     };
+    let mut port = port;
     let start = crate::time::now_ns();
     let restore = read_restore(&mut port);
     if let Ok(Some(blob)) = &restore {
@@ -95,11 +193,30 @@ fn open_port() -> Option<&'static [u8]> {
     }
 }
 
+/// The checkpoint port's device: a virtio console (QEMU), else a vsock
+/// device connected to the host (Firecracker), else none.
+fn open_device() -> Result<Option<Port>, alloc::string::String> {
+    let text = |e: virtio_drivers::Error| alloc::format!("{e}");
+    let bad = |e: crate::virtio::BadDeviceSpec| alloc::format!("bad virtio_mmio.device {:?}", e.0);
+    if let Some(p) = crate::virtio::probe(DeviceType::Console).map_err(bad)? {
+        let console = VirtIOConsole::new(p.transport).map_err(text)?;
+        p.check.result().map_err(|e| alloc::format!("{e}"))?;
+        return Ok(Some(Port::Console(alloc::boxed::Box::new(console))));
+    }
+    if let Some(p) = crate::virtio::probe(DeviceType::Socket).map_err(bad)? {
+        let socket = VirtIOSocket::new(p.transport).map_err(text)?;
+        p.check.result().map_err(|e| alloc::format!("{e}"))?;
+        let v = connect_vsock(Vsock::new_with_capacity(socket, VSOCK_BUFFER)).map_err(text)?;
+        return Ok(Some(Port::Vsock(alloc::boxed::Box::new(v))));
+    }
+    Ok(None)
+}
+
 /// The host's first message: the length of the chain to restore (0: none)
 /// and its bytes.
 fn read_restore(port: &mut Port) -> Result<Option<Vec<u8>>, virtio_drivers::Error> {
     let mut len = [0u8; 8];
-    read_exact(port, &mut len)?;
+    port.read_exact(&mut len)?;
     let len = u64::from_le_bytes(len);
     if len == 0 {
         return Ok(None);
@@ -114,21 +231,8 @@ fn read_restore(port: &mut Port) -> Result<Option<Vec<u8>>, virtio_drivers::Erro
         return Err(virtio_drivers::Error::InvalidParam);
     }
     blob.resize(len as usize, 0);
-    read_exact(port, &mut blob)?;
+    port.read_exact(&mut blob)?;
     Ok(Some(blob))
-}
-
-/// Fills `buf` from the port, polling (no interrupts here).
-fn read_exact(port: &mut Port, buf: &mut [u8]) -> Result<(), virtio_drivers::Error> {
-    for b in buf {
-        *b = loop {
-            match port.recv(true)? {
-                Some(byte) => break byte,
-                None => core::hint::spin_loop(),
-            }
-        };
-    }
-    Ok(())
 }
 
 /// The checkpoint the monitor handed over to restore, unverified.
@@ -180,10 +284,9 @@ fn save_to_port(blob: &[u8]) -> Saved {
         return Saved::Refused;
     };
     let mut answer = [0u8];
-    let sent = blob
-        .chunks(PORT_CHUNK)
-        .try_for_each(|chunk| port.send_bytes(chunk))
-        .and_then(|()| read_exact(port, &mut answer));
+    let sent = port
+        .send_all(blob)
+        .and_then(|()| port.read_exact(&mut answer));
     match (sent, answer[0]) {
         (Ok(()), abi::checkpoint::PORT_STORED) => Saved::Stored,
         (Ok(()), _) => Saved::Refused,

@@ -6,7 +6,7 @@ use abi::boot::Platform;
 use abi::hypercall::{doorbell_slot, HC_EXIT, HC_YIELD};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use crate::arch::x86_64::{mmio, pvh, trap};
+use crate::arch::x86_64::{apic, mmio, pvh, trap};
 
 static PLATFORM: AtomicU32 = AtomicU32::new(Platform::Shim as u32);
 static DOORBELL: AtomicU64 = AtomicU64::new(abi::layout::DOORBELL_ADDR);
@@ -53,10 +53,19 @@ pub fn exit(code: i32) -> ! {
     }
 }
 
+/// Longest single idle wait on PVH monitors (a device interrupt that never
+/// came costs at most this much); fits the LAPIC's 32-bit count of ns.
+const PVH_IDLE_MAX_NS: u64 = 4_000_000_000;
+
 /// Gives the host the CPU for at most `timeout_ns`, or until I/O is ready.
-/// On platforms without that hypercall it returns at once (the caller polls).
-/// The guest may come back on another host: this is where it notices.
+/// On our shim that is `HC_YIELD`; on PVH monitors a ring-0 wait for an
+/// interrupt (the LAPIC timer or a device's), or nothing when `timeout_ns`
+/// is 0. The guest may come back on another host: this is where it notices.
 pub fn yield_for(timeout_ns: u64) {
-    hypercall(HC_YIELD, timeout_ns);
+    match get() {
+        Platform::Shim => hypercall(HC_YIELD, timeout_ns),
+        Platform::Pvh if timeout_ns == 0 || !apic::ready() => {}
+        Platform::Pvh => trap::idle(timeout_ns.min(PVH_IDLE_MAX_NS) as u32),
+    }
     crate::migration::check();
 }

@@ -18,8 +18,9 @@ pub(crate) extern "C" fn kernel_main(boot_info: u64) -> ! {
     }
     let platform = Platform::from_u32(info.platform).unwrap_or(Platform::Shim);
     crate::platform::set(platform);
-    if platform == Platform::Shim {
-        crate::platform::set_doorbell(info.doorbell_addr);
+    match platform {
+        Platform::Shim => crate::platform::set_doorbell(info.doorbell_addr),
+        Platform::Pvh => crate::arch::x86_64::apic::init_user(),
     }
     crate::time::init(&info);
     crate::heap::init(&info);

@@ -5,8 +5,10 @@
 //! `HC_YIELD` hypercall: with timeout 0 if tasks are still runnable (the
 //! exit also lets the shim flush queued TX frames and fill RX buffers), else
 //! until the next timer deadline or I/O. After the host returns, tasks that
-//! wait for I/O ([`wake_on_io`]) are woken to look at their devices. No
-//! interrupts are involved, so nothing here needs interrupt masking.
+//! wait for I/O ([`wake_on_io`]) are woken to look at their devices. On PVH
+//! monitors the wait is a ring-0 `hlt` woken by the LAPIC timer or a device
+//! interrupt (`kernel::platform::yield_for`); ring 3 never takes interrupts,
+//! so nothing here needs interrupt masking.
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;

@@ -129,7 +129,8 @@ struct SingleVcpu;
 
 critical_section::set_impl!(SingleVcpu);
 
-// SAFETY: with one vCPU and interrupts never enabled, code between acquire
+// SAFETY: with one vCPU and interrupts enabled only inside the ring-0 idle
+// wait (whose handlers touch nothing but two flags), code between acquire
 // and release cannot be interrupted or run concurrently.
 unsafe impl critical_section::Impl for SingleVcpu {
     unsafe fn acquire() -> critical_section::RawRestoreState {}

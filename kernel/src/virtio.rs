@@ -4,7 +4,11 @@
 //! entries ([`probe`]) and DMA ([`UnikernelHal`]: guest memory is
 //! identity-mapped, so a buffer's address is what the device sees; DMA pages
 //! come from the heap). The drivers' MMIO works from ring 3 (DESIGN §5).
+//! Every transport is wrapped in [`abi::virtio::SpecTransport`], so devices
+//! are initialised in the order the virtio spec sets (strict monitors such as
+//! Firecracker refuse virtio-drivers' own order).
 
+use abi::virtio::{InitCheck, SpecTransport};
 use alloc::alloc::{alloc_zeroed, dealloc, Layout};
 use alloc::string::String;
 use core::ptr::NonNull;
@@ -38,9 +42,26 @@ pub fn parse_spec(spec: &str) -> Option<(u64, u64)> {
     Some((number(size)?, number(base)?))
 }
 
+/// The transport every driver of the guest uses.
+pub type GuestTransport = SpecTransport<MmioTransport<'static>>;
+
+/// The interrupt line of a `SIZE@BASE:IRQ` spec, if it names one.
+pub fn parse_irq(spec: &str) -> Option<u32> {
+    spec.rsplit_once(':')?.1.parse().ok()
+}
+
+/// A device found by [`probe`].
+pub struct Probed {
+    pub transport: GuestTransport,
+    /// To check once a driver has initialised the device.
+    pub check: InitCheck,
+    /// Its interrupt line, if the command line names one.
+    pub irq: Option<u32>,
+}
+
 /// The transport of the first virtio-mmio device of type `ty` named on the
 /// command line, if any (windows that hold no valid device are skipped).
-pub fn probe(ty: DeviceType) -> Result<Option<MmioTransport<'static>>, BadDeviceSpec> {
+pub fn probe(ty: DeviceType) -> Result<Option<Probed>, BadDeviceSpec> {
     for spec in &crate::cmdline::get().virtio_mmio {
         let bad = || BadDeviceSpec(spec.clone());
         let (size, base) = parse_spec(spec).ok_or_else(bad)?;
@@ -56,7 +77,12 @@ pub fn probe(ty: DeviceType) -> Result<Option<MmioTransport<'static>>, BadDevice
             }
         };
         if transport.device_type() == ty {
-            return Ok(Some(transport));
+            let (transport, check) = SpecTransport::new(transport);
+            return Ok(Some(Probed {
+                transport,
+                check,
+                irq: parse_irq(spec),
+            }));
         }
     }
     Ok(None)

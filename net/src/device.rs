@@ -1,9 +1,11 @@
 //! The virtio-net device as an `embassy-net-driver`.
 //!
-//! No interrupts: RX buffers are posted up front and the used ring is
+//! Driven by polling: RX buffers are posted up front and the used ring is
 //! polled whenever the stack asks for a frame; with nothing there the
 //! caller's waker is woken after the next return from the host
-//! (`kernel::task::wake_on_io`). TX frames are queued without a per-frame
+//! (`kernel::task::wake_on_io`). On PVH monitors the device's interrupt
+//! only ends the executor's idle wait (`kernel::arch::x86_64::apic`) and is
+//! acknowledged here. TX frames are queued without a per-frame
 //! notification when the device suppresses notifications (our shim does
 //! and drains the queue on the executor's next `HC_YIELD`), so a burst of
 //! frames costs one VM exit.
@@ -16,11 +18,11 @@ use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use core::task::Context;
 use embassy_net_driver::{Capabilities, HardwareAddress, LinkState};
 use virtio_drivers::device::net::VirtIONetRaw;
-use virtio_drivers::transport::mmio::MmioTransport;
 use virtio_drivers::transport::DeviceType;
 
 use crate::Error;
-use kernel::virtio::UnikernelHal;
+use abi::boot::Platform;
+use kernel::virtio::{GuestTransport, UnikernelHal};
 
 /// Descriptors per queue (RX buffers posted, TX frames in flight).
 pub const QUEUE_SIZE: usize = 128;
@@ -29,7 +31,7 @@ const BUF_LEN: usize = 2048;
 /// Largest Ethernet frame (without FCS).
 const MTU: usize = 1514;
 
-type Raw = VirtIONetRaw<UnikernelHal, MmioTransport<'static>, QUEUE_SIZE>;
+type Raw = VirtIONetRaw<UnikernelHal, GuestTransport, QUEUE_SIZE>;
 
 /// The interface's IPv4 address (for gratuitous ARP), 0 until configured.
 static ADDRESS: AtomicU32 = AtomicU32::new(0);
@@ -82,14 +84,19 @@ pub struct VirtioNet {
 impl VirtioNet {
     /// Finds the first virtio-mmio network device on the command line.
     pub fn probe() -> Result<Self, Error> {
-        let transport = kernel::virtio::probe(DeviceType::Network)
+        let probed = kernel::virtio::probe(DeviceType::Network)
             .map_err(|e| Error::BadDeviceSpec(e.0))?
             .ok_or(Error::NoDevice)?;
-        Self::new(transport)
+        let raw = Raw::new(probed.transport).map_err(Error::Virtio)?;
+        probed.check.result().map_err(Error::Features)?;
+        if let (Platform::Pvh, Some(irq)) = (kernel::platform::get(), probed.irq) {
+            // Its interrupts end the executor's idle wait.
+            kernel::arch::x86_64::apic::route_device_irq(irq);
+        }
+        Self::new(raw)
     }
 
-    fn new(transport: MmioTransport<'static>) -> Result<Self, Error> {
-        let mut raw = Raw::new(transport).map_err(Error::Virtio)?;
+    fn new(mut raw: Raw) -> Result<Self, Error> {
         let mac = raw.mac_address();
         let mut rx_posted: Vec<Option<Box<[u8]>>> = (0..QUEUE_SIZE).map(|_| None).collect();
         for _ in 0..QUEUE_SIZE {
@@ -243,6 +250,11 @@ impl embassy_net_driver::Driver for VirtioNet {
 
     fn receive(&mut self, cx: &mut Context) -> Option<(RxToken<'_>, TxToken<'_>)> {
         let mut inner = self.inner.borrow_mut();
+        if kernel::arch::x86_64::apic::take_device_irq() {
+            // Before looking at the queues, so a later completion raises
+            // the line again (QEMU's is level-triggered).
+            inner.raw.ack_interrupt();
+        }
         inner.reclaim_tx();
         inner.announce_if_moved();
         if inner.tx_free.is_empty() {

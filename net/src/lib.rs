@@ -32,6 +32,8 @@ pub enum Error {
     BadDeviceSpec(alloc::string::String),
     /// The device failed to initialise.
     Virtio(virtio_drivers::Error),
+    /// The device refused the features the driver negotiated.
+    Features(abi::virtio::FeaturesRejected),
     /// `lc.ip` / `lc.gw` could not be parsed.
     BadConfig(&'static str),
 }
@@ -45,6 +47,7 @@ impl core::fmt::Display for Error {
             ),
             Error::BadDeviceSpec(s) => write!(f, "bad virtio_mmio.device entry {s:?}"),
             Error::Virtio(e) => write!(f, "virtio-net: {e}"),
+            Error::Features(e) => write!(f, "virtio-net: {e}"),
             Error::BadConfig(what) => write!(f, "bad network configuration: {what}"),
         }
     }

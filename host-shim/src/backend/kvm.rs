@@ -258,6 +258,7 @@ mod tests {
             cmdline: "lc.host=test lc.region=local --".into(),
             qemu_accel: QemuAccel::Tcg,
             kvm_device: KVM_DEVICE.into(),
+            firecracker: None,
             network: None,
             also: Vec::new(),
             restore: None,

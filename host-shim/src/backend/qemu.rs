@@ -265,6 +265,7 @@ mod tests {
             cmdline: "lc.host=h lc.region=local -- \"a b\"".into(),
             qemu_accel: accel,
             kvm_device: "/dev/kvm".into(),
+            firecracker: None,
             network: None,
             also: Vec::new(),
             restore: None,

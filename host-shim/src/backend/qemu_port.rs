@@ -1,6 +1,8 @@
-//! The host end of the checkpoint port under QEMU (abi::checkpoint): a
-//! unix socket this shim listens on, which QEMU's `virtconsole` (port 0 of
-//! a `virtio-serial-device` on the microvm's virtio-mmio bus) connects to.
+//! The host end of the checkpoint port under QEMU and Firecracker
+//! (abi::checkpoint): a unix socket this shim listens on, which QEMU's
+//! `virtconsole` (port 0 of a `virtio-serial-device` on the microvm's
+//! virtio-mmio bus) connects to, or Firecracker's vsock device when the
+//! guest connects to host port `abi::checkpoint::VSOCK_PORT`.
 //!
 //! At boot the shim writes the chain to restore (its length, then its
 //! bytes); the guest reads it before its main runs. Then it reads every
@@ -30,6 +32,8 @@ const ACCEPT_POLL: Duration = Duration::from_millis(5);
 pub struct CheckpointPort {
     path: PathBuf,
     stop: Arc<AtomicBool>,
+    /// Set once the monitor connected (the socket file is gone then).
+    connected: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -46,6 +50,12 @@ impl CheckpointPort {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_file(&path);
+        Self::listen_at(path, restore, dir)
+    }
+
+    /// As [`Self::listen`], on the socket `path` (Firecracker connects to
+    /// `UDS_PATH_PORT` when the guest connects to vsock port `PORT`).
+    pub fn listen_at(path: PathBuf, restore: Vec<u8>, dir: Option<PathBuf>) -> Result<Self, Error> {
         let listener = UnixListener::bind(&path)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|e| {
@@ -56,12 +66,17 @@ impl CheckpointPort {
             })?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
+        let connected = Arc::new(AtomicBool::new(false));
+        let (now_connected, socket) = (Arc::clone(&connected), path.clone());
         let thread = thread::Builder::new()
             .name("checkpoint-port".into())
             .spawn(move || {
                 let Some(stream) = accept(&listener, &flag) else {
                     return;
                 };
+                // One connection only: nothing more to find at the path.
+                let _ = std::fs::remove_file(&socket);
+                now_connected.store(true, Ordering::Release);
                 let sinks = dir.map(DirSink::new).into_iter().collect();
                 if let Err(e) = serve(stream, &restore, sinks) {
                     tracing::warn!("checkpoint port: {e}");
@@ -71,8 +86,14 @@ impl CheckpointPort {
         Ok(Self {
             path,
             stop,
+            connected,
             thread: Some(thread),
         })
+    }
+
+    /// Whether the monitor has connected.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
     }
 
     /// The socket QEMU connects to.

@@ -251,11 +251,42 @@ impl Network {
             _ => Vec::new(),
         };
         let traffic = record(&config.publish, &published);
-        let mut net = Self::launch(&config.mode, USER_GATEWAY, USER_PREFIX, published, None)?;
+        let tap = match &config.mode {
+            NetMode::Tap(name) => Some(Tap::open(name)?),
+            _ => None,
+        };
+        let mut net = Self::launch(
+            &config.mode,
+            tap,
+            USER_GATEWAY,
+            USER_PREFIX,
+            published,
+            None,
+        )?;
         *lock(&net.traffic) = traffic;
         for nic in &config.nics {
             net.ports.push(net.attach(nic.mac)?);
         }
+        Ok(net)
+    }
+
+    /// The user-mode network of `config` (gateway and published ports) for
+    /// a guest another monitor runs behind the TAP device `leg` (see
+    /// [`Tap::host_side`]): the TAP is a port of the switch, and no guest
+    /// port of ours is attached.
+    pub fn start_with_leg(config: &NetworkConfig, leg: Tap) -> Result<Self, NetError> {
+        let main_ip = config.nics.first().map_or(USER_FIRST_GUEST, |n| n.ip);
+        let published = bind_published(&config.publish, main_ip)?;
+        let traffic = record(&config.publish, &published);
+        let net = Self::launch(
+            &NetMode::User,
+            Some(leg),
+            USER_GATEWAY,
+            USER_PREFIX,
+            published,
+            None,
+        )?;
+        *lock(&net.traffic) = traffic;
         Ok(net)
     }
 
@@ -264,6 +295,7 @@ impl Network {
     pub fn start_shared(config: &SharedNetConfig) -> Result<Self, NetError> {
         Self::launch(
             &NetMode::User,
+            None,
             config.gateway,
             config.prefix,
             Vec::new(),
@@ -273,6 +305,7 @@ impl Network {
 
     fn launch(
         mode: &NetMode,
+        tap: Option<Tap>,
         gateway_ip: Ipv4Addr,
         prefix: u8,
         published: Vec<(Published, HostSocketKind)>,
@@ -300,21 +333,16 @@ impl Network {
             ),
             _ => None,
         };
-        let tap = match mode {
-            NetMode::Tap(name) => {
-                let tap = Tap::open(name)?;
-                epoll
-                    .ctl(
-                        ControlOperation::Add,
-                        tap.as_raw_fd(),
-                        EpollEvent::new(EventSet::IN, token::TAP),
-                    )
-                    .map_err(setup("epoll"))?;
-                tracing::info!("guest network on TAP device {}", tap.name());
-                Some(tap)
-            }
-            _ => None,
-        };
+        if let Some(tap) = &tap {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    tap.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, token::TAP),
+                )
+                .map_err(setup("epoll"))?;
+            tracing::info!("guest network on TAP device {}", tap.name());
+        }
         let (overlay, peers) = match overlay {
             Some(config) => {
                 let o = overlay::Overlay::bind(config).map_err(|e| {

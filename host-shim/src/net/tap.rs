@@ -65,6 +65,24 @@ impl Tap {
         Ok(Self { file, name })
     }
 
+    /// The host side of the TAP device `name`, whose device side another
+    /// monitor holds (Firecracker): the interface is set up and a packet
+    /// socket on it carries the frames of that monitor's guest, so the TAP
+    /// is one more leg of the switch.
+    pub fn host_side(name: &str) -> Result<Self, NetError> {
+        let fail = |what: &str, e: io::Error| NetError::Tap {
+            name: name.to_owned(),
+            detail: format!("{what}: {e}"),
+        };
+        crate::sys::set_link_up(name).map_err(|e| fail("cannot set the link up", e))?;
+        let socket = crate::sys::packet_socket(name)
+            .map_err(|e| fail("cannot open a packet socket on it (needs CAP_NET_RAW)", e))?;
+        Ok(Self {
+            file: File::from(socket),
+            name: name.to_owned(),
+        })
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -78,6 +96,11 @@ impl Tap {
                 Ok(n) => out.push(buf[..n].to_vec()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // The host side of a TAP whose monitor exited (`host_side`).
+                Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => {
+                    tracing::debug!(tap = %self.name, "the device went away: {e}");
+                    return Ok(true);
+                }
                 Err(e) => return Err(e),
             }
         }

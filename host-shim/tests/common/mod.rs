@@ -319,3 +319,49 @@ impl Redis {
             .to_owned()
     }
 }
+
+/// The share of one core that the monitor process `host-shim run` started
+/// (its child: QEMU, Firecracker) used over `period`, from its utime +
+/// stime in `/proc` (clock ticks of 1/100 s).
+pub fn monitor_cpu_share(shim_pid: u32, period: Duration) -> f64 {
+    let children = std::fs::read_to_string(format!("/proc/{shim_pid}/task/{shim_pid}/children"))
+        .expect("the shim's children");
+    let monitor: u32 = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("the shim {shim_pid} started no monitor process"));
+    let ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{monitor}/stat")).expect("monitor stat");
+        // Fields after the command name, which is in parentheses: utime and stime are 14 and 15.
+        let after = &stat[stat.rfind(')').expect("stat format") + 2..];
+        let fields: Vec<&str> = after.split(' ').collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let before = ticks();
+    let start = Instant::now();
+    std::thread::sleep(period);
+    let used = ticks() - before;
+    used as f64 / 100.0 / start.elapsed().as_secs_f64()
+}
+
+/// The Firecracker binary named by `$FIRECRACKER`, or `None` (after saying
+/// the test was skipped and why) when the variable is unset. A set variable
+/// that names no file fails the test.
+pub fn firecracker() -> Option<PathBuf> {
+    let Some(path) = std::env::var_os("FIRECRACKER") else {
+        eprintln!(
+            "skipped: FIRECRACKER is not set (point it to a Firecracker binary, \
+             e.g. ../shared/bin/firecracker, to run this test)"
+        );
+        return None;
+    };
+    let path = PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "FIRECRACKER={} does not name a file",
+        path.display()
+    );
+    require_kvm();
+    Some(path)
+}

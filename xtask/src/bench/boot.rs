@@ -1,8 +1,10 @@
-//! `cargo xtask bench boot`: boot time and memory of the `hello` image under our shim and
-//! under QEMU microvm (KVM and TCG), measured side by side in one run.
+//! `cargo xtask bench boot`: boot time and memory of the `hello` image under our shim, under
+//! Firecracker (when `$FIRECRACKER` names its binary) and under QEMU microvm (KVM and TCG),
+//! measured side by side in one run.
 //!
 //! Each run spawns the monitor with stdout piped and records the time from spawn to the first
-//! complete stdout line (the guest's first console line) and to process exit, and the child's
+//! complete stdout line that is the guest's (not a monitor's own log line) and to process
+//! exit, and the child's
 //! peak RSS from `wait4`'s rusage. Runs of the configurations are interleaved so that drift in
 //! the machine's load affects them alike. A configuration that fails (QEMU missing, a backend
 //! erroring, a guest hanging past the timeout) is reported as failed with the reason and
@@ -26,6 +28,8 @@ use crate::workspace::{self, Workspace};
 const BENCH_APP: &str = "hello";
 /// QEMU binary, looked up on `PATH`.
 const QEMU: &str = "qemu-system-x86_64";
+/// The environment variable naming the Firecracker binary.
+const FIRECRACKER_ENV: &str = "FIRECRACKER";
 
 /// Options of `bench boot`.
 #[derive(Debug)]
@@ -41,14 +45,26 @@ enum ExitConvention {
     Plain,
     /// QEMU `isa-debug-exit`: guest code c becomes status (c << 1) | 1, so 1 means guest exit 0.
     IsaDebugExit,
+    /// No exit device (Firecracker): status 0 after the guest's serial exit line
+    /// (`abi::exit::SERIAL_EXIT_PREFIX`) with status 0.
+    SerialExitLine,
 }
 
 impl ExitConvention {
-    fn check(self, status: ExitStatus) -> Result<(), String> {
+    fn check(self, status: ExitStatus, stdout: &[u8]) -> Result<(), String> {
         let Some(code) = status.code() else {
             return Err(format!("killed by signal {}", status.signal().unwrap_or(0)));
         };
         match self {
+            Self::SerialExitLine if code != 0 => Err(format!("exit status {code}")),
+            Self::SerialExitLine => {
+                let text = String::from_utf8_lossy(stdout);
+                match text.lines().rev().find_map(abi::exit::parse_serial_exit) {
+                    Some((_, 0)) => Ok(()),
+                    Some((_, c)) => Err(format!("guest exit code {c}")),
+                    None => Err("exit status 0 without the guest's exit line".into()),
+                }
+            }
             Self::Plain if code == 0 => Ok(()),
             Self::Plain => Err(format!("exit status {code}")),
             Self::IsaDebugExit if code == 1 => Ok(()),
@@ -135,7 +151,7 @@ impl Outcome {
         let verdict = if let Some(limit) = self.timed_out {
             Err(format!("timed out after {limit:?}"))
         } else {
-            exit.check(self.status).and_then(|()| {
+            exit.check(self.status, &self.stdout).and_then(|()| {
                 self.first_line
                     .ok_or_else(|| "no complete line on stdout".to_owned())
             })
@@ -183,10 +199,11 @@ fn run(mut cmd: Command, timeout: Duration) -> Result<Outcome> {
     let stdout_reader = thread::spawn(move || {
         let (mut buf, mut chunk, mut first_line) = (Vec::new(), [0u8; 4096], None);
         while let Ok(n @ 1..) = stdout.read(&mut chunk) {
-            if first_line.is_none() && chunk[..n].contains(&b'\n') {
+            let seen = buf.len();
+            buf.extend_from_slice(&chunk[..n]);
+            if first_line.is_none() && has_guest_line(&buf, seen) {
                 first_line = Some(start.elapsed());
             }
-            buf.extend_from_slice(&chunk[..n]);
         }
         (buf, first_line)
     });
@@ -226,6 +243,26 @@ fn run(mut cmd: Command, timeout: Duration) -> Result<Outcome> {
         stdout,
         stderr,
     })
+}
+
+/// Whether `buf` holds a complete line ending at or after `from` that is not a monitor's own
+/// log line (Firecracker prints one, `... [anonymous-instance:main] Running Firecracker ...`,
+/// before the guest starts).
+fn has_guest_line(buf: &[u8], from: usize) -> bool {
+    let mut start = 0;
+    for (i, &b) in buf.iter().enumerate() {
+        if b == b'\n' {
+            let line = &buf[start..i];
+            let monitor_log = line
+                .windows(b" [anonymous-instance:".len())
+                .any(|w| w == b" [anonymous-instance:");
+            if i >= from && !monitor_log {
+                return true;
+            }
+            start = i + 1;
+        }
+    }
+    false
 }
 
 /// Blocks until child `pid` has exited, without reaping it.
@@ -288,12 +325,36 @@ pub fn boot(ws: &Workspace, opts: &BootOptions) -> Result<()> {
             .args([img])
             .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
     };
-    let mut configs = [
-        Config::new("host-shim (KVM)", &shim, ExitConvention::Plain)
-            .args([OsString::from("run"), img.into()]),
-        qemu("QEMU microvm, KVM", "kvm", "host,-arch-capabilities"),
-        qemu("QEMU microvm, TCG", "tcg", "max"),
-    ];
+    let mut configs = vec![Config::new("host-shim (KVM)", &shim, ExitConvention::Plain)
+        .args([OsString::from("run"), img.into()])];
+    match std::env::var_os(FIRECRACKER_ENV).filter(|p| !p.is_empty()) {
+        Some(firecracker) => {
+            let cfg = ws.target_dir.join("bench-boot-firecracker.json");
+            let log = ws.target_dir.join("bench-boot-firecracker.log");
+            std::fs::write(&log, b"").with_context(|| format!("cannot write {}", log.display()))?;
+            let json = serde_json::json!({
+                "boot-source": { "kernel_image_path": image.path, "boot_args": "lc.host=bench" },
+                "drives": [],
+                "machine-config": { "vcpu_count": 1, "mem_size_mib": 64 },
+                "logger": { "log_path": log, "level": "Warning" },
+            });
+            std::fs::write(&cfg, json.to_string())
+                .with_context(|| format!("cannot write {}", cfg.display()))?;
+            configs.push(
+                Config::new("Firecracker", firecracker, ExitConvention::SerialExitLine).args([
+                    OsString::from("--no-api"),
+                    "--config-file".into(),
+                    cfg.into(),
+                ]),
+            );
+        }
+        None => eprintln!(
+            "bench boot: Firecracker skipped: ${FIRECRACKER_ENV} is not set (point it to a \
+             Firecracker binary, e.g. ../shared/bin/firecracker)"
+        ),
+    }
+    configs.push(qemu("QEMU microvm, KVM", "kvm", "host,-arch-capabilities"));
+    configs.push(qemu("QEMU microvm, TCG", "tcg", "max"));
 
     for run in 1..=opts.runs {
         eprintln!("bench boot: run {run}/{}", opts.runs);
@@ -383,6 +444,7 @@ fn print_report(configs: &[Config], image: &image::Image, opts: &BootOptions) {
     };
     let fastest_qemu = configs[1..]
         .iter()
+        .filter(|c| c.name.starts_with("QEMU"))
         .filter(ok)
         .min_by(|a, b| median_of(a, |s| s.first_line).total_cmp(&median_of(b, |s| s.first_line)));
     println!();
@@ -510,12 +572,34 @@ mod tests {
     #[test]
     fn isa_debug_exit_convention() {
         let status = |code: i32| ExitStatus::from_raw(code << 8);
-        assert!(ExitConvention::IsaDebugExit.check(status(1)).is_ok());
-        assert!(ExitConvention::IsaDebugExit.check(status(0)).is_err());
-        let err = ExitConvention::IsaDebugExit.check(status(5)).unwrap_err();
+        assert!(ExitConvention::IsaDebugExit.check(status(1), b"").is_ok());
+        assert!(ExitConvention::IsaDebugExit.check(status(0), b"").is_err());
+        let err = ExitConvention::IsaDebugExit
+            .check(status(5), b"")
+            .unwrap_err();
         assert!(err.starts_with("guest exit code 2"), "{err}");
-        assert!(ExitConvention::Plain.check(status(0)).is_ok());
-        assert!(ExitConvention::Plain.check(status(1)).is_err());
+        assert!(ExitConvention::Plain.check(status(0), b"").is_ok());
+        assert!(ExitConvention::Plain.check(status(1), b"").is_err());
+    }
+
+    #[test]
+    fn serial_exit_line_convention() {
+        let status = |code: i32| ExitStatus::from_raw(code << 8);
+        let c = ExitConvention::SerialExitLine;
+        assert!(c.check(status(0), b"Hello\nlibcloud-exit: 0\n").is_ok());
+        assert!(c.check(status(0), b"Hello\n").is_err());
+        let err = c.check(status(0), b"libcloud-exit: 101\n").unwrap_err();
+        assert_eq!(err, "guest exit code 101");
+        assert!(c.check(status(1), b"libcloud-exit: 0\n").is_err());
+    }
+
+    #[test]
+    fn monitor_log_lines_are_not_the_first_console_line() {
+        let fc = b"2026-12-07T01:40:47.5 [anonymous-instance:main] Running Firecracker v1.16.1\n";
+        assert!(!has_guest_line(fc, 0));
+        let both = [&fc[..], b"Hello\n"].concat();
+        assert!(has_guest_line(&both, fc.len()));
+        assert!(!has_guest_line(b"Hello", 0));
     }
 
     #[test]

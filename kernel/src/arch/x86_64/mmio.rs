@@ -1,5 +1,5 @@
 //! Volatile access to guest-physical memory the host also reads: the
-//! doorbell page, the boot information block, the kvmclock page.
+//! doorbell page, the boot information block, the kvmclock page, the APICs.
 
 /// Writes `value` to the 8-byte MMIO register at `addr`.
 #[inline]
@@ -8,6 +8,14 @@ pub fn write_u64(addr: u64, value: u64) {
     // SAFETY: callers pass addresses of the device window or low tables,
     // which the page tables map (abi::layout); the access is aligned.
     unsafe { core::ptr::write_volatile(addr as *mut u64, value) };
+}
+
+/// Writes `value` to the 4-byte MMIO register at `addr` (APIC registers).
+#[inline]
+pub fn write_u32(addr: u64, value: u32) {
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    // SAFETY: callers pass addresses of the mapped device range; aligned.
+    unsafe { core::ptr::write_volatile(addr as *mut u32, value) };
 }
 
 /// Reads a `T` at `addr` without tearing assumptions (volatile).

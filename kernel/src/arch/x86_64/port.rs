@@ -1,6 +1,7 @@
 //! Port I/O for PVH platforms, used from ring 0 only (port I/O from ring 3
 //! faults on PVM hosts): the 16550 UART at 0x3f8, `isa-debug-exit` at 0xf4,
-//! and the PIT for calibrating the TSC when there is no kvmclock.
+//! the i8042's reset line, and the PIT for calibrating the TSC when there
+//! is no kvmclock.
 
 use core::arch::asm;
 
@@ -9,6 +10,10 @@ pub const COM1: u16 = 0x3f8;
 const LSR_THR_EMPTY: u8 = 0x20;
 /// `isa-debug-exit,iobase=0xf4`: QEMU exits with status `(value << 1) | 1`.
 const DEBUG_EXIT: u16 = 0xf4;
+/// The i8042 command port; [`I8042_RESET`] pulses the CPU reset line
+/// (Firecracker exits on it).
+const I8042_COMMAND: u16 = 0x64;
+const I8042_RESET: u8 = 0xfe;
 
 fn outb(port: u16, value: u8) {
     // SAFETY: ring 0 on a PVH platform; the ports are the legacy devices named above.
@@ -44,9 +49,29 @@ pub fn serial_write(bytes: &[u8]) {
     }
 }
 
-/// Asks the monitor to exit with `code`; halts if it has no debug-exit device.
+/// Asks the monitor to exit with `code`: through `isa-debug-exit` (QEMU);
+/// where there is none (Firecracker), the last serial line carries the
+/// status (abi::exit::SERIAL_EXIT_PREFIX) and the i8042 resets the machine.
 pub fn debug_exit(code: u8) -> ! {
     outl(DEBUG_EXIT, code as u32);
+    let mut line = [0u8; abi::exit::SERIAL_EXIT_PREFIX.len() + 4];
+    line[..abi::exit::SERIAL_EXIT_PREFIX.len()]
+        .copy_from_slice(abi::exit::SERIAL_EXIT_PREFIX.as_bytes());
+    let mut len = abi::exit::SERIAL_EXIT_PREFIX.len();
+    for digit in [code / 100, code / 10 % 10, code % 10]
+        .into_iter()
+        .skip_while(|&d| d == 0)
+    {
+        line[len] = b'0' + digit;
+        len += 1;
+    }
+    if code == 0 {
+        line[len] = b'0';
+        len += 1;
+    }
+    line[len] = b'\n';
+    serial_write(&line[..len + 1]);
+    outb(I8042_COMMAND, I8042_RESET);
     loop {
         // SAFETY: ring 0; with interrupts off this stops the vCPU for good.
         unsafe { asm!("cli", "hlt", options(nomem, nostack)) };

@@ -15,7 +15,7 @@ use abi::x86;
 use core::fmt::Write;
 use zerocopy::IntoBytes;
 
-use super::{cpu, mmio, port};
+use super::{apic, cpu, mmio, port};
 
 const HVM_START_MAGIC: u32 = 0x336e_c578;
 const E820_RAM: u32 = 1;
@@ -106,6 +106,7 @@ pub extern "C" fn pvh_main(start_info: u64) -> ! {
     x86::gdt(mmio::write_u64);
     x86::tss(mmio::write_u64);
     x86::idt(trap_stubs_addr(), mmio::write_u64);
+    apic::init();
     x86::page_tables(mem_size, x86::PVH_MMIO, mmio::write_u64);
     mmio::write_bytes(CMDLINE_ADDR, &cmdline[..cmdline_len + 1]);
     let boot = BootInfo {
@@ -190,7 +191,7 @@ pub fn serve(nr: u64, value: u64) {
             let w: ConsoleWrite = mmio::read(value);
             port::serial_write(mmio::slice(w.buf, w.len.min(CONSOLE_WRITE_MAX) as usize));
         }
-        HC_YIELD => {} // no timer interrupts here: the caller polls
+        HC_YIELD => {} // the idle wait is `trap::idle`, not a hypercall
         // (checkpoints travel over the virtio checkpoint port instead:
         // kernel::checkpoint)
         HC_PANIC => {

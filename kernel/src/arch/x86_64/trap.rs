@@ -8,6 +8,11 @@
 //! - serves a PVH hypercall: a #UD raised by the `ud2` at `pvh_hypercall_ud2`
 //!   (abi::hypercall explains why), then resumes after it; or
 //! - reports the exception to the host, which stops the guest.
+//!
+//! On PVH monitors the #UD gate is `pvh_ud_entry` instead (see [`idle`]):
+//! it serves the idle wait in a handful of ring-0 instructions (ring-0 code
+//! is very slow on PVM hosts) and passes every other #UD to the stubs. The
+//! interrupt stubs that wake the wait live here too.
 
 use abi::hypercall::{FaultReport, HC_FAULT};
 
@@ -68,6 +73,80 @@ trap_common:
     addq $16, %rsp
     iretq
 
+    /* PVH #UD gate: the idle `ud2` arms the LAPIC timer (edi = initial
+       count, 0 = none) and waits for an interrupt with `sti; hlt`. */
+    .global pvh_ud_entry
+pvh_ud_entry:
+    pushq %rax
+    leaq pvh_idle_ud2(%rip), %rax
+    cmpq %rax, 8(%rsp)
+    popq %rax
+    jne 2f
+    addq $2, (%rsp)
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    movl %edi, %eax
+    cmpb $0, {x2apic}(%rip)
+    je 1f
+    movl $0x838, %ecx
+    xorl %edx, %edx
+    wrmsr
+    jmp 3f
+1:
+    movl $0xfee00380, %ecx
+    movl %eax, (%rcx)
+3:
+    sti
+    hlt
+    cli
+    popq %rdx
+    popq %rcx
+    popq %rax
+    iretq
+2:
+    pushq $0
+    pushq $6
+    jmp trap_common
+
+    /* Interrupts that end the idle wait: acknowledge and return. */
+    .global pvh_device_irq_entry
+pvh_device_irq_entry:
+    movb $1, {device_irq}(%rip)
+    .global pvh_irq_entry
+pvh_irq_entry:
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    xorl %eax, %eax
+    cmpb $0, {x2apic}(%rip)
+    je 1f
+    movl $0x80b, %ecx
+    xorl %edx, %edx
+    wrmsr
+    jmp 2f
+1:
+    movl $0xfee000b0, %ecx
+    movl %eax, (%rcx)
+2:
+    popq %rdx
+    popq %rcx
+    popq %rax
+    iretq
+
+    .global pvh_spurious_entry
+pvh_spurious_entry:
+    iretq
+
+    /* extern "C" fn pvh_idle(count), called from ring 3. */
+    .section .text, "ax"
+    .global pvh_idle
+pvh_idle:
+    .global pvh_idle_ud2
+pvh_idle_ud2:
+    ud2
+    ret
+
     /* extern "C" fn pvh_hypercall(nr, value), called from ring 3. */
     .section .text, "ax"
     .global pvh_hypercall
@@ -80,12 +159,38 @@ pvh_hypercall_ud2:
     ret
 "#,
     trap_handler = sym trap_handler,
+    x2apic = sym super::apic::X2APIC,
+    device_irq = sym super::apic::DEVICE_IRQ,
     options(att_syntax)
 );
 
 extern "C" {
     fn pvh_hypercall(nr: u64, value: u64);
     fn pvh_hypercall_ud2();
+    fn pvh_idle(count: u32);
+    fn pvh_ud_entry();
+    fn pvh_irq_entry();
+    fn pvh_device_irq_entry();
+    fn pvh_spurious_entry();
+}
+
+/// The handlers of the PVH gates [`super::apic::init`] installs:
+/// `(#UD, timer and other interrupts, device interrupts, spurious)`.
+pub(crate) fn pvh_gates() -> (u64, u64, u64, u64) {
+    (
+        pvh_ud_entry as *const () as u64,
+        pvh_irq_entry as *const () as u64,
+        pvh_device_irq_entry as *const () as u64,
+        pvh_spurious_entry as *const () as u64,
+    )
+}
+
+/// Waits in ring 0 for an interrupt on a PVH platform (from ring 3): the
+/// LAPIC timer after `count` ns (0: no timer), or a device's.
+pub fn idle(count: u32) {
+    // SAFETY: `pvh_idle` is a C-ABI function; its `ud2` traps to
+    // `pvh_ud_entry`, which waits and resumes after the `ud2`.
+    unsafe { pvh_idle(count) }
 }
 
 const INVALID_OPCODE: u64 = 6;
