@@ -365,7 +365,12 @@ pub fn serve(daemon: &Arc<Daemon>, listener: TcpListener, security: Option<Arc<H
                         ),
                     }
                 }
-                refuse(&server.slots, tcp, &why, server.slots.max);
+                if server.security.is_some() {
+                    // A TLS client cannot read a plain-text 503: close at once.
+                    drop(tcp);
+                } else {
+                    refuse(&server.slots, tcp, &why, server.slots.max);
+                }
                 continue;
             }
         };
@@ -415,8 +420,8 @@ fn drained(tcp: &mut TcpStream) -> bool {
     }
 }
 
-/// A 503 to a connection there is no room for, without waiting on it (it
-/// lingers a moment, so that the answer is not lost to a reset).
+/// A 503 to a plain-HTTP connection there is no room for, without waiting
+/// on it (it lingers a moment, so that the answer is not lost to a reset).
 fn refuse(slots: &Slots, tcp: TcpStream, why: &Refused, max: usize) {
     let _ = tcp.set_nonblocking(true);
     let mut tcp = tcp;
