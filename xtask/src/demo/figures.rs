@@ -80,6 +80,7 @@ pub fn oracle(samples: &[Sample], regions: usize, tick_s: f64) -> Shares {
 /// request was due (or its previous reply came, if later) to the reply.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Stall {
+    pub region: usize,
     pub begin_s: f64,
     pub end_s: f64,
 }
@@ -97,6 +98,7 @@ pub fn stalls(samples: &[Sample]) -> Vec<Stall> {
         };
         let end = s.reply_s();
         out.push(Stall {
+            region: s.region,
             begin_s: begin.min(end),
             end_s: end,
         });
@@ -105,13 +107,18 @@ pub fn stalls(samples: &[Sample]) -> Vec<Stall> {
     out
 }
 
-/// The longest stall (ms) that overlaps `[from_s, to_s]`.
-pub fn gap_ms(stalls: &[Stall], from_s: f64, to_s: f64) -> f64 {
+/// The longest stall (ms) that overlaps `[from_s, to_s]`, and whose it was.
+pub fn gap(stalls: &[Stall], from_s: f64, to_s: f64) -> Option<(f64, usize)> {
     stalls
         .iter()
         .filter(|s| s.end_s >= from_s && s.begin_s <= to_s)
-        .map(|s| (s.end_s - s.begin_s) * 1e3)
-        .fold(0.0, f64::max)
+        .map(|s| ((s.end_s - s.begin_s) * 1e3, s.region))
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+}
+
+/// The longest stall (ms) that overlaps `[from_s, to_s]` (0 without one).
+pub fn gap_ms(stalls: &[Stall], from_s: f64, to_s: f64) -> f64 {
+    gap(stalls, from_s, to_s).map_or(0.0, |g| g.0)
 }
 
 /// The median of the longest stall over the windows of `len_s` seconds

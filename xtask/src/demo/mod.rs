@@ -110,8 +110,10 @@ struct MoveFigures {
     /// The shim's figure: pause to resume.
     downtime_ms: f64,
     total_ms: f64,
-    /// The longest wait for a reply any client saw around it.
+    /// The longest wait for a reply any client saw around it, and in
+    /// which region.
     gap_ms: f64,
+    gap_region: usize,
 }
 
 impl MoveFigures {
@@ -299,8 +301,16 @@ pub fn follow_the_sun(ws: &Workspace, opts: &DemoOptions) -> Result<()> {
         let samples = std::mem::take(&mut *samples.lock().unwrap());
         let mut moves = Vec::new();
         if let Some(controller) = controller {
-            match controller
-                .finish(CONTROLLER_PATIENCE)
+            let (finished, origin) = controller.finish(CONTROLLER_PATIENCE);
+            let status = match finished {
+                Ok(()) => "exited 0".to_owned(),
+                Err(e) => {
+                    failures.push(format!("{e:#}"));
+                    "FAILED".to_owned()
+                }
+            };
+            match origin
+                .context("the scheduler never printed its 'scheduling ...' line")
                 .and_then(|origin| moves_of(&events, &regions, origin, start, &samples))
             {
                 Ok(m) => moves = m,
@@ -314,7 +324,7 @@ pub fn follow_the_sun(ws: &Workspace, opts: &DemoOptions) -> Result<()> {
                 ));
             }
             println!(
-                "  [schedule] exited 0; its events hold {} moves, the dashboard saw {seen}",
+                "  [schedule] {status}; its events hold {} moves, the dashboard saw {seen}",
                 moves.len()
             );
         }
@@ -551,13 +561,32 @@ impl Controller {
         })
     }
 
-    /// Waits up to `patience` for it to end; an error unless it exited 0
-    /// without a warning or an error. Returns when it started its clock.
-    fn finish(mut self, patience: Duration) -> Result<Instant> {
+    /// Waits up to `patience` for it to end: an error unless it exited 0
+    /// without a warning or an error, and when it started its clock.
+    fn finish(mut self, patience: Duration) -> (Result<()>, Option<Instant>) {
+        let result = self.wait(patience);
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        let problems = self.problems.lock().unwrap().join(" | ");
+        let result = result.and_then(|status| {
+            if !status.success() {
+                bail!("the scheduler exited with {status}: {problems}");
+            }
+            if !problems.is_empty() {
+                bail!("the scheduler reported: {problems}");
+            }
+            Ok(())
+        });
+        let origin = *self.origin.lock().unwrap();
+        (result, origin)
+    }
+
+    fn wait(&mut self, patience: Duration) -> Result<std::process::ExitStatus> {
         let deadline = Instant::now() + patience;
-        let status = loop {
+        loop {
             if let Some(status) = self.child.try_wait()? {
-                break status;
+                return Ok(status);
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
@@ -568,22 +597,7 @@ impl Controller {
                 );
             }
             thread::sleep(Duration::from_millis(50));
-        };
-        for r in self.readers.drain(..) {
-            let _ = r.join();
         }
-        let problems = self.problems.lock().unwrap();
-        if !status.success() {
-            bail!(
-                "the scheduler exited with {status}: {}",
-                problems.join(" | ")
-            );
-        }
-        if !problems.is_empty() {
-            bail!("the scheduler reported: {}", problems.join(" | "));
-        }
-        let origin = *self.origin.lock().unwrap();
-        origin.context("the scheduler never printed its 'scheduling ...' line")
     }
 }
 
@@ -633,9 +647,10 @@ fn moves_of(
                     downtime_ms: num("downtime_ms")?,
                     total_ms: num("total_ms")?,
                     gap_ms: 0.0,
+                    gap_region: 0,
                 };
                 let (from, to) = m.window();
-                m.gap_ms = figures::gap_ms(&stalls, from, to);
+                (m.gap_ms, m.gap_region) = figures::gap(&stalls, from, to).unwrap_or((0.0, 0));
                 moves.push(m);
             }
             _ => bail!(bad("an unknown event")),
@@ -760,14 +775,15 @@ fn print_moves(regions: &[RegionSpec], fts: &Outcome, stalls: &[figures::Stall],
     println!("|---:|---|---:|---:|---:|---:|");
     for m in moves {
         println!(
-            "| {:.1} s | {} -> {} | {:.0} ms | {:.1} ms | {:.0} ms | {:.0} ms |",
+            "| {:.1} s | {} -> {} | {:.0} ms | {:.1} ms | {:.0} ms | {:.0} ms ({}) |",
             m.at_s,
             regions[m.from].name,
             regions[m.to].name,
             fleet::one_way_ms(m.from, m.to),
             m.downtime_ms,
             m.total_ms,
-            m.gap_ms
+            m.gap_ms,
+            regions[m.gap_region].name
         );
     }
     let busy: Vec<(f64, f64)> = moves.iter().map(MoveFigures::window).collect();
