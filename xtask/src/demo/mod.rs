@@ -383,7 +383,7 @@ pub fn follow_the_sun(ws: &Workspace, opts: &DemoOptions) -> Result<()> {
         .find(|o| o.label == Run::FollowTheSun.label(&regions))
         .expect("the follow-the-sun run");
     let computed = &outcomes[outcomes.len() - 2];
-    print_moves(&regions, fts, &figures::stalls(&fts_samples), opts.day_secs);
+    print_moves(&regions, fts, &fts_samples, opts.day_secs);
     for m in fts.moves.iter().flatten() {
         let one_way = fleet::one_way_ms(m.from, m.to);
         if m.downtime_ms < one_way {
@@ -473,6 +473,11 @@ fn print_rtts(fleet: &Fleet) -> Result<()> {
     Ok(())
 }
 
+/// The controller's hysteresis: the gain (ms of request-weighted latency)
+/// a move must bring.
+const THRESHOLD_MS: f64 = 5.0;
+/// The requests a round needs for a move (fewer are no evidence).
+const MIN_REQUESTS: u64 = 3;
 /// How long the controller may take to finish its rounds after the day.
 const CONTROLLER_PATIENCE: Duration = Duration::from_secs(60);
 /// Problem lines of the controller kept for the report.
@@ -500,7 +505,8 @@ impl Controller {
         let rounds = (period.as_secs_f64() / interval.as_secs_f64()).ceil() as u64 + 4;
         let mut child = Command::new(host_shim)
             .args(["schedule", fleet::APP, "--policy", "follow-the-sun"])
-            .args(["--threshold", "5ms", "--min-requests", "3"])
+            .args(["--threshold", &format!("{THRESHOLD_MS}ms")])
+            .args(["--min-requests", &MIN_REQUESTS.to_string()])
             .args(["--interval", &format!("{}ms", interval.as_millis())])
             .args(["--rounds", &rounds.to_string()])
             .arg("--events")
@@ -762,7 +768,8 @@ fn print_table(regions: &[RegionSpec], outcomes: &[Outcome]) {
 }
 
 /// Every move of the follow-the-sun run, and the clients' baseline wait.
-fn print_moves(regions: &[RegionSpec], fts: &Outcome, stalls: &[figures::Stall], day_s: f64) {
+fn print_moves(regions: &[RegionSpec], fts: &Outcome, samples: &[Sample], day_s: f64) {
+    let stalls = &figures::stalls(samples);
     let moves = fts.moves.as_deref().unwrap_or_default();
     println!(
         "\nMoves of the follow-the-sun run (downtime: the shim's pause to resume; client gap: \
@@ -790,10 +797,35 @@ fn print_moves(regions: &[RegionSpec], fts: &Outcome, stalls: &[figures::Stall],
     let mut lengths: Vec<f64> = busy.iter().map(|(a, b)| b - a).collect();
     let len = figures::median(&mut lengths).unwrap_or(2.0);
     match figures::baseline_gap_ms(stalls, &busy, len, day_s) {
-        Some((gap, n)) => println!(
-            "\nbaseline client gap without a migration: {gap:.0} ms (median over {n} windows of \
-             {len:.1} s of the longest wait for a reply)"
-        ),
+        Some((gap, n)) => {
+            let per_region: Vec<String> = regions
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| {
+                    let mine: Vec<figures::Stall> =
+                        stalls.iter().filter(|s| s.region == i).copied().collect();
+                    let (g, _) = figures::baseline_gap_ms(&mine, &busy, len, day_s)?;
+                    Some(format!("{} {g:.0} ms", r.name))
+                })
+                .collect();
+            println!(
+                "\nbaseline client gap without a migration: {gap:.0} ms (median over {n} windows \
+                 of {len:.1} s of the longest wait for a reply; per region: {})",
+                per_region.join(", ")
+            );
+        }
         None => println!("\nbaseline client gap without a migration: no window without a move"),
     }
+    let late = |inside: bool| {
+        samples
+            .iter()
+            .filter(|s| s.latency_ms > BOUND_MS)
+            .filter(|s| busy.iter().any(|&(a, b)| (a..=b).contains(&s.due_s)) == inside)
+            .count()
+    };
+    println!(
+        "requests over {BOUND_MS} ms: {} due in the moves' windows, {} elsewhere",
+        late(true),
+        late(false)
+    );
 }
