@@ -160,4 +160,67 @@ mod tests {
         );
         assert!(rtt < Duration::from_millis(1000), "round trip {rtt:?}");
     }
+
+    #[test]
+    fn connections_over_the_limit_are_refused_and_closed_ones_free_their_slot() {
+        let target = TcpListener::bind("127.0.0.1:0").unwrap();
+        let target_addr = target.local_addr().unwrap();
+        // The target keeps every connection open until told to close them.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        thread::spawn(move || {
+            let mut held = Vec::new();
+            for s in target.incoming().flatten() {
+                held.push(s);
+                if held.len() == MAX_CONNECTIONS {
+                    let _ = rx.recv();
+                    held.clear();
+                }
+            }
+        });
+        let relay = TcpRelay::start(
+            "127.0.0.1:0".parse().unwrap(),
+            target_addr,
+            Duration::from_millis(1),
+        )
+        .unwrap();
+        let mut open: Vec<TcpStream> = (0..MAX_CONNECTIONS)
+            .map(|_| TcpStream::connect(relay.local_addr()).unwrap())
+            .collect();
+        // Wait until the relay has taken all of them.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let refused = loop {
+            let mut extra = TcpStream::connect(relay.local_addr()).unwrap();
+            extra
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            let mut buf = [0u8; 1];
+            match extra.read(&mut buf) {
+                Ok(0) => break true,
+                _ if std::time::Instant::now() > deadline => break false,
+                _ => open.push(extra), // taken: the limit was not reached yet
+            }
+        };
+        assert!(
+            refused,
+            "the relay took more than {MAX_CONNECTIONS} connections"
+        );
+        assert_eq!(open.len(), MAX_CONNECTIONS);
+        // Closing them frees the slots.
+        drop(open);
+        tx.send(()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut c = TcpStream::connect(relay.local_addr()).unwrap();
+            c.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let mut buf = [0u8; 1];
+            match c.read(&mut buf) {
+                Ok(0) if std::time::Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(50))
+                }
+                Ok(0) => panic!("the relay still refuses after its connections closed"),
+                _ => break, // timed out waiting for data: relayed
+            }
+        }
+    }
 }
