@@ -232,7 +232,7 @@ pub fn follow_the_sun(ws: &Workspace, opts: &DemoOptions) -> Result<()> {
         vec![Run::OneRegion, Run::StaticBest(best), Run::FollowTheSun]
     };
 
-    say("starting three regions (a shim daemon each; overlay links through delaying relays)");
+    say("starting three regions (a shim daemon each; every link between them through delaying relays)");
     let fleet = Fleet::start(&host_shim, &regions, &dir.0)?;
     fleet.wait_for_rtts()?;
     print_rtts(&fleet)?;
