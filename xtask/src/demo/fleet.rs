@@ -175,8 +175,8 @@ impl Fleet {
         let overlays: Vec<SocketAddr> = (0..n).map(|_| ports.udp()).collect::<Result<_>>()?;
         let apis: Vec<SocketAddr> = (0..n).map(|_| ports.tcp()).collect::<Result<_>>()?;
         let mut peer_args: Vec<Vec<String>> = vec![Vec::new(); n];
-        let via = |args: &mut Vec<String>, real: SocketAddr, via: SocketAddr| {
-            args.extend(["--peer-via".into(), format!("{real}={via}")]);
+        let via = |args: &mut Vec<String>, real: SocketAddr, relay: SocketAddr| {
+            args.extend(["--peer-via".into(), format!("{real}={relay}")]);
         };
         for a in 0..n {
             for b in a + 1..n {
