@@ -584,7 +584,9 @@ struct ServeArgs {
 
     /// Reach the peer at overlay address REAL through the relay at VIA
     /// (e.g. a `wan-relay udp` emulating a WAN link), and take datagrams from
-    /// VIA as REAL's; may be repeated.
+    /// VIA as REAL's; this daemon's TCP connections to a peer's API address
+    /// REAL (migrations, image pushes, standby checkpoints) go to VIA too (a
+    /// `wan-relay tcp`; TLS still pins the peer); may be repeated.
     #[arg(long, value_name = "REAL=VIA", value_parser = parse_peer_via)]
     peer_via: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
 

@@ -1,6 +1,7 @@
 //! A delaying UDP relay: datagrams sent to the listen address go to the
 //! target, and the target's replies go back to the last sender, each
-//! direction held for the one-way delay.
+//! direction held for the one-way delay. At most [`QUEUE`] bytes wait in
+//! each direction; more are dropped, as a router's full queue would.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -9,6 +10,9 @@ use std::thread;
 use std::time::Duration;
 
 use crate::delay::DelayLine;
+
+/// Bytes of datagrams held per direction.
+pub const QUEUE: usize = 4 << 20;
 
 /// A running UDP relay (its threads live until the process ends).
 pub struct UdpRelay {
@@ -38,15 +42,15 @@ impl UdpRelay {
         back.connect(target)?;
         let peer: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
 
-        let to_target = Arc::new(DelayLine::<Vec<u8>>::new(delay));
-        let to_peer = Arc::new(DelayLine::<Vec<u8>>::new(delay));
+        let to_target = Arc::new(DelayLine::<Vec<u8>>::new(delay, QUEUE));
+        let to_peer = Arc::new(DelayLine::<Vec<u8>>::new(delay, QUEUE));
         {
             let (front, line, peer) = (front.try_clone()?, to_target.clone(), peer.clone());
             thread::spawn(move || {
                 let mut buf = vec![0u8; 65536];
                 while let Ok((n, from)) = front.recv_from(&mut buf) {
                     *peer.lock().unwrap() = Some(from);
-                    line.push(buf[..n].to_vec());
+                    line.try_push(buf[..n].to_vec(), n);
                 }
             });
         }
@@ -55,7 +59,7 @@ impl UdpRelay {
             thread::spawn(move || {
                 let mut buf = vec![0u8; 65536];
                 while let Ok(n) = back.recv(&mut buf) {
-                    line.push(buf[..n].to_vec());
+                    line.try_push(buf[..n].to_vec(), n);
                 }
             });
         }

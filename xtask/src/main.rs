@@ -87,10 +87,13 @@ enum DemoCmd {
     /// runs all in one region, at the best static placement, then under
     /// `host-shim schedule --policy follow-the-sun`, one compressed day each.
     ///
-    /// Needs /dev/kvm. Prints progress, then the share of requests answered under 15 ms per
-    /// region and overall for the three runs, the migrations and their total downtime, and
-    /// checks that every key and write survived on the clients' original connections.
-    /// A live dashboard (world map, moves, latency) is served while it runs.
+    /// Needs /dev/kvm. Every byte between regions (overlay, migrations, API calls) crosses a
+    /// relay with the pair's one-way delay. Prints progress, then the share of requests
+    /// answered under 15 ms per region and overall for the three runs, the best static and
+    /// the ideal placement computed for the same traffic, every move's downtime (the shim's
+    /// and the clients' longest wait, with a no-migration baseline), and checks that every
+    /// key and write survived on the clients' original connections. Fails if the scheduler
+    /// fails or its event file misses a move. A live dashboard is served while it runs.
     FollowTheSun(DemoArgs),
 }
 
@@ -100,7 +103,8 @@ struct DemoArgs {
     #[arg(long, value_name = "SECS")]
     day_secs: Option<f64>,
     /// Only the follow-the-sun run, on a 20 s day unless --day-secs says otherwise
-    /// (the end-to-end test); fails unless the app moved at least twice.
+    /// (the end-to-end test), compared with the best static placement computed for its
+    /// traffic; fails unless the app moved at least twice.
     #[arg(long)]
     short: bool,
     /// Peak requests per second of us-east's clients (eu-west x1.25, ap-southeast x0.8).

@@ -1,8 +1,12 @@
 //! The follow-the-sun demo end to end, short: three regions (shim daemons
-//! behind delaying relays), the kv app, clients on a 20 s day and
-//! `host-shim schedule` in the loop. The app must move at least twice, lose
-//! no key and break no client connection; the live dashboard, loaded in
-//! headless Chromium, must show the app in its region and follow a move.
+//! joined by delaying relays for every byte between them), the kv app,
+//! clients on a 24 s day and `host-shim schedule` in the loop. The app must
+//! move at least twice, every move must take at least the one-way delay
+//! between its regions, the scheduler must exit 0 with every move in its
+//! event file, follow the sun must beat the best static placement for the
+//! same traffic by at least [`MARGIN`], and no key or client connection may
+//! be lost; the live dashboard, loaded in headless Chromium, must show the
+//! app in its region and follow a move.
 //!
 //! Needs /dev/kvm, chromium, the kv image (`cargo xtask build-image kv`, or
 //! LIBCLOUD_IMAGES) and the host-shim binary next to xtask's (`cargo build
@@ -15,6 +19,36 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
+/// How much more of the requests (absolute share) following the sun must
+/// answer under 15 ms than the best static placement.
+const MARGIN: f64 = 0.15;
+
+/// The table row starting with `| label`: its cells.
+fn row<'a>(out: &'a str, label: &str) -> Vec<&'a str> {
+    out.lines()
+        .find(|l| l.starts_with(&format!("| {label}")))
+        .unwrap_or_else(|| panic!("no '{label}' row in:\n{out}"))
+        .split('|')
+        .map(str::trim)
+        .collect()
+}
+
+/// `12.5%` or `**12.5%**` as 0.125.
+fn share(cell: &str) -> f64 {
+    cell.trim_matches('*')
+        .trim_end_matches('%')
+        .parse::<f64>()
+        .unwrap_or_else(|_| panic!("'{cell}' is not a share"))
+        / 100.0
+}
+
+/// `40 ms` or `41.3 ms` as a number.
+fn ms(cell: &str) -> f64 {
+    cell.trim_end_matches("ms")
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("'{cell}' is not a duration in ms"))
+}
 
 fn kv_image() -> PathBuf {
     let dir = std::env::var_os("LIBCLOUD_IMAGES")
@@ -189,11 +223,47 @@ fn short_demo_moves_the_app_keeps_keys_and_connections_and_the_dashboard_follows
     assert!(status.success(), "the demo failed ({status}):\n{out}");
     assert!(out.contains("all intact"), "{out}");
     assert!(out.contains("client connections kept: 3/3"), "{out}");
-    let migrations: usize = out
-        .lines()
-        .find(|l| l.starts_with("| follow the sun |"))
-        .and_then(|l| l.split('|').nth(7))
-        .and_then(|c| c.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no follow-the-sun row in:\n{out}"));
+    // Cells: "", label, 3 regions, overall, requests, migrations, ...
+    let fts = row(&out, "follow the sun |");
+    let migrations: usize = fts[7].parse().unwrap();
     assert!(migrations >= 2, "the app moved {migrations} times:\n{out}");
+    let (fts_share, static_share) = (share(fts[5]), share(row(&out, "static best, computed")[5]));
+    assert!(
+        fts_share >= static_share + MARGIN,
+        "follow the sun {fts_share:.3} does not beat the best static placement {static_share:.3} \
+         by {MARGIN}:\n{out}"
+    );
+    let oracle = share(row(&out, "ideal placement (oracle)")[5]);
+    assert!(oracle >= static_share && oracle > 0.5, "{out}");
+
+    // The scheduler finished cleanly and its events hold every move.
+    let line = out
+        .lines()
+        .find(|l| l.contains("[schedule] exited 0; its events hold "))
+        .unwrap_or_else(|| panic!("the scheduler did not exit 0:\n{out}"));
+    let numbers: Vec<usize> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (in_events, seen) = (numbers[1], numbers[2]);
+    assert!(
+        in_events == migrations && in_events >= seen,
+        "events {in_events}, table {migrations}, dashboard {seen}:\n{out}"
+    );
+
+    // Every move crossed the relays: its downtime is at least the one-way delay.
+    let moves: Vec<Vec<&str>> = out
+        .lines()
+        .filter(|l| l.contains(" -> ") && l.starts_with("| ") && l.contains(" s |"))
+        .map(|l| l.split('|').map(str::trim).collect())
+        .collect();
+    assert_eq!(moves.len(), migrations, "{out}");
+    for m in &moves {
+        let (one_way, downtime) = (ms(m[3]), ms(m[4]));
+        assert!(
+            one_way >= 40.0 && downtime >= one_way,
+            "move {}: downtime {downtime} ms < one-way delay {one_way} ms:\n{out}",
+            m[2]
+        );
+    }
 }

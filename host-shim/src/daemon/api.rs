@@ -222,6 +222,8 @@ pub struct Client {
     pub addr: String,
     tls: Option<Arc<rustls::ClientConfig>>,
     token: Option<String>,
+    /// Connect here instead of `addr` (a relay; TLS still pins the peer).
+    via: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for Client {
@@ -251,6 +253,7 @@ impl Client {
             addr: bare(addr).to_owned(),
             tls: None,
             token: None,
+            via: None,
         }
     }
 
@@ -271,7 +274,17 @@ impl Client {
             addr: bare(addr).to_owned(),
             tls: Some(config),
             token,
+            via: None,
         })
+    }
+
+    /// The same client, connecting to `via` (e.g. a `wan-relay tcp`)
+    /// instead of its address.
+    pub fn via(self, via: SocketAddr) -> Self {
+        Self {
+            via: Some(via),
+            ..self
+        }
     }
 
     /// Whether the client speaks TLS.
@@ -296,14 +309,17 @@ impl Client {
     }
 
     fn connect_tcp(&self) -> Result<TcpStream, ClientError> {
-        let addrs: Vec<SocketAddr> = self
-            .addr
-            .to_socket_addrs()
-            .map_err(|err| ClientError::Connect {
-                addr: self.addr.clone(),
-                err,
-            })?
-            .collect();
+        let addrs: Vec<SocketAddr> = match self.via {
+            Some(via) => vec![via],
+            None => self
+                .addr
+                .to_socket_addrs()
+                .map_err(|err| ClientError::Connect {
+                    addr: self.addr.clone(),
+                    err,
+                })?
+                .collect(),
+        };
         let mut last = None;
         for a in addrs {
             match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {

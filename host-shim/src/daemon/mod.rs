@@ -869,7 +869,7 @@ impl Daemon {
                      start it with `host-shim init` and `host-shim serve`"
                 ));
             }
-            return Ok(api::Client::new(to));
+            return Ok(self.routed(api::Client::new(to)));
         };
         let (addr, pin) = match fingerprint {
             Some(fp) => (to.to_owned(), fp.parse::<crate::security::Fingerprint>()?),
@@ -896,7 +896,22 @@ impl Daemon {
                 (addr, fp)
             }
         };
-        api::Client::secure(&addr, pin, None, Some(&sec.identity)).map_err(|e| e.to_string())
+        api::Client::secure(&addr, pin, None, Some(&sec.identity))
+            .map(|c| self.routed(c))
+            .map_err(|e| e.to_string())
+    }
+
+    /// `client`, connecting through the `--peer-via` relay of its address
+    /// if it has one: TCP to peers takes the same paths as the overlay.
+    fn routed(&self, client: api::Client) -> api::Client {
+        let via = self.config.overlay.as_ref().and_then(|o| {
+            let real = client.addr.parse::<std::net::SocketAddr>().ok()?;
+            o.via.iter().find(|(r, _)| *r == real).map(|(_, via)| *via)
+        });
+        match via {
+            Some(via) => client.via(via),
+            None => client,
+        }
     }
 
     /// Answers one API request.

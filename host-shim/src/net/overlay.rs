@@ -54,7 +54,9 @@
 //! address is REAL at VIA (a relay, e.g. `wan-relay udp`), and treat
 //! datagrams from VIA as from REAL. Peers are known by their real
 //! addresses everywhere else (migrations, the switch), so traffic to them
-//! always takes the relay.
+//! always takes the relay. The daemon applies the same mapping to its TCP
+//! connections to other daemons (`Daemon::peer_client`): a REAL that is a
+//! peer's API address is reached at its VIA, a TCP relay.
 //!
 //! Gateways: each shim's gateway has its own address and MAC (see the
 //! daemon's `--shim-id`), so several gateways on one overlay never answer

@@ -169,6 +169,11 @@ impl Dashboard {
         s.app = name;
     }
 
+    /// The moves the dashboard saw during run `label`.
+    pub fn moves_in(&self, label: &str) -> usize {
+        self.lock().moves.iter().filter(|m| m.run == label).count()
+    }
+
     /// Where the app runs.
     pub fn app_name(&self) -> Option<String> {
         self.lock().app.clone()

@@ -1,21 +1,32 @@
 //! The demo's three regions on this machine: one `host-shim serve` daemon
-//! per region (distinct `--shim-id`s), an overlay between them whose links
-//! go through delaying UDP relays ([`wan::udp::UdpRelay`]), and on every
-//! shim a published port to the kv app's address, for that region's
-//! clients.
+//! per region (distinct `--shim-id`s), joined by delaying relays ([`wan`])
+//! so that every byte between two regions takes that pair's one-way delay
+//! ([`one_way_ms`]), and on every shim a published port to the kv app's
+//! address, for that region's clients.
 //!
 //! ```text
-//!  clients us-east --> shim us-east :P1 --+-- relay 40 ms --- shim eu-west :P2 <-- clients eu-west
-//!                                         +-- relay 90 ms --- shim ap-southeast :P3 <-- clients ap
-//!                     shim eu-west ---------- relay 110 ms -- shim ap-southeast
+//!  clients us-east --> shim us-east :P1 --+-- relays 40 ms --- shim eu-west :P2 <-- clients eu-west
+//!  controller (us-east) ------------------+-- relays 90 ms --- shim ap-southeast :P3 <-- clients ap
+//!                     shim eu-west ----------- relays 110 ms -- shim ap-southeast
 //! ```
 //!
-//! One relay per pair of shims (a < b): shim a reaches b at the relay's
-//! listen address, shim b reaches a at the relay's fixed back address
-//! (`--peer-via`), so every overlay datagram, probes included, takes the
-//! delayed path in both directions. A client's request therefore sees its
-//! own region's shim (loopback) plus, if the app runs elsewhere, the round
-//! trip between the two regions.
+//! - Overlay (UDP): one relay per pair of shims (a < b): shim a reaches b
+//!   at the relay's listen address, shim b reaches a at the relay's fixed
+//!   back address (`--peer-via`), so every datagram, probes included, takes
+//!   the delayed path in both directions.
+//! - TCP between daemons (migration streams, image pushes, standby
+//!   checkpoints, API calls): one relay per ordered pair, a -> b's API;
+//!   shim a maps b's API address to it (`--peer-via API_b=RELAY_ab`).
+//! - The controller (`host-shim schedule`) runs in the first region: it
+//!   reaches that region's shim directly and the others through the first
+//!   region's relays ([`Fleet::controller_apis`]). It names the
+//!   destination of a move by its own address for it, so every other shim
+//!   maps that address to its own relay to the destination too (as a DNS
+//!   name resolves to the nearest path).
+//!
+//! A client's request therefore sees its own region's shim (loopback)
+//! plus, if the app runs elsewhere, the round trip between the two regions;
+//! a migration's stream crosses the relay between source and destination.
 
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -123,52 +134,88 @@ pub fn api_has_app(api: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn free_tcp() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
+/// Loopback addresses whose port numbers are distinct across TCP and UDP:
+/// one `--peer-via` list maps both, so a number must mean one thing.
+#[derive(Default)]
+struct Ports(std::collections::HashSet<u16>);
 
-fn free_udp() -> Result<SocketAddr> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+impl Ports {
+    fn tcp(&mut self) -> Result<SocketAddr> {
+        self.fresh(|| Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?))
+    }
+
+    fn udp(&mut self) -> Result<SocketAddr> {
+        self.fresh(|| Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?))
+    }
+
+    fn fresh(&mut self, pick: impl Fn() -> Result<SocketAddr>) -> Result<SocketAddr> {
+        for _ in 0..100 {
+            let a = pick()?;
+            if self.0.insert(a.port()) {
+                return Ok(a);
+            }
+        }
+        bail!("no free port number unused by the demo in 100 tries")
+    }
 }
 
 /// The three shims and the relays between them (the relays' threads live
 /// as long as the process).
 pub struct Fleet {
     pub shims: Vec<Shim>,
+    /// How the controller (in the first region) reaches each shim.
+    controller: Vec<String>,
 }
 
 impl Fleet {
     /// Starts the relays and the daemons, and waits until each answers.
     pub fn start(host_shim: &Path, regions: &[RegionSpec], dir: &Path) -> Result<Self> {
         let n = regions.len();
-        let overlays: Vec<SocketAddr> = (0..n).map(|_| free_udp()).collect::<Result<_>>()?;
+        let mut ports = Ports::default();
+        let overlays: Vec<SocketAddr> = (0..n).map(|_| ports.udp()).collect::<Result<_>>()?;
+        let apis: Vec<SocketAddr> = (0..n).map(|_| ports.tcp()).collect::<Result<_>>()?;
         let mut peer_args: Vec<Vec<String>> = vec![Vec::new(); n];
+        let via = |args: &mut Vec<String>, real: SocketAddr, relay: SocketAddr| {
+            args.extend(["--peer-via".into(), format!("{real}={relay}")]);
+        };
         for a in 0..n {
             for b in a + 1..n {
                 let delay = Duration::from_secs_f64(one_way_ms(a, b) / 1e3);
-                let back = free_udp()?;
-                let relay = wan::udp::UdpRelay::start_from(free_udp()?, back, overlays[b], delay)
-                    .with_context(|| {
-                    format!("relay {} -> {}", regions[a].name, regions[b].name)
-                })?;
-                peer_args[a].extend([
-                    "--peer".into(),
-                    overlays[b].to_string(),
-                    "--peer-via".into(),
-                    format!("{}={}", overlays[b], relay.local_addr()),
-                ]);
-                peer_args[b].extend([
-                    "--peer".into(),
-                    overlays[a].to_string(),
-                    "--peer-via".into(),
-                    format!("{}={back}", overlays[a]),
-                ]);
+                let back = ports.udp()?;
+                let relay = wan::udp::UdpRelay::start_from(ports.udp()?, back, overlays[b], delay)
+                    .with_context(|| format!("relay {} -> {}", regions[a].name, regions[b].name))?;
+                peer_args[a].extend(["--peer".into(), overlays[b].to_string()]);
+                via(&mut peer_args[a], overlays[b], relay.local_addr());
+                peer_args[b].extend(["--peer".into(), overlays[a].to_string()]);
+                via(&mut peer_args[b], overlays[a], back);
+            }
+        }
+        // tcp[a][b]: region a's path to b's API.
+        let mut tcp = vec![vec![None; n]; n];
+        for (a, row) in tcp.iter_mut().enumerate() {
+            for (b, path) in row.iter_mut().enumerate().filter(|(b, _)| *b != a) {
+                let delay = Duration::from_secs_f64(one_way_ms(a, b) / 1e3);
+                let relay =
+                    wan::tcp::TcpRelay::start(ports.tcp()?, apis[b], delay).with_context(|| {
+                        format!("TCP relay {} -> {}", regions[a].name, regions[b].name)
+                    })?;
+                *path = Some(relay.local_addr());
+            }
+        }
+        let controller: Vec<SocketAddr> = (0..n).map(|b| tcp[0][b].unwrap_or(apis[b])).collect();
+        for a in 0..n {
+            for b in (0..n).filter(|&b| b != a) {
+                let path = tcp[a][b].expect("a relay for every pair");
+                via(&mut peer_args[a], apis[b], path);
+                if a != 0 && b != 0 {
+                    via(&mut peer_args[a], controller[b], path);
+                }
             }
         }
         let mut shims = Vec::new();
         for (i, r) in regions.iter().enumerate() {
-            let api = format!("127.0.0.1:{}", free_tcp()?);
-            let port = free_tcp()?;
+            let api = apis[i].to_string();
+            let port = ports.tcp()?.port();
             let log = dir.join(format!("{}.log", r.name));
             let out = std::fs::File::create(&log)?;
             let child = Command::new(host_shim)
@@ -193,7 +240,10 @@ impl Fleet {
                 log,
             });
         }
-        let fleet = Self { shims };
+        let fleet = Self {
+            shims,
+            controller: controller.iter().map(SocketAddr::to_string).collect(),
+        };
         for shim in &fleet.shims {
             wait_listening(shim)?;
         }
@@ -208,6 +258,12 @@ impl Fleet {
     /// The shims' API addresses.
     pub fn apis(&self) -> Vec<String> {
         self.shims.iter().map(|s| s.api.clone()).collect()
+    }
+
+    /// The shims' addresses for the controller, which runs in the first
+    /// region: that shim's API, and the first region's relays to the others.
+    pub fn controller_apis(&self) -> &[String] {
+        &self.controller
     }
 
     /// Boots the kv image on region `at`'s shim (address [`APP_IP`]).

@@ -27,7 +27,16 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Clone, Copy, Debug)]
 pub struct Sample {
     pub region: usize,
+    /// When the request was due, seconds from the start of the run.
+    pub due_s: f64,
     pub latency_ms: f64,
+}
+
+impl Sample {
+    /// When the reply came, seconds from the start of the run.
+    pub fn reply_s(&self) -> f64 {
+        self.due_s + self.latency_ms / 1e3
+    }
 }
 
 /// A region's connection.
@@ -149,6 +158,7 @@ impl Client {
                     }
                     samples.lock().unwrap().push(Sample {
                         region,
+                        due_s: due.as_secs_f64(),
                         latency_ms: latency.as_secs_f64() * 1e3,
                     });
                 }
