@@ -174,8 +174,9 @@ pub fn run(config: &ScheduleConfig) -> Result<(), ScheduleError> {
     // Rounds in which some shim did not answer, and what the last one said.
     let (mut incomplete, mut last_left_out) = (0u64, String::new());
     let mut next = Instant::now();
-    // A shim gets this long to answer each round.
-    let patience = config.interval.max(Duration::from_secs(1));
+    // A shim gets this long to answer each round: a whole interval, and never less than 2 s
+    // (a stats call across a WAN link on a busy host).
+    let patience = config.interval.max(Duration::from_secs(2));
     // The first reading only sets the counters' baseline.
     fleet.observe(&config.app, patience);
     loop {
