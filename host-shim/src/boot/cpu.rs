@@ -18,6 +18,11 @@ const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
 /// `KVM_FEATURE_CLOCKSOURCE2`: the guest may use [`MSR_KVM_SYSTEM_TIME_NEW`].
 const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
 
+/// CR4 bits for hard-float std apps (the Hermit ABI): SSE (OSFXSR,
+/// OSXMMEXCPT) and `wrfsbase` in ring 3 for thread-local storage
+/// (FSGSBASE). Soft-float libcloud apps do not use them.
+const CR4_STD_APPS: u64 = (1 << 9) | (1 << 10) | (1 << 16);
+
 /// A flat ring-3 segment (base 0, 4 GiB limit with 4 KiB granularity).
 fn user_segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
     kvm_segment {
@@ -87,7 +92,7 @@ pub fn ring3_sregs(base: kvm_sregs) -> kvm_sregs {
     s.cr0 = cr::CR0;
     s.cr2 = 0;
     s.cr3 = cr::CR3;
-    s.cr4 = cr::CR4;
+    s.cr4 = cr::CR4 | CR4_STD_APPS;
     s.efer = cr::EFER;
     s
 }
@@ -145,7 +150,7 @@ mod tests {
         assert_eq!((s.tr.type_, s.tr.s, s.tr.present), (0xb, 0, 1));
         assert_eq!(s.ldt.unusable, 1);
         assert_eq!(s.cr0, 0x8000_0011);
-        assert_eq!(s.cr4, 1 << 5);
+        assert_eq!(s.cr4, (1 << 5) | (1 << 9) | (1 << 10) | (1 << 16));
         assert_eq!(s.efer, 0x500);
         assert_eq!((s.gdt.base, s.gdt.limit), (GDT_ADDR, 55));
         assert_eq!((s.idt.base, s.idt.limit), (IDT_ADDR, 4095));

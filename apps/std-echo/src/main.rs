@@ -1,0 +1,130 @@
+//! std-echo: an ordinary Rust std program (threads, `HashMap`, `std::time`,
+//! `std::net::TcpListener`) that runs unmodified in a unikernel image.
+//!
+//! Arguments: `--port N` (default 7) serves a line echo; `--panic` panics;
+//! `--exit N` exits with status N after the self-check.
+//! Each line is echoed back prefixed with how many lines that connection
+//! sent so far; `stats` answers with the lines and connections served.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+#[cfg(target_os = "hermit")]
+use hermit_abi_impl as _;
+
+/// Connections served at once; more wait in the listener's backlog.
+const MAX_CLIENTS: u64 = 32;
+
+#[derive(Default)]
+struct Stats {
+    lines: AtomicU64,
+    connections: AtomicU64,
+    open: AtomicU64,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    if args.iter().any(|a| a == "--panic") {
+        let words: HashMap<&str, u32> = HashMap::new();
+        panic!("std-echo was asked to panic ({} words known)", words.len());
+    }
+    self_check();
+    if let Some(code) = value("--exit") {
+        std::process::exit(code.parse().unwrap_or(1));
+    }
+    let port: u16 = value("--port").and_then(|p| p.parse().ok()).unwrap_or(7);
+    let greeting = std::env::var("GREETING").unwrap_or_else(|_| "echo".into());
+    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    println!("std-echo: listening on port {port}");
+    let stats = Arc::new(Stats::default());
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("std-echo: accept: {e}");
+                continue;
+            }
+        };
+        if stats.open.load(Ordering::Relaxed) >= MAX_CLIENTS {
+            drop(stream); // over the limit: closed at once
+            continue;
+        }
+        stats.open.fetch_add(1, Ordering::Relaxed);
+        stats.connections.fetch_add(1, Ordering::Relaxed);
+        let (stats, greeting) = (stats.clone(), greeting.clone());
+        let spawned = thread::Builder::new().stack_size(128 << 10).spawn(move || {
+            if let Err(e) = serve(stream, &stats, &greeting) {
+                eprintln!("std-echo: client: {e}");
+            }
+            stats.open.fetch_sub(1, Ordering::Relaxed);
+        });
+        if let Err(e) = spawned {
+            eprintln!("std-echo: no thread for a client: {e}");
+        }
+    }
+}
+
+fn serve(stream: TcpStream, stats: &Stats, greeting: &str) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut reader = BufReader::new(&stream);
+    let mut writer = &stream;
+    let mut seen = 0u64;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        seen += 1;
+        stats.lines.fetch_add(1, Ordering::Relaxed);
+        let text = line.trim_end();
+        let reply = if text == "stats" {
+            format!(
+                "lines={} connections={}\n",
+                stats.lines.load(Ordering::Relaxed),
+                stats.connections.load(Ordering::Relaxed)
+            )
+        } else {
+            format!("{greeting} {seen}: {text}\n")
+        };
+        writer.write_all(reply.as_bytes())?;
+    }
+}
+
+/// Threads, a shared `HashMap`, sleeping and the clock, checked once at start.
+fn self_check() {
+    let start = Instant::now();
+    let counts = Arc::new(Mutex::new(HashMap::new()));
+    let workers: Vec<_> = (0..4)
+        .map(|id| {
+            let counts = counts.clone();
+            thread::spawn(move || {
+                for round in 0..3 {
+                    *counts.lock().unwrap().entry(id).or_insert(0) += round + 1;
+                    thread::sleep(Duration::from_millis(5));
+                }
+                id * 10
+            })
+        })
+        .collect();
+    let sum: i32 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    let counts = counts.lock().unwrap();
+    let mut keys: Vec<_> = counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    keys.sort();
+    println!(
+        "std-echo: 4 threads joined (sum {sum}), counts [{}], took {} ms",
+        keys.join(" "),
+        start.elapsed().as_millis()
+    );
+}
