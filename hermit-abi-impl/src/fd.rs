@@ -61,7 +61,7 @@ pub fn with<R>(fd: i32, f: impl FnOnce(&mut Socket) -> Result<R, i32>) -> Result
         Some(slot) => *slot = Some(socket),
         None => {
             drop(fds);
-            crate::net::close(socket); // closed by another thread meanwhile
+            crate::net::close(*socket); // closed by another thread meanwhile
         }
     }
     r
@@ -158,7 +158,7 @@ pub extern "C" fn sys_close(fd: i32) -> i32 {
         None => fail(errno::EBADF),
         Some(socket) => {
             if let Some(socket) = socket {
-                crate::net::close(socket);
+                crate::net::close(*socket);
             }
             0
         }

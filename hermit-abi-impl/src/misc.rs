@@ -64,7 +64,10 @@ pub unsafe extern "C" fn sys_futex_wait(
     if timeout.is_some() && flags & FUTEX_RELATIVE_TIMEOUT == 0 {
         return -errno::EINVAL; // absolute timeouts: std never asks for them
     }
-    sched::futex_wait(address, expected, timeout)
+    // SAFETY: the caller passes the address of a live, aligned `u32`
+    // (std: an `AtomicU32`).
+    let atomic = unsafe { core::sync::atomic::AtomicU32::from_ptr(address) };
+    sched::futex_wait(atomic, expected, timeout)
 }
 
 #[no_mangle]
@@ -72,7 +75,7 @@ pub extern "C" fn sys_futex_wake(address: *mut u32, count: i32) -> i32 {
     if address.is_null() {
         return -errno::EINVAL;
     }
-    sched::futex_wake(address, count)
+    sched::futex_wake(address as usize, count)
 }
 
 #[no_mangle]

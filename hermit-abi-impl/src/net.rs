@@ -431,8 +431,8 @@ pub extern "C" fn sys_shutdown(s: i32, how: i32) -> i32 {
 
 /// Closes `socket`: a connection gets a FIN and a bounded flush in the
 /// background; listening sockets are dropped at once.
-pub fn close(socket: Box<Socket>) {
-    let Socket { kind, .. } = *socket;
+pub fn close(socket: Socket) {
+    let Socket { kind, .. } = socket;
     if let Kind::Connected(mut conn) = kind {
         conn.socket.close();
         kernel::task::spawn(async move {

@@ -134,6 +134,7 @@ struct Thread {
 
 struct Sched {
     /// Boxed so that a thread's `rsp` stays put while the vector grows.
+    #[allow(clippy::vec_box)]
     threads: Vec<Box<Thread>>,
     runq: VecDeque<Tid>,
     /// The running thread; 0 while the scheduler itself runs.
@@ -364,23 +365,26 @@ pub fn join(tid: Tid) -> i32 {
 }
 
 /// `futex_wait`: blocks while `*addr == expected`, at most `timeout`.
-pub fn futex_wait(addr: *mut u32, expected: u32, timeout: Option<u64>) -> i32 {
+pub fn futex_wait(
+    addr: &core::sync::atomic::AtomicU32,
+    expected: u32,
+    timeout: Option<u64>,
+) -> i32 {
+    let key = addr.as_ptr() as usize;
     let deadline = timeout.map(|ns| kernel::time::now_ns().saturating_add(ns));
     {
         let mut s = SCHED.lock();
-        // SAFETY: std passes the address of a live `AtomicU32`.
-        let now = unsafe { core::sync::atomic::AtomicU32::from_ptr(addr) }.load(Ordering::Acquire);
-        if now != expected {
+        if addr.load(Ordering::Acquire) != expected {
             return -errno::EAGAIN;
         }
         let me = s.current;
-        s.futex.push((addr as usize, me));
+        s.futex.push((key, me));
     }
     let timed_out = block(deadline);
     let mut s = SCHED.lock();
     let me = s.current;
     let before = s.futex.len();
-    s.futex.retain(|&(a, t)| !(a == addr as usize && t == me));
+    s.futex.retain(|&(a, t)| !(a == key && t == me));
     if timed_out && s.futex.len() != before {
         -errno::ETIMEDOUT
     } else {
@@ -389,11 +393,11 @@ pub fn futex_wait(addr: *mut u32, expected: u32, timeout: Option<u64>) -> i32 {
 }
 
 /// `futex_wake`: wakes up to `count` waiters on `addr`; returns how many.
-pub fn futex_wake(addr: *mut u32, count: i32) -> i32 {
+pub fn futex_wake(addr: usize, count: i32) -> i32 {
     let mut s = SCHED.lock();
     let mut woken = 0;
     while woken < count.max(0) {
-        let Some(i) = s.futex.iter().position(|&(a, _)| a == addr as usize) else {
+        let Some(i) = s.futex.iter().position(|&(a, _)| a == addr) else {
             break;
         };
         let (_, tid) = s.futex.remove(i);
