@@ -2,9 +2,12 @@
 //! `std::net::TcpListener`) that runs unmodified in a unikernel image.
 //!
 //! Arguments: `--port N` (default 7) serves a line echo; `--panic` panics;
-//! `--exit N` exits with status N after the self-check.
-//! Each line is echoed back prefixed with how many lines that connection
-//! sent so far; `stats` answers with the lines and connections served.
+//! `--exit N` exits with status N after the self-check; `--spawn N` starts
+//! N sleeping threads and reports how many the system allowed.
+//! Each line is echoed back prefixed with `$GREETING` (default `echo`) and
+//! how many lines that connection sent so far; `stats` answers with the
+//! lines and connections served, `host` with the host the app runs on
+//! (through libcloud in an image: it changes when the app migrates).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -40,6 +43,9 @@ fn main() {
         panic!("std-echo was asked to panic ({} words known)", words.len());
     }
     self_check();
+    if let Some(n) = value("--spawn") {
+        spawn_many(n.parse().unwrap_or(0));
+    }
     if let Some(code) = value("--exit") {
         std::process::exit(code.parse().unwrap_or(1));
     }
@@ -89,7 +95,9 @@ fn serve(stream: TcpStream, stats: &Stats, greeting: &str) -> std::io::Result<()
         seen += 1;
         stats.lines.fetch_add(1, Ordering::Relaxed);
         let text = line.trim_end();
-        let reply = if text == "stats" {
+        let reply = if text == "host" {
+            format!("{}\n", host())
+        } else if text == "stats" {
             format!(
                 "lines={} connections={}\n",
                 stats.lines.load(Ordering::Relaxed),
@@ -127,4 +135,41 @@ fn self_check() {
         keys.join(" "),
         start.elapsed().as_millis()
     );
+}
+
+/// Starts `n` threads that sleep for a second; prints how many started and
+/// the error that stopped the rest, then joins them.
+fn spawn_many(n: usize) {
+    let mut handles = Vec::new();
+    let mut error = None;
+    for _ in 0..n {
+        match thread::Builder::new()
+            .stack_size(64 << 10)
+            .spawn(|| thread::sleep(Duration::from_millis(200)))
+        {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    println!(
+        "std-echo: spawned {} threads, then: {error:?}",
+        handles.len()
+    );
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+/// The host the app runs on.
+#[cfg(target_os = "hermit")]
+fn host() -> String {
+    libcloud::host().name
+}
+
+#[cfg(not(target_os = "hermit"))]
+fn host() -> String {
+    "native".into()
 }
