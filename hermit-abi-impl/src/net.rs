@@ -25,7 +25,7 @@ use crate::sched::{self, Wait};
 use crate::VcpuLocal;
 
 /// Listening sockets per listener.
-pub const MAX_BACKLOG: usize = 16;
+pub const MAX_BACKLOG: usize = 64;
 /// smoltcp sockets this layer holds at once (the stack has room for
 /// `net::MAX_SOCKETS`, a few of which the stack itself uses).
 pub const MAX_TCP_SOCKETS: usize = net::MAX_SOCKETS - 8;

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use hermit_abi_impl as _;
 
 /// Connections served at once; more wait in the listener's backlog.
-const MAX_CLIENTS: u64 = 32;
+const MAX_CLIENTS: u64 = 56;
 
 #[derive(Default)]
 struct Stats {
