@@ -185,3 +185,15 @@ fn std_echo_migrates_there_and_back_with_an_open_connection() {
     assert_eq!(fresh.ask("new").unwrap(), "echo 2: new");
     assert!(a.cli(&["list"]).contains("running"));
 }
+
+#[test]
+fn std_echo_runs_under_qemu_too() {
+    // The PVH entry sets the same CR4 bits (SSE, FSGSBASE) as our shim.
+    let run = boot("std-echo", &["--backend", "qemu"], &["--exit", "5"]);
+    assert_eq!(run.status, Some(5), "{run:?}");
+    assert!(
+        run.stdout
+            .contains("std-echo: 4 threads joined (sum 60), counts [0=6 1=6 2=6 3=6]"),
+        "{run:?}"
+    );
+}

@@ -43,7 +43,8 @@ _pvh_entry:
     movl $boot_pml4, %eax
     movl %eax, %cr3
     movl %cr4, %eax
-    orl $0x20, %eax
+    /* PAE; OSFXSR, OSXMMEXCPT and FSGSBASE for std apps (as our shim sets) */
+    orl $0x10620, %eax
     movl %eax, %cr4
     movl $0xc0000080, %ecx
     rdmsr
