@@ -135,6 +135,20 @@ fn std_exit_status_panics_and_thread_limit() {
         "the panic names file:line and the message: {run:?}"
     );
 
+    // No file system, UDP or DNS: clear errors, and the app goes on.
+    let run = boot("std-echo", &[], &["--unsupported", "--exit", "0"]);
+    assert_eq!(run.status, Some(0), "{run:?}");
+    for expected in [
+        "read /etc/hostname: Err(Os { code: 2, kind: NotFound",
+        "this kernel has no file system",
+        "UDP bind: Err(Os { code: 93, kind: Uncategorized",
+        "only TCP (SOCK_STREAM) is provided",
+        "connect by name: Err(",
+        "no DNS resolver; use numeric addresses",
+    ] {
+        assert!(run.stdout.contains(expected), "{expected:?} in {run:?}");
+    }
+
     // 64 threads at most (the main thread is one): the 64th spawn fails
     // with std's error, the kernel says why, and the app goes on.
     let run = boot("std-echo", &[], &["--spawn", "100", "--exit", "0"]);

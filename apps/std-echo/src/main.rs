@@ -3,7 +3,9 @@
 //!
 //! Arguments: `--port N` (default 7) serves a line echo; `--panic` panics;
 //! `--exit N` exits with status N after the self-check; `--spawn N` starts
-//! N sleeping threads and reports how many the system allowed.
+//! N sleeping threads and reports how many the system allowed;
+//! `--unsupported` tries a file, UDP and a host name lookup and prints
+//! each outcome (an image has no file system, UDP or DNS).
 //! Each line is echoed back prefixed with `$GREETING` (default `echo`) and
 //! how many lines that connection sent so far; `stats` answers with the
 //! lines and connections served, `host` with the host the app runs on
@@ -43,6 +45,9 @@ fn main() {
         panic!("std-echo was asked to panic ({} words known)", words.len());
     }
     self_check();
+    if args.iter().any(|a| a == "--unsupported") {
+        try_unsupported();
+    }
     if let Some(n) = value("--spawn") {
         spawn_many(n.parse().unwrap_or(0));
     }
@@ -172,4 +177,14 @@ fn host() -> String {
 #[cfg(not(target_os = "hermit"))]
 fn host() -> String {
     "native".into()
+}
+
+/// Prints what a file, a UDP socket and a name lookup give.
+fn try_unsupported() {
+    let file = std::fs::read("/etc/hostname").map(|b| b.len());
+    println!("std-echo: read /etc/hostname: {file:?}");
+    let udp = std::net::UdpSocket::bind("0.0.0.0:9").map(|_| ());
+    println!("std-echo: UDP bind: {udp:?}");
+    let dns = TcpStream::connect("example.invalid:80").map(|_| ());
+    println!("std-echo: connect by name: {dns:?}");
 }
