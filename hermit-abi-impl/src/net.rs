@@ -37,21 +37,31 @@ const CLOSE_FLUSH_NS: u64 = 10_000_000_000;
 static TCP_SOCKETS: AtomicUsize = AtomicUsize::new(0);
 static STACK: VcpuLocal<spin::Once<Option<Stack<'static>>>> = VcpuLocal(spin::Once::new());
 
-/// The network stack, started by the first socket call.
+/// How long the first socket call waits for the network to come up (DHCP).
+const NET_UP_NS: u64 = 30_000_000_000;
+static NET_STARTING: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// The network stack, started by the first socket call; `ENETDOWN` if it
+/// has no device or did not come up in time (for good: it is started once).
 fn stack() -> Result<Stack<'static>, i32> {
-    if let Some(s) = STACK.get() {
-        return s.ok_or(errno::ENETDOWN);
+    if NET_STARTING.swap(true, Ordering::AcqRel) {
+        // Another thread is starting it: wait for its verdict.
+        while STACK.get().is_none() {
+            sched::sleep_until(kernel::time::now_ns() + 1_000_000);
+        }
+        return STACK.get().copied().flatten().ok_or(errno::ENETDOWN);
     }
-    // The first caller starts it; nobody else runs meanwhile until it
-    // blocks, and then `Once` makes the others spin-yield below.
-    let started = sched::block_on(libcloud::net::start(), Wait::Until(None));
-    let stack = match started {
+    let deadline = kernel::time::now_ns().saturating_add(NET_UP_NS);
+    let stack = match sched::block_on(libcloud::net::start(), Wait::Until(Some(deadline))) {
         Some(Ok(stack)) => Some(stack),
         Some(Err(e)) => {
             log::error!("sockets unavailable: {e}");
             None
         }
-        None => None,
+        None => {
+            log::error!("sockets unavailable: the network did not come up within 30 s");
+            None
+        }
     };
     STACK.call_once(|| stack).ok_or(errno::ENETDOWN)
 }

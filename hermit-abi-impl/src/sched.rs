@@ -127,7 +127,7 @@ struct Thread {
     deadline: Option<u64>,
     timed_out: bool,
     joiner: Option<Tid>,
-    /// `None` for no thread yet: the stack and TLS block of the thread.
+    /// The thread's stack and TLS block, freed with it.
     _stack: Block,
     _tls: Block,
 }

@@ -135,6 +135,17 @@ fn std_exit_status_panics_and_thread_limit() {
         "the panic names file:line and the message: {run:?}"
     );
 
+    // Sockets without a network device: std's error names it, the kernel says why.
+    let run = boot("std-echo", &[], &[]);
+    assert_eq!(run.status, Some(101), "{run:?}");
+    assert!(
+        run.stdout
+            .contains("sockets unavailable: no virtio-net device")
+            && run.stdout.contains("bind: Os { code: 100")
+            && run.stdout.contains("Network is down"),
+        "{run:?}"
+    );
+
     // No file system, UDP or DNS: clear errors, and the app goes on.
     let run = boot("std-echo", &[], &["--unsupported", "--exit", "0"]);
     assert_eq!(run.status, Some(0), "{run:?}");
