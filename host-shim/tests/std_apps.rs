@@ -118,6 +118,15 @@ fn std_echo_serves_many_clients_on_threads_behind_a_published_port() {
         "{out}\n{err}"
     );
     assert!(out.contains("std-echo: listening on port 7"), "{out}");
+    // Each of the 4 threads slept 3 x 5 ms, all at once: std::thread::sleep
+    // and Instant agree with the clock.
+    let took: u64 = out
+        .split(", took ")
+        .nth(1)
+        .and_then(|t| t.split(" ms").next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no duration in {out}"));
+    assert!((15..5000).contains(&took), "self-check took {took} ms");
 }
 
 #[test]
