@@ -2,8 +2,9 @@
 //! rest are sockets ([`crate::net`]). There is no file system: `open`,
 //! `stat` and the directory calls fail with clear errors (and a log line).
 
-use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
+use alloc::rc::Rc;
+use core::cell::RefCell;
 use core::sync::atomic::{AtomicI32, Ordering};
 use hermit_abi::{errno, iovec, stat, S_IFCHR};
 use spin::Mutex;
@@ -15,10 +16,13 @@ use crate::VcpuLocal;
 pub const MAX_FDS: usize = 128;
 const FIRST_SOCKET_FD: i32 = 3;
 
-/// Open sockets by descriptor. A socket is taken out while a call uses it
-/// (so calls on other sockets can run while it blocks) and put back after.
-static FDS: VcpuLocal<Mutex<BTreeMap<i32, Option<Box<Socket>>>>> =
-    VcpuLocal(Mutex::new(BTreeMap::new()));
+/// A socket, shared by the descriptors that name it (`dup`).
+type Shared = Rc<RefCell<Socket>>;
+
+/// Open sockets by descriptor. Calls borrow a socket only while they run,
+/// never while their thread is blocked (socket waits poll, release it and
+/// block), so threads can read and write one socket at once.
+static FDS: VcpuLocal<Mutex<BTreeMap<i32, Shared>>> = VcpuLocal(Mutex::new(BTreeMap::new()));
 static LAST_ERRNO: AtomicI32 = AtomicI32::new(0);
 
 pub fn last_errno() -> i32 {
@@ -31,8 +35,7 @@ pub fn fail(e: i32) -> i32 {
     -e
 }
 
-/// Adds a socket; `EMFILE` at the limit.
-pub fn insert(socket: Box<Socket>) -> Result<i32, i32> {
+fn insert_shared(socket: Shared) -> Result<i32, i32> {
     let mut fds = FDS.lock();
     if fds.len() >= MAX_FDS {
         log::warn!("socket limit reached: {MAX_FDS} descriptors are open");
@@ -41,30 +44,32 @@ pub fn insert(socket: Box<Socket>) -> Result<i32, i32> {
     let fd = (FIRST_SOCKET_FD..)
         .find(|fd| !fds.contains_key(fd))
         .ok_or(errno::EMFILE)?;
-    fds.insert(fd, Some(socket));
+    fds.insert(fd, socket);
     Ok(fd)
 }
 
-/// Runs `f` on socket `fd`, which is out of the table meanwhile (a second
-/// thread using the same socket at once gets `EBUSY`).
+/// Adds a socket; `EMFILE` at the limit.
+pub fn insert(socket: Socket) -> Result<i32, i32> {
+    insert_shared(Rc::new(RefCell::new(socket)))
+}
+
+/// Runs `f` on socket `fd` (`EBUSY` while another thread is inside a call
+/// that keeps it, i.e. a blocking `connect`).
 pub fn with<R>(fd: i32, f: impl FnOnce(&mut Socket) -> Result<R, i32>) -> Result<R, i32> {
-    let mut socket = {
-        let mut fds = FDS.lock();
-        match fds.get_mut(&fd) {
-            None => return Err(errno::EBADF),
-            Some(slot) => slot.take().ok_or(errno::EBUSY)?,
-        }
+    let shared = FDS.lock().get(&fd).cloned().ok_or(errno::EBADF)?;
+    let r = match shared.try_borrow_mut() {
+        Ok(mut socket) => f(&mut socket),
+        Err(_) => Err(errno::EBUSY),
     };
-    let r = f(&mut socket);
-    let mut fds = FDS.lock();
-    match fds.get_mut(&fd) {
-        Some(slot) => *slot = Some(socket),
-        None => {
-            drop(fds);
-            crate::net::close(*socket); // closed by another thread meanwhile
-        }
-    }
+    release(shared);
     r
+}
+
+/// Drops a reference to a socket, closing it if it was the last one.
+fn release(shared: Shared) {
+    if let Ok(cell) = Rc::try_unwrap(shared) {
+        crate::net::close(cell.into_inner());
+    }
 }
 
 fn is_console(fd: i32) -> bool {
@@ -154,21 +159,24 @@ pub extern "C" fn sys_close(fd: i32) -> i32 {
     if is_console(fd) {
         return 0;
     }
-    match FDS.lock().remove(&fd) {
+    let removed = FDS.lock().remove(&fd);
+    match removed {
         None => fail(errno::EBADF),
-        Some(socket) => {
-            if let Some(socket) = socket {
-                crate::net::close(*socket);
-            }
+        Some(shared) => {
+            release(shared);
             0
         }
     }
 }
 
+/// A second descriptor for the same socket (std's `try_clone`).
 #[no_mangle]
 pub extern "C" fn sys_dup(fd: i32) -> i32 {
-    log::warn!("dup({fd}): descriptors cannot be duplicated here");
-    fail(errno::ENOSYS)
+    let shared = FDS.lock().get(&fd).cloned();
+    match shared {
+        None => fail(errno::EBADF),
+        Some(shared) => insert_shared(shared).unwrap_or_else(fail),
+    }
 }
 
 /// # Safety

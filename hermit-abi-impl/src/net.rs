@@ -5,15 +5,18 @@
 //! (one per backlog slot, at most [`MAX_BACKLOG`]); `accept` hands out the
 //! first that got a connection and puts a fresh one in its place. Closing a
 //! connection sends FIN and lets a kernel task flush it for at most
-//! [`CLOSE_FLUSH_NS`] before the socket is freed. UDP, `poll` and
-//! `eventfd` are not provided (they fail with `EPROTONOSUPPORT`/`ENOSYS`).
+//! [`CLOSE_FLUSH_NS`] before the socket is freed. A blocking call polls
+//! its socket, releases it and blocks the thread, so two threads (or two
+//! descriptors from `dup`) can use one socket at once. UDP and `poll` fail
+//! (`EPROTONOSUPPORT`, `ENOSYS`); `eventfd` is not defined, so an app that
+//! needs it fails to link with the symbol named.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ffi::c_void;
 use core::future::Future;
 use core::mem::ManuallyDrop;
-use core::pin::Pin;
+use core::pin::{pin, Pin};
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use core::task::{Context, Poll};
@@ -237,13 +240,13 @@ pub extern "C" fn sys_socket(domain: i32, type_: i32, _protocol: i32) -> i32 {
         log::warn!("socket type {type_}: only TCP (SOCK_STREAM) is provided");
         return fail(errno::EPROTONOSUPPORT);
     }
-    let socket = Box::new(Socket {
+    let socket = Socket {
         kind: Kind::Fresh { port: 0 },
         nonblocking: type_ & hermit_abi::SOCK_NONBLOCK != 0,
         nodelay: false,
         recv_timeout: None,
         send_timeout: None,
-    });
+    };
     fd::insert(socket).unwrap_or_else(fail)
 }
 
@@ -299,41 +302,89 @@ impl Future for AcceptAny<'_> {
     }
 }
 
+/// Polls `f` on socket `fd` until it is ready, blocking the thread in
+/// between with the socket released (so other threads may use it);
+/// `EAGAIN` at once for a non-blocking socket, or after the timeout that
+/// `timeout` picks from the socket.
+fn wait_for<T>(
+    fd: i32,
+    timeout: fn(&Socket) -> Option<u64>,
+    mut f: impl FnMut(&mut Socket, &mut Context<'_>) -> Result<Poll<T>, i32>,
+) -> Result<T, i32> {
+    let wait = fd::with(fd, |sock| Ok(sock.wait(timeout(sock))))?;
+    let waker = sched::thread_waker();
+    loop {
+        let mut cx = Context::from_waker(&waker);
+        if let Poll::Ready(v) = fd::with(fd, |sock| f(sock, &mut cx))? {
+            return Ok(v);
+        }
+        match wait {
+            Wait::Once => return Err(errno::EAGAIN),
+            Wait::Until(deadline) => {
+                if sched::block(deadline) && deadline.is_some_and(|d| kernel::time::now_ns() >= d) {
+                    return Err(errno::EAGAIN);
+                }
+            }
+        }
+    }
+}
+
+/// One attempt at taking a connection from `listener`.
+fn poll_accept(
+    listener: &mut Listener,
+    nodelay: bool,
+    cx: &mut Context<'_>,
+) -> Result<Poll<Socket>, i32> {
+    loop {
+        let Poll::Ready((i, result)) = Pin::new(&mut AcceptAny(listener)).poll(cx) else {
+            return Ok(Poll::Pending);
+        };
+        let fresh = Slot::new(stack()?, listener.port)?;
+        let mut old = core::mem::replace(&mut listener.slots[i], fresh);
+        // The fresh slot listens from its first poll on.
+        if let Some(fut) = listener.slots[i].accepting.as_mut() {
+            let _ = fut.as_mut().poll(cx);
+        }
+        let bufs = old.bufs.take().ok_or(errno::EIO)?;
+        let Ok(mut socket) = result else {
+            continue; // that attempt was reset: look for the next
+        };
+        socket.set_nagle_enabled(!nodelay);
+        return Ok(Poll::Ready(Socket {
+            kind: Kind::Connected(Conn {
+                socket: ManuallyDrop::new(socket),
+                _bufs: bufs,
+            }),
+            nonblocking: false,
+            nodelay,
+            recv_timeout: None,
+            send_timeout: None,
+        }));
+    }
+}
+
 /// # Safety
 /// `addr`/`addrlen` are null or writable as for POSIX `accept`.
 #[no_mangle]
 pub unsafe extern "C" fn sys_accept(s: i32, addr: *mut sockaddr, addrlen: *mut socklen_t) -> i32 {
-    let r = fd::with(s, |sock| {
-        let wait = sock.wait(sock.recv_timeout);
-        let nodelay = sock.nodelay;
-        let Kind::Listening(listener) = &mut sock.kind else {
-            return Err(errno::EINVAL);
+    let r = wait_for(
+        s,
+        |sock| sock.recv_timeout,
+        |sock, cx| {
+            let nodelay = sock.nodelay;
+            match &mut sock.kind {
+                Kind::Listening(listener) => poll_accept(listener, nodelay, cx),
+                _ => Err(errno::EINVAL),
+            }
+        },
+    )
+    .and_then(|conn| {
+        let peer = match &conn.kind {
+            Kind::Connected(c) => c.socket.remote_endpoint(),
+            _ => None,
         };
-        loop {
-            let (i, result) = sched::block_on(AcceptAny(listener), wait).ok_or(errno::EAGAIN)?;
-            let port = listener.port;
-            let stack = stack()?;
-            let mut old = core::mem::replace(&mut listener.slots[i], Slot::new(stack, port)?);
-            let bufs = old.bufs.take().ok_or(errno::EIO)?;
-            let Ok(mut socket) = result else {
-                drop(bufs);
-                continue; // that attempt was reset: wait for the next
-            };
-            socket.set_nagle_enabled(!nodelay);
-            let peer = socket.remote_endpoint();
-            let conn = Socket {
-                kind: Kind::Connected(Conn {
-                    socket: ManuallyDrop::new(socket),
-                    _bufs: bufs,
-                }),
-                nonblocking: false,
-                nodelay,
-                recv_timeout: None,
-                send_timeout: None,
-            };
-            endpoint_to(peer, addr, addrlen)?;
-            return fd::insert(Box::new(conn));
-        }
+        endpoint_to(peer, addr, addrlen)?;
+        fd::insert(conn)
     });
     r.unwrap_or_else(fail)
 }
@@ -377,34 +428,40 @@ pub fn recv(fd: i32, buf: &mut [u8], flags: i32) -> Result<isize, i32> {
     if flags & hermit_abi::MSG_PEEK != 0 {
         return Err(errno::EOPNOTSUPP);
     }
-    fd::with(fd, |sock| {
-        let wait = sock.wait(sock.recv_timeout);
-        let socket = sock.conn()?;
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        match sched::block_on(socket.read(buf), wait) {
-            None => Err(errno::EAGAIN),
-            Some(Ok(n)) => Ok(n as isize),
-            Some(Err(_)) => Err(errno::ECONNRESET),
-        }
-    })
+    wait_for(
+        fd,
+        |sock| sock.recv_timeout,
+        |sock, cx| {
+            let socket = sock.conn()?;
+            if buf.is_empty() {
+                return Ok(Poll::Ready(0));
+            }
+            match pin!(socket.read(&mut *buf)).poll(cx) {
+                Poll::Pending => Ok(Poll::Pending),
+                Poll::Ready(Ok(n)) => Ok(Poll::Ready(n as isize)),
+                Poll::Ready(Err(_)) => Err(errno::ECONNRESET),
+            }
+        },
+    )
 }
 
 /// Writes from `buf` (at least one byte unless it fails).
 pub fn send(fd: i32, buf: &[u8]) -> Result<isize, i32> {
-    fd::with(fd, |sock| {
-        let wait = sock.wait(sock.send_timeout);
-        let socket = sock.conn()?;
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        match sched::block_on(socket.write(buf), wait) {
-            None => Err(errno::EAGAIN),
-            Some(Ok(0)) | Some(Err(_)) => Err(errno::EPIPE),
-            Some(Ok(n)) => Ok(n as isize),
-        }
-    })
+    wait_for(
+        fd,
+        |sock| sock.send_timeout,
+        |sock, cx| {
+            let socket = sock.conn()?;
+            if buf.is_empty() {
+                return Ok(Poll::Ready(0));
+            }
+            match pin!(socket.write(buf)).poll(cx) {
+                Poll::Pending => Ok(Poll::Pending),
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Err(errno::EPIPE),
+                Poll::Ready(Ok(n)) => Ok(Poll::Ready(n as isize)),
+            }
+        },
+    )
 }
 
 /// # Safety

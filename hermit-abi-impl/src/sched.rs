@@ -420,6 +420,11 @@ impl Wake for ThreadWaker {
     }
 }
 
+/// A waker that makes the running thread runnable again.
+pub fn thread_waker() -> Waker {
+    Waker::from(Arc::new(ThreadWaker(current())))
+}
+
 /// How [`block_on`] waits.
 #[derive(Clone, Copy, Debug)]
 pub enum Wait {
@@ -432,7 +437,7 @@ pub enum Wait {
 /// Runs `future` on the running thread, blocking it (and running others)
 /// while the future is pending. `None` if it did not finish in time.
 pub fn block_on<F: Future>(future: F, wait: Wait) -> Option<F::Output> {
-    let waker = Waker::from(Arc::new(ThreadWaker(current())));
+    let waker = thread_waker();
     let mut future = pin!(future);
     loop {
         if let Poll::Ready(v) = future.as_mut().poll(&mut Context::from_waker(&waker)) {

@@ -91,9 +91,32 @@ fn std_echo_serves_many_clients_on_threads_behind_a_published_port() {
             );
         }
     }
+    // One socket, two threads: a clone of the connection (`try_clone`)
+    // writes ticks from its own thread while the first keeps reading.
+    let n = first.ask("tick 5").unwrap();
+    assert_eq!(n, "ticking");
+    first.writer.write_all(b"during\n").unwrap();
+    let mut lines = Vec::new();
+    for _ in 0..6 {
+        let mut line = String::new();
+        first.reader.read_line(&mut line).unwrap();
+        lines.push(line.trim_end().to_string());
+    }
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "hola 3: during",
+            "tick 0",
+            "tick 1",
+            "tick 2",
+            "tick 3",
+            "tick 4"
+        ]
+    );
     // A large line crosses several TCP segments both ways.
     let big = "x".repeat(100_000);
-    assert_eq!(first.ask(&big).unwrap(), format!("hola 2: {big}"));
+    assert_eq!(first.ask(&big).unwrap(), format!("hola 4: {big}"));
     let stats = first.ask("stats").unwrap();
     assert!(stats.starts_with("lines="), "{stats}");
     let lines: u64 = stats["lines=".len()..]
@@ -102,7 +125,7 @@ fn std_echo_serves_many_clients_on_threads_behind_a_published_port() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(lines >= 1 + 6 + 18 + 2, "{stats}");
+    assert!(lines >= 1 + 6 + 18 + 4, "{stats}");
     assert_eq!(
         first.ask("host").unwrap(),
         "box1",

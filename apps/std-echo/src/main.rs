@@ -9,7 +9,9 @@
 //! Each line is echoed back prefixed with `$GREETING` (default `echo`) and
 //! how many lines that connection sent so far; `stats` answers with the
 //! lines and connections served, `host` with the host the app runs on
-//! (through libcloud in an image: it changes when the app migrates).
+//! (through libcloud in an image: it changes when the app migrates), and
+//! `tick N` starts a thread that writes N `tick` lines on a clone of the
+//! connection, 10 ms apart, while the connection's own thread reads on.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -100,7 +102,21 @@ fn serve(stream: TcpStream, stats: &Stats, greeting: &str) -> std::io::Result<()
         seen += 1;
         stats.lines.fetch_add(1, Ordering::Relaxed);
         let text = line.trim_end();
-        let reply = if text == "host" {
+        let reply = if let Some(n) = text.strip_prefix("tick ") {
+            // A second thread writes on a clone of this connection while
+            // this one goes on reading.
+            let n: u32 = n.parse().unwrap_or(0).min(100);
+            let mut out = stream.try_clone()?;
+            thread::Builder::new().stack_size(64 << 10).spawn(move || {
+                for i in 0..n {
+                    thread::sleep(Duration::from_millis(10));
+                    if writeln!(out, "tick {i}").is_err() {
+                        break;
+                    }
+                }
+            })?;
+            "ticking\n".to_string()
+        } else if text == "host" {
             format!("{}\n", host())
         } else if text == "stats" {
             format!(
