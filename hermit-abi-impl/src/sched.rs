@@ -531,6 +531,14 @@ impl Future for Scheduler {
 
 /// Starts `entry` as the first thread and runs the scheduler for good.
 pub fn run(entry: extern "C" fn(usize), stack_size: usize) -> ! {
+    // Thread-local storage needs `wrfsbase` (CPUID leaf 7, EBX bit 0).
+    let max_leaf = kernel::arch::x86_64::cpu::cpuid(0).eax;
+    if max_leaf < 7 || core::arch::x86_64::__cpuid_count(7, 0).ebx & 1 == 0 {
+        kernel::console::write(
+            b"std apps need a CPU with FSGSBASE (wrfsbase), which this one lacks\n",
+        );
+        kernel::exit(abi::exit::EXIT_FAULT as i32);
+    }
     if spawn(entry, 0, stack_size).is_none() {
         log::error!("no memory for the main thread");
         kernel::exit(abi::exit::EXIT_FAILURE as i32);
