@@ -17,6 +17,8 @@ pub mod cmdline;
 pub mod console;
 pub mod heap;
 pub mod migration;
+/// std brings its own panic handler to Hermit-ABI images (`hermit-abi-impl`).
+#[cfg(not(target_os = "hermit"))]
 mod panic;
 pub mod platform;
 mod start;

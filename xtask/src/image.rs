@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::workspace::{self, App, Workspace, GUEST_TARGET, SHIM_PACKAGE};
+use crate::workspace::{self, App, Workspace, GUEST_TARGET, SHIM_PACKAGE, STD_TARGET};
 
 /// Cargo profile for guest builds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,30 +42,32 @@ pub struct Image {
     pub size: u64,
 }
 
-/// Builds the given apps for the guest target in one cargo invocation and copies each linked
-/// ELF to its image path.
+/// Builds the given apps (libcloud apps for the guest target, std apps for the Hermit target,
+/// one cargo invocation per kind) and copies each linked ELF to its image path.
 pub fn build_images(ws: &Workspace, apps: &[&App], profile: Profile) -> Result<Vec<Image>> {
     if apps.is_empty() {
         bail!("no apps to build (no packages under apps/)");
     }
-    check_guest_target(ws)?;
-
-    let mut cmd = ws.cargo();
-    cmd.args(["build", "--target", GUEST_TARGET]);
-    for app in apps {
-        cmd.args(["-p", &app.package]);
+    let (std_apps, guest_apps): (Vec<&App>, Vec<&App>) = apps.iter().partition(|a| a.std);
+    if !guest_apps.is_empty() {
+        check_guest_target(ws)?;
+        let mut cmd = ws.cargo();
+        cmd.args(["build", "--target", GUEST_TARGET]);
+        cargo_build(cmd, &guest_apps, profile).context("building guest image(s)")?;
     }
-    if profile == Profile::Release {
-        cmd.arg("--release");
+    if !std_apps.is_empty() {
+        check_rust_src(ws)?;
+        cargo_build(std_cargo(ws, "build"), &std_apps, profile)
+            .context("building std app image(s)")?;
     }
-    workspace::run(&mut cmd).context("building guest image(s)")?;
 
-    let out_dir = ws.target_dir.join(GUEST_TARGET).join(profile.dir());
     let images_dir = ws.images_dir();
     fs::create_dir_all(&images_dir)
         .with_context(|| format!("creating {}", images_dir.display()))?;
     apps.iter()
         .map(|app| {
+            let target = if app.std { STD_TARGET } else { GUEST_TARGET };
+            let out_dir = ws.target_dir.join(target).join(profile.dir());
             let path = ws.image_path(app);
             let size = install(&out_dir.join(&app.bin), &path)?;
             Ok(Image {
@@ -75,6 +77,30 @@ pub fn build_images(ws: &Workspace, apps: &[&App], profile: Profile) -> Result<V
             })
         })
         .collect()
+}
+
+fn cargo_build(mut cmd: Command, apps: &[&App], profile: Profile) -> Result<()> {
+    for app in apps {
+        cmd.args(["-p", &app.package]);
+    }
+    if profile == Profile::Release {
+        cmd.arg("--release");
+    }
+    workspace::run(&mut cmd)
+}
+
+/// `cargo SUBCOMMAND` for [`STD_TARGET`]: std and its runtime built from the toolchain's
+/// rust-src (`-Zbuild-std`, allowed on stable through `RUSTC_BOOTSTRAP`), with
+/// compiler-builtins' `memcpy` family (the Hermit target expects the kernel to provide them).
+pub fn std_cargo(ws: &Workspace, subcommand: &str) -> Command {
+    let mut cmd = ws.cargo();
+    cmd.arg(subcommand).env("RUSTC_BOOTSTRAP", "1").args([
+        "-Zbuild-std=std,panic_abort",
+        "-Zbuild-std-features=compiler-builtins-mem",
+        "--target",
+        STD_TARGET,
+    ]);
+    cmd
 }
 
 /// Builds one app's image.
@@ -143,6 +169,37 @@ pub fn check_guest_target(ws: &Workspace) -> Result<()> {
             "the Rust target {GUEST_TARGET} is not installed (no {}) and rustup could not add \
              it: run `rustup target add {GUEST_TARGET}`",
             target_dir.display()
+        ),
+    }
+}
+
+/// Makes sure the toolchain's `rust-src` component (std's source, for `-Zbuild-std`) is
+/// installed: adds it with rustup when rustup is there, else fails with the fix.
+pub fn check_rust_src(ws: &Workspace) -> Result<()> {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let Ok(out) = Command::new(rustc)
+        .args(["--print", "sysroot"])
+        .current_dir(&ws.root)
+        .output()
+    else {
+        return Ok(());
+    };
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let src = sysroot.join("lib/rustlib/src/rust/library/std");
+    if !out.status.success() || src.is_dir() {
+        return Ok(());
+    }
+    eprintln!("xtask: the rust-src component is missing (std apps need it); adding it with rustup");
+    let added = Command::new("rustup")
+        .args(["component", "add", "rust-src"])
+        .current_dir(&ws.root)
+        .status();
+    match added {
+        Ok(status) if status.success() => Ok(()),
+        _ => bail!(
+            "std apps are built with -Zbuild-std, which needs the rust-src component (no {}): \
+             run `rustup component add rust-src`",
+            src.display()
         ),
     }
 }

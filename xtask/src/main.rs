@@ -226,6 +226,23 @@ enum BenchCmd {
         #[arg(long, default_value_t = 10)]
         runs: usize,
     },
+    /// An ordinary std app (apps/std-echo: threads, std::net) as an image vs the same
+    /// source as a native Linux process: sizes, spawn to first reply, echo requests/s and
+    /// p99 with many connections, and live migration downtime under load. Needs /dev/kvm.
+    Std {
+        /// Boots per server, and migrations.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Connections at once in the echo load.
+        #[arg(long, default_value_t = 50)]
+        clients: usize,
+        /// Round trips per connection.
+        #[arg(long, default_value_t = 200)]
+        requests: usize,
+        /// Load rounds per server (interleaved).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// App checkpoints of the kv unikernel (10k and 100k keys): size vs raw key+value
     /// bytes, checkpoint time, and restore time (process start to first PING reply) under
     /// our shim and QEMU (TCG) vs a plain boot. Needs redis-tools, QEMU and /dev/kvm.
@@ -292,6 +309,20 @@ fn dispatch(ws: &Workspace, command: Cmd) -> Result<()> {
         Cmd::Bench(BenchCmd::Fleet { runs }) => {
             bench::fleet::run(ws, &bench::fleet::FleetOptions { runs })
         }
+        Cmd::Bench(BenchCmd::Std {
+            runs,
+            clients,
+            requests,
+            rounds,
+        }) => bench::std_app::run(
+            ws,
+            &bench::std_app::StdOptions {
+                runs,
+                clients,
+                requests,
+                rounds,
+            },
+        ),
         Cmd::Bench(BenchCmd::Checkpoint { runs }) => {
             bench::checkpoint::run(ws, &bench::checkpoint::CheckpointOptions { runs })
         }

@@ -32,6 +32,14 @@ pub fn lint(ws: &Workspace) -> Result<()> {
         guest.args(["-p", pkg]);
     }
     workspace::run(guest.args(["--", "-D", "warnings"]))?;
+    if !ws.std_packages.is_empty() {
+        image::check_rust_src(ws)?;
+        let mut std = image::std_cargo(ws, "clippy");
+        for pkg in &ws.std_packages {
+            std.args(["-p", pkg]);
+        }
+        workspace::run(std.args(["--", "-D", "warnings"]))?;
+    }
     Ok(())
 }
 

@@ -15,6 +15,10 @@ use serde_json::Value;
 /// The target triple every guest crate is built for.
 pub const GUEST_TARGET: &str = "x86_64-unknown-none";
 
+/// The target of std apps (`[package.metadata.libcloud] std = true`): Rust's std for the
+/// Hermit ABI, which `hermit-abi-impl` provides on our kernel.
+pub const STD_TARGET: &str = "x86_64-unknown-hermit";
+
 /// The host-side package that boots images.
 pub const SHIM_PACKAGE: &str = "host-shim";
 
@@ -25,6 +29,8 @@ pub struct App {
     pub package: String,
     /// Name of its binary target, i.e. of the linked ELF in the target directory.
     pub bin: String,
+    /// An ordinary std program, built for [`STD_TARGET`] with build-std.
+    pub std: bool,
 }
 
 #[derive(Debug)]
@@ -38,6 +44,9 @@ pub struct Workspace {
     /// Packages that build only for [`GUEST_TARGET`]: workspace members that are not
     /// default members (kernel, libcloud, net, the apps, ...), sorted.
     pub guest_packages: Vec<String>,
+    /// Guest packages built for [`STD_TARGET`] instead (std apps and the Hermit ABI layer:
+    /// `[package.metadata.libcloud] std = true`), sorted.
+    pub std_packages: Vec<String>,
 }
 
 impl Workspace {
@@ -84,10 +93,14 @@ impl Workspace {
 
         let mut apps = Vec::new();
         let mut guest_packages = Vec::new();
+        let mut std_packages = Vec::new();
         for pkg in meta["packages"].as_array().into_iter().flatten() {
             let id = str_of(&pkg["id"], "package id")?;
             let name = str_of(&pkg["name"], "package name")?;
-            if !default_members.contains(&id) {
+            let std = pkg["metadata"]["libcloud"]["std"].as_bool() == Some(true);
+            if std {
+                std_packages.push(name.clone());
+            } else if !default_members.contains(&id) {
                 guest_packages.push(name.clone());
             }
             let manifest = PathBuf::from(str_of(&pkg["manifest_path"], "manifest_path")?);
@@ -110,15 +123,21 @@ impl Workspace {
                 .map(|t| str_of(&t["name"], "target name"))
                 .transpose()?
                 .with_context(|| format!("app `{name}` has no binary target"))?;
-            apps.push(App { package: name, bin });
+            apps.push(App {
+                package: name,
+                bin,
+                std,
+            });
         }
         apps.sort_by(|a, b| a.package.cmp(&b.package));
         guest_packages.sort();
+        std_packages.sort();
         Ok(Self {
             root,
             target_dir,
             apps,
             guest_packages,
+            std_packages,
         })
     }
 
@@ -220,6 +239,10 @@ mod tests {
             .guest_packages
             .iter()
             .any(|p| p == SHIM_PACKAGE || p == "xtask"));
+        assert!(ws.app("std-echo").unwrap().std);
+        assert!(!ws.app("hello").unwrap().std);
+        assert!(ws.std_packages.iter().any(|p| p == "hermit-abi-impl"));
+        assert!(!ws.guest_packages.iter().any(|p| p == "std-echo"));
         let err = ws.app("no-such-app").unwrap_err().to_string();
         assert!(err.contains("hello"), "{err}");
     }

@@ -18,6 +18,13 @@ const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
 /// `KVM_FEATURE_CLOCKSOURCE2`: the guest may use [`MSR_KVM_SYSTEM_TIME_NEW`].
 const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
 
+/// CR4 bits for hard-float std apps (the Hermit ABI): SSE (OSFXSR,
+/// OSXMMEXCPT). Soft-float libcloud apps do not use them.
+const CR4_SSE: u64 = (1 << 9) | (1 << 10);
+/// CR4.FSGSBASE: `wrfsbase` in ring 3, for std apps' thread-local storage;
+/// set when the vCPU's CPUID offers it.
+const CR4_FSGSBASE: u64 = 1 << 16;
+
 /// A flat ring-3 segment (base 0, 4 GiB limit with 4 KiB granularity).
 fn user_segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
     kvm_segment {
@@ -40,7 +47,7 @@ fn user_segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
 
 /// Returns `base` (as read from a fresh vCPU, so KVM's own fields such as
 /// `apic_base` are kept) set up for long mode with CPL 3.
-pub fn ring3_sregs(base: kvm_sregs) -> kvm_sregs {
+pub fn ring3_sregs(base: kvm_sregs, fsgsbase: bool) -> kvm_sregs {
     let code = user_segment(USER_CS, seg::TYPE_CODE, true);
     let data = user_segment(USER_DS, seg::TYPE_DATA, false);
     let mut s = base;
@@ -87,7 +94,7 @@ pub fn ring3_sregs(base: kvm_sregs) -> kvm_sregs {
     s.cr0 = cr::CR0;
     s.cr2 = 0;
     s.cr3 = cr::CR3;
-    s.cr4 = cr::CR4;
+    s.cr4 = cr::CR4 | CR4_SSE | if fsgsbase { CR4_FSGSBASE } else { 0 };
     s.efer = cr::EFER;
     s
 }
@@ -112,6 +119,14 @@ pub fn kvmclock_supported(cpuid: &CpuId) -> bool {
         .any(|e| e.function == KVM_CPUID_FEATURES && e.eax & KVM_FEATURE_CLOCKSOURCE2 != 0)
 }
 
+/// Whether the vCPU's CPUID offers FSGSBASE (leaf 7, EBX bit 0).
+pub fn has_fsgsbase(cpuid: &CpuId) -> bool {
+    cpuid
+        .as_slice()
+        .iter()
+        .any(|e| e.function == 7 && e.index == 0 && e.ebx & 1 != 0)
+}
+
 /// MSRs the shim sets on vCPU 0.
 pub fn boot_msrs(kvmclock: bool) -> Vec<kvm_msr_entry> {
     let mut msrs = Vec::new();
@@ -132,7 +147,8 @@ mod tests {
 
     #[test]
     fn segments_are_ring3_long_mode() {
-        let s = ring3_sregs(kvm_sregs::default());
+        assert_eq!(ring3_sregs(kvm_sregs::default(), false).cr4, 0x620);
+        let s = ring3_sregs(kvm_sregs::default(), true);
         assert_eq!(s.cs.selector, 0x23);
         assert_eq!((s.cs.dpl, s.cs.l, s.cs.db, s.cs.type_), (3, 1, 0, 0xb));
         assert_eq!(s.ss.selector, 0x1b);
@@ -145,7 +161,7 @@ mod tests {
         assert_eq!((s.tr.type_, s.tr.s, s.tr.present), (0xb, 0, 1));
         assert_eq!(s.ldt.unusable, 1);
         assert_eq!(s.cr0, 0x8000_0011);
-        assert_eq!(s.cr4, 1 << 5);
+        assert_eq!(s.cr4, (1 << 5) | (1 << 9) | (1 << 10) | (1 << 16));
         assert_eq!(s.efer, 0x500);
         assert_eq!((s.gdt.base, s.gdt.limit), (GDT_ADDR, 55));
         assert_eq!((s.idt.base, s.idt.limit), (IDT_ADDR, 4095));
@@ -157,7 +173,7 @@ mod tests {
             apic_base: 0xfee0_0900,
             ..Default::default()
         };
-        assert_eq!(ring3_sregs(base).apic_base, 0xfee0_0900);
+        assert_eq!(ring3_sregs(base, true).apic_base, 0xfee0_0900);
     }
 
     #[test]
@@ -181,6 +197,13 @@ mod tests {
         assert!(kvmclock_supported(&with));
         let without = CpuId::from_entries(&[entry(0x4000_0001, 0x1)]).unwrap();
         assert!(!kvmclock_supported(&without));
+        assert!(!has_fsgsbase(&without));
+        let leaf7 = kvm_cpuid_entry2 {
+            function: 7,
+            ebx: 0x29c67af,
+            ..Default::default()
+        };
+        assert!(has_fsgsbase(&CpuId::from_entries(&[leaf7]).unwrap()));
         assert_eq!(boot_msrs(true)[0].data, PVCLOCK_ADDR | 1);
         assert!(boot_msrs(false).is_empty());
     }

@@ -131,7 +131,7 @@ impl Vcpu {
             .map_err(VmError::kvm("KVM_SET_CPUID2"))?;
         let sregs = self.fd.get_sregs().map_err(VmError::kvm("KVM_GET_SREGS"))?;
         self.fd
-            .set_sregs(&cpu::ring3_sregs(sregs))
+            .set_sregs(&cpu::ring3_sregs(sregs, cpu::has_fsgsbase(cpuid)))
             .map_err(VmError::kvm("KVM_SET_SREGS"))?;
         self.fd
             .set_regs(&cpu::initial_regs(user_entry))

@@ -399,7 +399,7 @@ fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
 /// ok: kv moved to 127.0.0.1:7100; downtime 1.23 ms, total 45.6 ms, 2.6 MiB sent (672 pages)
 ///   for 64.0 MiB of guest memory (4.1%), 3 rounds
 /// ```
-fn parse_output(out: &str) -> Result<Sample> {
+pub(crate) fn parse_output(out: &str) -> Result<Sample> {
     let last = out.lines().last().unwrap_or("");
     let round0 = out
         .lines()

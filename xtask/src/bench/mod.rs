@@ -6,6 +6,7 @@
 //! - [`migrate`]: live migration of the kv app between two shim daemons, under load.
 //! - [`fleet`]: the fleet's costs: migration downtime with TLS vs the plain stream, and
 //!   deploy-to-first-reply time on a secure and a plain host ([`deploy`]).
+//! - [`std_app`] (`std.rs`): an ordinary std app (std-echo) as an image vs as a native process.
 
 pub mod boot;
 pub mod checkpoint;
@@ -13,6 +14,8 @@ pub mod deploy;
 pub mod fleet;
 pub mod migrate;
 pub mod net;
+#[path = "std.rs"]
+pub mod std_app;
 
 use std::net::TcpListener;
 use std::process::{Child, Command};

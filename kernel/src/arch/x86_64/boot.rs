@@ -42,8 +42,22 @@ _pvh_entry:
     movl %ebx, %edi
     movl $boot_pml4, %eax
     movl %eax, %cr3
+    /* CR4: PAE; OSFXSR, OSXMMEXCPT and, if CPUID offers it, FSGSBASE for
+       std apps (as our shim sets them). cpuid clobbers ebx (saved in edi). */
+    movl $0x620, %esi
+    xorl %eax, %eax
+    cpuid
+    cmpl $7, %eax
+    jb 1f
+    movl $7, %eax
+    xorl %ecx, %ecx
+    cpuid
+    testl $1, %ebx
+    jz 1f
+    orl $0x10000, %esi
+1:
     movl %cr4, %eax
-    orl $0x20, %eax
+    orl %esi, %eax
     movl %eax, %cr4
     movl $0xc0000080, %ecx
     rdmsr
