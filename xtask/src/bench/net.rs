@@ -21,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use crate::image::{self, Profile};
 use crate::workspace::Workspace;
 
+use host_shim::daemon::api::Client;
 use host_shim::daemon::stats::ShimStats;
 use host_shim::devices::exits::ExitStats;
 
@@ -186,22 +187,11 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((ticks(14)? + ticks(15)?) as f64 / hz as f64)
 }
 
-/// The kv instance's figures in its daemon's `GET /v1/stats`.
+/// The kv instance's exit counters in its daemon's `GET /v1/stats`.
 fn kv_exits(daemon: &Daemon) -> Result<ExitStats> {
-    let mut s = TcpStream::connect(&daemon.addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET /v1/stats HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer)?;
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .with_context(|| format!("GET /v1/stats: no body in {answer:?}"))?;
-    let stats: ShimStats =
-        serde_json::from_str(body).with_context(|| format!("GET /v1/stats: {body}"))?;
+    let stats: ShimStats = Client::new(&daemon.addr)
+        .json::<(), _>("GET", "/v1/stats", None)
+        .context("GET /v1/stats")?;
     stats
         .instances
         .into_iter()
@@ -430,7 +420,7 @@ pub fn run(ws: &Workspace, opts: &NetOptions) -> Result<()> {
             k.set_rps / n.set_rps,
             k.get_p50,
             n.get_p50,
-            k.exits.map_or("-".to_owned(), |e| format!("{e:.2}")),
+            k.exits.map_or("-".to_owned(), |e| format!("{e:.3}")),
             k.cpu_us,
             n.cpu_us,
         );
