@@ -34,6 +34,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use crate::boot::layout::{self, BootSetup};
 use crate::boot::{cpu, loader};
 use crate::devices::doorbell::Doorbell;
+use crate::devices::exits::{ExitCounters, ExitStats};
 use crate::devices::io_wait::IoWait;
 use crate::devices::virtio::{self, net::Net, MmioTransport};
 use crate::error::{Error, VmError};
@@ -148,6 +149,8 @@ pub struct Machine {
     pub devices: Vec<MmioTransport>,
     pub doorbell: Doorbell<Console>,
     pub io_wait: IoWait,
+    /// Its VM exits and idle waits on this shim (`GET /v1/stats`).
+    pub exits: Arc<ExitCounters>,
     pub spec: GuestSpec,
 }
 
@@ -213,6 +216,7 @@ impl Machine {
             devices,
             doorbell: Doorbell::new(console),
             io_wait,
+            exits: Arc::default(),
             spec,
         })
     }
@@ -428,6 +432,7 @@ pub struct MachineHandle {
     id: usize,
     control: Arc<Control>,
     vm: Arc<Vm>,
+    exits: Arc<ExitCounters>,
     thread: Mutex<Option<thread::JoinHandle<()>>>,
     paused: Mutex<Receiver<Box<Machine>>>,
     resume: Mutex<Option<Sender<Box<Machine>>>>,
@@ -447,6 +452,7 @@ pub fn spawn(
     let (paused_tx, paused) = mpsc::channel::<Box<Machine>>();
     let (resume, resume_rx) = mpsc::channel::<Box<Machine>>();
     let vm = Arc::clone(&machine.vm);
+    let exits = Arc::clone(&machine.exits);
     let ctl = Arc::clone(&control);
     let thread = thread::Builder::new()
         .name(format!("vcpu-{id}"))
@@ -460,6 +466,7 @@ pub fn spawn(
         id,
         control,
         vm,
+        exits,
         thread: Mutex::new(Some(thread)),
         paused: Mutex::new(paused),
         resume: Mutex::new(Some(resume)),
@@ -482,6 +489,7 @@ fn vcpu_thread(
                 doorbell: &mut m.doorbell,
                 devices: &mut m.devices,
                 io_wait: &m.io_wait,
+                exits: &m.exits,
                 stop: &control.stop,
                 pause: &control.pause,
                 deadline,
@@ -512,6 +520,11 @@ fn vcpu_thread(
 impl MachineHandle {
     pub fn id(&self) -> usize {
         self.id
+    }
+
+    /// The guest's VM exits and idle waits so far on this shim.
+    pub fn exits(&self) -> ExitStats {
+        self.exits.snapshot()
     }
 
     /// The VM, for reading memory and the dirty log while the guest runs.

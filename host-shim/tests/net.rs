@@ -1,10 +1,12 @@
 //! Guest networking through the real binary: `curl` through a published
 //! port, port-in-use and syntax errors, an idle networked guest's CPU use,
-//! two guests on one switch, and (as root) a TAP device in a network
-//! namespace of the test's own.
+//! the VM exits a request costs (`GET /v1/stats`), two guests on one
+//! switch, and (as root) a TAP device in a network namespace of the test's
+//! own.
 
 mod common;
 
+use common::daemon::{run_kv, Daemon, TempDir};
 use common::{free_port, image, require_kvm, shim, Shim};
 use std::net::TcpListener;
 use std::path::Path;
@@ -174,6 +176,61 @@ fn an_idle_networked_guest_uses_almost_no_cpu() {
     );
     assert!(share < 0.03, "{:.1}% of a CPU while idle", share * 100.0);
     drop(idle_conn);
+}
+
+/// The kv instance's exit counters in `daemon`'s `GET /v1/stats`.
+fn kv_exits(daemon: &Daemon) -> host_shim::devices::exits::ExitStats {
+    let stats = daemon.stats();
+    let kv = stats.instances.iter().find(|i| i.name == "kv");
+    kv.unwrap_or_else(|| panic!("no kv instance in {stats:?}"))
+        .exits
+}
+
+#[test]
+fn a_request_costs_a_bounded_number_of_exits_and_idle_costs_almost_none() {
+    require_kvm();
+    let dir = TempDir::new("net-exits");
+    let daemon = Daemon::start("exits", 1, &[], &dir);
+    let (_port, mut kv) = run_kv(&daemon);
+    const REQUESTS: u64 = 300;
+    let before = kv_exits(&daemon);
+    for i in 0..REQUESTS {
+        let key = format!("k{i}");
+        assert_eq!(kv.cmd(&["SET", &key, "v"]).unwrap(), "OK");
+    }
+    let after = kv_exits(&daemon);
+    let exits = after.total - before.total;
+    let per_request = exits as f64 / REQUESTS as f64;
+    eprintln!("{REQUESTS} sequential requests: {exits} exits ({per_request:.2} per request)");
+    eprintln!("before {before:?}\nafter  {after:?}");
+    // A reply leaves the guest only on an exit: at least one per round trip.
+    assert!(
+        exits >= REQUESTS,
+        "{exits} exits for {REQUESTS} round trips"
+    );
+    assert!(per_request <= 8.0, "{per_request:.2} exits per request");
+    assert_eq!(
+        exits,
+        (after.hypercalls.r#yield - before.hypercalls.r#yield)
+            + (after.hypercalls.console - before.hypercalls.console)
+            + (after.hypercalls.checkpoint - before.hypercalls.checkpoint)
+            + (after.hypercalls.other - before.hypercalls.other)
+            + (after.virtio.notify - before.virtio.notify)
+            + (after.virtio.other - before.virtio.other)
+            + (after.other - before.other),
+        "the total is the sum of the reasons"
+    );
+    assert!(
+        after.idle.woken_by_io > before.idle.woken_by_io,
+        "the guest slept between requests and frames woke it: {after:?}"
+    );
+    // Idle: only the guest's own timers (kv's 100 ms expiry task) exit.
+    let window = Duration::from_secs(2);
+    let quiet = kv_exits(&daemon);
+    std::thread::sleep(window);
+    let idle = kv_exits(&daemon).total - quiet.total;
+    eprintln!("idle kv: {idle} exits in {window:?}");
+    assert!(idle < 100, "{idle} exits in {window:?} while idle");
 }
 
 #[test]

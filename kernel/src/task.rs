@@ -1,11 +1,16 @@
 //! The executor: runs the app's `async` tasks on the one vCPU and idles in
 //! the host when nothing can run.
 //!
-//! One loop iteration polls every woken task, then makes exactly one
-//! `HC_YIELD` hypercall: with timeout 0 if tasks are still runnable (the
+//! One loop iteration polls every woken task; while tasks stay runnable it
+//! polls them again, up to [`ROUNDS_PER_EXIT`] rounds, then makes exactly
+//! one `HC_YIELD` hypercall: with timeout 0 if tasks are still runnable (the
 //! exit also lets the shim flush queued TX frames and fill RX buffers), else
-//! until the next timer deadline or I/O. After the host returns, tasks that
-//! wait for I/O ([`wake_on_io`]) are woken to look at their devices. On PVH
+//! until the next timer deadline or I/O. A VM exit costs tens of µs on
+//! nested hosts: a request whose reply takes a few task hand-offs (socket
+//! -> app task -> stack runner) thus leaves with the exit that also waits
+//! for the next one, instead of one exit per hand-off. [`yield_now`] still
+//! gets its exit before the caller continues. After the host returns, tasks
+//! that wait for I/O ([`wake_on_io`]) are woken to look at their devices. On PVH
 //! monitors the wait is a ring-0 `hlt` woken by the LAPIC timer or a device
 //! interrupt (`kernel::platform::yield_for`); ring 3 never takes interrupts,
 //! so nothing here needs interrupt masking.
@@ -62,6 +67,13 @@ static TASKS: VcpuLocal<Vec<Slot>> = VcpuLocal(Mutex::new(Vec::new()));
 static SPAWNED: VcpuLocal<Vec<Task>> = VcpuLocal(Mutex::new(Vec::new()));
 static READY: Mutex<VecDeque<usize>> = Mutex::new(VecDeque::new());
 static IO_WAITERS: Mutex<Vec<Waker>> = Mutex::new(Vec::new());
+/// Set by [`yield_now`]: the next round ends with an exit.
+static EXIT_WANTED: AtomicBool = AtomicBool::new(false);
+
+/// Executor rounds run back to back, without a VM exit, while tasks stay
+/// runnable (bounded: a task that polls in a loop still lets the host move
+/// I/O every this many rounds).
+pub const ROUNDS_PER_EXIT: u32 = 8;
 
 /// Runs `future` as a background task of the executor.
 pub fn spawn(future: impl Future<Output = ()> + 'static) {
@@ -85,6 +97,7 @@ pub async fn yield_now() {
             return Poll::Ready(());
         }
         yielded = true;
+        EXIT_WANTED.store(true, Ordering::Relaxed);
         cx.waker().wake_by_ref();
         Poll::Pending
     })
@@ -129,6 +142,7 @@ pub fn block_on<T>(main: impl Future<Output = T>) -> T {
     let main_woken = Arc::new(MainWaker(AtomicBool::new(true)));
     let main_waker = Waker::from(main_woken.clone());
     let mut main = core::pin::pin!(main);
+    let mut rounds = 0;
     loop {
         crate::time::wake_expired_timers();
         if main_woken.0.swap(false, Ordering::AcqRel) {
@@ -143,6 +157,12 @@ pub fn block_on<T>(main: impl Future<Output = T>) -> T {
         }
         admit_spawned();
         let runnable = main_woken.0.load(Ordering::Acquire) || !READY.lock().is_empty();
+        rounds += 1;
+        if runnable && rounds < ROUNDS_PER_EXIT && !EXIT_WANTED.load(Ordering::Relaxed) {
+            continue;
+        }
+        rounds = 0;
+        EXIT_WANTED.store(false, Ordering::Relaxed);
         let timeout = if runnable {
             0
         } else {

@@ -185,17 +185,17 @@ enum BenchCmd {
     },
     /// Network: redis-benchmark against the kv unikernel vs native redis-server, bulk TCP.
     ///
-    /// Needs redis-tools and redis-server. Prints a markdown table: requests/s for SET and
-    /// GET (medians over rounds that alternate between the two servers) and their ratio,
-    /// the kv image size, and host -> guest bulk TCP throughput through a published port.
+    /// Needs redis-tools and redis-server. Prints a markdown table per client load (-c 1,
+    /// -c 20, -c 50, -c 50 -P 16): requests/s and p50 for SET and GET (medians over rounds
+    /// that alternate which server goes first), their ratios, the guest's VM exits per
+    /// request and host CPU per request of each server; the kv image size, and host ->
+    /// guest bulk TCP throughput through a published port.
     Net {
-        /// Requests per redis-benchmark run (-n).
+        /// Requests per redis-benchmark run (-n) at -c 20 and -c 50 (a quarter at -c 1,
+        /// eight times as many at -c 50 -P 16).
         #[arg(long, default_value_t = 100_000)]
         requests: u64,
-        /// Concurrent clients (-c).
-        #[arg(long, default_value_t = 50)]
-        clients: u32,
-        /// Rounds per server.
+        /// Rounds per server and client load.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
         /// MiB to push in the bulk TCP test.
@@ -291,14 +291,12 @@ fn dispatch(ws: &Workspace, command: Cmd) -> Result<()> {
         ),
         Cmd::Bench(BenchCmd::Net {
             requests,
-            clients,
             rounds,
             bulk_mib,
         }) => bench::net::run(
             ws,
             &bench::net::NetOptions {
                 requests,
-                clients,
                 rounds,
                 bulk_mib,
             },

@@ -4,7 +4,8 @@
 //! - per instance: its vCPU thread's CPU time, its memory, its network
 //!   card's frame and byte counters (since it arrived on this shim), and
 //!   what the shim's bounds refused it (frames dropped, console lines
-//!   dropped or split, checkpoints refused);
+//!   dropped or split, checkpoints refused), and its VM exits by reason
+//!   and idle waits (`devices::exits`);
 //! - per published port: requests, bytes and connections of the clients
 //!   that came through this shim (see [`crate::net::traffic`] for what a
 //!   request is);
@@ -15,6 +16,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::devices::exits::ExitStats;
 use crate::net::overlay::PeerRtt;
 use crate::net::traffic::{NicStats, PortStats};
 
@@ -46,6 +48,10 @@ pub struct InstanceStats {
     /// malformed): the guest sends a full checkpoint instead.
     #[serde(default)]
     pub checkpoints_refused: u64,
+    /// Its VM exits by reason and its idle waits, since it arrived on
+    /// this shim (see [`crate::devices::exits`]).
+    #[serde(default)]
+    pub exits: ExitStats,
 }
 
 /// The answer of `GET /v1/stats`.
@@ -89,6 +95,7 @@ impl Daemon {
                     console_lines_dropped: console.lines,
                     console_lines_split: console.split,
                     checkpoints_refused: i.checkpoints.refused(),
+                    exits: i.handle.as_ref().map(|h| h.exits()).unwrap_or_default(),
                 }
             })
             .collect();

@@ -26,6 +26,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::boot::cpu;
 use crate::devices::doorbell::{Action, Doorbell};
+use crate::devices::exits::{ExitCounters, ExitKind};
 use crate::devices::io_wait::IoWait;
 use crate::devices::virtio::MmioTransport;
 use crate::error::VmError;
@@ -60,6 +61,8 @@ pub struct RunContext<'a, W: Write> {
     /// The virtio-mmio devices; their backends' descriptors are in `io_wait`.
     pub devices: &'a mut [MmioTransport],
     pub io_wait: &'a IoWait,
+    /// Where the exits are counted.
+    pub exits: &'a ExitCounters,
     /// Set by the controlling thread to stop the guest.
     pub stop: &'a AtomicBool,
     /// Set by the controlling thread to pause the guest (snapshot, migration).
@@ -307,11 +310,18 @@ impl Vcpu {
             if ctx.stop.load(Ordering::Acquire) || ctx.pause.load(Ordering::Acquire) {
                 return None;
             }
+            let mut kind = ExitKind::Other;
             let action = match self.fd.run() {
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     if Doorbell::<W>::contains(addr) {
+                        kind = ExitKind::Hypercall((addr - abi::layout::DOORBELL_ADDR) / 8);
                         ctx.doorbell.write(ctx.mem, addr, data)
                     } else if let Some(dev) = ctx.devices.iter_mut().find(|d| d.contains(addr)) {
+                        kind = if dev.is_notify(addr) {
+                            ExitKind::VirtioNotify
+                        } else {
+                            ExitKind::VirtioRegister
+                        };
                         match dev.write(ctx.mem, addr, data) {
                             Ok(()) => Action::Continue,
                             Err(why) => Action::Stop(GuestExit::Died(why)),
@@ -327,6 +337,7 @@ impl Vcpu {
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
                     if let Some(dev) = ctx.devices.iter_mut().find(|d| d.contains(addr)) {
+                        kind = ExitKind::VirtioRegister;
                         dev.read(addr, data);
                     } else {
                         crate::guest_warn!(
@@ -355,7 +366,10 @@ impl Vcpu {
                     );
                     Action::Continue
                 }
-                Ok(VcpuExit::Intr) => Action::Continue,
+                Ok(VcpuExit::Intr) => {
+                    kind = ExitKind::Interrupted;
+                    Action::Continue
+                }
                 Ok(VcpuExit::Shutdown) => Action::Stop(GuestExit::TripleFault(self.dump())),
                 Ok(VcpuExit::Hlt) => Action::Stop(GuestExit::Halted),
                 Ok(VcpuExit::FailEntry(reason, cpu)) => Action::Stop(GuestExit::Died(format!(
@@ -375,9 +389,13 @@ impl Vcpu {
                         self.dump()
                     )))
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Action::Continue,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    kind = ExitKind::Interrupted;
+                    Action::Continue
+                }
                 Err(e) => Action::Stop(GuestExit::Died(format!("KVM_RUN failed: {e}"))),
             };
+            ctx.exits.exit(kind);
             match action {
                 Action::Continue => {}
                 Action::Yield(timeout) => {
@@ -449,6 +467,7 @@ fn optional<T>(what: &str, r: Result<T, vmm_sys_util::errno::Error>) -> Option<T
 /// device).
 fn idle<W: Write>(ctx: &mut RunContext<W>, timeout: Option<Duration>) -> Option<GuestExit> {
     if timeout == Some(Duration::ZERO) {
+        ctx.exits.idle_skipped();
         return process_devices(ctx).err();
     }
     // Consume the backends' wake-ups first, then look: a frame arriving in
@@ -458,7 +477,10 @@ fn idle<W: Write>(ctx: &mut RunContext<W>, timeout: Option<Duration>) -> Option<
     }
     match process_devices(ctx) {
         Err(exit) => return Some(exit),
-        Ok(true) => return None,
+        Ok(true) => {
+            ctx.exits.idle_skipped();
+            return None;
+        }
         Ok(false) => {}
     }
     let left = ctx
@@ -468,9 +490,12 @@ fn idle<W: Write>(ctx: &mut RunContext<W>, timeout: Option<Duration>) -> Option<
         (Some(t), Some(l)) => Some(t.min(l)),
         (t, l) => t.or(l),
     };
-    if let Err(e) = ctx.io_wait.wait(timeout) {
-        tracing::warn!("idle wait failed: {e}");
-    }
+    let wake = ctx
+        .io_wait
+        .wait(timeout)
+        .inspect_err(|e| tracing::warn!("idle wait failed: {e}"))
+        .ok();
+    ctx.exits.idle_slept(wake);
     process_devices(ctx).err()
 }
 

@@ -154,6 +154,13 @@ impl Daemon {
             .unwrap()
     }
 
+    /// A plain-HTTP daemon's `GET /v1/stats`.
+    pub fn stats(&self) -> host_shim::daemon::stats::ShimStats {
+        host_shim::daemon::api::Client::new(&self.addr)
+            .json::<(), _>("GET", "/v1/stats", None)
+            .unwrap_or_else(|e| panic!("GET /v1/stats: {e}\n--- daemon:\n{}", self.output()))
+    }
+
     pub fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -137,6 +137,11 @@ impl MmioTransport {
         addr >= self.base && addr - self.base < self.size
     }
 
+    /// Whether guest-physical `addr` is this window's `QueueNotify` register.
+    pub fn is_notify(&self, addr: u64) -> bool {
+        addr == self.base + reg::QUEUE_NOTIFY
+    }
+
     pub fn base(&self) -> u64 {
         self.base
     }
