@@ -607,6 +607,17 @@ struct ServeArgs {
     /// The largest image upload accepted (K/M suffixes; at most 16M).
     #[arg(long, value_name = "SIZE", default_value = "8M", value_parser = config::parse_byte_size)]
     max_image_size: u64,
+
+    /// Send every dirty page of a migrating guest, even heap pages it says
+    /// are free.
+    #[arg(long)]
+    no_free_page_hints: bool,
+
+    /// For tests only: die, cut the connection or corrupt a byte at a step
+    /// of every migration this daemon takes part in (STEP: precopy, paused,
+    /// ready, commit, committed; FAULT: die, cut, corrupt).
+    #[arg(long, value_name = "STEP:FAULT", hide = true)]
+    test_fault: Option<host_shim::migration::faults::Injected>,
 }
 
 #[derive(Args)]
@@ -1411,6 +1422,10 @@ fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
         security,
         state_dir,
         max_image_bytes: args.max_image_size,
+        migration: host_shim::migration::MigrationConfig {
+            free_page_hints: !args.no_free_page_hints,
+            fault: args.test_fault,
+        },
     })?;
     Ok(0)
 }

@@ -219,6 +219,8 @@ pub struct Client {
     pub addr: String,
     tls: Option<Arc<rustls::ClientConfig>>,
     token: Option<String>,
+    /// The longest any read or write may block (none: forever).
+    timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Client {
@@ -248,6 +250,7 @@ impl Client {
             addr: bare(addr).to_owned(),
             tls: None,
             token: None,
+            timeout: None,
         }
     }
 
@@ -268,7 +271,15 @@ impl Client {
             addr: bare(addr).to_owned(),
             tls: Some(config),
             token,
+            timeout: None,
         })
+    }
+
+    /// The same client, with every read and write on its connections
+    /// (handshakes included) failing after blocking for `t`.
+    pub fn with_timeout(mut self, t: Duration) -> Self {
+        self.timeout = Some(t);
+        self
     }
 
     /// Whether the client speaks TLS.
@@ -281,12 +292,12 @@ impl Client {
         match &self.tls {
             None => Ok(Stream::Plain(tcp)),
             Some(config) => {
-                let _ = tcp.set_read_timeout(Some(Duration::from_secs(30)));
+                let _ = tcp.set_read_timeout(Some(self.timeout.unwrap_or(Duration::from_secs(30))));
                 let stream = Stream::connect(tcp, config).map_err(|e| ClientError::Tls {
                     addr: self.addr.clone(),
                     err: tls_reason(&e),
                 })?;
-                let _ = stream.tcp().set_read_timeout(None);
+                let _ = stream.tcp().set_read_timeout(self.timeout);
                 Ok(stream)
             }
         }
@@ -306,6 +317,8 @@ impl Client {
             match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
+                    let _ = s.set_read_timeout(self.timeout);
+                    let _ = s.set_write_timeout(self.timeout);
                     return Ok(s);
                 }
                 Err(e) => last = Some(e),

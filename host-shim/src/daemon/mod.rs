@@ -109,6 +109,8 @@ pub struct DaemonConfig {
     /// TLS, tokens and pinned peers (`host-shim init`); `None`: plain HTTP,
     /// nobody checked.
     pub security: Option<Arc<crate::security::HostSecurity>>,
+    /// Free-page hints and injected test faults of migrations.
+    pub migration: crate::migration::MigrationConfig,
 }
 
 impl DaemonConfig {
@@ -163,6 +165,8 @@ pub struct Daemon {
     images: Option<images::ImageStore>,
     persist: Option<persist::Persist>,
     started: Instant,
+    /// Migrations under way (cancelled by `stop`).
+    pub migrations: crate::migration::Migrations,
 }
 
 impl Daemon {
@@ -214,6 +218,7 @@ impl Daemon {
             persist,
             standbys: Default::default(),
             started: Instant::now(),
+            migrations: Default::default(),
         });
         daemon.bring_back();
         Ok((daemon, rx))
@@ -477,6 +482,8 @@ impl Daemon {
     }
 
     fn stop(&self, name: &str) -> Result<InstanceInfo, ApiError> {
+        // A migration of it ends first (cancelled before its commit).
+        self.migrations.cancel(name, Duration::from_secs(30));
         let inst = {
             let mut instances = self.instances();
             match instances.get(name) {
