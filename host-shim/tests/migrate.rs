@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::daemon::{run_kv, Daemon, Redis, TempDir, BIN};
+use common::daemon::{load, run_kv, Daemon, Redis, TempDir, BIN};
 use common::{free_port, image};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -107,33 +107,6 @@ fn migrate(from: &Daemon, name: &str, to: &Daemon) -> String {
     eprintln!("{out}");
     assert!(out.lines().last().unwrap_or("").starts_with("ok"), "{out}");
     out
-}
-
-/// A client that keeps writing and reading keys on its own connection
-/// until told to stop; returns (requests acknowledged, longest gap between
-/// two replies, first error).
-fn load(
-    port: u16,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<(usize, Duration, Option<String>)> {
-    std::thread::spawn(move || {
-        let mut c = Redis::connect(port).unwrap();
-        let mut acked = 0;
-        let mut gap = Duration::ZERO;
-        let mut last = Instant::now();
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            let (k, v) = (format!("load:{acked}"), format!("v{acked}"));
-            let set = c.cmd(&["SET", &k, &v]);
-            let get = c.cmd(&["GET", &k]);
-            match (set, get) {
-                (Ok(s), Ok(g)) if s == "OK" && g == v => acked += 1,
-                other => return (acked, gap, Some(format!("{k}: {other:?}"))),
-            }
-            gap = gap.max(last.elapsed());
-            last = Instant::now();
-        }
-        (acked, gap, None)
-    })
 }
 
 #[test]

@@ -38,8 +38,10 @@ use crate::vstate::vm::Vm;
 /// The longest an incoming migration may hold its reservation before its
 /// final state is in.
 pub const INCOMING_DEADLINE: Duration = Duration::from_secs(120);
-/// How long a connection to a vanished source's daemon may take to fail.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a probe of a vanished source's daemon waits for each answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a source's daemon that is going away may take to be gone.
+const PROBE_WINDOW: Duration = Duration::from_secs(5);
 
 /// Serves `POST /v1/migration` on a connection already switched to the
 /// migration protocol; `from` names the sending host (its pinned peer name
@@ -125,12 +127,7 @@ pub fn check_state(
     let Some(nic) = spec.nic else {
         return Err("the final state has no network card".into());
     };
-    let mac = |m: [u8; 6]| {
-        m.iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    };
+    let mac = |m: [u8; 6]| crate::devices::virtio::net::fmt_mac(&m);
     let show = |n: crate::snapshot::state::NicSpec| format!("{} {}", n.ip, mac(n.mac));
     match hello.nic {
         Some(h) if h == nic => {}
@@ -364,8 +361,11 @@ fn take(
 
 /// Whether the source's daemon is gone (its API address refuses
 /// connections): the guest lived in that process, so no copy runs there.
-/// Anything else (an answer, a timeout) says it may still be there.
+/// A connection it takes and holds open says it is there; one it resets or
+/// closes at once (a process on its way out) is asked again, for up to
+/// [`PROBE_WINDOW`]; anything unclear says it may still be there.
 fn source_gone(conn: &Conn, hello: &Hello) -> bool {
+    use std::io::Read;
     let Some(api) = hello.source_api else {
         return false;
     };
@@ -373,10 +373,28 @@ fn source_gone(conn: &Conn, hello: &Hello) -> bool {
         Some(peer) => SocketAddr::new(peer.ip(), api.port()),
         None => api,
     };
-    matches!(
-        TcpStream::connect_timeout(&addr, PROBE_TIMEOUT),
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
-    )
+    let give_up = Instant::now() + PROBE_WINDOW;
+    while Instant::now() < give_up {
+        match TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
+            Err(_) => return false,
+            Ok(s) => {
+                let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
+                match (&s).read(&mut [0u8; 1]) {
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        return false
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+    }
+    false
 }
 
 fn write_pages(vm: &Vm, indices: &[u32], data: &[u8], zero: bool) -> Result<(), String> {
@@ -417,5 +435,89 @@ fn prepare(daemon: &Daemon, name: &str, vm: Vm, state: MachineState) -> Result<P
             daemon.net.detach(&port);
             Err(e.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::state::NicSpec;
+
+    #[test]
+    fn the_final_state_is_checked_field_by_field() {
+        let mut state = crate::snapshot::format::tests::state();
+        let nic = NicSpec {
+            mac: [2, 0, 0, 0, 0, 1],
+            ip: "10.0.2.16".parse().unwrap(),
+            prefix: 24,
+            gateway: None,
+        };
+        state.spec.nic = Some(nic);
+        let spec = state.spec.clone();
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            format_version: FORMAT_VERSION,
+            abi_version: abi::ABI_VERSION,
+            migration_id: 1,
+            name: spec.name.clone(),
+            mem_size: spec.mem_size,
+            cpuid: spec.cpuid.clone(),
+            nic: Some(nic),
+            image: spec.image.clone(),
+            source: "a".into(),
+            source_overlay: None,
+            source_api: None,
+        };
+        let mem = spec.mem_size;
+        check_state(&hello, &state, mem, Some(nic)).unwrap();
+        let other_ip = NicSpec {
+            ip: "10.0.2.17".parse().unwrap(),
+            ..nic
+        };
+        let other_mac = NicSpec {
+            mac: [2, 0, 0, 0, 0, 9],
+            ..nic
+        };
+        let expect = |r: Result<(), String>, want: &str| {
+            let e = r.expect_err(want);
+            assert!(e.contains(want), "{e}");
+        };
+        expect(
+            check_state(&hello, &state, mem * 2, Some(nic)),
+            "memory size",
+        );
+        let mut h = hello.clone();
+        h.mem_size *= 2;
+        expect(check_state(&h, &state, mem, Some(nic)), "memory size");
+        let mut h = hello.clone();
+        h.name = "other".into();
+        expect(check_state(&h, &state, mem, Some(nic)), "name");
+        let mut h = hello.clone();
+        h.image.sha256 = "cd".repeat(32);
+        expect(check_state(&h, &state, mem, Some(nic)), "image");
+        let mut h = hello.clone();
+        h.cpuid.clear();
+        expect(check_state(&h, &state, mem, Some(nic)), "CPUID");
+        let mut h = hello.clone();
+        h.nic = Some(other_ip);
+        expect(check_state(&h, &state, mem, Some(nic)), "10.0.2.17");
+        expect(
+            check_state(&hello, &state, mem, Some(other_mac)),
+            "not the one reserved here",
+        );
+        expect(check_state(&hello, &state, mem, None), "reservation");
+        let mut s = crate::snapshot::format::tests::state();
+        s.spec.nic = Some(other_mac);
+        let mut h = hello.clone();
+        h.nic = Some(other_mac);
+        expect(
+            check_state(&h, &s, mem, Some(other_mac)),
+            "virtio-net MAC 02:00:00:00:00:01",
+        );
+        let mut s = crate::snapshot::format::tests::state();
+        s.spec.nic = Some(nic);
+        let dev = s.devices[0].clone();
+        s.devices.push(dev);
+        expect(check_state(&hello, &s, mem, Some(nic)), "2 devices");
     }
 }
