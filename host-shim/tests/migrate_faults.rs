@@ -328,3 +328,139 @@ fn a_stalled_incoming_migration_releases_its_reservation() {
     let (_, mut c) = run_kv(&b);
     assert_eq!(c.cmd(&["PING"]).unwrap(), "PONG");
 }
+
+/// A peer that reads each request head (and a body, if `answer` says so)
+/// and answers it with `answer(head)`, or holds the connection open
+/// without a word when that is `None`. Runs until the test ends.
+fn fake_peer(answer: fn(&str) -> Option<String>) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let mut r = BufReader::new(conn.try_clone().unwrap());
+            let mut head = String::new();
+            while !head.ends_with("\r\n\r\n") {
+                if r.read_line(&mut head).unwrap_or(0) == 0 {
+                    break;
+                }
+            }
+            match answer(&head) {
+                Some(body) => {
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                        .unwrap_or(0);
+                    let _ = std::io::copy(&mut r.by_ref().take(len), &mut std::io::sink());
+                    let _ = (&conn).write_all(
+                        format!(
+                            "HTTP/1.0 201 Created\r\nContent-Type: application/json\r\n\
+                             Content-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    );
+                }
+                None => held.push(conn),
+            }
+        }
+    });
+    addr
+}
+
+/// A standby that takes the registration and then never answers a
+/// checkpoint: kv's acknowledged write is refused (the connection closes
+/// without OK) after the shipping deadline instead of waiting forever, and
+/// the instance stops at once. (Until the standby answers again, every
+/// reply kv owes after that write costs it the deadline: it acknowledges
+/// nothing that is not stored.)
+#[test]
+fn a_hung_standby_costs_a_write_the_deadline_not_the_guest() {
+    let dir = TempDir::new("hung-standby");
+    let a = Daemon::start("hung-a", 1, &["--no-overlay"], &dir);
+    let standby = fake_peer(|head| {
+        head.starts_with("POST /v1/standby ").then(|| {
+            r#"{"name":"kv","origin":"a","state":"waiting","file":"","bytes":0,"blobs":0}"#
+                .to_owned()
+        })
+    });
+    let port = free_port();
+    let img = common::daemon::kv_img();
+    let publish = format!("{port}:6379");
+    a.cli(&[
+        "run",
+        &img,
+        "--name",
+        "kv",
+        "--publish",
+        &publish,
+        "--standby",
+        &standby,
+        "--env",
+        "ACK_AFTER_CHECKPOINT=1",
+    ]);
+    let mut c = Redis::when_up(port);
+    let start = Instant::now();
+    let set = c.cmd(&["SET", "k", "v"]);
+    let waited = start.elapsed();
+    assert!(set.is_err(), "acknowledged without the standby: {set:?}");
+    let deadline = host_shim::daemon::standby::SHIP_DEADLINE;
+    assert!(
+        waited >= deadline.mul_f64(0.9) && waited < deadline + Duration::from_secs(4),
+        "the write waited {waited:?} (deadline {deadline:?})"
+    );
+    let logs = a.cli(&["logs", "kv"]);
+    assert!(
+        logs.contains("checkpoint failed, not acknowledging"),
+        "{logs}"
+    );
+    // The guest is not stuck in its checkpoint: it stops at once.
+    let stopping = Instant::now();
+    a.cli(&["stop", "kv"]);
+    assert!(stopping.elapsed() < Duration::from_secs(3));
+    assert!(!a.output().contains("did not stop"), "{}", a.output());
+}
+
+/// An origin that accepts connections and never answers is down: its
+/// standby gives up waiting for it after the grace period (here with no
+/// checkpoint to restart from, so it says so) instead of probing forever.
+#[test]
+fn a_hung_origin_is_declared_down_by_its_standby() {
+    let dir = TempDir::new("hung-origin");
+    let b = Daemon::start("hung-b", 2, &["--no-overlay"], &dir);
+    let origin = fake_peer(|_| None);
+    let img = common::daemon::kv_img();
+    let req = host_shim::daemon::standby::StandbyRequest {
+        origin,
+        run: host_shim::daemon::api::RunRequest {
+            name: "kv".into(),
+            image: img.clone(),
+            mem: 64 << 20,
+            ..Default::default()
+        },
+        image: host_shim::machine::image_id(std::path::Path::new(&img)).unwrap(),
+        grace_ms: 500,
+    };
+    let client = Client::new(&b.addr);
+    let _: host_shim::daemon::standby::StandbyInfo =
+        client.json("POST", "/v1/standby", Some(&req)).unwrap();
+    let start = Instant::now();
+    loop {
+        let list: Vec<host_shim::daemon::standby::StandbyInfo> =
+            client.json::<(), _>("GET", "/v1/standby", None).unwrap();
+        let state = list[0].state.clone();
+        if state.contains("no checkpoint") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "still {state:?} after {:?}",
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("hung origin declared down after {:?}", start.elapsed());
+}

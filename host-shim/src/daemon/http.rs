@@ -196,6 +196,8 @@ fn serve_conn(daemon: &Arc<Daemon>, tcp: TcpStream, security: Option<&HostSecuri
             body.as_bytes(),
         ),
         Ok(Reply::Stream(rx)) => switch_protocols(&mut stream, PROGRESS_PROTOCOL).map(|()| {
+            // A client that stops reading is dropped, not waited for.
+            let _ = stream.tcp().set_write_timeout(Some(REQUEST_TIMEOUT));
             for line in rx {
                 let sent = stream
                     .write_all(line.as_bytes())

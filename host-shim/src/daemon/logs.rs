@@ -7,9 +7,11 @@
 //! away (its console now is on the daemon at ADDR: follow it there), or
 //! `{"end": WHY}` when it exits or is stopped. An empty `{}` is sent when
 //! nothing else was for [`HEARTBEAT`], so a client can tell a quiet app
-//! from a dead link, and the daemon notices clients that left.
+//! from a dead link, and the daemon notices clients that left. At most
+//! [`QUEUE`] lines wait for a client: one that leaves them unread for
+//! [`SLOW_CLIENT`] is disconnected rather than buffered for.
 
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -23,6 +25,10 @@ use super::{not_found, ApiError, Daemon};
 const POLL: Duration = Duration::from_millis(25);
 /// The longest silence on a followed stream.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Lines waiting for a follower at most.
+pub const QUEUE: usize = 1024;
+/// How long a follower's queue may stay full before it is dropped.
+pub const SLOW_CLIENT: Duration = Duration::from_secs(10);
 
 /// One line of a followed log.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -39,9 +45,21 @@ pub struct LogEvent {
 }
 
 impl LogEvent {
-    fn send(&self, tx: &Sender<String>) -> bool {
-        tx.send(serde_json::to_string(self).expect("serializable"))
-            .is_ok()
+    /// Queues the event, waiting at most [`SLOW_CLIENT`] for room; false
+    /// if the client is gone or does not keep up (then the stream ends).
+    fn send(&self, tx: &SyncSender<String>) -> bool {
+        let mut line = serde_json::to_string(self).expect("serializable");
+        let give_up = Instant::now() + SLOW_CLIENT;
+        loop {
+            match tx.try_send(line) {
+                Ok(()) => return true,
+                Err(TrySendError::Full(l)) if Instant::now() < give_up => {
+                    line = l;
+                    thread::sleep(POLL);
+                }
+                Err(_) => return false,
+            }
+        }
     }
 }
 
@@ -50,7 +68,7 @@ pub fn follow(daemon: &Arc<Daemon>, name: &str) -> Result<Receiver<String>, ApiE
     if !daemon.instances().contains_key(name) {
         return Err(not_found(name));
     }
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::sync_channel(QUEUE);
     let daemon = Arc::clone(daemon);
     let name = name.to_owned();
     thread::Builder::new()
@@ -60,7 +78,7 @@ pub fn follow(daemon: &Arc<Daemon>, name: &str) -> Result<Receiver<String>, ApiE
     Ok(rx)
 }
 
-fn run(daemon: &Daemon, name: &str, tx: &Sender<String>) {
+fn run(daemon: &Daemon, name: &str, tx: &SyncSender<String>) {
     let mut ring: Option<Arc<Mutex<LogRing>>> = None;
     let mut offset = 0;
     let mut partial = Vec::new();
@@ -124,7 +142,7 @@ fn run(daemon: &Daemon, name: &str, tx: &Sender<String>) {
     }
 }
 
-fn flush(partial: &mut Vec<u8>, tx: &Sender<String>) {
+fn flush(partial: &mut Vec<u8>, tx: &SyncSender<String>) {
     if !partial.is_empty() {
         let text = String::from_utf8_lossy(partial).into_owned();
         partial.clear();
@@ -136,7 +154,7 @@ fn flush(partial: &mut Vec<u8>, tx: &Sender<String>) {
     }
 }
 
-fn end(tx: &Sender<String>, why: &str) {
+fn end(tx: &SyncSender<String>, why: &str) {
     LogEvent {
         end: Some(why.to_owned()),
         ..LogEvent::default()

@@ -9,7 +9,7 @@
 //! `POST /v1/standby` registers the instance with the peer (which checks
 //! it has the same image: path and SHA-256); then each checkpoint goes to
 //! `POST /v1/standby/NAME/checkpoint`, shipped by one thread per instance
-//! (a queue of one blob) while the guest's `HC_CHECKPOINT` waits for the
+//! (handed over only when the thread is idle) while the guest's `HC_CHECKPOINT` waits for the
 //! answer, at most [`SHIP_DEADLINE`]: it returns "stored" only once the
 //! peer stored the blob durably, so kv's `ACK_AFTER_CHECKPOINT=1`
 //! acknowledges a write only when the peer has it. If the peer cannot
@@ -58,7 +58,7 @@ const TAKEOVER_RETRY: Duration = Duration::from_millis(500);
 /// Largest blob shipped (the API's request body limit).
 const MAX_BLOB: usize = 16 << 20;
 /// The longest a guest's checkpoint waits for its standby.
-pub const SHIP_DEADLINE: Duration = Duration::from_secs(10);
+pub const SHIP_DEADLINE: Duration = Duration::from_secs(5);
 
 /// `POST /v1/standby`: what a standby needs to run the app again.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -446,7 +446,7 @@ fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
 }
 
 /// Ships a running instance's checkpoints to its standby: hands each blob
-/// to a shipper thread (at most one waiting) and waits for the standby's
+/// to a shipper thread (only when it is idle: none waits) and waits for the standby's
 /// answer at most [`SHIP_DEADLINE`].
 pub struct PeerSink {
     addr: String,
@@ -463,7 +463,7 @@ impl PeerSink {
     /// Starts the shipper thread of instance `name`, posting to `path` on
     /// `peer` (whose calls time out).
     fn start(name: &str, peer: Client, path: String) -> Result<Self, String> {
-        let (jobs, queue) = mpsc::sync_channel::<Shipment>(1);
+        let (jobs, queue) = mpsc::sync_channel::<Shipment>(0);
         let addr = peer.addr.clone();
         thread::Builder::new()
             .name(format!("ship-{name}"))
