@@ -190,6 +190,9 @@ impl Outgoing<'_> {
     fn run(&self, say: &dyn Fn(String)) -> Result<Stats, String> {
         let (daemon, name) = (self.daemon, self.name);
         let start = Instant::now();
+        // When each step ended, for the timeline line.
+        let mut marks: Vec<(String, Duration)> = Vec::new();
+        let mut mark = |what: String| marks.push((what, start.elapsed()));
         let to = self.client.addr.as_str();
         let (spec, port) = {
             let instances = daemon.instances();
@@ -202,6 +205,7 @@ impl Outgoing<'_> {
             .client
             .upgrade("/v1/migration", MIGRATION_PROTOCOL, b"")
             .map_err(|e| self.fail(e.to_string()))?;
+        mark("connected".into());
         let mut conn = Conn::new(reader, daemon.config.migration.fault)
             .map_err(|e| self.fail(format!("the connection to {to}: {e}")))?;
         let sock = conn
@@ -244,6 +248,7 @@ impl Outgoing<'_> {
                 refusal(e)
             ))
         })?;
+        mark("accepted".into());
         if let Some(peer) = accept.overlay {
             daemon.net.add_peer(peer);
         }
@@ -294,6 +299,7 @@ impl Outgoing<'_> {
                     "sending memory to {to} failed in round {round}: {e}"
                 ))
             })?;
+            mark(format!("round {round}"));
             stats.rounds = round + 1;
             stats.pages += sent.pages;
             stats.bytes += sent.bytes;
@@ -320,6 +326,7 @@ impl Outgoing<'_> {
                 }
                 sync(&mut conn)
                     .map_err(|e| self.fail(format!("the destination {to} did not keep up: {e}")))?;
+                mark("synced".into());
                 if catch_up {
                     break;
                 }
@@ -334,6 +341,7 @@ impl Outgoing<'_> {
             .map_err(|e| self.fail(format!("cannot pause {name}: {e}")))?;
         let paused_at = SystemTime::now();
         let paused = Instant::now();
+        mark("paused".into());
         conn.deadline(PAUSED_DEADLINE);
         let final_round = (|| -> Result<(Sent, usize, usize, Option<u64>), String> {
             let mut dirty = pages_of(&vm.take_dirty().map_err(|e| e.to_string())?);
@@ -381,7 +389,7 @@ impl Outgoing<'_> {
             skipped_note(skipped)
         ));
         match conn.recv() {
-            Ok(m) if m.kind == Kind::Ready => {}
+            Ok(m) if m.kind == Kind::Ready => mark("ready".into()),
             Ok(m) if m.kind == Kind::Failed => {
                 return Err(self.resume(
                     machine,
@@ -453,6 +461,7 @@ impl Outgoing<'_> {
                 }
             }
         };
+        mark("committed".into());
         conn.at(Step::Committed, "source");
         stats.downtime = match ack {
             Some(ack) => {
@@ -473,6 +482,14 @@ impl Outgoing<'_> {
             stats.downtime.as_secs_f64() * 1e3,
             ack.map(|a| format!(" (restore took {:.2} ms there)", a.restore_us as f64 / 1e3))
                 .unwrap_or_default()
+        ));
+        say(format!(
+            "timeline (ms): {}",
+            marks
+                .iter()
+                .map(|(what, at)| format!("{what} {:.1}", at.as_secs_f64() * 1e3))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
         Ok(stats)
     }
