@@ -184,7 +184,8 @@ cases! {
 
 /// A "destination" that accepts the upgrade and then says nothing: the
 /// migration fails within the stream's deadlines and kv goes on at the
-/// source; `stop` during such a migration cancels it at once.
+/// source (as it does when no destination is there at all); `stop` during
+/// such a migration cancels it at once.
 #[test]
 fn a_silent_destination_fails_the_migration_and_stop_cancels_one() {
     let dir = TempDir::new("silent");
@@ -221,6 +222,10 @@ fn a_silent_destination_fails_the_migration_and_stop_cancels_one() {
     );
     c.check(100);
     assert_eq!(kv_state(&a.addr).as_deref(), Some("running"));
+    // And a destination that is not there at all.
+    let out = a.try_cli(&["migrate", "kv", "--to", "127.0.0.1:1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("keeps running here"));
 
     // Again, and stop it meanwhile: the migration ends, kv is stopped.
     let addr2 = addr.clone();
