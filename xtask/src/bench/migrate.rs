@@ -36,7 +36,7 @@ const PAGE: f64 = 4096.0;
 /// Load time before the first migration and between two migrations.
 pub(crate) const SETTLE: Duration = Duration::from_millis(300);
 /// A migration this slow in total has its whole output printed.
-const SLOW_TOTAL_MS: f64 = 1000.0;
+const SLOW_TOTAL_MS: f64 = 250.0;
 /// Targets from issue 4.
 const TARGET_DOWNTIME_MS: f64 = 5.0;
 const TARGET_TOTAL_MS: f64 = 100.0;
