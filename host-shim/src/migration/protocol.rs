@@ -348,6 +348,8 @@ pub struct Conn {
     w: BufWriter<Timed>,
     fault: Option<Injected>,
     corrupt_next: bool,
+    /// Cut here: nothing more goes or comes, even bytes already buffered.
+    cut: bool,
 }
 
 impl Conn {
@@ -369,6 +371,7 @@ impl Conn {
             sock,
             fault,
             corrupt_next: false,
+            cut: false,
         })
     }
 
@@ -386,6 +389,9 @@ impl Conn {
 
     /// Sends one message (buffered: [`Self::flush`] sends it now).
     pub fn send(&mut self, kind: Kind, payload: &[u8]) -> io::Result<()> {
+        if self.cut {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
         let corrupt = std::mem::take(&mut self.corrupt_next);
         write_frame(&mut self.w, kind, payload, corrupt)
     }
@@ -408,6 +414,9 @@ impl Conn {
 
     /// Receives one message.
     pub fn recv(&mut self) -> Result<Message, ProtocolError> {
+        if self.cut {
+            return Err(ProtocolError::Closed);
+        }
         read_msg(&mut self.r)
     }
 
@@ -416,8 +425,10 @@ impl Conn {
         self.sock.peer_addr().ok()
     }
 
-    /// Shuts the connection down both ways.
-    pub fn cut(&self) {
+    /// Shuts the connection down both ways; what was received and not
+    /// yet read is dropped.
+    pub fn cut(&mut self) {
+        self.cut = true;
         let _ = self.sock.shutdown(Shutdown::Both);
     }
 
