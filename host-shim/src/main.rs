@@ -615,7 +615,7 @@ struct ServeArgs {
 
     /// For tests only: die, cut the connection or corrupt a byte at a step
     /// of every migration this daemon takes part in (STEP: precopy, paused,
-    /// ready, commit, committed; FAULT: die, cut, corrupt).
+    /// ready, commit, committed; FAULT: die, cut, corrupt, hang).
     #[arg(long, value_name = "STEP:FAULT", hide = true)]
     test_fault: Option<host_shim::migration::faults::Injected>,
 }

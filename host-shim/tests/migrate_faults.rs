@@ -469,3 +469,67 @@ fn a_hung_origin_is_declared_down_by_its_standby() {
     }
     eprintln!("hung origin declared down after {:?}", start.elapsed());
 }
+
+/// A destination whose migration thread hangs once `Commit` arrived: the
+/// source, without `Committed`, asks; while the whole destination daemon
+/// is frozen (SIGSTOP) nobody answers, so kv stays paused at the source,
+/// "in doubt", neither resumed nor dropped; once the destination answers
+/// again, asking settles the migration as not started there (and cuts the
+/// hung receiver loose: it discards its copy), and kv resumes at the
+/// source with every acknowledged write.
+#[test]
+fn a_frozen_destination_leaves_the_migration_in_doubt_until_it_answers() {
+    let dir = TempDir::new("doubt");
+    let mut a = Daemon::start("doubt-a", 1, &[], &dir);
+    let mut b = Daemon::start("doubt-b", 2, &["--test-fault", "commit:hang"], &dir);
+    let (port, mut c) = run_kv(&a);
+    c.fill(KEYS);
+    let stop = Arc::new(AtomicBool::new(false));
+    let loader = load(port, Arc::clone(&stop));
+    std::thread::sleep(Duration::from_millis(200));
+    let migrating = {
+        let (shim, to) = (a.addr.clone(), b.addr.clone());
+        std::thread::spawn(move || {
+            Command::new(BIN)
+                .args(["--shim", &shim, "migrate", "kv", "--to", &to])
+                .output()
+                .unwrap()
+        })
+    };
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while !b.output().contains("Commit:Hang") {
+        assert!(
+            Instant::now() < give_up,
+            "no Commit reached the destination"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let signal = |sig: &str| {
+        let pid = b.child.id().to_string();
+        let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(ok.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let give_up = Instant::now() + Duration::from_secs(60);
+    while kv_state(&a.addr).as_deref() != Some("migration in doubt") {
+        assert!(
+            Instant::now() < give_up,
+            "kv: {:?} at the source",
+            kv_state(&a.addr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    signal("-CONT");
+    let out = migrating.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("says it did not start kv"), "{text}");
+    assert!(text.contains("resumed on doubt-a"), "{text}");
+    stop.store(true, Ordering::Relaxed);
+    let (acked, _, _) = loader.join().unwrap();
+    // Asking cut the hung destination loose: it discarded kv.
+    settle(&mut a, &mut b, |sa, sb| {
+        sa == Some("running") && sb == Some("absent")
+    });
+    holds_everything(&mut Redis::connect(port).unwrap(), acked);
+}

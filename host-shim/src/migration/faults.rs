@@ -38,6 +38,9 @@ pub enum Fault {
     /// One byte of the next frame this side sends is flipped (a no-op if
     /// it sends none after the step).
     Corrupt,
+    /// This side's migration thread stops there until its connection is
+    /// cut (the rest of the daemon goes on: a `Query` is still answered).
+    Hang,
 }
 
 /// A fault at a step: `STEP:FAULT`, e.g. `ready:die`.
@@ -70,7 +73,8 @@ impl FromStr for Injected {
             "die" => Fault::Die,
             "cut" => Fault::Cut,
             "corrupt" => Fault::Corrupt,
-            other => return Err(format!("unknown fault '{other}' (die, cut, corrupt)")),
+            "hang" => Fault::Hang,
+            other => return Err(format!("unknown fault '{other}' (die, cut, corrupt, hang)")),
         };
         Ok(Self { step, fault })
     }

@@ -442,6 +442,21 @@ impl Conn {
             Fault::Die => std::process::exit(137),
             Fault::Cut => self.cut(),
             Fault::Corrupt => self.corrupt_next = true,
+            // Until the connection is cut (by a Query or a stop).
+            Fault::Hang => loop {
+                match self.sock.peek(&mut [0u8; 1]) {
+                    Ok(0) => break,
+                    Ok(_) => std::thread::sleep(Duration::from_millis(50)),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock
+                                | io::ErrorKind::TimedOut
+                                | io::ErrorKind::Interrupted
+                        ) => {}
+                    Err(_) => break,
+                }
+            },
         }
     }
 }

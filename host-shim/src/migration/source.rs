@@ -443,7 +443,6 @@ impl Outgoing<'_> {
                 ))
             }
             Err(why) => {
-                conn.cut();
                 say(format!(
                     "{why}; asking {to} whether {name} runs there ({name} stays paused here until it answers)"
                 ));
