@@ -168,6 +168,7 @@ fn receive(daemon: &Arc<Daemon>, conn: &mut Conn) -> Result<(), String> {
         Kind::Query => return answer_query(daemon, conn, &first.payload),
         other => return Err(format!("expected Hello, got {other:?}")),
     };
+    let hello_at = Instant::now();
     let refuse = |conn: &mut Conn, why: String| {
         let _ = conn.send_now(Kind::Refuse, why.as_bytes());
         format!("refused {} from {}: {why}", hello.name, hello.source)
@@ -183,7 +184,14 @@ fn receive(daemon: &Arc<Daemon>, conn: &mut Conn) -> Result<(), String> {
     let decision = daemon
         .migrations
         .start_incoming(&name, hello.migration_id, conn.handle().ok());
-    let result = take(daemon, conn, &hello, &decision, &restore_point);
+    let result = take(
+        daemon,
+        conn,
+        &hello,
+        &decision,
+        &restore_point,
+        hello_at.elapsed(),
+    );
     if result.is_err() {
         decision.abort();
     }
@@ -221,15 +229,20 @@ fn take(
     hello: &Hello,
     decision: &Decision,
     restore_point: &crate::daemon::Incoming,
+    checks: Duration,
 ) -> Result<(), String> {
     let name = hello.name.as_str();
+    let creating = Instant::now();
     let vm = Vm::new(&daemon.hv.kvm, hello.mem_size).map_err(|e| e.to_string())?;
+    let vm_took = creating.elapsed();
     conn.send_value(
         Kind::Accept,
         &Accept {
             name: daemon.config.name.clone(),
             region: daemon.config.region.clone(),
             overlay: daemon.net.overlay_addr(),
+            checks_us: checks.as_micros() as u64,
+            vm_us: vm_took.as_micros() as u64,
         },
     )
     .and_then(|()| conn.flush())

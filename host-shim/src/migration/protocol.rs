@@ -148,6 +148,10 @@ pub struct Accept {
     pub name: String,
     pub region: String,
     pub overlay: Option<SocketAddr>,
+    /// Microseconds the destination spent on its checks and reservation,
+    /// and creating the VM, between `Hello` and `Accept`.
+    pub checks_us: u64,
+    pub vm_us: u64,
 }
 
 /// The guest runs at the destination (`Committed`).

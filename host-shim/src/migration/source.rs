@@ -248,7 +248,11 @@ impl Outgoing<'_> {
                 refusal(e)
             ))
         })?;
-        mark("accepted".into());
+        mark(format!(
+            "accepted (there: checks {:.1}, VM {:.1})",
+            accept.checks_us as f64 / 1e3,
+            accept.vm_us as f64 / 1e3
+        ));
         if let Some(peer) = accept.overlay {
             daemon.net.add_peer(peer);
         }
