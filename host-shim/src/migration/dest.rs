@@ -233,7 +233,7 @@ fn take(
 ) -> Result<(), String> {
     let name = hello.name.as_str();
     let creating = Instant::now();
-    let vm = Vm::new(&daemon.hv.kvm, hello.mem_size).map_err(|e| e.to_string())?;
+    let vm = vm_for(daemon, hello.mem_size)?;
     let vm_took = creating.elapsed();
     conn.send_value(
         Kind::Accept,
@@ -408,6 +408,33 @@ fn source_gone(conn: &Conn, hello: &Hello) -> bool {
         }
     }
     false
+}
+
+/// A VM of `mem_size` bytes: the spare one if it fits, else a new one;
+/// either way another spare of that size is made in the background.
+fn vm_for(daemon: &Arc<Daemon>, mem_size: u64) -> Result<Vm, String> {
+    let spare = daemon
+        .migrations
+        .spare
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .filter(|vm| vm.mem_size() == mem_size);
+    let vm = match spare {
+        Some(vm) => vm,
+        None => Vm::new(&daemon.hv.kvm, mem_size).map_err(|e| e.to_string())?,
+    };
+    let d = Arc::clone(daemon);
+    let made = std::thread::Builder::new()
+        .name("spare-vm".into())
+        .spawn(move || match Vm::new(&d.hv.kvm, mem_size) {
+            Ok(vm) => *d.migrations.spare.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm),
+            Err(e) => tracing::warn!("no spare VM for the next migration: {e}"),
+        });
+    if let Err(e) = made {
+        tracing::warn!("no spare VM for the next migration: {e}");
+    }
+    Ok(vm)
 }
 
 fn write_pages(vm: &Vm, indices: &[u32], data: &[u8], zero: bool) -> Result<(), String> {

@@ -386,6 +386,11 @@ impl Conn {
         self.w.get_mut().deadline = Some(at);
     }
 
+    /// Reads block at most `t` (not [`IO_TIMEOUT`]) until the next call.
+    pub fn read_timeout(&self, t: Duration) -> io::Result<()> {
+        self.sock.set_read_timeout(Some(t))
+    }
+
     /// A handle on the socket, to cut it from another thread.
     pub fn handle(&self) -> io::Result<TcpStream> {
         self.sock.try_clone()

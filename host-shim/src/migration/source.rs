@@ -59,6 +59,9 @@ pub const CONVERGED_PAGES: usize = 64;
 pub const MAX_ROUNDS: usize = 8;
 /// The handshake and pre-copy together, at most.
 pub const PRECOPY_DEADLINE: Duration = Duration::from_secs(120);
+/// How long the destination may take to accept (it creates the VM:
+/// `KVM_CREATE_VM` took 4–10 s now and then on a loaded nested host).
+pub const ACCEPT_WAIT: Duration = Duration::from_secs(30);
 /// From the pause to `Ready`, at most (the guest is paused meanwhile).
 pub const PAUSED_DEADLINE: Duration = Duration::from_secs(15);
 /// How long `Committed` may take before the destination is asked.
@@ -235,7 +238,9 @@ impl Outgoing<'_> {
         let accept: Accept = (|| {
             conn.send_value(Kind::Hello, &hello)?;
             conn.flush()?;
+            conn.read_timeout(ACCEPT_WAIT)?;
             let m = conn.recv()?;
+            conn.read_timeout(IO_TIMEOUT)?;
             match m.kind {
                 Kind::Accept => m.value::<Accept>(),
                 Kind::Refuse => Err(ProtocolError::Malformed(format!("refused: {}", m.text()))),
