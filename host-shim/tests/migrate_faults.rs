@@ -190,8 +190,9 @@ cases! {
 fn a_silent_destination_fails_the_migration_and_stop_cancels_one() {
     let dir = TempDir::new("silent");
     let a = Daemon::start("silent-a", 1, &["--no-overlay"], &dir);
-    let (_, mut c) = run_kv(&a);
+    let (port, mut c) = run_kv(&a);
     c.fill(100);
+    drop(c);
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = silent.local_addr().unwrap().to_string();
     let held = std::thread::spawn(move || {
@@ -217,7 +218,7 @@ fn a_silent_destination_fails_the_migration_and_stop_cancels_one() {
     assert!(text.contains("keeps running here"), "{text}");
     let bound = host_shim::migration::source::ACCEPT_WAIT + Duration::from_secs(15);
     assert!(start.elapsed() < bound, "{:?}", start.elapsed());
-    c.check(100);
+    Redis::connect(port).unwrap().check(100);
     assert_eq!(kv_state(&a.addr).as_deref(), Some("running"));
     // And a destination that is not there at all.
     let out = a.try_cli(&["migrate", "kv", "--to", "127.0.0.1:1"]);
