@@ -653,6 +653,17 @@ struct ServeArgs {
     /// Let instances publish host ports below 1024 (refused otherwise).
     #[arg(long)]
     allow_privileged_ports: bool,
+
+    /// Send every dirty page of a migrating guest, even heap pages it says
+    /// are free.
+    #[arg(long)]
+    no_free_page_hints: bool,
+
+    /// For tests only: die, cut the connection or corrupt a byte at a step
+    /// of every migration this daemon takes part in (STEP: precopy, paused,
+    /// ready, commit, committed; FAULT: die, cut, corrupt, hang).
+    #[arg(long, value_name = "STEP:FAULT", hide = true)]
+    test_fault: Option<host_shim::migration::faults::Injected>,
 }
 
 impl ServeArgs {
@@ -1517,6 +1528,10 @@ fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
         state_dir,
         max_image_bytes: args.max_image_size,
         limits,
+        migration: host_shim::migration::MigrationConfig {
+            free_page_hints: !args.no_free_page_hints,
+            fault: args.test_fault,
+        },
     })?;
     Ok(0)
 }

@@ -224,6 +224,8 @@ pub struct Client {
     token: Option<String>,
     /// Connect here instead of `addr` (a relay; TLS still pins the peer).
     via: Option<SocketAddr>,
+    /// The longest any read or write may block (none: forever).
+    timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Client {
@@ -254,6 +256,7 @@ impl Client {
             tls: None,
             token: None,
             via: None,
+            timeout: None,
         }
     }
 
@@ -275,6 +278,7 @@ impl Client {
             tls: Some(config),
             token,
             via: None,
+            timeout: None,
         })
     }
 
@@ -287,6 +291,13 @@ impl Client {
         }
     }
 
+    /// The same client, with every read and write on its connections
+    /// (handshakes included) failing after blocking for `t`.
+    pub fn with_timeout(mut self, t: Duration) -> Self {
+        self.timeout = Some(t);
+        self
+    }
+
     /// Whether the client speaks TLS.
     pub fn is_secure(&self) -> bool {
         self.tls.is_some()
@@ -297,12 +308,12 @@ impl Client {
         match &self.tls {
             None => Ok(Stream::Plain(tcp)),
             Some(config) => {
-                let _ = tcp.set_read_timeout(Some(Duration::from_secs(30)));
+                let _ = tcp.set_read_timeout(Some(self.timeout.unwrap_or(Duration::from_secs(30))));
                 let stream = Stream::connect(tcp, config).map_err(|e| ClientError::Tls {
                     addr: self.addr.clone(),
                     err: tls_reason(&e),
                 })?;
-                let _ = stream.tcp().set_read_timeout(None);
+                let _ = stream.tcp().set_read_timeout(self.timeout);
                 Ok(stream)
             }
         }
@@ -325,6 +336,8 @@ impl Client {
             match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
+                    let _ = s.set_read_timeout(self.timeout);
+                    let _ = s.set_write_timeout(self.timeout);
                     return Ok(s);
                 }
                 Err(e) => last = Some(e),

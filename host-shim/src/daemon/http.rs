@@ -545,6 +545,8 @@ fn serve_conn(server: &Server, tcp: TcpStream, slot: &Slot, accepted: Instant) {
             body.as_bytes(),
         ),
         Ok(Reply::Stream(rx)) => switch_protocols(&mut stream, PROGRESS_PROTOCOL).map(|()| {
+            // A client that stops reading is dropped, not waited for.
+            let _ = stream.tcp().set_write_timeout(Some(server.request_timeout));
             for line in rx {
                 let sent = stream
                     .write_all(line.as_bytes())

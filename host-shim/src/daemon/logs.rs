@@ -9,12 +9,12 @@
 //! nothing else was for [`HEARTBEAT`], so a client can tell a quiet app
 //! from a dead link, and the daemon notices clients that left.
 //!
-//! Bounded whatever the guest writes: a line without its end is sent in
-//! pieces of at most [`crate::console::MAX_LINE`] bytes, and at most
-//! [`FOLLOW_BACKLOG`] lines wait for a slow client (the follower then waits
-//! too, and what the ring dropped meanwhile is skipped).
+//! Bounded whatever the guest writes or the client reads: a line without
+//! its end is sent in pieces of at most [`crate::console::MAX_LINE`] bytes,
+//! and at most [`QUEUE`] lines wait for a client; one that leaves them
+//! unread for [`SLOW_CLIENT`] is disconnected rather than buffered for.
 
-use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -28,8 +28,10 @@ use super::{not_found, ApiError, Daemon};
 const POLL: Duration = Duration::from_millis(25);
 /// The longest silence on a followed stream.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
-/// Lines waiting for a follower's client.
-pub const FOLLOW_BACKLOG: usize = 256;
+/// Lines waiting for a follower at most.
+pub const QUEUE: usize = 1024;
+/// How long a follower's queue may stay full before it is dropped.
+pub const SLOW_CLIENT: Duration = Duration::from_secs(10);
 
 /// One line of a followed log.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -46,9 +48,21 @@ pub struct LogEvent {
 }
 
 impl LogEvent {
+    /// Queues the event, waiting at most [`SLOW_CLIENT`] for room; false
+    /// if the client is gone or does not keep up (then the stream ends).
     fn send(&self, tx: &SyncSender<String>) -> bool {
-        tx.send(serde_json::to_string(self).expect("serializable"))
-            .is_ok()
+        let mut line = serde_json::to_string(self).expect("serializable");
+        let give_up = Instant::now() + SLOW_CLIENT;
+        loop {
+            match tx.try_send(line) {
+                Ok(()) => return true,
+                Err(TrySendError::Full(l)) if Instant::now() < give_up => {
+                    line = l;
+                    thread::sleep(POLL);
+                }
+                Err(_) => return false,
+            }
+        }
     }
 }
 
@@ -57,7 +71,7 @@ pub fn follow(daemon: &Arc<Daemon>, name: &str) -> Result<Receiver<String>, ApiE
     if !daemon.instances().contains_key(name) {
         return Err(not_found(name));
     }
-    let (tx, rx) = mpsc::sync_channel(FOLLOW_BACKLOG);
+    let (tx, rx) = mpsc::sync_channel(QUEUE);
     let daemon = Arc::clone(daemon);
     let name = name.to_owned();
     thread::Builder::new()

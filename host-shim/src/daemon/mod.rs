@@ -115,6 +115,8 @@ pub struct DaemonConfig {
     pub security: Option<Arc<crate::security::HostSecurity>>,
     /// What callers may take (connections, deadlines, instances, memory, ports).
     pub limits: limits::Limits,
+    /// Free-page hints and injected test faults of migrations.
+    pub migration: crate::migration::MigrationConfig,
 }
 
 impl DaemonConfig {
@@ -169,6 +171,8 @@ pub struct Daemon {
     images: Option<images::ImageStore>,
     persist: Option<persist::Persist>,
     started: Instant,
+    /// Migrations under way (cancelled by `stop`).
+    pub migrations: crate::migration::Migrations,
 }
 
 impl Daemon {
@@ -220,6 +224,7 @@ impl Daemon {
             persist,
             standbys: Default::default(),
             started: Instant::now(),
+            migrations: Default::default(),
         });
         daemon.bring_back();
         Ok((daemon, rx))
@@ -491,6 +496,8 @@ impl Daemon {
     }
 
     fn stop(&self, name: &str) -> Result<InstanceInfo, ApiError> {
+        // A migration of it ends first (cancelled before its commit).
+        self.migrations.cancel(name, Duration::from_secs(30));
         let inst = {
             let mut instances = self.instances();
             match instances.get(name) {

@@ -8,16 +8,24 @@
 //! The origin side ([`register`], [`PeerSink`]): before the guest boots,
 //! `POST /v1/standby` registers the instance with the peer (which checks
 //! it has the same image: path and SHA-256); then each checkpoint goes to
-//! `POST /v1/standby/NAME/checkpoint` from inside the guest's
-//! `HC_CHECKPOINT`, which returns only once the peer stored it durably, so
-//! kv's `ACK_AFTER_CHECKPOINT=1` acknowledges a write only when the peer
-//! has it. If the peer cannot store a blob the guest is told, and sends a
-//! full checkpoint next time.
+//! `POST /v1/standby/NAME/checkpoint`, shipped by one thread per instance
+//! (handed over only when the thread is idle) while the guest's `HC_CHECKPOINT` waits for the
+//! answer, at most [`SHIP_DEADLINE`]: it returns "stored" only once the
+//! peer stored the blob durably, so kv's `ACK_AFTER_CHECKPOINT=1`
+//! acknowledges a write only when the peer has it. If the peer cannot
+//! store a blob, answers too late, or is still busy with the previous one,
+//! the guest is told it was not stored (a hung standby delays the guest by
+//! the deadline, never more), and sends a full checkpoint next time.
 //!
 //! The standby side ([`Standbys`]): the blobs are checked as a chain and
 //! stored as `DIR/NAME/latest.ckpt` (full checkpoints replace it, deltas
-//! are appended and synced); a watcher thread probes the origin's
-//! `GET /v1/instances` every [`probe_interval`]. The origin answering
+//! are appended and synced), `DIR` being `STATE/standby` under the
+//! daemon's `--state-dir`, or else a fresh directory of an unpredictable
+//! name in the temporary directory, mode 0700 either way (no other local
+//! user can plant files or symlinks there); a watcher thread probes the
+//! origin's `GET /v1/instances` every [`probe_interval`], each probe
+//! failing after [`probe_timeout`] (a hung origin counts as down). The
+//! origin answering
 //! without the instance running (stopped, ended, moved away) releases the
 //! standby; the origin not answering for the grace period (default
 //! [`DEFAULT_GRACE`]) restarts the app here. A crash therefore loses the
@@ -27,7 +35,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -48,6 +57,8 @@ const TAKEOVER_ATTEMPTS: u32 = 5;
 const TAKEOVER_RETRY: Duration = Duration::from_millis(500);
 /// Largest blob shipped (the API's request body limit).
 const MAX_BLOB: usize = 16 << 20;
+/// The longest a guest's checkpoint waits for its standby.
+pub const SHIP_DEADLINE: Duration = Duration::from_secs(5);
 
 /// `POST /v1/standby`: what a standby needs to run the app again.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -102,6 +113,8 @@ pub struct Standbys {
     /// Held while an app is restarted: the daemon picks an address and
     /// then reserves it, so two takeovers at once would pick the same one.
     takeover: Mutex<()>,
+    /// Where the checkpoints go (made on first use).
+    dir: OnceLock<Result<PathBuf, String>>,
 }
 
 impl Standbys {
@@ -114,13 +127,47 @@ impl Standbys {
     }
 }
 
-/// Where a standby daemon keeps its checkpoints.
-fn standby_dir(daemon: &Daemon) -> PathBuf {
-    std::env::temp_dir().join(format!(
-        "host-shim-standby-{}-{}",
-        daemon.config.name,
-        daemon.config.listen.port()
-    ))
+/// Where a standby daemon keeps its checkpoints: `STATE/standby`, or a new
+/// private directory of an unpredictable name in the temporary directory
+/// (created here, so nobody else's), mode 0700.
+fn standby_dir(daemon: &Daemon) -> Result<PathBuf, String> {
+    daemon
+        .standbys
+        .dir
+        .get_or_init(|| {
+            let dir = match &daemon.config.state_dir {
+                Some(state) => {
+                    let dir = state.join("standby");
+                    crate::files::private_dir(&dir).map(|()| dir)
+                }
+                None => fresh_private_dir(&daemon.config.name),
+            };
+            dir.map_err(|e| format!("no directory for standby checkpoints: {e}"))
+        })
+        .clone()
+}
+
+/// A new directory `TMP/host-shim-standby-NAME-RANDOM` (0700), failing
+/// rather than using anything that already stands there.
+fn fresh_private_dir(name: &str) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut r = [0u8; 8];
+    getrandom::getrandom(&mut r).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let dir = std::env::temp_dir().join(format!(
+        "host-shim-standby-{name}-{:016x}",
+        u64::from_le_bytes(r)
+    ));
+    std::fs::DirBuilder::new()
+        .mode(crate::files::DIR_MODE)
+        .create(&dir)?;
+    crate::files::private_dir(&dir)?;
+    Ok(dir)
+}
+
+/// How long one probe of the origin may take for a grace period of
+/// `grace` (an origin that accepts and does not answer is down).
+pub fn probe_timeout(grace: Duration) -> Duration {
+    (grace / 2).clamp(Duration::from_millis(250), Duration::from_secs(5))
 }
 
 /// How often the origin is probed for a grace period of `grace`.
@@ -172,7 +219,14 @@ fn accept(daemon: &Arc<Daemon>, req: StandbyRequest) -> Result<StandbyInfo, ApiE
             ),
         ));
     }
-    let dir = standby_dir(daemon).join(&name);
+    let dir = standby_dir(daemon)
+        .map(|d| d.join(&name))
+        .and_then(|dir| {
+            crate::files::private_dir(&dir)
+                .map(|()| dir.clone())
+                .map_err(|e| format!("{}: {e}", dir.display()))
+        })
+        .map_err(|e| ApiError(500, e))?;
     let entry = Arc::new(Entry {
         store: Mutex::new(Store {
             chain: Chain::default(),
@@ -195,8 +249,9 @@ fn accept(daemon: &Arc<Daemon>, req: StandbyRequest) -> Result<StandbyInfo, ApiE
     {
         old.superseded.store(true, Ordering::Relaxed);
     }
-    eprintln!(
-        "[{name}] standing by for {} (grace {:.1} s)",
+    tracing::info!(
+        %name,
+        "standing by for {} (grace {:.1} s)",
         entry.req.origin,
         entry.req.grace_ms as f64 / 1e3
     );
@@ -287,15 +342,15 @@ fn probe(origin: &Client, name: &str) -> Probe {
 /// and the app is restarted here.
 fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
     let name = entry.req.run.name.clone();
+    let grace = Duration::from_millis(entry.req.grace_ms);
     let origin = match daemon.peer_client(&entry.req.origin, None) {
-        Ok(c) => c,
+        Ok(c) => c.with_timeout(probe_timeout(grace)),
         Err(why) => {
             tracing::warn!("standby for {name}: cannot reach its origin: {why}");
             entry.set_state(format!("failed: {why}"));
             return;
         }
     };
-    let grace = Duration::from_millis(entry.req.grace_ms);
     let started = Instant::now();
     let mut last_ok = started;
     let mut seen = false;
@@ -313,7 +368,7 @@ fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
                 last_ok = Instant::now();
             }
             Probe::Gone(state) if seen => {
-                eprintln!("[{name}] released: {state} on {}", entry.req.origin);
+                tracing::warn!(name = %name, "released: {state} on {}", entry.req.origin);
                 entry.set_state(format!("released: {state} on the origin"));
                 return;
             }
@@ -335,8 +390,7 @@ fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
         .unwrap_or_else(|e| e.into_inner())
         .has_full
     {
-        eprintln!(
-            "[{name}] origin {} unreachable for {:.1} s, and no checkpoint arrived: cannot take over",
+        tracing::warn!(name = %name, "origin {} unreachable for {:.1} s, and no checkpoint arrived: cannot take over",
             entry.req.origin,
             down.as_secs_f64()
         );
@@ -366,17 +420,17 @@ fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
         result = daemon.run(run.clone());
         match &result {
             Ok(_) => break,
-            Err(ApiError(_, e)) => eprintln!(
-                "[{name}] taking over from {} failed (attempt {} of {TAKEOVER_ATTEMPTS}): {e}",
-                entry.req.origin,
-                attempt + 1
-            ),
+            Err(ApiError(_, e)) => {
+                tracing::warn!(name = %name, "taking over from {} failed (attempt {} of {TAKEOVER_ATTEMPTS}): {e}",
+                    entry.req.origin,
+                    attempt + 1
+                )
+            }
         }
     }
     match result {
         Ok(info) => {
-            eprintln!(
-                "[{name}] origin {} unreachable for {:.1} s: restarted here from {} in {:.0} ms ({})",
+            tracing::warn!(name = %name, "origin {} unreachable for {:.1} s: restarted here from {} in {:.0} ms ({})",
                 entry.req.origin,
                 down.as_secs_f64(),
                 file.display(),
@@ -389,10 +443,41 @@ fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
     }
 }
 
-/// Ships a running instance's checkpoints to its standby.
+/// Ships a running instance's checkpoints to its standby: hands each blob
+/// to a shipper thread (only when it is idle: none waits) and waits for the standby's
+/// answer at most [`SHIP_DEADLINE`].
 pub struct PeerSink {
-    peer: Client,
-    path: String,
+    addr: String,
+    jobs: SyncSender<Shipment>,
+}
+
+/// A blob for the shipper, and where its outcome goes.
+struct Shipment {
+    blob: Vec<u8>,
+    done: SyncSender<Result<(), String>>,
+}
+
+impl PeerSink {
+    /// Starts the shipper thread of instance `name`, posting to `path` on
+    /// `peer` (whose calls time out).
+    fn start(name: &str, peer: Client, path: String) -> Result<Self, String> {
+        let (jobs, queue) = mpsc::sync_channel::<Shipment>(0);
+        let addr = peer.addr.clone();
+        thread::Builder::new()
+            .name(format!("ship-{name}"))
+            .spawn(move || {
+                // Ends when the instance's sink is dropped.
+                for job in queue {
+                    let r = peer
+                        .call("POST", &path, Some(&job.blob))
+                        .map(|_| ())
+                        .map_err(|e| format!("standby {}: {e}", peer.addr));
+                    let _ = job.done.try_send(r);
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(Self { addr, jobs })
+    }
 }
 
 impl Sink for PeerSink {
@@ -403,10 +488,34 @@ impl Sink for PeerSink {
                 blob.len()
             ));
         }
-        self.peer
-            .call("POST", &self.path, Some(blob))
-            .map(|_| ())
-            .map_err(|e| format!("standby {}: {e}", self.peer.addr))
+        let (done, outcome) = mpsc::sync_channel(1);
+        let job = Shipment {
+            blob: blob.to_vec(),
+            done,
+        };
+        match self.jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(format!(
+                    "standby {} is still busy with an earlier checkpoint: not stored there",
+                    self.addr
+                ))
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(format!("the shipper to standby {} is gone", self.addr))
+            }
+        }
+        match outcome.recv_timeout(SHIP_DEADLINE) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => Err(format!(
+                "standby {} did not store the checkpoint within {:.0} s",
+                self.addr,
+                SHIP_DEADLINE.as_secs_f64()
+            )),
+            Err(RecvTimeoutError::Disconnected) => {
+                Err(format!("the shipper to standby {} is gone", self.addr))
+            }
+        }
     }
 }
 
@@ -432,13 +541,14 @@ pub fn register(daemon: &Daemon, req: &RunRequest) -> Result<Option<PeerSink>, A
     };
     let peer = daemon
         .peer_client(peer, None)
-        .map_err(|why| ApiError(409, format!("standby {peer}: {why}")))?;
+        .map_err(|why| ApiError(409, format!("standby {peer}: {why}")))?
+        .with_timeout(SHIP_DEADLINE);
     peer.json::<_, StandbyInfo>("POST", "/v1/standby", Some(&body))
         .map_err(|e| ApiError(409, format!("standby {}: {e}", peer.addr)))?;
-    Ok(Some(PeerSink {
-        path: format!("/v1/standby/{}/checkpoint", req.name),
-        peer,
-    }))
+    let path = format!("/v1/standby/{}/checkpoint", req.name);
+    PeerSink::start(&req.name, peer, path)
+        .map(Some)
+        .map_err(|e| ApiError(500, e))
 }
 
 #[cfg(test)]

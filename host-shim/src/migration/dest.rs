@@ -2,46 +2,61 @@
 //!
 //! Checks the [`Hello`] (protocol, snapshot format and ABI versions, memory
 //! size, CPUID, name and address) and refuses what it cannot honour, with
-//! the reason; else creates a VM, writes pages into it as they come, and on
-//! the final state restores vCPU, devices and clock, tells the guest its
-//! new host and region (`BootInfo`, generation + 1), starts it and
-//! acknowledges with the time it started. If the source goes away before
-//! the final state, everything is dropped.
+//! the reason; else reserves the name, address and MAC, creates a VM and
+//! writes pages into it as they come. The final state is checked field by
+//! field against the handshake and the reservation ([`check_state`]),
+//! restored (vCPU, devices, clock, the guest told its new host and region)
+//! and answered with `Ready`; the guest starts only on `Commit` (see the
+//! step table in [`super::protocol`]). Every read has a deadline: a source
+//! that stalls loses the reservation within [`super::protocol::IO_TIMEOUT`], one that
+//! trickles within [`INCOMING_DEADLINE`].
 //!
-//! Test hook: with `HOST_SHIM_TEST_DIE_AFTER_PAGES=N` in its environment, a
-//! daemon exits abruptly (status 137, as if killed) once it has received N
-//! pages of an incoming migration.
+//! A `Query` on a fresh connection answers whether a migration was started
+//! here, and settles a pending one as aborted.
 
-use std::io::{BufReader, BufWriter, Read, Write};
-use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::io::BufReader;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vm_memory::{Bytes, GuestAddress};
 
+use super::faults::Step;
 use super::protocol::{
-    read_msg, write_msg, write_value, Accept, Ack, Hello, Kind, ProtocolError, PROTOCOL_VERSION,
+    Accept, Ack, Conn, Hello, Kind, ProtocolError, COMMIT_WAIT, PROTOCOL_VERSION,
 };
-use crate::daemon::instance::{InstanceConsole, LogRing};
+use super::{Decision, Outcome};
+use crate::daemon::instance::{InstanceConsole, LogRing, State};
 use crate::daemon::Daemon;
 use crate::machine::Machine;
-use crate::security::tls::{Shared, Stream};
+use crate::net::port::GuestPort;
+use crate::security::tls::Stream;
 use crate::snapshot::format::{FORMAT_VERSION, PAGE};
-use crate::snapshot::state::MachineState;
+use crate::snapshot::state::{DeviceState, MachineState};
 use crate::vstate::vm::Vm;
 
-/// Environment variable of the test hook (see the module docs).
-pub const DIE_AFTER_PAGES: &str = "HOST_SHIM_TEST_DIE_AFTER_PAGES";
+/// The longest an incoming migration may hold its reservation before its
+/// final state is in.
+pub const INCOMING_DEADLINE: Duration = Duration::from_secs(120);
+/// How long a probe of a vanished source's daemon waits for each answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a source's daemon that is going away may take to be gone.
+const PROBE_WINDOW: Duration = Duration::from_secs(5);
 
 /// Serves `POST /v1/migration` on a connection already switched to the
 /// migration protocol; `from` names the sending host (its pinned peer name
 /// in secure mode).
 pub fn accept(daemon: &Arc<Daemon>, conn: BufReader<Stream>, from: &str) {
-    let shared = Shared::new(conn);
-    let mut r = BufReader::with_capacity(1 << 20, shared.clone());
-    let mut w = BufWriter::with_capacity(1 << 20, shared);
-    if let Err(e) = receive(daemon, &mut r, &mut w) {
-        tracing::warn!("incoming migration from {from} failed: {e}");
-        eprintln!("incoming migration from {from} failed: {e}");
+    let mut conn = match Conn::new(conn, daemon.config.migration.fault) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%from, "incoming migration: {e}");
+            return;
+        }
+    };
+    conn.deadline(INCOMING_DEADLINE);
+    if let Err(e) = receive(daemon, &mut conn) {
+        tracing::warn!(%from, "incoming migration failed: {e}");
     }
 }
 
@@ -67,102 +82,359 @@ fn check_hello(daemon: &Daemon, hello: &Hello) -> Result<(), String> {
         ));
     }
     crate::config::check_mem_size(hello.mem_size)?;
+    if hello.nic.is_none() {
+        return Err("guests without a network card cannot run in the daemon".into());
+    }
     daemon.hv.check_cpuid(&hello.cpuid)?;
     Ok(())
 }
 
-fn receive<R: Read, W: Write>(daemon: &Arc<Daemon>, r: &mut R, w: &mut W) -> Result<(), String> {
-    let hello: Hello = match read_msg(r) {
-        Ok(m) if m.kind == Kind::Hello => m.value().map_err(|e| e.to_string())?,
-        Ok(m) => return Err(format!("expected Hello, got {:?}", m.kind)),
-        Err(e) => return Err(e.to_string()),
+/// Why the final `state` does not match what the handshake announced and
+/// what was reserved here (`reserved`: the reservation's NIC), if it does
+/// not.
+pub fn check_state(
+    hello: &Hello,
+    state: &MachineState,
+    mem_size: u64,
+    reserved: Option<crate::snapshot::state::NicSpec>,
+) -> Result<(), String> {
+    let spec = &state.spec;
+    let differs = |what: &str, got: String, want: String| {
+        Err(format!(
+            "the final state's {what} ({got}) differs from the handshake's ({want})"
+        ))
     };
-    let refuse = |w: &mut W, why: String| {
-        let _ = write_msg(w, Kind::Refuse, why.as_bytes());
-        let _ = w.flush();
+    if spec.name != hello.name {
+        return differs("name", spec.name.clone(), hello.name.clone());
+    }
+    if spec.mem_size != hello.mem_size || spec.mem_size != mem_size {
+        return differs(
+            "memory size",
+            spec.mem_size.to_string(),
+            hello.mem_size.to_string(),
+        );
+    }
+    if spec.image.sha256 != hello.image.sha256 {
+        return differs(
+            "image",
+            spec.image.sha256.clone(),
+            hello.image.sha256.clone(),
+        );
+    }
+    if spec.cpuid != hello.cpuid {
+        return Err("the final state's CPUID differs from the handshake's".into());
+    }
+    let Some(nic) = spec.nic else {
+        return Err("the final state has no network card".into());
+    };
+    let mac = |m: [u8; 6]| crate::devices::virtio::net::fmt_mac(&m);
+    let show = |n: crate::snapshot::state::NicSpec| format!("{} {}", n.ip, mac(n.mac));
+    match hello.nic {
+        Some(h) if h == nic => {}
+        Some(h) => return differs("network card", show(nic), show(h)),
+        None => return Err("the handshake announced no network card".into()),
+    }
+    match reserved {
+        Some(r) if r.ip == nic.ip && r.mac == nic.mac => {}
+        Some(r) => {
+            return Err(format!(
+                "the final state's network card ({}) is not the one reserved here ({})",
+                show(nic),
+                show(r)
+            ))
+        }
+        None => return Err("the reservation here is gone".into()),
+    }
+    match state.devices.as_slice() {
+        [one] => match &one.device {
+            DeviceState::Net(n) if n.mac == nic.mac => Ok(()),
+            DeviceState::Net(n) => Err(format!(
+                "the final state's virtio-net MAC {} is not the card's {}",
+                mac(n.mac),
+                mac(nic.mac)
+            )),
+        },
+        devices => Err(format!(
+            "the final state has {} devices; a daemon guest has exactly one network card",
+            devices.len()
+        )),
+    }
+}
+
+fn receive(daemon: &Arc<Daemon>, conn: &mut Conn) -> Result<(), String> {
+    let first = conn.recv().map_err(|e| e.to_string())?;
+    let hello: Hello = match first.kind {
+        Kind::Hello => first.value().map_err(|e| e.to_string())?,
+        Kind::Query => return answer_query(daemon, conn, &first.payload),
+        other => return Err(format!("expected Hello, got {other:?}")),
+    };
+    let hello_at = Instant::now();
+    let refuse = |conn: &mut Conn, why: String| {
+        let _ = conn.send_now(Kind::Refuse, why.as_bytes());
         format!("refused {} from {}: {why}", hello.name, hello.source)
     };
     if let Err(why) = check_hello(daemon, &hello) {
-        return Err(refuse(w, why));
+        return Err(refuse(conn, why));
     }
     let restore_point = match daemon.reserve_incoming(&hello) {
         Ok(p) => p,
-        Err(why) => return Err(refuse(w, why)),
+        Err(why) => return Err(refuse(conn, why)),
     };
     let name = hello.name.clone();
-    let result = (|| {
-        let vm = Vm::new(&daemon.hv.kvm, hello.mem_size).map_err(|e| e.to_string())?;
-        write_value(
-            w,
-            Kind::Accept,
-            &Accept {
-                name: daemon.config.name.clone(),
-                region: daemon.config.region.clone(),
-                overlay: daemon.net.overlay_addr(),
-            },
-        )
-        .map_err(|e| e.to_string())?;
-        w.flush().map_err(|e| e.to_string())?;
-        if let Some(peer) = hello.source_overlay {
-            daemon.net.add_peer(peer);
-        }
-        daemon.join_pinned_peers();
-        let die_after: Option<u64> = std::env::var(DIE_AFTER_PAGES)
-            .ok()
-            .and_then(|v| v.parse().ok());
-        let mut pages = 0u64;
-        let state: MachineState = loop {
-            let m = read_msg(r).map_err(|e| match e {
-                ProtocolError::Closed => "the source closed the connection".to_owned(),
-                e => e.to_string(),
-            })?;
-            match m.kind {
-                Kind::Pages | Kind::Zeroes => {
-                    let (indices, data) = m.pages().map_err(|e| e.to_string())?;
-                    write_pages(&vm, &indices, data, m.kind == Kind::Zeroes)?;
-                    pages += indices.len() as u64;
-                    if die_after.is_some_and(|n| pages >= n) {
-                        eprintln!("{DIE_AFTER_PAGES}: dying after {pages} pages");
-                        std::process::exit(137);
-                    }
-                }
-                Kind::Sync => {
-                    write_msg(w, Kind::Synced, &[]).map_err(|e| e.to_string())?;
-                    w.flush().map_err(|e| e.to_string())?;
-                }
-                Kind::State => break m.value().map_err(|e| e.to_string())?,
-                Kind::Abort => return Err(format!("the source gave up: {}", m.text())),
-                other => return Err(format!("unexpected {other:?}")),
-            }
-        };
-        let restore_start = Instant::now();
-        let started = match start(daemon, &name, vm, state, restore_point.clone()) {
-            Ok(t) => t,
-            Err(why) => {
-                let _ = write_msg(w, Kind::Failed, why.as_bytes());
-                let _ = w.flush();
-                return Err(why);
-            }
-        };
-        let ack = Ack {
-            resumed_unix_ns: started
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64),
-            restore_us: restore_start.elapsed().as_micros() as u64,
-        };
-        write_value(w, Kind::Ack, &ack).map_err(|e| e.to_string())?;
-        w.flush().map_err(|e| e.to_string())?;
-        eprintln!(
-            "{name} arrived from {}: {pages} pages, running after {:.2} ms of restore",
-            hello.source,
-            ack.restore_us as f64 / 1e3
-        );
-        Ok(())
-    })();
-    if result.is_err() && !daemon.is_running(&name) {
+    let decision = daemon
+        .migrations
+        .start_incoming(&name, hello.migration_id, conn.handle().ok());
+    let result = take(
+        daemon,
+        conn,
+        &hello,
+        &decision,
+        &restore_point,
+        hello_at.elapsed(),
+    );
+    if result.is_err() {
+        decision.abort();
+    }
+    if *decision.lock() != Outcome::Started {
         daemon.cancel_incoming(&name, restore_point);
     }
+    daemon.migrations.end_incoming(&name);
     result
+}
+
+/// `Query`: the final outcome of a migration here.
+fn answer_query(daemon: &Daemon, conn: &mut Conn, payload: &[u8]) -> Result<(), String> {
+    let id = u64::from_le_bytes(
+        payload
+            .try_into()
+            .map_err(|_| format!("a Query of {} bytes", payload.len()))?,
+    );
+    let outcome = daemon.migrations.query(id);
+    tracing::info!(id, ?outcome, "migration outcome asked");
+    conn.send_now(Kind::Outcome, &[u8::from(outcome == Outcome::Started)])
+        .map_err(|e| e.to_string())
+}
+
+/// A restored guest, not started.
+struct Prepared {
+    machine: Machine,
+    port: Arc<GuestPort>,
+    log: Arc<Mutex<LogRing>>,
+}
+
+/// Takes the guest in; `Ok` once it runs here.
+fn take(
+    daemon: &Arc<Daemon>,
+    conn: &mut Conn,
+    hello: &Hello,
+    decision: &Decision,
+    restore_point: &crate::daemon::Incoming,
+    checks: Duration,
+) -> Result<(), String> {
+    let name = hello.name.as_str();
+    let creating = Instant::now();
+    let vm = vm_for(daemon, hello.mem_size)?;
+    let vm_took = creating.elapsed();
+    conn.send_value(
+        Kind::Accept,
+        &Accept {
+            name: daemon.config.name.clone(),
+            region: daemon.config.region.clone(),
+            overlay: daemon.net.overlay_addr(),
+            checks_us: checks.as_micros() as u64,
+            vm_us: vm_took.as_micros() as u64,
+        },
+    )
+    .and_then(|()| conn.flush())
+    .map_err(|e| e.to_string())?;
+    if let Some(peer) = hello.source_overlay {
+        daemon.net.add_peer(peer);
+    }
+    daemon.join_pinned_peers();
+    let lost = |e: ProtocolError| match e {
+        ProtocolError::Closed => "the source closed the connection".to_owned(),
+        e => e.to_string(),
+    };
+    let mut pages = 0u64;
+    let mut synced = false;
+    let state: MachineState = loop {
+        let m = conn.recv().map_err(lost)?;
+        match m.kind {
+            Kind::Pages | Kind::Zeroes => {
+                let (indices, data) = m.pages().map_err(|e| e.to_string())?;
+                write_pages(&vm, &indices, data, m.kind == Kind::Zeroes)?;
+                pages += indices.len() as u64;
+            }
+            Kind::Sync => {
+                if !synced {
+                    conn.at(Step::Precopy, "destination");
+                    synced = true;
+                }
+                conn.send_now(Kind::Synced, &[])
+                    .map_err(|e| e.to_string())?;
+            }
+            Kind::State => break m.value().map_err(|e| e.to_string())?,
+            Kind::Abort => return Err(format!("the source gave up: {}", m.text())),
+            other => return Err(format!("unexpected {other:?}")),
+        }
+    };
+    let restore_start = Instant::now();
+    let reserved = daemon.instances().get(name).and_then(|i| match i.state {
+        State::Busy("incoming") => i.spec.nic,
+        _ => None,
+    });
+    let prepared = check_state(hello, &state, vm.mem_size(), reserved)
+        .and_then(|()| prepare(daemon, name, vm, state));
+    let prepared = match prepared {
+        Ok(p) => p,
+        Err(why) => {
+            let _ = conn.send_now(Kind::Failed, why.as_bytes());
+            return Err(why);
+        }
+    };
+    let discard = |p: Prepared| daemon.net.detach(&p.port);
+    conn.at(Step::Paused, "destination");
+    if let Err(e) = conn.send_now(Kind::Ready, &[]) {
+        // The source may still send Commit on a half-open link; without it
+        // nothing starts here.
+        tracing::debug!("Ready not sent: {e}");
+    }
+    conn.at(Step::Ready, "destination");
+    conn.deadline(COMMIT_WAIT);
+    let commit = match conn.recv() {
+        Ok(m) if m.kind == Kind::Commit => Ok(()),
+        Ok(m) if m.kind == Kind::Abort => Err(format!("the source gave up: {}", m.text())),
+        Ok(m) => Err(format!("expected Commit, got {:?}", m.kind)),
+        Err(e) => match source_gone(conn, hello) {
+            true => {
+                tracing::warn!(
+                    name,
+                    source = %hello.source,
+                    "the source's daemon is gone after Ready ({e}): its guest is gone \
+                     with it, so this copy starts"
+                );
+                Ok(())
+            }
+            false => Err(format!("no Commit from the source: {}", lost(e))),
+        },
+    };
+    if let Err(why) = commit {
+        discard(prepared);
+        return Err(why);
+    }
+    conn.at(Step::Commit, "destination");
+    // Started or aborted, once, and never both: a Query waits on this lock.
+    let started = {
+        let mut outcome = decision.lock();
+        if *outcome != Outcome::Pending {
+            drop(outcome);
+            discard(prepared);
+            let why = "the migration was settled as aborted before its Commit arrived";
+            let _ = conn.send_now(Kind::Failed, why.as_bytes());
+            return Err(why.into());
+        }
+        let Prepared { machine, port, log } = prepared;
+        match daemon.launch(name, machine, port, log, Vec::new()) {
+            Ok(_) => {
+                *outcome = Outcome::Started;
+                SystemTime::now()
+            }
+            Err(e) => {
+                *outcome = Outcome::Aborted;
+                drop(outcome);
+                let _ = conn.send_now(Kind::Failed, e.1.as_bytes());
+                return Err(e.1);
+            }
+        }
+    };
+    daemon.adopt_publishes(name, restore_point);
+    conn.at(Step::Committed, "destination");
+    let ack = Ack {
+        resumed_unix_ns: started
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+        restore_us: restore_start.elapsed().as_micros() as u64,
+    };
+    if let Err(e) = conn
+        .send_value(Kind::Committed, &ack)
+        .and_then(|()| conn.flush())
+    {
+        // The guest runs here; the source learns it by asking.
+        tracing::warn!(name, "Committed not delivered: {e}");
+    }
+    tracing::info!(
+        name,
+        source = %hello.source,
+        pages,
+        restore_ms = ack.restore_us as f64 / 1e3,
+        "arrived and running"
+    );
+    Ok(())
+}
+
+/// Whether the source's daemon is gone (its API address refuses
+/// connections): the guest lived in that process, so no copy runs there.
+/// A connection it takes and holds open says it is there; one it resets or
+/// closes at once (a process on its way out) is asked again, for up to
+/// [`PROBE_WINDOW`]; anything unclear says it may still be there.
+fn source_gone(conn: &Conn, hello: &Hello) -> bool {
+    use std::io::Read;
+    let Some(api) = hello.source_api else {
+        return false;
+    };
+    let addr = match conn.peer() {
+        Some(peer) => SocketAddr::new(peer.ip(), api.port()),
+        None => api,
+    };
+    let give_up = Instant::now() + PROBE_WINDOW;
+    while Instant::now() < give_up {
+        match TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
+            Err(_) => return false,
+            Ok(s) => {
+                let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
+                match (&s).read(&mut [0u8; 1]) {
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        return false
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+    }
+    false
+}
+
+/// A VM of `mem_size` bytes: the spare one if it fits, else a new one;
+/// either way another spare of that size is made in the background.
+fn vm_for(daemon: &Arc<Daemon>, mem_size: u64) -> Result<Vm, String> {
+    let spare = daemon
+        .migrations
+        .spare
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .filter(|vm| vm.mem_size() == mem_size);
+    let vm = match spare {
+        Some(vm) => vm,
+        None => Vm::new(&daemon.hv.kvm, mem_size).map_err(|e| e.to_string())?,
+    };
+    let d = Arc::clone(daemon);
+    let made = std::thread::Builder::new()
+        .name("spare-vm".into())
+        .spawn(move || match Vm::new(&d.hv.kvm, mem_size) {
+            Ok(vm) => *d.migrations.spare.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm),
+            Err(e) => tracing::warn!("no spare VM for the next migration: {e}"),
+        });
+    if let Err(e) = made {
+        tracing::warn!("no spare VM for the next migration: {e}");
+    }
+    Ok(vm)
 }
 
 fn write_pages(vm: &Vm, indices: &[u32], data: &[u8], zero: bool) -> Result<(), String> {
@@ -184,36 +456,108 @@ fn write_pages(vm: &Vm, indices: &[u32], data: &[u8], zero: bool) -> Result<(), 
     Ok(())
 }
 
-/// Restores and starts the guest; returns when its vCPU thread started.
-fn start(
-    daemon: &Arc<Daemon>,
-    name: &str,
-    vm: Vm,
-    state: MachineState,
-    restore_point: crate::daemon::Incoming,
-) -> Result<SystemTime, String> {
-    let log = Arc::new(std::sync::Mutex::new(LogRing::default()));
-    let port = match state.spec.nic {
-        Some(nic) => daemon.net.attach(nic.mac).map_err(|e| e.to_string())?,
-        None => return Err("guests without a network card cannot run in the daemon".into()),
+/// Restores the guest without starting it.
+fn prepare(daemon: &Daemon, name: &str, vm: Vm, state: MachineState) -> Result<Prepared, String> {
+    let log = Arc::new(Mutex::new(LogRing::default()));
+    let Some(nic) = state.spec.nic else {
+        return Err("guests without a network card cannot run in the daemon".into());
     };
+    let port = daemon.net.attach(nic.mac).map_err(|e| e.to_string())?;
     let console = Box::new(InstanceConsole::new(name, Arc::clone(&log)));
-    let mut machine = match Machine::restore(vm, state, Some(Arc::clone(&port)), console) {
-        Ok(m) => m,
+    let restored =
+        Machine::restore(vm, state, Some(Arc::clone(&port)), console).and_then(|mut m| {
+            m.set_location(&daemon.config.name, &daemon.config.region)?;
+            Ok(m)
+        });
+    match restored {
+        Ok(machine) => Ok(Prepared { machine, port, log }),
         Err(e) => {
             daemon.net.detach(&port);
-            return Err(e.to_string());
+            Err(e.to_string())
         }
-    };
-    if let Err(e) = machine.set_location(&daemon.config.name, &daemon.config.region) {
-        daemon.net.detach(&port);
-        return Err(e.to_string());
     }
-    daemon
-        .launch(name, machine, port, log, Vec::new())
-        .map_err(|e| e.1)?;
-    // The vCPU thread is running.
-    let started = SystemTime::now();
-    daemon.adopt_publishes(name, &restore_point);
-    Ok(started)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::state::NicSpec;
+
+    #[test]
+    fn the_final_state_is_checked_field_by_field() {
+        let mut state = crate::snapshot::format::tests::state();
+        let nic = NicSpec {
+            mac: [2, 0, 0, 0, 0, 1],
+            ip: "10.0.2.16".parse().unwrap(),
+            prefix: 24,
+            gateway: None,
+        };
+        state.spec.nic = Some(nic);
+        let spec = state.spec.clone();
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            format_version: FORMAT_VERSION,
+            abi_version: abi::ABI_VERSION,
+            migration_id: 1,
+            name: spec.name.clone(),
+            mem_size: spec.mem_size,
+            cpuid: spec.cpuid.clone(),
+            nic: Some(nic),
+            image: spec.image.clone(),
+            source: "a".into(),
+            source_overlay: None,
+            source_api: None,
+        };
+        let mem = spec.mem_size;
+        check_state(&hello, &state, mem, Some(nic)).unwrap();
+        let other_ip = NicSpec {
+            ip: "10.0.2.17".parse().unwrap(),
+            ..nic
+        };
+        let other_mac = NicSpec {
+            mac: [2, 0, 0, 0, 0, 9],
+            ..nic
+        };
+        let expect = |r: Result<(), String>, want: &str| {
+            let e = r.expect_err(want);
+            assert!(e.contains(want), "{e}");
+        };
+        expect(
+            check_state(&hello, &state, mem * 2, Some(nic)),
+            "memory size",
+        );
+        let mut h = hello.clone();
+        h.mem_size *= 2;
+        expect(check_state(&h, &state, mem, Some(nic)), "memory size");
+        let mut h = hello.clone();
+        h.name = "other".into();
+        expect(check_state(&h, &state, mem, Some(nic)), "name");
+        let mut h = hello.clone();
+        h.image.sha256 = "cd".repeat(32);
+        expect(check_state(&h, &state, mem, Some(nic)), "image");
+        let mut h = hello.clone();
+        h.cpuid.clear();
+        expect(check_state(&h, &state, mem, Some(nic)), "CPUID");
+        let mut h = hello.clone();
+        h.nic = Some(other_ip);
+        expect(check_state(&h, &state, mem, Some(nic)), "10.0.2.17");
+        expect(
+            check_state(&hello, &state, mem, Some(other_mac)),
+            "not the one reserved here",
+        );
+        expect(check_state(&hello, &state, mem, None), "reservation");
+        let mut s = crate::snapshot::format::tests::state();
+        s.spec.nic = Some(other_mac);
+        let mut h = hello.clone();
+        h.nic = Some(other_mac);
+        expect(
+            check_state(&h, &s, mem, Some(other_mac)),
+            "virtio-net MAC 02:00:00:00:00:01",
+        );
+        let mut s = crate::snapshot::format::tests::state();
+        s.spec.nic = Some(nic);
+        let dev = s.devices[0].clone();
+        s.devices.push(dev);
+        expect(check_state(&hello, &s, mem, Some(nic)), "2 devices");
+    }
 }

@@ -1,43 +1,80 @@
-//! The migration stream: typed, length-prefixed messages over one TCP
-//! connection (an HTTP/1.1 connection upgraded to `host-shim-migration`).
+//! The migration stream: typed, length-prefixed, checksummed messages over
+//! one TCP connection (an HTTP/1.1 connection upgraded to
+//! `host-shim-migration`), every read and write under a deadline
+//! ([`Conn`]), and the commit that makes a migration happen exactly once.
 //!
 //! ```text
-//! frame    = kind: u8, length: u32 LE, payload
+//! frame    = kind: u8, length: u32 LE, crc: u32 LE (CRC-32 of kind,
+//!            length and payload), payload
 //! source -> destination
-//!   Hello     postcard(Hello): versions, memory size, CPUID, who is coming
+//!   Hello     postcard(Hello): versions, migration id, memory size, CPUID,
+//!             NIC, who is coming and the source daemon's API address
 //!   Pages     u32 LE n, n × u32 LE page index, n × 4096 bytes
 //!   Zeroes    u32 LE n, n × u32 LE page index (pages that became zero)
 //!   Sync      (empty) answer Synced once everything before it is taken in
 //!   State     postcard(MachineState): vCPU, clock, devices (guest paused)
+//!   Commit    (empty) the source let its copy go: start the guest
 //!   Abort     UTF-8 reason
+//!   Query     u64 LE migration id: the only message of a fresh connection
 //! destination -> source
 //!   Accept    postcard(Accept): the destination's name, region, overlay
 //!   Refuse    UTF-8 reason (version, CPUID, memory, name or address)
 //!   Synced    (empty) everything up to the Sync is written into guest memory
-//!   Ack       postcard(Ack): the guest runs here since `resumed_unix_ns`
-//!   Failed    UTF-8 reason (the destination could not restore)
+//!   Ready     (empty) the state is checked and restored; the guest is not
+//!             started
+//!   Committed postcard(Ack): the guest runs here since `resumed_unix_ns`
+//!   Failed    UTF-8 reason: the guest is not running here and never will
+//!   Outcome   u8: 1 the guest was started here, 0 it was not and never will
 //! ```
 //!
 //! The handshake ([`Hello`]) carries [`PROTOCOL_VERSION`], the snapshot
 //! format version, `abi::ABI_VERSION`, the guest's memory size and the
 //! CPUID it runs with; the destination refuses what it cannot honour before
-//! any memory moves.
+//! any memory moves, and checks the final state field by field against it.
+//!
+//! # Exactly once
+//!
+//! The destination starts the guest only on `Commit`, and the source sends
+//! `Commit` only after `Ready`, never resuming on its own afterwards. Each
+//! destination keeps a decision per migration id (pending, started,
+//! aborted), changed once under a lock: `Commit` turns pending into started
+//! (the guest is launched under that lock), anything else into aborted, and
+//! so does a `Query`, so the answer to a `Query` is final.
+//!
+//! | step | source | destination | a failure here (cut, death, corrupt frame, deadline) |
+//! |---|---|---|---|
+//! | 1 `Hello`/`Accept` | guest runs | reserves name, address, MAC | source keeps running; destination releases the reservation |
+//! | 2 pre-copy (`Pages`, `Sync`) | guest runs | writes pages | same |
+//! | 3 paused: last pages, `State` | guest paused | checks `State` against `Hello` and the reservation, restores it (not started), `Ready` | source resumes; destination discards |
+//! | 4 `Commit` | on `Ready`: from now on never resumes unless the destination says it will not run the guest; sends `Commit` | waits for `Commit` ([`COMMIT_WAIT`]); on it: decision started, guest launched, `Committed` | destination without `Commit`: if the source daemon refuses connections (it is gone, and its guest with it) it starts the guest, else decision aborted, discards |
+//! | 5 `Committed` | drops its copy | guest runs | source without `Committed`: asks with `Query` on fresh connections: started → drops its copy; not started → resumes; destination daemon refusing connections (gone, with anything it ran) → resumes; no answer → keeps the guest paused ("in doubt") and asks again until answered or stopped |
+//!
+//! A killed source before step 4 takes its guest with it: no copy can run
+//! (the destination has no complete state before `Ready`).
 
-use std::io::{self, Read, Write};
-use std::net::SocketAddr;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_cpuid_entry2;
 use serde::{Deserialize, Serialize};
 
+use super::faults::{Fault, Injected, Step};
+use crate::security::tls::{Shared, Stream};
 use crate::snapshot::format::PAGE;
 use crate::snapshot::state::{ImageId, NicSpec};
 
-/// Version of this message layout (2: `Sync`/`Synced` before the pause).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version of this message layout (3: checksummed frames, `Ready`,
+/// `Commit`, `Committed`, `Query`, `Outcome`).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Pages per `Pages` message.
 pub const PAGES_PER_MESSAGE: usize = 256;
 /// Largest payload accepted (a corrupt length must not allocate gigabytes).
 const MAX_PAYLOAD: u32 = 64 << 20;
+/// The longest a single read or write on a migration stream may block.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the destination waits for `Commit` after `Ready`.
+pub const COMMIT_WAIT: Duration = Duration::from_secs(10);
 
 /// Message kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,11 +86,15 @@ pub enum Kind {
     State = 4,
     Abort = 5,
     Sync = 6,
+    Commit = 7,
+    Query = 8,
     Accept = 16,
     Refuse = 17,
-    Ack = 18,
+    Committed = 18,
     Failed = 19,
     Synced = 20,
+    Ready = 21,
+    Outcome = 22,
 }
 
 impl Kind {
@@ -65,11 +106,15 @@ impl Kind {
             4 => Kind::State,
             5 => Kind::Abort,
             6 => Kind::Sync,
+            7 => Kind::Commit,
+            8 => Kind::Query,
             16 => Kind::Accept,
             17 => Kind::Refuse,
-            18 => Kind::Ack,
+            18 => Kind::Committed,
             19 => Kind::Failed,
             20 => Kind::Synced,
+            21 => Kind::Ready,
+            22 => Kind::Outcome,
             _ => return None,
         })
     }
@@ -81,6 +126,8 @@ pub struct Hello {
     pub protocol_version: u32,
     pub format_version: u32,
     pub abi_version: u32,
+    /// Names this migration in a later `Query`.
+    pub migration_id: u64,
     /// The instance name.
     pub name: String,
     pub mem_size: u64,
@@ -91,6 +138,8 @@ pub struct Hello {
     /// The source shim's name and overlay address.
     pub source: String,
     pub source_overlay: Option<SocketAddr>,
+    /// The source daemon's API address (whether it is still there).
+    pub source_api: Option<SocketAddr>,
 }
 
 /// The destination takes the guest.
@@ -99,9 +148,13 @@ pub struct Accept {
     pub name: String,
     pub region: String,
     pub overlay: Option<SocketAddr>,
+    /// Microseconds the destination spent on its checks and reservation,
+    /// and creating the VM, between `Hello` and `Accept`.
+    pub checks_us: u64,
+    pub vm_us: u64,
 }
 
-/// The guest runs at the destination.
+/// The guest runs at the destination (`Committed`).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct Ack {
     /// When its vCPU thread started, on the destination's clock (ns since
@@ -131,14 +184,38 @@ pub enum ProtocolError {
     UnknownKind(u8),
     #[error("malformed message: {0}")]
     Malformed(String),
+    #[error("a corrupt {0:?} frame (checksum mismatch)")]
+    Corrupt(Kind),
+}
+
+fn crc(head: &[u8; 5], payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(head);
+    h.update(payload);
+    h.finalize()
 }
 
 /// Writes one message.
 pub fn write_msg<W: Write>(w: &mut W, kind: Kind, payload: &[u8]) -> io::Result<()> {
+    write_frame(w, kind, payload, false)
+}
+
+/// Writes one message, with one byte flipped if `corrupt`.
+fn write_frame<W: Write>(w: &mut W, kind: Kind, payload: &[u8], corrupt: bool) -> io::Result<()> {
     let mut head = [0u8; 5];
     head[0] = kind as u8;
     head[1..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    let mut sum = crc(&head, payload).to_le_bytes();
     w.write_all(&head)?;
+    if corrupt && payload.is_empty() {
+        sum[0] ^= 0x40;
+    }
+    w.write_all(&sum)?;
+    if corrupt && !payload.is_empty() {
+        let mut bad = payload.to_vec();
+        bad[payload.len() / 2] ^= 0x40;
+        return w.write_all(&bad);
+    }
     w.write_all(payload)
 }
 
@@ -150,25 +227,27 @@ pub fn write_value<W: Write, T: Serialize>(w: &mut W, kind: Kind, value: &T) -> 
 
 /// Reads one message.
 pub fn read_msg<R: Read>(r: &mut R) -> Result<Message, ProtocolError> {
-    let mut head = [0u8; 5];
-    match r.read_exact(&mut head) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(ProtocolError::Closed),
-        Err(e) => return Err(e.into()),
-    }
-    let kind = Kind::from_u8(head[0]).ok_or(ProtocolError::UnknownKind(head[0]))?;
-    let len = u32::from_le_bytes(head[1..].try_into().expect("4 bytes"));
-    if len > MAX_PAYLOAD {
-        return Err(ProtocolError::Malformed(format!("{kind:?} of {len} bytes")));
-    }
-    let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload).map_err(|e| {
+    let eof = |e: io::Error| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             ProtocolError::Closed
         } else {
             e.into()
         }
-    })?;
+    };
+    let mut head = [0u8; 5];
+    r.read_exact(&mut head).map_err(eof)?;
+    let kind = Kind::from_u8(head[0]).ok_or(ProtocolError::UnknownKind(head[0]))?;
+    let len = u32::from_le_bytes(head[1..].try_into().expect("4 bytes"));
+    if len > MAX_PAYLOAD {
+        return Err(ProtocolError::Malformed(format!("{kind:?} of {len} bytes")));
+    }
+    let mut sum = [0u8; 4];
+    r.read_exact(&mut sum).map_err(eof)?;
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload).map_err(eof)?;
+    if crc(&head, &payload) != u32::from_le_bytes(sum) {
+        return Err(ProtocolError::Corrupt(kind));
+    }
     Ok(Message { kind, payload })
 }
 
@@ -195,7 +274,10 @@ impl Message {
                 .try_into()
                 .expect("4"),
         ) as usize;
-        let idx_end = 4 + n * 4;
+        let idx_end = n
+            .checked_mul(4)
+            .and_then(|b| b.checked_add(4))
+            .ok_or_else(|| bad("too many pages"))?;
         let indices: Vec<u32> = p
             .get(4..idx_end)
             .ok_or_else(|| bad("short index list"))?
@@ -226,6 +308,168 @@ pub fn encode_pages(indices: &[u32], data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// One half of a connection that fails once a deadline has passed (each
+/// call also blocks at most [`IO_TIMEOUT`], the socket's timeouts).
+pub struct Timed {
+    inner: Shared,
+    deadline: Option<Instant>,
+}
+
+impl Timed {
+    fn check(&self) -> io::Result<()> {
+        match self.deadline {
+            Some(d) if Instant::now() >= d => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the deadline of this migration step passed",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Read for Timed {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.check()?;
+        self.inner.read(buf)
+    }
+}
+
+impl Write for Timed {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.check()?;
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A migration connection (plain or TLS): buffered halves with deadlines,
+/// a handle to cut it from another thread, and the injected fault.
+pub struct Conn {
+    sock: TcpStream,
+    r: BufReader<Timed>,
+    w: BufWriter<Timed>,
+    fault: Option<Injected>,
+    corrupt_next: bool,
+    /// Cut here: nothing more goes or comes, even bytes already buffered.
+    cut: bool,
+}
+
+impl Conn {
+    /// Wraps an upgraded connection; every read and write on it blocks at
+    /// most [`IO_TIMEOUT`].
+    pub fn new(stream: BufReader<Stream>, fault: Option<Injected>) -> io::Result<Self> {
+        let sock = stream.get_ref().tcp().try_clone()?;
+        sock.set_read_timeout(Some(IO_TIMEOUT))?;
+        sock.set_write_timeout(Some(IO_TIMEOUT))?;
+        sock.set_nodelay(true)?;
+        let shared = Shared::new(stream);
+        let half = |s: Shared| Timed {
+            inner: s,
+            deadline: None,
+        };
+        Ok(Self {
+            r: BufReader::with_capacity(1 << 20, half(shared.clone())),
+            w: BufWriter::with_capacity(1 << 20, half(shared)),
+            sock,
+            fault,
+            corrupt_next: false,
+            cut: false,
+        })
+    }
+
+    /// Every read and write fails once `within` has passed from now.
+    pub fn deadline(&mut self, within: Duration) {
+        let at = Instant::now() + within;
+        self.r.get_mut().deadline = Some(at);
+        self.w.get_mut().deadline = Some(at);
+    }
+
+    /// Reads block at most `t` (not [`IO_TIMEOUT`]) until the next call.
+    pub fn read_timeout(&self, t: Duration) -> io::Result<()> {
+        self.sock.set_read_timeout(Some(t))
+    }
+
+    /// A handle on the socket, to cut it from another thread.
+    pub fn handle(&self) -> io::Result<TcpStream> {
+        self.sock.try_clone()
+    }
+
+    /// Sends one message (buffered: [`Self::flush`] sends it now).
+    pub fn send(&mut self, kind: Kind, payload: &[u8]) -> io::Result<()> {
+        if self.cut {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        let corrupt = std::mem::take(&mut self.corrupt_next);
+        write_frame(&mut self.w, kind, payload, corrupt)
+    }
+
+    /// Sends a postcard-encoded message.
+    pub fn send_value<T: Serialize>(&mut self, kind: Kind, value: &T) -> io::Result<()> {
+        let bytes = postcard::to_stdvec(value).map_err(|e| io::Error::other(e.to_string()))?;
+        self.send(kind, &bytes)
+    }
+
+    /// Sends one message now.
+    pub fn send_now(&mut self, kind: Kind, payload: &[u8]) -> io::Result<()> {
+        self.send(kind, payload)?;
+        self.flush()
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+
+    /// Receives one message.
+    pub fn recv(&mut self) -> Result<Message, ProtocolError> {
+        if self.cut {
+            return Err(ProtocolError::Closed);
+        }
+        read_msg(&mut self.r)
+    }
+
+    /// The other side's address.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.sock.peer_addr().ok()
+    }
+
+    /// Shuts the connection down both ways; what was received and not
+    /// yet read is dropped.
+    pub fn cut(&mut self) {
+        self.cut = true;
+        let _ = self.sock.shutdown(Shutdown::Both);
+    }
+
+    /// Applies the injected fault if it strikes at `step`.
+    pub fn at(&mut self, step: Step, side: &str) {
+        let Some(f) = self.fault.filter(|f| f.step == step) else {
+            return;
+        };
+        tracing::warn!(%side, fault = %f, "test fault injected");
+        match f.fault {
+            Fault::Die => std::process::exit(137),
+            Fault::Cut => self.cut(),
+            Fault::Corrupt => self.corrupt_next = true,
+            // Until the connection is cut (by a Query or a stop).
+            Fault::Hang => loop {
+                match self.sock.peek(&mut [0u8; 1]) {
+                    Ok(0) => break,
+                    Ok(_) => std::thread::sleep(Duration::from_millis(50)),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock
+                                | io::ErrorKind::TimedOut
+                                | io::ErrorKind::Interrupted
+                        ) => {}
+                    Err(_) => break,
+                }
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,13 +481,13 @@ mod tests {
             resumed_unix_ns: 5,
             restore_us: 7,
         };
-        write_value(&mut buf, Kind::Ack, &ack).unwrap();
+        write_value(&mut buf, Kind::Committed, &ack).unwrap();
         let page = vec![9u8; PAGE];
         write_msg(&mut buf, Kind::Pages, &encode_pages(&[3], &page)).unwrap();
         write_msg(&mut buf, Kind::Zeroes, &encode_pages(&[1, 2], &[])).unwrap();
         let mut r = &buf[..];
         let m = read_msg(&mut r).unwrap();
-        assert_eq!(m.kind, Kind::Ack);
+        assert_eq!(m.kind, Kind::Committed);
         assert_eq!(m.value::<Ack>().unwrap().restore_us, 7);
         let m = read_msg(&mut r).unwrap();
         let (idx, data) = m.pages().unwrap();
@@ -273,5 +517,29 @@ mod tests {
             payload: encode_pages(&[1], &[0; 10]),
         };
         assert!(m.pages().is_err());
+        let m = Message {
+            kind: Kind::Zeroes,
+            payload: u32::MAX.to_le_bytes().to_vec(),
+        };
+        assert!(m.pages().is_err());
+    }
+
+    #[test]
+    fn a_flipped_byte_is_caught() {
+        for payload in [&b""[..], &b"state"[..]] {
+            let mut buf = Vec::new();
+            write_frame(&mut buf, Kind::Commit, payload, true).unwrap();
+            assert!(matches!(
+                read_msg(&mut &buf[..]),
+                Err(ProtocolError::Corrupt(Kind::Commit))
+            ));
+            let mut buf = Vec::new();
+            write_frame(&mut buf, Kind::Commit, payload, false).unwrap();
+            for at in 0..buf.len() {
+                let mut bad = buf.clone();
+                bad[at] ^= 0x01;
+                assert!(read_msg(&mut &bad[..]).is_err(), "byte {at}");
+            }
+        }
     }
 }

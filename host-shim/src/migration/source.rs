@@ -10,21 +10,29 @@
 //!    Then `Sync`: the destination answers `Synced` once it has taken in
 //!    everything sent so far, so the pause does not wait for its backlog.
 //! 3. Stop-and-copy: the guest is paused (vCPU quiesced, devices idle), the
-//!    last dirty pages and the vCPU, clock and device state are sent.
-//! 4. The destination restores, resumes and acknowledges. Only then is the
-//!    instance dropped here; its published ports stay and reach it over the
-//!    overlay.
+//!    last dirty pages and the vCPU, clock and device state are sent; the
+//!    destination checks and restores them and answers `Ready`.
+//! 4. Commit: from here this side never resumes the guest unless the
+//!    destination says it will not run it; `Commit` goes, and `Committed`
+//!    (or the answer to a `Query`) says the guest runs there. Only then is
+//!    the instance dropped here; its published ports stay and reach it over
+//!    the overlay. The step table, with what each side does on a failure at
+//!    each step, is in [`super::protocol`].
 //!
-//! Free-page hints (on unless [`FREE_PAGE_HINTS`] is `0` in the daemon's
-//! environment, see [`HeapHints`]): a guest that publishes per-page
-//! usage of its heap in its `BootInfo` has the heap pages that hold no live
-//! data dropped from each round's send set.
+//! Every step has a deadline ([`PRECOPY_DEADLINE`], [`PAUSED_DEADLINE`],
+//! [`COMMITTED_WAIT`]) on top of the stream's per-call timeouts, and
+//! `stop NAME` cancels a migration before its `Commit` ([`Migrations`]):
+//! the guest resumes here (and is then stopped), the destination discards.
 //!
-//! Any failure before the acknowledgement (refusal, connection lost,
-//! destination error or death, timeout) resumes the guest where it was and
-//! says why. Progress lines go to the caller as they happen.
+//! Free-page hints (on unless the daemon runs with `--no-free-page-hints`,
+//! see [`HeapHints`]): a guest that publishes per-page usage of its heap in
+//! its `BootInfo` has the heap pages that hold no live data dropped from
+//! each round's send set.
+//!
+//! Progress lines go to the caller as they happen.
+//!
+//! [`Migrations`]: super::Migrations
 
-use std::io::{BufReader, BufWriter, Write};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -34,14 +42,14 @@ use abi::layout::BOOT_INFO_ADDR;
 use vm_memory::{Bytes, GuestAddress};
 use zerocopy::FromBytes;
 
+use super::faults::Step;
 use super::protocol::{
-    encode_pages, read_msg, write_msg, write_value, Accept, Ack, Hello, Kind, ProtocolError,
-    PAGES_PER_MESSAGE, PROTOCOL_VERSION,
+    encode_pages, Accept, Ack, Conn, Hello, Kind, ProtocolError, IO_TIMEOUT, PAGES_PER_MESSAGE,
+    PROTOCOL_VERSION,
 };
-use crate::daemon::api::{Client, MigrateRequest};
+use crate::daemon::api::{Client, ClientError, MigrateRequest};
 use crate::daemon::{Daemon, MIGRATION_PROTOCOL};
-use crate::machine::Machine;
-use crate::security::tls::Shared;
+use crate::machine::{Machine, MachineHandle};
 use crate::snapshot::format::{is_zero, FORMAT_VERSION, PAGE};
 use crate::vstate::vm::Vm;
 
@@ -49,12 +57,17 @@ use crate::vstate::vm::Vm;
 pub const CONVERGED_PAGES: usize = 64;
 /// Pre-copy rounds at most (round 0 included).
 pub const MAX_ROUNDS: usize = 8;
-/// How long the destination may take to restore and acknowledge.
-const ACK_TIMEOUT: Duration = Duration::from_secs(15);
-/// The source leaves behind heap pages the guest says are free
-/// ([`HeapHints`]) unless `HOST_SHIM_FREE_PAGE_HINTS=0` is in the daemon's
-/// environment.
-pub const FREE_PAGE_HINTS: &str = "HOST_SHIM_FREE_PAGE_HINTS";
+/// The handshake and pre-copy together, at most.
+pub const PRECOPY_DEADLINE: Duration = Duration::from_secs(120);
+/// How long the destination may take to accept (it creates the VM:
+/// `KVM_CREATE_VM` took 4–10 s now and then on a loaded nested host).
+pub const ACCEPT_WAIT: Duration = Duration::from_secs(30);
+/// From the pause to `Ready`, at most (the guest is paused meanwhile).
+pub const PAUSED_DEADLINE: Duration = Duration::from_secs(15);
+/// How long `Committed` may take before the destination is asked.
+pub const COMMITTED_WAIT: Duration = Duration::from_secs(10);
+/// How often a destination that did not answer is asked again.
+const QUERY_RETRY: Duration = Duration::from_secs(1);
 
 /// What a migration did.
 #[derive(Clone, Copy, Debug, Default)]
@@ -84,7 +97,7 @@ pub fn migrate(daemon: &Arc<Daemon>, name: &str, req: &MigrateRequest, out: &Sen
     let result = daemon
         .peer_client(&req.to, req.fingerprint.as_deref())
         .map_err(|e| format!("{e}; {name} keeps running here"))
-        .and_then(|client| run(daemon, name, &client, &say));
+        .and_then(|client| run(daemon, name, &client.with_timeout(IO_TIMEOUT), &say));
     match result {
         Ok(s) => {
             let mem = daemon.instances().get(name).map_or(0, |i| i.spec.mem_size);
@@ -107,245 +120,448 @@ pub fn migrate(daemon: &Arc<Daemon>, name: &str, req: &MigrateRequest, out: &Sen
 
 /// Waits until the destination has taken in everything sent so far.
 fn sync(conn: &mut Conn) -> Result<(), ProtocolError> {
-    write_msg(&mut conn.w, Kind::Sync, &[])?;
-    conn.w.flush()?;
-    match read_msg(&mut conn.r)? {
+    conn.send_now(Kind::Sync, &[])?;
+    match conn.recv()? {
         m if m.kind == Kind::Synced => Ok(()),
         m => Err(ProtocolError::Unexpected(m.kind)),
     }
 }
 
 /// The migration itself (to `client`'s daemon); an error has already
-/// resumed the guest.
+/// resumed the guest (or, if `stop` cancelled it, let it go).
 pub fn run(
     daemon: &Arc<Daemon>,
     name: &str,
     client: &Client,
     say: &dyn Fn(String),
 ) -> Result<Stats, String> {
-    let start = Instant::now();
-    let to = client.addr.as_str();
     let handle = daemon.acquire(name, "migrating").map_err(|e| e.1)?;
-    let (spec, port) = {
-        let instances = daemon.instances();
-        let inst = instances.get(name).ok_or("the instance vanished")?;
-        (inst.spec.clone(), inst.port.clone())
-    };
-    let fail = |why: String| {
-        daemon.release(name);
-        why
-    };
+    daemon.migrations.start_outgoing(name);
+    let result = Outgoing {
+        daemon,
+        name,
+        client,
+        handle: &handle,
+    }
+    .run(say);
+    daemon.migrations.end_outgoing(name);
+    result
+}
 
-    // 1. Handshake.
-    let reader = client
-        .upgrade("/v1/migration", MIGRATION_PROTOCOL, b"")
-        .map_err(|e| fail(format!("{e}; {name} keeps running here")))?;
-    let mut conn = Conn::new(reader);
-    let hello = Hello {
-        protocol_version: PROTOCOL_VERSION,
-        format_version: FORMAT_VERSION,
-        abi_version: abi::ABI_VERSION,
-        name: name.to_owned(),
-        mem_size: spec.mem_size,
-        cpuid: spec.cpuid.clone(),
-        nic: spec.nic,
-        image: spec.image.clone(),
-        source: daemon.config.name.clone(),
-        source_overlay: daemon.net.overlay_addr(),
-    };
-    let accept: Accept = (|| {
-        write_value(&mut conn.w, Kind::Hello, &hello)?;
-        conn.w.flush()?;
-        let m = read_msg(&mut conn.r)?;
-        match m.kind {
-            Kind::Accept => m.value::<Accept>(),
-            Kind::Refuse => Err(ProtocolError::Malformed(format!("refused: {}", m.text()))),
-            other => Err(ProtocolError::Unexpected(other)),
+/// What the destination said about a migration whose `Committed` did not
+/// come.
+enum Settled {
+    /// The guest runs there.
+    Started,
+    /// It does not, and never will.
+    NotStarted(String),
+    /// `stop` gave up waiting.
+    Cancelled,
+}
+
+struct Outgoing<'a> {
+    daemon: &'a Arc<Daemon>,
+    name: &'a str,
+    client: &'a Client,
+    handle: &'a Arc<MachineHandle>,
+}
+
+impl Outgoing<'_> {
+    /// Ends a migration that failed before the pause.
+    fn fail(&self, why: String) -> String {
+        self.daemon.release(self.name);
+        if self.daemon.migrations.cancelled(self.name) {
+            return format!("cancelled by stop ({why})");
         }
-    })()
-    .map_err(|e| {
-        fail(format!(
-            "the destination {to} did not take {name}: {}; {name} keeps running here",
-            refusal(e)
-        ))
-    })?;
-    if let Some(peer) = accept.overlay {
-        daemon.net.add_peer(peer);
+        format!("{why}; {} keeps running here", self.name)
     }
-    say(format!(
-        "migrating {name} ({} MiB) from {} to {} ({to}, region {})",
-        spec.mem_size >> 20,
-        daemon.config.name,
-        accept.name,
-        accept.region
-    ));
 
-    // 2. Pre-copy while the guest runs.
-    let vm = Arc::clone(handle.vm());
-    let mut stats = Stats::default();
-    let mut last_dirty = usize::MAX;
-    let hints = if std::env::var(FREE_PAGE_HINTS).map_or(true, |v| v != "0") {
-        HeapHints::of(&vm)
-    } else {
-        None
-    };
-    if hints.is_some() {
-        stats.skipped = Some(0);
+    /// Ends a migration that failed after the pause, before the guest may
+    /// have been taken over: it resumes here.
+    fn resume(&self, machine: Box<Machine>, why: String) -> String {
+        self.handle.resume(machine);
+        self.daemon.release(self.name);
+        if self.daemon.migrations.cancelled(self.name) {
+            return format!("cancelled by stop ({why})");
+        }
+        format!(
+            "{why}; {} resumed on {}",
+            self.name, self.daemon.config.name
+        )
     }
-    // Pre-copy rounds until the dirty set is small or stops shrinking;
-    // then the destination must have taken in everything sent (`Sync`:
-    // over TLS it may lag behind, decrypting), else the pause would wait
-    // for it. What the guest dirtied during that wait goes in one more
-    // round, synced again, so the paused round holds only what the guest
-    // wrote since: over TLS, where the first wait is longest, this is
-    // most of the stop-and-copy's pages.
-    let mut round = 0;
-    let mut catch_up = false;
-    loop {
-        let mut dirty = match vm.take_dirty() {
-            Ok(d) => pages_of(&d),
-            Err(e) => return Err(fail(format!("dirty log: {e}; {name} keeps running here"))),
+
+    fn run(&self, say: &dyn Fn(String)) -> Result<Stats, String> {
+        let (daemon, name) = (self.daemon, self.name);
+        let start = Instant::now();
+        // When each step ended, for the timeline line.
+        let mut marks: Vec<(String, Duration)> = Vec::new();
+        let mut mark = |what: String| marks.push((what, start.elapsed()));
+        let to = self.client.addr.as_str();
+        let (spec, port) = {
+            let instances = daemon.instances();
+            let inst = instances.get(name).ok_or("the instance vanished")?;
+            (inst.spec.clone(), inst.port.clone())
         };
-        let count = dirty.len();
-        // After take_dirty, never before: see HeapHints.
-        let skipped = hints.as_ref().map(|h| h.drop_free(&vm, &mut dirty));
-        add_skipped(&mut stats.skipped, skipped);
-        let sent = send_pages(&mut conn, &vm, &dirty, round == 0).map_err(|e| {
-            fail(format!(
-                "sending memory to {to} failed in round {round}: {e}; {name} keeps running here"
+
+        // 1. Handshake.
+        let reader = self
+            .client
+            .upgrade("/v1/migration", MIGRATION_PROTOCOL, b"")
+            .map_err(|e| self.fail(e.to_string()))?;
+        mark("connected".into());
+        let mut conn = Conn::new(reader, daemon.config.migration.fault)
+            .map_err(|e| self.fail(format!("the connection to {to}: {e}")))?;
+        let sock = conn
+            .handle()
+            .map_err(|e| self.fail(format!("the connection to {to}: {e}")))?;
+        if !daemon.migrations.outgoing_conn(name, sock) {
+            return Err(self.fail("stopped before it began".into()));
+        }
+        conn.deadline(PRECOPY_DEADLINE);
+        let mut id = [0u8; 8];
+        getrandom::getrandom(&mut id).map_err(|e| self.fail(e.to_string()))?;
+        let migration_id = u64::from_le_bytes(id);
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            format_version: FORMAT_VERSION,
+            abi_version: abi::ABI_VERSION,
+            migration_id,
+            name: name.to_owned(),
+            mem_size: spec.mem_size,
+            cpuid: spec.cpuid.clone(),
+            nic: spec.nic,
+            image: spec.image.clone(),
+            source: daemon.config.name.clone(),
+            source_overlay: daemon.net.overlay_addr(),
+            source_api: Some(daemon.config.listen),
+        };
+        let accept: Accept = (|| {
+            conn.send_value(Kind::Hello, &hello)?;
+            conn.flush()?;
+            conn.read_timeout(ACCEPT_WAIT)?;
+            let m = conn.recv()?;
+            conn.read_timeout(IO_TIMEOUT)?;
+            match m.kind {
+                Kind::Accept => m.value::<Accept>(),
+                Kind::Refuse => Err(ProtocolError::Malformed(format!("refused: {}", m.text()))),
+                other => Err(ProtocolError::Unexpected(other)),
+            }
+        })()
+        .map_err(|e| {
+            self.fail(format!(
+                "the destination {to} did not take {name}: {}",
+                refusal(e)
             ))
         })?;
-        stats.rounds = round + 1;
-        stats.pages += sent.pages;
-        stats.bytes += sent.bytes;
-        // xtask's migration bench reads "dirty pages, <K> pages sent" of round 0.
-        say(format!(
-            "round {round}: {count} dirty pages, {} pages sent ({}){}{}",
-            sent.pages,
-            human(sent.bytes),
-            if round == 0 {
-                ", all written since boot"
-            } else if catch_up {
-                ", written while the destination caught up"
-            } else {
-                ""
-            },
-            skipped_note(skipped)
+        mark(format!(
+            "accepted (there: checks {:.1}, VM {:.1})",
+            accept.checks_us as f64 / 1e3,
+            accept.vm_us as f64 / 1e3
         ));
-        let converged = round > 0 && (count <= CONVERGED_PAGES || count >= last_dirty);
-        last_dirty = count;
-        round += 1;
-        if catch_up || converged || round == MAX_ROUNDS {
-            sync(&mut conn).map_err(|e| {
-                fail(format!(
-                    "the destination {to} did not keep up: {e}; {name} keeps running here"
+        if let Some(peer) = accept.overlay {
+            daemon.net.add_peer(peer);
+        }
+        say(format!(
+            "migrating {name} ({} MiB) from {} to {} ({to}, region {})",
+            spec.mem_size >> 20,
+            daemon.config.name,
+            accept.name,
+            accept.region
+        ));
+
+        // 2. Pre-copy while the guest runs.
+        let vm = Arc::clone(self.handle.vm());
+        let mut stats = Stats::default();
+        let mut last_dirty = usize::MAX;
+        let hints = if daemon.config.migration.free_page_hints {
+            HeapHints::of(&vm)
+        } else {
+            None
+        };
+        if hints.is_some() {
+            stats.skipped = Some(0);
+        }
+        // Pre-copy rounds until the dirty set is small or stops shrinking;
+        // then the destination must have taken in everything sent (`Sync`:
+        // over TLS it may lag behind, decrypting), else the pause would wait
+        // for it. What the guest dirtied during that wait goes in one more
+        // round, synced again, so the paused round holds only what the guest
+        // wrote since: over TLS, where the first wait is longest, this is
+        // most of the stop-and-copy's pages.
+        let mut round = 0;
+        let mut catch_up = false;
+        let mut hints_took = Duration::ZERO;
+        loop {
+            if daemon.migrations.cancelled(name) {
+                let _ = conn.send_now(Kind::Abort, b"stopped at the source");
+                return Err(self.fail(format!("stopped in round {round}")));
+            }
+            let mut dirty = match vm.take_dirty() {
+                Ok(d) => pages_of(&d),
+                Err(e) => return Err(self.fail(format!("dirty log: {e}"))),
+            };
+            let count = dirty.len();
+            // After take_dirty, never before: see HeapHints.
+            let hinting = Instant::now();
+            let skipped = hints.as_ref().map(|h| h.drop_free(&vm, &mut dirty));
+            hints_took += hinting.elapsed();
+            add_skipped(&mut stats.skipped, skipped);
+            let sent = send_pages(&mut conn, &vm, &dirty, round == 0).map_err(|e| {
+                self.fail(format!(
+                    "sending memory to {to} failed in round {round}: {e}"
                 ))
             })?;
-            if catch_up {
-                break;
+            mark(format!("round {round}"));
+            stats.rounds = round + 1;
+            stats.pages += sent.pages;
+            stats.bytes += sent.bytes;
+            // xtask's migration bench reads "dirty pages, <K> pages sent" of round 0.
+            say(format!(
+                "round {round}: {count} dirty pages, {} pages sent ({}){}{}",
+                sent.pages,
+                human(sent.bytes),
+                if round == 0 {
+                    ", all written since boot"
+                } else if catch_up {
+                    ", written while the destination caught up"
+                } else {
+                    ""
+                },
+                skipped_note(skipped)
+            ));
+            let converged = round > 0 && (count <= CONVERGED_PAGES || count >= last_dirty);
+            last_dirty = count;
+            round += 1;
+            if catch_up || converged || round == MAX_ROUNDS {
+                if !catch_up {
+                    conn.at(Step::Precopy, "source");
+                }
+                sync(&mut conn)
+                    .map_err(|e| self.fail(format!("the destination {to} did not keep up: {e}")))?;
+                mark("synced".into());
+                if catch_up {
+                    break;
+                }
+                catch_up = true;
             }
-            catch_up = true;
         }
+
+        // 3. Stop and copy, until the destination is Ready.
+        let machine = self
+            .handle
+            .pause()
+            .map_err(|e| self.fail(format!("cannot pause {name}: {e}")))?;
+        let paused_at = SystemTime::now();
+        let paused = Instant::now();
+        mark("paused".into());
+        conn.deadline(PAUSED_DEADLINE);
+        let final_round = (|| -> Result<(Sent, usize, usize, Option<u64>), String> {
+            let mut dirty = pages_of(&vm.take_dirty().map_err(|e| e.to_string())?);
+            let count = dirty.len();
+            let skipped = hints.as_ref().map(|h| h.drop_free(&vm, &mut dirty));
+            let sent = send_pages(&mut conn, &vm, &dirty, false).map_err(|e| e.to_string())?;
+            let state = machine.capture(&daemon.hv).map_err(|e| e.to_string())?;
+            // Frames that were waiting for the guest go with its state.
+            let carried = state
+                .devices
+                .iter()
+                .map(|d| match &d.device {
+                    crate::snapshot::state::DeviceState::Net(n) => n.pending_rx.len(),
+                })
+                .sum::<usize>();
+            let bytes = postcard::to_stdvec(&state).map_err(|e| e.to_string())?;
+            conn.at(Step::Paused, "source");
+            conn.send_now(Kind::State, &bytes)
+                .map_err(|e| e.to_string())?;
+            Ok((
+                Sent {
+                    pages: sent.pages,
+                    bytes: sent.bytes + bytes.len() as u64 + 9,
+                },
+                count,
+                carried,
+                skipped,
+            ))
+        })();
+        let (sent, final_dirty, carried, skipped) = match final_round {
+            Ok(x) => x,
+            Err(e) => {
+                return Err(self.resume(
+                    machine,
+                    format!("sending the final state to {to} failed: {e}"),
+                ))
+            }
+        };
+        stats.pages += sent.pages;
+        stats.bytes += sent.bytes;
+        add_skipped(&mut stats.skipped, skipped);
+        say(format!(
+            "paused: {final_dirty} dirty pages and the vCPU/device state sent ({}){}",
+            human(sent.bytes),
+            skipped_note(skipped)
+        ));
+        match conn.recv() {
+            Ok(m) if m.kind == Kind::Ready => mark("ready".into()),
+            Ok(m) if m.kind == Kind::Failed => {
+                return Err(self.resume(
+                    machine,
+                    format!(
+                        "the destination {to} could not restore {name}: {}",
+                        m.text()
+                    ),
+                ))
+            }
+            Ok(m) => {
+                let _ = conn.send_now(Kind::Abort, b"expected Ready");
+                return Err(self.resume(machine, format!("{to} sent {:?}, not Ready", m.kind)));
+            }
+            Err(e) => {
+                conn.cut();
+                return Err(self.resume(machine, format!("{to} was not ready: {e}")));
+            }
+        }
+
+        // 4. Commit: past this point the guest resumes here only if the
+        // destination says it will not run it.
+        if !daemon.migrations.commit_point(name) {
+            let _ = conn.send_now(Kind::Abort, b"stopped at the source");
+            return Err(self.resume(machine, "stopped before the commit".into()));
+        }
+        conn.at(Step::Ready, "source");
+        let reply = match conn.send_now(Kind::Commit, &[]) {
+            Err(e) => Err(format!("sending Commit failed: {e}")),
+            Ok(()) => {
+                conn.at(Step::Commit, "source");
+                conn.deadline(COMMITTED_WAIT);
+                match conn.recv() {
+                    Ok(m) if m.kind == Kind::Committed => m.value::<Ack>().map(Ok),
+                    // The destination decided (aborted) and says so: final.
+                    Ok(m) if m.kind == Kind::Failed => Ok(Err(m.text())),
+                    Ok(m) => Err(ProtocolError::Unexpected(m.kind)),
+                    Err(e) => Err(e),
+                }
+                .map_err(|e| format!("no Committed from {to}: {e}"))
+            }
+        };
+        let ack = match reply {
+            Ok(Ok(ack)) => Some(ack),
+            Ok(Err(failed)) => {
+                return Err(self.resume(
+                    machine,
+                    format!("the destination {to} could not start {name}: {failed}"),
+                ))
+            }
+            Err(why) => {
+                say(format!(
+                    "{why}; asking {to} whether {name} runs there ({name} stays paused here until it answers)"
+                ));
+                match self.settle(migration_id) {
+                    Settled::Started => None,
+                    Settled::NotStarted(answer) => {
+                        return Err(self.resume(machine, format!("{why}; {answer}")))
+                    }
+                    Settled::Cancelled => {
+                        drop(machine);
+                        self.handle.stop();
+                        daemon.release(name);
+                        return Err(format!(
+                            "{why}; stopped while waiting to learn whether {to} runs {name}: \
+                             {name} no longer runs here"
+                        ));
+                    }
+                }
+            }
+        };
+        mark("committed".into());
+        conn.at(Step::Committed, "source");
+        stats.downtime = match ack {
+            Some(ack) => {
+                let resumed = UNIX_EPOCH + Duration::from_nanos(ack.resumed_unix_ns);
+                resumed
+                    .duration_since(paused_at)
+                    .unwrap_or_else(|_| paused.elapsed())
+            }
+            None => paused.elapsed(),
+        };
+        stats.total = start.elapsed();
+        // The guest runs there now: let it go here.
+        drop(machine);
+        daemon.moved_away(name, to, accept.overlay, port, carried);
+        say(format!(
+            "{name} runs on {} since {:.2} ms after the pause{}",
+            accept.name,
+            stats.downtime.as_secs_f64() * 1e3,
+            ack.map(|a| format!(" (restore took {:.2} ms there)", a.restore_us as f64 / 1e3))
+                .unwrap_or_default()
+        ));
+        say(format!(
+            "timeline (ms): {}; free-page hints read in {:.1}",
+            marks
+                .iter()
+                .map(|(what, at)| format!("{what} {:.1}", at.as_secs_f64() * 1e3))
+                .collect::<Vec<_>>()
+                .join(", "),
+            hints_took.as_secs_f64() * 1e3
+        ));
+        Ok(stats)
     }
 
-    // 3. Stop and copy.
-    let machine = handle.pause().map_err(|e| {
-        fail(format!(
-            "cannot pause {name}: {e}; {name} keeps running here"
-        ))
-    })?;
-    let paused_at = SystemTime::now();
-    let paused = Instant::now();
-    let resume = |machine: Box<Machine>, why: String| {
-        handle.resume(machine);
-        daemon.release(name);
-        format!("{why}; {name} resumed on {}", daemon.config.name)
-    };
-    let final_round = (|| -> Result<(Sent, usize, usize, Option<u64>), String> {
-        let mut dirty = pages_of(&vm.take_dirty().map_err(|e| e.to_string())?);
-        let count = dirty.len();
-        let skipped = hints.as_ref().map(|h| h.drop_free(&vm, &mut dirty));
-        let sent = send_pages(&mut conn, &vm, &dirty, false).map_err(|e| e.to_string())?;
-        let state = machine.capture(&daemon.hv).map_err(|e| e.to_string())?;
-        // Frames that were waiting for the guest go with its state.
-        let carried = state
-            .devices
-            .iter()
-            .map(|d| match &d.device {
-                crate::snapshot::state::DeviceState::Net(n) => n.pending_rx.len(),
-            })
-            .sum::<usize>();
-        let bytes = postcard::to_stdvec(&state).map_err(|e| e.to_string())?;
-        write_msg(&mut conn.w, Kind::State, &bytes).map_err(|e| e.to_string())?;
-        conn.w.flush().map_err(|e| e.to_string())?;
-        Ok((
-            Sent {
-                pages: sent.pages,
-                bytes: sent.bytes + bytes.len() as u64 + 5,
-            },
-            count,
-            carried,
-            skipped,
-        ))
-    })();
-    let (sent, final_dirty, carried, skipped) = match final_round {
-        Ok(x) => x,
-        Err(e) => {
-            return Err(resume(
-                machine,
-                format!("sending the final state to {to} failed: {e}"),
-            ))
+    /// Asks the destination, on fresh connections, whether it started the
+    /// guest, until it answers (its answer is final: asking settles a
+    /// pending migration as aborted), its daemon is gone, or `stop`.
+    fn settle(&self, id: u64) -> Settled {
+        let (daemon, name, to) = (self.daemon, self.name, self.client.addr.as_str());
+        let mut in_doubt = false;
+        loop {
+            match ask(self.client, id) {
+                Ok(true) => return Settled::Started,
+                Ok(false) => {
+                    return Settled::NotStarted(format!("{to} says it did not start {name}"))
+                }
+                Err(e) if gone(&e) => {
+                    return Settled::NotStarted(format!(
+                        "{to} is gone ({e}), and any copy it ran with it"
+                    ))
+                }
+                Err(e) => {
+                    if !in_doubt {
+                        tracing::warn!(name, %to, "migration in doubt, asking again: {e}");
+                        if let Some(i) = daemon.instances().get_mut(name) {
+                            i.state = crate::daemon::instance::State::Busy("migration in doubt");
+                        }
+                        in_doubt = true;
+                    }
+                }
+            }
+            if daemon.migrations.cancelled(name) {
+                return Settled::Cancelled;
+            }
+            std::thread::sleep(QUERY_RETRY);
         }
-    };
-    stats.pages += sent.pages;
-    stats.bytes += sent.bytes;
-    add_skipped(&mut stats.skipped, skipped);
-    say(format!(
-        "paused: {final_dirty} dirty pages and the vCPU/device state sent ({}){}",
-        human(sent.bytes),
-        skipped_note(skipped)
-    ));
+    }
+}
 
-    // 4. Wait for the destination to run it.
-    let _ = conn.stream.set_read_timeout(Some(ACK_TIMEOUT));
-    let ack = match read_msg(&mut conn.r) {
-        Ok(m) if m.kind == Kind::Ack => m.value::<Ack>(),
-        Ok(m) if m.kind == Kind::Failed => {
-            return Err(resume(
-                machine,
-                format!(
-                    "the destination {to} could not restore {name}: {}",
-                    m.text()
-                ),
-            ))
-        }
-        Ok(m) => Err(ProtocolError::Unexpected(m.kind)),
-        Err(e) => Err(e),
+/// `Query`: whether the destination started migration `id`.
+fn ask(client: &Client, id: u64) -> Result<bool, ClientError> {
+    let reader = client.upgrade("/v1/migration", MIGRATION_PROTOCOL, b"")?;
+    let protocol = |e: ProtocolError| ClientError::Protocol {
+        addr: client.addr.clone(),
+        detail: e.to_string(),
     };
-    let ack = match ack {
-        Ok(a) => a,
-        Err(e) => {
-            return Err(resume(
-                machine,
-                format!("no acknowledgement from {to}: {e}"),
-            ))
-        }
-    };
-    let resumed = UNIX_EPOCH + Duration::from_nanos(ack.resumed_unix_ns);
-    stats.downtime = resumed
-        .duration_since(paused_at)
-        .unwrap_or_else(|_| paused.elapsed());
-    stats.total = start.elapsed();
-    // The guest runs there now: let it go here.
-    drop(machine);
-    daemon.moved_away(name, to, accept.overlay, port, carried);
-    say(format!(
-        "{name} runs on {} since {:.2} ms after the pause (restore took {:.2} ms there)",
-        accept.name,
-        stats.downtime.as_secs_f64() * 1e3,
-        ack.restore_us as f64 / 1e3
-    ));
-    Ok(stats)
+    let mut conn = Conn::new(reader, None).map_err(|e| protocol(e.into()))?;
+    conn.deadline(IO_TIMEOUT);
+    conn.send_now(Kind::Query, &id.to_le_bytes())
+        .map_err(|e| protocol(e.into()))?;
+    let m = conn.recv().map_err(protocol)?;
+    match (m.kind, m.payload.as_slice()) {
+        (Kind::Outcome, [started]) => Ok(*started == 1),
+        (kind, _) => Err(protocol(ProtocolError::Unexpected(kind))),
+    }
+}
+
+/// Whether the daemon at the other end is gone (nothing listens there).
+fn gone(e: &ClientError) -> bool {
+    matches!(e, ClientError::Connect { err, .. } if err.kind() == std::io::ErrorKind::ConnectionRefused)
 }
 
 /// `, N free pages skipped`, or nothing without hints.
@@ -508,24 +724,6 @@ fn refusal(e: ProtocolError) -> String {
     }
 }
 
-/// Both halves of the connection (plain or TLS).
-struct Conn {
-    stream: Shared,
-    r: BufReader<Shared>,
-    w: BufWriter<Shared>,
-}
-
-impl Conn {
-    fn new(reader: BufReader<crate::security::tls::Stream>) -> Self {
-        let stream = Shared::new(reader);
-        Self {
-            r: BufReader::with_capacity(1 << 20, stream.clone()),
-            w: BufWriter::with_capacity(1 << 20, stream.clone()),
-            stream,
-        }
-    }
-}
-
 /// The page numbers set in a dirty bitmap.
 pub fn pages_of(bitmap: &[u64]) -> Vec<u32> {
     let mut out = Vec::new();
@@ -554,7 +752,7 @@ fn send_pages(conn: &mut Conn, vm: &Vm, pages: &[u32], first: bool) -> std::io::
             return Ok(());
         }
         let msg = encode_pages(indices, data);
-        write_msg(&mut conn.w, Kind::Pages, &msg)?;
+        conn.send(Kind::Pages, &msg)?;
         sent.pages += indices.len() as u64;
         sent.bytes += msg.len() as u64 + 5;
         indices.clear();
@@ -579,11 +777,11 @@ fn send_pages(conn: &mut Conn, vm: &Vm, pages: &[u32], first: bool) -> std::io::
     flush(conn, &mut indices, &mut data, &mut sent)?;
     for chunk in zeroes.chunks(4096) {
         let msg = encode_pages(chunk, &[]);
-        write_msg(&mut conn.w, Kind::Zeroes, &msg)?;
+        conn.send(Kind::Zeroes, &msg)?;
         sent.pages += chunk.len() as u64;
         sent.bytes += msg.len() as u64 + 5;
     }
-    conn.w.flush()?;
+    conn.flush()?;
     Ok(sent)
 }
 

@@ -313,7 +313,7 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<(), SnapshotError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::snapshot::state::{
         ClockState, DeviceState, GuestSpec, ImageId, NetState, QueueState, TransportState,
@@ -323,7 +323,7 @@ mod tests {
 
     const MEM: u64 = 4 << 20;
 
-    fn state() -> MachineState {
+    pub(crate) fn state() -> MachineState {
         MachineState {
             spec: GuestSpec {
                 name: "kv".into(),

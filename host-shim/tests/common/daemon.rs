@@ -217,6 +217,33 @@ impl Drop for Daemon {
 
 pub use super::Redis;
 
+/// A client that keeps writing and reading keys on its own connection
+/// until told to stop; returns (requests acknowledged, longest gap between
+/// two replies, first error).
+pub fn load(
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(usize, Duration, Option<String>)> {
+    std::thread::spawn(move || {
+        let mut c = Redis::connect(port).unwrap();
+        let mut acked = 0;
+        let mut gap = Duration::ZERO;
+        let mut last = Instant::now();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let (k, v) = (format!("load:{acked}"), format!("v{acked}"));
+            let set = c.cmd(&["SET", &k, &v]);
+            let get = c.cmd(&["GET", &k]);
+            match (set, get) {
+                (Ok(s), Ok(g)) if s == "OK" && g == v => acked += 1,
+                other => return (acked, gap, Some(format!("{k}: {other:?}"))),
+            }
+            gap = gap.max(last.elapsed());
+            last = Instant::now();
+        }
+        (acked, gap, None)
+    })
+}
+
 pub fn kv_img() -> String {
     image("kv").to_string_lossy().into_owned()
 }

@@ -35,6 +35,8 @@ const LOAD_KEYS: usize = 50_000;
 const PAGE: f64 = 4096.0;
 /// Load time before the first migration and between two migrations.
 pub(crate) const SETTLE: Duration = Duration::from_millis(300);
+/// A migration this slow in total has its whole output printed.
+const SLOW_TOTAL_MS: f64 = 250.0;
 /// Targets from issue 4.
 const TARGET_DOWNTIME_MS: f64 = 5.0;
 const TARGET_TOTAL_MS: f64 = 100.0;
@@ -519,6 +521,10 @@ pub(crate) fn migrate_once(from: &Daemon, to: &str) -> Result<Sample> {
     let end = Instant::now();
     let mut s = parse_output(&out)?;
     s.window = Some((start, end));
+    if s.total_ms >= SLOW_TOTAL_MS {
+        // Its timeline line says which step took the time.
+        eprintln!("a slow migration ({:.0} ms in total):\n{out}", s.total_ms);
+    }
     Ok(s)
 }
 
