@@ -335,6 +335,15 @@ fn read_body<R: Read>(r: &mut R, head: &Head) -> Result<Vec<u8>, ApiError> {
     Ok(body)
 }
 
+/// Reads one request (head and body) from `r` as [`serve`] does: the HTTP fuzz target's entry
+/// point. Gives the path and the body, or the status and message the caller would get.
+#[doc(hidden)]
+pub fn fuzz_request<R: BufRead>(r: &mut R) -> Result<(String, Vec<u8>), (u16, String)> {
+    let head = read_head(r).map_err(|e| (400, e))?;
+    let body = read_body(r, &head).map_err(|ApiError(status, e)| (status, e))?;
+    Ok((head.path, body))
+}
+
 fn reason(status: u16) -> &'static str {
     match status {
         101 => "Switching Protocols",
