@@ -1,4 +1,6 @@
-//! `checkpoint`: the checkpoint container over the input as a checkpoint file or a stream of
+//! `checkpoint`: checkpoint container, `latest_chain` and the host's delta-chain acceptance.
+//!
+//! The checkpoint container over the input as a checkpoint file or a stream of
 //! blobs a guest handed over: `latest_chain` as a restore reads it, and each blob in turn
 //! through the host's delta-chain acceptance (`hand_over` into a [`Latest`]), as the doorbell
 //! takes them. What was accepted must read back as the same chain.

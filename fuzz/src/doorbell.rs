@@ -1,4 +1,6 @@
-//! `doorbell`: hypercalls as a hostile guest makes them, against a small guest memory holding
+//! `doorbell`: hypercalls against a small guest memory.
+//!
+//! Hypercalls as a hostile guest makes them, against a small guest memory holding
 //! the requests (console writes, panic and fault reports, checkpoint blobs and deltas).
 //!
 //! The input is a list of operations: opcode 0 writes guest memory (addr: u16, len: u16,

@@ -1,4 +1,6 @@
-//! `elf_loader`: the image validator (ELF header, program headers, PVH and LibCloud notes)
+//! `elf_loader`: the image validator and loader (ELF headers, PVH and LibCloud notes).
+//!
+//! The image validator (ELF header, program headers, PVH and LibCloud notes)
 //! over the input as an image; an image it accepts is then inspected from a file (the same
 //! verdict) and loaded into guest memory of the size it asked for, as `run` would.
 

@@ -1,4 +1,6 @@
-//! `http_request`: the daemon's request reader (head through httparse, then the body by
+//! `http_request`: the daemon's HTTP request head and body reader.
+//!
+//! The daemon's request reader (head through httparse, then the body by
 //! `Content-Length`) over the input as what a client sent on one keep-alive connection, read
 //! through a buffer of the size the first input byte picks (heads split across reads).
 

@@ -18,8 +18,11 @@ pub mod seeds;
 pub mod snapshot;
 pub mod virtio_net;
 
+/// A target's body: runs one input.
+pub type Target = fn(&[u8]);
+
 /// Every target: name and body.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("virtio_net", virtio_net::run),
     ("doorbell", doorbell::run),
     ("elf_loader", elf_loader::run),

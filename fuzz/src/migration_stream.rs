@@ -1,4 +1,6 @@
-//! `migration_stream`: the migration stream decoder over the input as what a peer sent: frames
+//! `migration_stream`: the migration stream decoder and the machine state it carries.
+//!
+//! The migration stream decoder over the input as what a peer sent: frames
 //! (kind, length, payload) until the input ends, each payload decoded as the receiving side
 //! does (postcard `Hello`/`Accept`/`Ack`/`MachineState`, page lists, text). A decoded
 //! `MachineState`'s devices are restored into fresh transports ([`crate::snapshot`]).

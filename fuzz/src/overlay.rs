@@ -1,4 +1,6 @@
-//! `overlay`: what the overlay does with a UDP datagram from anyone: open it with the fleet
+//! `overlay`: overlay datagrams: opening (tag, skew, replay), probes, decapsulation.
+//!
+//! What the overlay does with a UDP datagram from anyone: open it with the fleet
 //! key (tag, clock skew, replay window), then decode it as a probe or decapsulate the inner
 //! frame. The input is the datagram (after a VNI: u32): opened as it came, and sealed with the
 //! key first (as from a peer), which must open once, then count as a replay, and fail once

@@ -1,4 +1,6 @@
-//! `snapshot`: the snapshot reader over the input as a file (magic, versions, header, machine
+//! `snapshot`: the snapshot reader and the device state it restores.
+//!
+//! The snapshot reader over the input as a file (magic, versions, header, machine
 //! state, memory chunks, checksum), then the device state it holds restored into fresh
 //! virtio-net transports and run once, as a restore would.
 

@@ -1,4 +1,6 @@
-//! `virtio_net`: the virtio-mmio transport and the network device driven like a hostile guest
+//! `virtio_net`: the virtio-mmio transport and net device driven by a hostile guest.
+//!
+//! The virtio-mmio transport and the network device driven like a hostile guest
 //! would, by register accesses, descriptor tables and rings in a small guest memory, and
 //! frames arriving from the switch.
 //!
