@@ -242,8 +242,13 @@ pub fn fuzz(ws: &Workspace, opts: &FuzzOptions) -> Result<()> {
     println!("| target | time (s) | executions | exec/s | cov | ft | corpus | crash |");
     println!("|---|---:|---:|---:|---:|---:|---:|---|");
     for (t, s) in &results {
+        // libFuzzer names the input after what happened: crash-, timeout-, oom-, leak-...
         let crash = s.crash.as_deref().map_or("none".to_owned(), |p| {
-            workspace::pretty(p).display().to_string()
+            let kind = p
+                .file_name()
+                .and_then(|n| n.to_str()?.split_once('-'))
+                .map_or("crash", |(kind, _)| kind);
+            format!("{kind}: {}", workspace::pretty(p).display())
         });
         println!(
             "| {t} | {} | {} | {} | {} | {} | {} | {crash} |",
@@ -282,7 +287,9 @@ fn run_target(ws: &Workspace, bin: &Path, target: &str, opts: &FuzzOptions) -> R
     prefix.push("/");
     let mut cmd = Command::new(bin);
     cmd.arg(format!("-max_total_time={}", opts.time))
-        .args(["-print_final_stats=1", "-timeout=10", "-rss_limit_mb=2048"])
+        .arg("-print_final_stats=1")
+        // Generous: the host is shared, and a stalled process is not a hang of the target.
+        .args(["-timeout=60", "-rss_limit_mb=2048"])
         .arg(prefix);
     if opts.jobs > 1 {
         cmd.arg(format!("-fork={}", opts.jobs));
