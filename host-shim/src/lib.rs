@@ -31,8 +31,9 @@ pub mod snapshot;
 mod sys;
 pub mod vstate;
 
-#[cfg(test)]
-mod testutil;
+#[cfg(any(test, feature = "testutil"))]
+#[doc(hidden)]
+pub mod testutil;
 
 pub use config::{Backend, QemuAccel, RunConfig};
 pub use error::Error;

@@ -88,6 +88,9 @@ impl Asm {
     pub fn len(&self) -> usize {
         self.0.len()
     }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
     pub fn bytes(self) -> Vec<u8> {
         self.0
     }

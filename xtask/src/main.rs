@@ -6,6 +6,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod image;
 mod resp;
 mod setup;
@@ -66,6 +67,14 @@ enum Cmd {
     ///
     /// Needs redis-tools and /dev/kvm.
     Soak(SoakArgs),
+    /// Coverage-guided fuzzing (libFuzzer) of every decoder of outside bytes (fuzz/).
+    ///
+    /// Builds the targets with coverage instrumentation and AddressSanitizer (stable
+    /// toolchain with RUSTC_BOOTSTRAP=1, no cargo-fuzz; needs a C++ compiler), fuzzes each for
+    /// --time seconds from its committed corpus (fuzz/corpus/TARGET) and prints executions,
+    /// exec/s, coverage (libFuzzer's cov/ft) and crashes; fails on a crash, naming the
+    /// reproducer. The ordinary tests run every target briefly without libFuzzer.
+    Fuzz(FuzzArgs),
 }
 
 #[derive(Args)]
@@ -79,6 +88,31 @@ struct SoakArgs {
     /// redis-benchmark connections.
     #[arg(long, default_value_t = 20)]
     clients: u32,
+}
+
+#[derive(Args)]
+struct FuzzArgs {
+    /// Target to fuzz (see --list).
+    #[arg(required_unless_present_any = ["list", "all", "seed"], conflicts_with_all = ["list", "all", "seed"])]
+    target: Option<String>,
+    /// List the targets.
+    #[arg(long)]
+    list: bool,
+    /// Fuzz every target, one after another (the benchmark run).
+    #[arg(long, conflicts_with_all = ["list", "seed", "run"])]
+    all: bool,
+    /// Rewrite the seed corpora (fuzz/corpus/TARGET/seed-*) from the real encoders.
+    #[arg(long, conflicts_with = "list")]
+    seed: bool,
+    /// Seconds per target.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    time: u64,
+    /// Parallel libFuzzer jobs per target (libFuzzer's -fork).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    jobs: usize,
+    /// Run TARGET once on these inputs (e.g. a crash's reproducer) instead of fuzzing.
+    #[arg(long, value_name = "FILE", requires = "target")]
+    run: Vec<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -332,6 +366,27 @@ fn dispatch(ws: &Workspace, command: Cmd) -> Result<()> {
                 clients: a.clients,
             },
         ),
+        Cmd::Fuzz(a) => {
+            if a.list {
+                return fuzz::list(ws);
+            }
+            if a.seed {
+                return fuzz::seed(ws);
+            }
+            let targets = match a.target {
+                Some(t) => vec![t],
+                None => fuzz::targets(ws)?,
+            };
+            fuzz::fuzz(
+                ws,
+                &fuzz::FuzzOptions {
+                    targets,
+                    time: a.time,
+                    jobs: a.jobs.max(1),
+                    run: a.run,
+                },
+            )
+        }
         Cmd::Demo(DemoCmd::FollowTheSun(a)) => demo::follow_the_sun(
             ws,
             &demo::DemoOptions {
@@ -392,6 +447,21 @@ mod tests {
         };
         assert_eq!(args.mem.as_deref(), Some("64M"));
         assert_eq!(args.args, ["-x", "y"]);
+    }
+
+    #[test]
+    fn fuzz_needs_a_target_or_a_mode() {
+        assert!(Cli::try_parse_from(["xtask", "fuzz"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "fuzz", "overlay", "--all"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "fuzz", "--run", "x"]).is_err());
+        for ok in [
+            &["xtask", "fuzz", "--list"][..],
+            &["xtask", "fuzz", "--all", "--time", "600"],
+            &["xtask", "fuzz", "overlay", "--time", "5", "--jobs", "2"],
+            &["xtask", "fuzz", "overlay", "--run", "crash-1"],
+        ] {
+            assert!(Cli::try_parse_from(ok).is_ok(), "{ok:?}");
+        }
     }
 
     #[test]

@@ -40,7 +40,13 @@ pub fn lint(ws: &Workspace) -> Result<()> {
         }
         workspace::run(std.args(["--", "-D", "warnings"]))?;
     }
-    Ok(())
+    // The fuzz package is a workspace of its own.
+    workspace::run(&mut crate::fuzz::cargo_in_fuzz(ws, ["fmt", "--check"]))
+        .context("formatting check failed: run `cargo fmt` in fuzz/")?;
+    workspace::run(&mut crate::fuzz::cargo_in_fuzz(
+        ws,
+        ["clippy", "--all-targets", "--", "-D", "warnings"],
+    ))
 }
 
 /// Set up the machine ([`setup::ensure`]), lint (unless `no_lint`), build every image in
@@ -62,7 +68,9 @@ pub fn test(ws: &Workspace, no_lint: bool, cargo_args: &[OsString]) -> Result<()
             .arg("test")
             .args(cargo_args)
             .env(IMAGES_ENV, &images),
-    )
+    )?;
+    // Every fuzz target, briefly, over its corpus and mutated inputs (no libFuzzer needed).
+    workspace::run(&mut crate::fuzz::cargo_in_fuzz(ws, ["test"]))
 }
 
 /// The KVM tests fail without a usable /dev/kvm; say so up front rather than leave the reader

@@ -13,7 +13,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use abi::layout::{IMAGE_BASE, LARGE_PAGE_SIZE};
+use abi::layout::{IMAGE_BASE, LARGE_PAGE_SIZE, MAX_MEM_SIZE};
 use abi::note::{
     ImageNote, NOTE_NAME, NOTE_TYPE_IMAGE, TRAP_STUB_STRIDE, XEN_ELFNOTE_PHYS32_ENTRY,
     XEN_NOTE_NAME,
@@ -267,10 +267,17 @@ fn check_load_segment<S: ImageSource + ?Sized>(src: &S, ph: &Phdr) -> Result<(),
             ph.paddr
         )));
     }
-    if ph.paddr.checked_add(ph.memsz).is_none() {
+    // Past the largest guest RAM it could never be loaded (and sizes derived from its end,
+    // like `ImageInfo::mem_needed`, would overflow).
+    if ph
+        .paddr
+        .checked_add(ph.memsz)
+        .is_none_or(|end| end > MAX_MEM_SIZE)
+    {
         return Err(malformed(format!(
-            "segment at {:#x} wraps around the address space",
-            ph.paddr
+            "segment at {:#x} of {:#x} bytes ends past {MAX_MEM_SIZE:#x}, the end of the \
+             largest guest memory",
+            ph.paddr, ph.memsz
         )));
     }
     if ph.paddr < IMAGE_BASE && ph.memsz > 0 {
@@ -541,6 +548,26 @@ mod tests {
         // p_filesz of the first program header (the PT_LOAD).
         bytes[64 + 32..64 + 40].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(err(&bytes), ImageError::Malformed(_)));
+    }
+
+    #[test]
+    fn segment_ending_past_the_largest_guest_memory() {
+        // p_memsz of the PT_LOAD: found by the elf_loader fuzz target, where the memory the
+        // image needs (`mem_needed`) overflowed.
+        for memsz in [u64::MAX - 2 * MIB, MAX_MEM_SIZE] {
+            let mut bytes = valid();
+            bytes[64 + 40..64 + 48].copy_from_slice(&memsz.to_le_bytes());
+            let e = err(&bytes);
+            assert!(e.to_string().contains("largest guest memory"), "{e}");
+        }
+        let info = validate(
+            TestImage::exit(0)
+                .bss(MAX_MEM_SIZE - IMAGE_BASE - 0x2000)
+                .build()
+                .as_slice(),
+        )
+        .unwrap();
+        assert_eq!(info.mem_needed(), MAX_MEM_SIZE);
     }
 
     #[test]

@@ -689,7 +689,7 @@ fn read_body<'a, R: Read>(r: &mut R, head: &Head, slots: &'a Slots) -> Result<Bo
         ApiError(
             503,
             format!(
-                "this shim holds {} bytes of request bodies at most (serve                  --max-request-memory) and is busy: try again",
+                "this shim holds {} bytes of request bodies at most (serve --max-request-memory) and is busy: try again",
                 slots.body_budget
             ),
         )
@@ -750,6 +750,17 @@ fn peer_may_call(method: &Method, path: &str) -> bool {
             )
             | (Method::Get, ["v1", "health" | "info" | "instances"])
     )
+}
+
+/// Reads one request (head and body) from `r` as [`serve`] does: the HTTP fuzz target's entry
+/// point. Gives the path and the body, or the status and message the caller would get.
+#[doc(hidden)]
+pub fn fuzz_request<R: BufRead>(r: &mut R) -> Result<(String, Vec<u8>), (u16, String)> {
+    static SLOTS: std::sync::OnceLock<Arc<Slots>> = std::sync::OnceLock::new();
+    let slots = SLOTS.get_or_init(|| Slots::new(&Limits::default()));
+    let head = read_head(r).map_err(|e| (400, e))?;
+    let body = read_body(r, &head, slots).map_err(|ApiError(status, e)| (status, e))?;
+    Ok((head.path, body.bytes))
 }
 
 fn reason(status: u16) -> &'static str {

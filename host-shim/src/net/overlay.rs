@@ -168,7 +168,8 @@ impl Rtts {
 }
 
 /// A probe or an answer: (is an answer, timestamp, name, region).
-fn encode_probe(answer: bool, sent: u64, name: &str, region: &str) -> Vec<u8> {
+#[doc(hidden)]
+pub fn encode_probe(answer: bool, sent: u64, name: &str, region: &str) -> Vec<u8> {
     let mut out = PROBE_MAGIC.to_vec();
     out.push(if answer { b'A' } else { b'Q' });
     out.extend_from_slice(&sent.to_be_bytes());
@@ -180,7 +181,8 @@ fn encode_probe(answer: bool, sent: u64, name: &str, region: &str) -> Vec<u8> {
     out
 }
 
-fn decode_probe(d: &[u8]) -> Option<(bool, u64, String, String)> {
+#[doc(hidden)]
+pub fn decode_probe(d: &[u8]) -> Option<(bool, u64, String, String)> {
     let rest = d.strip_prefix(PROBE_MAGIC)?;
     let (&kind, rest) = rest.split_first()?;
     let sent = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);

@@ -1,0 +1,50 @@
+//! `migration_stream`: the migration stream decoder and the machine state it carries.
+//!
+//! The migration stream decoder over the input as what a peer sent: frames
+//! (kind, length, payload) until the input ends, each payload decoded as the receiving side
+//! does (postcard `Hello`/`Accept`/`Committed`'s `Ack`/`MachineState`, page lists, text). A decoded
+//! `MachineState`'s devices are restored into fresh transports ([`crate::snapshot`]).
+
+use host_shim::migration::protocol::{encode_pages, read_msg, Accept, Ack, Hello, Kind};
+use host_shim::snapshot::state::MachineState;
+use host_shim::vstate::vm::allocate;
+
+/// Messages read per input.
+const MAX_MESSAGES: usize = 64;
+
+pub fn run(data: &[u8]) {
+    let mut stream = data;
+    for _ in 0..MAX_MESSAGES {
+        let Ok(m) = read_msg(&mut stream) else {
+            return;
+        };
+        match m.kind {
+            Kind::Hello => drop(m.value::<Hello>()),
+            Kind::Accept => drop(m.value::<Accept>()),
+            Kind::Committed => drop(m.value::<Ack>()),
+            Kind::Query | Kind::Outcome => {
+                // A migration id (8 bytes) and a started flag (1 byte): raw payloads.
+                let _ = m.payload.len();
+            }
+            Kind::State => {
+                if let Ok(state) = m.value::<MachineState>() {
+                    let mem = allocate(crate::virtio_net::RAM).expect("allocate guest memory");
+                    for device in &state.devices {
+                        crate::snapshot::restore_device(&mem, device);
+                    }
+                }
+            }
+            Kind::Pages | Kind::Zeroes => {
+                if let Ok((indices, pages)) = m.pages() {
+                    assert_eq!(
+                        encode_pages(&indices, pages),
+                        m.payload,
+                        "a decoded page list encodes back to its payload"
+                    );
+                }
+            }
+            Kind::Abort | Kind::Refuse | Kind::Failed => drop(m.text()),
+            Kind::Sync | Kind::Synced | Kind::Ready | Kind::Commit => {}
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! `overlay`: overlay datagrams: opening (tag, skew, replay), probes, decapsulation.
+//!
+//! What the overlay does with a UDP datagram from a peer's address: open it
+//! (header, AEAD tag, clock skew, per-sender replay window), then decode it as a probe or
+//! decapsulate the inner frame. The input is the datagram (after a VNI: u32 and a byte to
+//! flip: u16): opened as it came, and sealed by another host first, which must open once,
+//! then count as a replay, and fail once tampered with.
+
+use std::net::SocketAddr;
+
+use host_shim::net::overlay::{decapsulate, decode_probe, encapsulate, encode_probe, MAX_VNI};
+use host_shim::security::overlay_crypto::{HostId, OverlayCrypto, OverlayKey};
+
+use crate::Input;
+
+const KEY: [u8; 32] = [7; 32];
+
+fn endpoint(id: u8) -> OverlayCrypto {
+    OverlayCrypto::new(&OverlayKey {
+        fleet: KEY,
+        host: HostId([id; 8]),
+    })
+}
+
+pub fn run(data: &[u8]) {
+    let mut input = Input::new(data);
+    let vni = input.u32() & MAX_VNI;
+    let tamper = usize::from(input.u16());
+    let datagram = input.rest();
+    let (a, b) = (endpoint(1), endpoint(2));
+    let from_a = SocketAddr::from(([127, 0, 0, 1], 4789));
+    let from_b = SocketAddr::from(([127, 0, 0, 2], 4789));
+
+    // Whatever arrives from a peer's address: opened (almost always refused).
+    let mut raw = datagram.to_vec();
+    if let Ok(body) = b.open(from_a, &mut raw) {
+        receive(vni, body);
+    }
+
+    // The same bytes sealed by a peer open once, then count as a replay, and a changed
+    // byte never opens.
+    let sealed = a.seal(from_b, datagram);
+    let mut once = sealed.clone();
+    let body = b
+        .open(from_a, &mut once)
+        .expect("a datagram sealed with the fleet key opens")
+        .to_vec();
+    assert_eq!(body, datagram);
+    let mut again = sealed.clone();
+    assert!(b.open(from_a, &mut again).is_err(), "a replay opened");
+    let mut tampered = sealed;
+    let at = tamper % tampered.len();
+    tampered[at] ^= 0x01;
+    assert!(
+        b.open(from_a, &mut tampered).is_err(),
+        "a datagram with byte {at} changed still opens"
+    );
+    receive(vni, &body);
+}
+
+/// The overlay's dispatch of an opened datagram: a probe, or a frame of our VNI.
+fn receive(vni: u32, body: &[u8]) {
+    if let Some((answer, sent, name, region)) = decode_probe(body) {
+        if name.len() <= 255 && region.len() <= 255 {
+            let again = decode_probe(&encode_probe(answer, sent, &name, &region));
+            assert_eq!(again, Some((answer, sent, name, region)));
+        }
+    } else if let Ok(frame) = decapsulate(vni, body) {
+        assert_eq!(decapsulate(vni, &encapsulate(vni, frame)), Ok(frame));
+    }
+}
