@@ -748,7 +748,12 @@ fn incoming_migrations_get_the_name_and_memory_checks() {
         name: name.into(),
         mem_size: mem,
         cpuid: Vec::new(),
-        nic: None,
+        nic: Some(host_shim::snapshot::state::NicSpec {
+            mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+            ip: std::net::Ipv4Addr::new(10, 0, 2, 15),
+            prefix: 24,
+            gateway: None,
+        }),
         image: ImageId {
             path: String::new(),
             size: 0,
