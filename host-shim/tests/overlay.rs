@@ -108,6 +108,10 @@ fn overlay_frames_are_unreadable_and_captured_datagrams_cannot_be_replayed() {
     // relay as a's (b pins a at the relay's address).
     let relay = Relay::start(b_overlay);
     let via = format!("{b_overlay}={}", relay.front);
+    // `--peer-via` routes a's TCP connections to b's API (the migration stream) to the same
+    // address: a plain TCP relay there.
+    let _tcp = wan::tcp::TcpRelay::start(relay.front, b_overlay, Duration::ZERO)
+        .expect("a TCP relay on the UDP relay's port");
     let a = Daemon::secure_serving(
         "ov-a",
         1,
