@@ -66,11 +66,12 @@ fn load(port: u16, keys: std::ops::Range<usize>) {
     redis_pipe_set(port, keys.map(|i| (format!("key:{i}"), value(i))));
 }
 
-/// `redis-cli -p PORT ARGS...`'s answer, retried while the connection
-/// fails (a guest under emulation on a loaded host can be slow to accept):
-/// a missing key is `Some("")`, never a retry.
+/// `redis-cli -p PORT ARGS...`'s answer, retried for up to 30 s while the
+/// connection fails (under QEMU TCG on a loaded host, kv can spend seconds
+/// writing its first full checkpoint after a restore): a missing key is
+/// `Some("")`, never a retry.
 fn answer(port: u16, args: &[&str]) -> Option<String> {
-    for _ in 0..20 {
+    for _ in 0..120 {
         let out = Command::new("redis-cli")
             .args(["-p", &port.to_string()])
             .args(args)
@@ -208,7 +209,10 @@ fn ten_thousand_keys_move_from_our_shim_to_qemu_and_back() {
         ],
     ));
     wait_ready(&mut q, p, "kv restored under QEMU");
-    check_keys(p, N, N);
+    if let Err(e) = std::panic::catch_unwind(|| check_keys(p, N, N)) {
+        let (out, err) = q.stop();
+        panic!("{e:?}\n--- QEMU shim stdout:\n{out}\n--- stderr:\n{err}");
+    }
     assert_eq!(cli(p, &["SET", "moved", "to-qemu"]).as_deref(), Some("OK"));
     fresh_checkpoint(&mut q, &d2);
     let (out, _) = q.stop();
