@@ -6,8 +6,8 @@
 //! keep-alive client whose every acknowledged write is checked at the end. The app moves
 //! A→B→A... once per `--interval` until `--minutes` have passed. The run fails on any failed
 //! migration, any client or redis-benchmark error, any lost key or write, or if the two
-//! daemons' own resident memory together (guest RAM left out: it grows with the data)
-//! grew by more than [`RSS_GROWTH_LIMIT_MIB`] after a warm-up; it prints start and end RSS.
+//! daemons' resident memory, idle before kv starts and idle again after it is stopped, grew
+//! by more than [`RSS_GROWTH_LIMIT_MIB`]; it prints both.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,13 +19,11 @@ use crate::bench::{median, require, Guard};
 use crate::image::{self, Profile};
 use crate::workspace::Workspace;
 
-/// How much the two daemons' own RSS (guest RAM left out) together may grow over the soak
-/// before it counts as a leak.
+/// How much the two idle daemons' RSS together may grow over the soak (measured before kv
+/// starts and after it is stopped, so guest RAM is out) before it counts as a leak.
 pub const RSS_GROWTH_LIMIT_MIB: f64 = 16.0;
-/// kv's guest memory (the shim's default), to tell guest RAM from the daemon's own.
-const GUEST_MIB: f64 = 64.0;
-/// Load before the first RSS reading.
-const WARM_UP: Duration = Duration::from_secs(10);
+/// Load before the first migration.
+const WARM_UP: Duration = Duration::from_secs(2);
 
 /// Options of `cargo xtask soak`.
 #[derive(Debug)]
@@ -35,32 +33,16 @@ pub struct SoakOptions {
     pub clients: u32,
 }
 
-/// A daemon's resident set size in MiB, from /proc: everything (`.0`) and everything but
-/// guest RAM (`.1`: mappings of the guest's size, give or take 2 MiB, are taken to be guest
-/// memory).
-fn rss_mib(pid: u32) -> Result<(f64, f64)> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
-        .with_context(|| format!("reading /proc/{pid}/smaps"))?;
-    let field = |l: &str, name: &str| -> Option<f64> {
-        l.strip_prefix(name)?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    };
-    let (mut all, mut guest, mut size) = (0.0, 0.0, 0.0);
-    for l in smaps.lines() {
-        if let Some(kib) = field(l, "Size:") {
-            size = kib;
-        } else if let Some(kib) = field(l, "Rss:") {
-            all += kib;
-            // The guest's mapping may be merged with a small neighbouring one.
-            if (GUEST_MIB * 1024.0..=(GUEST_MIB + 2.0) * 1024.0).contains(&size) {
-                guest += kib;
-            }
-        }
-    }
-    Ok((all / 1024.0, (all - guest) / 1024.0))
+/// A daemon's resident set size in MiB, from /proc.
+fn rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS in /proc/PID/status")?;
+    Ok(kib / 1024.0)
 }
 
 /// Runs the soak and prints a markdown report; an error if anything was lost or grew.
@@ -77,6 +59,8 @@ pub fn run(ws: &Workspace, opts: &SoakOptions) -> Result<()> {
     let dir = TempDir::new("soak")?;
     let a = Daemon::start(&shim, "soak-a", 1, &dir.0)?;
     let b = Daemon::start(&shim, "soak-b", 2, &dir.0)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_start = [rss_mib(a.pid())?, rss_mib(b.pid())?];
     let loaded = Loaded::start(&a, &kv)?;
     let bench_log = dir.0.join("redis-benchmark.log");
     let benchmark = Guard(
@@ -89,10 +73,7 @@ pub fn run(ws: &Workspace, opts: &SoakOptions) -> Result<()> {
             .spawn()
             .context("starting redis-benchmark")?,
     );
-    // Let the guest reach its working set (redis-benchmark's 100,000 keys) before the
-    // first reading: the daemons' RSS includes the guest's touched memory.
     std::thread::sleep(WARM_UP);
-    let rss_start = [rss_mib(a.pid())?, rss_mib(b.pid())?];
 
     let deadline = Instant::now() + Duration::from_secs_f64(opts.minutes * 60.0);
     let mut samples: Vec<Sample> = Vec::new();
@@ -115,20 +96,24 @@ pub fn run(ws: &Workspace, opts: &SoakOptions) -> Result<()> {
         i += 1;
         if i.is_multiple_of(60) {
             eprintln!(
-                "soak: {i} migrations, {:.0} s left, RSS without guest RAM: A {:.1} MiB, B {:.1} MiB",
+                "soak: {i} migrations, {:.0} s left, RSS (guest included): A {:.1} MiB, B {:.1} MiB",
                 deadline
                     .saturating_duration_since(Instant::now())
                     .as_secs_f64(),
-                rss_mib(a.pid())?.1,
-                rss_mib(b.pid())?.1
+                rss_mib(a.pid())?,
+                rss_mib(b.pid())?
             );
         }
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
-    let rss_end = [rss_mib(a.pid())?, rss_mib(b.pid())?];
     let mut benchmark = benchmark;
     let bench_alive = benchmark.0.try_wait()?.is_none();
     let acked = loaded.finish(&mut samples, failure)?;
+    // kv is where the last migration took it: stop it, then read the idle daemons.
+    let holder = if i.is_multiple_of(2) { &a } else { &b };
+    holder.cli(&["stop", "kv"])?;
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_end = [rss_mib(a.pid())?, rss_mib(b.pid())?];
     drop(benchmark);
     let bench_out = std::fs::read_to_string(&bench_log).unwrap_or_default();
     if !bench_alive || bench_out.contains("rror") {
@@ -164,16 +149,13 @@ pub fn run(ws: &Workspace, opts: &SoakOptions) -> Result<()> {
     );
     for (name, (s, e)) in ["A", "B"].iter().zip(rss_start.iter().zip(&rss_end)) {
         println!(
-            "| daemon {name} RSS start → end, MiB (without guest RAM) | {:.1} → {:.1} ({:.1} → {:.1}) |",
-            s.0, e.0, s.1, e.1
+            "| daemon {name} RSS idle before kv → idle after kv stopped, MiB | {s:.1} → {e:.1} |"
         );
     }
-    let own = |r: &[(f64, f64); 2]| r[0].1 + r[1].1;
-    let (start, end) = (own(&rss_start), own(&rss_end));
-    println!("| both daemons without guest RAM, start → end, MiB | {start:.1} → {end:.1} |");
+    let (start, end) = (rss_start[0] + rss_start[1], rss_end[0] + rss_end[1]);
     if end - start > RSS_GROWTH_LIMIT_MIB {
         bail!(
-            "the daemons' own memory grew by {:.1} MiB (more than {RSS_GROWTH_LIMIT_MIB} MiB): \
+            "the idle daemons' memory grew by {:.1} MiB (more than {RSS_GROWTH_LIMIT_MIB} MiB): \
              {start:.1} → {end:.1} MiB",
             end - start
         );
