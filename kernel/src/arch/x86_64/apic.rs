@@ -60,7 +60,8 @@ fn write_reg(offset: u64, value: u32) {
     }
 }
 
-unsafe fn wrmsr(msr: u32, value: u64) {
+/// Writes MSR `msr` (ring 0 only).
+pub(super) unsafe fn wrmsr(msr: u32, value: u64) {
     core::arch::asm!(
         "wrmsr",
         in("ecx") msr,

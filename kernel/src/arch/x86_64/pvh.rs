@@ -92,7 +92,7 @@ pub extern "C" fn pvh_main(start_info: u64) -> ! {
 
     let (pvclock_addr, tsc_khz) = if cpu::has_kvmclock() {
         // SAFETY: ring 0, and CPUID said the MSR exists.
-        unsafe { wrmsr(MSR_KVM_SYSTEM_TIME_NEW, PVCLOCK_ADDR | 1) };
+        unsafe { apic::wrmsr(MSR_KVM_SYSTEM_TIME_NEW, PVCLOCK_ADDR | 1) };
         (PVCLOCK_ADDR, 0)
     } else {
         (0, port::calibrate_tsc_khz().unwrap_or(1_000_000))
@@ -164,16 +164,6 @@ pub extern "C" fn pvh_main(start_info: u64) -> ! {
 struct DescriptorPointer {
     limit: u16,
     base: u64,
-}
-
-unsafe fn wrmsr(msr: u32, value: u64) {
-    core::arch::asm!(
-        "wrmsr",
-        in("ecx") msr,
-        in("eax") value as u32,
-        in("edx") (value >> 32) as u32,
-        options(nomem, nostack, preserves_flags)
-    );
 }
 
 fn trap_stubs_addr() -> u64 {
