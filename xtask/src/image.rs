@@ -145,6 +145,28 @@ fn install(src: &Path, dst: &Path) -> Result<u64> {
 /// Makes sure the guest target's standard library is installed: adds it with rustup when
 /// rustup is there (the first build on a fresh machine), else fails with the fix.
 pub fn check_guest_target(ws: &Workspace) -> Result<()> {
+    ensure_in_sysroot(
+        ws,
+        &format!("lib/rustlib/{GUEST_TARGET}"),
+        &["target", "add", GUEST_TARGET],
+        &format!("the Rust target {GUEST_TARGET}"),
+    )
+}
+
+/// Makes sure the toolchain's `rust-src` component (std's source, for `-Zbuild-std`) is
+/// installed: adds it with rustup when rustup is there, else fails with the fix.
+pub fn check_rust_src(ws: &Workspace) -> Result<()> {
+    ensure_in_sysroot(
+        ws,
+        "lib/rustlib/src/rust/library/std",
+        &["component", "add", "rust-src"],
+        "the rust-src component (std apps are built with -Zbuild-std)",
+    )
+}
+
+/// Runs `rustup ARGS` unless `path` exists in the toolchain's sysroot; `what` names it in
+/// the messages.
+fn ensure_in_sysroot(ws: &Workspace, path: &str, rustup: &[&str], what: &str) -> Result<()> {
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let Ok(out) = Command::new(rustc)
         .args(["--print", "sysroot"])
@@ -153,53 +175,24 @@ pub fn check_guest_target(ws: &Workspace) -> Result<()> {
     else {
         return Ok(()); // let cargo report whatever is wrong with rustc
     };
-    let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    let target_dir = sysroot.join("lib/rustlib").join(GUEST_TARGET);
-    if !out.status.success() || target_dir.is_dir() {
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join(path);
+    if !out.status.success() || dir.is_dir() {
         return Ok(());
     }
-    eprintln!("xtask: the Rust target {GUEST_TARGET} is missing; installing it with rustup");
+    eprintln!(
+        "xtask: {what} is missing; adding it with `rustup {}`",
+        rustup.join(" ")
+    );
     let added = Command::new("rustup")
-        .args(["target", "add", GUEST_TARGET])
+        .args(rustup)
         .current_dir(&ws.root)
         .status();
     match added {
         Ok(status) if status.success() => Ok(()),
         _ => bail!(
-            "the Rust target {GUEST_TARGET} is not installed (no {}) and rustup could not add \
-             it: run `rustup target add {GUEST_TARGET}`",
-            target_dir.display()
-        ),
-    }
-}
-
-/// Makes sure the toolchain's `rust-src` component (std's source, for `-Zbuild-std`) is
-/// installed: adds it with rustup when rustup is there, else fails with the fix.
-pub fn check_rust_src(ws: &Workspace) -> Result<()> {
-    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
-    let Ok(out) = Command::new(rustc)
-        .args(["--print", "sysroot"])
-        .current_dir(&ws.root)
-        .output()
-    else {
-        return Ok(());
-    };
-    let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    let src = sysroot.join("lib/rustlib/src/rust/library/std");
-    if !out.status.success() || src.is_dir() {
-        return Ok(());
-    }
-    eprintln!("xtask: the rust-src component is missing (std apps need it); adding it with rustup");
-    let added = Command::new("rustup")
-        .args(["component", "add", "rust-src"])
-        .current_dir(&ws.root)
-        .status();
-    match added {
-        Ok(status) if status.success() => Ok(()),
-        _ => bail!(
-            "std apps are built with -Zbuild-std, which needs the rust-src component (no {}): \
-             run `rustup component add rust-src`",
-            src.display()
+            "{what} is not installed (no {}) and rustup could not add it: run `rustup {}`",
+            dir.display(),
+            rustup.join(" ")
         ),
     }
 }
