@@ -1,6 +1,7 @@
 //! Guest-physical memory layout. Guest virtual addresses equal physical ones
 //! (identity map), and every mapped page is user-accessible: the whole
-//! unikernel runs in ring 3 (DESIGN.md §5).
+//! unikernel runs in ring 3 (ring 0 is thousands of times slower under
+//! nested KVM without hardware virtualisation).
 //!
 //! ```text
 //! 0x0000_0000  null page            not mapped: a null dereference faults

@@ -6,7 +6,8 @@
 //! use `libcloud`, which re-exports what they need.
 //!
 //! Everything here runs in ring 3 except the trap stubs and the PVH set-up
-//! in [`arch`] (DESIGN.md §5).
+//! in [`arch`]: under nested KVM without hardware
+//! virtualisation, guest ring 0 runs thousands of times slower than ring 3.
 #![no_std]
 
 extern crate alloc;

@@ -2,7 +2,7 @@
 //! does), else the TSC at the frequency the PVH entry calibrated.
 //!
 //! Never raw TSC ticks across hosts: the frequency differs between hosts
-//! and kvmclock hides that (DESIGN.md §3, Time).
+//! and kvmclock hides that (it scales to nanoseconds per host).
 
 use abi::boot::BootInfo;
 use core::sync::atomic::{compiler_fence, Ordering};

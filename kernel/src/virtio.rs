@@ -3,7 +3,8 @@
 //! finding a device among the monitor's `virtio_mmio.device=` command-line
 //! entries ([`probe`]) and DMA ([`UnikernelHal`]: guest memory is
 //! identity-mapped, so a buffer's address is what the device sees; DMA pages
-//! come from the heap). The drivers' MMIO works from ring 3 (DESIGN §5).
+//! come from the heap). The drivers' MMIO works from ring 3 (an
+//! MMIO access traps to the monitor whatever the privilege level).
 //! Every transport is wrapped in [`abi::virtio::SpecTransport`], so devices
 //! are initialised in the order the virtio spec sets (strict monitors such as
 //! Firecracker refuse virtio-drivers' own order).
