@@ -6,8 +6,8 @@
 //! `MachineState`'s devices are restored into fresh transports ([`crate::snapshot`]).
 
 use host_shim::migration::protocol::{encode_pages, read_msg, Accept, Ack, Hello, Kind};
-use host_shim::snapshot::state::MachineState;
-use host_shim::vstate::vm::allocate;
+use vmm::snapshot::state::MachineState;
+use vmm::vstate::vm::allocate;
 
 /// Messages read per input.
 const MAX_MESSAGES: usize = 64;

@@ -9,15 +9,15 @@ use abi::hypercall::{
 use host_shim::migration::protocol::{
     encode_pages, write_msg, write_value, Accept, Ack, Hello, Kind, PROTOCOL_VERSION,
 };
-use host_shim::net::overlay::{encapsulate, encode_probe};
-use host_shim::snapshot::format::write_snapshot;
-use host_shim::snapshot::state::{
+use hostnet::overlay::{encapsulate, encode_probe};
+use vm_memory::{Bytes, GuestAddress};
+use vmm::snapshot::format::write_snapshot;
+use vmm::snapshot::state::{
     ClockState, DeviceState, GuestSpec, ImageId, MachineState, NetState, NicSpec, QueueState,
     TransportState, VcpuState,
 };
-use host_shim::testutil::TestImage;
-use host_shim::vstate::vm::allocate;
-use vm_memory::{Bytes, GuestAddress};
+use vmm::testutil::TestImage;
+use vmm::vstate::vm::allocate;
 use zerocopy::{Immutable, IntoBytes};
 
 use crate::virtio_net::{ring, Op, SIZE};
@@ -224,7 +224,7 @@ fn machine_state(mem_size: u64) -> MachineState {
             },
         },
         devices: vec![TransportState {
-            base: host_shim::devices::virtio::window_base(0),
+            base: vmm::devices::virtio::window_base(0),
             device_type: 1,
             queue_sel: 1,
             device_features_sel: 1,
@@ -240,7 +240,7 @@ fn machine_state(mem_size: u64) -> MachineState {
                 .collect(),
             queues: (0..2)
                 .map(|q| QueueState {
-                    max_size: host_shim::devices::virtio::net::QUEUE_MAX,
+                    max_size: vmm::devices::virtio::net::QUEUE_MAX,
                     size: SIZE,
                     ready: true,
                     desc_table: ring(q),
@@ -277,7 +277,7 @@ fn migration() -> Vec<u8> {
     let mut s = Vec::new();
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
-        format_version: host_shim::snapshot::format::FORMAT_VERSION,
+        format_version: vmm::snapshot::format::FORMAT_VERSION,
         abi_version: abi::ABI_VERSION,
         name: "kv".into(),
         mem_size: GUEST_MEM,

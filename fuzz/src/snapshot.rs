@@ -6,12 +6,12 @@
 
 use std::sync::Arc;
 
-use host_shim::devices::virtio::net::Net;
-use host_shim::devices::virtio::MmioTransport;
-use host_shim::net::port::GuestPort;
-use host_shim::snapshot::format::SnapshotReader;
-use host_shim::snapshot::state::{DeviceState, TransportState};
-use host_shim::vstate::vm::{allocate, GuestMemoryMmap};
+use hostnet::port::GuestPort;
+use vmm::devices::virtio::net::Net;
+use vmm::devices::virtio::MmioTransport;
+use vmm::snapshot::format::SnapshotReader;
+use vmm::snapshot::state::{DeviceState, TransportState};
+use vmm::vstate::vm::{allocate, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Largest guest memory the pages are read into (pages beyond it are an error).
