@@ -29,9 +29,7 @@ pub fn run(data: &[u8]) {
             Kind::State => {
                 if let Ok(state) = m.value::<MachineState>() {
                     let mem = allocate(crate::virtio_net::RAM).expect("allocate guest memory");
-                    for device in &state.devices {
-                        crate::snapshot::restore_device(&mem, device);
-                    }
+                    crate::snapshot::restore_devices(&mem, &state.devices);
                 }
             }
             Kind::Pages | Kind::Zeroes => {

@@ -7,10 +7,8 @@
 use std::sync::Arc;
 
 use hostnet::port::GuestPort;
-use vmm::devices::virtio::net::Net;
-use vmm::devices::virtio::MmioTransport;
+use vmm::devices::persist::DeviceStates;
 use vmm::snapshot::format::SnapshotReader;
-use vmm::snapshot::state::{DeviceState, TransportState};
 use vmm::vstate::vm::{allocate, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -27,24 +25,21 @@ pub fn run(data: &[u8]) {
         return;
     }
     let _ = reader.finish();
-    for device in &state.devices {
-        restore_device(&mem, device);
-    }
+    restore_devices(&mem, &state.devices);
 }
 
-/// Restores `state` into a fresh network device at its address, as the restore path does,
-/// and lets it serve its queues once.
-pub fn restore_device(mem: &GuestMemoryMmap, state: &TransportState) {
+/// Restores `devices` as the restore path does (the network card on a fresh port with the
+/// saved MAC) and lets them serve their queues once.
+pub fn restore_devices(mem: &GuestMemoryMmap, devices: &DeviceStates) {
+    let Some(first) = devices.net.first() else {
+        return;
+    };
     let wake = Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd"));
-    let DeviceState::Net(net) = &state.device;
-    let port = Arc::new(GuestPort::new(net.mac, wake).expect("guest port"));
-    let mut t = MmioTransport::new(
-        state.base,
-        abi::layout::VIRTIO_MMIO_SIZE,
-        Box::new(Net::new(port)),
-    );
-    if t.restore_state(state).is_ok() {
-        let _ = t.process(mem);
-        let _ = t.save_state();
+    let port = Arc::new(GuestPort::new(first.device.mac, wake).expect("guest port"));
+    if let Ok(mut transports) = devices.restore(Some(port)) {
+        for t in &mut transports {
+            let _ = t.process(mem);
+        }
+        let _ = DeviceStates::save(&transports);
     }
 }

@@ -25,6 +25,7 @@ pub mod devices;
 pub mod error;
 pub mod machine;
 pub mod outcome;
+pub mod persist;
 pub mod snapshot;
 mod sys;
 pub mod vstate;

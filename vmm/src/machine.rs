@@ -36,6 +36,7 @@ use crate::boot::{cpu, loader};
 use crate::devices::doorbell::Doorbell;
 use crate::devices::exits::{ExitCounters, ExitStats};
 use crate::devices::io_wait::IoWait;
+use crate::devices::persist::DeviceStates;
 use crate::devices::virtio::{self, net::Net, MmioTransport};
 use crate::error::{Error, VmError};
 use crate::outcome::GuestExit;
@@ -240,22 +241,14 @@ impl Machine {
         console: Console,
     ) -> Result<Self, Error> {
         let spec = state.spec;
-        if state.devices.len() != usize::from(port.is_some()) {
-            return Err(Error::Config(format!(
-                "the saved guest has {} devices, the restore gives it {}",
-                state.devices.len(),
-                usize::from(port.is_some())
-            )));
-        }
         let vcpu = Vcpu::new(&vm, 0)?;
         let cpuid = CpuId::from_entries(&spec.cpuid)
             .map_err(|e| Error::Config(format!("the saved CPUID: {e:?}")))?;
         vcpu.restore_state(&cpuid, &state.vcpu)?;
-        let mut devices = net_device(port);
-        for (dev, saved) in devices.iter_mut().zip(&state.devices) {
-            dev.restore_state(saved)
-                .map_err(|e| Error::Config(format!("cannot restore the devices: {e}")))?;
-        }
+        let devices = state
+            .devices
+            .restore(port)
+            .map_err(|e| Error::Config(format!("cannot restore the devices: {e}")))?;
         vm.set_clock(&state.clock)?;
         Self::assemble(vm, vcpu, devices, console, spec)
     }
@@ -269,7 +262,7 @@ impl Machine {
             spec: self.spec.clone(),
             vcpu,
             clock,
-            devices: self.devices.iter().map(MmioTransport::save_state).collect(),
+            devices: DeviceStates::save(&self.devices),
         })
     }
 

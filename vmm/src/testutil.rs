@@ -15,10 +15,10 @@
 
 use std::path::PathBuf;
 
-use crate::snapshot::state::{
-    ClockState, DeviceState, GuestSpec, ImageId, MachineState, NetState, QueueState,
-    TransportState, VcpuState,
-};
+use crate::devices::persist::{ConnectedNetState, DeviceStates};
+use crate::devices::virtio::mmio::persist::{QueueState, TransportState};
+use crate::devices::virtio::net::persist::NetState;
+use crate::snapshot::state::{ClockState, GuestSpec, ImageId, MachineState, VcpuState};
 
 use abi::hypercall::{doorbell_slot, HC_EXIT};
 use abi::layout::{DOORBELL_ADDR, IMAGE_BASE};
@@ -397,25 +397,29 @@ pub fn sample_machine_state() -> MachineState {
                 ..Default::default()
             },
         },
-        devices: vec![TransportState {
-            base: 0xc000_1000,
-            device_type: 1,
-            queue_sel: 1,
-            device_features_sel: 0,
-            driver_features_sel: 1,
-            driver_features: 1 << 32,
-            status: 15,
-            interrupt_status: 0,
-            config_generation: 0,
-            active: true,
-            errors: 0,
-            addrs: vec![[1, 2, 3], [4, 5, 6]],
-            queues: vec![QueueState::default(); 2],
-            device: DeviceState::Net(NetState {
-                mac: [2, 0, 0, 0, 0, 1],
-                halted: [false, false],
-                pending_rx: vec![vec![1, 2, 3]],
-            }),
-        }],
+        devices: DeviceStates {
+            net: vec![ConnectedNetState {
+                transport: TransportState {
+                    base: 0xc000_1000,
+                    device_type: 1,
+                    queue_sel: 1,
+                    device_features_sel: 0,
+                    driver_features_sel: 1,
+                    driver_features: 1 << 32,
+                    status: 15,
+                    interrupt_status: 0,
+                    config_generation: 0,
+                    active: true,
+                    errors: 0,
+                    addrs: vec![[1, 2, 3], [4, 5, 6]],
+                    queues: vec![QueueState::default(); 2],
+                },
+                device: NetState {
+                    mac: [2, 0, 0, 0, 0, 1],
+                    halted: [false, false],
+                    pending_rx: vec![vec![1, 2, 3]],
+                },
+            }],
+        },
     }
 }

@@ -32,7 +32,7 @@ use crate::security::tls::Stream;
 use hostnet::port::GuestPort;
 use vmm::machine::Machine;
 use vmm::snapshot::format::{FORMAT_VERSION, PAGE};
-use vmm::snapshot::state::{DeviceState, MachineState};
+use vmm::snapshot::state::MachineState;
 use vmm::vstate::vm::Vm;
 
 /// The longest an incoming migration may hold its reservation before its
@@ -145,15 +145,13 @@ pub fn check_state(
         }
         None => return Err("the reservation here is gone".into()),
     }
-    match state.devices.as_slice() {
-        [one] => match &one.device {
-            DeviceState::Net(n) if n.mac == nic.mac => Ok(()),
-            DeviceState::Net(n) => Err(format!(
-                "the final state's virtio-net MAC {} is not the card's {}",
-                mac(n.mac),
-                mac(nic.mac)
-            )),
-        },
+    match state.devices.net.as_slice() {
+        [one] if one.device.mac == nic.mac => Ok(()),
+        [one] => Err(format!(
+            "the final state's virtio-net MAC {} is not the card's {}",
+            mac(one.device.mac),
+            mac(nic.mac)
+        )),
         devices => Err(format!(
             "the final state has {} devices; a daemon guest has exactly one network card",
             devices.len()
@@ -556,8 +554,8 @@ mod tests {
         );
         let mut s = vmm::testutil::sample_machine_state();
         s.spec.nic = Some(nic);
-        let dev = s.devices[0].clone();
-        s.devices.push(dev);
+        let dev = s.devices.net[0].clone();
+        s.devices.net.push(dev);
         expect(check_state(&hello, &s, mem, Some(nic)), "2 devices");
     }
 }

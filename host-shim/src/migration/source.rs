@@ -364,10 +364,9 @@ impl Outgoing<'_> {
             // Frames that were waiting for the guest go with its state.
             let carried = state
                 .devices
+                .net
                 .iter()
-                .map(|d| match &d.device {
-                    vmm::snapshot::state::DeviceState::Net(n) => n.pending_rx.len(),
-                })
+                .map(|n| n.device.pending_rx.len())
                 .sum::<usize>();
             let bytes = postcard::to_stdvec(&state).map_err(|e| e.to_string())?;
             conn.at(Step::Paused, "source");

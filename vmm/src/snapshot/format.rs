@@ -29,8 +29,10 @@ use crate::vstate::vm::GuestMemoryMmap;
 
 /// The first 8 bytes of every snapshot.
 pub const MAGIC: [u8; 8] = *b"LCSNAPSH";
-/// The version of this layout; bump it when anything here changes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The version of this layout; bump it when anything here (or in
+/// `MachineState`) changes. 2: each device kind saved in its own list,
+/// with its transport (was: one list of transports with a device enum).
+pub const FORMAT_VERSION: u32 = 2;
 /// Bytes of a guest page.
 pub const PAGE: usize = abi::layout::PAGE_SIZE as usize;
 /// Pages per memory chunk.

@@ -19,9 +19,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_msr_entry, CpuId, Msrs, KVM_EXIT_INTERNAL_ERROR};
+use kvm_bindings::{
+    kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_EXIT_INTERNAL_ERROR,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use libc::{c_int, c_void, siginfo_t};
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::boot::cpu;
@@ -31,8 +35,26 @@ use crate::devices::io_wait::IoWait;
 use crate::devices::virtio::MmioTransport;
 use crate::error::VmError;
 use crate::outcome::{GuestExit, RegisterDump};
-use crate::snapshot::state::VcpuState;
 use crate::vstate::vm::{GuestMemoryMmap, Vm};
+
+/// vCPU 0's registers and KVM state, as saved in snapshots: captured in
+/// the order KVM needs them restored (mp_state, regs, sregs, xsave, xcrs,
+/// debug registers, lapic when an irqchip exists, MSRs, vcpu_events last);
+/// kvm-bindings' `serde` feature serializes the KVM structs themselves. `None` fields are state KVM would not
+/// give on the source (e.g. no lapic without an irqchip); they are not
+/// restored either.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: Option<Box<kvm_xsave>>,
+    pub xcrs: Option<kvm_xcrs>,
+    pub debugregs: Option<kvm_debugregs>,
+    pub lapic: Option<Box<kvm_lapic_state>>,
+    pub msrs: Vec<kvm_msr_entry>,
+    pub vcpu_events: Option<kvm_vcpu_events>,
+}
 
 /// The signal that interrupts `KVM_RUN` on the vCPU thread (`SIGRTMIN`).
 pub fn kick_signal() -> c_int {

@@ -15,15 +15,21 @@ use std::path::Path;
 
 use kvm_bindings::{kvm_clock_data, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-
-use crate::snapshot::state::ClockState;
 
 use crate::error::VmError;
 
 /// Guest RAM, with VMM writes tracked.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+/// The VM's clock (kvmclock's base), as saved in snapshots
+/// (`KVM_GET_CLOCK`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct ClockState {
+    pub clock: kvm_clock_data,
+}
 
 /// Address KVM uses for the three pages of the real-mode TSS (needed on
 /// Intel hosts; well above any RAM we hand out, below 4 GiB).

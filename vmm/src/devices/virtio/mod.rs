@@ -17,7 +17,6 @@ use std::os::fd::RawFd;
 
 use virtio_queue::Queue;
 
-use crate::snapshot::state::DeviceState;
 use crate::vstate::vm::GuestMemoryMmap;
 
 pub use mmio::MmioTransport;
@@ -112,9 +111,7 @@ pub trait VirtioDevice: Send {
     fn port(&self) -> Option<std::sync::Arc<hostnet::port::GuestPort>> {
         None
     }
-    /// The device's own state for a snapshot (the guest is paused).
-    fn save_state(&self) -> DeviceState;
-    /// Takes the state of a snapshot (into a fresh device). An error says
-    /// why it does not fit this device.
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), String>;
+    /// The concrete device, for saving its state (each device type saves
+    /// its own, see [`crate::persist::Persist`]).
+    fn as_any(&self) -> &dyn std::any::Any;
 }

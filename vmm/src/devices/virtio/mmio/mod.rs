@@ -19,13 +19,14 @@
 //! data until the driver resets it (status 0). A guest that breaks its
 //! queues [`MAX_ERRORS`] times is stopped.
 
+pub mod persist;
+
 use std::os::fd::RawFd;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
 use super::{status, Progress, VirtioDevice, VIRTIO_F_VERSION_1};
-use crate::snapshot::state::TransportState;
 use crate::vstate::vm::GuestMemoryMmap;
 
 /// "virt", little-endian.
@@ -164,77 +165,6 @@ impl MmioTransport {
     /// The queues (for tests and snapshots).
     pub fn queues(&self) -> &[Queue] {
         &self.queues
-    }
-
-    /// The registers, queues and device state, for a snapshot (the guest
-    /// is paused: no register access is half done).
-    pub fn save_state(&self) -> TransportState {
-        TransportState {
-            base: self.base,
-            device_type: self.device.device_type(),
-            queue_sel: self.queue_sel,
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            driver_features: self.driver_features,
-            status: self.status,
-            interrupt_status: self.interrupt_status,
-            config_generation: self.config_generation,
-            active: self.active,
-            errors: self.errors,
-            addrs: self.addrs.clone(),
-            queues: self.queues.iter().map(|q| q.state().into()).collect(),
-            device: self.device.save_state(),
-        }
-    }
-
-    /// Takes the state of a snapshot into this fresh transport. The device
-    /// is not activated again: its rings are already set up in the
-    /// restored guest memory.
-    pub fn restore_state(&mut self, state: &TransportState) -> Result<(), String> {
-        let name = self.device.name();
-        if state.base != self.base || state.device_type != self.device.device_type() {
-            return Err(format!(
-                "the snapshot has device type {} at {:#x}, this VM {name} at {:#x}",
-                state.device_type, state.base, self.base
-            ));
-        }
-        if state.queues.len() != self.queues.len() || state.addrs.len() != self.queues.len() {
-            return Err(format!(
-                "{name}: the snapshot has {} queues, the device {}",
-                state.queues.len(),
-                self.queues.len()
-            ));
-        }
-        let mut queues = Vec::with_capacity(state.queues.len());
-        for (index, (q, max)) in state
-            .queues
-            .iter()
-            .zip(self.device.queue_max_sizes())
-            .enumerate()
-        {
-            if q.max_size != *max {
-                return Err(format!(
-                    "{name}: queue {index} has max size {} in the snapshot, {max} here",
-                    q.max_size
-                ));
-            }
-            let queue = Queue::try_from(virtio_queue::QueueState::from(*q))
-                .map_err(|e| format!("{name}: queue {index}: {e}"))?;
-            queues.push(queue);
-        }
-        self.device.restore_state(&state.device)?;
-        self.queues = queues;
-        self.addrs = state.addrs.clone();
-        self.queue_sel = state.queue_sel;
-        self.device_features_sel = state.device_features_sel;
-        self.driver_features_sel = state.driver_features_sel;
-        self.driver_features = state.driver_features;
-        self.status = state.status;
-        self.interrupt_status = state.interrupt_status;
-        self.config_generation = state.config_generation;
-        self.active = state.active;
-        self.errors = state.errors;
-        Ok(())
     }
 
     /// See [`VirtioDevice::port`].
@@ -738,11 +668,8 @@ mod tests {
         fn name(&self) -> &'static str {
             "fake"
         }
-        fn save_state(&self) -> crate::snapshot::state::DeviceState {
-            crate::snapshot::state::DeviceState::Net(Default::default())
-        }
-        fn restore_state(&mut self, _: &crate::snapshot::state::DeviceState) -> Result<(), String> {
-            Ok(())
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
         }
     }
 

@@ -22,6 +22,8 @@
 //! malformed *frame* is only dropped with a warning: too short, or longer
 //! than 1514 bytes plus the header.
 
+pub mod persist;
+
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
@@ -29,7 +31,6 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use super::{Progress, QueueError, VirtioDevice, VIRTIO_F_VERSION_1};
-use crate::snapshot::state::{DeviceState, NetState};
 use crate::vstate::vm::GuestMemoryMmap;
 use hostnet::port::{Frame, GuestPort};
 
@@ -442,36 +443,17 @@ impl VirtioDevice for Net {
         Some(Arc::clone(&self.port))
     }
 
-    fn save_state(&self) -> DeviceState {
-        // Frames queued for the guest go with it (copied: if a migration
-        // fails, the guest resumes here and still gets them).
-        let pending_rx = self.port.received().iter().cloned().collect();
-        DeviceState::Net(NetState {
-            mac: self.mac,
-            halted: self.halted,
-            pending_rx,
-        })
-    }
-
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
-        let DeviceState::Net(state) = state;
-        if state.mac != self.mac {
-            return Err(format!(
-                "the saved card has MAC {}, this one {}",
-                fmt_mac(&state.mac),
-                fmt_mac(&self.mac)
-            ));
-        }
-        self.halted = state.halted;
-        let mut frames = state.pending_rx.clone();
-        self.port.deliver(&mut frames);
-        Ok(())
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::persist::NetPersistError;
     use super::*;
+    use crate::devices::persist::{DevicePersistError, DeviceStates};
+    use crate::devices::virtio::mmio::persist::TransportPersistError;
     use crate::devices::virtio::mmio::MmioTransport;
     use crate::devices::virtio::status;
     use crate::vstate::vm::allocate;
@@ -723,6 +705,103 @@ mod tests {
         assert_eq!(d.sent(), [frame(60, 2)]);
         assert_eq!(d.used(TX_QUEUE).len(), 3);
         assert!(!d.needs_reset());
+    }
+
+    #[test]
+    fn a_restored_card_goes_on_where_the_saved_one_stopped() {
+        let mut d = Driver::new();
+        // When the guest is paused: a frame sent, one waiting for a buffer.
+        d.send(0, &frame(60, 1));
+        d.t.process(&d.mem).unwrap();
+        assert_eq!(d.used(TX_QUEUE).len(), 1);
+        d.port.deliver(&mut vec![frame(70, 2)]);
+        let saved = DeviceStates::save(std::slice::from_ref(&d.t));
+        // Through bytes, as in a snapshot file or a migration stream.
+        let saved: DeviceStates =
+            postcard::from_bytes(&postcard::to_stdvec(&saved).unwrap()).unwrap();
+        assert_eq!(saved.net[0].device.pending_rx, [frame(70, 2)]);
+        // Onto a fresh port with the guest's MAC (another switch).
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let port = Arc::new(GuestPort::new(d.port.mac(), wake.clone()).unwrap());
+        let mut restored = saved.restore(Some(port.clone())).unwrap();
+        assert_eq!(restored.len(), 1);
+        d.t = restored.pop().unwrap();
+        (d.port, d.switch_wake) = (port, wake);
+        assert!(d.t.is_active());
+        assert_eq!(DeviceStates::save(std::slice::from_ref(&d.t)), saved);
+        // The carried frame fills the next buffer; sending goes on.
+        d.post(0, 2048);
+        assert!(d.t.process(&d.mem).unwrap().guest_should_run);
+        assert_eq!(d.used(RX_QUEUE), [(0, 82)]);
+        assert_eq!(&d.rx_buffer(0, 82)[12..], &frame(70, 2)[..]);
+        d.send(1, &frame(60, 3));
+        d.t.process(&d.mem).unwrap();
+        assert_eq!(d.sent(), [frame(60, 3)]);
+        assert_eq!(
+            d.used(TX_QUEUE),
+            [(1, 0)],
+            "transmit buffers are read, not written"
+        );
+    }
+
+    #[test]
+    fn a_saved_card_that_does_not_fit_is_refused() {
+        let d = Driver::new();
+        let saved = DeviceStates::save(std::slice::from_ref(&d.t));
+        let port = |mac| {
+            let wake = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+            Some(Arc::new(GuestPort::new(mac, wake).unwrap()))
+        };
+        let mac = d.port.mac();
+        let other = [0x02, 0, 0, 0, 0, 0x10];
+        assert_eq!(
+            saved.restore(port(other)).err(),
+            Some(DevicePersistError::Net(NetPersistError::Mac {
+                saved: mac,
+                here: other
+            }))
+        );
+        assert_eq!(
+            saved.restore(None).err(),
+            Some(DevicePersistError::NetCount { saved: 1, given: 0 })
+        );
+        let mut bad = saved.clone();
+        bad.net[0].transport.queues[1].max_size = 1024;
+        assert_eq!(
+            bad.restore(port(mac)).err(),
+            Some(DevicePersistError::Transport(
+                TransportPersistError::QueueMaxSize {
+                    name: "virtio-net",
+                    index: 1,
+                    saved: 1024,
+                    here: QUEUE_MAX
+                }
+            ))
+        );
+        let mut bad = saved.clone();
+        bad.net[0].transport.base += 0x200;
+        assert!(matches!(
+            bad.restore(port(mac)).err(),
+            Some(DevicePersistError::Transport(
+                TransportPersistError::Mismatch { .. }
+            ))
+        ));
+        let mut bad = saved.clone();
+        bad.net[0].transport.queues[0].size = 3;
+        assert!(matches!(
+            bad.restore(port(mac)).err(),
+            Some(DevicePersistError::Transport(
+                TransportPersistError::Queue { index: 0, .. }
+            ))
+        ));
+        let mut bad = saved;
+        bad.net[0].transport.addrs.pop();
+        assert!(matches!(
+            bad.restore(port(mac)).err(),
+            Some(DevicePersistError::Transport(
+                TransportPersistError::QueueCount { .. }
+            ))
+        ));
     }
 
     #[test]
