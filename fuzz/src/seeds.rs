@@ -15,9 +15,11 @@ use vmm::devices::persist::{ConnectedNetState, DeviceStates};
 use vmm::devices::virtio::mmio::persist::{QueueState, TransportState};
 use vmm::devices::virtio::net::persist::NetState;
 use vmm::snapshot::format::write_snapshot;
-use vmm::snapshot::state::{ClockState, GuestSpec, ImageId, MachineState, NicSpec, VcpuState};
+use vmm::snapshot::state::{GuestSpec, ImageId, MachineState, NicSpec};
 use vmm::testutil::TestImage;
+use vmm::vstate::vcpu::VcpuState;
 use vmm::vstate::vm::allocate;
+use vmm::vstate::vm::ClockState;
 use zerocopy::{Immutable, IntoBytes};
 
 use crate::virtio_net::{ring, Op, SIZE};

@@ -18,7 +18,9 @@ use std::path::PathBuf;
 use crate::devices::persist::{ConnectedNetState, DeviceStates};
 use crate::devices::virtio::mmio::persist::{QueueState, TransportState};
 use crate::devices::virtio::net::persist::NetState;
-use crate::snapshot::state::{ClockState, GuestSpec, ImageId, MachineState, VcpuState};
+use crate::snapshot::state::{GuestSpec, ImageId, MachineState};
+use crate::vstate::vcpu::VcpuState;
+use crate::vstate::vm::ClockState;
 
 use abi::hypercall::{doorbell_slot, HC_EXIT};
 use abi::layout::{DOORBELL_ADDR, IMAGE_BASE};

@@ -1,7 +1,7 @@
 //! The vCPU's first state for a direct 64-bit ring-3 start: segment and
 //! control registers (`kvm_sregs`), general registers (`kvm_regs`) and the
 //! MSRs the shim programs (kvmclock). No ring-0 instruction runs on boot:
-//! everything the PVH entry would do in ring 0 is set here (DESIGN.md §5).
+//! everything the PVH entry would do in ring 0 is set here.
 //!
 //! Pure functions of the `abi` layout; the KVM calls are in `vstate::vcpu`.
 

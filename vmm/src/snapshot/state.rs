@@ -14,9 +14,9 @@ use std::net::Ipv4Addr;
 use kvm_bindings::kvm_cpuid_entry2;
 use serde::{Deserialize, Serialize};
 
-pub use crate::devices::persist::DeviceStates;
-pub use crate::vstate::vcpu::VcpuState;
-pub use crate::vstate::vm::ClockState;
+use crate::devices::persist::DeviceStates;
+use crate::vstate::vcpu::VcpuState;
+use crate::vstate::vm::ClockState;
 
 /// The guest's network card and addresses, as the shim configured them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

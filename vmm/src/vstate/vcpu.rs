@@ -11,7 +11,7 @@
 //! Snapshots: a pause request (the same kick, another flag) makes the loop
 //! return; [`Vcpu::quiesce`] then completes any half-done MMIO exit
 //! (`immediate_exit` + one `KVM_RUN`), after which [`Vcpu::save_state`]
-//! reads a consistent state in DESIGN.md §4's order and
+//! reads a consistent state (in the order KVM needs it restored) and
 //! [`Vcpu::restore_state`] writes it back into a fresh vCPU.
 
 use std::io::Write;
@@ -202,7 +202,7 @@ impl Vcpu {
         result
     }
 
-    /// Reads the vCPU's state, in DESIGN.md §4's order: mp_state, regs,
+    /// Reads the vCPU's state, in the order KVM restores it: mp_state, regs,
     /// sregs, xsave, xcrs, debug registers, lapic (only with an irqchip:
     /// KVM refuses it without one, and we have none), `msrs`, vcpu_events
     /// last. The vCPU must be quiesced. Optional state KVM refuses is left
