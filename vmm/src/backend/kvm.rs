@@ -207,14 +207,14 @@ fn run_guests(
     Ok(main_exit.unwrap_or(GuestExit::TimedOut(limit)))
 }
 
-/// Says on stderr how an `--also` guest ended (if it ended on its own).
+/// Logs how an `--also` guest ended (if it ended on its own).
 fn report_other(name: &str, exit: Option<GuestExit>) {
     match exit {
         None => {}
         Some(GuestExit::Exited(code)) => {
             tracing::info!("[{name}] guest exited with status {code}")
         }
-        Some(exit) => eprintln!("[{name}] {exit}"),
+        Some(exit) => tracing::warn!("[{name}] {exit}"),
     }
 }
 
