@@ -18,7 +18,8 @@ use hostnet::{
 const MIB: u64 = 1 << 20;
 
 /// Which monitor boots the image.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Backend {
     /// Our own KVM monitor: the guest starts directly in 64-bit ring 3.
     Kvm,
@@ -30,7 +31,8 @@ pub enum Backend {
 }
 
 /// QEMU's accelerator.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum QemuAccel {
     /// Pure emulation (`-accel tcg -cpu max`).
     Tcg,
