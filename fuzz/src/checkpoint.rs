@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use abi::checkpoint::{decode_blob, describe_chain, latest_chain, DELTA_MAGIC, MAGIC};
-use host_shim::checkpoint::{hand_over, Chain, Latest};
+use vmm::checkpoint::{hand_over, Chain, Latest};
 
 use crate::Input;
 

@@ -10,10 +10,10 @@
 use std::sync::Arc;
 
 use abi::layout::{DOORBELL_ADDR, PAGE_SIZE};
-use host_shim::checkpoint::Latest;
-use host_shim::devices::doorbell::{Action, Doorbell};
-use host_shim::vstate::vm::allocate;
 use vm_memory::{Bytes, GuestAddress};
+use vmm::checkpoint::Latest;
+use vmm::devices::doorbell::{Action, Doorbell};
+use vmm::vstate::vm::allocate;
 
 use crate::Input;
 

@@ -6,8 +6,8 @@
 
 use std::path::PathBuf;
 
-use host_shim::boot::loader::{inspect, load, validate};
-use host_shim::vstate::vm::allocate;
+use vmm::boot::loader::{inspect, load, validate};
+use vmm::vstate::vm::allocate;
 
 /// Largest guest memory an accepted input is loaded into.
 const MAX_MEM: u64 = 8 << 20;

@@ -6,8 +6,8 @@
 //! `MachineState`'s devices are restored into fresh transports ([`crate::snapshot`]).
 
 use host_shim::migration::protocol::{encode_pages, read_msg, Accept, Ack, Hello, Kind};
-use host_shim::snapshot::state::MachineState;
-use host_shim::vstate::vm::allocate;
+use vmm::snapshot::state::MachineState;
+use vmm::vstate::vm::allocate;
 
 /// Messages read per input.
 const MAX_MESSAGES: usize = 64;
@@ -29,9 +29,7 @@ pub fn run(data: &[u8]) {
             Kind::State => {
                 if let Ok(state) = m.value::<MachineState>() {
                     let mem = allocate(crate::virtio_net::RAM).expect("allocate guest memory");
-                    for device in &state.devices {
-                        crate::snapshot::restore_device(&mem, device);
-                    }
+                    crate::snapshot::restore_devices(&mem, &state.devices);
                 }
             }
             Kind::Pages | Kind::Zeroes => {

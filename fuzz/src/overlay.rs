@@ -8,8 +8,8 @@
 
 use std::net::SocketAddr;
 
-use host_shim::net::overlay::{decapsulate, decode_probe, encapsulate, encode_probe, MAX_VNI};
-use host_shim::security::overlay_crypto::{HostId, OverlayCrypto, OverlayKey};
+use hostnet::overlay::{decapsulate, decode_probe, encapsulate, encode_probe, MAX_VNI};
+use hostnet::overlay_crypto::{HostId, OverlayCrypto, OverlayKey};
 
 use crate::Input;
 

@@ -9,15 +9,17 @@ use abi::hypercall::{
 use host_shim::migration::protocol::{
     encode_pages, write_msg, write_value, Accept, Ack, Hello, Kind, PROTOCOL_VERSION,
 };
-use host_shim::net::overlay::{encapsulate, encode_probe};
-use host_shim::snapshot::format::write_snapshot;
-use host_shim::snapshot::state::{
-    ClockState, DeviceState, GuestSpec, ImageId, MachineState, NetState, NicSpec, QueueState,
-    TransportState, VcpuState,
-};
-use host_shim::testutil::TestImage;
-use host_shim::vstate::vm::allocate;
+use hostnet::overlay::{encapsulate, encode_probe};
 use vm_memory::{Bytes, GuestAddress};
+use vmm::devices::persist::{ConnectedNetState, DeviceStates};
+use vmm::devices::virtio::mmio::persist::{QueueState, TransportState};
+use vmm::devices::virtio::net::persist::NetState;
+use vmm::snapshot::format::write_snapshot;
+use vmm::snapshot::state::{GuestSpec, ImageId, MachineState, NicSpec};
+use vmm::testutil::TestImage;
+use vmm::vstate::vcpu::VcpuState;
+use vmm::vstate::vm::allocate;
+use vmm::vstate::vm::ClockState;
 use zerocopy::{Immutable, IntoBytes};
 
 use crate::virtio_net::{ring, Op, SIZE};
@@ -223,38 +225,42 @@ fn machine_state(mem_size: u64) -> MachineState {
                 ..Default::default()
             },
         },
-        devices: vec![TransportState {
-            base: host_shim::devices::virtio::window_base(0),
-            device_type: 1,
-            queue_sel: 1,
-            device_features_sel: 1,
-            driver_features_sel: 1,
-            driver_features: (1 << 32) | (1 << 5),
-            status: 15,
-            interrupt_status: 0,
-            config_generation: 0,
-            active: true,
-            errors: 0,
-            addrs: (0..2)
-                .map(|q| [ring(q), ring(q) + 0x400, ring(q) + 0x800])
-                .collect(),
-            queues: (0..2)
-                .map(|q| QueueState {
-                    max_size: host_shim::devices::virtio::net::QUEUE_MAX,
-                    size: SIZE,
-                    ready: true,
-                    desc_table: ring(q),
-                    avail_ring: ring(q) + 0x400,
-                    used_ring: ring(q) + 0x800,
-                    ..Default::default()
-                })
-                .collect(),
-            device: DeviceState::Net(NetState {
-                mac: [2, 0, 0, 0, 0, 1],
-                halted: [false, false],
-                pending_rx: vec![vec![0xff; 60]],
-            }),
-        }],
+        devices: DeviceStates {
+            net: vec![ConnectedNetState {
+                transport: TransportState {
+                    base: vmm::devices::virtio::window_base(0),
+                    device_type: 1,
+                    queue_sel: 1,
+                    device_features_sel: 1,
+                    driver_features_sel: 1,
+                    driver_features: (1 << 32) | (1 << 5),
+                    status: 15,
+                    interrupt_status: 0,
+                    config_generation: 0,
+                    active: true,
+                    errors: 0,
+                    addrs: (0..2)
+                        .map(|q| [ring(q), ring(q) + 0x400, ring(q) + 0x800])
+                        .collect(),
+                    queues: (0..2)
+                        .map(|q| QueueState {
+                            max_size: vmm::devices::virtio::net::QUEUE_MAX,
+                            size: SIZE,
+                            ready: true,
+                            desc_table: ring(q),
+                            avail_ring: ring(q) + 0x400,
+                            used_ring: ring(q) + 0x800,
+                            ..Default::default()
+                        })
+                        .collect(),
+                },
+                device: NetState {
+                    mac: [2, 0, 0, 0, 0, 1],
+                    halted: [false, false],
+                    pending_rx: vec![vec![0xff; 60]],
+                },
+            }],
+        },
     }
 }
 
@@ -277,7 +283,7 @@ fn migration() -> Vec<u8> {
     let mut s = Vec::new();
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
-        format_version: host_shim::snapshot::format::FORMAT_VERSION,
+        format_version: vmm::snapshot::format::FORMAT_VERSION,
         abi_version: abi::ABI_VERSION,
         name: "kv".into(),
         mem_size: GUEST_MEM,

@@ -6,12 +6,10 @@
 
 use std::sync::Arc;
 
-use host_shim::devices::virtio::net::Net;
-use host_shim::devices::virtio::MmioTransport;
-use host_shim::net::port::GuestPort;
-use host_shim::snapshot::format::SnapshotReader;
-use host_shim::snapshot::state::{DeviceState, TransportState};
-use host_shim::vstate::vm::{allocate, GuestMemoryMmap};
+use hostnet::port::GuestPort;
+use vmm::devices::persist::DeviceStates;
+use vmm::snapshot::format::SnapshotReader;
+use vmm::vstate::vm::{allocate, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Largest guest memory the pages are read into (pages beyond it are an error).
@@ -27,24 +25,21 @@ pub fn run(data: &[u8]) {
         return;
     }
     let _ = reader.finish();
-    for device in &state.devices {
-        restore_device(&mem, device);
-    }
+    restore_devices(&mem, &state.devices);
 }
 
-/// Restores `state` into a fresh network device at its address, as the restore path does,
-/// and lets it serve its queues once.
-pub fn restore_device(mem: &GuestMemoryMmap, state: &TransportState) {
+/// Restores `devices` as the restore path does (the network card on a fresh port with the
+/// saved MAC) and lets them serve their queues once.
+pub fn restore_devices(mem: &GuestMemoryMmap, devices: &DeviceStates) {
+    let Some(first) = devices.net.first() else {
+        return;
+    };
     let wake = Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd"));
-    let DeviceState::Net(net) = &state.device;
-    let port = Arc::new(GuestPort::new(net.mac, wake).expect("guest port"));
-    let mut t = MmioTransport::new(
-        state.base,
-        abi::layout::VIRTIO_MMIO_SIZE,
-        Box::new(Net::new(port)),
-    );
-    if t.restore_state(state).is_ok() {
-        let _ = t.process(mem);
-        let _ = t.save_state();
+    let port = Arc::new(GuestPort::new(first.device.mac, wake).expect("guest port"));
+    if let Ok(mut transports) = devices.restore(Some(port)) {
+        for t in &mut transports {
+            let _ = t.process(mem);
+        }
+        let _ = DeviceStates::save(&transports);
     }
 }

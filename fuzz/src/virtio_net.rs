@@ -10,11 +10,11 @@
 
 use std::sync::Arc;
 
-use host_shim::devices::virtio::net::{Net, QUEUE_MAX};
-use host_shim::devices::virtio::{status, window_base, MmioTransport};
-use host_shim::net::port::GuestPort;
-use host_shim::vstate::vm::{allocate, GuestMemoryMmap};
+use hostnet::port::GuestPort;
 use vm_memory::{Bytes, GuestAddress};
+use vmm::devices::virtio::net::{Net, QUEUE_MAX};
+use vmm::devices::virtio::{status, window_base, MmioTransport};
+use vmm::vstate::vm::{allocate, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::Input;

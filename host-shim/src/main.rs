@@ -12,22 +12,22 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use host_shim::boot::cmdline::{self, GuestArgs};
-use host_shim::config::{self, Backend, GuestSpec, NetOptions, QemuAccel, RunConfig};
 use host_shim::daemon::api::{
     CheckpointInfo, CheckpointRequest, Client, InstanceInfo, MigrateRequest, RestoreRequest,
     RunRequest, SnapshotInfo, SnapshotRequest,
 };
 use host_shim::daemon::persist::{publish_arg, Restart};
 use host_shim::daemon::{limits, DaemonConfig};
-use host_shim::devices::virtio;
 use host_shim::fleet::commands::{self, DeployOptions};
 use host_shim::fleet::store::FileStore;
 use host_shim::fleet::{Fleet, FleetError, Host};
-use host_shim::net::{NetMode, Nic, PublishSpec};
-use host_shim::outcome::STATUS_SHIM_ERROR;
 use host_shim::security::identity::{self, Identity};
+use hostnet::{NetMode, Nic, PublishSpec};
 use tracing_subscriber::EnvFilter;
+use vmm::boot::cmdline::{self, GuestArgs};
+use vmm::config::{self, Backend, GuestSpec, NetOptions, QemuAccel, RunConfig};
+use vmm::devices::virtio;
+use vmm::outcome::STATUS_SHIM_ERROR;
 
 const ABOUT: &str = "\
 A small KVM monitor that boots libcloud unikernel images, and a daemon that
@@ -455,7 +455,7 @@ struct RestoreArgs {
     timeout: Option<Duration>,
 
     /// The KVM device to open.
-    #[arg(long, value_name = "PATH", default_value = host_shim::vstate::vm::KVM_DEVICE)]
+    #[arg(long, value_name = "PATH", default_value = vmm::vstate::vm::KVM_DEVICE)]
     kvm_device: PathBuf,
 }
 
@@ -599,7 +599,7 @@ struct ServeArgs {
     no_overlay: bool,
 
     /// The KVM device to open.
-    #[arg(long, value_name = "PATH", default_value = host_shim::vstate::vm::KVM_DEVICE)]
+    #[arg(long, value_name = "PATH", default_value = vmm::vstate::vm::KVM_DEVICE)]
     kvm_device: PathBuf,
 
     /// Keep uploaded images (DIR/images, by SHA-256) and the instances run
@@ -868,7 +868,7 @@ struct RunArgs {
     qemu_accel: QemuAccel,
 
     /// The KVM device to open.
-    #[arg(long, value_name = "PATH", default_value = host_shim::vstate::vm::KVM_DEVICE)]
+    #[arg(long, value_name = "PATH", default_value = vmm::vstate::vm::KVM_DEVICE)]
     kvm_device: PathBuf,
 
     /// Forward a host port to a guest port over the user-mode network:
@@ -1345,14 +1345,14 @@ fn restore(args: RestoreArgs) -> anyhow::Result<u8> {
     let network = if args.publish.is_empty() {
         None
     } else {
-        Some(host_shim::net::NetworkConfig {
+        Some(hostnet::NetworkConfig {
             mode: NetMode::User,
             publish: args.publish,
             nics: Vec::new(),
         })
     };
     let host_name = args.host_name.unwrap_or_else(config::default_host_name);
-    let exit = host_shim::backend::kvm::restore(
+    let exit = vmm::backend::kvm::restore(
         &args.file,
         &args.kvm_device,
         network,
@@ -1496,16 +1496,16 @@ fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
         .region
         .or(host.as_ref().map(|h| h.region.clone()))
         .unwrap_or_else(|| "local".into());
-    let overlay = (!args.no_overlay).then(|| host_shim::net::overlay::OverlayConfig {
+    let overlay = (!args.no_overlay).then(|| hostnet::overlay::OverlayConfig {
         listen: args
             .overlay
             .or(host.as_ref().and_then(|h| h.overlay))
             .unwrap_or(listen),
         peers: args.peer.clone(),
         vni: args.vni.or(host.as_ref().map(|h| h.vni)).unwrap_or(4242),
-        key: identity.as_ref().map(|i| {
-            host_shim::security::overlay_crypto::OverlayKey::new(i.fleet_key, &i.fingerprint)
-        }),
+        key: identity
+            .as_ref()
+            .map(|i| hostnet::overlay_crypto::OverlayKey::new(i.fleet_key, &i.fingerprint.0)),
         via: args.peer_via.clone(),
         name: name.clone(),
         region: region.clone(),
@@ -1621,7 +1621,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         restore: args.restore,
         checkpoint_to: args.checkpoint_to,
     };
-    let exit = host_shim::run(&config)?;
+    let exit = vmm::run(&config)?;
     if let Some(report) = exit.report() {
         eprintln!("{report}");
     }

@@ -17,7 +17,6 @@ use host_shim::daemon::api::{
 };
 use host_shim::daemon::persist::Restart;
 use host_shim::daemon::standby::StandbyRequest;
-use host_shim::snapshot::state::ImageId;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
@@ -25,6 +24,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use vmm::snapshot::state::ImageId;
 
 /// A field of /proc/PID/status (the number before any unit).
 fn proc_status(pid: u32, field: &str) -> u64 {
@@ -743,12 +743,12 @@ fn incoming_migrations_get_the_name_and_memory_checks() {
     let d = Daemon::start("incoming", 13, &["--max-guest-memory", "1G"], &dir);
     let hello = |name: &str, mem: u64| Hello {
         protocol_version: PROTOCOL_VERSION,
-        format_version: host_shim::snapshot::format::FORMAT_VERSION,
+        format_version: vmm::snapshot::format::FORMAT_VERSION,
         abi_version: abi::ABI_VERSION,
         name: name.into(),
         mem_size: mem,
         cpuid: Vec::new(),
-        nic: Some(host_shim::snapshot::state::NicSpec {
+        nic: Some(vmm::snapshot::state::NicSpec {
             mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
             ip: std::net::Ipv4Addr::new(10, 0, 2, 15),
             prefix: 24,

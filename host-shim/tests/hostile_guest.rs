@@ -203,14 +203,14 @@ fn a_console_flood_without_newlines_stays_bounded() {
     // The log: at most the console rate's worth of lines, none huge.
     let (lines, longest) = log_lines(&log, |l| l.starts_with("[hostile] "));
     let secs = ATTACK.as_secs() + 10; // the boot and the stop, generously
-    let bound = 2 * (host_shim::console::BURST + host_shim::console::RATE * secs)
-        / host_shim::console::MAX_LINE as u64;
+    let bound =
+        2 * (vmm::console::BURST + vmm::console::RATE * secs) / vmm::console::MAX_LINE as u64;
     assert!(
         lines > 0 && (lines as u64) < bound,
         "{lines} console lines in the log (bound {bound})"
     );
     assert!(
-        longest < host_shim::console::MAX_LINE + 100,
+        longest < vmm::console::MAX_LINE + 100,
         "a line of {longest} bytes"
     );
 }
@@ -224,7 +224,7 @@ fn a_delta_flood_is_refused_past_the_chain_limit() {
     let log = stop_hostile(&daemon);
     // The chain (at most 2x the guest's memory) is the daemon's only copy
     // (a waiter may hold one more); unbounded, 1 GB in seconds.
-    let limit_mib = host_shim::checkpoint::limit_for(HOSTILE_MEM_MIB << 20) >> 20;
+    let limit_mib = vmm::checkpoint::limit_for(HOSTILE_MEM_MIB << 20) >> 20;
     assert!(
         seen.rss_growth_kib >> 10 < 2 * limit_mib + 64,
         "the daemon grew by {} MiB (chain limit {limit_mib} MiB)",
@@ -256,7 +256,7 @@ fn a_disk_fill_stays_under_the_instance_cap() {
     let s = hostile_stats(&daemon);
     let log = stop_hostile(&daemon);
     // The chain on disk plus one full checkpoint being replaced.
-    let cap = 2 * host_shim::checkpoint::limit_for(HOSTILE_MEM_MIB << 20);
+    let cap = 2 * vmm::checkpoint::limit_for(HOSTILE_MEM_MIB << 20);
     assert!(
         seen.max_disk <= cap,
         "{} MiB of checkpoints on disk (cap {} MiB)",
@@ -271,7 +271,7 @@ fn a_disk_fill_stays_under_the_instance_cap() {
     );
     // What is on disk restores: no more than the restore limit.
     let file = ckpt.join("latest.ckpt");
-    assert!(host_shim::checkpoint::read_file(&file).is_ok());
+    assert!(vmm::checkpoint::read_file(&file).is_ok());
     assert_warnings_bounded(&log, "checkpoint is not stored");
 }
 
@@ -327,7 +327,7 @@ fn a_broadcast_flood_with_an_overlay_peer_stays_bounded() {
         - net["flood_dropped"].as_u64().unwrap()
         - net["tx_dropped"].as_u64().unwrap();
     let secs = ATTACK.as_secs() + 10;
-    let bound = host_shim::net::FLOOD_BURST + host_shim::net::FLOOD_RATE * secs + 1000; // DHCP, ARP and a margin
+    let bound = hostnet::FLOOD_BURST + hostnet::FLOOD_RATE * secs + 1000; // DHCP, ARP and a margin
     assert!(
         forwarded < bound,
         "{forwarded} frames switched (bound {bound}): {s}"
@@ -348,7 +348,7 @@ fn a_broadcast_flood_with_an_overlay_peer_stays_bounded() {
 fn assert_warnings_bounded(log: &str, needle: &str) {
     let (n, _) = log_lines(log, |l| l.contains(needle));
     let secs = ATTACK.as_secs() + 10;
-    let bound = host_shim::limit::WARN_BURST + host_shim::limit::WARN_RATE * secs;
+    let bound = shim_util::limit::WARN_BURST + shim_util::limit::WARN_RATE * secs;
     assert!(
         (n as u64) <= bound,
         "{n} warnings about {needle:?} in the log (bound {bound})"

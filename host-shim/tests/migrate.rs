@@ -164,14 +164,14 @@ fn a_stream_of_another_version_is_refused() {
     let b = Daemon::start("ver-b", 7, &["--no-overlay"], &dir);
     let hello = |abi_version: u32, protocol_version: u32| Hello {
         protocol_version,
-        format_version: host_shim::snapshot::format::FORMAT_VERSION,
+        format_version: vmm::snapshot::format::FORMAT_VERSION,
         abi_version,
         migration_id: 1,
         name: "kv".into(),
         mem_size: 64 << 20,
         cpuid: Vec::new(),
         nic: None,
-        image: host_shim::snapshot::state::ImageId {
+        image: vmm::snapshot::state::ImageId {
             path: "kv.img".into(),
             size: 1,
             sha256: String::new(),

@@ -444,7 +444,7 @@ fn a_hung_origin_is_declared_down_by_its_standby() {
             mem: 64 << 20,
             ..Default::default()
         },
-        image: host_shim::machine::image_id(std::path::Path::new(&img)).unwrap(),
+        image: vmm::machine::image_id(std::path::Path::new(&img)).unwrap(),
         grace_ms: 500,
     };
     let client = Client::new(&b.addr);

@@ -179,7 +179,7 @@ fn an_idle_networked_guest_uses_almost_no_cpu() {
 }
 
 /// The kv instance's exit counters in `daemon`'s `GET /v1/stats`.
-fn kv_exits(daemon: &Daemon) -> host_shim::devices::exits::ExitStats {
+fn kv_exits(daemon: &Daemon) -> vmm::devices::exits::ExitStats {
     let stats = daemon.stats();
     let kv = stats.instances.iter().find(|i| i.name == "kv");
     kv.unwrap_or_else(|| panic!("no kv instance in {stats:?}"))

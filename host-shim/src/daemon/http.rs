@@ -40,9 +40,9 @@ use std::time::{Duration, Instant};
 
 use super::limits::Limits;
 use super::{api, ApiError, Daemon, Reply, MIGRATION_PROTOCOL, PROGRESS_PROTOCOL};
-use crate::limit::RateLimited;
 use crate::security::tls::Stream;
 use crate::security::HostSecurity;
+use shim_util::limit::RateLimited;
 
 /// Largest request body (larger ones get 413).
 pub const MAX_BODY: usize = 16 << 20;

@@ -94,9 +94,9 @@ impl ImageStore {
     /// Opens (creating) `dir`; uploads over `max_bytes` are refused.
     pub fn open(dir: &Path, max_bytes: u64) -> std::io::Result<Self> {
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            crate::files::private_dir(parent)?;
+            shim_util::files::private_dir(parent)?;
         }
-        crate::files::private_dir(dir)?;
+        shim_util::files::private_dir(dir)?;
         Ok(Self {
             dir: dir.to_owned(),
             max_bytes: max_bytes.min(TRANSPORT_MAX_BYTES),
@@ -151,7 +151,7 @@ impl ImageStore {
         if let Some(info) = self.get(hash)? {
             return Ok(info);
         }
-        crate::files::write_atomic(&self.path(hash), body)?;
+        shim_util::files::write_atomic(&self.path(hash), body)?;
         tracing::info!("stored image sha256:{hash} ({size} bytes)");
         Ok(ImageInfo {
             sha256: hash.to_owned(),
@@ -171,7 +171,7 @@ impl ImageStore {
     /// The bytes of a stored image (to push it to another shim).
     pub fn read(&self, hash: &str) -> Result<Vec<u8>, ImageError> {
         let path = self.file(hash)?;
-        crate::files::read_capped(&path, self.max_bytes)
+        shim_util::files::read_capped(&path, self.max_bytes)
             .map_err(|e| ImageError::Io(std::io::Error::other(e.to_string())))
     }
 }

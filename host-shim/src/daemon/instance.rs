@@ -3,18 +3,18 @@
 //!
 //! Console output goes to a ring buffer of [`LOG_RING`] bytes (`logs NAME`
 //! reads it) and to the daemon's stdout, each line prefixed with `[name] `,
-//! in bounded lines and at a bounded rate (see [`crate::console`]).
+//! in bounded lines and at a bounded rate (see [`vmm::console`]).
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::console::{Dropped, PrefixedConsole};
-use crate::machine::MachineHandle;
-use crate::net::port::GuestPort;
-use crate::net::PublishSpec;
-use crate::snapshot::state::GuestSpec;
+use hostnet::port::GuestPort;
+use hostnet::PublishSpec;
+use vmm::console::{Dropped, PrefixedConsole};
+use vmm::machine::MachineHandle;
+use vmm::snapshot::state::GuestSpec;
 
 use super::api::InstanceInfo;
 
@@ -115,7 +115,7 @@ pub struct Instance {
     pub log: Arc<Mutex<LogRing>>,
     pub started: Instant,
     /// The app checkpoints the guest hands over (`checkpoint NAME`).
-    pub checkpoints: Arc<crate::checkpoint::Latest>,
+    pub checkpoints: Arc<vmm::checkpoint::Latest>,
 }
 
 impl Instance {
@@ -149,7 +149,7 @@ impl Instance {
             mac: self
                 .spec
                 .nic
-                .map(|n| crate::devices::virtio::net::fmt_mac(&n.mac)),
+                .map(|n| vmm::devices::virtio::net::fmt_mac(&n.mac)),
             mem: self.spec.mem_size,
             uptime_s: self.started.elapsed().as_secs_f64(),
             generation: self.spec.generation,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::ApiError;
-use crate::net::PublishSpec;
+use hostnet::PublishSpec;
 
 /// Longest instance name.
 pub const MAX_NAME: usize = 64;
@@ -216,7 +216,7 @@ mod tests {
             .unwrap_err()
             .1
             .contains("--max-guest-memory"));
-        let p = |s| crate::config::parse_publish(s).unwrap();
+        let p = |s| vmm::config::parse_publish(s).unwrap();
         assert!(l.check_publish(&[p("8080:80")]).is_ok());
         let two = [p("8080:80"), p("8081:81")];
         assert!(l

@@ -10,7 +10,7 @@
 //! from a dead link, and the daemon notices clients that left.
 //!
 //! Bounded whatever the guest writes or the client reads: a line without
-//! its end is sent in pieces of at most [`crate::console::MAX_LINE`] bytes,
+//! its end is sent in pieces of at most [`vmm::console::MAX_LINE`] bytes,
 //! and at most [`QUEUE`] lines wait for a client; one that leaves them
 //! unread for [`SLOW_CLIENT`] is disconnected rather than buffered for.
 
@@ -142,10 +142,10 @@ fn run(daemon: &Daemon, name: &str, tx: &SyncSender<String>) {
 }
 
 /// Takes the whole lines out of `partial` (without their ends), and pieces
-/// of [`crate::console::MAX_LINE`] bytes of a longer line; what is left is
+/// of [`vmm::console::MAX_LINE`] bytes of a longer line; what is left is
 /// shorter than that.
 fn take_lines(partial: &mut Vec<u8>) -> Vec<String> {
-    let max = crate::console::MAX_LINE;
+    let max = vmm::console::MAX_LINE;
     let mut lines = Vec::new();
     let mut at = 0;
     while at < partial.len() {
@@ -189,7 +189,7 @@ fn end(tx: &SyncSender<String>, why: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::console::MAX_LINE;
+    use vmm::console::MAX_LINE;
 
     #[test]
     fn lines_and_bounded_pieces_of_an_endless_one() {

@@ -71,16 +71,16 @@ use std::time::{Duration, Instant};
 pub use http::Method;
 pub use limits::check_name;
 
-use crate::boot::cmdline::{self, GuestArgs};
-use crate::devices::virtio;
-use crate::error::Error;
-use crate::machine::{self, BootRequest, Ended, Hypervisor, Machine, MachineHandle};
-use crate::net::{mac_for, Network, Nic, PublishSpec, SharedNetConfig};
 use api::{
     CheckpointInfo, CheckpointRequest, InstanceInfo, RestoreRequest, RunRequest, ShimInfo,
     SnapshotInfo, SnapshotRequest,
 };
+use hostnet::{mac_for, Network, Nic, PublishSpec, SharedNetConfig};
 use instance::{Instance, InstanceConsole, LogRing, State};
+use vmm::boot::cmdline::{self, GuestArgs};
+use vmm::devices::virtio;
+use vmm::error::Error;
+use vmm::machine::{self, BootRequest, Ended, Hypervisor, Machine, MachineHandle};
 
 /// The protocol name of a streamed answer (progress lines).
 pub const PROGRESS_PROTOCOL: &str = "host-shim-progress";
@@ -104,7 +104,7 @@ pub struct DaemonConfig {
     pub publish: Vec<PublishSpec>,
     pub kvm_device: PathBuf,
     /// The overlay's UDP address (default: the listen address) and peers.
-    pub overlay: Option<crate::net::overlay::OverlayConfig>,
+    pub overlay: Option<hostnet::overlay::OverlayConfig>,
     /// Where uploaded images and instance records live (`--state-dir`);
     /// none: no image uploads, nothing survives a restart.
     pub state_dir: Option<PathBuf>,
@@ -189,7 +189,7 @@ impl Daemon {
         hv.msrs()?;
         let net = Network::start_shared(&SharedNetConfig {
             gateway: config.gateway(),
-            prefix: crate::net::USER_PREFIX,
+            prefix: hostnet::USER_PREFIX,
             overlay: config.overlay.clone(),
             shim_name: config.name.clone(),
         })?;
@@ -257,7 +257,7 @@ impl Daemon {
             };
             let Some(exit) = exit else { continue };
             let how = match &exit {
-                crate::GuestExit::Exited(code) => format!("status {code}"),
+                vmm::GuestExit::Exited(code) => format!("status {code}"),
                 other => other.to_string(),
             };
             eprintln!("[{}] guest ended: {exit}", inst.name);
@@ -292,7 +292,7 @@ impl Daemon {
 
     /// Reserves `name` with a placeholder; fails if it is taken or the
     /// limits have no room for it.
-    fn reserve(&self, name: &str, spec: crate::snapshot::state::GuestSpec) -> Result<(), ApiError> {
+    fn reserve(&self, name: &str, spec: vmm::snapshot::state::GuestSpec) -> Result<(), ApiError> {
         check_name(name)?;
         let mut instances = self.instances();
         self.admit(&instances, spec.mem_size)?;
@@ -329,10 +329,10 @@ impl Daemon {
 
     fn run(&self, req: RunRequest) -> Result<InstanceInfo, ApiError> {
         check_name(&req.name)?;
-        crate::config::check_mem_size(req.mem).map_err(bad)?;
+        vmm::config::check_mem_size(req.mem).map_err(bad)?;
         let publish = self.publishes(&req.publish)?;
         let ip = match &req.ip {
-            Some(ip) => Some(crate::config::parse_ipv4(ip).map_err(bad)?),
+            Some(ip) => Some(vmm::config::parse_ipv4(ip).map_err(bad)?),
             None => None,
         };
         let image = PathBuf::from(&req.image);
@@ -346,7 +346,7 @@ impl Daemon {
         let nic = Nic {
             mac: mac_for(ip),
             ip,
-            prefix: crate::net::USER_PREFIX,
+            prefix: hostnet::USER_PREFIX,
             gateway: Some(self.config.gateway()),
         };
         let mut placeholder = placeholder_spec(&req.name, req.mem);
@@ -381,8 +381,8 @@ impl Daemon {
         }
         let checkpoint = match &req.restore {
             Some(file) => Some((
-                crate::checkpoint::read_file(Path::new(file)).map_err(|e| bad(e.to_string()))?,
-                crate::boot::loader::inspect(image, req.mem)
+                vmm::checkpoint::read_file(Path::new(file)).map_err(|e| bad(e.to_string()))?,
+                vmm::boot::loader::inspect(image, req.mem)
                     .map_err(|e| bad(e.to_string()))?
                     .load_end,
             )),
@@ -440,7 +440,7 @@ impl Daemon {
         &self,
         name: &str,
         mut machine: Machine,
-        port: Arc<crate::net::port::GuestPort>,
+        port: Arc<hostnet::port::GuestPort>,
         log: Arc<Mutex<LogRing>>,
         publish: Vec<PublishSpec>,
     ) -> Result<InstanceInfo, ApiError> {
@@ -466,7 +466,7 @@ impl Daemon {
             done.push(spec.clone());
         }
         let spec = machine.spec.clone();
-        let checkpoints = Arc::new(crate::checkpoint::Latest::default());
+        let checkpoints = Arc::new(vmm::checkpoint::Latest::default());
         machine
             .doorbell
             .set_checkpoint_latest(Some(Arc::clone(&checkpoints)));
@@ -590,7 +590,7 @@ impl Daemon {
                     ),
                 )
             })?;
-        crate::files::private_dir(&dir)
+        shim_util::files::private_dir(&dir)
             .map_err(|e| ApiError(500, format!("{}: {e}", dir.display())))?;
         Ok(dir.join(file))
     }
@@ -603,7 +603,7 @@ impl Daemon {
             let machine = handle
                 .pause()
                 .map_err(|e| ApiError(409, format!("cannot pause '{name}': {e}")))?;
-            let saved = crate::snapshot::save(&self.hv, &machine, &self.config.name, &out);
+            let saved = vmm::snapshot::save(&self.hv, &machine, &self.config.name, &out);
             handle.resume(machine);
             let paused_ms = start.elapsed().as_secs_f64() * 1e3;
             let stats = saved?;
@@ -664,7 +664,7 @@ impl Daemon {
         let describe = abi::checkpoint::decode(&blob)
             .map(|(c, _)| abi::checkpoint::describe(&c))
             .unwrap_or_default();
-        crate::files::write_atomic(&out, &blob)
+        shim_util::files::write_atomic(&out, &blob)
             .map_err(|e| ApiError(500, format!("cannot write {}: {e}", out.display())))?;
         Ok(CheckpointInfo {
             file: out.display().to_string(),
@@ -678,7 +678,7 @@ impl Daemon {
     fn publishes(&self, publish: &[String]) -> Result<Vec<PublishSpec>, ApiError> {
         let publish = publish
             .iter()
-            .map(|p| crate::config::parse_publish(p))
+            .map(|p| vmm::config::parse_publish(p))
             .collect::<Result<Vec<_>, _>>()
             .map_err(bad)?;
         self.config.limits.check_publish(&publish)?;
@@ -690,7 +690,7 @@ impl Daemon {
         if let Some(name) = &req.name {
             check_name(name)?;
         }
-        let opened = crate::snapshot::open(Path::new(&req.file)).map_err(|e| bad(e.to_string()))?;
+        let opened = vmm::snapshot::open(Path::new(&req.file)).map_err(|e| bad(e.to_string()))?;
         let name = req
             .name
             .clone()
@@ -810,7 +810,7 @@ impl Daemon {
         name: &str,
         to: &str,
         peer: Option<SocketAddr>,
-        port: Option<Arc<crate::net::port::GuestPort>>,
+        port: Option<Arc<hostnet::port::GuestPort>>,
         skip_frames: usize,
     ) {
         let handle = {
@@ -1033,10 +1033,10 @@ fn not_found(name: &str) -> ApiError {
 }
 
 /// A spec for a reservation, before the guest exists.
-fn placeholder_spec(name: &str, mem: u64) -> crate::snapshot::state::GuestSpec {
-    crate::snapshot::state::GuestSpec {
+fn placeholder_spec(name: &str, mem: u64) -> vmm::snapshot::state::GuestSpec {
+    vmm::snapshot::state::GuestSpec {
         name: name.to_owned(),
-        image: crate::snapshot::state::ImageId {
+        image: vmm::snapshot::state::ImageId {
             path: String::new(),
             size: 0,
             sha256: String::new(),

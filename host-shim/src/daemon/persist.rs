@@ -10,7 +10,7 @@
 //! (`CHECKPOINT_DIR/latest.ckpt`). Only instances whose policy is
 //! [`Restart::Always`] are recorded; `stop` and a migration away forget
 //! them. Records are written atomically (temp file, fsync, rename), mode
-//! 0600 in a 0700 directory ([`crate::files`]).
+//! 0600 in a 0700 directory ([`shim_util::files`]).
 
 use std::path::{Path, PathBuf};
 
@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::api::{InstanceInfo, RunRequest};
 use super::{bad, not_found, ApiError, Daemon};
-use crate::net::PublishSpec;
+use hostnet::PublishSpec;
 
 /// What happens to an instance when its daemon restarts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,8 +67,8 @@ impl Persist {
     /// (0700, ours): records hold environments, e.g. passwords.
     pub fn open(state_dir: &Path) -> std::io::Result<Self> {
         let dir = state_dir.join("instances");
-        crate::files::private_dir(state_dir)?;
-        crate::files::private_dir(&dir)?;
+        shim_util::files::private_dir(state_dir)?;
+        shim_util::files::private_dir(&dir)?;
         Ok(Self { dir })
     }
 
@@ -92,7 +92,7 @@ impl Persist {
         // Restoring is what a restart decides, from the latest checkpoint.
         req.restore = None;
         let json = serde_json::to_vec_pretty(&req).map_err(std::io::Error::other)?;
-        crate::files::write_atomic(&self.file(&req.name), &json)
+        shim_util::files::write_atomic(&self.file(&req.name), &json)
     }
 
     /// Forgets instance `name` (stopped, or moved away).
@@ -120,7 +120,7 @@ impl Persist {
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
-            let parsed = crate::files::read_capped(&path, MAX_RECORD)
+            let parsed = shim_util::files::read_capped(&path, MAX_RECORD)
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice::<RunRequest>(&b).map_err(|e| e.to_string()));
             match parsed {
@@ -144,7 +144,7 @@ impl Persist {
     }
 }
 
-/// A published port in `--publish` syntax (what [`crate::config::parse_publish`] reads).
+/// A published port in `--publish` syntax (what [`vmm::config::parse_publish`] reads).
 pub fn publish_arg(p: &PublishSpec) -> String {
     let host = match p.host {
         std::net::SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
@@ -164,7 +164,7 @@ impl Daemon {
         super::check_name(&req.name)?;
         if let Some(dir) = &req.checkpoint_to {
             let dir = self.output_path("checkpoints", dir)?;
-            crate::files::private_dir(&dir)
+            shim_util::files::private_dir(&dir)
                 .map_err(|e| ApiError(500, format!("{}: {e}", dir.display())))?;
             req.checkpoint_to = Some(dir.display().to_string());
         }
@@ -172,7 +172,7 @@ impl Daemon {
             (&self.persist, req.checkpoint_every_ms, &req.checkpoint_to)
         {
             let dir = p.checkpoint_dir(&req.name);
-            crate::files::private_dir(&dir)
+            shim_util::files::private_dir(&dir)
                 .map_err(|e| ApiError(500, format!("{}: {e}", dir.display())))?;
             req.checkpoint_to = Some(dir.display().to_string());
         }

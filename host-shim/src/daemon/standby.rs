@@ -44,8 +44,8 @@ use serde::{Deserialize, Serialize};
 
 use super::api::{Client, InstanceInfo, RunRequest};
 use super::{bad, ApiError, Daemon, Reply};
-use crate::checkpoint::{Chain, DirSink, Sink};
-use crate::snapshot::state::ImageId;
+use vmm::checkpoint::{Chain, DirSink, Sink};
+use vmm::snapshot::state::ImageId;
 
 /// How long the origin may be unreachable before the standby takes over.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(2);
@@ -138,7 +138,7 @@ fn standby_dir(daemon: &Daemon) -> Result<PathBuf, String> {
             let dir = match &daemon.config.state_dir {
                 Some(state) => {
                     let dir = state.join("standby");
-                    crate::files::private_dir(&dir).map(|()| dir)
+                    shim_util::files::private_dir(&dir).map(|()| dir)
                 }
                 None => fresh_private_dir(&daemon.config.name),
             };
@@ -158,9 +158,9 @@ fn fresh_private_dir(name: &str) -> std::io::Result<PathBuf> {
         u64::from_le_bytes(r)
     ));
     std::fs::DirBuilder::new()
-        .mode(crate::files::DIR_MODE)
+        .mode(shim_util::files::DIR_MODE)
         .create(&dir)?;
-    crate::files::private_dir(&dir)?;
+    shim_util::files::private_dir(&dir)?;
     Ok(dir)
 }
 
@@ -201,7 +201,7 @@ pub fn route(
 fn accept(daemon: &Arc<Daemon>, req: StandbyRequest) -> Result<StandbyInfo, ApiError> {
     let name = req.run.name.clone();
     super::check_name(&name)?;
-    let here = crate::machine::image_id(std::path::Path::new(&req.run.image)).map_err(|e| {
+    let here = vmm::machine::image_id(std::path::Path::new(&req.run.image)).map_err(|e| {
         ApiError(
             409,
             format!(
@@ -222,7 +222,7 @@ fn accept(daemon: &Arc<Daemon>, req: StandbyRequest) -> Result<StandbyInfo, ApiE
     let dir = standby_dir(daemon)
         .map(|d| d.join(&name))
         .and_then(|dir| {
-            crate::files::private_dir(&dir)
+            shim_util::files::private_dir(&dir)
                 .map(|()| dir.clone())
                 .map_err(|e| format!("{}: {e}", dir.display()))
         })
@@ -305,11 +305,7 @@ impl Entry {
             name: self.req.run.name.clone(),
             origin: self.req.origin.clone(),
             state: self.state.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-            file: self
-                .dir
-                .join(crate::checkpoint::LATEST)
-                .display()
-                .to_string(),
+            file: self.dir.join(vmm::checkpoint::LATEST).display().to_string(),
             bytes: store.bytes,
             blobs: store.blobs,
         }
@@ -397,7 +393,7 @@ fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
         entry.set_state("failed: no checkpoint to restore from");
         return;
     }
-    let file = entry.dir.join(crate::checkpoint::LATEST);
+    let file = entry.dir.join(vmm::checkpoint::LATEST);
     let run = RunRequest {
         restore: Some(file.display().to_string()),
         checkpoint_to: Some(entry.dir.display().to_string()),
@@ -525,8 +521,8 @@ pub fn register(daemon: &Daemon, req: &RunRequest) -> Result<Option<PeerSink>, A
     let Some(peer) = &req.standby else {
         return Ok(None);
     };
-    let image = crate::machine::image_id(std::path::Path::new(&req.image))
-        .map_err(|e| bad(e.to_string()))?;
+    let image =
+        vmm::machine::image_id(std::path::Path::new(&req.image)).map_err(|e| bad(e.to_string()))?;
     let body = StandbyRequest {
         origin: daemon.config.listen.to_string(),
         run: RunRequest {

@@ -7,18 +7,18 @@
 //!   dropped or split, checkpoints refused), and its VM exits by reason
 //!   and idle waits (`devices::exits`);
 //! - per published port: requests, bytes and connections of the clients
-//!   that came through this shim (see [`crate::net::traffic`] for what a
+//!   that came through this shim (see [`hostnet::traffic`] for what a
 //!   request is);
 //! - per overlay peer: the smoothed round trip this shim measures to it
-//!   (see [`crate::net::overlay`]).
+//!   (see [`hostnet::overlay`]).
 //!
 //! Counters only grow while the process lives; readers take differences.
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::exits::ExitStats;
-use crate::net::overlay::PeerRtt;
-use crate::net::traffic::{NicStats, PortStats};
+use hostnet::overlay::PeerRtt;
+use hostnet::traffic::{NicStats, PortStats};
+use vmm::devices::exits::ExitStats;
 
 use super::instance::State;
 use super::Daemon;
@@ -49,7 +49,7 @@ pub struct InstanceStats {
     #[serde(default)]
     pub checkpoints_refused: u64,
     /// Its VM exits by reason and its idle waits, since it arrived on
-    /// this shim (see [`crate::devices::exits`]).
+    /// this shim (see [`vmm::devices::exits`]).
     #[serde(default)]
     pub exits: ExitStats,
 }

@@ -170,7 +170,7 @@ impl FileStore {
 /// Replaces `path` by `bytes` atomically (temp file, fsync, rename), readable by
 /// its owner only: the file holds the users' tokens.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    crate::files::write_atomic(path, bytes)
+    shim_util::files::write_atomic(path, bytes)
 }
 
 fn check(key: &str, found: Option<u64>, expect: Expect) -> Result<(), StoreError> {

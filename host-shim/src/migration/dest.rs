@@ -28,12 +28,12 @@ use super::protocol::{
 use super::{Decision, Outcome};
 use crate::daemon::instance::{InstanceConsole, LogRing, State};
 use crate::daemon::Daemon;
-use crate::machine::Machine;
-use crate::net::port::GuestPort;
 use crate::security::tls::Stream;
-use crate::snapshot::format::{FORMAT_VERSION, PAGE};
-use crate::snapshot::state::{DeviceState, MachineState};
-use crate::vstate::vm::Vm;
+use hostnet::port::GuestPort;
+use vmm::machine::Machine;
+use vmm::snapshot::format::{FORMAT_VERSION, PAGE};
+use vmm::snapshot::state::MachineState;
+use vmm::vstate::vm::Vm;
 
 /// The longest an incoming migration may hold its reservation before its
 /// final state is in.
@@ -81,7 +81,7 @@ fn check_hello(daemon: &Daemon, hello: &Hello) -> Result<(), String> {
             abi::ABI_VERSION
         ));
     }
-    crate::config::check_mem_size(hello.mem_size)?;
+    vmm::config::check_mem_size(hello.mem_size)?;
     if hello.nic.is_none() {
         return Err("guests without a network card cannot run in the daemon".into());
     }
@@ -96,7 +96,7 @@ pub fn check_state(
     hello: &Hello,
     state: &MachineState,
     mem_size: u64,
-    reserved: Option<crate::snapshot::state::NicSpec>,
+    reserved: Option<vmm::snapshot::state::NicSpec>,
 ) -> Result<(), String> {
     let spec = &state.spec;
     let differs = |what: &str, got: String, want: String| {
@@ -127,8 +127,8 @@ pub fn check_state(
     let Some(nic) = spec.nic else {
         return Err("the final state has no network card".into());
     };
-    let mac = |m: [u8; 6]| crate::devices::virtio::net::fmt_mac(&m);
-    let show = |n: crate::snapshot::state::NicSpec| format!("{} {}", n.ip, mac(n.mac));
+    let mac = |m: [u8; 6]| vmm::devices::virtio::net::fmt_mac(&m);
+    let show = |n: vmm::snapshot::state::NicSpec| format!("{} {}", n.ip, mac(n.mac));
     match hello.nic {
         Some(h) if h == nic => {}
         Some(h) => return differs("network card", show(nic), show(h)),
@@ -145,15 +145,13 @@ pub fn check_state(
         }
         None => return Err("the reservation here is gone".into()),
     }
-    match state.devices.as_slice() {
-        [one] => match &one.device {
-            DeviceState::Net(n) if n.mac == nic.mac => Ok(()),
-            DeviceState::Net(n) => Err(format!(
-                "the final state's virtio-net MAC {} is not the card's {}",
-                mac(n.mac),
-                mac(nic.mac)
-            )),
-        },
+    match state.devices.net.as_slice() {
+        [one] if one.device.mac == nic.mac => Ok(()),
+        [one] => Err(format!(
+            "the final state's virtio-net MAC {} is not the card's {}",
+            mac(one.device.mac),
+            mac(nic.mac)
+        )),
         devices => Err(format!(
             "the final state has {} devices; a daemon guest has exactly one network card",
             devices.len()
@@ -481,11 +479,11 @@ fn prepare(daemon: &Daemon, name: &str, vm: Vm, state: MachineState) -> Result<P
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::state::NicSpec;
+    use vmm::snapshot::state::NicSpec;
 
     #[test]
     fn the_final_state_is_checked_field_by_field() {
-        let mut state = crate::snapshot::format::tests::state();
+        let mut state = vmm::testutil::sample_machine_state();
         let nic = NicSpec {
             mac: [2, 0, 0, 0, 0, 1],
             ip: "10.0.2.16".parse().unwrap(),
@@ -546,7 +544,7 @@ mod tests {
             "not the one reserved here",
         );
         expect(check_state(&hello, &state, mem, None), "reservation");
-        let mut s = crate::snapshot::format::tests::state();
+        let mut s = vmm::testutil::sample_machine_state();
         s.spec.nic = Some(other_mac);
         let mut h = hello.clone();
         h.nic = Some(other_mac);
@@ -554,10 +552,10 @@ mod tests {
             check_state(&h, &s, mem, Some(other_mac)),
             "virtio-net MAC 02:00:00:00:00:01",
         );
-        let mut s = crate::snapshot::format::tests::state();
+        let mut s = vmm::testutil::sample_machine_state();
         s.spec.nic = Some(nic);
-        let dev = s.devices[0].clone();
-        s.devices.push(dev);
+        let dev = s.devices.net[0].clone();
+        s.devices.net.push(dev);
         expect(check_state(&hello, &s, mem, Some(nic)), "2 devices");
     }
 }

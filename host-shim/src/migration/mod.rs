@@ -98,7 +98,7 @@ pub struct Migrations {
     /// A VM made ahead of time for the next incoming migration
     /// ([`dest`] takes it and has another made in the background):
     /// `KVM_CREATE_VM` alone took up to 5 s on a loaded nested host.
-    spare: Mutex<Option<crate::vstate::vm::Vm>>,
+    spare: Mutex<Option<vmm::vstate::vm::Vm>>,
 }
 
 impl Migrations {

@@ -61,8 +61,8 @@ use serde::{Deserialize, Serialize};
 
 use super::faults::{Fault, Injected, Step};
 use crate::security::tls::{Shared, Stream};
-use crate::snapshot::format::PAGE;
-use crate::snapshot::state::{ImageId, NicSpec};
+use vmm::snapshot::format::PAGE;
+use vmm::snapshot::state::{ImageId, NicSpec};
 
 /// Version of this message layout (3: checksummed frames, `Ready`,
 /// `Commit`, `Committed`, `Query`, `Outcome`).

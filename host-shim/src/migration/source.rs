@@ -49,9 +49,9 @@ use super::protocol::{
 };
 use crate::daemon::api::{Client, ClientError, MigrateRequest};
 use crate::daemon::{Daemon, MIGRATION_PROTOCOL};
-use crate::machine::{Machine, MachineHandle};
-use crate::snapshot::format::{is_zero, FORMAT_VERSION, PAGE};
-use crate::vstate::vm::Vm;
+use vmm::machine::{Machine, MachineHandle};
+use vmm::snapshot::format::{is_zero, FORMAT_VERSION, PAGE};
+use vmm::vstate::vm::{pages_of, Vm};
 
 /// Pre-copy stops when a round leaves at most this many dirty pages.
 pub const CONVERGED_PAGES: usize = 64;
@@ -364,10 +364,9 @@ impl Outgoing<'_> {
             // Frames that were waiting for the guest go with its state.
             let carried = state
                 .devices
+                .net
                 .iter()
-                .map(|d| match &d.device {
-                    crate::snapshot::state::DeviceState::Net(n) => n.pending_rx.len(),
-                })
+                .map(|n| n.device.pending_rx.len())
                 .sum::<usize>();
             let bytes = postcard::to_stdvec(&state).map_err(|e| e.to_string())?;
             conn.at(Step::Paused, "source");
@@ -724,20 +723,6 @@ fn refusal(e: ProtocolError) -> String {
     }
 }
 
-/// The page numbers set in a dirty bitmap.
-pub fn pages_of(bitmap: &[u64]) -> Vec<u32> {
-    let mut out = Vec::new();
-    for (w, &word) in bitmap.iter().enumerate() {
-        let mut bits = word;
-        while bits != 0 {
-            let b = bits.trailing_zeros();
-            out.push((w * 64) as u32 + b);
-            bits &= bits - 1;
-        }
-    }
-    out
-}
-
 /// Sends `pages` of `vm`: non-zero ones with their data, zero ones as a
 /// list (or not at all in round 0, when the destination is all zero).
 fn send_pages(conn: &mut Conn, vm: &Vm, pages: &[u32], first: bool) -> std::io::Result<Sent> {
@@ -802,9 +787,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dirty_bitmaps_to_pages() {
-        assert_eq!(pages_of(&[0b1011, 0, 1 << 63]), [0, 1, 3, 191]);
-        assert!(pages_of(&[0; 4]).is_empty());
+    fn byte_counts_read_as_humans_write_them() {
         assert_eq!(human(512), "512 B");
         assert_eq!(human(3 << 20), "3.0 MiB");
     }

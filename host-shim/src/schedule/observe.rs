@@ -297,8 +297,8 @@ impl Fleet {
 mod tests {
     use super::*;
     use crate::daemon::stats::InstanceStats;
-    use crate::net::overlay::PeerRtt;
-    use crate::net::traffic::PortStats;
+    use hostnet::overlay::PeerRtt;
+    use hostnet::traffic::PortStats;
 
     fn fleet() -> Fleet {
         let regions = Regions::new(["us", "eu"]);
@@ -455,12 +455,12 @@ mod tests {
             let mut p = port("127.0.0.1:1/tcp", "10.0.2.16:6379", eu + local);
             p.bytes_in = (eu + local) * 10;
             p.clients = vec![
-                crate::net::traffic::ClientStats {
+                hostnet::traffic::ClientStats {
                     addr: "10.1.0.9".into(),
                     requests: eu,
                     bytes_in: eu * 10,
                 },
-                crate::net::traffic::ClientStats {
+                hostnet::traffic::ClientStats {
                     addr: "127.0.0.1".into(),
                     requests: local,
                     bytes_in: local * 10,

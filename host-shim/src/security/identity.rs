@@ -130,7 +130,7 @@ pub fn default_dir() -> PathBuf {
     if let Some(d) = std::env::var_os(DIR_ENV).filter(|d| !d.is_empty()) {
         return PathBuf::from(d);
     }
-    if crate::sys::is_root() {
+    if shim_util::sys::is_root() {
         return PathBuf::from("/var/lib/host-shim");
     }
     if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
@@ -149,7 +149,7 @@ pub fn exists(dir: &Path) -> bool {
 /// (secrets or not: the directory is its owner's alone anyway), through a
 /// new temporary file that no planted link can redirect.
 fn write_file(path: &Path, contents: &[u8]) -> Result<(), IdentityError> {
-    crate::files::write_atomic(path, contents).map_err(io(path))
+    shim_util::files::write_atomic(path, contents).map_err(io(path))
 }
 
 fn read(path: &Path) -> Result<String, IdentityError> {
@@ -172,7 +172,7 @@ pub fn init(dir: &Path, req: &InitRequest) -> Result<Identity, IdentityError> {
             req.shim_id
         )));
     }
-    crate::files::private_dir(dir).map_err(io(dir))?;
+    shim_util::files::private_dir(dir).map_err(io(dir))?;
     let key = rcgen::KeyPair::generate().map_err(|e| IdentityError::Invalid(e.to_string()))?;
     let mut params =
         rcgen::CertificateParams::new(vec![super::tls::SERVER_NAME.to_owned(), req.name.clone()])
@@ -235,7 +235,7 @@ pub fn read_token(path: &Path) -> Result<String, IdentityError> {
         .map_err(io(path))?;
         text
     } else {
-        let bytes = crate::files::read_capped(path, MAX_TOKEN_FILE)
+        let bytes = shim_util::files::read_capped(path, MAX_TOKEN_FILE)
             .map_err(|e| IdentityError::Invalid(e.to_string()))?;
         String::from_utf8(bytes)
             .map_err(|_| IdentityError::Invalid(format!("{}: not text", path.display())))?

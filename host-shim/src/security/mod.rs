@@ -1,4 +1,5 @@
-//! Who may talk to a shim, and how: host identities, TLS, overlay encryption.
+//! Who may talk to a shim, and how: host identities and TLS (the overlay's
+//! datagram sealing lives with the overlay, in `hostnet::overlay_crypto`).
 //!
 //! - [`identity`]: a host's identity on disk (`host-shim init`): a key and a
 //!   self-signed certificate, the host's config, the user token, the fleet's
@@ -7,15 +8,11 @@
 //!   migration streams. Clients pin the server's certificate fingerprint;
 //!   servers ask for a client certificate and match it against their
 //!   peers. Users authenticate with a bearer token.
-//! - [`overlay_crypto`]: the overlay's encryption (ChaCha20-Poly1305, keys
-//!   derived from the fleet key per sender and boot) with replay windows per
-//!   sender identity, applied at the overlay socket.
 //!
 //! Hosts know each other by [`Fingerprint`]s (SHA-256 of the certificate's
 //! DER), written `SHA256:` and 64 hex digits.
 
 pub mod identity;
-pub mod overlay_crypto;
 pub mod tls;
 
 use std::fmt;

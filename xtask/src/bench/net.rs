@@ -23,7 +23,7 @@ use crate::workspace::Workspace;
 
 use host_shim::daemon::api::Client;
 use host_shim::daemon::stats::ShimStats;
-use host_shim::devices::exits::ExitStats;
+use vmm::devices::exits::ExitStats;
 
 use super::migrate::{Daemon, TempDir};
 use super::{free_port, median, require, Guard};

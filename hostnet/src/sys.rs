@@ -1,0 +1,198 @@
+//! Thin wrappers over the Linux calls no crate offers us: `epoll_pwait2`
+//! (epoll with a nanosecond timeout), `TUNSETIFF` (attach to a TAP device),
+//! an interface's host side (link up, a packet socket on it) and socket
+//! options. The only `unsafe` code of this crate; each block has its
+//! `SAFETY:` argument.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+use vmm_sys_util::epoll::EpollEvent;
+
+/// `epoll_pwait2(epfd, events, timeout, NULL)`: the raw return value (-1
+/// with errno set on failure).
+pub fn epoll_pwait2(epfd: RawFd, events: &mut [EpollEvent], timeout: Option<Duration>) -> i32 {
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(t.subsec_nanos()),
+    });
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    let max = i32::try_from(events.len()).unwrap_or(i32::MAX);
+    // SAFETY: `events` is a writable array of `max` epoll_event structs
+    // (EpollEvent is repr(transparent) over libc::epoll_event), `ts_ptr` is
+    // null or points at a timespec that outlives the call, and the sigmask
+    // is null (no mask change).
+    unsafe {
+        libc::epoll_pwait2(
+            epfd,
+            events.as_mut_ptr().cast::<libc::epoll_event>(),
+            max,
+            ts_ptr,
+            std::ptr::null(),
+        )
+    }
+}
+
+/// Attaches the open `/dev/net/tun` file `tun` to the TAP device `name`
+/// (created if missing), without packet information or vnet headers.
+/// Returns the kernel's name for the device.
+pub fn tun_set_iff(tun: &impl AsRawFd, name: &str) -> io::Result<String> {
+    // SAFETY: ifreq is plain data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= req.ifr_name.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "'{name}' is not a valid interface name (1 to {} bytes, no NUL)",
+                req.ifr_name.len() - 1
+            ),
+        ));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `req` is
+    // and which lives across the call; the fd is an open file.
+    let ret = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = req
+        .ifr_name
+        .iter()
+        .position(|&c| c == 0)
+        .unwrap_or(req.ifr_name.len());
+    Ok(req.ifr_name[..len]
+        .iter()
+        .map(|&c| c as u8 as char)
+        .collect())
+}
+
+fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
+    // SAFETY: ifreq is plain data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= req.ifr_name.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("'{name}' is not a valid interface name"),
+        ));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    Ok(req)
+}
+
+fn datagram_socket() -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: socket(2) has no memory arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sets the host side of interface `name` administratively up.
+pub fn set_link_up(name: &str) -> io::Result<()> {
+    let socket = datagram_socket()?;
+    let mut req = ifreq_for(name)?;
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write one `struct ifreq`,
+    // which `req` is and which lives across the calls.
+    unsafe {
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// `PACKET_IGNORE_OUTGOING` (Linux 4.20), not in the libc crate.
+const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+
+/// A non-blocking raw packet socket on interface `name`: it reads the
+/// frames that arrive on the host side (from the device side of a TAP) and
+/// sends frames out of it, never its own frames back.
+pub fn packet_socket(name: &str) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let c_name = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in interface name"))?;
+    // SAFETY: `c_name` is a NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let protocol = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: socket(2) has no memory arguments.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            protocol as libc::c_int,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = protocol;
+    addr.sll_ifindex = index as i32;
+    // SAFETY: `addr` is a live sockaddr_ll of the size passed.
+    let ret = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast::<libc::sockaddr>(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    setsockopt(
+        &socket,
+        libc::SOL_PACKET,
+        PACKET_IGNORE_OUTGOING,
+        &1 as &libc::c_int,
+    )?;
+    Ok(socket)
+}
+
+/// `setsockopt(fd, level, name, value)` for a plain-data option value.
+pub fn setsockopt<T: Copy>(
+    socket: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    // SAFETY: `value` points at a live `T` of the size passed; the kernel
+    // only reads it. The fd is an open socket.
+    let ret = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (value as *const T).cast::<libc::c_void>(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}

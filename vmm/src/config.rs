@@ -1,0 +1,689 @@
+//! What a run is asked to do: [`RunConfig`] and the parsers of the values
+//! that arrive as command-line flags (memory size, timeout, `KEY=VALUE`).
+//!
+//! The parsers return plain `String` errors so clap can show them next to
+//! the flag that carried them.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use abi::layout::{LARGE_PAGE_SIZE, MAX_MEM_SIZE, MIN_MEM_SIZE};
+
+use hostnet::{
+    in_subnet, mac_for, NetMode, NetworkConfig, Nic, Proto, PublishSpec, USER_FIRST_GUEST,
+    USER_GATEWAY, USER_PREFIX, USER_SUBNET,
+};
+
+const MIB: u64 = 1 << 20;
+
+/// Which monitor boots the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum Backend {
+    /// Our own KVM monitor: the guest starts directly in 64-bit ring 3.
+    Kvm,
+    /// QEMU microvm, booting the image's PVH entry.
+    Qemu,
+    /// Firecracker, booting the image's PVH entry (`--firecracker PATH` or
+    /// `$FIRECRACKER`).
+    Firecracker,
+}
+
+/// QEMU's accelerator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum QemuAccel {
+    /// Pure emulation (`-accel tcg -cpu max`).
+    Tcg,
+    /// Hardware virtualization (`-accel kvm -cpu host,-arch-capabilities`).
+    Kvm,
+}
+
+/// Everything a backend needs to run one guest.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub image: PathBuf,
+    /// Bytes of guest RAM; a valid size (see [`parse_mem_size`]).
+    pub mem_size: u64,
+    pub backend: Backend,
+    /// Stop the guest after this long (exit status 124).
+    pub timeout: Option<Duration>,
+    /// The guest command line, without its NUL (see [`crate::boot::cmdline`]).
+    pub cmdline: String,
+    pub qemu_accel: QemuAccel,
+    /// The KVM device node (`/dev/kvm`).
+    pub kvm_device: PathBuf,
+    /// The Firecracker binary (`--firecracker`); `None`: `$FIRECRACKER`.
+    pub firecracker: Option<PathBuf>,
+    /// The guests' network; `None`: no network device.
+    pub network: Option<NetworkConfig>,
+    /// More guests in the same process and on the same switch (`--also`),
+    /// each on its own vCPU thread with `mem_size` bytes of RAM.
+    pub also: Vec<GuestSpec>,
+    /// An app checkpoint (`abi::checkpoint`) handed to the main guest.
+    pub restore: Option<PathBuf>,
+    /// Where the main guest's checkpoints are stored (`DIR/latest.ckpt`).
+    pub checkpoint_to: Option<PathBuf>,
+}
+
+/// One more guest (`--also`).
+#[derive(Clone, Debug)]
+pub struct GuestSpec {
+    pub image: PathBuf,
+    /// Its console lines are prefixed with `[name] `.
+    pub name: String,
+    /// Its command line, without the NUL.
+    pub cmdline: String,
+}
+
+/// Parses a guest memory size: a byte count with an optional binary suffix
+/// (`K`, `M`, `G`, optionally followed by `iB` or `B`, any case), e.g. `64M`,
+/// `1G`, `33554432`. The result is a multiple of 2 MiB within
+/// [`MIN_MEM_SIZE`, `MAX_MEM_SIZE`].
+pub fn parse_mem_size(s: &str) -> Result<u64, String> {
+    let bytes = parse_byte_size(s)?;
+    check_mem_size(bytes)?;
+    Ok(bytes)
+}
+
+/// Parses a byte count with an optional binary suffix (`K`, `M`, `G`,
+/// optionally followed by `iB` or `B`, any case), e.g. `8M`, `512K`.
+pub fn parse_byte_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, suffix) = s.split_at(digits_end);
+    if digits.is_empty() {
+        return Err(format!(
+            "'{s}' is not a size: expected a number with an optional K, M or G suffix (e.g. 64M)"
+        ));
+    }
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        other => return Err(format!("unknown size suffix '{other}': use K, M or G")),
+    };
+    let value: u64 = digits.parse().map_err(|_| format!("'{s}' is too large"))?;
+    value
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// Checks that `bytes` is a guest memory size the layout allows.
+pub fn check_mem_size(bytes: u64) -> Result<(), String> {
+    if !bytes.is_multiple_of(LARGE_PAGE_SIZE) {
+        return Err(format!(
+            "{bytes} bytes is not a multiple of 2 MiB (guest RAM is mapped with 2 MiB pages)"
+        ));
+    }
+    if bytes < MIN_MEM_SIZE {
+        return Err(format!(
+            "{} MiB is too small: the minimum is {} MiB",
+            bytes / MIB,
+            MIN_MEM_SIZE / MIB
+        ));
+    }
+    if bytes > MAX_MEM_SIZE {
+        return Err(format!(
+            "{} MiB is too large: the maximum is {} MiB (RAM must end below the device window)",
+            bytes / MIB,
+            MAX_MEM_SIZE / MIB
+        ));
+    }
+    Ok(())
+}
+
+/// Parses a timeout in seconds; fractions are fine (`0.5`).
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if secs.is_nan() || secs <= 0.0 {
+        return Err(format!("the timeout must be more than 0 s, not '{s}'"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("'{s}': {e}"))
+}
+
+/// Parses a duration: a number with an optional unit (`ms`, `s`, `m`;
+/// seconds without one), e.g. `5s`, `500ms`, `1.5`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (t, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (e.g. 5s, 500ms)"))?;
+    let d = Duration::try_from_secs_f64(v * scale)
+        .map_err(|_| format!("`{s}` is not a valid duration"))?;
+    if d < Duration::from_millis(1) {
+        return Err(format!("`{s}` is too short: at least 1ms"));
+    }
+    Ok(d)
+}
+
+/// Parses one `KEY=VALUE` environment entry. The key must be non-empty.
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((key, _)) if key.starts_with("lc.") || key == abi::cmdline::VIRTIO_MMIO_KEY => {
+            Err(format!(
+                "'{key}' is reserved for the shim: lc.* keys and {} are not environment",
+                abi::cmdline::VIRTIO_MMIO_KEY
+            ))
+        }
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        Some(_) => Err(format!("'{s}' has an empty key: expected KEY=VALUE")),
+        None => Err(format!("'{s}' has no '=': expected KEY=VALUE")),
+    }
+}
+
+/// The syntax of `--publish`, for messages.
+pub const PUBLISH_SYNTAX: &str = "[HOST_ADDR:]HOST_PORT:[GUEST_ADDR:]GUEST_PORT[/tcp|/udp]";
+
+/// Parses `--publish [HOST_ADDR:]HOST_PORT:[GUEST_ADDR:]GUEST_PORT[/tcp|/udp]`
+/// (`8080:80`, `127.0.0.1:8080:80/tcp`, `[::1]:5353:53/udp`,
+/// `8081:10.0.2.16:80`). The host address defaults to 127.0.0.1, the guest
+/// to the main guest, the protocol to TCP.
+pub fn parse_publish(s: &str) -> Result<PublishSpec, String> {
+    let bad = |why: &str| {
+        format!("'{s}' is not a port mapping ({why}): expected {PUBLISH_SYNTAX}, e.g. 8080:80 or 127.0.0.1:8080:80/tcp")
+    };
+    let (body, proto) = match s.rsplit_once('/') {
+        Some((body, "tcp")) => (body, Proto::Tcp),
+        Some((body, "udp")) => (body, Proto::Udp),
+        Some((_, other)) => return Err(bad(&format!("unknown protocol '{other}'"))),
+        None => (s, Proto::Tcp),
+    };
+    // A bracketed IPv6 host address first.
+    let (v6_host, rest) = match body.strip_prefix('[') {
+        Some(after) => {
+            let (addr, rest) = after
+                .split_once("]:")
+                .ok_or_else(|| bad("unclosed '[' in the host address"))?;
+            let addr: IpAddr = addr
+                .parse()
+                .map_err(|_| bad(&format!("'{addr}' is not an IPv6 address")))?;
+            (Some(addr), rest)
+        }
+        None => (None, body),
+    };
+    let parts: Vec<&str> = rest.split(':').collect();
+    let is_ip = |p: &str| p.parse::<Ipv4Addr>().is_ok() || p == "localhost";
+    let (host, host_port, guest_addr, guest_port) = match (v6_host, parts.as_slice()) {
+        (Some(h), [hp, gp]) => (Some(h.to_string()), *hp, None, *gp),
+        (Some(h), [hp, ga, gp]) => (Some(h.to_string()), *hp, Some(*ga), *gp),
+        (None, [hp, gp]) => (None, *hp, None, *gp),
+        (None, [h, hp, gp]) if is_ip(h) => (Some(h.to_string()), *hp, None, *gp),
+        (None, [hp, ga, gp]) => (None, *hp, Some(*ga), *gp),
+        (None, [h, hp, ga, gp]) => (Some(h.to_string()), *hp, Some(*ga), *gp),
+        _ => return Err(bad("wrong number of ':'-separated parts")),
+    };
+    let port = |p: &str, what: &str| match p.parse::<u16>() {
+        Ok(0) | Err(_) => Err(bad(&format!("'{p}' is not a {what} port (1-65535)"))),
+        Ok(n) => Ok(n),
+    };
+    let host_port = port(host_port, "host")?;
+    let guest_port = port(guest_port, "guest")?;
+    let host_ip: IpAddr = match host.as_deref() {
+        None | Some("localhost") => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        Some(h) => h
+            .parse()
+            .map_err(|_| bad(&format!("'{h}' is not an IP address")))?,
+    };
+    let guest_addr = match guest_addr {
+        None => None,
+        Some(a) => Some(
+            a.parse::<Ipv4Addr>()
+                .map_err(|_| bad(&format!("'{a}' is not a guest IPv4 address")))?,
+        ),
+    };
+    Ok(PublishSpec {
+        host: SocketAddr::new(host_ip, host_port),
+        guest_addr,
+        guest_port,
+        proto,
+    })
+}
+
+/// Parses `--net`: `none`, `user` or `tap=NAME`.
+pub fn parse_net_mode(s: &str) -> Result<NetMode, String> {
+    match s {
+        "none" => Ok(NetMode::None),
+        "user" => Ok(NetMode::User),
+        _ => match s.strip_prefix("tap=") {
+            Some(name) if !name.is_empty() && name.len() < 16 && !name.contains('/') => {
+                Ok(NetMode::Tap(name.to_owned()))
+            }
+            Some(name) => Err(format!(
+                "'{name}' is not a network interface name (1 to 15 bytes, no '/')"
+            )),
+            None => Err(format!("unknown network '{s}': use none, user or tap=NAME")),
+        },
+    }
+}
+
+/// Parses a MAC address `52:54:00:12:34:56` (or with `-`); refuses group
+/// (multicast) and all-zero addresses.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bytes: Vec<u8> = s
+        .split([':', '-'])
+        .map(|b| {
+            if b.len() == 2 {
+                u8::from_str_radix(b, 16).ok()
+            } else {
+                None
+            }
+        })
+        .collect::<Option<_>>()
+        .ok_or_else(|| {
+            format!("'{s}' is not a MAC address (expected six hex bytes, e.g. 02:00:00:00:00:01)")
+        })?;
+    let mac: [u8; 6] = bytes.try_into().map_err(|_| {
+        format!("'{s}' is not a MAC address (expected six hex bytes, e.g. 02:00:00:00:00:01)")
+    })?;
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "{s} is a multicast address (the lowest bit of the first byte is set): a card needs              a unicast one"
+        ));
+    }
+    if mac == [0; 6] {
+        return Err("00:00:00:00:00:00 is not a usable MAC address".into());
+    }
+    Ok(mac)
+}
+
+/// Parses `ADDR[/PREFIX]` (the prefix defaults to 24).
+pub fn parse_ip_prefix(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (addr, prefix) = s.split_once('/').unwrap_or((s, "24"));
+    let addr: Ipv4Addr = addr
+        .parse()
+        .map_err(|_| format!("'{addr}' is not an IPv4 address"))?;
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| (1..=32).contains(p))
+        .ok_or_else(|| format!("'{prefix}' is not a prefix length (1-32)"))?;
+    Ok((addr, prefix))
+}
+
+/// Parses an IPv4 address.
+pub fn parse_ipv4(s: &str) -> Result<Ipv4Addr, String> {
+    s.parse()
+        .map_err(|_| format!("'{s}' is not an IPv4 address"))
+}
+
+/// The network flags of `run`.
+#[derive(Clone, Debug, Default)]
+pub struct NetOptions {
+    pub net: Option<NetMode>,
+    pub publish: Vec<PublishSpec>,
+    pub mac: Option<[u8; 6]>,
+    pub ip: Option<(Ipv4Addr, u8)>,
+    pub gateway: Option<Ipv4Addr>,
+}
+
+/// Decides the network of a run with `guests` guests (the main one and
+/// each `--also`): the mode, and each guest's card and addresses. `None`:
+/// no network (no network flag was given, or `--net none`).
+pub fn plan_network(opts: &NetOptions, guests: usize) -> Result<Option<NetworkConfig>, String> {
+    let mode = match (&opts.net, opts.publish.is_empty()) {
+        (Some(mode), _) => mode.clone(),
+        (None, false) => NetMode::User,
+        (None, true) => NetMode::None,
+    };
+    let needs_net =
+        |flag: &str| format!("{flag} needs a network: add --net user, --net tap=NAME or --publish");
+    if mode == NetMode::None {
+        if !opts.publish.is_empty() {
+            return Err("--publish needs the user-mode network, not --net none".into());
+        }
+        for (given, flag) in [
+            (opts.mac.is_some(), "--mac"),
+            (opts.ip.is_some(), "--ip"),
+            (opts.gateway.is_some(), "--gateway"),
+        ] {
+            if given {
+                return Err(needs_net(flag));
+            }
+        }
+        return Ok(None);
+    }
+    if let NetMode::Tap(_) = mode {
+        if !opts.publish.is_empty() {
+            return Err("--publish works with the user-mode network (--net user), not with a TAP                         device: there the host reaches the guest directly"
+                .into());
+        }
+    }
+    let (ip, prefix) = opts.ip.unwrap_or((USER_FIRST_GUEST, USER_PREFIX));
+    let gateway = match (&mode, opts.gateway) {
+        (NetMode::User, Some(gw)) if gw != USER_GATEWAY => {
+            return Err(format!(
+                "--gateway {gw}: the user-mode network's gateway is {USER_GATEWAY}"
+            ))
+        }
+        (NetMode::User, _) => Some(USER_GATEWAY),
+        (_, Some(gw)) => Some(gw),
+        (_, None) if in_subnet(ip, USER_SUBNET, USER_PREFIX) && ip != USER_GATEWAY => {
+            Some(USER_GATEWAY)
+        }
+        (_, None) => None,
+    };
+    let network = u32::from(ip) & u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    let broadcast = network | !u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    let usable = |a: Ipv4Addr| {
+        let n = u32::from(a);
+        in_subnet(a, ip, prefix) && n != network && n != broadcast && Some(a) != gateway
+    };
+    if mode == NetMode::User && (!in_subnet(ip, USER_SUBNET, USER_PREFIX) || prefix != USER_PREFIX)
+    {
+        return Err(format!(
+            "--ip {ip}/{prefix}: the user-mode network is {USER_SUBNET}/{USER_PREFIX}"
+        ));
+    }
+    if !usable(ip) && prefix < 31 {
+        return Err(format!(
+            "--ip {ip}/{prefix}: that is the subnet's network, broadcast or gateway address"
+        ));
+    }
+    if let Some(gw) = gateway {
+        if !in_subnet(gw, ip, prefix) {
+            return Err(format!("--gateway {gw} is outside {ip}/{prefix}"));
+        }
+    }
+    let mut nics = vec![Nic {
+        mac: opts.mac.unwrap_or_else(|| mac_for(ip)),
+        ip,
+        prefix,
+        gateway,
+    }];
+    let mut next = u32::from(ip);
+    while nics.len() < guests {
+        next = next.wrapping_add(1);
+        let candidate = Ipv4Addr::from(next);
+        if !in_subnet(candidate, ip, prefix) || next == broadcast {
+            return Err(format!(
+                "{guests} guests do not fit in {ip}/{prefix} from {ip} upward"
+            ));
+        }
+        if usable(candidate) {
+            nics.push(Nic {
+                mac: mac_for(candidate),
+                ip: candidate,
+                prefix,
+                gateway,
+            });
+        }
+    }
+    Ok(Some(NetworkConfig {
+        mode,
+        publish: opts.publish.clone(),
+        nics,
+    }))
+}
+
+/// This machine's host name, for `lc.host` (falls back to `localhost`).
+pub fn default_host_name() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .map(|name| name.trim().to_owned())
+        .find(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_sizes_with_and_without_suffixes() {
+        assert_eq!(parse_mem_size("64M"), Ok(64 * MIB));
+        assert_eq!(parse_mem_size("64m"), Ok(64 * MIB));
+        assert_eq!(parse_mem_size("64MiB"), Ok(64 * MIB));
+        assert_eq!(parse_mem_size("1G"), Ok(1024 * MIB));
+        assert_eq!(parse_mem_size("33554432"), Ok(32 * MIB));
+        assert_eq!(parse_mem_size("4096K"), Ok(4 * MIB));
+        assert_eq!(parse_mem_size("3G"), Ok(MAX_MEM_SIZE));
+    }
+
+    #[test]
+    fn mem_sizes_out_of_the_layout_are_refused() {
+        let err = parse_mem_size("3M").unwrap_err();
+        assert!(err.contains("multiple of 2 MiB"), "{err}");
+        let err = parse_mem_size("2M").unwrap_err();
+        assert!(err.contains("too small"), "{err}");
+        let err = parse_mem_size("4G").unwrap_err();
+        assert!(err.contains("too large"), "{err}");
+        assert!(parse_mem_size("0").is_err());
+        assert!(parse_mem_size("").is_err());
+        assert!(parse_mem_size("M").is_err());
+        assert!(parse_mem_size("64X").unwrap_err().contains("suffix"));
+        assert!(parse_mem_size("99999999999999999999").is_err());
+        assert!(parse_mem_size("99999999999G").is_err());
+        assert!(parse_mem_size("-64M").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn timeouts() {
+        assert_eq!(parse_timeout("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_timeout("0.25"), Ok(Duration::from_millis(250)));
+        assert!(parse_timeout("0").is_err());
+        assert!(parse_timeout("-1").is_err());
+        assert!(parse_timeout("NaN").is_err());
+        assert!(parse_timeout("inf").is_err());
+        assert!(parse_timeout("soon").is_err());
+    }
+
+    #[test]
+    fn env_entries() {
+        assert_eq!(parse_env("A=b"), Ok(("A".into(), "b".into())));
+        assert_eq!(parse_env("A="), Ok(("A".into(), "".into())));
+        assert_eq!(parse_env("A=b=c"), Ok(("A".into(), "b=c".into())));
+        assert!(parse_env("=b").is_err());
+        assert!(parse_env("AB").is_err());
+        assert!(parse_env("lc.host=x").unwrap_err().contains("reserved"));
+        assert!(parse_env("virtio_mmio.device=1@2:3").is_err());
+    }
+
+    fn publish(s: &str) -> PublishSpec {
+        parse_publish(s).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn publish_specs() {
+        let p = publish("8080:80");
+        assert_eq!(p.host, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(
+            (p.guest_addr, p.guest_port, p.proto),
+            (None, 80, Proto::Tcp)
+        );
+        let p = publish("0.0.0.0:8080:80/tcp");
+        assert_eq!(p.host, "0.0.0.0:8080".parse().unwrap());
+        let p = publish("127.0.0.2:5353:53/udp");
+        assert_eq!(
+            (p.host.port(), p.guest_port, p.proto),
+            (5353, 53, Proto::Udp)
+        );
+        let p = publish("[::1]:8080:80");
+        assert_eq!(p.host, "[::1]:8080".parse().unwrap());
+        let p = publish("8081:10.0.2.16:80");
+        assert_eq!(p.host, "127.0.0.1:8081".parse().unwrap());
+        assert_eq!(p.guest_addr, Some(Ipv4Addr::new(10, 0, 2, 16)));
+        let p = publish("127.0.0.1:8081:10.0.2.16:80/udp");
+        assert_eq!(p.guest_addr, Some(Ipv4Addr::new(10, 0, 2, 16)));
+        assert_eq!(p.proto, Proto::Udp);
+        assert_eq!(
+            publish("localhost:1:2").host,
+            "127.0.0.1:1".parse().unwrap()
+        );
+        assert_eq!(p.to_string(), "127.0.0.1:8081/udp -> 10.0.2.16:80");
+    }
+
+    #[test]
+    fn bad_publish_specs_say_what_is_wrong() {
+        for (s, why) in [
+            ("80", "number of"),
+            ("", "number of"),
+            ("a:b", "not a host port"),
+            ("8080:0", "not a guest port"),
+            ("70000:80", "not a host port"),
+            ("8080:80/sctp", "unknown protocol 'sctp'"),
+            ("1.2.3:8080:80:80", "not an IP address"),
+            ("[::1:8080:80", "unclosed"),
+            ("8080:10.0.2:80", "not a guest IPv4"),
+            ("1:2:3:4:5", "number of"),
+        ] {
+            let e = parse_publish(s).unwrap_err();
+            assert!(e.contains(why), "{s}: {e}");
+            assert!(e.contains("HOST_PORT:"), "{s}: {e}");
+        }
+    }
+
+    #[test]
+    fn net_modes_macs_and_addresses() {
+        assert_eq!(parse_net_mode("user"), Ok(NetMode::User));
+        assert_eq!(parse_net_mode("none"), Ok(NetMode::None));
+        assert_eq!(parse_net_mode("tap=tap0"), Ok(NetMode::Tap("tap0".into())));
+        assert!(parse_net_mode("tap=").is_err());
+        assert!(parse_net_mode("tap=waytoolonginterfacename").is_err());
+        assert!(parse_net_mode("slirp")
+            .unwrap_err()
+            .contains("unknown network"));
+        assert_eq!(parse_mac("02:00:0A:0b:0c:0d"), Ok([2, 0, 10, 11, 12, 13]));
+        assert_eq!(
+            parse_mac("52-54-00-12-34-56"),
+            Ok([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+        );
+        assert!(parse_mac("01:00:5e:00:00:01")
+            .unwrap_err()
+            .contains("multicast"));
+        assert!(parse_mac("00:00:00:00:00:00").is_err());
+        assert!(parse_mac("02:00:00:00:00").is_err());
+        assert!(parse_mac("02:00:00:00:00:0g").is_err());
+        assert!(parse_mac("2:0:0:0:0:1").is_err());
+        assert_eq!(
+            parse_ip_prefix("10.0.2.20/24"),
+            Ok((Ipv4Addr::new(10, 0, 2, 20), 24))
+        );
+        assert_eq!(
+            parse_ip_prefix("192.168.7.2"),
+            Ok((Ipv4Addr::new(192, 168, 7, 2), 24))
+        );
+        assert!(parse_ip_prefix("10.0.2.20/33").is_err());
+        assert!(parse_ip_prefix("10.0.2/24").is_err());
+        assert!(parse_ipv4("10.0.2.256").is_err());
+    }
+
+    #[test]
+    fn network_plans() {
+        let none = NetOptions::default();
+        assert_eq!(plan_network(&none, 3), Ok(None));
+        let ip_only = NetOptions {
+            ip: Some((Ipv4Addr::new(10, 0, 2, 20), 24)),
+            ..Default::default()
+        };
+        assert!(plan_network(&ip_only, 1)
+            .unwrap_err()
+            .contains("--ip needs a network"));
+
+        let user = NetOptions {
+            publish: vec![publish("8080:80")],
+            ..Default::default()
+        };
+        let plan = plan_network(&user, 3).unwrap().unwrap();
+        assert_eq!(plan.mode, NetMode::User);
+        let ips: Vec<String> = plan.nics.iter().map(|n| n.ip.to_string()).collect();
+        assert_eq!(ips, ["10.0.2.15", "10.0.2.16", "10.0.2.17"]);
+        assert!(plan.nics.iter().all(|n| n.gateway == Some(USER_GATEWAY)));
+        assert_eq!(plan.nics[1].mac, [2, 0x4c, 10, 0, 2, 16]);
+
+        let custom = NetOptions {
+            net: Some(NetMode::User),
+            mac: Some([2, 0, 0, 0, 0, 9]),
+            ip: Some((Ipv4Addr::new(10, 0, 2, 1), 24)),
+            ..Default::default()
+        };
+        let plan = plan_network(&custom, 2).unwrap().unwrap();
+        assert_eq!(plan.nics[0].mac, [2, 0, 0, 0, 0, 9]);
+        assert_eq!(
+            plan.nics[1].ip,
+            Ipv4Addr::new(10, 0, 2, 3),
+            "skips the gateway"
+        );
+
+        let outside = NetOptions {
+            net: Some(NetMode::User),
+            ip: Some((Ipv4Addr::new(192, 168, 1, 5), 24)),
+            ..Default::default()
+        };
+        assert!(plan_network(&outside, 1)
+            .unwrap_err()
+            .contains("10.0.2.0/24"));
+        let gw = NetOptions {
+            net: Some(NetMode::User),
+            gateway: Some(Ipv4Addr::new(10, 0, 2, 1)),
+            ..Default::default()
+        };
+        assert!(plan_network(&gw, 1).is_err());
+
+        let tap = NetOptions {
+            net: Some(NetMode::Tap("t0".into())),
+            ip: Some((Ipv4Addr::new(192, 168, 7, 2), 24)),
+            gateway: Some(Ipv4Addr::new(192, 168, 7, 1)),
+            ..Default::default()
+        };
+        let plan = plan_network(&tap, 1).unwrap().unwrap();
+        assert_eq!(plan.nics[0].gateway, Some(Ipv4Addr::new(192, 168, 7, 1)));
+        let tap_default = NetOptions {
+            net: Some(NetMode::Tap("t0".into())),
+            ..Default::default()
+        };
+        let plan = plan_network(&tap_default, 1).unwrap().unwrap();
+        assert_eq!(plan.nics[0].ip, USER_FIRST_GUEST);
+        assert_eq!(plan.nics[0].gateway, Some(USER_GATEWAY));
+        let tap_publish = NetOptions {
+            net: Some(NetMode::Tap("t0".into())),
+            publish: vec![publish("1:2")],
+            ..Default::default()
+        };
+        assert!(plan_network(&tap_publish, 1).is_err());
+        let none_publish = NetOptions {
+            net: Some(NetMode::None),
+            publish: vec![publish("1:2")],
+            ..Default::default()
+        };
+        assert!(plan_network(&none_publish, 1).is_err());
+        let full = NetOptions {
+            net: Some(NetMode::User),
+            ip: Some((Ipv4Addr::new(10, 0, 2, 253), 24)),
+            ..Default::default()
+        };
+        assert!(plan_network(&full, 3).unwrap_err().contains("do not fit"));
+    }
+
+    #[test]
+    fn host_name_is_never_empty() {
+        assert!(!default_host_name().is_empty());
+    }
+}
