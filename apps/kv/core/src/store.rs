@@ -27,10 +27,10 @@
 //! order; FLUSHALL drops the base. kv thus serves a restored checkpoint as
 //! soon as it has checked and indexed it, at the heap cost of the index.
 
+use crate::Instant;
 use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
-use libcloud::time::Instant;
 
 use crate::glob;
 
