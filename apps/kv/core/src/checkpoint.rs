@@ -35,6 +35,9 @@ pub enum Error {
     /// Two keys of a full checkpoint are not in strictly increasing order.
     #[error("checkpoint state does not decode: keys out of order")]
     Unordered,
+    /// Bytes follow the last entry.
+    #[error("checkpoint state does not decode: {0} bytes after the last key")]
+    TrailingBytes(usize),
     /// The payload is larger than the index of entry offsets can address.
     #[error("checkpoint state is larger than 4 GiB")]
     TooLarge,
@@ -224,6 +227,10 @@ impl<B: AsRef<[u8]>> Encoded<B> {
                     }
                 }
             }
+        }
+        if !rest.is_empty() {
+            // Not what a capture writes: damaged, or written by other code.
+            return Err(Error::TrailingBytes(rest.len()));
         }
         let encoded = Self {
             payload,
