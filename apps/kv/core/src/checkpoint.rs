@@ -49,11 +49,11 @@ pub enum Error {
 /// One key: `(key, value, milliseconds left to live)`. Keys and values
 /// are byte strings to serde (postcard: a length and the bytes, the same
 /// encoding as a `Vec<u8>` sequence, decoded in one copy, not byte by byte).
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Key(
-    #[serde(with = "bytes")] Vec<u8>,
-    #[serde(with = "bytes")] Vec<u8>,
-    Option<u64>,
+    #[serde(with = "bytes")] pub Vec<u8>,
+    #[serde(with = "bytes")] pub Vec<u8>,
+    pub Option<u64>,
 );
 
 /// A [`Key`] read in place from the encoded checkpoint.
@@ -96,7 +96,7 @@ mod bytes {
 }
 
 /// What a kv checkpoint holds.
-#[derive(Serialize, Deserialize, Default)]
+#[derive(Serialize, Deserialize, Default, Debug, Clone, PartialEq, Eq)]
 pub struct KvState {
     #[serde(deserialize_with = "presized")]
     pub keys: Vec<Key>,
@@ -138,7 +138,7 @@ where
 const MAX_PRESIZE: usize = 1 << 20;
 
 /// The keys changed since the previous blob of the chain.
-#[derive(Serialize, Deserialize, Default)]
+#[derive(Serialize, Deserialize, Default, Debug, Clone, PartialEq, Eq)]
 pub struct KvDelta {
     /// Milliseconds since the full checkpoint the chain starts from.
     pub at_ms: u64,
@@ -308,11 +308,6 @@ pub fn restore<B: AsRef<[u8]> + 'static>(
         d.apply(store, now, age);
     }
     Ok(())
-}
-
-/// Decodes a delta's payload.
-pub fn decode_delta(payload: &[u8]) -> Result<KvDelta, Error> {
-    postcard::from_bytes(payload).map_err(Error::Decode)
 }
 
 /// Incremental checkpoints of a store: a full [`KvState`] now and then,

@@ -904,6 +904,13 @@ fn client(ctx: &mut Ctx, args: &mut [Vec<u8>]) {
             .filter(|n| !n.is_empty());
         resp::bulk_or_nil(ctx.out, name);
     } else if eq(sub, "SETINFO") && args.len() == 4 {
+        // Shown in `CLIENT LIST` lines: no blanks or line breaks, as in Redis.
+        if !valid_client_name(&args[3]) {
+            let attr = String::from_utf8_lossy(&args[2]).to_lowercase();
+            let msg =
+                alloc::format!("ERR {attr} cannot contain spaces, newlines or special characters.");
+            return ctx.err(msg.as_bytes());
+        }
         let value = core::mem::take(&mut args[3]);
         let info = ctx.srv.clients.get_mut(&id);
         match info {

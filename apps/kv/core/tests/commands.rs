@@ -471,6 +471,23 @@ fn client_names_and_ids() {
     };
     let list = String::from_utf8(list).unwrap();
     assert!(list.contains("addr=10.0.0.9:40000 name=app-1 "), "{list}");
+    // Library names cannot forge lines or fields of CLIENT LIST.
+    assert_eq!(kv.run("CLIENT SETINFO LIB-NAME redis-py"), ok());
+    assert_eq!(
+        kv.cmd(&["CLIENT", "SETINFO", "LIB-VER", "1\nid=99 addr=evil"]),
+        err("ERR lib-ver cannot contain spaces, newlines or special characters.")
+    );
+    let Reply::Bulk(list) = kv.run("CLIENT LIST") else {
+        panic!("CLIENT LIST is a bulk string");
+    };
+    assert_eq!(
+        list.iter().filter(|&&b| b == b'\n').count(),
+        1,
+        "one client, one line"
+    );
+    assert!(String::from_utf8(list)
+        .unwrap()
+        .contains(" lib-name=redis-py lib-ver=\n"));
     kv.server.disconnect(kv.client);
     assert!(kv.server.clients.is_empty());
 }
