@@ -904,24 +904,26 @@ fn client(ctx: &mut Ctx, args: &mut [Vec<u8>]) {
             .filter(|n| !n.is_empty());
         resp::bulk_or_nil(ctx.out, name);
     } else if eq(sub, "SETINFO") && args.len() == 4 {
+        let lib_name = eq(&args[2], "LIB-NAME");
+        if !lib_name && !eq(&args[2], "LIB-VER") {
+            let mut msg = Vec::from(&b"ERR Unrecognized option '"[..]);
+            msg.extend_from_slice(&args[2]);
+            msg.push(b'\'');
+            return ctx.err(&msg);
+        }
         // Shown in `CLIENT LIST` lines: no blanks or line breaks, as in Redis.
         if !valid_client_name(&args[3]) {
-            let attr = String::from_utf8_lossy(&args[2]).to_lowercase();
+            let attr = if lib_name { "lib-name" } else { "lib-ver" };
             let msg =
                 alloc::format!("ERR {attr} cannot contain spaces, newlines or special characters.");
             return ctx.err(msg.as_bytes());
         }
         let value = core::mem::take(&mut args[3]);
-        let info = ctx.srv.clients.get_mut(&id);
-        match info {
-            Some(info) if eq(&args[2], "LIB-NAME") => info.lib_name = value,
-            Some(info) if eq(&args[2], "LIB-VER") => info.lib_ver = value,
-            _ if eq(&args[2], "LIB-NAME") || eq(&args[2], "LIB-VER") => {}
-            _ => {
-                let mut msg = Vec::from(&b"ERR Unrecognized option '"[..]);
-                msg.extend_from_slice(&args[2]);
-                msg.push(b'\'');
-                return ctx.err(&msg);
+        if let Some(info) = ctx.srv.clients.get_mut(&id) {
+            if lib_name {
+                info.lib_name = value;
+            } else {
+                info.lib_ver = value;
             }
         }
         ctx.ok();
