@@ -1130,7 +1130,7 @@ fn info(ctx: &mut Ctx, args: &mut [Vec<u8>]) {
             }
             _ => {
                 // As in Redis, an empty database has no line.
-                if srv.store.len() > 0 {
+                if !srv.store.is_empty() {
                     let (keys, volatile) = (srv.store.len(), srv.store.volatile_len());
                     line(
                         "db0",

@@ -68,6 +68,10 @@ impl Entry {
 pub trait Checkpointed {
     /// How many entries there are.
     fn len(&self) -> usize;
+    /// Whether there are none.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// The key of entry `i`.
     fn key(&self, i: usize) -> &[u8];
     /// Entry `i`.
@@ -222,6 +226,11 @@ impl Store {
                 .base
                 .as_ref()
                 .map_or(0, |b| b.source.len() - b.shadowed.len())
+    }
+
+    /// Whether no keys are stored, expired ones included.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Keys with a deadline, including expired ones not yet removed.

@@ -74,13 +74,9 @@ fn through_container(full: &KvState, deltas: &[KvDelta]) -> Kv {
     let mut kv = Kv::new();
     kv.advance(Duration::from_secs(7)); // another machine's clock
     let now = kv.platform.now();
-    checkpoint::restore(
-        &mut kv.server.store,
-        chain.base.payload.to_vec(),
-        deltas,
-        now,
-    )
-    .unwrap();
+    // Owned: the store keeps its base for good.
+    let base: Vec<u8> = chain.base.payload.into();
+    checkpoint::restore(&mut kv.server.store, base, deltas, now).unwrap();
     kv
 }
 

@@ -78,7 +78,7 @@ fn changes_are_tracked_for_deltas_only_when_asked() {
     assert_eq!(names, [&b"a"[..], b"b", b"untracked"]);
     assert_eq!(s.expire_due(at(5), usize::MAX), 1);
     let d = s.take_dirty().expect("an expiry is a change");
-    assert!(d.keys.contains(&b"a".to_vec()));
+    assert!(d.keys.contains(b"a".as_slice()));
     s.clear();
     s.set(b"c".to_vec(), b"3".to_vec(), None);
     let d = s.take_dirty().expect("changes");
