@@ -198,7 +198,7 @@ async fn main() -> Result<(), libcloud::net::Error> {
     let port: u16 = libcloud::env("PORT")
         .and_then(|p| p.parse().ok())
         .unwrap_or(6379);
-    let maxmemory = match libcloud::env("MAXMEMORY").map(parse_bytes) {
+    let maxmemory = match libcloud::env("MAXMEMORY").map(commands::parse_bytes) {
         Some(Some(n)) => n,
         Some(None) => {
             println!("kv: ignoring MAXMEMORY: not a size (e.g. 64mb)");
@@ -238,21 +238,6 @@ async fn main() -> Result<(), libcloud::net::Error> {
     });
     println!("kv: listening on port {port}");
     core::future::pending().await
-}
-
-/// `123`, `64kb`, `100mb`, `1gb` (also `k`, `m`, `g`; any case) in bytes.
-fn parse_bytes(s: &str) -> Option<usize> {
-    let s = s.trim().to_ascii_lowercase();
-    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(digits);
-    let scale = match unit {
-        "" | "b" => 1,
-        "k" | "kb" => 1 << 10,
-        "m" | "mb" => 1 << 20,
-        "g" | "gb" => 1 << 30,
-        _ => return None,
-    };
-    n.parse::<usize>().ok()?.checked_mul(scale)
 }
 
 /// Removes expired keys a batch at a time: every [`EXPIRE_PERIOD_MS`], or

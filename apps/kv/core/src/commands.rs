@@ -156,6 +156,22 @@ impl Server {
     }
 }
 
+/// A size as `MAXMEMORY` takes it, in bytes: `123`, `64kb`, `100mb`, `1gb`
+/// (also `k`, `m`, `g`; any case). `None` if it is not one or overflows.
+pub fn parse_bytes(s: &str) -> Option<usize> {
+    let s = s.trim().to_ascii_lowercase();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(digits);
+    let scale = match unit {
+        "" | "b" => 1,
+        "k" | "kb" => 1 << 10,
+        "m" | "mb" => 1 << 20,
+        "g" | "gb" => 1 << 30,
+        _ => return None,
+    };
+    n.parse::<usize>().ok()?.checked_mul(scale)
+}
+
 /// A command being run.
 struct Ctx<'a> {
     srv: &'a mut Server,

@@ -491,3 +491,31 @@ fn client_names_and_ids() {
     kv.server.disconnect(kv.client);
     assert!(kv.server.clients.is_empty());
 }
+
+#[test]
+fn maxmemory_sizes_parse_with_units_and_refuse_overflow() {
+    use kv_core::commands::parse_bytes;
+    for (s, n) in [
+        ("123", 123),
+        ("0", 0),
+        ("64kb", 64 << 10),
+        ("64K", 64 << 10),
+        (" 100mb ", 100 << 20),
+        ("1GB", 1 << 30),
+        ("7b", 7),
+    ] {
+        assert_eq!(parse_bytes(s), Some(n), "{s:?}");
+    }
+    for s in [
+        "",
+        "mb",
+        "1.5m",
+        "-1",
+        "1 mb",
+        "1tb",
+        "18446744073709551615g",
+        "99999999999999999999",
+    ] {
+        assert_eq!(parse_bytes(s), None, "{s:?}");
+    }
+}
