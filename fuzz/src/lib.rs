@@ -1,10 +1,10 @@
 //! Fuzz targets for every decoder of bytes that come from outside the shim: guest memory and
 //! registers, snapshot files, migration peers, checkpoint blobs, API callers and overlay
-//! datagrams.
+//! datagrams, and the kv app's protocol and store.
 //!
 //! Each target is a module with `run(data: &[u8])`, a thin driver of the real decoder in
-//! `host-shim`/`abi`: `fuzz_targets/<name>.rs` hands it to libFuzzer (`cargo xtask fuzz NAME`),
-//! `tests/smoke.rs` runs it over the committed corpus and mutated inputs in the ordinary tests.
+//! `host-shim`/`abi`/`kv-core`: `fuzz_targets/<name>.rs` hands it to libFuzzer
+//! (`cargo xtask fuzz NAME`), `tests/smoke.rs` runs it over the committed corpus and mutated inputs in the ordinary tests.
 //! A target panics only when the decoder does (or breaks a property it asserts). [`seeds`]
 //! builds each target's seed corpus with the real encoders.
 
@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod doorbell;
 pub mod elf_loader;
 pub mod http_request;
+pub mod kv;
 pub mod migration_stream;
 pub mod overlay;
 pub mod seeds;
@@ -31,6 +32,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("checkpoint", checkpoint::run),
     ("http_request", http_request::run),
     ("overlay", overlay::run),
+    ("kv", kv::run),
 ];
 
 /// Reads fields off the front of a fuzz input; past its end every field is zero.

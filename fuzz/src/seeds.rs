@@ -1,5 +1,5 @@
 //! Seed inputs for each target, made with the real encoders (image builder, snapshot writer,
-//! migration and checkpoint encoders, probe and VXLAN encoders), so fuzzing starts from valid
+//! migration and checkpoint encoders, probe and VXLAN encoders, kv's RESP encoder), so fuzzing starts from valid
 //! inputs. `cargo xtask fuzz --seed` writes them to `fuzz/corpus/<target>/`.
 
 use abi::hypercall::{
@@ -39,6 +39,7 @@ pub fn seeds(name: &str) -> Vec<(&'static str, Vec<u8>)> {
         "checkpoint" => checkpoint(),
         "http_request" => http(),
         "overlay" => overlay(),
+        "kv" => kv(),
         _ => panic!("no target {name}"),
     }
 }
@@ -395,5 +396,42 @@ fn overlay() -> Vec<(&'static str, Vec<u8>)> {
             "answer",
             [head(9), encode_probe(true, 456, "host-b", "us-east")].concat(),
         ),
+    ]
+}
+
+/// A client of the kv app: what `redis-benchmark` and `redis-cli` send, pipelined, after the
+/// byte that picks the read size.
+fn kv() -> Vec<(&'static str, Vec<u8>)> {
+    let mut strings = Vec::new();
+    for args in [
+        &["SET", "k", "v", "PX", "3"][..],
+        &["GET", "k"],
+        &["MSET", "a", "1", "b", "2", "user:1", "x"],
+        &["INCRBY", "a", "9223372036854775806"],
+        &["INCR", "a"],
+        &["APPEND", "b", "\r\n"],
+        &["EXPIRE", "b", "1", "NX"],
+        &["PTTL", "b"],
+        &["KEYS", "[a-z]*"],
+        &["MGET", "a", "b", "k"],
+        &["DEL", "a", "a", "k"],
+        &["EXISTS", "b", "b"],
+        &["SET", "c", "v", "KEEPTTL", "GET"],
+        &["CLIENT", "SETNAME", "fuzz"],
+        &["FLUSHALL"],
+        &["SET", "after", "flush", "EX", "10"],
+        &["INFO", "keyspace"],
+    ] {
+        kv_core::resp::command(&mut strings, args);
+    }
+    let inline = b"PING\r\nSET \"quoted key\" '\\'x\\'' EX 5\nGET \"quoted\\x20key\"\r\n\r\nQUIT\r\nGET after\r\n";
+    let mut partial = Vec::new();
+    kv_core::resp::command(&mut partial, &[&b"SET"[..], b"big", &[b'v'; 300]]);
+    partial.truncate(partial.len() - 40);
+    vec![
+        ("strings-pipelined", [&[7u8][..], &strings].concat()),
+        ("strings-byte-by-byte", [&[0u8][..], &strings].concat()),
+        ("inline", [&[3u8][..], inline].concat()),
+        ("partial-bulk", [&[4u8][..], &partial].concat()),
     ]
 }

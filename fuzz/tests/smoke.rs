@@ -144,6 +144,11 @@ fn overlay() {
 }
 
 #[test]
+fn kv() {
+    smoke("kv");
+}
+
+#[test]
 fn every_target_has_a_smoke_test() {
     let this = include_str!("smoke.rs");
     for (name, _) in TARGETS {

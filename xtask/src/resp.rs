@@ -1,22 +1,22 @@
 //! The Redis protocol (RESP2) as the benchmarks' and the demo's clients of
-//! the kv app speak it: commands out, replies in.
+//! the kv app speak it: commands out, replies in, framed by kv's own
+//! encoder and reply parser (`kv_core::resp`).
 
 use std::io::{BufRead, ErrorKind};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
+use kv_core::resp::{self, Reply};
 
 /// The RESP encoding of a command.
 pub fn encode(args: &[&str]) -> Vec<u8> {
-    let mut b = format!("*{}\r\n", args.len());
-    for a in args {
-        b.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    b.into_bytes()
+    let mut b = Vec::new();
+    resp::command(&mut b, args);
+    b
 }
 
 /// One reply: simple strings, integers and bulk strings as text, nil as
 /// `(nil)`, error replies as errors. A read timeout on the connection
-/// reads as "no reply in time".
+/// reads as "no reply in time". Bytes after the reply stay in `r`.
 pub fn reply(r: &mut impl BufRead) -> Result<String> {
     let timed_out = |e: std::io::Error| match e.kind() {
         ErrorKind::WouldBlock | ErrorKind::TimedOut => {
@@ -24,23 +24,60 @@ pub fn reply(r: &mut impl BufRead) -> Result<String> {
         }
         _ => e.into(),
     };
-    let mut line = String::new();
-    if r.read_line(&mut line).map_err(timed_out)? == 0 {
-        bail!("the server closed the connection");
-    }
-    let line = line.trim_end();
-    match line.as_bytes().first() {
-        Some(b'+' | b':') => Ok(line[1..].to_owned()),
-        Some(b'-') => bail!("error reply: {}", &line[1..]),
-        Some(b'$') => {
-            let n: i64 = line[1..].parse().context("bad bulk length")?;
-            if n < 0 {
-                return Ok("(nil)".into());
-            }
-            let mut buf = vec![0u8; n as usize + 2];
-            r.read_exact(&mut buf).map_err(timed_out)?;
-            Ok(String::from_utf8_lossy(&buf[..n as usize]).into_owned())
+    // The reply's bytes taken from `r` so far, when it spans reads.
+    let mut taken = Vec::new();
+    let reply = loop {
+        let buf = r.fill_buf().map_err(timed_out)?;
+        if buf.is_empty() {
+            bail!("the server closed the connection");
         }
-        _ => bail!("unexpected reply {line:?}"),
+        let read = buf.len();
+        taken.extend_from_slice(buf);
+        match resp::parse_reply(&taken) {
+            Ok(Some((reply, used))) => {
+                // Only this reply's bytes: the next ones are the next reply's.
+                r.consume(read - (taken.len() - used));
+                break reply;
+            }
+            Ok(None) => r.consume(read),
+            Err(e) => bail!("malformed reply: {e}"),
+        }
+    };
+    match reply {
+        Reply::Simple(s) | Reply::Bulk(s) => Ok(String::from_utf8_lossy(&s).into_owned()),
+        Reply::Integer(n) => Ok(n.to_string()),
+        Reply::Nil | Reply::NilArray => Ok("(nil)".into()),
+        Reply::Error(e) => bail!("error reply: {}", String::from_utf8_lossy(&e)),
+        Reply::Array(items) => bail!("unexpected array reply of {} items", items.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::BufReader;
+
+    use super::*;
+
+    #[test]
+    fn pipelined_replies_are_read_one_at_a_time_across_reads() {
+        let bytes: &[u8] = b"+OK\r\n:42\r\n$5\r\nhello\r\n$-1\r\n-ERR no\r\n";
+        // A 3-byte buffer: replies span reads and reads span replies.
+        let mut r = BufReader::with_capacity(3, bytes);
+        assert_eq!(reply(&mut r).unwrap(), "OK");
+        assert_eq!(reply(&mut r).unwrap(), "42");
+        assert_eq!(reply(&mut r).unwrap(), "hello");
+        assert_eq!(reply(&mut r).unwrap(), "(nil)");
+        let e = reply(&mut r).unwrap_err().to_string();
+        assert_eq!(e, "error reply: ERR no");
+        let e = reply(&mut r).unwrap_err().to_string();
+        assert_eq!(e, "the server closed the connection");
+    }
+
+    #[test]
+    fn a_command_encodes_as_multibulk() {
+        assert_eq!(
+            encode(&["SET", "k", "v 1"]),
+            b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nv 1\r\n"
+        );
     }
 }

@@ -18,28 +18,122 @@
 //! the keys changed since the last one, compacted into a full checkpoint
 //! when they outgrow it.
 //!
-//! Module map: [`resp`] parses requests and encodes replies, [`commands`]
-//! runs them against the shared [`commands::Server`], whose keyspace is a
-//! [`store::Store`]; this file moves bytes between sockets and those.
+//! The protocol, the keyspace, the commands and the checkpoint format are
+//! the `kv-core` library (tested on the host): its `resp` parses requests
+//! and encodes replies, its `commands` runs them against the shared
+//! [`Server`], whose keyspace is a `store::Store`. This file moves bytes
+//! between sockets and those, and checkpoints through libcloud.
 #![no_std]
 #![no_main]
 
 extern crate alloc;
 
-mod checkpoint;
-mod commands;
-mod glob;
-mod resp;
-mod store;
-
 use alloc::rc::Rc;
 use core::cell::{Cell, RefCell};
+use kv_core::checkpoint::{self, Checkpoints, KvDelta, KvState};
+use kv_core::resp::{Parser, ProtocolError};
+use kv_core::{commands, Flow, Platform, Server};
 use libcloud::net::{TcpSocket, Write};
 use libcloud::prelude::*;
+use libcloud::serde::{Deserialize, Serialize};
 
-use checkpoint::KvCheckpoints;
-use commands::{Flow, Server};
-use resp::{Parser, ProtocolError};
+/// The guest's clock, heap and host, for the server.
+struct Guest;
+
+impl Platform for Guest {
+    fn now(&self) -> kv_core::Instant {
+        // kvmclock's nanoseconds since boot, as libcloud's `Instant` counts.
+        let nanos = libcloud::time::uptime().as_nanos();
+        kv_core::Instant::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+    }
+
+    fn heap_usage(&self) -> (usize, usize) {
+        libcloud::heap_usage()
+    }
+
+    fn location(&self) -> (String, String) {
+        let host = libcloud::host();
+        (host.name, host.region)
+    }
+}
+
+/// A full checkpoint as libcloud's container holds it.
+#[derive(Serialize, Deserialize)]
+#[serde(transparent, crate = "libcloud::serde")]
+struct Full(KvState);
+
+impl libcloud::state::State for Full {
+    const APP: &'static str = checkpoint::APP;
+    const VERSION: u32 = checkpoint::VERSION;
+}
+
+/// kv's incremental checkpoints: the store tracks the keys it changes, and
+/// a delta holds their current entries (or their deletion).
+#[derive(Clone)]
+struct KvCheckpoints {
+    server: Rc<RefCell<Server>>,
+    tracker: Rc<Cell<Checkpoints>>,
+}
+
+impl KvCheckpoints {
+    /// Starts tracking the changes of `server`'s store.
+    fn new(server: Rc<RefCell<Server>>) -> Self {
+        let tracker = {
+            let mut srv = server.borrow_mut();
+            let now = srv.now();
+            Checkpoints::new(&mut srv.store, now)
+        };
+        Self {
+            server,
+            tracker: Rc::new(Cell::new(tracker)),
+        }
+    }
+}
+
+impl libcloud::state::Incremental for KvCheckpoints {
+    type Full = Full;
+    type Delta = KvDelta;
+
+    fn full(&mut self) -> Full {
+        let mut srv = self.server.borrow_mut();
+        let now = srv.now();
+        let mut tracker = self.tracker.get();
+        let state = tracker.full(&mut srv.store, now);
+        self.tracker.set(tracker);
+        Full(state)
+    }
+
+    fn delta(&mut self) -> Option<KvDelta> {
+        let mut srv = self.server.borrow_mut();
+        let now = srv.now();
+        let mut tracker = self.tracker.get();
+        let delta = tracker.delta(&mut srv.store, now);
+        self.tracker.set(tracker);
+        delta
+    }
+}
+
+/// Restores the checkpoint (a full one and its deltas) the host handed
+/// over, if any; returns how many deltas were replayed. Exits with
+/// [`EXIT_BAD_CHECKPOINT`] if it cannot be restored.
+fn restore(server: &mut Server) -> Option<usize> {
+    let chain = match libcloud::state::restore_chain_payload::<Full, KvDelta>() {
+        Ok(chain) => chain?,
+        Err(e) => bad_checkpoint(e),
+    };
+    let (base, deltas) = chain;
+    let n = deltas.len();
+    let now = server.now();
+    if let Err(e) = checkpoint::restore(&mut server.store, base, deltas, now) {
+        bad_checkpoint(e);
+    }
+    Some(n)
+}
+
+fn bad_checkpoint(e: impl core::fmt::Display) -> ! {
+    println!("kv: cannot restore the checkpoint: {e}");
+    libcloud::exit(EXIT_BAD_CHECKPOINT);
+}
 
 /// Exit status when the checkpoint handed over cannot be restored (another
 /// app's, another schema version, damaged).
@@ -104,7 +198,7 @@ async fn main() -> Result<(), libcloud::net::Error> {
     let port: u16 = libcloud::env("PORT")
         .and_then(|p| p.parse().ok())
         .unwrap_or(6379);
-    let maxmemory = match libcloud::env("MAXMEMORY").map(parse_bytes) {
+    let maxmemory = match libcloud::env("MAXMEMORY").map(commands::parse_bytes) {
         Some(Some(n)) => n,
         Some(None) => {
             println!("kv: ignoring MAXMEMORY: not a size (e.g. 64mb)");
@@ -113,20 +207,14 @@ async fn main() -> Result<(), libcloud::net::Error> {
         None => 0,
     };
     let stack = libcloud::net::start().await?;
-    let server = Rc::new(RefCell::new(Server::new(port, MAX_CLIENTS, maxmemory)));
+    let server = Server::new(port, MAX_CLIENTS, maxmemory, Box::new(Guest));
+    let server = Rc::new(RefCell::new(server));
     let start = libcloud::time::Instant::now();
-    let restored = checkpoint::restore(&mut server.borrow_mut().store);
-    match restored {
-        Ok(Some(deltas)) => {
-            let ms = (libcloud::time::Instant::now() - start).as_secs_f64() * 1e3;
-            let keys = server.borrow().store.len();
-            println!("kv: restored {keys} keys from a checkpoint (+{deltas} deltas) in {ms:.1} ms");
-        }
-        Ok(None) => {}
-        Err(e) => {
-            println!("kv: cannot restore the checkpoint: {e}");
-            libcloud::exit(EXIT_BAD_CHECKPOINT);
-        }
+    let restored = restore(&mut server.borrow_mut());
+    if let Some(deltas) = restored {
+        let ms = (libcloud::time::Instant::now() - start).as_secs_f64() * 1e3;
+        let keys = server.borrow().store.len();
+        println!("kv: restored {keys} keys from a checkpoint (+{deltas} deltas) in {ms:.1} ms");
     }
     let enabled = libcloud::env("ACK_AFTER_CHECKPOINT") == Some("1");
     let checkpoints = KvCheckpoints::new(server.clone());
@@ -150,21 +238,6 @@ async fn main() -> Result<(), libcloud::net::Error> {
     });
     println!("kv: listening on port {port}");
     core::future::pending().await
-}
-
-/// `123`, `64kb`, `100mb`, `1gb` (also `k`, `m`, `g`; any case) in bytes.
-fn parse_bytes(s: &str) -> Option<usize> {
-    let s = s.trim().to_ascii_lowercase();
-    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(digits);
-    let scale = match unit {
-        "" | "b" => 1,
-        "k" | "kb" => 1 << 10,
-        "m" | "mb" => 1 << 20,
-        "g" | "gb" => 1 << 30,
-        _ => return None,
-    };
-    n.parse::<usize>().ok()?.checked_mul(scale)
 }
 
 /// Removes expired keys a batch at a time: every [`EXPIRE_PERIOD_MS`], or

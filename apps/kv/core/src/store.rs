@@ -27,10 +27,10 @@
 //! order; FLUSHALL drops the base. kv thus serves a restored checkpoint as
 //! soon as it has checked and indexed it, at the heap cost of the index.
 
+use crate::Instant;
 use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
-use libcloud::time::Instant;
 
 use crate::glob;
 
@@ -68,6 +68,10 @@ impl Entry {
 pub trait Checkpointed {
     /// How many entries there are.
     fn len(&self) -> usize;
+    /// Whether there are none.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// The key of entry `i`.
     fn key(&self, i: usize) -> &[u8];
     /// Entry `i`.
@@ -222,6 +226,11 @@ impl Store {
                 .base
                 .as_ref()
                 .map_or(0, |b| b.source.len() - b.shadowed.len())
+    }
+
+    /// Whether no keys are stored, expired ones included.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Keys with a deadline, including expired ones not yet removed.

@@ -1,5 +1,6 @@
 //! RESP2, the Redis wire protocol: an incremental request parser and the
-//! reply encoders.
+//! reply encoders the server uses, and the request encoder and reply
+//! parser its clients use ([`command`], [`parse_reply`]).
 //!
 //! Requests come in two forms, as in Redis:
 //!
@@ -31,30 +32,50 @@ const ARG_OVERHEAD: usize = 32;
 /// One command: its name followed by its arguments, binary-safe.
 pub type Command = Vec<Vec<u8>>;
 
-/// A request the server cannot make sense of. Replied to with
-/// `-ERR Protocol error: ...`, after which the connection is closed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Bytes that break the protocol: a request the server cannot make sense of
+/// (replied to with `-ERR Protocol error: ...`, after which the connection
+/// is closed), or a reply a client cannot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolError {
     /// `*` header that is not a number, or more than [`MAX_ARGS`].
+    #[error("invalid multibulk length")]
     InvalidMultibulkLength,
     /// `$` header that is not a number, negative, or more than [`MAX_BULK`].
+    #[error("invalid bulk length")]
     InvalidBulkLength,
     /// Something other than `$` where a bulk string must start.
+    #[error("expected '$', got '{}'", char::from(*.0).escape_default())]
     ExpectedDollar(u8),
     /// A `*` header line longer than [`MAX_INLINE`].
+    #[error("too big mbulk count string")]
     TooBigMbulkCount,
     /// A `$` header line longer than [`MAX_INLINE`].
+    #[error("too big bulk count string")]
     TooBigBulkCount,
     /// A bulk string not followed by `\r\n`.
+    #[error("expected '\\r\\n' after bulk string")]
     ExpectedCrlf,
     /// An inline command with an unterminated quote.
+    #[error("unbalanced quotes in request")]
     UnbalancedQuotes,
-    /// An inline command longer than [`MAX_INLINE`].
+    /// An inline command (or a reply's line) longer than [`MAX_INLINE`].
+    #[error("too big inline request")]
     TooBigInline,
     /// A command larger than [`MAX_COMMAND`].
+    #[error("command too large")]
     TooBigCommand,
     /// The server has no memory left to hold the command.
+    #[error("out of memory for request")]
     OutOfMemory,
+    /// A reply that starts with none of `+ - : $ *`.
+    #[error("unknown reply type '{}'", char::from(*.0).escape_default())]
+    UnknownReply(u8),
+    /// An integer reply that is not a number.
+    #[error("invalid integer reply")]
+    InvalidInteger,
+    /// Arrays nested deeper than [`MAX_DEPTH`].
+    #[error("reply nested too deep")]
+    TooDeep,
 }
 
 impl ProtocolError {
@@ -62,20 +83,13 @@ impl ProtocolError {
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(b"-ERR Protocol error: ");
         match self {
-            Self::InvalidMultibulkLength => out.extend_from_slice(b"invalid multibulk length"),
-            Self::InvalidBulkLength => out.extend_from_slice(b"invalid bulk length"),
+            // The byte as it came, as Redis shows it.
             Self::ExpectedDollar(got) => {
                 out.extend_from_slice(b"expected '$', got '");
                 push_sanitized(out, &[*got]);
                 out.push(b'\'');
             }
-            Self::TooBigMbulkCount => out.extend_from_slice(b"too big mbulk count string"),
-            Self::TooBigBulkCount => out.extend_from_slice(b"too big bulk count string"),
-            Self::ExpectedCrlf => out.extend_from_slice(b"expected '\\r\\n' after bulk string"),
-            Self::UnbalancedQuotes => out.extend_from_slice(b"unbalanced quotes in request"),
-            Self::TooBigInline => out.extend_from_slice(b"too big inline request"),
-            Self::TooBigCommand => out.extend_from_slice(b"command too large"),
-            Self::OutOfMemory => out.extend_from_slice(b"out of memory for request"),
+            other => out.extend_from_slice(alloc::format!("{other}").as_bytes()),
         }
         out.extend_from_slice(b"\r\n");
     }
@@ -447,4 +461,102 @@ pub fn array(out: &mut Vec<u8>, n: usize) {
 /// Bytes [`bulk`] appends for a string of `len` bytes.
 pub fn bulk_size(len: usize) -> usize {
     len + 25
+}
+
+/// Appends the request a client sends for `args` (a command's name and
+/// arguments): a multibulk array of bulk strings.
+pub fn command<A: AsRef<[u8]>>(out: &mut Vec<u8>, args: &[A]) {
+    array(out, args.len());
+    for arg in args {
+        bulk(out, arg.as_ref());
+    }
+}
+
+/// Most levels of arrays within arrays a reply may have.
+pub const MAX_DEPTH: usize = 8;
+
+/// A reply, as a client reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// `+text`
+    Simple(Vec<u8>),
+    /// `-CODE message`
+    Error(Vec<u8>),
+    /// `:n`
+    Integer(i64),
+    /// `$len` and the bytes.
+    Bulk(Vec<u8>),
+    /// `$-1`, the null bulk string.
+    Nil,
+    /// `*n` and `n` replies.
+    Array(Vec<Reply>),
+    /// `*-1`, the null array.
+    NilArray,
+}
+
+/// Parses the reply at the start of `buf`: the reply and the bytes it
+/// takes, or `None` if `buf` ends before it does (read more and call again
+/// with everything unconsumed). Lengths are bounded as in requests
+/// ([`MAX_BULK`], [`MAX_ARGS`], [`MAX_INLINE`]) and nesting by
+/// [`MAX_DEPTH`].
+pub fn parse_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, ProtocolError> {
+    reply_at(buf, 0)
+}
+
+fn reply_at(buf: &[u8], depth: usize) -> Result<Option<(Reply, usize)>, ProtocolError> {
+    let Some(end) = find_crlf(buf) else {
+        return if buf.len() > MAX_INLINE {
+            Err(ProtocolError::TooBigInline)
+        } else {
+            Ok(None)
+        };
+    };
+    if end > MAX_INLINE {
+        return Err(ProtocolError::TooBigInline);
+    }
+    let Some((&kind, line)) = buf[..end].split_first() else {
+        return Err(ProtocolError::UnknownReply(b'\r'));
+    };
+    let mut at = end + 2;
+    let reply = match kind {
+        b'+' => Reply::Simple(line.to_vec()),
+        b'-' => Reply::Error(line.to_vec()),
+        b':' => Reply::Integer(parse_i64(line).ok_or(ProtocolError::InvalidInteger)?),
+        b'$' => match parse_i64(line) {
+            Some(-1) => Reply::Nil,
+            Some(n) if (0..=MAX_BULK as i64).contains(&n) => {
+                let n = n as usize;
+                let Some(rest) = buf.get(at..at + n + 2) else {
+                    return Ok(None);
+                };
+                if &rest[n..] != b"\r\n" {
+                    return Err(ProtocolError::ExpectedCrlf);
+                }
+                at += n + 2;
+                Reply::Bulk(rest[..n].to_vec())
+            }
+            _ => return Err(ProtocolError::InvalidBulkLength),
+        },
+        b'*' => match parse_i64(line) {
+            Some(-1) => Reply::NilArray,
+            Some(n) if (0..=MAX_ARGS as i64).contains(&n) => {
+                if depth >= MAX_DEPTH {
+                    return Err(ProtocolError::TooDeep);
+                }
+                // Memory follows the data, not the declared count.
+                let mut items = Vec::with_capacity((n as usize).min(64));
+                for _ in 0..n {
+                    let Some((item, used)) = reply_at(&buf[at..], depth + 1)? else {
+                        return Ok(None);
+                    };
+                    items.push(item);
+                    at += used;
+                }
+                Reply::Array(items)
+            }
+            _ => return Err(ProtocolError::InvalidMultibulkLength),
+        },
+        other => return Err(ProtocolError::UnknownReply(other)),
+    };
+    Ok(Some((reply, at)))
 }

@@ -5,14 +5,17 @@
 //! match on them (`redis-cli`, `redis-benchmark`, client libraries) work.
 //! Handlers never `.await`: a command runs start to finish while the caller
 //! holds the `RefCell` borrow of the server, which makes every command atomic
-//! on the single vCPU, as in Redis.
+//! on the single vCPU, as in Redis. The time and the heap's usage come from
+//! the server's [`Platform`].
 
+use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write as _;
 use core::time::Duration;
-use libcloud::time::Instant;
+
+use crate::{Instant, Platform};
 
 use crate::glob;
 use crate::resp::{self, parse_i64, Command, MAX_BULK};
@@ -56,7 +59,6 @@ pub struct ClientInfo {
 }
 
 /// Everything connections share: the keyspace, the clients, the counters.
-#[derive(Debug)]
 pub struct Server {
     pub store: Store,
     pub stats: Stats,
@@ -67,6 +69,19 @@ pub struct Server {
     max_clients: usize,
     /// `MAXMEMORY`: refuse writes once the heap holds more; 0 = no limit.
     maxmemory: usize,
+    platform: Box<dyn Platform>,
+}
+
+impl core::fmt::Debug for Server {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Server")
+            .field("store", &self.store)
+            .field("stats", &self.stats)
+            .field("clients", &self.clients)
+            .field("port", &self.port)
+            .field("maxmemory", &self.maxmemory)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the connection does after a command.
@@ -78,17 +93,31 @@ pub enum Flow {
 }
 
 impl Server {
-    pub fn new(port: u16, max_clients: usize, maxmemory: usize) -> Self {
+    /// A server with an empty keyspace, for `max_clients` connections on
+    /// `port` (as `INFO` and `CONFIG GET` report them), refusing writes past
+    /// `maxmemory` bytes of heap (0: no limit).
+    pub fn new(
+        port: u16,
+        max_clients: usize,
+        maxmemory: usize,
+        platform: Box<dyn Platform>,
+    ) -> Self {
         Self {
             store: Store::new(),
             stats: Stats::default(),
             clients: BTreeMap::new(),
             next_client_id: 1,
-            started: Instant::now(),
+            started: platform.now(),
             port,
             max_clients,
             maxmemory,
+            platform,
         }
+    }
+
+    /// Now, by the platform's clock.
+    pub fn now(&self) -> Instant {
+        self.platform.now()
     }
 
     /// Registers a new connection from `addr`; returns its client id.
@@ -101,7 +130,7 @@ impl Server {
             name: Vec::new(),
             lib_name: Vec::new(),
             lib_ver: Vec::new(),
-            since: Instant::now(),
+            since: self.platform.now(),
         };
         self.clients.insert(id, info);
         id
@@ -114,17 +143,33 @@ impl Server {
 
     /// Whether memory is too short to accept more data.
     fn over_memory(&self) -> bool {
-        let (used, free) = libcloud::heap_usage();
+        let (used, free) = self.platform.heap_usage();
         let reserve = ((used + free) / 8).min(HEAP_RESERVE_MAX);
         free < reserve || (self.maxmemory != 0 && used > self.maxmemory)
     }
 
     /// Whether a reply of `bytes` can be built without running the heap dry.
     fn reply_fits(&self, bytes: usize) -> bool {
-        let (used, free) = libcloud::heap_usage();
+        let (used, free) = self.platform.heap_usage();
         let reserve = ((used + free) / 8).min(HEAP_RESERVE_MAX);
         bytes < 64 * 1024 || free.saturating_sub(reserve) > bytes.saturating_mul(2)
     }
+}
+
+/// A size as `MAXMEMORY` takes it, in bytes: `123`, `64kb`, `100mb`, `1gb`
+/// (also `k`, `m`, `g`; any case). `None` if it is not one or overflows.
+pub fn parse_bytes(s: &str) -> Option<usize> {
+    let s = s.trim().to_ascii_lowercase();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(digits);
+    let scale = match unit {
+        "" | "b" => 1,
+        "k" | "kb" => 1 << 10,
+        "m" | "mb" => 1 << 20,
+        "g" | "gb" => 1 << 30,
+        _ => return None,
+    };
+    n.parse::<usize>().ok()?.checked_mul(scale)
 }
 
 /// A command being run.
@@ -239,7 +284,7 @@ pub fn execute(srv: &mut Server, client: u64, mut cmd: Command, out: &mut Vec<u8
         wrong_arity(out, spec.name);
         return Flow::Continue;
     }
-    let now = Instant::now();
+    let now = srv.now();
     srv.store.expire_due(now, EXPIRE_PER_COMMAND);
     if spec.denyoom && srv.over_memory() {
         srv.stats.rejected_oom += 1;
@@ -261,7 +306,8 @@ pub fn execute(srv: &mut Server, client: u64, mut cmd: Command, out: &mut Vec<u8
 /// Removes expired keys in the background; returns how many. Called by the
 /// expiry task with a `limit` so one call never holds the CPU for long.
 pub fn expire_cycle(srv: &mut Server, limit: usize) -> usize {
-    srv.store.expire_due(Instant::now(), limit)
+    let now = srv.now();
+    srv.store.expire_due(now, limit)
 }
 
 fn unknown_command(cmd: &Command, out: &mut Vec<u8>) {
@@ -874,17 +920,26 @@ fn client(ctx: &mut Ctx, args: &mut [Vec<u8>]) {
             .filter(|n| !n.is_empty());
         resp::bulk_or_nil(ctx.out, name);
     } else if eq(sub, "SETINFO") && args.len() == 4 {
+        let lib_name = eq(&args[2], "LIB-NAME");
+        if !lib_name && !eq(&args[2], "LIB-VER") {
+            let mut msg = Vec::from(&b"ERR Unrecognized option '"[..]);
+            msg.extend_from_slice(&args[2]);
+            msg.push(b'\'');
+            return ctx.err(&msg);
+        }
+        // Shown in `CLIENT LIST` lines: no blanks or line breaks, as in Redis.
+        if !valid_client_name(&args[3]) {
+            let attr = if lib_name { "lib-name" } else { "lib-ver" };
+            let msg =
+                alloc::format!("ERR {attr} cannot contain spaces, newlines or special characters.");
+            return ctx.err(msg.as_bytes());
+        }
         let value = core::mem::take(&mut args[3]);
-        let info = ctx.srv.clients.get_mut(&id);
-        match info {
-            Some(info) if eq(&args[2], "LIB-NAME") => info.lib_name = value,
-            Some(info) if eq(&args[2], "LIB-VER") => info.lib_ver = value,
-            _ if eq(&args[2], "LIB-NAME") || eq(&args[2], "LIB-VER") => {}
-            _ => {
-                let mut msg = Vec::from(&b"ERR Unrecognized option '"[..]);
-                msg.extend_from_slice(&args[2]);
-                msg.push(b'\'');
-                return ctx.err(&msg);
+        if let Some(info) = ctx.srv.clients.get_mut(&id) {
+            if lib_name {
+                info.lib_name = value;
+            } else {
+                info.lib_ver = value;
             }
         }
         ctx.ok();
@@ -1028,7 +1083,8 @@ fn info(ctx: &mut Ctx, args: &mut [Vec<u8>]) {
     ctx.srv.store.expire_due(ctx.now, usize::MAX);
     let srv = &*ctx.srv;
     let uptime = ctx.now.duration_since(srv.started).as_secs();
-    let (used, free) = libcloud::heap_usage();
+    let (used, free) = srv.platform.heap_usage();
+    let (host, region) = srv.platform.location();
     let mut text = String::new();
     for section in SECTIONS.into_iter().filter(|s| wanted(s)) {
         if !text.is_empty() {
@@ -1050,8 +1106,8 @@ fn info(ctx: &mut Ctx, args: &mut [Vec<u8>]) {
                 line("tcp_port", &srv.port);
                 line("uptime_in_seconds", &uptime);
                 line("uptime_in_days", &(uptime / 86_400));
-                line("host", &libcloud::host().name);
-                line("region", &libcloud::host().region);
+                line("host", &host);
+                line("region", &region);
             }
             "clients" => {
                 line("connected_clients", &srv.clients.len());
@@ -1090,7 +1146,7 @@ fn info(ctx: &mut Ctx, args: &mut [Vec<u8>]) {
             }
             _ => {
                 // As in Redis, an empty database has no line.
-                if srv.store.len() > 0 {
+                if !srv.store.is_empty() {
                     let (keys, volatile) = (srv.store.len(), srv.store.volatile_len());
                     line(
                         "db0",

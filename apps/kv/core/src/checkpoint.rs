@@ -1,49 +1,70 @@
-//! kv's checkpoint state (libcloud::state): every live key with its value
-//! and remaining time to live, and, between two full checkpoints, deltas
-//! of the keys changed since (sets, deletes, expiries, FLUSHALL).
+//! kv's checkpoint state: every live key with its value and remaining time
+//! to live, and, between two full checkpoints, deltas of the keys changed
+//! since (sets, deletes, expiries, FLUSHALL), as postcard payloads (the
+//! guest wraps them in libcloud's checksummed container).
 //! Deadlines are stored relative to the moment of the checkpoint, because
 //! a restored guest's clock starts afresh; each delta records how long
 //! after its base it was taken, so that a restore counts every deadline
 //! from the last blob it replays.
 //!
 //! A restore does not decode the full checkpoint into the map: it checks it
-//! (container, checksum, app, version, every entry well formed and in key
-//! order) and indexes where each live entry starts ([`Encoded`]); the store
-//! serves it from there as its base ([`crate::store::Checkpointed`]).
+//! (every entry well formed and in key order) and indexes where each live
+//! entry starts ([`Encoded`]); the store serves it from there as its base
+//! ([`crate::store::Checkpointed`]).
 
 use alloc::boxed::Box;
-use alloc::rc::Rc;
 use alloc::vec::Vec;
-use core::cell::{Cell, RefCell};
 use core::time::Duration;
-use libcloud::serde::{Deserialize, Serialize};
-use libcloud::state::Error;
-use libcloud::time::Instant;
+use serde::{Deserialize, Serialize};
 
-use crate::commands::Server;
 use crate::store::{Checkpointed, EntryRef, Store};
+use crate::Instant;
+
+/// The app name kv's checkpoints carry: another app's are refused.
+pub const APP: &str = "kv";
+/// The schema version of [`KvState`] and [`KvDelta`]: bump it when they
+/// change incompatibly.
+pub const VERSION: u32 = 1;
+
+/// Why a checkpoint payload cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The payload does not decode as a [`KvState`] or [`KvDelta`].
+    #[error("checkpoint state does not decode: {0}")]
+    Decode(postcard::Error),
+    /// Two keys of a full checkpoint are not in strictly increasing order.
+    #[error("checkpoint state does not decode: keys out of order")]
+    Unordered,
+    /// Bytes follow the last entry.
+    #[error("checkpoint state does not decode: {0} bytes after the last key")]
+    TrailingBytes(usize),
+    /// The payload is larger than the index of entry offsets can address.
+    #[error("checkpoint state is larger than 4 GiB")]
+    TooLarge,
+    /// No memory for the index of the checkpoint's entries.
+    #[error("out of memory for the checkpoint's index")]
+    OutOfMemory,
+}
 
 /// One key: `(key, value, milliseconds left to live)`. Keys and values
 /// are byte strings to serde (postcard: a length and the bytes, the same
 /// encoding as a `Vec<u8>` sequence, decoded in one copy, not byte by byte).
-#[derive(Serialize, Deserialize)]
-#[serde(crate = "libcloud::serde")]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Key(
-    #[serde(with = "bytes")] Vec<u8>,
-    #[serde(with = "bytes")] Vec<u8>,
-    Option<u64>,
+    #[serde(with = "bytes")] pub Vec<u8>,
+    #[serde(with = "bytes")] pub Vec<u8>,
+    pub Option<u64>,
 );
 
 /// A [`Key`] read in place from the encoded checkpoint.
 #[derive(Deserialize)]
-#[serde(crate = "libcloud::serde")]
 struct KeyRef<'a>(&'a [u8], &'a [u8], Option<u64>);
 
 /// `Vec<u8>` as a serde byte string.
 mod bytes {
     use alloc::vec::Vec;
-    use libcloud::serde::de::{Error, SeqAccess, Visitor};
-    use libcloud::serde::{Deserializer, Serializer};
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(v)
@@ -75,8 +96,7 @@ mod bytes {
 }
 
 /// What a kv checkpoint holds.
-#[derive(Serialize, Deserialize, Default)]
-#[serde(crate = "libcloud::serde")]
+#[derive(Serialize, Deserialize, Default, Debug, Clone, PartialEq, Eq)]
 pub struct KvState {
     #[serde(deserialize_with = "presized")]
     pub keys: Vec<Key>,
@@ -88,10 +108,10 @@ pub struct KvState {
 /// memory for 100k keys).
 fn presized<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
 where
-    D: libcloud::serde::Deserializer<'de>,
+    D: serde::Deserializer<'de>,
     T: Deserialize<'de>,
 {
-    use libcloud::serde::de::{SeqAccess, Visitor};
+    use serde::de::{SeqAccess, Visitor};
     struct Presized<T>(core::marker::PhantomData<T>);
     impl<'de, T: Deserialize<'de>> Visitor<'de> for Presized<T> {
         type Value = Vec<T>;
@@ -103,7 +123,7 @@ where
             let len = seq.size_hint().unwrap_or(0).min(MAX_PRESIZE);
             let mut v = Vec::new();
             if v.try_reserve_exact(len).is_err() {
-                return Err(libcloud::serde::de::Error::custom("out of memory"));
+                return Err(serde::de::Error::custom("out of memory"));
             }
             while let Some(x) = seq.next_element()? {
                 v.push(x);
@@ -117,14 +137,8 @@ where
 /// The most elements [`presized`] reserves room for up front.
 const MAX_PRESIZE: usize = 1 << 20;
 
-impl libcloud::state::State for KvState {
-    const APP: &'static str = "kv";
-    const VERSION: u32 = 1;
-}
-
 /// The keys changed since the previous blob of the chain.
-#[derive(Serialize, Deserialize, Default)]
-#[serde(crate = "libcloud::serde")]
+#[derive(Serialize, Deserialize, Default, Debug, Clone, PartialEq, Eq)]
 pub struct KvDelta {
     /// Milliseconds since the full checkpoint the chain starts from.
     pub at_ms: u64,
@@ -164,9 +178,10 @@ impl KvState {
 }
 
 /// The entries of a full checkpoint, still encoded: the payload of a
-/// [`KvState`] in guest memory and where each live [`Key`] starts in it.
-pub struct Encoded {
-    payload: &'static [u8],
+/// [`KvState`] (borrowed from guest memory, or owned) and where each live
+/// [`Key`] starts in it.
+pub struct Encoded<B> {
+    payload: B,
     starts: Vec<u32>,
     /// Deadlines count from `now` less `age` ms.
     now: Instant,
@@ -176,33 +191,30 @@ pub struct Encoded {
 /// Keys with a deadline, and when (for the store's expiry index).
 pub type Volatile = Vec<(Instant, Vec<u8>)>;
 
-impl Encoded {
+impl<B: AsRef<[u8]>> Encoded<B> {
     /// Checks and indexes an encoded [`KvState`] whose deadlines count
     /// from `age` ms before `now`: every entry must decode and the keys must
     /// come in strictly increasing order. Entries expired already are left
     /// out; the others with a deadline are returned too.
-    pub fn index(
-        payload: &'static [u8],
-        now: Instant,
-        age: u64,
-    ) -> Result<(Self, Volatile), Error> {
-        let (n, mut rest) = postcard::take_from_bytes::<usize>(payload).map_err(Error::Decode)?;
-        if payload.len() > u32::MAX as usize {
-            return Err(Error::Decode(postcard::Error::DeserializeBadEncoding));
+    pub fn index(payload: B, now: Instant, age: u64) -> Result<(Self, Volatile), Error> {
+        let bytes = payload.as_ref();
+        if bytes.len() > u32::MAX as usize {
+            return Err(Error::TooLarge);
         }
+        let (n, mut rest) = postcard::take_from_bytes::<usize>(bytes).map_err(Error::Decode)?;
         // At least 3 bytes an entry: bounds the reservation.
         let mut starts = Vec::new();
         starts
-            .try_reserve_exact(n.min(payload.len() / 3))
-            .map_err(|_| Error::Decode(postcard::Error::SerdeDeCustom))?;
+            .try_reserve_exact(n.min(bytes.len() / 3))
+            .map_err(|_| Error::OutOfMemory)?;
         let mut volatile = Vec::new();
         let mut last: Option<&[u8]> = None;
         for _ in 0..n {
-            let start = (payload.len() - rest.len()) as u32;
+            let start = (bytes.len() - rest.len()) as u32;
             let (KeyRef(key, _, ttl), tail) =
                 postcard::take_from_bytes::<KeyRef>(rest).map_err(Error::Decode)?;
             if last.is_some_and(|l| l >= key) {
-                return Err(Error::Decode(postcard::Error::DeserializeBadEncoding));
+                return Err(Error::Unordered);
             }
             last = Some(key);
             rest = tail;
@@ -216,6 +228,10 @@ impl Encoded {
                 }
             }
         }
+        if !rest.is_empty() {
+            // Not what a capture writes: damaged, or written by other code.
+            return Err(Error::TrailingBytes(rest.len()));
+        }
         let encoded = Self {
             payload,
             starts,
@@ -225,16 +241,16 @@ impl Encoded {
         Ok((encoded, volatile))
     }
 
-    fn entry(&self, i: usize) -> KeyRef<'static> {
+    fn entry(&self, i: usize) -> KeyRef<'_> {
         let at = self.starts[i] as usize;
         // Checked by `index`.
-        postcard::take_from_bytes::<KeyRef>(&self.payload[at..])
+        postcard::take_from_bytes::<KeyRef>(&self.payload.as_ref()[at..])
             .map(|(k, _)| k)
             .unwrap_or(KeyRef(&[], &[], Some(0)))
     }
 }
 
-impl Checkpointed for Encoded {
+impl<B: AsRef<[u8]>> Checkpointed for Encoded<B> {
     fn len(&self) -> usize {
         self.starts.len()
     }
@@ -273,68 +289,62 @@ impl KvDelta {
     }
 }
 
-/// Restores a checkpoint (a full one and its deltas) into `store`; returns
-/// how many deltas were replayed. The full checkpoint's entries are loaded
-/// in place ([`Store::restore`]), the deltas into the map.
-pub fn restore(store: &mut Store) -> Result<Option<usize>, Error> {
-    let Some((base, deltas)) = libcloud::state::restore_chain_payload::<KvState, KvDelta>()? else {
-        return Ok(None);
-    };
-    let now = Instant::now();
+/// Restores a checkpoint into the empty `store` at `now`: `base` is the
+/// encoded [`KvState`] of the full checkpoint, `deltas` the deltas that
+/// continue it, in order. The full checkpoint's entries are served in
+/// place ([`Store::restore`]), the deltas replayed into the map. Nothing is
+/// restored if the base does not check out.
+pub fn restore<B: AsRef<[u8]> + 'static>(
+    store: &mut Store,
+    base: B,
+    deltas: Vec<KvDelta>,
+    now: Instant,
+) -> Result<(), Error> {
     let last = deltas.last().map_or(0, |d| d.at_ms);
-    let n = deltas.len();
     let (base, volatile) = Encoded::index(base, now, last)?;
     store.restore(Box::new(base), volatile.into_iter());
     for d in deltas {
         let age = last.saturating_sub(d.at_ms);
         d.apply(store, now, age);
     }
-    Ok(Some(n))
+    Ok(())
 }
 
-/// kv's incremental checkpoints: the store tracks the keys it changes, and
-/// a delta holds their current entries (or their deletion).
-#[derive(Clone)]
-pub struct KvCheckpoints {
-    server: Rc<RefCell<Server>>,
+/// Incremental checkpoints of a store: a full [`KvState`] now and then,
+/// and in between [`KvDelta`]s of the keys it changed (the store tracks
+/// them from [`Checkpoints::new`] on).
+#[derive(Debug, Clone, Copy)]
+pub struct Checkpoints {
     /// When the last full checkpoint was taken.
-    base_at: Rc<Cell<Instant>>,
+    base_at: Instant,
 }
 
-impl KvCheckpoints {
-    /// Starts tracking the changes of `server`'s store.
-    pub fn new(server: Rc<RefCell<Server>>) -> Self {
-        server.borrow_mut().store.track_changes();
-        Self {
-            server,
-            base_at: Rc::new(Cell::new(Instant::now())),
-        }
-    }
-}
-
-impl libcloud::state::Incremental for KvCheckpoints {
-    type Full = KvState;
-    type Delta = KvDelta;
-
-    fn full(&mut self) -> KvState {
-        let mut server = self.server.borrow_mut();
-        let now = Instant::now();
-        server.store.take_dirty();
-        self.base_at.set(now);
-        KvState::capture(&server.store, now)
+impl Checkpoints {
+    /// Starts tracking the changes of `store`.
+    pub fn new(store: &mut Store, now: Instant) -> Self {
+        store.track_changes();
+        Self { base_at: now }
     }
 
-    fn delta(&mut self) -> Option<KvDelta> {
-        let mut server = self.server.borrow_mut();
-        let dirty = server.store.take_dirty()?;
-        let now = Instant::now();
+    /// The whole keyspace at `now`; the changes tracked so far are covered
+    /// by it.
+    pub fn full(&mut self, store: &mut Store, now: Instant) -> KvState {
+        store.take_dirty();
+        self.base_at = now;
+        KvState::capture(store, now)
+    }
+
+    /// The keys changed since the last [`full`](Self::full) or `delta`, as
+    /// they are at `now`; `None` if none did.
+    pub fn delta(&mut self, store: &mut Store, now: Instant) -> Option<KvDelta> {
+        let dirty = store.take_dirty()?;
         let mut delta = KvDelta {
-            at_ms: (now - self.base_at.get()).as_millis() as u64,
+            at_ms: (now - self.base_at).as_millis() as u64,
             cleared: dirty.cleared,
             ..KvDelta::default()
         };
         for key in dirty.keys {
-            match server.store.entry(&key) {
+            match store.entry(&key) {
                 Some(e) if e.expires_at.is_none_or(|at| at > now) => {
                     delta.sets.push(key_of(&key, e, now))
                 }
