@@ -47,10 +47,12 @@ where
     for _ in 0..max_connections {
         let handler = handler.clone();
         kernel::task::spawn(async move {
-            let mut rx = vec![0u8; BUFFER_SIZE];
-            let mut tx = vec![0u8; BUFFER_SIZE];
+            // One block for both directions: the heap touches a page at
+            // each block's edge, and an idle listener should cost one.
+            let mut buffers = vec![0u8; 2 * BUFFER_SIZE];
+            let (rx, tx) = buffers.split_at_mut(BUFFER_SIZE);
             loop {
-                let mut socket = TcpSocket::new(stack, &mut rx, &mut tx);
+                let mut socket = TcpSocket::new(stack, &mut *rx, &mut *tx);
                 if let Err(e) = socket.accept(port).await {
                     log::warn!("accept on port {port}: {e:?}");
                     continue;
