@@ -5,6 +5,12 @@
 //! It also keeps free-page hints for live migration: live bytes per heap
 //! page, published through `BootInfo::page_use_addr` so the host can leave
 //! pages that hold no live data behind (abi::boot::heap_page_is_free).
+//!
+//! Zeroed allocations do not write to heap memory nothing has written yet:
+//! guest RAM starts as zeros and the host backs a page only once it is
+//! touched, so an idle app's buffers (socket rings, virtio buffers) cost the
+//! host nothing until they carry data. The heap remembers how far anything
+//! may have written ([`Heap::dirty_end`]) and zeroes only below that.
 
 use abi::boot::BootInfo;
 use abi::layout::{BOOT_INFO_ADDR, PAGE_SIZE};
@@ -23,7 +29,15 @@ struct Heap {
     pages: AtomicU64,
     /// Mirror of `BootInfo::page_use_seq`.
     seq: AtomicU64,
+    /// Every heap byte at or above this address is still zero: no
+    /// allocation has reached it, nor has the allocator's bookkeeping.
+    dirty_end: AtomicU64,
 }
+
+/// Bytes past the end of the highest allocation that the allocator may have
+/// written: the rounding of a block's size (to 16 bytes) and the header of
+/// the free block that follows it (two words), with room to spare.
+const BOOKKEEPING_SLACK: u64 = 64;
 
 #[global_allocator]
 static HEAP: Heap = Heap {
@@ -32,6 +46,7 @@ static HEAP: Heap = Heap {
     start: AtomicU64::new(0),
     pages: AtomicU64::new(0),
     seq: AtomicU64::new(0),
+    dirty_end: AtomicU64::new(0),
 };
 
 impl Heap {
@@ -89,8 +104,29 @@ unsafe impl GlobalAlloc for Heap {
         let ptr = unsafe { self.inner.alloc(layout) };
         if !ptr.is_null() {
             self.account(ptr as u64, layout.size() as u64, true);
+            self.dirty_end.fetch_max(
+                ptr as u64 + layout.size() as u64 + BOOKKEEPING_SLACK,
+                Ordering::Relaxed,
+            );
         }
         self.bump_seq();
+        ptr
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // The mark before this allocation moves it. One vCPU and no
+        // preemption inside the allocator: nothing else moves it meanwhile.
+        let dirty = self.dirty_end.load(Ordering::Relaxed);
+        // SAFETY: forwarded with the caller's guarantees.
+        let ptr = unsafe { self.alloc(layout) };
+        if ptr.is_null() {
+            return ptr;
+        }
+        let (start, len) = (ptr as u64, layout.size() as u64);
+        let end = start + len;
+        let stale = dirty.clamp(start, end) - start;
+        // SAFETY: `[ptr, ptr + stale)` lies inside the block just allocated.
+        unsafe { core::ptr::write_bytes(ptr, 0, stale as usize) };
         ptr
     }
 
@@ -124,6 +160,10 @@ pub(crate) fn init(info: &BootInfo) {
             .lock()
             .init(start as *mut u8, (end - start) as usize)
     };
+    // The monitor hands over fresh, zeroed RAM (the image's bss included);
+    // the allocator has just written the header of its one free block.
+    HEAP.dirty_end
+        .store(start + BOOKKEEPING_SLACK, Ordering::Relaxed);
 
     let pages = (end - start) / PAGE_SIZE;
     let table: &'static mut [u16] = alloc::vec![0u16; pages as usize].leak();

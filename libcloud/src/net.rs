@@ -44,13 +44,16 @@ pub fn serve_tcp<F>(stack: Stack<'static>, port: u16, max_connections: usize, ha
 where
     F: AsyncFn(&mut TcpSocket<'_>) + Clone + 'static,
 {
-    for _ in 0..max_connections {
+    // The listeners' buffers, both directions of all of them, in one block
+    // that lives as long as the listeners (forever): the heap touches a page
+    // at each block's edge, and idle listeners should cost none.
+    let buffers = vec![0u8; 2 * BUFFER_SIZE * max_connections].leak();
+    for buffers in buffers.chunks_exact_mut(2 * BUFFER_SIZE) {
         let handler = handler.clone();
         kernel::task::spawn(async move {
-            let mut rx = vec![0u8; BUFFER_SIZE];
-            let mut tx = vec![0u8; BUFFER_SIZE];
+            let (rx, tx) = buffers.split_at_mut(BUFFER_SIZE);
             loop {
-                let mut socket = TcpSocket::new(stack, &mut rx, &mut tx);
+                let mut socket = TcpSocket::new(stack, &mut *rx, &mut *tx);
                 if let Err(e) = socket.accept(port).await {
                     log::warn!("accept on port {port}: {e:?}");
                     continue;

@@ -71,7 +71,11 @@ struct Inner {
     rx_posted: Vec<Option<Box<[u8]>>>,
     /// TX buffers the device owns, by token, with the length handed over.
     tx_inflight: Vec<Option<(Box<[u8]>, usize)>>,
+    /// TX buffers free for the next frame.
     tx_free: Vec<Box<[u8]>>,
+    /// TX buffers not allocated yet: the pool grows on demand up to
+    /// `QUEUE_SIZE`, so an idle guest holds only the few it has used.
+    tx_unallocated: usize,
     mac: [u8; 6],
 }
 
@@ -106,9 +110,6 @@ impl VirtioNet {
             let token = unsafe { raw.receive_begin(&mut buf) }.map_err(Error::Virtio)?;
             rx_posted[token as usize] = Some(buf);
         }
-        let tx_free = (0..QUEUE_SIZE)
-            .map(|_| vec![0u8; BUF_LEN].into_boxed_slice())
-            .collect();
         let tx_inflight = (0..QUEUE_SIZE).map(|_| None).collect();
         log::info!("virtio-net {:02x?}: {QUEUE_SIZE} RX buffers posted", mac);
         kernel::migration::on_migrated(request_announce);
@@ -117,7 +118,8 @@ impl VirtioNet {
                 raw,
                 rx_posted,
                 tx_inflight,
-                tx_free,
+                tx_free: Vec::with_capacity(QUEUE_SIZE),
+                tx_unallocated: QUEUE_SIZE,
                 mac,
             }),
             mac,
@@ -126,6 +128,19 @@ impl VirtioNet {
 }
 
 impl Inner {
+    /// Whether a TX buffer is free or can still be allocated.
+    fn can_transmit(&self) -> bool {
+        !self.tx_free.is_empty() || self.tx_unallocated > 0
+    }
+
+    /// A free TX buffer, allocated if none is free and the pool may grow.
+    fn take_tx(&mut self) -> Option<Box<[u8]>> {
+        self.tx_free.pop().or_else(|| {
+            self.tx_unallocated = self.tx_unallocated.checked_sub(1)?;
+            Some(vec![0u8; BUF_LEN].into_boxed_slice())
+        })
+    }
+
     /// Takes back TX buffers the device is done with.
     fn reclaim_tx(&mut self) {
         while let Some(token) = self.raw.poll_transmit() {
@@ -149,11 +164,11 @@ impl Inner {
     /// learn where the address lives now.
     fn announce_if_moved(&mut self) {
         let ip = ADDRESS.load(Ordering::Relaxed);
-        if ip == 0 || self.tx_free.is_empty() || !ANNOUNCE.swap(false, Ordering::Relaxed) {
+        if ip == 0 || !self.can_transmit() || !ANNOUNCE.swap(false, Ordering::Relaxed) {
             return;
         }
         let frame = gratuitous_arp(self.mac, ip.to_be_bytes());
-        let mut buf = self.tx_free.pop().expect("checked above");
+        let mut buf = self.take_tx().expect("checked above");
         let Ok(hdr) = self.raw.fill_buffer_header(&mut buf) else {
             self.tx_free.push(buf);
             return;
@@ -222,8 +237,7 @@ impl embassy_net_driver::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut inner = self.inner.borrow_mut();
         let mut buf = inner
-            .tx_free
-            .pop()
+            .take_tx()
             .expect("TxToken is only made with a free buffer");
         let hdr = inner
             .raw
@@ -257,7 +271,7 @@ impl embassy_net_driver::Driver for VirtioNet {
         }
         inner.reclaim_tx();
         inner.announce_if_moved();
-        if inner.tx_free.is_empty() {
+        if !inner.can_transmit() {
             kernel::task::wake_on_io(cx.waker());
             return None;
         }
@@ -280,7 +294,7 @@ impl embassy_net_driver::Driver for VirtioNet {
     fn transmit(&mut self, cx: &mut Context) -> Option<TxToken<'_>> {
         let mut inner = self.inner.borrow_mut();
         inner.reclaim_tx();
-        if inner.tx_free.is_empty() {
+        if !inner.can_transmit() {
             kernel::task::wake_on_io(cx.waker());
             return None;
         }
