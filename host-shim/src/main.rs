@@ -15,8 +15,8 @@ use clap::{Args, Parser, Subcommand};
 use host_shim::boot::cmdline::{self, GuestArgs};
 use host_shim::config::{self, Backend, GuestSpec, NetOptions, QemuAccel, RunConfig};
 use host_shim::daemon::api::{
-    CheckpointInfo, CheckpointRequest, Client, InstanceInfo, MigrateRequest, RestoreRequest,
-    RunRequest, SnapshotInfo, SnapshotRequest,
+    CheckpointInfo, CheckpointRequest, Client, ClientError, InstanceInfo, MigrateRequest,
+    RestoreRequest, RunRequest, SnapshotInfo, SnapshotRequest,
 };
 use host_shim::daemon::persist::{publish_arg, Restart};
 use host_shim::daemon::{limits, DaemonConfig};
@@ -1137,27 +1137,25 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
         Command::Standbys => standbys(&target.client()?),
         Command::Stop(n) => {
             let client = target.client()?;
-            let info: InstanceInfo =
-                client.json::<(), _>("POST", &format!("/v1/instances/{}/stop", n.name), None)?;
+            let info: InstanceInfo = client.stop(&n.name)?;
             println!("stopped {}", info.name);
             Ok(0)
         }
         Command::Logs(n) => {
             let client = target.client()?;
-            let answer = client.call("GET", &format!("/v1/instances/{}/logs", n.name), None)?;
+            let text = client.logs(&n.name)?;
             use std::io::Write;
-            std::io::stdout().write_all(&answer.body)?;
+            std::io::stdout().write_all(text.as_bytes())?;
             Ok(0)
         }
         Command::Snapshot(a) => {
             let client = target.client()?;
             let out = output_arg(&a.out)?;
-            let info: SnapshotInfo = client.json(
-                "POST",
-                &format!("/v1/instances/{}/snapshot", a.name),
-                Some(&SnapshotRequest {
+            let info: SnapshotInfo = client.snapshot(
+                &a.name,
+                &SnapshotRequest {
                     out: out.display().to_string(),
-                }),
+                },
             )?;
             println!(
                 "snapshot of {} written to {}: {} pages, {} bytes, guest paused {:.1} ms",
@@ -1168,13 +1166,12 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
         Command::Checkpoint(a) => {
             let client = target.client()?;
             let out = output_arg(&a.out)?;
-            let info: CheckpointInfo = client.json(
-                "POST",
-                &format!("/v1/instances/{}/checkpoint", a.name),
-                Some(&CheckpointRequest {
+            let info: CheckpointInfo = client.checkpoint(
+                &a.name,
+                &CheckpointRequest {
                     out: out.display().to_string(),
                     timeout_ms: Some(a.wait.as_millis() as u64),
-                }),
+                },
             )?;
             println!(
                 "checkpoint of {} written to {}: {} bytes ({}), {:.1} ms",
@@ -1184,27 +1181,30 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
         }
         Command::Migrate(a) => {
             let client = target.client()?;
-            let last = client.stream_lines(
-                &format!("/v1/instances/{}/migrate", a.name),
+            let json = a.json.json;
+            let result = client.migrate(
+                &a.name,
                 &MigrateRequest {
                     to: a.to.clone(),
                     fingerprint: a.to_fingerprint.clone(),
                 },
-                |line| println!("{line}"),
-            )?;
-            if last.starts_with("ok") {
-                Ok(0)
-            } else {
-                anyhow::bail!(
-                    "migration of {} to {} did not complete{}",
+                // One JSON event a line, or the line each renders as.
+                |event| match json {
+                    true => println!("{}", serde_json::to_string(event).expect("serializable")),
+                    false => println!("{event}"),
+                },
+            );
+            match result {
+                Ok(_) => Ok(0),
+                Err(ClientError::Migration { .. }) => {
+                    anyhow::bail!("migration of {} to {} did not complete", a.name, a.to)
+                }
+                Err(ClientError::Protocol { detail, .. }) => anyhow::bail!(
+                    "migration of {} to {} did not complete ({detail})",
                     a.name,
-                    a.to,
-                    if last.is_empty() {
-                        " (the shim closed the connection)".to_owned()
-                    } else {
-                        String::new()
-                    }
-                )
+                    a.to
+                ),
+                Err(e) => Err(e.into()),
             }
         }
     }
@@ -1237,7 +1237,7 @@ fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
 }
 
 fn list(client: &Client) -> anyhow::Result<u8> {
-    let list: Vec<InstanceInfo> = client.json::<(), _>("GET", "/v1/instances", None)?;
+    let list: Vec<InstanceInfo> = client.list()?;
     println!(
         "{:<16} {:<24} {:<18} {:>8} {:>10} {:>4}  IMAGE",
         "NAME", "STATE", "IP", "MEM", "UPTIME", "GEN"
@@ -1313,7 +1313,7 @@ fn remote_run(client: &Client, args: RunArgs) -> anyhow::Result<u8> {
         standby_grace_ms: Some(args.standby_grace.as_millis() as u64),
         restart: args.restart,
     };
-    let info: InstanceInfo = client.json("POST", "/v1/instances", Some(&req))?;
+    let info: InstanceInfo = client.run(&req)?;
     println!(
         "{} running on {addr}: {} ({})",
         info.name,
@@ -1331,7 +1331,7 @@ fn remote_restore(client: &Client, args: RestoreArgs) -> anyhow::Result<u8> {
         name: args.name,
         publish: args.publish.iter().map(publish_arg).collect(),
     };
-    let info: InstanceInfo = client.json("POST", "/v1/restore", Some(&req))?;
+    let info: InstanceInfo = client.restore(&req)?;
     println!(
         "{} restored on {addr}: {} (move #{})",
         info.name,

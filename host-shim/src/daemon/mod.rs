@@ -70,6 +70,7 @@ use std::time::{Duration, Instant};
 
 pub use http::Method;
 pub use limits::check_name;
+use limits::Quotas;
 
 use crate::boot::cmdline::{self, GuestArgs};
 use crate::devices::virtio;
@@ -524,7 +525,7 @@ impl Daemon {
             self.net.unpublish(spec);
         }
         let mut info = inst.info();
-        info.state = "stopped".into();
+        info.state = api::InstanceState::Stopped;
         Ok(info)
     }
 

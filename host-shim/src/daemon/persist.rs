@@ -14,44 +14,11 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use super::api::{InstanceInfo, RunRequest};
 use super::{bad, not_found, ApiError, Daemon};
 use crate::net::PublishSpec;
 
-/// What happens to an instance when its daemon restarts.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Restart {
-    /// It is gone (the behaviour without `--state-dir`).
-    #[default]
-    Never,
-    /// It is booted again, from its app's latest checkpoint if it has one.
-    Always,
-}
-
-impl std::fmt::Display for Restart {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Restart::Never => "never",
-            Restart::Always => "always",
-        })
-    }
-}
-
-impl std::str::FromStr for Restart {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "never" => Ok(Restart::Never),
-            "always" => Ok(Restart::Always),
-            other => Err(format!(
-                "'{other}' is not a restart policy: always or never"
-            )),
-        }
-    }
-}
+pub use ::api::Restart;
 
 /// Largest instance record read back.
 const MAX_RECORD: u64 = 1 << 20;

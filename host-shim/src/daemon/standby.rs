@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::api::{Client, InstanceInfo, RunRequest};
+use super::api::{Client, RunRequest};
 use super::{bad, ApiError, Daemon, Reply};
 use crate::checkpoint::{Chain, DirSink, Sink};
 use crate::snapshot::state::ImageId;
@@ -326,11 +326,9 @@ enum Probe {
 }
 
 fn probe(origin: &Client, name: &str) -> Probe {
-    match origin.json::<(), Vec<InstanceInfo>>("GET", "/v1/instances", None) {
+    match origin.list() {
         Ok(list) => match list.into_iter().find(|i| i.name == name) {
-            Some(i) if i.state.starts_with("exited") || i.state.starts_with("moved") => {
-                Probe::Gone(i.state)
-            }
+            Some(i) if !i.state.is_live() => Probe::Gone(i.state.to_string()),
             Some(_) => Probe::Running,
             None => Probe::Gone("no longer there".into()),
         },

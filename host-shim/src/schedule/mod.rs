@@ -40,7 +40,7 @@ use scheduler::{
 };
 use serde::Serialize;
 
-use crate::daemon::api::{Client, MigrateRequest};
+use crate::daemon::api::{Client, MigrateRequest, MigrationEvent};
 use observe::{Fleet, Round};
 
 /// The policies the CLI offers.
@@ -295,24 +295,24 @@ fn migrate(
     let (Some((_, src)), Some((dst, _))) = (fleet.shim_of(from), fleet.shim_of(to)) else {
         return (false, "no shim in one of the regions".into(), None, None);
     };
-    let result = src.stream_lines(
-        &format!("/v1/instances/{app}/migrate"),
+    let result = src.migrate(
+        app,
         &MigrateRequest {
             to: dst.to_owned(),
             fingerprint: None,
         },
-        |line| tracing::debug!("migrate: {line}"),
+        |event| tracing::debug!(%event, "migrate"),
     );
     match result {
-        Ok(last) if last.starts_with("ok") => {
-            let num = |key: &str| {
-                let rest = &last[last.find(key)? + key.len()..];
-                rest.split_whitespace().next()?.parse().ok()
-            };
-            let (down, total) = (num("downtime "), num("total "));
-            (true, last, down, total)
+        Ok(report) => {
+            let (down, total) = (report.downtime_ms, report.total_ms);
+            (
+                true,
+                MigrationEvent::Done(report).to_string(),
+                Some(down),
+                Some(total),
+            )
         }
-        Ok(last) => (false, format!("failed: {last}"), None, None),
         Err(e) => (false, format!("failed: {e}"), None, None),
     }
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use scheduler::{Inputs, RegionId, Regions, Workload};
 
-use crate::daemon::api::{Client, ClientError, ShimInfo};
+use crate::daemon::api::{Client, ClientError, InstanceState, ShimInfo};
 use crate::daemon::stats::ShimStats;
 
 /// An RTT older than this is not used.
@@ -113,7 +113,7 @@ impl Fleet {
         let mut regions = Regions::default();
         let mut shims = Vec::new();
         for client in clients {
-            let info: ShimInfo = client.json::<(), _>("GET", "/v1/info", None)?;
+            let info: ShimInfo = client.info()?;
             let region = regions
                 .id(&info.region)
                 .unwrap_or_else(|| regions.add(info.region.clone()));
@@ -199,7 +199,7 @@ impl Fleet {
             let (tx, client) = (tx.clone(), shim.client.clone());
             // A hung shim keeps its thread, not the controller.
             std::thread::spawn(move || {
-                let _ = tx.send((i, client.json::<(), ShimStats>("GET", "/v1/stats", None)));
+                let _ = tx.send((i, client.stats()));
             });
         }
         drop(tx);
@@ -240,7 +240,7 @@ impl Fleet {
         for (i, stats) in all {
             if let Some(inst) = stats.instances.iter().find(|x| x.name == app) {
                 round.inputs.placement.set(app, self.shims[*i].region);
-                round.busy |= inst.state != "running";
+                round.busy |= inst.state != InstanceState::Running;
                 app_ip = inst.ip.as_deref().and_then(|ip| ip.split('/').next());
             }
         }
@@ -343,7 +343,10 @@ mod tests {
             instances: app_state
                 .map(|state| InstanceStats {
                     name: "kv".into(),
-                    state: state.into(),
+                    state: match state {
+                        "running" => InstanceState::Running,
+                        what => InstanceState::Busy { what: what.into() },
+                    },
                     ip: Some("10.0.2.16/24".into()),
                     ..InstanceStats::default()
                 })
