@@ -133,43 +133,6 @@ pub fn check_mem_size(bytes: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// Parses a timeout in seconds; fractions are fine (`0.5`).
-pub fn parse_timeout(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
-    if secs.is_nan() || secs <= 0.0 {
-        return Err(format!("the timeout must be more than 0 s, not '{s}'"));
-    }
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("'{s}': {e}"))
-}
-
-/// Parses a duration: a number with an optional unit (`ms`, `s`, `m`;
-/// seconds without one), e.g. `5s`, `500ms`, `1.5`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (t, 1.0)
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (e.g. 5s, 500ms)"))?;
-    let d = Duration::try_from_secs_f64(v * scale)
-        .map_err(|_| format!("`{s}` is not a valid duration"))?;
-    if d < Duration::from_millis(1) {
-        return Err(format!("`{s}` is too short: at least 1ms"));
-    }
-    Ok(d)
-}
-
 /// Parses one `KEY=VALUE` environment entry. The key must be non-empty.
 pub fn parse_env(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -469,28 +432,6 @@ mod tests {
         assert!(parse_mem_size("99999999999999999999").is_err());
         assert!(parse_mem_size("99999999999G").is_err());
         assert!(parse_mem_size("-64M").is_err());
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("-1s").is_err());
-    }
-
-    #[test]
-    fn timeouts() {
-        assert_eq!(parse_timeout("2"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_timeout("0.25"), Ok(Duration::from_millis(250)));
-        assert!(parse_timeout("0").is_err());
-        assert!(parse_timeout("-1").is_err());
-        assert!(parse_timeout("NaN").is_err());
-        assert!(parse_timeout("inf").is_err());
-        assert!(parse_timeout("soon").is_err());
     }
 
     #[test]

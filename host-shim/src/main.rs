@@ -214,7 +214,7 @@ struct ScheduleArgs {
     #[arg(long, value_name = "GAIN", default_value = "5ms", value_parser = parse_threshold)]
     threshold: f64,
     /// How often to read the shims and decide.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     interval: Duration,
     /// After a migration, no other (non-forced) move for this long.
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_cooldown)]
@@ -267,7 +267,26 @@ fn parse_cooldown(s: &str) -> Result<Duration, String> {
     if s.trim().trim_end_matches('s').trim() == "0" {
         return Ok(Duration::ZERO);
     }
-    config::parse_duration(s)
+    parse_duration(s)
+}
+
+/// The one parser of every duration flag: humantime's syntax (`5s`,
+/// `500ms`, `1m 30s`, `2h`), or a bare number of seconds (`5`, `1.5`); at
+/// least 1 ms.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let d = match t.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => {
+            Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}`: {e}"))?
+        }
+        Ok(_) => return Err(format!("`{s}` is not a duration: it must be positive")),
+        Err(_) => humantime::parse_duration(t)
+            .map_err(|e| format!("`{s}` is not a duration (e.g. 5s, 500ms, 2m): {e}"))?,
+    };
+    if d < Duration::from_millis(1) {
+        return Err(format!("`{s}` is too short: at least 1ms"));
+    }
+    Ok(d)
 }
 
 /// `schedule`: the daemons are `--shim` addresses or fleet host names
@@ -416,7 +435,7 @@ struct DeployArgs {
     restart: Restart,
     /// Have the app checkpoint itself this often (kept in the shim's
     /// --state-dir; a restart resumes from the latest).
-    #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     checkpoint_every: Option<Duration>,
     #[command(flatten)]
     json: JsonArg,
@@ -451,7 +470,7 @@ struct RestoreArgs {
     region: String,
 
     /// Stop the guest after this many seconds (exit status 124).
-    #[arg(long, value_name = "SECS", value_parser = config::parse_timeout)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     timeout: Option<Duration>,
 
     /// The KVM device to open.
@@ -624,11 +643,11 @@ struct ServeArgs {
     max_request_memory: u64,
 
     /// How long a client has for a request's head and body, whole.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     request_timeout: Duration,
 
     /// How long a client has for a TLS handshake, whole.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     handshake_timeout: Duration,
 
     /// Instances at once (running or starting) [default: host memory / 64
@@ -727,7 +746,7 @@ struct CheckpointArgs {
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
     /// How long to wait for the app's checkpoint.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     wait: Duration,
 }
 
@@ -846,7 +865,7 @@ struct RunArgs {
 
     /// Stop the guest after this many seconds (fractions allowed) and exit
     /// with status 124.
-    #[arg(long, value_name = "SECS", value_parser = config::parse_timeout)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     timeout: Option<Duration>,
 
     /// Pass KEY=VALUE to the guest's environment; may be repeated.
@@ -912,7 +931,7 @@ struct RunArgs {
 
     /// Have the app checkpoint itself this often (e.g. 5s, 500ms); needs
     /// --checkpoint-to.
-    #[arg(long, value_name = "DURATION", value_parser = config::parse_duration, requires = "checkpoint_dest")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "checkpoint_dest")]
     checkpoint_every: Option<Duration>,
 
     /// Store the app's checkpoints as DIR/latest.ckpt (atomically, each one
@@ -931,7 +950,7 @@ struct RunArgs {
 
     /// With --standby: how long the daemon may be unreachable before the
     /// standby takes over (e.g. 2s, 500ms).
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     standby_grace: Duration,
     /// With --shim: whether the instance comes back when its daemon
     /// restarts (`always` needs `serve --state-dir`).
@@ -1640,4 +1659,22 @@ fn parse_also(s: &str) -> anyhow::Result<(PathBuf, Vec<String>)> {
         words.remove(0);
     }
     Ok((image, words))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_units_or_bare_seconds() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_cooldown("0s"), Ok(Duration::ZERO));
+        for bad in ["0s", "0", "-1", "-1s", "soon", "NaN", "inf", ""] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
 }
