@@ -20,6 +20,7 @@ mod client;
 mod fingerprint;
 pub mod limits;
 pub mod migration;
+pub mod publish;
 pub mod stats;
 #[cfg(feature = "tls")]
 pub mod tls;
@@ -28,6 +29,7 @@ pub use client::{Answer, Client, ClientError, Stream};
 pub use fingerprint::{decode_hex, encode_hex, Fingerprint};
 pub use limits::Limits;
 pub use migration::{MigrationEvent, MigrationPhase, MigrationReport};
+pub use publish::{parse_publish, Proto, PublishSpec};
 pub use stats::{InstanceStats, ShimStats};
 
 /// The upgrade protocol of streamed answers (`logs --follow`, `migrate`).
@@ -79,9 +81,9 @@ pub struct RunRequest {
     pub env: Vec<(String, String)>,
     #[serde(default)]
     pub args: Vec<String>,
-    /// `--publish` mappings, in their command-line syntax.
+    /// Host ports forwarded to the guest.
     #[serde(default)]
-    pub publish: Vec<String>,
+    pub publish: Vec<PublishSpec>,
     /// The guest's address (else the daemon picks one of its own range).
     #[serde(default)]
     pub ip: Option<String>,
@@ -127,8 +129,9 @@ pub struct RestoreRequest {
     /// The instance name (default: the one saved in the snapshot).
     #[serde(default)]
     pub name: Option<String>,
+    /// Host ports forwarded to the guest.
     #[serde(default)]
-    pub publish: Vec<String>,
+    pub publish: Vec<PublishSpec>,
 }
 
 /// `POST /v1/instances/NAME/snapshot`.

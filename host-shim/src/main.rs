@@ -18,7 +18,7 @@ use host_shim::daemon::api::{
     CheckpointInfo, CheckpointRequest, Client, ClientError, InstanceInfo, MigrateRequest,
     RestoreRequest, RunRequest, SnapshotInfo, SnapshotRequest,
 };
-use host_shim::daemon::persist::{publish_arg, Restart};
+use host_shim::daemon::persist::Restart;
 use host_shim::daemon::{limits, DaemonConfig};
 use host_shim::devices::virtio;
 use host_shim::fleet::commands::{self, DeployOptions};
@@ -1121,7 +1121,7 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
                     mem: a.mem,
                     env: a.env,
                     args: a.args,
-                    publish: a.publish.iter().map(publish_arg).collect(),
+                    publish: a.publish.clone(),
                     restart: a.restart,
                     checkpoint_every_ms: a.checkpoint_every.map(|d| d.as_millis() as u64),
                 },
@@ -1313,7 +1313,7 @@ fn remote_run(client: &Client, args: RunArgs) -> anyhow::Result<u8> {
         mem: args.mem,
         env: args.env,
         args: args.args,
-        publish: args.publish.iter().map(publish_arg).collect(),
+        publish: args.publish.clone(),
         ip: args.ip.map(|(ip, _)| ip.to_string()),
         restore: args
             .restore
@@ -1348,7 +1348,7 @@ fn remote_restore(client: &Client, args: RestoreArgs) -> anyhow::Result<u8> {
     let req = RestoreRequest {
         file: file.display().to_string(),
         name: args.name,
-        publish: args.publish.iter().map(publish_arg).collect(),
+        publish: args.publish.clone(),
     };
     let info: InstanceInfo = client.restore(&req)?;
     println!(

@@ -505,15 +505,26 @@ fn quotas_are_refused_with_the_flag_that_sets_them() {
     assert!(!limits.allow_privileged_ports);
 
     let mut two_ports = run_request("p", &kv_img(), 64 << 20);
-    two_ports.publish = vec!["18080:80".into(), "18081:81".into()];
+    two_ports.publish = vec!["18080:80".parse().unwrap(), "18081:81".parse().unwrap()];
     let (status, msg) = refused(&d.addr, "POST", "/v1/instances", two_ports);
     assert_eq!(status, 400, "{msg}");
     assert!(msg.contains("--max-publish"), "{msg}");
     let mut privileged = run_request("p", &kv_img(), 64 << 20);
-    privileged.publish = vec!["80:80".into()];
+    privileged.publish = vec!["80:80".parse().unwrap()];
     let (status, msg) = refused(&d.addr, "POST", "/v1/instances", privileged);
     assert_eq!(status, 403, "{msg}");
     assert!(msg.contains("--allow-privileged-ports"), "{msg}");
+    // Published ports are values, checked as the command line checks them.
+    let mut port_zero = serde_json::to_value(run_request("p", &kv_img(), 64 << 20)).unwrap();
+    port_zero["publish"] = serde_json::json!([{"host": "127.0.0.1:18082", "guest_port": 0}]);
+    let (status, msg) = refused(&d.addr, "POST", "/v1/instances", port_zero);
+    assert_eq!(status, 400, "{msg}");
+    assert!(msg.contains("1-65535"), "{msg}");
+    let mut as_text = serde_json::to_value(run_request("p", &kv_img(), 64 << 20)).unwrap();
+    as_text["publish"] = serde_json::json!(["18082:80"]);
+    let (status, msg) = refused(&d.addr, "POST", "/v1/instances", as_text);
+    assert_eq!(status, 400, "{msg}");
+    assert!(msg.contains("bad run request"), "{msg}");
 
     call_json::<_, InstanceInfo>(
         &d.addr,

@@ -675,15 +675,13 @@ impl Daemon {
         })
     }
 
-    /// Parses `--publish` mappings and checks them against the limits.
-    fn publishes(&self, publish: &[String]) -> Result<Vec<PublishSpec>, ApiError> {
-        let publish = publish
-            .iter()
-            .map(|p| crate::config::parse_publish(p))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(bad)?;
-        self.config.limits.check_publish(&publish)?;
-        Ok(publish)
+    /// Checks a caller's published ports and the limits.
+    fn publishes(&self, publish: &[PublishSpec]) -> Result<Vec<PublishSpec>, ApiError> {
+        for p in publish {
+            p.check().map_err(bad)?;
+        }
+        self.config.limits.check_publish(publish)?;
+        Ok(publish.to_vec())
     }
 
     fn restore(&self, req: RestoreRequest) -> Result<InstanceInfo, ApiError> {

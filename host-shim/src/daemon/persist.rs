@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 
 use super::api::{InstanceInfo, RunRequest};
 use super::{bad, not_found, ApiError, Daemon};
-use crate::net::PublishSpec;
 
 pub use ::api::Restart;
 
@@ -109,19 +108,6 @@ impl Persist {
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
-}
-
-/// A published port in `--publish` syntax (what [`crate::config::parse_publish`] reads).
-pub fn publish_arg(p: &PublishSpec) -> String {
-    let host = match p.host {
-        std::net::SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
-        std::net::SocketAddr::V4(a) => a.to_string(),
-    };
-    let guest = match p.guest_addr {
-        Some(a) => format!("{a}:{}", p.guest_port),
-        None => p.guest_port.to_string(),
-    };
-    format!("{host}:{guest}/{}", p.proto)
 }
 
 impl Daemon {
@@ -234,7 +220,7 @@ impl Daemon {
                 mem: spec.mem_size,
                 env: spec.env.clone(),
                 args: spec.args.clone(),
-                publish: inst.publish.iter().map(publish_arg).collect(),
+                publish: inst.publish.clone(),
                 ip: spec.nic.map(|n| n.ip.to_string()),
                 restart,
                 ..RunRequest::default()
@@ -266,7 +252,7 @@ mod tests {
             name: "kv".into(),
             image: "sha256:00".into(),
             mem: 64 << 20,
-            publish: vec!["127.0.0.1:6379:6379/tcp".into()],
+            publish: vec!["127.0.0.1:6379:6379/tcp".parse().unwrap()],
             ip: Some("10.0.2.16".into()),
             restart: Restart::Always,
             checkpoint_every_ms: Some(100),

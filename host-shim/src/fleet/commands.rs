@@ -16,7 +16,7 @@ use super::{client_for, exit, App, Fleet, FleetError, Host};
 use crate::daemon::api::migration::human;
 use crate::daemon::api::{
     Client, ClientError, InstanceInfo, InstanceState, LogEvent, MigrateRequest, MigrationEvent,
-    PushRequest, Restart, RestartRequest, RunRequest, ShimInfo,
+    PublishSpec, PushRequest, Restart, RestartRequest, RunRequest, ShimInfo,
 };
 use crate::daemon::images::{sha256_hex, ImageInfo, HASH_PREFIX};
 
@@ -199,8 +199,8 @@ pub struct DeployOptions<'a> {
     pub mem: u64,
     pub env: Vec<(String, String)>,
     pub args: Vec<String>,
-    /// `--publish` mappings in their command-line syntax.
-    pub publish: Vec<String>,
+    /// Published ports.
+    pub publish: Vec<PublishSpec>,
     pub restart: Restart,
     pub checkpoint_every_ms: Option<u64>,
 }
