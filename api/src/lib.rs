@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 mod client;
 mod fingerprint;
+pub mod images;
 pub mod limits;
 pub mod migration;
 pub mod publish;
@@ -27,6 +28,7 @@ pub mod tls;
 
 pub use client::{Answer, Client, ClientError, Stream};
 pub use fingerprint::{decode_hex, encode_hex, Fingerprint};
+pub use images::{ImageInfo, HASH_PREFIX};
 pub use limits::Limits;
 pub use migration::{MigrationEvent, MigrationPhase, MigrationReport};
 pub use publish::{parse_publish, Proto, PublishSpec};

@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use fleet::commands::{self, DeployOptions};
+use fleet::store::FileStore;
+use fleet::{Fleet, FleetError, Host};
 use host_shim::boot::cmdline::{self, GuestArgs};
 use host_shim::config::{self, Backend, GuestSpec, NetOptions, QemuAccel, RunConfig};
 use host_shim::daemon::api::{
@@ -21,9 +24,6 @@ use host_shim::daemon::api::{
 use host_shim::daemon::persist::Restart;
 use host_shim::daemon::{limits, DaemonConfig};
 use host_shim::devices::virtio;
-use host_shim::fleet::commands::{self, DeployOptions};
-use host_shim::fleet::store::FileStore;
-use host_shim::fleet::{Fleet, FleetError, Host};
 use host_shim::net::{NetMode, Nic, PublishSpec};
 use host_shim::outcome::STATUS_SHIM_ERROR;
 use host_shim::security::identity::{self, Identity};
@@ -234,8 +234,8 @@ struct ScheduleArgs {
     rounds: Option<u64>,
     /// Clients in network CIDR are in REGION (e.g. 10.1.0.0/16=eu-west);
     /// may be repeated [default: a request's region is its shim's].
-    #[arg(long, value_name = "CIDR=REGION", value_parser = host_shim::schedule::observe::ClientNet::parse)]
-    client_region: Vec<host_shim::schedule::observe::ClientNet>,
+    #[arg(long, value_name = "CIDR=REGION", value_parser = fleet::schedule::observe::ClientNet::parse)]
+    client_region: Vec<fleet::schedule::observe::ClientNet>,
     /// follow-the-sun: below this many requests in a round, no move (too
     /// little evidence).
     #[arg(long, value_name = "N", default_value_t = 10)]
@@ -293,7 +293,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// (default: every host of the fleet file); fleet hosts are reached with
 /// their pinned fingerprint and token, other addresses over plain HTTP.
 fn schedule(args: ScheduleArgs, shims: Vec<String>, fleet: &Fleet) -> anyhow::Result<u8> {
-    use host_shim::schedule::{PolicyKind, ScheduleConfig};
+    use fleet::schedule::{PolicyKind, ScheduleConfig};
     let hosts = fleet.hosts()?;
     let clients = if shims.is_empty() {
         if hosts.is_empty() {
@@ -304,7 +304,7 @@ fn schedule(args: ScheduleArgs, shims: Vec<String>, fleet: &Fleet) -> anyhow::Re
         }
         hosts
             .iter()
-            .map(host_shim::fleet::client_for)
+            .map(fleet::client_for)
             .collect::<Result<Vec<_>, _>>()?
     } else {
         let bare = |a: &str| {
@@ -316,13 +316,13 @@ fn schedule(args: ScheduleArgs, shims: Vec<String>, fleet: &Fleet) -> anyhow::Re
             .iter()
             .map(
                 |s| match hosts.iter().find(|h| h.name == *s || h.addr() == bare(s)) {
-                    Some(h) => host_shim::fleet::client_for(h),
+                    Some(h) => fleet::client_for(h),
                     None => Ok(Client::new(s)),
                 },
             )
             .collect::<Result<Vec<_>, _>>()?
     };
-    host_shim::schedule::run(&ScheduleConfig {
+    fleet::schedule::run(&ScheduleConfig {
         app: args.app,
         shims: clients,
         policy: match args.policy {
@@ -977,10 +977,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    let fleet = cli
-        .fleet
-        .clone()
-        .unwrap_or_else(host_shim::fleet::default_path);
+    let fleet = cli.fleet.clone().unwrap_or_else(fleet::default_path);
     let target = Target {
         shim: cli.shim.first().cloned(),
         shims: cli.shim,

@@ -10,28 +10,13 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-use sha2::Digest;
-
-/// The prefix of an image reference by hash in [`super::api::RunRequest::image`].
-pub const HASH_PREFIX: &str = "sha256:";
+pub use ::api::images::{sha256_hex, ImageInfo, HASH_PREFIX};
 
 /// Default `--max-image-size`: unikernel images are hundreds of KiB.
 pub const DEFAULT_MAX_BYTES: u64 = 8 << 20;
 
 /// The API reads at most this much of a request body, so no limit can be larger.
 pub const TRANSPORT_MAX_BYTES: u64 = 16 << 20;
-
-/// A stored image, as the API describes it.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct ImageInfo {
-    /// Hex SHA-256 of the image.
-    pub sha256: String,
-    pub size: u64,
-    /// Whether this call wrote it (false: it was already here).
-    #[serde(default)]
-    pub stored: bool,
-}
 
 /// Why an image was refused.
 #[derive(Debug, thiserror::Error)]
@@ -64,14 +49,6 @@ impl ImageError {
             ImageError::Io(_) => 500,
         }
     }
-}
-
-/// Hex SHA-256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Checks that `hash` is 64 lowercase hex digits (it becomes a file name).

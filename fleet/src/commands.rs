@@ -13,12 +13,12 @@ use serde::Serialize;
 
 use super::store::Expect;
 use super::{client_for, exit, App, Fleet, FleetError, Host};
-use crate::daemon::api::migration::human;
-use crate::daemon::api::{
+use api::images::{sha256_hex, ImageInfo, HASH_PREFIX};
+use api::migration::human;
+use api::{
     Client, ClientError, InstanceInfo, InstanceState, LogEvent, MigrateRequest, MigrationEvent,
     PublishSpec, PushRequest, Restart, RestartRequest, RunRequest, ShimInfo,
 };
-use crate::daemon::images::{sha256_hex, ImageInfo, HASH_PREFIX};
 
 /// Most hops from a shim an app left to the shim it runs on.
 const MAX_HOPS: usize = 16;

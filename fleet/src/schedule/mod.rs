@@ -40,7 +40,7 @@ use scheduler::{
 };
 use serde::Serialize;
 
-use crate::daemon::api::{Client, MigrateRequest, MigrationEvent};
+use api::{Client, MigrateRequest, MigrationEvent};
 use observe::{Fleet, Round};
 
 /// The policies the CLI offers.
@@ -87,7 +87,7 @@ pub enum ScheduleError {
     #[error("{0}")]
     Config(String),
     #[error(transparent)]
-    Shim(#[from] crate::daemon::api::ClientError),
+    Shim(#[from] api::ClientError),
     #[error("cannot write the events file {path}: {err}")]
     Events { path: PathBuf, err: std::io::Error },
     /// A bounded run (`--rounds`) in which some shims did not answer: its decisions were

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use scheduler::{Inputs, RegionId, Regions, Workload};
 
-use crate::daemon::api::{Client, ClientError, InstanceState, ShimInfo};
-use crate::daemon::stats::ShimStats;
+use api::stats::ShimStats;
+use api::{Client, ClientError, InstanceState, ShimInfo};
 
 /// An RTT older than this is not used.
 const RTT_MAX_AGE: Duration = Duration::from_secs(10);
@@ -296,9 +296,9 @@ impl Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::stats::InstanceStats;
-    use crate::net::overlay::PeerRtt;
-    use crate::net::traffic::PortStats;
+    use api::stats::InstanceStats;
+    use api::stats::PeerRtt;
+    use api::stats::PortStats;
 
     fn fleet() -> Fleet {
         let regions = Regions::new(["us", "eu"]);
@@ -458,12 +458,12 @@ mod tests {
             let mut p = port("127.0.0.1:1/tcp", "10.0.2.16:6379", eu + local);
             p.bytes_in = (eu + local) * 10;
             p.clients = vec![
-                crate::net::traffic::ClientStats {
+                api::stats::ClientStats {
                     addr: "10.1.0.9".into(),
                     requests: eu,
                     bytes_in: eu * 10,
                 },
-                crate::net::traffic::ClientStats {
+                api::stats::ClientStats {
                     addr: "127.0.0.1".into(),
                     requests: local,
                     bytes_in: local * 10,

@@ -167,10 +167,39 @@ impl FileStore {
     }
 }
 
-/// Replaces `path` by `bytes` atomically (temp file, fsync, rename), readable by
-/// its owner only: the file holds the users' tokens.
+/// Replaces `path` by `bytes` atomically and durably, readable by its
+/// owner only (the file holds the users' tokens): a new temporary file with
+/// an unpredictable name beside it (0600, `O_EXCL|O_NOFOLLOW`), fsync,
+/// rename over `path`, fsync of the directory.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    crate::files::write_atomic(path, bytes)
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "fleet".into());
+    let mut suffix = [0u8; 8];
+    getrandom::getrandom(&mut suffix).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let tmp = dir.join(format!(".{name}.{:016x}.tmp", u64::from_le_bytes(suffix)));
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    File::open(&dir)?.sync_all()
 }
 
 fn check(key: &str, found: Option<u64>, expect: Expect) -> Result<(), StoreError> {

@@ -6,16 +6,19 @@
 //!
 //! Every API client of a fleet host is made by [`client_for`], the one
 //! place that turns a host's URL, pinned fingerprint and token into a
-//! connection.
+//! connection. The placement controller (`host-shim schedule`) is
+//! [`schedule`]. This crate talks to daemons through the `api` crate only:
+//! no VMM in it.
 
 pub mod commands;
+pub mod schedule;
 pub mod store;
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::daemon::api::{Client, ClientError};
+use api::{Client, ClientError};
 use store::{Expect, FleetStore, StoreError, Versioned};
 
 /// Exit statuses of the fleet commands (also in `--help` and the README).
