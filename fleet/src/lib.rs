@@ -1,8 +1,9 @@
 //! The fleet, from the user's machine: the hosts they own (each running
 //! `host-shim serve`) and where each of their apps runs, kept in a
 //! [`store::FleetStore`] (a local file by default, etcd later), and the
-//! commands that drive them (`fleet add/ls/rm`, `deploy`, `ps`, `logs`,
-//! `migrate`, `stop`: [`commands`]).
+//! path from an app's recorded host to the shim it runs on ([`locate`]);
+//! the `host-shim` CLI's fleet commands (`fleet add/ls/rm`, `deploy`, `ps`,
+//! `logs`, `migrate`, `stop`) drive them and render what they return.
 //!
 //! Every API client of a fleet host is made by [`client_for`], the one
 //! place that turns a host's URL, pinned fingerprint and token into a
@@ -10,7 +11,7 @@
 //! [`schedule`]. This crate talks to daemons through the `api` crate only:
 //! no VMM in it.
 
-pub mod commands;
+pub mod locate;
 pub mod schedule;
 pub mod store;
 

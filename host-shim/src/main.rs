@@ -10,9 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod cli;
+
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use fleet::commands::{self, DeployOptions};
+use cli::fleet::{self as commands, DeployOptions};
 use fleet::store::FileStore;
 use fleet::{Fleet, FleetError, Host};
 use host_shim::boot::cmdline::{self, GuestArgs};
@@ -337,6 +339,7 @@ fn schedule(args: ScheduleArgs, shims: Vec<String>, fleet: &Fleet) -> anyhow::Re
         events: args.events,
         rounds: args.rounds,
         min_requests: args.min_requests,
+        report: |line| println!("{line}"),
         client_regions: args.client_region,
     })?;
     Ok(0)

@@ -1,8 +1,9 @@
 //! The fleet commands: `fleet add/ls/rm`, `deploy`, `ps`, `logs`,
-//! `migrate`, `stop`. Each returns its exit status ([`super::exit`]) or a
-//! [`FleetError`] (whose status [`FleetError::exit_code`] gives); tables go
-//! to stdout, progress bars and notes to stderr, `--json` prints one JSON
-//! document on stdout instead of the table.
+//! `migrate`, `stop`, over the `fleet` crate's store and locator. Each
+//! returns its exit status ([`exit`]) or a [`FleetError`] (whose status
+//! [`FleetError::exit_code`] gives); tables go to stdout, progress bars and
+//! notes to stderr, `--json` prints one JSON document on stdout instead of
+//! the table.
 
 use std::io::Write;
 use std::path::Path;
@@ -11,17 +12,15 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use super::store::Expect;
-use super::{client_for, exit, App, Fleet, FleetError, Host};
 use api::images::{sha256_hex, ImageInfo, HASH_PREFIX};
 use api::migration::human;
 use api::{
     Client, ClientError, InstanceInfo, InstanceState, LogEvent, MigrateRequest, MigrationEvent,
     PublishSpec, PushRequest, Restart, RestartRequest, RunRequest, ShimInfo,
 };
-
-/// Most hops from a shim an app left to the shim it runs on.
-const MAX_HOPS: usize = 16;
+use fleet::locate::{hop_to, locate, record_move};
+use fleet::store::Expect;
+use fleet::{client_for, exit, App, Fleet, FleetError, Host};
 
 /// Prints `value` as JSON on stdout (a closed pipe is not an error).
 fn print_json(value: &impl Serialize) {
@@ -469,101 +468,6 @@ pub fn ps(fleet: &Fleet, all: bool, json: bool) -> Result<u8, FleetError> {
     } else {
         exit::UNREACHABLE
     })
-}
-
-// ---- locating an app ----
-
-/// A shim of the app's path, by fleet host when there is one.
-struct Hop {
-    client: Client,
-    /// The fleet host's name, else the shim's address.
-    label: String,
-    host: Option<Host>,
-}
-
-fn hop_to(fleet: Option<&Fleet>, addr: &str) -> Result<Hop, FleetError> {
-    match fleet.map(|f| f.host_by_addr(addr)).transpose()?.flatten() {
-        Some(h) => Ok(Hop {
-            client: client_for(&h)?,
-            label: h.name.clone(),
-            host: Some(h),
-        }),
-        None => Ok(Hop {
-            client: Client::new(addr),
-            label: addr.to_owned(),
-            host: None,
-        }),
-    }
-}
-
-/// Where an app is: the shim it runs on, and the shims it left on the way
-/// (whose tombstones hold its published ports).
-struct Located {
-    app: super::store::Versioned<App>,
-    live: Hop,
-    info: InstanceInfo,
-    left: Vec<Hop>,
-}
-
-fn locate(fleet: &Fleet, name: &str) -> Result<Located, FleetError> {
-    let app = fleet.app(name)?.ok_or_else(|| {
-        FleetError::NotFound(format!(
-            "no app '{name}' in the fleet (see `host-shim ps`; deploy it with `host-shim deploy`)"
-        ))
-    })?;
-    let host = fleet.need_host(&app.value.host)?;
-    let mut hop = Hop {
-        client: client_for(&host)?,
-        label: host.name.clone(),
-        host: Some(host),
-    };
-    let mut left = Vec::new();
-    for _ in 0..MAX_HOPS {
-        let list: Vec<InstanceInfo> = hop.client.list()?;
-        let info = list.into_iter().find(|i| i.name == name).ok_or_else(|| {
-            FleetError::NotFound(format!("app '{name}' is not on host {}", hop.label))
-        })?;
-        match info.state.moved_to() {
-            Some(addr) => {
-                let next = hop_to(Some(fleet), addr)?;
-                left.push(std::mem::replace(&mut hop, next));
-            }
-            None => {
-                return Ok(Located {
-                    app,
-                    live: hop,
-                    info,
-                    left,
-                })
-            }
-        }
-    }
-    Err(FleetError::Failed(format!(
-        "app '{name}' moved more than {MAX_HOPS} times without arriving"
-    )))
-}
-
-/// Records that app `name` runs on `host` now (what a shim said, so it
-/// wins): compare-and-swap on the app's record, again if another CLI
-/// wrote it meanwhile; nothing if the app is not in the fleet.
-fn record_move(fleet: &Fleet, name: &str, host: &str) -> Result<(), FleetError> {
-    for _ in 0..8 {
-        let Some(v) = fleet.app(name)? else {
-            return Ok(());
-        };
-        if v.value.host == host {
-            return Ok(());
-        }
-        let mut app = v.value;
-        app.host = host.to_owned();
-        match fleet.put_app(&app, Expect::Version(v.version)) {
-            Err(FleetError::Store(super::store::StoreError::Conflict { .. })) => continue,
-            other => return other.map(|_| ()),
-        }
-    }
-    Err(FleetError::Failed(format!(
-        "the fleet record of {name} keeps changing: run the command again"
-    )))
 }
 
 // ---- logs ----
