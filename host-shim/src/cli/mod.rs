@@ -1,7 +1,9 @@
 //! The `host-shim` binary's command modules: they parse nothing (clap does,
 //! in `main.rs`) and render what the libraries return.
 
+pub mod daemon;
 pub mod fleet;
+pub mod run;
 pub mod schedule;
 
 use std::time::Duration;
