@@ -576,6 +576,37 @@ impl Client {
         }
     }
 
+    /// `POST /v1/standby`: registers an instance the daemon is to stand by
+    /// for (`req` and the answer are the daemon's standby types).
+    pub fn standby<Req: Serialize, Resp: for<'de> Deserialize<'de>>(
+        &self,
+        req: &Req,
+    ) -> Result<Resp, ClientError> {
+        self.json("POST", "/v1/standby", Some(req))
+    }
+
+    /// `GET /v1/standby`: the instances the daemon stands by for.
+    pub fn standbys<Resp: for<'de> Deserialize<'de>>(&self) -> Result<Vec<Resp>, ClientError> {
+        self.json::<(), _>("GET", "/v1/standby", None)
+    }
+
+    /// `POST /v1/standby/NAME/checkpoint`: ships one checkpoint blob of a
+    /// watched instance; returns once the standby has it on disk.
+    pub fn standby_checkpoint(&self, name: &str, blob: &[u8]) -> Result<(), ClientError> {
+        self.call(
+            "POST",
+            &format!("/v1/standby/{name}/checkpoint"),
+            Some(blob),
+        )
+        .map(|_| ())
+    }
+
+    /// `POST /v1/migration`: opens the two-way migration stream (upgraded
+    /// to `protocol`) to a destination daemon.
+    pub fn migration_stream(&self, protocol: &str) -> Result<BufReader<Stream>, ClientError> {
+        self.upgrade("/v1/migration", protocol, b"")
+    }
+
     /// `GET /v1/openapi.yaml`: the API's OpenAPI 3 description.
     pub fn openapi(&self) -> Result<String, ClientError> {
         let answer = self.call("GET", "/v1/openapi.yaml", None)?;

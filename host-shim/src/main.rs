@@ -634,8 +634,7 @@ fn list(client: &Client) -> anyhow::Result<u8> {
 }
 
 fn standbys(client: &Client) -> anyhow::Result<u8> {
-    let list: Vec<host_shim::daemon::standby::StandbyInfo> =
-        client.json::<(), _>("GET", "/v1/standby", None)?;
+    let list: Vec<host_shim::daemon::standby::StandbyInfo> = client.standbys()?;
     println!(
         "{:<16} {:<22} {:<24} {:>10} {:>6}  FILE",
         "NAME", "ORIGIN", "STATE", "BYTES", "BLOBS"

@@ -469,8 +469,7 @@ fn a_hung_origin_is_declared_down_by_its_standby() {
         client.json("POST", "/v1/standby", Some(&req)).unwrap();
     let start = Instant::now();
     loop {
-        let list: Vec<host_shim::daemon::standby::StandbyInfo> =
-            client.json::<(), _>("GET", "/v1/standby", None).unwrap();
+        let list: Vec<host_shim::daemon::standby::StandbyInfo> = client.standbys().unwrap();
         let state = list[0].state.clone();
         if state.contains("no checkpoint") {
             break;

@@ -185,14 +185,11 @@ impl super::Daemon {
         let peer = self
             .peer_client(to, None)
             .map_err(|why| super::ApiError(502, why))?;
-        let path = format!("/v1/images/{hash}");
-        if let Ok(info) = peer.json::<(), ImageInfo>("GET", &path, None) {
+        if let Ok(info) = peer.image::<ImageInfo>(hash) {
             return Ok(info);
         }
-        let pushed = peer.call("PUT", &path, Some(&bytes)).map_err(|e| {
-            super::ApiError(502, format!("pushing image sha256:{hash} to {to}: {e}"))
-        })?;
-        serde_json::from_slice(&pushed.body).map_err(|e| super::ApiError(502, e.to_string()))
+        peer.put_image::<ImageInfo>(hash, &bytes, |_| {})
+            .map_err(|e| super::ApiError(502, format!("pushing image sha256:{hash} to {to}: {e}")))
     }
 
     /// The file to boot for `image`: a path as is, `sha256:HEX` from the store.

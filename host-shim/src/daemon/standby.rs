@@ -456,19 +456,19 @@ struct Shipment {
 }
 
 impl PeerSink {
-    /// Starts the shipper thread of instance `name`, posting to `path` on
+    /// Starts the shipper thread of instance `name`, posting its blobs to
     /// `peer` (whose calls time out).
-    fn start(name: &str, peer: Client, path: String) -> Result<Self, String> {
+    fn start(name: &str, peer: Client) -> Result<Self, String> {
         let (jobs, queue) = mpsc::sync_channel::<Shipment>(0);
         let addr = peer.addr.clone();
+        let name = name.to_owned();
         thread::Builder::new()
             .name(format!("ship-{name}"))
             .spawn(move || {
                 // Ends when the instance's sink is dropped.
                 for job in queue {
                     let r = peer
-                        .call("POST", &path, Some(&job.blob))
-                        .map(|_| ())
+                        .standby_checkpoint(&name, &job.blob)
                         .map_err(|e| format!("standby {}: {e}", peer.addr));
                     let _ = job.done.try_send(r);
                 }
@@ -541,10 +541,9 @@ pub fn register(daemon: &Daemon, req: &RunRequest) -> Result<Option<PeerSink>, A
         .peer_client(peer, None)
         .map_err(|why| ApiError(409, format!("standby {peer}: {why}")))?
         .with_timeout(SHIP_DEADLINE);
-    peer.json::<_, StandbyInfo>("POST", "/v1/standby", Some(&body))
+    peer.standby::<_, StandbyInfo>(&body)
         .map_err(|e| ApiError(409, format!("standby {}: {e}", peer.addr)))?;
-    let path = format!("/v1/standby/{}/checkpoint", req.name);
-    PeerSink::start(&req.name, peer, path)
+    PeerSink::start(&req.name, peer)
         .map(Some)
         .map_err(|e| ApiError(500, e))
 }

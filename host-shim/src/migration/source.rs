@@ -219,7 +219,7 @@ impl Outgoing<'_> {
         // 1. Handshake.
         let reader = self
             .client
-            .upgrade("/v1/migration", MIGRATION_PROTOCOL, b"")
+            .migration_stream(MIGRATION_PROTOCOL)
             .map_err(|e| self.fail(e.to_string()))?;
         mark("connected".into());
         let mut conn = Conn::new(reader, daemon.config.migration.fault)
@@ -551,7 +551,7 @@ impl Outgoing<'_> {
 
 /// `Query`: whether the destination started migration `id`.
 fn ask(client: &Client, id: u64) -> Result<bool, ClientError> {
-    let reader = client.upgrade("/v1/migration", MIGRATION_PROTOCOL, b"")?;
+    let reader = client.migration_stream(MIGRATION_PROTOCOL)?;
     let protocol = |e: ProtocolError| ClientError::Protocol {
         addr: client.addr.clone(),
         detail: e.to_string(),

@@ -150,14 +150,14 @@ impl Daemon {
         let (fp, token) = self.pin_and_token();
         host_shim::daemon::api::Client::secure(&self.addr, fp.parse().unwrap(), Some(token), None)
             .unwrap()
-            .json::<(), _>("GET", "/v1/info", None)
+            .info()
             .unwrap()
     }
 
     /// A plain-HTTP daemon's `GET /v1/stats`.
     pub fn stats(&self) -> host_shim::daemon::stats::ShimStats {
         host_shim::daemon::api::Client::new(&self.addr)
-            .json::<(), _>("GET", "/v1/stats", None)
+            .stats()
             .unwrap_or_else(|e| panic!("GET /v1/stats: {e}\n--- daemon:\n{}", self.output()))
     }
 
