@@ -20,6 +20,10 @@ use crate::{
     SnapshotRequest, PROGRESS_PROTOCOL,
 };
 
+/// The longest line of a streamed answer a client takes (a console line is
+/// at most a few KiB, a migration event less).
+pub const MAX_STREAMED_LINE: usize = 1 << 20;
+
 /// A connection to a daemon: plain TCP, or TLS with the `tls` feature.
 #[cfg(feature = "tls")]
 pub use crate::tls::Stream;
@@ -320,6 +324,7 @@ impl Client {
 
     /// A request whose answer is text lines as they come (over an
     /// upgraded connection); `on_line` sees each one. Returns the last line.
+    /// A line longer than [`MAX_STREAMED_LINE`] ends the stream with an error.
     fn stream_lines<Req: Serialize>(
         &self,
         path: &str,
@@ -327,14 +332,29 @@ impl Client {
         mut on_line: impl FnMut(&str),
     ) -> Result<String, ClientError> {
         let bytes = serde_json::to_vec(body).expect("serializable");
-        let reader = self.upgrade(path, PROGRESS_PROTOCOL, &bytes)?;
+        let mut reader = self.upgrade(path, PROGRESS_PROTOCOL, &bytes)?;
         let mut last = String::new();
-        for line in reader.lines() {
-            let line = line.map_err(self.io())?;
-            on_line(&line);
-            last = line;
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let limit = MAX_STREAMED_LINE as u64 + 1;
+            let n = (&mut reader)
+                .take(limit)
+                .read_until(b'\n', &mut line)
+                .map_err(self.io())?;
+            if n == 0 {
+                return Ok(last);
+            }
+            if line.last() != Some(&b'\n') && n as u64 == limit {
+                return Err(self.protocol(format!(
+                    "a streamed line longer than {MAX_STREAMED_LINE} bytes"
+                )));
+            }
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim_end_matches(['\n', '\r']);
+            on_line(text);
+            last = text.to_owned();
         }
-        Ok(last)
     }
 
     /// Opens a raw two-way stream to the daemon by upgrading
@@ -633,4 +653,115 @@ fn instance(name: &str, what: &str) -> String {
 /// `/v1/images/HEX`.
 fn image(hash: &str) -> String {
     format!("/v1/images/{hash}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::MigrationReport;
+    use std::net::TcpListener;
+
+    /// A one-connection daemon that switches protocols and sends `answer`.
+    fn daemon(answer: Vec<u8>) -> (String, std::thread::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap() == 1 {
+                head.push(byte[0]);
+            }
+            // Read the body too: unread bytes at close would reset the connection.
+            let head = String::from_utf8(head).unwrap();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .map_or(0, |n| n.trim().parse().unwrap());
+            s.read_exact(&mut vec![0u8; length]).unwrap();
+            let _ = s.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
+                  Upgrade: host-shim-progress\r\n\r\n",
+            );
+            let _ = s.write_all(&answer);
+        });
+        (addr, t)
+    }
+
+    fn req() -> MigrateRequest {
+        MigrateRequest {
+            to: "127.0.0.1:1".into(),
+            fingerprint: None,
+        }
+    }
+
+    #[test]
+    fn migrate_returns_the_report_and_shows_every_event() {
+        let report = MigrationReport {
+            name: "kv".into(),
+            downtime_ms: 2.5,
+            ..MigrationReport::default()
+        };
+        let events = [
+            MigrationEvent::Note {
+                message: "hello".into(),
+            },
+            MigrationEvent::Done(report.clone()),
+        ];
+        let mut wire = Vec::new();
+        for e in &events {
+            wire.extend(serde_json::to_vec(e).unwrap());
+            wire.push(b'\n');
+        }
+        let (addr, t) = daemon(wire);
+        let mut seen = Vec::new();
+        let got = Client::new(&addr)
+            .migrate("kv", &req(), |e| seen.push(e.clone()))
+            .unwrap();
+        assert_eq!(got, report);
+        assert_eq!(seen, events);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_failed_migration_names_its_phase() {
+        let failed = MigrationEvent::Failed {
+            phase: MigrationPhase::Precopy,
+            error: "the destination died; kv keeps running here".into(),
+        };
+        let (addr, t) = daemon(serde_json::to_vec(&failed).unwrap());
+        match Client::new(&addr).migrate("kv", &req(), |_| {}) {
+            Err(ClientError::Migration { phase, error }) => {
+                assert_eq!(phase, MigrationPhase::Precopy);
+                assert!(error.contains("keeps running"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn hostile_streams_are_errors_not_memory() {
+        // Not an event.
+        let (addr, t) = daemon(b"ok: kv moved\n".to_vec());
+        let err = Client::new(&addr)
+            .migrate("kv", &req(), |_| {})
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Protocol { .. }), "{err:?}");
+        t.join().unwrap();
+        // No end of line, ever: refused after the limit.
+        let (addr, t) = daemon(vec![b'x'; MAX_STREAMED_LINE + 10]);
+        let err = Client::new(&addr)
+            .migrate("kv", &req(), |_| {})
+            .unwrap_err();
+        assert!(err.to_string().contains("longer than"), "{err}");
+        t.join().unwrap();
+        // The stream ends before a result.
+        let (addr, t) = daemon(Vec::new());
+        let err = Client::new(&addr)
+            .migrate("kv", &req(), |_| {})
+            .unwrap_err();
+        assert!(err.to_string().contains("without a result"), "{err}");
+        t.join().unwrap();
+    }
 }
