@@ -17,7 +17,7 @@
 //! | `POST /v1/instances/NAME/snapshot` | [`api::SnapshotRequest`] | [`api::SnapshotInfo`] |
 //! | `POST /v1/instances/NAME/checkpoint` | [`api::CheckpointRequest`] | [`api::CheckpointInfo`] (504: no checkpoint in time) |
 //! | `POST /v1/restore` | [`api::RestoreRequest`] | [`api::InstanceInfo`] (201) |
-//! | `POST /v1/instances/NAME/migrate` | [`api::MigrateRequest`], upgrade to `host-shim-progress` | progress lines, text, streamed |
+//! | `POST /v1/instances/NAME/migrate` | [`api::MigrateRequest`], upgrade to `host-shim-progress` | [`api::MigrationEvent`] JSON lines, streamed |
 //! | `POST /v1/migration` | upgrade to `host-shim-migration` | the incoming migration stream ([`crate::migration`]) |
 //! | `POST /v1/standby` | [`standby::StandbyRequest`] | [`standby::StandbyInfo`] (201) |
 //! | `GET /v1/standby` | | `[`[`standby::StandbyInfo`]`]` |
@@ -83,8 +83,8 @@ use api::{
 };
 use instance::{Instance, InstanceConsole, LogRing, State};
 
-/// The protocol name of a streamed answer (progress lines).
-pub const PROGRESS_PROTOCOL: &str = "host-shim-progress";
+/// The protocol name of a streamed answer (JSON lines).
+pub use api::PROGRESS_PROTOCOL;
 /// The protocol name of the migration stream's HTTP upgrade.
 pub const MIGRATION_PROTOCOL: &str = "host-shim-migration";
 /// Highest `--shim-id`.

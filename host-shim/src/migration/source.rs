@@ -29,7 +29,8 @@
 //! its `BootInfo` has the heap pages that hold no live data dropped from
 //! each round's send set.
 //!
-//! Progress lines go to the caller as they happen.
+//! Progress goes to the caller as it happens, one JSON [`MigrationEvent`] a
+//! line; the last is `done` or `failed` (with the phase it failed in).
 //!
 //! [`Migrations`]: super::Migrations
 
