@@ -22,6 +22,7 @@ pub mod images;
 pub mod limits;
 pub mod migration;
 pub mod publish;
+pub mod routes;
 pub mod stats;
 #[cfg(feature = "tls")]
 pub mod tls;

@@ -9,7 +9,7 @@
 //!   client certificate pinned as a peer; anything else gets 401 and a log
 //!   line. A caller known only by its peer certificate may migrate, stand
 //!   by, push images and read health, info and the instance list
-//!   ([`peer_may_call`]); anything else gets 403 and a log line;
+//!   ([`api::routes::peer_may_call`]); anything else gets 403 and a log line;
 //! - `POST /v1/migration` (the migration stream) needs a client certificate
 //!   pinned as a peer; anything else gets 403 and a log line, and the
 //!   sender's instance keeps running where it is.
@@ -31,7 +31,6 @@
 //! then own the connection.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -49,42 +48,7 @@ pub const MAX_BODY: usize = 16 << 20;
 /// Largest request head.
 const MAX_HEAD: usize = 64 << 10;
 
-/// A request method.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Method {
-    Get,
-    Head,
-    Post,
-    Put,
-    Delete,
-    Other(String),
-}
-
-impl Method {
-    fn parse(s: &str) -> Self {
-        match s {
-            "GET" => Method::Get,
-            "HEAD" => Method::Head,
-            "POST" => Method::Post,
-            "PUT" => Method::Put,
-            "DELETE" => Method::Delete,
-            other => Method::Other(other.to_owned()),
-        }
-    }
-}
-
-impl fmt::Display for Method {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Method::Get => "GET",
-            Method::Head => "HEAD",
-            Method::Post => "POST",
-            Method::Put => "PUT",
-            Method::Delete => "DELETE",
-            Method::Other(m) => m,
-        })
-    }
-}
+pub use api::routes::Method;
 
 /// A parsed request head.
 #[derive(Debug)]
@@ -483,7 +447,7 @@ fn serve_conn(server: &Server, tcp: TcpStream, slot: &Slot, accepted: Instant) {
         }
     };
     if let Caller::Peer(peer) = &caller {
-        if !peer_may_call(&method, &path) {
+        if !api::routes::peer_may_call(&method, &path) {
             tracing::warn!(
                 %method, %path, %from, %peer,
                 "refused a call from a peer host: peers may only migrate, stand by and push images"
@@ -733,25 +697,6 @@ fn check_body(head: &Head) -> Result<usize, ApiError> {
     Ok(n)
 }
 
-/// Whether a caller known only by a pinned peer certificate may make this
-/// call: migration streams, standby registrations and checkpoints, image
-/// pushes, and the read-only calls a standby or a migration makes (health,
-/// info, the instance list).
-fn peer_may_call(method: &Method, path: &str) -> bool {
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    matches!(
-        (method, segments.as_slice()),
-        (Method::Post, ["v1", "migration"])
-            | (Method::Post | Method::Get, ["v1", "standby"])
-            | (Method::Post, ["v1", "standby", _, "checkpoint"])
-            | (
-                Method::Get | Method::Head | Method::Put,
-                ["v1", "images", _]
-            )
-            | (Method::Get, ["v1", "health" | "info" | "instances"])
-    )
-}
-
 /// Reads one request (head and body) from `r` as [`serve`] does: the HTTP fuzz target's entry
 /// point. Gives the path and the body, or the status and message the caller would get.
 #[doc(hidden)]
@@ -942,7 +887,7 @@ mod tests {
             (Method::Put, "/v1/images/abc"),
             (Method::Get, "/v1/instances"),
         ] {
-            assert!(peer_may_call(&m, p), "{m} {p}");
+            assert!(api::routes::peer_may_call(&m, p), "{m} {p}");
         }
         for (m, p) in [
             (Method::Post, "/v1/instances"),
@@ -952,7 +897,7 @@ mod tests {
             (Method::Post, "/v1/images/abc/push"),
             (Method::Get, "/v1/instances/kv/logs"),
         ] {
-            assert!(!peer_may_call(&m, p), "{m} {p}");
+            assert!(!api::routes::peer_may_call(&m, p), "{m} {p}");
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The API's OpenAPI 3 description (`host-shim/api/openapi.yaml`), served
 //! at `GET /v1/openapi.yaml`, and the tests that keep it in step with the
-//! routes of [`super::Daemon::handle`] (each with its 401 and 403 answers)
+//! route table ([`api::routes::ROUTES`]; each route with its 401 and 403 answers)
 //! and, field by field, with the `api` crate's types.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -113,39 +113,16 @@ pub fn responses(doc: &str) -> BTreeMap<String, BTreeSet<String>> {
 mod tests {
     use super::*;
 
-    /// The routes matched in `Daemon::handle`, read from its source:
-    /// arms like `(Method::Get | Method::Head, ["v1", "images", hash])`.
+    /// The routes of the API's route table (`get /v1/instances/{name}/logs`, ...).
     fn routes() -> Vec<String> {
-        let handle = include_str!("mod.rs");
-        let start = handle.find("fn handle(").expect("Daemon::handle");
-        let standby = include_str!("standby.rs");
-        let route = standby.find("pub fn route(").expect("standby::route");
-        let mut out = Vec::new();
-        let arms = handle[start..].split("(Method::").skip(1);
-        for arm in arms.chain(standby[route..].split("(Method::").skip(1)) {
-            let Some((methods, rest)) = arm.split_once(", [") else {
-                continue;
-            };
-            let Some((segments, _)) = rest.split_once(']') else {
-                continue;
-            };
-            let path: String = segments
-                .split(',')
-                .map(|s| s.trim())
-                .filter(|s| !s.is_empty())
-                .map(
-                    |s| match s.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
-                        Some(lit) => format!("/{lit}"),
-                        None => format!("/{{{s}}}"),
-                    },
-                )
-                .collect();
-            for m in methods.split('|') {
-                let m = m.trim().trim_start_matches("Method::").to_lowercase();
-                out.push(format!("{m} {path}"));
-            }
-        }
-        out
+        api::routes::ROUTES
+            .iter()
+            .flat_map(|r| {
+                r.methods
+                    .iter()
+                    .map(move |m| format!("{} {}", m.to_string().to_lowercase(), r.path))
+            })
+            .collect()
     }
 
     #[test]
@@ -157,10 +134,11 @@ mod tests {
         let missing: Vec<&String> = routes.iter().filter(|r| !documented.contains(r)).collect();
         assert!(
             missing.is_empty(),
-            "routes of Daemon::handle missing from host-shim/api/openapi.yaml: {missing:?}"
+            "routes of api::routes::ROUTES missing from host-shim/api/openapi.yaml: {missing:?}"
         );
-        // The one route served outside `handle` (the migration stream).
-        assert!(documented.contains(&"post /v1/migration".to_owned()));
+        // And nothing documented that is not routed.
+        let extra: Vec<&String> = documented.iter().filter(|d| !routes.contains(d)).collect();
+        assert!(extra.is_empty(), "documented but not routed: {extra:?}");
     }
 }
 

@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::api::{Client, RunRequest};
-use super::{bad, ApiError, Daemon, Reply};
+use super::{bad, ApiError, Daemon};
 use crate::checkpoint::{Chain, DirSink, Sink};
 use crate::snapshot::state::ImageId;
 
@@ -175,30 +175,9 @@ pub fn probe_interval(grace: Duration) -> Duration {
     (grace / 8).clamp(Duration::from_millis(50), Duration::from_secs(1))
 }
 
-/// The standby endpoints, if `segments` names one.
-pub fn route(
-    daemon: &Arc<Daemon>,
-    method: &super::http::Method,
-    segments: &[&str],
-    body: &[u8],
-) -> Option<Result<Reply, ApiError>> {
-    use super::http::Method;
-    let json = |status: u16, v: &dyn super::erased::Json| Ok(Reply::Json(status, v.to_json()));
-    Some(match (method, segments) {
-        (Method::Post, ["v1", "standby"]) => super::request(body, "standby")
-            .and_then(|req| accept(daemon, req))
-            .and_then(|info| json(201, &info)),
-        (Method::Get, ["v1", "standby"]) => json(200, &list(daemon)),
-        (Method::Post, ["v1", "standby", name, "checkpoint"]) => {
-            receive(daemon, name, body).and_then(|info| json(200, &info))
-        }
-        _ => return None,
-    })
-}
-
 /// Registers a standby for an instance (replacing an older one of the
 /// same name) and starts watching its origin.
-fn accept(daemon: &Arc<Daemon>, req: StandbyRequest) -> Result<StandbyInfo, ApiError> {
+pub(super) fn accept(daemon: &Arc<Daemon>, req: StandbyRequest) -> Result<StandbyInfo, ApiError> {
     let name = req.run.name.clone();
     super::check_name(&name)?;
     let here = crate::machine::image_id(std::path::Path::new(&req.run.image)).map_err(|e| {
@@ -263,7 +242,7 @@ fn accept(daemon: &Arc<Daemon>, req: StandbyRequest) -> Result<StandbyInfo, ApiE
     Ok(entry.info())
 }
 
-fn list(daemon: &Daemon) -> Vec<StandbyInfo> {
+pub(super) fn list(daemon: &Daemon) -> Vec<StandbyInfo> {
     let entries = daemon
         .standbys
         .entries
@@ -273,7 +252,7 @@ fn list(daemon: &Daemon) -> Vec<StandbyInfo> {
 }
 
 /// Stores one blob the origin shipped; answers once it is durable.
-fn receive(daemon: &Daemon, name: &str, body: &[u8]) -> Result<StandbyInfo, ApiError> {
+pub(super) fn receive(daemon: &Daemon, name: &str, body: &[u8]) -> Result<StandbyInfo, ApiError> {
     let entry = daemon.standbys.get(name).ok_or_else(|| {
         ApiError(
             404,
