@@ -94,7 +94,10 @@ pub(crate) enum PeerCmd {
     /// Unpin a host.
     Remove { name: String },
     /// This host's fingerprint and its pinned peers.
-    List,
+    List {
+        #[command(flatten)]
+        json: crate::JsonArg,
+    },
 }
 
 /// Run a shim daemon that hosts instances and moves them between shims.
@@ -330,7 +333,17 @@ pub(crate) fn peer(dir: &std::path::Path, cmd: PeerCmd) -> anyhow::Result<u8> {
             }
             println!("unpinned {name}");
         }
-        PeerCmd::List => {
+        PeerCmd::List { json } if json.json => {
+            let id = identity::load(dir)?;
+            let view = serde_json::json!({
+                "name": id.config.name,
+                "fingerprint": id.fingerprint.to_string(),
+                "listen": id.config.listen,
+                "peers": id.config.peers,
+            });
+            println!("{}", serde_json::to_string_pretty(&view)?);
+        }
+        PeerCmd::List { .. } => {
             let id = identity::load(dir)?;
             println!(
                 "this host: {} {} https://{}",

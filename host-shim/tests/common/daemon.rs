@@ -131,13 +131,14 @@ impl Daemon {
         d
     }
 
-    /// A secure daemon's fingerprint (from `peer list`) and user token
-    /// (from its state directory).
+    /// A secure daemon's fingerprint (from `peer list --json`) and user
+    /// token (from its state directory).
     pub fn pin_and_token(&self) -> (String, String) {
-        let list = self.cli(&["peer", "list"]);
-        let fp = list
-            .split_whitespace()
-            .find(|w| w.starts_with("SHA256:"))
+        let list = self.cli(&["peer", "list", "--json"]);
+        let view: serde_json::Value =
+            serde_json::from_str(&list).unwrap_or_else(|e| panic!("peer list --json: {e}: {list}"));
+        let fp = view["fingerprint"]
+            .as_str()
             .unwrap_or_else(|| panic!("no fingerprint in {list}"))
             .to_owned();
         let state = self.state.as_ref().expect("a secure daemon");
