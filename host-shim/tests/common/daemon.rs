@@ -2,6 +2,7 @@
 //! and a minimal Redis-protocol client for the kv app.
 
 use super::{free_port, image, require_kvm};
+use host_shim::daemon::api::{MigrationEvent, MigrationReport};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -191,6 +192,23 @@ impl Daemon {
             self.output()
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `migrate ARGS --json` (ARGS: `migrate NAME --to TO ...`): the
+    /// migration's events, which must end with `done`; returns its report.
+    #[allow(dead_code)]
+    pub fn migrate(&self, args: &[&str]) -> MigrationReport {
+        let mut args = args.to_vec();
+        args.push("--json");
+        let out = self.cli(&args);
+        let events: Vec<MigrationEvent> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}\n{out}")))
+            .collect();
+        match events.last() {
+            Some(MigrationEvent::Done(report)) => report.clone(),
+            other => panic!("the migration did not end with done: {other:?}\n{out}"),
+        }
     }
 
     pub fn try_cli(&self, args: &[&str]) -> Output {
