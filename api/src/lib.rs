@@ -5,6 +5,9 @@
 //! ([`migration::MigrationEvent`]) and a typed blocking [`Client`] with one
 //! method per endpoint.
 //!
+//! The server side: the route table and typed requests ([`routes`]) and
+//! the HTTP plumbing with its bounds ([`server`]).
+//!
 //! It needs no KVM: building an image or running a benchmark links this
 //! crate only. TLS (rustls with ring, certificates pinned by fingerprint:
 //! [`tls`], [`Client::secure`]) is behind the `tls` feature.
@@ -23,6 +26,7 @@ pub mod limits;
 pub mod migration;
 pub mod publish;
 pub mod routes;
+pub mod server;
 pub mod stats;
 #[cfg(feature = "tls")]
 pub mod tls;

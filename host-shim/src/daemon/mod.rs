@@ -147,13 +147,7 @@ pub enum Reply {
 }
 
 /// An API error: status and message.
-pub struct ApiError(pub u16, pub String);
-
-impl<E: std::fmt::Display> From<E> for ApiError {
-    fn from(e: E) -> Self {
-        ApiError(500, format!("{e:#}"))
-    }
-}
+pub use api::server::ApiError;
 
 fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(400, msg.into())
