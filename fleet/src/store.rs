@@ -167,8 +167,10 @@ impl FileStore {
     }
 }
 
-/// Replaces `path` by `bytes` atomically (temp file, fsync, rename), readable by
-/// its owner only: the file holds the users' tokens.
+/// Replaces `path` by `bytes` atomically and durably, readable by its
+/// owner only (the file holds the users' tokens): a new temporary file with
+/// an unpredictable name beside it (0600, `O_EXCL|O_NOFOLLOW`), fsync,
+/// rename over `path`, fsync of the directory.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     shim_util::files::write_atomic(path, bytes)
 }

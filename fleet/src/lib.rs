@@ -1,21 +1,25 @@
 //! The fleet, from the user's machine: the hosts they own (each running
 //! `host-shim serve`) and where each of their apps runs, kept in a
 //! [`store::FleetStore`] (a local file by default, etcd later), and the
-//! commands that drive them (`fleet add/ls/rm`, `deploy`, `ps`, `logs`,
-//! `migrate`, `stop`: [`commands`]).
+//! path from an app's recorded host to the shim it runs on ([`locate`]);
+//! the `host-shim` CLI's fleet commands (`fleet add/ls/rm`, `deploy`, `ps`,
+//! `logs`, `migrate`, `stop`) drive them and render what they return.
 //!
 //! Every API client of a fleet host is made by [`client_for`], the one
 //! place that turns a host's URL, pinned fingerprint and token into a
-//! connection.
+//! connection. The placement controller (`host-shim schedule`) is
+//! [`schedule`]. This crate talks to daemons through the `api` crate only:
+//! no VMM in it.
 
-pub mod commands;
+pub mod locate;
+pub mod schedule;
 pub mod store;
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::daemon::api::{Client, ClientError};
+use api::{Client, ClientError};
 use store::{Expect, FleetStore, StoreError, Versioned};
 
 /// Exit statuses of the fleet commands (also in `--help` and the README).
