@@ -22,8 +22,8 @@ use host_shim::daemon::persist::{publish_arg, Restart};
 use host_shim::daemon::{limits, DaemonConfig};
 use host_shim::devices::virtio;
 use host_shim::fleet::commands::{self, DeployOptions};
-use host_shim::fleet::store::FileStore;
-use host_shim::fleet::{Fleet, FleetError, Host};
+use host_shim::fleet::store;
+use host_shim::fleet::{registry, Capacity, Fleet, FleetError, Host};
 use host_shim::net::{NetMode, Nic, PublishSpec};
 use host_shim::outcome::STATUS_SHIM_ERROR;
 use host_shim::security::identity::{self, Identity};
@@ -111,6 +111,13 @@ struct Cli {
     /// The fleet state file [default: ~/.config/host-shim/fleet.json].
     #[arg(long, global = true, value_name = "FILE", env = "HOST_SHIM_FLEET")]
     fleet: Option<PathBuf>,
+
+    /// Where the fleet state lives: file://PATH [default: the --fleet file]
+    /// or etcd://HOST:PORT[,HOST:PORT...]. With it, `serve` registers its
+    /// host there under a lease (`fleet ls` shows it up, or down once the
+    /// lease lapses).
+    #[arg(long, global = true, value_name = "URL", env = "HOST_SHIM_STORE")]
+    store: Option<String>,
 
     /// The host's state directory (identity, config, token, peers)
     /// [default: /var/lib/host-shim for root, else ~/.local/share/host-shim].
@@ -664,6 +671,11 @@ struct ServeArgs {
     /// ready, commit, committed; FAULT: die, cut, corrupt, hang).
     #[arg(long, value_name = "STEP:FAULT", hide = true)]
     test_fault: Option<host_shim::migration::faults::Injected>,
+
+    /// With --store: how long this host stays registered as up after its
+    /// daemon stops renewing its lease (it renews it every third of that).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = config::parse_duration)]
+    lease_ttl: Duration,
 }
 
 impl ServeArgs {
@@ -966,6 +978,7 @@ fn main() -> ExitCode {
         shim: cli.shim.first().cloned(),
         shims: cli.shim,
         fleet,
+        store: cli.store,
         dir: cli.dir,
         fingerprint: cli.fingerprint,
         token_file: cli.token_file,
@@ -997,6 +1010,8 @@ struct Target {
     shims: Vec<String>,
     /// The fleet state file.
     fleet: PathBuf,
+    /// `--store URL`, if given.
+    store: Option<String>,
     dir: Option<PathBuf>,
     fingerprint: Option<String>,
     token_file: Option<PathBuf>,
@@ -1071,11 +1086,15 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
     // logs/stop/migrate act on one daemon when one is named (--shim, or
     // --dir: the local secure daemon), else on the fleet.
     let on_daemon = shim.is_some() || target.dir.is_some();
-    let fleet = || Fleet::new(Box::new(FileStore::new(&target.fleet)));
+    let store = target
+        .store
+        .clone()
+        .unwrap_or_else(|| format!("file://{}", target.fleet.display()));
+    let fleet = || store::open(&store).map(Fleet::new);
     match command {
-        Command::Schedule(args) => schedule(args, target.shims.clone(), &fleet()),
+        Command::Schedule(args) => schedule(args, target.shims.clone(), &fleet()?),
         Command::Fleet(FleetCommand::Add(a)) => fleet_status(commands::fleet_add(
-            &fleet(),
+            &fleet()?,
             Host {
                 name: a.name,
                 url: a.url,
@@ -1086,15 +1105,16 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
                     (None, Some(file)) => Some(identity::read_token(file)?),
                     (None, None) => None,
                 },
+                ..Host::default()
             },
             a.json.json,
         )),
-        Command::Fleet(FleetCommand::Ls(a)) => fleet_status(commands::fleet_ls(&fleet(), a.json)),
-        Command::Fleet(FleetCommand::Rm(a)) => fleet_status(commands::fleet_rm(&fleet(), &a.name)),
+        Command::Fleet(FleetCommand::Ls(a)) => fleet_status(commands::fleet_ls(&fleet()?, a.json)),
+        Command::Fleet(FleetCommand::Rm(a)) => fleet_status(commands::fleet_rm(&fleet()?, &a.name)),
         Command::Deploy(a) => {
             let name = a.name.clone().unwrap_or_else(|| stem(&a.image));
             fleet_status(commands::deploy(
-                &fleet(),
+                &fleet()?,
                 DeployOptions {
                     image: &a.image,
                     on: &a.on,
@@ -1109,13 +1129,15 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
                 a.json.json,
             ))
         }
-        Command::Ps(a) => fleet_status(commands::ps(&fleet(), a.all, a.json.json)),
+        Command::Ps(a) => fleet_status(commands::ps(&fleet()?, a.all, a.json.json)),
         Command::Stop(a) if !on_daemon => {
-            fleet_status(commands::stop(&fleet(), &a.name, a.json.json))
+            fleet_status(commands::stop(&fleet()?, &a.name, a.json.json))
         }
-        Command::Logs(a) if !on_daemon => fleet_status(commands::logs(&fleet(), &a.name, a.follow)),
+        Command::Logs(a) if !on_daemon => {
+            fleet_status(commands::logs(&fleet()?, &a.name, a.follow))
+        }
         Command::Migrate(a) if !on_daemon => {
-            fleet_status(commands::migrate(&fleet(), &a.name, &a.to, a.json.json))
+            fleet_status(commands::migrate(&fleet()?, &a.name, &a.to, a.json.json))
         }
         Command::Logs(a) if a.follow => {
             let client = target.client()?;
@@ -1510,6 +1532,29 @@ fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
         name: name.clone(),
         region: region.clone(),
     });
+    let record = Host {
+        name: name.clone(),
+        url: format!(
+            "{}://{listen}",
+            if identity.is_some() { "https" } else { "http" }
+        ),
+        region: region.clone(),
+        fingerprint: identity.as_ref().map(|i| i.fingerprint.to_string()),
+        overlay: overlay.as_ref().map(|o| o.listen.to_string()),
+        capacity: Some(Capacity {
+            max_instances: limits.max_instances,
+            max_guest_memory: limits.max_guest_memory,
+        }),
+        ..Host::default()
+    };
+    let _registration = match &target.store {
+        Some(url) => Some(registry::register(
+            store::open(url)?,
+            record,
+            args.lease_ttl,
+        )?),
+        None => None,
+    };
     let security = identity
         .map(|i| host_shim::security::HostSecurity::new(i).map(std::sync::Arc::new))
         .transpose()?;

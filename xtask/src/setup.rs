@@ -54,6 +54,16 @@ pub const TEST_TOOLS: &[Tool] = &[
         why: "crash-recovery tests (kill -9 of a daemon)",
     },
     Tool {
+        bin: "etcd",
+        package: "etcd-server",
+        why: "a real etcd for the fleet store (tests/etcd_fleet.rs)",
+    },
+    Tool {
+        bin: "protoc",
+        package: "protobuf-compiler",
+        why: "building the etcd client's gRPC protocol (etcd-client's build script)",
+    },
+    Tool {
         bin: "chromium",
         package: "chromium",
         why: "the demo dashboard in a headless browser",

@@ -1,6 +1,7 @@
 //! The fleet, from the user's machine: the hosts they own (each running
 //! `host-shim serve`) and where each of their apps runs, kept in a
-//! [`store::FleetStore`] (a local file by default, etcd later), and the
+//! [`store::FleetStore`] (a local file by default, or etcd: [`etcd`]; hosts
+//! that register themselves: [`registry`]), and the
 //! commands that drive them (`fleet add/ls/rm`, `deploy`, `ps`, `logs`,
 //! `migrate`, `stop`: [`commands`]).
 //!
@@ -9,6 +10,8 @@
 //! connection.
 
 pub mod commands;
+pub mod etcd;
+pub mod registry;
 pub mod store;
 
 use std::path::PathBuf;
@@ -49,6 +52,22 @@ pub struct Host {
     /// The bearer token of this user on that host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// Its overlay's UDP address (a host that registered itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<String>,
+    /// What it can run (a host that registered itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Capacity>,
+    /// It registers itself ([`registry`]): without a live lease it is down.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub registered: bool,
+}
+
+/// What a host can run, as its daemon's limits say.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub max_instances: usize,
+    pub max_guest_memory: u64,
 }
 
 impl Host {
