@@ -17,83 +17,155 @@ use serde_json::{json, Value};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// A single-member etcd on loopback, killed (and its data removed) when dropped.
+/// An etcd cluster on loopback (one member for most tests), each member
+/// with its own ports and data directory; killed when dropped.
 struct Etcd {
-    child: Child,
+    members: Vec<Member>,
+}
+
+struct Member {
+    name: String,
     endpoint: String,
+    args: Vec<String>,
     log: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl Member {
+    fn spawn(&mut self) {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new("etcd")
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn etcd");
+        self.child = Some(child);
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
 }
 
 impl Etcd {
     fn start(dir: &TempDir) -> Self {
+        Self::cluster(dir, 1)
+    }
+
+    /// `n` members forming one cluster, ready when a client's round trip
+    /// through all of them succeeds.
+    fn cluster(dir: &TempDir, n: usize) -> Self {
         if Command::new("etcd").arg("--version").output().is_err() {
             panic!(
                 "this test needs a real etcd on PATH: apt-get install etcd-server etcd-client \
                  (`cargo xtask test` installs it)"
             );
         }
-        let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("127.0.0.1:{client}");
-        let log = dir.path("etcd.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new("etcd")
-            .args(["--name", "test", "--data-dir"])
-            .arg(dir.path("etcd.data"))
-            .args(["--listen-client-urls", &format!("http://{endpoint}")])
-            .args(["--advertise-client-urls", &format!("http://{endpoint}")])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args([
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{peer}"),
-            ])
-            .args([
-                "--initial-cluster",
-                &format!("test=http://127.0.0.1:{peer}"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn etcd");
-        let mut etcd = Self {
-            child,
-            endpoint,
-            log,
-        };
-        // Ready when a client's round trip succeeds.
-        let give_up = Instant::now() + Duration::from_secs(30);
-        loop {
-            match store::open(&etcd.url()) {
-                Ok(_) => break,
-                Err(e) => {
-                    if let Ok(Some(status)) = etcd.child.try_wait() {
-                        panic!("etcd exited ({status}):\n{}", etcd.output());
-                    }
-                    assert!(
-                        Instant::now() < give_up,
-                        "etcd never answered: {e}\n{}",
-                        etcd.output()
-                    );
-                    std::thread::sleep(Duration::from_millis(100));
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let mut members: Vec<Member> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (client, peer))| {
+                let name = format!("m{i}");
+                let endpoint = format!("127.0.0.1:{client}");
+                let data = dir.path(&format!("{name}.etcd"));
+                let args = [
+                    "--name",
+                    &name,
+                    "--data-dir",
+                    data.to_str().unwrap(),
+                    "--listen-client-urls",
+                    &format!("http://{endpoint}"),
+                    "--advertise-client-urls",
+                    &format!("http://{endpoint}"),
+                    "--listen-peer-urls",
+                    &format!("http://127.0.0.1:{peer}"),
+                    "--initial-advertise-peer-urls",
+                    &format!("http://127.0.0.1:{peer}"),
+                    "--initial-cluster",
+                    &initial.join(","),
+                    "--initial-cluster-state",
+                    "new",
+                ]
+                .map(str::to_owned)
+                .to_vec();
+                Member {
+                    log: dir.path(&format!("{name}.log")),
+                    name,
+                    endpoint,
+                    args,
+                    child: None,
                 }
-            }
+            })
+            .collect();
+        for m in &mut members {
+            m.spawn();
         }
+        let mut etcd = Self { members };
+        etcd.wait_ready();
         etcd
     }
 
+    fn wait_ready(&mut self) {
+        let give_up = Instant::now() + Duration::from_secs(30);
+        loop {
+            let all_answer = self.members.iter().filter(|m| m.child.is_some()).all(|m| {
+                store::open(&format!("etcd://{}", m.endpoint))
+                    .and_then(|s| s.list("none/"))
+                    .is_ok()
+            });
+            if all_answer {
+                return;
+            }
+            for m in &mut self.members {
+                if let Some(Ok(Some(status))) = m.child.as_mut().map(|c| c.try_wait()) {
+                    panic!("etcd {} exited ({status}):\n{}", m.name, m.output());
+                }
+            }
+            assert!(
+                Instant::now() < give_up,
+                "etcd never answered:\n{}",
+                self.members.iter().map(Member::output).collect::<String>()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The store URL naming every member.
     fn url(&self) -> String {
-        format!("etcd://{}", self.endpoint)
+        let endpoints: Vec<&str> = self.members.iter().map(|m| m.endpoint.as_str()).collect();
+        format!("etcd://{}", endpoints.join(","))
     }
 
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+    /// Stops member `i` (kill -9).
+    fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
-    /// `etcdctl ARGS` against this etcd (a real client besides ours).
+    /// Starts member `i` again on its data.
+    fn restart(&mut self, i: usize) {
+        self.members[i].spawn();
+    }
+
+    /// `etcdctl ARGS` against the first member (a real client besides ours).
     fn ctl(&self, args: &[&str]) -> Output {
         Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &self.endpoint])
+            .args(["--endpoints", &self.members[0].endpoint])
             .args(args)
             .output()
             .expect("etcdctl (apt-get install etcd-client)")
@@ -102,8 +174,9 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for i in 0..self.members.len() {
+            self.stop(i);
+        }
     }
 }
 
@@ -244,8 +317,10 @@ fn compare_and_swap_between_two_etcd_clients() {
     let listed = a.list("hosts/").unwrap();
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0].0, "hosts/good");
+    // JSON that is no host record: skipped by the fleet commands too.
+    a.put("hosts/odd", json!(42), Expect::Absent).unwrap();
     let ls = ok(&etcd.url(), &["fleet", "ls"]);
-    assert!(ls.contains("good"), "{ls}");
+    assert!(ls.contains("good") && !ls.contains("odd"), "{ls}");
     assert!(matches!(
         a.get("hosts/junk"),
         Err(StoreError::BadRecord { .. })
@@ -422,4 +497,74 @@ fn store_urls_fail_clearly_and_the_file_store_still_works() {
         .unwrap();
     assert!(!out.status.success());
     assert!(text(&out).contains("needs an etcd store"), "{}", text(&out));
+}
+
+#[test]
+fn a_three_member_cluster_survives_one_loss_and_refuses_without_quorum() {
+    let dir = TempDir::new("etcd-quorum");
+    let mut etcd = Etcd::cluster(&dir, 3);
+    let url = etcd.url();
+    let _a = Daemon::start("a", 1, &["--store", &url, "--lease-ttl", "4s"], &dir);
+    let client = store::open(&url).unwrap();
+    let v1 = client
+        .put("test/x", json!({"host": "a"}), Expect::Absent)
+        .unwrap();
+    wait_state(&url, "a", "up", Duration::from_secs(10));
+
+    // One member down: reads, CAS writes and the host's lease go on.
+    etcd.stop(0);
+    let started = Instant::now();
+    let v2 = client
+        .put("test/x", json!({"host": "b"}), Expect::Version(v1))
+        .unwrap_or_else(|e| panic!("a write with 2 of 3 members: {e}"));
+    eprintln!("first CAS after losing a member: {:?}", started.elapsed());
+    assert!(matches!(
+        client.put("test/x", json!({"host": "c"}), Expect::Version(v1)),
+        Err(StoreError::Conflict { .. })
+    ));
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        host_row(&url, "a").unwrap()["state"],
+        "up",
+        "lease kept over 2 members"
+    );
+
+    // Two down: no quorum. Commands fail clearly, within the deadline.
+    etcd.stop(1);
+    let started = Instant::now();
+    let out = cli(&url, &["fleet", "ls"]);
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let why = text(&out);
+    assert!(
+        why.contains("no quorum") || why.contains("did not answer"),
+        "{why}"
+    );
+    assert!(why.contains(&url), "{why}");
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    eprintln!("fleet ls without quorum failed after {took:?}: {why}");
+    let refused = client.put("test/x", json!({"host": "d"}), Expect::Version(v2));
+    assert!(refused.is_err(), "a write without quorum: {refused:?}");
+
+    // Quorum back: the state is whole, CAS works again, and the host is up
+    // (its lease survived or it registered again).
+    etcd.restart(1);
+    let give_up = Instant::now() + Duration::from_secs(30);
+    let now = loop {
+        match client.get("test/x") {
+            Ok(v) => break v.unwrap(),
+            Err(e) => {
+                assert!(Instant::now() < give_up, "quorum never came back: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    assert!(
+        now.value == json!({"host": "b"}) || now.value == json!({"host": "d"}),
+        "{now:?}"
+    );
+    client
+        .put("test/x", json!({"host": "e"}), Expect::Version(now.version))
+        .unwrap();
+    wait_state(&url, "a", "up", Duration::from_secs(20));
 }

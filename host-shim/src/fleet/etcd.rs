@@ -10,7 +10,8 @@
 //! endpoints, never a hang.
 
 use std::future::Future;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
@@ -29,7 +30,11 @@ pub const DEADLINE: Duration = Duration::from_secs(5);
 /// A fleet store in etcd (see the module docs).
 pub struct EtcdStore {
     runtime: tokio::runtime::Runtime,
-    client: Client,
+    /// One client per member: a request that a member cannot serve (down,
+    /// or its leader just died) is retried on the next one.
+    members: Vec<Client>,
+    /// The member that answered last, tried first.
+    preferred: AtomicUsize,
     /// `etcd://HOST:PORT,...`, for errors.
     endpoints: String,
     deadline: Duration,
@@ -53,68 +58,109 @@ impl EtcdStore {
     /// [`EtcdStore::connect`] with another deadline for every call.
     pub fn connect_with(endpoints: &[String], deadline: Duration) -> Result<Self, StoreError> {
         let label = format!("etcd://{}", endpoints.join(","));
+        let failed = |detail: String| StoreError::Etcd {
+            endpoints: label.clone(),
+            detail,
+        };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| StoreError::Etcd {
-                endpoints: label.clone(),
-                detail: format!("cannot start its client's runtime: {e}"),
-            })?;
-        let urls: Vec<String> = endpoints.iter().map(|e| format!("http://{e}")).collect();
-        // Without a leader (no quorum) requests fail at once instead of waiting.
+            .map_err(|e| failed(format!("cannot start its client's runtime: {e}")))?;
+        // Without a leader (no quorum) a member refuses at once instead of waiting.
         let options = ConnectOptions::new()
             .with_connect_timeout(deadline)
             .with_timeout(deadline)
             .with_require_leader(true);
-        // The timer needs the runtime: the timeout is made inside it.
-        let connected = runtime.block_on(async {
-            tokio::time::timeout(deadline, Client::connect(urls, Some(options))).await
-        });
-        let client = match connected {
-            Ok(Ok(client)) => client,
-            Ok(Err(e)) => {
-                return Err(StoreError::Etcd {
-                    endpoints: label,
-                    detail: describe(&e),
+        let mut members = Vec::with_capacity(endpoints.len());
+        for e in endpoints {
+            // The channel connects lazily: this does not wait for the member.
+            let url = format!("http://{e}");
+            let options = options.clone();
+            let client = runtime
+                .block_on(async {
+                    tokio::time::timeout(deadline, Client::connect([url], Some(options))).await
                 })
-            }
-            Err(_) => {
-                return Err(StoreError::Timeout {
-                    endpoints: label,
-                    after: deadline,
-                })
-            }
-        };
+                .map_err(|_| failed(format!("cannot set up a client of {e}")))?
+                .map_err(|err| failed(format!("{e}: {}", describe(&err))))?;
+            members.push(client);
+        }
+        if members.is_empty() {
+            return Err(failed("no endpoints".into()));
+        }
         let store = Self {
             runtime,
-            client,
+            members,
+            preferred: AtomicUsize::new(0),
             endpoints: label,
             deadline,
         };
-        // The channel connects lazily: one round trip now, so that a URL
-        // that does not answer fails here.
+        // One round trip now, so that a URL that does not answer fails here.
         store.call(|mut c| async move { c.status().await })?;
         Ok(store)
     }
 
-    /// Runs one etcd request on the store's runtime, within the deadline.
+    /// Runs one etcd request within the deadline, on the member that
+    /// answered last, else on the others in turn (each attempt gets a third
+    /// of the deadline: a member whose leader just died holds a request
+    /// for longer than that). Only errors that say the member could not
+    /// serve it are retried; a write that timed out may have been applied,
+    /// and its retry then fails its compare (a conflict, never a double
+    /// write).
     fn call<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
-        F: FnOnce(Client) -> Fut,
+        F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let request = op(self.client.clone());
-        let answer = self
-            .runtime
-            .block_on(async { tokio::time::timeout(self.deadline, request).await });
-        match answer {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.error(&e)),
-            Err(_) => Err(StoreError::Timeout {
+        let end = Instant::now() + self.deadline;
+        let attempt = (self.deadline / 3).max(Duration::from_millis(500));
+        let first = self.preferred.load(Ordering::Relaxed);
+        let n = self.members.len();
+        let mut no_leader = None;
+        let mut last = None;
+        for k in 0.. {
+            let now = Instant::now();
+            if now >= end {
+                break;
+            }
+            if k > 0 && k % n == 0 {
+                // Every member refused: give the cluster a moment (an election).
+                std::thread::sleep(Duration::from_millis(100).min(end - now));
+                continue;
+            }
+            let i = (first + k) % n;
+            let request = op(self.members[i].clone());
+            let budget = attempt.min(end - now);
+            let answer = self
+                .runtime
+                .block_on(async { tokio::time::timeout(budget, request).await });
+            match answer {
+                Ok(Ok(v)) => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Ok(Err(e)) if retryable(&e) => {
+                    tracing::debug!(member = i, error = %e, "etcd member could not serve a request");
+                    let text = e.to_string();
+                    if text.contains("no leader") {
+                        no_leader = Some(text);
+                    } else {
+                        last = Some(text);
+                    }
+                }
+                Ok(Err(e)) => return Err(self.error(&e)),
+                Err(_) => {}
+            }
+        }
+        Err(match (no_leader, last) {
+            (Some(text), _) => StoreError::Etcd {
+                endpoints: self.endpoints.clone(),
+                detail: format!("etcd has no quorum (no leader): {text}"),
+            },
+            _ => StoreError::Timeout {
                 endpoints: self.endpoints.clone(),
                 after: self.deadline,
-            }),
-        }
+            },
+        })
     }
 
     fn error(&self, e: &etcd_client::Error) -> StoreError {
@@ -149,7 +195,10 @@ impl EtcdStore {
             .when(Self::compare(&full, expect))
             .and_then(vec![op])
             .or_else(vec![TxnOp::get(full.clone(), None)]);
-        let resp = self.call(|mut c| async move { c.txn(txn).await })?;
+        let resp = self.call(|mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })?;
         if resp.succeeded() {
             return Ok(resp.header().map_or(0, |h| h.revision() as u64));
         }
@@ -162,6 +211,20 @@ impl EtcdStore {
             expected: expect,
             found: found.flatten(),
         })
+    }
+}
+
+/// Whether the member could not serve the request (down, unreachable,
+/// without a leader), so another member may.
+fn retryable(e: &etcd_client::Error) -> bool {
+    match e {
+        // 14: Unavailable, 4: DeadlineExceeded; a connection that broke
+        // under the request comes as Unknown with a transport error.
+        etcd_client::Error::GRpcStatus(s) => {
+            matches!(s.code() as i32, 14 | 4) || s.message() == "transport error"
+        }
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
     }
 }
 
@@ -197,7 +260,10 @@ fn decode(kv: &KeyValue) -> Result<(String, Versioned<Value>), StoreError> {
 impl FleetStore for EtcdStore {
     fn get(&self, key: &str) -> Result<Option<Versioned<Value>>, StoreError> {
         let full = Self::key(key);
-        let resp = self.call(|mut c| async move { c.get(full, None).await })?;
+        let resp = self.call(|mut c| {
+            let key = full.clone();
+            async move { c.get(key, None).await }
+        })?;
         resp.kvs()
             .first()
             .map(|kv| decode(kv).map(|(_, v)| v))
@@ -206,10 +272,10 @@ impl FleetStore for EtcdStore {
 
     fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned<Value>)>, StoreError> {
         let full = Self::key(prefix);
-        let resp =
-            self.call(
-                |mut c| async move { c.get(full, Some(GetOptions::new().with_prefix())).await },
-            )?;
+        let resp = self.call(|mut c| {
+            let key = full.clone();
+            async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
+        })?;
         // etcd returns a range in key order. A record that does not decode
         // (written by something else) is skipped, not fatal to the list.
         Ok(resp

@@ -192,15 +192,22 @@ impl Fleet {
         self.store.get(key)?.map(|v| decode(key, v)).transpose()
     }
 
+    /// The records under `prefix`; one that does not decode (written by
+    /// another tool or version) is skipped with a warning.
     fn list<T: for<'de> Deserialize<'de>>(
         &self,
         prefix: &str,
     ) -> Result<Vec<Versioned<T>>, FleetError> {
-        self.store
+        Ok(self
+            .store
             .list(prefix)?
             .into_iter()
-            .map(|(k, v)| decode(&k, v))
-            .collect()
+            .filter_map(|(k, v)| {
+                decode(&k, v)
+                    .inspect_err(|e| tracing::warn!(error = %e, "skipping a fleet record"))
+                    .ok()
+            })
+            .collect())
     }
 
     pub fn host(&self, name: &str) -> Result<Option<Versioned<Host>>, FleetError> {
