@@ -367,6 +367,34 @@ mod tests {
     }
 
     #[test]
+    fn store_urls() {
+        for bad in [
+            "",
+            "fleet.json",
+            "file://",
+            "nfs://x",
+            "etcd://",
+            "etcd://h",
+            "etcd://h:0",
+            "etcd://:1",
+            "etcd://a:1,b",
+        ] {
+            assert!(matches!(open(bad), Err(StoreError::BadUrl { .. })), "{bad}");
+        }
+        let (s, dir) = store("url");
+        let url = format!("file://{}", s.path().display());
+        open(&url)
+            .unwrap()
+            .put("hosts/a", json!({}), Expect::Absent)
+            .unwrap();
+        assert!(s.get("hosts/a").unwrap().is_some());
+        // The file store has no leases, and says what needs them.
+        let lease = open(&url).unwrap().grant_lease(Duration::from_secs(5));
+        assert!(matches!(lease, Err(StoreError::NoLeases(_))));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
     fn concurrent_writers_lose_nothing() {
         let (s, dir) = store("lock");
         let threads: Vec<_> = (0..4)
