@@ -304,6 +304,24 @@ fn compare_and_swap_between_two_etcd_clients() {
     assert_eq!(a.get("counter").unwrap().unwrap().value, json!(100));
     eprintln!("100 increments by 4 clients: {conflicts} conflicts retried");
 
+    // Figures: one compare-and-swap write, etcd and the file store side by side.
+    let file = store::open(&format!("file://{}", dir.path("fleet.json").display())).unwrap();
+    for (label, s) in [("etcd", &a), ("file", &file)] {
+        let mut version = s.put("bench", json!(0), Expect::Any).unwrap();
+        let mut took: Vec<Duration> = (1..=50)
+            .map(|i| {
+                let t = Instant::now();
+                version = s.put("bench", json!(i), Expect::Version(version)).unwrap();
+                t.elapsed()
+            })
+            .collect();
+        took.sort();
+        eprintln!(
+            "{label}: CAS write median {:?}, max {:?} (50)",
+            took[25], took[49]
+        );
+    }
+
     // A record that is not JSON (written by another tool) is skipped by a
     // list, with the others still listed.
     a.put(
