@@ -412,6 +412,49 @@ fn registered_hosts_show_up_from_another_client_and_down_after_their_lease() {
         "{stdout}"
     );
     assert!(text(&ps).contains("host b did not answer"), "{}", text(&ps));
+    // The user adopts b with their token (pinning the fingerprint it
+    // registered): ps reaches every host now.
+    let (_, token) = b.pin_and_token();
+    let b_url = format!("https://{}", b.addr);
+    let wrong = cli(
+        &url,
+        &[
+            "fleet",
+            "add",
+            "b",
+            &b_url,
+            "--fingerprint",
+            &format!("SHA256:{}", "0".repeat(64)),
+            "--token",
+            &token,
+        ],
+    );
+    assert!(!wrong.status.success(), "{}", text(&wrong));
+    ok(
+        &url,
+        &[
+            "fleet",
+            "add",
+            "b",
+            &b_url,
+            "--fingerprint",
+            &fingerprint,
+            "--token",
+            &token,
+        ],
+    );
+    let row = host_row(&url, "b").unwrap();
+    assert_eq!(
+        (row["token"].clone(), row["state"].clone()),
+        (json!(true), json!("up")),
+        "{row}"
+    );
+    assert!(
+        row["capacity"].is_object(),
+        "the registered record is kept: {row}"
+    );
+    let ps = cli(&url, &["ps"]);
+    assert!(ps.status.success(), "{}", text(&ps));
     ok(&url, &["stop", "kv"]);
     assert_eq!(host_row(&url, "a").unwrap()["apps"], 0);
 

@@ -109,20 +109,44 @@ pub fn fleet_add(fleet: &Fleet, mut host: Host, json: bool) -> Result<u8, FleetE
             host.name
         )));
     }
-    if let Some(old) = fleet.host(&host.name)? {
-        return Err(FleetError::Failed(format!(
-            "the fleet has a host '{}' already ({}): `host-shim fleet rm {}` first",
-            host.name, old.value.url, host.name
-        )));
-    }
     if !host.url.contains("://") {
         host.url = format!("http://{}", host.url);
     }
+    // A host that registered itself (`serve --store`) at this URL is
+    // adopted: the user adds their token (and pins the same fingerprint).
+    let old = fleet.host(&host.name)?;
+    let expect = match &old {
+        None => Expect::Absent,
+        Some(v) if v.value.registered && v.value.url == host.url => {
+            if let (Some(mine), Some(theirs)) = (&host.fingerprint, &v.value.fingerprint) {
+                if !mine.eq_ignore_ascii_case(theirs) {
+                    return Err(FleetError::Failed(format!(
+                        "host {} registered the fingerprint {theirs}, not {mine}",
+                        host.name
+                    )));
+                }
+            }
+            Expect::Version(v.version)
+        }
+        Some(v) => {
+            return Err(FleetError::Failed(format!(
+                "the fleet has a host '{}' already ({}): `host-shim fleet rm {}` first",
+                host.name, v.value.url, host.name
+            )))
+        }
+    };
     let info: ShimInfo = client_for(&host)?
         .json::<(), _>("GET", "/v1/info", None)
         .map_err(|e| refused_add(&host, e))?;
     host.region = info.region.clone();
-    fleet.put_host(&host, Expect::Absent)?;
+    if let Some(v) = old {
+        host = Host {
+            token: host.token,
+            region: host.region,
+            ..v.value
+        };
+    }
+    fleet.put_host(&host, expect)?;
     if json {
         print_json(&HostView::new(&host, &[], &Default::default()));
     } else {
