@@ -304,6 +304,24 @@ fn compare_and_swap_between_two_etcd_clients() {
     assert_eq!(a.get("counter").unwrap().unwrap().value, json!(100));
     eprintln!("100 increments by 4 clients: {conflicts} conflicts retried");
 
+    // A list longer than a page (1000 keys) comes whole and in key order.
+    let t = Instant::now();
+    for i in 0..2500 {
+        a.put(&format!("many/{i:05}"), json!(i), Expect::Absent)
+            .unwrap();
+    }
+    let wrote = t.elapsed();
+    let t = Instant::now();
+    let many = b.list("many/").unwrap();
+    eprintln!("2500 writes: {wrote:?}; a list of them: {:?}", t.elapsed());
+    assert_eq!(many.len(), 2500);
+    for (i, (key, v)) in many.iter().enumerate() {
+        assert_eq!(
+            (key.as_str(), &v.value),
+            (format!("many/{i:05}").as_str(), &json!(i))
+        );
+    }
+
     // Figures: one compare-and-swap write, etcd and the file store side by side.
     let file = store::open(&format!("file://{}", dir.path("fleet.json").display())).unwrap();
     for (label, s) in [("etcd", &a), ("file", &file)] {

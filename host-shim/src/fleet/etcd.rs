@@ -27,6 +27,12 @@ pub const PREFIX: &str = "/host-shim/fleet/";
 /// How long any etcd call may take, connecting included.
 pub const DEADLINE: Duration = Duration::from_secs(5);
 
+/// Keys per answer of a list (each far below gRPC's 4 MiB message limit).
+const PAGE: i64 = 1000;
+
+/// Most keys one list returns (beyond: an error, not unbounded memory).
+const MAX_LIST: usize = 1_000_000;
+
 /// A fleet store in etcd (see the module docs).
 pub struct EtcdStore {
     runtime: tokio::runtime::Runtime,
@@ -214,6 +220,19 @@ impl EtcdStore {
     }
 }
 
+/// The end of the range of keys starting with `prefix` (etcd's `range_end`).
+fn range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every key (an all-0xff prefix).
+    vec![0]
+}
+
 /// Whether the member could not serve the request (down, unreachable,
 /// without a leader), so another member may.
 fn retryable(e: &etcd_client::Error) -> bool {
@@ -271,24 +290,45 @@ impl FleetStore for EtcdStore {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned<Value>)>, StoreError> {
-        let full = Self::key(prefix);
-        let resp = self.call(|mut c| {
-            let key = full.clone();
-            async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
-        })?;
-        // etcd returns a range in key order. A record that does not decode
-        // (written by something else) is skipped, not fatal to the list.
-        Ok(resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| match decode(kv) {
+        let full = Self::key(prefix).into_bytes();
+        let end = range_end(&full);
+        let mut from = full;
+        // Page after page at the first page's revision: one snapshot.
+        let mut revision = 0;
+        let mut out = Vec::new();
+        loop {
+            let options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(PAGE)
+                .with_revision(revision);
+            let resp = self.call(|mut c| {
+                let (key, options) = (from.clone(), options.clone());
+                async move { c.get(key, Some(options)).await }
+            })?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            // In key order. A record that does not decode (written by
+            // something else) is skipped, not fatal to the list.
+            out.extend(resp.kvs().iter().filter_map(|kv| match decode(kv) {
                 Ok(entry) => Some(entry),
                 Err(e) => {
                     tracing::warn!(error = %e, "skipping a fleet record");
                     None
                 }
-            })
-            .collect())
+            }));
+            let Some(last) = resp.kvs().last().filter(|_| resp.more()) else {
+                return Ok(out);
+            };
+            if out.len() > MAX_LIST {
+                return Err(StoreError::Etcd {
+                    endpoints: self.endpoints.clone(),
+                    detail: format!("more than {MAX_LIST} keys under {PREFIX}{prefix}"),
+                });
+            }
+            from = last.key().to_vec();
+            from.push(0);
+        }
     }
 
     fn put(&self, key: &str, value: Value, expect: Expect) -> Result<u64, StoreError> {
@@ -345,5 +385,17 @@ impl FleetStore for EtcdStore {
             }
             other => other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_ends() {
+        assert_eq!(range_end(b"/a/"), b"/a0");
+        assert_eq!(range_end(b"a\xff"), b"b");
+        assert_eq!(range_end(b"\xff\xff"), vec![0]);
     }
 }
