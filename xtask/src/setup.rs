@@ -59,11 +59,6 @@ pub const TEST_TOOLS: &[Tool] = &[
         why: "a real etcd for the fleet store (tests/etcd_fleet.rs)",
     },
     Tool {
-        bin: "protoc",
-        package: "protobuf-compiler",
-        why: "building the etcd client's gRPC protocol (etcd-client's build script)",
-    },
-    Tool {
         bin: "chromium",
         package: "chromium",
         why: "the demo dashboard in a headless browser",
