@@ -59,6 +59,11 @@ pub const TEST_TOOLS: &[Tool] = &[
         why: "a real etcd for the fleet store (tests/etcd_fleet.rs)",
     },
     Tool {
+        bin: "etcdctl",
+        package: "etcd-client",
+        why: "a second, real etcd client in the fleet store tests",
+    },
+    Tool {
         bin: "chromium",
         package: "chromium",
         why: "the demo dashboard in a headless browser",
