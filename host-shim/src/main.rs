@@ -676,6 +676,12 @@ struct ServeArgs {
     /// daemon stops renewing its lease (it renews it every third of that).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = config::parse_duration)]
     lease_ttl: Duration,
+
+    /// With --store: the API address other machines reach this host at,
+    /// as recorded in the store [default: the --listen address, which must
+    /// then be a specific one, not 0.0.0.0].
+    #[arg(long, value_name = "ADDR")]
+    advertise: Option<std::net::SocketAddr>,
 }
 
 impl ServeArgs {
@@ -1532,10 +1538,14 @@ fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
         name: name.clone(),
         region: region.clone(),
     });
+    let api = args.advertise.unwrap_or(listen);
+    if target.store.is_some() && api.ip().is_unspecified() {
+        anyhow::bail!("--listen {listen} is no address other machines can reach: --advertise ADDR");
+    }
     let record = Host {
         name: name.clone(),
         url: format!(
-            "{}://{listen}",
+            "{}://{api}",
             if identity.is_some() { "https" } else { "http" }
         ),
         region: region.clone(),

@@ -515,6 +515,16 @@ fn registered_hosts_show_up_from_another_client_and_down_after_their_lease() {
         format!("http://{}", a2.addr)
     );
 
+    // A wildcard --listen is no address to record: --advertise says which.
+    let wild = format!("0.0.0.0:{}", free_port());
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", &wild, "--name", "w", "--store", &url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--advertise"), "{}", text(&out));
+    assert!(host_row(&url, "w").is_none());
+
     // A daemon that fails after registering (its API address is taken)
     // revokes its lease on the way out: down at once, not after its TTL.
     let out = Command::new(BIN)
