@@ -124,14 +124,14 @@ impl EtcdStore {
         let mut no_leader = None;
         let mut last = None;
         for k in 0.. {
-            let now = Instant::now();
-            if now >= end {
-                break;
-            }
-            if k > 0 && k % n == 0 {
+            let mut now = Instant::now();
+            if k > 0 && k % n == 0 && now < end {
                 // Every member refused: give the cluster a moment (an election).
                 std::thread::sleep(Duration::from_millis(100).min(end - now));
-                continue;
+                now = Instant::now();
+            }
+            if now >= end {
+                break;
             }
             let i = (first + k) % n;
             let request = op(self.members[i].clone());
