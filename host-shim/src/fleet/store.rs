@@ -1,5 +1,6 @@
 //! Where the fleet state lives: the [`FleetStore`] trait (versioned keys
-//! with compare-and-swap writes) and its file implementation.
+//! with compare-and-swap writes, leases), its file implementation, and
+//! [`open`], which picks a store from its URL.
 //!
 //! # Keys and versions
 //!
@@ -20,8 +21,9 @@
 //! - a key is the etcd key `PREFIX/KEY` (e.g. `/host-shim/fleet/apps/kv`),
 //!   its value the JSON bytes;
 //! - a version is the key's `mod_revision` (etcd's revision also only grows);
-//! - [`FleetStore::get`] is a `Range` on the key, [`FleetStore::list`] a
-//!   `Range` over the prefix (`range_end` = prefix + 1);
+//! - [`FleetStore::get`] is a `Range` on the key, [`FleetStore::list`]
+//!   `Range`s over the prefix (`range_end` = prefix + 1), in pages at the
+//!   first page's revision;
 //! - [`FleetStore::put`] with [`Expect::Version`]`(v)` is a `Txn` with
 //!   `compare: mod_revision(key) == v`, `success: Put`; with
 //!   [`Expect::Absent`] the compare is `create_revision(key) == 0`; a
