@@ -17,7 +17,7 @@ use cli::daemon::{init, peer, serve, InitArgs, PeerCmd, ServeArgs};
 use cli::fleet::{self as commands, DeployOptions};
 use cli::parse_duration;
 use cli::run::{remote_restore, remote_run, restore, run, RestoreArgs, RunArgs};
-use fleet::store::FileStore;
+use fleet::store;
 use fleet::{Fleet, FleetError, Host};
 use vmm::config::{self};
 use host_shim::daemon::api::{
@@ -112,6 +112,13 @@ struct Cli {
     /// The fleet state file [default: ~/.config/host-shim/fleet.json].
     #[arg(long, global = true, value_name = "FILE", env = "HOST_SHIM_FLEET")]
     fleet: Option<PathBuf>,
+
+    /// Where the fleet state lives: file://PATH [default: the --fleet file]
+    /// or etcd://HOST:PORT[,HOST:PORT...]. With it, `serve` registers its
+    /// host there under a lease (`fleet ls` shows it up, or down once the
+    /// lease lapses).
+    #[arg(long, global = true, value_name = "URL", env = "HOST_SHIM_STORE")]
+    store: Option<String>,
 
     /// The host's state directory (identity, config, token, peers)
     /// [default: /var/lib/host-shim for root, else ~/.local/share/host-shim].
@@ -342,6 +349,7 @@ fn main() -> ExitCode {
         shim: cli.shim.first().cloned(),
         shims: cli.shim,
         fleet,
+        store: cli.store,
         dir: cli.dir,
         fingerprint: cli.fingerprint,
         token_file: cli.token_file,
@@ -373,6 +381,8 @@ struct Target {
     shims: Vec<String>,
     /// The fleet state file.
     fleet: PathBuf,
+    /// `--store URL`, if given.
+    store: Option<String>,
     dir: Option<PathBuf>,
     fingerprint: Option<String>,
     token_file: Option<PathBuf>,
@@ -447,11 +457,15 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
     // logs/stop/migrate act on one daemon when one is named (--shim, or
     // --dir: the local secure daemon), else on the fleet.
     let on_daemon = shim.is_some() || target.dir.is_some();
-    let fleet = || Fleet::new(Box::new(FileStore::new(&target.fleet)));
+    let store = target
+        .store
+        .clone()
+        .unwrap_or_else(|| format!("file://{}", target.fleet.display()));
+    let fleet = || store::open(&store).map(Fleet::new);
     match command {
-        Command::Schedule(args) => cli::schedule::schedule(args, target.shims.clone(), &fleet()),
+        Command::Schedule(args) => cli::schedule::schedule(args, target.shims.clone(), &fleet()?),
         Command::Fleet(FleetCommand::Add(a)) => fleet_status(commands::fleet_add(
-            &fleet(),
+            &fleet()?,
             Host {
                 name: a.name,
                 url: a.url,
@@ -462,15 +476,16 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
                     (None, Some(file)) => Some(identity::read_token(file)?),
                     (None, None) => None,
                 },
+                ..Host::default()
             },
             a.json.json,
         )),
-        Command::Fleet(FleetCommand::Ls(a)) => fleet_status(commands::fleet_ls(&fleet(), a.json)),
-        Command::Fleet(FleetCommand::Rm(a)) => fleet_status(commands::fleet_rm(&fleet(), &a.name)),
+        Command::Fleet(FleetCommand::Ls(a)) => fleet_status(commands::fleet_ls(&fleet()?, a.json)),
+        Command::Fleet(FleetCommand::Rm(a)) => fleet_status(commands::fleet_rm(&fleet()?, &a.name)),
         Command::Deploy(a) => {
             let name = a.name.clone().unwrap_or_else(|| stem(&a.image));
             fleet_status(commands::deploy(
-                &fleet(),
+                &fleet()?,
                 DeployOptions {
                     image: &a.image,
                     on: &a.on,
@@ -485,13 +500,13 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
                 a.json.json,
             ))
         }
-        Command::Ps(a) => fleet_status(commands::ps(&fleet(), a.all, a.json.json)),
+        Command::Ps(a) => fleet_status(commands::ps(&fleet()?, a.all, a.json.json)),
         Command::Stop(a) if !on_daemon => {
-            fleet_status(commands::stop(&fleet(), &a.name, a.json.json))
+            fleet_status(commands::stop(&fleet()?, &a.name, a.json.json))
         }
-        Command::Logs(a) if !on_daemon => fleet_status(commands::logs(&fleet(), &a.name, a.follow)),
+        Command::Logs(a) if !on_daemon => fleet_status(commands::logs(&fleet()?, &a.name, a.follow)),
         Command::Migrate(a) if !on_daemon => {
-            fleet_status(commands::migrate(&fleet(), &a.name, &a.to, a.json.json))
+            fleet_status(commands::migrate(&fleet()?, &a.name, &a.to, a.json.json))
         }
         Command::Logs(a) if a.follow => {
             let client = target.client()?;

@@ -221,6 +221,17 @@ pub(crate) struct ServeArgs {
     /// ready, commit, committed; FAULT: die, cut, corrupt, hang).
     #[arg(long, value_name = "STEP:FAULT", hide = true)]
     pub(crate) test_fault: Option<host_shim::migration::faults::Injected>,
+
+    /// With --store: how long this host stays registered as up after its
+    /// daemon stops renewing its lease (it renews it every third of that).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = super::parse_duration)]
+    pub(crate) lease_ttl: std::time::Duration,
+
+    /// With --store: the API address other machines reach this host at,
+    /// as recorded in the store [default: the --listen address, which must
+    /// then be a specific one, not 0.0.0.0].
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) advertise: Option<std::net::SocketAddr>,
 }
 
 impl ServeArgs {
@@ -407,6 +418,33 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
         name: name.clone(),
         region: region.clone(),
     });
+    let api = args.advertise.unwrap_or(listen);
+    if target.store.is_some() && api.ip().is_unspecified() {
+        anyhow::bail!("--listen {listen} is no address other machines can reach: --advertise ADDR");
+    }
+    let record = fleet::Host {
+        name: name.clone(),
+        url: format!(
+            "{}://{api}",
+            if identity.is_some() { "https" } else { "http" }
+        ),
+        region: region.clone(),
+        fingerprint: identity.as_ref().map(|i| i.fingerprint.to_string()),
+        overlay: overlay.as_ref().map(|o| o.listen.to_string()),
+        capacity: Some(fleet::Capacity {
+            max_instances: limits.max_instances,
+            max_guest_memory: limits.max_guest_memory,
+        }),
+        ..fleet::Host::default()
+    };
+    let _registration = match &target.store {
+        Some(url) => Some(fleet::registry::register(
+            fleet::store::open(url)?,
+            record,
+            args.lease_ttl,
+        )?),
+        None => None,
+    };
     let security = identity
         .map(|i| host_shim::security::HostSecurity::new(i).map(std::sync::Arc::new))
         .transpose()?;

@@ -65,10 +65,14 @@ struct HostView<'a> {
     fingerprint: Option<&'a str>,
     token: bool,
     apps: usize,
+    /// `up`/`down` for a host that registers itself (by its lease), else `-`.
+    state: &'static str,
+    overlay: Option<&'a str>,
+    capacity: Option<&'a fleet::Capacity>,
 }
 
 impl<'a> HostView<'a> {
-    fn new(h: &'a Host, apps: &[App]) -> Self {
+    fn new(h: &'a Host, apps: &[App], alive: &std::collections::BTreeSet<String>) -> Self {
         Self {
             name: &h.name,
             url: &h.url,
@@ -76,6 +80,13 @@ impl<'a> HostView<'a> {
             fingerprint: h.fingerprint.as_deref(),
             token: h.token.is_some(),
             apps: apps.iter().filter(|a| a.host == h.name).count(),
+            state: match (alive.contains(&h.name), h.registered) {
+                (true, _) => "up",
+                (false, true) => "down",
+                (false, false) => "-",
+            },
+            overlay: h.overlay.as_deref(),
+            capacity: h.capacity.as_ref(),
         }
     }
 }
@@ -88,22 +99,46 @@ pub fn fleet_add(fleet: &Fleet, mut host: Host, json: bool) -> Result<u8, FleetE
             host.name
         )));
     }
-    if let Some(old) = fleet.host(&host.name)? {
-        return Err(FleetError::Failed(format!(
-            "the fleet has a host '{}' already ({}): `host-shim fleet rm {}` first",
-            host.name, old.value.url, host.name
-        )));
-    }
     if !host.url.contains("://") {
         host.url = format!("http://{}", host.url);
     }
+    // A host that registered itself (`serve --store`) at this URL is
+    // adopted: the user adds their token (and pins the same fingerprint).
+    let old = fleet.host(&host.name)?;
+    let expect = match &old {
+        None => Expect::Absent,
+        Some(v) if v.value.registered && v.value.url == host.url => {
+            if let (Some(mine), Some(theirs)) = (&host.fingerprint, &v.value.fingerprint) {
+                if !mine.eq_ignore_ascii_case(theirs) {
+                    return Err(FleetError::Failed(format!(
+                        "host {} registered the fingerprint {theirs}, not {mine}",
+                        host.name
+                    )));
+                }
+            }
+            Expect::Version(v.version)
+        }
+        Some(v) => {
+            return Err(FleetError::Failed(format!(
+                "the fleet has a host '{}' already ({}): `host-shim fleet rm {}` first",
+                host.name, v.value.url, host.name
+            )))
+        }
+    };
     let info: ShimInfo = client_for(&host)?
         .info()
         .map_err(|e| refused_add(&host, e))?;
     host.region = info.region.clone();
-    fleet.put_host(&host, Expect::Absent)?;
+    if let Some(v) = old {
+        host = Host {
+            token: host.token,
+            region: host.region,
+            ..v.value
+        };
+    }
+    fleet.put_host(&host, expect)?;
     if json {
-        print_json(&HostView::new(&host, &[]));
+        print_json(&HostView::new(&host, &[], &Default::default()));
     } else {
         println!(
             "added {} ({}): shim '{}' in region {}, {} instance(s){}",
@@ -145,24 +180,29 @@ fn refused_add(host: &Host, e: ClientError) -> FleetError {
 pub fn fleet_ls(fleet: &Fleet, json: bool) -> Result<u8, FleetError> {
     let hosts = fleet.hosts()?;
     let apps = fleet.apps()?;
-    let views: Vec<HostView> = hosts.iter().map(|h| HostView::new(h, &apps)).collect();
+    let alive = fleet.alive()?;
+    let views: Vec<HostView> = hosts
+        .iter()
+        .map(|h| HostView::new(h, &apps, &alive))
+        .collect();
     if json {
         print_json(&views);
         return Ok(exit::OK);
     }
     println!(
-        "{:<14} {:<30} {:<12} {:<5} {:<5} {:>4}",
+        "{:<14} {:<30} {:<12} {:<5} {:<5} {:>4} STATE",
         "NAME", "URL", "REGION", "PIN", "TOKEN", "APPS"
     );
     for h in views {
         println!(
-            "{:<14} {:<30} {:<12} {:<5} {:<5} {:>4}",
+            "{:<14} {:<30} {:<12} {:<5} {:<5} {:>4} {}",
             h.name,
             h.url,
             h.region,
             if h.fingerprint.is_some() { "yes" } else { "-" },
             if h.token { "yes" } else { "-" },
-            h.apps
+            h.apps,
+            h.state
         );
     }
     Ok(exit::OK)
