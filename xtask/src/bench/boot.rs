@@ -498,7 +498,12 @@ impl Summary {
         }
         let ms = |f: fn(&Sample) -> Duration| {
             let v = sorted_ms(samples, f);
-            format!("{:.1} ({:.1}–{:.1})", median(&v), v[0], v[v.len() - 1])
+            format!(
+                "{:.1} ({:.1}–{:.1})",
+                super::median(v.clone()),
+                v[0],
+                v[v.len() - 1]
+            )
         };
         let mut rss: Vec<f64> = samples
             .iter()
@@ -508,14 +513,14 @@ impl Summary {
         Some(Self {
             first_line: ms(|s| s.first_line),
             exit: ms(|s| s.exit),
-            max_rss_mib: median(&rss),
+            max_rss_mib: super::median(rss.clone()),
         })
     }
 }
 
 /// Median in ms of one timing of a configuration's samples.
 fn median_of(config: &Config, f: fn(&Sample) -> Duration) -> f64 {
-    median(&sorted_ms(&config.samples, f))
+    super::median(sorted_ms(&config.samples, f))
 }
 
 /// One timing of each sample, in ms, sorted.
@@ -523,16 +528,6 @@ fn sorted_ms(samples: &[Sample], f: fn(&Sample) -> Duration) -> Vec<f64> {
     let mut v: Vec<f64> = samples.iter().map(|s| f(s).as_secs_f64() * 1e3).collect();
     v.sort_by(f64::total_cmp);
     v
-}
-
-/// Median of a sorted, non-empty slice.
-fn median(sorted: &[f64]) -> f64 {
-    let n = sorted.len();
-    if n % 2 == 1 {
-        sorted[n / 2]
-    } else {
-        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
-    }
 }
 
 /// Last non-empty line of a buffer, trimmed and capped at 200 characters.
@@ -614,11 +609,5 @@ mod tests {
         let both = [&fc[..], b"Hello\n"].concat();
         assert!(has_guest_line(&both, fc.len()));
         assert!(!has_guest_line(b"Hello", 0));
-    }
-
-    #[test]
-    fn medians() {
-        assert_eq!(median(&[1.0, 2.0, 10.0]), 2.0);
-        assert_eq!(median(&[1.0, 2.0, 4.0, 10.0]), 3.0);
     }
 }
