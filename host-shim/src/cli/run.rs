@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use api::Restart;
+use api::{Client, InstanceInfo, RestoreRequest, RunRequest};
 use clap::Args;
+use hostnet::{NetMode, Nic, PublishSpec};
 use vmm::boot::cmdline::{self, GuestArgs};
 use vmm::config::{self, Backend, GuestSpec, NetOptions, QemuAccel, RunConfig};
-use host_shim::daemon::api::{Client, InstanceInfo, RestoreRequest, RunRequest};
-use host_shim::daemon::persist::Restart;
 use vmm::devices::virtio;
-use hostnet::{NetMode, Nic, PublishSpec};
 
 use super::parse_duration;
 use crate::{absolute, output_arg, stem};

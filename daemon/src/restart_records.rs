@@ -10,7 +10,7 @@
 //! (`CHECKPOINT_DIR/latest.ckpt`). Only instances whose policy is
 //! [`Restart::Always`] are recorded; `stop` and a migration away forget
 //! them. Records are written atomically (temp file, fsync, rename), mode
-//! 0600 in a 0700 directory ([`crate::files`]).
+//! 0600 in a 0700 directory (`shim_util::files`).
 
 use std::path::{Path, PathBuf};
 
@@ -24,11 +24,11 @@ const MAX_RECORD: u64 = 1 << 20;
 
 /// The instance records of one state directory.
 #[derive(Debug)]
-pub struct Persist {
+pub struct RestartRecords {
     dir: PathBuf,
 }
 
-impl Persist {
+impl RestartRecords {
     /// Opens (creating) `state_dir/instances`; both are made private
     /// (0700, ours): records hold environments, e.g. passwords.
     pub fn open(state_dir: &Path) -> std::io::Result<Self> {
@@ -99,9 +99,9 @@ impl Persist {
                         .map(|f| f.display().to_string());
                     out.push(req);
                 }
-                Err(e) => eprintln!(
-                    "host-shim serve: skipping instance record {}: {e}",
-                    path.display()
+                Err(e) => tracing::warn!(
+                    record = %path.display(),
+                    "skipping an instance record: {e}"
                 ),
             }
         }
@@ -164,13 +164,13 @@ impl Daemon {
                 self.run(boot)
             });
             match result {
-                Ok(info) => eprintln!(
-                    "host-shim serve: brought back {} ({}){from}",
-                    info.name,
-                    info.ip.unwrap_or_default()
+                Ok(info) => tracing::info!(
+                    ip = %info.ip.unwrap_or_default(),
+                    "brought back {}{from}",
+                    info.name
                 ),
                 Err(ApiError(_, why)) => {
-                    eprintln!("host-shim serve: cannot bring back {}: {why}", req.name)
+                    tracing::error!(name = %req.name, "cannot bring back {}: {why}", req.name)
                 }
             }
         }
@@ -246,7 +246,7 @@ mod tests {
     fn records_always_instances_only_and_finds_their_checkpoint() {
         let dir = std::env::temp_dir().join(format!("host-shim-persist-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let p = Persist::open(&dir).unwrap();
+        let p = RestartRecords::open(&dir).unwrap();
         let ckpt = p.checkpoint_dir("kv");
         let mut req = RunRequest {
             name: "kv".into(),
