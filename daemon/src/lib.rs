@@ -236,7 +236,6 @@ impl Daemon {
             started: Instant::now(),
             migrations: Default::default(),
         });
-        daemon.bring_back();
         Ok((daemon, rx))
     }
 
@@ -1071,12 +1070,17 @@ fn overlay_to_pinned_peers(daemon: &Daemon) {
 }
 
 /// Runs the daemon until the process is killed.
-/// Runs a daemon until the process ends; `ready` is called once it is
-/// set up and about to answer on its address.
-pub fn serve(config: DaemonConfig, ready: impl FnOnce(&Daemon)) -> Result<(), Error> {
+/// Runs a daemon until the process ends: brings back the instances
+/// recorded in its state directory, then calls `ready` with how that went,
+/// once it is set up and about to answer on its address.
+pub fn serve(
+    config: DaemonConfig,
+    ready: impl FnOnce(&Daemon, &[restart_records::BroughtBack]),
+) -> Result<(), Error> {
     let listener = TcpListener::bind(config.listen)
         .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.listen)))?;
     let (daemon, ended) = Daemon::new(config)?;
+    let brought_back = daemon.bring_back();
     {
         let d = Arc::clone(&daemon);
         thread::Builder::new()
@@ -1092,7 +1096,7 @@ pub fn serve(config: DaemonConfig, ready: impl FnOnce(&Daemon)) -> Result<(), Er
             .spawn(move || overlay_to_pinned_peers(&d))
             .map_err(|e| Error::Config(e.to_string()))?;
     }
-    ready(&daemon);
+    ready(&daemon, &brought_back);
     http::serve(&daemon, listener, security);
     Ok(())
 }

@@ -19,6 +19,17 @@ use super::{bad, not_found, ApiError, Daemon};
 
 pub use ::api::Restart;
 
+/// An instance recorded in the state directory, booted again as the
+/// daemon started.
+#[derive(Debug)]
+pub struct BroughtBack {
+    pub name: String,
+    /// The checkpoint it was restored from, if it had one.
+    pub checkpoint: Option<String>,
+    /// It runs again, or why not.
+    pub result: Result<InstanceInfo, String>,
+}
+
 /// Largest instance record read back.
 const MAX_RECORD: u64 = 1 << 20;
 
@@ -150,30 +161,27 @@ impl Daemon {
         Ok(info)
     }
 
-    /// Boots the instances recorded in the state directory again.
-    pub(super) fn bring_back(&self) {
-        let Some(p) = &self.persist else { return };
-        for req in p.load() {
-            let from = match &req.restore {
-                Some(f) => format!(" from its checkpoint {f}"),
-                None => String::new(),
-            };
-            let mut boot = req.clone();
-            let result = self.image_file(&req.image).and_then(|image| {
-                boot.image = image;
-                self.run(boot)
-            });
-            match result {
-                Ok(info) => tracing::info!(
-                    ip = %info.ip.unwrap_or_default(),
-                    "brought back {}{from}",
-                    info.name
-                ),
-                Err(ApiError(_, why)) => {
-                    tracing::error!(name = %req.name, "cannot bring back {}: {why}", req.name)
+    /// Boots the instances recorded in the state directory again; says
+    /// how each went.
+    pub(super) fn bring_back(&self) -> Vec<BroughtBack> {
+        let Some(p) = &self.persist else {
+            return Vec::new();
+        };
+        p.load()
+            .into_iter()
+            .map(|req| {
+                let mut boot = req.clone();
+                let result = self.image_file(&req.image).and_then(|image| {
+                    boot.image = image;
+                    self.run(boot)
+                });
+                BroughtBack {
+                    name: req.name,
+                    checkpoint: req.restore,
+                    result: result.map_err(|ApiError(_, why)| why),
                 }
-            }
-        }
+            })
+            .collect()
     }
 
     /// Forgets `name`'s record (it was stopped or moved away).

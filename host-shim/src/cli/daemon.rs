@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use daemon::restart_records::BroughtBack;
 use daemon::{limits, DaemonConfig};
 use hostnet::PublishSpec;
 use security::identity::{self};
@@ -474,8 +475,23 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// What `serve` says once it listens: where, its fingerprint, its addresses.
-fn print_banner(daemon: &daemon::Daemon) {
+/// What `serve` says once it listens: the instances it brought back, where
+/// it listens, its fingerprint, its addresses.
+fn print_banner(daemon: &daemon::Daemon, brought_back: &[BroughtBack]) {
+    for b in brought_back {
+        let from = match &b.checkpoint {
+            Some(f) => format!(" from its checkpoint {f}"),
+            None => String::new(),
+        };
+        match &b.result {
+            Ok(info) => eprintln!(
+                "host-shim serve: brought back {} ({}){from}",
+                info.name,
+                info.ip.as_deref().unwrap_or_default()
+            ),
+            Err(why) => eprintln!("host-shim serve: cannot bring back {}: {why}", b.name),
+        }
+    }
     eprintln!(
         "host-shim serve: shim '{}' (region {}) listening on {}{}; gateway {}, guests {}..{}{}",
         daemon.config.name,
