@@ -6,7 +6,7 @@
 
 use std::io::BufReader;
 
-use host_shim::daemon::http::fuzz_request;
+use daemon::http::fuzz_request;
 
 use crate::Input;
 

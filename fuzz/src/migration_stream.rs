@@ -5,7 +5,7 @@
 //! does (postcard `Hello`/`Accept`/`Committed`'s `Ack`/`MachineState`, page lists, text). A decoded
 //! `MachineState`'s devices are restored into fresh transports ([`crate::snapshot`]).
 
-use host_shim::migration::protocol::{encode_pages, read_msg, Accept, Ack, Hello, Kind};
+use migration::protocol::{encode_pages, read_msg, Accept, Ack, Hello, Kind};
 use vmm::snapshot::state::MachineState;
 use vmm::vstate::vm::allocate;
 

@@ -6,7 +6,7 @@ use abi::hypercall::{
     CheckpointWrite, ConsoleWrite, FaultReport, PanicReport, HC_CHECKPOINT, HC_CONSOLE_WRITE,
     HC_EXIT, HC_FAULT, HC_PANIC, HC_YIELD,
 };
-use host_shim::migration::protocol::{
+use migration::protocol::{
     encode_pages, write_msg, write_value, Accept, Ack, Hello, Kind, PROTOCOL_VERSION,
 };
 use hostnet::overlay::{encapsulate, encode_probe};

@@ -3,7 +3,7 @@
 //!
 //! `run` and `restore` run a guest in this process; with `--shim ADDR` they
 //! (and `list`, `stop`, `logs`, `snapshot`, `migrate`) talk to a daemon
-//! started with `serve` (see `host_shim::daemon`).
+//! started with `serve` (the `daemon` crate).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -12,6 +12,11 @@ use std::time::Duration;
 
 mod cli;
 
+use api::Restart;
+use api::{
+    CheckpointInfo, CheckpointRequest, Client, ClientError, InstanceInfo, MigrateRequest,
+    SnapshotInfo, SnapshotRequest,
+};
 use clap::{Args, Parser, Subcommand};
 use cli::daemon::{init, peer, serve, InitArgs, PeerCmd, ServeArgs};
 use cli::fleet::{self as commands, DeployOptions};
@@ -19,13 +24,8 @@ use cli::parse_duration;
 use cli::run::{remote_restore, remote_run, restore, run, RestoreArgs, RunArgs};
 use fleet::store;
 use fleet::{Fleet, FleetError, Host};
-use host_shim::daemon::api::{
-    CheckpointInfo, CheckpointRequest, Client, ClientError, InstanceInfo, MigrateRequest,
-    SnapshotInfo, SnapshotRequest,
-};
-use host_shim::daemon::persist::Restart;
-use host_shim::security::identity::{self, Identity};
 use hostnet::PublishSpec;
+use security::identity::{self, Identity};
 use tracing_subscriber::EnvFilter;
 use vmm::config::{self};
 use vmm::outcome::STATUS_SHIM_ERROR;
@@ -330,7 +330,6 @@ struct MigrateArgs {
 }
 
 fn main() -> ExitCode {
-    init_logging();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -344,6 +343,12 @@ fn main() -> ExitCode {
             };
         }
     };
+    // A daemon's events (a guest ended, an instance brought back, one that
+    // arrived) are its log; everything else logs warnings only.
+    init_logging(match cli.command {
+        Command::Serve(_) => "warn,daemon=info,migration=info",
+        _ => "warn",
+    });
     let fleet = cli.fleet.clone().unwrap_or_else(fleet::default_path);
     let target = Target {
         shim: cli.shim.first().cloned(),
@@ -363,8 +368,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+/// Logs to stderr, filtered by `RUST_LOG` (default: `default`).
+fn init_logging(default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -651,7 +657,7 @@ fn list(client: &Client) -> anyhow::Result<u8> {
 }
 
 fn standbys(client: &Client) -> anyhow::Result<u8> {
-    let list: Vec<host_shim::daemon::standby::StandbyInfo> = client.standbys()?;
+    let list: Vec<daemon::standby::StandbyInfo> = client.standbys()?;
     println!(
         "{:<16} {:<22} {:<24} {:>10} {:>6}  FILE",
         "NAME", "ORIGIN", "STATE", "BYTES", "BLOBS"

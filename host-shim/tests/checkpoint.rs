@@ -536,10 +536,8 @@ fn daemon(name: &str) -> (Shim, String) {
 
 /// Blobs the standby daemon at `api` has received for `name`.
 fn standby_blobs(api: &str, name: &str) -> u64 {
-    let list: Vec<host_shim::daemon::standby::StandbyInfo> =
-        host_shim::daemon::api::Client::new(api)
-            .standbys()
-            .expect("GET /v1/standby");
+    let list: Vec<daemon::standby::StandbyInfo> =
+        api::Client::new(api).standbys().expect("GET /v1/standby");
     list.iter().find(|s| s.name == name).map_or(0, |s| s.blobs)
 }
 

@@ -422,5 +422,5 @@ fn wait_for_log(fleet: &FleetCli, name: &str, needle: &str) {
 }
 
 fn sha256(bytes: &[u8]) -> String {
-    host_shim::daemon::images::sha256_hex(bytes)
+    daemon::images::sha256_hex(bytes)
 }

@@ -10,13 +10,13 @@
 
 mod common;
 
-use common::daemon::{kv_img, Daemon, FleetCli, TempDir};
-use host_shim::daemon::api::{
+use api::Restart;
+use api::{
     Client, ClientError, InstanceInfo, RestoreRequest, RunRequest, ShimInfo, SnapshotInfo,
     SnapshotRequest,
 };
-use host_shim::daemon::persist::Restart;
-use host_shim::daemon::standby::StandbyRequest;
+use common::daemon::{kv_img, Daemon, FleetCli, TempDir};
+use daemon::standby::StandbyRequest;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
@@ -327,7 +327,7 @@ fn devices_and_fifos_named_as_files_are_refused_quickly() {
     let secret = dir.path("secret");
     std::fs::write(&secret, b"not for the caller").unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let hash = host_shim::daemon::images::sha256_hex(b"not for the caller");
+    let hash = daemon::images::sha256_hex(b"not for the caller");
     let standby = StandbyRequest {
         origin: "127.0.0.1:1".into(),
         run: run_request("sb", secret.to_str().unwrap(), 64 << 20),
@@ -354,7 +354,7 @@ fn a_peer_certificate_alone_may_not_run_or_snapshot() {
     let (fpa, _) = a.pin_and_token();
     let (fpb, _) = b.pin_and_token();
     a.cli(&["peer", "add", "peer-b", &fpb]);
-    let id_b = host_shim::security::identity::load(b.state.as_ref().unwrap()).unwrap();
+    let id_b = security::identity::load(b.state.as_ref().unwrap()).unwrap();
     // b calls a with its certificate only, as a migrating or standby peer does.
     let as_peer = Client::secure(&a.addr, fpa.parse().unwrap(), None, Some(&id_b)).unwrap();
     let run = run_request("x", &kv_img(), 64 << 20);
@@ -712,8 +712,8 @@ fn out_of_file_descriptors_the_accept_loop_backs_off() {
 
 /// The answer of a daemon to a migration stream introducing `hello`:
 /// whether it accepted, and its refusal's reason.
-fn offer_migration(addr: &str, hello: &host_shim::migration::protocol::Hello) -> (bool, String) {
-    use host_shim::migration::protocol::{read_msg, write_value, Kind};
+fn offer_migration(addr: &str, hello: &migration::protocol::Hello) -> (bool, String) {
+    use migration::protocol::{read_msg, write_value, Kind};
     let mut c = TcpStream::connect(addr).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     c.write_all(
@@ -740,7 +740,7 @@ fn offer_migration(addr: &str, hello: &host_shim::migration::protocol::Hello) ->
 
 #[test]
 fn incoming_migrations_get_the_name_and_memory_checks() {
-    use host_shim::migration::protocol::{Hello, PROTOCOL_VERSION};
+    use migration::protocol::{Hello, PROTOCOL_VERSION};
     let dir = TempDir::new("hostile-incoming");
     let d = Daemon::start("incoming", 13, &["--max-guest-memory", "1G"], &dir);
     let hello = |name: &str, mem: u64| Hello {

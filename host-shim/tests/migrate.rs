@@ -6,9 +6,9 @@
 
 mod common;
 
+use api::MigrationReport;
 use common::daemon::{load, run_kv, Daemon, Redis, TempDir, BIN};
 use common::{free_port, image};
-use host_shim::daemon::api::MigrationReport;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -165,7 +165,7 @@ fn migration_there_and_back_keeps_connections_data_and_published_ports() {
 
 #[test]
 fn a_stream_of_another_version_is_refused() {
-    use host_shim::migration::protocol::{read_msg, write_value, Hello, Kind, PROTOCOL_VERSION};
+    use migration::protocol::{read_msg, write_value, Hello, Kind, PROTOCOL_VERSION};
     let dir = TempDir::new("ver");
     let b = Daemon::start("ver-b", 7, &["--no-overlay"], &dir);
     let hello = |abi_version: u32, protocol_version: u32| Hello {
@@ -190,8 +190,8 @@ fn a_stream_of_another_version_is_refused() {
         (hello(abi::ABI_VERSION + 1, PROTOCOL_VERSION), "ABI"),
         (hello(abi::ABI_VERSION, 99), "protocol version 99"),
     ] {
-        let client = host_shim::daemon::api::Client::new(&b.addr);
-        let mut r = host_shim::security::tls::Shared::new(
+        let client = api::Client::new(&b.addr);
+        let mut r = api::tls::Shared::new(
             client
                 .upgrade("/v1/migration", "host-shim-migration", b"")
                 .unwrap(),

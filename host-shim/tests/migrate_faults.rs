@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use api::{Client, InstanceInfo, InstanceState};
 use common::daemon::{load, run_kv, Daemon, Redis, TempDir, BIN};
 use common::free_port;
-use host_shim::daemon::api::{Client, InstanceInfo, InstanceState};
 
 /// Keys written before the migration.
 const KEYS: usize = 1_000;
@@ -225,7 +225,7 @@ fn a_silent_destination_fails_the_migration_and_stop_cancels_one() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("keeps running here"), "{text}");
-    let bound = host_shim::migration::source::ACCEPT_WAIT + Duration::from_secs(15);
+    let bound = migration::source::ACCEPT_WAIT + Duration::from_secs(15);
     assert!(start.elapsed() < bound, "{:?}", start.elapsed());
     Redis::connect(port).unwrap().check(100);
     assert_eq!(kv_state(&a.addr), Some(InstanceState::Running));
@@ -427,7 +427,7 @@ fn a_hung_standby_costs_a_write_the_deadline_not_the_guest() {
     let set = c.cmd(&["SET", "k", "v"]);
     let waited = start.elapsed();
     assert!(set.is_err(), "acknowledged without the standby: {set:?}");
-    let deadline = host_shim::daemon::standby::SHIP_DEADLINE;
+    let deadline = daemon::standby::SHIP_DEADLINE;
     assert!(
         waited >= deadline.mul_f64(0.9) && waited < deadline + Duration::from_secs(4),
         "the write waited {waited:?} (deadline {deadline:?})"
@@ -453,9 +453,9 @@ fn a_hung_origin_is_declared_down_by_its_standby() {
     let b = Daemon::start("hung-b", 2, &["--no-overlay"], &dir);
     let origin = fake_peer(|_| None);
     let img = common::daemon::kv_img();
-    let req = host_shim::daemon::standby::StandbyRequest {
+    let req = daemon::standby::StandbyRequest {
         origin,
-        run: host_shim::daemon::api::RunRequest {
+        run: api::RunRequest {
             name: "kv".into(),
             image: img.clone(),
             mem: 64 << 20,
@@ -465,11 +465,10 @@ fn a_hung_origin_is_declared_down_by_its_standby() {
         grace_ms: 500,
     };
     let client = Client::new(&b.addr);
-    let _: host_shim::daemon::standby::StandbyInfo =
-        client.json("POST", "/v1/standby", Some(&req)).unwrap();
+    let _: daemon::standby::StandbyInfo = client.json("POST", "/v1/standby", Some(&req)).unwrap();
     let start = Instant::now();
     loop {
-        let list: Vec<host_shim::daemon::standby::StandbyInfo> = client.standbys().unwrap();
+        let list: Vec<daemon::standby::StandbyInfo> = client.standbys().unwrap();
         let state = list[0].state.clone();
         if state.contains("no checkpoint") {
             break;

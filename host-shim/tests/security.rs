@@ -7,9 +7,9 @@
 
 mod common;
 
+use api::Client;
 use common::daemon::{run_kv, Daemon, TempDir};
-use host_shim::daemon::api::Client;
-use host_shim::security::Fingerprint;
+use security::Fingerprint;
 use std::process::Command;
 
 /// `curl`'s HTTP status for GET `path` with `auth` headers.

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use host_shim::daemon::{limits, DaemonConfig};
-use host_shim::security::identity::{self};
+use daemon::restart_records::BroughtBack;
+use daemon::{limits, DaemonConfig};
 use hostnet::PublishSpec;
+use security::identity::{self};
 use vmm::config;
 
 use super::parse_duration;
@@ -16,7 +17,7 @@ use crate::Target;
 pub(crate) const SERVE_ABOUT: &str = "\
 Run a shim daemon until killed: it hosts named instances (each guest on its
 own vCPU thread, all on the shim's virtual switch) and is driven over an
-HTTP/1.1 JSON API on --listen (endpoints: see the host_shim::daemon docs;
+HTTP/1.1 JSON API on --listen (endpoints: see the `daemon` crate;
 the subcommands list, run, stop, logs, snapshot, restore, migrate use it).
 
 Addresses: shim N (--shim-id N, 1..14) has gateway 10.0.2.(N+1) and gives
@@ -220,7 +221,7 @@ pub(crate) struct ServeArgs {
     /// of every migration this daemon takes part in (STEP: precopy, paused,
     /// ready, commit, committed; FAULT: die, cut, corrupt, hang).
     #[arg(long, value_name = "STEP:FAULT", hide = true)]
-    pub(crate) test_fault: Option<host_shim::migration::faults::Injected>,
+    pub(crate) test_fault: Option<migration::faults::Injected>,
 
     /// With --store: how long this host stays registered as up after its
     /// daemon stops renewing its lease (it renews it every third of that).
@@ -446,29 +447,81 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
         None => None,
     };
     let security = identity
-        .map(|i| host_shim::security::HostSecurity::new(i).map(std::sync::Arc::new))
+        .map(|i| security::HostSecurity::new(i).map(std::sync::Arc::new))
         .transpose()?;
-    host_shim::daemon::serve(DaemonConfig {
-        listen,
-        name,
-        region,
-        shim_id: args
-            .shim_id
-            .or(host.as_ref().map(|h| h.shim_id))
-            .unwrap_or(1),
-        publish: args.publish,
-        kvm_device: args.kvm_device,
-        overlay,
-        security,
-        state_dir,
-        max_image_bytes: args.max_image_size,
-        limits,
-        migration: host_shim::migration::MigrationConfig {
-            free_page_hints: !args.no_free_page_hints,
-            fault: args.test_fault,
+    daemon::serve(
+        DaemonConfig {
+            listen,
+            name,
+            region,
+            shim_id: args
+                .shim_id
+                .or(host.as_ref().map(|h| h.shim_id))
+                .unwrap_or(1),
+            publish: args.publish,
+            kvm_device: args.kvm_device,
+            overlay,
+            security,
+            state_dir,
+            max_image_bytes: args.max_image_size,
+            limits,
+            migration: migration::MigrationConfig {
+                free_page_hints: !args.no_free_page_hints,
+                fault: args.test_fault,
+            },
         },
-    })?;
+        print_banner,
+    )?;
     Ok(0)
+}
+
+/// What `serve` says once it listens: the instances it brought back, where
+/// it listens, its fingerprint, its addresses.
+fn print_banner(daemon: &daemon::Daemon, brought_back: &[BroughtBack]) {
+    for b in brought_back {
+        let from = match &b.checkpoint {
+            Some(f) => format!(" from its checkpoint {f}"),
+            None => String::new(),
+        };
+        match &b.result {
+            Ok(info) => eprintln!(
+                "host-shim serve: brought back {} ({}){from}",
+                info.name,
+                info.ip.as_deref().unwrap_or_default()
+            ),
+            Err(why) => eprintln!("host-shim serve: cannot bring back {}: {why}", b.name),
+        }
+    }
+    eprintln!(
+        "host-shim serve: shim '{}' (region {}) listening on {}{}; gateway {}, guests {}..{}{}",
+        daemon.config.name,
+        daemon.config.region,
+        match &daemon.config.security {
+            Some(_) => format!("https://{}", daemon.config.listen),
+            None => format!("{} (plain HTTP, no authentication)", daemon.config.listen),
+        },
+        daemon
+            .config
+            .security
+            .as_ref()
+            .map(|s| format!(", fingerprint {}", s.identity.fingerprint))
+            .unwrap_or_default(),
+        daemon.config.gateway(),
+        daemon.config.guest_range().next().expect("range"),
+        daemon.config.guest_range().last().expect("range"),
+        daemon
+            .net
+            .overlay_addr()
+            .map(|a| format!(
+                "; overlay udp {a}{}",
+                if daemon.config.security.is_some() {
+                    " (encrypted with the fleet key)"
+                } else {
+                    ""
+                }
+            ))
+            .unwrap_or_default()
+    );
 }
 
 /// `REAL=VIA`: two socket addresses.

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use api::Restart;
+use api::{Client, InstanceInfo, RestoreRequest, RunRequest};
 use clap::Args;
-use host_shim::daemon::api::{Client, InstanceInfo, RestoreRequest, RunRequest};
-use host_shim::daemon::persist::Restart;
 use hostnet::{NetMode, Nic, PublishSpec};
 use vmm::boot::cmdline::{self, GuestArgs};
 use vmm::config::{self, Backend, GuestSpec, NetOptions, QemuAccel, RunConfig};

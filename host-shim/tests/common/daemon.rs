@@ -2,7 +2,7 @@
 //! and a minimal Redis-protocol client for the kv app.
 
 use super::{free_port, image, require_kvm};
-use host_shim::daemon::api::{MigrationEvent, MigrationReport};
+use api::{MigrationEvent, MigrationReport};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -148,17 +148,17 @@ impl Daemon {
     }
 
     /// A secure daemon's `GET /v1/info`.
-    pub fn info(&self) -> host_shim::daemon::api::ShimInfo {
+    pub fn info(&self) -> api::ShimInfo {
         let (fp, token) = self.pin_and_token();
-        host_shim::daemon::api::Client::secure(&self.addr, fp.parse().unwrap(), Some(token), None)
+        api::Client::secure(&self.addr, fp.parse().unwrap(), Some(token), None)
             .unwrap()
             .info()
             .unwrap()
     }
 
     /// A plain-HTTP daemon's `GET /v1/stats`.
-    pub fn stats(&self) -> host_shim::daemon::stats::ShimStats {
-        host_shim::daemon::api::Client::new(&self.addr)
+    pub fn stats(&self) -> daemon::stats::ShimStats {
+        api::Client::new(&self.addr)
             .stats()
             .unwrap_or_else(|e| panic!("GET /v1/stats: {e}\n--- daemon:\n{}", self.output()))
     }

@@ -156,7 +156,7 @@ impl Instance {
             uptime_s: self.started.elapsed().as_secs_f64(),
             generation: self.spec.generation,
             publish: self.publish.iter().map(ToString::to_string).collect(),
-            restart: super::persist::Restart::Never,
+            restart: super::restart_records::Restart::Never,
         }
     }
 

@@ -1,4 +1,4 @@
-//! The API's OpenAPI 3 description (`host-shim/api/openapi.yaml`), served
+//! The API's OpenAPI 3 description (`api/openapi.yaml`), served
 //! at `GET /v1/openapi.yaml`, and the tests that keep it in step with the
 //! route table ([`api::routes::ROUTES`]; each route with its 401 and 403 answers)
 //! and, field by field, with the `api` crate's types.
@@ -134,7 +134,7 @@ mod tests {
         let missing: Vec<&String> = routes.iter().filter(|r| !documented.contains(r)).collect();
         assert!(
             missing.is_empty(),
-            "routes of api::routes::ROUTES missing from host-shim/api/openapi.yaml: {missing:?}"
+            "routes of api::routes::ROUTES missing from api/openapi.yaml: {missing:?}"
         );
         // And nothing documented that is not routed.
         let extra: Vec<&String> = documented.iter().filter(|d| !routes.contains(d)).collect();
@@ -146,10 +146,10 @@ mod tests {
 mod fields {
     //! Every documented schema against the JSON of the type it describes.
     use super::*;
-    use crate::daemon::api::stats::{InstanceStats, NicStats, PeerRtt, PortStats, ShimStats};
-    use crate::daemon::api::*;
-    use crate::daemon::images::ImageInfo;
-    use crate::daemon::standby::StandbyInfo;
+    use crate::api::stats::{InstanceStats, NicStats, PeerRtt, PortStats, ShimStats};
+    use crate::api::*;
+    use crate::images::ImageInfo;
+    use crate::standby::StandbyInfo;
     use serde::Serialize;
     use serde_json::Value;
 
@@ -309,7 +309,7 @@ mod fields {
         }
         assert!(
             drift.is_empty(),
-            "host-shim/api/openapi.yaml drifted from the API types:\n{}",
+            "api/openapi.yaml drifted from the API types:\n{}",
             drift.join("\n")
         );
     }

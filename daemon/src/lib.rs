@@ -2,7 +2,8 @@
 //! instances (each guest on its own vCPU thread, all on the shim's switch)
 //! and is driven from other processes over an HTTP/1.1 JSON API, over TLS
 //! with authenticated callers when the host has an identity ([`http`],
-//! [`crate::security`]).
+//! the `security` crate). It is the migration crate's `Host`
+//! ([`migration_host`]).
 //!
 //! # Endpoints (all under the `--listen` address)
 //!
@@ -18,7 +19,7 @@
 //! | `POST /v1/instances/NAME/checkpoint` | [`api::CheckpointRequest`] | [`api::CheckpointInfo`] (504: no checkpoint in time) |
 //! | `POST /v1/restore` | [`api::RestoreRequest`] | [`api::InstanceInfo`] (201) |
 //! | `POST /v1/instances/NAME/migrate` | [`api::MigrateRequest`], upgrade to `host-shim-progress` | [`api::MigrationEvent`] JSON lines, streamed |
-//! | `POST /v1/migration` | upgrade to `host-shim-migration` | the incoming migration stream ([`crate::migration`]) |
+//! | `POST /v1/migration` | upgrade to `host-shim-migration` | the incoming migration stream (the `migration` crate) |
 //! | `POST /v1/standby` | [`standby::StandbyRequest`] | [`standby::StandbyInfo`] (201) |
 //! | `GET /v1/standby` | | `[`[`standby::StandbyInfo`]`]` |
 //! | `POST /v1/standby/NAME/checkpoint` | a checkpoint blob (bytes) | [`standby::StandbyInfo`], once stored |
@@ -27,7 +28,7 @@
 //! | `GET`/`HEAD /v1/images/SHA256` | | [`images::ImageInfo`] (404: not here) |
 //! | `PUT /v1/images/SHA256` | the image bytes | [`images::ImageInfo`] (201 stored, 200 already here; 413 too large, 422 hash mismatch) |
 //! | `POST /v1/images/SHA256/push` | [`api::PushRequest`] | [`images::ImageInfo`] of the copy on the other shim |
-//! | `GET /v1/openapi.yaml` | | this API as OpenAPI 3 (`host-shim/api/openapi.yaml`) |
+//! | `GET /v1/openapi.yaml` | | this API as OpenAPI 3 (`api/openapi.yaml`) |
 //!
 //! `POST /v1/instances` takes `"image": "sha256:HEX"` for an uploaded image.
 //!
@@ -54,8 +55,9 @@ pub mod images;
 pub mod instance;
 pub mod limits;
 pub mod logs;
+pub mod migration_host;
 pub mod openapi;
-pub mod persist;
+pub mod restart_records;
 pub mod standby;
 pub mod stats;
 
@@ -86,9 +88,9 @@ use vmm::machine::{self, BootRequest, Ended, Hypervisor, Machine, MachineHandle}
 /// The protocol name of a streamed answer (JSON lines).
 pub use api::PROGRESS_PROTOCOL;
 /// The protocol name of the migration stream's HTTP upgrade.
-pub const MIGRATION_PROTOCOL: &str = "host-shim-migration";
+pub use migration::protocol::MIGRATION_PROTOCOL;
 /// Highest `--shim-id`.
-pub const MAX_SHIM_ID: u8 = 14;
+pub use security::identity::MAX_SHIM_ID;
 
 /// How a daemon is set up.
 #[derive(Clone, Debug)]
@@ -113,11 +115,11 @@ pub struct DaemonConfig {
     pub max_image_bytes: u64,
     /// TLS, tokens and pinned peers (`host-shim init`); `None`: plain HTTP,
     /// nobody checked.
-    pub security: Option<Arc<crate::security::HostSecurity>>,
+    pub security: Option<Arc<security::HostSecurity>>,
     /// What callers may take (connections, deadlines, instances, memory, ports).
     pub limits: limits::Limits,
     /// Free-page hints and injected test faults of migrations.
-    pub migration: crate::migration::MigrationConfig,
+    pub migration: migration::MigrationConfig,
 }
 
 impl DaemonConfig {
@@ -149,6 +151,19 @@ pub enum Reply {
 /// An API error: status and message.
 pub use api::server::ApiError;
 
+/// Gives the heap the allocator holds free back to the operating system.
+/// Called after an instance stops and after a migration away: the memory
+/// their buffers used is freed, but glibc keeps it mapped, so an idle
+/// daemon's RSS would otherwise keep what its busiest moment needed.
+pub fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim takes no pointers; it walks glibc's own arenas
+    // under their locks and may be called from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(400, msg.into())
 }
@@ -164,10 +179,10 @@ pub struct Daemon {
     /// The instances of other daemons this one stands by for.
     standbys: standby::Standbys,
     images: Option<images::ImageStore>,
-    persist: Option<persist::Persist>,
+    persist: Option<restart_records::RestartRecords>,
     started: Instant,
     /// Migrations under way (cancelled by `stop`).
-    pub migrations: crate::migration::Migrations,
+    pub migrations: migration::Migrations,
 }
 
 impl Daemon {
@@ -202,7 +217,7 @@ impl Daemon {
                         images::ImageStore::open(&dir.join("images"), config.max_image_bytes)
                             .map_err(state)?,
                     ),
-                    Some(persist::Persist::open(dir).map_err(state)?),
+                    Some(restart_records::RestartRecords::open(dir).map_err(state)?),
                 )
             }
             None => (None, None),
@@ -221,7 +236,6 @@ impl Daemon {
             started: Instant::now(),
             migrations: Default::default(),
         });
-        daemon.bring_back();
         Ok((daemon, rx))
     }
 
@@ -255,7 +269,7 @@ impl Daemon {
                 vmm::GuestExit::Exited(code) => format!("status {code}"),
                 other => other.to_string(),
             };
-            eprintln!("[{}] guest ended: {exit}", inst.name);
+            tracing::info!(name = %inst.name, %exit, "guest ended");
             inst.state = State::Exited(how);
             if let Some(h) = inst.handle.take() {
                 h.join();
@@ -263,6 +277,8 @@ impl Daemon {
             if let Some(port) = inst.port.take() {
                 self.net.detach(&port);
             }
+            drop(instances);
+            trim_heap();
         }
     }
 
@@ -520,6 +536,8 @@ impl Daemon {
         }
         let mut info = inst.info();
         info.state = api::InstanceState::Stopped;
+        drop(inst);
+        trim_heap();
         Ok(info)
     }
 
@@ -724,10 +742,7 @@ impl Daemon {
     /// Reserves the name of an incoming instance. A tombstone of the same
     /// name (it lived here before and moved away) is set aside: its
     /// published ports are still bound here and go back to it.
-    pub fn reserve_incoming(
-        &self,
-        hello: &crate::migration::protocol::Hello,
-    ) -> Result<Incoming, String> {
+    pub fn reserve_incoming(&self, hello: &migration::protocol::Hello) -> Result<Incoming, String> {
         check_name(&hello.name).map_err(|ApiError(_, why)| why)?;
         let mut instances = self.instances();
         self.admit(&instances, hello.mem_size)
@@ -798,22 +813,14 @@ impl Daemon {
     /// thread, takes the guest's port off the switch (frames for it now go
     /// over the overlay to `peer`) and leaves a tombstone that keeps the
     /// published ports.
-    pub fn moved_away(
-        &self,
-        name: &str,
-        to: &str,
-        peer: Option<SocketAddr>,
-        port: Option<Arc<hostnet::port::GuestPort>>,
-        skip_frames: usize,
-    ) {
-        let handle = {
+    pub fn moved_away(&self, name: &str, to: &str, peer: Option<SocketAddr>, skip_frames: usize) {
+        let (handle, port) = {
             let mut instances = self.instances();
             let Some(inst) = instances.get_mut(name) else {
                 return;
             };
             inst.state = State::Moved(to.to_owned());
-            inst.port = None;
-            inst.handle.take()
+            (inst.handle.take(), inst.port.take())
         };
         self.forget(name);
         if let Some(h) = handle {
@@ -872,7 +879,7 @@ impl Daemon {
             return Ok(self.routed(api::Client::new(to)));
         };
         let (addr, pin) = match fingerprint {
-            Some(fp) => (to.to_owned(), fp.parse::<crate::security::Fingerprint>()?),
+            Some(fp) => (to.to_owned(), fp.parse::<security::Fingerprint>()?),
             None => {
                 let peer = sec.peer_by_name_or_addr(to).ok_or_else(|| {
                     format!(
@@ -881,7 +888,7 @@ impl Daemon {
                         to
                     )
                 })?;
-                let fp = peer.fingerprint.parse::<crate::security::Fingerprint>()?;
+                let fp = peer.fingerprint.parse::<security::Fingerprint>()?;
                 let addr = match peer.addr {
                     Some(a) if peer.name == to => a,
                     None if peer.name == to => {
@@ -982,7 +989,7 @@ impl Daemon {
                 let name = name.to_owned();
                 thread::Builder::new()
                     .name(format!("migrate-{name}"))
-                    .spawn(move || crate::migration::source::migrate(&daemon, &name, &req, &tx))
+                    .spawn(move || migration::source::migrate(&daemon, &name, &req, &tx))
                     .map_err(|e| ApiError(500, e.to_string()))?;
                 Ok(Reply::Stream(rx))
             }
@@ -1048,7 +1055,7 @@ fn overlay_to_pinned_peers(daemon: &Daemon) {
     let Some(security) = &daemon.config.security else {
         return;
     };
-    let mut joined: Option<(Vec<crate::security::identity::Peer>, Instant)> = None;
+    let mut joined: Option<(Vec<security::identity::Peer>, Instant)> = None;
     loop {
         let pins = security.peers();
         if joined
@@ -1063,10 +1070,17 @@ fn overlay_to_pinned_peers(daemon: &Daemon) {
 }
 
 /// Runs the daemon until the process is killed.
-pub fn serve(config: DaemonConfig) -> Result<(), Error> {
+/// Runs a daemon until the process ends: brings back the instances
+/// recorded in its state directory, then calls `ready` with how that went,
+/// once it is set up and about to answer on its address.
+pub fn serve(
+    config: DaemonConfig,
+    ready: impl FnOnce(&Daemon, &[restart_records::BroughtBack]),
+) -> Result<(), Error> {
     let listener = TcpListener::bind(config.listen)
         .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.listen)))?;
     let (daemon, ended) = Daemon::new(config)?;
+    let brought_back = daemon.bring_back();
     {
         let d = Arc::clone(&daemon);
         thread::Builder::new()
@@ -1082,34 +1096,7 @@ pub fn serve(config: DaemonConfig) -> Result<(), Error> {
             .spawn(move || overlay_to_pinned_peers(&d))
             .map_err(|e| Error::Config(e.to_string()))?;
     }
-    eprintln!(
-        "host-shim serve: shim '{}' (region {}) listening on {}{}; gateway {}, guests {}..{}{}",
-        daemon.config.name,
-        daemon.config.region,
-        match &security {
-            Some(_) => format!("https://{}", daemon.config.listen),
-            None => format!("{} (plain HTTP, no authentication)", daemon.config.listen),
-        },
-        security
-            .as_ref()
-            .map(|s| format!(", fingerprint {}", s.identity.fingerprint))
-            .unwrap_or_default(),
-        daemon.config.gateway(),
-        daemon.config.guest_range().next().expect("range"),
-        daemon.config.guest_range().last().expect("range"),
-        daemon
-            .net
-            .overlay_addr()
-            .map(|a| format!(
-                "; overlay udp {a}{}",
-                if security.is_some() {
-                    " (encrypted with the fleet key)"
-                } else {
-                    ""
-                }
-            ))
-            .unwrap_or_default()
-    );
+    ready(&daemon, &brought_back);
     http::serve(&daemon, listener, security);
     Ok(())
 }

@@ -17,7 +17,7 @@
 //!    (or the answer to a `Query`) says the guest runs there. Only then is
 //!    the instance dropped here; its published ports stay and reach it over
 //!    the overlay. The step table, with what each side does on a failure at
-//!    each step, is in [`super::protocol`].
+//!    each step, is in [`crate::protocol`].
 //!
 //! Every step has a deadline ([`PRECOPY_DEADLINE`], [`PAUSED_DEADLINE`],
 //! [`COMMITTED_WAIT`]) on top of the stream's per-call timeouts, and
@@ -32,30 +32,30 @@
 //! Progress goes to the caller as it happens, one JSON [`MigrationEvent`] a
 //! line; the last is `done` or `failed` (with the phase it failed in).
 //!
-//! [`Migrations`]: super::Migrations
+//! [`Migrations`]: crate::Migrations
 
-use std::cell::Cell;
+use std::io::BufReader;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use abi::boot::{heap_page_is_free, BootInfo};
 use abi::layout::BOOT_INFO_ADDR;
+use api::tls::Stream;
+use api::{Client, ClientError, MigrateRequest, MigrationEvent, MigrationReport};
 use vm_memory::{Bytes, GuestAddress};
-use zerocopy::FromBytes;
-
-use super::faults::Step;
-use super::protocol::{
-    encode_pages, Accept, Ack, Conn, Hello, Kind, ProtocolError, IO_TIMEOUT, PAGES_PER_MESSAGE,
-    PROTOCOL_VERSION,
-};
-use crate::daemon::api::{
-    Client, ClientError, MigrateRequest, MigrationEvent, MigrationPhase, MigrationReport,
-};
-use crate::daemon::{Daemon, MIGRATION_PROTOCOL};
 use vmm::machine::{Machine, MachineHandle};
 use vmm::snapshot::format::{is_zero, FORMAT_VERSION, PAGE};
+use vmm::snapshot::state::GuestSpec;
 use vmm::vstate::vm::{pages_of, Vm};
+use zerocopy::FromBytes;
+
+use crate::faults::{Injected, Step};
+use crate::protocol::{
+    encode_pages, Accept, Ack, Conn, Hello, Kind, ProtocolError, IO_TIMEOUT, MIGRATION_PROTOCOL,
+    PAGES_PER_MESSAGE, PROTOCOL_VERSION,
+};
+use crate::{Host, MigrationError};
 
 /// Pre-copy stops when a round leaves at most this many dirty pages.
 pub const CONVERGED_PAGES: usize = 64;
@@ -84,6 +84,8 @@ pub struct Stats {
     /// Dirty heap pages left behind because the guest said they were free;
     /// `None` when no hints were used.
     pub skipped: Option<u64>,
+    /// The guest's memory size.
+    pub mem: u64,
 }
 
 struct Sent {
@@ -93,41 +95,29 @@ struct Sent {
 
 /// Moves instance `name` to the daemon `req.to`, writing progress events
 /// to `out` as JSON lines; the last one is `done` or `failed`.
-pub fn migrate(daemon: &Arc<Daemon>, name: &str, req: &MigrateRequest, out: &Sender<String>) {
-    let phase = Cell::new(MigrationPhase::Connect);
+pub fn migrate<H: Host>(host: &Arc<H>, name: &str, req: &MigrateRequest, out: &Sender<String>) {
     let say = |event: MigrationEvent| {
-        match &event {
-            MigrationEvent::Started { .. } | MigrationEvent::Round { .. } => {
-                phase.set(MigrationPhase::Precopy)
-            }
-            MigrationEvent::Paused { .. } => phase.set(MigrationPhase::Paused),
-            MigrationEvent::Running { .. } => phase.set(MigrationPhase::Commit),
-            _ => {}
-        }
         let _ = out.send(serde_json::to_string(&event).expect("serializable"));
     };
-    let result = daemon
+    let result = host
         .peer_client(&req.to, req.fingerprint.as_deref())
-        .map_err(|e| format!("{e}; {name} keeps running here"))
-        .and_then(|client| run(daemon, name, &client.with_timeout(IO_TIMEOUT), &say));
+        .map_err(|e| MigrationError::Connect(format!("{e}; {name} keeps running here")))
+        .and_then(|client| run(host, name, &client.with_timeout(IO_TIMEOUT), &say));
     match result {
-        Ok(s) => {
-            let mem = daemon.instances().get(name).map_or(0, |i| i.spec.mem_size);
-            say(MigrationEvent::Done(MigrationReport {
-                name: name.to_owned(),
-                to: req.to.clone(),
-                downtime_ms: s.downtime.as_secs_f64() * 1e3,
-                total_ms: s.total.as_secs_f64() * 1e3,
-                bytes: s.bytes,
-                pages: s.pages,
-                mem,
-                rounds: s.rounds,
-                skipped: s.skipped,
-            }));
-        }
-        Err(error) => say(MigrationEvent::Failed {
-            phase: phase.get(),
-            error,
+        Ok(s) => say(MigrationEvent::Done(MigrationReport {
+            name: name.to_owned(),
+            to: req.to.clone(),
+            downtime_ms: s.downtime.as_secs_f64() * 1e3,
+            total_ms: s.total.as_secs_f64() * 1e3,
+            bytes: s.bytes,
+            pages: s.pages,
+            mem: s.mem,
+            rounds: s.rounds,
+            skipped: s.skipped,
+        })),
+        Err(e) => say(MigrationEvent::Failed {
+            phase: e.phase(),
+            error: e.to_string(),
         }),
     }
 }
@@ -141,24 +131,32 @@ fn sync(conn: &mut Conn) -> Result<(), ProtocolError> {
     }
 }
 
+/// A migration connection over an upgraded API connection.
+pub(crate) fn conn_of(stream: BufReader<Stream>, fault: Option<Injected>) -> std::io::Result<Conn> {
+    let sock = stream.get_ref().tcp().try_clone()?;
+    Conn::new(stream, sock, fault)
+}
+
 /// The migration itself (to `client`'s daemon); an error has already
 /// resumed the guest (or, if `stop` cancelled it, let it go).
-pub fn run(
-    daemon: &Arc<Daemon>,
+pub fn run<H: Host>(
+    host: &Arc<H>,
     name: &str,
     client: &Client,
     say: &dyn Fn(MigrationEvent),
-) -> Result<Stats, String> {
-    let handle = daemon.acquire(name, "migrating").map_err(|e| e.1)?;
-    daemon.migrations.start_outgoing(name);
+) -> Result<Stats, MigrationError> {
+    let (handle, spec) = host.acquire(name).map_err(MigrationError::Connect)?;
+    host.migrations().start_outgoing(name);
     let result = Outgoing {
-        daemon,
+        host: host.as_ref(),
         name,
         client,
         handle: &handle,
+        start: Instant::now(),
+        marks: Vec::new(),
     }
-    .run(say);
-    daemon.migrations.end_outgoing(name);
+    .run(&spec, say);
+    host.migrations().end_outgoing(name);
     result
 }
 
@@ -173,18 +171,54 @@ enum Settled {
     Cancelled,
 }
 
-struct Outgoing<'a> {
-    daemon: &'a Arc<Daemon>,
+/// An outgoing migration, phase by phase.
+struct Outgoing<'a, H: Host> {
+    host: &'a H,
     name: &'a str,
     client: &'a Client,
     handle: &'a Arc<MachineHandle>,
+    start: Instant,
+    /// When each step ended, for the timeline event.
+    marks: Vec<(String, Duration)>,
 }
 
-impl Outgoing<'_> {
-    /// Ends a migration that failed before the pause.
+/// What the handshake settled.
+struct Connected {
+    conn: Conn,
+    migration_id: u64,
+    accept: Accept,
+}
+
+/// What pre-copy left for the pause.
+struct Precopied {
+    vm: Arc<Vm>,
+    hints: Option<HeapHints>,
+    hints_took: Duration,
+}
+
+/// The guest paused, its state at the destination and `Ready`.
+struct Paused {
+    machine: Box<Machine>,
+    paused_at: SystemTime,
+    paused: Instant,
+    /// Frames that were waiting for the guest and went with its state.
+    carried: usize,
+}
+
+impl<H: Host> Outgoing<'_, H> {
+    fn mark(&mut self, what: impl Into<String>) {
+        self.marks.push((what.into(), self.start.elapsed()));
+    }
+
+    fn to(&self) -> &str {
+        self.client.addr.as_str()
+    }
+
+    /// Ends a migration that failed before the pause: the guest keeps
+    /// running here.
     fn fail(&self, why: String) -> String {
-        self.daemon.release(self.name);
-        if self.daemon.migrations.cancelled(self.name) {
+        self.host.release(self.name);
+        if self.host.migrations().cancelled(self.name) {
             return format!("cancelled by stop ({why})");
         }
         format!("{why}; {} keeps running here", self.name)
@@ -194,41 +228,68 @@ impl Outgoing<'_> {
     /// have been taken over: it resumes here.
     fn resume(&self, machine: Box<Machine>, why: String) -> String {
         self.handle.resume(machine);
-        self.daemon.release(self.name);
-        if self.daemon.migrations.cancelled(self.name) {
+        self.host.release(self.name);
+        if self.host.migrations().cancelled(self.name) {
             return format!("cancelled by stop ({why})");
         }
-        format!(
-            "{why}; {} resumed on {}",
-            self.name, self.daemon.config.name
-        )
+        format!("{why}; {} resumed on {}", self.name, self.host.local().name)
     }
 
-    fn run(&self, say: &dyn Fn(MigrationEvent)) -> Result<Stats, String> {
-        let (daemon, name) = (self.daemon, self.name);
-        let start = Instant::now();
-        // When each step ended, for the timeline line.
-        let mut marks: Vec<(String, Duration)> = Vec::new();
-        let mut mark = |what: String| marks.push((what, start.elapsed()));
-        let to = self.client.addr.as_str();
-        let (spec, port) = {
-            let instances = daemon.instances();
-            let inst = instances.get(name).ok_or("the instance vanished")?;
-            (inst.spec.clone(), inst.port.clone())
+    fn run(
+        mut self,
+        spec: &GuestSpec,
+        say: &dyn Fn(MigrationEvent),
+    ) -> Result<Stats, MigrationError> {
+        let mut connected = self.connect(spec, say).map_err(MigrationError::Connect)?;
+        let mut stats = Stats {
+            mem: spec.mem_size,
+            ..Stats::default()
         };
+        let pre = self
+            .precopy(&mut connected.conn, &mut stats, say)
+            .map_err(MigrationError::Precopy)?;
+        let paused = self
+            .pause(&mut connected.conn, &pre, &mut stats, say)
+            .map_err(MigrationError::Paused)?;
+        let ack = self
+            .commit(&mut connected, paused.machine, say)
+            .map_err(MigrationError::Commit)?;
+        self.mark("committed");
+        connected.conn.at(Step::Committed, "source");
+        stats.downtime = match ack {
+            Some(ack) => {
+                let resumed = UNIX_EPOCH + Duration::from_nanos(ack.resumed_unix_ns);
+                resumed
+                    .duration_since(paused.paused_at)
+                    .unwrap_or_else(|_| paused.paused.elapsed())
+            }
+            None => paused.paused.elapsed(),
+        };
+        stats.total = self.start.elapsed();
+        self.hand_over(&connected.accept, paused.carried, &stats, ack, &pre, say);
+        Ok(stats)
+    }
 
-        // 1. Handshake.
+    /// Phase 1: Handshake: `Hello` out, `Accept` back (`Refuse` ends it).
+    fn connect(
+        &mut self,
+        spec: &GuestSpec,
+        say: &dyn Fn(MigrationEvent),
+    ) -> Result<Connected, String> {
+        let (host, name) = (self.host, self.name);
+        let to = self.to().to_owned();
+        let local = host.local();
         let reader = self
             .client
             .migration_stream(MIGRATION_PROTOCOL)
             .map_err(|e| self.fail(e.to_string()))?;
-        mark("connected".into());
-        let mut conn = Conn::new(reader, daemon.config.migration.fault)
+        self.mark("connected");
+        let mut conn = conn_of(reader, host.migration_config().fault)
             .map_err(|e| self.fail(format!("the connection to {to}: {e}")))?;
         let sock = conn
             .handle()
             .map_err(|e| self.fail(format!("the connection to {to}: {e}")))?;
-        if !daemon.migrations.outgoing_conn(name, sock) {
+        if !host.migrations().outgoing_conn(name, sock) {
             return Err(self.fail("stopped before it began".into()));
         }
         conn.deadline(PRECOPY_DEADLINE);
@@ -245,9 +306,9 @@ impl Outgoing<'_> {
             cpuid: spec.cpuid.clone(),
             nic: spec.nic,
             image: spec.image.clone(),
-            source: daemon.config.name.clone(),
-            source_overlay: daemon.net.overlay_addr(),
-            source_api: Some(daemon.config.listen),
+            source: local.name.clone(),
+            source_overlay: host.overlay_addr(),
+            source_api: Some(local.api),
         };
         let accept: Accept = (|| {
             conn.send_value(Kind::Hello, &hello)?;
@@ -267,28 +328,47 @@ impl Outgoing<'_> {
                 refusal(e)
             ))
         })?;
-        mark(format!(
+        self.mark(format!(
             "accepted (there: checks {:.1}, VM {:.1})",
             accept.checks_us as f64 / 1e3,
             accept.vm_us as f64 / 1e3
         ));
         if let Some(peer) = accept.overlay {
-            daemon.net.add_peer(peer);
+            host.add_overlay_peer(peer);
         }
         say(MigrationEvent::Started {
             name: name.to_owned(),
             mem: spec.mem_size,
-            from: daemon.config.name.clone(),
+            from: local.name,
             to_name: accept.name.clone(),
-            to: to.to_owned(),
+            to: to.clone(),
             region: accept.region.clone(),
         });
+        Ok(Connected {
+            conn,
+            migration_id,
+            accept,
+        })
+    }
 
-        // 2. Pre-copy while the guest runs.
+    /// Phase 2: Pre-copy rounds while the guest runs, until the dirty set is
+    /// small or stops shrinking; then the destination must have taken in
+    /// everything sent (`Sync`: over TLS it may lag behind, decrypting),
+    /// else the pause would wait for it. What the guest dirtied during that
+    /// wait goes in one more round, synced again, so the paused round holds
+    /// only what the guest wrote since: over TLS, where the first wait is
+    /// longest, this is most of the stop-and-copy's pages.
+    fn precopy(
+        &mut self,
+        conn: &mut Conn,
+        stats: &mut Stats,
+        say: &dyn Fn(MigrationEvent),
+    ) -> Result<Precopied, String> {
+        let (host, name) = (self.host, self.name);
+        let to = self.to().to_owned();
         let vm = Arc::clone(self.handle.vm());
-        let mut stats = Stats::default();
         let mut last_dirty = usize::MAX;
-        let hints = if daemon.config.migration.free_page_hints {
+        let hints = if host.migration_config().free_page_hints {
             HeapHints::of(&vm)
         } else {
             None
@@ -296,18 +376,11 @@ impl Outgoing<'_> {
         if hints.is_some() {
             stats.skipped = Some(0);
         }
-        // Pre-copy rounds until the dirty set is small or stops shrinking;
-        // then the destination must have taken in everything sent (`Sync`:
-        // over TLS it may lag behind, decrypting), else the pause would wait
-        // for it. What the guest dirtied during that wait goes in one more
-        // round, synced again, so the paused round holds only what the guest
-        // wrote since: over TLS, where the first wait is longest, this is
-        // most of the stop-and-copy's pages.
         let mut round = 0;
         let mut catch_up = false;
         let mut hints_took = Duration::ZERO;
         loop {
-            if daemon.migrations.cancelled(name) {
+            if host.migrations().cancelled(name) {
                 let _ = conn.send_now(Kind::Abort, b"stopped at the source");
                 return Err(self.fail(format!("stopped in round {round}")));
             }
@@ -321,12 +394,12 @@ impl Outgoing<'_> {
             let skipped = hints.as_ref().map(|h| h.drop_free(&vm, &mut dirty));
             hints_took += hinting.elapsed();
             add_skipped(&mut stats.skipped, skipped);
-            let sent = send_pages(&mut conn, &vm, &dirty, round == 0).map_err(|e| {
+            let sent = send_pages(conn, &vm, &dirty, round == 0).map_err(|e| {
                 self.fail(format!(
                     "sending memory to {to} failed in round {round}: {e}"
                 ))
             })?;
-            mark(format!("round {round}"));
+            self.mark(format!("round {round}"));
             stats.rounds = round + 1;
             stats.pages += sent.pages;
             stats.bytes += sent.bytes;
@@ -345,31 +418,50 @@ impl Outgoing<'_> {
                 if !catch_up {
                     conn.at(Step::Precopy, "source");
                 }
-                sync(&mut conn)
+                sync(conn)
                     .map_err(|e| self.fail(format!("the destination {to} did not keep up: {e}")))?;
-                mark("synced".into());
+                self.mark("synced");
                 if catch_up {
                     break;
                 }
                 catch_up = true;
             }
         }
+        Ok(Precopied {
+            vm,
+            hints,
+            hints_took,
+        })
+    }
 
-        // 3. Stop and copy, until the destination is Ready.
+    /// Phase 3: Stop and copy: the guest paused, its last pages and state sent,
+    /// until the destination is `Ready` (on a failure the guest resumes).
+    fn pause(
+        &mut self,
+        conn: &mut Conn,
+        pre: &Precopied,
+        stats: &mut Stats,
+        say: &dyn Fn(MigrationEvent),
+    ) -> Result<Paused, String> {
+        let name = self.name;
+        let to = self.to().to_owned();
         let machine = self
             .handle
             .pause()
             .map_err(|e| self.fail(format!("cannot pause {name}: {e}")))?;
         let paused_at = SystemTime::now();
         let paused = Instant::now();
-        mark("paused".into());
+        self.mark("paused");
         conn.deadline(PAUSED_DEADLINE);
+        let vm = &pre.vm;
         let final_round = (|| -> Result<(Sent, usize, usize, Option<u64>), String> {
             let mut dirty = pages_of(&vm.take_dirty().map_err(|e| e.to_string())?);
             let count = dirty.len();
-            let skipped = hints.as_ref().map(|h| h.drop_free(&vm, &mut dirty));
-            let sent = send_pages(&mut conn, &vm, &dirty, false).map_err(|e| e.to_string())?;
-            let state = machine.capture(&daemon.hv).map_err(|e| e.to_string())?;
+            let skipped = pre.hints.as_ref().map(|h| h.drop_free(vm, &mut dirty));
+            let sent = send_pages(conn, vm, &dirty, false).map_err(|e| e.to_string())?;
+            let state = machine
+                .capture(self.host.hypervisor())
+                .map_err(|e| e.to_string())?;
             // Frames that were waiting for the guest go with its state.
             let carried = state
                 .devices
@@ -409,7 +501,7 @@ impl Outgoing<'_> {
             skipped,
         });
         match conn.recv() {
-            Ok(m) if m.kind == Kind::Ready => mark("ready".into()),
+            Ok(m) if m.kind == Kind::Ready => self.mark("ready"),
             Ok(m) if m.kind == Kind::Failed => {
                 return Err(self.resume(
                     machine,
@@ -428,10 +520,27 @@ impl Outgoing<'_> {
                 return Err(self.resume(machine, format!("{to} was not ready: {e}")));
             }
         }
+        Ok(Paused {
+            machine,
+            paused_at,
+            paused,
+            carried,
+        })
+    }
 
-        // 4. Commit: past this point the guest resumes here only if the
-        // destination says it will not run it.
-        if !daemon.migrations.commit_point(name) {
+    /// Phase 4: Commit: past this point the guest resumes here only if the
+    /// destination says it will not run it. `Ok` once it runs there (with
+    /// the destination's `Ack`, unless it was learnt by asking).
+    fn commit(
+        &self,
+        c: &mut Connected,
+        machine: Box<Machine>,
+        say: &dyn Fn(MigrationEvent),
+    ) -> Result<Option<Ack>, String> {
+        let (host, name) = (self.host, self.name);
+        let to = self.to();
+        let conn = &mut c.conn;
+        if !host.migrations().commit_point(name) {
             let _ = conn.send_now(Kind::Abort, b"stopped at the source");
             return Err(self.resume(machine, "stopped before the commit".into()));
         }
@@ -451,14 +560,12 @@ impl Outgoing<'_> {
                 .map_err(|e| format!("no Committed from {to}: {e}"))
             }
         };
-        let ack = match reply {
-            Ok(Ok(ack)) => Some(ack),
-            Ok(Err(failed)) => {
-                return Err(self.resume(
-                    machine,
-                    format!("the destination {to} could not start {name}: {failed}"),
-                ))
-            }
+        match reply {
+            Ok(Ok(ack)) => Ok(Some(ack)),
+            Ok(Err(failed)) => Err(self.resume(
+                machine,
+                format!("the destination {to} could not start {name}: {failed}"),
+            )),
             Err(why) => {
                 say(MigrationEvent::Note {
                     message: format!(
@@ -466,38 +573,38 @@ impl Outgoing<'_> {
                          here until it answers)"
                     ),
                 });
-                match self.settle(migration_id) {
-                    Settled::Started => None,
+                match self.settle(c.migration_id) {
+                    Settled::Started => Ok(None),
                     Settled::NotStarted(answer) => {
-                        return Err(self.resume(machine, format!("{why}; {answer}")))
+                        Err(self.resume(machine, format!("{why}; {answer}")))
                     }
                     Settled::Cancelled => {
                         drop(machine);
                         self.handle.stop();
-                        daemon.release(name);
-                        return Err(format!(
+                        host.release(name);
+                        Err(format!(
                             "{why}; stopped while waiting to learn whether {to} runs {name}: \
                              {name} no longer runs here"
-                        ));
+                        ))
                     }
                 }
             }
-        };
-        mark("committed".into());
-        conn.at(Step::Committed, "source");
-        stats.downtime = match ack {
-            Some(ack) => {
-                let resumed = UNIX_EPOCH + Duration::from_nanos(ack.resumed_unix_ns);
-                resumed
-                    .duration_since(paused_at)
-                    .unwrap_or_else(|_| paused.elapsed())
-            }
-            None => paused.elapsed(),
-        };
-        stats.total = start.elapsed();
-        // The guest runs there now: let it go here.
-        drop(machine);
-        daemon.moved_away(name, to, accept.overlay, port, carried);
+        }
+    }
+
+    /// Phase 5: The guest runs there now: let it go here and report.
+    fn hand_over(
+        &self,
+        accept: &Accept,
+        carried: usize,
+        stats: &Stats,
+        ack: Option<Ack>,
+        pre: &Precopied,
+        say: &dyn Fn(MigrationEvent),
+    ) {
+        let name = self.name;
+        self.host
+            .moved_away(name, self.to(), accept.overlay, carried);
         say(MigrationEvent::Running {
             name: name.to_owned(),
             on: accept.name.clone(),
@@ -505,20 +612,20 @@ impl Outgoing<'_> {
             restore_ms: ack.map(|a| a.restore_us as f64 / 1e3),
         });
         say(MigrationEvent::Timeline {
-            marks: marks
+            marks: self
+                .marks
                 .iter()
                 .map(|(what, at)| (what.clone(), at.as_secs_f64() * 1e3))
                 .collect(),
-            hints_ms: hints_took.as_secs_f64() * 1e3,
+            hints_ms: pre.hints_took.as_secs_f64() * 1e3,
         });
-        Ok(stats)
     }
 
     /// Asks the destination, on fresh connections, whether it started the
     /// guest, until it answers (its answer is final: asking settles a
     /// pending migration as aborted), its daemon is gone, or `stop`.
     fn settle(&self, id: u64) -> Settled {
-        let (daemon, name, to) = (self.daemon, self.name, self.client.addr.as_str());
+        let (host, name, to) = (self.host, self.name, self.to());
         let mut in_doubt = false;
         loop {
             match ask(self.client, id) {
@@ -534,14 +641,12 @@ impl Outgoing<'_> {
                 Err(e) => {
                     if !in_doubt {
                         tracing::warn!(name, %to, "migration in doubt, asking again: {e}");
-                        if let Some(i) = daemon.instances().get_mut(name) {
-                            i.state = crate::daemon::instance::State::Busy("migration in doubt");
-                        }
+                        host.in_doubt(name);
                         in_doubt = true;
                     }
                 }
             }
-            if daemon.migrations.cancelled(name) {
+            if host.migrations().cancelled(name) {
                 return Settled::Cancelled;
             }
             std::thread::sleep(QUERY_RETRY);
@@ -556,7 +661,7 @@ fn ask(client: &Client, id: u64) -> Result<bool, ClientError> {
         addr: client.addr.clone(),
         detail: e.to_string(),
     };
-    let mut conn = Conn::new(reader, None).map_err(|e| protocol(e.into()))?;
+    let mut conn = conn_of(reader, None).map_err(|e| protocol(e.into()))?;
     conn.deadline(IO_TIMEOUT);
     conn.send_now(Kind::Query, &id.to_le_bytes())
         .map_err(|e| protocol(e.into()))?;

@@ -7,33 +7,28 @@
 //! field against the handshake and the reservation ([`check_state`]),
 //! restored (vCPU, devices, clock, the guest told its new host and region)
 //! and answered with `Ready`; the guest starts only on `Commit` (see the
-//! step table in [`super::protocol`]). Every read has a deadline: a source
-//! that stalls loses the reservation within [`super::protocol::IO_TIMEOUT`], one that
+//! step table in [`crate::protocol`]). Every read has a deadline: a source
+//! that stalls loses the reservation within [`crate::protocol::IO_TIMEOUT`], one that
 //! trickles within [`INCOMING_DEADLINE`].
 //!
 //! A `Query` on a fresh connection answers whether a migration was started
 //! here, and settles a pending one as aborted.
 
-use std::io::BufReader;
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vm_memory::{Bytes, GuestAddress};
-
-use super::faults::Step;
-use super::protocol::{
-    Accept, Ack, Conn, Hello, Kind, ProtocolError, COMMIT_WAIT, PROTOCOL_VERSION,
-};
-use super::{Decision, Outcome};
-use crate::daemon::instance::{InstanceConsole, LogRing, State};
-use crate::daemon::Daemon;
-use crate::security::tls::Stream;
-use hostnet::port::GuestPort;
-use vmm::machine::Machine;
 use vmm::snapshot::format::{FORMAT_VERSION, PAGE};
 use vmm::snapshot::state::MachineState;
 use vmm::vstate::vm::Vm;
+
+use crate::faults::Step;
+use crate::protocol::{
+    Accept, Ack, Conn, Hello, Kind, ProtocolError, COMMIT_WAIT, PROTOCOL_VERSION,
+};
+use crate::{Decision, Host, MigrationError, Outcome};
 
 /// The longest an incoming migration may hold its reservation before its
 /// final state is in.
@@ -44,10 +39,15 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const PROBE_WINDOW: Duration = Duration::from_secs(5);
 
 /// Serves `POST /v1/migration` on a connection already switched to the
-/// migration protocol; `from` names the sending host (its pinned peer name
-/// in secure mode).
-pub fn accept(daemon: &Arc<Daemon>, conn: BufReader<Stream>, from: &str) {
-    let mut conn = match Conn::new(conn, daemon.config.migration.fault) {
+/// migration protocol (`stream`, plain or TLS, over the socket `sock`);
+/// `from` names the sending host (its pinned peer name in secure mode).
+pub fn accept<H: Host, S: Read + Write + Send + 'static>(
+    host: &Arc<H>,
+    stream: BufReader<S>,
+    sock: TcpStream,
+    from: &str,
+) {
+    let mut conn = match Conn::new(stream, sock, host.migration_config().fault) {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(%from, "incoming migration: {e}");
@@ -55,13 +55,13 @@ pub fn accept(daemon: &Arc<Daemon>, conn: BufReader<Stream>, from: &str) {
         }
     };
     conn.deadline(INCOMING_DEADLINE);
-    if let Err(e) = receive(daemon, &mut conn) {
-        tracing::warn!(%from, "incoming migration failed: {e}");
+    if let Err(e) = receive(host, &mut conn) {
+        tracing::warn!(%from, phase = %e.phase(), "incoming migration failed: {e}");
     }
 }
 
 /// Why a `Hello` cannot be honoured here, if it cannot.
-fn check_hello(daemon: &Daemon, hello: &Hello) -> Result<(), String> {
+fn check_hello(host: &impl Host, hello: &Hello) -> Result<(), String> {
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err(format!(
             "migration protocol version {} is not supported here (this shim speaks {PROTOCOL_VERSION})",
@@ -85,7 +85,7 @@ fn check_hello(daemon: &Daemon, hello: &Hello) -> Result<(), String> {
     if hello.nic.is_none() {
         return Err("guests without a network card cannot run in the daemon".into());
     }
-    daemon.hv.check_cpuid(&hello.cpuid)?;
+    host.hypervisor().check_cpuid(&hello.cpuid)?;
     Ok(())
 }
 
@@ -159,215 +159,264 @@ pub fn check_state(
     }
 }
 
-fn receive(daemon: &Arc<Daemon>, conn: &mut Conn) -> Result<(), String> {
-    let first = conn.recv().map_err(|e| e.to_string())?;
+/// An incoming migration: the handshake, then [`Incoming`] phase by phase.
+fn receive<H: Host>(host: &Arc<H>, conn: &mut Conn) -> Result<(), MigrationError> {
+    let first = conn
+        .recv()
+        .map_err(|e| MigrationError::Connect(e.to_string()))?;
     let hello: Hello = match first.kind {
-        Kind::Hello => first.value().map_err(|e| e.to_string())?,
-        Kind::Query => return answer_query(daemon, conn, &first.payload),
-        other => return Err(format!("expected Hello, got {other:?}")),
+        Kind::Hello => first
+            .value()
+            .map_err(|e| MigrationError::Connect(e.to_string()))?,
+        Kind::Query => {
+            return answer_query(host.as_ref(), conn, &first.payload)
+                .map_err(MigrationError::Connect)
+        }
+        other => {
+            return Err(MigrationError::Connect(format!(
+                "expected Hello, got {other:?}"
+            )))
+        }
     };
     let hello_at = Instant::now();
     let refuse = |conn: &mut Conn, why: String| {
         let _ = conn.send_now(Kind::Refuse, why.as_bytes());
-        format!("refused {} from {}: {why}", hello.name, hello.source)
+        MigrationError::Connect(format!(
+            "refused {} from {}: {why}",
+            hello.name, hello.source
+        ))
     };
-    if let Err(why) = check_hello(daemon, &hello) {
+    if let Err(why) = check_hello(host.as_ref(), &hello) {
         return Err(refuse(conn, why));
     }
-    let restore_point = match daemon.reserve_incoming(&hello) {
-        Ok(p) => p,
+    let reservation = match host.reserve_incoming(&hello) {
+        Ok(r) => r,
         Err(why) => return Err(refuse(conn, why)),
     };
     let name = hello.name.clone();
-    let decision = daemon
-        .migrations
+    let decision = host
+        .migrations()
         .start_incoming(&name, hello.migration_id, conn.handle().ok());
-    let result = take(
-        daemon,
+    let result = Incoming {
+        host,
         conn,
-        &hello,
-        &decision,
-        &restore_point,
-        hello_at.elapsed(),
-    );
+        hello: &hello,
+        decision: &decision,
+        reservation: &reservation,
+    }
+    .take(hello_at.elapsed());
     if result.is_err() {
         decision.abort();
     }
     if *decision.lock() != Outcome::Started {
-        daemon.cancel_incoming(&name, restore_point);
+        host.cancel_incoming(&name, reservation);
     }
-    daemon.migrations.end_incoming(&name);
+    host.migrations().end_incoming(&name);
     result
 }
 
 /// `Query`: the final outcome of a migration here.
-fn answer_query(daemon: &Daemon, conn: &mut Conn, payload: &[u8]) -> Result<(), String> {
+fn answer_query(host: &impl Host, conn: &mut Conn, payload: &[u8]) -> Result<(), String> {
     let id = u64::from_le_bytes(
         payload
             .try_into()
             .map_err(|_| format!("a Query of {} bytes", payload.len()))?,
     );
-    let outcome = daemon.migrations.query(id);
+    let outcome = host.migrations().query(id);
     tracing::info!(id, ?outcome, "migration outcome asked");
     conn.send_now(Kind::Outcome, &[u8::from(outcome == Outcome::Started)])
         .map_err(|e| e.to_string())
 }
 
-/// A restored guest, not started.
-struct Prepared {
-    machine: Machine,
-    port: Arc<GuestPort>,
-    log: Arc<Mutex<LogRing>>,
+/// An incoming migration past its handshake, holding a reservation.
+struct Incoming<'a, H: Host> {
+    host: &'a Arc<H>,
+    conn: &'a mut Conn,
+    hello: &'a Hello,
+    decision: &'a Decision,
+    reservation: &'a H::Reservation,
 }
 
-/// Takes the guest in; `Ok` once it runs here.
-fn take(
-    daemon: &Arc<Daemon>,
-    conn: &mut Conn,
-    hello: &Hello,
-    decision: &Decision,
-    restore_point: &crate::daemon::Incoming,
-    checks: Duration,
-) -> Result<(), String> {
-    let name = hello.name.as_str();
-    let creating = Instant::now();
-    let vm = vm_for(daemon, hello.mem_size)?;
-    let vm_took = creating.elapsed();
-    conn.send_value(
-        Kind::Accept,
-        &Accept {
-            name: daemon.config.name.clone(),
-            region: daemon.config.region.clone(),
-            overlay: daemon.net.overlay_addr(),
-            checks_us: checks.as_micros() as u64,
-            vm_us: vm_took.as_micros() as u64,
-        },
-    )
-    .and_then(|()| conn.flush())
-    .map_err(|e| e.to_string())?;
-    if let Some(peer) = hello.source_overlay {
-        daemon.net.add_peer(peer);
-    }
-    daemon.join_pinned_peers();
-    let lost = |e: ProtocolError| match e {
+/// Why the connection ended, for the log.
+fn lost(e: ProtocolError) -> String {
+    match e {
         ProtocolError::Closed => "the source closed the connection".to_owned(),
         e => e.to_string(),
-    };
-    let mut pages = 0u64;
-    let mut synced = false;
-    let state: MachineState = loop {
-        let m = conn.recv().map_err(lost)?;
-        match m.kind {
-            Kind::Pages | Kind::Zeroes => {
-                let (indices, data) = m.pages().map_err(|e| e.to_string())?;
-                write_pages(&vm, &indices, data, m.kind == Kind::Zeroes)?;
-                pages += indices.len() as u64;
-            }
-            Kind::Sync => {
-                if !synced {
-                    conn.at(Step::Precopy, "destination");
-                    synced = true;
-                }
-                conn.send_now(Kind::Synced, &[])
-                    .map_err(|e| e.to_string())?;
-            }
-            Kind::State => break m.value().map_err(|e| e.to_string())?,
-            Kind::Abort => return Err(format!("the source gave up: {}", m.text())),
-            other => return Err(format!("unexpected {other:?}")),
+    }
+}
+
+impl<H: Host> Incoming<'_, H> {
+    /// Takes the guest in; `Ok` once it runs here.
+    fn take(mut self, checks: Duration) -> Result<(), MigrationError> {
+        let vm = self.accept(checks).map_err(MigrationError::Connect)?;
+        let (state, pages) = self.memory(&vm).map_err(MigrationError::Precopy)?;
+        let restore_start = Instant::now();
+        let prepared = self.restore(vm, state).map_err(MigrationError::Paused)?;
+        self.commit(prepared, restore_start, pages)
+            .map_err(MigrationError::Commit)
+    }
+
+    /// Phase 1: A VM for the guest, then `Accept`.
+    fn accept(&mut self, checks: Duration) -> Result<Vm, String> {
+        let (host, hello) = (self.host, self.hello);
+        let creating = Instant::now();
+        let vm = vm_for(host, hello.mem_size)?;
+        let vm_took = creating.elapsed();
+        let local = host.local();
+        self.conn
+            .send_value(
+                Kind::Accept,
+                &Accept {
+                    name: local.name,
+                    region: local.region,
+                    overlay: host.overlay_addr(),
+                    checks_us: checks.as_micros() as u64,
+                    vm_us: vm_took.as_micros() as u64,
+                },
+            )
+            .and_then(|()| self.conn.flush())
+            .map_err(|e| e.to_string())?;
+        if let Some(peer) = hello.source_overlay {
+            host.add_overlay_peer(peer);
         }
-    };
-    let restore_start = Instant::now();
-    let reserved = daemon.instances().get(name).and_then(|i| match i.state {
-        State::Busy("incoming") => i.spec.nic,
-        _ => None,
-    });
-    let prepared = check_state(hello, &state, vm.mem_size(), reserved)
-        .and_then(|()| prepare(daemon, name, vm, state));
-    let prepared = match prepared {
-        Ok(p) => p,
-        Err(why) => {
-            let _ = conn.send_now(Kind::Failed, why.as_bytes());
+        host.join_pinned_peers();
+        Ok(vm)
+    }
+
+    /// Phase 2: Pages into guest memory as they come, until the final `State`;
+    /// gives it and how many pages came.
+    fn memory(&mut self, vm: &Vm) -> Result<(MachineState, u64), String> {
+        let conn = &mut *self.conn;
+        let mut pages = 0u64;
+        let mut synced = false;
+        loop {
+            let m = conn.recv().map_err(lost)?;
+            match m.kind {
+                Kind::Pages | Kind::Zeroes => {
+                    let (indices, data) = m.pages().map_err(|e| e.to_string())?;
+                    write_pages(vm, &indices, data, m.kind == Kind::Zeroes)?;
+                    pages += indices.len() as u64;
+                }
+                Kind::Sync => {
+                    if !synced {
+                        conn.at(Step::Precopy, "destination");
+                        synced = true;
+                    }
+                    conn.send_now(Kind::Synced, &[])
+                        .map_err(|e| e.to_string())?;
+                }
+                Kind::State => return Ok((m.value().map_err(|e| e.to_string())?, pages)),
+                Kind::Abort => return Err(format!("the source gave up: {}", m.text())),
+                other => return Err(format!("unexpected {other:?}")),
+            }
+        }
+    }
+
+    /// Phase 3: The final state checked against the handshake and the
+    /// reservation, restored (not started), then `Ready`.
+    fn restore(&mut self, vm: Vm, state: MachineState) -> Result<H::Prepared, String> {
+        let (host, hello) = (self.host, self.hello);
+        let name = hello.name.as_str();
+        let reserved = host.reserved_nic(name);
+        let prepared = check_state(hello, &state, vm.mem_size(), reserved)
+            .and_then(|()| host.prepare(name, vm, state));
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(why) => {
+                let _ = self.conn.send_now(Kind::Failed, why.as_bytes());
+                return Err(why);
+            }
+        };
+        self.conn.at(Step::Paused, "destination");
+        if let Err(e) = self.conn.send_now(Kind::Ready, &[]) {
+            // The source may still send Commit on a half-open link; without it
+            // nothing starts here.
+            tracing::debug!("Ready not sent: {e}");
+        }
+        self.conn.at(Step::Ready, "destination");
+        Ok(prepared)
+    }
+
+    /// Phase 4: `Commit`: the decision becomes started and the guest runs here
+    /// (or, without it, the guest is discarded), then `Committed`.
+    fn commit(
+        &mut self,
+        prepared: H::Prepared,
+        restore_start: Instant,
+        pages: u64,
+    ) -> Result<(), String> {
+        let (host, hello, conn) = (self.host, self.hello, &mut *self.conn);
+        let name = hello.name.as_str();
+        conn.deadline(COMMIT_WAIT);
+        let commit = match conn.recv() {
+            Ok(m) if m.kind == Kind::Commit => Ok(()),
+            Ok(m) if m.kind == Kind::Abort => Err(format!("the source gave up: {}", m.text())),
+            Ok(m) => Err(format!("expected Commit, got {:?}", m.kind)),
+            Err(e) => match source_gone(conn, hello) {
+                true => {
+                    tracing::warn!(
+                        name,
+                        source = %hello.source,
+                        "the source's daemon is gone after Ready ({e}): its guest is gone \
+                         with it, so this copy starts"
+                    );
+                    Ok(())
+                }
+                false => Err(format!("no Commit from the source: {}", lost(e))),
+            },
+        };
+        if let Err(why) = commit {
+            host.discard(prepared);
             return Err(why);
         }
-    };
-    let discard = |p: Prepared| daemon.net.detach(&p.port);
-    conn.at(Step::Paused, "destination");
-    if let Err(e) = conn.send_now(Kind::Ready, &[]) {
-        // The source may still send Commit on a half-open link; without it
-        // nothing starts here.
-        tracing::debug!("Ready not sent: {e}");
-    }
-    conn.at(Step::Ready, "destination");
-    conn.deadline(COMMIT_WAIT);
-    let commit = match conn.recv() {
-        Ok(m) if m.kind == Kind::Commit => Ok(()),
-        Ok(m) if m.kind == Kind::Abort => Err(format!("the source gave up: {}", m.text())),
-        Ok(m) => Err(format!("expected Commit, got {:?}", m.kind)),
-        Err(e) => match source_gone(conn, hello) {
-            true => {
-                tracing::warn!(
-                    name,
-                    source = %hello.source,
-                    "the source's daemon is gone after Ready ({e}): its guest is gone \
-                     with it, so this copy starts"
-                );
-                Ok(())
-            }
-            false => Err(format!("no Commit from the source: {}", lost(e))),
-        },
-    };
-    if let Err(why) = commit {
-        discard(prepared);
-        return Err(why);
-    }
-    conn.at(Step::Commit, "destination");
-    // Started or aborted, once, and never both: a Query waits on this lock.
-    let started = {
-        let mut outcome = decision.lock();
-        if *outcome != Outcome::Pending {
-            drop(outcome);
-            discard(prepared);
-            let why = "the migration was settled as aborted before its Commit arrived";
-            let _ = conn.send_now(Kind::Failed, why.as_bytes());
-            return Err(why.into());
-        }
-        let Prepared { machine, port, log } = prepared;
-        match daemon.launch(name, machine, port, log, Vec::new()) {
-            Ok(_) => {
-                *outcome = Outcome::Started;
-                SystemTime::now()
-            }
-            Err(e) => {
-                *outcome = Outcome::Aborted;
+        conn.at(Step::Commit, "destination");
+        // Started or aborted, once, and never both: a Query waits on this lock.
+        let started = {
+            let mut outcome = self.decision.lock();
+            if *outcome != Outcome::Pending {
                 drop(outcome);
-                let _ = conn.send_now(Kind::Failed, e.1.as_bytes());
-                return Err(e.1);
+                host.discard(prepared);
+                let why = "the migration was settled as aborted before its Commit arrived";
+                let _ = conn.send_now(Kind::Failed, why.as_bytes());
+                return Err(why.into());
             }
+            match host.launch(name, prepared) {
+                Ok(()) => {
+                    *outcome = Outcome::Started;
+                    SystemTime::now()
+                }
+                Err(e) => {
+                    *outcome = Outcome::Aborted;
+                    drop(outcome);
+                    let _ = conn.send_now(Kind::Failed, e.as_bytes());
+                    return Err(e);
+                }
+            }
+        };
+        host.adopt(name, self.reservation);
+        conn.at(Step::Committed, "destination");
+        let ack = Ack {
+            resumed_unix_ns: started
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+            restore_us: restore_start.elapsed().as_micros() as u64,
+        };
+        if let Err(e) = conn
+            .send_value(Kind::Committed, &ack)
+            .and_then(|()| conn.flush())
+        {
+            // The guest runs here; the source learns it by asking.
+            tracing::warn!(name, "Committed not delivered: {e}");
         }
-    };
-    daemon.adopt_publishes(name, restore_point);
-    conn.at(Step::Committed, "destination");
-    let ack = Ack {
-        resumed_unix_ns: started
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64),
-        restore_us: restore_start.elapsed().as_micros() as u64,
-    };
-    if let Err(e) = conn
-        .send_value(Kind::Committed, &ack)
-        .and_then(|()| conn.flush())
-    {
-        // The guest runs here; the source learns it by asking.
-        tracing::warn!(name, "Committed not delivered: {e}");
+        tracing::info!(
+            name,
+            source = %hello.source,
+            pages,
+            restore_ms = ack.restore_us as f64 / 1e3,
+            "arrived and running"
+        );
+        Ok(())
     }
-    tracing::info!(
-        name,
-        source = %hello.source,
-        pages,
-        restore_ms = ack.restore_us as f64 / 1e3,
-        "arrived and running"
-    );
-    Ok(())
 }
 
 /// Whether the source's daemon is gone (its API address refuses
@@ -410,9 +459,9 @@ fn source_gone(conn: &Conn, hello: &Hello) -> bool {
 
 /// A VM of `mem_size` bytes: the spare one if it fits, else a new one;
 /// either way another spare of that size is made in the background.
-fn vm_for(daemon: &Arc<Daemon>, mem_size: u64) -> Result<Vm, String> {
-    let spare = daemon
-        .migrations
+fn vm_for<H: Host>(host: &Arc<H>, mem_size: u64) -> Result<Vm, String> {
+    let spare = host
+        .migrations()
         .spare
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -420,13 +469,18 @@ fn vm_for(daemon: &Arc<Daemon>, mem_size: u64) -> Result<Vm, String> {
         .filter(|vm| vm.mem_size() == mem_size);
     let vm = match spare {
         Some(vm) => vm,
-        None => Vm::new(&daemon.hv.kvm, mem_size).map_err(|e| e.to_string())?,
+        None => Vm::new(&host.hypervisor().kvm, mem_size).map_err(|e| e.to_string())?,
     };
-    let d = Arc::clone(daemon);
+    let h = Arc::clone(host);
     let made = std::thread::Builder::new()
         .name("spare-vm".into())
-        .spawn(move || match Vm::new(&d.hv.kvm, mem_size) {
-            Ok(vm) => *d.migrations.spare.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm),
+        .spawn(move || match Vm::new(&h.hypervisor().kvm, mem_size) {
+            Ok(vm) => {
+                *h.migrations()
+                    .spare
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(vm)
+            }
             Err(e) => tracing::warn!("no spare VM for the next migration: {e}"),
         });
     if let Err(e) = made {
@@ -452,28 +506,6 @@ fn write_pages(vm: &Vm, indices: &[u32], data: &[u8], zero: bool) -> Result<(), 
             .map_err(|e| e.to_string())?;
     }
     Ok(())
-}
-
-/// Restores the guest without starting it.
-fn prepare(daemon: &Daemon, name: &str, vm: Vm, state: MachineState) -> Result<Prepared, String> {
-    let log = Arc::new(Mutex::new(LogRing::default()));
-    let Some(nic) = state.spec.nic else {
-        return Err("guests without a network card cannot run in the daemon".into());
-    };
-    let port = daemon.net.attach(nic.mac).map_err(|e| e.to_string())?;
-    let console = Box::new(InstanceConsole::new(name, Arc::clone(&log)));
-    let restored =
-        Machine::restore(vm, state, Some(Arc::clone(&port)), console).and_then(|mut m| {
-            m.set_location(&daemon.config.name, &daemon.config.region)?;
-            Ok(m)
-        });
-    match restored {
-        Ok(machine) => Ok(Prepared { machine, port, log }),
-        Err(e) => {
-            daemon.net.detach(&port);
-            Err(e.to_string())
-        }
-    }
 }
 
 #[cfg(test)]

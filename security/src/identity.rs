@@ -22,7 +22,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{decode_hex, encode_hex, random, Fingerprint};
+use crate::{decode_hex, encode_hex, random, Fingerprint};
+
+/// The highest shim id (`--shim-id`, 1..=14): it picks the shim's gateway
+/// and its guests' addresses (see the daemon's address plan).
+pub const MAX_SHIM_ID: u8 = 14;
 
 /// Environment variable naming the state directory.
 pub const DIR_ENV: &str = "HOST_SHIM_DIR";
@@ -174,7 +178,7 @@ pub fn init(dir: &Path, req: &InitRequest) -> Result<Identity, IdentityError> {
             dir.display()
         )));
     }
-    let max = crate::daemon::MAX_SHIM_ID;
+    let max = MAX_SHIM_ID;
     if !(1..=max).contains(&req.shim_id) {
         return Err(IdentityError::Invalid(format!(
             "--shim-id {} is out of range: 1 to {max}",
@@ -184,7 +188,7 @@ pub fn init(dir: &Path, req: &InitRequest) -> Result<Identity, IdentityError> {
     shim_util::files::private_dir(dir).map_err(io(dir))?;
     let key = rcgen::KeyPair::generate().map_err(|e| IdentityError::Invalid(e.to_string()))?;
     let mut params =
-        rcgen::CertificateParams::new(vec![super::tls::SERVER_NAME.to_owned(), req.name.clone()])
+        rcgen::CertificateParams::new(vec![crate::tls::SERVER_NAME.to_owned(), req.name.clone()])
             .map_err(|e| IdentityError::Invalid(format!("name '{}': {e}", req.name)))?;
     params
         .distinguished_name
@@ -271,7 +275,7 @@ pub fn load(dir: &Path) -> Result<Identity, IdentityError> {
     let config = load_config(dir)?;
     let cert_pem = read(&dir.join(CERT))?;
     let key_pem = read(&dir.join(KEY))?;
-    let der = super::tls::cert_der(&cert_pem)
+    let der = crate::tls::cert_der(&cert_pem)
         .map_err(|e| IdentityError::Invalid(format!("{}: {e}", dir.join(CERT).display())))?;
     Ok(Identity {
         dir: dir.to_owned(),
@@ -377,7 +381,7 @@ mod tests {
 mod tls_tests {
     //! The `api` crate's TLS between two identities of this module.
     use super::*;
-    use crate::security::tls::{client_config, server_config, Stream};
+    use crate::tls::{client_config, server_config, Stream};
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
 

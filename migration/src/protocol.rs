@@ -54,15 +54,19 @@
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_cpuid_entry2;
 use serde::{Deserialize, Serialize};
 
-use super::faults::{Fault, Injected, Step};
-use crate::security::tls::{Shared, Stream};
+use crate::faults::{Fault, Injected, Step};
 use vmm::snapshot::format::PAGE;
 use vmm::snapshot::state::{ImageId, NicSpec};
+
+/// The HTTP upgrade (`Upgrade: host-shim-migration`) that turns a
+/// `POST /v1/migration` connection into a migration stream.
+pub const MIGRATION_PROTOCOL: &str = "host-shim-migration";
 
 /// Version of this message layout (3: checksummed frames, `Ready`,
 /// `Commit`, `Committed`, `Query`, `Outcome`).
@@ -308,9 +312,43 @@ pub fn encode_pages(indices: &[u32], data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A byte stream both ways (object safe: [`Conn`] holds one boxed).
+trait Duplex: Read + Write + Send {}
+impl<T: Read + Write + Send> Duplex for T {}
+
+/// An upgraded connection: reads go through the buffer that may already
+/// hold the first bytes after the HTTP head, writes straight to the stream.
+struct Upgraded<S>(BufReader<S>);
+
+impl<S: Read> Read for Upgraded<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<S: Write> Write for Upgraded<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.get_mut().write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.get_mut().flush()
+    }
+}
+
+/// One stream used by a reader and a writer: each half locks it for one
+/// call.
+#[derive(Clone)]
+struct Shared(Arc<Mutex<Box<dyn Duplex>>>);
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Box<dyn Duplex>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// One half of a connection that fails once a deadline has passed (each
 /// call also blocks at most [`IO_TIMEOUT`], the socket's timeouts).
-pub struct Timed {
+struct Timed {
     inner: Shared,
     deadline: Option<Instant>,
 }
@@ -330,17 +368,17 @@ impl Timed {
 impl Read for Timed {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.check()?;
-        self.inner.read(buf)
+        self.inner.lock().read(buf)
     }
 }
 
 impl Write for Timed {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.check()?;
-        self.inner.write(buf)
+        self.inner.lock().write(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        self.inner.lock().flush()
     }
 }
 
@@ -357,14 +395,18 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Wraps an upgraded connection; every read and write on it blocks at
-    /// most [`IO_TIMEOUT`].
-    pub fn new(stream: BufReader<Stream>, fault: Option<Injected>) -> io::Result<Self> {
-        let sock = stream.get_ref().tcp().try_clone()?;
+    /// Wraps an upgraded connection, `stream` (plain or TLS) running over
+    /// the TCP socket `sock`; every read and write on it blocks at most
+    /// [`IO_TIMEOUT`].
+    pub fn new<S: Read + Write + Send + 'static>(
+        stream: BufReader<S>,
+        sock: TcpStream,
+        fault: Option<Injected>,
+    ) -> io::Result<Self> {
         sock.set_read_timeout(Some(IO_TIMEOUT))?;
         sock.set_write_timeout(Some(IO_TIMEOUT))?;
         sock.set_nodelay(true)?;
-        let shared = Shared::new(stream);
+        let shared = Shared(Arc::new(Mutex::new(Box::new(Upgraded(stream)))));
         let half = |s: Shared| Timed {
             inner: s,
             deadline: None,

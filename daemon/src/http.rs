@@ -5,7 +5,7 @@
 //! the `api` crate's ([`api::server`]); this module adds TLS,
 //! authentication, the accept loop and the daemon.
 //!
-//! Secure mode (a daemon with an identity, [`crate::security`]):
+//! Secure mode (a daemon with an identity, the `security` crate):
 //! - every connection is TLS 1.3; the server asks for a client certificate
 //!   but does not require one;
 //! - API calls need `Authorization: Bearer TOKEN` with the user token, or a
@@ -41,11 +41,11 @@ use std::time::{Duration, Instant};
 
 use super::limits::Limits;
 use super::{api, ApiError, Daemon, Reply, MIGRATION_PROTOCOL, PROGRESS_PROTOCOL};
-use crate::security::tls::Stream;
-use crate::security::HostSecurity;
 use api::server::{
     read_body, read_head, respond, respond_error, switch_protocols, Head, Refused, Slot, Slots,
 };
+use security::tls::Stream;
+use security::HostSecurity;
 use shim_util::limit::RateLimited;
 
 pub use api::routes::Method;
@@ -269,7 +269,10 @@ fn serve_conn(server: &Server, tcp: TcpStream, slot: &Slot, accepted: Instant) {
         let _ = conn.get_ref().tcp().set_read_timeout(None);
         let _ = conn.get_ref().tcp().set_write_timeout(None);
         if switch_protocols(conn.get_mut(), MIGRATION_PROTOCOL).is_ok() {
-            crate::migration::dest::accept(daemon, conn, &peer);
+            match conn.get_ref().tcp().try_clone() {
+                Ok(sock) => migration::dest::accept(daemon, conn, sock, &peer),
+                Err(e) => tracing::warn!(%peer, "incoming migration: {e}"),
+            }
         }
         return;
     }

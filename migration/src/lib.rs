@@ -1,4 +1,4 @@
-//! Live migration shim→shim over TCP: [`protocol`] (the versioned,
+//! Live migration shim→shim over TCP (or TLS): [`protocol`] (the versioned,
 //! checksummed message stream with deadlines, and the commit step table),
 //! [`source`] (pre-copy rounds with KVM's dirty log OR'ed with the shim's
 //! own writes, stop-and-copy, then `Commit`; resumes the guest on any
@@ -7,11 +7,22 @@
 //! `Commit`). [`Migrations`] owns what is under way on a daemon: the
 //! outgoing ones `stop` can cancel, the incoming reservations, and the
 //! decisions a source may ask about. [`faults`] injects failures for tests.
+//!
+//! The daemon is a [`Host`]: what migration needs from an instance and from
+//! the host (pause, memory, capture, release, moved away; reserve, restore,
+//! launch). This crate does not depend on the daemon; failures are
+//! [`MigrationError`]s naming their phase, progress goes to the caller as
+//! the `api` crate's `MigrationEvent`s.
 
 pub mod dest;
+mod error;
 pub mod faults;
+mod host;
 pub mod protocol;
 pub mod source;
+
+pub use error::MigrationError;
+pub use host::{Host, Local};
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{Shutdown, TcpStream};
@@ -98,7 +109,7 @@ pub struct Migrations {
     /// A VM made ahead of time for the next incoming migration
     /// ([`dest`] takes it and has another made in the background):
     /// `KVM_CREATE_VM` alone took up to 5 s on a loaded nested host.
-    spare: Mutex<Option<vmm::vstate::vm::Vm>>,
+    pub(crate) spare: Mutex<Option<vmm::vstate::vm::Vm>>,
 }
 
 impl Migrations {
@@ -108,7 +119,7 @@ impl Migrations {
 
     /// Records an outgoing migration of `name` (the caller holds the
     /// instance busy, so there is one at a time).
-    fn start_outgoing(&self, name: &str) {
+    pub(crate) fn start_outgoing(&self, name: &str) {
         self.table().outgoing.insert(
             name.to_owned(),
             Outgoing {
@@ -121,7 +132,7 @@ impl Migrations {
 
     /// Gives the outgoing migration its connection; false if it was
     /// cancelled already.
-    fn outgoing_conn(&self, name: &str, sock: TcpStream) -> bool {
+    pub(crate) fn outgoing_conn(&self, name: &str, sock: TcpStream) -> bool {
         let mut t = self.table();
         match t.outgoing.get_mut(name) {
             Some(o) if !o.cancelled => {
@@ -133,13 +144,13 @@ impl Migrations {
     }
 
     /// Whether the outgoing migration of `name` was cancelled.
-    fn cancelled(&self, name: &str) -> bool {
+    pub(crate) fn cancelled(&self, name: &str) -> bool {
         self.table().outgoing.get(name).is_some_and(|o| o.cancelled)
     }
 
     /// Marks the point after which a cancel no longer cuts the connection;
     /// false if it was cancelled before (then `Commit` must not go).
-    fn commit_point(&self, name: &str) -> bool {
+    pub(crate) fn commit_point(&self, name: &str) -> bool {
         let mut t = self.table();
         match t.outgoing.get_mut(name) {
             Some(o) if !o.cancelled => {
@@ -150,13 +161,18 @@ impl Migrations {
         }
     }
 
-    fn end_outgoing(&self, name: &str) {
+    pub(crate) fn end_outgoing(&self, name: &str) {
         self.table().outgoing.remove(name);
         self.ended.notify_all();
     }
 
     /// Records an incoming migration of `name` with id `id`.
-    fn start_incoming(&self, name: &str, id: u64, sock: Option<TcpStream>) -> Arc<Decision> {
+    pub(crate) fn start_incoming(
+        &self,
+        name: &str,
+        id: u64,
+        sock: Option<TcpStream>,
+    ) -> Arc<Decision> {
         let decision = Arc::new(Decision(Mutex::new(Outcome::Pending)));
         let mut t = self.table();
         t.incoming.insert(
@@ -174,7 +190,7 @@ impl Migrations {
         decision
     }
 
-    fn end_incoming(&self, name: &str) {
+    pub(crate) fn end_incoming(&self, name: &str) {
         self.table().incoming.remove(name);
         self.ended.notify_all();
     }
@@ -182,7 +198,7 @@ impl Migrations {
     /// The final outcome of migration `id` here: a pending one is aborted
     /// (and its connection cut), so the answer holds; an unknown one was
     /// never started here.
-    fn query(&self, id: u64) -> Outcome {
+    pub(crate) fn query(&self, id: u64) -> Outcome {
         let t = self.table();
         let Some((_, d)) = t.decisions.iter().find(|(i, _)| *i == id) else {
             return Outcome::Aborted;

@@ -10,7 +10,7 @@
 //! (`CHECKPOINT_DIR/latest.ckpt`). Only instances whose policy is
 //! [`Restart::Always`] are recorded; `stop` and a migration away forget
 //! them. Records are written atomically (temp file, fsync, rename), mode
-//! 0600 in a 0700 directory ([`crate::files`]).
+//! 0600 in a 0700 directory (`shim_util::files`).
 
 use std::path::{Path, PathBuf};
 
@@ -19,16 +19,27 @@ use super::{bad, not_found, ApiError, Daemon};
 
 pub use ::api::Restart;
 
+/// An instance recorded in the state directory, booted again as the
+/// daemon started.
+#[derive(Debug)]
+pub struct BroughtBack {
+    pub name: String,
+    /// The checkpoint it was restored from, if it had one.
+    pub checkpoint: Option<String>,
+    /// It runs again, or why not.
+    pub result: Result<InstanceInfo, String>,
+}
+
 /// Largest instance record read back.
 const MAX_RECORD: u64 = 1 << 20;
 
 /// The instance records of one state directory.
 #[derive(Debug)]
-pub struct Persist {
+pub struct RestartRecords {
     dir: PathBuf,
 }
 
-impl Persist {
+impl RestartRecords {
     /// Opens (creating) `state_dir/instances`; both are made private
     /// (0700, ours): records hold environments, e.g. passwords.
     pub fn open(state_dir: &Path) -> std::io::Result<Self> {
@@ -99,9 +110,9 @@ impl Persist {
                         .map(|f| f.display().to_string());
                     out.push(req);
                 }
-                Err(e) => eprintln!(
-                    "host-shim serve: skipping instance record {}: {e}",
-                    path.display()
+                Err(e) => tracing::warn!(
+                    record = %path.display(),
+                    "skipping an instance record: {e}"
                 ),
             }
         }
@@ -150,30 +161,27 @@ impl Daemon {
         Ok(info)
     }
 
-    /// Boots the instances recorded in the state directory again.
-    pub(super) fn bring_back(&self) {
-        let Some(p) = &self.persist else { return };
-        for req in p.load() {
-            let from = match &req.restore {
-                Some(f) => format!(" from its checkpoint {f}"),
-                None => String::new(),
-            };
-            let mut boot = req.clone();
-            let result = self.image_file(&req.image).and_then(|image| {
-                boot.image = image;
-                self.run(boot)
-            });
-            match result {
-                Ok(info) => eprintln!(
-                    "host-shim serve: brought back {} ({}){from}",
-                    info.name,
-                    info.ip.unwrap_or_default()
-                ),
-                Err(ApiError(_, why)) => {
-                    eprintln!("host-shim serve: cannot bring back {}: {why}", req.name)
+    /// Boots the instances recorded in the state directory again; says
+    /// how each went.
+    pub(super) fn bring_back(&self) -> Vec<BroughtBack> {
+        let Some(p) = &self.persist else {
+            return Vec::new();
+        };
+        p.load()
+            .into_iter()
+            .map(|req| {
+                let mut boot = req.clone();
+                let result = self.image_file(&req.image).and_then(|image| {
+                    boot.image = image;
+                    self.run(boot)
+                });
+                BroughtBack {
+                    name: req.name,
+                    checkpoint: req.restore,
+                    result: result.map_err(|ApiError(_, why)| why),
                 }
-            }
-        }
+            })
+            .collect()
     }
 
     /// Forgets `name`'s record (it was stopped or moved away).
@@ -246,7 +254,7 @@ mod tests {
     fn records_always_instances_only_and_finds_their_checkpoint() {
         let dir = std::env::temp_dir().join(format!("host-shim-persist-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let p = Persist::open(&dir).unwrap();
+        let p = RestartRecords::open(&dir).unwrap();
         let ckpt = p.checkpoint_dir("kv");
         let mut req = RunRequest {
             name: "kv".into(),
