@@ -1050,7 +1050,8 @@ mod erased {
 
 /// Keeps the pinned peers on the overlay ([`Daemon::join_pinned_peers`]):
 /// pins added later join within 100 ms (the overlay takes datagrams only
-/// from its peers' addresses), and every second anyway (names re-resolved).
+/// from its peers' addresses), and every second anyway (names re-resolved);
+/// a host unpinned leaves it within 100 ms.
 fn overlay_to_pinned_peers(daemon: &Daemon) {
     let Some(security) = &daemon.config.security else {
         return;
@@ -1062,6 +1063,14 @@ fn overlay_to_pinned_peers(daemon: &Daemon) {
             .as_ref()
             .is_none_or(|(p, at)| *p != pins || at.elapsed() >= Duration::from_secs(1))
         {
+            // A host unpinned since: its overlay datagrams are dropped from now on.
+            for gone in joined.iter().flat_map(|(p, _)| p.iter()) {
+                if let Some(addr) = gone.overlay_addr() {
+                    if !pins.iter().any(|p| p.overlay_addr() == Some(addr)) {
+                        daemon.net.remove_peer(addr);
+                    }
+                }
+            }
             daemon.join_pinned_peers();
             joined = Some((pins, Instant::now()));
         }

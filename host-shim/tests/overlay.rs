@@ -139,7 +139,7 @@ fn overlay_frames_are_unreadable_and_captured_datagrams_cannot_be_replayed() {
         &format!("https://{relay_back}"),
     ]);
 
-    let (_, mut c) = run_kv(&a);
+    let (port, mut c) = run_kv(&a);
     c.fill(500);
     let out = a.migrate(&["migrate", "kv", "--to", "ov-b"]);
     assert_eq!(out.name, "kv", "{out:?}");
@@ -199,6 +199,41 @@ fn overlay_frames_are_unreadable_and_captured_datagrams_cannot_be_replayed() {
     assert_eq!(b.info().overlay_rejected, want, "nothing else was dropped");
 
     // kv and its client are unaffected.
+    c.check(500);
+    assert_eq!(c.cmd(&["GET", "overlay-key"]).unwrap(), secret);
+
+    // b unpins a: from then on b drops a's datagrams, so a client of a's
+    // published port gets no answer from kv (on b). Pinned again, the first
+    // client's connection carries on where it was.
+    let before = b.info().overlay_rejected;
+    b.cli(&["peer", "remove", "ov-a"]);
+    let give_up = Instant::now() + Duration::from_secs(10);
+    let cut = loop {
+        let answered = common::Redis::connect(port).and_then(|mut p| {
+            p.set_read_timeout(Duration::from_millis(500))?;
+            p.cmd(&["PING"])
+        });
+        if answered.is_err() {
+            break true;
+        }
+        if Instant::now() > give_up {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(cut, "kv still answered through a 10 s after b unpinned a");
+    assert!(
+        rejected_reaches(&b, before + 1) > before,
+        "b did not count a's datagrams as rejected after unpinning it"
+    );
+    b.cli(&[
+        "peer",
+        "add",
+        "ov-a",
+        &fpa,
+        "--addr",
+        &format!("https://{relay_back}"),
+    ]);
     c.check(500);
     assert_eq!(c.cmd(&["GET", "overlay-key"]).unwrap(), secret);
 }

@@ -196,6 +196,7 @@ enum Command {
     Publish(Published, HostSocketKind),
     Unpublish(SocketAddr, Proto),
     AddPeer(SocketAddr),
+    RemovePeer(SocketAddr),
     /// The guest of this port moved to the shim at `peer`: detach it and
     /// send its MAC's frames (and those still waiting in the port, after
     /// the first `skip`, which went with the guest's state) there.
@@ -401,6 +402,14 @@ impl Network {
     pub fn add_peer(&self, peer: SocketAddr) {
         if self.overlay_addr.is_some() && Some(peer) != self.overlay_addr {
             self.command(Command::AddPeer(peer));
+        }
+    }
+
+    /// Takes no more datagrams from the shim at overlay address `peer` (its
+    /// host was unpinned). Frames already on their way to it still go.
+    pub fn remove_peer(&self, peer: SocketAddr) {
+        if self.overlay_addr.is_some() {
+            self.command(Command::RemovePeer(peer));
         }
     }
 
@@ -664,6 +673,11 @@ impl Engine {
                 Command::AddPeer(peer) => {
                     if self.overlay.as_ref().is_some_and(|o| o.add_peer(peer)) {
                         self.peer_slot(peer);
+                    }
+                }
+                Command::RemovePeer(peer) => {
+                    if self.overlay.as_ref().is_some_and(|o| o.remove_peer(peer)) {
+                        tracing::info!(peer = %peer, "overlay: no more datagrams from {peer}");
                     }
                 }
                 Command::Moved { port, peer, skip } => {

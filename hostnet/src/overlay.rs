@@ -277,6 +277,12 @@ impl Overlay {
         true
     }
 
+    /// Takes no more datagrams from `peer` (a host that was unpinned).
+    pub fn remove_peer(&self, peer: SocketAddr) -> bool {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.remove(&peer)
+    }
+
     /// Whether a datagram from `from` may be looked at: it is a peer's, or
     /// (plain overlay only) its sender can become one.
     fn accepts(&self, from: SocketAddr) -> bool {

@@ -234,6 +234,11 @@ impl Redis {
         })
     }
 
+    /// How long a reply may take before [`Self::reply`] fails.
+    pub fn set_read_timeout(&mut self, timeout: Duration) -> std::io::Result<()> {
+        self.w.set_read_timeout(Some(timeout))
+    }
+
     /// Connects once the app answers PING (it may be booting).
     pub fn when_up(port: u16) -> Self {
         let give_up = Instant::now() + Duration::from_secs(20);
