@@ -1086,8 +1086,24 @@ pub fn serve(
     config: DaemonConfig,
     ready: impl FnOnce(&Daemon, &[restart_records::BroughtBack]),
 ) -> Result<(), Error> {
+    let mut config = config;
     let listener = TcpListener::bind(config.listen)
         .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.listen)))?;
+    if config.listen.port() == 0 {
+        // `--listen HOST:0`: the port the system chose, for the API and (when it
+        // follows the API's address) the overlay alike.
+        let bound = listener
+            .local_addr()
+            .map_err(|e| Error::Config(format!("cannot read the bound address: {e}")))?;
+        if let Some(o) = config
+            .overlay
+            .as_mut()
+            .filter(|o| o.listen == config.listen)
+        {
+            o.listen = bound;
+        }
+        config.listen = bound;
+    }
     let (daemon, ended) = Daemon::new(config)?;
     let brought_back = daemon.bring_back();
     {

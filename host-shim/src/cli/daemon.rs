@@ -233,6 +233,14 @@ pub(crate) struct ServeArgs {
     /// then be a specific one, not 0.0.0.0].
     #[arg(long, value_name = "ADDR")]
     pub(crate) advertise: Option<std::net::SocketAddr>,
+
+    /// Once the daemon listens, write FILE (atomically, mode 0600) with where it
+    /// is, as JSON: {"listen": "HOST:PORT", "overlay": "HOST:PORT" or null,
+    /// "fingerprint": "SHA256:..." or null}. With `--listen 127.0.0.1:0` the
+    /// system picks a free port and FILE says which: scripts and tests wait
+    /// for the file instead of guessing a free port.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) ready_file: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -419,8 +427,9 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
         name: name.clone(),
         region: region.clone(),
     });
+    let ready_file = args.ready_file.clone();
     let api = args.advertise.unwrap_or(listen);
-    if target.store.is_some() && api.ip().is_unspecified() {
+    if target.store.is_some() && (api.ip().is_unspecified() || api.port() == 0) {
         anyhow::bail!("--listen {listen} is no address other machines can reach: --advertise ADDR");
     }
     let record = fleet::Host {
@@ -470,7 +479,23 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
                 fault: args.test_fault,
             },
         },
-        print_banner,
+        |daemon, brought_back| {
+            print_banner(daemon, brought_back);
+            if let Some(file) = &ready_file {
+                let ready = serde_json::json!({
+                    "listen": daemon.config.listen.to_string(),
+                    "overlay": daemon.net.overlay_addr().map(|a| a.to_string()),
+                    "fingerprint": daemon
+                        .config
+                        .security
+                        .as_ref()
+                        .map(|s| s.identity.fingerprint.to_string()),
+                });
+                if let Err(e) = shim_util::files::write_atomic(file, ready.to_string().as_bytes()) {
+                    eprintln!("host-shim serve: cannot write {}: {e}", file.display());
+                }
+            }
+        },
     )?;
     Ok(0)
 }

@@ -53,7 +53,14 @@ impl Daemon {
         env: &[(&str, &str)],
         dir: &TempDir,
     ) -> Self {
-        let addr = format!("127.0.0.1:{}", free_port());
+        // Port 0: the daemon takes a free port and says which in its ready
+        // file; a daemon registering in a store must know its address before
+        // it listens, so it gets a free port from us (and may race for it).
+        let addr = if extra.contains(&"--store") {
+            format!("127.0.0.1:{}", free_port())
+        } else {
+            "127.0.0.1:0".to_owned()
+        };
         let mut args = vec![
             "serve", "--listen", &addr, "--name", name, "--region", "test",
         ];
@@ -79,7 +86,11 @@ impl Daemon {
         dir: &TempDir,
     ) -> Self {
         let state = dir.path(&format!("{name}.state"));
-        let addr = format!("127.0.0.1:{}", free_port());
+        let addr = if serve_extra.contains(&"--store") {
+            format!("127.0.0.1:{}", free_port())
+        } else {
+            "127.0.0.1:0".to_owned()
+        };
         let out = Command::new(BIN)
             .args(["--dir", state.to_str().unwrap(), "init", "--name", name])
             .args(["--region", "test", "--listen", &addr])
@@ -105,8 +116,12 @@ impl Daemon {
         require_kvm();
         let log = dir.path(&format!("{name}.log"));
         let out = std::fs::File::create(&log).unwrap();
+        let ready = dir.path(&format!("{name}.ready"));
+        let _ = std::fs::remove_file(&ready);
         let child = Command::new(BIN)
             .args(args)
+            .arg("--ready-file")
+            .arg(&ready)
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -114,21 +129,39 @@ impl Daemon {
             .stderr(out)
             .spawn()
             .expect("spawn host-shim serve");
-        let d = Self {
+        let mut d = Self {
             child,
             addr,
             log,
             state,
         };
+        // Up when it has written where it listens.
         let give_up = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(&d.addr).is_err() {
+        let listen = loop {
+            if let Some(v) = std::fs::read(&ready)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            {
+                break v["listen"]
+                    .as_str()
+                    .expect("listen in the ready file")
+                    .to_owned();
+            }
             assert!(
                 Instant::now() < give_up,
-                "the daemon never listened:\n{}",
+                "the daemon never became ready:\n{}",
                 d.output()
             );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("the daemon exited ({status}):\n{}", d.output());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(
+            TcpStream::connect(&listen).is_ok(),
+            "ready but not listening on {listen}"
+        );
+        d.addr = listen;
         d
     }
 
