@@ -74,7 +74,7 @@ impl Daemon {
         dir: &Path,
         extra: &[&str],
     ) -> Result<Self> {
-        let addr = format!("127.0.0.1:{}", free_port()?);
+        let addr = "127.0.0.1:0".to_owned();
         let id = shim_id.to_string();
         let args = ["serve", "--listen", &addr, "--name", name];
         let args = [&args[..], &["--region", "bench", "--shim-id", &id], extra].concat();
@@ -90,7 +90,7 @@ impl Daemon {
         dir: &Path,
         init_extra: &[&str],
     ) -> Result<Self> {
-        let addr = format!("127.0.0.1:{}", free_port()?);
+        let addr = "127.0.0.1:0".to_owned();
         let state = dir.join(format!("{name}.state"));
         let state_arg = state.to_string_lossy().into_owned();
         let out = Command::new(shim)
@@ -131,8 +131,12 @@ impl Daemon {
     ) -> Result<Self> {
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log)?;
+        let ready = dir.join(format!("{name}.ready"));
+        let _ = std::fs::remove_file(&ready);
         let child = Command::new(shim)
             .args(args)
+            .arg("--ready-file")
+            .arg(&ready)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -147,17 +151,26 @@ impl Daemon {
             log,
             state,
         };
+        // Up once it has written where it listens (`--listen 127.0.0.1:0`: a port
+        // of the system's choosing, so no race for a "free" one).
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(&daemon.addr).is_err() {
+        loop {
+            let listen = std::fs::read(&ready)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["listen"].as_str().map(str::to_owned));
+            if let Some(listen) = listen {
+                daemon.addr = listen;
+                return Ok(daemon);
+            }
             if let Some(status) = daemon.child.try_wait()? {
                 bail!("{name} exited with {status}:\n{}", daemon.output());
             }
             if Instant::now() > deadline {
-                bail!("{name} did not listen on {} within 10 s", daemon.addr);
+                bail!("{name} was not ready within 10 s:\n{}", daemon.output());
             }
-            thread::sleep(Duration::from_millis(20));
+            thread::sleep(Duration::from_millis(10));
         }
-        Ok(daemon)
     }
 
     pub(super) fn output(&self) -> String {
