@@ -29,11 +29,12 @@
 //!
 //! A `sys_*` function std uses but this crate does not define is an
 //! undefined symbol at link time, named by the linker. Calls that exist but
-//! are not supported (files, UDP, `poll`) return a clear errno and log it.
+//! are not supported (files, UDP) return a clear errno and log it.
 #![no_std]
 
 extern crate alloc;
 
+mod event;
 mod fd;
 mod mem;
 mod misc;
@@ -84,11 +85,6 @@ extern "C" fn main_thread(_: usize) {
     // SAFETY: `argv` has `argc` valid C strings and a NULL, `env` is a
     // NULL-terminated array of `KEY=VALUE` strings, both live forever.
     unsafe { runtime_entry(argc, argv, env) }
-}
-
-/// Converts a `Result<value, errno>` into the ABI's "value or -errno".
-fn ret(r: Result<i32, i32>) -> i32 {
-    r.unwrap_or_else(|e| -e)
 }
 
 /// Data that is not `Send` (sockets hold the stack's `RefCell`) in a

@@ -7,9 +7,10 @@
 //! connection sends FIN and lets a kernel task flush it for at most
 //! [`CLOSE_FLUSH_NS`] before the socket is freed. A blocking call polls
 //! its socket, releases it and blocks the thread, so two threads (or two
-//! descriptors from `dup`) can use one socket at once. UDP and `poll` fail
-//! (`EPROTONOSUPPORT`, `ENOSYS`); `eventfd` is not defined, so an app that
-//! needs it fails to link with the symbol named.
+//! descriptors from `dup`) can use one socket at once. [`poll_socket`]
+//! gives `poll` a socket's readiness (a listener is readable once a slot
+//! holds a connection, which `accept` then takes). UDP fails
+//! (`EPROTONOSUPPORT`), as does a non-blocking `connect` (`EOPNOTSUPP`).
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -124,12 +125,17 @@ type Accepting = Pin<Box<dyn Future<Output = Result<TcpSocket<'static>, ()>>>>;
 /// One backlog slot: a socket waiting for a connection.
 struct Slot {
     accepting: Option<Accepting>,
+    /// The connection (or failed attempt) `accepting` produced, until
+    /// `accept` takes it.
+    ready: Option<Result<TcpSocket<'static>, ()>>,
     bufs: Option<Buffers>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.accepting = None; // before the buffers
+        // Before the buffers they borrow.
+        self.accepting = None;
+        self.ready = None;
     }
 }
 
@@ -145,6 +151,7 @@ impl Slot {
         });
         Ok(Self {
             accepting: Some(accepting),
+            ready: None,
             bufs: Some(bufs),
         })
     }
@@ -166,7 +173,7 @@ pub enum Kind {
 
 pub struct Socket {
     kind: Kind,
-    nonblocking: bool,
+    pub nonblocking: bool,
     nodelay: bool,
     recv_timeout: Option<u64>,
     send_timeout: Option<u64>,
@@ -283,19 +290,19 @@ pub extern "C" fn sys_listen(s: i32, backlog: i32) -> i32 {
     r.unwrap_or_else(fail)
 }
 
-/// Waits for a connection on any slot of `listener`.
-struct AcceptAny<'a>(&'a mut Listener);
-
-impl Future for AcceptAny<'_> {
-    type Output = (usize, Result<TcpSocket<'static>, ()>);
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        for (i, slot) in self.0.slots.iter_mut().enumerate() {
+impl Listener {
+    /// The first slot that holds a connection (polling the others, so
+    /// that they wake `cx` when one arrives).
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<usize> {
+        for (i, slot) in self.slots.iter_mut().enumerate() {
             if let Some(fut) = slot.accepting.as_mut() {
                 if let Poll::Ready(r) = fut.as_mut().poll(cx) {
                     slot.accepting = None;
-                    return Poll::Ready((i, r));
+                    slot.ready = Some(r);
                 }
+            }
+            if slot.ready.is_some() {
+                return Poll::Ready(i);
             }
         }
         Poll::Pending
@@ -336,7 +343,7 @@ fn poll_accept(
     cx: &mut Context<'_>,
 ) -> Result<Poll<Socket>, i32> {
     loop {
-        let Poll::Ready((i, result)) = Pin::new(&mut AcceptAny(listener)).poll(cx) else {
+        let Poll::Ready(i) = listener.poll_ready(cx) else {
             return Ok(Poll::Pending);
         };
         let fresh = Slot::new(stack()?, listener.port)?;
@@ -345,6 +352,7 @@ fn poll_accept(
         if let Some(fut) = listener.slots[i].accepting.as_mut() {
             let _ = fut.as_mut().poll(cx);
         }
+        let result = old.ready.take().ok_or(errno::EIO)?;
         let bufs = old.bufs.take().ok_or(errno::EIO)?;
         let Ok(mut socket) = result else {
             continue; // that attempt was reset: look for the next
@@ -541,11 +549,49 @@ impl<F: Future> Future for WithDeadline<F> {
     }
 }
 
-pub fn set_nonblocking(fd: i32, on: bool) -> Result<i32, i32> {
-    fd::with(fd, |sock| {
-        sock.nonblocking = on;
-        Ok(0)
-    })
+/// `poll`'s events for `sock` (of those in `events`); registers `cx` with
+/// the socket when none is ready.
+pub fn poll_socket(sock: &mut Socket, events: i16, cx: &mut Context<'_>) -> i16 {
+    use hermit_abi::{POLLHUP, POLLIN, POLLOUT, POLLRDHUP};
+    let read = events & POLLIN;
+    let write = events & POLLOUT;
+    match &mut sock.kind {
+        // Neither connected nor listening: nothing will ever happen.
+        Kind::Fresh { .. } => POLLHUP,
+        Kind::Listening(l) => {
+            if read != 0 && l.poll_ready(cx).is_ready() {
+                POLLIN
+            } else {
+                0
+            }
+        }
+        Kind::Connected(c) => {
+            let s = &c.socket;
+            let mut r = 0;
+            if read != 0 {
+                if s.can_recv() {
+                    r |= POLLIN;
+                } else if !s.may_recv() {
+                    // End of stream: a read returns 0 at once.
+                    r |= POLLIN | (events & POLLRDHUP);
+                } else {
+                    let _ = pin!(s.wait_read_ready()).poll(cx);
+                }
+            }
+            if write != 0 {
+                if s.can_send() || !s.may_send() {
+                    // Room to send, or a write fails at once.
+                    r |= POLLOUT;
+                } else {
+                    let _ = pin!(s.wait_write_ready()).poll(cx);
+                }
+            }
+            if !s.may_recv() && !s.may_send() {
+                r |= POLLHUP;
+            }
+            r
+        }
+    }
 }
 
 /// # Safety
@@ -557,7 +603,7 @@ pub unsafe extern "C" fn sys_ioctl(s: i32, cmd: i32, argp: *mut c_void) -> i32 {
     }
     // SAFETY: the caller's guarantee.
     let on = unsafe { *(argp as *const i32) } != 0;
-    crate::ret(set_nonblocking(s, on).map_err(|e| -fail(e)))
+    fd::set_nonblocking(s, on).unwrap_or_else(fail)
 }
 
 /// Reads an option value of type `T` (checking the length).
@@ -684,12 +730,6 @@ pub extern "C" fn sys_getaddrinfo(
 
 #[no_mangle]
 pub extern "C" fn sys_freeaddrinfo(_ai: *mut hermit_abi::addrinfo) {}
-
-#[no_mangle]
-pub extern "C" fn sys_poll(_fds: *mut hermit_abi::pollfd, _nfds: usize, _timeout: i32) -> i32 {
-    log::error!("poll: not provided by this kernel");
-    fail(errno::ENOSYS)
-}
 
 #[no_mangle]
 pub extern "C" fn sys_recvfrom(

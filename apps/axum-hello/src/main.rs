@@ -1,0 +1,89 @@
+//! axum-hello: an ordinary axum + tokio web app that runs unmodified in a
+//! unikernel image (and natively on Linux, for side-by-side figures).
+//!
+//! Routes: `/` says hello in plain text; `/json` answers a JSON object;
+//! `/count` counts the requests it served in shared state (the count
+//! survives live migration with the rest of the guest's memory);
+//! `/spin?ms=N` starts a thread that computes for N ms without blocking
+//! (it shows that a busy thread does not starve the server). HTTP/1.1
+//! keep-alive connections are served concurrently by one tokio runtime.
+//!
+//! Arguments: `--port N` (default 8080).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Query, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+#[cfg(target_os = "hermit")]
+use hermit_abi_impl as _;
+
+/// Longest `/spin` a caller may ask for.
+const MAX_SPIN: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+}
+
+async fn hello() -> &'static str {
+    "hello from axum\n"
+}
+
+async fn json_route() -> Json<Value> {
+    Json(json!({ "message": "hello", "app": "axum-hello", "os": std::env::consts::OS }))
+}
+
+async fn count(State(c): State<Arc<Counters>>) -> Json<Value> {
+    let n = c.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    Json(json!({ "count": n }))
+}
+
+/// Starts a thread that computes without blocking for `ms` milliseconds.
+async fn spin(Query(q): Query<HashMap<String, String>>) -> Json<Value> {
+    let ms = q.get("ms").and_then(|v| v.parse().ok()).unwrap_or(1000u64);
+    let d = Duration::from_millis(ms).min(MAX_SPIN);
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < d {
+            for i in 0..1000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+        }
+        std::hint::black_box(x);
+    });
+    Json(json!({ "spinning_ms": d.as_millis() as u64 }))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let port: u16 = args
+        .iter()
+        .position(|a| a == "--port")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8080);
+    let app = Router::new()
+        .route("/", get(hello))
+        .route("/json", get(json_route))
+        .route("/count", get(count))
+        .route("/spin", get(spin))
+        .with_state(Arc::new(Counters::default()));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+            .await
+            .expect("bind");
+        println!("axum-hello listening on port {port}");
+        axum::serve(listener, app).await.expect("serve");
+    });
+}
