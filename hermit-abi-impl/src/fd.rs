@@ -139,6 +139,7 @@ pub unsafe extern "C" fn sys_write(fd: i32, buf: *const u8, len: usize) -> isize
     let bytes = unsafe { core::slice::from_raw_parts(buf, len) };
     match fd {
         1 | 2 => {
+            sched::preempt_point();
             kernel::console::write(bytes);
             len as isize
         }

@@ -8,7 +8,9 @@
 //! (it shows that a busy thread does not starve the server). HTTP/1.1
 //! keep-alive connections are served concurrently by one tokio runtime.
 //!
-//! Arguments: `--port N` (default 8080).
+//! Arguments: `--port N` (default 8080); `--call-unprovided` first calls a
+//! Hermit ABI function our kernel does not provide (`sem_init`), which stops
+//! the app with an error naming it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,8 +63,24 @@ async fn spin(Query(q): Query<HashMap<String, String>>) -> Json<Value> {
     Json(json!({ "spinning_ms": d.as_millis() as u64 }))
 }
 
+#[cfg(target_os = "hermit")]
+fn call_unprovided() {
+    let mut sem: hermit_abi::sem_t = std::ptr::null();
+    // SAFETY: `sem` is writable; our kernel stops the app in this call.
+    let r = unsafe { hermit_abi::sem_init(&mut sem, 0, 1) };
+    println!("sem_init returned {r}");
+}
+
+#[cfg(not(target_os = "hermit"))]
+fn call_unprovided() {
+    println!("--call-unprovided: only in a Hermit build");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--call-unprovided") {
+        call_unprovided();
+    }
     let port: u16 = args
         .iter()
         .position(|a| a == "--port")
