@@ -212,14 +212,15 @@ fn parse_wrk(text: &str) -> Option<Wrk> {
     };
     let rps = field("Requests/sec:")?.parse().ok()?;
     let p99 = field("99%")?;
-    let (num, scale) = if let Some(v) = p99.strip_suffix("us") {
-        (v, 1e-3)
+    // Units per ms.
+    let (num, per_ms) = if let Some(v) = p99.strip_suffix("us") {
+        (v, 1e3)
     } else if let Some(v) = p99.strip_suffix("ms") {
         (v, 1.0)
     } else {
-        (p99.strip_suffix('s')?, 1e3)
+        (p99.strip_suffix('s')?, 1e-3)
     };
-    let p99_ms = num.parse::<f64>().ok()? * scale;
+    let p99_ms = num.parse::<f64>().ok()? / per_ms;
     let mut errors = field("Non-2xx or 3xx responses:").map_or(Some(0), |v| v.parse().ok())?;
     if let Some(socket) = field("Socket errors:") {
         // "connect 0, read 0, write 0, timeout 0"
