@@ -27,8 +27,11 @@
 //! std's own panic handler prints `file:line` to stderr and calls
 //! `sys_abort`, which stops the guest with the libcloud panic status (101).
 //!
-//! A `sys_*` function std uses but this crate does not define is an
-//! undefined symbol at link time, named by the linker. Calls that exist but
+//! Every function of the `hermit-abi` 0.5.2 surface has a definition: the
+//! few this kernel does not provide (semaphores, task queues, `mmap`, ...;
+//! std does not call them) stop the app with a message naming the function
+//! and the fault status (102). A symbol outside that surface is undefined at
+//! link time, named by the linker. Calls that exist but
 //! are not supported (files, UDP) return a clear errno and log it.
 #![no_std]
 

@@ -412,9 +412,11 @@ pub fn run(ws: &Workspace, opts: &StdOptions) -> Result<()> {
 
 /// The axum rows: axum-hello as an image vs as a native process, with `wrk`.
 fn axum(ws: &Workspace, shim: &Path, opts: &StdOptions) -> Result<()> {
-    if Command::new("wrk").arg("--version").output().is_err() {
-        bail!("bench std needs wrk for the axum rows (apt-get install wrk)");
-    }
+    crate::setup::ensure(&[crate::setup::Tool {
+        bin: "wrk",
+        package: "wrk",
+        why: "HTTP load on axum-hello (bench std)",
+    }])?;
     let images = image::build_images(ws, &[ws.app(AXUM)?], Profile::Release)?;
     workspace::run(ws.cargo().args(["build", "--release", "-p", AXUM]))
         .context("building axum-hello natively")?;
