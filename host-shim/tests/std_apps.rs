@@ -399,6 +399,22 @@ fn axum_hello_answers_curl_with_json_and_serves_many_keep_alive_clients() {
         "hello from axum\n"
     );
 
+    // tokio's blocking pool (a second thread, which wakes the runtime
+    // sleeping in `poll` through mio's eventfd waker) and its timers.
+    let mut c = Http::connect(port).unwrap();
+    let (_, json) = c.get_json("/blocking?n=1000000").unwrap();
+    assert_eq!(json["sum"], 499_999_500_000u64, "{json}");
+    let t = Instant::now();
+    let (_, json) = c.get_json("/sleep?ms=300").unwrap();
+    let slept = json["slept_ms"].as_u64().unwrap();
+    assert!((300..2000).contains(&slept), "{json}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    drop(c);
+
     // 40 keep-alive connections at once, 5 requests each, interleaved: every
     // request is counted once, on its own connection.
     let mut clients: Vec<Http> = (0..40).map(|_| Http::connect(port).unwrap()).collect();

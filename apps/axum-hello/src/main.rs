@@ -5,7 +5,10 @@
 //! `/count` counts the requests it served in shared state (the count
 //! survives live migration with the rest of the guest's memory);
 //! `/spin?ms=N` starts a thread that computes for N ms without blocking
-//! (it shows that a busy thread does not starve the server). HTTP/1.1
+//! (it shows that a busy thread does not starve the server);
+//! `/blocking?n=N` sums 0..N on tokio's blocking pool (another thread,
+//! which wakes the runtime through mio's waker when done); `/sleep?ms=N`
+//! answers after a `tokio::time::sleep` of N ms (at most 10 s). HTTP/1.1
 //! keep-alive connections are served concurrently by one tokio runtime.
 //!
 //! Arguments: `--port N` (default 8080); `--call-unprovided` first calls a
@@ -25,7 +28,7 @@ use serde_json::{json, Value};
 #[cfg(target_os = "hermit")]
 use hermit_abi_impl as _;
 
-/// Longest `/spin` a caller may ask for.
+/// Longest `/spin` or `/sleep` a caller may ask for.
 const MAX_SPIN: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
@@ -48,8 +51,7 @@ async fn count(State(c): State<Arc<Counters>>) -> Json<Value> {
 
 /// Starts a thread that computes without blocking for `ms` milliseconds.
 async fn spin(Query(q): Query<HashMap<String, String>>) -> Json<Value> {
-    let ms = q.get("ms").and_then(|v| v.parse().ok()).unwrap_or(1000u64);
-    let d = Duration::from_millis(ms).min(MAX_SPIN);
+    let d = Duration::from_millis(query_u64(&q, "ms", 1000)).min(MAX_SPIN);
     std::thread::spawn(move || {
         let start = Instant::now();
         let mut x = 0u64;
@@ -76,6 +78,25 @@ fn call_unprovided() {
     println!("--call-unprovided: only in a Hermit build");
 }
 
+fn query_u64(q: &HashMap<String, String>, key: &str, default: u64) -> u64 {
+    q.get(key).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+async fn blocking(Query(q): Query<HashMap<String, String>>) -> Json<Value> {
+    let n = query_u64(&q, "n", 1000).min(1 << 32);
+    let sum = tokio::task::spawn_blocking(move || (0..n).fold(0u64, |a, i| a.wrapping_add(i)))
+        .await
+        .unwrap_or_default();
+    Json(json!({ "n": n, "sum": sum }))
+}
+
+async fn sleep(Query(q): Query<HashMap<String, String>>) -> Json<Value> {
+    let d = Duration::from_millis(query_u64(&q, "ms", 100)).min(MAX_SPIN);
+    let start = tokio::time::Instant::now();
+    tokio::time::sleep(d).await;
+    Json(json!({ "slept_ms": start.elapsed().as_millis() as u64 }))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--call-unprovided") {
@@ -92,6 +113,8 @@ fn main() {
         .route("/json", get(json_route))
         .route("/count", get(count))
         .route("/spin", get(spin))
+        .route("/blocking", get(blocking))
+        .route("/sleep", get(sleep))
         .with_state(Arc::new(Counters::default()));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
