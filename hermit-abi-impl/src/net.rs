@@ -9,8 +9,10 @@
 //! its socket, releases it and blocks the thread, so two threads (or two
 //! descriptors from `dup`) can use one socket at once. [`poll_socket`]
 //! gives `poll` a socket's readiness (a listener is readable once a slot
-//! holds a connection, which `accept` then takes). UDP fails
-//! (`EPROTONOSUPPORT`), as does a non-blocking `connect` (`EOPNOTSUPP`).
+//! holds a connection, which `accept` then takes). A non-blocking
+//! `connect` answers `EINPROGRESS`; the socket turns writable when the
+//! handshake ends, and `SO_ERROR` then says how. UDP fails
+//! (`EPROTONOSUPPORT`).
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -22,7 +24,7 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use core::task::{Context, Poll};
 use hermit_abi::{errno, sockaddr, socklen_t};
-use libcloud::net::{IpAddress, IpEndpoint, Ipv4Address, Stack, TcpSocket};
+use libcloud::net::{tcp, IpAddress, IpEndpoint, Ipv4Address, Stack, TcpSocket};
 
 use crate::fd::{self, fail};
 use crate::sched::{self, Wait};
@@ -174,6 +176,8 @@ pub enum Kind {
 pub struct Socket {
     kind: Kind,
     pub nonblocking: bool,
+    /// A non-blocking `connect` whose outcome `SO_ERROR` has not reported.
+    connecting: bool,
     nodelay: bool,
     recv_timeout: Option<u64>,
     send_timeout: Option<u64>,
@@ -250,6 +254,7 @@ pub extern "C" fn sys_socket(domain: i32, type_: i32, _protocol: i32) -> i32 {
     let socket = Socket {
         kind: Kind::Fresh { port: 0 },
         nonblocking: type_ & hermit_abi::SOCK_NONBLOCK != 0,
+        connecting: false,
         nodelay: false,
         recv_timeout: None,
         send_timeout: None,
@@ -364,6 +369,7 @@ fn poll_accept(
                 _bufs: bufs,
             }),
             nonblocking: false,
+            connecting: false,
             nodelay,
             recv_timeout: None,
             send_timeout: None,
@@ -404,9 +410,6 @@ pub extern "C" fn sys_connect(s: i32, name: *const sockaddr, namelen: socklen_t)
             if !matches!(sock.kind, Kind::Fresh { .. }) {
                 return Err(errno::EISCONN);
             }
-            if sock.nonblocking {
-                return Err(errno::EOPNOTSUPP); // needs `poll`, not provided
-            }
             let (mut socket, bufs) = Buffers::socket(stack()?)?;
             socket.set_nagle_enabled(!sock.nodelay);
             let wait = sock.wait(sock.send_timeout);
@@ -416,6 +419,12 @@ pub extern "C" fn sys_connect(s: i32, name: *const sockaddr, namelen: socklen_t)
                 _bufs: bufs,
             };
             match result {
+                // Non-blocking: the handshake goes on; `poll` says when it ends.
+                None if sock.nonblocking => {
+                    sock.kind = Kind::Connected(conn);
+                    sock.connecting = true;
+                    Err(errno::EINPROGRESS)
+                }
                 None => Err(errno::ETIMEDOUT),
                 Some(Err(e)) => {
                     log::debug!("connect to {ep}: {e:?}");
@@ -431,6 +440,24 @@ pub extern "C" fn sys_connect(s: i32, name: *const sockaddr, namelen: socklen_t)
     r.unwrap_or_else(fail)
 }
 
+/// Whether `socket`'s handshake is still under way.
+fn handshaking(socket: &TcpSocket<'_>) -> bool {
+    matches!(
+        socket.state(),
+        tcp::State::SynSent | tcp::State::SynReceived
+    )
+}
+
+/// Pending (with `cx` woken when the handshake ends) while `socket` connects.
+fn poll_handshake(socket: &TcpSocket<'_>, cx: &mut Context<'_>) -> Poll<()> {
+    if handshaking(socket) {
+        let _ = pin!(socket.wait_write_ready()).poll(cx);
+        Poll::Pending
+    } else {
+        Poll::Ready(())
+    }
+}
+
 /// Reads into `buf`: 0 at end of stream.
 pub fn recv(fd: i32, buf: &mut [u8], flags: i32) -> Result<isize, i32> {
     if flags & hermit_abi::MSG_PEEK != 0 {
@@ -441,6 +468,9 @@ pub fn recv(fd: i32, buf: &mut [u8], flags: i32) -> Result<isize, i32> {
         |sock| sock.recv_timeout,
         |sock, cx| {
             let socket = sock.conn()?;
+            if poll_handshake(socket, cx).is_pending() {
+                return Ok(Poll::Pending);
+            }
             if buf.is_empty() {
                 return Ok(Poll::Ready(0));
             }
@@ -460,6 +490,9 @@ pub fn send(fd: i32, buf: &[u8]) -> Result<isize, i32> {
         |sock| sock.send_timeout,
         |sock, cx| {
             let socket = sock.conn()?;
+            if poll_handshake(socket, cx).is_pending() {
+                return Ok(Poll::Pending);
+            }
             if buf.is_empty() {
                 return Ok(Poll::Ready(0));
             }
@@ -552,9 +585,15 @@ impl<F: Future> Future for WithDeadline<F> {
 /// `poll`'s events for `sock` (of those in `events`); registers `cx` with
 /// the socket when none is ready.
 pub fn poll_socket(sock: &mut Socket, events: i16, cx: &mut Context<'_>) -> i16 {
-    use hermit_abi::{POLLHUP, POLLIN, POLLOUT, POLLRDHUP};
+    use hermit_abi::{POLLERR, POLLHUP, POLLIN, POLLOUT, POLLRDHUP};
     let read = events & POLLIN;
     let write = events & POLLOUT;
+    if let Kind::Connected(c) = &sock.kind {
+        if sock.connecting && !handshaking(&c.socket) && c.socket.may_send() {
+            sock.connecting = false; // the handshake succeeded: nothing to report
+        }
+    }
+    let connecting = sock.connecting;
     match &mut sock.kind {
         // Neither connected nor listening: nothing will ever happen.
         Kind::Fresh { .. } => POLLHUP,
@@ -567,6 +606,9 @@ pub fn poll_socket(sock: &mut Socket, events: i16, cx: &mut Context<'_>) -> i16 
         }
         Kind::Connected(c) => {
             let s = &c.socket;
+            if poll_handshake(s, cx).is_pending() {
+                return 0;
+            }
             let mut r = 0;
             if read != 0 {
                 if s.can_recv() {
@@ -588,6 +630,9 @@ pub fn poll_socket(sock: &mut Socket, events: i16, cx: &mut Context<'_>) -> i16 
             }
             if !s.may_recv() && !s.may_send() {
                 r |= POLLHUP;
+                if connecting {
+                    r |= POLLERR; // the handshake failed
+                }
             }
             r
         }
@@ -667,7 +712,18 @@ pub unsafe extern "C" fn sys_getsockopt(
     let r = fd::with(s, |sock| {
         let value: i32 = match (level, optname) {
             (IPPROTO_TCP, TCP_NODELAY) => sock.nodelay as i32,
-            (SOL_SOCKET, SO_ERROR) => 0,
+            (SOL_SOCKET, SO_ERROR) => match &sock.kind {
+                Kind::Connected(c) if sock.connecting && !handshaking(&c.socket) => {
+                    sock.connecting = false;
+                    if c.socket.may_send() {
+                        0
+                    } else {
+                        log::debug!("non-blocking connect failed");
+                        errno::ECONNREFUSED
+                    }
+                }
+                _ => 0,
+            },
             _ => return Err(errno::ENOPROTOOPT),
         };
         if optval.is_null() || optlen.is_null() {

@@ -7,8 +7,9 @@
 //! axum-hello (axum + tokio on the same ABI: mio's `poll` and `eventfd`)
 //! answers `curl` with JSON, serves many keep-alive clients, keeps one and
 //! its request counter across A->B->A migration, keeps answering while a
-//! thread computes (timeslices), and a call to an ABI function the kernel
-//! does not provide stops it with the function named.
+//! thread computes (timeslices), connects out with tokio to a second guest,
+//! and a call to an ABI function the kernel does not provide stops it with
+//! the function named.
 //!
 //! Needs /dev/kvm and the images (`cargo xtask build-image --all`).
 
@@ -496,6 +497,48 @@ fn axum_hello_keeps_a_keep_alive_client_and_its_count_across_migration() {
     let mut fresh = Http::connect(port).unwrap();
     assert_eq!(fresh.count(), expected + 1);
     assert!(a.cli(&["list"]).contains("running"));
+}
+
+#[test]
+fn axum_hello_connects_out_with_tokio_to_a_second_guest() {
+    let port = free_port();
+    let img = image("axum-hello");
+    let img = img.to_str().unwrap();
+    let publish = format!("{port}:8080");
+    // A second axum-hello on the same switch (10.0.2.16).
+    let mut shim = Shim::start(&[
+        "run",
+        img,
+        "--publish",
+        &publish,
+        "--also",
+        img,
+        "--timeout",
+        "120",
+    ]);
+    wait_for_json(port, Some(&mut shim));
+    // tokio's TcpStream::connect: a non-blocking connect, `poll` for the
+    // handshake, SO_ERROR; the peer boots at the same time, so retry.
+    let fetch = |to: &str| -> serde_json::Value {
+        let body = curl(&format!("http://127.0.0.1:{port}/fetch?to={to}")).unwrap();
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let peer = loop {
+        let json = fetch("10.0.2.16:8080");
+        if json.get("peer").is_some() {
+            break json;
+        }
+        assert!(Instant::now() < deadline, "the peer never answered: {json}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(peer["peer"]["message"], "hello", "{peer}");
+    // A port nobody listens on: refused, reported through SO_ERROR.
+    let refused = fetch("10.0.2.16:9");
+    let error = refused["error"].as_str().unwrap_or_default();
+    assert!(error.contains("refused"), "{refused}");
+    // And the app goes on connecting out.
+    assert_eq!(fetch("10.0.2.16:8080")["peer"]["app"], "axum-hello");
 }
 
 #[test]

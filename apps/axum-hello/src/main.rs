@@ -8,7 +8,9 @@
 //! (it shows that a busy thread does not starve the server);
 //! `/blocking?n=N` sums 0..N on tokio's blocking pool (another thread,
 //! which wakes the runtime through mio's waker when done); `/sleep?ms=N`
-//! answers after a `tokio::time::sleep` of N ms (at most 10 s). HTTP/1.1
+//! answers after a `tokio::time::sleep` of N ms (at most 10 s);
+//! `/fetch?to=IP:PORT` connects out with tokio (a non-blocking connect),
+//! GETs `/json` there and answers with what it got. HTTP/1.1
 //! keep-alive connections are served concurrently by one tokio runtime.
 //!
 //! Arguments: `--port N` (default 8080); `--call-unprovided` first calls a
@@ -16,6 +18,7 @@
 //! the app with an error naming it.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +27,7 @@ use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[cfg(target_os = "hermit")]
 use hermit_abi_impl as _;
@@ -97,6 +101,38 @@ async fn sleep(Query(q): Query<HashMap<String, String>>) -> Json<Value> {
     Json(json!({ "slept_ms": start.elapsed().as_millis() as u64 }))
 }
 
+/// `/fetch`'s answer from `to`: the peer's JSON body, or an error.
+async fn get_json_from(to: SocketAddr) -> Result<Value, String> {
+    let exchange = async move {
+        let mut s = tokio::net::TcpStream::connect(to).await?;
+        s.write_all(b"GET /json HTTP/1.1\r\nHost: peer\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut reply = Vec::new();
+        s.take(64 << 10).read_to_end(&mut reply).await?;
+        Ok::<_, std::io::Error>(reply)
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let body = reply
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| &reply[i + 4..])
+        .ok_or("no HTTP reply")?;
+    serde_json::from_slice(body).map_err(|e| e.to_string())
+}
+
+async fn fetch(Query(q): Query<HashMap<String, String>>) -> Json<Value> {
+    let Some(to) = q.get("to").and_then(|t| t.parse::<SocketAddr>().ok()) else {
+        return Json(json!({ "error": "expected to=IP:PORT" }));
+    };
+    Json(match get_json_from(to).await {
+        Ok(peer) => json!({ "peer": peer }),
+        Err(e) => json!({ "error": e }),
+    })
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--call-unprovided") {
@@ -115,6 +151,7 @@ fn main() {
         .route("/spin", get(spin))
         .route("/blocking", get(blocking))
         .route("/sleep", get(sleep))
+        .route("/fetch", get(fetch))
         .with_state(Arc::new(Counters::default()));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
