@@ -1,25 +1,35 @@
 //! File descriptors: 0-2 are the console (stdin reads end of file), the
-//! rest are sockets ([`crate::net`]). There is no file system: `open`,
-//! `stat` and the directory calls fail with clear errors (and a log line).
+//! rest are sockets ([`crate::net`]) and eventfds ([`crate::event`]), and
+//! `poll` over all of them. There is no file system: `open`, `stat` and the
+//! directory calls fail with clear errors (and a log line).
 
 use alloc::collections::BTreeMap;
 use alloc::rc::Rc;
 use core::cell::RefCell;
 use core::sync::atomic::{AtomicI32, Ordering};
-use hermit_abi::{errno, iovec, stat, S_IFCHR};
+use core::task::Context;
+use hermit_abi::{errno, iovec, pollfd, stat, S_IFCHR};
 use spin::Mutex;
 
+use crate::event::EventFd;
 use crate::net::Socket;
+use crate::sched;
 use crate::VcpuLocal;
 
 /// Open socket descriptors at once.
 pub const MAX_FDS: usize = 128;
 const FIRST_SOCKET_FD: i32 = 3;
 
-/// A socket, shared by the descriptors that name it (`dup`).
-type Shared = Rc<RefCell<Socket>>;
+/// What a descriptor names.
+pub enum File {
+    Socket(Socket),
+    Event(EventFd),
+}
 
-/// Open sockets by descriptor. Calls borrow a socket only while they run,
+/// A file, shared by the descriptors that name it (`dup`).
+type Shared = Rc<RefCell<File>>;
+
+/// Open files by descriptor. Calls borrow a socket only while they run,
 /// never while their thread is blocked (socket waits poll, release it and
 /// block), so threads can read and write one socket at once.
 static FDS: VcpuLocal<Mutex<BTreeMap<i32, Shared>>> = VcpuLocal(Mutex::new(BTreeMap::new()));
@@ -50,25 +60,67 @@ fn insert_shared(socket: Shared) -> Result<i32, i32> {
 
 /// Adds a socket; `EMFILE` at the limit.
 pub fn insert(socket: Socket) -> Result<i32, i32> {
-    insert_shared(Rc::new(RefCell::new(socket)))
+    insert_shared(Rc::new(RefCell::new(File::Socket(socket))))
 }
 
-/// Runs `f` on socket `fd` (`EBUSY` while another thread is inside a call
+/// Adds an eventfd; `EMFILE` at the limit.
+pub fn insert_event(event: EventFd) -> Result<i32, i32> {
+    insert_shared(Rc::new(RefCell::new(File::Event(event))))
+}
+
+/// Runs `f` on file `fd` (`EBUSY` while another thread is inside a call
 /// that keeps it, i.e. a blocking `connect`).
-pub fn with<R>(fd: i32, f: impl FnOnce(&mut Socket) -> Result<R, i32>) -> Result<R, i32> {
+pub fn with_file<R>(fd: i32, f: impl FnOnce(&mut File) -> Result<R, i32>) -> Result<R, i32> {
     let shared = FDS.lock().get(&fd).cloned().ok_or(errno::EBADF)?;
     let r = match shared.try_borrow_mut() {
-        Ok(mut socket) => f(&mut socket),
+        Ok(mut file) => f(&mut file),
         Err(_) => Err(errno::EBUSY),
     };
     release(shared);
     r
 }
 
-/// Drops a reference to a socket, closing it if it was the last one.
+/// Runs `f` on socket `fd` (`ENOTSOCK` for another kind of file).
+pub fn with<R>(fd: i32, f: impl FnOnce(&mut Socket) -> Result<R, i32>) -> Result<R, i32> {
+    with_file(fd, |file| match file {
+        File::Socket(socket) => f(socket),
+        File::Event(_) => Err(errno::ENOTSOCK),
+    })
+}
+
+/// Drops a reference to a file, closing it if it was the last one.
 fn release(shared: Shared) {
     if let Ok(cell) = Rc::try_unwrap(shared) {
-        crate::net::close(cell.into_inner());
+        if let File::Socket(socket) = cell.into_inner() {
+            crate::net::close(socket);
+        }
+    }
+}
+
+/// Reads or writes eventfd `fd` with `op`, blocking while it says
+/// `EAGAIN` unless the eventfd is non-blocking; `None` if `fd` is not an
+/// eventfd.
+fn event_io(fd: i32, mut op: impl FnMut(&mut EventFd) -> Result<isize, i32>) -> Option<isize> {
+    let waker = sched::thread_waker();
+    loop {
+        let r = with_file(fd, |file| match file {
+            File::Event(e) => match op(e) {
+                Err(errno::EAGAIN) if !e.nonblocking => {
+                    e.register(&core::task::Context::from_waker(&waker));
+                    Ok(None)
+                }
+                r => Ok(Some(r)),
+            },
+            File::Socket(_) => Err(errno::ENOTSOCK),
+        });
+        match r {
+            Err(errno::ENOTSOCK) => return None,
+            Err(e) => return Some(fail(e) as isize),
+            Ok(Some(r)) => return Some(r.unwrap_or_else(|e| fail(e) as isize)),
+            Ok(None) => {
+                sched::block(None);
+            }
+        }
     }
 }
 
@@ -87,11 +139,13 @@ pub unsafe extern "C" fn sys_write(fd: i32, buf: *const u8, len: usize) -> isize
     let bytes = unsafe { core::slice::from_raw_parts(buf, len) };
     match fd {
         1 | 2 => {
+            sched::preempt_point();
             kernel::console::write(bytes);
             len as isize
         }
         0 => fail(errno::EBADF) as isize,
-        _ => crate::net::send(fd, bytes).unwrap_or_else(|e| fail(e) as isize),
+        _ => event_io(fd, |e| e.write(bytes))
+            .unwrap_or_else(|| crate::net::send(fd, bytes).unwrap_or_else(|e| fail(e) as isize)),
     }
 }
 
@@ -108,7 +162,9 @@ pub unsafe extern "C" fn sys_read(fd: i32, buf: *mut u8, len: usize) -> isize {
         _ => {
             // SAFETY: the caller's guarantee.
             let bytes = unsafe { core::slice::from_raw_parts_mut(buf, len) };
-            crate::net::recv(fd, bytes, 0).unwrap_or_else(|e| fail(e) as isize)
+            event_io(fd, |e| e.read(bytes)).unwrap_or_else(|| {
+                crate::net::recv(fd, bytes, 0).unwrap_or_else(|e| fail(e) as isize)
+            })
         }
     }
 }
@@ -169,7 +225,7 @@ pub extern "C" fn sys_close(fd: i32) -> i32 {
     }
 }
 
-/// A second descriptor for the same socket (std's `try_clone`).
+/// A second descriptor for the same file (std's `try_clone`).
 #[no_mangle]
 pub extern "C" fn sys_dup(fd: i32) -> i32 {
     let shared = FDS.lock().get(&fd).cloned();
@@ -242,14 +298,112 @@ pub extern "C" fn sys_getdents64(_fd: i32, _dirp: *mut u8, _count: usize) -> i64
     fail(errno::EBADF) as i64
 }
 
+/// Sets or clears non-blocking mode on file `fd`.
+pub fn set_nonblocking(fd: i32, on: bool) -> Result<i32, i32> {
+    with_file(fd, |file| {
+        match file {
+            File::Socket(s) => s.nonblocking = on,
+            File::Event(e) => e.nonblocking = on,
+        }
+        Ok(0)
+    })
+}
+
+fn is_nonblocking(fd: i32) -> Result<bool, i32> {
+    with_file(fd, |file| {
+        Ok(match file {
+            File::Socket(s) => s.nonblocking,
+            File::Event(e) => e.nonblocking,
+        })
+    })
+}
+
 #[no_mangle]
 pub extern "C" fn sys_fcntl(fd: i32, cmd: i32, arg: i32) -> i32 {
-    match cmd {
-        hermit_abi::F_SETFL => crate::ret(crate::net::set_nonblocking(
-            fd,
-            arg & hermit_abi::O_NONBLOCK != 0,
-        )),
-        hermit_abi::F_GETFD | hermit_abi::F_SETFD => 0,
-        _ => fail(errno::EINVAL),
+    let r = match cmd {
+        hermit_abi::F_SETFL => set_nonblocking(fd, arg & hermit_abi::O_NONBLOCK != 0),
+        hermit_abi::F_GETFL if is_console(fd) => Ok(0),
+        hermit_abi::F_GETFL => {
+            is_nonblocking(fd).map(|on| if on { hermit_abi::O_NONBLOCK } else { 0 })
+        }
+        hermit_abi::F_GETFD | hermit_abi::F_SETFD => Ok(0),
+        _ => {
+            log::warn!("fcntl(command {cmd}): not supported");
+            Err(errno::EINVAL)
+        }
+    };
+    r.unwrap_or_else(fail)
+}
+
+/// `poll`'s events for one descriptor, registering `cx` with what it
+/// waits for when nothing is ready.
+fn poll_one(fd: i32, events: i16, cx: &mut Context<'_>) -> i16 {
+    use hermit_abi::{POLLIN, POLLNVAL, POLLOUT};
+    match fd {
+        _ if fd < 0 => 0,
+        0 => events & POLLIN,
+        1 | 2 => events & POLLOUT,
+        _ => with_file(fd, |file| {
+            Ok(match file {
+                File::Socket(s) => crate::net::poll_socket(s, events, cx),
+                File::Event(e) => {
+                    let mut r = 0;
+                    if e.readable() {
+                        r |= POLLIN;
+                    }
+                    if e.writable() {
+                        r |= POLLOUT;
+                    }
+                    let r = r & events;
+                    if r == 0 {
+                        e.register(cx);
+                    }
+                    r
+                }
+            })
+        })
+        .unwrap_or(POLLNVAL),
+    }
+}
+
+/// Most descriptors one `poll` call may watch.
+const MAX_POLL_FDS: usize = 4 * MAX_FDS;
+
+/// Waits until one of `fds` is ready or `timeout` ms pass (forever if
+/// negative); returns how many are ready.
+///
+/// # Safety
+/// `fds` holds `nfds` writable `pollfd`s.
+#[no_mangle]
+pub unsafe extern "C" fn sys_poll(fds: *mut pollfd, nfds: usize, timeout: i32) -> i32 {
+    if nfds > MAX_POLL_FDS {
+        return fail(errno::EINVAL);
+    }
+    if fds.is_null() && nfds > 0 {
+        return fail(errno::EFAULT);
+    }
+    let fds = if nfds == 0 {
+        &mut [][..]
+    } else {
+        // SAFETY: the caller's guarantee.
+        unsafe { core::slice::from_raw_parts_mut(fds, nfds) }
+    };
+    let deadline = u64::try_from(timeout)
+        .ok()
+        .map(|ms| kernel::time::now_ns().saturating_add(ms.saturating_mul(1_000_000)));
+    let waker = sched::thread_waker();
+    loop {
+        let mut cx = Context::from_waker(&waker);
+        let mut ready = 0;
+        for p in fds.iter_mut() {
+            p.revents = poll_one(p.fd, p.events, &mut cx);
+            ready += i32::from(p.revents != 0);
+        }
+        if ready > 0 || timeout == 0 {
+            return ready;
+        }
+        if sched::block(deadline) && deadline.is_some_and(|d| kernel::time::now_ns() >= d) {
+            return 0;
+        }
     }
 }

@@ -27,13 +27,17 @@
 //! std's own panic handler prints `file:line` to stderr and calls
 //! `sys_abort`, which stops the guest with the libcloud panic status (101).
 //!
-//! A `sys_*` function std uses but this crate does not define is an
-//! undefined symbol at link time, named by the linker. Calls that exist but
-//! are not supported (files, UDP, `poll`) return a clear errno and log it.
+//! Every function of the `hermit-abi` 0.5.2 surface has a definition: the
+//! few this kernel does not provide (semaphores, task queues, `mmap`, ...;
+//! std does not call them) stop the app with a message naming the function
+//! and the fault status (102). A symbol outside that surface is undefined at
+//! link time, named by the linker. Calls that exist but
+//! are not supported (files, UDP) return a clear errno and log it.
 #![no_std]
 
 extern crate alloc;
 
+mod event;
 mod fd;
 mod mem;
 mod misc;
@@ -84,11 +88,6 @@ extern "C" fn main_thread(_: usize) {
     // SAFETY: `argv` has `argc` valid C strings and a NULL, `env` is a
     // NULL-terminated array of `KEY=VALUE` strings, both live forever.
     unsafe { runtime_entry(argc, argv, env) }
-}
-
-/// Converts a `Result<value, errno>` into the ABI's "value or -errno".
-fn ret(r: Result<i32, i32>) -> i32 {
-    r.unwrap_or_else(|e| -e)
 }
 
 /// Data that is not `Send` (sockets hold the stack's `RefCell`) in a

@@ -75,7 +75,9 @@ pub extern "C" fn sys_futex_wake(address: *mut u32, count: i32) -> i32 {
     if address.is_null() {
         return -errno::EINVAL;
     }
-    sched::futex_wake(address as usize, count)
+    let woken = sched::futex_wake(address as usize, count);
+    sched::preempt_point();
+    woken
 }
 
 #[no_mangle]
@@ -146,3 +148,36 @@ pub unsafe extern "C" fn sys_read_entropy(buf: *mut u8, len: usize, _flags: u32)
     }
     len.min(isize::MAX as usize) as isize
 }
+
+/// Stops the app: it called an ABI function this kernel does not provide.
+fn unprovided(name: &str) -> ! {
+    log::error!("{name}: not provided by this kernel");
+    kernel::console::write(
+        alloc::format!(
+            "app called {name}, a Hermit ABI function this kernel does not provide; stopping\n"
+        )
+        .as_bytes(),
+    );
+    kernel::exit(abi::exit::EXIT_FAULT as i32)
+}
+
+/// The rest of the `hermit-abi` 0.5.2 surface (the toolchain's std does
+/// not call these; other crates might): each stops the app with a message
+/// naming it and the fault status, instead of running on with a made-up
+/// result. Their arguments are ignored, so one signature serves all.
+macro_rules! unprovided {
+    ($($name:ident)*) => {$(
+        #[no_mangle]
+        pub extern "C" fn $name() -> ! {
+            unprovided(stringify!($name))
+        }
+    )*};
+}
+
+unprovided!(
+    sys_add_queue sys_block_current_task sys_block_current_task_with_timeout
+    sys_destroy_queue sys_get_processor_count sys_getaddrbyname sys_init_queue
+    sys_mmap sys_mprotect sys_munmap sys_network_init sys_notify sys_opendir
+    sys_sem_destroy sys_sem_init sys_sem_post sys_sem_timedwait sys_sem_trywait
+    sys_shutdown_socket sys_wait sys_wakeup_taskt
+);

@@ -7,9 +7,12 @@
 //! connection sends FIN and lets a kernel task flush it for at most
 //! [`CLOSE_FLUSH_NS`] before the socket is freed. A blocking call polls
 //! its socket, releases it and blocks the thread, so two threads (or two
-//! descriptors from `dup`) can use one socket at once. UDP and `poll` fail
-//! (`EPROTONOSUPPORT`, `ENOSYS`); `eventfd` is not defined, so an app that
-//! needs it fails to link with the symbol named.
+//! descriptors from `dup`) can use one socket at once. [`poll_socket`]
+//! gives `poll` a socket's readiness (a listener is readable once a slot
+//! holds a connection, which `accept` then takes). A non-blocking
+//! `connect` answers `EINPROGRESS`; the socket turns writable when the
+//! handshake ends, and `SO_ERROR` then says how. UDP fails
+//! (`EPROTONOSUPPORT`).
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -21,7 +24,7 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use core::task::{Context, Poll};
 use hermit_abi::{errno, sockaddr, socklen_t};
-use libcloud::net::{IpAddress, IpEndpoint, Ipv4Address, Stack, TcpSocket};
+use libcloud::net::{tcp, IpAddress, IpEndpoint, Ipv4Address, Stack, TcpSocket};
 
 use crate::fd::{self, fail};
 use crate::sched::{self, Wait};
@@ -124,12 +127,17 @@ type Accepting = Pin<Box<dyn Future<Output = Result<TcpSocket<'static>, ()>>>>;
 /// One backlog slot: a socket waiting for a connection.
 struct Slot {
     accepting: Option<Accepting>,
+    /// The connection (or failed attempt) `accepting` produced, until
+    /// `accept` takes it.
+    ready: Option<Result<TcpSocket<'static>, ()>>,
     bufs: Option<Buffers>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.accepting = None; // before the buffers
+        // Before the buffers they borrow.
+        self.accepting = None;
+        self.ready = None;
     }
 }
 
@@ -145,6 +153,7 @@ impl Slot {
         });
         Ok(Self {
             accepting: Some(accepting),
+            ready: None,
             bufs: Some(bufs),
         })
     }
@@ -166,7 +175,9 @@ pub enum Kind {
 
 pub struct Socket {
     kind: Kind,
-    nonblocking: bool,
+    pub nonblocking: bool,
+    /// A non-blocking `connect` whose outcome `SO_ERROR` has not reported.
+    connecting: bool,
     nodelay: bool,
     recv_timeout: Option<u64>,
     send_timeout: Option<u64>,
@@ -243,6 +254,7 @@ pub extern "C" fn sys_socket(domain: i32, type_: i32, _protocol: i32) -> i32 {
     let socket = Socket {
         kind: Kind::Fresh { port: 0 },
         nonblocking: type_ & hermit_abi::SOCK_NONBLOCK != 0,
+        connecting: false,
         nodelay: false,
         recv_timeout: None,
         send_timeout: None,
@@ -283,19 +295,19 @@ pub extern "C" fn sys_listen(s: i32, backlog: i32) -> i32 {
     r.unwrap_or_else(fail)
 }
 
-/// Waits for a connection on any slot of `listener`.
-struct AcceptAny<'a>(&'a mut Listener);
-
-impl Future for AcceptAny<'_> {
-    type Output = (usize, Result<TcpSocket<'static>, ()>);
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        for (i, slot) in self.0.slots.iter_mut().enumerate() {
+impl Listener {
+    /// The first slot that holds a connection (polling the others, so
+    /// that they wake `cx` when one arrives).
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<usize> {
+        for (i, slot) in self.slots.iter_mut().enumerate() {
             if let Some(fut) = slot.accepting.as_mut() {
                 if let Poll::Ready(r) = fut.as_mut().poll(cx) {
                     slot.accepting = None;
-                    return Poll::Ready((i, r));
+                    slot.ready = Some(r);
                 }
+            }
+            if slot.ready.is_some() {
+                return Poll::Ready(i);
             }
         }
         Poll::Pending
@@ -336,7 +348,7 @@ fn poll_accept(
     cx: &mut Context<'_>,
 ) -> Result<Poll<Socket>, i32> {
     loop {
-        let Poll::Ready((i, result)) = Pin::new(&mut AcceptAny(listener)).poll(cx) else {
+        let Poll::Ready(i) = listener.poll_ready(cx) else {
             return Ok(Poll::Pending);
         };
         let fresh = Slot::new(stack()?, listener.port)?;
@@ -345,6 +357,7 @@ fn poll_accept(
         if let Some(fut) = listener.slots[i].accepting.as_mut() {
             let _ = fut.as_mut().poll(cx);
         }
+        let result = old.ready.take().ok_or(errno::EIO)?;
         let bufs = old.bufs.take().ok_or(errno::EIO)?;
         let Ok(mut socket) = result else {
             continue; // that attempt was reset: look for the next
@@ -356,6 +369,7 @@ fn poll_accept(
                 _bufs: bufs,
             }),
             nonblocking: false,
+            connecting: false,
             nodelay,
             recv_timeout: None,
             send_timeout: None,
@@ -396,9 +410,6 @@ pub extern "C" fn sys_connect(s: i32, name: *const sockaddr, namelen: socklen_t)
             if !matches!(sock.kind, Kind::Fresh { .. }) {
                 return Err(errno::EISCONN);
             }
-            if sock.nonblocking {
-                return Err(errno::EOPNOTSUPP); // needs `poll`, not provided
-            }
             let (mut socket, bufs) = Buffers::socket(stack()?)?;
             socket.set_nagle_enabled(!sock.nodelay);
             let wait = sock.wait(sock.send_timeout);
@@ -408,6 +419,12 @@ pub extern "C" fn sys_connect(s: i32, name: *const sockaddr, namelen: socklen_t)
                 _bufs: bufs,
             };
             match result {
+                // Non-blocking: the handshake goes on; `poll` says when it ends.
+                None if sock.nonblocking => {
+                    sock.kind = Kind::Connected(conn);
+                    sock.connecting = true;
+                    Err(errno::EINPROGRESS)
+                }
                 None => Err(errno::ETIMEDOUT),
                 Some(Err(e)) => {
                     log::debug!("connect to {ep}: {e:?}");
@@ -423,6 +440,24 @@ pub extern "C" fn sys_connect(s: i32, name: *const sockaddr, namelen: socklen_t)
     r.unwrap_or_else(fail)
 }
 
+/// Whether `socket`'s handshake is still under way.
+fn handshaking(socket: &TcpSocket<'_>) -> bool {
+    matches!(
+        socket.state(),
+        tcp::State::SynSent | tcp::State::SynReceived
+    )
+}
+
+/// Pending (with `cx` woken when the handshake ends) while `socket` connects.
+fn poll_handshake(socket: &TcpSocket<'_>, cx: &mut Context<'_>) -> Poll<()> {
+    if handshaking(socket) {
+        let _ = pin!(socket.wait_write_ready()).poll(cx);
+        Poll::Pending
+    } else {
+        Poll::Ready(())
+    }
+}
+
 /// Reads into `buf`: 0 at end of stream.
 pub fn recv(fd: i32, buf: &mut [u8], flags: i32) -> Result<isize, i32> {
     if flags & hermit_abi::MSG_PEEK != 0 {
@@ -433,6 +468,9 @@ pub fn recv(fd: i32, buf: &mut [u8], flags: i32) -> Result<isize, i32> {
         |sock| sock.recv_timeout,
         |sock, cx| {
             let socket = sock.conn()?;
+            if poll_handshake(socket, cx).is_pending() {
+                return Ok(Poll::Pending);
+            }
             if buf.is_empty() {
                 return Ok(Poll::Ready(0));
             }
@@ -452,6 +490,9 @@ pub fn send(fd: i32, buf: &[u8]) -> Result<isize, i32> {
         |sock| sock.send_timeout,
         |sock, cx| {
             let socket = sock.conn()?;
+            if poll_handshake(socket, cx).is_pending() {
+                return Ok(Poll::Pending);
+            }
             if buf.is_empty() {
                 return Ok(Poll::Ready(0));
             }
@@ -541,11 +582,61 @@ impl<F: Future> Future for WithDeadline<F> {
     }
 }
 
-pub fn set_nonblocking(fd: i32, on: bool) -> Result<i32, i32> {
-    fd::with(fd, |sock| {
-        sock.nonblocking = on;
-        Ok(0)
-    })
+/// `poll`'s events for `sock` (of those in `events`); registers `cx` with
+/// the socket when none is ready.
+pub fn poll_socket(sock: &mut Socket, events: i16, cx: &mut Context<'_>) -> i16 {
+    use hermit_abi::{POLLERR, POLLHUP, POLLIN, POLLOUT, POLLRDHUP};
+    let read = events & POLLIN;
+    let write = events & POLLOUT;
+    if let Kind::Connected(c) = &sock.kind {
+        if sock.connecting && !handshaking(&c.socket) && c.socket.may_send() {
+            sock.connecting = false; // the handshake succeeded: nothing to report
+        }
+    }
+    let connecting = sock.connecting;
+    match &mut sock.kind {
+        // Neither connected nor listening: nothing will ever happen.
+        Kind::Fresh { .. } => POLLHUP,
+        Kind::Listening(l) => {
+            if read != 0 && l.poll_ready(cx).is_ready() {
+                POLLIN
+            } else {
+                0
+            }
+        }
+        Kind::Connected(c) => {
+            let s = &c.socket;
+            if poll_handshake(s, cx).is_pending() {
+                return 0;
+            }
+            let mut r = 0;
+            if read != 0 {
+                if s.can_recv() {
+                    r |= POLLIN;
+                } else if !s.may_recv() {
+                    // End of stream: a read returns 0 at once.
+                    r |= POLLIN | (events & POLLRDHUP);
+                } else {
+                    let _ = pin!(s.wait_read_ready()).poll(cx);
+                }
+            }
+            if write != 0 {
+                if s.can_send() || !s.may_send() {
+                    // Room to send, or a write fails at once.
+                    r |= POLLOUT;
+                } else {
+                    let _ = pin!(s.wait_write_ready()).poll(cx);
+                }
+            }
+            if !s.may_recv() && !s.may_send() {
+                r |= POLLHUP;
+                if connecting {
+                    r |= POLLERR; // the handshake failed
+                }
+            }
+            r
+        }
+    }
 }
 
 /// # Safety
@@ -557,7 +648,7 @@ pub unsafe extern "C" fn sys_ioctl(s: i32, cmd: i32, argp: *mut c_void) -> i32 {
     }
     // SAFETY: the caller's guarantee.
     let on = unsafe { *(argp as *const i32) } != 0;
-    crate::ret(set_nonblocking(s, on).map_err(|e| -fail(e)))
+    fd::set_nonblocking(s, on).unwrap_or_else(fail)
 }
 
 /// Reads an option value of type `T` (checking the length).
@@ -621,7 +712,18 @@ pub unsafe extern "C" fn sys_getsockopt(
     let r = fd::with(s, |sock| {
         let value: i32 = match (level, optname) {
             (IPPROTO_TCP, TCP_NODELAY) => sock.nodelay as i32,
-            (SOL_SOCKET, SO_ERROR) => 0,
+            (SOL_SOCKET, SO_ERROR) => match &sock.kind {
+                Kind::Connected(c) if sock.connecting && !handshaking(&c.socket) => {
+                    sock.connecting = false;
+                    if c.socket.may_send() {
+                        0
+                    } else {
+                        log::debug!("non-blocking connect failed");
+                        errno::ECONNREFUSED
+                    }
+                }
+                _ => 0,
+            },
             _ => return Err(errno::ENOPROTOOPT),
         };
         if optval.is_null() || optlen.is_null() {
@@ -684,12 +786,6 @@ pub extern "C" fn sys_getaddrinfo(
 
 #[no_mangle]
 pub extern "C" fn sys_freeaddrinfo(_ai: *mut hermit_abi::addrinfo) {}
-
-#[no_mangle]
-pub extern "C" fn sys_poll(_fds: *mut hermit_abi::pollfd, _nfds: usize, _timeout: i32) -> i32 {
-    log::error!("poll: not provided by this kernel");
-    fail(errno::ENOSYS)
-}
 
 #[no_mangle]
 pub extern "C" fn sys_recvfrom(

@@ -14,8 +14,13 @@
 //! word points to itself; the pointer is loaded with `wrfsbase` on every
 //! switch (the shim sets CR4.FSGSBASE).
 //!
-//! Not preemptive: a thread that spins without calling the ABI keeps the
-//! vCPU until it does.
+//! Timeslices: a thread that has run for [`TIMESLICE_NS`] without blocking
+//! yields at its next preemption point ([`preempt_point`]: reading the
+//! clock, waking a futex, writing to the console), so a thread that
+//! computes in a loop which checks the time or takes a lock cannot starve
+//! the others or the network. The guest takes no timer interrupts in ring
+//! 3, so a loop that makes no ABI call at all still keeps the vCPU until
+//! it does.
 
 use alloc::alloc::{alloc, dealloc, Layout};
 use alloc::boxed::Box;
@@ -32,6 +37,8 @@ use spin::Mutex;
 
 /// Threads that may exist at once (the main thread included).
 pub const MAX_THREADS: usize = 64;
+/// How long a thread runs before its next preemption point yields.
+pub const TIMESLICE_NS: u64 = 10_000_000;
 /// Smallest and largest stack a thread gets.
 const MIN_STACK: usize = 64 << 10;
 const MAX_STACK: usize = 16 << 20;
@@ -144,6 +151,10 @@ struct Sched {
     futex: Vec<(usize, Tid)>,
     /// The executor's waker for the scheduler future.
     waker: Option<Waker>,
+    /// When the running thread was switched in (kernel ns).
+    slice_start: u64,
+    /// A thread used up its timeslice in this round.
+    preempted: bool,
 }
 
 impl Sched {
@@ -183,6 +194,8 @@ static SCHED: Mutex<Sched> = Mutex::new(Sched {
     next_tid: 1,
     futex: Vec::new(),
     waker: None,
+    slice_start: 0,
+    preempted: false,
 });
 /// The scheduler's own saved stack pointer (the boot stack).
 static SCHED_RSP: AtomicU64 = AtomicU64::new(0);
@@ -338,6 +351,20 @@ pub fn yield_now() {
     unsafe { hermit_switch(save, SCHED_RSP.load(Ordering::Relaxed)) };
 }
 
+/// Yields if the running thread has used up its timeslice.
+pub fn preempt_point() {
+    let expired = {
+        let mut s = SCHED.lock();
+        let expired =
+            s.current != 0 && kernel::time::now_ns().saturating_sub(s.slice_start) >= TIMESLICE_NS;
+        s.preempted |= expired;
+        expired
+    };
+    if expired {
+        yield_now();
+    }
+}
+
 /// Sleeps until `deadline` (kernel ns).
 pub fn sleep_until(deadline: u64) {
     while kernel::time::now_ns() < deadline {
@@ -459,6 +486,7 @@ fn run_thread(tid: Tid) {
     let next = {
         let mut s = SCHED.lock();
         s.current = tid;
+        s.slice_start = kernel::time::now_ns();
         match s.get(tid) {
             Some(t) if t.state == State::Runnable => {
                 t.state = State::Running;
@@ -513,7 +541,13 @@ impl Future for Scheduler {
             };
             run_thread(tid);
         }
-        let s = SCHED.lock();
+        let mut s = SCHED.lock();
+        if core::mem::take(&mut s.preempted) {
+            // A thread computes: let the host move I/O now rather than
+            // after the executor's usual number of rounds, so the others
+            // see their packets within a timeslice or two.
+            let _ = pin!(kernel::task::yield_now()).poll(cx);
+        }
         if !s.runq.is_empty() {
             cx.waker().wake_by_ref();
         } else if let Some(deadline) = s

@@ -12,6 +12,7 @@ pub unsafe extern "C" fn sys_clock_gettime(clock: i32, tp: *mut timespec) -> i32
     if tp.is_null() || (clock != CLOCK_MONOTONIC && clock != CLOCK_REALTIME) {
         return -errno::EINVAL;
     }
+    sched::preempt_point();
     let ns = kernel::time::now_ns();
     // SAFETY: checked non-null; the caller's guarantee for the rest.
     unsafe {

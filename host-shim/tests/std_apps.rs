@@ -4,13 +4,20 @@
 //! `std::net::TcpListener` behind a published port, and live migration of
 //! it with an open connection. Clients are std `TcpStream`s.
 //!
+//! axum-hello (axum + tokio on the same ABI: mio's `poll` and `eventfd`)
+//! answers `curl` with JSON, serves many keep-alive clients, keeps one and
+//! its request counter across A->B->A migration, keeps answering while a
+//! thread computes (timeslices), connects out with tokio to a second guest,
+//! and a call to an ABI function the kernel does not provide stops it with
+//! the function named.
+//!
 //! Needs /dev/kvm and the images (`cargo xtask build-image --all`).
 
 mod common;
 
 use common::daemon::{Daemon, TempDir};
 use common::{boot, free_port, image, Shim};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -266,5 +273,285 @@ fn std_echo_runs_under_qemu_too() {
         run.stdout
             .contains("std-echo: 4 threads joined (sum 60), counts [0=6 1=6 2=6 3=6]"),
         "{run:?}"
+    );
+}
+
+/// An HTTP/1.1 client on one keep-alive connection.
+struct Http {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Http {
+    fn connect(port: u16) -> std::io::Result<Self> {
+        let stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        Ok(Self {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        })
+    }
+
+    /// GETs `path`: the status and the body (which must be JSON).
+    fn get_json(&mut self, path: &str) -> std::io::Result<(u16, serde_json::Value)> {
+        write!(
+            self.writer,
+            "GET {path} HTTP/1.1\r\nHost: axum-hello\r\n\r\n"
+        )?;
+        let mut status_line = String::new();
+        if self.reader.read_line(&mut status_line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let status: u16 = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
+        let mut len = 0;
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line)?;
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().map_err(std::io::Error::other)?;
+                }
+                assert!(
+                    !(k.eq_ignore_ascii_case("connection") && v.trim() == "close"),
+                    "the server closes a keep-alive connection"
+                );
+            }
+        }
+        let mut body = vec![0; len];
+        self.reader.read_exact(&mut body)?;
+        let json = serde_json::from_slice(&body).map_err(std::io::Error::other)?;
+        Ok((status, json))
+    }
+
+    /// `/count`'s counter after this request.
+    fn count(&mut self) -> u64 {
+        let (status, json) = self.get_json("/count").expect("GET /count");
+        assert_eq!(status, 200, "{json}");
+        json["count"].as_u64().unwrap_or_else(|| panic!("{json}"))
+    }
+}
+
+/// `curl -s -f URL`'s output (fails if curl is missing or the request does).
+fn curl(url: &str) -> Result<String, String> {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-f", "-m", "10", url])
+        .output()
+        .unwrap_or_else(|e| panic!("these tests need curl (apt-get install curl): {e}"));
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!("curl {url}: {}", out.status))
+    }
+}
+
+/// Starts axum-hello behind a published port and waits until it answers.
+fn axum_hello(port: u16) -> Shim {
+    let img = image("axum-hello");
+    let publish = format!("{port}:8080");
+    let mut shim = Shim::start(&[
+        "run",
+        img.to_str().unwrap(),
+        "--publish",
+        &publish,
+        "--timeout",
+        "120",
+    ]);
+    wait_for_json(port, Some(&mut shim));
+    shim
+}
+
+/// Waits (30 s at most) until `/json` answers on `port`; returns it.
+fn wait_for_json(port: u16, mut shim: Option<&mut Shim>) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = shim.as_deref_mut() {
+            s.assert_running("axum-hello to answer");
+        }
+        if let Ok(body) = curl(&format!("http://127.0.0.1:{port}/json")) {
+            return serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "axum-hello did not answer on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn axum_hello_answers_curl_with_json_and_serves_many_keep_alive_clients() {
+    let port = free_port();
+    let shim = axum_hello(port);
+    let json = wait_for_json(port, None);
+    assert_eq!(json["message"], "hello", "{json}");
+    assert_eq!(json["app"], "axum-hello", "{json}");
+    assert_eq!(json["os"], "hermit", "built for the Hermit target: {json}");
+    assert_eq!(
+        curl(&format!("http://127.0.0.1:{port}/")).unwrap(),
+        "hello from axum\n"
+    );
+
+    // tokio's blocking pool (a second thread, which wakes the runtime
+    // sleeping in `poll` through mio's eventfd waker) and its timers.
+    let mut c = Http::connect(port).unwrap();
+    let (_, json) = c.get_json("/blocking?n=1000000").unwrap();
+    assert_eq!(json["sum"], 499_999_500_000u64, "{json}");
+    let t = Instant::now();
+    let (_, json) = c.get_json("/sleep?ms=300").unwrap();
+    let slept = json["slept_ms"].as_u64().unwrap();
+    assert!((300..2000).contains(&slept), "{json}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    drop(c);
+
+    // 40 keep-alive connections at once, 5 requests each, interleaved: every
+    // request is counted once, on its own connection.
+    let mut clients: Vec<Http> = (0..40).map(|_| Http::connect(port).unwrap()).collect();
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        for c in &mut clients {
+            seen.push(c.count());
+        }
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (1..=200).collect::<Vec<u64>>());
+    let body = curl(&format!("http://127.0.0.1:{port}/count")).unwrap();
+    assert_eq!(body, r#"{"count":201}"#);
+    // Closed connections free their sockets; the server goes on.
+    drop(clients);
+    let mut again = Http::connect(port).unwrap();
+    assert_eq!(again.count(), 202);
+    drop(shim);
+}
+
+#[test]
+fn a_computing_std_thread_does_not_starve_axum_hello() {
+    let port = free_port();
+    let _shim = axum_hello(port);
+    let mut c = Http::connect(port).unwrap();
+    assert_eq!(c.count(), 1);
+    // A thread that computes for 4 s, reading the clock but never blocking
+    // (started by the handler, which replies at once).
+    let spin_started = Instant::now();
+    let (status, json) = c.get_json("/spin?ms=4000").unwrap();
+    assert_eq!((status, json["spinning_ms"].as_u64()), (200, Some(4000)));
+    let mut slowest = spin_started.elapsed();
+    for n in 2..=6 {
+        let t = Instant::now();
+        assert_eq!(c.count(), n);
+        slowest = slowest.max(t.elapsed());
+    }
+    // And a new connection is accepted while it computes.
+    let mut fresh = Http::connect(port).unwrap();
+    assert_eq!(fresh.count(), 7);
+    // Without timeslices the first reply waits for the whole spin (4 s).
+    assert!(
+        spin_started.elapsed() < Duration::from_secs(3),
+        "7 requests took {:?} while a thread computed (slowest {slowest:?})",
+        spin_started.elapsed()
+    );
+}
+
+#[test]
+fn axum_hello_keeps_a_keep_alive_client_and_its_count_across_migration() {
+    let dir = TempDir::new("axummig");
+    let a = Daemon::start("axum-a", 7, &[], &dir);
+    let b = Daemon::start("axum-b", 8, &[], &dir);
+    let port = free_port();
+    let img = image("axum-hello").to_string_lossy().into_owned();
+    a.cli(&[
+        "run",
+        &img,
+        "--name",
+        "web",
+        "--publish",
+        &format!("{port}:8080"),
+    ]);
+    wait_for_json(port, None);
+    let mut c = Http::connect(port).unwrap();
+    assert_eq!(c.count(), 1);
+    assert_eq!(c.count(), 2);
+    let mut expected = 2;
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        let out = from.cli(&["migrate", "web", "--to", &to.addr]);
+        assert!(out.lines().last().unwrap_or("").starts_with("ok"), "{out}");
+        // The same connection, and the count kept in the app's state.
+        expected += 1;
+        assert_eq!(c.count(), expected, "after migrating to {}", to.addr);
+        let (_, json) = c.get_json("/json").unwrap();
+        assert_eq!(json["message"], "hello");
+    }
+    // A new connection after the round trip sees the same counter.
+    let mut fresh = Http::connect(port).unwrap();
+    assert_eq!(fresh.count(), expected + 1);
+    assert!(a.cli(&["list"]).contains("running"));
+}
+
+#[test]
+fn axum_hello_connects_out_with_tokio_to_a_second_guest() {
+    let port = free_port();
+    let img = image("axum-hello");
+    let img = img.to_str().unwrap();
+    let publish = format!("{port}:8080");
+    // A second axum-hello on the same switch (10.0.2.16).
+    let mut shim = Shim::start(&[
+        "run",
+        img,
+        "--publish",
+        &publish,
+        "--also",
+        img,
+        "--timeout",
+        "120",
+    ]);
+    wait_for_json(port, Some(&mut shim));
+    // tokio's TcpStream::connect: a non-blocking connect, `poll` for the
+    // handshake, SO_ERROR; the peer boots at the same time, so retry.
+    let fetch = |to: &str| -> serde_json::Value {
+        let body = curl(&format!("http://127.0.0.1:{port}/fetch?to={to}")).unwrap();
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let peer = loop {
+        let json = fetch("10.0.2.16:8080");
+        if json.get("peer").is_some() {
+            break json;
+        }
+        assert!(Instant::now() < deadline, "the peer never answered: {json}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(peer["peer"]["message"], "hello", "{peer}");
+    // A port nobody listens on: refused, reported through SO_ERROR.
+    let refused = fetch("10.0.2.16:9");
+    let error = refused["error"].as_str().unwrap_or_default();
+    assert!(error.contains("refused"), "{refused}");
+    // And the app goes on connecting out.
+    assert_eq!(fetch("10.0.2.16:8080")["peer"]["app"], "axum-hello");
+}
+
+#[test]
+fn a_call_to_an_abi_function_the_kernel_lacks_stops_the_app_naming_it() {
+    let run = boot("axum-hello", &[], &["--call-unprovided"]);
+    assert_eq!(run.status, Some(102), "{run:?}");
+    assert!(
+        run.stdout.contains(
+            "app called sys_sem_init, a Hermit ABI function this kernel does not provide"
+        ),
+        "{run:?}"
+    );
+    assert!(
+        !run.stdout.contains("sem_init returned"),
+        "the call returned: {run:?}"
     );
 }

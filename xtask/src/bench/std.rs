@@ -6,7 +6,10 @@
 //! - echo round trips with `clients` connections at once: requests/s and p99 latency,
 //!   image vs native, interleaved over `rounds`;
 //! - live migration downtime of std-echo between two shim daemons while a client keeps
-//!   echoing on one connection (the client's longest gap between replies too).
+//!   echoing on one connection (the client's longest gap between replies too);
+//! - the same for `apps/axum-hello` (axum + tokio) with `wrk` as the client: sizes, boot
+//!   (or spawn) to the first HTTP reply, `wrk` requests/s and p99 at `clients`
+//!   connections, and migration downtime while `wrk` runs.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -25,6 +28,11 @@ use crate::image::{self, Profile};
 use crate::workspace::{self, Workspace};
 
 const APP: &str = "std-echo";
+const AXUM: &str = "axum-hello";
+/// The port the servers listen on inside the guest.
+const GUEST_PORT: u16 = 7;
+/// Length of one `wrk` measurement.
+const WRK_SECS: u64 = 5;
 /// How long a server may take to answer its first request.
 const UP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -83,7 +91,7 @@ impl Client {
     }
 }
 
-/// How to start one server on a port.
+/// How to start one server (std-echo or axum-hello, both take `--port`) on a port.
 enum Server<'a> {
     Image { shim: &'a Path, image: &'a Path },
     Native { binary: &'a Path },
@@ -96,8 +104,9 @@ impl Server<'_> {
                 let mut c = Command::new(shim);
                 c.arg("run")
                     .arg(image)
-                    .args(["--publish", &format!("{port}:7"), "--timeout", "600"])
-                    .args(["--", "--port", "7"]);
+                    .args(["--publish", &format!("{port}:{GUEST_PORT}")])
+                    .args(["--timeout", "600"])
+                    .args(["--", "--port", &GUEST_PORT.to_string()]);
                 c
             }
             Server::Native { binary } => {
@@ -115,21 +124,115 @@ impl Server<'_> {
         Ok(Guard(child))
     }
 
-    fn name(&self) -> &'static str {
+    fn name(&self, app: &str) -> String {
         match self {
-            Server::Image { .. } => "std-echo image (host-shim)",
-            Server::Native { .. } => "std-echo native Linux process",
+            Server::Image { .. } => format!("{app} image (host-shim)"),
+            Server::Native { .. } => format!("{app} native Linux process"),
         }
     }
 }
 
-/// Spawn to first reply, in ms.
-fn first_reply_ms(server: &Server) -> Result<f64> {
+/// Spawn to first reply (as `up` sees it), in ms.
+fn first_reply_ms(server: &Server, up: fn(u16, &mut Guard) -> Result<()>) -> Result<f64> {
     let port = free_port()?;
     let start = Instant::now();
     let mut guard = server.spawn(port)?;
-    Client::when_up(port, &mut guard)?;
+    up(port, &mut guard)?;
     Ok(start.elapsed().as_secs_f64() * 1e3)
+}
+
+fn echo_up(port: u16, server: &mut Guard) -> Result<()> {
+    Client::when_up(port, server).map(drop)
+}
+
+/// Whether `GET /json` on `port` answers 200.
+fn http_ok(port: u16) -> bool {
+    let get = || -> Result<bool> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /json HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+        let mut reply = String::new();
+        BufReader::new(s).read_line(&mut reply)?;
+        Ok(reply.starts_with("HTTP/1.1 200"))
+    };
+    get().unwrap_or(false)
+}
+
+/// Waits until axum-hello answers `GET /json` (`UP_TIMEOUT`).
+fn http_up(port: u16, server: &mut Guard) -> Result<()> {
+    let deadline = Instant::now() + UP_TIMEOUT;
+    loop {
+        if let Some(status) = server.0.try_wait()? {
+            bail!("the server exited ({status}) before answering");
+        }
+        if http_ok(port) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("no HTTP reply on port {port} within {UP_TIMEOUT:?}");
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// What one `wrk` run measured.
+struct Wrk {
+    rps: f64,
+    p99_ms: f64,
+    /// Connect, read, write and timeout errors, and non-2xx replies.
+    errors: u64,
+}
+
+/// `wrk` with `conns` connections for `secs` s on `GET /json`.
+fn wrk(port: u16, conns: usize, secs: u64) -> Result<Wrk> {
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{conns}"),
+            &format!("-d{secs}s"),
+            "--latency",
+        ])
+        .arg(format!("http://127.0.0.1:{port}/json"))
+        .stdin(Stdio::null())
+        .output()
+        .context("running wrk (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("wrk failed ({}): {text}", out.status);
+    }
+    parse_wrk(&text).with_context(|| format!("unexpected wrk output:\n{text}"))
+}
+
+fn parse_wrk(text: &str) -> Option<Wrk> {
+    let field = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(str::trim)
+    };
+    let rps = field("Requests/sec:")?.parse().ok()?;
+    let p99 = field("99%")?;
+    // Units per ms.
+    let (num, per_ms) = if let Some(v) = p99.strip_suffix("us") {
+        (v, 1e3)
+    } else if let Some(v) = p99.strip_suffix("ms") {
+        (v, 1.0)
+    } else {
+        (p99.strip_suffix('s')?, 1e-3)
+    };
+    let p99_ms = num.parse::<f64>().ok()? / per_ms;
+    let mut errors = field("Non-2xx or 3xx responses:").map_or(Some(0), |v| v.parse().ok())?;
+    if let Some(socket) = field("Socket errors:") {
+        // "connect 0, read 0, write 0, timeout 0"
+        for part in socket.split(',') {
+            errors += part.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+        }
+    }
+    Some(Wrk {
+        rps,
+        p99_ms,
+        errors,
+    })
 }
 
 /// `clients` connections, `requests` round trips each: (requests/s, p99 in ms).
@@ -255,7 +358,7 @@ pub fn run(ws: &Workspace, opts: &StdOptions) -> Result<()> {
     for run in 0..opts.runs {
         eprintln!("bench std: boot run {}/{}", run + 1, opts.runs);
         for (i, s) in servers.iter().enumerate() {
-            boot[i].push(first_reply_ms(s)?);
+            boot[i].push(first_reply_ms(s, echo_up)?);
         }
     }
     let mut load: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
@@ -267,7 +370,7 @@ pub fn run(ws: &Workspace, opts: &StdOptions) -> Result<()> {
             Client::when_up(port, &mut guard)?;
             load[i].push(
                 echo_load(port, opts.clients, opts.requests)
-                    .with_context(|| format!("echo load on the {}", s.name()))?,
+                    .with_context(|| format!("echo load on the {}", s.name(APP)))?,
             );
         }
     }
@@ -281,7 +384,7 @@ pub fn run(ws: &Workspace, opts: &StdOptions) -> Result<()> {
         rps[i] = median(load[i].iter().map(|l| l.0).collect());
         println!(
             "| {} | {:.1} | {:.0} | {:.2} |",
-            s.name(),
+            s.name(APP),
             median(boot[i].clone()),
             rps[i],
             median(load[i].iter().map(|l| l.1).collect())
@@ -304,5 +407,158 @@ pub fn run(ws: &Workspace, opts: &StdOptions) -> Result<()> {
         median(downtimes.clone())
     );
     println!("| client's longest gap between replies, ms | {gap:.1} | |");
+    axum(ws, &shim, opts)
+}
+
+/// The axum rows: axum-hello as an image vs as a native process, with `wrk`.
+fn axum(ws: &Workspace, shim: &Path, opts: &StdOptions) -> Result<()> {
+    crate::setup::ensure(&[crate::setup::Tool {
+        bin: "wrk",
+        package: "wrk",
+        why: "HTTP load on axum-hello (bench std)",
+    }])?;
+    let images = image::build_images(ws, &[ws.app(AXUM)?], Profile::Release)?;
+    workspace::run(ws.cargo().args(["build", "--release", "-p", AXUM]))
+        .context("building axum-hello natively")?;
+    let native = ws.target_dir.join("release").join(AXUM);
+    let img = &images[0].path;
+    let servers = [
+        Server::Image { shim, image: img },
+        Server::Native { binary: &native },
+    ];
+    println!("\n### std apps: {AXUM} (axum + tokio) as an image vs as a native process\n");
+    println!("| binary | size |\n|---|---:|");
+    println!("| {AXUM}.img | {} |", image::kib(images[0].size));
+    println!(
+        "| native {AXUM} (Linux, release) | {} |",
+        image::kib(std::fs::metadata(&native)?.len())
+    );
+    let mut boot: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for run in 0..opts.runs {
+        eprintln!("bench std: {AXUM} boot run {}/{}", run + 1, opts.runs);
+        for (i, s) in servers.iter().enumerate() {
+            boot[i].push(first_reply_ms(s, http_up)?);
+        }
+    }
+    let mut load: [Vec<Wrk>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..opts.rounds {
+        eprintln!("bench std: {AXUM} wrk round {}/{}", round + 1, opts.rounds);
+        for (i, s) in servers.iter().enumerate() {
+            let port = free_port()?;
+            let mut guard = s.spawn(port)?;
+            http_up(port, &mut guard)?;
+            let w = wrk(port, opts.clients, WRK_SECS)?;
+            if w.errors > 0 {
+                bail!("wrk saw {} errors on the {}", w.errors, s.name(AXUM));
+            }
+            load[i].push(w);
+        }
+    }
+    println!(
+        "\n| server | spawn to first HTTP reply, ms (median of {}) | wrk req/s, {} connections, {WRK_SECS} s (median of {}) | p99 latency, ms |",
+        opts.runs, opts.clients, opts.rounds
+    );
+    println!("|---|---:|---:|---:|");
+    let mut rps = [0.0; 2];
+    for (i, s) in servers.iter().enumerate() {
+        rps[i] = median(load[i].iter().map(|w| w.rps).collect());
+        println!(
+            "| {} | {:.1} | {:.0} | {:.2} |",
+            s.name(AXUM),
+            median(boot[i].clone()),
+            rps[i],
+            median(load[i].iter().map(|w| w.p99_ms).collect())
+        );
+    }
+    println!(
+        "\nimage/native throughput: {:.2}x (target >= 0.5x)",
+        rps[0] / rps[1]
+    );
+
+    eprintln!("bench std: {AXUM} migrations under wrk");
+    let (downtimes, during) = axum_migrations(shim, img, opts)?;
+    println!(
+        "\n| live migration of {AXUM} under wrk ({} connections) | median | min–max |\n|---|---:|---:|",
+        opts.clients
+    );
+    let (min, max) = downtimes
+        .iter()
+        .fold((f64::MAX, 0f64), |(lo, hi), &d| (lo.min(d), hi.max(d)));
+    println!(
+        "| downtime, ms ({} migrations A↔B) | {:.2} | {min:.2}–{max:.2} |",
+        downtimes.len(),
+        median(downtimes.clone())
+    );
+    println!(
+        "| wrk during the migrations: req/s, p99 ms, errors | {:.0} | {:.2} ms, {} errors |",
+        during.rps, during.p99_ms, during.errors
+    );
     Ok(())
+}
+
+/// Migrates axum-hello A -> B -> A ... while `wrk` loads it: (downtimes in ms, wrk's run).
+fn axum_migrations(shim: &Path, image: &Path, opts: &StdOptions) -> Result<(Vec<f64>, Wrk)> {
+    let dir = TempDir::new("axum-migrate")?;
+    let a = Daemon::start(shim, "axum-a", 3, &dir.0)?;
+    let b = Daemon::start(shim, "axum-b", 4, &dir.0)?;
+    let port = free_port()?;
+    let img = image.to_string_lossy().into_owned();
+    a.cli(&[
+        "run",
+        &img,
+        "--name",
+        "web",
+        "--publish",
+        &format!("{port}:8080"),
+    ])?;
+    let deadline = Instant::now() + UP_TIMEOUT;
+    while !http_ok(port) {
+        if Instant::now() > deadline {
+            bail!("axum-hello did not answer under the daemon");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    // wrk runs through all migrations: 1 s before, 1 s between, 1 s after.
+    let secs = opts.runs as u64 + 2;
+    let clients = opts.clients;
+    let load = thread::spawn(move || wrk(port, clients, secs));
+    thread::sleep(Duration::from_secs(1));
+    let mut downtimes = Vec::new();
+    for i in 0..opts.runs {
+        let (from, to) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let started = Instant::now();
+        let out = from.cli(&["migrate", "web", "--to", &to.addr])?;
+        downtimes.push(parse_output(&out)?.downtime_ms);
+        thread::sleep(Duration::from_secs(1).saturating_sub(started.elapsed()));
+    }
+    let during = load
+        .join()
+        .map_err(|_| anyhow::anyhow!("wrk thread panicked"))??;
+    Ok((downtimes, during))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_wrk;
+
+    #[test]
+    fn wrk_output_is_parsed() {
+        let out = "Running 5s test @ http://127.0.0.1:1/json
+  2 threads and 50 connections
+  Latency Distribution
+     50%  475.00us
+     99%    4.80ms
+  241350 requests in 5.00s, 40.51MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:  48270.05
+";
+        let w = parse_wrk(out).unwrap();
+        assert_eq!(w.rps, 48270.05);
+        assert_eq!(w.p99_ms, 4.8);
+        assert_eq!(w.errors, 7);
+        let w = parse_wrk("     99%  950.00us\nRequests/sec: 10\n").unwrap();
+        assert_eq!((w.p99_ms, w.errors), (0.95, 0));
+        assert!(parse_wrk("no numbers").is_none());
+    }
 }
