@@ -13,6 +13,7 @@
 //! no VMM in it.
 
 pub mod etcd;
+pub mod events;
 pub mod locate;
 pub mod registry;
 pub mod schedule;
@@ -36,7 +37,8 @@ pub mod exit {
     pub const NOT_FOUND: u8 = 3;
     /// A host did not answer (`ps`: after listing the others).
     pub const UNREACHABLE: u8 = 4;
-    /// The fleet state changed under this command (another CLI): run it again.
+    /// The fleet state changed under this command (another CLI): run it
+    /// again; `deploy`: another deploy holds the name.
     pub const CONFLICT: u8 = 5;
 }
 
@@ -108,6 +110,9 @@ pub enum FleetError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Failed(String),
+    /// Another party holds what this command needed (an app's name).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl From<ClientError> for FleetError {
@@ -125,7 +130,9 @@ impl FleetError {
         match self {
             FleetError::NotFound(_) => exit::NOT_FOUND,
             FleetError::Unreachable(_) => exit::UNREACHABLE,
-            FleetError::Store(StoreError::Conflict { .. }) => exit::CONFLICT,
+            FleetError::Store(StoreError::Conflict { .. }) | FleetError::Conflict(_) => {
+                exit::CONFLICT
+            }
             _ => exit::FAILED,
         }
     }

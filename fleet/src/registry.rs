@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::events::{Event, Kind};
 use super::store::{Expect, FleetStore, LeaseId, StoreError};
 use super::{Fleet, FleetError, Host};
 
@@ -116,6 +117,7 @@ pub fn register(
         }
     }
     tracing::info!(host = %host.name, lease = lease.0, ?ttl, "registered in the fleet store");
+    fleet.note(up(&host));
     let (stop, stopped) = mpsc::channel();
     let name = host.name.clone();
     let thread = std::thread::Builder::new()
@@ -215,6 +217,7 @@ fn keep(fleet: &Fleet, host: &Host, mut lease: LeaseId, ttl: Duration, stop: mps
                 Ok(new) => match claim(fleet, host, new) {
                     Ok(()) => {
                         tracing::info!(host = %host.name, lease = new.0, "registered again");
+                        fleet.note(up(host));
                         lease = new;
                         lapsed = false;
                     }
@@ -240,10 +243,28 @@ fn keep(fleet: &Fleet, host: &Host, mut lease: LeaseId, ttl: Duration, stop: mps
         }
     }
     if !lapsed {
-        if let Err(e) = fleet.store.revoke_lease(lease) {
-            tracing::warn!(host = %host.name, error = %e, "cannot revoke the host's lease");
+        match fleet.store.revoke_lease(lease) {
+            Ok(()) => fleet.note(Event::new(
+                Kind::HostDown,
+                None,
+                &[&host.name],
+                serde_json::json!({ "reason": "deregistered" }),
+            )),
+            Err(e) => {
+                tracing::warn!(host = %host.name, error = %e, "cannot revoke the host's lease")
+            }
         }
     }
+}
+
+/// The event of `host` registering.
+fn up(host: &Host) -> Event {
+    Event::new(
+        Kind::HostUp,
+        None,
+        &[&host.name],
+        serde_json::json!({ "url": host.url, "region": host.region }),
+    )
 }
 
 impl Fleet {

@@ -666,3 +666,200 @@ fn a_three_member_cluster_survives_one_loss_and_refuses_without_quorum() {
         .unwrap();
     wait_state(&url, "a", "up", Duration::from_secs(20));
 }
+
+/// `host-shim --store URL events --follow --json` in the background: its
+/// events arrive on a channel as they are printed.
+struct Follower {
+    child: Child,
+    events: std::sync::mpsc::Receiver<Value>,
+}
+
+impl Follower {
+    fn start(store: &str) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["--store", store, "events", "--follow", "--json"])
+            .env_remove("HOST_SHIM")
+            .env_remove("HOST_SHIM_FLEET")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn host-shim events --follow");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, events) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let v: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("events --json printed {line:?}: {e}"));
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        });
+        Self { child, events }
+    }
+
+    /// The events printed until one satisfies `last` (within `within`).
+    fn until(&self, within: Duration, last: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let give_up = Instant::now() + within;
+        let mut seen = Vec::new();
+        loop {
+            let left = give_up.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(v) => {
+                    let done = last(&v);
+                    seen.push(v);
+                    if done {
+                        return seen;
+                    }
+                }
+                Err(_) => panic!("events --follow: no matching event within {within:?}: {seen:#?}"),
+            }
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An event's kind and app, for comparing sequences.
+fn step(e: &Value) -> (String, String) {
+    (
+        e["kind"].as_str().unwrap_or("?").to_owned(),
+        e["app"].as_str().unwrap_or("-").to_owned(),
+    )
+}
+
+#[test]
+fn one_deploy_wins_a_name_and_events_follow_every_step_across_an_etcd_restart() {
+    let dir = TempDir::new("etcd-events");
+    let mut etcd = Etcd::start(&dir);
+    let url = etcd.url();
+    let follower = Follower::start(&url);
+    let (sa, sb) = (dir.path("a-state"), dir.path("b-state"));
+    let serve = |name, id, state: &std::path::Path| {
+        Daemon::start(
+            name,
+            id,
+            &["--store", &url, "--state-dir", state.to_str().unwrap()],
+            &dir,
+        )
+    };
+    let _a = serve("a", 1, &sa);
+    let _b = serve("b", 2, &sb);
+    let img = kv_img();
+
+    // Two deploys of one name at once: one wins, the other gets status 5
+    // and runs nothing.
+    let racers: Vec<Child> = ["a", "b"]
+        .iter()
+        .map(|on| {
+            Command::new(BIN)
+                .args(["--store", &url, "deploy", &img, "--on", on, "--name", "kv"])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<Output> = racers
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let mut codes: Vec<Option<i32>> = outs.iter().map(|o| o.status.code()).collect();
+    codes.sort();
+    assert_eq!(
+        codes,
+        [Some(0), Some(5)],
+        "{}\n{}",
+        text(&outs[0]),
+        text(&outs[1])
+    );
+    let (winner, loser) = if outs[0].status.success() {
+        ("a", &outs[1])
+    } else {
+        ("b", &outs[0])
+    };
+    assert!(
+        text(loser).contains("has an app 'kv' already"),
+        "{}",
+        text(loser)
+    );
+    let ps: Value = serde_json::from_str(&ok(&url, &["ps", "--json"])).unwrap();
+    let kvs: Vec<&Value> = ps["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["name"] == "kv")
+        .collect();
+    assert_eq!(kvs.len(), 1, "one kv runs: {ps}");
+    assert_eq!(kvs[0]["host"], winner);
+
+    // Migrate it, stop it.
+    let other = if winner == "a" { "b" } else { "a" };
+    let moved: Value =
+        serde_json::from_str(&ok(&url, &["migrate", "kv", "--to", other, "--json"])).unwrap();
+    assert_eq!(moved["to"], other, "{moved}");
+    ok(&url, &["stop", "kv"]);
+
+    // etcd goes away and comes back; meanwhile the follower reconnects.
+    let before = follower.until(Duration::from_secs(30), |e| e["kind"] == "stop");
+    etcd.stop(0);
+    std::thread::sleep(Duration::from_secs(1));
+    etcd.restart(0);
+    etcd.wait_ready();
+    ok(&url, &["deploy", &img, "--on", "a", "--name", "kv2"]);
+    ok(&url, &["stop", "kv2"]);
+    let after = follower.until(Duration::from_secs(30), |e| {
+        e["kind"] == "stop" && e["app"] == "kv2"
+    });
+
+    // Every step, once, in order, with a growing revision.
+    let seen: Vec<Value> = before.into_iter().chain(after).collect();
+    let steps: Vec<(String, String)> = seen.iter().map(step).collect();
+    let want: Vec<(String, String)> = [
+        ("host-up", "-"),
+        ("host-up", "-"),
+        ("deploy", "kv"),
+        ("migration-started", "kv"),
+        ("migration-done", "kv"),
+        ("stop", "kv"),
+        ("deploy", "kv2"),
+        ("stop", "kv2"),
+    ]
+    .iter()
+    .map(|(k, a)| ((*k).to_owned(), (*a).to_owned()))
+    .collect();
+    assert_eq!(steps, want, "{seen:#?}");
+    let revs: Vec<u64> = seen.iter().map(|e| e["rev"].as_u64().unwrap()).collect();
+    assert!(revs.windows(2).all(|w| w[0] < w[1]), "{revs:?}");
+    assert_eq!(seen[2]["hosts"], json!([winner]));
+    assert_eq!(seen[4]["hosts"], json!([winner, other]));
+    assert!(
+        seen[4]["details"]["downtime_ms"].as_f64().is_some(),
+        "the migration's figures: {}",
+        seen[4]
+    );
+
+    // The history says the same; --since skips what came before.
+    let history: Vec<Value> = ok(&url, &["events", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(history, seen);
+    let since = revs[5].to_string();
+    let tail = ok(&url, &["events", "--json", "--since", &since]);
+    assert_eq!(tail.lines().count(), 2, "{tail}");
+    let table = ok(&url, &["events"]);
+    assert!(
+        table.contains("migration-done") && table.contains("downtime"),
+        "{table}"
+    );
+}

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use vmm::config;
 use host_shim::daemon::{limits, DaemonConfig};
-use hostnet::PublishSpec;
 use host_shim::security::identity::{self};
+use hostnet::PublishSpec;
+use vmm::config;
 
 use super::parse_duration;
 use crate::Target;
@@ -411,9 +411,9 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
             .unwrap_or(listen),
         peers: args.peer.clone(),
         vni: args.vni.or(host.as_ref().map(|h| h.vni)).unwrap_or(4242),
-        key: identity.as_ref().map(|i| {
-            hostnet::overlay_crypto::OverlayKey::new(i.fleet_key, &i.fingerprint.0)
-        }),
+        key: identity
+            .as_ref()
+            .map(|i| hostnet::overlay_crypto::OverlayKey::new(i.fleet_key, &i.fingerprint.0)),
         via: args.peer_via.clone(),
         name: name.clone(),
         region: region.clone(),

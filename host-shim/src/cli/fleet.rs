@@ -18,8 +18,9 @@ use api::{
     Client, ClientError, InstanceInfo, InstanceState, LogEvent, MigrateRequest, MigrationEvent,
     PublishSpec, PushRequest, Restart, RestartRequest, RunRequest, ShimInfo,
 };
+use fleet::events::{Event, Kind};
 use fleet::locate::{hop_to, locate, record_move};
-use fleet::store::Expect;
+use fleet::store::{Expect, StoreError};
 use fleet::{client_for, exit, App, Fleet, FleetError, Host};
 
 /// Prints `value` as JSON on stdout (a closed pipe is not an error).
@@ -295,12 +296,6 @@ fn ensure_image(
 pub fn deploy(fleet: &Fleet, o: DeployOptions<'_>, json: bool) -> Result<u8, FleetError> {
     let start = Instant::now();
     let host = fleet.need_host(o.on)?;
-    if let Some(app) = fleet.app(o.name)? {
-        return Err(FleetError::Failed(format!(
-            "the fleet has an app '{}' already (on {}): `host-shim stop {}` first, or pick another --name",
-            o.name, app.value.host, o.name
-        )));
-    }
     let bytes = std::fs::read(o.image).map_err(|e| {
         FleetError::Failed(format!("cannot read the image {}: {e}", o.image.display()))
     })?;
@@ -322,35 +317,46 @@ pub fn deploy(fleet: &Fleet, o: DeployOptions<'_>, json: bool) -> Result<u8, Fle
             human(max)
         )));
     }
-    let uploaded = ensure_image(&client, &host, &hash, &bytes, json)?;
     let image = format!("{HASH_PREFIX}{hash}");
-    let req = RunRequest {
+    // The name is this deploy's from here on (compare-and-swap on an
+    // absent record: of two deploys of one name, one wins), and given back
+    // if the host does not run it.
+    let app = App {
         name: o.name.to_owned(),
+        host: host.name.clone(),
         image: image.clone(),
-        mem: o.mem,
-        env: o.env,
-        args: o.args,
-        publish: o.publish,
-        checkpoint_every_ms: o.checkpoint_every_ms,
-        restart: o.restart,
-        ..RunRequest::default()
     };
-    let inst: InstanceInfo = client.run(&req).map_err(|e| match e {
-        ClientError::Api { message, .. } => FleetError::Failed(format!(
-            "host {} refused to run {}: {message}",
-            host.name, o.name
-        )),
-        e => e.into(),
-    })?;
+    let claimed = match fleet.put_app(&app, Expect::Absent) {
+        Ok(version) => version,
+        Err(FleetError::Store(StoreError::Conflict { .. })) => {
+            let holder = fleet.app(o.name)?.map(|a| a.value.host);
+            return Err(FleetError::Conflict(format!(
+                "the fleet has an app '{}' already (on {}): `host-shim stop {}` first, or pick \
+                 another --name",
+                o.name,
+                holder.as_deref().unwrap_or("?"),
+                o.name
+            )));
+        }
+        Err(e) => return Err(e),
+    };
+    let started = run_claimed(&client, &host, &hash, &bytes, &image, o, json);
+    let (inst, uploaded, restart) = match started {
+        Ok(v) => v,
+        Err(e) => {
+            if let Err(undo) = fleet.remove_app(&app.name, Expect::Version(claimed)) {
+                tracing::warn!(app = %app.name, error = %undo, "cannot give back the app's name");
+            }
+            return Err(e);
+        }
+    };
     let ms = start.elapsed().as_secs_f64() * 1e3;
-    fleet.put_app(
-        &App {
-            name: o.name.to_owned(),
-            host: host.name.clone(),
-            image: image.clone(),
-        },
-        Expect::Absent,
-    )?;
+    fleet.note(Event::new(
+        Kind::Deploy,
+        Some(&app.name),
+        &[&host.name],
+        serde_json::json!({ "image": image, "ip": inst.ip, "ms": ms }),
+    ));
     let out = Deployed {
         name: inst.name,
         host: host.name,
@@ -360,7 +366,7 @@ pub fn deploy(fleet: &Fleet, o: DeployOptions<'_>, json: bool) -> Result<u8, Fle
         uploaded,
         ip: inst.ip,
         publish: inst.publish,
-        restart: o.restart,
+        restart,
         ms,
     };
     if json {
@@ -388,6 +394,38 @@ pub fn deploy(fleet: &Fleet, o: DeployOptions<'_>, json: bool) -> Result<u8, Fle
         );
     }
     Ok(exit::OK)
+}
+
+/// Uploads the image if needed and runs the app whose name `deploy` claimed.
+fn run_claimed(
+    client: &Client,
+    host: &Host,
+    hash: &str,
+    bytes: &[u8],
+    image: &str,
+    o: DeployOptions<'_>,
+    json: bool,
+) -> Result<(InstanceInfo, bool, Restart), FleetError> {
+    let uploaded = ensure_image(client, host, hash, bytes, json)?;
+    let req = RunRequest {
+        name: o.name.to_owned(),
+        image: image.to_owned(),
+        mem: o.mem,
+        env: o.env,
+        args: o.args,
+        publish: o.publish,
+        checkpoint_every_ms: o.checkpoint_every_ms,
+        restart: o.restart,
+        ..RunRequest::default()
+    };
+    let inst: InstanceInfo = client.run(&req).map_err(|e| match e {
+        ClientError::Api { message, .. } => FleetError::Failed(format!(
+            "host {} refused to run {}: {message}",
+            host.name, o.name
+        )),
+        e => e.into(),
+    })?;
+    Ok((inst, uploaded, o.restart))
 }
 
 // ---- ps ----
@@ -617,6 +655,13 @@ pub fn migrate(fleet: &Fleet, name: &str, to: &str, json: bool) -> Result<u8, Fl
     }
     let bar = bar(None, "{spinner} {elapsed_precise} {wide_msg}", json);
     bar.set_message(format!("migrating {name} from {} to {to}", loc.live.label));
+    let hosts = [loc.live.label.as_str(), dest.name.as_str()];
+    fleet.note(Event::new(
+        Kind::MigrationStarted,
+        Some(name),
+        &hosts,
+        serde_json::Value::Null,
+    ));
     let result = loc.live.client.migrate(
         name,
         &MigrateRequest {
@@ -635,11 +680,18 @@ pub fn migrate(fleet: &Fleet, name: &str, to: &str, json: bool) -> Result<u8, Fl
         },
     );
     bar.finish_and_clear();
-    let report = result.map_err(|e| match e {
-        ClientError::Migration { error, .. } => {
-            FleetError::Failed(format!("migration of {name} to {to} failed: {error}"))
-        }
-        e => FleetError::Failed(format!("migration of {name} to {to} failed: {e}")),
+    let report = result.map_err(|e| {
+        let error = match e {
+            ClientError::Migration { error, .. } => error,
+            e => e.to_string(),
+        };
+        fleet.note(Event::new(
+            Kind::MigrationFailed,
+            Some(name),
+            &hosts,
+            serde_json::json!({ "error": error }),
+        ));
+        FleetError::Failed(format!("migration of {name} to {to} failed: {error}"))
     })?;
     let summary = MigrationEvent::Done(report.clone()).to_string();
     if keep_restart {
@@ -654,6 +706,12 @@ pub fn migrate(fleet: &Fleet, name: &str, to: &str, json: bool) -> Result<u8, Fl
         }
     }
     record_move(fleet, name, &dest.name)?;
+    fleet.note(Event::new(
+        Kind::MigrationDone,
+        Some(name),
+        &hosts,
+        serde_json::to_value(&report).expect("serializable"),
+    ));
     let out = Migrated {
         name: name.to_owned(),
         from: loc.live.label,
@@ -718,7 +776,15 @@ pub fn stop(fleet: &Fleet, name: &str, json: bool) -> Result<u8, FleetError> {
             eprintln!("warning: {name}'s ports on {label}: {e}");
         }
     }
-    fleet.remove_app(name, Expect::Any)?;
+    // Forgotten only as this command found it (another CLI may have moved
+    // or redeployed it meanwhile: then a conflict, status 5).
+    fleet.remove_app(name, Expect::Version(loc.app.version))?;
+    fleet.note(Event::new(
+        Kind::Stop,
+        Some(name),
+        &[&loc.live.label],
+        serde_json::Value::Null,
+    ));
     if json {
         print_json(&serde_json::json!({
             "name": name,
@@ -729,4 +795,82 @@ pub fn stop(fleet: &Fleet, name: &str, json: bool) -> Result<u8, FleetError> {
         println!("stopped {name} on {}", loc.live.label);
     }
     Ok(exit::OK)
+}
+
+// ---- events ----
+
+/// Print the fleet's events (deploys, stops, migrations, hosts up and
+/// down, scheduler leaders), oldest first; the store keeps the last 1,000.
+#[derive(clap::Args)]
+pub struct EventsArgs {
+    /// Keep printing new events as they happen (until killed); a lost
+    /// store is waited for and the stream resumes where it left off.
+    #[arg(long, short)]
+    follow: bool,
+    /// Only the events after this revision (the REV column).
+    #[arg(long, value_name = "REV", default_value_t = 0)]
+    since: u64,
+    /// One JSON object per line (rev, time, kind, app, hosts, details).
+    #[arg(long)]
+    json: bool,
+}
+
+/// `events`: the history after `--since`, then (`--follow`) what comes.
+pub fn events(fleet: &Fleet, args: &EventsArgs) -> Result<u8, FleetError> {
+    let mut stdout = std::io::stdout();
+    if !args.json {
+        let _ = writeln!(
+            stdout,
+            "{:>8}  {:<24} {:<18} {:<14} {:<20} DETAILS",
+            "REV", "TIME", "KIND", "APP", "HOSTS"
+        );
+    }
+    let mut print = |e: Event| {
+        let line = if args.json {
+            serde_json::to_string(&e).expect("serializable")
+        } else {
+            event_line(&e)
+        };
+        // A closed pipe ends a follow.
+        writeln!(stdout, "{line}")
+            .and_then(|()| stdout.flush())
+            .is_ok()
+    };
+    if args.follow {
+        fleet::events::follow(fleet, args.since, &mut print)?;
+    } else {
+        for e in fleet.events(args.since)? {
+            if !print(e) {
+                break;
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+/// An event as a table row.
+fn event_line(e: &Event) -> String {
+    let time = std::time::UNIX_EPOCH + Duration::try_from_secs_f64(e.time).unwrap_or_default();
+    let details = match (e.kind, &e.details) {
+        (_, serde_json::Value::Null) => String::new(),
+        (Kind::MigrationDone, d) => match serde_json::from_value(d.clone()) {
+            Ok(report) => MigrationEvent::Done(report).to_string(),
+            Err(_) => d.to_string(),
+        },
+        (_, d) => d.to_string(),
+    };
+    format!(
+        "{:>8}  {:<24} {:<18} {:<14} {:<20} {details}",
+        e.rev,
+        humantime::format_rfc3339_millis(time).to_string(),
+        e.kind.to_string(),
+        e.app.as_deref().unwrap_or("-"),
+        match e.kind {
+            _ if e.hosts.is_empty() => "-".to_owned(),
+            Kind::MigrationStarted | Kind::MigrationDone | Kind::MigrationFailed => {
+                e.hosts.join(" -> ")
+            }
+            _ => e.hosts.join(","),
+        },
+    )
 }
