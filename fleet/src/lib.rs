@@ -14,6 +14,7 @@
 
 pub mod etcd;
 pub mod events;
+pub mod leader;
 pub mod locate;
 pub mod registry;
 pub mod schedule;
@@ -177,6 +178,12 @@ pub fn default_path() -> PathBuf {
 /// Typed access to the fleet state.
 pub struct Fleet {
     store: Box<dyn FleetStore>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet").finish_non_exhaustive()
+    }
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(

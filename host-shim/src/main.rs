@@ -464,7 +464,7 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
         .unwrap_or_else(|| format!("file://{}", target.fleet.display()));
     let fleet = || store::open(&store).map(Fleet::new);
     match command {
-        Command::Schedule(args) => cli::schedule::schedule(args, target.shims.clone(), &fleet()?),
+        Command::Schedule(args) => cli::schedule::schedule(args, target.shims.clone(), &store),
         Command::Fleet(FleetCommand::Add(a)) => fleet_status(commands::fleet_add(
             &fleet()?,
             Host {

@@ -863,3 +863,116 @@ fn one_deploy_wins_a_name_and_events_follow_every_step_across_an_etcd_restart() 
         "{table}"
     );
 }
+
+/// `host-shim --store URL schedule kv ...` as replica `name`, its output in
+/// `dir/NAME.out`.
+fn scheduler(url: &str, name: &str, prices: &std::path::Path, dir: &TempDir) -> Child {
+    let out = std::fs::File::create(dir.path(&format!("{name}.out"))).unwrap();
+    Command::new(BIN)
+        .args(["--store", url, "schedule", "kv", "--policy", "cost"])
+        .args(["--threshold", "0.01", "--interval", "300ms"])
+        .args(["--prices", prices.to_str().unwrap()])
+        .args(["--replica", name, "--leader-ttl", "2s"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("spawn host-shim schedule")
+}
+
+#[test]
+fn two_scheduler_replicas_elect_a_leader_and_the_other_takes_over_when_it_is_killed() {
+    let dir = TempDir::new("etcd-leader");
+    let etcd = Etcd::start(&dir);
+    let url = etcd.url();
+    let follower = Follower::start(&url);
+    let (sa, sb) = (dir.path("a-state"), dir.path("b-state"));
+    let serve = |name, region, id, state: &std::path::Path| {
+        let extra = ["--store", &url, "--state-dir", state.to_str().unwrap()];
+        Daemon::start_in(name, region, id, &extra, &[], &dir)
+    };
+    let _a = serve("a", "east", 1, &sa);
+    let _b = serve("b", "west", 2, &sb);
+    ok(&url, &["deploy", &kv_img(), "--on", "a", "--name", "kv"]);
+    let prices = dir.path("prices.csv");
+    std::fs::write(&prices, "region,price\neast,0.03\nwest,0.10\n").unwrap();
+    let leader_is = |replica: &'static str| {
+        move |e: &Value| e["kind"] == "leader-change" && e["details"]["replica"] == replica
+    };
+    let moved_by = |replica: &'static str| {
+        move |e: &Value| e["kind"] == "migration-done" && e["details"]["replica"] == replica
+    };
+
+    let mut r1 = scheduler(&url, "r1", &prices, &dir);
+    follower.until(Duration::from_secs(20), leader_is("r1"));
+    let mut r2 = scheduler(&url, "r2", &prices, &dir);
+    let r2_out = dir.path("r2.out");
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&r2_out)
+        .unwrap_or_default()
+        .contains("standing by (r1 leads)")
+    {
+        assert!(Instant::now() < give_up, "r2 never stood by");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The leader moves kv where it is cheaper; the other replica does not.
+    std::fs::write(&prices, "region,price\neast,0.10\nwest,0.03\n").unwrap();
+    let seen = follower.until(Duration::from_secs(30), moved_by("r1"));
+    assert_eq!(seen.last().unwrap()["hosts"], json!(["a", "b"]));
+    let on = |host: &str| {
+        let ps: Value = serde_json::from_str(&ok(&url, &["ps", "--json"])).unwrap();
+        let rows = ps["instances"].as_array().unwrap().clone();
+        rows.iter()
+            .any(|r| r["name"] == "kv" && r["host"] == host && r["state"] == "running")
+    };
+    assert!(on("b"));
+    assert_eq!(host_row(&url, "b").unwrap()["apps"], 1, "kv's owner is b");
+
+    // Kill the leader: r2 takes over within the lease's TTL.
+    r1.kill().unwrap();
+    let killed = Instant::now();
+    let _ = r1.wait();
+    follower.until(Duration::from_secs(20), leader_is("r2"));
+    let takeover = killed.elapsed();
+    eprintln!("takeover after the leader was killed: {takeover:?} (lease TTL 2s)");
+    assert!(
+        takeover < Duration::from_secs(8),
+        "takeover took {takeover:?}"
+    );
+
+    // The new leader moves kv back when prices turn; one move per decision.
+    std::fs::write(&prices, "region,price\neast,0.03\nwest,0.10\n").unwrap();
+    follower.until(Duration::from_secs(30), moved_by("r2"));
+    assert!(on("a"));
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = r2.kill();
+    let _ = r2.wait();
+    let history: Vec<Value> = ok(&url, &["events", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let moves: Vec<(String, String)> = history
+        .iter()
+        .filter(|e| e["kind"].as_str().unwrap().starts_with("migration"))
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap().to_owned(),
+                e["details"]["replica"].as_str().unwrap_or("-").to_owned(),
+            )
+        })
+        .collect();
+    let pair = |k: &str, r: &str| (k.to_owned(), r.to_owned());
+    assert_eq!(
+        moves,
+        [
+            pair("migration-started", "r1"),
+            pair("migration-done", "r1"),
+            pair("migration-started", "r2"),
+            pair("migration-done", "r2"),
+        ],
+        "{history:#?}"
+    );
+    assert_eq!(host_row(&url, "a").unwrap()["apps"], 1, "kv's owner is a");
+}

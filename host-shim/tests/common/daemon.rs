@@ -53,9 +53,21 @@ impl Daemon {
         env: &[(&str, &str)],
         dir: &TempDir,
     ) -> Self {
+        Self::start_in(name, "test", shim_id, extra, env, dir)
+    }
+
+    /// A plain daemon in `region`.
+    pub fn start_in(
+        name: &str,
+        region: &str,
+        shim_id: u8,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        dir: &TempDir,
+    ) -> Self {
         let addr = format!("127.0.0.1:{}", free_port());
         let mut args = vec![
-            "serve", "--listen", &addr, "--name", name, "--region", "test",
+            "serve", "--listen", &addr, "--name", name, "--region", region,
         ];
         let id = shim_id.to_string();
         args.extend(["--shim-id", &id]);
