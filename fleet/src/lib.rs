@@ -3,8 +3,11 @@
 //! [`store::FleetStore`] (a local file by default, or etcd: [`etcd`]; hosts
 //! that register themselves under a lease: [`registry`]), and the path
 //! from an app's recorded host to the shim it runs on ([`locate`]); the
-//! `host-shim` CLI's fleet commands (`fleet add/ls/rm`, `deploy`, `ps`,
-//! `logs`, `migrate`, `stop`) drive them and render what they return.
+//! operations a user performs on apps ([`ops`]: deploy, ps, migrate, stop,
+//! each changing an app's record only by compare-and-swap), the fleet's
+//! event stream ([`events`]) and leader election among controller
+//! replicas ([`leader`]). The `host-shim` CLI's fleet commands drive them
+//! and render what they return.
 //!
 //! Every API client of a fleet host is made by [`client_for`], the one
 //! place that turns a host's URL, pinned fingerprint and token into a
@@ -16,6 +19,7 @@ pub mod etcd;
 pub mod events;
 pub mod leader;
 pub mod locate;
+pub mod ops;
 pub mod registry;
 pub mod schedule;
 pub mod store;
