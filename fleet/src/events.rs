@@ -180,7 +180,7 @@ impl Fleet {
 
 /// Delivers every event after revision `since` to `on`, in order, then
 /// each new one as it is recorded, until `on` returns `false`. A lost
-/// store is waited for (a warning, then again every [`RECONNECT`]) and
+/// store is waited for (a warning, then a retry every half second) and
 /// the stream resumes after the last event delivered. `on` must not use
 /// `fleet`'s store (it runs inside its watch).
 pub fn follow(
