@@ -747,12 +747,19 @@ fn one_deploy_wins_a_name_and_events_follow_every_step_across_an_etcd_restart() 
         Daemon::start(
             name,
             id,
-            &["--store", &url, "--state-dir", state.to_str().unwrap()],
+            &[
+                "--store",
+                &url,
+                "--lease-ttl",
+                "2s",
+                "--state-dir",
+                state.to_str().unwrap(),
+            ],
             &dir,
         )
     };
     let _a = serve("a", 1, &sa);
-    let _b = serve("b", 2, &sb);
+    let mut b = serve("b", 2, &sb);
     let img = kv_img();
 
     // Two deploys of one name at once: one wins, the other gets status 5
@@ -862,6 +869,21 @@ fn one_deploy_wins_a_name_and_events_follow_every_step_across_an_etcd_restart() 
         table.contains("migration-done") && table.contains("downtime"),
         "{table}"
     );
+
+    // A killed host cannot say it went down: a live one notices its lease
+    // lapsed and records it, once.
+    b.child.kill().unwrap();
+    let _ = b.child.wait();
+    let down = follower.until(Duration::from_secs(20), |e| e["kind"] == "host-down");
+    let down = down.last().unwrap();
+    assert_eq!(down["hosts"], json!(["b"]), "{down}");
+    assert_eq!(down["details"]["noticed_by"], "a", "{down}");
+    std::thread::sleep(Duration::from_secs(3));
+    let downs = ok(&url, &["events", "--json"])
+        .lines()
+        .filter(|l| l.contains("host-down"))
+        .count();
+    assert_eq!(downs, 1);
 }
 
 /// `host-shim --store URL schedule kv ...` as replica `name`, its output in
