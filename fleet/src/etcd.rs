@@ -346,6 +346,9 @@ impl FleetStore for EtcdStore {
                     }
                     Err(e) => return Err(self.error(&e)),
                 };
+                if resp.canceled() && resp.compact_revision() > 0 {
+                    return Err(StoreError::Compacted(resp.compact_revision() as u64));
+                }
                 if resp.canceled() {
                     return Err(StoreError::Etcd {
                         endpoints: self.endpoints.clone(),

@@ -190,6 +190,9 @@ pub fn follow(
 ) -> Result<(), FleetError> {
     let mut last = since;
     let mut lost = false;
+    // Below this revision etcd keeps no history to watch from (compacted):
+    // what is left of it is in the listed ring.
+    let mut floor = 0;
     loop {
         // The history (again, after a reconnect: a compacted revision
         // cannot be watched from, but the ring still has the events).
@@ -216,7 +219,7 @@ pub fn follow(
             }
         }
         let mut stopped = false;
-        let watched = fleet.store.watch(PREFIX, last, &mut |key, v| {
+        let watched = fleet.store.watch(PREFIX, last.max(floor), &mut |key, v| {
             if v.version <= last {
                 return true;
             }
@@ -236,6 +239,11 @@ pub fn follow(
         match watched {
             Ok(()) if stopped => return Ok(()),
             Ok(()) => {}
+            Err(StoreError::Compacted(revision)) => {
+                // List again (the ring has every event still kept), then
+                // watch from the compaction on.
+                floor = revision.saturating_sub(1);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, after = last, "the event watch ended; reconnecting");
                 lost = true;

@@ -102,6 +102,8 @@ pub enum StoreError {
     BadRecord { key: String, detail: String },
     #[error("lease {0:x} has expired (not kept alive within its time to live)")]
     LeaseExpired(i64),
+    #[error("the store's history before revision {0} was compacted away")]
+    Compacted(u64),
     #[error("this fleet store has no leases: {0} needs an etcd store (--store etcd://HOST:PORT)")]
     NoLeases(&'static str),
 }

@@ -998,3 +998,53 @@ fn two_scheduler_replicas_elect_a_leader_and_the_other_takes_over_when_it_is_kil
     );
     assert_eq!(host_row(&url, "a").unwrap()["apps"], 1, "kv's owner is a");
 }
+
+#[test]
+fn events_follow_starts_over_a_compacted_history_without_repeating() {
+    let dir = TempDir::new("etcd-compact");
+    let etcd = Etcd::start(&dir);
+    let url = etcd.url();
+    let put = |key: &str, value: &str| {
+        let out = etcd.ctl(&["put", &format!("/host-shim/fleet/{key}"), value]);
+        assert!(out.status.success(), "etcdctl put: {}", text(&out));
+    };
+    for (slot, app) in [("000000", "x0"), ("000001", "x1"), ("000002", "x2")] {
+        put(
+            &format!("events/{slot}"),
+            &json!({ "time": 1.0, "kind": "stop", "app": app }).to_string(),
+        );
+    }
+    // The ring overwrote slot 1; other keys changed; then etcd compacted
+    // its history past the last event.
+    put(
+        "events/000001",
+        &json!({ "time": 2.0, "kind": "deploy", "app": "y" }).to_string(),
+    );
+    for i in 0..10 {
+        put(&format!("other/k{i}"), "1");
+    }
+    let status = etcd.ctl(&["endpoint", "status", "-w", "json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let rev = status[0]["Status"]["header"]["revision"].as_u64().unwrap();
+    let out = etcd.ctl(&["compact", &rev.to_string()]);
+    assert!(out.status.success(), "etcdctl compact: {}", text(&out));
+
+    let follower = Follower::start(&url);
+    let history = follower.until(Duration::from_secs(10), |e| e["app"] == "y");
+    put(
+        "events/000003",
+        &json!({ "time": 3.0, "kind": "stop", "app": "z" }).to_string(),
+    );
+    let new = follower.until(Duration::from_secs(10), |e| e["app"] == "z");
+    let apps: Vec<&str> = history
+        .iter()
+        .chain(&new)
+        .map(|e| e["app"].as_str().unwrap())
+        .collect();
+    assert_eq!(apps, ["x0", "x2", "y", "z"]);
+    // Nothing else comes (no event repeated).
+    assert!(follower
+        .events
+        .recv_timeout(Duration::from_secs(1))
+        .is_err());
+}
