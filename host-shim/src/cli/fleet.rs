@@ -6,6 +6,7 @@
 //! to stdout, progress bars and notes to stderr, `--json` prints one JSON
 //! document on stdout instead of the table (`events --json`: one per line).
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use fleet::events::{Event, Kind};
 use fleet::locate::{hop_to, locate, record_move};
 use fleet::ops::{self, DeployRequest, Progress};
 use fleet::store::Expect;
-use fleet::{client_for, exit, App, Fleet, FleetError, Host};
+use fleet::{client_for, exit, Fleet, FleetError, Host};
 
 /// Prints `value` as JSON on stdout (a closed pipe is not an error).
 fn print_json(value: &impl Serialize) {
@@ -72,14 +73,19 @@ struct HostView<'a> {
 }
 
 impl<'a> HostView<'a> {
-    fn new(h: &'a Host, apps: &[App], alive: &std::collections::BTreeSet<String>) -> Self {
+    /// `apps`: how many apps each host runs.
+    fn new(
+        h: &'a Host,
+        apps: &HashMap<&str, usize>,
+        alive: &std::collections::BTreeSet<String>,
+    ) -> Self {
         Self {
             name: &h.name,
             url: &h.url,
             region: &h.region,
             fingerprint: h.fingerprint.as_deref(),
             token: h.token.is_some(),
-            apps: apps.iter().filter(|a| a.host == h.name).count(),
+            apps: apps.get(h.name.as_str()).copied().unwrap_or(0),
             state: match (alive.contains(&h.name), h.registered) {
                 (true, _) => "up",
                 (false, true) => "down",
@@ -138,7 +144,7 @@ pub fn fleet_add(fleet: &Fleet, mut host: Host, json: bool) -> Result<u8, FleetE
     }
     fleet.put_host(&host, expect)?;
     if json {
-        print_json(&HostView::new(&host, &[], &Default::default()));
+        print_json(&HostView::new(&host, &HashMap::new(), &Default::default()));
     } else {
         println!(
             "added {} ({}): shim '{}' in region {}, {} instance(s){}",
@@ -181,9 +187,13 @@ pub fn fleet_ls(fleet: &Fleet, json: bool) -> Result<u8, FleetError> {
     let hosts = fleet.hosts()?;
     let apps = fleet.apps()?;
     let alive = fleet.alive()?;
+    let mut per_host: HashMap<&str, usize> = HashMap::new();
+    for a in &apps {
+        *per_host.entry(a.host.as_str()).or_default() += 1;
+    }
     let views: Vec<HostView> = hosts
         .iter()
-        .map(|h| HostView::new(h, &apps, &alive))
+        .map(|h| HostView::new(h, &per_host, &alive))
         .collect();
     if json {
         print_json(&views);
