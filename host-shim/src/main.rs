@@ -89,7 +89,8 @@ without --shim):
        the pinned one), bad flags, unreadable image or state file
     3  not found: no such host or app in the fleet, or not on its host
     4  unreachable: a host did not answer (ps lists the others first)
-    5  conflict: the fleet state changed meanwhile (another CLI); run it again";
+    5  conflict: the fleet state changed meanwhile (another CLI); run it again;
+       deploy: the fleet has an app of that name (another deploy won it)";
 
 /// A small KVM monitor that boots libcloud unikernel images.
 #[derive(Parser)]
