@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
-    TxnOpResponse,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
+    TxnOp, TxnOpResponse, WatchOptions,
 };
 use serde_json::Value;
 
@@ -26,6 +26,10 @@ pub const PREFIX: &str = "/host-shim/fleet/";
 
 /// How long any etcd call may take, connecting included.
 pub const DEADLINE: Duration = Duration::from_secs(5);
+
+/// How often an idle connection is pinged (a watch on a member that
+/// stopped answering ends within this plus [`DEADLINE`]).
+const KEEP_ALIVE: Duration = Duration::from_secs(2);
 
 /// Keys per answer of a list (each far below gRPC's 4 MiB message limit).
 const PAGE: i64 = 1000;
@@ -76,7 +80,10 @@ impl EtcdStore {
         let options = ConnectOptions::new()
             .with_connect_timeout(deadline)
             .with_timeout(deadline)
-            .with_require_leader(true);
+            .with_require_leader(true)
+            // A member that stops answering under a long watch is noticed.
+            .with_keep_alive(KEEP_ALIVE, deadline)
+            .with_keep_alive_while_idle(true);
         let mut members = Vec::with_capacity(endpoints.len());
         for e in endpoints {
             // The channel connects lazily: this does not wait for the member.
@@ -276,7 +283,99 @@ fn decode(kv: &KeyValue) -> Result<(String, Versioned<Value>), StoreError> {
     }
 }
 
+impl EtcdStore {
+    /// Opens a watch of `prefix` from revision `from` on the member that
+    /// answered last, else on the others in turn, within the deadline.
+    async fn open_watch(
+        &self,
+        prefix: &str,
+        from: u64,
+    ) -> Result<etcd_client::WatchStream, StoreError> {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(i64::try_from(from).unwrap_or(i64::MAX));
+        let first = self.preferred.load(Ordering::Relaxed);
+        let n = self.members.len();
+        let mut last = None;
+        for k in 0..n {
+            let i = (first + k) % n;
+            let mut client = self.members[i].clone();
+            let opened = tokio::time::timeout(
+                self.deadline,
+                client.watch(Self::key(prefix), Some(options.clone())),
+            )
+            .await;
+            match opened {
+                Ok(Ok(stream)) => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok(stream);
+                }
+                Ok(Err(e)) => last = Some(self.error(&e)),
+                Err(_) => {}
+            }
+        }
+        Err(last.unwrap_or(StoreError::Timeout {
+            endpoints: self.endpoints.clone(),
+            after: self.deadline,
+        }))
+    }
+}
+
 impl FleetStore for EtcdStore {
+    /// An etcd watch of the prefix from revision `after + 1`: etcd sends
+    /// every write since then, in revision order, then each new one as it
+    /// happens. A broken connection, or a member that stops answering
+    /// (its pings go unanswered), ends it with an error; a start revision
+    /// that etcd compacted away is an error too (the caller lists again).
+    fn watch(
+        &self,
+        prefix: &str,
+        after: u64,
+        on: &mut dyn FnMut(String, Versioned<Value>) -> bool,
+    ) -> Result<(), StoreError> {
+        self.runtime.block_on(async {
+            let mut stream = self.open_watch(prefix, after + 1).await?;
+            loop {
+                let resp = match stream.message().await {
+                    Ok(Some(resp)) => resp,
+                    Ok(None) => {
+                        return Err(StoreError::Etcd {
+                            endpoints: self.endpoints.clone(),
+                            detail: "the watch stream ended".into(),
+                        })
+                    }
+                    Err(e) => return Err(self.error(&e)),
+                };
+                if resp.canceled() && resp.compact_revision() > 0 {
+                    return Err(StoreError::Compacted(resp.compact_revision() as u64));
+                }
+                if resp.canceled() {
+                    return Err(StoreError::Etcd {
+                        endpoints: self.endpoints.clone(),
+                        detail: format!(
+                            "watch canceled (compacted up to revision {}): {}",
+                            resp.compact_revision(),
+                            resp.cancel_reason()
+                        ),
+                    });
+                }
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv().filter(|_| ev.event_type() == EventType::Put) else {
+                        continue;
+                    };
+                    match decode(kv) {
+                        Ok((key, v)) => {
+                            if !on(key, v) {
+                                return Ok(());
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "skipping a watched record"),
+                    }
+                }
+            }
+        })
+    }
+
     fn get(&self, key: &str) -> Result<Option<Versioned<Value>>, StoreError> {
         let full = Self::key(key);
         let resp = self.call(|mut c| {

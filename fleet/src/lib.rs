@@ -3,8 +3,11 @@
 //! [`store::FleetStore`] (a local file by default, or etcd: [`etcd`]; hosts
 //! that register themselves under a lease: [`registry`]), and the path
 //! from an app's recorded host to the shim it runs on ([`locate`]); the
-//! `host-shim` CLI's fleet commands (`fleet add/ls/rm`, `deploy`, `ps`,
-//! `logs`, `migrate`, `stop`) drive them and render what they return.
+//! operations a user performs on apps ([`ops`]: deploy, ps, migrate, stop,
+//! each changing an app's record only by compare-and-swap), the fleet's
+//! event stream ([`events`]) and leader election among controller
+//! replicas ([`leader`]). The `host-shim` CLI's fleet commands drive them
+//! and render what they return.
 //!
 //! Every API client of a fleet host is made by [`client_for`], the one
 //! place that turns a host's URL, pinned fingerprint and token into a
@@ -13,7 +16,10 @@
 //! no VMM in it.
 
 pub mod etcd;
+pub mod events;
+pub mod leader;
 pub mod locate;
+pub mod ops;
 pub mod registry;
 pub mod schedule;
 pub mod store;
@@ -36,7 +42,8 @@ pub mod exit {
     pub const NOT_FOUND: u8 = 3;
     /// A host did not answer (`ps`: after listing the others).
     pub const UNREACHABLE: u8 = 4;
-    /// The fleet state changed under this command (another CLI): run it again.
+    /// The fleet state changed under this command (another CLI): run it
+    /// again; `deploy`: another deploy holds the name.
     pub const CONFLICT: u8 = 5;
 }
 
@@ -108,6 +115,9 @@ pub enum FleetError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Failed(String),
+    /// Another party holds what this command needed (an app's name).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl From<ClientError> for FleetError {
@@ -125,7 +135,9 @@ impl FleetError {
         match self {
             FleetError::NotFound(_) => exit::NOT_FOUND,
             FleetError::Unreachable(_) => exit::UNREACHABLE,
-            FleetError::Store(StoreError::Conflict { .. }) => exit::CONFLICT,
+            FleetError::Store(StoreError::Conflict { .. }) | FleetError::Conflict(_) => {
+                exit::CONFLICT
+            }
             _ => exit::FAILED,
         }
     }
@@ -170,6 +182,12 @@ pub fn default_path() -> PathBuf {
 /// Typed access to the fleet state.
 pub struct Fleet {
     store: Box<dyn FleetStore>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet").finish_non_exhaustive()
+    }
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(

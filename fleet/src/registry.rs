@@ -12,6 +12,10 @@
 //!   [`Registration`]'s thread keeps alive. When the daemon dies (or loses
 //!   the store for longer than the lease's TTL) the key vanishes and the
 //!   host shows as down. Only one daemon at a time holds a name's key.
+//!
+//! Every registered daemon also looks, once per TTL, for registered hosts
+//! without a live lease, and the first to see one records its
+//! [`Kind::HostDown`] event (a killed host cannot say it went down).
 
 use std::collections::BTreeSet;
 use std::sync::mpsc;
@@ -20,11 +24,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::events::{Event, Kind};
 use super::store::{Expect, FleetStore, LeaseId, StoreError};
 use super::{Fleet, FleetError, Host};
 
 /// The prefix of the liveness keys.
 pub const ALIVE: &str = "alive/";
+
+/// The prefix of the markers of hosts noted down (one event per going down).
+pub const DOWN: &str = "down/";
 
 /// The default time to live of a host's lease (`serve --lease-ttl`).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
@@ -116,6 +124,7 @@ pub fn register(
         }
     }
     tracing::info!(host = %host.name, lease = lease.0, ?ttl, "registered in the fleet store");
+    fleet.note(up(&host));
     let (stop, stopped) = mpsc::channel();
     let name = host.name.clone();
     let thread = std::thread::Builder::new()
@@ -184,6 +193,9 @@ fn claim(fleet: &Fleet, host: &Host, lease: LeaseId) -> Result<(), Claim> {
             Some(v) => {
                 record.token = v.value.token.clone();
                 if v.value == record {
+                    fleet
+                        .store
+                        .delete(&format!("{DOWN}{}", host.name), Expect::Any)?;
                     return Ok(());
                 }
                 Expect::Version(v.version)
@@ -192,7 +204,14 @@ fn claim(fleet: &Fleet, host: &Host, lease: LeaseId) -> Result<(), Claim> {
         };
         match fleet.put_host(&record, expect) {
             Err(FleetError::Store(StoreError::Conflict { .. })) => continue,
-            other => return other.map(|_| ()).map_err(Claim::Store),
+            Err(e) => return Err(Claim::Store(e)),
+            Ok(_) => {
+                // Up again: its next going down is news.
+                fleet
+                    .store
+                    .delete(&format!("{DOWN}{}", host.name), Expect::Any)?;
+                return Ok(());
+            }
         }
     }
     Err(Claim::Store(FleetError::Failed(format!(
@@ -208,13 +227,21 @@ fn claim(fleet: &Fleet, host: &Host, lease: LeaseId) -> Result<(), Claim> {
 fn keep(fleet: &Fleet, host: &Host, mut lease: LeaseId, ttl: Duration, stop: mpsc::Receiver<()>) {
     let interval = keep_alive_interval(ttl);
     let mut lapsed = false;
+    let mut swept = Instant::now();
     // Until told to stop (a message, or the guard gone).
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
+        if !lapsed && swept.elapsed() >= ttl {
+            swept = Instant::now();
+            if let Err(e) = sweep(fleet, &host.name) {
+                tracing::warn!(host = %host.name, error = %e, "cannot look for hosts that went down");
+            }
+        }
         if lapsed {
             match fleet.store.grant_lease(ttl) {
                 Ok(new) => match claim(fleet, host, new) {
                     Ok(()) => {
                         tracing::info!(host = %host.name, lease = new.0, "registered again");
+                        fleet.note(up(host));
                         lease = new;
                         lapsed = false;
                     }
@@ -240,10 +267,63 @@ fn keep(fleet: &Fleet, host: &Host, mut lease: LeaseId, ttl: Duration, stop: mps
         }
     }
     if !lapsed {
-        if let Err(e) = fleet.store.revoke_lease(lease) {
-            tracing::warn!(host = %host.name, error = %e, "cannot revoke the host's lease");
+        match fleet.store.revoke_lease(lease) {
+            Ok(()) => {
+                if let Err(e) = went_down(fleet, &host.name, "deregistered", &host.name) {
+                    tracing::warn!(host = %host.name, error = %e, "cannot record going down");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(host = %host.name, error = %e, "cannot revoke the host's lease")
+            }
         }
     }
+}
+
+/// Notes every registered host whose lease lapsed as down, once: the
+/// first live host to see it writes `down/NAME` (compare-and-swap on an
+/// absent key, removed when the host registers again) and records the
+/// [`Kind::HostDown`] event; the others find the key and stay quiet.
+fn sweep(fleet: &Fleet, me: &str) -> Result<(), FleetError> {
+    let alive = fleet.alive()?;
+    for h in fleet.hosts()? {
+        if h.registered && !alive.contains(&h.name) {
+            went_down(fleet, &h.name, "its lease lapsed", me)?;
+        }
+    }
+    Ok(())
+}
+
+/// Records that `name` went down (`reason`, seen by host `by`) unless
+/// someone did since it last registered.
+fn went_down(fleet: &Fleet, name: &str, reason: &str, by: &str) -> Result<(), FleetError> {
+    let marker = serde_json::json!({ "by": by });
+    match fleet
+        .store
+        .put(&format!("{DOWN}{name}"), marker, Expect::Absent)
+    {
+        Ok(_) => {
+            fleet.note(Event::new(
+                Kind::HostDown,
+                None,
+                &[name],
+                serde_json::json!({ "reason": reason, "noticed_by": by }),
+            ));
+            Ok(())
+        }
+        Err(StoreError::Conflict { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The event of `host` registering.
+fn up(host: &Host) -> Event {
+    Event::new(
+        Kind::HostUp,
+        None,
+        &[&host.name],
+        serde_json::json!({ "url": host.url, "region": host.region }),
+    )
 }
 
 impl Fleet {

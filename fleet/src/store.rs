@@ -102,6 +102,8 @@ pub enum StoreError {
     BadRecord { key: String, detail: String },
     #[error("lease {0:x} has expired (not kept alive within its time to live)")]
     LeaseExpired(i64),
+    #[error("the store's history before revision {0} was compacted away")]
+    Compacted(u64),
     #[error("this fleet store has no leases: {0} needs an etcd store (--store etcd://HOST:PORT)")]
     NoLeases(&'static str),
 }
@@ -144,7 +146,40 @@ pub trait FleetStore: Send + Sync {
     ) -> Result<u64, StoreError> {
         Err(StoreError::NoLeases("a leased key"))
     }
+
+    /// Calls `on` with every write of a key under `prefix` whose version
+    /// is above `after`, in version order, as they happen, until `on`
+    /// returns `false` (then `Ok`) or the store is lost (an error: the
+    /// caller resumes from the last version it saw). Deletions are not
+    /// reported. This default polls [`FleetStore::list`] every
+    /// [`POLL`]; etcd watches.
+    fn watch(
+        &self,
+        prefix: &str,
+        after: u64,
+        on: &mut dyn FnMut(String, Versioned<Value>) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut last = after;
+        loop {
+            let mut new: Vec<_> = self
+                .list(prefix)?
+                .into_iter()
+                .filter(|(_, v)| v.version > last)
+                .collect();
+            new.sort_by_key(|(_, v)| v.version);
+            for (key, v) in new {
+                last = v.version;
+                if !on(key, v) {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(POLL);
+        }
+    }
 }
+
+/// How often [`FleetStore::watch`] polls a store that cannot watch.
+pub const POLL: Duration = Duration::from_millis(200);
 
 /// The store behind `url`: `file://PATH` (a [`FileStore`]) or
 /// `etcd://HOST:PORT[,HOST:PORT...]` (an etcd cluster, reached within

@@ -89,7 +89,8 @@ without --shim):
        the pinned one), bad flags, unreadable image or state file
     3  not found: no such host or app in the fleet, or not on its host
     4  unreachable: a host did not answer (ps lists the others first)
-    5  conflict: the fleet state changed meanwhile (another CLI); run it again";
+    5  conflict: the fleet state changed meanwhile (another CLI); run it again;
+       deploy: the fleet has an app of that name (another deploy won it)";
 
 /// A small KVM monitor that boots libcloud unikernel images.
 #[derive(Parser)]
@@ -174,6 +175,7 @@ enum Command {
     /// Every instance on every fleet host: name, host, region, state,
     /// uptime, memory, address, ports (exit status 4 if a host did not answer).
     Ps(PsArgs),
+    Events(cli::fleet::EventsArgs),
 }
 
 #[derive(Subcommand)]
@@ -469,7 +471,7 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
         .unwrap_or_else(|| format!("file://{}", target.fleet.display()));
     let fleet = || store::open(&store).map(Fleet::new);
     match command {
-        Command::Schedule(args) => cli::schedule::schedule(args, target.shims.clone(), &fleet()?),
+        Command::Schedule(args) => cli::schedule::schedule(args, target.shims.clone(), &store),
         Command::Fleet(FleetCommand::Add(a)) => fleet_status(commands::fleet_add(
             &fleet()?,
             Host {
@@ -507,6 +509,7 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
             ))
         }
         Command::Ps(a) => fleet_status(commands::ps(&fleet()?, a.all, a.json.json)),
+        Command::Events(a) => fleet_status(commands::events(&fleet()?, &a)),
         Command::Stop(a) if !on_daemon => {
             fleet_status(commands::stop(&fleet()?, &a.name, a.json.json))
         }

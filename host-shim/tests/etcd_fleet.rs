@@ -666,3 +666,385 @@ fn a_three_member_cluster_survives_one_loss_and_refuses_without_quorum() {
         .unwrap();
     wait_state(&url, "a", "up", Duration::from_secs(20));
 }
+
+/// `host-shim --store URL events --follow --json` in the background: its
+/// events arrive on a channel as they are printed.
+struct Follower {
+    child: Child,
+    events: std::sync::mpsc::Receiver<Value>,
+}
+
+impl Follower {
+    fn start(store: &str) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["--store", store, "events", "--follow", "--json"])
+            .env_remove("HOST_SHIM")
+            .env_remove("HOST_SHIM_FLEET")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn host-shim events --follow");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, events) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let v: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("events --json printed {line:?}: {e}"));
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        });
+        Self { child, events }
+    }
+
+    /// The events printed until one satisfies `last` (within `within`).
+    fn until(&self, within: Duration, last: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let give_up = Instant::now() + within;
+        let mut seen = Vec::new();
+        loop {
+            let left = give_up.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(v) => {
+                    let done = last(&v);
+                    seen.push(v);
+                    if done {
+                        return seen;
+                    }
+                }
+                Err(_) => panic!("events --follow: no matching event within {within:?}: {seen:#?}"),
+            }
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An event's kind and app, for comparing sequences.
+fn step(e: &Value) -> (String, String) {
+    (
+        e["kind"].as_str().unwrap_or("?").to_owned(),
+        e["app"].as_str().unwrap_or("-").to_owned(),
+    )
+}
+
+#[test]
+fn one_deploy_wins_a_name_and_events_follow_every_step_across_an_etcd_restart() {
+    let dir = TempDir::new("etcd-events");
+    let mut etcd = Etcd::start(&dir);
+    let url = etcd.url();
+    let follower = Follower::start(&url);
+    let (sa, sb) = (dir.path("a-state"), dir.path("b-state"));
+    let serve = |name, id, state: &std::path::Path| {
+        Daemon::start(
+            name,
+            id,
+            &[
+                "--store",
+                &url,
+                "--lease-ttl",
+                "2s",
+                "--state-dir",
+                state.to_str().unwrap(),
+            ],
+            &dir,
+        )
+    };
+    let _a = serve("a", 1, &sa);
+    let mut b = serve("b", 2, &sb);
+    let img = kv_img();
+
+    // Two deploys of one name at once: one wins, the other gets status 5
+    // and runs nothing.
+    let racers: Vec<Child> = ["a", "b"]
+        .iter()
+        .map(|on| {
+            Command::new(BIN)
+                .args(["--store", &url, "deploy", &img, "--on", on, "--name", "kv"])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<Output> = racers
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let mut codes: Vec<Option<i32>> = outs.iter().map(|o| o.status.code()).collect();
+    codes.sort();
+    assert_eq!(
+        codes,
+        [Some(0), Some(5)],
+        "{}\n{}",
+        text(&outs[0]),
+        text(&outs[1])
+    );
+    let (winner, loser) = if outs[0].status.success() {
+        ("a", &outs[1])
+    } else {
+        ("b", &outs[0])
+    };
+    assert!(
+        text(loser).contains("has an app 'kv' already"),
+        "{}",
+        text(loser)
+    );
+    let ps: Value = serde_json::from_str(&ok(&url, &["ps", "--json"])).unwrap();
+    let kvs: Vec<&Value> = ps["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["name"] == "kv")
+        .collect();
+    assert_eq!(kvs.len(), 1, "one kv runs: {ps}");
+    assert_eq!(kvs[0]["host"], winner);
+
+    // Migrate it, stop it.
+    let other = if winner == "a" { "b" } else { "a" };
+    let moved: Value =
+        serde_json::from_str(&ok(&url, &["migrate", "kv", "--to", other, "--json"])).unwrap();
+    assert_eq!(moved["to"], other, "{moved}");
+    ok(&url, &["stop", "kv"]);
+
+    // etcd goes away and comes back; meanwhile the follower reconnects.
+    let before = follower.until(Duration::from_secs(30), |e| e["kind"] == "stop");
+    etcd.stop(0);
+    std::thread::sleep(Duration::from_secs(1));
+    etcd.restart(0);
+    etcd.wait_ready();
+    ok(&url, &["deploy", &img, "--on", "a", "--name", "kv2"]);
+    ok(&url, &["stop", "kv2"]);
+    let after = follower.until(Duration::from_secs(30), |e| {
+        e["kind"] == "stop" && e["app"] == "kv2"
+    });
+
+    // Every step, once, in order, with a growing revision.
+    let seen: Vec<Value> = before.into_iter().chain(after).collect();
+    let steps: Vec<(String, String)> = seen.iter().map(step).collect();
+    let want: Vec<(String, String)> = [
+        ("host-up", "-"),
+        ("host-up", "-"),
+        ("deploy", "kv"),
+        ("migration-started", "kv"),
+        ("migration-done", "kv"),
+        ("stop", "kv"),
+        ("deploy", "kv2"),
+        ("stop", "kv2"),
+    ]
+    .iter()
+    .map(|(k, a)| ((*k).to_owned(), (*a).to_owned()))
+    .collect();
+    assert_eq!(steps, want, "{seen:#?}");
+    let revs: Vec<u64> = seen.iter().map(|e| e["rev"].as_u64().unwrap()).collect();
+    assert!(revs.windows(2).all(|w| w[0] < w[1]), "{revs:?}");
+    assert_eq!(seen[2]["hosts"], json!([winner]));
+    assert_eq!(seen[4]["hosts"], json!([winner, other]));
+    assert!(
+        seen[4]["details"]["downtime_ms"].as_f64().is_some(),
+        "the migration's figures: {}",
+        seen[4]
+    );
+
+    // The history says the same; --since skips what came before.
+    let history: Vec<Value> = ok(&url, &["events", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(history, seen);
+    let since = revs[5].to_string();
+    let tail = ok(&url, &["events", "--json", "--since", &since]);
+    assert_eq!(tail.lines().count(), 2, "{tail}");
+    let table = ok(&url, &["events"]);
+    assert!(
+        table.contains("migration-done") && table.contains("downtime"),
+        "{table}"
+    );
+
+    // A killed host cannot say it went down: a live one notices its lease
+    // lapsed and records it, once.
+    b.child.kill().unwrap();
+    let _ = b.child.wait();
+    let down = follower.until(Duration::from_secs(20), |e| e["kind"] == "host-down");
+    let down = down.last().unwrap();
+    assert_eq!(down["hosts"], json!(["b"]), "{down}");
+    assert_eq!(down["details"]["noticed_by"], "a", "{down}");
+    std::thread::sleep(Duration::from_secs(3));
+    let downs = ok(&url, &["events", "--json"])
+        .lines()
+        .filter(|l| l.contains("host-down"))
+        .count();
+    assert_eq!(downs, 1);
+}
+
+/// `host-shim --store URL schedule kv ...` as replica `name`, its output in
+/// `dir/NAME.out`.
+fn scheduler(url: &str, name: &str, prices: &std::path::Path, dir: &TempDir) -> Child {
+    let out = std::fs::File::create(dir.path(&format!("{name}.out"))).unwrap();
+    Command::new(BIN)
+        .args(["--store", url, "schedule", "kv", "--policy", "cost"])
+        .args(["--threshold", "0.01", "--interval", "300ms"])
+        .args(["--prices", prices.to_str().unwrap()])
+        .args(["--replica", name, "--leader-ttl", "2s"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("spawn host-shim schedule")
+}
+
+#[test]
+fn two_scheduler_replicas_elect_a_leader_and_the_other_takes_over_when_it_is_killed() {
+    let dir = TempDir::new("etcd-leader");
+    let etcd = Etcd::start(&dir);
+    let url = etcd.url();
+    let follower = Follower::start(&url);
+    let (sa, sb) = (dir.path("a-state"), dir.path("b-state"));
+    let serve = |name, region, id, state: &std::path::Path| {
+        let extra = ["--store", &url, "--state-dir", state.to_str().unwrap()];
+        Daemon::start_in(name, region, id, &extra, &[], &dir)
+    };
+    let _a = serve("a", "east", 1, &sa);
+    let _b = serve("b", "west", 2, &sb);
+    ok(&url, &["deploy", &kv_img(), "--on", "a", "--name", "kv"]);
+    let prices = dir.path("prices.csv");
+    std::fs::write(&prices, "region,price\neast,0.03\nwest,0.10\n").unwrap();
+    let leader_is = |replica: &'static str| {
+        move |e: &Value| e["kind"] == "leader-change" && e["details"]["replica"] == replica
+    };
+    let moved_by = |replica: &'static str| {
+        move |e: &Value| e["kind"] == "migration-done" && e["details"]["replica"] == replica
+    };
+
+    let mut r1 = scheduler(&url, "r1", &prices, &dir);
+    follower.until(Duration::from_secs(20), leader_is("r1"));
+    let mut r2 = scheduler(&url, "r2", &prices, &dir);
+    let r2_out = dir.path("r2.out");
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&r2_out)
+        .unwrap_or_default()
+        .contains("standing by (r1 leads)")
+    {
+        assert!(Instant::now() < give_up, "r2 never stood by");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The leader moves kv where it is cheaper; the other replica does not.
+    std::fs::write(&prices, "region,price\neast,0.10\nwest,0.03\n").unwrap();
+    let seen = follower.until(Duration::from_secs(30), moved_by("r1"));
+    assert_eq!(seen.last().unwrap()["hosts"], json!(["a", "b"]));
+    let on = |host: &str| {
+        let ps: Value = serde_json::from_str(&ok(&url, &["ps", "--json"])).unwrap();
+        let rows = ps["instances"].as_array().unwrap().clone();
+        rows.iter()
+            .any(|r| r["name"] == "kv" && r["host"] == host && r["state"] == "running")
+    };
+    assert!(on("b"));
+    assert_eq!(host_row(&url, "b").unwrap()["apps"], 1, "kv's owner is b");
+
+    // Kill the leader: r2 takes over within the lease's TTL.
+    r1.kill().unwrap();
+    let killed = Instant::now();
+    let _ = r1.wait();
+    follower.until(Duration::from_secs(20), leader_is("r2"));
+    let takeover = killed.elapsed();
+    eprintln!("takeover after the leader was killed: {takeover:?} (lease TTL 2s)");
+    assert!(
+        takeover < Duration::from_secs(8),
+        "takeover took {takeover:?}"
+    );
+
+    // The new leader moves kv back when prices turn; one move per decision.
+    std::fs::write(&prices, "region,price\neast,0.03\nwest,0.10\n").unwrap();
+    follower.until(Duration::from_secs(30), moved_by("r2"));
+    assert!(on("a"));
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = r2.kill();
+    let _ = r2.wait();
+    let history: Vec<Value> = ok(&url, &["events", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let moves: Vec<(String, String)> = history
+        .iter()
+        .filter(|e| e["kind"].as_str().unwrap().starts_with("migration"))
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap().to_owned(),
+                e["details"]["replica"].as_str().unwrap_or("-").to_owned(),
+            )
+        })
+        .collect();
+    let pair = |k: &str, r: &str| (k.to_owned(), r.to_owned());
+    assert_eq!(
+        moves,
+        [
+            pair("migration-started", "r1"),
+            pair("migration-done", "r1"),
+            pair("migration-started", "r2"),
+            pair("migration-done", "r2"),
+        ],
+        "{history:#?}"
+    );
+    assert_eq!(host_row(&url, "a").unwrap()["apps"], 1, "kv's owner is a");
+}
+
+#[test]
+fn events_follow_starts_over_a_compacted_history_without_repeating() {
+    let dir = TempDir::new("etcd-compact");
+    let etcd = Etcd::start(&dir);
+    let url = etcd.url();
+    let put = |key: &str, value: &str| {
+        let out = etcd.ctl(&["put", &format!("/host-shim/fleet/{key}"), value]);
+        assert!(out.status.success(), "etcdctl put: {}", text(&out));
+    };
+    for (slot, app) in [("000000", "x0"), ("000001", "x1"), ("000002", "x2")] {
+        put(
+            &format!("events/{slot}"),
+            &json!({ "time": 1.0, "kind": "stop", "app": app }).to_string(),
+        );
+    }
+    // The ring overwrote slot 1; other keys changed; then etcd compacted
+    // its history past the last event.
+    put(
+        "events/000001",
+        &json!({ "time": 2.0, "kind": "deploy", "app": "y" }).to_string(),
+    );
+    for i in 0..10 {
+        put(&format!("other/k{i}"), "1");
+    }
+    let status = etcd.ctl(&["endpoint", "status", "-w", "json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let rev = status[0]["Status"]["header"]["revision"].as_u64().unwrap();
+    let out = etcd.ctl(&["compact", &rev.to_string()]);
+    assert!(out.status.success(), "etcdctl compact: {}", text(&out));
+
+    let follower = Follower::start(&url);
+    let history = follower.until(Duration::from_secs(10), |e| e["app"] == "y");
+    put(
+        "events/000003",
+        &json!({ "time": 3.0, "kind": "stop", "app": "z" }).to_string(),
+    );
+    let new = follower.until(Duration::from_secs(10), |e| e["app"] == "z");
+    let apps: Vec<&str> = history
+        .iter()
+        .chain(&new)
+        .map(|e| e["app"].as_str().unwrap())
+        .collect();
+    assert_eq!(apps, ["x0", "x2", "y", "z"]);
+    // Nothing else comes (no event repeated).
+    assert!(follower
+        .events
+        .recv_timeout(Duration::from_secs(1))
+        .is_err());
+}

@@ -285,6 +285,24 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// The control plane at scale: a real etcd (needs etcd-server) with simulated hosts
+    /// (a lease and a record each) and app records, and the file store with the same
+    /// records: `fleet ls`, `ps`, `events` times, compare-and-swap transactions, the event
+    /// stream's lag to `events --follow` (p50/p99) and the stores' sizes, side by side.
+    ControlPlane {
+        /// Simulated hosts.
+        #[arg(long, default_value_t = 1000)]
+        hosts: usize,
+        /// App records.
+        #[arg(long, default_value_t = 100_000)]
+        apps: usize,
+        /// Runs per timed command.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Events written for the lag measurement (a tenth on the file store).
+        #[arg(long, default_value_t = 200)]
+        events: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -358,6 +376,20 @@ fn dispatch(ws: &Workspace, command: Cmd) -> Result<()> {
         Cmd::Bench(BenchCmd::Checkpoint { runs }) => {
             bench::checkpoint::run(ws, &bench::checkpoint::CheckpointOptions { runs })
         }
+        Cmd::Bench(BenchCmd::ControlPlane {
+            hosts,
+            apps,
+            runs,
+            events,
+        }) => bench::control_plane::run(
+            ws,
+            &bench::control_plane::ControlPlaneOptions {
+                hosts,
+                apps,
+                runs,
+                events,
+            },
+        ),
         Cmd::Soak(a) => soak::run(
             ws,
             &soak::SoakOptions {

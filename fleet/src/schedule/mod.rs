@@ -82,6 +82,12 @@ pub struct ScheduleConfig {
     /// Where each decision, move and warning goes, one line at a time, as
     /// it happens (the CLI prints them; the events file has them typed).
     pub report: fn(&str),
+    /// One of several replicas: decide and move only while this one
+    /// leads ([`crate::leader`]); the others watch and stand by.
+    pub leader: Option<Arc<crate::leader::Elector>>,
+    /// The fleet state: a move is recorded there (the app's host, by
+    /// compare-and-swap) and in its event stream.
+    pub state: Option<Arc<crate::Fleet>>,
 }
 
 /// A setup error of the controller.
@@ -182,6 +188,7 @@ pub fn run(config: &ScheduleConfig) -> Result<(), ScheduleError> {
     let patience = config.interval.max(Duration::from_secs(2));
     // The first reading only sets the counters' baseline.
     fleet.observe(&config.app, patience);
+    let mut was_leading = None;
     loop {
         // A round that overran does not make the next ones hurry.
         next = (next + config.interval).max(Instant::now());
@@ -197,7 +204,27 @@ pub fn run(config: &ScheduleConfig) -> Result<(), ScheduleError> {
             (config.report)(&format!("[{:7.1}s] warning: {warning}", now.as_secs_f64()));
         }
         load_feeds(config, &fleet, &mut observed, now);
-        step(config, &mut fleet, &mut sched, &observed, now, &mut events)?;
+        let leading = config.leader.as_ref().is_none_or(|l| l.leading());
+        if was_leading != Some(leading) {
+            if let Some(l) = &config.leader {
+                (config.report)(&match leading {
+                    true => format!(
+                        "[{:7.1}s] {} leads: deciding",
+                        now.as_secs_f64(),
+                        l.replica()
+                    ),
+                    false => format!(
+                        "[{:7.1}s] standing by ({} leads)",
+                        now.as_secs_f64(),
+                        l.leader().as_deref().unwrap_or("no replica yet")
+                    ),
+                });
+            }
+            was_leading = Some(leading);
+        }
+        if leading {
+            step(config, &mut fleet, &mut sched, &observed, now, &mut events)?;
+        }
         if config.rounds.is_some_and(|n| round >= n) {
             if incomplete > 0 {
                 return Err(ScheduleError::HostsLeftOut {
@@ -266,11 +293,29 @@ fn step(
     };
     debug_assert_eq!(from, current);
     let app = config.app.as_str().into();
+    if config.leader.as_ref().is_some_and(|l| !l.confirm()) {
+        (config.report)(&format!(
+            "[{t:7.1}s] no longer the leader: the move is left to the one that leads now"
+        ));
+        return Ok(());
+    }
     if sched.migration_started(&app, now).is_err() {
         return Ok(()); // already in flight: the scheduler said stay
     }
-    let (ok, message, downtime_ms, total_ms) = migrate(fleet, &config.app, from, to);
+    let record = Record::new(config, fleet, from, to);
+    record.event(
+        crate::events::Kind::MigrationStarted,
+        serde_json::Value::Null,
+    );
+    let (ok, message, downtime_ms, total_ms, report) = migrate(fleet, &config.app, from, to);
     let _ = sched.migration_finished(&app, now, ok);
+    match report {
+        Some(report) => record.done(report),
+        None => record.event(
+            crate::events::Kind::MigrationFailed,
+            serde_json::json!({ "error": message }),
+        ),
+    }
     (config.report)(&format!(
         "[{:7.1}s] migration of {} {} -> {}: {message}",
         now.as_secs_f64(),
@@ -290,16 +335,91 @@ fn step(
     })
 }
 
+/// A move as the fleet state records it: the app's host (by
+/// compare-and-swap) and the event stream, when the controller has a store.
+struct Record<'a> {
+    config: &'a ScheduleConfig,
+    /// The fleet hosts (else the shims' addresses) of the move.
+    hosts: [String; 2],
+    /// The destination's fleet host.
+    to: Option<String>,
+}
+
+impl<'a> Record<'a> {
+    fn new(config: &'a ScheduleConfig, fleet: &Fleet, from: RegionId, to: RegionId) -> Self {
+        let host = |r| {
+            let addr = fleet.shim_of(r).map_or("?", |(a, _)| a);
+            let name = config
+                .state
+                .as_ref()
+                .and_then(|s| s.host_by_addr(addr).ok().flatten())
+                .map(|h| h.name);
+            (addr.to_owned(), name)
+        };
+        let (from_addr, from_host) = host(from);
+        let (to_addr, to_host) = host(to);
+        Self {
+            config,
+            hosts: [
+                from_host.unwrap_or(from_addr),
+                to_host.clone().unwrap_or(to_addr),
+            ],
+            to: to_host,
+        }
+    }
+
+    fn event(&self, kind: crate::events::Kind, mut details: serde_json::Value) {
+        let Some(state) = &self.config.state else {
+            return;
+        };
+        if details.is_null() {
+            details = serde_json::json!({});
+        }
+        if let (Some(l), Some(o)) = (&self.config.leader, details.as_object_mut()) {
+            o.insert("replica".into(), l.replica().into());
+        }
+        let hosts = [self.hosts[0].as_str(), self.hosts[1].as_str()];
+        state.note(crate::events::Event::new(
+            kind,
+            Some(&self.config.app),
+            &hosts,
+            details,
+        ));
+    }
+
+    fn done(&self, report: api::MigrationReport) {
+        if let (Some(state), Some(to)) = (&self.config.state, &self.to) {
+            if let Err(e) = crate::locate::record_move(state, &self.config.app, to) {
+                tracing::warn!(app = %self.config.app, error = %e, "cannot record the app's new host");
+            }
+        }
+        let details = serde_json::to_value(&report).expect("serializable");
+        self.event(crate::events::Kind::MigrationDone, details);
+    }
+}
+
 /// Moves `app` from region `from`'s shim to `to`'s: (ok, last line,
-/// downtime ms, total ms).
+/// downtime ms, total ms, the report).
 fn migrate(
     fleet: &Fleet,
     app: &str,
     from: RegionId,
     to: RegionId,
-) -> (bool, String, Option<f64>, Option<f64>) {
+) -> (
+    bool,
+    String,
+    Option<f64>,
+    Option<f64>,
+    Option<api::MigrationReport>,
+) {
     let (Some((_, src)), Some((dst, _))) = (fleet.shim_of(from), fleet.shim_of(to)) else {
-        return (false, "no shim in one of the regions".into(), None, None);
+        return (
+            false,
+            "no shim in one of the regions".into(),
+            None,
+            None,
+            None,
+        );
     };
     let result = src.migrate(
         app,
@@ -314,12 +434,13 @@ fn migrate(
             let (down, total) = (report.downtime_ms, report.total_ms);
             (
                 true,
-                MigrationEvent::Done(report).to_string(),
+                MigrationEvent::Done(report.clone()).to_string(),
                 Some(down),
                 Some(total),
+                Some(report),
             )
         }
-        Err(e) => (false, format!("failed: {e}"), None, None),
+        Err(e) => (false, format!("failed: {e}"), None, None, None),
     }
 }
 

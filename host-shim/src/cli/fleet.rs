@@ -1,26 +1,27 @@
 //! The fleet commands: `fleet add/ls/rm`, `deploy`, `ps`, `logs`,
-//! `migrate`, `stop`, over the `fleet` crate's store and locator. Each
-//! returns its exit status ([`exit`]) or a [`FleetError`] (whose status
-//! [`FleetError::exit_code`] gives); tables go to stdout, progress bars and
-//! notes to stderr, `--json` prints one JSON document on stdout instead of
-//! the table.
+//! `migrate`, `stop`, `events`. The operations themselves are the `fleet`
+//! crate's ([`fleet::ops`], [`fleet::events`]); this module renders what
+//! they return. Each returns its exit status ([`exit`]) or a
+//! [`FleetError`] (whose status [`FleetError::exit_code`] gives); tables go
+//! to stdout, progress bars and notes to stderr, `--json` prints one JSON
+//! document on stdout instead of the table (`events --json`: one per line).
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use api::images::{sha256_hex, ImageInfo, HASH_PREFIX};
+use api::images::HASH_PREFIX;
 use api::migration::human;
-use api::{
-    Client, ClientError, InstanceInfo, InstanceState, LogEvent, MigrateRequest, MigrationEvent,
-    PublishSpec, PushRequest, Restart, RestartRequest, RunRequest, ShimInfo,
-};
+use api::{Client, ClientError, LogEvent, MigrationEvent, PublishSpec, Restart, ShimInfo};
+use fleet::events::{Event, Kind};
 use fleet::locate::{hop_to, locate, record_move};
+use fleet::ops::{self, DeployRequest, Progress};
 use fleet::store::Expect;
-use fleet::{client_for, exit, App, Fleet, FleetError, Host};
+use fleet::{client_for, exit, Fleet, FleetError, Host};
 
 /// Prints `value` as JSON on stdout (a closed pipe is not an error).
 fn print_json(value: &impl Serialize) {
@@ -72,14 +73,19 @@ struct HostView<'a> {
 }
 
 impl<'a> HostView<'a> {
-    fn new(h: &'a Host, apps: &[App], alive: &std::collections::BTreeSet<String>) -> Self {
+    /// `apps`: how many apps each host runs.
+    fn new(
+        h: &'a Host,
+        apps: &HashMap<&str, usize>,
+        alive: &std::collections::BTreeSet<String>,
+    ) -> Self {
         Self {
             name: &h.name,
             url: &h.url,
             region: &h.region,
             fingerprint: h.fingerprint.as_deref(),
             token: h.token.is_some(),
-            apps: apps.iter().filter(|a| a.host == h.name).count(),
+            apps: apps.get(h.name.as_str()).copied().unwrap_or(0),
             state: match (alive.contains(&h.name), h.registered) {
                 (true, _) => "up",
                 (false, true) => "down",
@@ -138,7 +144,7 @@ pub fn fleet_add(fleet: &Fleet, mut host: Host, json: bool) -> Result<u8, FleetE
     }
     fleet.put_host(&host, expect)?;
     if json {
-        print_json(&HostView::new(&host, &[], &Default::default()));
+        print_json(&HostView::new(&host, &HashMap::new(), &Default::default()));
     } else {
         println!(
             "added {} ({}): shim '{}' in region {}, {} instance(s){}",
@@ -181,9 +187,13 @@ pub fn fleet_ls(fleet: &Fleet, json: bool) -> Result<u8, FleetError> {
     let hosts = fleet.hosts()?;
     let apps = fleet.apps()?;
     let alive = fleet.alive()?;
+    let mut per_host: HashMap<&str, usize> = HashMap::new();
+    for a in &apps {
+        *per_host.entry(a.host.as_str()).or_default() += 1;
+    }
     let views: Vec<HostView> = hosts
         .iter()
-        .map(|h| HostView::new(h, &apps, &alive))
+        .map(|h| HostView::new(h, &per_host, &alive))
         .collect();
     if json {
         print_json(&views);
@@ -244,130 +254,48 @@ pub struct DeployOptions<'a> {
     pub checkpoint_every_ms: Option<u64>,
 }
 
-#[derive(Serialize)]
-struct Deployed {
-    name: String,
-    host: String,
-    region: String,
-    image: String,
-    bytes: u64,
-    uploaded: bool,
-    ip: Option<String>,
-    publish: Vec<String>,
-    restart: Restart,
-    /// From the start of the command to the instance running.
-    ms: f64,
-}
-
-/// Makes sure image `hash` (`bytes`) is on the shim behind `client`;
-/// returns whether it had to be uploaded.
-fn ensure_image(
-    client: &Client,
-    host: &Host,
-    hash: &str,
-    bytes: &[u8],
-    json: bool,
-) -> Result<bool, FleetError> {
-    match client.image::<ImageInfo>(hash) {
-        Ok(_) => return Ok(false),
-        Err(ClientError::Api { status: 404, .. }) => {}
-        Err(e) => return Err(e.into()),
-    }
-    let bar = bar(
-        Some(bytes.len() as u64),
-        "uploading {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
-        json,
-    );
-    bar.set_message(format!("to {}", host.name));
-    let answer = client.put_image::<ImageInfo>(hash, bytes, |sent| bar.set_position(sent));
-    bar.finish_and_clear();
-    answer.map_err(|e| match e {
-        ClientError::Api { message, .. } => {
-            FleetError::Failed(format!("host {} refused the image: {message}", host.name))
-        }
-        e => e.into(),
-    })?;
-    Ok(true)
-}
-
-/// `deploy IMAGE --on HOST --name NAME`: uploads the image (unless the host
-/// has it) and runs it there.
+/// `deploy IMAGE --on HOST --name NAME`: [`ops::deploy`], with an upload bar.
 pub fn deploy(fleet: &Fleet, o: DeployOptions<'_>, json: bool) -> Result<u8, FleetError> {
-    let start = Instant::now();
-    let host = fleet.need_host(o.on)?;
-    if let Some(app) = fleet.app(o.name)? {
-        return Err(FleetError::Failed(format!(
-            "the fleet has an app '{}' already (on {}): `host-shim stop {}` first, or pick another --name",
-            o.name, app.value.host, o.name
-        )));
-    }
-    let bytes = std::fs::read(o.image).map_err(|e| {
+    let image = std::fs::read(o.image).map_err(|e| {
         FleetError::Failed(format!("cannot read the image {}: {e}", o.image.display()))
     })?;
-    let hash = sha256_hex(&bytes);
-    let client = client_for(&host)?;
-    let info: ShimInfo = client.info()?;
-    let max = info.max_image_bytes.ok_or_else(|| {
-        FleetError::Failed(format!(
-            "host {} keeps no images: start its shim with `host-shim serve --state-dir DIR`",
-            host.name
-        ))
-    })?;
-    if bytes.len() as u64 > max {
-        return Err(FleetError::Failed(format!(
-            "{} is {}, over host {}'s limit of {} (serve --max-image-size)",
-            o.image.display(),
-            human(bytes.len() as u64),
-            host.name,
-            human(max)
-        )));
-    }
-    let uploaded = ensure_image(&client, &host, &hash, &bytes, json)?;
-    let image = format!("{HASH_PREFIX}{hash}");
-    let req = RunRequest {
+    let req = DeployRequest {
+        image,
+        source: o.image.display().to_string(),
+        on: o.on.to_owned(),
         name: o.name.to_owned(),
-        image: image.clone(),
         mem: o.mem,
         env: o.env,
         args: o.args,
         publish: o.publish,
+        restart: o.restart,
         checkpoint_every_ms: o.checkpoint_every_ms,
-        restart: o.restart,
-        ..RunRequest::default()
     };
-    let inst: InstanceInfo = client.run(&req).map_err(|e| match e {
-        ClientError::Api { message, .. } => FleetError::Failed(format!(
-            "host {} refused to run {}: {message}",
-            host.name, o.name
-        )),
-        e => e.into(),
-    })?;
-    let ms = start.elapsed().as_secs_f64() * 1e3;
-    fleet.put_app(
-        &App {
-            name: o.name.to_owned(),
-            host: host.name.clone(),
-            image: image.clone(),
-        },
-        Expect::Absent,
-    )?;
-    let out = Deployed {
-        name: inst.name,
-        host: host.name,
-        region: info.region,
-        image,
-        bytes: bytes.len() as u64,
-        uploaded,
-        ip: inst.ip,
-        publish: inst.publish,
-        restart: o.restart,
-        ms,
-    };
+    let mut upload: Option<ProgressBar> = None;
+    let result = ops::deploy(fleet, req, &mut |p| match p {
+        Progress::Upload { host, sent, total } => {
+            let bar = upload.get_or_insert_with(|| {
+                let bar = bar(
+                    Some(total),
+                    "uploading {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                    json,
+                );
+                bar.set_message(format!("to {host}"));
+                bar
+            });
+            bar.set_position(sent);
+        }
+        other => note(other),
+    });
+    if let Some(bar) = upload {
+        bar.finish_and_clear();
+    }
+    let out = result?;
     if json {
         print_json(&out);
     } else {
         println!(
-            "{} runs on {} ({}) at {}{}: image sha256:{} {} ({}), {:.0} ms",
+            "{} runs on {} ({}) at {}{}: image {} {} ({}), {:.0} ms",
             out.name,
             out.host,
             out.region,
@@ -377,8 +305,10 @@ pub fn deploy(fleet: &Fleet, o: DeployOptions<'_>, json: bool) -> Result<u8, Fle
             } else {
                 format!(", ports {}", out.publish.join(", "))
             },
-            &hash[..12],
-            if uploaded {
+            out.image
+                .get(..HASH_PREFIX.len() + 12)
+                .unwrap_or(&out.image),
+            if out.uploaded {
                 "uploaded"
             } else {
                 "already there"
@@ -390,95 +320,21 @@ pub fn deploy(fleet: &Fleet, o: DeployOptions<'_>, json: bool) -> Result<u8, Fle
     Ok(exit::OK)
 }
 
+/// A progress note of an operation, on stderr.
+fn note(p: Progress) {
+    match p {
+        Progress::Warning(w) => eprintln!("warning: {w}"),
+        Progress::Migration(e) => eprintln!("{e}"),
+        Progress::Upload { .. } => {}
+    }
+}
+
 // ---- ps ----
 
-#[derive(Serialize)]
-struct PsRow {
-    name: String,
-    host: String,
-    region: String,
-    #[serde(flatten)]
-    state: InstanceState,
-    uptime_s: f64,
-    mem: u64,
-    ip: Option<String>,
-    publish: Vec<String>,
-    restart: Restart,
-}
-
-#[derive(Serialize)]
-struct Unreachable {
-    host: String,
-    error: String,
-}
-
-#[derive(Serialize)]
-struct Ps {
-    instances: Vec<PsRow>,
-    unreachable: Vec<Unreachable>,
-}
-
-/// `ps`: every instance on every fleet host (those that moved away only
-/// with `all`). Hosts that do not answer are reported; the status is then
-/// [`exit::UNREACHABLE`]. Where an app runs elsewhere than the fleet file
-/// says (moved by another tool), the file is corrected.
+/// `ps`: [`ops::ps`] as a table; status [`exit::UNREACHABLE`] if a host
+/// did not answer.
 pub fn ps(fleet: &Fleet, all: bool, json: bool) -> Result<u8, FleetError> {
-    let hosts = fleet.hosts()?;
-    let answers: Vec<(Host, Result<Vec<InstanceInfo>, FleetError>)> = std::thread::scope(|s| {
-        let workers: Vec<_> = hosts
-            .into_iter()
-            .map(|h| {
-                s.spawn(move || {
-                    let list = client_for(&h).and_then(|c| c.list().map_err(FleetError::from));
-                    (h, list)
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().expect("ps worker"))
-            .collect()
-    });
-    let mut out = Ps {
-        instances: Vec::new(),
-        unreachable: Vec::new(),
-    };
-    for (host, answer) in answers {
-        match answer {
-            Ok(list) => {
-                for i in list {
-                    if !all && i.state.moved_to().is_some() {
-                        continue;
-                    }
-                    out.instances.push(PsRow {
-                        name: i.name,
-                        host: host.name.clone(),
-                        region: host.region.clone(),
-                        state: i.state,
-                        uptime_s: i.uptime_s,
-                        mem: i.mem,
-                        ip: i.ip,
-                        publish: i.publish,
-                        restart: i.restart,
-                    });
-                }
-            }
-            Err(e) => out.unreachable.push(Unreachable {
-                host: host.name,
-                error: e.to_string(),
-            }),
-        }
-    }
-    // Where the shims say an app runs wins over the file.
-    for app in fleet.apps()? {
-        let here = out
-            .instances
-            .iter()
-            .find(|r| r.name == app.name && r.state == InstanceState::Running);
-        if let Some(row) = here.filter(|r| r.host != app.host) {
-            record_move(fleet, &app.name, &row.host)?;
-        }
-    }
+    let out = ops::ps(fleet, all)?;
     if json {
         print_json(&out);
     } else {
@@ -576,157 +432,117 @@ pub fn follow_logs(
 
 // ---- migrate ----
 
-#[derive(Serialize)]
-struct Migrated {
-    name: String,
-    from: String,
-    to: String,
-    region: String,
-    downtime_ms: f64,
-    total_ms: f64,
-    bytes: u64,
-    rounds: usize,
-    summary: String,
-}
-
-/// `migrate NAME --to HOST`: moves the app live, with a progress line,
-/// and records its new host. An app that restarts with its shim
-/// (`--restart always`) has its image copied to the destination first and
-/// keeps that policy there.
+/// `migrate NAME --to HOST`: [`ops::migrate`], with a progress line.
 pub fn migrate(fleet: &Fleet, name: &str, to: &str, json: bool) -> Result<u8, FleetError> {
-    let loc = locate(fleet, name)?;
-    let dest = fleet.need_host(to)?;
-    if loc.live.host.as_ref().is_some_and(|h| h.name == dest.name) {
-        return Err(FleetError::Failed(format!("{name} runs on {to} already")));
-    }
-    let dest_client = client_for(&dest)?;
-    let keep_restart = loc.info.restart == Restart::Always;
-    if keep_restart {
-        let hash = loc.app.value.image.trim_start_matches(HASH_PREFIX);
-        let pushed = loc.live.client.push_image::<ImageInfo>(
-            hash,
-            &PushRequest {
-                to: dest.addr().to_owned(),
-            },
-        );
-        if let Err(e) = pushed {
-            eprintln!(
-                "warning: cannot copy {name}'s image to {to} ({e}): it will not restart with that shim"
-            );
-        }
-    }
     let bar = bar(None, "{spinner} {elapsed_precise} {wide_msg}", json);
-    bar.set_message(format!("migrating {name} from {} to {to}", loc.live.label));
-    let result = loc.live.client.migrate(
-        name,
-        &MigrateRequest {
-            to: dest.addr().to_owned(),
-            fingerprint: dest.fingerprint.clone(),
-        },
-        |event| {
-            // Phases above the spinner (stderr); the outcome on stdout.
-            if bar.is_hidden() {
-                if !json && !event.is_last() {
-                    println!("{event}");
-                }
-            } else if !event.is_last() {
-                bar.println(event.to_string());
+    bar.set_message(format!("migrating {name} to {to}"));
+    let result = ops::migrate(fleet, name, to, &mut |p| match p {
+        // Phases above the spinner (stderr); the outcome on stdout.
+        Progress::Migration(event) if bar.is_hidden() => {
+            if !json {
+                println!("{event}");
             }
-        },
-    );
+        }
+        Progress::Migration(event) => bar.println(event.to_string()),
+        other => bar.suspend(|| note(other)),
+    });
     bar.finish_and_clear();
-    let report = result.map_err(|e| match e {
-        ClientError::Migration { error, .. } => {
-            FleetError::Failed(format!("migration of {name} to {to} failed: {error}"))
-        }
-        e => FleetError::Failed(format!("migration of {name} to {to} failed: {e}")),
-    })?;
-    let summary = MigrationEvent::Done(report.clone()).to_string();
-    if keep_restart {
-        let kept = dest_client.set_restart(
-            name,
-            &RestartRequest {
-                restart: Restart::Always,
-            },
-        );
-        if let Err(e) = kept {
-            eprintln!("warning: {name} will not restart with {to}'s shim: {e}");
-        }
-    }
-    record_move(fleet, name, &dest.name)?;
-    let out = Migrated {
-        name: name.to_owned(),
-        from: loc.live.label,
-        to: dest.name,
-        region: dest.region,
-        downtime_ms: report.downtime_ms,
-        total_ms: report.total_ms,
-        bytes: report.bytes,
-        rounds: report.rounds,
-        summary: summary.clone(),
-    };
+    let out = result?;
     if json {
         print_json(&out);
     } else {
-        println!("{summary}");
+        println!("{}", out.summary);
     }
     Ok(exit::OK)
 }
 
 // ---- stop ----
 
-/// `stop NAME`: stops the app where it runs, drops what it left on the
-/// shims it moved away from (its published ports there), and forgets it.
+/// `stop NAME`: [`ops::stop`].
 pub fn stop(fleet: &Fleet, name: &str, json: bool) -> Result<u8, FleetError> {
-    let loc = match locate(fleet, name) {
-        Ok(loc) => loc,
-        Err(FleetError::NotFound(why)) if fleet.app(name)?.is_some() => {
-            fleet.remove_app(name, Expect::Any)?;
-            return Err(FleetError::NotFound(format!(
-                "{why}; removed it from the fleet file"
-            )));
-        }
-        Err(e) => return Err(e),
-    };
-    let info: InstanceInfo = loc.live.client.stop(name)?;
-    // What it left on the shims it moved away from: found on the way, or
-    // on any other fleet host (the file only knows where it runs now).
-    let mut left: Vec<(String, Client)> =
-        loc.left.into_iter().map(|h| (h.label, h.client)).collect();
-    for host in fleet.hosts()? {
-        if left.iter().any(|(l, _)| *l == host.name) || host.name == loc.live.label {
-            continue;
-        }
-        let client = client_for(&host)?;
-        match client.list() {
-            Ok(list) => {
-                if list
-                    .iter()
-                    .any(|i| i.name == name && i.state.moved_to().is_some())
-                {
-                    left.push((host.name, client));
-                }
-            }
-            Err(e) => eprintln!(
-                "warning: cannot look for {name}'s ports on {}: {e}",
-                host.name
-            ),
-        }
-    }
-    for (label, client) in &left {
-        if let Err(e) = client.stop(name) {
-            eprintln!("warning: {name}'s ports on {label}: {e}");
-        }
-    }
-    fleet.remove_app(name, Expect::Any)?;
+    let out = ops::stop(fleet, name, &mut note)?;
     if json {
-        print_json(&serde_json::json!({
-            "name": name,
-            "host": loc.live.label,
-            "state": info.state.to_string(),
-        }));
+        print_json(&out);
     } else {
-        println!("stopped {name} on {}", loc.live.label);
+        println!("stopped {} on {}", out.name, out.host);
     }
     Ok(exit::OK)
+}
+
+// ---- events ----
+
+/// Print the fleet's events (deploys, stops, migrations, hosts up and
+/// down, scheduler leaders), oldest first; the store keeps the last 1,000.
+#[derive(clap::Args)]
+pub struct EventsArgs {
+    /// Keep printing new events as they happen (until killed); a lost
+    /// store is waited for and the stream resumes where it left off.
+    #[arg(long, short)]
+    follow: bool,
+    /// Only the events after this revision (the REV column).
+    #[arg(long, value_name = "REV", default_value_t = 0)]
+    since: u64,
+    /// One JSON object per line (rev, time, kind, app, hosts, details).
+    #[arg(long)]
+    json: bool,
+}
+
+/// `events`: the history after `--since`, then (`--follow`) what comes.
+pub fn events(fleet: &Fleet, args: &EventsArgs) -> Result<u8, FleetError> {
+    let mut stdout = std::io::stdout();
+    if !args.json {
+        let _ = writeln!(
+            stdout,
+            "{:>8}  {:<24} {:<18} {:<14} {:<20} DETAILS",
+            "REV", "TIME", "KIND", "APP", "HOSTS"
+        );
+    }
+    let mut print = |e: Event| {
+        let line = if args.json {
+            serde_json::to_string(&e).expect("serializable")
+        } else {
+            event_line(&e)
+        };
+        // A closed pipe ends a follow.
+        writeln!(stdout, "{line}")
+            .and_then(|()| stdout.flush())
+            .is_ok()
+    };
+    if args.follow {
+        fleet::events::follow(fleet, args.since, &mut print)?;
+    } else {
+        for e in fleet.events(args.since)? {
+            if !print(e) {
+                break;
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+/// An event as a table row.
+fn event_line(e: &Event) -> String {
+    let time = std::time::UNIX_EPOCH + Duration::try_from_secs_f64(e.time).unwrap_or_default();
+    let details = match (e.kind, &e.details) {
+        (_, serde_json::Value::Null) => String::new(),
+        (Kind::MigrationDone, d) => match serde_json::from_value(d.clone()) {
+            Ok(report) => MigrationEvent::Done(report).to_string(),
+            Err(_) => d.to_string(),
+        },
+        (_, d) => d.to_string(),
+    };
+    format!(
+        "{:>8}  {:<24} {:<18} {:<14} {:<20} {details}",
+        e.rev,
+        humantime::format_rfc3339_millis(time).to_string(),
+        e.kind.to_string(),
+        e.app.as_deref().unwrap_or("-"),
+        match e.kind {
+            _ if e.hosts.is_empty() => "-".to_owned(),
+            Kind::MigrationStarted | Kind::MigrationDone | Kind::MigrationFailed => {
+                e.hosts.join(" -> ")
+            }
+            _ => e.hosts.join(","),
+        },
+    )
 }

@@ -2,10 +2,12 @@
 //! controller itself is `fleet::schedule`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use api::Client;
 use clap::Args;
+use fleet::leader::Elector;
 use fleet::Fleet;
 
 use super::parse_duration;
@@ -82,6 +84,14 @@ pub struct ScheduleArgs {
     /// little evidence).
     #[arg(long, value_name = "N", default_value_t = 10)]
     min_requests: u64,
+    /// This replica's name in the leader election (with --store etcd://...)
+    /// [default: schedule-PID].
+    #[arg(long, value_name = "NAME")]
+    replica: Option<String>,
+    /// With --store etcd://...: how long a dead leader keeps the role
+    /// before another replica takes over (2s to 1h).
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_duration)]
+    leader_ttl: Duration,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -115,8 +125,27 @@ pub(super) fn parse_cooldown(s: &str) -> Result<Duration, String> {
 /// `schedule`: the daemons are `--shim` addresses or fleet host names
 /// (default: every host of the fleet file); fleet hosts are reached with
 /// their pinned fingerprint and token, other addresses over plain HTTP.
-pub fn schedule(args: ScheduleArgs, shims: Vec<String>, fleet: &Fleet) -> anyhow::Result<u8> {
+///
+/// With an etcd store (`store`), several replicas may run: they elect a
+/// leader there, and only the leader decides and moves the app; every
+/// move is recorded in the store (the app's host, the event stream).
+pub fn schedule(args: ScheduleArgs, shims: Vec<String>, store: &str) -> anyhow::Result<u8> {
     use fleet::schedule::{PolicyKind, ScheduleConfig};
+    let fleet = Arc::new(Fleet::new(fleet::store::open(store)?));
+    let leader = if store.starts_with("etcd://") {
+        let replica = args
+            .replica
+            .clone()
+            .unwrap_or_else(|| format!("schedule-{}", std::process::id()));
+        let role = format!("schedule/{}", args.app);
+        let elector = Elector::start(fleet::store::open(store)?, &role, &replica, args.leader_ttl)?;
+        Some(Arc::new(elector))
+    } else {
+        None
+    };
+    // Moves are recorded where the app is (an app only given by --shim
+    // addresses leaves the fleet file alone).
+    let state = (leader.is_some() || fleet.app(&args.app)?.is_some()).then(|| Arc::clone(&fleet));
     let hosts = fleet.hosts()?;
     let clients = if shims.is_empty() {
         if hosts.is_empty() {
@@ -162,6 +191,8 @@ pub fn schedule(args: ScheduleArgs, shims: Vec<String>, fleet: &Fleet) -> anyhow
         min_requests: args.min_requests,
         report: |line| println!("{line}"),
         client_regions: args.client_region,
+        leader,
+        state,
     })?;
     Ok(0)
 }

@@ -53,6 +53,18 @@ impl Daemon {
         env: &[(&str, &str)],
         dir: &TempDir,
     ) -> Self {
+        Self::start_in(name, "test", shim_id, extra, env, dir)
+    }
+
+    /// A plain daemon in `region`.
+    pub fn start_in(
+        name: &str,
+        region: &str,
+        shim_id: u8,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        dir: &TempDir,
+    ) -> Self {
         // Port 0: the daemon takes a free port and says which in its ready
         // file; a daemon registering in a store must know its address before
         // it listens, so it gets a free port from us (and may race for it).
@@ -62,7 +74,7 @@ impl Daemon {
             "127.0.0.1:0".to_owned()
         };
         let mut args = vec![
-            "serve", "--listen", &addr, "--name", name, "--region", "test",
+            "serve", "--listen", &addr, "--name", name, "--region", region,
         ];
         let id = shim_id.to_string();
         args.extend(["--shim-id", &id]);

@@ -3,6 +3,7 @@
 //! - [`boot`]: boot time and memory, our shim vs QEMU microvm.
 //! - [`net`]: redis-benchmark against the kv unikernel vs native redis-server, and bulk TCP.
 //! - [`checkpoint`]: app checkpoints of the kv unikernel: size, time, restore vs plain boot.
+//! - [`control_plane`]: the fleet's control plane at scale on etcd and on the file store.
 //! - [`migrate`]: live migration of the kv app between two shim daemons, under load.
 //! - [`fleet`]: the fleet's costs: migration downtime with TLS vs the plain stream, and
 //!   deploy-to-first-reply time on a secure and a plain host ([`deploy`]).
@@ -10,6 +11,7 @@
 
 pub mod boot;
 pub mod checkpoint;
+pub mod control_plane;
 pub mod deploy;
 pub mod fleet;
 pub mod migrate;
