@@ -6,10 +6,10 @@ use abi::hypercall::{
     CheckpointWrite, ConsoleWrite, FaultReport, PanicReport, HC_CHECKPOINT, HC_CONSOLE_WRITE,
     HC_EXIT, HC_FAULT, HC_PANIC, HC_YIELD,
 };
+use hostnet::overlay::{encapsulate, encode_probe};
 use migration::protocol::{
     encode_pages, write_msg, write_value, Accept, Ack, Hello, Kind, PROTOCOL_VERSION,
 };
-use hostnet::overlay::{encapsulate, encode_probe};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::persist::{ConnectedNetState, DeviceStates};
 use vmm::devices::virtio::mmio::persist::{QueueState, TransportState};

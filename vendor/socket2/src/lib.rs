@@ -33,8 +33,9 @@ fn unsupported(what: &str) -> io::Error {
     )
 }
 
-/// TCP keepalive parameters for [`Socket::set_tcp_keepalive`].
+/// TCP keepalive parameters for [`Socket::set_tcp_keepalive`] (applied on Linux).
 #[derive(Clone, Copy, Debug, Default)]
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 pub struct TcpKeepalive {
     time: Option<Duration>,
     interval: Option<Duration>,
@@ -426,6 +427,8 @@ impl Socket {
     /// and probe count are Linux options; elsewhere only the flag is set).
     pub fn set_tcp_keepalive(&self, params: &TcpKeepalive) -> io::Result<()> {
         self.set_keepalive(true)?;
+        #[cfg(not(target_os = "linux"))]
+        let _ = params;
         #[cfg(target_os = "linux")]
         {
             let secs = |d: Duration| d.as_secs().clamp(1, CInt::MAX as u64) as CInt;

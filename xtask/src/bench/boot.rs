@@ -268,9 +268,10 @@ fn has_guest_line(buf: &[u8], from: usize) -> bool {
 /// Blocks until child `pid` has exited, without reaping it.
 fn wait_exited(pid: libc::pid_t) -> Result<()> {
     loop {
-        // SAFETY: `info` is a valid out-pointer; waitid only writes to it.
+        // SAFETY: all-zero bytes are a valid `siginfo_t` (plain integers).
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         let id = libc::id_t::try_from(pid).context("pid out of range")?;
+        // SAFETY: `info` is a valid out-pointer; waitid only writes to it.
         let rc = unsafe { libc::waitid(libc::P_PID, id, &mut info, libc::WEXITED | libc::WNOWAIT) };
         if rc == 0 {
             return Ok(());
@@ -285,9 +286,10 @@ fn wait_exited(pid: libc::pid_t) -> Result<()> {
 /// Reaps child `pid`: its exit status and peak RSS in KiB.
 fn reap(pid: libc::pid_t) -> Result<(ExitStatus, u64)> {
     let mut status = 0;
-    // SAFETY: `usage` is a valid out-pointer; wait4 only writes to it and to `status`.
+    // SAFETY: all-zero bytes are a valid `rusage` (plain integers).
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     loop {
+        // SAFETY: `usage` and `status` are valid out-pointers; wait4 only writes to them.
         let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
         if rc == pid {
             let max_rss = u64::try_from(usage.ru_maxrss).unwrap_or(0);
