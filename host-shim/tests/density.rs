@@ -3,11 +3,15 @@
 //! fixed amount of host memory whatever its guest memory size: guest RAM is
 //! mapped lazily and the guest kernel does not write memory it has not used
 //! (zeroed allocations of fresh heap, buffers allocated on first use).
+//! And it costs no CPU: an idle guest blocks until its next deadline or a
+//! frame, so one without deadlines makes no VM exit at all.
 
 mod common;
 
-use common::{free_port, image, Redis, Shim};
-use std::time::Duration;
+use common::daemon::{run_kv, Daemon, TempDir};
+use common::{free_port, image, require_kvm, Redis, Shim};
+use std::time::{Duration, Instant};
+use vmm::devices::exits::ExitStats;
 
 /// Anonymous memory (`RssAnon`) of process `pid`, in KiB.
 fn rss_anon_kib(pid: u32) -> u64 {
@@ -68,4 +72,90 @@ fn an_idle_kv_backs_only_the_memory_it_touched_whatever_its_size() {
         large <= small + 1024,
         "256 MiB of guest memory cost {large} KiB, 16 MiB {small} KiB"
     );
+}
+
+/// The kv instance's exit counters in `daemon`'s `GET /v1/stats`.
+fn kv_exits(daemon: &Daemon) -> ExitStats {
+    let stats = daemon.stats();
+    let kv = stats.instances.iter().find(|i| i.name == "kv");
+    kv.unwrap_or_else(|| panic!("no kv instance in {stats:?}"))
+        .exits
+}
+
+/// Waits (up to `within`) until `daemon`'s kv has made no exit for `quiet`;
+/// returns its counters then.
+fn kv_settled(daemon: &Daemon, quiet: Duration, within: Duration) -> ExitStats {
+    let give_up = Instant::now() + within;
+    let mut last = kv_exits(daemon);
+    loop {
+        std::thread::sleep(quiet);
+        let now = kv_exits(daemon);
+        if now.total == last.total {
+            return now;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "kv kept exiting for {within:?} after its clients left: {last:?} -> {now:?}"
+        );
+        last = now;
+    }
+}
+
+#[test]
+fn an_idle_kv_makes_no_vm_exits_until_its_next_key_deadline() {
+    require_kvm();
+    let dir = TempDir::new("density-idle");
+    let daemon = Daemon::start("idle", 1, &[], &dir);
+    let (port, mut kv) = run_kv(&daemon);
+    kv.fill(10);
+    drop(kv);
+    // The closed connection's last segments, then nothing: no key has a
+    // deadline, so the expiry task sleeps until a command gives one.
+    let quiet = kv_settled(&daemon, Duration::from_secs(1), Duration::from_secs(30));
+    let window = Duration::from_secs(10);
+    std::thread::sleep(window);
+    let idle = kv_exits(&daemon);
+    assert_eq!(
+        idle.total - quiet.total,
+        0,
+        "an idle kv without volatile keys exited in {window:?}: {quiet:?} -> {idle:?}"
+    );
+
+    // A key with a deadline wakes kv once, at the deadline, with no
+    // command to trigger it (the timer ends an idle wait), then kv sleeps
+    // for good again.
+    let mut kv = Redis::connect(port).unwrap();
+    let set_at = Instant::now();
+    assert_eq!(kv.cmd(&["SET", "soon", "v", "PX", "3000"]).unwrap(), "OK");
+    drop(kv);
+    let before = kv_settled(&daemon, Duration::from_millis(300), Duration::from_secs(2));
+    assert!(
+        set_at.elapsed() < Duration::from_millis(2500),
+        "the host is too loaded to tell the deadline from the close: {:?}",
+        set_at.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(2500).saturating_sub(set_at.elapsed()));
+    let early = kv_exits(&daemon);
+    assert_eq!(
+        early.idle.timed_out, before.idle.timed_out,
+        "kv woke on a timer before its only key's deadline: {before:?} -> {early:?}"
+    );
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while kv_exits(&daemon).idle.timed_out == before.idle.timed_out {
+        assert!(Instant::now() < give_up, "kv never woke for the deadline");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let woke = set_at.elapsed();
+    assert!(woke >= Duration::from_secs(3), "woke after {woke:?}");
+    let after = kv_settled(&daemon, Duration::from_secs(1), Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(3));
+    let end = kv_exits(&daemon);
+    assert_eq!(
+        end.total, after.total,
+        "kv kept waking after its last deadline: {after:?} -> {end:?}"
+    );
+    let mut kv = Redis::connect(port).unwrap();
+    let info = kv.cmd(&["INFO", "stats"]).unwrap();
+    assert!(info.contains("expired_keys:1"), "the key expired: {info}");
+    assert_eq!(kv.cmd(&["DBSIZE"]).unwrap(), "10");
 }
