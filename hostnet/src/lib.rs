@@ -275,6 +275,7 @@ impl Network {
             USER_PREFIX,
             published,
             None,
+            &config.nics,
         )?;
         *lock(&net.traffic) = traffic;
         for nic in &config.nics {
@@ -298,6 +299,7 @@ impl Network {
             USER_PREFIX,
             published,
             None,
+            &config.nics,
         )?;
         *lock(&net.traffic) = traffic;
         Ok(net)
@@ -313,6 +315,7 @@ impl Network {
             config.prefix,
             Vec::new(),
             config.overlay.as_ref(),
+            &[],
         )
     }
 
@@ -323,6 +326,7 @@ impl Network {
         prefix: u8,
         published: Vec<(Published, HostSocketKind)>,
         overlay: Option<&overlay::OverlayConfig>,
+        nics: &[Nic],
     ) -> Result<Self, NetError> {
         let epoll = Epoll::new().map_err(setup("epoll"))?;
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(setup("eventfd"))?);
@@ -340,10 +344,17 @@ impl Network {
                 .map_err(setup("epoll"))?;
         }
         let gateway = match mode {
-            NetMode::User => Some(
-                Gateway::new(mac_for(gateway_ip), gateway_ip, prefix, published, &epoll)
-                    .map_err(setup("the gateway"))?,
-            ),
+            NetMode::User => {
+                let mut gw =
+                    Gateway::new(mac_for(gateway_ip), gateway_ip, prefix, published, &epoll)
+                        .map_err(setup("the gateway"))?;
+                // Cards with a MAC of their own (`--mac`); the others'
+                // the gateway knows from their address.
+                for nic in nics {
+                    gw.neighbour(nic.ip, nic.mac);
+                }
+                Some(gw)
+            }
             _ => None,
         };
         if let Some(tap) = &tap {
@@ -930,6 +941,7 @@ impl Engine {
             return false;
         }
         let mut dropped = 0;
+        let gateway_slot = self.slot_of(|s| matches!(s, Slot::Gateway));
         for frame in self.incoming.drain(..) {
             if frame.len() > MAX_FRAME {
                 tracing::debug!("port {from}: frame of {} bytes dropped", frame.len());
@@ -964,6 +976,14 @@ impl Engine {
                             continue;
                         }
                     }
+                    // Who has the gateway's address: only the gateway
+                    // answers, so the other guests are not woken for it.
+                    if let (Some(gw), Some(to)) = (&self.gateway, gateway_slot) {
+                        if to != from && arp_request_for(&frame) == Some(gw.ip()) {
+                            dropped += push_bounded(&mut self.outboxes[to], frame);
+                            continue;
+                        }
+                    }
                     for (to, slot) in self.slots.iter().enumerate() {
                         let skip = matches!(slot, Slot::Free)
                             || (from_peer && matches!(slot, Slot::Peer(_)));
@@ -990,6 +1010,18 @@ impl Engine {
             "switch: {n} frames dropped, {why} ({total} so far)"
         );
     }
+}
+
+/// The address an ARP request (Ethernet, IPv4) asks for.
+fn arp_request_for(frame: &[u8]) -> Option<Ipv4Addr> {
+    // Ethertype 0x0806; hardware 1 (Ethernet), protocol 0x0800, lengths
+    // 6 and 4, operation 1 (request); the target address at 38..42.
+    const ARP_REQUEST: [u8; 10] = [0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1];
+    if frame.get(12..22)? != ARP_REQUEST {
+        return None;
+    }
+    let target: [u8; 4] = frame.get(38..42)?.try_into().ok()?;
+    Some(Ipv4Addr::from(target))
 }
 
 fn flood_budget() -> TokenBucket {
