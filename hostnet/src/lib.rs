@@ -37,6 +37,7 @@ mod error;
 pub mod gateway;
 pub mod overlay;
 pub mod overlay_crypto;
+pub mod pool;
 pub mod port;
 pub mod switch;
 mod sys;
