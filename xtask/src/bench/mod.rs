@@ -2,6 +2,7 @@
 //!
 //! - [`boot`]: boot time and memory, our shim vs QEMU microvm.
 //! - [`net`]: redis-benchmark against the kv unikernel vs native redis-server, and bulk TCP.
+//! - [`density`]: many idle kv instances in one daemon vs QEMU microvm guests.
 //! - [`checkpoint`]: app checkpoints of the kv unikernel: size, time, restore vs plain boot.
 //! - [`migrate`]: live migration of the kv app between two shim daemons, under load.
 //! - [`fleet`]: the fleet's costs: migration downtime with TLS vs the plain stream, and
@@ -10,6 +11,7 @@
 
 pub mod boot;
 pub mod checkpoint;
+pub mod density;
 pub mod deploy;
 pub mod fleet;
 pub mod migrate;
