@@ -1,11 +1,9 @@
-//! The host shim's control plane: the daemon (`host-shim serve`: the
-//! JSON/HTTP(S) API, instances, standby, logs), live migration between
-//! daemons, host identities and TLS (`security`), the fleet CLI and the
-//! placement controller (`schedule`). The VMM is the `vmm` crate and host
-//! networking the `hostnet` crate; this crate drives them.
+//! The host shim's daemon: `host-shim serve` (the JSON/HTTP(S) API,
+//! instances, standby, logs), live migration between daemons and host
+//! identities (`security`). The VMM is the `vmm` crate, host networking the
+//! `hostnet` crate, the API types and client the `api` crate and the fleet
+//! store and placement controller the `fleet` crate; this crate drives them.
 
 pub mod daemon;
-pub mod fleet;
 pub mod migration;
-pub mod schedule;
 pub mod security;

@@ -538,7 +538,7 @@ fn daemon(name: &str) -> (Shim, String) {
 fn standby_blobs(api: &str, name: &str) -> u64 {
     let list: Vec<host_shim::daemon::standby::StandbyInfo> =
         host_shim::daemon::api::Client::new(api)
-            .json::<(), _>("GET", "/v1/standby", None)
+            .standbys()
             .expect("GET /v1/standby");
     list.iter().find(|s| s.name == name).map_or(0, |s| s.blobs)
 }

@@ -98,10 +98,7 @@ fn run_request(name: &str, image: &str, mem: u64) -> RunRequest {
 /// it has started all its threads).
 fn serving(d: &Daemon) {
     let give_up = Instant::now() + Duration::from_secs(20);
-    while Client::new(&d.addr)
-        .json::<(), ShimInfo>("GET", "/v1/info", None)
-        .is_err()
-    {
+    while Client::new(&d.addr).info().is_err() {
         assert!(
             Instant::now() < give_up,
             "the daemon never answered:\n{}",
@@ -158,7 +155,7 @@ fn idle_and_half_sent_connections_do_not_take_a_thread_each() {
     // A real request still gets through (idle ones make room for it).
     let addr = d.addr.clone();
     let info: ShimInfo = within(Duration::from_secs(10), "GET /v1/info", move || {
-        Client::new(&addr).json::<(), _>("GET", "/v1/info", None)
+        Client::new(&addr).info()
     })
     .expect("a normal request succeeds among 300 idle connections");
     assert_eq!(info.limits.unwrap().max_connections, 16);
@@ -198,9 +195,7 @@ fn a_slow_loris_is_cut_at_the_request_deadline() {
         cut >= Duration::from_millis(2500),
         "cut after {cut:?}, before the 3 s deadline"
     );
-    let info: ShimInfo = Client::new(&d.addr)
-        .json::<(), _>("GET", "/v1/info", None)
-        .unwrap();
+    let info: ShimInfo = Client::new(&d.addr).info().unwrap();
     assert_eq!(info.limits.unwrap().request_timeout_ms, 3000);
 }
 
@@ -217,7 +212,7 @@ fn half_tls_handshakes_are_cut_at_the_handshake_deadline() {
     let pid = d.child.id();
     let (fp, token) = d.pin_and_token();
     let user = Client::secure(&d.addr, fp.parse().unwrap(), Some(token), None).unwrap();
-    let info: ShimInfo = user.json::<(), _>("GET", "/v1/info", None).unwrap();
+    let info: ShimInfo = user.info().unwrap();
     assert_eq!(info.limits.unwrap().handshake_timeout_ms, 2000);
     let base = proc_status(pid, "Threads");
     let start = Instant::now();
@@ -262,7 +257,7 @@ fn half_tls_handshakes_are_cut_at_the_handshake_deadline() {
     );
     // The daemon still serves real clients (once the cut connections' slots are free).
     let give_up = Instant::now() + Duration::from_secs(5);
-    while let Err(e) = user.json::<(), ShimInfo>("GET", "/v1/info", None) {
+    while let Err(e) = user.info() {
         assert!(
             Instant::now() < give_up,
             "the daemon did not serve a real client 5 s after the flood: {e}"
@@ -387,7 +382,7 @@ fn a_peer_certificate_alone_may_not_run_or_snapshot() {
         None,
     ));
     assert_eq!(status, 404, "{msg}");
-    let list: Vec<InstanceInfo> = as_peer.json::<(), _>("GET", "/v1/instances", None).unwrap();
+    let list: Vec<InstanceInfo> = as_peer.list().unwrap();
     assert!(list.is_empty());
     let log = a.output_once_it_says("peers may only");
     assert!(log.contains("peers may only"), "{log}");
@@ -494,9 +489,7 @@ fn quotas_are_refused_with_the_flag_that_sets_them() {
         ],
         &dir,
     );
-    let info: ShimInfo = Client::new(&d.addr)
-        .json::<(), _>("GET", "/v1/info", None)
-        .unwrap();
+    let info: ShimInfo = Client::new(&d.addr).info().unwrap();
     let limits = info.limits.unwrap();
     assert_eq!(
         (limits.max_instances, limits.max_guest_memory),
@@ -505,15 +498,26 @@ fn quotas_are_refused_with_the_flag_that_sets_them() {
     assert!(!limits.allow_privileged_ports);
 
     let mut two_ports = run_request("p", &kv_img(), 64 << 20);
-    two_ports.publish = vec!["18080:80".into(), "18081:81".into()];
+    two_ports.publish = vec!["18080:80".parse().unwrap(), "18081:81".parse().unwrap()];
     let (status, msg) = refused(&d.addr, "POST", "/v1/instances", two_ports);
     assert_eq!(status, 400, "{msg}");
     assert!(msg.contains("--max-publish"), "{msg}");
     let mut privileged = run_request("p", &kv_img(), 64 << 20);
-    privileged.publish = vec!["80:80".into()];
+    privileged.publish = vec!["80:80".parse().unwrap()];
     let (status, msg) = refused(&d.addr, "POST", "/v1/instances", privileged);
     assert_eq!(status, 403, "{msg}");
     assert!(msg.contains("--allow-privileged-ports"), "{msg}");
+    // Published ports are values, checked as the command line checks them.
+    let mut port_zero = serde_json::to_value(run_request("p", &kv_img(), 64 << 20)).unwrap();
+    port_zero["publish"] = serde_json::json!([{"host": "127.0.0.1:18082", "guest_port": 0}]);
+    let (status, msg) = refused(&d.addr, "POST", "/v1/instances", port_zero);
+    assert_eq!(status, 400, "{msg}");
+    assert!(msg.contains("1-65535"), "{msg}");
+    let mut as_text = serde_json::to_value(run_request("p", &kv_img(), 64 << 20)).unwrap();
+    as_text["publish"] = serde_json::json!(["18082:80"]);
+    let (status, msg) = refused(&d.addr, "POST", "/v1/instances", as_text);
+    assert_eq!(status, 400, "{msg}");
+    assert!(msg.contains("bad run request"), "{msg}");
 
     call_json::<_, InstanceInfo>(
         &d.addr,
@@ -603,9 +607,7 @@ fn bad_names_are_refused_on_every_path() {
         );
     }
     // The daemon is still whole.
-    Client::new(&d.addr)
-        .json::<(), ShimInfo>("GET", "/v1/info", None)
-        .unwrap();
+    Client::new(&d.addr).info().unwrap();
 }
 
 #[test]
@@ -703,7 +705,7 @@ fn out_of_file_descriptors_the_accept_loop_backs_off() {
     drop(held);
     let addr = d.addr.clone();
     within(Duration::from_secs(20), "GET /v1/info", move || {
-        Client::new(&addr).json::<(), ShimInfo>("GET", "/v1/info", None)
+        Client::new(&addr).info()
     })
     .expect("the daemon serves again once descriptors are free");
 }
@@ -773,9 +775,7 @@ fn incoming_migrations_get_the_name_and_memory_checks() {
     assert!(!accepted, "2 GiB accepted under --max-guest-memory 1G");
     assert!(why.contains("--max-guest-memory"), "{why}");
     // Nothing was reserved by the refusals.
-    let list: Vec<InstanceInfo> = Client::new(&d.addr)
-        .json::<(), _>("GET", "/v1/instances", None)
-        .unwrap();
+    let list: Vec<InstanceInfo> = Client::new(&d.addr).list().unwrap();
     assert!(list.is_empty(), "{list:?}");
 }
 
@@ -800,7 +800,7 @@ fn with_every_connection_in_use_a_new_one_gets_a_clear_503() {
     };
     let first = follow();
     let _second = follow();
-    let (status, msg) = refusal(client.json::<(), ShimInfo>("GET", "/v1/info", None));
+    let (status, msg) = refusal(client.info());
     assert_eq!(status, 503, "{msg}");
     assert!(msg.contains("--max-connections"), "{msg}");
     let log = d.output_once_it_says("all API connections are busy");
@@ -808,10 +808,7 @@ fn with_every_connection_in_use_a_new_one_gets_a_clear_503() {
     // A connection given back is a connection for the next caller.
     drop(first);
     let give_up = Instant::now() + Duration::from_secs(10);
-    while client
-        .json::<(), ShimInfo>("GET", "/v1/info", None)
-        .is_err()
-    {
+    while client.info().is_err() {
         assert!(Instant::now() < give_up, "no connection came free");
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -8,6 +8,7 @@ mod common;
 
 use common::daemon::{load, run_kv, Daemon, Redis, TempDir, BIN};
 use common::{free_port, image};
+use host_shim::daemon::api::MigrationReport;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -101,12 +102,14 @@ fn corrupt_truncated_and_foreign_snapshots_are_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("corrupt"));
 }
 
-/// `migrate NAME --to ADDR` on `from`; returns its output (panics on failure).
-fn migrate(from: &Daemon, name: &str, to: &Daemon) -> String {
-    let out = from.cli(&["migrate", name, "--to", &to.addr]);
-    eprintln!("{out}");
-    assert!(out.lines().last().unwrap_or("").starts_with("ok"), "{out}");
-    out
+/// `migrate NAME --to ADDR` on `from`; returns its report (panics on failure).
+fn migrate(from: &Daemon, name: &str, to: &Daemon) -> MigrationReport {
+    let report = from.migrate(&["migrate", name, "--to", &to.addr]);
+    assert_eq!(
+        (report.name.as_str(), report.to.as_str()),
+        (name, to.addr.as_str())
+    );
+    report
 }
 
 #[test]
@@ -122,7 +125,10 @@ fn migration_there_and_back_keeps_connections_data_and_published_ports() {
     std::thread::sleep(Duration::from_millis(200));
 
     let out = migrate(&a, "kv", &b);
-    assert!(out.contains("downtime"), "{out}");
+    assert!(
+        out.downtime_ms > 0.0 && out.total_ms >= out.downtime_ms,
+        "{out:?}"
+    );
     // The same connection, through A's published port, now reaches B.
     assert_eq!(c.cmd(&["GET", "key:42"]).unwrap(), "value-42");
     assert_eq!(c.host(), "mig-b");
@@ -220,16 +226,12 @@ fn free_heap_pages_stay_behind_and_the_heap_stays_sound() {
     };
     logs_say(&a, "churn ok 10 ");
     let out = migrate(&a, "churn", &b);
-    let skipped: u64 = out
-        .lines()
-        .find(|l| l.starts_with("ok: "))
-        .and_then(|l| l.rsplit(", ").next())
-        .and_then(|l| l.strip_suffix(" free pages skipped"))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no skipped-page count in:\n{out}"));
+    let skipped = out
+        .skipped
+        .unwrap_or_else(|| panic!("no skipped-page count in {out:?}"));
     assert!(
         skipped >= 1500,
-        "the 8 MiB the guest freed should stay behind: {skipped}\n{out}"
+        "the 8 MiB the guest freed should stay behind: {skipped}\n{out:?}"
     );
     // The guest keeps allocating, checking and freeing on the destination.
     let logs = logs_say(&b, "on hints-b");

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::daemon::{load, run_kv, Daemon, Redis, TempDir, BIN};
 use common::free_port;
-use host_shim::daemon::api::{Client, InstanceInfo};
+use host_shim::daemon::api::{Client, InstanceInfo, InstanceState};
 
 /// Keys written before the migration.
 const KEYS: usize = 1_000;
@@ -44,21 +44,32 @@ fn alive(d: &mut Daemon) -> bool {
 }
 
 /// kv's state on the daemon at `addr` (`None`: no such instance).
-fn kv_state(addr: &str) -> Option<String> {
+fn kv_state(addr: &str) -> Option<InstanceState> {
     let list: Vec<InstanceInfo> = Client::new(addr)
-        .json::<(), _>("GET", "/v1/instances", None)
+        .list()
         .unwrap_or_else(|e| panic!("GET /v1/instances of {addr}: {e}"));
     list.into_iter().find(|i| i.name == "kv").map(|i| i.state)
 }
 
-/// Waits (up to 30 s) until `ok` holds of kv's states on the live daemons
-/// (`None` for a dead one).
-fn settle(a: &mut Daemon, b: &mut Daemon, ok: impl Fn(Option<&str>, Option<&str>) -> bool) {
+/// kv on one daemon: `None` if the daemon is dead, `Some(None)` if kv is
+/// absent there.
+type Seen<'a> = Option<&'a Option<InstanceState>>;
+
+fn running(s: Seen) -> bool {
+    s == Some(&Some(InstanceState::Running))
+}
+
+fn absent(s: Seen) -> bool {
+    s == Some(&None)
+}
+
+/// Waits (up to 30 s) until `ok` holds of kv's states on the daemons.
+fn settle(a: &mut Daemon, b: &mut Daemon, ok: impl Fn(Seen, Seen) -> bool) {
     let give_up = Instant::now() + Duration::from_secs(30);
     loop {
-        let sa = alive(a).then(|| kv_state(&a.addr).unwrap_or_else(|| "absent".into()));
-        let sb = alive(b).then(|| kv_state(&b.addr).unwrap_or_else(|| "absent".into()));
-        if ok(sa.as_deref(), sb.as_deref()) {
+        let sa = alive(a).then(|| kv_state(&a.addr));
+        let sb = alive(b).then(|| kv_state(&b.addr));
+        if ok(sa.as_ref(), sb.as_ref()) {
             return;
         }
         assert!(
@@ -116,13 +127,13 @@ fn case(tag: &str, side: Side, fault: &str, want: Runs) {
                 "{text}"
             );
             settle(&mut a, &mut b, |sa, sb| {
-                sa == Some("running") && matches!(sb, None | Some("absent"))
+                running(sa) && (sb.is_none() || absent(sb))
             });
             holds_everything(&mut Redis::connect(port).unwrap(), acked);
         }
         Runs::AtDest => {
             settle(&mut a, &mut b, |sa, sb| {
-                sb == Some("running") && sa.is_none_or(|s| s.starts_with("moved to"))
+                running(sb) && sa.is_none_or(|s| matches!(s, Some(InstanceState::Moved { .. })))
             });
             if alive(&mut a) {
                 // Through the source's published port, over the overlay.
@@ -147,9 +158,7 @@ fn case(tag: &str, side: Side, fault: &str, want: Runs) {
                 let _ = restored.wait();
             }
         }
-        Runs::Nowhere => settle(&mut a, &mut b, |sa, sb| {
-            sa.is_none() && sb == Some("absent")
-        }),
+        Runs::Nowhere => settle(&mut a, &mut b, |sa, sb| sa.is_none() && absent(sb)),
     }
 }
 
@@ -219,7 +228,7 @@ fn a_silent_destination_fails_the_migration_and_stop_cancels_one() {
     let bound = host_shim::migration::source::ACCEPT_WAIT + Duration::from_secs(15);
     assert!(start.elapsed() < bound, "{:?}", start.elapsed());
     Redis::connect(port).unwrap().check(100);
-    assert_eq!(kv_state(&a.addr).as_deref(), Some("running"));
+    assert_eq!(kv_state(&a.addr), Some(InstanceState::Running));
     // And a destination that is not there at all.
     let out = a.try_cli(&["migrate", "kv", "--to", "127.0.0.1:1"]);
     assert!(!out.status.success());
@@ -235,7 +244,11 @@ fn a_silent_destination_fails_the_migration_and_stop_cancels_one() {
             .unwrap()
     });
     let give_up = Instant::now() + Duration::from_secs(10);
-    while kv_state(&a.addr).as_deref() != Some("migrating") {
+    while kv_state(&a.addr)
+        != Some(InstanceState::Busy {
+            what: "migrating".into(),
+        })
+    {
         assert!(Instant::now() < give_up, "never migrating");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -303,7 +316,11 @@ fn a_stalled_incoming_migration_releases_its_reservation() {
         })
     };
     let give_up = Instant::now() + Duration::from_secs(10);
-    while kv_state(&b.addr).as_deref() != Some("incoming") {
+    while kv_state(&b.addr)
+        != Some(InstanceState::Busy {
+            what: "incoming".into(),
+        })
+    {
         assert!(
             Instant::now() < give_up,
             "no reservation at the destination"
@@ -325,7 +342,7 @@ fn a_stalled_incoming_migration_releases_its_reservation() {
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("keeps running here"), "{text}");
     c.check(100);
-    assert_eq!(kv_state(&a.addr).as_deref(), Some("running"));
+    assert_eq!(kv_state(&a.addr), Some(InstanceState::Running));
     drop(stalled.join().unwrap());
     // The name and address are free again at the destination.
     let (_, mut c) = run_kv(&b);
@@ -452,8 +469,7 @@ fn a_hung_origin_is_declared_down_by_its_standby() {
         client.json("POST", "/v1/standby", Some(&req)).unwrap();
     let start = Instant::now();
     loop {
-        let list: Vec<host_shim::daemon::standby::StandbyInfo> =
-            client.json::<(), _>("GET", "/v1/standby", None).unwrap();
+        let list: Vec<host_shim::daemon::standby::StandbyInfo> = client.standbys().unwrap();
         let state = list[0].state.clone();
         if state.contains("no checkpoint") {
             break;
@@ -509,7 +525,11 @@ fn a_frozen_destination_leaves_the_migration_in_doubt_until_it_answers() {
     };
     signal("-STOP");
     let give_up = Instant::now() + Duration::from_secs(60);
-    while kv_state(&a.addr).as_deref() != Some("migration in doubt") {
+    while kv_state(&a.addr)
+        != Some(InstanceState::Busy {
+            what: "migration in doubt".into(),
+        })
+    {
         assert!(
             Instant::now() < give_up,
             "kv: {:?} at the source",
@@ -526,8 +546,6 @@ fn a_frozen_destination_leaves_the_migration_in_doubt_until_it_answers() {
     stop.store(true, Ordering::Relaxed);
     let (acked, _, _) = loader.join().unwrap();
     // Asking cut the hung destination loose: it discarded kv.
-    settle(&mut a, &mut b, |sa, sb| {
-        sa == Some("running") && sb == Some("absent")
-    });
+    settle(&mut a, &mut b, |sa, sb| running(sa) && absent(sb));
     holds_everything(&mut Redis::connect(port).unwrap(), acked);
 }

@@ -45,7 +45,6 @@ pub mod tap;
 pub mod traffic;
 pub mod wait;
 
-use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -89,41 +88,7 @@ pub const FLOOD_RATE: u64 = 500;
 /// ... after a burst of this many; more are dropped and counted.
 pub const FLOOD_BURST: u64 = 100;
 
-/// A transport protocol of a published port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Proto {
-    Tcp,
-    Udp,
-}
-
-impl fmt::Display for Proto {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        })
-    }
-}
-
-/// `--publish [HOST_ADDR:]HOST_PORT:[GUEST_ADDR:]GUEST_PORT[/tcp|/udp]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PublishSpec {
-    pub host: SocketAddr,
-    /// `None`: the main guest.
-    pub guest_addr: Option<Ipv4Addr>,
-    pub guest_port: u16,
-    pub proto: Proto,
-}
-
-impl fmt::Display for PublishSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{} -> ", self.host, self.proto)?;
-        match self.guest_addr {
-            Some(a) => write!(f, "{a}:{}", self.guest_port),
-            None => write!(f, "guest port {}", self.guest_port),
-        }
-    }
-}
+pub use ::api::publish::{Proto, PublishSpec};
 
 /// Which network the guests get.
 #[derive(Clone, Debug, PartialEq, Eq)]

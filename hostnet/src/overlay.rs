@@ -71,8 +71,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use super::port::Frame;
 use crate::overlay_crypto::{OverlayCrypto, OverlayKey, MAX_SENDERS};
 use shim_util::limit::RateLimited;
@@ -113,21 +111,7 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// The first bytes of a probe datagram.
 pub const PROBE_MAGIC: &[u8; 4] = b"LCRP";
 
-/// One peer's round trip, as `GET /v1/stats` reports it.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct PeerRtt {
-    /// Its overlay address.
-    pub addr: String,
-    pub name: String,
-    pub region: String,
-    /// Smoothed round trip, ms.
-    pub srtt_ms: f64,
-    /// The last sample, ms.
-    pub last_ms: f64,
-    pub samples: u64,
-    /// Seconds since its last answer.
-    pub age_s: f64,
-}
+pub use api::stats::PeerRtt;
 
 /// The round trips to each peer, shared with the daemon.
 #[derive(Clone, Default)]

@@ -25,8 +25,6 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use serde::{Deserialize, Serialize};
-
 /// Client addresses counted separately per port; later ones only count
 /// in the port's totals.
 pub const MAX_CLIENTS: usize = 1024;
@@ -114,36 +112,7 @@ impl PortTraffic {
     }
 }
 
-/// One client address's share of a port's traffic.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClientStats {
-    pub addr: String,
-    pub requests: u64,
-    /// Bytes from it to the app.
-    pub bytes_in: u64,
-}
-
-/// One published port's counters, as `GET /v1/stats` reports them.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PortStats {
-    /// `ADDR:PORT/PROTO` on the host.
-    pub host: String,
-    /// `ADDR:PORT` of the guest it forwards to.
-    pub guest: String,
-    /// Requests (bursts of client bytes; see the module docs).
-    pub requests: u64,
-    /// Bytes from clients to the app.
-    pub bytes_in: u64,
-    /// Bytes from the app to clients.
-    pub bytes_out: u64,
-    /// Client connections accepted (UDP: flows).
-    pub connections: u64,
-    /// Client connections open now.
-    pub open_connections: u64,
-    /// Per client address (the first [`MAX_CLIENTS`]).
-    #[serde(default)]
-    pub clients: Vec<ClientStats>,
-}
+pub use api::stats::{ClientStats, NicStats, PortStats};
 
 /// Frame counters of a guest's network card, seen from the switch.
 #[derive(Debug, Default)]
@@ -205,25 +174,6 @@ fn count<'a>(frames: impl IntoIterator<Item = &'a Vec<u8>>) -> (u64, u64) {
     frames
         .into_iter()
         .fold((0, 0), |(n, b), f| (n + 1, b + f.len() as u64))
-}
-
-/// A guest card's counters (since it attached to this shim).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NicStats {
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    /// Frames from the guest dropped: its queue to the switch was full.
-    #[serde(default)]
-    pub tx_dropped: u64,
-    /// Frames for the guest dropped: its backlog was full.
-    #[serde(default)]
-    pub rx_dropped: u64,
-    /// Frames the guest flooded (broadcast, multicast, unknown unicast)
-    /// dropped: over its rate.
-    #[serde(default)]
-    pub flood_dropped: u64,
 }
 
 #[cfg(test)]

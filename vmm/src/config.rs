@@ -4,14 +4,14 @@
 //! The parsers return plain `String` errors so clap can show them next to
 //! the flag that carried them.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use abi::layout::{LARGE_PAGE_SIZE, MAX_MEM_SIZE, MIN_MEM_SIZE};
 
 use hostnet::{
-    in_subnet, mac_for, NetMode, NetworkConfig, Nic, Proto, PublishSpec, USER_FIRST_GUEST,
+    in_subnet, mac_for, NetMode, NetworkConfig, Nic, PublishSpec, USER_FIRST_GUEST,
     USER_GATEWAY, USER_PREFIX, USER_SUBNET,
 };
 
@@ -135,43 +135,6 @@ pub fn check_mem_size(bytes: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// Parses a timeout in seconds; fractions are fine (`0.5`).
-pub fn parse_timeout(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
-    if secs.is_nan() || secs <= 0.0 {
-        return Err(format!("the timeout must be more than 0 s, not '{s}'"));
-    }
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("'{s}': {e}"))
-}
-
-/// Parses a duration: a number with an optional unit (`ms`, `s`, `m`;
-/// seconds without one), e.g. `5s`, `500ms`, `1.5`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (t, 1.0)
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (e.g. 5s, 500ms)"))?;
-    let d = Duration::try_from_secs_f64(v * scale)
-        .map_err(|_| format!("`{s}` is not a valid duration"))?;
-    if d < Duration::from_millis(1) {
-        return Err(format!("`{s}` is too short: at least 1ms"));
-    }
-    Ok(d)
-}
-
 /// Parses one `KEY=VALUE` environment entry. The key must be non-empty.
 pub fn parse_env(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -187,73 +150,7 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// The syntax of `--publish`, for messages.
-pub const PUBLISH_SYNTAX: &str = "[HOST_ADDR:]HOST_PORT:[GUEST_ADDR:]GUEST_PORT[/tcp|/udp]";
-
-/// Parses `--publish [HOST_ADDR:]HOST_PORT:[GUEST_ADDR:]GUEST_PORT[/tcp|/udp]`
-/// (`8080:80`, `127.0.0.1:8080:80/tcp`, `[::1]:5353:53/udp`,
-/// `8081:10.0.2.16:80`). The host address defaults to 127.0.0.1, the guest
-/// to the main guest, the protocol to TCP.
-pub fn parse_publish(s: &str) -> Result<PublishSpec, String> {
-    let bad = |why: &str| {
-        format!("'{s}' is not a port mapping ({why}): expected {PUBLISH_SYNTAX}, e.g. 8080:80 or 127.0.0.1:8080:80/tcp")
-    };
-    let (body, proto) = match s.rsplit_once('/') {
-        Some((body, "tcp")) => (body, Proto::Tcp),
-        Some((body, "udp")) => (body, Proto::Udp),
-        Some((_, other)) => return Err(bad(&format!("unknown protocol '{other}'"))),
-        None => (s, Proto::Tcp),
-    };
-    // A bracketed IPv6 host address first.
-    let (v6_host, rest) = match body.strip_prefix('[') {
-        Some(after) => {
-            let (addr, rest) = after
-                .split_once("]:")
-                .ok_or_else(|| bad("unclosed '[' in the host address"))?;
-            let addr: IpAddr = addr
-                .parse()
-                .map_err(|_| bad(&format!("'{addr}' is not an IPv6 address")))?;
-            (Some(addr), rest)
-        }
-        None => (None, body),
-    };
-    let parts: Vec<&str> = rest.split(':').collect();
-    let is_ip = |p: &str| p.parse::<Ipv4Addr>().is_ok() || p == "localhost";
-    let (host, host_port, guest_addr, guest_port) = match (v6_host, parts.as_slice()) {
-        (Some(h), [hp, gp]) => (Some(h.to_string()), *hp, None, *gp),
-        (Some(h), [hp, ga, gp]) => (Some(h.to_string()), *hp, Some(*ga), *gp),
-        (None, [hp, gp]) => (None, *hp, None, *gp),
-        (None, [h, hp, gp]) if is_ip(h) => (Some(h.to_string()), *hp, None, *gp),
-        (None, [hp, ga, gp]) => (None, *hp, Some(*ga), *gp),
-        (None, [h, hp, ga, gp]) => (Some(h.to_string()), *hp, Some(*ga), *gp),
-        _ => return Err(bad("wrong number of ':'-separated parts")),
-    };
-    let port = |p: &str, what: &str| match p.parse::<u16>() {
-        Ok(0) | Err(_) => Err(bad(&format!("'{p}' is not a {what} port (1-65535)"))),
-        Ok(n) => Ok(n),
-    };
-    let host_port = port(host_port, "host")?;
-    let guest_port = port(guest_port, "guest")?;
-    let host_ip: IpAddr = match host.as_deref() {
-        None | Some("localhost") => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        Some(h) => h
-            .parse()
-            .map_err(|_| bad(&format!("'{h}' is not an IP address")))?,
-    };
-    let guest_addr = match guest_addr {
-        None => None,
-        Some(a) => Some(
-            a.parse::<Ipv4Addr>()
-                .map_err(|_| bad(&format!("'{a}' is not a guest IPv4 address")))?,
-        ),
-    };
-    Ok(PublishSpec {
-        host: SocketAddr::new(host_ip, host_port),
-        guest_addr,
-        guest_port,
-        proto,
-    })
-}
+pub use ::api::publish::{parse_publish, PUBLISH_SYNTAX};
 
 /// Parses `--net`: `none`, `user` or `tap=NAME`.
 pub fn parse_net_mode(s: &str) -> Result<NetMode, String> {
@@ -445,6 +342,10 @@ pub fn default_host_name() -> String {
 mod tests {
     use super::*;
 
+    fn publish(s: &str) -> PublishSpec {
+        parse_publish(s).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     #[test]
     fn mem_sizes_with_and_without_suffixes() {
         assert_eq!(parse_mem_size("64M"), Ok(64 * MIB));
@@ -474,28 +375,6 @@ mod tests {
     }
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("-1s").is_err());
-    }
-
-    #[test]
-    fn timeouts() {
-        assert_eq!(parse_timeout("2"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_timeout("0.25"), Ok(Duration::from_millis(250)));
-        assert!(parse_timeout("0").is_err());
-        assert!(parse_timeout("-1").is_err());
-        assert!(parse_timeout("NaN").is_err());
-        assert!(parse_timeout("inf").is_err());
-        assert!(parse_timeout("soon").is_err());
-    }
-
-    #[test]
     fn env_entries() {
         assert_eq!(parse_env("A=b"), Ok(("A".into(), "b".into())));
         assert_eq!(parse_env("A="), Ok(("A".into(), "".into())));
@@ -504,60 +383,6 @@ mod tests {
         assert!(parse_env("AB").is_err());
         assert!(parse_env("lc.host=x").unwrap_err().contains("reserved"));
         assert!(parse_env("virtio_mmio.device=1@2:3").is_err());
-    }
-
-    fn publish(s: &str) -> PublishSpec {
-        parse_publish(s).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    #[test]
-    fn publish_specs() {
-        let p = publish("8080:80");
-        assert_eq!(p.host, "127.0.0.1:8080".parse().unwrap());
-        assert_eq!(
-            (p.guest_addr, p.guest_port, p.proto),
-            (None, 80, Proto::Tcp)
-        );
-        let p = publish("0.0.0.0:8080:80/tcp");
-        assert_eq!(p.host, "0.0.0.0:8080".parse().unwrap());
-        let p = publish("127.0.0.2:5353:53/udp");
-        assert_eq!(
-            (p.host.port(), p.guest_port, p.proto),
-            (5353, 53, Proto::Udp)
-        );
-        let p = publish("[::1]:8080:80");
-        assert_eq!(p.host, "[::1]:8080".parse().unwrap());
-        let p = publish("8081:10.0.2.16:80");
-        assert_eq!(p.host, "127.0.0.1:8081".parse().unwrap());
-        assert_eq!(p.guest_addr, Some(Ipv4Addr::new(10, 0, 2, 16)));
-        let p = publish("127.0.0.1:8081:10.0.2.16:80/udp");
-        assert_eq!(p.guest_addr, Some(Ipv4Addr::new(10, 0, 2, 16)));
-        assert_eq!(p.proto, Proto::Udp);
-        assert_eq!(
-            publish("localhost:1:2").host,
-            "127.0.0.1:1".parse().unwrap()
-        );
-        assert_eq!(p.to_string(), "127.0.0.1:8081/udp -> 10.0.2.16:80");
-    }
-
-    #[test]
-    fn bad_publish_specs_say_what_is_wrong() {
-        for (s, why) in [
-            ("80", "number of"),
-            ("", "number of"),
-            ("a:b", "not a host port"),
-            ("8080:0", "not a guest port"),
-            ("70000:80", "not a host port"),
-            ("8080:80/sctp", "unknown protocol 'sctp'"),
-            ("1.2.3:8080:80:80", "not an IP address"),
-            ("[::1:8080:80", "unclosed"),
-            ("8080:10.0.2:80", "not a guest IPv4"),
-            ("1:2:3:4:5", "number of"),
-        ] {
-            let e = parse_publish(s).unwrap_err();
-            assert!(e.contains(why), "{s}: {e}");
-            assert!(e.contains("HOST_PORT:"), "{s}: {e}");
-        }
     }
 
     #[test]

@@ -122,6 +122,7 @@ pub fn print_images(images: &[Image]) {
 
 /// Builds the release host shim and returns the path of its binary.
 pub fn build_shim(ws: &Workspace) -> Result<PathBuf> {
+    crate::setup::ensure(crate::setup::BUILD_TOOLS)?;
     workspace::run(ws.cargo().args(["build", "--release", "-p", SHIM_PACKAGE]))
         .context("building the host shim")?;
     Ok(ws.shim_path())

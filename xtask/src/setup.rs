@@ -21,8 +21,19 @@ pub struct Tool {
     pub why: &'static str,
 }
 
+/// What building the host shim needs besides cargo: the etcd client crate compiles etcd's
+/// gRPC protocol with protoc in its build script.
+pub const BUILD_TOOLS: &[Tool] = &[PROTOC];
+
+const PROTOC: Tool = Tool {
+    bin: "protoc",
+    package: "protobuf-compiler",
+    why: "building the host shim (the etcd client crate compiles etcd's protocol with it)",
+};
+
 /// Everything `cargo xtask test` runs besides cargo.
 pub const TEST_TOOLS: &[Tool] = &[
+    PROTOC,
     Tool {
         bin: "qemu-system-x86_64",
         package: "qemu-system-x86",
@@ -52,6 +63,16 @@ pub const TEST_TOOLS: &[Tool] = &[
         bin: "kill",
         package: "procps",
         why: "crash-recovery tests (kill -9 of a daemon)",
+    },
+    Tool {
+        bin: "etcd",
+        package: "etcd-server",
+        why: "a real etcd for the fleet store (tests/etcd_fleet.rs)",
+    },
+    Tool {
+        bin: "etcdctl",
+        package: "etcd-client",
+        why: "a second, real etcd client in the fleet store tests",
     },
     Tool {
         bin: "chromium",

@@ -10,28 +10,13 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-use sha2::Digest;
-
-/// The prefix of an image reference by hash in [`super::api::RunRequest::image`].
-pub const HASH_PREFIX: &str = "sha256:";
+pub use ::api::images::{sha256_hex, ImageInfo, HASH_PREFIX};
 
 /// Default `--max-image-size`: unikernel images are hundreds of KiB.
 pub const DEFAULT_MAX_BYTES: u64 = 8 << 20;
 
 /// The API reads at most this much of a request body, so no limit can be larger.
 pub const TRANSPORT_MAX_BYTES: u64 = 16 << 20;
-
-/// A stored image, as the API describes it.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct ImageInfo {
-    /// Hex SHA-256 of the image.
-    pub sha256: String,
-    pub size: u64,
-    /// Whether this call wrote it (false: it was already here).
-    #[serde(default)]
-    pub stored: bool,
-}
 
 /// Why an image was refused.
 #[derive(Debug, thiserror::Error)]
@@ -64,14 +49,6 @@ impl ImageError {
             ImageError::Io(_) => 500,
         }
     }
-}
-
-/// Hex SHA-256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Checks that `hash` is 64 lowercase hex digits (it becomes a file name).
@@ -208,14 +185,11 @@ impl super::Daemon {
         let peer = self
             .peer_client(to, None)
             .map_err(|why| super::ApiError(502, why))?;
-        let path = format!("/v1/images/{hash}");
-        if let Ok(info) = peer.json::<(), ImageInfo>("GET", &path, None) {
+        if let Ok(info) = peer.image::<ImageInfo>(hash) {
             return Ok(info);
         }
-        let pushed = peer.call("PUT", &path, Some(&bytes)).map_err(|e| {
-            super::ApiError(502, format!("pushing image sha256:{hash} to {to}: {e}"))
-        })?;
-        serde_json::from_slice(&pushed.body).map_err(|e| super::ApiError(502, e.to_string()))
+        peer.put_image::<ImageInfo>(hash, &bytes, |_| {})
+            .map_err(|e| super::ApiError(502, format!("pushing image sha256:{hash} to {to}: {e}")))
     }
 
     /// The file to boot for `image`: a path as is, `sha256:HEX` from the store.

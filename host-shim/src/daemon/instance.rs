@@ -16,7 +16,7 @@ use vmm::console::{Dropped, PrefixedConsole};
 use vmm::machine::MachineHandle;
 use vmm::snapshot::state::GuestSpec;
 
-use super::api::InstanceInfo;
+use super::api::{InstanceInfo, InstanceState};
 
 /// Bytes of console output kept per instance.
 pub const LOG_RING: usize = 256 * 1024;
@@ -136,10 +136,12 @@ impl Instance {
 
     pub fn info(&self) -> InstanceInfo {
         let state = match &self.state {
-            State::Running => "running".to_owned(),
-            State::Busy(what) => (*what).to_owned(),
-            State::Exited(how) => format!("exited: {how}"),
-            State::Moved(to) => format!("moved to {to}"),
+            State::Running => InstanceState::Running,
+            State::Busy(what) => InstanceState::Busy {
+                what: (*what).to_owned(),
+            },
+            State::Exited(how) => InstanceState::Exited { how: how.clone() },
+            State::Moved(to) => InstanceState::Moved { to: to.clone() },
         };
         InstanceInfo {
             name: self.name.clone(),

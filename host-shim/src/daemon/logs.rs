@@ -19,8 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use super::instance::{LogRing, State};
 use super::{not_found, ApiError, Daemon};
 
@@ -33,35 +31,21 @@ pub const QUEUE: usize = 1024;
 /// How long a follower's queue may stay full before it is dropped.
 pub const SLOW_CLIENT: Duration = Duration::from_secs(10);
 
-/// One line of a followed log.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct LogEvent {
-    /// A console line (without its newline).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub line: Option<String>,
-    /// The instance moved to the daemon at this API address; the stream ends.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub moved_to: Option<String>,
-    /// The instance ended (exited, stopped); the stream ends.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub end: Option<String>,
-}
+pub use ::api::LogEvent;
 
-impl LogEvent {
-    /// Queues the event, waiting at most [`SLOW_CLIENT`] for room; false
-    /// if the client is gone or does not keep up (then the stream ends).
-    fn send(&self, tx: &SyncSender<String>) -> bool {
-        let mut line = serde_json::to_string(self).expect("serializable");
-        let give_up = Instant::now() + SLOW_CLIENT;
-        loop {
-            match tx.try_send(line) {
-                Ok(()) => return true,
-                Err(TrySendError::Full(l)) if Instant::now() < give_up => {
-                    line = l;
-                    thread::sleep(POLL);
-                }
-                Err(_) => return false,
+/// Queues the event, waiting at most [`SLOW_CLIENT`] for room; false
+/// if the client is gone or does not keep up (then the stream ends).
+fn send(event: &LogEvent, tx: &SyncSender<String>) -> bool {
+    let mut line = serde_json::to_string(event).expect("serializable");
+    let give_up = Instant::now() + SLOW_CLIENT;
+    loop {
+        match tx.try_send(line) {
+            Ok(()) => return true,
+            Err(TrySendError::Full(l)) if Instant::now() < give_up => {
+                line = l;
+                thread::sleep(POLL);
             }
+            Err(_) => return false,
         }
     }
 }
@@ -109,7 +93,7 @@ fn run(daemon: &Daemon, name: &str, tx: &SyncSender<String>) {
                 line: Some(text),
                 ..LogEvent::default()
             };
-            if !event.send(tx) {
+            if !send(&event, tx) {
                 return;
             }
             last_sent = Instant::now();
@@ -117,11 +101,13 @@ fn run(daemon: &Daemon, name: &str, tx: &SyncSender<String>) {
         match state {
             State::Moved(to) => {
                 flush(&mut partial, tx);
-                LogEvent {
-                    moved_to: Some(to),
-                    ..LogEvent::default()
-                }
-                .send(tx);
+                send(
+                    &LogEvent {
+                        moved_to: Some(to),
+                        ..LogEvent::default()
+                    },
+                    tx,
+                );
                 return;
             }
             State::Exited(how) => {
@@ -132,7 +118,7 @@ fn run(daemon: &Daemon, name: &str, tx: &SyncSender<String>) {
             State::Running | State::Busy(_) => {}
         }
         if last_sent.elapsed() >= HEARTBEAT {
-            if !LogEvent::default().send(tx) {
+            if !send(&LogEvent::default(), tx) {
                 return;
             }
             last_sent = Instant::now();
@@ -170,20 +156,24 @@ fn flush(partial: &mut Vec<u8>, tx: &SyncSender<String>) {
     if !partial.is_empty() {
         let text = String::from_utf8_lossy(partial).into_owned();
         partial.clear();
-        LogEvent {
-            line: Some(text),
-            ..LogEvent::default()
-        }
-        .send(tx);
+        send(
+            &LogEvent {
+                line: Some(text),
+                ..LogEvent::default()
+            },
+            tx,
+        );
     }
 }
 
 fn end(tx: &SyncSender<String>, why: &str) {
-    LogEvent {
-        end: Some(why.to_owned()),
-        ..LogEvent::default()
-    }
-    .send(tx);
+    send(
+        &LogEvent {
+            end: Some(why.to_owned()),
+            ..LogEvent::default()
+        },
+        tx,
+    );
 }
 
 #[cfg(test)]

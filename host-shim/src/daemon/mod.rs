@@ -17,7 +17,7 @@
 //! | `POST /v1/instances/NAME/snapshot` | [`api::SnapshotRequest`] | [`api::SnapshotInfo`] |
 //! | `POST /v1/instances/NAME/checkpoint` | [`api::CheckpointRequest`] | [`api::CheckpointInfo`] (504: no checkpoint in time) |
 //! | `POST /v1/restore` | [`api::RestoreRequest`] | [`api::InstanceInfo`] (201) |
-//! | `POST /v1/instances/NAME/migrate` | [`api::MigrateRequest`], upgrade to `host-shim-progress` | progress lines, text, streamed |
+//! | `POST /v1/instances/NAME/migrate` | [`api::MigrateRequest`], upgrade to `host-shim-progress` | [`api::MigrationEvent`] JSON lines, streamed |
 //! | `POST /v1/migration` | upgrade to `host-shim-migration` | the incoming migration stream ([`crate::migration`]) |
 //! | `POST /v1/standby` | [`standby::StandbyRequest`] | [`standby::StandbyInfo`] (201) |
 //! | `GET /v1/standby` | | `[`[`standby::StandbyInfo`]`]` |
@@ -70,6 +70,7 @@ use std::time::{Duration, Instant};
 
 pub use http::Method;
 pub use limits::check_name;
+use limits::Quotas;
 
 use api::{
     CheckpointInfo, CheckpointRequest, InstanceInfo, RestoreRequest, RunRequest, ShimInfo,
@@ -82,8 +83,8 @@ use vmm::devices::virtio;
 use vmm::error::Error;
 use vmm::machine::{self, BootRequest, Ended, Hypervisor, Machine, MachineHandle};
 
-/// The protocol name of a streamed answer (progress lines).
-pub const PROGRESS_PROTOCOL: &str = "host-shim-progress";
+/// The protocol name of a streamed answer (JSON lines).
+pub use api::PROGRESS_PROTOCOL;
 /// The protocol name of the migration stream's HTTP upgrade.
 pub const MIGRATION_PROTOCOL: &str = "host-shim-migration";
 /// Highest `--shim-id`.
@@ -146,13 +147,7 @@ pub enum Reply {
 }
 
 /// An API error: status and message.
-pub struct ApiError(pub u16, pub String);
-
-impl<E: std::fmt::Display> From<E> for ApiError {
-    fn from(e: E) -> Self {
-        ApiError(500, format!("{e:#}"))
-    }
-}
+pub use api::server::ApiError;
 
 fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(400, msg.into())
@@ -524,7 +519,7 @@ impl Daemon {
             self.net.unpublish(spec);
         }
         let mut info = inst.info();
-        info.state = "stopped".into();
+        info.state = api::InstanceState::Stopped;
         Ok(info)
     }
 
@@ -674,15 +669,13 @@ impl Daemon {
         })
     }
 
-    /// Parses `--publish` mappings and checks them against the limits.
-    fn publishes(&self, publish: &[String]) -> Result<Vec<PublishSpec>, ApiError> {
-        let publish = publish
-            .iter()
-            .map(|p| vmm::config::parse_publish(p))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(bad)?;
-        self.config.limits.check_publish(&publish)?;
-        Ok(publish)
+    /// Checks a caller's published ports and the limits.
+    fn publishes(&self, publish: &[PublishSpec]) -> Result<Vec<PublishSpec>, ApiError> {
+        for p in publish {
+            p.check().map_err(bad)?;
+        }
+        self.config.limits.check_publish(publish)?;
+        Ok(publish.to_vec())
     }
 
     fn restore(&self, req: RestoreRequest) -> Result<InstanceInfo, ApiError> {
@@ -921,20 +914,20 @@ impl Daemon {
         }
     }
 
-    /// Answers one API request.
+    /// Answers one API request: routed and typed by [`api::routes`], then
+    /// one arm per endpoint.
     fn handle(
         self: &Arc<Self>,
         method: &Method,
         path: &str,
         body: &[u8],
     ) -> Result<Reply, ApiError> {
+        use api::routes::Request;
         let json = |status: u16, v: &dyn erased::Json| Ok(Reply::Json(status, v.to_json()));
-        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-        if let Some(reply) = standby::route(self, method, &segments, body) {
-            return reply;
-        }
-        match (method, segments.as_slice()) {
-            (Method::Get, ["v1", "health"]) => json(
+        let req =
+            Request::parse(method, path, body).map_err(|e| ApiError(e.status(), e.to_string()))?;
+        match req {
+            Request::Health => json(
                 200,
                 &api::Health {
                     ok: true,
@@ -942,9 +935,9 @@ impl Daemon {
                     uptime_s: self.started.elapsed().as_secs_f64(),
                 },
             ),
-            (Method::Get, ["v1", "info"]) => json(200, &self.info()),
-            (Method::Get, ["v1", "stats"]) => json(200, &self.stats()),
-            (Method::Get, ["v1", "instances"]) => {
+            Request::Info => json(200, &self.info()),
+            Request::Stats => json(200, &self.stats()),
+            Request::List => {
                 let list: Vec<InstanceInfo> = self
                     .instances()
                     .values()
@@ -952,34 +945,19 @@ impl Daemon {
                     .collect();
                 json(200, &list)
             }
-            (Method::Post, ["v1", "instances"]) => {
-                let req: RunRequest = request(body, "run")?;
-                json(201, &self.run_recorded(req)?)
-            }
-            (Method::Put, ["v1", "instances", name, "restart"]) => {
-                let req: api::RestartRequest = request(body, "restart")?;
-                json(200, &self.set_restart(name, req.restart)?)
-            }
-            (Method::Post, ["v1", "instances", name, "logs", "follow"]) => {
-                Ok(Reply::Stream(logs::follow(self, name)?))
-            }
-            (Method::Get | Method::Head, ["v1", "images", hash]) => {
-                json(200, &self.image_info(hash)?)
-            }
-            (Method::Put, ["v1", "images", hash]) => {
-                let info = self.store_image(hash, body)?;
+            Request::Run(req) => json(201, &self.run_recorded(req)?),
+            Request::SetRestart(name, req) => json(200, &self.set_restart(name, req.restart)?),
+            Request::FollowLogs(name) => Ok(Reply::Stream(logs::follow(self, name)?)),
+            Request::Image(hash) => json(200, &self.image_info(hash)?),
+            Request::PutImage(hash, bytes) => {
+                let info = self.store_image(hash, bytes)?;
                 json(if info.stored { 201 } else { 200 }, &info)
             }
-            (Method::Post, ["v1", "images", hash, "push"]) => {
-                let req: api::PushRequest = request(body, "push")?;
-                json(200, &self.push_image(hash, &req.to)?)
-            }
-            (Method::Get, ["v1", "openapi.yaml"]) => {
-                Ok(Reply::Text(200, openapi::OPENAPI.to_owned()))
-            }
-            (Method::Get, ["v1", "instances", name, "logs"]) => {
+            Request::PushImage(hash, req) => json(200, &self.push_image(hash, &req.to)?),
+            Request::OpenApi => Ok(Reply::Text(200, openapi::OPENAPI.to_owned())),
+            Request::Logs(name) => {
                 let instances = self.instances();
-                let inst = instances.get(*name).ok_or_else(|| not_found(name))?;
+                let inst = instances.get(name).ok_or_else(|| not_found(name))?;
                 let text = String::from_utf8_lossy(
                     &inst
                         .log
@@ -990,35 +968,34 @@ impl Daemon {
                 .into_owned();
                 Ok(Reply::Text(200, text))
             }
-            (Method::Post, ["v1", "instances", name, "stop"]) => {
+            Request::Stop(name) => {
                 let info = self.stop(name)?;
                 self.forget(name);
                 json(200, &info)
             }
-            (Method::Post, ["v1", "instances", name, "snapshot"]) => {
-                let req: SnapshotRequest = request(body, "snapshot")?;
-                json(200, &self.snapshot(name, req)?)
-            }
-            (Method::Post, ["v1", "instances", name, "checkpoint"]) => {
-                let req: CheckpointRequest = request(body, "checkpoint")?;
-                json(200, &self.checkpoint(name, req)?)
-            }
-            (Method::Post, ["v1", "restore"]) => {
-                let req: RestoreRequest = request(body, "restore")?;
-                json(201, &self.restore(req)?)
-            }
-            (Method::Post, ["v1", "instances", name, "migrate"]) => {
-                let req: api::MigrateRequest = request(body, "migrate")?;
+            Request::Snapshot(name, req) => json(200, &self.snapshot(name, req)?),
+            Request::Checkpoint(name, req) => json(200, &self.checkpoint(name, req)?),
+            Request::Restore(req) => json(201, &self.restore(req)?),
+            Request::Migrate(name, req) => {
                 let (tx, rx) = mpsc::channel();
                 let daemon = Arc::clone(self);
-                let name = (*name).to_owned();
+                let name = name.to_owned();
                 thread::Builder::new()
                     .name(format!("migrate-{name}"))
                     .spawn(move || crate::migration::source::migrate(&daemon, &name, &req, &tx))
                     .map_err(|e| ApiError(500, e.to_string()))?;
                 Ok(Reply::Stream(rx))
             }
-            _ => Err(ApiError(404, format!("no such endpoint: {method} {path}"))),
+            // The HTTP server upgrades the migration stream before this.
+            Request::Migration => Err(ApiError(404, format!("no such endpoint: {method} {path}"))),
+            Request::Standbys => json(200, &standby::list(self)),
+            Request::Standby(body) => {
+                let req = request(body, "standby")?;
+                json(201, &standby::accept(self, req)?)
+            }
+            Request::StandbyCheckpoint(name, blob) => {
+                json(200, &standby::receive(self, name, blob)?)
+            }
         }
     }
 }

@@ -10,48 +10,14 @@
 //! (`CHECKPOINT_DIR/latest.ckpt`). Only instances whose policy is
 //! [`Restart::Always`] are recorded; `stop` and a migration away forget
 //! them. Records are written atomically (temp file, fsync, rename), mode
-//! 0600 in a 0700 directory ([`shim_util::files`]).
+//! 0600 in a 0700 directory ([`crate::files`]).
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use super::api::{InstanceInfo, RunRequest};
 use super::{bad, not_found, ApiError, Daemon};
-use hostnet::PublishSpec;
 
-/// What happens to an instance when its daemon restarts.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Restart {
-    /// It is gone (the behaviour without `--state-dir`).
-    #[default]
-    Never,
-    /// It is booted again, from its app's latest checkpoint if it has one.
-    Always,
-}
-
-impl std::fmt::Display for Restart {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Restart::Never => "never",
-            Restart::Always => "always",
-        })
-    }
-}
-
-impl std::str::FromStr for Restart {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "never" => Ok(Restart::Never),
-            "always" => Ok(Restart::Always),
-            other => Err(format!(
-                "'{other}' is not a restart policy: always or never"
-            )),
-        }
-    }
-}
+pub use ::api::Restart;
 
 /// Largest instance record read back.
 const MAX_RECORD: u64 = 1 << 20;
@@ -142,19 +108,6 @@ impl Persist {
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
-}
-
-/// A published port in `--publish` syntax (what [`vmm::config::parse_publish`] reads).
-pub fn publish_arg(p: &PublishSpec) -> String {
-    let host = match p.host {
-        std::net::SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
-        std::net::SocketAddr::V4(a) => a.to_string(),
-    };
-    let guest = match p.guest_addr {
-        Some(a) => format!("{a}:{}", p.guest_port),
-        None => p.guest_port.to_string(),
-    };
-    format!("{host}:{guest}/{}", p.proto)
 }
 
 impl Daemon {
@@ -267,7 +220,7 @@ impl Daemon {
                 mem: spec.mem_size,
                 env: spec.env.clone(),
                 args: spec.args.clone(),
-                publish: inst.publish.iter().map(publish_arg).collect(),
+                publish: inst.publish.clone(),
                 ip: spec.nic.map(|n| n.ip.to_string()),
                 restart,
                 ..RunRequest::default()
@@ -299,7 +252,7 @@ mod tests {
             name: "kv".into(),
             image: "sha256:00".into(),
             mem: 64 << 20,
-            publish: vec!["127.0.0.1:6379:6379/tcp".into()],
+            publish: vec!["127.0.0.1:6379:6379/tcp".parse().unwrap()],
             ip: Some("10.0.2.16".into()),
             restart: Restart::Always,
             checkpoint_every_ms: Some(100),

@@ -42,8 +42,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::api::{Client, InstanceInfo, RunRequest};
-use super::{bad, ApiError, Daemon, Reply};
+use super::api::{Client, RunRequest};
+use super::{bad, ApiError, Daemon};
 use vmm::checkpoint::{Chain, DirSink, Sink};
 use vmm::snapshot::state::ImageId;
 
@@ -175,30 +175,9 @@ pub fn probe_interval(grace: Duration) -> Duration {
     (grace / 8).clamp(Duration::from_millis(50), Duration::from_secs(1))
 }
 
-/// The standby endpoints, if `segments` names one.
-pub fn route(
-    daemon: &Arc<Daemon>,
-    method: &super::http::Method,
-    segments: &[&str],
-    body: &[u8],
-) -> Option<Result<Reply, ApiError>> {
-    use super::http::Method;
-    let json = |status: u16, v: &dyn super::erased::Json| Ok(Reply::Json(status, v.to_json()));
-    Some(match (method, segments) {
-        (Method::Post, ["v1", "standby"]) => super::request(body, "standby")
-            .and_then(|req| accept(daemon, req))
-            .and_then(|info| json(201, &info)),
-        (Method::Get, ["v1", "standby"]) => json(200, &list(daemon)),
-        (Method::Post, ["v1", "standby", name, "checkpoint"]) => {
-            receive(daemon, name, body).and_then(|info| json(200, &info))
-        }
-        _ => return None,
-    })
-}
-
 /// Registers a standby for an instance (replacing an older one of the
 /// same name) and starts watching its origin.
-fn accept(daemon: &Arc<Daemon>, req: StandbyRequest) -> Result<StandbyInfo, ApiError> {
+pub(super) fn accept(daemon: &Arc<Daemon>, req: StandbyRequest) -> Result<StandbyInfo, ApiError> {
     let name = req.run.name.clone();
     super::check_name(&name)?;
     let here = vmm::machine::image_id(std::path::Path::new(&req.run.image)).map_err(|e| {
@@ -263,7 +242,7 @@ fn accept(daemon: &Arc<Daemon>, req: StandbyRequest) -> Result<StandbyInfo, ApiE
     Ok(entry.info())
 }
 
-fn list(daemon: &Daemon) -> Vec<StandbyInfo> {
+pub(super) fn list(daemon: &Daemon) -> Vec<StandbyInfo> {
     let entries = daemon
         .standbys
         .entries
@@ -273,7 +252,7 @@ fn list(daemon: &Daemon) -> Vec<StandbyInfo> {
 }
 
 /// Stores one blob the origin shipped; answers once it is durable.
-fn receive(daemon: &Daemon, name: &str, body: &[u8]) -> Result<StandbyInfo, ApiError> {
+pub(super) fn receive(daemon: &Daemon, name: &str, body: &[u8]) -> Result<StandbyInfo, ApiError> {
     let entry = daemon.standbys.get(name).ok_or_else(|| {
         ApiError(
             404,
@@ -322,11 +301,9 @@ enum Probe {
 }
 
 fn probe(origin: &Client, name: &str) -> Probe {
-    match origin.json::<(), Vec<InstanceInfo>>("GET", "/v1/instances", None) {
+    match origin.list() {
         Ok(list) => match list.into_iter().find(|i| i.name == name) {
-            Some(i) if i.state.starts_with("exited") || i.state.starts_with("moved") => {
-                Probe::Gone(i.state)
-            }
+            Some(i) if !i.state.is_live() => Probe::Gone(i.state.to_string()),
             Some(_) => Probe::Running,
             None => Probe::Gone("no longer there".into()),
         },
@@ -454,19 +431,19 @@ struct Shipment {
 }
 
 impl PeerSink {
-    /// Starts the shipper thread of instance `name`, posting to `path` on
+    /// Starts the shipper thread of instance `name`, posting its blobs to
     /// `peer` (whose calls time out).
-    fn start(name: &str, peer: Client, path: String) -> Result<Self, String> {
+    fn start(name: &str, peer: Client) -> Result<Self, String> {
         let (jobs, queue) = mpsc::sync_channel::<Shipment>(0);
         let addr = peer.addr.clone();
+        let name = name.to_owned();
         thread::Builder::new()
             .name(format!("ship-{name}"))
             .spawn(move || {
                 // Ends when the instance's sink is dropped.
                 for job in queue {
                     let r = peer
-                        .call("POST", &path, Some(&job.blob))
-                        .map(|_| ())
+                        .standby_checkpoint(&name, &job.blob)
                         .map_err(|e| format!("standby {}: {e}", peer.addr));
                     let _ = job.done.try_send(r);
                 }
@@ -539,10 +516,9 @@ pub fn register(daemon: &Daemon, req: &RunRequest) -> Result<Option<PeerSink>, A
         .peer_client(peer, None)
         .map_err(|why| ApiError(409, format!("standby {peer}: {why}")))?
         .with_timeout(SHIP_DEADLINE);
-    peer.json::<_, StandbyInfo>("POST", "/v1/standby", Some(&body))
+    peer.standby::<_, StandbyInfo>(&body)
         .map_err(|e| ApiError(409, format!("standby {}: {e}", peer.addr)))?;
-    let path = format!("/v1/standby/{}/checkpoint", req.name);
-    PeerSink::start(&req.name, peer, path)
+    PeerSink::start(&req.name, peer)
         .map(Some)
         .map_err(|e| ApiError(500, e))
 }

@@ -14,61 +14,10 @@
 //!
 //! Counters only grow while the process lives; readers take differences.
 
-use serde::{Deserialize, Serialize};
-
-use hostnet::overlay::PeerRtt;
-use hostnet::traffic::{NicStats, PortStats};
-use vmm::devices::exits::ExitStats;
-
 use super::instance::State;
 use super::Daemon;
 
-/// One instance's figures.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct InstanceStats {
-    pub name: String,
-    /// As in `list`.
-    pub state: String,
-    pub ip: Option<String>,
-    /// CPU time of its vCPU thread on this shim, seconds.
-    pub cpu_s: f64,
-    /// Guest memory, bytes.
-    pub mem: u64,
-    /// Its network card, since it arrived on this shim.
-    pub net: NicStats,
-    /// Moves so far.
-    pub generation: u64,
-    /// Console lines left out of the daemon's log (over the rate limit).
-    #[serde(default)]
-    pub console_lines_dropped: u64,
-    /// Console lines longer than the limit, written in pieces.
-    #[serde(default)]
-    pub console_lines_split: u64,
-    /// Checkpoints and deltas refused (over the instance's limit, or
-    /// malformed): the guest sends a full checkpoint instead.
-    #[serde(default)]
-    pub checkpoints_refused: u64,
-    /// Its VM exits by reason and its idle waits, since it arrived on
-    /// this shim (see [`vmm::devices::exits`]).
-    #[serde(default)]
-    pub exits: ExitStats,
-}
-
-/// The answer of `GET /v1/stats`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct ShimStats {
-    pub name: String,
-    pub region: String,
-    /// The overlay address (how peers know this shim).
-    pub overlay: Option<String>,
-    /// Instances running (or busy) here; moved-away tombstones are left out.
-    pub instances: Vec<InstanceStats>,
-    pub ports: Vec<PortStats>,
-    pub peers: Vec<PeerRtt>,
-    /// Frames the switch dropped because a port's queue was full.
-    #[serde(default)]
-    pub switch_dropped: u64,
-}
+pub use api::stats::{InstanceStats, ShimStats};
 
 impl Daemon {
     /// The figures of this shim now.

@@ -29,10 +29,12 @@
 //! its `BootInfo` has the heap pages that hold no live data dropped from
 //! each round's send set.
 //!
-//! Progress lines go to the caller as they happen.
+//! Progress goes to the caller as it happens, one JSON [`MigrationEvent`] a
+//! line; the last is `done` or `failed` (with the phase it failed in).
 //!
 //! [`Migrations`]: super::Migrations
 
+use std::cell::Cell;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -47,7 +49,9 @@ use super::protocol::{
     encode_pages, Accept, Ack, Conn, Hello, Kind, ProtocolError, IO_TIMEOUT, PAGES_PER_MESSAGE,
     PROTOCOL_VERSION,
 };
-use crate::daemon::api::{Client, ClientError, MigrateRequest};
+use crate::daemon::api::{
+    Client, ClientError, MigrateRequest, MigrationEvent, MigrationPhase, MigrationReport,
+};
 use crate::daemon::{Daemon, MIGRATION_PROTOCOL};
 use vmm::machine::{Machine, MachineHandle};
 use vmm::snapshot::format::{is_zero, FORMAT_VERSION, PAGE};
@@ -87,13 +91,21 @@ struct Sent {
     bytes: u64,
 }
 
-/// Moves instance `name` to the daemon `req.to`, writing progress lines to
-/// `out`; the last line starts with `ok` or `error:`.
+/// Moves instance `name` to the daemon `req.to`, writing progress events
+/// to `out` as JSON lines; the last one is `done` or `failed`.
 pub fn migrate(daemon: &Arc<Daemon>, name: &str, req: &MigrateRequest, out: &Sender<String>) {
-    let say = |line: String| {
-        let _ = out.send(line);
+    let phase = Cell::new(MigrationPhase::Connect);
+    let say = |event: MigrationEvent| {
+        match &event {
+            MigrationEvent::Started { .. } | MigrationEvent::Round { .. } => {
+                phase.set(MigrationPhase::Precopy)
+            }
+            MigrationEvent::Paused { .. } => phase.set(MigrationPhase::Paused),
+            MigrationEvent::Running { .. } => phase.set(MigrationPhase::Commit),
+            _ => {}
+        }
+        let _ = out.send(serde_json::to_string(&event).expect("serializable"));
     };
-    let to = req.to.as_str();
     let result = daemon
         .peer_client(&req.to, req.fingerprint.as_deref())
         .map_err(|e| format!("{e}; {name} keeps running here"))
@@ -101,20 +113,22 @@ pub fn migrate(daemon: &Arc<Daemon>, name: &str, req: &MigrateRequest, out: &Sen
     match result {
         Ok(s) => {
             let mem = daemon.instances().get(name).map_or(0, |i| i.spec.mem_size);
-            say(format!(
-                "ok: {name} moved to {to}; downtime {:.2} ms, total {:.1} ms, {} sent \
-                 ({} pages) for {} of guest memory ({:.1}%), {} rounds{}",
-                s.downtime.as_secs_f64() * 1e3,
-                s.total.as_secs_f64() * 1e3,
-                human(s.bytes),
-                s.pages,
-                human(mem),
-                s.bytes as f64 * 100.0 / mem.max(1) as f64,
-                s.rounds,
-                skipped_note(s.skipped)
-            ));
+            say(MigrationEvent::Done(MigrationReport {
+                name: name.to_owned(),
+                to: req.to.clone(),
+                downtime_ms: s.downtime.as_secs_f64() * 1e3,
+                total_ms: s.total.as_secs_f64() * 1e3,
+                bytes: s.bytes,
+                pages: s.pages,
+                mem,
+                rounds: s.rounds,
+                skipped: s.skipped,
+            }));
         }
-        Err(why) => say(format!("error: {why}")),
+        Err(error) => say(MigrationEvent::Failed {
+            phase: phase.get(),
+            error,
+        }),
     }
 }
 
@@ -133,7 +147,7 @@ pub fn run(
     daemon: &Arc<Daemon>,
     name: &str,
     client: &Client,
-    say: &dyn Fn(String),
+    say: &dyn Fn(MigrationEvent),
 ) -> Result<Stats, String> {
     let handle = daemon.acquire(name, "migrating").map_err(|e| e.1)?;
     daemon.migrations.start_outgoing(name);
@@ -190,7 +204,7 @@ impl Outgoing<'_> {
         )
     }
 
-    fn run(&self, say: &dyn Fn(String)) -> Result<Stats, String> {
+    fn run(&self, say: &dyn Fn(MigrationEvent)) -> Result<Stats, String> {
         let (daemon, name) = (self.daemon, self.name);
         let start = Instant::now();
         // When each step ended, for the timeline line.
@@ -206,7 +220,7 @@ impl Outgoing<'_> {
         // 1. Handshake.
         let reader = self
             .client
-            .upgrade("/v1/migration", MIGRATION_PROTOCOL, b"")
+            .migration_stream(MIGRATION_PROTOCOL)
             .map_err(|e| self.fail(e.to_string()))?;
         mark("connected".into());
         let mut conn = Conn::new(reader, daemon.config.migration.fault)
@@ -261,13 +275,14 @@ impl Outgoing<'_> {
         if let Some(peer) = accept.overlay {
             daemon.net.add_peer(peer);
         }
-        say(format!(
-            "migrating {name} ({} MiB) from {} to {} ({to}, region {})",
-            spec.mem_size >> 20,
-            daemon.config.name,
-            accept.name,
-            accept.region
-        ));
+        say(MigrationEvent::Started {
+            name: name.to_owned(),
+            mem: spec.mem_size,
+            from: daemon.config.name.clone(),
+            to_name: accept.name.clone(),
+            to: to.to_owned(),
+            region: accept.region.clone(),
+        });
 
         // 2. Pre-copy while the guest runs.
         let vm = Arc::clone(self.handle.vm());
@@ -315,20 +330,14 @@ impl Outgoing<'_> {
             stats.rounds = round + 1;
             stats.pages += sent.pages;
             stats.bytes += sent.bytes;
-            // xtask's migration bench reads "dirty pages, <K> pages sent" of round 0.
-            say(format!(
-                "round {round}: {count} dirty pages, {} pages sent ({}){}{}",
-                sent.pages,
-                human(sent.bytes),
-                if round == 0 {
-                    ", all written since boot"
-                } else if catch_up {
-                    ", written while the destination caught up"
-                } else {
-                    ""
-                },
-                skipped_note(skipped)
-            ));
+            say(MigrationEvent::Round {
+                round,
+                dirty: count as u64,
+                pages: sent.pages,
+                bytes: sent.bytes,
+                catch_up,
+                skipped,
+            });
             let converged = round > 0 && (count <= CONVERGED_PAGES || count >= last_dirty);
             last_dirty = count;
             round += 1;
@@ -394,11 +403,11 @@ impl Outgoing<'_> {
         stats.pages += sent.pages;
         stats.bytes += sent.bytes;
         add_skipped(&mut stats.skipped, skipped);
-        say(format!(
-            "paused: {final_dirty} dirty pages and the vCPU/device state sent ({}){}",
-            human(sent.bytes),
-            skipped_note(skipped)
-        ));
+        say(MigrationEvent::Paused {
+            dirty: final_dirty as u64,
+            bytes: sent.bytes,
+            skipped,
+        });
         match conn.recv() {
             Ok(m) if m.kind == Kind::Ready => mark("ready".into()),
             Ok(m) if m.kind == Kind::Failed => {
@@ -451,9 +460,12 @@ impl Outgoing<'_> {
                 ))
             }
             Err(why) => {
-                say(format!(
-                    "{why}; asking {to} whether {name} runs there ({name} stays paused here until it answers)"
-                ));
+                say(MigrationEvent::Note {
+                    message: format!(
+                        "{why}; asking {to} whether {name} runs there ({name} stays paused \
+                         here until it answers)"
+                    ),
+                });
                 match self.settle(migration_id) {
                     Settled::Started => None,
                     Settled::NotStarted(answer) => {
@@ -486,22 +498,19 @@ impl Outgoing<'_> {
         // The guest runs there now: let it go here.
         drop(machine);
         daemon.moved_away(name, to, accept.overlay, port, carried);
-        say(format!(
-            "{name} runs on {} since {:.2} ms after the pause{}",
-            accept.name,
-            stats.downtime.as_secs_f64() * 1e3,
-            ack.map(|a| format!(" (restore took {:.2} ms there)", a.restore_us as f64 / 1e3))
-                .unwrap_or_default()
-        ));
-        say(format!(
-            "timeline (ms): {}; free-page hints read in {:.1}",
-            marks
+        say(MigrationEvent::Running {
+            name: name.to_owned(),
+            on: accept.name.clone(),
+            downtime_ms: stats.downtime.as_secs_f64() * 1e3,
+            restore_ms: ack.map(|a| a.restore_us as f64 / 1e3),
+        });
+        say(MigrationEvent::Timeline {
+            marks: marks
                 .iter()
-                .map(|(what, at)| format!("{what} {:.1}", at.as_secs_f64() * 1e3))
-                .collect::<Vec<_>>()
-                .join(", "),
-            hints_took.as_secs_f64() * 1e3
-        ));
+                .map(|(what, at)| (what.clone(), at.as_secs_f64() * 1e3))
+                .collect(),
+            hints_ms: hints_took.as_secs_f64() * 1e3,
+        });
         Ok(stats)
     }
 
@@ -542,7 +551,7 @@ impl Outgoing<'_> {
 
 /// `Query`: whether the destination started migration `id`.
 fn ask(client: &Client, id: u64) -> Result<bool, ClientError> {
-    let reader = client.upgrade("/v1/migration", MIGRATION_PROTOCOL, b"")?;
+    let reader = client.migration_stream(MIGRATION_PROTOCOL)?;
     let protocol = |e: ProtocolError| ClientError::Protocol {
         addr: client.addr.clone(),
         detail: e.to_string(),
@@ -564,10 +573,6 @@ fn gone(e: &ClientError) -> bool {
 }
 
 /// `, N free pages skipped`, or nothing without hints.
-fn skipped_note(skipped: Option<u64>) -> String {
-    skipped.map_or_else(String::new, |n| format!(", {n} free pages skipped"))
-}
-
 fn add_skipped(total: &mut Option<u64>, round: Option<u64>) {
     if let (Some(t), Some(n)) = (total.as_mut(), round) {
         *t += n;
@@ -770,27 +775,9 @@ fn send_pages(conn: &mut Conn, vm: &Vm, pages: &[u32], first: bool) -> std::io::
     Ok(sent)
 }
 
-/// `1.5 MiB`.
-pub fn human(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= (1 << 20) as f64 {
-        format!("{:.1} MiB", b / (1 << 20) as f64)
-    } else if b >= 1024.0 {
-        format!("{:.1} KiB", b / 1024.0)
-    } else {
-        format!("{bytes} B")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn byte_counts_read_as_humans_write_them() {
-        assert_eq!(human(512), "512 B");
-        assert_eq!(human(3 << 20), "3.0 MiB");
-    }
 
     fn info(start: u64, pages: u64, use_addr: u64) -> BootInfo {
         BootInfo {

@@ -9,8 +9,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::{Deserialize, Serialize};
-
 use super::io_wait::Wake;
 
 /// The live counters of one machine (since it started on this shim).
@@ -116,58 +114,7 @@ impl ExitCounters {
     }
 }
 
-/// A machine's exits, as `GET /v1/stats` reports them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExitStats {
-    /// VM exits the guest caused (hypercalls + virtio + other; kicks not
-    /// included).
-    pub total: u64,
-    pub hypercalls: HypercallExits,
-    pub virtio: VirtioExits,
-    /// Exits of any other kind (unhandled MMIO, port I/O, ...).
-    pub other: u64,
-    /// `KVM_RUN` returns caused by a signal from the shim (not the guest).
-    pub interrupted: u64,
-    /// The `HC_YIELD` idle wait.
-    pub idle: IdleWaits,
-}
-
-/// Doorbell hypercalls by number.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HypercallExits {
-    /// `HC_YIELD`: the executor's once-per-loop exit.
-    pub r#yield: u64,
-    /// `HC_CONSOLE_WRITE`.
-    pub console: u64,
-    /// `HC_CHECKPOINT`.
-    pub checkpoint: u64,
-    /// Any other number (exit, panic, fault, unknown).
-    pub other: u64,
-}
-
-/// virtio-mmio register accesses.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VirtioExits {
-    /// `QueueNotify` writes.
-    pub notify: u64,
-    /// Every other register or configuration access.
-    pub other: u64,
-}
-
-/// How the vCPU's `HC_YIELD` waits went.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IdleWaits {
-    /// Times the vCPU thread blocked in the wait.
-    pub sleeps: u64,
-    /// ... and was woken by I/O (frames for the guest),
-    pub woken_by_io: u64,
-    /// ... by its timeout (the guest's next timer),
-    pub timed_out: u64,
-    /// ... by a signal or a failed wait.
-    pub interrupted: u64,
-    /// Yields that did not sleep: timeout 0, or work was already there.
-    pub skipped: u64,
-}
+pub use api::stats::{ExitStats, HypercallExits, IdleWaits, VirtioExits};
 
 #[cfg(test)]
 mod tests {

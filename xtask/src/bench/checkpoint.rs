@@ -20,6 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use api::{CheckpointRequest, Client};
 
 use crate::image::{self, Profile};
 use crate::workspace::Workspace;
@@ -194,26 +195,17 @@ fn checkpoint(shim: &Path, image: &Path, n: usize, out: &Path) -> Result<(u64, u
     let raw = load(port, n)?;
     let mut times = Vec::new();
     for _ in 0..3 {
-        let out_s = Command::new(shim)
-            .args(["--shim", &api, "checkpoint", "kv", "--out"])
-            .arg(out)
-            .args(["--wait", "60s"])
-            .output()?;
-        let text = String::from_utf8_lossy(&out_s.stdout).into_owned();
-        if !out_s.status.success() {
-            bail!(
-                "checkpoint failed: {text}{}",
-                String::from_utf8_lossy(&out_s.stderr)
-            );
-        }
-        // "... N bytes (...), X ms"
-        let ms: f64 = text
-            .trim()
-            .rsplit(", ")
-            .next()
-            .and_then(|t| t.strip_suffix(" ms"))
-            .and_then(|t| t.parse().ok())
-            .with_context(|| format!("no time in `{text}`"))?;
+        let out = std::path::absolute(out)?;
+        let info = Client::new(&api)
+            .checkpoint(
+                "kv",
+                &CheckpointRequest {
+                    out: out.display().to_string(),
+                    timeout_ms: Some(60_000),
+                },
+            )
+            .context("checkpoint of kv")?;
+        let ms = info.ms;
         times.push(ms);
     }
     let bytes = std::fs::metadata(out)?.len();

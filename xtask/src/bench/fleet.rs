@@ -16,7 +16,7 @@
 
 use std::thread;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use super::deploy::{DeployTimes, FleetCli};
 use super::migrate::{migrate_once, stat, verdict, Daemon, Loaded, Sample, TempDir, KEYS, SETTLE};
@@ -46,13 +46,16 @@ struct Pair {
     samples: Vec<Sample>,
 }
 
-/// The fingerprint a secure daemon's `peer list` shows for itself.
+/// The fingerprint a secure daemon's `peer list --json` shows for itself.
 fn fingerprint(d: &Daemon) -> Result<String> {
-    let out = d.cli(&["peer", "list"])?;
-    out.split_whitespace()
-        .find(|w| w.starts_with("SHA256:"))
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow::anyhow!("no fingerprint in `peer list`: {out}"))
+    #[derive(serde::Deserialize)]
+    struct ThisHost {
+        fingerprint: String,
+    }
+    let out = d.cli(&["peer", "list", "--json"])?;
+    let host: ThisHost = serde_json::from_str(&out)
+        .with_context(|| format!("`peer list --json` printed something else: {out}"))?;
+    Ok(host.fingerprint)
 }
 
 /// Runs the benchmark and prints a markdown report.

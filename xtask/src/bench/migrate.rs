@@ -20,6 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use api::MigrationEvent;
 
 use crate::image::{self, Profile};
 use crate::workspace::Workspace;
@@ -373,55 +374,47 @@ pub(crate) struct Sample {
     window: Option<(Instant, Instant)>,
 }
 
-/// `1.5 MiB` / `12.0 KiB` / `300 B` -> bytes.
-fn parse_size(s: &str) -> Option<f64> {
-    let mut it = s.split_whitespace();
-    let v: f64 = it.next()?.parse().ok()?;
-    let unit = match it.next()? {
-        "B" => 1.0,
-        "KiB" => 1024.0,
-        "MiB" => 1024.0 * 1024.0,
-        "GiB" => 1024.0 * 1024.0 * 1024.0,
-        _ => return None,
-    };
-    Some(v * unit)
-}
-
-/// The text between `start` and `end` in `s`, after `start`'s first occurrence.
-fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
-    let rest = &s[s.find(start)? + start.len()..];
-    Some(&rest[..rest.find(end)?])
-}
-
-/// Parses `host-shim migrate`'s output (see host-shim/src/migration/source.rs):
-///
-/// ```text
-/// round 0: 812 dirty pages, 640 pages sent (2.5 MiB), all written since boot
-/// ...
-/// ok: kv moved to 127.0.0.1:7100; downtime 1.23 ms, total 45.6 ms, 2.6 MiB sent (672 pages)
-///   for 64.0 MiB of guest memory (4.1%), 3 rounds
-/// ```
+/// A migration's figures from `host-shim migrate --json`'s output: one
+/// [`MigrationEvent`] a line, the last `done` (or `failed`).
 pub(crate) fn parse_output(out: &str) -> Result<Sample> {
-    let last = out.lines().last().unwrap_or("");
-    let round0 = out
+    let events = out
         .lines()
-        .find(|l| l.starts_with("round 0:"))
-        .and_then(|l| between(l, "dirty pages, ", " pages sent"))
-        .and_then(|v| v.parse().ok());
-    let parse = || -> Option<Sample> {
-        let tail = last.strip_prefix("ok: ")?.split_once("; ")?.1;
-        Some(Sample {
-            downtime_ms: between(tail, "downtime ", " ms")?.parse().ok()?,
-            total_ms: between(tail, "total ", " ms")?.parse().ok()?,
-            bytes: parse_size(between(tail, "total ", " sent (")?.split_once(" ms, ")?.1)?,
-            pages: between(tail, "sent (", " pages)")?.parse().ok()?,
-            mem: parse_size(between(tail, " for ", " of guest memory")?)?,
-            rounds: between(tail, "%), ", " rounds")?.parse().ok()?,
-            round0_pages: round0?,
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str::<MigrationEvent>)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("host-shim migrate --json printed something else:\n{out}"))?;
+    let round0 = events.iter().find_map(|e| match e {
+        MigrationEvent::Round {
+            round: 0, pages, ..
+        } => Some(*pages),
+        _ => None,
+    });
+    match events.last() {
+        Some(MigrationEvent::Done(r)) => Ok(Sample {
+            downtime_ms: r.downtime_ms,
+            total_ms: r.total_ms,
+            bytes: r.bytes as f64,
+            pages: r.pages as f64,
+            mem: r.mem as f64,
+            rounds: r.rounds as f64,
+            round0_pages: round0.context("the migration reported no round 0")? as f64,
             ..Sample::default()
+        }),
+        Some(MigrationEvent::Failed { phase, error }) => {
+            bail!("the migration failed ({phase}): {error}")
+        }
+        _ => bail!("host-shim migrate --json ended without a result:\n{out}"),
+    }
+}
+
+/// The events of a migration, rendered as the CLI shows them (for logs).
+fn render(out: &str) -> String {
+    out.lines()
+        .map(|l| match serde_json::from_str::<MigrationEvent>(l) {
+            Ok(e) => format!("{e}\n"),
+            Err(_) => format!("{l}\n"),
         })
-    };
-    parse().with_context(|| format!("cannot parse host-shim migrate's output:\n{out}"))
+        .collect()
 }
 
 /// The longest gap between two consecutive replies that overlaps `[from, to]`.
@@ -517,13 +510,17 @@ impl Loaded {
 /// `host-shim migrate kv --to TO` on `from`, timed and parsed.
 pub(crate) fn migrate_once(from: &Daemon, to: &str) -> Result<Sample> {
     let start = Instant::now();
-    let out = from.cli(&["migrate", "kv", "--to", to])?;
+    let out = from.cli(&["migrate", "kv", "--to", to, "--json"])?;
     let end = Instant::now();
     let mut s = parse_output(&out)?;
     s.window = Some((start, end));
     if s.total_ms >= SLOW_TOTAL_MS {
-        // Its timeline line says which step took the time.
-        eprintln!("a slow migration ({:.0} ms in total):\n{out}", s.total_ms);
+        // Its timeline says which step took the time.
+        eprintln!(
+            "a slow migration ({:.0} ms in total):\n{}",
+            s.total_ms,
+            render(&out)
+        );
     }
     Ok(s)
 }
@@ -622,25 +619,63 @@ pub fn run(ws: &Workspace, opts: &MigrateOptions) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use api::MigrationReport;
 
     #[test]
-    fn parses_the_shims_output() {
-        let out = "migrating kv (64 MiB) from a to b (127.0.0.1:7100, region r)\n\
-                   round 0: 812 dirty pages, 640 pages sent (2.5 MiB), all written since boot\n\
-                   round 1: 20 dirty pages, 20 pages sent (80.1 KiB)\n\
-                   paused: 3 dirty pages and the vCPU/device state sent (20.0 KiB)\n\
-                   kv runs on b since 1.23 ms after the pause (restore took 0.50 ms there)\n\
-                   ok: kv moved to 127.0.0.1:7100; downtime 1.23 ms, total 45.6 ms, 2.6 MiB \
-                   sent (672 pages) for 64.0 MiB of guest memory (4.1%), 2 rounds\n";
-        let s = parse_output(out).unwrap();
+    fn reads_the_shims_migration_events() {
+        let events = [
+            MigrationEvent::Round {
+                round: 0,
+                dirty: 812,
+                pages: 640,
+                bytes: 2 << 20,
+                catch_up: false,
+                skipped: None,
+            },
+            MigrationEvent::Round {
+                round: 1,
+                dirty: 20,
+                pages: 20,
+                bytes: 80 << 10,
+                catch_up: false,
+                skipped: None,
+            },
+            MigrationEvent::Done(MigrationReport {
+                name: "kv".into(),
+                to: "127.0.0.1:7100".into(),
+                downtime_ms: 1.23,
+                total_ms: 45.6,
+                bytes: 2_726_297,
+                pages: 672,
+                mem: 64 << 20,
+                rounds: 2,
+                skipped: None,
+            }),
+        ];
+        let out: String = events
+            .iter()
+            .map(|e| serde_json::to_string(e).unwrap() + "\n")
+            .collect();
+        let s = parse_output(&out).unwrap();
         assert_eq!(s.downtime_ms, 1.23);
         assert_eq!(s.total_ms, 45.6);
-        assert_eq!(s.bytes, 2.6 * 1024.0 * 1024.0);
+        assert_eq!(s.bytes, 2_726_297.0);
         assert_eq!(s.pages, 672.0);
         assert_eq!(s.mem, 64.0 * 1024.0 * 1024.0);
         assert_eq!(s.rounds, 2.0);
         assert_eq!(s.round0_pages, 640.0);
-        assert!(parse_output("error: the destination died").is_err());
+        assert!(render(&out).contains("ok: kv moved to 127.0.0.1:7100; downtime 1.23 ms"));
+        let failed = serde_json::to_string(&MigrationEvent::Failed {
+            phase: api::MigrationPhase::Paused,
+            error: "the destination died".into(),
+        })
+        .unwrap();
+        let err = parse_output(&failed).unwrap_err().to_string();
+        assert!(
+            err.contains("the destination died") && err.contains("paused"),
+            "{err}"
+        );
+        assert!(parse_output("ok: kv moved").is_err());
     }
 
     #[test]

@@ -21,9 +21,8 @@ use anyhow::{bail, Context, Result};
 use crate::image::{self, Profile};
 use crate::workspace::Workspace;
 
-use host_shim::daemon::api::Client;
-use host_shim::daemon::stats::ShimStats;
-use vmm::devices::exits::ExitStats;
+use api::stats::{ExitStats, ShimStats};
+use api::Client;
 
 use super::migrate::{Daemon, TempDir};
 use super::{free_port, median, require, Guard};
@@ -189,9 +188,7 @@ pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
 
 /// The kv instance's exit counters in its daemon's `GET /v1/stats`.
 fn kv_exits(daemon: &Daemon) -> Result<ExitStats> {
-    let stats: ShimStats = Client::new(&daemon.addr)
-        .json::<(), _>("GET", "/v1/stats", None)
-        .context("GET /v1/stats")?;
+    let stats: ShimStats = Client::new(&daemon.addr).stats().context("GET /v1/stats")?;
     stats
         .instances
         .into_iter()

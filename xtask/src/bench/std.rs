@@ -211,7 +211,7 @@ fn migrations(shim: &Path, image: &Path, runs: usize) -> Result<(Vec<f64>, f64)>
     for i in 0..runs {
         let (from, to) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
         thread::sleep(Duration::from_millis(300));
-        let out = from.cli(&["migrate", "echo", "--to", &to.addr])?;
+        let out = from.cli(&["migrate", "echo", "--to", &to.addr, "--json"])?;
         downtimes.push(parse_output(&out)?.downtime_ms);
     }
     thread::sleep(Duration::from_millis(300));

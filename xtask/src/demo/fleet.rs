@@ -35,7 +35,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use host_shim::daemon::api::{Client, InstanceInfo};
+use api::{Client, InstanceState, MigrateRequest, MigrationReport, RunRequest};
 
 /// The kv app's address: the first of shim 1's range.
 pub const APP_IP: &str = "10.0.2.16";
@@ -129,8 +129,11 @@ impl Drop for Shim {
 /// Whether the app runs on the shim at API address `api`.
 pub fn api_has_app(api: &str) -> bool {
     Client::new(api)
-        .json::<(), Vec<InstanceInfo>>("GET", "/v1/instances", None)
-        .map(|l| l.iter().any(|i| i.name == APP && i.state == "running"))
+        .list()
+        .map(|l| {
+            l.iter()
+                .any(|i| i.name == APP && i.state == InstanceState::Running)
+        })
         .unwrap_or(false)
 }
 
@@ -268,51 +271,50 @@ impl Fleet {
 
     /// Boots the kv image on region `at`'s shim (address [`APP_IP`]).
     pub fn boot_app(&self, image: &Path, at: usize) -> Result<()> {
-        let req = host_shim::daemon::api::RunRequest {
+        let req = RunRequest {
             name: APP.into(),
             image: image.display().to_string(),
             mem: 64 << 20,
             ip: Some(APP_IP.into()),
             ..Default::default()
         };
-        self.shims[at]
-            .client()
-            .json::<_, InstanceInfo>("POST", "/v1/instances", Some(&req))
-            .with_context(|| {
-                format!(
-                    "booting kv on {}:\n{}",
-                    self.shims[at].region,
-                    self.shims[at].output()
-                )
-            })?;
+        self.shims[at].client().run(&req).with_context(|| {
+            format!(
+                "booting kv on {}:\n{}",
+                self.shims[at].region,
+                self.shims[at].output()
+            )
+        })?;
         Ok(())
     }
 
-    /// Moves the app to region `to` (if it is not there) and returns the
-    /// daemon's last line.
-    pub fn move_app(&self, to: usize) -> Result<Option<String>> {
+    /// Moves the app to region `to` (if it is not there) and returns what
+    /// the migration did.
+    pub fn move_app(&self, to: usize) -> Result<Option<MigrationReport>> {
         let from = self.app_region().context("the app runs nowhere")?;
         if from == to {
             return Ok(None);
         }
-        let last = self.shims[from].client().stream_lines(
-            &format!("/v1/instances/{APP}/migrate"),
-            &host_shim::daemon::api::MigrateRequest {
-                to: self.shims[to].api.clone(),
-                fingerprint: None,
-            },
-            |_| {},
-        )?;
-        if !last.starts_with("ok") {
-            bail!(
-                "moving kv {} -> {} failed: {last}\n--- {} log:\n{}",
-                self.shims[from].region,
-                self.shims[to].region,
-                self.shims[from].region,
-                self.shims[from].output()
-            );
-        }
-        Ok(Some(last))
+        let report = self.shims[from]
+            .client()
+            .migrate(
+                APP,
+                &MigrateRequest {
+                    to: self.shims[to].api.clone(),
+                    fingerprint: None,
+                },
+                |_| {},
+            )
+            .with_context(|| {
+                format!(
+                    "moving kv {} -> {} failed\n--- {} log:\n{}",
+                    self.shims[from].region,
+                    self.shims[to].region,
+                    self.shims[from].region,
+                    self.shims[from].output()
+                )
+            })?;
+        Ok(Some(report))
     }
 
     /// Waits until every shim measured a round trip to each other one.
@@ -320,11 +322,9 @@ impl Fleet {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let complete = self.shims.iter().all(|s| {
-                s.client()
-                    .json::<(), host_shim::daemon::stats::ShimStats>("GET", "/v1/stats", None)
-                    .is_ok_and(|st| {
-                        st.peers.iter().filter(|p| p.samples > 0).count() + 1 >= self.shims.len()
-                    })
+                s.client().stats().is_ok_and(|st| {
+                    st.peers.iter().filter(|p| p.samples > 0).count() + 1 >= self.shims.len()
+                })
             });
             if complete {
                 return Ok(());

@@ -461,8 +461,7 @@ fn connect_clients(fleet: &Fleet) -> Result<Vec<Client>> {
 /// Prints the RTT matrix the shims measured.
 fn print_rtts(fleet: &Fleet) -> Result<()> {
     for s in &fleet.shims {
-        let stats: host_shim::daemon::stats::ShimStats =
-            s.client().json::<(), _>("GET", "/v1/stats", None)?;
+        let stats = s.client().stats()?;
         let peers: Vec<String> = stats
             .peers
             .iter()

@@ -1,5 +1,6 @@
 //! Where the fleet state lives: the [`FleetStore`] trait (versioned keys
-//! with compare-and-swap writes) and its file implementation.
+//! with compare-and-swap writes, leases), its file implementation, and
+//! [`open`], which picks a store from its URL.
 //!
 //! # Keys and versions
 //!
@@ -20,14 +21,23 @@
 //! - a key is the etcd key `PREFIX/KEY` (e.g. `/host-shim/fleet/apps/kv`),
 //!   its value the JSON bytes;
 //! - a version is the key's `mod_revision` (etcd's revision also only grows);
-//! - [`FleetStore::get`] is a `Range` on the key, [`FleetStore::list`] a
-//!   `Range` over the prefix (`range_end` = prefix + 1);
+//! - [`FleetStore::get`] is a `Range` on the key, [`FleetStore::list`]
+//!   `Range`s over the prefix (`range_end` = prefix + 1), in pages at the
+//!   first page's revision;
 //! - [`FleetStore::put`] with [`Expect::Version`]`(v)` is a `Txn` with
 //!   `compare: mod_revision(key) == v`, `success: Put`; with
 //!   [`Expect::Absent`] the compare is `create_revision(key) == 0`; a
 //!   failed compare is [`StoreError::Conflict`]; the new version is the
 //!   `Txn` response header's revision;
 //! - [`FleetStore::delete`] is the same `Txn` with a `DeleteRange`.
+//!
+//! [`super::etcd::EtcdStore`] is that mapping. It also has leases
+//! ([`FleetStore::grant_lease`]): keys written under a lease vanish when
+//! its holder stops keeping it alive, which is how a host's liveness is
+//! kept ([`super::registry`]). The file store has no leases.
+//!
+//! [`open`] picks the store from a URL: `file://PATH` or
+//! `etcd://HOST:PORT[,HOST:PORT...]`.
 //!
 //! # The file
 //!
@@ -42,6 +52,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -77,10 +88,30 @@ pub enum StoreError {
     Io { path: PathBuf, err: std::io::Error },
     #[error("fleet state {path} is not valid: {detail} (fix or remove it)")]
     Corrupt { path: PathBuf, detail: String },
+    #[error(
+        "'{url}' is not a fleet store: {detail} (file://PATH or etcd://HOST:PORT[,HOST:PORT...])"
+    )]
+    BadUrl { url: String, detail: String },
+    #[error("etcd at {endpoints}: {detail}")]
+    Etcd { endpoints: String, detail: String },
+    #[error(
+        "etcd at {endpoints} did not answer within {after:?} (is it running, and has it a quorum?)"
+    )]
+    Timeout { endpoints: String, after: Duration },
+    #[error("fleet state: {key} holds no valid JSON: {detail}")]
+    BadRecord { key: String, detail: String },
+    #[error("lease {0:x} has expired (not kept alive within its time to live)")]
+    LeaseExpired(i64),
+    #[error("this fleet store has no leases: {0} needs an etcd store (--store etcd://HOST:PORT)")]
+    NoLeases(&'static str),
 }
 
+/// A lease granted by the store (etcd's lease ID).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseId(pub i64);
+
 /// A versioned key-value store for the fleet state (see the module docs).
-pub trait FleetStore {
+pub trait FleetStore: Send + Sync {
     /// The value of `key` and its version, if it exists.
     fn get(&self, key: &str) -> Result<Option<Versioned<Value>>, StoreError>;
     /// Every key starting with `prefix`, in key order.
@@ -90,6 +121,56 @@ pub trait FleetStore {
     /// Removes `key` if `expect` holds (removing a missing key with
     /// [`Expect::Any`] is not an error).
     fn delete(&self, key: &str, expect: Expect) -> Result<(), StoreError>;
+
+    /// A new lease that lapses `ttl` after it was last kept alive.
+    fn grant_lease(&self, _ttl: Duration) -> Result<LeaseId, StoreError> {
+        Err(StoreError::NoLeases("a lease"))
+    }
+    /// Renews `lease` for its whole TTL ([`StoreError::LeaseExpired`] if too late).
+    fn keep_alive(&self, _lease: LeaseId) -> Result<(), StoreError> {
+        Err(StoreError::NoLeases("a lease"))
+    }
+    /// Ends `lease` now: the keys written under it vanish (an expired lease is no error).
+    fn revoke_lease(&self, _lease: LeaseId) -> Result<(), StoreError> {
+        Err(StoreError::NoLeases("a lease"))
+    }
+    /// [`FleetStore::put`] of a key that lives only as long as `lease`.
+    fn put_leased(
+        &self,
+        _key: &str,
+        _value: Value,
+        _expect: Expect,
+        _lease: LeaseId,
+    ) -> Result<u64, StoreError> {
+        Err(StoreError::NoLeases("a leased key"))
+    }
+}
+
+/// The store behind `url`: `file://PATH` (a [`FileStore`]) or
+/// `etcd://HOST:PORT[,HOST:PORT...]` (an etcd cluster, reached within
+/// [`super::etcd::DEADLINE`] or an error naming it).
+pub fn open(url: &str) -> Result<Box<dyn FleetStore>, StoreError> {
+    let bad = |detail: &str| StoreError::BadUrl {
+        url: url.to_owned(),
+        detail: detail.to_owned(),
+    };
+    match url.split_once("://") {
+        Some(("file", path)) if !path.is_empty() => Ok(Box::new(FileStore::new(Path::new(path)))),
+        Some(("file", _)) => Err(bad("no path after file://")),
+        Some(("etcd", hosts)) => {
+            let endpoints: Vec<String> = hosts.split(',').map(|h| h.trim().to_owned()).collect();
+            for e in &endpoints {
+                let port = e.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>()));
+                if !matches!(port, Some((h, Ok(p))) if !h.is_empty() && p != 0 && !h.contains('/'))
+                {
+                    return Err(bad(&format!("'{e}' is not HOST:PORT")));
+                }
+            }
+            Ok(Box::new(super::etcd::EtcdStore::connect(&endpoints)?))
+        }
+        Some((scheme, _)) => Err(bad(&format!("unknown scheme {scheme}://"))),
+        None => Err(bad("no scheme")),
+    }
 }
 
 /// The file's layout.
@@ -167,8 +248,10 @@ impl FileStore {
     }
 }
 
-/// Replaces `path` by `bytes` atomically (temp file, fsync, rename), readable by
-/// its owner only: the file holds the users' tokens.
+/// Replaces `path` by `bytes` atomically and durably, readable by its
+/// owner only (the file holds the users' tokens): a new temporary file with
+/// an unpredictable name beside it (0600, `O_EXCL|O_NOFOLLOW`), fsync,
+/// rename over `path`, fsync of the directory.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     shim_util::files::write_atomic(path, bytes)
 }
@@ -284,6 +367,34 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600, "tokens stay private");
         std::fs::write(s.path(), b"{ not json").unwrap();
         assert!(matches!(s.list(""), Err(StoreError::Corrupt { .. })));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn store_urls() {
+        for bad in [
+            "",
+            "fleet.json",
+            "file://",
+            "nfs://x",
+            "etcd://",
+            "etcd://h",
+            "etcd://h:0",
+            "etcd://:1",
+            "etcd://a:1,b",
+        ] {
+            assert!(matches!(open(bad), Err(StoreError::BadUrl { .. })), "{bad}");
+        }
+        let (s, dir) = store("url");
+        let url = format!("file://{}", s.path().display());
+        open(&url)
+            .unwrap()
+            .put("hosts/a", json!({}), Expect::Absent)
+            .unwrap();
+        assert!(s.get("hosts/a").unwrap().is_some());
+        // The file store has no leases, and says what needs them.
+        let lease = open(&url).unwrap().grant_lease(Duration::from_secs(5));
+        assert!(matches!(lease, Err(StoreError::NoLeases(_))));
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -40,7 +40,7 @@ use scheduler::{
 };
 use serde::Serialize;
 
-use crate::daemon::api::{Client, MigrateRequest};
+use api::{Client, MigrateRequest, MigrationEvent};
 use observe::{Fleet, Round};
 
 /// The policies the CLI offers.
@@ -79,6 +79,9 @@ pub struct ScheduleConfig {
     /// Fewer requests than this in a round are too little evidence for a
     /// move on latency grounds (evacuations still happen).
     pub min_requests: u64,
+    /// Where each decision, move and warning goes, one line at a time, as
+    /// it happens (the CLI prints them; the events file has them typed).
+    pub report: fn(&str),
 }
 
 /// A setup error of the controller.
@@ -87,7 +90,7 @@ pub enum ScheduleError {
     #[error("{0}")]
     Config(String),
     #[error(transparent)]
-    Shim(#[from] crate::daemon::api::ClientError),
+    Shim(#[from] api::ClientError),
     #[error("cannot write the events file {path}: {err}")]
     Events { path: PathBuf, err: std::io::Error },
     /// A bounded run (`--rounds`) in which some shims did not answer: its decisions were
@@ -157,7 +160,7 @@ pub fn run(config: &ScheduleConfig) -> Result<(), ScheduleError> {
         )
         .map_err(|e| ScheduleError::Config(e.to_string()))?;
     let mut events = Events::open(config.events.clone())?;
-    println!(
+    (config.report)(&format!(
         "scheduling {} with {} (threshold {} {}, every {:.1} s) over {}",
         config.app,
         policy.name(),
@@ -165,7 +168,7 @@ pub fn run(config: &ScheduleConfig) -> Result<(), ScheduleError> {
         policy.unit(),
         config.interval.as_secs_f64(),
         fleet.describe()
-    );
+    ));
     events.write(&Event::Fleet {
         regions: fleet.regions_and_shims(),
     })?;
@@ -191,7 +194,7 @@ pub fn run(config: &ScheduleConfig) -> Result<(), ScheduleError> {
             last_left_out = observed.warnings.join("; ");
         }
         for warning in observed.warnings.drain(..) {
-            println!("[{:7.1}s] warning: {warning}", now.as_secs_f64());
+            (config.report)(&format!("[{:7.1}s] warning: {warning}", now.as_secs_f64()));
         }
         load_feeds(config, &fleet, &mut observed, now);
         step(config, &mut fleet, &mut sched, &observed, now, &mut events)?;
@@ -219,14 +222,17 @@ fn step(
 ) -> Result<(), ScheduleError> {
     let t = now.as_secs_f64();
     let Some(current) = observed.inputs.placement.get(&config.app.as_str().into()) else {
-        println!("[{t:7.1}s] {} runs on no shim of the fleet", config.app);
+        (config.report)(&format!(
+            "[{t:7.1}s] {} runs on no shim of the fleet",
+            config.app
+        ));
         return Ok(());
     };
     if observed.busy {
-        println!(
+        (config.report)(&format!(
             "[{t:7.1}s] {} is busy on its shim (a migration or snapshot): no decision",
             config.app
-        );
+        ));
         return Ok(());
     }
     let requests: Vec<(&str, u64)> = observed
@@ -239,17 +245,17 @@ fn step(
     let total: u64 = requests.iter().map(|r| r.1).sum();
     let forced = observed.inputs.notice(current).is_some();
     if total < config.min_requests && !forced && config.policy == PolicyKind::FollowTheSun {
-        println!(
+        (config.report)(&format!(
             "[{t:7.1}s] {}: stay in {} (too little traffic to decide: {total} requests < {})",
             config.app,
             fleet.region_name(current),
             config.min_requests
-        );
+        ));
         return Ok(());
     }
     let decisions = sched.decide(now, &observed.inputs);
     for d in &decisions {
-        println!("{d}");
+        (config.report)(&format!("{d}"));
         events.write(&Event::Decision {
             decision: d,
             requests: requests.clone(),
@@ -265,13 +271,13 @@ fn step(
     }
     let (ok, message, downtime_ms, total_ms) = migrate(fleet, &config.app, from, to);
     let _ = sched.migration_finished(&app, now, ok);
-    println!(
+    (config.report)(&format!(
         "[{:7.1}s] migration of {} {} -> {}: {message}",
         now.as_secs_f64(),
         config.app,
         fleet.region_name(from),
         fleet.region_name(to)
-    );
+    ));
     events.write(&Event::Migration {
         at_s: now.as_secs_f64(),
         app: &config.app,
@@ -295,24 +301,24 @@ fn migrate(
     let (Some((_, src)), Some((dst, _))) = (fleet.shim_of(from), fleet.shim_of(to)) else {
         return (false, "no shim in one of the regions".into(), None, None);
     };
-    let result = src.stream_lines(
-        &format!("/v1/instances/{app}/migrate"),
+    let result = src.migrate(
+        app,
         &MigrateRequest {
             to: dst.to_owned(),
             fingerprint: None,
         },
-        |line| tracing::debug!("migrate: {line}"),
+        |event| tracing::debug!(%event, "migrate"),
     );
     match result {
-        Ok(last) if last.starts_with("ok") => {
-            let num = |key: &str| {
-                let rest = &last[last.find(key)? + key.len()..];
-                rest.split_whitespace().next()?.parse().ok()
-            };
-            let (down, total) = (num("downtime "), num("total "));
-            (true, last, down, total)
+        Ok(report) => {
+            let (down, total) = (report.downtime_ms, report.total_ms);
+            (
+                true,
+                MigrationEvent::Done(report).to_string(),
+                Some(down),
+                Some(total),
+            )
         }
-        Ok(last) => (false, format!("failed: {last}"), None, None),
         Err(e) => (false, format!("failed: {e}"), None, None),
     }
 }
@@ -329,18 +335,27 @@ fn load_feeds(config: &ScheduleConfig, fleet: &Fleet, observed: &mut Round, now:
             });
         match table {
             Ok(table) => observed.inputs.prices = table,
-            Err(e) => println!("[{t:7.1}s] warning: prices {}: {e}", path.display()),
+            Err(e) => (config.report)(&format!(
+                "[{t:7.1}s] warning: prices {}: {e}",
+                path.display()
+            )),
         }
     }
     if let Some(path) = &config.notices {
         match std::fs::read_to_string(path) {
             Ok(text) => match parse_notices(&text, fleet, SystemTime::now(), now) {
                 Ok(n) => observed.inputs.notices = n,
-                Err(e) => println!("[{t:7.1}s] warning: notices {}: {e}", path.display()),
+                Err(e) => (config.report)(&format!(
+                    "[{t:7.1}s] warning: notices {}: {e}",
+                    path.display()
+                )),
             },
             // No file: no notices.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => println!("[{t:7.1}s] warning: notices {}: {e}", path.display()),
+            Err(e) => (config.report)(&format!(
+                "[{t:7.1}s] warning: notices {}: {e}",
+                path.display()
+            )),
         }
     }
 }

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use scheduler::{Inputs, RegionId, Regions, Workload};
 
-use crate::daemon::api::{Client, ClientError, ShimInfo};
-use crate::daemon::stats::ShimStats;
+use api::stats::ShimStats;
+use api::{Client, ClientError, InstanceState, ShimInfo};
 
 /// An RTT older than this is not used.
 const RTT_MAX_AGE: Duration = Duration::from_secs(10);
@@ -113,7 +113,7 @@ impl Fleet {
         let mut regions = Regions::default();
         let mut shims = Vec::new();
         for client in clients {
-            let info: ShimInfo = client.json::<(), _>("GET", "/v1/info", None)?;
+            let info: ShimInfo = client.info()?;
             let region = regions
                 .id(&info.region)
                 .unwrap_or_else(|| regions.add(info.region.clone()));
@@ -199,7 +199,7 @@ impl Fleet {
             let (tx, client) = (tx.clone(), shim.client.clone());
             // A hung shim keeps its thread, not the controller.
             std::thread::spawn(move || {
-                let _ = tx.send((i, client.json::<(), ShimStats>("GET", "/v1/stats", None)));
+                let _ = tx.send((i, client.stats()));
             });
         }
         drop(tx);
@@ -240,7 +240,7 @@ impl Fleet {
         for (i, stats) in all {
             if let Some(inst) = stats.instances.iter().find(|x| x.name == app) {
                 round.inputs.placement.set(app, self.shims[*i].region);
-                round.busy |= inst.state != "running";
+                round.busy |= inst.state != InstanceState::Running;
                 app_ip = inst.ip.as_deref().and_then(|ip| ip.split('/').next());
             }
         }
@@ -296,9 +296,9 @@ impl Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::stats::InstanceStats;
-    use hostnet::overlay::PeerRtt;
-    use hostnet::traffic::PortStats;
+    use api::stats::InstanceStats;
+    use api::stats::PeerRtt;
+    use api::stats::PortStats;
 
     fn fleet() -> Fleet {
         let regions = Regions::new(["us", "eu"]);
@@ -343,7 +343,10 @@ mod tests {
             instances: app_state
                 .map(|state| InstanceStats {
                     name: "kv".into(),
-                    state: state.into(),
+                    state: match state {
+                        "running" => InstanceState::Running,
+                        what => InstanceState::Busy { what: what.into() },
+                    },
                     ip: Some("10.0.2.16/24".into()),
                     ..InstanceStats::default()
                 })
@@ -455,12 +458,12 @@ mod tests {
             let mut p = port("127.0.0.1:1/tcp", "10.0.2.16:6379", eu + local);
             p.bytes_in = (eu + local) * 10;
             p.clients = vec![
-                hostnet::traffic::ClientStats {
+                api::stats::ClientStats {
                     addr: "10.1.0.9".into(),
                     requests: eu,
                     bytes_in: eu * 10,
                 },
-                hostnet::traffic::ClientStats {
+                api::stats::ClientStats {
                     addr: "127.0.0.1".into(),
                     requests: local,
                     bytes_in: local * 10,

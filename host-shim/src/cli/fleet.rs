@@ -1,8 +1,9 @@
 //! The fleet commands: `fleet add/ls/rm`, `deploy`, `ps`, `logs`,
-//! `migrate`, `stop`. Each returns its exit status ([`super::exit`]) or a
-//! [`FleetError`] (whose status [`FleetError::exit_code`] gives); tables go
-//! to stdout, progress bars and notes to stderr, `--json` prints one JSON
-//! document on stdout instead of the table.
+//! `migrate`, `stop`, over the `fleet` crate's store and locator. Each
+//! returns its exit status ([`exit`]) or a [`FleetError`] (whose status
+//! [`FleetError::exit_code`] gives); tables go to stdout, progress bars and
+//! notes to stderr, `--json` prints one JSON document on stdout instead of
+//! the table.
 
 use std::io::Write;
 use std::path::Path;
@@ -11,18 +12,15 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use super::store::Expect;
-use super::{client_for, exit, App, Fleet, FleetError, Host};
-use crate::daemon::api::{
-    Client, ClientError, InstanceInfo, MigrateRequest, PushRequest, RestartRequest, RunRequest,
-    ShimInfo,
+use api::images::{sha256_hex, ImageInfo, HASH_PREFIX};
+use api::migration::human;
+use api::{
+    Client, ClientError, InstanceInfo, InstanceState, LogEvent, MigrateRequest, MigrationEvent,
+    PublishSpec, PushRequest, Restart, RestartRequest, RunRequest, ShimInfo,
 };
-use crate::daemon::images::{sha256_hex, ImageInfo, HASH_PREFIX};
-use crate::daemon::logs::LogEvent;
-use crate::daemon::persist::Restart;
-
-/// Most hops from a shim an app left to the shim it runs on.
-const MAX_HOPS: usize = 16;
+use fleet::locate::{hop_to, locate, record_move};
+use fleet::store::Expect;
+use fleet::{client_for, exit, App, Fleet, FleetError, Host};
 
 /// Prints `value` as JSON on stdout (a closed pipe is not an error).
 fn print_json(value: &impl Serialize) {
@@ -46,14 +44,6 @@ fn bar(len: Option<u64>, template: &str, json: bool) -> ProgressBar {
     bar
 }
 
-fn human(bytes: u64) -> String {
-    match bytes {
-        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1 << 20) as f64),
-        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
-        b => format!("{b} B"),
-    }
-}
-
 fn uptime(secs: f64) -> String {
     let s = secs as u64;
     match s {
@@ -75,10 +65,14 @@ struct HostView<'a> {
     fingerprint: Option<&'a str>,
     token: bool,
     apps: usize,
+    /// `up`/`down` for a host that registers itself (by its lease), else `-`.
+    state: &'static str,
+    overlay: Option<&'a str>,
+    capacity: Option<&'a fleet::Capacity>,
 }
 
 impl<'a> HostView<'a> {
-    fn new(h: &'a Host, apps: &[App]) -> Self {
+    fn new(h: &'a Host, apps: &[App], alive: &std::collections::BTreeSet<String>) -> Self {
         Self {
             name: &h.name,
             url: &h.url,
@@ -86,6 +80,13 @@ impl<'a> HostView<'a> {
             fingerprint: h.fingerprint.as_deref(),
             token: h.token.is_some(),
             apps: apps.iter().filter(|a| a.host == h.name).count(),
+            state: match (alive.contains(&h.name), h.registered) {
+                (true, _) => "up",
+                (false, true) => "down",
+                (false, false) => "-",
+            },
+            overlay: h.overlay.as_deref(),
+            capacity: h.capacity.as_ref(),
         }
     }
 }
@@ -98,22 +99,46 @@ pub fn fleet_add(fleet: &Fleet, mut host: Host, json: bool) -> Result<u8, FleetE
             host.name
         )));
     }
-    if let Some(old) = fleet.host(&host.name)? {
-        return Err(FleetError::Failed(format!(
-            "the fleet has a host '{}' already ({}): `host-shim fleet rm {}` first",
-            host.name, old.value.url, host.name
-        )));
-    }
     if !host.url.contains("://") {
         host.url = format!("http://{}", host.url);
     }
+    // A host that registered itself (`serve --store`) at this URL is
+    // adopted: the user adds their token (and pins the same fingerprint).
+    let old = fleet.host(&host.name)?;
+    let expect = match &old {
+        None => Expect::Absent,
+        Some(v) if v.value.registered && v.value.url == host.url => {
+            if let (Some(mine), Some(theirs)) = (&host.fingerprint, &v.value.fingerprint) {
+                if !mine.eq_ignore_ascii_case(theirs) {
+                    return Err(FleetError::Failed(format!(
+                        "host {} registered the fingerprint {theirs}, not {mine}",
+                        host.name
+                    )));
+                }
+            }
+            Expect::Version(v.version)
+        }
+        Some(v) => {
+            return Err(FleetError::Failed(format!(
+                "the fleet has a host '{}' already ({}): `host-shim fleet rm {}` first",
+                host.name, v.value.url, host.name
+            )))
+        }
+    };
     let info: ShimInfo = client_for(&host)?
-        .json::<(), _>("GET", "/v1/info", None)
+        .info()
         .map_err(|e| refused_add(&host, e))?;
     host.region = info.region.clone();
-    fleet.put_host(&host, Expect::Absent)?;
+    if let Some(v) = old {
+        host = Host {
+            token: host.token,
+            region: host.region,
+            ..v.value
+        };
+    }
+    fleet.put_host(&host, expect)?;
     if json {
-        print_json(&HostView::new(&host, &[]));
+        print_json(&HostView::new(&host, &[], &Default::default()));
     } else {
         println!(
             "added {} ({}): shim '{}' in region {}, {} instance(s){}",
@@ -155,24 +180,29 @@ fn refused_add(host: &Host, e: ClientError) -> FleetError {
 pub fn fleet_ls(fleet: &Fleet, json: bool) -> Result<u8, FleetError> {
     let hosts = fleet.hosts()?;
     let apps = fleet.apps()?;
-    let views: Vec<HostView> = hosts.iter().map(|h| HostView::new(h, &apps)).collect();
+    let alive = fleet.alive()?;
+    let views: Vec<HostView> = hosts
+        .iter()
+        .map(|h| HostView::new(h, &apps, &alive))
+        .collect();
     if json {
         print_json(&views);
         return Ok(exit::OK);
     }
     println!(
-        "{:<14} {:<30} {:<12} {:<5} {:<5} {:>4}",
+        "{:<14} {:<30} {:<12} {:<5} {:<5} {:>4} STATE",
         "NAME", "URL", "REGION", "PIN", "TOKEN", "APPS"
     );
     for h in views {
         println!(
-            "{:<14} {:<30} {:<12} {:<5} {:<5} {:>4}",
+            "{:<14} {:<30} {:<12} {:<5} {:<5} {:>4} {}",
             h.name,
             h.url,
             h.region,
             if h.fingerprint.is_some() { "yes" } else { "-" },
             if h.token { "yes" } else { "-" },
-            h.apps
+            h.apps,
+            h.state
         );
     }
     Ok(exit::OK)
@@ -208,8 +238,8 @@ pub struct DeployOptions<'a> {
     pub mem: u64,
     pub env: Vec<(String, String)>,
     pub args: Vec<String>,
-    /// `--publish` mappings in their command-line syntax.
-    pub publish: Vec<String>,
+    /// Published ports.
+    pub publish: Vec<PublishSpec>,
     pub restart: Restart,
     pub checkpoint_every_ms: Option<u64>,
 }
@@ -238,8 +268,7 @@ fn ensure_image(
     bytes: &[u8],
     json: bool,
 ) -> Result<bool, FleetError> {
-    let path = format!("/v1/images/{hash}");
-    match client.json::<(), ImageInfo>("GET", &path, None) {
+    match client.image::<ImageInfo>(hash) {
         Ok(_) => return Ok(false),
         Err(ClientError::Api { status: 404, .. }) => {}
         Err(e) => return Err(e.into()),
@@ -250,7 +279,7 @@ fn ensure_image(
         json,
     );
     bar.set_message(format!("to {}", host.name));
-    let answer = client.upload(&path, bytes, |sent| bar.set_position(sent));
+    let answer = client.put_image::<ImageInfo>(hash, bytes, |sent| bar.set_position(sent));
     bar.finish_and_clear();
     answer.map_err(|e| match e {
         ClientError::Api { message, .. } => {
@@ -277,7 +306,7 @@ pub fn deploy(fleet: &Fleet, o: DeployOptions<'_>, json: bool) -> Result<u8, Fle
     })?;
     let hash = sha256_hex(&bytes);
     let client = client_for(&host)?;
-    let info: ShimInfo = client.json::<(), _>("GET", "/v1/info", None)?;
+    let info: ShimInfo = client.info()?;
     let max = info.max_image_bytes.ok_or_else(|| {
         FleetError::Failed(format!(
             "host {} keeps no images: start its shim with `host-shim serve --state-dir DIR`",
@@ -306,16 +335,13 @@ pub fn deploy(fleet: &Fleet, o: DeployOptions<'_>, json: bool) -> Result<u8, Fle
         restart: o.restart,
         ..RunRequest::default()
     };
-    let inst: InstanceInfo =
-        client
-            .json("POST", "/v1/instances", Some(&req))
-            .map_err(|e| match e {
-                ClientError::Api { message, .. } => FleetError::Failed(format!(
-                    "host {} refused to run {}: {message}",
-                    host.name, o.name
-                )),
-                e => e.into(),
-            })?;
+    let inst: InstanceInfo = client.run(&req).map_err(|e| match e {
+        ClientError::Api { message, .. } => FleetError::Failed(format!(
+            "host {} refused to run {}: {message}",
+            host.name, o.name
+        )),
+        e => e.into(),
+    })?;
     let ms = start.elapsed().as_secs_f64() * 1e3;
     fleet.put_app(
         &App {
@@ -371,7 +397,8 @@ struct PsRow {
     name: String,
     host: String,
     region: String,
-    state: String,
+    #[serde(flatten)]
+    state: InstanceState,
     uptime_s: f64,
     mem: u64,
     ip: Option<String>,
@@ -402,10 +429,7 @@ pub fn ps(fleet: &Fleet, all: bool, json: bool) -> Result<u8, FleetError> {
             .into_iter()
             .map(|h| {
                 s.spawn(move || {
-                    let list = client_for(&h).and_then(|c| {
-                        c.json::<(), Vec<InstanceInfo>>("GET", "/v1/instances", None)
-                            .map_err(FleetError::from)
-                    });
+                    let list = client_for(&h).and_then(|c| c.list().map_err(FleetError::from));
                     (h, list)
                 })
             })
@@ -423,7 +447,7 @@ pub fn ps(fleet: &Fleet, all: bool, json: bool) -> Result<u8, FleetError> {
         match answer {
             Ok(list) => {
                 for i in list {
-                    if !all && i.state.starts_with("moved to") {
+                    if !all && i.state.moved_to().is_some() {
                         continue;
                     }
                     out.instances.push(PsRow {
@@ -450,7 +474,7 @@ pub fn ps(fleet: &Fleet, all: bool, json: bool) -> Result<u8, FleetError> {
         let here = out
             .instances
             .iter()
-            .find(|r| r.name == app.name && r.state == "running");
+            .find(|r| r.name == app.name && r.state == InstanceState::Running);
         if let Some(row) = here.filter(|r| r.host != app.host) {
             record_move(fleet, &app.name, &row.host)?;
         }
@@ -486,101 +510,6 @@ pub fn ps(fleet: &Fleet, all: bool, json: bool) -> Result<u8, FleetError> {
     })
 }
 
-// ---- locating an app ----
-
-/// A shim of the app's path, by fleet host when there is one.
-struct Hop {
-    client: Client,
-    /// The fleet host's name, else the shim's address.
-    label: String,
-    host: Option<Host>,
-}
-
-fn hop_to(fleet: Option<&Fleet>, addr: &str) -> Result<Hop, FleetError> {
-    match fleet.map(|f| f.host_by_addr(addr)).transpose()?.flatten() {
-        Some(h) => Ok(Hop {
-            client: client_for(&h)?,
-            label: h.name.clone(),
-            host: Some(h),
-        }),
-        None => Ok(Hop {
-            client: Client::new(addr),
-            label: addr.to_owned(),
-            host: None,
-        }),
-    }
-}
-
-/// Where an app is: the shim it runs on, and the shims it left on the way
-/// (whose tombstones hold its published ports).
-struct Located {
-    app: super::store::Versioned<App>,
-    live: Hop,
-    info: InstanceInfo,
-    left: Vec<Hop>,
-}
-
-fn locate(fleet: &Fleet, name: &str) -> Result<Located, FleetError> {
-    let app = fleet.app(name)?.ok_or_else(|| {
-        FleetError::NotFound(format!(
-            "no app '{name}' in the fleet (see `host-shim ps`; deploy it with `host-shim deploy`)"
-        ))
-    })?;
-    let host = fleet.need_host(&app.value.host)?;
-    let mut hop = Hop {
-        client: client_for(&host)?,
-        label: host.name.clone(),
-        host: Some(host),
-    };
-    let mut left = Vec::new();
-    for _ in 0..MAX_HOPS {
-        let list: Vec<InstanceInfo> = hop.client.json::<(), _>("GET", "/v1/instances", None)?;
-        let info = list.into_iter().find(|i| i.name == name).ok_or_else(|| {
-            FleetError::NotFound(format!("app '{name}' is not on host {}", hop.label))
-        })?;
-        match info.state.strip_prefix("moved to ") {
-            Some(addr) => {
-                let next = hop_to(Some(fleet), addr)?;
-                left.push(std::mem::replace(&mut hop, next));
-            }
-            None => {
-                return Ok(Located {
-                    app,
-                    live: hop,
-                    info,
-                    left,
-                })
-            }
-        }
-    }
-    Err(FleetError::Failed(format!(
-        "app '{name}' moved more than {MAX_HOPS} times without arriving"
-    )))
-}
-
-/// Records that app `name` runs on `host` now (what a shim said, so it
-/// wins): compare-and-swap on the app's record, again if another CLI
-/// wrote it meanwhile; nothing if the app is not in the fleet.
-fn record_move(fleet: &Fleet, name: &str, host: &str) -> Result<(), FleetError> {
-    for _ in 0..8 {
-        let Some(v) = fleet.app(name)? else {
-            return Ok(());
-        };
-        if v.value.host == host {
-            return Ok(());
-        }
-        let mut app = v.value;
-        app.host = host.to_owned();
-        match fleet.put_app(&app, Expect::Version(v.version)) {
-            Err(FleetError::Store(super::store::StoreError::Conflict { .. })) => continue,
-            other => return other.map(|_| ()),
-        }
-    }
-    Err(FleetError::Failed(format!(
-        "the fleet record of {name} keeps changing: run the command again"
-    )))
-}
-
 // ---- logs ----
 
 /// `logs NAME` (fleet): the console where the app runs now.
@@ -589,11 +518,8 @@ pub fn logs(fleet: &Fleet, name: &str, follow: bool) -> Result<u8, FleetError> {
     if follow {
         return follow_logs(loc.live.client, &loc.live.label, name, Some(fleet));
     }
-    let answer = loc
-        .live
-        .client
-        .call("GET", &format!("/v1/instances/{name}/logs"), None)?;
-    let _ = std::io::stdout().write_all(&answer.body);
+    let text = loc.live.client.logs(name)?;
+    let _ = std::io::stdout().write_all(text.as_bytes());
     Ok(exit::OK)
 }
 
@@ -610,25 +536,18 @@ pub fn follow_logs(
         let mut moved = None;
         let mut ended = None;
         let mut stdout = std::io::stdout();
-        client.stream_lines(
-            &format!("/v1/instances/{name}/logs/follow"),
-            &serde_json::json!({}),
-            |line| {
-                let Ok(event) = serde_json::from_str::<LogEvent>(line) else {
-                    return;
-                };
-                if let Some(text) = event.line {
-                    let _ = writeln!(stdout, "{text}");
-                    let _ = stdout.flush();
-                }
-                if event.moved_to.is_some() {
-                    moved = event.moved_to;
-                }
-                if event.end.is_some() {
-                    ended = event.end;
-                }
-            },
-        )?;
+        client.follow_logs(name, |event: LogEvent| {
+            if let Some(text) = event.line {
+                let _ = writeln!(stdout, "{text}");
+                let _ = stdout.flush();
+            }
+            if event.moved_to.is_some() {
+                moved = event.moved_to;
+            }
+            if event.end.is_some() {
+                ended = event.end;
+            }
+        })?;
         match (moved, ended) {
             (Some(addr), _) => {
                 let next = hop_to(fleet, &addr)?;
@@ -663,7 +582,10 @@ struct Migrated {
     from: String,
     to: String,
     region: String,
-    downtime_ms: Option<f64>,
+    downtime_ms: f64,
+    total_ms: f64,
+    bytes: u64,
+    rounds: usize,
     summary: String,
 }
 
@@ -681,12 +603,11 @@ pub fn migrate(fleet: &Fleet, name: &str, to: &str, json: bool) -> Result<u8, Fl
     let keep_restart = loc.info.restart == Restart::Always;
     if keep_restart {
         let hash = loc.app.value.image.trim_start_matches(HASH_PREFIX);
-        let pushed: Result<ImageInfo, _> = loc.live.client.json(
-            "POST",
-            &format!("/v1/images/{hash}/push"),
-            Some(&PushRequest {
+        let pushed = loc.live.client.push_image::<ImageInfo>(
+            hash,
+            &PushRequest {
                 to: dest.addr().to_owned(),
-            }),
+            },
         );
         if let Err(e) = pushed {
             eprintln!(
@@ -696,65 +617,58 @@ pub fn migrate(fleet: &Fleet, name: &str, to: &str, json: bool) -> Result<u8, Fl
     }
     let bar = bar(None, "{spinner} {elapsed_precise} {wide_msg}", json);
     bar.set_message(format!("migrating {name} from {} to {to}", loc.live.label));
-    let last = loc.live.client.stream_lines(
-        &format!("/v1/instances/{name}/migrate"),
+    let result = loc.live.client.migrate(
+        name,
         &MigrateRequest {
             to: dest.addr().to_owned(),
             fingerprint: dest.fingerprint.clone(),
         },
-        |line| {
+        |event| {
             // Phases above the spinner (stderr); the outcome on stdout.
             if bar.is_hidden() {
-                if !json {
-                    println!("{line}");
+                if !json && !event.is_last() {
+                    println!("{event}");
                 }
-            } else if !line.starts_with("ok") && !line.starts_with("error:") {
-                bar.println(line);
+            } else if !event.is_last() {
+                bar.println(event.to_string());
             }
         },
     );
     bar.finish_and_clear();
-    let last = last?;
-    if !last.starts_with("ok") {
-        return Err(FleetError::Failed(format!(
-            "migration of {name} to {to} failed: {}",
-            if last.is_empty() {
-                "the shim closed the connection".to_owned()
-            } else {
-                last.trim_start_matches("error: ").to_owned()
-            }
-        )));
-    }
+    let report = result.map_err(|e| match e {
+        ClientError::Migration { error, .. } => {
+            FleetError::Failed(format!("migration of {name} to {to} failed: {error}"))
+        }
+        e => FleetError::Failed(format!("migration of {name} to {to} failed: {e}")),
+    })?;
+    let summary = MigrationEvent::Done(report.clone()).to_string();
     if keep_restart {
-        let kept: Result<InstanceInfo, _> = dest_client.json(
-            "PUT",
-            &format!("/v1/instances/{name}/restart"),
-            Some(&RestartRequest {
+        let kept = dest_client.set_restart(
+            name,
+            &RestartRequest {
                 restart: Restart::Always,
-            }),
+            },
         );
         if let Err(e) = kept {
             eprintln!("warning: {name} will not restart with {to}'s shim: {e}");
         }
     }
     record_move(fleet, name, &dest.name)?;
-    let downtime_ms = last
-        .split("downtime ")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .and_then(|n| n.parse().ok());
     let out = Migrated {
         name: name.to_owned(),
         from: loc.live.label,
         to: dest.name,
         region: dest.region,
-        downtime_ms,
-        summary: last.clone(),
+        downtime_ms: report.downtime_ms,
+        total_ms: report.total_ms,
+        bytes: report.bytes,
+        rounds: report.rounds,
+        summary: summary.clone(),
     };
     if json {
         print_json(&out);
-    } else if !bar.is_hidden() {
-        println!("{last}");
+    } else {
+        println!("{summary}");
     }
     Ok(exit::OK)
 }
@@ -774,8 +688,7 @@ pub fn stop(fleet: &Fleet, name: &str, json: bool) -> Result<u8, FleetError> {
         }
         Err(e) => return Err(e),
     };
-    let path = format!("/v1/instances/{name}/stop");
-    let info: InstanceInfo = loc.live.client.json::<(), _>("POST", &path, None)?;
+    let info: InstanceInfo = loc.live.client.stop(name)?;
     // What it left on the shims it moved away from: found on the way, or
     // on any other fleet host (the file only knows where it runs now).
     let mut left: Vec<(String, Client)> =
@@ -785,11 +698,11 @@ pub fn stop(fleet: &Fleet, name: &str, json: bool) -> Result<u8, FleetError> {
             continue;
         }
         let client = client_for(&host)?;
-        match client.json::<(), Vec<InstanceInfo>>("GET", "/v1/instances", None) {
+        match client.list() {
             Ok(list) => {
                 if list
                     .iter()
-                    .any(|i| i.name == name && i.state.starts_with("moved to"))
+                    .any(|i| i.name == name && i.state.moved_to().is_some())
                 {
                     left.push((host.name, client));
                 }
@@ -801,7 +714,7 @@ pub fn stop(fleet: &Fleet, name: &str, json: bool) -> Result<u8, FleetError> {
         }
     }
     for (label, client) in &left {
-        if let Err(e) = client.json::<(), InstanceInfo>("POST", &path, None) {
+        if let Err(e) = client.stop(name) {
             eprintln!("warning: {name}'s ports on {label}: {e}");
         }
     }
@@ -810,7 +723,7 @@ pub fn stop(fleet: &Fleet, name: &str, json: bool) -> Result<u8, FleetError> {
         print_json(&serde_json::json!({
             "name": name,
             "host": loc.live.label,
-            "state": info.state,
+            "state": info.state.to_string(),
         }));
     } else {
         println!("stopped {name} on {}", loc.live.label);

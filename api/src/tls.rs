@@ -8,7 +8,7 @@
 //!   does not require one: users come with a bearer token instead. A
 //!   certificate that is presented must be the client's own (the handshake
 //!   signature is checked); whether its fingerprint is a pinned peer is
-//!   decided after the handshake (see `daemon::http`), so that a stranger
+//!   decided after the handshake (by the daemon's HTTP server), so that a stranger
 //!   gets a clear refusal rather than a bare TLS alert.
 //!
 //! [`Stream`] is a TCP connection, plain or TLS, either side.
@@ -27,8 +27,13 @@ use rustls::{
     ServerConnection, SignatureScheme, StreamOwned,
 };
 
-use super::identity::Identity;
-use super::Fingerprint;
+use crate::Fingerprint;
+
+/// A certificate and its private key, both PEM: what a TLS side presents.
+pub trait CertKey {
+    fn cert_pem(&self) -> &str;
+    fn key_pem(&self) -> &str;
+}
 
 /// The name in every host certificate, and the one clients ask for (the
 /// certificate is checked by fingerprint, not by name).
@@ -60,16 +65,16 @@ pub fn cert_der(pem: &str) -> Result<Vec<u8>, TlsError> {
 }
 
 fn cert_and_key(
-    id: &Identity,
+    id: &dyn CertKey,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
-    let cert = CertificateDer::from(cert_der(&id.cert_pem)?);
-    let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())
+    let cert = CertificateDer::from(cert_der(id.cert_pem())?);
+    let key = PrivateKeyDer::from_pem_slice(id.key_pem().as_bytes())
         .map_err(|e| TlsError::Pem(e.to_string()))?;
     Ok((vec![cert], key))
 }
 
 /// The server side of a host: its certificate, client certificates asked for.
-pub fn server_config(id: &Identity) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(id: &dyn CertKey) -> Result<Arc<ServerConfig>, TlsError> {
     let (certs, key) = cert_and_key(id)?;
     let config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -82,7 +87,7 @@ pub fn server_config(id: &Identity) -> Result<Arc<ServerConfig>, TlsError> {
 /// presents `id`'s certificate if given.
 pub fn client_config(
     pin: Fingerprint,
-    id: Option<&Identity>,
+    id: Option<&dyn CertKey>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -405,75 +410,5 @@ impl Write for Shared {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.lock().get_mut().flush()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::security::identity::{self, InitRequest};
-    use std::net::TcpListener;
-
-    fn identity(tag: &str) -> Identity {
-        let dir = std::env::temp_dir().join(format!("host-shim-tls-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let id = identity::init(
-            &dir,
-            &InitRequest {
-                name: tag.into(),
-                region: "r".into(),
-                listen: "127.0.0.1:0".parse().unwrap(),
-                shim_id: 1,
-                fleet_key: None,
-                token: None,
-            },
-        )
-        .unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-        id
-    }
-
-    /// Serves one connection: echoes a line back with the client's fingerprint.
-    fn server(id: &Identity) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let config = server_config(id).unwrap();
-        let t = std::thread::spawn(move || {
-            let (tcp, _) = listener.accept().unwrap();
-            if let Ok(mut s) = Stream::accept(tcp, &config) {
-                let mut b = [0u8; 5];
-                if s.read_exact(&mut b).is_ok() {
-                    let fp = s
-                        .peer_fingerprint()
-                        .map(|f| f.to_string())
-                        .unwrap_or_default();
-                    let _ = s.write_all(fp.as_bytes());
-                }
-            }
-        });
-        (addr, t)
-    }
-
-    #[test]
-    fn clients_pin_the_server_and_servers_see_client_certificates() {
-        let (host, peer) = (identity("host"), identity("peer"));
-        let (addr, t) = server(&host);
-        let config = client_config(host.fingerprint, Some(&peer)).unwrap();
-        let mut s = Stream::connect(TcpStream::connect(addr).unwrap(), &config).unwrap();
-        assert_eq!(s.peer_fingerprint(), Some(host.fingerprint));
-        s.write_all(b"hello").unwrap();
-        let mut got = String::new();
-        s.read_to_string(&mut got).unwrap();
-        assert_eq!(got, peer.fingerprint.to_string());
-        t.join().unwrap();
-
-        // Pinned to another certificate: the handshake fails, saying why.
-        let (addr, t) = server(&host);
-        let config = client_config(peer.fingerprint, None).unwrap();
-        let err = Stream::connect(TcpStream::connect(addr).unwrap(), &config)
-            .err()
-            .unwrap();
-        assert!(format!("{err:?}").contains("PinMismatch"), "{err:?}");
-        t.join().unwrap();
     }
 }

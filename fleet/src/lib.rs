@@ -1,21 +1,28 @@
 //! The fleet, from the user's machine: the hosts they own (each running
 //! `host-shim serve`) and where each of their apps runs, kept in a
-//! [`store::FleetStore`] (a local file by default, etcd later), and the
-//! commands that drive them (`fleet add/ls/rm`, `deploy`, `ps`, `logs`,
-//! `migrate`, `stop`: [`commands`]).
+//! [`store::FleetStore`] (a local file by default, or etcd: [`etcd`]; hosts
+//! that register themselves under a lease: [`registry`]), and the path
+//! from an app's recorded host to the shim it runs on ([`locate`]); the
+//! `host-shim` CLI's fleet commands (`fleet add/ls/rm`, `deploy`, `ps`,
+//! `logs`, `migrate`, `stop`) drive them and render what they return.
 //!
 //! Every API client of a fleet host is made by [`client_for`], the one
 //! place that turns a host's URL, pinned fingerprint and token into a
-//! connection.
+//! connection. The placement controller (`host-shim schedule`) is
+//! [`schedule`]. This crate talks to daemons through the `api` crate only:
+//! no VMM in it.
 
-pub mod commands;
+pub mod etcd;
+pub mod locate;
+pub mod registry;
+pub mod schedule;
 pub mod store;
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::daemon::api::{Client, ClientError};
+use api::{Client, ClientError};
 use store::{Expect, FleetStore, StoreError, Versioned};
 
 /// Exit statuses of the fleet commands (also in `--help` and the README).
@@ -49,6 +56,22 @@ pub struct Host {
     /// The bearer token of this user on that host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// Its overlay's UDP address (a host that registered itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<String>,
+    /// What it can run (a host that registered itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Capacity>,
+    /// It registers itself ([`registry`]): without a live lease it is down.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub registered: bool,
+}
+
+/// What a host can run, as its daemon's limits say.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub max_instances: usize,
+    pub max_guest_memory: u64,
 }
 
 impl Host {
@@ -173,15 +196,22 @@ impl Fleet {
         self.store.get(key)?.map(|v| decode(key, v)).transpose()
     }
 
+    /// The records under `prefix`; one that does not decode (written by
+    /// another tool or version) is skipped with a warning.
     fn list<T: for<'de> Deserialize<'de>>(
         &self,
         prefix: &str,
     ) -> Result<Vec<Versioned<T>>, FleetError> {
-        self.store
+        Ok(self
+            .store
             .list(prefix)?
             .into_iter()
-            .map(|(k, v)| decode(&k, v))
-            .collect()
+            .filter_map(|(k, v)| {
+                decode(&k, v)
+                    .inspect_err(|e| tracing::warn!(error = %e, "skipping a fleet record"))
+                    .ok()
+            })
+            .collect())
     }
 
     pub fn host(&self, name: &str) -> Result<Option<Versioned<Host>>, FleetError> {

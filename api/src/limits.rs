@@ -1,0 +1,93 @@
+//! What a daemon lets its callers take ([`Limits`], reported in
+//! `GET /v1/info`) and the defaults of the `serve --max-*` flags.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default `--max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Default `--max-request-memory`: request bodies held at once, in bytes.
+pub const DEFAULT_MAX_REQUEST_MEMORY: u64 = 64 << 20;
+/// Default `--request-timeout`: head and body of one request, whole.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `--handshake-timeout`: one TLS handshake, whole.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `--max-publish`: published ports per instance.
+pub const DEFAULT_MAX_PUBLISH: usize = 16;
+/// Default `--memory-overcommit`: guest memory over host memory.
+pub const DEFAULT_OVERCOMMIT: f64 = 1.0;
+/// Guest memory per instance the default `--max-instances` is sized by.
+const INSTANCE_SIZING: u64 = 64 << 20;
+/// Bounds of the default `--max-instances`.
+const DEFAULT_MAX_INSTANCES: (usize, usize) = (1, 256);
+
+/// The limits of one daemon.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Limits {
+    /// API connections served at once (`--max-connections`); more get 503.
+    pub max_connections: usize,
+    /// Bytes of request bodies held at once (`--max-request-memory`).
+    pub max_request_memory: u64,
+    /// Milliseconds a client has for a request's head and body, whole
+    /// (`--request-timeout`).
+    pub request_timeout_ms: u64,
+    /// Milliseconds a client has for a TLS handshake, whole (`--handshake-timeout`).
+    pub handshake_timeout_ms: u64,
+    /// Instances at once, running or starting (`--max-instances`).
+    pub max_instances: usize,
+    /// Bytes of guest memory of all instances at once (`--max-guest-memory`).
+    pub max_guest_memory: u64,
+    /// Published ports per instance (`--max-publish`).
+    pub max_publish: usize,
+    /// Whether instances may publish host ports below 1024
+    /// (`--allow-privileged-ports`).
+    pub allow_privileged_ports: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let mem = host_memory().unwrap_or(4 << 30);
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_request_memory: DEFAULT_MAX_REQUEST_MEMORY,
+            request_timeout_ms: DEFAULT_REQUEST_TIMEOUT.as_millis() as u64,
+            handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT.as_millis() as u64,
+            max_instances: default_max_instances(mem),
+            max_guest_memory: guest_memory_for(mem, DEFAULT_OVERCOMMIT),
+            max_publish: DEFAULT_MAX_PUBLISH,
+            allow_privileged_ports: false,
+        }
+    }
+}
+
+impl Limits {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+}
+
+/// The host's memory (`MemTotal` of /proc/meminfo), in bytes.
+pub fn host_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Guest memory allowed on a host of `host` bytes with `overcommit`.
+pub fn guest_memory_for(host: u64, overcommit: f64) -> u64 {
+    (host as f64 * overcommit) as u64
+}
+
+/// The default instance count for a host of `host` bytes.
+pub fn default_max_instances(host: u64) -> usize {
+    let (lo, hi) = DEFAULT_MAX_INSTANCES;
+    usize::try_from(host / INSTANCE_SIZING)
+        .unwrap_or(hi)
+        .clamp(lo, hi)
+}
