@@ -33,8 +33,7 @@ use crate::image::{self, Profile};
 use crate::resp;
 use crate::workspace::Workspace;
 
-use host_shim::daemon::api::{Client, InstanceInfo, RunRequest};
-use host_shim::daemon::stats::ShimStats;
+use api::{Client, InstanceInfo, PublishSpec, RunRequest};
 
 use super::migrate::{Daemon, TempDir};
 use super::net::cpu_seconds;
@@ -234,19 +233,24 @@ fn run_request(name: &str, image: &Path, mem_mib: u64, port: u16) -> RunRequest 
         name: name.to_owned(),
         image: image.to_string_lossy().into_owned(),
         mem: mem_mib << 20,
-        publish: vec![format!("127.0.0.1:{port}:6379")],
+        publish: vec![PublishSpec {
+            host: ([127, 0, 0, 1], port).into(),
+            guest_addr: None,
+            guest_port: 6379,
+            proto: Default::default(),
+        }],
         ..Default::default()
     }
 }
 
 fn launch(client: &Client, req: &RunRequest) -> Result<InstanceInfo> {
     client
-        .json("POST", "/v1/instances", Some(req))
+        .run(req)
         .with_context(|| format!("launching {}", req.name))
 }
 
 fn total_exits(client: &Client) -> Result<u64> {
-    let stats: ShimStats = client.json::<(), _>("GET", "/v1/stats", None)?;
+    let stats = client.stats()?;
     Ok(stats.instances.iter().map(|i| i.exits.total).sum())
 }
 
@@ -345,7 +349,7 @@ fn bench_shim(shim: &Path, kv: &Path, opts: &DensityOptions, dir: &Path) -> Resu
     let stop_began = Instant::now();
     for i in 0..n {
         client
-            .json::<(), InstanceInfo>("POST", &format!("/v1/instances/kv{i}/stop"), None)
+            .stop(&format!("kv{i}"))
             .with_context(|| format!("stopping kv{i}"))?;
     }
     let stop_total_s = stop_began.elapsed().as_secs_f64();
