@@ -19,16 +19,16 @@ use cli::parse_duration;
 use cli::run::{remote_restore, remote_run, restore, run, RestoreArgs, RunArgs};
 use fleet::store;
 use fleet::{Fleet, FleetError, Host};
-use vmm::config::{self};
 use host_shim::daemon::api::{
     CheckpointInfo, CheckpointRequest, Client, ClientError, InstanceInfo, MigrateRequest,
     SnapshotInfo, SnapshotRequest,
 };
 use host_shim::daemon::persist::Restart;
-use hostnet::PublishSpec;
-use vmm::outcome::STATUS_SHIM_ERROR;
 use host_shim::security::identity::{self, Identity};
+use hostnet::PublishSpec;
 use tracing_subscriber::EnvFilter;
+use vmm::config::{self};
+use vmm::outcome::STATUS_SHIM_ERROR;
 
 const ABOUT: &str = "\
 A small KVM monitor that boots libcloud unikernel images, and a daemon that
@@ -504,7 +504,9 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
         Command::Stop(a) if !on_daemon => {
             fleet_status(commands::stop(&fleet()?, &a.name, a.json.json))
         }
-        Command::Logs(a) if !on_daemon => fleet_status(commands::logs(&fleet()?, &a.name, a.follow)),
+        Command::Logs(a) if !on_daemon => {
+            fleet_status(commands::logs(&fleet()?, &a.name, a.follow))
+        }
         Command::Migrate(a) if !on_daemon => {
             fleet_status(commands::migrate(&fleet()?, &a.name, &a.to, a.json.json))
         }

@@ -11,8 +11,8 @@ use std::time::Duration;
 use abi::layout::{LARGE_PAGE_SIZE, MAX_MEM_SIZE, MIN_MEM_SIZE};
 
 use hostnet::{
-    in_subnet, mac_for, NetMode, NetworkConfig, Nic, PublishSpec, USER_FIRST_GUEST,
-    USER_GATEWAY, USER_PREFIX, USER_SUBNET,
+    in_subnet, mac_for, NetMode, NetworkConfig, Nic, PublishSpec, USER_FIRST_GUEST, USER_GATEWAY,
+    USER_PREFIX, USER_SUBNET,
 };
 
 const MIB: u64 = 1 << 20;

@@ -4,11 +4,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
-use vmm::config;
 use host_shim::daemon::{limits, DaemonConfig};
-use hostnet::PublishSpec;
 use host_shim::security::identity::{self};
+use hostnet::PublishSpec;
+use vmm::config;
 
 use super::parse_duration;
 use crate::Target;
@@ -124,6 +125,13 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub(crate) shim_id: Option<u8>,
 
+    /// The subnet of this shim's gateway and guests, shared by every shim
+    /// of an overlay. Without an overlay a shim hands out all of it past
+    /// the gateways' first 1,024 addresses; on an overlay, shim N its Nth
+    /// block of 1,024.
+    #[arg(long, value_name = "CIDR", default_value_t = hostnet::pool::DEFAULT_GUEST_NET)]
+    pub(crate) guest_net: hostnet::pool::GuestNet,
+
     /// Shim-level published port, to a guest address:
     /// [HOST_ADDR:]HOST_PORT:[GUEST_ADDR:]GUEST_PORT (the guest defaults to
     /// the first address of this shim). Usually ports belong to instances:
@@ -188,8 +196,8 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub(crate) handshake_timeout: Duration,
 
-    /// Instances at once (running or starting) [default: host memory / 64
-    /// MiB, 1 to 256].
+    /// Instances at once (running or starting) [default: host memory / 4
+    /// MiB, 1 to 4096].
     #[arg(long, value_name = "N")]
     pub(crate) max_instances: Option<usize>,
 
@@ -260,6 +268,10 @@ impl ServeArgs {
                 })
             }),
             max_publish: self.max_publish,
+            // The soft limit raised to the hard one: a thousand guests
+            // need several thousand.
+            max_open_files: shim_util::sys::raise_fd_limit()
+                .context("raising the open files limit (RLIMIT_NOFILE)")?,
             allow_privileged_ports: self.allow_privileged_ports,
         })
     }
@@ -411,9 +423,9 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
             .unwrap_or(listen),
         peers: args.peer.clone(),
         vni: args.vni.or(host.as_ref().map(|h| h.vni)).unwrap_or(4242),
-        key: identity.as_ref().map(|i| {
-            hostnet::overlay_crypto::OverlayKey::new(i.fleet_key, &i.fingerprint.0)
-        }),
+        key: identity
+            .as_ref()
+            .map(|i| hostnet::overlay_crypto::OverlayKey::new(i.fleet_key, &i.fingerprint.0)),
         via: args.peer_via.clone(),
         name: name.clone(),
         region: region.clone(),
@@ -456,6 +468,7 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
             .shim_id
             .or(host.as_ref().map(|h| h.shim_id))
             .unwrap_or(1),
+        guest_net: args.guest_net,
         publish: args.publish,
         kvm_device: args.kvm_device,
         overlay,

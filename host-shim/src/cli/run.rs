@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use vmm::boot::cmdline::{self, GuestArgs};
-use vmm::config::{self, Backend, GuestSpec, NetOptions, QemuAccel, RunConfig};
 use host_shim::daemon::api::{Client, InstanceInfo, RestoreRequest, RunRequest};
 use host_shim::daemon::persist::Restart;
-use vmm::devices::virtio;
 use hostnet::{NetMode, Nic, PublishSpec};
+use vmm::boot::cmdline::{self, GuestArgs};
+use vmm::config::{self, Backend, GuestSpec, NetOptions, QemuAccel, RunConfig};
+use vmm::devices::virtio;
 
 use super::parse_duration;
 use crate::{absolute, output_arg, stem};

@@ -43,10 +43,10 @@ use super::limits::Limits;
 use super::{api, ApiError, Daemon, Reply, MIGRATION_PROTOCOL, PROGRESS_PROTOCOL};
 use crate::security::tls::Stream;
 use crate::security::HostSecurity;
-use shim_util::limit::RateLimited;
 use api::server::{
     read_body, read_head, respond, respond_error, switch_protocols, Head, Refused, Slot, Slots,
 };
+use shim_util::limit::RateLimited;
 
 pub use api::routes::Method;
 
