@@ -368,3 +368,87 @@ fn a_hundred_instances_answer_and_stopping_them_returns_every_resource() {
     let again = run("again", port);
     assert_eq!(again.ip.as_deref(), Some("10.0.4.0/16"));
 }
+
+#[test]
+fn a_daemon_short_of_file_descriptors_refuses_runs_clearly_and_keeps_its_instances() {
+    require_kvm();
+    let dir = TempDir::new("density-fds");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let log = dir.path("fds.log");
+    let out = std::fs::File::create(&log).unwrap();
+    // A hard limit of 300: the API and migrations keep 256, an instance
+    // needs up to 8, the daemon holds about 10 at start and 5 an instance.
+    let child = std::process::Command::new("prlimit")
+        .args([
+            "--nofile=300:300",
+            common::daemon::BIN,
+            "serve",
+            "--listen",
+            &addr,
+        ])
+        .args(["--no-overlay", "--name", "fds"])
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("prlimit (util-linux) is needed for this test");
+    let daemon = Daemon {
+        child,
+        addr,
+        log,
+        state: None,
+    };
+    let client = api::Client::new(&daemon.addr);
+    let give_up = Instant::now() + Duration::from_secs(10);
+    let info = loop {
+        match client.info() {
+            Ok(info) => break info,
+            Err(e) => assert!(
+                Instant::now() < give_up,
+                "no daemon: {e}\n{}",
+                daemon.output()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(info.limits.expect("limits").max_open_files, 300);
+    let img = common::daemon::kv_img();
+    let mut ports = Vec::new();
+    let refusal = loop {
+        let port = free_port();
+        let req = api::RunRequest {
+            name: format!("kv{}", ports.len()),
+            image: img.clone(),
+            mem: 16 << 20,
+            publish: vec![api::PublishSpec {
+                host: ([127, 0, 0, 1], port).into(),
+                guest_addr: None,
+                guest_port: 6379,
+                proto: api::Proto::Tcp,
+            }],
+            ..Default::default()
+        };
+        match client.run(&req) {
+            Ok(_) => {
+                Redis::when_up(port);
+                ports.push(port);
+            }
+            Err(e) => break e,
+        }
+        assert!(ports.len() < 20, "never refused:\n{}", daemon.output());
+    };
+    match &refusal {
+        api::ClientError::Api { status, message } => {
+            assert_eq!(*status, 503, "{message}");
+            assert!(message.contains("file descriptors"), "{message}");
+        }
+        other => panic!("not a clear refusal: {other}"),
+    }
+    assert!(ports.len() >= 3, "refused after {} instances", ports.len());
+    for port in ports {
+        assert_eq!(
+            Redis::connect(port).unwrap().cmd(&["PING"]).unwrap(),
+            "PONG"
+        );
+    }
+}
