@@ -271,8 +271,8 @@ fn rss_kib(pid: u32) -> u64 {
 const MANY: usize = 100;
 /// How much of the RSS the instances took the daemon may keep after they
 /// all stopped (the allocator's arenas, smoltcp's socket slots), KiB: an
-/// eighth of what a hundred idle instances hold. Measured: 4.9–6.7 MiB
-/// (11.3–12.0 MiB without `malloc_trim` after each stop).
+/// eighth of what a hundred idle instances hold. Measured: 4.9–8.9 MiB
+/// (11.3–12.0 MiB without `malloc_trim` after the stops).
 const RSS_KEPT_MAX_KIB: u64 = 16 * 1024;
 
 #[test]
@@ -337,19 +337,31 @@ fn a_hundred_instances_answer_and_stopping_them_returns_every_resource() {
     for i in 0..MANY {
         client.stop(&format!("kv{i}")).unwrap();
     }
+    // Back to the start values (fds: at most, as an API connection of the
+    // start may have been closing).
+    let back = |h: &Held| {
+        h.threads == start.threads && h.listening == start.listening && h.fds <= start.fds
+    };
     let give_up = Instant::now() + Duration::from_secs(30);
     let mut after = held_settled(pid);
-    while after != start && Instant::now() < give_up {
+    while !back(&after) && Instant::now() < give_up {
         after = held_settled(pid);
     }
-    let rss_after = rss_kib(pid);
+    // The daemon trims its heap once stops pause (200 ms).
+    let give_up = Instant::now() + Duration::from_secs(5);
+    let mut rss_after = rss_kib(pid);
+    while rss_after > rss_start + RSS_KEPT_MAX_KIB && Instant::now() < give_up {
+        std::thread::sleep(Duration::from_millis(100));
+        rss_after = rss_kib(pid);
+    }
     eprintln!(
         "start {start:?} {rss_start} KiB; {MANY} running {running:?} {rss_running} KiB; \
          stopped {after:?} {rss_after} KiB"
     );
-    assert_eq!(
-        after, start,
-        "threads, fds and listening sockets after every instance stopped"
+    assert!(
+        back(&after),
+        "threads, fds and listening sockets after every instance stopped: {after:?}, \
+         at start {start:?}"
     );
     for port in &ports {
         assert!(

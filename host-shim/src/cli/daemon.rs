@@ -20,10 +20,13 @@ own vCPU thread, all on the shim's virtual switch) and is driven over an
 HTTP/1.1 JSON API on --listen (endpoints: see the host_shim::daemon docs;
 the subcommands list, run, stop, logs, snapshot, restore, migrate use it).
 
-Addresses: shim N (--shim-id N, 1..14) has gateway 10.0.2.(N+1) and gives
-its guests 10.0.2.(16N) to 10.0.2.(16N+15), so shims with distinct ids can
-share one overlay and guests keep their address when they move. Give every
-shim of a fleet its own id.
+Addresses: gateways and guests share --guest-net (default 10.0.0.0/16).
+Shim N (--shim-id N, 1..14) has gateway 10.0.0.(N+1) and gives each new
+instance the lowest free address of its pool: the whole subnet past the
+first 1,024 addresses, or on an overlay its own block of 1,024 (shim 1:
+10.0.4.0-10.0.7.255), so shims with distinct ids can share one overlay and
+guests keep their address when they move. Give every shim of a fleet its
+own id and the same --guest-net.
 
 Security: with an identity (`host-shim init`; found in --dir, or in the
 default directory when --listen is not given) the API and the migration

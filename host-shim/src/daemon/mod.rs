@@ -175,7 +175,23 @@ pub struct Daemon {
     started: Instant,
     /// Migrations under way (cancelled by `stop`).
     pub migrations: crate::migration::Migrations,
+    /// Asks the `trim` thread to hand freed heap back (after stops).
+    trim: mpsc::SyncSender<()>,
 }
+
+/// Hands the heap that stopped instances freed back to the kernel, once
+/// stops pause for [`TRIM_DEBOUNCE`] (a trim walks the whole heap: after
+/// each of a thousand stops it would cost more than the stop).
+fn trim_after_stops(wanted: Receiver<()>) {
+    while wanted.recv().is_ok() {
+        thread::sleep(TRIM_DEBOUNCE);
+        while wanted.try_recv().is_ok() {}
+        shim_util::sys::release_free_heap();
+    }
+}
+
+/// How long stops must pause before the heap is trimmed.
+const TRIM_DEBOUNCE: Duration = Duration::from_millis(200);
 
 impl Daemon {
     /// Opens KVM, starts the network and binds the shim-level ports.
@@ -215,6 +231,11 @@ impl Daemon {
             None => (None, None),
         };
         let (tx, rx) = mpsc::channel();
+        let (trim, wanted) = mpsc::sync_channel(1);
+        thread::Builder::new()
+            .name("trim".into())
+            .spawn(move || trim_after_stops(wanted))
+            .map_err(|e| Error::Config(format!("cannot start a thread: {e}")))?;
         let daemon = Arc::new(Self {
             config,
             hv,
@@ -227,6 +248,7 @@ impl Daemon {
             standbys: Default::default(),
             started: Instant::now(),
             migrations: Default::default(),
+            trim,
         });
         daemon.bring_back();
         Ok((daemon, rx))
@@ -322,13 +344,18 @@ impl Daemon {
             (n + 1, m.saturating_add(i.spec.mem_size))
         });
         self.config.limits.admit(count, used, mem)?;
-        self.check_fds()
+        self.check_fds(count as u64)
     }
 
     /// Refuses an instance the daemon's file descriptors would not cover
     /// (503: its fds and those the API and migrations need).
-    fn check_fds(&self) -> Result<(), ApiError> {
+    fn check_fds(&self, live: u64) -> Result<(), ApiError> {
         let max = self.config.limits.max_open_files;
+        // Counting /proc/self/fd costs a few ms with thousands open: only
+        // when `live` instances could be near the limit.
+        if 2 * ((live + 1) * limits::FDS_PER_INSTANCE + limits::FDS_RESERVED) < max {
+            return Ok(());
+        }
         let open = shim_util::sys::open_fds()
             .map_err(|e| ApiError(503, format!("cannot count this daemon's open files: {e}")))?
             as u64;
@@ -576,8 +603,9 @@ impl Daemon {
         let mut info = inst.info();
         drop(inst);
         // What the instance's threads allocated stays in the allocator's
-        // arenas otherwise (tens of MiB after a thousand instances).
-        shim_util::sys::release_free_heap();
+        // arenas otherwise (tens of MiB after a thousand instances). Full:
+        // a trim is pending already.
+        let _ = self.trim.try_send(());
         info.state = api::InstanceState::Stopped;
         Ok(info)
     }

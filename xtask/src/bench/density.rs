@@ -1,17 +1,16 @@
 //! `cargo xtask bench density [--instances N]`: many idle kv instances in
 //! one `host-shim serve` daemon, and the same app as QEMU microvm guests.
 //!
-//! One release daemon (plain HTTP, no overlay). Instance 0 is launched
-//! first and its `PING` latency measured alone; then the others, one
-//! after another through `POST /v1/instances` (16 MiB each, each published
+//! One release daemon (plain HTTP, no overlay). The instances are
+//! launched one after another through `POST /v1/instances` (16 MiB each, each published
 //! on its own host port), each launch followed by `PING`s on its port
 //! until `PONG` (launch latency, launch → first `PONG`) and 10 `SET`s.
 //! Then, after a settling pause, 10 s of idle: the daemon's CPU, the
 //! whole host's CPU (`/proc/stat`: other users of the host count too) and
 //! the guests' VM exits (`GET /v1/stats`); the daemon's `VmRSS` and the
 //! host's `MemAvailable` against their values before the first launch;
-//! instance 0's `PING` latency among the others; then every instance
-//! stopped, and the daemon's threads, fds, listening sockets and RSS
+//! instance 0's `PING` latency among the others, then alone once the
+//! others stopped; then it stops too, and the daemon's threads, fds, listening sockets and RSS
 //! against their start values. Last, as many kv guests under QEMU microvm
 //! (`host-shim run --backend qemu`, TCG, QEMU's own user network with a
 //! forwarded port) as asked (at least 20 by default): the memory per
@@ -289,7 +288,6 @@ fn bench_shim(shim: &Path, kv: &Path, opts: &DensityOptions, dir: &Path) -> Resu
     let mut launch_ms = Vec::with_capacity(n);
     let mut first_pong_ms = Vec::with_capacity(n);
     let mut ports = Vec::with_capacity(n);
-    let mut ping_alone_us = f64::NAN;
     let began = Instant::now();
     let mut last_first_pong_ms = f64::NAN;
     for i in 0..n {
@@ -308,9 +306,6 @@ fn bench_shim(shim: &Path, kv: &Path, opts: &DensityOptions, dir: &Path) -> Resu
             if reply != "OK" {
                 bail!("kv{i}: SET answered {reply:?}");
             }
-        }
-        if i == 0 {
-            ping_alone_us = conn.ping_p50_us()?;
         }
         ports.push(port);
         if (i + 1) % 100 == 0 {
@@ -346,13 +341,20 @@ fn bench_shim(shim: &Path, kv: &Path, opts: &DensityOptions, dir: &Path) -> Resu
     }
     let ping_among_us = Kv::connect(ports[0])?.ping_p50_us()?;
 
-    let stop_began = Instant::now();
-    for i in 0..n {
+    // The others stop; instance 0, as idle as before, alone.
+    let stop = |i: usize| -> Result<()> {
         client
             .stop(&format!("kv{i}"))
             .with_context(|| format!("stopping kv{i}"))?;
-    }
-    let stop_total_s = stop_began.elapsed().as_secs_f64();
+        Ok(())
+    };
+    let stop_began = Instant::now();
+    (1..n).try_for_each(stop)?;
+    let mut stop_total_s = stop_began.elapsed().as_secs_f64();
+    let ping_alone_us = Kv::connect(ports[0])?.ping_p50_us()?;
+    let stop_began = Instant::now();
+    stop(0)?;
+    stop_total_s += stop_began.elapsed().as_secs_f64();
     let stopped = settled_back(pid, start)?;
 
     Ok(ShimFigures {
@@ -528,13 +530,17 @@ pub fn run(ws: &Workspace, opts: &DensityOptions) -> Result<()> {
         s.host_cpu * 100.0
     );
     println!(
-        "| PING p50, instance 0 alone / among {} | {:.0} / {:.0} µs ({:.2}×) | – |",
+        "| PING p50 (1,000 round trips), instance 0 alone / among {} | {:.0} / {:.0} µs ({:.2}×) | – |",
         s.instances,
         s.ping_alone_us,
         s.ping_among_us,
         s.ping_among_us / s.ping_alone_us
     );
-    println!("| stop all | {:.1} s | – |", s.stop_total_s);
+    println!(
+        "| stop all | {:.1} s ({:.1} ms each) | – |",
+        s.stop_total_s,
+        s.stop_total_s * 1e3 / n
+    );
     println!(
         "| daemon threads / fds / listening sockets: start, running, after stop | {}/{}/{}, {}/{}/{}, {}/{}/{} | – |",
         s.start.threads,
