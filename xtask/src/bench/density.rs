@@ -272,12 +272,21 @@ fn settled_back(pid: u32, start: Footprint) -> Result<Footprint> {
 fn bench_shim(shim: &Path, kv: &Path, opts: &DensityOptions, dir: &Path) -> Result<ShimFigures> {
     let n = opts.instances.max(1);
     let max = n.to_string();
+    // Room for exactly the guests asked for, whatever the host's memory
+    // (idle, they touch about 1 MiB of their 16).
+    let guest_memory = format!("{}M", n as u64 * opts.mem_mib);
     let daemon = Daemon::start_with(
         shim,
         "density",
         1,
         dir,
-        &["--no-overlay", "--max-instances", &max],
+        &[
+            "--no-overlay",
+            "--max-instances",
+            &max,
+            "--max-guest-memory",
+            &guest_memory,
+        ],
     )?;
     let pid = daemon.pid();
     let client = Client::new(&daemon.addr).with_timeout(Duration::from_secs(60));
