@@ -296,6 +296,24 @@ pub struct ShimInfo {
     /// What callers may take (`serve --max-*` flags).
     #[serde(default)]
     pub limits: Option<crate::limits::Limits>,
+    /// File descriptors the daemon has open (against `limits.max_open_files`).
+    #[serde(default)]
+    pub open_files: u64,
+    /// Guest addresses this shim hands out, and how many of them are free.
+    #[serde(default)]
+    pub addresses: Option<AddressUse>,
+}
+
+/// A shim's guest address pool, in `GET /v1/info`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AddressUse {
+    /// The subnet of the gateway and guests (`serve --guest-net`).
+    pub guest_net: String,
+    /// The first and last address this shim hands out.
+    pub first: String,
+    pub last: String,
+    /// Addresses of the pool no instance holds.
+    pub free: usize,
 }
 
 /// One line of a followed log (`POST /v1/instances/NAME/logs/follow`

@@ -17,10 +17,21 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_PUBLISH: usize = 16;
 /// Default `--memory-overcommit`: guest memory over host memory.
 pub const DEFAULT_OVERCOMMIT: f64 = 1.0;
-/// Guest memory per instance the default `--max-instances` is sized by.
-const INSTANCE_SIZING: u64 = 64 << 20;
+/// Host memory per instance the default `--max-instances` is sized by:
+/// what an idle kv instance costs (daemon RSS and the guest pages it
+/// touched, about 1.5 MiB), with room. What guests may really use is
+/// bounded by `--max-guest-memory`.
+const INSTANCE_SIZING: u64 = 4 << 20;
 /// Bounds of the default `--max-instances`.
-const DEFAULT_MAX_INSTANCES: (usize, usize) = (1, 256);
+const DEFAULT_MAX_INSTANCES: (usize, usize) = (1, 4096);
+/// Default `--max-open-files` when the process limit is unknown.
+pub const DEFAULT_MAX_OPEN_FILES: u64 = 1024;
+/// File descriptors an instance holds in its daemon (its vCPU's, its
+/// network port's, its KVM VM and vCPU, a published port's listener),
+/// with room: a run is refused unless this many are left...
+pub const FDS_PER_INSTANCE: u64 = 8;
+/// ... besides this many kept for the API, migrations and image uploads.
+pub const FDS_RESERVED: u64 = 256;
 
 /// The limits of one daemon.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -40,6 +51,10 @@ pub struct Limits {
     pub max_guest_memory: u64,
     /// Published ports per instance (`--max-publish`).
     pub max_publish: usize,
+    /// File descriptors the daemon may have open (its `RLIMIT_NOFILE`,
+    /// raised to the hard limit at start).
+    #[serde(default = "default_max_open_files")]
+    pub max_open_files: u64,
     /// Whether instances may publish host ports below 1024
     /// (`--allow-privileged-ports`).
     pub allow_privileged_ports: bool,
@@ -56,9 +71,14 @@ impl Default for Limits {
             max_instances: default_max_instances(mem),
             max_guest_memory: guest_memory_for(mem, DEFAULT_OVERCOMMIT),
             max_publish: DEFAULT_MAX_PUBLISH,
+            max_open_files: DEFAULT_MAX_OPEN_FILES,
             allow_privileged_ports: false,
         }
     }
+}
+
+fn default_max_open_files() -> u64 {
+    DEFAULT_MAX_OPEN_FILES
 }
 
 impl Limits {

@@ -41,13 +41,18 @@
 //!
 //! # Addresses
 //!
-//! Each shim has an id N (`--shim-id`, 1..=14): its gateway is 10.0.2.(N+1)
-//! with MAC 02:4c:0a:00:02:(N+1), and the guests it boots get 10.0.2.(16N)
-//! to 10.0.2.(16N+15) (unless `run --ip` says otherwise). Distinct ids give
-//! distinct guest addresses and distinct gateways, so shims can share one
-//! L2 overlay: a guest that moves keeps its address, and keeps reaching the
-//! gateway of the shim it came from (whose proxied connections it serves)
-//! over the overlay, while a guest booted here talks to this shim's gateway.
+//! Guests and gateways share one subnet (`--guest-net`, default
+//! 10.0.0.0/16; see [`hostnet::pool`]). Each shim has an id N
+//! (`--shim-id`, 1..=14): its gateway is the subnet's address N + 1 (MAC
+//! [`mac_for`] it). A run takes the lowest address of this shim's pool
+//! that no live instance holds (unless `run --ip` names one): the whole
+//! subnet past the gateways' block, or, on an overlay, block N of 1,024
+//! addresses, so shims sharing one L2 overlay never hand out one address
+//! twice. A stopped or exited instance's address is free again, and so is
+//! one that moved away, unless an overlay still carries it there. A guest
+//! that moves keeps its address, and keeps reaching the gateway of the
+//! shim it came from (whose proxied connections it serves) over the
+//! overlay, while a guest booted here talks to this shim's gateway.
 
 pub mod api;
 pub mod http;
@@ -61,7 +66,7 @@ pub mod restart_records;
 pub mod standby;
 pub mod stats;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -78,6 +83,7 @@ use api::{
     CheckpointInfo, CheckpointRequest, InstanceInfo, RestoreRequest, RunRequest, ShimInfo,
     SnapshotInfo, SnapshotRequest,
 };
+use hostnet::pool::GuestNet;
 use hostnet::{mac_for, Network, Nic, PublishSpec, SharedNetConfig};
 use instance::{Instance, InstanceConsole, LogRing, State};
 use vmm::boot::cmdline::{self, GuestArgs};
@@ -102,6 +108,8 @@ pub struct DaemonConfig {
     pub region: String,
     /// 1..=[`MAX_SHIM_ID`]: picks the gateway and the guests' addresses.
     pub shim_id: u8,
+    /// The subnet of the gateway and guests (`--guest-net`).
+    pub guest_net: GuestNet,
     /// Shim-level published ports (to a guest address; default: the first
     /// address of this shim's range).
     pub publish: Vec<PublishSpec>,
@@ -125,13 +133,12 @@ pub struct DaemonConfig {
 impl DaemonConfig {
     /// The gateway's address.
     pub fn gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, 0, 2, self.shim_id + 1)
+        self.guest_net.gateway(self.shim_id)
     }
 
-    /// The addresses this shim hands out.
-    pub fn guest_range(&self) -> impl Iterator<Item = Ipv4Addr> {
-        let first = u16::from(self.shim_id) * 16;
-        (first..first + 16).map(|n| Ipv4Addr::new(10, 0, 2, n as u8))
+    /// The first and last address this shim hands out.
+    pub fn pool(&self) -> Result<(Ipv4Addr, Ipv4Addr), hostnet::pool::GuestNetError> {
+        self.guest_net.pool(self.shim_id, self.overlay.is_some())
     }
 }
 
@@ -150,19 +157,6 @@ pub enum Reply {
 
 /// An API error: status and message.
 pub use api::server::ApiError;
-
-/// Gives the heap the allocator holds free back to the operating system.
-/// Called after an instance stops and after a migration away: the memory
-/// their buffers used is freed, but glibc keeps it mapped, so an idle
-/// daemon's RSS would otherwise keep what its busiest moment needed.
-pub fn trim_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim takes no pointers; it walks glibc's own arenas
-    // under their locks and may be called from any thread at any time.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
 
 fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(400, msg.into())
@@ -183,7 +177,23 @@ pub struct Daemon {
     started: Instant,
     /// Migrations under way (cancelled by `stop`).
     pub migrations: migration::Migrations,
+    /// Asks the `trim` thread to hand freed heap back (after stops).
+    trim: mpsc::SyncSender<()>,
 }
+
+/// Hands the heap that stopped instances freed back to the kernel, once
+/// stops pause for [`TRIM_DEBOUNCE`] (a trim walks the whole heap: after
+/// each of a thousand stops it would cost more than the stop).
+fn trim_after_stops(wanted: Receiver<()>) {
+    while wanted.recv().is_ok() {
+        thread::sleep(TRIM_DEBOUNCE);
+        while wanted.try_recv().is_ok() {}
+        shim_util::sys::release_free_heap();
+    }
+}
+
+/// How long stops must pause before the heap is trimmed.
+const TRIM_DEBOUNCE: Duration = Duration::from_millis(200);
 
 impl Daemon {
     /// Opens KVM, starts the network and binds the shim-level ports.
@@ -194,16 +204,16 @@ impl Daemon {
                 config.shim_id
             )));
         }
+        let (first, _) = config.pool().map_err(|e| Error::Config(e.to_string()))?;
         let hv = Hypervisor::open(&config.kvm_device)?;
         // Probed now, so that no snapshot or migration pays for it.
         hv.msrs()?;
         let net = Network::start_shared(&SharedNetConfig {
             gateway: config.gateway(),
-            prefix: hostnet::USER_PREFIX,
+            prefix: config.guest_net.prefix(),
             overlay: config.overlay.clone(),
             shim_name: config.name.clone(),
         })?;
-        let first = config.guest_range().next().expect("16 addresses");
         for spec in &config.publish {
             net.publish(spec, first)?;
         }
@@ -223,6 +233,11 @@ impl Daemon {
             None => (None, None),
         };
         let (tx, rx) = mpsc::channel();
+        let (trim, wanted) = mpsc::sync_channel(1);
+        thread::Builder::new()
+            .name("trim".into())
+            .spawn(move || trim_after_stops(wanted))
+            .map_err(|e| Error::Config(format!("cannot start a thread: {e}")))?;
         let daemon = Arc::new(Self {
             config,
             hv,
@@ -235,6 +250,7 @@ impl Daemon {
             standbys: Default::default(),
             started: Instant::now(),
             migrations: Default::default(),
+            trim,
         });
         Ok((daemon, rx))
     }
@@ -278,17 +294,49 @@ impl Daemon {
                 self.net.detach(&port);
             }
             drop(instances);
-            trim_heap();
+            self.trim_heap();
         }
     }
 
-    /// A free address of this shim's range.
-    fn pick_ip(&self, instances: &BTreeMap<String, Instance>) -> Option<Ipv4Addr> {
-        let used: Vec<Ipv4Addr> = instances
+    /// The addresses guests of `instances` hold: live ones', and those of
+    /// guests that moved away while the overlay carries them there.
+    fn used_ips(&self, instances: &BTreeMap<String, Instance>) -> BTreeSet<Ipv4Addr> {
+        let overlay = self.net.overlay_addr().is_some();
+        instances
             .values()
+            .filter(|i| i.is_live() || (overlay && matches!(i.state, State::Moved(_))))
             .filter_map(|i| i.spec.nic.map(|n| n.ip))
-            .collect();
-        self.config.guest_range().find(|ip| !used.contains(ip))
+            .collect()
+    }
+
+    /// The address of a new instance: `asked` if free and in the guest
+    /// subnet, else the lowest free one of this shim's pool.
+    fn pick_ip(&self, asked: Option<Ipv4Addr>) -> Result<Ipv4Addr, ApiError> {
+        let used = self.used_ips(&self.instances());
+        let net = self.config.guest_net;
+        if let Some(ip) = asked {
+            if !hostnet::in_subnet(ip, self.config.gateway(), net.prefix()) {
+                return Err(bad(format!(
+                    "{ip} is outside this shim's guest network {net} (serve --guest-net)"
+                )));
+            }
+            if used.contains(&ip) {
+                return Err(ApiError(409, format!("{ip} is in use by another instance")));
+            }
+            return Ok(ip);
+        }
+        let pool = self.config.pool()?;
+        GuestNet::lowest_free(pool, &used).ok_or_else(|| {
+            ApiError(
+                409,
+                format!(
+                    "all {} guest addresses of this shim ({}..{}) are in use (serve --guest-net)",
+                    GuestNet::capacity(pool),
+                    pool.0,
+                    pool.1
+                ),
+            )
+        })
     }
 
     /// Refuses an instance of `mem` bytes beyond the instance and memory
@@ -298,7 +346,33 @@ impl Daemon {
         let (count, used) = live.fold((0, 0u64), |(n, m), i| {
             (n + 1, m.saturating_add(i.spec.mem_size))
         });
-        self.config.limits.admit(count, used, mem)
+        self.config.limits.admit(count, used, mem)?;
+        self.check_fds(count as u64)
+    }
+
+    /// Refuses an instance the daemon's file descriptors would not cover
+    /// (503: its fds and those the API and migrations need).
+    fn check_fds(&self, live: u64) -> Result<(), ApiError> {
+        let max = self.config.limits.max_open_files;
+        // Counting /proc/self/fd costs a few ms with thousands open: only
+        // when `live` instances could be near the limit.
+        if 2 * ((live + 1) * limits::FDS_PER_INSTANCE + limits::FDS_RESERVED) < max {
+            return Ok(());
+        }
+        let open = shim_util::sys::open_fds()
+            .map_err(|e| ApiError(503, format!("cannot count this daemon's open files: {e}")))?
+            as u64;
+        if open + limits::FDS_PER_INSTANCE + limits::FDS_RESERVED > max {
+            return Err(ApiError(
+                503,
+                format!(
+                    "this shim has {open} of its {max} file descriptors open: another \
+                     instance would leave too few (raise the hard RLIMIT_NOFILE of the daemon, \
+                     e.g. LimitNOFILE= or ulimit -Hn)"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Reserves `name` with a placeholder; fails if it is taken or the
@@ -348,16 +422,11 @@ impl Daemon {
         };
         let image = PathBuf::from(&req.image);
         // Placeholder spec for the reservation; the real one comes from boot.
-        let ip = match ip {
-            Some(ip) => ip,
-            None => self.pick_ip(&self.instances()).ok_or_else(|| {
-                ApiError(409, "all 16 guest addresses of this shim are in use".into())
-            })?,
-        };
+        let ip = self.pick_ip(ip)?;
         let nic = Nic {
             mac: mac_for(ip),
             ip,
-            prefix: hostnet::USER_PREFIX,
+            prefix: self.config.guest_net.prefix(),
             gateway: Some(self.config.gateway()),
         };
         let mut placeholder = placeholder_spec(&req.name, req.mem);
@@ -506,6 +575,14 @@ impl Daemon {
         Ok(inst.info())
     }
 
+    /// Asks the `trim` thread to give the heap the allocator holds free back
+    /// to the operating system (after an instance stops or moves away: glibc
+    /// keeps freed memory mapped, so an idle daemon's RSS would otherwise keep
+    /// what its busiest moment needed). A trim already pending covers it.
+    pub fn trim_heap(&self) {
+        let _ = self.trim.try_send(());
+    }
+
     fn stop(&self, name: &str) -> Result<InstanceInfo, ApiError> {
         // A migration of it ends first (cancelled before its commit).
         self.migrations.cancel(name, Duration::from_secs(30));
@@ -535,9 +612,11 @@ impl Daemon {
             self.net.unpublish(spec);
         }
         let mut info = inst.info();
-        info.state = api::InstanceState::Stopped;
         drop(inst);
-        trim_heap();
+        // What the instance's threads allocated stays in the allocator's
+        // arenas otherwise (tens of MiB after a thousand instances).
+        self.trim_heap();
+        info.state = api::InstanceState::Stopped;
         Ok(info)
     }
 
@@ -832,13 +911,17 @@ impl Daemon {
     }
 
     fn info(&self) -> ShimInfo {
+        let (instances, used) = {
+            let instances = self.instances();
+            (instances.len(), self.used_ips(&instances))
+        };
         ShimInfo {
             name: self.config.name.clone(),
             region: self.config.region.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             gateway: self.config.gateway().to_string(),
             overlay: self.net.overlay_addr().map(|a| a.to_string()),
-            instances: self.instances().len(),
+            instances,
             max_image_bytes: self.images.as_ref().map(|i| i.max_bytes()),
             fingerprint: self
                 .config
@@ -847,6 +930,16 @@ impl Daemon {
                 .map(|s| s.identity.fingerprint.to_string()),
             overlay_rejected: self.net.overlay_rejected(),
             limits: Some(self.config.limits.clone()),
+            open_files: shim_util::sys::open_fds().unwrap_or(0) as u64,
+            addresses: self.config.pool().ok().map(|pool| {
+                let taken = used.range(pool.0..=pool.1).count();
+                api::AddressUse {
+                    guest_net: self.config.guest_net.to_string(),
+                    first: pool.0.to_string(),
+                    last: pool.1.to_string(),
+                    free: GuestNet::capacity(pool) - taken,
+                }
+            }),
         }
     }
 
@@ -1121,6 +1214,10 @@ pub fn serve(
             .spawn(move || overlay_to_pinned_peers(&d))
             .map_err(|e| Error::Config(e.to_string()))?;
     }
+    daemon
+        .config
+        .pool()
+        .map_err(|e| Error::Config(e.to_string()))?;
     ready(&daemon, &brought_back);
     http::serve(&daemon, listener, security);
     Ok(())

@@ -13,7 +13,7 @@ use vmm::snapshot::state::{GuestSpec, MachineState, NicSpec};
 use vmm::vstate::vm::Vm;
 
 use crate::instance::{InstanceConsole, LogRing, State};
-use crate::{trim_heap, ApiError, Daemon, Incoming};
+use crate::{ApiError, Daemon, Incoming};
 
 /// A guest restored from an incoming migration, not started.
 pub struct Prepared {
@@ -78,7 +78,7 @@ impl migration::Host for Daemon {
 
     fn moved_away(&self, name: &str, to: &str, to_overlay: Option<SocketAddr>, carried: usize) {
         Daemon::moved_away(self, name, to, to_overlay, carried);
-        trim_heap();
+        self.trim_heap();
     }
 
     fn reserve_incoming(&self, hello: &Hello) -> Result<Incoming, String> {

@@ -246,6 +246,7 @@ mod fields {
             ("Health", vec![json(health)]),
             ("ShimInfo", vec![json(ShimInfo::default())]),
             ("Limits", vec![json(Limits::default())]),
+            ("AddressUse", vec![json(api::AddressUse::default())]),
             ("ShimStats", vec![json(ShimStats::default())]),
             ("InstanceStats", states.iter().map(stats).collect()),
             ("NicStats", vec![json(NicStats::default())]),

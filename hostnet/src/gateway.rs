@@ -12,6 +12,14 @@
 //! them, so a stalled peer costs no CPU. Published UDP ports map each host
 //! peer to a gateway UDP port, for [`UDP_FLOW_IDLE`]. Every published port
 //! counts its requests, bytes and connections ([`super::traffic`]).
+//!
+//! The gateway owns its link layer ([`Link`]) rather than leaving it to
+//! smoltcp: the stack sees IP packets, and a guest's MAC is known from the
+//! moment its network card exists (every card the shim makes has
+//! [`mac_for`] its address; others are given with [`Gateway::neighbour`]).
+//! So the gateway never resolves an address: a fresh guest's first SYN
+//! goes out at once, and no cache entry expires or is evicted however many
+//! guests there are. It answers ARP requests for its own address.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
@@ -24,12 +32,15 @@ use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint};
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    HardwareAddress, IpAddress, IpCidr, IpEndpoint,
+};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::port::Frame;
 use super::traffic::PortTraffic;
-use super::{token, Proto};
+use super::{in_subnet, mac_for, token, Proto};
 
 /// Bytes buffered per direction of a proxied TCP connection.
 const TCP_BUFFER: usize = 64 * 1024;
@@ -108,9 +119,110 @@ enum Fate {
     Done,
 }
 
+/// Ethernet header length (no VLAN tag).
+const ETH_HEADER: usize = 14;
+/// Neighbours given with [`Gateway::neighbour`] (cards with a MAC that is
+/// not [`mac_for`] their address); more are refused.
+pub const NEIGHBOURS_MAX: usize = 65_536;
+
+/// The gateway's link layer: its addresses and its guests' MACs.
+struct Link {
+    mac: [u8; 6],
+    ip: Ipv4Addr,
+    prefix: u8,
+    /// Guests whose MAC is not [`mac_for`] their address.
+    neighbours: HashMap<Ipv4Addr, [u8; 6]>,
+}
+
+impl Link {
+    /// The MAC to send an IPv4 packet for `dst` to.
+    fn mac_of(&self, dst: Ipv4Addr) -> [u8; 6] {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0);
+        let subnet_broadcast = u32::from(dst) | mask == u32::MAX;
+        if dst.is_broadcast() || dst.is_multicast() || subnet_broadcast {
+            return [0xff; 6];
+        }
+        self.neighbours
+            .get(&dst)
+            .copied()
+            .unwrap_or_else(|| mac_for(dst))
+    }
+
+    /// A frame from the switch: `Some` if it carries an IPv4 packet for
+    /// the stack (after the Ethernet header); an ARP request for the
+    /// gateway's address is answered into `outbox`; anything else is
+    /// dropped.
+    fn ingress(&self, frame: &[u8], outbox: &mut Vec<Frame>) -> bool {
+        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+            return false;
+        };
+        let dst = eth.dst_addr().0;
+        if dst != self.mac && !super::switch::is_multicast(&dst) {
+            return false;
+        }
+        match eth.ethertype() {
+            EthernetProtocol::Ipv4 => true,
+            EthernetProtocol::Arp => {
+                if let Some(reply) = self.arp_reply(eth.payload()) {
+                    outbox.push(reply);
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// The reply to an ARP request for the gateway's address.
+    fn arp_reply(&self, payload: &[u8]) -> Option<Frame> {
+        let arp = ArpPacket::new_checked(payload).ok()?;
+        let ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Request,
+            source_hardware_addr,
+            source_protocol_addr,
+            target_protocol_addr,
+            ..
+        } = ArpRepr::parse(&arp).ok()?
+        else {
+            return None;
+        };
+        if target_protocol_addr != self.ip || !source_hardware_addr.is_unicast() {
+            return None;
+        }
+        let reply = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Reply,
+            source_hardware_addr: EthernetAddress(self.mac),
+            source_protocol_addr: self.ip,
+            target_hardware_addr: source_hardware_addr,
+            target_protocol_addr: source_protocol_addr,
+        };
+        let mut out = vec![0u8; ETH_HEADER + reply.buffer_len()];
+        let mut eth = EthernetFrame::new_unchecked(&mut out[..]);
+        eth.set_dst_addr(source_hardware_addr);
+        eth.set_src_addr(EthernetAddress(self.mac));
+        eth.set_ethertype(EthernetProtocol::Arp);
+        reply.emit(&mut ArpPacket::new_unchecked(eth.payload_mut()));
+        Some(out)
+    }
+
+    /// Frames an IPv4 packet the stack wrote after [`ETH_HEADER`] bytes.
+    fn frame(&self, frame: &mut [u8]) {
+        let dst = frame
+            .get(ETH_HEADER + 16..ETH_HEADER + 20)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map_or([0xff; 6], |b| self.mac_of(Ipv4Addr::from(b)));
+        let mut eth = EthernetFrame::new_unchecked(frame);
+        eth.set_dst_addr(EthernetAddress(dst));
+        eth.set_src_addr(EthernetAddress(self.mac));
+        eth.set_ethertype(EthernetProtocol::Ipv4);
+    }
+}
+
 /// The gateway: its interface, sockets and published ports.
 pub struct Gateway {
     iface: Interface,
+    link: Link,
     sockets: SocketSet<'static>,
     /// Frames switched to the gateway.
     pub inbox: VecDeque<Frame>,
@@ -127,27 +239,33 @@ pub struct Gateway {
     last_sweep: Instant,
 }
 
-/// The gateway's end of smoltcp's `phy::Device`: frames from the inbox,
-/// into the outbox.
+/// The gateway's end of smoltcp's `phy::Device`: IP packets from the
+/// inbox's frames, framed into the outbox (see [`Link`]).
 struct Phy<'a> {
     inbox: &'a mut VecDeque<Frame>,
     outbox: &'a mut Vec<Frame>,
+    link: &'a Link,
 }
 
+/// A frame whose IPv4 packet (after the Ethernet header) the stack reads.
 struct RxToken(Frame);
-struct TxToken<'a>(&'a mut Vec<Frame>);
+struct TxToken<'a> {
+    outbox: &'a mut Vec<Frame>,
+    link: &'a Link,
+}
 
 impl phy::RxToken for RxToken {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
+        f(&self.0[ETH_HEADER..])
     }
 }
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut frame = vec![0u8; len];
-        let r = f(&mut frame);
-        self.0.push(frame);
+        let mut frame = vec![0u8; ETH_HEADER + len];
+        let r = f(&mut frame[ETH_HEADER..]);
+        self.link.frame(&mut frame);
+        self.outbox.push(frame);
         r
     }
 }
@@ -163,18 +281,29 @@ impl phy::Device for Phy<'_> {
         Self: 'a;
 
     fn receive(&mut self, _: Instant) -> Option<(RxToken, TxToken<'_>)> {
-        let frame = self.inbox.pop_front()?;
-        Some((RxToken(frame), TxToken(self.outbox)))
+        loop {
+            let frame = self.inbox.pop_front()?;
+            if self.link.ingress(&frame, self.outbox) {
+                let tx = TxToken {
+                    outbox: self.outbox,
+                    link: self.link,
+                };
+                return Some((RxToken(frame), tx));
+            }
+        }
     }
 
     fn transmit(&mut self, _: Instant) -> Option<TxToken<'_>> {
-        Some(TxToken(self.outbox))
+        Some(TxToken {
+            outbox: self.outbox,
+            link: self.link,
+        })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ethernet;
-        caps.max_transmission_unit = 1514;
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = 1500;
         caps
     }
 }
@@ -192,13 +321,20 @@ impl Gateway {
         let now = Instant::now();
         let mut inbox = VecDeque::new();
         let mut outbox = Vec::new();
-        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+        let link = Link {
+            mac,
+            ip,
+            prefix,
+            neighbours: HashMap::new(),
+        };
+        let mut config = Config::new(HardwareAddress::Ip);
         config.random_seed = seed();
         let mut iface = Interface::new(
             config,
             &mut Phy {
                 inbox: &mut inbox,
                 outbox: &mut outbox,
+                link: &link,
             },
             now,
         );
@@ -207,6 +343,7 @@ impl Gateway {
         });
         let mut gw = Self {
             iface,
+            link,
             sockets: SocketSet::new(Vec::new()),
             inbox,
             outbox,
@@ -222,6 +359,30 @@ impl Gateway {
             gw.publish(p, socket, epoll)?;
         }
         Ok(gw)
+    }
+
+    /// Sends what is for `ip` to `mac` (a card whose MAC is not
+    /// [`mac_for`] its address); false if `ip` is outside the gateway's
+    /// subnet or [`NEIGHBOURS_MAX`] are known.
+    pub fn neighbour(&mut self, ip: Ipv4Addr, mac: [u8; 6]) -> bool {
+        let link = &mut self.link;
+        if !in_subnet(ip, link.ip, link.prefix) {
+            return false;
+        }
+        if mac == mac_for(ip) {
+            link.neighbours.remove(&ip);
+            return true;
+        }
+        if link.neighbours.len() >= NEIGHBOURS_MAX && !link.neighbours.contains_key(&ip) {
+            return false;
+        }
+        link.neighbours.insert(ip, mac);
+        true
+    }
+
+    /// The gateway's address.
+    pub fn ip(&self) -> Ipv4Addr {
+        self.link.ip
     }
 
     /// Starts forwarding a published port (its host socket is bound).
@@ -429,6 +590,7 @@ impl Gateway {
             &mut Phy {
                 inbox: &mut self.inbox,
                 outbox: &mut self.outbox,
+                link: &self.link,
             },
             &mut self.sockets,
         );
@@ -781,4 +943,99 @@ fn seed() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(std::process::id().into());
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        NetMode, Network, NetworkConfig, Nic, PublishSpec, USER_FIRST_GUEST, USER_GATEWAY,
+    };
+    use std::time::Instant as StdInstant;
+
+    /// Waits up to 5 s for `port` to receive a frame; returns them all.
+    fn frames_of(port: &crate::port::GuestPort) -> Vec<Frame> {
+        let give_up = StdInstant::now() + Duration::from_secs(5);
+        loop {
+            let got: Vec<Frame> = port.received().drain(..).collect();
+            if !got.is_empty() || StdInstant::now() > give_up {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn arp_request(from_mac: [u8; 6], from_ip: Ipv4Addr, target: Ipv4Addr) -> Frame {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&from_mac);
+        f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        f.extend_from_slice(&from_mac);
+        f.extend_from_slice(&from_ip.octets());
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&target.octets());
+        f
+    }
+
+    #[test]
+    fn the_first_syn_to_a_fresh_guest_goes_out_at_once_and_arp_for_the_gateway_wakes_no_guest() {
+        let host_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let own_mac = [0x02, 0, 0, 0, 0, 0x99];
+        let other_ip = Ipv4Addr::new(10, 0, 2, 16);
+        let config = NetworkConfig {
+            mode: NetMode::User,
+            publish: vec![PublishSpec {
+                host: SocketAddr::from((Ipv4Addr::LOCALHOST, host_port)),
+                guest_addr: None,
+                guest_port: 7,
+                proto: Proto::Tcp,
+            }],
+            nics: [(own_mac, USER_FIRST_GUEST), (mac_for(other_ip), other_ip)]
+                .map(|(mac, ip)| Nic {
+                    mac,
+                    ip,
+                    prefix: 24,
+                    gateway: Some(USER_GATEWAY),
+                })
+                .to_vec(),
+        };
+        let network = Network::start(&config).unwrap();
+        let (guest, other) = (network.port(0).unwrap(), network.port(1).unwrap());
+
+        // No guest ever answered ARP: the SYN still goes straight to the
+        // card's own MAC (given with its address), not an ARP broadcast.
+        let _client = TcpStream::connect(("127.0.0.1", host_port)).unwrap();
+        let frames = frames_of(&guest);
+        let first = frames.first().expect("a frame for the guest");
+        assert_eq!(first[..6], own_mac, "to the card's MAC: {first:02x?}");
+        assert_eq!(first[6..12], mac_for(USER_GATEWAY), "from the gateway");
+        assert_eq!(first[12..14], [0x08, 0x00], "IPv4, not ARP: {first:02x?}");
+        assert_eq!(first[23], 6, "TCP");
+        assert_eq!(first[14 + 20 + 13] & 0x02, 0x02, "a SYN");
+
+        // A guest asks who has the gateway's address: the gateway answers,
+        // and the request is not flooded to the other guests.
+        let mut ask = vec![arp_request(mac_for(other_ip), other_ip, USER_GATEWAY)];
+        other.send(&mut ask);
+        let reply = frames_of(&other);
+        let reply = reply.first().expect("an ARP reply");
+        assert_eq!(reply[..6], mac_for(other_ip));
+        assert_eq!(reply[12..14], [0x08, 0x06], "ARP");
+        assert_eq!(reply[20..22], [0, 2], "a reply");
+        assert_eq!(reply[22..28], mac_for(USER_GATEWAY), "the gateway's MAC");
+        assert_eq!(reply[28..32], USER_GATEWAY.octets());
+        std::thread::sleep(Duration::from_millis(100));
+        let leaked: Vec<Frame> = guest
+            .received()
+            .drain(..)
+            .filter(|f| f[12..14] == [0x08, 0x06])
+            .collect();
+        assert!(
+            leaked.is_empty(),
+            "ARP flooded to another guest: {leaked:02x?}"
+        );
+    }
 }

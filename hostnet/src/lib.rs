@@ -37,6 +37,7 @@ mod error;
 pub mod gateway;
 pub mod overlay;
 pub mod overlay_crypto;
+pub mod pool;
 pub mod port;
 pub mod switch;
 mod sys;
@@ -241,6 +242,7 @@ impl Network {
             USER_PREFIX,
             published,
             None,
+            &config.nics,
         )?;
         *lock(&net.traffic) = traffic;
         for nic in &config.nics {
@@ -264,6 +266,7 @@ impl Network {
             USER_PREFIX,
             published,
             None,
+            &config.nics,
         )?;
         *lock(&net.traffic) = traffic;
         Ok(net)
@@ -279,6 +282,7 @@ impl Network {
             config.prefix,
             Vec::new(),
             config.overlay.as_ref(),
+            &[],
         )
     }
 
@@ -289,6 +293,7 @@ impl Network {
         prefix: u8,
         published: Vec<(Published, HostSocketKind)>,
         overlay: Option<&overlay::OverlayConfig>,
+        nics: &[Nic],
     ) -> Result<Self, NetError> {
         let epoll = Epoll::new().map_err(setup("epoll"))?;
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(setup("eventfd"))?);
@@ -306,10 +311,17 @@ impl Network {
                 .map_err(setup("epoll"))?;
         }
         let gateway = match mode {
-            NetMode::User => Some(
-                Gateway::new(mac_for(gateway_ip), gateway_ip, prefix, published, &epoll)
-                    .map_err(setup("the gateway"))?,
-            ),
+            NetMode::User => {
+                let mut gw =
+                    Gateway::new(mac_for(gateway_ip), gateway_ip, prefix, published, &epoll)
+                        .map_err(setup("the gateway"))?;
+                // Cards with a MAC of their own (`--mac`); the others'
+                // the gateway knows from their address.
+                for nic in nics {
+                    gw.neighbour(nic.ip, nic.mac);
+                }
+                Some(gw)
+            }
             _ => None,
         };
         if let Some(tap) = &tap {
@@ -637,8 +649,11 @@ impl Engine {
         }
     }
 
+    /// The port of the gateway or the TAP device: they take the first
+    /// ports, made with the engine, so the thousands of guest ports after
+    /// them are not looked at (this runs on every round).
     fn slot_of(&self, want: fn(&Slot) -> bool) -> Option<PortId> {
-        self.slots.iter().position(want)
+        self.slots.iter().take(2).position(want)
     }
 
     fn add_slot(&mut self, slot: Slot) -> PortId {
@@ -909,6 +924,7 @@ impl Engine {
             return false;
         }
         let mut dropped = 0;
+        let gateway_slot = self.slot_of(|s| matches!(s, Slot::Gateway));
         for frame in self.incoming.drain(..) {
             if frame.len() > MAX_FRAME {
                 tracing::debug!("port {from}: frame of {} bytes dropped", frame.len());
@@ -943,6 +959,14 @@ impl Engine {
                             continue;
                         }
                     }
+                    // Who has the gateway's address: only the gateway
+                    // answers, so the other guests are not woken for it.
+                    if let (Some(gw), Some(to)) = (&self.gateway, gateway_slot) {
+                        if to != from && arp_request_for(&frame) == Some(gw.ip()) {
+                            dropped += push_bounded(&mut self.outboxes[to], frame);
+                            continue;
+                        }
+                    }
                     for (to, slot) in self.slots.iter().enumerate() {
                         let skip = matches!(slot, Slot::Free)
                             || (from_peer && matches!(slot, Slot::Peer(_)));
@@ -969,6 +993,18 @@ impl Engine {
             "switch: {n} frames dropped, {why} ({total} so far)"
         );
     }
+}
+
+/// The address an ARP request (Ethernet, IPv4) asks for.
+fn arp_request_for(frame: &[u8]) -> Option<Ipv4Addr> {
+    // Ethertype 0x0806; hardware 1 (Ethernet), protocol 0x0800, lengths
+    // 6 and 4, operation 1 (request); the target address at 38..42.
+    const ARP_REQUEST: [u8; 10] = [0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1];
+    if frame.get(12..22)? != ARP_REQUEST {
+        return None;
+    }
+    let target: [u8; 4] = frame.get(38..42)?.try_into().ok()?;
+    Some(Ipv4Addr::from(target))
 }
 
 fn flood_budget() -> TokenBucket {

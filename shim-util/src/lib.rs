@@ -6,7 +6,7 @@
 //!   written;
 //! - [`files`]: private directories and files, atomic writes and reads
 //!   capped at a size limit;
-//! - [`sys`]: the process's effective user.
+//! - [`sys`]: the process's effective user, fd limit and free heap.
 //!
 //! It depends on no other crate of the workspace.
 

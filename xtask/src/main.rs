@@ -303,6 +303,25 @@ enum BenchCmd {
         #[arg(long, default_value_t = 200)]
         events: usize,
     },
+    /// Density: many idle kv instances (16 MiB each, each on its own published port) in one
+    /// daemon, and kv guests under QEMU microvm side by side.
+    ///
+    /// Prints a markdown table: launch time (total, p50/p99), launch to first PONG, host
+    /// memory per instance (daemon RSS growth and MemAvailable drop), idle CPU over 10 s
+    /// (daemon, whole host, VM exits), one instance's PING p50 alone vs among the others,
+    /// stop time, and the daemon's threads, fds, listening sockets and RSS before, while
+    /// running and after every instance stopped. Fails unless they came back.
+    Density {
+        /// kv instances in the daemon.
+        #[arg(long, default_value_t = 1000)]
+        instances: usize,
+        /// kv guests under QEMU microvm (TCG), one process each; 0: none.
+        #[arg(long, default_value_t = 20)]
+        qemu: usize,
+        /// Guest memory of each instance, MiB.
+        #[arg(long, default_value_t = 16)]
+        mem_mib: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -388,6 +407,18 @@ fn dispatch(ws: &Workspace, command: Cmd) -> Result<()> {
                 apps,
                 runs,
                 events,
+            },
+        ),
+        Cmd::Bench(BenchCmd::Density {
+            instances,
+            qemu,
+            mem_mib,
+        }) => bench::density::run(
+            ws,
+            &bench::density::DensityOptions {
+                instances,
+                qemu,
+                mem_mib,
             },
         ),
         Cmd::Soak(a) => soak::run(

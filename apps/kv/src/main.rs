@@ -30,6 +30,8 @@ extern crate alloc;
 
 use alloc::rc::Rc;
 use core::cell::{Cell, RefCell};
+use core::future::Future;
+use core::task::{Poll, Waker};
 use kv_core::checkpoint::{self, Checkpoints, KvDelta, KvState};
 use kv_core::resp::{Parser, ProtocolError};
 use kv_core::{commands, Flow, Platform, Server};
@@ -189,8 +191,8 @@ const READ_BUFFER: usize = 16 * 1024;
 /// Replies are sent once a read's worth of commands has run, or earlier
 /// when this much has piled up (large values, long pipelines).
 const FLUSH_AT: usize = 64 * 1024;
-/// The background expiry task's period, and its work per run.
-const EXPIRE_PERIOD_MS: u64 = 100;
+/// The expiry task's work per run: it runs again at once (after other
+/// tasks had a turn) while batches come back full.
 const EXPIRE_BATCH: usize = 1000;
 
 #[libcloud::main]
@@ -232,25 +234,83 @@ async fn main() -> Result<(), libcloud::net::Error> {
         server.borrow_mut().store.stop_tracking();
     }
     libcloud::state::checkpoint_on_request_incremental(ack.checkpoints.clone());
-    libcloud::task::spawn(expire_task(server.clone()));
+    let expiry = Rc::new(ExpiryTimer::default());
+    libcloud::task::spawn(expire_task(server.clone(), expiry.clone()));
     libcloud::net::serve_tcp(stack, port, MAX_CLIENTS, async move |socket| {
-        serve(socket, &server, &ack).await;
+        serve(socket, &server, &ack, &expiry).await;
     });
     println!("kv: listening on port {port}");
     core::future::pending().await
 }
 
-/// Removes expired keys a batch at a time: every [`EXPIRE_PERIOD_MS`], or
-/// at once again while batches come back full.
-async fn expire_task(server: Rc<RefCell<Server>>) {
+/// When the expiry task runs next: it sleeps until the earliest key
+/// deadline, or until woken when no key has one, so an idle kv without
+/// volatile keys never wakes (and costs the host no VM exit).
+#[derive(Default)]
+struct ExpiryTimer {
+    /// The deadline the task sleeps until; `None` while it runs, or
+    /// sleeps with no deadline.
+    until: Cell<Option<kv_core::Instant>>,
+    /// The sleeping task, woken by [`Self::deadline_changed`].
+    waker: RefCell<Option<Waker>>,
+}
+
+impl ExpiryTimer {
+    /// After commands ran: wakes the task if the store's earliest
+    /// deadline (`next`) comes before the one it sleeps until.
+    fn deadline_changed(&self, next: Option<kv_core::Instant>) {
+        let Some(next) = next else {
+            return; // nothing to expire; a stale wake-up is harmless
+        };
+        if self.until.get().is_some_and(|until| until <= next) {
+            return;
+        }
+        if let Some(waker) = self.waker.borrow_mut().take() {
+            self.until.set(None);
+            waker.wake();
+        }
+    }
+
+    /// Sleeps until `deadline` (measured on `server`'s clock), forever if
+    /// `None`, or until [`Self::deadline_changed`] wakes it.
+    async fn sleep(&self, server: &RefCell<Server>, deadline: Option<kv_core::Instant>) {
+        let wait = deadline.map(|at| at.duration_since(server.borrow().now()));
+        let mut timer = core::pin::pin!(async {
+            match wait {
+                Some(d) => libcloud::time::sleep_async(d).await,
+                None => core::future::pending().await,
+            }
+        });
+        self.until.set(deadline);
+        let mut registered = false;
+        core::future::poll_fn(|cx| {
+            if registered && self.waker.borrow().is_none() {
+                return Poll::Ready(()); // woken for an earlier deadline
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            *self.waker.borrow_mut() = Some(cx.waker().clone());
+            registered = true;
+            Poll::Pending
+        })
+        .await;
+        self.waker.borrow_mut().take();
+        self.until.set(None);
+    }
+}
+
+/// Removes expired keys a batch at a time, when the earliest deadline
+/// passes, and at once again while batches come back full.
+async fn expire_task(server: Rc<RefCell<Server>>, timer: Rc<ExpiryTimer>) {
     loop {
         let removed = commands::expire_cycle(&mut server.borrow_mut(), EXPIRE_BATCH);
-        let pause = if removed == EXPIRE_BATCH {
-            1
-        } else {
-            EXPIRE_PERIOD_MS
-        };
-        libcloud::time::sleep_async(Duration::from_millis(pause)).await;
+        if removed == EXPIRE_BATCH {
+            libcloud::task::yield_now().await;
+            continue;
+        }
+        let next = server.borrow().store.next_deadline();
+        timer.sleep(&server, next).await;
     }
 }
 
@@ -271,7 +331,12 @@ impl Drop for Registration<'_> {
 
 /// Serves one connection: reads, runs every complete command read, and
 /// sends their replies in one write per read.
-async fn serve(socket: &mut TcpSocket<'_>, server: &RefCell<Server>, ack: &AckAfterCheckpoint) {
+async fn serve(
+    socket: &mut TcpSocket<'_>,
+    server: &RefCell<Server>,
+    ack: &AckAfterCheckpoint,
+    expiry: &ExpiryTimer,
+) {
     // Replies go out as soon as they are written (Redis sets TCP_NODELAY).
     socket.set_nagle_enabled(false);
     let addr = socket
@@ -311,6 +376,7 @@ async fn serve(socket: &mut TcpSocket<'_>, server: &RefCell<Server>, ack: &AckAf
                 Some(command) => {
                     // The borrow ends with the statement, before any await.
                     let flow = commands::execute(&mut server.borrow_mut(), id, command, &mut out);
+                    expiry.deadline_changed(server.borrow().store.next_deadline());
                     if flow == Flow::Close {
                         close = true;
                         break;

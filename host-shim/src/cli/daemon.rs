@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
 use daemon::restart_records::BroughtBack;
 use daemon::{limits, DaemonConfig};
@@ -20,10 +21,13 @@ own vCPU thread, all on the shim's virtual switch) and is driven over an
 HTTP/1.1 JSON API on --listen (endpoints: see the `daemon` crate;
 the subcommands list, run, stop, logs, snapshot, restore, migrate use it).
 
-Addresses: shim N (--shim-id N, 1..14) has gateway 10.0.2.(N+1) and gives
-its guests 10.0.2.(16N) to 10.0.2.(16N+15), so shims with distinct ids can
-share one overlay and guests keep their address when they move. Give every
-shim of a fleet its own id.
+Addresses: gateways and guests share --guest-net (default 10.0.0.0/16).
+Shim N (--shim-id N, 1..14) has gateway 10.0.0.(N+1) and gives each new
+instance the lowest free address of its pool: the whole subnet past the
+first 1,024 addresses, or on an overlay its own block of 1,024 (shim 1:
+10.0.4.0-10.0.7.255), so shims with distinct ids can share one overlay and
+guests keep their address when they move. Give every shim of a fleet its
+own id and the same --guest-net.
 
 Security: with an identity (`host-shim init`; found in --dir, or in the
 default directory when --listen is not given) the API and the migration
@@ -125,6 +129,13 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub(crate) shim_id: Option<u8>,
 
+    /// The subnet of this shim's gateway and guests, shared by every shim
+    /// of an overlay. Without an overlay a shim hands out all of it past
+    /// the gateways' first 1,024 addresses; on an overlay, shim N its Nth
+    /// block of 1,024.
+    #[arg(long, value_name = "CIDR", default_value_t = hostnet::pool::DEFAULT_GUEST_NET)]
+    pub(crate) guest_net: hostnet::pool::GuestNet,
+
     /// Shim-level published port, to a guest address:
     /// [HOST_ADDR:]HOST_PORT:[GUEST_ADDR:]GUEST_PORT (the guest defaults to
     /// the first address of this shim). Usually ports belong to instances:
@@ -189,8 +200,8 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub(crate) handshake_timeout: Duration,
 
-    /// Instances at once (running or starting) [default: host memory / 64
-    /// MiB, 1 to 256].
+    /// Instances at once (running or starting) [default: host memory / 4
+    /// MiB, 1 to 4096].
     #[arg(long, value_name = "N")]
     pub(crate) max_instances: Option<usize>,
 
@@ -269,6 +280,10 @@ impl ServeArgs {
                 })
             }),
             max_publish: self.max_publish,
+            // The soft limit raised to the hard one: a thousand guests
+            // need several thousand.
+            max_open_files: shim_util::sys::raise_fd_limit()
+                .context("raising the open files limit (RLIMIT_NOFILE)")?,
             allow_privileged_ports: self.allow_privileged_ports,
         })
     }
@@ -467,6 +482,7 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
                 .shim_id
                 .or(host.as_ref().map(|h| h.shim_id))
                 .unwrap_or(1),
+            guest_net: args.guest_net,
             publish: args.publish,
             kvm_device: args.kvm_device,
             overlay,
@@ -517,6 +533,8 @@ fn print_banner(daemon: &daemon::Daemon, brought_back: &[BroughtBack]) {
             Err(why) => eprintln!("host-shim serve: cannot bring back {}: {why}", b.name),
         }
     }
+    // `daemon::serve` checked the pool before it called us.
+    let (first, last) = daemon.config.pool().expect("a checked guest pool");
     eprintln!(
         "host-shim serve: shim '{}' (region {}) listening on {}{}; gateway {}, guests {}..{}{}",
         daemon.config.name,
@@ -532,8 +550,8 @@ fn print_banner(daemon: &daemon::Daemon, brought_back: &[BroughtBack]) {
             .map(|s| format!(", fingerprint {}", s.identity.fingerprint))
             .unwrap_or_default(),
         daemon.config.gateway(),
-        daemon.config.guest_range().next().expect("range"),
-        daemon.config.guest_range().last().expect("range"),
+        first,
+        last,
         daemon
             .net
             .overlay_addr()

@@ -2,6 +2,7 @@
 //!
 //! - [`boot`]: boot time and memory, our shim vs QEMU microvm.
 //! - [`net`]: redis-benchmark against the kv unikernel vs native redis-server, and bulk TCP.
+//! - [`density`]: many idle kv instances in one daemon vs QEMU microvm guests.
 //! - [`checkpoint`]: app checkpoints of the kv unikernel: size, time, restore vs plain boot.
 //! - [`control_plane`]: the fleet's control plane at scale on etcd and on the file store.
 //! - [`migrate`]: live migration of the kv app between two shim daemons, under load.
@@ -12,6 +13,7 @@
 pub mod boot;
 pub mod checkpoint;
 pub mod control_plane;
+pub mod density;
 pub mod deploy;
 pub mod fleet;
 pub mod migrate;

@@ -162,7 +162,7 @@ fn redis_benchmark(port: u16, load: Load, requests: u64) -> Result<(Figures, Fig
 }
 
 /// utime + stime of process `pid` (all its threads), seconds.
-fn cpu_seconds(pid: u32) -> Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     // The fields after the command name, which is in parentheses.

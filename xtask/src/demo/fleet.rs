@@ -37,8 +37,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use api::{Client, InstanceState, MigrateRequest, MigrationReport, RunRequest};
 
-/// The kv app's address: the first of shim 1's range.
-pub const APP_IP: &str = "10.0.2.16";
+/// The kv app's address: one of shim 1's block of the default guest network.
+pub const APP_IP: &str = "10.0.4.16";
 /// The instance name.
 pub const APP: &str = "kv";
 

@@ -238,6 +238,12 @@ impl Store {
         self.expiries.len()
     }
 
+    /// The earliest deadline of any key (passed or not), if any key has
+    /// one: when [`expire_due`](Self::expire_due) next has work.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.expiries.first().map(|(at, _)| *at)
+    }
+
     /// Removes `key` if its deadline has passed.
     fn expire_if_due(&mut self, key: &[u8], now: Instant) {
         if self.expiries.is_empty() {

@@ -19,17 +19,29 @@ fn keys(store: &Store, pattern: &[u8]) -> Vec<Vec<u8>> {
 #[test]
 fn deadlines_are_exact_and_the_expiry_index_follows_every_change() {
     let mut s = Store::new();
+    assert_eq!(
+        s.next_deadline(),
+        None,
+        "nothing to expire: sleep until a command"
+    );
     s.set(b"a".to_vec(), b"1".to_vec(), Some(at(100)));
     s.set(b"b".to_vec(), b"2".to_vec(), Some(at(200)));
     s.set(b"c".to_vec(), b"3".to_vec(), None);
     assert_eq!(s.volatile_len(), 2);
+    assert_eq!(s.next_deadline(), Some(at(100)));
     // Moving a deadline leaves one index entry, at the new deadline.
     assert!(s.set_expiry(b"a", Some(at(300)), at(0)));
     assert!(s.set_expiry(b"c", Some(at(150)), at(0)));
     assert!(s.set_expiry(b"b", None, at(0)));
     assert_eq!(s.volatile_len(), 2);
+    assert_eq!(
+        s.next_deadline(),
+        Some(at(150)),
+        "the earliest moved deadline"
+    );
     assert_eq!(s.expire_due(at(149), usize::MAX), 0);
     assert_eq!(s.expire_due(at(150), usize::MAX), 1);
+    assert_eq!(s.next_deadline(), Some(at(300)));
     assert!(s.get(b"c", at(150)).is_none());
     assert!(s.get(b"b", at(10_000)).is_some(), "b persists");
     assert!(s.get(b"a", at(299)).is_some());
@@ -42,6 +54,7 @@ fn deadlines_are_exact_and_the_expiry_index_follows_every_change() {
     s.set(b"d".to_vec(), b"5".to_vec(), None);
     assert_eq!(s.volatile_len(), 0);
     assert_eq!(s.expire_due(at(10_000), usize::MAX), 0);
+    assert_eq!(s.next_deadline(), None);
     assert_eq!(s.len(), 2);
 }
 
