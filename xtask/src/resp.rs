@@ -7,6 +7,42 @@ use std::io::{BufRead, ErrorKind};
 use anyhow::{anyhow, bail, Result};
 use kv_core::resp::{self, Reply};
 
+/// A RESP client on one keep-alive connection to `127.0.0.1:PORT` (replies
+/// within 10 s, no Nagle delay).
+pub struct Conn {
+    r: std::io::BufReader<std::net::TcpStream>,
+    w: std::net::TcpStream,
+}
+
+impl Conn {
+    pub fn connect(port: u16) -> Result<Self> {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        s.set_nodelay(true)?;
+        Ok(Self {
+            r: std::io::BufReader::new(s.try_clone()?),
+            w: s,
+        })
+    }
+
+    /// Sends one command without waiting for its reply (pipelining).
+    pub fn send(&mut self, args: &[&str]) -> Result<()> {
+        use std::io::Write;
+        Ok(self.w.write_all(&encode(args))?)
+    }
+
+    /// The next reply.
+    pub fn reply(&mut self) -> Result<String> {
+        reply(&mut self.r)
+    }
+
+    /// One command and its reply.
+    pub fn cmd(&mut self, args: &[&str]) -> Result<String> {
+        self.send(args)?;
+        self.reply()
+    }
+}
+
 /// The RESP encoding of a command.
 pub fn encode(args: &[&str]) -> Vec<u8> {
     let mut b = Vec::new();

@@ -19,8 +19,6 @@
 //! Prints a markdown table for the README.
 
 use std::collections::HashSet;
-use std::io::{BufReader, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::thread;
@@ -29,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::image::{self, Profile};
-use crate::resp;
+use crate::resp::Conn as Kv;
 use crate::workspace::Workspace;
 
 use api::{Client, InstanceInfo, PublishSpec, RunRequest};
@@ -144,28 +142,8 @@ fn host_ticks() -> Result<(u64, u64)> {
     Ok((total - idle, total))
 }
 
-/// A kv connection.
-struct Kv {
-    r: BufReader<TcpStream>,
-    w: TcpStream,
-}
-
+/// kv, over a RESP connection.
 impl Kv {
-    fn connect(port: u16) -> Result<Self> {
-        let s = TcpStream::connect(("127.0.0.1", port))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.set_nodelay(true)?;
-        Ok(Self {
-            r: BufReader::new(s.try_clone()?),
-            w: s,
-        })
-    }
-
-    fn cmd(&mut self, args: &[&str]) -> Result<String> {
-        self.w.write_all(&resp::encode(args))?;
-        resp::reply(&mut self.r)
-    }
-
     /// Connects and `PING`s until `PONG` (the guest may be booting).
     fn when_up(port: u16, within: Duration) -> Result<Self> {
         let give_up = Instant::now() + within;

@@ -10,8 +10,7 @@
 //! the longest gap between two replies the client saw around it is computed from the reply
 //! timestamps. At the end the keys must be intact and the client must have seen no error.
 
-use std::io::{BufReader, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +25,7 @@ use crate::image::{self, Profile};
 use crate::workspace::Workspace;
 
 use super::{free_port, require};
+use crate::resp::Conn as Redis;
 
 /// Keys loaded before the migrations.
 pub(crate) const KEYS: usize = 10_000;
@@ -281,36 +281,8 @@ fn load_keys(port: u16) -> Result<()> {
     Ok(())
 }
 
-/// A minimal RESP client on one keep-alive connection.
-struct Redis {
-    r: BufReader<TcpStream>,
-    w: TcpStream,
-}
-
+/// kv's keys, checked over a RESP connection.
 impl Redis {
-    fn connect(port: u16) -> Result<Self> {
-        let s = TcpStream::connect(("127.0.0.1", port))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.set_nodelay(true)?;
-        Ok(Self {
-            r: BufReader::new(s.try_clone()?),
-            w: s,
-        })
-    }
-
-    fn send(&mut self, args: &[&str]) -> Result<()> {
-        Ok(self.w.write_all(&crate::resp::encode(args))?)
-    }
-
-    fn reply(&mut self) -> Result<String> {
-        crate::resp::reply(&mut self.r)
-    }
-
-    fn cmd(&mut self, args: &[&str]) -> Result<String> {
-        self.send(args)?;
-        self.reply()
-    }
-
     /// Checks that the [`KEYS`] keys hold their values (pipelined GETs).
     fn check_keys(&mut self) -> Result<()> {
         for chunk in (0..KEYS).collect::<Vec<_>>().chunks(500) {
