@@ -32,7 +32,9 @@ fn calls_without_the_token_or_to_the_wrong_certificate_are_refused() {
         .output_once_it_says(&fp)
         .contains(&format!("https://{}", a.addr)));
 
-    // curl: no token, a wrong token, the right one.
+    // curl: no token, a wrong token, the right one; health needs none
+    // (load balancers and the fleet probe it).
+    assert_eq!(curl_status(&a, "/v1/health", &[]), "200");
     assert_eq!(curl_status(&a, "/v1/instances", &[]), "401");
     assert_eq!(
         curl_status(&a, "/v1/instances", &["Authorization: Bearer not-it"]),
