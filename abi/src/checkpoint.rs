@@ -43,6 +43,12 @@
 //! by its own header) and waits for one byte back: [`PORT_STORED`] once
 //! the host has stored it durably, else [`PORT_REFUSED`] — the same meaning
 //! as the hypercall's `CHECKPOINT_STORED` / `CHECKPOINT_REFUSED`.
+//!
+//! Under QEMU the guest sends each blob in windows of [`PORT_WINDOW`]
+//! bytes and, after every window but the blob's last, waits for
+//! [`PORT_CREDIT`]: QEMU's `virtconsole` silently drops whatever its
+//! (non-blocking) host socket cannot take at once, so at most one window may
+//! be in flight. The vsock port has flow control of its own and no credits.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -54,6 +60,12 @@ pub const VSOCK_PORT: u32 = 5200;
 pub const PORT_STORED: u8 = b'+';
 /// Checkpoint port: the host did not store the blob (see `CHECKPOINT_REFUSED`).
 pub const PORT_REFUSED: u8 = b'-';
+/// Checkpoint port (QEMU): the host took the last window of a blob; the
+/// guest may send the next one.
+pub const PORT_CREDIT: u8 = b'>';
+/// Checkpoint port (QEMU): bytes of a blob the guest sends before it waits
+/// for [`PORT_CREDIT`] (well under a host socket's default send buffer).
+pub const PORT_WINDOW: usize = 64 << 10;
 
 /// Leading bytes of every full checkpoint.
 pub const MAGIC: &[u8; 8] = b"LCCKPT01";

@@ -151,14 +151,13 @@ fn kill_9(mut shim: Shim) {
 }
 
 fn kv_args<'a>(img: &'a Path, port: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    // Long enough for QEMU TCG on a loaded 2-core host, where a restored kv
-    // checkpointing every 300 ms (of a guest clock that runs fast under TCG)
-    // answers slowly: the run is stopped by the test well before this.
+    // Long enough for QEMU TCG on a loaded 2-core host: the run is stopped
+    // by the test well before this.
     let mut a = vec![
         "run",
         img.to_str().unwrap(),
         "--timeout",
-        "180",
+        "60",
         "--publish",
         port,
     ];

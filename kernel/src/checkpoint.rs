@@ -10,6 +10,7 @@
 //! is written to it and acknowledged by the host once stored.
 
 use abi::boot::{BootInfo, Platform};
+use abi::checkpoint::{PORT_CREDIT, PORT_WINDOW};
 use abi::hypercall::{
     CheckpointWrite, CHECKPOINT_PENDING, CHECKPOINT_REFUSED, CHECKPOINT_STORED, HC_CHECKPOINT,
 };
@@ -31,8 +32,6 @@ static RESTORE: spin::Once<Option<&'static [u8]>> = spin::Once::new();
 static SEEN_REQUESTS: AtomicU64 = AtomicU64::new(0);
 /// The checkpoint port, on PVH monitors that have one.
 static PORT: spin::Mutex<Option<Port>> = spin::Mutex::new(None);
-/// Bytes per write to the checkpoint port.
-const PORT_CHUNK: usize = 64 << 10;
 /// Bytes per vsock packet (Firecracker takes up to 64 KiB).
 const VSOCK_CHUNK: usize = 32 << 10;
 /// Receive buffer of the vsock connection (the host's credit).
@@ -56,11 +55,27 @@ const HOST: VsockAddr = VsockAddr {
 };
 
 impl Port {
-    fn send_all(&mut self, bytes: &[u8]) -> Result<(), virtio_drivers::Error> {
+    /// Sends one blob and returns the host's answer to it (under QEMU one
+    /// window at a time, waiting for the host's credit after each but the
+    /// last: see `abi::checkpoint`).
+    fn send_blob(&mut self, blob: &[u8]) -> Result<u8, virtio_drivers::Error> {
         match self {
-            Port::Console(c) => bytes.chunks(PORT_CHUNK).try_for_each(|b| c.send_bytes(b)),
+            Port::Console(_) => {
+                let windows = blob.len().div_ceil(PORT_WINDOW);
+                for (i, window) in blob.chunks(PORT_WINDOW).enumerate() {
+                    if let Port::Console(c) = self {
+                        c.send_bytes(window)?;
+                    }
+                    if i + 1 < windows {
+                        let credit = self.read_byte()?;
+                        if credit != PORT_CREDIT {
+                            return Ok(credit); // refused before the end
+                        }
+                    }
+                }
+            }
             Port::Vsock(v) => {
-                for chunk in bytes.chunks(VSOCK_CHUNK) {
+                for chunk in blob.chunks(VSOCK_CHUNK) {
                     loop {
                         match v.send(HOST, VSOCK_LOCAL_PORT, chunk) {
                             Ok(()) => break,
@@ -72,9 +87,15 @@ impl Port {
                         }
                     }
                 }
-                Ok(())
             }
         }
+        self.read_byte()
+    }
+
+    fn read_byte(&mut self) -> Result<u8, virtio_drivers::Error> {
+        let mut byte = [0u8];
+        self.read_exact(&mut byte)?;
+        Ok(byte[0])
     }
 
     /// Fills `buf`, polling.
@@ -283,14 +304,10 @@ fn save_to_port(blob: &[u8]) -> Saved {
         log::warn!("no checkpoint port: this monitor stores no checkpoints");
         return Saved::Refused;
     };
-    let mut answer = [0u8];
-    let sent = port
-        .send_all(blob)
-        .and_then(|()| port.read_exact(&mut answer));
-    match (sent, answer[0]) {
-        (Ok(()), abi::checkpoint::PORT_STORED) => Saved::Stored,
-        (Ok(()), _) => Saved::Refused,
-        (Err(e), _) => {
+    match port.send_blob(blob) {
+        Ok(abi::checkpoint::PORT_STORED) => Saved::Stored,
+        Ok(_) => Saved::Refused,
+        Err(e) => {
             log::warn!("checkpoint port: {e}");
             Saved::Refused
         }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use abi::checkpoint::{CheckpointError, PORT_REFUSED, PORT_STORED};
+use abi::checkpoint::{CheckpointError, PORT_CREDIT, PORT_REFUSED, PORT_STORED, PORT_WINDOW};
 
 use crate::checkpoint::{Chain, DirSink};
 use crate::error::Error;
@@ -50,12 +50,22 @@ impl CheckpointPort {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_file(&path);
-        Self::listen_at(path, restore, dir)
+        Self::bind(path, restore, dir, Window::Credits)
     }
 
     /// As [`Self::listen`], on the socket `path` (Firecracker connects to
-    /// `UDS_PATH_PORT` when the guest connects to vsock port `PORT`).
+    /// `UDS_PATH_PORT` when the guest connects to vsock port `PORT`; vsock
+    /// has flow control of its own: no credits).
     pub fn listen_at(path: PathBuf, restore: Vec<u8>, dir: Option<PathBuf>) -> Result<Self, Error> {
+        Self::bind(path, restore, dir, Window::None)
+    }
+
+    fn bind(
+        path: PathBuf,
+        restore: Vec<u8>,
+        dir: Option<PathBuf>,
+        window: Window,
+    ) -> Result<Self, Error> {
         let listener = UnixListener::bind(&path)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|e| {
@@ -78,7 +88,7 @@ impl CheckpointPort {
                 let _ = std::fs::remove_file(&socket);
                 now_connected.store(true, Ordering::Release);
                 let sinks = dir.map(DirSink::new).into_iter().collect();
-                if let Err(e) = serve(stream, &restore, sinks) {
+                if let Err(e) = serve(stream, &restore, sinks, window) {
                     tracing::warn!("checkpoint port: {e}");
                 }
             })
@@ -131,15 +141,32 @@ fn accept(listener: &UnixListener, stop: &AtomicBool) -> Option<UnixStream> {
     }
 }
 
-/// Sends `restore`, then stores and acknowledges blobs until QEMU closes
-/// its end.
-fn serve(mut stream: impl Read + Write, restore: &[u8], mut sinks: Vec<DirSink>) -> io::Result<()> {
+/// Whether the guest waits for a [`PORT_CREDIT`] after each
+/// [`PORT_WINDOW`] of a blob (QEMU's virtconsole, which drops what its
+/// socket cannot take at once) or not (vsock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Window {
+    Credits,
+    None,
+}
+
+/// Sends `restore`, then stores and acknowledges blobs (and, with
+/// [`Window::Credits`], grants a credit for every whole window of the blob
+/// under way) until the monitor closes its end.
+fn serve(
+    mut stream: impl Read + Write,
+    restore: &[u8],
+    mut sinks: Vec<DirSink>,
+    window: Window,
+) -> io::Result<()> {
     stream.write_all(&(restore.len() as u64).to_le_bytes())?;
     stream.write_all(restore)?;
     stream.flush()?;
     let mut chain = Chain::default();
     let mut pending = Vec::new();
     let mut buf = vec![0u8; 256 << 10];
+    // Windows of the blob in `pending` the guest has a credit for.
+    let mut credited = 0;
     loop {
         let n = stream.read(&mut buf)?;
         if n == 0 {
@@ -148,6 +175,15 @@ fn serve(mut stream: impl Read + Write, restore: &[u8], mut sinks: Vec<DirSink>)
         pending.extend_from_slice(&buf[..n]);
         while let Some(answer) = next_blob(&mut pending, &mut chain, &mut sinks) {
             stream.write_all(&[answer])?;
+            credited = 0;
+        }
+        if window == Window::Credits {
+            // `pending` holds only the start of a blob now.
+            let whole = pending.len() / PORT_WINDOW;
+            if whole > credited {
+                stream.write_all(&vec![PORT_CREDIT; whole - credited])?;
+                credited = whole;
+            }
         }
     }
 }
@@ -231,7 +267,13 @@ mod tests {
             input: io::Cursor::new([&base[..], &d1, &d3].concat()),
             output: Vec::new(),
         };
-        serve(&mut guest, b"RESTORE", vec![DirSink::new(dir.clone())]).unwrap();
+        serve(
+            &mut guest,
+            b"RESTORE",
+            vec![DirSink::new(dir.clone())],
+            Window::None,
+        )
+        .unwrap();
         let out = guest.output;
         assert_eq!(out[..8], 7u64.to_le_bytes());
         assert_eq!(&out[8..15], b"RESTORE");
@@ -257,6 +299,43 @@ mod tests {
             Some(PORT_STORED)
         );
         assert!(pending.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn under_qemu_each_window_of_a_blob_but_the_last_gets_a_credit() {
+        let dir = std::env::temp_dir().join(format!("ckpt-window-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // Three windows and a bit: three credits, then the answer.
+        let body = vec![7u8; 3 * PORT_WINDOW];
+        let big = abi::checkpoint::encode("kv", 1, &body);
+        assert!(big.len() > 3 * PORT_WINDOW && big.len() < 4 * PORT_WINDOW);
+        // Exactly two windows: one credit, then the answer.
+        let header = abi::checkpoint::encode("kv", 1, b"").len();
+        let exact = abi::checkpoint::encode("kv", 1, &vec![1u8; 2 * PORT_WINDOW - header]);
+        assert_eq!(exact.len(), 2 * PORT_WINDOW);
+        let mut guest = Guest {
+            input: io::Cursor::new([&big[..], &exact].concat()),
+            output: Vec::new(),
+        };
+        serve(
+            &mut guest,
+            b"",
+            vec![DirSink::new(dir.clone())],
+            Window::Credits,
+        )
+        .unwrap();
+        assert_eq!(
+            &guest.output[8..],
+            [
+                PORT_CREDIT,
+                PORT_CREDIT,
+                PORT_CREDIT,
+                PORT_STORED,
+                PORT_CREDIT,
+                PORT_STORED
+            ]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
