@@ -525,6 +525,10 @@ impl FleetStore for EtcdStore {
             .map(|_| ())
     }
 
+    fn has_leases(&self) -> bool {
+        true
+    }
+
     fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         let secs = ttl.as_secs_f64().ceil().max(1.0) as i64;
         let resp = self.call(|mut c| async move { c.lease_grant(secs, None).await })?;

@@ -134,6 +134,10 @@ pub trait FleetStore: Send + Sync {
     /// [`Expect::Any`] is not an error).
     fn delete(&self, key: &str, expect: Expect) -> Result<(), StoreError>;
 
+    /// Whether it has leases (etcd does, the file store not).
+    fn has_leases(&self) -> bool {
+        false
+    }
     /// A new lease that lapses `ttl` after it was last kept alive.
     fn grant_lease(&self, _ttl: Duration) -> Result<LeaseId, StoreError> {
         Err(StoreError::NoLeases("a lease"))

@@ -862,6 +862,12 @@ fn store_urls_fail_clearly_and_the_file_store_still_works() {
         .unwrap();
     assert!(!out.status.success());
     assert!(text(&out).contains("needs an etcd store"), "{}", text(&out));
+    let file_store = store::open(&store).unwrap();
+    assert!(
+        file_store.list("blocks/").unwrap().is_empty()
+            && file_store.get("network").unwrap().is_none(),
+        "nothing allocated in a store that cannot register the host"
+    );
 }
 
 #[test]

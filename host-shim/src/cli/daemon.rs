@@ -467,6 +467,12 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
         Some(url) => Some(fleet::store::open_with(url, &target.store_access)?),
         None => None,
     };
+    if store.as_ref().is_some_and(|s| !s.has_leases()) {
+        // Before anything is written there: a host registers under a lease.
+        return Err(
+            fleet::store::StoreError::NoLeases("serve --store (a host's registration)").into(),
+        );
+    }
     let (guest_net, block) = match (&store, args.shim_id) {
         (Some(store), None) => {
             let wanted = args.fleet_net.map(|n| n.to_string());

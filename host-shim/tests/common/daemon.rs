@@ -56,7 +56,8 @@ impl Daemon {
         Self::start_in(name, "test", shim_id, extra, env, dir)
     }
 
-    /// A plain daemon in `region`.
+    /// A plain daemon in `region` (`shim_id` is left out with `--store`
+    /// in `extra`: the store allocates its addresses).
     pub fn start_in(
         name: &str,
         region: &str,
