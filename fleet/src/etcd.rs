@@ -258,8 +258,9 @@ impl EtcdStore {
 /// `options` with the TLS and the user `access` asks for; errors name
 /// the flag and file at fault.
 fn with_access(options: ConnectOptions, access: &Access) -> Result<ConnectOptions, String> {
+    // PEM files: regular files of at most 1 MiB.
     let read = |flag: &str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+        shim_util::files::read_capped(path, 1 << 20).map_err(|e| format!("{flag}: {e}"))
     };
     let mut options = options;
     if access.tls() {

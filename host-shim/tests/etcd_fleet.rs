@@ -1406,6 +1406,15 @@ fn etcd_over_tls_with_client_certificates() {
     );
     // Plain HTTP to a TLS member.
     fails_clearly(&cli_with(&url, &[], &[], &["fleet", "ls"]), &url, "etcd at");
+    // A CA "file" that is a device: refused, not read forever.
+    let mut device = flags.clone();
+    device[1] = "/dev/zero".into();
+    let (out, _) = cli_with(&url, &device, &[], &["fleet", "ls"]);
+    assert!(
+        text(&out).contains("--store-ca: /dev/zero is not a regular file"),
+        "{}",
+        text(&out)
+    );
     // A certificate without its key is a flag error.
     let (out, _) = cli_with(&url, &flags[..4], &[], &["fleet", "ls"]);
     assert!(
