@@ -46,11 +46,11 @@
 //! (`--shim-id`, 1..=14): its gateway is the subnet's address N + 1 (MAC
 //! [`mac_for`] it). A shim of a fleet on a store has a block of the
 //! fleet's network instead ([`DaemonConfig::block`]): its gateway is the
-//! block's first address, its pool the rest of the block. A run takes the lowest address of this shim's pool
-//! that no live instance holds (unless `run --ip` names one): the whole
-//! subnet past the gateways' block, or, on an overlay, block N of 1,024
-//! addresses, so shims sharing one L2 overlay never hand out one address
-//! twice. A stopped or exited instance's address is free again, and so is
+//! block's first address, its pool the rest of the block. A run takes the
+//! lowest address of this shim's pool that no live instance holds (unless
+//! `run --ip` names one): the whole subnet past the gateways' block, or,
+//! on an overlay, block N of 1,024 addresses (or the store's block), so
+//! shims sharing one L2 overlay never hand out one address twice. A stopped or exited instance's address is free again, and so is
 //! one that moved away, unless an overlay still carries it there. A guest
 //! that moves keeps its address, and keeps reaching the gateway of the
 //! shim it came from (whose proxied connections it serves) over the

@@ -494,7 +494,6 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
     let (lease_ttl, advertise) = (args.lease_ttl, args.advertise);
     let mut registration = None;
     let registered = &mut registration;
-    let mut store = store;
     daemon::serve(
         DaemonConfig {
             listen,
@@ -521,7 +520,7 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
         move |daemon, brought_back| {
             print_banner(daemon, brought_back);
             // Registered once listening: the API URL recorded is the bound address.
-            if let Some(store) = store.take() {
+            if let Some(store) = store {
                 let record = host_record(daemon, advertise);
                 let r = fleet::registry::register(store, record, lease_ttl)
                     .map_err(|e| e.to_string())?;
