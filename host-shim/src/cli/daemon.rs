@@ -146,7 +146,8 @@ pub(crate) struct ServeArgs {
     /// The subnet of this shim's gateway and guests, shared by every shim
     /// of an overlay. Without an overlay a shim hands out all of it past
     /// the gateways' first 1,024 addresses; on an overlay, shim N its Nth
-    /// block of 1,024.
+    /// block of 1,024. Not used with --store (unless --shim-id is given):
+    /// the store's fleet network is (--fleet-net).
     #[arg(long, value_name = "CIDR", default_value_t = hostnet::pool::DEFAULT_GUEST_NET)]
     pub(crate) guest_net: hostnet::pool::GuestNet,
 
