@@ -192,6 +192,9 @@ pub struct Daemon {
     pub migrations: migration::Migrations,
     /// Asks the `trim` thread to hand freed heap back (after stops).
     trim: mpsc::SyncSender<()>,
+    /// Addresses of this shim's pool that guests on other hosts hold (they
+    /// moved away before this daemon restarted): never handed out here.
+    held_elsewhere: Mutex<BTreeSet<Ipv4Addr>>,
 }
 
 /// Hands the heap that stopped instances freed back to the kernel, once
@@ -264,6 +267,7 @@ impl Daemon {
             started: Instant::now(),
             migrations: Default::default(),
             trim,
+            held_elsewhere: Default::default(),
         });
         Ok((daemon, rx))
     }
@@ -311,15 +315,37 @@ impl Daemon {
         }
     }
 
-    /// The addresses guests of `instances` hold: live ones', and those of
-    /// guests that moved away while the overlay carries them there.
+    /// The addresses guests of `instances` hold: live ones', those of
+    /// guests that moved away while the overlay carries them there, and
+    /// those [`Self::hold_elsewhere`] names.
     fn used_ips(&self, instances: &BTreeMap<String, Instance>) -> BTreeSet<Ipv4Addr> {
         let overlay = self.net.overlay_addr().is_some();
-        instances
+        let mut used: BTreeSet<Ipv4Addr> = instances
             .values()
             .filter(|i| i.is_live() || (overlay && matches!(i.state, State::Moved(_))))
             .filter_map(|i| i.spec.nic.map(|n| n.ip))
-            .collect()
+            .collect();
+        used.extend(
+            self.held_elsewhere
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter(),
+        );
+        used
+    }
+
+    /// Notes addresses of this shim's pool that guests on other hosts hold
+    /// (found at start, e.g. guests that moved away before a restart): no
+    /// new instance here gets them, for the daemon's life (at most the
+    /// pool's size); a guest coming back with one is let in.
+    pub fn hold_elsewhere(&self, ips: impl IntoIterator<Item = Ipv4Addr>) {
+        let Ok((first, last)) = self.config.pool() else {
+            return;
+        };
+        self.held_elsewhere
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(ips.into_iter().filter(|ip| (first..=last).contains(ip)));
     }
 
     /// The address of a new instance: `asked` if free and in the guest

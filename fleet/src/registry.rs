@@ -29,6 +29,7 @@
 //! their addresses, and the host finds its block again when it returns.
 
 use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -122,6 +123,15 @@ fn block_key(index: u32) -> String {
     format!("{BLOCKS}{index:05}")
 }
 
+/// A host's address block: its index, and whether the host owned it
+/// already (it registers again: guests that moved away from it may still
+/// hold addresses of it, see [`addresses_held_elsewhere`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Claimed {
+    pub index: u32,
+    pub again: bool,
+}
+
 /// Host `host`'s address block of the fleet network `net` (which has
 /// `blocks` blocks): the lowest-numbered one it owns already, else the
 /// lowest free one of `1..blocks`, claimed by compare-and-swap on its
@@ -132,7 +142,7 @@ pub fn claim_block(
     host: &str,
     net: &str,
     blocks: u32,
-) -> Result<u32, FleetError> {
+) -> Result<Claimed, FleetError> {
     check_name(host)?;
     let mut taken = BTreeSet::new();
     let mut owners = BTreeSet::new();
@@ -142,7 +152,7 @@ pub fn claim_block(
         };
         taken.insert(index);
         match serde_json::from_value::<Block>(v.value) {
-            Ok(b) if b.host == host => return Ok(index),
+            Ok(b) if b.host == host => return Ok(Claimed { index, again: true }),
             Ok(b) => {
                 owners.insert(b.host);
             }
@@ -166,7 +176,10 @@ pub fn claim_block(
         match store.put(&block_key(index), value.clone(), Expect::Absent) {
             Ok(_) => {
                 tracing::info!(host, index, %net, "claimed an address block");
-                return Ok(index);
+                return Ok(Claimed {
+                    index,
+                    again: false,
+                });
             }
             // Another host took it meanwhile (or a record we could not
             // read holds it): the next one.
@@ -183,6 +196,66 @@ pub fn claim_block(
         blocks.saturating_sub(1),
         owners.len()
     )))
+}
+
+/// How long a host has to list its instances for [`addresses_held_elsewhere`].
+const LIST_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Hosts asked at once by [`addresses_held_elsewhere`].
+const LIST_PARALLEL: usize = 16;
+
+/// The guest addresses in `first..=last` that instances on the other live
+/// hosts of `store` hold, as their daemons list them (`GET
+/// /v1/instances`, with the token the store records for the host, if
+/// any). A host that does not answer within [`LIST_DEADLINE`] (or refuses)
+/// is skipped with a warning.
+pub fn addresses_held_elsewhere(
+    store: &dyn FleetStore,
+    me: &str,
+    (first, last): (Ipv4Addr, Ipv4Addr),
+) -> Result<BTreeSet<Ipv4Addr>, FleetError> {
+    let alive: BTreeSet<String> = store
+        .list(ALIVE)?
+        .into_iter()
+        .filter_map(|(k, _)| k.strip_prefix(ALIVE).map(str::to_owned))
+        .collect();
+    let hosts: Vec<Host> = store
+        .list("hosts/")?
+        .into_iter()
+        .filter_map(|(_, v)| serde_json::from_value::<Host>(v.value).ok())
+        .filter(|h| h.name != me && alive.contains(&h.name))
+        .collect();
+    let mut held = BTreeSet::new();
+    for batch in hosts.chunks(LIST_PARALLEL) {
+        std::thread::scope(|scope| {
+            let asked: Vec<_> = batch
+                .iter()
+                .map(|h| {
+                    scope.spawn(move || {
+                        let listed = super::client_for(h)
+                            .and_then(|c| Ok(c.with_timeout(LIST_DEADLINE).list()?));
+                        (h, listed)
+                    })
+                })
+                .collect();
+            for a in asked {
+                match a.join() {
+                    Ok((_, Ok(instances))) => held.extend(
+                        instances
+                            .iter()
+                            .filter_map(|i| i.ip.as_deref()?.split('/').next()?.parse().ok())
+                            .filter(|ip: &Ipv4Addr| (first..=last).contains(ip)),
+                    ),
+                    Ok((h, Err(e))) => tracing::warn!(
+                        host = %h.name, error = %e,
+                        "cannot list its instances: addresses of this block its guests hold may be handed out again"
+                    ),
+                    Err(_) => {}
+                }
+            }
+        });
+    }
+    Ok(held)
 }
 
 /// Checks a host name (non-empty, no '/' or spaces: it is part of keys).
@@ -526,9 +599,10 @@ mod tests {
         let (s, dir) = store("blocks");
         let net = "192.168.0.0/20";
         // 4 blocks: block 0 is never handed out.
-        assert_eq!(claim_block(&s, "a", net, 4).unwrap(), 1);
-        assert_eq!(claim_block(&s, "b", net, 4).unwrap(), 2);
-        assert_eq!(claim_block(&s, "a", net, 4).unwrap(), 1, "a's block again");
+        let claim = |host: &str| claim_block(&s, host, net, 4).map(|c| (c.index, c.again));
+        assert_eq!(claim("a").unwrap(), (1, false));
+        assert_eq!(claim("b").unwrap(), (2, false));
+        assert_eq!(claim("a").unwrap(), (1, true), "a's block again");
         // A record that is not a block still holds its key.
         s.put(&block_key(3), serde_json::json!("junk"), Expect::Absent)
             .unwrap();
@@ -537,14 +611,16 @@ mod tests {
             err.contains("the fleet network 192.168.0.0/20 is full: its 3 blocks"),
             "{err}"
         );
-        assert_eq!(claim_block(&s, "b", net, 4).unwrap(), 2);
-        assert!(claim_block(&s, "no/name", net, 4).is_err());
+        assert_eq!(claim("b").unwrap(), (2, true));
+        assert!(claim("no/name").is_err());
         // Many hosts at once: each gets its own block.
         let threads: Vec<_> = (0..6)
             .map(|i| {
                 let s = s.clone();
                 std::thread::spawn(move || {
-                    claim_block(&s, &format!("h{i}"), "10.64.0.0/10", 4096).unwrap()
+                    claim_block(&s, &format!("h{i}"), "10.64.0.0/10", 4096)
+                        .unwrap()
+                        .index
                 })
             })
             .collect();

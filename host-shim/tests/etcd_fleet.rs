@@ -765,6 +765,12 @@ fn hosts_get_address_blocks_from_the_store_past_14_and_guests_keep_theirs_when_t
     let a2 = serve("a");
     assert_eq!(addresses(&a2).0, "10.64.84.0");
     assert_eq!(ip_of(&b, "kv"), "10.64.84.1", "kv runs on b still");
+    // ... brings kv3 back (deployed apps restart with their host) and does
+    // not hand out the address kv (from its block) holds on b: it asked
+    // the live hosts when it came back.
+    assert_eq!(ip_of(&a2, "kv3"), "10.64.84.2");
+    ok(&url, &["deploy", &img, "--on", "a", "--name", "kv4"]);
+    assert_eq!(ip_of(&a2, "kv4"), "10.64.84.3", "{}", a2.output());
     // The fleet has one network: another is refused, naming the recorded one.
     let out = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--name", "n"])

@@ -481,8 +481,8 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
             let net: hostnet::pool::GuestNet = cidr
                 .parse()
                 .with_context(|| format!("the fleet store's network '{cidr}'"))?;
-            let index = fleet::registry::claim_block(&**store, &name, &cidr, net.blocks())?;
-            (net, Some(index))
+            let claimed = fleet::registry::claim_block(&**store, &name, &cidr, net.blocks())?;
+            (net, Some(claimed))
         }
         (None, _) if args.fleet_net.is_some() => {
             anyhow::bail!("--fleet-net needs --store (the store allocates its blocks)")
@@ -504,7 +504,7 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
                 .shim_id
                 .or(host.as_ref().map(|h| h.shim_id))
                 .unwrap_or(1),
-            block,
+            block: block.map(|b| b.index),
             guest_net,
             publish: args.publish,
             kvm_device: args.kvm_device,
@@ -522,6 +522,24 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
             print_banner(daemon, brought_back);
             // Registered once listening: the API URL recorded is the bound address.
             if let Some(store) = store {
+                // A host back on its block: guests that moved away from it
+                // (before it stopped) keep their addresses elsewhere.
+                if block.is_some_and(|b| b.again) {
+                    let pool = daemon.config.pool().map_err(|e| e.to_string())?;
+                    let held = fleet::registry::addresses_held_elsewhere(
+                        &*store,
+                        &daemon.config.name,
+                        pool,
+                    )
+                    .map_err(|e| e.to_string())?;
+                    if !held.is_empty() {
+                        eprintln!(
+                            "host-shim serve: {} addresses of this block are held by guests on other hosts: kept for them",
+                            held.len()
+                        );
+                    }
+                    daemon.hold_elsewhere(held);
+                }
                 let record = host_record(daemon, advertise);
                 let r = fleet::registry::register(store, record, lease_ttl)
                     .map_err(|e| e.to_string())?;
