@@ -44,11 +44,13 @@
 //! Guests and gateways share one subnet (`--guest-net`, default
 //! 10.0.0.0/16; see [`hostnet::pool`]). Each shim has an id N
 //! (`--shim-id`, 1..=14): its gateway is the subnet's address N + 1 (MAC
-//! [`mac_for`] it). A run takes the lowest address of this shim's pool
-//! that no live instance holds (unless `run --ip` names one): the whole
-//! subnet past the gateways' block, or, on an overlay, block N of 1,024
-//! addresses, so shims sharing one L2 overlay never hand out one address
-//! twice. A stopped or exited instance's address is free again, and so is
+//! [`mac_for`] it). A shim of a fleet on a store has a block of the
+//! fleet's network instead ([`DaemonConfig::block`]): its gateway is the
+//! block's first address, its pool the rest of the block. A run takes the
+//! lowest address of this shim's pool that no live instance holds (unless
+//! `run --ip` names one): the whole subnet past the gateways' block, or,
+//! on an overlay, block N of 1,024 addresses (or the store's block), so
+//! shims sharing one L2 overlay never hand out one address twice. A stopped or exited instance's address is free again, and so is
 //! one that moved away, unless an overlay still carries it there. A guest
 //! that moves keeps its address, and keeps reaching the gateway of the
 //! shim it came from (whose proxied connections it serves) over the
@@ -106,8 +108,12 @@ pub struct DaemonConfig {
     /// This shim's name: guests are told it as their host.
     pub name: String,
     pub region: String,
-    /// 1..=[`MAX_SHIM_ID`]: picks the gateway and the guests' addresses.
+    /// 1..=[`MAX_SHIM_ID`]: picks the gateway and the guests' addresses
+    /// (unless `block` does).
     pub shim_id: u8,
+    /// The block of `guest_net` the fleet store allocated to this shim:
+    /// its gateway and guests' addresses, whatever `shim_id` says.
+    pub block: Option<u32>,
     /// The subnet of the gateway and guests (`--guest-net`).
     pub guest_net: GuestNet,
     /// Shim-level published ports (to a guest address; default: the first
@@ -133,12 +139,19 @@ pub struct DaemonConfig {
 impl DaemonConfig {
     /// The gateway's address.
     pub fn gateway(&self) -> Ipv4Addr {
-        self.guest_net.gateway(self.shim_id)
+        match self.block.map(|b| self.guest_net.block(b)) {
+            Some(Ok((gateway, _))) => gateway,
+            // `Daemon::new` refuses a block outside the network.
+            _ => self.guest_net.gateway(self.shim_id),
+        }
     }
 
     /// The first and last address this shim hands out.
     pub fn pool(&self) -> Result<(Ipv4Addr, Ipv4Addr), hostnet::pool::GuestNetError> {
-        self.guest_net.pool(self.shim_id, self.overlay.is_some())
+        match self.block {
+            Some(b) => self.guest_net.block(b).map(|(_, pool)| pool),
+            None => self.guest_net.pool(self.shim_id, self.overlay.is_some()),
+        }
     }
 }
 
@@ -179,6 +192,9 @@ pub struct Daemon {
     pub migrations: migration::Migrations,
     /// Asks the `trim` thread to hand freed heap back (after stops).
     trim: mpsc::SyncSender<()>,
+    /// Addresses of this shim's pool that guests on other hosts hold (they
+    /// moved away before this daemon restarted): never handed out here.
+    held_elsewhere: Mutex<BTreeSet<Ipv4Addr>>,
 }
 
 /// Hands the heap that stopped instances freed back to the kernel, once
@@ -198,7 +214,7 @@ const TRIM_DEBOUNCE: Duration = Duration::from_millis(200);
 impl Daemon {
     /// Opens KVM, starts the network and binds the shim-level ports.
     pub fn new(config: DaemonConfig) -> Result<(Arc<Self>, Receiver<Ended>), Error> {
-        if !(1..=MAX_SHIM_ID).contains(&config.shim_id) {
+        if config.block.is_none() && !(1..=MAX_SHIM_ID).contains(&config.shim_id) {
             return Err(Error::Config(format!(
                 "--shim-id {} is out of range: 1 to {MAX_SHIM_ID}",
                 config.shim_id
@@ -251,6 +267,7 @@ impl Daemon {
             started: Instant::now(),
             migrations: Default::default(),
             trim,
+            held_elsewhere: Default::default(),
         });
         Ok((daemon, rx))
     }
@@ -298,15 +315,37 @@ impl Daemon {
         }
     }
 
-    /// The addresses guests of `instances` hold: live ones', and those of
-    /// guests that moved away while the overlay carries them there.
+    /// The addresses guests of `instances` hold: live ones', those of
+    /// guests that moved away while the overlay carries them there, and
+    /// those [`Self::hold_elsewhere`] names.
     fn used_ips(&self, instances: &BTreeMap<String, Instance>) -> BTreeSet<Ipv4Addr> {
         let overlay = self.net.overlay_addr().is_some();
-        instances
+        let mut used: BTreeSet<Ipv4Addr> = instances
             .values()
             .filter(|i| i.is_live() || (overlay && matches!(i.state, State::Moved(_))))
             .filter_map(|i| i.spec.nic.map(|n| n.ip))
-            .collect()
+            .collect();
+        used.extend(
+            self.held_elsewhere
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter(),
+        );
+        used
+    }
+
+    /// Notes addresses of this shim's pool that guests on other hosts hold
+    /// (found at start, e.g. guests that moved away before a restart): no
+    /// new instance here gets them, for the daemon's life (at most the
+    /// pool's size); a guest coming back with one is let in.
+    pub fn hold_elsewhere(&self, ips: impl IntoIterator<Item = Ipv4Addr>) {
+        let Ok((first, last)) = self.config.pool() else {
+            return;
+        };
+        self.held_elsewhere
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(ips.into_iter().filter(|ip| (first..=last).contains(ip)));
     }
 
     /// The address of a new instance: `asked` if free and in the guest
@@ -1171,13 +1210,15 @@ fn overlay_to_pinned_peers(daemon: &Daemon) {
     }
 }
 
-/// Runs the daemon until the process is killed.
 /// Runs a daemon until the process ends: brings back the instances
 /// recorded in its state directory, then calls `ready` with how that went,
-/// once it is set up and about to answer on its address.
+/// once it is set up, bound to its address (`daemon.config.listen` is the
+/// bound one) and about to answer on it. If `ready` fails (e.g. the host
+/// cannot register in its fleet store), the daemon does not serve and
+/// `serve` returns that error.
 pub fn serve(
     config: DaemonConfig,
-    ready: impl FnOnce(&Daemon, &[restart_records::BroughtBack]),
+    ready: impl FnOnce(&Daemon, &[restart_records::BroughtBack]) -> Result<(), String>,
 ) -> Result<(), Error> {
     let mut config = config;
     let listener = TcpListener::bind(config.listen)
@@ -1218,7 +1259,7 @@ pub fn serve(
         .config
         .pool()
         .map_err(|e| Error::Config(e.to_string()))?;
-    ready(&daemon, &brought_back);
+    ready(&daemon, &brought_back).map_err(Error::Config)?;
     http::serve(&daemon, listener, security);
     Ok(())
 }

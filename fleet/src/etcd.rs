@@ -8,18 +8,22 @@
 //! call, connecting included, has a deadline ([`DEADLINE`]): a cluster that
 //! does not answer (down, or without a quorum) is an error naming its
 //! endpoints, never a hang.
+//!
+//! With an [`Access`] that names a CA (and a client certificate) the
+//! members are reached over TLS (rustls); with a user, the client
+//! authenticates as it and refreshes its token when etcd expires it.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
-    TxnOp, TxnOpResponse, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    KeyValue, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use serde_json::Value;
 
-use super::store::{Expect, FleetStore, LeaseId, StoreError, Versioned};
+use super::store::{Access, Expect, FleetStore, LeaseId, StoreError, Versioned};
 
 /// Where the fleet's keys live in etcd.
 pub const PREFIX: &str = "/host-shim/fleet/";
@@ -62,11 +66,16 @@ impl EtcdStore {
     /// Connects to the cluster at `endpoints` (`HOST:PORT` each) and checks
     /// that it answers, within [`DEADLINE`].
     pub fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
-        Self::connect_with(endpoints, DEADLINE)
+        Self::connect_with(endpoints, &Access::default(), DEADLINE)
     }
 
-    /// [`EtcdStore::connect`] with another deadline for every call.
-    pub fn connect_with(endpoints: &[String], deadline: Duration) -> Result<Self, StoreError> {
+    /// [`EtcdStore::connect`] reaching the members as `access` says, with
+    /// another deadline for every call.
+    pub fn connect_with(
+        endpoints: &[String],
+        access: &Access,
+        deadline: Duration,
+    ) -> Result<Self, StoreError> {
         let label = format!("etcd://{}", endpoints.join(","));
         let failed = |detail: String| StoreError::Etcd {
             endpoints: label.clone(),
@@ -84,21 +93,39 @@ impl EtcdStore {
             // A member that stops answering under a long watch is noticed.
             .with_keep_alive(KEEP_ALIVE, deadline)
             .with_keep_alive_while_idle(true);
+        let options = with_access(options, access)
+            .map_err(|e| StoreError::Access(format!("{label}: {e}")))?;
+        let scheme = if access.tls() { "https" } else { "http" };
         let mut members = Vec::with_capacity(endpoints.len());
+        // The channel connects lazily: this does not wait for the member,
+        // unless a user must log in first. A member that fails then is
+        // left out if another one answers (it may be down).
+        let end = Instant::now() + deadline;
+        let mut refused = None;
         for e in endpoints {
-            // The channel connects lazily: this does not wait for the member.
-            let url = format!("http://{e}");
+            let url = format!("{scheme}://{e}");
             let options = options.clone();
-            let client = runtime
-                .block_on(async {
-                    tokio::time::timeout(deadline, Client::connect([url], Some(options))).await
-                })
-                .map_err(|_| failed(format!("cannot set up a client of {e}")))?
-                .map_err(|err| failed(format!("{e}: {}", describe(&err))))?;
-            members.push(client);
+            let budget = end.saturating_duration_since(Instant::now());
+            let client = runtime.block_on(async {
+                tokio::time::timeout(budget, Client::connect([url], Some(options))).await
+            });
+            match client {
+                Ok(Ok(client)) => members.push(client),
+                Ok(Err(err)) => {
+                    tracing::debug!(member = %e, error = %err, "cannot connect to an etcd member");
+                    refused = Some(failed(format!("{e}: {}", describe(&err))));
+                }
+                Err(_) => {
+                    refused = Some(StoreError::Timeout {
+                        endpoints: label.clone(),
+                        after: deadline,
+                        last: None,
+                    })
+                }
+            }
         }
         if members.is_empty() {
-            return Err(failed("no endpoints".into()));
+            return Err(refused.unwrap_or_else(|| failed("no endpoints".into())));
         }
         let store = Self {
             runtime,
@@ -153,7 +180,7 @@ impl EtcdStore {
                 }
                 Ok(Err(e)) if retryable(&e) => {
                     tracing::debug!(member = i, error = %e, "etcd member could not serve a request");
-                    let text = e.to_string();
+                    let text = describe(&e);
                     if text.contains("no leader") {
                         no_leader = Some(text);
                     } else {
@@ -169,9 +196,10 @@ impl EtcdStore {
                 endpoints: self.endpoints.clone(),
                 detail: format!("etcd has no quorum (no leader): {text}"),
             },
-            _ => StoreError::Timeout {
+            (None, last) => StoreError::Timeout {
                 endpoints: self.endpoints.clone(),
                 after: self.deadline,
+                last,
             },
         })
     }
@@ -227,6 +255,49 @@ impl EtcdStore {
     }
 }
 
+/// `options` with the TLS and the user `access` asks for; errors name
+/// the flag and file at fault.
+fn with_access(options: ConnectOptions, access: &Access) -> Result<ConnectOptions, String> {
+    // PEM files: regular files of at most 1 MiB.
+    let read = |flag: &str, path: &std::path::Path| {
+        shim_util::files::read_capped(path, 1 << 20).map_err(|e| format!("{flag}: {e}"))
+    };
+    let mut options = options;
+    if access.tls() {
+        let Some(ca) = &access.ca else {
+            return Err(
+                "--store-cert needs --store-ca (the CA the members' certificates chain to)".into(),
+            );
+        };
+        let mut tls =
+            TlsOptions::new().ca_certificate(Certificate::from_pem(read("--store-ca", ca)?));
+        match (&access.cert, &access.key) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(Identity::from_pem(
+                    read("--store-cert", cert)?,
+                    read("--store-key", key)?,
+                ));
+            }
+            (None, None) => {}
+            _ => return Err("--store-cert and --store-key go together".into()),
+        }
+        options = options.with_tls(tls);
+    } else if access.key.is_some() {
+        return Err("--store-key goes with --store-cert".into());
+    }
+    match (&access.user, &access.password) {
+        (Some(user), Some(password)) => {
+            options = options
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
+        }
+        (None, None) => {}
+        (Some(user), None) => return Err(format!("--store-user {user} needs a password (--store-password-file FILE or $HOST_SHIM_STORE_PASSWORD)")),
+        (None, Some(_)) => return Err("a store password needs --store-user".into()),
+    }
+    Ok(options)
+}
+
 /// The end of the range of keys starting with `prefix` (etcd's `range_end`).
 fn range_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
@@ -246,6 +317,8 @@ fn retryable(e: &etcd_client::Error) -> bool {
     match e {
         // 14: Unavailable, 4: DeadlineExceeded; a connection that broke
         // under the request comes as Unknown with a transport error.
+        // A certificate the client does not trust stays so on every member.
+        etcd_client::Error::GRpcStatus(s) if s.message().contains("certificate") => false,
         etcd_client::Error::GRpcStatus(s) => {
             matches!(s.code() as i32, 14 | 4) || s.message() == "transport error"
         }
@@ -256,9 +329,21 @@ fn retryable(e: &etcd_client::Error) -> bool {
 
 /// An etcd error in words, saying so when the cluster has no quorum.
 fn describe(e: &etcd_client::Error) -> String {
-    let text = e.to_string();
+    // With its causes: a transport error says why (e.g. the member's
+    // certificate is not signed by --store-ca) only in them.
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
     if text.contains("no leader") {
         format!("etcd has no quorum (no leader): {text}")
+    } else if text.contains("invalid peer certificate") {
+        format!("{text} (is --store-ca the CA that signed the members' certificates?)")
     } else {
         text
     }
@@ -317,6 +402,7 @@ impl EtcdStore {
         Err(last.unwrap_or(StoreError::Timeout {
             endpoints: self.endpoints.clone(),
             after: self.deadline,
+            last: None,
         }))
     }
 }
@@ -438,6 +524,10 @@ impl FleetStore for EtcdStore {
     fn delete(&self, key: &str, expect: Expect) -> Result<(), StoreError> {
         self.write(key, expect, TxnOp::delete(Self::key(key), None))
             .map(|_| ())
+    }
+
+    fn has_leases(&self) -> bool {
+        true
     }
 
     fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {

@@ -16,8 +16,20 @@
 //! Every registered daemon also looks, once per TTL, for registered hosts
 //! without a live lease, and the first to see one records its
 //! [`Kind::HostDown`] event (a killed host cannot say it went down).
+//!
+//! # Address blocks
+//!
+//! The fleet's guests share one network ([`fleet_network`]: the key
+//! `network`, written once by the first host, default
+//! [`DEFAULT_FLEET_NET`]), cut into blocks of 1,024 addresses. Each host
+//! owns blocks by compare-and-swap on `blocks/NNNNN` (absent → its name;
+//! [`claim_block`]): a host that registers again gets its block back, and
+//! block 0 (the network's own address) is never handed out. Blocks are
+//! not given back when a host goes away: guests that moved elsewhere keep
+//! their addresses, and the host finds its block again when it returns.
 
 use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -43,6 +55,218 @@ pub const MAX_TTL: Duration = Duration::from_secs(3600);
 
 /// Most compare-and-swap attempts on a host record before giving up.
 const CAS_ATTEMPTS: usize = 8;
+
+/// The key of the fleet's guest network.
+pub const NETWORK: &str = "network";
+
+/// The prefix of the address blocks' keys.
+pub const BLOCKS: &str = "blocks/";
+
+/// The fleet's guest network when the first host does not name one.
+pub const DEFAULT_FLEET_NET: &str = "10.64.0.0/10";
+
+/// What the `network` key holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Network {
+    /// The network, `A.B.C.D/PREFIX`.
+    pub cidr: String,
+}
+
+/// What a `blocks/NNNNN` key holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Block {
+    /// The host that owns the block.
+    pub host: String,
+    /// When it claimed it (Unix seconds).
+    pub since: u64,
+}
+
+/// The fleet's guest network as recorded in `store`; if none is, `wanted`
+/// (else [`DEFAULT_FLEET_NET`]) is recorded now, by compare-and-swap (of
+/// two first hosts, one records it and both use it). A `wanted` network
+/// other than the recorded one is an error: the fleet has one network.
+pub fn fleet_network(store: &dyn FleetStore, wanted: Option<&str>) -> Result<String, FleetError> {
+    for _ in 0..CAS_ATTEMPTS {
+        if let Some(v) = store.get(NETWORK)? {
+            let recorded: Network = serde_json::from_value(v.value).map_err(|e| {
+                FleetError::Failed(format!(
+                    "the fleet store's '{NETWORK}' record is not a network: {e}"
+                ))
+            })?;
+            return match wanted {
+                Some(w) if w != recorded.cidr => Err(FleetError::Failed(format!(
+                    "the fleet's guest network is {} (recorded in the store): --fleet-net {w} \
+                     differs (leave it out, or give {})",
+                    recorded.cidr, recorded.cidr
+                ))),
+                _ => Ok(recorded.cidr),
+            };
+        }
+        let cidr = wanted.unwrap_or(DEFAULT_FLEET_NET).to_owned();
+        let value = serde_json::to_value(Network { cidr: cidr.clone() }).expect("serializable");
+        match store.put(NETWORK, value, Expect::Absent) {
+            Ok(_) => {
+                tracing::info!(%cidr, "recorded the fleet's guest network");
+                return Ok(cidr);
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(FleetError::Failed(format!(
+        "the fleet store's '{NETWORK}' record keeps changing"
+    )))
+}
+
+/// The key of block `index`.
+fn block_key(index: u32) -> String {
+    format!("{BLOCKS}{index:05}")
+}
+
+/// A host's address block: its index, and whether the host owned it
+/// already (it registers again: guests that moved away from it may still
+/// hold addresses of it, see [`addresses_held_elsewhere`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Claimed {
+    pub index: u32,
+    pub again: bool,
+}
+
+/// Host `host`'s address block of the fleet network `net` (which has
+/// `blocks` blocks): the lowest-numbered one it owns already, else the
+/// lowest free one of `1..blocks`, claimed by compare-and-swap on its
+/// absent key. A network whose blocks all belong to hosts is an error
+/// saying so.
+pub fn claim_block(
+    store: &dyn FleetStore,
+    host: &str,
+    net: &str,
+    blocks: u32,
+) -> Result<Claimed, FleetError> {
+    check_name(host)?;
+    let mut taken = BTreeSet::new();
+    let mut owners = BTreeSet::new();
+    for (key, v) in store.list(BLOCKS)? {
+        let Some(index) = key.strip_prefix(BLOCKS).and_then(|i| i.parse::<u32>().ok()) else {
+            continue;
+        };
+        taken.insert(index);
+        match serde_json::from_value::<Block>(v.value) {
+            Ok(b) if b.host == host => return Ok(Claimed { index, again: true }),
+            Ok(b) => {
+                owners.insert(b.host);
+            }
+            Err(e) => tracing::warn!(%key, error = %e, "skipping an address block record"),
+        }
+    }
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let value = serde_json::to_value(Block {
+        host: host.to_owned(),
+        since,
+    })
+    .expect("serializable");
+    let mut index = 1;
+    while index < blocks {
+        if taken.contains(&index) {
+            index += 1;
+            continue;
+        }
+        match store.put(&block_key(index), value.clone(), Expect::Absent) {
+            Ok(_) => {
+                tracing::info!(host, index, %net, "claimed an address block");
+                return Ok(Claimed {
+                    index,
+                    again: false,
+                });
+            }
+            // Another host took it meanwhile (or a record we could not
+            // read holds it): the next one.
+            Err(StoreError::Conflict { .. }) => {
+                taken.insert(index);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(FleetError::Failed(format!(
+        "the fleet network {net} is full: its {} blocks of 1,024 guest addresses belong to \
+         {} other hosts (blocks are kept for hosts that went away; a new fleet needs a larger \
+         --fleet-net)",
+        blocks.saturating_sub(1),
+        owners.len()
+    )))
+}
+
+/// How long a host has to list its instances for [`addresses_held_elsewhere`].
+const LIST_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Hosts asked at once by [`addresses_held_elsewhere`].
+const LIST_PARALLEL: usize = 16;
+
+/// The guest addresses in `first..=last` that instances on the other live
+/// hosts of `store` hold, as their daemons list them (`GET
+/// /v1/instances`, with the token the store records for the host, if
+/// any). A host that does not answer within [`LIST_DEADLINE`] (or refuses)
+/// is skipped with a warning.
+pub fn addresses_held_elsewhere(
+    store: &dyn FleetStore,
+    me: &str,
+    (first, last): (Ipv4Addr, Ipv4Addr),
+) -> Result<BTreeSet<Ipv4Addr>, FleetError> {
+    let alive: BTreeSet<String> = store
+        .list(ALIVE)?
+        .into_iter()
+        .filter_map(|(k, _)| k.strip_prefix(ALIVE).map(str::to_owned))
+        .collect();
+    let hosts: Vec<Host> = store
+        .list("hosts/")?
+        .into_iter()
+        .filter_map(|(_, v)| serde_json::from_value::<Host>(v.value).ok())
+        .filter(|h| h.name != me && alive.contains(&h.name))
+        .collect();
+    let mut held = BTreeSet::new();
+    for batch in hosts.chunks(LIST_PARALLEL) {
+        std::thread::scope(|scope| {
+            let asked: Vec<_> = batch
+                .iter()
+                .map(|h| {
+                    scope.spawn(move || {
+                        let listed = super::client_for(h)
+                            .and_then(|c| Ok(c.with_timeout(LIST_DEADLINE).list()?));
+                        (h, listed)
+                    })
+                })
+                .collect();
+            for a in asked {
+                match a.join() {
+                    Ok((_, Ok(instances))) => held.extend(
+                        instances
+                            .iter()
+                            .filter_map(|i| i.ip.as_deref()?.split('/').next()?.parse().ok())
+                            .filter(|ip: &Ipv4Addr| (first..=last).contains(ip)),
+                    ),
+                    Ok((h, Err(e))) => tracing::warn!(
+                        host = %h.name, error = %e,
+                        "cannot list its instances: addresses of this block its guests hold may be handed out again"
+                    ),
+                    Err(_) => {}
+                }
+            }
+        });
+    }
+    Ok(held)
+}
+
+/// Checks a host name (non-empty, no '/' or spaces: it is part of keys).
+fn check_name(name: &str) -> Result<(), FleetError> {
+    if name.is_empty() || name.contains(['/', ' ']) {
+        return Err(FleetError::Failed(format!(
+            "'{name}' is not a host name (non-empty, no '/' or spaces)"
+        )));
+    }
+    Ok(())
+}
 
 /// What a live host's `alive/NAME` key holds.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -95,12 +319,7 @@ pub fn register(
     mut host: Host,
     ttl: Duration,
 ) -> Result<Registration, FleetError> {
-    if host.name.is_empty() || host.name.contains(['/', ' ']) {
-        return Err(FleetError::Failed(format!(
-            "'{}' is not a host name (non-empty, no '/' or spaces)",
-            host.name
-        )));
-    }
+    check_name(&host.name)?;
     if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
         return Err(FleetError::Failed(format!(
             "a lease TTL of {ttl:?} is out of range ({MIN_TTL:?} to {MAX_TTL:?})"
@@ -335,5 +554,82 @@ impl Fleet {
             .into_iter()
             .filter_map(|(k, _)| k.strip_prefix(ALIVE).map(str::to_owned))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::FileStore;
+
+    fn store(tag: &str) -> (FileStore, std::path::PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("host-shim-blocks-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        (FileStore::new(&dir.join("fleet.json")), dir)
+    }
+
+    #[test]
+    fn the_network_is_recorded_once_and_a_different_one_is_refused() {
+        let (s, dir) = store("net");
+        assert_eq!(fleet_network(&s, None).unwrap(), DEFAULT_FLEET_NET);
+        assert_eq!(
+            fleet_network(&s, Some(DEFAULT_FLEET_NET)).unwrap(),
+            DEFAULT_FLEET_NET
+        );
+        let err = fleet_network(&s, Some("10.0.0.0/16"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("10.64.0.0/10 (recorded in the store)"),
+            "{err}"
+        );
+        let (s2, dir2) = store("net2");
+        assert_eq!(
+            fleet_network(&s2, Some("192.168.0.0/20")).unwrap(),
+            "192.168.0.0/20"
+        );
+        assert_eq!(fleet_network(&s2, None).unwrap(), "192.168.0.0/20");
+        let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_dir_all(dir2);
+    }
+
+    #[test]
+    fn hosts_get_their_own_block_back_and_a_full_network_says_so() {
+        let (s, dir) = store("blocks");
+        let net = "192.168.0.0/20";
+        // 4 blocks: block 0 is never handed out.
+        let claim = |host: &str| claim_block(&s, host, net, 4).map(|c| (c.index, c.again));
+        assert_eq!(claim("a").unwrap(), (1, false));
+        assert_eq!(claim("b").unwrap(), (2, false));
+        assert_eq!(claim("a").unwrap(), (1, true), "a's block again");
+        // A record that is not a block still holds its key.
+        s.put(&block_key(3), serde_json::json!("junk"), Expect::Absent)
+            .unwrap();
+        let err = claim_block(&s, "c", net, 4).unwrap_err().to_string();
+        assert!(
+            err.contains("the fleet network 192.168.0.0/20 is full: its 3 blocks"),
+            "{err}"
+        );
+        assert_eq!(claim("b").unwrap(), (2, true));
+        assert!(claim("no/name").is_err());
+        // Many hosts at once: each gets its own block.
+        let threads: Vec<_> = (0..6)
+            .map(|i| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    claim_block(&s, &format!("h{i}"), "10.64.0.0/10", 4096)
+                        .unwrap()
+                        .index
+                })
+            })
+            .collect();
+        let got: BTreeSet<u32> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        assert_eq!(
+            got,
+            (4..10).collect(),
+            "distinct blocks after a, b and the junk one"
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

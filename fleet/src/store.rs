@@ -37,7 +37,9 @@
 //! kept ([`super::registry`]). The file store has no leases.
 //!
 //! [`open`] picks the store from a URL: `file://PATH` or
-//! `etcd://HOST:PORT[,HOST:PORT...]`.
+//! `etcd://HOST:PORT[,HOST:PORT...]`; [`open_with`] also takes how to
+//! reach etcd ([`Access`]: TLS with a CA and a client certificate, a user
+//! and password).
 //!
 //! # The file
 //!
@@ -95,9 +97,17 @@ pub enum StoreError {
     #[error("etcd at {endpoints}: {detail}")]
     Etcd { endpoints: String, detail: String },
     #[error(
-        "etcd at {endpoints} did not answer within {after:?} (is it running, and has it a quorum?)"
+        "etcd at {endpoints} did not answer within {after:?} (is it running, and has it a quorum?){}",
+        last.as_deref().map(|l| format!("; last error: {l}")).unwrap_or_default()
     )]
-    Timeout { endpoints: String, after: Duration },
+    Timeout {
+        endpoints: String,
+        after: Duration,
+        /// What the last attempt said, if it said anything.
+        last: Option<String>,
+    },
+    #[error("{0}")]
+    Access(String),
     #[error("fleet state: {key} holds no valid JSON: {detail}")]
     BadRecord { key: String, detail: String },
     #[error("lease {0:x} has expired (not kept alive within its time to live)")]
@@ -124,6 +134,10 @@ pub trait FleetStore: Send + Sync {
     /// [`Expect::Any`] is not an error).
     fn delete(&self, key: &str, expect: Expect) -> Result<(), StoreError>;
 
+    /// Whether it has leases (etcd does, the file store not).
+    fn has_leases(&self) -> bool {
+        false
+    }
     /// A new lease that lapses `ttl` after it was last kept alive.
     fn grant_lease(&self, _ttl: Duration) -> Result<LeaseId, StoreError> {
         Err(StoreError::NoLeases("a lease"))
@@ -181,15 +195,64 @@ pub trait FleetStore: Send + Sync {
 /// How often [`FleetStore::watch`] polls a store that cannot watch.
 pub const POLL: Duration = Duration::from_millis(200);
 
+/// How to reach an etcd store beyond its URL (`--store-ca`,
+/// `--store-cert`, `--store-key`, `--store-user`): none of it by default.
+#[derive(Clone, Default)]
+pub struct Access {
+    /// PEM certificate(s) of the CA the members' certificates must chain
+    /// to: the store is reached over TLS (`https://` to each member).
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate and its key, for members that check client
+    /// certificates (`etcd --client-cert-auth`); TLS too.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// An etcd user and its password (`etcd auth enable`).
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+impl Access {
+    /// Whether the members are reached over TLS.
+    pub fn tls(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some()
+    }
+
+    /// Whether anything beyond the URL is asked for.
+    pub fn is_default(&self) -> bool {
+        !self.tls() && self.key.is_none() && self.user.is_none()
+    }
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password.
+        f.debug_struct("Access")
+            .field("ca", &self.ca)
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
+}
+
 /// The store behind `url`: `file://PATH` (a [`FileStore`]) or
 /// `etcd://HOST:PORT[,HOST:PORT...]` (an etcd cluster, reached within
 /// [`super::etcd::DEADLINE`] or an error naming it).
 pub fn open(url: &str) -> Result<Box<dyn FleetStore>, StoreError> {
+    open_with(url, &Access::default())
+}
+
+/// [`open`], reaching etcd as `access` says (TLS, a user).
+pub fn open_with(url: &str, access: &Access) -> Result<Box<dyn FleetStore>, StoreError> {
     let bad = |detail: &str| StoreError::BadUrl {
         url: url.to_owned(),
         detail: detail.to_owned(),
     };
     match url.split_once("://") {
+        Some(("file", _)) if !access.is_default() => Err(bad(
+            "TLS and users (--store-ca, --store-cert, --store-key, --store-user) are for etcd stores",
+        )),
         Some(("file", path)) if !path.is_empty() => Ok(Box::new(FileStore::new(Path::new(path)))),
         Some(("file", _)) => Err(bad("no path after file://")),
         Some(("etcd", hosts)) => {
@@ -201,7 +264,11 @@ pub fn open(url: &str) -> Result<Box<dyn FleetStore>, StoreError> {
                     return Err(bad(&format!("'{e}' is not HOST:PORT")));
                 }
             }
-            Ok(Box::new(super::etcd::EtcdStore::connect(&endpoints)?))
+            Ok(Box::new(super::etcd::EtcdStore::connect_with(
+                &endpoints,
+                access,
+                super::etcd::DEADLINE,
+            )?))
         }
         Some((scheme, _)) => Err(bad(&format!("unknown scheme {scheme}://"))),
         None => Err(bad("no scheme")),

@@ -121,6 +121,9 @@ struct Cli {
     #[arg(long, global = true, value_name = "URL", env = "HOST_SHIM_STORE")]
     store: Option<String>,
 
+    #[command(flatten)]
+    store_access: cli::fleet::StoreAccessArgs,
+
     /// The host's state directory (identity, config, token, peers)
     /// [default: /var/lib/host-shim for root, else ~/.local/share/host-shim].
     #[arg(long, global = true, value_name = "DIR", env = "HOST_SHIM_DIR")]
@@ -352,11 +355,19 @@ fn main() -> ExitCode {
         _ => "warn",
     });
     let fleet = cli.fleet.clone().unwrap_or_else(fleet::default_path);
+    let store_access = match cli.store_access.access() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            return ExitCode::from(STATUS_SHIM_ERROR);
+        }
+    };
     let target = Target {
         shim: cli.shim.first().cloned(),
         shims: cli.shim,
         fleet,
         store: cli.store,
+        store_access,
         dir: cli.dir,
         fingerprint: cli.fingerprint,
         token_file: cli.token_file,
@@ -391,6 +402,8 @@ struct Target {
     fleet: PathBuf,
     /// `--store URL`, if given.
     store: Option<String>,
+    /// How to reach it (`--store-ca`, `--store-user`, ...).
+    store_access: store::Access,
     dir: Option<PathBuf>,
     fingerprint: Option<String>,
     token_file: Option<PathBuf>,
@@ -469,9 +482,11 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
         .store
         .clone()
         .unwrap_or_else(|| format!("file://{}", target.fleet.display()));
-    let fleet = || store::open(&store).map(Fleet::new);
+    let fleet = || store::open_with(&store, &target.store_access).map(Fleet::new);
     match command {
-        Command::Schedule(args) => cli::schedule::schedule(args, target.shims.clone(), &store),
+        Command::Schedule(args) => {
+            cli::schedule::schedule(args, target.shims.clone(), &store, &target.store_access)
+        }
         Command::Fleet(FleetCommand::Add(a)) => fleet_status(commands::fleet_add(
             &fleet()?,
             Host {

@@ -21,6 +21,64 @@ use std::time::{Duration, Instant};
 /// with its own ports and data directory; killed when dropped.
 struct Etcd {
     members: Vec<Member>,
+    /// How clients reach it (TLS files when it serves TLS).
+    access: store::Access,
+    /// etcdctl's flags for that.
+    ctl_flags: Vec<String>,
+}
+
+/// The certificates of an etcd that serves clients over TLS and checks
+/// their certificates: a CA, the members' certificate (for 127.0.0.1),
+/// a client certificate, and another CA that signed none of them.
+struct Certs {
+    ca: std::path::PathBuf,
+    server: (std::path::PathBuf, std::path::PathBuf),
+    client: (std::path::PathBuf, std::path::PathBuf),
+    other_ca: std::path::PathBuf,
+}
+
+impl Certs {
+    fn generate(dir: &TempDir) -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair, KeyUsagePurpose,
+        };
+        let write = |name: &str, pem: String| {
+            let path = dir.path(name);
+            std::fs::write(&path, pem).unwrap();
+            path
+        };
+        let ca = |cn: &str| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let key = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            (cert.pem(), Issuer::new(params, key))
+        };
+        let (ca_pem, issuer) = ca("test etcd CA");
+        let (other_pem, _) = ca("another CA");
+        let leaf = |cn: &str, sans: Vec<String>| {
+            let mut params = CertificateParams::new(sans).unwrap();
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server, server_key) = leaf("etcd", vec!["127.0.0.1".into(), "localhost".into()]);
+        let (client, client_key) = leaf("host-shim", vec![]);
+        Self {
+            ca: write("ca.pem", ca_pem),
+            server: (write("server.pem", server), write("server.key", server_key)),
+            client: (write("client.pem", client), write("client.key", client_key)),
+            other_ca: write("other-ca.pem", other_pem),
+        }
+    }
 }
 
 struct Member {
@@ -61,6 +119,16 @@ impl Etcd {
     /// `n` members forming one cluster, ready when a client's round trip
     /// through all of them succeeds.
     fn cluster(dir: &TempDir, n: usize) -> Self {
+        Self::cluster_with(dir, n, None)
+    }
+
+    /// One member serving clients over TLS with `certs`, checking their
+    /// certificates (`--client-cert-auth`).
+    fn start_tls(dir: &TempDir, certs: &Certs) -> Self {
+        Self::cluster_with(dir, 1, Some(certs))
+    }
+
+    fn cluster_with(dir: &TempDir, n: usize, tls: Option<&Certs>) -> Self {
         if Command::new("etcd").arg("--version").output().is_err() {
             panic!(
                 "this test needs a real etcd on PATH: apt-get install etcd-server etcd-client \
@@ -80,15 +148,16 @@ impl Etcd {
                 let name = format!("m{i}");
                 let endpoint = format!("127.0.0.1:{client}");
                 let data = dir.path(&format!("{name}.etcd"));
-                let args = [
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                let mut args = [
                     "--name",
                     &name,
                     "--data-dir",
                     data.to_str().unwrap(),
                     "--listen-client-urls",
-                    &format!("http://{endpoint}"),
+                    &format!("{scheme}://{endpoint}"),
                     "--advertise-client-urls",
-                    &format!("http://{endpoint}"),
+                    &format!("{scheme}://{endpoint}"),
                     "--listen-peer-urls",
                     &format!("http://127.0.0.1:{peer}"),
                     "--initial-advertise-peer-urls",
@@ -100,6 +169,12 @@ impl Etcd {
                 ]
                 .map(str::to_owned)
                 .to_vec();
+                if let Some(c) = tls {
+                    args.extend(["--client-cert-auth".to_owned(), "--trusted-ca-file".into()]);
+                    args.push(c.ca.display().to_string());
+                    args.extend(["--cert-file".to_owned(), c.server.0.display().to_string()]);
+                    args.extend(["--key-file".to_owned(), c.server.1.display().to_string()]);
+                }
                 Member {
                     log: dir.path(&format!("{name}.log")),
                     name,
@@ -112,7 +187,30 @@ impl Etcd {
         for m in &mut members {
             m.spawn();
         }
-        let mut etcd = Self { members };
+        let (access, ctl_flags) = match tls {
+            Some(c) => (
+                store::Access {
+                    ca: Some(c.ca.clone()),
+                    cert: Some(c.client.0.clone()),
+                    key: Some(c.client.1.clone()),
+                    ..Default::default()
+                },
+                [
+                    ("--cacert", &c.ca),
+                    ("--cert", &c.client.0),
+                    ("--key", &c.client.1),
+                ]
+                .iter()
+                .map(|(flag, path)| format!("{flag}={}", path.display()))
+                .collect(),
+            ),
+            None => Default::default(),
+        };
+        let mut etcd = Self {
+            members,
+            access,
+            ctl_flags,
+        };
         etcd.wait_ready();
         etcd
     }
@@ -121,7 +219,7 @@ impl Etcd {
         let give_up = Instant::now() + Duration::from_secs(30);
         loop {
             let all_answer = self.members.iter().filter(|m| m.child.is_some()).all(|m| {
-                store::open(&format!("etcd://{}", m.endpoint))
+                store::open_with(&format!("etcd://{}", m.endpoint), &self.access)
                     .and_then(|s| s.list("none/"))
                     .is_ok()
             });
@@ -166,6 +264,7 @@ impl Etcd {
         Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
             .args(["--endpoints", &self.members[0].endpoint])
+            .args(&self.ctl_flags)
             .args(args)
             .output()
             .expect("etcdctl (apt-get install etcd-client)")
@@ -480,7 +579,7 @@ fn registered_hosts_show_up_from_another_client_and_down_after_their_lease() {
     // lease to lapse (up to its TTL), then says why.
     let started = Instant::now();
     let twin = Command::new(BIN)
-        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["serve", "--listen", "127.0.0.1:0"])
         .args(["--name", "a", "--store", &url, "--lease-ttl", "2s"])
         .env("RUST_LOG", "warn")
         .output()
@@ -525,18 +624,192 @@ fn registered_hosts_show_up_from_another_client_and_down_after_their_lease() {
     assert!(text(&out).contains("--advertise"), "{}", text(&out));
     assert!(host_row(&url, "w").is_none());
 
-    // A daemon that fails after registering (its API address is taken)
-    // revokes its lease on the way out: down at once, not after its TTL.
+    // A daemon that fails after registering (it cannot write its ready
+    // file) revokes its lease on the way out: down at once, not after its TTL.
     let out = Command::new(BIN)
-        .args(["serve", "--listen", &a2.addr, "--name", "c"])
-        .args(["--store", &url, "--lease-ttl", "60s"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--name", "c"])
+        .args(["--store", &url, "--lease-ttl", "60s", "--ready-file"])
+        .arg(dir.path("no/such/dir/ready"))
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
     assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot write --ready-file"),
+        "{}",
+        text(&out)
+    );
     let row = host_row(&url, "c").expect("c registered before failing");
     assert_eq!(row["state"], "down", "{row}");
+    // It had listened on a port the system chose, and recorded that one.
+    let recorded = row["url"].as_str().unwrap();
+    assert!(
+        recorded.starts_with("http://127.0.0.1:") && !recorded.ends_with(":0"),
+        "{row}"
+    );
     drop(b);
+}
+
+/// A plain daemon's `GET /v1/info` addresses: (gateway, first, last, guest net).
+fn addresses(d: &Daemon) -> (String, String, String, String) {
+    let info = api::Client::new(&d.addr).info().unwrap();
+    let a = info.addresses.expect("addresses in /v1/info");
+    (info.gateway, a.first, a.last, a.guest_net)
+}
+
+/// The address of instance `name` on daemon `d` (in the fleet's /10).
+fn ip_of(d: &Daemon, name: &str) -> String {
+    api::Client::new(&d.addr)
+        .list()
+        .unwrap()
+        .into_iter()
+        .find(|i| i.name == name)
+        .unwrap_or_else(|| panic!("{name} on {}", d.addr))
+        .ip
+        .expect("an address")
+        .trim_end_matches("/10")
+        .to_owned()
+}
+
+#[test]
+fn hosts_get_address_blocks_from_the_store_past_14_and_guests_keep_theirs_when_they_move() {
+    let dir = TempDir::new("etcd-blocks");
+    let etcd = Etcd::start(&dir);
+    let url = etcd.url();
+    // Twenty hosts hold blocks already (more than the 14 shim ids there are).
+    let client = store::open(&url).unwrap();
+    for i in 1..=20 {
+        client
+            .put(
+                &format!("blocks/{i:05}"),
+                json!({"host": format!("h{i}"), "since": 0}),
+                Expect::Absent,
+            )
+            .unwrap();
+    }
+    let serve = |name: &str| {
+        let state = dir.path(&format!("{name}-state"));
+        let state = state.to_str().unwrap();
+        let extra = ["--store", &url, "--lease-ttl", "4s", "--state-dir", state];
+        Daemon::start(name, 0, &extra, &dir)
+    };
+    let mut a = serve("a");
+    let b = serve("b");
+    // The store's network (recorded by a, the first host) and a block
+    // each past the others': gateway first, guests the rest.
+    assert_eq!(
+        client.get("network").unwrap().unwrap().value,
+        json!({"cidr": "10.64.0.0/10"})
+    );
+    assert_eq!(
+        addresses(&a),
+        (
+            "10.64.84.0".into(),
+            "10.64.84.1".into(),
+            "10.64.87.255".into(),
+            "10.64.0.0/10".into()
+        )
+    );
+    let (b_gateway, b_first, ..) = addresses(&b);
+    assert_eq!(
+        (b_gateway.as_str(), b_first.as_str()),
+        ("10.64.88.0", "10.64.88.1")
+    );
+    assert_eq!(
+        client.get("blocks/00021").unwrap().unwrap().value["host"],
+        "a"
+    );
+    assert_eq!(
+        client.get("blocks/00022").unwrap().unwrap().value["host"],
+        "b"
+    );
+
+    // kv on a gets a's first guest address; it moves to b and keeps it
+    // (outside b's block), reached through a's port over the overlay.
+    let port = free_port();
+    let publish = format!("127.0.0.1:{port}:6379");
+    let img = kv_img();
+    ok(
+        &url,
+        &[
+            "deploy",
+            &img,
+            "--on",
+            "a",
+            "--name",
+            "kv",
+            "--publish",
+            &publish,
+        ],
+    );
+    assert_eq!(ip_of(&a, "kv"), "10.64.84.1");
+    let mut kv = Redis::when_up(port);
+    assert_eq!(kv.cmd(&["SET", "k", "before"]).unwrap(), "OK");
+    let moved: Value =
+        serde_json::from_str(&ok(&url, &["migrate", "kv", "--to", "b", "--json"])).unwrap();
+    assert_eq!(moved["to"], "b", "{moved}");
+    assert_eq!(ip_of(&b, "kv"), "10.64.84.1", "kept its address on b");
+    assert_eq!(kv.cmd(&["GET", "k"]).unwrap(), "before");
+    assert_eq!(kv.cmd(&["SET", "k", "after"]).unwrap(), "OK");
+    assert_eq!(kv.host(), "b", "the app knows where it runs");
+    // New guests: b's from its own block; a does not hand out kv's
+    // address again while the overlay carries it to b.
+    ok(&url, &["deploy", &img, "--on", "b", "--name", "kv2"]);
+    assert_eq!(ip_of(&b, "kv2"), "10.64.88.1");
+    ok(&url, &["deploy", &img, "--on", "a", "--name", "kv3"]);
+    assert_eq!(ip_of(&a, "kv3"), "10.64.84.2");
+
+    // a comes back after kill -9 with its block.
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    let a2 = serve("a");
+    assert_eq!(addresses(&a2).0, "10.64.84.0");
+    assert_eq!(ip_of(&b, "kv"), "10.64.84.1", "kv runs on b still");
+    // ... brings kv3 back (deployed apps restart with their host) and does
+    // not hand out the address kv (from its block) holds on b: it asked
+    // the live hosts when it came back.
+    assert_eq!(ip_of(&a2, "kv3"), "10.64.84.2");
+    ok(&url, &["deploy", &img, "--on", "a", "--name", "kv4"]);
+    assert_eq!(ip_of(&a2, "kv4"), "10.64.84.3", "{}", a2.output());
+    // The fleet has one network: another is refused, naming the recorded one.
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--name", "n"])
+        .args(["--store", &url, "--fleet-net", "10.0.0.0/16"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("10.64.0.0/10 (recorded in the store)"),
+        "{}",
+        text(&out)
+    );
+    drop(b);
+
+    // A small fleet network (a /21: one block besides block 0) fills up,
+    // and the next host is told so.
+    let dir2 = TempDir::new("etcd-blocks-full");
+    let small = Etcd::start(&dir2);
+    let small_url = small.url();
+    let x = Daemon::start(
+        "x",
+        0,
+        &["--store", &small_url, "--fleet-net", "10.99.0.0/21"],
+        &dir2,
+    );
+    assert_eq!(addresses(&x).0, "10.99.4.0");
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--name", "y"])
+        .args(["--store", &small_url])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("the fleet network 10.99.0.0/21 is full"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -589,12 +862,18 @@ fn store_urls_fail_clearly_and_the_file_store_still_works() {
     assert!(text(&by_default).contains(&d.addr), "{}", text(&by_default));
     // The file store has no leases: serve --store file:// says so.
     let out = Command::new(BIN)
-        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["serve", "--listen", "127.0.0.1:0"])
         .args(["--name", "g", "--store", &store])
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(text(&out).contains("needs an etcd store"), "{}", text(&out));
+    let file_store = store::open(&store).unwrap();
+    assert!(
+        file_store.list("blocks/").unwrap().is_empty()
+            && file_store.get("network").unwrap().is_none(),
+        "nothing allocated in a store that cannot register the host"
+    );
 }
 
 #[test]
@@ -1047,4 +1326,168 @@ fn events_follow_starts_over_a_compacted_history_without_repeating() {
         .events
         .recv_timeout(Duration::from_secs(1))
         .is_err());
+}
+
+/// `host-shim --store URL FLAGS ARGS` with extra (store access) flags and
+/// environment; how long it took.
+fn cli_with(
+    store: &str,
+    flags: &[String],
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (Output, Duration) {
+    let started = Instant::now();
+    let out = Command::new(BIN)
+        .arg("--store")
+        .arg(store)
+        .args(flags)
+        .args(args)
+        .env_remove("HOST_SHIM_FLEET")
+        .env_remove("HOST_SHIM_STORE_PASSWORD")
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("spawn host-shim");
+    (out, started.elapsed())
+}
+
+/// Asserts `out` failed within 5 s (plus process start-up on a loaded
+/// host) with an error naming `url` and saying `why`.
+fn fails_clearly(out: &(Output, Duration), url: &str, why: &str) {
+    let (out, took) = out;
+    eprintln!("failed in {took:?}: {}", text(out).trim());
+    assert_eq!(out.status.code(), Some(1), "{}", text(out));
+    assert!(text(out).contains(url), "names {url}: {}", text(out));
+    assert!(text(out).contains(why), "says {why}: {}", text(out));
+    assert!(*took < Duration::from_secs(8), "took {took:?}");
+}
+
+#[test]
+fn etcd_over_tls_with_client_certificates() {
+    let dir = TempDir::new("etcd-tls");
+    let certs = Certs::generate(&dir);
+    let etcd = Etcd::start_tls(&dir, &certs);
+    let url = etcd.url();
+    let path = |p: &std::path::Path| p.display().to_string();
+    let flags = vec![
+        "--store-ca".to_owned(),
+        path(&certs.ca),
+        "--store-cert".into(),
+        path(&certs.client.0),
+        "--store-key".into(),
+        path(&certs.client.1),
+    ];
+    let mut extra: Vec<&str> = vec!["--store", &url, "--lease-ttl", "4s"];
+    extra.extend(flags.iter().map(String::as_str));
+    let _a = Daemon::start("a", 0, &extra, &dir);
+    let (out, _) = cli_with(&url, &flags, &[], &["fleet", "ls", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["name"], "a", "{rows}");
+    assert_eq!(rows[0]["state"], "up", "{rows}");
+    // The same through the environment.
+    let ca = path(&certs.ca);
+    let (cert, key) = (path(&certs.client.0), path(&certs.client.1));
+    let env = [
+        ("HOST_SHIM_STORE_CA", ca.as_str()),
+        ("HOST_SHIM_STORE_CERT", cert.as_str()),
+        ("HOST_SHIM_STORE_KEY", key.as_str()),
+    ];
+    let (out, _) = cli_with(&url, &[], &env, &["fleet", "ls"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // A CA that did not sign the members' certificate: refused, clearly.
+    let mut wrong = flags.clone();
+    wrong[1] = path(&certs.other_ca);
+    fails_clearly(
+        &cli_with(&url, &wrong, &[], &["fleet", "ls"]),
+        &url,
+        "certificate",
+    );
+    // No client certificate: etcd refuses the handshake.
+    fails_clearly(
+        &cli_with(&url, &flags[..2], &[], &["fleet", "ls"]),
+        &url,
+        "etcd at",
+    );
+    // Plain HTTP to a TLS member.
+    fails_clearly(&cli_with(&url, &[], &[], &["fleet", "ls"]), &url, "etcd at");
+    // A CA "file" that is a device: refused, not read forever.
+    let mut device = flags.clone();
+    device[1] = "/dev/zero".into();
+    let (out, _) = cli_with(&url, &device, &[], &["fleet", "ls"]);
+    assert!(
+        text(&out).contains("--store-ca: /dev/zero is not a regular file"),
+        "{}",
+        text(&out)
+    );
+    // A certificate without its key is a flag error.
+    let (out, _) = cli_with(&url, &flags[..4], &[], &["fleet", "ls"]);
+    assert!(
+        text(&out).contains("--store-cert and --store-key go together"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn etcd_with_users_takes_a_password_from_a_file_or_the_environment() {
+    let dir = TempDir::new("etcd-auth");
+    let etcd = Etcd::start(&dir);
+    let url = etcd.url();
+    for args in [
+        &["user", "add", "root", "--new-user-password", "s3cret pass"][..],
+        &["auth", "enable"][..],
+    ] {
+        let out = etcd.ctl(args);
+        assert!(out.status.success(), "etcdctl {args:?}: {}", text(&out));
+    }
+    let file = dir.path("password");
+    std::fs::write(&file, "s3cret pass\n").unwrap();
+    let file = file.display().to_string();
+    let _a = Daemon::start(
+        "a",
+        0,
+        &[
+            "--store",
+            &url,
+            "--lease-ttl",
+            "4s",
+            "--store-user",
+            "root",
+            "--store-password-file",
+            &file,
+        ],
+        &dir,
+    );
+    let user = ["--store-user".to_owned(), "root".into()];
+    let (out, _) = cli_with(
+        &url,
+        &user,
+        &[("HOST_SHIM_STORE_PASSWORD", "s3cret pass")],
+        &["fleet", "ls", "--json"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&rows[0]["name"], &rows[0]["state"]),
+        (&json!("a"), &json!("up")),
+        "{rows}"
+    );
+
+    // A wrong password, or none: refused clearly, naming the store.
+    fails_clearly(
+        &cli_with(
+            &url,
+            &user,
+            &[("HOST_SHIM_STORE_PASSWORD", "wrong")],
+            &["fleet", "ls"],
+        ),
+        &url,
+        "authentication failed",
+    );
+    fails_clearly(&cli_with(&url, &[], &[], &["fleet", "ls"]), &url, "etcd at");
+    // A user without a password is a flag error.
+    let (out, _) = cli_with(&url, &user, &[], &["fleet", "ls"]);
+    assert!(text(&out).contains("needs a password"), "{}", text(&out));
 }

@@ -7,8 +7,11 @@
 //! gateways on one overlay). A shim without an overlay hands out every
 //! address of the other blocks (a /16: 64,512); a shim on an overlay only
 //! those of block N, so that shims joined by the overlay (one Ethernet
-//! segment) never give two guests one address — a stop-gap until a control
-//! plane allocates blocks. The pool keeps no state of its own: the daemon
+//! segment) never give two guests one address. A shim of a fleet on a
+//! store (`serve --store`) is instead allocated a block of the fleet's
+//! network by the store ([`GuestNet::block`]): its gateway is the block's
+//! first address and its guests the rest, so a fleet is not limited to
+//! the 14 ids but to the network's blocks (4,095 of a /10). The pool keeps no state of its own: the daemon
 //! passes the addresses its live instances hold and takes the lowest free
 //! one ([`GuestNet::lowest_free`]), so an address comes back when its
 //! instance stops or moves away, whatever way that happens.
@@ -52,6 +55,14 @@ pub enum GuestNetError {
          overlay needs block {id} (use a larger subnet or a smaller --shim-id)"
     )]
     NoBlock { net: GuestNet, blocks: u32, id: u8 },
+    #[error(
+        "{net} has {blocks} blocks of {BLOCK} addresses: block {index} is not one of 1..{blocks}"
+    )]
+    BlockOutOfRange {
+        net: GuestNet,
+        blocks: u32,
+        index: u32,
+    },
 }
 
 impl GuestNet {
@@ -100,6 +111,33 @@ impl GuestNet {
             BLOCK - 1
         };
         Ok((self.at(id * BLOCK), self.at(id * BLOCK + last)))
+    }
+
+    /// How many blocks of [`BLOCK`] addresses it has.
+    pub fn blocks(&self) -> u32 {
+        self.size() / BLOCK
+    }
+
+    /// Block `index`'s gateway (its first address) and the addresses it
+    /// hands out (the rest; the network's last block leaves out the
+    /// broadcast address). Block 0 (the network's own address and the
+    /// `--shim-id` gateways) is no shim's.
+    pub fn block(&self, index: u32) -> Result<(Ipv4Addr, (Ipv4Addr, Ipv4Addr)), GuestNetError> {
+        let blocks = self.blocks();
+        if index == 0 || index >= blocks {
+            return Err(GuestNetError::BlockOutOfRange {
+                net: *self,
+                blocks,
+                index,
+            });
+        }
+        let first = index * BLOCK;
+        let last = if index == blocks - 1 {
+            first + BLOCK - 2
+        } else {
+            first + BLOCK - 1
+        };
+        Ok((self.at(first), (self.at(first + 1), self.at(last))))
     }
 
     /// How many addresses `pool` holds.
@@ -208,6 +246,30 @@ mod tests {
                 ip("10.0.0.0")
             ))
         );
+    }
+
+    #[test]
+    fn a_store_allocated_block_has_its_gateway_first_and_1023_guests() {
+        let net: GuestNet = "10.64.0.0/10".parse().unwrap();
+        assert_eq!(net.blocks(), 4096);
+        let (gw, pool) = net.block(1).unwrap();
+        assert_eq!(gw, ip("10.64.4.0"));
+        assert_eq!(pool, (ip("10.64.4.1"), ip("10.64.7.255")));
+        assert_eq!(GuestNet::capacity(pool), 1023);
+        // Far past the 14 shim ids, and the last block keeps the broadcast address out.
+        let (gw, pool) = net.block(4095).unwrap();
+        assert_eq!(gw, ip("10.127.252.0"));
+        assert_eq!(pool, (ip("10.127.252.1"), ip("10.127.255.254")));
+        for bad in [0, 4096] {
+            assert!(matches!(
+                net.block(bad),
+                Err(GuestNetError::BlockOutOfRange { blocks: 4096, .. })
+            ));
+        }
+        // Neighbouring blocks do not overlap.
+        let (_, a) = net.block(2).unwrap();
+        let (gw3, _) = net.block(3).unwrap();
+        assert_eq!(u32::from(a.1) + 1, u32::from(gw3));
     }
 
     #[test]

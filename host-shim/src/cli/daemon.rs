@@ -29,6 +29,12 @@ first 1,024 addresses, or on an overlay its own block of 1,024 (shim 1:
 guests keep their address when they move. Give every shim of a fleet its
 own id and the same --guest-net.
 
+With --store (and no --shim-id) the fleet store allocates the addresses:
+the fleet's network (--fleet-net, default 10.64.0.0/10, recorded in the
+store by the first host) is cut into blocks of 1,024 and each host owns one
+(the same again when it comes back): its gateway is the block's first
+address, its guests the rest. No limit of 14 shims: a /10 has 4,095 blocks.
+
 Security: with an identity (`host-shim init`; found in --dir, or in the
 default directory when --listen is not given) the API and the migration
 streams are TLS 1.3; users call with the token (401 otherwise), peer hosts
@@ -125,14 +131,23 @@ pub(crate) struct ServeArgs {
     pub(crate) region: Option<String>,
 
     /// This shim's number in its fleet (1..14): picks its gateway and guest
-    /// addresses [default: the identity's, else 1].
+    /// addresses [default: the identity's, else 1; with --store, a block
+    /// allocated by the store instead].
     #[arg(long, value_name = "N")]
     pub(crate) shim_id: Option<u8>,
+
+    /// With --store: the fleet's guest network, cut into blocks of 1,024
+    /// addresses, one per host; recorded in the store by the first host
+    /// (a host naming another one is refused) [default: the recorded one,
+    /// else 10.64.0.0/10].
+    #[arg(long, value_name = "CIDR", conflicts_with = "shim_id")]
+    pub(crate) fleet_net: Option<hostnet::pool::GuestNet>,
 
     /// The subnet of this shim's gateway and guests, shared by every shim
     /// of an overlay. Without an overlay a shim hands out all of it past
     /// the gateways' first 1,024 addresses; on an overlay, shim N its Nth
-    /// block of 1,024.
+    /// block of 1,024. Not used with --store (unless --shim-id is given):
+    /// the store's fleet network is (--fleet-net).
     #[arg(long, value_name = "CIDR", default_value_t = hostnet::pool::DEFAULT_GUEST_NET)]
     pub(crate) guest_net: hostnet::pool::GuestNet,
 
@@ -240,8 +255,9 @@ pub(crate) struct ServeArgs {
     pub(crate) lease_ttl: std::time::Duration,
 
     /// With --store: the API address other machines reach this host at,
-    /// as recorded in the store [default: the --listen address, which must
-    /// then be a specific one, not 0.0.0.0].
+    /// as recorded in the store [default: the address the daemon listens
+    /// on (with --listen HOST:0, the port it got), which must then be a
+    /// specific one, not 0.0.0.0].
     #[arg(long, value_name = "ADDR")]
     pub(crate) advertise: Option<std::net::SocketAddr>,
 
@@ -443,36 +459,42 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
         region: region.clone(),
     });
     let ready_file = args.ready_file.clone();
-    let api = args.advertise.unwrap_or(listen);
-    if target.store.is_some() && (api.ip().is_unspecified() || api.port() == 0) {
+    if target.store.is_some() && args.advertise.unwrap_or(listen).ip().is_unspecified() {
         anyhow::bail!("--listen {listen} is no address other machines can reach: --advertise ADDR");
     }
-    let record = fleet::Host {
-        name: name.clone(),
-        url: format!(
-            "{}://{api}",
-            if identity.is_some() { "https" } else { "http" }
-        ),
-        region: region.clone(),
-        fingerprint: identity.as_ref().map(|i| i.fingerprint.to_string()),
-        overlay: overlay.as_ref().map(|o| o.listen.to_string()),
-        capacity: Some(fleet::Capacity {
-            max_instances: limits.max_instances,
-            max_guest_memory: limits.max_guest_memory,
-        }),
-        ..fleet::Host::default()
-    };
-    let _registration = match &target.store {
-        Some(url) => Some(fleet::registry::register(
-            fleet::store::open(url)?,
-            record,
-            args.lease_ttl,
-        )?),
+    // With a store: its fleet network and this host's block of it (unless
+    // --shim-id asks for the fixed layout).
+    let store = match &target.store {
+        Some(url) => Some(fleet::store::open_with(url, &target.store_access)?),
         None => None,
+    };
+    if store.as_ref().is_some_and(|s| !s.has_leases()) {
+        // Before anything is written there: a host registers under a lease.
+        return Err(
+            fleet::store::StoreError::NoLeases("serve --store (a host's registration)").into(),
+        );
+    }
+    let (guest_net, block) = match (&store, args.shim_id) {
+        (Some(store), None) => {
+            let wanted = args.fleet_net.map(|n| n.to_string());
+            let cidr = fleet::registry::fleet_network(&**store, wanted.as_deref())?;
+            let net: hostnet::pool::GuestNet = cidr
+                .parse()
+                .with_context(|| format!("the fleet store's network '{cidr}'"))?;
+            let claimed = fleet::registry::claim_block(&**store, &name, &cidr, net.blocks())?;
+            (net, Some(claimed))
+        }
+        (None, _) if args.fleet_net.is_some() => {
+            anyhow::bail!("--fleet-net needs --store (the store allocates its blocks)")
+        }
+        _ => (args.guest_net, None),
     };
     let security = identity
         .map(|i| security::HostSecurity::new(i).map(std::sync::Arc::new))
         .transpose()?;
+    let (lease_ttl, advertise) = (args.lease_ttl, args.advertise);
+    let mut registration = None;
+    let registered = &mut registration;
     daemon::serve(
         DaemonConfig {
             listen,
@@ -482,7 +504,8 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
                 .shim_id
                 .or(host.as_ref().map(|h| h.shim_id))
                 .unwrap_or(1),
-            guest_net: args.guest_net,
+            block: block.map(|b| b.index),
+            guest_net,
             publish: args.publish,
             kvm_device: args.kvm_device,
             overlay,
@@ -495,8 +518,33 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
                 fault: args.test_fault,
             },
         },
-        |daemon, brought_back| {
+        move |daemon, brought_back| {
             print_banner(daemon, brought_back);
+            // Registered once listening: the API URL recorded is the bound address.
+            if let Some(store) = store {
+                // A host back on its block: guests that moved away from it
+                // (before it stopped) keep their addresses elsewhere.
+                if block.is_some_and(|b| b.again) {
+                    let pool = daemon.config.pool().map_err(|e| e.to_string())?;
+                    let held = fleet::registry::addresses_held_elsewhere(
+                        &*store,
+                        &daemon.config.name,
+                        pool,
+                    )
+                    .map_err(|e| e.to_string())?;
+                    if !held.is_empty() {
+                        eprintln!(
+                            "host-shim serve: {} addresses of this block are held by guests on other hosts: kept for them",
+                            held.len()
+                        );
+                    }
+                    daemon.hold_elsewhere(held);
+                }
+                let record = host_record(daemon, advertise);
+                let r = fleet::registry::register(store, record, lease_ttl)
+                    .map_err(|e| e.to_string())?;
+                *registered = Some(r);
+            }
             if let Some(file) = &ready_file {
                 let ready = serde_json::json!({
                     "listen": daemon.config.listen.to_string(),
@@ -507,13 +555,43 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
                         .as_ref()
                         .map(|s| s.identity.fingerprint.to_string()),
                 });
-                if let Err(e) = shim_util::files::write_atomic(file, ready.to_string().as_bytes()) {
-                    eprintln!("host-shim serve: cannot write {}: {e}", file.display());
-                }
+                shim_util::files::write_atomic(file, ready.to_string().as_bytes())
+                    .map_err(|e| format!("cannot write --ready-file {}: {e}", file.display()))?;
             }
+            Ok(())
         },
     )?;
     Ok(0)
+}
+
+/// What a daemon registers in the fleet store about itself, once it
+/// listens: its name, region, API URL (`advertise`, else the bound
+/// address), fingerprint, overlay address and capacity.
+fn host_record(daemon: &daemon::Daemon, advertise: Option<std::net::SocketAddr>) -> fleet::Host {
+    let config = &daemon.config;
+    fleet::Host {
+        name: config.name.clone(),
+        url: format!(
+            "{}://{}",
+            if config.security.is_some() {
+                "https"
+            } else {
+                "http"
+            },
+            advertise.unwrap_or(config.listen)
+        ),
+        region: config.region.clone(),
+        fingerprint: config
+            .security
+            .as_ref()
+            .map(|s| s.identity.fingerprint.to_string()),
+        overlay: daemon.net.overlay_addr().map(|a| a.to_string()),
+        capacity: Some(fleet::Capacity {
+            max_instances: config.limits.max_instances,
+            max_guest_memory: config.limits.max_guest_memory,
+        }),
+        ..fleet::Host::default()
+    }
 }
 
 /// What `serve` says once it listens: the instances it brought back, where

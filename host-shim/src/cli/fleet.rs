@@ -546,3 +546,83 @@ fn event_line(e: &Event) -> String {
         },
     )
 }
+
+/// The password env variable of `--store-user`.
+pub(crate) const STORE_PASSWORD_ENV: &str = "HOST_SHIM_STORE_PASSWORD";
+
+/// How to reach an etcd store over TLS and as an etcd user (global flags;
+/// the password never on the command line).
+#[derive(clap::Args, Clone, Default)]
+pub(crate) struct StoreAccessArgs {
+    /// With --store etcd://...: reach its members over TLS, trusting this
+    /// CA's certificate (PEM).
+    #[arg(long, global = true, value_name = "FILE", env = "HOST_SHIM_STORE_CA")]
+    store_ca: Option<std::path::PathBuf>,
+
+    /// With --store-ca: this client certificate (PEM), for members started
+    /// with --client-cert-auth.
+    #[arg(long, global = true, value_name = "FILE", env = "HOST_SHIM_STORE_CERT")]
+    store_cert: Option<std::path::PathBuf>,
+
+    /// The key of --store-cert (PEM).
+    #[arg(long, global = true, value_name = "FILE", env = "HOST_SHIM_STORE_KEY")]
+    store_key: Option<std::path::PathBuf>,
+
+    /// With --store etcd://...: authenticate as this etcd user (etcd auth
+    /// enabled); the password from --store-password-file or
+    /// $HOST_SHIM_STORE_PASSWORD.
+    #[arg(long, global = true, value_name = "NAME", env = "HOST_SHIM_STORE_USER")]
+    store_user: Option<String>,
+
+    /// The file holding --store-user's password (its first line; `-`:
+    /// standard input).
+    #[arg(long, global = true, value_name = "FILE")]
+    store_password_file: Option<std::path::PathBuf>,
+}
+
+impl StoreAccessArgs {
+    /// The store access these flags ask for, with the password read.
+    pub(crate) fn access(&self) -> anyhow::Result<fleet::store::Access> {
+        let password = match &self.store_password_file {
+            Some(file) => Some(read_password(file)?),
+            None => std::env::var(STORE_PASSWORD_ENV)
+                .ok()
+                .filter(|p| !p.is_empty()),
+        };
+        if password.is_some() && self.store_user.is_none() {
+            anyhow::bail!("a store password needs --store-user NAME");
+        }
+        Ok(fleet::store::Access {
+            ca: self.store_ca.clone(),
+            cert: self.store_cert.clone(),
+            key: self.store_key.clone(),
+            user: self.store_user.clone(),
+            password,
+        })
+    }
+}
+
+/// The first line of `file` (`-`: standard input), at most 4 KiB read.
+fn read_password(file: &Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    const MAX: u64 = 4096;
+    let bytes = if file == Path::new("-") {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(std::io::stdin().lock(), MAX),
+            &mut bytes,
+        )
+        .context("--store-password-file -: reading standard input")?;
+        bytes
+    } else {
+        shim_util::files::read_capped(file, MAX)
+            .with_context(|| format!("--store-password-file {}", file.display()))?
+    };
+    let text = String::from_utf8(bytes)
+        .map_err(|_| anyhow::anyhow!("--store-password-file {}: not text", file.display()))?;
+    let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
+    if line.is_empty() {
+        anyhow::bail!("--store-password-file {}: empty", file.display());
+    }
+    Ok(line.to_owned())
+}

@@ -129,16 +129,26 @@ pub(super) fn parse_cooldown(s: &str) -> Result<Duration, String> {
 /// With an etcd store (`store`), several replicas may run: they elect a
 /// leader there, and only the leader decides and moves the app; every
 /// move is recorded in the store (the app's host, the event stream).
-pub fn schedule(args: ScheduleArgs, shims: Vec<String>, store: &str) -> anyhow::Result<u8> {
+pub fn schedule(
+    args: ScheduleArgs,
+    shims: Vec<String>,
+    store: &str,
+    access: &fleet::store::Access,
+) -> anyhow::Result<u8> {
     use fleet::schedule::{PolicyKind, ScheduleConfig};
-    let fleet = Arc::new(Fleet::new(fleet::store::open(store)?));
+    let fleet = Arc::new(Fleet::new(fleet::store::open_with(store, access)?));
     let leader = if store.starts_with("etcd://") {
         let replica = args
             .replica
             .clone()
             .unwrap_or_else(|| format!("schedule-{}", std::process::id()));
         let role = format!("schedule/{}", args.app);
-        let elector = Elector::start(fleet::store::open(store)?, &role, &replica, args.leader_ttl)?;
+        let elector = Elector::start(
+            fleet::store::open_with(store, access)?,
+            &role,
+            &replica,
+            args.leader_ttl,
+        )?;
         Some(Arc::new(elector))
     } else {
         None

@@ -56,7 +56,8 @@ impl Daemon {
         Self::start_in(name, "test", shim_id, extra, env, dir)
     }
 
-    /// A plain daemon in `region`.
+    /// A plain daemon in `region` (`shim_id` is left out with `--store`
+    /// in `extra`: the store allocates its addresses).
     pub fn start_in(
         name: &str,
         region: &str,
@@ -66,18 +67,16 @@ impl Daemon {
         dir: &TempDir,
     ) -> Self {
         // Port 0: the daemon takes a free port and says which in its ready
-        // file; a daemon registering in a store must know its address before
-        // it listens, so it gets a free port from us (and may race for it).
-        let addr = if extra.contains(&"--store") {
-            format!("127.0.0.1:{}", free_port())
-        } else {
-            "127.0.0.1:0".to_owned()
-        };
+        // file (a daemon registering in a store records that bound port).
+        let addr = "127.0.0.1:0".to_owned();
         let mut args = vec![
             "serve", "--listen", &addr, "--name", name, "--region", region,
         ];
+        // With a store, the store allocates its addresses: no --shim-id.
         let id = shim_id.to_string();
-        args.extend(["--shim-id", &id]);
+        if !extra.contains(&"--store") {
+            args.extend(["--shim-id", &id]);
+        }
         args.extend(extra);
         Self::spawn(name, addr.clone(), &args, env, dir, None)
     }
@@ -98,11 +97,7 @@ impl Daemon {
         dir: &TempDir,
     ) -> Self {
         let state = dir.path(&format!("{name}.state"));
-        let addr = if serve_extra.contains(&"--store") {
-            format!("127.0.0.1:{}", free_port())
-        } else {
-            "127.0.0.1:0".to_owned()
-        };
+        let addr = "127.0.0.1:0".to_owned();
         let out = Command::new(BIN)
             .args(["--dir", state.to_str().unwrap(), "init", "--name", name])
             .args(["--region", "test", "--listen", &addr])
