@@ -31,6 +31,18 @@
 //! [`DEFAULT_GRACE`]) restarts the app here. A crash therefore loses the
 //! writes after the last checkpoint that reached the peer: at most the
 //! checkpoint interval, none with ack-after-checkpoint.
+//!
+//! With a fleet store (a daemon registered with `--store etcd://...`, and
+//! an origin that is too: [`StandbyRequest::origin_host`]), the standby
+//! does not probe: it watches the app's owner record (`apps/NAME`) and the
+//! origin's lease. Once that lease lapsed, it takes the app over by
+//! compare-and-swap on the owner (`fleet::ops::take_over`: of several
+//! candidates, and of the origin coming back, exactly one wins), restarts
+//! it here from the latest checkpoint (recorded to survive this daemon's
+//! restart) and records a `takeover` event. The record naming another host
+//! (the app moved or was taken) or vanishing (stopped) releases it. The
+//! origin pauses its guests before its lease can lapse
+//! ([`crate::fence`]), so the two never run at once.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -65,6 +77,10 @@ pub const SHIP_DEADLINE: Duration = Duration::from_secs(5);
 pub struct StandbyRequest {
     /// The origin daemon's API address (probed).
     pub origin: String,
+    /// The origin's name in the fleet store, when it registered there:
+    /// then its lease and the app's owner record decide the takeover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_host: Option<String>,
     /// The instance as the origin ran it; `restore`/`standby` are ignored.
     pub run: RunRequest,
     /// The image the origin runs; the standby must have the same file.
@@ -95,6 +111,9 @@ struct Entry {
     state: Mutex<String>,
     /// Replaced by a newer registration of the same name.
     superseded: AtomicBool,
+    /// Taken over: the checkpoints here are the running app's own now,
+    /// and the origin's are refused.
+    closed: AtomicBool,
 }
 
 struct Store {
@@ -178,8 +197,18 @@ pub fn probe_interval(grace: Duration) -> Duration {
 /// Registers a standby for an instance (replacing an older one of the
 /// same name) and starts watching its origin.
 pub(super) fn accept(daemon: &Arc<Daemon>, req: StandbyRequest) -> Result<StandbyInfo, ApiError> {
+    let mut req = req;
     let name = req.run.name.clone();
     super::check_name(&name)?;
+    // The origin names its own file; this daemon may keep the image by
+    // hash (uploaded by `deploy --standby`).
+    if let Ok(file) = daemon.image_file(&format!(
+        "{}{}",
+        super::images::HASH_PREFIX,
+        req.image.sha256
+    )) {
+        req.run.image = file;
+    }
     let here = vmm::machine::image_id(std::path::Path::new(&req.run.image)).map_err(|e| {
         ApiError(
             409,
@@ -218,6 +247,7 @@ pub(super) fn accept(daemon: &Arc<Daemon>, req: StandbyRequest) -> Result<Standb
         req,
         state: Mutex::new("waiting".into()),
         superseded: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
     });
     if let Some(old) = daemon
         .standbys
@@ -261,6 +291,15 @@ pub(super) fn receive(daemon: &Daemon, name: &str, body: &[u8]) -> Result<Standb
     })?;
     let (blob, len) = abi::checkpoint::decode_blob(body).map_err(|e| bad(e.to_string()))?;
     let mut store = entry.store.lock().unwrap_or_else(|e| e.into_inner());
+    if entry.closed.load(Ordering::Acquire) {
+        return Err(ApiError(
+            409,
+            format!(
+                "'{name}' was taken over by {}: its checkpoints are no longer the origin's",
+                daemon.config.name
+            ),
+        ));
+    }
     let full = store.chain.accept(&blob).map_err(|e| ApiError(409, e))?;
     if let Err(e) = store.sink.store(&body[..len], full) {
         store.chain.reset();
@@ -314,6 +353,9 @@ fn probe(origin: &Client, name: &str) -> Probe {
 /// Watches the origin until the instance ends there, or the origin dies
 /// and the app is restarted here.
 fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
+    if let (Some(link), Some(origin)) = (&daemon.config.fleet, &entry.req.origin_host) {
+        return watch_store(daemon, entry, link, origin);
+    }
     let name = entry.req.run.name.clone();
     let grace = Duration::from_millis(entry.req.grace_ms);
     let origin = match daemon.peer_client(&entry.req.origin, None) {
@@ -371,36 +413,8 @@ fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
         return;
     }
     let file = entry.dir.join(vmm::checkpoint::LATEST);
-    let run = RunRequest {
-        restore: Some(file.display().to_string()),
-        checkpoint_to: Some(entry.dir.display().to_string()),
-        standby: None,
-        standby_grace_ms: None,
-        ip: None,
-        ..entry.req.run.clone()
-    };
     let start = Instant::now();
-    let mut result = Err(ApiError(500, "not tried".into()));
-    for attempt in 0..TAKEOVER_ATTEMPTS {
-        if attempt > 0 {
-            thread::sleep(TAKEOVER_RETRY);
-        }
-        let _one_at_a_time = daemon
-            .standbys
-            .takeover
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        result = daemon.run(run.clone());
-        match &result {
-            Ok(_) => break,
-            Err(ApiError(_, e)) => {
-                tracing::warn!(name = %name, "taking over from {} failed (attempt {} of {TAKEOVER_ATTEMPTS}): {e}",
-                    entry.req.origin,
-                    attempt + 1
-                )
-            }
-        }
-    }
+    let result = restart_here(daemon, entry, false);
     match result {
         Ok(info) => {
             tracing::warn!(name = %name, "origin {} unreachable for {:.1} s: restarted here from {} in {:.0} ms ({})",
@@ -414,6 +428,170 @@ fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
         }
         Err(ApiError(_, e)) => entry.set_state(format!("failed: {e}")),
     }
+}
+
+/// Watches app `entry` of host `origin` through the fleet store: its owner
+/// record and `origin`'s lease; takes it over once that lease lapsed.
+fn watch_store(
+    daemon: &Arc<Daemon>,
+    entry: &Arc<Entry>,
+    link: &crate::fence::FleetLink,
+    origin: &str,
+) {
+    use fleet::events::{Event, Kind};
+    let name = entry.req.run.name.clone();
+    let me = daemon.config.name.clone();
+    let fleet = &link.fleet;
+    let interval = probe_interval(link.lease.ttl());
+    let started = Instant::now();
+    let mut seen = false;
+    let taken = loop {
+        thread::sleep(interval);
+        if entry.superseded.load(Ordering::Relaxed) {
+            return;
+        }
+        let app = match fleet.app(&name) {
+            Ok(app) => app,
+            // The store cannot say: no decision.
+            Err(e) => {
+                tracing::debug!(app = %name, error = %e, "cannot read the app's owner");
+                continue;
+            }
+        };
+        match app {
+            Some(a) if a.value.host == origin => {}
+            Some(a) => {
+                entry.set_state(format!("released: owned by {} now", a.value.host));
+                return;
+            }
+            None if seen || started.elapsed() > NEVER_STARTED => {
+                entry.set_state("released: no longer in the fleet");
+                return;
+            }
+            None => continue,
+        }
+        if !seen {
+            entry.set_state("watching");
+            seen = true;
+        }
+        match fleet.lapsed(origin) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::debug!(app = %name, error = %e, "cannot read the origin's lease");
+                continue;
+            }
+        }
+        let has_full = entry
+            .store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .has_full;
+        if !has_full {
+            tracing::warn!(app = %name, "origin {origin}'s lease lapsed, and no checkpoint arrived: cannot take over");
+            entry.set_state("failed: no checkpoint to restore from");
+            return;
+        }
+        // Hold the checkpoints still while the ownership changes: nothing
+        // the origin ships from now on is taken.
+        let store = entry.store.lock().unwrap_or_else(|e| e.into_inner());
+        match fleet::ops::take_over(fleet, &name, origin, &me) {
+            Ok(app) => {
+                entry.closed.store(true, Ordering::Release);
+                drop(store);
+                break app;
+            }
+            Err(fleet::FleetError::Conflict(why) | fleet::FleetError::NotFound(why)) => {
+                tracing::info!(app = %name, "not taking over: {why}");
+                entry.set_state(format!("released: {why}"));
+                return;
+            }
+            // The store failed: try again next time.
+            Err(e) => tracing::warn!(app = %name, error = %e, "cannot take the app over"),
+        }
+    };
+    let file = entry.dir.join(vmm::checkpoint::LATEST);
+    let bytes = std::fs::metadata(&file).map_or(0, |m| m.len());
+    let start = Instant::now();
+    match restart_here(daemon, entry, true) {
+        Ok(info) => {
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            tracing::warn!(app = %name, "took over from {origin} (lease lapsed): restarted here from {} in {ms:.0} ms", file.display());
+            entry.set_state("took over");
+            fleet.note(Event::new(
+                Kind::Takeover,
+                Some(&name),
+                &[origin, &me],
+                serde_json::json!({
+                    "reason": format!("{origin}'s lease lapsed"),
+                    "image": taken.image,
+                    "checkpoint_bytes": bytes,
+                    "ip": info.ip,
+                    "ms": ms,
+                }),
+            ));
+        }
+        Err(ApiError(_, e)) => {
+            entry.set_state(format!("failed: {e}"));
+            fleet.note(Event::new(
+                Kind::TakeoverFailed,
+                Some(&name),
+                &[origin, &me],
+                serde_json::json!({ "error": e }),
+            ));
+        }
+    }
+}
+
+/// Runs the app of `entry` here from its latest checkpoint, retrying a
+/// few times (e.g. while the dead origin's ports are being released).
+/// `recorded`: as a deployed app of this daemon (it comes back with its
+/// restart, and checkpoints into its own directory).
+fn restart_here(
+    daemon: &Daemon,
+    entry: &Entry,
+    recorded: bool,
+) -> Result<super::api::InstanceInfo, ApiError> {
+    let name = &entry.req.run.name;
+    let file = entry.dir.join(vmm::checkpoint::LATEST);
+    let run = RunRequest {
+        restore: Some(file.display().to_string()),
+        checkpoint_to: (!recorded).then(|| entry.dir.display().to_string()),
+        standby: None,
+        standby_grace_ms: None,
+        ip: None,
+        restart: match (recorded, &daemon.persist) {
+            (true, Some(_)) => entry.req.run.restart,
+            _ => api::Restart::Never,
+        },
+        ..entry.req.run.clone()
+    };
+    let mut result = Err(ApiError(500, "not tried".into()));
+    for attempt in 0..TAKEOVER_ATTEMPTS {
+        if attempt > 0 {
+            thread::sleep(TAKEOVER_RETRY);
+        }
+        let _one_at_a_time = daemon
+            .standbys
+            .takeover
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        result = if recorded {
+            daemon.run_recorded(run.clone())
+        } else {
+            daemon.run(run.clone())
+        };
+        match &result {
+            Ok(_) => break,
+            Err(ApiError(_, e)) => {
+                tracing::warn!(name = %name, "taking over from {} failed (attempt {} of {TAKEOVER_ATTEMPTS}): {e}",
+                    entry.req.origin,
+                    attempt + 1
+                )
+            }
+        }
+    }
+    result
 }
 
 /// Ships a running instance's checkpoints to its standby: hands each blob
@@ -502,6 +680,11 @@ pub fn register(daemon: &Daemon, req: &RunRequest) -> Result<Option<PeerSink>, A
         vmm::machine::image_id(std::path::Path::new(&req.image)).map_err(|e| bad(e.to_string()))?;
     let body = StandbyRequest {
         origin: daemon.config.listen.to_string(),
+        origin_host: daemon
+            .config
+            .fleet
+            .as_ref()
+            .map(|_| daemon.config.name.clone()),
         run: RunRequest {
             restore: None,
             standby: None,

@@ -462,12 +462,22 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
         }),
         ..fleet::Host::default()
     };
+    let lease = fleet::registry::LeaseWatch::new(args.lease_ttl);
     let _registration = match &target.store {
-        Some(url) => Some(fleet::registry::register(
+        Some(url) => Some(fleet::registry::register_watched(
             fleet::store::open(url)?,
             record,
             args.lease_ttl,
+            std::sync::Arc::clone(&lease),
         )?),
+        None => None,
+    };
+    // Its own connection: the registration's thread keeps the other.
+    let fleet_link = match &target.store {
+        Some(url) => Some(daemon::fence::FleetLink {
+            fleet: std::sync::Arc::new(fleet::Fleet::new(fleet::store::open(url)?)),
+            lease,
+        }),
         None => None,
     };
     let security = identity
@@ -494,6 +504,7 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
                 free_page_hints: !args.no_free_page_hints,
                 fault: args.test_fault,
             },
+            fleet: fleet_link,
         },
         |daemon, brought_back| {
             print_banner(daemon, brought_back);
