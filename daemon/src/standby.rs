@@ -33,7 +33,7 @@
 //! checkpoint interval, none with ack-after-checkpoint.
 //!
 //! With a fleet store (a daemon registered with `--store etcd://...`, and
-//! an origin that is too: [`StandbyRequest::origin_host`]), the standby
+//! an app deployed through it on a host that registered too), the standby
 //! does not probe: it watches the app's owner record (`apps/NAME`) and the
 //! origin's lease. Once that lease lapsed, it takes the app over by
 //! compare-and-swap on the owner (`fleet::ops::take_over`: of several
@@ -77,10 +77,6 @@ pub const SHIP_DEADLINE: Duration = Duration::from_secs(5);
 pub struct StandbyRequest {
     /// The origin daemon's API address (probed).
     pub origin: String,
-    /// The origin's name in the fleet store, when it registered there:
-    /// then its lease and the app's owner record decide the takeover.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub origin_host: Option<String>,
     /// The instance as the origin ran it; `restore`/`standby` are ignored.
     pub run: RunRequest,
     /// The image the origin runs; the standby must have the same file.
@@ -353,8 +349,10 @@ fn probe(origin: &Client, name: &str) -> Probe {
 /// Watches the origin until the instance ends there, or the origin dies
 /// and the app is restarted here.
 fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
-    if let (Some(link), Some(origin)) = (&daemon.config.fleet, &entry.req.origin_host) {
-        return watch_store(daemon, entry, link, origin);
+    if let Some(link) = &daemon.config.fleet {
+        if let Some(origin) = owner_in_store(link, &entry.req.run.name) {
+            return watch_store(daemon, entry, link, &origin);
+        }
     }
     let name = entry.req.run.name.clone();
     let grace = Duration::from_millis(entry.req.grace_ms);
@@ -428,6 +426,32 @@ fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
         }
         Err(ApiError(_, e)) => entry.set_state(format!("failed: {e}")),
     }
+}
+
+/// The registered host that owns app `name` in the fleet store (the
+/// origin: `deploy` records the owner before it runs the app), if there is
+/// one: then the store decides the takeover. An app the store does not
+/// know (run with `--shim`), or whose host does not register itself, is
+/// watched by probing. Asked a few times if the store does not answer.
+fn owner_in_store(link: &crate::fence::FleetLink, name: &str) -> Option<String> {
+    for attempt in 0..3 {
+        if attempt > 0 {
+            thread::sleep(TAKEOVER_RETRY);
+        }
+        let owner = link.fleet.app(name).and_then(|app| match app {
+            Some(app) => Ok(link
+                .fleet
+                .host(&app.value.host)?
+                .filter(|h| h.value.registered)
+                .map(|h| h.value.name)),
+            None => Ok(None),
+        });
+        match owner {
+            Ok(owner) => return owner,
+            Err(e) => tracing::warn!(app = %name, error = %e, "cannot read the app's owner"),
+        }
+    }
+    None
 }
 
 /// Watches app `entry` of host `origin` through the fleet store: its owner
@@ -680,11 +704,6 @@ pub fn register(daemon: &Daemon, req: &RunRequest) -> Result<Option<PeerSink>, A
         vmm::machine::image_id(std::path::Path::new(&req.image)).map_err(|e| bad(e.to_string()))?;
     let body = StandbyRequest {
         origin: daemon.config.listen.to_string(),
-        origin_host: daemon
-            .config
-            .fleet
-            .as_ref()
-            .map(|_| daemon.config.name.clone()),
         run: RunRequest {
             restore: None,
             standby: None,
