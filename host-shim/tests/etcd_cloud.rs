@@ -458,8 +458,8 @@ fn forty_apps_survive_a_killed_host_and_the_host_coming_back_runs_none_of_them()
         .map(|e| e["rev"].as_u64().unwrap())
         .collect();
     assert!(revs.windows(2).all(|w| w[0] < w[1]), "{}", events.table());
-    let first = |f: &dyn Fn(&Value) -> bool| events.seen.iter().position(|e| f(e)).unwrap();
-    let last = |f: &dyn Fn(&Value) -> bool| events.seen.iter().rposition(|e| f(e)).unwrap();
+    let first = |f: &dyn Fn(&Value) -> bool| events.seen.iter().position(f).unwrap();
+    let last = |f: &dyn Fn(&Value) -> bool| events.seen.iter().rposition(f).unwrap();
     let kv17_done = first(&|e| e["kind"] == "migration-done" && e["app"] == "kv17");
     let r1_leads = first(&leader("r1"));
     let r2_leads = first(&leader("r2"));
