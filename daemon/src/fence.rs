@@ -88,21 +88,30 @@ pub(crate) fn start(daemon: &Arc<Daemon>) -> std::io::Result<()> {
 }
 
 /// Pauses the guests while the lease may lapse; afterwards resumes those
-/// this host still owns and stops the others.
+/// this host still owns and stops the others. A lease that was lost and
+/// taken again between two looks (the whole process was stopped, say)
+/// counts as lost: the registration count tells.
 fn watch(daemon: &Daemon) {
     let Some(link) = daemon.config.fleet.clone() else {
         return;
     };
     let paused: Mutex<Paused> = Mutex::default();
     let me = daemon.config.name.clone();
+    // The registration the guests run under (0: none yet).
+    let mut generation = link.lease.registrations();
     loop {
         thread::sleep(interval(link.lease.ttl()));
         let held = link.lease.valid_for().is_some();
+        let now = link.lease.registrations();
         let mut paused = paused.lock().unwrap_or_else(|e| e.into_inner());
-        if !held && link.lease.registrations() > 0 {
+        if now > 0 && (!held || (generation != 0 && now != generation)) {
             pause_all(daemon, &mut paused);
-        } else if held && !paused.is_empty() {
+        }
+        if held && !paused.is_empty() {
             settle(daemon, &link, &me, &mut paused);
+        }
+        if held && paused.is_empty() {
+            generation = now;
         }
     }
 }

@@ -500,3 +500,119 @@ fn forty_apps_survive_a_killed_host_and_the_host_coming_back_runs_none_of_them()
     let total = started.elapsed();
     eprintln!("the whole run took {total:?}");
 }
+
+/// Instance `name`'s state on the daemon at `addr` (`None`: not there).
+fn state_on(addr: &str, name: &str) -> Option<String> {
+    let list = api::Client::new(addr)
+        .with_timeout(Duration::from_secs(5))
+        .list()
+        .unwrap_or_else(|e| panic!("GET /v1/instances on {addr}: {e}"));
+    list.into_iter()
+        .find(|i| i.name == name)
+        .map(|i| i.state.to_string())
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let st = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(st.success(), "kill {signal} {pid}");
+}
+
+/// A host cut off past its lease (its whole process stopped): its apps are
+/// taken over by their standby; when it runs again it pauses them at once
+/// (its lease is gone) and, finding them owned by the standby, stops them:
+/// one copy of each runs, on the standby.
+#[test]
+fn a_host_stopped_past_its_lease_stops_the_apps_taken_over_meanwhile() {
+    let dir = TempDir::new("etcd-fence");
+    let etcd = Etcd::start(&dir);
+    let url = etcd.url();
+    let mut events = Follower::start(&url);
+    let b = serve(&url, "b", "west", 2, &dir);
+    let c = serve(&url, "c", "north", 3, &dir);
+    let names = ["p0", "p1", "p2"];
+    for name in names {
+        ok(
+            &url,
+            &[
+                "deploy",
+                &kv_img(),
+                "--on",
+                "c",
+                "--name",
+                name,
+                "--checkpoint-every",
+                "300ms",
+                "--standby",
+                "b",
+            ],
+        );
+    }
+    // Each has a checkpoint on b.
+    let give_up = Instant::now() + Duration::from_secs(20);
+    loop {
+        let standbys: Vec<daemon::standby::StandbyInfo> =
+            api::Client::new(&b.addr).standbys().unwrap();
+        let ready = names
+            .iter()
+            .all(|n| standbys.iter().any(|s| s.name == *n && s.blobs > 0));
+        if ready {
+            break;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "no checkpoint of every app on b: {standbys:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    signal(c.child.id(), "-STOP");
+    events.wait_for("takeover", 3, Duration::from_secs(30), is("takeover"));
+    for name in names {
+        assert_eq!(
+            state_on(&b.addr, name).as_deref(),
+            Some("running"),
+            "{name} on b"
+        );
+    }
+    signal(c.child.id(), "-CONT");
+    events.wait_for("fenced", 3, Duration::from_secs(30), is("fenced"));
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while names.iter().any(|n| state_on(&c.addr, n).is_some()) {
+        assert!(
+            Instant::now() < give_up,
+            "c still has its taken apps:\n{}",
+            c.output()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for name in names {
+        assert_eq!(
+            state_on(&b.addr, name).as_deref(),
+            Some("running"),
+            "{name} on b"
+        );
+    }
+    let out = c.output();
+    assert!(out.contains("paused: this host's lease"), "{out}");
+    assert!(out.contains("stopped: another host took it over"), "{out}");
+    let fenced: Vec<&Value> = events.seen.iter().filter(|e| is("fenced")(e)).collect();
+    for e in &fenced {
+        assert_eq!(e["hosts"], serde_json::json!(["c", "b"]), "{e}");
+    }
+    let last_takeover = events.seen.iter().rposition(is("takeover")).unwrap();
+    let first_fenced = events.seen.iter().position(is("fenced")).unwrap();
+    assert!(last_takeover < first_fenced, "{}", events.table());
+    // Once settled, c keeps its lease and runs on.
+    let rows: Value = serde_json::from_str(&ok(&url, &["fleet", "ls", "--json"])).unwrap();
+    let c_row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "c")
+        .unwrap();
+    assert_eq!(c_row["state"], "up", "{rows}");
+}
