@@ -71,6 +71,9 @@ const TAKEOVER_RETRY: Duration = Duration::from_millis(500);
 const MAX_BLOB: usize = 16 << 20;
 /// The longest a guest's checkpoint waits for its standby.
 pub const SHIP_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a checkpoint waits for a shipper still busy with the previous
+/// one (which it has just answered, or is stuck with: then "not stored").
+const IDLE_WAIT: Duration = Duration::from_millis(50);
 
 /// `POST /v1/standby`: what a standby needs to run the app again.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -664,20 +667,29 @@ impl Sink for PeerSink {
             ));
         }
         let (done, outcome) = mpsc::sync_channel(1);
-        let job = Shipment {
+        let mut job = Shipment {
             blob: blob.to_vec(),
             done,
         };
-        match self.jobs.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                return Err(format!(
-                    "standby {} is still busy with an earlier checkpoint: not stored there",
-                    self.addr
-                ))
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(format!("the shipper to standby {} is gone", self.addr))
+        // The shipper answers the previous blob just before it waits for
+        // the next one: a busy shipper gets a moment to come back.
+        let give_up = Instant::now() + IDLE_WAIT;
+        loop {
+            match self.jobs.try_send(job) {
+                Ok(()) => break,
+                Err(TrySendError::Full(j)) if Instant::now() < give_up => {
+                    job = j;
+                    thread::sleep(Duration::from_millis(1));
+                }
+                Err(TrySendError::Full(_)) => {
+                    return Err(format!(
+                        "standby {} is still busy with an earlier checkpoint: not stored there",
+                        self.addr
+                    ))
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    return Err(format!("the shipper to standby {} is gone", self.addr))
+                }
             }
         }
         match outcome.recv_timeout(SHIP_DEADLINE) {

@@ -421,6 +421,11 @@ fn forty_apps_survive_a_killed_host_and_the_host_coming_back_runs_none_of_them()
         assert_eq!(e["hosts"], serde_json::json!(["a", app.standby]), "{e}");
     }
 
+    // The live hosts notice a's lease lapsed (once per TTL each).
+    events.wait_for("host-down of a", 1, Duration::from_secs(20), |e| {
+        e["kind"] == "host-down" && e["hosts"][0] == "a"
+    });
+
     // a restarts with its restart records: it runs none of them again.
     let a = serve(&url, "a", "east", 1, &dir);
     events.wait_for("fenced", 17, Duration::from_secs(30), is("fenced"));
