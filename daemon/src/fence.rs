@@ -7,10 +7,12 @@
 //!   compare-and-swap through `fleet::ops::reclaim`): an app another host
 //!   took over meanwhile is not booted, its record is forgotten and a
 //!   `fenced` event recorded.
-//! - Running, it pauses every guest a quarter TTL before its lease could
-//!   lapse when the lease was not renewed ([`watch`]): a standby takes an
-//!   app over only once the lease lapsed, so the paused copy never runs
-//!   beside the new one. Once the lease holds again, each paused guest is
+//! - Running, it pauses every guest that ships its checkpoints to a
+//!   standby a quarter TTL before its lease could lapse when the lease was
+//!   not renewed ([`watch`]): a standby takes an app over only once the
+//!   lease lapsed, so the paused copy never runs beside the new one. (A
+//!   guest without a standby cannot be taken over: it runs on. An outage
+//!   of the whole store pauses the guests with standbys until it is back.) Once the lease holds again, each paused guest is
 //!   resumed if this host still owns it, else stopped (a `fenced` event).
 //!
 //! The store being unreachable never resumes anything: a paused guest
@@ -116,13 +118,15 @@ fn watch(daemon: &Daemon) {
     }
 }
 
-/// Pauses every running guest (kept in `paused`).
+/// Pauses every running guest that a standby may take over (kept in
+/// `paused`); the others cannot run twice.
 fn pause_all(daemon: &Daemon, paused: &mut Paused) {
     let names: Vec<String> = daemon
         .instances()
         .iter()
         .filter(|(_, i)| matches!(i.state, State::Running))
         .map(|(n, _)| n.clone())
+        .filter(|n| daemon.standbys.ships(n))
         .collect();
     for name in names {
         let Ok(handle) = daemon.acquire(&name, "fenced: the host's lease may lapse") else {

@@ -133,9 +133,22 @@ pub struct Standbys {
     takeover: Mutex<()>,
     /// Where the checkpoints go (made on first use).
     dir: OnceLock<Result<PathBuf, String>>,
+    /// This daemon's instances that ship their checkpoints to a standby
+    /// (which may take them over: [`crate::fence`] pauses them when the
+    /// lease may lapse).
+    shipping: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Standbys {
+    /// Whether this daemon's instance `name` ships its checkpoints to a
+    /// standby (and so may be taken over).
+    pub fn ships(&self, name: &str) -> bool {
+        self.shipping
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name)
+    }
+
     fn get(&self, name: &str) -> Option<Arc<Entry>> {
         self.entries
             .lock()
@@ -709,9 +722,18 @@ impl Sink for PeerSink {
 /// Registers the instance `req` is about to boot with its standby
 /// `req.standby`; returns the sink its checkpoints go to.
 pub fn register(daemon: &Daemon, req: &RunRequest) -> Result<Option<PeerSink>, ApiError> {
+    let mut shipping = daemon
+        .standbys
+        .shipping
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    shipping.remove(&req.name);
     let Some(peer) = &req.standby else {
         return Ok(None);
     };
+    // Bounded by the daemon's instances: one name each.
+    shipping.insert(req.name.clone());
+    drop(shipping);
     let image =
         vmm::machine::image_id(std::path::Path::new(&req.image)).map_err(|e| bad(e.to_string()))?;
     let body = StandbyRequest {
