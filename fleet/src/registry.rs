@@ -426,3 +426,28 @@ impl Fleet {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_is_trusted_for_three_quarters_of_its_ttl_from_the_renewal_sent() {
+        let ttl = Duration::from_secs(4);
+        let w = LeaseWatch::new(ttl);
+        assert_eq!(w.valid_for(), None, "no lease yet");
+        assert_eq!(w.registrations(), 0);
+        w.registered(Instant::now());
+        let left = w.valid_for().unwrap();
+        assert!(left <= Duration::from_secs(3) && left > Duration::from_millis(2900));
+        assert_eq!(w.registrations(), 1);
+        // A renewal sent 3.5 s ago leaves nothing: stop now.
+        w.renewed(Instant::now() - Duration::from_millis(3500));
+        assert_eq!(w.valid_for(), None);
+        w.renewed(Instant::now() - Duration::from_secs(1));
+        assert!(w.valid_for().unwrap() <= Duration::from_secs(2));
+        w.lost();
+        assert_eq!(w.valid_for(), None);
+        assert_eq!(w.registrations(), 1);
+    }
+}
