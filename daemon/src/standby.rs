@@ -71,6 +71,9 @@ const TAKEOVER_RETRY: Duration = Duration::from_millis(500);
 const MAX_BLOB: usize = 16 << 20;
 /// The longest a guest's checkpoint waits for its standby.
 pub const SHIP_DEADLINE: Duration = Duration::from_secs(5);
+/// With a fleet store, the owner record of a watched app is read every
+/// this many looks at its origin's lease.
+const OWNER_EVERY: u32 = 4;
 /// How long a checkpoint waits for a shipper still busy with the previous
 /// one (which it has just answered, or is stuck with: then "not stored").
 const IDLE_WAIT: Duration = Duration::from_millis(50);
@@ -137,6 +140,8 @@ pub struct Standbys {
     /// (which may take them over: [`crate::fence`] pauses them when the
     /// lease may lapse).
     shipping: Mutex<std::collections::BTreeSet<String>>,
+    /// The last look at each origin's lease (fleet store): when, lapsed.
+    lapsed: Mutex<BTreeMap<String, (Instant, bool)>>,
 }
 
 impl Standbys {
@@ -485,10 +490,25 @@ fn watch_store(
     let interval = probe_interval(link.lease.ttl());
     let started = Instant::now();
     let mut seen = false;
+    let mut round = 0u32;
     let taken = loop {
         thread::sleep(interval);
         if entry.superseded.load(Ordering::Relaxed) {
             return;
+        }
+        round = round.wrapping_add(1);
+        let lapsed = match origin_lapsed(daemon, origin, interval / 2) {
+            Ok(lapsed) => lapsed,
+            // The store cannot say: no decision.
+            Err(e) => {
+                tracing::debug!(app = %name, error = %e, "cannot read the origin's lease");
+                continue;
+            }
+        };
+        // The owner record matters at once only for a takeover; that it
+        // moved (releasing this standby) can wait a few rounds.
+        if seen && !lapsed && !round.is_multiple_of(OWNER_EVERY) {
+            continue;
         }
         let app = match fleet.app(&name) {
             Ok(app) => app,
@@ -514,13 +534,8 @@ fn watch_store(
             entry.set_state("watching");
             seen = true;
         }
-        match fleet.lapsed(origin) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                tracing::debug!(app = %name, error = %e, "cannot read the origin's lease");
-                continue;
-            }
+        if !lapsed {
+            continue;
         }
         let has_full = entry
             .store
@@ -581,6 +596,36 @@ fn watch_store(
             ));
         }
     }
+}
+
+/// Whether host `origin`'s lease lapsed, as the store said at most
+/// `fresh` ago: the standbys of one origin's apps share one look (a host
+/// standing by for a thousand apps does not read its lease a thousand
+/// times a round). The takeover itself looks again.
+fn origin_lapsed(
+    daemon: &Daemon,
+    origin: &str,
+    fresh: Duration,
+) -> Result<bool, fleet::FleetError> {
+    let Some(link) = &daemon.config.fleet else {
+        return Ok(false);
+    };
+    let cache = || {
+        daemon
+            .standbys
+            .lapsed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    };
+    if let Some((at, lapsed)) = cache().get(origin) {
+        if at.elapsed() < fresh {
+            return Ok(*lapsed);
+        }
+    }
+    let lapsed = link.fleet.lapsed(origin)?;
+    // One entry per origin host of a watched app.
+    cache().insert(origin.to_owned(), (Instant::now(), lapsed));
+    Ok(lapsed)
 }
 
 /// Runs the app of `entry` here from its latest checkpoint, retrying a
