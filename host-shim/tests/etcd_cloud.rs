@@ -8,7 +8,8 @@
 //! restarting without running them again (fenced); and `events --follow`,
 //! started first, seeing every step in order. A second test cuts a host
 //! off (SIGSTOP past its lease): it pauses its guests before its lease
-//! can lapse, and once back, stops what was taken over meanwhile.
+//! can lapse, and once back, stops what was taken over meanwhile. A third
+//! races several takers of one app through etcd: one wins.
 //!
 //! Needs `etcd` on PATH, /dev/kvm, `redis-cli` and the kv image
 //! (`cargo xtask build-image --all`).
@@ -651,4 +652,68 @@ fn a_host_stopped_past_its_lease_stops_the_apps_taken_over_meanwhile() {
         .find(|r| r["name"] == "c")
         .unwrap();
     assert_eq!(c_row["state"], "up", "{rows}");
+}
+
+/// Candidates racing to take one app of a dead host over through a real
+/// etcd, each with its own client: exactly one compare-and-swap wins, and
+/// the dead host coming back finds the app owned by the winner.
+#[test]
+fn of_several_hosts_taking_one_app_over_through_etcd_exactly_one_wins() {
+    use fleet::ops::{reclaim, take_over, Ownership};
+    use fleet::store::Expect;
+    use fleet::{App, Fleet, FleetError, Host};
+    let dir = TempDir::new("etcd-race");
+    let etcd = Etcd::start(&dir);
+    let url = etcd.url();
+    let fleet = Fleet::new(fleet::store::open(&url).unwrap());
+    // Host a registered once; its lease is gone (no alive/a key).
+    let a = Host {
+        name: "a".into(),
+        url: "http://127.0.0.1:1".into(),
+        registered: true,
+        ..Host::default()
+    };
+    fleet.put_host(&a, Expect::Absent).unwrap();
+    for round in 0..5 {
+        let name = format!("kv{round}");
+        let app = App {
+            name: name.clone(),
+            host: "a".into(),
+            image: "sha256:00".into(),
+        };
+        fleet.put_app(&app, Expect::Absent).unwrap();
+        let takers = ["b", "c", "d", "e"];
+        let barrier = std::sync::Barrier::new(takers.len());
+        let won: Vec<&str> = std::thread::scope(|s| {
+            let threads: Vec<_> = takers
+                .iter()
+                .map(|to| {
+                    let (url, name, barrier) = (&url, &name, &barrier);
+                    s.spawn(move || {
+                        let mine = Fleet::new(fleet::store::open(url).unwrap());
+                        barrier.wait();
+                        match take_over(&mine, name, "a", to) {
+                            Ok(app) => {
+                                assert_eq!(app.host, *to);
+                                Some(*to)
+                            }
+                            Err(FleetError::Conflict(_)) => None,
+                            Err(e) => panic!("{to}: {e}"),
+                        }
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .filter_map(|t| t.join().unwrap())
+                .collect()
+        });
+        assert_eq!(won.len(), 1, "round {round}: winners {won:?}");
+        let owner = fleet.app(&name).unwrap().unwrap().value.host;
+        assert_eq!(owner, won[0]);
+        assert_eq!(
+            reclaim(&fleet, &name, "a").unwrap(),
+            Ownership::Theirs(owner)
+        );
+    }
 }
