@@ -57,6 +57,7 @@
 //! overlay, while a guest booted here talks to this shim's gateway.
 
 pub mod api;
+pub mod fence;
 pub mod http;
 pub mod images;
 pub mod instance;
@@ -134,6 +135,9 @@ pub struct DaemonConfig {
     pub limits: limits::Limits,
     /// Free-page hints and injected test faults of migrations.
     pub migration: migration::MigrationConfig,
+    /// The fleet store this daemon registered in (`--store etcd://`): apps
+    /// are taken over and fenced by their owner there ([`fence`]).
+    pub fleet: Option<fence::FleetLink>,
 }
 
 impl DaemonConfig {
@@ -1240,6 +1244,7 @@ pub fn serve(
     }
     let (daemon, ended) = Daemon::new(config)?;
     let brought_back = daemon.bring_back();
+    fence::start(&daemon).map_err(|e| Error::Config(format!("cannot start a thread: {e}")))?;
     {
         let d = Arc::clone(&daemon);
         thread::Builder::new()

@@ -162,7 +162,9 @@ impl Daemon {
     }
 
     /// Boots the instances recorded in the state directory again; says
-    /// how each went.
+    /// how each went. With a fleet store, only those this host still owns
+    /// ([`crate::fence`]): another host's are forgotten, and nothing is
+    /// booted while the store cannot say.
     pub(super) fn bring_back(&self) -> Vec<BroughtBack> {
         let Some(p) = &self.persist else {
             return Vec::new();
@@ -170,6 +172,24 @@ impl Daemon {
         p.load()
             .into_iter()
             .map(|req| {
+                if let Some(link) = &self.config.fleet {
+                    let fenced = match link.may_resume(&req.name, &self.config.name) {
+                        Ok(crate::fence::Verdict::Run) => None,
+                        Ok(crate::fence::Verdict::Fenced(owner)) => {
+                            self.forget(&req.name);
+                            Some(format!("fenced: {owner} owns it now (taken over)"))
+                        }
+                        Err(e) => Some(format!("not booted: cannot check who owns it: {e}")),
+                    };
+                    if let Some(why) = fenced {
+                        tracing::warn!(app = %req.name, "{why}");
+                        return BroughtBack {
+                            name: req.name,
+                            checkpoint: None,
+                            result: Err(why),
+                        };
+                    }
+                }
                 let mut boot = req.clone();
                 let result = self.image_file(&req.image).and_then(|image| {
                     boot.image = image;

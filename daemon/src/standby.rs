@@ -31,6 +31,18 @@
 //! [`DEFAULT_GRACE`]) restarts the app here. A crash therefore loses the
 //! writes after the last checkpoint that reached the peer: at most the
 //! checkpoint interval, none with ack-after-checkpoint.
+//!
+//! With a fleet store (a daemon registered with `--store etcd://...`, and
+//! an app deployed through it on a host that registered too), the standby
+//! does not probe: it watches the app's owner record (`apps/NAME`) and the
+//! origin's lease. Once that lease lapsed, it takes the app over by
+//! compare-and-swap on the owner (`fleet::ops::take_over`: of several
+//! candidates, and of the origin coming back, exactly one wins), restarts
+//! it here from the latest checkpoint (recorded to survive this daemon's
+//! restart) and records a `takeover` event. The record naming another host
+//! (the app moved or was taken) or vanishing (stopped) releases it. The
+//! origin pauses its guests before its lease can lapse
+//! ([`crate::fence`]), so the two never run at once.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -59,6 +71,12 @@ const TAKEOVER_RETRY: Duration = Duration::from_millis(500);
 const MAX_BLOB: usize = 16 << 20;
 /// The longest a guest's checkpoint waits for its standby.
 pub const SHIP_DEADLINE: Duration = Duration::from_secs(5);
+/// With a fleet store, the owner record of a watched app is read every
+/// this many looks at its origin's lease.
+const OWNER_EVERY: u32 = 4;
+/// How long a checkpoint waits for a shipper still busy with the previous
+/// one (which it has just answered, or is stuck with: then "not stored").
+const IDLE_WAIT: Duration = Duration::from_millis(50);
 
 /// `POST /v1/standby`: what a standby needs to run the app again.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -95,6 +113,9 @@ struct Entry {
     state: Mutex<String>,
     /// Replaced by a newer registration of the same name.
     superseded: AtomicBool,
+    /// Taken over: the checkpoints here are the running app's own now,
+    /// and the origin's are refused.
+    closed: AtomicBool,
 }
 
 struct Store {
@@ -115,9 +136,24 @@ pub struct Standbys {
     takeover: Mutex<()>,
     /// Where the checkpoints go (made on first use).
     dir: OnceLock<Result<PathBuf, String>>,
+    /// This daemon's instances that ship their checkpoints to a standby
+    /// (which may take them over: [`crate::fence`] pauses them when the
+    /// lease may lapse).
+    shipping: Mutex<std::collections::BTreeSet<String>>,
+    /// The last look at each origin's lease (fleet store): when, lapsed.
+    lapsed: Mutex<BTreeMap<String, (Instant, bool)>>,
 }
 
 impl Standbys {
+    /// Whether this daemon's instance `name` ships its checkpoints to a
+    /// standby (and so may be taken over).
+    pub fn ships(&self, name: &str) -> bool {
+        self.shipping
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name)
+    }
+
     fn get(&self, name: &str) -> Option<Arc<Entry>> {
         self.entries
             .lock()
@@ -178,8 +214,18 @@ pub fn probe_interval(grace: Duration) -> Duration {
 /// Registers a standby for an instance (replacing an older one of the
 /// same name) and starts watching its origin.
 pub(super) fn accept(daemon: &Arc<Daemon>, req: StandbyRequest) -> Result<StandbyInfo, ApiError> {
+    let mut req = req;
     let name = req.run.name.clone();
     super::check_name(&name)?;
+    // The origin names its own file; this daemon may keep the image by
+    // hash (uploaded by `deploy --standby`).
+    if let Ok(file) = daemon.image_file(&format!(
+        "{}{}",
+        super::images::HASH_PREFIX,
+        req.image.sha256
+    )) {
+        req.run.image = file;
+    }
     let here = vmm::machine::image_id(std::path::Path::new(&req.run.image)).map_err(|e| {
         ApiError(
             409,
@@ -218,6 +264,7 @@ pub(super) fn accept(daemon: &Arc<Daemon>, req: StandbyRequest) -> Result<Standb
         req,
         state: Mutex::new("waiting".into()),
         superseded: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
     });
     if let Some(old) = daemon
         .standbys
@@ -261,6 +308,15 @@ pub(super) fn receive(daemon: &Daemon, name: &str, body: &[u8]) -> Result<Standb
     })?;
     let (blob, len) = abi::checkpoint::decode_blob(body).map_err(|e| bad(e.to_string()))?;
     let mut store = entry.store.lock().unwrap_or_else(|e| e.into_inner());
+    if entry.closed.load(Ordering::Acquire) {
+        return Err(ApiError(
+            409,
+            format!(
+                "'{name}' was taken over by {}: its checkpoints are no longer the origin's",
+                daemon.config.name
+            ),
+        ));
+    }
     let full = store.chain.accept(&blob).map_err(|e| ApiError(409, e))?;
     if let Err(e) = store.sink.store(&body[..len], full) {
         store.chain.reset();
@@ -314,6 +370,11 @@ fn probe(origin: &Client, name: &str) -> Probe {
 /// Watches the origin until the instance ends there, or the origin dies
 /// and the app is restarted here.
 fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
+    if let Some(link) = &daemon.config.fleet {
+        if let Some(origin) = owner_in_store(link, &entry.req.run.name) {
+            return watch_store(daemon, entry, link, &origin);
+        }
+    }
     let name = entry.req.run.name.clone();
     let grace = Duration::from_millis(entry.req.grace_ms);
     let origin = match daemon.peer_client(&entry.req.origin, None) {
@@ -371,36 +432,8 @@ fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
         return;
     }
     let file = entry.dir.join(vmm::checkpoint::LATEST);
-    let run = RunRequest {
-        restore: Some(file.display().to_string()),
-        checkpoint_to: Some(entry.dir.display().to_string()),
-        standby: None,
-        standby_grace_ms: None,
-        ip: None,
-        ..entry.req.run.clone()
-    };
     let start = Instant::now();
-    let mut result = Err(ApiError(500, "not tried".into()));
-    for attempt in 0..TAKEOVER_ATTEMPTS {
-        if attempt > 0 {
-            thread::sleep(TAKEOVER_RETRY);
-        }
-        let _one_at_a_time = daemon
-            .standbys
-            .takeover
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        result = daemon.run(run.clone());
-        match &result {
-            Ok(_) => break,
-            Err(ApiError(_, e)) => {
-                tracing::warn!(name = %name, "taking over from {} failed (attempt {} of {TAKEOVER_ATTEMPTS}): {e}",
-                    entry.req.origin,
-                    attempt + 1
-                )
-            }
-        }
-    }
+    let result = restart_here(daemon, entry, false);
     match result {
         Ok(info) => {
             tracing::warn!(name = %name, "origin {} unreachable for {:.1} s: restarted here from {} in {:.0} ms ({})",
@@ -414,6 +447,236 @@ fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
         }
         Err(ApiError(_, e)) => entry.set_state(format!("failed: {e}")),
     }
+}
+
+/// The registered host that owns app `name` in the fleet store (the
+/// origin: `deploy` records the owner before it runs the app), if there is
+/// one: then the store decides the takeover. An app the store does not
+/// know (run with `--shim`), or whose host does not register itself, is
+/// watched by probing. Asked a few times if the store does not answer.
+fn owner_in_store(link: &crate::fence::FleetLink, name: &str) -> Option<String> {
+    for attempt in 0..3 {
+        if attempt > 0 {
+            thread::sleep(TAKEOVER_RETRY);
+        }
+        let owner = link.fleet.app(name).and_then(|app| match app {
+            Some(app) => Ok(link
+                .fleet
+                .host(&app.value.host)?
+                .filter(|h| h.value.registered)
+                .map(|h| h.value.name)),
+            None => Ok(None),
+        });
+        match owner {
+            Ok(owner) => return owner,
+            Err(e) => tracing::warn!(app = %name, error = %e, "cannot read the app's owner"),
+        }
+    }
+    None
+}
+
+/// Watches app `entry` of host `origin` through the fleet store: its owner
+/// record and `origin`'s lease; takes it over once that lease lapsed.
+fn watch_store(
+    daemon: &Arc<Daemon>,
+    entry: &Arc<Entry>,
+    link: &crate::fence::FleetLink,
+    origin: &str,
+) {
+    use fleet::events::{Event, Kind};
+    let name = entry.req.run.name.clone();
+    let me = daemon.config.name.clone();
+    let fleet = &link.fleet;
+    let interval = probe_interval(link.lease.ttl());
+    let started = Instant::now();
+    let mut seen = false;
+    let mut round = 0u32;
+    let taken = loop {
+        thread::sleep(interval);
+        if entry.superseded.load(Ordering::Relaxed) {
+            return;
+        }
+        round = round.wrapping_add(1);
+        let lapsed = match origin_lapsed(daemon, origin, interval / 2) {
+            Ok(lapsed) => lapsed,
+            // The store cannot say: no decision.
+            Err(e) => {
+                tracing::debug!(app = %name, error = %e, "cannot read the origin's lease");
+                continue;
+            }
+        };
+        // The owner record matters at once only for a takeover; that it
+        // moved (releasing this standby) can wait a few rounds.
+        if seen && !lapsed && !round.is_multiple_of(OWNER_EVERY) {
+            continue;
+        }
+        let app = match fleet.app(&name) {
+            Ok(app) => app,
+            // The store cannot say: no decision.
+            Err(e) => {
+                tracing::debug!(app = %name, error = %e, "cannot read the app's owner");
+                continue;
+            }
+        };
+        match app {
+            Some(a) if a.value.host == origin => {}
+            Some(a) => {
+                entry.set_state(format!("released: owned by {} now", a.value.host));
+                return;
+            }
+            None if seen || started.elapsed() > NEVER_STARTED => {
+                entry.set_state("released: no longer in the fleet");
+                return;
+            }
+            None => continue,
+        }
+        if !seen {
+            entry.set_state("watching");
+            seen = true;
+        }
+        if !lapsed {
+            continue;
+        }
+        let has_full = entry
+            .store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .has_full;
+        if !has_full {
+            tracing::warn!(app = %name, "origin {origin}'s lease lapsed, and no checkpoint arrived: cannot take over");
+            entry.set_state("failed: no checkpoint to restore from");
+            return;
+        }
+        // Hold the checkpoints still while the ownership changes: nothing
+        // the origin ships from now on is taken.
+        let store = entry.store.lock().unwrap_or_else(|e| e.into_inner());
+        match fleet::ops::take_over(fleet, &name, origin, &me) {
+            Ok(app) => {
+                entry.closed.store(true, Ordering::Release);
+                drop(store);
+                break app;
+            }
+            Err(fleet::FleetError::Conflict(why) | fleet::FleetError::NotFound(why)) => {
+                tracing::info!(app = %name, "not taking over: {why}");
+                entry.set_state(format!("released: {why}"));
+                return;
+            }
+            // The store failed: try again next time.
+            Err(e) => tracing::warn!(app = %name, error = %e, "cannot take the app over"),
+        }
+    };
+    let file = entry.dir.join(vmm::checkpoint::LATEST);
+    let bytes = std::fs::metadata(&file).map_or(0, |m| m.len());
+    let start = Instant::now();
+    match restart_here(daemon, entry, true) {
+        Ok(info) => {
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            tracing::warn!(app = %name, "took over from {origin} (lease lapsed): restarted here from {} in {ms:.0} ms", file.display());
+            entry.set_state("took over");
+            fleet.note(Event::new(
+                Kind::Takeover,
+                Some(&name),
+                &[origin, &me],
+                serde_json::json!({
+                    "reason": format!("{origin}'s lease lapsed"),
+                    "image": taken.image,
+                    "checkpoint_bytes": bytes,
+                    "ip": info.ip,
+                    "ms": ms,
+                }),
+            ));
+        }
+        Err(ApiError(_, e)) => {
+            entry.set_state(format!("failed: {e}"));
+            fleet.note(Event::new(
+                Kind::TakeoverFailed,
+                Some(&name),
+                &[origin, &me],
+                serde_json::json!({ "error": e }),
+            ));
+        }
+    }
+}
+
+/// Whether host `origin`'s lease lapsed, as the store said at most
+/// `fresh` ago: the standbys of one origin's apps share one look (a host
+/// standing by for a thousand apps does not read its lease a thousand
+/// times a round). The takeover itself looks again.
+fn origin_lapsed(
+    daemon: &Daemon,
+    origin: &str,
+    fresh: Duration,
+) -> Result<bool, fleet::FleetError> {
+    let Some(link) = &daemon.config.fleet else {
+        return Ok(false);
+    };
+    let cache = || {
+        daemon
+            .standbys
+            .lapsed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    };
+    if let Some((at, lapsed)) = cache().get(origin) {
+        if at.elapsed() < fresh {
+            return Ok(*lapsed);
+        }
+    }
+    let lapsed = link.fleet.lapsed(origin)?;
+    // One entry per origin host of a watched app.
+    cache().insert(origin.to_owned(), (Instant::now(), lapsed));
+    Ok(lapsed)
+}
+
+/// Runs the app of `entry` here from its latest checkpoint, retrying a
+/// few times (e.g. while the dead origin's ports are being released).
+/// `recorded`: as a deployed app of this daemon (it comes back with its
+/// restart, and checkpoints into its own directory).
+fn restart_here(
+    daemon: &Daemon,
+    entry: &Entry,
+    recorded: bool,
+) -> Result<super::api::InstanceInfo, ApiError> {
+    let name = &entry.req.run.name;
+    let file = entry.dir.join(vmm::checkpoint::LATEST);
+    let run = RunRequest {
+        restore: Some(file.display().to_string()),
+        checkpoint_to: (!recorded).then(|| entry.dir.display().to_string()),
+        standby: None,
+        standby_grace_ms: None,
+        ip: None,
+        restart: match (recorded, &daemon.persist) {
+            (true, Some(_)) => entry.req.run.restart,
+            _ => api::Restart::Never,
+        },
+        ..entry.req.run.clone()
+    };
+    let mut result = Err(ApiError(500, "not tried".into()));
+    for attempt in 0..TAKEOVER_ATTEMPTS {
+        if attempt > 0 {
+            thread::sleep(TAKEOVER_RETRY);
+        }
+        let _one_at_a_time = daemon
+            .standbys
+            .takeover
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        result = if recorded {
+            daemon.run_recorded(run.clone())
+        } else {
+            daemon.run(run.clone())
+        };
+        match &result {
+            Ok(_) => break,
+            Err(ApiError(_, e)) => {
+                tracing::warn!(name = %name, "taking over from {} failed (attempt {} of {TAKEOVER_ATTEMPTS}): {e}",
+                    entry.req.origin,
+                    attempt + 1
+                )
+            }
+        }
+    }
+    result
 }
 
 /// Ships a running instance's checkpoints to its standby: hands each blob
@@ -462,20 +725,29 @@ impl Sink for PeerSink {
             ));
         }
         let (done, outcome) = mpsc::sync_channel(1);
-        let job = Shipment {
+        let mut job = Shipment {
             blob: blob.to_vec(),
             done,
         };
-        match self.jobs.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                return Err(format!(
-                    "standby {} is still busy with an earlier checkpoint: not stored there",
-                    self.addr
-                ))
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(format!("the shipper to standby {} is gone", self.addr))
+        // The shipper answers the previous blob just before it waits for
+        // the next one: a busy shipper gets a moment to come back.
+        let give_up = Instant::now() + IDLE_WAIT;
+        loop {
+            match self.jobs.try_send(job) {
+                Ok(()) => break,
+                Err(TrySendError::Full(j)) if Instant::now() < give_up => {
+                    job = j;
+                    thread::sleep(Duration::from_millis(1));
+                }
+                Err(TrySendError::Full(_)) => {
+                    return Err(format!(
+                        "standby {} is still busy with an earlier checkpoint: not stored there",
+                        self.addr
+                    ))
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    return Err(format!("the shipper to standby {} is gone", self.addr))
+                }
             }
         }
         match outcome.recv_timeout(SHIP_DEADLINE) {
@@ -495,9 +767,18 @@ impl Sink for PeerSink {
 /// Registers the instance `req` is about to boot with its standby
 /// `req.standby`; returns the sink its checkpoints go to.
 pub fn register(daemon: &Daemon, req: &RunRequest) -> Result<Option<PeerSink>, ApiError> {
+    let mut shipping = daemon
+        .standbys
+        .shipping
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    shipping.remove(&req.name);
     let Some(peer) = &req.standby else {
         return Ok(None);
     };
+    // Bounded by the daemon's instances: one name each.
+    shipping.insert(req.name.clone());
+    drop(shipping);
     let image =
         vmm::machine::image_id(std::path::Path::new(&req.image)).map_err(|e| bad(e.to_string()))?;
     let body = StandbyRequest {

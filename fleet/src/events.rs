@@ -1,5 +1,6 @@
 //! The fleet's event stream: what happened to its apps and hosts (deploys,
-//! stops, migrations, hosts coming up and going down, scheduler leaders),
+//! stops, migrations, takeovers and fencing, hosts coming up and going
+//! down, scheduler leaders),
 //! appended to the store under [`PREFIX`] by whoever did it, read back in
 //! order by `host-shim events` and followed as it grows ([`follow`]).
 //!
@@ -64,6 +65,17 @@ pub enum Kind {
     HostDown,
     /// A scheduler replica became the leader (`details.replica`).
     LeaderChange,
+    /// A host took an app over from a host whose lease lapsed, and runs it
+    /// from its latest checkpoint (`hosts`: from, to; `details`: the
+    /// checkpoint and how long it took).
+    Takeover,
+    /// A host won an app's ownership from a dead host but could not run it
+    /// (`details.error`).
+    TakeoverFailed,
+    /// A host that came back (restarted, or its lease lapsed while it was
+    /// cut off) stopped an app it no longer owns instead of resuming it
+    /// (`hosts`: the host, the owner now).
+    Fenced,
 }
 
 impl std::fmt::Display for Kind {

@@ -3,7 +3,10 @@
 //! through a [`Progress`] callback, and returns a typed outcome that the
 //! CLI renders (a table, or JSON). The app's record in the store (its
 //! owner: the host it runs on) changes only by compare-and-swap here, and
-//! every operation appends its [`crate::events`].
+//! every operation appends its [`crate::events`]. The daemons' side of
+//! ownership is here too: [`take_over`] (a standby taking an app of a dead
+//! host) and [`reclaim`] (a host that comes back checking it still owns
+//! what it ran).
 
 use std::time::Instant;
 
@@ -54,6 +57,9 @@ pub struct DeployRequest {
     pub publish: Vec<PublishSpec>,
     pub restart: Restart,
     pub checkpoint_every_ms: Option<u64>,
+    /// The fleet host that keeps the app's checkpoints and takes it over
+    /// if its host dies (it gets the image too).
+    pub standby: Option<String>,
 }
 
 /// A deployed app.
@@ -156,7 +162,9 @@ pub fn deploy(
         Err(e) => return Err(e),
     };
     let restart = req.restart;
-    let inst = match run_claimed(&client, &host, &hash, req, &image, progress) {
+    let inst = standby_for(fleet, &host, &hash, &req, progress)
+        .and_then(|standby| run_claimed(&client, &host, &hash, req, &image, standby, progress));
+    let inst = match inst {
         Ok(v) => v,
         Err(e) => {
             if let Err(undo) = fleet.remove_app(&app.name, Expect::Version(claimed)) {
@@ -187,6 +195,28 @@ pub fn deploy(
     })
 }
 
+/// The API address of the standby `req` names, which gets the image first.
+fn standby_for(
+    fleet: &Fleet,
+    host: &Host,
+    hash: &str,
+    req: &DeployRequest,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Option<String>, FleetError> {
+    let Some(name) = &req.standby else {
+        return Ok(None);
+    };
+    if *name == host.name {
+        return Err(FleetError::Failed(format!(
+            "the standby of {} must be another host than {name}",
+            req.name
+        )));
+    }
+    let standby = fleet.need_host(name)?;
+    ensure_image(&client_for(&standby)?, &standby, hash, &req.image, progress)?;
+    Ok(Some(standby.addr().to_owned()))
+}
+
 /// Uploads the image if needed and runs the app whose name `deploy` claimed.
 fn run_claimed(
     client: &Client,
@@ -194,6 +224,7 @@ fn run_claimed(
     hash: &str,
     req: DeployRequest,
     image: &str,
+    standby: Option<String>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(InstanceInfo, bool), FleetError> {
     let uploaded = ensure_image(client, host, hash, &req.image, progress)?;
@@ -206,6 +237,7 @@ fn run_claimed(
         publish: req.publish,
         checkpoint_every_ms: req.checkpoint_every_ms,
         restart: req.restart,
+        standby,
         ..RunRequest::default()
     };
     let inst: InstanceInfo = client.run(&run).map_err(|e| match e {
@@ -497,4 +529,165 @@ pub fn stop(
         host: loc.live.label,
         state: info.state.to_string(),
     })
+}
+
+/// Who owns an app, as [`reclaim`] found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ownership {
+    /// This host owns it (its record was rewritten: a takeover that read
+    /// the record before now fails its compare-and-swap).
+    Ours,
+    /// Another host owns it now.
+    Theirs(String),
+    /// The store has no record of it (not deployed through the fleet).
+    Unrecorded,
+}
+
+/// Checks that host `me` still owns app `name` before it resumes running
+/// it (a host that restarted or was cut off), by compare-and-swap: the
+/// record is written again unchanged, so of this and a takeover that both
+/// read the same version, exactly one wins.
+pub fn reclaim(fleet: &Fleet, name: &str, me: &str) -> Result<Ownership, FleetError> {
+    for _ in 0..CAS_ATTEMPTS {
+        let Some(app) = fleet.app(name)? else {
+            return Ok(Ownership::Unrecorded);
+        };
+        if app.value.host != me {
+            return Ok(Ownership::Theirs(app.value.host));
+        }
+        match fleet.put_app(&app.value, Expect::Version(app.version)) {
+            Ok(_) => return Ok(Ownership::Ours),
+            // Changed meanwhile: read it again.
+            Err(FleetError::Store(StoreError::Conflict { .. })) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(FleetError::Conflict(format!(
+        "the record of {name} keeps changing: cannot check who owns it"
+    )))
+}
+
+/// Most compare-and-swap attempts of [`reclaim`].
+const CAS_ATTEMPTS: usize = 8;
+
+/// Makes host `to` the owner of app `name`, which host `from` owned, if
+/// `from` registered itself and its lease lapsed: a compare-and-swap on
+/// the version of the record read *before* looking at `from`'s lease, so
+/// that of several hosts taking it over, or of a taker and `from` coming
+/// back ([`reclaim`]), exactly one wins. Losing is
+/// [`FleetError::Conflict`]; an app no longer recorded is
+/// [`FleetError::NotFound`].
+pub fn take_over(fleet: &Fleet, name: &str, from: &str, to: &str) -> Result<App, FleetError> {
+    let app = fleet
+        .app(name)?
+        .ok_or_else(|| FleetError::NotFound(format!("the fleet has no app '{name}'")))?;
+    if app.value.host != from {
+        return Err(FleetError::Conflict(format!(
+            "{name} is owned by {} now, not {from}",
+            app.value.host
+        )));
+    }
+    if !fleet.lapsed(from)? {
+        return Err(FleetError::Conflict(format!(
+            "host {from} holds its lease: {name} stays there"
+        )));
+    }
+    let mut mine = app.value.clone();
+    mine.host = to.to_owned();
+    match fleet.put_app(&mine, Expect::Version(app.version)) {
+        Ok(_) => Ok(mine),
+        Err(FleetError::Store(StoreError::Conflict { .. })) => {
+            let now = fleet.app(name)?.map(|a| a.value.host);
+            Err(FleetError::Conflict(format!(
+                "{name} was taken by {} first",
+                now.as_deref().unwrap_or("nobody (removed)")
+            )))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::FileStore;
+
+    /// Several hosts race to take over one app of a host that went down:
+    /// exactly one wins; then the old host coming back finds it owned.
+    #[test]
+    fn one_taker_wins_and_the_old_host_finds_its_app_taken() {
+        let dir = std::env::temp_dir().join(format!("fleet-takeover-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("fleet.json");
+        let fleet = Fleet::new(Box::new(FileStore::new(&path)));
+        let a = Host {
+            name: "a".into(),
+            url: "http://127.0.0.1:1".into(),
+            registered: true,
+            ..Host::default()
+        };
+        fleet.put_host(&a, Expect::Absent).unwrap();
+        let app = App {
+            name: "kv".into(),
+            host: "a".into(),
+            image: "sha256:00".into(),
+        };
+        fleet.put_app(&app, Expect::Absent).unwrap();
+        let won: Vec<bool> = std::thread::scope(|s| {
+            let takers: Vec<_> = ["b", "c", "d", "e"]
+                .into_iter()
+                .map(|to| {
+                    let path = &path;
+                    s.spawn(move || {
+                        let fleet = Fleet::new(Box::new(FileStore::new(path)));
+                        match take_over(&fleet, "kv", "a", to) {
+                            Ok(app) => {
+                                assert_eq!(app.host, to);
+                                true
+                            }
+                            Err(FleetError::Conflict(_)) => false,
+                            Err(e) => panic!("{e}"),
+                        }
+                    })
+                })
+                .collect();
+            takers.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        assert_eq!(won.iter().filter(|w| **w).count(), 1, "{won:?}");
+        let owner = fleet.app("kv").unwrap().unwrap().value.host;
+        assert_ne!(owner, "a");
+        assert_eq!(
+            reclaim(&fleet, "kv", "a").unwrap(),
+            Ownership::Theirs(owner.clone())
+        );
+        assert_eq!(reclaim(&fleet, "kv", &owner).unwrap(), Ownership::Ours);
+        assert_eq!(
+            reclaim(&fleet, "other", "a").unwrap(),
+            Ownership::Unrecorded
+        );
+        // A host with a live lease keeps its apps; an unregistered one
+        // (added by hand) is never taken from.
+        fleet
+            .store
+            .put("alive/b", serde_json::json!({}), Expect::Any)
+            .unwrap();
+        fleet
+            .put_app(
+                &App {
+                    host: "b".into(),
+                    ..app.clone()
+                },
+                Expect::Any,
+            )
+            .unwrap();
+        assert!(matches!(
+            take_over(&fleet, "kv", "b", "c"),
+            Err(FleetError::Conflict(_))
+        ));
+        assert!(matches!(
+            take_over(&fleet, "gone", "a", "c"),
+            Err(FleetError::NotFound(_))
+        ));
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

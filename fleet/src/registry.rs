@@ -30,7 +30,8 @@
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -310,14 +311,81 @@ pub fn keep_alive_interval(ttl: Duration) -> Duration {
     (ttl / 3).clamp(Duration::from_millis(200), Duration::from_secs(5))
 }
 
+/// What a registered daemon knows of its own lease, for fencing: a host
+/// may act as the owner of its apps only while its lease surely holds.
+/// The lease's TTL runs from when etcd renewed it, which is after the
+/// renewal was sent: counting from the sending errs on the safe side.
+#[derive(Debug)]
+pub struct LeaseWatch {
+    ttl: Duration,
+    /// When the last successful grant or renewal was sent; `None`: no
+    /// lease held (not registered yet, or deregistered).
+    renewed: Mutex<Option<Instant>>,
+    /// How many times the host (re)registered.
+    registrations: AtomicU64,
+}
+
+impl LeaseWatch {
+    /// A watch for leases of `ttl`, none held yet.
+    pub fn new(ttl: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            ttl,
+            renewed: Mutex::new(None),
+            registrations: AtomicU64::new(0),
+        })
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// How long this host may still act as an owner: the lease lapses at
+    /// the earliest a TTL after the last renewal was sent, and the host
+    /// stops a quarter TTL before that (`None`: it must stop now, or holds
+    /// no lease).
+    pub fn valid_for(&self) -> Option<Duration> {
+        let renewed = (*self.renewed.lock().unwrap_or_else(|e| e.into_inner()))?;
+        (self.ttl * 3 / 4).checked_sub(renewed.elapsed())
+    }
+
+    /// Whether the host ever held a lease (registered at least once).
+    pub fn registrations(&self) -> u64 {
+        self.registrations.load(Ordering::Acquire)
+    }
+
+    fn renewed(&self, sent: Instant) {
+        *self.renewed.lock().unwrap_or_else(|e| e.into_inner()) = Some(sent);
+    }
+
+    fn registered(&self, sent: Instant) {
+        self.renewed(sent);
+        self.registrations.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn lost(&self) {
+        *self.renewed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
 /// Registers `host` in `store` under a lease of `ttl` and keeps it alive
 /// until the returned guard is dropped. The `host.registered` flag is set.
 /// If another daemon holds the name, waits up to `ttl` for its lease to
 /// lapse (a killed daemon restarting), then fails.
 pub fn register(
     store: Box<dyn FleetStore>,
+    host: Host,
+    ttl: Duration,
+) -> Result<Registration, FleetError> {
+    register_watched(store, host, ttl, LeaseWatch::new(ttl))
+}
+
+/// [`register`], telling `watch` whenever the lease is granted, renewed
+/// or lost (the daemon fences its guests by it).
+pub fn register_watched(
+    store: Box<dyn FleetStore>,
     mut host: Host,
     ttl: Duration,
+    watch: Arc<LeaseWatch>,
 ) -> Result<Registration, FleetError> {
     check_name(&host.name)?;
     if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
@@ -327,6 +395,7 @@ pub fn register(
     }
     host.registered = true;
     let fleet = Fleet::new(store);
+    let sent = Instant::now();
     let lease = fleet.store.grant_lease(ttl)?;
     let deadline = Instant::now() + ttl + Duration::from_secs(1);
     loop {
@@ -343,12 +412,13 @@ pub fn register(
         }
     }
     tracing::info!(host = %host.name, lease = lease.0, ?ttl, "registered in the fleet store");
+    watch.registered(sent);
     fleet.note(up(&host));
     let (stop, stopped) = mpsc::channel();
     let name = host.name.clone();
     let thread = std::thread::Builder::new()
         .name(format!("lease-{name}"))
-        .spawn(move || keep(&fleet, &host, lease, ttl, stopped))
+        .spawn(move || keep(&fleet, &host, lease, &watch, stopped))
         .map_err(|e| FleetError::Failed(format!("cannot start the lease thread: {e}")))?;
     Ok(Registration {
         name,
@@ -443,7 +513,14 @@ fn claim(fleet: &Fleet, host: &Host, lease: LeaseId) -> Result<(), Claim> {
 /// the lease lapsed anyway (the store was out of reach for longer than its
 /// TTL), takes a new one and claims the host's keys again. Revokes the
 /// lease when told to stop.
-fn keep(fleet: &Fleet, host: &Host, mut lease: LeaseId, ttl: Duration, stop: mpsc::Receiver<()>) {
+fn keep(
+    fleet: &Fleet,
+    host: &Host,
+    mut lease: LeaseId,
+    watch: &LeaseWatch,
+    stop: mpsc::Receiver<()>,
+) {
+    let ttl = watch.ttl();
     let interval = keep_alive_interval(ttl);
     let mut lapsed = false;
     let mut swept = Instant::now();
@@ -456,10 +533,12 @@ fn keep(fleet: &Fleet, host: &Host, mut lease: LeaseId, ttl: Duration, stop: mps
             }
         }
         if lapsed {
+            let sent = Instant::now();
             match fleet.store.grant_lease(ttl) {
                 Ok(new) => match claim(fleet, host, new) {
                     Ok(()) => {
                         tracing::info!(host = %host.name, lease = new.0, "registered again");
+                        watch.registered(sent);
                         fleet.note(up(host));
                         lease = new;
                         lapsed = false;
@@ -474,10 +553,12 @@ fn keep(fleet: &Fleet, host: &Host, mut lease: LeaseId, ttl: Duration, stop: mps
             }
             continue;
         }
+        let sent = Instant::now();
         match fleet.store.keep_alive(lease) {
-            Ok(()) => {}
+            Ok(()) => watch.renewed(sent),
             Err(StoreError::LeaseExpired(_)) => {
                 tracing::warn!(host = %host.name, lease = lease.0, "the host's lease lapsed; registering again");
+                watch.lost();
                 lapsed = true;
             }
             Err(e) => {
@@ -485,6 +566,7 @@ fn keep(fleet: &Fleet, host: &Host, mut lease: LeaseId, ttl: Duration, stop: mps
             }
         }
     }
+    watch.lost();
     if !lapsed {
         match fleet.store.revoke_lease(lease) {
             Ok(()) => {
@@ -546,6 +628,13 @@ fn up(host: &Host) -> Event {
 }
 
 impl Fleet {
+    /// Whether host `name` registered itself and its lease lapsed (it is
+    /// down: its apps may be taken over).
+    pub fn lapsed(&self, name: &str) -> Result<bool, FleetError> {
+        let registered = self.host(name)?.is_some_and(|h| h.value.registered);
+        Ok(registered && self.store.get(&format!("{ALIVE}{name}"))?.is_none())
+    }
+
     /// The names of the hosts whose lease is alive.
     pub fn alive(&self) -> Result<BTreeSet<String>, FleetError> {
         Ok(self
@@ -631,5 +720,25 @@ mod tests {
             "distinct blocks after a, b and the junk one"
         );
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_lease_is_trusted_for_three_quarters_of_its_ttl_from_the_renewal_sent() {
+        let ttl = Duration::from_secs(4);
+        let w = LeaseWatch::new(ttl);
+        assert_eq!(w.valid_for(), None, "no lease yet");
+        assert_eq!(w.registrations(), 0);
+        w.registered(Instant::now());
+        let left = w.valid_for().unwrap();
+        assert!(left <= Duration::from_secs(3) && left > Duration::from_millis(2900));
+        assert_eq!(w.registrations(), 1);
+        // A renewal sent 3.5 s ago leaves nothing: stop now.
+        w.renewed(Instant::now() - Duration::from_millis(3500));
+        assert_eq!(w.valid_for(), None);
+        w.renewed(Instant::now() - Duration::from_secs(1));
+        assert!(w.valid_for().unwrap() <= Duration::from_secs(2));
+        w.lost();
+        assert_eq!(w.valid_for(), None);
+        assert_eq!(w.registrations(), 1);
     }
 }

@@ -276,6 +276,11 @@ struct DeployArgs {
     /// --state-dir; a restart resumes from the latest).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     checkpoint_every: Option<Duration>,
+    /// A fleet host that keeps the app's checkpoints (each one, also with
+    /// --checkpoint-every) and runs it from the latest if its host dies
+    /// (with --store etcd://: once the host's lease lapses).
+    #[arg(long, value_name = "HOST", requires = "checkpoint_every")]
+    standby: Option<String>,
     #[command(flatten)]
     json: JsonArg,
     /// Arguments for the app, after `--`.
@@ -519,6 +524,7 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
                     publish: a.publish.clone(),
                     restart: a.restart,
                     checkpoint_every_ms: a.checkpoint_every.map(|d| d.as_millis() as u64),
+                    standby: a.standby,
                 },
                 a.json.json,
             ))

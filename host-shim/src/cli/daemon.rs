@@ -489,6 +489,20 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
         }
         _ => (args.guest_net, None),
     };
+    // The lease the registration keeps, watched by the fence thread; the
+    // fence has its own store connection (the registration's thread keeps
+    // the other).
+    let lease = fleet::registry::LeaseWatch::new(args.lease_ttl);
+    let fleet_link = match &target.store {
+        Some(url) => Some(daemon::fence::FleetLink {
+            fleet: std::sync::Arc::new(fleet::Fleet::new(fleet::store::open_with(
+                url,
+                &target.store_access,
+            )?)),
+            lease: std::sync::Arc::clone(&lease),
+        }),
+        None => None,
+    };
     let security = identity
         .map(|i| security::HostSecurity::new(i).map(std::sync::Arc::new))
         .transpose()?;
@@ -517,6 +531,7 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
                 free_page_hints: !args.no_free_page_hints,
                 fault: args.test_fault,
             },
+            fleet: fleet_link,
         },
         move |daemon, brought_back| {
             print_banner(daemon, brought_back);
@@ -541,7 +556,7 @@ pub(crate) fn serve(args: ServeArgs, target: &Target) -> anyhow::Result<u8> {
                     daemon.hold_elsewhere(held);
                 }
                 let record = host_record(daemon, advertise);
-                let r = fleet::registry::register(store, record, lease_ttl)
+                let r = fleet::registry::register_watched(store, record, lease_ttl, lease)
                     .map_err(|e| e.to_string())?;
                 *registered = Some(r);
             }

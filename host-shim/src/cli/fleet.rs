@@ -252,6 +252,7 @@ pub struct DeployOptions<'a> {
     pub publish: Vec<PublishSpec>,
     pub restart: Restart,
     pub checkpoint_every_ms: Option<u64>,
+    pub standby: Option<String>,
 }
 
 /// `deploy IMAGE --on HOST --name NAME`: [`ops::deploy`], with an upload bar.
@@ -270,6 +271,7 @@ pub fn deploy(fleet: &Fleet, o: DeployOptions<'_>, json: bool) -> Result<u8, Fle
         publish: o.publish,
         restart: o.restart,
         checkpoint_every_ms: o.checkpoint_every_ms,
+        standby: o.standby,
     };
     let mut upload: Option<ProgressBar> = None;
     let result = ops::deploy(fleet, req, &mut |p| match p {
@@ -539,7 +541,11 @@ fn event_line(e: &Event) -> String {
         e.app.as_deref().unwrap_or("-"),
         match e.kind {
             _ if e.hosts.is_empty() => "-".to_owned(),
-            Kind::MigrationStarted | Kind::MigrationDone | Kind::MigrationFailed => {
+            Kind::MigrationStarted
+            | Kind::MigrationDone
+            | Kind::MigrationFailed
+            | Kind::Takeover
+            | Kind::TakeoverFailed => {
                 e.hosts.join(" -> ")
             }
             _ => e.hosts.join(","),
