@@ -458,9 +458,13 @@ fn forty_apps_survive_a_killed_host_and_the_host_coming_back_runs_none_of_them()
         e["kind"] == "host-down" && e["hosts"][0] == "a"
     });
 
-    // a restarts with its restart records: it runs none of them again.
+    // a restarts with its restart records: it runs none of them again (it
+    // fences them before it registers, so before its host-up).
     let a = serve(&url, "a", "east", &dir);
     events.wait_for("fenced", 17, Duration::from_secs(30), is("fenced"));
+    events.wait_for("host-up of a again", 2, Duration::from_secs(30), |e| {
+        e["kind"] == "host-up" && e["hosts"][0] == "a"
+    });
     let out = a.output_once_it_says("fenced");
     assert!(out.contains("fenced: "), "{out}");
     let on_a_now = a.cli(&["list"]);
@@ -511,8 +515,9 @@ fn forty_apps_survive_a_killed_host_and_the_host_coming_back_runs_none_of_them()
         ("r2 moved kv39", r2_moved),
         ("first takeover", first(&is("takeover"))),
         ("last takeover", last(&is("takeover"))),
-        ("a up again", a_up_again),
         ("first fenced", first(&is("fenced"))),
+        ("last fenced", last(&is("fenced"))),
+        ("a up again", a_up_again),
     ];
     assert!(
         order.windows(2).all(|w| w[0].1 < w[1].1),
