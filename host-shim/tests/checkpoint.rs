@@ -12,7 +12,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{free_port, image, redis_pipe_set, require_kvm, shim, Shim};
+use common::{free_port, image, redis_pipe_set, require_kvm, shim, wait_kv_checkpoint, Shim};
 
 fn require_tool(name: &str, package: &str) {
     let found = Command::new("sh")
@@ -101,34 +101,12 @@ fn check_keys(port: u16, n: usize, dbsize: usize) {
     }
 }
 
-/// Waits until `dir/latest.ckpt` changes after this call (a full
-/// checkpoint replaced it or a delta was appended), i.e. holds a checkpoint
-/// taken after everything the guest acknowledged so far, and returns its
-/// bytes.
-fn fresh_checkpoint(shim: &mut Shim, dir: &Path) -> Vec<u8> {
+/// Waits until `dir/latest.ckpt` holds a checkpoint in which every
+/// `(key, value)` of `want` holds (`None`: absent), i.e. one taken after
+/// the writes that made it so, and returns its bytes.
+fn fresh_checkpoint(shim: &mut Shim, dir: &Path, want: &[(&str, Option<&str>)]) -> Vec<u8> {
     let latest = dir.join("latest.ckpt");
-    let stamp = |p: &Path| {
-        std::fs::metadata(p)
-            .ok()
-            .map(|m| (m.len(), m.modified().ok()))
-    };
-    let before = stamp(&latest);
-    let start = Instant::now();
-    loop {
-        shim.assert_running("a checkpoint");
-        if stamp(&latest) != before {
-            thread::sleep(Duration::from_millis(20)); // a write in progress
-            if let Ok(bytes) = std::fs::read(&latest) {
-                return bytes;
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "no checkpoint in {} within 20 s",
-            dir.display()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    wait_kv_checkpoint(&latest, want, || shim.assert_running("a checkpoint")).0
 }
 
 /// Boots kv in a new shim process with `extra` options on a fresh
@@ -187,7 +165,8 @@ fn ten_thousand_keys_move_from_our_shim_to_qemu_and_back() {
         "kv under our shim",
     );
     load(p, 0..N);
-    let ckpt = fresh_checkpoint(&mut a, &d1);
+    let last = (format!("key:{}", N - 1), value(N - 1));
+    let ckpt = fresh_checkpoint(&mut a, &d1, &[(&last.0, Some(&last.1))]);
     let (c, _) = abi::checkpoint::decode(&ckpt).expect("a valid checkpoint");
     assert_eq!(c.app, "kv");
     a.stop();
@@ -217,7 +196,7 @@ fn ten_thousand_keys_move_from_our_shim_to_qemu_and_back() {
         panic!("{e:?}\n--- QEMU shim stdout:\n{out}\n--- stderr:\n{err}");
     }
     assert_eq!(cli(p, &["SET", "moved", "to-qemu"]).as_deref(), Some("OK"));
-    fresh_checkpoint(&mut q, &d2);
+    fresh_checkpoint(&mut q, &d2, &[("moved", Some("to-qemu"))]);
     let (out, _) = q.stop();
     assert!(out.contains(&format!("kv: restored {N} keys")), "{out}");
 
@@ -259,11 +238,11 @@ fn after_kill_9_of_its_shim_kv_comes_back_from_its_last_checkpoint() {
         cli(p, &["SET", "session", "s1", "EX", "600"]).as_deref(),
         Some("OK")
     );
-    fresh_checkpoint(&mut a, &dir);
+    fresh_checkpoint(&mut a, &dir, &[("session", Some("s1"))]);
     // Changes after it go out as deltas appended to the file.
     load(p, 2000..2500);
     assert_eq!(cli(p, &["DEL", "key:0"]).as_deref(), Some("1"));
-    let file = fresh_checkpoint(&mut a, &dir);
+    let file = fresh_checkpoint(&mut a, &dir, &[("key:0", None)]);
     let chain = abi::checkpoint::latest_chain(&file).expect("a valid checkpoint file");
     assert!(
         !chain.deltas.is_empty(),
@@ -511,7 +490,7 @@ fn after_kill_9_of_a_qemu_shim_its_last_checkpoint_restores_under_ours() {
     );
     load(p, 0..1000);
     // Stored (and acknowledged to the guest) after the last write.
-    fresh_checkpoint(&mut q, &dir);
+    fresh_checkpoint(&mut q, &dir, &[("key:999", Some(&value(999)))]);
     kill_9(q);
 
     let p = free_port();
@@ -818,7 +797,8 @@ fn keys_move_from_our_shim_to_firecracker_and_back() {
         "kv under our shim",
     );
     load(p, 0..N);
-    fresh_checkpoint(&mut a, &d1);
+    let last = (format!("key:{}", N - 1), value(N - 1));
+    fresh_checkpoint(&mut a, &d1, &[(&last.0, Some(&last.1))]);
     a.stop();
 
     // 2. Under Firecracker: restore over vsock, change, checkpoint (stored
@@ -840,7 +820,7 @@ fn keys_move_from_our_shim_to_firecracker_and_back() {
         cli(p, &["SET", "moved", "to-firecracker"]).as_deref(),
         Some("OK")
     );
-    fresh_checkpoint(&mut f, &d2);
+    fresh_checkpoint(&mut f, &d2, &[("moved", Some("to-firecracker"))]);
     let (out, _) = f.stop();
     assert!(out.contains(&format!("kv: restored {N} keys")), "{out}");
 

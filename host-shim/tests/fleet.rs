@@ -7,7 +7,7 @@
 mod common;
 
 use common::daemon::{FleetCli, TempDir, BIN};
-use common::{free_port, image, redis_pipe_set, require_kvm, Redis};
+use common::{free_port, image, redis_pipe_set, require_kvm, wait_kv_checkpoint, Redis};
 use std::io::Read;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -87,6 +87,13 @@ impl Shim {
 
     fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Panics with the daemon's log if it has exited.
+    fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("{} exited ({status}):\n{}", self.name, self.output());
+        }
     }
 
     fn url(&self) -> String {
@@ -366,25 +373,12 @@ fn instances_come_back_after_their_daemon_restarts() {
     ]);
     let mut client = Redis::when_up(port);
     client.fill(500);
-    // Wait for a checkpoint taken after the keys to reach the disk: the
-    // guest takes a checkpoint and stores it in one hypercall, so a file
-    // written after the last reply holds every key. Checkpoints are deltas
-    // now, and none is taken while nothing changes: wait for the first
-    // one after `filled`, not for a later one.
-    let filled = std::time::SystemTime::now();
+    // Wait for a checkpoint holding the last key on the disk (a checkpoint
+    // is a consistent snapshot: it holds every key acknowledged before).
     let latest = dir.0.join("r/instances/kv.checkpoints/latest.ckpt");
-    let give_up = Instant::now() + Duration::from_secs(10);
-    while std::fs::metadata(&latest)
-        .and_then(|m| m.modified())
-        .map_or(true, |t| t <= filled)
-    {
-        assert!(
-            Instant::now() < give_up,
-            "no checkpoint in {}",
-            latest.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_kv_checkpoint(&latest, &[("key:499", Some("value-499"))], || {
+        shim.assert_running()
+    });
 
     shim.restart();
     let row = fleet

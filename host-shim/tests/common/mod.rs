@@ -350,6 +350,68 @@ pub fn monitor_cpu_share(shim_pid: u32, period: Duration) -> f64 {
     used as f64 / 100.0 / start.elapsed().as_secs_f64()
 }
 
+/// What the bytes of a kv checkpoint file hold: the store their latest
+/// chain (the last full checkpoint and the deltas after it) restores to,
+/// restored by kv's own code, and the sequence number of the chain's last
+/// blob (0: the full checkpoint alone). An error when there is no sound
+/// full checkpoint (a torn last delta is ignored, as a restore ignores it).
+pub fn kv_checkpoint(bytes: &[u8]) -> Result<(u64, kv_core::store::Store), String> {
+    let chain = abi::checkpoint::latest_chain(bytes).map_err(|e| e.to_string())?;
+    let deltas = chain
+        .deltas
+        .iter()
+        .map(|d| postcard::from_bytes::<kv_core::checkpoint::KvDelta>(d.payload))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("a delta of kv does not decode: {e}"))?;
+    let mut store = kv_core::store::Store::new();
+    kv_core::checkpoint::restore(
+        &mut store,
+        Vec::from(chain.base.payload),
+        deltas,
+        kv_core::Instant::from_nanos(0),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok((chain.deltas.last().map_or(0, |d| d.seq), store))
+}
+
+/// Waits (up to 60 s) until the kv checkpoint file at `path` holds a
+/// checkpoint in which every `(key, value)` of `want` holds (`None`: the
+/// key is absent): the writes that made it so, and every write kv
+/// acknowledged before them, are stored. A checkpoint taken before the
+/// call counts (kv takes none while nothing changes). `alive` runs each
+/// round, to fail at once when the writer died. Returns the bytes that
+/// held it and the sequence number of their chain's last blob.
+pub fn wait_kv_checkpoint(
+    path: &Path,
+    want: &[(&str, Option<&str>)],
+    mut alive: impl FnMut(),
+) -> (Vec<u8>, u64) {
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let now = kv_core::Instant::from_nanos(0);
+    loop {
+        alive();
+        let bytes = std::fs::read(path).map_err(|e| e.to_string());
+        let seen = bytes.as_deref().map_err(Clone::clone).and_then(|b| {
+            let (seq, mut store) = kv_checkpoint(b)?;
+            let holds = want.iter().all(|(key, value)| {
+                let found = store.get(key.as_bytes(), now).map(|e| e.value.to_vec());
+                found.as_deref() == value.map(str::as_bytes)
+            });
+            Ok((seq, holds))
+        });
+        if let (Ok(bytes), Ok((seq, true))) = (&bytes, &seen) {
+            return (bytes.clone(), *seq);
+        }
+        assert!(
+            Instant::now() < give_up,
+            "no checkpoint holding {want:?} in {} within 60 s (last seen: {seen:?}: \
+             (sequence number, holds))",
+            path.display(),
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The Firecracker binary named by `$FIRECRACKER`, or `None` (after saying
 /// the test was skipped and why) when the variable is unset. A set variable
 /// that names no file fails the test.
