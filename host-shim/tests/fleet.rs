@@ -21,6 +21,8 @@ struct Shim {
     addr: String,
     args: Vec<String>,
     log: PathBuf,
+    /// Where it says it is ready (`--ready-file`).
+    ready: PathBuf,
 }
 
 impl Shim {
@@ -34,16 +36,20 @@ impl Shim {
         args.extend(["--shim-id".into(), shim_id.to_string()]);
         args.extend(["--state-dir".into(), dir.join(name).display().to_string()]);
         args.extend(extra.iter().map(|s| s.to_string()));
+        let ready = dir.join(format!("{name}.ready"));
+        args.extend(["--ready-file".into(), ready.display().to_string()]);
         let log = dir.join(format!("{name}.log"));
+        let _ = std::fs::remove_file(&ready);
         let child = Self::spawn(&args, &log);
-        let shim = Self {
+        let mut shim = Self {
             child,
             name: name.into(),
             addr: addr.into(),
             args,
             log,
+            ready,
         };
-        shim.wait_listening();
+        shim.wait_ready();
         shim
     }
 
@@ -63,12 +69,22 @@ impl Shim {
             .expect("spawn host-shim serve")
     }
 
-    fn wait_listening(&self) {
+    /// Waits (up to 10 s) until the daemon has written its ready file,
+    /// saying it listens on its address.
+    fn wait_ready(&mut self) {
         let give_up = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(&self.addr).is_err() {
+        loop {
+            self.assert_running();
+            let doc = std::fs::read(&self.ready)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+            if let Some(doc) = doc {
+                assert_eq!(doc["listen"], self.addr.as_str(), "{doc}");
+                return;
+            }
             assert!(
                 Instant::now() < give_up,
-                "{} never listened:\n{}",
+                "{} was not ready within 10 s:\n{}",
                 self.name,
                 self.output()
             );
@@ -81,8 +97,9 @@ impl Shim {
     fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.ready);
         self.child = Self::spawn(&self.args, &self.log);
-        self.wait_listening();
+        self.wait_ready();
     }
 
     fn output(&self) -> String {

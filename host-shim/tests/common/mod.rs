@@ -182,6 +182,41 @@ impl Shim {
     }
 }
 
+/// Starts `host-shim serve --listen 127.0.0.1:0 ARGS` and waits (up to
+/// 10 s) until its ready file says where it listens: the daemon and that
+/// address (no port picked here that another process could take first).
+pub fn serve(args: &[&str]) -> (Shim, String) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static SERIAL: AtomicUsize = AtomicUsize::new(0);
+    let ready = std::env::temp_dir().join(format!(
+        "host-shim-ready-{}-{}",
+        std::process::id(),
+        SERIAL.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_file(&ready);
+    let mut all = vec!["serve", "--listen", "127.0.0.1:0", "--ready-file"];
+    all.push(ready.to_str().unwrap());
+    all.extend_from_slice(args);
+    let mut shim = Shim::start(&all);
+    let give_up = Instant::now() + Duration::from_secs(10);
+    let listen = loop {
+        shim.assert_running("the daemon's ready file");
+        let doc = std::fs::read(&ready)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        if let Some(doc) = doc {
+            break doc["listen"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no listen address in the ready file: {doc}"))
+                .to_owned();
+        }
+        assert!(Instant::now() < give_up, "the daemon was not ready in 10 s");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let _ = std::fs::remove_file(&ready);
+    (shim, listen)
+}
+
 /// SETs every `(key, value)` with `redis-cli --pipe` (the whole batch is sent
 /// before any reply is read) and returns redis-cli's report after checking
 /// it saw one reply per key and no error.
