@@ -856,3 +856,164 @@ fn keys_move_from_our_shim_to_firecracker_and_back() {
     let _ = std::fs::remove_dir_all(&d1);
     let _ = std::fs::remove_dir_all(&d2);
 }
+
+/// Group commit: with `ACK_AFTER_CHECKPOINT=1`, 20 connections writing at
+/// once share checkpoints (fewer deltas than writes, deltas holding the
+/// writes of several connections), and after `kill -9` every acknowledged
+/// write of every connection is restored.
+#[test]
+fn ack_mode_checkpoints_group_the_writes_of_concurrent_connections() {
+    require_kvm();
+    require_tool("redis-cli", "redis-tools");
+    let img = image("kv");
+    let dir = tmp_dir("group");
+    let (a, p) = boot_kv(
+        &img,
+        &[
+            "--env",
+            "ACK_AFTER_CHECKPOINT=1",
+            "--checkpoint-to",
+            dir.to_str().unwrap(),
+        ],
+        "kv acknowledging after checkpoints",
+    );
+    const CLIENTS: usize = 20;
+    const WRITES: usize = 50;
+    let writers: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            thread::spawn(move || {
+                let mut r = common::Redis::connect(p).expect("connect to kv");
+                for i in 0..WRITES {
+                    let reply = r.cmd(&["SET", &format!("c{c}:{i}"), &format!("v{i}")]);
+                    assert_eq!(reply.ok().as_deref(), Some("OK"), "c{c}:{i}");
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("a writer failed");
+    }
+    // Every reply above came after its write was stored: kill at once.
+    kill_9(a);
+
+    let file = std::fs::read(dir.join("latest.ckpt")).unwrap();
+    let chain = abi::checkpoint::latest_chain(&file).expect("a valid checkpoint file");
+    let sets: Vec<Vec<String>> = chain
+        .deltas
+        .iter()
+        .map(|d| {
+            let delta: kv_core::checkpoint::KvDelta = postcard::from_bytes(d.payload).unwrap();
+            let keys = delta.sets.into_iter().map(|k| k.0);
+            keys.map(|k| String::from_utf8(k).unwrap()).collect()
+        })
+        .collect();
+    let shared = sets.iter().filter(|keys| {
+        let clients: std::collections::HashSet<_> =
+            keys.iter().filter_map(|k| k.split(':').next()).collect();
+        clients.len() > 1
+    });
+    let shared = shared.count();
+    eprintln!(
+        "{} writes of {CLIENTS} connections in {} deltas, {shared} of them with the writes of \
+         several connections",
+        CLIENTS * WRITES,
+        sets.len()
+    );
+    assert!(
+        sets.len() < CLIENTS * WRITES && shared > 0,
+        "no group commit: {} deltas for {} writes, {shared} shared",
+        sets.len(),
+        CLIENTS * WRITES
+    );
+
+    let p = free_port();
+    let pub2 = format!("{p}:6379");
+    let ck = dir.join("latest.ckpt");
+    let mut b = Shim::start(&kv_args(&img, &pub2, &["--restore", ck.to_str().unwrap()]));
+    wait_ready(&mut b, p, "kv restored after the crash");
+    assert_eq!(cli(p, &["DBSIZE"]), Some((CLIENTS * WRITES).to_string()));
+    for c in 0..CLIENTS {
+        let last = format!("c{c}:{}", WRITES - 1);
+        let want = format!("v{}", WRITES - 1);
+        assert_eq!(cli(p, &["GET", &last]).as_deref(), Some(want.as_str()));
+    }
+    b.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The store-failure path: ack-mode kv whose standby hangs (SIGSTOP) gets
+/// "not stored" after the shipping deadline, and closes the connection of
+/// the write without acknowledging it; once the standby is back, writes
+/// are acknowledged again.
+#[test]
+fn ack_mode_never_acknowledges_a_write_its_standby_did_not_store() {
+    require_kvm();
+    require_tool("redis-cli", "redis-tools");
+    let img = image("kv");
+    let img_s = img.to_str().unwrap();
+    let (mut b, b_api) = daemon("hung-standby-b");
+    let (mut a, a_api) = daemon("ack-origin-a");
+    let port = free_port();
+    let publish = format!("{port}:6379");
+    let r = shim([
+        "--shim",
+        &a_api,
+        "run",
+        img_s,
+        "--name",
+        "kv",
+        "--publish",
+        &publish,
+        "--standby",
+        &b_api,
+        "--env",
+        "ACK_AFTER_CHECKPOINT=1",
+    ]);
+    assert_eq!(r.status, Some(0), "{r:?}");
+    wait_ready(&mut a, port, "kv on A");
+    assert_eq!(cli(port, &["SET", "stored", "1"]).as_deref(), Some("OK"));
+
+    let signal = |sig: &str, pid: u32| {
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP", b.pid());
+    let mut c = common::Redis::connect(port).unwrap();
+    c.set_read_timeout(Duration::from_secs(30)).unwrap();
+    let asked = Instant::now();
+    let reply = c.cmd(&["SET", "unstored", "1"]);
+    let waited = asked.elapsed();
+    signal("-CONT", b.pid());
+    // Closed (or reset), never "OK": the write may not be relied on.
+    assert!(
+        !matches!(reply.as_deref(), Ok("OK")),
+        "a write the standby never stored was acknowledged"
+    );
+    assert!(
+        reply.is_err(),
+        "expected the connection to be closed, got {reply:?}"
+    );
+    eprintln!("the unstored write's connection closed after {waited:?}");
+    // The shipping deadline is 5 s (`standby::SHIP_DEADLINE`); 3 s more is
+    // the margin for a loaded host.
+    assert!(
+        waited < Duration::from_secs(8),
+        "the write waited {waited:?} for a hung standby"
+    );
+    a.assert_running("A after a standby hung");
+    b.assert_running("B after SIGCONT");
+
+    // With the standby back, writes are acknowledged again.
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while cli(port, &["SET", "again", "1"]).as_deref() != Some("OK") {
+        assert!(
+            Instant::now() < give_up,
+            "no write acknowledged within 30 s of the standby's return"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(cli(port, &["GET", "stored"]).as_deref(), Some("1"));
+}

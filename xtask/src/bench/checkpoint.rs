@@ -11,6 +11,9 @@
 //! checkpoint holding it is on disk; incremental: deltas of the changed
 //! keys, appended and fsynced): `redis-benchmark -t set -c 50` with a tiny
 //! keyspace and with 10k random keys, against the same kv without it.
+//! Last, crash recovery on another daemon: the same load against ack-mode
+//! kv whose checkpoints go to a standby daemon, and the time from `kill -9`
+//! of the origin daemon to the first PONG of kv restarted by the standby.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -265,6 +268,12 @@ fn set_rps(shim: &Path, image: &Path, extra: &[&str], keys: usize) -> Result<f64
     let port = free_port()?;
     let mut child = run_kv(shim, image, extra, port)?;
     until_pong(port, &mut child, Instant::now(), "kv")?;
+    bench_set(port, keys)
+}
+
+/// SET requests/s of `redis-benchmark -c 50` (keyspace `keys`, 0: one key)
+/// against the kv on `port`.
+fn bench_set(port: u16, keys: usize) -> Result<f64> {
     let mut cmd = Command::new("redis-benchmark");
     cmd.args([
         "-p",
@@ -287,6 +296,92 @@ fn set_rps(shim: &Path, image: &Path, extra: &[&str], keys: usize) -> Result<f64
         .and_then(|l| l.split(',').nth(1))
         .and_then(|v| v.trim_matches('"').parse().ok())
         .with_context(|| format!("no SET figure in redis-benchmark output:\n{text}"))
+}
+
+/// What one standby run measured.
+struct StandbyRun {
+    /// `kill -9` of the origin daemon → the first PONG on the published
+    /// port, served by the standby.
+    takeover_ms: f64,
+    /// SET requests/s of ack-mode kv shipping to the standby: one key, 10k
+    /// random keys.
+    rps: (f64, f64),
+}
+
+/// Crash recovery on another daemon: a standby daemon B and an origin A
+/// on loopback (default 2 s grace), kv on A with `--standby B` and
+/// `ACK_AFTER_CHECKPOINT=1` (every write acknowledged once its checkpoint
+/// is on B's disk). Measures ack-mode SET throughput, writes a marker,
+/// kills A with SIGKILL and times the first PONG of kv restarted by B; the
+/// marker must have survived.
+fn standby_run(shim: &Path, image: &Path, dir: &Path, run: usize) -> Result<StandbyRun> {
+    use super::migrate::Daemon;
+    let b = Daemon::start(shim, &format!("standby-b{run}"), 2, dir)?;
+    let a = Daemon::start(shim, &format!("origin-a{run}"), 1, dir)?;
+    let port = free_port()?;
+    let image = image.to_str().context("image path")?;
+    let publish = format!("127.0.0.1:{port}:6379");
+    a.cli(&[
+        "run",
+        image,
+        "--name",
+        "kv",
+        "--mem",
+        MEM,
+        "--publish",
+        &publish,
+        "--standby",
+        &b.addr,
+        "--env",
+        "ACK_AFTER_CHECKPOINT=1",
+    ])?;
+    let up = Instant::now();
+    while !ping(port) {
+        if up.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "kv on the origin did not answer within 60 s:\n{}",
+                a.output()
+            );
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    let rps = (bench_set(port, 0)?, bench_set(port, 10_000)?);
+    let marker = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "SET", "marker", "acknowledged"])
+        .output()
+        .context("running redis-cli")?;
+    if String::from_utf8_lossy(&marker.stdout).trim() != "OK" {
+        bail!("SET marker was not acknowledged: {marker:?}");
+    }
+    // The origin dies (SIGKILL: its guest with it).
+    let status = Command::new("kill")
+        .args(["-9", &a.pid().to_string()])
+        .status()
+        .context("running kill")?;
+    if !status.success() {
+        bail!("kill -9 of the origin daemon failed: {status}");
+    }
+    let killed = Instant::now();
+    let takeover = loop {
+        if ping(port) {
+            break killed.elapsed();
+        }
+        if killed.elapsed() > Duration::from_secs(60) {
+            bail!("the standby did not take over within 60 s:\n{}", b.output());
+        }
+        thread::sleep(Duration::from_millis(2));
+    };
+    let got = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "GET", "marker"])
+        .output()
+        .context("running redis-cli")?;
+    if String::from_utf8_lossy(&got.stdout).trim() != "acknowledged" {
+        bail!("the standby lost an acknowledged write: GET marker gave {got:?}");
+    }
+    Ok(StandbyRun {
+        takeover_ms: takeover.as_secs_f64() * 1e3,
+        rps,
+    })
 }
 
 pub fn run(ws: &Workspace, opts: &CheckpointOptions) -> Result<()> {
@@ -337,6 +432,11 @@ pub fn run(ws: &Workspace, opts: &CheckpointOptions) -> Result<()> {
             acked.push(set_rps(&shim, kv, &ack_args, keys)?);
         }
         ack_rows.push((keys, median(plain), median(acked)));
+    }
+    eprintln!("bench checkpoint: a standby daemon takes over after kill -9 of the origin");
+    let mut standby = Vec::new();
+    for run in 0..runs {
+        standby.push(standby_run(&shim, kv, &dir, run)?);
     }
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -394,6 +494,29 @@ pub fn run(ws: &Workspace, opts: &CheckpointOptions) -> Result<()> {
             acked / plain
         );
     }
+    let takeover: Vec<f64> = standby.iter().map(|r| r.takeover_ms).collect();
+    let one: Vec<f64> = standby.iter().map(|r| r.rps.0).collect();
+    let many: Vec<f64> = standby.iter().map(|r| r.rps.1).collect();
+    let spread = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{:.0} ({lo:.0}–{hi:.0})", median(v.to_vec()))
+    };
+    println!();
+    println!("| standby on loopback (default 2 s grace), kv with ACK_AFTER_CHECKPOINT=1 | median (min–max) of {runs} |");
+    println!("|---|---:|");
+    println!(
+        "| `kill -9` of the origin daemon → first PONG, served by the standby | {} ms |",
+        spread(&takeover)
+    );
+    println!(
+        "| redis-benchmark SET -c 50, one key, every write shipped to the standby | {} req/s |",
+        spread(&one)
+    );
+    println!(
+        "| redis-benchmark SET -c 50, 10000 random keys, every write shipped to the standby | {} req/s |",
+        spread(&many)
+    );
     println!("\nRestore: kv checks the checkpoint (container, checksum, app, version, every entry in key order), indexes its entries (4 bytes each) and serves them where they lie in guest memory; a key moves into the heap only when a command changes it. Fully loaded: until `INFO persistence` says `loading:0` (a first reply after which every key is there).");
     println!("\nCheckpoint time: from `host-shim checkpoint` asking the app (BootInfo::checkpoint_requests) to the blob arriving at the shim (HC_CHECKPOINT), serialisation included.");
     Ok(())
