@@ -543,3 +543,69 @@ fn an_app_comes_back_on_the_daemon_it_migrated_to() {
     assert_eq!(c.cmd(&["GET", "written"]).unwrap(), "on-b");
     c.check(300);
 }
+
+/// Two users' CLIs racing to deploy the same app name on two hosts with
+/// one fleet file: one wins (status 0), the other gets status 5 (conflict)
+/// and a message saying why, and exactly one instance runs.
+#[test]
+fn two_clis_racing_for_one_name_one_wins_and_the_other_exits_5() {
+    let dir = TempDir::new("fleet-race");
+    let fleet = FleetCli::new(&dir);
+    let hosts: Vec<Shim> = ["ra", "rb"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let addr = format!("127.0.0.1:{}", free_port());
+            Shim::start(&dir.0, name, &addr, i as u8 + 1, &[])
+        })
+        .collect();
+    for h in &hosts {
+        fleet.ok(&["fleet", "add", &h.name, &h.url()]);
+    }
+    let img = image("http").display().to_string();
+    let racers: Vec<Child> = hosts
+        .iter()
+        .map(|h| {
+            fleet
+                .command(&["deploy", &img, "--on", &h.name, "--name", "app"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<std::process::Output> = racers
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let said = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let mut codes: Vec<Option<i32>> = outs.iter().map(|o| o.status.code()).collect();
+    codes.sort();
+    assert_eq!(
+        codes,
+        [Some(0), Some(5)],
+        "{}\n{}",
+        said(&outs[0]),
+        said(&outs[1])
+    );
+    let loser = outs.iter().find(|o| !o.status.success()).unwrap();
+    assert!(
+        said(loser).contains("has an app 'app' already"),
+        "{}",
+        said(loser)
+    );
+    let ps = fleet.json(&["ps", "--all", "--json"]);
+    let apps: Vec<&serde_json::Value> = ps["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["name"] == "app")
+        .collect();
+    assert_eq!(apps.len(), 1, "{ps}");
+}
