@@ -158,43 +158,33 @@ struct Row {
 
 /// Takes a checkpoint of kv with `n` keys through a daemon; writes it to `out`.
 fn checkpoint(shim: &Path, image: &Path, n: usize, out: &Path) -> Result<(u64, u64, f64)> {
-    let api = format!("127.0.0.1:{}", free_port()?);
-    let mut daemon = Guard(
-        Command::new(shim)
-            .args(["serve", "--listen", &api, "--no-overlay"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting host-shim serve")?,
-    );
-    let start = Instant::now();
-    loop {
-        let ok = Command::new(shim)
-            .args(["--shim", &api, "list"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?
-            .success();
-        if ok {
-            break;
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            bail!("the daemon's API did not come up");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    // Up once its ready file says where it listens (port 0: no race for a port).
+    let dir = out.parent().context("the checkpoint's directory")?;
+    let daemon = super::migrate::Daemon::start_with(shim, "bench-ckpt", 1, dir, &["--no-overlay"])?;
+    let api = daemon.addr.clone();
     let port = free_port()?;
-    let status = Command::new(shim)
-        .args(["--shim", &api, "run"])
-        .arg(image)
-        .args(["--name", "kv", "--mem", MEM, "--publish"])
-        .arg(format!("127.0.0.1:{port}:6379"))
-        .stdout(Stdio::null())
-        .status()?;
-    if !status.success() {
-        bail!("cannot run kv in the daemon");
+    let image = image.to_str().context("image path")?;
+    let publish = format!("127.0.0.1:{port}:6379");
+    daemon.cli(&[
+        "run",
+        image,
+        "--name",
+        "kv",
+        "--mem",
+        MEM,
+        "--publish",
+        &publish,
+    ])?;
+    let up = Instant::now();
+    while !ping(port) {
+        if up.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "kv in the daemon did not answer within 60 s:\n{}",
+                daemon.output()
+            );
+        }
+        thread::sleep(Duration::from_millis(2));
     }
-    until_pong(port, &mut daemon, Instant::now(), "kv in the daemon")?;
     let raw = load(port, n)?;
     let mut times = Vec::new();
     for _ in 0..3 {
