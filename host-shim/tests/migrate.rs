@@ -326,6 +326,11 @@ fn migration_under_fifty_benchmark_connections_loses_nothing() {
             .collect::<Vec<_>>()
             .join("; ")
     );
+    // A fresh connection: `c` has been idle through the benchmark, and the
+    // gateway resets a connection idle for 30 s, migration or not (a known
+    // gap, see NOTES-tests.md), which on a loaded host this run can exceed.
+    drop(c);
+    let mut c = Redis::connect(port).unwrap();
     assert_eq!(c.host(), "heavy-a");
     c.check(10_000);
 }
