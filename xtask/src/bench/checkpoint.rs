@@ -507,32 +507,29 @@ pub fn run(ws: &Workspace, opts: &CheckpointOptions) -> Result<()> {
         .collect();
     let one: Vec<f64> = rps.iter().map(|r| r.0).collect();
     let many: Vec<f64> = rps.iter().map(|r| r.1).collect();
-    let spread = |v: &[f64]| {
+    let spread = |v: &[f64], unit: &str| {
         if v.is_empty() {
             return "failed in every run".to_owned();
         }
         let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        format!(
-            "{:.0} ({lo:.0}–{hi:.0}) over {}",
-            median(v.to_vec()),
-            v.len()
-        )
+        let m = median(v.to_vec());
+        format!("{m:.0} {unit} ({lo:.0}–{hi:.0}), {} runs", v.len())
     };
     println!();
-    println!("| standby on loopback (default 2 s grace), kv with ACK_AFTER_CHECKPOINT=1 | median (min–max) of {runs} |");
+    println!("| standby on loopback (default 2 s grace), kv with ACK_AFTER_CHECKPOINT=1 | median (min–max) |");
     println!("|---|---:|");
     println!(
-        "| `kill -9` of the origin daemon → first PONG, served by the standby | {} ms |",
-        spread(&takeover)
+        "| `kill -9` of the origin daemon → first PONG, served by the standby | {} |",
+        spread(&takeover, "ms")
     );
     println!(
-        "| redis-benchmark SET -c 50, one key, every write shipped to the standby | {} req/s |",
-        spread(&one)
+        "| redis-benchmark SET -c 50, one key, every write shipped to the standby | {} |",
+        spread(&one, "req/s")
     );
     println!(
-        "| redis-benchmark SET -c 50, 10000 random keys, every write shipped to the standby | {} req/s |",
-        spread(&many)
+        "| redis-benchmark SET -c 50, 10000 random keys, every write shipped to the standby | {} |",
+        spread(&many, "req/s")
     );
     for why in &failed {
         println!("\nredis-benchmark against ack-mode kv with a standby failed: {why}");
