@@ -527,7 +527,8 @@ fn idle_and_latency(ws: &Workspace, shim: &Path, opts: &BootOptions) -> Result<(
         let t = super::median(ticks);
         let share = t / 100.0 / IDLE_PERIOD.as_secs_f64() * 100.0;
         println!(
-            "| {name} | {t:.0} ticks ({share:.1} % of a core) | {:.3} ms | {:.0} |",
+            "| {name} | {t:.0} tick{} ({share:.1} % of a core) | {:.3} ms | {:.0} |",
+            if t == 1.0 { "" } else { "s" },
             super::median(p50),
             super::median(rps)
         );
