@@ -6,8 +6,8 @@
 
 mod common;
 
-use common::daemon::{FleetCli, TempDir, BIN};
-use common::{free_port, image, redis_pipe_set, require_kvm, Redis};
+use common::daemon::{kv_img, Daemon, FleetCli, TempDir, BIN};
+use common::{free_port, image, redis_pipe_set, require_kvm, wait_kv_checkpoint, Redis};
 use std::io::Read;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -21,6 +21,8 @@ struct Shim {
     addr: String,
     args: Vec<String>,
     log: PathBuf,
+    /// Where it says it is ready (`--ready-file`).
+    ready: PathBuf,
 }
 
 impl Shim {
@@ -34,16 +36,20 @@ impl Shim {
         args.extend(["--shim-id".into(), shim_id.to_string()]);
         args.extend(["--state-dir".into(), dir.join(name).display().to_string()]);
         args.extend(extra.iter().map(|s| s.to_string()));
+        let ready = dir.join(format!("{name}.ready"));
+        args.extend(["--ready-file".into(), ready.display().to_string()]);
         let log = dir.join(format!("{name}.log"));
+        let _ = std::fs::remove_file(&ready);
         let child = Self::spawn(&args, &log);
-        let shim = Self {
+        let mut shim = Self {
             child,
             name: name.into(),
             addr: addr.into(),
             args,
             log,
+            ready,
         };
-        shim.wait_listening();
+        shim.wait_ready();
         shim
     }
 
@@ -63,12 +69,22 @@ impl Shim {
             .expect("spawn host-shim serve")
     }
 
-    fn wait_listening(&self) {
+    /// Waits (up to 10 s) until the daemon has written its ready file,
+    /// saying it listens on its address.
+    fn wait_ready(&mut self) {
         let give_up = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(&self.addr).is_err() {
+        loop {
+            self.assert_running();
+            let doc = std::fs::read(&self.ready)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+            if let Some(doc) = doc {
+                assert_eq!(doc["listen"], self.addr.as_str(), "{doc}");
+                return;
+            }
             assert!(
                 Instant::now() < give_up,
-                "{} never listened:\n{}",
+                "{} was not ready within 10 s:\n{}",
                 self.name,
                 self.output()
             );
@@ -81,12 +97,20 @@ impl Shim {
     fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.ready);
         self.child = Self::spawn(&self.args, &self.log);
-        self.wait_listening();
+        self.wait_ready();
     }
 
     fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Panics with the daemon's log if it has exited.
+    fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("{} exited ({status}):\n{}", self.name, self.output());
+        }
     }
 
     fn url(&self) -> String {
@@ -366,25 +390,12 @@ fn instances_come_back_after_their_daemon_restarts() {
     ]);
     let mut client = Redis::when_up(port);
     client.fill(500);
-    // Wait for a checkpoint taken after the keys to reach the disk: the
-    // guest takes a checkpoint and stores it in one hypercall, so a file
-    // written after the last reply holds every key. Checkpoints are deltas
-    // now, and none is taken while nothing changes: wait for the first
-    // one after `filled`, not for a later one.
-    let filled = std::time::SystemTime::now();
+    // Wait for a checkpoint holding the last key on the disk (a checkpoint
+    // is a consistent snapshot: it holds every key acknowledged before).
     let latest = dir.0.join("r/instances/kv.checkpoints/latest.ckpt");
-    let give_up = Instant::now() + Duration::from_secs(10);
-    while std::fs::metadata(&latest)
-        .and_then(|m| m.modified())
-        .map_or(true, |t| t <= filled)
-    {
-        assert!(
-            Instant::now() < give_up,
-            "no checkpoint in {}",
-            latest.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_kv_checkpoint(&latest, &[("key:499", Some("value-499"))], || {
+        shim.assert_running()
+    });
 
     shim.restart();
     let row = fleet
@@ -423,4 +434,178 @@ fn wait_for_log(fleet: &FleetCli, name: &str, needle: &str) {
 
 fn sha256(bytes: &[u8]) -> String {
     daemon::images::sha256_hex(bytes)
+}
+
+/// A daemon with an identity (`init` + `serve --dir`: its state directory
+/// is the identity's) keeps its identity and brings its `--restart always`
+/// instance back, with every checkpointed key, after `kill -9`.
+#[test]
+fn a_daemon_with_an_identity_brings_its_instance_back_after_kill_9() {
+    let dir = TempDir::new("fleet-restart-identity");
+    let mut d = Daemon::secure("ident", 1, &[], &dir);
+    let (pin, _) = d.pin_and_token();
+    let port = free_port();
+    let publish = format!("127.0.0.1:{port}:6379");
+    d.cli(&[
+        "run",
+        &kv_img(),
+        "--name",
+        "kv",
+        "--publish",
+        &publish,
+        "--restart",
+        "always",
+        "--checkpoint-every",
+        "100ms",
+        "--checkpoint-to",
+        "kv.checkpoints",
+    ]);
+    Redis::when_up(port).fill(300);
+    // A name: the daemon keeps it in its state directory.
+    let state = d.state.clone().unwrap();
+    let latest = state.join("checkpoints/kv.checkpoints/latest.ckpt");
+    wait_kv_checkpoint(&latest, &[("key:299", Some("value-299"))], || {
+        if let Ok(Some(status)) = d.child.try_wait() {
+            panic!("the daemon exited ({status}):\n{}", d.output());
+        }
+    });
+
+    d.restart();
+    assert_eq!(
+        d.pin_and_token().0,
+        pin,
+        "the same identity after a restart"
+    );
+    let list = d.cli(&["list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("kv ") && l.contains("running")),
+        "{list}\n{}",
+        d.output()
+    );
+    Redis::when_up(port).check(300);
+    assert!(d.output().contains("brought back kv"), "{}", d.output());
+}
+
+/// An app that migrated comes back after its new daemon restarts, there
+/// (with what it wrote there), and not on the daemon it left.
+#[test]
+#[ignore = "fails today: a migration carries neither the app's restart record \
+            (--restart always) nor its checkpoint destination to the destination \
+            daemon, so B's state directory holds neither and a restart of B loses the app"]
+fn an_app_comes_back_on_the_daemon_it_migrated_to() {
+    let dir = TempDir::new("fleet-restart-moved");
+    let (sa, sb) = (dir.path("a.state"), dir.path("b.state"));
+    let mut a = Daemon::start("moved-a", 1, &["--state-dir", sa.to_str().unwrap()], &dir);
+    let mut b = Daemon::start("moved-b", 2, &["--state-dir", sb.to_str().unwrap()], &dir);
+    let port = free_port();
+    let publish = format!("127.0.0.1:{port}:6379");
+    a.cli(&[
+        "run",
+        &kv_img(),
+        "--name",
+        "kv",
+        "--publish",
+        &publish,
+        "--restart",
+        "always",
+        "--checkpoint-every",
+        "100ms",
+        "--checkpoint-to",
+        "kv.checkpoints",
+    ]);
+    let mut c = Redis::when_up(port);
+    c.fill(300);
+    a.migrate(&["migrate", "kv", "--to", &b.addr]);
+    assert_eq!(c.host(), "moved-b");
+    assert_eq!(c.cmd(&["SET", "written", "on-b"]).unwrap(), "OK");
+    let latest = sb.join("checkpoints/kv.checkpoints/latest.ckpt");
+    wait_kv_checkpoint(&latest, &[("written", Some("on-b"))], || {
+        if let Ok(Some(status)) = b.child.try_wait() {
+            panic!("B exited ({status}):\n{}", b.output());
+        }
+    });
+    drop(c);
+
+    b.restart();
+    assert!(b.output().contains("brought back kv"), "{}", b.output());
+    let running = |d: &Daemon| {
+        d.cli(&["list"])
+            .lines()
+            .any(|l| l.starts_with("kv ") && l.contains("running"))
+    };
+    assert!(running(&b), "{}\n{}", b.cli(&["list"]), b.output());
+    a.restart();
+    assert!(!running(&a), "kv came back on the daemon it left too");
+    assert!(!a.output().contains("brought back kv"), "{}", a.output());
+    let mut c = Redis::when_up(port);
+    assert_eq!(c.host(), "moved-b");
+    assert_eq!(c.cmd(&["GET", "written"]).unwrap(), "on-b");
+    c.check(300);
+}
+
+/// Two users' CLIs racing to deploy the same app name on two hosts with
+/// one fleet file: one wins (status 0), the other gets status 5 (conflict)
+/// and a message saying why, and exactly one instance runs.
+#[test]
+fn two_clis_racing_for_one_name_one_wins_and_the_other_exits_5() {
+    let dir = TempDir::new("fleet-race");
+    let fleet = FleetCli::new(&dir);
+    let hosts: Vec<Shim> = ["ra", "rb"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let addr = format!("127.0.0.1:{}", free_port());
+            Shim::start(&dir.0, name, &addr, i as u8 + 1, &[])
+        })
+        .collect();
+    for h in &hosts {
+        fleet.ok(&["fleet", "add", &h.name, &h.url()]);
+    }
+    let img = image("http").display().to_string();
+    let racers: Vec<Child> = hosts
+        .iter()
+        .map(|h| {
+            fleet
+                .command(&["deploy", &img, "--on", &h.name, "--name", "app"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<std::process::Output> = racers
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let said = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let mut codes: Vec<Option<i32>> = outs.iter().map(|o| o.status.code()).collect();
+    codes.sort();
+    assert_eq!(
+        codes,
+        [Some(0), Some(5)],
+        "{}\n{}",
+        said(&outs[0]),
+        said(&outs[1])
+    );
+    let loser = outs.iter().find(|o| !o.status.success()).unwrap();
+    assert!(
+        said(loser).contains("has an app 'app' already"),
+        "{}",
+        said(loser)
+    );
+    let ps = fleet.json(&["ps", "--all", "--json"]);
+    let apps: Vec<&serde_json::Value> = ps["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["name"] == "app")
+        .collect();
+    assert_eq!(apps.len(), 1, "{ps}");
 }

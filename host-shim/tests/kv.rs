@@ -65,8 +65,15 @@ fn redis_cli_round_trips() {
     assert_eq!(kv.cli(&["EXISTS", "a", "b", "missing"]), "2\n");
     assert_eq!(kv.cli(&["DEL", "a", "missing"]), "1\n");
     assert_eq!(kv.cli(&["DBSIZE"]), "3\n");
+    let set = Instant::now();
     assert_eq!(kv.cli(&["SET", "ttl", "x", "PX", "100"]), "OK\n");
-    std::thread::sleep(Duration::from_millis(200));
+    // It lives its 100 ms (never gone before them), then expires.
+    let give_up = set + Duration::from_secs(10);
+    while kv.cli(&["GET", "ttl"]) == "x\n" {
+        assert!(Instant::now() < give_up, "the key never expired");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(set.elapsed() >= Duration::from_millis(100), "expired early");
     assert_eq!(kv.cli(&["GET", "ttl"]), "\n", "the key expired");
     assert!(kv.cli(&["INCR", "greeting"]).contains("not an integer"));
     assert!(kv.cli(&["INFO"]).contains("redis_version"));

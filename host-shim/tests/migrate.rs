@@ -102,6 +102,23 @@ fn corrupt_truncated_and_foreign_snapshots_are_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("corrupt"));
 }
 
+/// Waits (up to 30 s) until the keyspace behind `port` has grown by `n` keys:
+/// a load running elsewhere has made progress (`what` says whose).
+fn grows_by(port: u16, n: usize, what: &str) {
+    let dbsize = || -> usize {
+        let mut c = Redis::connect(port).unwrap();
+        c.cmd(&["DBSIZE"]).unwrap().parse().unwrap()
+    };
+    let (start, give_up) = (dbsize(), Instant::now() + Duration::from_secs(30));
+    while dbsize() < start + n {
+        assert!(
+            Instant::now() < give_up,
+            "{what} added fewer than {n} keys in 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// `migrate NAME --to ADDR` on `from`; returns its report (panics on failure).
 fn migrate(from: &Daemon, name: &str, to: &Daemon) -> MigrationReport {
     let report = from.migrate(&["migrate", name, "--to", &to.addr]);
@@ -122,7 +139,7 @@ fn migration_there_and_back_keeps_connections_data_and_published_ports() {
     assert_eq!(c.host(), "mig-a");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let loader = load(port, std::sync::Arc::clone(&stop));
-    std::thread::sleep(Duration::from_millis(200));
+    grows_by(port, 50, "the client under load, on A");
 
     let out = migrate(&a, "kv", &b);
     assert!(
@@ -138,20 +155,27 @@ fn migration_there_and_back_keeps_connections_data_and_published_ports() {
     let mut fresh = Redis::connect(port).unwrap();
     assert_eq!(fresh.cmd(&["GET", "key:7"]).unwrap(), "value-7");
     assert_eq!(fresh.cmd(&["SET", "on", "b"]).unwrap(), "OK");
-    std::thread::sleep(Duration::from_millis(200));
+    grows_by(port, 50, "the client under load, on B");
 
     // And back to A.
     migrate(&b, "kv", &a);
     assert_eq!(c.host(), "mig-a");
     assert_eq!(fresh.cmd(&["GET", "on"]).unwrap(), "b");
-    std::thread::sleep(Duration::from_millis(200));
+    grows_by(port, 50, "the client under load, back on A");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (acked, gap, error) = loader.join().unwrap();
     assert_eq!(error, None, "the client under load saw an error");
     assert!(acked > 10, "only {acked} requests under load");
     eprintln!("client under load: {acked} requests, longest gap {gap:?}");
-    // A lost frame would show as a TCP retransmission timeout (1 s or more).
-    assert!(gap < Duration::from_secs(2), "the client waited {gap:?}");
+    // README (`cargo xtask bench migrate`): the longest client gap is 3.1 ms
+    // on a quiet host; 48 ms was seen here with a load average of 14. A
+    // frame lost in the move would cost the guest's TCP a retransmission
+    // timeout of at least 1 s (smoltcp's minimum RTO): 500 ms is the
+    // margin for a loaded host that still catches it.
+    assert!(
+        gap < Duration::from_millis(500),
+        "the client waited {gap:?}"
+    );
     // Nothing lost: the preloaded keys and every acknowledged write.
     c.check(10_000);
     for i in (0..acked).step_by(7) {
@@ -240,12 +264,21 @@ fn free_heap_pages_stay_behind_and_the_heap_stays_sound() {
         "{logs}"
     );
     let later = logs.lines().filter(|l| l.contains("on hints-b")).count();
-    std::thread::sleep(Duration::from_millis(500));
-    let logs = b.cli(&["logs", "churn"]);
-    assert!(
-        logs.lines().filter(|l| l.contains("on hints-b")).count() > later,
-        "{logs}"
-    );
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while b
+        .cli(&["logs", "churn"])
+        .lines()
+        .filter(|l| l.contains("on hints-b"))
+        .count()
+        <= later
+    {
+        assert!(
+            Instant::now() < give_up,
+            "churn logged no round on hints-b after the first {later} within 20 s:\n{}",
+            b.cli(&["logs", "churn"])
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(b.cli(&["list"]).contains("running"), "{}", b.cli(&["list"]));
 }
 
@@ -267,10 +300,11 @@ fn migration_under_fifty_benchmark_connections_loses_nothing() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("redis-benchmark is installed (apt-get install redis-tools)");
-    // Under load before, between and after the two moves.
-    std::thread::sleep(Duration::from_millis(300));
+    // Under load before, between and after the two moves: each move waits
+    // until the benchmark has added keys (its random keys are not ours).
+    grows_by(port, 500, "redis-benchmark on A");
     let there = migrate(&a, "kv", &b);
-    std::thread::sleep(Duration::from_millis(300));
+    grows_by(port, 500, "redis-benchmark on B");
     let back = migrate(&b, "kv", &a);
     let out = bench.wait_with_output().unwrap();
     let said = format!(
@@ -292,6 +326,11 @@ fn migration_under_fifty_benchmark_connections_loses_nothing() {
             .collect::<Vec<_>>()
             .join("; ")
     );
+    // A fresh connection: `c` has been idle through the benchmark, and the
+    // gateway resets a connection idle for 30 s, migration or not (a known
+    // gap, see NOTES-tests.md), which on a loaded host this run can exceed.
+    drop(c);
+    let mut c = Redis::connect(port).unwrap();
     assert_eq!(c.host(), "heavy-a");
     c.check(10_000);
 }

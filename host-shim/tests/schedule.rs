@@ -8,35 +8,12 @@
 
 mod common;
 
-use common::{free_port, image, require_kvm, Shim};
-use std::net::TcpStream;
+use common::daemon::{kv_img, Daemon};
+use common::{free_port, image, require_kvm};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 const BIN: &str = env!("CARGO_BIN_EXE_host-shim");
-
-fn serve(name: &str, region: &str, id: &str, api: &str, extra: &[&str]) -> Shim {
-    let mut args = vec![
-        "serve",
-        "--listen",
-        api,
-        "--name",
-        name,
-        "--region",
-        region,
-        "--shim-id",
-        id,
-    ];
-    args.extend_from_slice(extra);
-    let mut shim = Shim::start(&args);
-    let give_up = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(api).is_err() {
-        shim.assert_running("the daemon to listen");
-        assert!(Instant::now() < give_up, "{name} never listened on {api}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    shim
-}
 
 fn cli(args: &[&str]) -> (bool, String) {
     let out = Command::new(BIN)
@@ -64,14 +41,12 @@ fn redis(port: u16, args: &[&str]) -> String {
 #[test]
 fn cost_policy_stays_in_the_cheap_region_and_evacuates_it_before_a_notice_deadline() {
     require_kvm();
-    let dir = std::env::temp_dir().join(format!("host-shim-schedule-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (a, b) = (
-        format!("127.0.0.1:{}", free_port()),
-        format!("127.0.0.1:{}", free_port()),
-    );
-    let _spot = serve("spot", "spot-east", "1", &a, &[]);
-    let _steady = serve("steady", "steady-west", "2", &b, &["--peer", &a]);
+    let tmp = common::daemon::TempDir::new("schedule");
+    let dir = tmp.0.clone();
+    let spot = Daemon::start_in("spot", "spot-east", 1, &[], &[], &tmp);
+    let a = spot.addr.clone();
+    let steady = Daemon::start_in("steady", "steady-west", 2, &["--peer", &a], &[], &tmp);
+    let b = steady.addr.clone();
     let port = free_port();
     let (ok, out) = cli(&[
         "--shim",
@@ -197,7 +172,7 @@ fn cost_policy_stays_in_the_cheap_region_and_evacuates_it_before_a_notice_deadli
     )
     .unwrap();
     assert!(first.starts_with("scheduling kv"), "{first}");
-    drop(_spot);
+    drop(spot);
     let out = run.wait_with_output().unwrap();
     let text = format!(
         "{first}{}{}",
@@ -210,7 +185,7 @@ fn cost_policy_stays_in_the_cheap_region_and_evacuates_it_before_a_notice_deadli
         text.contains("rounds went without every shim's stats"),
         "{text}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(steady);
 }
 
 #[test]
@@ -234,4 +209,154 @@ fn schedule_refuses_bad_arguments_clearly() {
     let (ok, out) = cli(&["schedule", "kv", "--shim", "127.0.0.1:1,127.0.0.1:2"]);
     assert!(!ok);
     assert!(out.contains("cannot reach the shim"), "{out}");
+}
+
+/// Two plain daemons in regions `east` and `west` (peers), with kv on
+/// east behind a published port holding one key: (east, west, port).
+fn east_and_west(dir: &common::daemon::TempDir) -> (Daemon, Daemon, u16) {
+    let east = Daemon::start_in("east", "east", 1, &[], &[], dir);
+    let west = Daemon::start_in("west", "west", 2, &["--peer", &east.addr], &[], dir);
+    let port = free_port();
+    let publish = format!("127.0.0.1:{port}:6379");
+    east.cli(&["run", &kv_img(), "--name", "kv", "--publish", &publish]);
+    let mut c = common::Redis::when_up(port);
+    assert_eq!(c.cmd(&["SET", "placed:key", "kept"]).unwrap(), "OK");
+    (east, west, port)
+}
+
+/// `schedule kv ARGS` started with its stdout piped.
+fn schedule_child(args: &[&str]) -> std::process::Child {
+    Command::new(BIN)
+        .arg("schedule")
+        .arg("kv")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run host-shim schedule")
+}
+
+/// The cost policy moves the app on a price change alone (no notice), and
+/// one `schedule` run re-reads the prices each round: the app stays while
+/// east is cheaper, and the same run moves it once west becomes cheaper.
+#[test]
+fn the_cost_policy_moves_on_a_price_change_read_within_one_run() {
+    require_kvm();
+    let dir = common::daemon::TempDir::new("schedule-prices");
+    let (east, west, port) = east_and_west(&dir);
+    let prices = dir.path("prices.csv");
+    let write_prices = |text: &str| {
+        // Replaced whole (a rename), never read half written.
+        let tmp = dir.path("prices.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &prices).unwrap();
+    };
+    write_prices("region,price\neast,0.03\nwest,0.10\n");
+    let shims = format!("{},{}", east.addr, west.addr);
+    let mut run = schedule_child(&[
+        "--policy",
+        "cost",
+        "--threshold",
+        "0.01",
+        "--interval",
+        "300ms",
+        "--rounds",
+        "15",
+        "--prices",
+        prices.to_str().unwrap(),
+        "--shim",
+        &shims,
+    ]);
+    let mut out = std::io::BufReader::new(run.stdout.take().unwrap());
+    let mut seen = String::new();
+    // The first decision: stay, east is cheapest.
+    loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert!(n > 0, "schedule ended before deciding:\n{seen}");
+        seen.push_str(&line);
+        if line.contains("kv: ") {
+            assert!(line.contains("kv: stay in east (already best)"), "{seen}");
+            break;
+        }
+    }
+    // The feed changes while the run goes on; nothing else does.
+    write_prices("region,price\neast,0.10\nwest,0.03\n");
+    std::io::Read::read_to_string(&mut out, &mut seen).unwrap();
+    let rest = run.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&rest.stderr);
+    assert!(rest.status.success(), "{seen}{err}");
+    assert!(
+        seen.contains("kv: move east -> west (improvement"),
+        "{seen}{err}"
+    );
+    assert!(seen.contains("migration of kv east -> west: ok"), "{seen}");
+    assert_eq!(seen.matches("migration of kv").count(), 1, "{seen}");
+    let list = west.cli(&["list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("kv ") && l.contains("running")),
+        "{list}"
+    );
+    assert_eq!(redis(port, &["GET", "placed:key"]), "kept");
+}
+
+/// `--client-region CIDR=REGION` end to end: the same client traffic (from
+/// 127.0.0.1, through east's published port) counts as east's without the
+/// flag and as west's with `127.0.0.1/32=west`, in the decisions' request
+/// counts of the events file.
+#[test]
+fn client_region_assigns_the_clients_requests_to_their_region() {
+    require_kvm();
+    let dir = common::daemon::TempDir::new("schedule-client-region");
+    let (east, west, port) = east_and_west(&dir);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loader = common::daemon::load(port, std::sync::Arc::clone(&stop));
+    let shims = format!("{},{}", east.addr, west.addr);
+    let requests_by_region = |extra: &[&str], tag: &str| {
+        let events = dir.path(&format!("events-{tag}.jsonl"));
+        let mut args = vec!["--policy", "follow-the-sun", "--interval", "300ms"];
+        args.extend(["--rounds", "4", "--shim", &shims]);
+        args.extend(["--events", events.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        let out = schedule_child(&args).wait_with_output().unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{said}");
+        let mut totals = std::collections::BTreeMap::<String, u64>::new();
+        for line in std::fs::read_to_string(&events).unwrap().lines() {
+            let e: serde_json::Value = serde_json::from_str(line).unwrap();
+            if e["event"] != "decision" {
+                continue;
+            }
+            for pair in e["requests"].as_array().expect("requests in a decision") {
+                let region = pair[0].as_str().unwrap().to_owned();
+                *totals.entry(region).or_default() += pair[1].as_u64().unwrap();
+            }
+        }
+        totals.retain(|_, n| *n > 0);
+        (totals, said)
+    };
+    let (plain, said) = requests_by_region(&[], "plain");
+    assert_eq!(
+        plain.keys().collect::<Vec<_>>(),
+        ["east"],
+        "without --client-region the requests are east's: {plain:?}\n{said}"
+    );
+    let (mapped, said) = requests_by_region(&["--client-region", "127.0.0.1/32=west"], "mapped");
+    assert_eq!(
+        mapped.keys().collect::<Vec<_>>(),
+        ["west"],
+        "with 127.0.0.1/32=west the requests are west's: {mapped:?}\n{said}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, _, error) = loader.join().unwrap();
+    assert_eq!(
+        error, None,
+        "the client saw an error after {acked} requests"
+    );
 }

@@ -122,30 +122,59 @@ impl Daemon {
     ) -> Self {
         require_kvm();
         let log = dir.path(&format!("{name}.log"));
-        let out = std::fs::File::create(&log).unwrap();
+        std::fs::File::create(&log).unwrap();
         let ready = dir.path(&format!("{name}.ready"));
-        let _ = std::fs::remove_file(&ready);
-        let child = Command::new(BIN)
-            .args(args)
-            .arg("--ready-file")
-            .arg(&ready)
-            .env("RUST_LOG", "warn")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn host-shim serve");
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        all.extend(["--ready-file".into(), ready.display().to_string()]);
+        // The test's environment, RUST_LOG=warn, then `env` (later wins).
+        let mut all_env: Vec<(String, String)> = std::env::vars().collect();
+        all_env.push(("RUST_LOG".into(), "warn".into()));
+        all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let env = all_env;
         let mut d = Self {
-            child,
+            child: launch(&all, &env, &ready, &log),
             addr,
             log,
             state,
         };
-        // Up when it has written where it listens.
+        d.wait_ready(&ready);
+        d
+    }
+
+    /// Kills the daemon (SIGKILL: its guests die with it) and starts it
+    /// again with the command line and environment it ran with; waits until
+    /// it is ready (a daemon on port 0 may get another port).
+    pub fn restart(&mut self) {
+        let pid = self.child.id();
+        let read = |what: &str| -> Vec<String> {
+            let bytes = std::fs::read(format!("/proc/{pid}/{what}")).expect("/proc of the daemon");
+            bytes
+                .split(|b| *b == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect()
+        };
+        let args: Vec<String> = read("cmdline").into_iter().skip(1).collect();
+        let env: Vec<(String, String)> = read("environ")
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let at = args.iter().position(|a| a == "--ready-file").unwrap();
+        let ready = PathBuf::from(&args[at + 1]);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = launch(&args, &env, &ready, &self.log);
+        self.wait_ready(&ready);
+    }
+
+    /// Waits (up to 10 s) until the ready file says where the daemon
+    /// listens, and takes that address.
+    fn wait_ready(&mut self, ready: &std::path::Path) {
+        let d = self;
         let give_up = Instant::now() + Duration::from_secs(10);
         let listen = loop {
-            if let Some(v) = std::fs::read(&ready)
+            if let Some(v) = std::fs::read(ready)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
             {
@@ -169,7 +198,6 @@ impl Daemon {
             "ready but not listening on {listen}"
         );
         d.addr = listen;
-        d
     }
 
     /// A secure daemon's fingerprint (from `peer list --json`) and user
@@ -272,6 +300,27 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Spawns `host-shim ARGS` with `env` (only), its output appended to
+/// `log`, after removing its old ready file.
+fn launch(
+    args: &[String],
+    env: &[(String, String)],
+    ready: &std::path::Path,
+    log: &std::path::Path,
+) -> Child {
+    let _ = std::fs::remove_file(ready);
+    let out = std::fs::OpenOptions::new().append(true).open(log).unwrap();
+    Command::new(BIN)
+        .args(args)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("spawn host-shim serve")
 }
 
 pub use super::Redis;

@@ -182,6 +182,41 @@ impl Shim {
     }
 }
 
+/// Starts `host-shim serve --listen 127.0.0.1:0 ARGS` and waits (up to
+/// 10 s) until its ready file says where it listens: the daemon and that
+/// address (no port picked here that another process could take first).
+pub fn serve(args: &[&str]) -> (Shim, String) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static SERIAL: AtomicUsize = AtomicUsize::new(0);
+    let ready = std::env::temp_dir().join(format!(
+        "host-shim-ready-{}-{}",
+        std::process::id(),
+        SERIAL.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_file(&ready);
+    let mut all = vec!["serve", "--listen", "127.0.0.1:0", "--ready-file"];
+    all.push(ready.to_str().unwrap());
+    all.extend_from_slice(args);
+    let mut shim = Shim::start(&all);
+    let give_up = Instant::now() + Duration::from_secs(10);
+    let listen = loop {
+        shim.assert_running("the daemon's ready file");
+        let doc = std::fs::read(&ready)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        if let Some(doc) = doc {
+            break doc["listen"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no listen address in the ready file: {doc}"))
+                .to_owned();
+        }
+        assert!(Instant::now() < give_up, "the daemon was not ready in 10 s");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let _ = std::fs::remove_file(&ready);
+    (shim, listen)
+}
+
 /// SETs every `(key, value)` with `redis-cli --pipe` (the whole batch is sent
 /// before any reply is read) and returns redis-cli's report after checking
 /// it saw one reply per key and no error.
@@ -348,6 +383,68 @@ pub fn monitor_cpu_share(shim_pid: u32, period: Duration) -> f64 {
     std::thread::sleep(period);
     let used = ticks() - before;
     used as f64 / 100.0 / start.elapsed().as_secs_f64()
+}
+
+/// What the bytes of a kv checkpoint file hold: the store their latest
+/// chain (the last full checkpoint and the deltas after it) restores to,
+/// restored by kv's own code, and the sequence number of the chain's last
+/// blob (0: the full checkpoint alone). An error when there is no sound
+/// full checkpoint (a torn last delta is ignored, as a restore ignores it).
+pub fn kv_checkpoint(bytes: &[u8]) -> Result<(u64, kv_core::store::Store), String> {
+    let chain = abi::checkpoint::latest_chain(bytes).map_err(|e| e.to_string())?;
+    let deltas = chain
+        .deltas
+        .iter()
+        .map(|d| postcard::from_bytes::<kv_core::checkpoint::KvDelta>(d.payload))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("a delta of kv does not decode: {e}"))?;
+    let mut store = kv_core::store::Store::new();
+    kv_core::checkpoint::restore(
+        &mut store,
+        Vec::from(chain.base.payload),
+        deltas,
+        kv_core::Instant::from_nanos(0),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok((chain.deltas.last().map_or(0, |d| d.seq), store))
+}
+
+/// Waits (up to 60 s) until the kv checkpoint file at `path` holds a
+/// checkpoint in which every `(key, value)` of `want` holds (`None`: the
+/// key is absent): the writes that made it so, and every write kv
+/// acknowledged before them, are stored. A checkpoint taken before the
+/// call counts (kv takes none while nothing changes). `alive` runs each
+/// round, to fail at once when the writer died. Returns the bytes that
+/// held it and the sequence number of their chain's last blob.
+pub fn wait_kv_checkpoint(
+    path: &Path,
+    want: &[(&str, Option<&str>)],
+    mut alive: impl FnMut(),
+) -> (Vec<u8>, u64) {
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let now = kv_core::Instant::from_nanos(0);
+    loop {
+        alive();
+        let bytes = std::fs::read(path).map_err(|e| e.to_string());
+        let seen = bytes.as_deref().map_err(Clone::clone).and_then(|b| {
+            let (seq, mut store) = kv_checkpoint(b)?;
+            let holds = want.iter().all(|(key, value)| {
+                let found = store.get(key.as_bytes(), now).map(|e| e.value.to_vec());
+                found.as_deref() == value.map(str::as_bytes)
+            });
+            Ok((seq, holds))
+        });
+        if let (Ok(bytes), Ok((seq, true))) = (&bytes, &seen) {
+            return (bytes.clone(), *seq);
+        }
+        assert!(
+            Instant::now() < give_up,
+            "no checkpoint holding {want:?} in {} within 60 s (last seen: {seen:?}: \
+             (sequence number, holds))",
+            path.display(),
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The Firecracker binary named by `$FIRECRACKER`, or `None` (after saying

@@ -9,6 +9,9 @@
 //! the machine's load affects them alike. A configuration that fails (QEMU missing, a backend
 //! erroring, a guest hanging past the timeout) is reported as failed with the reason and
 //! skipped from then on; the others go on.
+//!
+//! Then the `kv` image with a published port under each monitor: the monitor's idle CPU once
+//! kv answers, and the GET latency of `redis-benchmark -c 1`.
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -407,10 +410,176 @@ pub fn boot(ws: &Workspace, opts: &BootOptions) -> Result<()> {
         Err(e) => println!("    (could not run: {e:#})"),
     }
 
+    idle_and_latency(ws, &shim, opts)?;
+
     if let Some(reason) = &configs[0].failure {
         bail!("host-shim failed to boot {BENCH_APP}: {reason}");
     }
     Ok(())
+}
+
+/// How long the idle monitor's CPU time is measured.
+const IDLE_PERIOD: Duration = Duration::from_secs(3);
+
+/// CPU time (utime + stime) of process `pid` so far, in clock ticks (1/100 s).
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("/proc/{pid}/stat"))?;
+    // The fields after the command name (in parentheses): utime, stime are the 12th and 13th.
+    let after = stat
+        .rfind(')')
+        .map(|i| &stat[i + 2..])
+        .context("stat format")?;
+    let fields: Vec<&str> = after.split(' ').collect();
+    let field = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .with_context(|| format!("field {i} of /proc/{pid}/stat"))
+    };
+    Ok(field(11)? + field(12)?)
+}
+
+/// Idle CPU and request latency of kv under each monitor: `host-shim run kv.img --backend B
+/// --publish`, once kv answers PING the monitor process's CPU ticks over [`IDLE_PERIOD`] (our
+/// shim's own process; QEMU's or Firecracker's for those backends), then `redis-benchmark -n
+/// 2000 -c 1 -t get` (GET p50 and requests/s); medians of `opts.runs`.
+fn idle_and_latency(ws: &Workspace, shim: &Path, opts: &BootOptions) -> Result<()> {
+    let kv = image::build_image(ws, ws.app("kv")?, Profile::Release)?;
+    let mut monitors: Vec<(&str, Vec<&str>)> = vec![
+        ("host-shim (KVM)", vec![]),
+        (
+            "QEMU microvm, KVM",
+            vec!["--backend", "qemu", "--qemu-accel", "kvm"],
+        ),
+        (
+            "QEMU microvm, TCG",
+            vec!["--backend", "qemu", "--qemu-accel", "tcg"],
+        ),
+    ];
+    if std::env::var_os(FIRECRACKER_ENV).is_some_and(|p| !p.is_empty()) {
+        monitors.insert(1, ("Firecracker", vec!["--backend", "firecracker"]));
+    }
+    println!();
+    println!(
+        "### Idle and latency: `kv.img` with a published port, medians of {} runs",
+        opts.runs
+    );
+    println!();
+    println!(
+        "| monitor | idle CPU over {} s | GET p50 (`-c 1`) | GET req/s |",
+        IDLE_PERIOD.as_secs()
+    );
+    println!("|---|---:|---:|---:|");
+    for (name, args) in monitors {
+        let (mut ticks, mut p50, mut rps) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..opts.runs {
+            let port = super::free_port()?;
+            let mut cmd = Command::new(shim);
+            cmd.arg("run").arg(&kv.path).args(&args);
+            cmd.args(["--timeout", "120", "--publish"]);
+            cmd.arg(format!("127.0.0.1:{port}:6379"));
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            let mut child = super::Guard(cmd.spawn().context("starting host-shim run")?);
+            let up = Instant::now();
+            while !kv_pong(port) {
+                if let Some(status) = child.0.try_wait()? {
+                    bail!("{name}: kv exited with {status} before answering");
+                }
+                if up.elapsed() > opts.timeout.max(Duration::from_secs(60)) {
+                    bail!("{name}: kv did not answer PING within {:?}", up.elapsed());
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            // Our shim is the monitor; for the other backends, its one child is.
+            let pid = child.0.id();
+            let monitor = if args.is_empty() {
+                pid
+            } else {
+                std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))?
+                    .split_whitespace()
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .with_context(|| format!("{name}: the shim started no monitor process"))?
+            };
+            let before = cpu_ticks(monitor)?;
+            thread::sleep(IDLE_PERIOD);
+            ticks.push((cpu_ticks(monitor)? - before) as f64);
+            let out = Command::new("redis-benchmark")
+                .args([
+                    "-p",
+                    &port.to_string(),
+                    "-n",
+                    "2000",
+                    "-c",
+                    "1",
+                    "-t",
+                    "get",
+                    "--csv",
+                ])
+                .output()
+                .context("running redis-benchmark (apt-get install redis-tools)")?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let (r, p) = get_figures(&text).with_context(|| format!("{name}: {text}"))?;
+            rps.push(r);
+            p50.push(p);
+        }
+        let t = super::median(ticks);
+        let share = t / 100.0 / IDLE_PERIOD.as_secs_f64() * 100.0;
+        println!(
+            "| {name} | {t:.0} tick{} ({share:.1} % of a core) | {:.3} ms | {:.0} |",
+            if t == 1.0 { "" } else { "s" },
+            super::median(p50),
+            super::median(rps)
+        );
+    }
+    println!();
+    println!(
+        "Idle CPU: utime + stime of the monitor process (clock ticks of 10 ms) from /proc once kv \
+         answers PING."
+    );
+    Ok(())
+}
+
+/// One PING to the kv on `port` over a fresh connection: whether PONG came back.
+fn kv_pong(port: u16) -> bool {
+    use std::io::Write;
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut buf = [0u8; 16];
+    s.write_all(b"PING\r\n").is_ok()
+        && matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+}
+
+/// GET requests/s and p50 ms from `redis-benchmark --csv` output (header
+/// `"test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms",...`).
+fn get_figures(csv: &str) -> Result<(f64, f64)> {
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .context("no CSV header")?
+        .split(',')
+        .map(|f| f.trim_matches('"'))
+        .collect();
+    let column = |name: &str| header.iter().position(|h| *h == name);
+    let (rps, p50) = (
+        column("rps").context("no rps column")?,
+        column("p50_latency_ms").context("no p50_latency_ms column")?,
+    );
+    let row: Vec<&str> = lines
+        .find(|l| l.starts_with("\"GET"))
+        .context("no GET row")?
+        .split(',')
+        .map(|f| f.trim_matches('"'))
+        .collect();
+    let number = |i: usize| -> Result<f64> {
+        row.get(i)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("column {i} of the GET row is not a number"))
+    };
+    Ok((number(rps)?, number(p50)?))
 }
 
 /// Prints the results as markdown: a table, the commands, and our ratio to the fastest QEMU.

@@ -11,6 +11,9 @@
 //! checkpoint holding it is on disk; incremental: deltas of the changed
 //! keys, appended and fsynced): `redis-benchmark -t set -c 50` with a tiny
 //! keyspace and with 10k random keys, against the same kv without it.
+//! Last, crash recovery on another daemon: the same load against ack-mode
+//! kv whose checkpoints go to a standby daemon, and the time from `kill -9`
+//! of the origin daemon to the first PONG of kv restarted by the standby.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -155,43 +158,33 @@ struct Row {
 
 /// Takes a checkpoint of kv with `n` keys through a daemon; writes it to `out`.
 fn checkpoint(shim: &Path, image: &Path, n: usize, out: &Path) -> Result<(u64, u64, f64)> {
-    let api = format!("127.0.0.1:{}", free_port()?);
-    let mut daemon = Guard(
-        Command::new(shim)
-            .args(["serve", "--listen", &api, "--no-overlay"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting host-shim serve")?,
-    );
-    let start = Instant::now();
-    loop {
-        let ok = Command::new(shim)
-            .args(["--shim", &api, "list"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?
-            .success();
-        if ok {
-            break;
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            bail!("the daemon's API did not come up");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    // Up once its ready file says where it listens (port 0: no race for a port).
+    let dir = out.parent().context("the checkpoint's directory")?;
+    let daemon = super::migrate::Daemon::start_with(shim, "bench-ckpt", 1, dir, &["--no-overlay"])?;
+    let api = daemon.addr.clone();
     let port = free_port()?;
-    let status = Command::new(shim)
-        .args(["--shim", &api, "run"])
-        .arg(image)
-        .args(["--name", "kv", "--mem", MEM, "--publish"])
-        .arg(format!("127.0.0.1:{port}:6379"))
-        .stdout(Stdio::null())
-        .status()?;
-    if !status.success() {
-        bail!("cannot run kv in the daemon");
+    let image = image.to_str().context("image path")?;
+    let publish = format!("127.0.0.1:{port}:6379");
+    daemon.cli(&[
+        "run",
+        image,
+        "--name",
+        "kv",
+        "--mem",
+        MEM,
+        "--publish",
+        &publish,
+    ])?;
+    let up = Instant::now();
+    while !ping(port) {
+        if up.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "kv in the daemon did not answer within 60 s:\n{}",
+                daemon.output()
+            );
+        }
+        thread::sleep(Duration::from_millis(2));
     }
-    until_pong(port, &mut daemon, Instant::now(), "kv in the daemon")?;
     let raw = load(port, n)?;
     let mut times = Vec::new();
     for _ in 0..3 {
@@ -265,6 +258,12 @@ fn set_rps(shim: &Path, image: &Path, extra: &[&str], keys: usize) -> Result<f64
     let port = free_port()?;
     let mut child = run_kv(shim, image, extra, port)?;
     until_pong(port, &mut child, Instant::now(), "kv")?;
+    bench_set(port, keys)
+}
+
+/// SET requests/s of `redis-benchmark -c 50` (keyspace `keys`, 0: one key)
+/// against the kv on `port`.
+fn bench_set(port: u16, keys: usize) -> Result<f64> {
     let mut cmd = Command::new("redis-benchmark");
     cmd.args([
         "-p",
@@ -286,7 +285,108 @@ fn set_rps(shim: &Path, image: &Path, extra: &[&str], keys: usize) -> Result<f64
         .find(|l| l.starts_with("\"SET"))
         .and_then(|l| l.split(',').nth(1))
         .and_then(|v| v.trim_matches('"').parse().ok())
-        .with_context(|| format!("no SET figure in redis-benchmark output:\n{text}"))
+        .with_context(|| {
+            format!(
+                "no SET figure in redis-benchmark's output ({}): {}{text}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+/// What one standby run measured.
+struct StandbyRun {
+    /// `kill -9` of the origin daemon → the first PONG on the published
+    /// port, served by the standby.
+    takeover_ms: f64,
+    /// SET requests/s of ack-mode kv shipping to the standby: one key, 10k
+    /// random keys; or why the benchmark failed.
+    rps: Result<(f64, f64), String>,
+}
+
+/// Crash recovery on another daemon: a standby daemon B and an origin A
+/// on loopback (default 2 s grace), kv on A with `--standby B` and
+/// `ACK_AFTER_CHECKPOINT=1` (every write acknowledged once its checkpoint
+/// is on B's disk). Measures ack-mode SET throughput, writes a marker,
+/// kills A with SIGKILL and times the first PONG of kv restarted by B; the
+/// marker must have survived.
+fn standby_run(shim: &Path, image: &Path, dir: &Path, run: usize) -> Result<StandbyRun> {
+    use super::migrate::Daemon;
+    let b = Daemon::start(shim, &format!("standby-b{run}"), 2, dir)?;
+    let a = Daemon::start(shim, &format!("origin-a{run}"), 1, dir)?;
+    let port = free_port()?;
+    let image = image.to_str().context("image path")?;
+    let publish = format!("127.0.0.1:{port}:6379");
+    a.cli(&[
+        "run",
+        image,
+        "--name",
+        "kv",
+        "--mem",
+        MEM,
+        "--publish",
+        &publish,
+        "--standby",
+        &b.addr,
+        "--env",
+        "ACK_AFTER_CHECKPOINT=1",
+    ])?;
+    let up = Instant::now();
+    while !ping(port) {
+        if up.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "kv on the origin did not answer within 60 s:\n{}",
+                a.output()
+            );
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    let rps = bench_set(port, 0)
+        .and_then(|one| Ok((one, bench_set(port, 10_000)?)))
+        .map_err(|e| {
+            let said = a.cli(&["logs", "kv"]).unwrap_or_default();
+            let why = said.lines().rfind(|l| l.contains("not acknowledging"));
+            format!(
+                "{e:#}{}",
+                why.map(|l| format!(" [{l}]")).unwrap_or_default()
+            )
+        });
+    let marker = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "SET", "marker", "acknowledged"])
+        .output()
+        .context("running redis-cli")?;
+    if String::from_utf8_lossy(&marker.stdout).trim() != "OK" {
+        bail!("SET marker was not acknowledged: {marker:?}");
+    }
+    // The origin dies (SIGKILL: its guest with it).
+    let status = Command::new("kill")
+        .args(["-9", &a.pid().to_string()])
+        .status()
+        .context("running kill")?;
+    if !status.success() {
+        bail!("kill -9 of the origin daemon failed: {status}");
+    }
+    let killed = Instant::now();
+    let takeover = loop {
+        if ping(port) {
+            break killed.elapsed();
+        }
+        if killed.elapsed() > Duration::from_secs(60) {
+            bail!("the standby did not take over within 60 s:\n{}", b.output());
+        }
+        thread::sleep(Duration::from_millis(2));
+    };
+    let got = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "GET", "marker"])
+        .output()
+        .context("running redis-cli")?;
+    if String::from_utf8_lossy(&got.stdout).trim() != "acknowledged" {
+        bail!("the standby lost an acknowledged write: GET marker gave {got:?}");
+    }
+    Ok(StandbyRun {
+        takeover_ms: takeover.as_secs_f64() * 1e3,
+        rps,
+    })
 }
 
 pub fn run(ws: &Workspace, opts: &CheckpointOptions) -> Result<()> {
@@ -337,6 +437,11 @@ pub fn run(ws: &Workspace, opts: &CheckpointOptions) -> Result<()> {
             acked.push(set_rps(&shim, kv, &ack_args, keys)?);
         }
         ack_rows.push((keys, median(plain), median(acked)));
+    }
+    eprintln!("bench checkpoint: a standby daemon takes over after kill -9 of the origin");
+    let mut standby = Vec::new();
+    for run in 0..runs {
+        standby.push(standby_run(&shim, kv, &dir, run)?);
     }
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -394,7 +499,48 @@ pub fn run(ws: &Workspace, opts: &CheckpointOptions) -> Result<()> {
             acked / plain
         );
     }
+    let takeover: Vec<f64> = standby.iter().map(|r| r.takeover_ms).collect();
+    let rps: Vec<(f64, f64)> = standby.iter().filter_map(|r| r.rps.clone().ok()).collect();
+    let failed: Vec<&String> = standby
+        .iter()
+        .filter_map(|r| r.rps.as_ref().err())
+        .collect();
+    let one: Vec<f64> = rps.iter().map(|r| r.0).collect();
+    let many: Vec<f64> = rps.iter().map(|r| r.1).collect();
+    let spread = |v: &[f64], unit: &str| {
+        if v.is_empty() {
+            return "failed in every run".to_owned();
+        }
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let m = median(v.to_vec());
+        format!("{m:.0} {unit} ({lo:.0}–{hi:.0}), {} runs", v.len())
+    };
+    println!();
+    println!("| standby on loopback (default 2 s grace), kv with ACK_AFTER_CHECKPOINT=1 | median (min–max) |");
+    println!("|---|---:|");
+    println!(
+        "| `kill -9` of the origin daemon → first PONG, served by the standby | {} |",
+        spread(&takeover, "ms")
+    );
+    println!(
+        "| redis-benchmark SET -c 50, one key, every write shipped to the standby | {} |",
+        spread(&one, "req/s")
+    );
+    println!(
+        "| redis-benchmark SET -c 50, 10000 random keys, every write shipped to the standby | {} |",
+        spread(&many, "req/s")
+    );
+    for why in &failed {
+        println!("\nredis-benchmark against ack-mode kv with a standby failed: {why}");
+    }
     println!("\nRestore: kv checks the checkpoint (container, checksum, app, version, every entry in key order), indexes its entries (4 bytes each) and serves them where they lie in guest memory; a key moves into the heap only when a command changes it. Fully loaded: until `INFO persistence` says `loading:0` (a first reply after which every key is there).");
     println!("\nCheckpoint time: from `host-shim checkpoint` asking the app (BootInfo::checkpoint_requests) to the blob arriving at the shim (HC_CHECKPOINT), serialisation included.");
+    if !failed.is_empty() {
+        bail!(
+            "{} of {runs} standby runs could not measure ack-mode throughput (printed above)",
+            failed.len()
+        );
+    }
     Ok(())
 }
