@@ -143,14 +143,16 @@ fn migration_over_mutual_tls_and_refusal_of_an_unpinned_peer() {
     let log = a.output_once_it_says("refused POST /v1/migration");
     assert!(log.contains("refused POST /v1/migration"), "{log}");
     assert!(b.cli(&["list"]).contains("running"));
-    c.check(2000);
-    assert_eq!(c.cmd(&["SET", "still", "here"]).unwrap(), "OK");
+    // Meanwhile a's overlay drops the unpinned b's datagrams, so the client
+    // (through a's published port) waits: `overlay.rs` tests that cut.
 
-    // Pinned again (no restart), it comes back.
+    // Pinned again (no restart), it comes back, and the client with it.
     a.cli(&["peer", "add", "sec-b", &fpb, "--addr", &b_https]);
     let out = b.migrate(&back);
     assert_eq!(out.name, "kv", "{out:?}");
+    c.check(2000);
     assert_eq!(c.host(), "sec-a");
+    assert_eq!(c.cmd(&["SET", "still", "here"]).unwrap(), "OK");
     assert_eq!(c.cmd(&["GET", "still"]).unwrap(), "here");
 
     // A stranger's overlay datagrams (VXLAN with our VNI, no MAC; and
