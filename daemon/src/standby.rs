@@ -74,9 +74,6 @@ pub const SHIP_DEADLINE: Duration = Duration::from_secs(5);
 /// With a fleet store, the owner record of a watched app is read every
 /// this many looks at its origin's lease.
 const OWNER_EVERY: u32 = 4;
-/// How long a checkpoint waits for a shipper still busy with the previous
-/// one (which it has just answered, or is stuck with: then "not stored").
-const IDLE_WAIT: Duration = Duration::from_millis(50);
 
 /// `POST /v1/standby`: what a standby needs to run the app again.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -684,7 +681,13 @@ fn restart_here(
 /// answer at most [`SHIP_DEADLINE`].
 pub struct PeerSink {
     addr: String,
+    /// Room for one blob: the shipper takes it out before it ships it.
     jobs: SyncSender<Shipment>,
+    /// A blob is being shipped: set when one is handed over, cleared by the
+    /// shipper *before* it answers, so the next checkpoint (taken once the
+    /// answer arrives) never finds it busy; still set after an answer that
+    /// came too late (the shipper is stuck with it).
+    in_flight: Arc<AtomicBool>,
 }
 
 /// A blob for the shipper, and where its outcome goes.
@@ -697,7 +700,9 @@ impl PeerSink {
     /// Starts the shipper thread of instance `name`, posting its blobs to
     /// `peer` (whose calls time out).
     fn start(name: &str, peer: Client) -> Result<Self, String> {
-        let (jobs, queue) = mpsc::sync_channel::<Shipment>(0);
+        let (jobs, queue) = mpsc::sync_channel::<Shipment>(1);
+        let in_flight = Arc::new(AtomicBool::new(false));
+        let shipping = Arc::clone(&in_flight);
         let addr = peer.addr.clone();
         let name = name.to_owned();
         thread::Builder::new()
@@ -708,11 +713,16 @@ impl PeerSink {
                     let r = peer
                         .standby_checkpoint(&name, &job.blob)
                         .map_err(|e| format!("standby {}: {e}", peer.addr));
+                    shipping.store(false, Ordering::Release);
                     let _ = job.done.try_send(r);
                 }
             })
             .map_err(|e| e.to_string())?;
-        Ok(Self { addr, jobs })
+        Ok(Self {
+            addr,
+            jobs,
+            in_flight,
+        })
     }
 }
 
@@ -725,29 +735,28 @@ impl Sink for PeerSink {
             ));
         }
         let (done, outcome) = mpsc::sync_channel(1);
-        let mut job = Shipment {
+        if self.in_flight.swap(true, Ordering::AcqRel) {
+            return Err(format!(
+                "standby {} is still busy with an earlier checkpoint: not stored there",
+                self.addr
+            ));
+        }
+        let job = Shipment {
             blob: blob.to_vec(),
             done,
         };
-        // The shipper answers the previous blob just before it waits for
-        // the next one: a busy shipper gets a moment to come back.
-        let give_up = Instant::now() + IDLE_WAIT;
-        loop {
-            match self.jobs.try_send(job) {
-                Ok(()) => break,
-                Err(TrySendError::Full(j)) if Instant::now() < give_up => {
-                    job = j;
-                    thread::sleep(Duration::from_millis(1));
-                }
-                Err(TrySendError::Full(_)) => {
-                    return Err(format!(
-                        "standby {} is still busy with an earlier checkpoint: not stored there",
-                        self.addr
-                    ))
-                }
-                Err(TrySendError::Disconnected(_)) => {
-                    return Err(format!("the shipper to standby {} is gone", self.addr))
-                }
+        // Not in flight, so the shipper took the last blob out: room.
+        match self.jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.in_flight.store(false, Ordering::Release);
+                return Err(format!(
+                    "standby {} is still busy with an earlier checkpoint: not stored there",
+                    self.addr
+                ));
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(format!("the shipper to standby {} is gone", self.addr))
             }
         }
         match outcome.recv_timeout(SHIP_DEADLINE) {
