@@ -199,6 +199,9 @@ pub struct Daemon {
     /// Addresses of this shim's pool that guests on other hosts hold (they
     /// moved away before this daemon restarted): never handed out here.
     held_elsewhere: Mutex<BTreeSet<Ipv4Addr>>,
+    /// Restart records incoming migrations carry, until their guest runs
+    /// here (one per incoming reservation at most).
+    carried: Mutex<BTreeMap<String, RunRequest>>,
 }
 
 /// Hands the heap that stopped instances freed back to the kernel, once
@@ -272,6 +275,7 @@ impl Daemon {
             migrations: Default::default(),
             trim,
             held_elsewhere: Default::default(),
+            carried: Default::default(),
         });
         Ok((daemon, rx))
     }
@@ -904,11 +908,14 @@ impl Daemon {
             hello.name.clone(),
             Instance::new(&hello.name, spec, State::Busy("incoming")),
         );
+        drop(instances);
+        self.carry_in(hello);
         Ok(Incoming(Arc::new(Mutex::new(tombstone))))
     }
 
     /// Undoes [`Self::reserve_incoming`] after a failed migration.
     pub fn cancel_incoming(&self, name: &str, incoming: Incoming) {
+        self.carried_record(name);
         let mut instances = self.instances();
         instances.remove(name);
         if let Some(t) = incoming.0.lock().unwrap_or_else(|e| e.into_inner()).take() {

@@ -70,6 +70,10 @@ impl migration::Host for Daemon {
         Daemon::release(self, name);
     }
 
+    fn restart_record(&self, name: &str) -> Option<(api::RunRequest, std::path::PathBuf)> {
+        Daemon::restart_record(self, name)
+    }
+
     fn in_doubt(&self, name: &str) {
         if let Some(i) = self.instances().get_mut(name) {
             i.state = State::Busy("migration in doubt");
@@ -106,6 +110,8 @@ impl migration::Host for Daemon {
         let restored =
             Machine::restore(vm, state, Some(Arc::clone(&port)), console).and_then(|mut m| {
                 m.set_location(&self.config.name, &self.config.region)?;
+                m.doorbell
+                    .set_checkpoint_dir(self.carried_checkpoint_dir(name));
                 Ok(m)
             });
         match restored {
@@ -130,6 +136,7 @@ impl migration::Host for Daemon {
 
     fn adopt(&self, name: &str, reservation: &Incoming) {
         self.adopt_publishes(name, reservation);
+        self.record_carried(name);
     }
 
     fn cancel_incoming(&self, name: &str, reservation: Incoming) {

@@ -204,6 +204,91 @@ impl Daemon {
             .collect()
     }
 
+    /// `name`'s record and the image file it boots, if it is recorded.
+    pub(super) fn restart_record(&self, name: &str) -> Option<(RunRequest, PathBuf)> {
+        let p = self.persist.as_ref()?;
+        let bytes = shim_util::files::read_capped(&p.file(name), MAX_RECORD).ok()?;
+        let req: RunRequest = serde_json::from_slice(&bytes).ok()?;
+        let image = self.image_file(&req.image).ok()?;
+        Some((req, PathBuf::from(image)))
+    }
+
+    /// Keeps the restart record an incoming migration carries, as this
+    /// daemon would have recorded a run of it: with this guest's image (by
+    /// hash, in this daemon's store), its address, and this daemon's own
+    /// checkpoint directory; none of the peer's paths or ports. Without a
+    /// `--state-dir` here there is nothing to keep.
+    pub(super) fn carry_in(&self, hello: &migration::protocol::Hello) {
+        let (Some(p), Some(record)) = (&self.persist, &hello.record) else {
+            return;
+        };
+        let checkpoints = record.checkpoint_to.is_some() || record.checkpoint_every_ms.is_some();
+        let req = RunRequest {
+            name: hello.name.clone(),
+            image: format!("{}{}", super::images::HASH_PREFIX, hello.image.sha256),
+            mem: hello.mem_size,
+            ip: hello.nic.map(|n| n.ip.to_string()),
+            restore: None,
+            checkpoint_to: checkpoints.then(|| p.checkpoint_dir(&hello.name).display().to_string()),
+            standby: None,
+            standby_grace_ms: None,
+            // Its published ports stay with the daemon it left, which
+            // forwards them over the overlay.
+            publish: Vec::new(),
+            ..record.clone()
+        };
+        self.carried
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(hello.name.clone(), req);
+    }
+
+    /// Takes the record [`Self::carry_in`] kept for `name`.
+    pub(super) fn carried_record(&self, name: &str) -> Option<RunRequest> {
+        self.carried
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+    }
+
+    /// Where a carried-in instance's checkpoints go here, if anywhere.
+    pub(super) fn carried_checkpoint_dir(&self, name: &str) -> Option<PathBuf> {
+        let dir = self
+            .carried
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)?
+            .checkpoint_to
+            .clone()?;
+        let dir = PathBuf::from(dir);
+        match shim_util::files::private_dir(&dir) {
+            Ok(()) => Some(dir),
+            Err(e) => {
+                tracing::error!(
+                    app = name,
+                    "cannot keep its checkpoints in {}: {e}",
+                    dir.display()
+                );
+                None
+            }
+        }
+    }
+
+    /// Records the instance that came in as `name` (its guest runs here
+    /// now), from the record its migration carried.
+    pub(super) fn record_carried(&self, name: &str) {
+        let (Some(p), Some(req)) = (&self.persist, self.carried_record(name)) else {
+            return;
+        };
+        if let Err(e) = self.image_file(&req.image) {
+            tracing::warn!(app = name, "not recorded for restarts: {}", e.1);
+            return;
+        }
+        if let Err(e) = p.save(&req) {
+            tracing::error!("cannot record instance {name}: {e}");
+        }
+    }
+
     /// Forgets `name`'s record (it was stopped or moved away).
     pub(super) fn forget(&self, name: &str) {
         if let Some(Err(e)) = self.persist.as_ref().map(|p| p.forget(name)) {

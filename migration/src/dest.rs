@@ -537,6 +537,7 @@ mod tests {
             source: "a".into(),
             source_overlay: None,
             source_api: None,
+            record: None,
         };
         let mem = spec.mem_size;
         check_state(&hello, &state, mem, Some(nic)).unwrap();

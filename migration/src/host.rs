@@ -54,6 +54,9 @@ pub trait Host: Send + Sync + 'static {
     fn acquire(&self, name: &str) -> Result<(Arc<MachineHandle>, GuestSpec), String>;
     /// Lets an instance [`Self::acquire`]d go again (it keeps running).
     fn release(&self, name: &str);
+    /// What brings `name` back after this daemon restarts, if it is
+    /// recorded (`--restart always`), and the image file it boots.
+    fn restart_record(&self, name: &str) -> Option<(api::RunRequest, std::path::PathBuf)>;
     /// Says that whether `name` runs at the destination is not known yet.
     fn in_doubt(&self, name: &str);
     /// `name` runs at `to` now: drops it here; its published ports reach it

@@ -144,6 +144,12 @@ pub struct Hello {
     pub source_overlay: Option<SocketAddr>,
     /// The source daemon's API address (whether it is still there).
     pub source_api: Option<SocketAddr>,
+    /// What brings the app back after its daemon restarts (`--restart
+    /// always`, checkpoint settings), when the source recorded that; its
+    /// image is in the destination's image store by then. The destination
+    /// keeps only what a run may ask for itself (its own paths, this image).
+    #[serde(default)]
+    pub record: Option<api::RunRequest>,
 }
 
 /// The destination takes the guest.

@@ -296,6 +296,7 @@ impl<H: Host> Outgoing<'_, H> {
         let mut id = [0u8; 8];
         getrandom::getrandom(&mut id).map_err(|e| self.fail(e.to_string()))?;
         let migration_id = u64::from_le_bytes(id);
+        let record = carried_record(host, self.client, name, &spec.image);
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
             format_version: FORMAT_VERSION,
@@ -309,6 +310,7 @@ impl<H: Host> Outgoing<'_, H> {
             source: local.name.clone(),
             source_overlay: host.overlay_addr(),
             source_api: Some(local.api),
+            record,
         };
         let accept: Accept = (|| {
             conn.send_value(Kind::Hello, &hello)?;
@@ -655,6 +657,49 @@ impl<H: Host> Outgoing<'_, H> {
 }
 
 /// `Query`: whether the destination started migration `id`.
+/// Largest image copied to the destination with a restart record.
+const MAX_CARRIED_IMAGE: u64 = 256 << 20;
+
+/// `name`'s restart record, if it has one, with its image copied to the
+/// destination's store first (unless there already). `None`, with a
+/// warning, if that copy fails: the app then moves but does not come back
+/// after a restart of the destination's daemon.
+fn carried_record<H: Host>(
+    host: &H,
+    to: &Client,
+    name: &str,
+    image: &vmm::snapshot::state::ImageId,
+) -> Option<api::RunRequest> {
+    let (mut record, file) = host.restart_record(name)?;
+    let copied = (|| {
+        if to.image::<serde::de::IgnoredAny>(&image.sha256).is_ok() {
+            return Ok(());
+        }
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(std::fs::File::open(&file)?, MAX_CARRIED_IMAGE + 1),
+            &mut bytes,
+        )?;
+        if bytes.len() as u64 > MAX_CARRIED_IMAGE {
+            return Err(std::io::Error::other("the image is too large to copy"));
+        }
+        to.put_image::<serde::de::IgnoredAny>(&image.sha256, &bytes, |_| {})
+            .map(drop)
+            .map_err(std::io::Error::other)
+    })();
+    match copied {
+        Ok(()) => {
+            record.image = format!("sha256:{}", image.sha256);
+            Some(record)
+        }
+        Err(e) => {
+            tracing::warn!(app = name, to = %to.addr, error = %e,
+                "cannot copy the image: the app will not come back after a restart there");
+            None
+        }
+    }
+}
+
 fn ask(client: &Client, id: u64) -> Result<bool, ClientError> {
     let reader = client.migration_stream(MIGRATION_PROTOCOL)?;
     let protocol = |e: ProtocolError| ClientError::Protocol {

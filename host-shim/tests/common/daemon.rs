@@ -154,7 +154,12 @@ impl Daemon {
                 .map(|s| String::from_utf8_lossy(s).into_owned())
                 .collect()
         };
-        let args: Vec<String> = read("cmdline").into_iter().skip(1).collect();
+        let mut args: Vec<String> = read("cmdline").into_iter().skip(1).collect();
+        // Back at the address it had, as a host restarting is (the system
+        // picked its port the first time).
+        if let Some(at) = args.iter().position(|a| a == "--listen") {
+            args[at + 1] = self.addr.clone();
+        }
         let env: Vec<(String, String)> = read("environ")
             .iter()
             .filter_map(|kv| kv.split_once('='))
@@ -164,6 +169,7 @@ impl Daemon {
         let ready = PathBuf::from(&args[at + 1]);
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&ready);
         self.child = launch(&args, &env, &ready, &self.log);
         self.wait_ready(&ready);
     }
