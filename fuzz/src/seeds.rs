@@ -295,6 +295,7 @@ fn migration() -> Vec<u8> {
         source_overlay: Some(([127, 0, 0, 1], 4789).into()),
         migration_id: 42,
         source_api: Some(([127, 0, 0, 1], 7000).into()),
+        record: None,
     };
     let io = "writing to a Vec";
     write_value(&mut s, Kind::Hello, &hello).expect(io);

@@ -765,6 +765,7 @@ fn incoming_migrations_get_the_name_and_memory_checks() {
         source_overlay: None,
         migration_id: 1,
         source_api: None,
+        record: None,
     };
     for bad in ["a/b", "../x", "a\0b"] {
         let (accepted, why) = offer_migration(&d.addr, &hello(bad, 64 << 20));

@@ -209,6 +209,7 @@ fn a_stream_of_another_version_is_refused() {
         source: "test".into(),
         source_overlay: None,
         source_api: None,
+        record: None,
     };
     for (h, want) in [
         (hello(abi::ABI_VERSION + 1, PROTOCOL_VERSION), "ABI"),

@@ -69,8 +69,8 @@ use vmm::snapshot::state::{ImageId, NicSpec};
 pub const MIGRATION_PROTOCOL: &str = "host-shim-migration";
 
 /// Version of this message layout (3: checksummed frames, `Ready`,
-/// `Commit`, `Committed`, `Query`, `Outcome`).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// `Commit`, `Committed`, `Query`, `Outcome`; 4: `Hello::record`).
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Pages per `Pages` message.
 pub const PAGES_PER_MESSAGE: usize = 256;
 /// Largest payload accepted (a corrupt length must not allocate gigabytes).
