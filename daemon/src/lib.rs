@@ -309,10 +309,15 @@ impl Daemon {
             .collect()
     }
 
-    /// The address of a new instance: `asked` if free and in the guest
-    /// subnet, else the lowest free one of this shim's pool.
-    fn pick_ip(&self, asked: Option<Ipv4Addr>) -> Result<Ipv4Addr, ApiError> {
-        let used = self.used_ips(&self.instances());
+    /// The address of a new instance among `instances`: `asked` if free
+    /// and in the guest subnet, else the lowest free one of this shim's
+    /// pool.
+    fn pick_ip(
+        &self,
+        instances: &BTreeMap<String, Instance>,
+        asked: Option<Ipv4Addr>,
+    ) -> Result<Ipv4Addr, ApiError> {
+        let used = self.used_ips(instances);
         let net = self.config.guest_net;
         if let Some(ip) = asked {
             if !hostnet::in_subnet(ip, self.config.gateway(), net.prefix()) {
@@ -378,9 +383,52 @@ impl Daemon {
     /// Reserves `name` with a placeholder; fails if it is taken or the
     /// limits have no room for it.
     fn reserve(&self, name: &str, spec: vmm::snapshot::state::GuestSpec) -> Result<(), ApiError> {
-        check_name(name)?;
         let mut instances = self.instances();
-        self.admit(&instances, spec.mem_size)?;
+        self.check_reservable(&instances, name, &spec)?;
+        instances.insert(
+            name.to_owned(),
+            Instance::new(name, spec, State::Busy("starting")),
+        );
+        Ok(())
+    }
+
+    /// Reserves `name` as [`Self::reserve`] does, with a card whose address
+    /// is picked under the same lock (`asked`, else the lowest free one):
+    /// concurrent runs never pick one address twice.
+    fn reserve_with_address(
+        &self,
+        name: &str,
+        mut spec: vmm::snapshot::state::GuestSpec,
+        asked: Option<Ipv4Addr>,
+    ) -> Result<Nic, ApiError> {
+        let mut instances = self.instances();
+        self.check_reservable(&instances, name, &spec)?;
+        let ip = self.pick_ip(&instances, asked)?;
+        let nic = Nic {
+            mac: mac_for(ip),
+            ip,
+            prefix: self.config.guest_net.prefix(),
+            gateway: Some(self.config.gateway()),
+        };
+        spec.nic = Some(nic.into());
+        instances.insert(
+            name.to_owned(),
+            Instance::new(name, spec, State::Busy("starting")),
+        );
+        Ok(nic)
+    }
+
+    /// Why `name` with `spec` cannot be reserved among `instances`, if it
+    /// cannot: a bad or taken name, no room in the limits, its address
+    /// held by another instance.
+    fn check_reservable(
+        &self,
+        instances: &BTreeMap<String, Instance>,
+        name: &str,
+        spec: &vmm::snapshot::state::GuestSpec,
+    ) -> Result<(), ApiError> {
+        check_name(name)?;
+        self.admit(instances, spec.mem_size)?;
         if let Some(old) = instances.get(name) {
             return Err(ApiError(
                 409,
@@ -401,10 +449,6 @@ impl Daemon {
                 ));
             }
         }
-        instances.insert(
-            name.to_owned(),
-            Instance::new(name, spec, State::Busy("starting")),
-        );
         Ok(())
     }
 
@@ -422,17 +466,9 @@ impl Daemon {
         };
         let image = PathBuf::from(&req.image);
         // Placeholder spec for the reservation; the real one comes from boot.
-        let ip = self.pick_ip(ip)?;
-        let nic = Nic {
-            mac: mac_for(ip),
-            ip,
-            prefix: self.config.guest_net.prefix(),
-            gateway: Some(self.config.gateway()),
-        };
         let mut placeholder = placeholder_spec(&req.name, req.mem);
-        placeholder.nic = Some(nic.into());
         placeholder.image.path = req.image.clone();
-        self.reserve(&req.name, placeholder)?;
+        let nic = self.reserve_with_address(&req.name, placeholder, ip)?;
         match self.boot(&req, &image, nic, publish) {
             Ok(info) => Ok(info),
             Err(e) => {
