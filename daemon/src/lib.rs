@@ -205,6 +205,13 @@ impl Daemon {
             )));
         }
         let (first, _) = config.pool().map_err(|e| Error::Config(e.to_string()))?;
+        let max = config.limits.max_instances;
+        for why in limits::HostLimits::read(config.limits.max_open_files).check_at_start(max) {
+            tracing::warn!(
+                max_instances = max,
+                "this host cannot hold serve --max-instances {max}: {why}"
+            );
+        }
         let hv = Hypervisor::open(&config.kvm_device)?;
         // Probed now, so that no snapshot or migration pays for it.
         hv.msrs()?;
@@ -352,7 +359,8 @@ impl Daemon {
             (n + 1, m.saturating_add(i.spec.mem_size))
         });
         self.config.limits.admit(count, used, mem)?;
-        self.check_fds(count as u64)
+        self.check_fds(count as u64)?;
+        limits::HostLimits::read(self.config.limits.max_open_files).admit_one(count as u64)
     }
 
     /// Refuses an instance the daemon's file descriptors would not cover

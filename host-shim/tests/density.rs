@@ -534,3 +534,29 @@ fn fifty_runs_at_once_through_the_api_all_get_their_own_address() {
         assert_eq!(kv.cmd(&["GET", "me"]).unwrap(), info.name);
     }
 }
+
+#[test]
+fn serve_warns_at_start_of_host_limits_too_small_for_its_max_instances() {
+    require_kvm();
+    let dir = TempDir::new("density-host-limits");
+    // A million instances: past any host's memory mappings per process
+    // (8 each) and open files (8 each).
+    let daemon = Daemon::start(
+        "limits",
+        1,
+        &["--no-overlay", "--max-instances", "1000000"],
+        &dir,
+    );
+    let out = daemon.output_once_it_says("RLIMIT_NOFILE");
+    for needle in [
+        "cannot hold serve --max-instances 1000000",
+        "vm.max_map_count",
+        "sysctl -w vm.max_map_count=8001",
+        "RLIMIT_NOFILE",
+    ] {
+        assert!(out.contains(needle), "no {needle:?} in the log:\n{out}");
+    }
+    // It serves all the same.
+    let (port, mut kv) = run_kv(&daemon);
+    assert_eq!(kv.cmd(&["PING"]).unwrap(), "PONG", "kv on {port}");
+}
