@@ -179,6 +179,8 @@ pub struct Daemon {
     pub migrations: migration::Migrations,
     /// Asks the `trim` thread to hand freed heap back (after stops).
     trim: mpsc::SyncSender<()>,
+    /// When its open files are counted next.
+    fds: limits::FdGauge,
 }
 
 /// Hands the heap that stopped instances freed back to the kernel, once
@@ -258,6 +260,7 @@ impl Daemon {
             started: Instant::now(),
             migrations: Default::default(),
             trim,
+            fds: Default::default(),
         });
         Ok((daemon, rx))
     }
@@ -359,33 +362,9 @@ impl Daemon {
             (n + 1, m.saturating_add(i.spec.mem_size))
         });
         self.config.limits.admit(count, used, mem)?;
-        self.check_fds(count as u64)?;
+        self.fds
+            .admit_one(count as u64, self.config.limits.max_open_files)?;
         limits::HostLimits::read(self.config.limits.max_open_files).admit_one(count as u64)
-    }
-
-    /// Refuses an instance the daemon's file descriptors would not cover
-    /// (503: its fds and those the API and migrations need).
-    fn check_fds(&self, live: u64) -> Result<(), ApiError> {
-        let max = self.config.limits.max_open_files;
-        // Counting /proc/self/fd costs a few ms with thousands open: only
-        // when `live` instances could be near the limit.
-        if 2 * ((live + 1) * limits::FDS_PER_INSTANCE + limits::FDS_RESERVED) < max {
-            return Ok(());
-        }
-        let open = shim_util::sys::open_fds()
-            .map_err(|e| ApiError(503, format!("cannot count this daemon's open files: {e}")))?
-            as u64;
-        if open + limits::FDS_PER_INSTANCE + limits::FDS_RESERVED > max {
-            return Err(ApiError(
-                503,
-                format!(
-                    "this shim has {open} of its {max} file descriptors open: another \
-                     instance would leave too few (raise the hard RLIMIT_NOFILE of the daemon, \
-                     e.g. LimitNOFILE= or ulimit -Hn)"
-                ),
-            ));
-        }
-        Ok(())
     }
 
     /// Reserves `name` with a placeholder; fails if it is taken or the
