@@ -202,6 +202,8 @@ pub struct Daemon {
     /// Restart records incoming migrations carry, until their guest runs
     /// here (one per incoming reservation at most).
     carried: Mutex<BTreeMap<String, RunRequest>>,
+    /// When its open files are counted next.
+    fds: limits::FdGauge,
 }
 
 /// Hands the heap that stopped instances freed back to the kernel, once
@@ -228,6 +230,13 @@ impl Daemon {
             )));
         }
         let (first, _) = config.pool().map_err(|e| Error::Config(e.to_string()))?;
+        let max = config.limits.max_instances;
+        for why in limits::HostLimits::read(config.limits.max_open_files).check_at_start(max) {
+            tracing::warn!(
+                max_instances = max,
+                "this host cannot hold serve --max-instances {max}: {why}"
+            );
+        }
         let hv = Hypervisor::open(&config.kvm_device)?;
         // Probed now, so that no snapshot or migration pays for it.
         hv.msrs()?;
@@ -276,6 +285,7 @@ impl Daemon {
             trim,
             held_elsewhere: Default::default(),
             carried: Default::default(),
+            fds: Default::default(),
         });
         Ok((daemon, rx))
     }
@@ -356,10 +366,15 @@ impl Daemon {
             .extend(ips.into_iter().filter(|ip| (first..=last).contains(ip)));
     }
 
-    /// The address of a new instance: `asked` if free and in the guest
-    /// subnet, else the lowest free one of this shim's pool.
-    fn pick_ip(&self, asked: Option<Ipv4Addr>) -> Result<Ipv4Addr, ApiError> {
-        let used = self.used_ips(&self.instances());
+    /// The address of a new instance among `instances`: `asked` if free
+    /// and in the guest subnet, else the lowest free one of this shim's
+    /// pool.
+    fn pick_ip(
+        &self,
+        instances: &BTreeMap<String, Instance>,
+        asked: Option<Ipv4Addr>,
+    ) -> Result<Ipv4Addr, ApiError> {
+        let used = self.used_ips(instances);
         let net = self.config.guest_net;
         if let Some(ip) = asked {
             if !hostnet::in_subnet(ip, self.config.gateway(), net.prefix()) {
@@ -394,40 +409,60 @@ impl Daemon {
             (n + 1, m.saturating_add(i.spec.mem_size))
         });
         self.config.limits.admit(count, used, mem)?;
-        self.check_fds(count as u64)
-    }
-
-    /// Refuses an instance the daemon's file descriptors would not cover
-    /// (503: its fds and those the API and migrations need).
-    fn check_fds(&self, live: u64) -> Result<(), ApiError> {
-        let max = self.config.limits.max_open_files;
-        // Counting /proc/self/fd costs a few ms with thousands open: only
-        // when `live` instances could be near the limit.
-        if 2 * ((live + 1) * limits::FDS_PER_INSTANCE + limits::FDS_RESERVED) < max {
-            return Ok(());
-        }
-        let open = shim_util::sys::open_fds()
-            .map_err(|e| ApiError(503, format!("cannot count this daemon's open files: {e}")))?
-            as u64;
-        if open + limits::FDS_PER_INSTANCE + limits::FDS_RESERVED > max {
-            return Err(ApiError(
-                503,
-                format!(
-                    "this shim has {open} of its {max} file descriptors open: another \
-                     instance would leave too few (raise the hard RLIMIT_NOFILE of the daemon, \
-                     e.g. LimitNOFILE= or ulimit -Hn)"
-                ),
-            ));
-        }
-        Ok(())
+        self.fds
+            .admit_one(count as u64, self.config.limits.max_open_files)?;
+        limits::HostLimits::read(self.config.limits.max_open_files).admit_one(count as u64)
     }
 
     /// Reserves `name` with a placeholder; fails if it is taken or the
     /// limits have no room for it.
     fn reserve(&self, name: &str, spec: vmm::snapshot::state::GuestSpec) -> Result<(), ApiError> {
-        check_name(name)?;
         let mut instances = self.instances();
-        self.admit(&instances, spec.mem_size)?;
+        self.check_reservable(&instances, name, &spec)?;
+        instances.insert(
+            name.to_owned(),
+            Instance::new(name, spec, State::Busy("starting")),
+        );
+        Ok(())
+    }
+
+    /// Reserves `name` as [`Self::reserve`] does, with a card whose address
+    /// is picked under the same lock (`asked`, else the lowest free one):
+    /// concurrent runs never pick one address twice.
+    fn reserve_with_address(
+        &self,
+        name: &str,
+        mut spec: vmm::snapshot::state::GuestSpec,
+        asked: Option<Ipv4Addr>,
+    ) -> Result<Nic, ApiError> {
+        let mut instances = self.instances();
+        self.check_reservable(&instances, name, &spec)?;
+        let ip = self.pick_ip(&instances, asked)?;
+        let nic = Nic {
+            mac: mac_for(ip),
+            ip,
+            prefix: self.config.guest_net.prefix(),
+            gateway: Some(self.config.gateway()),
+        };
+        spec.nic = Some(nic.into());
+        instances.insert(
+            name.to_owned(),
+            Instance::new(name, spec, State::Busy("starting")),
+        );
+        Ok(nic)
+    }
+
+    /// Why `name` with `spec` cannot be reserved among `instances`, if it
+    /// cannot: a bad or taken name, no room in the limits, its address
+    /// held by another instance.
+    fn check_reservable(
+        &self,
+        instances: &BTreeMap<String, Instance>,
+        name: &str,
+        spec: &vmm::snapshot::state::GuestSpec,
+    ) -> Result<(), ApiError> {
+        check_name(name)?;
+        self.admit(instances, spec.mem_size)?;
         if let Some(old) = instances.get(name) {
             return Err(ApiError(
                 409,
@@ -448,10 +483,6 @@ impl Daemon {
                 ));
             }
         }
-        instances.insert(
-            name.to_owned(),
-            Instance::new(name, spec, State::Busy("starting")),
-        );
         Ok(())
     }
 
@@ -469,17 +500,9 @@ impl Daemon {
         };
         let image = PathBuf::from(&req.image);
         // Placeholder spec for the reservation; the real one comes from boot.
-        let ip = self.pick_ip(ip)?;
-        let nic = Nic {
-            mac: mac_for(ip),
-            ip,
-            prefix: self.config.guest_net.prefix(),
-            gateway: Some(self.config.gateway()),
-        };
         let mut placeholder = placeholder_spec(&req.name, req.mem);
-        placeholder.nic = Some(nic.into());
         placeholder.image.path = req.image.clone();
-        self.reserve(&req.name, placeholder)?;
+        let nic = self.reserve_with_address(&req.name, placeholder, ip)?;
         match self.boot(&req, &image, nic, publish) {
             Ok(info) => Ok(info),
             Err(e) => {

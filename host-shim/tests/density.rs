@@ -464,3 +464,99 @@ fn a_daemon_short_of_file_descriptors_refuses_runs_clearly_and_keeps_its_instanc
         );
     }
 }
+
+/// Runs at once through the API in the concurrency test.
+const CONCURRENT: usize = 50;
+
+#[test]
+fn fifty_runs_at_once_through_the_api_all_get_their_own_address() {
+    require_kvm();
+    let dir = TempDir::new("density-concurrent");
+    let daemon = Daemon::start("concurrent", 1, &["--no-overlay"], &dir);
+    let img = common::daemon::kv_img();
+    // Every client waits at the barrier, then asks at once: the daemon
+    // picks and reserves each address in one step, so none gets a 409.
+    let barrier = std::sync::Barrier::new(CONCURRENT);
+    // Fifty distinct free ports: each held until all are picked.
+    let held: Vec<std::net::TcpListener> = (0..CONCURRENT)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let ports: Vec<u16> = held
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect();
+    drop(held);
+    let launched: Vec<(u16, api::InstanceInfo)> = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..CONCURRENT)
+            .map(|i| {
+                let (img, barrier, addr, port) = (&img, &barrier, &daemon.addr, ports[i]);
+                s.spawn(move || {
+                    let client = api::Client::new(addr).with_timeout(Duration::from_secs(120));
+                    let req = api::RunRequest {
+                        name: format!("kv{i}"),
+                        image: img.clone(),
+                        mem: 16 << 20,
+                        publish: vec![api::PublishSpec {
+                            host: ([127, 0, 0, 1], port).into(),
+                            guest_addr: None,
+                            guest_port: 6379,
+                            proto: api::Proto::Tcp,
+                        }],
+                        ..Default::default()
+                    };
+                    barrier.wait();
+                    (port, client.run(&req))
+                })
+            })
+            .collect();
+        runs.into_iter()
+            .map(|r| {
+                let (port, info) = r.join().expect("a client thread panicked");
+                let info = info.unwrap_or_else(|e| panic!("a concurrent run failed: {e}"));
+                (port, info)
+            })
+            .collect()
+    });
+    let mut ips: Vec<String> = launched
+        .iter()
+        .map(|(_, i)| i.ip.clone().expect("an address"))
+        .collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), CONCURRENT, "two instances share an address");
+    // Each answers on its own port, as itself.
+    for (port, info) in &launched {
+        let mut kv = Redis::when_up(*port);
+        assert_eq!(kv.cmd(&["SET", "me", &info.name]).unwrap(), "OK");
+    }
+    for (port, info) in &launched {
+        let mut kv = Redis::connect(*port).unwrap();
+        assert_eq!(kv.cmd(&["GET", "me"]).unwrap(), info.name);
+    }
+}
+
+#[test]
+fn serve_warns_at_start_of_host_limits_too_small_for_its_max_instances() {
+    require_kvm();
+    let dir = TempDir::new("density-host-limits");
+    // A million instances: past any host's memory mappings per process
+    // (8 each) and open files (8 each).
+    let daemon = Daemon::start(
+        "limits",
+        1,
+        &["--no-overlay", "--max-instances", "1000000"],
+        &dir,
+    );
+    let out = daemon.output_once_it_says("RLIMIT_NOFILE");
+    for needle in [
+        "cannot hold serve --max-instances 1000000",
+        "vm.max_map_count",
+        "sysctl -w vm.max_map_count=8001",
+        "RLIMIT_NOFILE",
+    ] {
+        assert!(out.contains(needle), "no {needle:?} in the log:\n{out}");
+    }
+    // It serves all the same.
+    let (port, mut kv) = run_kv(&daemon);
+    assert_eq!(kv.cmd(&["PING"]).unwrap(), "PONG", "kv on {port}");
+}

@@ -60,7 +60,7 @@ use crate::wait::wait_events;
 use shim_util::limit::TokenBucket;
 
 use gateway::{Gateway, HostSocketKind, Published};
-use port::{Frame, GuestPort};
+use port::{Frame, GuestPort, ReadyPorts};
 use switch::{PortId, Route, Switch};
 use tap::Tap;
 
@@ -599,9 +599,12 @@ struct Engine {
     overlay_readable: bool,
     /// When the overlay's peers are probed next.
     next_probe: std::time::Instant,
-    /// Frames switched to each port, not yet handed over (at most
-    /// [`OUTBOX_MAX`] each).
-    outboxes: Vec<Vec<Frame>>,
+    /// The guest ports that sent frames since they were last looked at.
+    ready: Arc<ReadyPorts>,
+    /// Scratch for the ready ports of a round.
+    ready_now: Vec<PortId>,
+    /// Frames switched to each port, not yet handed over.
+    outboxes: Outboxes,
     /// Each port's budget of flooded frames (enforced on guests').
     floods: Vec<TokenBucket>,
     /// Scratch for frames coming in.
@@ -627,7 +630,10 @@ impl Engine {
         if tap.is_some() {
             slots.push(Slot::Tap);
         }
-        let outboxes = slots.iter().map(|_| Vec::new()).collect();
+        let outboxes = Outboxes {
+            boxes: slots.iter().map(|_| Vec::new()).collect(),
+            ..Outboxes::default()
+        };
         let floods = slots.iter().map(|_| flood_budget()).collect();
         Self {
             epoll,
@@ -641,6 +647,8 @@ impl Engine {
             overlay: None,
             overlay_readable: false,
             next_probe: std::time::Instant::now(),
+            ready: Arc::default(),
+            ready_now: Vec::new(),
             outboxes,
             floods,
             incoming: Vec::new(),
@@ -660,13 +668,13 @@ impl Engine {
         match self.slots.iter().position(|s| matches!(s, Slot::Free)) {
             Some(i) => {
                 self.slots[i] = slot;
-                self.outboxes[i].clear();
+                self.outboxes.boxes[i].clear();
                 self.floods[i] = flood_budget();
                 i
             }
             None => {
                 self.slots.push(slot);
-                self.outboxes.push(Vec::new());
+                self.outboxes.boxes.push(Vec::new());
                 self.floods.push(flood_budget());
                 self.slots.len() - 1
             }
@@ -679,7 +687,8 @@ impl Engine {
             match command {
                 Command::Attach(port) => {
                     let mac = port.mac();
-                    let id = self.add_slot(Slot::Guest(port));
+                    let id = self.add_slot(Slot::Guest(Arc::clone(&port)));
+                    port.plug(id, &self.ready);
                     // A guest that comes back must not be looked for
                     // where it was.
                     self.switch.learn(mac, id);
@@ -706,9 +715,10 @@ impl Engine {
                                 port.mac(),
                                 left.len()
                             );
-                            let room = OUTBOX_MAX.saturating_sub(self.outboxes[to].len());
-                            self.outboxes[to].extend(left.into_iter().take(room));
-                            self.flush_peers();
+                            for frame in left {
+                                self.outboxes.push(to, frame);
+                            }
+                            self.hand_over();
                         }
                         None => self.switch.forget_mac(port.mac()),
                     }
@@ -804,12 +814,17 @@ impl Engine {
     fn pump(&mut self) {
         for _ in 0..MAX_ROUNDS {
             let mut moved = false;
-            for index in 0..self.slots.len() {
-                if let Slot::Guest(port) = &self.slots[index] {
+            let mut ready = std::mem::take(&mut self.ready_now);
+            self.ready.take(&mut ready);
+            for &index in &ready {
+                // A stale entry (the port left) finds another guest's
+                // port, which has nothing, or a free slot.
+                if let Some(Slot::Guest(port)) = self.slots.get(index) {
                     port.take_sent(&mut self.incoming);
                     moved |= self.forward_incoming(index);
                 }
             }
+            self.ready_now = ready;
             if self.overlay_readable {
                 moved |= self.read_overlay();
             }
@@ -832,7 +847,7 @@ impl Engine {
                     .as_mut()
                     .expect("gateway port implies a gateway");
                 let room = GATEWAY_INBOX_MAX.saturating_sub(gw.inbox.len());
-                let frames = &mut self.outboxes[port];
+                let frames = &mut self.outboxes.boxes[port];
                 let over = frames.len().saturating_sub(room);
                 gw.inbox.extend(frames.drain(..frames.len() - over));
                 frames.clear();
@@ -841,19 +856,7 @@ impl Engine {
                 self.note_dropped(over, "the gateway's inbox is full");
                 moved |= self.forward_incoming(port);
             }
-            for (index, slot) in self.slots.iter().enumerate() {
-                if let Slot::Guest(guest) = slot {
-                    // Counted in the guest's port (`rx_dropped`).
-                    let dropped = guest.deliver(&mut self.outboxes[index]);
-                    if dropped > 0 {
-                        tracing::debug!("port {index}: {dropped} frames dropped (backlog full)");
-                    }
-                }
-            }
-            if let (Some(port), Some(tap)) = (tap_port, self.tap.as_mut()) {
-                tap.write_frames(&mut self.outboxes[port]);
-            }
-            self.flush_peers();
+            self.hand_over();
             if !moved {
                 break;
             }
@@ -868,7 +871,8 @@ impl Engine {
             .iter()
             .position(|s| matches!(s, Slot::Guest(p) if Arc::ptr_eq(p, port)))?;
         self.slots[id] = Slot::Free;
-        self.outboxes[id].clear();
+        port.unplug();
+        self.outboxes.boxes[id].clear();
         self.switch.forget_port(id);
         Some(id)
     }
@@ -904,18 +908,37 @@ impl Engine {
         any
     }
 
-    /// Sends what was switched to each peer.
-    fn flush_peers(&mut self) {
-        let Some(overlay) = self.overlay.as_ref() else {
-            return;
-        };
-        for (index, slot) in self.slots.iter().enumerate() {
-            if let Slot::Peer(peer) = slot {
-                if !self.outboxes[index].is_empty() {
-                    overlay.send(*peer, &mut self.outboxes[index]);
+    /// Hands what was switched to the ports with frames waiting (not the
+    /// gateway's, which its step takes) to their guests, peers or the TAP
+    /// device.
+    fn hand_over(&mut self) {
+        let mut dirty = std::mem::take(&mut self.outboxes.dirty);
+        for &index in &dirty {
+            let frames = &mut self.outboxes.boxes[index];
+            match &self.slots[index] {
+                Slot::Guest(guest) => {
+                    // Counted in the guest's port (`rx_dropped`).
+                    let dropped = guest.deliver(frames);
+                    if dropped > 0 {
+                        tracing::debug!("port {index}: {dropped} frames dropped (backlog full)");
+                    }
                 }
+                Slot::Tap => {
+                    if let Some(tap) = self.tap.as_mut() {
+                        tap.write_frames(frames);
+                    }
+                }
+                Slot::Peer(peer) => {
+                    if let Some(overlay) = self.overlay.as_ref() {
+                        overlay.send(*peer, frames);
+                    }
+                }
+                Slot::Free => frames.clear(),
+                Slot::Gateway => {}
             }
         }
+        dirty.clear();
+        self.outboxes.dirty = dirty;
     }
 
     /// Switches the frames in `incoming`, which came from `from`.
@@ -949,7 +972,7 @@ impl Engine {
             match route {
                 Route::Port(to) => {
                     if !(from_peer && matches!(self.slots[to], Slot::Peer(_))) {
-                        dropped += push_bounded(&mut self.outboxes[to], frame);
+                        dropped += self.outboxes.push(to, frame);
                     }
                 }
                 Route::Flood => {
@@ -963,7 +986,7 @@ impl Engine {
                     // answers, so the other guests are not woken for it.
                     if let (Some(gw), Some(to)) = (&self.gateway, gateway_slot) {
                         if to != from && arp_request_for(&frame) == Some(gw.ip()) {
-                            dropped += push_bounded(&mut self.outboxes[to], frame);
+                            dropped += self.outboxes.push(to, frame);
                             continue;
                         }
                     }
@@ -971,7 +994,7 @@ impl Engine {
                         let skip = matches!(slot, Slot::Free)
                             || (from_peer && matches!(slot, Slot::Peer(_)));
                         if to != from && !skip {
-                            dropped += push_bounded(&mut self.outboxes[to], frame.clone());
+                            dropped += self.outboxes.push(to, frame.clone());
                         }
                     }
                 }
@@ -1011,14 +1034,40 @@ fn flood_budget() -> TokenBucket {
     TokenBucket::new(FLOOD_RATE, FLOOD_BURST)
 }
 
-/// Queues `frame` in `outbox` unless it holds [`OUTBOX_MAX`] frames;
-/// returns how many were dropped (0 or 1).
-fn push_bounded(outbox: &mut Vec<Frame>, frame: Frame) -> usize {
-    if outbox.len() >= OUTBOX_MAX {
-        return 1;
+/// The frames switched to each port, not yet handed over (at most
+/// [`OUTBOX_MAX`] each), and which ports have any: handing over costs
+/// O(ports with frames), not O(ports).
+#[derive(Default)]
+struct Outboxes {
+    boxes: Vec<Vec<Frame>>,
+    /// Ports whose outbox went from empty to not since the last hand-over
+    /// (each at most once; one may have been emptied since, by the
+    /// gateway's step or its port leaving).
+    dirty: Vec<PortId>,
+}
+
+impl Outboxes {
+    /// Queues `frame` for port `to` unless its outbox holds [`OUTBOX_MAX`]
+    /// frames; returns how many were dropped (0 or 1).
+    fn push(&mut self, to: PortId, frame: Frame) -> usize {
+        let outbox = &mut self.boxes[to];
+        if outbox.len() >= OUTBOX_MAX {
+            return 1;
+        }
+        if outbox.is_empty() {
+            self.dirty.push(to);
+        }
+        outbox.push(frame);
+        0
     }
-    outbox.push(frame);
-    0
+}
+
+impl std::ops::Index<PortId> for Outboxes {
+    type Output = Vec<Frame>;
+
+    fn index(&self, port: PortId) -> &Vec<Frame> {
+        &self.boxes[port]
+    }
 }
 
 #[cfg(test)]
@@ -1053,7 +1102,7 @@ mod tests {
         );
         assert_eq!(a.traffic().flood_dropped, 1200 - flooded);
         // Unicast to a known station is not limited.
-        engine.outboxes[to].clear();
+        engine.outboxes.boxes[to].clear();
         engine.incoming.extend(vec![frame(b.mac()); 500]);
         engine.forward_incoming(from);
         assert_eq!(engine.outboxes[to].len(), 500);
@@ -1066,13 +1115,60 @@ mod tests {
     }
 
     #[test]
+    fn among_many_idle_ports_those_with_frames_are_switched() {
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let commands = Arc::new(Mutex::new(Vec::new()));
+        let mut engine = Engine::new(
+            Epoll::new().unwrap(),
+            Arc::clone(&wake),
+            Arc::clone(&commands),
+            None,
+            None,
+        );
+        let ports: Vec<Arc<GuestPort>> = (0..1000u16)
+            .map(|i| {
+                let [hi, lo] = i.to_be_bytes();
+                Arc::new(GuestPort::new([2, 0, 0, 0, hi, lo], Arc::clone(&wake)).unwrap())
+            })
+            .collect();
+        let (a, b) = (&ports[10], &ports[900]);
+        let frame = |dst: [u8; 6], src: [u8; 6]| [&dst[..], &src[..], &[0u8; 50]].concat();
+        // A guest that sends before its port is on the switch is not
+        // forgotten.
+        a.send(&mut vec![frame(b.mac(), a.mac())]);
+        lock(&commands).extend(ports.iter().map(|p| Command::Attach(Arc::clone(p))));
+        engine.run_commands();
+        engine.pump();
+        assert_eq!(b.received().len(), 1);
+        // Both ways, many times, and nobody else gets anything.
+        for _ in 0..100 {
+            b.send(&mut vec![frame(a.mac(), b.mac())]);
+            a.send(&mut vec![frame(b.mac(), a.mac()), frame(b.mac(), a.mac())]);
+            engine.pump();
+        }
+        assert_eq!((a.received().len(), b.received().len()), (100, 201));
+        let others: usize = ports.iter().map(|p| p.received().len()).sum();
+        assert_eq!(others, 301);
+        // A port that left is not switched from, even if still listed.
+        a.send(&mut vec![frame(b.mac(), a.mac())]);
+        lock(&commands).push(Command::Detach(Arc::clone(a)));
+        engine.run_commands();
+        engine.pump();
+        assert_eq!(b.received().len(), 201);
+    }
+
+    #[test]
     fn an_outbox_holds_at_most_its_bound() {
-        let mut outbox = Vec::new();
+        let mut outboxes = Outboxes {
+            boxes: vec![Vec::new(); 3],
+            ..Outboxes::default()
+        };
         let dropped: usize = (0..OUTBOX_MAX + 7)
-            .map(|i| push_bounded(&mut outbox, vec![i as u8]))
+            .map(|i| outboxes.push(2, vec![i as u8]))
             .sum();
-        assert_eq!((outbox.len(), dropped), (OUTBOX_MAX, 7));
-        assert_eq!(outbox.last(), Some(&vec![(OUTBOX_MAX - 1) as u8]));
+        assert_eq!((outboxes[2].len(), dropped), (OUTBOX_MAX, 7));
+        assert_eq!(outboxes[2].last(), Some(&vec![(OUTBOX_MAX - 1) as u8]));
+        assert_eq!(outboxes.dirty, [2], "listed once, when it filled");
     }
 
     #[test]

@@ -9,9 +9,12 @@
 //! idles. The port counts the frames and bytes crossing it each way
 //! ([`GuestPort::traffic`], for `GET /v1/stats`).
 //!
-//! The network thread looks at every port on each round, so a port with
-//! nothing sent costs it one atomic load, not a lock: a switch with a
-//! thousand idle guests stays cheap.
+//! The network thread looks only at ports with work: a port that goes from
+//! nothing sent to something sent puts its switch port number on the
+//! switch's [`ReadyPorts`] list (once per batch, so the list never holds
+//! more than about one entry per port), and a round of the switch costs
+//! O(ports with work), not O(ports): an idle guest costs the network thread
+//! nothing, however many there are.
 //!
 //! Both queues are bounded, as a switch port's buffers are: past
 //! [`TX_BACKLOG`] / [`RX_BACKLOG`] frames, more are dropped and counted.
@@ -20,8 +23,8 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -36,6 +39,32 @@ pub const TX_BACKLOG: usize = 1024;
 /// One Ethernet frame, without FCS.
 pub type Frame = Vec<u8>;
 
+/// A port not (or no longer) on a switch.
+const NO_SLOT: usize = usize::MAX;
+
+/// The switch ports whose guests sent frames the network thread has not
+/// taken yet, in the order they became ready. A port is added when its
+/// `sent` flag goes from clear to set (and when it is plugged in with the
+/// flag set), so the list holds at most about two entries per port, however
+/// fast a guest sends; an entry may be stale (its port left), which the
+/// network thread ignores.
+#[derive(Debug, Default)]
+pub struct ReadyPorts {
+    ids: Mutex<Vec<usize>>,
+}
+
+impl ReadyPorts {
+    fn push(&self, id: usize) {
+        lock(&self.ids).push(id);
+    }
+
+    /// Moves the ready ports into `out` (emptied first, to reuse its buffer).
+    pub fn take(&self, out: &mut Vec<usize>) {
+        out.clear();
+        std::mem::swap(&mut *lock(&self.ids), out);
+    }
+}
+
 /// A guest's port.
 pub struct GuestPort {
     mac: [u8; 6],
@@ -43,6 +72,10 @@ pub struct GuestPort {
     to_switch: Mutex<Vec<Frame>>,
     /// Set when frames were added to `to_switch`, cleared when taken.
     sent: AtomicBool,
+    /// Its port number on the switch ([`NO_SLOT`]: not plugged in).
+    slot: AtomicUsize,
+    /// The switch's list of ports with frames, once plugged in.
+    ready: OnceLock<Arc<ReadyPorts>>,
     /// Signals the network thread.
     switch_wake: Arc<EventFd>,
     /// Frames from the switch, for the guest.
@@ -61,6 +94,8 @@ impl GuestPort {
             mac,
             to_switch: Mutex::new(Vec::new()),
             sent: AtomicBool::new(false),
+            slot: AtomicUsize::new(NO_SLOT),
+            ready: OnceLock::new(),
             switch_wake,
             to_guest: Mutex::new(VecDeque::new()),
             guest_wake: EventFd::new(EFD_NONBLOCK)?,
@@ -97,7 +132,14 @@ impl GuestPort {
             queue.append(frames);
             frames.clear();
         }
-        self.sent.store(true, Ordering::Release);
+        // SeqCst with `plug`'s: either this sees the slot or `plug` sees
+        // the flag (or both: a duplicate entry is harmless).
+        if !self.sent.swap(true, Ordering::SeqCst) {
+            let slot = self.slot.load(Ordering::SeqCst);
+            if let (Some(ready), true) = (self.ready.get(), slot != NO_SLOT) {
+                ready.push(slot);
+            }
+        }
         if let Err(e) = self.switch_wake.write(1) {
             tracing::warn!("cannot wake the network thread: {e}");
         }
@@ -121,6 +163,23 @@ impl GuestPort {
 
     // --- the network thread's side ---
 
+    /// Plugs the port into switch port `id`, whose ready list is `ready`
+    /// (a port belongs to one switch: the first list given stays).
+    pub fn plug(&self, id: usize, ready: &Arc<ReadyPorts>) {
+        let ready = self.ready.get_or_init(|| Arc::clone(ready));
+        self.slot.store(id, Ordering::SeqCst);
+        // Frames sent before the port had a number.
+        if self.sent.load(Ordering::SeqCst) {
+            ready.push(id);
+        }
+    }
+
+    /// Takes the port off its switch port: what it sends is no longer
+    /// announced.
+    pub fn unplug(&self) {
+        self.slot.store(NO_SLOT, Ordering::SeqCst);
+    }
+
     /// A frame the guest flooded (broadcast, multicast, unknown unicast)
     /// was dropped: over its rate.
     pub fn flood_dropped(&self) {
@@ -130,7 +189,7 @@ impl GuestPort {
     /// Moves the frames the guest sent into `out`.
     pub fn take_sent(&self, out: &mut Vec<Frame>) {
         // Frames added after the flag is cleared set it again.
-        if !self.sent.load(Ordering::Acquire) || !self.sent.swap(false, Ordering::AcqRel) {
+        if !self.sent.load(Ordering::Acquire) || !self.sent.swap(false, Ordering::SeqCst) {
             return;
         }
         let mut queue = lock(&self.to_switch);
@@ -203,6 +262,34 @@ mod tests {
             "dropped frames are not counted as received"
         );
         assert_eq!(t.rx_dropped, 3);
+    }
+
+    #[test]
+    fn a_port_is_listed_as_ready_once_per_batch_and_only_while_plugged() {
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let ready = Arc::new(ReadyPorts::default());
+        let port = GuestPort::new([2, 0, 0, 0, 0, 1], wake).unwrap();
+        // Sent before it had a switch port: listed when plugged in.
+        port.send(&mut vec![vec![1]]);
+        let mut ids = Vec::new();
+        ready.take(&mut ids);
+        assert!(ids.is_empty());
+        port.plug(7, &ready);
+        port.send(&mut vec![vec![2]]);
+        port.send(&mut vec![vec![3]]);
+        ready.take(&mut ids);
+        assert_eq!(ids, [7], "one entry until the frames are taken");
+        let mut out = Vec::new();
+        port.take_sent(&mut out);
+        assert_eq!(out.len(), 3);
+        port.send(&mut vec![vec![4]]);
+        ready.take(&mut ids);
+        assert_eq!(ids, [7], "listed again after a take");
+        port.take_sent(&mut out);
+        port.unplug();
+        port.send(&mut vec![vec![5]]);
+        ready.take(&mut ids);
+        assert!(ids.is_empty(), "an unplugged port is not listed");
     }
 
     #[test]

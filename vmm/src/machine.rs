@@ -62,6 +62,8 @@ pub struct Hypervisor {
     pub kvmclock: bool,
     /// The MSRs snapshots save (probed lazily, once).
     msrs: std::sync::OnceLock<Vec<u32>>,
+    /// The images booted lately.
+    images: crate::boot::image_cache::ImageCache,
 }
 
 impl Hypervisor {
@@ -79,6 +81,7 @@ impl Hypervisor {
             cpuid,
             kvmclock,
             msrs: std::sync::OnceLock::new(),
+            images: Default::default(),
         })
     }
 
@@ -159,10 +162,16 @@ impl Machine {
     /// Boots `req.image`: validates it, creates the VM, loads it, writes the
     /// boot tables and sets vCPU 0 up in 64-bit ring 3.
     pub fn boot(hv: &Hypervisor, req: BootRequest, console: Console) -> Result<Self, Error> {
-        let info = loader::inspect(req.image, req.mem_size)?;
-        let image = image_id(req.image)?;
+        let cached = hv.images.get(req.image)?;
+        let info = cached.info;
+        info.check_fits(req.mem_size)
+            .map_err(|kind| crate::error::ImageFileError {
+                path: req.image.to_owned(),
+                kind,
+            })?;
+        let image = cached.id.clone();
         let vm = Vm::new(&hv.kvm, req.mem_size)?;
-        loader::load(vm.memory(), req.image)?;
+        loader::load_bytes(vm.memory(), &cached.bytes)?;
         layout::write_boot_memory(
             vm.memory(),
             &BootSetup {

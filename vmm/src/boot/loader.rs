@@ -61,7 +61,7 @@ impl ImageSource for [u8] {
 
 /// Opens an image for reading; `O_NONBLOCK` so that a FIFO named as an
 /// image does not wait for a writer (and then fails as not a regular file).
-fn open_nonblocking(path: &Path) -> io::Result<File> {
+pub(crate) fn open_nonblocking(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
@@ -142,14 +142,10 @@ pub fn inspect(path: &Path, mem_size: u64) -> Result<ImageInfo, ImageFileError> 
     Ok(info)
 }
 
-/// Copies the image's `PT_LOAD` segments into guest memory at their
-/// physical addresses. Call [`inspect`] first.
-pub fn load(mem: &GuestMemoryMmap, path: &Path) -> Result<(), crate::error::Error> {
-    let mut file = open_nonblocking(path).map_err(|e| ImageFileError {
-        path: path.to_owned(),
-        kind: ImageError::Io(e),
-    })?;
-    Elf::load(mem, None, &mut file, None).map_err(VmError::Load)?;
+/// Copies the `PT_LOAD` segments of the image `bytes` (validated) into
+/// guest memory at their physical addresses.
+pub fn load_bytes(mem: &GuestMemoryMmap, bytes: &[u8]) -> Result<(), crate::error::Error> {
+    Elf::load(mem, None, &mut io::Cursor::new(bytes), None).map_err(VmError::Load)?;
     Ok(())
 }
 
