@@ -827,22 +827,31 @@ impl Conn {
         // Host -> guest.
         while self.readable && !self.host_eof && socket.may_send() && socket.can_send() {
             let result = socket.send(|buf| match stream.read(buf) {
-                Ok(n) => (n, Ok(n)),
+                Ok(n) => (n, Ok((n, n < buf.len()))),
                 Err(e) => (0, Err(e)),
             });
             match result {
-                Ok(Ok(0)) => {
+                Ok(Ok((0, _))) => {
                     self.host_eof = true;
                     socket.close();
                     moved = true;
                 }
-                Ok(Ok(n)) => {
+                Ok(Ok((n, short))) => {
                     if !self.in_request {
                         self.in_request = true;
                         self.traffic.request(self.peer.ip());
                     }
                     self.traffic.inbound(self.peer.ip(), n);
                     moved = true;
+                    if short {
+                        // The kernel had less than there was room for: the
+                        // socket is drained, and saying so spares the read
+                        // that would fail with EAGAIN (one syscall per
+                        // request). Its epoll interest is level-triggered,
+                        // so bytes arriving later are reported again.
+                        self.readable = false;
+                        self.in_request = false;
+                    }
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.readable = false;
