@@ -46,6 +46,11 @@ use super::{in_subnet, mac_for, token, Proto};
 const TCP_BUFFER: usize = 64 * 1024;
 /// A connection to a guest that does not answer is given up after this.
 const TCP_TIMEOUT: Duration = Duration::from_secs(30);
+/// An idle proxied connection is probed this often (a keep-alive ACK the
+/// guest answers): smoltcp's timeout counts from the guest's last segment,
+/// so without probes a connection merely idle for [`TCP_TIMEOUT`] would be
+/// reset.
+const TCP_KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// A UDP flow (host peer <-> guest port) is forgotten after this long idle.
 pub const UDP_FLOW_IDLE: Duration = Duration::from_secs(120);
 /// Datagrams buffered per UDP flow and direction.
@@ -549,6 +554,9 @@ impl Gateway {
         socket.set_nagle_enabled(false);
         socket.set_timeout(Some(smoltcp::time::Duration::from_secs(
             TCP_TIMEOUT.as_secs(),
+        )));
+        socket.set_keep_alive(Some(smoltcp::time::Duration::from_secs(
+            TCP_KEEP_ALIVE.as_secs(),
         )));
         if let Err(e) = socket.connect(self.iface.context(), guest, port) {
             tracing::warn!("connection from {peer} to guest {guest}: {e}");
