@@ -61,7 +61,7 @@ fn an_idle_connection_outlives_the_gateways_timeout() {
     let kv = Kv::start();
     let mut c = TcpStream::connect(("127.0.0.1", kv.port)).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut ping = |c: &mut TcpStream| -> std::io::Result<String> {
+    let ping = |c: &mut TcpStream| -> std::io::Result<String> {
         c.write_all(b"PING\r\n")?;
         let mut buf = [0u8; 7];
         c.read_exact(&mut buf)?;
