@@ -1,7 +1,8 @@
 //! The kv unikernel with the real Redis clients from Debian's redis-tools,
 //! through a published port of the shim's user-mode network: round trips,
-//! a pipelined batch, 50 concurrent clients, a malformed request; and two
-//! guests on one shim pinging and talking TCP to each other (netcheck).
+//! a pipelined batch, 50 concurrent clients, a malformed request, a
+//! connection idle for longer than the gateway's timeout; and two guests on
+//! one shim pinging and talking TCP to each other (netcheck).
 
 mod common;
 
@@ -50,6 +51,28 @@ fn redis_cli(port: u16, args: &[&str]) -> (String, bool) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         out.status.success(),
     )
+}
+
+/// A client connection through a published port that says nothing for
+/// longer than the gateway's 30 s timeout for an unresponsive guest is not
+/// reset: the guest is alive, the connection only idle.
+#[test]
+fn an_idle_connection_outlives_the_gateways_timeout() {
+    let kv = Kv::start();
+    let mut c = TcpStream::connect(("127.0.0.1", kv.port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let ping = |c: &mut TcpStream| -> std::io::Result<String> {
+        c.write_all(b"PING\r\n")?;
+        let mut buf = [0u8; 7];
+        c.read_exact(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    assert_eq!(ping(&mut c).unwrap(), "+PONG\r\n");
+    std::thread::sleep(Duration::from_secs(35));
+    assert_eq!(
+        ping(&mut c).expect("the idle connection still works"),
+        "+PONG\r\n"
+    );
 }
 
 #[test]

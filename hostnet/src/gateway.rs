@@ -46,6 +46,11 @@ use super::{in_subnet, mac_for, token, Proto};
 const TCP_BUFFER: usize = 64 * 1024;
 /// A connection to a guest that does not answer is given up after this.
 const TCP_TIMEOUT: Duration = Duration::from_secs(30);
+/// An idle proxied connection is probed this often (a keep-alive ACK the
+/// guest answers): smoltcp's timeout counts from the guest's last segment,
+/// so without probes a connection merely idle for [`TCP_TIMEOUT`] would be
+/// reset.
+const TCP_KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// A UDP flow (host peer <-> guest port) is forgotten after this long idle.
 pub const UDP_FLOW_IDLE: Duration = Duration::from_secs(120);
 /// Datagrams buffered per UDP flow and direction.
@@ -550,6 +555,9 @@ impl Gateway {
         socket.set_timeout(Some(smoltcp::time::Duration::from_secs(
             TCP_TIMEOUT.as_secs(),
         )));
+        socket.set_keep_alive(Some(smoltcp::time::Duration::from_secs(
+            TCP_KEEP_ALIVE.as_secs(),
+        )));
         if let Err(e) = socket.connect(self.iface.context(), guest, port) {
             tracing::warn!("connection from {peer} to guest {guest}: {e}");
             self.ports_in_use.remove(&port);
@@ -827,22 +835,31 @@ impl Conn {
         // Host -> guest.
         while self.readable && !self.host_eof && socket.may_send() && socket.can_send() {
             let result = socket.send(|buf| match stream.read(buf) {
-                Ok(n) => (n, Ok(n)),
+                Ok(n) => (n, Ok((n, n < buf.len()))),
                 Err(e) => (0, Err(e)),
             });
             match result {
-                Ok(Ok(0)) => {
+                Ok(Ok((0, _))) => {
                     self.host_eof = true;
                     socket.close();
                     moved = true;
                 }
-                Ok(Ok(n)) => {
+                Ok(Ok((n, short))) => {
                     if !self.in_request {
                         self.in_request = true;
                         self.traffic.request(self.peer.ip());
                     }
                     self.traffic.inbound(self.peer.ip(), n);
                     moved = true;
+                    if short {
+                        // The kernel had less than there was room for: the
+                        // socket is drained, and saying so spares the read
+                        // that would fail with EAGAIN (one syscall per
+                        // request). Its epoll interest is level-triggered,
+                        // so bytes arriving later are reported again.
+                        self.readable = false;
+                        self.in_request = false;
+                    }
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.readable = false;

@@ -217,13 +217,16 @@ enum BenchCmd {
         #[arg(long, value_name = "SECS", default_value_t = 60)]
         timeout: u64,
     },
-    /// Network: redis-benchmark against the kv unikernel vs native redis-server, bulk TCP.
+    /// Network: redis-benchmark against the kv unikernel vs native redis-server, wrk against
+    /// the http unikernel vs a native server, bulk TCP.
     ///
-    /// Needs redis-tools and redis-server. Prints a markdown table per client load (-c 1,
-    /// -c 20, -c 50, -c 50 -P 16): requests/s and p50 for SET and GET (medians over rounds
-    /// that alternate which server goes first), their ratios, the guest's VM exits per
-    /// request and host CPU per request of each server; the kv image size, and host ->
-    /// guest bulk TCP throughput through a published port.
+    /// Needs redis-tools, redis-server and wrk (the TAP row needs root). Prints markdown
+    /// tables per client load (-c 1, -c 20, -c 50, -c 50 -P 16): requests/s and p50 for SET
+    /// and GET (medians over rounds that rotate which server goes first), their ratios, per
+    /// request the guest's VM exits, vCPU wake-ups, frames each way and host CPU (vCPU
+    /// thread and the rest) of each server; kv over a TAP device; wrk at 1, 20 and 32
+    /// connections; the kv image size, host -> guest bulk TCP throughput through a
+    /// published port, and the host's load average.
     Net {
         /// Requests per redis-benchmark run (-n) at -c 20 and -c 50 (a quarter at -c 1,
         /// eight times as many at -c 50 -P 16).

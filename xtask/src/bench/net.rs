@@ -2,17 +2,25 @@
 //! network, side by side with a native server in the same run.
 //!
 //! - `redis-benchmark -t set,get --csv` at `-c 1`, `-c 20`, `-c 50` and `-c 50 -P 16` against
-//!   the `kv` image (an instance of a `host-shim serve` daemon, through a published port) and
-//!   against a native `redis-server` on loopback; rounds alternate which server goes first so
-//!   load drift hits both alike. Medians of requests/s and p50 latency, ratios, and per
-//!   request: the guest's VM exits (the daemon's `GET /v1/stats`, typed) and host CPU
-//!   (utime + stime of the daemon process, or of redis-server, from `/proc`).
+//!   the `kv` image (an instance of a `host-shim serve` daemon, through a published port), the
+//!   same image on a TAP device (one TCP stack fewer: the host kernel talks to the guest;
+//!   root only, in a network namespace of its own) and a native `redis-server` on loopback;
+//!   rounds alternate which server goes first so load drift hits all alike. Medians of
+//!   requests/s and p50 latency, ratios, and per request: the guest's VM exits, idle-wait
+//!   wake-ups, frames each way and vCPU-thread CPU (the daemon's `GET /v1/stats`, typed), and
+//!   host CPU (utime + stime of the daemon process, or of redis-server, from `/proc`).
+//! - `wrk` against the `http` image (published port) and a native HTTP/1.1 keep-alive server
+//!   of the same shape (this process, a thread per connection) at 1, 20 and 32 connections
+//!   (the app's worker count).
 //! - Bulk TCP host -> guest: bytes pushed through a published port into `netcheck sink`.
+//! - The host's load average before and after, since the host may be shared.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -21,7 +29,7 @@ use anyhow::{bail, Context, Result};
 use crate::image::{self, Profile};
 use crate::workspace::Workspace;
 
-use api::stats::{ExitStats, ShimStats};
+use api::stats::{InstanceStats, ShimStats};
 use api::Client;
 
 use super::migrate::{Daemon, TempDir};
@@ -80,21 +88,60 @@ impl Load {
     }
 }
 
-/// Waits until `redis-cli -p port PING` answers PONG (`alive` says whether the server
-/// process is still there).
-fn wait_for_redis(port: u16, what: &str, mut alive: impl FnMut() -> Result<()>) -> Result<()> {
+/// Where clients reach a server: an address, and the network namespace to run them in.
+#[derive(Clone, Debug)]
+struct Target {
+    host: String,
+    port: u16,
+    netns: Option<String>,
+}
+
+impl Target {
+    fn loopback(port: u16) -> Self {
+        Self {
+            host: "127.0.0.1".to_owned(),
+            port,
+            netns: None,
+        }
+    }
+
+    /// `program`, run in the target's network namespace.
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+}
+
+/// Waits until `redis-cli PING` answers PONG (`alive` says whether the server process is
+/// still there).
+fn wait_for_redis(
+    target: &Target,
+    what: &str,
+    mut alive: impl FnMut() -> Result<()>,
+) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         alive()?;
-        let out = Command::new("redis-cli")
-            .args(["-p", &port.to_string(), "PING"])
+        let out = target
+            .command("redis-cli")
+            .args(["-h", &target.host, "-p", &target.port.to_string(), "PING"])
             .output()?;
         if String::from_utf8_lossy(&out.stdout).trim() == "PONG" {
             return Ok(());
         }
         thread::sleep(Duration::from_millis(50));
     }
-    bail!("{what} did not answer PING on port {port} within 30 s")
+    bail!(
+        "{what} did not answer PING on {}:{} within 30 s",
+        target.host,
+        target.port
+    )
 }
 
 /// One redis-benchmark test's figures.
@@ -144,9 +191,11 @@ fn parse_csv(text: &str) -> Result<(Figures, Figures)> {
 }
 
 /// Runs redis-benchmark; the SET and GET figures.
-fn redis_benchmark(port: u16, load: Load, requests: u64) -> Result<(Figures, Figures)> {
-    let out = Command::new("redis-benchmark")
-        .args(["-p", &port.to_string(), "-t", "set,get", "--csv"])
+fn redis_benchmark(target: &Target, load: Load, requests: u64) -> Result<(Figures, Figures)> {
+    let out = target
+        .command("redis-benchmark")
+        .args(["-h", &target.host, "-p", &target.port.to_string()])
+        .args(["-t", "set,get", "--csv"])
         .args(["-n", &requests.to_string()])
         .args(["-c", &load.clients.to_string()])
         .args(["-P", &load.pipeline.to_string()])
@@ -186,15 +235,43 @@ pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((ticks(14)? + ticks(15)?) as f64 / hz as f64)
 }
 
-/// The kv instance's exit counters in its daemon's `GET /v1/stats`.
-fn kv_exits(daemon: &Daemon) -> Result<ExitStats> {
+/// An instance's counters in its daemon's `GET /v1/stats`.
+fn instance_stats(daemon: &Daemon, name: &str) -> Result<InstanceStats> {
     let stats: ShimStats = Client::new(&daemon.addr).stats().context("GET /v1/stats")?;
     stats
         .instances
         .into_iter()
-        .find(|i| i.name == "kv")
-        .map(|i| i.exits)
-        .context("no kv instance in GET /v1/stats")
+        .find(|i| i.name == name)
+        .with_context(|| format!("no {name} instance in GET /v1/stats"))
+}
+
+/// What one request cost the guest's side of the shim, from the daemon's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct GuestCosts {
+    /// VM exits (each 40-50 µs on this host).
+    exits: f64,
+    /// `HC_YIELD` waits ended by frames: the network thread woke the sleeping vCPU thread.
+    wakes: f64,
+    /// Frames into the guest (network thread -> vCPU thread).
+    frames_in: f64,
+    /// Frames out of the guest (vCPU thread -> network thread).
+    frames_out: f64,
+    /// CPU of the guest's vCPU thread (guest code and exits), seconds.
+    vcpu_cpu: f64,
+}
+
+impl GuestCosts {
+    /// Per request between two snapshots.
+    fn between(a: &InstanceStats, b: &InstanceStats, requests: f64) -> Self {
+        let per = |x: u64, y: u64| y.saturating_sub(x) as f64 / requests;
+        Self {
+            exits: per(a.exits.total, b.exits.total),
+            wakes: per(a.exits.idle.woken_by_io, b.exits.idle.woken_by_io),
+            frames_in: per(a.net.rx_packets, b.net.rx_packets),
+            frames_out: per(a.net.tx_packets, b.net.tx_packets),
+            vcpu_cpu: (b.cpu_s - a.cpu_s).max(0.0) / requests,
+        }
+    }
 }
 
 /// One server's run of one load: figures and what it cost.
@@ -204,32 +281,32 @@ struct Sample {
     get: Figures,
     /// Host CPU seconds of the server process per request (SET and GET).
     cpu_per_request: f64,
-    /// Guest VM exits per request (kv only).
-    exits_per_request: Option<f64>,
+    /// The guest's costs per request (kv in a daemon only).
+    guest: Option<GuestCosts>,
 }
 
 /// A server under test.
 struct Server<'a> {
-    port: u16,
+    target: Target,
     pid: u32,
-    /// The daemon hosting kv (for its exit counters).
+    /// The daemon hosting kv (for its counters).
     daemon: Option<&'a Daemon>,
 }
 
 impl Server<'_> {
     fn measure(&self, load: Load, requests: u64) -> Result<Sample> {
-        let exits = |d: Option<&Daemon>| d.map(kv_exits).transpose();
-        let (cpu0, exits0) = (cpu_seconds(self.pid)?, exits(self.daemon)?);
-        let (set, get) = redis_benchmark(self.port, load, requests)?;
-        let (cpu1, exits1) = (cpu_seconds(self.pid)?, exits(self.daemon)?);
+        let stats = |d: Option<&Daemon>| d.map(|d| instance_stats(d, "kv")).transpose();
+        let (cpu0, stats0) = (cpu_seconds(self.pid)?, stats(self.daemon)?);
+        let (set, get) = redis_benchmark(&self.target, load, requests)?;
+        let (cpu1, stats1) = (cpu_seconds(self.pid)?, stats(self.daemon)?);
         let total = (2 * requests) as f64;
         Ok(Sample {
             set,
             get,
             cpu_per_request: (cpu1 - cpu0) / total,
-            exits_per_request: exits0
-                .zip(exits1)
-                .map(|(a, b)| b.total.saturating_sub(a.total) as f64 / total),
+            guest: stats0
+                .zip(stats1)
+                .map(|(a, b)| GuestCosts::between(&a, &b, total)),
         })
     }
 }
@@ -241,25 +318,241 @@ struct Medians {
     set_p50: f64,
     get_p50: f64,
     cpu_us: f64,
-    exits: Option<f64>,
+    guest: Option<GuestCosts>,
 }
 
 impl Medians {
     fn of(samples: &[Sample]) -> Self {
         let m = |f: &dyn Fn(&Sample) -> f64| median(samples.iter().map(f).collect());
+        let guest = samples
+            .iter()
+            .map(|s| s.guest)
+            .collect::<Option<Vec<GuestCosts>>>()
+            .filter(|g| !g.is_empty())
+            .map(|g| {
+                let m = |f: fn(&GuestCosts) -> f64| median(g.iter().map(f).collect());
+                GuestCosts {
+                    exits: m(|c| c.exits),
+                    wakes: m(|c| c.wakes),
+                    frames_in: m(|c| c.frames_in),
+                    frames_out: m(|c| c.frames_out),
+                    vcpu_cpu: m(|c| c.vcpu_cpu),
+                }
+            });
         Self {
             set_rps: m(&|s| s.set.rps),
             get_rps: m(&|s| s.get.rps),
             set_p50: m(&|s| s.set.p50_ms),
             get_p50: m(&|s| s.get.p50_ms),
             cpu_us: m(&|s| s.cpu_per_request * 1e6),
-            exits: samples
-                .iter()
-                .map(|s| s.exits_per_request)
-                .collect::<Option<Vec<f64>>>()
-                .map(median),
+            guest,
         }
     }
+}
+
+/// A network namespace of this process, deleted when dropped.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// The TAP device of the kv guest, in the bench's network namespace.
+const TAP: &str = "lcbench0";
+/// The guest's address on it.
+const TAP_GUEST: &str = "10.0.2.15";
+
+/// kv on a TAP device (`host-shim run --net tap=`) in a network namespace of its own, whose
+/// host side has 10.0.2.2. `None` (with the reason) when this host cannot: not root, or no
+/// `/dev/net/tun`.
+fn start_tap_kv(shim: &Path, kv: &Path) -> Result<Result<(Netns, Guard), String>> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(Err(
+            "needs root (a network namespace and a TAP device)".into()
+        ));
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Ok(Err("needs /dev/net/tun".into()));
+    }
+    let ns = Netns(format!("lc-bench-net-{}", std::process::id()));
+    ip(&["netns", "add", &ns.0])?;
+    let target = Target {
+        host: TAP_GUEST.to_owned(),
+        port: 6379,
+        netns: Some(ns.0.clone()),
+    };
+    // `ip netns exec` execs the shim: the child's pid is the shim's.
+    let mut guest = Guard(
+        target
+            .command(&shim.to_string_lossy())
+            .args(["run".as_ref(), kv.as_os_str()])
+            .args([
+                "--net",
+                &format!("tap={TAP}"),
+                "--ip",
+                &format!("{TAP_GUEST}/24"),
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting host-shim run --net tap")?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ip(&["-n", &ns.0, "link", "show", TAP]).is_err() {
+        if let Some(status) = guest.0.try_wait()? {
+            bail!("host-shim --net tap exited with {status}");
+        }
+        if Instant::now() > deadline {
+            bail!("host-shim did not create {TAP} within 10 s");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    ip(&["-n", &ns.0, "addr", "add", "10.0.2.2/24", "dev", TAP])?;
+    ip(&["-n", &ns.0, "link", "set", TAP, "up"])?;
+    wait_for_redis(&target, "kv on a TAP device", || {
+        match guest.0.try_wait()? {
+            Some(status) => bail!("host-shim --net tap exited with {status}"),
+            None => Ok(()),
+        }
+    })?;
+    Ok(Ok((ns, guest)))
+}
+
+/// Seconds per wrk run.
+const WRK_SECS: u64 = 5;
+/// wrk's connection counts: up to the `http` app's 32 workers (more would wait for one).
+const WRK_CONNECTIONS: [u32; 3] = [1, 20, 32];
+
+/// `12.5us`, `1.20ms`, `2.00s` -> milliseconds.
+fn wrk_duration_ms(v: &str) -> Option<f64> {
+    let (number, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1e-3)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1e3)
+    } else {
+        return None;
+    };
+    number
+        .parse::<f64>()
+        .ok()
+        .filter(|n| n.is_finite())
+        .map(|n| n * scale)
+}
+
+/// Requests/s and p50 of `wrk --latency` output.
+fn parse_wrk(text: &str) -> Result<Figures> {
+    let rps = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| v.is_finite())
+        .with_context(|| format!("no Requests/sec in wrk output:\n{text}"))?;
+    let p50 = text
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some("50%")).then(|| f.next()).flatten()
+        })
+        .and_then(wrk_duration_ms)
+        .with_context(|| format!("no 50% latency in wrk output:\n{text}"))?;
+    if text.contains("Non-2xx or 3xx responses") {
+        bail!("wrk got error responses:\n{text}");
+    }
+    Ok(Figures { rps, p50_ms: p50 })
+}
+
+/// wrk with `connections` against `url` for [`WRK_SECS`].
+fn wrk(url: &str, connections: u32) -> Result<Figures> {
+    let out = Command::new("wrk")
+        .args(["-t", "1", "-c", &connections.to_string()])
+        .args(["-d", &format!("{WRK_SECS}s"), "--latency", url])
+        .output()
+        .context("running wrk")?;
+    if !out.status.success() {
+        bail!("wrk failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    parse_wrk(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Connections the native HTTP server serves at once (more are closed at once): the `http`
+/// app's worker count.
+const NATIVE_HTTP_MAX: usize = 32;
+
+/// The native counterpart of the `http` app's `GET /healthz`: HTTP/1.1 keep-alive, the same
+/// response head and body, a thread per connection (at most [`NATIVE_HTTP_MAX`]). Stops
+/// accepting when `stop` is set.
+fn native_http(listener: TcpListener, stop: Arc<AtomicBool>) {
+    let live = Arc::new(AtomicUsize::new(0));
+    for stream in listener.incoming() {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(stream) = stream else { continue };
+        if live.fetch_add(1, Ordering::AcqRel) >= NATIVE_HTTP_MAX {
+            live.fetch_sub(1, Ordering::AcqRel);
+            continue;
+        }
+        let live = Arc::clone(&live);
+        thread::spawn(move || {
+            let _ = serve_http(stream);
+            live.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+}
+
+fn serve_http(mut stream: TcpStream) -> std::io::Result<()> {
+    const BODY: &str = "ok\n";
+    let reply = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+         Connection: keep-alive\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut buf = vec![0u8; 8192];
+    let mut filled = 0;
+    loop {
+        while let Some(end) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") {
+            stream.write_all(reply.as_bytes())?;
+            buf.copy_within(end + 4..filled, 0);
+            filled -= end + 4;
+        }
+        if filled == buf.len() {
+            return Ok(());
+        }
+        match stream.read(&mut buf[filled..])? {
+            0 => return Ok(()),
+            n => filled += n,
+        }
+    }
+}
+
+/// The load average of the last minute.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".to_owned())
 }
 
 fn spawn_shim(shim: &Path, image: &Path, publish: &str, args: &[&str]) -> Result<Guard> {
@@ -320,13 +613,71 @@ fn bulk(shim: &Path, image: &Path, mib: u64) -> Result<(f64, f64)> {
     Ok((total as f64 / host_secs / 1e6, guest_mbps))
 }
 
+/// Waits until `GET /healthz` on 127.0.0.1:`port` answers `ok`.
+fn wait_for_http(port: u16, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ask = || -> std::io::Result<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+        // Up to the end of the body: a keep-alive server need not close.
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !reply.ends_with(b"\r\n\r\nok\n") {
+            match s.read(&mut buf)? {
+                0 => break,
+                n => reply.extend_from_slice(&buf[..n]),
+            }
+        }
+        Ok(String::from_utf8_lossy(&reply).into_owned())
+    };
+    while Instant::now() < deadline {
+        if ask().is_ok_and(|r| r.starts_with("HTTP/1.1 200") && r.ends_with("ok\n")) {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{what} did not answer GET /healthz on port {port} within 30 s")
+}
+
+/// One wrk run against one server, with the server's CPU per request.
+fn wrk_sample(port: u16, pid: u32, connections: u32) -> Result<(Figures, f64)> {
+    let cpu0 = cpu_seconds(pid)?;
+    let figures = wrk(&format!("http://127.0.0.1:{port}/healthz"), connections)?;
+    let cpu = cpu_seconds(pid)? - cpu0;
+    let requests = figures.rps * WRK_SECS as f64;
+    Ok((
+        figures,
+        if requests > 0.0 {
+            cpu / requests
+        } else {
+            f64::NAN
+        },
+    ))
+}
+
+/// Medians of wrk samples: requests/s, p50 (ms), CPU per request (µs).
+fn wrk_medians(samples: &[(Figures, f64)]) -> (f64, f64, f64) {
+    (
+        median(samples.iter().map(|s| s.0.rps).collect()),
+        median(samples.iter().map(|s| s.0.p50_ms).collect()),
+        median(samples.iter().map(|s| s.1 * 1e6).collect()),
+    )
+}
+
 /// Runs the benchmark and prints a markdown report.
 pub fn run(ws: &Workspace, opts: &NetOptions) -> Result<()> {
     require("redis-benchmark", "redis-tools")?;
     require("redis-server", "redis-server")?;
-    let images = image::build_images(ws, &[ws.app("kv")?, ws.app("netcheck")?], Profile::Release)?;
+    require("wrk", "wrk")?;
+    let images = image::build_images(
+        ws,
+        &[ws.app("kv")?, ws.app("netcheck")?, ws.app("http")?],
+        Profile::Release,
+    )?;
     let shim = image::build_shim(ws)?;
-    let (kv, netcheck) = (&images[0], &images[1]);
+    let (kv, netcheck, http) = (&images[0], &images[1], &images[2]);
+    let load_before = load_average();
 
     let dir = TempDir::new("net")?;
     let daemon = Daemon::start(&shim, "bench-net", 1, &dir.0)?;
@@ -334,7 +685,7 @@ pub fn run(ws: &Workspace, opts: &NetOptions) -> Result<()> {
     let publish = format!("127.0.0.1:{kv_port}:6379");
     let kv_path = kv.path.to_string_lossy();
     daemon.cli(&["run", &kv_path, "--name", "kv", "--publish", &publish])?;
-    wait_for_redis(kv_port, "the kv unikernel", || Ok(()))?;
+    wait_for_redis(&Target::loopback(kv_port), "the kv unikernel", || Ok(()))?;
     let native_port = free_port()?;
     let mut native = Guard(
         Command::new("redis-server")
@@ -350,48 +701,104 @@ pub fn run(ws: &Workspace, opts: &NetOptions) -> Result<()> {
             .spawn()
             .context("starting redis-server")?,
     );
-    wait_for_redis(native_port, "redis-server", || {
-        match native.0.try_wait()? {
+    wait_for_redis(
+        &Target::loopback(native_port),
+        "redis-server",
+        || match native.0.try_wait()? {
             Some(status) => bail!("redis-server exited with {status} before answering"),
             None => Ok(()),
-        }
-    })?;
+        },
+    )?;
+    let tap = start_tap_kv(&shim, &kv.path)?;
     let ours = Server {
-        port: kv_port,
+        target: Target::loopback(kv_port),
         pid: daemon.pid(),
         daemon: Some(&daemon),
     };
     let theirs = Server {
-        port: native_port,
+        target: Target::loopback(native_port),
         pid: native.0.id(),
         daemon: None,
     };
+    let over_tap = tap.as_ref().ok().map(|(ns, guest)| Server {
+        target: Target {
+            host: TAP_GUEST.to_owned(),
+            port: 6379,
+            netns: Some(ns.0.clone()),
+        },
+        pid: guest.0.id(),
+        daemon: None,
+    });
+    let mut servers = vec![&ours, &theirs];
+    servers.extend(over_tap.as_ref());
 
     let mut results = Vec::new();
     for load in LOADS {
         let requests = load.requests(opts.requests);
-        let (mut kv_samples, mut native_samples) = (Vec::new(), Vec::new());
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); servers.len()];
         for round in 1..=opts.rounds {
             eprintln!(
                 "bench net: {} -n {requests}, round {round}/{}",
                 load.label(),
                 opts.rounds
             );
-            // Alternate which server goes first.
-            if round % 2 == 1 {
-                kv_samples.push(ours.measure(load, requests)?);
-                native_samples.push(theirs.measure(load, requests)?);
-            } else {
-                native_samples.push(theirs.measure(load, requests)?);
-                kv_samples.push(ours.measure(load, requests)?);
+            // Rotate which server goes first.
+            for i in 0..servers.len() {
+                let which = (i + round - 1) % servers.len();
+                samples[which].push(servers[which].measure(load, requests)?);
             }
         }
-        results.push((load, Medians::of(&kv_samples), Medians::of(&native_samples)));
+        let medians: Vec<Medians> = samples.iter().map(|s| Medians::of(s)).collect();
+        results.push((load, medians));
     }
-    drop(daemon);
+    drop(over_tap);
+    let tap = tap.map(|(ns, guest)| {
+        // The shim goes first, then its namespace.
+        drop(guest);
+        drop(ns);
+    });
     drop(native);
+
+    // wrk: the http app vs a native server of the same shape.
+    let http_port = free_port()?;
+    let http_path = http.path.to_string_lossy();
+    let publish = format!("127.0.0.1:{http_port}:80");
+    daemon.cli(&["run", &http_path, "--name", "http", "--publish", &publish])?;
+    wait_for_http(http_port, "the http unikernel")?;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let native_http_port = listener.local_addr()?.port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || native_http(listener, stop))
+    };
+    wait_for_http(native_http_port, "the native HTTP server")?;
+    let mut web = Vec::new();
+    for connections in WRK_CONNECTIONS {
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for round in 1..=opts.rounds {
+            eprintln!(
+                "bench net: wrk -c {connections} -d {WRK_SECS}s, round {round}/{}",
+                opts.rounds
+            );
+            let me = std::process::id();
+            if round % 2 == 1 {
+                ours.push(wrk_sample(http_port, daemon.pid(), connections)?);
+                theirs.push(wrk_sample(native_http_port, me, connections)?);
+            } else {
+                theirs.push(wrk_sample(native_http_port, me, connections)?);
+                ours.push(wrk_sample(http_port, daemon.pid(), connections)?);
+            }
+        }
+        web.push((connections, wrk_medians(&ours), wrk_medians(&theirs)));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = TcpStream::connect(("127.0.0.1", native_http_port));
+    let _ = server.join();
+    drop(daemon);
     eprintln!("bench net: bulk TCP, {} MiB", opts.bulk_mib);
     let (bulk_host, bulk_guest) = bulk(&shim, &netcheck.path, opts.bulk_mib)?;
+    let load_after = load_average();
 
     println!(
         "### Network: redis-benchmark -t set,get, kv unikernel (daemon instance, published \
@@ -404,7 +811,8 @@ pub fn run(ws: &Workspace, opts: &NetOptions) -> Result<()> {
          kv host CPU/req | native host CPU/req |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (load, k, n) in &results {
+    for (load, m) in &results {
+        let (k, n) = (&m[0], &m[1]);
         println!(
             "| {} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.0} | {:.2}× | {:.3} ms | {:.3} ms | \
              {} | {:.1} µs | {:.1} µs |",
@@ -417,14 +825,95 @@ pub fn run(ws: &Workspace, opts: &NetOptions) -> Result<()> {
             k.set_rps / n.set_rps,
             k.get_p50,
             n.get_p50,
-            k.exits.map_or("-".to_owned(), |e| format!("{e:.3}")),
+            k.guest
+                .map_or("-".to_owned(), |g| format!("{:.3}", g.exits)),
             k.cpu_us,
             n.cpu_us,
         );
     }
-    let p50 = |v: &[(Load, Medians, Medians)]| {
+    println!(
+        "\n**Where a kv request's cost goes** (per request, SET and GET; vCPU wake-ups: \
+         `HC_YIELD` waits ended by frames, i.e. the network thread woke the sleeping vCPU \
+         thread; frames in/out cross between the network thread and the vCPU thread; \
+         network thread and the rest = daemon CPU - vCPU thread CPU)\n"
+    );
+    println!(
+        "| clients | exits | vCPU wake-ups | frames in | frames out | vCPU thread CPU | \
+         network thread and the rest | native host CPU |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (load, m) in &results {
+        let (k, n) = (&m[0], &m[1]);
+        let Some(g) = k.guest else { continue };
+        println!(
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} µs | {:.1} µs | {:.1} µs |",
+            load.label(),
+            g.exits,
+            g.wakes,
+            g.frames_in,
+            g.frames_out,
+            g.vcpu_cpu * 1e6,
+            k.cpu_us - g.vcpu_cpu * 1e6,
+            n.cpu_us,
+        );
+    }
+    match &tap {
+        Err(why) => println!("\n- kv over a TAP device: not measured ({why})"),
+        Ok(_) => {
+            println!(
+                "\n**kv over a TAP device** (`host-shim run --net tap=`, one TCP stack fewer: \
+                 the host kernel talks to the guest directly; clients in the TAP's network \
+                 namespace; host CPU is the shim process)\n"
+            );
+            println!(
+                "| clients | kv TAP GET req/s | kv published GET req/s | native GET req/s | \
+                 TAP ratio | kv TAP GET p50 | kv TAP SET req/s | kv TAP host CPU/req |"
+            );
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+            for (load, m) in &results {
+                let (k, n, t) = (&m[0], &m[1], &m[2]);
+                println!(
+                    "| {} | {:.0} | {:.0} | {:.0} | {:.2}× | {:.3} ms | {:.0} | {:.1} µs |",
+                    load.label(),
+                    t.get_rps,
+                    k.get_rps,
+                    n.get_rps,
+                    t.get_rps / n.get_rps,
+                    t.get_p50,
+                    t.set_rps,
+                    t.cpu_us,
+                );
+            }
+        }
+    }
+    println!(
+        "\n**wrk** (`wrk -t 1 -d {WRK_SECS}s --latency`, `GET /healthz`): the http unikernel \
+         (daemon instance, published port) vs a native HTTP/1.1 keep-alive server of the \
+         same shape (same response; a thread per connection), median of {} rounds\n",
+        opts.rounds
+    );
+    println!(
+        "| connections | http req/s | native req/s | ratio | http p50 | native p50 | \
+         http host CPU/req | native host CPU/req |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (connections, (kr, kp, kc), (nr, np, nc)) in &web {
+        println!(
+            "| `-c {connections}` | {kr:.0} | {nr:.0} | {:.2}× | {kp:.3} ms | {np:.3} ms | \
+             {kc:.1} µs | {nc:.1} µs |",
+            kr / nr
+        );
+    }
+    let p50 = |v: &[(Load, Vec<Medians>)]| {
         v.iter()
-            .map(|(l, k, n)| format!("{} SET {:.3}/{:.3} ms", l.label(), k.set_p50, n.set_p50))
+            .map(|(l, m)| {
+                format!(
+                    "{} SET {:.3}/{:.3} ms",
+                    l.label(),
+                    m[0].set_p50,
+                    m[1].set_p50
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -433,7 +922,8 @@ pub fn run(ws: &Workspace, opts: &NetOptions) -> Result<()> {
          {} pipelined; host CPU is the whole shim daemon (network thread, vCPU thread) \
          or redis-server\n- kv image: {} (target ≤ 1 MiB)\n- bulk TCP host → guest through \
          a published port, {} MiB: {bulk_host:.0} MB/s end to end (the guest counted \
-         {bulk_guest:.0} MB/s)",
+         {bulk_guest:.0} MB/s)\n- host load average (1 min): {load_before} before, \
+         {load_after} after",
         p50(&results),
         LOADS[0].requests(opts.requests),
         LOADS[1].requests(opts.requests),
@@ -480,6 +970,91 @@ mod tests {
         assert!(parse_csv(&CSV.replace("55248.62", "nan")).is_err());
         assert!(parse_csv(&CSV.replace("55248.62", "")).is_err());
         assert!(parse_csv(&CSV.replace("p50_latency_ms", "p51")).is_err());
+    }
+
+    const WRK: &str = "Running 5s test @ http://127.0.0.1:8080/healthz
+  1 threads and 20 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   412.33us  201.10us   5.20ms   90.12%
+    Req/Sec    48.10k     2.01k   51.00k    80.00%
+  Latency Distribution
+     50%  381.00us
+     75%  450.00us
+     90%  560.00us
+     99%    1.10ms
+  239313 requests in 5.00s, 23.05MB read
+Requests/sec:  47862.60
+Transfer/sec:      4.61MB
+";
+
+    #[test]
+    fn parses_wrk_output() {
+        assert_eq!(
+            parse_wrk(WRK).unwrap(),
+            Figures {
+                rps: 47862.60,
+                p50_ms: 0.381
+            }
+        );
+        assert_eq!(wrk_duration_ms("1.10ms"), Some(1.1));
+        assert_eq!(wrk_duration_ms("2.00s"), Some(2000.0));
+        assert_eq!(wrk_duration_ms("12"), None);
+        assert!(parse_wrk("").is_err());
+        assert!(parse_wrk(&WRK.replace("50%", "51%")).is_err());
+        let errors = WRK.replace(
+            "Requests/sec",
+            "  Non-2xx or 3xx responses: 5\nRequests/sec",
+        );
+        assert!(
+            parse_wrk(&errors).is_err(),
+            "error responses are not a result"
+        );
+    }
+
+    #[test]
+    fn the_native_http_server_answers_keep_alive_requests_like_the_app() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        thread::spawn({
+            let stop = Arc::clone(&stop);
+            move || native_http(listener, stop)
+        });
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // Two pipelined requests on one connection, the second split.
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\nGET /healthz HTTP/1.1\r\n")
+            .unwrap();
+        s.write_all(b"Host: a\r\n\r\n").unwrap();
+        let one = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\
+                   Connection: keep-alive\r\n\r\nok\n";
+        let mut got = vec![0u8; 2 * one.len()];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(String::from_utf8(got).unwrap(), one.repeat(2));
+        stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", port));
+    }
+
+    #[test]
+    fn guest_costs_are_per_request_deltas() {
+        let mut a = InstanceStats::default();
+        a.exits.total = 100;
+        a.exits.idle.woken_by_io = 10;
+        a.net.rx_packets = 5;
+        a.net.tx_packets = 7;
+        a.cpu_s = 1.0;
+        let mut b = a.clone();
+        b.exits.total = 300;
+        b.exits.idle.woken_by_io = 110;
+        b.net.rx_packets = 205;
+        b.net.tx_packets = 407;
+        b.cpu_s = 1.02;
+        let c = GuestCosts::between(&a, &b, 100.0);
+        assert_eq!(
+            (c.exits, c.wakes, c.frames_in, c.frames_out),
+            (2.0, 1.0, 2.0, 4.0)
+        );
+        assert!((c.vcpu_cpu - 200e-6).abs() < 1e-9);
     }
 
     #[test]

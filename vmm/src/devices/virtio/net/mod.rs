@@ -76,7 +76,7 @@ pub struct Net {
     outgoing: Vec<Frame>,
     /// A receive chain's buffers, reused.
     buffers: Vec<(GuestAddress, usize)>,
-    /// Header and frame being received, reused.
+    /// Header and frame being received or transmitted, reused.
     staging: Vec<u8>,
     /// The rate limit of the warnings the guest triggers.
     warnings: shim_util::limit::Warnings,
@@ -126,16 +126,19 @@ impl Net {
             Ok(chains) => {
                 for chain in chains {
                     let head = chain.head_index();
-                    let mut frame = Vec::with_capacity(NET_HDR_LEN + MAX_FRAME);
-                    match read_chain(mem, chain, &mut frame) {
-                        Ok(()) => {
-                            done.push(head);
-                            self.accept_tx(frame);
-                        }
-                        Err(why) => {
-                            error = Some(format!("transmit chain at head {head}: {why}"));
-                            break;
-                        }
+                    // Read into the reused buffer; only the frame is copied
+                    // out, sized to fit.
+                    let mut staging = std::mem::take(&mut self.staging);
+                    staging.clear();
+                    let read = read_chain(mem, chain, &mut staging);
+                    if read.is_ok() {
+                        done.push(head);
+                        self.accept_tx(&staging);
+                    }
+                    self.staging = staging;
+                    if let Err(why) = read {
+                        error = Some(format!("transmit chain at head {head}: {why}"));
+                        break;
                     }
                 }
             }
@@ -155,8 +158,9 @@ impl Net {
         }
     }
 
-    /// Checks a transmitted frame (with its header) and queues it.
-    fn accept_tx(&mut self, mut frame: Vec<u8>) {
+    /// Checks a transmitted frame (with its header) and queues a copy of
+    /// the frame alone, sized to fit.
+    fn accept_tx(&mut self, frame: &[u8]) {
         let len = frame.len().saturating_sub(NET_HDR_LEN);
         if !(ETH_HDR_LEN..=MAX_FRAME).contains(&len) {
             self.stats.tx_dropped += 1;
@@ -172,9 +176,8 @@ impl Net {
             }
             return;
         }
-        frame.drain(..NET_HDR_LEN);
         self.stats.tx_frames += 1;
-        self.outgoing.push(frame);
+        self.outgoing.push(frame[NET_HDR_LEN..].to_vec());
     }
 
     /// Moves waiting frames into the guest's receive buffers. Returns how
