@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use vmm::boot::loader::{inspect, load, validate};
+use vmm::boot::loader::{inspect, load_bytes, validate};
 use vmm::vstate::vm::allocate;
 
 /// Largest guest memory an accepted input is loaded into.
@@ -28,7 +28,7 @@ pub fn run(data: &[u8]) {
     let from_file = inspect(&path, mem_size).expect("the file of an accepted image is accepted");
     assert_eq!(from_file.load_end, info.load_end);
     let mem = allocate(mem_size).expect("allocate guest memory");
-    let _ = load(&mem, &path);
+    let _ = load_bytes(&mem, data);
     let _ = std::fs::remove_file(&path);
 }
 
