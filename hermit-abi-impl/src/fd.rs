@@ -132,6 +132,7 @@ fn is_console(fd: i32) -> bool {
 /// `buf` is readable for `len` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn sys_write(fd: i32, buf: *const u8, len: usize) -> isize {
+    let _kernel = crate::preempt::kernel_section();
     if buf.is_null() && len > 0 {
         return fail(errno::EFAULT) as isize;
     }
@@ -153,6 +154,7 @@ pub unsafe extern "C" fn sys_write(fd: i32, buf: *const u8, len: usize) -> isize
 /// `buf` is writable for `len` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn sys_read(fd: i32, buf: *mut u8, len: usize) -> isize {
+    let _kernel = crate::preempt::kernel_section();
     if buf.is_null() && len > 0 {
         return fail(errno::EFAULT) as isize;
     }
@@ -173,6 +175,7 @@ pub unsafe extern "C" fn sys_read(fd: i32, buf: *mut u8, len: usize) -> isize {
 /// `iov` holds `iovcnt` valid buffers.
 #[no_mangle]
 pub unsafe extern "C" fn sys_writev(fd: i32, iov: *const iovec, iovcnt: usize) -> isize {
+    let _kernel = crate::preempt::kernel_section();
     if iovcnt > hermit_abi::IOV_MAX || (iov.is_null() && iovcnt > 0) {
         return fail(errno::EINVAL) as isize;
     }
@@ -197,6 +200,7 @@ pub unsafe extern "C" fn sys_writev(fd: i32, iov: *const iovec, iovcnt: usize) -
 /// `iov` holds `iovcnt` valid buffers.
 #[no_mangle]
 pub unsafe extern "C" fn sys_readv(fd: i32, iov: *const iovec, iovcnt: usize) -> isize {
+    let _kernel = crate::preempt::kernel_section();
     if iovcnt > hermit_abi::IOV_MAX || (iov.is_null() && iovcnt > 0) {
         return fail(errno::EINVAL) as isize;
     }
@@ -212,6 +216,7 @@ pub unsafe extern "C" fn sys_readv(fd: i32, iov: *const iovec, iovcnt: usize) ->
 
 #[no_mangle]
 pub extern "C" fn sys_close(fd: i32) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     if is_console(fd) {
         return 0;
     }
@@ -228,6 +233,7 @@ pub extern "C" fn sys_close(fd: i32) -> i32 {
 /// A second descriptor for the same file (std's `try_clone`).
 #[no_mangle]
 pub extern "C" fn sys_dup(fd: i32) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     let shared = FDS.lock().get(&fd).cloned();
     match shared {
         None => fail(errno::EBADF),
@@ -239,6 +245,7 @@ pub extern "C" fn sys_dup(fd: i32) -> i32 {
 /// `st` is writable.
 #[no_mangle]
 pub unsafe extern "C" fn sys_fstat(fd: i32, st: *mut stat) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     if !is_console(fd) || st.is_null() {
         return fail(errno::EBADF);
     }
@@ -259,42 +266,50 @@ fn no_files(call: &str) -> i32 {
 
 #[no_mangle]
 pub extern "C" fn sys_open(_name: *const i8, _flags: i32, _mode: i32) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     no_files("open")
 }
 
 #[no_mangle]
 pub extern "C" fn sys_stat(_name: *const i8, _stat: *mut stat) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     no_files("stat")
 }
 
 #[no_mangle]
 pub extern "C" fn sys_lstat(_name: *const i8, _stat: *mut stat) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     no_files("lstat")
 }
 
 #[no_mangle]
 pub extern "C" fn sys_unlink(_name: *const i8) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     no_files("unlink")
 }
 
 #[no_mangle]
 pub extern "C" fn sys_rmdir(_name: *const i8) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     no_files("rmdir")
 }
 
 #[no_mangle]
 pub extern "C" fn sys_mkdir(_name: *const i8, _mode: u32) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     log::warn!("mkdir: this kernel has no file system");
     fail(errno::EROFS)
 }
 
 #[no_mangle]
 pub extern "C" fn sys_lseek(_fd: i32, _offset: isize, _whence: i32) -> isize {
+    let _kernel = crate::preempt::kernel_section();
     fail(errno::ESPIPE) as isize
 }
 
 #[no_mangle]
 pub extern "C" fn sys_getdents64(_fd: i32, _dirp: *mut u8, _count: usize) -> i64 {
+    let _kernel = crate::preempt::kernel_section();
     fail(errno::EBADF) as i64
 }
 
@@ -320,6 +335,7 @@ fn is_nonblocking(fd: i32) -> Result<bool, i32> {
 
 #[no_mangle]
 pub extern "C" fn sys_fcntl(fd: i32, cmd: i32, arg: i32) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     let r = match cmd {
         hermit_abi::F_SETFL => set_nonblocking(fd, arg & hermit_abi::O_NONBLOCK != 0),
         hermit_abi::F_GETFL if is_console(fd) => Ok(0),
@@ -376,6 +392,7 @@ const MAX_POLL_FDS: usize = 4 * MAX_FDS;
 /// `fds` holds `nfds` writable `pollfd`s.
 #[no_mangle]
 pub unsafe extern "C" fn sys_poll(fds: *mut pollfd, nfds: usize, timeout: i32) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     if nfds > MAX_POLL_FDS {
         return fail(errno::EINVAL);
     }

@@ -42,6 +42,7 @@ mod fd;
 mod mem;
 mod misc;
 mod net;
+mod preempt;
 pub mod sched;
 mod time;
 

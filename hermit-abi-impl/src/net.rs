@@ -243,6 +243,7 @@ fn endpoint_to(
 
 #[no_mangle]
 pub extern "C" fn sys_socket(domain: i32, type_: i32, _protocol: i32) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     if domain != hermit_abi::AF_INET {
         return fail(errno::EAFNOSUPPORT);
     }
@@ -264,6 +265,7 @@ pub extern "C" fn sys_socket(domain: i32, type_: i32, _protocol: i32) -> i32 {
 
 #[no_mangle]
 pub extern "C" fn sys_bind(s: i32, name: *const sockaddr, namelen: socklen_t) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     let r = endpoint_from(name, namelen).and_then(|ep| {
         fd::with(s, |sock| match &mut sock.kind {
             Kind::Fresh { port } => {
@@ -278,6 +280,7 @@ pub extern "C" fn sys_bind(s: i32, name: *const sockaddr, namelen: socklen_t) ->
 
 #[no_mangle]
 pub extern "C" fn sys_listen(s: i32, backlog: i32) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     let r = fd::with(s, |sock| {
         let Kind::Fresh { port } = sock.kind else {
             return Err(errno::EINVAL);
@@ -381,6 +384,7 @@ fn poll_accept(
 /// `addr`/`addrlen` are null or writable as for POSIX `accept`.
 #[no_mangle]
 pub unsafe extern "C" fn sys_accept(s: i32, addr: *mut sockaddr, addrlen: *mut socklen_t) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     let r = wait_for(
         s,
         |sock| sock.recv_timeout,
@@ -405,6 +409,7 @@ pub unsafe extern "C" fn sys_accept(s: i32, addr: *mut sockaddr, addrlen: *mut s
 
 #[no_mangle]
 pub extern "C" fn sys_connect(s: i32, name: *const sockaddr, namelen: socklen_t) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     let r = endpoint_from(name, namelen).and_then(|ep| {
         fd::with(s, |sock| {
             if !matches!(sock.kind, Kind::Fresh { .. }) {
@@ -509,6 +514,7 @@ pub fn send(fd: i32, buf: &[u8]) -> Result<isize, i32> {
 /// `buf` is writable for `len` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn sys_recv(s: i32, buf: *mut u8, len: usize, flags: i32) -> isize {
+    let _kernel = crate::preempt::kernel_section();
     if buf.is_null() && len > 0 {
         return fail(errno::EFAULT) as isize;
     }
@@ -521,12 +527,14 @@ pub unsafe extern "C" fn sys_recv(s: i32, buf: *mut u8, len: usize, flags: i32) 
 /// `mem` is readable for `len` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn sys_send(s: i32, mem: *const c_void, len: usize, _flags: i32) -> isize {
+    let _kernel = crate::preempt::kernel_section();
     // SAFETY: the caller's guarantee.
     unsafe { crate::fd::sys_write(s, mem as *const u8, len) }
 }
 
 #[no_mangle]
 pub extern "C" fn sys_shutdown(s: i32, how: i32) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     let r = fd::with(s, |sock| {
         let socket = sock.conn()?;
         if how == hermit_abi::SHUT_WR || how == hermit_abi::SHUT_RDWR {
@@ -643,6 +651,7 @@ pub fn poll_socket(sock: &mut Socket, events: i16, cx: &mut Context<'_>) -> i16 
 /// `argp` points to an `i32` for `FIONBIO`.
 #[no_mangle]
 pub unsafe extern "C" fn sys_ioctl(s: i32, cmd: i32, argp: *mut c_void) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     if cmd != hermit_abi::FIONBIO || argp.is_null() {
         return fail(errno::EINVAL);
     }
@@ -675,6 +684,7 @@ pub extern "C" fn sys_setsockopt(
     optval: *const c_void,
     optlen: socklen_t,
 ) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     use hermit_abi::*;
     let r = fd::with(s, |sock| {
         match (level, optname) {
@@ -708,6 +718,7 @@ pub unsafe extern "C" fn sys_getsockopt(
     optval: *mut c_void,
     optlen: *mut socklen_t,
 ) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     use hermit_abi::*;
     let r = fd::with(s, |sock| {
         let value: i32 = match (level, optname) {
@@ -763,11 +774,13 @@ fn local_or_peer(s: i32, addr: *mut sockaddr, len: *mut socklen_t, peer: bool) -
 
 #[no_mangle]
 pub extern "C" fn sys_getpeername(s: i32, name: *mut sockaddr, namelen: *mut socklen_t) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     local_or_peer(s, name, namelen, true)
 }
 
 #[no_mangle]
 pub extern "C" fn sys_getsockname(s: i32, name: *mut sockaddr, namelen: *mut socklen_t) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     local_or_peer(s, name, namelen, false)
 }
 
@@ -780,6 +793,7 @@ pub extern "C" fn sys_getaddrinfo(
     _hints: *const hermit_abi::addrinfo,
     _res: *mut *mut hermit_abi::addrinfo,
 ) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     log::warn!("getaddrinfo: no DNS resolver; use numeric addresses");
     hermit_abi::EAI_FAIL
 }
@@ -796,6 +810,7 @@ pub extern "C" fn sys_recvfrom(
     _addr: *mut sockaddr,
     _addrlen: *mut socklen_t,
 ) -> isize {
+    let _kernel = crate::preempt::kernel_section();
     fail(errno::EOPNOTSUPP) as isize
 }
 
@@ -808,5 +823,6 @@ pub extern "C" fn sys_sendto(
     _to: *const sockaddr,
     _tolen: socklen_t,
 ) -> isize {
+    let _kernel = crate::preempt::kernel_section();
     fail(errno::EOPNOTSUPP) as isize
 }

@@ -555,3 +555,103 @@ fn a_call_to_an_abi_function_the_kernel_lacks_stops_the_app_naming_it() {
         "the call returned: {run:?}"
     );
 }
+
+/// The daemon's only app's VM exits: (caused by the guest, `KVM_RUN`s
+/// the shim interrupted).
+fn app_exits(d: &Daemon) -> (u64, u64) {
+    let stats = d.stats();
+    assert_eq!(stats.instances.len(), 1, "{stats:?}");
+    let exits = stats.instances[0].exits;
+    (exits.total, exits.interrupted)
+}
+
+/// std-echo's `spin` answer: (rounds computed, rounds with a wrong result).
+fn spin_rounds(c: &mut Client) -> (u64, u64) {
+    let reply = c.ask("spin").unwrap();
+    let field = |name: &str| -> u64 {
+        reply
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {reply:?}"))
+    };
+    (field("rounds="), field("bad="))
+}
+
+#[test]
+fn a_std_thread_spinning_without_system_calls_does_not_starve_the_others() {
+    let dir = TempDir::new("stdspin");
+    let a = Daemon::start("spin-a", 9, &[], &dir);
+    let b = Daemon::start("spin-b", 10, &[], &dir);
+    let port = free_port();
+    let img = image("std-echo").to_string_lossy().into_owned();
+    // A thread computes for good without one ABI call (no clock, no lock):
+    // only the monitor's timeslice timer takes the vCPU back from it.
+    // Without it, the main thread never gets to listen.
+    a.cli(&[
+        "run",
+        &img,
+        "--name",
+        "spin",
+        "--publish",
+        &format!("{port}:7"),
+        "--",
+        "--spin",
+    ]);
+    let mut c = Client::when_up(port, None);
+    let mut n = 1; // when_up's ping
+    let mut took = Vec::new();
+    for _ in 0..20 {
+        n += 1;
+        let t = Instant::now();
+        assert_eq!(
+            c.ask(&format!("line {n}")).unwrap(),
+            format!("echo {n}: line {n}")
+        );
+        took.push(t.elapsed());
+    }
+    took.sort();
+    let median = took[took.len() / 2];
+    let slowest = took[took.len() - 1];
+    eprintln!("round trips while a thread spins: median {median:?}, slowest {slowest:?}");
+    // A timeslice is 10 ms; a loaded 2-core host may stretch a few of them.
+    assert!(
+        slowest < Duration::from_secs(5),
+        "a round trip took {slowest:?} while a thread spun (median {median:?})"
+    );
+    assert!(
+        app_exits(&a).1 > 0,
+        "the spinning thread was never interrupted"
+    );
+    // A new connection gets its own thread while the spinner runs.
+    let mut fresh = Client::when_up(port, None);
+    assert_eq!(fresh.ask("new").unwrap(), "echo 2: new");
+
+    // The guest migrates with a preemption in flight at any moment: A->B->A,
+    // the same connection, its counter, and the spinner still spinning.
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        let out = from.migrate(&["migrate", "spin", "--to", &to.addr]);
+        assert_eq!(out.name, "spin");
+        for _ in 0..3 {
+            n += 1;
+            let t = Instant::now();
+            assert_eq!(c.ask("moved").unwrap(), format!("echo {n}: moved"));
+            assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        }
+        assert!(app_exits(to).1 > 0, "not preempted on {}", to.addr);
+    }
+    // The spinner was interrupted hundreds of times, on three hosts, and
+    // every round it computed (floating point and integers) came out the
+    // same: the trampoline restores every register it may use.
+    let (rounds, bad) = spin_rounds(&mut c);
+    assert_eq!(bad, 0, "{bad} of {rounds} rounds computed wrong results");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while spin_rounds(&mut c).0 < rounds + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the spinner stopped after {rounds} rounds"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(spin_rounds(&mut c).1, 0);
+}

@@ -5,7 +5,12 @@
 //! `--exit N` exits with status N after the self-check; `--spawn N` starts
 //! N sleeping threads and reports how many the system allowed;
 //! `--unsupported` tries a file, UDP and a host name lookup and prints
-//! each outcome (an image has no file system, UDP or DNS).
+//! each outcome (an image has no file system, UDP or DNS); `--spin`
+//! starts a thread that computes forever without a single system call
+//! (the others must still be served: the monitor preempts it), the same
+//! integer and floating-point rounds again and again, checking each
+//! result against the first (`spin` answers `rounds=N bad=M`: a preemption
+//! that lost a register would show as a bad round).
 //! Each line is echoed back prefixed with `$GREETING` (default `echo`) and
 //! how many lines that connection sent so far; `stats` answers with the
 //! lines and connections served, `host` with the host the app runs on
@@ -52,6 +57,9 @@ fn main() {
     }
     if let Some(n) = value("--spawn") {
         spawn_many(n.parse().unwrap_or(0));
+    }
+    if args.iter().any(|a| a == "--spin") {
+        thread::spawn(spin_forever);
     }
     if let Some(code) = value("--exit") {
         std::process::exit(code.parse().unwrap_or(1));
@@ -116,6 +124,12 @@ fn serve(stream: TcpStream, stats: &Stats, greeting: &str) -> std::io::Result<()
                 }
             })?;
             "ticking\n".to_string()
+        } else if text == "spin" {
+            format!(
+                "rounds={} bad={}\n",
+                SPIN_ROUNDS.load(Ordering::Relaxed),
+                SPIN_BAD.load(Ordering::Relaxed)
+            )
         } else if text == "host" {
             format!("{}\n", host())
         } else if text == "stats" {
@@ -182,6 +196,31 @@ fn spawn_many(n: usize) {
     for h in handles {
         h.join().unwrap();
     }
+}
+
+/// Rounds `spin_forever` completed, and those whose result differed.
+static SPIN_ROUNDS: AtomicU64 = AtomicU64::new(0);
+static SPIN_BAD: AtomicU64 = AtomicU64::new(0);
+
+/// Computes for good, with no system call at all (not even the clock).
+fn spin_forever() {
+    let reference = spin_round();
+    loop {
+        if spin_round() != reference {
+            SPIN_BAD.fetch_add(1, Ordering::Relaxed);
+        }
+        SPIN_ROUNDS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Some floating-point (SSE) and integer work with a fixed result.
+fn spin_round() -> (u64, u64) {
+    let (mut x, mut h) = (1.0f64, 0u64);
+    for i in 0..2_000_000u64 {
+        x = std::hint::black_box(x * 0.999_999_9 + (i & 7) as f64);
+        h = std::hint::black_box(h.wrapping_mul(6364136223846793005).wrapping_add(i));
+    }
+    (x.to_bits(), h)
 }
 
 /// The host the app runs on.
