@@ -655,3 +655,77 @@ fn a_std_thread_spinning_without_system_calls_does_not_starve_the_others() {
     }
     assert_eq!(spin_rounds(&mut c).1, 0);
 }
+
+#[test]
+fn axum_hello_on_tokios_multi_thread_runtime_serves_and_idles_without_exits() {
+    let dir = TempDir::new("stdmt");
+    let d = Daemon::start("mt", 11, &[], &dir);
+    let port = free_port();
+    let img = image("axum-hello").to_string_lossy().into_owned();
+    d.cli(&[
+        "run",
+        &img,
+        "--name",
+        "mt",
+        "--publish",
+        &format!("{port}:8080"),
+        "--",
+        "--multi-thread",
+    ]);
+    let json = wait_for_json(port, None);
+    assert_eq!(json["os"], "hermit", "{json}");
+    let logs = d.cli(&["logs", "mt"]);
+    assert!(logs.contains("(multi-thread runtime)"), "{logs}");
+
+    // Two workers, the blocking pool and the I/O driver: threads, futexes
+    // and eventfds on the one vCPU.
+    let mut clients: Vec<Http> = (0..20).map(|_| Http::connect(port).unwrap()).collect();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        for c in &mut clients {
+            seen.push(c.count());
+        }
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (1..=60).collect::<Vec<u64>>());
+    drop(clients);
+    let mut c = Http::connect(port).unwrap();
+    let (_, json) = c.get_json("/blocking?n=1000000").unwrap();
+    assert_eq!(json["sum"], 499_999_500_000u64, "{json}");
+    let (_, json) = c.get_json("/sleep?ms=200").unwrap();
+    assert!(
+        (200..2000).contains(&json["slept_ms"].as_u64().unwrap()),
+        "{json}"
+    );
+    // A computing thread does not starve the workers.
+    let spin_started = Instant::now();
+    let (status, _) = c.get_json("/spin?ms=2000").unwrap();
+    assert_eq!(status, 200);
+    for n in 61..=65 {
+        assert_eq!(c.count(), n);
+    }
+    assert!(
+        spin_started.elapsed() < Duration::from_millis(1800),
+        "5 requests took {:?} while a thread computed",
+        spin_started.elapsed()
+    );
+    drop(c);
+
+    // Idle (the spin over, every thread parked): no timeslice timer, so no
+    // interrupted runs, and hardly any exit at all.
+    std::thread::sleep(Duration::from_millis(2500));
+    let (total, interrupted) = app_exits(&d);
+    std::thread::sleep(Duration::from_secs(3));
+    let (total_after, interrupted_after) = app_exits(&d);
+    eprintln!(
+        "idle multi-thread axum-hello over 3 s: {} exits, {} interrupted runs",
+        total_after - total,
+        interrupted_after - interrupted
+    );
+    assert_eq!(interrupted_after, interrupted, "timer exits while idle");
+    assert!(
+        total_after - total <= 10,
+        "{} exits while idle",
+        total_after - total
+    );
+}
