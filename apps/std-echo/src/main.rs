@@ -213,14 +213,18 @@ fn spin_forever() {
     }
 }
 
-/// Some floating-point (SSE) and integer work with a fixed result.
+/// Some floating-point (SSE) and integer work with a fixed result, its
+/// state held in registers for the whole round.
 fn spin_round() -> (u64, u64) {
-    let (mut x, mut h) = (1.0f64, 0u64);
-    for i in 0..2_000_000u64 {
-        x = std::hint::black_box(x * 0.999_999_9 + (i & 7) as f64);
-        h = std::hint::black_box(h.wrapping_mul(6364136223846793005).wrapping_add(i));
+    let mut acc = [1.0f64; 8];
+    let mut h = 0u64;
+    for i in 0..std::hint::black_box(3_000_000u64) {
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a = *a * (0.999_999_9 - k as f64 * 1e-9) + (i & 7) as f64;
+        }
+        h = h.wrapping_mul(6364136223846793005).wrapping_add(i);
     }
-    (x.to_bits(), h)
+    (acc.iter().fold(0, |s, a| s ^ a.to_bits()), h)
 }
 
 /// The host the app runs on.
