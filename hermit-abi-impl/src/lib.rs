@@ -81,11 +81,14 @@ fn c_strings(strings: impl Iterator<Item = alloc::string::String>) -> *const *co
 }
 
 extern "C" fn main_thread(_: usize) {
-    let cmdline = kernel::cmdline::get();
-    let args = core::iter::once("app".into()).chain(cmdline.args.iter().cloned());
-    let argc = 1 + cmdline.args.len() as i32;
-    let argv = c_strings(args);
-    let env = c_strings(cmdline.env.iter().map(|(k, v)| alloc::format!("{k}={v}")));
+    let (argc, argv, env) = {
+        let _kernel = preempt::kernel_section();
+        let cmdline = kernel::cmdline::get();
+        let args = core::iter::once("app".into()).chain(cmdline.args.iter().cloned());
+        let argc = 1 + cmdline.args.len() as i32;
+        let env = cmdline.env.iter().map(|(k, v)| alloc::format!("{k}={v}"));
+        (argc, c_strings(args), c_strings(env))
+    };
     // SAFETY: `argv` has `argc` valid C strings and a NULL, `env` is a
     // NULL-terminated array of `KEY=VALUE` strings, both live forever.
     unsafe { runtime_entry(argc, argv, env) }

@@ -60,6 +60,9 @@ hermit_preempt_entry:
     pushq %r14
     pushq %r15
     movq %rsp, %rbp
+    /* The ABI wants DF clear at calls; the interrupted code may be inside
+       a backward copy (std; rep movs; cld). popfq restores it. */
+    cld
     subq HERMIT_PREEMPT_SAVE_SIZE(%rip), %rsp
     andq $-64, %rsp
     cmpq $0, HERMIT_PREEMPT_XSAVE(%rip)
