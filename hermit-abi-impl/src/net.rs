@@ -463,51 +463,52 @@ fn poll_handshake(socket: &TcpSocket<'_>, cx: &mut Context<'_>) -> Poll<()> {
     }
 }
 
+/// One transfer on a connection: a read into, or a write from, a buffer.
+enum Transfer<'a> {
+    Recv(&'a mut [u8]),
+    Send(&'a [u8]),
+}
+
+/// Moves data on connected socket `fd` (after its handshake), waiting as
+/// the socket's timeout for that direction says: a read returns 0 at end
+/// of stream, a write at least one byte unless it fails.
+fn transfer(fd: i32, mut op: Transfer<'_>) -> Result<isize, i32> {
+    let timeout: fn(&Socket) -> Option<u64> = match op {
+        Transfer::Recv(_) => |sock| sock.recv_timeout,
+        Transfer::Send(_) => |sock| sock.send_timeout,
+    };
+    wait_for(fd, timeout, |sock, cx| {
+        let socket = sock.conn()?;
+        if poll_handshake(socket, cx).is_pending() {
+            return Ok(Poll::Pending);
+        }
+        let done = match &mut op {
+            Transfer::Recv([]) | Transfer::Send([]) => return Ok(Poll::Ready(0)),
+            Transfer::Recv(buf) => match pin!(socket.read(buf)).poll(cx) {
+                Poll::Pending => return Ok(Poll::Pending),
+                Poll::Ready(r) => r.map_err(|_| errno::ECONNRESET),
+            },
+            Transfer::Send(buf) => match pin!(socket.write(buf)).poll(cx) {
+                Poll::Pending => return Ok(Poll::Pending),
+                Poll::Ready(Ok(0)) => Err(errno::EPIPE),
+                Poll::Ready(r) => r.map_err(|_| errno::EPIPE),
+            },
+        };
+        done.map(|n| Poll::Ready(n as isize))
+    })
+}
+
 /// Reads into `buf`: 0 at end of stream.
 pub fn recv(fd: i32, buf: &mut [u8], flags: i32) -> Result<isize, i32> {
     if flags & hermit_abi::MSG_PEEK != 0 {
         return Err(errno::EOPNOTSUPP);
     }
-    wait_for(
-        fd,
-        |sock| sock.recv_timeout,
-        |sock, cx| {
-            let socket = sock.conn()?;
-            if poll_handshake(socket, cx).is_pending() {
-                return Ok(Poll::Pending);
-            }
-            if buf.is_empty() {
-                return Ok(Poll::Ready(0));
-            }
-            match pin!(socket.read(&mut *buf)).poll(cx) {
-                Poll::Pending => Ok(Poll::Pending),
-                Poll::Ready(Ok(n)) => Ok(Poll::Ready(n as isize)),
-                Poll::Ready(Err(_)) => Err(errno::ECONNRESET),
-            }
-        },
-    )
+    transfer(fd, Transfer::Recv(buf))
 }
 
 /// Writes from `buf` (at least one byte unless it fails).
 pub fn send(fd: i32, buf: &[u8]) -> Result<isize, i32> {
-    wait_for(
-        fd,
-        |sock| sock.send_timeout,
-        |sock, cx| {
-            let socket = sock.conn()?;
-            if poll_handshake(socket, cx).is_pending() {
-                return Ok(Poll::Pending);
-            }
-            if buf.is_empty() {
-                return Ok(Poll::Ready(0));
-            }
-            match pin!(socket.write(buf)).poll(cx) {
-                Poll::Pending => Ok(Poll::Pending),
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Err(errno::EPIPE),
-                Poll::Ready(Ok(n)) => Ok(Poll::Ready(n as isize)),
-            }
-        },
-    )
+    transfer(fd, Transfer::Send(buf))
 }
 
 /// # Safety
