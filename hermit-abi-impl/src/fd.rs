@@ -1,7 +1,9 @@
 //! File descriptors: 0-2 are the console (stdin reads end of file), the
 //! rest are sockets ([`crate::net`]) and eventfds ([`crate::event`]), and
-//! `poll` over all of them. There is no file system: `open`, `stat` and the
-//! directory calls fail with clear errors (and a log line).
+//! `poll` over all of them. There is no file system (an empty, read-only
+//! one, as far as std can tell): opening for reading, `stat` and the
+//! directory calls fail with `ENOENT`, opening for writing or creating
+//! anything with `EROFS` (each with a log line).
 
 use alloc::collections::BTreeMap;
 use alloc::rc::Rc;
@@ -264,10 +266,20 @@ fn no_files(call: &str) -> i32 {
     fail(errno::ENOENT)
 }
 
+fn read_only(call: &str) -> i32 {
+    log::warn!("{call}: this kernel has no file system (nothing can be written)");
+    fail(errno::EROFS)
+}
+
 #[no_mangle]
-pub extern "C" fn sys_open(_name: *const i8, _flags: i32, _mode: i32) -> i32 {
+pub extern "C" fn sys_open(_name: *const i8, flags: i32, _mode: i32) -> i32 {
     let _kernel = crate::preempt::kernel_section();
-    no_files("open")
+    use hermit_abi::{O_APPEND, O_CREAT, O_RDWR, O_TRUNC, O_WRONLY};
+    if flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC | O_APPEND) != 0 {
+        read_only("open for writing")
+    } else {
+        no_files("open")
+    }
 }
 
 #[no_mangle]
@@ -297,8 +309,7 @@ pub extern "C" fn sys_rmdir(_name: *const i8) -> i32 {
 #[no_mangle]
 pub extern "C" fn sys_mkdir(_name: *const i8, _mode: u32) -> i32 {
     let _kernel = crate::preempt::kernel_section();
-    log::warn!("mkdir: this kernel has no file system");
-    fail(errno::EROFS)
+    read_only("mkdir")
 }
 
 #[no_mangle]

@@ -238,10 +238,20 @@ fn host() -> String {
     "native".into()
 }
 
-/// Prints what a file, a UDP socket and a name lookup give.
+/// Prints what files, a UDP socket and a name lookup give.
 fn try_unsupported() {
     let file = std::fs::read("/etc/hostname").map(|b| b.len());
     println!("std-echo: read /etc/hostname: {file:?}");
+    let created = std::fs::write("/tmp/out.txt", b"data");
+    println!("std-echo: write /tmp/out.txt: {created:?}");
+    let dir = std::fs::create_dir("/tmp/d");
+    println!("std-echo: create_dir /tmp/d: {dir:?}");
+    let listing = std::fs::read_dir("/").map(|d| d.count());
+    println!("std-echo: read_dir /: {listing:?}");
+    let meta = std::fs::metadata("/").map(|m| m.is_dir());
+    println!("std-echo: metadata /: {meta:?}");
+    let removed = std::fs::remove_file("/tmp/out.txt");
+    println!("std-echo: remove_file /tmp/out.txt: {removed:?}");
     let udp = std::net::UdpSocket::bind("0.0.0.0:9").map(|_| ());
     println!("std-echo: UDP bind: {udp:?}");
     let dns = TcpStream::connect("example.invalid:80").map(|_| ());
