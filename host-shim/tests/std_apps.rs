@@ -215,6 +215,27 @@ fn std_exit_status_panics_and_thread_limit() {
         "{run:?}"
     );
     assert!(run.stdout.contains("thread limit reached"), "{run:?}");
+
+    // Sockets are bounded too: a listener takes one TCP socket per backlog
+    // slot (std asks for 128, the kernel gives 64), and 152 TCP sockets
+    // exist at most: the third listener fails with ENFILE, the kernel says
+    // why, and the app goes on.
+    let publish = format!("{}:7", free_port());
+    let run = boot(
+        "std-echo",
+        &["--publish", &publish],
+        &["--listeners", "10", "--exit", "0"],
+    );
+    assert_eq!(run.status, Some(0), "{run:?}");
+    assert!(
+        run.stdout
+            .contains("bound 2 listeners, then: Some(Os { code: 23"),
+        "{run:?}"
+    );
+    assert!(
+        run.stdout.contains("TCP socket limit reached (152)"),
+        "{run:?}"
+    );
 }
 
 #[test]

@@ -4,6 +4,8 @@
 //! Arguments: `--port N` (default 7) serves a line echo; `--panic` panics;
 //! `--exit N` exits with status N after the self-check; `--spawn N` starts
 //! N sleeping threads and reports how many the system allowed;
+//! `--listeners N` binds N TCP listeners (ports 2000 on) and reports how
+//! many the system allowed;
 //! `--unsupported` tries a file, UDP and a host name lookup and prints
 //! each outcome (an image has no file system, UDP or DNS); `--spin`
 //! starts a thread that computes forever without a single system call
@@ -57,6 +59,9 @@ fn main() {
     }
     if let Some(n) = value("--spawn") {
         spawn_many(n.parse().unwrap_or(0));
+    }
+    if let Some(n) = value("--listeners") {
+        listen_many(n.parse().unwrap_or(0));
     }
     if args.iter().any(|a| a == "--spin") {
         thread::spawn(spin_forever);
@@ -225,6 +230,26 @@ fn spin_round() -> (u64, u64) {
         h = h.wrapping_mul(6364136223846793005).wrapping_add(i);
     }
     (acc.iter().fold(0, |s, a| s ^ a.to_bits()), h)
+}
+
+/// Binds `n` listeners on ports 2000, 2001, ...; prints how many it got
+/// and the error that stopped the rest.
+fn listen_many(n: u16) {
+    let mut listeners = Vec::new();
+    let mut error = None;
+    for port in 2000..2000 + n {
+        match TcpListener::bind(("0.0.0.0", port)) {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    println!(
+        "std-echo: bound {} listeners, then: {error:?}",
+        listeners.len()
+    );
 }
 
 /// The host the app runs on.

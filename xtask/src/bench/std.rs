@@ -521,7 +521,7 @@ fn axum_migrations(shim: &Path, image: &Path, opts: &StdOptions) -> Result<(Vec<
     for i in 0..opts.runs {
         let (from, to) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
         let started = Instant::now();
-        let out = from.cli(&["migrate", "web", "--to", &to.addr])?;
+        let out = from.cli(&["migrate", "web", "--to", &to.addr, "--json"])?;
         downtimes.push(parse_output(&out)?.downtime_ms);
         thread::sleep(Duration::from_secs(1).saturating_sub(started.elapsed()));
     }
