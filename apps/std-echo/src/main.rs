@@ -5,7 +5,9 @@
 //! `--exit N` exits with status N after the self-check; `--spawn N` starts
 //! N sleeping threads and reports how many the system allowed;
 //! `--listeners N` binds N TCP listeners (ports 2000 on) and reports how
-//! many the system allowed;
+//! many the system allowed; `--udp N` also answers UDP datagrams on port
+//! N (`std::net::UdpSocket`): each comes back prefixed with `udp N:`, N
+//! counting the datagrams;
 //! `--unsupported` tries a file, UDP and a host name lookup and prints
 //! each outcome (an image has no file system, UDP or DNS); `--spin`
 //! starts a thread that computes forever without a single system call
@@ -18,11 +20,13 @@
 //! lines and connections served, `host` with the host the app runs on
 //! (through libcloud in an image: it changes when the app migrates), and
 //! `tick N` starts a thread that writes N `tick` lines on a clone of the
-//! connection, 10 ms apart, while the connection's own thread reads on.
+//! connection, 10 ms apart, while the connection's own thread reads on;
+//! `udp-ask IP:PORT` sends `ping` from a UDP socket `connect`ed to
+//! IP:PORT and answers with the datagram that came back.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -68,6 +72,10 @@ fn main() {
     }
     if let Some(code) = value("--exit") {
         std::process::exit(code.parse().unwrap_or(1));
+    }
+    if let Some(port) = value("--udp").and_then(|p| p.parse().ok()) {
+        let udp = UdpSocket::bind(("0.0.0.0", port)).expect("UDP bind");
+        thread::spawn(move || udp_echo(&udp));
     }
     let port: u16 = value("--port").and_then(|p| p.parse().ok()).unwrap_or(7);
     let greeting = std::env::var("GREETING").unwrap_or_else(|_| "echo".into());
@@ -129,6 +137,8 @@ fn serve(stream: TcpStream, stats: &Stats, greeting: &str) -> std::io::Result<()
                 }
             })?;
             "ticking\n".to_string()
+        } else if let Some(to) = text.strip_prefix("udp-ask ") {
+            format!("{}\n", udp_ask(to))
         } else if text == "spin" {
             format!(
                 "rounds={} bad={}\n",
@@ -230,6 +240,49 @@ fn spin_round() -> (u64, u64) {
         h = h.wrapping_mul(6364136223846793005).wrapping_add(i);
     }
     (acc.iter().fold(0, |s, a| s ^ a.to_bits()), h)
+}
+
+/// Answers each datagram on `udp` (at most 1,500 bytes are read: a longer
+/// one is cut).
+fn udp_echo(udp: &UdpSocket) {
+    let mut buf = [0u8; 1500];
+    let mut seen = 0u64;
+    loop {
+        let (n, from) = match udp.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("std-echo: UDP receive: {e}");
+                continue;
+            }
+        };
+        seen += 1;
+        let mut reply = format!("udp {seen}: ").into_bytes();
+        reply.extend_from_slice(&buf[..n]);
+        if let Err(e) = udp.send_to(&reply, from) {
+            eprintln!("std-echo: UDP reply to {from}: {e}");
+        }
+    }
+}
+
+/// `ping` to `to` over a connected UDP socket (resent every 0.5 s, 20
+/// times at most): the answer, or why there is none.
+fn udp_ask(to: &str) -> String {
+    let ask = || -> std::io::Result<String> {
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect(to)?;
+        socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+        let mut buf = [0u8; 1500];
+        let mut last = None;
+        for _ in 0..20 {
+            socket.send(b"ping")?;
+            match socket.recv(&mut buf) {
+                Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::ErrorKind::TimedOut.into()))
+    };
+    ask().unwrap_or_else(|e| format!("udp-ask: {e}"))
 }
 
 /// Binds `n` listeners on ports 2000, 2001, ...; prints how many it got
