@@ -4,8 +4,9 @@
 //! Rust's std for that target calls a small C ABI (the `sys_*` functions
 //! that the `hermit-abi` crate declares; the toolchain's std pins 0.5.2).
 //! This crate defines them on top of the kernel (memory, time, console,
-//! exit), a ring-3 thread scheduler ([`sched`]) and the kernel's
-//! embassy-net/smoltcp stack ([`net`]).
+//! exit), a ring-3 thread scheduler ([`sched`], preempted by the monitor
+//! through `preempt`) and the kernel's embassy-net/smoltcp stack
+//! ([`net`]: TCP and UDP).
 //!
 //! # Link strategy
 //!
@@ -32,7 +33,7 @@
 //! std does not call them) stop the app with a message naming the function
 //! and the fault status (102). A symbol outside that surface is undefined at
 //! link time, named by the linker. Calls that exist but
-//! are not supported (files, UDP) return a clear errno and log it.
+//! are not supported (files) return a clear errno and log it.
 #![no_std]
 
 extern crate alloc;
