@@ -597,7 +597,20 @@ fn transfer(fd: i32, mut op: Transfer<'_>) -> Result<isize, i32> {
                 Transfer::Send(buf) => poll_send_to(udp, buf, peer, cx)?,
             });
         }
+        let nonblocking = sock.nonblocking;
         let socket = sock.conn()?;
+        // A non-blocking call that would block says so without polling:
+        // polling would take the socket's one waker per direction away
+        // from a thread waiting on it in `poll` (tokio's other worker).
+        if nonblocking
+            && (handshaking(socket)
+                || match &op {
+                    Transfer::Recv(b) => !b.is_empty() && !socket.can_recv() && socket.may_recv(),
+                    Transfer::Send(b) => !b.is_empty() && !socket.can_send() && socket.may_send(),
+                })
+        {
+            return Ok(Poll::Pending);
+        }
         if poll_handshake(socket, cx).is_pending() {
             return Ok(Poll::Pending);
         }
