@@ -80,6 +80,21 @@ pub struct BootInfo {
     /// and after reading the array and trusts the array only when both reads
     /// are equal and even (a seqlock).
     pub page_use_seq: u64,
+    /// Host-forced preemption of green threads (std apps; 0 = the guest
+    /// wants none): the guest's preemption trampoline. When the host stops
+    /// the vCPU after a timeslice while [`Self::preempt_allowed`] is 1 and
+    /// the vCPU is in ring 3, it pushes the interrupted `rip` at
+    /// `rsp - 128 - 8` (below the red zone), sets `rsp` there and `rip` to
+    /// this address, and stores 0 in `preempt_allowed`. The trampoline
+    /// returns with `ret 128`.
+    pub preempt_entry: u64,
+    /// 1 while the guest has more than one green thread: the host then
+    /// bounds each `KVM_RUN` by a timeslice timer (none while the guest
+    /// waits in `HC_YIELD`, so an idle guest costs no exits).
+    pub preempt_timer: u32,
+    /// 1 while the running thread is in app code and may be redirected to
+    /// [`Self::preempt_entry`]; 0 inside the kernel and the ABI layer.
+    pub preempt_allowed: u32,
 }
 
 /// Whether heap page `i` may be left behind by a migration, given the

@@ -95,5 +95,6 @@ impl EventFd {
 
 #[no_mangle]
 pub extern "C" fn sys_eventfd(initval: u64, flags: i16) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     crate::fd::insert_event(EventFd::new(initval, flags)).unwrap_or_else(crate::fd::fail)
 }

@@ -1,7 +1,9 @@
 //! File descriptors: 0-2 are the console (stdin reads end of file), the
 //! rest are sockets ([`crate::net`]) and eventfds ([`crate::event`]), and
-//! `poll` over all of them. There is no file system: `open`, `stat` and the
-//! directory calls fail with clear errors (and a log line).
+//! `poll` over all of them. There is no file system (an empty, read-only
+//! one, as far as std can tell): opening for reading, `stat` and the
+//! directory calls fail with `ENOENT`, opening for writing or creating
+//! anything with `EROFS` (each with a log line).
 
 use alloc::collections::BTreeMap;
 use alloc::rc::Rc;
@@ -132,6 +134,7 @@ fn is_console(fd: i32) -> bool {
 /// `buf` is readable for `len` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn sys_write(fd: i32, buf: *const u8, len: usize) -> isize {
+    let _kernel = crate::preempt::kernel_section();
     if buf.is_null() && len > 0 {
         return fail(errno::EFAULT) as isize;
     }
@@ -153,6 +156,7 @@ pub unsafe extern "C" fn sys_write(fd: i32, buf: *const u8, len: usize) -> isize
 /// `buf` is writable for `len` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn sys_read(fd: i32, buf: *mut u8, len: usize) -> isize {
+    let _kernel = crate::preempt::kernel_section();
     if buf.is_null() && len > 0 {
         return fail(errno::EFAULT) as isize;
     }
@@ -173,6 +177,7 @@ pub unsafe extern "C" fn sys_read(fd: i32, buf: *mut u8, len: usize) -> isize {
 /// `iov` holds `iovcnt` valid buffers.
 #[no_mangle]
 pub unsafe extern "C" fn sys_writev(fd: i32, iov: *const iovec, iovcnt: usize) -> isize {
+    let _kernel = crate::preempt::kernel_section();
     if iovcnt > hermit_abi::IOV_MAX || (iov.is_null() && iovcnt > 0) {
         return fail(errno::EINVAL) as isize;
     }
@@ -197,6 +202,7 @@ pub unsafe extern "C" fn sys_writev(fd: i32, iov: *const iovec, iovcnt: usize) -
 /// `iov` holds `iovcnt` valid buffers.
 #[no_mangle]
 pub unsafe extern "C" fn sys_readv(fd: i32, iov: *const iovec, iovcnt: usize) -> isize {
+    let _kernel = crate::preempt::kernel_section();
     if iovcnt > hermit_abi::IOV_MAX || (iov.is_null() && iovcnt > 0) {
         return fail(errno::EINVAL) as isize;
     }
@@ -212,6 +218,7 @@ pub unsafe extern "C" fn sys_readv(fd: i32, iov: *const iovec, iovcnt: usize) ->
 
 #[no_mangle]
 pub extern "C" fn sys_close(fd: i32) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     if is_console(fd) {
         return 0;
     }
@@ -228,6 +235,7 @@ pub extern "C" fn sys_close(fd: i32) -> i32 {
 /// A second descriptor for the same file (std's `try_clone`).
 #[no_mangle]
 pub extern "C" fn sys_dup(fd: i32) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     let shared = FDS.lock().get(&fd).cloned();
     match shared {
         None => fail(errno::EBADF),
@@ -239,6 +247,7 @@ pub extern "C" fn sys_dup(fd: i32) -> i32 {
 /// `st` is writable.
 #[no_mangle]
 pub unsafe extern "C" fn sys_fstat(fd: i32, st: *mut stat) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     if !is_console(fd) || st.is_null() {
         return fail(errno::EBADF);
     }
@@ -257,44 +266,61 @@ fn no_files(call: &str) -> i32 {
     fail(errno::ENOENT)
 }
 
+fn read_only(call: &str) -> i32 {
+    log::warn!("{call}: this kernel has no file system (nothing can be written)");
+    fail(errno::EROFS)
+}
+
 #[no_mangle]
-pub extern "C" fn sys_open(_name: *const i8, _flags: i32, _mode: i32) -> i32 {
-    no_files("open")
+pub extern "C" fn sys_open(_name: *const i8, flags: i32, _mode: i32) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
+    use hermit_abi::{O_APPEND, O_CREAT, O_RDWR, O_TRUNC, O_WRONLY};
+    if flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC | O_APPEND) != 0 {
+        read_only("open for writing")
+    } else {
+        no_files("open")
+    }
 }
 
 #[no_mangle]
 pub extern "C" fn sys_stat(_name: *const i8, _stat: *mut stat) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     no_files("stat")
 }
 
 #[no_mangle]
 pub extern "C" fn sys_lstat(_name: *const i8, _stat: *mut stat) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     no_files("lstat")
 }
 
 #[no_mangle]
 pub extern "C" fn sys_unlink(_name: *const i8) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     no_files("unlink")
 }
 
 #[no_mangle]
 pub extern "C" fn sys_rmdir(_name: *const i8) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     no_files("rmdir")
 }
 
 #[no_mangle]
 pub extern "C" fn sys_mkdir(_name: *const i8, _mode: u32) -> i32 {
-    log::warn!("mkdir: this kernel has no file system");
-    fail(errno::EROFS)
+    let _kernel = crate::preempt::kernel_section();
+    read_only("mkdir")
 }
 
 #[no_mangle]
 pub extern "C" fn sys_lseek(_fd: i32, _offset: isize, _whence: i32) -> isize {
+    let _kernel = crate::preempt::kernel_section();
     fail(errno::ESPIPE) as isize
 }
 
 #[no_mangle]
 pub extern "C" fn sys_getdents64(_fd: i32, _dirp: *mut u8, _count: usize) -> i64 {
+    let _kernel = crate::preempt::kernel_section();
     fail(errno::EBADF) as i64
 }
 
@@ -320,6 +346,7 @@ fn is_nonblocking(fd: i32) -> Result<bool, i32> {
 
 #[no_mangle]
 pub extern "C" fn sys_fcntl(fd: i32, cmd: i32, arg: i32) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     let r = match cmd {
         hermit_abi::F_SETFL => set_nonblocking(fd, arg & hermit_abi::O_NONBLOCK != 0),
         hermit_abi::F_GETFL if is_console(fd) => Ok(0),
@@ -376,6 +403,7 @@ const MAX_POLL_FDS: usize = 4 * MAX_FDS;
 /// `fds` holds `nfds` writable `pollfd`s.
 #[no_mangle]
 pub unsafe extern "C" fn sys_poll(fds: *mut pollfd, nfds: usize, timeout: i32) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     if nfds > MAX_POLL_FDS {
         return fail(errno::EINVAL);
     }

@@ -4,8 +4,9 @@
 //! Rust's std for that target calls a small C ABI (the `sys_*` functions
 //! that the `hermit-abi` crate declares; the toolchain's std pins 0.5.2).
 //! This crate defines them on top of the kernel (memory, time, console,
-//! exit), a ring-3 thread scheduler ([`sched`]) and the kernel's
-//! embassy-net/smoltcp stack ([`net`]).
+//! exit), a ring-3 thread scheduler ([`sched`], preempted by the monitor
+//! through `preempt`) and the kernel's embassy-net/smoltcp stack
+//! ([`net`]: TCP and UDP).
 //!
 //! # Link strategy
 //!
@@ -32,7 +33,7 @@
 //! std does not call them) stop the app with a message naming the function
 //! and the fault status (102). A symbol outside that surface is undefined at
 //! link time, named by the linker. Calls that exist but
-//! are not supported (files, UDP) return a clear errno and log it.
+//! are not supported (files) return a clear errno and log it.
 #![no_std]
 
 extern crate alloc;
@@ -42,6 +43,7 @@ mod fd;
 mod mem;
 mod misc;
 mod net;
+mod preempt;
 pub mod sched;
 mod time;
 
@@ -80,11 +82,14 @@ fn c_strings(strings: impl Iterator<Item = alloc::string::String>) -> *const *co
 }
 
 extern "C" fn main_thread(_: usize) {
-    let cmdline = kernel::cmdline::get();
-    let args = core::iter::once("app".into()).chain(cmdline.args.iter().cloned());
-    let argc = 1 + cmdline.args.len() as i32;
-    let argv = c_strings(args);
-    let env = c_strings(cmdline.env.iter().map(|(k, v)| alloc::format!("{k}={v}")));
+    let (argc, argv, env) = {
+        let _kernel = preempt::kernel_section();
+        let cmdline = kernel::cmdline::get();
+        let args = core::iter::once("app".into()).chain(cmdline.args.iter().cloned());
+        let argc = 1 + cmdline.args.len() as i32;
+        let env = cmdline.env.iter().map(|(k, v)| alloc::format!("{k}={v}"));
+        (argc, c_strings(args), c_strings(env))
+    };
     // SAFETY: `argv` has `argc` valid C strings and a NULL, `env` is a
     // NULL-terminated array of `KEY=VALUE` strings, both live forever.
     unsafe { runtime_entry(argc, argv, env) }

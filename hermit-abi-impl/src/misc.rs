@@ -12,6 +12,7 @@ pub extern "C" fn sys_spawn2(
     stack_size: usize,
     _core_id: isize,
 ) -> Tid {
+    let _kernel = crate::preempt::kernel_section();
     sched::spawn(func, arg, stack_size).unwrap_or(0)
 }
 
@@ -25,6 +26,7 @@ pub unsafe extern "C" fn sys_spawn(
     prio: u8,
     core_id: isize,
 ) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     match sys_spawn2(func, arg, prio, 0, core_id) {
         0 => -errno::EAGAIN,
         tid => {
@@ -39,11 +41,13 @@ pub unsafe extern "C" fn sys_spawn(
 
 #[no_mangle]
 pub extern "C" fn sys_join(id: Tid) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     sched::join(id)
 }
 
 #[no_mangle]
 pub extern "C" fn sys_yield() {
+    let _kernel = crate::preempt::kernel_section();
     sched::yield_now();
 }
 
@@ -56,6 +60,7 @@ pub unsafe extern "C" fn sys_futex_wait(
     timeout: *const timespec,
     flags: u32,
 ) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     if address.is_null() {
         return -errno::EINVAL;
     }
@@ -72,6 +77,7 @@ pub unsafe extern "C" fn sys_futex_wait(
 
 #[no_mangle]
 pub extern "C" fn sys_futex_wake(address: *mut u32, count: i32) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     if address.is_null() {
         return -errno::EINVAL;
     }
@@ -82,33 +88,39 @@ pub extern "C" fn sys_futex_wake(address: *mut u32, count: i32) -> i32 {
 
 #[no_mangle]
 pub extern "C" fn sys_exit(status: i32) -> ! {
+    let _kernel = crate::preempt::kernel_section();
     kernel::exit(status)
 }
 
 /// std calls this after its panic hook printed the message and location.
 #[no_mangle]
 pub extern "C" fn sys_abort() -> ! {
+    let _kernel = crate::preempt::kernel_section();
     kernel::console::write(b"app aborted (std panic or abort); stopping with the panic status\n");
     kernel::exit(abi::exit::EXIT_PANIC as i32)
 }
 
 #[no_mangle]
 pub extern "C" fn sys_getpid() -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     1
 }
 
 #[no_mangle]
 pub extern "C" fn sys_available_parallelism() -> usize {
+    let _kernel = crate::preempt::kernel_section();
     1
 }
 
 #[no_mangle]
 pub extern "C" fn sys_getpagesize() -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     4096
 }
 
 #[no_mangle]
 pub extern "C" fn sys_get_priority() -> u8 {
+    let _kernel = crate::preempt::kernel_section();
     hermit_abi::NORMAL_PRIO.into()
 }
 
@@ -118,11 +130,13 @@ pub extern "C" fn sys_set_priority(_tid: Tid, _prio: u8) {}
 /// The errno of the last failed call (std reads it after `poll` fails).
 #[no_mangle]
 pub extern "C" fn sys_get_errno() -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     crate::fd::last_errno()
 }
 
 #[no_mangle]
 pub extern "C" fn sys_errno() -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     crate::fd::last_errno()
 }
 
@@ -132,6 +146,7 @@ pub extern "C" fn sys_errno() -> i32 {
 /// `buf` is writable for `len` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn sys_read_entropy(buf: *mut u8, len: usize, _flags: u32) -> isize {
+    let _kernel = crate::preempt::kernel_section();
     if buf.is_null() {
         return -errno::EINVAL as isize;
     }

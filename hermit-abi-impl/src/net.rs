@@ -11,8 +11,13 @@
 //! gives `poll` a socket's readiness (a listener is readable once a slot
 //! holds a connection, which `accept` then takes). A non-blocking
 //! `connect` answers `EINPROGRESS`; the socket turns writable when the
-//! handshake ends, and `SO_ERROR` then says how. UDP fails
-//! (`EPROTONOSUPPORT`).
+//! handshake ends, and `SO_ERROR` then says how.
+//!
+//! UDP over IPv4: a datagram socket is bound on `bind` (or, on an ephemeral
+//! port, at its first `sendto`/`connect`); `sendto`/`recvfrom`, and
+//! `send`/`recv` once `connect` named a peer (datagrams from others are
+//! then dropped), blocking or not, with the same timeouts and `poll`.
+//! A datagram longer than the buffer is truncated, as with POSIX.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -24,7 +29,9 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use core::task::{Context, Poll};
 use hermit_abi::{errno, sockaddr, socklen_t};
-use libcloud::net::{tcp, IpAddress, IpEndpoint, Ipv4Address, Stack, TcpSocket};
+use libcloud::net::{
+    tcp, IpAddress, IpEndpoint, Ipv4Address, PacketMetadata, Stack, TcpSocket, UdpSocket,
+};
 
 use crate::fd::{self, fail};
 use crate::sched::{self, Wait};
@@ -37,6 +44,8 @@ pub const MAX_BACKLOG: usize = 64;
 pub const MAX_TCP_SOCKETS: usize = net::MAX_SOCKETS - 8;
 /// Buffer size per direction and socket.
 const BUFFER: usize = libcloud::net::BUFFER_SIZE;
+/// Datagrams a UDP socket queues per direction.
+const UDP_PACKETS: usize = 16;
 /// How long a closed connection may take to deliver what it still holds.
 const CLOSE_FLUSH_NS: u64 = 10_000_000_000;
 
@@ -122,6 +131,83 @@ impl Drop for Conn {
     }
 }
 
+/// Datagram queues of one UDP socket (payload bytes and packet metadata
+/// per direction), freed on drop after the socket that borrows them.
+struct UdpBuffers {
+    rx: NonNull<[u8]>,
+    tx: NonNull<[u8]>,
+    rx_meta: NonNull<[PacketMetadata]>,
+    tx_meta: NonNull<[PacketMetadata]>,
+}
+
+impl UdpBuffers {
+    /// New queues and a UDP socket on them; `ENFILE` at the socket limit
+    /// (TCP and UDP share the stack's sockets).
+    fn socket(stack: Stack<'static>) -> Result<(UdpSocket<'static>, Self), i32> {
+        if TCP_SOCKETS.fetch_add(1, Ordering::AcqRel) >= MAX_TCP_SOCKETS {
+            TCP_SOCKETS.fetch_sub(1, Ordering::AcqRel);
+            log::warn!("socket limit reached ({MAX_TCP_SOCKETS})");
+            return Err(errno::ENFILE);
+        }
+        let rx = Box::leak(alloc::vec![0u8; BUFFER].into_boxed_slice());
+        let tx = Box::leak(alloc::vec![0u8; BUFFER].into_boxed_slice());
+        let meta = || alloc::vec![PacketMetadata::EMPTY; UDP_PACKETS].into_boxed_slice();
+        let rx_meta = Box::leak(meta());
+        let tx_meta = Box::leak(meta());
+        let bufs = Self {
+            rx: NonNull::from(&mut *rx),
+            tx: NonNull::from(&mut *tx),
+            rx_meta: NonNull::from(&mut *rx_meta),
+            tx_meta: NonNull::from(&mut *tx_meta),
+        };
+        Ok((UdpSocket::new(stack, rx_meta, rx, tx_meta, tx), bufs))
+    }
+}
+
+impl Drop for UdpBuffers {
+    fn drop(&mut self) {
+        // SAFETY: leaked from boxes in `socket`; the socket borrowing them
+        // was dropped before (field order), so nothing refers to them.
+        unsafe {
+            drop(Box::from_raw(self.rx.as_ptr()));
+            drop(Box::from_raw(self.tx.as_ptr()));
+            drop(Box::from_raw(self.rx_meta.as_ptr()));
+            drop(Box::from_raw(self.tx_meta.as_ptr()));
+        }
+        TCP_SOCKETS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A bound UDP socket and the peer `connect` named, if any.
+pub struct Udp {
+    socket: ManuallyDrop<UdpSocket<'static>>,
+    _bufs: UdpBuffers,
+    peer: Option<IpEndpoint>,
+}
+
+impl Drop for Udp {
+    fn drop(&mut self) {
+        // SAFETY: dropped once, here, before the buffers it borrows.
+        unsafe { ManuallyDrop::drop(&mut self.socket) }
+    }
+}
+
+impl Udp {
+    /// A UDP socket bound to `port` (0: an ephemeral one).
+    fn bind(port: u16) -> Result<Self, i32> {
+        let (mut socket, bufs) = UdpBuffers::socket(stack()?)?;
+        socket.bind(port).map_err(|e| {
+            log::debug!("UDP bind to port {port}: {e:?}");
+            errno::EADDRINUSE
+        })?;
+        Ok(Self {
+            socket: ManuallyDrop::new(socket),
+            _bufs: bufs,
+            peer: None,
+        })
+    }
+}
+
 type Accepting = Pin<Box<dyn Future<Output = Result<TcpSocket<'static>, ()>>>>;
 
 /// One backlog slot: a socket waiting for a connection.
@@ -171,6 +257,8 @@ pub enum Kind {
     },
     Listening(Listener),
     Connected(Conn),
+    /// A datagram socket, unbound until `bind`, `connect` or `sendto`.
+    Datagram(Option<Udp>),
 }
 
 pub struct Socket {
@@ -197,6 +285,17 @@ impl Socket {
             Kind::Connected(c) => Ok(&mut c.socket),
             _ => Err(errno::ENOTCONN),
         }
+    }
+
+    /// The datagram socket, bound on an ephemeral port if it is not yet.
+    fn udp(&mut self) -> Result<&mut Udp, i32> {
+        let Kind::Datagram(udp) = &mut self.kind else {
+            return Err(errno::EOPNOTSUPP);
+        };
+        if udp.is_none() {
+            *udp = Some(Udp::bind(0)?);
+        }
+        udp.as_mut().ok_or(errno::EIO)
     }
 }
 
@@ -243,16 +342,21 @@ fn endpoint_to(
 
 #[no_mangle]
 pub extern "C" fn sys_socket(domain: i32, type_: i32, _protocol: i32) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     if domain != hermit_abi::AF_INET {
         return fail(errno::EAFNOSUPPORT);
     }
     let base = type_ & !(hermit_abi::SOCK_NONBLOCK | hermit_abi::SOCK_CLOEXEC);
-    if base != hermit_abi::SOCK_STREAM {
-        log::warn!("socket type {type_}: only TCP (SOCK_STREAM) is provided");
-        return fail(errno::EPROTONOSUPPORT);
-    }
+    let kind = match base {
+        hermit_abi::SOCK_STREAM => Kind::Fresh { port: 0 },
+        hermit_abi::SOCK_DGRAM => Kind::Datagram(None),
+        _ => {
+            log::warn!("socket type {type_}: only TCP and UDP are provided");
+            return fail(errno::EPROTONOSUPPORT);
+        }
+    };
     let socket = Socket {
-        kind: Kind::Fresh { port: 0 },
+        kind,
         nonblocking: type_ & hermit_abi::SOCK_NONBLOCK != 0,
         connecting: false,
         nodelay: false,
@@ -264,10 +368,15 @@ pub extern "C" fn sys_socket(domain: i32, type_: i32, _protocol: i32) -> i32 {
 
 #[no_mangle]
 pub extern "C" fn sys_bind(s: i32, name: *const sockaddr, namelen: socklen_t) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     let r = endpoint_from(name, namelen).and_then(|ep| {
         fd::with(s, |sock| match &mut sock.kind {
             Kind::Fresh { port } => {
                 *port = ep.port;
+                Ok(0)
+            }
+            Kind::Datagram(udp @ None) => {
+                *udp = Some(Udp::bind(ep.port)?);
                 Ok(0)
             }
             _ => Err(errno::EINVAL),
@@ -278,6 +387,7 @@ pub extern "C" fn sys_bind(s: i32, name: *const sockaddr, namelen: socklen_t) ->
 
 #[no_mangle]
 pub extern "C" fn sys_listen(s: i32, backlog: i32) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     let r = fd::with(s, |sock| {
         let Kind::Fresh { port } = sock.kind else {
             return Err(errno::EINVAL);
@@ -381,6 +491,7 @@ fn poll_accept(
 /// `addr`/`addrlen` are null or writable as for POSIX `accept`.
 #[no_mangle]
 pub unsafe extern "C" fn sys_accept(s: i32, addr: *mut sockaddr, addrlen: *mut socklen_t) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     let r = wait_for(
         s,
         |sock| sock.recv_timeout,
@@ -405,8 +516,13 @@ pub unsafe extern "C" fn sys_accept(s: i32, addr: *mut sockaddr, addrlen: *mut s
 
 #[no_mangle]
 pub extern "C" fn sys_connect(s: i32, name: *const sockaddr, namelen: socklen_t) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     let r = endpoint_from(name, namelen).and_then(|ep| {
         fd::with(s, |sock| {
+            if matches!(sock.kind, Kind::Datagram(_)) {
+                sock.udp()?.peer = Some(ep);
+                return Ok(0);
+            }
             if !matches!(sock.kind, Kind::Fresh { .. }) {
                 return Err(errno::EISCONN);
             }
@@ -458,57 +574,121 @@ fn poll_handshake(socket: &TcpSocket<'_>, cx: &mut Context<'_>) -> Poll<()> {
     }
 }
 
+/// One transfer on a connection: a read into, or a write from, a buffer.
+enum Transfer<'a> {
+    Recv(&'a mut [u8]),
+    Send(&'a [u8]),
+}
+
+/// Moves data on connected socket `fd` (after its handshake), waiting as
+/// the socket's timeout for that direction says: a read returns 0 at end
+/// of stream, a write at least one byte unless it fails.
+fn transfer(fd: i32, mut op: Transfer<'_>) -> Result<isize, i32> {
+    let timeout: fn(&Socket) -> Option<u64> = match op {
+        Transfer::Recv(_) => |sock| sock.recv_timeout,
+        Transfer::Send(_) => |sock| sock.send_timeout,
+    };
+    wait_for(fd, timeout, |sock, cx| {
+        if matches!(sock.kind, Kind::Datagram(_)) {
+            let udp = sock.udp()?;
+            let peer = udp.peer.ok_or(errno::EDESTADDRREQ)?;
+            return Ok(match &mut op {
+                Transfer::Recv(buf) => poll_recv_from(udp, buf, Some(peer), cx)?.map(|(n, _)| n),
+                Transfer::Send(buf) => poll_send_to(udp, buf, peer, cx)?,
+            });
+        }
+        let nonblocking = sock.nonblocking;
+        let socket = sock.conn()?;
+        // A non-blocking call that would block says so without polling:
+        // polling would take the socket's one waker per direction away
+        // from a thread waiting on it in `poll` (tokio's other worker).
+        if nonblocking
+            && (handshaking(socket)
+                || match &op {
+                    Transfer::Recv(b) => !b.is_empty() && !socket.can_recv() && socket.may_recv(),
+                    Transfer::Send(b) => !b.is_empty() && !socket.can_send() && socket.may_send(),
+                })
+        {
+            return Ok(Poll::Pending);
+        }
+        if poll_handshake(socket, cx).is_pending() {
+            return Ok(Poll::Pending);
+        }
+        let done = match &mut op {
+            Transfer::Recv([]) | Transfer::Send([]) => return Ok(Poll::Ready(0)),
+            Transfer::Recv(buf) => match pin!(socket.read(buf)).poll(cx) {
+                Poll::Pending => return Ok(Poll::Pending),
+                Poll::Ready(r) => r.map_err(|_| errno::ECONNRESET),
+            },
+            Transfer::Send(buf) => match pin!(socket.write(buf)).poll(cx) {
+                Poll::Pending => return Ok(Poll::Pending),
+                Poll::Ready(Ok(0)) => Err(errno::EPIPE),
+                Poll::Ready(r) => r.map_err(|_| errno::EPIPE),
+            },
+        };
+        done.map(|n| Poll::Ready(n as isize))
+    })
+}
+
+/// One attempt at receiving a datagram (from `from` only, if given:
+/// others are dropped): its length (truncated to `buf`, as POSIX does)
+/// and sender.
+fn poll_recv_from(
+    udp: &mut Udp,
+    buf: &mut [u8],
+    from: Option<IpEndpoint>,
+    cx: &mut Context<'_>,
+) -> Result<Poll<(isize, IpEndpoint)>, i32> {
+    loop {
+        let received = pin!(udp.socket.recv_from_with(|data: &[u8], meta| {
+            let n = data.len().min(buf.len());
+            buf[..n].copy_from_slice(&data[..n]);
+            (n, meta.endpoint)
+        }))
+        .poll(cx);
+        match received {
+            Poll::Pending => return Ok(Poll::Pending),
+            Poll::Ready((_, sender)) if from.is_some_and(|f| f != sender) => continue,
+            Poll::Ready((n, sender)) => return Ok(Poll::Ready((n as isize, sender))),
+        }
+    }
+}
+
+/// One attempt at sending `buf` as one datagram to `to`.
+fn poll_send_to(
+    udp: &mut Udp,
+    buf: &[u8],
+    to: IpEndpoint,
+    cx: &mut Context<'_>,
+) -> Result<Poll<isize>, i32> {
+    match udp.socket.poll_send_to(buf, to, cx) {
+        Poll::Pending => Ok(Poll::Pending),
+        Poll::Ready(Ok(())) => Ok(Poll::Ready(buf.len() as isize)),
+        Poll::Ready(Err(e)) => {
+            log::debug!("UDP send of {} bytes to {to}: {e:?}", buf.len());
+            Err(errno::EMSGSIZE)
+        }
+    }
+}
+
 /// Reads into `buf`: 0 at end of stream.
 pub fn recv(fd: i32, buf: &mut [u8], flags: i32) -> Result<isize, i32> {
     if flags & hermit_abi::MSG_PEEK != 0 {
         return Err(errno::EOPNOTSUPP);
     }
-    wait_for(
-        fd,
-        |sock| sock.recv_timeout,
-        |sock, cx| {
-            let socket = sock.conn()?;
-            if poll_handshake(socket, cx).is_pending() {
-                return Ok(Poll::Pending);
-            }
-            if buf.is_empty() {
-                return Ok(Poll::Ready(0));
-            }
-            match pin!(socket.read(&mut *buf)).poll(cx) {
-                Poll::Pending => Ok(Poll::Pending),
-                Poll::Ready(Ok(n)) => Ok(Poll::Ready(n as isize)),
-                Poll::Ready(Err(_)) => Err(errno::ECONNRESET),
-            }
-        },
-    )
+    transfer(fd, Transfer::Recv(buf))
 }
 
 /// Writes from `buf` (at least one byte unless it fails).
 pub fn send(fd: i32, buf: &[u8]) -> Result<isize, i32> {
-    wait_for(
-        fd,
-        |sock| sock.send_timeout,
-        |sock, cx| {
-            let socket = sock.conn()?;
-            if poll_handshake(socket, cx).is_pending() {
-                return Ok(Poll::Pending);
-            }
-            if buf.is_empty() {
-                return Ok(Poll::Ready(0));
-            }
-            match pin!(socket.write(buf)).poll(cx) {
-                Poll::Pending => Ok(Poll::Pending),
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Err(errno::EPIPE),
-                Poll::Ready(Ok(n)) => Ok(Poll::Ready(n as isize)),
-            }
-        },
-    )
+    transfer(fd, Transfer::Send(buf))
 }
 
 /// # Safety
 /// `buf` is writable for `len` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn sys_recv(s: i32, buf: *mut u8, len: usize, flags: i32) -> isize {
+    let _kernel = crate::preempt::kernel_section();
     if buf.is_null() && len > 0 {
         return fail(errno::EFAULT) as isize;
     }
@@ -521,12 +701,14 @@ pub unsafe extern "C" fn sys_recv(s: i32, buf: *mut u8, len: usize, flags: i32) 
 /// `mem` is readable for `len` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn sys_send(s: i32, mem: *const c_void, len: usize, _flags: i32) -> isize {
+    let _kernel = crate::preempt::kernel_section();
     // SAFETY: the caller's guarantee.
     unsafe { crate::fd::sys_write(s, mem as *const u8, len) }
 }
 
 #[no_mangle]
 pub extern "C" fn sys_shutdown(s: i32, how: i32) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     let r = fd::with(s, |sock| {
         let socket = sock.conn()?;
         if how == hermit_abi::SHUT_WR || how == hermit_abi::SHUT_RDWR {
@@ -597,6 +779,19 @@ pub fn poll_socket(sock: &mut Socket, events: i16, cx: &mut Context<'_>) -> i16 
     match &mut sock.kind {
         // Neither connected nor listening: nothing will ever happen.
         Kind::Fresh { .. } => POLLHUP,
+        // Unbound: nothing to read; a send binds it.
+        Kind::Datagram(None) => write,
+        Kind::Datagram(Some(udp)) => {
+            let s = &udp.socket;
+            let mut r = 0;
+            if read != 0 && s.poll_recv_ready(cx).is_ready() {
+                r |= POLLIN;
+            }
+            if write != 0 && s.poll_send_ready(cx).is_ready() {
+                r |= POLLOUT;
+            }
+            r
+        }
         Kind::Listening(l) => {
             if read != 0 && l.poll_ready(cx).is_ready() {
                 POLLIN
@@ -643,6 +838,7 @@ pub fn poll_socket(sock: &mut Socket, events: i16, cx: &mut Context<'_>) -> i16 
 /// `argp` points to an `i32` for `FIONBIO`.
 #[no_mangle]
 pub unsafe extern "C" fn sys_ioctl(s: i32, cmd: i32, argp: *mut c_void) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     if cmd != hermit_abi::FIONBIO || argp.is_null() {
         return fail(errno::EINVAL);
     }
@@ -675,6 +871,7 @@ pub extern "C" fn sys_setsockopt(
     optval: *const c_void,
     optlen: socklen_t,
 ) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     use hermit_abi::*;
     let r = fd::with(s, |sock| {
         match (level, optname) {
@@ -708,6 +905,7 @@ pub unsafe extern "C" fn sys_getsockopt(
     optval: *mut c_void,
     optlen: *mut socklen_t,
 ) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     use hermit_abi::*;
     let r = fd::with(s, |sock| {
         let value: i32 = match (level, optname) {
@@ -754,6 +952,11 @@ fn local_or_peer(s: i32, addr: *mut sockaddr, len: *mut socklen_t, peer: bool) -
                 IpAddress::Ipv4(Ipv4Address::UNSPECIFIED),
                 *port,
             )),
+            Kind::Datagram(Some(u)) if peer => u.peer,
+            Kind::Datagram(Some(u)) if !peer => Some(IpEndpoint::new(
+                IpAddress::Ipv4(Ipv4Address::UNSPECIFIED),
+                u.socket.endpoint().port,
+            )),
             _ => None,
         };
         endpoint_to(ep, addr, len).map(|()| 0)
@@ -763,11 +966,13 @@ fn local_or_peer(s: i32, addr: *mut sockaddr, len: *mut socklen_t, peer: bool) -
 
 #[no_mangle]
 pub extern "C" fn sys_getpeername(s: i32, name: *mut sockaddr, namelen: *mut socklen_t) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     local_or_peer(s, name, namelen, true)
 }
 
 #[no_mangle]
 pub extern "C" fn sys_getsockname(s: i32, name: *mut sockaddr, namelen: *mut socklen_t) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     local_or_peer(s, name, namelen, false)
 }
 
@@ -780,6 +985,7 @@ pub extern "C" fn sys_getaddrinfo(
     _hints: *const hermit_abi::addrinfo,
     _res: *mut *mut hermit_abi::addrinfo,
 ) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     log::warn!("getaddrinfo: no DNS resolver; use numeric addresses");
     hermit_abi::EAI_FAIL
 }
@@ -787,26 +993,63 @@ pub extern "C" fn sys_getaddrinfo(
 #[no_mangle]
 pub extern "C" fn sys_freeaddrinfo(_ai: *mut hermit_abi::addrinfo) {}
 
+/// # Safety
+/// `buf` is writable for `len` bytes; `addr`/`addrlen` are null or
+/// writable as for POSIX `recvfrom`.
 #[no_mangle]
-pub extern "C" fn sys_recvfrom(
-    _s: i32,
-    _buf: *mut u8,
-    _len: usize,
-    _flags: i32,
-    _addr: *mut sockaddr,
-    _addrlen: *mut socklen_t,
+pub unsafe extern "C" fn sys_recvfrom(
+    s: i32,
+    buf: *mut u8,
+    len: usize,
+    flags: i32,
+    addr: *mut sockaddr,
+    addrlen: *mut socklen_t,
 ) -> isize {
-    fail(errno::EOPNOTSUPP) as isize
+    let _kernel = crate::preempt::kernel_section();
+    if buf.is_null() && len > 0 {
+        return fail(errno::EFAULT) as isize;
+    }
+    if flags & hermit_abi::MSG_PEEK != 0 {
+        return fail(errno::EOPNOTSUPP) as isize;
+    }
+    // SAFETY: the caller's guarantee.
+    let buf = unsafe { core::slice::from_raw_parts_mut(buf, len) };
+    let r = wait_for(
+        s,
+        |sock| sock.recv_timeout,
+        |sock, cx| {
+            let udp = sock.udp()?;
+            let peer = udp.peer;
+            poll_recv_from(udp, buf, peer, cx)
+        },
+    )
+    .and_then(|(n, sender)| endpoint_to(Some(sender), addr, addrlen).map(|()| n));
+    r.unwrap_or_else(|e| fail(e) as isize)
 }
 
+/// # Safety
+/// `mem` is readable for `len` bytes; `to` as for POSIX `sendto`.
 #[no_mangle]
-pub extern "C" fn sys_sendto(
-    _s: i32,
-    _mem: *const c_void,
-    _len: usize,
+pub unsafe extern "C" fn sys_sendto(
+    s: i32,
+    mem: *const c_void,
+    len: usize,
     _flags: i32,
-    _to: *const sockaddr,
-    _tolen: socklen_t,
+    to: *const sockaddr,
+    tolen: socklen_t,
 ) -> isize {
-    fail(errno::EOPNOTSUPP) as isize
+    let _kernel = crate::preempt::kernel_section();
+    if mem.is_null() && len > 0 {
+        return fail(errno::EFAULT) as isize;
+    }
+    // SAFETY: the caller's guarantee.
+    let buf = unsafe { core::slice::from_raw_parts(mem as *const u8, len) };
+    let r = endpoint_from(to, tolen).and_then(|ep| {
+        wait_for(
+            s,
+            |sock| sock.send_timeout,
+            |sock, cx| poll_send_to(sock.udp()?, buf, ep, cx),
+        )
+    });
+    r.unwrap_or_else(|e| fail(e) as isize)
 }

@@ -16,11 +16,9 @@
 //!
 //! Timeslices: a thread that has run for [`TIMESLICE_NS`] without blocking
 //! yields at its next preemption point ([`preempt_point`]: reading the
-//! clock, waking a futex, writing to the console), so a thread that
-//! computes in a loop which checks the time or takes a lock cannot starve
-//! the others or the network. The guest takes no timer interrupts in ring
-//! 3, so a loop that makes no ABI call at all still keeps the vCPU until
-//! it does.
+//! clock, waking a futex, writing to the console), or, if it makes no ABI
+//! call at all, when the monitor interrupts it ([`crate::preempt`]), so a
+//! thread that computes cannot starve the others or the network.
 
 use alloc::alloc::{alloc, dealloc, Layout};
 use alloc::boxed::Box;
@@ -34,6 +32,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use core::task::{Context, Poll, Waker};
 use hermit_abi::{errno, timespec, Tid};
 use spin::Mutex;
+
+use crate::preempt;
 
 /// Threads that may exist at once (the main thread included).
 pub const MAX_THREADS: usize = 64;
@@ -274,11 +274,14 @@ pub fn spawn(entry: extern "C" fn(usize), arg: usize, stack_size: usize) -> Opti
     if let Some(w) = &s.waker {
         w.wake_by_ref();
     }
+    preempt::set_timer(s.threads.len() > 1);
     Some(tid)
 }
 
 extern "C" fn thread_main(entry: extern "C" fn(usize), arg: usize) -> ! {
+    preempt::enter_app();
     entry(arg);
+    let _kernel = preempt::kernel_section();
     exit_current()
 }
 
@@ -507,6 +510,7 @@ fn run_thread(tid: Tid) {
     let mut s = SCHED.lock();
     s.current = 0;
     s.threads.retain(|t| t.state != State::Exited);
+    preempt::set_timer(s.threads.len() > 1);
 }
 
 /// The executor's main future: runs threads, never finishes (std ends the
@@ -573,6 +577,7 @@ pub fn run(entry: extern "C" fn(usize), stack_size: usize) -> ! {
         );
         kernel::exit(abi::exit::EXIT_FAULT as i32);
     }
+    preempt::register();
     if spawn(entry, 0, stack_size).is_none() {
         log::error!("no memory for the main thread");
         kernel::exit(abi::exit::EXIT_FAILURE as i32);

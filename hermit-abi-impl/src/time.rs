@@ -9,6 +9,7 @@ use crate::sched;
 /// `tp` is null or points to a writable `timespec`.
 #[no_mangle]
 pub unsafe extern "C" fn sys_clock_gettime(clock: i32, tp: *mut timespec) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     if tp.is_null() || (clock != CLOCK_MONOTONIC && clock != CLOCK_REALTIME) {
         return -errno::EINVAL;
     }
@@ -26,6 +27,7 @@ pub unsafe extern "C" fn sys_clock_gettime(clock: i32, tp: *mut timespec) -> i32
 
 #[no_mangle]
 pub extern "C" fn sys_usleep(usecs: u64) {
+    let _kernel = crate::preempt::kernel_section();
     sched::sleep_until(kernel::time::now_ns().saturating_add(usecs.saturating_mul(1000)));
 }
 
@@ -33,6 +35,7 @@ pub extern "C" fn sys_usleep(usecs: u64) {
 /// `req` is null or points to a `timespec`.
 #[no_mangle]
 pub unsafe extern "C" fn sys_nanosleep(req: *const timespec) -> i32 {
+    let _kernel = crate::preempt::kernel_section();
     // SAFETY: the caller's guarantee.
     let Some(req) = (unsafe { req.as_ref() }) else {
         return -errno::EINVAL;

@@ -41,3 +41,54 @@ pub fn kill_with_parent(command: &mut std::process::Command) {
         });
     }
 }
+
+/// A one-shot timer (`CLOCK_MONOTONIC`) that sends a signal to the thread
+/// that created it, and only to that thread (`SIGEV_THREAD_ID`): the vCPU
+/// thread's timeslice timer, which interrupts its `KVM_RUN`.
+pub struct ThreadTimer(libc::timer_t);
+
+impl ThreadTimer {
+    /// A disarmed timer that will send `signal` to the calling thread.
+    pub fn new(signal: libc::c_int) -> io::Result<Self> {
+        // SAFETY: an all-zero sigevent is a valid value of the plain C struct.
+        let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
+        event.sigev_notify = libc::SIGEV_THREAD_ID;
+        event.sigev_signo = signal;
+        // SAFETY: gettid has no preconditions.
+        event.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut timer: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: `event` is initialised and `timer` is a valid place for
+        // the new timer's id.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self(timer))
+    }
+
+    /// Fires once after `after` (`Duration::ZERO` disarms it).
+    pub fn set(&self, after: Duration) -> io::Result<()> {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: after.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: `self.0` is a live timer of this process; `spec` is
+        // initialised and the old value is not asked for.
+        if unsafe { libc::timer_settime(self.0, 0, &spec, std::ptr::null_mut()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ThreadTimer {
+    fn drop(&mut self) {
+        // SAFETY: `self.0` is a live timer, deleted once.
+        unsafe { libc::timer_delete(self.0) };
+    }
+}

@@ -13,7 +13,9 @@
 //! GETs `/json` there and answers with what it got. HTTP/1.1
 //! keep-alive connections are served concurrently by one tokio runtime.
 //!
-//! Arguments: `--port N` (default 8080); `--call-unprovided` first calls a
+//! Arguments: `--port N` (default 8080); `--multi-thread` runs tokio's
+//! multi-thread runtime (2 workers; threads, futexes and eventfds on the
+//! one vCPU) instead of the current-thread one; `--call-unprovided` first calls a
 //! Hermit ABI function our kernel does not provide (`sem_init`), which stops
 //! the app with an error naming it.
 
@@ -153,15 +155,28 @@ fn main() {
         .route("/sleep", get(sleep))
         .route("/fetch", get(fetch))
         .with_state(Arc::new(Counters::default()));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let multi = args.iter().any(|a| a == "--multi-thread");
+    let runtime = if multi {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    }
+    .expect("tokio runtime");
+    let flavor = if multi {
+        "multi-thread"
+    } else {
+        "current-thread"
+    };
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
             .await
             .expect("bind");
-        println!("axum-hello listening on port {port}");
+        println!("axum-hello listening on port {port} ({flavor} runtime)");
         axum::serve(listener, app).await.expect("serve");
     });
 }

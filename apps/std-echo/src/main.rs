@@ -4,18 +4,29 @@
 //! Arguments: `--port N` (default 7) serves a line echo; `--panic` panics;
 //! `--exit N` exits with status N after the self-check; `--spawn N` starts
 //! N sleeping threads and reports how many the system allowed;
+//! `--listeners N` binds N TCP listeners (ports 2000 on) and reports how
+//! many the system allowed; `--udp N` also answers UDP datagrams on port
+//! N (`std::net::UdpSocket`): each comes back prefixed with `udp N:`, N
+//! counting the datagrams;
 //! `--unsupported` tries a file, UDP and a host name lookup and prints
-//! each outcome (an image has no file system, UDP or DNS).
+//! each outcome (an image has no file system, UDP or DNS); `--spin`
+//! starts a thread that computes forever without a single system call
+//! (the others must still be served: the monitor preempts it), the same
+//! integer and floating-point rounds again and again, checking each
+//! result against the first (`spin` answers `rounds=N bad=M`: a preemption
+//! that lost a register would show as a bad round).
 //! Each line is echoed back prefixed with `$GREETING` (default `echo`) and
 //! how many lines that connection sent so far; `stats` answers with the
 //! lines and connections served, `host` with the host the app runs on
 //! (through libcloud in an image: it changes when the app migrates), and
 //! `tick N` starts a thread that writes N `tick` lines on a clone of the
-//! connection, 10 ms apart, while the connection's own thread reads on.
+//! connection, 10 ms apart, while the connection's own thread reads on;
+//! `udp-ask IP:PORT` sends `ping` from a UDP socket `connect`ed to
+//! IP:PORT and answers with the datagram that came back.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -53,8 +64,18 @@ fn main() {
     if let Some(n) = value("--spawn") {
         spawn_many(n.parse().unwrap_or(0));
     }
+    if let Some(n) = value("--listeners") {
+        listen_many(n.parse().unwrap_or(0));
+    }
+    if args.iter().any(|a| a == "--spin") {
+        thread::spawn(spin_forever);
+    }
     if let Some(code) = value("--exit") {
         std::process::exit(code.parse().unwrap_or(1));
+    }
+    if let Some(port) = value("--udp").and_then(|p| p.parse().ok()) {
+        let udp = UdpSocket::bind(("0.0.0.0", port)).expect("UDP bind");
+        thread::spawn(move || udp_echo(&udp));
     }
     let port: u16 = value("--port").and_then(|p| p.parse().ok()).unwrap_or(7);
     let greeting = std::env::var("GREETING").unwrap_or_else(|_| "echo".into());
@@ -116,6 +137,14 @@ fn serve(stream: TcpStream, stats: &Stats, greeting: &str) -> std::io::Result<()
                 }
             })?;
             "ticking\n".to_string()
+        } else if let Some(to) = text.strip_prefix("udp-ask ") {
+            format!("{}\n", udp_ask(to))
+        } else if text == "spin" {
+            format!(
+                "rounds={} bad={}\n",
+                SPIN_ROUNDS.load(Ordering::Relaxed),
+                SPIN_BAD.load(Ordering::Relaxed)
+            )
         } else if text == "host" {
             format!("{}\n", host())
         } else if text == "stats" {
@@ -184,6 +213,98 @@ fn spawn_many(n: usize) {
     }
 }
 
+/// Rounds `spin_forever` completed, and those whose result differed.
+static SPIN_ROUNDS: AtomicU64 = AtomicU64::new(0);
+static SPIN_BAD: AtomicU64 = AtomicU64::new(0);
+
+/// Computes for good, with no system call at all (not even the clock).
+fn spin_forever() {
+    let reference = spin_round();
+    loop {
+        if spin_round() != reference {
+            SPIN_BAD.fetch_add(1, Ordering::Relaxed);
+        }
+        SPIN_ROUNDS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Some floating-point (SSE) and integer work with a fixed result, its
+/// state held in registers for the whole round.
+fn spin_round() -> (u64, u64) {
+    let mut acc = [1.0f64; 8];
+    let mut h = 0u64;
+    for i in 0..std::hint::black_box(3_000_000u64) {
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a = *a * (0.999_999_9 - k as f64 * 1e-9) + (i & 7) as f64;
+        }
+        h = h.wrapping_mul(6364136223846793005).wrapping_add(i);
+    }
+    (acc.iter().fold(0, |s, a| s ^ a.to_bits()), h)
+}
+
+/// Answers each datagram on `udp` (at most 1,500 bytes are read: a longer
+/// one is cut).
+fn udp_echo(udp: &UdpSocket) {
+    let mut buf = [0u8; 1500];
+    let mut seen = 0u64;
+    loop {
+        let (n, from) = match udp.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("std-echo: UDP receive: {e}");
+                continue;
+            }
+        };
+        seen += 1;
+        let mut reply = format!("udp {seen}: ").into_bytes();
+        reply.extend_from_slice(&buf[..n]);
+        if let Err(e) = udp.send_to(&reply, from) {
+            eprintln!("std-echo: UDP reply to {from}: {e}");
+        }
+    }
+}
+
+/// `ping` to `to` over a connected UDP socket (resent every 0.5 s, 20
+/// times at most): the answer, or why there is none.
+fn udp_ask(to: &str) -> String {
+    let ask = || -> std::io::Result<String> {
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect(to)?;
+        socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+        let mut buf = [0u8; 1500];
+        let mut last = None;
+        for _ in 0..20 {
+            socket.send(b"ping")?;
+            match socket.recv(&mut buf) {
+                Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::ErrorKind::TimedOut.into()))
+    };
+    ask().unwrap_or_else(|e| format!("udp-ask: {e}"))
+}
+
+/// Binds `n` listeners on ports 2000, 2001, ...; prints how many it got
+/// and the error that stopped the rest.
+fn listen_many(n: u16) {
+    let mut listeners = Vec::new();
+    let mut error = None;
+    for port in 2000..2000 + n {
+        match TcpListener::bind(("0.0.0.0", port)) {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    println!(
+        "std-echo: bound {} listeners, then: {error:?}",
+        listeners.len()
+    );
+}
+
 /// The host the app runs on.
 #[cfg(target_os = "hermit")]
 fn host() -> String {
@@ -195,10 +316,20 @@ fn host() -> String {
     "native".into()
 }
 
-/// Prints what a file, a UDP socket and a name lookup give.
+/// Prints what files, a UDP socket and a name lookup give.
 fn try_unsupported() {
     let file = std::fs::read("/etc/hostname").map(|b| b.len());
     println!("std-echo: read /etc/hostname: {file:?}");
+    let created = std::fs::write("/tmp/out.txt", b"data");
+    println!("std-echo: write /tmp/out.txt: {created:?}");
+    let dir = std::fs::create_dir("/tmp/d");
+    println!("std-echo: create_dir /tmp/d: {dir:?}");
+    let listing = std::fs::read_dir("/").map(|d| d.count());
+    println!("std-echo: read_dir /: {listing:?}");
+    let meta = std::fs::metadata("/").map(|m| m.is_dir());
+    println!("std-echo: metadata /: {meta:?}");
+    let removed = std::fs::remove_file("/tmp/out.txt");
+    println!("std-echo: remove_file /tmp/out.txt: {removed:?}");
     let udp = std::net::UdpSocket::bind("0.0.0.0:9").map(|_| ());
     println!("std-echo: UDP bind: {udp:?}");
     let dns = TcpStream::connect("example.invalid:80").map(|_| ());

@@ -2,5 +2,6 @@
 //! loop (`vcpu`). With `sys` (raw Linux calls), the only place in the shim
 //! with `unsafe` code, each block with its `SAFETY:` argument.
 
+pub mod preempt;
 pub mod vcpu;
 pub mod vm;

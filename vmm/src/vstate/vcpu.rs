@@ -8,6 +8,9 @@
 //! that lands just before `KVM_RUN` starts is lost, so the kicker repeats
 //! it until the thread answers (see `machine`).
 //!
+//! Green threads of std apps are preempted from here too: see
+//! [`super::preempt`].
+//!
 //! Snapshots: a pause request (the same kick, another flag) makes the loop
 //! return; [`Vcpu::quiesce`] then completes any half-done MMIO exit
 //! (`immediate_exit` + one `KVM_RUN`), after which [`Vcpu::save_state`]
@@ -35,6 +38,7 @@ use crate::devices::io_wait::IoWait;
 use crate::devices::virtio::MmioTransport;
 use crate::error::VmError;
 use crate::outcome::{GuestExit, RegisterDump};
+use crate::vstate::preempt::Preempt;
 use crate::vstate::vm::{GuestMemoryMmap, Vm};
 
 /// vCPU 0's registers and KVM state, as saved in snapshots: captured in
@@ -328,12 +332,16 @@ impl Vcpu {
     pub fn run<W: Write>(&mut self, ctx: &mut RunContext<W>) -> Option<GuestExit> {
         // What the guest triggers is logged through a rate limit.
         let warnings = shim_util::limit::Warnings::default();
+        let mut preempt = Preempt::default();
         loop {
             if ctx.stop.load(Ordering::Acquire) || ctx.pause.load(Ordering::Acquire) {
                 return None;
             }
             let mut kind = ExitKind::Other;
-            let action = match self.fd.run() {
+            preempt.before_run(ctx.mem);
+            let result = self.fd.run();
+            let slice_over = preempt.after_run();
+            let action = match result {
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     if Doorbell::<W>::contains(addr) {
                         kind = ExitKind::Hypercall((addr - abi::layout::DOORBELL_ADDR) / 8);
@@ -413,6 +421,9 @@ impl Vcpu {
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     kind = ExitKind::Interrupted;
+                    if slice_over {
+                        Preempt::redirect(&mut self.fd, ctx.mem);
+                    }
                     Action::Continue
                 }
                 Err(e) => Action::Stop(GuestExit::Died(format!("KVM_RUN failed: {e}"))),

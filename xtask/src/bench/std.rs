@@ -132,8 +132,11 @@ impl Server<'_> {
     }
 }
 
+/// Waits until a freshly spawned server on a port answers.
+type Up = fn(u16, &mut Guard) -> Result<()>;
+
 /// Spawn to first reply (as `up` sees it), in ms.
-fn first_reply_ms(server: &Server, up: fn(u16, &mut Guard) -> Result<()>) -> Result<f64> {
+fn first_reply_ms(server: &Server, up: Up) -> Result<f64> {
     let port = free_port()?;
     let start = Instant::now();
     let mut guard = server.spawn(port)?;
@@ -354,60 +357,85 @@ pub fn run(ws: &Workspace, opts: &StdOptions) -> Result<()> {
         image::kib(std::fs::metadata(&native)?.len())
     );
 
-    let mut boot: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    for run in 0..opts.runs {
-        eprintln!("bench std: boot run {}/{}", run + 1, opts.runs);
-        for (i, s) in servers.iter().enumerate() {
-            boot[i].push(first_reply_ms(s, echo_up)?);
-        }
-    }
-    let mut load: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
-    for round in 0..opts.rounds {
-        eprintln!("bench std: load round {}/{}", round + 1, opts.rounds);
-        for (i, s) in servers.iter().enumerate() {
-            let port = free_port()?;
-            let mut guard = s.spawn(port)?;
-            Client::when_up(port, &mut guard)?;
-            load[i].push(
-                echo_load(port, opts.clients, opts.requests)
-                    .with_context(|| format!("echo load on the {}", s.name(APP)))?,
-            );
-        }
-    }
+    let ratio = compare(
+        APP,
+        &servers,
+        opts,
+        (echo_up, "spawn to first reply"),
+        &format!("echo req/s, {} connections", opts.clients),
+        |port| echo_load(port, opts.clients, opts.requests),
+    )?;
     println!(
-        "\n| server | spawn to first reply, ms (median of {}) | echo req/s, {} connections (median of {}) | p99 latency, ms |",
-        opts.runs, opts.clients, opts.rounds
-    );
-    println!("|---|---:|---:|---:|");
-    let mut rps = [0.0; 2];
-    for (i, s) in servers.iter().enumerate() {
-        rps[i] = median(load[i].iter().map(|l| l.0).collect());
-        println!(
-            "| {} | {:.1} | {:.0} | {:.2} |",
-            s.name(APP),
-            median(boot[i].clone()),
-            rps[i],
-            median(load[i].iter().map(|l| l.1).collect())
-        );
-    }
-    println!(
-        "\nimage/native throughput: {:.2}x (target >= 0.5x); Hermit's published uhyve hello: 60 ms to first output",
-        rps[0] / rps[1]
+        "\nimage/native throughput: {ratio:.2}x (target >= 0.5x); Hermit's published uhyve hello: 60 ms to first output"
     );
 
     eprintln!("bench std: migrations");
     let (downtimes, gap) = migrations(&shim, img, opts.runs)?;
-    println!("\n| live migration of {APP} under echo load | median | min–max |\n|---|---:|---:|");
+    downtime_rows(&format!("{APP} under echo load"), &downtimes);
+    println!("| client's longest gap between replies, ms | {gap:.1} | |");
+    axum(ws, &shim, opts)
+}
+
+/// `app` as an image and as a native process, side by side: `opts.runs`
+/// boots (spawn to first reply, as `up.0` sees it; `up.1` names it) and
+/// `opts.rounds` rounds of `load` (req/s and p99 ms, on a fresh server
+/// each, labelled `load_label`), printed as a table; returns image/native
+/// throughput.
+fn compare(
+    app: &str,
+    servers: &[Server; 2],
+    opts: &StdOptions,
+    up: (Up, &str),
+    load_label: &str,
+    load: impl Fn(u16) -> Result<(f64, f64)>,
+) -> Result<f64> {
+    let mut boot: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for run in 0..opts.runs {
+        eprintln!("bench std: {app} boot run {}/{}", run + 1, opts.runs);
+        for (i, s) in servers.iter().enumerate() {
+            boot[i].push(first_reply_ms(s, up.0)?);
+        }
+    }
+    let mut loads: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..opts.rounds {
+        eprintln!("bench std: {app} load round {}/{}", round + 1, opts.rounds);
+        for (i, s) in servers.iter().enumerate() {
+            let port = free_port()?;
+            let mut guard = s.spawn(port)?;
+            (up.0)(port, &mut guard)?;
+            loads[i].push(load(port).with_context(|| format!("load on the {}", s.name(app)))?);
+        }
+    }
+    println!(
+        "\n| server | {}, ms (median of {}) | {load_label} (median of {}) | p99 latency, ms |",
+        up.1, opts.runs, opts.rounds
+    );
+    println!("|---|---:|---:|---:|");
+    let mut rps = [0.0; 2];
+    for (i, s) in servers.iter().enumerate() {
+        rps[i] = median(loads[i].iter().map(|l| l.0).collect());
+        println!(
+            "| {} | {:.1} | {:.0} | {:.2} |",
+            s.name(app),
+            median(boot[i].clone()),
+            rps[i],
+            median(loads[i].iter().map(|l| l.1).collect())
+        );
+    }
+    Ok(rps[0] / rps[1])
+}
+
+/// The table of migration downtimes (`what` says of which app, under what).
+fn downtime_rows(what: &str, downtimes: &[f64]) {
+    println!("\n| live migration of {what} | median | min–max |\n|---|---:|---:|");
     let (min, max) = downtimes
         .iter()
         .fold((f64::MAX, 0f64), |(lo, hi), &d| (lo.min(d), hi.max(d)));
     println!(
         "| downtime, ms ({} migrations A↔B) | {:.2} | {min:.2}–{max:.2} |",
         downtimes.len(),
-        median(downtimes.clone())
+        median(downtimes.to_vec())
     );
-    println!("| client's longest gap between replies, ms | {gap:.1} | |");
-    axum(ws, &shim, opts)
 }
 
 /// The axum rows: axum-hello as an image vs as a native process, with `wrk`.
@@ -433,61 +461,27 @@ fn axum(ws: &Workspace, shim: &Path, opts: &StdOptions) -> Result<()> {
         "| native {AXUM} (Linux, release) | {} |",
         image::kib(std::fs::metadata(&native)?.len())
     );
-    let mut boot: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    for run in 0..opts.runs {
-        eprintln!("bench std: {AXUM} boot run {}/{}", run + 1, opts.runs);
-        for (i, s) in servers.iter().enumerate() {
-            boot[i].push(first_reply_ms(s, http_up)?);
-        }
-    }
-    let mut load: [Vec<Wrk>; 2] = [Vec::new(), Vec::new()];
-    for round in 0..opts.rounds {
-        eprintln!("bench std: {AXUM} wrk round {}/{}", round + 1, opts.rounds);
-        for (i, s) in servers.iter().enumerate() {
-            let port = free_port()?;
-            let mut guard = s.spawn(port)?;
-            http_up(port, &mut guard)?;
+    let ratio = compare(
+        AXUM,
+        &servers,
+        opts,
+        (http_up, "spawn to first HTTP reply"),
+        &format!("wrk req/s, {} connections, {WRK_SECS} s", opts.clients),
+        |port| {
             let w = wrk(port, opts.clients, WRK_SECS)?;
             if w.errors > 0 {
-                bail!("wrk saw {} errors on the {}", w.errors, s.name(AXUM));
+                bail!("wrk saw {} errors", w.errors);
             }
-            load[i].push(w);
-        }
-    }
-    println!(
-        "\n| server | spawn to first HTTP reply, ms (median of {}) | wrk req/s, {} connections, {WRK_SECS} s (median of {}) | p99 latency, ms |",
-        opts.runs, opts.clients, opts.rounds
-    );
-    println!("|---|---:|---:|---:|");
-    let mut rps = [0.0; 2];
-    for (i, s) in servers.iter().enumerate() {
-        rps[i] = median(load[i].iter().map(|w| w.rps).collect());
-        println!(
-            "| {} | {:.1} | {:.0} | {:.2} |",
-            s.name(AXUM),
-            median(boot[i].clone()),
-            rps[i],
-            median(load[i].iter().map(|w| w.p99_ms).collect())
-        );
-    }
-    println!(
-        "\nimage/native throughput: {:.2}x (target >= 0.5x)",
-        rps[0] / rps[1]
-    );
+            Ok((w.rps, w.p99_ms))
+        },
+    )?;
+    println!("\nimage/native throughput: {ratio:.2}x (target >= 0.5x)");
 
     eprintln!("bench std: {AXUM} migrations under wrk");
     let (downtimes, during) = axum_migrations(shim, img, opts)?;
-    println!(
-        "\n| live migration of {AXUM} under wrk ({} connections) | median | min–max |\n|---|---:|---:|",
-        opts.clients
-    );
-    let (min, max) = downtimes
-        .iter()
-        .fold((f64::MAX, 0f64), |(lo, hi), &d| (lo.min(d), hi.max(d)));
-    println!(
-        "| downtime, ms ({} migrations A↔B) | {:.2} | {min:.2}–{max:.2} |",
-        downtimes.len(),
-        median(downtimes.clone())
+    downtime_rows(
+        &format!("{AXUM} under wrk ({} connections)", opts.clients),
+        &downtimes,
     );
     println!(
         "| wrk during the migrations: req/s, p99 ms, errors | {:.0} | {:.2} ms, {} errors |",
@@ -527,7 +521,7 @@ fn axum_migrations(shim: &Path, image: &Path, opts: &StdOptions) -> Result<(Vec<
     for i in 0..opts.runs {
         let (from, to) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
         let started = Instant::now();
-        let out = from.cli(&["migrate", "web", "--to", &to.addr])?;
+        let out = from.cli(&["migrate", "web", "--to", &to.addr, "--json"])?;
         downtimes.push(parse_output(&out)?.downtime_ms);
         thread::sleep(Duration::from_secs(1).saturating_sub(started.elapsed()));
     }
