@@ -41,8 +41,9 @@ impl CheckpointPort {
     /// Listens on a fresh socket; the first connection gets `restore` (the
     /// chain to restore, empty for none) and hands its checkpoints to `dir`
     /// (`None`: they are acknowledged and dropped, as by our shim without
-    /// `--checkpoint-to`).
-    pub fn listen(restore: Vec<u8>, dir: Option<PathBuf>) -> Result<Self, Error> {
+    /// `--checkpoint-to`), refusing any that would take the chain past
+    /// `limit` bytes.
+    pub fn listen(restore: Vec<u8>, dir: Option<PathBuf>, limit: u64) -> Result<Self, Error> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let path = std::env::temp_dir().join(format!(
             "host-shim-{}-{}.ckpt.sock",
@@ -50,12 +51,17 @@ impl CheckpointPort {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_file(&path);
-        Self::listen_at(path, restore, dir)
+        Self::listen_at(path, restore, dir, limit)
     }
 
     /// As [`Self::listen`], on the socket `path` (Firecracker connects to
     /// `UDS_PATH_PORT` when the guest connects to vsock port `PORT`).
-    pub fn listen_at(path: PathBuf, restore: Vec<u8>, dir: Option<PathBuf>) -> Result<Self, Error> {
+    pub fn listen_at(
+        path: PathBuf,
+        restore: Vec<u8>,
+        dir: Option<PathBuf>,
+        limit: u64,
+    ) -> Result<Self, Error> {
         let listener = UnixListener::bind(&path)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|e| {
@@ -78,7 +84,7 @@ impl CheckpointPort {
                 let _ = std::fs::remove_file(&socket);
                 now_connected.store(true, Ordering::Release);
                 let sinks = dir.map(DirSink::new).into_iter().collect();
-                if let Err(e) = serve(stream, &restore, sinks) {
+                if let Err(e) = serve(stream, &restore, sinks, Chain::with_limit(limit)) {
                     tracing::warn!("checkpoint port: {e}");
                 }
             })
@@ -133,11 +139,15 @@ fn accept(listener: &UnixListener, stop: &AtomicBool) -> Option<UnixStream> {
 
 /// Sends `restore`, then stores and acknowledges blobs until QEMU closes
 /// its end.
-fn serve(mut stream: impl Read + Write, restore: &[u8], mut sinks: Vec<DirSink>) -> io::Result<()> {
+fn serve(
+    mut stream: impl Read + Write,
+    restore: &[u8],
+    mut sinks: Vec<DirSink>,
+    mut chain: Chain,
+) -> io::Result<()> {
     stream.write_all(&(restore.len() as u64).to_le_bytes())?;
     stream.write_all(restore)?;
     stream.flush()?;
-    let mut chain = Chain::default();
     let mut pending = Vec::new();
     let mut buf = vec![0u8; 256 << 10];
     loop {
@@ -231,7 +241,13 @@ mod tests {
             input: io::Cursor::new([&base[..], &d1, &d3].concat()),
             output: Vec::new(),
         };
-        serve(&mut guest, b"RESTORE", vec![DirSink::new(dir.clone())]).unwrap();
+        serve(
+            &mut guest,
+            b"RESTORE",
+            vec![DirSink::new(dir.clone())],
+            Chain::default(),
+        )
+        .unwrap();
         let out = guest.output;
         assert_eq!(out[..8], 7u64.to_le_bytes());
         assert_eq!(&out[8..15], b"RESTORE");
