@@ -31,7 +31,11 @@ fn path() -> &'static PathBuf {
 pub fn run(data: &[u8]) {
     let path = path();
     std::fs::write(path, data).expect("write the store file");
-    let fleet = Fleet::new(Box::new(FileStore::new(path)));
+    read_back(&Fleet::new(Box::new(FileStore::new(path))));
+    let _ = std::fs::remove_file(path);
+}
+
+fn read_back(fleet: &Fleet) {
     if let Ok(hosts) = fleet.hosts() {
         for h in &hosts {
             let _ = h.addr();
