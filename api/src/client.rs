@@ -24,6 +24,97 @@ use crate::{
 /// at most a few KiB, a migration event less).
 pub const MAX_STREAMED_LINE: usize = 1 << 20;
 
+/// Why the next line of a streamed answer could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LineError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("a streamed line longer than {0} bytes")]
+    TooLong(usize),
+}
+
+/// Reads the next line of a streamed answer (without its end; invalid
+/// UTF-8 replaced), taking at most `max` bytes of it: `None` at the end of
+/// the stream, an error for a longer line.
+pub fn read_streamed_line(
+    reader: &mut impl BufRead,
+    max: usize,
+) -> Result<Option<String>, LineError> {
+    let mut line = Vec::new();
+    let limit = max as u64 + 1;
+    let n = reader.take(limit).read_until(b'\n', &mut line)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.last() != Some(&b'\n') && n as u64 == limit {
+        return Err(LineError::TooLong(max));
+    }
+    let text = String::from_utf8_lossy(&line);
+    Ok(Some(text.trim_end_matches(['\n', '\r']).to_owned()))
+}
+
+/// Why a migration's event stream gave no report.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum EventsError {
+    /// A line that is not a [`MigrationEvent`].
+    #[error("bad migration event {line:?}: {error}")]
+    Bad { line: String, error: String },
+    /// The stream ended before its `done` or `failed` event.
+    #[error("the migration stream ended without a result")]
+    NoResult,
+    /// The migration failed (in `phase`); `error` says where the guest runs.
+    #[error("{error}")]
+    Failed {
+        phase: MigrationPhase,
+        error: String,
+    },
+}
+
+/// Decodes the events a source daemon streams for a migration, line by
+/// line ([`Client::migrate`]); after a bad line, the rest is ignored.
+#[derive(Debug, Default)]
+pub struct MigrationEvents {
+    last: Option<MigrationEvent>,
+    bad: Option<EventsError>,
+}
+
+impl MigrationEvents {
+    /// Takes one line; the event it holds, unless it or an earlier line
+    /// was bad.
+    pub fn line(&mut self, line: &str) -> Option<&MigrationEvent> {
+        if self.bad.is_some() {
+            return None;
+        }
+        match serde_json::from_str(line) {
+            Ok(event) => {
+                self.last = Some(event);
+                self.last.as_ref()
+            }
+            Err(e) => {
+                self.bad = Some(EventsError::Bad {
+                    line: line.to_owned(),
+                    error: e.to_string(),
+                });
+                None
+            }
+        }
+    }
+
+    /// The migration's report, once the stream ended.
+    pub fn finish(self) -> Result<MigrationReport, EventsError> {
+        if let Some(bad) = self.bad {
+            return Err(bad);
+        }
+        match self.last {
+            Some(MigrationEvent::Done(report)) => Ok(report),
+            Some(MigrationEvent::Failed { phase, error }) => {
+                Err(EventsError::Failed { phase, error })
+            }
+            _ => Err(EventsError::NoResult),
+        }
+    }
+}
+
 /// A connection to a daemon: plain TCP, or TLS with the `tls` feature.
 #[cfg(feature = "tls")]
 pub use crate::tls::Stream;
@@ -334,26 +425,16 @@ impl Client {
         let bytes = serde_json::to_vec(body).expect("serializable");
         let mut reader = self.upgrade(path, PROGRESS_PROTOCOL, &bytes)?;
         let mut last = String::new();
-        let mut line = Vec::new();
         loop {
-            line.clear();
-            let limit = MAX_STREAMED_LINE as u64 + 1;
-            let n = (&mut reader)
-                .take(limit)
-                .read_until(b'\n', &mut line)
-                .map_err(self.io())?;
-            if n == 0 {
-                return Ok(last);
+            match read_streamed_line(&mut reader, MAX_STREAMED_LINE) {
+                Ok(Some(text)) => {
+                    on_line(&text);
+                    last = text;
+                }
+                Ok(None) => return Ok(last),
+                Err(LineError::Io(e)) => return Err(self.io()(e)),
+                Err(e @ LineError::TooLong(_)) => return Err(self.protocol(e.to_string())),
             }
-            if line.last() != Some(&b'\n') && n as u64 == limit {
-                return Err(self.protocol(format!(
-                    "a streamed line longer than {MAX_STREAMED_LINE} bytes"
-                )));
-            }
-            let text = String::from_utf8_lossy(&line);
-            let text = text.trim_end_matches(['\n', '\r']);
-            on_line(text);
-            last = text.to_owned();
         }
     }
 
@@ -570,30 +651,16 @@ impl Client {
         req: &MigrateRequest,
         mut on_event: impl FnMut(&MigrationEvent),
     ) -> Result<MigrationReport, ClientError> {
-        let mut last = None;
-        let mut bad = None;
+        let mut events = MigrationEvents::default();
         self.stream_lines(&instance(name, "migrate"), req, |line| {
-            if bad.is_some() {
-                return;
-            }
-            match serde_json::from_str::<MigrationEvent>(line) {
-                Ok(event) => {
-                    on_event(&event);
-                    last = Some(event);
-                }
-                Err(e) => bad = Some(format!("bad migration event {line:?}: {e}")),
+            if let Some(event) = events.line(line) {
+                on_event(event);
             }
         })?;
-        if let Some(detail) = bad {
-            return Err(self.protocol(detail));
-        }
-        match last {
-            Some(MigrationEvent::Done(report)) => Ok(report),
-            Some(MigrationEvent::Failed { phase, error }) => {
-                Err(ClientError::Migration { phase, error })
-            }
-            _ => Err(self.protocol("the migration stream ended without a result".into())),
-        }
+        events.finish().map_err(|e| match e {
+            EventsError::Failed { phase, error } => ClientError::Migration { phase, error },
+            e => self.protocol(e.to_string()),
+        })
     }
 
     /// `POST /v1/standby`: registers an instance the daemon is to stand by

@@ -36,7 +36,10 @@ pub mod stats;
 pub mod tls;
 
 #[cfg(feature = "http")]
-pub use client::{Answer, Client, ClientError, Stream};
+pub use client::{
+    read_streamed_line, Answer, Client, ClientError, EventsError, LineError, MigrationEvents,
+    Stream,
+};
 pub use fingerprint::{decode_hex, encode_hex, Fingerprint};
 pub use images::{ImageInfo, HASH_PREFIX};
 pub use limits::Limits;

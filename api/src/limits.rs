@@ -51,6 +51,10 @@ pub struct Limits {
     pub max_guest_memory: u64,
     /// Published ports per instance (`--max-publish`).
     pub max_publish: usize,
+    /// Bytes an instance's checkpoint chain may hold (`--max-checkpoint`);
+    /// `None`: twice its memory, at most what a restore accepts.
+    #[serde(default)]
+    pub max_checkpoint: Option<u64>,
     /// File descriptors the daemon may have open (its `RLIMIT_NOFILE`,
     /// raised to the hard limit at start).
     #[serde(default = "default_max_open_files")]
@@ -71,6 +75,7 @@ impl Default for Limits {
             max_instances: default_max_instances(mem),
             max_guest_memory: guest_memory_for(mem, DEFAULT_OVERCOMMIT),
             max_publish: DEFAULT_MAX_PUBLISH,
+            max_checkpoint: None,
             max_open_files: DEFAULT_MAX_OPEN_FILES,
             allow_privileged_ports: false,
         }

@@ -620,6 +620,9 @@ impl Daemon {
         machine
             .doorbell
             .set_checkpoint_latest(Some(Arc::clone(&checkpoints)));
+        machine
+            .doorbell
+            .set_checkpoint_max(self.config.limits.max_checkpoint);
         let handle = match self.start_instance(machine) {
             Ok(h) => h,
             Err(e) => {

@@ -1,9 +1,10 @@
 //! Fuzz targets for every decoder of bytes that come from outside the shim: guest memory and
 //! registers, snapshot files, migration peers, checkpoint blobs, API callers and overlay
-//! datagrams, and the kv app's protocol and store.
+//! datagrams, JSON from other processes (a daemon's migration events, the fleet store's
+//! records), and the kv app's protocol and store.
 //!
 //! Each target is a module with `run(data: &[u8])`, a thin driver of the real decoder in
-//! `host-shim`/`abi`/`kv-core`: `fuzz_targets/<name>.rs` hands it to libFuzzer
+//! `vmm`/`migration`/`daemon`/`hostnet`/`api`/`fleet`/`abi`/`kv-core`: `fuzz_targets/<name>.rs` hands it to libFuzzer
 //! (`cargo xtask fuzz NAME`), `tests/smoke.rs` runs it over the committed corpus and mutated inputs in the ordinary tests.
 //! A target panics only when the decoder does (or breaks a property it asserts). [`seeds`]
 //! builds each target's seed corpus with the real encoders.
@@ -11,8 +12,10 @@
 pub mod checkpoint;
 pub mod doorbell;
 pub mod elf_loader;
+pub mod fleet_store;
 pub mod http_request;
 pub mod kv;
+pub mod migration_events;
 pub mod migration_stream;
 pub mod overlay;
 pub mod seeds;
@@ -33,6 +36,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("http_request", http_request::run),
     ("overlay", overlay::run),
     ("kv", kv::run),
+    ("migration_events", migration_events::run),
+    ("fleet_store", fleet_store::run),
 ];
 
 /// Reads fields off the front of a fuzz input; past its end every field is zero.

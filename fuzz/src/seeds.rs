@@ -1,6 +1,6 @@
 //! Seed inputs for each target, made with the real encoders (image builder, snapshot writer,
-//! migration and checkpoint encoders, probe and VXLAN encoders, kv's RESP encoder), so fuzzing starts from valid
-//! inputs. `cargo xtask fuzz --seed` writes them to `fuzz/corpus/<target>/`.
+//! migration and checkpoint encoders, probe and VXLAN encoders, kv's RESP encoder, the JSON
+//! of migration events and of the fleet store), so fuzzing starts from valid inputs. `cargo xtask fuzz --seed` writes them to `fuzz/corpus/<target>/`.
 
 use abi::hypercall::{
     CheckpointWrite, ConsoleWrite, FaultReport, PanicReport, HC_CHECKPOINT, HC_CONSOLE_WRITE,
@@ -11,15 +11,11 @@ use migration::protocol::{
     encode_pages, write_msg, write_value, Accept, Ack, Hello, Kind, PROTOCOL_VERSION,
 };
 use vm_memory::{Bytes, GuestAddress};
-use vmm::devices::persist::{ConnectedNetState, DeviceStates};
-use vmm::devices::virtio::mmio::persist::{QueueState, TransportState};
-use vmm::devices::virtio::net::persist::NetState;
-use vmm::snapshot::format::write_snapshot;
-use vmm::snapshot::state::{GuestSpec, ImageId, MachineState, NicSpec};
-use vmm::testutil::TestImage;
-use vmm::vstate::vcpu::VcpuState;
+use vmm::devices::virtio::mmio::persist::QueueState;
+use vmm::snapshot::format::write_snapshot_at;
+use vmm::snapshot::state::{MachineState, NicSpec};
+use vmm::testutil::{sample_machine_state, TestImage};
 use vmm::vstate::vm::allocate;
-use vmm::vstate::vm::ClockState;
 use zerocopy::{Immutable, IntoBytes};
 
 use crate::virtio_net::{ring, Op, SIZE};
@@ -40,6 +36,8 @@ pub fn seeds(name: &str) -> Vec<(&'static str, Vec<u8>)> {
         "http_request" => http(),
         "overlay" => overlay(),
         "kv" => kv(),
+        "migration_events" => migration_events(),
+        "fleet_store" => vec![("hosts-apps-events", fleet_store())],
         _ => panic!("no target {name}"),
     }
 }
@@ -174,95 +172,38 @@ fn doorbell() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-/// A guest's state as the snapshot writer and the migration source produce it.
+/// A guest's state as the snapshot writer and the migration source produce it: the shared
+/// sample ([`vmm::testutil::sample_machine_state`]) with the fuzz targets' guest memory, a
+/// network card, and its queues where the `virtio_net` target lays out its rings, so a restore
+/// serves real descriptors.
 fn machine_state(mem_size: u64) -> MachineState {
-    MachineState {
-        spec: GuestSpec {
-            name: "kv".into(),
-            image: ImageId {
-                path: "/images/kv.img".into(),
-                size: 4096,
-                sha256: "ab".repeat(32),
-            },
-            cmdline: "lc.host=a -- --port 6379".into(),
-            mem_size,
-            kvmclock: true,
-            nic: Some(NicSpec {
-                mac: [2, 0, 0, 0, 0, 1],
-                ip: [10, 0, 0, 2].into(),
-                prefix: 24,
-                gateway: Some([10, 0, 0, 1].into()),
-            }),
-            cpuid: vec![kvm_bindings::kvm_cpuid_entry2 {
-                function: 1,
-                ecx: 0x8000_0000,
-                ..Default::default()
-            }],
-            env: vec![("K".into(), "V".into())],
-            args: vec!["--port".into(), "6379".into()],
-            generation: 1,
-        },
-        vcpu: VcpuState {
-            mp_state: Default::default(),
-            regs: kvm_bindings::kvm_regs {
-                rip: 0x10_1234,
-                ..Default::default()
-            },
-            sregs: Default::default(),
-            xsave: None,
-            xcrs: None,
-            debugregs: Some(Default::default()),
-            lapic: None,
-            msrs: vec![kvm_bindings::kvm_msr_entry {
-                index: 0x4b56_4d01,
-                data: 0x5001,
-                ..Default::default()
-            }],
-            vcpu_events: None,
-        },
-        clock: ClockState {
-            clock: kvm_bindings::kvm_clock_data {
-                clock: 42,
-                ..Default::default()
-            },
-        },
-        devices: DeviceStates {
-            net: vec![ConnectedNetState {
-                transport: TransportState {
-                    base: vmm::devices::virtio::window_base(0),
-                    device_type: 1,
-                    queue_sel: 1,
-                    device_features_sel: 1,
-                    driver_features_sel: 1,
-                    driver_features: (1 << 32) | (1 << 5),
-                    status: 15,
-                    interrupt_status: 0,
-                    config_generation: 0,
-                    active: true,
-                    errors: 0,
-                    addrs: (0..2)
-                        .map(|q| [ring(q), ring(q) + 0x400, ring(q) + 0x800])
-                        .collect(),
-                    queues: (0..2)
-                        .map(|q| QueueState {
-                            max_size: vmm::devices::virtio::net::QUEUE_MAX,
-                            size: SIZE,
-                            ready: true,
-                            desc_table: ring(q),
-                            avail_ring: ring(q) + 0x400,
-                            used_ring: ring(q) + 0x800,
-                            ..Default::default()
-                        })
-                        .collect(),
-                },
-                device: NetState {
-                    mac: [2, 0, 0, 0, 0, 1],
-                    halted: [false, false],
-                    pending_rx: vec![vec![0xff; 60]],
-                },
-            }],
-        },
-    }
+    let mut state = sample_machine_state();
+    state.spec.mem_size = mem_size;
+    state.spec.nic = Some(NicSpec {
+        mac: [2, 0, 0, 0, 0, 1],
+        ip: [10, 0, 0, 2].into(),
+        prefix: 24,
+        gateway: Some([10, 0, 0, 1].into()),
+    });
+    let net = &mut state.devices.net[0];
+    net.transport.base = vmm::devices::virtio::window_base(0);
+    net.transport.driver_features |= 1 << 5;
+    net.transport.addrs = (0..2)
+        .map(|q| [ring(q), ring(q) + 0x400, ring(q) + 0x800])
+        .collect();
+    net.transport.queues = (0..2)
+        .map(|q| QueueState {
+            max_size: vmm::devices::virtio::net::QUEUE_MAX,
+            size: SIZE,
+            ready: true,
+            desc_table: ring(q),
+            avail_ring: ring(q) + 0x400,
+            used_ring: ring(q) + 0x800,
+            ..Default::default()
+        })
+        .collect();
+    net.device.pending_rx = vec![vec![0xff; 60]];
+    state
 }
 
 const GUEST_MEM: u64 = 64 << 10;
@@ -274,7 +215,10 @@ fn snapshot() -> Vec<u8> {
     mem.write_slice(&[7; 16], GuestAddress(0x8000))
         .expect("in RAM");
     let mut out = Vec::new();
-    write_snapshot(&mut out, "host-a", &machine_state(GUEST_MEM), &mem).expect("write snapshot");
+    // A fixed time: the seed is the same bytes on every run.
+    let taken = 1_765_000_000_000;
+    write_snapshot_at(&mut out, "host-a", taken, &machine_state(GUEST_MEM), &mem)
+        .expect("write snapshot");
     out
 }
 
@@ -435,4 +379,177 @@ fn kv() -> Vec<(&'static str, Vec<u8>)> {
         ("inline", [&[3u8][..], inline].concat()),
         ("partial-bulk", [&[4u8][..], &partial].concat()),
     ]
+}
+
+/// What a source daemon streams for a migration that succeeds and one that fails, one JSON
+/// event a line, after the byte that picks the line bound (4 KiB).
+fn migration_events() -> Vec<(&'static str, Vec<u8>)> {
+    use api::{MigrationEvent as E, MigrationPhase, MigrationReport};
+    let report = MigrationReport {
+        name: "kv".into(),
+        to: "10.0.0.2:7000".into(),
+        downtime_ms: 4.95,
+        total_ms: 312.5,
+        bytes: 5 << 20,
+        pages: 1280,
+        mem: 64 << 20,
+        rounds: 3,
+        skipped: Some(200),
+    };
+    let started = E::Started {
+        name: "kv".into(),
+        mem: 64 << 20,
+        from: "host-a".into(),
+        to_name: "host-b".into(),
+        to: "10.0.0.2:7000".into(),
+        region: "eu-west".into(),
+    };
+    let done = [
+        started.clone(),
+        E::Round {
+            round: 0,
+            dirty: 1200,
+            pages: 1200,
+            bytes: 4_915_200,
+            catch_up: false,
+            skipped: Some(200),
+        },
+        E::Round {
+            round: 1,
+            dirty: 80,
+            pages: 80,
+            bytes: 327_680,
+            catch_up: true,
+            skipped: None,
+        },
+        E::Paused {
+            dirty: 12,
+            bytes: 49_152,
+            skipped: None,
+        },
+        E::Note {
+            message: "asking the destination again whether kv runs there".into(),
+        },
+        E::Running {
+            name: "kv".into(),
+            on: "host-b".into(),
+            downtime_ms: 4.95,
+            restore_ms: Some(1.25),
+        },
+        E::Timeline {
+            marks: vec![("connected".into(), 2.5), ("paused".into(), 300.0)],
+            hints_ms: 0.5,
+        },
+        E::Done(report),
+    ];
+    let failed = [
+        started,
+        E::Failed {
+            phase: MigrationPhase::Commit,
+            error: "the destination did not answer; kv keeps running here".into(),
+        },
+    ];
+    let lines = |events: &[E]| {
+        let mut out = vec![255u8];
+        for e in events {
+            out.extend(serde_json::to_vec(e).expect("an event encodes"));
+            out.push(b'\n');
+        }
+        out
+    };
+    vec![("done", lines(&done)), ("failed", lines(&failed))]
+}
+
+/// A fleet store file as the CLI, registered hosts and the event log write it: two hosts (one
+/// pinned with a token, one registered with its capacity), an app, and events of each kind.
+fn fleet_store() -> Vec<u8> {
+    use fleet::events::{Event, Kind};
+    use fleet::store::{Expect, FileStore};
+    use fleet::{App, Capacity, Fleet, Host};
+    let dir = std::env::temp_dir().join(format!("host-shim-fuzz-seed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a scratch directory");
+    let path = dir.join("fleet.json");
+    let _ = std::fs::remove_file(&path);
+    let fleet = Fleet::new(Box::new(FileStore::new(&path)));
+    let hosts = [
+        Host {
+            name: "eu-west".into(),
+            url: "https://203.0.113.5:7443".into(),
+            region: "eu-west".into(),
+            fingerprint: Some(format!("SHA256:{}", "ab".repeat(32))),
+            token: Some("43d8".repeat(16)),
+            ..Host::default()
+        },
+        Host {
+            name: "us-east".into(),
+            url: "http://198.51.100.7:7000".into(),
+            region: "us-east".into(),
+            overlay: Some("198.51.100.7:4789".into()),
+            capacity: Some(Capacity {
+                max_instances: 4096,
+                max_guest_memory: 24 << 30,
+            }),
+            registered: true,
+            ..Host::default()
+        },
+    ];
+    let store = "writing the seed's fleet store";
+    for h in &hosts {
+        fleet.put_host(h, Expect::Absent).expect(store);
+    }
+    let app = App {
+        name: "kv".into(),
+        host: "eu-west".into(),
+        image: format!("sha256:{}", "cd".repeat(32)),
+    };
+    fleet.put_app(&app, Expect::Absent).expect(store);
+    let event = |kind, app: Option<&str>, hosts: &[&str], details| Event {
+        time: 1_765_000_000.5,
+        ..Event::new(kind, app, hosts, details)
+    };
+    for e in [
+        event(Kind::HostUp, None, &["us-east"], serde_json::Value::Null),
+        event(
+            Kind::Deploy,
+            Some("kv"),
+            &["eu-west"],
+            serde_json::Value::Null,
+        ),
+        event(
+            Kind::MigrationStarted,
+            Some("kv"),
+            &["eu-west", "us-east"],
+            serde_json::Value::Null,
+        ),
+        event(
+            Kind::MigrationDone,
+            Some("kv"),
+            &["eu-west", "us-east"],
+            serde_json::json!({"downtime_ms": 4.95, "total_ms": 312.5, "bytes": 5242880}),
+        ),
+        event(
+            Kind::MigrationFailed,
+            Some("kv"),
+            &["us-east", "eu-west"],
+            serde_json::json!({"error": "the destination did not answer"}),
+        ),
+        event(
+            Kind::LeaderChange,
+            None,
+            &[],
+            serde_json::json!({"replica": "r1"}),
+        ),
+        event(Kind::HostDown, None, &["us-east"], serde_json::Value::Null),
+        event(
+            Kind::Stop,
+            Some("kv"),
+            &["eu-west"],
+            serde_json::Value::Null,
+        ),
+    ] {
+        fleet.record(&e).expect(store);
+    }
+    let bytes = std::fs::read(&path).expect(store);
+    let _ = std::fs::remove_dir_all(&dir);
+    bytes
 }

@@ -116,8 +116,20 @@ struct Seen {
 
 /// Runs kv, then `hostile MODE ARGS` (with `run_extra` flags) on `daemon`;
 /// watches the daemon for [`ATTACK`] (pinging kv all along; a missed PONG
-/// fails the test) and stops the hostile instance.
+/// fails the test).
 fn attack(daemon: &Daemon, mode: &[&str], run_extra: &[&str], disk: Option<&Path>) -> Seen {
+    attack_with(daemon, mode, run_extra, disk, || ()).0
+}
+
+/// [`attack`], with `also` started once the hostile instance runs (what it
+/// returns is kept until the attack is over).
+fn attack_with<T>(
+    daemon: &Daemon,
+    mode: &[&str],
+    run_extra: &[&str],
+    disk: Option<&Path>,
+    also: impl FnOnce() -> T,
+) -> (Seen, T) {
     let (kv_port, _kv) = run_kv(daemon);
     let pid = daemon.child.id();
     let before = rss_kib(pid);
@@ -129,6 +141,7 @@ fn attack(daemon: &Daemon, mode: &[&str], run_extra: &[&str], disk: Option<&Path
     args.push("--");
     args.extend(mode);
     daemon.cli(&args);
+    let kept = also();
     let mut seen = Seen {
         rss_growth_kib: 0,
         slowest_ping: Duration::ZERO,
@@ -159,7 +172,7 @@ fn attack(daemon: &Daemon, mode: &[&str], run_extra: &[&str], disk: Option<&Path
         seen.slowest_ping,
         seen.max_disk >> 20
     );
-    seen
+    (seen, kept)
 }
 
 /// Stops the hostile instance; the daemon's log after it has settled.
@@ -224,7 +237,7 @@ fn a_delta_flood_is_refused_past_the_chain_limit() {
     let log = stop_hostile(&daemon);
     // The chain (at most 2x the guest's memory) is the daemon's only copy
     // (a waiter may hold one more); unbounded, 1 GB in seconds.
-    let limit_mib = vmm::checkpoint::limit_for(HOSTILE_MEM_MIB << 20) >> 20;
+    let limit_mib = vmm::checkpoint::limit_for(HOSTILE_MEM_MIB << 20, None) >> 20;
     assert!(
         seen.rss_growth_kib >> 10 < 2 * limit_mib + 64,
         "the daemon grew by {} MiB (chain limit {limit_mib} MiB)",
@@ -256,7 +269,7 @@ fn a_disk_fill_stays_under_the_instance_cap() {
     let s = hostile_stats(&daemon);
     let log = stop_hostile(&daemon);
     // The chain on disk plus one full checkpoint being replaced.
-    let cap = 2 * vmm::checkpoint::limit_for(HOSTILE_MEM_MIB << 20);
+    let cap = 2 * vmm::checkpoint::limit_for(HOSTILE_MEM_MIB << 20, None);
     assert!(
         seen.max_disk <= cap,
         "{} MiB of checkpoints on disk (cap {} MiB)",
@@ -341,6 +354,145 @@ fn a_broadcast_flood_with_an_overlay_peer_stays_bounded() {
         "{}",
         tail(&log)
     );
+}
+
+/// `--max-checkpoint` bounds every instance's chain instead of twice its
+/// memory: a disk fill stops at the flag's size; past what a restore
+/// accepts, `serve` and `run` refuse the flag, naming the limit; both
+/// `--help`s document it.
+#[test]
+fn the_checkpoint_limit_is_a_flag_refused_past_what_a_restore_takes() {
+    for cmd in ["serve", "run"] {
+        let help = common::shim([cmd, "--help"]);
+        assert!(help.stdout.contains("--max-checkpoint <SIZE>"), "{help:?}");
+        let mut args = vec![cmd, "--max-checkpoint", "300M"];
+        if cmd == "run" {
+            args.push("/nonexistent.img");
+        }
+        let refused = common::shim(&args);
+        // Bad flags: status 1, before anything starts.
+        assert_eq!(refused.status, Some(1), "{refused:?}");
+        assert!(
+            refused
+                .stderr
+                .contains("more than a restore accepts (256 MiB)"),
+            "{refused:?}"
+        );
+    }
+
+    let dir = TempDir::new("hostile-max-ckpt");
+    let max: u64 = 8 << 20;
+    let daemon = Daemon::start("h", 1, &["--max-checkpoint", "8M"], &dir);
+    let info = api::Client::new(&daemon.addr).info().expect("GET /v1/info");
+    let limits = info.limits.expect("the daemon reports its limits");
+    assert_eq!(limits.max_checkpoint, Some(max));
+    let ckpt = dir.path("hostile.ckpt");
+    let to = ckpt.to_str().unwrap().to_owned();
+    // 1 MiB blobs: a full checkpoint and deltas, past 8 MiB in a second.
+    let seen = attack(
+        &daemon,
+        &["disk-fill", "1024"],
+        &["--checkpoint-to", &to],
+        Some(&ckpt),
+    );
+    let s = hostile_stats(&daemon);
+    let log = stop_hostile(&daemon);
+    // The chain plus one full checkpoint being replaced; twice the memory
+    // (64 MiB) without the flag.
+    assert!(
+        seen.max_disk <= 2 * max,
+        "{} MiB of checkpoints on disk (--max-checkpoint 8M)",
+        seen.max_disk >> 20
+    );
+    assert!(s["checkpoints_refused"].as_u64().unwrap() > 0, "{s}");
+    let file = ckpt.join("latest.ckpt");
+    let chain = vmm::checkpoint::read_file(&file).expect("what is on disk restores");
+    assert!(
+        chain.len() as u64 <= max,
+        "a chain of {} bytes",
+        chain.len()
+    );
+    assert_warnings_bounded(&log, "checkpoint is not stored");
+}
+
+/// Followers of a flooding guest's console that never read: each holds at
+/// most its queue in the daemon and is cut once its writes stall past the
+/// request deadline; meanwhile kv answers and the daemon's memory stays
+/// bounded.
+#[test]
+fn a_follower_that_never_reads_costs_bounded_memory() {
+    const FOLLOWERS: usize = 4;
+    let dir = TempDir::new("hostile-follow");
+    let daemon = Daemon::start("h", 1, &["--request-timeout", "5s"], &dir);
+    let pid = daemon.child.id();
+    let mut threads_before = 0;
+    let mut threads_during = 0;
+    let (seen, followers) = attack_with(&daemon, &["console-flood"], &[], None, || {
+        threads_before = proc_status(pid, "Threads:");
+        let followers = (0..FOLLOWERS)
+            .map(|_| {
+                let mut s = TcpStream::connect(&daemon.addr).unwrap();
+                write!(
+                    s,
+                    "POST /v1/instances/hostile/logs/follow HTTP/1.1\r\nHost: x\r\n\
+                     Connection: Upgrade\r\nUpgrade: host-shim-progress\r\n\
+                     Content-Length: 0\r\n\r\n"
+                )
+                .unwrap();
+                s // never read
+            })
+            .collect::<Vec<_>>();
+        // Each is served (a connection thread and a follower thread).
+        let give_up = Instant::now() + Duration::from_secs(30);
+        while threads_during < threads_before + FOLLOWERS as u64 && Instant::now() < give_up {
+            std::thread::sleep(Duration::from_millis(50));
+            threads_during = proc_status(pid, "Threads:");
+        }
+        followers
+    });
+    // Unbounded, each follower would hold all the guest wrote (megabytes a
+    // second); bounded, its queue of lines (and the kernel's socket buffers,
+    // not the daemon's memory).
+    let per_follower = (daemon::logs::QUEUE * (vmm::console::MAX_LINE + 64)) as u64;
+    let bound = FOLLOWERS as u64 * per_follower + (48 << 20);
+    assert!(
+        seen.rss_growth_kib << 10 < bound,
+        "the daemon grew by {} MiB with {FOLLOWERS} stalled followers (bound {} MiB)",
+        seen.rss_growth_kib >> 10,
+        bound >> 20
+    );
+    // The stalled followers are cut (the write deadline, 5 s here): their
+    // threads (a connection's and a follower's each) end while the guest
+    // still floods; one or two others may come and go meanwhile.
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let mut threads = proc_status(pid, "Threads:");
+    while threads > threads_before + 2 && Instant::now() < give_up {
+        std::thread::sleep(Duration::from_millis(200));
+        threads = proc_status(pid, "Threads:");
+    }
+    assert!(
+        threads_during >= threads_before + FOLLOWERS as u64,
+        "{threads_during} daemon threads with {FOLLOWERS} followers, {threads_before} before"
+    );
+    assert!(
+        threads <= threads_before + 2,
+        "{threads} daemon threads, {threads_before} before the followers came"
+    );
+    // The daemon still answers its other callers.
+    let kv_console = daemon.cli(&["logs", "kv"]);
+    assert!(!kv_console.is_empty(), "kv's console");
+    drop(followers);
+    stop_hostile(&daemon);
+}
+
+/// A numeric field of `/proc/PID/status` (e.g. `Threads:`).
+fn proc_status(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 /// The daemon logged at most a burst and a trickle of warnings containing

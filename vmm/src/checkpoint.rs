@@ -92,11 +92,37 @@ impl Default for Chain {
 /// and in the daemon's memory), and never more than a restore accepts.
 pub const LIMIT_PER_MEM: u64 = 2;
 
-/// The chain limit of a guest with `mem_size` bytes of RAM.
-pub fn limit_for(mem_size: u64) -> u64 {
-    mem_size
-        .saturating_mul(LIMIT_PER_MEM)
+/// The chain limit of a guest with `mem_size` bytes of RAM: `max` when
+/// the operator set one (`--max-checkpoint`), else [`LIMIT_PER_MEM`] times
+/// its memory; never more than a restore accepts.
+pub fn limit_for(mem_size: u64, max: Option<u64>) -> u64 {
+    max.unwrap_or_else(|| mem_size.saturating_mul(LIMIT_PER_MEM))
         .min(abi::checkpoint::MAX_CHECKPOINT)
+}
+
+/// The smallest `--max-checkpoint`: one page (a kv base of an empty store
+/// is a few hundred bytes).
+pub const MIN_LIMIT: u64 = PAGE_SIZE;
+
+/// Parses a `--max-checkpoint` value: a size (K/M/G) from [`MIN_LIMIT`] up
+/// to [`abi::checkpoint::MAX_CHECKPOINT`], what a restore accepts; a chain
+/// larger than that could be stored but never restored.
+pub fn parse_limit(s: &str) -> Result<u64, String> {
+    let bytes = crate::config::parse_byte_size(s)?;
+    let max = abi::checkpoint::MAX_CHECKPOINT;
+    if bytes > max {
+        return Err(format!(
+            "{s} is more than a restore accepts ({} MiB): a chain that large could be \
+             stored but never restored",
+            max >> 20
+        ));
+    }
+    if bytes < MIN_LIMIT {
+        return Err(format!(
+            "{s} is less than one page ({MIN_LIMIT} bytes): no checkpoint would fit"
+        ));
+    }
+    Ok(bytes)
 }
 
 impl Chain {
@@ -390,8 +416,22 @@ mod tests {
         let mut small = Chain::with_limit(100);
         let e = small.accept(&blob(&base)).unwrap_err();
         assert!(e.contains("limit of 100"), "{e}");
-        assert_eq!(limit_for(64 << 20), 128 << 20);
-        assert_eq!(limit_for(1 << 30), abi::checkpoint::MAX_CHECKPOINT);
+        assert_eq!(limit_for(64 << 20, None), 128 << 20);
+        assert_eq!(limit_for(1 << 30, None), abi::checkpoint::MAX_CHECKPOINT);
+        assert_eq!(limit_for(64 << 20, Some(8 << 20)), 8 << 20);
+        assert_eq!(limit_for(4 << 20, Some(200 << 20)), 200 << 20);
+    }
+
+    #[test]
+    fn the_limit_flag_is_refused_past_what_a_restore_accepts() {
+        assert_eq!(parse_limit("8M"), Ok(8 << 20));
+        assert_eq!(parse_limit("256M"), Ok(abi::checkpoint::MAX_CHECKPOINT));
+        let e = parse_limit("257M").unwrap_err();
+        assert!(e.contains("more than a restore accepts (256 MiB)"), "{e}");
+        assert!(parse_limit("1K")
+            .unwrap_err()
+            .contains("less than one page"));
+        assert!(parse_limit("lots").is_err());
     }
 
     #[test]

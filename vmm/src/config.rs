@@ -65,6 +65,9 @@ pub struct RunConfig {
     pub restore: Option<PathBuf>,
     /// Where the main guest's checkpoints are stored (`DIR/latest.ckpt`).
     pub checkpoint_to: Option<PathBuf>,
+    /// The bound of its checkpoint chain (`--max-checkpoint`); `None`: by
+    /// its memory ([`crate::checkpoint::limit_for`]).
+    pub checkpoint_max: Option<u64>,
 }
 
 /// One more guest (`--also`).

@@ -364,6 +364,8 @@ mod tests {
             "elf_loader",
             "snapshot",
             "overlay",
+            "migration_events",
+            "fleet_store",
         ] {
             assert!(names.iter().any(|n| n == t), "{names:?}");
         }

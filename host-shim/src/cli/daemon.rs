@@ -234,6 +234,14 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_MAX_PUBLISH)]
     pub(crate) max_publish: usize,
 
+    /// The most bytes an instance's checkpoint chain (its app's full
+    /// checkpoint and the deltas after it) may hold, on disk and in this
+    /// daemon's memory (K/M/G, at most 256M, what a restore accepts); a
+    /// checkpoint that would go past it is refused and the app sends a full
+    /// one. [default: twice the instance's memory, at most 256M]
+    #[arg(long, value_name = "SIZE", value_parser = vmm::checkpoint::parse_limit)]
+    pub(crate) max_checkpoint: Option<u64>,
+
     /// Let instances publish host ports below 1024 (refused otherwise).
     #[arg(long)]
     pub(crate) allow_privileged_ports: bool,
@@ -296,6 +304,7 @@ impl ServeArgs {
                 })
             }),
             max_publish: self.max_publish,
+            max_checkpoint: self.max_checkpoint,
             // The soft limit raised to the hard one: a thousand guests
             // need several thousand.
             max_open_files: shim_util::sys::raise_fd_limit()

@@ -224,6 +224,14 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "DIR", group = "checkpoint_dest")]
     pub(crate) checkpoint_to: Option<PathBuf>,
 
+    /// The most bytes the app's checkpoint chain (its full checkpoint and
+    /// the deltas after it) may hold, on disk and in memory (K/M/G, at most
+    /// 256M, what a restore accepts); a checkpoint that would go past it is
+    /// refused and the app sends a full one. With --shim, the daemon's
+    /// `serve --max-checkpoint` applies. [default: twice --mem, at most 256M]
+    #[arg(long, value_name = "SIZE", value_parser = vmm::checkpoint::parse_limit)]
+    pub(crate) max_checkpoint: Option<u64>,
+
     /// With --shim: ship every checkpoint to the standby daemon at ADDR,
     /// which restarts the app from the latest one (same image, args, env,
     /// memory, published ports) when this daemon has been unreachable for
@@ -256,6 +264,12 @@ pub(crate) fn remote_run(client: &Client, args: RunArgs) -> anyhow::Result<u8> {
     if args.net.is_some() || args.mac.is_some() || args.gateway.is_some() {
         anyhow::bail!(
             "with --shim, the daemon picks the network: --net, --mac and --gateway do not apply"
+        );
+    }
+    if args.max_checkpoint.is_some() {
+        anyhow::bail!(
+            "with --shim, the daemon bounds checkpoints: --max-checkpoint is a flag of \
+             `host-shim serve` there"
         );
     }
     let image = absolute(&args.image)?;
@@ -410,6 +424,7 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<u8> {
         also: also_specs,
         restore: args.restore,
         checkpoint_to: args.checkpoint_to,
+        checkpoint_max: args.max_checkpoint,
     };
     let exit = vmm::run(&config)?;
     if let Some(report) = exit.report() {

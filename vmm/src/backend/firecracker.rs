@@ -240,7 +240,8 @@ fn checkpoint_port(config: &RunConfig) -> Result<(RunDir, CheckpointPort), Error
     }
     let dir = RunDir::create()?;
     let path = dir.0.join(format!("vsock_{}", abi::checkpoint::VSOCK_PORT));
-    let port = CheckpointPort::listen_at(path, restore, config.checkpoint_to.clone())?;
+    let limit = crate::checkpoint::limit_for(config.mem_size, config.checkpoint_max);
+    let port = CheckpointPort::listen_at(path, restore, config.checkpoint_to.clone(), limit)?;
     Ok((dir, port))
 }
 
@@ -444,6 +445,7 @@ mod tests {
             also: Vec::new(),
             restore: None,
             checkpoint_to: None,
+            checkpoint_max: None,
         }
     }
 

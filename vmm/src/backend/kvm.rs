@@ -78,6 +78,10 @@ pub fn run<W: Write + Send + 'static>(config: &RunConfig, console: W) -> Result<
         .0
         .doorbell
         .set_checkpoint_dir(config.checkpoint_to.clone());
+    guests[0]
+        .0
+        .doorbell
+        .set_checkpoint_max(config.checkpoint_max);
     for (index, spec) in config.also.iter().enumerate() {
         let console: Console = Box::new(PrefixedConsole::new(
             format!("[{}] ", spec.name),
@@ -263,6 +267,7 @@ mod tests {
             also: Vec::new(),
             restore: None,
             checkpoint_to: None,
+            checkpoint_max: None,
         }
     }
 

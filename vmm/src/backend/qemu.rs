@@ -138,6 +138,7 @@ pub fn run(config: &RunConfig) -> Result<GuestExit, Error> {
         Some(CheckpointPort::listen(
             restore,
             config.checkpoint_to.clone(),
+            crate::checkpoint::limit_for(config.mem_size, config.checkpoint_max),
         )?)
     } else {
         None
@@ -270,6 +271,7 @@ mod tests {
             also: Vec::new(),
             restore: None,
             checkpoint_to: None,
+            checkpoint_max: None,
         }
     }
 

@@ -41,8 +41,9 @@ impl CheckpointPort {
     /// Listens on a fresh socket; the first connection gets `restore` (the
     /// chain to restore, empty for none) and hands its checkpoints to `dir`
     /// (`None`: they are acknowledged and dropped, as by our shim without
-    /// `--checkpoint-to`).
-    pub fn listen(restore: Vec<u8>, dir: Option<PathBuf>) -> Result<Self, Error> {
+    /// `--checkpoint-to`), refusing any that would take the chain past
+    /// `limit` bytes.
+    pub fn listen(restore: Vec<u8>, dir: Option<PathBuf>, limit: u64) -> Result<Self, Error> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let path = std::env::temp_dir().join(format!(
             "host-shim-{}-{}.ckpt.sock",
@@ -50,20 +51,26 @@ impl CheckpointPort {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_file(&path);
-        Self::bind(path, restore, dir, Window::Credits)
+        Self::bind(path, restore, dir, limit, Window::Credits)
     }
 
     /// As [`Self::listen`], on the socket `path` (Firecracker connects to
     /// `UDS_PATH_PORT` when the guest connects to vsock port `PORT`; vsock
     /// has flow control of its own: no credits).
-    pub fn listen_at(path: PathBuf, restore: Vec<u8>, dir: Option<PathBuf>) -> Result<Self, Error> {
-        Self::bind(path, restore, dir, Window::None)
+    pub fn listen_at(
+        path: PathBuf,
+        restore: Vec<u8>,
+        dir: Option<PathBuf>,
+        limit: u64,
+    ) -> Result<Self, Error> {
+        Self::bind(path, restore, dir, limit, Window::None)
     }
 
     fn bind(
         path: PathBuf,
         restore: Vec<u8>,
         dir: Option<PathBuf>,
+        limit: u64,
         window: Window,
     ) -> Result<Self, Error> {
         let listener = UnixListener::bind(&path)
@@ -88,7 +95,7 @@ impl CheckpointPort {
                 let _ = std::fs::remove_file(&socket);
                 now_connected.store(true, Ordering::Release);
                 let sinks = dir.map(DirSink::new).into_iter().collect();
-                if let Err(e) = serve(stream, &restore, sinks, window) {
+                if let Err(e) = serve(stream, &restore, sinks, Chain::with_limit(limit), window) {
                     tracing::warn!("checkpoint port: {e}");
                 }
             })
@@ -157,12 +164,12 @@ fn serve(
     mut stream: impl Read + Write,
     restore: &[u8],
     mut sinks: Vec<DirSink>,
+    mut chain: Chain,
     window: Window,
 ) -> io::Result<()> {
     stream.write_all(&(restore.len() as u64).to_le_bytes())?;
     stream.write_all(restore)?;
     stream.flush()?;
-    let mut chain = Chain::default();
     let mut pending = Vec::new();
     let mut buf = vec![0u8; 256 << 10];
     // Windows of the blob in `pending` the guest has a credit for.
@@ -271,6 +278,7 @@ mod tests {
             &mut guest,
             b"RESTORE",
             vec![DirSink::new(dir.clone())],
+            Chain::default(),
             Window::None,
         )
         .unwrap();
@@ -322,6 +330,7 @@ mod tests {
             &mut guest,
             b"",
             vec![DirSink::new(dir.clone())],
+            Chain::default(),
             Window::Credits,
         )
         .unwrap();

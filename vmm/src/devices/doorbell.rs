@@ -6,7 +6,7 @@
 //! accessors, so a malformed request is logged (rate-limited: see
 //! [`shim_util::limit::Warnings`]) and ignored (or ends the guest, for the calls
 //! that never return), never a panic of the shim. The guest's checkpoints
-//! are bounded per instance ([`crate::checkpoint::limit_for`] its memory).
+//! are bounded per instance ([`crate::checkpoint::limit_for`]: by its memory, or `--max-checkpoint`).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -49,6 +49,9 @@ pub struct Doorbell<W: Write> {
     checkpoint_dir: Option<crate::checkpoint::DirSink>,
     checkpoint_latest: Option<Arc<crate::checkpoint::Latest>>,
     checkpoint_sinks: Vec<Box<dyn crate::checkpoint::Sink>>,
+    /// The operator's bound on the chain (`--max-checkpoint`); `None`: by
+    /// the guest's memory ([`crate::checkpoint::limit_for`]).
+    checkpoint_max: Option<u64>,
     /// The rate limit of the warnings this guest triggers.
     warnings: Warnings,
 }
@@ -62,6 +65,7 @@ impl<W: Write> Doorbell<W> {
             checkpoint_dir: None,
             checkpoint_latest: None,
             checkpoint_sinks: Vec::new(),
+            checkpoint_max: None,
             warnings: Warnings::default(),
         }
     }
@@ -75,6 +79,12 @@ impl<W: Write> Doorbell<W> {
     /// Also hands each checkpoint to `sink` (before the hypercall returns).
     pub fn add_checkpoint_sink(&mut self, sink: Box<dyn crate::checkpoint::Sink>) {
         self.checkpoint_sinks.push(sink);
+    }
+
+    /// Bounds the guest's checkpoint chain to `max` bytes (at most what a
+    /// restore accepts) instead of by its memory.
+    pub fn set_checkpoint_max(&mut self, max: Option<u64>) {
+        self.checkpoint_max = max;
     }
 
     /// Also records each valid checkpoint in `latest`.
@@ -214,7 +224,10 @@ impl<W: Write> Doorbell<W> {
         mem: &GuestMemoryMmap,
         req: &CheckpointWrite,
     ) -> Result<(), String> {
-        let limit = crate::checkpoint::limit_for(mem.last_addr().raw_value().saturating_add(1));
+        let limit = crate::checkpoint::limit_for(
+            mem.last_addr().raw_value().saturating_add(1),
+            self.checkpoint_max,
+        );
         if self.chain.limit() != limit {
             self.chain = crate::checkpoint::Chain::with_limit(limit);
         }

@@ -98,12 +98,25 @@ pub fn write_snapshot<W: Write>(
     state: &MachineState,
     mem: &GuestMemoryMmap,
 ) -> Result<WriteStats, SnapshotError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    write_snapshot_at(out, header_host, now, state, mem)
+}
+
+/// [`write_snapshot`], saying it was taken at `created_unix_ms` (the same
+/// input, the same bytes: the fuzz seeds).
+pub fn write_snapshot_at<W: Write>(
+    out: W,
+    header_host: &str,
+    created_unix_ms: u64,
+    state: &MachineState,
+    mem: &GuestMemoryMmap,
+) -> Result<WriteStats, SnapshotError> {
     let mem_size = state.spec.mem_size;
     let pages: Vec<u32> = nonzero_pages(mem, mem_size)?;
     let header = Header {
-        created_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
+        created_unix_ms,
         source_host: header_host.to_owned(),
         mem_size,
         pages: pages.len() as u64,
