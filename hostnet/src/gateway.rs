@@ -233,8 +233,13 @@ pub struct Gateway {
     pub inbox: VecDeque<Frame>,
     /// Frames the gateway sends into the switch.
     pub outbox: Vec<Frame>,
-    /// Published ports by listener index (`None`: unpublished since).
+    /// Published ports by listener index (`None`: unpublished since; the
+    /// slot is reused by the next publish, so this holds at most as many
+    /// slots as ports were ever published at once).
     listeners: Vec<Option<Listener>>,
+    /// Indices of the UDP listeners: the only ones with flows to look at on
+    /// every loop (a thousand published TCP ports cost nothing there).
+    udp_listeners: Vec<usize>,
     conns: HashMap<u64, Conn>,
     next_conn: u64,
     ports_in_use: HashSet<u16>,
@@ -353,6 +358,7 @@ impl Gateway {
             inbox,
             outbox,
             listeners: Vec::new(),
+            udp_listeners: Vec::new(),
             conns: HashMap::new(),
             next_conn: 0,
             ports_in_use: HashSet::new(),
@@ -397,7 +403,11 @@ impl Gateway {
         socket: HostSocketKind,
         epoll: &Epoll,
     ) -> io::Result<()> {
-        let index = self.listeners.len();
+        let index = self
+            .listeners
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(self.listeners.len());
         let fd = match &socket {
             HostSocketKind::Tcp(l) => l.as_raw_fd(),
             HostSocketKind::Udp(s) => s.as_raw_fd(),
@@ -407,7 +417,10 @@ impl Gateway {
             fd,
             EpollEvent::new(EventSet::IN, token::listener(index)),
         )?;
-        self.listeners.push(Some(Listener {
+        if matches!(socket, HostSocketKind::Udp(_)) {
+            self.udp_listeners.push(index);
+        }
+        let listener = Some(Listener {
             socket: match socket {
                 HostSocketKind::Tcp(l) => HostSocket::Tcp(l),
                 HostSocketKind::Udp(s) => HostSocket::Udp(s),
@@ -416,14 +429,18 @@ impl Gateway {
             host: p.host,
             flows: HashMap::new(),
             traffic: p.traffic,
-        }));
+        });
+        match self.listeners.get_mut(index) {
+            Some(slot) => *slot = listener,
+            None => self.listeners.push(listener),
+        }
         Ok(())
     }
 
     /// Stops forwarding the published port at `host` (`proto`): its host
     /// socket is closed; connections already proxied go on.
     pub fn unpublish(&mut self, host: SocketAddr, proto: Proto, epoll: &Epoll) -> bool {
-        for slot in &mut self.listeners {
+        for (index, slot) in self.listeners.iter_mut().enumerate() {
             let matches = slot.as_ref().is_some_and(|l| {
                 l.host == host
                     && matches!(
@@ -443,6 +460,7 @@ impl Gateway {
                         self.ports_in_use.remove(&flow.port);
                     }
                 }
+                self.udp_listeners.retain(|&i| i != index);
                 return true;
             }
         }
@@ -457,7 +475,11 @@ impl Gateway {
             .iface
             .poll_delay(now, &self.sockets)
             .map(|d| Duration::from_micros(d.total_micros()));
-        let has_flows = self.listeners.iter().flatten().any(|l| !l.flows.is_empty());
+        let has_flows = self
+            .udp_listeners
+            .iter()
+            .filter_map(|&i| self.listeners[i].as_ref())
+            .any(|l| !l.flows.is_empty());
         let sweep = has_flows.then_some(Duration::from_secs(1));
         match (tcp, sweep) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -713,7 +735,10 @@ impl Gateway {
     }
 
     fn udp_to_host(&mut self) {
-        for listener in self.listeners.iter_mut().flatten() {
+        for &index in &self.udp_listeners {
+            let Some(listener) = self.listeners[index].as_mut() else {
+                continue;
+            };
             let HostSocket::Udp(host) = &listener.socket else {
                 continue;
             };
@@ -735,7 +760,10 @@ impl Gateway {
 
     fn expire_flows(&mut self, now: Instant) {
         let idle = smoltcp::time::Duration::from_secs(UDP_FLOW_IDLE.as_secs());
-        for listener in self.listeners.iter_mut().flatten() {
+        for &index in &self.udp_listeners {
+            let Some(listener) = self.listeners[index].as_mut() else {
+                continue;
+            };
             listener.flows.retain(|_, flow| {
                 let keep = now - flow.last_used < idle;
                 if !keep {
