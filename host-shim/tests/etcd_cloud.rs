@@ -17,11 +17,11 @@
 mod common;
 
 use common::daemon::{kv_img, Daemon, TempDir, BIN};
+use common::follower::Follower;
 use common::{free_port, redis_pipe_set, Redis};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 /// The hosts' lease TTL: a killed host's apps are taken over this long
@@ -109,82 +109,6 @@ fn ok(store: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `host-shim --store URL events --follow --json`, started before anything
-/// happens; its events arrive on a channel as they are printed.
-struct Follower {
-    child: Child,
-    events: Receiver<Value>,
-    seen: Vec<Value>,
-}
-
-impl Follower {
-    fn start(store: &str) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["--store", store, "events", "--follow", "--json"])
-            .env_remove("HOST_SHIM")
-            .env_remove("HOST_SHIM_FLEET")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn host-shim events --follow");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, events) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                let v: Value = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("events --json printed {line:?}: {e}"));
-                if tx.send(v).is_err() {
-                    return;
-                }
-            }
-        });
-        Self {
-            child,
-            events,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits (up to `within`) until `n` events (counted from the start of
-    /// the stream) satisfy `matches`.
-    fn wait_for(
-        &mut self,
-        what: &str,
-        n: usize,
-        within: Duration,
-        matches: impl Fn(&Value) -> bool,
-    ) {
-        let give_up = Instant::now() + within;
-        while self.seen.iter().filter(|e| matches(e)).count() < n {
-            let left = give_up.saturating_duration_since(Instant::now());
-            match self.events.recv_timeout(left) {
-                Ok(v) => self.seen.push(v),
-                Err(_) => panic!(
-                    "events --follow: fewer than {n} {what} within {within:?}; saw:\n{}",
-                    self.table()
-                ),
-            }
-        }
-    }
-
-    fn table(&self) -> String {
-        self.seen
-            .iter()
-            .map(|e| format!("{} {} {} {}\n", e["rev"], e["kind"], e["app"], e["hosts"]))
-            .collect()
-    }
-}
-
-impl Drop for Follower {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn is(kind: &'static str) -> impl Fn(&Value) -> bool {

@@ -11,6 +11,7 @@
 mod common;
 
 use common::daemon::{kv_img, Daemon, TempDir, BIN};
+use common::follower::Follower;
 use common::{free_port, Redis};
 use fleet::store::{self, Expect, StoreError};
 use serde_json::{json, Value};
@@ -946,67 +947,6 @@ fn a_three_member_cluster_survives_one_loss_and_refuses_without_quorum() {
     wait_state(&url, "a", "up", Duration::from_secs(20));
 }
 
-/// `host-shim --store URL events --follow --json` in the background: its
-/// events arrive on a channel as they are printed.
-struct Follower {
-    child: Child,
-    events: std::sync::mpsc::Receiver<Value>,
-}
-
-impl Follower {
-    fn start(store: &str) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["--store", store, "events", "--follow", "--json"])
-            .env_remove("HOST_SHIM")
-            .env_remove("HOST_SHIM_FLEET")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn host-shim events --follow");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, events) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                let v: Value = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("events --json printed {line:?}: {e}"));
-                if tx.send(v).is_err() {
-                    return;
-                }
-            }
-        });
-        Self { child, events }
-    }
-
-    /// The events printed until one satisfies `last` (within `within`).
-    fn until(&self, within: Duration, last: impl Fn(&Value) -> bool) -> Vec<Value> {
-        let give_up = Instant::now() + within;
-        let mut seen = Vec::new();
-        loop {
-            let left = give_up.saturating_duration_since(Instant::now());
-            match self.events.recv_timeout(left) {
-                Ok(v) => {
-                    let done = last(&v);
-                    seen.push(v);
-                    if done {
-                        return seen;
-                    }
-                }
-                Err(_) => panic!("events --follow: no matching event within {within:?}: {seen:#?}"),
-            }
-        }
-    }
-}
-
-impl Drop for Follower {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// An event's kind and app, for comparing sequences.
 fn step(e: &Value) -> (String, String) {
     (
@@ -1020,7 +960,7 @@ fn one_deploy_wins_a_name_and_events_follow_every_step_across_an_etcd_restart() 
     let dir = TempDir::new("etcd-events");
     let mut etcd = Etcd::start(&dir);
     let url = etcd.url();
-    let follower = Follower::start(&url);
+    let mut follower = Follower::start(&url);
     let (sa, sb) = (dir.path("a-state"), dir.path("b-state"));
     let serve = |name, id, state: &std::path::Path| {
         Daemon::start(
@@ -1187,7 +1127,7 @@ fn two_scheduler_replicas_elect_a_leader_and_the_other_takes_over_when_it_is_kil
     let dir = TempDir::new("etcd-leader");
     let etcd = Etcd::start(&dir);
     let url = etcd.url();
-    let follower = Follower::start(&url);
+    let mut follower = Follower::start(&url);
     let (sa, sb) = (dir.path("a-state"), dir.path("b-state"));
     let serve = |name, region, id, state: &std::path::Path| {
         let extra = ["--store", &url, "--state-dir", state.to_str().unwrap()];
@@ -1308,7 +1248,7 @@ fn events_follow_starts_over_a_compacted_history_without_repeating() {
     let out = etcd.ctl(&["compact", &rev.to_string()]);
     assert!(out.status.success(), "etcdctl compact: {}", text(&out));
 
-    let follower = Follower::start(&url);
+    let mut follower = Follower::start(&url);
     let history = follower.until(Duration::from_secs(10), |e| e["app"] == "y");
     put(
         "events/000003",
@@ -1322,10 +1262,7 @@ fn events_follow_starts_over_a_compacted_history_without_repeating() {
         .collect();
     assert_eq!(apps, ["x0", "x2", "y", "z"]);
     // Nothing else comes (no event repeated).
-    assert!(follower
-        .events
-        .recv_timeout(Duration::from_secs(1))
-        .is_err());
+    assert!(follower.nothing_more_within(Duration::from_secs(1)));
 }
 
 /// `host-shim --store URL FLAGS ARGS` with extra (store access) flags and

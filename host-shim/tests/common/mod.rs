@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod follower;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
