@@ -202,6 +202,8 @@ pub struct Daemon {
     /// Restart records incoming migrations carry, until their guest runs
     /// here (one per incoming reservation at most).
     carried: Mutex<BTreeMap<String, RunRequest>>,
+    /// The source daemon of each instance migrating in.
+    incoming_from: Mutex<BTreeMap<String, String>>,
     /// When its open files are counted next.
     fds: limits::FdGauge,
 }
@@ -285,6 +287,7 @@ impl Daemon {
             trim,
             held_elsewhere: Default::default(),
             carried: Default::default(),
+            incoming_from: Default::default(),
             fds: Default::default(),
         });
         Ok((daemon, rx))
@@ -936,12 +939,15 @@ impl Daemon {
         );
         drop(instances);
         self.carry_in(hello);
+        self.incoming_from()
+            .insert(hello.name.clone(), hello.source.clone());
         Ok(Incoming(Arc::new(Mutex::new(tombstone))))
     }
 
     /// Undoes [`Self::reserve_incoming`] after a failed migration.
     pub fn cancel_incoming(&self, name: &str, incoming: Incoming) {
         self.carried_record(name);
+        self.incoming_from().remove(name);
         let mut instances = self.instances();
         instances.remove(name);
         if let Some(t) = incoming.0.lock().unwrap_or_else(|e| e.into_inner()).take() {

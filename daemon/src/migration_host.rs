@@ -128,18 +128,79 @@ impl migration::Host for Daemon {
     }
 
     fn launch(&self, name: &str, prepared: Prepared) -> Result<(), String> {
+        let from = match self.own_incoming(name) {
+            Ok(from) => from,
+            Err(why) => {
+                self.net.detach(&prepared.port);
+                return Err(why);
+            }
+        };
         let Prepared { machine, port, log } = prepared;
         Daemon::launch(self, name, machine, port, log, Vec::new())
             .map(drop)
-            .map_err(|ApiError(_, e)| e)
+            .map_err(|ApiError(_, e)| {
+                if let Some(from) = from {
+                    self.disown_incoming(name, &from);
+                }
+                e
+            })
     }
 
     fn adopt(&self, name: &str, reservation: &Incoming) {
         self.adopt_publishes(name, reservation);
         self.record_carried(name);
+        self.incoming_from().remove(name);
     }
 
     fn cancel_incoming(&self, name: &str, reservation: Incoming) {
         Daemon::cancel_incoming(self, name, reservation);
+    }
+}
+
+impl Daemon {
+    /// Who is sending the instances migrating in, by name (one entry per
+    /// incoming reservation at most).
+    pub(crate) fn incoming_from(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, String>> {
+        self.incoming_from.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// In a fleet store: makes this host the owner of app `name` (moving in
+    /// from its source) before its guest starts here, by compare-and-swap.
+    /// Refused when another host owns it (it was taken over meanwhile: the
+    /// source then keeps or loses it as the store says) or when the store
+    /// cannot say. `Some(source)`: ownership moved, and goes back to the
+    /// source if the guest then fails to start.
+    fn own_incoming(&self, name: &str) -> Result<Option<String>, String> {
+        let (Some(link), Some(from)) =
+            (&self.config.fleet, self.incoming_from().get(name).cloned())
+        else {
+            return Ok(None);
+        };
+        match fleet::ops::move_in(&link.fleet, name, &from, &self.config.name) {
+            Ok(fleet::ops::Ownership::Ours) => Ok(Some(from)),
+            Ok(fleet::ops::Ownership::Unrecorded) => Ok(None),
+            Ok(fleet::ops::Ownership::Theirs(owner)) => Err(format!(
+                "{name} is owned by {owner} in the fleet store (taken over?): not started here"
+            )),
+            Err(e) => Err(format!(
+                "cannot make this host the owner of {name} in the fleet store: {e}"
+            )),
+        }
+    }
+
+    /// Gives app `name` back to `from` in the fleet store (its guest did
+    /// not start here after all).
+    fn disown_incoming(&self, name: &str, from: &str) {
+        let Some(link) = &self.config.fleet else {
+            return;
+        };
+        if let Err(e) = fleet::ops::move_in(&link.fleet, name, &self.config.name, from) {
+            tracing::error!(
+                app = name,
+                "cannot give the app back to {from} in the fleet store: {e}"
+            );
+        }
     }
 }

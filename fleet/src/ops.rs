@@ -567,7 +567,37 @@ pub fn reclaim(fleet: &Fleet, name: &str, me: &str) -> Result<Ownership, FleetEr
     )))
 }
 
-/// Most compare-and-swap attempts of [`reclaim`].
+/// Makes host `to`, where app `name` arrives by live migration from
+/// `from`, its owner before the guest starts there: a compare-and-swap
+/// from `from` (already `to`: nothing to do). Another owner (the app was
+/// taken over meanwhile, e.g. `from`'s lease lapsed) is
+/// [`Ownership::Theirs`]: the guest must not start here. A standby that
+/// read the record before this move then loses its takeover.
+pub fn move_in(fleet: &Fleet, name: &str, from: &str, to: &str) -> Result<Ownership, FleetError> {
+    for _ in 0..CAS_ATTEMPTS {
+        let Some(app) = fleet.app(name)? else {
+            return Ok(Ownership::Unrecorded);
+        };
+        if app.value.host == to {
+            return Ok(Ownership::Ours);
+        }
+        if app.value.host != from {
+            return Ok(Ownership::Theirs(app.value.host));
+        }
+        let mut mine = app.value.clone();
+        mine.host = to.to_owned();
+        match fleet.put_app(&mine, Expect::Version(app.version)) {
+            Ok(_) => return Ok(Ownership::Ours),
+            Err(FleetError::Store(StoreError::Conflict { .. })) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(FleetError::Conflict(format!(
+        "the record of {name} keeps changing: cannot move it to {to}"
+    )))
+}
+
+/// Most compare-and-swap attempts of [`reclaim`] and [`move_in`].
 const CAS_ATTEMPTS: usize = 8;
 
 /// Makes host `to` the owner of app `name`, which host `from` owned, if

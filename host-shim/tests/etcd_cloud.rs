@@ -646,3 +646,95 @@ fn of_several_hosts_taking_one_app_over_through_etcd_exactly_one_wins() {
         );
     }
 }
+
+/// The source of a migration dies right after the destination took the
+/// guest (`committed:die`), before any CLI could record the move: the
+/// destination made itself the owner before the guest started, so the
+/// source's lease lapsing does not make the app's standby take it over
+/// too. One copy runs, on the destination, and the store says so.
+#[test]
+fn a_source_dying_after_the_commit_leaves_one_copy_owned_by_the_destination() {
+    let dir = TempDir::new("etcd-move-in");
+    let etcd = Etcd::start(&dir);
+    let url = etcd.url();
+    let mut events = Follower::start(&url);
+    let state = dir.path("a-state");
+    let a = Daemon::start_in(
+        "a",
+        "east",
+        0,
+        &[
+            "--store",
+            &url,
+            "--lease-ttl",
+            TTL,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--test-fault",
+            "committed:die",
+        ],
+        &[],
+        &dir,
+    );
+    let b = serve(&url, "b", "west", &dir);
+    let c = serve(&url, "c", "north", &dir);
+    ok(
+        &url,
+        &[
+            "deploy",
+            &kv_img(),
+            "--on",
+            "a",
+            "--name",
+            "kv",
+            "--checkpoint-every",
+            "300ms",
+            "--standby",
+            "c",
+        ],
+    );
+    // c holds a checkpoint of kv: it could take kv over.
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while !api::Client::new(&c.addr)
+        .standbys::<daemon::standby::StandbyInfo>()
+        .unwrap()
+        .iter()
+        .any(|s| s.name == "kv" && s.blobs > 0)
+    {
+        assert!(Instant::now() < give_up, "no checkpoint of kv on c");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // a dies once b has taken the guest: the CLI learns nothing more.
+    let out = cli(&url, &["migrate", "kv", "--to", "b"]);
+    assert!(
+        !out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    events.wait_for("host-down of a", 1, Duration::from_secs(30), |e| {
+        e["kind"] == "host-down" && e["hosts"][0] == "a"
+    });
+    // Give a standby that would take kv over the time to do it.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(state_on(&b.addr, "kv").as_deref(), Some("running"));
+    assert_eq!(state_on(&c.addr, "kv"), None, "{}", events.table());
+    assert!(
+        !events.seen.iter().any(is("takeover")),
+        "{}",
+        events.table()
+    );
+    // (`ps` exits non-zero: a does not answer; its JSON says so.)
+    let ps = cli(&url, &["ps", "--json"]);
+    let record: Value = serde_json::from_slice(&ps.stdout).unwrap();
+    let on: Vec<&Value> = record["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["name"] == "kv" && r["state"] == "running")
+        .collect();
+    assert_eq!(on.len(), 1, "{record}");
+    assert_eq!(on[0]["host"], "b", "{record}");
+    drop(a);
+}
