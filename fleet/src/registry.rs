@@ -404,6 +404,12 @@ pub fn register_watched(
             Err(Claim::Taken) if Instant::now() < deadline => {
                 tracing::info!(host = %host.name, "the name is held by another lease; waiting for it to lapse");
                 std::thread::sleep(Duration::from_millis(500));
+                // Ours has the same TTL as the one waited for: keep it
+                // alive meanwhile, or it lapses just as that one does.
+                if let Err(e) = fleet.store.keep_alive(lease) {
+                    let _ = fleet.store.revoke_lease(lease);
+                    return Err(e.into());
+                }
             }
             Err(e) => {
                 let _ = fleet.store.revoke_lease(lease);
