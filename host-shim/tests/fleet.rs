@@ -436,14 +436,10 @@ fn sha256(bytes: &[u8]) -> String {
     daemon::images::sha256_hex(bytes)
 }
 
-/// A daemon with an identity (`init` + `serve --dir`: its state directory
-/// is the identity's) keeps its identity and brings its `--restart always`
-/// instance back, with every checkpointed key, after `kill -9`.
-#[test]
-fn a_daemon_with_an_identity_brings_its_instance_back_after_kill_9() {
-    let dir = TempDir::new("fleet-restart-identity");
-    let mut d = Daemon::secure("ident", 1, &[], &dir);
-    let (pin, _) = d.pin_and_token();
+/// Runs kv on `d` with `--restart always` and checkpoints every 100 ms
+/// (to `kv.checkpoints` in its state directory), on a fresh published
+/// port, which it returns.
+fn run_kept_kv(d: &Daemon) -> u16 {
     let port = free_port();
     let publish = format!("127.0.0.1:{port}:6379");
     d.cli(&[
@@ -460,6 +456,18 @@ fn a_daemon_with_an_identity_brings_its_instance_back_after_kill_9() {
         "--checkpoint-to",
         "kv.checkpoints",
     ]);
+    port
+}
+
+/// A daemon with an identity (`init` + `serve --dir`: its state directory
+/// is the identity's) keeps its identity and brings its `--restart always`
+/// instance back, with every checkpointed key, after `kill -9`.
+#[test]
+fn a_daemon_with_an_identity_brings_its_instance_back_after_kill_9() {
+    let dir = TempDir::new("fleet-restart-identity");
+    let mut d = Daemon::secure("ident", 1, &[], &dir);
+    let (pin, _) = d.pin_and_token();
+    let port = run_kept_kv(&d);
     Redis::when_up(port).fill(300);
     // A name: the daemon keeps it in its state directory.
     let state = d.state.clone().unwrap();
@@ -495,22 +503,7 @@ fn an_app_comes_back_on_the_daemon_it_migrated_to() {
     let (sa, sb) = (dir.path("a.state"), dir.path("b.state"));
     let mut a = Daemon::start("moved-a", 1, &["--state-dir", sa.to_str().unwrap()], &dir);
     let mut b = Daemon::start("moved-b", 2, &["--state-dir", sb.to_str().unwrap()], &dir);
-    let port = free_port();
-    let publish = format!("127.0.0.1:{port}:6379");
-    a.cli(&[
-        "run",
-        &kv_img(),
-        "--name",
-        "kv",
-        "--publish",
-        &publish,
-        "--restart",
-        "always",
-        "--checkpoint-every",
-        "100ms",
-        "--checkpoint-to",
-        "kv.checkpoints",
-    ]);
+    let port = run_kept_kv(&a);
     let mut c = Redis::when_up(port);
     c.fill(300);
     a.migrate(&["migrate", "kv", "--to", &b.addr]);
