@@ -4,7 +4,9 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod etcd;
 pub mod follower;
+pub mod store;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
