@@ -119,6 +119,40 @@ fn boot_kv(img: &Path, extra: &[&str], what: &str) -> (Shim, u16) {
     (shim, port)
 }
 
+/// [`boot_kv`] restoring `dir/latest.ckpt`.
+fn restore_kv(img: &Path, dir: &Path, what: &str) -> (Shim, u16) {
+    let ck = dir.join("latest.ckpt");
+    boot_kv(img, &["--restore", ck.to_str().unwrap()], what)
+}
+
+/// Boots kv under our shim checkpointing every 200 ms to `dir`, SETs
+/// `key:0..key:N` and waits until a checkpoint holds the last: the shim
+/// and that checkpoint.
+fn loaded_and_checkpointed(img: &Path, dir: &Path, n: usize) -> (Shim, Vec<u8>) {
+    let (mut a, p) = boot_kv(
+        img,
+        &[
+            "--checkpoint-every",
+            "200ms",
+            "--checkpoint-to",
+            dir.to_str().unwrap(),
+        ],
+        "kv under our shim",
+    );
+    load(p, 0..n);
+    let last = (format!("key:{}", n - 1), value(n - 1));
+    let ckpt = fresh_checkpoint(&mut a, dir, &[(&last.0, Some(&last.1))]);
+    (a, ckpt)
+}
+
+/// `host-shim --shim API run IMG --name NAME ARGS`, which must succeed.
+fn run_on(api: &str, img: &str, name: &str, args: &[&str]) {
+    let mut all = vec!["--shim", api, "run", img, "--name", name];
+    all.extend_from_slice(args);
+    let r = shim(all);
+    assert_eq!(r.status, Some(0), "{r:?}");
+}
+
 /// The host dies: `kill -9` of the shim process.
 fn kill_9(mut shim: Shim) {
     Command::new("kill")
@@ -153,43 +187,25 @@ fn ten_thousand_keys_move_from_our_shim_to_qemu_and_back() {
     const N: usize = 10_000;
 
     // 1. Under our shim: load, checkpoint.
-    let (mut a, p) = boot_kv(
-        &img,
-        &[
-            "--checkpoint-every",
-            "200ms",
-            "--checkpoint-to",
-            d1.to_str().unwrap(),
-        ],
-        "kv under our shim",
-    );
-    load(p, 0..N);
-    let last = (format!("key:{}", N - 1), value(N - 1));
-    let ckpt = fresh_checkpoint(&mut a, &d1, &[(&last.0, Some(&last.1))]);
+    let (a, ckpt) = loaded_and_checkpointed(&img, &d1, N);
     let (c, _) = abi::checkpoint::decode(&ckpt).expect("a valid checkpoint");
     assert_eq!(c.app, "kv");
     a.stop();
 
     // 2. Under QEMU (TCG): restore, change, checkpoint (periodically, over
     //    the virtio checkpoint port, stored before the guest goes on).
-    let p = free_port();
-    let pub2 = format!("{p}:6379");
     let ck1 = d1.join("latest.ckpt");
-    let mut q = Shim::start(&kv_args(
-        &img,
-        &pub2,
-        &[
-            "--backend",
-            "qemu",
-            "--restore",
-            ck1.to_str().unwrap(),
-            "--checkpoint-every",
-            "300ms",
-            "--checkpoint-to",
-            d2.to_str().unwrap(),
-        ],
-    ));
-    wait_ready(&mut q, p, "kv restored under QEMU");
+    let extra = [
+        "--backend",
+        "qemu",
+        "--restore",
+        ck1.to_str().unwrap(),
+        "--checkpoint-every",
+        "300ms",
+        "--checkpoint-to",
+        d2.to_str().unwrap(),
+    ];
+    let (mut q, p) = boot_kv(&img, &extra, "kv restored under QEMU");
     if let Err(e) = std::panic::catch_unwind(|| check_keys(p, N, N)) {
         let (out, err) = q.stop();
         panic!("{e:?}\n--- QEMU shim stdout:\n{out}\n--- stderr:\n{err}");
@@ -200,11 +216,7 @@ fn ten_thousand_keys_move_from_our_shim_to_qemu_and_back() {
     assert!(out.contains(&format!("kv: restored {N} keys")), "{out}");
 
     // 3. Back under our shim.
-    let p = free_port();
-    let pub3 = format!("{p}:6379");
-    let ck2 = d2.join("latest.ckpt");
-    let mut b = Shim::start(&kv_args(&img, &pub3, &["--restore", ck2.to_str().unwrap()]));
-    wait_ready(&mut b, p, "kv restored under our shim");
+    let (b, p) = restore_kv(&img, &d2, "kv restored under our shim");
     check_keys(p, N, N + 1);
     assert_eq!(cli(p, &["GET", "moved"]).as_deref(), Some("to-qemu"));
     let (out, _) = b.stop();
@@ -263,11 +275,7 @@ fn after_kill_9_of_its_shim_kv_comes_back_from_its_last_checkpoint() {
     std::io::Write::write_all(&mut f, &torn[..40]).unwrap();
 
     // Another shim (another process) takes over from the directory.
-    let p = free_port();
-    let pub2 = format!("{p}:6379");
-    let ck = dir.join("latest.ckpt");
-    let mut b = Shim::start(&kv_args(&img, &pub2, &["--restore", ck.to_str().unwrap()]));
-    wait_ready(&mut b, p, "kv restored after the crash");
+    let (b, p) = restore_kv(&img, &dir, "kv restored after the crash");
     let n: usize = cli(p, &["DBSIZE"]).unwrap().parse().unwrap();
     assert!((2500..=2600).contains(&n), "DBSIZE {n}");
     assert_eq!(cli(p, &["EXISTS", "key:0"]).as_deref(), Some("0"));
@@ -316,11 +324,7 @@ fn with_ack_after_checkpoint_a_crash_loses_no_acknowledged_write() {
         );
         kill_9(a);
 
-        let p = free_port();
-        let pub2 = format!("{p}:6379");
-        let ck = dir.join("latest.ckpt");
-        let mut b = Shim::start(&kv_args(&img, &pub2, &["--restore", ck.to_str().unwrap()]));
-        wait_ready(&mut b, p, "kv restored after the crash");
+        let (b, p) = restore_kv(&img, &dir, "kv restored after the crash");
         assert_eq!(cli(p, &["DBSIZE"]).as_deref(), Some("501"), "{backend}");
         check_keys(p, 500, 501);
         assert_eq!(cli(p, &["GET", "last"]).as_deref(), Some("acknowledged"));
@@ -391,10 +395,7 @@ fn corrupt_foreign_and_wrong_version_checkpoints_are_refused() {
     }
     // The valid empty one boots.
     let empty = write("empty.ckpt", &good);
-    let p = free_port();
-    let pubs = format!("{p}:6379");
-    let mut s = Shim::start(&kv_args(&img, &pubs, &["--restore", &empty]));
-    wait_ready(&mut s, p, "kv from an empty checkpoint");
+    let (s, p) = boot_kv(&img, &["--restore", &empty], "kv from an empty checkpoint");
     assert_eq!(cli(p, &["DBSIZE"]).as_deref(), Some("0"));
     let (out, _) = s.stop();
     assert!(out.contains("kv: restored 0 keys"), "{out}");
@@ -408,19 +409,10 @@ fn a_daemon_instance_checkpoints_on_request() {
     let img = image("kv");
     let dir = tmp_dir("daemon");
     let (mut daemon, api) = common::serve(&["--no-overlay"]);
+    let img_s = img.to_str().unwrap();
     let p = free_port();
     let pub1 = format!("{p}:6379");
-    let r = shim([
-        "--shim",
-        &api,
-        "run",
-        img.to_str().unwrap(),
-        "--name",
-        "kv",
-        "--publish",
-        &pub1,
-    ]);
-    assert_eq!(r.status, Some(0), "{r:?}");
+    run_on(&api, img_s, "kv", &["--publish", &pub1]);
     wait_ready(&mut daemon, p, "kv in the daemon");
     load(p, 0..500);
     let out = dir.join("kv.ckpt");
@@ -442,19 +434,8 @@ fn a_daemon_instance_checkpoints_on_request() {
     // Restored by another daemon instance, from the daemon's file.
     let p2 = free_port();
     let pub2 = format!("{p2}:6379");
-    let r = shim([
-        "--shim",
-        &api,
-        "run",
-        img.to_str().unwrap(),
-        "--name",
-        "kv2",
-        "--publish",
-        &pub2,
-        "--restore",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(r.status, Some(0), "{r:?}");
+    let restore = ["--publish", &pub2, "--restore", out.to_str().unwrap()];
+    run_on(&api, img_s, "kv2", &restore);
     wait_ready(&mut daemon, p2, "kv2 in the daemon");
     check_keys(p2, 500, 500);
     daemon.stop();
@@ -485,11 +466,7 @@ fn after_kill_9_of_a_qemu_shim_its_last_checkpoint_restores_under_ours() {
     fresh_checkpoint(&mut q, &dir, &[("key:999", Some(&value(999)))]);
     kill_9(q);
 
-    let p = free_port();
-    let pubs = format!("{p}:6379");
-    let ck = dir.join("latest.ckpt");
-    let mut b = Shim::start(&kv_args(&img, &pubs, &["--restore", ck.to_str().unwrap()]));
-    wait_ready(&mut b, p, "kv restored from QEMU's checkpoints");
+    let (b, p) = restore_kv(&img, &dir, "kv restored from QEMU's checkpoints");
     check_keys(p, 1000, 1000);
     b.stop();
     let _ = std::fs::remove_dir_all(&dir);
@@ -522,12 +499,10 @@ fn after_kill_9_of_its_daemon_kv_restarts_on_the_standby() {
     let (p1, p2) = (free_port(), free_port());
     let (pub1, pub2) = (format!("{p1}:6379"), format!("{p2}:6379"));
     let run = |name: &str, publish: &str, extra: &[&str]| {
-        let mut args = vec!["--shim", &a_api, "run", img_s, "--name", name];
-        args.extend(["--publish", publish, "--standby", &b_api]);
+        let mut args = vec!["--publish", publish, "--standby", &b_api];
         args.extend(["--standby-grace", "1s"]);
         args.extend_from_slice(extra);
-        let r = shim(args);
-        assert_eq!(r.status, Some(0), "{r:?}");
+        run_on(&a_api, img_s, name, &args);
     };
     // A standby that is not there: a clear error, nothing runs.
     let nobody = format!("127.0.0.1:{}", free_port());
@@ -805,19 +780,7 @@ fn keys_move_from_our_shim_to_firecracker_and_back() {
     const N: usize = 2_000;
 
     // 1. Under our shim: load, checkpoint.
-    let (mut a, p) = boot_kv(
-        &img,
-        &[
-            "--checkpoint-every",
-            "200ms",
-            "--checkpoint-to",
-            d1.to_str().unwrap(),
-        ],
-        "kv under our shim",
-    );
-    load(p, 0..N);
-    let last = (format!("key:{}", N - 1), value(N - 1));
-    fresh_checkpoint(&mut a, &d1, &[(&last.0, Some(&last.1))]);
+    let (a, _) = loaded_and_checkpointed(&img, &d1, N);
     a.stop();
 
     // 2. Under Firecracker: restore over vsock, change, checkpoint (stored
@@ -844,12 +807,7 @@ fn keys_move_from_our_shim_to_firecracker_and_back() {
     assert!(out.contains(&format!("kv: restored {N} keys")), "{out}");
 
     // 3. Back under our shim.
-    let ck2 = d2.join("latest.ckpt");
-    let (b, p) = boot_kv(
-        &img,
-        &["--restore", ck2.to_str().unwrap()],
-        "kv back under our shim",
-    );
+    let (b, p) = restore_kv(&img, &d2, "kv back under our shim");
     check_keys(p, N, N + 1);
     assert_eq!(cli(p, &["GET", "moved"]).as_deref(), Some("to-firecracker"));
     b.stop();
@@ -926,11 +884,7 @@ fn ack_mode_checkpoints_group_the_writes_of_concurrent_connections() {
         CLIENTS * WRITES
     );
 
-    let p = free_port();
-    let pub2 = format!("{p}:6379");
-    let ck = dir.join("latest.ckpt");
-    let mut b = Shim::start(&kv_args(&img, &pub2, &["--restore", ck.to_str().unwrap()]));
-    wait_ready(&mut b, p, "kv restored after the crash");
+    let (b, p) = restore_kv(&img, &dir, "kv restored after the crash");
     assert_eq!(cli(p, &["DBSIZE"]), Some((CLIENTS * WRITES).to_string()));
     for c in 0..CLIENTS {
         let last = format!("c{c}:{}", WRITES - 1);
@@ -955,21 +909,15 @@ fn ack_mode_never_acknowledges_a_write_its_standby_did_not_store() {
     let (mut a, a_api) = daemon("ack-origin-a");
     let port = free_port();
     let publish = format!("{port}:6379");
-    let r = shim([
-        "--shim",
-        &a_api,
-        "run",
-        img_s,
-        "--name",
-        "kv",
+    let args: [&str; 6] = [
         "--publish",
         &publish,
         "--standby",
         &b_api,
         "--env",
         "ACK_AFTER_CHECKPOINT=1",
-    ]);
-    assert_eq!(r.status, Some(0), "{r:?}");
+    ];
+    run_on(&a_api, img_s, "kv", &args);
     wait_ready(&mut a, port, "kv on A");
     assert_eq!(cli(port, &["SET", "stored", "1"]).as_deref(), Some("OK"));
 
