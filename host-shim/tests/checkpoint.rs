@@ -177,27 +177,25 @@ fn kv_args<'a>(img: &'a Path, port: &'a str, extra: &[&'a str]) -> Vec<&'a str> 
     a
 }
 
-#[test]
-fn ten_thousand_keys_move_from_our_shim_to_qemu_and_back() {
-    require_kvm();
-    require_tool("redis-cli", "redis-tools");
-    require_tool("qemu-system-x86_64", "qemu-system-x86");
+/// Keys move from our shim to `backend` and back: `n` keys loaded and
+/// checkpointed under our shim, restored under `backend` (over its
+/// checkpoint device), changed and checkpointed there (stored before the
+/// guest goes on), and restored under our shim again.
+fn keys_move_to_and_back(backend: &str, n: usize) {
     let img = image("kv");
-    let (d1, d2) = (tmp_dir("kvm"), tmp_dir("qemu"));
-    const N: usize = 10_000;
+    let (d1, d2) = (tmp_dir(&format!("{backend}-from-kvm")), tmp_dir(backend));
 
     // 1. Under our shim: load, checkpoint.
-    let (a, ckpt) = loaded_and_checkpointed(&img, &d1, N);
+    let (a, ckpt) = loaded_and_checkpointed(&img, &d1, n);
     let (c, _) = abi::checkpoint::decode(&ckpt).expect("a valid checkpoint");
     assert_eq!(c.app, "kv");
     a.stop();
 
-    // 2. Under QEMU (TCG): restore, change, checkpoint (periodically, over
-    //    the virtio checkpoint port, stored before the guest goes on).
+    // 2. Under `backend`: restore, change, checkpoint.
     let ck1 = d1.join("latest.ckpt");
     let extra = [
         "--backend",
-        "qemu",
+        backend,
         "--restore",
         ck1.to_str().unwrap(),
         "--checkpoint-every",
@@ -205,27 +203,37 @@ fn ten_thousand_keys_move_from_our_shim_to_qemu_and_back() {
         "--checkpoint-to",
         d2.to_str().unwrap(),
     ];
-    let (mut q, p) = boot_kv(&img, &extra, "kv restored under QEMU");
-    if let Err(e) = std::panic::catch_unwind(|| check_keys(p, N, N)) {
+    let (mut q, p) = boot_kv(&img, &extra, &format!("kv restored under {backend}"));
+    if let Err(e) = std::panic::catch_unwind(|| check_keys(p, n, n)) {
         let (out, err) = q.stop();
-        panic!("{e:?}\n--- QEMU shim stdout:\n{out}\n--- stderr:\n{err}");
+        panic!("{e:?}\n--- {backend} shim stdout:\n{out}\n--- stderr:\n{err}");
     }
-    assert_eq!(cli(p, &["SET", "moved", "to-qemu"]).as_deref(), Some("OK"));
-    fresh_checkpoint(&mut q, &d2, &[("moved", Some("to-qemu"))]);
+    let moved = format!("to-{backend}");
+    assert_eq!(cli(p, &["SET", "moved", &moved]).as_deref(), Some("OK"));
+    fresh_checkpoint(&mut q, &d2, &[("moved", Some(&moved))]);
     let (out, _) = q.stop();
-    assert!(out.contains(&format!("kv: restored {N} keys")), "{out}");
+    assert!(out.contains(&format!("kv: restored {n} keys")), "{out}");
 
     // 3. Back under our shim.
     let (b, p) = restore_kv(&img, &d2, "kv restored under our shim");
-    check_keys(p, N, N + 1);
-    assert_eq!(cli(p, &["GET", "moved"]).as_deref(), Some("to-qemu"));
+    check_keys(p, n, n + 1);
+    assert_eq!(cli(p, &["GET", "moved"]).as_deref(), Some(moved.as_str()));
     let (out, _) = b.stop();
     assert!(
-        out.contains(&format!("kv: restored {} keys", N + 1)),
+        out.contains(&format!("kv: restored {} keys", n + 1)),
         "{out}"
     );
     let _ = std::fs::remove_dir_all(&d1);
     let _ = std::fs::remove_dir_all(&d2);
+}
+
+#[test]
+fn ten_thousand_keys_move_from_our_shim_to_qemu_and_back() {
+    require_kvm();
+    require_tool("redis-cli", "redis-tools");
+    require_tool("qemu-system-x86_64", "qemu-system-x86");
+    // Under QEMU (TCG) the checkpoints go over the virtio checkpoint port.
+    keys_move_to_and_back("qemu", 10_000);
 }
 
 #[test]
@@ -775,44 +783,8 @@ fn keys_move_from_our_shim_to_firecracker_and_back() {
         return;
     }
     require_tool("redis-cli", "redis-tools");
-    let img = image("kv");
-    let (d1, d2) = (tmp_dir("fc-kvm"), tmp_dir("fc"));
-    const N: usize = 2_000;
-
-    // 1. Under our shim: load, checkpoint.
-    let (a, _) = loaded_and_checkpointed(&img, &d1, N);
-    a.stop();
-
-    // 2. Under Firecracker: restore over vsock, change, checkpoint (stored
-    //    before the guest goes on).
-    let ck1 = d1.join("latest.ckpt");
-    let extra = [
-        "--backend",
-        "firecracker",
-        "--restore",
-        ck1.to_str().unwrap(),
-        "--checkpoint-every",
-        "300ms",
-        "--checkpoint-to",
-        d2.to_str().unwrap(),
-    ];
-    let (mut f, p) = boot_kv(&img, &extra, "kv restored under Firecracker");
-    check_keys(p, N, N);
-    assert_eq!(
-        cli(p, &["SET", "moved", "to-firecracker"]).as_deref(),
-        Some("OK")
-    );
-    fresh_checkpoint(&mut f, &d2, &[("moved", Some("to-firecracker"))]);
-    let (out, _) = f.stop();
-    assert!(out.contains(&format!("kv: restored {N} keys")), "{out}");
-
-    // 3. Back under our shim.
-    let (b, p) = restore_kv(&img, &d2, "kv back under our shim");
-    check_keys(p, N, N + 1);
-    assert_eq!(cli(p, &["GET", "moved"]).as_deref(), Some("to-firecracker"));
-    b.stop();
-    let _ = std::fs::remove_dir_all(&d1);
-    let _ = std::fs::remove_dir_all(&d2);
+    // Under Firecracker the checkpoints go over vsock.
+    keys_move_to_and_back("firecracker", 2_000);
 }
 
 /// Group commit: with `ACK_AFTER_CHECKPOINT=1`, 20 connections writing at
