@@ -285,6 +285,19 @@ impl Daemon {
         }
     }
 
+    /// `run` of the image of `app` as instance `name`, its `guest_port`
+    /// published on a free port of the host, with `extra` (app arguments
+    /// after `--`); returns that port.
+    pub fn run_published(&self, app: &str, name: &str, guest_port: u16, extra: &[&str]) -> u16 {
+        let port = free_port();
+        let img = image(app).to_string_lossy().into_owned();
+        let publish = format!("{port}:{guest_port}");
+        let mut args = vec!["run", &img, "--name", name, "--publish", &publish];
+        args.extend_from_slice(extra);
+        self.cli(&args);
+        port
+    }
+
     pub fn try_cli(&self, args: &[&str]) -> Output {
         let mut target = vec![];
         if let Some(state) = &self.state {
@@ -365,10 +378,7 @@ pub fn kv_img() -> String {
 /// Runs kv as instance `kv` of `daemon` on a fresh published port; returns
 /// the port and a client connected once it answers.
 pub fn run_kv(daemon: &Daemon) -> (u16, Redis) {
-    let port = free_port();
-    let img = kv_img();
-    let publish = format!("{port}:6379");
-    daemon.cli(&["run", &img, "--name", "kv", "--publish", &publish]);
+    let port = daemon.run_published("kv", "kv", 6379, &[]);
     (port, Redis::when_up(port))
 }
 
