@@ -12,6 +12,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::daemon::TempDir;
 use common::{free_port, image, redis_pipe_set, require_kvm, shim, wait_kv_checkpoint, Shim};
 
 fn require_tool(name: &str, package: &str) {
@@ -25,23 +26,28 @@ fn require_tool(name: &str, package: &str) {
     );
 }
 
-fn tmp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ckpt-it-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// The kv image, once /dev/kvm and `redis-cli` are known to be there.
+fn kv_image() -> PathBuf {
+    require_kvm();
+    require_tool("redis-cli", "redis-tools");
+    image("kv")
 }
 
-/// `redis-cli -p PORT ARGS...`: its stdout, trimmed, or `None` on failure.
-fn cli(port: u16, args: &[&str]) -> Option<String> {
+/// `redis-cli -p PORT ARGS...`: its stdout, trimmed (empty for a missing
+/// key), or `None` when it failed or could not connect.
+fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
     let out = Command::new("redis-cli")
         .args(["-p", &port.to_string()])
         .args(args)
         .output()
         .expect("redis-cli is installed (apt-get install redis-tools)");
     let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    (out.status.success() && !text.starts_with("Could not connect") && !text.is_empty())
-        .then_some(text)
+    (out.status.success() && !text.starts_with("Could not connect")).then_some(text)
+}
+
+/// [`redis_cli`]'s answer, `None` also when it is empty.
+fn cli(port: u16, args: &[&str]) -> Option<String> {
+    redis_cli(port, args).filter(|text| !text.is_empty())
 }
 
 /// Waits until the kv behind `port` answers PING.
@@ -72,13 +78,7 @@ fn load(port: u16, keys: std::ops::Range<usize>) {
 /// `Some("")`, never a retry.
 fn answer(port: u16, args: &[&str]) -> Option<String> {
     for _ in 0..120 {
-        let out = Command::new("redis-cli")
-            .args(["-p", &port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli is installed (apt-get install redis-tools)");
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        if out.status.success() && !text.starts_with("Could not connect") {
+        if let Some(text) = redis_cli(port, args) {
             return Some(text);
         }
         thread::sleep(Duration::from_millis(250));
@@ -119,6 +119,13 @@ fn boot_kv(img: &Path, extra: &[&str], what: &str) -> (Shim, u16) {
     (shim, port)
 }
 
+/// [`boot_kv`] checkpointing to `dir` (`dir/latest.ckpt`).
+fn checkpointing_kv(img: &Path, dir: &Path, extra: &[&str], what: &str) -> (Shim, u16) {
+    let mut all = extra.to_vec();
+    all.extend(["--checkpoint-to", dir.to_str().unwrap()]);
+    boot_kv(img, &all, what)
+}
+
 /// [`boot_kv`] restoring `dir/latest.ckpt`.
 fn restore_kv(img: &Path, dir: &Path, what: &str) -> (Shim, u16) {
     let ck = dir.join("latest.ckpt");
@@ -129,14 +136,10 @@ fn restore_kv(img: &Path, dir: &Path, what: &str) -> (Shim, u16) {
 /// `key:0..key:N` and waits until a checkpoint holds the last: the shim
 /// and that checkpoint.
 fn loaded_and_checkpointed(img: &Path, dir: &Path, n: usize) -> (Shim, Vec<u8>) {
-    let (mut a, p) = boot_kv(
+    let (mut a, p) = checkpointing_kv(
         img,
-        &[
-            "--checkpoint-every",
-            "200ms",
-            "--checkpoint-to",
-            dir.to_str().unwrap(),
-        ],
+        dir,
+        &["--checkpoint-every", "200ms"],
         "kv under our shim",
     );
     load(p, 0..n);
@@ -182,8 +185,11 @@ fn kv_args<'a>(img: &'a Path, port: &'a str, extra: &[&'a str]) -> Vec<&'a str> 
 /// checkpoint device), changed and checkpointed there (stored before the
 /// guest goes on), and restored under our shim again.
 fn keys_move_to_and_back(backend: &str, n: usize) {
-    let img = image("kv");
-    let (d1, d2) = (tmp_dir(&format!("{backend}-from-kvm")), tmp_dir(backend));
+    let img = kv_image();
+    let (d1, d2) = (
+        TempDir::new(&format!("ckpt-{backend}-from-kvm")),
+        TempDir::new(&format!("ckpt-{backend}")),
+    );
 
     // 1. Under our shim: load, checkpoint.
     let (a, ckpt) = loaded_and_checkpointed(&img, &d1, n);
@@ -200,10 +206,9 @@ fn keys_move_to_and_back(backend: &str, n: usize) {
         ck1.to_str().unwrap(),
         "--checkpoint-every",
         "300ms",
-        "--checkpoint-to",
-        d2.to_str().unwrap(),
     ];
-    let (mut q, p) = boot_kv(&img, &extra, &format!("kv restored under {backend}"));
+    let what = format!("kv restored under {backend}");
+    let (mut q, p) = checkpointing_kv(&img, &d2, &extra, &what);
     if let Err(e) = std::panic::catch_unwind(|| check_keys(p, n, n)) {
         let (out, err) = q.stop();
         panic!("{e:?}\n--- {backend} shim stdout:\n{out}\n--- stderr:\n{err}");
@@ -223,14 +228,10 @@ fn keys_move_to_and_back(backend: &str, n: usize) {
         out.contains(&format!("kv: restored {} keys", n + 1)),
         "{out}"
     );
-    let _ = std::fs::remove_dir_all(&d1);
-    let _ = std::fs::remove_dir_all(&d2);
 }
 
 #[test]
 fn ten_thousand_keys_move_from_our_shim_to_qemu_and_back() {
-    require_kvm();
-    require_tool("redis-cli", "redis-tools");
     require_tool("qemu-system-x86_64", "qemu-system-x86");
     // Under QEMU (TCG) the checkpoints go over the virtio checkpoint port.
     keys_move_to_and_back("qemu", 10_000);
@@ -238,18 +239,12 @@ fn ten_thousand_keys_move_from_our_shim_to_qemu_and_back() {
 
 #[test]
 fn after_kill_9_of_its_shim_kv_comes_back_from_its_last_checkpoint() {
-    require_kvm();
-    require_tool("redis-cli", "redis-tools");
-    let img = image("kv");
-    let dir = tmp_dir("crash");
-    let (mut a, p) = boot_kv(
+    let img = kv_image();
+    let dir = TempDir::new("ckpt-crash");
+    let (mut a, p) = checkpointing_kv(
         &img,
-        &[
-            "--checkpoint-every",
-            "300ms",
-            "--checkpoint-to",
-            dir.to_str().unwrap(),
-        ],
+        &dir,
+        &["--checkpoint-every", "300ms"],
         "kv with periodic checkpoints",
     );
     load(p, 0..2000);
@@ -299,29 +294,20 @@ fn after_kill_9_of_its_shim_kv_comes_back_from_its_last_checkpoint() {
     assert!((590..=600).contains(&ttl), "TTL {ttl}");
     let (out, _) = b.stop();
     assert!(out.contains("deltas)"), "{out}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn with_ack_after_checkpoint_a_crash_loses_no_acknowledged_write() {
-    require_kvm();
-    require_tool("redis-cli", "redis-tools");
     require_tool("qemu-system-x86_64", "qemu-system-x86");
-    let img = image("kv");
+    let img = kv_image();
     // Under QEMU "stored" means the same: the shim answers the guest over
     // the checkpoint port only after its fdatasync.
     for backend in ["kvm", "qemu"] {
-        let dir = tmp_dir(&format!("ack-{backend}"));
-        let (a, p) = boot_kv(
+        let dir = TempDir::new(&format!("ckpt-ack-{backend}"));
+        let (a, p) = checkpointing_kv(
             &img,
-            &[
-                "--backend",
-                backend,
-                "--env",
-                "ACK_AFTER_CHECKPOINT=1",
-                "--checkpoint-to",
-                dir.to_str().unwrap(),
-            ],
+            &dir,
+            &["--backend", backend, "--env", "ACK_AFTER_CHECKPOINT=1"],
             "kv acknowledging after checkpoints",
         );
         load(p, 0..500);
@@ -337,7 +323,6 @@ fn with_ack_after_checkpoint_a_crash_loses_no_acknowledged_write() {
         check_keys(p, 500, 501);
         assert_eq!(cli(p, &["GET", "last"]).as_deref(), Some("acknowledged"));
         b.stop();
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
@@ -345,7 +330,7 @@ fn with_ack_after_checkpoint_a_crash_loses_no_acknowledged_write() {
 fn corrupt_foreign_and_wrong_version_checkpoints_are_refused() {
     require_kvm();
     let img = image("kv");
-    let dir = tmp_dir("bad");
+    let dir = TempDir::new("ckpt-bad");
     let good = abi::checkpoint::encode("kv", 1, &[0]); // an empty store
     let img_s = img.to_str().unwrap();
     let write = |name: &str, bytes: &[u8]| {
@@ -407,15 +392,12 @@ fn corrupt_foreign_and_wrong_version_checkpoints_are_refused() {
     assert_eq!(cli(p, &["DBSIZE"]).as_deref(), Some("0"));
     let (out, _) = s.stop();
     assert!(out.contains("kv: restored 0 keys"), "{out}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_daemon_instance_checkpoints_on_request() {
-    require_kvm();
-    require_tool("redis-cli", "redis-tools");
-    let img = image("kv");
-    let dir = tmp_dir("daemon");
+    let img = kv_image();
+    let dir = TempDir::new("ckpt-daemon");
     let (mut daemon, api) = common::serve(&["--no-overlay"]);
     let img_s = img.to_str().unwrap();
     let p = free_port();
@@ -447,26 +429,17 @@ fn a_daemon_instance_checkpoints_on_request() {
     wait_ready(&mut daemon, p2, "kv2 in the daemon");
     check_keys(p2, 500, 500);
     daemon.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn after_kill_9_of_a_qemu_shim_its_last_checkpoint_restores_under_ours() {
-    require_kvm();
-    require_tool("redis-cli", "redis-tools");
     require_tool("qemu-system-x86_64", "qemu-system-x86");
-    let img = image("kv");
-    let dir = tmp_dir("qemu-crash");
-    let (mut q, p) = boot_kv(
+    let img = kv_image();
+    let dir = TempDir::new("ckpt-qemu-crash");
+    let (mut q, p) = checkpointing_kv(
         &img,
-        &[
-            "--backend",
-            "qemu",
-            "--checkpoint-every",
-            "300ms",
-            "--checkpoint-to",
-            dir.to_str().unwrap(),
-        ],
+        &dir,
+        &["--backend", "qemu", "--checkpoint-every", "300ms"],
         "kv under QEMU",
     );
     load(p, 0..1000);
@@ -477,7 +450,6 @@ fn after_kill_9_of_a_qemu_shim_its_last_checkpoint_restores_under_ours() {
     let (b, p) = restore_kv(&img, &dir, "kv restored from QEMU's checkpoints");
     check_keys(p, 1000, 1000);
     b.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Starts `host-shim serve` and waits until it is ready.
@@ -498,9 +470,7 @@ fn standby_file(api: &str, name: &str) -> PathBuf {
 
 #[test]
 fn after_kill_9_of_its_daemon_kv_restarts_on_the_standby() {
-    require_kvm();
-    require_tool("redis-cli", "redis-tools");
-    let img = image("kv");
+    let img = kv_image();
     let img_s = img.to_str().unwrap();
     let (mut b, b_api) = daemon("standby-b");
     let (mut a, a_api) = daemon("origin-a");
@@ -649,10 +619,8 @@ fn big_checkpoint(n: usize) -> Vec<u8> {
 
 #[test]
 fn kv_serves_a_big_checkpoint_in_place_exactly_as_if_loaded() {
-    require_kvm();
-    require_tool("redis-cli", "redis-tools");
-    let img = image("kv");
-    let dir = tmp_dir("inplace");
+    let img = kv_image();
+    let dir = TempDir::new("ckpt-inplace");
     const N: usize = 200_000;
     let file = dir.join("big.ckpt");
     std::fs::write(&file, big_checkpoint(N)).unwrap();
@@ -774,7 +742,6 @@ fn kv_serves_a_big_checkpoint_in_place_exactly_as_if_loaded() {
         out.contains(&format!("kv: restored {} keys", N - 1)),
         "{out}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -782,7 +749,6 @@ fn keys_move_from_our_shim_to_firecracker_and_back() {
     if common::firecracker().is_none() {
         return;
     }
-    require_tool("redis-cli", "redis-tools");
     // Under Firecracker the checkpoints go over vsock.
     keys_move_to_and_back("firecracker", 2_000);
 }
@@ -793,18 +759,12 @@ fn keys_move_from_our_shim_to_firecracker_and_back() {
 /// write of every connection is restored.
 #[test]
 fn ack_mode_checkpoints_group_the_writes_of_concurrent_connections() {
-    require_kvm();
-    require_tool("redis-cli", "redis-tools");
-    let img = image("kv");
-    let dir = tmp_dir("group");
-    let (a, p) = boot_kv(
+    let img = kv_image();
+    let dir = TempDir::new("ckpt-group");
+    let (a, p) = checkpointing_kv(
         &img,
-        &[
-            "--env",
-            "ACK_AFTER_CHECKPOINT=1",
-            "--checkpoint-to",
-            dir.to_str().unwrap(),
-        ],
+        &dir,
+        &["--env", "ACK_AFTER_CHECKPOINT=1"],
         "kv acknowledging after checkpoints",
     );
     const CLIENTS: usize = 20;
@@ -864,7 +824,6 @@ fn ack_mode_checkpoints_group_the_writes_of_concurrent_connections() {
         assert_eq!(cli(p, &["GET", &last]).as_deref(), Some(want.as_str()));
     }
     b.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The store-failure path: ack-mode kv whose standby hangs (SIGSTOP) gets
@@ -873,9 +832,7 @@ fn ack_mode_checkpoints_group_the_writes_of_concurrent_connections() {
 /// are acknowledged again.
 #[test]
 fn ack_mode_never_acknowledges_a_write_its_standby_did_not_store() {
-    require_kvm();
-    require_tool("redis-cli", "redis-tools");
-    let img = image("kv");
+    let img = kv_image();
     let img_s = img.to_str().unwrap();
     let (mut b, b_api) = daemon("hung-standby-b");
     let (mut a, a_api) = daemon("ack-origin-a");
