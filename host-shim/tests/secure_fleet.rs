@@ -11,10 +11,8 @@
 mod common;
 
 use common::daemon::{kv_img, Daemon, FleetCli, TempDir};
-use common::{free_port, redis_pipe_set, Redis};
-use std::io::Read;
-use std::process::{Output, Stdio};
-use std::time::{Duration, Instant};
+use common::{ended, free_port, redis_pipe_set, Redis};
+use std::process::Output;
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -110,12 +108,7 @@ fn a_secure_fleet_deploys_moves_follows_and_stops_an_app_over_tls() {
         port,
         (0..2000).map(|i| (format!("key:{i}"), format!("value-{i}"))),
     );
-    let mut follow = fleet
-        .command(&["logs", "kv", "--follow"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let follow = fleet.follow_logs("kv");
 
     // Live moves between the secure daemons, the client connected.
     for to in ["b", "c"] {
@@ -167,25 +160,7 @@ fn a_secure_fleet_deploys_moves_follows_and_stops_an_app_over_tls() {
 
     // Stop: logs --follow followed kv to c and ends with it.
     fleet.ok(&["stop", "kv"]);
-    let give_up = Instant::now() + Duration::from_secs(10);
-    while follow.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < give_up, "logs --follow did not end");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let (mut logs, mut notes) = (String::new(), String::new());
-    follow
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .unwrap();
-    follow
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut notes)
-        .unwrap();
-    assert!(follow.wait().unwrap().success(), "{notes}");
+    let (logs, notes) = ended(follow, "logs --follow");
     assert!(logs.contains("kv: listening on port 6379"), "{logs}");
     for note in [
         "kv moved from a to b",

@@ -416,6 +416,16 @@ impl FleetCli {
         c
     }
 
+    /// `logs APP --follow`, running, its stdout and stderr piped (see
+    /// [`super::ended`]).
+    pub fn follow_logs(&self, app: &str) -> Child {
+        self.command(&["logs", app, "--follow"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn host-shim logs --follow")
+    }
+
     /// `host-shim ARGS`, which must succeed; its stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);

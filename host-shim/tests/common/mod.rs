@@ -110,6 +110,60 @@ pub fn boot(app: &str, shim_args: &[&str], app_args: &[&str]) -> Run {
     shim(args)
 }
 
+/// What a finished command printed: stdout, then stderr.
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs `racers` at once to their end: exactly one succeeds, each other
+/// fails with status 5 saying `refusal`. Returns the winner's index.
+pub fn only_one_wins(racers: Vec<Command>, refusal: &str) -> usize {
+    let children: Vec<Child> = racers
+        .into_iter()
+        .map(|mut c| {
+            c.stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn a racer")
+        })
+        .collect();
+    let outs: Vec<Output> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let all = || outs.iter().map(text).collect::<Vec<_>>().join("\n");
+    let mut codes: Vec<Option<i32>> = outs.iter().map(|o| o.status.code()).collect();
+    codes.sort();
+    let mut expected = vec![Some(5); outs.len()];
+    expected[0] = Some(0);
+    assert_eq!(codes, expected, "{}", all());
+    for loser in outs.iter().filter(|o| !o.status.success()) {
+        assert!(text(loser).contains(refusal), "{}", text(loser));
+    }
+    outs.iter().position(|o| o.status.success()).unwrap()
+}
+
+/// Waits (up to 10 s) until `child` (stdout and stderr piped) ends, which
+/// must be a success; its stdout and stderr.
+pub fn ended(mut child: Child, what: &str) -> (String, String) {
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < give_up, "{what} did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (mut out, mut err) = (String::new(), String::new());
+    let mut stdout = child.stdout.take().expect("a piped stdout");
+    stdout.read_to_string(&mut out).unwrap();
+    let mut stderr = child.stderr.take().expect("a piped stderr");
+    stderr.read_to_string(&mut err).unwrap();
+    assert!(child.wait().unwrap().success(), "{what}: {err}");
+    (out, err)
+}
+
 /// A free port on 127.0.0.1 (free when this returns; the shim binds it soon after).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

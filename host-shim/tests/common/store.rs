@@ -3,6 +3,7 @@
 //! daemon address of its own.
 
 use super::daemon::{TempDir, BIN};
+use super::text;
 use std::process::{Child, Command, Output, Stdio};
 
 /// `host-shim --store URL ARGS`.
@@ -16,15 +17,6 @@ pub fn cli(store: &str, args: &[&str]) -> Output {
         .env("RUST_LOG", "warn")
         .output()
         .expect("spawn host-shim")
-}
-
-/// What a finished `host-shim` printed: stdout, then stderr.
-pub fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// [`cli`], which must succeed; its stdout.
