@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::daemon::{kv_img, Daemon, TempDir, BIN};
+use common::daemon::{deploy_kv, kv_img, Daemon, TempDir, BIN};
 use common::etcd::{Certs, Etcd};
 use common::follower::Follower;
 use common::store::{cli, ok, scheduler};
@@ -211,22 +211,8 @@ fn registered_hosts_show_up_from_another_client_and_down_after_their_lease() {
 
     // The fleet commands work on the etcd store: deploy to a registered
     // host, see it in ps, stop it.
-    let port = free_port();
-    let publish = format!("{port}:6379");
+    let (port, _) = deploy_kv("a", &[], |args| ok(&url, args));
     let img = kv_img();
-    ok(
-        &url,
-        &[
-            "deploy",
-            &img,
-            "--on",
-            "a",
-            "--name",
-            "kv",
-            "--publish",
-            &publish,
-        ],
-    );
     let mut kv = Redis::when_up(port);
     assert_eq!(kv.cmd(&["SET", "k", "v"]).unwrap(), "OK");
     assert_eq!(host_row(&url, "a").unwrap()["apps"], 1);
@@ -439,22 +425,8 @@ fn hosts_get_address_blocks_from_the_store_past_14_and_guests_keep_theirs_when_t
 
     // kv on a gets a's first guest address; it moves to b and keeps it
     // (outside b's block), reached through a's port over the overlay.
-    let port = free_port();
-    let publish = format!("127.0.0.1:{port}:6379");
+    let (port, _) = deploy_kv("a", &[], |args| ok(&url, args));
     let img = kv_img();
-    ok(
-        &url,
-        &[
-            "deploy",
-            &img,
-            "--on",
-            "a",
-            "--name",
-            "kv",
-            "--publish",
-            &publish,
-        ],
-    );
     assert_eq!(ip_of(&a, "kv"), "10.64.84.1");
     let mut kv = Redis::when_up(port);
     assert_eq!(kv.cmd(&["SET", "k", "before"]).unwrap(), "OK");

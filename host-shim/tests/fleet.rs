@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::daemon::{kv_img, Daemon, FleetCli, TempDir, BIN};
+use common::daemon::{deploy_kv, kv_img, Daemon, FleetCli, TempDir, BIN};
 use common::{
     ended, free_port, image, only_one_wins, redis_pipe_set, require_kvm, wait_kv_checkpoint, Redis,
 };
@@ -160,20 +160,8 @@ fn an_app_deployed_to_a_fleet_moves_around_three_shims_with_its_client_and_logs(
     );
 
     // Deploy: the image is uploaded once; a second app of it is not.
-    let port = free_port();
-    let kv = image("kv").display().to_string();
-    let publish = format!("127.0.0.1:{port}:6379");
-    let deployed = fleet.json(&[
-        "deploy",
-        &kv,
-        "--on",
-        "a",
-        "--name",
-        "kv",
-        "--publish",
-        &publish,
-        "--json",
-    ]);
+    let (port, deployed) = deploy_kv("a", &["--json"], |args| fleet.json(args));
+    let kv = kv_img();
     assert_eq!(deployed["uploaded"], true, "{deployed}");
     assert_eq!(deployed["host"], "a");
     let again = fleet.json(&["deploy", &kv, "--on", "a", "--name", "kv2", "--json"]);
@@ -332,21 +320,8 @@ fn instances_come_back_after_their_daemon_restarts() {
     let addr = format!("127.0.0.1:{}", free_port());
     let mut shim = Shim::start(&dir.0, "r", &addr, 1, &[]);
     fleet.ok(&["fleet", "add", "r", &shim.url()]);
-    let port = free_port();
-    let kv = image("kv").display().to_string();
-    let publish = format!("127.0.0.1:{port}:6379");
-    fleet.ok(&[
-        "deploy",
-        &kv,
-        "--on",
-        "r",
-        "--name",
-        "kv",
-        "--publish",
-        &publish,
-        "--checkpoint-every",
-        "100ms",
-    ]);
+    let checkpoints = ["--checkpoint-every", "100ms"];
+    let (port, _) = deploy_kv("r", &checkpoints, |args| fleet.ok(args));
     let http_port = free_port();
     let http_publish = format!("127.0.0.1:{http_port}:80");
     let http = image("http").display().to_string();

@@ -10,8 +10,8 @@
 
 mod common;
 
-use common::daemon::{kv_img, Daemon, FleetCli, TempDir};
-use common::{ended, free_port, redis_pipe_set, Redis};
+use common::daemon::{deploy_kv, Daemon, FleetCli, TempDir};
+use common::{ended, redis_pipe_set, Redis};
 use std::process::Output;
 
 fn stderr(out: &Output) -> String {
@@ -84,20 +84,7 @@ fn a_secure_fleet_deploys_moves_follows_and_stops_an_app_over_tls() {
     }
 
     // Deploy: the image is uploaded to a over TLS and runs there.
-    let port = free_port();
-    let publish = format!("127.0.0.1:{port}:6379");
-    let kv = kv_img();
-    let deployed = fleet.json(&[
-        "deploy",
-        &kv,
-        "--on",
-        "a",
-        "--name",
-        "kv",
-        "--publish",
-        &publish,
-        "--json",
-    ]);
+    let (port, deployed) = deploy_kv("a", &["--json"], |args| fleet.json(args));
     assert_eq!(
         (&deployed["uploaded"], &deployed["host"]),
         (&serde_json::json!(true), &serde_json::json!("a")),

@@ -389,6 +389,19 @@ pub fn run_kv(daemon: &Daemon) -> (u16, Redis) {
     (port, Redis::when_up(port))
 }
 
+/// `deploy KV-IMAGE --on ON --name kv --publish 127.0.0.1:PORT:6379
+/// EXTRA` on a free port, run by `cli` (the fleet file's or a store's
+/// CLI): that port and what `cli` returned.
+pub fn deploy_kv<R>(on: &str, extra: &[&str], cli: impl FnOnce(&[&str]) -> R) -> (u16, R) {
+    let port = free_port();
+    let img = kv_img();
+    let publish = format!("127.0.0.1:{port}:6379");
+    let mut args = vec!["deploy", &img, "--on", on, "--name", "kv"];
+    args.extend(["--publish", &publish]);
+    args.extend_from_slice(extra);
+    (port, cli(&args))
+}
+
 /// The user's fleet CLI: `host-shim ARGS` with the fleet file `file`
 /// (and no --shim / $HOST_SHIM).
 pub struct FleetCli {
