@@ -13,18 +13,15 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{boot, firecracker, free_port, image, require_kvm, shim, Run, Shim};
+use common::{
+    assert_same_output_but_uptime, boot, boot_under, firecracker, free_port, image, require_kvm,
+    run_image, Run, Shim,
+};
 
 /// Runs `app` under Firecracker to completion with `shim_args`, passing
 /// `app_args` after `--`.
 fn run_firecracker(app: &str, shim_args: &[&str], app_args: &[&str]) -> Run {
-    let img = image(app);
-    let img = img.to_str().expect("UTF-8 image path");
-    let mut args = vec!["run", img, "--backend", "firecracker", "--timeout", "60"];
-    args.extend_from_slice(shim_args);
-    args.push("--");
-    args.extend_from_slice(app_args);
-    shim(args)
+    boot_under("firecracker", app, shim_args, app_args)
 }
 
 #[test]
@@ -36,17 +33,7 @@ fn hello_exits_zero_with_the_same_output_as_under_our_shim() {
     let fc = run_firecracker("hello", &identity, &["--name", "fc"]);
     let kvm = boot("hello", &identity, &["--name", "fc"]);
     assert_eq!(fc.status, Some(0), "{fc:?}");
-    let without_uptime = |s: &str| -> Vec<String> {
-        s.lines()
-            .filter(|l| !l.starts_with("uptime:"))
-            .map(String::from)
-            .collect()
-    };
-    assert_eq!(
-        without_uptime(&fc.stdout),
-        without_uptime(&kvm.stdout),
-        "{fc:?}\n{kvm:?}"
-    );
+    assert_same_output_but_uptime(&fc, &kvm);
     assert!(fc.stdout.contains("host: h (region r)"), "{fc:?}");
     assert!(!fc.stdout.contains("libcloud-exit"), "{fc:?}");
     // What Firecracker adds to the command line is not the app's.
@@ -73,14 +60,15 @@ fn exit_codes_panics_and_faults_map_to_the_same_statuses() {
 fn a_firecracker_binary_that_does_not_exist_is_named() {
     require_kvm();
     let img = image("hello");
-    let run = shim([
-        "run".as_ref(),
-        img.as_os_str(),
-        "--backend".as_ref(),
-        "firecracker".as_ref(),
-        "--firecracker".as_ref(),
-        "/nonexistent/firecracker".as_ref(),
-    ] as [&std::ffi::OsStr; 6]);
+    let run = run_image(
+        &img,
+        &[
+            "--backend",
+            "firecracker",
+            "--firecracker",
+            "/nonexistent/firecracker",
+        ],
+    );
     assert_eq!(run.status, Some(1), "{run:?}");
     assert!(run.stderr.contains("/nonexistent/firecracker"), "{run:?}");
 }

@@ -94,20 +94,49 @@ where
     }
 }
 
+/// Runs `host-shim run PATH ARGS` to completion.
+pub fn run_image(path: &Path, args: &[&str]) -> Run {
+    let mut all: Vec<&std::ffi::OsStr> = vec!["run".as_ref(), path.as_os_str()];
+    all.extend(args.iter().map(|a| -> &std::ffi::OsStr { a.as_ref() }));
+    shim(all)
+}
+
+/// Boots `app` with `--timeout TIMEOUT SHIM_ARGS -- APP_ARGS`.
+fn boot_for(timeout: &str, app: &str, shim_args: &[&str], app_args: &[&str]) -> Run {
+    require_kvm();
+    let mut args = vec!["--timeout", timeout];
+    args.extend_from_slice(shim_args);
+    args.push("--");
+    args.extend_from_slice(app_args);
+    run_image(&image(app), &args)
+}
+
 /// Boots `app` under KVM with a safety timeout, passing `app_args` after `--`.
 pub fn boot(app: &str, shim_args: &[&str], app_args: &[&str]) -> Run {
-    require_kvm();
-    let img = image(app);
-    let mut args: Vec<&std::ffi::OsStr> = vec![
-        "run".as_ref(),
-        img.as_os_str(),
-        "--timeout".as_ref(),
-        "30".as_ref(),
-    ];
-    args.extend(shim_args.iter().map(|a| -> &std::ffi::OsStr { a.as_ref() }));
-    args.push("--".as_ref());
-    args.extend(app_args.iter().map(|a| -> &std::ffi::OsStr { a.as_ref() }));
-    shim(args)
+    boot_for("30", app, shim_args, app_args)
+}
+
+/// [`boot`] under another monitor (`qemu`, `firecracker`), with a longer
+/// safety timeout.
+pub fn boot_under(backend: &str, app: &str, shim_args: &[&str], app_args: &[&str]) -> Run {
+    let mut args = vec!["--backend", backend];
+    args.extend_from_slice(shim_args);
+    boot_for("60", app, &args, app_args)
+}
+
+/// Asserts that `a` and `b` printed the same lines but for the uptime.
+pub fn assert_same_output_but_uptime(a: &Run, b: &Run) {
+    let without_uptime = |s: &str| -> Vec<String> {
+        s.lines()
+            .filter(|l| !l.starts_with("uptime:"))
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(
+        without_uptime(&a.stdout),
+        without_uptime(&b.stdout),
+        "{a:?}\n{b:?}"
+    );
 }
 
 /// What a finished command printed: stdout, then stderr.
