@@ -14,7 +14,7 @@ use common::daemon::{deploy_kv, kv_img, Daemon, TempDir, BIN};
 use common::etcd::{Certs, Etcd};
 use common::follower::Follower;
 use common::store::{cli, ok, scheduler};
-use common::{free_port, only_one_wins, text, Redis};
+use common::{assert_says, free_port, only_one_wins, text, Redis};
 use fleet::store::{self, Expect, StoreError};
 use serde_json::{json, Value};
 use std::process::{Command, Output};
@@ -227,7 +227,7 @@ fn registered_hosts_show_up_from_another_client_and_down_after_their_lease() {
         stdout.contains("kv") && stdout.contains("running"),
         "{stdout}"
     );
-    assert!(text(&ps).contains("host b did not answer"), "{}", text(&ps));
+    assert_says(&ps, "host b did not answer");
     // The user adopts b with their token (pinning the fingerprint it
     // registered): ps reaches every host now.
     let (_, token) = b.pin_and_token();
@@ -284,11 +284,7 @@ fn registered_hosts_show_up_from_another_client_and_down_after_their_lease() {
         .output()
         .unwrap();
     assert!(!twin.status.success());
-    assert!(
-        text(&twin).contains("registered and alive already"),
-        "{}",
-        text(&twin)
-    );
+    assert_says(&twin, "registered and alive already");
     assert!(started.elapsed() < Duration::from_secs(20));
     assert_eq!(host_row(&url, "a").unwrap()["state"], "up");
 
@@ -320,7 +316,7 @@ fn registered_hosts_show_up_from_another_client_and_down_after_their_lease() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(text(&out).contains("--advertise"), "{}", text(&out));
+    assert_says(&out, "--advertise");
     assert!(host_row(&url, "w").is_none());
 
     // A daemon that fails after registering (it cannot write its ready
@@ -333,11 +329,7 @@ fn registered_hosts_show_up_from_another_client_and_down_after_their_lease() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "{}", text(&out));
-    assert!(
-        text(&out).contains("cannot write --ready-file"),
-        "{}",
-        text(&out)
-    );
+    assert_says(&out, "cannot write --ready-file");
     let row = host_row(&url, "c").expect("c registered before failing");
     assert_eq!(row["state"], "down", "{row}");
     // It had listened on a port the system chose, and recorded that one.
@@ -464,11 +456,7 @@ fn hosts_get_address_blocks_from_the_store_past_14_and_guests_keep_theirs_when_t
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(
-        text(&out).contains("10.64.0.0/10 (recorded in the store)"),
-        "{}",
-        text(&out)
-    );
+    assert_says(&out, "10.64.0.0/10 (recorded in the store)");
     drop(b);
 
     // A small fleet network (a /21: one block besides block 0) fills up,
@@ -490,11 +478,7 @@ fn hosts_get_address_blocks_from_the_store_past_14_and_guests_keep_theirs_when_t
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(
-        text(&out).contains("the fleet network 10.99.0.0/21 is full"),
-        "{}",
-        text(&out)
-    );
+    assert_says(&out, "the fleet network 10.99.0.0/21 is full");
 }
 
 #[test]
@@ -505,7 +489,7 @@ fn store_urls_fail_clearly_and_the_file_store_still_works() {
     let started = Instant::now();
     let out = cli(&dead, &["fleet", "ls"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains(&dead), "{}", text(&out));
+    assert_says(&out, &dead);
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "{:?}",
@@ -544,7 +528,7 @@ fn store_urls_fail_clearly_and_the_file_store_still_works() {
         .env_remove("HOST_SHIM_STORE")
         .output()
         .unwrap();
-    assert!(text(&by_default).contains(&d.addr), "{}", text(&by_default));
+    assert_says(&by_default, &d.addr);
     // The file store has no leases: serve --store file:// says so.
     let out = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0"])
@@ -552,7 +536,7 @@ fn store_urls_fail_clearly_and_the_file_store_still_works() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(text(&out).contains("needs an etcd store"), "{}", text(&out));
+    assert_says(&out, "needs an etcd store");
     let file_store = store::open(&store).unwrap();
     assert!(
         file_store.list("blocks/").unwrap().is_empty()
@@ -993,18 +977,10 @@ fn etcd_over_tls_with_client_certificates() {
     let mut device = flags.clone();
     device[1] = "/dev/zero".into();
     let (out, _) = cli_with(&url, &device, &[], &["fleet", "ls"]);
-    assert!(
-        text(&out).contains("--store-ca: /dev/zero is not a regular file"),
-        "{}",
-        text(&out)
-    );
+    assert_says(&out, "--store-ca: /dev/zero is not a regular file");
     // A certificate without its key is a flag error.
     let (out, _) = cli_with(&url, &flags[..4], &[], &["fleet", "ls"]);
-    assert!(
-        text(&out).contains("--store-cert and --store-key go together"),
-        "{}",
-        text(&out)
-    );
+    assert_says(&out, "--store-cert and --store-key go together");
 }
 
 #[test]
@@ -1066,5 +1042,5 @@ fn etcd_with_users_takes_a_password_from_a_file_or_the_environment() {
     fails_clearly(&cli_with(&url, &[], &[], &["fleet", "ls"]), &url, "etcd at");
     // A user without a password is a flag error.
     let (out, _) = cli_with(&url, &user, &[], &["fleet", "ls"]);
-    assert!(text(&out).contains("needs a password"), "{}", text(&out));
+    assert_says(&out, "needs a password");
 }

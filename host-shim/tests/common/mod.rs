@@ -148,6 +148,12 @@ pub fn text(out: &Output) -> String {
     )
 }
 
+/// Asserts that what the finished command printed says `needle`.
+pub fn assert_says(out: &Output, needle: &str) {
+    let said = text(out);
+    assert!(said.contains(needle), "no {needle:?} in:\n{said}");
+}
+
 /// Runs `racers` at once to their end: exactly one succeeds, each other
 /// fails with status 5 saying `refusal`. Returns the winner's index.
 pub fn only_one_wins(racers: Vec<Command>, refusal: &str) -> usize {
@@ -171,7 +177,7 @@ pub fn only_one_wins(racers: Vec<Command>, refusal: &str) -> usize {
     expected[0] = Some(0);
     assert_eq!(codes, expected, "{}", all());
     for loser in outs.iter().filter(|o| !o.status.success()) {
-        assert!(text(loser).contains(refusal), "{}", text(loser));
+        assert_says(loser, refusal);
     }
     outs.iter().position(|o| o.status.success()).unwrap()
 }
