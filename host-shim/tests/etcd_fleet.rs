@@ -232,33 +232,14 @@ fn registered_hosts_show_up_from_another_client_and_down_after_their_lease() {
     // registered): ps reaches every host now.
     let (_, token) = b.pin_and_token();
     let b_url = format!("https://{}", b.addr);
-    let wrong = cli(
-        &url,
-        &[
-            "fleet",
-            "add",
-            "b",
-            &b_url,
-            "--fingerprint",
-            &format!("SHA256:{}", "0".repeat(64)),
-            "--token",
-            &token,
-        ],
-    );
+    let add_b = |pin: &str| {
+        let args = ["fleet", "add", "b", &b_url, "--fingerprint", pin];
+        cli(&url, &[&args[..], &["--token", &token]].concat())
+    };
+    let wrong = add_b(&format!("SHA256:{}", "0".repeat(64)));
     assert!(!wrong.status.success(), "{}", text(&wrong));
-    ok(
-        &url,
-        &[
-            "fleet",
-            "add",
-            "b",
-            &b_url,
-            "--fingerprint",
-            &fingerprint,
-            "--token",
-            &token,
-        ],
-    );
+    let right = add_b(&fingerprint);
+    assert!(right.status.success(), "{}", text(&right));
     let row = host_row(&url, "b").unwrap();
     assert_eq!(
         (row["token"].clone(), row["state"].clone()),
