@@ -13,7 +13,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::daemon::TempDir;
-use common::{free_port, image, redis_pipe_set, require_kvm, shim, wait_kv_checkpoint, Shim};
+use common::{
+    free_port, image, redis_cli, redis_pipe_set, require_kvm, shim, wait_for_pong,
+    wait_kv_checkpoint, Shim,
+};
 
 fn require_tool(name: &str, package: &str) {
     let found = Command::new("sh")
@@ -33,34 +36,16 @@ fn kv_image() -> PathBuf {
     image("kv")
 }
 
-/// `redis-cli -p PORT ARGS...`: its stdout, trimmed (empty for a missing
+/// `redis-cli -p PORT ARGS...`'s answer, trimmed (empty for a missing
 /// key), or `None` when it failed or could not connect.
-fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
-    let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli is installed (apt-get install redis-tools)");
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    (out.status.success() && !text.starts_with("Could not connect")).then_some(text)
+fn reply(port: u16, args: &[&str]) -> Option<String> {
+    let (ok, out) = redis_cli(port, args);
+    ok.then(|| out.trim().to_owned())
 }
 
-/// [`redis_cli`]'s answer, `None` also when it is empty.
+/// [`reply`], `None` also when it is empty.
 fn cli(port: u16, args: &[&str]) -> Option<String> {
-    redis_cli(port, args).filter(|text| !text.is_empty())
-}
-
-/// Waits until the kv behind `port` answers PING.
-fn wait_ready(shim: &mut Shim, port: u16, what: &str) -> Duration {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
-        shim.assert_running(what);
-        if cli(port, &["PING"]).as_deref() == Some("PONG") {
-            return start.elapsed();
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{what}: kv did not answer PING on port {port} within 30 s");
+    reply(port, args).filter(|text| !text.is_empty())
 }
 
 fn value(i: usize) -> String {
@@ -78,7 +63,7 @@ fn load(port: u16, keys: std::ops::Range<usize>) {
 /// `Some("")`, never a retry.
 fn answer(port: u16, args: &[&str]) -> Option<String> {
     for _ in 0..120 {
-        if let Some(text) = redis_cli(port, args) {
+        if let Some(text) = reply(port, args) {
             return Some(text);
         }
         thread::sleep(Duration::from_millis(250));
@@ -115,7 +100,7 @@ fn boot_kv(img: &Path, extra: &[&str], what: &str) -> (Shim, u16) {
     let port = free_port();
     let publish = format!("{port}:6379");
     let mut shim = Shim::start(&kv_args(img, &publish, extra));
-    wait_ready(&mut shim, port, what);
+    wait_for_pong(port, Some(&mut shim), what);
     (shim, port)
 }
 
@@ -403,7 +388,7 @@ fn a_daemon_instance_checkpoints_on_request() {
     let p = free_port();
     let pub1 = format!("{p}:6379");
     run_on(&api, img_s, "kv", &["--publish", &pub1]);
-    wait_ready(&mut daemon, p, "kv in the daemon");
+    wait_for_pong(p, Some(&mut daemon), "kv in the daemon");
     load(p, 0..500);
     let out = dir.join("kv.ckpt");
     let r = shim([
@@ -426,7 +411,7 @@ fn a_daemon_instance_checkpoints_on_request() {
     let pub2 = format!("{p2}:6379");
     let restore = ["--publish", &pub2, "--restore", out.to_str().unwrap()];
     run_on(&api, img_s, "kv2", &restore);
-    wait_ready(&mut daemon, p2, "kv2 in the daemon");
+    wait_for_pong(p2, Some(&mut daemon), "kv2 in the daemon");
     check_keys(p2, 500, 500);
     daemon.stop();
 }
@@ -500,8 +485,8 @@ fn after_kill_9_of_its_daemon_kv_restarts_on_the_standby() {
     // kv1 checkpoints every 300 ms; kv2 acknowledges writes after theirs.
     run("kv1", &pub1, &["--checkpoint-every", "300ms"]);
     run("kv2", &pub2, &["--env", "ACK_AFTER_CHECKPOINT=1"]);
-    wait_ready(&mut a, p1, "kv1 on A");
-    wait_ready(&mut a, p2, "kv2 on A");
+    wait_for_pong(p1, Some(&mut a), "kv1 on A");
+    wait_for_pong(p2, Some(&mut a), "kv2 on A");
     load(p1, 0..1000);
     load(p2, 0..500);
     assert_eq!(
@@ -520,8 +505,8 @@ fn after_kill_9_of_its_daemon_kv_restarts_on_the_standby() {
 
     // B takes over after the grace period, on the same published ports.
     let down = Instant::now();
-    wait_ready(&mut b, p1, "kv1 restarted on B");
-    wait_ready(&mut b, p2, "kv2 restarted on B");
+    wait_for_pong(p1, Some(&mut b), "kv1 restarted on B");
+    wait_for_pong(p2, Some(&mut b), "kv2 restarted on B");
     let took = down.elapsed();
     // The standby restarts the app once the origin has not answered for the
     // grace period, counted from its last answered probe (at most grace/8
@@ -847,7 +832,7 @@ fn ack_mode_never_acknowledges_a_write_its_standby_did_not_store() {
         "ACK_AFTER_CHECKPOINT=1",
     ];
     run_on(&a_api, img_s, "kv", &args);
-    wait_ready(&mut a, port, "kv on A");
+    wait_for_pong(port, Some(&mut a), "kv on A");
     assert_eq!(cli(port, &["SET", "stored", "1"]).as_deref(), Some("OK"));
 
     let signal = |sig: &str, pid: u32| {

@@ -11,7 +11,7 @@ mod common;
 use common::daemon::Daemon;
 use common::require_kvm;
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 const BIN: &str = env!("CARGO_BIN_EXE_host-shim");
 
@@ -34,13 +34,9 @@ fn cli(args: &[&str]) -> (bool, String) {
     (out.status.success(), common::text(&out))
 }
 
+/// `redis-cli -p PORT ARGS...`'s answer, trimmed.
 fn redis(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli is needed: apt-get install redis-tools");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    common::redis_cli(port, args).1.trim().to_owned()
 }
 
 #[test]
@@ -53,11 +49,7 @@ fn cost_policy_stays_in_the_cheap_region_and_evacuates_it_before_a_notice_deadli
     let steady = Daemon::start_in("steady", "steady-west", 2, &["--peer", &a], &[], &tmp);
     let b = steady.addr.clone();
     let port = spot.run_published("kv", "kv", 6379, &[]);
-    let give_up = Instant::now() + Duration::from_secs(30);
-    while redis(port, &["PING"]) != "PONG" {
-        assert!(Instant::now() < give_up, "kv never answered PING");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_for_pong(port, None, "kv on spot");
     assert_eq!(redis(port, &["SET", "spot:key", "kept"]), "OK");
 
     let prices = dir.join("prices.csv");

@@ -309,6 +309,46 @@ pub fn serve(args: &[&str]) -> (Shim, String) {
     (shim, listen)
 }
 
+/// `redis-cli -p PORT ARGS...`, killed after 30 s: whether it succeeded
+/// (and connected), and what it printed.
+pub fn redis_cli(port: u16, args: &[&str]) -> (bool, String) {
+    let out = Command::new("timeout")
+        .args(["30", "redis-cli", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("spawn timeout redis-cli");
+    // `timeout` says 127 when it cannot find the command.
+    assert_ne!(
+        out.status.code(),
+        Some(127),
+        "this test needs redis-cli (apt-get install redis-tools)"
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let ok = out.status.success() && !text.starts_with("Could not connect");
+    (ok, text)
+}
+
+/// Waits (up to 30 s) until `redis-cli PING` on `port` answers PONG, while
+/// `shim` (what serves it, when given) keeps running; how long it took.
+/// `what` names what answers, for the failure.
+pub fn wait_for_pong(port: u16, mut shim: Option<&mut Shim>, what: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = shim.as_deref_mut() {
+            s.assert_running(what);
+        }
+        let (ok, out) = redis_cli(port, &["PING"]);
+        if ok && out.trim() == "PONG" {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{what}: no PONG on port {port} within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// SETs every `(key, value)` with `redis-cli --pipe` (the whole batch is sent
 /// before any reply is read) and returns redis-cli's report after checking
 /// it saw one reply per key and no error.
