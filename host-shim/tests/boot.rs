@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{boot, image, require_kvm, shim};
+use common::{assert_same_output_but_uptime, boot, boot_under, image, require_kvm};
 use std::time::Duration;
 
 #[test]
@@ -134,34 +134,10 @@ fn hello_boots_under_qemu_with_the_same_output() {
         &["--host-name", "h", "--region", "r"],
         &["--name", "qemu"],
     );
-    let img = image("hello");
-    let qemu = shim([
-        "run".as_ref(),
-        img.as_os_str(),
-        "--backend".as_ref(),
-        "qemu".as_ref(),
-        "--timeout".as_ref(),
-        "60".as_ref(),
-        "--host-name".as_ref(),
-        "h".as_ref(),
-        "--region".as_ref(),
-        "r".as_ref(),
-        "--".as_ref(),
-        "--name".as_ref(),
-        "qemu".as_ref(),
-    ] as [&std::ffi::OsStr; 13]);
+    let identity = ["--host-name", "h", "--region", "r"];
+    let qemu = boot_under("qemu", "hello", &identity, &["--name", "qemu"]);
     assert_eq!(qemu.status, Some(0), "{qemu:?}");
-    let without_uptime = |s: &str| -> Vec<String> {
-        s.lines()
-            .filter(|l| !l.starts_with("uptime:"))
-            .map(String::from)
-            .collect()
-    };
-    assert_eq!(
-        without_uptime(&qemu.stdout),
-        without_uptime(&kvm.stdout),
-        "{qemu:?}\n{kvm:?}"
-    );
+    assert_same_output_but_uptime(&qemu, &kvm);
     assert_eq!(qemu.lines().len(), 4, "{qemu:?}");
 }
 
