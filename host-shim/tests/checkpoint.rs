@@ -537,31 +537,31 @@ fn after_kill_9_of_its_daemon_kv_restarts_on_the_standby() {
 }
 
 /// `redis-cli -p PORT` running the commands of `script` (one a line) over
-/// one connection, retried until kv accepts connections: its output lines.
+/// one connection, once kv answers PING: its output lines.
 fn cli_script(shim: &mut Shim, port: u16, script: &str) -> Vec<String> {
     use std::io::Write;
-    let start = Instant::now();
-    loop {
-        shim.assert_running("kv restoring");
-        let mut child = Command::new("redis-cli")
-            .args(["-p", &port.to_string()])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-cli is installed (apt-get install redis-tools)");
-        let _ = child.stdin.take().unwrap().write_all(script.as_bytes());
-        let out = child.wait_with_output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if out.status.success() && !text.contains("Could not connect") && !text.is_empty() {
-            return text.lines().map(str::to_owned).collect();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "kv did not accept connections on port {port} within 30 s"
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
+    // Until kv listens, the gateway accepts a connection and then closes
+    // it; redis-cli would reconnect for the next command, so a script sent
+    // early runs in part. Wait for kv first, then send the script once (it
+    // changes keys: it must not run twice).
+    wait_for_pong(port, Some(shim), "kv restoring");
+    let mut child = Command::new("timeout")
+        .args(["30", "redis-cli", "-p", &port.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn timeout redis-cli");
+    let _ = child.stdin.take().unwrap().write_all(script.as_bytes());
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && !text.contains("Error:"),
+        "redis-cli failed ({}): {text}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines().map(str::to_owned).collect()
 }
 
 /// A kv checkpoint file written here: `n` keys `key:0000000`.. with values
@@ -640,7 +640,9 @@ fn kv_serves_a_big_checkpoint_in_place_exactly_as_if_loaded() {
     .join("\n");
     let out = cli_script(&mut shim, p, &script);
     let replies: Vec<&str> = out.iter().map(String::as_str).collect();
-    let ttl: u64 = replies[7].parse().unwrap();
+    let ttl: u64 = replies[7]
+        .parse()
+        .unwrap_or_else(|e| panic!("reply 7 is not a TTL ({e}): {replies:?}"));
     // No more than the time since the shim started can have passed in
     // the guest (TTL rounds down: one more second).
     let lower = 599 - started.elapsed().as_secs() - 1;
