@@ -6,11 +6,12 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 #[cfg(feature = "tls")]
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::migration::{MigrationEvent, MigrationPhase, MigrationReport};
+use crate::server::Connection;
 use crate::stats::ShimStats;
 #[cfg(feature = "tls")]
 use crate::{tls::CertKey, Fingerprint};
@@ -362,7 +363,9 @@ impl Client {
         body: &[u8],
         mut progress: impl FnMut(u64),
     ) -> Result<Answer, ClientError> {
-        let mut stream = self.connect()?;
+        let stream = self.connect()?;
+        let deadline = Instant::now() + upload_deadline(body.len() as u64);
+        let mut stream = Until::new(stream, deadline, self.timeout).map_err(self.io())?;
         let head = format!(
             "PUT {path} HTTP/1.0\r\nHost: {}\r\n{}Content-Type: application/octet-stream\r\n\
              Content-Length: {}\r\n\r\n",
@@ -722,9 +725,133 @@ fn image(hash: &str) -> String {
     format!("/v1/images/{hash}")
 }
 
+/// The shortest whole deadline of an upload ([`upload_deadline`]).
+pub const UPLOAD_FLOOR: Duration = Duration::from_secs(30);
+/// The slowest rate an upload may go at, in bytes per second, past
+/// [`UPLOAD_FLOOR`].
+pub const UPLOAD_MIN_RATE: u64 = 1 << 20;
+
+/// How long an upload of `bytes` (an image copied to another daemon) may
+/// take, whole: [`UPLOAD_FLOOR`] plus the bytes at [`UPLOAD_MIN_RATE`]. A
+/// daemon that reads a byte now and then cannot hold the sender longer.
+pub fn upload_deadline(bytes: u64) -> Duration {
+    UPLOAD_FLOOR + Duration::from_secs(bytes / UPLOAD_MIN_RATE)
+}
+
+/// A connection whose reads and writes all end by one deadline (each
+/// also within `per_op`, if set): the other side cannot stretch an
+/// exchange past it by answering a byte now and then.
+struct Until<S> {
+    inner: S,
+    tcp: TcpStream,
+    deadline: Instant,
+    per_op: Option<Duration>,
+}
+
+impl<S: Connection> Until<S> {
+    fn new(inner: S, deadline: Instant, per_op: Option<Duration>) -> std::io::Result<Self> {
+        let tcp = inner.tcp().try_clone()?;
+        Ok(Self {
+            inner,
+            tcp,
+            deadline,
+            per_op,
+        })
+    }
+
+    /// Bounds the next read (or write) by what is left of the deadline.
+    fn arm(&self, read: bool) -> std::io::Result<()> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the exchange did not end in time",
+            ));
+        }
+        let t = Some(self.per_op.map_or(left, |p| p.min(left)));
+        if read {
+            self.tcp.set_read_timeout(t)
+        } else {
+            self.tcp.set_write_timeout(t)
+        }
+    }
+}
+
+impl<S: Connection> Read for Until<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm(true)?;
+        self.inner.read(buf)
+    }
+}
+
+impl<S: Connection> Write for Until<S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.arm(false)?;
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.arm(false)?;
+        self.inner.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uploads_get_a_whole_deadline_by_size() {
+        assert_eq!(upload_deadline(0), UPLOAD_FLOOR);
+        assert_eq!(
+            upload_deadline(64 << 20),
+            UPLOAD_FLOOR + Duration::from_secs(64)
+        );
+    }
+
+    #[test]
+    fn a_reader_taking_a_byte_now_and_then_cannot_stretch_the_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                // Reads at first (the kernel's buffers fill), then a byte
+                // every 50 ms: each write makes a little progress.
+                let mut buf = vec![0u8; 1 << 20];
+                let _ = server.read(&mut buf);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if server.read(&mut buf[..1]).unwrap_or(0) == 0 {
+                        break;
+                    }
+                }
+            })
+        };
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(1);
+        // Each write alone may block 20 s: only the whole deadline ends it.
+        let mut conn = Until::new(client, deadline, Some(Duration::from_secs(20))).unwrap();
+        let err = conn.write_all(&vec![0u8; 64 << 20]).unwrap_err();
+        let took = start.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+            ),
+            "{err}"
+        );
+        assert!(took >= Duration::from_secs(1), "{took:?}");
+        assert!(
+            took < Duration::from_secs(10),
+            "the deadline held: {took:?}"
+        );
+        drop(conn);
+        reader.join().unwrap();
+    }
     use crate::migration::MigrationReport;
     use std::net::TcpListener;
 

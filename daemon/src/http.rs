@@ -89,8 +89,8 @@ impl Service for Api {
                 return Err(ApiError(
                     403,
                     format!(
-                        "{} {} needs the user token: a peer host's certificate ({peer}) may \
-                         only migrate, stand by and push images",
+                        "{} {} needs the user token: peers may only migrate, stand by and push \
+                         images (this caller has only the certificate of peer host {peer})",
                         head.method, head.path
                     ),
                 ));

@@ -661,9 +661,10 @@ impl<H: Host> Outgoing<'_, H> {
 const MAX_CARRIED_IMAGE: u64 = 256 << 20;
 
 /// `name`'s restart record, if it has one, with its image copied to the
-/// destination's store first (unless there already). `None`, with a
-/// warning, if that copy fails: the app then moves but does not come back
-/// after a restart of the destination's daemon.
+/// destination's store first (unless there already), whole within
+/// [`api::upload_deadline`] of its size. `None`, with a warning, if
+/// that copy fails: the app then moves but does not come back after a
+/// restart of the destination's daemon.
 fn carried_record<H: Host>(
     host: &H,
     to: &Client,
