@@ -38,7 +38,7 @@ pub mod tls;
 #[cfg(feature = "http")]
 pub use client::{
     read_streamed_line, upload_deadline, Answer, Client, ClientError, EventsError, LineError,
-    MigrationEvents, Stream,
+    MigrationEvents, Stream, UPLOAD_FLOOR, UPLOAD_MIN_RATE,
 };
 pub use fingerprint::{decode_hex, encode_hex, Fingerprint};
 pub use images::{ImageInfo, HASH_PREFIX};

@@ -1,7 +1,7 @@
 //! The daemon's API server policy, served by the `api` crate's HTTP server
 //! ([`api::server::serve`], which owns the accept loop, connection slots,
 //! deadlines and bounded reads): TLS or not, who may call what, and the
-//! typed requests handed to the daemon ([`Daemon::handle`]) or, for the
+//! typed requests handed to the daemon (`Daemon::handle`) or, for the
 //! migration stream, to the migration crate.
 //!
 //! Secure mode (a daemon with an identity, the `security` crate):
@@ -23,7 +23,7 @@ use std::io::{self, BufReader};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 
-use super::{api, ApiError, Daemon, MIGRATION_PROTOCOL};
+use super::{ApiError, Daemon, MIGRATION_PROTOCOL};
 use api::server::{Admission, Head, Reply, Service};
 use security::tls::Stream;
 use security::HostSecurity;

@@ -5,6 +5,21 @@
 //! the `security` crate). It is the migration crate's `Host`
 //! ([`migration_host`]).
 //!
+//! # Where things are
+//!
+//! - [`instances`]: the [`instances::InstanceTable`], names and addresses
+//!   reserved, committed and released under one lock; [`instance`]: one
+//!   instance and its console ring;
+//! - `run`: run, restore, launch, stop, guests that end on their own;
+//!   `snapshots`: snapshots, app checkpoints, where their files go;
+//! - [`migration_host`]: the migration crate's `Host` (reservations of
+//!   guests moving in, guests that moved away); [`standby`]; [`fence`];
+//! - [`http`]: who may call what (TLS, tokens, pinned peers), served by
+//!   `api::server`; `dispatch`: typed requests to the calls above; `peers`:
+//!   clients of other daemons and the overlay to pinned peers;
+//! - [`images`], [`logs`], [`limits`], [`stats`], [`restart_records`],
+//!   [`openapi`].
+//!
 //! # Endpoints (all under the `--listen` address)
 //!
 //! | method and path | body | answer |
@@ -44,7 +59,7 @@
 //! Guests and gateways share one subnet (`--guest-net`, default
 //! 10.0.0.0/16; see [`hostnet::pool`]). Each shim has an id N
 //! (`--shim-id`, 1..=14): its gateway is the subnet's address N + 1 (MAC
-//! [`mac_for`] it). A shim of a fleet on a store has a block of the
+//! [`hostnet::mac_for`] it). A shim of a fleet on a store has a block of the
 //! fleet's network instead ([`DaemonConfig::block`]): its gateway is the
 //! block's first address, its pool the rest of the block. A run takes the
 //! lowest address of this shim's pool that no live instance holds (unless
@@ -56,7 +71,6 @@
 //! shim it came from (whose proxied connections it serves) over the
 //! overlay, while a guest booted here talks to this shim's gateway.
 
-pub mod api;
 mod dispatch;
 pub mod fence;
 pub mod http;
@@ -80,7 +94,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 pub use http::Method;
 pub use limits::check_name;
@@ -188,20 +202,6 @@ pub struct Daemon {
     fds: limits::FdGauge,
 }
 
-/// Hands the heap that stopped instances freed back to the kernel, once
-/// stops pause for [`TRIM_DEBOUNCE`] (a trim walks the whole heap: after
-/// each of a thousand stops it would cost more than the stop).
-fn trim_after_stops(wanted: Receiver<()>) {
-    while wanted.recv().is_ok() {
-        thread::sleep(TRIM_DEBOUNCE);
-        while wanted.try_recv().is_ok() {}
-        shim_util::sys::release_free_heap();
-    }
-}
-
-/// How long stops must pause before the heap is trimmed.
-const TRIM_DEBOUNCE: Duration = Duration::from_millis(200);
-
 impl Daemon {
     /// Opens KVM, starts the network and binds the shim-level ports.
     pub fn new(config: DaemonConfig) -> Result<(Arc<Self>, Receiver<Ended>), Error> {
@@ -257,7 +257,7 @@ impl Daemon {
         let (trim, wanted) = mpsc::sync_channel(1);
         thread::Builder::new()
             .name("trim".into())
-            .spawn(move || trim_after_stops(wanted))
+            .spawn(move || run::trim_after_stops(wanted))
             .map_err(|e| Error::Config(format!("cannot start a thread: {e}")))?;
         let daemon = Arc::new(Self {
             config,

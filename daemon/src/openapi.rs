@@ -146,10 +146,10 @@ mod tests {
 mod fields {
     //! Every documented schema against the JSON of the type it describes.
     use super::*;
-    use crate::api::stats::{InstanceStats, NicStats, PeerRtt, PortStats, ShimStats};
-    use crate::api::*;
     use crate::images::ImageInfo;
     use crate::standby::StandbyInfo;
+    use api::stats::{InstanceStats, NicStats, PeerRtt, PortStats, ShimStats};
+    use api::*;
     use serde::Serialize;
     use serde_json::Value;
 

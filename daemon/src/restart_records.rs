@@ -14,8 +14,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::api::{InstanceInfo, RunRequest};
 use super::{bad, not_found, ApiError, Daemon};
+use api::{InstanceInfo, RunRequest};
 
 pub use ::api::Restart;
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use api::{InstanceInfo, RestoreRequest, RunRequest};
@@ -360,3 +361,17 @@ impl Daemon {
         result
     }
 }
+
+/// Hands the heap that stopped instances freed back to the kernel, once
+/// stops pause for [`TRIM_DEBOUNCE`] (a trim walks the whole heap: after
+/// each of a thousand stops it would cost more than the stop).
+pub(crate) fn trim_after_stops(wanted: Receiver<()>) {
+    while wanted.recv().is_ok() {
+        thread::sleep(TRIM_DEBOUNCE);
+        while wanted.try_recv().is_ok() {}
+        shim_util::sys::release_free_heap();
+    }
+}
+
+/// How long stops must pause before the heap is trimmed.
+const TRIM_DEBOUNCE: Duration = Duration::from_millis(200);
