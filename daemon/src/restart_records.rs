@@ -149,10 +149,12 @@ impl Daemon {
         boot.image = self.image_file(&req.image)?;
         let mut info = self.run(boot)?;
         if let Some(p) = &self.persist {
-            req.ip = info
-                .ip
-                .as_deref()
-                .map(|ip| ip.split('/').next().unwrap_or(ip).to_owned());
+            // The address it got, so that it gets it again.
+            req.ip = self
+                .instances()
+                .get(&req.name)
+                .and_then(|i| i.spec.nic)
+                .map(|n| n.ip.to_string());
             if let Err(e) = p.save(&req) {
                 tracing::error!("cannot record instance {}: {e}", req.name);
             }
