@@ -7,6 +7,10 @@ use std::time::{Duration, Instant};
 
 use crate::Daemon;
 
+/// The longest a read or write to another daemon may block, unless the
+/// caller of [`Daemon::peer_client`] sets its own.
+pub const PEER_IO_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Daemon {
     /// Puts every pinned peer with an address on the overlay (at that
     /// address, UDP: a shim's overlay listens on its API address unless
@@ -67,8 +71,11 @@ impl Daemon {
     }
 
     /// `client`, connecting through the `--peer-via` relay of its address
-    /// if it has one: TCP to peers takes the same paths as the overlay.
+    /// if it has one (TCP to peers takes the same paths as the overlay),
+    /// each read and write bounded by [`PEER_IO_TIMEOUT`] unless its
+    /// caller sets another.
     fn routed(&self, client: api::Client) -> api::Client {
+        let client = client.with_timeout(PEER_IO_TIMEOUT);
         let via = self.config.overlay.as_ref().and_then(|o| {
             let real = client.addr.parse::<std::net::SocketAddr>().ok()?;
             o.via.iter().find(|(r, _)| *r == real).map(|(_, via)| *via)
