@@ -277,7 +277,7 @@ impl Daemon {
         Ok((daemon, rx))
     }
 
-    pub fn instances(&self) -> MutexGuard<'_, InstanceTable> {
+    pub(crate) fn instances(&self) -> MutexGuard<'_, InstanceTable> {
         self.instances.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -179,7 +179,13 @@ impl Daemon {
     /// thread, takes the guest's port off the switch (frames for it now go
     /// over the overlay to `peer`) and leaves a tombstone that keeps the
     /// published ports.
-    pub fn moved_away(&self, name: &str, to: &str, peer: Option<SocketAddr>, skip_frames: usize) {
+    pub(crate) fn moved_away(
+        &self,
+        name: &str,
+        to: &str,
+        peer: Option<SocketAddr>,
+        skip_frames: usize,
+    ) {
         let (handle, port) = {
             let mut instances = self.instances();
             let Some(inst) = instances.get_mut(name) else {

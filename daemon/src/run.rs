@@ -23,7 +23,7 @@ use crate::{bad, not_found, standby, ApiError, Daemon};
 
 impl Daemon {
     /// Runs `machine` as instance `name` (already reserved as Busy).
-    pub fn start_instance(&self, machine: Machine) -> Result<Arc<MachineHandle>, Error> {
+    pub(crate) fn start_instance(&self, machine: Machine) -> Result<Arc<MachineHandle>, Error> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(machine::spawn(machine, id, self.ended_sender(), None)?);
         Ok(handle)
@@ -167,7 +167,7 @@ impl Daemon {
     }
 
     /// Publishes, spawns and records a machine under the reserved `name`.
-    pub fn launch(
+    pub(crate) fn launch(
         &self,
         name: &str,
         mut machine: Machine,
@@ -276,7 +276,11 @@ impl Daemon {
     }
 
     /// Marks a live instance busy and returns its handle; `release` undoes it.
-    pub fn acquire(&self, name: &str, what: &'static str) -> Result<Arc<MachineHandle>, ApiError> {
+    pub(crate) fn acquire(
+        &self,
+        name: &str,
+        what: &'static str,
+    ) -> Result<Arc<MachineHandle>, ApiError> {
         let mut instances = self.instances();
         let inst = instances.get_mut(name).ok_or_else(|| not_found(name))?;
         match (&inst.state, &inst.handle) {
@@ -297,7 +301,7 @@ impl Daemon {
     }
 
     /// Back to running after [`Self::acquire`].
-    pub fn release(&self, name: &str) {
+    pub(crate) fn release(&self, name: &str) {
         if let Some(inst) = self.instances().get_mut(name) {
             if matches!(inst.state, State::Busy(_)) {
                 inst.state = State::Running;
