@@ -73,6 +73,51 @@ pub struct InstanceTable {
     held_elsewhere: BTreeSet<Ipv4Addr>,
 }
 
+/// Why a name or an address cannot be reserved.
+#[derive(Debug, thiserror::Error)]
+pub enum ReserveError {
+    /// Not an instance name (the message says what one is).
+    #[error("{0}")]
+    BadName(String),
+    /// The daemon's limits have no room (status and message of the limit).
+    #[error("{}", .0 .1)]
+    Refused(ApiError),
+    #[error("an instance named '{name}' exists ({state}): stop it first")]
+    NameTaken { name: String, state: String },
+    #[error("an instance named '{name}' already exists here ({state})")]
+    NameTakenHere { name: String, state: String },
+    #[error("instance '{holder}' already has address {ip}")]
+    AddressTaken { holder: String, ip: Ipv4Addr },
+    #[error("instance '{holder}' here already has address {ip} or its MAC")]
+    AddressOrMacTaken { holder: String, ip: Ipv4Addr },
+    #[error("{ip} is in use by another instance")]
+    AddressInUse { ip: Ipv4Addr },
+    #[error("{ip} is outside this shim's guest network {net} (serve --guest-net)")]
+    OutsideNetwork { ip: Ipv4Addr, net: GuestNet },
+    #[error(
+        "all {capacity} guest addresses of this shim ({first}..{last}) are in use \
+         (serve --guest-net)"
+    )]
+    PoolFull {
+        capacity: usize,
+        first: Ipv4Addr,
+        last: Ipv4Addr,
+    },
+}
+
+impl ReserveError {
+    /// The API's answer: 400 for a bad name or address, the limit's own
+    /// status, else 409 (a conflict).
+    pub fn into_api(self) -> ApiError {
+        match self {
+            ReserveError::BadName(why) => ApiError(400, why),
+            ReserveError::Refused(e) => e,
+            e @ ReserveError::OutsideNetwork { .. } => ApiError(400, e.to_string()),
+            e => ApiError(409, e.to_string()),
+        }
+    }
+}
+
 /// Checks that an instance of `mem` bytes fits beside `live` instances
 /// holding `used` bytes (the daemon's limits).
 pub trait Admit: FnOnce(usize, u64, u64) -> Result<(), ApiError> {}
@@ -173,7 +218,7 @@ impl InstanceTable {
         name: &str,
         spec: GuestSpec,
         admit: impl Admit,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), ReserveError> {
         self.check_reservable(name, &spec, admit)?;
         self.insert_placeholder(name, spec, "starting");
         Ok(())
@@ -188,7 +233,7 @@ impl InstanceTable {
         mut spec: GuestSpec,
         asked: Option<Ipv4Addr>,
         admit: impl Admit,
-    ) -> Result<Nic, ApiError> {
+    ) -> Result<Nic, ReserveError> {
         self.check_reservable(name, &spec, admit)?;
         let ip = self.pick_ip(asked)?;
         let nic = Nic {
@@ -210,31 +255,25 @@ impl InstanceTable {
         spec: GuestSpec,
         mut incoming: Incoming,
         admit: impl Admit,
-    ) -> Result<Reserved, ApiError> {
+    ) -> Result<Reserved, ReserveError> {
         let name = spec.name.clone();
-        check_name(&name)?;
+        check_name(&name).map_err(|ApiError(_, why)| ReserveError::BadName(why))?;
         let (live, used) = self.live_usage();
-        admit(live, used, spec.mem_size)?;
+        admit(live, used, spec.mem_size).map_err(ReserveError::Refused)?;
         if let Some(old) = self.instances.get(&name) {
             if !matches!(old.state, State::Moved(_)) {
-                return Err(ApiError(
-                    409,
-                    format!(
-                        "an instance named '{name}' already exists here ({})",
-                        old.info().state
-                    ),
-                ));
+                return Err(ReserveError::NameTakenHere {
+                    name,
+                    state: old.info().state.to_string(),
+                });
             }
         }
         if let Some(nic) = spec.nic {
             if let Some(other) = self.holder_of(&nic, true) {
-                return Err(ApiError(
-                    409,
-                    format!(
-                        "instance '{}' here already has address {} or its MAC",
-                        other.name, nic.ip
-                    ),
-                ));
+                return Err(ReserveError::AddressOrMacTaken {
+                    holder: other.name.clone(),
+                    ip: nic.ip,
+                });
             }
         }
         incoming.tombstone = self.instances.remove(&name);
@@ -338,25 +377,22 @@ impl InstanceTable {
         name: &str,
         spec: &GuestSpec,
         admit: impl Admit,
-    ) -> Result<(), ApiError> {
-        check_name(name)?;
+    ) -> Result<(), ReserveError> {
+        check_name(name).map_err(|ApiError(_, why)| ReserveError::BadName(why))?;
         let (live, used) = self.live_usage();
-        admit(live, used, spec.mem_size)?;
+        admit(live, used, spec.mem_size).map_err(ReserveError::Refused)?;
         if let Some(old) = self.instances.get(name) {
-            return Err(ApiError(
-                409,
-                format!(
-                    "an instance named '{name}' exists ({}): stop it first",
-                    old.info().state
-                ),
-            ));
+            return Err(ReserveError::NameTaken {
+                name: name.to_owned(),
+                state: old.info().state.to_string(),
+            });
         }
         if let Some(nic) = spec.nic {
             if let Some(other) = self.holder_of(&nic, false) {
-                return Err(ApiError(
-                    409,
-                    format!("instance '{}' already has address {}", other.name, nic.ip),
-                ));
+                return Err(ReserveError::AddressTaken {
+                    holder: other.name.clone(),
+                    ip: nic.ip,
+                });
             }
         }
         Ok(())
@@ -364,32 +400,23 @@ impl InstanceTable {
 
     /// The address of a new instance: `asked` if free and in the guest
     /// subnet, else the lowest free one of the pool.
-    fn pick_ip(&self, asked: Option<Ipv4Addr>) -> Result<Ipv4Addr, ApiError> {
+    fn pick_ip(&self, asked: Option<Ipv4Addr>) -> Result<Ipv4Addr, ReserveError> {
         let used = self.used_ips();
         let net = self.pool.net;
         if let Some(ip) = asked {
             if !hostnet::in_subnet(ip, self.pool.gateway, net.prefix()) {
-                return Err(ApiError(
-                    400,
-                    format!("{ip} is outside this shim's guest network {net} (serve --guest-net)"),
-                ));
+                return Err(ReserveError::OutsideNetwork { ip, net });
             }
             if used.contains(&ip) {
-                return Err(ApiError(409, format!("{ip} is in use by another instance")));
+                return Err(ReserveError::AddressInUse { ip });
             }
             return Ok(ip);
         }
-        let pool = self.pool.range;
-        GuestNet::lowest_free(pool, &used).ok_or_else(|| {
-            ApiError(
-                409,
-                format!(
-                    "all {} guest addresses of this shim ({}..{}) are in use (serve --guest-net)",
-                    GuestNet::capacity(pool),
-                    pool.0,
-                    pool.1
-                ),
-            )
+        let (first, last) = self.pool.range;
+        GuestNet::lowest_free((first, last), &used).ok_or(ReserveError::PoolFull {
+            capacity: GuestNet::capacity((first, last)),
+            first,
+            last,
         })
     }
 }
@@ -446,30 +473,31 @@ mod tests {
         assert_eq!(
             t.reserve_with_address("a", spec("a"), None, any)
                 .err()
-                .map(|e| e.0),
+                .map(|e| e.into_api().0),
             Some(409),
             "the name is taken"
         );
-        assert_eq!(
-            t.reserve_with_address("c", spec("c"), Some(a.ip), any)
-                .err()
-                .map(|e| e.0),
-            Some(409),
+        assert!(
+            matches!(
+                t.reserve_with_address("c", spec("c"), Some(a.ip), any),
+                Err(ReserveError::AddressInUse { ip }) if ip == a.ip
+            ),
             "the address is taken"
         );
         let mut incoming = spec("d");
         incoming.nic = Some(b.into());
-        assert_eq!(
-            t.reserve_incoming(incoming, Incoming::default(), any)
-                .err()
-                .map(|e| e.0),
-            Some(409),
+        assert!(
+            matches!(
+                t.reserve_incoming(incoming, Incoming::default(), any),
+                Err(ReserveError::AddressOrMacTaken { holder, .. }) if holder == "b"
+            ),
             "an incoming guest cannot take a live one's address"
         );
         let refused = |_: usize, _: u64, _: u64| Err(ApiError(409, "full".into()));
-        assert!(t
-            .reserve_with_address("e", spec("e"), None, refused)
-            .is_err());
+        assert!(matches!(
+            t.reserve_with_address("e", spec("e"), None, refused),
+            Err(ReserveError::Refused(ApiError(409, _)))
+        ));
         assert!(!t.contains_key("e"), "a refused reservation leaves nothing");
         assert_eq!(t.live_usage(), (2, 32 << 20));
     }

@@ -101,7 +101,7 @@ impl migration::Host for Daemon {
         };
         self.instances()
             .reserve_incoming(spec, incoming, |n, used, mem| self.admit(n, used, mem))
-            .map_err(|ApiError(_, why)| why)
+            .map_err(|e| e.to_string())
     }
 
     fn reserved_nic(&self, name: &str) -> Option<NicSpec> {

@@ -17,7 +17,7 @@ use vmm::error::Error;
 use vmm::machine::{self, BootRequest, Ended, Machine, MachineHandle};
 
 use crate::instance::{InstanceConsole, LogRing, State};
-use crate::instances::placeholder_spec;
+use crate::instances::{placeholder_spec, ReserveError};
 use crate::limits::{self, check_name, Quotas};
 use crate::{bad, not_found, standby, ApiError, Daemon};
 
@@ -79,11 +79,12 @@ impl Daemon {
         // Placeholder spec for the reservation; the real one comes from boot.
         let mut placeholder = placeholder_spec(&req.name, req.mem);
         placeholder.image.path = req.image.clone();
-        let nic =
-            self.instances()
-                .reserve_with_address(&req.name, placeholder, ip, |n, used, mem| {
-                    self.admit(n, used, mem)
-                })?;
+        let nic = self
+            .instances()
+            .reserve_with_address(&req.name, placeholder, ip, |n, used, mem| {
+                self.admit(n, used, mem)
+            })
+            .map_err(ReserveError::into_api)?;
         match self.boot(&req, &image, nic, publish) {
             Ok(info) => Ok(info),
             Err(e) => {
@@ -337,7 +338,8 @@ impl Daemon {
         self.instances()
             .reserve(&name, state.spec.clone(), |n, used, mem| {
                 self.admit(n, used, mem)
-            })?;
+            })
+            .map_err(ReserveError::into_api)?;
         let result = (|| {
             let log = Arc::new(Mutex::new(LogRing::default()));
             let port = match state.spec.nic {
