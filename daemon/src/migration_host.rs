@@ -1,6 +1,8 @@
 //! The daemon as the migration crate sees it: `impl migration::Host for
-//! Daemon` (what a migration needs from an instance and from this host),
-//! and the restored, not yet started guest of an incoming migration.
+//! Daemon` (what a migration needs from an instance and from this host):
+//! reservations of guests moving in (in the [`crate::instances`] table),
+//! their restored, not yet started guest, their ownership in the fleet
+//! store, and the tombstones of guests that moved away.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
