@@ -278,64 +278,48 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
             return Some(args);
         }
         let mut word = Vec::new();
-        let mut in_double = false;
-        let mut in_single = false;
+        // The quote the word is inside, if any.
+        let mut quote = None;
         loop {
-            if in_double {
-                let c = *line.get(i)?;
-                if c == b'\\' && i + 3 < line.len() && line[i + 1] == b'x' {
-                    if let (Some(h), Some(l)) = (hex(line[i + 2]), hex(line[i + 3])) {
-                        word.push(h << 4 | l);
-                        i += 4;
-                        continue;
-                    }
+            let Some(q) = quote else {
+                match line.get(i) {
+                    None => break,
+                    Some(c) if c.is_ascii_whitespace() => break,
+                    Some(&q @ (b'"' | b'\'')) => quote = Some(q),
+                    Some(&c) => word.push(c),
                 }
-                if c == b'\\' && i + 1 < line.len() {
-                    word.push(match line[i + 1] {
+                i += 1;
+                continue;
+            };
+            let c = *line.get(i)?;
+            if c == q {
+                // The closing quote must be followed by a blank or the end.
+                if line.get(i + 1).is_some_and(|b| !b.is_ascii_whitespace()) {
+                    return None;
+                }
+                i += 1;
+                break;
+            }
+            let (byte, len) = match (q, &line[i..]) {
+                (b'"', [b'\\', b'x', h, l, ..]) if hex(*h).is_some() && hex(*l).is_some() => {
+                    (hex(*h)? << 4 | hex(*l)?, 4)
+                }
+                (b'"', [b'\\', escaped, ..]) => {
+                    let byte = match escaped {
                         b'n' => b'\n',
                         b'r' => b'\r',
                         b't' => b'\t',
                         b'b' => 0x08,
                         b'a' => 0x07,
-                        other => other,
-                    });
-                    i += 2;
-                } else if c == b'"' {
-                    // The closing quote must be followed by a blank or the end.
-                    if line.get(i + 1).is_some_and(|b| !b.is_ascii_whitespace()) {
-                        return None;
-                    }
-                    i += 1;
-                    break;
-                } else {
-                    word.push(c);
-                    i += 1;
+                        &other => other,
+                    };
+                    (byte, 2)
                 }
-            } else if in_single {
-                let c = *line.get(i)?;
-                if c == b'\\' && line.get(i + 1) == Some(&b'\'') {
-                    word.push(b'\'');
-                    i += 2;
-                } else if c == b'\'' {
-                    if line.get(i + 1).is_some_and(|b| !b.is_ascii_whitespace()) {
-                        return None;
-                    }
-                    i += 1;
-                    break;
-                } else {
-                    word.push(c);
-                    i += 1;
-                }
-            } else {
-                match line.get(i) {
-                    None => break,
-                    Some(c) if c.is_ascii_whitespace() => break,
-                    Some(b'"') => in_double = true,
-                    Some(b'\'') => in_single = true,
-                    Some(&c) => word.push(c),
-                }
-                i += 1;
-            }
+                (b'\'', [b'\\', b'\'', ..]) => (b'\'', 2),
+                _ => (c, 1),
+            };
+            word.push(byte);
+            i += len;
         }
         args.push(word);
     }
