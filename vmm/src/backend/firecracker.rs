@@ -429,23 +429,13 @@ fn is_firecracker_log(line: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Backend, QemuAccel};
+    use crate::config::Backend;
+    use crate::testutil::run_config;
 
     fn config() -> RunConfig {
         RunConfig {
-            image: "/img/kv.img".into(),
-            mem_size: 64 << 20,
-            backend: Backend::Firecracker,
-            timeout: None,
             cmdline: "lc.host=h lc.region=r -- a".into(),
-            qemu_accel: QemuAccel::Tcg,
-            kvm_device: "/dev/kvm".into(),
-            firecracker: None,
-            network: None,
-            also: Vec::new(),
-            restore: None,
-            checkpoint_to: None,
-            checkpoint_max: None,
+            ..run_config(Backend::Firecracker, "/img/kv.img".into())
         }
     }
 

@@ -222,7 +222,7 @@ fn guest_exit(status: ExitStatus, qemu_errors: &str) -> Result<GuestExit, QemuEr
 mod tests {
     use super::*;
     use crate::config::Backend;
-    use crate::testutil::TestImage;
+    use crate::testutil::{run_config, TestImage};
 
     fn exited(code: i32) -> ExitStatus {
         ExitStatus::from_raw(code << 8)
@@ -259,19 +259,10 @@ mod tests {
 
     fn config(image: std::path::PathBuf, accel: QemuAccel) -> RunConfig {
         RunConfig {
-            image,
-            mem_size: 64 << 20,
-            backend: Backend::Qemu,
             timeout: Some(Duration::from_secs(30)),
             cmdline: "lc.host=h lc.region=local -- \"a b\"".into(),
             qemu_accel: accel,
-            kvm_device: "/dev/kvm".into(),
-            firecracker: None,
-            network: None,
-            also: Vec::new(),
-            restore: None,
-            checkpoint_to: None,
-            checkpoint_max: None,
+            ..run_config(Backend::Qemu, image)
         }
     }
 
