@@ -29,6 +29,7 @@ use crate::image::{self, Profile};
 use crate::workspace::Workspace;
 
 use super::{free_port, median, require, Guard};
+use crate::resp::ping;
 
 /// Options of `bench checkpoint`.
 #[derive(Debug)]
@@ -39,17 +40,6 @@ pub struct CheckpointOptions {
 
 /// Guest memory for every run (100k keys need room; the same for all).
 const MEM: &str = "256M";
-
-/// One PING over a fresh connection: whether PONG came back.
-fn ping(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    let mut buf = [0u8; 16];
-    s.write_all(b"PING\r\n").is_ok()
-        && matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
-}
 
 /// Waits for the first PING reply of `child`; returns the time since `start`.
 fn until_pong(port: u16, child: &mut Guard, start: Instant, what: &str) -> Result<Duration> {
