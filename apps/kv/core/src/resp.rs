@@ -104,6 +104,24 @@ pub struct Parsed {
     pub command: Option<Command>,
 }
 
+impl Parsed {
+    /// Nothing parsed: more bytes are needed.
+    pub const NEED_MORE: Parsed = Parsed {
+        consumed: 0,
+        command: None,
+    };
+}
+
+/// A line not ended within `buf`: more bytes are needed, unless it is
+/// longer than [`MAX_INLINE`] already (then `too_long`).
+fn unended_line(buf: &[u8], too_long: ProtocolError) -> Result<Parsed, ProtocolError> {
+    if buf.len() > MAX_INLINE {
+        Err(too_long)
+    } else {
+        Ok(Parsed::NEED_MORE)
+    }
+}
+
 /// An incremental RESP2 request parser for one connection.
 ///
 /// Call [`parse`](Self::parse) with the unconsumed input until it returns
@@ -138,23 +156,13 @@ impl Parser {
         let mut consumed = 0;
         if self.remaining == 0 {
             let Some(&first) = buf.first() else {
-                return Ok(Parsed {
-                    consumed: 0,
-                    command: None,
-                });
+                return Ok(Parsed::NEED_MORE);
             };
             if first != b'*' {
                 return parse_inline(buf);
             }
             let Some(end) = find_crlf(buf) else {
-                return if buf.len() > MAX_INLINE {
-                    Err(ProtocolError::TooBigMbulkCount)
-                } else {
-                    Ok(Parsed {
-                        consumed: 0,
-                        command: None,
-                    })
-                };
+                return unended_line(buf, ProtocolError::TooBigMbulkCount);
             };
             let count = parse_i64(&buf[1..end]).ok_or(ProtocolError::InvalidMultibulkLength)?;
             if count > MAX_ARGS as i64 {
@@ -242,14 +250,7 @@ fn find_crlf(buf: &[u8]) -> Option<usize> {
 /// An inline command: one `\n`-terminated line (`\r\n` also accepted).
 fn parse_inline(buf: &[u8]) -> Result<Parsed, ProtocolError> {
     let Some(newline) = buf.iter().position(|&b| b == b'\n') else {
-        return if buf.len() > MAX_INLINE {
-            Err(ProtocolError::TooBigInline)
-        } else {
-            Ok(Parsed {
-                consumed: 0,
-                command: None,
-            })
-        };
+        return unended_line(buf, ProtocolError::TooBigInline);
     };
     if newline > MAX_INLINE {
         return Err(ProtocolError::TooBigInline);
