@@ -113,28 +113,11 @@ pub fn client_config(
 }
 
 /// The handshake-signature methods both verifier traits ask for, checked
-/// with the algorithms of `self.provider`.
+/// with the algorithms of `self.provider` by rustls's function of the same
+/// name as each method.
 macro_rules! handshake_signatures_by_provider {
     () => {
-        fn verify_tls12_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            let algs = &self.provider.signature_verification_algorithms;
-            verify_tls12_signature(message, cert, dss, algs)
-        }
-
-        fn verify_tls13_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            let algs = &self.provider.signature_verification_algorithms;
-            verify_tls13_signature(message, cert, dss, algs)
-        }
+        handshake_signatures_by_provider!(verify_tls12_signature, verify_tls13_signature);
 
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
             self.provider
@@ -142,6 +125,17 @@ macro_rules! handshake_signatures_by_provider {
                 .supported_schemes()
         }
     };
+    ($($verify:ident),+) => {$(
+        fn $verify(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            let algs = &self.provider.signature_verification_algorithms;
+            $verify(message, cert, dss, algs)
+        }
+    )+};
 }
 
 /// The server's certificate must hash to `pin`.
