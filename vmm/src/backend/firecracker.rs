@@ -230,18 +230,9 @@ pub fn run(config: &RunConfig) -> Result<GuestExit, Error> {
 /// port listening in it at `vsock_PORT` (where Firecracker connects the
 /// guest's connection to host port `PORT`).
 fn checkpoint_port(config: &RunConfig) -> Result<(RunDir, CheckpointPort), Error> {
-    let restore = match &config.restore {
-        Some(file) => crate::checkpoint::read_file(file)?,
-        None => Vec::new(),
-    };
-    if let Some(dir) = &config.checkpoint_to {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::Config(format!("cannot create {}: {e}", dir.display())))?;
-    }
     let dir = RunDir::create()?;
     let path = dir.0.join(format!("vsock_{}", abi::checkpoint::VSOCK_PORT));
-    let limit = crate::checkpoint::limit_for(config.mem_size, config.checkpoint_max);
-    let port = CheckpointPort::listen_at(path, restore, config.checkpoint_to.clone(), limit)?;
+    let port = CheckpointPort::listen_at(path, config)?;
     Ok((dir, port))
 }
 

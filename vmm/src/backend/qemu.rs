@@ -127,19 +127,7 @@ pub fn run(config: &RunConfig) -> Result<GuestExit, Error> {
     loader::inspect(&config.image, config.mem_size)?;
     // Checkpoints in and out: the port is ours before QEMU connects to it.
     let port = if config.restore.is_some() || config.checkpoint_to.is_some() {
-        let restore = match &config.restore {
-            Some(file) => crate::checkpoint::read_file(file)?,
-            None => Vec::new(),
-        };
-        if let Some(dir) = &config.checkpoint_to {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::Config(format!("cannot create {}: {e}", dir.display())))?;
-        }
-        Some(CheckpointPort::listen(
-            restore,
-            config.checkpoint_to.clone(),
-            crate::checkpoint::limit_for(config.mem_size, config.checkpoint_max),
-        )?)
+        Some(CheckpointPort::listen(config)?)
     } else {
         None
     };
