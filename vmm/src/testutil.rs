@@ -358,6 +358,13 @@ pub fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// A file `name` that is not an ELF image, in a fresh test directory.
+pub fn junk_image(name: &str) -> PathBuf {
+    let path = temp_dir(name).join("junk.img");
+    std::fs::write(&path, b"junk").expect("write the junk image");
+    path
+}
+
 /// Panics with a clear message unless this machine has KVM.
 pub fn require_kvm() {
     if let Err(e) = std::fs::OpenOptions::new()

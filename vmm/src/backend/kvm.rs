@@ -477,11 +477,8 @@ mod tests {
 
     #[test]
     fn image_errors_come_before_kvm() {
-        let dir = crate::testutil::temp_dir("kvm-errors");
-        let path = dir.join("junk.img");
-        std::fs::write(&path, b"junk").unwrap();
         let mut config = config(&TestImage::exit(0), "unused", None);
-        config.image = path;
+        config.image = crate::testutil::junk_image("kvm-errors");
         let e = run(&config, Vec::new()).unwrap_err();
         assert!(e.to_string().ends_with("is not an ELF file"), "{e}");
 

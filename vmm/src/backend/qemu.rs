@@ -375,9 +375,7 @@ mod tests {
 
     #[test]
     fn image_errors_come_before_qemu() {
-        let dir = crate::testutil::temp_dir("qemu-errors");
-        let path = dir.join("junk.img");
-        std::fs::write(&path, b"junk").unwrap();
+        let path = crate::testutil::junk_image("qemu-errors");
         let e = run(&config(path, QemuAccel::Tcg)).unwrap_err();
         assert!(e.to_string().ends_with("is not an ELF file"), "{e}");
     }
