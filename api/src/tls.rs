@@ -15,6 +15,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::ops::DerefMut;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -23,8 +24,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
-    ClientConfig, ClientConnection, DigitallySignedStruct, DistinguishedName, ServerConfig,
-    ServerConnection, SignatureScheme, StreamOwned,
+    ClientConfig, ClientConnection, ConnectionCommon, DigitallySignedStruct, DistinguishedName,
+    ServerConfig, ServerConnection, SideData, SignatureScheme, StreamOwned,
 };
 
 use crate::Fingerprint;
@@ -57,6 +58,9 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(p)
 }
 
+/// The one protocol version either side speaks.
+const TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
 /// The DER of the first certificate in `pem`.
 pub fn cert_der(pem: &str) -> Result<Vec<u8>, TlsError> {
     CertificateDer::from_pem_slice(pem.as_bytes())
@@ -77,8 +81,10 @@ fn cert_and_key(
 pub fn server_config(id: &dyn CertKey) -> Result<Arc<ServerConfig>, TlsError> {
     let (certs, key) = cert_and_key(id)?;
     let config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(AnyClientCert(provider())))
+        .with_protocol_versions(TLS13_ONLY)?
+        .with_client_cert_verifier(Arc::new(AnyClientCert {
+            provider: provider(),
+        }))
         .with_single_cert(certs, key)?;
     Ok(Arc::new(config))
 }
@@ -90,7 +96,7 @@ pub fn client_config(
     id: Option<&dyn CertKey>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_protocol_versions(TLS13_ONLY)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(Pinned {
             pin,
@@ -104,6 +110,32 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(config))
+}
+
+/// The handshake-signature methods both verifier traits ask for, checked
+/// with the algorithms of `self.provider` by rustls's function of the same
+/// name as each method.
+macro_rules! handshake_signatures_by_provider {
+    () => {
+        handshake_signatures_by_provider!(verify_tls12_signature, verify_tls13_signature);
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
+    ($($verify:ident),+) => {$(
+        fn $verify(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            let algs = &self.provider.signature_verification_algorithms;
+            $verify(message, cert, dss, algs)
+        }
+    )+};
 }
 
 /// The server's certificate must hash to `pin`.
@@ -143,45 +175,15 @@ impl ServerCertVerifier for Pinned {
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    handshake_signatures_by_provider!();
 }
 
 /// Takes any client certificate whose key signed the handshake; the
 /// fingerprint is matched against the peers afterwards.
 #[derive(Debug)]
-struct AnyClientCert(Arc<CryptoProvider>);
+struct AnyClientCert {
+    provider: Arc<CryptoProvider>,
+}
 
 impl ClientCertVerifier for AnyClientCert {
     fn client_auth_mandatory(&self) -> bool {
@@ -201,37 +203,7 @@ impl ClientCertVerifier for AnyClientCert {
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    handshake_signatures_by_provider!();
 }
 
 /// The TCP connection under rustls, read in large chunks: rustls asks for
@@ -280,6 +252,19 @@ impl Write for Tcp {
     }
 }
 
+/// Completes a handshake on `tcp` as `conn`'s side.
+fn handshake<C, S>(mut conn: C, tcp: TcpStream) -> io::Result<Box<StreamOwned<C, Tcp>>>
+where
+    C: DerefMut<Target = ConnectionCommon<S>>,
+    S: SideData,
+{
+    let mut tcp = Tcp::new(tcp);
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)?;
+    }
+    Ok(Box::new(StreamOwned::new(conn, tcp)))
+}
+
 /// A TCP connection, plain or TLS.
 pub enum Stream {
     Plain(TcpStream),
@@ -290,23 +275,15 @@ pub enum Stream {
 impl Stream {
     /// Completes a server-side handshake on `tcp`.
     pub fn accept(tcp: TcpStream, config: &Arc<ServerConfig>) -> io::Result<Self> {
-        let mut tcp = Tcp::new(tcp);
-        let mut conn = ServerConnection::new(Arc::clone(config)).map_err(io::Error::other)?;
-        while conn.is_handshaking() {
-            conn.complete_io(&mut tcp)?;
-        }
-        Ok(Self::Server(Box::new(StreamOwned::new(conn, tcp))))
+        let conn = ServerConnection::new(Arc::clone(config)).map_err(io::Error::other)?;
+        Ok(Self::Server(handshake(conn, tcp)?))
     }
 
     /// Completes a client-side handshake on `tcp`.
     pub fn connect(tcp: TcpStream, config: &Arc<ClientConfig>) -> io::Result<Self> {
-        let mut tcp = Tcp::new(tcp);
         let name = ServerName::try_from(SERVER_NAME).expect("a valid DNS name");
-        let mut conn = ClientConnection::new(Arc::clone(config), name).map_err(io::Error::other)?;
-        while conn.is_handshaking() {
-            conn.complete_io(&mut tcp)?;
-        }
-        Ok(Self::Client(Box::new(StreamOwned::new(conn, tcp))))
+        let conn = ClientConnection::new(Arc::clone(config), name).map_err(io::Error::other)?;
+        Ok(Self::Client(handshake(conn, tcp)?))
     }
 
     /// The TCP connection underneath.
@@ -365,17 +342,12 @@ impl Drop for Stream {
     /// Ends a TLS stream with close_notify, so the other side can tell the
     /// end of an answer from a cut connection.
     fn drop(&mut self) {
-        let _ = match self {
-            Stream::Plain(_) => Ok(()),
-            Stream::Server(s) => {
-                s.conn.send_close_notify();
-                s.flush()
-            }
-            Stream::Client(s) => {
-                s.conn.send_close_notify();
-                s.flush()
-            }
-        };
+        match self {
+            Stream::Plain(_) => return,
+            Stream::Server(s) => s.conn.send_close_notify(),
+            Stream::Client(s) => s.conn.send_close_notify(),
+        }
+        let _ = self.flush();
     }
 }
 

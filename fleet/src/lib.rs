@@ -216,10 +216,7 @@ impl Fleet {
 
     /// The records under `prefix`; one that does not decode (written by
     /// another tool or version) is skipped with a warning.
-    fn list<T: for<'de> Deserialize<'de>>(
-        &self,
-        prefix: &str,
-    ) -> Result<Vec<Versioned<T>>, FleetError> {
+    fn values<T: for<'de> Deserialize<'de>>(&self, prefix: &str) -> Result<Vec<T>, FleetError> {
         Ok(self
             .store
             .list(prefix)?
@@ -228,8 +225,14 @@ impl Fleet {
                 decode(&k, v)
                     .inspect_err(|e| tracing::warn!(error = %e, "skipping a fleet record"))
                     .ok()
+                    .map(|v| v.value)
             })
             .collect())
+    }
+
+    fn put<T: Serialize>(&self, key: &str, record: &T, expect: Expect) -> Result<u64, FleetError> {
+        let value = serde_json::to_value(record).expect("serializable");
+        Ok(self.store.put(key, value, expect)?)
     }
 
     pub fn host(&self, name: &str) -> Result<Option<Versioned<Host>>, FleetError> {
@@ -246,18 +249,11 @@ impl Fleet {
     }
 
     pub fn hosts(&self) -> Result<Vec<Host>, FleetError> {
-        Ok(self
-            .list::<Host>("hosts/")?
-            .into_iter()
-            .map(|v| v.value)
-            .collect())
+        self.values("hosts/")
     }
 
     pub fn put_host(&self, host: &Host, expect: Expect) -> Result<u64, FleetError> {
-        let value = serde_json::to_value(host).expect("serializable");
-        Ok(self
-            .store
-            .put(&format!("hosts/{}", host.name), value, expect)?)
+        self.put(&format!("hosts/{}", host.name), host, expect)
     }
 
     pub fn remove_host(&self, name: &str) -> Result<(), FleetError> {
@@ -269,18 +265,11 @@ impl Fleet {
     }
 
     pub fn apps(&self) -> Result<Vec<App>, FleetError> {
-        Ok(self
-            .list::<App>("apps/")?
-            .into_iter()
-            .map(|v| v.value)
-            .collect())
+        self.values("apps/")
     }
 
     pub fn put_app(&self, app: &App, expect: Expect) -> Result<u64, FleetError> {
-        let value = serde_json::to_value(app).expect("serializable");
-        Ok(self
-            .store
-            .put(&format!("apps/{}", app.name), value, expect)?)
+        self.put(&format!("apps/{}", app.name), app, expect)
     }
 
     pub fn remove_app(&self, name: &str, expect: Expect) -> Result<(), FleetError> {

@@ -640,16 +640,15 @@ pub fn take_over(fleet: &Fleet, name: &str, from: &str, to: &str) -> Result<App,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::FileStore;
+    use crate::store::{temp_store, FileStore};
 
     /// Several hosts race to take over one app of a host that went down:
     /// exactly one wins; then the old host coming back finds it owned.
     #[test]
     fn one_taker_wins_and_the_old_host_finds_its_app_taken() {
-        let dir = std::env::temp_dir().join(format!("fleet-takeover-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let path = dir.join("fleet.json");
-        let fleet = Fleet::new(Box::new(FileStore::new(&path)));
+        let (store, dir) = temp_store("takeover");
+        let path = store.path().to_owned();
+        let fleet = Fleet::new(Box::new(store));
         let a = Host {
             name: "a".into(),
             url: "http://127.0.0.1:1".into(),

@@ -655,18 +655,11 @@ impl Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::FileStore;
-
-    fn store(tag: &str) -> (FileStore, std::path::PathBuf) {
-        let dir =
-            std::env::temp_dir().join(format!("host-shim-blocks-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        (FileStore::new(&dir.join("fleet.json")), dir)
-    }
+    use crate::store::temp_store;
 
     #[test]
     fn the_network_is_recorded_once_and_a_different_one_is_refused() {
-        let (s, dir) = store("net");
+        let (s, dir) = temp_store("net");
         assert_eq!(fleet_network(&s, None).unwrap(), DEFAULT_FLEET_NET);
         assert_eq!(
             fleet_network(&s, Some(DEFAULT_FLEET_NET)).unwrap(),
@@ -679,7 +672,7 @@ mod tests {
             err.contains("10.64.0.0/10 (recorded in the store)"),
             "{err}"
         );
-        let (s2, dir2) = store("net2");
+        let (s2, dir2) = temp_store("net2");
         assert_eq!(
             fleet_network(&s2, Some("192.168.0.0/20")).unwrap(),
             "192.168.0.0/20"
@@ -691,7 +684,7 @@ mod tests {
 
     #[test]
     fn hosts_get_their_own_block_back_and_a_full_network_says_so() {
-        let (s, dir) = store("blocks");
+        let (s, dir) = temp_store("blocks");
         let net = "192.168.0.0/20";
         // 4 blocks: block 0 is never handed out.
         let claim = |host: &str| claim_block(&s, host, net, 4).map(|c| (c.index, c.again));

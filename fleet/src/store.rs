@@ -424,21 +424,23 @@ impl FleetStore for FileStore {
     }
 }
 
+/// A file store in a fresh temporary directory named for `tag` (unique
+/// among the crate's tests), and that directory.
+#[cfg(test)]
+pub(crate) fn temp_store(tag: &str) -> (FileStore, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("host-shim-fleet-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    (FileStore::new(&dir.join("sub/fleet.json")), dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
-    fn store(tag: &str) -> (FileStore, PathBuf) {
-        let dir =
-            std::env::temp_dir().join(format!("host-shim-fleet-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        (FileStore::new(&dir.join("sub/fleet.json")), dir)
-    }
-
     #[test]
     fn compare_and_swap() {
-        let (s, dir) = store("cas");
+        let (s, dir) = temp_store("cas");
         assert!(s.get("hosts/a").unwrap().is_none());
         let v1 = s
             .put("hosts/a", json!({"url": "x"}), Expect::Absent)
@@ -487,7 +489,7 @@ mod tests {
         ] {
             assert!(matches!(open(bad), Err(StoreError::BadUrl { .. })), "{bad}");
         }
-        let (s, dir) = store("url");
+        let (s, dir) = temp_store("url");
         let url = format!("file://{}", s.path().display());
         open(&url)
             .unwrap()
@@ -502,7 +504,7 @@ mod tests {
 
     #[test]
     fn concurrent_writers_lose_nothing() {
-        let (s, dir) = store("lock");
+        let (s, dir) = temp_store("lock");
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let s = s.clone();

@@ -19,9 +19,10 @@ use api::{
 };
 use clap::{Args, Parser, Subcommand};
 use cli::daemon::{init, peer, serve, InitArgs, PeerCmd, ServeArgs};
-use cli::fleet::{self as commands, DeployOptions};
+use cli::fleet as commands;
 use cli::parse_duration;
 use cli::run::{remote_restore, remote_run, restore, run, RestoreArgs, RunArgs};
+use fleet::ops::DeployRequest;
 use fleet::store;
 use fleet::{Fleet, FleetError, Host};
 use hostnet::PublishSpec;
@@ -514,10 +515,10 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
             let name = a.name.clone().unwrap_or_else(|| stem(&a.image));
             fleet_status(commands::deploy(
                 &fleet()?,
-                DeployOptions {
-                    image: &a.image,
-                    on: &a.on,
-                    name: &name,
+                &a.image,
+                DeployRequest {
+                    on: a.on,
+                    name,
                     mem: a.mem,
                     env: a.env,
                     args: a.args,
@@ -525,6 +526,7 @@ fn execute(command: Command, target: &Target) -> anyhow::Result<u8> {
                     restart: a.restart,
                     checkpoint_every_ms: a.checkpoint_every.map(|d| d.as_millis() as u64),
                     standby: a.standby,
+                    ..DeployRequest::default()
                 },
                 a.json.json,
             ))

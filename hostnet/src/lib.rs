@@ -225,26 +225,11 @@ impl Network {
     /// network thread. Errors (a port in use, no TAP permission) come
     /// before any guest boots.
     pub fn start(config: &NetworkConfig) -> Result<Self, NetError> {
-        let main_ip = config.nics.first().map_or(USER_FIRST_GUEST, |n| n.ip);
-        let published = match config.mode {
-            NetMode::User => bind_published(&config.publish, main_ip)?,
-            _ => Vec::new(),
-        };
-        let traffic = record(&config.publish, &published);
         let tap = match &config.mode {
             NetMode::Tap(name) => Some(Tap::open(name)?),
             _ => None,
         };
-        let mut net = Self::launch(
-            &config.mode,
-            tap,
-            USER_GATEWAY,
-            USER_PREFIX,
-            published,
-            None,
-            &config.nics,
-        )?;
-        *lock(&net.traffic) = traffic;
+        let mut net = Self::launch_for(config, &config.mode, tap)?;
         for nic in &config.nics {
             net.ports.push(net.attach(nic.mac)?);
         }
@@ -256,12 +241,25 @@ impl Network {
     /// [`Tap::host_side`]): the TAP is a port of the switch, and no guest
     /// port of ours is attached.
     pub fn start_with_leg(config: &NetworkConfig, leg: Tap) -> Result<Self, NetError> {
+        Self::launch_for(config, &NetMode::User, Some(leg))
+    }
+
+    /// [`Self::launch`] for `config`'s guests in `mode`, with its published
+    /// ports bound and recorded in user mode.
+    fn launch_for(
+        config: &NetworkConfig,
+        mode: &NetMode,
+        tap: Option<Tap>,
+    ) -> Result<Self, NetError> {
         let main_ip = config.nics.first().map_or(USER_FIRST_GUEST, |n| n.ip);
-        let published = bind_published(&config.publish, main_ip)?;
+        let published = match mode {
+            NetMode::User => bind_published(&config.publish, main_ip)?,
+            _ => Vec::new(),
+        };
         let traffic = record(&config.publish, &published);
         let net = Self::launch(
-            &NetMode::User,
-            Some(leg),
+            mode,
+            tap,
             USER_GATEWAY,
             USER_PREFIX,
             published,

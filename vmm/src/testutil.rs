@@ -15,6 +15,8 @@
 
 use std::path::PathBuf;
 
+use crate::config::{Backend, QemuAccel, RunConfig};
+
 use crate::devices::persist::{ConnectedNetState, DeviceStates};
 use crate::devices::virtio::mmio::persist::{QueueState, TransportState};
 use crate::devices::virtio::net::persist::NetState;
@@ -26,6 +28,26 @@ use abi::hypercall::{doorbell_slot, HC_EXIT};
 use abi::layout::{DOORBELL_ADDR, IMAGE_BASE};
 use abi::note::{ImageNote, NOTE_NAME, NOTE_TYPE_IMAGE, XEN_ELFNOTE_PHYS32_ENTRY, XEN_NOTE_NAME};
 use zerocopy::IntoBytes;
+
+/// A run of `image` on `backend` with 64 MiB, no timeout, no network and
+/// no checkpoints; a test changes the fields it is about.
+pub fn run_config(backend: Backend, image: PathBuf) -> RunConfig {
+    RunConfig {
+        image,
+        mem_size: 64 << 20,
+        backend,
+        timeout: None,
+        cmdline: "lc.host=test lc.region=local --".into(),
+        qemu_accel: QemuAccel::Tcg,
+        kvm_device: crate::vstate::vm::KVM_DEVICE.into(),
+        firecracker: None,
+        network: None,
+        also: Vec::new(),
+        restore: None,
+        checkpoint_to: None,
+        checkpoint_max: None,
+    }
+}
 
 /// Machine code, appended instruction by instruction.
 #[derive(Clone, Default)]
@@ -334,6 +356,13 @@ pub fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("host-shim-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create test dir");
     dir
+}
+
+/// A file `name` that is not an ELF image, in a fresh test directory.
+pub fn junk_image(name: &str) -> PathBuf {
+    let path = temp_dir(name).join("junk.img");
+    std::fs::write(&path, b"junk").expect("write the junk image");
+    path
 }
 
 /// Panics with a clear message unless this machine has KVM.

@@ -43,6 +43,20 @@ impl Conn {
     }
 }
 
+/// One PING to the kv on `127.0.0.1:PORT` over a fresh connection, its
+/// reply awaited for 500 ms: whether PONG came back.
+pub fn ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_millis(500)));
+    let mut reply = [0u8; 7];
+    s.write_all(&encode(&["PING"])).is_ok()
+        && s.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
+}
+
 /// The RESP encoding of a command.
 pub fn encode(args: &[&str]) -> Vec<u8> {
     let mut b = Vec::new();

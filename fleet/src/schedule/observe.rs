@@ -300,6 +300,14 @@ mod tests {
     use api::stats::PeerRtt;
     use api::stats::PortStats;
 
+    /// The requests and bytes `w` counted from region `id`.
+    fn from_region(w: &Workload, id: u32) -> Option<(u64, u64)> {
+        w.clients()
+            .iter()
+            .find(|c| c.region == RegionId(id))
+            .map(|c| (c.requests, c.bytes))
+    }
+
     fn fleet() -> Fleet {
         let regions = Regions::new(["us", "eu"]);
         Fleet {
@@ -404,14 +412,8 @@ mod tests {
         assert!(!r.busy);
         let r = round(&mut f, 130, 60, 1000);
         let w = &r.inputs.workloads[&"kv".into()];
-        let by = |id| {
-            w.clients()
-                .iter()
-                .find(|c| c.region == RegionId(id))
-                .map(|c| (c.requests, c.bytes))
-        };
-        assert_eq!(by(0), Some((30, 900)));
-        assert_eq!(by(1), Some((10, 300)));
+        assert_eq!(from_region(w, 0), Some((30, 900)));
+        assert_eq!(from_region(w, 1), Some((10, 300)));
         // a's fresh RTT to eu is used; b's stale one is not (the reverse falls back to it).
         assert_eq!(r.inputs.rtt.measured(RegionId(0), RegionId(1)), Some(80.0));
         assert_eq!(r.inputs.rtt.measured(RegionId(1), RegionId(0)), None);
@@ -474,15 +476,9 @@ mod tests {
         f.absorb("kv", &with_clients(5, 5));
         let r = f.absorb("kv", &with_clients(25, 8));
         let w = &r.inputs.workloads[&"kv".into()];
-        let by = |id| {
-            w.clients()
-                .iter()
-                .find(|c| c.region == RegionId(id))
-                .map(|c| (c.requests, c.bytes))
-        };
-        assert_eq!(by(1), Some((20, 200)), "10.1.0.9 is in eu");
+        assert_eq!(from_region(w, 1), Some((20, 200)), "10.1.0.9 is in eu");
         assert_eq!(
-            by(0),
+            from_region(w, 0),
             Some((3, 30)),
             "the rest stays with the shim's region"
         );

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use api::images::HASH_PREFIX;
 use api::migration::human;
-use api::{Client, ClientError, LogEvent, MigrationEvent, PublishSpec, Restart, ShimInfo};
+use api::{Client, ClientError, LogEvent, MigrationEvent, ShimInfo};
 use fleet::events::{Event, Kind};
 use fleet::locate::{hop_to, locate, record_move};
 use fleet::ops::{self, DeployRequest, Progress};
@@ -240,38 +240,20 @@ pub fn fleet_rm(fleet: &Fleet, name: &str) -> Result<u8, FleetError> {
 
 // ---- deploy ----
 
-/// What `deploy` runs.
-pub struct DeployOptions<'a> {
-    pub image: &'a Path,
-    pub on: &'a str,
-    pub name: &'a str,
-    pub mem: u64,
-    pub env: Vec<(String, String)>,
-    pub args: Vec<String>,
-    /// Published ports.
-    pub publish: Vec<PublishSpec>,
-    pub restart: Restart,
-    pub checkpoint_every_ms: Option<u64>,
-    pub standby: Option<String>,
-}
-
-/// `deploy IMAGE --on HOST --name NAME`: [`ops::deploy`], with an upload bar.
-pub fn deploy(fleet: &Fleet, o: DeployOptions<'_>, json: bool) -> Result<u8, FleetError> {
-    let image = std::fs::read(o.image).map_err(|e| {
-        FleetError::Failed(format!("cannot read the image {}: {e}", o.image.display()))
-    })?;
+/// `deploy IMAGE --on HOST --name NAME`: [`ops::deploy`] of `req` with the
+/// image read from `image`, with an upload bar.
+pub fn deploy(
+    fleet: &Fleet,
+    image: &Path,
+    req: DeployRequest,
+    json: bool,
+) -> Result<u8, FleetError> {
     let req = DeployRequest {
-        image,
-        source: o.image.display().to_string(),
-        on: o.on.to_owned(),
-        name: o.name.to_owned(),
-        mem: o.mem,
-        env: o.env,
-        args: o.args,
-        publish: o.publish,
-        restart: o.restart,
-        checkpoint_every_ms: o.checkpoint_every_ms,
-        standby: o.standby,
+        image: std::fs::read(image).map_err(|e| {
+            FleetError::Failed(format!("cannot read the image {}: {e}", image.display()))
+        })?,
+        source: image.display().to_string(),
+        ..req
     };
     let mut upload: Option<ProgressBar> = None;
     let result = ops::deploy(fleet, req, &mut |p| match p {

@@ -1,9 +1,9 @@
 //! The part of socket2's API that tokio uses (`Socket`, `SockRef`,
 //! `SockAddr`, `Domain`, `Type`, `Protocol` and the socket options of
-//! `tokio::net::TcpSocket`/`UdpSocket`), over `libc`, for Linux and for
+//! `tokio::net::TcpSocket`/`UdpSocket`), over `libc`, for
 //! `x86_64-unknown-hermit`, where libc binds the `sys_*` ABI that our
 //! kernel provides. crates.io's socket2 refuses the Hermit target; see
-//! README.md for why this crate stands in for it.
+//! README.md for why this crate stands in for it there (and only there).
 
 use std::fmt;
 use std::io;
@@ -31,49 +31,6 @@ fn unsupported(what: &str) -> io::Error {
         io::ErrorKind::Unsupported,
         format!("{what} is not supported on this target"),
     )
-}
-
-/// TCP keepalive parameters for [`Socket::set_tcp_keepalive`] (applied on Linux).
-#[derive(Clone, Copy, Debug, Default)]
-#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
-pub struct TcpKeepalive {
-    time: Option<Duration>,
-    interval: Option<Duration>,
-    retries: Option<u32>,
-}
-
-impl TcpKeepalive {
-    pub const fn new() -> Self {
-        Self {
-            time: None,
-            interval: None,
-            retries: None,
-        }
-    }
-
-    /// Idle time before the first probe.
-    pub const fn with_time(self, time: Duration) -> Self {
-        Self {
-            time: Some(time),
-            ..self
-        }
-    }
-
-    /// Time between probes.
-    pub const fn with_interval(self, interval: Duration) -> Self {
-        Self {
-            interval: Some(interval),
-            ..self
-        }
-    }
-
-    /// Probes without an answer before the connection is dropped.
-    pub const fn with_retries(self, retries: u32) -> Self {
-        Self {
-            retries: Some(retries),
-            ..self
-        }
-    }
 }
 
 /// A socket's address family.
@@ -421,42 +378,6 @@ impl Socket {
 
     pub fn set_keepalive(&self, keepalive: bool) -> io::Result<()> {
         self.set_flag(libc::SOL_SOCKET, libc::SO_KEEPALIVE, keepalive)
-    }
-
-    /// Turns TCP keepalive on with `params` (the idle time, probe interval
-    /// and probe count are Linux options; elsewhere only the flag is set).
-    pub fn set_tcp_keepalive(&self, params: &TcpKeepalive) -> io::Result<()> {
-        self.set_keepalive(true)?;
-        #[cfg(not(target_os = "linux"))]
-        let _ = params;
-        #[cfg(target_os = "linux")]
-        {
-            let secs = |d: Duration| d.as_secs().clamp(1, CInt::MAX as u64) as CInt;
-            if let Some(time) = params.time {
-                self.setsockopt(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs(time))?;
-            }
-            if let Some(interval) = params.interval {
-                self.setsockopt(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, secs(interval))?;
-            }
-            if let Some(retries) = params.retries {
-                let retries = retries.min(CInt::MAX as u32) as CInt;
-                self.setsockopt(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, retries)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// `SO_MARK`: the mark of the socket's packets (Linux).
-    #[cfg(target_os = "linux")]
-    pub fn set_mark(&self, mark: u32) -> io::Result<()> {
-        self.setsockopt(libc::SOL_SOCKET, libc::SO_MARK, mark as CInt)
-    }
-
-    /// `TCP_USER_TIMEOUT`: how long sent data may stay unacknowledged (Linux).
-    #[cfg(target_os = "linux")]
-    pub fn set_tcp_user_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        let ms = timeout.map_or(0, |t| t.as_millis().clamp(1, libc::c_uint::MAX as u128));
-        self.setsockopt(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms as libc::c_uint)
     }
 
     pub fn reuse_address(&self) -> io::Result<bool> {

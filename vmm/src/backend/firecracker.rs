@@ -230,18 +230,9 @@ pub fn run(config: &RunConfig) -> Result<GuestExit, Error> {
 /// port listening in it at `vsock_PORT` (where Firecracker connects the
 /// guest's connection to host port `PORT`).
 fn checkpoint_port(config: &RunConfig) -> Result<(RunDir, CheckpointPort), Error> {
-    let restore = match &config.restore {
-        Some(file) => crate::checkpoint::read_file(file)?,
-        None => Vec::new(),
-    };
-    if let Some(dir) = &config.checkpoint_to {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::Config(format!("cannot create {}: {e}", dir.display())))?;
-    }
     let dir = RunDir::create()?;
     let path = dir.0.join(format!("vsock_{}", abi::checkpoint::VSOCK_PORT));
-    let limit = crate::checkpoint::limit_for(config.mem_size, config.checkpoint_max);
-    let port = CheckpointPort::listen_at(path, restore, config.checkpoint_to.clone(), limit)?;
+    let port = CheckpointPort::listen_at(path, config)?;
     Ok((dir, port))
 }
 
@@ -429,23 +420,13 @@ fn is_firecracker_log(line: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Backend, QemuAccel};
+    use crate::config::Backend;
+    use crate::testutil::run_config;
 
     fn config() -> RunConfig {
         RunConfig {
-            image: "/img/kv.img".into(),
-            mem_size: 64 << 20,
-            backend: Backend::Firecracker,
-            timeout: None,
             cmdline: "lc.host=h lc.region=r -- a".into(),
-            qemu_accel: QemuAccel::Tcg,
-            kvm_device: "/dev/kvm".into(),
-            firecracker: None,
-            network: None,
-            also: Vec::new(),
-            restore: None,
-            checkpoint_to: None,
-            checkpoint_max: None,
+            ..run_config(Backend::Firecracker, "/img/kv.img".into())
         }
     }
 

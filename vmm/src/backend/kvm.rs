@@ -226,8 +226,8 @@ fn report_other(name: &str, exit: Option<GuestExit>) {
 mod tests {
     use super::*;
     use crate::boot::cpu;
-    use crate::config::{Backend, QemuAccel};
-    use crate::testutil::{require_kvm, Asm, TestImage};
+    use crate::config::Backend;
+    use crate::testutil::{require_kvm, run_config, Asm, TestImage};
     use crate::vstate::vm::{open_kvm, KVM_DEVICE};
     use abi::hypercall::{
         ConsoleWrite, FaultReport, PanicReport, HC_CONSOLE_WRITE, HC_FAULT, HC_PANIC, HC_YIELD,
@@ -255,19 +255,9 @@ mod tests {
 
     fn config(image: &TestImage, name: &str, timeout: Option<f64>) -> RunConfig {
         RunConfig {
-            image: image.write(name),
             mem_size: 16 << 20,
-            backend: Backend::Kvm,
             timeout: timeout.map(Duration::from_secs_f64),
-            cmdline: "lc.host=test lc.region=local --".into(),
-            qemu_accel: QemuAccel::Tcg,
-            kvm_device: KVM_DEVICE.into(),
-            firecracker: None,
-            network: None,
-            also: Vec::new(),
-            restore: None,
-            checkpoint_to: None,
-            checkpoint_max: None,
+            ..run_config(Backend::Kvm, image.write(name))
         }
     }
 
@@ -487,11 +477,8 @@ mod tests {
 
     #[test]
     fn image_errors_come_before_kvm() {
-        let dir = crate::testutil::temp_dir("kvm-errors");
-        let path = dir.join("junk.img");
-        std::fs::write(&path, b"junk").unwrap();
         let mut config = config(&TestImage::exit(0), "unused", None);
-        config.image = path;
+        config.image = crate::testutil::junk_image("kvm-errors");
         let e = run(&config, Vec::new()).unwrap_err();
         assert!(e.to_string().ends_with("is not an ELF file"), "{e}");
 

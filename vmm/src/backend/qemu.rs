@@ -127,19 +127,7 @@ pub fn run(config: &RunConfig) -> Result<GuestExit, Error> {
     loader::inspect(&config.image, config.mem_size)?;
     // Checkpoints in and out: the port is ours before QEMU connects to it.
     let port = if config.restore.is_some() || config.checkpoint_to.is_some() {
-        let restore = match &config.restore {
-            Some(file) => crate::checkpoint::read_file(file)?,
-            None => Vec::new(),
-        };
-        if let Some(dir) = &config.checkpoint_to {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::Config(format!("cannot create {}: {e}", dir.display())))?;
-        }
-        Some(CheckpointPort::listen(
-            restore,
-            config.checkpoint_to.clone(),
-            crate::checkpoint::limit_for(config.mem_size, config.checkpoint_max),
-        )?)
+        Some(CheckpointPort::listen(config)?)
     } else {
         None
     };
@@ -222,7 +210,7 @@ fn guest_exit(status: ExitStatus, qemu_errors: &str) -> Result<GuestExit, QemuEr
 mod tests {
     use super::*;
     use crate::config::Backend;
-    use crate::testutil::TestImage;
+    use crate::testutil::{run_config, TestImage};
 
     fn exited(code: i32) -> ExitStatus {
         ExitStatus::from_raw(code << 8)
@@ -259,19 +247,10 @@ mod tests {
 
     fn config(image: std::path::PathBuf, accel: QemuAccel) -> RunConfig {
         RunConfig {
-            image,
-            mem_size: 64 << 20,
-            backend: Backend::Qemu,
             timeout: Some(Duration::from_secs(30)),
             cmdline: "lc.host=h lc.region=local -- \"a b\"".into(),
             qemu_accel: accel,
-            kvm_device: "/dev/kvm".into(),
-            firecracker: None,
-            network: None,
-            also: Vec::new(),
-            restore: None,
-            checkpoint_to: None,
-            checkpoint_max: None,
+            ..run_config(Backend::Qemu, image)
         }
     }
 
@@ -396,9 +375,7 @@ mod tests {
 
     #[test]
     fn image_errors_come_before_qemu() {
-        let dir = crate::testutil::temp_dir("qemu-errors");
-        let path = dir.join("junk.img");
-        std::fs::write(&path, b"junk").unwrap();
+        let path = crate::testutil::junk_image("qemu-errors");
         let e = run(&config(path, QemuAccel::Tcg)).unwrap_err();
         assert!(e.to_string().ends_with("is not an ELF file"), "{e}");
     }

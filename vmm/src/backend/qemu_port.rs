@@ -23,6 +23,7 @@ use std::time::Duration;
 use abi::checkpoint::{CheckpointError, PORT_CREDIT, PORT_REFUSED, PORT_STORED, PORT_WINDOW};
 
 use crate::checkpoint::{Chain, DirSink};
+use crate::config::RunConfig;
 use crate::error::Error;
 
 /// How often a port nobody connected to yet looks again.
@@ -38,12 +39,13 @@ pub struct CheckpointPort {
 }
 
 impl CheckpointPort {
-    /// Listens on a fresh socket; the first connection gets `restore` (the
-    /// chain to restore, empty for none) and hands its checkpoints to `dir`
-    /// (`None`: they are acknowledged and dropped, as by our shim without
-    /// `--checkpoint-to`), refusing any that would take the chain past
-    /// `limit` bytes.
-    pub fn listen(restore: Vec<u8>, dir: Option<PathBuf>, limit: u64) -> Result<Self, Error> {
+    /// Listens on a fresh socket for the guest of `config`: the first
+    /// connection gets the chain `config.restore` names (none: an empty
+    /// one) and hands its checkpoints to `config.checkpoint_to` (`None`:
+    /// they are acknowledged and dropped, as by our shim without
+    /// `--checkpoint-to`), refusing any that would take the chain past the
+    /// guest's bound.
+    pub fn listen(config: &RunConfig) -> Result<Self, Error> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let path = std::env::temp_dir().join(format!(
             "host-shim-{}-{}.ckpt.sock",
@@ -51,28 +53,27 @@ impl CheckpointPort {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_file(&path);
-        Self::bind(path, restore, dir, limit, Window::Credits)
+        Self::bind(path, config, Window::Credits)
     }
 
     /// As [`Self::listen`], on the socket `path` (Firecracker connects to
     /// `UDS_PATH_PORT` when the guest connects to vsock port `PORT`; vsock
     /// has flow control of its own: no credits).
-    pub fn listen_at(
-        path: PathBuf,
-        restore: Vec<u8>,
-        dir: Option<PathBuf>,
-        limit: u64,
-    ) -> Result<Self, Error> {
-        Self::bind(path, restore, dir, limit, Window::None)
+    pub fn listen_at(path: PathBuf, config: &RunConfig) -> Result<Self, Error> {
+        Self::bind(path, config, Window::None)
     }
 
-    fn bind(
-        path: PathBuf,
-        restore: Vec<u8>,
-        dir: Option<PathBuf>,
-        limit: u64,
-        window: Window,
-    ) -> Result<Self, Error> {
+    fn bind(path: PathBuf, config: &RunConfig, window: Window) -> Result<Self, Error> {
+        let restore = match &config.restore {
+            Some(file) => crate::checkpoint::read_file(file)?,
+            None => Vec::new(),
+        };
+        let dir = config.checkpoint_to.clone();
+        if let Some(dir) = &dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::Config(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let limit = crate::checkpoint::limit_for(config.mem_size, config.checkpoint_max);
         let listener = UnixListener::bind(&path)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|e| {

@@ -39,9 +39,7 @@ fn user_segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
         s: 1,
         l: u8::from(long),
         g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
+        ..kvm_segment::default()
     }
 }
 
@@ -63,29 +61,12 @@ pub fn ring3_sregs(base: kvm_sregs, fsgsbase: bool) -> kvm_sregs {
         selector: TSS_SEL,
         type_: seg::TYPE_TSS_BUSY,
         present: 1,
-        dpl: 0,
-        db: 0,
-        s: 0,
-        l: 0,
-        g: 0,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
+        ..kvm_segment::default()
     };
     s.ldt = kvm_segment {
-        base: 0,
-        limit: 0,
-        selector: 0,
         type_: 2, // LDT, for the record: it is unusable
-        present: 0,
-        dpl: 0,
-        db: 0,
-        s: 0,
-        l: 0,
-        g: 0,
-        avl: 0,
         unusable: 1,
-        padding: 0,
+        ..kvm_segment::default()
     };
     s.gdt.base = GDT_ADDR;
     s.gdt.limit = GDT_LIMIT;

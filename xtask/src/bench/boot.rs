@@ -482,7 +482,7 @@ fn idle_and_latency(ws: &Workspace, shim: &Path, opts: &BootOptions) -> Result<(
             cmd.stdout(Stdio::null()).stderr(Stdio::null());
             let mut child = super::Guard(cmd.spawn().context("starting host-shim run")?);
             let up = Instant::now();
-            while !kv_pong(port) {
+            while !crate::resp::ping(port) {
                 if let Some(status) = child.0.try_wait()? {
                     bail!("{name}: kv exited with {status} before answering");
                 }
@@ -539,18 +539,6 @@ fn idle_and_latency(ws: &Workspace, shim: &Path, opts: &BootOptions) -> Result<(
          answers PING."
     );
     Ok(())
-}
-
-/// One PING to the kv on `port` over a fresh connection: whether PONG came back.
-fn kv_pong(port: u16) -> bool {
-    use std::io::Write;
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    let mut buf = [0u8; 16];
-    s.write_all(b"PING\r\n").is_ok()
-        && matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
 }
 
 /// GET requests/s and p50 ms from `redis-benchmark --csv` output (header

@@ -29,6 +29,7 @@ use crate::image::{self, Profile};
 use crate::workspace::Workspace;
 
 use super::{free_port, median, require, Guard};
+use crate::resp::ping;
 
 /// Options of `bench checkpoint`.
 #[derive(Debug)]
@@ -39,17 +40,6 @@ pub struct CheckpointOptions {
 
 /// Guest memory for every run (100k keys need room; the same for all).
 const MEM: &str = "256M";
-
-/// One PING over a fresh connection: whether PONG came back.
-fn ping(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    let mut buf = [0u8; 16];
-    s.write_all(b"PING\r\n").is_ok()
-        && matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
-}
 
 /// Waits for the first PING reply of `child`; returns the time since `start`.
 fn until_pong(port: u16, child: &mut Guard, start: Instant, what: &str) -> Result<Duration> {
@@ -156,16 +146,13 @@ struct Row {
     restore: Vec<(&'static str, f64, Times)>,
 }
 
-/// Takes a checkpoint of kv with `n` keys through a daemon; writes it to `out`.
-fn checkpoint(shim: &Path, image: &Path, n: usize, out: &Path) -> Result<(u64, u64, f64)> {
-    // Up once its ready file says where it listens (port 0: no race for a port).
-    let dir = out.parent().context("the checkpoint's directory")?;
-    let daemon = super::migrate::Daemon::start_with(shim, "bench-ckpt", 1, dir, &["--no-overlay"])?;
-    let api = daemon.addr.clone();
+/// Runs `image` as kv on `daemon` with `extra` flags, published on a free
+/// port; returns the port once kv answers PING.
+fn run_kv_on(daemon: &super::migrate::Daemon, image: &Path, extra: &[&str]) -> Result<u16> {
     let port = free_port()?;
     let image = image.to_str().context("image path")?;
     let publish = format!("127.0.0.1:{port}:6379");
-    daemon.cli(&[
+    let args = [
         "run",
         image,
         "--name",
@@ -174,17 +161,29 @@ fn checkpoint(shim: &Path, image: &Path, n: usize, out: &Path) -> Result<(u64, u
         MEM,
         "--publish",
         &publish,
-    ])?;
+    ];
+    daemon.cli(&[&args[..], extra].concat())?;
     let up = Instant::now();
     while !ping(port) {
         if up.elapsed() > Duration::from_secs(60) {
             bail!(
-                "kv in the daemon did not answer within 60 s:\n{}",
+                "kv on daemon {} did not answer within 60 s:\n{}",
+                daemon.name,
                 daemon.output()
             );
         }
         thread::sleep(Duration::from_millis(2));
     }
+    Ok(port)
+}
+
+/// Takes a checkpoint of kv with `n` keys through a daemon; writes it to `out`.
+fn checkpoint(shim: &Path, image: &Path, n: usize, out: &Path) -> Result<(u64, u64, f64)> {
+    // Up once its ready file says where it listens (port 0: no race for a port).
+    let dir = out.parent().context("the checkpoint's directory")?;
+    let daemon = super::migrate::Daemon::start_with(shim, "bench-ckpt", 1, dir, &["--no-overlay"])?;
+    let api = daemon.addr.clone();
+    let port = run_kv_on(&daemon, image, &[])?;
     let raw = load(port, n)?;
     let mut times = Vec::new();
     for _ in 0..3 {
@@ -314,33 +313,11 @@ fn standby_run(shim: &Path, image: &Path, dir: &Path, run: usize) -> Result<Stan
     use super::migrate::Daemon;
     let b = Daemon::start(shim, &format!("standby-b{run}"), 2, dir)?;
     let a = Daemon::start(shim, &format!("origin-a{run}"), 1, dir)?;
-    let port = free_port()?;
-    let image = image.to_str().context("image path")?;
-    let publish = format!("127.0.0.1:{port}:6379");
-    a.cli(&[
-        "run",
+    let port = run_kv_on(
+        &a,
         image,
-        "--name",
-        "kv",
-        "--mem",
-        MEM,
-        "--publish",
-        &publish,
-        "--standby",
-        &b.addr,
-        "--env",
-        "ACK_AFTER_CHECKPOINT=1",
-    ])?;
-    let up = Instant::now();
-    while !ping(port) {
-        if up.elapsed() > Duration::from_secs(60) {
-            bail!(
-                "kv on the origin did not answer within 60 s:\n{}",
-                a.output()
-            );
-        }
-        thread::sleep(Duration::from_millis(2));
-    }
+        &["--standby", &b.addr, "--env", "ACK_AFTER_CHECKPOINT=1"],
+    )?;
     let rps = bench_set(port, 0)
         .and_then(|one| Ok((one, bench_set(port, 10_000)?)))
         .map_err(|e| {

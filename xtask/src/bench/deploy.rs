@@ -7,8 +7,6 @@
 //! its store first, so the command uploads it) or already there (the command only asks for
 //! it by hash).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -17,6 +15,7 @@ use anyhow::{bail, Context, Result};
 
 use super::migrate::Daemon;
 use super::{free_port, median};
+use crate::resp::ping;
 
 /// The user's fleet CLI: the shim binary and the fleet file.
 pub(crate) struct FleetCli<'a> {
@@ -124,18 +123,6 @@ impl DeployTimes {
     pub(crate) fn first_reply_new(&self) -> f64 {
         median(self.new.1.clone())
     }
-}
-
-/// Whether kv on `port` answers `PING` with `+PONG`.
-fn ping(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    let mut reply = [0u8; 7];
-    s.write_all(b"*1\r\n$4\r\nPING\r\n").is_ok()
-        && s.read_exact(&mut reply).is_ok()
-        && &reply == b"+PONG\r\n"
 }
 
 fn cell(v: &[f64]) -> String {

@@ -16,12 +16,12 @@
 
 use std::thread;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use super::deploy::{DeployTimes, FleetCli};
-use super::migrate::{migrate_once, stat, Daemon, Loaded, Sample, TempDir, KEYS, SETTLE};
-use super::require;
-use crate::image::{self, Profile};
+use super::migrate::{
+    migrate_once, prepare_kv, stat, Daemon, Loaded, Sample, TempDir, KEYS, SETTLE,
+};
 use crate::workspace::Workspace;
 
 /// TLS may add at most this much to the migration downtime (issue 6).
@@ -60,13 +60,7 @@ fn fingerprint(d: &Daemon) -> Result<String> {
 
 /// Runs the benchmark and prints a markdown report.
 pub fn run(ws: &Workspace, opts: &FleetOptions) -> Result<()> {
-    if opts.runs == 0 {
-        bail!("--runs must be at least 1");
-    }
-    require("redis-cli", "redis-tools")?;
-    let images = image::build_images(ws, &[ws.app("kv")?], Profile::Release)?;
-    let shim = image::build_shim(ws)?;
-    let kv = images[0].path.to_string_lossy().into_owned();
+    let (shim, kv) = prepare_kv(ws, opts.runs)?;
     let dir = TempDir::new("fleet")?;
 
     let plain_state = dir.0.join("plain-a.state");

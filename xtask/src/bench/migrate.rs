@@ -130,19 +130,15 @@ impl Daemon {
         state: Option<PathBuf>,
     ) -> Result<Self> {
         let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log)?;
         let ready = dir.join(format!("{name}.ready"));
         let _ = std::fs::remove_file(&ready);
-        let child = Command::new(shim)
-            .args(args)
-            .arg("--ready-file")
-            .arg(&ready)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .context("starting host-shim serve")?;
+        let child = spawn_serve(
+            Command::new(shim)
+                .args(args)
+                .arg("--ready-file")
+                .arg(&ready),
+            &log,
+        )?;
         let mut daemon = Self {
             child,
             shim: shim.to_owned(),
@@ -510,15 +506,36 @@ pub(crate) fn migrate_once(from: &Daemon, to: &str) -> Result<Sample> {
     Ok(s)
 }
 
-/// Runs the benchmark and prints a markdown report.
-pub fn run(ws: &Workspace, opts: &MigrateOptions) -> Result<()> {
-    if opts.runs == 0 {
+/// Starts `serve`, a `host-shim serve` command, with its warnings and
+/// errors written to the file `log`.
+pub(crate) fn spawn_serve(serve: &mut Command, log: &Path) -> Result<Child> {
+    let out =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    serve
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .context("starting host-shim serve")
+}
+
+/// What a benchmark of kv between daemons needs first: `runs` checked,
+/// `redis-cli`, the release kv image and the shim. Returns the shim and
+/// the image's path.
+pub(crate) fn prepare_kv(ws: &Workspace, runs: usize) -> Result<(PathBuf, String)> {
+    if runs == 0 {
         bail!("--runs must be at least 1");
     }
     require("redis-cli", "redis-tools")?;
     let images = image::build_images(ws, &[ws.app("kv")?], Profile::Release)?;
     let shim = image::build_shim(ws)?;
-    let kv = images[0].path.to_string_lossy().into_owned();
+    Ok((shim, images[0].path.to_string_lossy().into_owned()))
+}
+
+/// Runs the benchmark and prints a markdown report.
+pub fn run(ws: &Workspace, opts: &MigrateOptions) -> Result<()> {
+    let (shim, kv) = prepare_kv(ws, opts.runs)?;
 
     let dir = TempDir::new("migrate")?;
     let a = Daemon::start(&shim, "bench-a", 1, &dir.0)?;

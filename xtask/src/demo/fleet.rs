@@ -30,7 +30,7 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -220,21 +220,16 @@ impl Fleet {
             let api = apis[i].to_string();
             let port = ports.tcp()?.port();
             let log = dir.join(format!("{}.log", r.name));
-            let out = std::fs::File::create(&log)?;
-            let child = Command::new(host_shim)
+            let mut serve = Command::new(host_shim);
+            serve
                 .args([
                     "serve", "--listen", &api, "--name", r.name, "--region", r.name,
                 ])
                 .args(["--shim-id", &(i + 1).to_string()])
                 .args(["--overlay", &overlays[i].to_string()])
                 .args(&peer_args[i])
-                .args(["--publish", &format!("127.0.0.1:{port}:{APP_IP}:6379")])
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(out.try_clone()?)
-                .stderr(out)
-                .spawn()
-                .context("starting host-shim serve")?;
+                .args(["--publish", &format!("127.0.0.1:{port}:{APP_IP}:6379")]);
+            let child = crate::bench::migrate::spawn_serve(&mut serve, &log)?;
             shims.push(Shim {
                 child,
                 region: r.name.to_owned(),

@@ -104,6 +104,24 @@ pub struct Parsed {
     pub command: Option<Command>,
 }
 
+impl Parsed {
+    /// Nothing parsed: more bytes are needed.
+    pub const NEED_MORE: Parsed = Parsed {
+        consumed: 0,
+        command: None,
+    };
+}
+
+/// A line not ended within `buf`: more bytes are needed, unless it is
+/// longer than [`MAX_INLINE`] already (then `too_long`).
+fn unended_line(buf: &[u8], too_long: ProtocolError) -> Result<Parsed, ProtocolError> {
+    if buf.len() > MAX_INLINE {
+        Err(too_long)
+    } else {
+        Ok(Parsed::NEED_MORE)
+    }
+}
+
 /// An incremental RESP2 request parser for one connection.
 ///
 /// Call [`parse`](Self::parse) with the unconsumed input until it returns
@@ -138,23 +156,13 @@ impl Parser {
         let mut consumed = 0;
         if self.remaining == 0 {
             let Some(&first) = buf.first() else {
-                return Ok(Parsed {
-                    consumed: 0,
-                    command: None,
-                });
+                return Ok(Parsed::NEED_MORE);
             };
             if first != b'*' {
                 return parse_inline(buf);
             }
             let Some(end) = find_crlf(buf) else {
-                return if buf.len() > MAX_INLINE {
-                    Err(ProtocolError::TooBigMbulkCount)
-                } else {
-                    Ok(Parsed {
-                        consumed: 0,
-                        command: None,
-                    })
-                };
+                return unended_line(buf, ProtocolError::TooBigMbulkCount);
             };
             let count = parse_i64(&buf[1..end]).ok_or(ProtocolError::InvalidMultibulkLength)?;
             if count > MAX_ARGS as i64 {
@@ -242,14 +250,7 @@ fn find_crlf(buf: &[u8]) -> Option<usize> {
 /// An inline command: one `\n`-terminated line (`\r\n` also accepted).
 fn parse_inline(buf: &[u8]) -> Result<Parsed, ProtocolError> {
     let Some(newline) = buf.iter().position(|&b| b == b'\n') else {
-        return if buf.len() > MAX_INLINE {
-            Err(ProtocolError::TooBigInline)
-        } else {
-            Ok(Parsed {
-                consumed: 0,
-                command: None,
-            })
-        };
+        return unended_line(buf, ProtocolError::TooBigInline);
     };
     if newline > MAX_INLINE {
         return Err(ProtocolError::TooBigInline);
@@ -278,64 +279,48 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
             return Some(args);
         }
         let mut word = Vec::new();
-        let mut in_double = false;
-        let mut in_single = false;
+        // The quote the word is inside, if any.
+        let mut quote = None;
         loop {
-            if in_double {
-                let c = *line.get(i)?;
-                if c == b'\\' && i + 3 < line.len() && line[i + 1] == b'x' {
-                    if let (Some(h), Some(l)) = (hex(line[i + 2]), hex(line[i + 3])) {
-                        word.push(h << 4 | l);
-                        i += 4;
-                        continue;
-                    }
+            let Some(q) = quote else {
+                match line.get(i) {
+                    None => break,
+                    Some(c) if c.is_ascii_whitespace() => break,
+                    Some(&q @ (b'"' | b'\'')) => quote = Some(q),
+                    Some(&c) => word.push(c),
                 }
-                if c == b'\\' && i + 1 < line.len() {
-                    word.push(match line[i + 1] {
+                i += 1;
+                continue;
+            };
+            let c = *line.get(i)?;
+            if c == q {
+                // The closing quote must be followed by a blank or the end.
+                if line.get(i + 1).is_some_and(|b| !b.is_ascii_whitespace()) {
+                    return None;
+                }
+                i += 1;
+                break;
+            }
+            let (byte, len) = match (q, &line[i..]) {
+                (b'"', [b'\\', b'x', h, l, ..]) if hex(*h).is_some() && hex(*l).is_some() => {
+                    (hex(*h)? << 4 | hex(*l)?, 4)
+                }
+                (b'"', [b'\\', escaped, ..]) => {
+                    let byte = match escaped {
                         b'n' => b'\n',
                         b'r' => b'\r',
                         b't' => b'\t',
                         b'b' => 0x08,
                         b'a' => 0x07,
-                        other => other,
-                    });
-                    i += 2;
-                } else if c == b'"' {
-                    // The closing quote must be followed by a blank or the end.
-                    if line.get(i + 1).is_some_and(|b| !b.is_ascii_whitespace()) {
-                        return None;
-                    }
-                    i += 1;
-                    break;
-                } else {
-                    word.push(c);
-                    i += 1;
+                        &other => other,
+                    };
+                    (byte, 2)
                 }
-            } else if in_single {
-                let c = *line.get(i)?;
-                if c == b'\\' && line.get(i + 1) == Some(&b'\'') {
-                    word.push(b'\'');
-                    i += 2;
-                } else if c == b'\'' {
-                    if line.get(i + 1).is_some_and(|b| !b.is_ascii_whitespace()) {
-                        return None;
-                    }
-                    i += 1;
-                    break;
-                } else {
-                    word.push(c);
-                    i += 1;
-                }
-            } else {
-                match line.get(i) {
-                    None => break,
-                    Some(c) if c.is_ascii_whitespace() => break,
-                    Some(b'"') => in_double = true,
-                    Some(b'\'') => in_single = true,
-                    Some(&c) => word.push(c),
-                }
-                i += 1;
-            }
+                (b'\'', [b'\\', b'\'', ..]) => (b'\'', 2),
+                _ => (c, 1),
+            };
+            word.push(byte);
+            i += len;
         }
         args.push(word);
     }
