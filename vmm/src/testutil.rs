@@ -372,7 +372,7 @@ pub fn require_kvm() {
         .write(true)
         .open("/dev/kvm")
     {
-        panic!("this test needs /dev/kvm, which cannot be opened here: {e}");
+        panic!("this test boots a real guest and needs /dev/kvm, which cannot be opened here: {e}");
     }
 }
 

@@ -35,16 +35,7 @@ pub fn image(app: &str) -> PathBuf {
     path
 }
 
-/// Fails the test unless `/dev/kvm` can be opened.
-pub fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("this test boots a real guest and needs /dev/kvm, which cannot be opened: {e}");
-    }
-}
+pub use vmm::testutil::require_kvm;
 
 /// Result of one shim run.
 pub struct Run {
