@@ -18,6 +18,8 @@
 //! the last one `done` or `failed`). Errors are `{"error": "..."}` with a
 //! 4xx or 5xx status.
 
+use std::fmt;
+
 use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "http")]
@@ -83,6 +85,47 @@ impl std::str::FromStr for Restart {
     }
 }
 
+/// A guest's address on its network and the network's prefix length
+/// (`10.0.2.15/24` on the wire, as `ip addr` writes it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub struct GuestAddr {
+    pub ip: std::net::Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl fmt::Display for GuestAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.ip, self.prefix)
+    }
+}
+
+impl std::str::FromStr for GuestAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("'{s}' is not an address with a prefix length (10.0.2.15/24)");
+        let (ip, prefix) = s.split_once('/').ok_or_else(bad)?;
+        let ip = ip.parse().map_err(|_| bad())?;
+        let prefix = prefix.parse().ok().filter(|p| *p <= 32).ok_or_else(bad)?;
+        Ok(Self { ip, prefix })
+    }
+}
+
+impl From<GuestAddr> for String {
+    fn from(a: GuestAddr) -> Self {
+        a.to_string()
+    }
+}
+
+impl TryFrom<String> for GuestAddr {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
 /// `POST /v1/instances`: boot an image as a named instance.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RunRequest {
@@ -101,7 +144,7 @@ pub struct RunRequest {
     pub publish: Vec<PublishSpec>,
     /// The guest's address (else the daemon picks one of its own range).
     #[serde(default)]
-    pub ip: Option<String>,
+    pub ip: Option<std::net::Ipv4Addr>,
     /// An app checkpoint file (a path the daemon can read) to hand over.
     #[serde(default)]
     pub restore: Option<String>,
@@ -256,7 +299,7 @@ pub struct InstanceInfo {
     #[serde(flatten)]
     pub state: InstanceState,
     pub image: String,
-    pub ip: Option<String>,
+    pub ip: Option<GuestAddr>,
     pub mac: Option<String>,
     pub mem: u64,
     pub uptime_s: f64,
@@ -343,6 +386,26 @@ pub struct ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guest_address_travels_as_ip_addr_writes_it_and_bad_ones_are_refused() {
+        let a: GuestAddr = serde_json::from_str("\"10.0.2.15/24\"").unwrap();
+        assert_eq!(
+            (a.ip, a.prefix),
+            (std::net::Ipv4Addr::new(10, 0, 2, 15), 24)
+        );
+        assert_eq!(serde_json::to_string(&a).unwrap(), "\"10.0.2.15/24\"");
+        for bad in [
+            "10.0.2.15",
+            "10.0.2.15/33",
+            "10.0.2/24",
+            "x/24",
+            "10.0.2.15/",
+        ] {
+            let e = serde_json::from_str::<GuestAddr>(&format!("\"{bad}\"")).unwrap_err();
+            assert!(e.to_string().contains("prefix length"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn instance_states_are_tagged_beside_the_other_fields() {

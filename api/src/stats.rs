@@ -20,7 +20,7 @@ pub struct InstanceStats {
     /// As in `list`.
     #[serde(flatten)]
     pub state: crate::InstanceState,
-    pub ip: Option<String>,
+    pub ip: Option<crate::GuestAddr>,
     /// CPU time of its vCPU thread on this shim, seconds.
     pub cpu_s: f64,
     /// Guest memory, bytes.
@@ -71,12 +71,12 @@ pub struct ClientStats {
 }
 
 /// One published port's counters, as `GET /v1/stats` reports them.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortStats {
     /// `ADDR:PORT/PROTO` on the host.
     pub host: String,
-    /// `ADDR:PORT` of the guest it forwards to.
-    pub guest: String,
+    /// The guest's address and port it forwards to (`ADDR:PORT`).
+    pub guest: std::net::SocketAddrV4,
     /// Requests (bursts of client bytes; see the module docs).
     pub requests: u64,
     /// Bytes from clients to the app.
@@ -90,6 +90,21 @@ pub struct PortStats {
     /// Per client address (the first few dozen).
     #[serde(default)]
     pub clients: Vec<ClientStats>,
+}
+
+impl Default for PortStats {
+    fn default() -> Self {
+        Self {
+            host: String::new(),
+            guest: std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
+            requests: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            connections: 0,
+            open_connections: 0,
+            clients: Vec::new(),
+        }
+    }
 }
 
 /// A guest card's counters (since it attached to this shim).

@@ -147,7 +147,10 @@ impl Instance {
             name: self.name.clone(),
             state,
             image: self.spec.image.path.clone(),
-            ip: self.spec.nic.map(|n| format!("{}/{}", n.ip, n.prefix)),
+            ip: self.spec.nic.map(|n| api::GuestAddr {
+                ip: n.ip,
+                prefix: n.prefix,
+            }),
             mac: self
                 .spec
                 .nic

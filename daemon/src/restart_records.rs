@@ -154,7 +154,7 @@ impl Daemon {
                 .instances()
                 .get(&req.name)
                 .and_then(|i| i.spec.nic)
-                .map(|n| n.ip.to_string());
+                .map(|n| n.ip);
             if let Err(e) = p.save(&req) {
                 tracing::error!("cannot record instance {}: {e}", req.name);
             }
@@ -229,7 +229,7 @@ impl Daemon {
             name: hello.name.clone(),
             image: format!("{}{}", super::images::HASH_PREFIX, hello.image.sha256),
             mem: hello.mem_size,
-            ip: hello.nic.map(|n| n.ip.to_string()),
+            ip: hello.nic.map(|n| n.ip),
             restore: None,
             checkpoint_to: checkpoints.then(|| p.checkpoint_dir(&hello.name).display().to_string()),
             standby: None,
@@ -325,7 +325,7 @@ impl Daemon {
                 env: spec.env.clone(),
                 args: spec.args.clone(),
                 publish: inst.publish.clone(),
-                ip: spec.nic.map(|n| n.ip.to_string()),
+                ip: spec.nic.map(|n| n.ip),
                 restart,
                 ..RunRequest::default()
             };
@@ -357,7 +357,7 @@ mod tests {
             image: "sha256:00".into(),
             mem: 64 << 20,
             publish: vec!["127.0.0.1:6379:6379/tcp".parse().unwrap()],
-            ip: Some("10.0.2.16".into()),
+            ip: Some(std::net::Ipv4Addr::new(10, 0, 2, 16)),
             restart: Restart::Always,
             checkpoint_every_ms: Some(100),
             checkpoint_to: Some(ckpt.display().to_string()),

@@ -71,10 +71,7 @@ impl Daemon {
         check_name(&req.name)?;
         vmm::config::check_mem_size(req.mem).map_err(bad)?;
         let publish = self.publishes(&req.publish)?;
-        let ip = match &req.ip {
-            Some(ip) => Some(vmm::config::parse_ipv4(ip).map_err(bad)?),
-            None => None,
-        };
+        let ip = req.ip;
         let image = PathBuf::from(&req.image);
         // Placeholder spec for the reservation; the real one comes from boot.
         let mut placeholder = placeholder_spec(&req.name, req.mem);

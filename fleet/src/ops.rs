@@ -73,7 +73,7 @@ pub struct Deployed {
     pub bytes: u64,
     /// Whether the image had to be uploaded (else the host had it).
     pub uploaded: bool,
-    pub ip: Option<String>,
+    pub ip: Option<api::GuestAddr>,
     pub publish: Vec<String>,
     pub restart: Restart,
     /// From the start of the operation to the instance running.
@@ -260,7 +260,7 @@ pub struct PsRow {
     pub state: InstanceState,
     pub uptime_s: f64,
     pub mem: u64,
-    pub ip: Option<String>,
+    pub ip: Option<api::GuestAddr>,
     pub publish: Vec<String>,
     pub restart: Restart,
 }

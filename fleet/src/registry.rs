@@ -244,7 +244,7 @@ pub fn addresses_held_elsewhere(
                     Ok((_, Ok(instances))) => held.extend(
                         instances
                             .iter()
-                            .filter_map(|i| i.ip.as_deref()?.split('/').next()?.parse().ok())
+                            .filter_map(|i| i.ip.map(|a| a.ip))
                             .filter(|ip: &Ipv4Addr| (first..=last).contains(ip)),
                     ),
                     Ok((h, Err(e))) => tracing::warn!(

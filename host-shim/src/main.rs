@@ -672,7 +672,7 @@ fn list(client: &Client) -> anyhow::Result<u8> {
             "{:<16} {:<24} {:<18} {:>7}M {:>9.1}s {:>4}  {}",
             i.name,
             i.state,
-            i.ip.unwrap_or_else(|| "-".into()),
+            i.ip.map_or_else(|| "-".into(), |a| a.to_string()),
             i.mem >> 20,
             i.uptime_s,
             i.generation,

@@ -339,8 +339,8 @@ fn ip_of(d: &Daemon, name: &str) -> String {
         .unwrap_or_else(|| panic!("{name} on {}", d.addr))
         .ip
         .expect("an address")
-        .trim_end_matches("/10")
-        .to_owned()
+        .ip
+        .to_string()
 }
 
 #[test]

@@ -475,7 +475,7 @@ impl Network {
             .map(|(spec, guest, t)| {
                 t.snapshot(
                     format!("{}/{}", spec.host, spec.proto),
-                    format!("{guest}:{}", spec.guest_port),
+                    std::net::SocketAddrV4::new(*guest, spec.guest_port),
                 )
             })
             .collect()

@@ -86,7 +86,7 @@ impl PortTraffic {
     }
 
     /// The counters now, for `host`/`proto` forwarding to `guest`.
-    pub fn snapshot(&self, host: String, guest: String) -> PortStats {
+    pub fn snapshot(&self, host: String, guest: std::net::SocketAddrV4) -> PortStats {
         let connections = self.connections.load(Ordering::Relaxed);
         let clients = self
             .clients
@@ -190,7 +190,7 @@ mod tests {
         t.request(client);
         t.inbound(client, 10);
         t.outbound(30);
-        let s = t.snapshot("127.0.0.1:1/tcp".into(), "10.0.2.16:6379".into());
+        let s = t.snapshot("127.0.0.1:1/tcp".into(), "10.0.2.16:6379".parse().unwrap());
         assert_eq!(
             (s.requests, s.bytes_in, s.bytes_out, s.connections),
             (1, 10, 30, 2)

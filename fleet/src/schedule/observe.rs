@@ -241,14 +241,14 @@ impl Fleet {
             if let Some(inst) = stats.instances.iter().find(|x| x.name == app) {
                 round.inputs.placement.set(app, self.shims[*i].region);
                 round.busy |= inst.state != InstanceState::Running;
-                app_ip = inst.ip.as_deref().and_then(|ip| ip.split('/').next());
+                app_ip = inst.ip.map(|a| a.ip);
             }
         }
         let mut workload = Workload::new();
         for (i, stats) in all {
             let region = self.shims[*i].region;
             for port in &stats.ports {
-                let to_app = app_ip.is_some_and(|ip| port.guest.split(':').next() == Some(ip));
+                let to_app = app_ip == Some(*port.guest.ip());
                 // Mapped by client: the clients' bytes to the app only (all
                 // the per-client counters have).
                 let total = if self.nets.is_empty() {
@@ -334,7 +334,7 @@ mod tests {
     fn port(host: &str, guest: &str, requests: u64) -> PortStats {
         PortStats {
             host: host.into(),
-            guest: guest.into(),
+            guest: guest.parse().unwrap(),
             requests,
             bytes_in: requests * 10,
             bytes_out: requests * 20,
@@ -355,7 +355,7 @@ mod tests {
                         "running" => InstanceState::Running,
                         what => InstanceState::Busy { what: what.into() },
                     },
-                    ip: Some("10.0.2.16/24".into()),
+                    ip: Some("10.0.2.16/24".parse().unwrap()),
                     ..InstanceStats::default()
                 })
                 .into_iter()

@@ -630,7 +630,7 @@ fn print_banner(daemon: &daemon::Daemon, brought_back: &[BroughtBack]) {
             Ok(info) => eprintln!(
                 "host-shim serve: brought back {} ({}){from}",
                 info.name,
-                info.ip.as_deref().unwrap_or_default()
+                info.ip.map(|a| a.to_string()).unwrap_or_default()
             ),
             Err(why) => eprintln!("host-shim serve: cannot bring back {}: {why}", b.name),
         }

@@ -283,7 +283,7 @@ pub fn deploy(
             out.name,
             out.host,
             out.region,
-            out.ip.as_deref().unwrap_or("-"),
+            out.ip.map_or_else(|| "-".into(), |a| a.to_string()),
             if out.publish.is_empty() {
                 String::new()
             } else {
@@ -335,7 +335,7 @@ pub fn ps(fleet: &Fleet, all: bool, json: bool) -> Result<u8, FleetError> {
                 r.state,
                 uptime(r.uptime_s),
                 r.mem >> 20,
-                r.ip.as_deref().unwrap_or("-"),
+                r.ip.map_or_else(|| "-".into(), |a| a.to_string()),
                 r.publish.join(", ")
             );
         }

@@ -282,7 +282,7 @@ pub(crate) fn remote_run(client: &Client, args: RunArgs) -> anyhow::Result<u8> {
         env: args.env,
         args: args.args,
         publish: args.publish.clone(),
-        ip: args.ip.map(|(ip, _)| ip.to_string()),
+        ip: args.ip.map(|(ip, _)| ip),
         restore: args
             .restore
             .as_deref()
@@ -304,7 +304,7 @@ pub(crate) fn remote_run(client: &Client, args: RunArgs) -> anyhow::Result<u8> {
     println!(
         "{} running on {addr}: {} ({})",
         info.name,
-        info.ip.unwrap_or_default(),
+        info.ip.map(|a| a.to_string()).unwrap_or_default(),
         info.publish.join(", ")
     );
     Ok(0)
@@ -322,7 +322,7 @@ pub(crate) fn remote_restore(client: &Client, args: RestoreArgs) -> anyhow::Resu
     println!(
         "{} restored on {addr}: {} (move #{})",
         info.name,
-        info.ip.unwrap_or_default(),
+        info.ip.map(|a| a.to_string()).unwrap_or_default(),
         info.generation
     );
     Ok(0)

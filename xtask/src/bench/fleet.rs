@@ -2,7 +2,7 @@
 //!
 //! Two pairs of `host-shim serve` daemons on loopback, each hosting the kv app (64 MiB,
 //! [`KEYS`] keys) under the same steady SET/GET load as `bench migrate` (whose pieces this
-//! reuses): a plain pair (no identity: plain TCP migration stream, as in issue 4) and a
+//! reuses): a plain pair (no identity: plain TCP migration stream, as `bench migrate` runs it) and a
 //! secure pair (`host-shim init`, peers pinned by fingerprint: TLS 1.3 with mutual
 //! authentication for the API and the migration stream, overlay sealed with the fleet key).
 //! Migrations alternate between the pairs (plain A→B, TLS A→B, plain B→A, TLS B→A, ...) so
@@ -24,7 +24,7 @@ use super::migrate::{
 };
 use crate::workspace::Workspace;
 
-/// TLS may add at most this much to the migration downtime (issue 6).
+/// TLS may add at most this much to the migration downtime (the target).
 const TARGET_TLS_RATIO: f64 = 1.10;
 
 /// Options of `bench fleet`.

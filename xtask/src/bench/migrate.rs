@@ -38,7 +38,8 @@ const PAGE: f64 = 4096.0;
 pub(crate) const SETTLE: Duration = Duration::from_millis(300);
 /// A migration this slow in total has its whole output printed.
 const SLOW_TOTAL_MS: f64 = 250.0;
-/// Targets from issue 4.
+/// The targets a migration of kv under load must meet: downtime, whole
+/// migration, and bytes sent as a multiple of the live memory.
 const TARGET_DOWNTIME_MS: f64 = 5.0;
 const TARGET_TOTAL_MS: f64 = 100.0;
 const TARGET_LIVE_RATIO: f64 = 1.5;

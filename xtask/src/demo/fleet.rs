@@ -38,7 +38,7 @@ use anyhow::{bail, Context, Result};
 use api::{Client, InstanceState, MigrateRequest, MigrationReport, RunRequest};
 
 /// The kv app's address: one of shim 1's block of the default guest network.
-pub const APP_IP: &str = "10.0.4.16";
+pub const APP_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 4, 16);
 /// The instance name.
 pub const APP: &str = "kv";
 
@@ -270,7 +270,7 @@ impl Fleet {
             name: APP.into(),
             image: image.display().to_string(),
             mem: 64 << 20,
-            ip: Some(APP_IP.into()),
+            ip: Some(APP_IP),
             ..Default::default()
         };
         self.shims[at].client().run(&req).with_context(|| {
