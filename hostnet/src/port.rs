@@ -16,6 +16,16 @@
 //! O(ports with work), not O(ports): an idle guest costs the network thread
 //! nothing, however many there are.
 //!
+//! Placement: every frame crosses between the two threads, and on this
+//! kind of host a wake-up of a thread on another CPU is an inter-processor
+//! interrupt, which in a nested VM is an exit of the host VM itself. So the
+//! first guest that uses its port ([`GuestPort::colocate`], on its vCPU
+//! thread) runs its vCPU thread on the network thread's CPU and keeps the
+//! network thread there: the hand-offs then stay on one CPU. Only
+//! [`COLOCATED_VCPUS`] vCPU threads share that CPU at a time, so busy
+//! guests cannot crowd the network thread out; the others stay where the
+//! scheduler puts them.
+//!
 //! Both queues are bounded, as a switch port's buffers are: past
 //! [`TX_BACKLOG`] / [`RX_BACKLOG`] frames, more are dropped and counted.
 //! (The switch rate-limits what a guest floods: see `net::FLOOD_RATE`.)
@@ -23,7 +33,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -42,15 +52,94 @@ pub type Frame = Vec<u8>;
 /// A port not (or no longer) on a switch.
 const NO_SLOT: usize = usize::MAX;
 
+/// How many guests' vCPU threads run on the network thread's CPU at most.
+pub const COLOCATED_VCPUS: usize = 1;
+
 /// The switch ports whose guests sent frames the network thread has not
 /// taken yet, in the order they became ready. A port is added when its
 /// `sent` flag goes from clear to set (and when it is plugged in with the
 /// flag set), so the list holds at most about two entries per port, however
 /// fast a guest sends; an entry may be stale (its port left), which the
 /// network thread ignores.
+///
+/// It also says where the network thread runs, for [`GuestPort::colocate`].
 #[derive(Debug, Default)]
 pub struct ReadyPorts {
     ids: Mutex<Vec<usize>>,
+    network: NetworkThread,
+}
+
+/// The network thread's kernel id and the CPU it was on when it first
+/// plugged a port in (0 and -1 until then), and how many vCPU threads were
+/// placed on that CPU.
+#[derive(Debug)]
+struct NetworkThread {
+    tid: AtomicI32,
+    cpu: AtomicI32,
+    colocated: AtomicUsize,
+}
+
+impl Default for NetworkThread {
+    fn default() -> Self {
+        Self {
+            tid: AtomicI32::new(0),
+            cpu: AtomicI32::new(-1),
+            colocated: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl NetworkThread {
+    /// Called on the network thread: notes where it runs, once.
+    fn record(&self) {
+        if self.tid.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        let Some(cpu) = crate::sys::current_cpu().and_then(|c| i32::try_from(c).ok()) else {
+            return;
+        };
+        self.cpu.store(cpu, Ordering::Relaxed);
+        self.tid.store(crate::sys::thread_id(), Ordering::Release);
+    }
+
+    /// Called on a vCPU thread: moves it, and the network thread, onto the
+    /// network thread's CPU if fewer than [`COLOCATED_VCPUS`] are there;
+    /// returns whether it did.
+    fn take_a_seat(&self) -> bool {
+        let tid = self.tid.load(Ordering::Acquire);
+        let Ok(cpu) = usize::try_from(self.cpu.load(Ordering::Relaxed)) else {
+            return false;
+        };
+        if tid == 0 {
+            return false;
+        }
+        let seats = self
+            .colocated
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < COLOCATED_VCPUS).then_some(n + 1)
+            });
+        if seats.is_err() {
+            return false;
+        }
+        let pinned = crate::sys::pin_thread(tid, cpu).and_then(|()| crate::sys::pin_thread(0, cpu));
+        match pinned {
+            Ok(()) => {
+                tracing::debug!(cpu, "a vCPU thread runs on the network thread's CPU");
+                true
+            }
+            Err(e) => {
+                // A cpuset that changed under us, say: stay where we are.
+                tracing::debug!(cpu, "cannot run next to the network thread: {e}");
+                self.colocated.fetch_sub(1, Ordering::AcqRel);
+                false
+            }
+        }
+    }
+
+    /// A colocated vCPU thread's port is gone: its seat is free.
+    fn leave(&self) {
+        self.colocated.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl ReadyPorts {
@@ -84,6 +173,10 @@ pub struct GuestPort {
     guest_wake: EventFd,
     /// Frames and bytes through this port (`GET /v1/stats`).
     traffic: NicTraffic,
+    /// [`Self::colocate`] was answered (whether or not it moved the thread).
+    placed: AtomicBool,
+    /// The vCPU thread sits on the network thread's CPU.
+    colocated: AtomicBool,
 }
 
 impl GuestPort {
@@ -100,6 +193,8 @@ impl GuestPort {
             to_guest: Mutex::new(VecDeque::new()),
             guest_wake: EventFd::new(EFD_NONBLOCK)?,
             traffic: NicTraffic::default(),
+            placed: AtomicBool::new(false),
+            colocated: AtomicBool::new(false),
         })
     }
 
@@ -145,6 +240,32 @@ impl GuestPort {
         }
     }
 
+    /// Called on the guest's vCPU thread whenever it moves frames: the first
+    /// time the network thread is known, runs this thread on the network
+    /// thread's CPU if a seat is free there (see the module's doc). Costs
+    /// one atomic load afterwards.
+    pub fn colocate(&self) {
+        if self.placed.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(ready) = self.ready.get() else {
+            return; // not plugged in yet: next time
+        };
+        if ready.network.tid.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        self.placed.store(true, Ordering::Relaxed);
+        if ready.network.take_a_seat() {
+            self.colocated.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether [`Self::colocate`] put the vCPU thread on the network
+    /// thread's CPU.
+    pub fn is_colocated(&self) -> bool {
+        self.colocated.load(Ordering::Relaxed)
+    }
+
     /// The frames waiting for the guest (take from the front).
     pub fn received(&self) -> MutexGuard<'_, VecDeque<Frame>> {
         lock(&self.to_guest)
@@ -166,6 +287,7 @@ impl GuestPort {
     /// Plugs the port into switch port `id`, whose ready list is `ready`
     /// (a port belongs to one switch: the first list given stays).
     pub fn plug(&self, id: usize, ready: &Arc<ReadyPorts>) {
+        ready.network.record();
         let ready = self.ready.get_or_init(|| Arc::clone(ready));
         self.slot.store(id, Ordering::SeqCst);
         // Frames sent before the port had a number.
@@ -223,6 +345,14 @@ impl GuestPort {
             tracing::warn!("cannot wake a vCPU thread: {e}");
         }
         dropped
+    }
+}
+
+impl Drop for GuestPort {
+    fn drop(&mut self) {
+        if let (true, Some(ready)) = (*self.colocated.get_mut(), self.ready.get()) {
+            ready.network.leave();
+        }
     }
 }
 
@@ -290,6 +420,59 @@ mod tests {
         port.send(&mut vec![vec![5]]);
         ready.take(&mut ids);
         assert!(ids.is_empty(), "an unplugged port is not listed");
+    }
+
+    #[test]
+    fn the_first_guest_runs_next_to_the_network_thread_and_frees_its_seat_when_gone() {
+        use crate::sys::{thread_cpus, thread_id};
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let ready = Arc::new(ReadyPorts::default());
+        let ports: Vec<Arc<GuestPort>> = (0..3)
+            .map(|i| Arc::new(GuestPort::new([2, 0, 0, 0, 0, i], wake.clone()).unwrap()))
+            .collect();
+        // Not plugged in yet: nothing known about the network thread.
+        ports[0].colocate();
+        assert!(!ports[0].is_colocated());
+        // A stand-in network thread plugs the ports in and stays alive.
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let network = {
+            let (ports, ready) = (ports.clone(), Arc::clone(&ready));
+            std::thread::spawn(move || {
+                for (id, port) in ports.into_iter().enumerate() {
+                    port.plug(id, &ready);
+                }
+                tid_tx.send(thread_id()).unwrap();
+                let _ = done_rx.recv();
+            })
+        };
+        let network_tid = tid_rx.recv().unwrap();
+        let cpu = usize::try_from(ready.network.cpu.load(Ordering::Relaxed)).unwrap();
+        let seat = |port: Arc<GuestPort>| {
+            std::thread::spawn(move || {
+                port.colocate();
+                (port.is_colocated(), thread_cpus(0).unwrap())
+            })
+            .join()
+            .unwrap()
+        };
+        let (first, first_cpus) = seat(Arc::clone(&ports[0]));
+        assert!(first, "the first guest sits next to the network thread");
+        assert_eq!(first_cpus, [cpu]);
+        assert_eq!(
+            thread_cpus(network_tid).unwrap(),
+            [cpu],
+            "and keeps it there"
+        );
+        let (second, _) = seat(Arc::clone(&ports[1]));
+        assert!(!second, "one seat only");
+        let mut ports = ports;
+        ports.remove(0); // the first guest is gone (its last handle)
+        let (third, third_cpus) = seat(Arc::clone(&ports[1]));
+        assert!(third, "its seat went to the next guest that asked");
+        assert_eq!(third_cpus, [cpu]);
+        done_tx.send(()).unwrap();
+        network.join().unwrap();
     }
 
     #[test]

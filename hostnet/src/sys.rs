@@ -1,7 +1,7 @@
 //! Thin wrappers over the Linux calls no crate offers us: `epoll_pwait2`
 //! (epoll with a nanosecond timeout), `TUNSETIFF` (attach to a TAP device),
-//! an interface's host side (link up, a packet socket on it) and socket
-//! options. The only `unsafe` code of this crate; each block has its
+//! an interface's host side (link up, a packet socket on it), socket
+//! options and thread placement (which CPU a thread runs on). The only `unsafe` code of this crate; each block has its
 //! `SAFETY:` argument.
 
 use std::io;
@@ -34,6 +34,61 @@ pub fn epoll_pwait2(epfd: RawFd, events: &mut [EpollEvent], timeout: Option<Dura
             std::ptr::null(),
         )
     }
+}
+
+/// The calling thread's kernel id (`gettid`).
+pub fn thread_id() -> libc::pid_t {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// The CPU the calling thread is running on (`sched_getcpu`), if the
+/// kernel says.
+pub fn current_cpu() -> Option<usize> {
+    // SAFETY: sched_getcpu takes no arguments; it returns -1 on failure.
+    let cpu = unsafe { libc::sched_getcpu() };
+    usize::try_from(cpu).ok()
+}
+
+/// Lets thread `tid` (0: the calling thread) run on `cpu` only.
+pub fn pin_thread(tid: libc::pid_t, cpu: usize) -> io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("CPU {cpu} is past CPU_SETSIZE"),
+        ));
+    }
+    // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE (checked above), so CPU_SET stays
+    // inside `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: sched_setaffinity reads `size_of::<cpu_set_t>()` bytes from
+    // `set`, which is a whole cpu_set_t living across the call.
+    let r = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The CPUs thread `tid` (0: the calling thread) may run on (for tests).
+#[cfg(test)]
+pub fn thread_cpus(tid: libc::pid_t) -> io::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity writes at most `size_of::<cpu_set_t>()`
+    // bytes into `set`, which is a whole cpu_set_t living across the call.
+    let r =
+        unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((0..libc::CPU_SETSIZE as usize)
+        // SAFETY: every index is below CPU_SETSIZE, inside `set`.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect())
 }
 
 /// Attaches the open `/dev/net/tun` file `tun` to the TAP device `name`
