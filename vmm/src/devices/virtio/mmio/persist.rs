@@ -44,37 +44,36 @@ pub struct QueueState {
     pub used_ring: u64,
 }
 
-impl From<virtio_queue::QueueState> for QueueState {
-    fn from(q: virtio_queue::QueueState) -> Self {
-        Self {
-            max_size: q.max_size,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx_enabled: q.event_idx_enabled,
-            size: q.size,
-            ready: q.ready,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
+/// Both conversions between [`QueueState`] and `virtio_queue::QueueState`,
+/// from one list of their fields (a field missing from the list is a
+/// compile error: both are struct literals).
+macro_rules! mirror_queue_state {
+    ($($field:ident),+ $(,)?) => {
+        impl From<virtio_queue::QueueState> for QueueState {
+            fn from(q: virtio_queue::QueueState) -> Self {
+                Self { $($field: q.$field),+ }
+            }
         }
-    }
+
+        impl From<QueueState> for virtio_queue::QueueState {
+            fn from(q: QueueState) -> Self {
+                Self { $($field: q.$field),+ }
+            }
+        }
+    };
 }
 
-impl From<QueueState> for virtio_queue::QueueState {
-    fn from(q: QueueState) -> Self {
-        Self {
-            max_size: q.max_size,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx_enabled: q.event_idx_enabled,
-            size: q.size,
-            ready: q.ready,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-        }
-    }
-}
+mirror_queue_state!(
+    max_size,
+    next_avail,
+    next_used,
+    event_idx_enabled,
+    size,
+    ready,
+    desc_table,
+    avail_ring,
+    used_ring,
+);
 
 /// Why a saved transport does not fit the window and device it is
 /// restored into.
