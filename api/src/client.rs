@@ -6,11 +6,12 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 #[cfg(feature = "tls")]
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::migration::{MigrationEvent, MigrationPhase, MigrationReport};
+use crate::server::Connection;
 use crate::stats::ShimStats;
 #[cfg(feature = "tls")]
 use crate::{tls::CertKey, Fingerprint};
@@ -156,6 +157,9 @@ pub struct Client {
     via: Option<SocketAddr>,
     /// The longest any read or write may block (none: forever).
     timeout: Option<Duration>,
+    /// The longest a whole request and its answer may take ([`Self::call`]
+    /// and the calls built on it; none: no bound but `timeout`'s).
+    deadline: Option<Duration>,
 }
 
 impl std::fmt::Debug for Client {
@@ -188,6 +192,7 @@ impl Client {
             token: None,
             via: None,
             timeout: None,
+            deadline: None,
         }
     }
 
@@ -210,6 +215,7 @@ impl Client {
             token,
             via: None,
             timeout: None,
+            deadline: None,
         })
     }
 
@@ -226,6 +232,13 @@ impl Client {
     /// (handshakes included) failing after blocking for `t`.
     pub fn with_timeout(mut self, t: Duration) -> Self {
         self.timeout = Some(t);
+        self
+    }
+
+    /// The same client, each of whose whole requests and answers (not
+    /// streams) must end within `d`, however the other side paces them.
+    pub fn with_deadline(mut self, d: Duration) -> Self {
+        self.deadline = Some(d);
         self
     }
 
@@ -311,8 +324,10 @@ impl Client {
         method: &str,
         path: &str,
         body: Option<&[u8]>,
-    ) -> Result<(u16, BufReader<Stream>), ClientError> {
-        let mut stream = self.connect()?;
+    ) -> Result<(u16, BufReader<Until<Stream>>), ClientError> {
+        let stream = self.connect()?;
+        let deadline = self.deadline.map(|d| Instant::now() + d);
+        let mut stream = Until::new(stream, deadline, self.timeout).map_err(self.io())?;
         let mut req = format!(
             "{method} {path} HTTP/1.0\r\nHost: {}\r\n{}",
             self.addr,
@@ -345,9 +360,15 @@ impl Client {
         path: &str,
         body: Option<&[u8]>,
     ) -> Result<Answer, ClientError> {
-        let (status, mut reader) = self.send(method, path, body)?;
+        let (status, reader) = self.send(method, path, body)?;
         let mut body = Vec::new();
-        reader.read_to_end(&mut body).map_err(self.io())?;
+        reader
+            .take(MAX_ANSWER + 1)
+            .read_to_end(&mut body)
+            .map_err(self.io())?;
+        if body.len() as u64 > MAX_ANSWER {
+            return Err(self.protocol(format!("an answer larger than {MAX_ANSWER} bytes")));
+        }
         if status >= 400 {
             return Err(api_error(status, &body));
         }
@@ -362,7 +383,10 @@ impl Client {
         body: &[u8],
         mut progress: impl FnMut(u64),
     ) -> Result<Answer, ClientError> {
-        let mut stream = self.connect()?;
+        let stream = self.connect()?;
+        let whole = upload_deadline(body.len() as u64);
+        let deadline = Instant::now() + self.deadline.map_or(whole, |d| d.min(whole));
+        let mut stream = Until::new(stream, Some(deadline), self.timeout).map_err(self.io())?;
         let head = format!(
             "PUT {path} HTTP/1.0\r\nHost: {}\r\n{}Content-Type: application/octet-stream\r\n\
              Content-Length: {}\r\n\r\n",
@@ -722,9 +746,197 @@ fn image(hash: &str) -> String {
     format!("/v1/images/{hash}")
 }
 
+/// The shortest whole deadline of an upload ([`upload_deadline`]).
+pub const UPLOAD_FLOOR: Duration = Duration::from_secs(30);
+/// The slowest rate an upload may go at, in bytes per second, past
+/// [`UPLOAD_FLOOR`].
+pub const UPLOAD_MIN_RATE: u64 = 1 << 20;
+
+/// How long an upload of `bytes` (an image copied to another daemon) may
+/// take, whole: [`UPLOAD_FLOOR`] plus the bytes at [`UPLOAD_MIN_RATE`]. A
+/// daemon that reads a byte now and then cannot hold the sender longer.
+pub fn upload_deadline(bytes: u64) -> Duration {
+    UPLOAD_FLOOR + Duration::from_secs(bytes / UPLOAD_MIN_RATE)
+}
+
+/// Largest answer body [`Client::call`] reads.
+pub const MAX_ANSWER: u64 = 64 << 20;
+
+/// A connection whose reads and writes all end by one deadline, if it has
+/// one (each also within `per_op`, if set): the other side cannot stretch
+/// an exchange past it by answering a byte now and then.
+struct Until<S> {
+    inner: S,
+    tcp: TcpStream,
+    deadline: Option<Instant>,
+    per_op: Option<Duration>,
+}
+
+impl<S: Connection> Until<S> {
+    fn new(inner: S, deadline: Option<Instant>, per_op: Option<Duration>) -> std::io::Result<Self> {
+        let tcp = inner.tcp().try_clone()?;
+        Ok(Self {
+            inner,
+            tcp,
+            deadline,
+            per_op,
+        })
+    }
+
+    /// Bounds the next read (or write) by what is left of the deadline.
+    fn arm(&self, read: bool) -> std::io::Result<()> {
+        let Some(deadline) = self.deadline else {
+            return Ok(());
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the exchange did not end in time",
+            ));
+        }
+        let t = Some(self.per_op.map_or(left, |p| p.min(left)));
+        if read {
+            self.tcp.set_read_timeout(t)
+        } else {
+            self.tcp.set_write_timeout(t)
+        }
+    }
+}
+
+impl<S: Connection> Read for Until<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm(true)?;
+        self.inner.read(buf)
+    }
+}
+
+impl<S: Connection> Write for Until<S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.arm(false)?;
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.arm(false)?;
+        self.inner.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uploads_get_a_whole_deadline_by_size() {
+        assert_eq!(upload_deadline(0), UPLOAD_FLOOR);
+        assert_eq!(
+            upload_deadline(64 << 20),
+            UPLOAD_FLOOR + Duration::from_secs(64)
+        );
+    }
+
+    /// A one-connection daemon that reads the request head and answers
+    /// `head`, then `body` in pieces of `piece` bytes `every` apart.
+    fn slow_daemon(
+        head: &'static [u8],
+        body: Vec<u8>,
+        piece: usize,
+        every: Duration,
+    ) -> (String, std::thread::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut got = Vec::new();
+            let mut byte = [0u8; 1];
+            while !got.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+                got.push(byte[0]);
+            }
+            if s.write_all(head).is_err() {
+                return;
+            }
+            for chunk in body.chunks(piece) {
+                std::thread::sleep(every);
+                if s.write_all(chunk).is_err() {
+                    return;
+                }
+            }
+        });
+        (addr, t)
+    }
+
+    #[test]
+    fn a_call_with_a_deadline_ends_in_time_however_slow_the_answer() {
+        let head = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n";
+        let (addr, t) = slow_daemon(head, vec![b' '; 100], 1, Duration::from_millis(100));
+        let client = Client::new(&addr)
+            .with_timeout(Duration::from_secs(20))
+            .with_deadline(Duration::from_secs(1));
+        let start = Instant::now();
+        let err = client.call("GET", "/v1/info", None).err().expect("cut");
+        let took = start.elapsed();
+        assert!(matches!(err, ClientError::Io { .. }), "{err}");
+        assert!(took < Duration::from_secs(8), "the deadline held: {took:?}");
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn answers_larger_than_the_cap_are_refused() {
+        let head = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n";
+        let body = vec![b' '; MAX_ANSWER as usize + 1];
+        let (addr, t) = slow_daemon(head, body, 1 << 20, Duration::ZERO);
+        let err = Client::new(&addr)
+            .call("GET", "/v1/info", None)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("larger than"), "{err}");
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_reader_taking_a_byte_now_and_then_cannot_stretch_the_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                // Reads at first (the kernel's buffers fill), then a byte
+                // every 50 ms: each write makes a little progress.
+                let mut buf = vec![0u8; 1 << 20];
+                let _ = server.read(&mut buf);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if server.read(&mut buf[..1]).unwrap_or(0) == 0 {
+                        break;
+                    }
+                }
+            })
+        };
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(1);
+        // Each write alone may block 20 s: only the whole deadline ends it.
+        let mut conn = Until::new(client, Some(deadline), Some(Duration::from_secs(20))).unwrap();
+        let err = conn.write_all(&vec![0u8; 64 << 20]).unwrap_err();
+        let took = start.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+            ),
+            "{err}"
+        );
+        assert!(took >= Duration::from_secs(1), "{took:?}");
+        assert!(
+            took < Duration::from_secs(10),
+            "the deadline held: {took:?}"
+        );
+        drop(conn);
+        reader.join().unwrap();
+    }
     use crate::migration::MigrationReport;
     use std::net::TcpListener;
 

@@ -37,8 +37,8 @@ pub mod tls;
 
 #[cfg(feature = "http")]
 pub use client::{
-    read_streamed_line, Answer, Client, ClientError, EventsError, LineError, MigrationEvents,
-    Stream,
+    read_streamed_line, upload_deadline, Answer, Client, ClientError, EventsError, LineError,
+    MigrationEvents, Stream, UPLOAD_FLOOR, UPLOAD_MIN_RATE,
 };
 pub use fingerprint::{decode_hex, encode_hex, Fingerprint};
 pub use images::{ImageInfo, HASH_PREFIX};

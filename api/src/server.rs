@@ -1,16 +1,22 @@
-//! The HTTP/1.1 server plumbing of the daemon API, whatever serves it: the
-//! connection slots (at most `--max-connections`, the oldest one still
-//! sending cut to make room, deadlines for what is still being sent), the
-//! budget of request bodies held at once (`--max-request-memory`), request
-//! heads and bodies read with their bounds, and answers (JSON errors,
-//! `101 Switching Protocols`). The daemon's server (`daemon::http`) puts
-//! them together with authentication, TLS and its handler.
+//! The HTTP/1.1 server of the daemon API, whatever serves it: the accept
+//! loop ([`serve`]) with its connection slots (at most `--max-connections`,
+//! the oldest one still sending cut to make room, whole deadlines for
+//! handshakes and requests), the budget of request bodies held at once
+//! (`--max-request-memory`), request heads and bodies read with their
+//! bounds, and answers (JSON, text, JSON lines streamed after `101
+//! Switching Protocols`, JSON errors). What is served is a [`Service`]'s:
+//! the daemon's (`daemon::http`) opens TLS, authenticates callers and
+//! answers typed requests.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{self, BufRead, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
 use std::time::{Duration, Instant};
+
+use shim_util::limit::RateLimited;
 
 use crate::routes::Method;
 use crate::Limits;
@@ -416,6 +422,338 @@ pub fn switch_protocols<W: Write>(w: &mut W, protocol: &str) -> io::Result<()> {
         "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n\r\n"
     )?;
     w.flush()
+}
+
+/// What a [`Service`] answers a request with.
+pub enum Reply {
+    Json(u16, String),
+    Text(u16, String),
+    /// Lines produced by a worker as it goes, streamed over a connection
+    /// switched to [`crate::PROGRESS_PROTOCOL`].
+    Stream(Receiver<String>),
+}
+
+/// A connection a [`Service`] serves: bytes over one TCP socket.
+pub trait Connection: Read + Write + Send + 'static {
+    /// The socket (for its timeouts).
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Connection for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+#[cfg(feature = "tls")]
+impl Connection for crate::tls::Stream {
+    fn tcp(&self) -> &TcpStream {
+        crate::tls::Stream::tcp(self)
+    }
+}
+
+/// How a request is served once its caller is known.
+pub enum Admission<C> {
+    /// Its body is read and [`Service::handle`] answers it.
+    Request(C),
+    /// The connection switches to this protocol (`101`, no body read) and
+    /// [`Service::upgraded`] owns it.
+    Upgrade(C, &'static str),
+}
+
+/// A server's policy, which [`serve`] calls: how a connection opens (TLS
+/// or not), who may call what, and the answers.
+pub trait Service: Send + Sync + 'static {
+    type Conn: Connection;
+    /// Who sent a request, as [`Service::admit`] found.
+    type Caller: Send;
+
+    /// Whether a connection opens with a handshake (TLS): it is then
+    /// bounded by `--handshake-timeout`, and one refused for lack of room
+    /// is closed rather than answered in plain text.
+    fn handshakes(&self) -> bool;
+    /// The connection over an accepted socket (after a TLS handshake, or
+    /// the socket as is).
+    fn open(&self, tcp: TcpStream) -> io::Result<Self::Conn>;
+    /// Who sends `head` over `conn` (from address `from`) and how it is
+    /// served, or why it is refused (answered with that status).
+    fn admit(
+        &self,
+        head: &Head,
+        conn: &Self::Conn,
+        from: &str,
+    ) -> Result<Admission<Self::Caller>, ApiError>;
+    /// Answers a request whose head and body are in.
+    fn handle(
+        &self,
+        caller: Self::Caller,
+        method: &Method,
+        path: &str,
+        body: &[u8],
+    ) -> Result<Reply, ApiError>;
+    /// Owns a connection switched to the protocol of an
+    /// [`Admission::Upgrade`] (no deadlines left on it).
+    fn upgraded(&self, caller: Self::Caller, conn: BufReader<Self::Conn>, from: String);
+}
+
+/// How often connections past their deadline are looked for.
+const REAP_EVERY: Duration = Duration::from_millis(100);
+/// Back-off after a failed `accept` (e.g. no file descriptors left).
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+/// Repeated warnings (refused connections, accept errors) at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// What every connection of one server shares.
+struct Server<S> {
+    service: Arc<S>,
+    slots: Arc<Slots>,
+    request_timeout: Duration,
+    handshake_timeout: Duration,
+}
+
+/// Serves `listener` with `service` until the process ends, one request
+/// per connection (answers carry `Connection: close`), one thread each:
+/// at most `--max-connections` connections at once (beyond, the oldest one
+/// still sending its request is cut to make room, else the new one gets
+/// 503); a handshake must end within `--handshake-timeout` and a request's
+/// head and body within `--request-timeout`, whole (a byte now and then
+/// does not extend it); request bodies held at once are capped at
+/// `--max-request-memory` bytes (503 beyond); a failing `accept` (no file
+/// descriptors left) backs off exponentially. Repeated warnings are
+/// rate-limited.
+pub fn serve<S: Service>(service: Arc<S>, listener: TcpListener, limits: &Limits) {
+    let server = Arc::new(Server {
+        service,
+        slots: Slots::new(limits),
+        request_timeout: limits.request_timeout(),
+        handshake_timeout: limits.handshake_timeout(),
+    });
+    {
+        let slots = Arc::clone(&server.slots);
+        let timeout = server.request_timeout;
+        let reaper = thread::Builder::new()
+            .name("api-deadlines".into())
+            .spawn(move || reap(&slots, timeout));
+        if let Err(e) = reaper {
+            tracing::error!(error = %e, "cannot start the API deadline thread: no request deadlines");
+        }
+    }
+    let refused = RateLimited::new(WARN_EVERY);
+    let failed = RateLimited::new(WARN_EVERY);
+    let mut backoff = ACCEPT_BACKOFF.0;
+    loop {
+        let tcp = match listener.accept() {
+            Ok((tcp, _)) => {
+                backoff = ACCEPT_BACKOFF.0;
+                tcp
+            }
+            Err(e) => {
+                if let Some(held) = failed.allow() {
+                    tracing::warn!(error = %e, held_back = held, "accept failed; backing off");
+                }
+                thread::sleep(backoff);
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
+                continue;
+            }
+        };
+        let now = Instant::now();
+        let handshakes = server.service.handshakes();
+        let first = if handshakes {
+            server.handshake_timeout
+        } else {
+            server.request_timeout
+        };
+        let slot = match server.slots.acquire(&tcp, now + first) {
+            Ok(slot) => slot,
+            Err(why) => {
+                if let Some(held) = refused.allow() {
+                    match &why {
+                        Refused::Busy => tracing::warn!(
+                            max_connections = server.slots.max,
+                            held_back = held,
+                            "refused a connection: all API connections are busy \
+                             (serve --max-connections)"
+                        ),
+                        Refused::NoResources(e) => tracing::warn!(
+                            error = %e,
+                            held_back = held,
+                            "refused a connection: out of resources"
+                        ),
+                    }
+                }
+                if handshakes {
+                    // A TLS client cannot read a plain-text 503: close at once.
+                    drop(tcp);
+                } else {
+                    refuse(&server.slots, tcp, &why);
+                }
+                continue;
+            }
+        };
+        let s = Arc::clone(&server);
+        let spawned = thread::Builder::new()
+            .name("api".into())
+            .spawn(move || serve_conn(&s, tcp, &slot, now));
+        if let Err(e) = spawned {
+            if let Some(held) = failed.allow() {
+                tracing::error!(error = %e, held_back = held, "cannot start an API thread");
+            }
+        }
+    }
+}
+
+/// Cuts connections past their deadline, forever.
+fn reap(slots: &Slots, timeout: Duration) {
+    let cut = RateLimited::new(WARN_EVERY);
+    loop {
+        thread::sleep(REAP_EVERY);
+        let n = slots.reap();
+        if n > 0 {
+            if let Some(held) = cut.allow() {
+                tracing::warn!(
+                    connections = n,
+                    held_back = held,
+                    timeout_s = timeout.as_secs_f64(),
+                    "cut API connections that did not send their handshake or request in time \
+                     (serve --handshake-timeout, --request-timeout)"
+                );
+            }
+        }
+    }
+}
+
+/// A 503 to a plain-HTTP connection there is no room for, without waiting
+/// on it (it lingers a moment, so that the answer is not lost to a reset).
+fn refuse(slots: &Slots, tcp: TcpStream, why: &Refused) {
+    let _ = tcp.set_nonblocking(true);
+    let mut tcp = tcp;
+    let msg = match why {
+        Refused::Busy => format!(
+            "this shim serves {} API connections at once (serve --max-connections): \
+             try again",
+            slots.max
+        ),
+        Refused::NoResources(_) => "this shim is out of resources: try again".to_owned(),
+    };
+    if respond_error(&mut tcp, 503, &msg).is_ok() && tcp.shutdown(Shutdown::Write).is_ok() {
+        slots.linger(tcp);
+    }
+}
+
+fn serve_conn<S: Service>(server: &Server<S>, tcp: TcpStream, slot: &Slot, accepted: Instant) {
+    let service = &server.service;
+    let from = tcp
+        .peer_addr()
+        .map_or_else(|_| "?".to_owned(), |a: SocketAddr| a.to_string());
+    let _ = tcp.set_nodelay(true);
+    // A backstop per read; the whole deadlines are the slot's.
+    let _ = tcp.set_read_timeout(Some(server.request_timeout));
+    let _ = tcp.set_write_timeout(Some(server.request_timeout));
+    let conn = match service.open(tcp) {
+        Ok(c) => c,
+        // A bare TCP connect and close (a port probe) is not worth a warning.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            tracing::debug!(%from, "the connection closed before its handshake: {e}");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(%from, "refused a connection: handshake failed: {e}");
+            return;
+        }
+    };
+    slot.set_deadline(accepted + server.request_timeout);
+    let mut conn = BufReader::new(conn);
+    let head = match read_head(&mut conn) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::debug!(%from, "bad request: {e}");
+            let _ = respond_error(conn.get_mut(), 400, &format!("bad request: {e}"));
+            return;
+        }
+    };
+    let (method, path) = (head.method.clone(), head.path.clone());
+    let caller = match service.admit(&head, conn.get_ref(), &from) {
+        Ok(Admission::Request(caller)) => caller,
+        Ok(Admission::Upgrade(caller, protocol)) => {
+            slot.admitted();
+            let _ = conn.get_ref().tcp().set_read_timeout(None);
+            let _ = conn.get_ref().tcp().set_write_timeout(None);
+            if switch_protocols(conn.get_mut(), protocol).is_ok() {
+                service.upgraded(caller, conn, from);
+            }
+            return;
+        }
+        Err(ApiError(status, why)) => {
+            tracing::warn!(status, "refused {method} {path} from {from}: {why}");
+            let _ = respond_error(conn.get_mut(), status, &why);
+            return;
+        }
+    };
+    let body = match read_body(&mut conn, &head, &server.slots) {
+        Ok(b) => b,
+        Err(ApiError(status, why)) => {
+            let _ = respond_error(conn.get_mut(), status, &why);
+            return;
+        }
+    };
+    slot.admitted();
+    let _ = conn.get_ref().tcp().set_read_timeout(None);
+    let mut stream = conn.into_inner();
+    let reply = service.handle(caller, &method, &path, &body.bytes);
+    drop(body);
+    // HEAD: the status and headers of the GET answer, no body.
+    let reply = match reply {
+        Ok(Reply::Json(status, _)) if method == Method::Head => {
+            Ok(Reply::Json(status, String::new()))
+        }
+        Ok(Reply::Text(status, _)) if method == Method::Head => {
+            Ok(Reply::Text(status, String::new()))
+        }
+        other => other,
+    };
+    let result = match reply {
+        Ok(Reply::Json(status, body)) => {
+            respond(&mut stream, status, "application/json", body.as_bytes())
+        }
+        Ok(Reply::Text(status, body)) => respond(
+            &mut stream,
+            status,
+            "text/plain; charset=utf-8",
+            body.as_bytes(),
+        ),
+        Ok(Reply::Stream(rx)) => {
+            switch_protocols(&mut stream, crate::PROGRESS_PROTOCOL).map(|()| {
+                // A client that stops reading is dropped, not waited for.
+                let _ = stream.tcp().set_write_timeout(Some(server.request_timeout));
+                for line in rx {
+                    let sent = stream
+                        .write_all(line.as_bytes())
+                        .and_then(|()| stream.write_all(b"\n"))
+                        .and_then(|()| stream.flush());
+                    if sent.is_err() {
+                        tracing::debug!(%method, %path, "the client went away");
+                        break;
+                    }
+                }
+            })
+        }
+        Err(ApiError(status, msg)) => respond_error(&mut stream, status, &msg),
+    };
+    if let Err(e) = result {
+        tracing::debug!(%method, %path, "answer not delivered: {e}");
+    }
+}
+
+/// Reads one request (head and body) from `r` as [`serve`] does: the HTTP
+/// fuzz target's entry point. Gives the path and the body, or the status
+/// and message the caller would get.
+#[doc(hidden)]
+pub fn fuzz_request<R: BufRead>(r: &mut R) -> Result<(String, Vec<u8>), (u16, String)> {
+    static SLOTS: std::sync::OnceLock<Arc<Slots>> = std::sync::OnceLock::new();
+    let slots = SLOTS.get_or_init(|| Slots::new(&Limits::default()));
+    let head = read_head(r).map_err(|e| (400, e))?;
+    let body = read_body(r, &head, slots).map_err(|ApiError(status, e)| (status, e))?;
+    Ok((head.path, body.bytes))
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 //!   `fenced` event recorded.
 //! - Running, it pauses every guest that ships its checkpoints to a
 //!   standby a quarter TTL before its lease could lapse when the lease was
-//!   not renewed ([`watch`]): a standby takes an app over only once the
+//!   not renewed (`watch`): a standby takes an app over only once the
 //!   lease lapsed, so the paused copy never runs beside the new one. (A
 //!   guest without a standby cannot be taken over: it runs on. An outage
 //!   of the whole store pauses the guests with standbys until it is back.) Once the lease holds again, each paused guest is

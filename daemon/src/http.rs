@@ -1,9 +1,8 @@
-//! The daemon's HTTP/1.1 server: one request per connection (answers carry
-//! `Connection: close`), over plain TCP or TLS, with the caller checked
-//! before [`Daemon::handle`] answers the typed request. The plumbing
-//! (connection slots, body budget, bounded heads and bodies, answers) is
-//! the `api` crate's ([`api::server`]); this module adds TLS,
-//! authentication, the accept loop and the daemon.
+//! The daemon's API server policy, served by the `api` crate's HTTP server
+//! ([`api::server::serve`], which owns the accept loop, connection slots,
+//! deadlines and bounded reads): TLS or not, who may call what, and the
+//! typed requests handed to the daemon (`Daemon::handle`) or, for the
+//! migration stream, to the migration crate.
 //!
 //! Secure mode (a daemon with an identity, the `security` crate):
 //! - every connection is TLS 1.3; the server asks for a client certificate
@@ -17,41 +16,23 @@
 //!   pinned as a peer; anything else gets 403 and a log line, and the
 //!   sender's instance keeps running where it is.
 //!
-//! Hostile callers: at most `--max-connections` connections are served at
-//! once (beyond, the oldest one still sending its request is cut to make
-//! room, else the new one gets 503); a TLS handshake must end within
-//! `--handshake-timeout` and a request's head and body within
-//! `--request-timeout`, whole (a byte now and then does not extend it);
-//! request bodies held at once are capped at `--max-request-memory` bytes
-//! (503 beyond); a failing `accept` (no file descriptors left) backs off
-//! exponentially. Repeated warnings are rate-limited.
-//!
 //! Plain mode (`serve --listen` without an identity): plain TCP, no checks,
 //! for tests, benchmarks and trusted networks.
-//!
-//! Answers: JSON or text with a Content-Length; streamed answers
-//! ([`Reply::Stream`]) and the migration stream switch protocols (101) and
-//! then own the connection.
 
-use std::io::{self, BufRead, BufReader, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io::{self, BufReader};
+use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
-use std::thread;
-use std::time::{Duration, Instant};
 
-use super::limits::Limits;
-use super::{api, ApiError, Daemon, Reply, MIGRATION_PROTOCOL, PROGRESS_PROTOCOL};
-use api::server::{
-    read_body, read_head, respond, respond_error, switch_protocols, Head, Refused, Slot, Slots,
-};
+use super::{ApiError, Daemon, MIGRATION_PROTOCOL};
+use api::server::{Admission, Head, Reply, Service};
 use security::tls::Stream;
 use security::HostSecurity;
-use shim_util::limit::RateLimited;
 
 pub use api::routes::Method;
+pub use api::server::fuzz_request;
 
 /// Who is calling.
-enum Caller {
+pub enum Caller {
     /// Plain mode: nobody is checked.
     Anyone,
     User,
@@ -59,273 +40,89 @@ enum Caller {
     Peer(String),
 }
 
-/// How often connections past their deadline are looked for.
-const REAP_EVERY: Duration = Duration::from_millis(100);
-/// Back-off after a failed `accept` (e.g. no file descriptors left).
-const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
-/// Repeated warnings (refused connections, accept errors) at most this often.
-const WARN_EVERY: Duration = Duration::from_secs(10);
-
-/// What every connection of one server shares.
-struct Server {
+/// The daemon as the API server's [`Service`].
+struct Api {
     daemon: Arc<Daemon>,
     security: Option<Arc<HostSecurity>>,
-    slots: Arc<Slots>,
-    request_timeout: Duration,
-    handshake_timeout: Duration,
 }
 
-/// Accepts connections until the process ends: at most
-/// `--max-connections` at once (a clear 503 beyond), each with whole
-/// deadlines for its TLS handshake and its request, backing off when
-/// `accept` fails (e.g. no file descriptors left).
+/// Serves the daemon's API on `listener` until the process ends (TLS and
+/// authentication when `security` is set).
 pub fn serve(daemon: &Arc<Daemon>, listener: TcpListener, security: Option<Arc<HostSecurity>>) {
-    let limits = &daemon.config.limits;
-    let server = Arc::new(Server {
+    let limits = daemon.config.limits.clone();
+    let service = Arc::new(Api {
         daemon: Arc::clone(daemon),
         security,
-        slots: Slots::new(limits),
-        request_timeout: limits.request_timeout(),
-        handshake_timeout: limits.handshake_timeout(),
     });
-    {
-        let slots = Arc::clone(&server.slots);
-        let timeout = server.request_timeout;
-        let reaper = thread::Builder::new()
-            .name("api-deadlines".into())
-            .spawn(move || reap(&slots, timeout));
-        if let Err(e) = reaper {
-            tracing::error!(error = %e, "cannot start the API deadline thread: no request deadlines");
+    api::server::serve(service, listener, &limits);
+}
+
+fn is_migration(head: &Head) -> bool {
+    head.method == Method::Post && head.path.trim_end_matches('/') == "/v1/migration"
+}
+
+impl Service for Api {
+    type Conn = Stream;
+    type Caller = Caller;
+
+    fn handshakes(&self) -> bool {
+        self.security.is_some()
+    }
+
+    fn open(&self, tcp: TcpStream) -> io::Result<Stream> {
+        match &self.security {
+            Some(sec) => Stream::accept(tcp, &sec.server),
+            None => Ok(Stream::Plain(tcp)),
         }
     }
-    let refused = RateLimited::new(WARN_EVERY);
-    let failed = RateLimited::new(WARN_EVERY);
-    let mut backoff = ACCEPT_BACKOFF.0;
-    loop {
-        let tcp = match listener.accept() {
-            Ok((tcp, _)) => {
-                backoff = ACCEPT_BACKOFF.0;
-                tcp
+
+    fn admit(
+        &self,
+        head: &Head,
+        conn: &Stream,
+        _from: &str,
+    ) -> Result<Admission<Caller>, ApiError> {
+        let migration = is_migration(head);
+        let caller = authenticate(head, conn, self.security.as_deref(), migration)?;
+        if let Caller::Peer(peer) = &caller {
+            if !api::routes::peer_may_call(&head.method, &head.path) {
+                return Err(ApiError(
+                    403,
+                    format!(
+                        "{} {} needs the user token: peers may only migrate, stand by and push \
+                         images (this caller has only the certificate of peer host {peer})",
+                        head.method, head.path
+                    ),
+                ));
             }
-            Err(e) => {
-                if let Some(held) = failed.allow() {
-                    tracing::warn!(error = %e, held_back = held, "accept failed; backing off");
-                }
-                thread::sleep(backoff);
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
-                continue;
-            }
-        };
-        let now = Instant::now();
-        let first = if server.security.is_some() {
-            server.handshake_timeout
+        }
+        Ok(if migration {
+            Admission::Upgrade(caller, MIGRATION_PROTOCOL)
         } else {
-            server.request_timeout
-        };
-        let slot = match server.slots.acquire(&tcp, now + first) {
-            Ok(slot) => slot,
-            Err(why) => {
-                if let Some(held) = refused.allow() {
-                    match &why {
-                        Refused::Busy => tracing::warn!(
-                            max_connections = server.slots.max,
-                            held_back = held,
-                            "refused a connection: all API connections are busy \
-                             (serve --max-connections)"
-                        ),
-                        Refused::NoResources(e) => tracing::warn!(
-                            error = %e,
-                            held_back = held,
-                            "refused a connection: out of resources"
-                        ),
-                    }
-                }
-                if server.security.is_some() {
-                    // A TLS client cannot read a plain-text 503: close at once.
-                    drop(tcp);
-                } else {
-                    refuse(&server.slots, tcp, &why, server.slots.max);
-                }
-                continue;
-            }
-        };
-        let s = Arc::clone(&server);
-        let spawned = thread::Builder::new()
-            .name("api".into())
-            .spawn(move || serve_conn(&s, tcp, &slot, now));
-        if let Err(e) = spawned {
-            if let Some(held) = failed.allow() {
-                tracing::error!(error = %e, held_back = held, "cannot start an API thread");
-            }
-        }
+            Admission::Request(caller)
+        })
     }
-}
 
-/// Cuts connections past their deadline, forever.
-fn reap(slots: &Slots, timeout: Duration) {
-    let cut = RateLimited::new(WARN_EVERY);
-    loop {
-        thread::sleep(REAP_EVERY);
-        let n = slots.reap();
-        if n > 0 {
-            if let Some(held) = cut.allow() {
-                tracing::warn!(
-                    connections = n,
-                    held_back = held,
-                    timeout_s = timeout.as_secs_f64(),
-                    "cut API connections that did not send their handshake or request in time \
-                     (serve --handshake-timeout, --request-timeout)"
-                );
-            }
-        }
+    fn handle(
+        &self,
+        _caller: Caller,
+        method: &Method,
+        path: &str,
+        body: &[u8],
+    ) -> Result<Reply, ApiError> {
+        self.daemon.handle(method, path, body)
     }
-}
 
-/// A 503 to a plain-HTTP connection there is no room for, without waiting
-/// on it (it lingers a moment, so that the answer is not lost to a reset).
-fn refuse(slots: &Slots, tcp: TcpStream, why: &Refused, max: usize) {
-    let _ = tcp.set_nonblocking(true);
-    let mut tcp = tcp;
-    let msg = match why {
-        Refused::Busy => format!(
-            "this shim serves {max} API connections at once (serve --max-connections): \
-             try again"
-        ),
-        Refused::NoResources(_) => "this shim is out of resources: try again".to_owned(),
-    };
-    if respond_error(&mut tcp, 503, &msg).is_ok() && tcp.shutdown(Shutdown::Write).is_ok() {
-        slots.linger(tcp);
-    }
-}
-
-fn serve_conn(server: &Server, tcp: TcpStream, slot: &Slot, accepted: Instant) {
-    let daemon = &server.daemon;
-    let security = server.security.as_deref();
-    let from = tcp
-        .peer_addr()
-        .map_or_else(|_| "?".to_owned(), |a: SocketAddr| a.to_string());
-    let _ = tcp.set_nodelay(true);
-    // A backstop per read; the whole deadlines are the slot's.
-    let _ = tcp.set_read_timeout(Some(server.request_timeout));
-    let _ = tcp.set_write_timeout(Some(server.request_timeout));
-    let stream = match security {
-        Some(sec) => match Stream::accept(tcp, &sec.server) {
-            Ok(s) => s,
-            // A bare TCP connect and close (a port probe) is not worth a warning.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                tracing::debug!("{from} closed the connection before the TLS handshake: {e}");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!("refused a connection from {from}: TLS handshake failed: {e}");
-                return;
-            }
-        },
-        None => Stream::Plain(tcp),
-    };
-    slot.set_deadline(accepted + server.request_timeout);
-    let mut conn = BufReader::new(stream);
-    let head = match read_head(&mut conn) {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::debug!("bad request from {from}: {e}");
-            let _ = respond_error(conn.get_mut(), 400, &format!("bad request: {e}"));
-            return;
-        }
-    };
-    let (method, path) = (head.method.clone(), head.path.clone());
-    let migration = method == Method::Post && path.trim_end_matches('/') == "/v1/migration";
-    let caller = match authenticate(&head, conn.get_ref(), security, migration) {
-        Ok(c) => c,
-        Err(ApiError(status, why)) => {
-            tracing::warn!("refused {method} {path} from {from}: {why}");
-            let _ = respond_error(conn.get_mut(), status, &why);
-            return;
-        }
-    };
-    if let Caller::Peer(peer) = &caller {
-        if !api::routes::peer_may_call(&method, &path) {
-            tracing::warn!(
-                %method, %path, %from, %peer,
-                "refused a call from a peer host: peers may only migrate, stand by and push images"
-            );
-            let _ = respond_error(
-                conn.get_mut(),
-                403,
-                &format!(
-                    "{method} {path} needs the user token: a peer host's certificate \
-                     ({peer}) may only migrate, stand by and push images"
-                ),
-            );
-            return;
-        }
-    }
-    if migration {
+    /// The migration stream: the migration crate's destination owns it.
+    fn upgraded(&self, caller: Caller, conn: BufReader<Stream>, from: String) {
         let peer = match caller {
             Caller::Peer(name) => name,
             _ => from,
         };
-        slot.admitted();
-        let _ = conn.get_ref().tcp().set_read_timeout(None);
-        let _ = conn.get_ref().tcp().set_write_timeout(None);
-        if switch_protocols(conn.get_mut(), MIGRATION_PROTOCOL).is_ok() {
-            match conn.get_ref().tcp().try_clone() {
-                Ok(sock) => migration::dest::accept(daemon, conn, sock, &peer),
-                Err(e) => tracing::warn!(%peer, "incoming migration: {e}"),
-            }
+        match conn.get_ref().tcp().try_clone() {
+            Ok(sock) => migration::dest::accept(&self.daemon, conn, sock, &peer),
+            Err(e) => tracing::warn!(%peer, "incoming migration: {e}"),
         }
-        return;
-    }
-    let body = match read_body(&mut conn, &head, &server.slots) {
-        Ok(b) => b,
-        Err(ApiError(status, why)) => {
-            let _ = respond_error(conn.get_mut(), status, &why);
-            return;
-        }
-    };
-    slot.admitted();
-    let _ = conn.get_ref().tcp().set_read_timeout(None);
-    let mut stream = conn.into_inner();
-    let reply = daemon.handle(&method, &path, &body.bytes);
-    drop(body);
-    // HEAD: the status and headers of the GET answer, no body.
-    let reply = match reply {
-        Ok(Reply::Json(status, _)) if method == Method::Head => {
-            Ok(Reply::Json(status, String::new()))
-        }
-        Ok(Reply::Text(status, _)) if method == Method::Head => {
-            Ok(Reply::Text(status, String::new()))
-        }
-        other => other,
-    };
-    let result = match reply {
-        Ok(Reply::Json(status, body)) => {
-            respond(&mut stream, status, "application/json", body.as_bytes())
-        }
-        Ok(Reply::Text(status, body)) => respond(
-            &mut stream,
-            status,
-            "text/plain; charset=utf-8",
-            body.as_bytes(),
-        ),
-        Ok(Reply::Stream(rx)) => switch_protocols(&mut stream, PROGRESS_PROTOCOL).map(|()| {
-            // A client that stops reading is dropped, not waited for.
-            let _ = stream.tcp().set_write_timeout(Some(server.request_timeout));
-            for line in rx {
-                let sent = stream
-                    .write_all(line.as_bytes())
-                    .and_then(|()| stream.write_all(b"\n"))
-                    .and_then(|()| stream.flush());
-                if sent.is_err() {
-                    tracing::debug!("the client of {method} {path} went away");
-                    break;
-                }
-            }
-        }),
-        Err(ApiError(status, msg)) => respond_error(&mut stream, status, &msg),
-    };
-    if let Err(e) = result {
-        tracing::debug!("API answer to {method} {path} not delivered: {e}");
     }
 }
 
@@ -376,17 +173,6 @@ fn authenticate(
                 .into(),
         )),
     }
-}
-
-/// Reads one request (head and body) from `r` as [`serve`] does: the HTTP fuzz target's entry
-/// point. Gives the path and the body, or the status and message the caller would get.
-#[doc(hidden)]
-pub fn fuzz_request<R: BufRead>(r: &mut R) -> Result<(String, Vec<u8>), (u16, String)> {
-    static SLOTS: std::sync::OnceLock<Arc<Slots>> = std::sync::OnceLock::new();
-    let slots = SLOTS.get_or_init(|| Slots::new(&Limits::default()));
-    let head = read_head(r).map_err(|e| (400, e))?;
-    let body = read_body(r, &head, slots).map_err(|ApiError(status, e)| (status, e))?;
-    Ok((head.path, body.bytes))
 }
 
 #[cfg(test)]

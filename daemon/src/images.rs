@@ -185,7 +185,8 @@ impl super::Daemon {
         let peer = self
             .peer_client(to, None)
             .map_err(|why| super::ApiError(502, why))?;
-        if let Ok(info) = peer.image::<ImageInfo>(hash) {
+        let asked = peer.clone().with_deadline(::api::UPLOAD_FLOOR);
+        if let Ok(info) = asked.image::<ImageInfo>(hash) {
             return Ok(info);
         }
         peer.put_image::<ImageInfo>(hash, &bytes, |_| {})

@@ -16,7 +16,7 @@ use vmm::console::{Dropped, PrefixedConsole};
 use vmm::machine::MachineHandle;
 use vmm::snapshot::state::GuestSpec;
 
-use super::api::{InstanceInfo, InstanceState};
+use api::{InstanceInfo, InstanceState};
 
 /// Bytes of console output kept per instance.
 pub const LOG_RING: usize = 256 * 1024;

@@ -1,6 +1,8 @@
 //! The daemon as the migration crate sees it: `impl migration::Host for
-//! Daemon` (what a migration needs from an instance and from this host),
-//! and the restored, not yet started guest of an incoming migration.
+//! Daemon` (what a migration needs from an instance and from this host):
+//! reservations of guests moving in (in the [`crate::instances`] table),
+//! their restored, not yet started guest, their ownership in the fleet
+//! store, and the tombstones of guests that moved away.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -13,7 +15,8 @@ use vmm::snapshot::state::{GuestSpec, MachineState, NicSpec};
 use vmm::vstate::vm::Vm;
 
 use crate::instance::{InstanceConsole, LogRing, State};
-use crate::{ApiError, Daemon, Incoming};
+use crate::instances::{placeholder_spec, Incoming, Reserved};
+use crate::{ApiError, Daemon};
 
 /// A guest restored from an incoming migration, not started.
 pub struct Prepared {
@@ -23,7 +26,7 @@ pub struct Prepared {
 }
 
 impl migration::Host for Daemon {
-    type Reservation = Incoming;
+    type Reservation = Reserved;
     type Prepared = Prepared;
 
     fn migrations(&self) -> &Migrations {
@@ -85,15 +88,26 @@ impl migration::Host for Daemon {
         self.trim_heap();
     }
 
-    fn reserve_incoming(&self, hello: &Hello) -> Result<Incoming, String> {
-        Daemon::reserve_incoming(self, hello)
+    /// Reserves the name, address and MAC of an incoming instance, with
+    /// the restart record it carries and its source. A tombstone of the
+    /// same name (it lived here before and moved away) is set aside: its
+    /// published ports are still bound here and go back to it.
+    fn reserve_incoming(&self, hello: &Hello) -> Result<Reserved, String> {
+        let mut spec = placeholder_spec(&hello.name, hello.mem_size);
+        spec.nic = hello.nic;
+        spec.image = hello.image.clone();
+        let incoming = Incoming {
+            from: hello.source.clone(),
+            tombstone: None,
+            record: self.carry_in(hello),
+        };
+        self.instances()
+            .reserve_incoming(spec, incoming, |n, used, mem| self.admit(n, used, mem))
+            .map_err(|e| e.to_string())
     }
 
     fn reserved_nic(&self, name: &str) -> Option<NicSpec> {
-        self.instances().get(name).and_then(|i| match i.state {
-            State::Busy("incoming") => i.spec.nic,
-            _ => None,
-        })
+        self.instances().reserved_nic(name)
     }
 
     fn join_pinned_peers(&self) {
@@ -146,24 +160,49 @@ impl migration::Host for Daemon {
             })
     }
 
-    fn adopt(&self, name: &str, reservation: &Incoming) {
-        self.adopt_publishes(name, reservation);
-        self.record_carried(name);
-        self.incoming_from().remove(name);
+    /// The guest that came in runs: it takes the published ports its
+    /// tombstone left here, and is recorded from the record it carried.
+    fn adopt(&self, name: &str, reservation: &Reserved) {
+        debug_assert_eq!(name, reservation.name());
+        let adopted = self.instances().adopt(reservation);
+        if let Some(record) = adopted.and_then(|i| i.record) {
+            self.record_carried(name, record);
+        }
     }
 
-    fn cancel_incoming(&self, name: &str, reservation: Incoming) {
-        Daemon::cancel_incoming(self, name, reservation);
+    fn cancel_incoming(&self, name: &str, reservation: Reserved) {
+        debug_assert_eq!(name, reservation.name());
+        self.instances().cancel_incoming(reservation);
     }
 }
 
 impl Daemon {
-    /// Who is sending the instances migrating in, by name (one entry per
-    /// incoming reservation at most).
-    pub(crate) fn incoming_from(
+    /// After a successful migration: stops the (paused, released) vCPU
+    /// thread, takes the guest's port off the switch (frames for it now go
+    /// over the overlay to `peer`) and leaves a tombstone that keeps the
+    /// published ports.
+    pub(crate) fn moved_away(
         &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, String>> {
-        self.incoming_from.lock().unwrap_or_else(|e| e.into_inner())
+        name: &str,
+        to: &str,
+        peer: Option<SocketAddr>,
+        skip_frames: usize,
+    ) {
+        let (handle, port) = {
+            let mut instances = self.instances();
+            let Some(inst) = instances.get_mut(name) else {
+                return;
+            };
+            inst.state = State::Moved(to.to_owned());
+            (inst.handle.take(), inst.port.take())
+        };
+        self.forget(name);
+        if let Some(h) = handle {
+            h.stop();
+        }
+        if let Some(port) = port {
+            self.net.moved(&port, peer, skip_frames);
+        }
     }
 
     /// In a fleet store: makes this host the owner of app `name` (moving in
@@ -173,9 +212,8 @@ impl Daemon {
     /// cannot say. `Some(source)`: ownership moved, and goes back to the
     /// source if the guest then fails to start.
     fn own_incoming(&self, name: &str) -> Result<Option<String>, String> {
-        let (Some(link), Some(from)) =
-            (&self.config.fleet, self.incoming_from().get(name).cloned())
-        else {
+        let from = self.instances().incoming(name).map(|i| i.from.clone());
+        let (Some(link), Some(from)) = (&self.config.fleet, from) else {
             return Ok(None);
         };
         match fleet::ops::move_in(&link.fleet, name, &from, &self.config.name) {

@@ -14,8 +14,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::api::{InstanceInfo, RunRequest};
 use super::{bad, not_found, ApiError, Daemon};
+use api::{InstanceInfo, RunRequest};
 
 pub use ::api::Restart;
 
@@ -149,10 +149,12 @@ impl Daemon {
         boot.image = self.image_file(&req.image)?;
         let mut info = self.run(boot)?;
         if let Some(p) = &self.persist {
-            req.ip = info
-                .ip
-                .as_deref()
-                .map(|ip| ip.split('/').next().unwrap_or(ip).to_owned());
+            // The address it got, so that it gets it again.
+            req.ip = self
+                .instances()
+                .get(&req.name)
+                .and_then(|i| i.spec.nic)
+                .map(|n| n.ip.to_string());
             if let Err(e) = p.save(&req) {
                 tracing::error!("cannot record instance {}: {e}", req.name);
             }
@@ -213,17 +215,17 @@ impl Daemon {
         Some((req, PathBuf::from(image)))
     }
 
-    /// Keeps the restart record an incoming migration carries, as this
-    /// daemon would have recorded a run of it: with this guest's image (by
-    /// hash, in this daemon's store), its address, and this daemon's own
+    /// The restart record an incoming migration carries, as this daemon
+    /// would have recorded a run of it: with this guest's image (by hash,
+    /// in this daemon's store), its address, and this daemon's own
     /// checkpoint directory; none of the peer's paths or ports. Without a
     /// `--state-dir` here there is nothing to keep.
-    pub(super) fn carry_in(&self, hello: &migration::protocol::Hello) {
+    pub(super) fn carry_in(&self, hello: &migration::protocol::Hello) -> Option<RunRequest> {
         let (Some(p), Some(record)) = (&self.persist, &hello.record) else {
-            return;
+            return None;
         };
         let checkpoints = record.checkpoint_to.is_some() || record.checkpoint_every_ms.is_some();
-        let req = RunRequest {
+        Some(RunRequest {
             name: hello.name.clone(),
             image: format!("{}{}", super::images::HASH_PREFIX, hello.image.sha256),
             mem: hello.mem_size,
@@ -236,28 +238,17 @@ impl Daemon {
             // forwards them over the overlay.
             publish: Vec::new(),
             ..record.clone()
-        };
-        self.carried
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(hello.name.clone(), req);
+        })
     }
 
-    /// Takes the record [`Self::carry_in`] kept for `name`.
-    pub(super) fn carried_record(&self, name: &str) -> Option<RunRequest> {
-        self.carried
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name)
-    }
-
-    /// Where a carried-in instance's checkpoints go here, if anywhere.
+    /// Where an instance migrating in keeps its checkpoints here, if
+    /// anywhere (from the record it carried).
     pub(super) fn carried_checkpoint_dir(&self, name: &str) -> Option<PathBuf> {
         let dir = self
-            .carried
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)?
+            .instances()
+            .incoming(name)?
+            .record
+            .as_ref()?
             .checkpoint_to
             .clone()?;
         let dir = PathBuf::from(dir);
@@ -276,8 +267,8 @@ impl Daemon {
 
     /// Records the instance that came in as `name` (its guest runs here
     /// now), from the record its migration carried.
-    pub(super) fn record_carried(&self, name: &str) {
-        let (Some(p), Some(req)) = (&self.persist, self.carried_record(name)) else {
+    pub(super) fn record_carried(&self, name: &str, req: RunRequest) {
+        let Some(p) = &self.persist else {
             return;
         };
         if let Err(e) = self.image_file(&req.image) {

@@ -54,8 +54,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::api::{Client, RunRequest};
 use super::{bad, ApiError, Daemon};
+use api::{Client, RunRequest};
 use vmm::checkpoint::{Chain, DirSink, Sink};
 use vmm::snapshot::state::ImageId;
 
@@ -633,7 +633,7 @@ fn restart_here(
     daemon: &Daemon,
     entry: &Entry,
     recorded: bool,
-) -> Result<super::api::InstanceInfo, ApiError> {
+) -> Result<api::InstanceInfo, ApiError> {
     let name = &entry.req.run.name;
     let file = entry.dir.join(vmm::checkpoint::LATEST);
     let run = RunRequest {

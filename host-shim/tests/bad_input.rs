@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{boot, image, require_kvm, shim};
+use common::{boot, image, require_kvm};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,15 +17,9 @@ fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
     path
 }
 
+/// `host-shim run PATH --timeout 30 EXTRA` to completion.
 fn run_image(path: &std::path::Path, extra: &[&str]) -> common::Run {
-    let mut args = vec![
-        "run".to_string(),
-        path.display().to_string(),
-        "--timeout".into(),
-        "30".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    shim(args)
+    common::run_image(path, &[&["--timeout", "30"][..], extra].concat())
 }
 
 fn assert_refused(run: &common::Run, needle: &str) {
@@ -118,12 +112,7 @@ fn a_bad_memory_size_is_refused() {
 #[test]
 fn a_missing_kvm_device_says_how_to_fix_it() {
     let img = image("hello");
-    let run = shim([
-        "run".as_ref(),
-        img.as_os_str(),
-        "--kvm-device".as_ref(),
-        "/nonexistent/kvm".as_ref(),
-    ] as [&std::ffi::OsStr; 4]);
+    let run = common::run_image(&img, &["--kvm-device", "/nonexistent/kvm"]);
     assert_refused(&run, "/nonexistent/kvm");
 }
 
@@ -158,14 +147,7 @@ fn a_triple_fault_is_reported_with_registers() {
 fn a_guest_that_outlives_its_timeout_is_stopped() {
     require_kvm();
     let img = image("selftest");
-    let run = shim([
-        "run".as_ref(),
-        img.as_os_str(),
-        "--timeout".as_ref(),
-        "1".as_ref(),
-        "--".as_ref(),
-        "spin".as_ref(),
-    ] as [&std::ffi::OsStr; 6]);
+    let run = common::run_image(&img, &["--timeout", "1", "--", "spin"]);
     assert_eq!(run.status, Some(124), "{run:?}");
     assert!(run.stderr.contains("timeout"), "{run:?}");
     assert!(run.elapsed < Duration::from_secs(10), "{run:?}");

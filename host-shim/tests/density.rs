@@ -275,6 +275,22 @@ const MANY: usize = 100;
 /// (11.3–12.0 MiB without `malloc_trim` after the stops).
 const RSS_KEPT_MAX_KIB: u64 = 16 * 1024;
 
+/// A run of kv as `name` in 16 MiB, published on 127.0.0.1:`port`.
+fn small_kv(name: &str, img: &str, port: u16) -> api::RunRequest {
+    api::RunRequest {
+        name: name.to_owned(),
+        image: img.to_owned(),
+        mem: 16 << 20,
+        publish: vec![api::PublishSpec {
+            host: ([127, 0, 0, 1], port).into(),
+            guest_addr: None,
+            guest_port: 6379,
+            proto: api::Proto::Tcp,
+        }],
+        ..Default::default()
+    }
+}
+
 #[test]
 fn a_hundred_instances_answer_and_stopping_them_returns_every_resource() {
     require_kvm();
@@ -284,18 +300,7 @@ fn a_hundred_instances_answer_and_stopping_them_returns_every_resource() {
     let client = api::Client::new(&daemon.addr).with_timeout(Duration::from_secs(60));
     let img = common::daemon::kv_img();
     let run = |name: &str, port: u16| {
-        let req = api::RunRequest {
-            name: name.to_owned(),
-            image: img.clone(),
-            mem: 16 << 20,
-            publish: vec![api::PublishSpec {
-                host: ([127, 0, 0, 1], port).into(),
-                guest_addr: None,
-                guest_port: 6379,
-                proto: api::Proto::Tcp,
-            }],
-            ..Default::default()
-        };
+        let req = small_kv(name, &img, port);
         client
             .run(&req)
             .unwrap_or_else(|e| panic!("run {name}: {e}\n{}", daemon.output()))
@@ -428,18 +433,7 @@ fn a_daemon_short_of_file_descriptors_refuses_runs_clearly_and_keeps_its_instanc
     let mut ports = Vec::new();
     let refusal = loop {
         let port = free_port();
-        let req = api::RunRequest {
-            name: format!("kv{}", ports.len()),
-            image: img.clone(),
-            mem: 16 << 20,
-            publish: vec![api::PublishSpec {
-                host: ([127, 0, 0, 1], port).into(),
-                guest_addr: None,
-                guest_port: 6379,
-                proto: api::Proto::Tcp,
-            }],
-            ..Default::default()
-        };
+        let req = small_kv(&format!("kv{}", ports.len()), &img, port);
         match client.run(&req) {
             Ok(_) => {
                 Redis::when_up(port);
@@ -492,18 +486,7 @@ fn fifty_runs_at_once_through_the_api_all_get_their_own_address() {
                 let (img, barrier, addr, port) = (&img, &barrier, &daemon.addr, ports[i]);
                 s.spawn(move || {
                     let client = api::Client::new(addr).with_timeout(Duration::from_secs(120));
-                    let req = api::RunRequest {
-                        name: format!("kv{i}"),
-                        image: img.clone(),
-                        mem: 16 << 20,
-                        publish: vec![api::PublishSpec {
-                            host: ([127, 0, 0, 1], port).into(),
-                            guest_addr: None,
-                            guest_port: 6379,
-                            proto: api::Proto::Tcp,
-                        }],
-                        ..Default::default()
-                    };
+                    let req = small_kv(&format!("kv{i}"), img, port);
                     barrier.wait();
                     (port, client.run(&req))
                 })

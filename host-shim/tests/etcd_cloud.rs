@@ -16,100 +16,19 @@
 
 mod common;
 
-use common::daemon::{kv_img, Daemon, TempDir, BIN};
+use common::daemon::{kv_img, Daemon, TempDir};
+use common::etcd::Etcd;
 use common::follower::Follower;
-use common::{free_port, redis_pipe_set, Redis};
+use common::store::{cli, ok, scheduler};
+use common::{redis_pipe_set, Redis};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The hosts' lease TTL: a killed host's apps are taken over this long
 /// after its last renewal (a few seconds on a loaded host).
 const TTL: &str = "3s";
-
-/// A one-member etcd on free loopback ports, killed when dropped.
-struct Etcd {
-    child: Child,
-    endpoint: String,
-}
-
-impl Etcd {
-    fn start(dir: &TempDir) -> Self {
-        if Command::new("etcd").arg("--version").output().is_err() {
-            panic!(
-                "this test needs a real etcd on PATH: apt-get install etcd-server etcd-client \
-                 (`cargo xtask test` installs it)"
-            );
-        }
-        let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = std::fs::File::create(dir.path("etcd.log")).unwrap();
-        let child = Command::new("etcd")
-            .args(["--name", "m0", "--data-dir"])
-            .arg(dir.path("etcd.data"))
-            .args(["--listen-client-urls", &format!("http://{endpoint}")])
-            .args(["--advertise-client-urls", &format!("http://{endpoint}")])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("m0={peer_url}")])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn etcd");
-        let etcd = Self { child, endpoint };
-        let give_up = Instant::now() + Duration::from_secs(30);
-        while fleet::store::open(&etcd.url())
-            .and_then(|s| s.list("none/"))
-            .is_err()
-        {
-            assert!(
-                Instant::now() < give_up,
-                "etcd never answered:\n{}",
-                std::fs::read_to_string(dir.path("etcd.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        etcd
-    }
-
-    fn url(&self) -> String {
-        format!("etcd://{}", self.endpoint)
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `host-shim --store URL ARGS` from "another machine".
-fn cli(store: &str, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("--store")
-        .arg(store)
-        .args(args)
-        .env_remove("HOST_SHIM")
-        .env_remove("HOST_SHIM_FLEET")
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("spawn host-shim")
-}
-
-fn ok(store: &str, args: &[&str]) -> String {
-    let out = cli(store, args);
-    assert!(
-        out.status.success(),
-        "host-shim {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn is(kind: &'static str) -> impl Fn(&Value) -> bool {
     move |e| e["kind"] == kind
@@ -232,22 +151,6 @@ fn check(app: &App, hosts: &[&str]) {
     c.check(KEYS);
     assert_eq!(c.cmd(&["GET", "last"]).unwrap(), app.name);
     assert_eq!(c.cmd(&["DBSIZE"]).unwrap(), (KEYS + 1).to_string());
-}
-
-/// `host-shim --store URL schedule APP ...` as replica `name`.
-fn scheduler(url: &str, app: &str, name: &str, prices: &std::path::Path, dir: &TempDir) -> Child {
-    let out = std::fs::File::create(dir.path(&format!("{name}.out"))).unwrap();
-    Command::new(BIN)
-        .args(["--store", url, "schedule", app, "--policy", "cost"])
-        .args(["--threshold", "0.01", "--interval", "300ms"])
-        .args(["--prices", prices.to_str().unwrap()])
-        .args(["--replica", name, "--leader-ttl", "2s"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .expect("spawn host-shim schedule")
 }
 
 /// The "Done means" of the fleet on etcd, in one run.

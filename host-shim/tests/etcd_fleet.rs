@@ -10,303 +10,15 @@
 
 mod common;
 
-use common::daemon::{kv_img, Daemon, TempDir, BIN};
+use common::daemon::{deploy_kv, kv_img, Daemon, TempDir, BIN};
+use common::etcd::{Certs, Etcd};
 use common::follower::Follower;
-use common::{free_port, Redis};
+use common::store::{cli, ok, scheduler};
+use common::{assert_says, free_port, only_one_wins, text, Redis};
 use fleet::store::{self, Expect, StoreError};
 use serde_json::{json, Value};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-
-/// An etcd cluster on loopback (one member for most tests), each member
-/// with its own ports and data directory; killed when dropped.
-struct Etcd {
-    members: Vec<Member>,
-    /// How clients reach it (TLS files when it serves TLS).
-    access: store::Access,
-    /// etcdctl's flags for that.
-    ctl_flags: Vec<String>,
-}
-
-/// The certificates of an etcd that serves clients over TLS and checks
-/// their certificates: a CA, the members' certificate (for 127.0.0.1),
-/// a client certificate, and another CA that signed none of them.
-struct Certs {
-    ca: std::path::PathBuf,
-    server: (std::path::PathBuf, std::path::PathBuf),
-    client: (std::path::PathBuf, std::path::PathBuf),
-    other_ca: std::path::PathBuf,
-}
-
-impl Certs {
-    fn generate(dir: &TempDir) -> Self {
-        use rcgen::{
-            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-            KeyPair, KeyUsagePurpose,
-        };
-        let write = |name: &str, pem: String| {
-            let path = dir.path(name);
-            std::fs::write(&path, pem).unwrap();
-            path
-        };
-        let ca = |cn: &str| {
-            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-            params.distinguished_name.push(DnType::CommonName, cn);
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            let key = KeyPair::generate().unwrap();
-            let cert = params.self_signed(&key).unwrap();
-            (cert.pem(), Issuer::new(params, key))
-        };
-        let (ca_pem, issuer) = ca("test etcd CA");
-        let (other_pem, _) = ca("another CA");
-        let leaf = |cn: &str, sans: Vec<String>| {
-            let mut params = CertificateParams::new(sans).unwrap();
-            params.distinguished_name.push(DnType::CommonName, cn);
-            params.extended_key_usages = vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ];
-            let key = KeyPair::generate().unwrap();
-            let cert = params.signed_by(&key, &issuer).unwrap();
-            (cert.pem(), key.serialize_pem())
-        };
-        let (server, server_key) = leaf("etcd", vec!["127.0.0.1".into(), "localhost".into()]);
-        let (client, client_key) = leaf("host-shim", vec![]);
-        Self {
-            ca: write("ca.pem", ca_pem),
-            server: (write("server.pem", server), write("server.key", server_key)),
-            client: (write("client.pem", client), write("client.key", client_key)),
-            other_ca: write("other-ca.pem", other_pem),
-        }
-    }
-}
-
-struct Member {
-    name: String,
-    endpoint: String,
-    args: Vec<String>,
-    log: std::path::PathBuf,
-    child: Option<Child>,
-}
-
-impl Member {
-    fn spawn(&mut self) {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new("etcd")
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn etcd");
-        self.child = Some(child);
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Etcd {
-    fn start(dir: &TempDir) -> Self {
-        Self::cluster(dir, 1)
-    }
-
-    /// `n` members forming one cluster, ready when a client's round trip
-    /// through all of them succeeds.
-    fn cluster(dir: &TempDir, n: usize) -> Self {
-        Self::cluster_with(dir, n, None)
-    }
-
-    /// One member serving clients over TLS with `certs`, checking their
-    /// certificates (`--client-cert-auth`).
-    fn start_tls(dir: &TempDir, certs: &Certs) -> Self {
-        Self::cluster_with(dir, 1, Some(certs))
-    }
-
-    fn cluster_with(dir: &TempDir, n: usize, tls: Option<&Certs>) -> Self {
-        if Command::new("etcd").arg("--version").output().is_err() {
-            panic!(
-                "this test needs a real etcd on PATH: apt-get install etcd-server etcd-client \
-                 (`cargo xtask test` installs it)"
-            );
-        }
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
-        let initial: Vec<String> = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
-            .collect();
-        let mut members: Vec<Member> = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (client, peer))| {
-                let name = format!("m{i}");
-                let endpoint = format!("127.0.0.1:{client}");
-                let data = dir.path(&format!("{name}.etcd"));
-                let scheme = if tls.is_some() { "https" } else { "http" };
-                let mut args = [
-                    "--name",
-                    &name,
-                    "--data-dir",
-                    data.to_str().unwrap(),
-                    "--listen-client-urls",
-                    &format!("{scheme}://{endpoint}"),
-                    "--advertise-client-urls",
-                    &format!("{scheme}://{endpoint}"),
-                    "--listen-peer-urls",
-                    &format!("http://127.0.0.1:{peer}"),
-                    "--initial-advertise-peer-urls",
-                    &format!("http://127.0.0.1:{peer}"),
-                    "--initial-cluster",
-                    &initial.join(","),
-                    "--initial-cluster-state",
-                    "new",
-                ]
-                .map(str::to_owned)
-                .to_vec();
-                if let Some(c) = tls {
-                    args.extend(["--client-cert-auth".to_owned(), "--trusted-ca-file".into()]);
-                    args.push(c.ca.display().to_string());
-                    args.extend(["--cert-file".to_owned(), c.server.0.display().to_string()]);
-                    args.extend(["--key-file".to_owned(), c.server.1.display().to_string()]);
-                }
-                Member {
-                    log: dir.path(&format!("{name}.log")),
-                    name,
-                    endpoint,
-                    args,
-                    child: None,
-                }
-            })
-            .collect();
-        for m in &mut members {
-            m.spawn();
-        }
-        let (access, ctl_flags) = match tls {
-            Some(c) => (
-                store::Access {
-                    ca: Some(c.ca.clone()),
-                    cert: Some(c.client.0.clone()),
-                    key: Some(c.client.1.clone()),
-                    ..Default::default()
-                },
-                [
-                    ("--cacert", &c.ca),
-                    ("--cert", &c.client.0),
-                    ("--key", &c.client.1),
-                ]
-                .iter()
-                .map(|(flag, path)| format!("{flag}={}", path.display()))
-                .collect(),
-            ),
-            None => Default::default(),
-        };
-        let mut etcd = Self {
-            members,
-            access,
-            ctl_flags,
-        };
-        etcd.wait_ready();
-        etcd
-    }
-
-    fn wait_ready(&mut self) {
-        let give_up = Instant::now() + Duration::from_secs(30);
-        loop {
-            let all_answer = self.members.iter().filter(|m| m.child.is_some()).all(|m| {
-                store::open_with(&format!("etcd://{}", m.endpoint), &self.access)
-                    .and_then(|s| s.list("none/"))
-                    .is_ok()
-            });
-            if all_answer {
-                return;
-            }
-            for m in &mut self.members {
-                if let Some(Ok(Some(status))) = m.child.as_mut().map(|c| c.try_wait()) {
-                    panic!("etcd {} exited ({status}):\n{}", m.name, m.output());
-                }
-            }
-            assert!(
-                Instant::now() < give_up,
-                "etcd never answered:\n{}",
-                self.members.iter().map(Member::output).collect::<String>()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// The store URL naming every member.
-    fn url(&self) -> String {
-        let endpoints: Vec<&str> = self.members.iter().map(|m| m.endpoint.as_str()).collect();
-        format!("etcd://{}", endpoints.join(","))
-    }
-
-    /// Stops member `i` (kill -9).
-    fn stop(&mut self, i: usize) {
-        if let Some(mut c) = self.members[i].child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Starts member `i` again on its data.
-    fn restart(&mut self, i: usize) {
-        self.members[i].spawn();
-    }
-
-    /// `etcdctl ARGS` against the first member (a real client besides ours).
-    fn ctl(&self, args: &[&str]) -> Output {
-        Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &self.members[0].endpoint])
-            .args(&self.ctl_flags)
-            .args(args)
-            .output()
-            .expect("etcdctl (apt-get install etcd-client)")
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        for i in 0..self.members.len() {
-            self.stop(i);
-        }
-    }
-}
-
-/// `host-shim --store URL ARGS` on "another machine": a fresh process with
-/// no fleet file of its own.
-fn cli(store: &str, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("--store")
-        .arg(store)
-        .args(args)
-        .env_remove("HOST_SHIM")
-        .env_remove("HOST_SHIM_FLEET")
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("spawn host-shim")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn ok(store: &str, args: &[&str]) -> String {
-    let out = cli(store, args);
-    assert!(out.status.success(), "host-shim {args:?}: {}", text(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// `fleet ls --json`'s row of host `name`.
 fn host_row(store: &str, name: &str) -> Option<Value> {
@@ -499,22 +211,8 @@ fn registered_hosts_show_up_from_another_client_and_down_after_their_lease() {
 
     // The fleet commands work on the etcd store: deploy to a registered
     // host, see it in ps, stop it.
-    let port = free_port();
-    let publish = format!("{port}:6379");
+    let (port, _) = deploy_kv("a", &[], |args| ok(&url, args));
     let img = kv_img();
-    ok(
-        &url,
-        &[
-            "deploy",
-            &img,
-            "--on",
-            "a",
-            "--name",
-            "kv",
-            "--publish",
-            &publish,
-        ],
-    );
     let mut kv = Redis::when_up(port);
     assert_eq!(kv.cmd(&["SET", "k", "v"]).unwrap(), "OK");
     assert_eq!(host_row(&url, "a").unwrap()["apps"], 1);
@@ -529,38 +227,19 @@ fn registered_hosts_show_up_from_another_client_and_down_after_their_lease() {
         stdout.contains("kv") && stdout.contains("running"),
         "{stdout}"
     );
-    assert!(text(&ps).contains("host b did not answer"), "{}", text(&ps));
+    assert_says(&ps, "host b did not answer");
     // The user adopts b with their token (pinning the fingerprint it
     // registered): ps reaches every host now.
     let (_, token) = b.pin_and_token();
     let b_url = format!("https://{}", b.addr);
-    let wrong = cli(
-        &url,
-        &[
-            "fleet",
-            "add",
-            "b",
-            &b_url,
-            "--fingerprint",
-            &format!("SHA256:{}", "0".repeat(64)),
-            "--token",
-            &token,
-        ],
-    );
+    let add_b = |pin: &str| {
+        let args = ["fleet", "add", "b", &b_url, "--fingerprint", pin];
+        cli(&url, &[&args[..], &["--token", &token]].concat())
+    };
+    let wrong = add_b(&format!("SHA256:{}", "0".repeat(64)));
     assert!(!wrong.status.success(), "{}", text(&wrong));
-    ok(
-        &url,
-        &[
-            "fleet",
-            "add",
-            "b",
-            &b_url,
-            "--fingerprint",
-            &fingerprint,
-            "--token",
-            &token,
-        ],
-    );
+    let right = add_b(&fingerprint);
+    assert!(right.status.success(), "{}", text(&right));
     let row = host_row(&url, "b").unwrap();
     assert_eq!(
         (row["token"].clone(), row["state"].clone()),
@@ -586,11 +265,7 @@ fn registered_hosts_show_up_from_another_client_and_down_after_their_lease() {
         .output()
         .unwrap();
     assert!(!twin.status.success());
-    assert!(
-        text(&twin).contains("registered and alive already"),
-        "{}",
-        text(&twin)
-    );
+    assert_says(&twin, "registered and alive already");
     assert!(started.elapsed() < Duration::from_secs(20));
     assert_eq!(host_row(&url, "a").unwrap()["state"], "up");
 
@@ -622,7 +297,7 @@ fn registered_hosts_show_up_from_another_client_and_down_after_their_lease() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(text(&out).contains("--advertise"), "{}", text(&out));
+    assert_says(&out, "--advertise");
     assert!(host_row(&url, "w").is_none());
 
     // A daemon that fails after registering (it cannot write its ready
@@ -635,11 +310,7 @@ fn registered_hosts_show_up_from_another_client_and_down_after_their_lease() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "{}", text(&out));
-    assert!(
-        text(&out).contains("cannot write --ready-file"),
-        "{}",
-        text(&out)
-    );
+    assert_says(&out, "cannot write --ready-file");
     let row = host_row(&url, "c").expect("c registered before failing");
     assert_eq!(row["state"], "down", "{row}");
     // It had listened on a port the system chose, and recorded that one.
@@ -727,22 +398,8 @@ fn hosts_get_address_blocks_from_the_store_past_14_and_guests_keep_theirs_when_t
 
     // kv on a gets a's first guest address; it moves to b and keeps it
     // (outside b's block), reached through a's port over the overlay.
-    let port = free_port();
-    let publish = format!("127.0.0.1:{port}:6379");
+    let (port, _) = deploy_kv("a", &[], |args| ok(&url, args));
     let img = kv_img();
-    ok(
-        &url,
-        &[
-            "deploy",
-            &img,
-            "--on",
-            "a",
-            "--name",
-            "kv",
-            "--publish",
-            &publish,
-        ],
-    );
     assert_eq!(ip_of(&a, "kv"), "10.64.84.1");
     let mut kv = Redis::when_up(port);
     assert_eq!(kv.cmd(&["SET", "k", "before"]).unwrap(), "OK");
@@ -780,11 +437,7 @@ fn hosts_get_address_blocks_from_the_store_past_14_and_guests_keep_theirs_when_t
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(
-        text(&out).contains("10.64.0.0/10 (recorded in the store)"),
-        "{}",
-        text(&out)
-    );
+    assert_says(&out, "10.64.0.0/10 (recorded in the store)");
     drop(b);
 
     // A small fleet network (a /21: one block besides block 0) fills up,
@@ -806,11 +459,7 @@ fn hosts_get_address_blocks_from_the_store_past_14_and_guests_keep_theirs_when_t
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(
-        text(&out).contains("the fleet network 10.99.0.0/21 is full"),
-        "{}",
-        text(&out)
-    );
+    assert_says(&out, "the fleet network 10.99.0.0/21 is full");
 }
 
 #[test]
@@ -821,7 +470,7 @@ fn store_urls_fail_clearly_and_the_file_store_still_works() {
     let started = Instant::now();
     let out = cli(&dead, &["fleet", "ls"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains(&dead), "{}", text(&out));
+    assert_says(&out, &dead);
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "{:?}",
@@ -860,7 +509,7 @@ fn store_urls_fail_clearly_and_the_file_store_still_works() {
         .env_remove("HOST_SHIM_STORE")
         .output()
         .unwrap();
-    assert!(text(&by_default).contains(&d.addr), "{}", text(&by_default));
+    assert_says(&by_default, &d.addr);
     // The file store has no leases: serve --store file:// says so.
     let out = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0"])
@@ -868,7 +517,7 @@ fn store_urls_fail_clearly_and_the_file_store_still_works() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(text(&out).contains("needs an etcd store"), "{}", text(&out));
+    assert_says(&out, "needs an etcd store");
     let file_store = store::open(&store).unwrap();
     assert!(
         file_store.list("blocks/").unwrap().is_empty()
@@ -983,41 +632,14 @@ fn one_deploy_wins_a_name_and_events_follow_every_step_across_an_etcd_restart() 
 
     // Two deploys of one name at once: one wins, the other gets status 5
     // and runs nothing.
-    let racers: Vec<Child> = ["a", "b"]
-        .iter()
-        .map(|on| {
-            Command::new(BIN)
-                .args(["--store", &url, "deploy", &img, "--on", on, "--name", "kv"])
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let outs: Vec<Output> = racers
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
-        .collect();
-    let mut codes: Vec<Option<i32>> = outs.iter().map(|o| o.status.code()).collect();
-    codes.sort();
-    assert_eq!(
-        codes,
-        [Some(0), Some(5)],
-        "{}\n{}",
-        text(&outs[0]),
-        text(&outs[1])
-    );
-    let (winner, loser) = if outs[0].status.success() {
-        ("a", &outs[1])
-    } else {
-        ("b", &outs[0])
-    };
-    assert!(
-        text(loser).contains("has an app 'kv' already"),
-        "{}",
-        text(loser)
-    );
+    let hosts = ["a", "b"];
+    let racers = hosts.map(|on| {
+        let mut c = Command::new(BIN);
+        c.args(["--store", &url, "deploy", &img, "--on", on, "--name", "kv"])
+            .env("RUST_LOG", "warn");
+        c
+    });
+    let winner = hosts[only_one_wins(racers.into(), "has an app 'kv' already")];
     let ps: Value = serde_json::from_str(&ok(&url, &["ps", "--json"])).unwrap();
     let kvs: Vec<&Value> = ps["instances"]
         .as_array()
@@ -1105,23 +727,6 @@ fn one_deploy_wins_a_name_and_events_follow_every_step_across_an_etcd_restart() 
     assert_eq!(downs, 1);
 }
 
-/// `host-shim --store URL schedule kv ...` as replica `name`, its output in
-/// `dir/NAME.out`.
-fn scheduler(url: &str, name: &str, prices: &std::path::Path, dir: &TempDir) -> Child {
-    let out = std::fs::File::create(dir.path(&format!("{name}.out"))).unwrap();
-    Command::new(BIN)
-        .args(["--store", url, "schedule", "kv", "--policy", "cost"])
-        .args(["--threshold", "0.01", "--interval", "300ms"])
-        .args(["--prices", prices.to_str().unwrap()])
-        .args(["--replica", name, "--leader-ttl", "2s"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .expect("spawn host-shim schedule")
-}
-
 #[test]
 fn two_scheduler_replicas_elect_a_leader_and_the_other_takes_over_when_it_is_killed() {
     let dir = TempDir::new("etcd-leader");
@@ -1145,9 +750,9 @@ fn two_scheduler_replicas_elect_a_leader_and_the_other_takes_over_when_it_is_kil
         move |e: &Value| e["kind"] == "migration-done" && e["details"]["replica"] == replica
     };
 
-    let mut r1 = scheduler(&url, "r1", &prices, &dir);
+    let mut r1 = scheduler(&url, "kv", "r1", &prices, &dir);
     follower.until(Duration::from_secs(20), leader_is("r1"));
-    let mut r2 = scheduler(&url, "r2", &prices, &dir);
+    let mut r2 = scheduler(&url, "kv", "r2", &prices, &dir);
     let r2_out = dir.path("r2.out");
     let give_up = Instant::now() + Duration::from_secs(20);
     while !std::fs::read_to_string(&r2_out)
@@ -1353,18 +958,10 @@ fn etcd_over_tls_with_client_certificates() {
     let mut device = flags.clone();
     device[1] = "/dev/zero".into();
     let (out, _) = cli_with(&url, &device, &[], &["fleet", "ls"]);
-    assert!(
-        text(&out).contains("--store-ca: /dev/zero is not a regular file"),
-        "{}",
-        text(&out)
-    );
+    assert_says(&out, "--store-ca: /dev/zero is not a regular file");
     // A certificate without its key is a flag error.
     let (out, _) = cli_with(&url, &flags[..4], &[], &["fleet", "ls"]);
-    assert!(
-        text(&out).contains("--store-cert and --store-key go together"),
-        "{}",
-        text(&out)
-    );
+    assert_says(&out, "--store-cert and --store-key go together");
 }
 
 #[test]
@@ -1426,5 +1023,5 @@ fn etcd_with_users_takes_a_password_from_a_file_or_the_environment() {
     fails_clearly(&cli_with(&url, &[], &[], &["fleet", "ls"]), &url, "etcd at");
     // A user without a password is a flag error.
     let (out, _) = cli_with(&url, &user, &[], &["fleet", "ls"]);
-    assert!(text(&out).contains("needs a password"), "{}", text(&out));
+    assert_says(&out, "needs a password");
 }

@@ -10,21 +10,17 @@
 
 mod common;
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{boot, firecracker, free_port, image, require_kvm, shim, Run, Shim};
+use common::{
+    assert_same_output_but_uptime, boot, boot_under, firecracker, free_port, image, redis_cli,
+    require_kvm, run_image, wait_for_pong, Run, Shim,
+};
 
 /// Runs `app` under Firecracker to completion with `shim_args`, passing
 /// `app_args` after `--`.
 fn run_firecracker(app: &str, shim_args: &[&str], app_args: &[&str]) -> Run {
-    let img = image(app);
-    let img = img.to_str().expect("UTF-8 image path");
-    let mut args = vec!["run", img, "--backend", "firecracker", "--timeout", "60"];
-    args.extend_from_slice(shim_args);
-    args.push("--");
-    args.extend_from_slice(app_args);
-    shim(args)
+    boot_under("firecracker", app, shim_args, app_args)
 }
 
 #[test]
@@ -36,17 +32,7 @@ fn hello_exits_zero_with_the_same_output_as_under_our_shim() {
     let fc = run_firecracker("hello", &identity, &["--name", "fc"]);
     let kvm = boot("hello", &identity, &["--name", "fc"]);
     assert_eq!(fc.status, Some(0), "{fc:?}");
-    let without_uptime = |s: &str| -> Vec<String> {
-        s.lines()
-            .filter(|l| !l.starts_with("uptime:"))
-            .map(String::from)
-            .collect()
-    };
-    assert_eq!(
-        without_uptime(&fc.stdout),
-        without_uptime(&kvm.stdout),
-        "{fc:?}\n{kvm:?}"
-    );
+    assert_same_output_but_uptime(&fc, &kvm);
     assert!(fc.stdout.contains("host: h (region r)"), "{fc:?}");
     assert!(!fc.stdout.contains("libcloud-exit"), "{fc:?}");
     // What Firecracker adds to the command line is not the app's.
@@ -73,28 +59,22 @@ fn exit_codes_panics_and_faults_map_to_the_same_statuses() {
 fn a_firecracker_binary_that_does_not_exist_is_named() {
     require_kvm();
     let img = image("hello");
-    let run = shim([
-        "run".as_ref(),
-        img.as_os_str(),
-        "--backend".as_ref(),
-        "firecracker".as_ref(),
-        "--firecracker".as_ref(),
-        "/nonexistent/firecracker".as_ref(),
-    ] as [&std::ffi::OsStr; 6]);
+    let run = run_image(
+        &img,
+        &[
+            "--backend",
+            "firecracker",
+            "--firecracker",
+            "/nonexistent/firecracker",
+        ],
+    );
     assert_eq!(run.status, Some(1), "{run:?}");
     assert!(run.stderr.contains("/nonexistent/firecracker"), "{run:?}");
 }
 
-/// `redis-cli -p PORT ARGS...`, with a deadline.
-fn redis_cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("timeout")
-        .arg("10")
-        .arg("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli is required by this test: apt-get install redis-tools");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+/// `redis-cli -p PORT ARGS...`'s answer, trimmed.
+fn redis(port: u16, args: &[&str]) -> String {
+    redis_cli(port, args).1.trim().to_owned()
 }
 
 /// kv under Firecracker on a fresh published port, once it answers PING.
@@ -109,12 +89,7 @@ fn start_kv() -> (Shim, u16) {
         "--publish",
         &format!("{port}:6379"),
     ]);
-    let give_up = Instant::now() + Duration::from_secs(30);
-    while redis_cli(port, &["PING"]) != "PONG" {
-        kv.assert_running("kv to answer PING");
-        assert!(Instant::now() < give_up, "kv never answered PING");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_pong(port, Some(&mut kv), "kv under Firecracker");
     (kv, port)
 }
 
@@ -124,8 +99,8 @@ fn kv_answers_redis_cli_over_publish() {
         return;
     }
     let (kv, port) = start_kv();
-    assert_eq!(redis_cli(port, &["SET", "monitor", "firecracker"]), "OK");
-    assert_eq!(redis_cli(port, &["GET", "monitor"]), "firecracker");
+    assert_eq!(redis(port, &["SET", "monitor", "firecracker"]), "OK");
+    assert_eq!(redis(port, &["GET", "monitor"]), "firecracker");
     let (out, _) = kv.stop();
     assert!(out.contains("kv: listening on port 6379"), "{out}");
 }
@@ -147,6 +122,6 @@ fn an_idle_kv_uses_at_most_one_percent_of_a_core_and_still_answers() {
         share * 100.0
     );
     // Its network card's interrupt still wakes it.
-    assert_eq!(redis_cli(port, &["SET", "after", "idle"]), "OK");
-    assert_eq!(redis_cli(port, &["GET", "after"]), "idle");
+    assert_eq!(redis(port, &["SET", "after", "idle"]), "OK");
+    assert_eq!(redis(port, &["GET", "after"]), "idle");
 }

@@ -6,9 +6,10 @@
 
 mod common;
 
-use common::daemon::{kv_img, Daemon, FleetCli, TempDir, BIN};
-use common::{free_port, image, redis_pipe_set, require_kvm, wait_kv_checkpoint, Redis};
-use std::io::Read;
+use common::daemon::{deploy_kv, kv_img, Daemon, FleetCli, TempDir, BIN};
+use common::{
+    ended, free_port, image, only_one_wins, redis_pipe_set, require_kvm, wait_kv_checkpoint, Redis,
+};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -159,20 +160,8 @@ fn an_app_deployed_to_a_fleet_moves_around_three_shims_with_its_client_and_logs(
     );
 
     // Deploy: the image is uploaded once; a second app of it is not.
-    let port = free_port();
-    let kv = image("kv").display().to_string();
-    let publish = format!("127.0.0.1:{port}:6379");
-    let deployed = fleet.json(&[
-        "deploy",
-        &kv,
-        "--on",
-        "a",
-        "--name",
-        "kv",
-        "--publish",
-        &publish,
-        "--json",
-    ]);
+    let (port, deployed) = deploy_kv("a", &["--json"], |args| fleet.json(args));
+    let kv = kv_img();
     assert_eq!(deployed["uploaded"], true, "{deployed}");
     assert_eq!(deployed["host"], "a");
     let again = fleet.json(&["deploy", &kv, "--on", "a", "--name", "kv2", "--json"]);
@@ -189,12 +178,7 @@ fn an_app_deployed_to_a_fleet_moves_around_three_shims_with_its_client_and_logs(
         port,
         (0..2000).map(|i| (format!("key:{i}"), format!("value-{i}"))),
     );
-    let mut follow = fleet
-        .command(&["logs", "churn", "--follow"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let follow = fleet.follow_logs("churn");
 
     for (round, to) in ["b", "c", "a", "c"].iter().enumerate() {
         let key = format!("moving:{round}");
@@ -222,29 +206,7 @@ fn an_app_deployed_to_a_fleet_moves_around_three_shims_with_its_client_and_logs(
 
     // The logs followed churn everywhere, and end when it is stopped.
     fleet.ok(&["stop", "churn"]);
-    let give_up = Instant::now() + Duration::from_secs(10);
-    while follow.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < give_up,
-            "logs --follow did not end with the app"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut logs = String::new();
-    let mut notes = String::new();
-    follow
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .unwrap();
-    follow
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut notes)
-        .unwrap();
-    assert!(follow.wait().unwrap().success(), "{notes}");
+    let (logs, notes) = ended(follow, "logs --follow with the app");
     for host in ["a", "b", "c"] {
         assert!(
             logs.contains(&format!(" on {host}\n")),
@@ -358,21 +320,8 @@ fn instances_come_back_after_their_daemon_restarts() {
     let addr = format!("127.0.0.1:{}", free_port());
     let mut shim = Shim::start(&dir.0, "r", &addr, 1, &[]);
     fleet.ok(&["fleet", "add", "r", &shim.url()]);
-    let port = free_port();
-    let kv = image("kv").display().to_string();
-    let publish = format!("127.0.0.1:{port}:6379");
-    fleet.ok(&[
-        "deploy",
-        &kv,
-        "--on",
-        "r",
-        "--name",
-        "kv",
-        "--publish",
-        &publish,
-        "--checkpoint-every",
-        "100ms",
-    ]);
+    let checkpoints = ["--checkpoint-every", "100ms"];
+    let (port, _) = deploy_kv("r", &checkpoints, |args| fleet.ok(args));
     let http_port = free_port();
     let http_publish = format!("127.0.0.1:{http_port}:80");
     let http = image("http").display().to_string();
@@ -558,43 +507,11 @@ fn two_clis_racing_for_one_name_one_wins_and_the_other_exits_5() {
         fleet.ok(&["fleet", "add", &h.name, &h.url()]);
     }
     let img = image("http").display().to_string();
-    let racers: Vec<Child> = hosts
+    let racers = hosts
         .iter()
-        .map(|h| {
-            fleet
-                .command(&["deploy", &img, "--on", &h.name, "--name", "app"])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
+        .map(|h| fleet.command(&["deploy", &img, "--on", &h.name, "--name", "app"]))
         .collect();
-    let outs: Vec<std::process::Output> = racers
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
-        .collect();
-    let said = |o: &std::process::Output| {
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    };
-    let mut codes: Vec<Option<i32>> = outs.iter().map(|o| o.status.code()).collect();
-    codes.sort();
-    assert_eq!(
-        codes,
-        [Some(0), Some(5)],
-        "{}\n{}",
-        said(&outs[0]),
-        said(&outs[1])
-    );
-    let loser = outs.iter().find(|o| !o.status.success()).unwrap();
-    assert!(
-        said(loser).contains("has an app 'app' already"),
-        "{}",
-        said(loser)
-    );
+    only_one_wins(racers, "has an app 'app' already");
     let ps = fleet.json(&["ps", "--all", "--json"]);
     let apps: Vec<&serde_json::Value> = ps["instances"]
         .as_array()

@@ -85,6 +85,22 @@ fn refused<Req: serde::Serialize + Send + 'static>(
     })
 }
 
+/// A run of kv as `name` with `mem` bytes.
+fn kv_run(name: &str, mem: u64) -> RunRequest {
+    run_request(name, &kv_img(), mem)
+}
+
+/// `POST /v1/instances` of `run` on the plain daemon at `addr`, which
+/// must succeed.
+fn run_ok(addr: &str, run: RunRequest) {
+    call_json::<_, InstanceInfo>(addr, "POST", "/v1/instances", run).unwrap();
+}
+
+/// A refusal of `POST /v1/instances` of `run` (see [`refused`]).
+fn run_refused<Req: serde::Serialize + Send + 'static>(addr: &str, run: Req) -> (u16, String) {
+    refused(addr, "POST", "/v1/instances", run)
+}
+
 fn run_request(name: &str, image: &str, mem: u64) -> RunRequest {
     RunRequest {
         name: name.into(),
@@ -278,18 +294,13 @@ fn devices_and_fifos_named_as_files_are_refused_quickly() {
     mkfifo(&fifo);
     let fifo = fifo.to_str().unwrap().to_owned();
     for bad in ["/dev/zero", fifo.as_str()] {
-        let (status, msg) = refused(
-            &d.addr,
-            "POST",
-            "/v1/instances",
-            run_request("img", bad, 64 << 20),
-        );
+        let (status, msg) = run_refused(&d.addr, run_request("img", bad, 64 << 20));
         assert_eq!(status, 400, "image {bad}: {msg}");
         assert!(msg.contains("not a regular file"), "image {bad}: {msg}");
 
-        let mut with_ckpt = run_request("ckpt", &kv_img(), 64 << 20);
+        let mut with_ckpt = kv_run("ckpt", 64 << 20);
         with_ckpt.restore = Some(bad.to_owned());
-        let (status, msg) = refused(&d.addr, "POST", "/v1/instances", with_ckpt);
+        let (status, msg) = run_refused(&d.addr, with_ckpt);
         assert_eq!(status, 400, "checkpoint {bad}: {msg}");
         assert!(
             msg.contains("not a regular file"),
@@ -357,7 +368,7 @@ fn a_peer_certificate_alone_may_not_run_or_snapshot() {
     let id_b = security::identity::load(b.state.as_ref().unwrap()).unwrap();
     // b calls a with its certificate only, as a migrating or standby peer does.
     let as_peer = Client::secure(&a.addr, fpa.parse().unwrap(), None, Some(&id_b)).unwrap();
-    let run = run_request("x", &kv_img(), 64 << 20);
+    let run = kv_run("x", 64 << 20);
     let (status, msg) =
         refusal(as_peer.json::<_, InstanceInfo>("POST", "/v1/instances", Some(&run)));
     assert_eq!(status, 403, "{msg}");
@@ -394,9 +405,9 @@ fn outputs_stay_in_the_state_directory_and_state_files_are_private() {
     let dir = TempDir::new("hostile-state");
     let state = dir.path("state");
     let d = Daemon::start("state", 8, &["--state-dir", state.to_str().unwrap()], &dir);
-    let mut run = run_request("kv", &kv_img(), 64 << 20);
+    let mut run = kv_run("kv", 64 << 20);
     run.restart = Restart::Always;
-    call_json::<_, InstanceInfo>(&d.addr, "POST", "/v1/instances", run).unwrap();
+    run_ok(&d.addr, run);
 
     for out in ["/etc/hostile-snapshot", "../escape.snap", "sub/dir.snap"] {
         let (status, msg) = refused(
@@ -459,10 +470,10 @@ fn outputs_stay_in_the_state_directory_and_state_files_are_private() {
     assert_eq!(mode(&ckpt_file), 0o600);
     assert_eq!(mode(&state.join("checkpoints")), 0o700);
     // So does a checkpoint directory named by `run`.
-    let mut elsewhere = run_request("kv2", &kv_img(), 64 << 20);
+    let mut elsewhere = kv_run("kv2", 64 << 20);
     elsewhere.checkpoint_every_ms = Some(1000);
     elsewhere.checkpoint_to = Some("/tmp/hostile-checkpoints".into());
-    let (status, msg) = refused(&d.addr, "POST", "/v1/instances", elsewhere);
+    let (status, msg) = run_refused(&d.addr, elsewhere);
     assert_eq!(status, 403, "{msg}");
     assert!(!Path::new("/tmp/hostile-checkpoints").exists());
 
@@ -497,67 +508,39 @@ fn quotas_are_refused_with_the_flag_that_sets_them() {
     );
     assert!(!limits.allow_privileged_ports);
 
-    let mut two_ports = run_request("p", &kv_img(), 64 << 20);
+    let mut two_ports = kv_run("p", 64 << 20);
     two_ports.publish = vec!["18080:80".parse().unwrap(), "18081:81".parse().unwrap()];
-    let (status, msg) = refused(&d.addr, "POST", "/v1/instances", two_ports);
+    let (status, msg) = run_refused(&d.addr, two_ports);
     assert_eq!(status, 400, "{msg}");
     assert!(msg.contains("--max-publish"), "{msg}");
-    let mut privileged = run_request("p", &kv_img(), 64 << 20);
+    let mut privileged = kv_run("p", 64 << 20);
     privileged.publish = vec!["80:80".parse().unwrap()];
-    let (status, msg) = refused(&d.addr, "POST", "/v1/instances", privileged);
+    let (status, msg) = run_refused(&d.addr, privileged);
     assert_eq!(status, 403, "{msg}");
     assert!(msg.contains("--allow-privileged-ports"), "{msg}");
     // Published ports are values, checked as the command line checks them.
-    let mut port_zero = serde_json::to_value(run_request("p", &kv_img(), 64 << 20)).unwrap();
+    let mut port_zero = serde_json::to_value(kv_run("p", 64 << 20)).unwrap();
     port_zero["publish"] = serde_json::json!([{"host": "127.0.0.1:18082", "guest_port": 0}]);
-    let (status, msg) = refused(&d.addr, "POST", "/v1/instances", port_zero);
+    let (status, msg) = run_refused(&d.addr, port_zero);
     assert_eq!(status, 400, "{msg}");
     assert!(msg.contains("1-65535"), "{msg}");
-    let mut as_text = serde_json::to_value(run_request("p", &kv_img(), 64 << 20)).unwrap();
+    let mut as_text = serde_json::to_value(kv_run("p", 64 << 20)).unwrap();
     as_text["publish"] = serde_json::json!(["18082:80"]);
-    let (status, msg) = refused(&d.addr, "POST", "/v1/instances", as_text);
+    let (status, msg) = run_refused(&d.addr, as_text);
     assert_eq!(status, 400, "{msg}");
     assert!(msg.contains("bad run request"), "{msg}");
 
-    call_json::<_, InstanceInfo>(
-        &d.addr,
-        "POST",
-        "/v1/instances",
-        run_request("a", &kv_img(), 64 << 20),
-    )
-    .unwrap();
-    let (status, msg) = refused(
-        &d.addr,
-        "POST",
-        "/v1/instances",
-        run_request("big", &kv_img(), 128 << 20),
-    );
+    run_ok(&d.addr, kv_run("a", 64 << 20));
+    let (status, msg) = run_refused(&d.addr, kv_run("big", 128 << 20));
     assert_eq!(status, 409, "{msg}");
     assert!(msg.contains("--max-guest-memory"), "{msg}");
-    call_json::<_, InstanceInfo>(
-        &d.addr,
-        "POST",
-        "/v1/instances",
-        run_request("b", &kv_img(), 64 << 20),
-    )
-    .unwrap();
-    let (status, msg) = refused(
-        &d.addr,
-        "POST",
-        "/v1/instances",
-        run_request("c", &kv_img(), 16 << 20),
-    );
+    run_ok(&d.addr, kv_run("b", 64 << 20));
+    let (status, msg) = run_refused(&d.addr, kv_run("c", 16 << 20));
     assert_eq!(status, 409, "{msg}");
     assert!(msg.contains("--max-instances"), "{msg}");
     // A stopped instance gives its share back.
     d.cli(&["stop", "a"]);
-    call_json::<_, InstanceInfo>(
-        &d.addr,
-        "POST",
-        "/v1/instances",
-        run_request("c", &kv_img(), 64 << 20),
-    )
-    .unwrap();
+    run_ok(&d.addr, kv_run("c", 64 << 20));
 }
 
 #[test]
@@ -565,12 +548,7 @@ fn bad_names_are_refused_on_every_path() {
     let dir = TempDir::new("hostile-names");
     let d = Daemon::start("names", 10, &[], &dir);
     for bad in ["a/b", "a\0b", "..", ".hidden", "x y"] {
-        let (status, msg) = refused(
-            &d.addr,
-            "POST",
-            "/v1/instances",
-            run_request(bad, &kv_img(), 64 << 20),
-        );
+        let (status, msg) = run_refused(&d.addr, kv_run(bad, 64 << 20));
         assert_eq!(
             (status, msg.contains("not an instance name")),
             (400, true),
@@ -591,7 +569,7 @@ fn bad_names_are_refused_on_every_path() {
 
         let standby = StandbyRequest {
             origin: "127.0.0.1:1".into(),
-            run: run_request(bad, &kv_img(), 64 << 20),
+            run: kv_run(bad, 64 << 20),
             image: ImageId {
                 path: kv_img(),
                 size: 0,
@@ -785,13 +763,7 @@ fn with_every_connection_in_use_a_new_one_gets_a_clear_503() {
     let dir = TempDir::new("hostile-busy");
     let d = Daemon::start("busy", 14, &["--max-connections", "2"], &dir);
     serving(&d);
-    call_json::<_, InstanceInfo>(
-        &d.addr,
-        "POST",
-        "/v1/instances",
-        run_request("kv", &kv_img(), 64 << 20),
-    )
-    .unwrap();
+    run_ok(&d.addr, kv_run("kv", 64 << 20));
     // Two console followers hold both connections past their requests.
     let client = Client::new(&d.addr);
     let follow = || {

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{free_port, image, redis_pipe_set, Shim};
+use common::{free_port, image, redis_cli, redis_pipe_set, wait_for_pong, Shim};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
@@ -24,33 +24,15 @@ impl Kv {
         let img = image("kv").to_string_lossy().into_owned();
         let publish = format!("127.0.0.1:{port}:6379");
         let mut shim = Shim::start(&["run", &img, "--timeout", "120", "--publish", &publish]);
-        let give_up = Instant::now() + Duration::from_secs(20);
-        while redis_cli(port, &["PING"]).0 != "PONG\n" {
-            shim.assert_running("kv to answer PING");
-            assert!(Instant::now() < give_up, "kv never answered PING");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_pong(port, Some(&mut shim), "kv");
         Self { shim, port }
     }
 
     fn cli(&self, args: &[&str]) -> String {
-        let (out, status) = redis_cli(self.port, args);
+        let (status, out) = redis_cli(self.port, args);
         assert!(status, "redis-cli {args:?} failed: {out}");
         out
     }
-}
-
-/// `redis-cli -p PORT ARGS...`: (stdout, success).
-fn redis_cli(port: u16, args: &[&str]) -> (String, bool) {
-    let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli is installed (apt-get install redis-tools)");
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        out.status.success(),
-    )
 }
 
 /// A client connection through a published port that says nothing for

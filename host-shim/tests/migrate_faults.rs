@@ -51,6 +51,33 @@ fn kv_state(addr: &str) -> Option<InstanceState> {
     list.into_iter().find(|i| i.name == "kv").map(|i| i.state)
 }
 
+/// `migrate kv --to TO` of the daemon at `from`, run in a thread: its
+/// output once it ends.
+fn migrate_in_background(from: &str, to: &str) -> std::thread::JoinHandle<std::process::Output> {
+    let (shim, to) = (from.to_owned(), to.to_owned());
+    std::thread::spawn(move || {
+        Command::new(BIN)
+            .args(["--shim", &shim, "migrate", "kv", "--to", &to])
+            .output()
+            .unwrap()
+    })
+}
+
+/// Waits (up to `within`) until kv on the daemon at `addr` is busy with
+/// `what` (e.g. "migrating").
+fn wait_busy(addr: &str, what: &str, within: Duration) {
+    let give_up = Instant::now() + within;
+    let want = Some(InstanceState::Busy { what: what.into() });
+    while kv_state(addr) != want {
+        assert!(
+            Instant::now() < give_up,
+            "kv not {what} within {within:?}: {:?}",
+            kv_state(addr)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// kv on one daemon: `None` if the daemon is dead, `Some(None)` if kv is
 /// absent there.
 type Seen<'a> = Option<&'a Option<InstanceState>>;
@@ -235,23 +262,8 @@ fn a_silent_destination_fails_the_migration_and_stop_cancels_one() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("keeps running here"));
 
     // Again, and stop it meanwhile: the migration ends, kv is stopped.
-    let addr2 = addr.clone();
-    let shim = a.addr.clone();
-    let migrating = std::thread::spawn(move || {
-        Command::new(BIN)
-            .args(["--shim", &shim, "migrate", "kv", "--to", &addr2])
-            .output()
-            .unwrap()
-    });
-    let give_up = Instant::now() + Duration::from_secs(10);
-    while kv_state(&a.addr)
-        != Some(InstanceState::Busy {
-            what: "migrating".into(),
-        })
-    {
-        assert!(Instant::now() < give_up, "never migrating");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let migrating = migrate_in_background(&a.addr, &addr);
+    wait_busy(&a.addr, "migrating", Duration::from_secs(10));
     let stopped = Instant::now();
     let out = a.cli(&["stop", "kv"]);
     assert!(out.contains("stopped"), "{out}");
@@ -306,27 +318,9 @@ fn a_stalled_incoming_migration_releases_its_reservation() {
         to_b.write_all(&hello).unwrap();
         (from_a, to_b)
     });
-    let migrating = {
-        let shim = a.addr.clone();
-        std::thread::spawn(move || {
-            Command::new(BIN)
-                .args(["--shim", &shim, "migrate", "kv", "--to", &relay_addr])
-                .output()
-                .unwrap()
-        })
-    };
-    let give_up = Instant::now() + Duration::from_secs(10);
-    while kv_state(&b.addr)
-        != Some(InstanceState::Busy {
-            what: "incoming".into(),
-        })
-    {
-        assert!(
-            Instant::now() < give_up,
-            "no reservation at the destination"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let migrating = migrate_in_background(&a.addr, &relay_addr);
+    // The reservation at the destination.
+    wait_busy(&b.addr, "incoming", Duration::from_secs(10));
     let start = Instant::now();
     while kv_state(&b.addr).is_some() {
         assert!(
@@ -500,15 +494,7 @@ fn a_frozen_destination_leaves_the_migration_in_doubt_until_it_answers() {
     let stop = Arc::new(AtomicBool::new(false));
     let loader = load(port, Arc::clone(&stop));
     std::thread::sleep(Duration::from_millis(200));
-    let migrating = {
-        let (shim, to) = (a.addr.clone(), b.addr.clone());
-        std::thread::spawn(move || {
-            Command::new(BIN)
-                .args(["--shim", &shim, "migrate", "kv", "--to", &to])
-                .output()
-                .unwrap()
-        })
-    };
+    let migrating = migrate_in_background(&a.addr, &b.addr);
     let give_up = Instant::now() + Duration::from_secs(30);
     while !b.output().contains("Commit:Hang") {
         assert!(
@@ -523,19 +509,7 @@ fn a_frozen_destination_leaves_the_migration_in_doubt_until_it_answers() {
         assert!(ok.success(), "kill {sig} {pid}");
     };
     signal("-STOP");
-    let give_up = Instant::now() + Duration::from_secs(60);
-    while kv_state(&a.addr)
-        != Some(InstanceState::Busy {
-            what: "migration in doubt".into(),
-        })
-    {
-        assert!(
-            Instant::now() < give_up,
-            "kv: {:?} at the source",
-            kv_state(&a.addr)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_busy(&a.addr, "migration in doubt", Duration::from_secs(60));
     signal("-CONT");
     let out = migrating.join().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

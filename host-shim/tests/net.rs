@@ -7,7 +7,7 @@
 mod common;
 
 use common::daemon::{run_kv, Daemon, TempDir};
-use common::{free_port, image, require_kvm, shim, Shim};
+use common::{free_port, image, require_kvm, run_image, Shim};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
@@ -88,14 +88,8 @@ fn a_published_port_in_use_is_a_clear_error() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let img = image("http");
-    let run = shim([
-        "run".as_ref(),
-        img.as_os_str(),
-        "--timeout".as_ref(),
-        "20".as_ref(),
-        "--publish".as_ref(),
-        format!("{port}:80").as_ref(),
-    ]);
+    let publish = format!("{port}:80");
+    let run = run_image(&img, &["--timeout", "20", "--publish", &publish]);
     assert_eq!(run.status, Some(1), "{run:?}");
     assert!(
         run.stderr.contains(&format!(
@@ -128,9 +122,7 @@ fn bad_network_flags_are_refused() {
             "multicast",
         ),
     ] {
-        let mut args = vec!["run".as_ref(), img.as_os_str()];
-        args.extend(flags.iter().map(|f| -> &std::ffi::OsStr { f.as_ref() }));
-        let run = shim(args);
+        let run = run_image(&img, flags);
         assert_eq!(run.status, Some(1), "{flags:?}: {run:?}");
         assert!(run.stderr.contains(expected), "{flags:?}: {run:?}");
     }
@@ -280,19 +272,8 @@ fn the_guest_exit_status_is_the_main_guests_and_others_are_stopped() {
     let hello = image("hello");
     let http = http_img();
     let also = format!("{http} --");
-    let run = shim([
-        "run".as_ref(),
-        hello.as_os_str(),
-        "--timeout".as_ref(),
-        "30".as_ref(),
-        "--net".as_ref(),
-        "user".as_ref(),
-        "--also".as_ref(),
-        also.as_ref(),
-        "--".as_ref(),
-        "--name".as_ref(),
-        "main".as_ref(),
-    ]);
+    let guests = ["--net", "user", "--also", &also, "--", "--name", "main"];
+    let run = run_image(&hello, &[&["--timeout", "30"][..], &guests].concat());
     assert_eq!(run.status, Some(0), "{run:?}");
     assert!(run.stdout.contains("Hello, main!"), "{run:?}");
     // The http guest never exits by itself: it was stopped with the main one.

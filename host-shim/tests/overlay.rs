@@ -129,15 +129,10 @@ fn overlay_frames_are_unreadable_and_captured_datagrams_cannot_be_replayed() {
         "--addr",
         &format!("https://{}", b.addr),
     ]);
-    let relay_back = relay.back.local_addr().unwrap();
-    b.cli(&[
-        "peer",
-        "add",
-        "ov-a",
-        &fpa,
-        "--addr",
-        &format!("https://{relay_back}"),
-    ]);
+    // b pins a at the relay's far side.
+    let a_through_relay = format!("https://{}", relay.back.local_addr().unwrap());
+    let b_pins_a = || b.cli(&["peer", "add", "ov-a", &fpa, "--addr", &a_through_relay]);
+    b_pins_a();
 
     let (port, mut c) = run_kv(&a);
     c.fill(500);
@@ -226,14 +221,7 @@ fn overlay_frames_are_unreadable_and_captured_datagrams_cannot_be_replayed() {
         rejected_reaches(&b, before + 1) > before,
         "b did not count a's datagrams as rejected after unpinning it"
     );
-    b.cli(&[
-        "peer",
-        "add",
-        "ov-a",
-        &fpa,
-        "--addr",
-        &format!("https://{relay_back}"),
-    ]);
+    b_pins_a();
     c.check(500);
     assert_eq!(c.cmd(&["GET", "overlay-key"]).unwrap(), secret);
 }

@@ -8,12 +8,22 @@
 
 mod common;
 
-use common::daemon::{kv_img, Daemon};
-use common::{free_port, image, require_kvm};
+use common::daemon::Daemon;
+use common::require_kvm;
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 const BIN: &str = env!("CARGO_BIN_EXE_host-shim");
+
+/// The cost policy's flags of these tests.
+const COST: [&str; 6] = [
+    "--policy",
+    "cost",
+    "--threshold",
+    "0.01",
+    "--interval",
+    "300ms",
+];
 
 fn cli(args: &[&str]) -> (bool, String) {
     let out = Command::new(BIN)
@@ -21,21 +31,12 @@ fn cli(args: &[&str]) -> (bool, String) {
         .env("RUST_LOG", "warn")
         .output()
         .expect("run host-shim");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    (out.status.success(), common::text(&out))
 }
 
+/// `redis-cli -p PORT ARGS...`'s answer, trimmed.
 fn redis(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli is needed: apt-get install redis-tools");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    common::redis_cli(port, args).1.trim().to_owned()
 }
 
 #[test]
@@ -47,23 +48,8 @@ fn cost_policy_stays_in_the_cheap_region_and_evacuates_it_before_a_notice_deadli
     let a = spot.addr.clone();
     let steady = Daemon::start_in("steady", "steady-west", 2, &["--peer", &a], &[], &tmp);
     let b = steady.addr.clone();
-    let port = free_port();
-    let (ok, out) = cli(&[
-        "--shim",
-        &a,
-        "run",
-        image("kv").to_str().unwrap(),
-        "--name",
-        "kv",
-        "--publish",
-        &format!("127.0.0.1:{port}:6379"),
-    ]);
-    assert!(ok, "{out}");
-    let give_up = Instant::now() + Duration::from_secs(30);
-    while redis(port, &["PING"]) != "PONG" {
-        assert!(Instant::now() < give_up, "kv never answered PING");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let port = spot.run_published("kv", "kv", 6379, &[]);
+    common::wait_for_pong(port, None, "kv on spot");
     assert_eq!(redis(port, &["SET", "spot:key", "kept"]), "OK");
 
     let prices = dir.join("prices.csv");
@@ -72,26 +58,13 @@ fn cost_policy_stays_in_the_cheap_region_and_evacuates_it_before_a_notice_deadli
     let events = dir.join("events.jsonl");
     let shims = format!("{a},{b}");
     let schedule = |rounds: &str| {
-        cli(&[
-            "schedule",
-            "kv",
-            "--policy",
-            "cost",
-            "--threshold",
-            "0.01",
-            "--interval",
-            "300ms",
-            "--prices",
-            prices.to_str().unwrap(),
-            "--notices",
-            notices.to_str().unwrap(),
-            "--events",
-            events.to_str().unwrap(),
-            "--rounds",
-            rounds,
-            "--shim",
-            &shims,
-        ])
+        let mut args = vec!["schedule", "kv"];
+        args.extend(COST);
+        args.extend(["--prices", prices.to_str().unwrap()]);
+        args.extend(["--notices", notices.to_str().unwrap()]);
+        args.extend(["--events", events.to_str().unwrap()]);
+        args.extend(["--rounds", rounds, "--shim", &shims]);
+        cli(&args)
     };
 
     // The app already runs in the cheapest region: it stays.
@@ -156,15 +129,10 @@ fn cost_policy_stays_in_the_cheap_region_and_evacuates_it_before_a_notice_deadli
 
     // A shim that stops answering during a bounded run: its rounds are reported and the
     // run does not end with success.
-    let mut run = Command::new(BIN)
-        .args(["schedule", "kv", "--policy", "cost", "--threshold", "0.01"])
-        .args(["--interval", "300ms", "--rounds", "6", "--shim", &shims])
-        .args(["--prices", prices.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run host-shim schedule");
+    let mut args = COST.to_vec();
+    args.extend(["--rounds", "6", "--shim", &shims]);
+    args.extend(["--prices", prices.to_str().unwrap()]);
+    let mut run = schedule_child(&args);
     let mut first = String::new();
     std::io::BufRead::read_line(
         &mut std::io::BufReader::new(run.stdout.as_mut().unwrap()),
@@ -174,11 +142,7 @@ fn cost_policy_stays_in_the_cheap_region_and_evacuates_it_before_a_notice_deadli
     assert!(first.starts_with("scheduling kv"), "{first}");
     drop(spot);
     let out = run.wait_with_output().unwrap();
-    let text = format!(
-        "{first}{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{first}{}", common::text(&out));
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("spot left out"), "{text}");
     assert!(
@@ -216,9 +180,7 @@ fn schedule_refuses_bad_arguments_clearly() {
 fn east_and_west(dir: &common::daemon::TempDir) -> (Daemon, Daemon, u16) {
     let east = Daemon::start_in("east", "east", 1, &[], &[], dir);
     let west = Daemon::start_in("west", "west", 2, &["--peer", &east.addr], &[], dir);
-    let port = free_port();
-    let publish = format!("127.0.0.1:{port}:6379");
-    east.cli(&["run", &kv_img(), "--name", "kv", "--publish", &publish]);
+    let port = east.run_published("kv", "kv", 6379, &[]);
     let mut c = common::Redis::when_up(port);
     assert_eq!(c.cmd(&["SET", "placed:key", "kept"]).unwrap(), "OK");
     (east, west, port)
@@ -254,20 +216,10 @@ fn the_cost_policy_moves_on_a_price_change_read_within_one_run() {
     };
     write_prices("region,price\neast,0.03\nwest,0.10\n");
     let shims = format!("{},{}", east.addr, west.addr);
-    let mut run = schedule_child(&[
-        "--policy",
-        "cost",
-        "--threshold",
-        "0.01",
-        "--interval",
-        "300ms",
-        "--rounds",
-        "15",
-        "--prices",
-        prices.to_str().unwrap(),
-        "--shim",
-        &shims,
-    ]);
+    let mut args = COST.to_vec();
+    args.extend(["--rounds", "15", "--prices", prices.to_str().unwrap()]);
+    args.extend(["--shim", &shims]);
+    let mut run = schedule_child(&args);
     let mut out = std::io::BufReader::new(run.stdout.take().unwrap());
     let mut seen = String::new();
     // The first decision: stay, east is cheapest.
@@ -321,11 +273,7 @@ fn client_region_assigns_the_clients_requests_to_their_region() {
         args.extend(["--events", events.to_str().unwrap()]);
         args.extend_from_slice(extra);
         let out = schedule_child(&args).wait_with_output().unwrap();
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let said = common::text(&out);
         assert!(out.status.success(), "{said}");
         let mut totals = std::collections::BTreeMap::<String, u64>::new();
         for line in std::fs::read_to_string(&events).unwrap().lines() {

@@ -10,11 +10,9 @@
 
 mod common;
 
-use common::daemon::{kv_img, Daemon, FleetCli, TempDir};
-use common::{free_port, redis_pipe_set, Redis};
-use std::io::Read;
-use std::process::{Output, Stdio};
-use std::time::{Duration, Instant};
+use common::daemon::{deploy_kv, Daemon, FleetCli, TempDir};
+use common::{ended, redis_pipe_set, Redis};
+use std::process::Output;
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -86,20 +84,7 @@ fn a_secure_fleet_deploys_moves_follows_and_stops_an_app_over_tls() {
     }
 
     // Deploy: the image is uploaded to a over TLS and runs there.
-    let port = free_port();
-    let publish = format!("127.0.0.1:{port}:6379");
-    let kv = kv_img();
-    let deployed = fleet.json(&[
-        "deploy",
-        &kv,
-        "--on",
-        "a",
-        "--name",
-        "kv",
-        "--publish",
-        &publish,
-        "--json",
-    ]);
+    let (port, deployed) = deploy_kv("a", &["--json"], |args| fleet.json(args));
     assert_eq!(
         (&deployed["uploaded"], &deployed["host"]),
         (&serde_json::json!(true), &serde_json::json!("a")),
@@ -110,12 +95,7 @@ fn a_secure_fleet_deploys_moves_follows_and_stops_an_app_over_tls() {
         port,
         (0..2000).map(|i| (format!("key:{i}"), format!("value-{i}"))),
     );
-    let mut follow = fleet
-        .command(&["logs", "kv", "--follow"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let follow = fleet.follow_logs("kv");
 
     // Live moves between the secure daemons, the client connected.
     for to in ["b", "c"] {
@@ -167,25 +147,7 @@ fn a_secure_fleet_deploys_moves_follows_and_stops_an_app_over_tls() {
 
     // Stop: logs --follow followed kv to c and ends with it.
     fleet.ok(&["stop", "kv"]);
-    let give_up = Instant::now() + Duration::from_secs(10);
-    while follow.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < give_up, "logs --follow did not end");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let (mut logs, mut notes) = (String::new(), String::new());
-    follow
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .unwrap();
-    follow
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut notes)
-        .unwrap();
-    assert!(follow.wait().unwrap().success(), "{notes}");
+    let (logs, notes) = ended(follow, "logs --follow");
     assert!(logs.contains("kv: listening on port 6379"), "{logs}");
     for note in [
         "kv moved from a to b",

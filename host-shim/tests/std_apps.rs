@@ -70,20 +70,18 @@ impl Client {
 #[test]
 fn std_echo_serves_many_clients_on_threads_behind_a_published_port() {
     let port = free_port();
-    let img = image("std-echo");
     let publish = format!("{port}:7");
-    let mut shim = Shim::start(&[
-        "run",
-        img.to_str().unwrap(),
-        "--publish",
-        &publish,
-        "--env",
-        "GREETING=hola",
-        "--host-name",
-        "box1",
-        "--timeout",
-        "120",
-    ]);
+    let mut shim = start(
+        "std-echo",
+        &[
+            "--publish",
+            &publish,
+            "--env",
+            "GREETING=hola",
+            "--host-name",
+            "box1",
+        ],
+    );
     let mut first = Client::when_up(port, Some(&mut shim));
     // Several connections open at once, each served by its own std thread,
     // with replies interleaved between them.
@@ -242,16 +240,7 @@ fn std_echo_migrates_there_and_back_with_an_open_connection() {
     let dir = TempDir::new("stdmig");
     let a = Daemon::start("std-a", 5, &[], &dir);
     let b = Daemon::start("std-b", 6, &[], &dir);
-    let port = free_port();
-    let img = image("std-echo").to_string_lossy().into_owned();
-    a.cli(&[
-        "run",
-        &img,
-        "--name",
-        "echo",
-        "--publish",
-        &format!("{port}:7"),
-    ]);
+    let port = a.run_published("std-echo", "echo", 7, &[]);
     let mut c = Client::when_up(port, None);
     let mut other = Client::when_up(port, None);
     assert_eq!(c.ask("host").unwrap(), "std-a");
@@ -379,18 +368,17 @@ fn curl(url: &str) -> Result<String, String> {
     }
 }
 
+/// `host-shim run IMAGE-OF-APP --timeout 120 ARGS`, running.
+fn start(app: &str, args: &[&str]) -> Shim {
+    let img = image(app);
+    let mut all = vec!["run", img.to_str().unwrap(), "--timeout", "120"];
+    all.extend_from_slice(args);
+    Shim::start(&all)
+}
+
 /// Starts axum-hello behind a published port and waits until it answers.
 fn axum_hello(port: u16) -> Shim {
-    let img = image("axum-hello");
-    let publish = format!("{port}:8080");
-    let mut shim = Shim::start(&[
-        "run",
-        img.to_str().unwrap(),
-        "--publish",
-        &publish,
-        "--timeout",
-        "120",
-    ]);
+    let mut shim = start("axum-hello", &["--publish", &format!("{port}:8080")]);
     wait_for_json(port, Some(&mut shim));
     shim
 }
@@ -495,16 +483,7 @@ fn axum_hello_keeps_a_keep_alive_client_and_its_count_across_migration() {
     let dir = TempDir::new("axummig");
     let a = Daemon::start("axum-a", 7, &[], &dir);
     let b = Daemon::start("axum-b", 8, &[], &dir);
-    let port = free_port();
-    let img = image("axum-hello").to_string_lossy().into_owned();
-    a.cli(&[
-        "run",
-        &img,
-        "--name",
-        "web",
-        "--publish",
-        &format!("{port}:8080"),
-    ]);
+    let port = a.run_published("axum-hello", "web", 8080, &[]);
     wait_for_json(port, None);
     let mut c = Http::connect(port).unwrap();
     assert_eq!(c.count(), 1);
@@ -532,16 +511,7 @@ fn axum_hello_connects_out_with_tokio_to_a_second_guest() {
     let img = img.to_str().unwrap();
     let publish = format!("{port}:8080");
     // A second axum-hello on the same switch (10.0.2.16).
-    let mut shim = Shim::start(&[
-        "run",
-        img,
-        "--publish",
-        &publish,
-        "--also",
-        img,
-        "--timeout",
-        "120",
-    ]);
+    let mut shim = start("axum-hello", &["--publish", &publish, "--also", img]);
     wait_for_json(port, Some(&mut shim));
     // tokio's TcpStream::connect: a non-blocking connect, `poll` for the
     // handshake, SO_ERROR; the peer boots at the same time, so retry.
@@ -610,21 +580,10 @@ fn a_std_thread_spinning_without_system_calls_does_not_starve_the_others() {
     let dir = TempDir::new("stdspin");
     let a = Daemon::start("spin-a", 9, &[], &dir);
     let b = Daemon::start("spin-b", 10, &[], &dir);
-    let port = free_port();
-    let img = image("std-echo").to_string_lossy().into_owned();
     // A thread computes for good without one ABI call (no clock, no lock):
     // only the monitor's timeslice timer takes the vCPU back from it.
     // Without it, the main thread never gets to listen.
-    a.cli(&[
-        "run",
-        &img,
-        "--name",
-        "spin",
-        "--publish",
-        &format!("{port}:7"),
-        "--",
-        "--spin",
-    ]);
+    let port = a.run_published("std-echo", "spin", 7, &["--", "--spin"]);
     let mut c = Client::when_up(port, None);
     let mut n = 1; // when_up's ping
     let mut took = Vec::new();
@@ -687,18 +646,7 @@ fn a_std_thread_spinning_without_system_calls_does_not_starve_the_others() {
 fn axum_hello_on_tokios_multi_thread_runtime_serves_and_idles_without_exits() {
     let dir = TempDir::new("stdmt");
     let d = Daemon::start("mt", 11, &[], &dir);
-    let port = free_port();
-    let img = image("axum-hello").to_string_lossy().into_owned();
-    d.cli(&[
-        "run",
-        &img,
-        "--name",
-        "mt",
-        "--publish",
-        &format!("{port}:8080"),
-        "--",
-        "--multi-thread",
-    ]);
+    let port = d.run_published("axum-hello", "mt", 8080, &["--", "--multi-thread"]);
     let json = wait_for_json(port, None);
     assert_eq!(json["os"], "hermit", "{json}");
     let logs = d.cli(&["logs", "mt"]);
@@ -765,21 +713,20 @@ fn std_echo_answers_udp_datagrams_behind_a_published_port() {
     let img = img.to_str().unwrap();
     // A second std-echo on the same switch (10.0.2.16) answers UDP too.
     let also = format!("{img} --udp 53");
-    let mut shim = Shim::start(&[
-        "run",
-        img,
-        "--publish",
-        &format!("{tcp}:7"),
-        "--publish",
-        &format!("{udp_port}:53/udp"),
-        "--also",
-        &also,
-        "--timeout",
-        "120",
-        "--",
-        "--udp",
-        "53",
-    ]);
+    let mut shim = start(
+        "std-echo",
+        &[
+            "--publish",
+            &format!("{tcp}:7"),
+            "--publish",
+            &format!("{udp_port}:53/udp"),
+            "--also",
+            &also,
+            "--",
+            "--udp",
+            "53",
+        ],
+    );
     // The TCP side answering means the UDP socket is bound too.
     let mut c = Client::when_up(tcp, Some(&mut shim));
     let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

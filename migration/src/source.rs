@@ -661,9 +661,11 @@ impl<H: Host> Outgoing<'_, H> {
 const MAX_CARRIED_IMAGE: u64 = 256 << 20;
 
 /// `name`'s restart record, if it has one, with its image copied to the
-/// destination's store first (unless there already). `None`, with a
-/// warning, if that copy fails: the app then moves but does not come back
-/// after a restart of the destination's daemon.
+/// destination's store first (unless there already), the copy whole within
+/// [`api::upload_deadline`] of its size and the question within
+/// [`api::UPLOAD_FLOOR`]. `None`, with a warning, if
+/// that copy fails: the app then moves but does not come back after a
+/// restart of the destination's daemon.
 fn carried_record<H: Host>(
     host: &H,
     to: &Client,
@@ -672,7 +674,8 @@ fn carried_record<H: Host>(
 ) -> Option<api::RunRequest> {
     let (mut record, file) = host.restart_record(name)?;
     let copied = (|| {
-        if to.image::<serde::de::IgnoredAny>(&image.sha256).is_ok() {
+        let asked = to.clone().with_deadline(api::UPLOAD_FLOOR);
+        if asked.image::<serde::de::IgnoredAny>(&image.sha256).is_ok() {
             return Ok(());
         }
         let mut bytes = Vec::new();

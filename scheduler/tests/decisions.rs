@@ -28,8 +28,7 @@ fn best_placement_is_chosen_hand_computed() {
         assert!(close(got, want), "{r}: {got} != {want}");
     }
 
-    let mut sched = Scheduler::new(SchedulerConfig::default());
-    sched.add_app("kv", sun_spec(5.0)).unwrap();
+    let mut sched = sun_scheduler(5.0);
     let ds = sched.decide(secs(1), &inputs);
     assert_eq!(ds.len(), 1);
     let d = &ds[0];
@@ -48,8 +47,7 @@ fn best_placement_is_chosen_hand_computed() {
 fn threshold_is_respected() {
     let mut inputs = three_regions();
     inputs.placement.set("kv", US);
-    let mut sched = Scheduler::new(SchedulerConfig::default());
-    sched.add_app("kv", sun_spec(5.0)).unwrap();
+    let mut sched = sun_scheduler(5.0);
 
     // us 100, eu 110: us 42.86 ms, eu 39.14 ms, gain 3.71 ms <= 5 ms: stay.
     inputs.workloads.insert(app("kv"), requests(100, 110, 0));
@@ -103,8 +101,7 @@ fn no_move_while_a_migration_is_in_flight() {
     let mut inputs = three_regions();
     inputs.placement.set("kv", US);
     inputs.workloads.insert(app("kv"), requests(0, 1000, 0));
-    let mut sched = Scheduler::new(SchedulerConfig::default());
-    sched.add_app("kv", sun_spec(5.0)).unwrap();
+    let mut sched = sun_scheduler(5.0);
 
     let d = &sched.decide(secs(1), &inputs)[0];
     assert_eq!(d.migration(), Some((US, EU)));
@@ -249,8 +246,7 @@ fn unmeasured_regions_are_neither_scored_nor_chosen() {
         m.set_symmetric(new, EU, 1.0);
         m
     };
-    let mut sched = Scheduler::new(SchedulerConfig::default());
-    sched.add_app("kv", sun_spec(5.0)).unwrap();
+    let mut sched = sun_scheduler(5.0);
     sched.add_app("fresh", sun_spec(5.0)).unwrap();
     inputs.placement.set("kv", US);
     inputs.placement.set("fresh", new);
@@ -314,8 +310,7 @@ fn unplaced_and_unregistered_apps() {
 fn decision_log_records_every_decision_with_its_reason() {
     let mut inputs = three_regions();
     inputs.placement.set("kv", US);
-    let mut sched = Scheduler::new(SchedulerConfig::default());
-    sched.add_app("kv", sun_spec(5.0)).unwrap();
+    let mut sched = sun_scheduler(5.0);
 
     inputs.workloads.insert(app("kv"), requests(100, 110, 0));
     sched.decide(secs(1), &inputs); // stay, below threshold

@@ -18,8 +18,7 @@ fn the_app_follows_the_sun_through_a_day() {
     let policy = FollowTheSun::new();
     let mut inputs = three_regions();
     inputs.placement.set("kv", US);
-    let mut sched = Scheduler::new(SchedulerConfig::default());
-    sched.add_app("kv", sun_spec(THRESHOLD_MS)).unwrap();
+    let mut sched = sun_scheduler(THRESHOLD_MS);
 
     let mut visited = vec![US];
     let (mut served, mut under) = (0u64, 0.0);
@@ -83,8 +82,7 @@ fn the_app_follows_the_sun_through_a_day() {
 fn the_app_goes_where_the_traffic_peaks_at_each_peak() {
     let day = SyntheticDay::three_regions(DAY, US, EU, AP, 100.0);
     let mut inputs = three_regions();
-    let mut sched = Scheduler::new(SchedulerConfig::default());
-    sched.add_app("kv", sun_spec(THRESHOLD_MS)).unwrap();
+    let mut sched = sun_scheduler(THRESHOLD_MS);
     // At each region's local 14:00, wherever the app starts, it goes there.
     for (utc_hour, peak) in [(6.0, AP), (14.0, EU), (19.0, US)] {
         let now = day.at_utc_hour(utc_hour);

@@ -41,7 +41,8 @@ pub(crate) struct RestoreArgs {
     #[arg(long, value_name = "REGION", default_value = "local")]
     pub(crate) region: String,
 
-    /// Stop the guest after this many seconds (exit status 124).
+    /// Stop the guest after this long (`5s`, `250ms`; a bare number is
+    /// seconds) with exit status 124.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub(crate) timeout: Option<Duration>,
 
@@ -146,8 +147,8 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub(crate) firecracker: Option<PathBuf>,
 
-    /// Stop the guest after this many seconds (fractions allowed) and exit
-    /// with status 124.
+    /// Stop the guest after this long (`5s`, `250ms`; a bare number is
+    /// seconds) and exit with status 124.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub(crate) timeout: Option<Duration>,
 

@@ -25,6 +25,13 @@ impl TempDir {
     }
 }
 
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -285,6 +292,19 @@ impl Daemon {
         }
     }
 
+    /// `run` of the image of `app` as instance `name`, its `guest_port`
+    /// published on a free port of the host, with `extra` (app arguments
+    /// after `--`); returns that port.
+    pub fn run_published(&self, app: &str, name: &str, guest_port: u16, extra: &[&str]) -> u16 {
+        let port = free_port();
+        let img = image(app).to_string_lossy().into_owned();
+        let publish = format!("{port}:{guest_port}");
+        let mut args = vec!["run", &img, "--name", name, "--publish", &publish];
+        args.extend_from_slice(extra);
+        self.cli(&args);
+        port
+    }
+
     pub fn try_cli(&self, args: &[&str]) -> Output {
         let mut target = vec![];
         if let Some(state) = &self.state {
@@ -365,11 +385,21 @@ pub fn kv_img() -> String {
 /// Runs kv as instance `kv` of `daemon` on a fresh published port; returns
 /// the port and a client connected once it answers.
 pub fn run_kv(daemon: &Daemon) -> (u16, Redis) {
+    let port = daemon.run_published("kv", "kv", 6379, &[]);
+    (port, Redis::when_up(port))
+}
+
+/// `deploy KV-IMAGE --on ON --name kv --publish 127.0.0.1:PORT:6379
+/// EXTRA` on a free port, run by `cli` (the fleet file's or a store's
+/// CLI): that port and what `cli` returned.
+pub fn deploy_kv<R>(on: &str, extra: &[&str], cli: impl FnOnce(&[&str]) -> R) -> (u16, R) {
     let port = free_port();
     let img = kv_img();
-    let publish = format!("{port}:6379");
-    daemon.cli(&["run", &img, "--name", "kv", "--publish", &publish]);
-    (port, Redis::when_up(port))
+    let publish = format!("127.0.0.1:{port}:6379");
+    let mut args = vec!["deploy", &img, "--on", on, "--name", "kv"];
+    args.extend(["--publish", &publish]);
+    args.extend_from_slice(extra);
+    (port, cli(&args))
 }
 
 /// The user's fleet CLI: `host-shim ARGS` with the fleet file `file`
@@ -397,6 +427,16 @@ impl FleetCli {
             .env_remove("HOST_SHIM")
             .env("RUST_LOG", "warn");
         c
+    }
+
+    /// `logs APP --follow`, running, its stdout and stderr piped (see
+    /// [`super::ended`]).
+    pub fn follow_logs(&self, app: &str) -> Child {
+        self.command(&["logs", app, "--follow"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn host-shim logs --follow")
     }
 
     /// `host-shim ARGS`, which must succeed; its stdout.

@@ -4,7 +4,9 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod etcd;
 pub mod follower;
+pub mod store;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -92,20 +94,109 @@ where
     }
 }
 
+/// Runs `host-shim run PATH ARGS` to completion.
+pub fn run_image(path: &Path, args: &[&str]) -> Run {
+    let mut all: Vec<&std::ffi::OsStr> = vec!["run".as_ref(), path.as_os_str()];
+    all.extend(args.iter().map(|a| -> &std::ffi::OsStr { a.as_ref() }));
+    shim(all)
+}
+
+/// Boots `app` with `--timeout TIMEOUT SHIM_ARGS -- APP_ARGS`.
+fn boot_for(timeout: &str, app: &str, shim_args: &[&str], app_args: &[&str]) -> Run {
+    require_kvm();
+    let mut args = vec!["--timeout", timeout];
+    args.extend_from_slice(shim_args);
+    args.push("--");
+    args.extend_from_slice(app_args);
+    run_image(&image(app), &args)
+}
+
 /// Boots `app` under KVM with a safety timeout, passing `app_args` after `--`.
 pub fn boot(app: &str, shim_args: &[&str], app_args: &[&str]) -> Run {
-    require_kvm();
-    let img = image(app);
-    let mut args: Vec<&std::ffi::OsStr> = vec![
-        "run".as_ref(),
-        img.as_os_str(),
-        "--timeout".as_ref(),
-        "30".as_ref(),
-    ];
-    args.extend(shim_args.iter().map(|a| -> &std::ffi::OsStr { a.as_ref() }));
-    args.push("--".as_ref());
-    args.extend(app_args.iter().map(|a| -> &std::ffi::OsStr { a.as_ref() }));
-    shim(args)
+    boot_for("30", app, shim_args, app_args)
+}
+
+/// [`boot`] under another monitor (`qemu`, `firecracker`), with a longer
+/// safety timeout.
+pub fn boot_under(backend: &str, app: &str, shim_args: &[&str], app_args: &[&str]) -> Run {
+    let mut args = vec!["--backend", backend];
+    args.extend_from_slice(shim_args);
+    boot_for("60", app, &args, app_args)
+}
+
+/// Asserts that `a` and `b` printed the same lines but for the uptime.
+pub fn assert_same_output_but_uptime(a: &Run, b: &Run) {
+    let without_uptime = |s: &str| -> Vec<String> {
+        s.lines()
+            .filter(|l| !l.starts_with("uptime:"))
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(
+        without_uptime(&a.stdout),
+        without_uptime(&b.stdout),
+        "{a:?}\n{b:?}"
+    );
+}
+
+/// What a finished command printed: stdout, then stderr.
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Asserts that what the finished command printed says `needle`.
+pub fn assert_says(out: &Output, needle: &str) {
+    let said = text(out);
+    assert!(said.contains(needle), "no {needle:?} in:\n{said}");
+}
+
+/// Runs `racers` at once to their end: exactly one succeeds, each other
+/// fails with status 5 saying `refusal`. Returns the winner's index.
+pub fn only_one_wins(racers: Vec<Command>, refusal: &str) -> usize {
+    let children: Vec<Child> = racers
+        .into_iter()
+        .map(|mut c| {
+            c.stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn a racer")
+        })
+        .collect();
+    let outs: Vec<Output> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let all = || outs.iter().map(text).collect::<Vec<_>>().join("\n");
+    let mut codes: Vec<Option<i32>> = outs.iter().map(|o| o.status.code()).collect();
+    codes.sort();
+    let mut expected = vec![Some(5); outs.len()];
+    expected[0] = Some(0);
+    assert_eq!(codes, expected, "{}", all());
+    for loser in outs.iter().filter(|o| !o.status.success()) {
+        assert_says(loser, refusal);
+    }
+    outs.iter().position(|o| o.status.success()).unwrap()
+}
+
+/// Waits (up to 10 s) until `child` (stdout and stderr piped) ends, which
+/// must be a success; its stdout and stderr.
+pub fn ended(mut child: Child, what: &str) -> (String, String) {
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < give_up, "{what} did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (mut out, mut err) = (String::new(), String::new());
+    let mut stdout = child.stdout.take().expect("a piped stdout");
+    stdout.read_to_string(&mut out).unwrap();
+    let mut stderr = child.stderr.take().expect("a piped stderr");
+    stderr.read_to_string(&mut err).unwrap();
+    assert!(child.wait().unwrap().success(), "{what}: {err}");
+    (out, err)
 }
 
 /// A free port on 127.0.0.1 (free when this returns; the shim binds it soon after).
@@ -216,6 +307,46 @@ pub fn serve(args: &[&str]) -> (Shim, String) {
     };
     let _ = std::fs::remove_file(&ready);
     (shim, listen)
+}
+
+/// `redis-cli -p PORT ARGS...`, killed after 30 s: whether it succeeded
+/// (and connected), and what it printed.
+pub fn redis_cli(port: u16, args: &[&str]) -> (bool, String) {
+    let out = Command::new("timeout")
+        .args(["30", "redis-cli", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("spawn timeout redis-cli");
+    // `timeout` says 127 when it cannot find the command.
+    assert_ne!(
+        out.status.code(),
+        Some(127),
+        "this test needs redis-cli (apt-get install redis-tools)"
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let ok = out.status.success() && !text.starts_with("Could not connect");
+    (ok, text)
+}
+
+/// Waits (up to 30 s) until `redis-cli PING` on `port` answers PONG, while
+/// `shim` (what serves it, when given) keeps running; how long it took.
+/// `what` names what answers, for the failure.
+pub fn wait_for_pong(port: u16, mut shim: Option<&mut Shim>, what: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = shim.as_deref_mut() {
+            s.assert_running(what);
+        }
+        let (ok, out) = redis_cli(port, &["PING"]);
+        if ok && out.trim() == "PONG" {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{what}: no PONG on port {port} within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// SETs every `(key, value)` with `redis-cli --pipe` (the whole batch is sent

@@ -48,6 +48,13 @@ pub fn sun_spec(threshold_ms: f64) -> AppSpec {
     AppSpec::new(Arc::new(FollowTheSun::new()), threshold_ms)
 }
 
+/// A scheduler of kv alone, by follow-the-sun with `threshold_ms`.
+pub fn sun_scheduler(threshold_ms: f64) -> Scheduler {
+    let mut sched = Scheduler::new(SchedulerConfig::default());
+    sched.add_app("kv", sun_spec(threshold_ms)).unwrap();
+    sched
+}
+
 /// The one decision about `name` in a round.
 pub fn decision_for<'a>(decisions: &'a [Decision], name: &str) -> &'a Decision {
     decisions
