@@ -22,9 +22,13 @@
 //! first guest that uses its port ([`GuestPort::colocate`], on its vCPU
 //! thread) runs its vCPU thread on the network thread's CPU and keeps the
 //! network thread there: the hand-offs then stay on one CPU. Only
-//! [`COLOCATED_VCPUS`] vCPU threads share that CPU at a time, so busy
-//! guests cannot crowd the network thread out; the others stay where the
-//! scheduler puts them.
+//! [`COLOCATED_VCPUS`] vCPU threads share that CPU at a time; the others
+//! stay where the scheduler puts them. A release valve keeps a guest that
+//! computes from crowding the network thread out: at most every
+//! [`SEAT_CHECK`] the network thread reads how much CPU a seated vCPU thread
+//! used, and one past [`SEAT_MAX_SHARE`] goes back to the CPUs it had
+//! (as does the network thread once no seat is taken); that guest never
+//! sits down again, a later one may.
 //!
 //! Both queues are bounded, as a switch port's buffers are: past
 //! [`TX_BACKLOG`] / [`RX_BACKLOG`] frames, more are dropped and counted.
@@ -33,12 +37,14 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::traffic::{NicStats, NicTraffic};
+use crate::sys::CpuSet;
 
 /// Frames kept for a guest that does not take them (more are dropped, as a
 /// switch port with a full buffer would).
@@ -55,6 +61,15 @@ const NO_SLOT: usize = usize::MAX;
 /// How many guests' vCPU threads run on the network thread's CPU at most.
 pub const COLOCATED_VCPUS: usize = 1;
 
+/// How often the network thread checks how much CPU a seated vCPU thread
+/// uses (at most).
+pub const SEAT_CHECK: Duration = Duration::from_secs(1);
+
+/// The share of a CPU past which a seated vCPU thread loses its seat: of
+/// the time it did not wait for a CPU, it ran more than this (so a loaded
+/// host, where it waits, does not hide a guest that never sleeps).
+pub const SEAT_MAX_SHARE: f64 = 0.5;
+
 /// The switch ports whose guests sent frames the network thread has not
 /// taken yet, in the order they became ready. A port is added when its
 /// `sent` flag goes from clear to set (and when it is plugged in with the
@@ -70,13 +85,40 @@ pub struct ReadyPorts {
 }
 
 /// The network thread's kernel id and the CPU it was on when it first
-/// plugged a port in (0 and -1 until then), and how many vCPU threads were
-/// placed on that CPU.
+/// plugged a port in (0 and -1 until then), and the vCPU threads seated on
+/// that CPU.
 #[derive(Debug)]
 struct NetworkThread {
     tid: AtomicI32,
     cpu: AtomicI32,
-    colocated: AtomicUsize,
+    seats: Mutex<Seats>,
+}
+
+/// The vCPU threads on the network thread's CPU (at most
+/// [`COLOCATED_VCPUS`]) and the network thread's own CPUs before it was
+/// pinned there (restored when the last seat is freed).
+#[derive(Debug, Default)]
+struct Seats {
+    taken: Vec<Seat>,
+    network_cpus: Option<CpuSet>,
+    /// The id the next seat gets (0 is never one: "no seat").
+    last_id: u64,
+}
+
+/// A vCPU thread on the network thread's CPU.
+#[derive(Debug)]
+struct Seat {
+    id: u64,
+    /// The guest's MAC (for the log).
+    mac: [u8; 6],
+    tid: libc::pid_t,
+    /// The CPUs it could run on before it sat down.
+    cpus: CpuSet,
+    /// When its CPU use was last read, and how long it had run and waited
+    /// for a CPU then.
+    checked: Instant,
+    run: Duration,
+    waited: Duration,
 }
 
 impl Default for NetworkThread {
@@ -84,7 +126,7 @@ impl Default for NetworkThread {
         Self {
             tid: AtomicI32::new(0),
             cpu: AtomicI32::new(-1),
-            colocated: AtomicUsize::new(0),
+            seats: Mutex::default(),
         }
     }
 }
@@ -102,49 +144,147 @@ impl NetworkThread {
         self.tid.store(crate::sys::thread_id(), Ordering::Release);
     }
 
-    /// Called on a vCPU thread: moves it, and the network thread, onto the
-    /// network thread's CPU if fewer than [`COLOCATED_VCPUS`] are there;
-    /// returns whether it did.
-    fn take_a_seat(&self) -> bool {
-        let tid = self.tid.load(Ordering::Acquire);
-        let Ok(cpu) = usize::try_from(self.cpu.load(Ordering::Relaxed)) else {
-            return false;
-        };
-        if tid == 0 {
-            return false;
+    /// Called on the vCPU thread of the guest with `mac`: moves it, and
+    /// the network thread, onto the network thread's CPU if fewer than
+    /// [`COLOCATED_VCPUS`] are there; returns its seat's id if it did.
+    fn take_a_seat(&self, mac: [u8; 6]) -> Option<u64> {
+        let network = self.tid.load(Ordering::Acquire);
+        let cpu = usize::try_from(self.cpu.load(Ordering::Relaxed)).ok()?;
+        if network == 0 {
+            return None;
         }
-        let seats = self
-            .colocated
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < COLOCATED_VCPUS).then_some(n + 1)
-            });
-        if seats.is_err() {
-            return false;
+        let mut seats = lock(&self.seats);
+        if seats.taken.len() >= COLOCATED_VCPUS {
+            return None;
         }
-        let pinned = crate::sys::pin_thread(tid, cpu).and_then(|()| crate::sys::pin_thread(0, cpu));
-        match pinned {
-            Ok(()) => {
-                tracing::debug!(cpu, "a vCPU thread runs on the network thread's CPU");
-                true
+        let tid = crate::sys::thread_id();
+        let seated = (|| {
+            let cpus = crate::sys::thread_affinity(0)?;
+            let (run, waited) = crate::sys::thread_run_and_wait(tid)?;
+            if seats.network_cpus.is_none() {
+                seats.network_cpus = Some(crate::sys::thread_affinity(network)?);
+                crate::sys::pin_thread(network, cpu)?;
+            }
+            crate::sys::pin_thread(0, cpu)?;
+            Ok::<_, io::Error>((cpus, run, waited))
+        })();
+        match seated {
+            Ok((cpus, run, waited)) => {
+                seats.last_id += 1;
+                let id = seats.last_id;
+                seats.taken.push(Seat {
+                    id,
+                    mac,
+                    tid,
+                    cpus,
+                    checked: Instant::now(),
+                    run,
+                    waited,
+                });
+                tracing::debug!(cpu, tid, "a vCPU thread runs on the network thread's CPU");
+                Some(id)
             }
             Err(e) => {
                 // A cpuset that changed under us, say: stay where we are.
                 tracing::debug!(cpu, "cannot run next to the network thread: {e}");
-                self.colocated.fetch_sub(1, Ordering::AcqRel);
-                false
+                self.free_network_thread(&mut seats);
+                None
             }
         }
     }
 
-    /// A colocated vCPU thread's port is gone: its seat is free.
-    fn leave(&self) {
-        self.colocated.fetch_sub(1, Ordering::AcqRel);
+    /// Whether seat `id` is still taken.
+    fn is_seated(&self, id: u64) -> bool {
+        lock(&self.seats).taken.iter().any(|s| s.id == id)
+    }
+
+    /// Seat `id`'s port is gone: the seat is free (if it still was taken).
+    fn leave(&self, id: u64) {
+        let mut seats = lock(&self.seats);
+        seats.taken.retain(|s| s.id != id);
+        self.free_network_thread(&mut seats);
+    }
+
+    /// Gives the network thread its CPUs back once no seat is taken.
+    fn free_network_thread(&self, seats: &mut Seats) {
+        if !seats.taken.is_empty() {
+            return;
+        }
+        if let Some(cpus) = seats.network_cpus.take() {
+            let tid = self.tid.load(Ordering::Acquire);
+            if let Err(e) = crate::sys::set_thread_affinity(tid, &cpus) {
+                tracing::warn!(tid, "cannot give the network thread its CPUs back: {e}");
+            }
+        }
+    }
+
+    /// How long until a seated vCPU thread's CPU use is due to be checked
+    /// (`None`: no seat is taken).
+    fn check_due(&self) -> Option<Duration> {
+        let seats = lock(&self.seats);
+        let next = seats.taken.iter().map(|s| s.checked + SEAT_CHECK).min()?;
+        Some(next.saturating_duration_since(Instant::now()))
+    }
+
+    /// The release valve, on the network thread: a seated vCPU thread
+    /// that used more than [`SEAT_MAX_SHARE`] of the time it was not
+    /// waiting for a CPU, over at least [`SEAT_CHECK`], computes rather
+    /// than moves frames; it goes back to the CPUs it had (its guest never
+    /// sits down again), and so does the network thread when no seat is
+    /// left.
+    fn check_seats(&self) {
+        let now = Instant::now();
+        let mut seats = lock(&self.seats);
+        seats.taken.retain_mut(|seat| {
+            let elapsed = now.saturating_duration_since(seat.checked);
+            if elapsed < SEAT_CHECK {
+                return true;
+            }
+            let Ok((run, waited)) = crate::sys::thread_run_and_wait(seat.tid) else {
+                // The thread is gone; its port goes soon.
+                return false;
+            };
+            let ran = run.saturating_sub(seat.run);
+            // Sleeping or running: what it would have used on a CPU of its own.
+            let could = elapsed.saturating_sub(waited.saturating_sub(seat.waited));
+            let share = ran.as_secs_f64() / could.max(ran).as_secs_f64().max(1e-9);
+            (seat.checked, seat.run, seat.waited) = (now, run, waited);
+            if share <= SEAT_MAX_SHARE {
+                return true;
+            }
+            if let Err(e) = crate::sys::set_thread_affinity(seat.tid, &seat.cpus) {
+                tracing::warn!(
+                    tid = seat.tid,
+                    "cannot give a vCPU thread its CPUs back: {e}"
+                );
+            }
+            tracing::warn!(
+                mac = %format_args!("{:02x?}", seat.mac),
+                tid = seat.tid,
+                cpu_share = %format_args!("{share:.2}"),
+                "a guest computes on the network thread's CPU: its vCPU thread leaves it"
+            );
+            false
+        });
+        self.free_network_thread(&mut seats);
     }
 }
 
 impl ReadyPorts {
     fn push(&self, id: usize) {
         lock(&self.ids).push(id);
+    }
+
+    /// How long until the network thread is due to call
+    /// [`Self::check_seats`] (`None`: no vCPU thread is seated).
+    pub fn seat_check_due(&self) -> Option<Duration> {
+        self.network.check_due()
+    }
+
+    /// On the network thread: unseats the vCPU threads that compute on its
+    /// CPU (see [`SEAT_MAX_SHARE`]).
+    pub fn check_seats(&self) {
+        self.network.check_seats();
     }
 
     /// Moves the ready ports into `out` (emptied first, to reuse its buffer).
@@ -175,8 +315,8 @@ pub struct GuestPort {
     traffic: NicTraffic,
     /// [`Self::colocate`] was answered (whether or not it moved the thread).
     placed: AtomicBool,
-    /// The vCPU thread sits on the network thread's CPU.
-    colocated: AtomicBool,
+    /// The seat of the vCPU thread on the network thread's CPU (0: none).
+    seat: AtomicU64,
 }
 
 impl GuestPort {
@@ -194,7 +334,7 @@ impl GuestPort {
             guest_wake: EventFd::new(EFD_NONBLOCK)?,
             traffic: NicTraffic::default(),
             placed: AtomicBool::new(false),
-            colocated: AtomicBool::new(false),
+            seat: AtomicU64::new(0),
         })
     }
 
@@ -255,15 +395,16 @@ impl GuestPort {
             return;
         }
         self.placed.store(true, Ordering::Relaxed);
-        if ready.network.take_a_seat() {
-            self.colocated.store(true, Ordering::Relaxed);
+        if let Some(seat) = ready.network.take_a_seat(self.mac) {
+            self.seat.store(seat, Ordering::Relaxed);
         }
     }
 
     /// Whether [`Self::colocate`] put the vCPU thread on the network
-    /// thread's CPU.
+    /// thread's CPU and it still sits there.
     pub fn is_colocated(&self) -> bool {
-        self.colocated.load(Ordering::Relaxed)
+        let seat = self.seat.load(Ordering::Relaxed);
+        seat != 0 && self.ready.get().is_some_and(|r| r.network.is_seated(seat))
     }
 
     /// The frames waiting for the guest (take from the front).
@@ -350,8 +491,8 @@ impl GuestPort {
 
 impl Drop for GuestPort {
     fn drop(&mut self) {
-        if let (true, Some(ready)) = (*self.colocated.get_mut(), self.ready.get()) {
-            ready.network.leave();
+        if let (seat @ 1.., Some(ready)) = (*self.seat.get_mut(), self.ready.get()) {
+            ready.network.leave(seat);
         }
     }
 }
