@@ -623,6 +623,62 @@ mod tests {
     }
 
     #[test]
+    fn a_seated_thread_that_computes_gets_its_cpus_back_and_so_does_the_network_thread() {
+        use crate::sys::{thread_cpus, thread_id};
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let ready = Arc::new(ReadyPorts::default());
+        let port = Arc::new(GuestPort::new([2, 0, 0, 0, 0, 1], wake).unwrap());
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let network = {
+            let (port, ready) = (Arc::clone(&port), Arc::clone(&ready));
+            std::thread::spawn(move || {
+                port.plug(0, &ready);
+                tid_tx.send(thread_id()).unwrap();
+                let _ = done_rx.recv();
+            })
+        };
+        let network_tid = tid_rx.recv().unwrap();
+        let network_cpus = thread_cpus(network_tid).unwrap();
+        assert!(ready.seat_check_due().is_none(), "nothing to check yet");
+        let stop = Arc::new(AtomicBool::new(false));
+        let spinner = {
+            let (port, stop) = (Arc::clone(&port), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let before = thread_cpus(0).unwrap();
+                port.colocate();
+                let seated = port.is_colocated();
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+                (before, seated, thread_cpus(0).unwrap())
+            })
+        };
+        // The checks, as the network thread makes them (any thread may).
+        let give_up = Instant::now() + Duration::from_secs(20);
+        while !port.is_colocated() && Instant::now() < give_up {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        while port.is_colocated() && Instant::now() < give_up {
+            std::thread::sleep(ready.seat_check_due().unwrap_or(SEAT_CHECK));
+            ready.check_seats();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (before, seated, after) = spinner.join().unwrap();
+        assert!(seated, "the spinning thread sat next to the network thread");
+        assert!(!port.is_colocated(), "it lost its seat within 20 s");
+        assert_eq!(after, before, "its CPUs are back");
+        assert_eq!(
+            thread_cpus(network_tid).unwrap(),
+            network_cpus,
+            "and the network thread's"
+        );
+        assert!(ready.seat_check_due().is_none(), "no seat to check");
+        done_tx.send(()).unwrap();
+        network.join().unwrap();
+    }
+
+    #[test]
     fn a_guest_queue_to_the_switch_is_bounded_and_counted() {
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
         let port = GuestPort::new([2, 0, 0, 0, 0, 1], wake).unwrap();
