@@ -1,6 +1,7 @@
 //! Guest networking through the real binary: `curl` through a published
 //! port, port-in-use and syntax errors, an idle networked guest's CPU use,
-//! the VM exits a request costs (`GET /v1/stats`), two guests on one
+//! the VM exits a request costs (`GET /v1/stats`), a guest that computes
+//! next to the network thread losing its seat there, two guests on one
 //! switch, and (as root) a TAP device in a network namespace of the test's
 //! own.
 
@@ -168,6 +169,91 @@ fn an_idle_networked_guest_uses_almost_no_cpu() {
     );
     assert!(share < 0.03, "{:.1}% of a CPU while idle", share * 100.0);
     drop(idle_conn);
+}
+
+/// `Cpus_allowed_list` of the thread of process `pid` named `name`
+/// (`None`: no such thread).
+fn thread_cpus(pid: u32, name: &str) -> Option<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let task = tasks.flatten().find(|t| {
+        std::fs::read_to_string(t.path().join("comm")).is_ok_and(|comm| comm.trim() == name)
+    })?;
+    let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("Cpus_allowed_list:"))?;
+    Some(line["Cpus_allowed_list:".len()..].trim().to_owned())
+}
+
+#[test]
+fn a_guest_that_computes_next_to_the_network_thread_loses_its_seat() {
+    require_kvm();
+    let img = image("hostile");
+    let img = img.to_str().unwrap();
+    // It sends frames (so it sits next to the network thread) and never
+    // sleeps.
+    let mut shim = Shim::start(&[
+        "run",
+        img,
+        "--net",
+        "user",
+        "--timeout",
+        "60",
+        "--",
+        "broadcast-flood",
+    ]);
+    let me = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    let all = me
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list in /proc/thread-self/status")
+        .trim()
+        .to_owned();
+    let pid = shim.pid();
+    let give_up = Instant::now() + Duration::from_secs(30);
+    // First both threads on one CPU (the seat), then both on all again.
+    let mut seated = false;
+    loop {
+        shim.assert_running("the hostile guest to lose its seat");
+        let (vcpu, net) = (thread_cpus(pid, "vcpu-0"), thread_cpus(pid, "net"));
+        let (vcpu, net) = (vcpu.unwrap_or_default(), net.unwrap_or_default());
+        let together = !vcpu.is_empty() && vcpu == net;
+        if together && vcpu != all && !vcpu.contains([',', '-']) {
+            seated = true;
+        } else if seated && together && vcpu == all {
+            break;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "after 30 s (seated: {seated}) the vCPU thread may run on {vcpu:?}, \
+             the network thread on {net:?} (all: {all})"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // It does not sit down again (the network thread checks every second).
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(3) {
+        shim.assert_running("the hostile guest to stay unseated");
+        let vcpu = thread_cpus(pid, "vcpu-0").unwrap_or_default();
+        assert_eq!(vcpu, all, "the vCPU thread was pinned again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (out, err) = shim.stop();
+    assert!(
+        err.contains("its vCPU thread leaves it"),
+        "the valve's warning is missing\n{out}\n{err}"
+    );
+    let line = err
+        .lines()
+        .find(|l| l.contains("its vCPU thread leaves it"))
+        .unwrap();
+    eprintln!("{line}");
+    assert!(line.contains("cpu_share"), "{line}");
+    assert_eq!(
+        err.matches("its vCPU thread leaves it").count(),
+        1,
+        "logged once: {err}"
+    );
 }
 
 /// The kv instance's exit counters in `daemon`'s `GET /v1/stats`.

@@ -752,10 +752,12 @@ impl Engine {
             } else {
                 self.gateway.as_mut().and_then(Gateway::poll_delay)
             };
-            let timeout = match (timeout, self.probe_due()) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let timeout = [self.probe_due(), self.ready.seat_check_due()]
+                .into_iter()
+                .fold(timeout, |a, b| match (a, b) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                });
             let n = match wait_events(&self.epoll, timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
@@ -784,6 +786,9 @@ impl Engine {
             self.pump();
             if self.probe_due() == Some(std::time::Duration::ZERO) {
                 self.probe_peers();
+            }
+            if self.ready.seat_check_due() == Some(std::time::Duration::ZERO) {
+                self.ready.check_seats();
             }
         }
     }

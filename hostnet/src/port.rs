@@ -16,6 +16,20 @@
 //! O(ports with work), not O(ports): an idle guest costs the network thread
 //! nothing, however many there are.
 //!
+//! Placement: every frame crosses between the two threads, and on this
+//! kind of host a wake-up of a thread on another CPU is an inter-processor
+//! interrupt, which in a nested VM is an exit of the host VM itself. So the
+//! first guest that uses its port ([`GuestPort::colocate`], on its vCPU
+//! thread) runs its vCPU thread on the network thread's CPU and keeps the
+//! network thread there: the hand-offs then stay on one CPU. Only
+//! [`COLOCATED_VCPUS`] vCPU threads share that CPU at a time; the others
+//! stay where the scheduler puts them. A release valve keeps a guest that
+//! computes from crowding the network thread out: at most every
+//! [`SEAT_CHECK`] the network thread reads how much CPU a seated vCPU thread
+//! used, and one past [`SEAT_MAX_BUSY`] goes back to the CPUs it had
+//! (as does the network thread once no seat is taken); that guest never
+//! sits down again, a later one may.
+//!
 //! Both queues are bounded, as a switch port's buffers are: past
 //! [`TX_BACKLOG`] / [`RX_BACKLOG`] frames, more are dropped and counted.
 //! (The switch rate-limits what a guest floods: see `net::FLOOD_RATE`.)
@@ -23,12 +37,14 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::traffic::{NicStats, NicTraffic};
+use crate::sys::CpuSet;
 
 /// Frames kept for a guest that does not take them (more are dropped, as a
 /// switch port with a full buffer would).
@@ -42,20 +58,239 @@ pub type Frame = Vec<u8>;
 /// A port not (or no longer) on a switch.
 const NO_SLOT: usize = usize::MAX;
 
+/// How many guests' vCPU threads run on the network thread's CPU at most.
+pub const COLOCATED_VCPUS: usize = 1;
+
+/// How often the network thread checks how much CPU a seated vCPU thread
+/// uses (at most).
+pub const SEAT_CHECK: Duration = Duration::from_secs(1);
+
+/// How busy a seated vCPU thread may be: of the time it did not wait for a
+/// CPU (it ran or slept), the share it ran. A guest that computes without
+/// yielding is at 1.0 whatever the host's load (a plain share of wall time
+/// is not: a spinning guest measured 0.54 at load average 5, and would
+/// hide under a higher load); kv answering `redis-benchmark -c 1` as fast
+/// as it can measured 0.76-0.79 (0.42 of wall time), so a server keeps its
+/// seat.
+pub const SEAT_MAX_BUSY: f64 = 0.9;
+
 /// The switch ports whose guests sent frames the network thread has not
 /// taken yet, in the order they became ready. A port is added when its
 /// `sent` flag goes from clear to set (and when it is plugged in with the
 /// flag set), so the list holds at most about two entries per port, however
 /// fast a guest sends; an entry may be stale (its port left), which the
 /// network thread ignores.
+///
+/// It also says where the network thread runs, for [`GuestPort::colocate`].
 #[derive(Debug, Default)]
 pub struct ReadyPorts {
     ids: Mutex<Vec<usize>>,
+    network: NetworkThread,
+}
+
+/// The network thread's kernel id and the CPU it was on when it first
+/// plugged a port in (0 and -1 until then), and the vCPU threads seated on
+/// that CPU.
+#[derive(Debug)]
+struct NetworkThread {
+    tid: AtomicI32,
+    cpu: AtomicI32,
+    seats: Mutex<Seats>,
+}
+
+/// The vCPU threads on the network thread's CPU (at most
+/// [`COLOCATED_VCPUS`]) and the network thread's own CPUs before it was
+/// pinned there (restored when the last seat is freed).
+#[derive(Debug, Default)]
+struct Seats {
+    taken: Vec<Seat>,
+    network_cpus: Option<CpuSet>,
+    /// The id the next seat gets (0 is never one: "no seat").
+    last_id: u64,
+}
+
+/// A vCPU thread on the network thread's CPU.
+#[derive(Debug)]
+struct Seat {
+    id: u64,
+    /// The guest's MAC (for the log).
+    mac: [u8; 6],
+    tid: libc::pid_t,
+    /// The CPUs it could run on before it sat down.
+    cpus: CpuSet,
+    /// When its CPU use was last read, and how long it had run and waited
+    /// for a CPU then.
+    checked: Instant,
+    run: Duration,
+    waited: Duration,
+}
+
+impl Default for NetworkThread {
+    fn default() -> Self {
+        Self {
+            tid: AtomicI32::new(0),
+            cpu: AtomicI32::new(-1),
+            seats: Mutex::default(),
+        }
+    }
+}
+
+impl NetworkThread {
+    /// Called on the network thread: notes where it runs, once.
+    fn record(&self) {
+        if self.tid.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        let Some(cpu) = crate::sys::current_cpu().and_then(|c| i32::try_from(c).ok()) else {
+            return;
+        };
+        self.cpu.store(cpu, Ordering::Relaxed);
+        self.tid.store(crate::sys::thread_id(), Ordering::Release);
+    }
+
+    /// Called on the vCPU thread of the guest with `mac`: moves it, and
+    /// the network thread, onto the network thread's CPU if fewer than
+    /// [`COLOCATED_VCPUS`] are there; returns its seat's id if it did.
+    fn take_a_seat(&self, mac: [u8; 6]) -> Option<u64> {
+        let network = self.tid.load(Ordering::Acquire);
+        let cpu = usize::try_from(self.cpu.load(Ordering::Relaxed)).ok()?;
+        if network == 0 {
+            return None;
+        }
+        let mut seats = lock(&self.seats);
+        if seats.taken.len() >= COLOCATED_VCPUS {
+            return None;
+        }
+        let tid = crate::sys::thread_id();
+        let seated = (|| {
+            let cpus = crate::sys::thread_affinity(0)?;
+            let (run, waited) = crate::sys::thread_run_and_wait(tid)?;
+            if seats.network_cpus.is_none() {
+                seats.network_cpus = Some(crate::sys::thread_affinity(network)?);
+                crate::sys::pin_thread(network, cpu)?;
+            }
+            crate::sys::pin_thread(0, cpu)?;
+            Ok::<_, io::Error>((cpus, run, waited))
+        })();
+        match seated {
+            Ok((cpus, run, waited)) => {
+                seats.last_id += 1;
+                let id = seats.last_id;
+                seats.taken.push(Seat {
+                    id,
+                    mac,
+                    tid,
+                    cpus,
+                    checked: Instant::now(),
+                    run,
+                    waited,
+                });
+                tracing::debug!(cpu, tid, "a vCPU thread runs on the network thread's CPU");
+                Some(id)
+            }
+            Err(e) => {
+                // A cpuset that changed under us, say: stay where we are.
+                tracing::debug!(cpu, "cannot run next to the network thread: {e}");
+                self.free_network_thread(&mut seats);
+                None
+            }
+        }
+    }
+
+    /// Whether seat `id` is still taken.
+    fn is_seated(&self, id: u64) -> bool {
+        lock(&self.seats).taken.iter().any(|s| s.id == id)
+    }
+
+    /// Seat `id`'s port is gone: the seat is free (if it still was taken).
+    fn leave(&self, id: u64) {
+        let mut seats = lock(&self.seats);
+        seats.taken.retain(|s| s.id != id);
+        self.free_network_thread(&mut seats);
+    }
+
+    /// Gives the network thread its CPUs back once no seat is taken.
+    fn free_network_thread(&self, seats: &mut Seats) {
+        if !seats.taken.is_empty() {
+            return;
+        }
+        if let Some(cpus) = seats.network_cpus.take() {
+            let tid = self.tid.load(Ordering::Acquire);
+            if let Err(e) = crate::sys::set_thread_affinity(tid, &cpus) {
+                tracing::warn!(tid, "cannot give the network thread its CPUs back: {e}");
+            }
+        }
+    }
+
+    /// How long until a seated vCPU thread's CPU use is due to be checked
+    /// (`None`: no seat is taken).
+    fn check_due(&self) -> Option<Duration> {
+        let seats = lock(&self.seats);
+        let next = seats.taken.iter().map(|s| s.checked + SEAT_CHECK).min()?;
+        Some(next.saturating_duration_since(Instant::now()))
+    }
+
+    /// The release valve, on the network thread: a seated vCPU thread
+    /// that ran more than [`SEAT_MAX_BUSY`] of the time it was not waiting
+    /// for a CPU, over at least [`SEAT_CHECK`], computes rather than moves
+    /// frames; it goes back to the CPUs it had (its guest never
+    /// sits down again), and so does the network thread when no seat is
+    /// left.
+    fn check_seats(&self) {
+        let now = Instant::now();
+        let mut seats = lock(&self.seats);
+        seats.taken.retain_mut(|seat| {
+            let elapsed = now.saturating_duration_since(seat.checked);
+            if elapsed < SEAT_CHECK {
+                return true;
+            }
+            let Ok((run, waited)) = crate::sys::thread_run_and_wait(seat.tid) else {
+                // The thread is gone; its port goes soon.
+                return false;
+            };
+            let ran = run.saturating_sub(seat.run);
+            // Of the time it did not wait for a CPU (it ran or slept), how
+            // much it ran: what it would use of a CPU of its own.
+            let could = elapsed.saturating_sub(waited.saturating_sub(seat.waited));
+            let share = ran.as_secs_f64() / could.max(ran).as_secs_f64().max(1e-9);
+            (seat.checked, seat.run, seat.waited) = (now, run, waited);
+            if share <= SEAT_MAX_BUSY {
+                return true;
+            }
+            if let Err(e) = crate::sys::set_thread_affinity(seat.tid, &seat.cpus) {
+                tracing::warn!(
+                    tid = seat.tid,
+                    "cannot give a vCPU thread its CPUs back: {e}"
+                );
+            }
+            tracing::warn!(
+                mac = %format_args!("{:02x?}", seat.mac),
+                tid = seat.tid,
+                busy = %format_args!("{share:.2}"),
+                cpu_share = %format_args!("{:.2}", ran.as_secs_f64() / elapsed.as_secs_f64()),
+                "a guest computes on the network thread's CPU: its vCPU thread leaves it"
+            );
+            false
+        });
+        self.free_network_thread(&mut seats);
+    }
 }
 
 impl ReadyPorts {
     fn push(&self, id: usize) {
         lock(&self.ids).push(id);
+    }
+
+    /// How long until the network thread is due to call
+    /// [`Self::check_seats`] (`None`: no vCPU thread is seated).
+    pub fn seat_check_due(&self) -> Option<Duration> {
+        self.network.check_due()
+    }
+
+    /// On the network thread: unseats the vCPU threads that compute on its
+    /// CPU (see [`SEAT_MAX_BUSY`]).
+    pub fn check_seats(&self) {
+        self.network.check_seats();
     }
 
     /// Moves the ready ports into `out` (emptied first, to reuse its buffer).
@@ -84,6 +319,10 @@ pub struct GuestPort {
     guest_wake: EventFd,
     /// Frames and bytes through this port (`GET /v1/stats`).
     traffic: NicTraffic,
+    /// [`Self::colocate`] was answered (whether or not it moved the thread).
+    placed: AtomicBool,
+    /// The seat of the vCPU thread on the network thread's CPU (0: none).
+    seat: AtomicU64,
 }
 
 impl GuestPort {
@@ -100,6 +339,8 @@ impl GuestPort {
             to_guest: Mutex::new(VecDeque::new()),
             guest_wake: EventFd::new(EFD_NONBLOCK)?,
             traffic: NicTraffic::default(),
+            placed: AtomicBool::new(false),
+            seat: AtomicU64::new(0),
         })
     }
 
@@ -145,6 +386,33 @@ impl GuestPort {
         }
     }
 
+    /// Called on the guest's vCPU thread whenever it moves frames: the first
+    /// time the network thread is known, runs this thread on the network
+    /// thread's CPU if a seat is free there (see the module's doc). Costs
+    /// one atomic load afterwards.
+    pub fn colocate(&self) {
+        if self.placed.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(ready) = self.ready.get() else {
+            return; // not plugged in yet: next time
+        };
+        if ready.network.tid.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        self.placed.store(true, Ordering::Relaxed);
+        if let Some(seat) = ready.network.take_a_seat(self.mac) {
+            self.seat.store(seat, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether [`Self::colocate`] put the vCPU thread on the network
+    /// thread's CPU and it still sits there.
+    pub fn is_colocated(&self) -> bool {
+        let seat = self.seat.load(Ordering::Relaxed);
+        seat != 0 && self.ready.get().is_some_and(|r| r.network.is_seated(seat))
+    }
+
     /// The frames waiting for the guest (take from the front).
     pub fn received(&self) -> MutexGuard<'_, VecDeque<Frame>> {
         lock(&self.to_guest)
@@ -166,6 +434,7 @@ impl GuestPort {
     /// Plugs the port into switch port `id`, whose ready list is `ready`
     /// (a port belongs to one switch: the first list given stays).
     pub fn plug(&self, id: usize, ready: &Arc<ReadyPorts>) {
+        ready.network.record();
         let ready = self.ready.get_or_init(|| Arc::clone(ready));
         self.slot.store(id, Ordering::SeqCst);
         // Frames sent before the port had a number.
@@ -223,6 +492,14 @@ impl GuestPort {
             tracing::warn!("cannot wake a vCPU thread: {e}");
         }
         dropped
+    }
+}
+
+impl Drop for GuestPort {
+    fn drop(&mut self) {
+        if let (seat @ 1.., Some(ready)) = (*self.seat.get_mut(), self.ready.get()) {
+            ready.network.leave(seat);
+        }
     }
 }
 
@@ -290,6 +567,115 @@ mod tests {
         port.send(&mut vec![vec![5]]);
         ready.take(&mut ids);
         assert!(ids.is_empty(), "an unplugged port is not listed");
+    }
+
+    #[test]
+    fn the_first_guest_runs_next_to_the_network_thread_and_frees_its_seat_when_gone() {
+        use crate::sys::{thread_cpus, thread_id};
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let ready = Arc::new(ReadyPorts::default());
+        let ports: Vec<Arc<GuestPort>> = (0..3)
+            .map(|i| Arc::new(GuestPort::new([2, 0, 0, 0, 0, i], wake.clone()).unwrap()))
+            .collect();
+        // Not plugged in yet: nothing known about the network thread.
+        ports[0].colocate();
+        assert!(!ports[0].is_colocated());
+        // A stand-in network thread plugs the ports in and stays alive.
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let network = {
+            let (ports, ready) = (ports.clone(), Arc::clone(&ready));
+            std::thread::spawn(move || {
+                for (id, port) in ports.into_iter().enumerate() {
+                    port.plug(id, &ready);
+                }
+                tid_tx.send(thread_id()).unwrap();
+                let _ = done_rx.recv();
+            })
+        };
+        let network_tid = tid_rx.recv().unwrap();
+        let cpu = usize::try_from(ready.network.cpu.load(Ordering::Relaxed)).unwrap();
+        let seat = |port: Arc<GuestPort>| {
+            std::thread::spawn(move || {
+                port.colocate();
+                (port.is_colocated(), thread_cpus(0).unwrap())
+            })
+            .join()
+            .unwrap()
+        };
+        let (first, first_cpus) = seat(Arc::clone(&ports[0]));
+        assert!(first, "the first guest sits next to the network thread");
+        assert_eq!(first_cpus, [cpu]);
+        assert_eq!(
+            thread_cpus(network_tid).unwrap(),
+            [cpu],
+            "and keeps it there"
+        );
+        let (second, _) = seat(Arc::clone(&ports[1]));
+        assert!(!second, "one seat only");
+        let mut ports = ports;
+        ports.remove(0); // the first guest is gone (its last handle)
+        let (third, third_cpus) = seat(Arc::clone(&ports[1]));
+        assert!(third, "its seat went to the next guest that asked");
+        assert_eq!(third_cpus, [cpu]);
+        done_tx.send(()).unwrap();
+        network.join().unwrap();
+    }
+
+    #[test]
+    fn a_seated_thread_that_computes_gets_its_cpus_back_and_so_does_the_network_thread() {
+        use crate::sys::{thread_cpus, thread_id};
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let ready = Arc::new(ReadyPorts::default());
+        let port = Arc::new(GuestPort::new([2, 0, 0, 0, 0, 1], wake).unwrap());
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let network = {
+            let (port, ready) = (Arc::clone(&port), Arc::clone(&ready));
+            std::thread::spawn(move || {
+                port.plug(0, &ready);
+                tid_tx.send(thread_id()).unwrap();
+                let _ = done_rx.recv();
+            })
+        };
+        let network_tid = tid_rx.recv().unwrap();
+        let network_cpus = thread_cpus(network_tid).unwrap();
+        assert!(ready.seat_check_due().is_none(), "nothing to check yet");
+        let stop = Arc::new(AtomicBool::new(false));
+        let spinner = {
+            let (port, stop) = (Arc::clone(&port), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let before = thread_cpus(0).unwrap();
+                port.colocate();
+                let seated = port.is_colocated();
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+                (before, seated, thread_cpus(0).unwrap())
+            })
+        };
+        // The checks, as the network thread makes them (any thread may).
+        let give_up = Instant::now() + Duration::from_secs(20);
+        while !port.is_colocated() && Instant::now() < give_up {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        while port.is_colocated() && Instant::now() < give_up {
+            std::thread::sleep(ready.seat_check_due().unwrap_or(SEAT_CHECK));
+            ready.check_seats();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (before, seated, after) = spinner.join().unwrap();
+        assert!(seated, "the spinning thread sat next to the network thread");
+        assert!(!port.is_colocated(), "it lost its seat within 20 s");
+        assert_eq!(after, before, "its CPUs are back");
+        assert_eq!(
+            thread_cpus(network_tid).unwrap(),
+            network_cpus,
+            "and the network thread's"
+        );
+        assert!(ready.seat_check_due().is_none(), "no seat to check");
+        done_tx.send(()).unwrap();
+        network.join().unwrap();
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Thin wrappers over the Linux calls no crate offers us: `epoll_pwait2`
 //! (epoll with a nanosecond timeout), `TUNSETIFF` (attach to a TAP device),
-//! an interface's host side (link up, a packet socket on it) and socket
-//! options. The only `unsafe` code of this crate; each block has its
+//! an interface's host side (link up, a packet socket on it), socket
+//! options and thread placement (which CPUs a thread may run on, how much
+//! CPU it used). The only `unsafe` code of this crate; each block has its
 //! `SAFETY:` argument.
 
 use std::io;
@@ -33,6 +34,110 @@ pub fn epoll_pwait2(epfd: RawFd, events: &mut [EpollEvent], timeout: Option<Dura
             ts_ptr,
             std::ptr::null(),
         )
+    }
+}
+
+/// The calling thread's kernel id (`gettid`).
+pub fn thread_id() -> libc::pid_t {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// The CPU the calling thread is running on (`sched_getcpu`), if the
+/// kernel says.
+pub fn current_cpu() -> Option<usize> {
+    // SAFETY: sched_getcpu takes no arguments; it returns -1 on failure.
+    let cpu = unsafe { libc::sched_getcpu() };
+    usize::try_from(cpu).ok()
+}
+
+/// A set of CPUs a thread may run on (`cpu_set_t`).
+#[derive(Clone, Copy)]
+pub struct CpuSet(libc::cpu_set_t);
+
+impl CpuSet {
+    /// The set holding `cpu` only.
+    pub fn only(cpu: usize) -> io::Result<Self> {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("CPU {cpu} is past CPU_SETSIZE"),
+            ));
+        }
+        // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `cpu` is below CPU_SETSIZE (checked above), so CPU_SET
+        // stays inside `set`.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+        Ok(Self(set))
+    }
+
+    /// The CPUs in the set, in order.
+    pub fn cpus(&self) -> Vec<usize> {
+        (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: every index is below CPU_SETSIZE, inside the set.
+            .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &self.0) })
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for CpuSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.cpus()).finish()
+    }
+}
+
+/// The CPUs thread `tid` (0: the calling thread) may run on.
+pub fn thread_affinity(tid: libc::pid_t) -> io::Result<CpuSet> {
+    // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity writes at most `size_of::<cpu_set_t>()`
+    // bytes into `set`, which is a whole cpu_set_t living across the call.
+    let r =
+        unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(CpuSet(set))
+}
+
+/// Lets thread `tid` (0: the calling thread) run on the CPUs of `set` only.
+pub fn set_thread_affinity(tid: libc::pid_t, set: &CpuSet) -> io::Result<()> {
+    // SAFETY: sched_setaffinity reads `size_of::<cpu_set_t>()` bytes from
+    // `set.0`, which is a whole cpu_set_t living across the call.
+    let r = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set.0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Lets thread `tid` (0: the calling thread) run on `cpu` only.
+pub fn pin_thread(tid: libc::pid_t, cpu: usize) -> io::Result<()> {
+    set_thread_affinity(tid, &CpuSet::only(cpu)?)
+}
+
+/// The CPUs thread `tid` (0: the calling thread) may run on (for tests).
+#[cfg(test)]
+pub fn thread_cpus(tid: libc::pid_t) -> io::Result<Vec<usize>> {
+    thread_affinity(tid).map(|set| set.cpus())
+}
+
+/// How long thread `tid` of this process has run on a CPU and waited
+/// for one (runnable but not running), from `/proc/self/task/TID/schedstat`.
+/// Fails if `tid` is not (or no longer) a thread of this process.
+pub fn thread_run_and_wait(tid: libc::pid_t) -> io::Result<(Duration, Duration)> {
+    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))?;
+    let mut fields = text.split_ascii_whitespace().map(str::parse::<u64>);
+    match (fields.next(), fields.next()) {
+        (Some(Ok(run)), Some(Ok(wait))) => {
+            Ok((Duration::from_nanos(run), Duration::from_nanos(wait)))
+        }
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected schedstat of thread {tid}: {text:?}"),
+        )),
     }
 }
 

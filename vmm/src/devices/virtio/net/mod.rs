@@ -414,6 +414,8 @@ impl VirtioDevice for Net {
         let [rx, tx] = queues else {
             return Ok(Progress::default());
         };
+        // On the vCPU thread: run next to the network thread if there is room.
+        self.port.colocate();
         // Both directions on every call, whatever was notified: a transmit
         // error must not keep frames from being received, and vice versa.
         let sent = self.transmit(mem, tx);
