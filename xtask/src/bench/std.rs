@@ -469,7 +469,8 @@ pub fn run(ws: &Workspace, opts: &StdOptions) -> Result<()> {
             up: (echo_up, "spawn to first reply"),
             load_label: format!("echo req/s, {} connections", opts.clients),
             load: |port| echo_load(port, opts.clients, opts.requests),
-            note: "; Hermit's published uhyve hello: 60 ms to first output",
+            note: "; for scale, not measured here: Hermit publishes 60 ms from uhyve's start \
+                   to its hello's first output",
         },
     )?;
 
