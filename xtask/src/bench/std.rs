@@ -40,7 +40,7 @@ const WRK_SECS: u64 = 5;
 /// axum-hello's port when run without arguments (under the daemon).
 const AXUM_PORT: u16 = 8080;
 /// Round trips timed with and without a spinning thread.
-const SPIN_ROUND_TRIPS: usize = 100;
+const SPIN_ROUND_TRIPS: usize = 200;
 /// How long an idle image's CPU time is measured.
 const IDLE: Duration = Duration::from_secs(3);
 /// How long a server may take to answer its first request.
@@ -531,7 +531,7 @@ fn timeslices(servers: &[Server; 2]) -> Result<()> {
     thread::sleep(IDLE);
     let used = cpu_seconds(pid)? - before;
     println!(
-        "\nidle {} (one thread listening): {:.0} ms of host CPU in {} s",
+        "\nidle: {}, one thread listening: {:.0} ms of host CPU in {} s",
         servers[0].name(APP),
         used * 1e3,
         IDLE.as_secs()
