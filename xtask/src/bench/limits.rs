@@ -13,11 +13,15 @@
 //! - `/dev/zero` as an image: the time to the 400;
 //! - the daemon out of file descriptors (`prlimit`) with connections waiting: its CPU time
 //!   and `accept failed` warnings over [`NO_FDS`].
+//! - [`FOLLOWERS`] console followers (`logs --follow`) that never read while the `hostile`
+//!   app floods its console: the daemon's RSS growth over [`FOLLOW_WATCH`], and whether they
+//!   were cut.
 //!
 //! Prints a markdown table with each bound; fails if one is exceeded.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -47,6 +51,16 @@ const LORIS_TIMEOUT: Duration = Duration::from_secs(5);
 const NO_FDS: Duration = Duration::from_secs(5);
 /// How long thread counts are watched after a flood.
 const WATCH: Duration = Duration::from_secs(3);
+/// Console followers that never read.
+const FOLLOWERS: usize = 4;
+/// How long the stalled followers are watched: past the 10 s a follower with a full queue
+/// has before it is cut.
+const FOLLOW_WATCH: Duration = Duration::from_secs(15);
+/// What one stalled follower may hold: its queue of lines (`daemon::logs::QUEUE`, 1,024)
+/// of at most `vmm::console::MAX_LINE` (4 KiB) each, with 64 bytes of overhead a line.
+const FOLLOWER_BYTES: u64 = 1024 * (4096 + 64);
+/// The daemon's RSS growth allowed on top of its followers' queues (as the test's bound).
+const FOLLOW_SLACK_MIB: u64 = 48;
 /// How quickly a call the daemon should answer at once must come back on a loaded host.
 const QUICK: Duration = Duration::from_secs(1);
 /// Threads a daemon may start beyond one per connection slot (the accept loop, the reaper).
@@ -123,7 +137,7 @@ fn closed(c: &mut TcpStream) -> bool {
     }
 }
 
-fn idle_connections(shim: &std::path::Path, dir: &TempDir, runs: usize) -> Result<Vec<Row>> {
+fn idle_connections(shim: &Path, dir: &TempDir, runs: usize) -> Result<Vec<Row>> {
     let d = Daemon::start(shim, "conns", 1, &dir.0)?;
     serving(&d)?;
     let pid = d.pid();
@@ -174,7 +188,7 @@ fn idle_connections(shim: &std::path::Path, dir: &TempDir, runs: usize) -> Resul
     ])
 }
 
-fn half_handshakes(shim: &std::path::Path, dir: &TempDir) -> Result<Row> {
+fn half_handshakes(shim: &Path, dir: &TempDir) -> Result<Row> {
     let d = Daemon::secure(shim, "tls", 2, &dir.0, &[])?;
     // The identity's own CLI call is the readiness check (TLS, pin and token from its dir).
     d.cli(&["list"]).context("the secure daemon's first call")?;
@@ -244,7 +258,7 @@ fn big_body(addr: &str) -> Result<u16> {
     Ok(status)
 }
 
-fn bodies(shim: &std::path::Path, dir: &TempDir) -> Result<Row> {
+fn bodies(shim: &Path, dir: &TempDir) -> Result<Row> {
     let d = Daemon::start(shim, "bodies", 3, &dir.0)?;
     serving(&d)?;
     let pid = d.pid();
@@ -288,7 +302,7 @@ fn bodies(shim: &std::path::Path, dir: &TempDir) -> Result<Row> {
     })
 }
 
-fn slow_loris(shim: &std::path::Path, dir: &TempDir) -> Result<Row> {
+fn slow_loris(shim: &Path, dir: &TempDir) -> Result<Row> {
     let secs = LORIS_TIMEOUT.as_secs();
     let d = Daemon::start_with(
         shim,
@@ -332,7 +346,7 @@ fn slow_loris(shim: &std::path::Path, dir: &TempDir) -> Result<Row> {
     })
 }
 
-fn dev_zero(shim: &std::path::Path, dir: &TempDir, runs: usize) -> Result<Row> {
+fn dev_zero(shim: &Path, dir: &TempDir, runs: usize) -> Result<Row> {
     let d = Daemon::start(shim, "zero", 5, &dir.0)?;
     serving(&d)?;
     let client = Client::new(&d.addr);
@@ -389,7 +403,7 @@ fn soft_nofile(pid: u32) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-fn out_of_fds(shim: &std::path::Path, dir: &TempDir) -> Result<Row> {
+fn out_of_fds(shim: &Path, dir: &TempDir) -> Result<Row> {
     let d = Daemon::start(shim, "fds", 6, &dir.0)?;
     serving(&d)?;
     let pid = d.pid();
@@ -426,11 +440,75 @@ fn out_of_fds(shim: &std::path::Path, dir: &TempDir) -> Result<Row> {
     })
 }
 
+fn stalled_followers(shim: &Path, dir: &TempDir, hostile: &Path) -> Result<Row> {
+    let d = Daemon::start(shim, "follow", 7, &dir.0)?;
+    serving(&d)?;
+    let pid = d.pid();
+    Client::new(&d.addr)
+        .run(&RunRequest {
+            name: "hostile".into(),
+            image: hostile.to_string_lossy().into_owned(),
+            mem: 64 << 20,
+            args: vec!["console-flood".into()],
+            ..RunRequest::default()
+        })
+        .context("running the hostile app")?;
+    let rss = || super::density::proc_status_kib(pid, "VmRSS:");
+    let before = rss()?;
+    let mut followers = (0..FOLLOWERS)
+        .map(|_| -> Result<TcpStream> {
+            let mut c = connect(&d.addr)?;
+            c.write_all(
+                b"POST /v1/instances/hostile/logs/follow HTTP/1.1\r\nHost: bench\r\n\
+                  Connection: Upgrade\r\nUpgrade: host-shim-progress\r\nContent-Length: 0\r\n\r\n",
+            )?;
+            Ok(c) // never read until the end
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let start = Instant::now();
+    let mut peak = before;
+    while start.elapsed() < FOLLOW_WATCH {
+        peak = peak.max(rss()?);
+        thread::sleep(Duration::from_millis(100));
+    }
+    Client::new(&d.addr)
+        .info()
+        .context("GET /v1/info with stalled followers")?;
+    let mut cut = 0;
+    for c in &mut followers {
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        if closed(c) {
+            cut += 1;
+        }
+    }
+    let growth_mib = peak.saturating_sub(before) as f64 / 1024.0;
+    let bound =
+        (FOLLOWERS as u64 * FOLLOWER_BYTES) as f64 / f64::from(1 << 20) + FOLLOW_SLACK_MIB as f64;
+    Ok(Row {
+        attack: format!(
+            "{FOLLOWERS} `logs --follow` clients that never read while the guest floods its \
+             console"
+        ),
+        measured: format!(
+            "daemon RSS {:.1} MiB before, peak {:.1} MiB (+{growth_mib:.1}) over {} s; {cut} of \
+             {FOLLOWERS} cut",
+            before as f64 / 1024.0,
+            peak as f64 / 1024.0,
+            FOLLOW_WATCH.as_secs()
+        ),
+        bound: format!(
+            "growth ≤ {bound:.0} MiB ({FOLLOWERS} × the queue + {FOLLOW_SLACK_MIB} MiB); all cut"
+        ),
+        held: growth_mib <= bound && cut == FOLLOWERS,
+    })
+}
+
 pub fn run(ws: &Workspace, opts: &LimitsOptions) -> Result<()> {
     if opts.runs == 0 {
         bail!("--runs must be at least 1");
     }
     require("prlimit", "util-linux")?;
+    let hostile = image::build_images(ws, &[ws.app("hostile")?], image::Profile::Release)?;
     let shim = image::build_shim(ws)?;
     let dir = TempDir::new("limits")?;
     let mut rows = Vec::new();
@@ -446,6 +524,8 @@ pub fn run(ws: &Workspace, opts: &LimitsOptions) -> Result<()> {
     rows.push(dev_zero(&shim, &dir, opts.runs)?);
     eprintln!("bench limits: out of file descriptors");
     rows.push(out_of_fds(&shim, &dir)?);
+    eprintln!("bench limits: {FOLLOWERS} stalled console followers");
+    rows.push(stalled_followers(&shim, &dir, &hostile[0].path)?);
 
     println!(
         "### What hostile callers can make a daemon hold (release host-shim serve, default limits)\n"
