@@ -166,12 +166,16 @@ fn first_reply_ms(server: &Server, up: Up) -> Result<f64> {
     Ok(start.elapsed().as_secs_f64() * 1e3)
 }
 
-fn echo_up(port: u16, server: &mut Guard) -> Result<()> {
-    until(&format!("std-echo on port {port}"), || {
+/// A connection to a freshly spawned std-echo that got its first reply.
+fn echo_client(port: u16, server: &mut Guard) -> Result<Client> {
+    until(&format!("{APP} on port {port}"), || {
         alive(server)?;
         Ok(Client::try_ping(port))
     })
-    .map(drop)
+}
+
+fn echo_up(port: u16, server: &mut Guard) -> Result<()> {
+    echo_client(port, server).map(drop)
 }
 
 /// Whether `GET /json` on `port` answers 200.
@@ -498,10 +502,7 @@ fn timeslices(servers: &[Server; 2]) -> Result<()> {
     ] {
         let port = free_port()?;
         let mut guard = server.spawn(port, if spin { &["--spin"] } else { &[] })?;
-        let mut c = until(&format!("{APP} on port {port}"), || {
-            alive(&mut guard)?;
-            Ok(Client::try_ping(port))
-        })?;
+        let mut c = echo_client(port, &mut guard)?;
         let mut took = Vec::with_capacity(SPIN_ROUND_TRIPS);
         for i in 0..SPIN_ROUND_TRIPS {
             let t = Instant::now();
