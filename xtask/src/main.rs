@@ -280,6 +280,15 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// What hostile API callers can make a `host-shim serve` daemon hold (threads, RSS, CPU)
+    /// and how fast it refuses them: idle and half-sent connections, half TLS handshakes,
+    /// big bodies, a slow loris, /dev/zero as an image, no file descriptors. Prints a
+    /// markdown table with each bound; fails if one is exceeded.
+    Limits {
+        /// Timed GET /v1/info calls and /dev/zero refusals.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
     /// App checkpoints of the kv unikernel (10k and 100k keys): size vs raw key+value
     /// bytes, checkpoint time, and restore time (process start to first PING reply) under
     /// our shim and QEMU (TCG) vs a plain boot. Needs redis-tools, QEMU and /dev/kvm.
@@ -395,6 +404,9 @@ fn dispatch(ws: &Workspace, command: Cmd) -> Result<()> {
                 rounds,
             },
         ),
+        Cmd::Bench(BenchCmd::Limits { runs }) => {
+            bench::limits::run(ws, &bench::limits::LimitsOptions { runs })
+        }
         Cmd::Bench(BenchCmd::Checkpoint { runs }) => {
             bench::checkpoint::run(ws, &bench::checkpoint::CheckpointOptions { runs })
         }

@@ -63,7 +63,7 @@ struct Footprint {
     listening: usize,
 }
 
-fn proc_status_kib(pid: u32, field: &str) -> Result<u64> {
+pub(crate) fn proc_status_kib(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()

@@ -9,6 +9,7 @@
 //! - [`fleet`]: the fleet's costs: migration downtime with TLS vs the plain stream, and
 //!   deploy-to-first-reply time on a secure and a plain host ([`deploy`]).
 //! - [`std_app`] (`std.rs`): an ordinary std app (std-echo) as an image vs as a native process.
+//! - [`limits`]: what hostile API callers can make a daemon hold, and how fast it refuses them.
 
 pub mod boot;
 pub mod checkpoint;
@@ -16,6 +17,7 @@ pub mod control_plane;
 pub mod density;
 pub mod deploy;
 pub mod fleet;
+pub mod limits;
 pub mod migrate;
 pub mod net;
 #[path = "std.rs"]

@@ -548,7 +548,7 @@ fn serve_http(mut stream: TcpStream) -> std::io::Result<()> {
 }
 
 /// The load average of the last minute.
-fn load_average() -> String {
+pub(crate) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|l| l.split_whitespace().next().map(str::to_owned))

@@ -5,6 +5,9 @@
 //! - boot (or spawn) to the first echo reply through a published port (medians of `runs`);
 //! - echo round trips with `clients` connections at once: requests/s and p99 latency,
 //!   image vs native, interleaved over `rounds`;
+//! - timeslices: round trips on one connection while another thread spins without one ABI
+//!   call (`--spin`; only the monitor's 10 ms timeslice timer takes the vCPU back), vs without
+//!   it and vs native; and the host CPU of an idle image (one thread listening);
 //! - live migration downtime of std-echo between two shim daemons while a client keeps
 //!   echoing on one connection (the client's longest gap between replies too);
 //! - the same for `apps/axum-hello` (axum + tokio) with `wrk` as the client: sizes, boot
@@ -13,7 +16,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,7 +25,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::migrate::{parse_output, Daemon, TempDir};
+use super::migrate::{parse_output, Daemon, TempDir, SETTLE};
+use super::net::cpu_seconds;
 use super::{free_port, median, Guard};
 use crate::image::{self, Profile};
 use crate::workspace::{self, Workspace};
@@ -33,6 +37,12 @@ const AXUM: &str = "axum-hello";
 const GUEST_PORT: u16 = 7;
 /// Length of one `wrk` measurement.
 const WRK_SECS: u64 = 5;
+/// axum-hello's port when run without arguments (under the daemon).
+const AXUM_PORT: u16 = 8080;
+/// Round trips timed with and without a spinning thread.
+const SPIN_ROUND_TRIPS: usize = 200;
+/// How long an idle image's CPU time is measured.
+const IDLE: Duration = Duration::from_secs(3);
 /// How long a server may take to answer its first request.
 const UP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -71,23 +81,33 @@ impl Client {
         Ok(reply)
     }
 
-    /// Connects and gets one reply, retrying until `UP_TIMEOUT`.
-    fn when_up(port: u16, server: &mut Guard) -> Result<Self> {
-        let deadline = Instant::now() + UP_TIMEOUT;
-        loop {
-            if let Some(status) = server.0.try_wait()? {
-                bail!("the server exited ({status}) before answering");
-            }
-            if let Ok(mut c) = Self::connect(port) {
-                if c.ask("ping").is_ok() {
-                    return Ok(c);
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("no reply on port {port} within {UP_TIMEOUT:?}");
-            }
-            thread::sleep(Duration::from_millis(2));
+    /// A connection that got its reply to `ping`, if the server answers on `port` now.
+    fn try_ping(port: u16) -> Option<Self> {
+        let mut c = Self::connect(port).ok()?;
+        c.ask("ping").is_ok().then_some(c)
+    }
+}
+
+/// Retries `probe` every few ms until it gives a value, for at most `UP_TIMEOUT`; `probe`
+/// fails at once when the server it waits for is gone.
+fn until<T>(what: &str, mut probe: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + UP_TIMEOUT;
+    loop {
+        if let Some(v) = probe()? {
+            return Ok(v);
         }
+        if Instant::now() > deadline {
+            bail!("{what}: no reply within {UP_TIMEOUT:?}");
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Fails if a spawned server exited.
+fn alive(server: &mut Guard) -> Result<()> {
+    match server.0.try_wait()? {
+        Some(status) => bail!("the server exited ({status}) before answering"),
+        None => Ok(()),
     }
 }
 
@@ -98,7 +118,8 @@ enum Server<'a> {
 }
 
 impl Server<'_> {
-    fn spawn(&self, port: u16) -> Result<Guard> {
+    /// Starts the server on `port` with `extra` arguments.
+    fn spawn(&self, port: u16, extra: &[&str]) -> Result<Guard> {
         let mut cmd = match self {
             Server::Image { shim, image } => {
                 let mut c = Command::new(shim);
@@ -106,12 +127,13 @@ impl Server<'_> {
                     .arg(image)
                     .args(["--publish", &format!("{port}:{GUEST_PORT}")])
                     .args(["--timeout", "600"])
-                    .args(["--", "--port", &GUEST_PORT.to_string()]);
+                    .args(["--", "--port", &GUEST_PORT.to_string()])
+                    .args(extra);
                 c
             }
             Server::Native { binary } => {
                 let mut c = Command::new(binary);
-                c.args(["--port", &port.to_string()]);
+                c.args(["--port", &port.to_string()]).args(extra);
                 c
             }
         };
@@ -139,13 +161,21 @@ type Up = fn(u16, &mut Guard) -> Result<()>;
 fn first_reply_ms(server: &Server, up: Up) -> Result<f64> {
     let port = free_port()?;
     let start = Instant::now();
-    let mut guard = server.spawn(port)?;
+    let mut guard = server.spawn(port, &[])?;
     up(port, &mut guard)?;
     Ok(start.elapsed().as_secs_f64() * 1e3)
 }
 
+/// A connection to a freshly spawned std-echo that got its first reply.
+fn echo_client(port: u16, server: &mut Guard) -> Result<Client> {
+    until(&format!("{APP} on port {port}"), || {
+        alive(server)?;
+        Ok(Client::try_ping(port))
+    })
+}
+
 fn echo_up(port: u16, server: &mut Guard) -> Result<()> {
-    Client::when_up(port, server).map(drop)
+    echo_client(port, server).map(drop)
 }
 
 /// Whether `GET /json` on `port` answers 200.
@@ -163,19 +193,10 @@ fn http_ok(port: u16) -> bool {
 
 /// Waits until axum-hello answers `GET /json` (`UP_TIMEOUT`).
 fn http_up(port: u16, server: &mut Guard) -> Result<()> {
-    let deadline = Instant::now() + UP_TIMEOUT;
-    loop {
-        if let Some(status) = server.0.try_wait()? {
-            bail!("the server exited ({status}) before answering");
-        }
-        if http_ok(port) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("no HTTP reply on port {port} within {UP_TIMEOUT:?}");
-        }
-        thread::sleep(Duration::from_millis(2));
-    }
+    until(&format!("axum-hello on port {port}"), || {
+        alive(server)?;
+        Ok(http_ok(port).then_some(()))
+    })
 }
 
 /// What one `wrk` run measured.
@@ -272,33 +293,65 @@ fn echo_load(port: u16, clients: usize, requests: usize) -> Result<(f64, f64)> {
     Ok((all.len() as f64 / secs, p99))
 }
 
-/// Migrates std-echo A -> B -> A ... under a one-connection echo load: (downtimes, gaps) in ms.
+/// Two daemons on loopback, an app running on the first, published on `port`.
+struct Pair {
+    _dir: TempDir,
+    a: Daemon,
+    b: Daemon,
+    port: u16,
+}
+
+impl Pair {
+    /// Runs `image` on the first daemon as `name`, published on a port of ours to
+    /// `guest_port`; returns `probe`'s first answer through it too (`probe` gets the port).
+    fn start<T>(
+        shim: &Path,
+        image: &Path,
+        (name, guest_port): (&str, u16),
+        shim_ids: (u8, u8),
+        mut probe: impl FnMut(u16) -> Option<T>,
+    ) -> Result<(Self, T)> {
+        let dir = TempDir::new(&format!("{name}-migrate"))?;
+        let a = Daemon::start(shim, &format!("{name}-a"), shim_ids.0, &dir.0)?;
+        let b = Daemon::start(shim, &format!("{name}-b"), shim_ids.1, &dir.0)?;
+        let port = free_port()?;
+        let img = image.to_string_lossy().into_owned();
+        let publish = format!("{port}:{guest_port}");
+        a.cli(&["run", &img, "--name", name, "--publish", &publish])?;
+        let first = until(&format!("{name} under the daemon"), || Ok(probe(port)))?;
+        let pair = Self {
+            _dir: dir,
+            a,
+            b,
+            port,
+        };
+        Ok((pair, first))
+    }
+
+    /// Migrates `name` A -> B -> A ... `runs` times, `settle` before each and after the
+    /// last: downtimes in ms.
+    fn migrate(&self, name: &str, runs: usize, settle: Duration) -> Result<Vec<f64>> {
+        let mut downtimes = Vec::with_capacity(runs);
+        for i in 0..runs {
+            let (from, to) = if i % 2 == 0 {
+                (&self.a, &self.b)
+            } else {
+                (&self.b, &self.a)
+            };
+            thread::sleep(settle);
+            let out = from.cli(&["migrate", name, "--to", &to.addr, "--json"])?;
+            downtimes.push(parse_output(&out)?.downtime_ms);
+        }
+        thread::sleep(settle);
+        Ok(downtimes)
+    }
+}
+
+/// Migrates std-echo A -> B -> A ... under a one-connection echo load: (downtimes, the
+/// client's longest gap between replies) in ms.
 fn migrations(shim: &Path, image: &Path, runs: usize) -> Result<(Vec<f64>, f64)> {
-    let dir = TempDir::new("std-migrate")?;
-    let a = Daemon::start(shim, "std-a", 1, &dir.0)?;
-    let b = Daemon::start(shim, "std-b", 2, &dir.0)?;
-    let port = free_port()?;
-    let img = image.to_string_lossy().into_owned();
-    a.cli(&[
-        "run",
-        &img,
-        "--name",
-        "echo",
-        "--publish",
-        &format!("{port}:7"),
-    ])?;
-    let deadline = Instant::now() + UP_TIMEOUT;
-    let mut client = loop {
-        if let Ok(mut c) = Client::connect(port) {
-            if c.ask("ping").is_ok() {
-                break c;
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("std-echo did not answer under the daemon");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
+    let (pair, mut client) =
+        Pair::start(shim, image, ("echo", GUEST_PORT), (1, 2), Client::try_ping)?;
     let stop = Arc::new(AtomicBool::new(false));
     let loader = {
         let stop = stop.clone();
@@ -313,67 +366,178 @@ fn migrations(shim: &Path, image: &Path, runs: usize) -> Result<(Vec<f64>, f64)>
             Ok(gap.as_secs_f64() * 1e3)
         })
     };
-    let mut downtimes = Vec::new();
-    for i in 0..runs {
-        let (from, to) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
-        thread::sleep(Duration::from_millis(300));
-        let out = from.cli(&["migrate", "echo", "--to", &to.addr, "--json"])?;
-        downtimes.push(parse_output(&out)?.downtime_ms);
-    }
-    thread::sleep(Duration::from_millis(300));
+    // Migrate even when the client fails meanwhile, so that its error is the one reported.
+    let downtimes = pair.migrate("echo", runs, SETTLE);
     stop.store(true, Ordering::Relaxed);
     let gap = loader
         .join()
         .map_err(|_| anyhow::anyhow!("load client panicked"))?
         .context("the client under load failed")?;
-    Ok((downtimes, gap))
+    Ok((downtimes?, gap))
+}
+
+/// The image and the native binary of one app.
+struct Built {
+    image: PathBuf,
+    native: PathBuf,
+}
+
+impl Built {
+    fn servers<'a>(&'a self, shim: &'a Path) -> [Server<'a>; 2] {
+        [
+            Server::Image {
+                shim,
+                image: &self.image,
+            },
+            Server::Native {
+                binary: &self.native,
+            },
+        ]
+    }
+}
+
+/// What [`image_vs_native`] measures of one app.
+struct Comparison<'a, L> {
+    app: &'static str,
+    /// Said of the app in the table's title.
+    what: &'static str,
+    /// More images whose sizes are shown (for scale).
+    also: &'a [&'static str],
+    up: (Up, &'static str),
+    load_label: String,
+    load: L,
+    /// Printed after the throughput ratio.
+    note: &'static str,
+}
+
+/// Builds `c.app` as an image and natively, prints their sizes and [`compare`]'s table and
+/// the image/native throughput.
+fn image_vs_native<L: Fn(u16) -> Result<(f64, f64)>>(
+    ws: &Workspace,
+    shim: &Path,
+    opts: &StdOptions,
+    c: Comparison<L>,
+) -> Result<Built> {
+    let apps = std::iter::once(c.app)
+        .chain(c.also.iter().copied())
+        .map(|a| ws.app(a))
+        .collect::<Result<Vec<_>>>()?;
+    let images = image::build_images(ws, &apps, Profile::Release)?;
+    workspace::run(ws.cargo().args(["build", "--release", "-p", c.app]))
+        .with_context(|| format!("building {} natively", c.app))?;
+    let built = Built {
+        image: images[0].path.clone(),
+        native: ws.target_dir.join("release").join(c.app),
+    };
+    println!(
+        "\n### std apps: {} ({}) as an image vs as a native process\n",
+        c.app, c.what
+    );
+    println!("| binary | size |\n|---|---:|");
+    for image in &images {
+        println!("| {}.img | {} |", image.app, image::kib(image.size));
+    }
+    println!(
+        "| native {} (Linux, release) | {} |",
+        c.app,
+        image::kib(std::fs::metadata(&built.native)?.len())
+    );
+    let ratio = compare(
+        c.app,
+        &built.servers(shim),
+        opts,
+        c.up,
+        &c.load_label,
+        c.load,
+    )?;
+    println!(
+        "\nimage/native throughput: {ratio:.2}x (target >= 0.5x){}",
+        c.note
+    );
+    Ok(built)
 }
 
 pub fn run(ws: &Workspace, opts: &StdOptions) -> Result<()> {
     if opts.runs == 0 || opts.rounds == 0 || opts.clients == 0 || opts.requests == 0 {
         bail!("--runs, --rounds, --clients and --requests must be at least 1");
     }
-    let images = image::build_images(ws, &[ws.app(APP)?, ws.app("hello")?], Profile::Release)?;
     let shim = image::build_shim(ws)?;
-    workspace::run(ws.cargo().args(["build", "--release", "-p", APP]))
-        .context("building std-echo natively")?;
-    let native = ws.target_dir.join("release").join(APP);
-    let img = &images[0].path;
-    let servers = [
-        Server::Image {
-            shim: &shim,
-            image: img,
-        },
-        Server::Native { binary: &native },
-    ];
-
-    println!("### std apps: {APP} as an image vs as a native process\n");
-    println!("| binary | size |\n|---|---:|");
-    for image in &images {
-        println!("| {}.img | {} |", image.app, image::kib(image.size));
-    }
-    println!(
-        "| native {APP} (Linux, release) | {} |",
-        image::kib(std::fs::metadata(&native)?.len())
-    );
-
-    let ratio = compare(
-        APP,
-        &servers,
+    let echo = image_vs_native(
+        ws,
+        &shim,
         opts,
-        (echo_up, "spawn to first reply"),
-        &format!("echo req/s, {} connections", opts.clients),
-        |port| echo_load(port, opts.clients, opts.requests),
+        Comparison {
+            app: APP,
+            what: "threads, std::net",
+            also: &["hello"],
+            up: (echo_up, "spawn to first reply"),
+            load_label: format!("echo req/s, {} connections", opts.clients),
+            load: |port| echo_load(port, opts.clients, opts.requests),
+            note: "; for scale, not measured here: Hermit publishes 60 ms from uhyve's start \
+                   to its hello's first output",
+        },
     )?;
-    println!(
-        "\nimage/native throughput: {ratio:.2}x (target >= 0.5x); Hermit's published uhyve hello: 60 ms to first output"
-    );
+
+    eprintln!("bench std: timeslices");
+    timeslices(&echo.servers(&shim))?;
 
     eprintln!("bench std: migrations");
-    let (downtimes, gap) = migrations(&shim, img, opts.runs)?;
+    let (downtimes, gap) = migrations(&shim, &echo.image, opts.runs)?;
     downtime_rows(&format!("{APP} under echo load"), &downtimes);
     println!("| client's longest gap between replies, ms | {gap:.1} | |");
     axum(ws, &shim, opts)
+}
+
+/// Echo round trips on one connection to std-echo, with and without a thread that spins
+/// without one ABI call (`--spin`: only the monitor's timeslice timer takes the vCPU back
+/// from it), image and native; and the image's idle CPU with one thread listening.
+fn timeslices(servers: &[Server; 2]) -> Result<()> {
+    println!(
+        "\n| {APP}: {SPIN_ROUND_TRIPS} echo round trips on one connection | median, ms | p99, ms | slowest, ms |\n|---|---:|---:|---:|"
+    );
+    for (server, spin) in [
+        (&servers[0], true),
+        (&servers[0], false),
+        (&servers[1], true),
+    ] {
+        let port = free_port()?;
+        let mut guard = server.spawn(port, if spin { &["--spin"] } else { &[] })?;
+        let mut c = echo_client(port, &mut guard)?;
+        let mut took = Vec::with_capacity(SPIN_ROUND_TRIPS);
+        for i in 0..SPIN_ROUND_TRIPS {
+            let t = Instant::now();
+            c.ask(&format!("line {i}"))?;
+            took.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        took.sort_by(f64::total_cmp);
+        let p99 = took[(took.len() * 99 / 100).min(took.len() - 1)];
+        let slowest = took[took.len() - 1];
+        let what = if spin {
+            "while another thread spins without ABI calls"
+        } else {
+            "no other thread"
+        };
+        println!(
+            "| {}, {what} | {:.2} | {p99:.2} | {slowest:.2} |",
+            server.name(APP),
+            median(took)
+        );
+    }
+    // Idle: one thread waiting in accept, no timer armed.
+    let port = free_port()?;
+    let mut guard = servers[0].spawn(port, &[])?;
+    echo_up(port, &mut guard)?;
+    let pid = guard.0.id();
+    let before = cpu_seconds(pid)?;
+    thread::sleep(IDLE);
+    let used = cpu_seconds(pid)? - before;
+    println!(
+        "\nidle: {}, one thread listening: {:.0} ms of host CPU in {} s",
+        servers[0].name(APP),
+        used * 1e3,
+        IDLE.as_secs()
+    );
+    Ok(())
 }
 
 /// `app` as an image and as a native process, side by side: `opts.runs`
@@ -401,7 +565,7 @@ fn compare(
         eprintln!("bench std: {app} load round {}/{}", round + 1, opts.rounds);
         for (i, s) in servers.iter().enumerate() {
             let port = free_port()?;
-            let mut guard = s.spawn(port)?;
+            let mut guard = s.spawn(port, &[])?;
             (up.0)(port, &mut guard)?;
             loads[i].push(load(port).with_context(|| format!("load on the {}", s.name(app)))?);
         }
@@ -445,40 +609,29 @@ fn axum(ws: &Workspace, shim: &Path, opts: &StdOptions) -> Result<()> {
         package: "wrk",
         why: "HTTP load on axum-hello (bench std)",
     }])?;
-    let images = image::build_images(ws, &[ws.app(AXUM)?], Profile::Release)?;
-    workspace::run(ws.cargo().args(["build", "--release", "-p", AXUM]))
-        .context("building axum-hello natively")?;
-    let native = ws.target_dir.join("release").join(AXUM);
-    let img = &images[0].path;
-    let servers = [
-        Server::Image { shim, image: img },
-        Server::Native { binary: &native },
-    ];
-    println!("\n### std apps: {AXUM} (axum + tokio) as an image vs as a native process\n");
-    println!("| binary | size |\n|---|---:|");
-    println!("| {AXUM}.img | {} |", image::kib(images[0].size));
-    println!(
-        "| native {AXUM} (Linux, release) | {} |",
-        image::kib(std::fs::metadata(&native)?.len())
-    );
-    let ratio = compare(
-        AXUM,
-        &servers,
+    let built = image_vs_native(
+        ws,
+        shim,
         opts,
-        (http_up, "spawn to first HTTP reply"),
-        &format!("wrk req/s, {} connections, {WRK_SECS} s", opts.clients),
-        |port| {
-            let w = wrk(port, opts.clients, WRK_SECS)?;
-            if w.errors > 0 {
-                bail!("wrk saw {} errors", w.errors);
-            }
-            Ok((w.rps, w.p99_ms))
+        Comparison {
+            app: AXUM,
+            what: "axum + tokio",
+            also: &[],
+            up: (http_up, "spawn to first HTTP reply"),
+            load_label: format!("wrk req/s, {} connections, {WRK_SECS} s", opts.clients),
+            load: |port| {
+                let w = wrk(port, opts.clients, WRK_SECS)?;
+                if w.errors > 0 {
+                    bail!("wrk saw {} errors", w.errors);
+                }
+                Ok((w.rps, w.p99_ms))
+            },
+            note: "",
         },
     )?;
-    println!("\nimage/native throughput: {ratio:.2}x (target >= 0.5x)");
 
     eprintln!("bench std: {AXUM} migrations under wrk");
-    let (downtimes, during) = axum_migrations(shim, img, opts)?;
+    let (downtimes, during) = axum_migrations(shim, &built.image, opts)?;
     downtime_rows(
         &format!("{AXUM} under wrk ({} connections)", opts.clients),
         &downtimes,
@@ -492,43 +645,18 @@ fn axum(ws: &Workspace, shim: &Path, opts: &StdOptions) -> Result<()> {
 
 /// Migrates axum-hello A -> B -> A ... while `wrk` loads it: (downtimes in ms, wrk's run).
 fn axum_migrations(shim: &Path, image: &Path, opts: &StdOptions) -> Result<(Vec<f64>, Wrk)> {
-    let dir = TempDir::new("axum-migrate")?;
-    let a = Daemon::start(shim, "axum-a", 3, &dir.0)?;
-    let b = Daemon::start(shim, "axum-b", 4, &dir.0)?;
-    let port = free_port()?;
-    let img = image.to_string_lossy().into_owned();
-    a.cli(&[
-        "run",
-        &img,
-        "--name",
-        "web",
-        "--publish",
-        &format!("{port}:8080"),
-    ])?;
-    let deadline = Instant::now() + UP_TIMEOUT;
-    while !http_ok(port) {
-        if Instant::now() > deadline {
-            bail!("axum-hello did not answer under the daemon");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    // wrk runs through all migrations: 1 s before, 1 s between, 1 s after.
+    let (pair, ()) = Pair::start(shim, image, ("web", AXUM_PORT), (3, 4), |port| {
+        http_ok(port).then_some(())
+    })?;
+    // wrk runs through all migrations: 1 s before each, 1 s after the last (and 1 s spare).
     let secs = opts.runs as u64 + 2;
-    let clients = opts.clients;
+    let (port, clients) = (pair.port, opts.clients);
     let load = thread::spawn(move || wrk(port, clients, secs));
-    thread::sleep(Duration::from_secs(1));
-    let mut downtimes = Vec::new();
-    for i in 0..opts.runs {
-        let (from, to) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
-        let started = Instant::now();
-        let out = from.cli(&["migrate", "web", "--to", &to.addr, "--json"])?;
-        downtimes.push(parse_output(&out)?.downtime_ms);
-        thread::sleep(Duration::from_secs(1).saturating_sub(started.elapsed()));
-    }
+    let downtimes = pair.migrate("web", opts.runs, Duration::from_secs(1));
     let during = load
         .join()
         .map_err(|_| anyhow::anyhow!("wrk thread panicked"))??;
-    Ok((downtimes, during))
+    Ok((downtimes?, during))
 }
 
 #[cfg(test)]
