@@ -719,6 +719,7 @@ fn kv_serves_a_big_checkpoint_in_place_exactly_as_if_loaded() {
     // (~80 bytes measured: 2.39 MB in all here). 96 bytes for those and
     // 64 KiB for the changes of the script is the margin.
     let bound = N * 4 + N / 10 * 96 + (64 << 10);
+    eprintln!("heap of {N} restored keys: {keys_heap} bytes (bound {bound})");
     assert!(
         keys_heap <= bound,
         "{keys_heap} bytes of heap for {N} restored keys ({used} before FLUSHALL, \

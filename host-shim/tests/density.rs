@@ -43,6 +43,7 @@ fn idle_kv_anon_kib(mem: &str) -> u64 {
     let first = rss_anon_kib(shim.pid());
     std::thread::sleep(Duration::from_secs(2));
     let second = rss_anon_kib(shim.pid());
+    eprintln!("idle kv ({mem}): RssAnon {first} KiB, 2 s later {second} KiB");
     assert!(
         second <= first + 256,
         "an idle kv ({mem}) kept touching memory: {first} KiB, then {second} KiB"

@@ -505,6 +505,7 @@ fn assert_warnings_bounded(log: &str, needle: &str) {
     let (n, _) = log_lines(log, |l| l.contains(needle));
     let secs = ATTACK.as_secs() + 10;
     let bound = shim_util::limit::WARN_BURST + shim_util::limit::WARN_RATE * secs;
+    eprintln!("{n} warnings about {needle:?} in the log (bound {bound})");
     assert!(
         (n as u64) <= bound,
         "{n} warnings about {needle:?} in the log (bound {bound})"

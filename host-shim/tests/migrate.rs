@@ -254,6 +254,7 @@ fn free_heap_pages_stay_behind_and_the_heap_stays_sound() {
     let skipped = out
         .skipped
         .unwrap_or_else(|| panic!("no skipped-page count in {out:?}"));
+    eprintln!("freed pages left behind: {skipped} ({out:?})");
     assert!(
         skipped >= 1500,
         "the 8 MiB the guest freed should stay behind: {skipped}\n{out:?}"
