@@ -631,7 +631,7 @@ impl MachineHandle {
     pub fn join(&self) {
         if let Some(t) = lock(&self.thread).take() {
             if t.join().is_err() {
-                tracing::error!("vCPU thread {} panicked", self.id);
+                tracing::error!(vcpu = self.id, "vCPU thread panicked");
             }
         }
     }
