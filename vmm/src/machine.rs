@@ -185,7 +185,7 @@ impl Machine {
         vcpu.configure(&hv.cpuid, info.note.user_entry, hv.kvmclock)?;
         let devices = net_device(req.port);
         tracing::info!(
-            guest = %req.name,
+            instance = %req.name,
             mem_mib = req.mem_size >> 20,
             entry = format_args!("{:#x}", info.note.user_entry),
             kvmclock = hv.kvmclock,
