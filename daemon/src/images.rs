@@ -177,7 +177,11 @@ impl super::Daemon {
         body: &[u8],
     ) -> Result<ImageInfo, super::ApiError> {
         self.store()?.put(hash, body).map_err(|e| {
-            tracing::warn!(image = format_args!("sha256:{hash}"), error = %e, "image upload refused");
+            tracing::warn!(
+                image = format_args!("sha256:{hash}"),
+                error = %e,
+                "image upload refused",
+            );
             api(e)
         })
     }

@@ -88,7 +88,11 @@ impl RestartRecords {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(e) => {
-                tracing::error!(path = %self.dir.display(), error = %e, "cannot read the instance records");
+                tracing::error!(
+                    path = %self.dir.display(),
+                    error = %e,
+                    "cannot read the instance records",
+                );
                 return out;
             }
         };
@@ -185,7 +189,11 @@ impl Daemon {
                         Err(e) => Some(format!("not booted: cannot check who owns it: {e}")),
                     };
                     if let Some(why) = fenced {
-                        tracing::warn!(instance = %req.name, reason = %why, "its record is not booted");
+                        tracing::warn!(
+                            instance = %req.name,
+                            reason = %why,
+                            "its record is not booted",
+                        );
                         return BroughtBack {
                             name: req.name,
                             checkpoint: None,
