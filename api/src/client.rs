@@ -400,7 +400,7 @@ impl Client {
             if let Err(err) = stream.write_all(chunk) {
                 // The daemon may refuse (and close) before the whole body:
                 // its answer says why.
-                tracing::debug!("upload to {} cut short: {err}", self.addr);
+                tracing::debug!(host = %self.addr, error = %err, "upload cut short");
                 break;
             }
             sent += chunk.len() as u64;

@@ -535,7 +535,10 @@ pub fn serve<S: Service>(service: Arc<S>, listener: TcpListener, limits: &Limits
             .name("api-deadlines".into())
             .spawn(move || reap(&slots, timeout));
         if let Err(e) = reaper {
-            tracing::error!(error = %e, "cannot start the API deadline thread: no request deadlines");
+            tracing::error!(
+                error = %e,
+                "cannot start the API deadline thread: no request deadlines",
+            );
         }
     }
     let refused = RateLimited::new(WARN_EVERY);
@@ -653,11 +656,11 @@ fn serve_conn<S: Service>(server: &Server<S>, tcp: TcpStream, slot: &Slot, accep
         Ok(c) => c,
         // A bare TCP connect and close (a port probe) is not worth a warning.
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            tracing::debug!(%from, "the connection closed before its handshake: {e}");
+            tracing::debug!(peer = %from, error = %e, "the connection closed before its handshake");
             return;
         }
         Err(e) => {
-            tracing::warn!(%from, "refused a connection: handshake failed: {e}");
+            tracing::warn!(peer = %from, error = %e, "refused a connection: handshake failed");
             return;
         }
     };
@@ -666,7 +669,7 @@ fn serve_conn<S: Service>(server: &Server<S>, tcp: TcpStream, slot: &Slot, accep
     let head = match read_head(&mut conn) {
         Ok(h) => h,
         Err(e) => {
-            tracing::debug!(%from, "bad request: {e}");
+            tracing::debug!(peer = %from, error = %e, "bad request");
             let _ = respond_error(conn.get_mut(), 400, &format!("bad request: {e}"));
             return;
         }
@@ -684,7 +687,14 @@ fn serve_conn<S: Service>(server: &Server<S>, tcp: TcpStream, slot: &Slot, accep
             return;
         }
         Err(ApiError(status, why)) => {
-            tracing::warn!(status, "refused {method} {path} from {from}: {why}");
+            tracing::warn!(
+                %method,
+                %path,
+                peer = %from,
+                status,
+                error = %why,
+                "request refused"
+            );
             let _ = respond_error(conn.get_mut(), status, &why);
             return;
         }
@@ -740,7 +750,7 @@ fn serve_conn<S: Service>(server: &Server<S>, tcp: TcpStream, slot: &Slot, accep
         Err(ApiError(status, msg)) => respond_error(&mut stream, status, &msg),
     };
     if let Err(e) = result {
-        tracing::debug!(%method, %path, "answer not delivered: {e}");
+        tracing::debug!(%method, %path, error = %e, "answer not delivered");
     }
 }
 

@@ -134,11 +134,18 @@ fn pause_all(daemon: &Daemon, paused: &mut Paused) {
         };
         match handle.pause() {
             Ok(machine) => {
-                tracing::warn!(app = %name, "paused: this host's lease was not renewed in time");
+                tracing::warn!(
+                    instance = %name,
+                    "paused: this host's lease was not renewed in time",
+                );
                 paused.insert(name, machine);
             }
             Err(e) => {
-                tracing::warn!(app = %name, error = %e, "cannot pause a guest while the lease may lapse");
+                tracing::warn!(
+                    instance = %name,
+                    error = %e,
+                    "cannot pause a guest while the lease may lapse",
+                );
                 daemon.release(&name);
             }
         }
@@ -156,20 +163,24 @@ fn settle(daemon: &Daemon, link: &FleetLink, me: &str, paused: &mut Paused) {
                     h.resume(machine);
                 }
                 daemon.release(&name);
-                tracing::info!(app = %name, "resumed: the lease holds and this host owns it");
+                tracing::info!(instance = %name, "resumed: the lease holds and this host owns it");
             }
             Ok(Verdict::Fenced(owner)) => {
                 drop(paused.remove(&name));
                 daemon.release(&name);
                 daemon.forget(&name);
                 if let Err(crate::ApiError(_, e)) = daemon.stop(&name) {
-                    tracing::warn!(app = %name, error = %e, "cannot stop a fenced guest");
+                    tracing::warn!(instance = %name, error = %e, "cannot stop a fenced guest");
                 }
-                tracing::warn!(app = %name, %owner, "stopped: another host took it over while this one's lease lapsed");
+                tracing::warn!(
+                    instance = %name,
+                    %owner,
+                    "stopped: another host took it over while this one's lease lapsed",
+                );
             }
             // The store cannot say: stays paused, asked again next time.
             Err(e) => {
-                tracing::warn!(app = %name, error = %e, "cannot check who owns a paused guest")
+                tracing::warn!(instance = %name, error = %e, "cannot check who owns a paused guest")
             }
         }
     }

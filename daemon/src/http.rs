@@ -121,7 +121,7 @@ impl Service for Api {
         };
         match conn.get_ref().tcp().try_clone() {
             Ok(sock) => migration::dest::accept(&self.daemon, conn, sock, &peer),
-            Err(e) => tracing::warn!(%peer, "incoming migration: {e}"),
+            Err(e) => tracing::warn!(%peer, error = %e, "incoming migration failed"),
         }
     }
 }

@@ -129,7 +129,11 @@ impl ImageStore {
             return Ok(info);
         }
         shim_util::files::write_atomic(&self.path(hash), body)?;
-        tracing::info!("stored image sha256:{hash} ({size} bytes)");
+        tracing::info!(
+            image = format_args!("sha256:{hash}"),
+            bytes = size,
+            "stored image"
+        );
         Ok(ImageInfo {
             sha256: hash.to_owned(),
             size,
@@ -173,7 +177,11 @@ impl super::Daemon {
         body: &[u8],
     ) -> Result<ImageInfo, super::ApiError> {
         self.store()?.put(hash, body).map_err(|e| {
-            tracing::warn!("image upload sha256:{hash} refused: {e}");
+            tracing::warn!(
+                image = format_args!("sha256:{hash}"),
+                error = %e,
+                "image upload refused",
+            );
             api(e)
         })
     }

@@ -217,7 +217,8 @@ impl Daemon {
         for why in limits::HostLimits::read(config.limits.max_open_files).check_at_start(max) {
             tracing::warn!(
                 max_instances = max,
-                "this host cannot hold serve --max-instances {max}: {why}"
+                reason = %why,
+                "this host cannot hold serve --max-instances"
             );
         }
         let hv = Hypervisor::open(&config.kvm_device)?;

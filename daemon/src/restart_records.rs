@@ -88,7 +88,11 @@ impl RestartRecords {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(e) => {
-                tracing::error!("cannot read {}: {e}", self.dir.display());
+                tracing::error!(
+                    path = %self.dir.display(),
+                    error = %e,
+                    "cannot read the instance records",
+                );
                 return out;
             }
         };
@@ -111,8 +115,9 @@ impl RestartRecords {
                     out.push(req);
                 }
                 Err(e) => tracing::warn!(
-                    record = %path.display(),
-                    "skipping an instance record: {e}"
+                    path = %path.display(),
+                    error = %e,
+                    "skipping an instance record"
                 ),
             }
         }
@@ -156,7 +161,7 @@ impl Daemon {
                 .and_then(|i| i.spec.nic)
                 .map(|n| n.ip);
             if let Err(e) = p.save(&req) {
-                tracing::error!("cannot record instance {}: {e}", req.name);
+                tracing::error!(instance = %req.name, error = %e, "cannot record instance");
             }
         }
         info.restart = req.restart;
@@ -184,7 +189,11 @@ impl Daemon {
                         Err(e) => Some(format!("not booted: cannot check who owns it: {e}")),
                     };
                     if let Some(why) = fenced {
-                        tracing::warn!(app = %req.name, "{why}");
+                        tracing::warn!(
+                            instance = %req.name,
+                            reason = %why,
+                            "its record is not booted",
+                        );
                         return BroughtBack {
                             name: req.name,
                             checkpoint: None,
@@ -256,9 +265,10 @@ impl Daemon {
             Ok(()) => Some(dir),
             Err(e) => {
                 tracing::error!(
-                    app = name,
-                    "cannot keep its checkpoints in {}: {e}",
-                    dir.display()
+                    instance = name,
+                    path = %dir.display(),
+                    error = %e,
+                    "cannot keep its checkpoints"
                 );
                 None
             }
@@ -272,18 +282,18 @@ impl Daemon {
             return;
         };
         if let Err(e) = self.image_file(&req.image) {
-            tracing::warn!(app = name, "not recorded for restarts: {}", e.1);
+            tracing::warn!(instance = name, error = %e.1, "not recorded for restarts");
             return;
         }
         if let Err(e) = p.save(&req) {
-            tracing::error!("cannot record instance {name}: {e}");
+            tracing::error!(instance = name, error = %e, "cannot record instance");
         }
     }
 
     /// Forgets `name`'s record (it was stopped or moved away).
     pub(super) fn forget(&self, name: &str) {
         if let Some(Err(e)) = self.persist.as_ref().map(|p| p.forget(name)) {
-            tracing::error!("cannot forget instance {name}: {e}");
+            tracing::error!(instance = name, error = %e, "cannot forget instance");
         }
     }
 

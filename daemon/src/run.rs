@@ -44,7 +44,7 @@ impl Daemon {
                 vmm::GuestExit::Exited(code) => format!("status {code}"),
                 other => other.to_string(),
             };
-            tracing::info!(name = %inst.name, %exit, "guest ended");
+            tracing::info!(instance = %inst.name, %exit, "guest ended");
             inst.state = State::Exited(how);
             if let Some(h) = inst.handle.take() {
                 h.join();
@@ -255,7 +255,10 @@ impl Daemon {
         };
         if let Some(h) = &inst.handle {
             if !h.stop() {
-                tracing::warn!("the vCPU thread of {name} did not stop; leaving it behind");
+                tracing::warn!(
+                    instance = %name,
+                    "the vCPU thread did not stop; leaving it behind"
+                );
             }
         }
         if let Some(port) = &inst.port {

@@ -273,10 +273,10 @@ pub(super) fn accept(daemon: &Arc<Daemon>, req: StandbyRequest) -> Result<Standb
         old.superseded.store(true, Ordering::Relaxed);
     }
     tracing::info!(
-        %name,
-        "standing by for {} (grace {:.1} s)",
-        entry.req.origin,
-        entry.req.grace_ms as f64 / 1e3
+        instance = %name,
+        origin = %entry.req.origin,
+        grace_ms = entry.req.grace_ms,
+        "standing by"
     );
     let (d, e) = (Arc::clone(daemon), Arc::clone(&entry));
     thread::Builder::new()
@@ -377,7 +377,7 @@ fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
     let origin = match daemon.peer_client(&entry.req.origin, None) {
         Ok(c) => c.with_timeout(probe_timeout(grace)),
         Err(why) => {
-            tracing::warn!("standby for {name}: cannot reach its origin: {why}");
+            tracing::warn!(instance = %name, error = %why, "standby cannot reach its origin");
             entry.set_state(format!("failed: {why}"));
             return;
         }
@@ -399,7 +399,12 @@ fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
                 last_ok = Instant::now();
             }
             Probe::Gone(state) if seen => {
-                tracing::warn!(name = %name, "released: {state} on {}", entry.req.origin);
+                tracing::warn!(
+                    instance = %name,
+                    origin = %entry.req.origin,
+                    state = %state,
+                    "standby released: the origin no longer runs it"
+                );
                 entry.set_state(format!("released: {state} on the origin"));
                 return;
             }
@@ -421,9 +426,11 @@ fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
         .unwrap_or_else(|e| e.into_inner())
         .has_full
     {
-        tracing::warn!(name = %name, "origin {} unreachable for {:.1} s, and no checkpoint arrived: cannot take over",
-            entry.req.origin,
-            down.as_secs_f64()
+        tracing::warn!(
+            instance = %name,
+            origin = %entry.req.origin,
+            down_ms = down.as_millis() as u64,
+            "origin unreachable, and no checkpoint arrived: cannot take over"
         );
         entry.set_state("failed: no checkpoint to restore from");
         return;
@@ -433,12 +440,14 @@ fn watch(daemon: &Arc<Daemon>, entry: &Arc<Entry>) {
     let result = restart_here(daemon, entry, false);
     match result {
         Ok(info) => {
-            tracing::warn!(name = %name, "origin {} unreachable for {:.1} s: restarted here from {} in {:.0} ms ({})",
-                entry.req.origin,
-                down.as_secs_f64(),
-                file.display(),
-                start.elapsed().as_secs_f64() * 1e3,
-                info.publish.join(", ")
+            tracing::warn!(
+                instance = %name,
+                origin = %entry.req.origin,
+                down_ms = down.as_millis() as u64,
+                path = %file.display(),
+                restart_ms = start.elapsed().as_millis() as u64,
+                publish = ?info.publish,
+                "origin unreachable: restarted here from its checkpoint"
             );
             entry.set_state("took over");
         }
@@ -466,7 +475,7 @@ fn owner_in_store(link: &crate::fence::FleetLink, name: &str) -> Option<String> 
         });
         match owner {
             Ok(owner) => return owner,
-            Err(e) => tracing::warn!(app = %name, error = %e, "cannot read the app's owner"),
+            Err(e) => tracing::warn!(instance = %name, error = %e, "cannot read the app's owner"),
         }
     }
     None
@@ -498,7 +507,7 @@ fn watch_store(
             Ok(lapsed) => lapsed,
             // The store cannot say: no decision.
             Err(e) => {
-                tracing::debug!(app = %name, error = %e, "cannot read the origin's lease");
+                tracing::debug!(instance = %name, error = %e, "cannot read the origin's lease");
                 continue;
             }
         };
@@ -511,7 +520,7 @@ fn watch_store(
             Ok(app) => app,
             // The store cannot say: no decision.
             Err(e) => {
-                tracing::debug!(app = %name, error = %e, "cannot read the app's owner");
+                tracing::debug!(instance = %name, error = %e, "cannot read the app's owner");
                 continue;
             }
         };
@@ -540,7 +549,11 @@ fn watch_store(
             .unwrap_or_else(|e| e.into_inner())
             .has_full;
         if !has_full {
-            tracing::warn!(app = %name, "origin {origin}'s lease lapsed, and no checkpoint arrived: cannot take over");
+            tracing::warn!(
+                instance = %name,
+                origin = %origin,
+                "the origin's lease lapsed, and no checkpoint arrived: cannot take over"
+            );
             entry.set_state("failed: no checkpoint to restore from");
             return;
         }
@@ -554,12 +567,12 @@ fn watch_store(
                 break app;
             }
             Err(fleet::FleetError::Conflict(why) | fleet::FleetError::NotFound(why)) => {
-                tracing::info!(app = %name, "not taking over: {why}");
+                tracing::info!(instance = %name, reason = %why, "not taking over");
                 entry.set_state(format!("released: {why}"));
                 return;
             }
             // The store failed: try again next time.
-            Err(e) => tracing::warn!(app = %name, error = %e, "cannot take the app over"),
+            Err(e) => tracing::warn!(instance = %name, error = %e, "cannot take the app over"),
         }
     };
     let file = entry.dir.join(vmm::checkpoint::LATEST);
@@ -568,7 +581,13 @@ fn watch_store(
     match restart_here(daemon, entry, true) {
         Ok(info) => {
             let ms = start.elapsed().as_secs_f64() * 1e3;
-            tracing::warn!(app = %name, "took over from {origin} (lease lapsed): restarted here from {} in {ms:.0} ms", file.display());
+            tracing::warn!(
+                instance = %name,
+                origin = %origin,
+                path = %file.display(),
+                restart_ms = ms as u64,
+                "took over (the origin's lease lapsed): restarted here from its checkpoint"
+            );
             entry.set_state("took over");
             fleet.note(Event::new(
                 Kind::Takeover,
@@ -666,9 +685,13 @@ fn restart_here(
         match &result {
             Ok(_) => break,
             Err(ApiError(_, e)) => {
-                tracing::warn!(name = %name, "taking over from {} failed (attempt {} of {TAKEOVER_ATTEMPTS}): {e}",
-                    entry.req.origin,
-                    attempt + 1
+                tracing::warn!(
+                    instance = %name,
+                    origin = %entry.req.origin,
+                    attempt = attempt + 1,
+                    attempts = TAKEOVER_ATTEMPTS,
+                    error = %e,
+                    "taking over failed"
                 )
             }
         }

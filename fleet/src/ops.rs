@@ -168,7 +168,11 @@ pub fn deploy(
         Ok(v) => v,
         Err(e) => {
             if let Err(undo) = fleet.remove_app(&app.name, Expect::Version(claimed)) {
-                tracing::warn!(app = %app.name, error = %undo, "cannot give back the app's name");
+                tracing::warn!(
+                    instance = %app.name,
+                    error = %undo,
+                    "cannot give back the app's name",
+                );
             }
             return Err(e);
         }

@@ -536,7 +536,7 @@ fn serve_warns_at_start_of_host_limits_too_small_for_its_max_instances() {
     );
     let out = daemon.output_once_it_says("RLIMIT_NOFILE");
     for needle in [
-        "cannot hold serve --max-instances 1000000",
+        "cannot hold serve --max-instances max_instances=1000000",
         "vm.max_map_count",
         "sysctl -w vm.max_map_count=8001",
         "RLIMIT_NOFILE",

@@ -44,7 +44,7 @@ fn calls_without_the_token_or_to_the_wrong_certificate_are_refused() {
     assert_eq!(curl_status(&a, "/v1/instances", &[&bearer]), "200");
     let log = a.output_once_it_says("wrong token");
     assert!(
-        log.contains("refused GET /v1/instances") && log.contains("no token"),
+        log.contains("request refused method=GET path=/v1/instances") && log.contains("no token"),
         "{log}"
     );
     assert!(log.contains("wrong token"), "{log}");
@@ -140,8 +140,9 @@ fn migration_over_mutual_tls_and_refusal_of_an_unpinned_peer() {
             && stdout.contains("kv keeps running here"),
         "{stdout}"
     );
-    let log = a.output_once_it_says("refused POST /v1/migration");
-    assert!(log.contains("refused POST /v1/migration"), "{log}");
+    let refused = "request refused method=POST path=/v1/migration";
+    let log = a.output_once_it_says(refused);
+    assert!(log.contains(refused), "{log}");
     assert!(b.cli(&["list"]).contains("running"));
     // Meanwhile a's overlay drops the unpinned b's datagrams, so the client
     // (through a's published port) waits: `overlay.rs` tests that cut.

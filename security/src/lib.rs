@@ -70,7 +70,7 @@ impl HostSecurity {
                 Ok(c) => {
                     *self.peers.write().unwrap_or_else(|e| e.into_inner()) = (modified, c.peers)
                 }
-                Err(e) => tracing::warn!("cannot re-read the peers: {e}"),
+                Err(e) => tracing::warn!(error = %e, "cannot re-read the peers"),
             }
         }
         let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());

@@ -107,8 +107,10 @@ impl Warnings {
 }
 
 /// `tracing::warn!` through a [`Warnings`] limit: `guest_warn!(self.warnings,
-/// "...", args)`. A logged line carries the field `suppressed`, the number
-/// of warnings of that source left out since the previous one.
+/// addr = format_args!("{addr:#x}"), "unhandled MMIO write")`, the values as
+/// fields after the limit and the message constant. A logged line carries
+/// the field `suppressed` first, the number of warnings of that source left
+/// out since the previous one.
 #[macro_export]
 macro_rules! guest_warn {
     ($limit:expr, $($arg:tt)+) => {

@@ -36,9 +36,9 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>, Error> {
     let chain = abi::checkpoint::latest_chain(&bytes)
         .map_err(|e| Error::Config(format!("cannot restore from {}: {e}", path.display())))?;
     tracing::info!(
-        "restoring from {}: {}",
-        path.display(),
-        abi::checkpoint::describe_chain(&chain)
+        path = %path.display(),
+        checkpoint = %abi::checkpoint::describe_chain(&chain),
+        "restoring from a checkpoint"
     );
     Ok(chain.bytes.to_vec())
 }
@@ -208,7 +208,7 @@ pub fn hand_over<'a, S: Sink + ?Sized + 'a>(
     let (parsed, len) = abi::checkpoint::decode_blob(bytes).map_err(|e| e.to_string())?;
     let full = chain.accept(&parsed)?;
     if let abi::checkpoint::Blob::Full(c) = &parsed {
-        tracing::debug!("checkpoint: {}", abi::checkpoint::describe(c));
+        tracing::debug!(checkpoint = %abi::checkpoint::describe(c), "checkpoint received");
     }
     let mut result = Ok((len, full));
     for sink in sinks {

@@ -185,7 +185,7 @@ impl Machine {
         vcpu.configure(&hv.cpuid, info.note.user_entry, hv.kvmclock)?;
         let devices = net_device(req.port);
         tracing::info!(
-            guest = %req.name,
+            instance = %req.name,
             mem_mib = req.mem_size >> 20,
             entry = format_args!("{:#x}", info.note.user_entry),
             kvmclock = hv.kvmclock,
@@ -631,7 +631,7 @@ impl MachineHandle {
     pub fn join(&self) {
         if let Some(t) = lock(&self.thread).take() {
             if t.join().is_err() {
-                tracing::error!("vCPU thread {} panicked", self.id);
+                tracing::error!(vcpu = self.id, "vCPU thread panicked");
             }
         }
     }

@@ -390,7 +390,11 @@ impl<'a> Record<'a> {
     fn done(&self, report: api::MigrationReport) {
         if let (Some(state), Some(to)) = (&self.config.state, &self.to) {
             if let Err(e) = crate::locate::record_move(state, &self.config.app, to) {
-                tracing::warn!(app = %self.config.app, error = %e, "cannot record the app's new host");
+                tracing::warn!(
+                    instance = %self.config.app,
+                    error = %e,
+                    "cannot record the app's new host",
+                );
             }
         }
         let details = serde_json::to_value(&report).expect("serializable");

@@ -176,7 +176,7 @@ pub fn run(config: &RunConfig) -> Result<GuestExit, Error> {
     let args: Vec<OsString> = ["--no-api", "--config-file", "/proc/self/fd/0"]
         .map(OsString::from)
         .into();
-    tracing::info!("running {} {args:?}", firecracker.display());
+    tracing::info!(program = %firecracker.display(), ?args, "running Firecracker");
     let mut command = Command::new(&firecracker);
     // Firecracker dies with us (also on kill -9): a dead shim is a dead host.
     crate::sys::kill_with_parent(&mut command);
@@ -297,7 +297,7 @@ fn user_network(
     // No host addresses on it: the host stays out of the guest's frames.
     let ipv6 = format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6");
     if let Err(e) = std::fs::write(&ipv6, "1") {
-        tracing::debug!(tap, "cannot disable IPv6: {e}");
+        tracing::debug!(tap, error = %e, "cannot disable IPv6");
     }
     let leg = Tap::host_side(tap)?;
     Ok(Network::start_with_leg(net, leg)?)

@@ -196,7 +196,7 @@ fn run_guests(
     }
     for (h, name) in &running {
         if !h.stop() {
-            tracing::warn!("the vCPU thread of {name} did not stop; leaving it behind");
+            tracing::warn!(instance = %name, "the vCPU thread did not stop; leaving it behind");
         }
     }
     while let Ok((index, exit)) = rx.try_recv() {
@@ -216,9 +216,9 @@ fn report_other(name: &str, exit: Option<GuestExit>) {
     match exit {
         None => {}
         Some(GuestExit::Exited(code)) => {
-            tracing::info!("[{name}] guest exited with status {code}")
+            tracing::info!(instance = %name, status = code, "guest exited")
         }
-        Some(exit) => tracing::warn!("[{name}] {exit}"),
+        Some(exit) => tracing::warn!(instance = %name, exit = %exit, "guest ended"),
     }
 }
 

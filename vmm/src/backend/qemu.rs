@@ -137,7 +137,7 @@ pub fn run(config: &RunConfig) -> Result<GuestExit, Error> {
 
 fn run_qemu(config: &RunConfig, checkpoint_port: Option<&Path>) -> Result<GuestExit, Error> {
     let args = qemu_args(config, checkpoint_port);
-    tracing::info!("running {QEMU} {args:?}");
+    tracing::info!(program = QEMU, ?args, "running QEMU");
     let mut command = Command::new(QEMU);
     // QEMU dies with us (also on kill -9): a dead shim is a dead host.
     crate::sys::kill_with_parent(&mut command);

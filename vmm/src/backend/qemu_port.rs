@@ -97,7 +97,7 @@ impl CheckpointPort {
                 now_connected.store(true, Ordering::Release);
                 let sinks = dir.map(DirSink::new).into_iter().collect();
                 if let Err(e) = serve(stream, &restore, sinks, Chain::with_limit(limit), window) {
-                    tracing::warn!("checkpoint port: {e}");
+                    tracing::warn!(error = %e, "checkpoint port failed");
                 }
             })
             .map_err(|e| Error::Config(format!("cannot start the checkpoint port: {e}")))?;
@@ -142,7 +142,7 @@ fn accept(listener: &UnixListener, stop: &AtomicBool) -> Option<UnixStream> {
                 thread::sleep(ACCEPT_POLL);
             }
             Err(e) => {
-                tracing::warn!("checkpoint port: {e}");
+                tracing::warn!(error = %e, "checkpoint port failed");
                 return None;
             }
         }
@@ -230,7 +230,7 @@ fn next_blob(pending: &mut Vec<u8>, chain: &mut Chain, sinks: &mut [DirSink]) ->
     Some(match stored {
         Ok(()) => PORT_STORED,
         Err(e) => {
-            tracing::warn!("the guest's checkpoint is not stored: {e}");
+            tracing::warn!(error = %e, "the guest's checkpoint is not stored");
             PORT_REFUSED
         }
     })

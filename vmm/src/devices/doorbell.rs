@@ -103,15 +103,17 @@ impl<W: Write> Doorbell<W> {
         let Ok(bytes) = <[u8; 8]>::try_from(data) else {
             guest_warn!(
                 self.warnings,
-                "doorbell write of {} bytes at {addr:#x} ignored: hypercalls are 8-byte writes",
-                data.len()
+                bytes = data.len(),
+                addr = format_args!("{addr:#x}"),
+                "doorbell write ignored: hypercalls are 8-byte writes"
             );
             return Action::Continue;
         };
         if !offset.is_multiple_of(8) {
             guest_warn!(
                 self.warnings,
-                "unaligned doorbell write at {addr:#x} ignored"
+                addr = format_args!("{addr:#x}"),
+                "unaligned doorbell write ignored"
             );
             return Action::Continue;
         }
@@ -143,7 +145,9 @@ impl<W: Write> Doorbell<W> {
             _ => {
                 guest_warn!(
                     self.warnings,
-                    "unknown hypercall {nr} (value {value:#x}) ignored"
+                    number = nr,
+                    value = format_args!("{value:#x}"),
+                    "unknown hypercall ignored"
                 );
                 Action::Continue
             }
@@ -154,24 +158,26 @@ impl<W: Write> Doorbell<W> {
         let Some(req) = read_obj::<ConsoleWrite>(mem, value) else {
             guest_warn!(
                 self.warnings,
-                "console write: request at {value:#x} is outside guest memory"
+                request = format_args!("{value:#x}"),
+                "console write: request is outside guest memory"
             );
             return;
         };
         if req.len > CONSOLE_WRITE_MAX {
             guest_warn!(
                 self.warnings,
-                "console write of {} bytes ignored: the limit is {CONSOLE_WRITE_MAX}",
-                req.len
+                bytes = req.len,
+                limit = CONSOLE_WRITE_MAX,
+                "console write ignored: over the limit"
             );
             return;
         }
         let Some(bytes) = read_bytes(mem, req.buf, req.len) else {
             guest_warn!(
                 self.warnings,
-                "console write: buffer {:#x}+{:#x} is outside guest memory",
-                req.buf,
-                req.len
+                buf = format_args!("{:#x}", req.buf),
+                bytes = req.len,
+                "console write: buffer is outside guest memory"
             );
             return;
         };
@@ -183,7 +189,7 @@ impl<W: Write> Doorbell<W> {
             .write_all(&bytes)
             .and_then(|()| self.console.flush())
         {
-            tracing::warn!("guest console output is lost from now on: {e}");
+            tracing::warn!(error = %e, "guest console output is lost from now on");
             self.console_broken = true;
         }
     }
@@ -196,7 +202,8 @@ impl<W: Write> Doorbell<W> {
         let Some(req) = read_obj::<CheckpointWrite>(mem, value) else {
             guest_warn!(
                 self.warnings,
-                "checkpoint: request at {value:#x} is outside guest memory"
+                request = format_args!("{value:#x}"),
+                "checkpoint: request is outside guest memory"
             );
             return;
         };
@@ -206,7 +213,7 @@ impl<W: Write> Doorbell<W> {
                 if let Some(latest) = &self.checkpoint_latest {
                     latest.note_refused();
                 }
-                guest_warn!(self.warnings, "the guest's checkpoint is not stored: {e}");
+                guest_warn!(self.warnings, error = %e, "the guest's checkpoint is not stored");
                 CHECKPOINT_REFUSED
             }
         };
@@ -214,7 +221,8 @@ impl<W: Write> Doorbell<W> {
         if mem.write_obj(status, GuestAddress(at)).is_err() {
             guest_warn!(
                 self.warnings,
-                "checkpoint: cannot write the status at {at:#x}"
+                addr = format_args!("{at:#x}"),
+                "checkpoint: cannot write the status"
             );
         }
     }

@@ -131,8 +131,8 @@ pub fn msrs_to_save(kvm: &Kvm, cpuid: &CpuId) -> Result<Vec<u32>, VmError> {
     let (keep, skip): (Vec<u32>, Vec<u32>) = all.into_iter().partition(|&i| round_trips(i));
     if !skip.is_empty() {
         tracing::debug!(
-            "MSRs KVM lists but will not read or restore (not saved): {:x?}",
-            skip
+            msrs = format_args!("{skip:x?}"),
+            "MSRs KVM lists but will not read or restore (not saved)"
         );
     }
     Ok(keep)
@@ -322,7 +322,10 @@ impl Vcpu {
                 .map_err(VmError::kvm("KVM_SET_VCPU_EVENTS"))?;
         }
         if let Err(e) = self.fd.kvmclock_ctrl() {
-            tracing::debug!("KVM_KVMCLOCK_CTRL: {e} (the guest is not told it was paused)");
+            tracing::debug!(
+                error = %e,
+                "KVM_KVMCLOCK_CTRL failed: the guest is not told it was paused"
+            );
         }
         Ok(())
     }
@@ -359,8 +362,9 @@ impl Vcpu {
                     } else {
                         shim_util::guest_warn!(
                             warnings,
-                            "unhandled MMIO write at {addr:#x} (len {})",
-                            data.len()
+                            addr = format_args!("{addr:#x}"),
+                            len = data.len(),
+                            "unhandled MMIO write"
                         );
                         Action::Continue
                     }
@@ -372,8 +376,9 @@ impl Vcpu {
                     } else {
                         shim_util::guest_warn!(
                             warnings,
-                            "unhandled MMIO read at {addr:#x} (len {})",
-                            data.len()
+                            addr = format_args!("{addr:#x}"),
+                            len = data.len(),
+                            "unhandled MMIO read"
                         );
                         data.fill(0xff);
                     }
@@ -382,8 +387,9 @@ impl Vcpu {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     shim_util::guest_warn!(
                         warnings,
-                        "unhandled port I/O: in from {port:#x} (len {})",
-                        data.len()
+                        port = format_args!("{port:#x}"),
+                        len = data.len(),
+                        "unhandled port I/O: in"
                     );
                     data.fill(0xff);
                     Action::Continue
@@ -391,8 +397,9 @@ impl Vcpu {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     shim_util::guest_warn!(
                         warnings,
-                        "unhandled port I/O: out to {port:#x} (len {})",
-                        data.len()
+                        port = format_args!("{port:#x}"),
+                        len = data.len(),
+                        "unhandled port I/O: out"
                     );
                     Action::Continue
                 }
@@ -486,7 +493,7 @@ fn optional<T>(what: &str, r: Result<T, vmm_sys_util::errno::Error>) -> Option<T
     match r {
         Ok(v) => Some(v),
         Err(e) => {
-            tracing::debug!("snapshot: KVM refuses {what} ({e}): not saved");
+            tracing::debug!(state = what, error = %e, "snapshot: KVM refuses a state: not saved");
             None
         }
     }
@@ -526,7 +533,7 @@ fn idle<W: Write>(ctx: &mut RunContext<W>, timeout: Option<Duration>) -> Option<
     let wake = ctx
         .io_wait
         .wait(timeout)
-        .inspect_err(|e| tracing::warn!("idle wait failed: {e}"))
+        .inspect_err(|e| tracing::warn!(error = %e, "idle wait failed"))
         .ok();
     ctx.exits.idle_slept(wake);
     process_devices(ctx).err()

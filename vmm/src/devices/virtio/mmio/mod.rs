@@ -108,7 +108,7 @@ impl MmioTransport {
             .map(|&max| {
                 Queue::new(max).unwrap_or_else(|_| {
                     // A device bug, not a guest's: a queue of 1 still works.
-                    tracing::error!("{}: bad queue max size {max}", device.name());
+                    tracing::error!(device = device.name(), max, "bad queue max size");
                     Queue::new(1).expect("1 is a valid queue size")
                 })
             })
@@ -195,9 +195,10 @@ impl MmioTransport {
         if data.len() != 4 || !offset.is_multiple_of(4) {
             shim_util::guest_warn!(
                 self.warnings,
-                "{}: {}-byte read at register offset {offset:#x} ignored: registers are 32-bit",
-                self.device.name(),
-                data.len()
+                device = self.device.name(),
+                len = data.len(),
+                offset = format_args!("{offset:#x}"),
+                "register read ignored: registers are 32-bit"
             );
             return;
         }
@@ -229,8 +230,9 @@ impl MmioTransport {
             _ => {
                 shim_util::guest_warn!(
                     self.warnings,
-                    "{}: read of write-only or unknown register {offset:#x}",
-                    self.device.name()
+                    device = self.device.name(),
+                    offset = format_args!("{offset:#x}"),
+                    "read of write-only or unknown register"
                 );
                 0
             }
@@ -260,17 +262,19 @@ impl MmioTransport {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             shim_util::guest_warn!(
                 self.warnings,
-                "{}: {}-byte write at register offset {offset:#x} ignored: registers are 32-bit",
-                self.device.name(),
-                data.len()
+                device = self.device.name(),
+                len = data.len(),
+                offset = format_args!("{offset:#x}"),
+                "register write ignored: registers are 32-bit"
             );
             return Ok(());
         };
         if !offset.is_multiple_of(4) {
             shim_util::guest_warn!(
                 self.warnings,
-                "{}: unaligned register write at {offset:#x} ignored",
-                self.device.name()
+                device = self.device.name(),
+                offset = format_args!("{offset:#x}"),
+                "unaligned register write ignored"
             );
             return Ok(());
         }
@@ -304,8 +308,10 @@ impl MmioTransport {
             reg::STATUS => self.write_status(mem, value),
             _ => shim_util::guest_warn!(
                 self.warnings,
-                "{}: write of {value:#x} to read-only or unknown register {offset:#x} ignored",
-                self.device.name()
+                device = self.device.name(),
+                value = format_args!("{value:#x}"),
+                offset = format_args!("{offset:#x}"),
+                "write to read-only or unknown register ignored"
             ),
         }
         Ok(())
@@ -315,8 +321,8 @@ impl MmioTransport {
         if self.status & status::FEATURES_OK != 0 {
             shim_util::guest_warn!(
                 self.warnings,
-                "{}: driver features written after FEATURES_OK: ignored",
-                self.device.name()
+                device = self.device.name(),
+                "driver features written after FEATURES_OK: ignored"
             );
             return;
         }
@@ -328,8 +334,10 @@ impl MmioTransport {
             }
             sel if value != 0 => shim_util::guest_warn!(
                 self.warnings,
-                "{}: driver features {value:#x} in word {sel}, which offers none",
-                self.device.name()
+                device = self.device.name(),
+                features = format_args!("{value:#x}"),
+                word = sel,
+                "driver features in a word which offers none"
             ),
             _ => {}
         }
@@ -341,16 +349,20 @@ impl MmioTransport {
         if index >= self.queues.len() {
             shim_util::guest_warn!(
                 self.warnings,
-                "{}: {what} of queue {index}, which does not exist: ignored",
-                self.device.name()
+                device = self.device.name(),
+                write = what,
+                queue = index,
+                "write to a queue which does not exist: ignored"
             );
             return None;
         }
         if self.active {
             shim_util::guest_warn!(
                 self.warnings,
-                "{}: {what} of queue {index} after DRIVER_OK: ignored",
-                self.device.name()
+                device = self.device.name(),
+                write = what,
+                queue = index,
+                "queue write after DRIVER_OK: ignored"
             );
             return None;
         }
@@ -419,8 +431,9 @@ impl MmioTransport {
             if let Err(why) = self.check_features() {
                 shim_util::guest_warn!(
                     self.warnings,
-                    "{}: FEATURES_OK refused: {why}",
-                    self.device.name()
+                    device = self.device.name(),
+                    reason = %why,
+                    "FEATURES_OK refused"
                 );
                 new &= !status::FEATURES_OK;
             }
@@ -459,8 +472,8 @@ impl MmioTransport {
         if self.status & status::DEVICE_NEEDS_RESET != 0 {
             shim_util::guest_warn!(
                 self.warnings,
-                "{}: DRIVER_OK while the device needs a reset: not activated",
-                self.device.name()
+                device = self.device.name(),
+                "DRIVER_OK while the device needs a reset: not activated"
             );
             return;
         }
@@ -479,10 +492,10 @@ impl MmioTransport {
             Ok(()) => {
                 self.active = true;
                 tracing::debug!(
-                    "{} at {:#x}: activated (features {:#x})",
-                    self.device.name(),
-                    self.base,
-                    self.driver_features
+                    device = self.device.name(),
+                    base = format_args!("{:#x}", self.base),
+                    features = format_args!("{:#x}", self.driver_features),
+                    "activated"
                 );
             }
             Err(why) => self.needs_reset(format!("activation failed: {why}")),
@@ -510,9 +523,10 @@ impl MmioTransport {
     fn needs_reset(&mut self, why: String) {
         shim_util::guest_warn!(
             self.warnings,
-            "{} at {:#x}: {why}; the device needs a reset",
-            self.device.name(),
-            self.base
+            device = self.device.name(),
+            base = format_args!("{:#x}", self.base),
+            reason = %why,
+            "the device needs a reset"
         );
         self.status |= status::DEVICE_NEEDS_RESET;
         self.interrupt_status |= INT_CONFIG_CHANGE;
@@ -523,8 +537,9 @@ impl MmioTransport {
         if index as usize >= self.queues.len() {
             shim_util::guest_warn!(
                 self.warnings,
-                "{}: notify of queue {index}, which does not exist: ignored",
-                self.device.name()
+                device = self.device.name(),
+                queue = index,
+                "notify of a queue which does not exist: ignored"
             );
             return Ok(());
         }

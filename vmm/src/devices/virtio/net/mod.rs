@@ -167,11 +167,12 @@ impl Net {
             {
                 shim_util::guest_warn!(
                     self.warnings,
-                    "virtio-net {}: transmitted frame of {len} bytes dropped (frames are \
-                     {ETH_HDR_LEN} to {MAX_FRAME} bytes after the {NET_HDR_LEN}-byte header; \
-                     {} dropped so far)",
-                    fmt_mac(&self.mac),
-                    self.stats.tx_dropped
+                    mac = %fmt_mac(&self.mac),
+                    bytes = len,
+                    min = ETH_HDR_LEN,
+                    max = MAX_FRAME,
+                    dropped = self.stats.tx_dropped,
+                    "virtio-net: transmitted frame dropped: out of bounds after the header"
                 );
             }
             return;
@@ -211,11 +212,11 @@ impl Net {
                             {
                                 shim_util::guest_warn!(
                                     self.warnings,
-                                    "virtio-net {}: received frame of {} bytes dropped: the \
-                                     guest's buffer is too small ({} dropped so far)",
-                                    fmt_mac(&self.mac),
-                                    frame.len(),
-                                    self.stats.rx_dropped
+                                    mac = %fmt_mac(&self.mac),
+                                    bytes = frame.len(),
+                                    dropped = self.stats.rx_dropped,
+                                    "virtio-net: received frame dropped: the guest's \
+                                     buffer is too small"
                                 );
                             }
                             pending.pop_front();
@@ -376,9 +377,10 @@ impl VirtioDevice for Net {
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         shim_util::guest_warn!(
             self.warnings,
-            "virtio-net {}: write of {} bytes to config offset {offset:#x} ignored",
-            fmt_mac(&self.mac),
-            data.len()
+            mac = %fmt_mac(&self.mac),
+            bytes = data.len(),
+            offset = format_args!("{offset:#x}"),
+            "virtio-net: config write ignored"
         );
     }
 
@@ -400,7 +402,7 @@ impl VirtioDevice for Net {
         self.halted = [false; 2];
         // A guest may reset and activate its card in a loop: rate-limited.
         if self.warnings.allow().is_some() {
-            tracing::info!("virtio-net {}: up", fmt_mac(&self.mac));
+            tracing::info!(mac = %fmt_mac(&self.mac), "virtio-net up");
         }
         Ok(())
     }
