@@ -103,7 +103,10 @@ impl Daemon {
                 let name = name.to_owned();
                 thread::Builder::new()
                     .name(format!("migrate-{name}"))
-                    .spawn(move || migration::source::migrate(&daemon, &name, &req, &tx))
+                    .spawn(move || {
+                        let cx = daemon.migration_context();
+                        migration::source::migrate(&cx, &*daemon, &name, &req, &tx)
+                    })
                     .map_err(|e| ApiError(500, e.to_string()))?;
                 Ok(Reply::Stream(rx))
             }

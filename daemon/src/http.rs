@@ -120,7 +120,10 @@ impl Service for Api {
             _ => from,
         };
         match conn.get_ref().tcp().try_clone() {
-            Ok(sock) => migration::dest::accept(&self.daemon, conn, sock, &peer),
+            Ok(sock) => {
+                let cx = self.daemon.migration_context();
+                migration::dest::accept(&cx, &*self.daemon, conn, sock, &peer)
+            }
             Err(e) => tracing::warn!(%peer, error = %e, "incoming migration failed"),
         }
     }

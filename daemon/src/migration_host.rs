@@ -1,6 +1,7 @@
-//! The daemon as the migration crate sees it: `impl migration::Host for
-//! Daemon` (what a migration needs from an instance and from this host):
-//! reservations of guests moving in (in the [`crate::instances`] table),
+//! The daemon as the migration crate sees it: the
+//! [`migration::MigrationContext`] it hands each migration, and
+//! `impl migration::{Source, Destination} for Daemon` (what a migration
+//! needs from an instance and from this host): reservations of guests moving in (in the [`crate::instances`] table),
 //! their restored, not yet started guest, their ownership in the fleet
 //! store, and the tombstones of guests that moved away.
 
@@ -9,8 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use hostnet::port::GuestPort;
 use migration::protocol::Hello;
-use migration::{Local, MigrationConfig, Migrations};
-use vmm::machine::{Hypervisor, Machine, MachineHandle};
+use migration::{Local, MigrationContext};
+use vmm::machine::{Machine, MachineHandle};
 use vmm::snapshot::state::{GuestSpec, MachineState, NicSpec};
 use vmm::vstate::vm::Vm;
 
@@ -25,38 +26,30 @@ pub struct Prepared {
     log: Arc<Mutex<LogRing>>,
 }
 
-impl migration::Host for Daemon {
-    type Reservation = Reserved;
-    type Prepared = Prepared;
-
-    fn migrations(&self) -> &Migrations {
-        &self.migrations
-    }
-
-    fn migration_config(&self) -> MigrationConfig {
-        self.config.migration
-    }
-
-    fn local(&self) -> Local {
-        Local {
-            name: self.config.name.clone(),
-            region: self.config.region.clone(),
-            api: self.config.listen,
+impl Daemon {
+    /// This daemon as a migration in either direction sees it.
+    pub(crate) fn migration_context(&self) -> MigrationContext<'_> {
+        MigrationContext {
+            config: self.config.migration,
+            local: Local {
+                name: self.config.name.clone(),
+                region: self.config.region.clone(),
+                api: self.config.listen,
+            },
+            hypervisor: &self.hv,
+            overlay: self.net.overlay_addr(),
+            migrations: &self.migrations,
         }
     }
+}
 
-    fn hypervisor(&self) -> &Hypervisor {
-        &self.hv
-    }
-
-    fn overlay_addr(&self) -> Option<SocketAddr> {
-        self.net.overlay_addr()
-    }
-
+impl migration::Overlay for Daemon {
     fn add_overlay_peer(&self, peer: SocketAddr) {
         self.net.add_peer(peer);
     }
+}
 
+impl migration::Source for Daemon {
     fn peer_client(&self, to: &str, fingerprint: Option<&str>) -> Result<api::Client, String> {
         Daemon::peer_client(self, to, fingerprint)
     }
@@ -87,12 +80,17 @@ impl migration::Host for Daemon {
         Daemon::moved_away(self, name, to, to_overlay, carried);
         self.trim_heap();
     }
+}
+
+impl migration::Destination for Daemon {
+    type Reservation = Reserved;
+    type Prepared = Prepared;
 
     /// Reserves the name, address and MAC of an incoming instance, with
     /// the restart record it carries and its source. A tombstone of the
     /// same name (it lived here before and moved away) is set aside: its
     /// published ports are still bound here and go back to it.
-    fn reserve_incoming(&self, hello: &Hello) -> Result<Reserved, String> {
+    fn reserve(&self, hello: &Hello) -> Result<Reserved, String> {
         let mut spec = placeholder_spec(&hello.name, hello.mem_size);
         spec.nic = hello.nic;
         spec.image = hello.image.clone();
@@ -170,7 +168,7 @@ impl migration::Host for Daemon {
         }
     }
 
-    fn cancel_incoming(&self, name: &str, reservation: Reserved) {
+    fn cancel(&self, name: &str, reservation: Reserved) {
         debug_assert_eq!(name, reservation.name());
         self.instances().cancel_incoming(reservation);
     }

@@ -16,7 +16,7 @@
 
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
+use std::thread::Scope;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vm_memory::{Bytes, GuestAddress};
@@ -28,7 +28,7 @@ use crate::faults::Step;
 use crate::protocol::{
     Accept, Ack, Conn, Hello, Kind, ProtocolError, COMMIT_WAIT, PROTOCOL_VERSION,
 };
-use crate::{Decision, Host, MigrationError, Outcome};
+use crate::{Decision, Destination, MigrationContext, MigrationError, Outcome};
 
 /// The longest an incoming migration may hold its reservation before its
 /// final state is in.
@@ -38,16 +38,18 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a source's daemon that is going away may take to be gone.
 const PROBE_WINDOW: Duration = Duration::from_secs(5);
 
-/// Serves `POST /v1/migration` on a connection already switched to the
-/// migration protocol (`stream`, plain or TLS, over the socket `sock`);
-/// `from` names the sending host (its pinned peer name in secure mode).
-pub fn accept<H: Host, S: Read + Write + Send + 'static>(
-    host: &Arc<H>,
+/// Serves `POST /v1/migration` for the daemon `cx` describes (`host`) on a
+/// connection already switched to the migration protocol (`stream`, plain
+/// or TLS, over the socket `sock`); `from` names the sending host (its
+/// pinned peer name in secure mode).
+pub fn accept<S: Read + Write + Send + 'static>(
+    cx: &MigrationContext<'_>,
+    host: &impl Destination,
     stream: BufReader<S>,
     sock: TcpStream,
     from: &str,
 ) {
-    let mut conn = match Conn::new(stream, sock, host.migration_config().fault) {
+    let mut conn = match Conn::new(stream, sock, cx.config.fault) {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(%from, "incoming migration: {e}");
@@ -55,13 +57,19 @@ pub fn accept<H: Host, S: Read + Write + Send + 'static>(
         }
     };
     conn.deadline(INCOMING_DEADLINE);
-    if let Err(e) = receive(host, &mut conn) {
-        tracing::warn!(%from, phase = %e.phase(), "incoming migration failed: {e}");
-    }
+    // The next spare VM is made meanwhile, on a thread of this scope.
+    std::thread::scope(|scope| {
+        let result = receive(cx, host, &mut conn, scope);
+        // Closed now, not once the spare is made: the source learns at once.
+        drop(conn);
+        if let Err(e) = result {
+            tracing::warn!(%from, phase = %e.phase(), "incoming migration failed: {e}");
+        }
+    });
 }
 
 /// Why a `Hello` cannot be honoured here, if it cannot.
-fn check_hello(host: &impl Host, hello: &Hello) -> Result<(), String> {
+fn check_hello(cx: &MigrationContext<'_>, hello: &Hello) -> Result<(), String> {
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err(format!(
             "migration protocol version {} is not supported here (this shim speaks {PROTOCOL_VERSION})",
@@ -85,7 +93,7 @@ fn check_hello(host: &impl Host, hello: &Hello) -> Result<(), String> {
     if hello.nic.is_none() {
         return Err("guests without a network card cannot run in the daemon".into());
     }
-    host.hypervisor().check_cpuid(&hello.cpuid)?;
+    cx.hypervisor.check_cpuid(&hello.cpuid)?;
     Ok(())
 }
 
@@ -160,7 +168,12 @@ pub fn check_state(
 }
 
 /// An incoming migration: the handshake, then [`Incoming`] phase by phase.
-fn receive<H: Host>(host: &Arc<H>, conn: &mut Conn) -> Result<(), MigrationError> {
+fn receive<'s, D: Destination>(
+    cx: &'s MigrationContext<'_>,
+    host: &D,
+    conn: &mut Conn,
+    scope: &'s Scope<'s, '_>,
+) -> Result<(), MigrationError> {
     let first = conn
         .recv()
         .map_err(|e| MigrationError::Connect(e.to_string()))?;
@@ -169,8 +182,7 @@ fn receive<H: Host>(host: &Arc<H>, conn: &mut Conn) -> Result<(), MigrationError
             .value()
             .map_err(|e| MigrationError::Connect(e.to_string()))?,
         Kind::Query => {
-            return answer_query(host.as_ref(), conn, &first.payload)
-                .map_err(MigrationError::Connect)
+            return answer_query(cx, conn, &first.payload).map_err(MigrationError::Connect)
         }
         other => {
             return Err(MigrationError::Connect(format!(
@@ -186,55 +198,62 @@ fn receive<H: Host>(host: &Arc<H>, conn: &mut Conn) -> Result<(), MigrationError
             hello.name, hello.source
         ))
     };
-    if let Err(why) = check_hello(host.as_ref(), &hello) {
+    if let Err(why) = check_hello(cx, &hello) {
         return Err(refuse(conn, why));
     }
-    let reservation = match host.reserve_incoming(&hello) {
+    let reservation = match host.reserve(&hello) {
         Ok(r) => r,
         Err(why) => return Err(refuse(conn, why)),
     };
     let name = hello.name.clone();
-    let decision = host
-        .migrations()
+    let decision = cx
+        .migrations
         .start_incoming(&name, hello.migration_id, conn.handle().ok());
-    let result = Incoming {
-        host,
-        conn,
-        hello: &hello,
-        decision: &decision,
-        reservation: &reservation,
-    }
-    .take(hello_at.elapsed());
+    let checks = hello_at.elapsed();
+    let result = vm_for(cx, hello.mem_size, scope)
+        .map_err(MigrationError::Connect)
+        .and_then(|made| {
+            Incoming {
+                cx,
+                host,
+                conn,
+                hello: &hello,
+                decision: &decision,
+                reservation: &reservation,
+            }
+            .take(made, checks)
+        });
     if result.is_err() {
         decision.abort();
     }
     if *decision.lock() != Outcome::Started {
-        host.cancel_incoming(&name, reservation);
+        host.cancel(&name, reservation);
     }
-    host.migrations().end_incoming(&name);
+    cx.migrations.end_incoming(&name);
     result
 }
 
 /// `Query`: the final outcome of a migration here.
-fn answer_query(host: &impl Host, conn: &mut Conn, payload: &[u8]) -> Result<(), String> {
+fn answer_query(cx: &MigrationContext<'_>, conn: &mut Conn, payload: &[u8]) -> Result<(), String> {
     let id = u64::from_le_bytes(
         payload
             .try_into()
             .map_err(|_| format!("a Query of {} bytes", payload.len()))?,
     );
-    let outcome = host.migrations().query(id);
+    let outcome = cx.migrations.query(id);
     tracing::info!(id, ?outcome, "migration outcome asked");
     conn.send_now(Kind::Outcome, &[u8::from(outcome == Outcome::Started)])
         .map_err(|e| e.to_string())
 }
 
 /// An incoming migration past its handshake, holding a reservation.
-struct Incoming<'a, H: Host> {
-    host: &'a Arc<H>,
+struct Incoming<'a, D: Destination> {
+    cx: &'a MigrationContext<'a>,
+    host: &'a D,
     conn: &'a mut Conn,
     hello: &'a Hello,
     decision: &'a Decision,
-    reservation: &'a H::Reservation,
+    reservation: &'a D::Reservation,
 }
 
 /// Why the connection ended, for the log.
@@ -245,10 +264,15 @@ fn lost(e: ProtocolError) -> String {
     }
 }
 
-impl<H: Host> Incoming<'_, H> {
+impl<D: Destination> Incoming<'_, D> {
     /// Takes the guest in; `Ok` once it runs here.
-    fn take(mut self, checks: Duration) -> Result<(), MigrationError> {
-        let vm = self.accept(checks).map_err(MigrationError::Connect)?;
+    fn take(
+        mut self,
+        (vm, vm_took): (Vm, Duration),
+        checks: Duration,
+    ) -> Result<(), MigrationError> {
+        self.accept(vm_took, checks)
+            .map_err(MigrationError::Connect)?;
         let (state, pages) = self.memory(&vm).map_err(MigrationError::Precopy)?;
         let restore_start = Instant::now();
         let prepared = self.restore(vm, state).map_err(MigrationError::Paused)?;
@@ -256,20 +280,16 @@ impl<H: Host> Incoming<'_, H> {
             .map_err(MigrationError::Commit)
     }
 
-    /// Phase 1: A VM for the guest, then `Accept`.
-    fn accept(&mut self, checks: Duration) -> Result<Vm, String> {
-        let (host, hello) = (self.host, self.hello);
-        let creating = Instant::now();
-        let vm = vm_for(host, hello.mem_size)?;
-        let vm_took = creating.elapsed();
-        let local = host.local();
+    /// Phase 1: `Accept` (the VM for the guest is made: it took `vm_took`).
+    fn accept(&mut self, vm_took: Duration, checks: Duration) -> Result<(), String> {
+        let (cx, host, hello) = (self.cx, self.host, self.hello);
         self.conn
             .send_value(
                 Kind::Accept,
                 &Accept {
-                    name: local.name,
-                    region: local.region,
-                    overlay: host.overlay_addr(),
+                    name: cx.local.name.clone(),
+                    region: cx.local.region.clone(),
+                    overlay: cx.overlay,
                     checks_us: checks.as_micros() as u64,
                     vm_us: vm_took.as_micros() as u64,
                 },
@@ -280,7 +300,7 @@ impl<H: Host> Incoming<'_, H> {
             host.add_overlay_peer(peer);
         }
         host.join_pinned_peers();
-        Ok(vm)
+        Ok(())
     }
 
     /// Phase 2: Pages into guest memory as they come, until the final `State`;
@@ -314,7 +334,7 @@ impl<H: Host> Incoming<'_, H> {
 
     /// Phase 3: The final state checked against the handshake and the
     /// reservation, restored (not started), then `Ready`.
-    fn restore(&mut self, vm: Vm, state: MachineState) -> Result<H::Prepared, String> {
+    fn restore(&mut self, vm: Vm, state: MachineState) -> Result<D::Prepared, String> {
         let (host, hello) = (self.host, self.hello);
         let name = hello.name.as_str();
         let reserved = host.reserved_nic(name);
@@ -341,7 +361,7 @@ impl<H: Host> Incoming<'_, H> {
     /// (or, without it, the guest is discarded), then `Committed`.
     fn commit(
         &mut self,
-        prepared: H::Prepared,
+        prepared: D::Prepared,
         restore_start: Instant,
         pages: u64,
     ) -> Result<(), String> {
@@ -457,11 +477,17 @@ fn source_gone(conn: &Conn, hello: &Hello) -> bool {
     false
 }
 
-/// A VM of `mem_size` bytes: the spare one if it fits, else a new one;
-/// either way another spare of that size is made in the background.
-fn vm_for<H: Host>(host: &Arc<H>, mem_size: u64) -> Result<Vm, String> {
-    let spare = host
-        .migrations()
+/// A VM of `mem_size` bytes: the spare one if it fits, else a new one,
+/// and how long that took; either way another spare of that size is made
+/// on a thread of `scope`.
+fn vm_for<'s>(
+    cx: &'s MigrationContext<'_>,
+    mem_size: u64,
+    scope: &'s Scope<'s, '_>,
+) -> Result<(Vm, Duration), String> {
+    let creating = Instant::now();
+    let spare = cx
+        .migrations
         .spare
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -469,14 +495,14 @@ fn vm_for<H: Host>(host: &Arc<H>, mem_size: u64) -> Result<Vm, String> {
         .filter(|vm| vm.mem_size() == mem_size);
     let vm = match spare {
         Some(vm) => vm,
-        None => Vm::new(&host.hypervisor().kvm, mem_size).map_err(|e| e.to_string())?,
+        None => Vm::new(&cx.hypervisor.kvm, mem_size).map_err(|e| e.to_string())?,
     };
-    let h = Arc::clone(host);
+    let took = creating.elapsed();
     let made = std::thread::Builder::new()
         .name("spare-vm".into())
-        .spawn(move || match Vm::new(&h.hypervisor().kvm, mem_size) {
+        .spawn_scoped(scope, move || match Vm::new(&cx.hypervisor.kvm, mem_size) {
             Ok(vm) => {
-                *h.migrations()
+                *cx.migrations
                     .spare
                     .lock()
                     .unwrap_or_else(|e| e.into_inner()) = Some(vm)
@@ -486,7 +512,7 @@ fn vm_for<H: Host>(host: &Arc<H>, mem_size: u64) -> Result<Vm, String> {
     if let Err(e) = made {
         tracing::warn!("no spare VM for the next migration: {e}");
     }
-    Ok(vm)
+    Ok((vm, took))
 }
 
 fn write_pages(vm: &Vm, indices: &[u32], data: &[u8], zero: bool) -> Result<(), String> {

@@ -8,9 +8,10 @@
 //! outgoing ones `stop` can cancel, the incoming reservations, and the
 //! decisions a source may ask about. [`faults`] injects failures for tests.
 //!
-//! The daemon is a [`Host`]: what migration needs from an instance and from
-//! the host (pause, memory, capture, release, moved away; reserve, restore,
-//! launch). This crate does not depend on the daemon; failures are
+//! The daemon hands each migration a [`MigrationContext`] (plain data) and
+//! implements one narrow trait per side: [`Source`] (acquire, release, in
+//! doubt, moved away) and [`Destination`] (reserve, prepare, launch, adopt,
+//! cancel). This crate does not depend on the daemon; failures are
 //! [`MigrationError`]s naming their phase, progress goes to the caller as
 //! the `api` crate's `MigrationEvent`s.
 
@@ -22,7 +23,7 @@ pub mod protocol;
 pub mod source;
 
 pub use error::MigrationError;
-pub use host::{Host, Local};
+pub use host::{Destination, Local, MigrationContext, Overlay, Source};
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{Shutdown, TcpStream};

@@ -55,7 +55,7 @@ use crate::protocol::{
     encode_pages, Accept, Ack, Conn, Hello, Kind, ProtocolError, IO_TIMEOUT, MIGRATION_PROTOCOL,
     PAGES_PER_MESSAGE, PROTOCOL_VERSION,
 };
-use crate::{Host, MigrationError};
+use crate::{MigrationContext, MigrationError, Source};
 
 /// Pre-copy stops when a round leaves at most this many dirty pages.
 pub const CONVERGED_PAGES: usize = 64;
@@ -93,16 +93,23 @@ struct Sent {
     bytes: u64,
 }
 
-/// Moves instance `name` to the daemon `req.to`, writing progress events
-/// to `out` as JSON lines; the last one is `done` or `failed`.
-pub fn migrate<H: Host>(host: &Arc<H>, name: &str, req: &MigrateRequest, out: &Sender<String>) {
+/// Moves instance `name` of the daemon `cx` describes (`host`) to the
+/// daemon `req.to`, writing progress events to `out` as JSON lines; the
+/// last one is `done` or `failed`.
+pub fn migrate(
+    cx: &MigrationContext<'_>,
+    host: &impl Source,
+    name: &str,
+    req: &MigrateRequest,
+    out: &Sender<String>,
+) {
     let say = |event: MigrationEvent| {
         let _ = out.send(serde_json::to_string(&event).expect("serializable"));
     };
     let result = host
         .peer_client(&req.to, req.fingerprint.as_deref())
         .map_err(|e| MigrationError::Connect(format!("{e}; {name} keeps running here")))
-        .and_then(|client| run(host, name, &client.with_timeout(IO_TIMEOUT), &say));
+        .and_then(|client| run(cx, host, name, &client.with_timeout(IO_TIMEOUT), &say));
     match result {
         Ok(s) => say(MigrationEvent::Done(MigrationReport {
             name: name.to_owned(),
@@ -139,16 +146,18 @@ pub(crate) fn conn_of(stream: BufReader<Stream>, fault: Option<Injected>) -> std
 
 /// The migration itself (to `client`'s daemon); an error has already
 /// resumed the guest (or, if `stop` cancelled it, let it go).
-pub fn run<H: Host>(
-    host: &Arc<H>,
+pub fn run(
+    cx: &MigrationContext<'_>,
+    host: &impl Source,
     name: &str,
     client: &Client,
     say: &dyn Fn(MigrationEvent),
 ) -> Result<Stats, MigrationError> {
     let (handle, spec) = host.acquire(name).map_err(MigrationError::Connect)?;
-    host.migrations().start_outgoing(name);
+    cx.migrations.start_outgoing(name);
     let result = Outgoing {
-        host: host.as_ref(),
+        cx,
+        host,
         name,
         client,
         handle: &handle,
@@ -156,7 +165,7 @@ pub fn run<H: Host>(
         marks: Vec::new(),
     }
     .run(&spec, say);
-    host.migrations().end_outgoing(name);
+    cx.migrations.end_outgoing(name);
     result
 }
 
@@ -172,8 +181,9 @@ enum Settled {
 }
 
 /// An outgoing migration, phase by phase.
-struct Outgoing<'a, H: Host> {
-    host: &'a H,
+struct Outgoing<'a, S: Source> {
+    cx: &'a MigrationContext<'a>,
+    host: &'a S,
     name: &'a str,
     client: &'a Client,
     handle: &'a Arc<MachineHandle>,
@@ -205,7 +215,7 @@ struct Paused {
     carried: usize,
 }
 
-impl<H: Host> Outgoing<'_, H> {
+impl<S: Source> Outgoing<'_, S> {
     fn mark(&mut self, what: impl Into<String>) {
         self.marks.push((what.into(), self.start.elapsed()));
     }
@@ -218,7 +228,7 @@ impl<H: Host> Outgoing<'_, H> {
     /// running here.
     fn fail(&self, why: String) -> String {
         self.host.release(self.name);
-        if self.host.migrations().cancelled(self.name) {
+        if self.cx.migrations.cancelled(self.name) {
             return format!("cancelled by stop ({why})");
         }
         format!("{why}; {} keeps running here", self.name)
@@ -229,10 +239,10 @@ impl<H: Host> Outgoing<'_, H> {
     fn resume(&self, machine: Box<Machine>, why: String) -> String {
         self.handle.resume(machine);
         self.host.release(self.name);
-        if self.host.migrations().cancelled(self.name) {
+        if self.cx.migrations.cancelled(self.name) {
             return format!("cancelled by stop ({why})");
         }
-        format!("{why}; {} resumed on {}", self.name, self.host.local().name)
+        format!("{why}; {} resumed on {}", self.name, self.cx.local.name)
     }
 
     fn run(
@@ -276,20 +286,20 @@ impl<H: Host> Outgoing<'_, H> {
         spec: &GuestSpec,
         say: &dyn Fn(MigrationEvent),
     ) -> Result<Connected, String> {
-        let (host, name) = (self.host, self.name);
+        let (cx, host, name) = (self.cx, self.host, self.name);
         let to = self.to().to_owned();
-        let local = host.local();
+        let local = &cx.local;
         let reader = self
             .client
             .migration_stream(MIGRATION_PROTOCOL)
             .map_err(|e| self.fail(e.to_string()))?;
         self.mark("connected");
-        let mut conn = conn_of(reader, host.migration_config().fault)
+        let mut conn = conn_of(reader, cx.config.fault)
             .map_err(|e| self.fail(format!("the connection to {to}: {e}")))?;
         let sock = conn
             .handle()
             .map_err(|e| self.fail(format!("the connection to {to}: {e}")))?;
-        if !host.migrations().outgoing_conn(name, sock) {
+        if !cx.migrations.outgoing_conn(name, sock) {
             return Err(self.fail("stopped before it began".into()));
         }
         conn.deadline(PRECOPY_DEADLINE);
@@ -308,7 +318,7 @@ impl<H: Host> Outgoing<'_, H> {
             nic: spec.nic,
             image: spec.image.clone(),
             source: local.name.clone(),
-            source_overlay: host.overlay_addr(),
+            source_overlay: cx.overlay,
             source_api: Some(local.api),
             record,
         };
@@ -341,7 +351,7 @@ impl<H: Host> Outgoing<'_, H> {
         say(MigrationEvent::Started {
             name: name.to_owned(),
             mem: spec.mem_size,
-            from: local.name,
+            from: local.name.clone(),
             to_name: accept.name.clone(),
             to: to.clone(),
             region: accept.region.clone(),
@@ -366,11 +376,11 @@ impl<H: Host> Outgoing<'_, H> {
         stats: &mut Stats,
         say: &dyn Fn(MigrationEvent),
     ) -> Result<Precopied, String> {
-        let (host, name) = (self.host, self.name);
+        let (cx, name) = (self.cx, self.name);
         let to = self.to().to_owned();
         let vm = Arc::clone(self.handle.vm());
         let mut last_dirty = usize::MAX;
-        let hints = if host.migration_config().free_page_hints {
+        let hints = if cx.config.free_page_hints {
             HeapHints::of(&vm)
         } else {
             None
@@ -382,7 +392,7 @@ impl<H: Host> Outgoing<'_, H> {
         let mut catch_up = false;
         let mut hints_took = Duration::ZERO;
         loop {
-            if host.migrations().cancelled(name) {
+            if cx.migrations.cancelled(name) {
                 let _ = conn.send_now(Kind::Abort, b"stopped at the source");
                 return Err(self.fail(format!("stopped in round {round}")));
             }
@@ -462,7 +472,7 @@ impl<H: Host> Outgoing<'_, H> {
             let skipped = pre.hints.as_ref().map(|h| h.drop_free(vm, &mut dirty));
             let sent = send_pages(conn, vm, &dirty, false).map_err(|e| e.to_string())?;
             let state = machine
-                .capture(self.host.hypervisor())
+                .capture(self.cx.hypervisor)
                 .map_err(|e| e.to_string())?;
             // Frames that were waiting for the guest go with its state.
             let carried = state
@@ -542,7 +552,7 @@ impl<H: Host> Outgoing<'_, H> {
         let (host, name) = (self.host, self.name);
         let to = self.to();
         let conn = &mut c.conn;
-        if !host.migrations().commit_point(name) {
+        if !self.cx.migrations.commit_point(name) {
             let _ = conn.send_now(Kind::Abort, b"stopped at the source");
             return Err(self.resume(machine, "stopped before the commit".into()));
         }
@@ -648,7 +658,7 @@ impl<H: Host> Outgoing<'_, H> {
                     }
                 }
             }
-            if host.migrations().cancelled(name) {
+            if self.cx.migrations.cancelled(name) {
                 return Settled::Cancelled;
             }
             std::thread::sleep(QUERY_RETRY);
@@ -666,8 +676,8 @@ const MAX_CARRIED_IMAGE: u64 = 256 << 20;
 /// [`api::UPLOAD_FLOOR`]. `None`, with a warning, if
 /// that copy fails: the app then moves but does not come back after a
 /// restart of the destination's daemon.
-fn carried_record<H: Host>(
-    host: &H,
+fn carried_record(
+    host: &impl Source,
     to: &Client,
     name: &str,
     image: &vmm::snapshot::state::ImageId,
