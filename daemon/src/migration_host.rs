@@ -234,8 +234,10 @@ impl Daemon {
         };
         if let Err(e) = fleet::ops::move_in(&link.fleet, name, &self.config.name, from) {
             tracing::error!(
-                app = name,
-                "cannot give the app back to {from} in the fleet store: {e}"
+                instance = name,
+                to = from,
+                error = %e,
+                "cannot give the app back in the fleet store"
             );
         }
     }

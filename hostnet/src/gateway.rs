@@ -520,7 +520,7 @@ impl Gateway {
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(e) => {
                             // ECONNABORTED, EMFILE...: the next wake-up retries.
-                            tracing::warn!("accept on {}: {e}", listener.host);
+                            tracing::warn!(host = %listener.host, error = %e, "accept failed");
                             break;
                         }
                     }
@@ -562,11 +562,11 @@ impl Gateway {
             .set_nonblocking(true)
             .and_then(|()| stream.set_nodelay(true));
         if let Err(e) = setup {
-            tracing::warn!("connection from {peer}: {e}");
+            tracing::warn!(%peer, error = %e, "connection not set up");
             return;
         }
         let Some(port) = self.alloc_port() else {
-            tracing::warn!("connection from {peer} refused: no free gateway port");
+            tracing::warn!(%peer, "connection refused: no free gateway port");
             return;
         };
         let mut socket = tcp::Socket::new(
@@ -581,14 +581,14 @@ impl Gateway {
             TCP_KEEP_ALIVE.as_secs(),
         )));
         if let Err(e) = socket.connect(self.iface.context(), guest, port) {
-            tracing::warn!("connection from {peer} to guest {guest}: {e}");
+            tracing::warn!(%peer, %guest, error = %e, "connection to the guest failed");
             self.ports_in_use.remove(&port);
             return;
         }
         let handle = self.sockets.add(socket);
         let id = self.next_conn;
         self.next_conn += 1;
-        tracing::debug!("connection {id} from {peer} -> guest {guest} (gateway port {port})");
+        tracing::debug!(conn = id, %peer, %guest, port, "connection to the guest");
         let mut conn = Conn {
             stream: Some(stream),
             handle,
@@ -656,7 +656,7 @@ impl Gateway {
         for id in done {
             if let Some(mut conn) = self.conns.remove(&id) {
                 conn.deregister(epoll);
-                tracing::debug!("connection {id} from {} closed", conn.peer);
+                tracing::debug!(conn = id, peer = %conn.peer, "connection closed");
                 // Removed after the next poll, so a RST (abort) still goes out.
                 self.graveyard.push((conn.handle, conn.port));
                 moved = true;
@@ -680,7 +680,7 @@ impl Gateway {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::debug!("udp {}: {e}", listener.host);
+                    tracing::debug!(host = %listener.host, error = %e, "udp receive failed");
                     return;
                 }
             };
@@ -694,7 +694,7 @@ impl Gateway {
                 }
                 None => {
                     let Some(port) = self.alloc_port() else {
-                        tracing::warn!("udp from {peer} dropped: no free gateway port");
+                        tracing::warn!(%peer, "udp dropped: no free gateway port");
                         continue;
                     };
                     let mut socket = udp::Socket::new(
@@ -729,7 +729,7 @@ impl Gateway {
             };
             let socket = self.sockets.get_mut::<udp::Socket>(handle);
             if let Err(e) = socket.send_slice(&buf[..n], guest) {
-                tracing::debug!("udp from {peer} to guest {guest} dropped: {e}");
+                tracing::debug!(%peer, %guest, error = %e, "udp to the guest dropped");
             }
         }
     }
@@ -751,7 +751,7 @@ impl Gateway {
                     flow.last_used = Instant::now();
                     match host.send_to(data, peer) {
                         Ok(n) => listener.traffic.outbound(n),
-                        Err(e) => tracing::debug!("udp to {peer}: {e}"),
+                        Err(e) => tracing::debug!(%peer, error = %e, "udp to the peer dropped"),
                     }
                 }
             }
@@ -806,9 +806,9 @@ impl Conn {
             && !(self.host_eof && self.guest_eof)
         {
             tracing::debug!(
-                "connection from {}: the guest reset it (was {})",
-                self.peer,
-                self.last_state
+                peer = %self.peer,
+                was = %self.last_state,
+                "connection reset by the guest"
             );
             self.reset_host();
             return (Fate::Done, true);
@@ -836,7 +836,7 @@ impl Conn {
                 Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(Err(e)) => {
-                    tracing::debug!("connection from {}: write: {e}", self.peer);
+                    tracing::debug!(peer = %self.peer, error = %e, "connection: write failed");
                     socket.abort();
                     self.stream = None;
                     return (Fate::Done, true);
@@ -895,7 +895,7 @@ impl Conn {
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(Err(e)) => {
-                    tracing::debug!("connection from {}: read: {e}", self.peer);
+                    tracing::debug!(peer = %self.peer, error = %e, "connection: read failed");
                     socket.abort();
                     self.stream = None;
                     return (Fate::Done, true);
@@ -916,7 +916,7 @@ impl Conn {
     fn reset_host(&mut self) {
         if let Some(stream) = self.stream.take() {
             if let Err(e) = linger_zero(&stream) {
-                tracing::debug!("SO_LINGER: {e}");
+                tracing::debug!(error = %e, "cannot set SO_LINGER");
             }
         }
     }
@@ -958,7 +958,9 @@ impl Conn {
         };
         match result {
             Ok(()) => self.interest = want,
-            Err(e) => tracing::warn!("epoll for the connection from {}: {e}", self.peer),
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, error = %e, "epoll for a connection failed")
+            }
         }
     }
 

@@ -330,7 +330,7 @@ impl Network {
                     EpollEvent::new(EventSet::IN, token::TAP),
                 )
                 .map_err(setup("epoll"))?;
-            tracing::info!("guest network on TAP device {}", tap.name());
+            tracing::info!(tap = tap.name(), "guest network on a TAP device");
         }
         let (overlay, peers) = match overlay {
             Some(config) => {
@@ -387,7 +387,7 @@ impl Network {
     fn command(&self, command: Command) {
         lock(&self.commands).push(command);
         if let Err(e) = self.wake.write(1) {
-            tracing::warn!("cannot wake the network thread: {e}");
+            tracing::warn!(error = %e, "cannot wake the network thread");
         }
     }
 
@@ -554,11 +554,11 @@ fn bind_published(
         };
         let guest = (spec.guest_addr.unwrap_or(main_ip), spec.guest_port);
         tracing::info!(
-            "publishing {}/{} -> {}:{}",
-            spec.host,
-            spec.proto,
-            guest.0,
-            guest.1
+            host = %spec.host,
+            proto = %spec.proto,
+            guest = %guest.0,
+            port = guest.1,
+            "publishing"
         );
         out.push((
             Published {
@@ -690,7 +690,7 @@ impl Engine {
                     // A guest that comes back must not be looked for
                     // where it was.
                     self.switch.learn(mac, id);
-                    tracing::debug!("switch port {id}: a guest attached");
+                    tracing::debug!(port = id, "switch: a guest attached");
                 }
                 Command::AddPeer(peer) => {
                     if self.overlay.as_ref().is_some_and(|o| o.add_peer(peer)) {
@@ -699,7 +699,7 @@ impl Engine {
                 }
                 Command::RemovePeer(peer) => {
                     if self.overlay.as_ref().is_some_and(|o| o.remove_peer(peer)) {
-                        tracing::info!(peer = %peer, "overlay: no more datagrams from {peer}");
+                        tracing::info!(%peer, "overlay: no more datagrams from the peer");
                     }
                 }
                 Command::Moved { port, peer, skip } => {
@@ -709,9 +709,10 @@ impl Engine {
                         Some(to) => {
                             self.switch.learn(port.mac(), to);
                             tracing::debug!(
-                                "guest {:02x?} moved to peer {peer:?}: {} waiting frames follow it",
-                                port.mac(),
-                                left.len()
+                                mac = %format_args!("{:02x?}", port.mac()),
+                                peer = ?peer,
+                                frames = left.len(),
+                                "guest moved to a peer: its waiting frames follow it"
                             );
                             for frame in left {
                                 self.outboxes.push(to, frame);
@@ -723,14 +724,14 @@ impl Engine {
                 }
                 Command::Detach(port) => {
                     if let Some(id) = self.free_slot_of(&port) {
-                        tracing::debug!("switch port {id}: the guest detached");
+                        tracing::debug!(port = id, "switch: the guest detached");
                     }
                 }
                 Command::Publish(p, socket) => {
                     if let Some(gw) = self.gateway.as_mut() {
                         let what = p.host;
                         if let Err(e) = gw.publish(p, socket, &self.epoll) {
-                            tracing::warn!("cannot publish {what}: {e}");
+                            tracing::warn!(host = %what, error = %e, "cannot publish");
                         }
                     }
                 }
@@ -762,7 +763,7 @@ impl Engine {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
                 Err(e) => {
-                    tracing::error!("the network thread stops: epoll: {e}");
+                    tracing::error!(error = %e, "the network thread stops: epoll failed");
                     return;
                 }
             };
@@ -836,7 +837,7 @@ impl Engine {
                 match tap.read_frames(&mut self.incoming, TAP_BATCH) {
                     Ok(drained) => self.tap_readable = !drained,
                     Err(e) => {
-                        tracing::warn!("tap {}: {e}", tap.name());
+                        tracing::warn!(tap = tap.name(), error = %e, "cannot read the TAP device");
                         self.tap_readable = false;
                     }
                 }
@@ -890,7 +891,7 @@ impl Engine {
             return id;
         }
         let id = self.add_slot(Slot::Peer(peer));
-        tracing::info!("overlay: peer {peer} on switch port {id}");
+        tracing::info!(%peer, port = id, "overlay: a peer on a switch port");
         id
     }
 
@@ -923,7 +924,7 @@ impl Engine {
                     // Counted in the guest's port (`rx_dropped`).
                     let dropped = guest.deliver(frames);
                     if dropped > 0 {
-                        tracing::debug!("port {index}: {dropped} frames dropped (backlog full)");
+                        tracing::debug!(port = index, dropped, "frames dropped: backlog full");
                     }
                 }
                 Slot::Tap => {
@@ -953,7 +954,7 @@ impl Engine {
         let gateway_slot = self.slot_of(|s| matches!(s, Slot::Gateway));
         for frame in self.incoming.drain(..) {
             if frame.len() > MAX_FRAME {
-                tracing::debug!("port {from}: frame of {} bytes dropped", frame.len());
+                tracing::debug!(port = from, bytes = frame.len(), "frame dropped: too long");
                 continue;
             }
             // Split horizon: what came from a peer never goes to a peer.
@@ -1016,7 +1017,10 @@ impl Engine {
         let total = self.dropped.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
         shim_util::guest_warn!(
             self.warnings,
-            "switch: {n} frames dropped, {why} ({total} so far)"
+            dropped = n,
+            reason = why,
+            total,
+            "switch: frames dropped"
         );
     }
 }

@@ -266,9 +266,10 @@ impl Overlay {
         if peers.len() >= MAX_PEERS {
             if let Some(held) = self.full_log.allow() {
                 tracing::warn!(
-                    peer = %peer,
+                    %peer,
                     refused = held + 1,
-                    "overlay: {MAX_PEERS} peers already, {peer} is not added"
+                    max_peers = MAX_PEERS,
+                    "overlay: peers full, the peer is not added"
                 );
             }
             return false;
@@ -300,10 +301,11 @@ impl Overlay {
         if let Some(held) = self.drops_log.allow() {
             let n = held + 1;
             tracing::warn!(
-                from = %from,
+                dropped = n,
                 total,
-                "overlay: dropped {n} unauthenticated or replayed datagram(s) (total {total}); \
-                 the last from {from}: {why}"
+                peer = %from,
+                reason = %why,
+                "overlay: dropped unauthenticated or replayed datagrams"
             );
         }
     }
@@ -330,7 +332,7 @@ impl Overlay {
         let probe = encode_probe(false, now, &self.name, &self.region);
         for peer in peers {
             if let Err(e) = self.send_datagram(peer, probe.clone()) {
-                tracing::debug!("overlay: probe to {peer}: {e}");
+                tracing::debug!(%peer, error = %e, "overlay: probe not sent");
             }
         }
     }
@@ -341,7 +343,7 @@ impl Overlay {
             Some((false, sent, _, _)) => {
                 let answer = encode_probe(true, sent, &self.name, &self.region);
                 if let Err(e) = self.send_datagram(from, answer) {
-                    tracing::debug!("overlay: probe answer to {from}: {e}");
+                    tracing::debug!(peer = %from, error = %e, "overlay: probe answer not sent");
                 }
             }
             Some((true, sent, name, region)) => {
@@ -351,7 +353,7 @@ impl Overlay {
                         .sample(from, &name, &region, Duration::from_nanos(rtt));
                 }
             }
-            None => tracing::debug!("overlay: bad probe from {from}"),
+            None => tracing::debug!(peer = %from, "overlay: bad probe"),
         }
     }
 
@@ -398,7 +400,7 @@ impl Overlay {
                     match decapsulate(self.vni, datagram) {
                         Ok(frame) => out.push((from, frame.to_vec())),
                         Err(why) => {
-                            tracing::debug!("overlay datagram from {from} dropped: {why}")
+                            tracing::debug!(peer = %from, reason = %why, "overlay: datagram dropped")
                         }
                     }
                 }
@@ -407,7 +409,7 @@ impl Overlay {
                 Err(e) => {
                     // ICMP port unreachable from a peer that went away
                     // shows up here (ECONNREFUSED): not fatal.
-                    tracing::debug!("overlay: {e}");
+                    tracing::debug!(error = %e, "overlay: receive failed");
                     return true;
                 }
             }
@@ -419,7 +421,7 @@ impl Overlay {
     pub fn send(&self, peer: SocketAddr, frames: &mut Vec<Frame>) {
         for frame in frames.drain(..) {
             if let Err(e) = self.send_datagram(peer, encapsulate(self.vni, &frame)) {
-                tracing::debug!("overlay: frame to {peer} dropped: {e}");
+                tracing::debug!(%peer, error = %e, "overlay: frame dropped");
             }
         }
     }

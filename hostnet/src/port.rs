@@ -190,7 +190,7 @@ impl NetworkThread {
             }
             Err(e) => {
                 // A cpuset that changed under us, say: stay where we are.
-                tracing::debug!(cpu, "cannot run next to the network thread: {e}");
+                tracing::debug!(cpu, error = %e, "cannot run next to the network thread");
                 self.free_network_thread(&mut seats);
                 None
             }
@@ -217,7 +217,7 @@ impl NetworkThread {
         if let Some(cpus) = seats.network_cpus.take() {
             let tid = self.tid.load(Ordering::Acquire);
             if let Err(e) = crate::sys::set_thread_affinity(tid, &cpus) {
-                tracing::warn!(tid, "cannot give the network thread its CPUs back: {e}");
+                tracing::warn!(tid, error = %e, "cannot give the network thread its CPUs back");
             }
         }
     }
@@ -260,7 +260,8 @@ impl NetworkThread {
             if let Err(e) = crate::sys::set_thread_affinity(seat.tid, &seat.cpus) {
                 tracing::warn!(
                     tid = seat.tid,
-                    "cannot give a vCPU thread its CPUs back: {e}"
+                    error = %e,
+                    "cannot give a vCPU thread its CPUs back"
                 );
             }
             tracing::warn!(
@@ -382,7 +383,7 @@ impl GuestPort {
             }
         }
         if let Err(e) = self.switch_wake.write(1) {
-            tracing::warn!("cannot wake the network thread: {e}");
+            tracing::warn!(error = %e, "cannot wake the network thread");
         }
     }
 
@@ -489,7 +490,7 @@ impl GuestPort {
             }
         }
         if let Err(e) = self.guest_wake.write(1) {
-            tracing::warn!("cannot wake a vCPU thread: {e}");
+            tracing::warn!(error = %e, "cannot wake a vCPU thread");
         }
         dropped
     }

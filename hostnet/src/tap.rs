@@ -98,7 +98,7 @@ impl Tap {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // The host side of a TAP whose monitor exited (`host_side`).
                 Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => {
-                    tracing::debug!(tap = %self.name, "the device went away: {e}");
+                    tracing::debug!(tap = %self.name, error = %e, "the device went away");
                     return Ok(true);
                 }
                 Err(e) => return Err(e),
@@ -114,7 +114,7 @@ impl Tap {
             match self.file.write(&frame) {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => tracing::debug!("tap {}: frame dropped: {e}", self.name),
+                Err(e) => tracing::debug!(tap = %self.name, error = %e, "frame dropped"),
             }
         }
     }

@@ -52,7 +52,7 @@ pub fn accept<S: Read + Write + Send + 'static>(
     let mut conn = match Conn::new(stream, sock, cx.config.fault) {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(%from, "incoming migration: {e}");
+            tracing::warn!(peer = %from, error = %e, "incoming migration not set up");
             return;
         }
     };
@@ -63,7 +63,7 @@ pub fn accept<S: Read + Write + Send + 'static>(
         // Closed now, not once the spare is made: the source learns at once.
         drop(conn);
         if let Err(e) = result {
-            tracing::warn!(%from, phase = %e.phase(), "incoming migration failed: {e}");
+            tracing::warn!(peer = %from, phase = %e.phase(), error = %e, "incoming migration failed");
         }
     });
 }
@@ -351,7 +351,7 @@ impl<D: Destination> Incoming<'_, D> {
         if let Err(e) = self.conn.send_now(Kind::Ready, &[]) {
             // The source may still send Commit on a half-open link; without it
             // nothing starts here.
-            tracing::debug!("Ready not sent: {e}");
+            tracing::debug!(instance = %self.hello.name, error = %e, "Ready not sent");
         }
         self.conn.at(Step::Ready, "destination");
         Ok(prepared)
@@ -375,9 +375,10 @@ impl<D: Destination> Incoming<'_, D> {
             Err(e) => match source_gone(conn, hello) {
                 true => {
                     tracing::warn!(
-                        name,
+                        instance = name,
                         source = %hello.source,
-                        "the source's daemon is gone after Ready ({e}): its guest is gone \
+                        error = %e,
+                        "the source's daemon is gone after Ready: its guest is gone \
                          with it, so this copy starts"
                     );
                     Ok(())
@@ -426,10 +427,10 @@ impl<D: Destination> Incoming<'_, D> {
             .and_then(|()| conn.flush())
         {
             // The guest runs here; the source learns it by asking.
-            tracing::warn!(name, "Committed not delivered: {e}");
+            tracing::warn!(instance = name, error = %e, "Committed not delivered");
         }
         tracing::info!(
-            name,
+            instance = name,
             source = %hello.source,
             pages,
             restore_ms = ack.restore_us as f64 / 1e3,
@@ -507,10 +508,10 @@ fn vm_for<'s>(
                     .lock()
                     .unwrap_or_else(|e| e.into_inner()) = Some(vm)
             }
-            Err(e) => tracing::warn!("no spare VM for the next migration: {e}"),
+            Err(e) => tracing::warn!(error = %e, "no spare VM for the next migration"),
         });
     if let Err(e) = made {
-        tracing::warn!("no spare VM for the next migration: {e}");
+        tracing::warn!(error = %e, "no spare VM for the next migration");
     }
     Ok((vm, took))
 }

@@ -652,7 +652,7 @@ impl<S: Source> Outgoing<'_, S> {
                 }
                 Err(e) => {
                     if !in_doubt {
-                        tracing::warn!(name, %to, "migration in doubt, asking again: {e}");
+                        tracing::warn!(instance = name, %to, error = %e, "migration in doubt, asking again");
                         host.in_doubt(name);
                         in_doubt = true;
                     }
@@ -706,8 +706,12 @@ fn carried_record(
             Some(record)
         }
         Err(e) => {
-            tracing::warn!(app = name, to = %to.addr, error = %e,
-                "cannot copy the image: the app will not come back after a restart there");
+            tracing::warn!(
+                instance = name,
+                to = %to.addr,
+                error = %e,
+                "cannot copy the image: the app will not come back after a restart there"
+            );
             None
         }
     }
@@ -781,14 +785,14 @@ impl HeapHints {
             .memory()
             .read_slice(&mut raw, GuestAddress(BOOT_INFO_ADDR))
         {
-            tracing::warn!("free-page hints unused: cannot read the BootInfo: {e}");
+            tracing::warn!(error = %e, "free-page hints unused: cannot read the BootInfo");
             return None;
         }
         let info = BootInfo::read_from_bytes(&raw).ok()?;
         match Self::check(&info, vm.mem_size()) {
             Ok(hints) => hints,
             Err(why) => {
-                tracing::warn!("free-page hints unused: {why}");
+                tracing::warn!(reason = %why, "free-page hints unused");
                 None
             }
         }
@@ -842,7 +846,7 @@ impl HeapHints {
                 .memory()
                 .read_slice(&mut raw, GuestAddress(self.use_addr))
             {
-                tracing::warn!("free-page hints unused this round: {e}");
+                tracing::warn!(error = %e, "free-page hints unused this round");
                 return 0;
             }
             std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
