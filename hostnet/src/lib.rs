@@ -124,6 +124,14 @@ impl Nic {
     }
 }
 
+/// A MAC as `ip link` writes it: `52:54:00:12:34:56`.
+pub fn fmt_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// The MAC the shim gives an address: locally administered, unicast,
 /// `02:4c:` + the four bytes of the IPv4 address (unique per address).
 pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
@@ -709,7 +717,7 @@ impl Engine {
                         Some(to) => {
                             self.switch.learn(port.mac(), to);
                             tracing::debug!(
-                                mac = %format_args!("{:02x?}", port.mac()),
+                                mac = %fmt_mac(&port.mac()),
                                 peer = ?peer,
                                 frames = left.len(),
                                 "guest moved to a peer: its waiting frames follow it"

@@ -265,7 +265,7 @@ impl NetworkThread {
                 );
             }
             tracing::warn!(
-                mac = %format_args!("{:02x?}", seat.mac),
+                mac = %crate::fmt_mac(&seat.mac),
                 tid = seat.tid,
                 busy = %format_args!("{share:.2}"),
                 cpu_share = %format_args!("{:.2}", ran.as_secs_f64() / elapsed.as_secs_f64()),

@@ -341,13 +341,7 @@ fn read_chain(
     }
 }
 
-/// `52:54:00:12:34:56`.
-pub fn fmt_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
+pub use hostnet::fmt_mac;
 
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
