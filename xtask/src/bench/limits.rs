@@ -162,7 +162,6 @@ fn idle_connections(shim: &Path, dir: &TempDir, runs: usize) -> Result<Vec<Row>>
     }
     drop(held);
     let bound = base + MAX_CONNECTIONS + SPARE_THREADS;
-    let slowest = took.iter().copied().fold(0.0, f64::max);
     Ok(vec![
         Row {
             attack: format!(
@@ -173,18 +172,12 @@ fn idle_connections(shim: &Path, dir: &TempDir, runs: usize) -> Result<Vec<Row>>
             bound: format!("≤ {bound} (before + {MAX_CONNECTIONS} + {SPARE_THREADS})"),
             held: most <= bound,
         },
-        Row {
-            attack: format!("`GET /v1/info` among them ({runs} calls)"),
-            measured: format!(
-                "{:.2} ms median, {slowest:.2} ms slowest",
-                median(took.clone())
-            ),
-            bound: format!(
-                "each within {} ms (idle connections make room)",
-                QUICK.as_millis()
-            ),
-            held: slowest < ms(QUICK),
-        },
+        quick_row(
+            format!("`GET /v1/info` among them ({runs} calls)"),
+            "",
+            &took,
+            "idle connections make room",
+        ),
     ])
 }
 
@@ -367,19 +360,26 @@ fn dev_zero(shim: &Path, dir: &TempDir, runs: usize) -> Result<Row> {
             other => bail!("/dev/zero as an image: expected a 400, got {other:?}"),
         }
     }
+    Ok(quick_row(
+        format!("`/dev/zero` as an image ({runs} runs)"),
+        "400 \"not a regular file\" in ",
+        &took,
+        "refused before any read",
+    ))
+}
+
+/// A row of answers that must each come within [`QUICK`]: `took` in ms.
+fn quick_row(attack: String, what: &str, took: &[f64], why: &str) -> Row {
     let slowest = took.iter().copied().fold(0.0, f64::max);
-    Ok(Row {
-        attack: format!("`/dev/zero` as an image ({runs} runs)"),
+    Row {
+        attack,
         measured: format!(
-            "400 \"not a regular file\" in {:.2} ms median, {slowest:.2} ms slowest",
-            median(took.clone())
+            "{what}{:.2} ms median, {slowest:.2} ms slowest",
+            median(took.to_vec())
         ),
-        bound: format!(
-            "each within {} ms (refused before any read)",
-            QUICK.as_millis()
-        ),
+        bound: format!("each within {} ms ({why})", QUICK.as_millis()),
         held: slowest < ms(QUICK),
-    })
+    }
 }
 
 /// `prlimit --pid PID --nofile=LIMIT:` (the soft limit; the hard one stays).
