@@ -13,7 +13,6 @@ use abi::layout::{DOORBELL_ADDR, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::checkpoint::Latest;
 use vmm::devices::doorbell::{Action, Doorbell};
-use vmm::vstate::vm::allocate;
 
 use crate::Input;
 
@@ -23,7 +22,7 @@ const MAX_OPS: usize = 256;
 
 pub fn run(data: &[u8]) {
     let mut input = Input::new(data);
-    let mem = allocate(RAM).expect("allocate guest memory");
+    let mem = crate::guest_memory(RAM);
     let latest = Arc::new(Latest::default());
     let mut doorbell = Doorbell::new(std::io::sink());
     doorbell.set_checkpoint_latest(Some(latest.clone()));

@@ -13,8 +13,9 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use kv_core::checkpoint::{self, Checkpoints};
-use kv_core::resp::{self, Command, Parser, ProtocolError};
+use kv_core::resp;
 use kv_core::store::Store;
+use kv_core::testing::{contents, parse_reads};
 use kv_core::{Flow, Instant, Platform, Server};
 
 use crate::Input;
@@ -39,54 +40,16 @@ impl Platform for Fixed {
     }
 }
 
-/// The commands in `chunks` read one after another as the guest's connection loop reads
-/// them, and the error that ended the stream, if one did.
-fn parse(chunks: &mut dyn Iterator<Item = &[u8]>) -> (Vec<Command>, Option<ProtocolError>) {
-    let mut parser = Parser::new();
-    let mut buf = Vec::new();
-    let mut commands = Vec::new();
-    for chunk in chunks {
-        buf.extend_from_slice(chunk);
-        let mut start = 0;
-        loop {
-            match parser.parse(&buf[start..]) {
-                Err(e) => return (commands, Some(e)),
-                Ok(parsed) => {
-                    start += parsed.consumed;
-                    match parsed.command {
-                        Some(c) if commands.len() < MAX_COMMANDS => commands.push(c),
-                        Some(_) => return (commands, None),
-                        None if parsed.consumed == 0 => break,
-                        None => {}
-                    }
-                }
-            }
-        }
-        buf.drain(..start);
-    }
-    (commands, None)
-}
-
-/// The live keys at `now`: value and remaining milliseconds.
-fn contents(store: &Store, now: Instant) -> BTreeMap<Vec<u8>, (Vec<u8>, Option<u128>)> {
-    store
-        .live_entries(now)
-        .map(|(k, e)| {
-            let ttl = e.expires_at.map(|at| (at - now).as_millis());
-            (k.to_vec(), (e.value.to_vec(), ttl))
-        })
-        .collect()
-}
-
 pub fn run(data: &[u8]) {
     let mut input = Input::new(data);
     let piece = [1, 2, 3, 7, 16, 64, 1500, usize::MAX][usize::from(input.u8() % 8)];
     let stream = input.rest();
 
-    let whole = parse(&mut std::iter::once(stream));
-    let pieces = parse(&mut stream.chunks(piece.min(stream.len().max(1))));
+    let whole = parse_reads([stream], MAX_COMMANDS);
+    let pieces = parse_reads(stream.chunks(piece.min(stream.len().max(1))), MAX_COMMANDS);
     assert_eq!(
-        whole, pieces,
+        (&whole.commands, whole.error),
+        (&pieces.commands, pieces.error),
         "a stream read in {piece}-byte pieces parses as a whole"
     );
 
@@ -97,7 +60,7 @@ pub fn run(data: &[u8]) {
     let mut tracker = Checkpoints::new(&mut server.store, now);
     let mut out = Vec::new();
     let mut ran = 0;
-    for command in whole.0 {
+    for command in whole.commands {
         clock.set(clock.get() + 1_000_000);
         ran += 1;
         if kv_core::execute(&mut server, client, command, &mut out) == Flow::Close {

@@ -7,6 +7,7 @@
 //! then count as a replay, and fail once tampered with.
 
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 
 use hostnet::overlay::{decapsulate, decode_probe, encapsulate, encode_probe, MAX_VNI};
 use hostnet::overlay_crypto::{HostId, OverlayCrypto, OverlayKey};
@@ -27,7 +28,11 @@ pub fn run(data: &[u8]) {
     let vni = input.u32() & MAX_VNI;
     let tamper = usize::from(input.u16());
     let datagram = input.rest();
-    let (a, b) = (endpoint(1), endpoint(2));
+    // The sender only seals (it keeps no state about peers that matters here), so one serves
+    // every input; the receiver, whose replay windows and senders are under test, is new each time.
+    static SENDER: OnceLock<OverlayCrypto> = OnceLock::new();
+    let a = SENDER.get_or_init(|| endpoint(1));
+    let b = endpoint(2);
     let from_a = SocketAddr::from(([127, 0, 0, 1], 4789));
     let from_b = SocketAddr::from(([127, 0, 0, 2], 4789));
 

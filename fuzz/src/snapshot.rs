@@ -9,7 +9,7 @@ use std::sync::Arc;
 use hostnet::port::GuestPort;
 use vmm::devices::persist::DeviceStates;
 use vmm::snapshot::format::SnapshotReader;
-use vmm::vstate::vm::{allocate, GuestMemoryMmap};
+use vmm::vstate::vm::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Largest guest memory the pages are read into (pages beyond it are an error).
@@ -20,7 +20,7 @@ pub fn run(data: &[u8]) {
         return;
     };
     let mem_size = reader.header.mem_size.min(MAX_MEM) & !(abi::layout::PAGE_SIZE - 1);
-    let mem = allocate(mem_size.max(abi::layout::PAGE_SIZE)).expect("allocate guest memory");
+    let mem = crate::guest_memory(mem_size.max(abi::layout::PAGE_SIZE));
     if reader.read_memory(&mem).is_err() {
         return;
     }

@@ -14,7 +14,7 @@ use hostnet::port::GuestPort;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::virtio::net::{Net, QUEUE_MAX};
 use vmm::devices::virtio::{status, window_base, MmioTransport};
-use vmm::vstate::vm::{allocate, GuestMemoryMmap};
+use vmm::vstate::vm::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::Input;
@@ -115,7 +115,7 @@ impl Guest {
 
 pub fn run(data: &[u8]) {
     let mut input = Input::new(data);
-    let mem = allocate(RAM).expect("allocate guest memory");
+    let mem = crate::guest_memory(RAM);
     let wake = Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd"));
     let port = Arc::new(GuestPort::new(MAC, wake).expect("guest port"));
     let base = window_base(0);

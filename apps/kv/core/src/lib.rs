@@ -18,6 +18,8 @@ pub mod commands;
 pub mod glob;
 pub mod resp;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod time;
 
 pub use commands::{execute, Flow, Server};

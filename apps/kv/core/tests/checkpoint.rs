@@ -5,27 +5,16 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{bulk, int, ok, sorted, Kv};
 use kv_core::checkpoint::{self, Checkpoints, Error, Key, KvDelta, KvState};
 use kv_core::resp::Reply;
 use kv_core::store::Store;
+use kv_core::testing::contents;
 use kv_core::Instant;
 
 const MS: Duration = Duration::from_millis(1);
-
-/// The live keys of `store` at `now`: value and milliseconds left.
-fn contents(store: &Store, now: Instant) -> BTreeMap<Vec<u8>, (Vec<u8>, Option<u128>)> {
-    store
-        .live_entries(now)
-        .map(|(k, e)| {
-            let ttl = e.expires_at.map(|at| (at - now).as_millis());
-            (k.to_vec(), (e.value.to_vec(), ttl))
-        })
-        .collect()
-}
 
 /// A kv with plain, binary and volatile keys.
 fn populated() -> Kv {

@@ -6,30 +6,18 @@ use kv_core::resp::{
     self, parse_i64, parse_reply, push_i64, split_args, Command, Parser, ProtocolError, Reply,
     MAX_BULK, MAX_COMMAND, MAX_DEPTH, MAX_INLINE,
 };
+use kv_core::testing::parse_reads;
 
 /// Feeds `chunks` to one parser as successive reads, the way the guest's
 /// connection loop does (unconsumed bytes stay in the buffer), and returns
 /// the commands, or the first error.
 fn feed(chunks: &[&[u8]]) -> Result<Vec<Command>, ProtocolError> {
-    let mut parser = Parser::new();
-    let mut buf = Vec::new();
-    let mut commands = Vec::new();
-    for chunk in chunks {
-        buf.extend_from_slice(chunk);
-        let mut start = 0;
-        loop {
-            let parsed = parser.parse(&buf[start..])?;
-            start += parsed.consumed;
-            match parsed.command {
-                Some(c) => commands.push(c),
-                None if parsed.consumed == 0 => break,
-                None => {}
-            }
-        }
-        buf.drain(..start);
+    let parsed = parse_reads(chunks.iter().copied(), usize::MAX);
+    if let Some(e) = parsed.error {
+        return Err(e);
     }
-    assert!(buf.is_empty(), "{} bytes left unparsed", buf.len());
-    Ok(commands)
+    assert_eq!(parsed.left, 0, "bytes left unparsed");
+    Ok(parsed.commands)
 }
 
 fn words(c: &[&[u8]]) -> Command {
