@@ -235,6 +235,9 @@ pub fn write_value<W: Write, T: Serialize>(w: &mut W, kind: Kind, value: &T) -> 
     write_msg(w, kind, &bytes)
 }
 
+/// How much of a declared payload is allocated ahead of its bytes.
+const READ_PIECE: usize = 64 << 10;
+
 /// Reads one message.
 pub fn read_msg<R: Read>(r: &mut R) -> Result<Message, ProtocolError> {
     let eof = |e: io::Error| {
@@ -253,8 +256,17 @@ pub fn read_msg<R: Read>(r: &mut R) -> Result<Message, ProtocolError> {
     }
     let mut sum = [0u8; 4];
     r.read_exact(&mut sum).map_err(eof)?;
-    let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload).map_err(eof)?;
+    // Allocated as the bytes arrive, a piece at a time: a peer that
+    // declares 64 MiB and sends nothing costs a piece, not 64 MiB.
+    let mut payload = Vec::new();
+    let mut left = len as usize;
+    while left > 0 {
+        let start = payload.len();
+        let piece = left.min(READ_PIECE);
+        payload.resize(start + piece, 0);
+        r.read_exact(&mut payload[start..]).map_err(eof)?;
+        left -= piece;
+    }
     if crc(&head, &payload) != u32::from_le_bytes(sum) {
         return Err(ProtocolError::Corrupt(kind));
     }
@@ -521,6 +533,40 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bytes, and the largest buffer a read was asked to fill.
+    struct Watched<'a> {
+        bytes: &'a [u8],
+        widest: usize,
+    }
+
+    impl Read for Watched<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.widest = self.widest.max(buf.len());
+            self.bytes.read(buf)
+        }
+    }
+
+    #[test]
+    fn a_declared_payload_is_allocated_as_it_arrives() {
+        // 64 MiB declared, 10 bytes sent: the reader is never handed more
+        // than a piece to fill, and the message is cut short.
+        let mut head = vec![Kind::Pages as u8];
+        head.extend_from_slice(&MAX_PAYLOAD.to_le_bytes());
+        head.extend_from_slice(&[0; 4 + 10]);
+        let mut r = Watched {
+            bytes: &head,
+            widest: 0,
+        };
+        assert!(matches!(read_msg(&mut r), Err(ProtocolError::Closed)));
+        assert!(r.widest <= READ_PIECE, "a {} byte buffer", r.widest);
+        // A payload of several pieces still arrives whole.
+        let big: Vec<u8> = (0..5 * READ_PIECE + 7).map(|i| i as u8).collect();
+        let mut buf = Vec::new();
+        write_msg(&mut buf, Kind::Pages, &big).unwrap();
+        let m = read_msg(&mut &buf[..]).unwrap();
+        assert_eq!(m.payload, big);
+    }
 
     #[test]
     fn messages_round_trip() {

@@ -27,8 +27,10 @@ const ASAN_OPTIONS: &str = "detect_stack_use_after_return=0";
 pub struct FuzzOptions {
     /// Targets to fuzz (empty with `run`: none).
     pub targets: Vec<String>,
-    /// Seconds per target.
+    /// Seconds per target (at most, with `runs`).
     pub time: u64,
+    /// Executions after which a target stops (libFuzzer's `-runs`).
+    pub runs: Option<u64>,
     /// Parallel libFuzzer jobs per target (`-fork`).
     pub jobs: usize,
     /// Inputs to run once each instead of fuzzing (a crash's reproducer).
@@ -238,13 +240,14 @@ pub fn fuzz(ws: &Workspace, opts: &FuzzOptions) -> Result<()> {
     }
     let mut results = Vec::new();
     for t in &opts.targets {
+        let started = std::time::Instant::now();
         let stats = run_target(ws, &bin_dir.join(t), t, opts)?;
-        results.push((t.clone(), stats));
+        results.push((t.clone(), started.elapsed().as_secs(), stats));
     }
     println!();
     println!("| target | time (s) | executions | exec/s | cov | ft | corpus | crash |");
     println!("|---|---:|---:|---:|---:|---:|---:|---|");
-    for (t, s) in &results {
+    for (t, secs, s) in &results {
         // libFuzzer names the input after what happened: crash-, timeout-, oom-, leak-...
         let crash = s.crash.as_deref().map_or("none".to_owned(), |p| {
             let kind = p
@@ -255,13 +258,13 @@ pub fn fuzz(ws: &Workspace, opts: &FuzzOptions) -> Result<()> {
         });
         println!(
             "| {t} | {} | {} | {} | {} | {} | {} | {crash} |",
-            opts.time, s.execs, s.execs_per_sec, s.cov, s.ft, s.corpus
+            secs, s.execs, s.execs_per_sec, s.cov, s.ft, s.corpus
         );
     }
     let crashed: Vec<&str> = results
         .iter()
-        .filter(|(_, s)| s.crash.is_some())
-        .map(|(t, _)| t.as_str())
+        .filter(|(_, _, s)| s.crash.is_some())
+        .map(|(t, _, _)| t.as_str())
         .collect();
     if !crashed.is_empty() {
         bail!(
@@ -301,6 +304,9 @@ fn run_target(ws: &Workspace, bin: &Path, target: &str, opts: &FuzzOptions) -> R
         .arg(prefix);
     if opts.jobs > 1 {
         cmd.arg(format!("-fork={}", opts.jobs));
+    }
+    if let Some(runs) = opts.runs {
+        cmd.arg(format!("-runs={runs}"));
     }
     cmd.arg(&corpus)
         .arg(fuzz_dir(ws).join("corpus").join(target))

@@ -104,9 +104,13 @@ struct FuzzArgs {
     /// Rewrite the seed corpora (fuzz/corpus/TARGET/seed-*) from the real encoders.
     #[arg(long, conflicts_with = "list")]
     seed: bool,
-    /// Seconds per target.
+    /// Seconds per target (at most, with --runs).
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     time: u64,
+    /// Stop a target after this many executions (libFuzzer's -runs), e.g.
+    /// 10000000 with a --time long enough for it.
+    #[arg(long, value_name = "N")]
+    runs: Option<u64>,
     /// Parallel libFuzzer jobs per target (libFuzzer's -fork).
     #[arg(long, value_name = "N", default_value_t = 1)]
     jobs: usize,
@@ -460,6 +464,7 @@ fn dispatch(ws: &Workspace, command: Cmd) -> Result<()> {
                 &fuzz::FuzzOptions {
                     targets,
                     time: a.time,
+                    runs: a.runs,
                     jobs: a.jobs.max(1),
                     run: a.run,
                 },
