@@ -202,18 +202,17 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
-/// Parses `ADDR[/PREFIX]` (the prefix defaults to 24).
+/// Parses `ADDR[/PREFIX]` (the prefix defaults to 24; `api::GuestAddr`'s
+/// syntax, with a prefix of at least 1).
 pub fn parse_ip_prefix(s: &str) -> Result<(Ipv4Addr, u8), String> {
-    let (addr, prefix) = s.split_once('/').unwrap_or((s, "24"));
-    let addr: Ipv4Addr = addr
-        .parse()
-        .map_err(|_| format!("'{addr}' is not an IPv4 address"))?;
-    let prefix: u8 = prefix
-        .parse()
-        .ok()
-        .filter(|p| (1..=32).contains(p))
-        .ok_or_else(|| format!("'{prefix}' is not a prefix length (1-32)"))?;
-    Ok((addr, prefix))
+    let a: api::GuestAddr = match s.contains('/') {
+        true => s.parse()?,
+        false => format!("{s}/24").parse()?,
+    };
+    if a.prefix == 0 {
+        return Err(format!("'{s}': a prefix length of 0 leaves no network"));
+    }
+    Ok((a.ip, a.prefix))
 }
 
 /// Parses an IPv4 address.
