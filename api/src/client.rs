@@ -836,8 +836,8 @@ mod tests {
         );
     }
 
-    /// A one-connection daemon that reads the request head and answers
-    /// `head`, then `body` in pieces of `piece` bytes `every` apart.
+    /// A one-connection daemon that reads the request (head and body) and
+    /// answers `head`, then `body` in pieces of `piece` bytes `every` apart.
     fn slow_daemon(
         head: &'static [u8],
         body: Vec<u8>,
@@ -853,6 +853,12 @@ mod tests {
             while !got.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
                 got.push(byte[0]);
             }
+            // Read the body too: unread bytes at close would reset the connection.
+            let length: usize = String::from_utf8_lossy(&got)
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .map_or(0, |n| n.trim().parse().unwrap());
+            s.read_exact(&mut vec![0u8; length]).unwrap();
             if s.write_all(head).is_err() {
                 return;
             }
@@ -942,29 +948,9 @@ mod tests {
 
     /// A one-connection daemon that switches protocols and sends `answer`.
     fn daemon(answer: Vec<u8>) -> (String, std::thread::JoinHandle<()>) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let t = std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap() == 1 {
-                head.push(byte[0]);
-            }
-            // Read the body too: unread bytes at close would reset the connection.
-            let head = String::from_utf8(head).unwrap();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("Content-Length: "))
-                .map_or(0, |n| n.trim().parse().unwrap());
-            s.read_exact(&mut vec![0u8; length]).unwrap();
-            let _ = s.write_all(
-                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
-                  Upgrade: host-shim-progress\r\n\r\n",
-            );
-            let _ = s.write_all(&answer);
-        });
-        (addr, t)
+        let head = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
+                     Upgrade: host-shim-progress\r\n\r\n";
+        slow_daemon(head, answer, usize::MAX, Duration::ZERO)
     }
 
     fn req() -> MigrateRequest {
