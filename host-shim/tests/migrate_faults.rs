@@ -53,10 +53,15 @@ fn alive(d: &mut Daemon) -> bool {
 
 /// kv's state on the daemon at `addr` (`None`: no such instance).
 fn kv_state(addr: &str) -> Option<InstanceState> {
+    try_kv_state(addr).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`kv_state`], or why the daemon did not say.
+fn try_kv_state(addr: &str) -> Result<Option<InstanceState>, String> {
     let list: Vec<InstanceInfo> = Client::new(addr)
         .list()
-        .unwrap_or_else(|e| panic!("GET /v1/instances of {addr}: {e}"));
-    list.into_iter().find(|i| i.name == "kv").map(|i| i.state)
+        .map_err(|e| format!("GET /v1/instances of {addr}: {e}"))?;
+    Ok(list.into_iter().find(|i| i.name == "kv").map(|i| i.state))
 }
 
 /// `migrate kv --to TO` of the daemon at `from`, run in a thread: its
@@ -98,14 +103,18 @@ fn absent(s: Seen) -> bool {
     s == Some(&None)
 }
 
-/// Waits (up to 30 s) until `ok` holds of kv's states on the daemons.
+/// Waits (up to 30 s) until `ok` holds of kv's states on the daemons. A
+/// daemon that does not answer while its process is still there (a fault
+/// made it exit, and it is going) is asked again.
 fn settle(a: &mut Daemon, b: &mut Daemon, ok: impl Fn(Seen, Seen) -> bool) {
     let give_up = Instant::now() + Duration::from_secs(30);
+    let look = |d: &mut Daemon| alive(d).then(|| try_kv_state(&d.addr)).transpose();
     loop {
-        let sa = alive(a).then(|| kv_state(&a.addr));
-        let sb = alive(b).then(|| kv_state(&b.addr));
-        if ok(sa.as_ref(), sb.as_ref()) {
-            return;
+        let (sa, sb) = (look(a), look(b));
+        if let (Ok(sa), Ok(sb)) = (&sa, &sb) {
+            if ok(sa.as_ref(), sb.as_ref()) {
+                return;
+            }
         }
         assert!(
             Instant::now() < give_up,
