@@ -469,8 +469,15 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
+        let put_at = std::time::Instant::now();
         latest.put(&[2], true);
         assert_eq!(t.join().unwrap().as_deref(), Some(&vec![2]));
+        // Woken by the put, not by its 10 s timeout.
+        assert!(
+            put_at.elapsed() < Duration::from_secs(5),
+            "the waiter returned {:?} after the put",
+            put_at.elapsed()
+        );
         latest.put(&[3], false);
         assert_eq!(
             latest.wait_after(2, Duration::ZERO).as_deref(),
