@@ -1,6 +1,7 @@
 //! `host-shim events --follow --json` run in the background: what a user
 //! watching the fleet's event stream sees, one JSON value per event.
 
+use std::collections::VecDeque;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -18,7 +19,7 @@ pub struct Follower {
     /// Every event received so far, in order.
     pub seen: Vec<Value>,
     /// The last [`LOG_LINES`] lines it logged (warnings: `RUST_LOG=warn`).
-    log: Arc<Mutex<Vec<String>>>,
+    log: Arc<Mutex<VecDeque<String>>>,
 }
 
 /// Lines of the follower's log kept.
@@ -37,7 +38,7 @@ impl Follower {
             .expect("spawn host-shim events --follow");
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::new(Mutex::new(VecDeque::new()));
         let lines = Arc::clone(&log);
         std::thread::spawn(move || {
             use std::io::BufRead;
@@ -45,9 +46,9 @@ impl Follower {
                 let Ok(line) = line else { return };
                 let mut lines = lines.lock().unwrap();
                 if lines.len() == LOG_LINES {
-                    lines.remove(0);
+                    lines.pop_front();
                 }
-                lines.push(line);
+                lines.push_back(line);
             }
         });
         let (tx, events) = std::sync::mpsc::channel();
@@ -78,7 +79,7 @@ impl Follower {
             assert!(
                 Instant::now() < give_up,
                 "events --follow did not log {needle:?} within {within:?}; it logged:\n{}",
-                self.log.lock().unwrap().join("\n")
+                Vec::from(self.log.lock().unwrap().clone()).join("\n")
             );
             std::thread::sleep(Duration::from_millis(20));
         }
