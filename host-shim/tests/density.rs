@@ -9,7 +9,7 @@
 mod common;
 
 use common::daemon::{run_kv, Daemon, TempDir};
-use common::{free_port, image, require_kvm, Redis, Shim};
+use common::{cpu_quiet, free_port, image, require_kvm, Redis, Shim};
 use std::time::{Duration, Instant};
 use vmm::devices::exits::ExitStats;
 
@@ -36,7 +36,8 @@ fn idle_kv_anon_kib(mem: &str) -> u64 {
     kv.fill(10);
     assert_eq!(kv.cmd(&["DBSIZE"]).unwrap(), "10");
     drop(kv);
-    std::thread::sleep(Duration::from_millis(500));
+    // The close handled, kv idles: the shim uses no CPU.
+    cpu_quiet(shim.pid(), Duration::from_millis(300), "kv's client left");
     shim.assert_running("kv to idle");
     // Idle: a second look after a while finds the same footprint (no
     // timer or buffer slowly touching more of guest memory).

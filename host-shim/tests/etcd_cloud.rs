@@ -619,8 +619,29 @@ fn a_source_dying_after_the_commit_leaves_one_copy_owned_by_the_destination() {
     events.wait_for("host-down of a", 1, Duration::from_secs(30), |e| {
         e["kind"] == "host-down" && e["hosts"][0] == "a"
     });
-    // Give a standby that would take kv over the time to do it.
-    std::thread::sleep(Duration::from_secs(3));
+    // c's standby of kv decides: released (the owner is b now), never
+    // to take kv over.
+    let give_up = Instant::now() + Duration::from_secs(30);
+    loop {
+        let standbys: Vec<daemon::standby::StandbyInfo> =
+            api::Client::new(&c.addr).standbys().unwrap();
+        let kv = standbys.iter().find(|s| s.name == "kv");
+        let state = kv.map(|s| s.state.as_str()).unwrap_or("gone");
+        if state.starts_with("released") {
+            break;
+        }
+        assert!(
+            !state.starts_with("took over") && !state.starts_with("failed"),
+            "c's standby of kv: {state}\n{}",
+            events.table()
+        );
+        assert!(
+            Instant::now() < give_up,
+            "c's standby of kv not released within 30 s: {state}\n{}",
+            events.table()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(state_on(&b.addr, "kv").as_deref(), Some("running"));
     assert_eq!(state_on(&c.addr, "kv"), None, "{}", events.table());
     assert!(

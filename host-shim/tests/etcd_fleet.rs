@@ -657,10 +657,10 @@ fn one_deploy_wins_a_name_and_events_follow_every_step_across_an_etcd_restart() 
     assert_eq!(moved["to"], other, "{moved}");
     ok(&url, &["stop", "kv"]);
 
-    // etcd goes away and comes back; meanwhile the follower reconnects.
+    // etcd goes away and comes back; the follower notices and reconnects.
     let before = follower.until(Duration::from_secs(30), |e| e["kind"] == "stop");
     etcd.stop(0);
-    std::thread::sleep(Duration::from_secs(1));
+    follower.wait_says("reconnecting", Duration::from_secs(20));
     etcd.restart(0);
     etcd.wait_ready();
     ok(&url, &["deploy", &img, "--on", "a", "--name", "kv2"]);

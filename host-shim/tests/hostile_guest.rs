@@ -175,11 +175,20 @@ fn attack_with<T>(
     (seen, kept)
 }
 
-/// Stops the hostile instance; the daemon's log after it has settled.
+/// Stops the hostile instance; the daemon's log once it is stopped.
+/// `stop` answers once the vCPU thread has ended (joined: its console
+/// written out and dropped, which flushes a partial line), so the log
+/// holds all the instance will ever make the daemon write.
 fn stop_hostile(daemon: &Daemon) -> String {
-    daemon.cli(&["stop", "hostile"]);
-    std::thread::sleep(Duration::from_millis(300));
-    daemon.output()
+    let out = daemon.cli(&["stop", "hostile"]);
+    assert!(out.contains("stopped"), "{out}");
+    let log = daemon.output();
+    assert!(
+        !log.contains("the vCPU thread did not stop"),
+        "the hostile guest's vCPU thread was left behind:\n{}",
+        tail(&log)
+    );
+    log
 }
 
 fn tail(log: &str) -> String {

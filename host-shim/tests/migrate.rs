@@ -7,7 +7,7 @@
 mod common;
 
 use api::MigrationReport;
-use common::daemon::{load, run_kv, Daemon, Redis, TempDir, BIN};
+use common::daemon::{run_kv, Daemon, Load, Redis, TempDir, BIN};
 use common::{free_port, image};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -137,8 +137,7 @@ fn migration_there_and_back_keeps_connections_data_and_published_ports() {
     let (port, mut c) = run_kv(&a);
     c.fill(10_000);
     assert_eq!(c.host(), "mig-a");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let loader = load(port, std::sync::Arc::clone(&stop));
+    let loader = Load::start(port);
     grows_by(port, 50, "the client under load, on A");
 
     let out = migrate(&a, "kv", &b);
@@ -162,8 +161,7 @@ fn migration_there_and_back_keeps_connections_data_and_published_ports() {
     assert_eq!(c.host(), "mig-a");
     assert_eq!(fresh.cmd(&["GET", "on"]).unwrap(), "b");
     grows_by(port, 50, "the client under load, back on A");
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (acked, gap, error) = loader.join().unwrap();
+    let (acked, gap, error) = loader.stop();
     assert_eq!(error, None, "the client under load saw an error");
     assert!(acked > 10, "only {acked} requests under load");
     eprintln!("client under load: {acked} requests, longest gap {gap:?}");

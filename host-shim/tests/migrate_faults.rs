@@ -12,16 +12,17 @@ mod common;
 
 use std::net::TcpListener;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use api::{Client, InstanceInfo, InstanceState};
-use common::daemon::{load, run_kv, Daemon, Redis, TempDir, BIN};
+use common::daemon::{run_kv, Daemon, Load, Redis, TempDir, BIN};
 use common::free_port;
 
 /// Keys written before the migration.
 const KEYS: usize = 1_000;
+/// Writes the client gets acknowledged before the migration starts, and
+/// after it ends.
+const WRITES: usize = 20;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Side {
@@ -52,10 +53,15 @@ fn alive(d: &mut Daemon) -> bool {
 
 /// kv's state on the daemon at `addr` (`None`: no such instance).
 fn kv_state(addr: &str) -> Option<InstanceState> {
+    try_kv_state(addr).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`kv_state`], or why the daemon did not say.
+fn try_kv_state(addr: &str) -> Result<Option<InstanceState>, String> {
     let list: Vec<InstanceInfo> = Client::new(addr)
         .list()
-        .unwrap_or_else(|e| panic!("GET /v1/instances of {addr}: {e}"));
-    list.into_iter().find(|i| i.name == "kv").map(|i| i.state)
+        .map_err(|e| format!("GET /v1/instances of {addr}: {e}"))?;
+    Ok(list.into_iter().find(|i| i.name == "kv").map(|i| i.state))
 }
 
 /// `migrate kv --to TO` of the daemon at `from`, run in a thread: its
@@ -97,14 +103,18 @@ fn absent(s: Seen) -> bool {
     s == Some(&None)
 }
 
-/// Waits (up to 30 s) until `ok` holds of kv's states on the daemons.
+/// Waits (up to 30 s) until `ok` holds of kv's states on the daemons. A
+/// daemon that does not answer while its process is still there (a fault
+/// made it exit, and it is going) is asked again.
 fn settle(a: &mut Daemon, b: &mut Daemon, ok: impl Fn(Seen, Seen) -> bool) {
     let give_up = Instant::now() + Duration::from_secs(30);
+    let look = |d: &mut Daemon| alive(d).then(|| try_kv_state(&d.addr)).transpose();
     loop {
-        let sa = alive(a).then(|| kv_state(&a.addr));
-        let sb = alive(b).then(|| kv_state(&b.addr));
-        if ok(sa.as_ref(), sb.as_ref()) {
-            return;
+        let (sa, sb) = (look(a), look(b));
+        if let (Ok(sa), Ok(sb)) = (&sa, &sb) {
+            if ok(sa.as_ref(), sb.as_ref()) {
+                return;
+            }
         }
         assert!(
             Instant::now() < give_up,
@@ -141,15 +151,20 @@ fn case(tag: &str, side: Side, fault: &str, want: Runs) {
     let mut b = Daemon::start(&format!("{tag}-b"), 2, fb, &dir);
     let (port, mut c) = run_kv(&a);
     c.fill(KEYS);
-    let stop = Arc::new(AtomicBool::new(false));
-    let loader = load(port, Arc::clone(&stop));
-    std::thread::sleep(Duration::from_millis(200));
+    let loader = Load::start(port);
+    loader
+        .wait_for_more(WRITES, "before the migration")
+        .unwrap_or_else(|e| panic!("{e}"));
     let out = a.try_cli(&["migrate", "kv", "--to", &b.addr]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!("{tag}: {text}");
-    std::thread::sleep(Duration::from_millis(200));
-    stop.store(true, Ordering::Relaxed);
-    let (acked, _, error) = loader.join().unwrap();
+    // Unless the fault kills the source (and the writer's connection with
+    // it), its published port keeps serving the writer, wherever kv runs.
+    let after = loader.wait_for_more(WRITES, "after the migration");
+    if !(side == Side::Source && fault.ends_with(":die")) {
+        after.unwrap_or_else(|e| panic!("{e}\n--- source:\n{}", a.output()));
+    }
+    let (acked, _, error) = loader.stop();
     eprintln!("{tag}: {acked} writes acknowledged, then {error:?}");
     assert!(acked > 0, "no write was acknowledged");
     let dest_name = format!("{tag}-b");
@@ -513,9 +528,10 @@ fn a_frozen_destination_leaves_the_migration_in_doubt_until_it_answers() {
     let mut b = Daemon::start("doubt-b", 2, &["--test-fault", "commit:hang"], &dir);
     let (port, mut c) = run_kv(&a);
     c.fill(KEYS);
-    let stop = Arc::new(AtomicBool::new(false));
-    let loader = load(port, Arc::clone(&stop));
-    std::thread::sleep(Duration::from_millis(200));
+    let loader = Load::start(port);
+    loader
+        .wait_for_more(WRITES, "before the migration")
+        .unwrap_or_else(|e| panic!("{e}"));
     let migrating = migrate_in_background(&a.addr, &b.addr);
     let give_up = Instant::now() + Duration::from_secs(30);
     while !b.output().contains("Commit:Hang") {
@@ -538,8 +554,7 @@ fn a_frozen_destination_leaves_the_migration_in_doubt_until_it_answers() {
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("says it did not start kv"), "{text}");
     assert!(text.contains("resumed on doubt-a"), "{text}");
-    stop.store(true, Ordering::Relaxed);
-    let (acked, _, _) = loader.join().unwrap();
+    let (acked, _, _) = loader.stop();
     // Asking cut the hung destination loose: it discarded kv.
     settle(&mut a, &mut b, |sa, sb| running(sa) && absent(sb));
     holds_everything(&mut Redis::connect(port).unwrap(), acked);

@@ -8,7 +8,8 @@
 mod common;
 
 use common::daemon::{run_kv, Daemon, TempDir};
-use common::{free_port, image, require_kvm, run_image, Shim};
+use common::{cpu_ticks, free_port, image, require_kvm, run_image, Shim};
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
@@ -129,16 +130,6 @@ fn bad_network_flags_are_refused() {
     }
 }
 
-/// CPU time (user + system) of process `pid` so far, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after ")".
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
 fn clock_ticks_per_second() -> u64 {
     let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
     String::from_utf8_lossy(&out.stdout)
@@ -154,9 +145,30 @@ fn an_idle_networked_guest_uses_almost_no_cpu() {
     let img = http_img();
     let mut shim = Shim::start(&["run", &img, "--timeout", "60", "--publish", &publish]);
     curl_when_up(&mut shim, &format!("http://127.0.0.1:{port}/healthz"));
-    // An open, idle keep-alive connection must not cost CPU either.
-    let idle_conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // An open, idle keep-alive connection must not cost CPU either: the
+    // guest has served a request on it (accepted it, answered, and waits
+    // for the next) before the window starts.
+    let mut idle_conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    idle_conn
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    idle_conn
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"ok\n") {
+        let n = idle_conn
+            .read(&mut byte)
+            .expect("an answer on the keep-alive connection");
+        assert_eq!(n, 1, "the keep-alive connection closed: {answer:?}");
+        answer.push(byte[0]);
+    }
+    assert!(
+        String::from_utf8_lossy(&answer).contains("keep-alive"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
     let window = Duration::from_millis(2500);
     let before = cpu_ticks(shim.pid());
     std::thread::sleep(window);

@@ -263,8 +263,7 @@ fn client_region_assigns_the_clients_requests_to_their_region() {
     require_kvm();
     let dir = common::daemon::TempDir::new("schedule-client-region");
     let (east, west, port) = east_and_west(&dir);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let loader = common::daemon::load(port, std::sync::Arc::clone(&stop));
+    let loader = common::daemon::Load::start(port);
     let shims = format!("{},{}", east.addr, west.addr);
     let requests_by_region = |extra: &[&str], tag: &str| {
         let events = dir.path(&format!("events-{tag}.jsonl"));
@@ -301,8 +300,7 @@ fn client_region_assigns_the_clients_requests_to_their_region() {
         ["west"],
         "with 127.0.0.1/32=west the requests are west's: {mapped:?}\n{said}"
     );
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (acked, _, error) = loader.join().unwrap();
+    let (acked, _, error) = loader.stop();
     assert_eq!(
         error, None,
         "the client saw an error after {acked} requests"

@@ -1074,7 +1074,15 @@ mod tests {
         assert_eq!(reply[20..22], [0, 2], "a reply");
         assert_eq!(reply[22..28], mac_for(USER_GATEWAY), "the gateway's MAC");
         assert_eq!(reply[28..32], USER_GATEWAY.octets());
-        std::thread::sleep(Duration::from_millis(100));
+        // Asked again: once the second reply is back, the network thread
+        // has handed over everything it switched before (the first
+        // request's flood, were there one).
+        other.send(&mut vec![arp_request(
+            mac_for(other_ip),
+            other_ip,
+            USER_GATEWAY,
+        )]);
+        assert!(!frames_of(&other).is_empty(), "a second ARP reply");
         let leaked: Vec<Frame> = guest
             .received()
             .drain(..)

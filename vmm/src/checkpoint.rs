@@ -446,10 +446,38 @@ mod tests {
         latest.put(&[1], true);
         let seen = latest.count();
         let l = Arc::clone(&latest);
-        let t = std::thread::spawn(move || l.wait_after(seen, Duration::from_secs(10)));
-        std::thread::sleep(Duration::from_millis(20));
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            // "PID/task/TID": then nothing blocks before the wait.
+            let me = std::fs::read_link("/proc/thread-self").unwrap();
+            tid_tx.send(me).unwrap();
+            l.wait_after(seen, Duration::from_secs(10))
+        });
+        // The put comes once the waiter sleeps in its wait.
+        let me = tid_rx.recv().unwrap();
+        let stat = std::path::Path::new("/proc").join(&me).join("stat");
+        let give_up = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = std::fs::read_to_string(&stat).unwrap();
+            // The state follows the command name, in parentheses.
+            if s[s.rfind(')').unwrap() + 2..].starts_with('S') {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < give_up,
+                "the waiter did not sleep within 10 s: {s}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let put_at = std::time::Instant::now();
         latest.put(&[2], true);
         assert_eq!(t.join().unwrap().as_deref(), Some(&vec![2]));
+        // Woken by the put, not by its 10 s timeout.
+        assert!(
+            put_at.elapsed() < Duration::from_secs(5),
+            "the waiter returned {:?} after the put",
+            put_at.elapsed()
+        );
         latest.put(&[3], false);
         assert_eq!(
             latest.wait_after(2, Duration::ZERO).as_deref(),

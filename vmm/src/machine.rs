@@ -725,9 +725,24 @@ mod tests {
                 .spin(),
         );
         let m = boot(&hv, &image, "pause");
+        let vm = Arc::clone(&m.vm);
         let (tx, _rx) = mpsc::channel();
         let h = spawn(m, 0, tx, None).unwrap();
-        thread::sleep(Duration::from_millis(50));
+        // Paused once it wrote (and spins).
+        let give_up = Instant::now() + Duration::from_secs(30);
+        while vm
+            .memory()
+            .read_obj::<u64>(GuestAddress(0x40_0000))
+            .unwrap()
+            != 0xfeed
+        {
+            assert!(
+                Instant::now() < give_up,
+                "the guest did not write 0xfeed within 30 s"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+        drop(vm);
         let paused = h.pause().unwrap();
         let state = paused.capture(&hv).unwrap();
         assert!(state

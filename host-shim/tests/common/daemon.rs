@@ -6,6 +6,8 @@ use api::{MigrationEvent, MigrationReport};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_host-shim");
@@ -351,31 +353,74 @@ fn launch(
 
 pub use super::Redis;
 
-/// A client that keeps writing and reading keys on its own connection
-/// until told to stop; returns (requests acknowledged, longest gap between
-/// two replies, first error).
-pub fn load(
-    port: u16,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<(usize, Duration, Option<String>)> {
-    std::thread::spawn(move || {
-        let mut c = Redis::connect(port).unwrap();
-        let mut acked = 0;
-        let mut gap = Duration::ZERO;
-        let mut last = Instant::now();
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            let (k, v) = (format!("load:{acked}"), format!("v{acked}"));
-            let set = c.cmd(&["SET", &k, &v]);
-            let get = c.cmd(&["GET", &k]);
-            match (set, get) {
-                (Ok(s), Ok(g)) if s == "OK" && g == v => acked += 1,
-                other => return (acked, gap, Some(format!("{k}: {other:?}"))),
+/// A client that keeps writing and reading keys (`load:N` = `vN`) on its
+/// own connection until stopped, counting the writes kv acknowledged.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicUsize>,
+    thread: std::thread::JoinHandle<(usize, Duration, Option<String>)>,
+}
+
+impl Load {
+    pub fn start(port: u16) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicUsize::new(0));
+        let (halt, count) = (Arc::clone(&stop), Arc::clone(&acked));
+        let thread = std::thread::spawn(move || {
+            let mut c = Redis::connect(port).unwrap();
+            let mut gap = Duration::ZERO;
+            let mut last = Instant::now();
+            while !halt.load(Ordering::Relaxed) {
+                let n = count.load(Ordering::Relaxed);
+                let (k, v) = (format!("load:{n}"), format!("v{n}"));
+                let set = c.cmd(&["SET", &k, &v]);
+                let get = c.cmd(&["GET", &k]);
+                match (set, get) {
+                    (Ok(s), Ok(g)) if s == "OK" && g == v => count.store(n + 1, Ordering::Relaxed),
+                    other => return (n, gap, Some(format!("{k}: {other:?}"))),
+                }
+                gap = gap.max(last.elapsed());
+                last = Instant::now();
             }
-            gap = gap.max(last.elapsed());
-            last = Instant::now();
+            (count.load(Ordering::Relaxed), gap, None)
+        });
+        Self {
+            stop,
+            acked,
+            thread,
         }
-        (acked, gap, None)
-    })
+    }
+
+    /// Waits (up to 30 s) until kv acknowledged `n` more writes than it had
+    /// when called. `Err` with the writer's error if the writer stopped
+    /// first (its connection broke); a writer still going but slower fails
+    /// the test, naming `what` it waited for.
+    pub fn wait_for_more(&self, n: usize, what: &str) -> Result<(), String> {
+        let want = self.acked.load(Ordering::Relaxed) + n;
+        let give_up = Instant::now() + Duration::from_secs(30);
+        while self.acked.load(Ordering::Relaxed) < want {
+            if self.thread.is_finished() {
+                return Err(format!(
+                    "the writer stopped after {} writes, {what}",
+                    self.acked.load(Ordering::Relaxed)
+                ));
+            }
+            assert!(
+                Instant::now() < give_up,
+                "fewer than {n} writes acknowledged within 30 s {what} ({} in all)",
+                self.acked.load(Ordering::Relaxed)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// Stops the writer: (writes acknowledged, longest gap between two
+    /// replies, first error).
+    pub fn stop(self) -> (usize, Duration, Option<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
 }
 
 pub fn kv_img() -> String {

@@ -1,8 +1,10 @@
 //! `host-shim events --follow --json` run in the background: what a user
 //! watching the fleet's event stream sees, one JSON value per event.
 
+use std::collections::VecDeque;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -16,7 +18,12 @@ pub struct Follower {
     events: Receiver<Value>,
     /// Every event received so far, in order.
     pub seen: Vec<Value>,
+    /// The last [`LOG_LINES`] lines it logged (warnings: `RUST_LOG=warn`).
+    log: Arc<Mutex<VecDeque<String>>>,
 }
+
+/// Lines of the follower's log kept.
+const LOG_LINES: usize = 200;
 
 impl Follower {
     pub fn start(store: &str) -> Self {
@@ -26,10 +33,24 @@ impl Follower {
             .env_remove("HOST_SHIM_FLEET")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn host-shim events --follow");
         let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(VecDeque::new()));
+        let lines = Arc::clone(&log);
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                let mut lines = lines.lock().unwrap();
+                if lines.len() == LOG_LINES {
+                    lines.pop_front();
+                }
+                lines.push_back(line);
+            }
+        });
         let (tx, events) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             use std::io::BufRead;
@@ -46,6 +67,21 @@ impl Follower {
             child,
             events,
             seen: Vec::new(),
+            log,
+        }
+    }
+
+    /// Waits (up to `within`) until the follower logs a line containing
+    /// `needle`.
+    pub fn wait_says(&self, needle: &str, within: Duration) {
+        let give_up = Instant::now() + within;
+        while !self.log.lock().unwrap().iter().any(|l| l.contains(needle)) {
+            assert!(
+                Instant::now() < give_up,
+                "events --follow did not log {needle:?} within {within:?}; it logged:\n{}",
+                Vec::from(self.log.lock().unwrap().clone()).join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -483,9 +483,21 @@ impl Redis {
     }
 }
 
+/// CPU time (user + system) of process `pid` so far, in clock ticks
+/// (`getconf CLK_TCK`: 100 on Linux), from `/proc/PID/stat`.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
+    // The fields after the command name (which may hold spaces) in
+    // parentheses: utime and stime are fields 14 and 15 of stat, 12 and 13
+    // after ")".
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
 /// The share of one core that the monitor process `host-shim run` started
-/// (its child: QEMU, Firecracker) used over `period`, from its utime +
-/// stime in `/proc` (clock ticks of 1/100 s).
+/// (its child: QEMU, Firecracker) used over `period`.
 pub fn monitor_cpu_share(shim_pid: u32, period: Duration) -> f64 {
     let children = std::fs::read_to_string(format!("/proc/{shim_pid}/task/{shim_pid}/children"))
         .expect("the shim's children");
@@ -494,18 +506,32 @@ pub fn monitor_cpu_share(shim_pid: u32, period: Duration) -> f64 {
         .next()
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("the shim {shim_pid} started no monitor process"));
-    let ticks = || -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{monitor}/stat")).expect("monitor stat");
-        // Fields after the command name, which is in parentheses: utime and stime are 14 and 15.
-        let after = &stat[stat.rfind(')').expect("stat format") + 2..];
-        let fields: Vec<&str> = after.split(' ').collect();
-        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-    };
-    let before = ticks();
+    let before = cpu_ticks(monitor);
     let start = Instant::now();
     std::thread::sleep(period);
-    let used = ticks() - before;
+    let used = cpu_ticks(monitor) - before;
     used as f64 / 100.0 / start.elapsed().as_secs_f64()
+}
+
+/// Waits (up to 30 s) until process `pid` uses no CPU for `quiet` (what
+/// it was doing, e.g. a guest handling a closed connection, is done);
+/// `what` names what it was doing, for the failure.
+pub fn cpu_quiet(pid: u32, quiet: Duration, what: &str) {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    let mut last = cpu_ticks(pid);
+    loop {
+        std::thread::sleep(quiet);
+        let now = cpu_ticks(pid);
+        if now == last {
+            return;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "process {pid} kept using CPU for 30 s after {what} ({} ticks in the last {quiet:?})",
+            now - last
+        );
+        last = now;
+    }
 }
 
 /// What the bytes of a kv checkpoint file hold: the store their latest

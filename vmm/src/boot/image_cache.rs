@@ -174,11 +174,16 @@ mod tests {
         let mut other = a.bytes.clone();
         *other.last_mut().unwrap() ^= 0xff;
         let before = Key::of(&path, &std::fs::metadata(&path).unwrap());
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             std::fs::write(&path, &other).unwrap();
             if Key::of(&path, &std::fs::metadata(&path).unwrap()) != before {
                 break;
             }
+            assert!(
+                std::time::Instant::now() < give_up,
+                "the file's modification time did not change within 10 s of rewrites"
+            );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let c = cache.get(&path).unwrap();
