@@ -152,6 +152,13 @@ fn kvm_is_required_for_these_tests() {
 }
 
 #[test]
+fn small_heap_blocks_are_reused_sound_zeroed_and_aligned() {
+    let run = boot("selftest", &[], &["small"]);
+    assert_eq!(run.status, Some(0), "{run:?}");
+    assert!(run.stdout.contains("small ok"), "{run:?}");
+}
+
+#[test]
 fn the_heap_publishes_which_pages_hold_no_live_data() {
     let run = boot("selftest", &["--mem", "64M"], &["hints"]);
     assert_eq!(run.status, Some(0), "{run:?}");

@@ -11,6 +11,12 @@
 //! touched, so an idle app's buffers (socket rings, virtio buffers) cost the
 //! host nothing until they carry data. The heap remembers how far anything
 //! may have written ([`Heap::dirty_end`]) and zeroes only below that.
+//!
+//! Small blocks (up to [`SMALL_MAX`] bytes) that are freed go to a bounded
+//! free list per 16-byte size class ([`SmallBlocks`]) and are handed out
+//! again from there: a request's short-lived buffers (kv's parsed
+//! arguments) then cost no walk of the allocator's list of holes, which
+//! grows with every long-lived allocation between them.
 
 use abi::boot::BootInfo;
 use abi::layout::{BOOT_INFO_ADDR, PAGE_SIZE};
@@ -22,6 +28,8 @@ use crate::arch::x86_64::mmio;
 
 /// The allocator, with per-page accounting around it.
 struct Heap {
+    /// Freed small blocks, handed out before `inner` is asked.
+    small: spin::Mutex<SmallBlocks>,
     inner: LockedHeap,
     /// `[u16; pages]`: live bytes per heap page; null until published.
     page_use: AtomicPtr<u16>,
@@ -39,8 +47,40 @@ struct Heap {
 /// the free block that follows it (two words), with room to spare.
 const BOOKKEEPING_SLACK: u64 = 64;
 
+/// Largest block size served from the per-class free lists.
+const SMALL_MAX: usize = 512;
+/// Size classes: 16, 32, ... [`SMALL_MAX`] bytes.
+const SMALL_CLASS: usize = 16;
+const SMALL_CLASSES: usize = SMALL_MAX / SMALL_CLASS;
+/// Blocks each class keeps at most; more go back to the allocator, so the
+/// lists hold at most 64 x (16 + 32 + ... + 512) bytes = 528 KiB.
+const SMALL_KEEP: u16 = 64;
+
+/// Freed small blocks by size class: singly linked through their first
+/// word. They stay counted as live in the page hints (they hold a link).
+struct SmallBlocks {
+    heads: [usize; SMALL_CLASSES],
+    counts: [u16; SMALL_CLASSES],
+}
+
+/// The size class of `layout`, if it is small enough for the lists.
+fn small_class(layout: Layout) -> Option<usize> {
+    (layout.size() <= SMALL_MAX && layout.align() <= SMALL_CLASS)
+        .then(|| layout.size().max(1).div_ceil(SMALL_CLASS) - 1)
+}
+
+/// The layout every block of `class` is allocated with.
+fn class_layout(class: usize) -> Layout {
+    // Sizes 16..=512, alignment 16: always a valid layout.
+    Layout::from_size_align((class + 1) * SMALL_CLASS, SMALL_CLASS).unwrap_or(Layout::new::<u8>())
+}
+
 #[global_allocator]
 static HEAP: Heap = Heap {
+    small: spin::Mutex::new(SmallBlocks {
+        heads: [0; SMALL_CLASSES],
+        counts: [0; SMALL_CLASSES],
+    }),
     inner: LockedHeap::empty(),
     page_use: AtomicPtr::new(core::ptr::null_mut()),
     start: AtomicU64::new(0),
@@ -99,23 +139,30 @@ impl Heap {
 // SAFETY: allocation is `LockedHeap`'s; this layer only counts bytes.
 unsafe impl GlobalAlloc for Heap {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        self.bump_seq();
-        // SAFETY: forwarded with the caller's guarantees.
-        let ptr = unsafe { self.inner.alloc(layout) };
-        if !ptr.is_null() {
-            self.account(ptr as u64, layout.size() as u64, true);
-            self.dirty_end.fetch_max(
-                ptr as u64 + layout.size() as u64 + BOOKKEEPING_SLACK,
-                Ordering::Relaxed,
-            );
+        let Some(class) = small_class(layout) else {
+            // SAFETY: forwarded with the caller's guarantees.
+            return unsafe { self.alloc_block(layout) };
+        };
+        {
+            let mut small = self.small.lock();
+            let head = small.heads[class];
+            if head != 0 {
+                // SAFETY: `head` is a block of this class on the list
+                // (`dealloc`), at least 16 bytes, aligned; its first word
+                // links the next one.
+                small.heads[class] = unsafe { (head as *const usize).read() };
+                small.counts[class] -= 1;
+                return head as *mut u8;
+            }
         }
-        self.bump_seq();
-        ptr
+        // SAFETY: a valid, non-zero-sized layout.
+        unsafe { self.alloc_block(class_layout(class)) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // The mark before this allocation moves it. One vCPU and no
         // preemption inside the allocator: nothing else moves it meanwhile.
+        // A block from the small lists lies below the mark: zeroed whole.
         let dirty = self.dirty_end.load(Ordering::Relaxed);
         // SAFETY: forwarded with the caller's guarantees.
         let ptr = unsafe { self.alloc(layout) };
@@ -131,6 +178,51 @@ unsafe impl GlobalAlloc for Heap {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let Some(class) = small_class(layout) else {
+            // SAFETY: forwarded with the caller's guarantees.
+            return unsafe { self.dealloc_block(ptr, layout) };
+        };
+        {
+            let mut small = self.small.lock();
+            if small.counts[class] < SMALL_KEEP {
+                // SAFETY: the block was allocated with `class_layout(class)`
+                // (16-aligned, at least 16 bytes) and is the caller's no more.
+                unsafe { (ptr as *mut usize).write(small.heads[class]) };
+                small.heads[class] = ptr as usize;
+                small.counts[class] += 1;
+                return;
+            }
+        }
+        // SAFETY: allocated from `inner` with this layout (`alloc`).
+        unsafe { self.dealloc_block(ptr, class_layout(class)) }
+    }
+}
+
+impl Heap {
+    /// A block from the allocator, counted in the page hints.
+    ///
+    /// # Safety
+    /// As [`GlobalAlloc::alloc`].
+    unsafe fn alloc_block(&self, layout: Layout) -> *mut u8 {
+        self.bump_seq();
+        // SAFETY: forwarded with the caller's guarantees.
+        let ptr = unsafe { self.inner.alloc(layout) };
+        if !ptr.is_null() {
+            self.account(ptr as u64, layout.size() as u64, true);
+            self.dirty_end.fetch_max(
+                ptr as u64 + layout.size() as u64 + BOOKKEEPING_SLACK,
+                Ordering::Relaxed,
+            );
+        }
+        self.bump_seq();
+        ptr
+    }
+
+    /// Returns a block to the allocator.
+    ///
+    /// # Safety
+    /// As [`GlobalAlloc::dealloc`], for a block of [`Self::alloc_block`].
+    unsafe fn dealloc_block(&self, ptr: *mut u8, layout: Layout) {
         self.bump_seq();
         self.account(ptr as u64, layout.size() as u64, false);
         // SAFETY: forwarded with the caller's guarantees.

@@ -10,6 +10,10 @@
 //! - `fault`         dereference a null pointer (a page fault)
 //! - `spin`          loop forever without exiting (for `--timeout`)
 //! - `alloc MIB`     allocate and touch that many MiB of heap
+//! - `small`         allocate, fill, free and reallocate small blocks of
+//!   every size class in an interleaved order, checking each block's
+//!   contents, that zeroed ones come back zeroed, and their alignment;
+//!   prints `small ok`
 //! - `hints`         free heap pages (migration hints) before, while and
 //!   after holding 4 MiB
 //! - `churn`         free 8 MiB it wrote, then allocate, check and free
@@ -24,6 +28,8 @@
 //! - `triple`        wipe the IDT, then fault: the CPU triple-faults
 #![no_std]
 #![no_main]
+
+extern crate alloc;
 
 use core::time::Duration;
 use libcloud::prelude::*;
@@ -132,6 +138,7 @@ fn main() -> Result<(), String> {
                 libcloud::time::sleep(Duration::from_millis(10));
             }
         }
+        Some("small") => small_blocks()?,
         Some("hints") => {
             let before = free_heap_pages();
             let held: Vec<u8> = vec![1u8; 4 << 20];
@@ -144,6 +151,69 @@ fn main() -> Result<(), String> {
         }
         other => return Err(format!("unknown selftest mode {other:?}")),
     }
+    Ok(())
+}
+
+/// The heap's small-block lists (kernel::heap) under churn: blocks of
+/// 1..=600 bytes (past the largest class), aligned 1..=64 (past the
+/// classes' 16), freed in an interleaved order and allocated again.
+fn small_blocks() -> Result<(), String> {
+    use core::alloc::Layout;
+    let mut held: Vec<(*mut u8, Layout, u8)> = Vec::new();
+    for round in 0..200u32 {
+        for i in 0..64u32 {
+            let size = 1 + ((round * 64 + i) as usize * 37) % 600;
+            let align = 1usize << (i % 7);
+            let layout = Layout::from_size_align(size, align).map_err(|e| format!("{e}"))?;
+            let zeroed = i % 3 == 0;
+            // SAFETY: `layout` has a non-zero size.
+            let ptr = unsafe {
+                if zeroed {
+                    alloc::alloc::alloc_zeroed(layout)
+                } else {
+                    alloc::alloc::alloc(layout)
+                }
+            };
+            if ptr.is_null() || !(ptr as usize).is_multiple_of(align) {
+                return Err(format!("bad block {ptr:?} for {layout:?}"));
+            }
+            // SAFETY: `ptr` is a live block of `size` bytes.
+            let block = unsafe { core::slice::from_raw_parts_mut(ptr, size) };
+            if zeroed && block.iter().any(|&b| b != 0) {
+                return Err(format!("a zeroed block of {size} bytes is not zero"));
+            }
+            let fill = (round as u8).wrapping_mul(31).wrapping_add(i as u8);
+            block.fill(fill);
+            held.push((ptr, layout, fill));
+        }
+        // Free every other block (of this round and older ones).
+        let (mut k, mut overwritten) = (0, false);
+        held.retain(|&(ptr, layout, fill)| {
+            k += 1;
+            if k % 2 == 0 {
+                return true;
+            }
+            // SAFETY: `ptr` is a live block of `layout`.
+            let block = unsafe { core::slice::from_raw_parts(ptr, layout.size()) };
+            overwritten |= block.iter().any(|&b| b != fill);
+            // SAFETY: allocated above with `layout`, freed once.
+            unsafe { alloc::alloc::dealloc(ptr, layout) };
+            false
+        });
+        if overwritten {
+            return Err(format!("a block was overwritten in round {round}"));
+        }
+    }
+    for (ptr, layout, fill) in held {
+        // SAFETY: a live block of `layout`.
+        let block = unsafe { core::slice::from_raw_parts(ptr, layout.size()) };
+        if block.iter().any(|&b| b != fill) {
+            return Err(format!("a block of {layout:?} was overwritten"));
+        }
+        // SAFETY: allocated with `layout`, freed once.
+        unsafe { alloc::alloc::dealloc(ptr, layout) };
+    }
+    println!("small ok");
     Ok(())
 }
 
