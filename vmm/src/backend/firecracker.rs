@@ -65,6 +65,16 @@ pub enum FirecrackerError {
     Wait(io::Error),
     #[error("Firecracker failed (exit status {status}){log}")]
     Failed { status: i32, log: String },
+    #[error("cannot connect the guest's network to Firecracker's TAP device: {err}{log}")]
+    Network { err: String, log: String },
+}
+
+/// Firecracker's log as the tail of an error message.
+fn log_suffix(log: &str) -> String {
+    match log.trim() {
+        "" => String::new(),
+        log => format!(": {log}"),
+    }
 }
 
 /// The Firecracker binary: `explicit` (`--firecracker`), else
@@ -205,7 +215,20 @@ pub fn run(config: &RunConfig) -> Result<GuestExit, Error> {
     let stderr = child.stderr.take();
     let errors = thread::spawn(move || stderr.map(keep_log).unwrap_or_default());
     let _network = match (user_net, &tap) {
-        (Some(net), Some(tap)) => Some(user_network(child, net, tap)?),
+        (Some(net), Some(tap)) => match user_network(child, net, tap) {
+            Ok(network) => Some(network),
+            Err(err) => {
+                // Firecracker's own log says why its device went or never came.
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = errors.join().unwrap_or_default();
+                return Err(FirecrackerError::Network {
+                    err: err.to_string(),
+                    log: log_suffix(&log),
+                }
+                .into());
+            }
+        },
         _ => None,
     };
     let child = guard.0.take().expect("still ours");
@@ -283,23 +306,31 @@ fn user_network(
 ) -> Result<Network, Error> {
     let sysfs = Path::new("/sys/class/net").join(tap);
     let give_up = Instant::now() + TAP_WAIT;
-    while !sysfs.exists() {
-        if child.try_wait().map_err(FirecrackerError::Wait)?.is_some() || Instant::now() >= give_up
-        {
+    let leg = loop {
+        let over = child.try_wait().map_err(FirecrackerError::Wait)?.is_some()
+            || Instant::now() >= give_up;
+        if sysfs.exists() {
+            // No host addresses on it: the host stays out of the guest's frames.
+            let ipv6 = format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6");
+            if let Err(e) = std::fs::write(&ipv6, "1") {
+                tracing::debug!(tap, error = %e, "cannot disable IPv6");
+            }
+            match Tap::host_side(tap) {
+                Ok(leg) => break leg,
+                Err(err) if over => return Err(err.into()),
+                // The device can go between appearing and being set up (seen
+                // once under load): asked again while Firecracker still runs.
+                Err(err) => tracing::debug!(tap, error = %err, "TAP device not ready"),
+            }
+        } else if over {
             return Err(hostnet::NetError::Tap {
                 name: tap.to_owned(),
-                detail: "Firecracker did not create it (see its log above)".into(),
+                detail: "Firecracker did not create it".into(),
             }
             .into());
         }
         thread::sleep(Duration::from_millis(1));
-    }
-    // No host addresses on it: the host stays out of the guest's frames.
-    let ipv6 = format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6");
-    if let Err(e) = std::fs::write(&ipv6, "1") {
-        tracing::debug!(tap, error = %e, "cannot disable IPv6");
-    }
-    let leg = Tap::host_side(tap)?;
+    };
     Ok(Network::start_with_leg(net, leg)?)
 }
 
@@ -333,11 +364,7 @@ fn wait(
         (Some(0), None) => Ok(GuestExit::PoweredOff),
         (Some(s), _) => Err(FirecrackerError::Failed {
             status: s,
-            log: if log.trim().is_empty() {
-                String::new()
-            } else {
-                format!(": {}", log.trim())
-            },
+            log: log_suffix(&log),
         }
         .into()),
         (None, _) => Ok(GuestExit::Died(format!(
