@@ -124,21 +124,44 @@ pub fn thread_cpus(tid: libc::pid_t) -> io::Result<Vec<usize>> {
     thread_affinity(tid).map(|set| set.cpus())
 }
 
-/// How long thread `tid` of this process has run on a CPU and waited
-/// for one (runnable but not running), from `/proc/self/task/TID/schedstat`.
-/// Fails if `tid` is not (or no longer) a thread of this process.
-pub fn thread_run_and_wait(tid: libc::pid_t) -> io::Result<(Duration, Duration)> {
+/// What the scheduler counted for a thread so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadSched {
+    /// Time it ran on a CPU.
+    pub run: Duration,
+    /// Time it waited for one (runnable but not running).
+    pub waited: Duration,
+    /// How often it went to sleep (gave up its CPU to wait for something).
+    pub sleeps: u64,
+}
+
+/// [`ThreadSched`] of thread `tid` of this process, from
+/// `/proc/self/task/TID/schedstat` and its `status`
+/// (`voluntary_ctxt_switches`). Fails if `tid` is not (or no longer) a
+/// thread of this process.
+pub fn thread_sched(tid: libc::pid_t) -> io::Result<ThreadSched> {
+    let unexpected = |what: &str, text: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected {what} of thread {tid}: {text:?}"),
+        )
+    };
     let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))?;
     let mut fields = text.split_ascii_whitespace().map(str::parse::<u64>);
-    match (fields.next(), fields.next()) {
-        (Some(Ok(run)), Some(Ok(wait))) => {
-            Ok((Duration::from_nanos(run), Duration::from_nanos(wait)))
-        }
-        _ => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("unexpected schedstat of thread {tid}: {text:?}"),
-        )),
-    }
+    let (Some(Ok(run)), Some(Ok(wait))) = (fields.next(), fields.next()) else {
+        return Err(unexpected("schedstat", &text));
+    };
+    let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))?;
+    let sleeps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| unexpected("status", &status))?;
+    Ok(ThreadSched {
+        run: Duration::from_nanos(run),
+        waited: Duration::from_nanos(wait),
+        sleeps,
+    })
 }
 
 /// Attaches the open `/dev/net/tun` file `tun` to the TAP device `name`
