@@ -45,18 +45,22 @@ pub struct PortTraffic {
 impl PortTraffic {
     /// A request from `client`: a new burst of bytes.
     pub fn request(&self, client: IpAddr) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
         self.per_client(client, 1, 0);
     }
 
     /// Bytes from `client` to the app.
     pub fn inbound(&self, client: IpAddr, bytes: usize) {
-        self.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
         self.per_client(client, 0, bytes as u64);
     }
 
+    /// Counts in the port's totals and its client's, under one lock, so a
+    /// snapshot never sees a request in the totals that its client's
+    /// counters do not have yet (the scheduler would give it to the port's
+    /// region instead of the client's).
     fn per_client(&self, client: IpAddr, requests: u64, bytes: u64) {
         let mut map = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        self.requests.fetch_add(requests, Ordering::Relaxed);
+        self.bytes_in.fetch_add(bytes, Ordering::Relaxed);
         let full = map.len() >= MAX_CLIENTS;
         match map.get_mut(&client) {
             Some(c) => {
@@ -88,10 +92,8 @@ impl PortTraffic {
     /// The counters now, for `host`/`proto` forwarding to `guest`.
     pub fn snapshot(&self, host: String, guest: std::net::SocketAddrV4) -> PortStats {
         let connections = self.connections.load(Ordering::Relaxed);
-        let clients = self
-            .clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let map = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let clients = map
             .iter()
             .map(|(addr, &(requests, bytes_in))| ClientStats {
                 addr: addr.to_string(),
@@ -99,11 +101,17 @@ impl PortTraffic {
                 bytes_in,
             })
             .collect();
+        // Read under the clients' lock: the totals and the clients agree.
+        let (requests, bytes_in) = (
+            self.requests.load(Ordering::Relaxed),
+            self.bytes_in.load(Ordering::Relaxed),
+        );
+        drop(map);
         PortStats {
             host,
             guest,
-            requests: self.requests.load(Ordering::Relaxed),
-            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            requests,
+            bytes_in,
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             connections,
             open_connections: connections.saturating_sub(self.closed.load(Ordering::Relaxed)),
@@ -217,5 +225,30 @@ mod tests {
                 ..NicStats::default()
             }
         );
+    }
+
+    #[test]
+    fn a_snapshot_taken_while_requests_arrive_gives_each_to_its_client() {
+        let t = std::sync::Arc::new(PortTraffic::default());
+        let client: IpAddr = "192.0.2.7".parse().unwrap();
+        let counting = {
+            let t = std::sync::Arc::clone(&t);
+            std::thread::spawn(move || {
+                for _ in 0..200_000 {
+                    t.request(client);
+                    t.inbound(client, 3);
+                }
+            })
+        };
+        let guest = "10.0.2.16:6379".parse().unwrap();
+        while !counting.is_finished() {
+            let s = t.snapshot("127.0.0.1:1/tcp".into(), guest);
+            let (requests, bytes) = s
+                .clients
+                .iter()
+                .fold((0, 0), |(r, b), c| (r + c.requests, b + c.bytes_in));
+            assert_eq!((s.requests, s.bytes_in), (requests, bytes));
+        }
+        counting.join().unwrap();
     }
 }
