@@ -96,7 +96,6 @@ pub fn seed(ws: &Workspace) -> Result<()> {
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Stats {
     pub execs: u64,
-    pub execs_per_sec: u64,
     /// Coverage: edges (`cov:`) and features (`ft:`).
     pub cov: u64,
     pub ft: u64,
@@ -111,8 +110,6 @@ impl Stats {
     fn update(&mut self, line: &str) {
         if let Some(v) = line.strip_prefix("stat::number_of_executed_units: ") {
             self.execs = v.trim().parse().unwrap_or(self.execs);
-        } else if let Some(v) = line.strip_prefix("stat::average_exec_per_sec: ") {
-            self.execs_per_sec = v.trim().parse().unwrap_or(self.execs_per_sec);
         } else if let Some(path) = line
             .split_once("Test unit written to ")
             .map(|(_, path)| path.trim())
@@ -135,7 +132,6 @@ impl Stats {
                     "cov:" => self.cov = value().unwrap_or(self.cov),
                     "ft:" => self.ft = value().unwrap_or(self.ft),
                     "corp:" => self.corpus = value().unwrap_or(self.corpus),
-                    "exec/s:" => self.execs_per_sec = value().unwrap_or(self.execs_per_sec),
                     _ => {}
                 }
             }
@@ -256,9 +252,16 @@ pub fn fuzz(ws: &Workspace, opts: &FuzzOptions) -> Result<()> {
                 .map_or("crash", |(kind, _)| kind);
             format!("{kind}: {}", workspace::pretty(p).display())
         });
+        // Executions over the whole run's time: in fork mode libFuzzer's
+        // own `exec/s` is one job's rate, not the run's.
         println!(
             "| {t} | {} | {} | {} | {} | {} | {} | {crash} |",
-            secs, s.execs, s.execs_per_sec, s.cov, s.ft, s.corpus
+            secs,
+            s.execs,
+            s.execs / secs.max(&1),
+            s.cov,
+            s.ft,
+            s.corpus
         );
     }
     let crashed: Vec<&str> = results
@@ -357,7 +360,6 @@ mod tests {
             s,
             Stats {
                 execs: 70001,
-                execs_per_sec: 23333,
                 cov: 813,
                 ft: 2105,
                 corpus: 97,
