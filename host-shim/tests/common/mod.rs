@@ -517,18 +517,28 @@ pub fn monitor_cpu_share(shim_pid: u32, period: Duration) -> f64 {
 /// it was doing, e.g. a guest handling a closed connection, is done);
 /// `what` names what it was doing, for the failure.
 pub fn cpu_quiet(pid: u32, quiet: Duration, what: &str) {
+    until_steady(
+        quiet,
+        &format!("process {pid}'s CPU ticks after {what}"),
+        || (cpu_ticks(pid), true),
+    );
+}
+
+/// Waits (up to 30 s) until `count` reads the same twice, `every` apart,
+/// while also saying it may stop (its second value): a counter that
+/// stopped moving. `what` names the counter, for the failure.
+pub fn until_steady(every: Duration, what: &str, mut count: impl FnMut() -> (u64, bool)) {
     let give_up = Instant::now() + Duration::from_secs(30);
-    let mut last = cpu_ticks(pid);
+    let mut last = count().0;
     loop {
-        std::thread::sleep(quiet);
-        let now = cpu_ticks(pid);
-        if now == last {
+        std::thread::sleep(every);
+        let (now, may_stop) = count();
+        if now == last && may_stop {
             return;
         }
         assert!(
             Instant::now() < give_up,
-            "process {pid} kept using CPU for 30 s after {what} ({} ticks in the last {quiet:?})",
-            now - last
+            "{what} still moving after 30 s ({last} -> {now} in the last {every:?})"
         );
         last = now;
     }
