@@ -95,6 +95,50 @@ pub struct BootInfo {
     /// 1 while the running thread is in app code and may be redirected to
     /// [`Self::preempt_entry`]; 0 inside the kernel and the ABI layer.
     pub preempt_allowed: u32,
+    /// Network polling, our shim only (see [`NetPoll`]).
+    pub net_poll: NetPoll,
+}
+
+/// How a guest and the shim's network thread move frames without VM exits.
+///
+/// A guest that would wait in the host for its next frame may instead spin
+/// on its receive ring for a bounded time. While [`Self::polling`] is 1 the
+/// shim's network thread puts frames into the receive ring itself as they
+/// arrive, and (while it sets [`Self::watching`]) takes what the guest
+/// queues on its transmit ring: a request and its reply then cost no exit.
+/// Each side writes only its own fields; every value the guest writes is
+/// only ever read as "zero or not".
+///
+/// The two races are closed the same way (a store, a full fence, then a
+/// load, on both sides):
+/// - The guest stores `polling = 1`, then loads `rx_pending`: 1 means frames
+///   arrived before the host could see it polling; it exits to take them.
+///   The host stores `rx_pending = 1` when frames wait for the guest, then
+///   loads `polling` and serves the rings if it is set.
+/// - After queueing a frame the guest loads `watching`: 0 means nobody is
+///   looking, and it exits (`HC_YIELD`) before it idles. The host stores
+///   `watching = 0`, then looks at the transmit ring once more.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct NetPoll {
+    /// Guest: 1 while it spins on its rings when idle (its driver can, and
+    /// it is not pausing): the host does not seat its vCPU thread next to
+    /// the network thread, which must run beside it, not under it.
+    pub spins: u32,
+    /// Guest: 1 from when it starts to spin on its rings until it next
+    /// waits in `HC_YIELD` (it stores 0 first).
+    pub polling: u32,
+    /// Host: 1 while the network thread looks at the transmit ring.
+    pub watching: u32,
+    /// Host: 1 while frames for the guest wait in the host (not yet in its
+    /// receive ring).
+    pub rx_pending: u32,
+    /// Host: 1 while the network thread carries many clients' traffic at
+    /// once. Then requests come in batches anyway (one exit serves many),
+    /// and the CPU a spinning guest holds is what the network thread and
+    /// the clients need: the guest waits in `HC_YIELD` instead of polling.
+    pub hold_off: u32,
+    pub reserved: u32,
 }
 
 /// Whether heap page `i` may be left behind by a migration, given the

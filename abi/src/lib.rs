@@ -23,4 +23,4 @@ pub mod virtio;
 pub mod x86;
 
 /// Version of this contract. Carried by every image (see [`note`]).
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;

@@ -293,11 +293,6 @@ fn a_request_costs_a_bounded_number_of_exits_and_idle_costs_almost_none() {
     let per_request = exits as f64 / REQUESTS as f64;
     eprintln!("{REQUESTS} sequential requests: {exits} exits ({per_request:.2} per request)");
     eprintln!("before {before:?}\nafter  {after:?}");
-    // A reply leaves the guest only on an exit: at least one per round trip.
-    assert!(
-        exits >= REQUESTS,
-        "{exits} exits for {REQUESTS} round trips"
-    );
     assert!(per_request <= 8.0, "{per_request:.2} exits per request");
     assert_eq!(
         exits,
@@ -310,10 +305,30 @@ fn a_request_costs_a_bounded_number_of_exits_and_idle_costs_almost_none() {
             + (after.other - before.other),
         "the total is the sum of the reasons"
     );
-    assert!(
-        after.idle.woken_by_io > before.idle.woken_by_io,
-        "the guest slept between requests and frames woke it: {after:?}"
-    );
+    // While the guest polls its rings and the network thread serves them,
+    // requests sent one at a time cross without exits. The guest stops
+    // polling while the host's CPUs are all busy (this host may be running
+    // other tests): a calm stretch must come within a minute.
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let mut batches = Vec::new();
+    loop {
+        const BATCH: u64 = 200;
+        let before = kv_exits(&daemon).total;
+        for i in 0..BATCH {
+            assert_eq!(kv.cmd(&["GET", &format!("k{i}")]).unwrap(), "v");
+        }
+        let per_request = (kv_exits(&daemon).total - before) as f64 / BATCH as f64;
+        batches.push(format!("{per_request:.2}"));
+        if per_request <= 0.5 {
+            break;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "requests one at a time never crossed without exits: exits per request in \
+             each batch of {BATCH}: {batches:?}"
+        );
+    }
+    eprintln!("exits per request in batches of one-at-a-time GETs: {batches:?}");
     // Idle: only the guest's own timers (kv's 100 ms expiry task) exit.
     let window = Duration::from_secs(2);
     let quiet = kv_exits(&daemon);

@@ -70,12 +70,61 @@ pub const USER_PREFIX: u8 = 24;
 pub const USER_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 pub const USER_FIRST_GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 
+/// The host sockets (published ports' connections) with traffic in the
+/// current [`CLIENTS_WINDOW`], up to [`CLIENTS_HOLD_OFF`] of them.
+#[derive(Default)]
+struct Clients {
+    since: Option<std::time::Instant>,
+    seen: Vec<u64>,
+    /// The last window saw [`CLIENTS_HOLD_OFF`] of them.
+    hold_off: bool,
+}
+
+impl Clients {
+    fn saw(&mut self, token: u64) {
+        if self.seen.len() < CLIENTS_HOLD_OFF && !self.seen.contains(&token) {
+            self.seen.push(token);
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = std::time::Instant::now();
+        let since = *self.since.get_or_insert(now);
+        if now.saturating_duration_since(since) < CLIENTS_WINDOW {
+            return;
+        }
+        let hold_off = self.seen.len() >= CLIENTS_HOLD_OFF;
+        if hold_off != self.hold_off {
+            tracing::debug!(hold_off, "guests polling their rings: many clients at once");
+        }
+        self.hold_off = hold_off;
+        self.seen.clear();
+        self.since = Some(now);
+    }
+}
+
 /// Largest frame the switch forwards (no FCS, no VLAN tag).
 const MAX_FRAME: usize = 1514;
 /// Frames read from the TAP device per round.
 const TAP_BATCH: usize = 256;
 /// Rounds of switching per wake-up before epoll is asked again.
 const MAX_ROUNDS: usize = 64;
+/// How long the network thread watches the transmit ring of a guest that
+/// polls, after it last put frames in its receive ring, for the reply
+/// (spinning: bounded). A reply the guest queues later costs it an exit.
+const WATCH: std::time::Duration = std::time::Duration::from_micros(50);
+/// Guests whose transmit rings the network thread watches at once (more
+/// are served the usual way, through their vCPU threads).
+const WATCH_MAX: usize = 8;
+/// The network thread counts the host sockets with traffic over windows
+/// this long...
+const CLIENTS_WINDOW: std::time::Duration = std::time::Duration::from_millis(10);
+/// ... and holds guests off polling after a window with this many: their
+/// requests then come in batches (one exit serves many), and the network
+/// thread and the clients need the CPU a spinning guest would hold. A
+/// client that sends one request at a time is served by a polling guest.
+const CLIENTS_HOLD_OFF: usize = 4;
+
 /// Frames the switch holds for one port (a guest, a peer, the TAP device)
 /// before handing them over; more are dropped and counted, as a switch
 /// with a full port buffer does.
@@ -611,6 +660,11 @@ struct Engine {
     ready_now: Vec<PortId>,
     /// Frames switched to each port, not yet handed over.
     outboxes: Outboxes,
+    /// The guests that poll whose transmit rings are watched, and until
+    /// when (see [`WATCH`]).
+    watched: Vec<(PortId, std::time::Instant)>,
+    /// How many clients the network thread serves at once.
+    clients: Clients,
     /// Each port's budget of flooded frames (enforced on guests').
     floods: Vec<TokenBucket>,
     /// Scratch for frames coming in.
@@ -656,6 +710,8 @@ impl Engine {
             ready: Arc::default(),
             ready_now: Vec::new(),
             outboxes,
+            watched: Vec::new(),
+            clients: Clients::default(),
             floods,
             incoming: Vec::new(),
             dropped: Arc::default(),
@@ -756,7 +812,8 @@ impl Engine {
         let mut events = vec![EpollEvent::default(); 64];
         loop {
             self.run_commands();
-            let timeout = if self.tap_readable || self.overlay_readable {
+            let timeout = if self.tap_readable || self.overlay_readable || !self.watched.is_empty()
+            {
                 Some(std::time::Duration::ZERO)
             } else {
                 self.gateway.as_mut().and_then(Gateway::poll_delay)
@@ -785,12 +842,14 @@ impl Engine {
                     token::TAP => self.tap_readable = true,
                     token::OVERLAY => self.overlay_readable = true,
                     _ => {
+                        self.clients.saw(tok);
                         if let Some(gw) = self.gateway.as_mut() {
                             gw.on_event(tok, event.event_set(), &self.epoll);
                         }
                     }
                 }
             }
+            self.clients.tick();
             self.run_commands();
             self.pump();
             if self.probe_due() == Some(std::time::Duration::ZERO) {
@@ -825,7 +884,7 @@ impl Engine {
     /// Switches frames until nothing moves (or [`MAX_ROUNDS`]).
     fn pump(&mut self) {
         for _ in 0..MAX_ROUNDS {
-            let mut moved = false;
+            let mut moved = self.serve_watched();
             let mut ready = std::mem::take(&mut self.ready_now);
             self.ready.take(&mut ready);
             for &index in &ready {
@@ -872,6 +931,47 @@ impl Engine {
             if !moved {
                 break;
             }
+        }
+    }
+
+    /// Serves the watched guests' rings (their replies go out); ends the
+    /// watches that saw their reply or ran out of time. Whether any frame
+    /// moved.
+    fn serve_watched(&mut self) -> bool {
+        if self.watched.is_empty() {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        let mut moved = false;
+        let slots = &self.slots;
+        let hold_off = self.clients.hold_off;
+        self.watched.retain(|&(index, until)| {
+            let Some(Slot::Guest(port)) = slots.get(index) else {
+                return false;
+            };
+            let served = port.serve(true, hold_off);
+            moved |= served.sent > 0 || served.delivered > 0;
+            if served.sent == 0 && now < until {
+                return true;
+            }
+            // The reply went out (or it is late): stop watching, then look
+            // once more for what the guest queued before it saw that.
+            port.watch(false);
+            moved |= port.serve(true, hold_off).sent > 0;
+            false
+        });
+        moved
+    }
+
+    /// Watches `index`'s transmit ring (guest `port` polls) for [`WATCH`]
+    /// from now.
+    fn watch(watched: &mut Vec<(PortId, std::time::Instant)>, index: PortId, port: &GuestPort) {
+        let until = std::time::Instant::now() + WATCH;
+        if let Some(w) = watched.iter_mut().find(|w| w.0 == index) {
+            w.1 = until;
+        } else if watched.len() < WATCH_MAX {
+            port.watch(true);
+            watched.push((index, until));
         }
     }
 
@@ -929,11 +1029,20 @@ impl Engine {
             let frames = &mut self.outboxes.boxes[index];
             match &self.slots[index] {
                 Slot::Guest(guest) => {
+                    // A guest that spins on its rings when idle gets the
+                    // frames now, without an exit, and its reply is watched
+                    // for: from before it can see them (the vCPU thread of
+                    // a guest that sleeps wakes as they are queued).
+                    if !self.clients.hold_off && guest.spins() {
+                        Self::watch(&mut self.watched, index, guest);
+                    }
                     // Counted in the guest's port (`rx_dropped`).
                     let dropped = guest.deliver(frames);
                     if dropped > 0 {
                         tracing::debug!(port = index, dropped, "frames dropped: backlog full");
                     }
+                    let watched = self.watched.iter().any(|w| w.0 == index);
+                    guest.serve(watched, self.clients.hold_off);
                 }
                 Slot::Tap => {
                     if let Some(tap) = self.tap.as_mut() {

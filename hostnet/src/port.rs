@@ -40,7 +40,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -135,6 +135,19 @@ struct Seat {
     sched: crate::sys::ThreadSched,
 }
 
+impl Seat {
+    /// Lets the vCPU thread run on the CPUs it had before it sat down.
+    fn give_back(&self) {
+        if let Err(e) = crate::sys::set_thread_affinity(self.tid, &self.cpus) {
+            tracing::warn!(
+                tid = self.tid,
+                error = %e,
+                "cannot give a vCPU thread its CPUs back"
+            );
+        }
+    }
+}
+
 impl Default for NetworkThread {
     fn default() -> Self {
         Self {
@@ -211,6 +224,17 @@ impl NetworkThread {
         lock(&self.seats).taken.iter().any(|s| s.id == id)
     }
 
+    /// Seat `id`'s vCPU thread goes back to the CPUs it had, for `why`.
+    fn unseat(&self, id: u64, why: &str) {
+        let mut seats = lock(&self.seats);
+        if let Some(i) = seats.taken.iter().position(|s| s.id == id) {
+            let seat = seats.taken.swap_remove(i);
+            seat.give_back();
+            tracing::debug!(mac = %crate::fmt_mac(&seat.mac), tid = seat.tid, why, "a vCPU thread leaves the network thread's CPU");
+        }
+        self.free_network_thread(&mut seats);
+    }
+
     /// Seat `id`'s port is gone: the seat is free (if it still was taken).
     fn leave(&self, id: u64) {
         let mut seats = lock(&self.seats);
@@ -277,13 +301,7 @@ impl NetworkThread {
             if per_sleep.is_some_and(|run| run <= SEAT_MAX_RUN_PER_SLEEP) {
                 return true;
             }
-            if let Err(e) = crate::sys::set_thread_affinity(seat.tid, &seat.cpus) {
-                tracing::warn!(
-                    tid = seat.tid,
-                    error = %e,
-                    "cannot give a vCPU thread its CPUs back"
-                );
-            }
+            seat.give_back();
             tracing::warn!(
                 mac = %crate::fmt_mac(&seat.mac),
                 tid = seat.tid,
@@ -321,6 +339,33 @@ impl ReadyPorts {
     }
 }
 
+/// Serves a guest's virtio rings from the network thread while the guest
+/// spins on them instead of waiting in the host (implemented by the VMM's
+/// network device): a frame then reaches the guest, and its reply leaves,
+/// without a VM exit. See `abi::boot::NetPoll` for the protocol.
+pub trait RingServer: Send + Sync {
+    /// Tells the guest whether frames wait for it in the port and whether
+    /// to `hold_off` polling, and if it polls (or `watched`: the network
+    /// thread watches its transmit ring) moves frames both ways now.
+    fn serve(&self, watched: bool, hold_off: bool) -> Served;
+    /// Whether the guest spins on its rings when idle, these days.
+    fn spins(&self) -> bool;
+    /// Tells the guest whether the network thread watches its transmit
+    /// ring (frames it queues then leave without an exit).
+    fn watch(&self, on: bool);
+}
+
+/// What one [`RingServer::serve`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Served {
+    /// The guest polls (or was watched): its rings were served.
+    pub served: bool,
+    /// Frames taken from its transmit ring.
+    pub sent: usize,
+    /// Frames put in its receive ring.
+    pub delivered: usize,
+}
+
 /// A guest's port.
 pub struct GuestPort {
     mac: [u8; 6],
@@ -344,6 +389,9 @@ pub struct GuestPort {
     placed: AtomicBool,
     /// The seat of the vCPU thread on the network thread's CPU (0: none).
     seat: AtomicU64,
+    /// Serves the guest's rings while it polls them (weak: the machine
+    /// owns it and goes first).
+    server: Mutex<Option<Weak<dyn RingServer>>>,
 }
 
 impl GuestPort {
@@ -362,6 +410,7 @@ impl GuestPort {
             traffic: NicTraffic::default(),
             placed: AtomicBool::new(false),
             seat: AtomicU64::new(0),
+            server: Mutex::new(None),
         })
     }
 
@@ -407,10 +456,39 @@ impl GuestPort {
         }
     }
 
-    /// Called on the guest's vCPU thread whenever it moves frames: the first
-    /// time the network thread is known, runs this thread on the network
-    /// thread's CPU if a seat is free there (see the module's doc). Costs
-    /// one atomic load afterwards.
+    /// Called on the guest's vCPU thread whenever it moves frames. A guest
+    /// that waits in the host when idle sits next to the network thread if
+    /// a seat is free ([`Self::colocate`]); one that spins on its rings
+    /// (`spins`, see [`RingServer`]) must not: it would hold the very CPU
+    /// the network thread needs to serve it. It gives its seat back and may
+    /// sit down again once it stops spinning. Costs an atomic load or two
+    /// while nothing changes.
+    pub fn place(&self, spins: bool) {
+        if spins {
+            self.leave_seat();
+        } else {
+            self.colocate();
+        }
+    }
+
+    /// Gives the vCPU thread's seat on the network thread's CPU back (the
+    /// thread gets its CPUs back) unless it has none, or lost it to the
+    /// release valve (then it never sits down again).
+    fn leave_seat(&self) {
+        let seat = self.seat.load(Ordering::Relaxed);
+        if seat == 0 || !self.is_colocated() {
+            return;
+        }
+        if let Some(ready) = self.ready.get() {
+            ready.network.unseat(seat, "the guest spins on its rings");
+        }
+        self.seat.store(0, Ordering::Relaxed);
+        self.placed.store(false, Ordering::Relaxed);
+    }
+
+    /// The first time the network thread is known, runs this thread on the
+    /// network thread's CPU if a seat is free there (see the module's doc).
+    /// Costs one atomic load afterwards.
     pub fn colocate(&self) {
         if self.placed.load(Ordering::Relaxed) {
             return;
@@ -450,7 +528,34 @@ impl GuestPort {
         let _ = self.guest_wake.read();
     }
 
+    /// Installs the machine's [`RingServer`] (replacing an earlier one).
+    pub fn set_server(&self, server: Weak<dyn RingServer>) {
+        *lock(&self.server) = Some(server);
+    }
+
+    fn server(&self) -> Option<Arc<dyn RingServer>> {
+        lock(&self.server).as_ref().and_then(Weak::upgrade)
+    }
+
     // --- the network thread's side ---
+
+    /// See [`RingServer::spins`] (`false` without a server).
+    pub fn spins(&self) -> bool {
+        self.server().is_some_and(|s| s.spins())
+    }
+
+    /// See [`RingServer::serve`].
+    pub fn serve(&self, watched: bool, hold_off: bool) -> Served {
+        self.server()
+            .map_or_else(Served::default, |s| s.serve(watched, hold_off))
+    }
+
+    /// See [`RingServer::watch`].
+    pub fn watch(&self, on: bool) {
+        if let Some(server) = self.server() {
+            server.watch(on);
+        }
+    }
 
     /// Plugs the port into switch port `id`, whose ready list is `ready`
     /// (a port belongs to one switch: the first list given stays).

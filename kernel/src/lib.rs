@@ -18,6 +18,7 @@ pub mod cmdline;
 pub mod console;
 pub mod heap;
 pub mod migration;
+pub mod netpoll;
 /// std brings its own panic handler to Hermit-ABI images (`hermit-abi-impl`).
 #[cfg(not(target_os = "hermit"))]
 mod panic;

@@ -26,6 +26,8 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use core::task::{Context, Poll, Waker};
 use spin::Mutex;
 
+use crate::netpoll;
+
 type Task = Pin<Box<dyn Future<Output = ()>>>;
 /// A task slot: `None` while its task is being polled or after it finished.
 type Slot = Option<(Task, Arc<TaskWaker>)>;
@@ -48,7 +50,7 @@ impl Wake for TaskWaker {
 }
 
 /// A lock for data that is not `Send` (tasks hold sockets and `Rc`s).
-struct VcpuLocal<T>(Mutex<T>);
+pub(crate) struct VcpuLocal<T>(pub(crate) Mutex<T>);
 
 // SAFETY: the guest has exactly one vCPU and takes no interrupts, so the
 // data is only ever touched from one thread of execution.
@@ -143,6 +145,8 @@ pub fn block_on<T>(main: impl Future<Output = T>) -> T {
     let main_waker = Waker::from(main_woken.clone());
     let mut main = core::pin::pin!(main);
     let mut rounds = 0;
+    // When the executor last found nothing to run (`None`: it is busy).
+    let mut idle_since: Option<u64> = None;
     loop {
         crate::time::wake_expired_timers();
         if main_woken.0.swap(false, Ordering::AcqRel) {
@@ -163,17 +167,53 @@ pub fn block_on<T>(main: impl Future<Output = T>) -> T {
         }
         rounds = 0;
         EXIT_WANTED.store(false, Ordering::Relaxed);
+        let timer = crate::time::next_timer_deadline();
+        if runnable {
+            idle_since = None;
+        } else if netpoll::available(crate::time::now_ns()) {
+            if netpoll::must_flush() {
+                // Frames the host did not see leave first (without
+                // sleeping in the host), then the guest polls.
+                crate::platform::yield_for(0);
+                netpoll::flushed();
+                after_io();
+                continue;
+            }
+            // Spin on the rings while the host serves them (bounded by
+            // POLL_NS of idleness in a row; timers still fire).
+            let since = *idle_since.get_or_insert_with(crate::time::now_ns);
+            let poll_end = since.saturating_add(netpoll::POLL_NS);
+            match netpoll::poll(timer.map_or(poll_end, |t| t.min(poll_end))) {
+                netpoll::Polled::Frame => {
+                    idle_since = None;
+                    crate::migration::check();
+                    after_io();
+                    continue;
+                }
+                // A timer is due: run it, then poll on.
+                netpoll::Polled::Expired if crate::time::now_ns() < poll_end => continue,
+                netpoll::Polled::Expired | netpoll::Polled::InHost => {}
+            }
+        }
         let timeout = if runnable {
             0
         } else {
-            crate::time::next_timer_deadline()
+            idle_since = None;
+            netpoll::stop();
+            timer
                 .map(|at| at.saturating_sub(crate::time::now_ns()))
                 .unwrap_or(u64::MAX)
         };
         crate::platform::yield_for(timeout);
-        for waker in core::mem::take(&mut *IO_WAITERS.lock()) {
-            waker.wake();
-        }
+        netpoll::flushed();
+        after_io();
+    }
+}
+
+/// New I/O may be there: wakes the tasks that wait for it.
+fn after_io() {
+    for waker in core::mem::take(&mut *IO_WAITERS.lock()) {
+        waker.wake();
     }
 }
 

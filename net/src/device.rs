@@ -81,7 +81,9 @@ struct Inner {
 
 /// A virtio-net device driven by polling.
 pub struct VirtioNet {
-    inner: RefCell<Inner>,
+    /// Leaked: on our shim the executor's idle poll looks at the receive
+    /// ring too (`kernel::netpoll`).
+    inner: &'static RefCell<Inner>,
     mac: [u8; 6],
 }
 
@@ -113,17 +115,23 @@ impl VirtioNet {
         let tx_inflight = (0..QUEUE_SIZE).map(|_| None).collect();
         log::info!("virtio-net {:02x?}: {QUEUE_SIZE} RX buffers posted", mac);
         kernel::migration::on_migrated(request_announce);
-        Ok(Self {
-            inner: RefCell::new(Inner {
-                raw,
-                rx_posted,
-                tx_inflight,
-                tx_free: Vec::with_capacity(QUEUE_SIZE),
-                tx_unallocated: QUEUE_SIZE,
-                mac,
-            }),
+        let inner: &'static RefCell<Inner> = Box::leak(Box::new(RefCell::new(Inner {
+            raw,
+            rx_posted,
+            tx_inflight,
+            tx_free: Vec::with_capacity(QUEUE_SIZE),
+            tx_unallocated: QUEUE_SIZE,
             mac,
-        })
+        })));
+        if kernel::platform::get() == Platform::Shim {
+            // Between the executor's rounds nothing else borrows it.
+            kernel::netpoll::set_ready_check(move || {
+                inner
+                    .try_borrow()
+                    .map_or(true, |i| i.raw.poll_receive().is_some())
+            });
+        }
+        Ok(Self { inner, mac })
     }
 }
 
@@ -177,7 +185,10 @@ impl Inner {
         let total = hdr + frame.len();
         // SAFETY: as in `TxToken::consume`.
         match unsafe { self.raw.transmit_begin(&buf[..total]) } {
-            Ok(token) => self.tx_inflight[token as usize] = Some((buf, total)),
+            Ok(token) => {
+                self.tx_inflight[token as usize] = Some((buf, total));
+                kernel::netpoll::tx_queued();
+            }
             Err(_) => self.tx_free.push(buf),
         }
         log::info!("announced {:?} after a move", ip.to_be_bytes());
@@ -248,7 +259,10 @@ impl embassy_net_driver::TxToken for TxToken<'_> {
         // SAFETY: the buffer stays in `tx_inflight` untouched until the
         // device completes it (reclaim_tx).
         match unsafe { inner.raw.transmit_begin(&buf[..total]) } {
-            Ok(token) => inner.tx_inflight[token as usize] = Some((buf, total)),
+            Ok(token) => {
+                inner.tx_inflight[token as usize] = Some((buf, total));
+                kernel::netpoll::tx_queued();
+            }
             Err(e) => {
                 log::warn!("virtio-net: TX dropped: {e}");
                 inner.tx_free.push(buf);
@@ -285,9 +299,9 @@ impl embassy_net_driver::Driver for VirtioNet {
                 buf,
                 offset,
                 len,
-                inner: &self.inner,
+                inner: self.inner,
             },
-            TxToken { inner: &self.inner },
+            TxToken { inner: self.inner },
         ))
     }
 
@@ -298,7 +312,7 @@ impl embassy_net_driver::Driver for VirtioNet {
             kernel::task::wake_on_io(cx.waker());
             return None;
         }
-        Some(TxToken { inner: &self.inner })
+        Some(TxToken { inner: self.inner })
     }
 
     fn link_state(&mut self, _cx: &mut Context) -> LinkState {

@@ -37,7 +37,8 @@ use crate::devices::doorbell::Doorbell;
 use crate::devices::exits::{ExitCounters, ExitStats};
 use crate::devices::io_wait::IoWait;
 use crate::devices::persist::DeviceStates;
-use crate::devices::virtio::{self, net::Net, MmioTransport};
+use crate::devices::virtio::net::{poll::RingServer, Net};
+use crate::devices::virtio::{self, lock_devices, MmioTransport};
 use crate::error::{Error, VmError};
 use crate::outcome::GuestExit;
 use crate::snapshot::state::{GuestSpec, ImageId, MachineState};
@@ -150,7 +151,10 @@ pub struct BootRequest<'a> {
 pub struct Machine {
     pub vm: Arc<Vm>,
     pub vcpu: Vcpu,
-    pub devices: Vec<MmioTransport>,
+    /// Shared with the network thread while the guest polls its rings.
+    pub devices: Arc<Mutex<Vec<MmioTransport>>>,
+    /// Serves the card from the network thread while the guest polls.
+    net_poll: Option<Arc<RingServer>>,
     pub doorbell: Doorbell<Console>,
     pub io_wait: IoWait,
     /// Its VM exits and idle waits on this shim (`GET /v1/stats`).
@@ -220,10 +224,14 @@ impl Machine {
                 .add(fd)
                 .map_err(|e| VmError::Setup(format!("epoll: {e}")))?;
         }
+        let port = devices.first().and_then(MmioTransport::port);
+        let devices = Arc::new(Mutex::new(devices));
+        let net_poll = port.map(|port| RingServer::install(&devices, vm.memory(), &port));
         Ok(Self {
             vm: Arc::new(vm),
             vcpu,
             devices,
+            net_poll,
             doorbell: Doorbell::new(console),
             io_wait,
             exits: Arc::default(),
@@ -271,7 +279,7 @@ impl Machine {
             spec: self.spec.clone(),
             vcpu,
             clock,
-            devices: DeviceStates::save(&self.devices),
+            devices: DeviceStates::save(&lock_devices(&self.devices)),
         })
     }
 
@@ -335,9 +343,17 @@ impl Machine {
             .map_err(err)
     }
 
+    /// Lets the network thread serve the card while the guest polls its
+    /// rings, or stops it (a paused machine).
+    fn serve_from_network(&self, on: bool) {
+        if let Some(server) = &self.net_poll {
+            server.set_enabled(on);
+        }
+    }
+
     /// The guest's network port, if it has a card.
     pub fn port(&self) -> Option<Arc<GuestPort>> {
-        self.devices.first().and_then(|d| d.port())
+        lock_devices(&self.devices).first().and_then(|d| d.port())
     }
 }
 
@@ -489,7 +505,7 @@ fn vcpu_thread(
             let mut ctx = RunContext {
                 mem: vm.memory(),
                 doorbell: &mut m.doorbell,
-                devices: &mut m.devices,
+                devices: &m.devices,
                 io_wait: &m.io_wait,
                 exits: &m.exits,
                 stop: &control.stop,
@@ -505,6 +521,8 @@ fn vcpu_thread(
         if !control.pause.load(Ordering::Acquire) {
             continue;
         }
+        // Nothing may touch the paused guest's memory or rings.
+        machine.serve_from_network(false);
         if let Err(e) = machine.vcpu.quiesce() {
             return Some(GuestExit::Died(format!("cannot pause the guest: {e}")));
         }
@@ -516,6 +534,7 @@ fn vcpu_thread(
             Ok(m) => machine = m,
             Err(_) => return None, // the controller kept (or dropped) it
         }
+        machine.serve_from_network(true);
     }
 }
 

@@ -19,7 +19,7 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Once;
+use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
@@ -35,7 +35,7 @@ use crate::boot::cpu;
 use crate::devices::doorbell::{Action, Doorbell};
 use crate::devices::exits::{ExitCounters, ExitKind};
 use crate::devices::io_wait::IoWait;
-use crate::devices::virtio::MmioTransport;
+use crate::devices::virtio::{lock_devices, MmioTransport};
 use crate::error::VmError;
 use crate::outcome::{GuestExit, RegisterDump};
 use crate::vstate::preempt::Preempt;
@@ -84,8 +84,9 @@ pub fn install_kick_handler() -> Result<(), VmError> {
 pub struct RunContext<'a, W: Write> {
     pub mem: &'a GuestMemoryMmap,
     pub doorbell: &'a mut Doorbell<W>,
-    /// The virtio-mmio devices; their backends' descriptors are in `io_wait`.
-    pub devices: &'a mut [MmioTransport],
+    /// The virtio-mmio devices (shared with the network thread while the
+    /// guest polls its rings); their backends' descriptors are in `io_wait`.
+    pub devices: &'a Mutex<Vec<MmioTransport>>,
     pub io_wait: &'a IoWait,
     /// Where the exits are counted.
     pub exits: &'a ExitCounters,
@@ -349,7 +350,10 @@ impl Vcpu {
                     if Doorbell::<W>::contains(addr) {
                         kind = ExitKind::Hypercall((addr - abi::layout::DOORBELL_ADDR) / 8);
                         ctx.doorbell.write(ctx.mem, addr, data)
-                    } else if let Some(dev) = ctx.devices.iter_mut().find(|d| d.contains(addr)) {
+                    } else if let Some(dev) = lock_devices(ctx.devices)
+                        .iter_mut()
+                        .find(|d| d.contains(addr))
+                    {
                         kind = if dev.is_notify(addr) {
                             ExitKind::VirtioNotify
                         } else {
@@ -370,7 +374,10 @@ impl Vcpu {
                     }
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
-                    if let Some(dev) = ctx.devices.iter_mut().find(|d| d.contains(addr)) {
+                    if let Some(dev) = lock_devices(ctx.devices)
+                        .iter_mut()
+                        .find(|d| d.contains(addr))
+                    {
                         kind = ExitKind::VirtioRegister;
                         dev.read(addr, data);
                     } else {
@@ -512,7 +519,7 @@ fn idle<W: Write>(ctx: &mut RunContext<W>, timeout: Option<Duration>) -> Option<
     }
     // Consume the backends' wake-ups first, then look: a frame arriving in
     // between signals again, so the wait below cannot miss it.
-    for dev in ctx.devices.iter_mut() {
+    for dev in lock_devices(ctx.devices).iter_mut() {
         dev.prepare_wait();
     }
     match process_devices(ctx) {
@@ -543,7 +550,7 @@ fn idle<W: Write>(ctx: &mut RunContext<W>, timeout: Option<Duration>) -> Option<
 /// look at.
 fn process_devices<W: Write>(ctx: &mut RunContext<W>) -> Result<bool, GuestExit> {
     let mut should_run = false;
-    for dev in ctx.devices.iter_mut() {
+    for dev in lock_devices(ctx.devices).iter_mut() {
         match dev.process(ctx.mem) {
             Ok(progress) => should_run |= progress.guest_should_run,
             Err(why) => return Err(GuestExit::Died(why)),

@@ -14,12 +14,22 @@ pub mod mmio;
 pub mod net;
 
 use std::os::fd::RawFd;
+use std::sync::{Mutex, MutexGuard};
 
 use virtio_queue::Queue;
 
 use crate::vstate::vm::GuestMemoryMmap;
 
 pub use mmio::MmioTransport;
+
+/// Locks a machine's devices, which its vCPU thread and (while the guest
+/// polls its rings, see [`net::poll`]) the network thread share. A panic
+/// while one was held cannot leave a transport half-written in a way the
+/// other thread could not handle: every guest-written value is validated
+/// on use.
+pub fn lock_devices(devices: &Mutex<Vec<MmioTransport>>) -> MutexGuard<'_, Vec<MmioTransport>> {
+    devices.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// The interrupt number named on the command line. Nothing is ever
 /// delivered (the guest polls), but Linux's syntax wants one.
@@ -66,6 +76,10 @@ pub struct Progress {
     /// The guest has new used buffers it should look at now (e.g. frames
     /// received): an idling guest must not be put to sleep.
     pub guest_should_run: bool,
+    /// Buffers taken from the guest (frames it sent).
+    pub sent: usize,
+    /// Buffers filled for the guest (frames it received).
+    pub delivered: usize,
 }
 
 /// The device side of a virtio device; the transport does the rest.
@@ -97,6 +111,16 @@ pub trait VirtioDevice: Send {
         queues: &mut [Queue],
         notified: Option<u16>,
     ) -> Result<Progress, QueueError>;
+    /// [`Self::process`] on the network thread while the guest polls its
+    /// rings (see [`net::poll`]); what it moved must still reach a guest
+    /// that went to sleep meanwhile.
+    fn process_polling(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: &mut [Queue],
+    ) -> Result<Progress, QueueError> {
+        self.process(mem, queues, None)
+    }
     /// Back to the state before activation.
     fn reset(&mut self);
     /// A descriptor that becomes readable when the backend has something for
@@ -111,6 +135,9 @@ pub trait VirtioDevice: Send {
     fn port(&self) -> Option<std::sync::Arc<hostnet::port::GuestPort>> {
         None
     }
+    /// Called on the vCPU thread each time it serves the device (the network
+    /// thread may serve it too, see [`net::poll`]).
+    fn on_vcpu_thread(&self, _mem: &GuestMemoryMmap) {}
     /// The concrete device, for saving its state (each device type saves
     /// its own, see [`crate::persist::Persist`]).
     fn as_any(&self) -> &dyn std::any::Any;

@@ -87,8 +87,17 @@ pub struct MmioTransport {
     config_generation: u32,
     active: bool,
     errors: u32,
+    /// Why the guest must be stopped, found on the network thread.
+    fatal: Option<String>,
     /// The rate limit of the warnings the driver triggers.
     warnings: shim_util::limit::Warnings,
+}
+
+/// Who serves the device: the vCPU thread (after a notify of that queue,
+/// or on `HC_YIELD`), or the network thread while the guest polls.
+enum Caller {
+    Vcpu(Option<u16>),
+    Polled,
 }
 
 /// Which queue address register pair.
@@ -129,6 +138,7 @@ impl MmioTransport {
             config_generation: 0,
             active: false,
             errors: 0,
+            fatal: None,
             warnings: Default::default(),
         }
     }
@@ -543,24 +553,47 @@ impl MmioTransport {
             );
             return Ok(());
         }
-        self.run_device(mem, Some(index as u16)).map(|_| ())
+        self.run_device(mem, Caller::Vcpu(Some(index as u16)))
+            .map(|_| ())
     }
 
     /// Moves data for an idling guest (`HC_YIELD`). An error means the
     /// guest kept breaking the device and must be stopped.
     pub fn process(&mut self, mem: &GuestMemoryMmap) -> Result<Progress, String> {
-        self.run_device(mem, None)
+        if let Some(why) = self.fatal.take() {
+            return Err(why);
+        }
+        self.run_device(mem, Caller::Vcpu(None))
     }
 
-    fn run_device(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        notified: Option<u16>,
-    ) -> Result<Progress, String> {
+    /// Moves data for a guest that polls its rings, on the network thread
+    /// (see `net::poll`). A guest that broke the device once too often is
+    /// stopped by its vCPU thread's next [`Self::process`].
+    pub fn process_polling(&mut self, mem: &GuestMemoryMmap) -> Progress {
+        if self.fatal.is_some() {
+            return Progress::default();
+        }
+        match self.run_device(mem, Caller::Polled) {
+            Ok(progress) => progress,
+            Err(why) => {
+                self.fatal = Some(why);
+                Progress::default()
+            }
+        }
+    }
+
+    fn run_device(&mut self, mem: &GuestMemoryMmap, caller: Caller) -> Result<Progress, String> {
         if !self.active {
             return Ok(Progress::default());
         }
-        match self.device.process(mem, &mut self.queues, notified) {
+        let result = match caller {
+            Caller::Vcpu(notified) => {
+                self.device.on_vcpu_thread(mem);
+                self.device.process(mem, &mut self.queues, notified)
+            }
+            Caller::Polled => self.device.process_polling(mem, &mut self.queues),
+        };
+        match result {
             Ok(progress) => {
                 if progress.guest_should_run {
                     self.interrupt_status |= INT_USED_BUFFER;
@@ -586,6 +619,7 @@ impl MmioTransport {
                 // What the device did before the error still counts.
                 Ok(Progress {
                     guest_should_run: true,
+                    ..Progress::default()
                 })
             }
         }

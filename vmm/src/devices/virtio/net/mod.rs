@@ -23,6 +23,7 @@
 //! than 1514 bytes plus the header.
 
 pub mod persist;
+pub mod poll;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -80,6 +81,10 @@ pub struct Net {
     staging: Vec<u8>,
     /// The rate limit of the warnings the guest triggers.
     warnings: shim_util::limit::Warnings,
+    /// The network thread put frames in the receive ring since the vCPU
+    /// thread last served the device (see [`poll`]): a guest about to sleep
+    /// must look first.
+    delivered_by_network: bool,
 }
 
 impl Net {
@@ -93,6 +98,7 @@ impl Net {
             buffers: Vec::new(),
             staging: Vec::with_capacity(NET_HDR_LEN + MAX_FRAME),
             warnings: Default::default(),
+            delivered_by_network: false,
         }
     }
 
@@ -114,10 +120,15 @@ impl Net {
     }
 
     /// Drains the transmit queue into the switch. Returns whether the ring
-    /// was full (the driver may be waiting for free buffers).
-    fn transmit(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue) -> Result<bool, QueueError> {
+    /// was full (the driver may be waiting for free buffers) and how many
+    /// frames it held.
+    fn transmit(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+    ) -> Result<(bool, usize), QueueError> {
         if self.halted[TX_QUEUE] || !queue.ready() {
-            return Ok(false);
+            return Ok((false, 0));
         }
         let mut done: Vec<u16> = Vec::new();
         let mut error = None;
@@ -144,6 +155,7 @@ impl Net {
             }
         }
         let full = done.len() >= usize::from(queue.size());
+        let taken = done.len();
         for head in done {
             // Transmit buffers are only read: the used length is 0.
             if let Err(e) = queue.add_used(mem, head, 0) {
@@ -154,7 +166,7 @@ impl Net {
         self.port.send(&mut self.outgoing);
         match error {
             Some(why) => Err(self.fail(TX_QUEUE, why)),
-            None => Ok(full),
+            None => Ok((full, taken)),
         }
     }
 
@@ -190,6 +202,7 @@ impl Net {
         let port = Arc::clone(&self.port);
         let mut pending = port.received();
         if pending.is_empty() {
+            poll::set_rx_pending(mem, false);
             return Ok(0);
         }
         let mut done: Vec<(u16, u32)> = Vec::new();
@@ -231,6 +244,8 @@ impl Net {
                 }
             }
         }
+        // Under the port's lock, as the network thread's store of it.
+        poll::set_rx_pending(mem, !pending.is_empty());
         drop(pending);
         let delivered = done.len();
         for (head, len) in done {
@@ -410,17 +425,35 @@ impl VirtioDevice for Net {
         let [rx, tx] = queues else {
             return Ok(Progress::default());
         };
-        // On the vCPU thread: run next to the network thread if there is room.
-        self.port.colocate();
         // Both directions on every call, whatever was notified: a transmit
         // error must not keep frames from being received, and vice versa.
         let sent = self.transmit(mem, tx);
         let received = self.receive(mem, rx);
-        let ring_was_full = sent?;
+        let (ring_was_full, sent) = sent?;
         let delivered = received?;
+        let meanwhile = std::mem::take(&mut self.delivered_by_network);
         Ok(Progress {
-            guest_should_run: delivered > 0 || ring_was_full,
+            guest_should_run: delivered > 0 || ring_was_full || meanwhile,
+            sent,
+            delivered,
         })
+    }
+
+    fn process_polling(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: &mut [Queue],
+    ) -> Result<Progress, QueueError> {
+        let progress = self.process(mem, queues, None);
+        // Not taken by the vCPU thread: it must still hear of it.
+        self.delivered_by_network |= progress
+            .as_ref()
+            .map_or(true, |p| p.guest_should_run || p.delivered > 0);
+        progress
+    }
+
+    fn on_vcpu_thread(&self, mem: &GuestMemoryMmap) {
+        self.port.place(poll::guest_spins(mem));
     }
 
     fn reset(&mut self) {
@@ -828,6 +861,96 @@ mod tests {
         d.t.process(&d.mem).unwrap();
         assert_eq!(d.used(RX_QUEUE), [(2, 92)]);
         assert!(d.port.received().is_empty());
+    }
+
+    /// A `NetPoll` word of the guest's boot information.
+    fn net_poll(d: &Driver, offset: usize) -> u32 {
+        let at = abi::layout::BOOT_INFO_ADDR
+            + (std::mem::offset_of!(abi::boot::BootInfo, net_poll) + offset) as u64;
+        d.mem.read_obj(GuestAddress(at)).unwrap()
+    }
+
+    /// The guest spins on its rings when idle, and is spinning now (`on`).
+    fn set_polling(d: &Driver, on: bool) {
+        for offset in [
+            std::mem::offset_of!(abi::boot::NetPoll, spins),
+            std::mem::offset_of!(abi::boot::NetPoll, polling),
+        ] {
+            let at = abi::layout::BOOT_INFO_ADDR
+                + (std::mem::offset_of!(abi::boot::BootInfo, net_poll) + offset) as u64;
+            d.mem.write_obj(u32::from(on), GuestAddress(at)).unwrap();
+        }
+    }
+
+    #[test]
+    fn while_the_guest_polls_the_network_thread_moves_its_frames() {
+        use abi::boot::NetPoll;
+        use std::mem::offset_of;
+        use std::sync::Mutex;
+        let mut d = Driver::new();
+        d.post(0, 2048);
+        d.post(1, 2048);
+        let port = Arc::clone(&d.port);
+        let spare = MmioTransport::new(BASE, 0x200, Box::new(Net::new(Arc::clone(&port))));
+        let devices = Arc::new(Mutex::new(vec![std::mem::replace(&mut d.t, spare)]));
+        let server = poll::RingServer::install(&devices, &d.mem, &port);
+
+        // The guest does not poll: a frame waits in the port for its vCPU
+        // thread, and the guest is told that frames wait.
+        port.deliver(&mut vec![frame(60, 1)]);
+        assert!(!port.spins());
+        assert!(!port.serve(false, false).served);
+        assert_eq!(net_poll(&d, offset_of!(NetPoll, rx_pending)), 1);
+        assert!(d.used(RX_QUEUE).is_empty());
+
+        // It polls: the network thread puts the frame in its ring itself.
+        set_polling(&d, true);
+        assert!(port.spins());
+        port.watch(true);
+        assert_eq!(net_poll(&d, offset_of!(NetPoll, watching)), 1);
+        let served = port.serve(false, false);
+        assert_eq!((served.served, served.delivered), (true, 1));
+        assert_eq!(d.used(RX_QUEUE), [(0, 72)]);
+        assert_eq!(net_poll(&d, offset_of!(NetPoll, rx_pending)), 0);
+
+        // Its reply leaves without an exit while the ring is watched.
+        d.send(0, &frame(64, 2));
+        assert_eq!(port.serve(true, false).sent, 1);
+        assert_eq!(d.sent(), [frame(64, 2)]);
+        assert_eq!(d.used(TX_QUEUE), [(0, 0)]);
+
+        // A guest that went to sleep meanwhile is woken by its vCPU thread:
+        // the network thread filled its ring behind its back.
+        set_polling(&d, false);
+        port.deliver(&mut vec![frame(70, 3)]);
+        assert_eq!(
+            port.serve(true, false).delivered,
+            1,
+            "a watched ring is served"
+        );
+        let progress = devices.lock().unwrap()[0].process(&d.mem).unwrap();
+        assert!(progress.guest_should_run);
+        assert_eq!(d.used(RX_QUEUE), [(1, 82)]);
+
+        // Paused: the network thread writes nothing at all.
+        set_polling(&d, true);
+        server.set_enabled(false);
+        assert_eq!(net_poll(&d, offset_of!(NetPoll, watching)), 0);
+        port.watch(true);
+        d.post(2, 2048);
+        port.deliver(&mut vec![frame(80, 4)]);
+        assert!(!port.spins());
+        assert_eq!(port.serve(true, false), Default::default());
+        assert_eq!(net_poll(&d, offset_of!(NetPoll, watching)), 0);
+        assert_eq!(net_poll(&d, offset_of!(NetPoll, rx_pending)), 0);
+        assert!(d.used(RX_QUEUE).is_empty());
+        server.set_enabled(true);
+        assert_eq!(port.serve(false, false).delivered, 1);
+
+        // Once the machine is gone, its port serves nothing.
+        drop(server);
+        port.deliver(&mut vec![frame(90, 5)]);
+        assert!(!port.serve(true, false).served);
     }
 
     #[test]
