@@ -124,6 +124,14 @@ pub struct NicStats {
     /// dropped: over its rate.
     #[serde(default)]
     pub flood_dropped: u64,
+    /// Of `rx_packets`, those the network thread put in the guest's ring
+    /// itself while the guest polled it (no VM exit).
+    #[serde(default)]
+    pub rx_polled: u64,
+    /// Of `tx_packets`, those the network thread took from the guest's
+    /// ring while it watched it (no VM exit).
+    #[serde(default)]
+    pub tx_polled: u64,
 }
 
 /// One peer's round trip, as `GET /v1/stats` reports it.

@@ -202,8 +202,8 @@ fn a_guest_that_computes_next_to_the_network_thread_loses_its_seat() {
     require_kvm();
     let img = image("hostile");
     let img = img.to_str().unwrap();
-    // It sends frames (so it sits next to the network thread) and never
-    // sleeps.
+    // It sends a frame (so it sits next to the network thread), then
+    // computes and never waits.
     let mut shim = Shim::start(&[
         "run",
         img,
@@ -212,7 +212,7 @@ fn a_guest_that_computes_next_to_the_network_thread_loses_its_seat() {
         "--timeout",
         "60",
         "--",
-        "broadcast-flood",
+        "net-spin",
     ]);
     let me = std::fs::read_to_string("/proc/thread-self/status").unwrap();
     let all = me

@@ -26,6 +26,15 @@
 //! connections, and on the TAP device, with smoltcp's next deadline as the
 //! timeout. Frames cross threads in batches (see [`port`]).
 //!
+//! A guest that spins on its rings when idle (`abi::boot::NetPoll`) is
+//! served by the network thread itself ([`port::RingServer`]): frames go
+//! into its receive ring as they are switched to it, and for [`WATCH`]
+//! after that the thread watches its transmit ring for the reply (epoll
+//! without sleeping), so a request and its reply cross without a VM exit.
+//! With [`CLIENTS_HOLD_OFF`] clients at once it holds guests off polling:
+//! requests then come in batches (one exit serves many) and the CPU a
+//! spinning guest would hold is what the clients and this thread need.
+//!
 //! Every queue between a guest and anything else is bounded, as a real
 //! switch's buffers are: the port's queues ([`port`]), each port's outbox
 //! ([`OUTBOX_MAX`]) and the gateway's inbox ([`GATEWAY_INBOX_MAX`]); what a
@@ -1279,6 +1288,31 @@ mod tests {
         engine.run_commands();
         engine.pump();
         assert_eq!(b.received().len(), 201);
+    }
+
+    #[test]
+    fn many_clients_at_once_hold_polling_guests_off_and_one_does_not() {
+        let ended = |c: &mut Clients| {
+            c.since = Some(std::time::Instant::now() - CLIENTS_WINDOW);
+            c.tick();
+            c.hold_off
+        };
+        let mut c = Clients::default();
+        for _ in 0..1000 {
+            c.saw(token::conn(7));
+        }
+        assert!(!ended(&mut c), "one client sending one request at a time");
+        for id in 0..50 {
+            c.saw(token::conn(id));
+        }
+        assert!(ended(&mut c), "fifty clients");
+        assert!(
+            c.seen.len() <= CLIENTS_HOLD_OFF,
+            "bounded: {}",
+            c.seen.len()
+        );
+        c.saw(token::conn(1));
+        assert!(!ended(&mut c), "back to one");
     }
 
     #[test]

@@ -30,7 +30,9 @@
 //! per [`SEAT_MAX_RUN_PER_SLEEP`] of CPU (a server busy with requests one
 //! at a time sleeps between them) goes back to the CPUs it had (as does
 //! the network thread once no seat is taken); that guest never sits down
-//! again, a later one may.
+//! again, a later one may. A guest that spins on its rings when idle
+//! ([`RingServer`]) does not sit there: it would hold the very CPU the
+//! network thread needs to serve it ([`GuestPort::place`]).
 //!
 //! Both queues are bounded, as a switch port's buffers are: past
 //! [`TX_BACKLOG`] / [`RX_BACKLOG`] frames, more are dropped and counted.
@@ -546,8 +548,14 @@ impl GuestPort {
 
     /// See [`RingServer::serve`].
     pub fn serve(&self, watched: bool, hold_off: bool) -> Served {
-        self.server()
-            .map_or_else(Served::default, |s| s.serve(watched, hold_off))
+        let Some(server) = self.server() else {
+            return Served::default();
+        };
+        let served = server.serve(watched, hold_off);
+        if served.sent + served.delivered > 0 {
+            self.traffic.polled(served.delivered, served.sent);
+        }
+        served
     }
 
     /// See [`RingServer::watch`].

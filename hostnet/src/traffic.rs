@@ -132,6 +132,8 @@ pub struct NicTraffic {
     tx_dropped: AtomicU64,
     rx_dropped: AtomicU64,
     flood_dropped: AtomicU64,
+    rx_polled: AtomicU64,
+    tx_polled: AtomicU64,
 }
 
 impl NicTraffic {
@@ -149,6 +151,14 @@ impl NicTraffic {
     /// was dropped: over its rate.
     pub fn dropped_flood(&self) {
         self.flood_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The network thread moved frames itself while the guest polled:
+    /// `delivered` into its ring, `sent` out of it.
+    pub fn polled(&self, delivered: usize, sent: usize) {
+        self.rx_polled
+            .fetch_add(delivered as u64, Ordering::Relaxed);
+        self.tx_polled.fetch_add(sent as u64, Ordering::Relaxed);
     }
 
     /// The guest sent `frames`.
@@ -174,6 +184,8 @@ impl NicTraffic {
             tx_dropped: self.tx_dropped.load(Ordering::Relaxed),
             rx_dropped: self.rx_dropped.load(Ordering::Relaxed),
             flood_dropped: self.flood_dropped.load(Ordering::Relaxed),
+            rx_polled: self.rx_polled.load(Ordering::Relaxed),
+            tx_polled: self.tx_polled.load(Ordering::Relaxed),
         }
     }
 }

@@ -51,7 +51,6 @@ fn store(offset: usize, value: u32) {
 /// whether the receive ring holds a frame the driver has not taken.
 pub fn set_ready_check(ready: impl Fn() -> bool + 'static) {
     *CHECK.lock() = Some(Box::new(ready));
-    store(core::mem::offset_of!(NetPoll, spins), 1);
 }
 
 /// Called by the network driver after it queued a frame for the host.
@@ -81,18 +80,16 @@ pub fn available(now_ns: u64) -> bool {
     if CHECK.lock().is_none() {
         return false;
     }
-    let mut backoff = BACKOFF.lock();
-    if now_ns < backoff.until {
+    if now_ns < BACKOFF.lock().until || load(core::mem::offset_of!(NetPoll, hold_off)) != 0 {
         return false;
     }
-    if backoff.paused {
-        backoff.paused = false;
+    if !SPINS.swap(true, Ordering::Relaxed) {
         store(core::mem::offset_of!(NetPoll, spins), 1);
         // Exit once before spinning: the host then moves the vCPU thread
-        // off the network thread's CPU, where it may have sat meanwhile.
+        // off the network thread's CPU, where it may sit until now.
         UNFLUSHED.store(true, Ordering::Relaxed);
     }
-    load(core::mem::offset_of!(NetPoll, hold_off)) == 0
+    true
 }
 
 /// A gap this long between two looks at the ring means the vCPU did not
@@ -119,16 +116,16 @@ struct Backoff {
     /// Spun, and of that not run, since the last judgement.
     spun: u64,
     stolen: u64,
-    /// A pause began (and the host was told: `NetPoll::spins` = 0).
-    paused: bool,
 }
+
+/// What the host was last told in `NetPoll::spins`.
+static SPINS: AtomicBool = AtomicBool::new(false);
 
 static BACKOFF: Mutex<Backoff> = Mutex::new(Backoff {
     until: 0,
     next: PAUSE_MIN_NS,
     spun: 0,
     stolen: 0,
-    paused: false,
 });
 
 impl Backoff {
@@ -141,7 +138,7 @@ impl Backoff {
         if self.stolen * MAX_STOLEN_SHARE > self.spun {
             self.until = now.saturating_add(self.next);
             self.next = (self.next * 2).min(PAUSE_MAX_NS);
-            self.paused = true;
+            SPINS.store(false, Ordering::Relaxed);
             store(core::mem::offset_of!(NetPoll, spins), 0);
         } else {
             self.next = PAUSE_MIN_NS;

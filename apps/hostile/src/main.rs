@@ -8,6 +8,8 @@
 //!   (default 512) KiB in a loop; a refused delta is answered with a new
 //!   full checkpoint, as `libcloud::state` does
 //! - `broadcast-flood`  UDP datagrams to 255.255.255.255 in a tight loop
+//! - `net-spin`         one datagram (its vCPU thread then sits next to the
+//!   network thread), then computes without ever waiting
 //! - `warn-flood`       hypercalls the host warns about (unknown numbers,
 //!   console writes outside RAM) in a loop
 //! - `disk-fill [KIB]`  the same with KIB (default 4096) KiB blobs, run with
@@ -37,6 +39,7 @@ async fn main() -> Result<(), String> {
         Some("disk-fill") => delta_flood(kib(4096) << 10),
         Some("warn-flood") => warn_flood(),
         Some("broadcast-flood") => broadcast_flood().await,
+        Some("net-spin") => net_spin().await,
         other => Err(format!("unknown hostile mode {other:?}")),
     }
 }
@@ -108,6 +111,27 @@ fn warn_flood() -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// One datagram, one exit (the host serves the card and seats the vCPU
+/// thread next to the network thread), then a loop that never waits.
+async fn net_spin() -> Result<(), String> {
+    let stack = libcloud::net::start().await.map_err(|e| format!("{e}"))?;
+    let (mut rx_meta, mut tx_meta) = ([PacketMetadata::EMPTY; 1], [PacketMetadata::EMPTY; 1]);
+    let (mut rx, mut tx) = (vec![0u8; 512], vec![0u8; 512]);
+    let mut socket = UdpSocket::new(stack, &mut rx_meta, &mut rx, &mut tx_meta, &mut tx);
+    socket.bind(9998).map_err(|e| format!("bind: {e:?}"))?;
+    let to = IpEndpoint::new(IpAddress::v4(255, 255, 255, 255), 9);
+    socket
+        .send_to(b"hello", to)
+        .await
+        .map_err(|e| format!("send: {e:?}"))?;
+    libcloud::task::yield_now().await;
+    println!("net-spin: computing");
+    let mut x = 0u64;
+    loop {
+        x = core::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+    }
 }
 
 async fn broadcast_flood() -> Result<(), String> {

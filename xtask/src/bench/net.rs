@@ -256,6 +256,10 @@ struct GuestCosts {
     frames_in: f64,
     /// Frames out of the guest (vCPU thread -> network thread).
     frames_out: f64,
+    /// Of those, frames the network thread moved itself while the guest
+    /// polled its rings (no exit, no vCPU thread).
+    polled_in: f64,
+    polled_out: f64,
     /// CPU of the guest's vCPU thread (guest code and exits), seconds.
     vcpu_cpu: f64,
 }
@@ -269,6 +273,8 @@ impl GuestCosts {
             wakes: per(a.exits.idle.woken_by_io, b.exits.idle.woken_by_io),
             frames_in: per(a.net.rx_packets, b.net.rx_packets),
             frames_out: per(a.net.tx_packets, b.net.tx_packets),
+            polled_in: per(a.net.rx_polled, b.net.rx_polled),
+            polled_out: per(a.net.tx_polled, b.net.tx_polled),
             vcpu_cpu: (b.cpu_s - a.cpu_s).max(0.0) / requests,
         }
     }
@@ -336,6 +342,8 @@ impl Medians {
                     wakes: m(|c| c.wakes),
                     frames_in: m(|c| c.frames_in),
                     frames_out: m(|c| c.frames_out),
+                    polled_in: m(|c| c.polled_in),
+                    polled_out: m(|c| c.polled_out),
                     vcpu_cpu: m(|c| c.vcpu_cpu),
                 }
             });
@@ -834,24 +842,28 @@ pub fn run(ws: &Workspace, opts: &NetOptions) -> Result<()> {
     println!(
         "\n**Where a kv request's cost goes** (per request, SET and GET; vCPU wake-ups: \
          `HC_YIELD` waits ended by frames, i.e. the network thread woke the sleeping vCPU \
-         thread; frames in/out cross between the network thread and the vCPU thread; \
-         network thread and the rest = daemon CPU - vCPU thread CPU)\n"
+         thread; frames in/out: into and out of the guest, and in brackets those the \
+         network thread moved itself while the guest polled its rings, without an exit; \
+         vCPU thread CPU includes the guest's polling; network thread and the rest = \
+         daemon CPU - vCPU thread CPU)\n"
     );
     println!(
-        "| clients | exits | vCPU wake-ups | frames in | frames out | vCPU thread CPU | \
-         network thread and the rest | native host CPU |"
+        "| clients | exits | vCPU wake-ups | frames in (polled) | frames out (polled) | \
+         vCPU thread CPU | network thread and the rest | native host CPU |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (load, m) in &results {
         let (k, n) = (&m[0], &m[1]);
         let Some(g) = k.guest else { continue };
         println!(
-            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} µs | {:.1} µs | {:.1} µs |",
+            "| {} | {:.3} | {:.3} | {:.3} ({:.3}) | {:.3} ({:.3}) | {:.1} µs | {:.1} µs | {:.1} µs |",
             load.label(),
             g.exits,
             g.wakes,
             g.frames_in,
+            g.polled_in,
             g.frames_out,
+            g.polled_out,
             g.vcpu_cpu * 1e6,
             k.cpu_us - g.vcpu_cpu * 1e6,
             n.cpu_us,
@@ -1042,18 +1054,22 @@ Transfer/sec:      4.61MB
         a.exits.idle.woken_by_io = 10;
         a.net.rx_packets = 5;
         a.net.tx_packets = 7;
+        a.net.rx_polled = 1;
         a.cpu_s = 1.0;
         let mut b = a.clone();
         b.exits.total = 300;
         b.exits.idle.woken_by_io = 110;
         b.net.rx_packets = 205;
         b.net.tx_packets = 407;
+        b.net.rx_polled = 151;
+        b.net.tx_polled = 300;
         b.cpu_s = 1.02;
         let c = GuestCosts::between(&a, &b, 100.0);
         assert_eq!(
             (c.exits, c.wakes, c.frames_in, c.frames_out),
             (2.0, 1.0, 2.0, 4.0)
         );
+        assert_eq!((c.polled_in, c.polled_out), (1.5, 3.0));
         assert!((c.vcpu_cpu - 200e-6).abs() < 1e-9);
     }
 

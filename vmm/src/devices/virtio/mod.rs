@@ -8,7 +8,9 @@
 //! A device implements [`VirtioDevice`]; the transport owns its queues and
 //! hands them to the device. No interrupts: the guest polls its used rings,
 //! and the device moves data when the guest notifies a queue or idles
-//! (`HC_YIELD`, see [`MmioTransport::process`]).
+//! (`HC_YIELD`, see [`MmioTransport::process`]), or, while the guest spins
+//! on its rings, from the network thread ([`net::poll`]): a machine's
+//! devices are shared between the two threads under one lock.
 
 pub mod mmio;
 pub mod net;

@@ -12,6 +12,8 @@
 //! queue and fills receive buffers whenever the guest exits anyway — on
 //! every `HC_YIELD` (the guest's executor yields once per loop iteration)
 //! and on any queue notify. A burst of frames thus costs no exit of its own.
+//! While the guest spins on its rings instead of idling in the host, the
+//! network thread serves the device itself ([`poll`]): no exit at all.
 //!
 //! **Validation.** Descriptor chains are walked with `virtio-queue`, which
 //! bounds their length by the queue size; a chain must end (no loop, no
@@ -946,6 +948,16 @@ mod tests {
         assert!(d.used(RX_QUEUE).is_empty());
         server.set_enabled(true);
         assert_eq!(port.serve(false, false).delivered, 1);
+
+        // Many clients at once: the guest is told to wait in the host, and
+        // is no longer one that spins (its vCPU thread may sit next to the
+        // network thread again).
+        port.serve(false, true);
+        assert_eq!(net_poll(&d, offset_of!(NetPoll, hold_off)), 1);
+        assert!(!port.spins());
+        port.serve(false, false);
+        assert_eq!(net_poll(&d, offset_of!(NetPoll, hold_off)), 0);
+        assert!(port.spins());
 
         // Once the machine is gone, its port serves nothing.
         drop(server);
