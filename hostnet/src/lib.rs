@@ -79,8 +79,9 @@ pub const USER_PREFIX: u8 = 24;
 pub const USER_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 pub const USER_FIRST_GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 
-/// The host sockets (published ports' connections) with traffic in the
-/// current [`CLIENTS_WINDOW`], up to [`CLIENTS_HOLD_OFF`] of them.
+/// The flows of the frames handed to guests in the current
+/// [`CLIENTS_WINDOW`], up to [`CLIENTS_HOLD_OFF`] of them: clients through
+/// the gateway, the TAP device or the overlay alike.
 #[derive(Default)]
 struct Clients {
     since: Option<std::time::Instant>,
@@ -90,9 +91,9 @@ struct Clients {
 }
 
 impl Clients {
-    fn saw(&mut self, token: u64) {
-        if self.seen.len() < CLIENTS_HOLD_OFF && !self.seen.contains(&token) {
-            self.seen.push(token);
+    fn saw(&mut self, flow: u64) {
+        if self.seen.len() < CLIENTS_HOLD_OFF && !self.seen.contains(&flow) {
+            self.seen.push(flow);
         }
     }
 
@@ -112,6 +113,21 @@ impl Clients {
     }
 }
 
+/// The flow of an IPv4 TCP or UDP frame: its source address and port.
+fn flow_of(frame: &[u8]) -> Option<u64> {
+    if frame.get(12..14)? != [0x08, 0x00] {
+        return None;
+    }
+    let ip = frame.get(14..)?;
+    let header = usize::from(ip.first()? & 0x0f) * 4;
+    if !matches!(ip.get(9)?, 6 | 17) || header < 20 {
+        return None;
+    }
+    let addr = u32::from_be_bytes(ip.get(12..16)?.try_into().ok()?);
+    let port = u16::from_be_bytes(ip.get(header..header + 2)?.try_into().ok()?);
+    Some(u64::from(addr) << 16 | u64::from(port))
+}
+
 /// Largest frame the switch forwards (no FCS, no VLAN tag).
 const MAX_FRAME: usize = 1514;
 /// Frames read from the TAP device per round.
@@ -125,8 +141,8 @@ const WATCH: std::time::Duration = std::time::Duration::from_micros(50);
 /// Guests whose transmit rings the network thread watches at once (more
 /// are served the usual way, through their vCPU threads).
 const WATCH_MAX: usize = 8;
-/// The network thread counts the host sockets with traffic over windows
-/// this long...
+/// The network thread counts the flows (TCP or UDP source address and
+/// port) of the frames it hands to guests over windows this long...
 const CLIENTS_WINDOW: std::time::Duration = std::time::Duration::from_millis(10);
 /// ... and holds guests off polling after a window with this many: their
 /// requests then come in batches (one exit serves many), and the network
@@ -851,7 +867,6 @@ impl Engine {
                     token::TAP => self.tap_readable = true,
                     token::OVERLAY => self.overlay_readable = true,
                     _ => {
-                        self.clients.saw(tok);
                         if let Some(gw) = self.gateway.as_mut() {
                             gw.on_event(tok, event.event_set(), &self.epoll);
                         }
@@ -1038,6 +1053,11 @@ impl Engine {
             let frames = &mut self.outboxes.boxes[index];
             match &self.slots[index] {
                 Slot::Guest(guest) => {
+                    for frame in frames.iter() {
+                        if let Some(flow) = flow_of(frame) {
+                            self.clients.saw(flow);
+                        }
+                    }
                     // A guest that spins on its rings when idle gets the
                     // frames now, without an exit, and its reply is watched
                     // for: from before it can see them (the vCPU thread of
@@ -1297,13 +1317,29 @@ mod tests {
             c.tick();
             c.hold_off
         };
+        // A TCP segment from 10.0.2.2:port to a guest.
+        let segment = |port: u16| {
+            let mut f = vec![0u8; 54];
+            f[12..14].copy_from_slice(&[0x08, 0x00]);
+            f[14] = 0x45;
+            f[23] = 6;
+            f[26..30].copy_from_slice(&[10, 0, 2, 2]);
+            f[34..36].copy_from_slice(&port.to_be_bytes());
+            f
+        };
+        assert_eq!(flow_of(&segment(5000)), flow_of(&segment(5000)));
+        assert_ne!(flow_of(&segment(5000)), flow_of(&segment(5001)));
+        assert_eq!(flow_of(&segment(1)[..30]), None, "truncated");
+        let mut arp = segment(1);
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(flow_of(&arp), None);
         let mut c = Clients::default();
         for _ in 0..1000 {
-            c.saw(token::conn(7));
+            c.saw(flow_of(&segment(40000)).unwrap());
         }
         assert!(!ended(&mut c), "one client sending one request at a time");
-        for id in 0..50 {
-            c.saw(token::conn(id));
+        for port in 40000..40050 {
+            c.saw(flow_of(&segment(port)).unwrap());
         }
         assert!(ended(&mut c), "fifty clients");
         assert!(
@@ -1311,7 +1347,7 @@ mod tests {
             "bounded: {}",
             c.seen.len()
         );
-        c.saw(token::conn(1));
+        c.saw(flow_of(&segment(40000)).unwrap());
         assert!(!ended(&mut c), "back to one");
     }
 
