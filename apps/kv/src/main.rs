@@ -29,18 +29,21 @@
 extern crate alloc;
 
 use alloc::rc::Rc;
-use core::cell::{Cell, RefCell};
+use core::cell::{Cell, OnceCell, RefCell};
 use core::future::Future;
 use core::task::{Poll, Waker};
 use kv_core::checkpoint::{self, Checkpoints, KvDelta, KvState};
 use kv_core::resp::{Parser, ProtocolError};
 use kv_core::{commands, Flow, Platform, Server};
-use libcloud::net::{TcpSocket, Write};
+use libcloud::net::{Listeners, TcpSocket, Write};
 use libcloud::prelude::*;
 use libcloud::serde::{Deserialize, Serialize};
 
-/// The guest's clock, heap and host, for the server.
-struct Guest;
+/// The guest's clock, heap, host and listening sockets, for the server.
+struct Guest {
+    /// The served port's listeners, once serving.
+    listeners: Rc<OnceCell<Rc<Listeners>>>,
+}
 
 impl Platform for Guest {
     fn now(&self) -> kv_core::Instant {
@@ -56,6 +59,10 @@ impl Platform for Guest {
     fn location(&self) -> (String, String) {
         let host = libcloud::host();
         (host.name, host.region)
+    }
+
+    fn listening_sockets(&self) -> Option<usize> {
+        self.listeners.get().map(|l| l.listening())
     }
 }
 
@@ -209,7 +216,11 @@ async fn main() -> Result<(), libcloud::net::Error> {
         None => 0,
     };
     let stack = libcloud::net::start().await?;
-    let server = Server::new(port, MAX_CLIENTS, maxmemory, Box::new(Guest));
+    let listeners = Rc::new(OnceCell::new());
+    let guest = Guest {
+        listeners: listeners.clone(),
+    };
+    let server = Server::new(port, MAX_CLIENTS, maxmemory, Box::new(guest));
     let server = Rc::new(RefCell::new(server));
     let start = libcloud::time::Instant::now();
     let restored = restore(&mut server.borrow_mut());
@@ -236,9 +247,10 @@ async fn main() -> Result<(), libcloud::net::Error> {
     libcloud::state::checkpoint_on_request_incremental(ack.checkpoints.clone());
     let expiry = Rc::new(ExpiryTimer::default());
     libcloud::task::spawn(expire_task(server.clone(), expiry.clone()));
-    libcloud::net::serve_tcp(stack, port, MAX_CLIENTS, async move |socket| {
+    let serving = libcloud::net::serve_tcp(stack, port, MAX_CLIENTS, async move |socket| {
         serve(socket, &server, &ack, &expiry).await;
     });
+    let _ = listeners.set(serving);
     println!("kv: listening on port {port}");
     core::future::pending().await
 }
