@@ -200,7 +200,10 @@ fn a_burst_of_connections_is_served_by_few_listening_sockets() {
 
     let burst = 120;
     let (mut held, failed) = connect_at_once(kv.port, burst);
-    assert_eq!(failed, 0, "{failed} of {burst} connections opened at once were not served");
+    assert_eq!(
+        failed, 0,
+        "{failed} of {burst} connections opened at once were not served"
+    );
     assert_eq!(info_clients(&mut probe, "connected_clients"), burst + 1);
     let listening = info_clients(&mut probe, "listening_sockets");
     assert!(
@@ -219,7 +222,11 @@ fn a_burst_of_connections_is_served_by_few_listening_sockets() {
     assert_eq!(info_clients(&mut probe, "listening_sockets"), 0);
     held.extend(more);
     for c in &mut held {
-        assert_eq!(c.cmd(&["PING"]).unwrap(), "PONG", "a held connection still works");
+        assert_eq!(
+            c.cmd(&["PING"]).unwrap(),
+            "PONG",
+            "a held connection still works"
+        );
     }
     drop(held);
     let give_up = Instant::now() + Duration::from_secs(30);

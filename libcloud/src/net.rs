@@ -55,7 +55,7 @@ pub const LISTENERS: usize = 4;
 /// Serves TCP `port` with up to `max_connections` connections at once: each
 /// is handed to `handler`, then closed. Runs in background tasks: one
 /// worker per connection, of which at most [`LISTENERS`] listen at a time.
-/// Returns the port's counters.
+/// Returns the port's [`Listeners`] (apps may report how many listen).
 pub fn serve_tcp<F>(
     stack: Stack<'static>,
     port: u16,
@@ -114,11 +114,14 @@ impl Listeners {
     /// Waits until fewer than `limit` sockets listen, and takes a turn.
     async fn turn(&self) -> Turn<'_> {
         poll_fn(|cx| {
+            let mut waiting = self.waiting.borrow_mut();
             if self.listening.get() < self.limit {
                 self.listening.set(self.listening.get() + 1);
+                // Woken by something else than a hand-over, the worker may
+                // still be queued: a hand-over to it would be lost.
+                waiting.retain(|w| !w.will_wake(cx.waker()));
                 return Poll::Ready(Turn(self));
             }
-            let mut waiting = self.waiting.borrow_mut();
             if !waiting.iter().any(|w| w.will_wake(cx.waker())) {
                 waiting.push_back(cx.waker().clone());
             }
