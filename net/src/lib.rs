@@ -8,7 +8,7 @@
 //!
 //! [`start`] brings the interface up and runs it as a task of the kernel's
 //! executor (`kernel::task`), one connection request per stack poll (see
-//! [`Paced`]).
+//! `Paced`).
 #![no_std]
 
 extern crate alloc;

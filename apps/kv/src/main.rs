@@ -8,7 +8,8 @@
 //! - connection and server: PING, ECHO, SELECT 0, QUIT, CLIENT, HELLO 2,
 //!   INFO, COMMAND, CONFIG GET
 //!
-//! Listens on port 6379 (or `PORT`), up to 128 clients at once. `MAXMEMORY`
+//! Listens on port 6379 (or `PORT`), up to 128 clients at once (`INFO
+//! clients` reports `listening_sockets`, the few idle ones). `MAXMEMORY`
 //! (bytes, or with a `kb`/`mb`/`gb` suffix) refuses writes with `-OOM` once
 //! the heap holds that much; writes are also refused when the heap runs low.
 //! Data lives in memory; its checkpoints (libcloud::state: every live key,
