@@ -46,11 +46,14 @@ pub async fn start() -> Result<Stack<'static>, Error> {
 
 /// Sockets kept listening per served port: a connection request takes
 /// one, and the worker that owns it hands the turn to the next idle worker.
-/// Each idle listener costs every poll of the stack and every segment
-/// received a walk over it, so they are few; a burst of connection
-/// requests still finds one each, since the stack runner takes one SYN per
-/// poll and the hand-over takes two executor rounds (`net::Paced`).
-pub const LISTENERS: usize = 4;
+/// Each idle listener costs every poll of the stack a walk over it (about
+/// 3.5 ns), so they are few; a burst of connection requests still finds one
+/// each, since the stack takes at most [`net::SYNS_PER_POLL`] SYNs per poll
+/// and the hand-over takes two executor rounds (the runner's next poll
+/// comes in the next round, after the listeners' workers ran).
+///
+/// [`net::SYNS_PER_POLL`]: ::net::SYNS_PER_POLL
+pub const LISTENERS: usize = 2 * ::net::SYNS_PER_POLL + 2;
 
 /// Serves TCP `port` with up to `max_connections` connections at once: each
 /// is handed to `handler`, then closed. Runs in background tasks: one

@@ -7,8 +7,8 @@
 //! - [`config`]: addresses from the shim (`lc.ip`, `lc.gw`), else DHCP.
 //!
 //! [`start`] brings the interface up and runs it as a task of the kernel's
-//! executor (`kernel::task`), one connection request per stack poll (see
-//! `Paced`).
+//! executor (`kernel::task`), a few connection requests per stack poll
+//! ([`SYNS_PER_POLL`]).
 #![no_std]
 
 extern crate alloc;
@@ -67,34 +67,39 @@ pub fn start() -> Result<Stack<'static>, Error> {
     let resources = Box::leak(Box::new(StackResources::<MAX_SOCKETS>::new()));
     let device = Paced {
         inner: device,
-        syn_taken: Cell::new(false),
+        syns: Cell::new(0),
     };
     let (stack, mut runner) = embassy_net::new(device, config, resources, seed);
     kernel::task::spawn(async move { runner.run().await });
     Ok(stack)
 }
 
-/// The device as the stack sees it: received frames up to and including the
-/// first connection request (a TCP SYN) per stack poll.
+/// Connection requests (TCP SYNs) the stack takes per poll, at most.
 ///
 /// smoltcp answers a SYN that finds no socket listening on its port with a
 /// reset, and a poll takes every frame the device holds: a burst of SYNs
 /// (a client opening 50 connections at once) would need a listening socket
 /// per SYN, and each idle listener costs every later poll and segment a
-/// walk over it. Ending the poll after a SYN lets the tasks its listener
-/// woke run (and arm the next listener, `libcloud::net::serve_tcp`) before
-/// the next frame is taken: the executor polls them before the runner,
-/// which wakes itself to come back in the next round.
+/// walk over it. Ending the poll after this many SYNs lets the tasks their
+/// listeners woke run (and arm the next listeners,
+/// `libcloud::net::serve_tcp`) before the next frame is taken: the executor
+/// polls them before the runner, which wakes itself to come back in the
+/// next round. A port that keeps `2 * SYNS_PER_POLL` sockets listening (or
+/// more) thus never runs out within a burst of connections.
+pub const SYNS_PER_POLL: usize = 7;
+
+/// The device as the stack sees it: received frames up to and including the
+/// [`SYNS_PER_POLL`]th connection request per stack poll.
 struct Paced<D> {
     inner: D,
-    /// The last frame taken was a SYN: the next `receive` ends the poll.
-    syn_taken: Cell<bool>,
+    /// SYNs taken in this poll.
+    syns: Cell<usize>,
 }
 
-/// A received frame that notes whether it was a SYN.
+/// A received frame that counts itself if it is a SYN.
 struct PacedRx<'a, T> {
     inner: T,
-    syn_taken: &'a Cell<bool>,
+    syns: &'a Cell<usize>,
 }
 
 /// Whether `frame` is a TCP connection request: an IPv4 datagram (its
@@ -119,7 +124,7 @@ impl<T: embassy_net_driver::RxToken> embassy_net_driver::RxToken for PacedRx<'_,
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, f: F) -> R {
         self.inner.consume(|frame| {
             if is_connection_request(frame) {
-                self.syn_taken.set(true);
+                self.syns.set(self.syns.get() + 1);
             }
             f(frame)
         })
@@ -137,15 +142,19 @@ impl<D: Driver> Driver for Paced<D> {
         Self: 'a;
 
     fn receive(&mut self, cx: &mut Context) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
-        if self.syn_taken.replace(false) {
+        if self.syns.get() >= SYNS_PER_POLL {
+            self.syns.set(0);
             // Come back in the executor's next round, after the woken tasks.
             cx.waker().wake_by_ref();
             return None;
         }
-        let (rx, tx) = self.inner.receive(cx)?;
+        let Some((rx, tx)) = self.inner.receive(cx) else {
+            self.syns.set(0);
+            return None;
+        };
         let rx = PacedRx {
             inner: rx,
-            syn_taken: &self.syn_taken,
+            syns: &self.syns,
         };
         Some((rx, tx))
     }
