@@ -144,10 +144,8 @@ fn a_malformed_request_gets_an_error_and_the_server_stays_up() {
     assert_eq!(kv.cli(&["SET", "still", "here"]), "OK\n");
 }
 
-/// kv's clients at once (apps/kv) and the sockets its port keeps listening
-/// (`libcloud::net::LISTENERS`).
+/// kv's clients at once (apps/kv).
 const MAX_CLIENTS: usize = 128;
-const LISTENERS: usize = 16;
 
 /// Opens `n` connections at once (threads released together), each saying
 /// PING: the connections that got PONG, and how many failed (reset, closed
@@ -172,31 +170,27 @@ fn connect_at_once(port: u16, n: usize) -> (Vec<Redis>, usize) {
     (served, failed)
 }
 
-/// A field of `INFO clients`, read on `conn`.
-fn info_clients(conn: &mut Redis, field: &str) -> usize {
+/// `connected_clients` of `INFO clients`, read on `conn`.
+fn connected_clients(conn: &mut Redis) -> usize {
     let info = conn.cmd(&["INFO", "clients"]).unwrap();
     info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in INFO clients: {info}"))
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .unwrap_or_else(|| panic!("no connected_clients in INFO clients: {info}"))
         .trim()
         .parse()
         .unwrap()
 }
 
-/// 120 connections opened at once, far more than kv keeps sockets
-/// listening for, are all served (the guest's stack takes a few SYNs per
-/// poll and re-arms listeners in between, so none finds its port without
-/// one and is reset); only a few sockets listen, idle or busy; and past kv's
-/// 128 clients at once, a connection is refused, as ever, until one ends.
+/// 120 connections opened at once are all served: the shim's gateway hands
+/// the guest their SYNs in one batch, and smoltcp resets a SYN that finds
+/// no socket listening on its port, so this holds only while the guest
+/// has a listener for every SYN of a burst (a change to fewer listeners
+/// without pacing the SYNs fails here). Past kv's 128 clients at once a
+/// connection is refused until one ends.
 #[test]
-fn a_burst_of_connections_is_served_by_few_listening_sockets() {
+fn a_burst_of_connections_is_served_and_those_past_the_limit_refused() {
     let kv = Kv::start();
     let mut probe = Redis::when_up(kv.port);
-    let listening = info_clients(&mut probe, "listening_sockets");
-    assert!(
-        (1..=LISTENERS).contains(&listening),
-        "{listening} sockets listen on an idle kv"
-    );
 
     let burst = 120;
     let (mut held, failed) = connect_at_once(kv.port, burst);
@@ -204,12 +198,7 @@ fn a_burst_of_connections_is_served_by_few_listening_sockets() {
         failed, 0,
         "{failed} of {burst} connections opened at once were not served"
     );
-    assert_eq!(info_clients(&mut probe, "connected_clients"), burst + 1);
-    let listening = info_clients(&mut probe, "listening_sockets");
-    assert!(
-        (1..=LISTENERS).contains(&listening),
-        "{listening} sockets listen beside {burst} connections"
-    );
+    assert_eq!(connected_clients(&mut probe), burst + 1);
 
     // 121 held: ten more at once, of which the 7 up to 128 are served.
     let (more, failed) = connect_at_once(kv.port, 10);
@@ -219,7 +208,6 @@ fn a_burst_of_connections_is_served_by_few_listening_sockets() {
         (room, 10 - room),
         "connections past {MAX_CLIENTS} at once are refused, the others served"
     );
-    assert_eq!(info_clients(&mut probe, "listening_sockets"), 0);
     held.extend(more);
     for c in &mut held {
         assert_eq!(
@@ -230,7 +218,7 @@ fn a_burst_of_connections_is_served_by_few_listening_sockets() {
     }
     drop(held);
     let give_up = Instant::now() + Duration::from_secs(30);
-    while info_clients(&mut probe, "connected_clients") > 1 {
+    while connected_clients(&mut probe) > 1 {
         assert!(Instant::now() < give_up, "kv never saw its clients leave");
         std::thread::sleep(Duration::from_millis(50));
     }

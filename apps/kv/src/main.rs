@@ -8,8 +8,7 @@
 //! - connection and server: PING, ECHO, SELECT 0, QUIT, CLIENT, HELLO 2,
 //!   INFO, COMMAND, CONFIG GET
 //!
-//! Listens on port 6379 (or `PORT`), up to 128 clients at once (`INFO
-//! clients` reports `listening_sockets`, the few idle ones). `MAXMEMORY`
+//! Listens on port 6379 (or `PORT`), up to 128 clients at once. `MAXMEMORY`
 //! (bytes, or with a `kb`/`mb`/`gb` suffix) refuses writes with `-OOM` once
 //! the heap holds that much; writes are also refused when the heap runs low.
 //! Data lives in memory; its checkpoints (libcloud::state: every live key,
@@ -30,21 +29,18 @@
 extern crate alloc;
 
 use alloc::rc::Rc;
-use core::cell::{Cell, OnceCell, RefCell};
+use core::cell::{Cell, RefCell};
 use core::future::Future;
 use core::task::{Poll, Waker};
 use kv_core::checkpoint::{self, Checkpoints, KvDelta, KvState};
 use kv_core::resp::{Parser, ProtocolError};
 use kv_core::{commands, Flow, Platform, Server};
-use libcloud::net::{Listeners, TcpSocket, Write};
+use libcloud::net::{TcpSocket, Write};
 use libcloud::prelude::*;
 use libcloud::serde::{Deserialize, Serialize};
 
-/// The guest's clock, heap, host and listening sockets, for the server.
-struct Guest {
-    /// The served port's listeners, once serving.
-    listeners: Rc<OnceCell<Rc<Listeners>>>,
-}
+/// The guest's clock, heap and host, for the server.
+struct Guest;
 
 impl Platform for Guest {
     fn now(&self) -> kv_core::Instant {
@@ -60,10 +56,6 @@ impl Platform for Guest {
     fn location(&self) -> (String, String) {
         let host = libcloud::host();
         (host.name, host.region)
-    }
-
-    fn listening_sockets(&self) -> Option<usize> {
-        self.listeners.get().map(|l| l.listening())
     }
 }
 
@@ -217,11 +209,7 @@ async fn main() -> Result<(), libcloud::net::Error> {
         None => 0,
     };
     let stack = libcloud::net::start().await?;
-    let listeners = Rc::new(OnceCell::new());
-    let guest = Guest {
-        listeners: listeners.clone(),
-    };
-    let server = Server::new(port, MAX_CLIENTS, maxmemory, Box::new(guest));
+    let server = Server::new(port, MAX_CLIENTS, maxmemory, Box::new(Guest));
     let server = Rc::new(RefCell::new(server));
     let start = libcloud::time::Instant::now();
     let restored = restore(&mut server.borrow_mut());
@@ -248,10 +236,9 @@ async fn main() -> Result<(), libcloud::net::Error> {
     libcloud::state::checkpoint_on_request_incremental(ack.checkpoints.clone());
     let expiry = Rc::new(ExpiryTimer::default());
     libcloud::task::spawn(expire_task(server.clone(), expiry.clone()));
-    let serving = libcloud::net::serve_tcp(stack, port, MAX_CLIENTS, async move |socket| {
+    libcloud::net::serve_tcp(stack, port, MAX_CLIENTS, async move |socket| {
         serve(socket, &server, &ack, &expiry).await;
     });
-    let _ = listeners.set(serving);
     println!("kv: listening on port {port}");
     core::future::pending().await
 }

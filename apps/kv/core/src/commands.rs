@@ -1113,9 +1113,6 @@ fn info(ctx: &mut Ctx, args: &mut [Vec<u8>]) {
                 line("connected_clients", &srv.clients.len());
                 line("maxclients", &srv.max_clients);
                 line("blocked_clients", &0);
-                if let Some(listening) = srv.platform.listening_sockets() {
-                    line("listening_sockets", &listening);
-                }
             }
             "memory" => {
                 line("used_memory", &used);

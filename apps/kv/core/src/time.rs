@@ -53,9 +53,4 @@ pub trait Platform {
     fn heap_usage(&self) -> (usize, usize);
     /// The host's name and region, for `INFO server`.
     fn location(&self) -> (String, String);
-    /// Sockets listening for connections now, for `INFO clients` (where
-    /// the platform knows).
-    fn listening_sockets(&self) -> Option<usize> {
-        None
-    }
 }
