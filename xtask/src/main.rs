@@ -227,7 +227,8 @@ enum BenchCmd {
     /// Needs redis-tools, redis-server and wrk (the TAP row needs root). Prints markdown
     /// tables per client load (-c 1, -c 20, -c 50, -c 50 -P 16): requests/s and p50 for SET
     /// and GET (medians over rounds that rotate which server goes first), their ratios, per
-    /// request the guest's VM exits, vCPU wake-ups, frames each way and host CPU (vCPU
+    /// request the guest's VM exits, vCPU wake-ups, frames each way (and how many of them the
+    /// network thread moved itself while the guest polled its rings) and host CPU (vCPU
     /// thread and the rest) of each server; kv over a TAP device; wrk at 1, 20 and 32
     /// connections; the kv image size, host -> guest bulk TCP throughput through a
     /// published port, and the host's load average.
