@@ -68,10 +68,18 @@ fn virtio_net() -> Vec<(&'static str, Vec<u8>)> {
     desc(&mut s, 0, 0, 0x5000, 12, 1 | 2, 1); // NEXT | WRITE
     desc(&mut s, 0, 1, 0x5100, 1514, 2, 0);
     offer(&mut s, 0, 0);
+    // The same frames moved by the network thread while the guest polls,
+    // then the vCPU thread's look.
+    let mut polled = s.clone();
+    polled.extend_from_slice(&[Op::Polled as u8, Op::Process as u8]);
     s.push(Op::Process as u8);
     let bring_up_only = vec![Op::BringUp as u8, Op::Process as u8];
     assert!(usize::from(SIZE) * 16 <= 0x400 && ring(1) < 0x4000);
-    vec![("bring-up", bring_up_only), ("tx-rx", s)]
+    vec![
+        ("bring-up", bring_up_only),
+        ("tx-rx", s),
+        ("tx-rx-polled", polled),
+    ]
 }
 
 fn desc(s: &mut Vec<u8>, q: u8, index: u8, addr: u16, len: u16, flags: u8, next: u8) {

@@ -50,11 +50,13 @@ pub enum Op {
     Process,
     /// len: u16, bytes — a frame from the switch for the guest.
     Deliver,
+    /// The network thread serves the rings of a guest that polls them.
+    Polled,
     /// A correct driver bring-up (both queues, [`SIZE`] entries, at [`ring`]).
     BringUp,
 }
 
-const OPS: u8 = 8;
+const OPS: u8 = 9;
 
 struct Guest {
     mem: GuestMemoryMmap,
@@ -180,6 +182,11 @@ pub fn run(data: &[u8]) {
                 let len = usize::from(input.u16()) % 2048;
                 let mut frames = vec![input.bytes(len).to_vec()];
                 g.port.deliver(&mut frames);
+                false
+            }
+            7 => {
+                // A queue broken here stops the guest at its next process.
+                g.t.process_polling(&g.mem);
                 false
             }
             _ => g.bring_up().is_err(),
