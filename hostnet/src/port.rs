@@ -394,6 +394,9 @@ pub struct GuestPort {
     /// Serves the guest's rings while it polls them (weak: the machine
     /// owns it and goes first).
     server: Mutex<Option<Weak<dyn RingServer>>>,
+    /// While the guest spins: the CPUs its vCPU thread had before it was
+    /// kept off the network thread's CPU ([`Self::place`]).
+    kept_off: Mutex<Option<CpuSet>>,
 }
 
 impl GuestPort {
@@ -413,6 +416,7 @@ impl GuestPort {
             placed: AtomicBool::new(false),
             seat: AtomicU64::new(0),
             server: Mutex::new(None),
+            kept_off: Mutex::new(None),
         })
     }
 
@@ -468,8 +472,51 @@ impl GuestPort {
     pub fn place(&self, spins: bool) {
         if spins {
             self.leave_seat();
+            self.keep_off_network_cpu();
         } else {
+            self.back_on_its_cpus();
             self.colocate();
+        }
+    }
+
+    /// A spinning guest's vCPU thread leaves the network thread's CPU to
+    /// it (where that thread is pinned while another guest sits next to
+    /// it): sharing that CPU, the network thread would wait behind the very
+    /// guest it serves. Once per spinning stretch; nothing if that CPU is
+    /// the only one the thread may use.
+    fn keep_off_network_cpu(&self) {
+        let mut kept_off = lock(&self.kept_off);
+        if kept_off.is_some() {
+            return;
+        }
+        let Some(cpu) = self
+            .ready
+            .get()
+            .and_then(|r| usize::try_from(r.network.cpu.load(Ordering::Relaxed)).ok())
+        else {
+            return;
+        };
+        let Ok(had) = crate::sys::thread_affinity(0) else {
+            return;
+        };
+        // Remembered even when nothing changes: the next exits then cost
+        // no system call.
+        *kept_off = Some(had);
+        let elsewhere = had.without(cpu);
+        if elsewhere.cpus().is_empty() || elsewhere.cpus() == had.cpus() {
+            return;
+        }
+        if let Err(e) = crate::sys::set_thread_affinity(0, &elsewhere) {
+            tracing::debug!(cpu, error = %e, "cannot keep a spinning vCPU thread off the network thread's CPU");
+        }
+    }
+
+    /// Undoes [`Self::keep_off_network_cpu`].
+    fn back_on_its_cpus(&self) {
+        if let Some(had) = lock(&self.kept_off).take() {
+            if let Err(e) = crate::sys::set_thread_affinity(0, &had) {
+                tracing::debug!(error = %e, "cannot give a vCPU thread its CPUs back");
+            }
         }
     }
 
@@ -781,6 +828,63 @@ mod tests {
         let (third, third_cpus) = seat(Arc::clone(&ports[1]));
         assert!(third, "its seat went to the next guest that asked");
         assert_eq!(third_cpus, [cpu]);
+        done_tx.send(()).unwrap();
+        network.join().unwrap();
+    }
+
+    #[test]
+    fn a_spinning_guest_leaves_its_seat_and_the_network_threads_cpu_and_comes_back() {
+        use crate::sys::{thread_cpus, thread_id};
+        let all = thread_cpus(0).unwrap();
+        if all.len() < 2 {
+            eprintln!("skipped: this thread may use one CPU only ({all:?})");
+            return;
+        }
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let ready = Arc::new(ReadyPorts::default());
+        let port = Arc::new(GuestPort::new([2, 0, 0, 0, 0, 9], wake).unwrap());
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let network = {
+            let (port, ready) = (Arc::clone(&port), Arc::clone(&ready));
+            std::thread::spawn(move || {
+                port.plug(0, &ready);
+                tid_tx.send(thread_id()).unwrap();
+                let _ = done_rx.recv();
+            })
+        };
+        tid_rx.recv().unwrap();
+        let cpu = usize::try_from(ready.network.cpu.load(Ordering::Relaxed)).unwrap();
+        let vcpu = {
+            let port = Arc::clone(&port);
+            std::thread::spawn(move || {
+                port.place(false);
+                let seated = (port.is_colocated(), thread_cpus(0).unwrap());
+                port.place(true);
+                let spinning = (port.is_colocated(), thread_cpus(0).unwrap());
+                port.place(true);
+                let still = thread_cpus(0).unwrap();
+                port.place(false);
+                let back = (port.is_colocated(), thread_cpus(0).unwrap());
+                (seated, spinning, still, back)
+            })
+            .join()
+            .unwrap()
+        };
+        let (seated, spinning, still, back) = vcpu;
+        assert_eq!(seated, (true, vec![cpu]), "a guest that waits sits down");
+        let elsewhere: Vec<usize> = all.iter().copied().filter(|&c| c != cpu).collect();
+        assert_eq!(
+            spinning,
+            (false, elsewhere.clone()),
+            "a spinning guest stands up and keeps off the network thread's CPU"
+        );
+        assert_eq!(still, elsewhere);
+        assert_eq!(
+            back,
+            (true, vec![cpu]),
+            "it sits down again when it waits again"
+        );
         done_tx.send(()).unwrap();
         network.join().unwrap();
     }

@@ -72,6 +72,15 @@ impl CpuSet {
         Ok(Self(set))
     }
 
+    /// The set without `cpu` (unchanged if `cpu` is past the set's size).
+    pub fn without(mut self, cpu: usize) -> Self {
+        if cpu < libc::CPU_SETSIZE as usize {
+            // SAFETY: `cpu` is below CPU_SETSIZE, so CPU_CLR stays inside the set.
+            unsafe { libc::CPU_CLR(cpu, &mut self.0) };
+        }
+        self
+    }
+
     /// The CPUs in the set, in order.
     pub fn cpus(&self) -> Vec<usize> {
         (0..libc::CPU_SETSIZE as usize)
