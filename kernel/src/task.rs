@@ -9,7 +9,10 @@
 //! nested hosts: a request whose reply takes a few task hand-offs (socket
 //! -> app task -> stack runner) thus leaves with the exit that also waits
 //! for the next one, instead of one exit per hand-off. [`yield_now`] still
-//! gets its exit before the caller continues. After the host returns, tasks
+//! gets its exit before the caller continues. On our shim a guest with a
+//! network card first spins on its receive ring while the host serves it
+//! ([`crate::netpoll`], bounded by `POLL_NS` of idleness): requests one at
+//! a time then cost no exit at all. After the host returns, tasks
 //! that wait for I/O ([`wake_on_io`]) are woken to look at their devices. On PVH
 //! monitors the wait is a ring-0 `hlt` woken by the LAPIC timer or a device
 //! interrupt (`kernel::platform::yield_for`); ring 3 never takes interrupts,
