@@ -694,6 +694,34 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    /// A stand-in network thread that plugged one port in and stays alive
+    /// (its CPU is where guests sit down) until [`Self::stop`].
+    struct StandIn {
+        tid: libc::pid_t,
+        done: std::sync::mpsc::Sender<()>,
+        thread: std::thread::JoinHandle<()>,
+    }
+
+    impl StandIn {
+        fn plug(port: &Arc<GuestPort>, ready: &Arc<ReadyPorts>) -> Self {
+            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+            let (done, done_rx) = std::sync::mpsc::channel::<()>();
+            let (port, ready) = (Arc::clone(port), Arc::clone(ready));
+            let thread = std::thread::spawn(move || {
+                port.plug(0, &ready);
+                tid_tx.send(crate::sys::thread_id()).unwrap();
+                let _ = done_rx.recv();
+            });
+            let tid = tid_rx.recv().unwrap();
+            Self { tid, done, thread }
+        }
+
+        fn stop(self) {
+            self.done.send(()).unwrap();
+            self.thread.join().unwrap();
+        }
+    }
+
     #[test]
     fn the_valve_sees_a_thread_that_sleeps_apart_from_one_that_computes() {
         let me = crate::sys::thread_id();
@@ -834,7 +862,7 @@ mod tests {
 
     #[test]
     fn a_spinning_guest_leaves_its_seat_and_the_network_threads_cpu_and_comes_back() {
-        use crate::sys::{thread_cpus, thread_id};
+        use crate::sys::thread_cpus;
         let all = thread_cpus(0).unwrap();
         if all.len() < 2 {
             eprintln!("skipped: this thread may use one CPU only ({all:?})");
@@ -843,17 +871,7 @@ mod tests {
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
         let ready = Arc::new(ReadyPorts::default());
         let port = Arc::new(GuestPort::new([2, 0, 0, 0, 0, 9], wake).unwrap());
-        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let network = {
-            let (port, ready) = (Arc::clone(&port), Arc::clone(&ready));
-            std::thread::spawn(move || {
-                port.plug(0, &ready);
-                tid_tx.send(thread_id()).unwrap();
-                let _ = done_rx.recv();
-            })
-        };
-        tid_rx.recv().unwrap();
+        let network = StandIn::plug(&port, &ready);
         let cpu = usize::try_from(ready.network.cpu.load(Ordering::Relaxed)).unwrap();
         let vcpu = {
             let port = Arc::clone(&port);
@@ -885,27 +903,17 @@ mod tests {
             (true, vec![cpu]),
             "it sits down again when it waits again"
         );
-        done_tx.send(()).unwrap();
-        network.join().unwrap();
+        network.stop();
     }
 
     #[test]
     fn a_seated_thread_that_computes_gets_its_cpus_back_and_so_does_the_network_thread() {
-        use crate::sys::{thread_cpus, thread_id};
+        use crate::sys::thread_cpus;
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
         let ready = Arc::new(ReadyPorts::default());
         let port = Arc::new(GuestPort::new([2, 0, 0, 0, 0, 1], wake).unwrap());
-        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let network = {
-            let (port, ready) = (Arc::clone(&port), Arc::clone(&ready));
-            std::thread::spawn(move || {
-                port.plug(0, &ready);
-                tid_tx.send(thread_id()).unwrap();
-                let _ = done_rx.recv();
-            })
-        };
-        let network_tid = tid_rx.recv().unwrap();
+        let network = StandIn::plug(&port, &ready);
+        let network_tid = network.tid;
         let network_cpus = thread_cpus(network_tid).unwrap();
         assert!(ready.seat_check_due().is_none(), "nothing to check yet");
         let stop = Arc::new(AtomicBool::new(false));
@@ -941,8 +949,7 @@ mod tests {
             "and the network thread's"
         );
         assert!(ready.seat_check_due().is_none(), "no seat to check");
-        done_tx.send(()).unwrap();
-        network.join().unwrap();
+        network.stop();
     }
 
     #[test]
