@@ -141,6 +141,14 @@ pub struct NetPoll {
     pub reserved: u32,
 }
 
+impl NetPoll {
+    /// Guest-physical address of the field at `offset` (`offset_of!(NetPoll,
+    /// ..)`) in the block of the `BootInfo` at `layout::BOOT_INFO_ADDR`.
+    pub const fn addr(offset: usize) -> u64 {
+        crate::layout::BOOT_INFO_ADDR + (core::mem::offset_of!(BootInfo, net_poll) + offset) as u64
+    }
+}
+
 /// Whether heap page `i` may be left behind by a migration, given the
 /// guest's per-page live bytes (see [`BootInfo::page_use_addr`]).
 pub fn heap_page_is_free(page_use: &[u16], i: usize) -> bool {

@@ -12,8 +12,7 @@
 use alloc::boxed::Box;
 use core::sync::atomic::{fence, AtomicBool, Ordering};
 
-use abi::boot::{BootInfo, NetPoll};
-use abi::layout::BOOT_INFO_ADDR;
+use abi::boot::NetPoll;
 use spin::Mutex;
 
 use crate::arch::x86_64::mmio;
@@ -35,16 +34,12 @@ static CHECK: VcpuLocal<Option<ReadyCheck>> = VcpuLocal(Mutex::new(None));
 /// next idle must exit so the host takes it.
 static UNFLUSHED: AtomicBool = AtomicBool::new(false);
 
-fn field(offset: usize) -> u64 {
-    BOOT_INFO_ADDR + (core::mem::offset_of!(BootInfo, net_poll) + offset) as u64
-}
-
 fn load(offset: usize) -> u32 {
-    mmio::read::<u32>(field(offset))
+    mmio::read::<u32>(NetPoll::addr(offset))
 }
 
 fn store(offset: usize, value: u32) {
-    mmio::write_u32(field(offset), value);
+    mmio::write_u32(NetPoll::addr(offset), value);
 }
 
 /// Called by the network driver once, on our shim only: `ready` says

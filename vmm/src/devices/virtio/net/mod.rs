@@ -867,8 +867,7 @@ mod tests {
 
     /// A `NetPoll` word of the guest's boot information.
     fn net_poll(d: &Driver, offset: usize) -> u32 {
-        let at = abi::layout::BOOT_INFO_ADDR
-            + (std::mem::offset_of!(abi::boot::BootInfo, net_poll) + offset) as u64;
+        let at = abi::boot::NetPoll::addr(offset);
         d.mem.read_obj(GuestAddress(at)).unwrap()
     }
 
@@ -878,8 +877,7 @@ mod tests {
             std::mem::offset_of!(abi::boot::NetPoll, spins),
             std::mem::offset_of!(abi::boot::NetPoll, polling),
         ] {
-            let at = abi::layout::BOOT_INFO_ADDR
-                + (std::mem::offset_of!(abi::boot::BootInfo, net_poll) + offset) as u64;
+            let at = abi::boot::NetPoll::addr(offset);
             d.mem.write_obj(u32::from(on), GuestAddress(at)).unwrap();
         }
     }

@@ -15,8 +15,7 @@
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use abi::boot::{BootInfo, NetPoll};
-use abi::layout::BOOT_INFO_ADDR;
+use abi::boot::NetPoll;
 use hostnet::port::{GuestPort, Served};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -25,7 +24,7 @@ use crate::vstate::vm::GuestMemoryMmap;
 
 /// Guest-physical address of a `NetPoll` field.
 fn field(offset: usize) -> GuestAddress {
-    GuestAddress(BOOT_INFO_ADDR + (std::mem::offset_of!(BootInfo, net_poll) + offset) as u64)
+    GuestAddress(NetPoll::addr(offset))
 }
 
 fn store(mem: &GuestMemoryMmap, offset: usize, value: u32) {
