@@ -1,8 +1,10 @@
-//! `overlay`: overlay datagrams: opening (tag, skew, replay), probes, decapsulation.
+//! `overlay`: overlay datagrams: opening (tag, skew, replay), probes, decapsulation, and the
+//! flow the switch counts of a frame it hands to a guest.
 //!
 //! What the overlay does with a UDP datagram from a peer's address: open it
 //! (header, AEAD tag, clock skew, per-sender replay window), then decode it as a probe or
-//! decapsulate the inner frame. The input is the datagram (after a VNI: u32 and a byte to
+//! decapsulate the inner frame, whose flow (source address and port) the switch then counts
+//! to decide whether guests may poll. The input is the datagram (after a VNI: u32 and a byte to
 //! flip: u16): opened as it came, and sealed by another host first, which must open once,
 //! then count as a replay, and fail once tampered with.
 
@@ -72,5 +74,26 @@ fn receive(vni: u32, body: &[u8]) {
         }
     } else if let Ok(frame) = decapsulate(vni, body) {
         assert_eq!(decapsulate(vni, &encapsulate(vni, frame)), Ok(frame));
+        flow(frame);
     }
+}
+
+/// The flow of an IPv4 TCP or UDP frame is its source address (where IPv4 keeps it) and
+/// port (where the header its IHL gives ends); every other frame has none.
+fn flow(frame: &[u8]) {
+    let Some(flow) = hostnet::clients::flow_of(frame) else {
+        return;
+    };
+    assert_eq!(frame[12..14], [0x08, 0x00], "only IPv4 has a flow");
+    assert!(matches!(frame[23], 6 | 17), "only TCP and UDP have a flow");
+    let header = 14 + usize::from(frame[14] & 0x0f) * 4;
+    assert!(header >= 34 && frame.len() >= header + 2);
+    assert_eq!(
+        (flow >> 16) as u32,
+        u32::from_be_bytes(frame[26..30].try_into().unwrap())
+    );
+    assert_eq!(
+        flow as u16,
+        u16::from_be_bytes([frame[header], frame[header + 1]])
+    );
 }

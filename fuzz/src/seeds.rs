@@ -338,9 +338,29 @@ fn overlay() -> Vec<(&'static str, Vec<u8>)> {
         &[0x45; 40],
     ]
     .concat();
+    // A TCP segment from 10.0.2.2:40000 to a guest (a client's flow).
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&[10, 0, 2, 2]);
+    ip[16..20].copy_from_slice(&[10, 0, 4, 15]);
+    let segment = [
+        [2u8, 0, 0, 0, 0, 2].as_slice(),
+        &[2, 0, 0, 0, 0, 1],
+        &[0x08, 0x00],
+        &ip,
+        &40000u16.to_be_bytes(),
+        &6379u16.to_be_bytes(),
+        &[0; 16],
+    ]
+    .concat();
     let head = |tamper: u16| [&vni.to_le_bytes()[..], &tamper.to_le_bytes()].concat();
     vec![
         ("frame", [head(3), encapsulate(vni, &frame)].concat()),
+        (
+            "tcp-segment",
+            [head(5), encapsulate(vni, &segment)].concat(),
+        ),
         (
             "probe",
             [head(70), encode_probe(false, 123, "host-a", "eu-west")].concat(),

@@ -31,7 +31,7 @@
 //! into its receive ring as they are switched to it, and for [`WATCH`]
 //! after that the thread watches its transmit ring for the reply (epoll
 //! without sleeping), so a request and its reply cross without a VM exit.
-//! With [`CLIENTS_HOLD_OFF`] clients at once it holds guests off polling:
+//! With [`clients::CLIENTS_HOLD_OFF`] clients at once it holds guests off polling:
 //! requests then come in batches (one exit serves many) and the CPU a
 //! spinning guest would hold is what the clients and this thread need.
 //!
@@ -42,6 +42,7 @@
 //! port ([`FLOOD_RATE`]). What does not fit is dropped and counted
 //! (`GET /v1/stats`).
 
+pub mod clients;
 mod error;
 pub mod gateway;
 pub mod overlay;
@@ -79,55 +80,6 @@ pub const USER_PREFIX: u8 = 24;
 pub const USER_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 pub const USER_FIRST_GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 
-/// The flows of the frames handed to guests in the current
-/// [`CLIENTS_WINDOW`], up to [`CLIENTS_HOLD_OFF`] of them: clients through
-/// the gateway, the TAP device or the overlay alike.
-#[derive(Default)]
-struct Clients {
-    since: Option<std::time::Instant>,
-    seen: Vec<u64>,
-    /// The last window saw [`CLIENTS_HOLD_OFF`] of them.
-    hold_off: bool,
-}
-
-impl Clients {
-    fn saw(&mut self, flow: u64) {
-        if self.seen.len() < CLIENTS_HOLD_OFF && !self.seen.contains(&flow) {
-            self.seen.push(flow);
-        }
-    }
-
-    fn tick(&mut self) {
-        let now = std::time::Instant::now();
-        let since = *self.since.get_or_insert(now);
-        if now.saturating_duration_since(since) < CLIENTS_WINDOW {
-            return;
-        }
-        let hold_off = self.seen.len() >= CLIENTS_HOLD_OFF;
-        if hold_off != self.hold_off {
-            tracing::debug!(hold_off, "guests polling their rings: many clients at once");
-        }
-        self.hold_off = hold_off;
-        self.seen.clear();
-        self.since = Some(now);
-    }
-}
-
-/// The flow of an IPv4 TCP or UDP frame: its source address and port.
-fn flow_of(frame: &[u8]) -> Option<u64> {
-    if frame.get(12..14)? != [0x08, 0x00] {
-        return None;
-    }
-    let ip = frame.get(14..)?;
-    let header = usize::from(ip.first()? & 0x0f) * 4;
-    if !matches!(ip.get(9)?, 6 | 17) || header < 20 {
-        return None;
-    }
-    let addr = u32::from_be_bytes(ip.get(12..16)?.try_into().ok()?);
-    let port = u16::from_be_bytes(ip.get(header..header + 2)?.try_into().ok()?);
-    Some(u64::from(addr) << 16 | u64::from(port))
-}
-
 /// Largest frame the switch forwards (no FCS, no VLAN tag).
 const MAX_FRAME: usize = 1514;
 /// Frames read from the TAP device per round.
@@ -141,14 +93,6 @@ const WATCH: std::time::Duration = std::time::Duration::from_micros(50);
 /// Guests whose transmit rings the network thread watches at once (more
 /// are served the usual way, through their vCPU threads).
 const WATCH_MAX: usize = 8;
-/// The network thread counts the flows (TCP or UDP source address and
-/// port) of the frames it hands to guests over windows this long...
-const CLIENTS_WINDOW: std::time::Duration = std::time::Duration::from_millis(10);
-/// ... and holds guests off polling after a window with this many: their
-/// requests then come in batches (one exit serves many), and the network
-/// thread and the clients need the CPU a spinning guest would hold. A
-/// client that sends one request at a time is served by a polling guest.
-const CLIENTS_HOLD_OFF: usize = 4;
 
 /// Frames the switch holds for one port (a guest, a peer, the TAP device)
 /// before handing them over; more are dropped and counted, as a switch
@@ -689,7 +633,7 @@ struct Engine {
     /// when (see [`WATCH`]).
     watched: Vec<(PortId, std::time::Instant)>,
     /// How many clients the network thread serves at once.
-    clients: Clients,
+    clients: clients::Clients,
     /// Each port's budget of flooded frames (enforced on guests').
     floods: Vec<TokenBucket>,
     /// Scratch for frames coming in.
@@ -736,7 +680,7 @@ impl Engine {
             ready_now: Vec::new(),
             outboxes,
             watched: Vec::new(),
-            clients: Clients::default(),
+            clients: clients::Clients::default(),
             floods,
             incoming: Vec::new(),
             dropped: Arc::default(),
@@ -1054,7 +998,7 @@ impl Engine {
             match &self.slots[index] {
                 Slot::Guest(guest) => {
                     for frame in frames.iter() {
-                        if let Some(flow) = flow_of(frame) {
+                        if let Some(flow) = clients::flow_of(frame) {
                             self.clients.saw(flow);
                         }
                     }
@@ -1308,47 +1252,6 @@ mod tests {
         engine.run_commands();
         engine.pump();
         assert_eq!(b.received().len(), 201);
-    }
-
-    #[test]
-    fn many_clients_at_once_hold_polling_guests_off_and_one_does_not() {
-        let ended = |c: &mut Clients| {
-            c.since = Some(std::time::Instant::now() - CLIENTS_WINDOW);
-            c.tick();
-            c.hold_off
-        };
-        // A TCP segment from 10.0.2.2:port to a guest.
-        let segment = |port: u16| {
-            let mut f = vec![0u8; 54];
-            f[12..14].copy_from_slice(&[0x08, 0x00]);
-            f[14] = 0x45;
-            f[23] = 6;
-            f[26..30].copy_from_slice(&[10, 0, 2, 2]);
-            f[34..36].copy_from_slice(&port.to_be_bytes());
-            f
-        };
-        assert_eq!(flow_of(&segment(5000)), flow_of(&segment(5000)));
-        assert_ne!(flow_of(&segment(5000)), flow_of(&segment(5001)));
-        assert_eq!(flow_of(&segment(1)[..30]), None, "truncated");
-        let mut arp = segment(1);
-        arp[12..14].copy_from_slice(&[0x08, 0x06]);
-        assert_eq!(flow_of(&arp), None);
-        let mut c = Clients::default();
-        for _ in 0..1000 {
-            c.saw(flow_of(&segment(40000)).unwrap());
-        }
-        assert!(!ended(&mut c), "one client sending one request at a time");
-        for port in 40000..40050 {
-            c.saw(flow_of(&segment(port)).unwrap());
-        }
-        assert!(ended(&mut c), "fifty clients");
-        assert!(
-            c.seen.len() <= CLIENTS_HOLD_OFF,
-            "bounded: {}",
-            c.seen.len()
-        );
-        c.saw(flow_of(&segment(40000)).unwrap());
-        assert!(!ended(&mut c), "back to one");
     }
 
     #[test]
