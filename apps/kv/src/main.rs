@@ -361,6 +361,8 @@ async fn serve(
             Ok(0) | Err(_) => return,
             Ok(n) => end += n,
         }
+        // The commands of one read run at the time it was read.
+        let mut now = server.borrow().now();
         let mut close = false;
         loop {
             let parsed = match parser.parse(&buf[start..end]) {
@@ -375,7 +377,8 @@ async fn serve(
             match parsed.command {
                 Some(command) => {
                     // The borrow ends with the statement, before any await.
-                    let flow = commands::execute(&mut server.borrow_mut(), id, command, &mut out);
+                    let flow =
+                        commands::execute_at(&mut server.borrow_mut(), id, command, &mut out, now);
                     expiry.deadline_changed(server.borrow().store.next_deadline());
                     if flow == Flow::Close {
                         close = true;
@@ -389,6 +392,7 @@ async fn serve(
                             return;
                         }
                         out.clear();
+                        now = server.borrow().now();
                     }
                 }
                 None if parsed.consumed == 0 => break, // needs more input

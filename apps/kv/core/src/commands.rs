@@ -274,7 +274,21 @@ fn lookup(name: &[u8]) -> Option<&'static Spec> {
 
 /// Runs `cmd` (name and arguments) for client `client`, appending its reply
 /// to `out`.
-pub fn execute(srv: &mut Server, client: u64, mut cmd: Command, out: &mut Vec<u8>) -> Flow {
+pub fn execute(srv: &mut Server, client: u64, cmd: Command, out: &mut Vec<u8>) -> Flow {
+    let now = srv.now();
+    execute_at(srv, client, cmd, out, now)
+}
+
+/// [`execute`] at `now`: the commands of one pipelined read may share the
+/// time it was read (in a guest, reading the clock costs about as much as
+/// a `GET`).
+pub fn execute_at(
+    srv: &mut Server,
+    client: u64,
+    mut cmd: Command,
+    out: &mut Vec<u8>,
+    now: Instant,
+) -> Flow {
     let Some(spec) = cmd.first().and_then(|name| lookup(name)) else {
         unknown_command(&cmd, out);
         return Flow::Continue;
@@ -284,7 +298,6 @@ pub fn execute(srv: &mut Server, client: u64, mut cmd: Command, out: &mut Vec<u8
         wrong_arity(out, spec.name);
         return Flow::Continue;
     }
-    let now = srv.now();
     srv.store.expire_due(now, EXPIRE_PER_COMMAND);
     if spec.denyoom && srv.over_memory() {
         srv.stats.rejected_oom += 1;

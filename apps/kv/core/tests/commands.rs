@@ -6,8 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{bulk, err, error_text, int, ok, sorted, Kv};
-use kv_core::resp::{Reply, MAX_BULK};
+use common::{bulk, err, error_text, int, ok, replies, sorted, Kv};
+use kv_core::resp::{self, Parser, Reply, MAX_BULK};
 use kv_core::Flow;
 
 const MS: Duration = Duration::from_millis(1);
@@ -83,6 +83,27 @@ fn keys_expire_exactly_at_their_deadline() {
     assert_eq!(kv.run("EXISTS s k p"), int(0));
     assert_eq!(kv.run("DBSIZE"), int(0));
     assert_eq!(kv.server.store.expired_keys, 3);
+}
+
+#[test]
+fn the_commands_of_one_read_run_at_the_time_it_was_read() {
+    let mut kv = Kv::new();
+    let read_at = kv.platform.now();
+    let mut out = Vec::new();
+    let run = |kv: &mut Kv, words: &[&str], out: &mut Vec<u8>| {
+        let mut req = Vec::new();
+        resp::command(&mut req, words);
+        let cmd = Parser::new().parse(&req).unwrap().command.unwrap();
+        kv_core::commands::execute_at(&mut kv.server, kv.client, cmd, out, read_at);
+    };
+    run(&mut kv, &["SET", "k", "v", "PX", "10"], &mut out);
+    // The clock moves on while the read's commands run: they still see its time.
+    kv.advance(10 * MS);
+    run(&mut kv, &["GET", "k"], &mut out);
+    run(&mut kv, &["PTTL", "k"], &mut out);
+    assert_eq!(replies(&out), [ok(), bulk("v"), int(10)]);
+    // The next read sees the key gone.
+    assert_eq!(kv.run("GET k"), Reply::Nil);
 }
 
 #[test]
