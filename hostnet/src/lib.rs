@@ -30,9 +30,7 @@
 //! served by the network thread itself ([`port::RingServer`]): frames go
 //! into its receive ring as they are switched to it, and for [`WATCH`]
 //! after that the thread watches its transmit ring for the reply (epoll
-//! without sleeping), so a request and its reply cross without a VM exit
-//! (and without an eventfd write: the thread does not wake itself, it just
-//! looks at the ready ports again before it waits).
+//! without sleeping), so a request and its reply cross without a VM exit.
 //! With [`clients::CLIENTS_HOLD_OFF`] clients at once it holds guests off polling:
 //! requests then come in batches (one exit serves many) and the CPU a
 //! spinning guest would hold is what the clients and this thread need.
@@ -396,10 +394,7 @@ impl Network {
         let dropped = Arc::clone(&engine.dropped);
         let thread = thread::Builder::new()
             .name("net".into())
-            .spawn(move || {
-                port::mark_network_thread();
-                engine.run()
-            })
+            .spawn(move || engine.run())
             .map_err(setup("cannot start the network thread"))?;
         Ok(Self {
             ports: Vec::new(),
@@ -786,10 +781,7 @@ impl Engine {
         let mut events = vec![EpollEvent::default(); 64];
         loop {
             self.run_commands();
-            let timeout = if port::sent_on_network_thread()
-                || self.tap_readable
-                || self.overlay_readable
-                || !self.watched.is_empty()
+            let timeout = if self.tap_readable || self.overlay_readable || !self.watched.is_empty()
             {
                 Some(std::time::Duration::ZERO)
             } else {

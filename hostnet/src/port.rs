@@ -38,7 +38,6 @@
 //! [`TX_BACKLOG`] / [`RX_BACKLOG`] frames, more are dropped and counted.
 //! (The switch rate-limits what a guest floods: see `net::FLOOD_RATE`.)
 
-use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -433,11 +432,8 @@ impl GuestPort {
 
     // --- the vCPU side ---
 
-    /// Hands `frames` (emptied) to the switch, with one wake-up (none when
-    /// the network thread itself took them from a polling guest's ring: it
-    /// looks at the ready ports before it waits again, see
-    /// [`sent_on_network_thread`]); drops (and counts) those past the
-    /// backlog.
+    /// Hands `frames` (emptied) to the switch, with one wake-up; drops
+    /// (and counts) those past the backlog.
     pub fn send(&self, frames: &mut Vec<Frame>) {
         if frames.is_empty() {
             return;
@@ -461,9 +457,7 @@ impl GuestPort {
                 ready.push(slot);
             }
         }
-        if ON_NETWORK_THREAD.get() {
-            SENT_ON_NETWORK_THREAD.set(true);
-        } else if let Err(e) = self.switch_wake.write(1) {
+        if let Err(e) = self.switch_wake.write(1) {
             tracing::warn!(error = %e, "cannot wake the network thread");
         }
     }
@@ -690,26 +684,6 @@ impl Drop for GuestPort {
     }
 }
 
-thread_local! {
-    /// Set on the network thread ([`mark_network_thread`]).
-    static ON_NETWORK_THREAD: Cell<bool> = const { Cell::new(false) };
-    /// The network thread sent frames to the switch itself since it last
-    /// asked ([`sent_on_network_thread`]).
-    static SENT_ON_NETWORK_THREAD: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Called once by the network thread: frames it takes from guests' rings
-/// itself need no wake-up (its own eventfd would only wake it up again).
-pub(crate) fn mark_network_thread() {
-    ON_NETWORK_THREAD.set(true);
-}
-
-/// Whether the network thread sent frames to the switch since it last
-/// asked: then it must not wait before it switches them.
-pub(crate) fn sent_on_network_thread() -> bool {
-    SENT_ON_NETWORK_THREAD.replace(false)
-}
-
 /// Locks `m`, ignoring poisoning: a queue of frames is valid whatever the
 /// thread that panicked was doing.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -803,33 +777,6 @@ mod tests {
             "dropped frames are not counted as received"
         );
         assert_eq!(t.rx_dropped, 3);
-    }
-
-    #[test]
-    fn frames_the_network_thread_takes_itself_wake_nobody_but_keep_it_from_waiting() {
-        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
-        let port = Arc::new(GuestPort::new([2, 0, 0, 0, 0, 1], wake.clone()).unwrap());
-        // A thread of its own: the mark is per thread, as on the network thread.
-        let on_network_thread = {
-            let port = Arc::clone(&port);
-            std::thread::spawn(move || {
-                mark_network_thread();
-                assert!(!sent_on_network_thread());
-                port.send(&mut vec![vec![1]]);
-                let first = sent_on_network_thread();
-                (first, sent_on_network_thread())
-            })
-            .join()
-            .unwrap()
-        };
-        assert_eq!(on_network_thread, (true, false), "told once, then cleared");
-        assert!(wake.read().is_err(), "no wake-up written");
-        port.send(&mut vec![vec![2]]);
-        assert_eq!(wake.read().unwrap(), 1, "from a vCPU thread: woken");
-        assert!(!sent_on_network_thread(), "another thread's flag");
-        let mut out = Vec::new();
-        port.take_sent(&mut out);
-        assert_eq!(out, [vec![1], vec![2]]);
     }
 
     #[test]
