@@ -26,9 +26,22 @@ pub struct Clients {
 }
 
 impl Clients {
-    /// Counts the flow of a frame handed to a guest (at most
-    /// [`CLIENTS_HOLD_OFF`] distinct ones are kept: that is all it needs).
-    pub fn saw(&mut self, flow: u64) {
+    /// Counts the flows of frames handed to a guest; parses none once the
+    /// window has seen [`CLIENTS_HOLD_OFF`] (all it needs to know).
+    pub fn saw_frames<'a>(&mut self, frames: impl IntoIterator<Item = &'a Vec<u8>>) {
+        for frame in frames {
+            if self.seen.len() >= CLIENTS_HOLD_OFF {
+                return;
+            }
+            if let Some(flow) = flow_of(frame) {
+                self.saw(flow);
+            }
+        }
+    }
+
+    /// Counts one flow (at most [`CLIENTS_HOLD_OFF`] distinct ones are
+    /// kept).
+    fn saw(&mut self, flow: u64) {
         if self.seen.len() < CLIENTS_HOLD_OFF && !self.seen.contains(&flow) {
             self.seen.push(flow);
         }

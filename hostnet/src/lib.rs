@@ -997,11 +997,7 @@ impl Engine {
             let frames = &mut self.outboxes.boxes[index];
             match &self.slots[index] {
                 Slot::Guest(guest) => {
-                    for frame in frames.iter() {
-                        if let Some(flow) = clients::flow_of(frame) {
-                            self.clients.saw(flow);
-                        }
-                    }
+                    self.clients.saw_frames(frames.iter());
                     // A guest that spins on its rings when idle gets the
                     // frames now, without an exit, and its reply is watched
                     // for: from before it can see them (the vCPU thread of
