@@ -36,6 +36,8 @@ pub mod server;
 pub mod stats;
 #[cfg(feature = "tls")]
 pub mod tls;
+#[cfg(feature = "http")]
+mod workers;
 
 #[cfg(feature = "http")]
 pub use client::{

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use shim_util::limit::RateLimited;
 
 use crate::routes::Method;
+use crate::workers::Workers;
 use crate::Limits;
 
 /// A refused or failed request: its HTTP status and message (the answer is
@@ -512,8 +513,8 @@ struct Server<S> {
 }
 
 /// Serves `listener` with `service` until the process ends, one request
-/// per connection (answers carry `Connection: close`), one thread each:
-/// at most `--max-connections` connections at once (beyond, the oldest one
+/// per connection (answers carry `Connection: close`), each on one of at
+/// most `--max-connections` threads: that many connections at once (beyond, the oldest one
 /// still sending its request is cut to make room, else the new one gets
 /// 503); a handshake must end within `--handshake-timeout` and a request's
 /// head and body within `--request-timeout`, whole (a byte now and then
@@ -541,6 +542,7 @@ pub fn serve<S: Service>(service: Arc<S>, listener: TcpListener, limits: &Limits
             );
         }
     }
+    let workers = Workers::new("api", server.slots.max);
     let refused = RateLimited::new(WARN_EVERY);
     let failed = RateLimited::new(WARN_EVERY);
     let mut backoff = ACCEPT_BACKOFF.0;
@@ -594,10 +596,10 @@ pub fn serve<S: Service>(service: Arc<S>, listener: TcpListener, limits: &Limits
             }
         };
         let s = Arc::clone(&server);
-        let spawned = thread::Builder::new()
-            .name("api".into())
-            .spawn(move || serve_conn(&s, tcp, &slot, now));
-        if let Err(e) = spawned {
+        // The slot is given back last, when the thread is about to take
+        // its next connection.
+        let queued = workers.run(move || serve_conn(&s, tcp, &slot, now));
+        if let Err(e) = queued {
             if let Some(held) = failed.allow() {
                 tracing::error!(error = %e, held_back = held, "cannot start an API thread");
             }

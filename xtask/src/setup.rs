@@ -13,7 +13,8 @@ use anyhow::{bail, Context, Result};
 
 use crate::workspace;
 
-/// A program the tests run, the Debian package that ships it, and what it is for.
+/// A program the tests run (or, given as an absolute path, a file the build
+/// reads), the Debian package that ships it, and what it is for.
 #[derive(Debug, Clone, Copy)]
 pub struct Tool {
     pub bin: &'static str,
@@ -23,7 +24,7 @@ pub struct Tool {
 
 /// What building the host shim needs besides cargo: the etcd client crate compiles etcd's
 /// gRPC protocol with protoc in its build script.
-pub const BUILD_TOOLS: &[Tool] = &[PROTOC];
+pub const BUILD_TOOLS: &[Tool] = &[PROTOC, PROTOBUF_TYPES];
 
 const PROTOC: Tool = Tool {
     bin: "protoc",
@@ -31,9 +32,18 @@ const PROTOC: Tool = Tool {
     why: "building the host shim (the etcd client crate compiles etcd's protocol with it)",
 };
 
+/// protoc's well-known types, which etcd's protocol imports (only a
+/// recommendation of `protobuf-compiler`, so not there on a bare machine).
+const PROTOBUF_TYPES: Tool = Tool {
+    bin: "/usr/include/google/protobuf/descriptor.proto",
+    package: "libprotobuf-dev",
+    why: "building the host shim (etcd's protocol imports protobuf's well-known types)",
+};
+
 /// Everything `cargo xtask test` runs besides cargo.
 pub const TEST_TOOLS: &[Tool] = &[
     PROTOC,
+    PROTOBUF_TYPES,
     Tool {
         bin: "qemu-system-x86_64",
         package: "qemu-system-x86",
@@ -81,15 +91,21 @@ pub const TEST_TOOLS: &[Tool] = &[
     },
 ];
 
+impl Tool {
+    fn present(&self) -> bool {
+        if self.bin.starts_with('/') {
+            Path::new(self.bin).is_file()
+        } else {
+            find_on_path(self.bin).is_some()
+        }
+    }
+}
+
 /// Makes sure every tool in `tools` and the Rust components the lint needs are present,
 /// installing what is missing when that is possible here, else failing with the command.
 pub fn ensure(tools: &[Tool]) -> Result<()> {
     ensure_rust_components()?;
-    let missing: Vec<Tool> = tools
-        .iter()
-        .copied()
-        .filter(|t| find_on_path(t.bin).is_none())
-        .collect();
+    let missing: Vec<Tool> = tools.iter().copied().filter(|t| !t.present()).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -128,12 +144,12 @@ pub fn ensure(tools: &[Tool]) -> Result<()> {
     )?;
     let still: Vec<&str> = missing
         .iter()
-        .filter(|t| find_on_path(t.bin).is_none())
+        .filter(|t| !t.present())
         .map(|t| t.bin)
         .collect();
     if !still.is_empty() {
         bail!(
-            "apt-get installed {} but {} is still not on PATH",
+            "apt-get installed {} but {} is still missing",
             packages.join(" "),
             still.join(", ")
         );
