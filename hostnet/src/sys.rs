@@ -1,8 +1,8 @@
 //! Thin wrappers over the Linux calls no crate offers us: `epoll_pwait2`
 //! (epoll with a nanosecond timeout), `TUNSETIFF` (attach to a TAP device),
 //! an interface's host side (link up, a packet socket on it), socket
-//! options and thread placement (which CPUs a thread may run on, how much
-//! CPU it used). The only `unsafe` code of this crate; each block has its
+//! options and thread placement (which CPUs a thread may run on, its
+//! scheduling policy, how much CPU it used). The only `unsafe` code of this crate; each block has its
 //! `SAFETY:` argument.
 
 use std::io;
@@ -125,6 +125,35 @@ pub fn set_thread_affinity(tid: libc::pid_t, set: &CpuSet) -> io::Result<()> {
 /// Lets thread `tid` (0: the calling thread) run on `cpu` only.
 pub fn pin_thread(tid: libc::pid_t, cpu: usize) -> io::Result<()> {
     set_thread_affinity(tid, &CpuSet::only(cpu)?)
+}
+
+/// Puts thread `tid` (0: the calling thread) under `SCHED_BATCH` (`batch`)
+/// or back under `SCHED_OTHER`: a batch thread that wakes up does not
+/// preempt the thread running on its CPU, it waits for that one to sleep
+/// (or for the scheduler's tick). Needs no privilege.
+pub fn set_thread_batch(tid: libc::pid_t, batch: bool) -> io::Result<()> {
+    let policy = if batch {
+        libc::SCHED_BATCH
+    } else {
+        libc::SCHED_OTHER
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid `sched_param` that outlives the call; the
+    // kernel only reads it.
+    let r = unsafe { libc::sched_setscheduler(tid, policy, &param) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether thread `tid` (0: the calling thread) is under `SCHED_BATCH`
+/// (for tests).
+#[cfg(test)]
+pub fn thread_is_batch(tid: libc::pid_t) -> bool {
+    // SAFETY: a plain system call without pointers.
+    unsafe { libc::sched_getscheduler(tid) == libc::SCHED_BATCH }
 }
 
 /// The CPUs thread `tid` (0: the calling thread) may run on (for tests).
