@@ -172,6 +172,11 @@ mod tests {
         while w.live() > 0 && t.elapsed() < IDLE_EXIT * 3 {
             thread::sleep(Duration::from_millis(50));
         }
-        assert_eq!(w.live(), 0, "an idle thread still there after {:?}", t.elapsed());
+        assert_eq!(
+            w.live(),
+            0,
+            "an idle thread still there after {:?}",
+            t.elapsed()
+        );
     }
 }
