@@ -8,7 +8,9 @@
 //!   rounds alternate which server goes first so load drift hits all alike. Medians of
 //!   requests/s and p50 latency, ratios, and per request: the guest's VM exits, idle-wait
 //!   wake-ups, frames each way and vCPU-thread CPU (the daemon's `GET /v1/stats`, typed), and
-//!   host CPU (utime + stime of the daemon process, or of redis-server, from `/proc`).
+//!   host CPU (utime + stime of the daemon process, or of redis-server, from `/proc`), and how
+//!   busy the busiest and the least busy host CPU were (`/proc/stat`: whether the client and
+//!   the server shared one CPU).
 //! - `wrk` against the `http` image (published port) and a native HTTP/1.1 keep-alive server
 //!   of the same shape (this process, a thread per connection) at 1, 20 and 32 connections
 //!   (the app's worker count).
@@ -235,6 +237,47 @@ pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((ticks(14)? + ticks(15)?) as f64 / hz as f64)
 }
 
+/// Busy and total jiffies of each CPU, from `/proc/stat` (busy: all but idle and iowait).
+fn cpu_jiffies() -> Result<Vec<(u64, u64)>> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    Ok(parse_cpu_jiffies(&stat))
+}
+
+fn parse_cpu_jiffies(stat: &str) -> Vec<(u64, u64)> {
+    stat.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .map(|l| {
+            let v: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .map(|f| f.parse().unwrap_or(0))
+                .collect();
+            let total: u64 = v.iter().sum();
+            let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+            (total - idle, total)
+        })
+        .collect()
+}
+
+/// How busy the busiest and the least busy CPU were between two [`cpu_jiffies`] readings.
+fn busiest_and_least(before: &[(u64, u64)], after: &[(u64, u64)]) -> (f64, f64) {
+    let shares: Vec<f64> = before
+        .iter()
+        .zip(after)
+        .map(|(a, b)| {
+            let total = b.1.saturating_sub(a.1);
+            if total == 0 {
+                0.0
+            } else {
+                b.0.saturating_sub(a.0) as f64 / total as f64
+            }
+        })
+        .collect();
+    let most = shares.iter().copied().fold(f64::NAN, f64::max);
+    let least = shares.iter().copied().fold(f64::NAN, f64::min);
+    (most, least)
+}
+
 /// An instance's counters in its daemon's `GET /v1/stats`.
 fn instance_stats(daemon: &Daemon, name: &str) -> Result<InstanceStats> {
     let stats: ShimStats = Client::new(&daemon.addr).stats().context("GET /v1/stats")?;
@@ -289,6 +332,8 @@ struct Sample {
     cpu_per_request: f64,
     /// The guest's costs per request (kv in a daemon only).
     guest: Option<GuestCosts>,
+    /// Share of the time the busiest and the least busy host CPU were busy (all processes).
+    cpus_busy: (f64, f64),
 }
 
 /// A server under test.
@@ -303,7 +348,9 @@ impl Server<'_> {
     fn measure(&self, load: Load, requests: u64) -> Result<Sample> {
         let stats = |d: Option<&Daemon>| d.map(|d| instance_stats(d, "kv")).transpose();
         let (cpu0, stats0) = (cpu_seconds(self.pid)?, stats(self.daemon)?);
+        let jiffies0 = cpu_jiffies()?;
         let (set, get) = redis_benchmark(&self.target, load, requests)?;
+        let jiffies1 = cpu_jiffies()?;
         let (cpu1, stats1) = (cpu_seconds(self.pid)?, stats(self.daemon)?);
         let total = (2 * requests) as f64;
         Ok(Sample {
@@ -313,6 +360,7 @@ impl Server<'_> {
             guest: stats0
                 .zip(stats1)
                 .map(|(a, b)| GuestCosts::between(&a, &b, total)),
+            cpus_busy: busiest_and_least(&jiffies0, &jiffies1),
         })
     }
 }
@@ -325,6 +373,7 @@ struct Medians {
     get_p50: f64,
     cpu_us: f64,
     guest: Option<GuestCosts>,
+    cpus_busy: (f64, f64),
 }
 
 impl Medians {
@@ -354,6 +403,7 @@ impl Medians {
             get_p50: m(&|s| s.get.p50_ms),
             cpu_us: m(&|s| s.cpu_per_request * 1e6),
             guest,
+            cpus_busy: (m(&|s| s.cpus_busy.0), m(&|s| s.cpus_busy.1)),
         }
     }
 }
@@ -845,18 +895,21 @@ pub fn run(ws: &Workspace, opts: &NetOptions) -> Result<()> {
          thread; frames in/out: into and out of the guest, and in brackets those the \
          network thread moved itself while the guest polled its rings, without an exit; \
          vCPU thread CPU includes the guest's polling; network thread and the rest = \
-         daemon CPU - vCPU thread CPU)\n"
+         daemon CPU - vCPU thread CPU; CPUs busy: the busiest and the least busy host CPU's \
+         share of the run, all processes, the client's included)\n"
     );
     println!(
         "| clients | exits | vCPU wake-ups | frames in (polled) | frames out (polled) | \
-         vCPU thread CPU | network thread and the rest | native host CPU |"
+         vCPU thread CPU | network thread and the rest | native host CPU | CPUs busy, kv | \
+         CPUs busy, native |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (load, m) in &results {
         let (k, n) = (&m[0], &m[1]);
         let Some(g) = k.guest else { continue };
         println!(
-            "| {} | {:.3} | {:.3} | {:.3} ({:.3}) | {:.3} ({:.3}) | {:.1} µs | {:.1} µs | {:.1} µs |",
+            "| {} | {:.3} | {:.3} | {:.3} ({:.3}) | {:.3} ({:.3}) | {:.1} µs | {:.1} µs | {:.1} µs \
+             | {:.2} / {:.2} | {:.2} / {:.2} |",
             load.label(),
             g.exits,
             g.wakes,
@@ -867,6 +920,10 @@ pub fn run(ws: &Workspace, opts: &NetOptions) -> Result<()> {
             g.vcpu_cpu * 1e6,
             k.cpu_us - g.vcpu_cpu * 1e6,
             n.cpu_us,
+            k.cpus_busy.0,
+            k.cpus_busy.1,
+            n.cpus_busy.0,
+            n.cpus_busy.1,
         );
     }
     match &tap {
@@ -955,6 +1012,27 @@ mod tests {
 \"SET\",\"52910.05\",\"0.497\",\"0.168\",\"0.471\",\"0.759\",\"0.967\",\"2.103\"
 \"GET\",\"55248.62\",\"0.473\",\"0.160\",\"0.455\",\"0.711\",\"0.887\",\"1.255\"
 ";
+
+    #[test]
+    fn per_cpu_busy_shares_come_from_proc_stat() {
+        let before = parse_cpu_jiffies(
+            "cpu  300 0 100 1600 0 0 0 0 0 0\ncpu0 200 0 50 750 0 0 0 0 0 0\n\
+             cpu1 100 0 50 850 0 0 0 0 0 0\nintr 5\n",
+        );
+        assert_eq!(
+            before,
+            [(250, 1000), (150, 1000)],
+            "cpu lines only, not the total"
+        );
+        // cpu0 busy 90 of 100 jiffies, cpu1 20 of 100 (10 of them iowait: not busy).
+        let after =
+            parse_cpu_jiffies("cpu0 270 0 70 760 0 0 0 0 0 0\ncpu1 110 0 60 920 10 0 0 0 0 0\n");
+        let (most, least) = busiest_and_least(&before, &after);
+        assert!(
+            (most - 0.9).abs() < 1e-9 && (least - 0.2).abs() < 1e-9,
+            "{most} {least}"
+        );
+    }
 
     #[test]
     fn parses_redis_benchmark_csv() {
