@@ -49,8 +49,9 @@ impl Workers {
     /// Runs `job` on an idle thread, on a new one while there are fewer
     /// than `max`, else on the first to finish its job. The caller bounds
     /// the jobs outstanding (one per connection slot), so the queue holds
-    /// at most `max` of them. Fails (dropping `job`) only when no thread
-    /// runs and none can be started.
+    /// at most `max` of them. When a thread cannot be started the job
+    /// waits for a running one; fails (dropping the queued jobs) only when
+    /// none runs.
     pub fn run(self: &Arc<Self>, job: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
         let mut s = self.state();
         s.queue.push_back(Box::new(job));
@@ -70,9 +71,11 @@ impl Workers {
         if let Err(e) = started {
             let mut s = self.state();
             s.live -= 1;
-            if s.live == 0 {
-                s.queue.clear();
+            if s.live > 0 {
+                tracing::warn!(thread = %self.name, error = %e, "cannot start a thread: the job waits for a busy one");
+                return Ok(());
             }
+            s.queue.clear();
             return Err(e);
         }
         Ok(())
