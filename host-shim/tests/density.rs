@@ -125,18 +125,19 @@ fn an_idle_kv_makes_no_vm_exits_until_its_next_key_deadline() {
 
     // A key with a deadline wakes kv once, at the deadline, with no
     // command to trigger it (the timer ends an idle wait), then kv sleeps
-    // for good again.
+    // for good again. The deadline is far enough out for the connection's
+    // close (and a retransmission of it on a loaded host) to settle first.
     let mut kv = Redis::connect(port).unwrap();
     let set_at = Instant::now();
-    assert_eq!(kv.cmd(&["SET", "soon", "v", "PX", "3000"]).unwrap(), "OK");
+    assert_eq!(kv.cmd(&["SET", "soon", "v", "PX", "6000"]).unwrap(), "OK");
     drop(kv);
-    let before = kv_settled(&daemon, Duration::from_millis(300), Duration::from_secs(2));
+    let before = kv_settled(&daemon, Duration::from_secs(1), Duration::from_secs(4));
     assert!(
-        set_at.elapsed() < Duration::from_millis(2500),
+        set_at.elapsed() < Duration::from_millis(5000),
         "the host is too loaded to tell the deadline from the close: {:?}",
         set_at.elapsed()
     );
-    std::thread::sleep(Duration::from_millis(2500).saturating_sub(set_at.elapsed()));
+    std::thread::sleep(Duration::from_millis(5500).saturating_sub(set_at.elapsed()));
     let early = kv_exits(&daemon);
     assert_eq!(
         early.idle.timed_out, before.idle.timed_out,
@@ -148,7 +149,7 @@ fn an_idle_kv_makes_no_vm_exits_until_its_next_key_deadline() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let woke = set_at.elapsed();
-    assert!(woke >= Duration::from_secs(3), "woke after {woke:?}");
+    assert!(woke >= Duration::from_secs(6), "woke after {woke:?}");
     let after = kv_settled(&daemon, Duration::from_secs(1), Duration::from_secs(10));
     std::thread::sleep(Duration::from_secs(3));
     let end = kv_exits(&daemon);
@@ -237,8 +238,17 @@ fn held(pid: u32) -> Held {
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
         .filter(|f| f.get(3) == Some(&"0A") && f.get(9).is_some_and(|i| sockets.contains(*i)))
         .count();
+    // Not the threads serving API connections (named `api`): a bounded
+    // pool that grows with connections and shrinks after 3 s idle.
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).map_or(true, |c| c.trim() != "api")
+        })
+        .count();
     Held {
-        threads: count(format!("/proc/{pid}/task")),
+        threads,
         fds: count(format!("/proc/{pid}/fd")),
         listening,
     }

@@ -87,12 +87,23 @@ const TAP_BATCH: usize = 256;
 /// Rounds of switching per wake-up before epoll is asked again.
 const MAX_ROUNDS: usize = 64;
 /// How long the network thread watches the transmit ring of a guest that
-/// polls, after it last put frames in its receive ring, for the reply
+/// polls, after it last put frames in its receive ring, for the replies
 /// (spinning: bounded). A reply the guest queues later costs it an exit.
 const WATCH: std::time::Duration = std::time::Duration::from_micros(50);
 /// Guests whose transmit rings the network thread watches at once (more
 /// are served the usual way, through their vCPU threads).
 const WATCH_MAX: usize = 8;
+
+/// A polling guest's transmit ring the network thread watches: until when,
+/// and for how many replies. It stops at the deadline, or once the guest
+/// sent as many frames as it was handed since the watch began (one reply
+/// per request, as for a client with one request in flight; with several
+/// clients, one reply does not end the watch while others are due).
+struct Watch {
+    port: PortId,
+    until: std::time::Instant,
+    unanswered: usize,
+}
 
 /// Frames the switch holds for one port (a guest, a peer, the TAP device)
 /// before handing them over; more are dropped and counted, as a switch
@@ -629,9 +640,9 @@ struct Engine {
     ready_now: Vec<PortId>,
     /// Frames switched to each port, not yet handed over.
     outboxes: Outboxes,
-    /// The guests that poll whose transmit rings are watched, and until
-    /// when (see [`WATCH`]).
-    watched: Vec<(PortId, std::time::Instant)>,
+    /// The guests that poll whose transmit rings are watched (see
+    /// [`Watch`]).
+    watched: Vec<Watch>,
     /// How many clients the network thread serves at once.
     clients: clients::Clients,
     /// Each port's budget of flooded frames (enforced on guests').
@@ -913,17 +924,18 @@ impl Engine {
         let mut moved = false;
         let slots = &self.slots;
         let hold_off = self.clients.hold_off;
-        self.watched.retain(|&(index, until)| {
-            let Some(Slot::Guest(port)) = slots.get(index) else {
+        self.watched.retain_mut(|w| {
+            let Some(Slot::Guest(port)) = slots.get(w.port) else {
                 return false;
             };
             let served = port.serve(true, hold_off);
             moved |= served.sent > 0 || served.delivered > 0;
-            if served.sent == 0 && now < until {
+            w.unanswered = w.unanswered.saturating_sub(served.sent);
+            if now < w.until && (served.sent == 0 || w.unanswered > 0) {
                 return true;
             }
-            // The reply went out (or it is late): stop watching, then look
-            // once more for what the guest queued before it saw that.
+            // The replies went out (or they are late): stop watching, then
+            // look once more for what the guest queued before it saw that.
             port.watch(false);
             moved |= port.serve(true, hold_off).sent > 0;
             false
@@ -932,14 +944,19 @@ impl Engine {
     }
 
     /// Watches `index`'s transmit ring (guest `port` polls) for [`WATCH`]
-    /// from now.
-    fn watch(watched: &mut Vec<(PortId, std::time::Instant)>, index: PortId, port: &GuestPort) {
+    /// from now, for the replies to `frames` more frames.
+    fn watch(watched: &mut Vec<Watch>, index: PortId, port: &GuestPort, frames: usize) {
         let until = std::time::Instant::now() + WATCH;
-        if let Some(w) = watched.iter_mut().find(|w| w.0 == index) {
-            w.1 = until;
+        if let Some(w) = watched.iter_mut().find(|w| w.port == index) {
+            w.until = until;
+            w.unanswered = w.unanswered.saturating_add(frames);
         } else if watched.len() < WATCH_MAX {
             port.watch(true);
-            watched.push((index, until));
+            watched.push(Watch {
+                port: index,
+                until,
+                unanswered: frames,
+            });
         }
     }
 
@@ -1003,15 +1020,18 @@ impl Engine {
                     // for: from before it can see them (the vCPU thread of
                     // a guest that sleeps wakes as they are queued).
                     if !self.clients.hold_off && guest.spins() {
-                        Self::watch(&mut self.watched, index, guest);
+                        Self::watch(&mut self.watched, index, guest, frames.len());
                     }
                     // Counted in the guest's port (`rx_dropped`).
                     let dropped = guest.deliver(frames);
                     if dropped > 0 {
                         tracing::debug!(port = index, dropped, "frames dropped: backlog full");
                     }
-                    let watched = self.watched.iter().any(|w| w.0 == index);
-                    guest.serve(watched, self.clients.hold_off);
+                    let watch = self.watched.iter_mut().find(|w| w.port == index);
+                    let served = guest.serve(watch.is_some(), self.clients.hold_off);
+                    if let Some(w) = watch {
+                        w.unanswered = w.unanswered.saturating_sub(served.sent);
+                    }
                 }
                 Slot::Tap => {
                     if let Some(tap) = self.tap.as_mut() {
