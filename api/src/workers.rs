@@ -55,7 +55,10 @@ impl Workers {
     pub fn run(self: &Arc<Self>, job: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
         let mut s = self.state();
         s.queue.push_back(Box::new(job));
-        if s.idle > s.queue.len() - 1 {
+        // An idle thread for every queued job (this one included): one
+        // more of them wakes. (Woken threads stay counted as idle until
+        // they run.)
+        if s.idle >= s.queue.len() {
             self.work.notify_one();
             return Ok(());
         }
