@@ -10,7 +10,9 @@
 //!   wake-ups, frames each way and vCPU-thread CPU (the daemon's `GET /v1/stats`, typed), and
 //!   host CPU (utime + stime of the daemon process, or of redis-server, from `/proc`), and how
 //!   busy the busiest and the least busy host CPU were (`/proc/stat`: whether the client and
-//!   the server shared one CPU).
+//!   the server shared one CPU). With the client's own CPU per request (getrusage of the
+//!   finished redis-benchmark) it gives each side's ceiling: the host's CPUs divided by
+//!   client + server CPU per request, what no placement of threads can beat.
 //! - `wrk` against the `http` image (published port) and a native HTTP/1.1 keep-alive server
 //!   of the same shape (this process, a thread per connection) at 1, 20 and 32 connections
 //!   (the app's worker count).
@@ -237,6 +239,19 @@ pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((ticks(14)? + ticks(15)?) as f64 / hz as f64)
 }
 
+/// CPU seconds (user + system) of this process's children that ended and were waited for:
+/// the difference across one `redis-benchmark` run is the client's CPU.
+fn children_cpu_seconds() -> Result<f64> {
+    // SAFETY: an all-zero `rusage` is a valid value; getrusage only writes into it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable `rusage`.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrusage(RUSAGE_CHILDREN)");
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    Ok(secs(usage.ru_utime) + secs(usage.ru_stime))
+}
+
 /// Busy and total jiffies of each CPU, from `/proc/stat` (busy: all but idle and iowait).
 fn cpu_jiffies() -> Result<Vec<(u64, u64)>> {
     let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
@@ -330,6 +345,8 @@ struct Sample {
     get: Figures,
     /// Host CPU seconds of the server process per request (SET and GET).
     cpu_per_request: f64,
+    /// Host CPU seconds of the client (redis-benchmark) per request.
+    client_cpu_per_request: f64,
     /// The guest's costs per request (kv in a daemon only).
     guest: Option<GuestCosts>,
     /// Share of the time the busiest and the least busy host CPU were busy (all processes).
@@ -348,15 +365,16 @@ impl Server<'_> {
     fn measure(&self, load: Load, requests: u64) -> Result<Sample> {
         let stats = |d: Option<&Daemon>| d.map(|d| instance_stats(d, "kv")).transpose();
         let (cpu0, stats0) = (cpu_seconds(self.pid)?, stats(self.daemon)?);
-        let jiffies0 = cpu_jiffies()?;
+        let (jiffies0, client0) = (cpu_jiffies()?, children_cpu_seconds()?);
         let (set, get) = redis_benchmark(&self.target, load, requests)?;
-        let jiffies1 = cpu_jiffies()?;
+        let (jiffies1, client1) = (cpu_jiffies()?, children_cpu_seconds()?);
         let (cpu1, stats1) = (cpu_seconds(self.pid)?, stats(self.daemon)?);
         let total = (2 * requests) as f64;
         Ok(Sample {
             set,
             get,
             cpu_per_request: (cpu1 - cpu0) / total,
+            client_cpu_per_request: (client1 - client0) / total,
             guest: stats0
                 .zip(stats1)
                 .map(|(a, b)| GuestCosts::between(&a, &b, total)),
@@ -372,11 +390,19 @@ struct Medians {
     set_p50: f64,
     get_p50: f64,
     cpu_us: f64,
+    client_cpu_us: f64,
     guest: Option<GuestCosts>,
     cpus_busy: (f64, f64),
 }
 
 impl Medians {
+    /// Requests/s if `cpus` host CPUs did nothing but run this client and this server, all
+    /// of them busy all the time: what no placement or scheduling of the threads can beat
+    /// at these costs per request.
+    fn ceiling(&self, cpus: f64) -> f64 {
+        cpus / ((self.cpu_us + self.client_cpu_us) * 1e-6)
+    }
+
     fn of(samples: &[Sample]) -> Self {
         let m = |f: &dyn Fn(&Sample) -> f64| median(samples.iter().map(f).collect());
         let guest = samples
@@ -402,6 +428,7 @@ impl Medians {
             set_p50: m(&|s| s.set.p50_ms),
             get_p50: m(&|s| s.get.p50_ms),
             cpu_us: m(&|s| s.cpu_per_request * 1e6),
+            client_cpu_us: m(&|s| s.client_cpu_per_request * 1e6),
             guest,
             cpus_busy: (m(&|s| s.cpus_busy.0), m(&|s| s.cpus_busy.1)),
         }
@@ -926,6 +953,34 @@ pub fn run(ws: &Workspace, opts: &NetOptions) -> Result<()> {
             n.cpus_busy.1,
         );
     }
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    println!(
+        "\n**What {cpus} CPUs allow** (client: redis-benchmark's own CPU, from getrusage; \
+         server: the kv daemon or redis-server; ceiling: {cpus} / (client + server CPU per \
+         request), the requests/s if the CPUs ran nothing else and never idled, which no \
+         placement of the threads can beat at these costs; a ratio target above the ceilings' \
+         ratio is met only by cheaper requests)\n"
+    );
+    println!(
+        "| clients | client CPU/req, kv / native | server CPU/req, kv / native | kv ceiling | \
+         native ceiling | ceilings' ratio | GET ratio measured |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (load, m) in &results {
+        let (k, n) = (&m[0], &m[1]);
+        println!(
+            "| {} | {:.2} / {:.2} µs | {:.2} / {:.2} µs | {:.0} | {:.0} | {:.2}× | {:.2}× |",
+            load.label(),
+            k.client_cpu_us,
+            n.client_cpu_us,
+            k.cpu_us,
+            n.cpu_us,
+            k.ceiling(cpus),
+            n.ceiling(cpus),
+            k.ceiling(cpus) / n.ceiling(cpus),
+            k.get_rps / n.get_rps,
+        );
+    }
     match &tap {
         Err(why) => println!("\n- kv over a TAP device: not measured ({why})"),
         Ok(_) => {
@@ -1123,6 +1178,38 @@ Transfer/sec:      4.61MB
         assert_eq!(String::from_utf8(got).unwrap(), one.repeat(2));
         stop.store(true, Ordering::Relaxed);
         let _ = TcpStream::connect(("127.0.0.1", port));
+    }
+
+    #[test]
+    fn a_finished_childs_cpu_counts_as_the_clients() {
+        let before = children_cpu_seconds().unwrap();
+        // A child that computes for a moment, then is waited for (as redis-benchmark is).
+        let status = Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let spent = children_cpu_seconds().unwrap() - before;
+        assert!(
+            spent > 0.01,
+            "the child's CPU time was not counted: {spent} s"
+        );
+    }
+
+    #[test]
+    fn the_ceiling_is_the_cpus_over_client_and_server_cost() {
+        let m = Medians {
+            set_rps: 0.0,
+            get_rps: 0.0,
+            set_p50: 0.0,
+            get_p50: 0.0,
+            cpu_us: 6.0,
+            client_cpu_us: 4.0,
+            guest: None,
+            cpus_busy: (0.0, 0.0),
+        };
+        // 10 µs of CPU per request on 2 CPUs: 200k requests/s at most.
+        assert!((m.ceiling(2.0) - 200_000.0).abs() < 1e-6);
     }
 
     #[test]
