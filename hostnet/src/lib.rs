@@ -105,6 +105,20 @@ struct Watch {
     unanswered: usize,
 }
 
+impl Watch {
+    /// Counts the `sent` frames a serve of the ring took out as replies.
+    fn answered(&mut self, sent: usize) {
+        self.unanswered = self.unanswered.saturating_sub(sent);
+    }
+
+    /// Whether to keep watching at `now` after a serve that took `sent`
+    /// frames out: before the deadline, while nothing came out yet or
+    /// replies are still due.
+    fn goes_on(&self, now: std::time::Instant, sent: usize) -> bool {
+        now < self.until && (sent == 0 || self.unanswered > 0)
+    }
+}
+
 /// Frames the switch holds for one port (a guest, a peer, the TAP device)
 /// before handing them over; more are dropped and counted, as a switch
 /// with a full port buffer does.
@@ -930,8 +944,8 @@ impl Engine {
             };
             let served = port.serve(true, hold_off);
             moved |= served.sent > 0 || served.delivered > 0;
-            w.unanswered = w.unanswered.saturating_sub(served.sent);
-            if now < w.until && (served.sent == 0 || w.unanswered > 0) {
+            w.answered(served.sent);
+            if w.goes_on(now, served.sent) {
                 return true;
             }
             // The replies went out (or they are late): stop watching, then
@@ -1030,7 +1044,7 @@ impl Engine {
                     let watch = self.watched.iter_mut().find(|w| w.port == index);
                     let served = guest.serve(watch.is_some(), self.clients.hold_off);
                     if let Some(w) = watch {
-                        w.unanswered = w.unanswered.saturating_sub(served.sent);
+                        w.answered(served.sent);
                     }
                 }
                 Slot::Tap => {
@@ -1186,6 +1200,28 @@ impl std::ops::Index<PortId> for Outboxes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_watch_lasts_until_every_reply_due_left_or_its_deadline() {
+        let now = std::time::Instant::now();
+        let mut w = Watch {
+            port: 0,
+            until: now + WATCH,
+            unanswered: 3,
+        };
+        assert!(w.goes_on(now, 0), "nothing came out yet");
+        w.answered(1);
+        assert!(w.goes_on(now, 1), "two replies still due");
+        w.answered(5); // more frames than handed (ACKs, a late reply): no underflow
+        assert_eq!(w.unanswered, 0);
+        assert!(!w.goes_on(now, 5), "every reply left");
+        let w = Watch {
+            port: 0,
+            until: now,
+            unanswered: 3,
+        };
+        assert!(!w.goes_on(now, 0), "the deadline passed");
+    }
 
     #[test]
     fn what_a_guest_floods_is_rate_limited_and_counted() {

@@ -13,21 +13,36 @@ use anyhow::{bail, Context, Result};
 
 use crate::workspace;
 
-/// A program the tests run (or, given as an absolute path, a file the build
-/// reads), the Debian package that ships it, and what it is for.
+/// What the machine must have: a program the tests run, or a file the build reads; the
+/// Debian package that ships it, and what it is for.
 #[derive(Debug, Clone, Copy)]
 pub struct Tool {
-    pub bin: &'static str,
+    pub need: Need,
     pub package: &'static str,
     pub why: &'static str,
 }
 
 /// What building the host shim needs besides cargo: the etcd client crate compiles etcd's
 /// gRPC protocol with protoc in its build script.
+/// A program (looked up on `PATH`) or a file (by its absolute path).
+#[derive(Debug, Clone, Copy)]
+pub enum Need {
+    Program(&'static str),
+    File(&'static str),
+}
+
+impl std::fmt::Display for Need {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Need::Program(name) | Need::File(name) => f.write_str(name),
+        }
+    }
+}
+
 pub const BUILD_TOOLS: &[Tool] = &[PROTOC, PROTOBUF_TYPES];
 
 const PROTOC: Tool = Tool {
-    bin: "protoc",
+    need: Need::Program("protoc"),
     package: "protobuf-compiler",
     why: "building the host shim (the etcd client crate compiles etcd's protocol with it)",
 };
@@ -35,7 +50,7 @@ const PROTOC: Tool = Tool {
 /// protoc's well-known types, which etcd's protocol imports (only a
 /// recommendation of `protobuf-compiler`, so not there on a bare machine).
 const PROTOBUF_TYPES: Tool = Tool {
-    bin: "/usr/include/google/protobuf/descriptor.proto",
+    need: Need::File("/usr/include/google/protobuf/descriptor.proto"),
     package: "libprotobuf-dev",
     why: "building the host shim (etcd's protocol imports protobuf's well-known types)",
 };
@@ -45,47 +60,47 @@ pub const TEST_TOOLS: &[Tool] = &[
     PROTOC,
     PROTOBUF_TYPES,
     Tool {
-        bin: "qemu-system-x86_64",
+        need: Need::Program("qemu-system-x86_64"),
         package: "qemu-system-x86",
         why: "the same images under QEMU microvm (boot, checkpoints)",
     },
     Tool {
-        bin: "redis-cli",
+        need: Need::Program("redis-cli"),
         package: "redis-tools",
         why: "a real Redis client for the kv app",
     },
     Tool {
-        bin: "redis-benchmark",
+        need: Need::Program("redis-benchmark"),
         package: "redis-tools",
         why: "load on kv during migrations",
     },
     Tool {
-        bin: "curl",
+        need: Need::Program("curl"),
         package: "curl",
         why: "a real HTTP client for the http app",
     },
     Tool {
-        bin: "ip",
+        need: Need::Program("ip"),
         package: "iproute2",
         why: "TAP devices in network namespaces",
     },
     Tool {
-        bin: "kill",
+        need: Need::Program("kill"),
         package: "procps",
         why: "crash-recovery tests (kill -9 of a daemon)",
     },
     Tool {
-        bin: "etcd",
+        need: Need::Program("etcd"),
         package: "etcd-server",
         why: "a real etcd for the fleet store (tests/etcd_fleet.rs)",
     },
     Tool {
-        bin: "etcdctl",
+        need: Need::Program("etcdctl"),
         package: "etcd-client",
         why: "a second, real etcd client in the fleet store tests",
     },
     Tool {
-        bin: "chromium",
+        need: Need::Program("chromium"),
         package: "chromium",
         why: "the demo dashboard in a headless browser",
     },
@@ -93,10 +108,9 @@ pub const TEST_TOOLS: &[Tool] = &[
 
 impl Tool {
     fn present(&self) -> bool {
-        if self.bin.starts_with('/') {
-            Path::new(self.bin).is_file()
-        } else {
-            find_on_path(self.bin).is_some()
+        match self.need {
+            Need::Program(name) => find_on_path(name).is_some(),
+            Need::File(path) => Path::new(path).is_file(),
         }
     }
 }
@@ -117,7 +131,7 @@ pub fn ensure(tools: &[Tool]) -> Result<()> {
         packages.join(" ")
     );
     for t in &missing {
-        eprintln!("xtask: {} is missing ({}: {})", t.bin, t.package, t.why);
+        eprintln!("xtask: {} is missing ({}: {})", t.need, t.package, t.why);
     }
     if !is_debian() {
         bail!(
@@ -142,10 +156,10 @@ pub fn ensure(tools: &[Tool]) -> Result<()> {
             .args(&packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
-    let still: Vec<&str> = missing
+    let still: Vec<String> = missing
         .iter()
         .filter(|t| !t.present())
-        .map(|t| t.bin)
+        .map(|t| t.need.to_string())
         .collect();
     if !still.is_empty() {
         bail!(
@@ -228,6 +242,20 @@ mod tests {
     fn finds_programs_on_path_and_not_others() {
         assert!(find_on_path("sh").is_some());
         assert!(find_on_path("no-such-program-xtask").is_none());
+    }
+
+    #[test]
+    fn a_program_is_looked_up_on_path_and_a_file_by_its_path() {
+        let tool = |need| Tool {
+            need,
+            package: "p",
+            why: "w",
+        };
+        assert!(tool(Need::Program("sh")).present());
+        assert!(!tool(Need::Program("no-such-program-xtask")).present());
+        assert!(tool(Need::File("/proc/self/status")).present());
+        assert!(!tool(Need::File("/no/such/file.proto")).present());
+        assert_eq!(Need::File("/a/b.proto").to_string(), "/a/b.proto");
     }
 
     #[test]

@@ -605,7 +605,7 @@ fn downtime_rows(what: &str, downtimes: &[f64]) {
 /// The axum rows: axum-hello as an image vs as a native process, with `wrk`.
 fn axum(ws: &Workspace, shim: &Path, opts: &StdOptions) -> Result<()> {
     crate::setup::ensure(&[crate::setup::Tool {
-        bin: "wrk",
+        need: crate::setup::Need::Program("wrk"),
         package: "wrk",
         why: "HTTP load on axum-hello (bench std)",
     }])?;
