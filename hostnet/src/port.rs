@@ -26,9 +26,10 @@
 //! take turns: a host socket's data waking the network thread does not
 //! preempt the guest mid-batch (in a nested VM a preemption costs about
 //! what a VM exit does); it runs once the guest waits. With kv at
-//! `redis-benchmark -c 50 -P 16` the vCPU thread was preempted twice per
-//! exit without it (8,781 involuntary against 4,424 voluntary switches),
-//! 250 times in all with it, for 22-27 % more requests a second. Only
+//! `redis-benchmark -c 50 -P 16` the vCPU thread was preempted about
+//! twice per exit without it (4.3-4.8k involuntary switches per 2M
+//! requests), 19-545 times with it, for 10-19 % more requests a second
+//! (3 A/B rounds). Only
 //! [`COLOCATED_VCPUS`] vCPU threads share that CPU at a time; the others
 //! stay where the scheduler puts them. A release valve keeps a guest that
 //! computes from crowding the network thread out: at most every

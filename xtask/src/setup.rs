@@ -22,8 +22,6 @@ pub struct Tool {
     pub why: &'static str,
 }
 
-/// What building the host shim needs besides cargo: the etcd client crate compiles etcd's
-/// gRPC protocol with protoc in its build script.
 /// A program (looked up on `PATH`) or a file (by its absolute path).
 #[derive(Debug, Clone, Copy)]
 pub enum Need {
@@ -39,6 +37,8 @@ impl std::fmt::Display for Need {
     }
 }
 
+/// What building the host shim needs besides cargo: the etcd client crate compiles etcd's
+/// gRPC protocol with protoc in its build script.
 pub const BUILD_TOOLS: &[Tool] = &[PROTOC, PROTOBUF_TYPES];
 
 const PROTOC: Tool = Tool {
