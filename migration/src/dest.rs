@@ -442,23 +442,29 @@ impl<D: Destination> Incoming<'_, D> {
 
 /// Whether the source's daemon is gone (its API address refuses
 /// connections): the guest lived in that process, so no copy runs there.
-/// A connection it takes and holds open says it is there; one it resets or
-/// closes at once (a process on its way out) is asked again, for up to
-/// [`PROBE_WINDOW`]; anything unclear says it may still be there.
+/// A connection it takes and holds open says it is there. Anything else (a
+/// connection reset or closed at once, by a listener closing as its process
+/// exits, or a connection that fails some other way) is asked again, for up
+/// to [`PROBE_WINDOW`]; still unclear then, it may be there.
 fn source_gone(conn: &Conn, hello: &Hello) -> bool {
-    use std::io::Read;
     let Some(api) = hello.source_api else {
         return false;
     };
-    let addr = match conn.peer() {
+    daemon_gone(match conn.peer() {
         Some(peer) => SocketAddr::new(peer.ip(), api.port()),
         None => api,
-    };
+    })
+}
+
+/// [`source_gone`] for the daemon API at `addr`.
+fn daemon_gone(addr: SocketAddr) -> bool {
+    use std::io::Read;
     let give_up = Instant::now() + PROBE_WINDOW;
+    let mut last = None;
     while Instant::now() < give_up {
         match TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
-            Err(_) => return false,
+            Err(e) => last = Some(e.to_string()),
             Ok(s) => {
                 let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
                 match (&s).read(&mut [0u8; 1]) {
@@ -470,11 +476,13 @@ fn source_gone(conn: &Conn, hello: &Hello) -> bool {
                     {
                         return false
                     }
-                    _ => std::thread::sleep(Duration::from_millis(50)),
+                    _ => last = Some("a connection closed at once".into()),
                 }
             }
         }
+        std::thread::sleep(Duration::from_millis(50));
     }
+    tracing::warn!(%addr, last = ?last, "cannot tell whether the source's daemon is gone");
     false
 }
 
@@ -539,6 +547,34 @@ fn write_pages(vm: &Vm, indices: &[u32], data: &[u8], zero: bool) -> Result<(), 
 mod tests {
     use super::*;
     use vmm::snapshot::state::NicSpec;
+
+    #[test]
+    fn a_daemon_is_gone_only_once_its_address_refuses_connections() {
+        // Nothing listens: gone.
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = free.local_addr().unwrap();
+        drop(free);
+        assert!(daemon_gone(addr), "a refused connection");
+
+        // A daemon that takes a connection and holds it: there.
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = held.local_addr().unwrap();
+        let holder = std::thread::spawn(move || held.accept().map(|(s, _)| s));
+        assert!(!daemon_gone(addr), "a connection held open");
+        drop(holder.join());
+
+        // A daemon on its way out: it closes what it takes at once, then its
+        // listener goes. Asked again until refused: gone.
+        let dying = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = dying.local_addr().unwrap();
+        let closer = std::thread::spawn(move || {
+            for _ in 0..2 {
+                drop(dying.accept());
+            }
+        });
+        assert!(daemon_gone(addr), "closed at once, then refused");
+        closer.join().unwrap();
+    }
 
     #[test]
     fn the_final_state_is_checked_field_by_field() {
