@@ -185,7 +185,11 @@ fn the_heap_publishes_which_pages_hold_no_live_data() {
 }
 
 /// kv under QEMU (`accel`) on a published port: once it answers, its idle
-/// QEMU uses at most 1 % of a core, and a request still wakes it.
+/// QEMU uses at most 2 % of a core, and a request still wakes it. QEMU's
+/// own timers (its user-mode network's among them) cost 0.4-0.8 % of a core
+/// on this project's quiet 2-core host and up to 1.2 % under the test
+/// suite's load; a guest that spins instead of halting costs about half a
+/// core.
 fn idle_kv_under_qemu(accel: &str) {
     let port = common::free_port();
     let img = image("kv");
@@ -208,7 +212,7 @@ fn idle_kv_under_qemu(accel: &str) {
         share * 100.0
     );
     assert!(
-        share <= 0.01,
+        share <= 0.02,
         "an idle kv under QEMU {accel} used {:.1} % of a core",
         share * 100.0
     );
@@ -218,11 +222,11 @@ fn idle_kv_under_qemu(accel: &str) {
 }
 
 #[test]
-fn an_idle_kv_under_qemu_tcg_uses_at_most_one_percent_of_a_core() {
+fn an_idle_kv_under_qemu_tcg_uses_at_most_two_percent_of_a_core() {
     idle_kv_under_qemu("tcg");
 }
 
 #[test]
-fn an_idle_kv_under_qemu_kvm_uses_at_most_one_percent_of_a_core() {
+fn an_idle_kv_under_qemu_kvm_uses_at_most_two_percent_of_a_core() {
     idle_kv_under_qemu("kvm");
 }
